@@ -1,0 +1,38 @@
+"""Redis-backed distributed conversation coordinator."""
+
+from .config import ManagerConfig
+from .errors import (
+    CapacityTimeout,
+    ConfigError,
+    ConnectionNotFound,
+    ConversationNotFound,
+    CoordinatorError,
+    Evicted,
+    Fenced,
+    Forbidden,
+    InboxFull,
+    InvalidInput,
+    NodeDraining,
+    RedisUnavailable,
+)
+from .manager import ConversationHandle, ConversationInfo, ConversationManager, EventSink
+
+__all__ = [
+    "CapacityTimeout",
+    "ConfigError",
+    "ConnectionNotFound",
+    "ConversationHandle",
+    "ConversationInfo",
+    "ConversationManager",
+    "ConversationNotFound",
+    "CoordinatorError",
+    "EventSink",
+    "Evicted",
+    "Fenced",
+    "Forbidden",
+    "InboxFull",
+    "InvalidInput",
+    "ManagerConfig",
+    "NodeDraining",
+    "RedisUnavailable",
+]

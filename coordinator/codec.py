@@ -1,0 +1,111 @@
+"""Wire formats: msgpack everywhere (never pickle), plus event and envelope shapes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgpack
+
+from .errors import InvalidInput
+
+Event = dict[str, Any]
+
+TOO_MANY_CONVERSATIONS = "AGENT_ERROR$TOO_MANY_CONVERSATIONS"
+NODE_LOST = "STATUS$NODE_LOST"
+CONVERSATION_CLOSED = "STATUS$CONVERSATION_CLOSED"
+NODE_DRAINING = "STATUS$NODE_DRAINING"
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def decode_published(data: bytes) -> tuple[int, Event]:
+    """Decode a conversation channel message ``[id, event]``."""
+    value = unpack(data)
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not isinstance(value[0], int)
+        or not isinstance(value[1], dict)
+    ):
+        raise ValueError("malformed event message")
+    return value[0], value[1]
+
+
+def with_id(event_id: int, event: Event) -> Event:
+    out = dict(event)
+    out["id"] = event_id
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def user_action(action: object, max_bytes: int) -> tuple[Event, bytes]:
+    """Validate a client action and return it as a user event and its packed form."""
+    if not isinstance(action, dict):
+        raise InvalidInput(f"an action must be an object, got {type(action).__name__}")
+    name = action.get("action")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("an action needs a non-empty string 'action' field")
+    args = action.get("args", {})
+    if not isinstance(args, dict):
+        raise InvalidInput("an action's 'args' must be an object")
+    event: Event = {k: v for k, v in action.items() if k not in ("id", "source", "timestamp")}
+    event["args"] = args
+    event["source"] = "user"
+    event["timestamp"] = now_iso()
+    try:
+        packed = pack(event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInput(f"the action cannot be encoded: {exc}") from None
+    if len(packed) > max_bytes:
+        raise InvalidInput(f"the action is {len(packed)} bytes; the limit is {max_bytes}")
+    return event, packed
+
+
+def agent_event(event: Event) -> bytes:
+    out = dict(event)
+    out.pop("id", None)
+    out.setdefault("source", "agent")
+    out.setdefault("timestamp", now_iso())
+    return pack(out)
+
+
+def status_event(status: str, message: str, agent_state: str | None = None) -> Event:
+    """A status update in OpenHands' shape; ``status`` carries its message id."""
+    event: Event = {
+        "source": "environment",
+        "status_update": True,
+        "type": "error" if status.startswith("AGENT_ERROR") else "info",
+        "status": status,
+        "message": message,
+        "timestamp": now_iso(),
+    }
+    if agent_state is not None:
+        event["agent_state"] = agent_state
+    return event
+
+
+def envelope(method: str, origin: str, payload: dict[str, Any]) -> bytes:
+    """A node-to-node command: method, origin node id and payload."""
+    return pack({"m": method, "o": origin, "p": payload})
+
+
+def open_envelope(data: bytes) -> tuple[str, str, dict[str, Any]]:
+    value = unpack(data)
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("m"), str)
+        or not isinstance(value.get("o"), str)
+        or not isinstance(value.get("p"), dict)
+    ):
+        raise ValueError("malformed command envelope")
+    return value["m"], value["o"], value["p"]

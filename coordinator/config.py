@@ -1,0 +1,133 @@
+"""Configuration: plain values and their validation, no I/O."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError, InvalidInput
+
+DEFAULT_AGENT = "workers.echo:EchoAgent"
+
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Users are often e-mail addresses; braces and whitespace stay out so hash tags hold.
+_USER_RE = re.compile(r"[A-Za-z0-9_.@:+=-]{1,128}")
+
+
+def check_conversation_id(sid: object) -> str:
+    """Return ``sid`` if it is a valid conversation id, else raise InvalidInput."""
+    if not isinstance(sid, str) or not _ID_RE.fullmatch(sid):
+        raise InvalidInput(
+            f"invalid conversation id {sid!r}: expected 1-128 characters of [A-Za-z0-9_-]"
+        )
+    return sid
+
+
+def check_connection_id(cid: object) -> str:
+    if not isinstance(cid, str) or not _ID_RE.fullmatch(cid):
+        raise InvalidInput(
+            f"invalid connection id {cid!r}: expected 1-128 characters of [A-Za-z0-9_-]"
+        )
+    return cid
+
+
+def check_user_id(user: object) -> str:
+    if not isinstance(user, str) or not _USER_RE.fullmatch(user):
+        raise InvalidInput(
+            f"invalid user id {user!r}: expected 1-128 characters of [A-Za-z0-9_.@:+=-]"
+        )
+    return user
+
+
+def default_node_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "node"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """Settings of one coordinator node. Times are in seconds."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    node_id: str = field(default_factory=default_node_id)
+    key_prefix: str = "coord"
+    agent: str = DEFAULT_AGENT
+    max_concurrent_conversations: int = 3
+    close_delay: float = 15.0
+    cleanup_interval: float = 15.0
+    # A node that misses heartbeats for node_ttl is dead; its loops stop lease_margin
+    # before that by its own monotonic clock.
+    node_ttl: float = 6.0
+    heartbeat_interval: float = 1.5
+    lease_margin: float = 1.5
+    event_log_maxlen: int = 10_000
+    inbox_max: int = 1_000
+    max_action_bytes: int = 64 * 1024
+    start_timeout: float = 30.0
+    redis_timeout: float = 5.0
+    connect_timeout: float = 3.0
+    idle_flush_interval: float = 1.0
+    drain_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = f.type if isinstance(f.type, str) else f.type.__name__
+            if expected == "str" and not isinstance(value, str):
+                raise ConfigError(f"{f.name} must be a string, got {type(value).__name__}")
+            if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+            if expected == "float" and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise ConfigError(f"{f.name} must be a number, got {value!r}")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        try:
+            check_connection_id(self.node_id)
+        except InvalidInput as exc:
+            raise ConfigError(f"node_id: {exc}") from None
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.key_prefix):
+            raise ConfigError(f"key_prefix must be 1-64 of [A-Za-z0-9_.-], got {self.key_prefix!r}")
+        if ":" not in self.agent:
+            raise ConfigError(f"agent must be 'package.module:Class', got {self.agent!r}")
+        positive = (
+            "max_concurrent_conversations",
+            "close_delay",
+            "cleanup_interval",
+            "node_ttl",
+            "heartbeat_interval",
+            "event_log_maxlen",
+            "inbox_max",
+            "max_action_bytes",
+            "start_timeout",
+            "redis_timeout",
+            "connect_timeout",
+            "idle_flush_interval",
+            "drain_timeout",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lease_margin < 0:
+            raise ConfigError(f"lease_margin must be >= 0, got {self.lease_margin!r}")
+        if self.heartbeat_interval * 2 > self.node_ttl - self.lease_margin:
+            raise ConfigError(
+                "heartbeat_interval must leave room for two heartbeats before the loops "
+                f"stop: need 2 * {self.heartbeat_interval} <= node_ttl - lease_margin "
+                f"({self.node_ttl} - {self.lease_margin})"
+            )
+
+    def replace(self, **changes: Any) -> ManagerConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values.update(changes)
+        return ManagerConfig(**values)

@@ -1,0 +1,73 @@
+"""The exception tree: everything the coordinator raises derives from CoordinatorError."""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Root of every error the coordinator raises on purpose."""
+
+
+class ConfigError(CoordinatorError, ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+class InvalidInput(CoordinatorError, ValueError):
+    """A caller passed a malformed id, action or payload; nothing was changed."""
+
+
+class RedisUnavailable(CoordinatorError, ConnectionError):
+    """Redis could not be reached (at start-up, or for longer than a call may wait)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"Redis at {url} is unreachable: {reason}")
+        self.url = url
+
+
+class ConversationNotFound(CoordinatorError, LookupError):
+    """No conversation with that id exists."""
+
+    def __init__(self, sid: str) -> None:
+        super().__init__(f"no such conversation: {sid!r}")
+        self.sid = sid
+
+
+class ConnectionNotFound(CoordinatorError, LookupError):
+    """The connection id is not joined to any conversation."""
+
+    def __init__(self, connection_id: str) -> None:
+        super().__init__(f"connection {connection_id!r} is not joined to a conversation")
+        self.connection_id = connection_id
+
+
+class Forbidden(CoordinatorError, PermissionError):
+    """The caller's user does not own the conversation."""
+
+    def __init__(self, sid: str) -> None:
+        super().__init__(f"conversation {sid!r} belongs to another user")
+        self.sid = sid
+
+
+class Fenced(CoordinatorError):
+    """This node's ownership of a conversation was taken over; its write was rejected."""
+
+    def __init__(self, sid: str, epoch: int, current: int) -> None:
+        super().__init__(f"write to {sid!r} with epoch {epoch} rejected (current epoch {current})")
+        self.sid = sid
+        self.epoch = epoch
+        self.current = current
+
+
+class InboxFull(CoordinatorError):
+    """The conversation's action inbox holds too many unprocessed actions."""
+
+
+class CapacityTimeout(CoordinatorError, TimeoutError):
+    """A start waited too long for an evicted conversation to release its cap slot."""
+
+
+class Evicted(CoordinatorError):
+    """The conversation lost its cap slot to a more recently updated one."""
+
+
+class NodeDraining(CoordinatorError):
+    """This node is shutting down and takes no new loops or connections."""

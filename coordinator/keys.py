@@ -1,0 +1,96 @@
+"""The whole Redis key schema, in one place.
+
+Every key carries a hash tag so that the design runs unchanged on Redis Cluster:
+``{c:SID}`` for a conversation, ``{u:USER}`` for a user, ``{n:NODE}`` for a node and
+``{cluster}`` for the few cluster-wide keys (the node registry and the reaper lock).
+Lua scripts only ever touch keys of one tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class KeySchema:
+    prefix: str = "coord"
+
+    # -- per conversation ------------------------------------------------------------
+    def conv(self, sid: str) -> str:
+        """Hash: user, owner, inc, epoch, state, seq, applied, refs, created, last_active."""
+        return f"{self.prefix}:{{c:{sid}}}:meta"
+
+    def events(self, sid: str) -> str:
+        """Stream: the bounded event log; entry id ``<event id>-0``."""
+        return f"{self.prefix}:{{c:{sid}}}:events"
+
+    def inbox(self, sid: str) -> str:
+        """Stream: accepted user actions not yet processed by the loop (trimmed as applied)."""
+        return f"{self.prefix}:{{c:{sid}}}:inbox"
+
+    def conv_conns(self, sid: str) -> str:
+        """Hash: connection id -> incarnation of the node holding it."""
+        return f"{self.prefix}:{{c:{sid}}}:conns"
+
+    def conv_channel(self, sid: str) -> str:
+        """Pub/sub channel carrying the conversation's events as ``[id, event]``."""
+        return f"{self.prefix}:{{c:{sid}}}:ch"
+
+    def sid_from_channel(self, channel: str) -> str | None:
+        head = f"{self.prefix}:{{c:"
+        if channel.startswith(head) and channel.endswith("}:ch"):
+            return channel[len(head) : -len("}:ch")]
+        return None
+
+    # -- per user --------------------------------------------------------------------
+    def user_claims(self, user: str) -> str:
+        """Sorted set: the user's conversations that should run, scored by last update."""
+        return f"{self.prefix}:{{u:{user}}}:claims"
+
+    def user_loops(self, user: str) -> str:
+        """Hash: sid -> ``live:INC`` / ``stopping:INC``: loops that may be running now."""
+        return f"{self.prefix}:{{u:{user}}}:loops"
+
+    def user_conns(self, user: str) -> str:
+        """Hash: connection id -> sid for the user's connections on every node."""
+        return f"{self.prefix}:{{u:{user}}}:conns"
+
+    def user_convs(self, user: str) -> str:
+        """Sorted set: every conversation of the user, scored by creation time."""
+        return f"{self.prefix}:{{u:{user}}}:convs"
+
+    # -- per node incarnation ---------------------------------------------------------
+    # An incarnation is ``NODE/hex``: one registration of a node process. Its keys carry
+    # the node's tag, so one script can touch the lease and the incarnation's keys, and a
+    # reaper can drop a dead incarnation's keys whole without touching its successor's.
+    def node_lease(self, node: str) -> str:
+        """String: the node's current incarnation, with the heartbeat TTL."""
+        return f"{self.prefix}:{{n:{node}}}:lease"
+
+    def node_owned(self, inc: str) -> str:
+        """Hash: sid -> user for the loops this incarnation runs."""
+        node, _, tail = inc.rpartition("/")
+        return f"{self.prefix}:{{n:{node}}}:owned:{tail}"
+
+    def node_conns(self, inc: str) -> str:
+        """Hash: connection id -> sid for the connections this incarnation holds."""
+        node, _, tail = inc.rpartition("/")
+        return f"{self.prefix}:{{n:{node}}}:conns:{tail}"
+
+    def node_idle(self, inc: str) -> str:
+        """Sorted set: sid -> last active (ms) of this incarnation's loops (idle index)."""
+        node, _, tail = inc.rpartition("/")
+        return f"{self.prefix}:{{n:{node}}}:idle:{tail}"
+
+    def node_channel(self, node: str) -> str:
+        """Pub/sub channel for commands addressed to the node."""
+        return f"{self.prefix}:{{n:{node}}}:cmd"
+
+    # -- cluster-wide ----------------------------------------------------------------
+    def registry(self) -> str:
+        """Hash: node id -> its current incarnation."""
+        return f"{self.prefix}:{{cluster}}:nodes"
+
+    def reaper_lock(self) -> str:
+        """String: the node currently reaping dead nodes (SET NX PX)."""
+        return f"{self.prefix}:{{cluster}}:reaper"

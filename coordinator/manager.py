@@ -1,0 +1,984 @@
+"""The distributed conversation manager: the seed's API, with all of its state in Redis.
+
+One instance is one node. It runs the agent loops it owns, holds the socket connections
+that reached it, and answers every query for the whole cluster from Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+
+from workers.loader import AgentLoadError, load_agent
+from workers.protocol import AgentContext, AgentFactory, AgentState, Event
+
+from . import codec
+from .config import (
+    ManagerConfig,
+    check_connection_id,
+    check_conversation_id,
+    check_user_id,
+)
+from .errors import (
+    CapacityTimeout,
+    ConfigError,
+    ConnectionNotFound,
+    ConversationNotFound,
+    CoordinatorError,
+    Forbidden,
+    Fenced,
+    InboxFull,
+    InvalidInput,
+    NodeDraining,
+    RedisUnavailable,
+)
+from .keys import KeySchema
+from .membership import Membership, reap_dead_nodes, reap_incarnation
+from .runner import Lease, LoopRunner
+from .state import RedisState
+from .subscriptions import Subscriptions
+
+log = logging.getLogger(__name__)
+
+
+class EventSink(Protocol):
+    """Where a node delivers a conversation's events to its local connections."""
+
+    async def deliver(self, connection_id: str, event: Event) -> None: ...
+
+
+class NullSink:
+    async def deliver(self, connection_id: str, event: Event) -> None:
+        return None
+
+
+@dataclass
+class ConversationHandle:
+    """What ``attach_to_conversation`` hands out; released ``close_delay`` after detach."""
+
+    sid: str
+    user: str
+    released: bool = False
+    released_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ConversationInfo:
+    sid: str
+    user: str
+    owner: str  # node id of the loop's owner ('' when not running)
+    running: bool
+    local: bool
+
+
+@dataclass
+class _Connection:
+    cid: str
+    sid: str
+    user: str
+    cursor: int
+    replaying: bool = True
+    buffer: list[tuple[int, Event]] = field(default_factory=list)
+
+
+def _user(user_id: str | None) -> str:
+    return "" if user_id is None else check_user_id(user_id)
+
+
+class ConversationManager:
+    """A coordinator node. Use as ``async with ConversationManager(config) as m: ...``."""
+
+    def __init__(
+        self,
+        config: ManagerConfig | None = None,
+        *,
+        sink: EventSink | None = None,
+        agent_factory: AgentFactory | None = None,
+        redis: aioredis.Redis | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, ManagerConfig):
+            raise ConfigError(f"config must be a ManagerConfig, got {type(config).__name__}")
+        self.config = config or ManagerConfig()
+        self.node_id = self.config.node_id
+        self.keys = KeySchema(self.config.key_prefix)
+        self.sink: EventSink = sink or NullSink()
+        self._agent_factory = agent_factory
+        self._redis_given = redis
+        self._redis: aioredis.Redis | None = None
+        self._state: RedisState | None = None
+        self._membership: Membership | None = None
+        self._subs: Subscriptions | None = None
+        self._runners: dict[str, LoopRunner] = {}
+        self._starting: dict[str, asyncio.Future[ConversationInfo]] = {}
+        self._connections: dict[str, _Connection] = {}
+        self._rooms: dict[str, set[str]] = {}
+        self._handles: dict[str, tuple[ConversationHandle, int]] = {}
+        self._detached: dict[str, tuple[ConversationHandle, asyncio.TimerHandle]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._slot_events: dict[str, asyncio.Event] = {}
+        self._nudged: dict[tuple[str, str], float] = {}
+        self._live: set[str] = set()  # incarnations known alive (refreshed each heartbeat)
+        self._flushed: dict[str, float] = {}
+        self.draining = False
+        self.started = False
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def __aenter__(self) -> ConversationManager:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def state(self) -> RedisState:
+        if self._state is None:
+            raise CoordinatorError("the manager is not started (use 'async with')")
+        return self._state
+
+    @property
+    def membership(self) -> Membership:
+        if self._membership is None:
+            raise CoordinatorError("the manager is not started (use 'async with')")
+        return self._membership
+
+    @property
+    def inc(self) -> str:
+        return self.membership.inc
+
+    async def start(self) -> None:
+        cfg = self.config
+        if self._agent_factory is None:
+            try:
+                self._agent_factory = load_agent(cfg.agent)
+            except AgentLoadError as exc:
+                raise ConfigError(str(exc)) from None
+        self._redis = self._redis_given or aioredis.Redis.from_url(
+            cfg.redis_url,
+            socket_connect_timeout=cfg.connect_timeout,
+            socket_timeout=cfg.redis_timeout,
+            retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 2),
+            health_check_interval=10,
+        )
+        try:
+            await asyncio.wait_for(self._redis.ping(), cfg.connect_timeout + 1)
+        except (RedisError, OSError, TimeoutError) as exc:
+            await self._redis.aclose()
+            raise RedisUnavailable(cfg.redis_url, str(exc) or type(exc).__name__) from None
+        self._state = RedisState(self._redis, self.keys)
+        self._membership = Membership(self._state, cfg, self._on_lapse)
+        previous = await self._membership.register()
+        if previous:
+            await reap_incarnation(
+                self._state, previous, keep_connections=False, maxlen=cfg.event_log_maxlen
+            )
+        await self._refresh_live()
+        self._subs = Subscriptions(
+            self._redis,
+            self._on_message,
+            self._on_resubscribed,
+            self.keys.node_channel(self.node_id),
+            probe_interval=max(1.0, cfg.heartbeat_interval * 2),
+        )
+        await self._subs.start()
+        self._spawn(self._subs.run(), "pubsub")
+        self._spawn(self._heartbeat_loop(), "heartbeat")
+        self._spawn(self._flush_loop(), "activity-flush")
+        self._spawn(self._cleanup_loop(), "cleanup")
+        self.started = True
+        log.info("node %s started (incarnation %s)", self.node_id, self.inc)
+
+    async def aclose(self) -> None:
+        """Stop every local loop, forget local connections, deregister, stop tasks."""
+        if not self.started:
+            if self._redis is not None and self._redis_given is None:
+                await self._redis.aclose()
+            return
+        self.started = False
+        self.draining = True
+        for sid in list(self._runners):
+            with contextlib.suppress(CoordinatorError, RedisError, OSError):
+                await self._stop_loop(sid, None, AgentState.STOPPED)
+        for cid in list(self._connections):
+            with contextlib.suppress(CoordinatorError, RedisError, OSError):
+                await self.disconnect_from_session(cid)
+        for handle, timer in self._detached.values():
+            timer.cancel()
+            self._release_handle(handle)
+        self._detached.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.membership.stop()
+        with contextlib.suppress(RedisError, OSError):
+            await reap_incarnation(
+                self.state, self.inc, keep_connections=False, maxlen=self.config.event_log_maxlen
+            )
+            await self.state.unregister(self.node_id, self.inc)
+        if self._subs is not None:
+            await self._subs.aclose()
+        if self._redis is not None and self._redis_given is None:
+            await self._redis.aclose()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- the seed's API --------------------------------------------------------------
+    async def attach_to_conversation(
+        self, sid: str, user_id: str | None = None
+    ) -> ConversationHandle:
+        """Take a handle on an existing conversation (REST callers); counted cluster-wide."""
+        check_conversation_id(sid)
+        user = _user(user_id)
+        status, _ = await self.state.attach(sid, user, +1)
+        if status == "missing":
+            raise ConversationNotFound(sid)
+        if status == "forbidden":
+            raise Forbidden(sid)
+        if sid in self._handles:
+            handle, n = self._handles[sid]
+            self._handles[sid] = (handle, n + 1)
+        elif sid in self._detached:
+            handle, timer = self._detached.pop(sid)
+            timer.cancel()
+            self._handles[sid] = (handle, 1)
+        else:
+            handle = ConversationHandle(sid, user)
+            self._handles[sid] = (handle, 1)
+        return handle
+
+    async def detach_from_conversation(self, conversation: ConversationHandle) -> None:
+        """Drop one reference; the handle is released ``close_delay`` after the last one."""
+        if not isinstance(conversation, ConversationHandle):
+            raise InvalidInput("detach_from_conversation takes the handle attach returned")
+        sid = conversation.sid
+        entry = self._handles.get(sid)
+        if entry is None or entry[0] is not conversation:
+            raise InvalidInput(f"conversation handle {sid!r} is not attached on this node")
+        await self.state.attach(sid, "", -1)
+        handle, n = entry
+        if n > 1:
+            self._handles[sid] = (handle, n - 1)
+            return
+        del self._handles[sid]
+        timer = asyncio.get_running_loop().call_later(
+            self.config.close_delay, self._expire_detached, sid
+        )
+        self._detached[sid] = (handle, timer)
+
+    def _expire_detached(self, sid: str) -> None:
+        entry = self._detached.pop(sid, None)
+        if entry is not None:
+            self._release_handle(entry[0])
+
+    def _release_handle(self, handle: ConversationHandle) -> None:
+        handle.released = True
+        handle.released_at = time.monotonic()
+
+    async def attached_count(self, sid: str) -> int:
+        """Attach refcount of the conversation across the cluster."""
+        return int(await self.state.redis.hget(self.keys.conv(sid), "refs") or 0)
+
+    async def join_conversation(
+        self,
+        sid: str,
+        connection_id: str,
+        settings: Mapping[str, Any] | None,
+        user_id: str | None,
+        latest_event_id: int | None = None,
+    ) -> ConversationInfo:
+        """Join a connection to a conversation (creating and starting it when needed).
+
+        The connection first receives every logged event after ``latest_event_id`` (all
+        of them when None), then live events, with no gap and no duplicate.
+        """
+        check_conversation_id(sid)
+        check_connection_id(connection_id)
+        user = _user(user_id)
+        if latest_event_id is not None and (
+            isinstance(latest_event_id, bool) or not isinstance(latest_event_id, int)
+        ):
+            raise InvalidInput(f"latest_event_id must be an integer, got {latest_event_id!r}")
+        if connection_id in self._connections:
+            raise InvalidInput(f"connection {connection_id!r} already joined a conversation")
+        self._check_intake()
+        info = await self.maybe_start_agent_loop(sid, settings, user_id)
+        conn = _Connection(connection_id, sid, user, max(0, latest_event_id or 0))
+        self._connections[connection_id] = conn
+        self._rooms.setdefault(sid, set()).add(connection_id)
+        try:
+            await self._subscribe(sid)
+            await self.state.add_connection(connection_id, sid, user, self.inc)
+        except BaseException:
+            self._forget_connection(conn)
+            raise
+        await self._catch_up(conn)
+        return info
+
+    async def maybe_start_agent_loop(
+        self,
+        sid: str,
+        settings: Mapping[str, Any] | None,
+        user_id: str | None,
+        initial_user_msg: Mapping[str, Any] | None = None,
+    ) -> ConversationInfo:
+        """Make sure the conversation's loop runs somewhere; start it here if nowhere.
+
+        Creates the conversation for ``user_id`` if it does not exist. At most one loop
+        runs cluster-wide, and the user's cap holds: the least recently updated of the
+        user's other loops are evicted to make room.
+        """
+        check_conversation_id(sid)
+        user = _user(user_id)
+        if settings is not None and not isinstance(settings, Mapping):
+            raise InvalidInput("settings must be a mapping")
+        packed_initial: bytes | None = None
+        if initial_user_msg is not None:
+            _, packed_initial = codec.user_action(initial_user_msg, self.config.max_action_bytes)
+        runner = self._runners.get(sid)
+        if runner is not None and runner.running:
+            if runner.lease.user != user and user:
+                raise Forbidden(sid)
+            if packed_initial is not None:
+                await self._accept(sid, user, packed_initial)
+            return ConversationInfo(sid, runner.lease.user, self.node_id, True, True)
+        pending = self._starting.get(sid)
+        if pending is not None:
+            info = await asyncio.shield(pending)
+            if info.user != user and user:
+                raise Forbidden(sid)
+            if packed_initial is not None:
+                await self._accept(sid, user, packed_initial)
+            return info
+        fut: asyncio.Future[ConversationInfo] = asyncio.get_running_loop().create_future()
+        self._starting[sid] = fut
+        try:
+            info = await self._start(sid, user, dict(settings or {}), packed_initial)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters get it through shield
+            raise
+        else:
+            fut.set_result(info)
+            return info
+        finally:
+            del self._starting[sid]
+
+    async def send_to_event_stream(self, connection_id: str, data: Mapping[str, Any]) -> int:
+        """Accept a user action durably; returns its event id once it is in Redis."""
+        conn = self._connections.get(connection_id)
+        if conn is None:
+            raise ConnectionNotFound(connection_id)
+        _, packed = codec.user_action(data, self.config.max_action_bytes)
+        return await self._accept(conn.sid, conn.user, packed)
+
+    async def disconnect_from_session(self, connection_id: str) -> None:
+        conn = self._connections.get(connection_id)
+        if conn is None:
+            log.debug("disconnect of unknown connection %s", connection_id)
+            return
+        self._forget_connection(conn)
+        await self._unsubscribe(conn.sid)
+        await self.state.remove_connection(connection_id, conn.sid, conn.user, self.inc)
+
+    async def close_session(self, sid: str, user_id: str | None = None) -> bool:
+        """Stop the conversation's loop wherever it runs. Returns whether one was running."""
+        check_conversation_id(sid)
+        user = _user(user_id)
+        meta = await self.state.meta(sid)
+        if not meta:
+            raise ConversationNotFound(sid)
+        if user and meta.get("user") != user:
+            raise Forbidden(sid)
+        if sid in self._runners:
+            await self._stop_loop(sid, _closed_event(), AgentState.STOPPED)
+            return True
+        owner_inc = meta.get("inc", "")
+        if not owner_inc:
+            return False
+        if await self._alive(owner_inc):
+            reply = await self._request(owner_inc, "close", {"sid": sid})
+            return bool(reply.get("closed"))
+        await self._release_dead(sid, meta.get("user", ""), owner_inc)
+        return False
+
+    async def get_running_agent_loops(
+        self, user_id: str | None = None, filter_to_sids: set[str] | None = None
+    ) -> set[str]:
+        """Ids of conversations whose loop runs on any live node."""
+        if user_id:
+            loops = await self.state.user_loops(check_user_id(user_id))
+            await self._refresh_live()
+            sids = {
+                sid
+                for sid, held in loops.items()
+                if held.startswith("live:") and held[5:] in self._live
+            }
+        else:
+            incs = await self._refresh_live()
+            sids = set()
+            if incs:
+                async with self.state.redis.pipeline(transaction=False) as pipe:
+                    for inc in incs:
+                        pipe.hkeys(self.keys.node_owned(inc))
+                    for names in await pipe.execute():
+                        sids.update(n.decode() for n in names)
+        if filter_to_sids is not None:
+            sids &= set(filter_to_sids)
+        return sids
+
+    async def get_connections(
+        self, user_id: str | None = None, filter_to_sids: set[str] | None = None
+    ) -> dict[str, str]:
+        """connection id -> conversation id, for connections on every node."""
+        if filter_to_sids is not None:
+            sids = sorted(filter_to_sids)
+            rows = await self.state.hgetall_many([self.keys.conv_conns(s) for s in sids])
+            out = {cid: sid for sid, row in zip(sids, rows, strict=True) for cid in row}
+            if user_id and out:
+                owners = await self._users_of(sids)
+                out = {cid: sid for cid, sid in out.items() if owners.get(sid) == user_id}
+            return out
+        if user_id:
+            rows = await self.state.hgetall_many([self.keys.user_conns(check_user_id(user_id))])
+            return rows[0]
+        incs = await self._refresh_live()
+        out = {}
+        for row in await self.state.hgetall_many([self.keys.node_conns(i) for i in incs]):
+            out.update(row)
+        return out
+
+    async def is_agent_loop_running(self, sid: str) -> bool:
+        check_conversation_id(sid)
+        runner = self._runners.get(sid)
+        if runner is not None:
+            return runner.running
+        inc = (await self.state.meta(sid)).get("inc", "")
+        return bool(inc) and await self._alive(inc)
+
+    # -- introspection ---------------------------------------------------------------
+    def local_loops(self) -> set[str]:
+        """Conversations whose loop runs in this process right now (lease enforced)."""
+        if self._membership is not None:
+            self._membership.check()
+        return {sid for sid, r in self._runners.items() if r.running}
+
+    def local_connections(self) -> dict[str, str]:
+        return {cid: c.sid for cid, c in self._connections.items()}
+
+    async def conversation(self, sid: str) -> dict[str, str]:
+        """The conversation's record in Redis ({} when unknown)."""
+        check_conversation_id(sid)
+        return await self.state.meta(sid)
+
+    async def events(self, sid: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        check_conversation_id(sid)
+        rows = await self.state.events_after(sid, after, count=limit)
+        return [codec.with_id(i, e) for i, e in rows]
+
+    async def nodes(self) -> dict[str, str]:
+        """node id -> incarnation, for nodes whose lease is alive."""
+        registry = await self.state.registry()
+        live = await self.state.live_incarnations(registry)
+        return {n: i for n, i in registry.items() if live.get(n) == i}
+
+    # -- starting loops --------------------------------------------------------------
+    def _check_intake(self) -> None:
+        if self.draining:
+            raise NodeDraining(f"node {self.node_id} is draining; connect to another node")
+
+    async def _start(
+        self, sid: str, user: str, settings: dict[str, Any], initial: bytes | None
+    ) -> ConversationInfo:
+        dead = ""
+        while True:
+            own = await self.state.acquire(
+                sid, self.node_id, self.inc, user, create=not self.draining, dead_inc=dead
+            )
+            if own.status == "forbidden":
+                raise Forbidden(sid)
+            if own.status == "missing":
+                raise NodeDraining(f"node {self.node_id} is draining; connect to another node")
+            if own.status == "owned":
+                if await self._alive(own.inc):
+                    if initial is not None:
+                        await self._accept(sid, user, initial)
+                    return ConversationInfo(sid, own.user, own.owner, True, False)
+                dead = own.inc
+                continue
+            break
+        if self.draining:
+            await self.state.release(sid, self.inc, own.epoch, "stopped")
+            raise NodeDraining(f"node {self.node_id} is draining; connect to another node")
+        lease = Lease(sid, own.user, self.inc, own.epoch)
+        if initial is not None:
+            await self._accept(sid, user, initial)
+        await self._subscribe(sid)
+        try:
+            admitted = await self._admit(lease)
+        except BaseException:
+            await self._give_up(lease, None)
+            raise
+        if not admitted:
+            await self._give_up(lease, _evicted_event())
+            return ConversationInfo(sid, lease.user, "", False, False)
+        assert self._agent_factory is not None
+        agent = self._agent_factory(AgentContext(sid, lease.user or None, settings))
+        runner = LoopRunner(
+            lease,
+            own.applied,
+            agent,
+            self.state,
+            self.config,
+            self.membership.lease_valid,
+            self._on_runner_fenced,
+        )
+        self._runners[sid] = runner
+        async with self.state.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.keys.node_owned(self.inc), sid, lease.user)
+            pipe.zadd(self.keys.node_idle(self.inc), {sid: int(time.time() * 1000)})
+            await pipe.execute()
+        await runner.start()
+        return ConversationInfo(sid, lease.user, self.node_id, True, True)
+
+    async def _admit(self, lease: Lease) -> bool:
+        """Hold one of the user's cap slots; False when evicted before starting."""
+        cap = self.config.max_concurrent_conversations
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.start_timeout
+        event = self._slot_events.setdefault(lease.user, asyncio.Event())
+        adm = await self.state.admit(
+            lease.user, lease.sid, self.inc, cap, retry=False, score_ms=int(time.time() * 1000)
+        )
+        delay = 0.02
+        while True:
+            if adm.evicted:
+                await self._nudge(lease.user, adm.evicted)
+            if adm.status == "go":
+                return True
+            if adm.status == "evicted":
+                return False
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                await self.state.release_slot(lease.user, lease.sid, self.inc)
+                raise CapacityTimeout(
+                    f"waited {self.config.start_timeout}s for a slot of user {lease.user!r}"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(delay, remaining))
+            delay = min(delay * 2, 0.25)
+            event = self._slot_events.setdefault(lease.user, asyncio.Event())
+            adm = await self.state.admit(lease.user, lease.sid, self.inc, cap, retry=True)
+
+    async def _nudge(self, user: str, evicted: Iterable[tuple[str, str]]) -> None:
+        """Ask the owners of evicted loops to stop them (again, at most once a second)."""
+        now = time.monotonic()
+        for sid, inc in evicted:
+            if now - self._nudged.get((sid, inc), 0.0) < 1.0:
+                continue
+            self._nudged[(sid, inc)] = now
+            if inc == self.inc:
+                self._spawn(self._evict_local(sid, user, self.node_id), f"evict:{sid}")
+            elif await self._alive(inc):
+                await self._send(inc, "evict", {"sid": sid, "user": user})
+            else:
+                await self._release_dead(sid, user, inc)
+        if len(self._nudged) > 10_000:
+            self._nudged = {k: v for k, v in self._nudged.items() if now - v < 5.0}
+
+    async def _give_up(self, lease: Lease, status: Event | None) -> None:
+        """Undo a start that never ran: tell the clients why, drop claim and ownership."""
+        with contextlib.suppress(RedisError, OSError):
+            if status is not None:
+                await self.state.commit(
+                    lease.sid,
+                    lease.inc,
+                    lease.epoch,
+                    [codec.pack(status)],
+                    maxlen=self.config.event_log_maxlen,
+                )
+            await self.state.release_slot(lease.user, lease.sid, lease.inc)
+            await self.state.release(lease.sid, lease.inc, lease.epoch, "stopped")
+        await self._unsubscribe(lease.sid)
+
+    async def _accept(self, sid: str, user: str, packed: bytes) -> int:
+        r = await self.state.accept(
+            sid, user, packed, self.config.event_log_maxlen, self.config.inbox_max
+        )
+        if r.status == "missing":
+            raise ConversationNotFound(sid)
+        if r.status == "forbidden":
+            raise Forbidden(sid)
+        if r.status == "full":
+            raise InboxFull(f"conversation {sid!r} has {self.config.inbox_max} unprocessed actions")
+        if r.inc != self.inc and (not r.inc or not await self._alive(r.inc)):
+            # No live owner: the action waits durably in the inbox; start a successor here.
+            if sid not in self._starting and not self.draining:
+                self._spawn(self._restart(sid, user), f"restart:{sid}")
+        return r.event_id
+
+    async def _restart(self, sid: str, user: str) -> None:
+        try:
+            await self.maybe_start_agent_loop(sid, None, user or None)
+        except CoordinatorError as exc:
+            log.warning("could not restart %s after an action: %s", sid, exc)
+
+    # -- stopping loops --------------------------------------------------------------
+    async def _stop_loop(self, sid: str, status: Event | None, final: AgentState) -> bool:
+        runner = self._runners.get(sid)
+        if runner is None:
+            return False
+        await runner.aclose()
+        if status is not None:
+            with contextlib.suppress(Fenced, RedisError, OSError):
+                await runner.emit_status(status)
+        if self._runners.get(sid) is runner:
+            del self._runners[sid]
+        if not runner.fenced:
+            lease = runner.lease
+            await self.state.release_slot(lease.user, sid, lease.inc)
+            await self.state.release(sid, lease.inc, lease.epoch, str(final))
+            async with self.state.redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(self.keys.node_owned(lease.inc), sid)
+                pipe.zrem(self.keys.node_idle(lease.inc), sid)
+                await pipe.execute()
+        await self._unsubscribe(sid)
+        return True
+
+    def _on_runner_fenced(self, runner: LoopRunner) -> None:
+        if self._runners.get(runner.sid) is runner:
+            del self._runners[runner.sid]
+        self._spawn(self._finish_fenced(runner), f"fenced:{runner.sid}")
+
+    async def _finish_fenced(self, runner: LoopRunner) -> None:
+        await runner.aclose()
+        if not self.membership.lapsed:
+            with contextlib.suppress(RedisError, OSError):
+                async with self.state.redis.pipeline(transaction=False) as pipe:
+                    pipe.hdel(self.keys.node_owned(runner.lease.inc), runner.sid)
+                    pipe.zrem(self.keys.node_idle(runner.lease.inc), runner.sid)
+                    await pipe.execute()
+        await self._unsubscribe(runner.sid)
+
+    def _on_lapse(self, why: str) -> None:
+        for runner in list(self._runners.values()):
+            runner.fence(why)
+
+    async def _evict_local(self, sid: str, user: str, origin: str) -> None:
+        pending = self._starting.get(sid)
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+        if not await self._stop_loop(sid, _evicted_event(), AgentState.STOPPED):
+            await self.state.release_slot(user, sid, self.inc)
+        if origin == self.node_id:
+            self._slot_freed(user)
+        else:
+            await self._send_node(origin, "slot_freed", {"user": user})
+
+    async def _release_dead(self, sid: str, user: str, inc: str) -> None:
+        """Free what a dead incarnation held for one conversation."""
+        if await self.state.release(sid, inc, None, "stopped"):
+            event = codec.status_event(
+                codec.NODE_LOST,
+                "The node running this conversation was lost; it restarts on the next action.",
+                "stopped",
+            )
+            await self.state.commit(
+                sid, "", 0, [codec.pack(event)], maxlen=self.config.event_log_maxlen
+            )
+        await self.state.release_slot(user, sid, inc)
+        self._slot_freed(user)
+
+    def _slot_freed(self, user: str) -> None:
+        event = self._slot_events.pop(user, None)
+        if event is not None:
+            event.set()
+
+    # -- delivery to local connections -----------------------------------------------
+    async def _subscribe(self, sid: str) -> None:
+        assert self._subs is not None
+        await self._subs.add(self.keys.conv_channel(sid))
+
+    async def _unsubscribe(self, sid: str) -> None:
+        if self._subs is not None:
+            await self._subs.discard(self.keys.conv_channel(sid))
+
+    def _forget_connection(self, conn: _Connection) -> None:
+        self._connections.pop(conn.cid, None)
+        room = self._rooms.get(conn.sid)
+        if room is not None:
+            room.discard(conn.cid)
+            if not room:
+                del self._rooms[conn.sid]
+
+    async def _on_message(self, channel: str, data: bytes) -> None:
+        sid = self.keys.sid_from_channel(channel)
+        if sid is not None:
+            event_id, event = codec.decode_published(data)
+            runner = self._runners.get(sid)
+            if runner is not None:
+                runner.observe(event_id, event)
+            for cid in list(self._rooms.get(sid, ())):
+                conn = self._connections.get(cid)
+                if conn is not None:
+                    await self._offer(conn, event_id, event)
+            return
+        method, origin, payload = codec.open_envelope(data)
+        self._spawn(self._on_command(method, origin, payload), f"cmd:{method}")
+
+    async def _offer(self, conn: _Connection, event_id: int, event: Event) -> None:
+        if conn.replaying:
+            conn.buffer.append((event_id, event))
+        elif event_id == conn.cursor + 1:
+            conn.cursor = event_id
+            await self._deliver(conn, event_id, event)
+        elif event_id > conn.cursor:
+            conn.replaying = True
+            conn.buffer.append((event_id, event))
+            self._spawn(self._catch_up(conn), f"catch-up:{conn.cid}")
+
+    async def _deliver(self, conn: _Connection, event_id: int, event: Event) -> None:
+        try:
+            await self.sink.deliver(conn.cid, codec.with_id(event_id, event))
+        except Exception:
+            log.exception("delivery to %s failed", conn.cid)
+
+    async def _catch_up(self, conn: _Connection) -> None:
+        """Send what the log holds after the cursor, then the buffered live events."""
+        conn.replaying = True
+        while conn.cid in self._connections:
+            rows = await self.state.events_after(conn.sid, conn.cursor, count=500)
+            for event_id, event in rows:
+                if event_id > conn.cursor:
+                    conn.cursor = event_id
+                    await self._deliver(conn, event_id, event)
+            if len(rows) == 500:
+                continue
+            gap = False
+            while conn.buffer and not gap:
+                batch, conn.buffer = sorted(conn.buffer, key=lambda x: x[0]), []
+                for i, (event_id, event) in enumerate(batch):
+                    if event_id <= conn.cursor:
+                        continue
+                    if event_id != conn.cursor + 1:
+                        gap = True
+                        conn.buffer = batch[i:] + conn.buffer
+                        break
+                    conn.cursor = event_id
+                    await self._deliver(conn, event_id, event)
+            if not gap:
+                conn.replaying = False
+                return
+
+    async def _on_resubscribed(self) -> None:
+        """After a pub/sub reconnect: re-read inboxes and catch every connection up."""
+        for runner in self._runners.values():
+            runner.poke()
+        for conn in list(self._connections.values()):
+            if not conn.replaying:
+                self._spawn(self._catch_up(conn), f"catch-up:{conn.cid}")
+
+    # -- node-to-node commands -------------------------------------------------------
+    async def _send(self, inc: str, method: str, payload: dict[str, Any]) -> None:
+        await self._send_node(inc.rsplit("/", 1)[0], method, payload)
+
+    async def _send_node(self, node: str, method: str, payload: dict[str, Any]) -> None:
+        await self.state.redis.publish(
+            self.keys.node_channel(node), codec.envelope(method, self.node_id, payload)
+        )
+
+    async def _request(self, inc: str, method: str, payload: dict[str, Any]) -> dict[str, Any]:
+        rid = uuid.uuid4().hex
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[rid] = fut
+        try:
+            await self._send(inc, method, {**payload, "rid": rid})
+            return await asyncio.wait_for(fut, self.config.redis_timeout * 2)
+        except TimeoutError:
+            raise CoordinatorError(f"node {inc} did not answer {method!r} in time") from None
+        finally:
+            self._replies.pop(rid, None)
+
+    async def _on_command(self, method: str, origin: str, p: dict[str, Any]) -> None:
+        if method == "evict":
+            await self._evict_local(str(p["sid"]), str(p["user"]), origin)
+        elif method == "slot_freed":
+            self._slot_freed(str(p["user"]))
+        elif method == "close":
+            closed = await self._stop_loop(str(p["sid"]), _closed_event(), AgentState.STOPPED)
+            await self._send_node(origin, "reply", {"rid": p["rid"], "closed": closed})
+        elif method == "reply":
+            fut = self._replies.get(str(p.get("rid")))
+            if fut is not None and not fut.done():
+                fut.set_result(p)
+        else:
+            log.warning("unknown command %r from %s", method, origin)
+
+    # -- background work -------------------------------------------------------------
+    async def _alive(self, inc: str) -> bool:
+        if inc == self.inc:
+            return not self.membership.lapsed
+        if inc in self._live:
+            return True
+        alive = await self.state.incarnation_alive(inc)
+        if alive:
+            self._live.add(inc)
+        return alive
+
+    async def _refresh_live(self) -> set[str]:
+        registry = await self.state.registry()
+        live = await self.state.live_incarnations(registry)
+        self._live = {inc for n, inc in registry.items() if inc and live.get(n) == inc}
+        return set(self._live)
+
+    async def _users_of(self, sids: list[str]) -> dict[str, str]:
+        async with self.state.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hget(self.keys.conv(sid), "user")
+            users = await pipe.execute()
+        return {sid: (u or b"").decode() for sid, u in zip(sids, users, strict=True)}
+
+    async def _heartbeat_loop(self) -> None:
+        reap_every = max(1, round(self.config.node_ttl / 2 / self.config.heartbeat_interval))
+        n = 0
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            if not await self.membership.heartbeat():
+                await self._rotate_incarnation()
+            n += 1
+            try:
+                await self._refresh_live()
+                if n % reap_every == 0:
+                    await reap_dead_nodes(
+                        self.state,
+                        self.inc,
+                        int(self.config.node_ttl * 1000),
+                        self.config.event_log_maxlen,
+                    )
+            except (RedisError, OSError) as exc:
+                log.warning("membership refresh failed: %s", exc)
+
+    async def _rotate_incarnation(self) -> None:
+        """Our lease lapsed: loops are fenced; re-register and re-assert our connections."""
+        old = self.inc
+        try:
+            await self.membership.register()
+        except (RedisError, OSError) as exc:
+            log.warning("re-register failed (%s); retrying", exc)
+            return
+        log.warning("node %s re-registered as %s", old, self.inc)
+        await reap_incarnation(
+            self.state, old, keep_connections=True, maxlen=self.config.event_log_maxlen
+        )
+        await self.state.redis.delete(self.keys.node_conns(old))
+        for conn in list(self._connections.values()):
+            await self.state.add_connection(conn.cid, conn.sid, conn.user, self.inc)
+
+    async def flush_activity(self) -> None:
+        """Write last-active times of this node's loops to the idle index and claims."""
+        dirty = {
+            sid: r.last_active
+            for sid, r in self._runners.items()
+            if r.last_active != self._flushed.get(sid)
+        }
+        if not dirty:
+            return
+        by_user: dict[str, dict[str, int]] = {}
+        for sid, ts in dirty.items():
+            by_user.setdefault(self._runners[sid].lease.user, {})[sid] = int(ts * 1000)
+        async with self.state.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.node_idle(self.inc), {s: int(t * 1000) for s, t in dirty.items()})
+            for user, scores in by_user.items():
+                pipe.zadd(self.keys.user_claims(user), scores, xx=True, gt=True)
+            await pipe.execute()
+        self._flushed.update(dirty)
+        for sid in list(self._flushed):
+            if sid not in self._runners:
+                del self._flushed[sid]
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.idle_flush_interval)
+            try:
+                await self.flush_activity()
+            except (RedisError, OSError) as exc:
+                log.warning("activity flush failed: %s", exc)
+
+    async def sweep_idle(self) -> list[str]:
+        """Close this node's loops idle past close_delay, not RUNNING, with no connection.
+
+        Costs O(expired) Redis commands: one range query on the idle index, one
+        pipelined connection count for the candidates, then the closes.
+        """
+        await self.flush_activity()
+        threshold = int((time.time() - self.config.close_delay) * 1000)
+        raw = await self.state.redis.zrangebyscore(self.keys.node_idle(self.inc), "-inf", threshold)
+        candidates = []
+        for name in raw:
+            sid = name.decode()
+            runner = self._runners.get(sid)
+            if runner is None or runner.agent_state == AgentState.RUNNING:
+                continue
+            if runner.last_active * 1000 > threshold:
+                continue
+            candidates.append(sid)
+        if not candidates:
+            return []
+        async with self.state.redis.pipeline(transaction=False) as pipe:
+            for sid in candidates:
+                pipe.hlen(self.keys.conv_conns(sid))
+            counts = await pipe.execute()
+        closed = []
+        for sid, n in zip(candidates, counts, strict=True):
+            if n == 0 and await self._stop_loop(sid, None, AgentState.STOPPED):
+                closed.append(sid)
+        if closed:
+            log.info("closed %d idle loop(s)", len(closed))
+        return closed
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.cleanup_interval)
+            try:
+                await self.sweep_idle()
+            except (RedisError, OSError, CoordinatorError) as exc:
+                log.warning("idle sweep failed: %s", exc)
+
+
+def _evicted_event() -> Event:
+    return codec.status_event(
+        codec.TOO_MANY_CONVERSATIONS,
+        "Too many conversations are running for this user; the least recently used was stopped.",
+        "stopped",
+    )
+
+
+def _closed_event() -> Event:
+    return codec.status_event(codec.CONVERSATION_CLOSED, "The conversation was closed.", "stopped")

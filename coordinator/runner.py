@@ -1,0 +1,228 @@
+"""One owned conversation's agent loop: in-order dispatch of inbox actions, fenced commits.
+
+The runner learns about new actions from the conversation's channel (the node is
+subscribed while it owns the loop). It tracks the highest contiguous event id it has seen;
+a gap, a reconnect or a start re-reads the durable inbox, so no accepted action is
+skipped. An action counts as processed once an event answering it, or its ack, is
+committed together with the ``applied`` cursor: a successor resumes after that cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from workers.protocol import AgentLoop, AgentState, Event
+
+from .codec import agent_event, pack
+from .config import ManagerConfig
+from .errors import Fenced
+from .state import RedisState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What a runner needs to write as the owner."""
+
+    sid: str
+    user: str
+    inc: str
+    epoch: int
+
+
+class LoopRunner:
+    def __init__(
+        self,
+        lease: Lease,
+        applied: int,
+        agent: AgentLoop,
+        state: RedisState,
+        config: ManagerConfig,
+        lease_valid: Callable[[], bool],
+        on_fenced: Callable[[LoopRunner], None],
+    ) -> None:
+        self.lease = lease
+        self.agent = agent
+        self._state = state
+        self._config = config
+        self._lease_valid = lease_valid
+        self._on_fenced = on_fenced
+        self._applied = applied  # highest action id committed as processed
+        self._seen = 0  # highest event id such that every action <= it is queued
+        self._pending: dict[int, Event] = {}
+        self._reread = True
+        self._wake = asyncio.Event()
+        self._wake.set()
+        self._cause = 0
+        self._last_state = ""
+        self._task: asyncio.Task[None] | None = None
+        self.fenced = False
+        self.closed = False
+        self.last_active = time.time()
+        self.dispatched = 0
+
+    @property
+    def sid(self) -> str:
+        return self.lease.sid
+
+    @property
+    def running(self) -> bool:
+        return not (self.fenced or self.closed)
+
+    async def start(self) -> None:
+        await self.agent.start(self.emit)
+        self._task = asyncio.create_task(self._run(), name=f"loop:{self.sid}")
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("loop %s crashed", self.sid, exc_info=task.exception())
+
+    # -- input -----------------------------------------------------------------------
+    def observe(self, event_id: int, event: Event) -> None:
+        """An event of the conversation went by on its channel."""
+        self.last_active = time.time()
+        if event_id <= self._seen:
+            return
+        if event_id == self._seen + 1:
+            self._seen = event_id
+            if event.get("source") == "user" and event_id > self._applied:
+                self._pending[event_id] = event
+                self._wake.set()
+        else:
+            self._reread = True
+            self._wake.set()
+
+    def poke(self) -> None:
+        """Re-read the inbox (after a reconnect, when channel messages may be lost)."""
+        self._reread = True
+        self._wake.set()
+
+    async def _read_inbox(self) -> None:
+        async with self._state.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self._state.keys.conv(self.sid), "seq")
+            pipe.xrange(self._state.keys.inbox(self.sid), min=f"({self._applied}-0", count=500)
+            seq_raw, rows = await pipe.execute()
+        from .codec import unpack
+
+        for entry_id, fields in rows:
+            n = int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+            if n > self._applied:
+                self._pending[n] = unpack(fields[b"d"])
+        seq = int(seq_raw or 0)
+        if len(rows) < 500:
+            self._seen = max(self._seen, seq)
+            self._reread = False
+        else:
+            self._seen = max(self._seen, max(self._pending))
+
+    async def _run(self) -> None:
+        while self.running:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._reread:
+                await self._read_inbox()
+            while self._pending and self.running:
+                n = min(self._pending)
+                action = self._pending.pop(n)
+                if n <= self._applied:
+                    continue
+                await self._dispatch(n, action)
+            if self._reread:
+                self._wake.set()
+
+    async def _dispatch(self, n: int, action: Event) -> None:
+        if not self._lease_valid():
+            self._fence("node lease lapsed")
+            return
+        self._cause = n
+        self.dispatched += 1
+        self.last_active = time.time()
+        try:
+            await self.agent.dispatch({**action, "id": n})
+        except Fenced:
+            return
+        except Exception:
+            log.exception("agent of %s failed on action %d", self.sid, n)
+        finally:
+            self._cause = 0
+        if self._applied < n and self.running:
+            await self._commit([], cause=n)
+
+    # -- output ----------------------------------------------------------------------
+    async def emit(self, event: Event) -> int:
+        """Append an agent event; raises Fenced once the conversation was taken over."""
+        committed = await self._commit([agent_event(event)], cause=self._cause)
+        return committed
+
+    async def emit_status(self, status: Event) -> None:
+        """Append a status event as the owner (used when stopping the loop)."""
+        if not self.fenced:
+            await self._commit([pack(status)], cause=0, check_open=False)
+
+    async def _commit(self, packed: list[bytes], cause: int, check_open: bool = True) -> int:
+        if self.fenced or (check_open and self.closed) or not self._lease_valid():
+            self._fence("node lease lapsed" if not self.fenced else "already fenced")
+            raise Fenced(self.sid, self.lease.epoch, -1)
+        state = str(self.agent.state)
+        changed = state if state != self._last_state else ""
+        r = await self._state.commit(
+            self.sid,
+            self.lease.inc,
+            self.lease.epoch,
+            packed,
+            maxlen=self._config.event_log_maxlen,
+            cause=cause,
+            state=changed,
+        )
+        if r.status != "ok":
+            self._fence(f"commit {r.status} (epoch {r.first_id})")
+            raise Fenced(self.sid, self.lease.epoch, r.first_id)
+        self._last_state = state
+        self.last_active = time.time()
+        if cause > self._applied:
+            self._applied = cause
+        return r.last_id
+
+    # -- shutdown --------------------------------------------------------------------
+    def _fence(self, why: str) -> None:
+        if self.fenced:
+            return
+        log.warning("loop %s fenced (%s): stopping it", self.sid, why)
+        self.fenced = True
+        self._wake.set()
+        self._on_fenced(self)
+
+    def fence(self, why: str) -> None:
+        """Stop now, synchronously, without writing: ownership is no longer ours."""
+        self._fence(why)
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+
+    async def aclose(self) -> None:
+        """Stop dispatching and close the agent. Idempotent."""
+        self.closed = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await self.agent.aclose()
+        except Exception:
+            log.exception("agent of %s failed to close", self.sid)
+
+    @property
+    def agent_state(self) -> AgentState:
+        try:
+            return AgentState(self.agent.state)
+        except ValueError:
+            return AgentState.ERROR

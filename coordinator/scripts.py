@@ -1,0 +1,259 @@
+"""Lua scripts: every multi-step state change that must be atomic.
+
+Each script touches keys of a single hash tag only (Redis Cluster safe). Times come
+from Redis ``TIME`` so that every node orders recency by one clock. Event ids are
+per-conversation integers stored as stream entry ids ``<id>-0``; events are published
+as the msgpack array ``[id, event]`` built by prefixing 0x92 to the packed id and the
+already-packed event.
+"""
+
+from __future__ import annotations
+
+_NOW = """
+local _t = redis.call('TIME')
+local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
+"""
+
+ACQUIRE = (
+    """
+-- acquire: take ownership of a conversation, creating it when asked.
+-- KEYS[1]  conversation meta hash
+-- ARGV[1]  node id            ARGV[2] node incarnation
+-- ARGV[3]  user ('' = do not check)
+-- ARGV[4]  incarnation known to be dead ('' = take it only when unowned)
+-- ARGV[5]  '1' to create a missing conversation for ARGV[3]
+-- returns  {status, epoch, owner node, owner incarnation, user, applied}
+--   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours)
+--           'owned' (a live owner holds it) | 'forbidden' | 'missing'
+"""
+    + _NOW
+    + """
+local meta = KEYS[1]
+if redis.call('EXISTS', meta) == 0 then
+  if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0} end
+  redis.call('HSET', meta, 'user', ARGV[3], 'owner', ARGV[1], 'inc', ARGV[2],
+             'epoch', 1, 'state', 'loading', 'seq', 0, 'applied', 0, 'refs', 0,
+             'created', now, 'last_active', now)
+  return {'created', 1, ARGV[1], ARGV[2], ARGV[3], 0}
+end
+local f = redis.call('HMGET', meta, 'user', 'owner', 'inc', 'epoch', 'applied')
+local user, owner, inc = f[1] or '', f[2] or '', f[3] or ''
+local epoch, applied = tonumber(f[4] or '0'), tonumber(f[5] or '0')
+if ARGV[3] ~= '' and user ~= ARGV[3] then
+  return {'forbidden', epoch, owner, inc, user, applied}
+end
+if inc == ARGV[2] then return {'mine', epoch, owner, inc, user, applied} end
+if inc == '' or inc == ARGV[4] then
+  epoch = epoch + 1
+  redis.call('HSET', meta, 'owner', ARGV[1], 'inc', ARGV[2], 'epoch', epoch,
+             'state', 'loading', 'last_active', now)
+  return {'ok', epoch, ARGV[1], ARGV[2], user, applied}
+end
+return {'owned', epoch, owner, inc, user, applied}
+"""
+)
+
+RELEASE = """
+-- release: give up ownership of a conversation.
+-- KEYS[1]  conversation meta hash
+-- ARGV[1]  owner incarnation   ARGV[2] epoch ('' = any)   ARGV[3] state to record
+-- returns  1 when released, 0 when the caller was not the owner
+local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch')
+if f[1] ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' and tonumber(f[2]) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'owner', '', 'inc', '', 'state', ARGV[3])
+return 1
+"""
+
+ACCEPT = (
+    """
+-- accept: record a user action durably (event log + inbox) and publish it.
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream   KEYS[3] inbox stream
+-- ARGV[1]  user ('' = do not check)  ARGV[2] packed event (msgpack map without id)
+-- ARGV[3]  event log max length      ARGV[4] inbox max length   ARGV[5] channel
+-- returns  {status, event id, owner node, owner incarnation}
+--   status: 'ok' | 'missing' | 'forbidden' | 'full'
+"""
+    + _NOW
+    + """
+local f = redis.call('HMGET', KEYS[1], 'user', 'owner', 'inc')
+if not f[1] then return {'missing', 0, '', ''} end
+if ARGV[1] ~= '' and f[1] ~= ARGV[1] then return {'forbidden', 0, '', ''} end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {'full', 0, '', ''} end
+local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HSET', KEYS[1], 'last_active', now)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[2])
+redis.call('XADD', KEYS[3], id .. '-0', 'd', ARGV[2])
+redis.call('PUBLISH', ARGV[5], '\\146' .. cmsgpack.pack(id) .. ARGV[2])
+return {'ok', id, f[2] or '', f[3] or ''}
+"""
+)
+
+COMMIT = (
+    """
+-- commit: append an owner's events, fenced by its incarnation and epoch.
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream   KEYS[3] inbox stream
+-- ARGV[1]  owner incarnation ('' = system write, allowed only while unowned)
+-- ARGV[2]  epoch   ARGV[3] event log max length   ARGV[4] channel
+-- ARGV[5]  id of the action these events answer (0 = none): marks it applied
+-- ARGV[6]  agent state to record ('' = unchanged)
+-- ARGV[7..] packed events (msgpack maps without id)
+-- returns  {'ok', first id, last id, now} or {'fenced', current epoch, 0, 0}
+--          or {'missing', 0, 0, 0}
+"""
+    + _NOW
+    + """
+local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'applied', 'user')
+if not f[4] then return {'missing', 0, 0, 0} end
+local inc, epoch = f[1] or '', tonumber(f[2] or '0')
+if inc ~= ARGV[1] or (ARGV[1] ~= '' and epoch ~= tonumber(ARGV[2])) then
+  return {'fenced', epoch, 0, 0}
+end
+local first, last = 0, 0
+for i = 7, #ARGV do
+  local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  if first == 0 then first = id end
+  last = id
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[i], 'e', epoch)
+  redis.call('PUBLISH', ARGV[4], '\\146' .. cmsgpack.pack(id) .. ARGV[i])
+end
+local cause = tonumber(ARGV[5])
+if cause > tonumber(f[3] or '0') then
+  redis.call('HSET', KEYS[1], 'applied', cause)
+  redis.call('XTRIM', KEYS[3], 'MINID', (cause + 1) .. '-0')
+end
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[6], 'last_active', now)
+else
+  redis.call('HSET', KEYS[1], 'last_active', now)
+end
+return {'ok', first, last, now}
+"""
+)
+
+ADMIT = (
+    """
+-- admit: claim one of the user's max_concurrent_conversations slots.
+-- KEYS[1]  user's claims sorted set (sid -> recency, never more than cap members)
+-- KEYS[2]  user's loops hash (sid -> 'live:INC' | 'stopping:INC'; at most cap entries)
+-- ARGV[1]  sid   ARGV[2] node incarnation   ARGV[3] cap
+-- ARGV[4]  'new' (a start: the sid becomes the most recent claim) | 'retry' (still waiting)
+-- ARGV[5]  recency score (ms) of a new claim; kept above every other claim
+-- returns  {status, evicted sid, its incarnation, evicted sid, its incarnation, ...}
+--   status: 'go' (slot held: start the loop) | 'wait' (evicted loops still stopping)
+--           'evicted' (more recent conversations took every slot)
+-- A loop may only run while its sid has an entry in loops, and an entry is only removed
+-- after its loop stopped, so HLEN(loops) <= cap bounds the loops actually running.
+
+local sid, node, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+if ARGV[4] == 'new' then
+  local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local score = tonumber(ARGV[5])
+  if top[2] and tonumber(top[2]) >= score then score = tonumber(top[2]) + 1 end
+  redis.call('ZADD', KEYS[1], score, sid)
+  while redis.call('ZCARD', KEYS[1]) > cap do
+    local victim = redis.call('ZPOPMIN', KEYS[1])[1]
+    local held = redis.call('HGET', KEYS[2], victim)
+    if held and string.sub(held, 1, 5) == 'live:' then
+      local vnode = string.sub(held, 6)
+      redis.call('HSET', KEYS[2], victim, 'stopping:' .. vnode)
+      out[#out + 1] = victim
+      out[#out + 1] = vnode
+    end
+  end
+end
+if not redis.call('ZSCORE', KEYS[1], sid) then
+  table.insert(out, 1, 'evicted')
+  return out
+end
+if redis.call('HEXISTS', KEYS[2], sid) == 1 or redis.call('HLEN', KEYS[2]) < cap then
+  redis.call('HSET', KEYS[2], sid, 'live:' .. node)
+  table.insert(out, 1, 'go')
+  return out
+end
+-- still full: report the stopping loops so the caller can nudge their owners again
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  if string.sub(all[i + 1], 1, 9) == 'stopping:' then
+    out[#out + 1] = all[i]
+    out[#out + 1] = string.sub(all[i + 1], 10)
+  end
+end
+table.insert(out, 1, 'wait')
+return out
+"""
+)
+
+RELEASE_SLOT = """
+-- release_slot: free a cap slot after the loop stopped, or drop a claim that never ran.
+-- KEYS[1]  user's claims sorted set   KEYS[2] user's loops hash
+-- ARGV[1]  sid   ARGV[2] incarnation that ran (or was starting) the loop
+-- returns  1 when a slot was freed, 0 otherwise
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if held == 'live:' .. ARGV[2] or held == 'stopping:' .. ARGV[2] then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+if not held then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+RENEW = """
+-- renew: extend the node's heartbeat lease if it is still this incarnation's.
+-- KEYS[1]  node lease string   ARGV[1] incarnation   ARGV[2] ttl (ms)
+-- returns  1 renewed, 0 lost (expired or taken by another incarnation)
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+DELETE_IF = """
+-- delete_if: delete a string key only while it holds the given value.
+-- KEYS[1]  key   ARGV[1] expected value
+-- returns  1 when deleted
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+HDEL_IF = """
+-- hdel_if: delete a hash field only while it holds the given value.
+-- KEYS[1]  hash   ARGV[1] field   ARGV[2] expected value
+-- returns  1 when deleted
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+ATTACH = """
+-- attach: change a conversation's attach refcount, checking it exists and its user.
+-- KEYS[1]  conversation meta hash
+-- ARGV[1]  delta (+1 / -1)   ARGV[2] user ('' = do not check)
+-- returns  {status, refs}: 'ok' | 'missing' | 'forbidden'
+local user = redis.call('HGET', KEYS[1], 'user')
+if not user then return {'missing', 0} end
+if ARGV[2] ~= '' and user ~= ARGV[2] then return {'forbidden', 0} end
+local refs = redis.call('HINCRBY', KEYS[1], 'refs', ARGV[1])
+if refs < 0 then
+  redis.call('HSET', KEYS[1], 'refs', 0)
+  refs = 0
+end
+return {'ok', refs}
+"""
+
+ALL = {
+    "acquire": ACQUIRE,
+    "release": RELEASE,
+    "accept": ACCEPT,
+    "commit": COMMIT,
+    "admit": ADMIT,
+    "release_slot": RELEASE_SLOT,
+    "renew": RENEW,
+    "delete_if": DELETE_IF,
+    "hdel_if": HDEL_IF,
+    "attach": ATTACH,
+}

@@ -1,0 +1,230 @@
+"""The Redis state layer: typed operations over the key schema and the Lua scripts.
+
+Nothing here keeps state of its own; every method is one or a few Redis round trips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from . import scripts
+from .codec import Event, unpack
+from .keys import KeySchema
+
+
+def _s(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    status: str  # created | ok | mine | owned | forbidden | missing
+    epoch: int
+    owner: str
+    inc: str
+    user: str
+    applied: int
+
+    @property
+    def acquired(self) -> bool:
+        return self.status in ("created", "ok", "mine")
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    status: str  # ok | missing | forbidden | full
+    event_id: int
+    owner: str
+    inc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    status: str  # ok | fenced | missing
+    first_id: int
+    last_id: int
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    status: str  # go | wait | evicted
+    evicted: list[tuple[str, str]]  # (sid, incarnation) whose loops must stop
+
+
+class RedisState:
+    def __init__(self, redis: aioredis.Redis, keys: KeySchema) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(src) for name, src in scripts.ALL.items()
+        }
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self._scripts[name](keys=list(keys), args=list(args))
+
+    # -- ownership -------------------------------------------------------------------
+    async def acquire(
+        self, sid: str, node: str, inc: str, user: str, *, create: bool, dead_inc: str = ""
+    ) -> Ownership:
+        r = await self._run(
+            "acquire",
+            [self.keys.conv(sid)],
+            [node, inc, user, dead_inc, "1" if create else "0"],
+        )
+        return Ownership(_s(r[0]), int(r[1]), _s(r[2]), _s(r[3]), _s(r[4]), int(r[5]))
+
+    async def release(self, sid: str, inc: str, epoch: int | None, state: str) -> bool:
+        r = await self._run(
+            "release", [self.keys.conv(sid)], [inc, "" if epoch is None else epoch, state]
+        )
+        return bool(r)
+
+    # -- events ----------------------------------------------------------------------
+    async def accept(
+        self, sid: str, user: str, packed: bytes, maxlen: int, inbox_max: int
+    ) -> Accepted:
+        k = self.keys
+        r = await self._run(
+            "accept",
+            [k.conv(sid), k.events(sid), k.inbox(sid)],
+            [user, packed, maxlen, inbox_max, k.conv_channel(sid)],
+        )
+        return Accepted(_s(r[0]), int(r[1]), _s(r[2]), _s(r[3]))
+
+    async def commit(
+        self,
+        sid: str,
+        inc: str,
+        epoch: int,
+        packed_events: Sequence[bytes],
+        *,
+        maxlen: int,
+        cause: int = 0,
+        state: str = "",
+    ) -> Committed:
+        k = self.keys
+        r = await self._run(
+            "commit",
+            [k.conv(sid), k.events(sid), k.inbox(sid)],
+            [inc, epoch, maxlen, k.conv_channel(sid), cause, state, *packed_events],
+        )
+        return Committed(_s(r[0]), int(r[1]), int(r[2]), int(r[3]))
+
+    async def events_after(
+        self, sid: str, after: int, upto: int | None = None, count: int = 1000
+    ) -> list[tuple[int, Event]]:
+        """Logged events with ``after < id <= upto`` (oldest first)."""
+        end = "+" if upto is None else f"{upto}-0"
+        rows = await self.redis.xrange(
+            self.keys.events(sid), min=f"({after}-0", max=end, count=count
+        )
+        return [(int(_s(entry_id).split("-")[0]), unpack(f[b"d"])) for entry_id, f in rows]
+
+    async def inbox_after(self, sid: str, after: int, count: int = 100) -> list[tuple[int, Event]]:
+        rows = await self.redis.xrange(self.keys.inbox(sid), min=f"({after}-0", count=count)
+        return [(int(_s(entry_id).split("-")[0]), unpack(f[b"d"])) for entry_id, f in rows]
+
+    async def meta(self, sid: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.keys.conv(sid))
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    # -- the cap ---------------------------------------------------------------------
+    async def admit(
+        self, user: str, sid: str, inc: str, cap: int, *, retry: bool, score_ms: int = 0
+    ) -> Admission:
+        k = self.keys
+        r = await self._run(
+            "admit",
+            [k.user_claims(user), k.user_loops(user)],
+            [sid, inc, cap, "retry" if retry else "new", score_ms],
+        )
+        pairs = [_s(x) for x in r[1:]]
+        return Admission(_s(r[0]), list(zip(pairs[0::2], pairs[1::2], strict=True)))
+
+    async def release_slot(self, user: str, sid: str, inc: str) -> bool:
+        k = self.keys
+        r = await self._run("release_slot", [k.user_claims(user), k.user_loops(user)], [sid, inc])
+        return bool(r)
+
+    async def user_loops(self, user: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.keys.user_loops(user))
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    # -- membership ------------------------------------------------------------------
+    async def register(self, node: str, inc: str, ttl_ms: int) -> tuple[bool, str]:
+        """Take the node's lease for ``inc``.
+
+        Returns ``(True, previous registered incarnation or '')`` or, when another
+        incarnation still holds the lease, ``(False, that incarnation)``.
+        """
+        k = self.keys
+        if not await self.redis.set(k.node_lease(node), inc, nx=True, px=ttl_ms):
+            return False, _s(await self.redis.get(k.node_lease(node)))
+        prev = _s(await self.redis.hget(k.registry(), node))
+        await self.redis.hset(k.registry(), node, inc)
+        return True, prev
+
+    async def renew(self, node: str, inc: str, ttl_ms: int) -> bool:
+        return bool(await self._run("renew", [self.keys.node_lease(node)], [inc, ttl_ms]))
+
+    async def unregister(self, node: str, inc: str) -> None:
+        k = self.keys
+        await self._run("delete_if", [k.node_lease(node)], [inc])
+        await self._run("hdel_if", [k.registry()], [node, inc])
+
+    async def delete_if(self, key: str, value: str) -> bool:
+        return bool(await self._run("delete_if", [key], [value]))
+
+    async def attach(self, sid: str, user: str, delta: int) -> tuple[str, int]:
+        r = await self._run("attach", [self.keys.conv(sid)], [delta, user])
+        return _s(r[0]), int(r[1])
+
+    async def registry(self) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.keys.registry())
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def live_incarnations(self, nodes: Iterable[str]) -> dict[str, str]:
+        """node -> its current lease incarnation ('' when the lease is gone)."""
+        names = list(nodes)
+        if not names:
+            return {}
+        values = await self.redis.mget([self.keys.node_lease(n) for n in names])
+        return {n: _s(v) for n, v in zip(names, values, strict=True)}
+
+    async def incarnation_alive(self, inc: str) -> bool:
+        node = inc.rsplit("/", 1)[0]
+        return _s(await self.redis.get(self.keys.node_lease(node))) == inc
+
+    # -- connections -----------------------------------------------------------------
+    async def add_connection(self, cid: str, sid: str, user: str, inc: str) -> None:
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(k.conv_conns(sid), cid, inc)
+            pipe.hset(k.user_conns(user), cid, sid)
+            pipe.hset(k.node_conns(inc), cid, sid)
+            await pipe.execute()
+
+    async def remove_connection(self, cid: str, sid: str, user: str, inc: str) -> None:
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(k.conv_conns(sid), cid)
+            pipe.hdel(k.user_conns(user), cid)
+            pipe.hdel(k.node_conns(inc), cid)
+            await pipe.execute()
+
+    async def hgetall_many(self, names: Sequence[str]) -> list[dict[str, str]]:
+        if not names:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(name)
+            rows = cast(list[dict[bytes, bytes]], await pipe.execute())
+        return [{_s(k): _s(v) for k, v in row.items()} for row in rows]

@@ -1,0 +1,179 @@
+"""Interest-based pub/sub: one Redis subscription per node, refcounted per channel.
+
+A node subscribes to a conversation's channel only while it holds a connection in that
+conversation or runs its loop, so events travel only to nodes that need them. The
+listener survives Redis trouble: it reconnects with capped, jittered backoff, subscribes
+again to everything it held, reports the reconnect (so callers can catch up from the
+durable logs), and probes the subscription through its own node channel to detect one
+that is connected but silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from .backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], Awaitable[None]]
+ReconnectHandler = Callable[[], Awaitable[None]]
+
+PROBE = b"\x00probe"
+
+
+class Subscriptions:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        on_message: MessageHandler,
+        on_reconnect: ReconnectHandler,
+        probe_channel: str,
+        probe_interval: float = 5.0,
+        confirm_timeout: float = 5.0,
+    ) -> None:
+        self._redis = redis
+        self._on_message = on_message
+        self._on_reconnect = on_reconnect
+        self._probe_channel = probe_channel
+        self._probe_interval = probe_interval
+        self._confirm_timeout = confirm_timeout
+        self._pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=False)
+        self._refs: dict[str, int] = {}
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._last_probe_seen = time.monotonic()
+        self.healthy = False
+        self.reconnects = 0
+        self.messages = 0
+
+    @property
+    def channels(self) -> set[str]:
+        return set(self._refs)
+
+    async def start(self) -> None:
+        await self.add(self._probe_channel, wait=False)
+        await self._pubsub.subscribe(self._probe_channel)
+        # Read the confirmation ourselves before the listener runs.
+        deadline = time.monotonic() + self._confirm_timeout
+        while time.monotonic() < deadline:
+            msg = await self._pubsub.get_message(timeout=0.5)
+            if msg and msg["type"] == "subscribe":
+                break
+        self._confirmed[self._probe_channel].set_result(None)
+        self.healthy = True
+
+    async def add(self, channel: str, *, wait: bool = True) -> None:
+        """Take one reference on ``channel``; subscribe on the first one.
+
+        With ``wait`` the call returns once Redis confirmed the subscription, so that a
+        read of the durable log made afterwards cannot miss an event published between.
+        """
+        n = self._refs.get(channel, 0)
+        self._refs[channel] = n + 1
+        if n == 0:
+            self._confirmed[channel] = asyncio.get_running_loop().create_future()
+            if channel != self._probe_channel:
+                try:
+                    await self._pubsub.subscribe(channel)
+                except (RedisError, OSError):
+                    # The listener resubscribes everything once Redis is back.
+                    log.warning("subscribe to %s deferred: Redis unreachable", channel)
+        if wait:
+            fut = self._confirmed.get(channel)
+            if fut is not None and not fut.done():
+                await asyncio.wait_for(asyncio.shield(fut), self._confirm_timeout)
+
+    async def discard(self, channel: str) -> None:
+        n = self._refs.get(channel, 0)
+        if n <= 1:
+            self._refs.pop(channel, None)
+            self._confirmed.pop(channel, None)
+            if n == 1:
+                try:
+                    await self._pubsub.unsubscribe(channel)
+                except (RedisError, OSError):
+                    pass  # a reconnect subscribes only to what is still referenced
+        else:
+            self._refs[channel] = n - 1
+
+    async def run(self) -> None:
+        """The listener loop; runs until cancelled."""
+        backoff = Backoff(base=0.05, cap=2.0)
+        probe_at = time.monotonic() + self._probe_interval
+        while True:
+            try:
+                msg = await self._pubsub.get_message(timeout=1.0)
+                if msg is not None:
+                    await self._handle(msg)
+                backoff.reset()
+                now = time.monotonic()
+                if now >= probe_at:
+                    probe_at = now + self._probe_interval
+                    if now - self._last_probe_seen > 3 * self._probe_interval:
+                        raise ConnectionError("subscription connected but silent")
+                    await self._redis.publish(self._probe_channel, PROBE)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.healthy = False
+                delay = backoff.next()
+                log.warning("pub/sub link lost (%s); reconnecting in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                await self._resubscribe()
+            except Exception:
+                log.exception("error handling a pub/sub message; continuing")
+
+    async def _resubscribe(self) -> None:
+        try:
+            await self._pubsub.reset()
+        except (RedisError, OSError):
+            pass
+        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
+        try:
+            await self._pubsub.subscribe(*self._refs)
+        except (RedisError, OSError) as exc:
+            log.warning("resubscribe failed: %s", exc)
+            return
+        self._last_probe_seen = time.monotonic()
+        self.healthy = True
+        self.reconnects += 1
+        for fut in self._confirmed.values():
+            if not fut.done():
+                fut.set_result(None)
+        try:
+            await self._on_reconnect()
+        except Exception:
+            log.exception("catch-up after resubscribe failed")
+
+    async def _handle(self, msg: dict[str, object]) -> None:
+        kind = msg["type"]
+        channel = msg["channel"]
+        name = channel.decode() if isinstance(channel, bytes) else str(channel)
+        if kind == "subscribe":
+            fut = self._confirmed.get(name)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+        if kind != "message":
+            return
+        data = msg["data"]
+        if not isinstance(data, bytes):
+            return
+        if name == self._probe_channel and data == PROBE:
+            self._last_probe_seen = time.monotonic()
+            return
+        self.messages += 1
+        await self._on_message(name, data)
+
+    async def aclose(self) -> None:
+        try:
+            await self._pubsub.aclose()
+        except (RedisError, OSError):
+            pass

@@ -1,0 +1,75 @@
+"""Real-Redis fixtures: a private redis-server per session, flushed before every test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from coordinator import ConversationManager
+from coordinator.embedded import EmbeddedRedis
+from tests.helpers import RecordingSink, fast_config
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """URL of the Redis the suite uses: REDIS_URL if set, else a private server."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    server = EmbeddedRedis().start()
+    try:
+        yield server.url
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+async def redis_url(redis_server: str) -> AsyncIterator[str]:
+    client = aioredis.Redis.from_url(redis_server)
+    await client.flushdb()
+    await client.aclose()
+    yield redis_server
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+class NodeFactory:
+    """Makes in-process nodes (managers with their own id and Redis connection)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.nodes: list[ConversationManager] = []
+        self.sinks: dict[str, RecordingSink] = {}
+
+    async def __call__(self, n: int = 1, **overrides: Any) -> list[ConversationManager]:
+        made = []
+        for _ in range(n):
+            node_id = f"node{len(self.nodes) + 1}"
+            sink = RecordingSink()
+            manager = ConversationManager(fast_config(self.url, node_id, **overrides), sink=sink)
+            await manager.start()
+            self.nodes.append(manager)
+            self.sinks[node_id] = sink
+            made.append(manager)
+        return made
+
+    async def aclose(self) -> None:
+        for node in reversed(self.nodes):
+            if node.started:
+                await node.aclose()
+
+
+@pytest.fixture
+async def make_nodes(redis_url: str) -> AsyncIterator[NodeFactory]:
+    factory = NodeFactory(redis_url)
+    yield factory
+    await factory.aclose()

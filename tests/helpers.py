@@ -1,0 +1,55 @@
+"""Test helpers: a recording event sink and waiting for conditions with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from coordinator import ManagerConfig
+
+FAST = dict(node_ttl=3.0, heartbeat_interval=0.5, lease_margin=0.75, idle_flush_interval=0.2)
+
+
+def fast_config(url: str, node_id: str, **overrides: Any) -> ManagerConfig:
+    values: dict[str, Any] = dict(FAST)
+    values.update(overrides)
+    return ManagerConfig(redis_url=url, node_id=node_id, **values)
+
+
+class RecordingSink:
+    """Keeps every event delivered to each connection, in delivery order."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._changed = asyncio.Event()
+
+    async def deliver(self, connection_id: str, event: dict[str, Any]) -> None:
+        self.events[connection_id].append(event)
+        self._changed.set()
+
+    def ids(self, connection_id: str) -> list[int]:
+        return [e["id"] for e in self.events[connection_id]]
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    """Poll ``predicate`` (sync or async) until truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {what or predicate}")
+        await asyncio.sleep(interval)
+
+
+async def gather_all(aws: list[Awaitable[Any]]) -> list[Any]:
+    return list(await asyncio.gather(*aws))

@@ -1,0 +1,40 @@
+"""Load an agent class from an import path such as ``workers.echo:EchoAgent``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from .protocol import AgentFactory
+
+
+class AgentLoadError(ValueError):
+    """The import path does not name a usable agent class."""
+
+
+def load_agent(path: str) -> AgentFactory:
+    """Return the class named by ``package.module:Class``, checked against AgentLoop."""
+    if not isinstance(path, str) or path.count(":") != 1:
+        raise AgentLoadError(f"agent must be given as 'package.module:Class', got {path!r}")
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise AgentLoadError(f"agent must be given as 'package.module:Class', got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AgentLoadError(f"cannot import agent module {module_name!r}: {exc}") from exc
+    target = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise AgentLoadError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not inspect.isclass(target):
+        raise AgentLoadError(f"{path!r} is not a class")
+    missing = [
+        name for name in ("start", "dispatch", "aclose", "state") if not hasattr(target, name)
+    ]
+    if missing:
+        raise AgentLoadError(f"{path!r} is not an AgentLoop: missing {', '.join(missing)}")
+    factory: AgentFactory = target
+    return factory
