@@ -1,0 +1,120 @@
+"""Single activation and the exact cluster-wide cap, with in-process nodes on real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from coordinator.codec import TOO_MANY_CONVERSATIONS
+from tests.helpers import wait_until
+
+
+async def test_single_activation_3_nodes_x_20_concurrent_starts_100_times(make_nodes) -> None:
+    nodes = await make_nodes(3, max_concurrent_conversations=1000)
+    for round_ in range(100):
+        sid = f"single-{round_}"
+        calls = [
+            node.maybe_start_agent_loop(sid, {}, f"user{round_}")
+            for _ in range(20)
+            for node in nodes
+        ]
+        infos = await asyncio.gather(*calls)
+        runners = [node for node in nodes if sid in node.local_loops()]
+        assert len(runners) == 1, f"round {round_}: loop runs on {len(runners)} nodes"
+        owner = runners[0].node_id
+        assert {i.owner for i in infos} == {owner}
+        assert all(i.running for i in infos)
+    total = sum(len(n.local_loops()) for n in nodes)
+    assert total == 100
+    assert len(await nodes[0].get_running_agent_loops()) == 100
+
+
+async def test_cap_is_exact_across_nodes_and_evicts_least_recently_updated(make_nodes) -> None:
+    cap = 3
+    nodes = await make_nodes(3, max_concurrent_conversations=cap)
+    samples: list[int] = []
+    stop = asyncio.Event()
+
+    async def observe() -> None:
+        while not stop.is_set():
+            samples.append(sum(len(n.local_loops()) for n in nodes))
+            await asyncio.sleep(0)
+
+    observer = asyncio.create_task(observe())
+    sids = [f"capped-{i}" for i in range(30)]
+    await asyncio.gather(
+        *(
+            nodes[i % 3].join_conversation(sid, f"conn-{i}", {}, "alice")
+            for i, sid in enumerate(sids)
+        )
+    )
+    await wait_until(
+        lambda: sum(len(n.local_loops()) for n in nodes) == cap, what="cap loops running"
+    )
+    stop.set()
+    await observer
+    assert len(samples) > 20
+    assert max(samples) <= cap, f"observed {max(samples)} loops at once"
+
+    running = set().union(*(n.local_loops() for n in nodes))
+    assert len(running) == cap
+    # The survivors are the most recently updated: the top of the user's claims.
+    claims = await nodes[0].state.redis.zrevrange(nodes[0].keys.user_claims("alice"), 0, -1)
+    assert {c.decode() for c in claims} == running
+    # Every other conversation's subscriber was told why it stopped.
+    for i, sid in enumerate(sids):
+        events = make_nodes.sinks[nodes[i % 3].node_id].events[f"conn-{i}"]
+        statuses = [e.get("status") for e in events if e.get("status_update")]
+        if sid in running:
+            assert TOO_MANY_CONVERSATIONS not in statuses
+        else:
+            await wait_until(
+                lambda sid=sid, i=i: TOO_MANY_CONVERSATIONS
+                in [
+                    e.get("status")
+                    for e in make_nodes.sinks[nodes[i % 3].node_id].events[f"conn-{i}"]
+                ],
+                what=f"status event for {sid}",
+            )
+    for node in nodes:
+        assert await node.get_running_agent_loops("alice") == running
+
+    # Seed semantics: the least recently *updated* goes first. Touch the oldest
+    # survivor, then start one more: the middle one is evicted instead.
+    ordered = [
+        c.decode()
+        for c in await nodes[0].state.redis.zrange(nodes[0].keys.user_claims("alice"), 0, -1)
+    ]
+    oldest, middle, newest = ordered
+    holder = next(i for i, s in enumerate(sids) if s == oldest)
+    node = nodes[holder % 3]
+    await node.send_to_event_stream(f"conn-{holder}", {"action": "message", "args": {}})
+    owner = next(n for n in nodes if oldest in n.local_loops())
+    await wait_until(lambda: owner._runners[oldest].dispatched >= 1, what="action dispatched")
+    await owner.flush_activity()
+    await nodes[1].maybe_start_agent_loop("capped-new", {}, "alice")
+    await wait_until(
+        lambda: set().union(*(n.local_loops() for n in nodes)) == {oldest, newest, "capped-new"},
+        what="middle conversation evicted",
+    )
+
+
+async def test_cap_holds_when_one_node_starts_many_at_once(make_nodes) -> None:
+    (node,) = await make_nodes(1, max_concurrent_conversations=2)
+    peak = 0
+    done = asyncio.Event()
+
+    async def observe() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, len(node.local_loops()))
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(observe())
+    await asyncio.gather(*(node.maybe_start_agent_loop(f"one-{i}", {}, "bob") for i in range(12)))
+    done.set()
+    await task
+    assert peak <= 2
+    assert len(node.local_loops()) == 2
+    with contextlib.suppress(Exception):
+        await node.close_session("one-0", "bob")
