@@ -13,6 +13,9 @@ from coordinator import ConversationManager
 from coordinator.embedded import EmbeddedRedis
 from tests.helpers import RecordingSink, fast_config
 
+# Real-process nodes: the `process_cluster` fixture.
+pytest_plugins = ["tests.processes"]
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
