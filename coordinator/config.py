@@ -70,6 +70,7 @@ class ManagerConfig:
     start_timeout: float = 30.0
     redis_timeout: float = 5.0
     connect_timeout: float = 3.0
+    redis_max_connections: int = 64
     idle_flush_interval: float = 1.0
     drain_timeout: float = 30.0
 
@@ -109,6 +110,7 @@ class ManagerConfig:
             "start_timeout",
             "redis_timeout",
             "connect_timeout",
+            "redis_max_connections",
             "idle_flush_interval",
             "drain_timeout",
         )

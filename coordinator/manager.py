@@ -171,19 +171,27 @@ class ConversationManager:
                 self._agent_factory = load_agent(cfg.agent)
             except AgentLoadError as exc:
                 raise ConfigError(str(exc)) from None
-        self._redis = self._redis_given or aioredis.Redis.from_url(
-            cfg.redis_url,
-            socket_connect_timeout=cfg.connect_timeout,
-            socket_timeout=cfg.redis_timeout,
-            retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 2),
-            health_check_interval=10,
-        )
+        if self._redis_given is not None:
+            self._redis = self._redis_given
+        else:
+            # A bounded pool that makes callers wait for a connection instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                cfg.redis_url,
+                max_connections=cfg.redis_max_connections,
+                timeout=cfg.redis_timeout,
+                socket_connect_timeout=cfg.connect_timeout,
+                socket_timeout=cfg.redis_timeout,
+                retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 2),
+                health_check_interval=10,
+            )
+            self._redis = aioredis.Redis(connection_pool=pool)
         try:
             await asyncio.wait_for(self._redis.ping(), cfg.connect_timeout + 1)
         except (RedisError, OSError, TimeoutError) as exc:
             await self._redis.aclose()
             raise RedisUnavailable(cfg.redis_url, str(exc) or type(exc).__name__) from None
         self._state = RedisState(self._redis, self.keys)
+        await self._state.load_scripts()
         self._membership = Membership(self._state, cfg, self._on_lapse)
         previous = await self._membership.register()
         if previous:

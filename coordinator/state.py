@@ -67,6 +67,11 @@ class RedisState:
             name: redis.register_script(src) for name, src in scripts.ALL.items()
         }
 
+    async def load_scripts(self) -> None:
+        """Load every script up front so the hot path never pays a NOSCRIPT round trip."""
+        for script in self._scripts.values():
+            await self.redis.script_load(script.script)
+
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self._scripts[name](keys=list(keys), args=list(args))
 

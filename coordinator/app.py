@@ -1,0 +1,194 @@
+"""The socket.io ASGI app of one node, compatible with OpenHands' frontend protocol.
+
+Connect with query parameters ``conversation_id`` (required) and ``latest_event_id``
+(optional; -1 or absent replays everything) and a token in ``auth={"token": ...}`` or
+the ``token`` query parameter. The server emits ``oh_event``; the client emits
+``oh_user_action`` and gets the ack ``{"ok": True, "id": n}`` or ``{"ok": False,
+"error": msg}``. Everything that is not ``/socket.io/`` goes to the REST app.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import socketio
+from redis.exceptions import RedisError
+
+from . import directory
+from .auth import AuthError, verify_token
+from .config import ManagerConfig, check_connection_id, check_conversation_id
+from .errors import ConfigError, CoordinatorError, Forbidden, InvalidInput
+from .manager import ConversationManager
+from .metrics import Counters
+from .rest import RestApp, client_message
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "/"
+# Largest engine.io message a client may send; larger ones close the connection. Actions
+# above the manager's max_action_bytes (64 KiB by default) get a clear error in the ack.
+MAX_MESSAGE_BYTES = 1_000_000
+
+
+class SocketSink:
+    """The manager's EventSink: emits each event as ``oh_event`` to its connection.
+
+    Create it first, hand it to the manager, then ``create_app`` binds its ``sio``.
+    """
+
+    def __init__(self, counters: Counters | None = None) -> None:
+        self.sio: socketio.AsyncServer | None = None
+        self.counters = counters or Counters()
+
+    async def deliver(self, connection_id: str, event: dict[str, Any]) -> None:
+        if self.sio is None:
+            log.warning("event for %s dropped: the socket.io server is not bound", connection_id)
+            return
+        await self.sio.emit("oh_event", event, to=connection_id, namespace=NAMESPACE)
+        self.counters.events_delivered += 1
+
+
+def new_manager(config: ManagerConfig) -> ConversationManager:
+    """A manager (not started) whose sink is a fresh SocketSink, ready for ``create_app``."""
+    return ConversationManager(config, sink=SocketSink())
+
+
+def _first(query: Mapping[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[0] if values else None
+
+
+def parse_latest_event_id(raw: str | None) -> int | None:
+    """``latest_event_id`` from the query: None (replay all) for absent or -1."""
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(
+            f"latest_event_id must be an integer (-1 for everything), got {raw!r}"
+        ) from None
+    if value < -1:
+        raise InvalidInput(f"latest_event_id must be >= -1, got {value}")
+    return None if value == -1 else value
+
+
+class SocketHandlers:
+    """The socket.io event handlers of one node."""
+
+    def __init__(
+        self,
+        sio: socketio.AsyncServer,
+        manager: ConversationManager,
+        secret: str,
+        counters: Counters,
+    ) -> None:
+        self.sio = sio
+        self.manager = manager
+        self.secret = secret
+        self.counters = counters
+
+    def register(self) -> None:
+        self.sio.on("connect", self.connect, namespace=NAMESPACE)
+        self.sio.on("oh_user_action", self.oh_user_action, namespace=NAMESPACE)
+        self.sio.on("disconnect", self.disconnect, namespace=NAMESPACE)
+
+    async def connect(self, sid: str, environ: Mapping[str, Any], auth: Any) -> bool:
+        query = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
+        token = auth.get("token") if isinstance(auth, dict) else None
+        if token is None:
+            token = _first(query, "token")
+        joined = False
+        try:
+            user = verify_token(token, self.secret)
+            raw_sid = _first(query, "conversation_id")
+            if raw_sid is None:
+                raise InvalidInput("the conversation_id query parameter is required")
+            conversation = check_conversation_id(raw_sid)
+            latest = parse_latest_event_id(_first(query, "latest_event_id"))
+            check_connection_id(sid)
+            await self.manager.join_conversation(conversation, sid, {}, user, latest)
+            joined = True
+            await directory.record_conversation(self.manager, user, conversation)
+        except Exception as exc:
+            if joined:
+                await self._forget(sid)
+            message = self._refusal(exc)
+            log.info("connection %s refused: %s", sid, message)
+            raise socketio.exceptions.ConnectionRefusedError(message) from None
+        if not self._transport_open(sid):
+            # The client went away while we joined; no disconnect event will follow.
+            await self._forget(sid)
+            return False
+        log.debug("connection %s joined %s as %s", sid, conversation, user)
+        return True
+
+    def _refusal(self, exc: Exception) -> str:
+        if isinstance(exc, AuthError):
+            return f"authentication failed: {exc}"
+        if isinstance(exc, Forbidden):
+            return f"forbidden: {exc}"
+        if not isinstance(exc, CoordinatorError | RedisError | OSError):
+            log.error("join failed unexpectedly", exc_info=exc)
+        return client_message(exc)
+
+    def _transport_open(self, sid: str) -> bool:
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+        socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        return socket is not None and not socket.closed and not socket.closing
+
+    async def _forget(self, sid: str) -> None:
+        try:
+            await self.manager.disconnect_from_session(sid)
+        except (CoordinatorError, RedisError, OSError) as exc:
+            log.warning("could not forget connection %s: %s", sid, exc)
+
+    async def oh_user_action(self, sid: str, data: Any = None) -> dict[str, Any]:
+        try:
+            event_id = await self.manager.send_to_event_stream(sid, data)
+        except Exception as exc:
+            if not isinstance(exc, CoordinatorError | RedisError | OSError):
+                log.error("action from %s failed unexpectedly", sid, exc_info=exc)
+            else:
+                log.info("action from %s rejected: %s", sid, exc)
+            return {"ok": False, "error": client_message(exc)}
+        self.counters.actions_accepted += 1
+        return {"ok": True, "id": event_id}
+
+    async def disconnect(self, sid: str, reason: Any = None) -> None:
+        await self._forget(sid)
+
+
+def create_app(
+    manager: ConversationManager,
+    secret: str,
+    *,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+) -> tuple[socketio.ASGIApp, socketio.AsyncServer]:
+    """The node's ASGI app (socket.io at ``/socket.io/``, REST elsewhere) and its server.
+
+    The manager's sink should be a ``SocketSink`` (see ``new_manager``); it is bound to
+    the new socket.io server here. A manager with another sink gets a SocketSink.
+    """
+    if not isinstance(secret, str) or not secret:
+        raise ConfigError("the token secret must be a non-empty string")
+    sio = socketio.AsyncServer(
+        async_mode="asgi",
+        cors_allowed_origins="*",
+        max_http_buffer_size=max_message_bytes,
+        # One client's events are handled in the order it sent them.
+        async_handlers=False,
+        logger=False,
+        engineio_logger=False,
+    )
+    sink = manager.sink
+    if not isinstance(sink, SocketSink):
+        sink = SocketSink()
+        manager.sink = sink
+    sink.sio = sio
+    SocketHandlers(sio, manager, secret, sink.counters).register()
+    rest = RestApp(manager, secret, sink.counters)
+    return socketio.ASGIApp(sio, other_asgi_app=rest), sio

@@ -1,0 +1,155 @@
+"""One node as a running HTTP server: the manager, its ASGI app and uvicorn, in order.
+
+Start-up: start the manager (Redis must answer), build the app, bind the socket, serve.
+Shutdown, in named steps: stop intake (uvicorn closes its listener and connections, so
+socket.io disconnects reach the manager), then drain the manager if it can, then close it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from .app import create_app, new_manager
+from .config import ManagerConfig
+from .errors import CoordinatorError
+from .manager import ConversationManager
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling (the caller stops it) and with a ready event."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; port 0 picks a free one. Raises CoordinatorError."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise CoordinatorError(f"cannot resolve host {host!r}: {exc}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise CoordinatorError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class NodeServer:
+    """A coordinator node serving HTTP and socket.io. ``await start()``, ``await aclose()``."""
+
+    def __init__(
+        self,
+        config: ManagerConfig,
+        secret: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        log_level: str = "warning",
+    ) -> None:
+        self.config = config
+        self.secret = secret
+        self.host = host
+        self.port = port
+        self.log_level = log_level
+        self.manager: ConversationManager = new_manager(config)
+        self._server: _Uvicorn | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.manager.node_id
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Start the manager and begin serving; raises RedisUnavailable, CoordinatorError."""
+        sock = bind(self.host, self.port)
+        self.port = int(sock.getsockname()[1])
+        try:
+            await self.manager.start()
+            app, _ = create_app(self.manager, self.secret)
+        except BaseException:
+            sock.close()
+            await self.manager.aclose()
+            raise
+        self._sock = sock
+        config = uvicorn.Config(
+            app,
+            log_level=self.log_level,
+            log_config=None,
+            access_log=self.log_level == "debug",
+            lifespan="off",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
+        self._server = _Uvicorn(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="uvicorn")
+        ready = asyncio.create_task(self._server.ready.wait())
+        await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            failure = self._task.exception() if not self._task.cancelled() else None
+            await self._stop_manager()
+            raise CoordinatorError(f"the HTTP server did not start: {failure!r}")
+
+    async def wait_closed(self) -> None:
+        """Wait until the HTTP server stops (after ``stop()`` or on its own)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    def stop(self) -> None:
+        """Ask the HTTP server to stop (safe from a signal handler)."""
+        if self._server is not None:
+            self._server.should_exit = True
+
+    async def aclose(self) -> None:
+        """Stop intake, then drain (when the manager can) and close the manager."""
+        if self._task is not None:
+            self.stop()
+            with contextlib.suppress(Exception):
+                await self._task
+            self._task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        await self._stop_manager()
+
+    async def _stop_manager(self) -> None:
+        drain = getattr(self.manager, "drain", None)
+        if drain is not None and inspect.iscoroutinefunction(drain):
+            try:
+                await drain()
+            except Exception as exc:
+                log.warning("drain of node %s failed: %s", self.node_id, exc)
+        await self.manager.aclose()
