@@ -1,0 +1,96 @@
+# One command each: install, run, lint, type-check, test, bench.
+# `make test` works from a fresh clone: it creates the venv, installs nginx (as root, from
+# Debian's packages) and the JavaScript test client's packages when they are missing.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# Reinstalled whenever pyproject.toml changes.
+STAMP  := $(VENV)/.installed
+
+SOAK_RUNS ?= 5
+NODES     ?= 3
+BENCH_ARGS ?=
+
+LINTED := coordinator workers tests
+TYPED  := coordinator workers
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run test lint typecheck bench soak clean distclean deps-nginx deps-js
+
+help:
+	@echo "make venv       create $(VENV) and install the project with its test extra"
+	@echo "make run        local cluster: embedded Redis + $(NODES) nodes (coordinator cluster)"
+	@echo "make test       lint, type-check and the whole test suite (what CI runs)"
+	@echo "make lint       ruff check + ruff format --check"
+	@echo "make typecheck  mypy --strict on coordinator and workers"
+	@echo "make bench      benchmarks (bench/run.py; BENCH_ARGS=... passes options)"
+	@echo "make soak       the chaos tests SOAK_RUNS times (default 5)"
+	@echo "make clean      caches and build output (distclean: also $(VENV), node_modules)"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e '.[test]'
+	@touch $@
+
+run: venv
+	$(BIN)/coordinator cluster --nodes $(NODES)
+
+# nginx for tests/test_nginx.py: installed from Debian's packages when missing and root;
+# otherwise the test fails and says how to install it.
+deps-nginx:
+	@if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing nginx"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; \
+		else \
+			echo "warning: nginx is missing (apt-get install nginx); tests/test_nginx.py will fail"; \
+		fi; \
+	fi
+
+# socket.io-client for tests/test_js_client.py (Node.js and npm from Debian when missing).
+deps-js:
+	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing nodejs and npm"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; \
+		else \
+			echo "warning: node/npm are missing; tests/test_js_client.py will fail"; \
+		fi; \
+	fi
+	@if [ ! -f tests/js/node_modules/socket.io-client/package.json ]; then \
+		cd tests/js && npm ci --no-audit --no-fund; \
+	fi
+
+lint: venv
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+typecheck: venv
+	$(BIN)/mypy --strict $(TYPED)
+
+test: venv deps-nginx deps-js lint typecheck
+	$(BIN)/pytest -q
+
+bench: venv
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Runs every round and fails if any failed.
+soak: venv
+	@passed=0; \
+	for i in $$(seq 1 $(SOAK_RUNS)); do \
+		echo "=== soak run $$i/$(SOAK_RUNS)"; \
+		if $(BIN)/pytest -q -m chaos; then passed=$$((passed + 1)); fi; \
+	done; \
+	echo "soak: $$passed/$(SOAK_RUNS) runs passed"; \
+	test $$passed -eq $(SOAK_RUNS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) tests/js/node_modules

@@ -1,0 +1,149 @@
+"""The deployment files agree with each other and with the CLI.
+
+No Docker engine runs in CI, so docker-compose.yml and the Dockerfile are checked by
+parsing them; the nginx config is checked by `nginx -t` on its rendered local variant
+(the one tests/test_nginx.py runs) and by comparing it with the canonical file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.nginx import NGINX_CONF, NginxProcess, render_nginx_config
+from tests.processes import COORDINATOR, REPO, child_env
+
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+NODES = ("node1", "node2", "node3")
+NODE_PORT = 8000
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def serve_env_names() -> set[str]:
+    """COORDINATOR_* variables `coordinator serve` reads, from its --help."""
+    done = subprocess.run(
+        [*COORDINATOR, "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=child_env(),
+    )
+    assert done.returncode == 0, f"`coordinator serve --help` failed:\n{done.stderr}"
+    text = done.stdout
+    # The help states the rule (COORDINATOR_<FLAG>) and may name variables explicitly.
+    names = set(re.findall(r"\bCOORDINATOR_[A-Z][A-Z0-9_]*\b", text))
+    if "COORDINATOR_<FLAG>" in text:
+        flags = re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", text)
+        names |= {"COORDINATOR_" + flag.upper().replace("-", "_") for flag in flags}
+    return names
+
+
+def test_compose_has_redis_three_nodes_and_nginx(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"redis", *NODES, "nginx"}
+
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7")
+    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    assert any(v.endswith(":/data") for v in redis["volumes"]), "Redis keeps its AOF on a volume"
+
+    node_ids = set()
+    for name in NODES:
+        node = services[name]
+        assert node["build"] == ".", f"{name} is built from the Dockerfile"
+        env = node["environment"]
+        assert env["COORDINATOR_REDIS_URL"] == "redis://redis:6379/0"
+        # The secret comes from the operator's environment, the same for every node.
+        assert env["COORDINATOR_SECRET"].startswith("${COORDINATOR_SECRET")
+        node_ids.add(env["COORDINATOR_NODE_ID"])
+        assert node["depends_on"]["redis"]["condition"] == "service_healthy"
+        probe = " ".join(node["healthcheck"]["test"])
+        assert f"127.0.0.1:{NODE_PORT}/healthz" in probe
+    assert len(node_ids) == len(NODES), "every node has its own COORDINATOR_NODE_ID"
+
+    nginx = services["nginx"]
+    assert nginx["image"] == "nginx:1.25"
+    assert "8080:80" in nginx["ports"]
+    assert {n: {"condition": "service_healthy"} for n in NODES} == nginx["depends_on"]
+
+
+def test_compose_mounts_the_nginx_conf_the_e2e_test_uses(compose: dict[str, Any]) -> None:
+    mounts = [v.split(":") for v in compose["services"]["nginx"]["volumes"]]
+    conf = [m for m in mounts if m[1] == "/etc/nginx/nginx.conf"]
+    assert len(conf) == 1, mounts
+    assert (COMPOSE.parent / conf[0][0]).resolve() == NGINX_CONF.resolve()
+
+
+def test_nginx_conf_upstreams_are_the_compose_nodes() -> None:
+    text = NGINX_CONF.read_text()
+    servers = re.findall(r"(?m)^\s*server\s+(\S+?:\d+)", text)
+    assert servers == [f"{n}:{NODE_PORT}" for n in NODES]
+    assert re.findall(r"(?m)^\s*listen\s+([^;]+);", text) == ["80"]
+    # The nginx image runs `nginx -g 'daemon off;'`; a second `daemon` would be refused.
+    assert not re.search(r"(?m)^\s*daemon\s", text)
+
+
+def test_rendered_local_nginx_conf_differs_only_in_addresses_and_paths(tmp_path: Path) -> None:
+    rendered = render_nginx_config(["127.0.0.1:9001", "127.0.0.1:9002"], "127.0.0.1:9000", tmp_path)
+    changed = set(NGINX_CONF.read_text().splitlines()) ^ set(rendered.splitlines())
+    allowed = re.compile(r"^\s*(server\s|listen\s|pid\s|error_log\s|access_log\s|\w+_temp_path\s)")
+    assert changed and all(allowed.match(line) for line in changed), changed
+    for directive in ("proxy_http_version 1.1;", "proxy_set_header Upgrade $http_upgrade;"):
+        assert directive in rendered
+
+
+def test_rendered_local_nginx_conf_passes_nginx_t(tmp_path: Path) -> None:
+    output = NginxProcess(["127.0.0.1:9001", "127.0.0.1:9002"], 9000, tmp_path).check_config()
+    assert "test is successful" in output
+
+
+def test_dockerfile_runs_the_node_cli() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"(?m)^FROM python:3\.11-slim\b", text)
+    cmd = re.search(r"(?m)^CMD\s+(\[.*\])\s*$", text)
+    assert cmd is not None
+    assert json.loads(cmd.group(1)) == [
+        "coordinator", "serve", "--host", "0.0.0.0", "--port", str(NODE_PORT),
+    ]  # fmt: skip
+    assert re.search(rf"(?m)^EXPOSE {NODE_PORT}\b", text)
+    # The image has what `pip install .` needs (pyproject names README.md as the readme).
+    for needed in ("pyproject.toml", "README.md", "coordinator", "workers"):
+        assert re.search(rf"(?m)^COPY .*\b{re.escape(needed)}\b", text), needed
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert "coordinator" not in ignored and "workers" not in ignored
+
+
+def test_node_settings_are_variables_the_cli_reads(
+    compose: dict[str, Any], serve_env_names: set[str]
+) -> None:
+    assert {"COORDINATOR_REDIS_URL", "COORDINATOR_NODE_ID", "COORDINATOR_SECRET"} <= (
+        serve_env_names
+    ), f"`coordinator serve --help` names only {sorted(serve_env_names)}"
+    for name in NODES:
+        used = {k for k in compose["services"][name]["environment"] if k.startswith("COORDINATOR_")}
+        assert used <= serve_env_names, f"{name}: {sorted(used - serve_env_names)} not read"
+    in_dockerfile = set(re.findall(r"\bCOORDINATOR_[A-Z][A-Z0-9_]*\b", DOCKERFILE.read_text()))
+    assert in_dockerfile <= serve_env_names, sorted(in_dockerfile - serve_env_names)
+
+
+def test_ci_runs_the_make_test_command() -> None:
+    ci = REPO / ".ci" / "run"
+    assert os.access(ci, os.X_OK), ".ci/run must be executable"
+    lines = [line.strip() for line in ci.read_text().splitlines()]
+    assert "set -euo pipefail" in lines
+    assert any(re.fullmatch(r"(exec )?make test", line) for line in lines)
