@@ -76,3 +76,13 @@ async def make_nodes(redis_url: str) -> AsyncIterator[NodeFactory]:
     factory = NodeFactory(redis_url)
     yield factory
     await factory.aclose()
+
+
+@pytest.fixture
+async def servers(redis_url: str) -> AsyncIterator[Any]:
+    """Nodes serving socket.io and REST in this process (see tests/server_fixtures.py)."""
+    from tests.server_fixtures import ServerCluster
+
+    cluster = ServerCluster(redis_url)
+    yield cluster
+    await cluster.aclose()

@@ -1,0 +1,335 @@
+"""The socket.io protocol end to end: real uvicorn nodes, real Redis, python-socketio clients."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from coordinator.auth import issue_token
+from coordinator.codec import TOO_MANY_CONVERSATIONS
+from coordinator.server import NodeServer
+from tests.helpers import wait_until
+from tests.server_fixtures import SECRET, ServerCluster, SioClient
+
+ACTIONS_PER_CLIENT = 550  # two clients: 1,100 actions, 2,200 events
+WINDOW = 25  # actions a client has in flight at once
+
+
+def message(content: str) -> dict[str, Any]:
+    return {"action": "message", "args": {"content": content}}
+
+
+async def event_count(servers: ServerCluster, sid: str) -> int:
+    redis: aioredis.Redis = servers.nodes[0].manager.state.redis
+    return int(await redis.xlen(servers.nodes[0].manager.keys.events(sid)))
+
+
+async def chat(client: SioClient, prefix: str, n: int) -> list[tuple[int, str]]:
+    """Send ``n`` messages keeping WINDOW in flight; returns (ack id, content) in send order."""
+    acked: list[tuple[int, str]] = []
+    for start in range(0, n, WINDOW):
+        contents = [f"{prefix}-{i}" for i in range(start, min(n, start + WINDOW))]
+        ids = await asyncio.gather(*(client.say(c) for c in contents))
+        acked += zip(ids, contents, strict=True)
+    return acked
+
+
+async def test_two_nodes_one_conversation_every_event_in_order(servers: ServerCluster) -> None:
+    a, b = await servers.start(2)
+    ca = await servers.join(a, "big", "alice")
+    cb = await servers.join(b, "big", "alice")
+    sent_a, sent_b = await asyncio.gather(
+        chat(ca, "a", ACTIONS_PER_CLIENT), chat(cb, "b", ACTIONS_PER_CLIENT)
+    )
+    total = 4 * ACTIONS_PER_CLIENT  # every action and its echo
+    await asyncio.gather(ca.wait_ids(total, within=60), cb.wait_ids(total, within=60))
+
+    # One history, identical on both nodes: gap-free, no duplicate, nothing lost.
+    assert ca.ids == list(range(1, total + 1))
+    assert ca.events == cb.events
+    acked = dict(sent_a + sent_b)
+    assert len(acked) == 2 * ACTIONS_PER_CLIENT  # every ack id distinct
+    users = [e for e in ca.events if e["source"] == "user"]
+    replies = [e for e in ca.events if e["source"] == "agent"]
+    assert {e["id"]: e["args"]["content"] for e in users} == acked
+    # Each action got exactly one echo, in the order the actions were logged.
+    assert [e["args"]["content"] for e in replies] == [e["args"]["content"] for e in users]
+    for user_event, reply in zip(users, replies, strict=True):
+        assert reply["id"] > user_event["id"]
+    # A client's windows are sent one after another: their ids go up.
+    for sent in (sent_a, sent_b):
+        for prev, nxt in zip(sent[:-WINDOW], sent[WINDOW:], strict=True):
+            assert nxt[0] > prev[0]
+    assert await event_count(servers, "big") == total
+    # The loop ran on exactly one node.
+    assert len(a.manager.local_loops() | b.manager.local_loops()) == 1
+
+
+async def test_reconnect_to_another_node_replays_exactly_the_missed_events(
+    servers: ServerCluster,
+) -> None:
+    a, b, c = await servers.start(3)
+    writer = await servers.join(a, "replay", "alice")
+    reader = await servers.join(b, "replay", "alice")
+    for i in range(3):
+        await writer.say(f"before-{i}")
+    await reader.wait_ids(6)
+    seen = reader.ids[-1]
+    await reader.close()
+
+    for i in range(4):
+        await writer.say(f"missed-{i}")
+    await writer.wait_ids(14)
+
+    back = await servers.join(c, "replay", "alice", latest_event_id=seen)
+    await back.wait_ids(14)
+    assert back.ids == list(range(seen + 1, 15))
+    assert back.events == writer.events[seen:14]
+    for i in range(3):
+        await writer.say(f"live-{i}")
+    await back.wait_ids(20)
+    await writer.wait_ids(20)
+    assert back.ids == list(range(seen + 1, 21))
+    assert back.events == writer.events[seen:]
+
+    # -1 and an absent latest_event_id both replay the whole conversation.
+    for latest in (-1, None):
+        full = await servers.join(b, "replay", "alice", latest_event_id=latest)
+        await full.wait_ids(20)
+        assert full.events == writer.events
+        await full.close()
+
+
+async def test_another_user_cannot_join_send_list_or_close(servers: ServerCluster) -> None:
+    a, b = await servers.start(2)
+    owner = await servers.join(a, "private", "alice")
+    await owner.say("secret plan")
+    await owner.wait_ids(2)
+    before = await event_count(servers, "private")
+
+    intruder = servers.client("mallory")
+    why = await intruder.refused(b.url, "private", servers.token("mallory"))
+    assert why == "forbidden: conversation 'private' belongs to another user"
+    assert not intruder.connected
+    # Same node as the owner's loop: refused too.
+    why = await servers.client("mallory2").refused(a.url, "private", servers.token("mallory"))
+    assert "belongs to another user" in why
+
+    status, body = await servers.request("GET", b, "/api/conversations", user="mallory")
+    assert (status, body) == (200, {"conversations": []})
+    status, body = await servers.request("DELETE", b, "/api/conversations/private", user="mallory")
+    assert status == 403 and "belongs to another user" in body["error"]
+    status, body = await servers.request("GET", a, "/api/conversations/private", user="mallory")
+    assert status == 403
+    status, body = await servers.request(
+        "POST",
+        b,
+        "/api/conversations",
+        user="mallory",
+        json={"conversation_id": "private", "initial_user_msg": "hi"},
+    )
+    assert status == 403
+
+    assert await event_count(servers, "private") == before
+    assert await a.manager.is_agent_loop_running("private")
+    status, body = await servers.request("GET", b, "/api/conversations", user="alice")
+    assert [c["conversation_id"] for c in body["conversations"]] == ["private"]
+    assert owner.ids == [1, 2]
+
+
+async def test_bad_connects_are_refused_with_a_reason_and_change_nothing(
+    servers: ServerCluster,
+) -> None:
+    (a,) = await servers.start(1)
+    owner = await servers.join(a, "conv", "alice")
+    await owner.say("hello")
+    await owner.wait_ids(2)
+    good = servers.token("alice")
+    forged = issue_token("alice", "not-the-secret")
+    body, _, sig = good.partition(".")
+    other_body = issue_token("mallory", "x").partition(".")[0]
+    cases: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
+        ((a.url, "conv", None), {}, "authentication failed: missing token"),
+        ((a.url, "conv", forged), {}, "authentication failed: bad token signature"),
+        ((a.url, "conv", f"{other_body}.{sig}"), {}, "bad token signature"),
+        ((a.url, "conv", "garbage"), {}, "authentication failed: malformed token"),
+        ((a.url, "conv", forged), {"token_in_query": True}, "bad token signature"),
+        ((a.url, "no spaces!", good), {}, "invalid conversation id 'no spaces!'"),
+        ((a.url, "x" * 129, good), {}, "invalid conversation id"),
+        ((a.url, None, good), {}, "the conversation_id query parameter is required"),
+        ((a.url, "conv", good, "ten"), {}, "latest_event_id must be an integer"),
+        ((a.url, "conv", good, "-7"), {}, "latest_event_id must be >= -1"),
+    ]
+    for args, kwargs, expected in cases:
+        why = await servers.client().refused(*args, **kwargs)
+        assert expected in why, (args, why)
+    # An expired token says so plainly.
+    expired = issue_token("alice", SECRET, 1, now=0)
+    why = await servers.client().refused(a.url, "conv", expired)
+    assert why == "authentication failed: token expired"
+
+    assert await event_count(servers, "conv") == 2
+    assert await a.manager.conversation("no-such") == {}
+    assert list(a.manager.local_connections()) == [owner.sio.get_sid()]
+    status, body = await servers.request("GET", a, "/api/conversations", user="alice")
+    assert status == 200
+    assert [c["conversation_id"] for c in body["conversations"]] == ["conv"]
+
+    # The token may also come as a query parameter.
+    via_query = servers.client()
+    await via_query.connect(a.url, "conv", good, token_in_query=True)
+    await via_query.wait_ids(2)
+
+
+async def test_bad_actions_get_a_clear_ack_error_and_change_nothing(
+    servers: ServerCluster,
+) -> None:
+    (a,) = await servers.start(1)
+    client = await servers.join(a, "conv", "alice")
+    await client.say("hello")
+    await client.wait_ids(2)
+    bad: list[tuple[Any, str]] = [
+        ("just a string", "an action must be an object, got str"),
+        ([1, 2], "an action must be an object, got list"),
+        ({"args": {}}, "an action needs a non-empty string 'action' field"),
+        ({"action": "message", "args": "x"}, "an action's 'args' must be an object"),
+        (message("x" * 100_000), "bytes; the limit is 65536"),
+    ]
+    for data, expected in bad:
+        ack = await client.act(data)
+        assert ack["ok"] is False and expected in ack["error"], ack
+        assert "Traceback" not in ack["error"]
+    assert await event_count(servers, "conv") == 2
+
+    # Above the socket.io message limit (1 MB) the server drops the connection.
+    huge = servers.client("huge")
+    await huge.connect(a.url, "conv", servers.token("alice"))
+    await huge.wait_ids(2)
+    await huge.sio.emit("oh_user_action", message("y" * 1_200_000))
+    await wait_until(lambda: not huge.connected, timeout=10, what="oversize client dropped")
+    await wait_until(
+        lambda: len(a.manager.local_connections()) == 1, timeout=10, what="connection forgotten"
+    )
+    assert await event_count(servers, "conv") == 2
+
+    # The well-behaved client is unaffected.
+    assert await client.say("still here") == 3
+    await client.wait_ids(4)
+
+
+async def test_draining_node_refuses_connections(servers: ServerCluster) -> None:
+    a, b = await servers.start(2)
+    b.manager.draining = True  # what a graceful stop sets first
+    try:
+        why = await servers.client().refused(b.url, "conv", servers.token("alice"))
+        assert "draining" in why
+        status, body = await servers.request(
+            "POST", b, "/api/conversations", user="alice", json={"conversation_id": "conv"}
+        )
+        assert status == 503 and "draining" in body["error"]
+        status, body = await servers.request("GET", b, "/healthz")
+        assert status == 503 and body["draining"] is True and body["status"] == "draining"
+        assert await a.manager.conversation("conv") == {}
+    finally:
+        b.manager.draining = False
+    client = await servers.join(a, "conv", "alice")
+    assert await client.say("hi") == 1
+
+
+async def test_cap_and_single_activation_hold_for_starts_through_the_server(
+    servers: ServerCluster,
+) -> None:
+    nodes = await servers.start(3, max_concurrent_conversations=2)
+    sids = [f"cap{i}" for i in range(8)]
+    violations: list[str] = []
+    samples = [0]
+
+    def snapshot() -> None:
+        # All nodes live in this event loop: reading them back to back is one instant.
+        seen: dict[str, str] = {}
+        for node in nodes:
+            for sid in node.manager.local_loops():
+                if sid in seen:
+                    violations.append(f"{sid} on {seen[sid]} and {node.node_id}")
+                seen[sid] = node.node_id
+        samples[0] += 1
+        if len(seen) > 2:
+            violations.append(f"{len(seen)} loops at once: {sorted(seen)}")
+
+    async def watch() -> None:
+        while True:
+            snapshot()
+            await asyncio.sleep(0)
+
+    async def start_one(i: int, sid: str) -> None:
+        node = nodes[i % len(nodes)]
+        if i % 2:
+            await servers.join(node, sid, "carol")
+        else:
+            status, body = await servers.request(
+                "POST", node, "/api/conversations", user="carol", json={"conversation_id": sid}
+            )
+            assert status in (200, 201), body
+
+    watcher = asyncio.create_task(watch())
+    try:
+        # Every conversation started twice at once, through different nodes.
+        await asyncio.gather(
+            *(start_one(i, sid) for i, sid in enumerate(sids)),
+            *(start_one(i + 1, sid) for i, sid in enumerate(sids)),
+        )
+    finally:
+        watcher.cancel()
+    assert not violations, violations[:5]
+
+    async def per_node() -> dict[str, list[str]]:
+        out = {}
+        for node in nodes:
+            status, body = await servers.request("GET", node, "/api/node", user="carol")
+            assert status == 200
+            out[node.node_id] = body["loops"]
+        return out
+
+    async def settled() -> bool:
+        running = await nodes[0].manager.get_running_agent_loops("carol")
+        return len(running) <= 2
+
+    await wait_until(settled, timeout=20, what="cap of 2 running loops")
+    loops = await per_node()
+    everywhere = [sid for sids_ in loops.values() for sid in sids_]
+    assert len(everywhere) == len(set(everywhere)) <= 2, loops
+    assert set(everywhere) <= set(sids)
+    status, body = await servers.request("GET", nodes[0], "/api/cluster", user="carol")
+    assert status == 200
+    assert {k: sorted(v) for k, v in body["loops"].items()} == {
+        k: sorted(v) for k, v in loops.items()
+    }
+    status, body = await servers.request("GET", nodes[1], "/api/conversations", user="carol")
+    assert status == 200
+    listed = body["conversations"]
+    assert sorted(c["conversation_id"] for c in listed) == sorted(sids)
+    assert sum(c["running"] for c in listed) == len(everywhere)
+    for conv in listed:
+        if conv["running"]:
+            assert conv["conversation_id"] in loops[conv["owner"]]
+        else:
+            # A conversation that lost its slot tells its clients why.
+            events = await nodes[0].manager.events(conv["conversation_id"])
+            assert any(e.get("status") == TOO_MANY_CONVERSATIONS for e in events), events
+    print(f"running: {loops}; snapshots taken: {samples[0]}")
+
+
+async def test_node_stop_disconnects_clients_and_forgets_them(servers: ServerCluster) -> None:
+    a, b = await servers.start(2)
+    client = await servers.join(b, "conv", "alice")
+    await client.say("hi")
+    await wait_until(
+        lambda: a.manager.get_connections(user_id="alice"), timeout=5, what="connection visible"
+    )
+    await b.aclose()
+    servers.nodes.remove(b)
+    await wait_until(lambda: not client.connected, timeout=10, what="client disconnected")
+    assert await a.manager.get_connections(user_id="alice") == {}
+    assert isinstance(b, NodeServer)
