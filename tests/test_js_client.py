@@ -140,3 +140,25 @@ async def test_js_client_replays_missed_events_on_another_node(
     assert {e["content"] for e in live if e["source"] == "agent"} >= set(phase2["sent"])
     seen_by_other = {e["id"]: brief(e) for e in other.events}
     assert [seen_by_other.get(e["id"]) for e in live] == live
+
+
+async def test_js_client_is_refused_with_a_reason(process_cluster: ProcessCluster) -> None:
+    node = node_binary()
+    ensure_node_modules()
+    (node_a,) = await process_cluster.async_start(1)
+    forged = await asyncio.to_thread(process_cluster.token, "alice")
+    forged = forged[:-4] + ("AAAA" if not forged.endswith("AAAA") else "BBBB")
+    js = await asyncio.create_subprocess_exec(
+        node, str(CLIENT), "--url", node_a.url, "--conversation", "js-refused", "--token", forged,
+        cwd=JS_DIR,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(js.communicate(), 60)
+    assert js.returncode == 1
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert summary["ok"] is False
+    prefix = f"connect_error from {node_a.url}: "
+    assert summary["reason"].startswith(prefix), summary["reason"]
+    assert summary["reason"][len(prefix) :].strip(), "the refusal carries a message"
+    assert summary["phase1"]["events"] == []
