@@ -100,12 +100,11 @@ async def test_clients_through_nginx_see_the_same_events_across_nodes(
 
             # The shared conversation: one history, seen identically by all four clients.
             last = max(max(c.ids) for c in shared_clients)
-            await asyncio.gather(
-                *(
-                    c.wait_for(lambda c=c: max(c.ids) >= last, "the last event")
-                    for c in shared_clients
-                )
-            )
+
+            async def caught_up(client: RecordingClient) -> None:
+                await client.wait_for(lambda: max(client.ids) >= last, f"event {last}")
+
+            await asyncio.gather(*(caught_up(c) for c in shared_clients))
             histories = [[brief(e) for e in c.events] for c in shared_clients]
             assert_gap_free(shared_clients[0].ids, first=1, what="shared conversation")
             for client, history in zip(shared_clients[1:], histories[1:], strict=True):
