@@ -16,8 +16,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tests.e2e_checks import assert_gap_free, brief, wait_echoed
 from tests.processes import ProcessCluster
-from tests.sio_client import RecordingClient, assert_gap_free, brief
+from tests.server_fixtures import SioClient
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 CLIENT = JS_DIR / "client.mjs"
@@ -72,7 +73,7 @@ async def test_js_client_replays_missed_events_on_another_node(
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert js.stdin is not None and js.stdout is not None and js.stderr is not None
-    other = RecordingClient("python-on-A")
+    other = SioClient("python-on-A")
     try:
         line = (await asyncio.wait_for(js.stdout.readline(), 60)).decode()
         if not line.startswith("DISCONNECTED "):
@@ -87,8 +88,8 @@ async def test_js_client_replays_missed_events_on_another_node(
         await other.connect(node_a.url, conversation, token, latest_event_id=last_id)
         missed_contents = [f"py-{conversation}-{i}" for i in range(MISSED)]
         for content in missed_contents:
-            await other.send(content)
-        await other.wait_echoed(missed_contents)
+            await other.say(content)
+        await wait_echoed(other, missed_contents)
         expect_through = max(other.ids)
 
         js.stdin.write(json.dumps({"expect_through": expect_through}).encode() + b"\n")

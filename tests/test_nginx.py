@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.embedded import free_port
+from tests.e2e_checks import assert_gap_free, brief, wait_echoed
 from tests.nginx import NginxProcess, nginx_binary
 from tests.processes import ProcessCluster
-from tests.sio_client import RecordingClient, assert_gap_free, brief
+from tests.server_fixtures import SioClient
 
 SHARED_CLIENTS = 4
 SHARED_MESSAGES = 15  # per shared client
@@ -58,7 +59,7 @@ async def test_clients_through_nginx_see_the_same_events_across_nodes(
     lb = NginxProcess([f"127.0.0.1:{n.port}" for n in nodes], free_port(), tmp_path / "nginx")
     await asyncio.to_thread(lb.start)
     try:
-        clients: list[RecordingClient] = []
+        clients: list[SioClient] = []
         try:
             # Plain HTTP is balanced too: /healthz through nginx answers from every node.
             answers = [await asyncio.to_thread(get_json, f"{lb.url}/healthz") for _ in range(9)]
@@ -67,12 +68,12 @@ async def test_clients_through_nginx_see_the_same_events_across_nodes(
 
             tag = uuid.uuid4().hex[:8]
             shared = f"shared-{tag}"
-            shared_clients = [RecordingClient(f"shared-{i}") for i in range(SHARED_CLIENTS)]
+            shared_clients = [SioClient(f"shared-{i}") for i in range(SHARED_CLIENTS)]
             # (conversation, its one client, the owner's token)
             others = [
-                (f"alice-2-{tag}", RecordingClient("alice-2"), alice),
-                (f"bob-1-{tag}", RecordingClient("bob-1"), bob),
-                (f"bob-2-{tag}", RecordingClient("bob-2"), bob),
+                (f"alice-2-{tag}", SioClient("alice-2"), alice),
+                (f"bob-1-{tag}", SioClient("bob-1"), bob),
+                (f"bob-2-{tag}", SioClient("bob-2"), bob),
             ]
             clients = shared_clients + [c for _, c, _ in others]
 
@@ -83,10 +84,10 @@ async def test_clients_through_nginx_see_the_same_events_across_nodes(
                 *(c.connect(lb.url, sid, tok, latest_event_id=0) for sid, c, tok in others),
             )
 
-            async def chat(client: RecordingClient, prefix: str, n: int) -> list[str]:
+            async def chat(client: SioClient, prefix: str, n: int) -> list[str]:
                 contents = [f"{prefix}-{i}" for i in range(n)]
                 for content in contents:
-                    await client.send(content)
+                    await client.say(content)
                 return contents
 
             sent = await asyncio.gather(
@@ -94,14 +95,14 @@ async def test_clients_through_nginx_see_the_same_events_across_nodes(
                 *(chat(c, sid, OTHER_MESSAGES) for sid, c, _ in others),
             )
             shared_sent = [m for batch in sent[:SHARED_CLIENTS] for m in batch]
-            await asyncio.gather(*(c.wait_echoed(shared_sent) for c in shared_clients))
+            await asyncio.gather(*(wait_echoed(c, shared_sent) for c in shared_clients))
             for (_, c, _), batch in zip(others, sent[SHARED_CLIENTS:], strict=True):
-                await c.wait_echoed(batch)
+                await wait_echoed(c, batch)
 
             # The shared conversation: one history, seen identically by all four clients.
             last = max(max(c.ids) for c in shared_clients)
 
-            async def caught_up(client: RecordingClient) -> None:
+            async def caught_up(client: SioClient) -> None:
                 await client.wait_for(lambda: max(client.ids) >= last, f"event {last}")
 
             await asyncio.gather(*(caught_up(c) for c in shared_clients))
