@@ -95,15 +95,15 @@ class NodeServer:
 
     async def start(self) -> None:
         """Start the manager and begin serving; raises RedisUnavailable, CoordinatorError."""
-        sock = bind(self.host, self.port)
-        self.port = int(sock.getsockname()[1])
+        # The manager first: a bad agent or an unreachable Redis is the error to report.
+        await self.manager.start()
         try:
-            await self.manager.start()
             app, _ = create_app(self.manager, self.secret)
+            sock = bind(self.host, self.port)
         except BaseException:
-            sock.close()
             await self.manager.aclose()
             raise
+        self.port = int(sock.getsockname()[1])
         self._sock = sock
         config = uvicorn.Config(
             app,

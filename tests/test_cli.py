@@ -1,0 +1,295 @@
+"""The ``coordinator`` command line, run as real processes (``python -m coordinator``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from coordinator.auth import verify_token
+from coordinator.cli import main
+from coordinator.embedded import free_port
+from tests.helpers import wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COORDINATOR_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+async def run(
+    *args: str, within: float = 30.0, stdin: bytes = b"", **env: str
+) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "coordinator",
+        *args,
+        cwd=REPO,
+        env=child_env(**env),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), within)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(
+            f"`coordinator {' '.join(args)}` still running after {within}s"
+        ) from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def spawn(*args: str, **env: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "coordinator",
+        *args,
+        cwd=REPO,
+        env=child_env(**env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def read_until(
+    proc: asyncio.subprocess.Process, pattern: str, within: float = 30
+) -> list[str]:
+    """Lines of the process's stdout up to the first one matching ``pattern``."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+
+    async def reader() -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            lines.append(line.decode().rstrip("\n"))
+            if re.search(pattern, lines[-1]):
+                return
+        raise AssertionError(f"process ended before printing {pattern!r}: {lines}")
+
+    try:
+        await asyncio.wait_for(reader(), within)
+    except TimeoutError:
+        raise AssertionError(f"no line matching {pattern!r} within {within}s: {lines}") from None
+    return lines
+
+
+async def stop(proc: asyncio.subprocess.Process, sig: int, within: float = 20) -> tuple[int, str]:
+    proc.send_signal(sig)
+    assert proc.stderr is not None
+    try:
+        err = await asyncio.wait_for(proc.stderr.read(), within)
+        code = await asyncio.wait_for(proc.wait(), within)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"process did not stop within {within}s of signal {sig}") from None
+    return code, err.decode()
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def get_json(url: str, token: str | None = None) -> tuple[int, dict[str, object]]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.get(url, headers=headers) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+# -- in-process: help and token ------------------------------------------------------
+@pytest.mark.parametrize("command", [[], ["serve"], ["cluster"], ["token"], ["chat"]])
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: coordinator {' '.join(command)}".rstrip())
+    assert len(out.splitlines()) > 5
+
+
+def test_token_prints_only_the_token(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COORDINATOR_SECRET", raising=False)
+    assert main(["token", "alice", "--secret", "s", "--ttl", "60"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert verify_token(out.strip(), "s") == "alice"
+    monkeypatch.setenv("COORDINATOR_SECRET", "from-env")
+    assert main(["token", "bob"]) == 0
+    assert verify_token(capsys.readouterr().out.strip(), "from-env") == "bob"
+    monkeypatch.delenv("COORDINATOR_SECRET")
+    assert main(["token", "bob"]) == 2
+    assert "error: token needs a secret" in capsys.readouterr().err
+    assert main(["token", "bad user", "--secret", "s"]) == 2
+    assert "invalid user id 'bad user'" in capsys.readouterr().err
+
+
+# -- processes -----------------------------------------------------------------------
+async def test_serve_configuration_errors(redis_url: str) -> None:
+    cases = [
+        (["serve"], {}, 2, "error: serve needs a secret: pass --secret or set COORDINATOR_SECRET"),
+        (
+            ["serve", "--secret", "s", "--close-delay", "-1"],
+            {},
+            2,
+            "error: close_delay must be > 0, got -1.0",
+        ),
+        (["serve", "--secret", "s"], {"COORDINATOR_CLOSE_DELAY": "-3"}, 2, "got -3.0"),
+        (["serve", "--secret", "s", "--close-delay", "soon"], {}, 2, "invalid float value"),
+        (
+            ["serve", "--secret", "s", "--heartbeat-interval", "5"],
+            {},
+            2,
+            "heartbeat_interval must leave room",
+        ),
+        (
+            ["serve", "--secret", "s", "--port", "0", "--redis-url", redis_url, "--agent", "x:Y"],
+            {},
+            2,
+            "cannot import agent module 'x'",
+        ),
+        (
+            ["serve", "--secret", "s", "--redis-url", "redis://127.0.0.1:1"],
+            {},
+            1,
+            "error: Redis at redis://127.0.0.1:1 is unreachable",
+        ),
+        (
+            ["serve", "--redis-url", "redis://127.0.0.1:1"],
+            {"COORDINATOR_SECRET": "s"},
+            1,
+            "redis://127.0.0.1:1",
+        ),
+    ]
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = str(busy.getsockname()[1])
+    cases.append(
+        (
+            ["serve", "--secret", "s", "--port", port, "--redis-url", redis_url],
+            {},
+            1,
+            f"error: cannot listen on 127.0.0.1:{port}: Address already in use",
+        )
+    )
+    with busy:
+        results = await asyncio.gather(*(run(*args, within=15, **env) for args, env, _, _ in cases))
+    for (args, _, code, message), (rc, out, err) in zip(cases, results, strict=True):
+        assert rc == code, (args, rc, err)
+        assert message in err, (args, err)
+        assert "Traceback" not in err, (args, err)
+        assert "serving on" not in out
+
+
+async def test_serve_with_embedded_redis_chat_and_graceful_stop() -> None:
+    proc = await spawn("serve", "--port", "0", "--secret", "s3", "--log-level", "warning")
+    try:
+        lines = await read_until(proc, r"serving on http://")
+        embedded = re.search(r"started a private embedded Redis at (redis://\S+)", lines[0])
+        assert embedded, lines
+        redis_port = int(embedded.group(1).rsplit(":", 1)[1].split("/")[0])
+        match = re.fullmatch(r"node (\S+) serving on (http://127\.0\.0\.1:(\d+))", lines[-1])
+        assert match, lines
+        node_id, url = match.group(1), match.group(2)
+        status, body = await get_json(f"{url}/healthz")
+        assert status == 200 and body["node_id"] == node_id
+
+        rc, out, err = await run(
+            "chat",
+            "--url",
+            url,
+            "--conversation",
+            "talk",
+            "--secret",
+            "s3",
+            "--user",
+            "alice",
+            stdin=b"hello\n\nworld\n",
+        )
+        assert rc == 0, err
+        assert out.splitlines() == [
+            "[1] user: hello",
+            "[2] agent: hello",
+            "[3] user: world",
+            "[4] agent: world",
+        ]
+        assert f"connected to node {node_id}" in err
+        assert f"agent loop runs on node {node_id} (this node)" in err
+
+        # Replay from an id, and an ack error shown for an oversize message.
+        big = b"x" * 70_000 + b"\n"
+        rc, out, err = await run(
+            "chat", "--url", url, "--conversation", "talk", "--secret", "s3", "--user", "alice",
+            "--latest-event-id", "3", "--wait", "2", stdin=big,
+        )  # fmt: skip
+        assert rc == 0, err
+        assert out.splitlines() == ["[4] agent: world"]
+        assert "the limit is 65536" in err
+
+        # Another user cannot join it.
+        rc, out, err = await run(
+            "chat", "--url", url, "--conversation", "talk", "--secret", "s3", "--user", "bob",
+        )  # fmt: skip
+        assert rc == 1
+        assert "forbidden: conversation 'talk' belongs to another user" in err
+    finally:
+        code, err = await stop(proc, signal.SIGTERM)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert not port_open(redis_port), "the embedded Redis outlived its node"
+
+
+async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
+    base = free_port()
+    while port_open(base + 1) or base + 1 > 65535:
+        base = free_port()
+    proc = await spawn("cluster", "--nodes", "2", "--base-port", str(base))
+    try:
+        lines = await read_until(proc, r"Press Ctrl-C", within=45)
+        text = "\n".join(lines)
+        urls = re.findall(r"^  (node\d)  (http://\S+)$", text, re.M)
+        assert urls == [
+            ("node1", f"http://127.0.0.1:{base}"),
+            ("node2", f"http://127.0.0.1:{base + 1}"),
+        ]
+        secret = re.search(r"^secret: (\S+)$", text, re.M)
+        token = re.search(r'^token for user "demo": (\S+)$', text, re.M)
+        assert secret and token
+        assert verify_token(token.group(1), secret.group(1)) == "demo"
+        assert (
+            f"coordinator chat --url http://127.0.0.1:{base} --conversation demo1 "
+            f"--secret {secret.group(1)}" in text
+        )
+        status, body = await get_json(f"http://127.0.0.1:{base + 1}/api/cluster", token.group(1))
+        assert status == 200 and sorted(body["nodes"]) == ["node1", "node2"]  # type: ignore[call-overload]
+    finally:
+        code, err = await stop(proc, signal.SIGINT, within=30)
+    assert code == 0, err
+    assert "Traceback" not in err
+    await wait_until(
+        lambda: not port_open(base) and not port_open(base + 1), timeout=5, what="ports closed"
+    )
