@@ -28,6 +28,10 @@ async def record_conversation(manager: ConversationManager, user: str, sid: str)
     await manager.state.redis.zadd(manager.keys.user_convs(user), {sid: score}, nx=True)
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _int(value: str) -> int | None:
     return int(value) if value.lstrip("-").isdigit() else None
 
@@ -50,13 +54,18 @@ def describe(sid: str, meta: dict[str, str], live: set[str]) -> dict[str, Any]:
 async def list_conversations(manager: ConversationManager, user: str) -> list[dict[str, Any]]:
     """The user's conversations, newest first, with state and owning node."""
     raw = await manager.state.redis.zrevrange(manager.keys.user_convs(user), 0, MAX_LISTED - 1)
-    sids = [s.decode() if isinstance(s, bytes) else str(s) for s in raw]
+    sids = [_text(s) for s in raw]
     if not sids:
         return []
     live = set((await manager.nodes()).values())
+    # The records manager.conversation() returns, read in one round trip.
+    async with manager.state.redis.pipeline(transaction=False) as pipe:
+        for sid in sids:
+            pipe.hgetall(manager.keys.conv(sid))
+        rows = await pipe.execute()
     out = []
-    for sid in sids:
-        meta = await manager.conversation(sid)
+    for sid, row in zip(sids, rows, strict=True):
+        meta = {_text(k): _text(v) for k, v in row.items()}
         # The index only grows; a record that vanished or changed hands is skipped.
         if meta and meta.get("user") == user:
             out.append(describe(sid, meta, live))
@@ -86,7 +95,7 @@ async def cluster_view(manager: ConversationManager) -> dict[str, Any]:
     loops: dict[str, list[str]] = {}
     conns: dict[str, int] = {}
     for i, node in enumerate(names):
-        loops[node] = sorted(s.decode() if isinstance(s, bytes) else str(s) for s in rows[2 * i])
+        loops[node] = sorted(_text(s) for s in rows[2 * i])
         conns[node] = int(rows[2 * i + 1])
     return {"nodes": dict(sorted(nodes.items())), "loops": loops, "connections": conns}
 
