@@ -76,7 +76,8 @@ class ChatClient:
         self._seen = asyncio.Condition()
         self.refusal = ""
         self.dropped = asyncio.Event()
-        self.sio = socketio.AsyncClient(reconnection=False)
+        # handle_sigint=False: the caller owns Ctrl-C (python-socketio would disconnect first).
+        self.sio = socketio.AsyncClient(reconnection=False, handle_sigint=False)
         self.sio.on("oh_event", self._on_event)
         self.sio.on("connect_error", self._on_connect_error)
         self.sio.on("disconnect", self._on_disconnect)

@@ -148,6 +148,20 @@ def test_token_prints_only_the_token(
 
 
 # -- processes -----------------------------------------------------------------------
+async def test_token_command_as_a_process() -> None:
+    (rc, out, err), (rc_env, out_env, _), (rc_bad, _, err_bad) = await asyncio.gather(
+        run("token", "alice", "--secret", "s", "--ttl", "30"),
+        run("token", "bob", COORDINATOR_SECRET="env-secret"),
+        run("token", "carol"),
+    )
+    assert (rc, err) == (0, "")
+    assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n", out)
+    assert verify_token(out.strip(), "s") == "alice"
+    assert rc_env == 0 and verify_token(out_env.strip(), "env-secret") == "bob"
+    assert rc_bad == 2
+    assert err_bad == "error: token needs a secret: pass --secret or set COORDINATOR_SECRET\n"
+
+
 async def test_serve_configuration_errors(redis_url: str) -> None:
     cases = [
         (["serve"], {}, 2, "error: serve needs a secret: pass --secret or set COORDINATOR_SECRET"),
