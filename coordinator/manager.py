@@ -195,9 +195,12 @@ class ConversationManager:
         self._membership = Membership(self._state, cfg, self._on_lapse)
         previous = await self._membership.register()
         if previous:
-            await reap_incarnation(
+            released = await reap_incarnation(
                 self._state, previous, keep_connections=False, maxlen=cfg.event_log_maxlen
             )
+            orphans = released
+        else:
+            orphans = []
         await self._refresh_live()
         self._subs = Subscriptions(
             self._redis,
@@ -212,6 +215,7 @@ class ConversationManager:
         self._spawn(self._flush_loop(), "activity-flush")
         self._spawn(self._cleanup_loop(), "cleanup")
         self.started = True
+        await self._resume_pending(orphans)
         log.info("node %s started (incarnation %s)", self.node_id, self.inc)
 
     async def aclose(self) -> None:
@@ -232,17 +236,20 @@ class ConversationManager:
             timer.cancel()
             self._release_handle(handle)
         self._detached.clear()
+        if self._subs is not None:
+            await self._subs.aclose()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, stuck = await asyncio.wait(set(self._tasks), timeout=5)
+            for task in stuck:
+                log.error("task %s did not stop within 5s of cancellation", task.get_name())
         self.membership.stop()
         with contextlib.suppress(RedisError, OSError):
             await reap_incarnation(
                 self.state, self.inc, keep_connections=False, maxlen=self.config.event_log_maxlen
             )
             await self.state.unregister(self.node_id, self.inc)
-        if self._subs is not None:
-            await self._subs.aclose()
         if self._redis is not None and self._redis_given is None:
             await self._redis.aclose()
 
@@ -524,6 +531,8 @@ class ConversationManager:
     async def _start(
         self, sid: str, user: str, settings: dict[str, Any], initial: bytes | None
     ) -> ConversationInfo:
+        if not self.membership.check():
+            raise NodeDraining(f"node {self.node_id} lost its lease; it takes no loops until back")
         dead = ""
         while True:
             own = await self.state.acquire(
@@ -534,7 +543,8 @@ class ConversationManager:
             if own.status == "missing":
                 raise NodeDraining(f"node {self.node_id} is draining; connect to another node")
             if own.status == "owned":
-                if await self._alive(own.inc):
+                # Ask Redis, not the cache: a start is where a dead owner gets replaced.
+                if await self.state.incarnation_alive(own.inc):
                     if initial is not None:
                         await self._accept(sid, user, initial)
                     return ConversationInfo(sid, own.user, own.owner, True, False)
@@ -753,7 +763,17 @@ class ConversationManager:
             runner = self._runners.get(sid)
             if runner is not None:
                 runner.observe(event_id, event)
-            for cid in list(self._rooms.get(sid, ())):
+            room = self._rooms.get(sid, ())
+            if (
+                room
+                and event.get("status") == codec.NODE_LOST
+                and not self.draining
+                and sid not in self._starting
+            ):
+                # Our clients still watch it: restart the loop (one node wins the lease).
+                user = self._connections[next(iter(room))].user
+                self._spawn(self._restart(sid, user), f"restart:{sid}")
+            for cid in list(room):
                 conn = self._connections.get(cid)
                 if conn is not None:
                     await self._offer(conn, event_id, event)
@@ -884,12 +904,13 @@ class ConversationManager:
             try:
                 await self._refresh_live()
                 if n % reap_every == 0:
-                    await reap_dead_nodes(
+                    released = await reap_dead_nodes(
                         self.state,
                         self.inc,
                         int(self.config.node_ttl * 1000),
                         self.config.event_log_maxlen,
                     )
+                    await self._resume_pending(released)
             except (RedisError, OSError) as exc:
                 log.warning("membership refresh failed: %s", exc)
 
@@ -902,12 +923,29 @@ class ConversationManager:
             log.warning("re-register failed (%s); retrying", exc)
             return
         log.warning("node %s re-registered as %s", old, self.inc)
-        await reap_incarnation(
+        released = await reap_incarnation(
             self.state, old, keep_connections=True, maxlen=self.config.event_log_maxlen
         )
         await self.state.redis.delete(self.keys.node_conns(old))
         for conn in list(self._connections.values()):
             await self.state.add_connection(conn.cid, conn.sid, conn.user, self.inc)
+        await self._resume_pending(released)
+
+    async def _resume_pending(self, released: list[tuple[str, str]]) -> None:
+        """Restart released conversations that hold acknowledged, unprocessed actions.
+
+        Conversations with connections are restarted by the nodes holding them when the
+        NODE_LOST status event reaches them; this covers actions nobody watches.
+        """
+        if not released or self.draining:
+            return
+        async with self.state.redis.pipeline(transaction=False) as pipe:
+            for sid, _ in released:
+                pipe.xlen(self.keys.inbox(sid))
+            pending = await pipe.execute()
+        for (sid, user), n in zip(released, pending, strict=True):
+            if n and sid not in self._starting and sid not in self._runners:
+                self._spawn(self._restart(sid, user), f"restart:{sid}")
 
     async def flush_activity(self) -> None:
         """Write last-active times of this node's loops to the idle index and claims."""

@@ -130,20 +130,20 @@ class Membership:
 
 async def reap_incarnation(
     state: RedisState, inc: str, *, keep_connections: bool, maxlen: int
-) -> int:
+) -> list[tuple[str, str]]:
     """Release everything a dead (or replaced) incarnation held. Idempotent.
 
     Its conversations become unowned (and their clients get a status event), their cap
     slots are freed, and, unless kept, its connections are forgotten. Returns the number
-    of conversations released.
+    ``(sid, user)`` of the conversations released.
     """
     keys = state.keys
     owned = await state.redis.hgetall(keys.node_owned(inc))
-    released = 0
+    released: list[tuple[str, str]] = []
     for raw_sid, raw_user in owned.items():
         sid, user = raw_sid.decode(), raw_user.decode()
         if await state.release(sid, inc, None, "stopped"):
-            released += 1
+            released.append((sid, user))
             event = status_event(
                 NODE_LOST,
                 "The node running this conversation was lost; it restarts on the next action.",
@@ -174,8 +174,13 @@ async def reap_incarnation(
     return released
 
 
-async def reap_dead_nodes(state: RedisState, me: str, lock_ms: int, maxlen: int) -> list[str]:
-    """Find registered nodes whose lease is gone and reap them (one reaper at a time)."""
+async def reap_dead_nodes(
+    state: RedisState, me: str, lock_ms: int, maxlen: int
+) -> list[tuple[str, str]]:
+    """Find registered nodes whose lease is gone and reap them (one reaper at a time).
+
+    Returns ``(sid, user)`` of every conversation released.
+    """
     registry = await state.registry()
     if not registry:
         return []
@@ -186,13 +191,13 @@ async def reap_dead_nodes(state: RedisState, me: str, lock_ms: int, maxlen: int)
     lock = state.keys.reaper_lock()
     if not await state.redis.set(lock, me, nx=True, px=lock_ms):
         return []
-    reaped: list[str] = []
+    reaped: list[tuple[str, str]] = []
     try:
         for node, inc in dead:
-            n = await reap_incarnation(state, inc, keep_connections=False, maxlen=maxlen)
+            released = await reap_incarnation(state, inc, keep_connections=False, maxlen=maxlen)
             await state.unregister(node, inc)
-            log.warning("reaped dead node %s: released %d conversation(s)", inc, n)
-            reaped.append(inc)
+            log.warning("reaped dead node %s: released %d conversation(s)", inc, len(released))
+            reaped.extend(released)
     finally:
         await state.delete_if(lock, me)
     return reaped

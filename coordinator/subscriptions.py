@@ -50,6 +50,7 @@ class Subscriptions:
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._last_probe_seen = time.monotonic()
         self.healthy = False
+        self._closing = False
         self.reconnects = 0
         self.messages = 0
 
@@ -104,14 +105,17 @@ class Subscriptions:
             self._refs[channel] = n - 1
 
     async def run(self) -> None:
-        """The listener loop; runs until cancelled."""
+        """The listener loop; runs until ``aclose`` (or cancellation)."""
         backoff = Backoff(base=0.05, cap=2.0)
         probe_at = time.monotonic() + self._probe_interval
-        while True:
+        while not self._closing:
             try:
                 msg = await self._pubsub.get_message(timeout=1.0)
                 if msg is not None:
-                    await self._handle(msg)
+                    try:
+                        await self._handle(msg)
+                    except Exception:
+                        log.exception("error handling a pub/sub message; continuing")
                 backoff.reset()
                 now = time.monotonic()
                 if now >= probe_at:
@@ -121,14 +125,15 @@ class Subscriptions:
                     await self._redis.publish(self._probe_channel, PROBE)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, RuntimeError) as exc:
+                # RuntimeError: redis-py has no connection after a failed resubscribe.
+                if self._closing:
+                    return
                 self.healthy = False
                 delay = backoff.next()
                 log.warning("pub/sub link lost (%s); reconnecting in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 await self._resubscribe()
-            except Exception:
-                log.exception("error handling a pub/sub message; continuing")
 
     async def _resubscribe(self) -> None:
         try:
@@ -173,6 +178,8 @@ class Subscriptions:
         await self._on_message(name, data)
 
     async def aclose(self) -> None:
+        """Stop the listener: its pending read fails once the connection is closed."""
+        self._closing = True
         try:
             await self._pubsub.aclose()
         except (RedisError, OSError):

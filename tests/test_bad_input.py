@@ -1,0 +1,116 @@
+"""Bad input gets a clear error and changes nothing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from coordinator import (
+    ConfigError,
+    ConnectionNotFound,
+    ConversationManager,
+    ConversationNotFound,
+    Forbidden,
+    InvalidInput,
+    ManagerConfig,
+    RedisUnavailable,
+)
+
+
+async def _snapshot(redis) -> dict[bytes, object]:
+    out: dict[bytes, object] = {}
+    for key in sorted(await redis.keys("*")):
+        kind = (await redis.type(key)).decode()
+        if kind == "hash":
+            out[key] = await redis.hgetall(key)
+        elif kind == "stream":
+            out[key] = await redis.xlen(key)
+        elif kind == "zset":
+            out[key] = await redis.zrange(key, 0, -1)
+        elif kind == "string" and b":lease" not in key:
+            out[key] = await redis.get(key)
+    return out
+
+
+async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis_client) -> None:
+    (a,) = await make_nodes(1)
+    await a.join_conversation("good", "c1", {}, "alice")
+    await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
+    before = await _snapshot(redis_client)
+
+    bad_calls = [
+        (ConversationNotFound, a.attach_to_conversation("nope", "alice")),
+        (ConversationNotFound, a.close_session("nope")),
+        (ConnectionNotFound, a.send_to_event_stream("unknown-conn", {"action": "message"})),
+        (InvalidInput, a.maybe_start_agent_loop(123, {}, "alice")),  # type: ignore[arg-type]
+        (InvalidInput, a.maybe_start_agent_loop("has space", {}, "alice")),
+        (InvalidInput, a.maybe_start_agent_loop("x" * 200, {}, "alice")),
+        (InvalidInput, a.maybe_start_agent_loop("good", "settings", "alice")),  # type: ignore[arg-type]
+        (InvalidInput, a.maybe_start_agent_loop("good", {}, "bad{user}")),
+        (InvalidInput, a.maybe_start_agent_loop("good", {}, 42)),  # type: ignore[arg-type]
+        (InvalidInput, a.send_to_event_stream("c1", "not a dict")),  # type: ignore[arg-type]
+        (InvalidInput, a.send_to_event_stream("c1", {"args": {}})),
+        (InvalidInput, a.send_to_event_stream("c1", {"action": "message", "args": []})),
+        (
+            InvalidInput,
+            a.send_to_event_stream("c1", {"action": "message", "args": {"content": "x" * 70_000}}),
+        ),
+        (InvalidInput, a.join_conversation("good", "c2", {}, "alice", latest_event_id="3")),  # type: ignore[arg-type]
+        (InvalidInput, a.join_conversation("good", "c1", {}, "alice")),  # already joined
+        (InvalidInput, a.join_conversation("good", "bad/conn", {}, "alice")),
+        (Forbidden, a.join_conversation("good", "c3", {}, "mallory")),
+        (Forbidden, a.attach_to_conversation("good", "mallory")),
+        (Forbidden, a.close_session("good", "mallory")),
+        (InvalidInput, a.detach_from_conversation("good")),  # type: ignore[arg-type]
+    ]
+    for expected, call in bad_calls:
+        with pytest.raises(expected) as info:
+            await call
+        assert str(info.value), expected
+    assert await _snapshot(redis_client) == before
+    assert a.local_connections() == {"c1": "good"}
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"max_concurrent_conversations": 0}, "max_concurrent_conversations must be > 0"),
+        ({"max_concurrent_conversations": "3"}, "must be an integer"),
+        ({"close_delay": -1.0}, "close_delay must be > 0"),
+        ({"redis_url": "http://localhost"}, "redis_url must start with"),
+        ({"node_id": "a b"}, "node_id"),
+        ({"key_prefix": "{x}"}, "key_prefix"),
+        ({"agent": "no_colon"}, "agent must be"),
+        ({"heartbeat_interval": 5.0, "node_ttl": 6.0}, "heartbeat_interval must leave room"),
+        ({"event_log_maxlen": True}, "must be an integer"),
+    ],
+)
+def test_invalid_configuration_is_rejected_with_the_setting_named(changes, fragment) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        ManagerConfig(**changes)
+
+
+def test_unknown_setting_is_named() -> None:
+    with pytest.raises(ConfigError, match="unknown setting"):
+        ManagerConfig().replace(close_dealy=3)
+
+
+async def test_unloadable_agent_is_a_config_error(redis_url) -> None:
+    manager = ConversationManager(ManagerConfig(redis_url=redis_url, agent="nope.nothing:Agent"))
+    with pytest.raises(ConfigError, match="cannot import agent module"):
+        await manager.start()
+
+
+async def test_unreachable_redis_fails_fast_naming_the_url() -> None:
+    url = "redis://127.0.0.1:1/0"
+    manager = ConversationManager(ManagerConfig(redis_url=url, connect_timeout=1.0))
+    started = time.monotonic()
+    with pytest.raises(RedisUnavailable, match="127.0.0.1:1"):
+        await manager.start()
+    assert time.monotonic() - started < 10  # a clear error, not a hang
+
+
+def test_config_must_be_a_manager_config() -> None:
+    with pytest.raises(ConfigError, match="ManagerConfig"):
+        ConversationManager({"redis_url": "redis://x"})  # type: ignore[arg-type]

@@ -1,0 +1,104 @@
+"""Fencing: a node whose lease was taken over cannot write and stops its loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from coordinator import Fenced
+from tests.helpers import wait_until
+
+
+def _stop_heartbeats(node) -> None:
+    for task in list(node._tasks):
+        if task.get_name() == "heartbeat":
+            task.cancel()
+
+
+async def _epochs(node, sid: str) -> list[tuple[int, int | None]]:
+    rows = await node.state.redis.xrange(node.keys.events(sid))
+    out = []
+    for entry_id, fields in rows:
+        epoch = fields.get(b"e")
+        out.append((int(entry_id.decode().split("-")[0]), int(epoch) if epoch else None))
+    return out
+
+
+async def test_node_whose_renewals_stop_fences_itself_before_takeover(make_nodes) -> None:
+    a, b = await make_nodes(2)
+    await a.join_conversation("fence-1", "ca", {}, "frank")
+    await b.join_conversation("fence-1", "cb", {}, "frank")
+    runner = a._runners["fence-1"]
+    both_seen = False
+    stop = asyncio.Event()
+
+    async def observe() -> None:
+        nonlocal both_seen
+        while not stop.is_set():
+            if "fence-1" in a.local_loops() and "fence-1" in b.local_loops():
+                both_seen = True
+            await asyncio.sleep(0.005)
+
+    observer = asyncio.create_task(observe())
+    _stop_heartbeats(a)
+    # Node a stops its loop by its own clock, before its lease can expire in Redis ...
+    await wait_until(lambda: "fence-1" not in a.local_loops(), timeout=5, what="a fenced")
+    assert await a.state.redis.exists(a.keys.node_lease("node1"))
+    # ... and the next action, accepted on b, makes b the successor once it expired.
+    await b.send_to_event_stream("cb", {"action": "message", "args": {"content": "after"}})
+    await wait_until(lambda: "fence-1" in b.local_loops(), timeout=10, what="b took over")
+    stop.set()
+    await observer
+    assert not both_seen
+    with pytest.raises(Fenced):
+        await runner.emit({"action": "message", "args": {"content": "late"}})
+    sink = make_nodes.sinks["node2"]
+    await wait_until(
+        lambda: any(
+            e.get("source") == "agent" and e["args"]["content"] == "after"
+            for e in sink.events["cb"]
+        ),
+        what="successor answered the action",
+    )
+    meta = await b.conversation("fence-1")
+    assert meta["epoch"] == "2" and meta["owner"] == "node2"
+
+
+async def test_a_former_owner_that_believes_it_still_owns_cannot_append(make_nodes) -> None:
+    a, b = await make_nodes(2)
+    await a.join_conversation("fence-2", "ca", {}, "gina")
+    await b.join_conversation("fence-2", "cb", {}, "gina")
+    old = a._runners["fence-2"]
+    # Simulate a paused process: no renewals, and its own clock never noticed.
+    _stop_heartbeats(a)
+    a.membership.stop()
+    a.membership.lease_valid = lambda: True  # type: ignore[method-assign]
+    a.membership.check = lambda: True  # type: ignore[method-assign]
+    old._lease_valid = lambda: True
+    await wait_until(
+        lambda: _gone(b, "node1"), timeout=10, what="a's lease expired in Redis"
+    )
+    await b.maybe_start_agent_loop("fence-2", {}, "gina")
+    assert "fence-2" in b.local_loops() and "fence-2" in a.local_loops()  # a still believes
+    takeover_at = int((await b.conversation("fence-2"))["seq"])
+
+    # An action reaches both; the old owner's reply is rejected by the epoch and it stops.
+    await b.send_to_event_stream("cb", {"action": "message", "args": {"content": "x"}})
+    await wait_until(lambda: "fence-2" not in a.local_loops(), what="old owner stopped")
+    assert old.fenced
+    with pytest.raises(Fenced):
+        await old.emit({"action": "message", "args": {"content": "late"}})
+    sink = make_nodes.sinks["node2"]
+    await wait_until(
+        lambda: [e for e in sink.events["cb"] if e.get("source") == "agent"],
+        what="one reply",
+    )
+    epochs = await _epochs(b, "fence-2")
+    assert all(epoch in (None, 2) for n, epoch in epochs if n > takeover_at), epochs
+    replies = [e for e in sink.events["cb"] if e.get("source") == "agent"]
+    assert len(replies) == 1
+
+
+async def _gone(node, node_id: str) -> bool:
+    return not await node.state.redis.exists(node.keys.node_lease(node_id))
