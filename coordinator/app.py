@@ -17,7 +17,6 @@ from urllib.parse import parse_qs
 import socketio
 from redis.exceptions import RedisError
 
-from . import directory
 from .auth import AuthError, verify_token
 from .config import ManagerConfig, check_connection_id, check_conversation_id
 from .errors import ConfigError, CoordinatorError, Forbidden, InvalidInput
@@ -49,6 +48,10 @@ class SocketSink:
             return
         await self.sio.emit("oh_event", event, to=connection_id, namespace=NAMESPACE)
         self.counters.events_delivered += 1
+
+    async def disconnect(self, connection_id: str) -> None:
+        if self.sio is not None:
+            await self.sio.disconnect(connection_id, namespace=NAMESPACE)
 
 
 def new_manager(config: ManagerConfig) -> ConversationManager:
@@ -112,7 +115,6 @@ class SocketHandlers:
             check_connection_id(sid)
             await self.manager.join_conversation(conversation, sid, {}, user, latest)
             joined = True
-            await directory.record_conversation(self.manager, user, conversation)
         except Exception as exc:
             if joined:
                 await self._forget(sid)

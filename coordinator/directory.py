@@ -1,35 +1,21 @@
 """Read models for the REST layer, built on the manager's public API and key schema.
 
-The per-user conversation index (``keys.user_convs``) is written here: the manager does
-not maintain it, so the server records a conversation when a user joins or creates it.
+The per-user conversation index (``keys.user_convs``) is written by the manager when it
+creates a conversation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from .manager import ConversationManager
+from .state import text
 
 # A list request reads at most this many conversations (newest first).
 MAX_LISTED = 1000
-
-
-async def record_conversation(manager: ConversationManager, user: str, sid: str) -> None:
-    """Add ``sid`` to the user's index, scored by creation time (kept when already there)."""
-    if not user:
-        return
-    meta = await manager.conversation(sid)
-    created = meta.get("created", "")
-    score = int(created) if created.isdigit() else int(time.time() * 1000)
-    await manager.state.redis.zadd(manager.keys.user_convs(user), {sid: score}, nx=True)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _int(value: str) -> int | None:
@@ -54,7 +40,7 @@ def describe(sid: str, meta: dict[str, str], live: set[str]) -> dict[str, Any]:
 async def list_conversations(manager: ConversationManager, user: str) -> list[dict[str, Any]]:
     """The user's conversations, newest first, with state and owning node."""
     raw = await manager.state.redis.zrevrange(manager.keys.user_convs(user), 0, MAX_LISTED - 1)
-    sids = [_text(s) for s in raw]
+    sids = [text(s) for s in raw]
     if not sids:
         return []
     live = set((await manager.nodes()).values())
@@ -65,7 +51,7 @@ async def list_conversations(manager: ConversationManager, user: str) -> list[di
         rows = await pipe.execute()
     out = []
     for sid, row in zip(sids, rows, strict=True):
-        meta = {_text(k): _text(v) for k, v in row.items()}
+        meta = {text(k): text(v) for k, v in row.items()}
         # The index only grows; a record that vanished or changed hands is skipped.
         if meta and meta.get("user") == user:
             out.append(describe(sid, meta, live))
@@ -95,7 +81,7 @@ async def cluster_view(manager: ConversationManager) -> dict[str, Any]:
     loops: dict[str, list[str]] = {}
     conns: dict[str, int] = {}
     for i, node in enumerate(names):
-        loops[node] = sorted(_text(s) for s in rows[2 * i])
+        loops[node] = sorted(text(s) for s in rows[2 * i])
         conns[node] = int(rows[2 * i + 1])
     return {"nodes": dict(sorted(nodes.items())), "loops": loops, "connections": conns}
 

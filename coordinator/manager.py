@@ -37,8 +37,8 @@ from .errors import (
     ConnectionNotFound,
     ConversationNotFound,
     CoordinatorError,
-    Forbidden,
     Fenced,
+    Forbidden,
     InboxFull,
     InvalidInput,
     NodeDraining,
@@ -47,7 +47,7 @@ from .errors import (
 from .keys import KeySchema
 from .membership import Membership, reap_dead_nodes, reap_incarnation
 from .runner import Lease, LoopRunner
-from .state import RedisState
+from .state import RedisState, text
 from .subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,15 @@ class EventSink(Protocol):
 
     async def deliver(self, connection_id: str, event: Event) -> None: ...
 
+    async def disconnect(self, connection_id: str) -> None:
+        """Close the client's connection (during a drain, after telling it why)."""
+
 
 class NullSink:
     async def deliver(self, connection_id: str, event: Event) -> None:
+        return None
+
+    async def disconnect(self, connection_id: str) -> None:
         return None
 
 
@@ -252,6 +258,47 @@ class ConversationManager:
             await self.state.unregister(self.node_id, self.inc)
         if self._redis is not None and self._redis_given is None:
             await self._redis.aclose()
+
+    async def drain(self) -> None:
+        """Graceful stop, bounded by ``drain_timeout``; then ``aclose``.
+
+        In named steps: stop intake (no new loops or connections), hand off every local
+        loop (it stops here, and a status event makes the nodes whose clients watch it
+        restart it there), tell local clients to reconnect elsewhere and disconnect
+        them, deregister.
+        """
+        if not self.started:
+            return
+        self.draining = True
+        log.info("node %s draining", self.node_id)
+        try:
+            await asyncio.wait_for(self._handoff(), self.config.drain_timeout)
+        except TimeoutError:
+            log.error(
+                "drain of %s exceeded %.0fs; closing", self.node_id, self.config.drain_timeout
+            )
+        await self.aclose()
+
+    async def _handoff(self) -> None:
+        moving = codec.status_event(
+            codec.NODE_DRAINING,
+            "The node running this conversation is shutting down; it moves to another node.",
+            "stopped",
+        )
+        await asyncio.gather(
+            *(self._stop_loop(sid, moving, AgentState.STOPPED) for sid in list(self._runners)),
+            return_exceptions=True,
+        )
+        bye = codec.status_event(
+            codec.NODE_DRAINING, "This node is shutting down; reconnect to continue."
+        )
+        for cid in list(self._connections):
+            with contextlib.suppress(Exception):
+                await self.sink.deliver(cid, bye)
+            with contextlib.suppress(CoordinatorError, RedisError, OSError):
+                await self.disconnect_from_session(cid)
+            with contextlib.suppress(Exception):
+                await self.sink.disconnect(cid)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -463,7 +510,7 @@ class ConversationManager:
                     for inc in incs:
                         pipe.hkeys(self.keys.node_owned(inc))
                     for names in await pipe.execute():
-                        sids.update(n.decode() for n in names)
+                        sids.update(text(n) for n in names)
         if filter_to_sids is not None:
             sids &= set(filter_to_sids)
         return sids
@@ -554,6 +601,10 @@ class ConversationManager:
         if self.draining:
             await self.state.release(sid, self.inc, own.epoch, "stopped")
             raise NodeDraining(f"node {self.node_id} is draining; connect to another node")
+        if own.status == "created" and own.user:
+            await self.state.redis.zadd(
+                self.keys.user_convs(own.user), {sid: int(time.time() * 1000)}, nx=True
+            )
         lease = Lease(sid, own.user, self.inc, own.epoch)
         if initial is not None:
             await self._accept(sid, user, initial)
@@ -655,10 +706,14 @@ class ConversationManager:
             raise Forbidden(sid)
         if r.status == "full":
             raise InboxFull(f"conversation {sid!r} has {self.config.inbox_max} unprocessed actions")
-        if r.inc != self.inc and (not r.inc or not await self._alive(r.inc)):
+        if (
+            r.inc != self.inc
+            and (not r.inc or not await self._alive(r.inc))
+            and sid not in self._starting
+            and not self.draining
+        ):
             # No live owner: the action waits durably in the inbox; start a successor here.
-            if sid not in self._starting and not self.draining:
-                self._spawn(self._restart(sid, user), f"restart:{sid}")
+            self._spawn(self._restart(sid, user), f"restart:{sid}")
         return r.event_id
 
     async def _restart(self, sid: str, user: str) -> None:
@@ -766,7 +821,7 @@ class ConversationManager:
             room = self._rooms.get(sid, ())
             if (
                 room
-                and event.get("status") == codec.NODE_LOST
+                and event.get("status") in (codec.NODE_LOST, codec.NODE_DRAINING)
                 and not self.draining
                 and sid not in self._starting
             ):
@@ -891,7 +946,7 @@ class ConversationManager:
             for sid in sids:
                 pipe.hget(self.keys.conv(sid), "user")
             users = await pipe.execute()
-        return {sid: (u or b"").decode() for sid, u in zip(sids, users, strict=True)}
+        return {sid: text(u) for sid, u in zip(sids, users, strict=True)}
 
     async def _heartbeat_loop(self) -> None:
         reap_every = max(1, round(self.config.node_ttl / 2 / self.config.heartbeat_interval))
@@ -988,7 +1043,7 @@ class ConversationManager:
         raw = await self.state.redis.zrangebyscore(self.keys.node_idle(self.inc), "-inf", threshold)
         candidates = []
         for name in raw:
-            sid = name.decode()
+            sid = text(name)
             runner = self._runners.get(sid)
             if runner is None or runner.agent_state == AgentState.RUNNING:
                 continue

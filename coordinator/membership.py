@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from .codec import NODE_LOST, pack, status_event
 from .config import ManagerConfig
-from .state import RedisState
+from .state import RedisState, text
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ async def reap_incarnation(
     owned = await state.redis.hgetall(keys.node_owned(inc))
     released: list[tuple[str, str]] = []
     for raw_sid, raw_user in owned.items():
-        sid, user = raw_sid.decode(), raw_user.decode()
+        sid, user = text(raw_sid), text(raw_user)
         if await state.release(sid, inc, None, "stopped"):
             released.append((sid, user))
             event = status_event(
@@ -153,19 +153,16 @@ async def reap_incarnation(
         await state.release_slot(user, sid, inc)
     if not keep_connections:
         conns = await state.redis.hgetall(keys.node_conns(inc))
-        sids = sorted({v.decode() for v in conns.values()})
+        sids = sorted({text(v) for v in conns.values()})
         users: dict[str, str] = {}
         if sids:
             async with state.redis.pipeline(transaction=False) as pipe:
                 for sid in sids:
                     pipe.hget(keys.conv(sid), "user")
-                users = {
-                    sid: (u or b"").decode()
-                    for sid, u in zip(sids, await pipe.execute(), strict=True)
-                }
+                users = {sid: text(u) for sid, u in zip(sids, await pipe.execute(), strict=True)}
             async with state.redis.pipeline(transaction=False) as pipe:
                 for raw_cid, raw_sid in conns.items():
-                    sid = raw_sid.decode()
+                    sid = text(raw_sid)
                     pipe.hdel(keys.conv_conns(sid), raw_cid)
                     pipe.hdel(keys.user_conns(users.get(sid, "")), raw_cid)
                 await pipe.execute()

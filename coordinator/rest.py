@@ -297,7 +297,6 @@ class RestApp:
         info = await self.manager.maybe_start_agent_loop(sid, {}, user, initial_user_msg=first)
         if first is not None:
             self.counters.actions_accepted += 1
-        await directory.record_conversation(self.manager, user, sid)
         return json_response(
             200 if existed else 201,
             {"conversation_id": sid, "running": info.running, "owner": info.owner},

@@ -10,6 +10,7 @@ committed together with the ``applied`` cursor: a successor resumes after that c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -104,17 +105,10 @@ class LoopRunner:
         self._wake.set()
 
     async def _read_inbox(self) -> None:
-        async with self._state.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(self._state.keys.conv(self.sid), "seq")
-            pipe.xrange(self._state.keys.inbox(self.sid), min=f"({self._applied}-0", count=500)
-            seq_raw, rows = await pipe.execute()
-        from .codec import unpack
-
-        for entry_id, fields in rows:
-            n = int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+        seq, rows = await self._state.inbox_snapshot(self.sid, self._applied, count=500)
+        for n, action in rows:
             if n > self._applied:
-                self._pending[n] = unpack(fields[b"d"])
-        seq = int(seq_raw or 0)
+                self._pending[n] = action
         if len(rows) < 500:
             self._seen = max(self._seen, seq)
             self._reread = False
@@ -211,10 +205,8 @@ class LoopRunner:
         task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass
         try:
             await self.agent.aclose()
         except Exception:

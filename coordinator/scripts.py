@@ -131,8 +131,7 @@ return {'ok', first, last, now}
 """
 )
 
-ADMIT = (
-    """
+ADMIT = """
 -- admit: claim one of the user's max_concurrent_conversations slots.
 -- KEYS[1]  user's claims sorted set (sid -> recency, never more than cap members)
 -- KEYS[2]  user's loops hash (sid -> 'live:INC' | 'stopping:INC'; at most cap entries)
@@ -183,7 +182,6 @@ end
 table.insert(out, 1, 'wait')
 return out
 """
-)
 
 RELEASE_SLOT = """
 -- release_slot: free a cap slot after the loop stopped, or drop a claim that never ran.

@@ -1,15 +1,14 @@
 """One node as a running HTTP server: the manager, its ASGI app and uvicorn, in order.
 
 Start-up: start the manager (Redis must answer), build the app, bind the socket, serve.
-Shutdown, in named steps: stop intake (uvicorn closes its listener and connections, so
-socket.io disconnects reach the manager), then drain the manager if it can, then close it.
+Shutdown, in named steps: drain the manager (it refuses new loops and connections, hands
+off its loops, tells its clients to reconnect and disconnects them), then stop uvicorn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import socket
 from collections.abc import Iterator
@@ -134,7 +133,8 @@ class NodeServer:
             self._server.should_exit = True
 
     async def aclose(self) -> None:
-        """Stop intake, then drain (when the manager can) and close the manager."""
+        """Drain the manager while sockets are open (clients hear why), then stop serving."""
+        await self._stop_manager()
         if self._task is not None:
             self.stop()
             with contextlib.suppress(Exception):
@@ -143,13 +143,10 @@ class NodeServer:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        await self._stop_manager()
 
     async def _stop_manager(self) -> None:
-        drain = getattr(self.manager, "drain", None)
-        if drain is not None and inspect.iscoroutinefunction(drain):
-            try:
-                await drain()
-            except Exception as exc:
-                log.warning("drain of node %s failed: %s", self.node_id, exc)
-        await self.manager.aclose()
+        try:
+            await self.manager.drain()
+        except Exception as exc:
+            log.warning("drain of node %s failed: %s", self.node_id, exc)
+            await self.manager.aclose()

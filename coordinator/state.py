@@ -17,10 +17,16 @@ from .codec import Event, unpack
 from .keys import KeySchema
 
 
-def _s(value: Any) -> str:
+def text(value: Any) -> str:
+    """A Redis reply as str (replies are bytes; missing values are '')."""
     if isinstance(value, bytes):
         return value.decode()
     return "" if value is None else str(value)
+
+
+def _entries(rows: Any) -> list[tuple[int, Event]]:
+    """Stream entries ``(b"<id>-0", {b"d": packed})`` as ``(id, event)``."""
+    return [(int(text(entry_id).split("-")[0]), unpack(fields[b"d"])) for entry_id, fields in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +90,7 @@ class RedisState:
             [self.keys.conv(sid)],
             [node, inc, user, dead_inc, "1" if create else "0"],
         )
-        return Ownership(_s(r[0]), int(r[1]), _s(r[2]), _s(r[3]), _s(r[4]), int(r[5]))
+        return Ownership(text(r[0]), int(r[1]), text(r[2]), text(r[3]), text(r[4]), int(r[5]))
 
     async def release(self, sid: str, inc: str, epoch: int | None, state: str) -> bool:
         r = await self._run(
@@ -102,7 +108,7 @@ class RedisState:
             [k.conv(sid), k.events(sid), k.inbox(sid)],
             [user, packed, maxlen, inbox_max, k.conv_channel(sid)],
         )
-        return Accepted(_s(r[0]), int(r[1]), _s(r[2]), _s(r[3]))
+        return Accepted(text(r[0]), int(r[1]), text(r[2]), text(r[3]))
 
     async def commit(
         self,
@@ -121,7 +127,7 @@ class RedisState:
             [k.conv(sid), k.events(sid), k.inbox(sid)],
             [inc, epoch, maxlen, k.conv_channel(sid), cause, state, *packed_events],
         )
-        return Committed(_s(r[0]), int(r[1]), int(r[2]), int(r[3]))
+        return Committed(text(r[0]), int(r[1]), int(r[2]), int(r[3]))
 
     async def events_after(
         self, sid: str, after: int, upto: int | None = None, count: int = 1000
@@ -131,15 +137,25 @@ class RedisState:
         rows = await self.redis.xrange(
             self.keys.events(sid), min=f"({after}-0", max=end, count=count
         )
-        return [(int(_s(entry_id).split("-")[0]), unpack(f[b"d"])) for entry_id, f in rows]
+        return _entries(rows)
 
     async def inbox_after(self, sid: str, after: int, count: int = 100) -> list[tuple[int, Event]]:
         rows = await self.redis.xrange(self.keys.inbox(sid), min=f"({after}-0", count=count)
-        return [(int(_s(entry_id).split("-")[0]), unpack(f[b"d"])) for entry_id, f in rows]
+        return _entries(rows)
+
+    async def inbox_snapshot(
+        self, sid: str, after: int, count: int = 500
+    ) -> tuple[int, list[tuple[int, Event]]]:
+        """The conversation's last event id and its inbox after ``after``, atomically."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self.keys.conv(sid), "seq")
+            pipe.xrange(self.keys.inbox(sid), min=f"({after}-0", count=count)
+            seq, rows = await pipe.execute()
+        return int(seq or 0), _entries(rows)
 
     async def meta(self, sid: str) -> dict[str, str]:
         raw = await self.redis.hgetall(self.keys.conv(sid))
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return {text(k): text(v) for k, v in raw.items()}
 
     # -- the cap ---------------------------------------------------------------------
     async def admit(
@@ -151,8 +167,8 @@ class RedisState:
             [k.user_claims(user), k.user_loops(user)],
             [sid, inc, cap, "retry" if retry else "new", score_ms],
         )
-        pairs = [_s(x) for x in r[1:]]
-        return Admission(_s(r[0]), list(zip(pairs[0::2], pairs[1::2], strict=True)))
+        pairs = [text(x) for x in r[1:]]
+        return Admission(text(r[0]), list(zip(pairs[0::2], pairs[1::2], strict=True)))
 
     async def release_slot(self, user: str, sid: str, inc: str) -> bool:
         k = self.keys
@@ -161,7 +177,7 @@ class RedisState:
 
     async def user_loops(self, user: str) -> dict[str, str]:
         raw = await self.redis.hgetall(self.keys.user_loops(user))
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return {text(k): text(v) for k, v in raw.items()}
 
     # -- membership ------------------------------------------------------------------
     async def register(self, node: str, inc: str, ttl_ms: int) -> tuple[bool, str]:
@@ -172,8 +188,8 @@ class RedisState:
         """
         k = self.keys
         if not await self.redis.set(k.node_lease(node), inc, nx=True, px=ttl_ms):
-            return False, _s(await self.redis.get(k.node_lease(node)))
-        prev = _s(await self.redis.hget(k.registry(), node))
+            return False, text(await self.redis.get(k.node_lease(node)))
+        prev = text(await self.redis.hget(k.registry(), node))
         await self.redis.hset(k.registry(), node, inc)
         return True, prev
 
@@ -190,11 +206,11 @@ class RedisState:
 
     async def attach(self, sid: str, user: str, delta: int) -> tuple[str, int]:
         r = await self._run("attach", [self.keys.conv(sid)], [delta, user])
-        return _s(r[0]), int(r[1])
+        return text(r[0]), int(r[1])
 
     async def registry(self) -> dict[str, str]:
         raw = await self.redis.hgetall(self.keys.registry())
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return {text(k): text(v) for k, v in raw.items()}
 
     async def live_incarnations(self, nodes: Iterable[str]) -> dict[str, str]:
         """node -> its current lease incarnation ('' when the lease is gone)."""
@@ -202,11 +218,11 @@ class RedisState:
         if not names:
             return {}
         values = await self.redis.mget([self.keys.node_lease(n) for n in names])
-        return {n: _s(v) for n, v in zip(names, values, strict=True)}
+        return {n: text(v) for n, v in zip(names, values, strict=True)}
 
     async def incarnation_alive(self, inc: str) -> bool:
         node = inc.rsplit("/", 1)[0]
-        return _s(await self.redis.get(self.keys.node_lease(node))) == inc
+        return text(await self.redis.get(self.keys.node_lease(node))) == inc
 
     # -- connections -----------------------------------------------------------------
     async def add_connection(self, cid: str, sid: str, user: str, inc: str) -> None:
@@ -232,4 +248,4 @@ class RedisState:
             for name in names:
                 pipe.hgetall(name)
             rows = cast(list[dict[bytes, bytes]], await pipe.execute())
-        return [{_s(k): _s(v) for k, v in row.items()} for row in rows]
+        return [{text(k): text(v) for k, v in row.items()} for row in rows]

@@ -11,6 +11,7 @@ that is connected but silent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from .backoff import Backoff
+from .state import text
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +99,9 @@ class Subscriptions:
             self._refs.pop(channel, None)
             self._confirmed.pop(channel, None)
             if n == 1:
-                try:
+                # On failure, a reconnect subscribes only to what is still referenced.
+                with contextlib.suppress(RedisError, OSError):
                     await self._pubsub.unsubscribe(channel)
-                except (RedisError, OSError):
-                    pass  # a reconnect subscribes only to what is still referenced
         else:
             self._refs[channel] = n - 1
 
@@ -136,10 +137,8 @@ class Subscriptions:
                 await self._resubscribe()
 
     async def _resubscribe(self) -> None:
-        try:
-            await self._pubsub.reset()
-        except (RedisError, OSError):
-            pass
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
         try:
             await self._pubsub.subscribe(*self._refs)
@@ -160,7 +159,7 @@ class Subscriptions:
     async def _handle(self, msg: dict[str, object]) -> None:
         kind = msg["type"]
         channel = msg["channel"]
-        name = channel.decode() if isinstance(channel, bytes) else str(channel)
+        name = text(channel)
         if kind == "subscribe":
             fut = self._confirmed.get(name)
             if fut is not None and not fut.done():
@@ -180,7 +179,5 @@ class Subscriptions:
     async def aclose(self) -> None:
         """Stop the listener: its pending read fails once the connection is closed."""
         self._closing = True
-        try:
-            await self._pubsub.aclose()
-        except (RedisError, OSError):
-            pass
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -36,7 +36,10 @@ class RecordingSink:
 
 
 async def wait_until(
-    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,  # noqa: ASYNC109  (a deadline for polling, not cancellation)
+    interval: float = 0.02,
+    what: str = "",
 ) -> Any:
     """Poll ``predicate`` (sync or async) until truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -69,11 +69,13 @@ async def test_cap_is_exact_across_nodes_and_evicts_least_recently_updated(make_
             assert TOO_MANY_CONVERSATIONS not in statuses
         else:
             await wait_until(
-                lambda sid=sid, i=i: TOO_MANY_CONVERSATIONS
-                in [
-                    e.get("status")
-                    for e in make_nodes.sinks[nodes[i % 3].node_id].events[f"conn-{i}"]
-                ],
+                lambda sid=sid, i=i: (
+                    TOO_MANY_CONVERSATIONS
+                    in [
+                        e.get("status")
+                        for e in make_nodes.sinks[nodes[i % 3].node_id].events[f"conn-{i}"]
+                    ]
+                ),
                 what=f"status event for {sid}",
             )
     for node in nodes:
@@ -85,7 +87,7 @@ async def test_cap_is_exact_across_nodes_and_evicts_least_recently_updated(make_
         c.decode()
         for c in await nodes[0].state.redis.zrange(nodes[0].keys.user_claims("alice"), 0, -1)
     ]
-    oldest, middle, newest = ordered
+    oldest, _middle, newest = ordered
     holder = next(i for i, s in enumerate(sids) if s == oldest)
     node = nodes[holder % 3]
     await node.send_to_event_stream(f"conn-{holder}", {"action": "message", "args": {}})

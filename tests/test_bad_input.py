@@ -106,7 +106,7 @@ async def test_unreachable_redis_fails_fast_naming_the_url() -> None:
     url = "redis://127.0.0.1:1/0"
     manager = ConversationManager(ManagerConfig(redis_url=url, connect_timeout=1.0))
     started = time.monotonic()
-    with pytest.raises(RedisUnavailable, match="127.0.0.1:1"):
+    with pytest.raises(RedisUnavailable, match=r"127\.0\.0\.1:1"):
         await manager.start()
     assert time.monotonic() - started < 10  # a clear error, not a hang
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from workers.protocol import AgentState
 from tests.helpers import wait_until
+from workers.protocol import AgentState
 
 QUIET = dict(  # no background Redis traffic while commands are counted
     node_ttl=120.0,
@@ -40,9 +40,7 @@ async def test_idle_loops_are_closed_by_their_owner_unless_connected_or_running(
         lambda: a._runners["busy-z"].agent_state == AgentState.RUNNING, what="z running"
     )
     await wait_until(lambda: "idle-x" not in a.local_loops(), what="idle loop closed")
-    await wait_until(
-        lambda: _not(b.is_agent_loop_running("idle-x")), what="released in Redis"
-    )
+    await wait_until(lambda: _not(b.is_agent_loop_running("idle-x")), what="released in Redis")
     # Give the sweeper several more rounds: the connected and the running loop stay.
     sweeps_after = time.monotonic() + 1.0
     while time.monotonic() < sweeps_after:
@@ -69,7 +67,10 @@ async def _sweep_cost(make_nodes, redis_client, live: int, expired: int) -> tupl
     sids = [f"live-{i}" for i in range(live)]
     for start in range(0, live, 250):
         await asyncio.gather(
-            *(node.maybe_start_agent_loop(s, {}, f"user{i % 50}") for i, s in enumerate(sids[start : start + 250], start))
+            *(
+                node.maybe_start_agent_loop(s, {}, f"user{i % 50}")
+                for i, s in enumerate(sids[start : start + 250], start)
+            )
         )
     assert len(node.local_loops()) == live
     for sid in sids[:expired]:  # these were last active an hour ago

@@ -76,9 +76,7 @@ async def test_a_former_owner_that_believes_it_still_owns_cannot_append(make_nod
     a.membership.lease_valid = lambda: True  # type: ignore[method-assign]
     a.membership.check = lambda: True  # type: ignore[method-assign]
     old._lease_valid = lambda: True
-    await wait_until(
-        lambda: _gone(b, "node1"), timeout=10, what="a's lease expired in Redis"
-    )
+    await wait_until(lambda: _gone(b, "node1"), timeout=10, what="a's lease expired in Redis")
     await b.maybe_start_agent_loop("fence-2", {}, "gina")
     assert "fence-2" in b.local_loops() and "fence-2" in a.local_loops()  # a still believes
     takeover_at = int((await b.conversation("fence-2"))["seq"])
