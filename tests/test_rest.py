@@ -169,11 +169,6 @@ async def test_healthz_and_metrics(servers: ServerCluster) -> None:
     }
 
 
-@pytest.mark.skip(
-    reason="Subscriptions.run busy-loops without yielding once Redis stays down "
-    "(get_message raises RuntimeError 'pubsub connection not set' after a failed "
-    "resubscribe), which freezes the node's event loop; enable when fixed"
-)
 async def test_healthz_reports_redis_down() -> None:
     redis = EmbeddedRedis().start()
     node = NodeServer(fast_config(redis.url, "lonely"), SECRET, port=0)
