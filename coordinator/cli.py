@@ -54,6 +54,11 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         float,
         "seconds before node_ttl at which a silent node stops its loops (default: 1.5)",
     ),
+    "drain_timeout": (
+        "--drain-timeout",
+        float,
+        "seconds a SIGTERM drain may take before the node exits anyway (default: 30)",
+    ),
 }
 
 
@@ -73,7 +78,11 @@ def _env(name: str, default: Any = None) -> Any:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def _secret_arg(parser: argparse.ArgumentParser, what: str) -> None:
