@@ -953,10 +953,10 @@ class ConversationManager:
         n = 0
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
-            if not await self.membership.heartbeat():
-                await self._rotate_incarnation()
             n += 1
             try:
+                if not await self.membership.heartbeat():
+                    await self._rotate_incarnation()
                 await self._refresh_live()
                 if n % reap_every == 0:
                     released = await reap_dead_nodes(
@@ -968,15 +968,15 @@ class ConversationManager:
                     await self._resume_pending(released)
             except (RedisError, OSError) as exc:
                 log.warning("membership refresh failed: %s", exc)
+            except Exception:
+                log.exception("membership round failed; retrying next heartbeat")
 
     async def _rotate_incarnation(self) -> None:
         """Our lease lapsed: loops are fenced; re-register and re-assert our connections."""
         old = self.inc
-        try:
-            await self.membership.register()
-        except (RedisError, OSError) as exc:
-            log.warning("re-register failed (%s); retrying", exc)
-            return
+        # A late renewal may have kept our old lease alive: drop it, we start afresh.
+        await self.state.delete_if(self.keys.node_lease(self.node_id), old)
+        await self.membership.register()
         log.warning("node %s re-registered as %s", old, self.inc)
         released = await reap_incarnation(
             self.state, old, keep_connections=True, maxlen=self.config.event_log_maxlen

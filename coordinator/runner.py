@@ -16,8 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+
 from workers.protocol import AgentLoop, AgentState, Event
 
+from .backoff import Backoff
 from .codec import agent_event, pack
 from .config import ManagerConfig
 from .errors import Fenced
@@ -60,6 +63,7 @@ class LoopRunner:
         self._wake = asyncio.Event()
         self._wake.set()
         self._cause = 0
+        self._emits = 0
         self._last_state = ""
         self._task: asyncio.Task[None] | None = None
         self.fenced = False
@@ -116,11 +120,21 @@ class LoopRunner:
             self._seen = max(self._seen, max(self._pending))
 
     async def _run(self) -> None:
+        backoff = Backoff(base=0.05, cap=1.0)
         while self.running:
             await self._wake.wait()
             self._wake.clear()
-            if self._reread:
-                await self._read_inbox()
+            try:
+                if self._reread:
+                    await self._read_inbox()
+                backoff.reset()
+            except (RedisError, OSError) as exc:
+                # Redis trouble: the actions stay in the durable inbox; read again later.
+                delay = backoff.next()
+                log.warning("inbox read for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
+                await asyncio.sleep(delay)
+                self._wake.set()
+                continue
             while self._pending and self.running:
                 n = min(self._pending)
                 action = self._pending.pop(n)
@@ -135,6 +149,7 @@ class LoopRunner:
             self._fence("node lease lapsed")
             return
         self._cause = n
+        self._emits = 0
         self.dispatched += 1
         self.last_active = time.time()
         try:
@@ -146,35 +161,50 @@ class LoopRunner:
         finally:
             self._cause = 0
         if self._applied < n and self.running:
-            await self._commit([], cause=n)
+            with contextlib.suppress(Fenced):
+                await self._commit([], cause=n, index=self._emits)
 
     # -- output ----------------------------------------------------------------------
     async def emit(self, event: Event) -> int:
         """Append an agent event; raises Fenced once the conversation was taken over."""
-        committed = await self._commit([agent_event(event)], cause=self._cause)
-        return committed
+        index = self._emits
+        self._emits += 1
+        return await self._commit([agent_event(event)], cause=self._cause, index=index)
 
     async def emit_status(self, status: Event) -> None:
         """Append a status event as the owner (used when stopping the loop)."""
         if not self.fenced:
-            await self._commit([pack(status)], cause=0, check_open=False)
+            await self._commit([pack(status)], cause=0, index=0, check_open=False)
 
-    async def _commit(self, packed: list[bytes], cause: int, check_open: bool = True) -> int:
-        if self.fenced or (check_open and self.closed) or not self._lease_valid():
-            self._fence("node lease lapsed" if not self.fenced else "already fenced")
-            raise Fenced(self.sid, self.lease.epoch, -1)
-        state = str(self.agent.state)
-        changed = state if state != self._last_state else ""
-        r = await self._state.commit(
-            self.sid,
-            self.lease.inc,
-            self.lease.epoch,
-            packed,
-            maxlen=self._config.event_log_maxlen,
-            cause=cause,
-            state=changed,
-        )
-        if r.status != "ok":
+    async def _commit(
+        self, packed: list[bytes], cause: int, index: int, check_open: bool = True
+    ) -> int:
+        """Commit as the owner. Retries through Redis trouble until it succeeds or the
+        lease lapses; a retry after a lost reply is recognised (``dup``), not repeated."""
+        backoff = Backoff(base=0.05, cap=1.0)
+        while True:
+            if self.fenced or (check_open and self.closed) or not self._lease_valid():
+                self._fence("node lease lapsed" if not self.fenced else "already fenced")
+                raise Fenced(self.sid, self.lease.epoch, -1)
+            state = str(self.agent.state)
+            changed = state if state != self._last_state else ""
+            try:
+                r = await self._state.commit(
+                    self.sid,
+                    self.lease.inc,
+                    self.lease.epoch,
+                    packed,
+                    maxlen=self._config.event_log_maxlen,
+                    cause=cause,
+                    index=index,
+                    state=changed,
+                )
+                break
+            except (RedisError, OSError) as exc:
+                delay = backoff.next()
+                log.warning("commit for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
+                await asyncio.sleep(delay)
+        if r.status not in ("ok", "dup"):
             self._fence(f"commit {r.status} (epoch {r.first_id})")
             raise Fenced(self.sid, self.lease.epoch, r.first_id)
         self._last_state = state

@@ -96,34 +96,41 @@ COMMIT = (
 -- ARGV[1]  owner incarnation ('' = system write, allowed only while unowned)
 -- ARGV[2]  epoch   ARGV[3] event log max length   ARGV[4] channel
 -- ARGV[5]  id of the action these events answer (0 = none): marks it applied
--- ARGV[6]  agent state to record ('' = unchanged)
--- ARGV[7..] packed events (msgpack maps without id)
--- returns  {'ok', first id, last id, now} or {'fenced', current epoch, 0, 0}
+-- ARGV[6]  index of this write among the writes answering that action (0, 1, ...)
+-- ARGV[7]  agent state to record ('' = unchanged)
+-- ARGV[8..] packed events (msgpack maps without id)
+-- returns  {'ok', first id, last id, now}, {'dup', 0, 0, now} (this write for that action
+--          was already committed: a retry after a lost reply), {'fenced', epoch, 0, 0}
 --          or {'missing', 0, 0, 0}
 """
     + _NOW
     + """
-local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'applied', 'user')
+local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'applied', 'user', 'emitted')
 if not f[4] then return {'missing', 0, 0, 0} end
 local inc, epoch = f[1] or '', tonumber(f[2] or '0')
 if inc ~= ARGV[1] or (ARGV[1] ~= '' and epoch ~= tonumber(ARGV[2])) then
   return {'fenced', epoch, 0, 0}
 end
+local cause, index = tonumber(ARGV[5]), tonumber(ARGV[6])
+local applied, emitted = tonumber(f[3] or '0'), tonumber(f[5] or '-1')
+if cause > 0 and (cause < applied or (cause == applied and index <= emitted)) then
+  return {'dup', 0, 0, now}
+end
 local first, last = 0, 0
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   if first == 0 then first = id end
   last = id
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[i], 'e', epoch)
   redis.call('PUBLISH', ARGV[4], '\\146' .. cmsgpack.pack(id) .. ARGV[i])
 end
-local cause = tonumber(ARGV[5])
-if cause > tonumber(f[3] or '0') then
+if cause > applied then
   redis.call('HSET', KEYS[1], 'applied', cause)
   redis.call('XTRIM', KEYS[3], 'MINID', (cause + 1) .. '-0')
 end
-if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', ARGV[6], 'last_active', now)
+if cause > 0 then redis.call('HSET', KEYS[1], 'emitted', index) end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[7], 'last_active', now)
 else
   redis.call('HSET', KEYS[1], 'last_active', now)
 end
@@ -171,7 +178,9 @@ if redis.call('HEXISTS', KEYS[2], sid) == 1 or redis.call('HLEN', KEYS[2]) < cap
   table.insert(out, 1, 'go')
   return out
 end
--- still full: report the stopping loops so the caller can nudge their owners again
+-- still full: report every stopping loop (the new victims among them) so the caller can
+-- nudge their owners
+out = {}
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
   if string.sub(all[i + 1], 1, 9) == 'stopping:' then

@@ -53,7 +53,7 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class Committed:
-    status: str  # ok | fenced | missing
+    status: str  # ok | dup | fenced | missing
     first_id: int
     last_id: int
     now_ms: int
@@ -119,13 +119,14 @@ class RedisState:
         *,
         maxlen: int,
         cause: int = 0,
+        index: int = 0,
         state: str = "",
     ) -> Committed:
         k = self.keys
         r = await self._run(
             "commit",
             [k.conv(sid), k.events(sid), k.inbox(sid)],
-            [inc, epoch, maxlen, k.conv_channel(sid), cause, state, *packed_events],
+            [inc, epoch, maxlen, k.conv_channel(sid), cause, index, state, *packed_events],
         )
         return Committed(text(r[0]), int(r[1]), int(r[2]), int(r[3]))
 

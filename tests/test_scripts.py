@@ -1,0 +1,57 @@
+"""The Lua scripts on their own: outcomes that the manager relies on."""
+
+from __future__ import annotations
+
+from coordinator.codec import pack
+from coordinator.keys import KeySchema
+from coordinator.state import RedisState
+
+
+async def test_commit_retry_after_a_lost_reply_is_not_applied_twice(redis_client) -> None:
+    state = RedisState(redis_client, KeySchema("t"))
+    own = await state.acquire("s1", "n1", "n1/a", "u", create=True)
+    assert own.status == "created" and own.epoch == 1
+    accepted = await state.accept("s1", "u", pack({"action": "message"}), 100, 10)
+    action = accepted.event_id
+    first = await state.commit("s1", "n1/a", 1, [pack({"r": 1})], maxlen=100, cause=action)
+    again = await state.commit("s1", "n1/a", 1, [pack({"r": 1})], maxlen=100, cause=action)
+    more = await state.commit("s1", "n1/a", 1, [pack({"r": 2})], maxlen=100, cause=action, index=1)
+    assert (first.status, again.status, more.status) == ("ok", "dup", "ok")
+    assert [i for i, _ in await state.events_after("s1", 0)] == [1, 2, 3]
+    assert await redis_client.xlen(state.keys.inbox("s1")) == 0
+
+
+async def test_takeover_bumps_the_epoch_and_fences_the_old_owner(redis_client) -> None:
+    state = RedisState(redis_client, KeySchema("t"))
+    await state.acquire("s2", "n1", "n1/a", "u", create=True)
+    refused = await state.acquire("s2", "n2", "n2/b", "u", create=True)
+    assert refused.status == "owned" and refused.inc == "n1/a"
+    taken = await state.acquire("s2", "n2", "n2/b", "u", create=True, dead_inc="n1/a")
+    assert taken.status == "ok" and taken.epoch == 2
+    late = await state.commit("s2", "n1/a", 1, [pack({"x": 1})], maxlen=100)
+    assert late.status == "fenced"
+    assert await state.events_after("s2", 0) == []
+    forbidden = await state.acquire("s2", "n3", "n3/c", "mallory", create=True)
+    assert forbidden.status == "forbidden"
+    assert await state.release("s2", "n1/a", None, "stopped") is False
+    assert await state.release("s2", "n2/b", 2, "stopped") is True
+    system = await state.commit("s2", "", 0, [pack({"status": "x"})], maxlen=100)
+    assert system.status == "ok"  # system writes only while unowned
+
+
+async def test_admission_never_hands_out_more_slots_than_the_cap(redis_client) -> None:
+    state = RedisState(redis_client, KeySchema("t"))
+    got = [await state.admit("u", f"c{i}", "n1/a", 2, retry=False, score_ms=i) for i in range(2)]
+    assert [a.status for a in got] == ["go", "go"]
+    third = await state.admit("u", "c2", "n2/b", 2, retry=False, score_ms=0)
+    # The newest claim wins even with an older clock; the oldest loop must stop first.
+    assert third.status == "wait" and third.evicted == [("c0", "n1/a")]
+    assert (await state.admit("u", "c2", "n2/b", 2, retry=True)).status == "wait"
+    assert await state.release_slot("u", "c0", "n1/a")
+    assert (await state.admit("u", "c2", "n2/b", 2, retry=True)).status == "go"
+    loops = await state.user_loops("u")
+    assert loops == {"c1": "live:n1/a", "c2": "live:n2/b"}
+    # A waiter pushed out by newer claims learns it was evicted.
+    await state.admit("u", "c3", "n1/a", 2, retry=False, score_ms=0)
+    await state.admit("u", "c4", "n1/a", 2, retry=False, score_ms=0)
+    assert (await state.admit("u", "c3", "n1/a", 2, retry=True)).status == "evicted"
