@@ -51,7 +51,8 @@ async def test_admission_never_hands_out_more_slots_than_the_cap(redis_client) -
     assert (await state.admit("u", "c2", "n2/b", 2, retry=True)).status == "go"
     loops = await state.user_loops("u")
     assert loops == {"c1": "live:n1/a", "c2": "live:n2/b"}
-    # A waiter pushed out by newer claims learns it was evicted.
-    await state.admit("u", "c3", "n1/a", 2, retry=False, score_ms=0)
-    await state.admit("u", "c4", "n1/a", 2, retry=False, score_ms=0)
+    # A waiter pushed out by newer claims before it could start learns it was evicted.
+    for sid in ("c3", "c4", "c5"):
+        assert (await state.admit("u", sid, "n1/a", 2, retry=False, score_ms=0)).status == "wait"
     assert (await state.admit("u", "c3", "n1/a", 2, retry=True)).status == "evicted"
+    assert await redis_client.hlen(state.keys.user_loops("u")) == 2  # c1, c2 stopping
