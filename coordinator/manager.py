@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Coroutine, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from .config import (
     check_conversation_id,
     check_user_id,
 )
+from .delivery import LocalConnections
 from .errors import (
     CapacityTimeout,
     ConfigError,
@@ -89,16 +90,6 @@ class ConversationInfo:
     local: bool
 
 
-@dataclass
-class _Connection:
-    cid: str
-    sid: str
-    user: str
-    cursor: int
-    replaying: bool = True
-    buffer: list[tuple[int, Event]] = field(default_factory=list)
-
-
 def _user(user_id: str | None) -> str:
     return "" if user_id is None else check_user_id(user_id)
 
@@ -128,8 +119,7 @@ class ConversationManager:
         self._subs: Subscriptions | None = None
         self._runners: dict[str, LoopRunner] = {}
         self._starting: dict[str, asyncio.Future[ConversationInfo]] = {}
-        self._connections: dict[str, _Connection] = {}
-        self._rooms: dict[str, set[str]] = {}
+        self._connections = LocalConnections(self._read_log, self._deliver, self._spawn)
         self._handles: dict[str, tuple[ConversationHandle, int]] = {}
         self._detached: dict[str, tuple[ConversationHandle, asyncio.TimerHandle]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -235,9 +225,9 @@ class ConversationManager:
         for sid in list(self._runners):
             with contextlib.suppress(CoordinatorError, RedisError, OSError):
                 await self._stop_loop(sid, None, AgentState.STOPPED)
-        for cid in list(self._connections):
+        for conn in self._connections:
             with contextlib.suppress(CoordinatorError, RedisError, OSError):
-                await self.disconnect_from_session(cid)
+                await self.disconnect_from_session(conn.cid)
         for handle, timer in self._detached.values():
             timer.cancel()
             self._release_handle(handle)
@@ -292,13 +282,13 @@ class ConversationManager:
         bye = codec.status_event(
             codec.NODE_DRAINING, "This node is shutting down; reconnect to continue."
         )
-        for cid in list(self._connections):
+        for conn in self._connections:
             with contextlib.suppress(Exception):
-                await self.sink.deliver(cid, bye)
+                await self.sink.deliver(conn.cid, bye)
             with contextlib.suppress(CoordinatorError, RedisError, OSError):
-                await self.disconnect_from_session(cid)
+                await self.disconnect_from_session(conn.cid)
             with contextlib.suppress(Exception):
-                await self.sink.disconnect(cid)
+                await self.sink.disconnect(conn.cid)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -391,16 +381,14 @@ class ConversationManager:
             raise InvalidInput(f"connection {connection_id!r} already joined a conversation")
         self._check_intake()
         info = await self.maybe_start_agent_loop(sid, settings, user_id)
-        conn = _Connection(connection_id, sid, user, max(0, latest_event_id or 0))
-        self._connections[connection_id] = conn
-        self._rooms.setdefault(sid, set()).add(connection_id)
+        conn = self._connections.add(connection_id, sid, user, latest_event_id or 0)
         try:
             await self._subscribe(sid)
             await self.state.add_connection(connection_id, sid, user, self.inc)
         except BaseException:
-            self._forget_connection(conn)
+            self._connections.forget(conn)
             raise
-        await self._catch_up(conn)
+        await self._connections.catch_up(conn)
         return info
 
     async def maybe_start_agent_loop(
@@ -465,7 +453,7 @@ class ConversationManager:
         if conn is None:
             log.debug("disconnect of unknown connection %s", connection_id)
             return
-        self._forget_connection(conn)
+        self._connections.forget(conn)
         await self._unsubscribe(conn.sid)
         await self.state.remove_connection(connection_id, conn.sid, conn.user, self.inc)
 
@@ -552,7 +540,7 @@ class ConversationManager:
         return {sid for sid, r in self._runners.items() if r.running}
 
     def local_connections(self) -> dict[str, str]:
-        return {cid: c.sid for cid, c in self._connections.items()}
+        return {c.cid: c.sid for c in self._connections}
 
     async def conversation(self, sid: str) -> dict[str, str]:
         """The conversation's record in Redis ({} when unknown)."""
@@ -795,6 +783,12 @@ class ConversationManager:
             event.set()
 
     # -- delivery to local connections -----------------------------------------------
+    async def _read_log(self, sid: str, after: int, count: int) -> list[tuple[int, Event]]:
+        return await self.state.events_after(sid, after, count=count)
+
+    async def _deliver(self, connection_id: str, event: Event) -> None:
+        await self.sink.deliver(connection_id, event)
+
     async def _subscribe(self, sid: str) -> None:
         assert self._subs is not None
         await self._subs.add(self.keys.conv_channel(sid))
@@ -803,14 +797,6 @@ class ConversationManager:
         if self._subs is not None:
             await self._subs.discard(self.keys.conv_channel(sid))
 
-    def _forget_connection(self, conn: _Connection) -> None:
-        self._connections.pop(conn.cid, None)
-        room = self._rooms.get(conn.sid)
-        if room is not None:
-            room.discard(conn.cid)
-            if not room:
-                del self._rooms[conn.sid]
-
     async def _on_message(self, channel: str, data: bytes) -> None:
         sid = self.keys.sid_from_channel(channel)
         if sid is not None:
@@ -818,7 +804,7 @@ class ConversationManager:
             runner = self._runners.get(sid)
             if runner is not None:
                 runner.observe(event_id, event)
-            room = self._rooms.get(sid, ())
+            room = self._connections.room(sid)
             if (
                 room
                 and event.get("status") in (codec.NODE_LOST, codec.NODE_DRAINING)
@@ -826,67 +812,17 @@ class ConversationManager:
                 and sid not in self._starting
             ):
                 # Our clients still watch it: restart the loop (one node wins the lease).
-                user = self._connections[next(iter(room))].user
-                self._spawn(self._restart(sid, user), f"restart:{sid}")
-            for cid in list(room):
-                conn = self._connections.get(cid)
-                if conn is not None:
-                    await self._offer(conn, event_id, event)
+                self._spawn(self._restart(sid, room[0].user), f"restart:{sid}")
+            await self._connections.offer(sid, event_id, event)
             return
         method, origin, payload = codec.open_envelope(data)
         self._spawn(self._on_command(method, origin, payload), f"cmd:{method}")
-
-    async def _offer(self, conn: _Connection, event_id: int, event: Event) -> None:
-        if conn.replaying:
-            conn.buffer.append((event_id, event))
-        elif event_id == conn.cursor + 1:
-            conn.cursor = event_id
-            await self._deliver(conn, event_id, event)
-        elif event_id > conn.cursor:
-            conn.replaying = True
-            conn.buffer.append((event_id, event))
-            self._spawn(self._catch_up(conn), f"catch-up:{conn.cid}")
-
-    async def _deliver(self, conn: _Connection, event_id: int, event: Event) -> None:
-        try:
-            await self.sink.deliver(conn.cid, codec.with_id(event_id, event))
-        except Exception:
-            log.exception("delivery to %s failed", conn.cid)
-
-    async def _catch_up(self, conn: _Connection) -> None:
-        """Send what the log holds after the cursor, then the buffered live events."""
-        conn.replaying = True
-        while conn.cid in self._connections:
-            rows = await self.state.events_after(conn.sid, conn.cursor, count=500)
-            for event_id, event in rows:
-                if event_id > conn.cursor:
-                    conn.cursor = event_id
-                    await self._deliver(conn, event_id, event)
-            if len(rows) == 500:
-                continue
-            gap = False
-            while conn.buffer and not gap:
-                batch, conn.buffer = sorted(conn.buffer, key=lambda x: x[0]), []
-                for i, (event_id, event) in enumerate(batch):
-                    if event_id <= conn.cursor:
-                        continue
-                    if event_id != conn.cursor + 1:
-                        gap = True
-                        conn.buffer = batch[i:] + conn.buffer
-                        break
-                    conn.cursor = event_id
-                    await self._deliver(conn, event_id, event)
-            if not gap:
-                conn.replaying = False
-                return
 
     async def _on_resubscribed(self) -> None:
         """After a pub/sub reconnect: re-read inboxes and catch every connection up."""
         for runner in self._runners.values():
             runner.poke()
-        for conn in list(self._connections.values()):
-            if not conn.replaying:
-                self._spawn(self._catch_up(conn), f"catch-up:{conn.cid}")
+        self._connections.catch_up_all()
 
     # -- node-to-node commands -------------------------------------------------------
     async def _send(self, inc: str, method: str, payload: dict[str, Any]) -> None:
@@ -982,7 +918,7 @@ class ConversationManager:
             self.state, old, keep_connections=True, maxlen=self.config.event_log_maxlen
         )
         await self.state.redis.delete(self.keys.node_conns(old))
-        for conn in list(self._connections.values()):
+        for conn in self._connections:
             await self.state.add_connection(conn.cid, conn.sid, conn.user, self.inc)
         await self._resume_pending(released)
 

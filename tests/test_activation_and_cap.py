@@ -82,7 +82,10 @@ async def test_cap_is_exact_across_nodes_and_evicts_least_recently_updated(make_
         assert await node.get_running_agent_loops("alice") == running
 
     # Seed semantics: the least recently *updated* goes first. Touch the oldest
-    # survivor, then start one more: the middle one is evicted instead.
+    # survivor, then start one more: the middle one is evicted instead. (Activity
+    # reaches the claims in batches; flush them so the order read here is current.)
+    for node in nodes:
+        await node.flush_activity()
     ordered = [
         c.decode()
         for c in await nodes[0].state.redis.zrange(nodes[0].keys.user_claims("alice"), 0, -1)
@@ -93,11 +96,12 @@ async def test_cap_is_exact_across_nodes_and_evicts_least_recently_updated(make_
     await node.send_to_event_stream(f"conn-{holder}", {"action": "message", "args": {}})
     owner = next(n for n in nodes if oldest in n.local_loops())
     await wait_until(lambda: owner._runners[oldest].dispatched >= 1, what="action dispatched")
-    await owner.flush_activity()
+    for node in nodes:
+        await node.flush_activity()
     await nodes[1].maybe_start_agent_loop("capped-new", {}, "alice")
     await wait_until(
         lambda: set().union(*(n.local_loops() for n in nodes)) == {oldest, newest, "capped-new"},
-        what="middle conversation evicted",
+        what=f"middle conversation evicted ({oldest=}, {_middle=}, {newest=})",
     )
 
 

@@ -1,0 +1,144 @@
+"""This node's client connections: per-connection cursors and gap-free delivery.
+
+A connection's cursor is the last event id it was sent. A live event that follows the
+cursor is sent at once; one that leaves a gap (a connection joining mid-stream, a pub/sub
+message lost during a reconnect) switches the connection to catch-up: it reads the log
+after the cursor, then drains the live events buffered meanwhile, and only then goes live
+again. So each connection sees every logged event once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from workers.protocol import Event
+
+from .backoff import Backoff
+from .codec import with_id
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[str, Event], Awaitable[None]]
+ReadLog = Callable[[str, int, int], Awaitable[list[tuple[int, Event]]]]
+Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
+
+PAGE = 500
+
+
+@dataclass
+class Connection:
+    cid: str
+    sid: str
+    user: str
+    cursor: int
+    replaying: bool = True
+    buffer: list[tuple[int, Event]] = field(default_factory=list)
+
+
+class LocalConnections:
+    def __init__(self, read_log: ReadLog, deliver: Deliver, spawn: Spawn) -> None:
+        self._read_log = read_log
+        self._deliver_raw = deliver
+        self._spawn = spawn
+        self._by_id: dict[str, Connection] = {}
+        self._rooms: dict[str, set[str]] = {}
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self._by_id
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(list(self._by_id.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, cid: str) -> Connection | None:
+        return self._by_id.get(cid)
+
+    def room(self, sid: str) -> list[Connection]:
+        return [self._by_id[c] for c in self._rooms.get(sid, ()) if c in self._by_id]
+
+    def add(self, cid: str, sid: str, user: str, cursor: int) -> Connection:
+        """Register a connection in catch-up mode: live events are buffered until
+        ``catch_up`` has sent what the log holds after ``cursor``."""
+        conn = Connection(cid, sid, user, max(0, cursor))
+        self._by_id[cid] = conn
+        self._rooms.setdefault(sid, set()).add(cid)
+        return conn
+
+    def forget(self, conn: Connection) -> None:
+        self._by_id.pop(conn.cid, None)
+        room = self._rooms.get(conn.sid)
+        if room is not None:
+            room.discard(conn.cid)
+            if not room:
+                del self._rooms[conn.sid]
+
+    async def offer(self, sid: str, event_id: int, event: Event) -> None:
+        """A live event of ``sid`` arrived: send it to (or buffer it for) the room."""
+        for conn in self.room(sid):
+            if conn.replaying:
+                conn.buffer.append((event_id, event))
+            elif event_id == conn.cursor + 1:
+                conn.cursor = event_id
+                await self._send(conn, event_id, event)
+            elif event_id > conn.cursor:
+                conn.replaying = True
+                conn.buffer.append((event_id, event))
+                self._spawn(self.catch_up(conn), f"catch-up:{conn.cid}")
+
+    def catch_up_all(self) -> None:
+        """After a pub/sub reconnect: messages may have been lost, read the logs."""
+        for conn in self:
+            if not conn.replaying:
+                conn.replaying = True
+                self._spawn(self.catch_up(conn), f"catch-up:{conn.cid}")
+
+    async def catch_up(self, conn: Connection) -> None:
+        """Send what the log holds after the cursor, then the buffered live events."""
+        conn.replaying = True
+        backoff = Backoff(base=0.05, cap=2.0)
+        while conn.cid in self._by_id:
+            try:
+                rows = await self._read_log(conn.sid, conn.cursor, PAGE)
+            except (RedisError, OSError) as exc:
+                delay = backoff.next()
+                log.warning("replay for %s failed (%s); retry in %.2fs", conn.cid, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            for event_id, event in rows:
+                if event_id > conn.cursor:
+                    conn.cursor = event_id
+                    await self._send(conn, event_id, event)
+            if len(rows) == PAGE:
+                continue
+            if not await self._drain_buffer(conn):
+                # No await between the empty buffer and going live: nothing slips by.
+                conn.replaying = False
+                return
+
+    async def _drain_buffer(self, conn: Connection) -> bool:
+        """Send buffered events in order; True when a gap means the log must be read."""
+        while conn.buffer:
+            batch, conn.buffer = sorted(conn.buffer, key=lambda x: x[0]), []
+            for i, (event_id, event) in enumerate(batch):
+                if event_id <= conn.cursor:
+                    continue
+                if event_id != conn.cursor + 1:
+                    conn.buffer = batch[i:] + conn.buffer
+                    return True
+                conn.cursor = event_id
+                await self._send(conn, event_id, event)
+        return False
+
+    async def _send(self, conn: Connection, event_id: int, event: Event) -> None:
+        try:
+            await self._deliver_raw(conn.cid, with_id(event_id, event))
+        except Exception:
+            log.exception("delivery to %s failed", conn.cid)
