@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 from coordinator.auth import issue_token
 from coordinator.embedded import EmbeddedRedis
 from coordinator.server import NodeServer
