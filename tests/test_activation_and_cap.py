@@ -26,6 +26,7 @@ async def test_single_activation_3_nodes_x_20_concurrent_starts_100_times(make_n
         assert all(i.running for i in infos)
     total = sum(len(n.local_loops()) for n in nodes)
     assert total == 100
+    print("single activation: 100 rounds x 60 concurrent starts, 1 loop each round")
     assert len(await nodes[0].get_running_agent_loops()) == 100
 
 
@@ -55,6 +56,7 @@ async def test_cap_is_exact_across_nodes_and_evicts_least_recently_updated(make_
     await observer
     assert len(samples) > 20
     assert max(samples) <= cap, f"observed {max(samples)} loops at once"
+    print(f"cap {cap}: {len(samples)} observer samples, at most {max(samples)} loops at once")
 
     running = set().union(*(n.local_loops() for n in nodes))
     assert len(running) == cap
