@@ -128,6 +128,7 @@ class ConversationManager:
         self._nudged: dict[tuple[str, str], float] = {}
         self._live: set[str] = set()  # incarnations known alive (refreshed each heartbeat)
         self._flushed: dict[str, float] = {}
+        self._departed: list[tuple[str, str, str]] = []  # removals Redis missed
         self.draining = False
         self.started = False
 
@@ -455,7 +456,12 @@ class ConversationManager:
             return
         self._connections.forget(conn)
         await self._unsubscribe(conn.sid)
-        await self.state.remove_connection(connection_id, conn.sid, conn.user, self.inc)
+        try:
+            await self.state.remove_connection(connection_id, conn.sid, conn.user, self.inc)
+        except (RedisError, OSError) as exc:
+            # The client is gone either way; forget it in Redis once Redis answers again.
+            log.warning("connection %s removal deferred: %s", connection_id, exc)
+            self._departed.append((connection_id, conn.sid, conn.user))
 
     async def close_session(self, sid: str, user_id: str | None = None) -> bool:
         """Stop the conversation's loop wherever it runs. Returns whether one was running."""
@@ -893,6 +899,10 @@ class ConversationManager:
             try:
                 if not await self.membership.heartbeat():
                     await self._rotate_incarnation()
+                while self._departed:
+                    cid, sid, user = self._departed[-1]
+                    await self.state.remove_connection(cid, sid, user, self.inc)
+                    self._departed.pop()
                 await self._refresh_live()
                 if n % reap_every == 0:
                     released = await reap_dead_nodes(
