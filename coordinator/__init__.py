@@ -15,7 +15,8 @@ from .errors import (
     NodeDraining,
     RedisUnavailable,
 )
-from .manager import ConversationHandle, ConversationInfo, ConversationManager, EventSink
+from .handles import ConversationHandle
+from .manager import ConversationInfo, ConversationManager, EventSink
 
 __all__ = [
     "CapacityTimeout",

@@ -45,6 +45,7 @@ from .errors import (
     NodeDraining,
     RedisUnavailable,
 )
+from .handles import AttachedHandles, ConversationHandle
 from .keys import KeySchema
 from .membership import Membership, reap_dead_nodes, reap_incarnation
 from .runner import Lease, LoopRunner
@@ -69,16 +70,6 @@ class NullSink:
 
     async def disconnect(self, connection_id: str) -> None:
         return None
-
-
-@dataclass
-class ConversationHandle:
-    """What ``attach_to_conversation`` hands out; released ``close_delay`` after detach."""
-
-    sid: str
-    user: str
-    released: bool = False
-    released_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -120,8 +111,7 @@ class ConversationManager:
         self._runners: dict[str, LoopRunner] = {}
         self._starting: dict[str, asyncio.Future[ConversationInfo]] = {}
         self._connections = LocalConnections(self._read_log, self._deliver, self._spawn)
-        self._handles: dict[str, tuple[ConversationHandle, int]] = {}
-        self._detached: dict[str, tuple[ConversationHandle, asyncio.TimerHandle]] = {}
+        self._handles = AttachedHandles(self.config.close_delay)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._slot_events: dict[str, asyncio.Event] = {}
@@ -229,10 +219,7 @@ class ConversationManager:
         for conn in self._connections:
             with contextlib.suppress(CoordinatorError, RedisError, OSError):
                 await self.disconnect_from_session(conn.cid)
-        for handle, timer in self._detached.values():
-            timer.cancel()
-            self._release_handle(handle)
-        self._detached.clear()
+        self._handles.release_detached()
         if self._subs is not None:
             await self._subs.aclose()
         for task in list(self._tasks):
@@ -314,45 +301,13 @@ class ConversationManager:
             raise ConversationNotFound(sid)
         if status == "forbidden":
             raise Forbidden(sid)
-        if sid in self._handles:
-            handle, n = self._handles[sid]
-            self._handles[sid] = (handle, n + 1)
-        elif sid in self._detached:
-            handle, timer = self._detached.pop(sid)
-            timer.cancel()
-            self._handles[sid] = (handle, 1)
-        else:
-            handle = ConversationHandle(sid, user)
-            self._handles[sid] = (handle, 1)
-        return handle
+        return self._handles.attach(sid, user)
 
     async def detach_from_conversation(self, conversation: ConversationHandle) -> None:
         """Drop one reference; the handle is released ``close_delay`` after the last one."""
-        if not isinstance(conversation, ConversationHandle):
-            raise InvalidInput("detach_from_conversation takes the handle attach returned")
-        sid = conversation.sid
-        entry = self._handles.get(sid)
-        if entry is None or entry[0] is not conversation:
-            raise InvalidInput(f"conversation handle {sid!r} is not attached on this node")
-        await self.state.attach(sid, "", -1)
-        handle, n = entry
-        if n > 1:
-            self._handles[sid] = (handle, n - 1)
-            return
-        del self._handles[sid]
-        timer = asyncio.get_running_loop().call_later(
-            self.config.close_delay, self._expire_detached, sid
-        )
-        self._detached[sid] = (handle, timer)
-
-    def _expire_detached(self, sid: str) -> None:
-        entry = self._detached.pop(sid, None)
-        if entry is not None:
-            self._release_handle(entry[0])
-
-    def _release_handle(self, handle: ConversationHandle) -> None:
-        handle.released = True
-        handle.released_at = time.monotonic()
+        handle = self._handles.check(conversation)
+        await self.state.attach(handle.sid, "", -1)
+        self._handles.detach(handle)
 
     async def attached_count(self, sid: str) -> int:
         """Attach refcount of the conversation across the cluster."""
