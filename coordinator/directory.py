@@ -45,13 +45,9 @@ async def list_conversations(manager: ConversationManager, user: str) -> list[di
         return []
     live = set((await manager.nodes()).values())
     # The records manager.conversation() returns, read in one round trip.
-    async with manager.state.redis.pipeline(transaction=False) as pipe:
-        for sid in sids:
-            pipe.hgetall(manager.keys.conv(sid))
-        rows = await pipe.execute()
+    rows = await manager.state.hgetall_many([manager.keys.conv(sid) for sid in sids])
     out = []
-    for sid, row in zip(sids, rows, strict=True):
-        meta = {text(k): text(v) for k, v in row.items()}
+    for sid, meta in zip(sids, rows, strict=True):
         # The index only grows; a record that vanished or changed hands is skipped.
         if meta and meta.get("user") == user:
             out.append(describe(sid, meta, live))
