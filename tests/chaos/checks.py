@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -23,6 +23,9 @@ from tests.chaos.workload import ChaosClient, Workload
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "chaos.json"
 HISTORY = 50  # scenario results kept in the file
 SESSION_RESULTS: list[ScenarioResult] = []  # this pytest session's, for the summary table
+
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]  # a stream range as Redis returns it
 
 
 @dataclass(frozen=True)
@@ -45,19 +48,25 @@ class Logged:
         return datetime.fromisoformat(str(self.event["timestamp"])).timestamp()
 
 
-async def read_log(redis: aioredis.Redis, keys: KeySchema, sid: str) -> list[Logged]:
-    """The conversation's whole event log, straight from its Redis stream."""
-    out = []
-    for entry_id, fields in await redis.xrange(keys.events(sid)):
-        epoch = fields.get(b"e")
-        out.append(
-            Logged(
-                int(entry_id.decode().split("-")[0]),
-                unpack(fields[b"d"]),
-                int(epoch) if epoch is not None else None,
-            )
-        )
-    return out
+async def read_log(
+    redis: aioredis.Redis, keys: KeySchema, sid: str, *, last: int | None = None
+) -> list[Logged]:
+    """The conversation's event log straight from its Redis stream (its ``last`` entries)."""
+    if last is None:
+        rows = cast(Entries, await redis.xrange(keys.events(sid)))
+    else:
+        rows = cast(Entries, await redis.xrevrange(keys.events(sid), count=last))[::-1]
+    return [_logged(entry) for entry in rows]
+
+
+def _logged(entry: tuple[bytes, dict[bytes, bytes]]) -> Logged:
+    entry_id, fields = entry
+    epoch = fields.get(b"e")
+    return Logged(
+        int(entry_id.decode().split("-")[0]),
+        unpack(fields[b"d"]),
+        int(epoch) if epoch is not None else None,
+    )
 
 
 async def read_logs(
@@ -125,14 +134,14 @@ def _check_log(sid: str, log: list[Logged], v: Verdict) -> None:
     ids = [e.id for e in log]
     if ids != list(range(1, len(ids) + 1)):
         v.other.append(f"{sid}: log ids are not 1..{len(ids)}")
-    users = Counter(e.content for e in log if e.source == "user")
+    users = Counter(e.content for e in log if e.source == "user" and e.content is not None)
     v.duplicates += [f"{sid}: action {c!r} logged {n} times" for c, n in users.items() if n > 1]
     answered = replies(log)
     v.duplicates += [f"{sid}: {c!r} answered {n} times" for c, n in answered.items() if n > 1]
     v.other += [f"{sid}: reply to {c!r}, never asked" for c in answered if c not in users]
     # In order: the replies come in the order the actions were logged, each after its action.
-    asked = [e.content for e in log if e.source == "user" and answered[e.content]]
-    told = [e.content for e in log if e.source == "agent" and users[e.content]]
+    asked = [e.content for e in log if e.source == "user" and answered[e.content or ""]]
+    told = [e.content for e in log if e.source == "agent" and users[e.content or ""]]
     if asked != told:
         v.other.append(f"{sid}: replies out of action order")
     logged_at = {e.content: e.id for e in log if e.source == "user"}

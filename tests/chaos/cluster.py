@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from coordinator.embedded import EmbeddedRedis
 from coordinator.keys import KeySchema
+from coordinator.state import text
 from tests.processes import NodeProcess, ProcessCluster
 from tests.tcpproxy import TcpProxy
 
@@ -172,7 +173,7 @@ class ChaosCluster:
 
     async def incarnation(self, i: int) -> str:
         raw = await self.direct.hget(self.keys.registry(), self.nodes[i].node_id)
-        return raw.decode() if raw else ""
+        return text(raw)
 
     def log_tails(self, lines: int = 60) -> str:
         return self.processes.log_tails(lines)

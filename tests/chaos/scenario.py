@@ -9,14 +9,12 @@ right before injecting its fault, waits for recovery, lets the load run on, and 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from coordinator.codec import NODE_DRAINING, NODE_LOST, TOO_MANY_CONVERSATIONS, unpack
+from coordinator.codec import NODE_DRAINING, NODE_LOST, TOO_MANY_CONVERSATIONS
 from tests.chaos.checks import (
     SESSION_RESULTS,
     Logged,
@@ -33,8 +31,6 @@ from tests.chaos.cluster import ChaosCluster, now
 from tests.chaos.observer import Observer
 from tests.chaos.workload import USERS, Session, Workload
 from tests.helpers import wait_until
-
-log = logging.getLogger(__name__)
 
 WARMUP = 2.0  # seconds of load before the fault
 WARM_REPLIES = 3  # echoes every steady conversation has before the fault
@@ -109,11 +105,11 @@ class Scenario:
         if victim is not None:
             self.victim_inc = await self.cluster.incarnation(victim)
             await wait_until(
-                lambda: self.observer.owners and self.observer.owners[-1].at > time.time() - 0.2,
+                lambda: self.observer.owners and self.observer.owners[-1].at > now() - 0.2,
                 timeout=5,
                 what="a fresh ownership sample",
             )
-            self.owned = self.observer.owned_by(self.victim_inc, time.time())
+            self.owned = self.observer.owned_by(self.victim_inc, now())
             busy = [sid for sid in self.workload.steady_sids if sid in self.owned]
             assert busy, f"node {victim} owns none of the busy conversations: {self.owned}"
         self.fault_at = now()
@@ -129,9 +125,8 @@ class Scenario:
     async def served(self) -> bool:
         """Whether every affected conversation answered an action since the fault."""
         for sid in self.affected:
-            rows = await self.cluster.direct.xrevrange(self.cluster.keys.events(sid), count=20)
-            logged = [Logged(0, unpack(fields[b"d"]), None) for _, fields in rows]
-            if first_reply_after(logged, self.fault_at) is None:
+            recent = await read_log(self.cluster.direct, self.cluster.keys, sid, last=20)
+            if first_reply_after(recent, self.fault_at) is None:
                 return False
         return True
 
@@ -188,9 +183,7 @@ class Scenario:
             want_n = len(logged)
             try:
                 await reader.connect(c.url(node), sid, c.tokens[self.workload.user_of[sid]], 0)
-                await reader.wait_for(
-                    lambda r=reader, k=want_n: len(r.events) >= k, f"{want_n} events"
-                )
+                await reader.wait_for(_has(reader, want_n), f"{want_n} events")
                 got = [(e["id"], e.get("source"), _content(e)) for e in reader.events]
                 want = [(e.id, e.source, e.content) for e in logged]
                 if got[: len(want)] != want:
@@ -250,6 +243,10 @@ class Scenario:
         SESSION_RESULTS.append(result)
         print(result.row())
         return result
+
+
+def _has(session: Session, n: int) -> Callable[[], bool]:
+    return lambda: len(session.events) >= n
 
 
 def _content(event: dict[str, Any]) -> str | None:

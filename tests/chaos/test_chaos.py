@@ -27,6 +27,12 @@ REDIS_DOWN = 1.0  # Redis killed, then started again after this
 DETECT_BOUND = 10.0  # design: a lost node is detected in under 10 s by default (6 s TTL)
 
 
+def assert_moved(s: Scenario) -> None:
+    """The victim's clients reconnected to live nodes (and replayed what they missed)."""
+    stranded = [c.name for c in s.workload.clients if c.home == VICTIM and c.node == VICTIM]
+    assert not stranded, f"clients still on the stopped node: {stranded}"
+
+
 async def test_kill_9_of_the_node_owning_busy_conversations(tmp_path: Path) -> None:
     async with Scenario("kill -9", tmp_path) as s:
         await s.fault(VICTIM)
@@ -35,6 +41,7 @@ async def test_kill_9_of_the_node_owning_busy_conversations(tmp_path: Path) -> N
         await asyncio.sleep(AFTER)  # load runs on
         result = await s.finish()
     assert result.passed, "\n".join(result.problems)
+    assert_moved(s)
     assert result.detect_s is not None and result.detect_s < DETECT_BOUND, result.detect_s
 
 
@@ -91,4 +98,5 @@ async def test_sigterm_drain_under_load(tmp_path: Path) -> None:
         await asyncio.sleep(AFTER)
         result = await s.finish()
     assert result.passed, "\n".join(result.problems)
+    assert_moved(s)
     assert code == 0, f"the drained node exited with {code}"
