@@ -1,0 +1,1 @@
+"""Baseline servers the coordinator is compared with, each runnable as a process."""

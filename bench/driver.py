@@ -1,0 +1,62 @@
+"""The benchmarks' side of the load generator: a child process spoken to in JSON lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from bench.common import PY, REPO, child_env
+
+
+class LoadGenProcess:
+    """``python -m bench.loadgen`` as a child; ``await request({...})`` per command."""
+
+    def __init__(self, name: str = "loadgen") -> None:
+        self.name = name
+        self.proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> LoadGenProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            PY,
+            "-m",
+            "bench.loadgen",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=REPO,
+            env=child_env(),
+            limit=1 << 30,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def request(self, payload: dict[str, Any], within: float = 600.0) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        async with self._lock:
+            self.proc.stdin.write((json.dumps(payload) + "\n").encode())
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), within)
+        if not line:
+            raise RuntimeError(f"{self.name} exited (code {self.proc.returncode})")
+        reply: dict[str, Any] = json.loads(line)
+        if not reply.get("ok"):
+            raise RuntimeError(f"{self.name}: {payload['cmd']} failed: {reply.get('error')}")
+        return reply
+
+    async def aclose(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(b'{"cmd": "quit"}\n')
+                await self.proc.stdin.drain()
+                await asyncio.wait_for(self.proc.wait(), 30)
+            except (TimeoutError, ConnectionError, BrokenPipeError):
+                self.proc.kill()
+                await self.proc.wait()
