@@ -263,10 +263,13 @@ class ConversationManager:
             "The node running this conversation is shutting down; it moves to another node.",
             "stopped",
         )
+        leaving = [(sid, r.lease.user) for sid, r in self._runners.items()]
         await asyncio.gather(
-            *(self._stop_loop(sid, moving, AgentState.STOPPED) for sid in list(self._runners)),
+            *(self._stop_loop(sid, moving, AgentState.STOPPED) for sid, _ in leaving),
             return_exceptions=True,
         )
+        with contextlib.suppress(RedisError, OSError):
+            await self._resume_pending(leaving)
         bye = codec.status_event(
             codec.NODE_DRAINING, "This node is shutting down; reconnect to continue."
         )
@@ -717,8 +720,15 @@ class ConversationManager:
         if pending is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(pending)
+        runner = self._runners.get(sid)
+        if runner is not None:
+            # Acknowledged actions reach the loop before it stops; the cap holds meanwhile
+            # (the slot stays taken until the loop is gone).
+            await runner.finish_backlog(min(10.0, self.config.start_timeout / 2))
         if not await self._stop_loop(sid, _evicted_event(), AgentState.STOPPED):
             await self.state.release_slot(user, sid, self.inc)
+        else:
+            await self._resume_pending([(sid, user)])
         if origin == self.node_id:
             self._slot_freed(user)
         else:
@@ -809,6 +819,9 @@ class ConversationManager:
     async def _on_command(self, method: str, origin: str, p: dict[str, Any]) -> None:
         if method == "evict":
             await self._evict_local(str(p["sid"]), str(p["user"]), origin)
+        elif method == "resume":
+            if not self.draining:
+                await self._restart(str(p["sid"]), str(p["user"]))
         elif method == "slot_freed":
             self._slot_freed(str(p["user"]))
         elif method == "close":
@@ -893,15 +906,20 @@ class ConversationManager:
         Conversations with connections are restarted by the nodes holding them when the
         NODE_LOST status event reaches them; this covers actions nobody watches.
         """
-        if not released or self.draining:
+        if not released:
             return
         async with self.state.redis.pipeline(transaction=False) as pipe:
             for sid, _ in released:
                 pipe.xlen(self.keys.inbox(sid))
             pending = await pipe.execute()
-        for (sid, user), n in zip(released, pending, strict=True):
-            if n and sid not in self._starting and sid not in self._runners:
+        others = sorted(self._live - {self.inc})
+        for i, ((sid, user), n) in enumerate(zip(released, pending, strict=True)):
+            if not n or sid in self._starting or sid in self._runners:
+                continue
+            if not self.draining:
                 self._spawn(self._restart(sid, user), f"restart:{sid}")
+            elif others:  # hand it to a live node
+                await self._send(others[i % len(others)], "resume", {"sid": sid, "user": user})
 
     async def flush_activity(self) -> None:
         """Write last-active times of this node's loops to the idle index and claims."""

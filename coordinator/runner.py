@@ -62,6 +62,7 @@ class LoopRunner:
         self._reread = True
         self._wake = asyncio.Event()
         self._wake.set()
+        self._progress = asyncio.Event()
         self._cause = 0
         self._emits = 0
         self._last_state = ""
@@ -211,7 +212,34 @@ class LoopRunner:
         self.last_active = time.time()
         if cause > self._applied:
             self._applied = cause
+            self._progress.set()
         return r.last_id
+
+    async def finish_backlog(self, within: float) -> bool:
+        """Process every action accepted so far before the loop stops (an eviction must
+        not strand what was acknowledged). True when the inbox was emptied in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self.running:
+            _, rows = await self._state.inbox_snapshot(
+                self.sid, self._applied, count=self._config.inbox_max
+            )
+            waiting = [n for n, _ in rows if n > self._applied]
+            if not waiting:
+                return True
+            for n, action in rows:
+                self._pending.setdefault(n, action)
+            self._wake.set()
+            target = max(waiting)
+            while self._applied < target and self.running:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    log.warning("loop %s stops with actions after %d unprocessed", self.sid, target)
+                    return False
+                self._progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._progress.wait(), remaining)
+        return False
 
     # -- shutdown --------------------------------------------------------------------
     def _fence(self, why: str) -> None:

@@ -126,3 +126,38 @@ async def test_cap_holds_when_one_node_starts_many_at_once(make_nodes) -> None:
     assert len(node.local_loops()) == 2
     with contextlib.suppress(Exception):
         await node.close_session("one-0", "bob")
+
+
+async def test_an_evicted_loop_answers_what_it_acknowledged_before_it_stops(make_nodes) -> None:
+    a, b = await make_nodes(
+        2, max_concurrent_conversations=1, agent="workers.scripted:ScriptedAgent"
+    )
+    await a.join_conversation("busy", "ca", {"think_time": 0.2}, "kim")
+    acked = [
+        await a.send_to_event_stream("ca", {"action": "message", "args": {"content": f"m{i}"}})
+        for i in range(4)
+    ]
+    peak = 0
+    done = asyncio.Event()
+
+    async def observe() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, len(a.local_loops()) + len(b.local_loops()))
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(observe())
+    await b.maybe_start_agent_loop("newer", {}, "kim")  # evicts "busy"
+    done.set()
+    await task
+    assert peak <= 1
+    assert b.local_loops() == {"newer"} and a.local_loops() == set()
+    events = make_nodes.sinks["node1"].events["ca"]
+    await wait_until(
+        lambda: any(e.get("status") == TOO_MANY_CONVERSATIONS for e in events), what="status"
+    )
+    answered = [e["args"]["in_reply_to"] for e in events if e.get("source") == "agent"]
+    assert answered == acked  # every acknowledged action answered, in order, once
+    statuses = [i for i, e in enumerate(events) if e.get("status") == TOO_MANY_CONVERSATIONS]
+    last_reply = max(i for i, e in enumerate(events) if e.get("source") == "agent")
+    assert statuses and statuses[0] > last_reply  # told why only after the work was done
