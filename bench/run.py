@@ -69,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             print(t, flush=True)
         path = write_json(name, mode, {**out["json"], "elapsed_s": elapsed})
         print(f"\n({name}: {elapsed:.0f} s; JSON in {path})", flush=True)
+        if name == "roundtrip":
+            try:
+                from bench.plot import cdf_png
+
+                png = cdf_png(path, path.with_name(f"roundtrip-cdf-{mode.name}.png"))
+                print(f"(latency CDF plot: {png})", flush=True)
+            except ImportError:
+                print("(no plot: matplotlib is not installed; pip install -e '.[bench]')")
     print(f"\nall done in {time.monotonic() - t_all:.0f} s", flush=True)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
