@@ -68,6 +68,9 @@ class Broadcast:
         await self.server.ready.wait()
 
     async def aclose(self) -> None:
+        listener = getattr(self.manager, "thread", None)  # the pub/sub listener task
+        if listener is not None:
+            listener.cancel()
         self.server.should_exit = True
         if self.task is not None:
             with contextlib.suppress(Exception):

@@ -6,8 +6,10 @@ every conversation on the next node (a cross-node watcher). Reported per phase: 
 (connections per second, joins in flight bounded per load generator) and join latency,
 the growth of Redis ``used_memory`` and of the nodes' RSS. Phase 2 adds connections
 only (no loops), so its RSS growth per connection is a node's cost of one connection.
-Load generators are separate processes (two when the connections would not fit one
-process's open-files limit).
+Load generators are separate processes (several when the connections would not fit one
+process's open-files limit). The same first-connection joins are then run against the
+single-process baselines (the seed's standalone design and plain python-socketio with
+AsyncRedisManager), for what a join costs without the coordinator.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import redis
 
 from bench.common import (
     Mode,
+    baseline_proc,
     cpu_seconds,
     log_dir,
     new_secret,
@@ -38,11 +41,11 @@ from coordinator.auth import issue_token
 NODES = 3
 
 
-def _cpu(nodes: list[Any], gens: list[LoadGenProcess], server: Any) -> dict[str, float]:
+def _cpu(servers: list[Any], gens: list[LoadGenProcess], redis_server: Any) -> dict[str, float]:
     return {
-        "nodes": sum(cpu_seconds(n.pid) for n in nodes),
+        "servers": sum(cpu_seconds(n.pid) for n in servers),
         "load generators": sum(cpu_seconds(g.pid) for g in gens),
-        "redis": cpu_seconds(server.proc.pid),
+        "redis": cpu_seconds(redis_server.proc.pid),
     }
 
 
@@ -74,13 +77,21 @@ async def run(mode: Mode) -> dict[str, Any]:
             for i in range(NODES)
         ]
         gens = [LoadGenProcess(f"loadgen{i}") for i in range(gens_needed)]
+        baselines = [
+            baseline_proc("standalone", "bench.baselines.standalone", logs, ["--secret", secret]),
+            baseline_proc(
+                "plain-redis",
+                "bench.baselines.redis_emit",
+                logs,
+                ["--secret", secret, "--redis-url", redis_server.url],
+            ),
+        ]
         try:
-            start_all(nodes)
+            start_all(nodes + baselines)
             for g in gens:
                 await g.start()
             await asyncio.sleep(1.0)
             mem0 = used_memory(redis_server.url)
-            rss0 = [n.rss_bytes() for n in nodes]
             tokens = [issue_token(f"s{i % 100}", secret) for i in range(100)]
 
             def spec(i: int, node: int) -> dict[str, Any]:
@@ -93,48 +104,31 @@ async def run(mode: Mode) -> dict[str, Any]:
             phases: list[dict[str, Any]] = []
             for phase, offset in (("1: new conversations", 0), ("2: second connections", 1)):
                 specs = [spec(i, (i + offset) % NODES) for i in range(conversations)]
-                parts = [specs[k :: len(gens)] for k in range(len(gens))]
-                cpu0 = _cpu(nodes, gens, redis_server)
-                t0 = time.perf_counter()
-                replies = await asyncio.gather(
-                    *(
-                        g.request(
-                            {
-                                "cmd": "connect",
-                                "group": f"phase{offset}",
-                                "conns": part,
-                                "concurrency": concurrency,
-                                "return_joins": True,
-                            }
-                        )
-                        for g, part in zip(gens, parts, strict=True)
+                phases.append(
+                    await _phase(
+                        phase, f"phase{offset}", specs, gens, nodes, redis_server, concurrency
                     )
                 )
-                seconds = time.perf_counter() - t0
-                cpu = {k: v - cpu0[k] for k, v in _cpu(nodes, gens, redis_server).items()}
-                await asyncio.sleep(1.0)
-                joins = [ms for r in replies for ms in r["join_ms"]]
-                failed = sum(r["failed"] for r in replies)
+            # The same joins on the single-process baselines, for the cost of a join
+            # without the coordinator (socket.io handshake, room, session).
+            for base in baselines:
+                specs = [{**spec(i, 0), "url": url_of(base)} for i in range(conversations)]
                 phases.append(
-                    {
-                        "phase": phase,
-                        "connections": len(specs) - failed,
-                        "failed": failed,
-                        "errors": [e for r in replies for e in r["errors"]][:5],
-                        "seconds": seconds,
-                        "joins_per_s": (len(specs) - failed) / seconds,
-                        "join_ms_p50": percentile(joins, 50),
-                        "join_ms_p99": percentile(joins, 99),
-                        "redis_used_memory": used_memory(redis_server.url),
-                        "node_rss": [n.rss_bytes() for n in nodes],
-                        "cpu_s": cpu,
-                    }
+                    await _phase(
+                        f"baseline {base.name}: new conversations",
+                        base.name,
+                        specs,
+                        gens,
+                        [base],
+                        redis_server,
+                        concurrency,
+                    )
                 )
         finally:
             for g in gens:
                 await g.aclose()
-            stop_all(nodes)
-    p1, p2 = phases
+            stop_all(nodes + baselines)
+    p1, p2 = phases[0], phases[1]
     results = {
         "conversations": conversations,
         "connections": p1["connections"] + p2["connections"],
@@ -146,15 +140,66 @@ async def run(mode: Mode) -> dict[str, Any]:
         / conversations,
         "redis_bytes_per_extra_connection": (p2["redis_used_memory"] - p1["redis_used_memory"])
         / max(1, p2["connections"]),
-        "node_rss_bytes_per_conversation_with_loop_and_connection": (
-            sum(p1["node_rss"]) - sum(rss0)
-        )
+        "node_rss_bytes_per_conversation_with_loop_and_connection": p1["rss_growth"]
         / max(1, p1["connections"]),
-        "node_rss_bytes_per_connection": (sum(p2["node_rss"]) - sum(p1["node_rss"]))
-        / max(1, p2["connections"]),
+        "node_rss_bytes_per_connection": p2["rss_growth"] / max(1, p2["connections"]),
         "node_rss_total_mb": sum(p2["node_rss"]) / 2**20,
+        "baseline_rss_bytes_per_connection": {
+            p["phase"]: p["rss_growth"] / max(1, p["connections"]) for p in phases[2:]
+        },
     }
     return report(results, mode)
+
+
+async def _phase(
+    phase: str,
+    group: str,
+    specs: list[dict[str, Any]],
+    gens: list[LoadGenProcess],
+    servers: list[Any],
+    redis_server: Any,
+    concurrency: int,
+) -> dict[str, Any]:
+    parts = [specs[k :: len(gens)] for k in range(len(gens))]
+    rss0 = [n.rss_bytes() for n in servers]
+    cpu0 = _cpu(servers, gens, redis_server)
+    t0 = time.perf_counter()
+    replies = await asyncio.gather(
+        *(
+            g.request(
+                {
+                    "cmd": "connect",
+                    "group": group,
+                    "conns": part,
+                    "concurrency": concurrency,
+                    "return_joins": True,
+                }
+            )
+            for g, part in zip(gens, parts, strict=True)
+        )
+    )
+    seconds = time.perf_counter() - t0
+    cpu = {k: v - cpu0[k] for k, v in _cpu(servers, gens, redis_server).items()}
+    await asyncio.sleep(1.0)
+    joins = [ms for r in replies for ms in r["join_ms"]]
+    failed = sum(r["failed"] for r in replies)
+    rss = [n.rss_bytes() for n in servers]
+    connected = len(specs) - failed
+    return {
+        "phase": phase,
+        "connections": connected,
+        "failed": failed,
+        "errors": [e for r in replies for e in r["errors"]][:5],
+        "seconds": seconds,
+        "joins_per_s": connected / seconds,
+        "join_ms_p50": percentile(joins, 50),
+        "join_ms_p99": percentile(joins, 99),
+        "redis_used_memory": used_memory(redis_server.url),
+        "node_rss": rss,
+        "rss_growth": sum(rss) - sum(rss0),
+        "cpu_s": cpu,
+        "server_cpu_ms_per_join": 1000 * cpu["servers"] / max(1, connected),
+    }
 
 
 def report(r: dict[str, Any], mode: Mode) -> dict[str, Any]:
@@ -170,7 +215,8 @@ def report(r: dict[str, Any], mode: Mode) -> dict[str, Any]:
             "joins/s",
             "join p50 ms",
             "join p99 ms",
-            "CPU s: nodes / loadgen / Redis",
+            "CPU s: servers / loadgen / Redis",
+            "server CPU ms/join",
         ],
         [
             [
@@ -182,6 +228,7 @@ def report(r: dict[str, Any], mode: Mode) -> dict[str, Any]:
                 p["join_ms_p50"],
                 p["join_ms_p99"],
                 " / ".join(f"{v:.1f}" for v in p["cpu_s"].values()),
+                p["server_cpu_ms_per_join"],
             ]
             for p in r["phases"]
         ],
@@ -205,6 +252,10 @@ def report(r: dict[str, Any], mode: Mode) -> dict[str, Any]:
             ],
             ["node RSS bytes per extra connection", r["node_rss_bytes_per_connection"]],
             ["node RSS total, MB (3 nodes)", r["node_rss_total_mb"]],
+            *(
+                [f"{name}: RSS bytes per connection", v]
+                for name, v in r["baseline_rss_bytes_per_connection"].items()
+            ),
         ],
     )
     return {"tables": [t1, t2], "json": r}
