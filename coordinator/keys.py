@@ -28,6 +28,10 @@ class KeySchema:
         """Stream: accepted user actions not yet processed by the loop (trimmed as applied)."""
         return f"{self.prefix}:{{c:{sid}}}:inbox"
 
+    def accepted(self, sid: str) -> str:
+        """Sorted set: tokens of the last accepted actions -> event id (retry dedupe)."""
+        return f"{self.prefix}:{{c:{sid}}}:accepted"
+
     def conv_conns(self, sid: str) -> str:
         """Hash: connection id -> incarnation of the node holding it."""
         return f"{self.prefix}:{{c:{sid}}}:conns"

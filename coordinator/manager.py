@@ -119,6 +119,8 @@ class ConversationManager:
         self._live: set[str] = set()  # incarnations known alive (refreshed each heartbeat)
         self._flushed: dict[str, float] = {}
         self._departed: list[tuple[str, str, str]] = []  # removals Redis missed
+        self._restart_later: dict[str, str] = {}  # sid -> user, restarts that failed
+        self._abandoned: list[Lease] = []  # starts that failed after taking ownership
         self.draining = False
         self.started = False
 
@@ -558,10 +560,10 @@ class ConversationManager:
                 self.keys.user_convs(own.user), {sid: int(time.time() * 1000)}, nx=True
             )
         lease = Lease(sid, own.user, self.inc, own.epoch)
-        if initial is not None:
-            await self._accept(sid, user, initial)
-        await self._subscribe(sid)
         try:
+            if initial is not None:
+                await self._accept(sid, user, initial)
+            await self._subscribe(sid)
             admitted = await self._admit(lease)
         except BaseException:
             await self._give_up(lease, None)
@@ -581,11 +583,18 @@ class ConversationManager:
             self._on_runner_fenced,
         )
         self._runners[sid] = runner
-        async with self.state.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self.keys.node_owned(self.inc), sid, lease.user)
-            pipe.zadd(self.keys.node_idle(self.inc), {sid: int(time.time() * 1000)})
-            await pipe.execute()
-        await runner.start()
+        try:
+            async with self.state.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(self.keys.node_owned(self.inc), sid, lease.user)
+                pipe.zadd(self.keys.node_idle(self.inc), {sid: int(time.time() * 1000)})
+                await pipe.execute()
+            await runner.start()
+        except BaseException:
+            if self._runners.get(sid) is runner:
+                del self._runners[sid]
+            await runner.aclose()
+            await self._give_up(lease, None)
+            raise
         return ConversationInfo(sid, lease.user, self.node_id, True, True)
 
     async def _admit(self, lease: Lease) -> bool:
@@ -634,8 +643,12 @@ class ConversationManager:
             self._nudged = {k: v for k, v in self._nudged.items() if now - v < 5.0}
 
     async def _give_up(self, lease: Lease, status: Event | None) -> None:
-        """Undo a start that never ran: tell the clients why, drop claim and ownership."""
-        with contextlib.suppress(RedisError, OSError):
+        """Undo a start that never ran: tell the clients why, drop claim and ownership.
+
+        If Redis fails meanwhile, the lease is kept and given up on a later heartbeat, so
+        a conversation is never left owned by a live node that runs no loop for it.
+        """
+        try:
             if status is not None:
                 await self.state.commit(
                     lease.sid,
@@ -646,6 +659,10 @@ class ConversationManager:
                 )
             await self.state.release_slot(lease.user, lease.sid, lease.inc)
             await self.state.release(lease.sid, lease.inc, lease.epoch, "stopped")
+        except (RedisError, OSError) as exc:
+            log.warning("giving up %s deferred: %s", lease.sid, exc)
+            if lease not in self._abandoned:
+                self._abandoned.append(lease)
         await self._unsubscribe(lease.sid)
 
     async def _accept(self, sid: str, user: str, packed: bytes) -> int:
@@ -658,21 +675,23 @@ class ConversationManager:
             raise Forbidden(sid)
         if r.status == "full":
             raise InboxFull(f"conversation {sid!r} has {self.config.inbox_max} unprocessed actions")
-        if (
-            r.inc != self.inc
-            and (not r.inc or not await self._alive(r.inc))
-            and sid not in self._starting
-            and not self.draining
-        ):
-            # No live owner: the action waits durably in the inbox; start a successor here.
+        if sid in self._starting or sid in self._runners or self.draining:
+            return r.event_id
+        if r.inc == self.inc or not r.inc or not await self._alive(r.inc):
+            # No loop runs it (no live owner, or ours failed to start): the action waits
+            # durably in the inbox; start one here.
             self._spawn(self._restart(sid, user), f"restart:{sid}")
         return r.event_id
 
     async def _restart(self, sid: str, user: str) -> None:
         try:
             await self.maybe_start_agent_loop(sid, None, user or None)
-        except CoordinatorError as exc:
-            log.warning("could not restart %s after an action: %s", sid, exc)
+        except (CoordinatorError, RedisError, OSError, TimeoutError) as exc:
+            # E.g. our lease lapsed or Redis failed mid-start: try again each heartbeat
+            # until the pending actions have a loop.
+            log.warning("could not restart %s (%s); retrying", sid, exc)
+            if not self.draining:
+                self._restart_later[sid] = user
 
     # -- stopping loops --------------------------------------------------------------
     async def _stop_loop(self, sid: str, status: Event | None, final: AgentState) -> bool:
@@ -871,6 +890,16 @@ class ConversationManager:
                     cid, sid, user = self._departed[-1]
                     await self.state.remove_connection(cid, sid, user, self.inc)
                     self._departed.pop()
+                while self._abandoned:
+                    lease = self._abandoned[-1]
+                    # A later start may have taken the conversation up again meanwhile.
+                    if lease.sid not in self._runners and lease.sid not in self._starting:
+                        await self._give_up(lease, None)
+                        self._restart_later[lease.sid] = lease.user
+                    self._abandoned.pop()
+                if self._restart_later and self.membership.check():
+                    retry, self._restart_later = self._restart_later, {}
+                    await self._resume_pending(list(retry.items()))
                 await self._refresh_live()
                 if n % reap_every == 0:
                     released = await reap_dead_nodes(

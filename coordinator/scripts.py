@@ -69,8 +69,10 @@ ACCEPT = (
     """
 -- accept: record a user action durably (event log + inbox) and publish it.
 -- KEYS[1]  conversation meta hash   KEYS[2] event stream   KEYS[3] inbox stream
+-- KEYS[4]  recent accept tokens (sorted set token -> event id, the last 64)
 -- ARGV[1]  user ('' = do not check)  ARGV[2] packed event (msgpack map without id)
 -- ARGV[3]  event log max length      ARGV[4] inbox max length   ARGV[5] channel
+-- ARGV[6]  unique token of this accept: a retry (lost reply) returns the first result
 -- returns  {status, event id, owner node, owner incarnation}
 --   status: 'ok' | 'missing' | 'forbidden' | 'full'
 """
@@ -79,8 +81,12 @@ ACCEPT = (
 local f = redis.call('HMGET', KEYS[1], 'user', 'owner', 'inc')
 if not f[1] then return {'missing', 0, '', ''} end
 if ARGV[1] ~= '' and f[1] ~= ARGV[1] then return {'forbidden', 0, '', ''} end
+local seen = redis.call('ZSCORE', KEYS[4], ARGV[6])
+if seen then return {'ok', tonumber(seen), f[2] or '', f[3] or ''} end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {'full', 0, '', ''} end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('ZADD', KEYS[4], id, ARGV[6])
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -65)
 redis.call('HSET', KEYS[1], 'last_active', now)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[2])
 redis.call('XADD', KEYS[3], id .. '-0', 'd', ARGV[2])

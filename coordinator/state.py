@@ -5,6 +5,7 @@ Nothing here keeps state of its own; every method is one or a few Redis round tr
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -105,8 +106,8 @@ class RedisState:
         k = self.keys
         r = await self._run(
             "accept",
-            [k.conv(sid), k.events(sid), k.inbox(sid)],
-            [user, packed, maxlen, inbox_max, k.conv_channel(sid)],
+            [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid)],
+            [user, packed, maxlen, inbox_max, k.conv_channel(sid), uuid.uuid4().hex],
         )
         return Accepted(text(r[0]), int(r[1]), text(r[2]), text(r[3]))
 
