@@ -100,3 +100,53 @@ async def test_a_former_owner_that_believes_it_still_owns_cannot_append(make_nod
 
 async def _gone(node, node_id: str) -> bool:
     return not await node.state.redis.exists(node.keys.node_lease(node_id))
+
+
+async def test_actions_accepted_while_the_lease_lapsed_are_answered_once_back(make_nodes) -> None:
+    a, b = await make_nodes(2)
+    await a.join_conversation("lapsed", "ca", {}, "lena")
+    _stop_heartbeats(a)
+    await wait_until(lambda: _gone(b, "node1"), timeout=10, what="a's lease expired")
+    await wait_until(lambda: _unowned(b, "lapsed"), timeout=10, what="b's reaper released it")
+    # a still holds the client; it accepts the action but may not start loops now.
+    eid = await a.send_to_event_stream("ca", {"action": "message", "args": {"content": "x"}})
+    a._spawn(a._heartbeat_loop(), "heartbeat")  # back in touch with Redis
+    sink = make_nodes.sinks["node1"]
+    await wait_until(
+        lambda: [e for e in sink.events["ca"] if e.get("source") == "agent"],
+        timeout=10,
+        what="the action answered after a re-registered",
+    )
+    replies = [e for e in sink.events["ca"] if e.get("source") == "agent"]
+    assert len(replies) == 1 and eid < replies[0]["id"]
+
+
+async def test_a_start_that_fails_after_taking_ownership_does_not_strand_actions(
+    make_nodes,
+) -> None:
+    (a,) = await make_nodes(1)
+    await a.join_conversation("flaky", "ca", {}, "max")
+    await a.close_session("flaky", "max")
+    real_admit = a.state.admit
+    failures = 0
+
+    async def failing_admit(*args, **kwargs):
+        nonlocal failures
+        if failures < 1:
+            failures += 1
+            raise ConnectionError("Redis went away")
+        return await real_admit(*args, **kwargs)
+
+    a.state.admit = failing_admit  # type: ignore[method-assign]
+    await a.send_to_event_stream("ca", {"action": "message", "args": {"content": "y"}})
+    sink = make_nodes.sinks["node1"]
+    await wait_until(
+        lambda: [e for e in sink.events["ca"] if e.get("source") == "agent"],
+        timeout=10,
+        what="the action answered after the failed start",
+    )
+    assert failures == 1 and "flaky" in a.local_loops()
+
+
+async def _unowned(node, sid: str) -> bool:
+    return (await node.conversation(sid)).get("inc") == ""

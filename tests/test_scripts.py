@@ -56,3 +56,17 @@ async def test_admission_never_hands_out_more_slots_than_the_cap(redis_client) -
         assert (await state.admit("u", sid, "n1/a", 2, retry=False, score_ms=0)).status == "wait"
     assert (await state.admit("u", "c3", "n1/a", 2, retry=True)).status == "evicted"
     assert await redis_client.hlen(state.keys.user_loops("u")) == 2  # c1, c2 stopping
+
+
+async def test_an_accept_retried_after_a_lost_reply_is_recorded_once(redis_client) -> None:
+    state = RedisState(redis_client, KeySchema("t"))
+    await state.acquire("s4", "n1", "n1/a", "u", create=True)
+    k = state.keys
+    keys = [k.conv("s4"), k.events("s4"), k.inbox("s4"), k.accepted("s4")]
+    args = ["u", pack({"action": "message"}), 100, 10, k.conv_channel("s4"), "token-1"]
+    first = await state._run("accept", keys, args)
+    retry = await state._run("accept", keys, args)  # what redis-py's retry re-sends
+    other = await state._run("accept", keys, [*args[:5], "token-2"])
+    assert first[1] == retry[1] == 1 and other[1] == 2
+    assert await redis_client.xlen(k.inbox("s4")) == 2
+    assert await redis_client.xlen(k.events("s4")) == 2
