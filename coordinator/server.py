@@ -48,8 +48,11 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         raise CoordinatorError(f"cannot resolve host {host!r}: {exc}") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    # Keep the protocol: asyncio sets TCP_NODELAY on accepted sockets only when
+    # sock.proto is IPPROTO_TCP; with Nagle on, an event written right after an ack
+    # waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
