@@ -561,6 +561,9 @@ class ConversationManager:
             )
         lease = Lease(sid, own.user, self.inc, own.epoch)
         try:
+            # Listed under our incarnation at once, so that if we die while starting, the
+            # reaper releases it with the rest.
+            await self.state.redis.hset(self.keys.node_owned(self.inc), sid, lease.user)
             if initial is not None:
                 await self._accept(sid, user, initial)
             await self._subscribe(sid)
@@ -584,10 +587,9 @@ class ConversationManager:
         )
         self._runners[sid] = runner
         try:
-            async with self.state.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(self.keys.node_owned(self.inc), sid, lease.user)
-                pipe.zadd(self.keys.node_idle(self.inc), {sid: int(time.time() * 1000)})
-                await pipe.execute()
+            await self.state.redis.zadd(
+                self.keys.node_idle(self.inc), {sid: int(time.time() * 1000)}
+            )
             await runner.start()
         except BaseException:
             if self._runners.get(sid) is runner:
@@ -642,7 +644,7 @@ class ConversationManager:
         if len(self._nudged) > 10_000:
             self._nudged = {k: v for k, v in self._nudged.items() if now - v < 5.0}
 
-    async def _give_up(self, lease: Lease, status: Event | None) -> None:
+    async def _give_up(self, lease: Lease, status: Event | None, *, retry: bool = False) -> bool:
         """Undo a start that never ran: tell the clients why, drop claim and ownership.
 
         If Redis fails meanwhile, the lease is kept and given up on a later heartbeat, so
@@ -659,11 +661,16 @@ class ConversationManager:
                 )
             await self.state.release_slot(lease.user, lease.sid, lease.inc)
             await self.state.release(lease.sid, lease.inc, lease.epoch, "stopped")
+            await self.state.redis.hdel(self.keys.node_owned(lease.inc), lease.sid)
         except (RedisError, OSError) as exc:
             log.warning("giving up %s deferred: %s", lease.sid, exc)
             if lease not in self._abandoned:
                 self._abandoned.append(lease)
-        await self._unsubscribe(lease.sid)
+            return False
+        finally:
+            if not retry:  # the start's channel reference is dropped once
+                await self._unsubscribe(lease.sid)
+        return True
 
     async def _accept(self, sid: str, user: str, packed: bytes) -> int:
         r = await self.state.accept(
@@ -890,13 +897,12 @@ class ConversationManager:
                     cid, sid, user = self._departed[-1]
                     await self.state.remove_connection(cid, sid, user, self.inc)
                     self._departed.pop()
-                while self._abandoned:
-                    lease = self._abandoned[-1]
+                for lease in list(self._abandoned):
                     # A later start may have taken the conversation up again meanwhile.
-                    if lease.sid not in self._runners and lease.sid not in self._starting:
-                        await self._give_up(lease, None)
-                        self._restart_later[lease.sid] = lease.user
-                    self._abandoned.pop()
+                    busy = lease.sid in self._runners or lease.sid in self._starting
+                    if busy or await self._give_up(lease, None, retry=True):
+                        self._abandoned.remove(lease)
+                        self._restart_later.setdefault(lease.sid, lease.user)
                 if self._restart_later and self.membership.check():
                     retry, self._restart_later = self._restart_later, {}
                     await self._resume_pending(list(retry.items()))
