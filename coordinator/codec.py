@@ -71,12 +71,13 @@ def user_action(action: object, max_bytes: int) -> tuple[Event, bytes]:
     return event, packed
 
 
-def agent_event(event: Event) -> bytes:
+def agent_event(event: Event) -> Event:
+    """An agent's event as logged: no id (the log assigns it), source and timestamp set."""
     out = dict(event)
     out.pop("id", None)
     out.setdefault("source", "agent")
     out.setdefault("timestamp", now_iso())
-    return pack(out)
+    return out
 
 
 def status_event(status: str, message: str, agent_state: str | None = None) -> Event:

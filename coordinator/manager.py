@@ -369,28 +369,28 @@ class ConversationManager:
         user = _user(user_id)
         if settings is not None and not isinstance(settings, Mapping):
             raise InvalidInput("settings must be a mapping")
-        packed_initial: bytes | None = None
+        initial: tuple[Event, bytes] | None = None
         if initial_user_msg is not None:
-            _, packed_initial = codec.user_action(initial_user_msg, self.config.max_action_bytes)
+            initial = codec.user_action(initial_user_msg, self.config.max_action_bytes)
         runner = self._runners.get(sid)
         if runner is not None and runner.running:
             if runner.lease.user != user and user:
                 raise Forbidden(sid)
-            if packed_initial is not None:
-                await self._accept(sid, user, packed_initial)
+            if initial is not None:
+                await self._accept(sid, user, initial)
             return ConversationInfo(sid, runner.lease.user, self.node_id, True, True)
         pending = self._starting.get(sid)
         if pending is not None:
             info = await asyncio.shield(pending)
             if info.user != user and user:
                 raise Forbidden(sid)
-            if packed_initial is not None:
-                await self._accept(sid, user, packed_initial)
+            if initial is not None:
+                await self._accept(sid, user, initial)
             return info
         fut: asyncio.Future[ConversationInfo] = asyncio.get_running_loop().create_future()
         self._starting[sid] = fut
         try:
-            info = await self._start(sid, user, dict(settings or {}), packed_initial)
+            info = await self._start(sid, user, dict(settings or {}), initial)
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: waiters get it through shield
@@ -406,8 +406,8 @@ class ConversationManager:
         conn = self._connections.get(connection_id)
         if conn is None:
             raise ConnectionNotFound(connection_id)
-        _, packed = codec.user_action(data, self.config.max_action_bytes)
-        return await self._accept(conn.sid, conn.user, packed)
+        action = codec.user_action(data, self.config.max_action_bytes)
+        return await self._accept(conn.sid, conn.user, action)
 
     async def disconnect_from_session(self, connection_id: str) -> None:
         conn = self._connections.get(connection_id)
@@ -530,7 +530,7 @@ class ConversationManager:
             raise NodeDraining(f"node {self.node_id} is draining; connect to another node")
 
     async def _start(
-        self, sid: str, user: str, settings: dict[str, Any], initial: bytes | None
+        self, sid: str, user: str, settings: dict[str, Any], initial: tuple[Event, bytes] | None
     ) -> ConversationInfo:
         if not self.membership.check():
             raise NodeDraining(f"node {self.node_id} lost its lease; it takes no loops until back")
@@ -584,6 +584,7 @@ class ConversationManager:
             self.config,
             self.membership.lease_valid,
             self._on_runner_fenced,
+            self._apply_committed,
         )
         self._runners[sid] = runner
         try:
@@ -672,7 +673,8 @@ class ConversationManager:
                 await self._unsubscribe(lease.sid)
         return True
 
-    async def _accept(self, sid: str, user: str, packed: bytes) -> int:
+    async def _accept(self, sid: str, user: str, action: tuple[Event, bytes]) -> int:
+        event, packed = action
         r = await self.state.accept(
             sid, user, packed, self.config.event_log_maxlen, self.config.inbox_max
         )
@@ -682,6 +684,7 @@ class ConversationManager:
             raise Forbidden(sid)
         if r.status == "full":
             raise InboxFull(f"conversation {sid!r} has {self.config.inbox_max} unprocessed actions")
+        await self._apply_local(sid, r.event_id, event)
         if sid in self._starting or sid in self._runners or self.draining:
             return r.event_id
         if r.inc == self.inc or not r.inc or not await self._alive(r.inc):
@@ -780,6 +783,18 @@ class ConversationManager:
             event.set()
 
     # -- delivery to local connections -----------------------------------------------
+    async def _apply_local(self, sid: str, event_id: int, event: Event) -> None:
+        """An event this node just wrote: hand it to the local loop and connections now,
+        without waiting for its pub/sub echo (which the cursors then drop)."""
+        runner = self._runners.get(sid)
+        if runner is not None:
+            runner.observe(event_id, event)
+        await self._connections.offer(sid, event_id, event)
+
+    async def _apply_committed(self, sid: str, first_id: int, events: list[Event]) -> None:
+        for offset, event in enumerate(events):
+            await self._apply_local(sid, first_id + offset, event)
+
     async def _read_log(self, sid: str, after: int, count: int) -> list[tuple[int, Event]]:
         return await self.state.events_after(sid, after, count=count)
 

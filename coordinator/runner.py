@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -49,6 +49,7 @@ class LoopRunner:
         config: ManagerConfig,
         lease_valid: Callable[[], bool],
         on_fenced: Callable[[LoopRunner], None],
+        on_committed: Callable[[str, int, list[Event]], Awaitable[None]],
     ) -> None:
         self.lease = lease
         self.agent = agent
@@ -56,6 +57,7 @@ class LoopRunner:
         self._config = config
         self._lease_valid = lease_valid
         self._on_fenced = on_fenced
+        self._on_committed = on_committed
         self._applied = applied  # highest action id committed as processed
         self._seen = 0  # highest event id such that every action <= it is queued
         self._pending: dict[int, Event] = {}
@@ -175,13 +177,14 @@ class LoopRunner:
     async def emit_status(self, status: Event) -> None:
         """Append a status event as the owner (used when stopping the loop)."""
         if not self.fenced:
-            await self._commit([pack(status)], cause=0, index=0, check_open=False)
+            await self._commit([status], cause=0, index=0, check_open=False)
 
     async def _commit(
-        self, packed: list[bytes], cause: int, index: int, check_open: bool = True
+        self, events: list[Event], cause: int, index: int, check_open: bool = True
     ) -> int:
         """Commit as the owner. Retries through Redis trouble until it succeeds or the
         lease lapses; a retry after a lost reply is recognised (``dup``), not repeated."""
+        packed = [pack(e) for e in events]
         backoff = Backoff(base=0.05, cap=1.0)
         while True:
             if self.fenced or (check_open and self.closed) or not self._lease_valid():
@@ -213,6 +216,9 @@ class LoopRunner:
         if cause > self._applied:
             self._applied = cause
             self._progress.set()
+        if r.status == "ok" and events:
+            # Apply locally at once; the pub/sub copy that follows is dropped by id.
+            await self._on_committed(self.sid, r.first_id, events)
         return r.last_id
 
     async def finish_backlog(self, within: float) -> bool:
