@@ -1,7 +1,7 @@
 """Growth: idle-sweep time and Redis commands with 1k, 10k (and 100k) live conversations.
 
 One in-process node with quiet background settings (as tests/test_cleanup.py) starts N
-echo loops on a private Redis; then, repeatedly, 10 of them are backdated an hour (and
+echo loops on a private Redis; then, repeatedly, 10 of them are backdated two hours (and
 flushed to the idle index) and ``sweep_idle()`` closes exactly those 10. Reported: the
 sweep's wall time (median of the repetitions), its Redis commands (INFO commandstats
 delta, scripts' inner commands included), and the part of the sweep spent in
@@ -29,7 +29,7 @@ QUIET = dict(
     lease_margin=5.0,
     idle_flush_interval=600.0,
     cleanup_interval=3600.0,
-    close_delay=60.0,
+    close_delay=3600.0,  # far longer than starting 100k loops takes
 )
 EXPIRED = 10
 
@@ -72,7 +72,7 @@ async def measure(live: int, reps: int) -> dict[str, Any]:
             for rep in range(reps):
                 victims = sids[rep * EXPIRED : (rep + 1) * EXPIRED]
                 for sid in victims:
-                    node._runners[sid].last_active -= 3600
+                    node._runners[sid].last_active -= 2 * 3600
                 await node.flush_activity()
                 t = time.perf_counter()
                 await node.flush_activity()  # nothing dirty: the scan alone
