@@ -105,6 +105,7 @@ class ConversationManager:
         self._agent_factory = agent_factory
         self._redis_given = redis
         self._redis: aioredis.Redis | None = None
+        self._lease_redis: aioredis.Redis | None = None
         self._state: RedisState | None = None
         self._membership: Membership | None = None
         self._subs: Subscriptions | None = None
@@ -181,7 +182,15 @@ class ConversationManager:
             raise RedisUnavailable(cfg.redis_url, str(exc) or type(exc).__name__) from None
         self._state = RedisState(self._redis, self.keys)
         await self._state.load_scripts()
-        self._membership = Membership(self._state, cfg, self._on_lapse)
+        # Heartbeats get a connection of their own: a pool saturated by a burst of joins
+        # must not delay a renewal past the lease margin.
+        self._lease_redis = aioredis.Redis.from_url(
+            cfg.redis_url,
+            socket_connect_timeout=cfg.connect_timeout,
+            socket_timeout=cfg.redis_timeout,
+            single_connection_client=True,
+        )
+        self._membership = Membership(RedisState(self._lease_redis, self.keys), cfg, self._on_lapse)
         previous = await self._membership.register()
         if previous:
             released = await reap_incarnation(
@@ -236,6 +245,8 @@ class ConversationManager:
                 self.state, self.inc, keep_connections=False, maxlen=self.config.event_log_maxlen
             )
             await self.state.unregister(self.node_id, self.inc)
+        if self._lease_redis is not None:
+            await self._lease_redis.aclose()
         if self._redis is not None and self._redis_given is None:
             await self._redis.aclose()
 
