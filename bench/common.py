@@ -145,12 +145,11 @@ def node_proc(
     *,
     port: int | None = None,
     extra: Sequence[str] = (),
-    module: str = "coordinator",
 ) -> Proc:
-    """A ``coordinator serve`` node (``module="bench.nodelay_node"``: with the fix)."""
+    """A ``coordinator serve`` node process (not started)."""
     port = port or free_port()
     cmd = [
-        PY, "-m", module, "serve",
+        PY, "-m", "coordinator", "serve",
         "--host", "127.0.0.1", "--port", str(port),
         "--redis-url", redis_url, "--node-id", name, "--secret", secret,
         "--log-level", "warning", *extra,
@@ -251,7 +250,6 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "loadavg_at_start": os.getloadavg(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "commit": git_commit(),
     }
 
 
@@ -274,7 +272,13 @@ def git_commit() -> str:
 def write_json(name: str, mode: Mode, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{mode.name}.json"
-    payload = {"benchmark": name, "mode": mode.name, "machine": machine(), **data}
+    payload = {
+        "benchmark": name,
+        "mode": mode.name,
+        "machine": machine(),
+        "commit": data.pop("commit", None) or git_commit(),
+        **data,
+    }
     path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
     return path
 

@@ -18,8 +18,6 @@ STYLE = {
     "plain-redis": ("tab:green", "-"),
     "coord-same": ("tab:blue", "-"),
     "coord-cross": ("tab:orange", "-"),
-    "coord-same+nodelay": ("tab:blue", "--"),
-    "coord-cross+nodelay": ("tab:orange", "--"),
 }
 
 
@@ -51,7 +49,7 @@ def cdf_png(result_path: Path, png_path: Path) -> Path:
         ax.axhline(0.5, color="black", linewidth=0.5, alpha=0.4)
         ax.axhline(0.99, color="black", linewidth=0.5, alpha=0.4)
         ax.legend(loc="lower right", fontsize=8)
-    commit = data.get("machine", {}).get("commit", "?")
+    commit = data.get("commit") or data.get("machine", {}).get("commit", "?")
     fig.suptitle(
         f"{data.get('mode', '')} run, commit {commit}, {data.get('machine', {}).get('time', '')}",
         fontsize=9,

@@ -7,10 +7,7 @@ the load generator in a separate process (raw engine.io over websockets):
 - ``plain-redis``: python-socketio + AsyncRedisManager whose handler emits back;
 - ``coord-same``: coordinator, client and loop on node A;
 - ``coord-cross``: coordinator, client on node B, loop on node A (a client on A created
-  the conversation first, so its loop started there, then left);
-- ``coord-same+nodelay``, ``coord-cross+nodelay``: the same on a second pair of nodes
-  started through bench/nodelay_node.py, i.e. with the proposed TCP_NODELAY fix of
-  ``coordinator.server.bind`` (see that module).
+  the conversation first, so its loop started there, then left).
 
 Windows of the four are interleaved in a shuffled order per round, so machine noise hits
 all of them alike; ratios are computed from the pooled samples (and per round).
@@ -40,14 +37,7 @@ from bench.common import (
 from bench.driver import LoadGenProcess
 from coordinator.auth import issue_token
 
-VARIANTS = (
-    "standalone",
-    "plain-redis",
-    "coord-same",
-    "coord-cross",
-    "coord-same+nodelay",
-    "coord-cross+nodelay",
-)
+VARIANTS = ("standalone", "plain-redis", "coord-same", "coord-cross")
 
 
 def summarize(lat: list[float]) -> dict[str, float]:
@@ -65,7 +55,7 @@ async def run(mode: Mode) -> dict[str, Any]:
     conversations = mode.pick(20, 40)
     rates = mode.pick([100], [50, 200])
     rounds = mode.pick(3, 5)
-    duration = mode.pick(3.0, 8.0)
+    duration = mode.pick(4.0, 8.0)
     secret = new_secret()
     logs = log_dir("roundtrip")
     with private_redis() as redis:
@@ -80,10 +70,7 @@ async def run(mode: Mode) -> dict[str, Any]:
             logs,
             ["--secret", secret, "--redis-url", redis.url],
         )
-        fixed = "bench.nodelay_node"
-        a2 = node_proc("node-a2", redis.url, secret, logs, module=fixed)
-        b2 = node_proc("node-b2", redis.url, secret, logs, module=fixed)
-        procs = [a, b, a2, b2, standalone, plain]
+        procs = [a, b, standalone, plain]
         gen = LoadGenProcess()
         try:
             start_all(procs)
@@ -94,8 +81,6 @@ async def run(mode: Mode) -> dict[str, Any]:
                 "plain-redis": (plain, None, [plain.pid]),
                 "coord-same": (a, None, [a.pid, b.pid]),
                 "coord-cross": (b, a, [a.pid, b.pid]),
-                "coord-same+nodelay": (a2, None, [a2.pid, b2.pid]),
-                "coord-cross+nodelay": (b2, a2, [a2.pid, b2.pid]),
             }
             servers = {v: pids for v, (_, _, pids) in layout.items()}
             assert redis.proc is not None
@@ -235,18 +220,6 @@ def report(
             "same/plain-redis p99": ratio(q("coord-same", "p99"), q("plain-redis", "p99")),
             "same/standalone p50": ratio(q("coord-same", "p50"), q("standalone", "p50")),
             "same/standalone p99": ratio(q("coord-same", "p99"), q("standalone", "p99")),
-            "nodelay: cross/same p50": ratio(
-                q("coord-cross+nodelay", "p50"), q("coord-same+nodelay", "p50")
-            ),
-            "nodelay: cross/same p99": ratio(
-                q("coord-cross+nodelay", "p99"), q("coord-same+nodelay", "p99")
-            ),
-            "nodelay: same/plain-redis p50": ratio(
-                q("coord-same+nodelay", "p50"), q("plain-redis", "p50")
-            ),
-            "nodelay: same/plain-redis p99": ratio(
-                q("coord-same+nodelay", "p99"), q("plain-redis", "p99")
-            ),
             "cross/same p50, median of rounds": median(
                 [ratio(p["coord-cross"], p["coord-same"]) for p in per_round]
             ),
@@ -259,9 +232,6 @@ def report(
             "cross/same p50": 1.5,
             "cross/same p99": 2.0,
             "same/plain-redis p50": 1.5,
-            "nodelay: cross/same p50": 1.5,
-            "nodelay: cross/same p99": 2.0,
-            "nodelay: same/plain-redis p50": 1.5,
         }
         tables.append(
             table(

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import Mode, raise_nofile, write_json
+from bench.common import Mode, git_commit, raise_nofile, write_json
 
 # name -> module with ``async def run(mode) -> {"tables": [...], "json": {...}}``
 BENCHMARKS = {
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"\n## {name} ({mode.name})", flush=True)
         t0 = time.monotonic()
+        commit = git_commit()  # what the processes started below run
         try:
             module = importlib.import_module(BENCHMARKS[name])
             out: dict[str, Any] = asyncio.run(module.run(mode))
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - t0
         for t in out["tables"]:
             print(t, flush=True)
-        path = write_json(name, mode, {**out["json"], "elapsed_s": elapsed})
+        path = write_json(name, mode, {**out["json"], "elapsed_s": elapsed, "commit": commit})
         print(f"\n({name}: {elapsed:.0f} s; JSON in {path})", flush=True)
         if name == "roundtrip":
             try:
