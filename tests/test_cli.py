@@ -81,7 +81,8 @@ async def read_until(
             lines.append(line.decode().rstrip("\n"))
             if re.search(pattern, lines[-1]):
                 return
-        raise AssertionError(f"process ended before printing {pattern!r}: {lines}")
+        err = (await proc.stderr.read()).decode() if proc.stderr is not None else ""
+        raise AssertionError(f"process ended before printing {pattern!r}: {lines}\n{err}")
 
     try:
         await asyncio.wait_for(reader(), within)
