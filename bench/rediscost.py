@@ -248,7 +248,7 @@ async def run(mode: Mode) -> dict[str, Any]:
             await m.measure("idle sweep, nothing expired", 1, lambda i: a.sweep_idle())
             await a.flush_activity()
             for i in range(10):
-                a._runners[f"new-{i}"].last_active -= 3600
+                a._runners[f"new-{i}"].touch(a._runners[f"new-{i}"].last_active - 3600)
                 await a.disconnect_from_session(f"a-new-{i}")
                 await a.disconnect_from_session(f"a-2nd-{i}")
                 await b.disconnect_from_session(f"b-{i}")
@@ -276,7 +276,7 @@ async def run(mode: Mode) -> dict[str, Any]:
 def _flush(node: ConversationManager) -> Callable[[int], Awaitable[None]]:
     async def op(i: int) -> None:
         for r in node._runners.values():
-            r.last_active += 0.001
+            r.touch(r.last_active + 0.001)
         await node.flush_activity()
 
     return op

@@ -118,7 +118,7 @@ class ConversationManager:
         self._slot_events: dict[str, asyncio.Event] = {}
         self._nudged: dict[tuple[str, str], float] = {}
         self._live: set[str] = set()  # incarnations known alive (refreshed each heartbeat)
-        self._flushed: dict[str, float] = {}
+        self._dirty: set[str] = set()  # loops active since the last activity flush
         self._departed: list[tuple[str, str, str]] = []  # removals Redis missed
         self._restart_later: dict[str, str] = {}  # sid -> user, restarts that failed
         self._abandoned: list[Lease] = []  # starts that failed after taking ownership
@@ -596,6 +596,7 @@ class ConversationManager:
             self.membership.lease_valid,
             self._on_runner_fenced,
             self._apply_committed,
+            self._dirty.add,
         )
         self._runners[sid] = runner
         try:
@@ -983,12 +984,12 @@ class ConversationManager:
                 await self._send(others[i % len(others)], "resume", {"sid": sid, "user": user})
 
     async def flush_activity(self) -> None:
-        """Write last-active times of this node's loops to the idle index and claims."""
-        dirty = {
-            sid: r.last_active
-            for sid, r in self._runners.items()
-            if r.last_active != self._flushed.get(sid)
-        }
+        """Write last-active times of this node's loops to the idle index and claims.
+
+        Costs O(loops active since the last flush), not O(loops)."""
+        marked = set(self._dirty)  # runners hold self._dirty.add: clear it in place
+        self._dirty.clear()
+        dirty = {sid: self._runners[sid].last_active for sid in marked if sid in self._runners}
         if not dirty:
             return
         by_user: dict[str, dict[str, int]] = {}
@@ -998,11 +999,11 @@ class ConversationManager:
             pipe.zadd(self.keys.node_idle(self.inc), {s: int(t * 1000) for s, t in dirty.items()})
             for user, scores in by_user.items():
                 pipe.zadd(self.keys.user_claims(user), scores, xx=True, gt=True)
-            await pipe.execute()
-        self._flushed.update(dirty)
-        for sid in list(self._flushed):
-            if sid not in self._runners:
-                del self._flushed[sid]
+            try:
+                await pipe.execute()
+            except BaseException:
+                self._dirty |= marked  # flush them next time
+                raise
 
     async def _flush_loop(self) -> None:
         while True:

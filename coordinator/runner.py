@@ -50,6 +50,7 @@ class LoopRunner:
         lease_valid: Callable[[], bool],
         on_fenced: Callable[[LoopRunner], None],
         on_committed: Callable[[str, int, list[Event]], Awaitable[None]],
+        on_touch: Callable[[str], None],
     ) -> None:
         self.lease = lease
         self.agent = agent
@@ -58,6 +59,7 @@ class LoopRunner:
         self._lease_valid = lease_valid
         self._on_fenced = on_fenced
         self._on_committed = on_committed
+        self._on_touch = on_touch
         self._applied = applied  # highest action id committed as processed
         self._seen = 0  # highest event id such that every action <= it is queued
         self._pending: dict[int, Event] = {}
@@ -91,10 +93,15 @@ class LoopRunner:
         if not task.cancelled() and task.exception() is not None:
             log.error("loop %s crashed", self.sid, exc_info=task.exception())
 
+    def touch(self, at: float | None = None) -> None:
+        """Record activity (now, or ``at``); the node flushes it to Redis in batches."""
+        self.last_active = time.time() if at is None else at
+        self._on_touch(self.sid)
+
     # -- input -----------------------------------------------------------------------
     def observe(self, event_id: int, event: Event) -> None:
         """An event of the conversation went by on its channel."""
-        self.last_active = time.time()
+        self.touch()
         if event_id <= self._seen:
             return
         if event_id == self._seen + 1:
@@ -154,7 +161,7 @@ class LoopRunner:
         self._cause = n
         self._emits = 0
         self.dispatched += 1
-        self.last_active = time.time()
+        self.touch()
         try:
             await self.agent.dispatch({**action, "id": n})
         except Fenced:
@@ -212,7 +219,7 @@ class LoopRunner:
             self._fence(f"commit {r.status} (epoch {r.first_id})")
             raise Fenced(self.sid, self.lease.epoch, r.first_id)
         self._last_state = state
-        self.last_active = time.time()
+        self.touch()
         if cause > self._applied:
             self._applied = cause
             self._progress.set()

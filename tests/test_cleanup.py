@@ -74,7 +74,7 @@ async def _sweep_cost(make_nodes, redis_client, live: int, expired: int) -> tupl
         )
     assert len(node.local_loops()) == live
     for sid in sids[:expired]:  # these were last active an hour ago
-        node._runners[sid].last_active -= 3600
+        node._runners[sid].touch(node._runners[sid].last_active - 3600)
     await node.flush_activity()
     before = await _commands(redis_client)
     closed = await node.sweep_idle()
