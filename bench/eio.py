@@ -87,8 +87,10 @@ class EioClient:
             for fut in self._acks.values():
                 if not fut.done():
                     fut.set_exception(ConnectionError("connection closed"))
+                    fut.exception()  # whoever awaits it still gets it; no "never retrieved"
             if self._connected is not None and not self._connected.done():
                 self._connected.set_exception(ConnectionError("connection closed"))
+                self._connected.exception()
 
     def _on_packet(self, packet: str) -> None:
         kind, body = packet[:1], packet[1:]
@@ -111,6 +113,7 @@ class EioClient:
         elif kind == "4":  # CONNECT_ERROR
             if self._connected is not None and not self._connected.done():
                 self._connected.set_exception(Refused(body))
+                self._connected.exception()
         elif kind == "1" and self.ws is not None:  # DISCONNECT: the reader ends on close
             self._closing = asyncio.ensure_future(self.ws.close())
 
