@@ -4,12 +4,13 @@ Phase 1 opens the first connection of every conversation (conversation i on node
 which creates it and starts its echo loop there; phase 2 opens a second connection to
 every conversation on the next node (a cross-node watcher). Reported per phase: join rate
 (connections per second, joins in flight bounded per load generator) and join latency,
-the growth of Redis ``used_memory`` and of the nodes' RSS. Phase 2 adds connections
+the growth of Redis ``used_memory_dataset`` and of the nodes' RSS. Phase 2 adds connections
 only (no loops), so its RSS growth per connection is a node's cost of one connection.
 Load generators are separate processes (several when the connections would not fit one
-process's open-files limit). The same first-connection joins are then run against the
+process's open-files limit). The same first-connection joins run first against the
 single-process baselines (the seed's standalone design and plain python-socketio with
-AsyncRedisManager), for what a join costs without the coordinator.
+AsyncRedisManager), for what a join costs without the coordinator. The nodes log when
+their membership lease lapses; the tables count those lines per phase.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def _cpu(servers: list[Any], gens: list[LoadGenProcess], redis_server: Any) -> d
 
 
 def used_memory(url: str) -> int:
+    """Redis ``used_memory_dataset``: used_memory less the server's and clients' overhead
+    (client buffers move with pub/sub traffic and would blur the per-key cost)."""
     client = redis.Redis.from_url(url)
     try:
-        return int(client.info("memory")["used_memory"])
+        return int(client.info("memory")["used_memory_dataset"])
     finally:
         client.close()
 
@@ -93,8 +96,6 @@ async def run(mode: Mode) -> dict[str, Any]:
             start_all(nodes + baselines)
             for g in gens:
                 await g.start()
-            await asyncio.sleep(1.0)
-            mem0 = used_memory(redis_server.url)
             tokens = [issue_token(f"s{i % 100}", secret) for i in range(100)]
 
             def spec(i: int, node: int) -> dict[str, Any]:
@@ -104,19 +105,13 @@ async def run(mode: Mode) -> dict[str, Any]:
                     "auth": {"token": tokens[i % 100]},
                 }
 
-            phases: list[dict[str, Any]] = []
-            for phase, offset in (("1: new conversations", 0), ("2: second connections", 1)):
-                specs = [spec(i, (i + offset) % NODES) for i in range(conversations)]
-                phases.append(
-                    await _phase(
-                        phase, f"phase{offset}", specs, gens, nodes, redis_server, concurrency
-                    )
-                )
-            # The same joins on the single-process baselines, for the cost of a join
-            # without the coordinator (socket.io handshake, room, session).
+            # The single-process baselines first, on a quiet machine: what a join costs
+            # without the coordinator (socket.io handshake, room, session). Each is
+            # stopped before the next, so idle connections cost nothing later.
+            baseline_phases: list[dict[str, Any]] = []
             for base in baselines:
                 specs = [{**spec(i, 0), "url": url_of(base)} for i in range(conversations)]
-                phases.append(
+                baseline_phases.append(
                     await _phase(
                         f"baseline {base.name}: new conversations",
                         base.name,
@@ -127,6 +122,20 @@ async def run(mode: Mode) -> dict[str, Any]:
                         concurrency,
                     )
                 )
+                for g in gens:
+                    await g.request({"cmd": "close", "group": base.name})
+                stop_all([base])
+            await asyncio.sleep(1.0)
+            mem0 = used_memory(redis_server.url)
+            phases: list[dict[str, Any]] = []
+            for phase, offset in (("1: new conversations", 0), ("2: second connections", 1)):
+                specs = [spec(i, (i + offset) % NODES) for i in range(conversations)]
+                phases.append(
+                    await _phase(
+                        phase, f"phase{offset}", specs, gens, nodes, redis_server, concurrency
+                    )
+                )
+            phases += baseline_phases
         finally:
             for g in gens:
                 await g.aclose()
