@@ -76,6 +76,7 @@ test: venv deps-nginx deps-js lint typecheck
 	$(BIN)/pytest -q
 
 bench: venv
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # Runs every round and fails if any failed.
