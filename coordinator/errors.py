@@ -65,9 +65,5 @@ class CapacityTimeout(CoordinatorError, TimeoutError):
     """A start waited too long for an evicted conversation to release its cap slot."""
 
 
-class Evicted(CoordinatorError):
-    """The conversation lost its cap slot to a more recently updated one."""
-
-
 class NodeDraining(CoordinatorError):
     """This node is shutting down and takes no new loops or connections."""

@@ -141,10 +141,6 @@ class RedisState:
         )
         return _entries(rows)
 
-    async def inbox_after(self, sid: str, after: int, count: int = 100) -> list[tuple[int, Event]]:
-        rows = await self.redis.xrange(self.keys.inbox(sid), min=f"({after}-0", count=count)
-        return _entries(rows)
-
     async def inbox_snapshot(
         self, sid: str, after: int, count: int = 500
     ) -> tuple[int, list[tuple[int, Event]]]:
