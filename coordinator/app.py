@@ -43,10 +43,20 @@ class SocketSink:
         self.counters = counters or Counters()
 
     async def deliver(self, connection_id: str, event: dict[str, Any]) -> None:
-        if self.sio is None:
+        sio = self.sio
+        if sio is None:
             log.warning("event for %s dropped: the socket.io server is not bound", connection_id)
             return
-        await self.sio.emit("oh_event", event, to=connection_id, namespace=NAMESPACE)
+        eio_sid = sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
+        if eio_sid is None:
+            return  # disconnected meanwhile; its disconnect handler cleans up
+        # What ``sio.emit(..., to=connection_id)`` sends, without the task per recipient
+        # it creates and awaits: one packet straight onto the connection's queue.
+        encoded = sio.packet_class(
+            socketio.packet.EVENT, namespace=NAMESPACE, data=["oh_event", event]
+        ).encode()
+        for part in encoded if isinstance(encoded, list) else (encoded,):
+            await sio.eio.send(eio_sid, part)
         self.counters.events_delivered += 1
 
     async def disconnect(self, connection_id: str) -> None:

@@ -696,7 +696,13 @@ class ConversationManager:
             raise Forbidden(sid)
         if r.status == "full":
             raise InboxFull(f"conversation {sid!r} has {self.config.inbox_max} unprocessed actions")
-        await self._apply_local(sid, r.event_id, event)
+        runner = self._runners.get(sid)
+        if runner is not None:
+            runner.observe(r.event_id, event)
+            # Let the loop dispatch and send its commit before the user event and the
+            # ack are written: they then travel while Redis runs the commit.
+            await asyncio.sleep(0)
+        await self._connections.offer(sid, r.event_id, event)
         if sid in self._starting or sid in self._runners or self.draining:
             return r.event_id
         if r.inc == self.inc or not r.inc or not await self._alive(r.inc):

@@ -20,6 +20,7 @@ from .app import create_app, new_manager
 from .config import ManagerConfig
 from .errors import CoordinatorError
 from .manager import ConversationManager
+from .wsproto import CoalescingWebSocketProtocol
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class NodeServer:
             log_config=None,
             access_log=self.log_level == "debug",
             lifespan="off",
+            ws=CoalescingWebSocketProtocol,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
         self._server = _Uvicorn(config)
