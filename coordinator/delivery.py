@@ -96,9 +96,17 @@ class LocalConnections:
     def catch_up_all(self) -> None:
         """After a pub/sub reconnect: messages may have been lost, read the logs."""
         for conn in self:
-            if not conn.replaying:
-                conn.replaying = True
-                self._spawn(self.catch_up(conn), f"catch-up:{conn.cid}")
+            self._read_again(conn)
+
+    def catch_up_room(self, sid: str) -> None:
+        """Events of ``sid`` were logged but not offered: its connections read the log."""
+        for conn in self.room(sid):
+            self._read_again(conn)
+
+    def _read_again(self, conn: Connection) -> None:
+        if not conn.replaying:
+            conn.replaying = True
+            self._spawn(self.catch_up(conn), f"catch-up:{conn.cid}")
 
     async def catch_up(self, conn: Connection) -> None:
         """Send what the log holds after the cursor, then the buffered live events."""

@@ -688,7 +688,7 @@ class ConversationManager:
     async def _accept(self, sid: str, user: str, action: tuple[Event, bytes]) -> int:
         event, packed = action
         r = await self.state.accept(
-            sid, user, packed, self.config.event_log_maxlen, self.config.inbox_max
+            sid, user, packed, self.config.event_log_maxlen, self.config.inbox_max, self.inc
         )
         if r.status == "missing":
             raise ConversationNotFound(sid)
@@ -810,6 +810,12 @@ class ConversationManager:
         await self._connections.offer(sid, event_id, event)
 
     async def _apply_committed(self, sid: str, first_id: int, events: list[Event]) -> None:
+        """The local loop committed ``events`` from ``first_id`` on; 0 means a retried
+        commit that had already gone through: its ids are unknown here, and its events
+        were published only if another node listened, so local connections re-read."""
+        if first_id <= 0:
+            self._connections.catch_up_room(sid)
+            return
         for offset, event in enumerate(events):
             await self._apply_local(sid, first_id + offset, event)
 
@@ -966,6 +972,8 @@ class ConversationManager:
         await self.state.redis.delete(self.keys.node_conns(old))
         for conn in self._connections:
             await self.state.add_connection(conn.cid, conn.sid, conn.user, self.inc)
+        # While unregistered, writers that saw no other listener did not publish.
+        self._connections.catch_up_all()
         await self._resume_pending(released)
 
     async def _resume_pending(self, released: list[tuple[str, str]]) -> None:

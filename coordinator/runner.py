@@ -209,6 +209,7 @@ class LoopRunner:
                     cause=cause,
                     index=index,
                     state=changed,
+                    publisher=self.lease.inc,
                 )
                 break
             except (RedisError, OSError) as exc:
@@ -223,9 +224,10 @@ class LoopRunner:
         if cause > self._applied:
             self._applied = cause
             self._progress.set()
-        if r.status == "ok" and events:
-            # Apply locally at once; the pub/sub copy that follows is dropped by id.
-            await self._on_committed(self.sid, r.first_id, events)
+        if events:
+            # Apply locally at once (a pub/sub copy, sent only if another node listens,
+            # is dropped by id); after a "dup" the ids are unknown: first id 0.
+            await self._on_committed(self.sid, r.first_id if r.status == "ok" else 0, events)
         return r.last_id
 
     async def finish_backlog(self, within: float) -> bool:

@@ -65,18 +65,37 @@ redis.call('HSET', KEYS[1], 'owner', '', 'inc', '', 'state', ARGV[3])
 return 1
 """
 
+# Publishing is skipped when only the writing node listens: a node subscribes to a
+# conversation's channel only while it owns the loop (the meta hash's ``inc``) or holds a
+# connection in it (the conversation's connections hash, written after the subscription
+# is confirmed and before the connection's first log read). The writer applies its own
+# events locally, so then nobody needs the copy. ``me`` '' always publishes.
+_HEARD_ELSEWHERE = """
+local function heard_elsewhere(owner_inc, conns, me)
+  if me == '' or (owner_inc ~= '' and owner_inc ~= me) then return true end
+  if redis.call('HLEN', conns) > 16 then return true end
+  for _, v in ipairs(redis.call('HVALS', conns)) do
+    if v ~= me then return true end
+  end
+  return false
+end
+"""
+
 ACCEPT = (
     """
 -- accept: record a user action durably (event log + inbox) and publish it.
 -- KEYS[1]  conversation meta hash   KEYS[2] event stream   KEYS[3] inbox stream
 -- KEYS[4]  recent accept tokens (sorted set token -> event id, the last 64)
+-- KEYS[5]  conversation's connections (connection id -> incarnation)
 -- ARGV[1]  user ('' = do not check)  ARGV[2] packed event (msgpack map without id)
 -- ARGV[3]  event log max length      ARGV[4] inbox max length   ARGV[5] channel
 -- ARGV[6]  unique token of this accept: a retry (lost reply) returns the first result
+-- ARGV[7]  writer's incarnation: no publish when only it listens ('' = always publish)
 -- returns  {status, event id, owner node, owner incarnation}
 --   status: 'ok' | 'missing' | 'forbidden' | 'full'
 """
     + _NOW
+    + _HEARD_ELSEWHERE
     + """
 local f = redis.call('HMGET', KEYS[1], 'user', 'owner', 'inc')
 if not f[1] then return {'missing', 0, '', ''} end
@@ -90,7 +109,9 @@ redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -65)
 redis.call('HSET', KEYS[1], 'last_active', now)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[2])
 redis.call('XADD', KEYS[3], id .. '-0', 'd', ARGV[2])
-redis.call('PUBLISH', ARGV[5], '\\146' .. cmsgpack.pack(id) .. ARGV[2])
+if heard_elsewhere(f[3] or '', KEYS[5], ARGV[7]) then
+  redis.call('PUBLISH', ARGV[5], '\\146' .. cmsgpack.pack(id) .. ARGV[2])
+end
 return {'ok', id, f[2] or '', f[3] or ''}
 """
 )
@@ -99,17 +120,20 @@ COMMIT = (
     """
 -- commit: append an owner's events, fenced by its incarnation and epoch.
 -- KEYS[1]  conversation meta hash   KEYS[2] event stream   KEYS[3] inbox stream
+-- KEYS[4]  conversation's connections (connection id -> incarnation)
 -- ARGV[1]  owner incarnation ('' = system write, allowed only while unowned)
 -- ARGV[2]  epoch   ARGV[3] event log max length   ARGV[4] channel
 -- ARGV[5]  id of the action these events answer (0 = none): marks it applied
 -- ARGV[6]  index of this write among the writes answering that action (0, 1, ...)
 -- ARGV[7]  agent state to record ('' = unchanged)
--- ARGV[8..] packed events (msgpack maps without id)
+-- ARGV[8]  writer's incarnation: no publish when only it listens ('' = always publish)
+-- ARGV[9..] packed events (msgpack maps without id)
 -- returns  {'ok', first id, last id, now}, {'dup', 0, 0, now} (this write for that action
 --          was already committed: a retry after a lost reply), {'fenced', epoch, 0, 0}
 --          or {'missing', 0, 0, 0}
 """
     + _NOW
+    + _HEARD_ELSEWHERE
     + """
 local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'applied', 'user', 'emitted')
 if not f[4] then return {'missing', 0, 0, 0} end
@@ -123,23 +147,31 @@ if cause > 0 and (cause < applied or (cause == applied and index <= emitted)) th
   return {'dup', 0, 0, now}
 end
 local first, last = 0, 0
-for i = 8, #ARGV do
+local publish = #ARGV >= 9 and heard_elsewhere(inc, KEYS[4], ARGV[8])
+for i = 9, #ARGV do
   local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   if first == 0 then first = id end
   last = id
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[i], 'e', epoch)
-  redis.call('PUBLISH', ARGV[4], '\\146' .. cmsgpack.pack(id) .. ARGV[i])
+  if publish then
+    redis.call('PUBLISH', ARGV[4], '\\146' .. cmsgpack.pack(id) .. ARGV[i])
+  end
 end
+local fields = {'last_active', now}
 if cause > applied then
-  redis.call('HSET', KEYS[1], 'applied', cause)
+  fields[#fields + 1] = 'applied'
+  fields[#fields + 1] = cause
   redis.call('XTRIM', KEYS[3], 'MINID', (cause + 1) .. '-0')
 end
-if cause > 0 then redis.call('HSET', KEYS[1], 'emitted', index) end
-if ARGV[7] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', ARGV[7], 'last_active', now)
-else
-  redis.call('HSET', KEYS[1], 'last_active', now)
+if cause > 0 then
+  fields[#fields + 1] = 'emitted'
+  fields[#fields + 1] = index
 end
+if ARGV[7] ~= '' then
+  fields[#fields + 1] = 'state'
+  fields[#fields + 1] = ARGV[7]
+end
+redis.call('HSET', KEYS[1], unpack(fields))
 return {'ok', first, last, now}
 """
 )

@@ -101,13 +101,15 @@ class RedisState:
 
     # -- events ----------------------------------------------------------------------
     async def accept(
-        self, sid: str, user: str, packed: bytes, maxlen: int, inbox_max: int
+        self, sid: str, user: str, packed: bytes, maxlen: int, inbox_max: int, publisher: str = ""
     ) -> Accepted:
+        """Log and enqueue a user action. With ``publisher`` (the writer's incarnation), the
+        event is published only when another node listens: the writer applies it itself."""
         k = self.keys
         r = await self._run(
             "accept",
-            [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid)],
-            [user, packed, maxlen, inbox_max, k.conv_channel(sid), uuid.uuid4().hex],
+            [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)],
+            [user, packed, maxlen, inbox_max, k.conv_channel(sid), uuid.uuid4().hex, publisher],
         )
         return Accepted(text(r[0]), int(r[1]), text(r[2]), text(r[3]))
 
@@ -122,13 +124,18 @@ class RedisState:
         cause: int = 0,
         index: int = 0,
         state: str = "",
+        publisher: str = "",
     ) -> Committed:
+        """Append events as the owner (fenced); ``publisher`` as in ``accept``."""
         k = self.keys
         r = await self._run(
             "commit",
-            [k.conv(sid), k.events(sid), k.inbox(sid)],
-            [inc, epoch, maxlen, k.conv_channel(sid), cause, index, state, *packed_events],
-        )
+            [k.conv(sid), k.events(sid), k.inbox(sid), k.conv_conns(sid)],
+            [
+                inc, epoch, maxlen, k.conv_channel(sid), cause, index, state, publisher,
+                *packed_events,
+            ],
+        )  # fmt: skip
         return Committed(text(r[0]), int(r[1]), int(r[2]), int(r[3]))
 
     async def events_after(

@@ -12,7 +12,7 @@ delay is one loop iteration, and order is kept because every write of the connec
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -76,5 +76,5 @@ class CoalescingWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets (sans-I/O) protocol writing through a CoalescingTransport."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        super().connection_made(CoalescingTransport(transport, self.loop))
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        super().connection_made(CoalescingTransport(cast(asyncio.Transport, transport), self.loop))

@@ -81,8 +81,10 @@ async def test_a_former_owner_that_believes_it_still_owns_cannot_append(make_nod
     assert "fence-2" in b.local_loops() and "fence-2" in a.local_loops()  # a still believes
     takeover_at = int((await b.conversation("fence-2"))["seq"])
 
-    # An action reaches both; the old owner's reply is rejected by the epoch and it stops.
-    await b.send_to_event_stream("cb", {"action": "message", "args": {"content": "x"}})
+    # An action sent through the old owner reaches both loops (the old owner applies it
+    # locally, the new one hears it on the channel); the old owner's reply is rejected by
+    # the epoch and it stops.
+    await a.send_to_event_stream("ca", {"action": "message", "args": {"content": "x"}})
     await wait_until(lambda: "fence-2" not in a.local_loops(), what="old owner stopped")
     assert old.fenced
     with pytest.raises(Fenced):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from tests.helpers import wait_until
 
 
@@ -42,3 +45,67 @@ async def test_action_accepted_while_the_owner_is_gone_waits_for_the_successor(
     assert "orphan" in b.local_loops()
     assert [e["id"] for e in sink.events["cb"]] == list(range(1, len(sink.events["cb"]) + 1))
     assert eid in [e["id"] for e in sink.events["cb"]]
+
+
+async def _publishes(node) -> int:
+    stats = await node.state.redis.info("commandstats")
+    return int(stats.get("cmdstat_publish", {}).get("calls", 0))
+
+
+async def test_nothing_is_published_while_only_the_writer_listens(make_nodes) -> None:
+    a, b = await make_nodes(2)
+    await a.join_conversation("alone", "ca", {}, "una")  # loop and its only client on a
+    sink_a, sink_b = make_nodes.sinks["node1"], make_nodes.sinks["node2"]
+
+    async def act(node, cid: str, n: int) -> None:
+        for i in range(n):
+            await node.send_to_event_stream(cid, {"action": "message", "args": {"content": str(i)}})
+
+    published, heard = await _publishes(a), a._subs.messages
+    await act(a, "ca", 20)
+    await wait_until(lambda: len(sink_a.events["ca"]) >= 40, what="20 actions answered on a")
+    assert await _publishes(a) - published == 0 and a._subs.messages == heard
+
+    # A client on b joins: from then on every event is published, and b sees all of them.
+    await b.join_conversation("alone", "cb", {}, "una")
+    published = await _publishes(a)
+    await act(a, "ca", 10)
+    await wait_until(lambda: len(sink_b.events["cb"]) >= 60, what="b caught up and live")
+    assert await _publishes(a) - published == 20
+    assert [e["id"] for e in sink_b.events["cb"]] == list(range(1, 61))
+
+    # It leaves: publishing stops again, and a's client still gets every event once, in order.
+    await b.disconnect_from_session("cb")
+    published = await _publishes(a)
+    await act(a, "ca", 5)
+    await wait_until(lambda: len(sink_a.events["ca"]) >= 70, what="5 more answered on a")
+    assert await _publishes(a) - published == 0
+    assert [e["id"] for e in sink_a.events["ca"]] == list(range(1, 71))
+
+
+async def test_a_reply_whose_commit_reply_was_lost_still_reaches_local_clients(
+    make_nodes,
+) -> None:
+    (a,) = await make_nodes(1)
+    await a.join_conversation("retried", "ca", {}, "vic")
+    sink = make_nodes.sinks["node1"]
+    real_commit = a.state.commit
+    lost: list[int] = []
+
+    async def commit_then_lose_the_reply(*args: Any, **kwargs: Any) -> Any:
+        r = await real_commit(*args, **kwargs)
+        if kwargs.get("cause") and not lost:
+            lost.append(r.first_id)  # written (and, with only a listening, not published)
+            raise ConnectionError("reply lost")
+        return r
+
+    a.state.commit = commit_then_lose_the_reply  # type: ignore[method-assign]
+    await a.send_to_event_stream("ca", {"action": "message", "args": {"content": "once"}})
+    # The runner retries, the script answers "dup", and the client reads the log.
+    await wait_until(
+        lambda: any(e.get("source") == "agent" for e in sink.events["ca"]), what="the reply"
+    )
+    await asyncio.sleep(0.2)
+    replies = [e for e in sink.events["ca"] if e.get("source") == "agent"]
+    assert [e["id"] for e in replies] == lost
+    assert [e["id"] for e in sink.events["ca"]] == list(range(1, len(sink.events["ca"]) + 1))
