@@ -16,6 +16,7 @@ from bench.common import RESULTS
 STYLE = {
     "standalone": ("tab:gray", "-"),
     "plain-redis": ("tab:green", "-"),
+    "plain-durable": ("tab:green", "--"),
     "coord-same": ("tab:blue", "-"),
     "coord-cross": ("tab:orange", "-"),
 }

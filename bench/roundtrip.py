@@ -5,6 +5,8 @@ the load generator in a separate process (raw engine.io over websockets):
 
 - ``standalone``: the seed's design (bench/baselines/standalone.py), no Redis on the path;
 - ``plain-redis``: python-socketio + AsyncRedisManager whose handler emits back;
+- ``plain-durable``: the same, appending the action to a Redis stream before the emit
+  (the one extra dependent round trip that durability before acting costs);
 - ``coord-same``: coordinator, client and loop on node A;
 - ``coord-cross``: coordinator, client on node B, loop on node A (a client on A created
   the conversation first, so its loop started there, then left).
@@ -37,7 +39,7 @@ from bench.common import (
 from bench.driver import LoadGenProcess
 from coordinator.auth import issue_token
 
-VARIANTS = ("standalone", "plain-redis", "coord-same", "coord-cross")
+VARIANTS = ("standalone", "plain-redis", "plain-durable", "coord-same", "coord-cross")
 
 
 def summarize(lat: list[float]) -> dict[str, float]:
@@ -70,7 +72,13 @@ async def run(mode: Mode) -> dict[str, Any]:
             logs,
             ["--secret", secret, "--redis-url", redis.url],
         )
-        procs = [a, b, standalone, plain]
+        durable = baseline_proc(
+            "plain-durable",
+            "bench.baselines.redis_emit",
+            logs,
+            ["--secret", secret, "--redis-url", redis.url, "--durable"],
+        )
+        procs = [a, b, standalone, plain, durable]
         gen = LoadGenProcess()
         try:
             start_all(procs)
@@ -79,6 +87,7 @@ async def run(mode: Mode) -> dict[str, Any]:
             layout: dict[str, tuple[Any, Any, list[int]]] = {
                 "standalone": (standalone, None, [standalone.pid]),
                 "plain-redis": (plain, None, [plain.pid]),
+                "plain-durable": (durable, None, [durable.pid]),
                 "coord-same": (a, None, [a.pid, b.pid]),
                 "coord-cross": (b, a, [a.pid, b.pid]),
             }
@@ -218,6 +227,10 @@ def report(
             "cross/same p99": ratio(q("coord-cross", "p99"), q("coord-same", "p99")),
             "same/plain-redis p50": ratio(q("coord-same", "p50"), q("plain-redis", "p50")),
             "same/plain-redis p99": ratio(q("coord-same", "p99"), q("plain-redis", "p99")),
+            "same/plain-durable p50": ratio(q("coord-same", "p50"), q("plain-durable", "p50")),
+            "plain-durable/plain-redis p50": ratio(
+                q("plain-durable", "p50"), q("plain-redis", "p50")
+            ),
             "same/standalone p50": ratio(q("coord-same", "p50"), q("standalone", "p50")),
             "same/standalone p99": ratio(q("coord-same", "p99"), q("standalone", "p99")),
             "cross/same p50, median of rounds": median(

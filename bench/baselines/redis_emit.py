@@ -5,15 +5,22 @@ emitting an agent-shaped ``oh_event`` to that room (through the Redis manager, s
 node of such a cluster receives it: python-socketio's broadcast design) and an ack. No
 agent loop, no durable log: the lower bound of a Redis-backed socket.io cluster.
 
-Run: ``python -m bench.baselines.redis_emit --port PORT --redis-url URL --secret S``.
+With ``--durable`` the handler first appends the action to a Redis stream and only then
+emits the reply: the least a server that makes an action durable before acting on it
+pays (one more dependent Redis round trip), with nothing else of the coordinator.
+
+Run: ``python -m bench.baselines.redis_emit --port PORT --redis-url URL --secret S
+[--durable]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 from urllib.parse import parse_qs
 
+import redis.asyncio as aioredis
 import socketio
 
 from coordinator.auth import verify_token
@@ -33,9 +40,10 @@ class CountingRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
 
 
 def create_app(
-    redis_url: str, secret: str, channel: str = "bench-socketio"
+    redis_url: str, secret: str, channel: str = "bench-socketio", durable: bool = False
 ) -> tuple[socketio.ASGIApp, CountingRedisManager]:
     manager = CountingRedisManager(redis_url, channel=channel)
+    log = aioredis.from_url(redis_url) if durable else None
     sio = socketio.AsyncServer(
         async_mode="asgi",
         client_manager=manager,
@@ -65,6 +73,8 @@ def create_app(
         if not isinstance(data, dict):
             return {"ok": False, "error": "an action must be an object"}
         content = data.get("args", {}).get("content", "")
+        if log is not None:
+            await log.xadd(f"bench-log:{rooms[cid]}", {"d": json.dumps(data)}, maxlen=1000)
         await sio.emit(
             "oh_event",
             {"action": "message", "source": "agent", "args": {"content": content}},
@@ -86,8 +96,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--secret", required=True)
+    parser.add_argument(
+        "--durable", action="store_true", help="append each action to a Redis stream first"
+    )
     args = parser.parse_args()
-    app, _ = create_app(args.redis_url, args.secret)
+    app, _ = create_app(args.redis_url, args.secret, durable=args.durable)
     serve(app, args.port)
 
 
