@@ -11,6 +11,7 @@ from .errors import (
     Forbidden,
     InboxFull,
     InvalidInput,
+    NodeBusy,
     NodeDraining,
     RedisUnavailable,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "InboxFull",
     "InvalidInput",
     "ManagerConfig",
+    "NodeBusy",
     "NodeDraining",
     "RedisUnavailable",
 ]

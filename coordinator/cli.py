@@ -59,6 +59,21 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         float,
         "seconds a SIGTERM drain may take before the node exits anyway (default: 30)",
     ),
+    "max_concurrent_joins": (
+        "--max-concurrent-joins",
+        int,
+        "joins this node handles at once; more wait (default: 64)",
+    ),
+    "join_wait": (
+        "--join-wait",
+        float,
+        "seconds a join may wait for a free slot before it is refused as busy (default: 10)",
+    ),
+    "max_concurrent_restarts": (
+        "--max-concurrent-restarts",
+        int,
+        "loops this node restarts at once after another node is lost (default: 16)",
+    ),
 }
 
 

@@ -73,6 +73,11 @@ class ManagerConfig:
     redis_max_connections: int = 64
     idle_flush_interval: float = 1.0
     drain_timeout: float = 30.0
+    # Backpressure: joins handled at once (more wait up to join_wait, then are refused
+    # with NodeBusy) and loop restarts after a node loss run at once, per node.
+    max_concurrent_joins: int = 64
+    join_wait: float = 10.0
+    max_concurrent_restarts: int = 16
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -113,6 +118,9 @@ class ManagerConfig:
             "redis_max_connections",
             "idle_flush_interval",
             "drain_timeout",
+            "max_concurrent_joins",
+            "join_wait",
+            "max_concurrent_restarts",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -67,3 +67,7 @@ class CapacityTimeout(CoordinatorError, TimeoutError):
 
 class NodeDraining(CoordinatorError):
     """This node is shutting down and takes no new loops or connections."""
+
+
+class NodeBusy(CoordinatorError):
+    """This node has ``max_concurrent_joins`` joins in progress and more waited too long."""

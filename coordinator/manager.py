@@ -42,6 +42,7 @@ from .errors import (
     Forbidden,
     InboxFull,
     InvalidInput,
+    NodeBusy,
     NodeDraining,
     RedisUnavailable,
 )
@@ -121,6 +122,11 @@ class ConversationManager:
         self._dirty: set[str] = set()  # loops active since the last activity flush
         self._departed: list[tuple[str, str, str]] = []  # removals Redis missed
         self._restart_later: dict[str, str] = {}  # sid -> user, restarts that failed
+        # Backpressure: a join burst or a lost node's conversations are worked through a
+        # bounded number at a time, so the event loop (and the lease clock) keep up.
+        self._join_gate = asyncio.Semaphore(self.config.max_concurrent_joins)
+        self._restart_gate = asyncio.Semaphore(self.config.max_concurrent_restarts)
+        self._restarting: set[str] = set()
         self._abandoned: list[Lease] = []  # starts that failed after taking ownership
         self.draining = False
         self.started = False
@@ -352,14 +358,24 @@ class ConversationManager:
         if connection_id in self._connections:
             raise InvalidInput(f"connection {connection_id!r} already joined a conversation")
         self._check_intake()
-        info = await self.maybe_start_agent_loop(sid, settings, user_id)
-        conn = self._connections.add(connection_id, sid, user, latest_event_id or 0)
         try:
-            await self._subscribe(sid)
-            await self.state.add_connection(connection_id, sid, user, self.inc)
-        except BaseException:
-            self._connections.forget(conn)
-            raise
+            await asyncio.wait_for(self._join_gate.acquire(), self.config.join_wait)
+        except TimeoutError:
+            raise NodeBusy(
+                f"node {self.node_id} is busy ({self.config.max_concurrent_joins} joins in "
+                f"progress for over {self.config.join_wait:g}s); try again"
+            ) from None
+        try:
+            info = await self.maybe_start_agent_loop(sid, settings, user_id)
+            conn = self._connections.add(connection_id, sid, user, latest_event_id or 0)
+            try:
+                await self._subscribe(sid)
+                await self.state.add_connection(connection_id, sid, user, self.inc)
+            except BaseException:
+                self._connections.forget(conn)
+                raise
+        finally:
+            self._join_gate.release()
         await self._connections.catch_up(conn)
         return info
 
@@ -712,14 +728,27 @@ class ConversationManager:
         return r.event_id
 
     async def _restart(self, sid: str, user: str) -> None:
+        """Start a loop for a conversation whose loop is gone (in the background).
+
+        At most ``max_concurrent_restarts`` run at once: when a node with thousands of
+        loops is lost, its conversations come back in waves instead of all at once.
+        """
+        if sid in self._restarting:
+            return
+        self._restarting.add(sid)
         try:
-            await self.maybe_start_agent_loop(sid, None, user or None)
+            async with self._restart_gate:
+                if sid in self._runners:
+                    return
+                await self.maybe_start_agent_loop(sid, None, user or None)
         except (CoordinatorError, RedisError, OSError, TimeoutError) as exc:
             # E.g. our lease lapsed or Redis failed mid-start: try again each heartbeat
             # until the pending actions have a loop.
             log.warning("could not restart %s (%s); retrying", sid, exc)
             if not self.draining:
                 self._restart_later[sid] = user
+        finally:
+            self._restarting.discard(sid)
 
     # -- stopping loops --------------------------------------------------------------
     async def _stop_loop(self, sid: str, status: Event | None, final: AgentState) -> bool:

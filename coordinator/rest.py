@@ -27,6 +27,7 @@ from .errors import (
     Forbidden,
     InboxFull,
     InvalidInput,
+    NodeBusy,
     NodeDraining,
     RedisUnavailable,
 )
@@ -67,7 +68,9 @@ def status_for(exc: BaseException) -> int:
         return 429
     if isinstance(exc, InvalidInput):
         return 400
-    if isinstance(exc, NodeDraining | RedisUnavailable | CapacityTimeout | RedisError | OSError):
+    if isinstance(
+        exc, NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | RedisError | OSError
+    ):
         return 503
     return 500
 

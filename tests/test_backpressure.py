@@ -1,0 +1,122 @@
+"""Backpressure: join bursts and a lost node's conversations are worked through a bounded
+number at a time, so an overloaded node slows down instead of falling behind its lease."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from coordinator import NodeBusy
+from coordinator.subscriptions import Subscriptions
+from tests.helpers import wait_until
+
+
+class InFlight:
+    """Wraps a node's ``maybe_start_agent_loop``: records how many run at once."""
+
+    def __init__(self, node: Any, delay: float = 0.0) -> None:
+        self.now = 0
+        self.peak = 0
+        self.calls = 0
+        self._original = node.maybe_start_agent_loop
+        self._delay = delay
+        node.maybe_start_agent_loop = self
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.now += 1
+        self.calls += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            await asyncio.sleep(self._delay)
+            return await self._original(*args, **kwargs)
+        finally:
+            self.now -= 1
+
+
+async def test_joins_beyond_the_limit_wait_then_are_refused_as_busy_changing_nothing(
+    make_nodes,
+) -> None:
+    (a,) = await make_nodes(1, max_concurrent_joins=2, join_wait=0.3)
+    starts = InFlight(a, delay=0.6)  # each join holds its slot for 0.6 s
+    results = await asyncio.gather(
+        *(a.join_conversation(f"busy-{i}", f"c{i}", {}, f"user{i}") for i in range(5)),
+        return_exceptions=True,
+    )
+    assert starts.peak == 2
+    refused = [i for i, r in enumerate(results) if isinstance(r, NodeBusy)]
+    assert len(refused) == 3, results
+    assert all("busy" in str(results[i]) for i in refused)
+    for i in refused:  # a refused join left nothing behind
+        assert not await a.state.redis.exists(a.keys.conv(f"busy-{i}"))
+        assert f"c{i}" not in a.local_connections()
+    assert sorted(a.local_loops()) == sorted(f"busy-{i}" for i in range(5) if i not in refused)
+
+    # Joins that fit in the wait get through once slots free up.
+    (b,) = await make_nodes(1, max_concurrent_joins=1, join_wait=5.0)
+    starts_b = InFlight(b, delay=0.2)
+    await asyncio.gather(
+        *(b.join_conversation(f"queued-{i}", f"q{i}", {}, "una") for i in range(3))
+    )
+    assert starts_b.peak == 1 and starts_b.calls == 3
+    assert {f"q{i}" for i in range(3)} <= set(b.local_connections())
+
+
+async def test_a_lost_nodes_conversations_restart_a_bounded_number_at_a_time(make_nodes) -> None:
+    a, b = await make_nodes(2, max_concurrent_restarts=2)
+    sids = [f"storm-{i}" for i in range(10)]
+    for i, sid in enumerate(sids):
+        await a.join_conversation(sid, f"ca{i}", {}, f"u{i}")  # loops on a
+        await b.join_conversation(sid, f"cb{i}", {}, f"u{i}")  # clients on b too
+    restarts = InFlight(b, delay=0.1)
+    for task in list(a._tasks):  # a goes silent like a killed process: no heartbeats,
+        task.cancel()  # no pub/sub; its lease expires and b reaps it
+    a.membership.stop()
+    await wait_until(
+        lambda: set(sids) <= b.local_loops(), timeout=20, what="every loop restarted on b"
+    )
+    assert restarts.peak <= 2
+    # Each conversation answers on its new owner, once.
+    for i in range(len(sids)):
+        await b.send_to_event_stream(f"cb{i}", {"action": "message", "args": {"content": "hi"}})
+    sink = make_nodes.sinks["node2"]
+    for i in range(len(sids)):
+        await wait_until(
+            lambda i=i: [
+                e for e in sink.events[f"cb{i}"] if e.get("args", {}).get("content") == "hi"
+            ][1:],
+            what=f"reply in {sids[i]}",
+        )
+        ids = [e["id"] for e in sink.events[f"cb{i}"]]
+        assert ids == list(range(1, len(ids) + 1))
+
+
+async def test_a_subscription_that_delivers_is_not_declared_silent(redis_client) -> None:
+    """A busy node may read its own probe late, behind other traffic: any message proves
+    the link works. Only a link on which nothing arrives is reconnected."""
+    heard: list[bytes] = []
+
+    async def on_message(channel: str, data: bytes) -> None:
+        heard.append(data)
+
+    async def on_reconnect() -> None:
+        return None
+
+    subs = Subscriptions(redis_client, on_message, on_reconnect, "probe:t", probe_interval=0.1)
+    await subs.start()
+    listener = asyncio.create_task(subs.run())
+    try:
+        await subs.add("traffic")
+        publish = redis_client.publish
+
+        async def probes_lost(channel: str, data: bytes) -> int:
+            return 0 if channel == "probe:t" else await publish(channel, data)
+
+        redis_client.publish = probes_lost  # type: ignore[method-assign]
+        for _ in range(25):  # 1.25 s of traffic and no probe: over 3 probe intervals
+            await publish("traffic", b"x")
+            await asyncio.sleep(0.05)
+        assert len(heard) == 25 and subs.reconnects == 0
+        await wait_until(lambda: subs.reconnects >= 1, timeout=5, what="silent link replaced")
+    finally:
+        await subs.aclose()
+        listener.cancel()
