@@ -55,6 +55,8 @@ from .subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
 
+SWEEP_BATCH = 32  # idle loops closed at once by a sweep
+
 
 class EventSink(Protocol):
     """Where a node delivers a conversation's events to its local connections."""
@@ -1080,10 +1082,21 @@ class ConversationManager:
             for sid in candidates:
                 pipe.hlen(self.keys.conv_conns(sid))
             counts = await pipe.execute()
+        expired = [sid for sid, n in zip(candidates, counts, strict=True) if n == 0]
         closed = []
-        for sid, n in zip(candidates, counts, strict=True):
-            if n == 0 and await self._stop_loop(sid, None, AgentState.STOPPED):
-                closed.append(sid)
+        # Closed concurrently, a bounded number at a time: the sweep's duration stays
+        # a few round trips however many loops expired together.
+        for start in range(0, len(expired), SWEEP_BATCH):
+            batch = expired[start : start + SWEEP_BATCH]
+            results = await asyncio.gather(
+                *(self._stop_loop(sid, None, AgentState.STOPPED) for sid in batch),
+                return_exceptions=True,
+            )
+            for sid, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.warning("closing idle loop %s failed: %s", sid, result)
+                elif result:
+                    closed.append(sid)
         if closed:
             log.info("closed %d idle loop(s)", len(closed))
         return closed
