@@ -109,6 +109,7 @@ class ConversationManager:
         self._redis_given = redis
         self._redis: aioredis.Redis | None = None
         self._lease_redis: aioredis.Redis | None = None
+        self._pubsub_redis: aioredis.Redis | None = None
         self._state: RedisState | None = None
         self._membership: Membership | None = None
         self._subs: Subscriptions | None = None
@@ -129,6 +130,7 @@ class ConversationManager:
         self._join_gate = asyncio.Semaphore(self.config.max_concurrent_joins)
         self._restart_gate = asyncio.Semaphore(self.config.max_concurrent_restarts)
         self._restarting: set[str] = set()
+        self._lease_lost = asyncio.Event()  # set by the lease loop: re-register
         self._abandoned: list[Lease] = []  # starts that failed after taking ownership
         self.draining = False
         self.started = False
@@ -208,8 +210,15 @@ class ConversationManager:
         else:
             orphans = []
         await self._refresh_live()
+        # The subscription (and its probe) also get their own connections: a reconnect
+        # must not wait behind a pool that a join burst has exhausted.
+        self._pubsub_redis = aioredis.Redis.from_url(
+            cfg.redis_url,
+            socket_connect_timeout=cfg.connect_timeout,
+            socket_timeout=cfg.redis_timeout,
+        )
         self._subs = Subscriptions(
-            self._redis,
+            self._pubsub_redis,
             self._on_message,
             self._on_resubscribed,
             self.keys.node_channel(self.node_id),
@@ -217,7 +226,8 @@ class ConversationManager:
         )
         await self._subs.start()
         self._spawn(self._subs.run(), "pubsub")
-        self._spawn(self._heartbeat_loop(), "heartbeat")
+        self._spawn(self._lease_loop(), "heartbeat")
+        self._spawn(self._housekeeping_loop(), "housekeeping")
         self._spawn(self._flush_loop(), "activity-flush")
         self._spawn(self._cleanup_loop(), "cleanup")
         self.started = True
@@ -253,8 +263,9 @@ class ConversationManager:
                 self.state, self.inc, keep_connections=False, maxlen=self.config.event_log_maxlen
             )
             await self.state.unregister(self.node_id, self.inc)
-        if self._lease_redis is not None:
-            await self._lease_redis.aclose()
+        for client in (self._lease_redis, self._pubsub_redis):
+            if client is not None:
+                await client.aclose()
         if self._redis is not None and self._redis_given is None:
             await self._redis.aclose()
 
@@ -444,7 +455,7 @@ class ConversationManager:
             log.debug("disconnect of unknown connection %s", connection_id)
             return
         self._connections.forget(conn)
-        await self._unsubscribe(conn.sid)
+        await self._unsubscribe(conn.sid)  # never raises: see Subscriptions.discard
         try:
             await self.state.remove_connection(connection_id, conn.sid, conn.user, self.inc)
         except (RedisError, OSError) as exc:
@@ -954,14 +965,29 @@ class ConversationManager:
             users = await pipe.execute()
         return {sid: text(u) for sid, u in zip(sids, users, strict=True)}
 
-    async def _heartbeat_loop(self) -> None:
+    async def _lease_loop(self) -> None:
+        """Renew the node's lease, and nothing else: no other work can delay a renewal
+        (re-registering after a lapse, with thousands of loops, runs elsewhere)."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            try:
+                if not await self.membership.heartbeat():
+                    self._lease_lost.set()
+            except Exception:
+                log.exception("lease renewal failed unexpectedly; retrying")
+
+    async def _housekeeping_loop(self) -> None:
+        """Each heartbeat interval (or at once when the lease was lost): re-register if
+        needed, retry deferred work, refresh the live-node cache, reap dead nodes."""
         reap_every = max(1, round(self.config.node_ttl / 2 / self.config.heartbeat_interval))
         n = 0
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lease_lost.wait(), self.config.heartbeat_interval)
             n += 1
             try:
-                if not await self.membership.heartbeat():
+                if self._lease_lost.is_set():
+                    self._lease_lost.clear()
                     await self._rotate_incarnation()
                 while self._departed:
                     cid, sid, user = self._departed[-1]
@@ -1001,8 +1027,9 @@ class ConversationManager:
             self.state, old, keep_connections=True, maxlen=self.config.event_log_maxlen
         )
         await self.state.redis.delete(self.keys.node_conns(old))
-        for conn in self._connections:
-            await self.state.add_connection(conn.cid, conn.sid, conn.user, self.inc)
+        await self.state.add_connections(
+            [(conn.cid, conn.sid, conn.user) for conn in self._connections], self.inc
+        )
         # While unregistered, writers that saw no other listener did not publish.
         self._connections.catch_up_all()
         await self._resume_pending(released)

@@ -22,6 +22,8 @@ from .state import RedisState, text
 
 log = logging.getLogger(__name__)
 
+REAP_CONCURRENCY = 32  # conversations of a dead incarnation released at once
+
 
 def new_incarnation(node: str) -> str:
     return f"{node}/{uuid.uuid4().hex[:12]}"
@@ -100,9 +102,10 @@ class Membership:
         """One renewal. Returns False when the incarnation is gone and must be replaced."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        inc = self.inc
         try:
             ok = await asyncio.wait_for(
-                self._state.renew(self.node, self.inc, self.ttl_ms),
+                self._state.renew(self.node, inc, self.ttl_ms),
                 timeout=self._config.heartbeat_interval,
             )
         except (RedisError, OSError, TimeoutError) as exc:
@@ -111,6 +114,8 @@ class Membership:
             self.check()
             return True
         self.renew_failures = 0
+        if inc != self.inc:
+            return True  # a new incarnation registered meanwhile: this answer is stale
         if not ok:
             self._lapse("lease lost in Redis")
             return False
@@ -140,17 +145,24 @@ async def reap_incarnation(
     keys = state.keys
     owned = await state.redis.hgetall(keys.node_owned(inc))
     released: list[tuple[str, str]] = []
-    for raw_sid, raw_user in owned.items():
-        sid, user = text(raw_sid), text(raw_user)
-        if await state.release(sid, inc, None, "stopped"):
-            released.append((sid, user))
-            event = status_event(
-                NODE_LOST,
-                "The node running this conversation was lost; it restarts on the next action.",
-                "stopped",
-            )
-            await state.commit(sid, "", 0, [pack(event)], maxlen=maxlen)
-        await state.release_slot(user, sid, inc)
+    lost = pack(
+        status_event(
+            NODE_LOST,
+            "The node running this conversation was lost; it restarts on the next action.",
+            "stopped",
+        )
+    )
+    gate = asyncio.Semaphore(REAP_CONCURRENCY)
+
+    async def release(sid: str, user: str) -> None:
+        async with gate:
+            if await state.release(sid, inc, None, "stopped"):
+                released.append((sid, user))
+                await state.commit(sid, "", 0, [lost], maxlen=maxlen)
+            await state.release_slot(user, sid, inc)
+
+    # Concurrently, a bounded number at a time: a node may have held thousands.
+    await asyncio.gather(*(release(text(s), text(u)) for s, u in owned.items()))
     if not keep_connections:
         conns = await state.redis.hgetall(keys.node_conns(inc))
         sids = sorted({text(v) for v in conns.values()})

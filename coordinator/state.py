@@ -238,6 +238,19 @@ class RedisState:
             pipe.hset(k.node_conns(inc), cid, sid)
             await pipe.execute()
 
+    async def add_connections(
+        self, conns: Sequence[tuple[str, str, str]], inc: str, batch: int = 500
+    ) -> None:
+        """``add_connection`` for many ``(cid, sid, user)``, pipelined in batches."""
+        k = self.keys
+        for start in range(0, len(conns), batch):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for cid, sid, user in conns[start : start + batch]:
+                    pipe.hset(k.conv_conns(sid), cid, inc)
+                    pipe.hset(k.user_conns(user), cid, sid)
+                    pipe.hset(k.node_conns(inc), cid, sid)
+                await pipe.execute()
+
     async def remove_connection(self, cid: str, sid: str, user: str, inc: str) -> None:
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -85,9 +85,11 @@ class Subscriptions:
             if channel != self._probe_channel:
                 try:
                     await self._pubsub.subscribe(channel)
-                except (RedisError, OSError):
-                    # The listener resubscribes everything once Redis is back.
-                    log.warning("subscribe to %s deferred: Redis unreachable", channel)
+                except Exception as exc:
+                    # Redis unreachable, or redis-py's connection in the middle of a
+                    # reconnect (AttributeError/RuntimeError): the listener resubscribes
+                    # everything still referenced once the link is back.
+                    log.warning("subscribe to %s deferred: %r", channel, exc)
         if wait:
             fut = self._confirmed.get(channel)
             if fut is not None and not fut.done():
@@ -99,9 +101,12 @@ class Subscriptions:
             self._refs.pop(channel, None)
             self._confirmed.pop(channel, None)
             if n == 1:
-                # On failure, a reconnect subscribes only to what is still referenced.
-                with contextlib.suppress(RedisError, OSError):
+                # On failure (as in ``add``), a reconnect subscribes only to what is
+                # still referenced; until then a stray message is dropped by id.
+                try:
                     await self._pubsub.unsubscribe(channel)
+                except Exception as exc:
+                    log.debug("unsubscribe from %s deferred: %r", channel, exc)
         else:
             self._refs[channel] = n - 1
 

@@ -120,3 +120,26 @@ async def test_a_subscription_that_delivers_is_not_declared_silent(redis_client)
     finally:
         await subs.aclose()
         listener.cancel()
+
+
+async def test_renewals_go_on_while_a_slow_re_registration_runs(make_nodes) -> None:
+    """Re-registering after a lapse re-asserts every connection and releases every loop
+    the old incarnation held (thousands on a loaded node); the lease of the new
+    incarnation must be renewed meanwhile, or it lapses too and the node never recovers."""
+    (a,) = await make_nodes(1)  # node_ttl 3 s, heartbeat 0.5 s, margin 0.75 s
+    await a.join_conversation("slow-rotation", "c1", {}, "rhea")
+    add_connections = a.state.add_connections
+
+    async def slow_add_connections(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(4.0)  # longer than node_ttl
+        await add_connections(*args, **kwargs)
+
+    a.state.add_connections = slow_add_connections  # type: ignore[method-assign]
+    first = a.inc
+    a.membership._lapse("test: event loop fell behind")
+    await wait_until(lambda: a.inc != first, timeout=5, what="a new incarnation registered")
+    second = a.inc
+    await asyncio.sleep(5.0)  # the re-registration finishes in the middle of this
+    assert a.inc == second and not a.membership.lapsed
+    assert await a.state.redis.get(a.keys.node_lease(a.node_id)) == second.encode()
+    assert (await a.state.redis.hget(a.keys.conv_conns("slow-rotation"), "c1")) == second.encode()

@@ -112,7 +112,7 @@ async def test_actions_accepted_while_the_lease_lapsed_are_answered_once_back(ma
     await wait_until(lambda: _unowned(b, "lapsed"), timeout=10, what="b's reaper released it")
     # a still holds the client; it accepts the action but may not start loops now.
     eid = await a.send_to_event_stream("ca", {"action": "message", "args": {"content": "x"}})
-    a._spawn(a._heartbeat_loop(), "heartbeat")  # back in touch with Redis
+    a._spawn(a._lease_loop(), "heartbeat")  # back in touch with Redis
     sink = make_nodes.sinks["node1"]
     await wait_until(
         lambda: [e for e in sink.events["ca"] if e.get("source") == "agent"],
