@@ -130,7 +130,7 @@ class ConversationManager:
         self._join_gate = asyncio.Semaphore(self.config.max_concurrent_joins)
         self._restart_gate = asyncio.Semaphore(self.config.max_concurrent_restarts)
         self._restarting: set[str] = set()
-        self._lease_lost = asyncio.Event()  # set by the lease loop: re-register
+        self._lease_lost = asyncio.Event()  # set when the lease is gone: re-register
         self._abandoned: list[Lease] = []  # starts that failed after taking ownership
         self.draining = False
         self.started = False
@@ -200,8 +200,11 @@ class ConversationManager:
             socket_timeout=cfg.redis_timeout,
             single_connection_client=True,
         )
-        self._membership = Membership(RedisState(self._lease_redis, self.keys), cfg, self._on_lapse)
+        self._membership = Membership(
+            RedisState(self._lease_redis, self.keys), cfg, self._on_lapse, self._lease_lost.set
+        )
         previous = await self._membership.register()
+        self._membership.start_keeper(cfg.redis_url)
         if previous:
             released = await reap_incarnation(
                 self._state, previous, keep_connections=False, maxlen=cfg.event_log_maxlen
@@ -608,6 +611,11 @@ class ConversationManager:
                 await self._accept(sid, user, initial)
             await self._subscribe(sid)
             admitted = await self._admit(lease)
+            if lease.inc != self.inc or self.membership.lapsed:
+                # Our lease lapsed meanwhile: a loop started now would be fenced at once,
+                # and a refused claim (dropped with the old incarnation) is no eviction.
+                # The caller retries once the node is back.
+                raise NodeDraining(f"node {self.node_id} lost its lease while starting {sid}")
         except BaseException:
             await self._give_up(lease, None)
             raise
@@ -648,7 +656,7 @@ class ConversationManager:
         deadline = loop.time() + self.config.start_timeout
         event = self._slot_events.setdefault(lease.user, asyncio.Event())
         adm = await self.state.admit(
-            lease.user, lease.sid, self.inc, cap, retry=False, score_ms=int(time.time() * 1000)
+            lease.user, lease.sid, lease.inc, cap, retry=False, score_ms=int(time.time() * 1000)
         )
         delay = 0.02
         while True:
@@ -660,7 +668,7 @@ class ConversationManager:
                 return False
             remaining = deadline - loop.time()
             if remaining <= 0:
-                await self.state.release_slot(lease.user, lease.sid, self.inc)
+                await self.state.release_slot(lease.user, lease.sid, lease.inc)
                 raise CapacityTimeout(
                     f"waited {self.config.start_timeout}s for a slot of user {lease.user!r}"
                 )
@@ -668,7 +676,7 @@ class ConversationManager:
                 await asyncio.wait_for(event.wait(), min(delay, remaining))
             delay = min(delay * 2, 0.25)
             event = self._slot_events.setdefault(lease.user, asyncio.Event())
-            adm = await self.state.admit(lease.user, lease.sid, self.inc, cap, retry=True)
+            adm = await self.state.admit(lease.user, lease.sid, lease.inc, cap, retry=True)
 
     async def _nudge(self, user: str, evicted: Iterable[tuple[str, str]]) -> None:
         """Ask the owners of evicted loops to stop them (again, at most once a second)."""
@@ -966,15 +974,12 @@ class ConversationManager:
         return {sid: text(u) for sid, u in zip(sids, users, strict=True)}
 
     async def _lease_loop(self) -> None:
-        """Renew the node's lease, and nothing else: no other work can delay a renewal
-        (re-registering after a lapse, with thousands of loops, runs elsewhere)."""
+        """Tick: tells the lease keeper thread that this event loop runs. Renewals and
+        their answers need nothing else from the loop, so a busy loop keeps its lease."""
+        interval = min(0.25, self.config.heartbeat_interval / 2)
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
-            try:
-                if not await self.membership.heartbeat():
-                    self._lease_lost.set()
-            except Exception:
-                log.exception("lease renewal failed unexpectedly; retrying")
+            self.membership.tick()
+            await asyncio.sleep(interval)
 
     async def _housekeeping_loop(self) -> None:
         """Each heartbeat interval (or at once when the lease was lost): re-register if

@@ -1,21 +1,31 @@
 """Node membership: the heartbeat lease, the local lease clock, and reaping the dead.
 
 A node's conversation leases are its incarnation's heartbeat lease: renewing one key
-renews them all. The node measures validity with its own monotonic clock from the moment
-it *sent* each successful renewal, and fences every loop ``lease_margin`` before the
-lease could expire in Redis; a successor can only take over after that expiry, and the
-fencing epoch rejects any write the old owner still attempts.
+renews them all. Renewals are sent from a thread of their own (``LeaseKeeper``) with its
+own Redis connection, so a node whose event loop is busy (a join burst on a saturated
+machine) keeps its lease; the event loop proves it is alive by ticking, and the keeper
+stops renewing once the loop has not ticked for ``node_ttl - lease_margin`` (a loop that
+is stuck is as good as dead). The node measures validity with the monotonic clock from
+the moment it *sent* each successful renewal, and fences every loop ``lease_margin``
+before the lease could expire in Redis; a successor can only take over after that
+expiry, and the fencing epoch rejects any write the old owner still attempts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Callable
 
+import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
+from . import scripts
 from .codec import NODE_LOST, pack, status_event
 from .config import ManagerConfig
 from .state import RedisState, text
@@ -23,6 +33,7 @@ from .state import RedisState, text
 log = logging.getLogger(__name__)
 
 REAP_CONCURRENCY = 32  # conversations of a dead incarnation released at once
+RETRY_AFTER = 0.1  # seconds between renewal attempts while Redis does not answer
 
 
 def new_incarnation(node: str) -> str:
@@ -35,14 +46,18 @@ class Membership:
         state: RedisState,
         config: ManagerConfig,
         on_lapse: Callable[[str], None],
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._state = state
         self._config = config
         self._on_lapse = on_lapse
+        self._on_lost = on_lost  # the incarnation must be replaced (called in the loop)
         self.node = config.node_id
         self.inc = ""
-        self._valid_until = 0.0  # loop.time() at which the Redis lease may expire
+        self._valid_until = 0.0  # time.monotonic() at which the Redis lease may expire
         self._watchdog: asyncio.TimerHandle | None = None
+        self._keeper: LeaseKeeper | None = None
+        self.last_tick = time.monotonic()
         self.lapsed = True
         self.renew_failures = 0
 
@@ -50,9 +65,13 @@ class Membership:
     def ttl_ms(self) -> int:
         return int(self._config.node_ttl * 1000)
 
+    @property
+    def max_stall(self) -> float:
+        """How long the event loop may go without ticking before renewals stop."""
+        return self._config.node_ttl - self._config.lease_margin
+
     def lease_valid(self) -> bool:
-        loop = asyncio.get_running_loop()
-        return not self.lapsed and loop.time() < self._valid_until - self._config.lease_margin
+        return not self.lapsed and time.monotonic() < self._valid_until - self._config.lease_margin
 
     async def register(self) -> str:
         """Register a new incarnation; returns the previous one of this node id ('' if none).
@@ -61,29 +80,42 @@ class Membership:
         ``node_ttl``), wait for it to expire rather than run beside it.
         """
         inc = new_incarnation(self.node)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._config.node_ttl + 2
+        deadline = time.monotonic() + self._config.node_ttl + 2
         while True:
-            t0 = loop.time()
+            t0 = time.monotonic()
             ok, other = await self._state.register(self.node, inc, self.ttl_ms)
             if ok:
-                self._arm(t0)
                 self.inc = inc
                 self.lapsed = False
+                self._arm(t0)
                 return other
-            if loop.time() > deadline:
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"node id {self.node!r} is in use by {other}")
             log.warning("node id %s still leased by %s; waiting for it to expire", self.node, other)
             await asyncio.sleep(0.25)
 
+    def start_keeper(self, redis_url: str) -> None:
+        """Start renewing from the keeper thread (after ``register``)."""
+        if self._keeper is None:
+            self._keeper = LeaseKeeper(self, redis_url, asyncio.get_running_loop())
+            self._keeper.start()
+
+    def tick(self) -> None:
+        """Called from the event loop: it is running (see ``max_stall``)."""
+        self.last_tick = time.monotonic()
+
     def _arm(self, sent_at: float) -> None:
-        loop = asyncio.get_running_loop()
         self._valid_until = sent_at + self._config.node_ttl
         if self._watchdog is not None:
             self._watchdog.cancel()
-        self._watchdog = loop.call_at(
-            self._valid_until - self._config.lease_margin, self._lapse, "lease not renewed"
-        )
+        loop = asyncio.get_running_loop()
+        delay = self._valid_until - self._config.lease_margin - time.monotonic()
+        self._watchdog = loop.call_later(max(0.0, delay), self._expire)
+
+    def _expire(self) -> None:
+        # A renewal may have landed just before: the clock, not the timer, decides.
+        if not self.lapsed and not self.lease_valid():
+            self._lapse("lease not renewed")
 
     def _lapse(self, why: str) -> None:
         if self.lapsed:
@@ -98,39 +130,100 @@ class Membership:
             self._lapse("lease clock ran out")
         return not self.lapsed
 
-    async def heartbeat(self) -> bool:
-        """One renewal. Returns False when the incarnation is gone and must be replaced."""
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        inc = self.inc
-        try:
-            ok = await asyncio.wait_for(
-                self._state.renew(self.node, inc, self.ttl_ms),
-                timeout=self._config.heartbeat_interval,
-            )
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.renew_failures += 1
-            log.warning("heartbeat failed (%s); lease valid for %.1fs", exc, self.remaining())
-            self.check()
-            return True
-        self.renew_failures = 0
+    def renewed(self, inc: str, sent_at: float, ok: bool) -> None:
+        """A renewal's answer, handed to the event loop by the keeper."""
         if inc != self.inc:
-            return True  # a new incarnation registered meanwhile: this answer is stale
+            return  # a new incarnation registered meanwhile: this answer is stale
+        self.renew_failures = 0
         if not ok:
             self._lapse("lease lost in Redis")
-            return False
-        if self.lapsed:
-            return False  # renewed late: start a fresh incarnation all the same
-        self._arm(t0)
-        return True
+            self._on_lost()
+        elif self.lapsed:
+            self._on_lost()  # renewed too late: start a fresh incarnation all the same
+        else:
+            self._arm(sent_at)
+
+    def renew_failed(self, exc: BaseException) -> None:
+        self.renew_failures += 1
+        if self.renew_failures % 10 == 1:  # retries come every 0.1 s: log a few
+            log.warning("heartbeat failed (%r); lease valid for %.1fs", exc, self.remaining())
+        self.check()
 
     def remaining(self) -> float:
-        return max(0.0, self._valid_until - asyncio.get_running_loop().time())
+        return max(0.0, self._valid_until - time.monotonic())
 
     def stop(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._keeper is not None:
+            self._keeper.stop()
+            self._keeper = None
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the node's lease every ``heartbeat_interval`` from its own thread and Redis
+    connection, while the event loop keeps ticking; answers go back to the loop."""
+
+    def __init__(
+        self, membership: Membership, redis_url: str, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        super().__init__(name=f"lease-{membership.node}", daemon=True)
+        cfg = membership._config
+        self._m = membership
+        self._loop = loop
+        self._interval = cfg.heartbeat_interval
+        self._key = membership._state.keys.node_lease(membership.node)
+        self._client = redis.Redis.from_url(
+            redis_url,
+            socket_timeout=cfg.heartbeat_interval,
+            socket_connect_timeout=cfg.heartbeat_interval,
+            # A connection Redis closed (a restart) fails once; retry on a fresh one.
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._renew = self._client.register_script(scripts.RENEW)
+        self._stopping = threading.Event()
+        self._stalled = False
+
+    def run(self) -> None:
+        wait = self._interval
+        try:
+            while not self._stopping.wait(wait):
+                # After a failure, try again soon: Redis may be back well before the
+                # next interval, and the lease clock keeps running.
+                wait = self._interval if self._round() else min(RETRY_AFTER, self._interval)
+        finally:
+            self._client.close()
+
+    def _round(self) -> bool:
+        """One renewal attempt; False when Redis could not be reached."""
+        m = self._m
+        stalled = time.monotonic() - m.last_tick > m.max_stall
+        if stalled != self._stalled:
+            self._stalled = stalled
+            if stalled:
+                log.error(
+                    "event loop of %s has not run for %.1fs: renewals stop", m.inc, m.max_stall
+                )
+        if stalled:
+            return True
+        inc, sent_at = m.inc, time.monotonic()
+        try:
+            ok = bool(self._renew(keys=[self._key], args=[inc, m.ttl_ms]))
+        except (RedisError, OSError) as exc:
+            self._call(m.renew_failed, exc)
+            return False
+        self._call(m.renewed, inc, sent_at, ok)
+        return True
+
+    def _call(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the node is gone
+            self._stopping.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
 
 
 async def reap_incarnation(

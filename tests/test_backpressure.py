@@ -143,3 +143,36 @@ async def test_renewals_go_on_while_a_slow_re_registration_runs(make_nodes) -> N
     assert a.inc == second and not a.membership.lapsed
     assert await a.state.redis.get(a.keys.node_lease(a.node_id)) == second.encode()
     assert (await a.state.redis.hget(a.keys.conv_conns("slow-rotation"), "c1")) == second.encode()
+
+
+async def test_a_start_cut_by_a_lease_lapse_is_retried_not_reported_as_an_eviction(
+    make_nodes,
+) -> None:
+    """A node re-registers while one of its starts waits for admission: the start's claim
+    was dropped with the old incarnation, which must not read as 'evicted by the cap'
+    (clients told TOO_MANY_CONVERSATIONS, the pending action stranded)."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("straddle", "c1", {}, "sam")
+    await a.close_session("straddle", "sam")  # no loop now; the next action restarts it
+    admit = a.state.admit
+    slowed: list[bool] = []
+
+    async def slow_first_admit(*args: Any, **kwargs: Any) -> Any:
+        if not slowed:
+            slowed.append(True)
+            await asyncio.sleep(1.0)
+        return await admit(*args, **kwargs)
+
+    a.state.admit = slow_first_admit  # type: ignore[method-assign]
+    first = a.inc
+    eid = await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
+    await asyncio.sleep(0.2)  # the restart is waiting in admission
+    a.membership._lapse("test: event loop fell behind")
+    sink = make_nodes.sinks["node1"]
+    await wait_until(
+        lambda: [e for e in sink.events["c1"] if e.get("source") == "agent" and e["id"] > eid],
+        timeout=10,
+        what="the pending action answered after re-registering",
+    )
+    assert a.inc != first and "straddle" in a.local_loops()
+    assert not [e for e in sink.events["c1"] if "TOO_MANY" in str(e.get("args", {}))]
