@@ -745,8 +745,16 @@ class ConversationManager:
         if r.inc == self.inc or not r.inc or not await self._alive(r.inc):
             # No loop runs it (no live owner, or ours failed to start): the action waits
             # durably in the inbox; start one here.
-            self._spawn(self._restart(sid, user), f"restart:{sid}")
+            self._schedule_restart(sid, user)
         return r.event_id
+
+    def _schedule_restart(self, sid: str, user: str) -> None:
+        """Restart ``sid``'s loop in the background; while our lease is lapsed, only note
+        it (thousands of conversations may come back at once) for after re-registering."""
+        if self.membership.lapsed:
+            self._restart_later[sid] = user
+        elif sid not in self._restarting:
+            self._spawn(self._restart(sid, user), f"restart:{sid}")
 
     async def _restart(self, sid: str, user: str) -> None:
         """Start a loop for a conversation whose loop is gone (in the background).
@@ -765,7 +773,10 @@ class ConversationManager:
         except (CoordinatorError, RedisError, OSError, TimeoutError) as exc:
             # E.g. our lease lapsed or Redis failed mid-start: try again each heartbeat
             # until the pending actions have a loop.
-            log.warning("could not restart %s (%s); retrying", sid, exc)
+            if self.membership.lapsed:
+                log.debug("restart of %s waits for the lease: %s", sid, exc)
+            else:
+                log.warning("could not restart %s (%s); retrying", sid, exc)
             if not self.draining:
                 self._restart_later[sid] = user
         finally:
@@ -809,8 +820,11 @@ class ConversationManager:
         await self._unsubscribe(runner.sid)
 
     def _on_lapse(self, why: str) -> None:
-        for runner in list(self._runners.values()):
-            runner.fence(why)
+        runners = list(self._runners.values())
+        if runners:
+            log.warning("fencing %d loop(s): %s", len(runners), why)
+        for runner in runners:
+            runner.fence(why, quiet=True)
 
     async def _evict_local(self, sid: str, user: str, origin: str) -> None:
         pending = self._starting.get(sid)
@@ -898,7 +912,7 @@ class ConversationManager:
                 and sid not in self._starting
             ):
                 # Our clients still watch it: restart the loop (one node wins the lease).
-                self._spawn(self._restart(sid, room[0].user), f"restart:{sid}")
+                self._schedule_restart(sid, room[0].user)
             await self._connections.offer(sid, event_id, event)
             return
         method, origin, payload = codec.open_envelope(data)
@@ -1056,7 +1070,7 @@ class ConversationManager:
             if not n or sid in self._starting or sid in self._runners:
                 continue
             if not self.draining:
-                self._spawn(self._restart(sid, user), f"restart:{sid}")
+                self._schedule_restart(sid, user)
             elif others:  # hand it to a live node
                 await self._send(others[i % len(others)], "resume", {"sid": sid, "user": user})
 

@@ -257,17 +257,17 @@ class LoopRunner:
         return False
 
     # -- shutdown --------------------------------------------------------------------
-    def _fence(self, why: str) -> None:
+    def _fence(self, why: str, quiet: bool = False) -> None:
         if self.fenced:
             return
-        log.warning("loop %s fenced (%s): stopping it", self.sid, why)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "loop %s fenced (%s)", self.sid, why)
         self.fenced = True
         self._wake.set()
         self._on_fenced(self)
 
-    def fence(self, why: str) -> None:
+    def fence(self, why: str, quiet: bool = False) -> None:
         """Stop now, synchronously, without writing: ownership is no longer ours."""
-        self._fence(why)
+        self._fence(why, quiet)
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
 
