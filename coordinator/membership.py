@@ -100,6 +100,12 @@ class Membership:
             self._keeper = LeaseKeeper(self, redis_url, asyncio.get_running_loop())
             self._keeper.start()
 
+    async def renew_now(self) -> bool:
+        """One renewal by the keeper, now (for tools and tests); False if Redis failed."""
+        if self._keeper is None:
+            raise RuntimeError("the lease keeper is not running")
+        return await asyncio.to_thread(self._keeper.renew)
+
     def tick(self) -> None:
         """Called from the event loop: it is running (see ``max_stall``)."""
         self.last_tick = time.monotonic()
@@ -191,11 +197,11 @@ class LeaseKeeper(threading.Thread):
             while not self._stopping.wait(wait):
                 # After a failure, try again soon: Redis may be back well before the
                 # next interval, and the lease clock keeps running.
-                wait = self._interval if self._round() else min(RETRY_AFTER, self._interval)
+                wait = self._interval if self.renew() else min(RETRY_AFTER, self._interval)
         finally:
             self._client.close()
 
-    def _round(self) -> bool:
+    def renew(self) -> bool:
         """One renewal attempt; False when Redis could not be reached."""
         m = self._m
         stalled = time.monotonic() - m.last_tick > m.max_stall
