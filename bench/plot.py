@@ -27,6 +27,7 @@ def cdf_png(result_path: Path, png_path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     data: dict[str, Any] = json.loads(result_path.read_text())
     results = data["results"]
@@ -43,6 +44,10 @@ def cdf_png(result_path: Path, png_path: Path) -> Path:
             color, line = STYLE.get(variant, (None, "-"))
             ax.plot(xs, ys, line, color=color, label=variant, linewidth=1.6)
         ax.set_xscale("log")
+        # Plain decimal ticks (1, 2, 5 per decade), no overlapping 10^x minor labels.
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("round trip, oh_user_action -> agent oh_event (ms, log scale)")
         ax.set_ylabel("fraction of actions")
         ax.set_title(f"Round-trip latency CDF at {rate} actions/s")
