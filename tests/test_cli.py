@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import signal
 import socket
@@ -15,7 +16,6 @@ import pytest
 
 from coordinator.auth import verify_token
 from coordinator.cli import main
-from coordinator.embedded import free_port
 from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -278,10 +278,28 @@ async def test_serve_with_embedded_redis_chat_and_graceful_stop() -> None:
     assert not port_open(redis_port), "the embedded Redis outlived its node"
 
 
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free, below the ephemeral range: the cluster's embedded
+    Redis takes an OS-assigned port, which must not land on p + 1 meanwhile."""
+    rng = random.Random()
+    while True:
+        base = rng.randrange(20_000, 32_000)
+        if _bindable(base) and _bindable(base + 1):
+            return base
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
-    base = free_port()
-    while port_open(base + 1) or base + 1 > 65535:
-        base = free_port()
+    base = free_port_pair()
     proc = await spawn("cluster", "--nodes", "2", "--base-port", str(base))
     try:
         lines = await read_until(proc, r"Press Ctrl-C", within=45)
