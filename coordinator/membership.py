@@ -119,8 +119,14 @@ class Membership:
         self._watchdog = loop.call_later(max(0.0, delay), self._expire)
 
     def _expire(self) -> None:
-        # A renewal may have landed just before: the clock, not the timer, decides.
-        if not self.lapsed and not self.lease_valid():
+        # The clock, not the timer, decides; a timer that fired a hair early looks again.
+        if self.lapsed:
+            return
+        deadline = self._valid_until - self._config.lease_margin
+        if time.monotonic() < deadline:
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_later(deadline - time.monotonic() + 0.001, self._expire)
+        else:
             self._lapse("lease not renewed")
 
     def _lapse(self, why: str) -> None:
