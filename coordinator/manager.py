@@ -192,8 +192,9 @@ class ConversationManager:
             raise RedisUnavailable(cfg.redis_url, str(exc) or type(exc).__name__) from None
         self._state = RedisState(self._redis, self.keys)
         await self._state.load_scripts()
-        # Heartbeats get a connection of their own: a pool saturated by a burst of joins
-        # must not delay a renewal past the lease margin.
+        # Registering (again, after a lapse) gets a connection of its own: a pool
+        # saturated by a burst of joins must not hold it up. Renewals have their own
+        # connection in the lease keeper's thread.
         self._lease_redis = aioredis.Redis.from_url(
             cfg.redis_url,
             socket_connect_timeout=cfg.connect_timeout,
@@ -733,13 +734,7 @@ class ConversationManager:
             raise Forbidden(sid)
         if r.status == "full":
             raise InboxFull(f"conversation {sid!r} has {self.config.inbox_max} unprocessed actions")
-        runner = self._runners.get(sid)
-        if runner is not None:
-            runner.observe(r.event_id, event)
-            # Let the loop dispatch and send its commit before the user event and the
-            # ack are written: they then travel while Redis runs the commit.
-            await asyncio.sleep(0)
-        await self._connections.offer(sid, r.event_id, event)
+        await self._apply_local(sid, r.event_id, event)
         if sid in self._starting or sid in self._runners or self.draining:
             return r.event_id
         if r.inc == self.inc or not r.inc or not await self._alive(r.inc):
@@ -869,8 +864,10 @@ class ConversationManager:
         """An event this node just wrote: hand it to the local loop and connections now,
         without waiting for its pub/sub echo (which the cursors then drop)."""
         runner = self._runners.get(sid)
-        if runner is not None:
-            runner.observe(event_id, event)
+        if runner is not None and runner.observe(event_id, event):
+            # It has an action to dispatch: let it send its commit before the event (and
+            # the caller's ack) are written, so they travel while Redis runs the commit.
+            await asyncio.sleep(0)
         await self._connections.offer(sid, event_id, event)
 
     async def _apply_committed(self, sid: str, first_id: int, events: list[Event]) -> None:

@@ -99,19 +99,20 @@ class LoopRunner:
         self._on_touch(self.sid)
 
     # -- input -----------------------------------------------------------------------
-    def observe(self, event_id: int, event: Event) -> None:
-        """An event of the conversation went by on its channel."""
+    def observe(self, event_id: int, event: Event) -> bool:
+        """An event of the conversation went by; True when it woke the loop."""
         self.touch()
         if event_id <= self._seen:
-            return
+            return False
         if event_id == self._seen + 1:
             self._seen = event_id
-            if event.get("source") == "user" and event_id > self._applied:
-                self._pending[event_id] = event
-                self._wake.set()
+            if event.get("source") != "user" or event_id <= self._applied:
+                return False
+            self._pending[event_id] = event
         else:
             self._reread = True
-            self._wake.set()
+        self._wake.set()
+        return True
 
     def poke(self) -> None:
         """Re-read the inbox (after a reconnect, when channel messages may be lost)."""

@@ -198,9 +198,6 @@ class RedisState:
         await self.redis.hset(k.registry(), node, inc)
         return True, prev
 
-    async def renew(self, node: str, inc: str, ttl_ms: int) -> bool:
-        return bool(await self._run("renew", [self.keys.node_lease(node)], [inc, ttl_ms]))
-
     async def unregister(self, node: str, inc: str) -> None:
         k = self.keys
         await self._run("delete_if", [k.node_lease(node)], [inc])
@@ -231,17 +228,12 @@ class RedisState:
 
     # -- connections -----------------------------------------------------------------
     async def add_connection(self, cid: str, sid: str, user: str, inc: str) -> None:
-        k = self.keys
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(k.conv_conns(sid), cid, inc)
-            pipe.hset(k.user_conns(user), cid, sid)
-            pipe.hset(k.node_conns(inc), cid, sid)
-            await pipe.execute()
+        await self.add_connections([(cid, sid, user)], inc)
 
     async def add_connections(
         self, conns: Sequence[tuple[str, str, str]], inc: str, batch: int = 500
     ) -> None:
-        """``add_connection`` for many ``(cid, sid, user)``, pipelined in batches."""
+        """Register ``(cid, sid, user)`` connections of ``inc``, pipelined in batches."""
         k = self.keys
         for start in range(0, len(conns), batch):
             async with self.redis.pipeline(transaction=False) as pipe:
