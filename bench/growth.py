@@ -19,18 +19,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bench.common import Mode, median, private_redis, ratio, table
+from bench.common import QUIET_NODE, Mode, median, private_redis, ratio, table
 from coordinator import ConversationManager, ManagerConfig
 from coordinator.manager import NullSink
 
-QUIET = dict(
-    node_ttl=120.0,
-    heartbeat_interval=30.0,
-    lease_margin=5.0,
-    idle_flush_interval=600.0,
-    cleanup_interval=3600.0,
-    close_delay=3600.0,  # far longer than starting 100k loops takes
-)
 EXPIRED = 10
 
 
@@ -43,7 +35,7 @@ async def measure(live: int, reps: int) -> dict[str, Any]:
     with private_redis() as redis:
         probe = aioredis.Redis.from_url(redis.url)
         cfg = ManagerConfig(
-            redis_url=redis.url, node_id="growth", max_concurrent_conversations=live, **QUIET
+            redis_url=redis.url, node_id="growth", max_concurrent_conversations=live, **QUIET_NODE
         )
         node = ConversationManager(cfg, sink=NullSink())
         await node.start()
@@ -72,7 +64,9 @@ async def measure(live: int, reps: int) -> dict[str, Any]:
             for rep in range(reps):
                 victims = sids[rep * EXPIRED : (rep + 1) * EXPIRED]
                 for sid in victims:
-                    node._runners[sid].touch(node._runners[sid].last_active - 2 * 3600)
+                    node._runners[sid].touch(
+                        node._runners[sid].last_active - 2 * QUIET_NODE["close_delay"]
+                    )
                 await node.flush_activity()
                 t = time.perf_counter()
                 await node.flush_activity()  # nothing dirty: the scan alone

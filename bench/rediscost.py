@@ -21,18 +21,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline, PubSub
 
-from bench.common import Mode, private_redis, table
+from bench.common import QUIET_NODE, Mode, private_redis, table
 from coordinator import ConversationManager, ManagerConfig
-
-QUIET = dict(
-    node_ttl=120.0,
-    heartbeat_interval=30.0,
-    lease_margin=5.0,
-    idle_flush_interval=600.0,
-    cleanup_interval=3600.0,
-    close_delay=600.0,
-    max_concurrent_conversations=1000,
-)
 
 
 class ClientCounter:
@@ -165,7 +155,9 @@ async def run(mode: Mode) -> dict[str, Any]:
             ):
                 sinks[name] = WaitingSink()
                 cfg = ManagerConfig(redis_url=redis.url, node_id=f"cost-{name}", agent=agent)
-                nodes[name] = ConversationManager(cfg.replace(**QUIET), sink=sinks[name])
+                nodes[name] = ConversationManager(
+                    cfg.replace(**QUIET_NODE, max_concurrent_conversations=1000), sink=sinks[name]
+                )
                 await nodes[name].start()
                 counter.names[id(nodes[name].state.redis.connection_pool)] = name
             a, b, c = nodes["A"], nodes["B"], nodes["C"]
@@ -248,7 +240,9 @@ async def run(mode: Mode) -> dict[str, Any]:
             await m.measure("idle sweep, nothing expired", 1, lambda i: a.sweep_idle())
             await a.flush_activity()
             for i in range(10):
-                a._runners[f"new-{i}"].touch(a._runners[f"new-{i}"].last_active - 3600)
+                a._runners[f"new-{i}"].touch(
+                    a._runners[f"new-{i}"].last_active - 2 * QUIET_NODE["close_delay"]
+                )
                 await a.disconnect_from_session(f"a-new-{i}")
                 await a.disconnect_from_session(f"a-2nd-{i}")
                 await b.disconnect_from_session(f"b-{i}")
