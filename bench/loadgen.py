@@ -10,7 +10,8 @@ Commands (one JSON object per line; one JSON reply per command on stdout):
   ``oh_user_action`` at R per second round-robin over the group's connections for D
   seconds, then wait up to S seconds for the answers. Replies with the round-trip
   latencies (send to the agent's ``oh_event``) and ack latencies in milliseconds.
-- ``{"cmd": "close", "group": G}``, ``{"cmd": "quit"}``.
+- ``{"cmd": "close", "group": G, "concurrency": N}``: close the group's connections, N at
+  a time (default 200); replies with the seconds it took. ``{"cmd": "quit"}``.
 
 Run: ``python -m bench.loadgen`` (started by the benchmarks, not by hand).
 """
@@ -158,15 +159,16 @@ class LoadGen:
 
     async def close(self, p: dict[str, Any]) -> dict[str, Any]:
         group = self.groups.pop(p["group"], None)
+        t0 = time.perf_counter()
         if group is not None:
-            sem = asyncio.Semaphore(200)
+            sem = asyncio.Semaphore(int(p.get("concurrency", 200)))
 
             async def one(c: EioClient) -> None:
                 async with sem:
                     await c.close()
 
             await asyncio.gather(*(one(c) for c in group.clients))
-        return {"closed": True}
+        return {"closed": True, "seconds": time.perf_counter() - t0}
 
 
 async def main() -> None:

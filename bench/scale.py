@@ -11,6 +11,11 @@ process's open-files limit). The same first-connection joins run first against t
 single-process baselines (the seed's standalone design and plain python-socketio with
 AsyncRedisManager), for what a join costs without the coordinator. The nodes log when
 their membership lease lapses; the tables count those lines per phase.
+
+Phase 3 is a mass leave: every second connection closes at once (all closes in flight
+together). Reported: how long the clients' closes took, how long until Redis no longer
+lists any of them (the nodes' removals), how many removals a node had to defer (its log's
+"removal deferred" lines; housekeeping retries them) and the lease lapses meanwhile.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from bench.common import (
 )
 from bench.driver import LoadGenProcess
 from coordinator.auth import issue_token
+from coordinator.keys import KeySchema
 
 NODES = 3
 IN_FLIGHT = 96
+USERS = 100
 
 
 def _cpu(servers: list[Any], gens: list[LoadGenProcess], redis_server: Any) -> dict[str, float]:
@@ -96,13 +103,13 @@ async def run(mode: Mode) -> dict[str, Any]:
             start_all(nodes + baselines)
             for g in gens:
                 await g.start()
-            tokens = [issue_token(f"s{i % 100}", secret) for i in range(100)]
+            tokens = [issue_token(f"s{u}", secret) for u in range(USERS)]
 
             def spec(i: int, node: int) -> dict[str, Any]:
                 return {
                     "url": url_of(nodes[node]),
                     "query": {"conversation_id": f"scale-{i}"},
-                    "auth": {"token": tokens[i % 100]},
+                    "auth": {"token": tokens[i % USERS]},
                 }
 
             # The single-process baselines first, on a quiet machine: what a join costs
@@ -135,6 +142,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                         phase, f"phase{offset}", specs, gens, nodes, redis_server, concurrency
                     )
                 )
+            leave = await _leave(gens, "phase1", nodes, redis_server, phases[0]["connections"])
             phases += baseline_phases
         finally:
             for g in gens:
@@ -145,6 +153,7 @@ async def run(mode: Mode) -> dict[str, Any]:
         "conversations": conversations,
         "connections": p1["connections"] + p2["connections"],
         "loadgens": len(gens),
+        "leave": leave,
         "join_concurrency_per_loadgen": concurrency,
         "phases": phases,
         "redis_bytes_per_conversation_phase1": (p1["redis_used_memory"] - mem0) / conversations,
@@ -216,13 +225,52 @@ async def _phase(
     }
 
 
+async def _leave(
+    gens: list[LoadGenProcess], group: str, nodes: list[Any], redis_server: Any, remain: int
+) -> dict[str, Any]:
+    """Close every connection of ``group`` at once; time the closes and the removals."""
+    client = redis.Redis.from_url(redis_server.url)
+    keys = KeySchema()
+
+    def registered() -> int:
+        pipe = client.pipeline(transaction=False)
+        for u in range(USERS):
+            pipe.hlen(keys.user_conns(f"s{u}"))
+        return sum(pipe.execute())
+
+    try:
+        before = registered()
+        deferred0, lapses0 = _log_count(nodes, "removal deferred"), _lapses(nodes)
+        t0 = time.perf_counter()
+        replies = await asyncio.gather(
+            *(g.request({"cmd": "close", "group": group, "concurrency": 100_000}) for g in gens)
+        )
+        closed = time.perf_counter() - t0
+        left = registered()
+        while left > remain and time.perf_counter() - t0 < 60:
+            await asyncio.sleep(0.05)
+            left = registered()
+        return {
+            "connections": before - remain,
+            "all_closed_after_s": closed,
+            "redis_clean_after_s": time.perf_counter() - t0,
+            "still_registered": left - remain,
+            "removals_deferred": _log_count(nodes, "removal deferred") - deferred0,
+            "lease_lapses": _lapses(nodes) - lapses0,
+        }
+    finally:
+        client.close()
+
+
+def _log_count(servers: list[Any], needle: str) -> int:
+    return sum(
+        p.log_path.read_text(errors="replace").count(needle) for p in servers if p.log_path.exists()
+    )
+
+
 def _lapses(servers: list[Any]) -> int:
     """How often the nodes logged that their membership lease lapsed."""
-    return sum(
-        p.log_path.read_text(errors="replace").count("lease lapsed")
-        for p in servers
-        if p.log_path.exists()
-    )
+    return _log_count(servers, "lease lapsed")
 
 
 def report(r: dict[str, Any], mode: Mode) -> dict[str, Any]:
@@ -283,4 +331,16 @@ def report(r: dict[str, Any], mode: Mode) -> dict[str, Any]:
             ),
         ],
     )
-    return {"tables": [t1, t2], "json": r}
+    lv = r["leave"]
+    t3 = table(
+        f"Mass leave: {lv['connections']:,} connections (one per conversation) close at once",
+        ["measure", "value"],
+        [
+            ["clients' closes done after, s", lv["all_closed_after_s"]],
+            ["Redis lists none of them after, s", lv["redis_clean_after_s"]],
+            ["still listed after 60 s", lv["still_registered"]],
+            ["removals deferred (retried by housekeeping)", lv["removals_deferred"]],
+            ["lease lapses", lv["lease_lapses"]],
+        ],
+    )
+    return {"tables": [t1, t2, t3], "json": r}

@@ -23,6 +23,7 @@ from .errors import ConfigError, CoordinatorError, Forbidden, InvalidInput
 from .manager import ConversationManager
 from .metrics import Counters
 from .rest import RestApp, client_message
+from .rooms import IndexedRoomsManager
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ def create_app(
     if not isinstance(secret, str) or not secret:
         raise ConfigError("the token secret must be a non-empty string")
     sio = socketio.AsyncServer(
+        client_manager=IndexedRoomsManager(),
         async_mode="asgi",
         cors_allowed_origins="*",
         max_http_buffer_size=max_message_bytes,

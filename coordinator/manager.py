@@ -48,7 +48,7 @@ from .errors import (
 )
 from .handles import AttachedHandles, ConversationHandle
 from .keys import KeySchema
-from .membership import Membership, reap_dead_nodes, reap_incarnation
+from .membership import Membership, reap_dead_nodes, reap_incarnation, reaper_lock
 from .runner import Lease, LoopRunner
 from .state import RedisState, text
 from .subscriptions import Subscriptions
@@ -56,6 +56,7 @@ from .subscriptions import Subscriptions
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 32  # idle loops closed at once by a sweep
+DEPARTED_BATCH = 500  # deferred connection removals retried per pipeline
 
 
 class EventSink(Protocol):
@@ -129,6 +130,9 @@ class ConversationManager:
         # bounded number at a time, so the event loop (and the lease clock) keep up.
         self._join_gate = asyncio.Semaphore(self.config.max_concurrent_joins)
         self._restart_gate = asyncio.Semaphore(self.config.max_concurrent_restarts)
+        # Thousands of clients may leave at once: their removals take a bounded share of
+        # the Redis pool instead of all of it (and none waits out the pool's timeout).
+        self._leave_gate = asyncio.Semaphore(max(1, self.config.redis_max_connections // 4))
         self._restarting: set[str] = set()
         self._lease_lost = asyncio.Event()  # set when the lease is gone: re-register
         self._abandoned: list[Lease] = []  # starts that failed after taking ownership
@@ -459,13 +463,14 @@ class ConversationManager:
             log.debug("disconnect of unknown connection %s", connection_id)
             return
         self._connections.forget(conn)
-        await self._unsubscribe(conn.sid)  # never raises: see Subscriptions.discard
-        try:
-            await self.state.remove_connection(connection_id, conn.sid, conn.user, self.inc)
-        except (RedisError, OSError) as exc:
-            # The client is gone either way; forget it in Redis once Redis answers again.
-            log.warning("connection %s removal deferred: %s", connection_id, exc)
-            self._departed.append((connection_id, conn.sid, conn.user))
+        async with self._leave_gate:
+            await self._unsubscribe(conn.sid)  # never raises: see Subscriptions.discard
+            try:
+                await self.state.remove_connection(connection_id, conn.sid, conn.user, self.inc)
+            except (RedisError, OSError) as exc:
+                # The client is gone either way; forget it in Redis once Redis answers again.
+                log.warning("connection %s removal deferred: %s", connection_id, exc)
+                self._departed.append((connection_id, conn.sid, conn.user))
 
     async def close_session(self, sid: str, user_id: str | None = None) -> bool:
         """Stop the conversation's loop wherever it runs. Returns whether one was running."""
@@ -1006,9 +1011,10 @@ class ConversationManager:
                     self._lease_lost.clear()
                     await self._rotate_incarnation()
                 while self._departed:
-                    cid, sid, user = self._departed[-1]
-                    await self.state.remove_connection(cid, sid, user, self.inc)
-                    self._departed.pop()
+                    # From the front: removals failing meanwhile are appended.
+                    batch = self._departed[:DEPARTED_BATCH]
+                    await self.state.remove_connections(batch, self.inc)
+                    del self._departed[: len(batch)]
                 for lease in list(self._abandoned):
                     # A later start may have taken the conversation up again meanwhile.
                     busy = lease.sid in self._runners or lease.sid in self._starting
@@ -1039,13 +1045,19 @@ class ConversationManager:
         await self.state.delete_if(self.keys.node_lease(self.node_id), old)
         await self.membership.register()
         log.warning("node %s re-registered as %s", old, self.inc)
-        released = await reap_incarnation(
-            self.state, old, keep_connections=True, maxlen=self.config.event_log_maxlen
-        )
-        await self.state.redis.delete(self.keys.node_conns(old))
-        await self.state.add_connections(
-            [(conn.cid, conn.sid, conn.user) for conn in self._connections], self.inc
-        )
+        # A reaper that saw the old incarnation dead would delete our connections even
+        # after they are re-added here: wait for it to finish (it holds the lock).
+        ttl_ms = int(self.config.node_ttl * 1000)
+        async with reaper_lock(self.state, self.inc, ttl_ms, wait=self.config.node_ttl) as held:
+            if not held:
+                log.warning("re-registering connections without the reaper lock")
+            released = await reap_incarnation(
+                self.state, old, keep_connections=True, maxlen=self.config.event_log_maxlen
+            )
+            await self.state.redis.delete(self.keys.node_conns(old))
+            await self.state.add_connections(
+                [(conn.cid, conn.sid, conn.user) for conn in self._connections], self.inc
+            )
         # While unregistered, writers that saw no other listener did not publish.
         self._connections.catch_up_all()
         await self._resume_pending(released)

@@ -14,11 +14,12 @@ expiry, and the fencing epoch rejects any write the old owner still attempts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import redis
 from redis.backoff import NoBackoff
@@ -302,16 +303,36 @@ async def reap_dead_nodes(
     dead = [(node, inc) for node, inc in registry.items() if live.get(node) != inc]
     if not dead:
         return []
-    lock = state.keys.reaper_lock()
-    if not await state.redis.set(lock, me, nx=True, px=lock_ms):
-        return []
     reaped: list[tuple[str, str]] = []
-    try:
+    async with reaper_lock(state, me, lock_ms, wait=0) as held:
+        if not held:
+            return []
         for node, inc in dead:
             released = await reap_incarnation(state, inc, keep_connections=False, maxlen=maxlen)
             await state.unregister(node, inc)
             log.warning("reaped dead node %s: released %d conversation(s)", inc, len(released))
             reaped.extend(released)
-    finally:
-        await state.delete_if(lock, me)
     return reaped
+
+
+@contextlib.asynccontextmanager
+async def reaper_lock(
+    state: RedisState, me: str, lock_ms: int, *, wait: float
+) -> AsyncIterator[bool]:
+    """Hold the cluster's reaper lock (yields whether it was taken within ``wait`` s).
+
+    Reapers hold it while they release dead incarnations; a node re-registering after a
+    lapse holds it while it re-registers its connections, so no reaper that saw its old
+    incarnation dead deletes them after it re-added them.
+    """
+    lock = state.keys.reaper_lock()
+    deadline = time.monotonic() + wait
+    held = bool(await state.redis.set(lock, me, nx=True, px=lock_ms))
+    while not held and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        held = bool(await state.redis.set(lock, me, nx=True, px=lock_ms))
+    try:
+        yield held
+    finally:
+        if held:
+            await state.delete_if(lock, me)

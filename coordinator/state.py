@@ -244,11 +244,16 @@ class RedisState:
                 await pipe.execute()
 
     async def remove_connection(self, cid: str, sid: str, user: str, inc: str) -> None:
+        await self.remove_connections([(cid, sid, user)], inc)
+
+    async def remove_connections(self, conns: Sequence[tuple[str, str, str]], inc: str) -> None:
+        """Forget ``(cid, sid, user)`` connections of ``inc``, in one pipeline."""
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hdel(k.conv_conns(sid), cid)
-            pipe.hdel(k.user_conns(user), cid)
-            pipe.hdel(k.node_conns(inc), cid)
+            for cid, sid, user in conns:
+                pipe.hdel(k.conv_conns(sid), cid)
+                pipe.hdel(k.user_conns(user), cid)
+                pipe.hdel(k.node_conns(inc), cid)
             await pipe.execute()
 
     async def hgetall_many(self, names: Sequence[str]) -> list[dict[str, str]]:

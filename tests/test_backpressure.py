@@ -12,15 +12,16 @@ from tests.helpers import wait_until
 
 
 class InFlight:
-    """Wraps a node's ``maybe_start_agent_loop``: records how many run at once."""
+    """Wraps a method (a node's ``maybe_start_agent_loop`` unless told otherwise): records
+    how many calls run at once."""
 
-    def __init__(self, node: Any, delay: float = 0.0) -> None:
+    def __init__(self, obj: Any, delay: float = 0.0, attr: str = "maybe_start_agent_loop") -> None:
         self.now = 0
         self.peak = 0
         self.calls = 0
-        self._original = node.maybe_start_agent_loop
+        self._original = getattr(obj, attr)
         self._delay = delay
-        node.maybe_start_agent_loop = self
+        setattr(obj, attr, self)
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.now += 1
@@ -176,3 +177,21 @@ async def test_a_start_cut_by_a_lease_lapse_is_retried_not_reported_as_an_evicti
     )
     assert a.inc != first and "straddle" in a.local_loops()
     assert not [e for e in sink.events["c1"] if "TOO_MANY" in str(e.get("args", {}))]
+
+
+async def test_a_mass_leave_takes_a_bounded_share_of_the_redis_pool_and_defers_nothing(
+    make_nodes,
+) -> None:
+    """Hundreds of clients leaving at once: their removals go a bounded number at a time
+    (a quarter of the Redis pool), so none waits out the pool's timeout and the node's
+    other work keeps connections; every one is gone from Redis afterwards."""
+    (a,) = await make_nodes(1, redis_max_connections=8)
+    for i in range(200):
+        await a.join_conversation(f"leave-{i % 2}", f"c{i}", {}, "lars")
+    removals = InFlight(a.state, attr="remove_connections")
+    await asyncio.gather(*(a.disconnect_from_session(f"c{i}") for i in range(200)))
+    assert removals.calls == 200 and removals.peak <= 2, (removals.calls, removals.peak)
+    assert a._departed == []
+    assert await a.get_connections() == {}
+    for sid in ("leave-0", "leave-1"):
+        assert not await a.state.redis.exists(a.keys.conv_conns(sid))

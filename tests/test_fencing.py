@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from coordinator import Fenced
+from coordinator.membership import reap_incarnation, reaper_lock
+from coordinator.state import RedisState
 from tests.helpers import wait_until
 
 
@@ -152,3 +156,48 @@ async def test_a_start_that_fails_after_taking_ownership_does_not_strand_actions
 
 async def _unowned(node, sid: str) -> bool:
     return (await node.conversation(sid)).get("inc") == ""
+
+
+async def test_a_reaper_that_saw_the_old_incarnation_dead_keeps_re_registered_connections(
+    make_nodes,
+) -> None:
+    """A reaper reads a dead incarnation's connections, then deletes them. If the node
+    (its lease lapsed) re-registered those connections in between, they must survive:
+    re-registration waits for the reaper (the cluster's reaper lock)."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("reaped-late", "ca", {}, "rita")
+    old = a.inc
+    reaper_redis = aioredis.Redis.from_url(make_nodes.url)
+    hgetall = reaper_redis.hgetall
+
+    async def slow_hgetall(name: str) -> Any:
+        rows = await hgetall(name)
+        if name == a.keys.node_conns(old):
+            await asyncio.sleep(1.5)  # a slow reaper: it read them, deletes them later
+        return rows
+
+    reaper_redis.hgetall = slow_hgetall  # type: ignore[method-assign]
+    reaper_state = RedisState(reaper_redis, a.keys)
+    await reaper_state.load_scripts()
+
+    async def reap() -> None:  # what reap_dead_nodes does for the old incarnation
+        async with reaper_lock(reaper_state, "reaper", 30_000, wait=0) as held:
+            assert held
+            await reap_incarnation(reaper_state, old, keep_connections=False, maxlen=100)
+
+    reaper = asyncio.create_task(reap())
+    try:
+        await asyncio.sleep(0.2)  # the reaper holds the lock and is reading
+        a.membership._lapse("test: event loop fell behind")
+        await reaper
+    finally:
+        await reaper_redis.aclose()
+
+    async def registered() -> bool:
+        return await a.state.redis.hget(a.keys.conv_conns("reaped-late"), "ca") == a.inc.encode()
+
+    await wait_until(registered, timeout=10, what="the connection registered again")
+    assert a.inc != old
+    assert await a.get_connections(user_id="rita") == {"ca": "reaped-late"}
+    assert await a.get_connections(filter_to_sids={"reaped-late"}) == {"ca": "reaped-late"}
+    assert await a.get_connections() == {"ca": "reaped-late"}
