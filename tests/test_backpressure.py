@@ -9,6 +9,7 @@ from typing import Any
 from coordinator import NodeBusy
 from coordinator.subscriptions import Subscriptions
 from tests.helpers import wait_until
+from tests.server_fixtures import ServerCluster
 
 
 class InFlight:
@@ -195,3 +196,22 @@ async def test_a_mass_leave_takes_a_bounded_share_of_the_redis_pool_and_defers_n
     assert await a.get_connections() == {}
     for sid in ("leave-0", "leave-1"):
         assert not await a.state.redis.exists(a.keys.conv_conns(sid))
+
+
+async def test_a_socketio_client_refused_as_busy_gets_the_reason_and_changes_nothing(
+    servers: ServerCluster,
+) -> None:
+    (a,) = await servers.start(1, max_concurrent_joins=1, join_wait=0.3)
+    InFlight(a.manager, delay=1.0)  # the one join slot stays taken for a second
+    token = servers.token("bea")
+    first = asyncio.create_task(servers.client("first").connect(a.url, "busy-1", token))
+    await asyncio.sleep(0.2)
+    why = await servers.client("second").refused(a.url, "busy-2", token)
+    assert "busy" in why and "try again" in why, why
+    await first
+    assert set((await a.manager.get_connections(user_id="bea")).values()) == {"busy-1"}
+    status, _ = await servers.request("GET", a, "/api/conversations/busy-2", user="bea")
+    assert status == 404
+    # Once the burst is over the same client gets in.
+    again = await servers.join(a, "busy-2", "bea")
+    assert again.connected
