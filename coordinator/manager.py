@@ -48,6 +48,7 @@ from .errors import (
 )
 from .handles import AttachedHandles, ConversationHandle
 from .keys import KeySchema
+from .lane import ScriptLane, lane_supported
 from .membership import Membership, reap_dead_nodes, reap_incarnation, reaper_lock
 from .runner import Lease, LoopRunner
 from .state import RedisState, text
@@ -194,7 +195,12 @@ class ConversationManager:
         except (RedisError, OSError, TimeoutError) as exc:
             await self._redis.aclose()
             raise RedisUnavailable(cfg.redis_url, str(exc) or type(exc).__name__) from None
-        self._state = RedisState(self._redis, self.keys)
+        lane = None
+        if self._redis_given is None and lane_supported(cfg.redis_url):
+            lane = ScriptLane(
+                cfg.redis_url, timeout=cfg.redis_timeout, connect_timeout=cfg.connect_timeout
+            )
+        self._state = RedisState(self._redis, self.keys, lane)
         await self._state.load_scripts()
         # Registering (again, after a lapse) gets a connection of its own: a pool
         # saturated by a burst of joins must not hold it up. Renewals have their own
@@ -245,8 +251,7 @@ class ConversationManager:
     async def aclose(self) -> None:
         """Stop every local loop, forget local connections, deregister, stop tasks."""
         if not self.started:
-            if self._redis is not None and self._redis_given is None:
-                await self._redis.aclose()
+            await self._close_redis()
             return
         self.started = False
         self.draining = True
@@ -274,6 +279,11 @@ class ConversationManager:
         for client in (self._lease_redis, self._pubsub_redis):
             if client is not None:
                 await client.aclose()
+        await self._close_redis()
+
+    async def _close_redis(self) -> None:
+        if self._state is not None and self._state.lane is not None:
+            await self._state.lane.aclose()
         if self._redis is not None and self._redis_given is None:
             await self._redis.aclose()
 

@@ -16,6 +16,7 @@ from redis.commands.core import AsyncScript
 from . import scripts
 from .codec import Event, unpack
 from .keys import KeySchema
+from .lane import ScriptLane
 
 
 def text(value: Any) -> str:
@@ -67,9 +68,12 @@ class Admission:
 
 
 class RedisState:
-    def __init__(self, redis: aioredis.Redis, keys: KeySchema) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: KeySchema, lane: ScriptLane | None = None
+    ) -> None:
         self.redis = redis
         self.keys = keys
+        self.lane = lane  # carries accept and commit, the two calls of every action
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(src) for name, src in scripts.ALL.items()
         }
@@ -79,7 +83,11 @@ class RedisState:
         for script in self._scripts.values():
             await self.redis.script_load(script.script)
 
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _run(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], *, hot: bool = False
+    ) -> Any:
+        if hot and self.lane is not None:
+            return await self.lane.run(self._scripts[name], keys, args)
         return await self._scripts[name](keys=list(keys), args=list(args))
 
     # -- ownership -------------------------------------------------------------------
@@ -110,6 +118,7 @@ class RedisState:
             "accept",
             [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)],
             [user, packed, maxlen, inbox_max, k.conv_channel(sid), uuid.uuid4().hex, publisher],
+            hot=True,
         )
         return Accepted(text(r[0]), int(r[1]), text(r[2]), text(r[3]))
 
@@ -135,6 +144,7 @@ class RedisState:
                 inc, epoch, maxlen, k.conv_channel(sid), cause, index, state, publisher,
                 *packed_events,
             ],
+            hot=True,
         )  # fmt: skip
         return Committed(text(r[0]), int(r[1]), int(r[2]), int(r[3]))
 

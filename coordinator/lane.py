@@ -1,0 +1,214 @@
+"""A lean pipelined Redis connection for the action path's two scripts.
+
+Every user action costs two dependent script calls (accept, then the agent's commit).
+Through redis-py each costs 140-200 us of CPU in its pool, retry and connection layers,
+against ~50 us to write the command and parse the reply with hiredis (BENCHMARKS.md), and
+on the same-node round trip that CPU is latency. The lane is one connection of its own:
+calls write their command at once and wait for their reply, which Redis returns in order
+(pipelining, so concurrent calls do not queue for a connection); replies are parsed by
+hiredis, which redis-py already uses.
+
+Failure handling matches what the rest of the state layer gets from redis-py: a reply
+not back within ``timeout`` or a lost connection fails every call in flight (their
+replies can no longer be matched) with ``TimeoutError``/``ConnectionError``; a call is
+retried twice with jittered backoff (the scripts make a retry of a lost reply harmless);
+the next call reconnects. ``redis://`` and ``unix://`` URLs with a user, password and db
+are supported; for others (TLS) the state layer keeps using redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+from redis.asyncio.connection import parse_url
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    AuthenticationError,
+    DataError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+RETRIES = 2
+
+
+def lane_supported(url: str) -> bool:
+    return url.startswith(("redis://", "unix://"))
+
+
+def _arg(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value).encode()
+    raise DataError(f"cannot send {type(value).__name__} to Redis")
+
+
+def pack(*args: Any) -> bytes:
+    """One command in RESP."""
+    out = [b"*%d\r\n" % len(args)]
+    for value in args:
+        data = _arg(value)
+        out.append(b"$%d\r\n" % len(data))
+        out.append(data)
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+class _Link(asyncio.Protocol):
+    """One connection: futures of the calls in flight, answered in order."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.reader = hiredis.Reader()
+        self.failure: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        if self.failure is not None or self.transport is None:
+            raise self.failure or RedisConnectionError("the lane is not connected")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        self.transport.write(command)
+        return fut
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.fail(RedisConnectionError(f"Redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if not self.waiting:
+                self.fail(RedisConnectionError("a reply nobody asked for"))
+                return
+            fut = self.waiting.popleft()
+            if fut.done():  # its caller gave up (cancelled); the reply is dropped
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                fut.set_exception(_reply_error(str(reply)))
+            else:
+                fut.set_result(reply)
+
+    def fail(self, exc: Exception) -> None:
+        """Fail every call in flight and drop the connection."""
+        if self.failure is None:
+            self.failure = exc
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(self.failure)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def time_out(self) -> None:
+        self.fail(RedisTimeoutError("Redis did not answer in time"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
+
+
+def _reply_error(message: str) -> RedisError:
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    if message.startswith(("NOAUTH", "WRONGPASS")):
+        return AuthenticationError(message)
+    return ResponseError(message)
+
+
+class ScriptLane:
+    def __init__(self, url: str, *, timeout: float, connect_timeout: float) -> None:
+        if not lane_supported(url):
+            raise ValueError(f"the script lane supports redis:// and unix:// URLs, not {url!r}")
+        self._params = parse_url(url)
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._link: _Link | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+
+    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA ``script`` (loading it on NOSCRIPT), retried on a lost connection."""
+        command = pack("EVALSHA", script.sha, len(keys), *keys, *args)
+        for attempt in range(RETRIES + 1):
+            try:
+                try:
+                    return await self._call(command)
+                except NoScriptError:  # Redis restarted without its script cache
+                    await self._call(pack("SCRIPT", "LOAD", script.script))
+                    return await self._call(command)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                if attempt == RETRIES or self._closed:
+                    raise
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt) * random.random())
+        raise AssertionError("unreachable")
+
+    async def _call(self, command: bytes) -> Any:
+        link = self._link
+        if link is None or link.failure is not None:
+            link = await self._connect()
+        fut = link.send(command)
+        timer = asyncio.get_running_loop().call_later(self._timeout, link.time_out)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    async def _connect(self) -> _Link:
+        if self._closed:
+            raise RedisConnectionError("the lane is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._link is not None and self._link.failure is None:
+                return self._link  # another caller connected meanwhile
+            loop = asyncio.get_running_loop()
+            p = self._params
+            try:
+                if "path" in p:
+                    connect = loop.create_unix_connection(_Link, str(p["path"]))
+                else:
+                    host, port = str(p.get("host", "localhost")), int(p.get("port", 6379))
+                    connect = loop.create_connection(_Link, host, port)
+                _, fresh = await asyncio.wait_for(connect, self._connect_timeout)
+            except OSError as exc:  # TimeoutError included
+                raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from None
+            link: _Link = fresh
+            try:
+                if p.get("password"):
+                    who = [p["username"]] if p.get("username") else []
+                    await asyncio.wait_for(
+                        link.send(pack("AUTH", *who, p["password"])), self._connect_timeout
+                    )
+                if p.get("db"):
+                    await asyncio.wait_for(
+                        link.send(pack("SELECT", int(p["db"]))), self._connect_timeout
+                    )
+            except BaseException:
+                link.fail(RedisConnectionError("the lane's handshake failed"))
+                raise
+            self._link = link
+            return link
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._link is not None:
+            self._link.fail(RedisConnectionError("the lane is closed"))
+            self._link = None
