@@ -23,10 +23,11 @@ from redis.asyncio.client import Pipeline, PubSub
 
 from bench.common import QUIET_NODE, Mode, private_redis, table
 from coordinator import ConversationManager, ManagerConfig
+from coordinator.lane import ScriptLane
 
 
 class ClientCounter:
-    """Counts what redis-py sends, per connection pool (one pool per node)."""
+    """Counts what redis-py and the script lane send, per node (its pool and its lane)."""
 
     def __init__(self) -> None:
         self.names: dict[int, str] = {}
@@ -43,6 +44,7 @@ class ClientCounter:
         orig_exec = aioredis.Redis.execute_command
         orig_pipe = Pipeline.execute
         orig_pubsub = PubSub.execute_command
+        orig_lane = ScriptLane._call
 
         async def execute_command(self: Any, *args: Any, **kw: Any) -> Any:
             node = node_of(self)
@@ -62,14 +64,22 @@ class ClientCounter:
             counter.cmds[node_of(self)] += 1
             return await orig_pubsub(self, *args, **kw)
 
+        async def lane_call(self: Any, command: bytes) -> Any:
+            node = counter.names.get(id(self), "other")
+            counter.trips[node] += 1
+            counter.cmds[node] += 1
+            return await orig_lane(self, command)
+
         self._saved = [
             (aioredis.Redis, "execute_command", orig_exec),
             (Pipeline, "execute", orig_pipe),
             (PubSub, "execute_command", orig_pubsub),
+            (ScriptLane, "_call", orig_lane),
         ]
         aioredis.Redis.execute_command = execute_command  # type: ignore[method-assign]
         Pipeline.execute = execute  # type: ignore[method-assign]
         PubSub.execute_command = pubsub_command  # type: ignore[method-assign]
+        ScriptLane._call = lane_call  # type: ignore[method-assign]
 
     def uninstall(self) -> None:
         for cls, name, fn in self._saved:
@@ -160,6 +170,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                 )
                 await nodes[name].start()
                 counter.names[id(nodes[name].state.redis.connection_pool)] = name
+                counter.names[id(nodes[name].state.lane)] = name
             a, b, c = nodes["A"], nodes["B"], nodes["C"]
             m = Meter(probe, counter)
             action = {"action": "message", "args": {"content": "hello"}}

@@ -242,7 +242,7 @@ async def _leave(
         before = registered()
         deferred0, lapses0 = _log_count(nodes, "removal deferred"), _lapses(nodes)
         t0 = time.perf_counter()
-        replies = await asyncio.gather(
+        await asyncio.gather(
             *(g.request({"cmd": "close", "group": group, "concurrency": 100_000}) for g in gens)
         )
         closed = time.perf_counter() - t0
