@@ -40,10 +40,6 @@ class Ownership:
     user: str
     applied: int
 
-    @property
-    def acquired(self) -> bool:
-        return self.status in ("created", "ok", "mine")
-
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
