@@ -134,10 +134,13 @@ def _reply_error(message: str) -> RedisError:
 
 
 class ScriptLane:
-    def __init__(self, url: str, *, timeout: float, connect_timeout: float) -> None:
+    def __init__(
+        self, url: str, *, timeout: float, connect_timeout: float, name: str = "coordinator-lane"
+    ) -> None:
         if not lane_supported(url):
             raise ValueError(f"the script lane supports redis:// and unix:// URLs, not {url!r}")
         self._params = parse_url(url)
+        self._name = name  # CLIENT SETNAME: how the connection shows in CLIENT LIST
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._link: _Link | None = None
@@ -192,20 +195,27 @@ class ScriptLane:
                 raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from None
             link: _Link = fresh
             try:
-                if p.get("password"):
-                    who = [p["username"]] if p.get("username") else []
-                    await asyncio.wait_for(
-                        link.send(pack("AUTH", *who, p["password"])), self._connect_timeout
-                    )
-                if p.get("db"):
-                    await asyncio.wait_for(
-                        link.send(pack("SELECT", int(p["db"]))), self._connect_timeout
-                    )
+                for command in self._handshake():
+                    await asyncio.wait_for(link.send(command), self._connect_timeout)
+            except TimeoutError:
+                link.fail(RedisConnectionError("the lane's handshake timed out"))
+                raise RedisTimeoutError("Redis did not answer the handshake in time") from None
             except BaseException:
                 link.fail(RedisConnectionError("the lane's handshake failed"))
                 raise
             self._link = link
             return link
+
+    def _handshake(self) -> list[bytes]:
+        p = self._params
+        commands = []
+        if p.get("password"):
+            who = [p["username"]] if p.get("username") else []
+            commands.append(pack("AUTH", *who, p["password"]))
+        if p.get("db"):
+            commands.append(pack("SELECT", int(p["db"])))
+        commands.append(pack("CLIENT", "SETNAME", self._name))
+        return commands
 
     async def aclose(self) -> None:
         self._closed = True
