@@ -296,18 +296,21 @@ async def reap_dead_nodes(
 
     Returns ``(sid, user)`` of every conversation released.
     """
-    registry = await state.registry()
-    if not registry:
-        return []
-    live = await state.live_incarnations(registry)
-    dead = [(node, inc) for node, inc in registry.items() if live.get(node) != inc]
-    if not dead:
+
+    async def find_dead() -> list[tuple[str, str]]:
+        registry = await state.registry()
+        live = await state.live_incarnations(registry)
+        return [(node, inc) for node, inc in registry.items() if live.get(node) != inc]
+
+    if not await find_dead():
         return []
     reaped: list[tuple[str, str]] = []
     async with reaper_lock(state, me, lock_ms, wait=0) as held:
         if not held:
             return []
-        for node, inc in dead:
+        # Again under the lock: a lapsed node that re-registered meanwhile replaced its
+        # old incarnation in the registry and cleans that up itself.
+        for node, inc in await find_dead():
             released = await reap_incarnation(state, inc, keep_connections=False, maxlen=maxlen)
             await state.unregister(node, inc)
             log.warning("reaped dead node %s: released %d conversation(s)", inc, len(released))
