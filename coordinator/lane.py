@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +35,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .backoff import Backoff
 
 RETRIES = 2
 
@@ -150,6 +151,7 @@ class ScriptLane:
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA ``script`` (loading it on NOSCRIPT), retried on a lost connection."""
         command = pack("EVALSHA", script.sha, len(keys), *keys, *args)
+        backoff = Backoff(base=0.05, cap=1.0)
         for attempt in range(RETRIES + 1):
             try:
                 try:
@@ -160,7 +162,7 @@ class ScriptLane:
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 if attempt == RETRIES or self._closed:
                     raise
-                await asyncio.sleep(min(1.0, 0.05 * 2**attempt) * random.random())
+                await asyncio.sleep(backoff.next())
         raise AssertionError("unreachable")
 
     async def _call(self, command: bytes) -> Any:
