@@ -57,7 +57,6 @@ from .subscriptions import Subscriptions
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 32  # idle loops closed at once by a sweep
-DEPARTED_BATCH = 500  # deferred connection removals retried per pipeline
 
 
 class EventSink(Protocol):
@@ -1020,11 +1019,11 @@ class ConversationManager:
                 if self._lease_lost.is_set():
                     self._lease_lost.clear()
                     await self._rotate_incarnation()
-                while self._departed:
-                    # From the front: removals failing meanwhile are appended.
-                    batch = self._departed[:DEPARTED_BATCH]
-                    await self.state.remove_connections(batch, self.inc)
-                    del self._departed[: len(batch)]
+                if self._departed:
+                    # Removals failing meanwhile are appended: drop only what was sent.
+                    retried = list(self._departed)
+                    await self.state.remove_connections(retried, self.inc)
+                    del self._departed[: len(retried)]
                 for lease in list(self._abandoned):
                     # A later start may have taken the conversation up again meanwhile.
                     busy = lease.sid in self._runners or lease.sid in self._starting

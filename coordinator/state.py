@@ -6,11 +6,12 @@ Nothing here keeps state of its own; every method is one or a few Redis round tr
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
 from . import scripts
@@ -236,31 +237,43 @@ class RedisState:
     async def add_connection(self, cid: str, sid: str, user: str, inc: str) -> None:
         await self.add_connections([(cid, sid, user)], inc)
 
-    async def add_connections(
-        self, conns: Sequence[tuple[str, str, str]], inc: str, batch: int = 500
-    ) -> None:
-        """Register ``(cid, sid, user)`` connections of ``inc``, pipelined in batches."""
+    async def add_connections(self, conns: Sequence[tuple[str, str, str]], inc: str) -> None:
+        """Register ``(cid, sid, user)`` connections of ``inc``."""
         k = self.keys
-        for start in range(0, len(conns), batch):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for cid, sid, user in conns[start : start + batch]:
-                    pipe.hset(k.conv_conns(sid), cid, inc)
-                    pipe.hset(k.user_conns(user), cid, sid)
-                    pipe.hset(k.node_conns(inc), cid, sid)
-                await pipe.execute()
+
+        def queue(pipe: Pipeline, cid: str, sid: str, user: str) -> None:
+            pipe.hset(k.conv_conns(sid), cid, inc)
+            pipe.hset(k.user_conns(user), cid, sid)
+            pipe.hset(k.node_conns(inc), cid, sid)
+
+        await self._per_connection(conns, queue)
 
     async def remove_connection(self, cid: str, sid: str, user: str, inc: str) -> None:
         await self.remove_connections([(cid, sid, user)], inc)
 
     async def remove_connections(self, conns: Sequence[tuple[str, str, str]], inc: str) -> None:
-        """Forget ``(cid, sid, user)`` connections of ``inc``, in one pipeline."""
+        """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent)."""
         k = self.keys
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for cid, sid, user in conns:
-                pipe.hdel(k.conv_conns(sid), cid)
-                pipe.hdel(k.user_conns(user), cid)
-                pipe.hdel(k.node_conns(inc), cid)
-            await pipe.execute()
+
+        def queue(pipe: Pipeline, cid: str, sid: str, user: str) -> None:
+            pipe.hdel(k.conv_conns(sid), cid)
+            pipe.hdel(k.user_conns(user), cid)
+            pipe.hdel(k.node_conns(inc), cid)
+
+        await self._per_connection(conns, queue)
+
+    async def _per_connection(
+        self,
+        conns: Sequence[tuple[str, str, str]],
+        queue: Callable[[Pipeline, str, str, str], None],
+        batch: int = 500,
+    ) -> None:
+        """Queue each connection's commands, one pipeline (round trip) per ``batch``."""
+        for start in range(0, len(conns), batch):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for cid, sid, user in conns[start : start + batch]:
+                    queue(pipe, cid, sid, user)
+                await pipe.execute()
 
     async def hgetall_many(self, names: Sequence[str]) -> list[dict[str, str]]:
         if not names:
