@@ -11,7 +11,7 @@ Commands (one JSON object per line; one JSON reply per command on stdout):
   seconds, then wait up to S seconds for the answers. Replies with the round-trip
   latencies (send to the agent's ``oh_event``) and ack latencies in milliseconds.
 - ``{"cmd": "close", "group": G, "concurrency": N}``: close the group's connections, N at
-  a time (default 200); replies with the seconds it took. ``{"cmd": "quit"}``.
+  a time (default 200). ``{"cmd": "quit"}``.
 
 Run: ``python -m bench.loadgen`` (started by the benchmarks, not by hand).
 """
@@ -159,7 +159,6 @@ class LoadGen:
 
     async def close(self, p: dict[str, Any]) -> dict[str, Any]:
         group = self.groups.pop(p["group"], None)
-        t0 = time.perf_counter()
         if group is not None:
             sem = asyncio.Semaphore(int(p.get("concurrency", 200)))
 
@@ -168,7 +167,7 @@ class LoadGen:
                     await c.close()
 
             await asyncio.gather(*(one(c) for c in group.clients))
-        return {"closed": True, "seconds": time.perf_counter() - t0}
+        return {"closed": True}
 
 
 async def main() -> None:
