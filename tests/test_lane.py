@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,8 +14,11 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from coordinator.codec import pack
 from coordinator.embedded import EmbeddedRedis
+from coordinator.keys import KeySchema
 from coordinator.lane import ScriptLane, lane_supported
+from coordinator.state import RedisState
 from tests.tcpproxy import TcpProxy
 
 ECHO = "return {ARGV[1], redis.call('INCR', KEYS[1])}"
@@ -147,3 +151,35 @@ def test_tls_urls_stay_on_redis_py() -> None:
     assert not lane_supported("rediss://127.0.0.1:6380/0")
     with pytest.raises(ValueError, match="redis:// and unix://"):
         ScriptLane("rediss://127.0.0.1:6380/0", timeout=1.0, connect_timeout=1.0)
+
+
+async def test_a_lost_reply_is_retried_by_the_lane_and_recorded_once(redis_url: str) -> None:
+    """The lane re-sends a call whose reply was lost after Redis ran it: the accept's token
+    and the commit's (cause, index) make the second run a no-op, so an action and its
+    answer are logged once."""
+    client = aioredis.Redis.from_url(redis_url)
+    lane = ScriptLane(redis_url, timeout=2.0, connect_timeout=2.0)
+    state = RedisState(client, KeySchema("lost"), lane)
+    call = lane._call
+    lost: list[bytes] = []
+
+    async def run_then_lose_the_reply(command: bytes) -> Any:
+        reply = await call(command)
+        if b"EVALSHA" in command[:40] and command not in lost:  # each call's first reply
+            lost.append(command)
+            raise RedisConnectionError("reply lost")
+        return reply
+
+    lane._call = run_then_lose_the_reply  # type: ignore[method-assign]
+    try:
+        await state.acquire("s", "n1", "n1/a", "u", create=True)  # through redis-py
+        accepted = await state.accept("s", "u", pack({"action": "message"}), 100, 10)
+        committed = await state.commit("s", "n1/a", 1, [pack({"r": 1})], maxlen=100, cause=1)
+        assert len(lost) == 2  # both calls ran in Redis and lost their first reply
+        assert (accepted.status, accepted.event_id) == ("ok", 1)
+        assert committed.status == "dup"  # the retry found the first run's write
+        assert [i for i, _ in await state.events_after("s", 0)] == [1, 2]
+        assert await client.xlen(state.keys.inbox("s")) == 0
+    finally:
+        await lane.aclose()
+        await client.aclose()
