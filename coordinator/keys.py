@@ -95,6 +95,10 @@ class KeySchema:
         """Hash: node id -> its current incarnation."""
         return f"{self.prefix}:{{cluster}}:nodes"
 
+    def retired(self) -> str:
+        """Hash: replaced incarnation -> node id, until everything it held is released."""
+        return f"{self.prefix}:{{cluster}}:retired"
+
     def reaper_lock(self) -> str:
         """String: the node currently reaping dead nodes (SET NX PX)."""
         return f"{self.prefix}:{{cluster}}:reaper"

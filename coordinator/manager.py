@@ -1063,10 +1063,13 @@ class ConversationManager:
             released = await reap_incarnation(
                 self.state, old, keep_connections=True, maxlen=self.config.event_log_maxlen
             )
-            await self.state.redis.delete(self.keys.node_conns(old))
+            # Re-add first: were we to die between the two, a reaper (the old incarnation
+            # stays on the retired list until the end) still finds every connection.
             await self.state.add_connections(
                 [(conn.cid, conn.sid, conn.user) for conn in self._connections], self.inc
             )
+            await self.state.redis.delete(self.keys.node_conns(old))
+            await self.state.forget_retired(old)
         # While unregistered, writers that saw no other listener did not publish.
         self._connections.catch_up_all()
         await self._resume_pending(released)

@@ -286,6 +286,8 @@ async def reap_incarnation(
                 await pipe.execute()
         await state.redis.delete(keys.node_conns(inc))
     await state.redis.delete(keys.node_owned(inc), keys.node_idle(inc))
+    if not keep_connections:  # else the caller forgets it once it re-added them
+        await state.forget_retired(inc)
     return released
 
 
@@ -300,7 +302,11 @@ async def reap_dead_nodes(
     async def find_dead() -> list[tuple[str, str]]:
         registry = await state.registry()
         live = await state.live_incarnations(registry)
-        return [(node, inc) for node, inc in registry.items() if live.get(node) != inc]
+        dead = [(node, inc) for node, inc in registry.items() if live.get(node) != inc]
+        # Incarnations replaced by a re-registration stay listed until released: their
+        # node may have died before it released them.
+        retired = await state.retired()
+        return dead + sorted((node, inc) for inc, node in retired.items())
 
     if not await find_dead():
         return []
@@ -308,8 +314,9 @@ async def reap_dead_nodes(
     async with reaper_lock(state, me, lock_ms, wait=0) as held:
         if not held:
             return []
-        # Again under the lock: a lapsed node that re-registered meanwhile replaced its
-        # old incarnation in the registry and cleans that up itself.
+        # Again under the lock: one reaped meanwhile is gone from both lists. A lapsed
+        # node re-registering waits for this lock before it re-adds its connections, so
+        # reaping its old incarnation here cannot delete them after they were re-added.
         for node, inc in await find_dead():
             released = await reap_incarnation(state, inc, keep_connections=False, maxlen=maxlen)
             await state.unregister(node, inc)

@@ -245,6 +245,18 @@ if not held then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return 0
 """
 
+ENROLL = """
+-- enroll: name the node's new incarnation in the registry; the one it replaces goes on
+-- the retired list (atomically), so its keys are released even if the node dies before
+-- it has released them itself.
+-- KEYS[1]  registry hash   KEYS[2] retired hash   ARGV[1] node   ARGV[2] incarnation
+-- returns  the replaced incarnation ('' if none)
+local prev = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if prev ~= '' and prev ~= ARGV[2] then redis.call('HSET', KEYS[2], prev, ARGV[1]) end
+return prev
+"""
+
 RENEW = """
 -- renew: extend the node's heartbeat lease if it is still this incarnation's.
 -- KEYS[1]  node lease string   ARGV[1] incarnation   ARGV[2] ttl (ms)
@@ -297,6 +309,7 @@ ALL = {
     "commit": COMMIT,
     "admit": ADMIT,
     "release_slot": RELEASE_SLOT,
+    "enroll": ENROLL,
     "renew": RENEW,
     "delete_if": DELETE_IF,
     "hdel_if": HDEL_IF,

@@ -201,14 +201,24 @@ class RedisState:
         k = self.keys
         if not await self.redis.set(k.node_lease(node), inc, nx=True, px=ttl_ms):
             return False, text(await self.redis.get(k.node_lease(node)))
-        prev = text(await self.redis.hget(k.registry(), node))
-        await self.redis.hset(k.registry(), node, inc)
-        return True, prev
+        # The lease and the registry hash in different slots: a crash between the two
+        # leaves the registry naming the old incarnation, whose lease is gone (reaped).
+        prev = await self._run("enroll", [k.registry(), k.retired()], [node, inc])
+        return True, text(prev)
 
     async def unregister(self, node: str, inc: str) -> None:
         k = self.keys
         await self._run("delete_if", [k.node_lease(node)], [inc])
         await self._run("hdel_if", [k.registry()], [node, inc])
+
+    async def retired(self) -> dict[str, str]:
+        """Replaced incarnation -> node id, for those not yet released."""
+        raw = await self.redis.hgetall(self.keys.retired())
+        return {text(k): text(v) for k, v in raw.items()}
+
+    async def forget_retired(self, inc: str) -> None:
+        """Everything ``inc`` held has been released."""
+        await self.redis.hdel(self.keys.retired(), inc)
 
     async def delete_if(self, key: str, value: str) -> bool:
         return bool(await self._run("delete_if", [key], [value]))

@@ -1,4 +1,5 @@
-"""Fencing with real processes: an owner paused by SIGSTOP past its lease."""
+"""Fencing with real processes: an owner paused by SIGSTOP past its lease, and one that
+dies while it re-registers after such a pause."""
 
 from __future__ import annotations
 
@@ -81,6 +82,61 @@ async def test_sigstopped_owner_is_replaced_and_cannot_write_after_sigcont(
     finally:
         await ca.close()
         await cb.close()
+        await cluster.async_stop()
+        await redis.aclose()
+
+
+async def test_a_node_killed_while_re_registering_leaves_nothing_of_its_old_incarnation(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A lapsed node replaces its incarnation in the registry, then releases the old one.
+    Killed in between, no registry entry names the old one any more: it stays on the
+    retired list, and a reaper releases its conversation and connections."""
+    keys = KeySchema("coord")
+    sid = "rotating-1"
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    cluster = ProcessCluster(redis_url, tmp_path, extra_args=FAST)
+    client = SioClient("on-a")
+    try:
+        a, _b = await cluster.async_start(2)
+        token = cluster.token("rho")
+        await client.connect(a.url, sid, token)
+        await client.say("hello")
+        await client.wait_for(lambda: len(client.events) >= 2, "the echo")
+        old = await redis.hget(keys.registry(), "node1")
+        assert list((await redis.hgetall(keys.node_conns(old))).values()) == [sid]
+        # Holding the reaper lock keeps node2 from reaping node1 while it is paused, and
+        # holds node1's re-registration between its two steps, where it is killed.
+        assert await redis.set(keys.reaper_lock(), "test", nx=True, px=60_000)
+        a.pause()
+        await wait_until(
+            lambda: _missing(redis, keys.node_lease("node1")), timeout=10, what="a's lease gone"
+        )
+        a.resume()
+
+        async def replaced() -> bool:
+            return await redis.hget(keys.registry(), "node1") not in (None, old)
+
+        await wait_until(replaced, timeout=10, what="node1 re-registered")
+        a.kill()
+        await redis.delete(keys.reaper_lock())
+
+        async def released() -> bool:
+            meta = await redis.hgetall(keys.conv(sid))
+            return (
+                meta.get("inc") == ""
+                and not await redis.hlen(keys.conv_conns(sid))
+                and not await redis.hlen(keys.user_conns("rho"))
+                and not await redis.exists(
+                    keys.node_conns(old), keys.node_owned(old), keys.node_idle(old)
+                )
+                and await redis.hkeys(keys.registry()) == ["node2"]
+                and not await redis.hlen(keys.retired())
+            )
+
+        await wait_until(released, timeout=20, what="the old incarnation released")
+    finally:
+        await client.close()
         await cluster.async_stop()
         await redis.aclose()
 
