@@ -167,7 +167,8 @@ class ChatClient:
                 await self._seen.wait_for(lambda: self.answered_after > after)
 
         try:
-            await asyncio.wait_for(answered(), within)
+            async with asyncio.timeout(within):
+                await answered()
         except TimeoutError:
             return False
         return True

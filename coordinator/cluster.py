@@ -48,7 +48,8 @@ async def _wait_ready(node: NodeProcess, deadline: float) -> None:
         if remaining <= 0:
             raise CoordinatorError(f"{node.node_id} did not start within {READY_TIMEOUT}s")
         try:
-            line = await asyncio.wait_for(node.proc.stdout.readline(), remaining)
+            async with asyncio.timeout(remaining):
+                line = await node.proc.stdout.readline()
         except TimeoutError:
             continue
         if not line:
@@ -87,7 +88,8 @@ async def _stop_nodes(nodes: list[NodeProcess], grace: float) -> None:
             await node.proc.wait()
         if node.forwarder is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(node.forwarder, 2)
+                async with asyncio.timeout(2):
+                    await node.forwarder
 
 
 def instructions(urls: list[tuple[str, str]], redis_url: str, secret: str) -> str:

@@ -85,7 +85,8 @@ async def cluster_view(manager: ConversationManager) -> dict[str, Any]:
 async def redis_ok(manager: ConversationManager, limit: float = 2.0) -> tuple[bool, str]:
     """Whether Redis answers PING within ``limit`` seconds; the reason when not."""
     try:
-        await asyncio.wait_for(manager.state.redis.ping(), limit)
+        async with asyncio.timeout(limit):
+            await manager.state.redis.ping()
     except TimeoutError:
         return False, f"redis did not answer PING within {limit}s"
     except (RedisError, OSError) as exc:

@@ -192,13 +192,15 @@ class ScriptLane:
                 else:
                     host, port = str(p.get("host", "localhost")), int(p.get("port", 6379))
                     connect = loop.create_connection(_Link, host, port)
-                _, fresh = await asyncio.wait_for(connect, self._connect_timeout)
+                async with asyncio.timeout(self._connect_timeout):
+                    _, fresh = await connect
             except OSError as exc:  # TimeoutError included
                 raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from None
             link: _Link = fresh
             try:
                 for command in self._handshake():
-                    await asyncio.wait_for(link.send(command), self._connect_timeout)
+                    async with asyncio.timeout(self._connect_timeout):
+                        await link.send(command)
             except TimeoutError:
                 link.fail(RedisConnectionError("the lane's handshake timed out"))
                 raise RedisTimeoutError("Redis did not answer the handshake in time") from None

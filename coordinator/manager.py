@@ -53,6 +53,7 @@ from .membership import Membership, reap_dead_nodes, reap_incarnation, reaper_lo
 from .runner import Lease, LoopRunner
 from .state import RedisState, text
 from .subscriptions import Subscriptions
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,8 @@ class ConversationManager:
             )
             self._redis = aioredis.Redis(connection_pool=pool)
         try:
-            await asyncio.wait_for(self._redis.ping(), cfg.connect_timeout + 1)
+            async with asyncio.timeout(cfg.connect_timeout + 1):
+                await self._redis.ping()
         except (RedisError, OSError, TimeoutError) as exc:
             await self._redis.aclose()
             raise RedisUnavailable(cfg.redis_url, str(exc) or type(exc).__name__) from None
@@ -263,12 +265,8 @@ class ConversationManager:
         self._handles.release_detached()
         if self._subs is not None:
             await self._subs.aclose()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            _, stuck = await asyncio.wait(set(self._tasks), timeout=5)
-            for task in stuck:
-                log.error("task %s did not stop within 5s of cancellation", task.get_name())
+        for task in await cancel_and_wait(list(self._tasks), within=5):
+            log.error("task %s did not stop within 5s of cancellation", task.get_name())
         self.membership.stop()
         with contextlib.suppress(RedisError, OSError):
             await reap_incarnation(
@@ -299,7 +297,8 @@ class ConversationManager:
         self.draining = True
         log.info("node %s draining", self.node_id)
         try:
-            await asyncio.wait_for(self._handoff(), self.config.drain_timeout)
+            async with asyncio.timeout(self.config.drain_timeout):
+                await self._handoff()
         except TimeoutError:
             log.error(
                 "drain of %s exceeded %.0fs; closing", self.node_id, self.config.drain_timeout
@@ -389,7 +388,8 @@ class ConversationManager:
             raise InvalidInput(f"connection {connection_id!r} already joined a conversation")
         self._check_intake()
         try:
-            await asyncio.wait_for(self._join_gate.acquire(), self.config.join_wait)
+            async with asyncio.timeout(self.config.join_wait):
+                await self._join_gate.acquire()
         except TimeoutError:
             raise NodeBusy(
                 f"node {self.node_id} is busy ({self.config.max_concurrent_joins} joins in "
@@ -688,7 +688,8 @@ class ConversationManager:
                     f"waited {self.config.start_timeout}s for a slot of user {lease.user!r}"
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(delay, remaining))
+                async with asyncio.timeout(min(delay, remaining)):
+                    await event.wait()
             delay = min(delay * 2, 0.25)
             event = self._slot_events.setdefault(lease.user, asyncio.Event())
             adm = await self.state.admit(lease.user, lease.sid, lease.inc, cap, retry=True)
@@ -950,7 +951,8 @@ class ConversationManager:
         self._replies[rid] = fut
         try:
             await self._send(inc, method, {**payload, "rid": rid})
-            return await asyncio.wait_for(fut, self.config.redis_timeout * 2)
+            async with asyncio.timeout(self.config.redis_timeout * 2):
+                return await fut
         except TimeoutError:
             raise CoordinatorError(f"node {inc} did not answer {method!r} in time") from None
         finally:
@@ -1013,7 +1015,8 @@ class ConversationManager:
         n = 0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lease_lost.wait(), self.config.heartbeat_interval)
+                async with asyncio.timeout(self.config.heartbeat_interval):
+                    await self._lease_lost.wait()
             n += 1
             try:
                 if self._lease_lost.is_set():

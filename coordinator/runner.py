@@ -25,8 +25,11 @@ from .codec import agent_event, pack
 from .config import ManagerConfig
 from .errors import Fenced
 from .state import RedisState
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+STOP_WITHIN = 5.0  # seconds a cancelled loop task gets to finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +257,8 @@ class LoopRunner:
                     return False
                 self._progress.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._progress.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._progress.wait()
         return False
 
     # -- shutdown --------------------------------------------------------------------
@@ -277,10 +281,9 @@ class LoopRunner:
         self.closed = True
         self._wake.set()
         task, self._task = self._task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        mine = task is asyncio.current_task()
+        if task is not None and not mine and await cancel_and_wait([task], within=STOP_WITHIN):
+            log.error("loop %s did not stop within %ss of cancellation", self.sid, STOP_WITHIN)
         try:
             await self.agent.aclose()
         except Exception:

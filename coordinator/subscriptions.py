@@ -93,7 +93,8 @@ class Subscriptions:
         if wait:
             fut = self._confirmed.get(channel)
             if fut is not None and not fut.done():
-                await asyncio.wait_for(asyncio.shield(fut), self._confirm_timeout)
+                async with asyncio.timeout(self._confirm_timeout):
+                    await asyncio.shield(fut)
 
     async def discard(self, channel: str) -> None:
         n = self._refs.get(channel, 0)

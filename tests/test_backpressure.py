@@ -8,6 +8,7 @@ from typing import Any
 
 from coordinator import NodeBusy
 from coordinator.subscriptions import Subscriptions
+from coordinator.tasks import cancel_and_wait
 from tests.helpers import wait_until
 from tests.server_fixtures import ServerCluster
 
@@ -70,8 +71,9 @@ async def test_a_lost_nodes_conversations_restart_a_bounded_number_at_a_time(mak
         await a.join_conversation(sid, f"ca{i}", {}, f"u{i}")  # loops on a
         await b.join_conversation(sid, f"cb{i}", {}, f"u{i}")  # clients on b too
     restarts = InFlight(b, delay=0.1)
-    for task in list(a._tasks):  # a goes silent like a killed process: no heartbeats,
-        task.cancel()  # no pub/sub; its lease expires and b reaps it
+    # a goes silent like a killed process: no heartbeats, no pub/sub; its lease expires
+    # and b reaps it.
+    assert not await cancel_and_wait(list(a._tasks), within=5)
     a.membership.stop()
     await wait_until(
         lambda: set(sids) <= b.local_loops(), timeout=20, what="every loop restarted on b"
@@ -121,7 +123,7 @@ async def test_a_subscription_that_delivers_is_not_declared_silent(redis_client)
         await wait_until(lambda: subs.reconnects >= 1, timeout=5, what="silent link replaced")
     finally:
         await subs.aclose()
-        listener.cancel()
+        await cancel_and_wait([listener], within=5)
 
 
 async def test_renewals_go_on_while_a_slow_re_registration_runs(make_nodes) -> None:

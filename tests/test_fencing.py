@@ -11,13 +11,12 @@ import redis.asyncio as aioredis
 from coordinator import Fenced
 from coordinator.membership import reap_incarnation, reaper_lock
 from coordinator.state import RedisState
+from coordinator.tasks import cancel_and_wait
 from tests.helpers import wait_until
 
 
-def _stop_heartbeats(node) -> None:
-    for task in list(node._tasks):
-        if task.get_name() == "heartbeat":
-            task.cancel()
+async def _stop_heartbeats(node) -> None:
+    await cancel_and_wait([t for t in node._tasks if t.get_name() == "heartbeat"], within=5)
 
 
 async def _epochs(node, sid: str) -> list[tuple[int, int | None]]:
@@ -45,7 +44,7 @@ async def test_node_whose_renewals_stop_fences_itself_before_takeover(make_nodes
             await asyncio.sleep(0.005)
 
     observer = asyncio.create_task(observe())
-    _stop_heartbeats(a)
+    await _stop_heartbeats(a)
     # Node a stops its loop by its own clock, before its lease can expire in Redis ...
     await wait_until(lambda: "fence-1" not in a.local_loops(), timeout=5, what="a fenced")
     assert await a.state.redis.exists(a.keys.node_lease("node1"))
@@ -75,7 +74,7 @@ async def test_a_former_owner_that_believes_it_still_owns_cannot_append(make_nod
     await b.join_conversation("fence-2", "cb", {}, "gina")
     old = a._runners["fence-2"]
     # Simulate a paused process: no renewals, and its own clock never noticed.
-    _stop_heartbeats(a)
+    await _stop_heartbeats(a)
     a.membership.stop()
     a.membership.lease_valid = lambda: True  # type: ignore[method-assign]
     a.membership.check = lambda: True  # type: ignore[method-assign]
@@ -111,7 +110,7 @@ async def _gone(node, node_id: str) -> bool:
 async def test_actions_accepted_while_the_lease_lapsed_are_answered_once_back(make_nodes) -> None:
     a, b = await make_nodes(2)
     await a.join_conversation("lapsed", "ca", {}, "lena")
-    _stop_heartbeats(a)
+    await _stop_heartbeats(a)
     await wait_until(lambda: _gone(b, "node1"), timeout=10, what="a's lease expired")
     await wait_until(lambda: _unowned(b, "lapsed"), timeout=10, what="b's reaper released it")
     # a still holds the client; it accepts the action but may not start loops now.

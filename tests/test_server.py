@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from coordinator.auth import issue_token
 from coordinator.codec import TOO_MANY_CONVERSATIONS
 from coordinator.server import NodeServer
+from coordinator.tasks import cancel_and_wait
 from tests.helpers import wait_until
 from tests.server_fixtures import SECRET, ServerCluster, SioClient
 
@@ -281,7 +282,7 @@ async def test_cap_and_single_activation_hold_for_starts_through_the_server(
             *(start_one(i + 1, sid) for i, sid in enumerate(sids)),
         )
     finally:
-        watcher.cancel()
+        await cancel_and_wait([watcher], within=5)
     assert not violations, violations[:5]
 
     async def per_node() -> dict[str, list[str]]:

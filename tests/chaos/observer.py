@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from redis.exceptions import RedisError
 
+from coordinator.tasks import cancel_and_wait
 from tests.chaos.cluster import CAP, ChaosCluster
 
 NODE_POLL = 0.1
@@ -58,9 +59,9 @@ class Observer:
         ]
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Repeatedly: a cancellation that lands in a redis-py call can be lost (tasks.py).
+        stuck = await cancel_and_wait(self._tasks, within=5)
+        assert not stuck, f"observer tasks did not stop: {stuck}"
         if self._http is not None:
             await self._http.close()
 

@@ -23,6 +23,7 @@ import aiohttp
 import socketio
 
 from coordinator.codec import TOO_MANY_CONVERSATIONS
+from coordinator.tasks import cancel_and_wait
 from tests.chaos.cluster import ChaosCluster
 from tests.server_fixtures import SioClient
 
@@ -259,9 +260,8 @@ class Workload:
 
     async def aclose(self) -> None:
         self._stop.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        stuck = await cancel_and_wait(self._tasks, within=5)
+        assert not stuck, f"client tasks did not stop: {stuck}"
         for client in self.clients:
             await client.close()
 
