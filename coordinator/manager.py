@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ from workers.loader import AgentLoadError, load_agent
 from workers.protocol import AgentContext, AgentFactory, AgentState, Event
 
 from . import codec
+from .admission import Admission
 from .config import (
     ManagerConfig,
     check_connection_id,
@@ -33,7 +34,6 @@ from .config import (
 )
 from .delivery import LocalConnections
 from .errors import (
-    CapacityTimeout,
     ConfigError,
     ConnectionNotFound,
     ConversationNotFound,
@@ -47,6 +47,7 @@ from .errors import (
     RedisUnavailable,
 )
 from .handles import AttachedHandles, ConversationHandle
+from .idle import IdleSweeper
 from .keys import KeySchema
 from .lane import ScriptLane, lane_supported
 from .membership import Membership, reap_dead_nodes, reap_incarnation, reaper_lock
@@ -56,8 +57,6 @@ from .subscriptions import Subscriptions
 from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
-
-SWEEP_BATCH = 32  # idle loops closed at once by a sweep
 
 
 class EventSink(Protocol):
@@ -121,10 +120,9 @@ class ConversationManager:
         self._handles = AttachedHandles(self.config.close_delay)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._slot_events: dict[str, asyncio.Event] = {}
-        self._nudged: dict[tuple[str, str], float] = {}
+        self._admission: Admission | None = None
         self._live: set[str] = set()  # incarnations known alive (refreshed each heartbeat)
-        self._dirty: set[str] = set()  # loops active since the last activity flush
+        self._idle: IdleSweeper | None = None
         self._departed: list[tuple[str, str, str]] = []  # removals Redis missed
         self._restart_later: dict[str, str] = {}  # sid -> user, restarts that failed
         # Backpressure: a join burst or a lost node's conversations are worked through a
@@ -158,6 +156,18 @@ class ConversationManager:
         if self._state is None:
             raise CoordinatorError("the manager is not started (use 'async with')")
         return self._state
+
+    @property
+    def admission(self) -> Admission:
+        if self._admission is None:
+            raise CoordinatorError("the manager is not started (use 'async with')")
+        return self._admission
+
+    @property
+    def idle(self) -> IdleSweeper:
+        if self._idle is None:
+            raise CoordinatorError("the manager is not started (use 'async with')")
+        return self._idle
 
     @property
     def membership(self) -> Membership:
@@ -203,6 +213,10 @@ class ConversationManager:
             )
         self._state = RedisState(self._redis, self.keys, lane)
         await self._state.load_scripts()
+        self._admission = Admission(self._state, cfg, self._evict_owner)
+        self._idle = IdleSweeper(
+            self._state, cfg, self._runners, lambda: self.inc, self._close_idle
+        )
         # Registering (again, after a lapse) gets a connection of its own: a pool
         # saturated by a burst of joins must not hold it up. Renewals have their own
         # connection in the lease keeper's thread.
@@ -243,8 +257,8 @@ class ConversationManager:
         self._spawn(self._subs.run(), "pubsub")
         self._spawn(self._lease_loop(), "heartbeat")
         self._spawn(self._housekeeping_loop(), "housekeeping")
-        self._spawn(self._flush_loop(), "activity-flush")
-        self._spawn(self._cleanup_loop(), "cleanup")
+        self._spawn(self.idle.flush_loop(), "activity-flush")
+        self._spawn(self.idle.sweep_loop(), "cleanup")
         self.started = True
         await self._resume_pending(orphans)
         log.info("node %s started (incarnation %s)", self.node_id, self.inc)
@@ -625,7 +639,7 @@ class ConversationManager:
             if initial is not None:
                 await self._accept(sid, user, initial)
             await self._subscribe(sid)
-            admitted = await self._admit(lease)
+            admitted = await self.admission.admit(lease)
             if lease.inc != self.inc or self.membership.lapsed:
                 # Our lease lapsed meanwhile: a loop started now would be fenced at once,
                 # and a refused claim (dropped with the old incarnation) is no eviction.
@@ -648,7 +662,7 @@ class ConversationManager:
             self.membership.lease_valid,
             self._on_runner_fenced,
             self._apply_committed,
-            self._dirty.add,
+            self.idle.touched,
         )
         self._runners[sid] = runner
         try:
@@ -664,51 +678,17 @@ class ConversationManager:
             raise
         return ConversationInfo(sid, lease.user, self.node_id, True, True)
 
-    async def _admit(self, lease: Lease) -> bool:
-        """Hold one of the user's cap slots; False when evicted before starting."""
-        cap = self.config.max_concurrent_conversations
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.start_timeout
-        event = self._slot_events.setdefault(lease.user, asyncio.Event())
-        adm = await self.state.admit(
-            lease.user, lease.sid, lease.inc, cap, retry=False, score_ms=int(time.time() * 1000)
-        )
-        delay = 0.02
-        while True:
-            if adm.evicted:
-                await self._nudge(lease.user, adm.evicted)
-            if adm.status == "go":
-                return True
-            if adm.status == "evicted":
-                return False
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                await self.state.release_slot(lease.user, lease.sid, lease.inc)
-                raise CapacityTimeout(
-                    f"waited {self.config.start_timeout}s for a slot of user {lease.user!r}"
-                )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(delay, remaining)):
-                    await event.wait()
-            delay = min(delay * 2, 0.25)
-            event = self._slot_events.setdefault(lease.user, asyncio.Event())
-            adm = await self.state.admit(lease.user, lease.sid, lease.inc, cap, retry=True)
+    async def _close_idle(self, sid: str) -> bool:
+        return await self._stop_loop(sid, None, AgentState.STOPPED)
 
-    async def _nudge(self, user: str, evicted: Iterable[tuple[str, str]]) -> None:
-        """Ask the owners of evicted loops to stop them (again, at most once a second)."""
-        now = time.monotonic()
-        for sid, inc in evicted:
-            if now - self._nudged.get((sid, inc), 0.0) < 1.0:
-                continue
-            self._nudged[(sid, inc)] = now
-            if inc == self.inc:
-                self._spawn(self._evict_local(sid, user, self.node_id), f"evict:{sid}")
-            elif await self._alive(inc):
-                await self._send(inc, "evict", {"sid": sid, "user": user})
-            else:
-                await self._release_dead(sid, user, inc)
-        if len(self._nudged) > 10_000:
-            self._nudged = {k: v for k, v in self._nudged.items() if now - v < 5.0}
+    async def _evict_owner(self, sid: str, user: str, inc: str) -> None:
+        """Have the owner ``inc`` of an evicted loop stop it (or free a dead one's hold)."""
+        if inc == self.inc:
+            self._spawn(self._evict_local(sid, user, self.node_id), f"evict:{sid}")
+        elif await self._alive(inc):
+            await self._send(inc, "evict", {"sid": sid, "user": user})
+        else:
+            await self._release_dead(sid, user, inc)
 
     async def _give_up(self, lease: Lease, status: Event | None, *, retry: bool = False) -> bool:
         """Undo a start that never ran: tell the clients why, drop claim and ownership.
@@ -851,7 +831,7 @@ class ConversationManager:
         else:
             await self._resume_pending([(sid, user)])
         if origin == self.node_id:
-            self._slot_freed(user)
+            self.admission.slot_freed(user)
         else:
             await self._send_node(origin, "slot_freed", {"user": user})
 
@@ -867,12 +847,7 @@ class ConversationManager:
                 sid, "", 0, [codec.pack(event)], maxlen=self.config.event_log_maxlen
             )
         await self.state.release_slot(user, sid, inc)
-        self._slot_freed(user)
-
-    def _slot_freed(self, user: str) -> None:
-        event = self._slot_events.pop(user, None)
-        if event is not None:
-            event.set()
+        self.admission.slot_freed(user)
 
     # -- delivery to local connections -----------------------------------------------
     async def _apply_local(self, sid: str, event_id: int, event: Event) -> None:
@@ -965,7 +940,7 @@ class ConversationManager:
             if not self.draining:
                 await self._restart(str(p["sid"]), str(p["user"]))
         elif method == "slot_freed":
-            self._slot_freed(str(p["user"]))
+            self.admission.slot_freed(str(p["user"]))
         elif method == "close":
             closed = await self._stop_loop(str(p["sid"]), _closed_event(), AgentState.STOPPED)
             await self._send_node(origin, "reply", {"rid": p["rid"], "closed": closed})
@@ -1099,85 +1074,13 @@ class ConversationManager:
                 await self._send(others[i % len(others)], "resume", {"sid": sid, "user": user})
 
     async def flush_activity(self) -> None:
-        """Write last-active times of this node's loops to the idle index and claims.
-
-        Costs O(loops active since the last flush), not O(loops)."""
-        marked = set(self._dirty)  # runners hold self._dirty.add: clear it in place
-        self._dirty.clear()
-        dirty = {sid: self._runners[sid].last_active for sid in marked if sid in self._runners}
-        if not dirty:
-            return
-        by_user: dict[str, dict[str, int]] = {}
-        for sid, ts in dirty.items():
-            by_user.setdefault(self._runners[sid].lease.user, {})[sid] = int(ts * 1000)
-        async with self.state.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.node_idle(self.inc), {s: int(t * 1000) for s, t in dirty.items()})
-            for user, scores in by_user.items():
-                pipe.zadd(self.keys.user_claims(user), scores, xx=True, gt=True)
-            try:
-                await pipe.execute()
-            except BaseException:
-                self._dirty |= marked  # flush them next time
-                raise
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.idle_flush_interval)
-            try:
-                await self.flush_activity()
-            except (RedisError, OSError) as exc:
-                log.warning("activity flush failed: %s", exc)
+        """Write last-active times of this node's loops to Redis (see ``idle.py``)."""
+        await self.idle.flush()
 
     async def sweep_idle(self) -> list[str]:
-        """Close this node's loops idle past close_delay, not RUNNING, with no connection.
-
-        Costs O(expired) Redis commands: one range query on the idle index, one
-        pipelined connection count for the candidates, then the closes.
-        """
-        await self.flush_activity()
-        threshold = int((time.time() - self.config.close_delay) * 1000)
-        raw = await self.state.redis.zrangebyscore(self.keys.node_idle(self.inc), "-inf", threshold)
-        candidates = []
-        for name in raw:
-            sid = text(name)
-            runner = self._runners.get(sid)
-            if runner is None or runner.agent_state == AgentState.RUNNING:
-                continue
-            if runner.last_active * 1000 > threshold:
-                continue
-            candidates.append(sid)
-        if not candidates:
-            return []
-        async with self.state.redis.pipeline(transaction=False) as pipe:
-            for sid in candidates:
-                pipe.hlen(self.keys.conv_conns(sid))
-            counts = await pipe.execute()
-        expired = [sid for sid, n in zip(candidates, counts, strict=True) if n == 0]
-        closed = []
-        # Closed concurrently, a bounded number at a time: the sweep's duration stays
-        # a few round trips however many loops expired together.
-        for start in range(0, len(expired), SWEEP_BATCH):
-            batch = expired[start : start + SWEEP_BATCH]
-            results = await asyncio.gather(
-                *(self._stop_loop(sid, None, AgentState.STOPPED) for sid in batch),
-                return_exceptions=True,
-            )
-            for sid, result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    log.warning("closing idle loop %s failed: %s", sid, result)
-                elif result:
-                    closed.append(sid)
-        if closed:
-            log.info("closed %d idle loop(s)", len(closed))
-        return closed
-
-    async def _cleanup_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.cleanup_interval)
-            try:
-                await self.sweep_idle()
-            except (RedisError, OSError, CoordinatorError) as exc:
-                log.warning("idle sweep failed: %s", exc)
+        """Close this node's loops idle past close_delay, not RUNNING, with no connection;
+        the ones closed (see ``idle.py``)."""
+        return await self.idle.sweep()
 
 
 def _evicted_event() -> Event:

@@ -1,0 +1,79 @@
+"""Admission against the per-user cap on running loops, cluster-wide.
+
+A start holds one of its user's slots (the ADMIT script, which evicts the user's least
+recently updated loops when the cap is full) before its loop runs. While no slot is free
+it waits for one, woken at once when a loop of that user stops (here, or on a node that
+says so), else polling with a growing delay, up to ``start_timeout``. The owners of the
+loops an admission evicted are told to stop them, at most once a second per loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from .config import ManagerConfig
+from .errors import CapacityTimeout
+from .runner import Lease
+from .state import RedisState
+
+# evict(sid, user, owner incarnation): have that owner stop the loop and free its slot.
+Evict = Callable[[str, str, str], Awaitable[None]]
+
+
+class Admission:
+    def __init__(self, state: RedisState, config: ManagerConfig, evict: Evict) -> None:
+        self._state = state
+        self._config = config
+        self._evict = evict
+        self._slot_events: dict[str, asyncio.Event] = {}
+        self._nudged: dict[tuple[str, str], float] = {}
+
+    async def admit(self, lease: Lease) -> bool:
+        """Hold one of the user's cap slots; False when evicted before starting."""
+        cap = self._config.max_concurrent_conversations
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.start_timeout
+        event = self._slot_events.setdefault(lease.user, asyncio.Event())
+        adm = await self._state.admit(
+            lease.user, lease.sid, lease.inc, cap, retry=False, score_ms=int(time.time() * 1000)
+        )
+        delay = 0.02
+        while True:
+            if adm.evicted:
+                await self._nudge(lease.user, adm.evicted)
+            if adm.status == "go":
+                return True
+            if adm.status == "evicted":
+                return False
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                await self._state.release_slot(lease.user, lease.sid, lease.inc)
+                raise CapacityTimeout(
+                    f"waited {self._config.start_timeout}s for a slot of user {lease.user!r}"
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(delay, remaining)):
+                    await event.wait()
+            delay = min(delay * 2, 0.25)
+            event = self._slot_events.setdefault(lease.user, asyncio.Event())
+            adm = await self._state.admit(lease.user, lease.sid, lease.inc, cap, retry=True)
+
+    def slot_freed(self, user: str) -> None:
+        """A loop of ``user`` stopped: wake the starts waiting for one of their slots."""
+        event = self._slot_events.pop(user, None)
+        if event is not None:
+            event.set()
+
+    async def _nudge(self, user: str, evicted: Iterable[tuple[str, str]]) -> None:
+        """Ask the owners of evicted loops to stop them (again, at most once a second)."""
+        now = time.monotonic()
+        for sid, inc in evicted:
+            if now - self._nudged.get((sid, inc), 0.0) < 1.0:
+                continue
+            self._nudged[(sid, inc)] = now
+            await self._evict(sid, user, inc)
+        if len(self._nudged) > 10_000:
+            self._nudged = {k: v for k, v in self._nudged.items() if now - v < 5.0}
