@@ -278,12 +278,8 @@ async def reap_incarnation(
                 for sid in sids:
                     pipe.hget(keys.conv(sid), "user")
                 users = {sid: text(u) for sid, u in zip(sids, await pipe.execute(), strict=True)}
-            async with state.redis.pipeline(transaction=False) as pipe:
-                for raw_cid, raw_sid in conns.items():
-                    sid = text(raw_sid)
-                    pipe.hdel(keys.conv_conns(sid), raw_cid)
-                    pipe.hdel(keys.user_conns(users.get(sid, "")), raw_cid)
-                await pipe.execute()
+            gone = [(text(cid), text(sid), users.get(text(sid), "")) for cid, sid in conns.items()]
+            await state.remove_connections(gone, inc)
         await state.redis.delete(keys.node_conns(inc))
     await state.redis.delete(keys.node_owned(inc), keys.node_idle(inc))
     if not keep_connections:  # else the caller forgets it once it re-added them
