@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -58,6 +58,8 @@ from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class EventSink(Protocol):
     """Where a node delivers a conversation's events to its local connections."""
@@ -83,6 +85,13 @@ class ConversationInfo:
     owner: str  # node id of the loop's owner ('' when not running)
     running: bool
     local: bool
+
+
+def _started(part: T | None) -> T:
+    """A part of the node that exists once it started."""
+    if part is None:
+        raise CoordinatorError("the manager is not started (use 'async with')")
+    return part
 
 
 def _user(user_id: str | None) -> str:
@@ -153,27 +162,19 @@ class ConversationManager:
 
     @property
     def state(self) -> RedisState:
-        if self._state is None:
-            raise CoordinatorError("the manager is not started (use 'async with')")
-        return self._state
+        return _started(self._state)
 
     @property
     def admission(self) -> Admission:
-        if self._admission is None:
-            raise CoordinatorError("the manager is not started (use 'async with')")
-        return self._admission
+        return _started(self._admission)
 
     @property
     def idle(self) -> IdleSweeper:
-        if self._idle is None:
-            raise CoordinatorError("the manager is not started (use 'async with')")
-        return self._idle
+        return _started(self._idle)
 
     @property
     def membership(self) -> Membership:
-        if self._membership is None:
-            raise CoordinatorError("the manager is not started (use 'async with')")
-        return self._membership
+        return _started(self._membership)
 
     @property
     def inc(self) -> str:
