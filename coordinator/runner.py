@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -70,8 +71,12 @@ class LoopRunner:
         self._wake = asyncio.Event()
         self._wake.set()
         self._progress = asyncio.Event()
-        self._cause = 0
-        self._emits = 0
+        self._cause = 0  # the action being dispatched (0: none)
+        self._emits = 0  # writes answering it so far
+        # Writes answering no action (the agent's own, status events) are numbered per
+        # runner, so a retry after a lost reply is recognised as one (scripts.COMMIT).
+        self._writer = uuid.uuid4().hex[:16]
+        self._unprompted = 0
         self._last_state = ""
         self._task: asyncio.Task[None] | None = None
         self.fenced = False
@@ -181,14 +186,21 @@ class LoopRunner:
     # -- output ----------------------------------------------------------------------
     async def emit(self, event: Event) -> int:
         """Append an agent event; raises Fenced once the conversation was taken over."""
-        index = self._emits
-        self._emits += 1
+        if self._cause:
+            index = self._emits
+            self._emits += 1
+        else:
+            index = self._next_unprompted()
         return await self._commit([agent_event(event)], cause=self._cause, index=index)
 
     async def emit_status(self, status: Event) -> None:
         """Append a status event as the owner (used when stopping the loop)."""
         if not self.fenced:
-            await self._commit([status], cause=0, index=0, check_open=False)
+            await self._commit([status], cause=0, index=self._next_unprompted(), check_open=False)
+
+    def _next_unprompted(self) -> int:
+        self._unprompted += 1
+        return self._unprompted
 
     async def _commit(
         self, events: list[Event], cause: int, index: int, check_open: bool = True
@@ -214,6 +226,7 @@ class LoopRunner:
                     index=index,
                     state=changed,
                     publisher=self.lease.inc,
+                    writer=self._writer,
                 )
                 break
             except (RedisError, OSError) as exc:

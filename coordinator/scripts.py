@@ -127,15 +127,18 @@ COMMIT = (
 -- ARGV[6]  index of this write among the writes answering that action (0, 1, ...)
 -- ARGV[7]  agent state to record ('' = unchanged)
 -- ARGV[8]  writer's incarnation: no publish when only it listens ('' = always publish)
--- ARGV[9..] packed events (msgpack maps without id)
--- returns  {'ok', first id, last id, now}, {'dup', 0, 0, now} (this write for that action
---          was already committed: a retry after a lost reply), {'fenced', epoch, 0, 0}
+-- ARGV[9]  writer token: a write answering no action (ARGV[5] = 0) is known by
+--          (token, index), indexes 1, 2, ... per token ('' = not deduplicated)
+-- ARGV[10..] packed events (msgpack maps without id)
+-- returns  {'ok', first id, last id, now}, {'dup', 0, 0, now} (this write was already
+--          committed: a retry after a lost reply), {'fenced', epoch, 0, 0}
 --          or {'missing', 0, 0, 0}
 """
     + _NOW
     + _HEARD_ELSEWHERE
     + """
-local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'applied', 'user', 'emitted')
+local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'applied', 'user', 'emitted',
+                     'wtoken', 'windex')
 if not f[4] then return {'missing', 0, 0, 0} end
 local inc, epoch = f[1] or '', tonumber(f[2] or '0')
 if inc ~= ARGV[1] or (ARGV[1] ~= '' and epoch ~= tonumber(ARGV[2])) then
@@ -146,9 +149,13 @@ local applied, emitted = tonumber(f[3] or '0'), tonumber(f[5] or '-1')
 if cause > 0 and (cause < applied or (cause == applied and index <= emitted)) then
   return {'dup', 0, 0, now}
 end
+local token = ARGV[9]
+if cause == 0 and token ~= '' and f[6] == token and index <= tonumber(f[7] or '0') then
+  return {'dup', 0, 0, now}
+end
 local first, last = 0, 0
-local publish = #ARGV >= 9 and heard_elsewhere(inc, KEYS[4], ARGV[8])
-for i = 9, #ARGV do
+local publish = #ARGV >= 10 and heard_elsewhere(inc, KEYS[4], ARGV[8])
+for i = 10, #ARGV do
   local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   if first == 0 then first = id end
   last = id
@@ -165,6 +172,11 @@ if cause > applied then
 end
 if cause > 0 then
   fields[#fields + 1] = 'emitted'
+  fields[#fields + 1] = index
+elseif token ~= '' then
+  fields[#fields + 1] = 'wtoken'
+  fields[#fields + 1] = token
+  fields[#fields + 1] = 'windex'
   fields[#fields + 1] = index
 end
 if ARGV[7] ~= '' then

@@ -131,15 +131,19 @@ class RedisState:
         index: int = 0,
         state: str = "",
         publisher: str = "",
+        writer: str = "",
     ) -> Committed:
-        """Append events as the owner (fenced); ``publisher`` as in ``accept``."""
+        """Append events as the owner (fenced); ``publisher`` as in ``accept``.
+
+        A retry after a lost reply is recognised (status ``dup``) by ``(cause, index)``
+        for a write answering action ``cause``, else by ``(writer, index)``."""
         k = self.keys
         r = await self._run(
             "commit",
             [k.conv(sid), k.events(sid), k.inbox(sid), k.conv_conns(sid)],
             [
                 inc, epoch, maxlen, k.conv_channel(sid), cause, index, state, publisher,
-                *packed_events,
+                writer, *packed_events,
             ],
             hot=True,
         )  # fmt: skip

@@ -155,8 +155,8 @@ def test_tls_urls_stay_on_redis_py() -> None:
 
 async def test_a_lost_reply_is_retried_by_the_lane_and_recorded_once(redis_url: str) -> None:
     """The lane re-sends a call whose reply was lost after Redis ran it: the accept's token
-    and the commit's (cause, index) make the second run a no-op, so an action and its
-    answer are logged once."""
+    and the commit's (cause, index), or (writer, index) for a write answering no action,
+    make the second run a no-op, so an action and its answers are logged once."""
     client = aioredis.Redis.from_url(redis_url)
     lane = ScriptLane(redis_url, timeout=2.0, connect_timeout=2.0)
     state = RedisState(client, KeySchema("lost"), lane)
@@ -175,10 +175,15 @@ async def test_a_lost_reply_is_retried_by_the_lane_and_recorded_once(redis_url: 
         await state.acquire("s", "n1", "n1/a", "u", create=True)  # through redis-py
         accepted = await state.accept("s", "u", pack({"action": "message"}), 100, 10)
         committed = await state.commit("s", "n1/a", 1, [pack({"r": 1})], maxlen=100, cause=1)
-        assert len(lost) == 2  # both calls ran in Redis and lost their first reply
+        # An agent's write answering no action: known by its writer token and index.
+        unprompted = await state.commit(
+            "s", "n1/a", 1, [pack({"r": 2})], maxlen=100, writer="w", index=1
+        )
+        assert len(lost) == 3  # every call ran in Redis and lost its first reply
         assert (accepted.status, accepted.event_id) == ("ok", 1)
         assert committed.status == "dup"  # the retry found the first run's write
-        assert [i for i, _ in await state.events_after("s", 0)] == [1, 2]
+        assert unprompted.status == "dup"
+        assert [i for i, _ in await state.events_after("s", 0)] == [1, 2, 3]
         assert await client.xlen(state.keys.inbox("s")) == 0
     finally:
         await lane.aclose()

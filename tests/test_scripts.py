@@ -21,6 +21,37 @@ async def test_commit_retry_after_a_lost_reply_is_not_applied_twice(redis_client
     assert await redis_client.xlen(state.keys.inbox("s1")) == 0
 
 
+async def test_an_unprompted_write_retried_after_a_lost_reply_is_not_applied_twice(
+    redis_client,
+) -> None:
+    """Writes answering no action are known by (writer token, index): a retry is a
+    'dup', another writer's (a new runner of the same epoch) or a later index is not."""
+    state = RedisState(redis_client, KeySchema("t"))
+    await state.acquire("s3", "n1", "n1/a", "u", create=True)
+
+    async def write(writer: str, index: int) -> str:
+        r = await state.commit(
+            "s3",
+            "n1/a",
+            1,
+            [pack({"w": writer, "i": index})],
+            maxlen=100,
+            writer=writer,
+            index=index,
+        )
+        return r.status
+
+    assert await write("w1", 1) == "ok"
+    assert await write("w1", 1) == "dup"
+    assert await write("w1", 2) == "ok"
+    assert await write("w1", 1) == "dup"
+    assert await write("w2", 1) == "ok"  # a new runner starts its own numbering
+    assert await write("", 0) == "ok"  # no token: not deduplicated (system writes)
+    assert await write("", 0) == "ok"
+    logged = [e["w"] + str(e["i"]) for _, e in await state.events_after("s3", 0)]
+    assert logged == ["w11", "w12", "w21", "0", "0"]
+
+
 async def test_takeover_bumps_the_epoch_and_fences_the_old_owner(redis_client) -> None:
     state = RedisState(redis_client, KeySchema("t"))
     await state.acquire("s2", "n1", "n1/a", "u", create=True)
