@@ -48,6 +48,12 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+# An action may carry a client-chosen id: sent again with the same id (a retry after a
+# lost acknowledgement), it is acknowledged with the first one's event id, not logged again.
+CLIENT_ACTION_ID = "client_action_id"
+MAX_CLIENT_ACTION_ID = 64
+
+
 def user_action(action: object, max_bytes: int) -> tuple[Event, bytes]:
     """Validate a client action and return it as a user event and its packed form."""
     if not isinstance(action, dict):
@@ -58,6 +64,14 @@ def user_action(action: object, max_bytes: int) -> tuple[Event, bytes]:
     args = action.get("args", {})
     if not isinstance(args, dict):
         raise InvalidInput("an action's 'args' must be an object")
+    key = action.get(CLIENT_ACTION_ID)
+    if key is not None and not (
+        isinstance(key, str) and 0 < len(key) <= MAX_CLIENT_ACTION_ID and key.isprintable()
+    ):
+        raise InvalidInput(
+            f"'{CLIENT_ACTION_ID}' must be a printable string of 1 to "
+            f"{MAX_CLIENT_ACTION_ID} characters"
+        )
     event: Event = {k: v for k, v in action.items() if k not in ("id", "source", "timestamp")}
     event["args"] = args
     event["source"] = "user"

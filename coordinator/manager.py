@@ -721,8 +721,15 @@ class ConversationManager:
 
     async def _accept(self, sid: str, user: str, action: tuple[Event, bytes]) -> int:
         event, packed = action
+        key = event.get(codec.CLIENT_ACTION_ID)
         r = await self.state.accept(
-            sid, user, packed, self.config.event_log_maxlen, self.config.inbox_max, self.inc
+            sid,
+            user,
+            packed,
+            self.config.event_log_maxlen,
+            self.config.inbox_max,
+            self.inc,
+            client_key=None if key is None else str(key),
         )
         if r.status == "missing":
             raise ConversationNotFound(sid)

@@ -89,7 +89,8 @@ ACCEPT = (
 -- KEYS[5]  conversation's connections (connection id -> incarnation)
 -- ARGV[1]  user ('' = do not check)  ARGV[2] packed event (msgpack map without id)
 -- ARGV[3]  event log max length      ARGV[4] inbox max length   ARGV[5] channel
--- ARGV[6]  unique token of this accept: a retry (lost reply) returns the first result
+-- ARGV[6]  token of this accept (unique, or 'c:' + the client's action id): run again
+--          (a retry after a lost reply, a client's retry), it returns the first result
 -- ARGV[7]  writer's incarnation: no publish when only it listens ('' = always publish)
 -- returns  {status, event id, owner node, owner incarnation}
 --   status: 'ok' | 'missing' | 'forbidden' | 'full'

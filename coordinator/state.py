@@ -106,15 +106,27 @@ class RedisState:
 
     # -- events ----------------------------------------------------------------------
     async def accept(
-        self, sid: str, user: str, packed: bytes, maxlen: int, inbox_max: int, publisher: str = ""
+        self,
+        sid: str,
+        user: str,
+        packed: bytes,
+        maxlen: int,
+        inbox_max: int,
+        publisher: str = "",
+        client_key: str | None = None,
     ) -> Accepted:
         """Log and enqueue a user action. With ``publisher`` (the writer's incarnation), the
-        event is published only when another node listens: the writer applies it itself."""
+        event is published only when another node listens: the writer applies it itself.
+
+        An accept run again (a retry after a lost reply, or the client's own retry with
+        the same ``client_key``) returns the first one's event id and writes nothing, as
+        long as it is among the conversation's last 64 accepts."""
         k = self.keys
+        token = uuid.uuid4().hex if client_key is None else f"c:{client_key}"
         r = await self._run(
             "accept",
             [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)],
-            [user, packed, maxlen, inbox_max, k.conv_channel(sid), uuid.uuid4().hex, publisher],
+            [user, packed, maxlen, inbox_max, k.conv_channel(sid), token, publisher],
             hot=True,
         )
         return Accepted(text(r[0]), int(r[1]), text(r[2]), text(r[3]))

@@ -52,6 +52,7 @@ async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis
         (InvalidInput, a.send_to_event_stream("c1", "not a dict")),  # type: ignore[arg-type]
         (InvalidInput, a.send_to_event_stream("c1", {"args": {}})),
         (InvalidInput, a.send_to_event_stream("c1", {"action": "message", "args": []})),
+        (InvalidInput, a.send_to_event_stream("c1", {"action": "m", "client_action_id": 1})),
         (
             InvalidInput,
             a.send_to_event_stream("c1", {"action": "message", "args": {"content": "x" * 70_000}}),

@@ -197,6 +197,10 @@ async def test_bad_actions_get_a_clear_ack_error_and_change_nothing(
         ({"args": {}}, "an action needs a non-empty string 'action' field"),
         ({"action": "message", "args": "x"}, "an action's 'args' must be an object"),
         (message("x" * 100_000), "bytes; the limit is 65536"),
+        ({**message("x"), "client_action_id": 7}, "'client_action_id' must be a printable"),
+        ({**message("x"), "client_action_id": ""}, "1 to 64 characters"),
+        ({**message("x"), "client_action_id": "k" * 65}, "1 to 64 characters"),
+        ({**message("x"), "client_action_id": "a\nb"}, "printable"),
     ]
     for data, expected in bad:
         ack = await client.act(data)
@@ -218,6 +222,31 @@ async def test_bad_actions_get_a_clear_ack_error_and_change_nothing(
     # The well-behaved client is unaffected.
     assert await client.say("still here") == 3
     await client.wait_ids(4)
+
+
+async def test_an_action_sent_again_with_its_client_action_id_is_logged_and_answered_once(
+    servers: ServerCluster,
+) -> None:
+    """A client that lost an acknowledgement sends the action again with the same
+    client_action_id, through another node: it gets the first event id back, and the
+    action is logged and answered once. Another id is another action."""
+    a, b = await servers.start(2)
+    ca = await servers.join(a, "idem", "alice")
+    cb = await servers.join(b, "idem", "alice")
+    first = await ca.act({**message("once"), "client_action_id": "k-1"})
+    again = await cb.act({**message("once"), "client_action_id": "k-1"})
+    other = await cb.act({**message("twice"), "client_action_id": "k-2"})
+    assert first["ok"] and again == first, (first, again)
+    assert other["ok"] and other["id"] != first["id"]
+    await ca.wait_ids(4)
+    contents = [(e["source"], e["args"]["content"]) for e in ca.events]
+    assert sorted(contents) == sorted(
+        [("user", "once"), ("agent", "once"), ("user", "twice"), ("agent", "twice")]
+    )
+    logged = next(e for e in ca.events if e["id"] == first["id"])
+    assert logged["client_action_id"] == "k-1"  # kept in the log, for the client
+    # A second copy would have been logged before its acknowledgement came back.
+    assert await event_count(servers, "idem") == 4
 
 
 async def test_draining_node_refuses_connections(servers: ServerCluster) -> None:
