@@ -130,7 +130,9 @@ class ConversationManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._admission: Admission | None = None
-        self._live: set[str] = set()  # incarnations known alive (refreshed each heartbeat)
+        # Incarnations known alive -> until when (monotonic: their lease's expiry as last
+        # read; refreshed each heartbeat, read again by _alive once it passed).
+        self._live: dict[str, float] = {}
         self._idle: IdleSweeper | None = None
         self._departed: list[tuple[str, str, str]] = []  # removals Redis missed
         self._restart_later: dict[str, str] = {}  # sid -> user, restarts that failed
@@ -961,19 +963,31 @@ class ConversationManager:
 
     # -- background work -------------------------------------------------------------
     async def _alive(self, inc: str) -> bool:
+        """Whether ``inc`` holds its lease. Known from the last read until that lease's
+        expiry; then read again, so a dead owner is seen as dead as soon as its lease
+        expires, not at the next heartbeat."""
         if inc == self.inc:
             return not self.membership.lapsed
-        if inc in self._live:
+        now = time.monotonic()
+        if self._live.get(inc, 0.0) > now:
             return True
-        alive = await self.state.incarnation_alive(inc)
-        if alive:
-            self._live.add(inc)
-        return alive
+        node = inc.rsplit("/", 1)[0]
+        holder, left = (await self.state.leases_left([node]))[node]
+        if holder == inc:
+            self._live[inc] = now + left
+            return True
+        self._live.pop(inc, None)
+        return False
 
     async def _refresh_live(self) -> set[str]:
         registry = await self.state.registry()
-        live = await self.state.live_incarnations(registry)
-        self._live = {inc for n, inc in registry.items() if inc and live.get(n) == inc}
+        leases = await self.state.leases_left(registry)
+        now = time.monotonic()
+        self._live = {
+            inc: now + leases[node][1]
+            for node, inc in registry.items()
+            if inc and leases[node][0] == inc
+        }
         return set(self._live)
 
     async def _users_of(self, sids: list[str]) -> dict[str, str]:
@@ -1072,7 +1086,7 @@ class ConversationManager:
             for sid, _ in released:
                 pipe.xlen(self.keys.inbox(sid))
             pending = await pipe.execute()
-        others = sorted(self._live - {self.inc})
+        others = sorted(set(self._live) - {self.inc})
         for i, ((sid, user), n) in enumerate(zip(released, pending, strict=True)):
             if not n or sid in self._starting or sid in self._runners:
                 continue

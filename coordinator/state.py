@@ -255,6 +255,23 @@ class RedisState:
         values = await self.redis.mget([self.keys.node_lease(n) for n in names])
         return {n: text(v) for n, v in zip(names, values, strict=True)}
 
+    async def leases_left(self, nodes: Iterable[str]) -> dict[str, tuple[str, float]]:
+        """node -> (its current lease incarnation, seconds the lease has left); ('', 0)
+        when it has none."""
+        names = list(nodes)
+        if not names:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.get(self.keys.node_lease(name))
+                pipe.pttl(self.keys.node_lease(name))
+            rows = await pipe.execute()
+        out: dict[str, tuple[str, float]] = {}
+        for i, name in enumerate(names):
+            inc, ttl_ms = text(rows[2 * i]), int(rows[2 * i + 1])
+            out[name] = (inc, ttl_ms / 1000) if inc and ttl_ms > 0 else ("", 0.0)
+        return out
+
     async def incarnation_alive(self, inc: str) -> bool:
         node = inc.rsplit("/", 1)[0]
         return text(await self.redis.get(self.keys.node_lease(node))) == inc

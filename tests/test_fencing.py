@@ -200,3 +200,29 @@ async def test_a_reaper_that_saw_the_old_incarnation_dead_keeps_re_registered_co
     assert await a.get_connections(user_id="rita") == {"ca": "reaped-late"}
     assert await a.get_connections(filter_to_sids={"reaped-late"}) == {"ca": "reaped-late"}
     assert await a.get_connections() == {"ca": "reaped-late"}
+
+
+async def test_an_owner_whose_lease_expired_is_seen_dead_without_waiting_for_a_refresh(
+    make_nodes,
+) -> None:
+    """A node knows another is alive until that node's lease expiry as it last read it,
+    then reads again: an action for a dead owner's conversation restarts it as soon as
+    the lease is gone, even if no heartbeat refreshed the node's view since."""
+    a, b = await make_nodes(2)
+    await a.join_conversation("expiring", "ca", {}, "erin")
+    await b.join_conversation("expiring", "cb", {}, "erin")
+    assert "expiring" in a.local_loops()
+    assert await b._alive(a.inc)
+    # From now on b refreshes nothing and reaps nothing ...
+    await cancel_and_wait([t for t in b._tasks if t.get_name() == "housekeeping"], within=5)
+    # ... and a goes silent like a killed process.
+    assert not await cancel_and_wait(list(a._tasks), within=5)
+    a.membership.stop()
+    await wait_until(lambda: _gone(b, "node1"), timeout=10, what="a's lease expired")
+    await b.send_to_event_stream("cb", {"action": "message", "args": {"content": "z"}})
+    await wait_until(lambda: "expiring" in b.local_loops(), timeout=10, what="b restarted it")
+    sink = make_nodes.sinks["node2"]
+    await wait_until(
+        lambda: [e for e in sink.events["cb"] if e.get("source") == "agent"],
+        what="the action answered",
+    )
