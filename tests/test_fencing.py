@@ -73,6 +73,10 @@ async def test_a_former_owner_that_believes_it_still_owns_cannot_append(make_nod
     await a.join_conversation("fence-2", "ca", {}, "gina")
     await b.join_conversation("fence-2", "cb", {}, "gina")
     old = a._runners["fence-2"]
+    # b takes over below by itself. Its reaper would also release the conversation and
+    # publish NODE_LOST, which a (its clock patched to trust its lease) would answer by
+    # restarting the loop: a race this test is not about.
+    await cancel_and_wait([t for t in b._tasks if t.get_name() == "housekeeping"], within=5)
     # Simulate a paused process: no renewals, and its own clock never noticed.
     await _stop_heartbeats(a)
     a.membership.stop()
