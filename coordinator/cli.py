@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from .auth import DEFAULT_TTL, issue_token
 from .config import DEFAULT_AGENT, ManagerConfig
 from .errors import ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
+from .tasks import keep_cancelling
 
 ENV_PREFIX = "COORDINATOR_"
 PLACEHOLDER_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -271,7 +272,7 @@ async def _serve(config: ManagerConfig, secret: str, host: str, port: int, log_l
 
     def on_signal() -> None:
         if stop.is_set() and main is not None:
-            main.cancel()  # a second signal: stop waiting for a graceful shutdown
+            keep_cancelling(main)  # a second signal: stop waiting for a graceful shutdown
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -291,7 +292,11 @@ async def _serve(config: ManagerConfig, secret: str, host: str, port: int, log_l
     await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     logging.getLogger(__name__).info("node %s stopping", node.node_id)
-    await node.aclose()
+    try:
+        await node.aclose()
+    except asyncio.CancelledError:
+        print(f"node {node.node_id} stopped before its drain finished", file=sys.stderr)
+        return 130
     return 0
 
 

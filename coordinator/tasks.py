@@ -20,6 +20,14 @@ RECANCEL_EVERY = 0.05  # seconds between cancellations of a task that is still r
 T = TypeVar("T", bound=asyncio.Future[Any])
 
 
+def keep_cancelling(task: asyncio.Future[Any], every: float = RECANCEL_EVERY) -> None:
+    """Cancel ``task`` now and again every ``every`` s until it is done (for a caller
+    that cannot wait for it, such as a signal handler)."""
+    if not task.done():
+        task.cancel()
+        asyncio.get_running_loop().call_later(every, keep_cancelling, task, every)
+
+
 async def cancel_and_wait(tasks: Iterable[T], within: float) -> set[T]:
     """Cancel ``tasks`` again and again until each is done, for at most ``within`` s.
 

@@ -278,6 +278,52 @@ async def test_serve_with_embedded_redis_chat_and_graceful_stop() -> None:
     assert not port_open(redis_port), "the embedded Redis outlived its node"
 
 
+async def test_a_second_signal_stops_waiting_for_the_drain() -> None:
+    """SIGTERM drains: the node waits for its loops to close (this agent takes two
+    minutes). A second SIGTERM stops waiting: the node exits at once with code 130 and
+    says so, and its embedded Redis goes with it."""
+    proc = await spawn(
+        "serve", "--port", "0", "--secret", "s4", "--log-level", "warning",
+        "--agent", "tests.agents:SlowCloseAgent", "--drain-timeout", "300",
+    )  # fmt: skip
+    try:
+        lines = await read_until(proc, r"serving on http://")
+        embedded = re.search(r"started a private embedded Redis at (redis://\S+)", lines[0])
+        assert embedded, lines
+        redis_port = int(embedded.group(1).rsplit(":", 1)[1].split("/")[0])
+        url = lines[-1].rsplit(" ", 1)[1]
+        rc, out, err = await run(
+            "chat", "--url", url, "--conversation", "slow", "--secret", "s4", "--user", "sam",
+            stdin=b"hi\n",
+        )  # fmt: skip
+        assert rc == 0 and out.splitlines() == ["[1] user: hi", "[2] agent: hi"], err
+        proc.send_signal(signal.SIGTERM)
+
+        # The drain now waits for the agent; /healthz says so while it does.
+        async def draining() -> bool:
+            return await _status(url) == 503
+
+        await wait_until(draining, timeout=10, interval=0.1, what="draining")
+        assert proc.returncode is None
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    code, err = await stop(proc, signal.SIGTERM, within=15)
+    assert code == 130, err
+    assert "stopped before its drain finished" in err
+    assert "Traceback" not in err
+    assert not port_open(redis_port), "the embedded Redis outlived its node"
+
+
+async def _status(url: str) -> int:
+    try:
+        status, _ = await get_json(f"{url}/healthz")
+    except aiohttp.ClientError:
+        return 0
+    return status
+
+
 def free_port_pair() -> int:
     """A port p with p and p + 1 free, below the ephemeral range: the cluster's embedded
     Redis takes an OS-assigned port, which must not land on p + 1 meanwhile."""
