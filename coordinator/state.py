@@ -269,7 +269,8 @@ class RedisState:
         out: dict[str, tuple[str, float]] = {}
         for i, name in enumerate(names):
             inc, ttl_ms = text(rows[2 * i]), int(rows[2 * i + 1])
-            out[name] = (inc, ttl_ms / 1000) if inc and ttl_ms > 0 else ("", 0.0)
+            # PTTL -2: gone since the GET; -1 (never set by us): held, time unknown.
+            out[name] = (inc, max(ttl_ms, 0) / 1000) if inc and ttl_ms != -2 else ("", 0.0)
         return out
 
     async def incarnation_alive(self, inc: str) -> bool:
