@@ -3,8 +3,8 @@
 On 3.11 ``asyncio.wait_for`` loses a cancellation that arrives in the same loop iteration
 as its inner result: it returns the result and the caller runs on (CPython gh-86296,
 fixed in 3.12). redis-py wraps every socket write in ``wait_for`` when a socket timeout
-is set, so a task cancelled while it talks to Redis ignores the cancellation about one
-time in three (``tests/test_tasks.py`` measures it), and a loop that talks to Redis never
+is set, so a task cancelled while it talks to Redis ignores the cancellation about half
+the time (``tests/test_tasks.py`` prints how often), and a loop that talks to Redis never
 stops. So: cancel until the task is done, and use ``asyncio.timeout`` (correct on 3.11)
 instead of ``wait_for`` in this package (ruff bans it, see ``pyproject.toml``).
 """
