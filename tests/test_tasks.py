@@ -7,7 +7,7 @@ import random
 
 import redis.asyncio as aioredis
 
-from coordinator.tasks import cancel_and_wait
+from coordinator.tasks import cancel_and_wait, keep_cancelling
 
 ROUNDS = 200
 
@@ -55,3 +55,25 @@ async def test_a_task_that_refuses_to_stop_is_reported() -> None:
     finally:
         stop.set()
         await cancel_and_wait([task], within=1)
+
+
+async def test_keep_cancelling_ends_a_task_that_ignores_the_first_cancellations() -> None:
+    """What a signal handler uses: it cannot wait, so the cancellation is repeated until
+    the task is done (here the task ignores the first three, as a lost one would be)."""
+    ignored = 0
+
+    async def ignores_three() -> None:
+        nonlocal ignored
+        while True:
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                if ignored == 3:
+                    raise
+                ignored += 1
+
+    task = asyncio.create_task(ignores_three())
+    await asyncio.sleep(0)
+    keep_cancelling(task, every=0.01)
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done == {task} and task.cancelled() and ignored == 3
