@@ -37,9 +37,7 @@ async def test_sigstopped_owner_is_replaced_and_cannot_write_after_sigcont(
     try:
         a, b = await cluster.async_start(2)
         token = cluster.token("pat")
-        await ca.connect(a.url, sid, token)
-        await ca.say("before")
-        await ca.wait_for(lambda: len(ca.events) >= 2, "first echo")
+        await _start_talking(ca, a.url, sid, token, "before")
         await cb.connect(b.url, sid, token)
         assert await _local_loops(a.url, token) == [sid]
 
@@ -100,9 +98,7 @@ async def test_a_node_killed_while_re_registering_leaves_nothing_of_its_old_inca
     try:
         a, _b = await cluster.async_start(2)
         token = cluster.token("rho")
-        await client.connect(a.url, sid, token)
-        await client.say("hello")
-        await client.wait_for(lambda: len(client.events) >= 2, "the echo")
+        await _start_talking(client, a.url, sid, token, "hello")
         old = await redis.hget(keys.registry(), "node1")
         assert list((await redis.hgetall(keys.node_conns(old))).values()) == [sid]
         # Holding the reaper lock keeps node2 from reaping node1 while it is paused, and
@@ -139,6 +135,13 @@ async def test_a_node_killed_while_re_registering_leaves_nothing_of_its_old_inca
         await client.close()
         await cluster.async_stop()
         await redis.aclose()
+
+
+async def _start_talking(client: SioClient, url: str, sid: str, token: str, text: str) -> None:
+    """Join (starting the conversation's loop on that node) and get one echo."""
+    await client.connect(url, sid, token)
+    await client.say(text)
+    await client.wait_for(lambda: len(client.events) >= 2, "the echo")
 
 
 async def _missing(redis: aioredis.Redis, key: str) -> bool:
