@@ -596,8 +596,8 @@ class ConversationManager:
     async def nodes(self) -> dict[str, str]:
         """node id -> incarnation, for nodes whose lease is alive."""
         registry = await self.state.registry()
-        live = await self.state.live_incarnations(registry)
-        return {n: i for n, i in registry.items() if live.get(n) == i}
+        live = await self.state.live_leases(registry)
+        return {n: i for n, i in registry.items() if n in live}
 
     # -- starting loops --------------------------------------------------------------
     def _check_intake(self) -> None:
@@ -620,7 +620,7 @@ class ConversationManager:
                 raise NodeDraining(f"node {self.node_id} is draining; connect to another node")
             if own.status == "owned":
                 # Ask Redis, not the cache: a start is where a dead owner gets replaced.
-                if await self.state.incarnation_alive(own.inc):
+                if await self.state.lease_left(own.inc) is not None:
                     if initial is not None:
                         await self._accept(sid, user, initial)
                     return ConversationInfo(sid, own.user, own.owner, True, False)
@@ -971,23 +971,18 @@ class ConversationManager:
         now = time.monotonic()
         if self._live.get(inc, 0.0) > now:
             return True
-        node = inc.rsplit("/", 1)[0]
-        holder, left = (await self.state.leases_left([node]))[node]
-        if holder == inc:
-            self._live[inc] = now + left
-            return True
-        self._live.pop(inc, None)
-        return False
+        left = await self.state.lease_left(inc)
+        if left is None:
+            self._live.pop(inc, None)
+            return False
+        self._live[inc] = now + left
+        return True
 
     async def _refresh_live(self) -> set[str]:
         registry = await self.state.registry()
-        leases = await self.state.leases_left(registry)
+        live = await self.state.live_leases(registry)
         now = time.monotonic()
-        self._live = {
-            inc: now + leases[node][1]
-            for node, inc in registry.items()
-            if inc and leases[node][0] == inc
-        }
+        self._live = {registry[node]: now + left for node, left in live.items()}
         return set(self._live)
 
     async def _users_of(self, sids: list[str]) -> dict[str, str]:

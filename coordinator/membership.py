@@ -297,8 +297,8 @@ async def reap_dead_nodes(
 
     async def find_dead() -> list[tuple[str, str]]:
         registry = await state.registry()
-        live = await state.live_incarnations(registry)
-        dead = [(node, inc) for node, inc in registry.items() if live.get(node) != inc]
+        live = await state.live_leases(registry)
+        dead = [(node, inc) for node, inc in registry.items() if node not in live]
         # Incarnations replaced by a re-registration stay listed until released: their
         # node may have died before it released them.
         retired = await state.retired()

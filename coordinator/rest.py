@@ -315,7 +315,7 @@ class RestApp:
 async def _registered(manager: ConversationManager) -> bool:
     """Whether Redis still names this process's incarnation as the node's lease holder."""
     try:
-        return await manager.state.incarnation_alive(manager.inc)
+        return await manager.state.lease_left(manager.inc) is not None
     except (RedisError, OSError):
         return False
 

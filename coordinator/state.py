@@ -6,7 +6,7 @@ Nothing here keeps state of its own; every method is one or a few Redis round tr
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -247,18 +247,10 @@ class RedisState:
         raw = await self.redis.hgetall(self.keys.registry())
         return {text(k): text(v) for k, v in raw.items()}
 
-    async def live_incarnations(self, nodes: Iterable[str]) -> dict[str, str]:
-        """node -> its current lease incarnation ('' when the lease is gone)."""
-        names = list(nodes)
-        if not names:
-            return {}
-        values = await self.redis.mget([self.keys.node_lease(n) for n in names])
-        return {n: text(v) for n, v in zip(names, values, strict=True)}
-
-    async def leases_left(self, nodes: Iterable[str]) -> dict[str, tuple[str, float]]:
-        """node -> (its current lease incarnation, seconds the lease has left); ('', 0)
-        when it has none."""
-        names = list(nodes)
+    async def live_leases(self, incs: Mapping[str, str]) -> dict[str, float]:
+        """Of ``incs`` (node -> incarnation), node -> seconds left on the lease, for the
+        nodes whose lease that incarnation still holds. One round trip."""
+        names = [node for node, inc in incs.items() if inc]
         if not names:
             return {}
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -266,16 +258,18 @@ class RedisState:
                 pipe.get(self.keys.node_lease(name))
                 pipe.pttl(self.keys.node_lease(name))
             rows = await pipe.execute()
-        out: dict[str, tuple[str, float]] = {}
+        live: dict[str, float] = {}
         for i, name in enumerate(names):
-            inc, ttl_ms = text(rows[2 * i]), int(rows[2 * i + 1])
+            holder, ttl_ms = text(rows[2 * i]), int(rows[2 * i + 1])
             # PTTL -2: gone since the GET; -1 (never set by us): held, time unknown.
-            out[name] = (inc, max(ttl_ms, 0) / 1000) if inc and ttl_ms != -2 else ("", 0.0)
-        return out
+            if holder == incs[name] and ttl_ms != -2:
+                live[name] = max(ttl_ms, 0) / 1000
+        return live
 
-    async def incarnation_alive(self, inc: str) -> bool:
+    async def lease_left(self, inc: str) -> float | None:
+        """Seconds left on ``inc``'s lease; None when it holds none (dead or replaced)."""
         node = inc.rsplit("/", 1)[0]
-        return text(await self.redis.get(self.keys.node_lease(node))) == inc
+        return (await self.live_leases({node: inc})).get(node)
 
     # -- connections -----------------------------------------------------------------
     async def add_connection(self, cid: str, sid: str, user: str, inc: str) -> None:
