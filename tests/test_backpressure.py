@@ -204,10 +204,10 @@ async def test_a_socketio_client_refused_as_busy_gets_the_reason_and_changes_not
     servers: ServerCluster,
 ) -> None:
     (a,) = await servers.start(1, max_concurrent_joins=1, join_wait=0.3)
-    InFlight(a.manager, delay=1.0)  # the one join slot stays taken for a second
+    joins = InFlight(a.manager, delay=1.0)  # the one join slot stays taken for a second
     token = servers.token("bea")
     first = asyncio.create_task(servers.client("first").connect(a.url, "busy-1", token))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: joins.now == 1, timeout=10, what="the first join holds the slot")
     why = await servers.client("second").refused(a.url, "busy-2", token)
     assert "busy" in why and "try again" in why, why
     await first

@@ -172,10 +172,12 @@ async def test_a_reaper_that_saw_the_old_incarnation_dead_keeps_re_registered_co
     old = a.inc
     reaper_redis = aioredis.Redis.from_url(make_nodes.url)
     hgetall = reaper_redis.hgetall
+    read = asyncio.Event()
 
     async def slow_hgetall(name: str) -> Any:
         rows = await hgetall(name)
         if name == a.keys.node_conns(old):
+            read.set()
             await asyncio.sleep(1.5)  # a slow reaper: it read them, deletes them later
         return rows
 
@@ -190,7 +192,8 @@ async def test_a_reaper_that_saw_the_old_incarnation_dead_keeps_re_registered_co
 
     reaper = asyncio.create_task(reap())
     try:
-        await asyncio.sleep(0.2)  # the reaper holds the lock and is reading
+        async with asyncio.timeout(10):
+            await read.wait()  # the reaper holds the lock and has read the connections
         a.membership._lapse("test: event loop fell behind")
         await reaper
     finally:
