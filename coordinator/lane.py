@@ -45,25 +45,12 @@ def lane_supported(url: str) -> bool:
     return url.startswith(("redis://", "unix://"))
 
 
-def _arg(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return repr(value).encode()
-    raise DataError(f"cannot send {type(value).__name__} to Redis")
-
-
 def pack(*args: Any) -> bytes:
-    """One command in RESP."""
-    out = [b"*%d\r\n" % len(args)]
-    for value in args:
-        data = _arg(value)
-        out.append(b"$%d\r\n" % len(data))
-        out.append(data)
-        out.append(b"\r\n")
-    return b"".join(out)
+    """One command in RESP, encoded by hiredis (bytes, str, int and float arguments)."""
+    try:
+        return bytes(hiredis.pack_command(args))
+    except TypeError as exc:  # None, bool, containers...
+        raise DataError(f"cannot send {args!r} to Redis: {exc}") from None
 
 
 class _Link(asyncio.Protocol):
@@ -84,6 +71,8 @@ class _Link(asyncio.Protocol):
             raise self.failure or RedisConnectionError("the lane is not connected")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.waiting.append(fut)
+        # Written at once, not batched per loop iteration: Redis runs an action's accept
+        # on the other core while this one dispatches the agent and packs its commit.
         self.transport.write(command)
         return fut
 
