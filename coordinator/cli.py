@@ -26,6 +26,17 @@ ENV_PREFIX = "COORDINATOR_"
 PLACEHOLDER_REDIS_URL = "redis://127.0.0.1:6379/0"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
+
+def _switch(value: str) -> bool:
+    """on/off (also true/false, yes/no, 1/0) for a flag or its environment variable."""
+    word = value.strip().lower()
+    if word in ("on", "true", "yes", "1"):
+        return True
+    if word in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+
+
 # serve flag -> ManagerConfig field, for the optional settings passed through as given.
 CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "node_id": ("--node-id", str, "node id (default: HOST-PID-random)"),
@@ -74,6 +85,12 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "--max-concurrent-restarts",
         int,
         "loops this node restarts at once after another node is lost (default: 16)",
+    ),
+    "speculative_dispatch": (
+        "--speculative-dispatch",
+        _switch,
+        "on/off: an agent that allows it starts on an action sent through its own node "
+        "before the action is durable, saving a Redis round trip (default: on)",
     ),
 }
 

@@ -78,11 +78,16 @@ class ManagerConfig:
     max_concurrent_joins: int = 64
     join_wait: float = 10.0
     max_concurrent_restarts: int = 16
+    # Let an agent that allows it (``speculative = True``) start on an action sent
+    # through its own node before the action's accept has answered (runner.py).
+    speculative_dispatch: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             expected = f.type if isinstance(f.type, str) else f.type.__name__
+            if expected == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{f.name} must be true or false, got {value!r}")
             if expected == "str" and not isinstance(value, str):
                 raise ConfigError(f"{f.name} must be a string, got {type(value).__name__}")
             if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):

@@ -57,6 +57,17 @@ class Fenced(CoordinatorError):
         self.current = current
 
 
+class SpeculationLost(CoordinatorError):
+    """An action dispatched before its accept answered was not logged as the next one
+    (another node's action came first, or the accept failed): the events answering it
+    are discarded, and the loop gets a fresh agent that sees the actions in log order."""
+
+    def __init__(self, sid: str, predicted: int) -> None:
+        super().__init__(f"action {predicted} of {sid!r} was not logged as predicted")
+        self.sid = sid
+        self.predicted = predicted
+
+
 class InboxFull(CoordinatorError):
     """The conversation's action inbox holds too many unprocessed actions."""
 

@@ -51,8 +51,8 @@ from .idle import IdleSweeper
 from .keys import KeySchema
 from .lane import ScriptLane, lane_supported
 from .membership import Membership, reap_dead_nodes, reap_incarnation, reaper_lock
-from .runner import Lease, LoopRunner
-from .state import RedisState, text
+from .runner import Lease, LoopRunner, SpeculationStats
+from .state import RedisState, accept_token, text
 from .subscriptions import Subscriptions
 from .tasks import cancel_and_wait
 
@@ -146,6 +146,7 @@ class ConversationManager:
         self._restarting: set[str] = set()
         self._lease_lost = asyncio.Event()  # set when the lease is gone: re-register
         self._abandoned: list[Lease] = []  # starts that failed after taking ownership
+        self.speculations = SpeculationStats()  # actions dispatched before their accept
         self.draining = False
         self.started = False
 
@@ -654,18 +655,20 @@ class ConversationManager:
         if not admitted:
             await self._give_up(lease, _evicted_event())
             return ConversationInfo(sid, lease.user, "", False, False)
-        assert self._agent_factory is not None
-        agent = self._agent_factory(AgentContext(sid, lease.user or None, settings))
+        factory = self._agent_factory
+        assert factory is not None
+        context = AgentContext(sid, lease.user or None, settings)
         runner = LoopRunner(
             lease,
             own.applied,
-            agent,
+            lambda: factory(context),
             self.state,
             self.config,
             self.membership.lease_valid,
             self._on_runner_fenced,
             self._apply_committed,
             self.idle.touched,
+            self.speculations,
         )
         self._runners[sid] = runner
         try:
@@ -724,15 +727,25 @@ class ConversationManager:
     async def _accept(self, sid: str, user: str, action: tuple[Event, bytes]) -> int:
         event, packed = action
         key = event.get(codec.CLIENT_ACTION_ID)
-        r = await self.state.accept(
-            sid,
-            user,
-            packed,
-            self.config.event_log_maxlen,
-            self.config.inbox_max,
-            self.inc,
-            client_key=None if key is None else str(key),
-        )
+        token = accept_token(None if key is None else str(key))
+        runner = self._runners.get(sid)
+        # The local loop may start on it now, under the id it should get (runner.py).
+        spec = runner.speculate(event, token) if runner is not None else None
+        landed = 0
+        try:
+            r = await self.state.accept(
+                sid,
+                user,
+                packed,
+                self.config.event_log_maxlen,
+                self.config.inbox_max,
+                self.inc,
+                token=token,
+            )
+            landed = r.event_id if r.status == "ok" else 0
+        finally:
+            if spec is not None:
+                spec.settle(landed)
         if r.status == "missing":
             raise ConversationNotFound(sid)
         if r.status == "forbidden":

@@ -5,6 +5,17 @@ subscribed while it owns the loop). It tracks the highest contiguous event id it
 a gap, a reconnect or a start re-reads the durable inbox, so no accepted action is
 skipped. An action counts as processed once an event answering it, or its ack, is
 committed together with the ``applied`` cursor: a successor resumes after that cursor.
+
+Speculative dispatch: an action sent through the node that runs the loop, while the loop
+is idle and has seen every event of the conversation, can only be logged as the next
+event id, unless another node's action or a failure gets in first. If the agent allows
+it (``speculative = True``), the runner dispatches it at once under that predicted id,
+while its accept is still on the way to Redis, and the agent's commits carry the
+accept's token: the commit script writes them only if that accept logged the action as
+predicted. So the action and its answer travel to Redis together (one round trip, not
+two), and nothing reaches the log or a client unless the prediction held. When it did
+not, the answers are dropped and the loop gets a fresh agent, which sees the actions in
+log order, as a successor would after a failover.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from workers.protocol import AgentLoop, AgentState, Event
 from .backoff import Backoff
 from .codec import agent_event, pack
 from .config import ManagerConfig
-from .errors import Fenced
+from .errors import Fenced, SpeculationLost
 from .state import RedisState
 from .tasks import cancel_and_wait
 
@@ -43,21 +54,55 @@ class Lease:
     epoch: int
 
 
+@dataclass(eq=False, slots=True)
+class Speculation:
+    """An action dispatched before its accept answered, under the id it should get."""
+
+    predicted: int
+    token: str  # its accept's token
+    seen_before: int
+    # The id its accept logged it under, 0 if the accept was refused or failed.
+    landed: asyncio.Future[int]
+
+    def settle(self, event_id: int) -> None:
+        """The accept answered (``event_id``) or failed (0)."""
+        if not self.landed.done():
+            self.landed.set_result(event_id)
+
+    @property
+    def lost(self) -> bool:
+        return self.landed.done() and self.landed.result() != self.predicted
+
+
+@dataclass(slots=True)
+class SpeculationStats:
+    """A node's speculative dispatches and those whose prediction failed."""
+
+    dispatched: int = 0
+    lost: int = 0
+
+
 class LoopRunner:
     def __init__(
         self,
         lease: Lease,
         applied: int,
-        agent: AgentLoop,
+        new_agent: Callable[[], AgentLoop],
         state: RedisState,
         config: ManagerConfig,
         lease_valid: Callable[[], bool],
         on_fenced: Callable[[LoopRunner], None],
         on_committed: Callable[[str, int, list[Event]], Awaitable[None]],
         on_touch: Callable[[str], None],
+        stats: SpeculationStats | None = None,
     ) -> None:
         self.lease = lease
-        self.agent = agent
+        self._new_agent = new_agent
+        self.agent = new_agent()
+        self._speculative = config.speculative_dispatch and bool(
+            getattr(self.agent, "speculative", False)
+        )
+        self._stats = stats or SpeculationStats()
         self._state = state
         self._config = config
         self._lease_valid = lease_valid
@@ -78,6 +123,10 @@ class LoopRunner:
         self._writer = uuid.uuid4().hex[:16]
         self._unprompted = 0
         self._last_state = ""
+        self._idle = False  # waiting for work, nothing queued
+        self._writes = 0  # commits in flight
+        self._spec: Speculation | None = None
+        self._spec_confirmed = False  # Redis logged it as predicted
         self._task: asyncio.Task[None] | None = None
         self.fenced = False
         self.closed = False
@@ -122,6 +171,32 @@ class LoopRunner:
         self._wake.set()
         return True
 
+    def speculate(self, action: Event, token: str) -> Speculation | None:
+        """Dispatch ``action``, about to be accepted by this node with ``token``, before
+        its accept answers; None when its id cannot be predicted (the loop is busy or has
+        not seen every event), the agent does not allow it, or the lease is in doubt.
+        The caller must ``settle`` the result with the accept's outcome."""
+        if not (
+            self._speculative
+            and self._idle
+            and not self._wake.is_set()
+            and not self._pending
+            and self._spec is None
+            and self._writes == 0
+            and self.running
+            and self._lease_valid()
+        ):
+            return None
+        landed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        spec = Speculation(self._seen + 1, token, self._seen, landed)
+        self._spec = spec
+        self._spec_confirmed = False
+        self._seen = spec.predicted
+        self._pending[spec.predicted] = action
+        self._wake.set()
+        self._stats.dispatched += 1
+        return spec
+
     def poke(self) -> None:
         """Re-read the inbox (after a reconnect, when channel messages may be lost)."""
         self._reread = True
@@ -141,7 +216,9 @@ class LoopRunner:
     async def _run(self) -> None:
         backoff = Backoff(base=0.05, cap=1.0)
         while self.running:
+            self._idle = True
             await self._wake.wait()
+            self._idle = False
             self._wake.clear()
             try:
                 if self._reread:
@@ -159,9 +236,45 @@ class LoopRunner:
                 action = self._pending.pop(n)
                 if n <= self._applied:
                     continue
+                spec = self._spec if self._spec is not None and self._spec.predicted == n else None
+                if spec is not None and spec.lost:  # known before the agent saw it
+                    self._spec = None
+                    self._forget_speculation(spec)
+                    break
                 await self._dispatch(n, action)
+                if spec is not None:
+                    self._spec = None
+                    if not self._spec_confirmed and self.running:
+                        self._forget_speculation(spec)
+                        await self._replace_agent()
+                        break
             if self._reread:
                 self._wake.set()
+
+    def _forget_speculation(self, spec: Speculation) -> None:
+        """The speculative action was not logged as predicted: drop what was queued after
+        the prediction and re-read the inbox, which holds the actions in log order."""
+        log.info("loop %s: action %d was not logged as predicted", self.sid, spec.predicted)
+        self._stats.lost += 1
+        self._pending.clear()
+        self._seen = min(self._seen, spec.seen_before)
+        self._reread = True
+        self._wake.set()
+
+    async def _replace_agent(self) -> None:
+        """A fresh agent for one that may hold state from an action not (or not there) in
+        the log: it starts from the log, as a successor's would."""
+        old, self.agent = self.agent, self._new_agent()
+        try:
+            await old.aclose()
+        except Exception:
+            log.exception("agent of %s failed to close", self.sid)
+        try:
+            await self.agent.start(self.emit)
+        except Exception:
+            # Like a loop that failed to start: the next action starts another.
+            log.exception("fresh agent of %s failed to start", self.sid)
+            self._fence("agent restart failed")
 
     async def _dispatch(self, n: int, action: Event) -> None:
         if not self._lease_valid():
@@ -173,19 +286,20 @@ class LoopRunner:
         self.touch()
         try:
             await self.agent.dispatch({**action, "id": n})
-        except Fenced:
+        except (Fenced, SpeculationLost):
             return
         except Exception:
             log.exception("agent of %s failed on action %d", self.sid, n)
         finally:
             self._cause = 0
         if self._applied < n and self.running:
-            with contextlib.suppress(Fenced):
+            with contextlib.suppress(Fenced, SpeculationLost):
                 await self._commit([], cause=n, index=self._emits)
 
     # -- output ----------------------------------------------------------------------
     async def emit(self, event: Event) -> int:
-        """Append an agent event; raises Fenced once the conversation was taken over."""
+        """Append an agent event; raises Fenced once the conversation was taken over, and
+        SpeculationLost when the action it answers was not logged as predicted."""
         if self._cause:
             index = self._emits
             self._emits += 1
@@ -209,12 +323,22 @@ class LoopRunner:
         lease lapses; a retry after a lost reply is recognised (``dup``), not repeated."""
         packed = [pack(e) for e in events]
         backoff = Backoff(base=0.05, cap=1.0)
+        spec = self._spec if self._spec is not None and self._spec.predicted == cause else None
         while True:
             if self.fenced or (check_open and self.closed) or not self._lease_valid():
                 self._fence("node lease lapsed" if not self.fenced else "already fenced")
                 raise Fenced(self.sid, self.lease.epoch, -1)
+            accepted_as = ""
+            if spec is not None and not self._spec_confirmed:
+                if spec.lost:
+                    raise SpeculationLost(self.sid, spec.predicted)
+                if spec.landed.done():
+                    self._spec_confirmed = True
+                else:
+                    accepted_as = spec.token
             state = str(self.agent.state)
             changed = state if state != self._last_state else ""
+            self._writes += 1
             try:
                 r = await self._state.commit(
                     self.sid,
@@ -227,12 +351,23 @@ class LoopRunner:
                     state=changed,
                     publisher=self.lease.inc,
                     writer=self._writer,
+                    accepted_as=accepted_as,
                 )
-                break
             except (RedisError, OSError) as exc:
                 delay = backoff.next()
                 log.warning("commit for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
                 await asyncio.sleep(delay)
+                continue
+            finally:
+                self._writes -= 1
+            if r.status != "unaccepted":
+                break
+            # Sent before its accept ran (or the accept went another way): the accept's
+            # own answer decides. The caller of ``speculate`` always settles it.
+            assert spec is not None
+            await asyncio.shield(spec.landed)
+        if accepted_as and r.status in ("ok", "dup"):
+            self._spec_confirmed = True  # the script checked the token before anything
         if r.status not in ("ok", "dup"):
             self._fence(f"commit {r.status} (epoch {r.first_id})")
             raise Fenced(self.sid, self.lease.epoch, r.first_id)

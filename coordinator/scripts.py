@@ -122,6 +122,7 @@ COMMIT = (
 -- commit: append an owner's events, fenced by its incarnation and epoch.
 -- KEYS[1]  conversation meta hash   KEYS[2] event stream   KEYS[3] inbox stream
 -- KEYS[4]  conversation's connections (connection id -> incarnation)
+-- KEYS[5]  recent accept tokens (as in accept)
 -- ARGV[1]  owner incarnation ('' = system write, allowed only while unowned)
 -- ARGV[2]  epoch   ARGV[3] event log max length   ARGV[4] channel
 -- ARGV[5]  id of the action these events answer (0 = none): marks it applied
@@ -130,10 +131,14 @@ COMMIT = (
 -- ARGV[8]  writer's incarnation: no publish when only it listens ('' = always publish)
 -- ARGV[9]  writer token: a write answering no action (ARGV[5] = 0) is known by
 --          (token, index), indexes 1, 2, ... per token ('' = not deduplicated)
--- ARGV[10..] packed events (msgpack maps without id)
+-- ARGV[10] accept token of the action ARGV[5], when the owner dispatched it before its
+--          accept answered (speculatively, predicting its id): the write goes through
+--          only if that accept logged the action under exactly that id ('' = no check)
+-- ARGV[11..] packed events (msgpack maps without id)
 -- returns  {'ok', first id, last id, now}, {'dup', 0, 0, now} (this write was already
---          committed: a retry after a lost reply), {'fenced', epoch, 0, 0}
---          or {'missing', 0, 0, 0}
+--          committed: a retry after a lost reply), {'fenced', epoch, 0, 0},
+--          {'unaccepted', 0, 0, now} (ARGV[10]'s accept has not logged the action
+--          under ARGV[5], or not yet) or {'missing', 0, 0, 0}
 """
     + _NOW
     + _HEARD_ELSEWHERE
@@ -146,6 +151,9 @@ if inc ~= ARGV[1] or (ARGV[1] ~= '' and epoch ~= tonumber(ARGV[2])) then
   return {'fenced', epoch, 0, 0}
 end
 local cause, index = tonumber(ARGV[5]), tonumber(ARGV[6])
+if ARGV[10] ~= '' and tonumber(redis.call('ZSCORE', KEYS[5], ARGV[10]) or '0') ~= cause then
+  return {'unaccepted', 0, 0, now}
+end
 local applied, emitted = tonumber(f[3] or '0'), tonumber(f[5] or '-1')
 if cause > 0 and (cause < applied or (cause == applied and index <= emitted)) then
   return {'dup', 0, 0, now}
@@ -155,8 +163,8 @@ if cause == 0 and token ~= '' and f[6] == token and index <= tonumber(f[7] or '0
   return {'dup', 0, 0, now}
 end
 local first, last = 0, 0
-local publish = #ARGV >= 10 and heard_elsewhere(inc, KEYS[4], ARGV[8])
-for i = 10, #ARGV do
+local publish = #ARGV >= 11 and heard_elsewhere(inc, KEYS[4], ARGV[8])
+for i = 11, #ARGV do
   local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   if first == 0 then first = id end
   last = id

@@ -32,6 +32,11 @@ def _entries(rows: Any) -> list[tuple[int, Event]]:
     return [(int(text(entry_id).split("-")[0]), unpack(fields[b"d"])) for entry_id, fields in rows]
 
 
+def accept_token(client_key: str | None) -> str:
+    """The token an accept is known by: the client's action id, else a fresh one."""
+    return uuid.uuid4().hex if client_key is None else f"c:{client_key}"
+
+
 @dataclass(frozen=True, slots=True)
 class Ownership:
     status: str  # created | ok | mine | owned | forbidden | missing
@@ -52,7 +57,7 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class Committed:
-    status: str  # ok | dup | fenced | missing
+    status: str  # ok | dup | fenced | unaccepted | missing
     first_id: int
     last_id: int
     now_ms: int
@@ -113,20 +118,27 @@ class RedisState:
         maxlen: int,
         inbox_max: int,
         publisher: str = "",
-        client_key: str | None = None,
+        token: str = "",
     ) -> Accepted:
         """Log and enqueue a user action. With ``publisher`` (the writer's incarnation), the
         event is published only when another node listens: the writer applies it itself.
 
-        An accept run again (a retry after a lost reply, or the client's own retry with
-        the same ``client_key``) returns the first one's event id and writes nothing, as
-        long as it is among the conversation's last 64 accepts."""
+        An accept run again with the same ``token`` (a retry after a lost reply, or the
+        client's own retry: see ``accept_token``) returns the first one's event id and
+        writes nothing, as long as it is among the conversation's last 64 accepts."""
         k = self.keys
-        token = uuid.uuid4().hex if client_key is None else f"c:{client_key}"
         r = await self._run(
             "accept",
             [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)],
-            [user, packed, maxlen, inbox_max, k.conv_channel(sid), token, publisher],
+            [
+                user,
+                packed,
+                maxlen,
+                inbox_max,
+                k.conv_channel(sid),
+                token or accept_token(None),
+                publisher,
+            ],
             hot=True,
         )
         return Accepted(text(r[0]), int(r[1]), text(r[2]), text(r[3]))
@@ -144,18 +156,22 @@ class RedisState:
         state: str = "",
         publisher: str = "",
         writer: str = "",
+        accepted_as: str = "",
     ) -> Committed:
         """Append events as the owner (fenced); ``publisher`` as in ``accept``.
 
         A retry after a lost reply is recognised (status ``dup``) by ``(cause, index)``
-        for a write answering action ``cause``, else by ``(writer, index)``."""
+        for a write answering action ``cause``, else by ``(writer, index)``. With
+        ``accepted_as`` (the accept token of action ``cause``, dispatched before its
+        accept answered) the write goes through only if that accept logged the action
+        as ``cause``: else status ``unaccepted`` and nothing is written."""
         k = self.keys
         r = await self._run(
             "commit",
-            [k.conv(sid), k.events(sid), k.inbox(sid), k.conv_conns(sid)],
+            [k.conv(sid), k.events(sid), k.inbox(sid), k.conv_conns(sid), k.accepted(sid)],
             [
                 inc, epoch, maxlen, k.conv_channel(sid), cause, index, state, publisher,
-                writer, *packed_events,
+                writer, accepted_as, *packed_events,
             ],
             hot=True,
         )  # fmt: skip

@@ -6,7 +6,8 @@ new ones (accepted and reset at once) or, with ``blackhole=True``, holds them op
 forwarding a byte: what a partition looks like to a client that connects while it lasts.
 ``restore()`` forwards new connections again and resets the blackholed ones. When the
 server closes a connection (Redis restarting), the proxy passes on what it already
-received, then closes the client's side too.
+received, then closes the client's side too. ``hold_replies()`` keeps what the server
+sends from its clients (requests still go through) until ``release_replies()``.
 
 All methods run on the event loop that ran ``start()``.
 """
@@ -34,6 +35,8 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._cut = False
         self._blackhole = False
+        self._replies = asyncio.Event()  # set: server-to-client data flows
+        self._replies.set()
 
     @property
     def url(self) -> str:
@@ -59,6 +62,13 @@ class TcpProxy:
         self._cut = True
         self._blackhole = blackhole
         _abort_all(self._open)
+
+    def hold_replies(self) -> None:
+        """Hold what servers send to clients (kept, not dropped) until released."""
+        self._replies.clear()
+
+    def release_replies(self) -> None:
+        self._replies.set()
 
     def restore(self) -> None:
         """Forward new connections again; blackholed ones are reset (their peer reconnects)."""
@@ -118,17 +128,24 @@ class TcpProxy:
             return
         self._open.update((writer, up_writer))
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(
+                _pipe(reader, up_writer), _pipe(up_reader, writer, gate=self._replies)
+            )
         finally:
             self._open.difference_update((writer, up_writer))
             writer.transport.abort()
             up_writer.transport.abort()
 
 
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    """Copy until end of input, then close ``dst`` (the other direction ends with it)."""
+async def _pipe(
+    src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event | None = None
+) -> None:
+    """Copy until end of input, then close ``dst`` (the other direction ends with it);
+    each chunk waits for ``gate`` to be set."""
     try:
         while data := await src.read(CHUNK):
+            if gate is not None:
+                await gate.wait()
             dst.write(data)
             await dst.drain()
     except OSError:

@@ -101,3 +101,37 @@ async def test_an_accept_retried_after_a_lost_reply_is_recorded_once(redis_clien
     assert first[1] == retry[1] == 1 and other[1] == 2
     assert await redis_client.xlen(k.inbox("s4")) == 2
     assert await redis_client.xlen(k.events("s4")) == 2
+
+
+async def test_a_speculative_commit_goes_through_only_under_the_id_its_accept_gave(
+    redis_client,
+) -> None:
+    """A commit carrying its action's accept token (the action was dispatched before the
+    accept answered) is written only if that accept logged the action under the id the
+    commit names: otherwise 'unaccepted', and nothing changes."""
+    state = RedisState(redis_client, KeySchema("t"))
+    await state.acquire("s4", "n1", "n1/a", "u", create=True)
+    answer = [pack({"r": "answer"})]
+
+    async def commit(cause: int, token: str) -> str:
+        r = await state.commit("s4", "n1/a", 1, answer, maxlen=100, cause=cause, accepted_as=token)
+        return r.status
+
+    assert await commit(1, "tok-1") == "unaccepted"  # its accept has not run (yet)
+    assert await state.events_after("s4", 0) == []
+    # Another action is logged first: ours lands as 2, not as the predicted 1.
+    await state.accept("s4", "u", pack({"action": "message", "n": "other"}), 100, 10, token="tok-0")
+    await state.accept("s4", "u", pack({"action": "message", "n": "ours"}), 100, 10, token="tok-1")
+    before = await state.meta("s4")
+    assert await commit(1, "tok-1") == "unaccepted"
+    assert await state.meta("s4") == before
+    assert [i for i, _ in await state.events_after("s4", 0)] == [1, 2]
+    # Under the id it was given it goes through, once.
+    assert await commit(2, "tok-1") == "ok"
+    assert await commit(2, "tok-1") == "dup"
+    assert [e.get("r", e.get("n")) for _, e in await state.events_after("s4", 0)] == [
+        "other",
+        "ours",
+        "answer",
+    ]
+    assert (await state.meta("s4"))["applied"] == "2"

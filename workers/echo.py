@@ -6,6 +6,9 @@ from .protocol import AgentContext, AgentState, EmitFn, Event
 
 
 class EchoAgent:
+    # dispatch touches nothing outside the loop: it may run before the action is durable.
+    speculative = True
+
     def __init__(self, context: AgentContext) -> None:
         self.context = context
         self._state = AgentState.LOADING

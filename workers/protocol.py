@@ -1,9 +1,18 @@
 """The contract between the coordinator and an agent loop.
 
 The coordinator owns ordering, durability and fencing; an agent loop only reacts to
-actions and emits events. Every action a loop receives was acknowledged to a client and
-recorded durably first, and it is dispatched once, in order. Events the loop emits get
-their integer id, are logged and are delivered by the coordinator.
+actions and emits events. Every action a loop receives was recorded durably first, and it
+is dispatched once, in order. Events the loop emits get their integer id, are logged and
+are delivered by the coordinator.
+
+Speculative dispatch (opt in): a loop class with ``speculative = True`` may receive an
+action sent through its own node before the action is durable, under the id it will get
+if nothing else is logged first. Its events are logged only if that holds; if it does not
+(another node's action came first, or Redis failed the accept), they are dropped, the
+loop is closed and a fresh instance of the class takes over and receives the actions in
+log order, as after a failover. This saves one Redis round trip per action. Only loops
+whose ``dispatch`` has no effect outside the loop before its first ``emit`` returns
+should allow it (the built-in echo and scripted agents do).
 """
 
 from __future__ import annotations
@@ -55,7 +64,10 @@ class AgentLoop(Protocol):
         """
 
     async def dispatch(self, action: Event) -> None:
-        """Handle one user action (``{"action": ..., "args": {...}, "id": n}``)."""
+        """Handle one user action (``{"action": ..., "args": {...}, "id": n}``).
+
+        ``emit`` raises ``Fenced`` or ``SpeculationLost`` when the loop must stop
+        handling it; let those propagate."""
 
     async def aclose(self) -> None:
         """Stop the agent and release what it holds. Must be idempotent."""

@@ -21,6 +21,9 @@ def _number(settings: Any, name: str, default: float) -> float:
 
 
 class ScriptedAgent:
+    # dispatch touches nothing outside the loop: it may run before the action is durable.
+    speculative = True
+
     def __init__(
         self,
         context: AgentContext,
