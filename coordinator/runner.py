@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
@@ -61,8 +61,14 @@ class Speculation:
     predicted: int
     token: str  # its accept's token
     seen_before: int
+    event: Event  # the user event
     # The id its accept logged it under, 0 if the accept was refused or failed.
     landed: asyncio.Future[int]
+    # Set once the agent's first commit answering it has returned, or none will come:
+    # the caller delivers the user event after that (the runner delivers it together
+    # with that commit's events), so clients get both in one write.
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    committing: bool = False  # that first commit is on its way
 
     def settle(self, event_id: int) -> None:
         """The accept answered (``event_id``) or failed (0)."""
@@ -188,7 +194,7 @@ class LoopRunner:
         ):
             return None
         landed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        spec = Speculation(self._seen + 1, token, self._seen, landed)
+        spec = Speculation(self._seen + 1, token, self._seen, action, landed)
         self._spec = spec
         self._spec_confirmed = False
         self._seen = spec.predicted
@@ -238,11 +244,13 @@ class LoopRunner:
                     continue
                 spec = self._spec if self._spec is not None and self._spec.predicted == n else None
                 if spec is not None and spec.lost:  # known before the agent saw it
+                    spec.answered.set()
                     self._spec = None
                     self._forget_speculation(spec)
                     break
                 await self._dispatch(n, action)
                 if spec is not None:
+                    spec.answered.set()
                     self._spec = None
                     if not self._spec_confirmed and self.running:
                         self._forget_speculation(spec)
@@ -339,6 +347,10 @@ class LoopRunner:
             state = str(self.agent.state)
             changed = state if state != self._last_state else ""
             self._writes += 1
+            first = spec is not None and not spec.committing and not spec.answered.is_set()
+            if first:
+                assert spec is not None
+                spec.committing = True
             try:
                 r = await self._state.commit(
                     self.sid,
@@ -354,6 +366,9 @@ class LoopRunner:
                     accepted_as=accepted_as,
                 )
             except (RedisError, OSError) as exc:
+                if first:
+                    assert spec is not None
+                    spec.answered.set()  # the caller delivers the user event itself
                 delay = backoff.next()
                 log.warning("commit for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
                 await asyncio.sleep(delay)
@@ -362,6 +377,9 @@ class LoopRunner:
                 self._writes -= 1
             if r.status != "unaccepted":
                 break
+            if first:
+                assert spec is not None
+                spec.answered.set()
             # Sent before its accept ran (or the accept went another way): the accept's
             # own answer decides. The caller of ``speculate`` always settles it.
             assert spec is not None
@@ -376,10 +394,15 @@ class LoopRunner:
         if cause > self._applied:
             self._applied = cause
             self._progress.set()
+        if spec is not None and not spec.answered.is_set():
+            # The user event first (its id is confirmed now), then what answers it.
+            await self._on_committed(self.sid, spec.predicted, [spec.event])
         if events:
             # Apply locally at once (a pub/sub copy, sent only if another node listens,
             # is dropped by id); after a "dup" the ids are unknown: first id 0.
             await self._on_committed(self.sid, r.first_id if r.status == "ok" else 0, events)
+        if spec is not None:
+            spec.answered.set()
         return r.last_id
 
     async def finish_backlog(self, within: float) -> bool:
@@ -415,6 +438,8 @@ class LoopRunner:
             return
         log.log(logging.DEBUG if quiet else logging.WARNING, "loop %s fenced (%s)", self.sid, why)
         self.fenced = True
+        if self._spec is not None:
+            self._spec.answered.set()
         self._wake.set()
         self._on_fenced(self)
 
@@ -427,6 +452,8 @@ class LoopRunner:
     async def aclose(self) -> None:
         """Stop dispatching and close the agent. Idempotent."""
         self.closed = True
+        if self._spec is not None:
+            self._spec.answered.set()
         self._wake.set()
         task, self._task = self._task, None
         mine = task is asyncio.current_task()
