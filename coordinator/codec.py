@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
 from typing import Any
 
 import msgpack
@@ -44,8 +44,18 @@ def with_id(event_id: int, event: Event) -> Event:
     return out
 
 
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+    """UTC now as ISO 8601 with microseconds, e.g. ``2026-12-01T07:53:24.605626+00:00``.
+
+    Two per action: the date and time part is formatted once a second."""
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{int((now - second) * 1_000_000):06d}+00:00"
 
 
 # An action may carry a client-chosen id: sent again with the same id (a retry after a

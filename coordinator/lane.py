@@ -58,23 +58,44 @@ class _Link(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # Calls in flight, oldest first, each with the loop time it must be answered by.
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.reader = hiredis.Reader()
         self.failure: Exception | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
-    def send(self, command: bytes) -> asyncio.Future[Any]:
+    def send(self, command: bytes, timeout: float) -> asyncio.Future[Any]:
+        """Write ``command``; its reply must come within ``timeout`` seconds, or every
+        call in flight fails (the replies after a missing one cannot be matched)."""
         if self.failure is not None or self.transport is None:
             raise self.failure or RedisConnectionError("the lane is not connected")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiting.append(fut)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        deadline = loop.time() + timeout
+        self.waiting.append((fut, deadline))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._check)
         # Written at once, not batched per loop iteration: Redis runs an action's accept
         # on the other core while this one dispatches the agent and packs its commit.
         self.transport.write(command)
         return fut
+
+    def _check(self) -> None:
+        """One timer per connection, due at the oldest call's deadline (replies come in
+        order): cheaper than a timer per call, and re-armed at most once per reply."""
+        self._timer = None
+        if self.failure is not None or not self.waiting:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self.waiting[0][1]
+        if deadline <= loop.time():
+            self.fail(RedisTimeoutError("Redis did not answer in time"))
+        else:
+            self._timer = loop.call_at(deadline, self._check)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -89,7 +110,7 @@ class _Link(asyncio.Protocol):
             if not self.waiting:
                 self.fail(RedisConnectionError("a reply nobody asked for"))
                 return
-            fut = self.waiting.popleft()
+            fut, _ = self.waiting.popleft()
             if fut.done():  # its caller gave up (cancelled); the reply is dropped
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -101,15 +122,15 @@ class _Link(asyncio.Protocol):
         """Fail every call in flight and drop the connection."""
         if self.failure is None:
             self.failure = exc
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self.waiting:
-            fut = self.waiting.popleft()
+            fut, _ = self.waiting.popleft()
             if not fut.done():
                 fut.set_exception(self.failure)
         if self.transport is not None:
             self.transport.abort()
-
-    def time_out(self) -> None:
-        self.fail(RedisTimeoutError("Redis did not answer in time"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
@@ -140,7 +161,7 @@ class ScriptLane:
     async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA ``script`` (loading it on NOSCRIPT), retried on a lost connection."""
         command = pack("EVALSHA", script.sha, len(keys), *keys, *args)
-        backoff = Backoff(base=0.05, cap=1.0)
+        backoff: Backoff | None = None
         for attempt in range(RETRIES + 1):
             try:
                 try:
@@ -151,6 +172,7 @@ class ScriptLane:
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 if attempt == RETRIES or self._closed:
                     raise
+                backoff = backoff or Backoff(base=0.05, cap=1.0)
                 await asyncio.sleep(backoff.next())
         raise AssertionError("unreachable")
 
@@ -158,12 +180,7 @@ class ScriptLane:
         link = self._link
         if link is None or link.failure is not None:
             link = await self._connect()
-        fut = link.send(command)
-        timer = asyncio.get_running_loop().call_later(self._timeout, link.time_out)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+        return await link.send(command, self._timeout)
 
     async def _connect(self) -> _Link:
         if self._closed:
@@ -189,7 +206,7 @@ class ScriptLane:
             try:
                 for command in self._handshake():
                     async with asyncio.timeout(self._connect_timeout):
-                        await link.send(command)
+                        await link.send(command, self._connect_timeout)
             except TimeoutError:
                 link.fail(RedisConnectionError("the lane's handshake timed out"))
                 raise RedisTimeoutError("Redis did not answer the handshake in time") from None

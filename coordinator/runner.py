@@ -394,13 +394,17 @@ class LoopRunner:
         if cause > self._applied:
             self._applied = cause
             self._progress.set()
+        first_id = r.first_id if r.status == "ok" else 0  # after a "dup": unknown
         if spec is not None and not spec.answered.is_set():
             # The user event first (its id is confirmed now), then what answers it.
-            await self._on_committed(self.sid, spec.predicted, [spec.event])
+            if events and first_id == spec.predicted + 1:
+                first_id, events = spec.predicted, [spec.event, *events]
+            else:
+                await self._on_committed(self.sid, spec.predicted, [spec.event])
         if events:
             # Apply locally at once (a pub/sub copy, sent only if another node listens,
-            # is dropped by id); after a "dup" the ids are unknown: first id 0.
-            await self._on_committed(self.sid, r.first_id if r.status == "ok" else 0, events)
+            # is dropped by id).
+            await self._on_committed(self.sid, first_id, events)
         if spec is not None:
             spec.answered.set()
         return r.last_id

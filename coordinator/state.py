@@ -5,7 +5,7 @@ Nothing here keeps state of its own; every method is one or a few Redis round tr
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -33,8 +33,8 @@ def _entries(rows: Any) -> list[tuple[int, Event]]:
 
 
 def accept_token(client_key: str | None) -> str:
-    """The token an accept is known by: the client's action id, else a fresh one."""
-    return uuid.uuid4().hex if client_key is None else f"c:{client_key}"
+    """The token an accept is known by: the client's action id, else 96 random bits."""
+    return os.urandom(12).hex() if client_key is None else f"c:{client_key}"
 
 
 @dataclass(frozen=True, slots=True)
