@@ -227,3 +227,23 @@ async def test_speculation_is_off_when_the_node_or_the_agent_says_so(
     await wait_until(lambda: len(sink.events["c1"]) == 6)
     assert sink.ids("c1") == [1, 2, 3, 4, 5, 6]
     assert manager.speculations.dispatched == 0
+
+
+async def test_a_thinking_agent_does_not_hold_up_the_ack_or_the_user_event(node: Any) -> None:
+    """The agent has not answered when the accept returns: the client gets its user event
+    and the ack at once, the answer when the agent is done."""
+
+    class Thinking(ScriptedAgent):
+        def __init__(self, context: AgentContext) -> None:
+            super().__init__(context, think_time=0.5)
+
+    manager, sink = await node(Agents(Thinking))
+    await manager.join_conversation("slow", "c1", {}, "alice", None)
+    first = await manager.send_to_event_stream("c1", message("warm up"))
+    await wait_until(lambda: len(answers(sink, "c1")) == 1)
+    before = manager.speculations.dispatched
+    event_id = await manager.send_to_event_stream("c1", message("think"))
+    assert manager.speculations.dispatched == before + 1
+    assert sink.ids("c1") == [first, first + 1, event_id]  # the ack came before the answer
+    await wait_until(lambda: len(answers(sink, "c1")) == 2)
+    assert answers(sink, "c1")[1] == (event_id, "think")
