@@ -18,6 +18,7 @@ STYLE = {
     "plain-redis": ("tab:green", "-"),
     "plain-durable": ("tab:green", "--"),
     "coord-same": ("tab:blue", "-"),
+    "coord-same-nospec": ("tab:blue", ":"),
     "coord-cross": ("tab:orange", "-"),
 }
 

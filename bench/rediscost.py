@@ -5,7 +5,10 @@ work silenced (long heartbeat, flush and cleanup intervals), so the counts are e
 
 - ``commands``: the ``INFO commandstats`` delta (commands run inside Lua scripts count);
 - ``client cmds``: commands the nodes sent (every command of a pipeline counts);
-- ``round trips``: requests the nodes waited for (one per command, pipeline or script).
+- ``round trips``: requests the nodes waited for (one per command, pipeline or script);
+- ``sequential``: of those, the ones sent while no other was in flight: the round trips
+  an operation waits for one after another (a same-node action's commit, sent while its
+  accept is still on the way, is a round trip but not a sequential one).
 
 The per-node split of round trips tells the owner's path apart from the accepting node's.
 """
@@ -33,6 +36,8 @@ class ClientCounter:
         self.names: dict[int, str] = {}
         self.trips: Counter[str] = Counter()
         self.cmds: Counter[str] = Counter()
+        self.sequential: Counter[str] = Counter()
+        self.in_flight = 0
         self._saved: list[tuple[type, str, Any]] = []
 
     def install(self) -> None:
@@ -46,18 +51,27 @@ class ClientCounter:
         orig_pubsub = PubSub.execute_command
         orig_lane = ScriptLane._call
 
+        async def waited(node: str, call: Awaitable[Any]) -> Any:
+            counter.trips[node] += 1
+            if counter.in_flight == 0:
+                counter.sequential[node] += 1
+            counter.in_flight += 1
+            try:
+                return await call
+            finally:
+                counter.in_flight -= 1
+
         async def execute_command(self: Any, *args: Any, **kw: Any) -> Any:
             node = node_of(self)
-            counter.trips[node] += 1
             counter.cmds[node] += 1
-            return await orig_exec(self, *args, **kw)
+            return await waited(node, orig_exec(self, *args, **kw))
 
         async def execute(self: Any, *args: Any, **kw: Any) -> Any:
             node = node_of(self)
-            if self.command_stack:
-                counter.trips[node] += 1
-                counter.cmds[node] += len(self.command_stack) + (2 if self.is_transaction else 0)
-            return await orig_pipe(self, *args, **kw)
+            if not self.command_stack:
+                return await orig_pipe(self, *args, **kw)
+            counter.cmds[node] += len(self.command_stack) + (2 if self.is_transaction else 0)
+            return await waited(node, orig_pipe(self, *args, **kw))
 
         async def pubsub_command(self: Any, *args: Any, **kw: Any) -> Any:
             # SUBSCRIBE/UNSUBSCRIBE: sent without waiting (the listener reads the reply).
@@ -66,9 +80,8 @@ class ClientCounter:
 
         async def lane_call(self: Any, command: bytes) -> Any:
             node = counter.names.get(id(self), "other")
-            counter.trips[node] += 1
             counter.cmds[node] += 1
-            return await orig_lane(self, command)
+            return await waited(node, orig_lane(self, command))
 
         self._saved = [
             (aioredis.Redis, "execute_command", orig_exec),
@@ -125,6 +138,7 @@ class Meter:
         await asyncio.sleep(0.05)  # let listener-side replies (subscribe acks) settle
         before = await commandstats(self.probe)
         trips0, cmds0 = Counter(self.counter.trips), Counter(self.counter.cmds)
+        seq0 = Counter(self.counter.sequential)
         for i in range(n):
             await op(i)
         await asyncio.sleep(0.05)
@@ -133,14 +147,16 @@ class Meter:
         delta.pop("info", None)
         trips = self.counter.trips - trips0
         cmds = self.counter.cmds - cmds0
-        trips.pop("other", None)
-        cmds.pop("other", None)
+        seq = self.counter.sequential - seq0
+        for counts in (trips, cmds, seq):
+            counts.pop("other", None)
         row = {
             "operation": name,
             "n": n,
             "commands": sum(delta.values()) / n,
             "client_commands": sum(cmds.values()) / n,
             "round_trips": sum(trips.values()) / n,
+            "sequential_round_trips": sum(seq.values()) / n,
             "round_trips_by_node": {k: v / n for k, v in sorted(trips.items())},
             "by_command": {k: v / n for k, v in sorted(delta.items())},
             "note": note,
@@ -238,6 +254,10 @@ async def run(mode: Mode) -> dict[str, Any]:
                 "commands": (five["commands"] - one["commands"]) / 4,
                 "client_commands": (five["client_commands"] - one["client_commands"]) / 4,
                 "round_trips": (five["round_trips"] - one["round_trips"]) / 4,
+                "sequential_round_trips": (
+                    five["sequential_round_trips"] - one["sequential_round_trips"]
+                )
+                / 4,
                 "round_trips_by_node": {},
                 "by_command": {
                     k: (v - one["by_command"].get(k, 0)) / 4
@@ -300,13 +320,14 @@ async def _heartbeat(node: ConversationManager) -> None:
 def report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     t = table(
         "Redis cost per operation (INFO commandstats on a private Redis; client-side counts)",
-        ["operation", "commands", "client cmds", "round trips", "by node", "note"],
+        ["operation", "commands", "client cmds", "round trips", "sequential", "by node", "note"],
         [
             [
                 r["operation"],
                 r["commands"],
                 r["client_commands"],
                 r["round_trips"],
+                r["sequential_round_trips"],
                 " ".join(f"{k}:{v:g}" for k, v in r["round_trips_by_node"].items()) or "-",
                 r["note"],
             ]

@@ -1,13 +1,18 @@
 """Round trip: oh_user_action in, the echo agent's oh_event out, at a fixed offered rate.
 
-Four systems run side by side, all as real uvicorn processes on one private Redis, with
+Six systems run side by side, all as real uvicorn processes on one private Redis, with
 the load generator in a separate process (raw engine.io over websockets):
 
 - ``standalone``: the seed's design (bench/baselines/standalone.py), no Redis on the path;
-- ``plain-redis``: python-socketio + AsyncRedisManager whose handler emits back;
+- ``plain-redis``: python-socketio + AsyncRedisManager whose handler emits back (it emits
+  to its own clients first and publishes for the other nodes after: no Redis round trip
+  before a same-node client has its event);
 - ``plain-durable``: the same, appending the action to a Redis stream before the emit
-  (the one extra dependent round trip that durability before acting costs);
-- ``coord-same``: coordinator, client and loop on node A;
+  (the one dependent round trip that durability before acting costs);
+- ``coord-same``: coordinator, client and loop on node A (speculative dispatch, the
+  default: the accept and the agent's commit travel together, one dependent round trip);
+- ``coord-same-nospec``: the same on node C, started with ``--speculative-dispatch off``
+  (the agent waits for the accept: two dependent round trips);
 - ``coord-cross``: coordinator, client on node B, loop on node A (a client on A created
   the conversation first, so its loop started there, then left).
 
@@ -39,7 +44,14 @@ from bench.common import (
 from bench.driver import LoadGenProcess
 from coordinator.auth import issue_token
 
-VARIANTS = ("standalone", "plain-redis", "plain-durable", "coord-same", "coord-cross")
+VARIANTS = (
+    "standalone",
+    "plain-redis",
+    "plain-durable",
+    "coord-same",
+    "coord-same-nospec",
+    "coord-cross",
+)
 
 
 def summarize(lat: list[float]) -> dict[str, float]:
@@ -63,6 +75,7 @@ async def run(mode: Mode) -> dict[str, Any]:
     with private_redis() as redis:
         a = node_proc("node-a", redis.url, secret, logs)
         b = node_proc("node-b", redis.url, secret, logs)
+        c = node_proc("node-c", redis.url, secret, logs, extra=["--speculative-dispatch", "off"])
         standalone = baseline_proc(
             "standalone", "bench.baselines.standalone", logs, ["--secret", secret]
         )
@@ -78,7 +91,7 @@ async def run(mode: Mode) -> dict[str, Any]:
             logs,
             ["--secret", secret, "--redis-url", redis.url, "--durable"],
         )
-        procs = [a, b, standalone, plain, durable]
+        procs = [a, b, c, standalone, plain, durable]
         gen = LoadGenProcess()
         try:
             start_all(procs)
@@ -89,6 +102,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                 "plain-redis": (plain, None, [plain.pid]),
                 "plain-durable": (durable, None, [durable.pid]),
                 "coord-same": (a, None, [a.pid, b.pid]),
+                "coord-same-nospec": (c, None, [c.pid]),
                 "coord-cross": (b, a, [a.pid, b.pid]),
             }
             servers = {v: pids for v, (_, _, pids) in layout.items()}
@@ -228,6 +242,10 @@ def report(
             "same/plain-redis p50": ratio(q("coord-same", "p50"), q("plain-redis", "p50")),
             "same/plain-redis p99": ratio(q("coord-same", "p99"), q("plain-redis", "p99")),
             "same/plain-durable p50": ratio(q("coord-same", "p50"), q("plain-durable", "p50")),
+            "same-nospec/plain-redis p50": ratio(
+                q("coord-same-nospec", "p50"), q("plain-redis", "p50")
+            ),
+            "same-nospec/same p50": ratio(q("coord-same-nospec", "p50"), q("coord-same", "p50")),
             "plain-durable/plain-redis p50": ratio(
                 q("plain-durable", "p50"), q("plain-redis", "p50")
             ),
