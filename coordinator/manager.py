@@ -752,13 +752,10 @@ class ConversationManager:
             raise Forbidden(sid)
         if r.status == "full":
             raise InboxFull(f"conversation {sid!r} has {self.config.inbox_max} unprocessed actions")
-        if spec is not None and spec.committing and landed == spec.predicted:
-            # The agent's answer is one Redis call behind: the runner delivers this event
-            # with it (one write to the clients), then the ack follows.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.redis_timeout):
-                    await spec.answered.wait()
-        await self._apply_local(sid, r.event_id, event)
+        # With the agent's answer one Redis call behind, the runner delivers this event
+        # together with it, and the ack goes out now, while Redis runs that call.
+        if spec is None or runner is None or not runner.take_user_event(spec, r.event_id):
+            await self._apply_local(sid, r.event_id, event)
         if sid in self._starting or sid in self._runners or self.draining:
             return r.event_id
         if r.inc == self.inc or not r.inc or not await self._alive(r.inc):

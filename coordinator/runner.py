@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
@@ -64,11 +64,7 @@ class Speculation:
     event: Event  # the user event
     # The id its accept logged it under, 0 if the accept was refused or failed.
     landed: asyncio.Future[int]
-    # Set once the agent's first commit answering it has returned, or none will come:
-    # the caller delivers the user event after that (the runner delivers it together
-    # with that commit's events), so clients get both in one write.
-    answered: asyncio.Event = field(default_factory=asyncio.Event)
-    committing: bool = False  # that first commit is on its way
+    committing: bool = False  # the agent's first commit answering it is on its way
 
     def settle(self, event_id: int) -> None:
         """The accept answered (``event_id``) or failed (0)."""
@@ -133,6 +129,7 @@ class LoopRunner:
         self._writes = 0  # commits in flight
         self._spec: Speculation | None = None
         self._spec_confirmed = False  # Redis logged it as predicted
+        self._owed: tuple[int, Event] | None = None  # a user event we deliver (take_user_event)
         self._task: asyncio.Task[None] | None = None
         self.fenced = False
         self.closed = False
@@ -203,6 +200,26 @@ class LoopRunner:
         self._stats.dispatched += 1
         return spec
 
+    def take_user_event(self, spec: Speculation, event_id: int) -> bool:
+        """The accept of ``spec`` logged its action as ``event_id``. If the agent's first
+        commit answering it is already on its way, the runner delivers the user event,
+        together with that commit's events (one pass through to the clients), and the
+        caller can acknowledge at once: True. False: the caller delivers it now."""
+        if (
+            spec is not self._spec
+            or event_id != spec.predicted
+            or not spec.committing
+            or not self.running
+        ):
+            return False
+        self._owed = (event_id, spec.event)
+        return True
+
+    async def _pay_owed(self) -> None:
+        owed, self._owed = self._owed, None
+        if owed is not None:
+            await self._on_committed(self.sid, owed[0], [owed[1]])
+
     def poke(self) -> None:
         """Re-read the inbox (after a reconnect, when channel messages may be lost)."""
         self._reread = True
@@ -244,13 +261,12 @@ class LoopRunner:
                     continue
                 spec = self._spec if self._spec is not None and self._spec.predicted == n else None
                 if spec is not None and spec.lost:  # known before the agent saw it
-                    spec.answered.set()
                     self._spec = None
                     self._forget_speculation(spec)
                     break
                 await self._dispatch(n, action)
                 if spec is not None:
-                    spec.answered.set()
+                    await self._pay_owed()  # if no commit delivered it
                     self._spec = None
                     if not self._spec_confirmed and self.running:
                         self._forget_speculation(spec)
@@ -347,9 +363,7 @@ class LoopRunner:
             state = str(self.agent.state)
             changed = state if state != self._last_state else ""
             self._writes += 1
-            first = spec is not None and not spec.committing and not spec.answered.is_set()
-            if first:
-                assert spec is not None
+            if spec is not None:
                 spec.committing = True
             try:
                 r = await self._state.commit(
@@ -366,9 +380,7 @@ class LoopRunner:
                     accepted_as=accepted_as,
                 )
             except (RedisError, OSError) as exc:
-                if first:
-                    assert spec is not None
-                    spec.answered.set()  # the caller delivers the user event itself
+                await self._pay_owed()  # the client need not wait for the retries
                 delay = backoff.next()
                 log.warning("commit for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
                 await asyncio.sleep(delay)
@@ -377,9 +389,6 @@ class LoopRunner:
                 self._writes -= 1
             if r.status != "unaccepted":
                 break
-            if first:
-                assert spec is not None
-                spec.answered.set()
             # Sent before its accept ran (or the accept went another way): the accept's
             # own answer decides. The caller of ``speculate`` always settles it.
             assert spec is not None
@@ -395,18 +404,17 @@ class LoopRunner:
             self._applied = cause
             self._progress.set()
         first_id = r.first_id if r.status == "ok" else 0  # after a "dup": unknown
-        if spec is not None and not spec.answered.is_set():
-            # The user event first (its id is confirmed now), then what answers it.
-            if events and first_id == spec.predicted + 1:
-                first_id, events = spec.predicted, [spec.event, *events]
-            else:
-                await self._on_committed(self.sid, spec.predicted, [spec.event])
+        owed = self._owed
+        if owed is not None and events and first_id == owed[0] + 1:
+            # The user event the caller left to us, in one pass with what answers it.
+            self._owed = None
+            first_id, events = owed[0], [owed[1], *events]
+        else:
+            await self._pay_owed()
         if events:
             # Apply locally at once (a pub/sub copy, sent only if another node listens,
             # is dropped by id).
             await self._on_committed(self.sid, first_id, events)
-        if spec is not None:
-            spec.answered.set()
         return r.last_id
 
     async def finish_backlog(self, within: float) -> bool:
@@ -442,8 +450,6 @@ class LoopRunner:
             return
         log.log(logging.DEBUG if quiet else logging.WARNING, "loop %s fenced (%s)", self.sid, why)
         self.fenced = True
-        if self._spec is not None:
-            self._spec.answered.set()
         self._wake.set()
         self._on_fenced(self)
 
@@ -456,13 +462,15 @@ class LoopRunner:
     async def aclose(self) -> None:
         """Stop dispatching and close the agent. Idempotent."""
         self.closed = True
-        if self._spec is not None:
-            self._spec.answered.set()
         self._wake.set()
         task, self._task = self._task, None
         mine = task is asyncio.current_task()
         if task is not None and not mine and await cancel_and_wait([task], within=STOP_WITHIN):
             log.error("loop %s did not stop within %ss of cancellation", self.sid, STOP_WITHIN)
+        try:
+            await self._pay_owed()  # it is logged: local clients get it even now
+        except Exception:
+            log.exception("delivery of %s's last user event failed", self.sid)
         try:
             await self.agent.aclose()
         except Exception:
