@@ -25,6 +25,7 @@ BENCHMARKS = {
     "growth": "bench.growth",
     "failover": "bench.failover",
     "profile": "bench.profile",
+    "timeline": "bench.timeline",
 }
 # Run only when named with --only (it needs py-spy and adds a minute).
 ON_REQUEST = {"profile"}
