@@ -1,12 +1,14 @@
 """A lean pipelined Redis connection for the action path's two scripts.
 
-Every user action costs two dependent script calls (accept, then the agent's commit).
+Every user action costs two script calls (accept, then the agent's commit; with
+speculative dispatch the commit is sent while the accept is still on its way, runner.py).
 Through redis-py each costs 140-200 us of CPU in its pool, retry and connection layers,
 against ~50 us to write the command and parse the reply with hiredis (BENCHMARKS.md), and
 on the same-node round trip that CPU is latency. The lane is one connection of its own:
 calls write their command at once and wait for their reply, which Redis returns in order
-(pipelining, so concurrent calls do not queue for a connection); replies are parsed by
-hiredis, which redis-py already uses.
+(pipelining, so concurrent calls do not queue for a connection, and a commit sent behind
+its accept runs after it); commands are encoded and replies parsed by hiredis, which
+redis-py already uses.
 
 Failure handling matches what the rest of the state layer gets from redis-py: a reply
 not back within ``timeout`` or a lost connection fails every call in flight (their
