@@ -43,7 +43,14 @@ def render(node_id: str, samples: list[Sample]) -> str:
 
 
 def node_samples(
-    counters: Counters, *, loops: int, connections: int, redis_up: bool, lease_valid: bool
+    counters: Counters,
+    *,
+    loops: int,
+    connections: int,
+    redis_up: bool,
+    lease_valid: bool,
+    speculated: int = 0,
+    speculations_lost: int = 0,
 ) -> list[Sample]:
     return [
         Sample("coordinator_local_loops", "gauge", "Agent loops running on this node.", loops),
@@ -64,6 +71,18 @@ def node_samples(
             "counter",
             "Events this node delivered to its socket.io connections.",
             counters.events_delivered,
+        ),
+        Sample(
+            "coordinator_speculative_dispatches_total",
+            "counter",
+            "Actions dispatched to their agent before their accept answered.",
+            speculated,
+        ),
+        Sample(
+            "coordinator_speculations_lost_total",
+            "counter",
+            "Speculative dispatches not logged as predicted (answers dropped, agent replaced).",
+            speculations_lost,
         ),
         Sample("coordinator_redis_up", "gauge", "1 when Redis answers PING.", int(redis_up)),
         Sample(

@@ -255,6 +255,8 @@ class RestApp:
             connections=len(m.local_connections()),
             redis_up=redis_up,
             lease_valid=lease,
+            speculated=m.speculations.dispatched,
+            speculations_lost=m.speculations.lost,
         )
         return Response(200, metrics.render(m.node_id, samples).encode(), metrics.CONTENT_TYPE)
 

@@ -64,7 +64,7 @@ class Speculation:
     event: Event  # the user event
     # The id its accept logged it under, 0 if the accept was refused or failed.
     landed: asyncio.Future[int]
-    committing: bool = False  # the agent's first commit answering it is on its way
+    committing: bool = False  # a commit answering it is on its way to Redis now
 
     def settle(self, event_id: int) -> None:
         """The accept answered (``event_id``) or failed (0)."""
@@ -201,10 +201,10 @@ class LoopRunner:
         return spec
 
     def take_user_event(self, spec: Speculation, event_id: int) -> bool:
-        """The accept of ``spec`` logged its action as ``event_id``. If the agent's first
-        commit answering it is already on its way, the runner delivers the user event,
-        together with that commit's events (one pass through to the clients), and the
-        caller can acknowledge at once: True. False: the caller delivers it now."""
+        """The accept of ``spec`` logged its action as ``event_id``. If a commit answering
+        it is on its way now, the runner delivers the user event when it returns, together
+        with its events (one pass through to the clients), and the caller can acknowledge
+        at once: True. False: the caller delivers it now."""
         if (
             spec is not self._spec
             or event_id != spec.predicted
@@ -296,9 +296,9 @@ class LoopRunner:
         try:
             await self.agent.start(self.emit)
         except Exception:
-            # Like a loop that failed to start: the next action starts another.
+            # As when its dispatch fails: logged, and the actions are still marked done,
+            # so the conversation does not stall behind a broken agent.
             log.exception("fresh agent of %s failed to start", self.sid)
-            self._fence("agent restart failed")
 
     async def _dispatch(self, n: int, action: Event) -> None:
         if not self._lease_valid():
@@ -387,6 +387,8 @@ class LoopRunner:
                 continue
             finally:
                 self._writes -= 1
+                if spec is not None:
+                    spec.committing = False
             if r.status != "unaccepted":
                 break
             # Sent before its accept ran (or the accept went another way): the accept's

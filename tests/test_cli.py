@@ -10,12 +10,14 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from coordinator import ManagerConfig
 from coordinator.auth import verify_token
-from coordinator.cli import main
+from coordinator.cli import build_config, build_parser, main
 from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,6 +176,13 @@ async def test_serve_configuration_errors(redis_url: str) -> None:
         ),
         (["serve", "--secret", "s"], {"COORDINATOR_CLOSE_DELAY": "-3"}, 2, "got -3.0"),
         (["serve", "--secret", "s", "--close-delay", "soon"], {}, 2, "invalid float value"),
+        (
+            ["serve", "--secret", "s", "--speculative-dispatch", "maybe"],
+            {},
+            2,
+            "expected on or off, got 'maybe'",
+        ),
+        (["serve", "--secret", "s"], {"COORDINATOR_SPECULATIVE_DISPATCH": "never"}, 2, "on or off"),
         (
             ["serve", "--secret", "s", "--heartbeat-interval", "5"],
             {},
@@ -372,3 +381,16 @@ async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
     await wait_until(
         lambda: not port_open(base) and not port_open(base + 1), timeout=5, what="ports closed"
     )
+
+
+def test_speculative_dispatch_switch_from_flag_and_environment(monkeypatch: Any) -> None:
+    def config(*argv: str) -> ManagerConfig:
+        args = build_parser().parse_args(["serve", "--secret", "s", *argv])
+        return build_config(args, "redis://127.0.0.1:6379/0")
+
+    assert config().speculative_dispatch is True
+    assert config("--speculative-dispatch", "off").speculative_dispatch is False
+    assert config("--speculative-dispatch", "ON").speculative_dispatch is True
+    monkeypatch.setenv("COORDINATOR_SPECULATIVE_DISPATCH", "false")
+    assert config().speculative_dispatch is False
+    assert config("--speculative-dispatch", "on").speculative_dispatch is True

@@ -149,6 +149,8 @@ async def test_healthz_and_metrics(servers: ServerCluster) -> None:
         ("coordinator_local_connections", "gauge"),
         ("coordinator_actions_accepted_total", "counter"),
         ("coordinator_events_delivered_total", "counter"),
+        ("coordinator_speculative_dispatches_total", "counter"),
+        ("coordinator_speculations_lost_total", "counter"),
         ("coordinator_redis_up", "gauge"),
         ("coordinator_lease_valid", "gauge"),
     ]:
@@ -157,7 +159,10 @@ async def test_healthz_and_metrics(servers: ServerCluster) -> None:
         match = re.search(rf'^{name}{{node="n1"}} (\d+)$', text, re.M)
         assert match, name
         values[name] = int(match.group(1))
+    # Each action reaches the agent speculatively if the loop was idle when it came.
+    assert 0 <= values.pop("coordinator_speculative_dispatches_total") <= 3
     assert values == {
+        "coordinator_speculations_lost_total": 0,
         "coordinator_local_loops": 1,
         "coordinator_local_connections": 1,
         "coordinator_actions_accepted_total": 3,
