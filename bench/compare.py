@@ -1,0 +1,203 @@
+"""Two or more versions of the coordinator side by side in one run: did a change help?
+
+``python -m bench.compare [--rates 50,200] [--rounds 8] [--seconds 4] SYSTEM...``
+
+Each SYSTEM is a git revision (``HEAD``, ``68b6268``, ...) or ``worktree`` (the files as
+they are now), optionally followed by ``@flag=value,...`` for ``coordinator serve``
+(``HEAD@speculative-dispatch=off``). Every system gets its own node process, running the
+``coordinator`` and ``workers`` packages of that revision (``git archive``), on one
+private Redis; plain python-socketio with ``AsyncRedisManager`` runs beside them as the
+reference. One load generator sends actions to 20 conversations per system at a fixed
+rate, in rounds of a few seconds per system, shuffled in each round, so that the
+machine's drift hits all alike. Prints p50/p90/p99 and p50 over plain's per rate, and
+writes ``bench/results/compare-full.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    PY,
+    REPO,
+    Mode,
+    Proc,
+    baseline_proc,
+    log_dir,
+    new_secret,
+    percentile,
+    private_redis,
+    start_all,
+    stop_all,
+    table,
+    url_of,
+    write_json,
+)
+from bench.driver import LoadGenProcess
+from coordinator.auth import issue_token
+from coordinator.embedded import free_port
+
+PLAIN = "plain python-socketio"
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """The coordinator and workers packages of ``rev`` (or the work tree) under ``into``."""
+    if rev == "worktree":
+        return REPO
+    try:
+        data = subprocess.run(
+            ["git", "archive", rev, "coordinator", "workers"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"cannot read revision {rev!r}: {exc.stderr.decode().strip()}") from None
+    target = into / rev.replace("/", "_")
+    with tarfile.open(fileobj=BytesIO(data)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def node_from(
+    name: str, code: Path, redis_url: str, secret: str, logs: Path, flags: list[str]
+) -> Proc:
+    port = free_port()
+    cmd = [
+        PY, "-m", "bench.serve_from", str(code),
+        "serve", "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis_url,
+        "--node-id", name.replace("@", "-").replace("=", "-").replace(",", "-"),
+        "--secret", secret, "--log-level", "warning", *flags,
+    ]  # fmt: skip
+    proc = Proc(name.replace("/", "_"), cmd, logs, f"http://127.0.0.1:{port}/healthz")
+    proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    return proc
+
+
+def parse_system(spec: str) -> tuple[str, list[str]]:
+    rev, _, extra = spec.partition("@")
+    flags: list[str] = []
+    for item in filter(None, extra.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"bad flag {item!r} in {spec!r}: expected flag=value")
+        flags += [f"--{key}", value]
+    return rev or "worktree", flags
+
+
+async def compare(
+    systems: list[str], rates: list[int], rounds: int, seconds: float
+) -> dict[str, Any]:
+    secret = new_secret()
+    logs = log_dir("compare")
+    code_root = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    with private_redis() as redis:
+        procs: dict[str, Proc] = {
+            PLAIN: baseline_proc(
+                "plain",
+                "bench.baselines.redis_emit",
+                logs,
+                ["--secret", secret, "--redis-url", redis.url],
+            )
+        }
+        for spec in systems:
+            rev, flags = parse_system(spec)
+            procs[spec] = node_from(spec, checkout(rev, code_root), redis.url, secret, logs, flags)
+        gen = LoadGenProcess()
+        try:
+            start_all(list(procs.values()))
+            await gen.start()
+            for n, (name, proc) in enumerate(procs.items()):
+                conns = [
+                    {
+                        "query": {"conversation_id": f"cmp{n}-{i}"},
+                        "auth": {"token": issue_token(f"cmp{n}-u{i}", secret)},
+                        "url": url_of(proc),
+                    }
+                    for i in range(20)
+                ]
+                r = await gen.request({"cmd": "connect", "group": name, "conns": conns})
+                if r["failed"]:
+                    raise RuntimeError(f"{name}: {r['failed']} joins failed: {r['errors']}")
+                await gen.request({"cmd": "run", "group": name, "rate": 50, "duration": 1})
+            rng = random.Random(7)
+            results: dict[str, Any] = {}
+            for rate in rates:
+                lat: dict[str, list[float]] = {name: [] for name in procs}
+                for _ in range(rounds):
+                    order = list(procs)
+                    rng.shuffle(order)
+                    for name in order:
+                        r = await gen.request(
+                            {"cmd": "run", "group": name, "rate": rate, "duration": seconds}
+                        )
+                        lat[name] += r["lat_ms"]
+                results[str(rate)] = {name: samples for name, samples in lat.items()}
+        finally:
+            await gen.aclose()
+            stop_all(list(procs.values()))
+    return results
+
+
+def report(results: dict[str, Any], rounds: int, seconds: float) -> list[str]:
+    tables = []
+    for rate, lat in results.items():
+        plain = percentile(lat[PLAIN], 50)
+        rows = [
+            [
+                name,
+                len(samples),
+                percentile(samples, 50),
+                percentile(samples, 90),
+                percentile(samples, 99),
+                percentile(samples, 50) / plain,
+            ]
+            for name, samples in lat.items()
+        ]
+        tables.append(
+            table(
+                f"Round trip at {rate} actions/s, 20 conversations per system "
+                f"({rounds} shuffled rounds x {seconds:g} s)",
+                ["system", "answered", "p50 ms", "p90 ms", "p99 ms", "p50 x plain"],
+                rows,
+            )
+        )
+    return tables
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
+    parser.add_argument("systems", nargs="+", metavar="SYSTEM", help="REV[@flag=value,...]")
+    parser.add_argument("--rates", default="50,200", help="actions per second, comma-separated")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per rate")
+    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per system per round")
+    args = parser.parse_args(argv)
+    try:
+        rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        parser.error(f"--rates must be integers, got {args.rates!r}")
+    if len(set(args.systems)) != len(args.systems):
+        parser.error("each SYSTEM once")
+    results = asyncio.run(compare(args.systems, rates, args.rounds, args.seconds))
+    for t in report(results, args.rounds, args.seconds):
+        print(t, flush=True)
+    path = write_json(
+        "compare",
+        Mode("full"),
+        {"systems": args.systems, "rates": rates, "rounds": args.rounds, "results": results},
+    )
+    print(f"(JSON in {path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
