@@ -42,8 +42,7 @@ from bench.common import (
     url_of,
     write_json,
 )
-from bench.driver import LoadGenProcess
-from coordinator.auth import issue_token
+from bench.driver import LoadGenProcess, join_group
 from coordinator.embedded import free_port
 
 PLAIN = "plain python-socketio"
@@ -100,6 +99,12 @@ async def compare(
     secret = new_secret()
     logs = log_dir("compare")
     code_root = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    # Bad revisions and flags fail here, before anything starts.
+    code = {
+        spec: (checkout(rev, code_root), flags)
+        for spec in systems
+        for rev, flags in [parse_system(spec)]
+    }
     with private_redis() as redis:
         procs: dict[str, Proc] = {
             PLAIN: baseline_proc(
@@ -109,26 +114,14 @@ async def compare(
                 ["--secret", secret, "--redis-url", redis.url],
             )
         }
-        for spec in systems:
-            rev, flags = parse_system(spec)
-            procs[spec] = node_from(spec, checkout(rev, code_root), redis.url, secret, logs, flags)
+        for spec, (path, flags) in code.items():
+            procs[spec] = node_from(spec, path, redis.url, secret, logs, flags)
         gen = LoadGenProcess()
         try:
             start_all(list(procs.values()))
             await gen.start()
             for n, (name, proc) in enumerate(procs.items()):
-                conns = [
-                    {
-                        "query": {"conversation_id": f"cmp{n}-{i}"},
-                        "auth": {"token": issue_token(f"cmp{n}-u{i}", secret)},
-                        "url": url_of(proc),
-                    }
-                    for i in range(20)
-                ]
-                r = await gen.request({"cmd": "connect", "group": name, "conns": conns})
-                if r["failed"]:
-                    raise RuntimeError(f"{name}: {r['failed']} joins failed: {r['errors']}")
-                await gen.request({"cmd": "run", "group": name, "rate": 50, "duration": 1})
+                await join_group(gen, name, url_of(proc), secret, f"cmp{n}")
             rng = random.Random(7)
             results: dict[str, Any] = {}
             for rate in rates:

@@ -60,3 +60,24 @@ class LoadGenProcess:
             except (TimeoutError, ConnectionError, BrokenPipeError):
                 self.proc.kill()
                 await self.proc.wait()
+
+
+async def join_group(
+    gen: LoadGenProcess, group: str, url: str, secret: str, prefix: str, count: int = 20
+) -> None:
+    """Connect ``count`` clients to ``url``, one conversation and user each (ids start
+    with ``prefix``), and warm the path up with a second of actions at 50/s."""
+    from coordinator.auth import issue_token
+
+    conns = [
+        {
+            "query": {"conversation_id": f"{prefix}-{i}"},
+            "auth": {"token": issue_token(f"{prefix}-u{i}", secret)},
+            "url": url,
+        }
+        for i in range(count)
+    ]
+    r = await gen.request({"cmd": "connect", "group": group, "conns": conns})
+    if r["failed"]:
+        raise RuntimeError(f"{group}: {r['failed']} joins failed: {r['errors']}")
+    await gen.request({"cmd": "run", "group": group, "rate": 50, "duration": 1})

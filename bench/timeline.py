@@ -42,8 +42,7 @@ from bench.common import (
     table,
     url_of,
 )
-from bench.driver import LoadGenProcess
-from coordinator.auth import issue_token
+from bench.driver import LoadGenProcess, join_group
 
 STEP_NAMES = {
     "eio.recv": "engine.io has the packet",
@@ -200,18 +199,7 @@ async def run(mode: Mode) -> dict[str, Any]:
             await gen.start()
             results: dict[str, Any] = {}
             for n, (name, proc) in enumerate(systems.items()):
-                conns = [
-                    {
-                        "query": {"conversation_id": f"tl{n}-{i}"},
-                        "auth": {"token": issue_token(f"tl{n}-u{i}", secret)},
-                        "url": url_of(proc),
-                    }
-                    for i in range(20)
-                ]
-                r = await gen.request({"cmd": "connect", "group": name, "conns": conns})
-                if r["failed"]:
-                    raise RuntimeError(f"{name}: {r['failed']} joins failed: {r['errors']}")
-                await gen.request({"cmd": "run", "group": name, "rate": 50, "duration": 1})
+                await join_group(gen, name, url_of(proc), secret, f"tl{n}")
                 out = tmp / ("coordinator.json" if name == "coord-same" else "plain.json")
                 proc.proc.send_signal(signal.SIGUSR1)
                 r = await gen.request(
