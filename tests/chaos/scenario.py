@@ -14,6 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from coordinator.codec import NODE_DRAINING, NODE_LOST, TOO_MANY_CONVERSATIONS
 from tests.chaos.checks import (
     SESSION_RESULTS,
@@ -123,9 +125,13 @@ class Scenario:
         return [sid for sid in self.workload.steady_sids if sid in self.owned]
 
     async def served(self) -> bool:
-        """Whether every affected conversation answered an action since the fault."""
+        """Whether every affected conversation answered an action since the fault (not
+        yet, when Redis does not answer this check: it may have just restarted)."""
         for sid in self.affected:
-            recent = await read_log(self.cluster.direct, self.cluster.keys, sid, last=20)
+            try:
+                recent = await read_log(self.cluster.direct, self.cluster.keys, sid, last=20)
+            except RedisError:
+                return False
             if first_reply_after(recent, self.fault_at) is None:
                 return False
         return True
