@@ -51,8 +51,10 @@ def pack(*args: Any) -> bytes:
     """One command in RESP, encoded by hiredis (bytes, str, int and float arguments)."""
     try:
         return bytes(hiredis.pack_command(args))
-    except TypeError as exc:  # None, bool, containers...
-        raise DataError(f"cannot send {args!r} to Redis: {exc}") from None
+    except TypeError:  # None, bool, containers...
+        kinds = (bytes, str, int, float)
+        bad = [type(a).__name__ for a in args if isinstance(a, bool) or not isinstance(a, kinds)]
+        raise DataError(f"cannot send {', '.join(bad) or 'an argument'} to Redis") from None
 
 
 class _Link(asyncio.Protocol):
