@@ -183,6 +183,7 @@ class LoopRunner:
             self._speculative
             and self._idle
             and not self._wake.is_set()
+            and not self._reread
             and not self._pending
             and self._spec is None
             and self._writes == 0
