@@ -60,11 +60,10 @@ class Speculation:
 
     predicted: int
     token: str  # its accept's token
-    seen_before: int
     event: Event  # the user event
     # The id its accept logged it under, 0 if the accept was refused or failed.
     landed: asyncio.Future[int]
-    committing: bool = False  # a commit answering it is on its way to Redis now
+    confirmed: bool = False  # Redis logged it as predicted
 
     def settle(self, event_id: int) -> None:
         """The accept answered (``event_id``) or failed (0)."""
@@ -128,7 +127,6 @@ class LoopRunner:
         self._idle = False  # waiting for work, nothing queued
         self._writes = 0  # commits in flight
         self._spec: Speculation | None = None
-        self._spec_confirmed = False  # Redis logged it as predicted
         self._owed: tuple[int, Event] | None = None  # a user event we deliver (take_user_event)
         self._task: asyncio.Task[None] | None = None
         self.fenced = False
@@ -192,9 +190,8 @@ class LoopRunner:
         ):
             return None
         landed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        spec = Speculation(self._seen + 1, token, self._seen, action, landed)
+        spec = Speculation(self._seen + 1, token, action, landed)
         self._spec = spec
-        self._spec_confirmed = False
         self._seen = spec.predicted
         self._pending[spec.predicted] = action
         self._wake.set()
@@ -202,15 +199,13 @@ class LoopRunner:
         return spec
 
     def take_user_event(self, spec: Speculation, event_id: int) -> bool:
-        """The accept of ``spec`` logged its action as ``event_id``. If a commit answering
-        it is on its way now, the runner delivers the user event when it returns, together
-        with its events (one pass through to the clients), and the caller can acknowledge
-        at once: True. False: the caller delivers it now."""
-        if (
-            spec is not self._spec
-            or event_id != spec.predicted
-            or not spec.committing
-            or not self.running
+        """The accept of ``spec`` logged its action as ``event_id``. If a commit is on its
+        way now (the agent's answer, typically), the runner delivers the user event when it
+        returns, together with its events (one pass through to the clients), and the
+        caller can acknowledge at once: True. False: the caller delivers it now."""
+        # Every commit pays what is owed when it returns, whatever it answers.
+        if not (
+            spec is self._spec and event_id == spec.predicted and self._writes and self.running
         ):
             return False
         self._owed = (event_id, spec.event)
@@ -269,7 +264,7 @@ class LoopRunner:
                 if spec is not None:
                     await self._pay_owed()  # if no commit delivered it
                     self._spec = None
-                    if not self._spec_confirmed and self.running:
+                    if not spec.confirmed and self.running:
                         self._forget_speculation(spec)
                         await self._replace_agent()
                         break
@@ -282,7 +277,7 @@ class LoopRunner:
         log.info("loop %s: action %d was not logged as predicted", self.sid, spec.predicted)
         self._stats.lost += 1
         self._pending.clear()
-        self._seen = min(self._seen, spec.seen_before)
+        self._seen = min(self._seen, spec.predicted - 1)
         self._reread = True
         self._wake.set()
 
@@ -354,18 +349,16 @@ class LoopRunner:
                 self._fence("node lease lapsed" if not self.fenced else "already fenced")
                 raise Fenced(self.sid, self.lease.epoch, -1)
             accepted_as = ""
-            if spec is not None and not self._spec_confirmed:
+            if spec is not None and not spec.confirmed:
                 if spec.lost:
                     raise SpeculationLost(self.sid, spec.predicted)
                 if spec.landed.done():
-                    self._spec_confirmed = True
+                    spec.confirmed = True
                 else:
                     accepted_as = spec.token
             state = str(self.agent.state)
             changed = state if state != self._last_state else ""
             self._writes += 1
-            if spec is not None:
-                spec.committing = True
             try:
                 r = await self._state.commit(
                     self.sid,
@@ -388,16 +381,14 @@ class LoopRunner:
                 continue
             finally:
                 self._writes -= 1
-                if spec is not None:
-                    spec.committing = False
             if r.status != "unaccepted":
                 break
             # Sent before its accept ran (or the accept went another way): the accept's
             # own answer decides. The caller of ``speculate`` always settles it.
             assert spec is not None
             await asyncio.shield(spec.landed)
-        if accepted_as and r.status in ("ok", "dup"):
-            self._spec_confirmed = True  # the script checked the token before anything
+        if spec is not None and accepted_as and r.status in ("ok", "dup"):
+            spec.confirmed = True  # the script checked the token before anything
         if r.status not in ("ok", "dup"):
             self._fence(f"commit {r.status} (epoch {r.first_id})")
             raise Fenced(self.sid, self.lease.epoch, r.first_id)
