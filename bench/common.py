@@ -182,6 +182,15 @@ def baseline_proc(
     return proc
 
 
+def run_under(proc: Proc, *wrapper: str) -> Proc:
+    """Start ``proc``'s ``python -m MODULE ARGS`` as ``python -m WRAPPER... ARGS`` instead
+    (a wrapper module that installs probes or imports another revision, then runs MODULE's
+    entry point with ARGS)."""
+    i = proc.cmd.index("-m")
+    proc.cmd = [*proc.cmd[:i], "-m", *wrapper, *proc.cmd[i + 2 :]]
+    return proc
+
+
 def url_of(proc: Proc) -> str:
     return str(proc.url)  # type: ignore[attr-defined]
 

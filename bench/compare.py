@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -27,15 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    PY,
     REPO,
     Mode,
     Proc,
     baseline_proc,
     log_dir,
     new_secret,
+    node_proc,
     percentile,
     private_redis,
+    run_under,
     start_all,
     stop_all,
     table,
@@ -43,7 +45,6 @@ from bench.common import (
     write_json,
 )
 from bench.driver import LoadGenProcess, join_group
-from coordinator.embedded import free_port
 
 PLAIN = "plain python-socketio"
 
@@ -65,21 +66,6 @@ def checkout(rev: str, into: Path) -> Path:
     with tarfile.open(fileobj=BytesIO(data)) as tar:
         tar.extractall(target, filter="data")
     return target
-
-
-def node_from(
-    name: str, code: Path, redis_url: str, secret: str, logs: Path, flags: list[str]
-) -> Proc:
-    port = free_port()
-    cmd = [
-        PY, "-m", "bench.serve_from", str(code),
-        "serve", "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis_url,
-        "--node-id", name.replace("@", "-").replace("=", "-").replace(",", "-"),
-        "--secret", secret, "--log-level", "warning", *flags,
-    ]  # fmt: skip
-    proc = Proc(name.replace("/", "_"), cmd, logs, f"http://127.0.0.1:{port}/healthz")
-    proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-    return proc
 
 
 def parse_system(spec: str) -> tuple[str, list[str]]:
@@ -115,7 +101,9 @@ async def compare(
             )
         }
         for spec, (path, flags) in code.items():
-            procs[spec] = node_from(spec, path, redis.url, secret, logs, flags)
+            name = re.sub(r"[^A-Za-z0-9_-]", "-", spec)  # a node id
+            node = node_proc(name, redis.url, secret, logs, extra=flags)
+            procs[spec] = run_under(node, "bench.serve_from", str(path))
         gen = LoadGenProcess()
         try:
             start_all(list(procs.values()))

@@ -37,6 +37,7 @@ from bench.common import (
     node_proc,
     percentile,
     private_redis,
+    run_under,
     start_all,
     stop_all,
     table,
@@ -158,16 +159,6 @@ def summarize(records: list[list[Any]]) -> dict[str, Any]:
     return {"actions": len(paths), "typical": count, "steps": steps}
 
 
-def _probed(kind: str, redis_port: int, out: Path, proc: Any) -> Any:
-    """Rewrite a process spec to run under the probes."""
-    module_args = proc.cmd[proc.cmd.index("-m") + 2 :]
-    proc.cmd = [
-        proc.cmd[0], "-m", "bench.timeline", "probe", str(redis_port), str(out), kind,
-        *module_args,
-    ]  # fmt: skip
-    return proc
-
-
 async def run(mode: Mode) -> dict[str, Any]:
     rate, seconds = 50, mode.pick(4.0, 8.0)
     secret = new_secret()
@@ -175,23 +166,20 @@ async def run(mode: Mode) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-timeline-"))
     with private_redis() as redis:
         port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
-        node = _probed(
-            "coordinator",
-            port,
-            tmp / "coordinator.json",
+        probe = ("bench.timeline", "probe", str(port))
+        node = run_under(
             node_proc("node-a", redis.url, secret, logs),
-        )
-        plain = _probed(
-            "plain",
-            port,
-            tmp / "plain.json",
+            *probe, str(tmp / "coordinator.json"), "coordinator",
+        )  # fmt: skip
+        plain = run_under(
             baseline_proc(
                 "plain-redis",
                 "bench.baselines.redis_emit",
                 logs,
                 ["--secret", secret, "--redis-url", redis.url],
             ),
-        )
+            *probe, str(tmp / "plain.json"), "plain",
+        )  # fmt: skip
         systems = {"coord-same": node, "plain-redis": plain}
         gen = LoadGenProcess()
         try:
