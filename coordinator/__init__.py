@@ -14,6 +14,7 @@ from .errors import (
     NodeBusy,
     NodeDraining,
     RedisUnavailable,
+    SpeculationLost,
 )
 from .handles import ConversationHandle
 from .manager import ConversationInfo, ConversationManager, EventSink
@@ -36,4 +37,5 @@ __all__ = [
     "NodeBusy",
     "NodeDraining",
     "RedisUnavailable",
+    "SpeculationLost",
 ]

@@ -90,9 +90,13 @@ async def test_a_former_owner_that_believes_it_still_owns_cannot_append(make_nod
 
     # An action sent through the old owner reaches both loops (the old owner applies it
     # locally, the new one hears it on the channel); the old owner's reply is rejected by
-    # the epoch and it stops.
+    # the epoch and it stops. The old owner's loop is idle and has seen every event, so
+    # it gets the action speculatively: its commit carries the accept's token, and the
+    # epoch still refuses it.
+    speculated = a.speculations.dispatched
     await a.send_to_event_stream("ca", {"action": "message", "args": {"content": "x"}})
     await wait_until(lambda: "fence-2" not in a.local_loops(), what="old owner stopped")
+    assert a.speculations.dispatched == speculated + 1
     assert old.fenced
     with pytest.raises(Fenced):
         await old.emit({"action": "message", "args": {"content": "late"}})
