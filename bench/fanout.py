@@ -2,7 +2,7 @@
 
 4 coordinator nodes (in-process ``NodeServer``s on real sockets; the load generator is a
 separate process) each hold a quarter of the connections. Each node counts the pub/sub
-messages it receives (``manager._subs.messages``); the cluster's events are the growth of
+messages it receives (``manager.node.subscriptions.messages``); the cluster's events are the growth of
 every conversation's event sequence. Two placements:
 
 - ``affinity``: a conversation's connection is on one node (conversations spread evenly),
@@ -133,7 +133,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                         sids = [f"fan-{kind}-{conv}" for conv, _ in layout]
                         if system == "coordinator":
                             seq0 = await _seqs(probe, sids)
-                            before = [n.manager._subs.messages for n in coord]  # type: ignore[union-attr]
+                            before = [n.manager.node.subscriptions.messages for n in coord]  # type: ignore[union-attr]
                         else:
                             before = [b.manager.messages for b in bcast]
                             pub0 = await _publishes(redis_b.url)
@@ -149,7 +149,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                         await asyncio.sleep(0.5)
                         if system == "coordinator":
                             total = await _seqs(probe, sids) - seq0
-                            got = [n.manager._subs.messages for n in coord]  # type: ignore[union-attr]
+                            got = [n.manager.node.subscriptions.messages for n in coord]  # type: ignore[union-attr]
                         else:
                             total = await _publishes(redis_b.url) - pub0
                             got = [b.manager.messages for b in bcast]

@@ -271,9 +271,8 @@ async def run(mode: Mode) -> dict[str, Any]:
             await m.measure("idle sweep, nothing expired", 1, lambda i: a.sweep_idle())
             await a.flush_activity()
             for i in range(10):
-                a._runners[f"new-{i}"].touch(
-                    a._runners[f"new-{i}"].last_active - 2 * QUIET_NODE["close_delay"]
-                )
+                runner = a.node.runners[f"new-{i}"]
+                runner.touch(runner.last_active - 2 * QUIET_NODE["close_delay"])
                 await a.disconnect_from_session(f"a-new-{i}")
                 await a.disconnect_from_session(f"a-2nd-{i}")
                 await b.disconnect_from_session(f"b-{i}")
@@ -303,7 +302,7 @@ async def run(mode: Mode) -> dict[str, Any]:
 
 def _flush(node: ConversationManager) -> Callable[[int], Awaitable[None]]:
     async def op(i: int) -> None:
-        for r in node._runners.values():
+        for r in node.node.runners.values():
             r.touch(r.last_active + 0.001)
         await node.flush_activity()
 
@@ -314,7 +313,7 @@ async def _heartbeat(node: ConversationManager) -> None:
     # The renewal goes out from the lease keeper's thread on its own connection: Redis
     # counts it, the client-side counters (asyncio clients) do not.
     await node.membership.renew_now()
-    await node._refresh_live()
+    await node.directory.refresh()
 
 
 def report(rows: list[dict[str, Any]]) -> dict[str, Any]:

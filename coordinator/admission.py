@@ -16,8 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from .config import ManagerConfig
 from .errors import CapacityTimeout
-from .runner import Lease
-from .state import RedisState
+from .state import Lease, RedisState
 
 # evict(sid, user, owner incarnation): have that owner stop the loop and free its slot.
 Evict = Callable[[str, str, str], Awaitable[None]]

@@ -1,22 +1,27 @@
-"""Capped exponential backoff with full jitter."""
+"""Retry delays from redis-py's backoff strategies, with the failure count they need.
+
+Equal jitter (redis-py's ``EqualJitterBackoff``): the n-th delay is uniform in
+``[d/2, d]`` with ``d = min(cap, base * 2**n)``, so retries spread out but never come
+back sooner than half the nominal delay (full jitter may retry at once, which a loop
+retrying a Redis that is down does not need).
+"""
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
+from redis.backoff import AbstractBackoff, EqualJitterBackoff
 
 
-@dataclass
 class Backoff:
-    base: float = 0.05
-    cap: float = 2.0
-    _attempt: int = field(default=0, init=False)
+    """Successive delays of one retrying operation; ``reset`` after a success."""
+
+    def __init__(self, base: float = 0.05, cap: float = 2.0) -> None:
+        self._strategy: AbstractBackoff = EqualJitterBackoff(cap=cap, base=base)
+        self._failures = 0
 
     def next(self) -> float:
-        """Delay before the next attempt: uniform in [0, min(cap, base * 2**n)]."""
-        delay = min(self.cap, self.base * (2**self._attempt))
-        self._attempt = min(self._attempt + 1, 30)
-        return random.uniform(delay / 2, delay)
+        delay = self._strategy.compute(self._failures)
+        self._failures = min(self._failures + 1, 30)
+        return delay
 
     def reset(self) -> None:
-        self._attempt = 0
+        self._failures = 0

@@ -7,9 +7,11 @@ from typing import Any
 
 import msgpack
 
+from workers.protocol import Event
+
 from .errors import InvalidInput
 
-Event = dict[str, Any]
+Action = tuple[Event, bytes]  # a validated user action and its packed form
 
 TOO_MANY_CONVERSATIONS = "AGENT_ERROR$TOO_MANY_CONVERSATIONS"
 NODE_LOST = "STATUS$NODE_LOST"
@@ -64,7 +66,7 @@ CLIENT_ACTION_ID = "client_action_id"
 MAX_CLIENT_ACTION_ID = 64
 
 
-def user_action(action: object, max_bytes: int) -> tuple[Event, bytes]:
+def user_action(action: object, max_bytes: int) -> Action:
     """Validate a client action and return it as a user event and its packed form."""
     if not isinstance(action, dict):
         raise InvalidInput(f"an action must be an object, got {type(action).__name__}")
@@ -117,6 +119,40 @@ def status_event(status: str, message: str, agent_state: str | None = None) -> E
     if agent_state is not None:
         event["agent_state"] = agent_state
     return event
+
+
+def evicted_event() -> Event:
+    return status_event(
+        TOO_MANY_CONVERSATIONS,
+        "Too many conversations are running for this user; the least recently used was stopped.",
+        "stopped",
+    )
+
+
+def closed_event() -> Event:
+    return status_event(CONVERSATION_CLOSED, "The conversation was closed.", "stopped")
+
+
+def lost_event() -> Event:
+    return status_event(
+        NODE_LOST,
+        "The node running this conversation was lost; it restarts on the next action.",
+        "stopped",
+    )
+
+
+def moving_event() -> Event:
+    return status_event(
+        NODE_DRAINING,
+        "The node running this conversation is shutting down; it moves to another node.",
+        "stopped",
+    )
+
+
+def owner_gone(event: Event) -> bool:
+    """Whether ``event`` says the conversation's loop stopped with its node (lost or
+    drained): nodes whose clients watch it restart it."""
+    return event.get("status") in (NODE_LOST, NODE_DRAINING)
 
 
 def envelope(method: str, origin: str, payload: dict[str, Any]) -> bytes:

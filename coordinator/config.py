@@ -43,6 +43,17 @@ def check_user_id(user: object) -> str:
     return user
 
 
+_SECRET_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@\s:]*:)[^@\s]*@", re.I)
+_SECRET_IN_QUERY = re.compile(r"(?P<head>[?&](?:password|ssl_password)=)[^&\s]*", re.I)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of any URL in it (``scheme://user:PASSWORD@``, or a
+    ``password=`` query parameter) replaced by ``***``: for logs and error messages."""
+    text = _SECRET_IN_URL.sub(r"\g<head>***@", text)
+    return _SECRET_IN_QUERY.sub(r"\g<head>***", text)
+
+
 def default_node_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "node"
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -1,6 +1,9 @@
-"""This node's client connections: per-connection cursors and gap-free delivery.
+"""Delivery of a conversation's events to this node's loop and client connections.
 
-A connection's cursor is the last event id it was sent. A live event that follows the
+``Delivery`` is the one place events reach them: events this node committed (its loop's
+answers, actions it accepted) at once, others as they arrive on the conversation's
+channel. ``LocalConnections`` keeps each connection's cursor, the last event id it was
+sent. A connection's cursor is the last event id it was sent. A live event that follows the
 cursor is sent at once; one that leaves a gap (a connection joining mid-stream, a pub/sub
 message lost during a reconnect) switches the connection to catch-up: it reads the log
 after the cursor, then drains the live events buffered meanwhile, and only then goes live
@@ -11,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from redis.exceptions import RedisError
 
@@ -21,14 +24,35 @@ from workers.protocol import Event
 
 from .backoff import Backoff
 from .codec import with_id
+from .state import RedisState
+from .tasks import TaskSet
+
+if TYPE_CHECKING:
+    from .runner import LoopRunner
+    from .speculation import Speculation
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[str, Event], Awaitable[None]]
-ReadLog = Callable[[str, int, int], Awaitable[list[tuple[int, Event]]]]
-Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
-
 PAGE = 500
+
+
+class EventSink(Protocol):
+    """Where a node delivers a conversation's events to its local connections."""
+
+    async def deliver(self, connection_id: str, event: Event) -> None: ...
+
+    async def disconnect(self, connection_id: str) -> None:
+        """Close the client's connection (after telling it why)."""
+
+
+class NullSink:
+    """A sink for nodes without clients (tools, tests): events go nowhere."""
+
+    async def deliver(self, connection_id: str, event: Event) -> None:
+        return None
+
+    async def disconnect(self, connection_id: str) -> None:
+        return None
 
 
 @dataclass
@@ -42,10 +66,13 @@ class Connection:
 
 
 class LocalConnections:
-    def __init__(self, read_log: ReadLog, deliver: Deliver, spawn: Spawn) -> None:
-        self._read_log = read_log
-        self._deliver_raw = deliver
-        self._spawn = spawn
+    """This node's connections by id and by conversation, each with its cursor; reads
+    the log through ``state`` and writes to clients through ``sink``."""
+
+    def __init__(self, state: RedisState, sink: EventSink, tasks: TaskSet) -> None:
+        self._state = state
+        self.sink = sink
+        self._tasks = tasks
         self._by_id: dict[str, Connection] = {}
         self._rooms: dict[str, set[str]] = {}
 
@@ -91,7 +118,7 @@ class LocalConnections:
             elif event_id > conn.cursor:
                 conn.replaying = True
                 conn.buffer.append((event_id, event))
-                self._spawn(self.catch_up(conn), f"catch-up:{conn.cid}")
+                self._tasks.spawn(self.catch_up(conn), f"catch-up:{conn.cid}")
 
     def catch_up_all(self) -> None:
         """After a pub/sub reconnect: messages may have been lost, read the logs."""
@@ -106,7 +133,7 @@ class LocalConnections:
     def _read_again(self, conn: Connection) -> None:
         if not conn.replaying:
             conn.replaying = True
-            self._spawn(self.catch_up(conn), f"catch-up:{conn.cid}")
+            self._tasks.spawn(self.catch_up(conn), f"catch-up:{conn.cid}")
 
     async def catch_up(self, conn: Connection) -> None:
         """Send what the log holds after the cursor, then the buffered live events."""
@@ -114,7 +141,7 @@ class LocalConnections:
         backoff = Backoff(base=0.05, cap=2.0)
         while conn.cid in self._by_id:
             try:
-                rows = await self._read_log(conn.sid, conn.cursor, PAGE)
+                rows = await self._state.events_after(conn.sid, conn.cursor, count=PAGE)
             except (RedisError, OSError) as exc:
                 delay = backoff.next()
                 log.warning("replay for %s failed (%s); retry in %.2fs", conn.cid, exc, delay)
@@ -147,6 +174,53 @@ class LocalConnections:
 
     async def _send(self, conn: Connection, event_id: int, event: Event) -> None:
         try:
-            await self._deliver_raw(conn.cid, with_id(event_id, event))
+            await self.sink.deliver(conn.cid, with_id(event_id, event))
         except Exception:
             log.exception("delivery to %s failed", conn.cid)
+
+
+class Delivery:
+    """Hands a conversation's events to this node's loop (``runners``: the node's table
+    of loops, read only) and to its connections, in id order, each once."""
+
+    def __init__(self, runners: Mapping[str, LoopRunner], connections: LocalConnections):
+        self._runners = runners
+        self.connections = connections
+
+    async def committed(self, sid: str, first_id: int, events: list[Event]) -> None:
+        """This node logged ``events`` from ``first_id`` on; apply them now, without
+        waiting for their pub/sub echo (which the cursors then drop). ``first_id`` 0: a
+        retried commit that had already gone through, its ids unknown here (its events
+        were published only if another node listened): local connections re-read."""
+        if first_id <= 0:
+            self.connections.catch_up_room(sid)
+            return
+        for offset, event in enumerate(events):
+            await self._apply(sid, first_id + offset, event)
+
+    async def user_event(
+        self, sid: str, event_id: int, event: Event, spec: Speculation | None
+    ) -> None:
+        """An action this node accepted was logged as ``event_id``: the one place its user
+        event is delivered. If the local loop dispatched it speculatively and the answer's
+        commit is already on its way, the runner delivers the user event together with
+        that answer (one pass through to the clients); otherwise now."""
+        runner = self._runners.get(sid)
+        if spec is not None and runner is not None and runner.take_user_event(spec, event_id):
+            return
+        await self._apply(sid, event_id, event)
+
+    async def published(self, sid: str, event_id: int, event: Event) -> None:
+        """An event of ``sid`` arrived on its channel (written by another node)."""
+        runner = self._runners.get(sid)
+        if runner is not None:
+            runner.observe(event_id, event)
+        await self.connections.offer(sid, event_id, event)
+
+    async def _apply(self, sid: str, event_id: int, event: Event) -> None:
+        runner = self._runners.get(sid)
+        if runner is not None and runner.observe(event_id, event):
+            # It has an action to dispatch: let it send its commit before the event (and
+            # the caller's ack) are written, so they travel while Redis runs the commit.
+            await asyncio.sleep(0)
+        await self.connections.offer(sid, event_id, event)

@@ -1,21 +1,23 @@
-"""Read models for the REST layer, built on the manager's public API and key schema.
+"""Cluster-wide reads: which nodes are alive, which loops run where, which connections
+exist, and the public views of conversations the REST endpoints serve.
 
-The per-user conversation index (``keys.user_convs``) is written by the manager when it
-creates a conversation.
+Every answer covers the whole cluster and comes from Redis; the one thing kept here is a
+cache of live incarnations, each until the expiry of its lease as last read, so asking
+whether an owner is alive costs a round trip only once its lease could have run out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from .manager import ConversationManager
-from .state import text
+from .membership import Membership
+from .state import RedisState
 
-# A list request reads at most this many conversations (newest first).
-MAX_LISTED = 1000
+MAX_LISTED = 1000  # a list request reads at most this many conversations (newest first)
 
 
 def _int(value: str) -> int | None:
@@ -37,58 +39,131 @@ def describe(sid: str, meta: dict[str, str], live: set[str]) -> dict[str, Any]:
     }
 
 
-async def list_conversations(manager: ConversationManager, user: str) -> list[dict[str, Any]]:
-    """The user's conversations, newest first, with state and owning node."""
-    raw = await manager.state.redis.zrevrange(manager.keys.user_convs(user), 0, MAX_LISTED - 1)
-    sids = [text(s) for s in raw]
-    if not sids:
-        return []
-    live = set((await manager.nodes()).values())
-    # The records manager.conversation() returns, read in one round trip.
-    rows = await manager.state.hgetall_many([manager.keys.conv(sid) for sid in sids])
-    out = []
-    for sid, meta in zip(sids, rows, strict=True):
-        # The index only grows; a record that vanished or changed hands is skipped.
-        if meta and meta.get("user") == user:
-            out.append(describe(sid, meta, live))
-    return out
+class Directory:
+    """The cluster as seen from Redis. ``membership`` tells this node's own incarnation
+    (alive while its lease is valid, without asking Redis)."""
 
+    def __init__(self, state: RedisState, membership: Membership) -> None:
+        self._state = state
+        self._membership = membership
+        # Incarnations known alive -> until when (monotonic: their lease's expiry as last
+        # read; refreshed each heartbeat, read again by ``alive`` once it passed).
+        self._live: dict[str, float] = {}
 
-async def conversation_view(manager: ConversationManager, sid: str) -> dict[str, Any]:
-    """One conversation's public view ({} when unknown); ownership is checked by the caller."""
-    meta = await manager.conversation(sid)
-    if not meta:
-        return {}
-    live = set((await manager.nodes()).values())
-    view = describe(sid, meta, live)
-    view["user"] = meta.get("user", "")
-    return view
+    # -- liveness --------------------------------------------------------------------
+    async def alive(self, inc: str) -> bool:
+        """Whether ``inc`` holds its lease. Known from the last read until that lease's
+        expiry; then read again, so a dead owner is seen as dead as soon as its lease
+        expires, not at the next heartbeat."""
+        if inc == self._membership.inc:
+            return not self._membership.lapsed
+        now = time.monotonic()
+        if self._live.get(inc, 0.0) > now:
+            return True
+        left = await self._state.lease_left(inc)
+        if left is None:
+            self._live.pop(inc, None)
+            return False
+        self._live[inc] = now + left
+        return True
 
+    async def refresh(self) -> set[str]:
+        """Read every node's lease again; the live incarnations."""
+        registry = await self._state.registry()
+        live = await self._state.live_leases(registry)
+        now = time.monotonic()
+        self._live = {registry[node]: now + left for node, left in live.items()}
+        return set(self._live)
 
-async def cluster_view(manager: ConversationManager) -> dict[str, Any]:
-    """Live nodes with their incarnations, running loops and connection counts."""
-    nodes = await manager.nodes()
-    names = sorted(nodes)
-    async with manager.state.redis.pipeline(transaction=False) as pipe:
-        for node in names:
-            pipe.hkeys(manager.keys.node_owned(nodes[node]))
-            pipe.hlen(manager.keys.node_conns(nodes[node]))
-        rows = await pipe.execute()
-    loops: dict[str, list[str]] = {}
-    conns: dict[str, int] = {}
-    for i, node in enumerate(names):
-        loops[node] = sorted(text(s) for s in rows[2 * i])
-        conns[node] = int(rows[2 * i + 1])
-    return {"nodes": dict(sorted(nodes.items())), "loops": loops, "connections": conns}
+    def live_incarnations(self) -> set[str]:
+        """The live incarnations as of the last refresh (no Redis call)."""
+        return set(self._live)
 
+    async def nodes(self) -> dict[str, str]:
+        """node id -> incarnation, for nodes whose lease is alive."""
+        registry = await self._state.registry()
+        live = await self._state.live_leases(registry)
+        return {n: i for n, i in registry.items() if n in live}
 
-async def redis_ok(manager: ConversationManager, limit: float = 2.0) -> tuple[bool, str]:
-    """Whether Redis answers PING within ``limit`` seconds; the reason when not."""
-    try:
-        async with asyncio.timeout(limit):
-            await manager.state.redis.ping()
-    except TimeoutError:
-        return False, f"redis did not answer PING within {limit}s"
-    except (RedisError, OSError) as exc:
-        return False, f"redis: {exc or type(exc).__name__}"
-    return True, ""
+    async def registered(self) -> bool:
+        """Whether Redis still names this process's incarnation as its node's."""
+        try:
+            return await self._state.lease_left(self._membership.inc) is not None
+        except (RedisError, OSError):
+            return False
+
+    async def redis_ok(self, limit: float = 2.0) -> tuple[bool, str]:
+        """Whether Redis answers PING within ``limit`` seconds; the reason when not."""
+        try:
+            async with asyncio.timeout(limit):
+                await self._state.ping()
+        except TimeoutError:
+            return False, f"redis did not answer PING within {limit}s"
+        except (RedisError, OSError) as exc:
+            return False, f"redis: {exc or type(exc).__name__}"
+        return True, ""
+
+    # -- the seed's cluster-wide queries ---------------------------------------------
+    async def running_loops(self, user: str | None, sids: set[str] | None) -> set[str]:
+        """Ids of conversations whose loop runs on a live node (of ``user``, among ``sids``)."""
+        if user:
+            loops = await self._state.user_loops(user)
+            live = await self.refresh()
+            found = {
+                s for s, held in loops.items() if held.startswith("live:") and held[5:] in live
+            }
+        else:
+            found = await self._state.owned_by(sorted(await self.refresh()))
+        return found if sids is None else found & set(sids)
+
+    async def connections(self, user: str | None, sids: set[str] | None) -> dict[str, str]:
+        """connection id -> conversation id, for connections on every node."""
+        if sids is not None:
+            ordered = sorted(sids)
+            out = await self._state.connections_of(ordered)
+            if user and out:
+                owners = await self._state.users_of(ordered)
+                out = {cid: sid for cid, sid in out.items() if owners.get(sid) == user}
+            return out
+        if user:
+            return await self._state.connections_of_user(user)
+        return await self._state.connections_of_nodes(sorted(await self.refresh()))
+
+    async def owner_alive(self, sid: str) -> bool:
+        """Whether ``sid``'s loop runs on a live node (as far as Redis knows)."""
+        inc = (await self._state.meta(sid)).get("inc", "")
+        return bool(inc) and await self.alive(inc)
+
+    # -- views for REST --------------------------------------------------------------
+    async def list_conversations(self, user: str) -> list[dict[str, Any]]:
+        """The user's conversations, newest first, with state and owning node."""
+        sids = await self._state.user_conversations(user, MAX_LISTED)
+        if not sids:
+            return []
+        live = set((await self.nodes()).values())
+        out = []
+        for sid, meta in zip(sids, await self._state.records(sids), strict=True):
+            # The index only grows; a record that vanished or changed hands is skipped.
+            if meta and meta.get("user") == user:
+                out.append(describe(sid, meta, live))
+        return out
+
+    async def conversation_view(self, sid: str) -> dict[str, Any]:
+        """One conversation's public view with its ``user`` ({} when unknown)."""
+        meta = await self._state.meta(sid)
+        if not meta:
+            return {}
+        view = describe(sid, meta, set((await self.nodes()).values()))
+        view["user"] = meta.get("user", "")
+        return view
+
+    async def cluster_view(self) -> dict[str, Any]:
+        """Live nodes with their incarnations, running loops and connection counts."""
+        nodes = await self.nodes()
+        names = sorted(nodes)
+        loads = await self._state.loads([nodes[n] for n in names])
+        return {
+            "nodes": dict(sorted(nodes.items())),
+            "loops": {n: owned for n, (owned, _) in zip(names, loads, strict=True)},
+            "connections": {n: count for n, (_, count) in zip(names, loads, strict=True)},
+        }

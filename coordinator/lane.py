@@ -14,19 +14,23 @@ Failure handling matches what the rest of the state layer gets from redis-py: a 
 not back within ``timeout`` or a lost connection fails every call in flight (their
 replies can no longer be matched) with ``TimeoutError``/``ConnectionError``; a call is
 retried twice with jittered backoff (the scripts make a retry of a lost reply harmless);
-the next call reconnects. ``redis://`` and ``unix://`` URLs with a user, password and db
-are supported; for others (TLS) the state layer keeps using redis-py.
+the next call reconnects. ``redis://``, ``rediss://`` (TLS, with redis-py's own SSL
+settings from the URL: ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+``ssl_cert_reqs``, ``ssl_check_hostname``) and ``unix://`` URLs, with a user, password
+and db, are supported, so the lane carries every deployment redis-py does: a commit sent
+behind its accept must travel on the same connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+import ssl
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import hiredis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import RedisSSLContext, parse_url
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AuthenticationError,
@@ -43,8 +47,29 @@ from .backoff import Backoff
 RETRIES = 2
 
 
+SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def lane_supported(url: str) -> bool:
-    return url.startswith(("redis://", "unix://"))
+    return url.startswith(SCHEMES)
+
+
+def ssl_context(params: Mapping[str, Any]) -> ssl.SSLContext:
+    """The SSL context redis-py builds for a ``rediss://`` URL's parameters."""
+    names = {
+        "ssl_keyfile": "keyfile",
+        "ssl_certfile": "certfile",
+        "ssl_cert_reqs": "cert_reqs",
+        "ssl_ca_certs": "ca_certs",
+        "ssl_ca_data": "ca_data",
+        "ssl_ca_path": "ca_path",
+        "ssl_check_hostname": "check_hostname",
+        "ssl_min_version": "min_version",
+        "ssl_ciphers": "ciphers",
+        "ssl_password": "password",
+    }
+    options = {names[k]: v for k, v in params.items() if k in names}
+    return RedisSSLContext(**options).get()
 
 
 def pack(*args: Any) -> bytes:
@@ -153,8 +178,9 @@ class ScriptLane:
         self, url: str, *, timeout: float, connect_timeout: float, name: str = "coordinator-lane"
     ) -> None:
         if not lane_supported(url):
-            raise ValueError(f"the script lane supports redis:// and unix:// URLs, not {url!r}")
+            raise ValueError("the script lane supports redis://, rediss:// and unix:// URLs")
         self._params = parse_url(url)
+        self._ssl = ssl_context(self._params) if url.startswith("rediss://") else None
         self._name = name  # CLIENT SETNAME: how the connection shows in CLIENT LIST
         self._timeout = timeout
         self._connect_timeout = connect_timeout
@@ -201,10 +227,16 @@ class ScriptLane:
                     connect = loop.create_unix_connection(_Link, str(p["path"]))
                 else:
                     host, port = str(p.get("host", "localhost")), int(p.get("port", 6379))
-                    connect = loop.create_connection(_Link, host, port)
+                    connect = loop.create_connection(
+                        _Link,
+                        host,
+                        port,
+                        ssl=self._ssl,
+                        server_hostname=host if self._ssl is not None else None,
+                    )
                 async with asyncio.timeout(self._connect_timeout):
                     _, fresh = await connect
-            except OSError as exc:  # TimeoutError included
+            except (OSError, ssl.SSLError) as exc:  # TimeoutError included
                 raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from None
             link: _Link = fresh
             try:

@@ -1,4 +1,4 @@
-"""Node membership: the heartbeat lease, the local lease clock, and reaping the dead.
+"""Node membership: the heartbeat lease and the local lease clock.
 
 A node's conversation leases are its incarnation's heartbeat lease: renewing one key
 renews them all. Renewals are sent from a thread of their own (``LeaseKeeper``) with its
@@ -14,26 +14,19 @@ expiry, and the fencing epoch rejects any write the old owner still attempts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
-from . import scripts
-from .codec import NODE_LOST, pack, status_event
 from .config import ManagerConfig
-from .state import RedisState, text
+from .state import LeaseRenewer, RedisState
 
 log = logging.getLogger(__name__)
 
-REAP_CONCURRENCY = 32  # conversations of a dead incarnation released at once
 RETRY_AFTER = 0.1  # seconds between renewal attempts while Redis does not answer
 
 
@@ -42,17 +35,18 @@ def new_incarnation(node: str) -> str:
 
 
 class Membership:
-    def __init__(
-        self,
-        state: RedisState,
-        config: ManagerConfig,
-        on_lapse: Callable[[str], None],
-        on_lost: Callable[[], None] = lambda: None,
-    ) -> None:
+    """This node's registration: its incarnation, the local lease clock, the keeper.
+
+    ``state`` should be on a connection of its own (``RedisBackend.registration_state``).
+    Parts that must stop writing the moment the lease lapses register with
+    ``on_lapse``; ``lost`` is set when the incarnation must be replaced (re-register).
+    """
+
+    def __init__(self, state: RedisState, config: ManagerConfig) -> None:
         self._state = state
         self._config = config
-        self._on_lapse = on_lapse
-        self._on_lost = on_lost  # the incarnation must be replaced (called in the loop)
+        self._lapse_listeners: list[Callable[[str], None]] = []
+        self.lost = asyncio.Event()
         self.node = config.node_id
         self.inc = ""
         self._valid_until = 0.0  # time.monotonic() at which the Redis lease may expire
@@ -61,10 +55,19 @@ class Membership:
         self.last_tick = time.monotonic()
         self.lapsed = True
         self.renew_failures = 0
+        self.renewed_at = time.monotonic()  # the last successful renewal was sent then
+
+    def on_lapse(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(why)`` synchronously whenever the lease lapses."""
+        self._lapse_listeners.append(listener)
 
     @property
     def ttl_ms(self) -> int:
         return int(self._config.node_ttl * 1000)
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self._config.heartbeat_interval
 
     @property
     def max_stall(self) -> float:
@@ -95,10 +98,11 @@ class Membership:
             log.warning("node id %s still leased by %s; waiting for it to expire", self.node, other)
             await asyncio.sleep(0.25)
 
-    def start_keeper(self, redis_url: str) -> None:
-        """Start renewing from the keeper thread (after ``register``)."""
+    def start_keeper(self, renewer: LeaseRenewer) -> None:
+        """Start renewing from the keeper thread (after ``register``); the keeper owns
+        ``renewer`` and closes it when it stops."""
         if self._keeper is None:
-            self._keeper = LeaseKeeper(self, redis_url, asyncio.get_running_loop())
+            self._keeper = LeaseKeeper(self, renewer, asyncio.get_running_loop())
             self._keeper.start()
 
     async def renew_now(self) -> bool:
@@ -111,7 +115,16 @@ class Membership:
         """Called from the event loop: it is running (see ``max_stall``)."""
         self.last_tick = time.monotonic()
 
+    async def tick_loop(self) -> None:
+        """Tick: tells the lease keeper thread that this event loop runs. Renewals and
+        their answers need nothing else from the loop, so a busy loop keeps its lease."""
+        interval = min(0.25, self._config.heartbeat_interval / 2)
+        while True:
+            self.tick()
+            await asyncio.sleep(interval)
+
     def _arm(self, sent_at: float) -> None:
+        self.renewed_at = sent_at
         self._valid_until = sent_at + self._config.node_ttl
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -135,7 +148,13 @@ class Membership:
             return
         self.lapsed = True
         log.error("node %s lease lapsed (%s): fencing its loops", self.inc, why)
-        self._on_lapse(why)
+        for listener in self._lapse_listeners:
+            listener(why)
+
+    def lapse(self, why: str) -> None:
+        """Treat the lease as lapsed now (fault injection: what a stalled event loop or a
+        lost link leads to), as the lease clock would."""
+        self._lapse(why)
 
     def check(self) -> bool:
         """Enforce the local lease clock now (a paused process may not have run its timer)."""
@@ -150,9 +169,9 @@ class Membership:
         self.renew_failures = 0
         if not ok:
             self._lapse("lease lost in Redis")
-            self._on_lost()
+            self.lost.set()
         elif self.lapsed:
-            self._on_lost()  # renewed too late: start a fresh incarnation all the same
+            self.lost.set()  # renewed too late: start a fresh incarnation all the same
         else:
             self._arm(sent_at)
 
@@ -179,22 +198,13 @@ class LeaseKeeper(threading.Thread):
     connection, while the event loop keeps ticking; answers go back to the loop."""
 
     def __init__(
-        self, membership: Membership, redis_url: str, loop: asyncio.AbstractEventLoop
+        self, membership: Membership, renewer: LeaseRenewer, loop: asyncio.AbstractEventLoop
     ) -> None:
         super().__init__(name=f"lease-{membership.node}", daemon=True)
-        cfg = membership._config
         self._m = membership
         self._loop = loop
-        self._interval = cfg.heartbeat_interval
-        self._key = membership._state.keys.node_lease(membership.node)
-        self._client = redis.Redis.from_url(
-            redis_url,
-            socket_timeout=cfg.heartbeat_interval,
-            socket_connect_timeout=cfg.heartbeat_interval,
-            # A connection Redis closed (a restart) fails once; retry on a fresh one.
-            retry=Retry(NoBackoff(), 1),
-        )
-        self._renew = self._client.register_script(scripts.RENEW)
+        self._interval = membership.heartbeat_interval
+        self._renewer = renewer
         self._stopping = threading.Event()
         self._stalled = False
 
@@ -206,7 +216,7 @@ class LeaseKeeper(threading.Thread):
                 # next interval, and the lease clock keeps running.
                 wait = self._interval if self.renew() else min(RETRY_AFTER, self._interval)
         finally:
-            self._client.close()
+            self._renewer.close()
 
     def renew(self) -> bool:
         """One renewal attempt; False when Redis could not be reached."""
@@ -222,7 +232,7 @@ class LeaseKeeper(threading.Thread):
             return True
         inc, sent_at = m.inc, time.monotonic()
         try:
-            ok = bool(self._renew(keys=[self._key], args=[inc, m.ttl_ms]))
+            ok = self._renewer.renew(m.node, inc, m.ttl_ms)
         except (RedisError, OSError) as exc:
             self._call(m.renew_failed, exc)
             return False
@@ -237,108 +247,3 @@ class LeaseKeeper(threading.Thread):
 
     def stop(self) -> None:
         self._stopping.set()
-
-
-async def reap_incarnation(
-    state: RedisState, inc: str, *, keep_connections: bool, maxlen: int
-) -> list[tuple[str, str]]:
-    """Release everything a dead (or replaced) incarnation held. Idempotent.
-
-    Its conversations become unowned (and their clients get a status event), their cap
-    slots are freed, and, unless kept, its connections are forgotten. Returns the number
-    ``(sid, user)`` of the conversations released.
-    """
-    keys = state.keys
-    owned = await state.redis.hgetall(keys.node_owned(inc))
-    released: list[tuple[str, str]] = []
-    lost = pack(
-        status_event(
-            NODE_LOST,
-            "The node running this conversation was lost; it restarts on the next action.",
-            "stopped",
-        )
-    )
-    gate = asyncio.Semaphore(REAP_CONCURRENCY)
-
-    async def release(sid: str, user: str) -> None:
-        async with gate:
-            if await state.release(sid, inc, None, "stopped"):
-                released.append((sid, user))
-                await state.commit(sid, "", 0, [lost], maxlen=maxlen)
-            await state.release_slot(user, sid, inc)
-
-    # Concurrently, a bounded number at a time: a node may have held thousands.
-    await asyncio.gather(*(release(text(s), text(u)) for s, u in owned.items()))
-    if not keep_connections:
-        conns = await state.redis.hgetall(keys.node_conns(inc))
-        sids = sorted({text(v) for v in conns.values()})
-        users: dict[str, str] = {}
-        if sids:
-            async with state.redis.pipeline(transaction=False) as pipe:
-                for sid in sids:
-                    pipe.hget(keys.conv(sid), "user")
-                users = {sid: text(u) for sid, u in zip(sids, await pipe.execute(), strict=True)}
-            gone = [(text(cid), text(sid), users.get(text(sid), "")) for cid, sid in conns.items()]
-            await state.remove_connections(gone, inc)
-        await state.redis.delete(keys.node_conns(inc))
-    await state.redis.delete(keys.node_owned(inc), keys.node_idle(inc))
-    if not keep_connections:  # else the caller forgets it once it re-added them
-        await state.forget_retired(inc)
-    return released
-
-
-async def reap_dead_nodes(
-    state: RedisState, me: str, lock_ms: int, maxlen: int
-) -> list[tuple[str, str]]:
-    """Find registered nodes whose lease is gone and reap them (one reaper at a time).
-
-    Returns ``(sid, user)`` of every conversation released.
-    """
-
-    async def find_dead() -> list[tuple[str, str]]:
-        registry = await state.registry()
-        live = await state.live_leases(registry)
-        dead = [(node, inc) for node, inc in registry.items() if node not in live]
-        # Incarnations replaced by a re-registration stay listed until released: their
-        # node may have died before it released them.
-        retired = await state.retired()
-        return dead + sorted((node, inc) for inc, node in retired.items())
-
-    if not await find_dead():
-        return []
-    reaped: list[tuple[str, str]] = []
-    async with reaper_lock(state, me, lock_ms, wait=0) as held:
-        if not held:
-            return []
-        # Again under the lock: one reaped meanwhile is gone from both lists. A lapsed
-        # node re-registering waits for this lock before it re-adds its connections, so
-        # reaping its old incarnation here cannot delete them after they were re-added.
-        for node, inc in await find_dead():
-            released = await reap_incarnation(state, inc, keep_connections=False, maxlen=maxlen)
-            await state.unregister(node, inc)
-            log.warning("reaped dead node %s: released %d conversation(s)", inc, len(released))
-            reaped.extend(released)
-    return reaped
-
-
-@contextlib.asynccontextmanager
-async def reaper_lock(
-    state: RedisState, me: str, lock_ms: int, *, wait: float
-) -> AsyncIterator[bool]:
-    """Hold the cluster's reaper lock (yields whether it was taken within ``wait`` s).
-
-    Reapers hold it while they release dead incarnations; a node re-registering after a
-    lapse holds it while it re-registers its connections, so no reaper that saw its old
-    incarnation dead deletes them after it re-added them.
-    """
-    lock = state.keys.reaper_lock()
-    deadline = time.monotonic() + wait
-    held = bool(await state.redis.set(lock, me, nx=True, px=lock_ms))
-    while not held and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        held = bool(await state.redis.set(lock, me, nx=True, px=lock_ms))
-    try:
-        yield held
-    finally:
-        if held:
-            await state.delete_if(lock, me)

@@ -92,3 +92,17 @@ def node_samples(
             int(lease_valid),
         ),
     ]
+
+
+@dataclass
+class NodeMetrics:
+    """What one node counts (the counters the core increments)."""
+
+    speculative_dispatches: int = 0
+    speculations_lost: int = 0
+
+    def speculated(self) -> None:
+        self.speculative_dispatches += 1
+
+    def speculation_lost(self) -> None:
+        self.speculations_lost += 1

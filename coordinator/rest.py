@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from . import directory, metrics
+from . import metrics
 from .auth import AuthError, verify_token
 from .config import check_conversation_id
 from .errors import (
@@ -210,7 +210,7 @@ class RestApp:
 
     async def owned(self, sid: str, user: str) -> dict[str, Any]:
         check_conversation_id(sid)
-        view = await directory.conversation_view(self.manager, sid)
+        view = await self.manager.directory.conversation_view(sid)
         if not view:
             raise ConversationNotFound(sid)
         if view.pop("user") != user:
@@ -221,13 +221,13 @@ class RestApp:
     async def healthz(self, request: Request, params: dict[str, str]) -> Response:
         m = self.manager
         problems = []
-        redis_up, why = await directory.redis_ok(m) if m.started else (False, "")
+        redis_up, why = await m.directory.redis_ok() if m.started else (False, "")
         if not m.started:
             problems.append("the manager is not running")
         elif not redis_up:
             problems.append(why)
         lease = m.started and m.membership.lease_valid()
-        registered = lease and redis_up and await _registered(m)
+        registered = lease and redis_up and await m.directory.registered()
         if m.started and not registered:
             problems.append("this node's membership lease is not valid")
         if m.draining:
@@ -247,7 +247,7 @@ class RestApp:
 
     async def metrics(self, request: Request, params: dict[str, str]) -> Response:
         m = self.manager
-        redis_up = m.started and (await directory.redis_ok(m))[0]
+        redis_up = m.started and (await m.directory.redis_ok())[0]
         lease = m.started and m.membership.lease_valid()
         samples = metrics.node_samples(
             self.counters,
@@ -255,8 +255,8 @@ class RestApp:
             connections=len(m.local_connections()),
             redis_up=redis_up,
             lease_valid=lease,
-            speculated=m.speculations.dispatched,
-            speculations_lost=m.speculations.lost,
+            speculated=m.metrics.speculative_dispatches,
+            speculations_lost=m.metrics.speculations_lost,
         )
         return Response(200, metrics.render(m.node_id, samples).encode(), metrics.CONTENT_TYPE)
 
@@ -276,11 +276,11 @@ class RestApp:
 
     async def cluster(self, request: Request, params: dict[str, str]) -> Response:
         self.user(request)
-        return json_response(200, await directory.cluster_view(self.manager))
+        return json_response(200, await self.manager.directory.cluster_view())
 
     async def list_conversations(self, request: Request, params: dict[str, str]) -> Response:
         user = self.user(request)
-        convs = await directory.list_conversations(self.manager, user)
+        convs = await self.manager.directory.list_conversations(user)
         return json_response(200, {"conversations": convs})
 
     async def get_conversation(self, request: Request, params: dict[str, str]) -> Response:
@@ -312,14 +312,6 @@ class RestApp:
         sid = check_conversation_id(params["sid"])
         closed = await self.manager.close_session(sid, user)
         return json_response(200, {"closed": closed})
-
-
-async def _registered(manager: ConversationManager) -> bool:
-    """Whether Redis still names this process's incarnation as the node's lease holder."""
-    try:
-        return await manager.state.lease_left(manager.inc) is not None
-    except (RedisError, OSError):
-        return False
 
 
 async def _read_body(scope: Scope, receive: Receive) -> bytes:

@@ -6,16 +6,8 @@ a gap, a reconnect or a start re-reads the durable inbox, so no accepted action 
 skipped. An action counts as processed once an event answering it, or its ack, is
 committed together with the ``applied`` cursor: a successor resumes after that cursor.
 
-Speculative dispatch: an action sent through the node that runs the loop, while the loop
-is idle and has seen every event of the conversation, can only be logged as the next
-event id, unless another node's action or a failure gets in first. If the agent allows
-it (``speculative = True``), the runner dispatches it at once under that predicted id,
-while its accept is still on the way to Redis, and the agent's commits carry the
-accept's token: the commit script writes them only if that accept logged the action as
-predicted. So the action and its answer travel to Redis together (one round trip, not
-two), and nothing reaches the log or a client unless the prediction held. When it did
-not, the answers are dropped and the loop gets a fresh agent, which sees the actions in
-log order, as a successor would after a failover.
+Speculative dispatch (``speculation.py``): an action sent through this node while the
+loop is idle may be dispatched before its accept answered, under the id it will get.
 """
 
 from __future__ import annotations
@@ -25,18 +17,20 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Protocol
 
 from redis.exceptions import RedisError
 
 from workers.protocol import AgentLoop, AgentState, Event
 
+from .actionqueue import ActionQueue
 from .backoff import Backoff
 from .codec import agent_event, pack
 from .config import ManagerConfig
 from .errors import Fenced, SpeculationLost
-from .state import RedisState
+from .speculation import Speculation
+from .state import Lease, RedisState
 from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -44,79 +38,66 @@ log = logging.getLogger(__name__)
 STOP_WITHIN = 5.0  # seconds a cancelled loop task gets to finish
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """What a runner needs to write as the owner."""
+class Deliveries(Protocol):
+    """Where committed events go (``delivery.Delivery``)."""
 
-    sid: str
-    user: str
-    inc: str
-    epoch: int
+    async def committed(self, sid: str, first_id: int, events: list[Event]) -> None: ...
 
 
-@dataclass(eq=False, slots=True)
-class Speculation:
-    """An action dispatched before its accept answered, under the id it should get."""
+class Activity(Protocol):
+    """Where activity is recorded (``idle.IdleSweeper``)."""
 
-    predicted: int
-    token: str  # its accept's token
-    event: Event  # the user event
-    # The id its accept logged it under, 0 if the accept was refused or failed.
-    landed: asyncio.Future[int]
-    confirmed: bool = False  # Redis logged it as predicted
-
-    def settle(self, event_id: int) -> None:
-        """The accept answered (``event_id``) or failed (0)."""
-        if not self.landed.done():
-            self.landed.set_result(event_id)
-
-    @property
-    def lost(self) -> bool:
-        return self.landed.done() and self.landed.result() != self.predicted
+    def touched(self, sid: str) -> None: ...
 
 
-@dataclass(slots=True)
-class SpeculationStats:
-    """A node's speculative dispatches and those whose prediction failed."""
+class Speculations(Protocol):
+    """Counts of speculative dispatches (``metrics.NodeMetrics``)."""
 
-    dispatched: int = 0
-    lost: int = 0
+    def speculated(self) -> None: ...
+
+    def speculation_lost(self) -> None: ...
 
 
 class LoopRunner:
+    """Runs one owned conversation's agent: dispatches its inbox in order and commits
+    what the agent emits, fenced by ``lease``.
+
+    ``applied``: the last action the log records as processed (the runner resumes after
+    it); ``new_agent``: makes the agent (again, when a speculation was lost);
+    ``speculative``: dispatch before the accept answered when the agent allows it
+    (``AgentLoop.speculative``);
+    ``lease_valid``: the node's lease clock; ``on_fenced``: told once when the runner
+    stops because ownership is no longer its own; ``delivery``, ``activity``,
+    ``speculations``: where committed events, activity and speculation counts go.
+    """
+
     def __init__(
         self,
+        *,
         lease: Lease,
         applied: int,
         new_agent: Callable[[], AgentLoop],
+        speculative: bool,
         state: RedisState,
         config: ManagerConfig,
         lease_valid: Callable[[], bool],
         on_fenced: Callable[[LoopRunner], None],
-        on_committed: Callable[[str, int, list[Event]], Awaitable[None]],
-        on_touch: Callable[[str], None],
-        stats: SpeculationStats | None = None,
+        delivery: Deliveries,
+        activity: Activity,
+        speculations: Speculations,
     ) -> None:
         self.lease = lease
         self._new_agent = new_agent
         self.agent = new_agent()
-        self._speculative = config.speculative_dispatch and bool(
-            getattr(self.agent, "speculative", False)
-        )
-        self._stats = stats or SpeculationStats()
+        self._speculative = speculative and self.agent.speculative
+        self._speculations = speculations
         self._state = state
         self._config = config
         self._lease_valid = lease_valid
         self._on_fenced = on_fenced
-        self._on_committed = on_committed
-        self._on_touch = on_touch
-        self._applied = applied  # highest action id committed as processed
-        self._seen = 0  # highest event id such that every action <= it is queued
-        self._pending: dict[int, Event] = {}
-        self._reread = True
-        self._wake = asyncio.Event()
-        self._wake.set()
-        self._progress = asyncio.Event()
+        self._delivery = delivery
+        self._activity = activity
+        self._queue = ActionQueue(lease.sid, state, applied)
         self._cause = 0  # the action being dispatched (0: none)
         self._emits = 0  # writes answering it so far
         # Writes answering no action (the agent's own, status events) are numbered per
@@ -154,23 +135,13 @@ class LoopRunner:
     def touch(self, at: float | None = None) -> None:
         """Record activity (now, or ``at``); the node flushes it to Redis in batches."""
         self.last_active = time.time() if at is None else at
-        self._on_touch(self.sid)
+        self._activity.touched(self.sid)
 
     # -- input -----------------------------------------------------------------------
     def observe(self, event_id: int, event: Event) -> bool:
         """An event of the conversation went by; True when it woke the loop."""
         self.touch()
-        if event_id <= self._seen:
-            return False
-        if event_id == self._seen + 1:
-            self._seen = event_id
-            if event.get("source") != "user" or event_id <= self._applied:
-                return False
-            self._pending[event_id] = event
-        else:
-            self._reread = True
-        self._wake.set()
-        return True
+        return self._queue.observe(event_id, event)
 
     def speculate(self, action: Event, token: str) -> Speculation | None:
         """Dispatch ``action``, about to be accepted by this node with ``token``, before
@@ -180,9 +151,7 @@ class LoopRunner:
         if not (
             self._speculative
             and self._idle
-            and not self._wake.is_set()
-            and not self._reread
-            and not self._pending
+            and self._queue.quiet
             and self._spec is None
             and self._writes == 0
             and self.running
@@ -190,12 +159,9 @@ class LoopRunner:
         ):
             return None
         landed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        spec = Speculation(self._seen + 1, token, action, landed)
+        spec = Speculation(self._queue.predict(action), token, action, landed)
         self._spec = spec
-        self._seen = spec.predicted
-        self._pending[spec.predicted] = action
-        self._wake.set()
-        self._stats.dispatched += 1
+        self._speculations.speculated()
         return spec
 
     def take_user_event(self, spec: Speculation, event_id: int) -> bool:
@@ -214,47 +180,33 @@ class LoopRunner:
     async def _pay_owed(self) -> None:
         owed, self._owed = self._owed, None
         if owed is not None:
-            await self._on_committed(self.sid, owed[0], [owed[1]])
+            await self._delivery.committed(self.sid, owed[0], [owed[1]])
 
     def poke(self) -> None:
         """Re-read the inbox (after a reconnect, when channel messages may be lost)."""
-        self._reread = True
-        self._wake.set()
-
-    async def _read_inbox(self) -> None:
-        seq, rows = await self._state.inbox_snapshot(self.sid, self._applied, count=500)
-        for n, action in rows:
-            if n > self._applied:
-                self._pending[n] = action
-        if len(rows) < 500:
-            self._seen = max(self._seen, seq)
-            self._reread = False
-        else:
-            self._seen = max(self._seen, max(self._pending))
+        self._queue.poke()
 
     async def _run(self) -> None:
+        queue = self._queue
         backoff = Backoff(base=0.05, cap=1.0)
         while self.running:
             self._idle = True
-            await self._wake.wait()
+            await queue.wake.wait()
             self._idle = False
-            self._wake.clear()
+            queue.wake.clear()
             try:
-                if self._reread:
-                    await self._read_inbox()
+                if queue.reread:
+                    await queue.read()
                 backoff.reset()
             except (RedisError, OSError) as exc:
                 # Redis trouble: the actions stay in the durable inbox; read again later.
                 delay = backoff.next()
                 log.warning("inbox read for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
                 await asyncio.sleep(delay)
-                self._wake.set()
+                queue.wake.set()
                 continue
-            while self._pending and self.running:
-                n = min(self._pending)
-                action = self._pending.pop(n)
-                if n <= self._applied:
-                    continue
+            while self.running and (item := queue.next()) is not None:
+                n, action = item
                 spec = self._spec if self._spec is not None and self._spec.predicted == n else None
                 if spec is not None and spec.lost:  # known before the agent saw it
                     self._spec = None
@@ -268,18 +220,15 @@ class LoopRunner:
                         self._forget_speculation(spec)
                         await self._replace_agent()
                         break
-            if self._reread:
-                self._wake.set()
+            if queue.reread:
+                queue.wake.set()
 
     def _forget_speculation(self, spec: Speculation) -> None:
         """The speculative action was not logged as predicted: drop what was queued after
         the prediction and re-read the inbox, which holds the actions in log order."""
         log.info("loop %s: action %d was not logged as predicted", self.sid, spec.predicted)
-        self._stats.lost += 1
-        self._pending.clear()
-        self._seen = min(self._seen, spec.predicted - 1)
-        self._reread = True
-        self._wake.set()
+        self._speculations.speculation_lost()
+        self._queue.forget_from(spec.predicted)
 
     async def _replace_agent(self) -> None:
         """A fresh agent for one that may hold state from an action not (or not there) in
@@ -312,7 +261,7 @@ class LoopRunner:
             log.exception("agent of %s failed on action %d", self.sid, n)
         finally:
             self._cause = 0
-        if self._applied < n and self.running:
+        if self._queue.applied < n and self.running:
             with contextlib.suppress(Fenced, SpeculationLost):
                 await self._commit([], cause=n, index=self._emits)
 
@@ -394,9 +343,7 @@ class LoopRunner:
             raise Fenced(self.sid, self.lease.epoch, r.first_id)
         self._last_state = state
         self.touch()
-        if cause > self._applied:
-            self._applied = cause
-            self._progress.set()
+        self._queue.mark_applied(cause)
         first_id = r.first_id if r.status == "ok" else 0  # after a "dup": unknown
         owed = self._owed
         if owed is not None and events and first_id == owed[0] + 1:
@@ -408,35 +355,18 @@ class LoopRunner:
         if events:
             # Apply locally at once (a pub/sub copy, sent only if another node listens,
             # is dropped by id).
-            await self._on_committed(self.sid, first_id, events)
+            await self._delivery.committed(self.sid, first_id, events)
         return r.last_id
 
     async def finish_backlog(self, within: float) -> bool:
         """Process every action accepted so far before the loop stops (an eviction must
         not strand what was acknowledged). True when the inbox was emptied in time."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        while self.running:
-            _, rows = await self._state.inbox_snapshot(
-                self.sid, self._applied, count=self._config.inbox_max
+        done = await self._queue.drain(self._config.inbox_max, lambda: self.running, within)
+        if not done and self.running:
+            log.warning(
+                "loop %s stops with actions after %d unprocessed", self.sid, self._queue.applied
             )
-            waiting = [n for n, _ in rows if n > self._applied]
-            if not waiting:
-                return True
-            for n, action in rows:
-                self._pending.setdefault(n, action)
-            self._wake.set()
-            target = max(waiting)
-            while self._applied < target and self.running:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    log.warning("loop %s stops with actions after %d unprocessed", self.sid, target)
-                    return False
-                self._progress.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await self._progress.wait()
-        return False
+        return done
 
     # -- shutdown --------------------------------------------------------------------
     def _fence(self, why: str, quiet: bool = False) -> None:
@@ -444,7 +374,7 @@ class LoopRunner:
             return
         log.log(logging.DEBUG if quiet else logging.WARNING, "loop %s fenced (%s)", self.sid, why)
         self.fenced = True
-        self._wake.set()
+        self._queue.wake.set()
         self._on_fenced(self)
 
     def fence(self, why: str, quiet: bool = False) -> None:
@@ -456,7 +386,7 @@ class LoopRunner:
     async def aclose(self) -> None:
         """Stop dispatching and close the agent. Idempotent."""
         self.closed = True
-        self._wake.set()
+        self._queue.wake.set()
         task, self._task = self._task, None
         mine = task is asyncio.current_task()
         if task is not None and not mine and await cancel_and_wait([task], within=STOP_WITHIN):

@@ -14,36 +14,43 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from .backoff import Backoff
+from .keys import KeySchema
 from .state import text
 
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[[str, bytes], Awaitable[None]]
-ReconnectHandler = Callable[[], Awaitable[None]]
-
 PROBE = b"\x00probe"
 
 
+class Listener(Protocol):
+    """What the subscription hands its messages to (``node.Router``)."""
+
+    async def message(self, channel: str, data: bytes) -> None: ...
+
+    async def reconnected(self) -> None:
+        """Messages may have been lost: read what was missed from the durable logs."""
+
+
 class Subscriptions:
+    """This node's one subscription: ``redis`` is a client of its own (not the pool);
+    ``probe_channel`` (the node's own channel) carries the probe."""
+
     def __init__(
         self,
         redis: aioredis.Redis,
-        on_message: MessageHandler,
-        on_reconnect: ReconnectHandler,
         probe_channel: str,
         probe_interval: float = 5.0,
         confirm_timeout: float = 5.0,
     ) -> None:
         self._redis = redis
-        self._on_message = on_message
-        self._on_reconnect = on_reconnect
+        self._listener: Listener | None = None
         self._probe_channel = probe_channel
         self._probe_interval = probe_interval
         self._confirm_timeout = confirm_timeout
@@ -111,8 +118,10 @@ class Subscriptions:
         else:
             self._refs[channel] = n - 1
 
-    async def run(self) -> None:
-        """The listener loop; runs until ``aclose`` (or cancellation)."""
+    async def run(self, listener: Listener) -> None:
+        """The listener loop, handing messages to ``listener``; runs until ``aclose``
+        (or cancellation)."""
+        self._listener = listener
         backoff = Backoff(base=0.05, cap=2.0)
         probe_at = time.monotonic() + self._probe_interval
         while not self._closing:
@@ -158,7 +167,8 @@ class Subscriptions:
             if not fut.done():
                 fut.set_result(None)
         try:
-            await self._on_reconnect()
+            if self._listener is not None:
+                await self._listener.reconnected()
         except Exception:
             log.exception("catch-up after resubscribe failed")
 
@@ -182,10 +192,28 @@ class Subscriptions:
         if name == self._probe_channel and data == PROBE:
             return
         self.messages += 1
-        await self._on_message(name, data)
+        if self._listener is not None:
+            await self._listener.message(name, data)
 
     async def aclose(self) -> None:
         """Stop the listener: its pending read fails once the connection is closed."""
         self._closing = True
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class Interest:
+    """A conversation's channel is subscribed while anything here needs it: a loop or a
+    connection each take one reference (``watch``) and give it back (``unwatch``)."""
+
+    def __init__(self, subscriptions: Subscriptions, keys: KeySchema) -> None:
+        self._subscriptions = subscriptions
+        self._keys = keys
+
+    async def watch(self, sid: str) -> None:
+        """Subscribed (confirmed by Redis) when this returns."""
+        await self._subscriptions.add(self._keys.conv_channel(sid))
+
+    async def unwatch(self, sid: str) -> None:
+        """Never raises (see ``Subscriptions.discard``)."""
+        await self._subscriptions.discard(self._keys.conv_channel(sid))

@@ -12,7 +12,8 @@ instead of ``wait_for`` in this package (ruff bans it, see ``pyproject.toml``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import logging
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 RECANCEL_EVERY = 0.05  # seconds between cancellations of a task that is still running
@@ -45,3 +46,38 @@ async def cancel_and_wait(tasks: Iterable[T], within: float) -> set[T]:
             break
         _, pending = await asyncio.wait(pending, timeout=min(RECANCEL_EVERY, remaining))
     return pending
+
+
+class TaskSet:
+    """The background tasks of one node: each is tracked, its failure logged, and all
+    are stopped together (``aclose``). No fire-and-forget ``create_task`` elsewhere."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def named(self, name: str) -> list[asyncio.Task[Any]]:
+        return [t for t in self._tasks if t.get_name() == name]
+
+    async def cancel(self, tasks: Iterable[asyncio.Task[Any]], within: float = 5.0) -> None:
+        """Stop ``tasks``; log the ones that would not stop within ``within`` s."""
+        for task in await cancel_and_wait(list(tasks), within=within):
+            self._log.error("task %s did not stop within %gs of cancellation", task, within)
+
+    async def aclose(self, within: float = 5.0) -> None:
+        """Stop every task."""
+        await self.cancel(list(self._tasks), within)
+
+    def __len__(self) -> int:
+        return len(self._tasks)

@@ -97,7 +97,7 @@ async def test_cap_is_exact_across_nodes_and_evicts_least_recently_updated(make_
     node = nodes[holder % 3]
     await node.send_to_event_stream(f"conn-{holder}", {"action": "message", "args": {}})
     owner = next(n for n in nodes if oldest in n.local_loops())
-    await wait_until(lambda: owner._runners[oldest].dispatched >= 1, what="action dispatched")
+    await wait_until(lambda: owner.runner(oldest).dispatched >= 1, what="action dispatched")
     for node in nodes:
         await node.flush_activity()
     await nodes[1].maybe_start_agent_loop("capped-new", {}, "alice")

@@ -14,10 +14,10 @@ from tests.server_fixtures import ServerCluster
 
 
 class InFlight:
-    """Wraps a method (a node's ``maybe_start_agent_loop`` unless told otherwise): records
-    how many calls run at once."""
+    """Wraps a method (``ensure_running`` of a node's loops, which every join and restart
+    goes through, unless told otherwise): records how many calls run at once."""
 
-    def __init__(self, obj: Any, delay: float = 0.0, attr: str = "maybe_start_agent_loop") -> None:
+    def __init__(self, obj: Any, delay: float = 0.0, attr: str = "ensure_running") -> None:
         self.now = 0
         self.peak = 0
         self.calls = 0
@@ -40,7 +40,7 @@ async def test_joins_beyond_the_limit_wait_then_are_refused_as_busy_changing_not
     make_nodes,
 ) -> None:
     (a,) = await make_nodes(1, max_concurrent_joins=2, join_wait=0.3)
-    starts = InFlight(a, delay=0.6)  # each join holds its slot for 0.6 s
+    starts = InFlight(a.node.loops, delay=0.6)  # each join holds its slot for 0.6 s
     results = await asyncio.gather(
         *(a.join_conversation(f"busy-{i}", f"c{i}", {}, f"user{i}") for i in range(5)),
         return_exceptions=True,
@@ -56,7 +56,7 @@ async def test_joins_beyond_the_limit_wait_then_are_refused_as_busy_changing_not
 
     # Joins that fit in the wait get through once slots free up.
     (b,) = await make_nodes(1, max_concurrent_joins=1, join_wait=5.0)
-    starts_b = InFlight(b, delay=0.2)
+    starts_b = InFlight(b.node.loops, delay=0.2)
     await asyncio.gather(
         *(b.join_conversation(f"queued-{i}", f"q{i}", {}, "una") for i in range(3))
     )
@@ -70,11 +70,10 @@ async def test_a_lost_nodes_conversations_restart_a_bounded_number_at_a_time(mak
     for i, sid in enumerate(sids):
         await a.join_conversation(sid, f"ca{i}", {}, f"u{i}")  # loops on a
         await b.join_conversation(sid, f"cb{i}", {}, f"u{i}")  # clients on b too
-    restarts = InFlight(b, delay=0.1)
+    restarts = InFlight(b.node.loops, delay=0.1)
     # a goes silent like a killed process: no heartbeats, no pub/sub; its lease expires
     # and b reaps it.
-    assert not await cancel_and_wait(list(a._tasks), within=5)
-    a.membership.stop()
+    await a.node.halt()
     await wait_until(
         lambda: set(sids) <= b.local_loops(), timeout=20, what="every loop restarted on b"
     )
@@ -99,15 +98,16 @@ async def test_a_subscription_that_delivers_is_not_declared_silent(redis_client)
     the link works. Only a link on which nothing arrives is reconnected."""
     heard: list[bytes] = []
 
-    async def on_message(channel: str, data: bytes) -> None:
-        heard.append(data)
+    class Heard:
+        async def message(self, channel: str, data: bytes) -> None:
+            heard.append(data)
 
-    async def on_reconnect() -> None:
-        return None
+        async def reconnected(self) -> None:
+            return None
 
-    subs = Subscriptions(redis_client, on_message, on_reconnect, "probe:t", probe_interval=0.1)
+    subs = Subscriptions(redis_client, "probe:t", probe_interval=0.1)
     await subs.start()
-    listener = asyncio.create_task(subs.run())
+    listener = asyncio.create_task(subs.run(Heard()))
     try:
         await subs.add("traffic")
         publish = redis_client.publish
@@ -140,7 +140,7 @@ async def test_renewals_go_on_while_a_slow_re_registration_runs(make_nodes) -> N
 
     a.state.add_connections = slow_add_connections  # type: ignore[method-assign]
     first = a.inc
-    a.membership._lapse("test: event loop fell behind")
+    a.membership.lapse("test: event loop fell behind")
     await wait_until(lambda: a.inc != first, timeout=5, what="a new incarnation registered")
     second = a.inc
     await asyncio.sleep(5.0)  # the re-registration finishes in the middle of this
@@ -171,7 +171,7 @@ async def test_a_start_cut_by_a_lease_lapse_is_retried_not_reported_as_an_evicti
     first = a.inc
     eid = await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
     await asyncio.sleep(0.2)  # the restart is waiting in admission
-    a.membership._lapse("test: event loop fell behind")
+    a.membership.lapse("test: event loop fell behind")
     sink = make_nodes.sinks["node1"]
     await wait_until(
         lambda: [e for e in sink.events["c1"] if e.get("source") == "agent" and e["id"] > eid],
@@ -194,7 +194,7 @@ async def test_a_mass_leave_takes_a_bounded_share_of_the_redis_pool_and_defers_n
     removals = InFlight(a.state, attr="remove_connections")
     await asyncio.gather(*(a.disconnect_from_session(f"c{i}") for i in range(200)))
     assert removals.calls == 200 and removals.peak <= 2, (removals.calls, removals.peak)
-    assert a._departed == []
+    assert a.node.sessions.deferred == []
     assert await a.get_connections() == {}
     for sid in ("leave-0", "leave-1"):
         assert not await a.state.redis.exists(a.keys.conv_conns(sid))
@@ -204,7 +204,7 @@ async def test_a_socketio_client_refused_as_busy_gets_the_reason_and_changes_not
     servers: ServerCluster,
 ) -> None:
     (a,) = await servers.start(1, max_concurrent_joins=1, join_wait=0.3)
-    joins = InFlight(a.manager, delay=1.0)  # the one join slot stays taken for a second
+    joins = InFlight(a.manager.node.loops, delay=1.0)  # the one join slot stays taken for a second
     token = servers.token("bea")
     first = asyncio.create_task(servers.client("first").connect(a.url, "busy-1", token))
     await wait_until(lambda: joins.now == 1, timeout=10, what="the first join holds the slot")

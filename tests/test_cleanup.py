@@ -36,9 +36,7 @@ async def test_idle_loops_are_closed_by_their_owner_unless_connected_or_running(
         "erin",
         initial_user_msg={"action": "message", "args": {"content": "work"}},
     )
-    await wait_until(
-        lambda: a._runners["busy-z"].agent_state == AgentState.RUNNING, what="z running"
-    )
+    await wait_until(lambda: a.runner("busy-z").agent_state == AgentState.RUNNING, what="z running")
     await wait_until(lambda: "idle-x" not in a.local_loops(), what="idle loop closed")
     await wait_until(lambda: _not(b.is_agent_loop_running("idle-x")), what="released in Redis")
     # Give the sweeper several more rounds: the connected and the running loop stay.
@@ -74,7 +72,7 @@ async def _sweep_cost(make_nodes, redis_client, live: int, expired: int) -> tupl
         )
     assert len(node.local_loops()) == live
     for sid in sids[:expired]:  # these were last active an hour ago
-        node._runners[sid].touch(node._runners[sid].last_active - 3600)
+        node.runner(sid).touch(node.runner(sid).last_active - 3600)
     await node.flush_activity()
     before = await _commands(redis_client)
     closed = await node.sweep_idle()

@@ -9,14 +9,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from coordinator import Fenced
-from coordinator.membership import reap_incarnation, reaper_lock
+from coordinator.recovery import reap_incarnation, reaper_lock
 from coordinator.state import RedisState
-from coordinator.tasks import cancel_and_wait
 from tests.helpers import wait_until
 
 
 async def _stop_heartbeats(node) -> None:
-    await cancel_and_wait([t for t in node._tasks if t.get_name() == "heartbeat"], within=5)
+    await node.node.tasks.cancel(node.node.tasks.named("heartbeat"))
 
 
 async def _epochs(node, sid: str) -> list[tuple[int, int | None]]:
@@ -32,7 +31,7 @@ async def test_node_whose_renewals_stop_fences_itself_before_takeover(make_nodes
     a, b = await make_nodes(2)
     await a.join_conversation("fence-1", "ca", {}, "frank")
     await b.join_conversation("fence-1", "cb", {}, "frank")
-    runner = a._runners["fence-1"]
+    runner = a.runner("fence-1")
     both_seen = False
     stop = asyncio.Event()
 
@@ -72,11 +71,11 @@ async def test_a_former_owner_that_believes_it_still_owns_cannot_append(make_nod
     a, b = await make_nodes(2)
     await a.join_conversation("fence-2", "ca", {}, "gina")
     await b.join_conversation("fence-2", "cb", {}, "gina")
-    old = a._runners["fence-2"]
+    old = a.runner("fence-2")
     # b takes over below by itself. Its reaper would also release the conversation and
     # publish NODE_LOST, which a (its clock patched to trust its lease) would answer by
     # restarting the loop: a race this test is not about.
-    await cancel_and_wait([t for t in b._tasks if t.get_name() == "housekeeping"], within=5)
+    await b.node.tasks.cancel(b.node.tasks.named("housekeeping"))
     # Simulate a paused process: no renewals, and its own clock never noticed.
     await _stop_heartbeats(a)
     a.membership.stop()
@@ -93,10 +92,10 @@ async def test_a_former_owner_that_believes_it_still_owns_cannot_append(make_nod
     # the epoch and it stops. The old owner's loop is idle and has seen every event, so
     # it gets the action speculatively: its commit carries the accept's token, and the
     # epoch still refuses it.
-    speculated = a.speculations.dispatched
+    speculated = a.metrics.speculative_dispatches
     await a.send_to_event_stream("ca", {"action": "message", "args": {"content": "x"}})
     await wait_until(lambda: "fence-2" not in a.local_loops(), what="old owner stopped")
-    assert a.speculations.dispatched == speculated + 1
+    assert a.metrics.speculative_dispatches == speculated + 1
     assert old.fenced
     with pytest.raises(Fenced):
         await old.emit({"action": "message", "args": {"content": "late"}})
@@ -123,7 +122,7 @@ async def test_actions_accepted_while_the_lease_lapsed_are_answered_once_back(ma
     await wait_until(lambda: _unowned(b, "lapsed"), timeout=10, what="b's reaper released it")
     # a still holds the client; it accepts the action but may not start loops now.
     eid = await a.send_to_event_stream("ca", {"action": "message", "args": {"content": "x"}})
-    a._spawn(a._lease_loop(), "heartbeat")  # back in touch with Redis
+    a.node.tasks.spawn(a.membership.tick_loop(), "heartbeat")  # back in touch with Redis
     sink = make_nodes.sinks["node1"]
     await wait_until(
         lambda: [e for e in sink.events["ca"] if e.get("source") == "agent"],
@@ -198,7 +197,7 @@ async def test_a_reaper_that_saw_the_old_incarnation_dead_keeps_re_registered_co
     try:
         async with asyncio.timeout(10):
             await read.wait()  # the reaper holds the lock and has read the connections
-        a.membership._lapse("test: event loop fell behind")
+        a.membership.lapse("test: event loop fell behind")
         await reaper
     finally:
         await reaper_redis.aclose()
@@ -223,12 +222,11 @@ async def test_an_owner_whose_lease_expired_is_seen_dead_without_waiting_for_a_r
     await a.join_conversation("expiring", "ca", {}, "erin")
     await b.join_conversation("expiring", "cb", {}, "erin")
     assert "expiring" in a.local_loops()
-    assert await b._alive(a.inc)
+    assert await b.directory.alive(a.inc)
     # From now on b refreshes nothing and reaps nothing ...
-    await cancel_and_wait([t for t in b._tasks if t.get_name() == "housekeeping"], within=5)
+    await b.node.tasks.cancel(b.node.tasks.named("housekeeping"))
     # ... and a goes silent like a killed process.
-    assert not await cancel_and_wait(list(a._tasks), within=5)
-    a.membership.stop()
+    await a.node.halt()
     await wait_until(lambda: _gone(b, "node1"), timeout=10, what="a's lease expired")
     await b.send_to_event_stream("cb", {"action": "message", "args": {"content": "z"}})
     await wait_until(lambda: "expiring" in b.local_loops(), timeout=10, what="b restarted it")

@@ -12,22 +12,22 @@ async def test_events_reach_only_interested_nodes(make_nodes) -> None:
     a, b, c = await make_nodes(3)
     await a.join_conversation("routed", "ca", {}, "ivy")  # loop and a client on a
     await b.join_conversation("routed", "cb", {}, "ivy")  # a client on b
-    before = {n.node_id: n._subs.messages for n in (a, b, c)}
+    before = {n.node_id: n.node.subscriptions.messages for n in (a, b, c)}
     for i in range(50):
         await b.send_to_event_stream("cb", {"action": "message", "args": {"content": str(i)}})
     sink_b = make_nodes.sinks["node2"]
     await wait_until(lambda: len(sink_b.events["cb"]) >= 100, what="100 events on b")
-    got = {n.node_id: n._subs.messages - before[n.node_id] for n in (a, b, c)}
+    got = {n.node_id: n.node.subscriptions.messages - before[n.node_id] for n in (a, b, c)}
     assert got["node1"] == 100 and got["node2"] == 100
     assert got["node3"] == 0  # no connection, no loop: no traffic
 
     # Once b's client leaves, b stops receiving the conversation's events.
     await b.disconnect_from_session("cb")
-    mark = b._subs.messages
+    mark = b.node.subscriptions.messages
     await a.send_to_event_stream("ca", {"action": "message", "args": {"content": "x"}})
     sink_a = make_nodes.sinks["node1"]
     await wait_until(lambda: len(sink_a.events["ca"]) >= 102, what="2 more events on a")
-    assert b._subs.messages == mark
+    assert b.node.subscriptions.messages == mark
 
 
 async def test_action_accepted_while_the_owner_is_gone_waits_for_the_successor(
@@ -61,10 +61,10 @@ async def test_nothing_is_published_while_only_the_writer_listens(make_nodes) ->
         for i in range(n):
             await node.send_to_event_stream(cid, {"action": "message", "args": {"content": str(i)}})
 
-    published, heard = await _publishes(a), a._subs.messages
+    published, heard = await _publishes(a), a.node.subscriptions.messages
     await act(a, "ca", 20)
     await wait_until(lambda: len(sink_a.events["ca"]) >= 40, what="20 actions answered on a")
-    assert await _publishes(a) - published == 0 and a._subs.messages == heard
+    assert await _publishes(a) - published == 0 and a.node.subscriptions.messages == heard
 
     # A client on b joins: from then on every event is published, and b sees all of them.
     await b.join_conversation("alone", "cb", {}, "una")

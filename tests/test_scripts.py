@@ -93,12 +93,11 @@ async def test_an_accept_retried_after_a_lost_reply_is_recorded_once(redis_clien
     state = RedisState(redis_client, KeySchema("t"))
     await state.acquire("s4", "n1", "n1/a", "u", create=True)
     k = state.keys
-    keys = [k.conv("s4"), k.events("s4"), k.inbox("s4"), k.accepted("s4")]
-    args = ["u", pack({"action": "message"}), 100, 10, k.conv_channel("s4"), "token-1"]
-    first = await state._run("accept", keys, args)
-    retry = await state._run("accept", keys, args)  # what redis-py's retry re-sends
-    other = await state._run("accept", keys, [*args[:5], "token-2"])
-    assert first[1] == retry[1] == 1 and other[1] == 2
+    action = pack({"action": "message"})
+    first = await state.accept("s4", "u", action, 100, 10, token="token-1")
+    retry = await state.accept("s4", "u", action, 100, 10, token="token-1")  # a resend
+    other = await state.accept("s4", "u", action, 100, 10, token="token-2")
+    assert first.event_id == retry.event_id == 1 and other.event_id == 2
     assert await redis_client.xlen(k.inbox("s4")) == 2
     assert await redis_client.xlen(k.events("s4")) == 2
 

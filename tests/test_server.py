@@ -251,7 +251,7 @@ async def test_an_action_sent_again_with_its_client_action_id_is_logged_and_answ
 
 async def test_draining_node_refuses_connections(servers: ServerCluster) -> None:
     a, b = await servers.start(2)
-    b.manager.draining = True  # what a graceful stop sets first
+    b.manager.node.intake.draining = True  # what a graceful stop sets first
     try:
         why = await servers.client().refused(b.url, "conv", servers.token("alice"))
         assert "draining" in why
@@ -263,7 +263,7 @@ async def test_draining_node_refuses_connections(servers: ServerCluster) -> None
         assert status == 503 and body["draining"] is True and body["status"] == "draining"
         assert await a.manager.conversation("conv") == {}
     finally:
-        b.manager.draining = False
+        b.manager.node.intake.draining = False
     client = await servers.join(a, "conv", "alice")
     assert await client.say("hi") == 1
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from coordinator import ConversationManager
+from coordinator.backend import RedisBackend
 from coordinator.codec import pack
 from coordinator.keys import KeySchema
-from coordinator.lane import ScriptLane
 from coordinator.state import RedisState
 from tests.helpers import RecordingSink, fast_config, wait_until
 from tests.tcpproxy import TcpProxy
@@ -45,12 +45,17 @@ class NotSpeculative(EchoAgent):
 async def node(redis_url: str) -> AsyncIterator[Any]:
     made: list[ConversationManager] = []
 
-    async def start(agents: Agents | None = None, **overrides: Any) -> Any:
+    async def start(
+        agents: Agents | None = None, lane_url: str | None = None, **overrides: Any
+    ) -> Any:
+        """A node; with ``lane_url`` its accept and commit go there (a TCP proxy)."""
         sink = RecordingSink()
+        config = fast_config(redis_url, f"spec{len(made) + 1}", **overrides)
         manager = ConversationManager(
-            fast_config(redis_url, f"spec{len(made) + 1}", **overrides),
+            config,
             sink=sink,
             agent_factory=agents or Agents(),
+            backend=RedisBackend(config, lane_url=lane_url),
         )
         await manager.start()
         made.append(manager)
@@ -82,15 +87,16 @@ async def test_the_answer_is_logged_before_the_node_has_heard_back_from_its_acce
     both reach Redis: the agent started before the accept answered. Without speculative
     dispatch only the accept gets there."""
     agents = Agents()
-    manager, sink = await node(agents, speculative_dispatch=speculative)
-    await manager.join_conversation("held", "c1", {}, "alice", None)
     proxy = await TcpProxy(redis_client.connection_pool.connection_kwargs["port"]).start()
-    lane = ScriptLane(proxy.url, timeout=10.0, connect_timeout=2.0)
-    manager.state.lane = lane  # only accept and commit go through the proxy
+    # Only accept and commit go through the proxy.
+    manager, sink = await node(
+        agents, lane_url=proxy.url, speculative_dispatch=speculative, redis_timeout=10.0
+    )
+    await manager.join_conversation("held", "c1", {}, "alice", None)
     try:
         await manager.send_to_event_stream("c1", message("warm up"))
         await wait_until(lambda: len(answers(sink, "c1")) == 1)
-        before = manager.speculations.dispatched
+        before = manager.metrics.speculative_dispatches
         proxy.hold_replies()
         send = asyncio.create_task(manager.send_to_event_stream("c1", message("hi")))
 
@@ -104,11 +110,14 @@ async def test_the_answer_is_logged_before_the_node_has_heard_back_from_its_acce
         await wait_until(lambda: len(answers(sink, "c1")) == 2)
         assert answers(sink, "c1")[1] == (event_id, "hi")
         assert sink.ids("c1") == [1, 2, 3, 4]
-        stats = manager.speculations
-        assert (stats.dispatched - before, stats.lost) == (int(speculative), 0)
+        stats = manager.metrics
+        assert (stats.speculative_dispatches - before, stats.speculations_lost) == (
+            int(speculative),
+            0,
+        )
         assert len(agents.made) == 1
     finally:
-        await lane.aclose()
+        await manager.aclose()
         await proxy.aclose()
 
 
@@ -156,7 +165,7 @@ async def test_an_action_logged_first_by_another_node_voids_the_prediction(
         (6, "agent", 4, "ours"),
     ]
     assert sink.ids("c1") == [1, 2, 3, 4, 5, 6]
-    assert manager.speculations.lost == 1
+    assert manager.metrics.speculations_lost == 1
     assert len(agents.made) == 2  # the one that saw "ours" as action 3 was replaced
     assert (await manager.state.meta("race"))["applied"] == "4"
 
@@ -174,7 +183,7 @@ async def test_a_resent_action_through_the_owner_is_not_answered_again(node: Any
     await wait_until(lambda: len(answers(sink, "c1")) == 2)
     assert answers(sink, "c1") == [(first, "once"), (after, "next")]
     assert [i for i, _ in await manager.state.events_after("dup", 0)] == [1, 2, 3, 4]
-    assert manager.speculations.lost == 1
+    assert manager.metrics.speculations_lost == 1
 
 
 async def test_replies_lost_after_redis_ran_both_calls_are_retried_into_one_answer(
@@ -184,11 +193,9 @@ async def test_replies_lost_after_redis_ran_both_calls_are_retried_into_one_answ
     the node heard back: the lane's retries find both done (accept token, commit dedup);
     the client gets its id, one user event and one answer."""
     agents = Agents()
-    manager, sink = await node(agents, redis_timeout=2.0)
-    await manager.join_conversation("lost", "c1", {}, "alice", None)
     proxy = await TcpProxy(redis_client.connection_pool.connection_kwargs["port"]).start()
-    lane = ScriptLane(proxy.url, timeout=2.0, connect_timeout=2.0)
-    manager.state.lane = lane
+    manager, sink = await node(agents, lane_url=proxy.url, redis_timeout=2.0)
+    await manager.join_conversation("lost", "c1", {}, "alice", None)
     try:
         await manager.send_to_event_stream("c1", message("warm up"))
         await wait_until(lambda: len(answers(sink, "c1")) == 1)
@@ -207,9 +214,9 @@ async def test_replies_lost_after_redis_ran_both_calls_are_retried_into_one_answ
         assert answers(sink, "c1") == [(1, "warm up"), (3, "hi")]
         assert sink.ids("c1") == [1, 2, 3, 4]
         assert await logged() == 4
-        assert manager.speculations.lost == 0 and len(agents.made) == 1
+        assert manager.metrics.speculations_lost == 0 and len(agents.made) == 1
     finally:
-        await lane.aclose()
+        await manager.aclose()
         await proxy.aclose()
 
 
@@ -226,7 +233,7 @@ async def test_speculation_is_off_when_the_node_or_the_agent_says_so(
         await manager.send_to_event_stream("c1", message(f"m{i}"))
     await wait_until(lambda: len(sink.events["c1"]) == 6)
     assert sink.ids("c1") == [1, 2, 3, 4, 5, 6]
-    assert manager.speculations.dispatched == 0
+    assert manager.metrics.speculative_dispatches == 0
 
 
 async def test_a_thinking_agent_does_not_hold_up_the_ack_or_the_user_event(node: Any) -> None:
@@ -241,9 +248,9 @@ async def test_a_thinking_agent_does_not_hold_up_the_ack_or_the_user_event(node:
     await manager.join_conversation("slow", "c1", {}, "alice", None)
     first = await manager.send_to_event_stream("c1", message("warm up"))
     await wait_until(lambda: len(answers(sink, "c1")) == 1)
-    before = manager.speculations.dispatched
+    before = manager.metrics.speculative_dispatches
     event_id = await manager.send_to_event_stream("c1", message("think"))
-    assert manager.speculations.dispatched == before + 1
+    assert manager.metrics.speculative_dispatches == before + 1
     assert sink.ids("c1") == [first, first + 1, event_id]  # the ack came before the answer
     await wait_until(lambda: len(answers(sink, "c1")) == 2)
     assert answers(sink, "c1")[1] == (event_id, "think")

@@ -32,9 +32,13 @@ def load_agent(path: str) -> AgentFactory:
     if not inspect.isclass(target):
         raise AgentLoadError(f"{path!r} is not a class")
     missing = [
-        name for name in ("start", "dispatch", "aclose", "state") if not hasattr(target, name)
+        name
+        for name in ("start", "dispatch", "aclose", "state", "speculative")
+        if not hasattr(target, name)
     ]
     if missing:
         raise AgentLoadError(f"{path!r} is not an AgentLoop: missing {', '.join(missing)}")
+    if not isinstance(target.speculative, bool):
+        raise AgentLoadError(f"{path!r}: 'speculative' must be True or False")
     factory: AgentFactory = target
     return factory

@@ -51,7 +51,14 @@ class AgentContext:
 
 @runtime_checkable
 class AgentLoop(Protocol):
-    """One conversation's agent, run by the node that owns the conversation."""
+    """One conversation's agent, run by the node that owns the conversation.
+
+    ``speculative``: whether the loop may get an action before it is durable (see the
+    module docstring); a class attribute, ``False`` unless ``dispatch`` touches nothing
+    outside the loop before its first ``emit`` returns.
+    """
+
+    speculative: bool
 
     @property
     def state(self) -> AgentState: ...

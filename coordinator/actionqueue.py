@@ -1,0 +1,120 @@
+"""The actions an owned loop has yet to dispatch, in id order, as its node knows them.
+
+The queue learns of actions from the conversation's events as they go by (``observe``)
+and tracks ``seen``, the highest event id such that every action up to it is queued. A
+gap, a reconnect or a start marks it for a re-read of the durable inbox, so no accepted
+action is skipped. ``applied`` is the last action the log records as processed: a
+successor resumes after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from workers.protocol import Event
+
+from .state import RedisState
+
+PAGE = 500
+
+
+class ActionQueue:
+    def __init__(self, sid: str, state: RedisState, applied: int) -> None:
+        self.sid = sid
+        self._state = state
+        self.applied = applied
+        self.seen = 0
+        self.pending: dict[int, Event] = {}
+        self.reread = True
+        self.wake = asyncio.Event()
+        self.wake.set()
+        self._progress = asyncio.Event()
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing to dispatch and nothing to read: every event so far was seen."""
+        return not (self.wake.is_set() or self.reread or self.pending)
+
+    def observe(self, event_id: int, event: Event) -> bool:
+        """An event of the conversation went by; True when it woke the loop."""
+        if event_id <= self.seen:
+            return False
+        if event_id == self.seen + 1:
+            self.seen = event_id
+            if event.get("source") != "user" or event_id <= self.applied:
+                return False
+            self.pending[event_id] = event
+        else:
+            self.reread = True
+        self.wake.set()
+        return True
+
+    def predict(self, action: Event) -> int:
+        """Queue ``action`` as the next event id (speculatively): that id."""
+        self.seen += 1
+        self.pending[self.seen] = action
+        self.wake.set()
+        return self.seen
+
+    def forget_from(self, event_id: int) -> None:
+        """What was queued from ``event_id`` on may be wrong: drop the queue and re-read."""
+        self.pending.clear()
+        self.seen = min(self.seen, event_id - 1)
+        self.poke()
+
+    def poke(self) -> None:
+        """Re-read the inbox (after a reconnect, when channel messages may be lost)."""
+        self.reread = True
+        self.wake.set()
+
+    async def read(self) -> None:
+        """Queue what the durable inbox holds after ``applied``."""
+        seq, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=PAGE)
+        for n, action in rows:
+            if n > self.applied:
+                self.pending[n] = action
+        if len(rows) < PAGE:
+            self.seen = max(self.seen, seq)
+            self.reread = False
+        else:
+            self.seen = max(self.seen, max(self.pending))
+
+    def next(self) -> tuple[int, Event] | None:
+        """The next action to dispatch, if any."""
+        while self.pending:
+            n = min(self.pending)
+            action = self.pending.pop(n)
+            if n > self.applied:
+                return n, action
+        return None
+
+    def mark_applied(self, n: int) -> None:
+        if n > self.applied:
+            self.applied = n
+            self._progress.set()
+
+    async def drain(self, inbox_max: int, running: Callable[[], bool], within: float) -> bool:
+        """Wait until every action accepted so far is applied (while ``running``), for at
+        most ``within`` s; True when the inbox was emptied in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while running():
+            _, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=inbox_max)
+            waiting = [n for n, _ in rows if n > self.applied]
+            if not waiting:
+                return True
+            for n, action in rows:
+                self.pending.setdefault(n, action)
+            self.wake.set()
+            target = max(waiting)
+            while self.applied < target and running():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                self._progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await self._progress.wait()
+        return False

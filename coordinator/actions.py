@@ -1,0 +1,78 @@
+"""Accepting a user action: durable in Redis before it is acknowledged.
+
+The path of one action, in a few hops: the socket.io handler (``app.py``) calls
+``ConversationManager.send_to_event_stream``, which validates it (``codec.user_action``)
+and calls ``Actions.accept``: the local loop may take it speculatively
+(``LoopRunner.speculate``), the accept script logs it and queues it in the inbox (over the
+script lane), and ``Delivery.user_event`` hands the user event to the loop and the
+connections (or leaves it to the runner, which sends it with the answer). The runner
+dispatches it to the agent and commits what the agent emits (``LoopRunner._commit``);
+``Delivery.committed`` delivers that to this node's connections, and other nodes get it
+through the conversation's channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from . import codec
+from .config import ManagerConfig
+from .delivery import Delivery
+from .errors import ConversationNotFound, Forbidden, InboxFull
+from .membership import Membership
+from .runner import LoopRunner
+from .state import Accepted, RedisState, accept_token
+
+
+class Actions:
+    """Accepts actions for this node: ``runners`` is the node's table of loops (read)."""
+
+    def __init__(
+        self,
+        *,
+        state: RedisState,
+        config: ManagerConfig,
+        membership: Membership,
+        runners: Mapping[str, LoopRunner],
+        delivery: Delivery,
+    ) -> None:
+        self._state = state
+        self._config = config
+        self._membership = membership
+        self._runners = runners
+        self._delivery = delivery
+
+    async def accept(self, sid: str, user: str, action: codec.Action) -> Accepted:
+        """Log and enqueue ``action`` for ``sid`` as ``user``; raises the reason it was
+        refused (ConversationNotFound, Forbidden, InboxFull), changing nothing then."""
+        event, packed = action
+        key = event.get(codec.CLIENT_ACTION_ID)
+        token = accept_token(None if key is None else str(key))
+        runner = self._runners.get(sid)
+        # The local loop may start on it now, under the id it should get (speculation.py).
+        spec = runner.speculate(event, token) if runner is not None else None
+        landed = 0
+        try:
+            r = await self._state.accept(
+                sid,
+                user,
+                packed,
+                self._config.event_log_maxlen,
+                self._config.inbox_max,
+                self._membership.inc,
+                token=token,
+            )
+            landed = r.event_id if r.status == "ok" else 0
+        finally:
+            if spec is not None:
+                spec.settle(landed)
+        if r.status == "missing":
+            raise ConversationNotFound(sid)
+        if r.status == "forbidden":
+            raise Forbidden(sid)
+        if r.status == "full":
+            raise InboxFull(
+                f"conversation {sid!r} has {self._config.inbox_max} unprocessed actions"
+            )
+        await self._delivery.user_event(sid, r.event_id, event, spec)
+        return r

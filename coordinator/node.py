@@ -1,0 +1,274 @@
+"""A started node: every part built from one backend, its background tasks, shutdown.
+
+``Node.start`` builds the parts in dependency order, each given what it needs (no part
+calls back into the manager): the state layer and membership on the backend's
+connections, the subscription, the command bus, delivery, the loops and their restarts,
+client sessions, recovery. Then it registers, reaps what a previous incarnation of this
+node id left, subscribes and starts the background tasks. ``aclose`` and ``drain`` stop
+it in named steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.exceptions import RedisError
+
+from workers.protocol import AgentFactory
+
+from . import codec
+from .actions import Actions
+from .backend import RedisBackend
+from .bus import CommandBus
+from .config import ManagerConfig
+from .delivery import Delivery, EventSink, LocalConnections
+from .directory import Directory
+from .errors import CoordinatorError
+from .handles import AttachedHandles
+from .idle import IdleTracker
+from .keys import KeySchema
+from .loops import Intake, Loops
+from .membership import Membership
+from .metrics import NodeMetrics
+from .recovery import Recovery, reap_incarnation
+from .restarts import Restarts
+from .runner import LoopRunner
+from .sessions import Sessions
+from .state import RedisState
+from .subscriptions import Interest, Subscriptions
+from .tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """Where the subscription's messages go: conversation events to delivery (and, when
+    an owner was lost, to restarts), commands to the bus."""
+
+    def __init__(
+        self,
+        keys: KeySchema,
+        delivery: Delivery,
+        restarts: Restarts,
+        bus: CommandBus,
+        runners: dict[str, LoopRunner],
+    ) -> None:
+        self._keys = keys
+        self._delivery = delivery
+        self._restarts = restarts
+        self._bus = bus
+        self._runners = runners
+
+    async def message(self, channel: str, data: bytes) -> None:
+        sid = self._keys.sid_from_channel(channel)
+        if sid is None:
+            self._bus.received(data)
+            return
+        event_id, event = codec.decode_published(data)
+        if codec.owner_gone(event):
+            room = self._delivery.connections.room(sid)
+            if room:  # our clients still watch it: restart the loop (one node wins)
+                self._restarts.owner_gone(sid, room[0].user)
+        await self._delivery.published(sid, event_id, event)
+
+    async def reconnected(self) -> None:
+        """After a pub/sub reconnect: re-read inboxes and catch every connection up."""
+        for runner in self._runners.values():
+            runner.poke()
+        self._delivery.connections.catch_up_all()
+
+
+class Node:
+    """The parts of a started node (see the module docstring). Use ``Node.start``."""
+
+    def __init__(self, config: ManagerConfig, backend: RedisBackend, metrics: NodeMetrics):
+        self.config = config
+        self.backend = backend
+        self.metrics = metrics
+        self.keys = KeySchema(config.key_prefix)
+        self.tasks = TaskSet(log)
+        self.intake = Intake(config.node_id)
+        self.handles = AttachedHandles(config.close_delay)
+
+    @classmethod
+    async def start(
+        cls,
+        config: ManagerConfig,
+        backend: RedisBackend,
+        sink: EventSink,
+        agent_factory: AgentFactory,
+        metrics: NodeMetrics,
+    ) -> Node:
+        """Build and start a node; on failure nothing is left running or connected."""
+        node = cls(config, backend, metrics)
+        try:
+            await node._build(sink, agent_factory)
+        except BaseException:
+            await node._abort()
+            raise
+        return node
+
+    async def _build(self, sink: EventSink, agent_factory: AgentFactory) -> None:
+        cfg, keys, tasks = self.config, self.keys, self.tasks
+        await self.backend.check()
+        self.state: RedisState = self.backend.state(keys)
+        await self.state.load_scripts()
+        self.membership = Membership(self.backend.registration_state(keys), cfg)
+        self.directory = Directory(self.state, self.membership)
+        self.subscriptions = Subscriptions(
+            self.backend.pubsub_client(),
+            keys.node_channel(cfg.node_id),
+            probe_interval=max(1.0, cfg.heartbeat_interval * 2),
+        )
+        interest = Interest(self.subscriptions, keys)
+        self.bus = CommandBus(self.state, cfg.node_id, tasks, timeout=cfg.redis_timeout * 2)
+        self.runners: dict[str, LoopRunner] = {}
+        self.connections = LocalConnections(self.state, sink, tasks)
+        self.delivery = Delivery(self.runners, self.connections)
+        self.idle = IdleTracker(self.state, cfg, self.runners, self.membership)
+        self.actions = Actions(
+            state=self.state,
+            config=cfg,
+            membership=self.membership,
+            runners=self.runners,
+            delivery=self.delivery,
+        )
+        self.loops = Loops(
+            runners=self.runners,
+            state=self.state,
+            config=cfg,
+            intake=self.intake,
+            membership=self.membership,
+            directory=self.directory,
+            bus=self.bus,
+            interest=interest,
+            actions=self.actions,
+            delivery=self.delivery,
+            idle=self.idle,
+            metrics=self.metrics,
+            tasks=tasks,
+            agent_factory=agent_factory,
+        )
+        self.restarts = Restarts(
+            loops=self.loops,
+            state=self.state,
+            intake=self.intake,
+            membership=self.membership,
+            directory=self.directory,
+            bus=self.bus,
+            tasks=tasks,
+            max_concurrent=cfg.max_concurrent_restarts,
+        )
+        self.sessions = Sessions(
+            state=self.state,
+            config=cfg,
+            intake=self.intake,
+            membership=self.membership,
+            loops=self.loops,
+            interest=interest,
+            connections=self.connections,
+        )
+        self.recovery = Recovery(
+            state=self.state,
+            config=cfg,
+            membership=self.membership,
+            directory=self.directory,
+            loops=self.loops,
+            restarts=self.restarts,
+            sessions=self.sessions,
+        )
+        router = Router(keys, self.delivery, self.restarts, self.bus, self.runners)
+        # Registering, then reaping what a previous incarnation of this node id held.
+        previous = await self.membership.register()
+        self.membership.start_keeper(self.backend.lease_renewer(keys))
+        await self.recovery.reap_previous(previous)
+        await self.directory.refresh()
+        await self.subscriptions.start()
+        tasks.spawn(self.subscriptions.run(router), "pubsub")
+        tasks.spawn(self.membership.tick_loop(), "heartbeat")
+        tasks.spawn(self.recovery.housekeeping_loop(), "housekeeping")
+        tasks.spawn(self.idle.flush_loop(), "activity-flush")
+        tasks.spawn(self.loops.sweep_loop(), "cleanup")
+        await self.restarts.resume_pending(self.recovery.released_at_start)
+        log.info(
+            "node %s started (incarnation %s) on %s",
+            cfg.node_id,
+            self.membership.inc,
+            self.backend.describe(),
+        )
+
+    @property
+    def inc(self) -> str:
+        return self.membership.inc
+
+    async def _abort(self) -> None:
+        """A start that failed: undo whatever was built."""
+        with contextlib.suppress(Exception):
+            await self.tasks.aclose()
+        if hasattr(self, "membership"):
+            self.membership.stop()
+        if hasattr(self, "subscriptions"):
+            await self.subscriptions.aclose()
+        await self.backend.aclose()
+
+    async def halt(self) -> None:
+        """Stop every task and renewing the lease, releasing nothing in Redis: what a
+        kill -9 leaves behind (for fault-injection tests). Nothing works afterwards but
+        ``aclose``."""
+        await self.tasks.aclose()
+        self.membership.stop()
+
+    async def aclose(self) -> None:
+        """Stop every local loop, forget local connections, deregister, stop tasks."""
+        self.intake.draining = True
+        for sid in list(self.runners):
+            with contextlib.suppress(CoordinatorError, RedisError, OSError):
+                await self.loops.stop(sid, None)
+        await self.sessions.leave_all()
+        self.handles.release_detached()
+        await self.subscriptions.aclose()
+        await self.tasks.aclose()
+        self.membership.stop()
+        with contextlib.suppress(RedisError, OSError):
+            await reap_incarnation(
+                self.state, self.inc, keep_connections=False, maxlen=self.config.event_log_maxlen
+            )
+            await self.state.unregister(self.config.node_id, self.inc)
+        await self.backend.aclose()
+
+    async def drain(self) -> None:
+        """Graceful stop, bounded by ``drain_timeout``; then ``aclose``.
+
+        In named steps: stop intake (no new loops or connections), hand off every local
+        loop (it stops here, and a status event makes the nodes whose clients watch it
+        restart it there), tell local clients to reconnect elsewhere and disconnect
+        them, deregister.
+        """
+        self.intake.draining = True
+        log.info("node %s draining", self.config.node_id)
+        try:
+            async with asyncio.timeout(self.config.drain_timeout):
+                await self._handoff()
+        except TimeoutError:
+            log.error(
+                "drain of %s exceeded %.0fs; closing",
+                self.config.node_id,
+                self.config.drain_timeout,
+            )
+        await self.aclose()
+
+    async def _handoff(self) -> None:
+        leaving = [(sid, r.lease.user) for sid, r in self.runners.items()]
+        await asyncio.gather(
+            *(self.loops.stop(sid, codec.moving_event()) for sid, _ in leaving),
+            return_exceptions=True,
+        )
+        with contextlib.suppress(RedisError, OSError):
+            await self.restarts.resume_pending(leaving)
+        await self.sessions.farewell(
+            codec.status_event(
+                codec.NODE_DRAINING, "This node is shutting down; reconnect to continue."
+            )
+        )

@@ -1,0 +1,128 @@
+"""Restarting loops that lost theirs: after an action for a conversation nobody runs,
+after its owner was lost or drained while clients here watch it, after a start or an
+eviction left acknowledged actions waiting, and after this node's own lease lapsed.
+
+Restarts run in the background, at most ``max_concurrent_restarts`` at once: when a node
+with thousands of loops is lost, its conversations come back in waves. One that fails is
+tried again each heartbeat (``retry``) until its pending actions have a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from .bus import CommandBus
+from .directory import Directory
+from .errors import CoordinatorError
+from .loops import Intake, Loops
+from .membership import Membership
+from .state import RedisState
+from .tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+
+class Restarts:
+    def __init__(
+        self,
+        *,
+        loops: Loops,
+        state: RedisState,
+        intake: Intake,
+        membership: Membership,
+        directory: Directory,
+        bus: CommandBus,
+        tasks: TaskSet,
+        max_concurrent: int,
+    ) -> None:
+        self._loops = loops
+        self._state = state
+        self._intake = intake
+        self._membership = membership
+        self._directory = directory
+        self._bus = bus
+        self._tasks = tasks
+        self._later: dict[str, str] = {}  # sid -> user, restarts that failed
+        self._running: set[str] = set()
+        self._gate = asyncio.Semaphore(max_concurrent)
+        bus.on("resume", self._on_resume)
+
+    def _busy(self, sid: str) -> bool:
+        return sid in self._loops.starting or sid in self._loops.runners
+
+    async def ensure_served(self, sid: str, user: str, owner_inc: str) -> None:
+        """An action was accepted for ``sid``, owned by ``owner_inc`` ('' if none): if no
+        loop runs it, start one here in the background (the action waits in the inbox)."""
+        if self._busy(sid) or self._intake.draining:
+            return
+        mine = owner_inc == self._membership.inc
+        if mine or not owner_inc or not await self._directory.alive(owner_inc):
+            self.schedule(sid, user)
+
+    def owner_gone(self, sid: str, user: str) -> None:
+        """The owner of ``sid`` was lost or drained and clients here watch it: restart
+        it (one node wins the lease)."""
+        if not self._intake.draining and sid not in self._loops.starting:
+            self.schedule(sid, user)
+
+    def schedule(self, sid: str, user: str) -> None:
+        """Restart ``sid``'s loop in the background; while our lease is lapsed, only note
+        it (thousands of conversations may come back at once) for after re-registering."""
+        if self._membership.lapsed:
+            self._later[sid] = user
+        elif sid not in self._running:
+            self._tasks.spawn(self._restart(sid, user), f"restart:{sid}")
+
+    async def _restart(self, sid: str, user: str) -> None:
+        if sid in self._running:
+            return
+        self._running.add(sid)
+        try:
+            async with self._gate:
+                if sid not in self._loops.runners:
+                    await self._loops.ensure_running(sid, user, {}, None)
+        except (CoordinatorError, RedisError, OSError, TimeoutError) as exc:
+            # E.g. our lease lapsed or Redis failed mid-start: try again each heartbeat.
+            if self._membership.lapsed:
+                log.debug("restart of %s waits for the lease: %s", sid, exc)
+            else:
+                log.warning("could not restart %s (%s); retrying", sid, exc)
+            if not self._intake.draining:
+                self._later[sid] = user
+        finally:
+            self._running.discard(sid)
+
+    async def resume_pending(self, released: list[tuple[str, str]]) -> None:
+        """Restart released conversations that hold acknowledged, unprocessed actions
+        (those watched by clients are restarted by the nodes holding the clients, when
+        the status event reaches them; this covers actions nobody watches). A draining
+        node hands them to live nodes instead."""
+        if not released:
+            return
+        pending = await self._state.inbox_lengths([sid for sid, _ in released])
+        others = sorted(self._directory.live_incarnations() - {self._membership.inc})
+        for i, ((sid, user), n) in enumerate(zip(released, pending, strict=True)):
+            if not n or self._busy(sid):
+                continue
+            if not self._intake.draining:
+                self.schedule(sid, user)
+            elif others:
+                target = others[i % len(others)]
+                await self._bus.send_to_owner(target, "resume", {"sid": sid, "user": user})
+
+    async def retry(self, also: list[tuple[str, str]]) -> None:
+        """Each heartbeat: restarts that failed, and ``also`` (given up starts)."""
+        for sid, user in also:
+            self._later.setdefault(sid, user)
+        if self._later and self._membership.check():
+            retry, self._later = self._later, {}
+            await self.resume_pending(list(retry.items()))
+
+    async def _on_resume(self, origin: str, p: dict[str, Any]) -> None:
+        """Another node (or this one, after an eviction) hands over a conversation with
+        actions waiting."""
+        await self.resume_pending([(str(p["sid"]), str(p["user"]))])

@@ -1,0 +1,136 @@
+"""Client connections joining and leaving conversations on this node.
+
+A join makes sure the conversation's loop runs somewhere (``Loops.ensure_running``),
+registers the connection here (``LocalConnections``) and in Redis, with the channel
+subscribed first, then catches it up from the log: gap-free and duplicate-free, whatever
+``latest_event_id`` it brought. A burst of joins is worked through a bounded number at a
+time (``max_concurrent_joins``); one that waited ``join_wait`` for a place is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from workers.protocol import Event
+
+from .config import ManagerConfig
+from .delivery import LocalConnections
+from .errors import CoordinatorError, InvalidInput, NodeBusy
+from .loops import ConversationInfo, Intake, Loops
+from .membership import Membership
+from .state import RedisState
+from .subscriptions import Interest
+
+log = logging.getLogger(__name__)
+
+
+class Sessions:
+    def __init__(
+        self,
+        *,
+        state: RedisState,
+        config: ManagerConfig,
+        intake: Intake,
+        membership: Membership,
+        loops: Loops,
+        interest: Interest,
+        connections: LocalConnections,
+    ) -> None:
+        self._state = state
+        self._config = config
+        self._intake = intake
+        self._membership = membership
+        self._loops = loops
+        self._interest = interest
+        self.connections = connections
+        self._join_gate = asyncio.Semaphore(config.max_concurrent_joins)
+        # Thousands of clients may leave at once: their removals take a bounded share of
+        # the Redis pool instead of all of it (and none waits out the pool's timeout).
+        self._leave_gate = asyncio.Semaphore(max(1, config.redis_max_connections // 4))
+        self.deferred: list[tuple[str, str, str]] = []  # removals Redis missed
+
+    async def join(
+        self,
+        sid: str,
+        cid: str,
+        user: str,
+        settings: Mapping[str, Any],
+        latest_event_id: int | None,
+    ) -> ConversationInfo:
+        if cid in self.connections:
+            raise InvalidInput(f"connection {cid!r} already joined a conversation")
+        self._intake.check()
+        cfg = self._config
+        try:
+            async with asyncio.timeout(cfg.join_wait):
+                await self._join_gate.acquire()
+        except TimeoutError:
+            raise NodeBusy(
+                f"node {cfg.node_id} is busy ({cfg.max_concurrent_joins} joins in "
+                f"progress for over {cfg.join_wait:g}s); try again"
+            ) from None
+        try:
+            info = await self._loops.ensure_running(sid, user, settings, None)
+            conn = self.connections.add(cid, sid, user, latest_event_id or 0)
+            try:
+                await self._interest.watch(sid)
+                await self._state.add_connections([(cid, sid, user)], self._membership.inc)
+            except BaseException:
+                self.connections.forget(conn)
+                raise
+        finally:
+            self._join_gate.release()
+        await self.connections.catch_up(conn)
+        return info
+
+    async def leave(self, cid: str) -> None:
+        conn = self.connections.get(cid)
+        if conn is None:
+            log.debug("disconnect of unknown connection %s", cid)
+            return
+        self.connections.forget(conn)
+        async with self._leave_gate:
+            await self._interest.unwatch(conn.sid)
+            try:
+                await self._state.remove_connections(
+                    [(cid, conn.sid, conn.user)], self._membership.inc
+                )
+            except (RedisError, OSError) as exc:
+                # The client is gone either way; forget it in Redis once Redis answers again.
+                log.warning("connection %s removal deferred: %s", cid, exc)
+                self.deferred.append((cid, conn.sid, conn.user))
+
+    async def retry_deferred(self) -> None:
+        """Each heartbeat: the removals Redis missed."""
+        if self.deferred:
+            # Removals failing meanwhile are appended: drop only what was sent.
+            retried = list(self.deferred)
+            await self._state.remove_connections(retried, self._membership.inc)
+            del self.deferred[: len(retried)]
+
+    async def reassert(self) -> None:
+        """After re-registering: list every local connection under the new incarnation."""
+        conns = [(c.cid, c.sid, c.user) for c in self.connections]
+        await self._state.add_connections(conns, self._membership.inc)
+
+    async def farewell(self, status: Event) -> None:
+        """Tell every local client ``status``, forget it and disconnect it (a drain)."""
+        sink = self.connections.sink
+        for conn in self.connections:
+            with contextlib.suppress(Exception):
+                await sink.deliver(conn.cid, status)
+            with contextlib.suppress(CoordinatorError, RedisError, OSError):
+                await self.leave(conn.cid)
+            with contextlib.suppress(Exception):
+                await sink.disconnect(conn.cid)
+
+    async def leave_all(self) -> None:
+        for conn in self.connections:
+            with contextlib.suppress(CoordinatorError, RedisError, OSError):
+                await self.leave(conn.cid)

@@ -1,0 +1,41 @@
+"""Speculative dispatch: an action dispatched before its accept answered.
+
+An action sent through the node that runs its loop, while the loop is idle and has seen
+every event of the conversation, can only be logged as the next event id, unless another
+node's action or a failure gets in first. If the agent allows it (``speculative = True``),
+the runner dispatches it at once under that predicted id, while its accept is still on
+the way to Redis, and the agent's commits carry the accept's token: the commit script
+writes them only if that accept logged the action as predicted. So the action and its
+answer travel to Redis together (one round trip, not two), and nothing reaches the log or
+a client unless the prediction held. When it did not, the answers are dropped and the
+loop gets a fresh agent, which sees the actions in log order, as a successor would after
+a failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from workers.protocol import Event
+
+
+@dataclass(eq=False, slots=True)
+class Speculation:
+    """An action dispatched before its accept answered, under the id it should get."""
+
+    predicted: int
+    token: str  # its accept's token
+    event: Event  # the user event
+    # The id its accept logged it under, 0 if the accept was refused or failed.
+    landed: asyncio.Future[int]
+    confirmed: bool = False  # Redis logged it as predicted
+
+    def settle(self, event_id: int) -> None:
+        """The accept answered (``event_id``) or failed (0)."""
+        if not self.landed.done():
+            self.landed.set_result(event_id)
+
+    @property
+    def lost(self) -> bool:
+        return self.landed.done() and self.landed.result() != self.predicted

@@ -1,0 +1,77 @@
+"""Connections in Redis: which connection watches which conversation, from which node.
+
+Each connection is listed three times, so any node can answer each query with one read:
+under its conversation (cid -> incarnation), its user (cid -> sid) and its node's
+incarnation (cid -> sid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from redis.asyncio.client import Pipeline
+
+from .core import StateCore, text
+
+Conn = tuple[str, str, str]  # (connection id, sid, user)
+
+
+class ConnectionOps(StateCore):
+    async def add_connections(self, conns: Sequence[Conn], inc: str) -> None:
+        """Register ``(cid, sid, user)`` connections held by ``inc``."""
+        k = self.keys
+
+        def queue(pipe: Pipeline, cid: str, sid: str, user: str) -> None:
+            pipe.hset(k.conv_conns(sid), cid, inc)
+            pipe.hset(k.user_conns(user), cid, sid)
+            pipe.hset(k.node_conns(inc), cid, sid)
+
+        await self._per_connection(conns, queue)
+
+    async def remove_connections(self, conns: Sequence[Conn], inc: str) -> None:
+        """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent)."""
+        k = self.keys
+
+        def queue(pipe: Pipeline, cid: str, sid: str, user: str) -> None:
+            pipe.hdel(k.conv_conns(sid), cid)
+            pipe.hdel(k.user_conns(user), cid)
+            pipe.hdel(k.node_conns(inc), cid)
+
+        await self._per_connection(conns, queue)
+
+    async def _per_connection(
+        self, conns: Sequence[Conn], queue: Callable[[Pipeline, str, str, str], None]
+    ) -> None:
+        """Queue each connection's commands, one pipeline (round trip) per 500."""
+        for start in range(0, len(conns), 500):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for cid, sid, user in conns[start : start + 500]:
+                    queue(pipe, cid, sid, user)
+                await pipe.execute()
+
+    async def node_connections(self, inc: str) -> dict[str, str]:
+        """cid -> sid of the connections ``inc`` holds (or held, if it died)."""
+        raw = await self.redis.hgetall(self.keys.node_conns(inc))
+        return {text(k): text(v) for k, v in raw.items()}
+
+    async def drop_node_connections(self, inc: str) -> None:
+        """Forget ``inc``'s connection index (its entries were moved or removed)."""
+        await self.redis.delete(self.keys.node_conns(inc))
+
+    # -- cluster-wide queries --------------------------------------------------------
+    async def connections_of(self, sids: Sequence[str]) -> dict[str, str]:
+        """cid -> sid for the connections of ``sids``, on every node."""
+        rows = await self._hgetall_many([self.keys.conv_conns(s) for s in sids])
+        return {cid: sid for sid, row in zip(sids, rows, strict=True) for cid in row}
+
+    async def connections_of_user(self, user: str) -> dict[str, str]:
+        """cid -> sid for the user's connections, on every node."""
+        raw = await self.redis.hgetall(self.keys.user_conns(user))
+        return {text(k): text(v) for k, v in raw.items()}
+
+    async def connections_of_nodes(self, incs: Sequence[str]) -> dict[str, str]:
+        """cid -> sid for the connections the incarnations ``incs`` hold."""
+        out: dict[str, str] = {}
+        for row in await self._hgetall_many([self.keys.node_conns(i) for i in incs]):
+            out.update(row)
+        return out

@@ -1,0 +1,180 @@
+"""Conversation records, the event log and the inbox: ownership, accept and commit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from workers.protocol import Event
+
+from .core import StateCore, accept_token, entries, text
+from .results import (
+    ACCEPT,
+    ATTACH,
+    COMMIT,
+    OWNERSHIP,
+    Accepted,
+    AttachStatus,
+    Committed,
+    Ownership,
+    status,
+)
+
+
+class ConversationOps(StateCore):
+    # -- ownership -------------------------------------------------------------------
+    async def acquire(
+        self, sid: str, node: str, inc: str, user: str, *, create: bool, dead_inc: str = ""
+    ) -> Ownership:
+        """Take ownership of ``sid`` for ``inc`` (bumping the fencing epoch), creating the
+        conversation for ``user`` when ``create``; ``dead_inc`` may be replaced."""
+        r = await self._run(
+            "acquire",
+            [self.keys.conv(sid)],
+            [node, inc, user, dead_inc, "1" if create else "0"],
+        )
+        return Ownership(
+            status(text(r[0]), OWNERSHIP),
+            int(r[1]),
+            text(r[2]),
+            text(r[3]),
+            text(r[4]),
+            int(r[5]),
+        )
+
+    async def release(self, sid: str, inc: str, epoch: int | None, state: str) -> bool:
+        """Give up ownership if ``inc`` (at ``epoch``; None: any) still holds it."""
+        r = await self._run(
+            "release", [self.keys.conv(sid)], [inc, "" if epoch is None else epoch, state]
+        )
+        return bool(r)
+
+    async def attach(self, sid: str, user: str, delta: int) -> tuple[AttachStatus, int]:
+        """Change the attach refcount; ``user`` '' skips the ownership check."""
+        r = await self._run("attach", [self.keys.conv(sid)], [delta, user])
+        return status(text(r[0]), ATTACH), int(r[1])
+
+    async def refs(self, sid: str) -> int:
+        """The attach refcount, cluster-wide."""
+        return int(await self.redis.hget(self.keys.conv(sid), "refs") or 0)
+
+    # -- events ----------------------------------------------------------------------
+    async def accept(
+        self,
+        sid: str,
+        user: str,
+        packed: bytes,
+        maxlen: int,
+        inbox_max: int,
+        publisher: str = "",
+        token: str = "",
+    ) -> Accepted:
+        """Log and enqueue a user action. With ``publisher`` (the writer's incarnation), the
+        event is published only when another node listens: the writer applies it itself.
+
+        An accept run again with the same ``token`` (a retry after a lost reply, or the
+        client's own retry: see ``accept_token``) returns the first one's event id and
+        writes nothing, as long as it is among the conversation's last 64 accepts."""
+        k = self.keys
+        r = await self._run(
+            "accept",
+            [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)],
+            [
+                user,
+                packed,
+                maxlen,
+                inbox_max,
+                k.conv_channel(sid),
+                token or accept_token(None),
+                publisher,
+            ],
+            hot=True,
+        )
+        return Accepted(status(text(r[0]), ACCEPT), int(r[1]), text(r[2]), text(r[3]))
+
+    async def commit(
+        self,
+        sid: str,
+        inc: str,
+        epoch: int,
+        packed_events: Sequence[bytes],
+        *,
+        maxlen: int,
+        cause: int = 0,
+        index: int = 0,
+        state: str = "",
+        publisher: str = "",
+        writer: str = "",
+        accepted_as: str = "",
+    ) -> Committed:
+        """Append events as the owner (fenced); ``publisher`` as in ``accept``.
+
+        A retry after a lost reply is recognised (status ``dup``) by ``(cause, index)``
+        for a write answering action ``cause``, else by ``(writer, index)``. With
+        ``accepted_as`` (the accept token of action ``cause``, dispatched before its
+        accept answered) the write goes through only if that accept logged the action
+        as ``cause``: else status ``unaccepted`` and nothing is written."""
+        k = self.keys
+        r = await self._run(
+            "commit",
+            [k.conv(sid), k.events(sid), k.inbox(sid), k.conv_conns(sid), k.accepted(sid)],
+            [
+                inc, epoch, maxlen, k.conv_channel(sid), cause, index, state, publisher,
+                writer, accepted_as, *packed_events,
+            ],
+            hot=True,
+        )  # fmt: skip
+        return Committed(status(text(r[0]), COMMIT), int(r[1]), int(r[2]), int(r[3]))
+
+    async def events_after(
+        self, sid: str, after: int, upto: int | None = None, count: int = 1000
+    ) -> list[tuple[int, Event]]:
+        """Logged events with ``after < id <= upto`` (oldest first)."""
+        end = "+" if upto is None else f"{upto}-0"
+        rows = await self.redis.xrange(
+            self.keys.events(sid), min=f"({after}-0", max=end, count=count
+        )
+        return entries(rows)
+
+    async def inbox_snapshot(
+        self, sid: str, after: int, count: int = 500
+    ) -> tuple[int, list[tuple[int, Event]]]:
+        """The conversation's last event id and its inbox after ``after``, atomically."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self.keys.conv(sid), "seq")
+            pipe.xrange(self.keys.inbox(sid), min=f"({after}-0", count=count)
+            seq, rows = await pipe.execute()
+        return int(seq or 0), entries(rows)
+
+    async def inbox_lengths(self, sids: Sequence[str]) -> list[int]:
+        """How many accepted actions wait unprocessed, per conversation (one round trip)."""
+        if not sids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.xlen(self.keys.inbox(sid))
+            return [int(n) for n in await pipe.execute()]
+
+    # -- records ---------------------------------------------------------------------
+    async def meta(self, sid: str) -> dict[str, str]:
+        """The conversation's record ({} when unknown)."""
+        raw = await self.redis.hgetall(self.keys.conv(sid))
+        return {text(k): text(v) for k, v in raw.items()}
+
+    async def records(self, sids: Sequence[str]) -> list[dict[str, str]]:
+        """The records of ``sids`` ({} for unknown ones), in one round trip."""
+        return await self._hgetall_many([self.keys.conv(sid) for sid in sids])
+
+    async def users_of(self, sids: Sequence[str]) -> dict[str, str]:
+        """sid -> its user ('' when unknown), in one round trip."""
+        if not sids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hget(self.keys.conv(sid), "user")
+            users = await pipe.execute()
+        return {sid: text(u) for sid, u in zip(sids, users, strict=True)}
+
+    async def user_conversations(self, user: str, limit: int) -> list[str]:
+        """The user's conversations, newest first (the index written at creation)."""
+        raw = await self.redis.zrevrange(self.keys.user_convs(user), 0, limit - 1)
+        return [text(s) for s in raw]

@@ -1,0 +1,77 @@
+"""What every part of the state layer shares: the client, the key schema, the scripts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from workers.protocol import Event
+
+from .. import scripts
+from ..codec import unpack
+from ..keys import KeySchema
+from ..lane import ScriptLane
+
+
+def text(value: Any) -> str:
+    """A Redis reply as str (replies are bytes; missing values are '')."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
+
+
+def entries(rows: Any) -> list[tuple[int, Event]]:
+    """Stream entries ``(b"<id>-0", {b"d": packed})`` as ``(id, event)``."""
+    return [(int(text(entry_id).split("-")[0]), unpack(fields[b"d"])) for entry_id, fields in rows]
+
+
+def accept_token(client_key: str | None) -> str:
+    """The token an accept is known by: the client's action id, else 96 random bits."""
+    return os.urandom(12).hex() if client_key is None else f"c:{client_key}"
+
+
+class StateCore:
+    """The Redis client (a pool), the key schema and the scripts, loaded once.
+
+    ``lane`` carries the two scripts of every action (accept and commit) on a pipelined
+    connection of its own (``lane.py``); everything else goes through ``redis``.
+    """
+
+    def __init__(
+        self, redis: aioredis.Redis, keys: KeySchema, lane: ScriptLane | None = None
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.lane = lane
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(src) for name, src in scripts.ALL.items()
+        }
+
+    async def load_scripts(self) -> None:
+        """Load every script up front so the hot path never pays a NOSCRIPT round trip."""
+        for script in self._scripts.values():
+            await self.redis.script_load(script.script)
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def _run(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], *, hot: bool = False
+    ) -> Any:
+        if hot and self.lane is not None:
+            return await self.lane.run(self._scripts[name], keys, args)
+        return await self._scripts[name](keys=list(keys), args=list(args))
+
+    async def _hgetall_many(self, names: Sequence[str]) -> list[dict[str, str]]:
+        """Several hashes in one round trip, decoded."""
+        if not names:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(name)
+            rows: list[dict[bytes, bytes]] = await pipe.execute()
+        return [{text(k): text(v) for k, v in row.items()} for row in rows]

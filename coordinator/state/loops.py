@@ -1,0 +1,122 @@
+"""Running loops: the per-user cap, each incarnation's index of the loops it runs and
+their idleness, and the bookkeeping of starting and stopping one.
+
+A loop's records span three hash tags: the conversation (``{c:}``: owner and epoch), its
+user (``{u:}``: the cap slot) and its node (``{n:}``: the owned and idle indexes). No
+script may touch two tags (Redis Cluster), so a start or stop is one call here that
+sends its per-tag parts together, each part atomic and idempotent on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+
+from .conversations import ConversationOps
+from .core import text
+from .results import ADMIT, Admitted, Lease, status
+
+
+class LoopOps(ConversationOps):
+    # -- the cap ---------------------------------------------------------------------
+    async def admit(
+        self, user: str, sid: str, inc: str, cap: int, *, retry: bool, score_ms: int = 0
+    ) -> Admitted:
+        """Claim one of ``user``'s ``cap`` slots for ``sid`` (see scripts.ADMIT)."""
+        k = self.keys
+        r = await self._run(
+            "admit",
+            [k.user_claims(user), k.user_loops(user)],
+            [sid, inc, cap, "retry" if retry else "new", score_ms],
+        )
+        pairs = [text(x) for x in r[1:]]
+        evicted = list(zip(pairs[0::2], pairs[1::2], strict=True))
+        return Admitted(status(text(r[0]), ADMIT), evicted)
+
+    async def release_slot(self, user: str, sid: str, inc: str) -> bool:
+        """Free ``sid``'s cap slot held by ``inc`` (or drop a claim that never ran)."""
+        k = self.keys
+        r = await self._run("release_slot", [k.user_claims(user), k.user_loops(user)], [sid, inc])
+        return bool(r)
+
+    async def user_loops(self, user: str) -> dict[str, str]:
+        """sid -> ``live:INC`` / ``stopping:INC`` for the user's loops that may run."""
+        raw = await self.redis.hgetall(self.keys.user_loops(user))
+        return {text(k): text(v) for k, v in raw.items()}
+
+    # -- starting and stopping -------------------------------------------------------
+    async def record_start(self, lease: Lease, *, created: bool) -> None:
+        """A loop is starting under ``lease``: list it under its incarnation at once (if
+        the node dies while starting, the reaper releases it with the rest) and in the
+        idle index; a conversation just created goes into its user's index."""
+        k = self.keys
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(k.node_owned(lease.inc), lease.sid, lease.user)
+            pipe.zadd(k.node_idle(lease.inc), {lease.sid: now_ms})
+            if created and lease.user:
+                pipe.zadd(k.user_convs(lease.user), {lease.sid: now_ms}, nx=True)
+            await pipe.execute()
+
+    async def release_loop(self, lease: Lease, final_state: str) -> None:
+        """Stop being the owner: cap slot, ownership (recording ``final_state``) and the
+        incarnation's indexes, sent together. Each part is idempotent and checks it still
+        belongs to ``lease``, so a retry or a late call changes nothing of a successor's."""
+        results = await asyncio.gather(
+            self.release_slot(lease.user, lease.sid, lease.inc),
+            self.release(lease.sid, lease.inc, lease.epoch, final_state),
+            self.forget_loop(lease),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def forget_loop(self, lease: Lease) -> None:
+        """Drop ``lease``'s loop from its incarnation's indexes only (after it was fenced:
+        ownership and the slot are no longer ours to release)."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(k.node_owned(lease.inc), lease.sid)
+            pipe.zrem(k.node_idle(lease.inc), lease.sid)
+            await pipe.execute()
+
+    async def release_lost(self, sid: str, user: str, inc: str) -> bool:
+        """Free what the dead incarnation ``inc`` held of ``sid``: ownership (True when it
+        still held it) and the cap slot."""
+        released = await self.release(sid, inc, None, "stopped")
+        await self.release_slot(user, sid, inc)
+        return released
+
+    # -- idleness --------------------------------------------------------------------
+    async def flush_activity(
+        self, inc: str, last_active_ms: Mapping[str, int], users: Mapping[str, str]
+    ) -> None:
+        """Record last-active times (sid -> ms) in ``inc``'s idle index and, for recency
+        of eviction, in the users' claims (``users``: sid -> user). One round trip."""
+        if not last_active_ms:
+            return
+        k = self.keys
+        by_user: dict[str, dict[str, int]] = {}
+        for sid, ms in last_active_ms.items():
+            by_user.setdefault(users[sid], {})[sid] = ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(k.node_idle(inc), dict(last_active_ms))
+            for user, scores in by_user.items():
+                pipe.zadd(k.user_claims(user), scores, xx=True, gt=True)
+            await pipe.execute()
+
+    async def idle_since(self, inc: str, threshold_ms: int) -> list[str]:
+        """``inc``'s loops last active at or before ``threshold_ms`` (O(expired))."""
+        raw = await self.redis.zrangebyscore(self.keys.node_idle(inc), "-inf", threshold_ms)
+        return [text(s) for s in raw]
+
+    async def connection_counts(self, sids: Sequence[str]) -> list[int]:
+        """Connections on any node, per conversation (one round trip)."""
+        if not sids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hlen(self.keys.conv_conns(sid))
+            return [int(n) for n in await pipe.execute()]

@@ -1,0 +1,85 @@
+"""What the state layer's operations return: small frozen records with typed statuses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypeVar, get_args
+
+from redis.exceptions import ResponseError
+
+OwnershipStatus = Literal["created", "ok", "mine", "owned", "forbidden", "missing"]
+AcceptStatus = Literal["ok", "missing", "forbidden", "full"]
+CommitStatus = Literal["ok", "dup", "fenced", "unaccepted", "missing"]
+AdmitStatus = Literal["go", "wait", "evicted"]
+AttachStatus = Literal["ok", "missing", "forbidden"]
+
+OWNERSHIP: tuple[OwnershipStatus, ...] = get_args(OwnershipStatus)
+ACCEPT: tuple[AcceptStatus, ...] = get_args(AcceptStatus)
+COMMIT: tuple[CommitStatus, ...] = get_args(CommitStatus)
+ADMIT: tuple[AdmitStatus, ...] = get_args(AdmitStatus)
+ATTACH: tuple[AttachStatus, ...] = get_args(AttachStatus)
+
+S = TypeVar("S", bound=str)
+
+
+def status(value: str, allowed: tuple[S, ...]) -> S:
+    """``value`` as one of the ``allowed`` statuses; a script that answers anything else
+    is a bug (or another version's script), reported as a Redis error."""
+    for known in allowed:
+        if value == known:
+            return known
+    raise ResponseError(f"unexpected script status {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A conversation owned by one incarnation at one fencing epoch: what a loop needs
+    to write as the owner, and what stopping it releases."""
+
+    sid: str
+    user: str
+    inc: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    """The outcome of ``acquire``: ``created``/``ok`` (ours now, at ``epoch``), ``mine``
+    (already ours), ``owned`` (``inc`` holds it), ``forbidden``, ``missing``."""
+
+    status: OwnershipStatus
+    epoch: int
+    owner: str
+    inc: str
+    user: str
+    applied: int  # the highest action id the log records as processed
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The outcome of ``accept``: the action's event id, and who owned the conversation."""
+
+    status: AcceptStatus
+    event_id: int
+    owner: str
+    inc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The outcome of ``commit``: ids ``first_id..last_id`` written (``ok``), a retry of a
+    write already made (``dup``), or refused (``fenced``: ``first_id`` is the epoch)."""
+
+    status: CommitStatus
+    first_id: int
+    last_id: int
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The outcome of ``admit``: ``go`` (slot held), ``wait`` or ``evicted``, and the
+    ``(sid, incarnation)`` of loops that must stop to make room."""
+
+    status: AdmitStatus
+    evicted: list[tuple[str, str]]
