@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
@@ -20,8 +21,10 @@ from workers.protocol import AgentState
 
 from .config import ManagerConfig
 from .membership import Membership
-from .runner import LoopRunner
 from .state import RedisState
+
+if TYPE_CHECKING:
+    from .runner import LoopRunner
 
 log = logging.getLogger(__name__)
 

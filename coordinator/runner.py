@@ -18,7 +18,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Protocol
 
 from redis.exceptions import RedisError
 
@@ -28,7 +27,10 @@ from .actionqueue import ActionQueue
 from .backoff import Backoff
 from .codec import agent_event, pack
 from .config import ManagerConfig
+from .delivery import Delivery
 from .errors import Fenced, SpeculationLost
+from .idle import IdleTracker
+from .metrics import NodeMetrics
 from .speculation import Speculation
 from .state import Lease, RedisState
 from .tasks import cancel_and_wait
@@ -36,26 +38,6 @@ from .tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 STOP_WITHIN = 5.0  # seconds a cancelled loop task gets to finish
-
-
-class Deliveries(Protocol):
-    """Where committed events go (``delivery.Delivery``)."""
-
-    async def committed(self, sid: str, first_id: int, events: list[Event]) -> None: ...
-
-
-class Activity(Protocol):
-    """Where activity is recorded (``idle.IdleSweeper``)."""
-
-    def touched(self, sid: str) -> None: ...
-
-
-class Speculations(Protocol):
-    """Counts of speculative dispatches (``metrics.NodeMetrics``)."""
-
-    def speculated(self) -> None: ...
-
-    def speculation_lost(self) -> None: ...
 
 
 class LoopRunner:
@@ -82,9 +64,9 @@ class LoopRunner:
         config: ManagerConfig,
         lease_valid: Callable[[], bool],
         on_fenced: Callable[[LoopRunner], None],
-        delivery: Deliveries,
-        activity: Activity,
-        speculations: Speculations,
+        delivery: Delivery,
+        activity: IdleTracker,
+        speculations: NodeMetrics,
     ) -> None:
         self.lease = lease
         self._new_agent = new_agent
