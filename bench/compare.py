@@ -1,6 +1,10 @@
 """Two or more versions of the coordinator side by side in one run: did a change help?
 
-``python -m bench.compare [--rates 50,200] [--rounds 8] [--seconds 4] SYSTEM...``
+``python -m bench.compare [--rates 50,200] [--rounds 8] [--seconds 4] [--cross] SYSTEM...``
+
+With ``--cross`` each system also gets a second node, and a second group of clients
+connects to it while their conversations' loops run on the first (the cross-node round
+trip; the plain baseline has no such path).
 
 Each SYSTEM is a git revision (``HEAD``, ``68b6268``, ...) or ``worktree`` (the files as
 they are now), optionally followed by ``@flag=value,...`` for ``coordinator serve``
@@ -80,7 +84,7 @@ def parse_system(spec: str) -> tuple[str, list[str]]:
 
 
 async def compare(
-    systems: list[str], rates: list[int], rounds: int, seconds: float
+    systems: list[str], rates: list[int], rounds: int, seconds: float, cross: bool = False
 ) -> dict[str, Any]:
     secret = new_secret()
     logs = log_dir("compare")
@@ -100,22 +104,30 @@ async def compare(
                 ["--secret", secret, "--redis-url", redis.url],
             )
         }
+        # group -> (node its clients join, node that starts their loops first)
+        groups: dict[str, tuple[Proc, Proc | None]] = {PLAIN: (procs[PLAIN], None)}
         for spec, (path, flags) in code.items():
             name = re.sub(r"[^A-Za-z0-9_-]", "-", spec)  # a node id
             node = node_proc(name, redis.url, secret, logs, extra=flags)
             procs[spec] = run_under(node, "bench.serve_from", str(path))
+            groups[spec] = (procs[spec], None)
+            if cross:
+                other = node_proc(f"{name}-b", redis.url, secret, logs, extra=flags)
+                procs[f"{spec} (b)"] = run_under(other, "bench.serve_from", str(path))
+                groups[f"{spec} cross"] = (procs[f"{spec} (b)"], procs[spec])
         gen = LoadGenProcess()
         try:
             start_all(list(procs.values()))
             await gen.start()
-            for n, (name, proc) in enumerate(procs.items()):
-                await join_group(gen, name, url_of(proc), secret, f"cmp{n}")
+            for n, (name, (joins, setup)) in enumerate(groups.items()):
+                setup_url = url_of(setup) if setup is not None else None
+                await join_group(gen, name, url_of(joins), secret, f"cmp{n}", setup_url=setup_url)
             rng = random.Random(7)
             results: dict[str, Any] = {}
             for rate in rates:
-                lat: dict[str, list[float]] = {name: [] for name in procs}
+                lat: dict[str, list[float]] = {name: [] for name in groups}
                 for _ in range(rounds):
-                    order = list(procs)
+                    order = list(groups)
                     rng.shuffle(order)
                     for name in order:
                         r = await gen.request(
@@ -161,6 +173,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rates", default="50,200", help="actions per second, comma-separated")
     parser.add_argument("--rounds", type=int, default=8, help="rounds per rate")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per system per round")
+    parser.add_argument(
+        "--cross", action="store_true", help="also measure the cross-node round trip"
+    )
     args = parser.parse_args(argv)
     try:
         rates = [int(r) for r in args.rates.split(",") if r.strip()]
@@ -168,13 +183,19 @@ def main(argv: list[str]) -> int:
         parser.error(f"--rates must be integers, got {args.rates!r}")
     if len(set(args.systems)) != len(args.systems):
         parser.error("each SYSTEM once")
-    results = asyncio.run(compare(args.systems, rates, args.rounds, args.seconds))
+    results = asyncio.run(compare(args.systems, rates, args.rounds, args.seconds, args.cross))
     for t in report(results, args.rounds, args.seconds):
         print(t, flush=True)
     path = write_json(
         "compare",
         Mode("full"),
-        {"systems": args.systems, "rates": rates, "rounds": args.rounds, "results": results},
+        {
+            "systems": args.systems,
+            "rates": rates,
+            "rounds": args.rounds,
+            "cross": args.cross,
+            "results": results,
+        },
     )
     print(f"(JSON in {path})")
     return 0

@@ -63,10 +63,17 @@ class LoadGenProcess:
 
 
 async def join_group(
-    gen: LoadGenProcess, group: str, url: str, secret: str, prefix: str, count: int = 20
+    gen: LoadGenProcess,
+    group: str,
+    url: str,
+    secret: str,
+    prefix: str,
+    count: int = 20,
+    setup_url: str | None = None,
 ) -> None:
     """Connect ``count`` clients to ``url``, one conversation and user each (ids start
-    with ``prefix``), and warm the path up with a second of actions at 50/s."""
+    with ``prefix``), and warm the path up with a second of actions at 50/s. With
+    ``setup_url`` each conversation is started there first (its loop runs there)."""
     from coordinator.auth import issue_token
 
     conns = [
@@ -74,6 +81,7 @@ async def join_group(
             "query": {"conversation_id": f"{prefix}-{i}"},
             "auth": {"token": issue_token(f"{prefix}-u{i}", secret)},
             "url": url,
+            **({"setup_url": setup_url} if setup_url else {}),
         }
         for i in range(count)
     ]
