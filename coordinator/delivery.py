@@ -13,17 +13,21 @@ again. So each connection sees every logged event once, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from workers.protocol import Event
 
 from .backoff import Backoff
 from .codec import with_id
+from .errors import CoordinatorError, InvalidInput
 from .state import RedisState
 from .tasks import TaskSet
 
@@ -34,6 +38,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE = 500
+# Redis errors worth retrying: the link, not the request. Any other Redis error (a
+# refused command) would fail the same way again.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class CatchUpFailed(CoordinatorError):
+    """A connection could not be caught up from the log (Redis refused the read, or was
+    unreachable for longer than the caller may wait)."""
 
 
 class EventSink(Protocol):
@@ -118,7 +130,7 @@ class LocalConnections:
             elif event_id > conn.cursor:
                 conn.replaying = True
                 conn.buffer.append((event_id, event))
-                self._tasks.spawn(self.catch_up(conn), f"catch-up:{conn.cid}")
+                self._tasks.spawn(self._catch_up_or_drop(conn), f"catch-up:{conn.cid}")
 
     def catch_up_all(self) -> None:
         """After a pub/sub reconnect: messages may have been lost, read the logs."""
@@ -133,20 +145,54 @@ class LocalConnections:
     def _read_again(self, conn: Connection) -> None:
         if not conn.replaying:
             conn.replaying = True
-            self._tasks.spawn(self.catch_up(conn), f"catch-up:{conn.cid}")
+            self._tasks.spawn(self._catch_up_or_drop(conn), f"catch-up:{conn.cid}")
 
-    async def catch_up(self, conn: Connection) -> None:
-        """Send what the log holds after the cursor, then the buffered live events."""
+    async def _catch_up_or_drop(self, conn: Connection) -> None:
+        """A catch-up in the background: one that cannot succeed ends the connection
+        (its client reconnects and catches up then) instead of retrying forever."""
+        try:
+            await self.catch_up(conn)
+        except CatchUpFailed as exc:
+            log.warning("connection %s dropped: %s", conn.cid, exc)
+            with contextlib.suppress(Exception):
+                await self.sink.disconnect(conn.cid)
+
+    async def catch_up(
+        self, conn: Connection, *, within: float | None = None, joining: bool = False
+    ) -> None:
+        """Send what the log holds after the cursor, then the buffered live events.
+
+        Retries while Redis is unreachable (for at most ``within`` s, if given); raises
+        CatchUpFailed when Redis refuses the read or the time is up. ``joining``: the
+        cursor is the client's ``latest_event_id``, refused (InvalidInput) when it is
+        beyond the conversation's last event."""
         conn.replaying = True
         backoff = Backoff(base=0.05, cap=2.0)
+        loop = asyncio.get_running_loop()
+        deadline = None if within is None else loop.time() + within
         while conn.cid in self._by_id:
             try:
-                rows = await self._state.events_after(conn.sid, conn.cursor, count=PAGE)
-            except (RedisError, OSError) as exc:
+                if joining:
+                    last, rows = await self._state.last_and_events_after(
+                        conn.sid, conn.cursor, count=PAGE
+                    )
+                    if conn.cursor > last:
+                        raise InvalidInput(
+                            f"latest_event_id {conn.cursor} is beyond the last event "
+                            f"({last}) of conversation {conn.sid!r}"
+                        )
+                    joining = False
+                else:
+                    rows = await self._state.events_after(conn.sid, conn.cursor, count=PAGE)
+            except TRANSIENT as exc:
                 delay = backoff.next()
+                if deadline is not None and loop.time() + delay > deadline:
+                    raise CatchUpFailed(f"cannot read the log of {conn.sid!r}: {exc}") from None
                 log.warning("replay for %s failed (%s); retry in %.2fs", conn.cid, exc, delay)
                 await asyncio.sleep(delay)
                 continue
+            except RedisError as exc:
+                raise CatchUpFailed(f"Redis refused to read the log of {conn.sid!r}") from exc
             for event_id, event in rows:
                 if event_id > conn.cursor:
                     conn.cursor = event_id

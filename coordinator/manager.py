@@ -40,6 +40,9 @@ from .state import RedisState
 __all__ = ["ConversationInfo", "ConversationManager", "EventSink", "NullSink"]
 
 
+MAX_EVENT_ID = 2**63 - 1  # event ids are Redis stream ids' first part (and int64 elsewhere)
+
+
 def _user(user_id: str | None) -> str:
     return "" if user_id is None else check_user_id(user_id)
 
@@ -184,6 +187,8 @@ class ConversationManager:
             isinstance(latest_event_id, bool) or not isinstance(latest_event_id, int)
         ):
             raise InvalidInput(f"latest_event_id must be an integer, got {latest_event_id!r}")
+        if latest_event_id is not None and not 0 <= latest_event_id <= MAX_EVENT_ID:
+            raise InvalidInput(f"latest_event_id must be from 0 to {MAX_EVENT_ID}")
         if settings is not None and not isinstance(settings, Mapping):
             raise InvalidInput("settings must be a mapping")
         return await self.node.sessions.join(

@@ -86,7 +86,13 @@ class Sessions:
                 raise
         finally:
             self._join_gate.release()
-        await self.connections.catch_up(conn)
+        try:
+            # Bounded: no input (a cursor Redis refuses, a Redis that stays away) may
+            # leave a join hanging; a join that fails is undone.
+            await self.connections.catch_up(conn, within=cfg.join_wait, joining=True)
+        except BaseException:
+            await self.leave(cid)
+            raise
         return info
 
     async def leave(self, cid: str) -> None:

@@ -11,6 +11,7 @@ from coordinator import (
     ConnectionNotFound,
     ConversationManager,
     ConversationNotFound,
+    CoordinatorError,
     Forbidden,
     InvalidInput,
     ManagerConfig,
@@ -115,3 +116,43 @@ async def test_unreachable_redis_fails_fast_naming_the_url() -> None:
 def test_config_must_be_a_manager_config() -> None:
     with pytest.raises(ConfigError, match="ManagerConfig"):
         ConversationManager({"redis_url": "redis://x"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "latest, fragment",
+    [
+        (2**64, "latest_event_id must be from 0"),
+        (-2, "latest_event_id must be from 0"),
+        (99, "beyond"),
+    ],
+)
+async def test_a_join_that_cannot_be_caught_up_fails_and_leaves_no_connection(
+    make_nodes, redis_client, latest: int, fragment: str
+) -> None:
+    """A cursor Redis would refuse as a stream id, or one beyond the conversation's last
+    event, gets a clear error at once; the connection is in no map, here or in Redis."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("cursor", "c1", {}, "alice")
+    await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
+    with pytest.raises(InvalidInput, match=fragment):
+        await a.join_conversation("cursor", "c2", {}, "alice", latest_event_id=latest)
+    assert a.local_connections() == {"c1": "cursor"}
+    assert await a.get_connections() == {"c1": "cursor"}
+    assert await redis_client.hkeys(a.keys.conv_conns("cursor")) == [b"c1"]
+
+
+async def test_a_join_whose_log_read_redis_refuses_is_undone_not_retried(
+    make_nodes, redis_client
+) -> None:
+    """A permanent Redis error during a join's catch-up (here: the log key holds the
+    wrong type) fails the join with a clear error instead of retrying forever, and the
+    join is undone."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("broken", "c1", {}, "bob")
+    await a.disconnect_from_session("c1")
+    await redis_client.delete(a.keys.events("broken"))
+    await redis_client.set(a.keys.events("broken"), "not a stream")
+    with pytest.raises(CoordinatorError, match="refused to read the log"):
+        await a.join_conversation("broken", "c2", {}, "bob")
+    assert a.local_connections() == {}
+    assert await a.get_connections() == {}

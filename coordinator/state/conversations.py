@@ -135,6 +135,17 @@ class ConversationOps(StateCore):
         )
         return entries(rows)
 
+    async def last_and_events_after(
+        self, sid: str, after: int, count: int = 1000
+    ) -> tuple[int, list[tuple[int, Event]]]:
+        """The conversation's last event id and the logged events after ``after``,
+        atomically (one round trip)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self.keys.conv(sid), "seq")
+            pipe.xrange(self.keys.events(sid), min=f"({after}-0", count=count)
+            seq, rows = await pipe.execute()
+        return int(seq or 0), entries(rows)
+
     async def inbox_snapshot(
         self, sid: str, after: int, count: int = 500
     ) -> tuple[int, list[tuple[int, Event]]]:
