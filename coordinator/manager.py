@@ -51,6 +51,7 @@ from .idle import IdleSweeper
 from .keys import KeySchema
 from .lane import ScriptLane, lane_supported
 from .membership import Membership, reap_dead_nodes, reap_incarnation, reaper_lock
+from .metrics import NodeMetrics
 from .runner import Lease, LoopRunner, SpeculationStats
 from .state import RedisState, accept_token, text
 from .subscriptions import Subscriptions
@@ -147,6 +148,7 @@ class ConversationManager:
         self._lease_lost = asyncio.Event()  # set when the lease is gone: re-register
         self._abandoned: list[Lease] = []  # starts that failed after taking ownership
         self.speculations = SpeculationStats()  # actions dispatched before their accept
+        self.metrics = NodeMetrics(self.node_id)  # this node's counters and histograms
         self.draining = False
         self.started = False
 

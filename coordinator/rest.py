@@ -24,7 +24,7 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-from . import directory, metrics
+from . import directory
 from .auth import AuthError, verify_token
 from .config import check_conversation_id
 from .errors import (
@@ -40,6 +40,7 @@ from .errors import (
     RedisUnavailable,
 )
 from .manager import ConversationManager
+from .metrics import CONTENT_TYPE, NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +183,12 @@ class RestApp:
     """ASGI app serving ``/api/...``, ``/healthz`` and ``/metrics`` for one node."""
 
     def __init__(
-        self, manager: ConversationManager, secret: str, counters: metrics.Counters
+        self, manager: ConversationManager, secret: str, node_metrics: NodeMetrics
     ) -> None:
         self.manager = manager
         self.secret = secret
-        self.counters = counters
+        self.node_metrics = node_metrics
+        read_manager(node_metrics, manager)
         conversations = Resource({"GET": self.list_conversations, "POST": self.create_conversation})
         self.router = Router(
             routes=[
@@ -258,19 +260,9 @@ class RestApp:
 
     async def metrics(self, request: Request) -> Response:
         m = self.manager
-        redis_up = m.started and (await directory.redis_ok(m))[0]
-        lease = m.started and m.membership.lease_valid()
-        samples = metrics.node_samples(
-            self.counters,
-            loops=len(m.local_loops()) if m.started else 0,
-            connections=len(m.local_connections()),
-            redis_up=redis_up,
-            lease_valid=lease,
-            speculated=m.speculations.dispatched,
-            speculations_lost=m.speculations.lost,
-        )
-        text = metrics.render(m.node_id, samples)
-        return Response(text, 200, COMMON_HEADERS, metrics.CONTENT_TYPE)
+        self.node_metrics.redis_up.set(m.started and (await directory.redis_ok(m))[0])
+        body = self.node_metrics.render()
+        return Response(body, 200, COMMON_HEADERS, CONTENT_TYPE)
 
     async def node(self, request: Request) -> Response:
         self.user(request)
@@ -313,7 +305,7 @@ class RestApp:
         existed = bool(await self.manager.conversation(sid))
         info = await self.manager.maybe_start_agent_loop(sid, {}, user, initial_user_msg=first)
         if first is not None:
-            self.counters.actions_accepted += 1
+            self.node_metrics.actions_accepted.inc()
         return json_response(
             200 if existed else 201,
             {"conversation_id": sid, "running": info.running, "owner": info.owner},
@@ -324,6 +316,36 @@ class RestApp:
         sid = check_conversation_id(request.path_params["sid"])
         closed = await self.manager.close_session(sid, user)
         return json_response(200, {"closed": closed})
+
+
+def read_manager(node_metrics: NodeMetrics, manager: ConversationManager) -> None:
+    """The metrics ``/metrics`` reads from the manager at each scrape."""
+    m = manager
+    node_metrics.gauge_from(
+        "coordinator_local_loops",
+        "Agent loops running on this node.",
+        lambda: len(m.local_loops()) if m.started else 0,
+    )
+    node_metrics.gauge_from(
+        "coordinator_local_connections",
+        "Socket.io connections joined on this node.",
+        lambda: len(m.local_connections()),
+    )
+    node_metrics.gauge_from(
+        "coordinator_lease_valid",
+        "1 while this node's membership lease is valid.",
+        lambda: m.started and m.membership.lease_valid(),
+    )
+    node_metrics.counter_from(
+        "coordinator_speculative_dispatches",
+        "Actions dispatched to their agent before their accept answered.",
+        lambda: m.speculations.dispatched,
+    )
+    node_metrics.counter_from(
+        "coordinator_speculations_lost",
+        "Speculative dispatches not logged as predicted (answers dropped, agent replaced).",
+        lambda: m.speculations.lost,
+    )
 
 
 async def _registered(manager: ConversationManager) -> bool:
