@@ -19,9 +19,9 @@ from urllib.parse import parse_qs
 import socketio
 from redis.exceptions import RedisError
 
-from .auth import AuthError, verify_token
+from .auth import AuthError, TokenVerifier, as_verifier
 from .config import ManagerConfig, check_connection_id, check_conversation_id
-from .errors import ConfigError, CoordinatorError, Forbidden, InvalidInput
+from .errors import CoordinatorError, Forbidden, InvalidInput
 from .manager import ConversationManager
 from .metrics import NodeMetrics
 from .rest import RestApp, client_message
@@ -144,13 +144,13 @@ class SocketHandlers:
         self,
         sio: socketio.AsyncServer,
         manager: ConversationManager,
-        secret: str,
+        tokens: TokenVerifier,
         sink: SocketSink,
         metrics: NodeMetrics,
     ) -> None:
         self.sio = sio
         self.manager = manager
-        self.secret = secret
+        self.tokens = tokens
         self.sink = sink
         self.metrics = metrics
 
@@ -173,7 +173,7 @@ class SocketHandlers:
             token = _first(query, "token")
         joined = False
         try:
-            user = verify_token(token, self.secret)
+            user = self.tokens.user(token)
             raw_sid = _first(query, "conversation_id")
             if raw_sid is None:
                 raise InvalidInput("the conversation_id query parameter is required")
@@ -240,7 +240,7 @@ class SocketHandlers:
 
 def create_app(
     manager: ConversationManager,
-    secret: str,
+    auth: str | TokenVerifier,
     *,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[socketio.ASGIApp, socketio.AsyncServer]:
@@ -248,9 +248,9 @@ def create_app(
 
     The manager's sink should be a ``SocketSink`` (see ``new_manager``); it is bound to
     the new socket.io server here. A manager with another sink gets a SocketSink.
+    ``auth`` verifies clients' tokens; a string is the secret of HS256 tokens.
     """
-    if not isinstance(secret, str) or not secret:
-        raise ConfigError("the token secret must be a non-empty string")
+    tokens = as_verifier(auth)
     sio = socketio.AsyncServer(
         client_manager=IndexedRoomsManager(),
         async_mode="asgi",
@@ -266,6 +266,6 @@ def create_app(
         sink = SocketSink()
         manager.sink = sink
     sink.bind(sio, manager.metrics)
-    SocketHandlers(sio, manager, secret, sink, manager.metrics).register()
-    rest = RestApp(manager, secret, manager.metrics)
+    SocketHandlers(sio, manager, tokens, sink, manager.metrics).register()
+    rest = RestApp(manager, tokens, manager.metrics)
     return socketio.ASGIApp(sio, other_asgi_app=rest), sio

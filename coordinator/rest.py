@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
 from . import directory
-from .auth import AuthError, verify_token
+from .auth import AuthError, TokenVerifier
 from .config import check_conversation_id
 from .errors import (
     CapacityTimeout,
@@ -183,10 +183,10 @@ class RestApp:
     """ASGI app serving ``/api/...``, ``/healthz`` and ``/metrics`` for one node."""
 
     def __init__(
-        self, manager: ConversationManager, secret: str, node_metrics: NodeMetrics
+        self, manager: ConversationManager, tokens: TokenVerifier, node_metrics: NodeMetrics
     ) -> None:
         self.manager = manager
-        self.secret = secret
+        self.tokens = tokens
         self.node_metrics = node_metrics
         read_manager(node_metrics, manager)
         conversations = Resource({"GET": self.list_conversations, "POST": self.create_conversation})
@@ -219,7 +219,7 @@ class RestApp:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
-        return verify_token(token.strip(), self.secret)
+        return self.tokens.user(token.strip())
 
     async def owned(self, sid: str, user: str) -> dict[str, Any]:
         check_conversation_id(sid)
