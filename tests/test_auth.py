@@ -160,6 +160,13 @@ def test_unsigned_and_foreign_algorithms_are_refused() -> None:
     )
 
 
+def test_unknown_critical_header_extensions_are_refused() -> None:
+    """RFC 7515 4.1.11 (PyJWT enforces it from 2.12; pyproject's floor is above)."""
+    header = {"alg": "HS256", "crit": ["x-policy"], "x-policy": "ignored"}
+    token = _hs256(header, {"sub": "alice", "exp": NOW + 60}, b"s")
+    assert _refusal(lambda: verify_token(token, "s", now=NOW)) == "malformed token"
+
+
 def test_lifetime_is_bounded() -> None:
     day = 86_400
     verifier = TokenVerifier.from_settings(TokenSettings(secret="s", max_lifetime=day))
