@@ -137,7 +137,10 @@ class Resource:
 
 
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
-    """What the router does with a path no route matches."""
+    """What the router does with a path no route matches.
+
+    Paths are read from ``scope["path"]``, as the router matches them, never from
+    ``request.url``, which Starlette before 1.0.1 rebuilt from the Host header."""
     if scope["type"] == "websocket":
         await WebSocketClose(WS_POLICY_VIOLATION)(scope, receive, send)
         return
