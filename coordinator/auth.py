@@ -1,59 +1,229 @@
-"""Signed bearer tokens: ``base64url(JSON {"u": user, "exp": unix}) "." base64url(HMAC)``.
+"""Bearer tokens as standard JWTs (PyJWT): the user id in ``sub``, ``exp`` required.
 
-The HMAC-SHA256 covers the encoded payload exactly as sent, so verification never
-re-serializes anything. No I/O here; the clock is injectable for tests.
+By default tokens are HS256, signed with the secret the nodes share (``issue_token``, or
+any JWT library). RS256 or ES256 tokens from an identity provider are verified against a
+public key (PEM) or a JWKS file instead; the nodes then hold no signing key at all. A
+token may live at most ``max_lifetime`` (``exp - iat``, or ``exp - now`` without ``iat``),
+and ``iss``/``aud`` are checked when configured.
+
+``TokenSettings`` is configuration without I/O; ``TokenVerifier.from_settings`` reads and
+parses the key file once. PyJWT checks the signature, the algorithm (only the configured
+one is accepted: no algorithm confusion), the token's shape, ``iss``, ``aud`` and the
+required claims; the times are checked here, against a clock tests can set. Refusals say
+what is wrong and never quote the token or a key.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
+import contextlib
 import hashlib
-import hmac
 import json
 import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePublicKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import check_user_id
 from .errors import ConfigError, InvalidInput
 
+ALGORITHMS = ("HS256", "RS256", "ES256")
 DEFAULT_TTL = 86_400
+DEFAULT_MAX_LIFETIME = 7 * 86_400
+MAX_TOKEN_CHARS = 8192
+# How far an ``iat`` or ``nbf`` may lie in the future: the issuer's clock may run ahead.
+CLOCK_SKEW = 60.0
+# RFC 7518 section 3.2: an HS256 key should have at least 256 bits.
+MIN_SECRET_BYTES = 32
+
+_JWKS_KTY = {"RS256": ("RSA", None), "ES256": ("EC", "P-256")}
+# PyJWT (2.10 on) warns on every use of an HMAC key under 32 bytes; the node warns once
+# at start-up instead (cli), and short secrets keep working as they did.
+_SHORT_KEY_WARNING = getattr(jwt, "InsecureKeyLengthWarning", None)
 
 
 class AuthError(InvalidInput):
-    """A token is missing, malformed, wrongly signed or expired."""
+    """A token is missing, malformed, wrongly signed, expired or not meant for us."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+@dataclass(frozen=True)
+class Identity:
+    """Who a verified token speaks for: ``user`` (its ``sub``) and all of its claims
+    (read-only), where later roles such as ``org`` or ``admin`` are found."""
+
+    user: str
+    claims: Mapping[str, Any]
 
 
-def _b64decode(text: str) -> bytes:
-    if not text or any(c not in _B64_ALPHABET for c in text):
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+@dataclass(frozen=True)
+class TokenSettings:
+    """How a node verifies tokens; checked on creation, no I/O."""
+
+    algorithm: str = "HS256"
+    secret: str | None = None  # HS256 only
+    public_key_file: str | None = None  # RS256/ES256: a PEM public key ...
+    jwks_file: str | None = None  # ... or a JSON Web Key Set, one of the two
+    issuer: str | None = None
+    audience: str | None = None
+    max_lifetime: float = DEFAULT_MAX_LIFETIME
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(
+                f"token algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}"
+            )
+        files = [f for f in (self.public_key_file, self.jwks_file) if f]
+        if self.algorithm == "HS256":
+            _check_secret(self.secret)
+            if files:
+                raise ConfigError("HS256 tokens are verified with the secret, not a key file")
+        elif len(files) != 1:
+            raise ConfigError(
+                f"{self.algorithm} tokens need a public key file or a JWKS file (one of them)"
+            )
+        for name in ("issuer", "audience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"token {name} must be a non-empty string, got {value!r}")
+        lifetime = self.max_lifetime
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0:
+            raise ConfigError(f"token max lifetime must be > 0 seconds, got {lifetime!r}")
 
 
-_B64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+class TokenVerifier:
+    """Verifies bearer tokens for one node; build it with ``from_settings``."""
+
+    def __init__(self, settings: TokenSettings, keys: dict[str | None, Any]) -> None:
+        self.settings = settings
+        self._keys = keys  # kid -> key; the key None is used whatever the token's kid
+        self._short_secret = short_secret(settings)
+
+    @classmethod
+    def from_settings(cls, settings: TokenSettings) -> TokenVerifier:
+        """A verifier; reads the key file once (ConfigError naming it if unusable)."""
+        if settings.algorithm == "HS256":
+            assert settings.secret is not None  # TokenSettings checked it
+            return cls(settings, {None: settings.secret})
+        if settings.public_key_file:
+            return cls(settings, {None: _read_pem(settings.public_key_file, settings.algorithm)})
+        assert settings.jwks_file is not None
+        return cls(settings, _read_jwks(settings.jwks_file, settings.algorithm))
+
+    def user(self, token: object) -> str:
+        """The user id of a valid token; raises AuthError saying what is wrong."""
+        return self.verify(token).user
+
+    def verify(self, token: object, *, now: float | None = None) -> Identity:
+        """The identity of a valid token; raises AuthError saying what is wrong."""
+        if token is None or token == "":
+            raise AuthError("missing token")
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+            raise AuthError("malformed token")
+        s = self.settings
+        try:
+            key = self._key_for(token)
+            with _quiet_if(self._short_secret):
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[s.algorithm],
+                    audience=s.audience,
+                    issuer=s.issuer,
+                    options={
+                        "require": ["exp", "sub"],
+                        "verify_exp": False,
+                        "verify_iat": False,
+                        "verify_nbf": False,
+                    },
+                )
+        except jwt.PyJWTError as exc:
+            raise AuthError(self._reason(exc)) from None
+        user = claims["sub"]
+        try:
+            check_user_id(user)
+        except InvalidInput:
+            raise AuthError("malformed token: sub is not a valid user id") from None
+        self._check_times(claims, time.time() if now is None else now)
+        return Identity(user, MappingProxyType(claims))
+
+    def _key_for(self, token: str) -> Any:
+        if None in self._keys:
+            return self._keys[None]
+        kid = jwt.get_unverified_header(token).get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("malformed token")
+        if kid is None and len(self._keys) > 1:
+            raise AuthError("token names no key id (kid) and the key set has several keys")
+        key = self._keys.get(kid) if kid is not None else next(iter(self._keys.values()))
+        if key is None:
+            raise AuthError("token signed with an unknown key (kid)")
+        return key
+
+    def _check_times(self, claims: Mapping[str, Any], now: float) -> None:
+        exp, iat, nbf = (_numeric(claims, name) for name in ("exp", "iat", "nbf"))
+        assert exp is not None  # required
+        if now >= exp:
+            raise AuthError("token expired")
+        if nbf is not None and nbf > now + CLOCK_SKEW:
+            raise AuthError("token not valid yet (nbf)")
+        if iat is not None and iat > now + CLOCK_SKEW:
+            raise AuthError("token issued in the future (iat)")
+        limit = self.settings.max_lifetime
+        if exp - (now if iat is None else iat) > limit:
+            raise AuthError(f"token lifetime exceeds the maximum of {limit:.10g} seconds")
+
+    def _reason(self, exc: jwt.PyJWTError) -> str:
+        if isinstance(exc, jwt.InvalidSignatureError | jwt.InvalidKeyError):
+            return "bad token signature"
+        if isinstance(exc, jwt.InvalidAlgorithmError):
+            return f"token algorithm not accepted (this node accepts {self.settings.algorithm})"
+        if isinstance(exc, jwt.InvalidAudienceError):
+            return "wrong token audience"
+        if isinstance(exc, jwt.InvalidIssuerError):
+            return "wrong token issuer"
+        if isinstance(exc, jwt.MissingRequiredClaimError):
+            return f"malformed token: no {exc.claim} claim"
+        return "malformed token"
 
 
-def _check_secret(secret: object) -> bytes:
-    if not isinstance(secret, str) or not secret:
-        raise ConfigError("the token secret must be a non-empty string")
-    return secret.encode()
+def as_verifier(auth: str | TokenVerifier) -> TokenVerifier:
+    """``auth`` itself, or for a secret, an HS256 verifier with default settings."""
+    if isinstance(auth, TokenVerifier):
+        return auth
+    return TokenVerifier.from_settings(TokenSettings(secret=auth))
 
 
-def _sign(key: bytes, body: str) -> bytes:
-    return hmac.new(key, body.encode("ascii"), hashlib.sha256).digest()
+def verify_token(token: object, secret: str, *, now: float | None = None) -> str:
+    """The user an HS256 token signed with ``secret`` names (default settings)."""
+    return as_verifier(secret).verify(token, now=now).user
 
 
 def issue_token(
-    user: str, secret: str, ttl_seconds: float = DEFAULT_TTL, *, now: float | None = None
+    user: str,
+    secret: str,
+    ttl_seconds: float = DEFAULT_TTL,
+    *,
+    now: float | None = None,
+    issuer: str | None = None,
+    audience: str | None = None,
+    claims: Mapping[str, Any] | None = None,
 ) -> str:
-    """A token for ``user`` that expires ``ttl_seconds`` from now."""
+    """An HS256 token for ``user`` that expires ``ttl_seconds`` from now.
+
+    Its header's ``kid`` is the secret's RFC 7638 thumbprint: which secret signed a token
+    is visible (and a spliced token fails), the secret is not. ``claims`` adds claims."""
     key = _check_secret(secret)
     check_user_id(user)
     if (
@@ -62,40 +232,117 @@ def issue_token(
         or ttl_seconds <= 0
     ):
         raise InvalidInput(f"token ttl must be a positive number of seconds, got {ttl_seconds!r}")
-    exp = int((time.time() if now is None else now) + ttl_seconds)
-    payload = json.dumps({"u": user, "exp": exp}, separators=(",", ":")).encode()
-    body = _b64encode(payload)
-    return f"{body}.{_b64encode(_sign(key, body))}"
+    issued = int(time.time() if now is None else now)
+    payload: dict[str, Any] = {**(claims or {}), "sub": user, "iat": issued}
+    payload["exp"] = int(issued + ttl_seconds)
+    if issuer is not None:
+        payload["iss"] = issuer
+    if audience is not None:
+        payload["aud"] = audience
+    with _quiet_if(len(key) < MIN_SECRET_BYTES):
+        return jwt.encode(payload, secret, algorithm="HS256", headers={"kid": thumbprint(key)})
 
 
-def verify_token(token: object, secret: str, *, now: float | None = None) -> str:
-    """The user a valid token names; raises AuthError saying what is wrong otherwise."""
-    key = _check_secret(secret)
-    if token is None or token == "":
-        raise AuthError("missing token")
-    if not isinstance(token, str) or len(token) > 4096 or token.count(".") != 1:
-        raise AuthError("malformed token")
-    body, _, sig_text = token.partition(".")
+def thumbprint(key: bytes) -> str:
+    """The RFC 7638 thumbprint of a symmetric key (SHA-256 of its canonical JWK)."""
+    jwk = json.dumps({"k": _b64(key), "kty": "oct"}, separators=(",", ":"))
+    return _b64(hashlib.sha256(jwk.encode()).digest())
+
+
+def short_secret(settings: TokenSettings) -> bool:
+    """Whether an HS256 secret is shorter than RFC 7518 asks (a warning, not an error)."""
+    secret = settings.secret if settings.algorithm == "HS256" else None
+    return secret is not None and len(secret.encode()) < MIN_SECRET_BYTES
+
+
+@contextlib.contextmanager
+def _quiet_if(short_key: bool) -> Iterator[None]:
+    """Without PyJWT's warning about a short HMAC key (the node warns once at start-up)."""
+    if not short_key or _SHORT_KEY_WARNING is None:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _SHORT_KEY_WARNING)
+        yield
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _check_secret(secret: object) -> bytes:
+    if not isinstance(secret, str) or not secret:
+        raise ConfigError("the token secret must be a non-empty string")
+    return secret.encode()
+
+
+def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AuthError(f"malformed token: {name} is not a number")
+    return float(value)
+
+
+def _read(path: str) -> bytes:
     try:
-        sig = _b64decode(sig_text)
-        _b64decode(body)
-    except (ValueError, binascii.Error):
-        raise AuthError("malformed token") from None
-    if not hmac.compare_digest(sig, _sign(key, body)):
-        raise AuthError("bad token signature")
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read token key file {path}: {exc.strerror or exc}") from None
+
+
+def _read_pem(path: str, algorithm: str) -> Any:
+    """The public key in a PEM file, checked against the algorithm."""
+    data = _read(path)
+    if b"PRIVATE KEY" in data:
+        raise ConfigError(f"token key file {path} holds a private key; give the public key")
     try:
-        payload = json.loads(_b64decode(body))
-    except (ValueError, binascii.Error):
-        raise AuthError("malformed token") from None
-    if not isinstance(payload, dict):
-        raise AuthError("malformed token")
-    user, exp = payload.get("u"), payload.get("exp")
-    if isinstance(exp, bool) or not isinstance(exp, int) or not isinstance(user, str):
-        raise AuthError("malformed token")
+        key = load_pem_public_key(data)
+    except ValueError:
+        raise ConfigError(f"token key file {path} is not a PEM public key") from None
+    if algorithm == "RS256" and not isinstance(key, RSAPublicKey):
+        raise ConfigError(f"token key file {path} is not an RSA public key (RS256 needs one)")
+    if algorithm == "ES256" and not (
+        isinstance(key, EllipticCurvePublicKey) and isinstance(key.curve, SECP256R1)
+    ):
+        raise ConfigError(f"token key file {path} is not a P-256 EC public key (ES256)")
+    return key
+
+
+def _read_jwks(path: str, algorithm: str) -> dict[str | None, Any]:
+    """kid -> key of the JWKS file's signing keys for the algorithm (at least one)."""
     try:
-        check_user_id(user)
-    except InvalidInput:
-        raise AuthError("malformed token") from None
-    if (time.time() if now is None else now) >= exp:
-        raise AuthError("token expired")
-    return user
+        keys = json.loads(_read(path))["keys"]
+        if not isinstance(keys, list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"token JWKS file {path} is not a JSON object with 'keys'") from None
+    kty, crv = _JWKS_KTY[algorithm]
+    found: dict[str | None, Any] = {}
+    for i, jwk in enumerate(keys):
+        if (
+            not isinstance(jwk, dict)
+            or jwk.get("kty") != kty
+            or jwk.get("crv", crv) != crv
+            or jwk.get("use", "sig") != "sig"
+            or jwk.get("alg", algorithm) != algorithm
+        ):
+            continue  # another kind of key: a key set may hold several
+        kid = jwk.get("kid")
+        where = f"key {i}" + (f" ({kid})" if kid is not None else "")
+        if kid is not None and not isinstance(kid, str):
+            raise ConfigError(f"token JWKS file {path}: {where}: kid must be a string")
+        if "d" in jwk:
+            raise ConfigError(f"token JWKS file {path}: {where} holds private key material")
+        # A lone key without a kid verifies every token (it is kept under None); beside
+        # others, each key needs a kid of its own.
+        if kid in found or None in found or (kid is None and found):
+            raise ConfigError(f"token JWKS file {path}: {where}: keys need distinct kids")
+        try:
+            found[kid] = jwt.PyJWK(jwk, algorithm).key
+        except jwt.PyJWTError:
+            raise ConfigError(f"token JWKS file {path}: {where} is not a valid key") from None
+    if not found:
+        raise ConfigError(f"token JWKS file {path} has no {algorithm} signing key")
+    return found

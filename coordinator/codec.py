@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 import msgpack
@@ -58,6 +59,19 @@ def now_iso() -> str:
     if second != _second[0]:
         _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     return f"{_second[1]}.{int((now - second) * 1_000_000):06d}+00:00"
+
+
+def stamped_at(event: dict[str, Any]) -> float | None:
+    """The Unix time of an event's ISO 8601 ``timestamp`` (None: absent or unparsable,
+    or without a UTC offset, as an agent may write its own)."""
+    stamp = event.get("timestamp")
+    if type(stamp) is not str:
+        return None
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return None if moment.tzinfo is None else moment.timestamp()
 
 
 # An action may carry a client-chosen id: sent again with the same id (a retry after a

@@ -216,7 +216,7 @@ class Loops:
             on_fenced=self._fenced,
             delivery=self._delivery,
             activity=self._idle,
-            speculations=self._metrics,
+            metrics=self._metrics,
         )
         self.runners[sid] = runner
         try:

@@ -70,7 +70,7 @@ class ConversationManager:
         self.node_id = self.config.node_id
         self.keys = KeySchema(self.config.key_prefix)
         self.sink: EventSink = sink or NullSink()
-        self.metrics = NodeMetrics()
+        self.metrics = NodeMetrics(self.node_id)
         self._agent_factory = agent_factory
         self._backend = backend
         self._node: Node | None = None

@@ -181,6 +181,10 @@ class Membership:
             log.warning("heartbeat failed (%r); lease valid for %.1fs", exc, self.remaining())
         self.check()
 
+    def renewal_age(self) -> float | None:
+        """Seconds since the last successful renewal was sent (None before registering)."""
+        return time.monotonic() - self.renewed_at if self.inc else None
+
     def remaining(self) -> float:
         return max(0.0, self._valid_until - time.monotonic())
 

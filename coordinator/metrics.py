@@ -1,108 +1,203 @@
-"""Process counters and their Prometheus text exposition (format 0.0.4), no dependency."""
+"""A node's metrics on prometheus_client, in a registry of the node's own.
+
+Several nodes may share a process (the tests run many), so each ``NodeMetrics`` has its
+own ``CollectorRegistry`` and never touches prometheus_client's global one; every series
+carries a ``node`` label. Values come three ways:
+
+- counters and histograms that the code updates as things happen (``actions_accepted``,
+  ``events_delivered``, the latency histograms and their ``observe_*`` methods);
+- values read at scrape time from whoever owns them (``gauge_from``/``counter_from``:
+  loops, connections, the lease, the runner's speculation counts, the lease age);
+- ``redis_up``, which needs a PING, set by ``/metrics`` before it renders.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# What generate_latest writes: the Prometheus text format 0.0.4.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# Histogram buckets, in seconds (upper bounds; +Inf is added).
+# An ack waits for the action's accept: one Redis round trip (well under 1 ms on a LAN)
+# unless Redis or the inbox is slow; 5 s is the manager's redis_timeout.
+ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Accept to the agent's first answer: milliseconds for the echo agent, seconds to minutes
+# for an agent that calls an LLM.
+ANSWER_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+# Commit to the write onto the connection: a pub/sub hop and the event loop's queue, so
+# milliseconds; seconds mean an overloaded node or a slow catch-up read.
+DELIVERY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# The connect handler: token, admission, the join's Redis calls and the first replay page;
+# a join queued behind max_concurrent_joins may wait join_wait (10 s by default).
+JOIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# A lost node to its conversation served again: a dead node is noticed once its lease
+# expires (node_ttl, 6 s by default) plus the reaper's sweep and the restart.
+FAILOVER_BUCKETS = (0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 30, 60, 120)
 
-@dataclass
-class Counters:
-    """Monotonic counters of one node process."""
-
-    actions_accepted: int = 0
-    events_delivered: int = 0
+Read = Callable[[], "float | None"]
 
 
 @dataclass(frozen=True)
-class Sample:
+class Reading:
+    """A value read at scrape time; ``read`` returning None leaves the sample out."""
+
     name: str
     kind: str  # gauge | counter
     help: str
-    value: float
+    read: Read
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _Readings(Collector):
+    """The collector of every ``Reading`` of one node, keyed by metric name."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.by_name: dict[str, Reading] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        for r in list(self.by_name.values()):
+            family: GaugeMetricFamily | CounterMetricFamily
+            if r.kind == "counter":
+                family = CounterMetricFamily(r.name, r.help, labels=["node"])
+            else:
+                family = GaugeMetricFamily(r.name, r.help, labels=["node"])
+            try:
+                value = r.read()
+            except Exception:
+                # One broken reading must not fail the whole scrape.
+                log.warning("metric %s could not be read", r.name, exc_info=True)
+                value = None
+            if value is not None:
+                family.add_metric([self.node_id], float(value))
+            yield family
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+# Sample lines whose value is integral, e.g. ``x{node="a"} 3.0``: written as ``3``.
+_INTEGRAL = re.compile(rb"^([^#\n][^\n]* -?[0-9]+)\.0$", re.M)
 
 
-def render(node_id: str, samples: list[Sample]) -> str:
-    """Samples as Prometheus text, each with HELP and TYPE lines and a ``node`` label."""
-    lines = []
-    node = _label(node_id)
-    for s in samples:
-        lines.append(f"# HELP {s.name} {s.help}")
-        lines.append(f"# TYPE {s.name} {s.kind}")
-        lines.append(f'{s.name}{{node="{node}"}} {_number(s.value)}')
-    return "\n".join(lines) + "\n"
-
-
-def node_samples(
-    counters: Counters,
-    *,
-    loops: int,
-    connections: int,
-    redis_up: bool,
-    lease_valid: bool,
-    speculated: int = 0,
-    speculations_lost: int = 0,
-) -> list[Sample]:
-    return [
-        Sample("coordinator_local_loops", "gauge", "Agent loops running on this node.", loops),
-        Sample(
-            "coordinator_local_connections",
-            "gauge",
-            "Socket.io connections joined on this node.",
-            connections,
-        ),
-        Sample(
-            "coordinator_actions_accepted_total",
-            "counter",
-            "User actions this node accepted durably.",
-            counters.actions_accepted,
-        ),
-        Sample(
-            "coordinator_events_delivered_total",
-            "counter",
-            "Events this node delivered to its socket.io connections.",
-            counters.events_delivered,
-        ),
-        Sample(
-            "coordinator_speculative_dispatches_total",
-            "counter",
-            "Actions dispatched to their agent before their accept answered.",
-            speculated,
-        ),
-        Sample(
-            "coordinator_speculations_lost_total",
-            "counter",
-            "Speculative dispatches not logged as predicted (answers dropped, agent replaced).",
-            speculations_lost,
-        ),
-        Sample("coordinator_redis_up", "gauge", "1 when Redis answers PING.", int(redis_up)),
-        Sample(
-            "coordinator_lease_valid",
-            "gauge",
-            "1 while this node's membership lease is valid.",
-            int(lease_valid),
-        ),
-    ]
-
-
-@dataclass
 class NodeMetrics:
-    """What one node counts (the counters the core increments)."""
+    """The counters, gauges and histograms of one node, and their exposition."""
 
-    speculative_dispatches: int = 0
-    speculations_lost: int = 0
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.registry = CollectorRegistry()
+        self._readings = _Readings(node_id)
+        self.registry.register(self._readings)
 
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, ["node"], registry=self.registry).labels(node_id)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            made = Histogram(name, doc, ["node"], registry=self.registry, buckets=buckets)
+            return made.labels(node_id)
+
+        self.actions_accepted = counter(
+            "coordinator_actions_accepted", "User actions this node accepted durably."
+        )
+        self.events_delivered = counter(
+            "coordinator_events_delivered",
+            "Events this node delivered to its socket.io connections.",
+        )
+        self.redis_up = Gauge(
+            "coordinator_redis_up", "1 when Redis answers PING.", ["node"], registry=self.registry
+        ).labels(node_id)
+        self.ack_seconds = histogram(
+            "coordinator_action_ack_seconds",
+            "oh_user_action received to its ack sent (accepted or refused).",
+            ACK_BUCKETS,
+        )
+        self.answer_seconds = histogram(
+            "coordinator_action_answer_seconds",
+            "An action accepted to the first agent event answering it.",
+            ANSWER_BUCKETS,
+        )
+        self.delivery_lag_seconds = histogram(
+            "coordinator_event_delivery_lag_seconds",
+            "An event's timestamp to its write onto a connection that joined before it "
+            "(replays of older events are not counted; across nodes it includes clock skew).",
+            DELIVERY_BUCKETS,
+        )
+        self.join_seconds = histogram(
+            "coordinator_join_seconds",
+            "The socket.io connect handler: received to joined or refused.",
+            JOIN_BUCKETS,
+        )
+        self.failover_seconds = histogram(
+            "coordinator_failover_seconds",
+            "A lost node's conversation: the node lost to the conversation served again.",
+            FAILOVER_BUCKETS,
+        )
+        self.lease_age_from(lambda: None)
+        # Counted on the action path, as plain integers (an attribute increment: the
+        # runner's hot path), exposed at scrape time.
+        self.speculative_dispatches = 0
+        self.speculations_lost = 0
+        self.counter_from(
+            "coordinator_speculative_dispatches",
+            "Actions dispatched to their agent before their accept answered.",
+            lambda: self.speculative_dispatches,
+        )
+        self.counter_from(
+            "coordinator_speculations_lost",
+            "Speculative dispatches not logged as predicted (answers dropped, agent replaced).",
+            lambda: self.speculations_lost,
+        )
+
+    # -- for the core: things only it can see happen -----------------------------------
     def speculated(self) -> None:
+        """An action was dispatched before its accept answered (``speculation.py``)."""
         self.speculative_dispatches += 1
 
     def speculation_lost(self) -> None:
+        """A speculative dispatch was not logged as predicted."""
         self.speculations_lost += 1
+
+    def observe_answer(self, seconds: float) -> None:
+        """An action was answered ``seconds`` after its accept (its first agent event)."""
+        self.answer_seconds.observe(seconds)
+
+    def observe_failover(self, seconds: float) -> None:
+        """A lost node's conversation was served again ``seconds`` after the loss."""
+        self.failover_seconds.observe(seconds)
+
+    def lease_age_from(self, read: Read) -> None:
+        """Read ``coordinator_lease_renewal_age_seconds`` (seconds since the last
+        successful lease renewal; None: no lease yet) from ``read`` at each scrape."""
+        self.gauge_from(
+            "coordinator_lease_renewal_age_seconds",
+            "Seconds since this node's membership lease was last renewed.",
+            read,
+        )
+
+    # -- values owned elsewhere, read at scrape time -------------------------------------
+    def gauge_from(self, name: str, doc: str, read: Read) -> None:
+        """Expose gauge ``name`` as whatever ``read()`` returns at scrape time."""
+        self._readings.by_name[name] = Reading(name, "gauge", doc, read)
+
+    def counter_from(self, name: str, doc: str, read: Read) -> None:
+        """Expose counter ``name`` (``_total`` is appended) as ``read()`` at scrape time;
+        ``read`` must be monotonic, like a count its owner keeps."""
+        self._readings.by_name[name] = Reading(name, "counter", doc, read)
+
+    # -- exposition --------------------------------------------------------------------
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format (``CONTENT_TYPE``).
+
+        Integral values are written as integers (``3``, not prometheus_client's ``3.0``):
+        the format allows both, and the hand-written exposition this replaced wrote
+        integers, which scripts and tests matching ``\\d+$`` rely on."""
+        return _INTEGRAL.sub(rb"\1", generate_latest(self.registry))

@@ -70,7 +70,7 @@ class Router:
         if codec.owner_gone(event):
             room = self._delivery.connections.room(sid)
             if room:  # our clients still watch it: restart the loop (one node wins)
-                self._restarts.owner_gone(sid, room[0].user)
+                self._restarts.owner_gone(sid, room[0].user, codec.stamped_at(event))
         await self._delivery.published(sid, event_id, event)
 
     async def reconnected(self) -> None:
@@ -116,6 +116,7 @@ class Node:
         self.state: RedisState = self.backend.state(keys)
         await self.state.load_scripts()
         self.membership = Membership(self.backend.registration_state(keys), cfg)
+        self.metrics.lease_age_from(self.membership.renewal_age)
         self.directory = Directory(self.state, self.membership)
         self.subscriptions = Subscriptions(
             self.backend.pubsub_client(),
@@ -159,6 +160,7 @@ class Node:
             directory=self.directory,
             bus=self.bus,
             tasks=tasks,
+            metrics=self.metrics,
             max_concurrent=cfg.max_concurrent_restarts,
         )
         self.sessions = Sessions(

@@ -177,10 +177,11 @@ class Recovery:
                 await self._restarts.retry(await self._loops.retry_abandoned())
                 await self._directory.refresh()
                 if n % reap_every == 0:
+                    reaped_at = time.time()
                     released = await reap_dead_nodes(
                         self._state, self._membership.inc, self._ttl_ms, cfg.event_log_maxlen
                     )
-                    await self._restarts.resume_pending(released)
+                    await self._restarts.resume_pending(released, lost_at=reaped_at)
             except (RedisError, OSError) as exc:
                 log.warning("membership refresh failed: %s", exc)
             except Exception:

@@ -1,23 +1,30 @@
-"""The REST, health and metrics endpoints: a small hand-written ASGI app, no framework.
+"""The REST, health and metrics endpoints of one node, routed by Starlette.
 
-Every response is JSON (``/metrics`` is Prometheus text). Errors are ``{"error": msg}``
-with a status from ``status_for``; the log gets the detail, the client a clear message.
+Every response is JSON (``/metrics`` is Prometheus text) and carries ``COMMON_HEADERS``.
+Errors are ``{"error": msg}`` with a status from ``status_for``; the log gets the detail,
+the client a clear message. Each path answers OPTIONS (204) and refuses other methods
+(405) itself, with an ``allow`` header naming exactly its methods: Starlette's own method
+matching would also serve HEAD on every GET path and list ``allow`` in no fixed order.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import aclosing
 from typing import Any
 
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
-from . import metrics
-from .auth import AuthError, verify_token
+from .auth import AuthError, TokenVerifier
 from .config import check_conversation_id
 from .errors import (
     CapacityTimeout,
@@ -32,32 +39,24 @@ from .errors import (
     RedisUnavailable,
 )
 from .manager import ConversationManager
+from .metrics import CONTENT_TYPE, NodeMetrics
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 MAX_BODY = 256 * 1024
-JSON_TYPE = "application/json"
-
-
-class HttpError(Exception):
-    """An error response: status code, message and extra headers."""
-
-    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or []
+COMMON_HEADERS = {
+    "access-control-allow-origin": "*",
+    "access-control-allow-headers": "authorization, content-type",
+    "cache-control": "no-store",
+}
+# A websocket handshake outside /socket.io/ is refused with "policy violation".
+WS_POLICY_VIOLATION = 1008
 
 
 def status_for(exc: BaseException) -> int:
     """The HTTP status of an error raised while serving a request."""
-    if isinstance(exc, HttpError):
-        return exc.status
+    if isinstance(exc, HTTPException):
+        return exc.status_code
     if isinstance(exc, AuthError):
         return 401
     if isinstance(exc, Forbidden):
@@ -77,8 +76,8 @@ def status_for(exc: BaseException) -> int:
 
 def client_message(exc: BaseException) -> str:
     """What a client is told about an error (never a stack trace)."""
-    if isinstance(exc, HttpError):
-        return exc.message
+    if isinstance(exc, HTTPException):
+        return exc.detail
     if isinstance(exc, AuthError):
         return f"authentication failed: {exc}"
     if isinstance(exc, CoordinatorError):
@@ -88,115 +87,131 @@ def client_message(exc: BaseException) -> str:
     return "internal error"
 
 
-@dataclass
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> dict[str, Any]:
-        """The body as a JSON object ({} when empty)."""
-        if not self.body.strip():
-            return {}
-        try:
-            value = json.loads(self.body)
-        except ValueError as exc:
-            raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise InvalidInput("the request body must be a JSON object")
-        return value
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    content_type: str = JSON_TYPE
-    headers: list[tuple[str, str]] | None = None
-
-
 def json_response(
-    status: int, value: Any, headers: list[tuple[str, str]] | None = None
-) -> Response:
-    return Response(status, json.dumps(value).encode(), JSON_TYPE, headers)
+    status: int, value: Any, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(value, status, {**COMMON_HEADERS, **(headers or {})})
 
 
-Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
+def error_response(exc: Exception, request: Request) -> JSONResponse:
+    """``{"error": msg}`` for an exception; the log gets server errors in full."""
+    status = status_for(exc)
+    if status >= 500:
+        log.warning("%s %s failed: %r", request.method, request.scope["path"], exc, exc_info=exc)
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return json_response(status, {"error": client_message(exc)}, headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Resource:
+    """One path's handlers by method, as the ASGI app of a Starlette ``Route``."""
+
+    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+        self.handlers = dict(handlers)
+        self.allow = ", ".join(sorted(self.handlers))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response: Response
+        if request.method == "OPTIONS":
+            headers = {**COMMON_HEADERS, "allow": self.allow}
+            response = Response(status_code=204, headers=headers, media_type="text/plain")
+        else:
+            try:
+                handler = self.handlers.get(request.method)
+                if handler is None:
+                    raise HTTPException(
+                        405,
+                        f"method {request.method} is not allowed here; use {self.allow}",
+                        {"allow": self.allow},
+                    )
+                response = await handler(request)
+            except Exception as exc:
+                response = error_response(exc, request)
+        await response(scope, receive, send)
+
+
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """What the router does with a path no route matches.
+
+    Paths are read from ``scope["path"]``, as the router matches them, never from
+    ``request.url``, which Starlette before 1.0.1 rebuilt from the Host header."""
+    if scope["type"] == "websocket":
+        await WebSocketClose(WS_POLICY_VIOLATION)(scope, receive, send)
+        return
+    request = Request(scope, receive)
+    error = HTTPException(404, f"no such endpoint: {scope['path']}")
+    await error_response(error, request)(scope, receive, send)
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``MAX_BODY``."""
+    too_large = HTTPException(413, f"the request body is larger than {MAX_BODY} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with aclosing(request.stream()) as stream:
+            async for chunk in stream:
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise too_large
+                chunks.append(chunk)
+    except ClientDisconnect:
+        raise HTTPException(400, "the client went away before its request body arrived") from None
+    return b"".join(chunks)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object ({} when empty)."""
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return value
 
 
 class RestApp:
     """ASGI app serving ``/api/...``, ``/healthz`` and ``/metrics`` for one node."""
 
     def __init__(
-        self, manager: ConversationManager, secret: str, counters: metrics.Counters
+        self, manager: ConversationManager, tokens: TokenVerifier, node_metrics: NodeMetrics
     ) -> None:
         self.manager = manager
-        self.secret = secret
-        self.counters = counters
-        conv = r"/api/conversations/(?P<sid>[^/]+)"
-        self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
-            (re.compile(r"/healthz"), {"GET": self.healthz}),
-            (re.compile(r"/metrics"), {"GET": self.metrics}),
-            (re.compile(r"/api/node"), {"GET": self.node}),
-            (re.compile(r"/api/cluster"), {"GET": self.cluster}),
-            (
-                re.compile(r"/api/conversations/?"),
-                {"GET": self.list_conversations, "POST": self.create_conversation},
-            ),
-            (re.compile(conv), {"GET": self.get_conversation, "DELETE": self.close_conversation}),
-        ]
+        self.tokens = tokens
+        self.node_metrics = node_metrics
+        read_manager(node_metrics, manager)
+        conversations = Resource({"GET": self.list_conversations, "POST": self.create_conversation})
+        self.router = Router(
+            routes=[
+                Route("/healthz", Resource({"GET": self.healthz})),
+                Route("/metrics", Resource({"GET": self.metrics})),
+                Route("/api/node", Resource({"GET": self.node})),
+                Route("/api/cluster", Resource({"GET": self.cluster})),
+                Route("/api/conversations", conversations),
+                Route("/api/conversations/", conversations),
+                Route(
+                    "/api/conversations/{sid}",
+                    Resource({"GET": self.get_conversation, "DELETE": self.close_conversation}),
+                ),
+            ],
+            # Both spellings of the collection are served as they are, never redirected.
+            redirect_slashes=False,
+            default=not_found,
+        )
 
-    # -- ASGI ------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            # A websocket outside /socket.io/: refuse the handshake.
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        try:
-            body = await _read_body(scope, receive)
-            request = Request(
-                scope["method"].upper(),
-                scope["path"],
-                {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
-                body,
-            )
-            response = await self.dispatch(request)
-        except Exception as exc:
-            response = self.error_response(exc, scope)
-        await _send_response(send, response)
-
-    def error_response(self, exc: Exception, scope: Scope) -> Response:
-        status = status_for(exc)
-        if status >= 500:
-            log.warning(
-                "%s %s failed: %r", scope.get("method"), scope.get("path"), exc, exc_info=exc
-            )
-        headers = list(exc.headers) if isinstance(exc, HttpError) else []
-        if status == 401:
-            headers.append(("www-authenticate", "Bearer"))
-        return json_response(status, {"error": client_message(exc)}, headers)
-
-    async def dispatch(self, request: Request) -> Response:
-        for pattern, methods in self.routes:
-            match = pattern.fullmatch(request.path)
-            if match is None:
-                continue
-            allow = ", ".join(sorted(methods))
-            if request.method == "OPTIONS":
-                return Response(204, b"", "text/plain", [("allow", allow)])
-            handler = methods.get(request.method)
-            if handler is None:
-                raise HttpError(
-                    405,
-                    f"method {request.method} is not allowed here; use {allow}",
-                    [("allow", allow)],
-                )
-            return await handler(request, match.groupdict())
-        raise HttpError(404, f"no such endpoint: {request.path}")
+        await self.router(scope, receive, send)
 
     # -- helpers ---------------------------------------------------------------------
     def user(self, request: Request) -> str:
@@ -206,7 +221,7 @@ class RestApp:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
-        return verify_token(token.strip(), self.secret)
+        return self.tokens.user(token.strip())
 
     async def owned(self, sid: str, user: str) -> dict[str, Any]:
         check_conversation_id(sid)
@@ -218,7 +233,7 @@ class RestApp:
         return view
 
     # -- endpoints -------------------------------------------------------------------
-    async def healthz(self, request: Request, params: dict[str, str]) -> Response:
+    async def healthz(self, request: Request) -> Response:
         m = self.manager
         problems = []
         redis_up, why = await m.directory.redis_ok() if m.started else (False, "")
@@ -245,22 +260,13 @@ class RestApp:
             body["reason"] = "; ".join(problems)
         return json_response(503 if problems else 200, body)
 
-    async def metrics(self, request: Request, params: dict[str, str]) -> Response:
+    async def metrics(self, request: Request) -> Response:
         m = self.manager
-        redis_up = m.started and (await m.directory.redis_ok())[0]
-        lease = m.started and m.membership.lease_valid()
-        samples = metrics.node_samples(
-            self.counters,
-            loops=len(m.local_loops()) if m.started else 0,
-            connections=len(m.local_connections()),
-            redis_up=redis_up,
-            lease_valid=lease,
-            speculated=m.metrics.speculative_dispatches,
-            speculations_lost=m.metrics.speculations_lost,
-        )
-        return Response(200, metrics.render(m.node_id, samples).encode(), metrics.CONTENT_TYPE)
+        self.node_metrics.redis_up.set(m.started and (await m.directory.redis_ok())[0])
+        body = self.node_metrics.render()
+        return Response(body, 200, COMMON_HEADERS, CONTENT_TYPE)
 
-    async def node(self, request: Request, params: dict[str, str]) -> Response:
+    async def node(self, request: Request) -> Response:
         self.user(request)
         m = self.manager
         return json_response(
@@ -274,22 +280,22 @@ class RestApp:
             },
         )
 
-    async def cluster(self, request: Request, params: dict[str, str]) -> Response:
+    async def cluster(self, request: Request) -> Response:
         self.user(request)
         return json_response(200, await self.manager.directory.cluster_view())
 
-    async def list_conversations(self, request: Request, params: dict[str, str]) -> Response:
+    async def list_conversations(self, request: Request) -> Response:
         user = self.user(request)
         convs = await self.manager.directory.list_conversations(user)
         return json_response(200, {"conversations": convs})
 
-    async def get_conversation(self, request: Request, params: dict[str, str]) -> Response:
+    async def get_conversation(self, request: Request) -> Response:
         user = self.user(request)
-        return json_response(200, await self.owned(params["sid"], user))
+        return json_response(200, await self.owned(request.path_params["sid"], user))
 
-    async def create_conversation(self, request: Request, params: dict[str, str]) -> Response:
+    async def create_conversation(self, request: Request) -> Response:
         user = self.user(request)
-        body = request.json()
+        body = json_object(await read_body(request))
         sid = body.get("conversation_id")
         sid = uuid.uuid4().hex if sid is None else check_conversation_id(sid)
         text = body.get("initial_user_msg")
@@ -301,57 +307,34 @@ class RestApp:
         existed = bool(await self.manager.conversation(sid))
         info = await self.manager.maybe_start_agent_loop(sid, {}, user, initial_user_msg=first)
         if first is not None:
-            self.counters.actions_accepted += 1
+            self.node_metrics.actions_accepted.inc()
         return json_response(
             200 if existed else 201,
             {"conversation_id": sid, "running": info.running, "owner": info.owner},
         )
 
-    async def close_conversation(self, request: Request, params: dict[str, str]) -> Response:
+    async def close_conversation(self, request: Request) -> Response:
         user = self.user(request)
-        sid = check_conversation_id(params["sid"])
+        sid = check_conversation_id(request.path_params["sid"])
         closed = await self.manager.close_session(sid, user)
         return json_response(200, {"closed": closed})
 
 
-async def _read_body(scope: Scope, receive: Receive) -> bytes:
-    declared = dict(scope.get("headers", [])).get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-        raise HttpError(413, f"the request body is larger than {MAX_BODY} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise HttpError(413, f"the request body is larger than {MAX_BODY} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-async def _send_response(send: Send, response: Response) -> None:
-    headers = [
-        (b"content-type", response.content_type.encode()),
-        (b"content-length", str(len(response.body)).encode()),
-        (b"access-control-allow-origin", b"*"),
-        (b"access-control-allow-headers", b"authorization, content-type"),
-        (b"cache-control", b"no-store"),
-    ]
-    headers += [(k.encode(), v.encode()) for k, v in response.headers or []]
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+def read_manager(node_metrics: NodeMetrics, manager: ConversationManager) -> None:
+    """The metrics ``/metrics`` reads from the manager at each scrape."""
+    m = manager
+    node_metrics.gauge_from(
+        "coordinator_local_loops",
+        "Agent loops running on this node.",
+        lambda: len(m.local_loops()) if m.started else 0,
+    )
+    node_metrics.gauge_from(
+        "coordinator_local_connections",
+        "Socket.io connections joined on this node.",
+        lambda: len(m.local_connections()),
+    )
+    node_metrics.gauge_from(
+        "coordinator_lease_valid",
+        "1 while this node's membership lease is valid.",
+        lambda: m.started and m.membership.lease_valid(),
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -20,6 +21,7 @@ from .directory import Directory
 from .errors import CoordinatorError
 from .loops import Intake, Loops
 from .membership import Membership
+from .metrics import NodeMetrics
 from .state import RedisState
 from .tasks import TaskSet
 
@@ -37,6 +39,7 @@ class Restarts:
         directory: Directory,
         bus: CommandBus,
         tasks: TaskSet,
+        metrics: NodeMetrics,
         max_concurrent: int,
     ) -> None:
         self._loops = loops
@@ -46,6 +49,7 @@ class Restarts:
         self._directory = directory
         self._bus = bus
         self._tasks = tasks
+        self._metrics = metrics
         self._later: dict[str, str] = {}  # sid -> user, restarts that failed
         self._running: set[str] = set()
         self._gate = asyncio.Semaphore(max_concurrent)
@@ -63,28 +67,31 @@ class Restarts:
         if mine or not owner_inc or not await self._directory.alive(owner_inc):
             self.schedule(sid, user)
 
-    def owner_gone(self, sid: str, user: str) -> None:
-        """The owner of ``sid`` was lost or drained and clients here watch it: restart
-        it (one node wins the lease)."""
+    def owner_gone(self, sid: str, user: str, lost_at: float | None) -> None:
+        """The owner of ``sid`` was lost or drained (noticed at Unix time ``lost_at``)
+        and clients here watch it: restart it (one node wins the lease)."""
         if not self._intake.draining and sid not in self._loops.starting:
-            self.schedule(sid, user)
+            self.schedule(sid, user, lost_at)
 
-    def schedule(self, sid: str, user: str) -> None:
+    def schedule(self, sid: str, user: str, lost_at: float | None = None) -> None:
         """Restart ``sid``'s loop in the background; while our lease is lapsed, only note
-        it (thousands of conversations may come back at once) for after re-registering."""
+        it (thousands of conversations may come back at once) for after re-registering.
+        ``lost_at``: when its owner was found lost, for the failover time."""
         if self._membership.lapsed:
             self._later[sid] = user
         elif sid not in self._running:
-            self._tasks.spawn(self._restart(sid, user), f"restart:{sid}")
+            self._tasks.spawn(self._restart(sid, user, lost_at), f"restart:{sid}")
 
-    async def _restart(self, sid: str, user: str) -> None:
+    async def _restart(self, sid: str, user: str, lost_at: float | None = None) -> None:
         if sid in self._running:
             return
         self._running.add(sid)
         try:
             async with self._gate:
                 if sid not in self._loops.runners:
-                    await self._loops.ensure_running(sid, user, {}, None)
+                    info = await self._loops.ensure_running(sid, user, {}, None)
+                    if info.local and info.running and lost_at is not None:
+                        self._metrics.observe_failover(max(0.0, time.time() - lost_at))
         except (CoordinatorError, RedisError, OSError, TimeoutError) as exc:
             # E.g. our lease lapsed or Redis failed mid-start: try again each heartbeat.
             if self._membership.lapsed:
@@ -96,11 +103,14 @@ class Restarts:
         finally:
             self._running.discard(sid)
 
-    async def resume_pending(self, released: list[tuple[str, str]]) -> None:
+    async def resume_pending(
+        self, released: list[tuple[str, str]], lost_at: float | None = None
+    ) -> None:
         """Restart released conversations that hold acknowledged, unprocessed actions
         (those watched by clients are restarted by the nodes holding the clients, when
         the status event reaches them; this covers actions nobody watches). A draining
-        node hands them to live nodes instead."""
+        node hands them to live nodes instead. ``lost_at``: when their owner was found
+        lost (a reap), for the failover time."""
         if not released:
             return
         pending = await self._state.inbox_lengths([sid for sid, _ in released])
@@ -109,7 +119,7 @@ class Restarts:
             if not n or self._busy(sid):
                 continue
             if not self._intake.draining:
-                self.schedule(sid, user)
+                self.schedule(sid, user, lost_at)
             elif others:
                 target = others[i % len(others)]
                 await self._bus.send_to_owner(target, "resume", {"sid": sid, "user": user})

@@ -25,7 +25,7 @@ from workers.protocol import AgentLoop, AgentState, Event
 
 from .actionqueue import ActionQueue
 from .backoff import Backoff
-from .codec import agent_event, pack
+from .codec import agent_event, pack, stamped_at
 from .config import ManagerConfig
 from .delivery import Delivery
 from .errors import Fenced, SpeculationLost
@@ -50,7 +50,7 @@ class LoopRunner:
     (``AgentLoop.speculative``);
     ``lease_valid``: the node's lease clock; ``on_fenced``: told once when the runner
     stops because ownership is no longer its own; ``delivery``, ``activity``,
-    ``speculations``: where committed events, activity and speculation counts go.
+    ``metrics``: where committed events, activity and what is measured go.
     """
 
     def __init__(
@@ -66,13 +66,13 @@ class LoopRunner:
         on_fenced: Callable[[LoopRunner], None],
         delivery: Delivery,
         activity: IdleTracker,
-        speculations: NodeMetrics,
+        metrics: NodeMetrics,
     ) -> None:
         self.lease = lease
         self._new_agent = new_agent
         self.agent = new_agent()
         self._speculative = speculative and self.agent.speculative
-        self._speculations = speculations
+        self._metrics = metrics
         self._state = state
         self._config = config
         self._lease_valid = lease_valid
@@ -82,6 +82,7 @@ class LoopRunner:
         self._queue = ActionQueue(lease.sid, state, applied)
         self._cause = 0  # the action being dispatched (0: none)
         self._emits = 0  # writes answering it so far
+        self._asked_at: float | None = None  # when it was accepted (Unix time)
         # Writes answering no action (the agent's own, status events) are numbered per
         # runner, so a retry after a lost reply is recognised as one (scripts.COMMIT).
         self._writer = uuid.uuid4().hex[:16]
@@ -143,7 +144,7 @@ class LoopRunner:
         landed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         spec = Speculation(self._queue.predict(action), token, action, landed)
         self._spec = spec
-        self._speculations.speculated()
+        self._metrics.speculated()
         return spec
 
     def take_user_event(self, spec: Speculation, event_id: int) -> bool:
@@ -209,7 +210,7 @@ class LoopRunner:
         """The speculative action was not logged as predicted: drop what was queued after
         the prediction and re-read the inbox, which holds the actions in log order."""
         log.info("loop %s: action %d was not logged as predicted", self.sid, spec.predicted)
-        self._speculations.speculation_lost()
+        self._metrics.speculation_lost()
         self._queue.forget_from(spec.predicted)
 
     async def _replace_agent(self) -> None:
@@ -233,6 +234,7 @@ class LoopRunner:
             return
         self._cause = n
         self._emits = 0
+        self._asked_at = stamped_at(action)
         self.dispatched += 1
         self.touch()
         try:
@@ -251,12 +253,17 @@ class LoopRunner:
     async def emit(self, event: Event) -> int:
         """Append an agent event; raises Fenced once the conversation was taken over, and
         SpeculationLost when the action it answers was not logged as predicted."""
-        if self._cause:
+        cause = self._cause
+        if cause:
             index = self._emits
             self._emits += 1
         else:
             index = self._next_unprompted()
-        return await self._commit([agent_event(event)], cause=self._cause, index=index)
+        last_id = await self._commit([agent_event(event)], cause=cause, index=index)
+        if cause and index == 0 and self._asked_at is not None:
+            # Its first answer: from the action's timestamp (set where it was accepted).
+            self._metrics.observe_answer(max(0.0, time.time() - self._asked_at))
+        return last_id
 
     async def emit_status(self, status: Event) -> None:
         """Append a status event as the owner (used when stopping the loop)."""

@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 
 from .app import create_app, new_manager
+from .auth import TokenVerifier
 from .config import ManagerConfig
 from .errors import CoordinatorError
 from .manager import ConversationManager
@@ -71,14 +72,14 @@ class NodeServer:
     def __init__(
         self,
         config: ManagerConfig,
-        secret: str,
+        auth: str | TokenVerifier,
         *,
         host: str = "127.0.0.1",
         port: int = 8000,
         log_level: str = "warning",
     ) -> None:
         self.config = config
-        self.secret = secret
+        self.auth = auth  # a TokenVerifier, or the secret of HS256 tokens
         self.host = host
         self.port = port
         self.log_level = log_level
@@ -101,7 +102,7 @@ class NodeServer:
         # The manager first: a bad agent or an unreachable Redis is the error to report.
         await self.manager.start()
         try:
-            app, _ = create_app(self.manager, self.secret)
+            app, _ = create_app(self.manager, self.auth)
             sock = bind(self.host, self.port)
         except BaseException:
             await self.manager.aclose()

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from coordinator import ManagerConfig
-from coordinator.auth import verify_token
+from coordinator.auth import TokenSettings, TokenVerifier, verify_token
 from coordinator.cli import build_config, build_parser, main
 from tests.helpers import wait_until
 
@@ -150,6 +150,39 @@ def test_token_prints_only_the_token(
     assert "invalid user id 'bad user'" in capsys.readouterr().err
 
 
+def test_token_with_issuer_and_audience(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COORDINATOR_TOKEN_AUDIENCE", "coordinator")
+    assert main(["token", "alice", "--secret", "s", "--token-issuer", "https://idp"]) == 0
+    token = capsys.readouterr().out.strip()
+    verifier = TokenVerifier.from_settings(
+        TokenSettings(secret="s", issuer="https://idp", audience="coordinator")
+    )
+    identity = verifier.verify(token)
+    assert identity.user == "alice"
+    assert (identity.claims["iss"], identity.claims["aud"]) == ("https://idp", "coordinator")
+    assert identity.claims["exp"] - identity.claims["iat"] == 86_400
+
+
+def test_serve_help_names_the_token_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in (
+        "--token-algorithm {HS256,RS256,ES256}",
+        "--token-public-key FILE",
+        "--token-jwks FILE",
+        "--token-issuer ISS",
+        "--token-audience AUD",
+        "--token-max-lifetime SECONDS",
+        "env COORDINATOR_TOKEN_JWKS",
+        "(default: 604800)",
+        "required with HS256",
+    ):
+        assert text in out, text
+
+
 # -- processes -----------------------------------------------------------------------
 async def test_token_command_as_a_process() -> None:
     (rc, out, err), (rc_env, out_env, _), (rc_bad, _, err_bad) = await asyncio.gather(
@@ -158,7 +191,7 @@ async def test_token_command_as_a_process() -> None:
         run("token", "carol"),
     )
     assert (rc, err) == (0, "")
-    assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n", out)
+    assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n", out)  # a JWT
     assert verify_token(out.strip(), "s") == "alice"
     assert rc_env == 0 and verify_token(out_env.strip(), "env-secret") == "bob"
     assert rc_bad == 2
@@ -206,6 +239,34 @@ async def test_serve_configuration_errors(redis_url: str) -> None:
             {"COORDINATOR_SECRET": "s"},
             1,
             "redis://127.0.0.1:1",
+        ),
+    ]
+    missing = "/nonexistent/idp.pem"
+    cases += [
+        (
+            ["serve", "--token-algorithm", "RS256"],
+            {},
+            2,
+            "error: RS256 tokens need a public key file or a JWKS file (one of them)",
+        ),
+        (
+            ["serve", "--token-public-key", missing],
+            {"COORDINATOR_TOKEN_ALGORITHM": "rs256"},
+            2,
+            f"error: cannot read token key file {missing}: No such file or directory",
+        ),
+        (["serve", "--token-algorithm", "none"], {}, 2, "invalid choice: 'NONE'"),
+        (
+            ["serve", "--secret", "s", "--token-max-lifetime", "0"],
+            {},
+            2,
+            "token max lifetime must be > 0 seconds",
+        ),
+        (
+            ["serve", "--secret", "s", "--token-jwks", missing],
+            {},
+            2,
+            "HS256 tokens are verified with the secret, not a key file",
         ),
     ]
     busy = socket.socket()

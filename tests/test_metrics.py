@@ -1,0 +1,120 @@
+"""/metrics on prometheus_client: counters, the latency histograms, one registry per node."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.metrics import NodeMetrics
+from tests.helpers import wait_until
+from tests.server_fixtures import ServerCluster
+
+HISTOGRAMS = (
+    "coordinator_action_ack_seconds",
+    "coordinator_action_answer_seconds",
+    "coordinator_event_delivery_lag_seconds",
+    "coordinator_join_seconds",
+    "coordinator_failover_seconds",
+)
+
+
+def samples(text: str, node: str) -> dict[str, float]:
+    """Sample name (with ``le`` for buckets) -> value, for one node's series."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            assert s.labels.get("node") == node, s
+            name = s.name + (f"[{s.labels['le']}]" if "le" in s.labels else "")
+            out[name] = s.value
+    return out
+
+
+async def test_scrape_after_actions_counts_and_observes(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1)
+    first = await servers.join(a, "conv", "alice")
+    for i in range(3):
+        await first.say(f"m{i}")
+    await first.wait_ids(6)
+    # A second connection replays the six events: delivered, but not delivery lag.
+    second = await servers.join(a, "conv", "alice")
+    await second.wait_ids(6)
+    refused = await servers.client().refused(a.url, "conv", "not-a-token")
+    assert "malformed token" in refused
+
+    status, text = await servers.request("GET", a, "/metrics")
+    assert status == 200
+    got = samples(text, "n1")
+    assert got["coordinator_actions_accepted_total"] == 3
+    assert got["coordinator_events_delivered_total"] == 12
+    assert got["coordinator_action_ack_seconds_count"] == 3
+    assert got["coordinator_join_seconds_count"] == 3  # two joins and a refusal
+    assert got["coordinator_event_delivery_lag_seconds_count"] == 6
+    for name in ("coordinator_action_ack_seconds", "coordinator_join_seconds"):
+        assert 0 < got[f"{name}_sum"] < 30
+        assert got[f"{name}_bucket[+Inf]"] == got[f"{name}_count"]
+    assert got["coordinator_redis_up"] == 1 and got["coordinator_lease_valid"] == 1
+    assert got["coordinator_local_connections"] == 2
+    # The core's histograms are exposed and fed: each action was answered once.
+    for name in HISTOGRAMS:
+        assert f"{name}_count" in got and f"# TYPE {name} histogram\n" in text
+    assert got["coordinator_action_answer_seconds_count"] == 3
+    assert 0 <= got["coordinator_lease_renewal_age_seconds"] < 10
+
+
+async def test_a_lost_nodes_conversation_served_again_is_a_failover_observation(
+    make_nodes,
+) -> None:
+    """The node that restarts a lost node's conversation observes how long after the
+    loss was noticed (the reaper's NODE_LOST) it was served again."""
+    a, b = await make_nodes(2)
+    await a.join_conversation("lost", "ca", {}, "alice")
+    await b.join_conversation("lost", "cb", {}, "alice")
+    await a.node.halt()  # like kill -9: nothing released
+    await wait_until(lambda: "lost" in b.local_loops(), timeout=20, what="restarted on b")
+    got = samples(b.metrics.render().decode(), "node2")
+    assert got["coordinator_failover_seconds_count"] == 1
+    assert 0 <= got["coordinator_failover_seconds_sum"] < 20
+
+
+async def test_nodes_in_one_process_keep_their_own_metrics(servers: ServerCluster) -> None:
+    a, b = await servers.start(2)
+    client = await servers.join(a, "conv", "alice")
+    await client.say("hello")
+    await client.wait_ids(2)
+    _, text_a = await servers.request("GET", a, "/metrics")
+    _, text_b = await servers.request("GET", b, "/metrics")
+    assert samples(text_a, "n1")["coordinator_actions_accepted_total"] == 1
+    assert samples(text_b, "n2")["coordinator_actions_accepted_total"] == 0
+    assert a.manager.metrics.registry is not b.manager.metrics.registry
+
+
+def test_core_hooks_show_up_in_the_exposition() -> None:
+    metrics = NodeMetrics("n1")
+    for seconds in (0.002, 0.3, 45):
+        metrics.observe_answer(seconds)
+    metrics.observe_failover(7.5)
+    age: list[float | None] = [None]
+    metrics.lease_age_from(lambda: age[0])
+    got = samples(metrics.render().decode(), "n1")
+    assert "coordinator_lease_renewal_age_seconds" not in got  # None: not renewed yet
+    assert got["coordinator_action_answer_seconds_count"] == 3
+    assert got["coordinator_action_answer_seconds_bucket[0.005]"] == 1
+    assert got["coordinator_action_answer_seconds_bucket[60.0]"] == 3
+    assert got["coordinator_failover_seconds_count"] == 1
+    assert got["coordinator_failover_seconds_bucket[7.0]"] == 0
+    assert got["coordinator_failover_seconds_bucket[8.0]"] == 1
+    age[0] = 1.25
+    assert samples(metrics.render().decode(), "n1")["coordinator_lease_renewal_age_seconds"] == 1.25
+
+
+def test_readings_integers_and_a_broken_reading() -> None:
+    metrics = NodeMetrics('n"1')
+    count = [41]
+    metrics.counter_from("coordinator_things", "Things.", lambda: count[0])
+    metrics.gauge_from("coordinator_broken", "Raises.", lambda: 1 / 0)
+    count[0] += 1
+    text = metrics.render().decode()
+    # Integral values are written as integers; label values are escaped.
+    assert 'coordinator_things_total{node="n\\"1"} 42\n' in text
+    assert "# TYPE coordinator_broken gauge\n" in text
+    assert "coordinator_broken{" not in text
+    assert 'coordinator_action_ack_seconds_sum{node="n\\"1"} 0\n' in text
