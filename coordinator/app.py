@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from . import codec
 from .auth import AuthError, TokenVerifier, as_verifier
 from .config import ManagerConfig, check_connection_id, check_conversation_id
-from .errors import CoordinatorError, Forbidden, InvalidInput
+from .errors import ConfigError, CoordinatorError, Forbidden, InvalidInput
 from .manager import ConversationManager
 from .metrics import NodeMetrics
 from .rest import RestApp, client_message
@@ -146,14 +146,14 @@ class SocketHandlers:
         self.sio.on("oh_user_action", self.oh_user_action, namespace=NAMESPACE)
         self.sio.on("disconnect", self.disconnect, namespace=NAMESPACE)
 
-    async def connect(self, sid: str, environ: Mapping[str, Any], auth: Any) -> bool:
+    async def connect(self, connection_id: str, environ: Mapping[str, Any], auth: Any) -> bool:
         started = time.perf_counter()
         try:
-            return await self._join(sid, environ, auth)
+            return await self._join(connection_id, environ, auth)
         finally:
             self.metrics.join_seconds.observe(time.perf_counter() - started)
 
-    async def _join(self, sid: str, environ: Mapping[str, Any], auth: Any) -> bool:
+    async def _join(self, connection_id: str, environ: Mapping[str, Any], auth: Any) -> bool:
         query = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
         token = auth.get("token") if isinstance(auth, dict) else None
         if token is None:
@@ -161,27 +161,27 @@ class SocketHandlers:
         joined = False
         try:
             user = self.tokens.user(token)
-            raw_sid = _first(query, "conversation_id")
-            if raw_sid is None:
+            raw_conversation = _first(query, "conversation_id")
+            if raw_conversation is None:
                 raise InvalidInput("the conversation_id query parameter is required")
-            conversation = check_conversation_id(raw_sid)
+            conversation = check_conversation_id(raw_conversation)
             latest = parse_latest_event_id(_first(query, "latest_event_id"))
-            check_connection_id(sid)
-            self.sink.joining(sid)
-            await self.manager.join_conversation(conversation, sid, {}, user, latest)
+            check_connection_id(connection_id)
+            self.sink.joining(connection_id)
+            await self.manager.join_conversation(conversation, connection_id, {}, user, latest)
             joined = True
         except Exception as exc:
             if joined:
-                await self._forget(sid)
-            self.sink.left(sid)
+                await self._forget(connection_id)
+            self.sink.left(connection_id)
             message = self._refusal(exc)
-            log.info("connection %s refused: %s", sid, message)
+            log.info("connection %s refused: %s", connection_id, message)
             raise socketio.exceptions.ConnectionRefusedError(message) from None
-        if not self._transport_open(sid):
+        if not self._transport_open(connection_id):
             # The client went away while we joined; no disconnect event will follow.
-            await self._forget(sid)
+            await self._forget(connection_id)
             return False
-        log.debug("connection %s joined %s as %s", sid, conversation, user)
+        log.debug("connection %s joined %s as %s", connection_id, conversation, user)
         return True
 
     def _refusal(self, exc: Exception) -> str:
@@ -193,27 +193,27 @@ class SocketHandlers:
             log.error("join failed unexpectedly", exc_info=exc)
         return client_message(exc)
 
-    def _transport_open(self, sid: str) -> bool:
-        eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+    def _transport_open(self, connection_id: str) -> bool:
+        eio_sid = self.sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
         socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
         return socket is not None and not socket.closed and not socket.closing
 
-    async def _forget(self, sid: str) -> None:
-        self.sink.left(sid)
+    async def _forget(self, connection_id: str) -> None:
+        self.sink.left(connection_id)
         try:
-            await self.manager.disconnect_from_session(sid)
+            await self.manager.disconnect_from_session(connection_id)
         except (CoordinatorError, RedisError, OSError) as exc:
-            log.warning("could not forget connection %s: %s", sid, exc)
+            log.warning("could not forget connection %s: %s", connection_id, exc)
 
-    async def oh_user_action(self, sid: str, data: Any = None) -> dict[str, Any]:
+    async def oh_user_action(self, connection_id: str, data: Any = None) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            event_id = await self.manager.send_to_event_stream(sid, data)
+            event_id = await self.manager.send_to_event_stream(connection_id, data)
         except Exception as exc:
             if not isinstance(exc, CoordinatorError | RedisError | OSError):
-                log.error("action from %s failed unexpectedly", sid, exc_info=exc)
+                log.error("action from %s failed unexpectedly", connection_id, exc_info=exc)
             else:
-                log.info("action from %s rejected: %s", sid, exc)
+                log.info("action from %s rejected: %s", connection_id, exc)
             ack: dict[str, Any] = {"ok": False, "error": client_message(exc)}
         else:
             self.metrics.actions_accepted.inc()
@@ -221,8 +221,8 @@ class SocketHandlers:
         self.metrics.ack_seconds.observe(time.perf_counter() - started)
         return ack
 
-    async def disconnect(self, sid: str, reason: Any = None) -> None:
-        await self._forget(sid)
+    async def disconnect(self, connection_id: str, reason: Any = None) -> None:
+        await self._forget(connection_id)
 
 
 def create_app(
@@ -250,6 +250,11 @@ def create_app(
     )
     sink = manager.sink
     if not isinstance(sink, SocketSink):
+        if manager.started:  # its node delivers to the sink it started with
+            raise ConfigError(
+                "create_app needs a manager made with a SocketSink (app.new_manager) "
+                "or one not started yet"
+            )
         sink = SocketSink()
         manager.sink = sink
     sink.bind(sio, manager.metrics)

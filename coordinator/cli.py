@@ -145,7 +145,20 @@ async def _serve(
 
 
 # -- other commands --------------------------------------------------------------------
+def _dev_tool(name: str) -> None:
+    """The developer tools need the ``dev`` extra (aiohttp, python-socketio's client)."""
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        _fail(
+            2,
+            f"coordinator {name} needs the developer tools: "
+            "pip install 'redis-conversation-coordinator[dev]' (make run installs them)",
+        )
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
+    _dev_tool("cluster")
     from .cluster import run_cluster
 
     if args.nodes < 1:
@@ -176,6 +189,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _dev_tool("chat")
     from .chat import ChatClient
 
     token = args.token

@@ -35,6 +35,7 @@ class IdleTracker:
 
     def __init__(
         self,
+        *,
         state: RedisState,
         config: ManagerConfig,
         runners: Mapping[str, LoopRunner],

@@ -98,7 +98,13 @@ class ConversationManager:
             except AgentLoadError as exc:
                 raise ConfigError(str(exc)) from None
         backend = self._backend or RedisBackend(self.config)
-        self._node = await Node.start(self.config, backend, self.sink, factory, self.metrics)
+        self._node = await Node.start(
+            config=self.config,
+            backend=backend,
+            sink=self.sink,
+            agent_factory=factory,
+            metrics=self.metrics,
+        )
 
     async def aclose(self) -> None:
         """Stop every local loop, forget local connections, deregister, stop tasks."""

@@ -49,6 +49,7 @@ class Router:
 
     def __init__(
         self,
+        *,
         keys: KeySchema,
         delivery: Delivery,
         restarts: Restarts,
@@ -95,6 +96,7 @@ class Node:
     @classmethod
     async def start(
         cls,
+        *,
         config: ManagerConfig,
         backend: RedisBackend,
         sink: EventSink,
@@ -128,7 +130,9 @@ class Node:
         self.runners: dict[str, LoopRunner] = {}
         self.connections = LocalConnections(self.state, sink, tasks)
         self.delivery = Delivery(self.runners, self.connections)
-        self.idle = IdleTracker(self.state, cfg, self.runners, self.membership)
+        self.idle = IdleTracker(
+            state=self.state, config=cfg, runners=self.runners, membership=self.membership
+        )
         self.actions = Actions(
             state=self.state,
             config=cfg,
@@ -181,7 +185,13 @@ class Node:
             restarts=self.restarts,
             sessions=self.sessions,
         )
-        router = Router(keys, self.delivery, self.restarts, self.bus, self.runners)
+        router = Router(
+            keys=keys,
+            delivery=self.delivery,
+            restarts=self.restarts,
+            bus=self.bus,
+            runners=self.runners,
+        )
         # Registering, then reaping what a previous incarnation of this node id held.
         previous = await self.membership.register()
         self.membership.start_keeper(self.backend.lease_renewer(keys))

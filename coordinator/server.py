@@ -21,7 +21,7 @@ from .auth import TokenVerifier
 from .config import ManagerConfig
 from .errors import CoordinatorError
 from .manager import ConversationManager
-from .wsproto import CoalescingWebSocketProtocol
+from .websocket import CoalescingSansIOProtocol
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class NodeServer:
             log_config=None,
             access_log=self.log_level == "debug",
             lifespan="off",
-            ws=CoalescingWebSocketProtocol,
+            ws=CoalescingSansIOProtocol,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
         self._server = _Uvicorn(config)

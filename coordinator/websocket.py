@@ -1,5 +1,6 @@
-"""uvicorn's websocket protocol with write coalescing: the frames one event-loop
-iteration writes to a connection leave in one ``send()``.
+"""uvicorn's websockets sans-I/O protocol (``WebSocketsSansIOProtocol``, uvicorn >= 0.35)
+with write coalescing: the frames one event-loop iteration writes to a connection leave
+in one ``send()``.
 
 An action's ack and its user event are written back to back, and on loopback or a LAN
 each ``send()`` costs about as much as building the frame (the kernel runs the whole
@@ -72,7 +73,7 @@ class CoalescingTransport(asyncio.Transport):
         return False
 
 
-class CoalescingWebSocketProtocol(WebSocketsSansIOProtocol):
+class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets (sans-I/O) protocol writing through a CoalescingTransport."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
