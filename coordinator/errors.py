@@ -82,3 +82,8 @@ class NodeDraining(CoordinatorError):
 
 class NodeBusy(CoordinatorError):
     """This node has ``max_concurrent_joins`` joins in progress and more waited too long."""
+
+
+class AgentFailed(CoordinatorError):
+    """An agent running in a worker process failed: it raised (the message names the
+    exception), or its worker stalled or died while it worked."""
