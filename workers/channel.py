@@ -1,0 +1,111 @@
+"""The channel between a node and one of its agent worker processes: frames and kinds.
+
+One Unix socket pair per worker, both directions on it. A frame is a 4-byte big-endian
+length, then one msgpack array whose first element is the kind (never pickle: a worker
+runs agent code, and nothing it sends may execute in the node). Both sides read frames
+in their protocol's ``data_received``: no task per message, futures keyed by request id.
+
+node -> worker                              worker -> node
+  OPEN     rid lid sid user settings          HELLO    pid speculative
+  DISPATCH rid lid action                     FATAL    message (the agent did not load)
+  CLOSE    rid lid                            EMIT     rid lid event state
+  CANCEL   lid (its dispatch)                 DONE     rid lid state
+  PING     seq                                FAILED   rid lid kind detail state
+  REPLY    rid event-id (to an EMIT)          PONG     seq
+  REFUSE   rid kind detail (to an EMIT)
+  STOP
+
+``rid`` numbers requests on the side that sends them (node requests: OPEN, DISPATCH,
+CLOSE; worker requests: EMIT). ``lid`` names one agent instance: the node never reuses
+one, so a late frame of a replaced instance cannot reach its successor. FAILED and
+REFUSE carry ``kind`` ``Fenced`` or ``SpeculationLost`` with that exception's arguments
+as ``detail`` (each side raises the exception of that name), ``memory`` (the agent ran
+out of memory), ``cancelled``, or ``error`` with a message. PONG is answered from the
+worker's event loop, so a loop that stopped turning stops answering (the node's
+watchdog). A thread in the worker writes STALLED frames (``lid`` of the task that holds
+the loop, 0 when unknown) to a second, one-way pipe: the only frame not from the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from coordinator.errors import CoordinatorError, Fenced, SpeculationLost
+
+# node -> worker
+OPEN, DISPATCH, CLOSE, CANCEL, PING, REPLY, REFUSE, STOP = range(1, 9)
+# worker -> node
+HELLO, FATAL, EMIT, DONE, FAILED, PONG, STALLED = range(10, 17)
+
+# FAILED / REFUSE kinds besides the two exception names.
+ERROR, MEMORY, CANCELLED = "error", "memory", "cancelled"
+
+MAX_FRAME = 64 * 1024 * 1024  # far above any event (the node bounds actions at 64 KiB)
+_HEADER = 4
+
+
+class ChannelError(Exception):
+    """The peer sent something that is not a frame of this protocol."""
+
+
+def frame(message: list[Any]) -> bytes:
+    """``message`` as one frame (raises TypeError/ValueError if msgpack cannot encode it)."""
+    body: bytes = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"a {len(body)}-byte frame is over the channel's {MAX_FRAME} bytes")
+    return len(body).to_bytes(_HEADER, "big") + body
+
+
+class FrameReader:
+    """Reassembles frames from a byte stream."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[list[Any]]:
+        """The complete messages ``data`` finishes, in order; raises ChannelError."""
+        buf = self._buf
+        buf += data
+        out: list[list[Any]] = []
+        start, end = 0, len(buf)
+        while end - start >= _HEADER:
+            size = int.from_bytes(buf[start : start + _HEADER], "big")
+            if size > MAX_FRAME:
+                raise ChannelError(f"frame of {size} bytes announced (limit {MAX_FRAME})")
+            stop = start + _HEADER + size
+            if stop > end:
+                break
+            with memoryview(buf) as view:
+                try:
+                    message = msgpack.unpackb(
+                        view[start + _HEADER : stop], raw=False, strict_map_key=False
+                    )
+                except (ValueError, msgpack.UnpackException) as exc:
+                    raise ChannelError(f"undecodable frame: {exc}") from None
+            if not isinstance(message, list) or not message or type(message[0]) is not int:
+                raise ChannelError("a frame must be a non-empty array starting with its kind")
+            out.append(message)
+            start = stop
+        if start:
+            del buf[:start]
+        return out
+
+
+def refusal(kind: str, detail: Any) -> Exception:
+    """The exception a FAILED or REFUSE frame stands for, as the other side raised it."""
+    if kind == "Fenced":
+        return Fenced(str(detail[0]), int(detail[1]), int(detail[2]))
+    if kind == "SpeculationLost":
+        return SpeculationLost(str(detail[0]), int(detail[1]))
+    return CoordinatorError(str(detail))
+
+
+def describe(exc: BaseException) -> tuple[str, Any]:
+    """``(kind, detail)`` for a FAILED or REFUSE frame."""
+    if isinstance(exc, Fenced):
+        return "Fenced", [exc.sid, exc.epoch, exc.current]
+    if isinstance(exc, SpeculationLost):
+        return "SpeculationLost", [exc.sid, exc.predicted]
+    return ERROR, f"{type(exc).__name__}: {exc}"

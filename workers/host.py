@@ -1,0 +1,372 @@
+"""An agent worker process: runs agent loop instances for the node that started it.
+
+The node (``coordinator/agentpool.py``) starts ``python -m workers.host`` with one end of
+a Unix socket pair (the channel, ``workers/channel.py``) and the write end of a pipe for
+stall reports. The node keeps ownership, fencing, ordering and delivery; this process
+only holds agent instances, calls ``start``/``dispatch``/``aclose`` when told to, and
+turns each ``emit`` into an EMIT frame whose answer (the event id, or ``Fenced`` /
+``SpeculationLost``) the agent gets as if the node were in its process.
+
+A bad agent costs this process, never the node: a call that blocks stops this event
+loop, and the node's watchdog, which no longer gets PONGs, kills the process and moves
+its instances elsewhere; before that, the stall reporter thread tells the node whose task
+holds the loop, so only that action is blamed. The process exits when the node closes
+the channel (the node is gone) or says STOP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import gc
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Coroutine, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from coordinator.errors import Fenced, SpeculationLost
+
+from .channel import (
+    CANCEL,
+    CANCELLED,
+    CLOSE,
+    DISPATCH,
+    DONE,
+    EMIT,
+    ERROR,
+    FAILED,
+    FATAL,
+    HELLO,
+    MEMORY,
+    OPEN,
+    PING,
+    PONG,
+    REFUSE,
+    REPLY,
+    STALLED,
+    STOP,
+    ChannelError,
+    FrameReader,
+    describe,
+    frame,
+    refusal,
+)
+from .loader import load_agent
+from .protocol import AgentContext, AgentFactory, AgentLoop, EmitFn, Event
+
+log = logging.getLogger("workers.host")
+
+CLOSE_WITHIN = 5.0  # seconds a cancelled dispatch gets before its agent is closed anyway
+
+# The agent instance a task works for; tasks an agent starts inherit it (contexts are
+# copied into new tasks), so the stall reporter can name the instance behind any task.
+CURRENT_LID: contextvars.ContextVar[int] = contextvars.ContextVar("lid", default=0)
+
+
+T = TypeVar("T")
+
+
+class LoopTask(asyncio.Task[T]):
+    """A task that remembers the agent instance it was started for (``lid``; 0: none)."""
+
+    lid = 0
+
+
+def _task_factory(
+    loop: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, T] | Generator[Any, None, T],
+    context: contextvars.Context | None = None,
+) -> LoopTask[T]:
+    task = LoopTask(coro, loop=loop, context=context)
+    task.lid = CURRENT_LID.get() if context is None else context.get(CURRENT_LID, 0)
+    return task
+
+
+def _state(agent: AgentLoop | None) -> str:
+    try:
+        return "" if agent is None else str(agent.state)
+    except Exception:
+        return ""
+
+
+@dataclass(eq=False)
+class Hosted:
+    """One agent instance and its dispatch in progress."""
+
+    lid: int
+    sid: str
+    agent: AgentLoop | None = None
+    task: asyncio.Task[Any] | None = None
+    closed: bool = False
+
+
+class AgentHost(asyncio.Protocol):
+    """The worker's end of the channel: one per process."""
+
+    def __init__(self, factory: AgentFactory, speculative: bool) -> None:
+        self._factory = factory
+        self._speculative = speculative
+        self._agents: dict[int, Hosted] = {}
+        self._replies: dict[int, asyncio.Future[int]] = {}
+        self._next_rid = 0
+        self._reader = FrameReader()
+        self._transport: asyncio.Transport | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    # -- the channel -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._send([HELLO, os.getpid(), self._speculative])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.finished.done():
+            self.finished.set_result(False)  # the node is gone: nothing to close for
+
+    def _send(self, message: list[Any]) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frame(message))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._reader.feed(data)
+        except ChannelError as exc:
+            log.error("bad frame from the node (%s); exiting", exc)
+            assert self._transport is not None
+            self._transport.abort()
+            return
+        for m in messages:
+            kind = m[0]
+            if kind == PING:
+                self._send([PONG, m[1]])
+            elif kind in (REPLY, REFUSE):
+                fut = self._replies.pop(m[1], None)
+                if fut is not None and not fut.done():
+                    if kind == REPLY:
+                        fut.set_result(m[2])
+                    else:
+                        fut.set_exception(refusal(m[2], m[3]))
+            elif kind == DISPATCH:
+                self._spawn(self._dispatch(m[1], m[2], m[3]), m[2])
+            elif kind == OPEN:
+                self._spawn(self._open(m[1], m[2], m[3], m[4], m[5]), m[2])
+            elif kind == CLOSE:
+                self._spawn(self._close(m[1], m[2]), m[2])
+            elif kind == CANCEL:
+                hosted = self._agents.get(m[1])
+                if hosted is not None and hosted.task is not None:
+                    hosted.task.cancel()
+            elif kind == STOP:
+                self._spawn(self._stop(), 0)
+            else:
+                log.warning("unknown frame kind %r from the node", kind)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], lid: int) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        if isinstance(task, LoopTask):
+            task.lid = lid
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- requests from the node ------------------------------------------------------
+    async def _open(self, rid: int, lid: int, sid: str, user: str, settings: Any) -> None:
+        CURRENT_LID.set(lid)
+        hosted = Hosted(lid, sid)
+        self._agents[lid] = hosted
+        try:
+            hosted.agent = self._factory(AgentContext(sid, user or None, settings or {}))
+            await hosted.agent.start(self._emitter(hosted))
+        except asyncio.CancelledError:
+            self._agents.pop(lid, None)
+            self._send([FAILED, rid, lid, CANCELLED, "", ""])
+        except MemoryError:
+            self._out_of_memory(rid, hosted)
+        except Exception as exc:
+            log.exception("agent of %s failed to start", sid)
+            self._agents.pop(lid, None)
+            self._send([FAILED, rid, lid, *describe(exc), _state(hosted.agent)])
+        else:
+            self._send([DONE, rid, lid, _state(hosted.agent)])
+
+    async def _dispatch(self, rid: int, lid: int, action: Event) -> None:
+        CURRENT_LID.set(lid)
+        hosted = self._agents.get(lid)
+        if hosted is None or hosted.agent is None or hosted.closed:
+            self._send([FAILED, rid, lid, ERROR, f"no agent instance {lid}", ""])
+            return
+        hosted.task = asyncio.current_task()
+        try:
+            await hosted.agent.dispatch(action)
+        except asyncio.CancelledError:
+            self._send([FAILED, rid, lid, CANCELLED, "", _state(hosted.agent)])
+        except MemoryError:
+            self._out_of_memory(rid, hosted)
+        except Exception as exc:
+            if not isinstance(exc, Fenced | SpeculationLost):
+                log.exception("agent of %s failed on action %s", hosted.sid, action.get("id"))
+            self._send([FAILED, rid, lid, *describe(exc), _state(hosted.agent)])
+        else:
+            self._send([DONE, rid, lid, _state(hosted.agent)])
+        finally:
+            hosted.task = None
+
+    def _out_of_memory(self, rid: int, hosted: Hosted) -> None:
+        # Drop the instance first: what it holds may be what filled the memory. The
+        # node replaces this process anyway (its heap may be too fragmented to trust).
+        self._agents.pop(hosted.lid, None)
+        hosted.agent = None
+        gc.collect()
+        log.error("agent of %s ran out of memory", hosted.sid)
+        self._send([FAILED, rid, hosted.lid, MEMORY, "out of memory", ""])
+
+    async def _close(self, rid: int, lid: int) -> None:
+        hosted = self._agents.pop(lid, None)
+        if hosted is None or hosted.agent is None:
+            self._send([DONE, rid, lid, ""])
+            return
+        hosted.closed = True
+        task = hosted.task
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=CLOSE_WITHIN)
+        try:
+            await hosted.agent.aclose()
+        except Exception as exc:
+            log.exception("agent of %s failed to close", hosted.sid)
+            self._send([FAILED, rid, lid, *describe(exc), ""])
+        else:
+            self._send([DONE, rid, lid, _state(hosted.agent)])
+
+    async def _stop(self) -> None:
+        """Close every agent (each bounded), then end the process."""
+        closing = [self._close(0, lid) for lid in list(self._agents)]
+        if closing:
+            await asyncio.wait(
+                [asyncio.ensure_future(c) for c in closing], timeout=CLOSE_WITHIN * 2
+            )
+        if not self.finished.done():
+            self.finished.set_result(True)
+
+    # -- what agents call ------------------------------------------------------------
+    def _emitter(self, hosted: Hosted) -> EmitFn:
+        loop = asyncio.get_running_loop()
+
+        async def emit(event: Event) -> int:
+            if not isinstance(event, dict):
+                raise TypeError(f"an event must be a dict, got {type(event).__name__}")
+            if hosted.closed or self._transport is None or self._transport.is_closing():
+                raise Fenced(hosted.sid, 0, -1)  # closed: the node stopped this loop
+            self._next_rid += 1
+            rid = self._next_rid
+            data = frame([EMIT, rid, hosted.lid, event, _state(hosted.agent)])
+            fut: asyncio.Future[int] = loop.create_future()
+            self._replies[rid] = fut
+            self._transport.write(data)
+            try:
+                return await fut
+            except Fenced as exc:
+                if exc.sid:
+                    raise
+                # Refused for an instance the node no longer knows (closed or moved).
+                raise Fenced(hosted.sid, exc.epoch, exc.current) from None
+            finally:
+                self._replies.pop(rid, None)
+
+        return emit
+
+
+class StallReporter:
+    """Notices that the event loop has not turned for ``after`` seconds and writes, once
+    per stall, which agent instance's task holds it (a STALLED frame) to ``fd``.
+
+    A thread: it runs while the loop is blocked (in ``time.sleep``, I/O, or pure-Python
+    code, which yields the GIL every few milliseconds; not in C code that holds it)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, after: float) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._after = after
+        self._tick = time.monotonic()
+        self._reported = False
+
+    def start(self) -> None:
+        self._turn()
+        threading.Thread(target=self._watch, name="stall-reporter", daemon=True).start()
+
+    def _turn(self) -> None:
+        self._tick = time.monotonic()
+        self._reported = False
+        self._loop.call_later(self._after / 4, self._turn)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._after / 4)
+            if self._reported or time.monotonic() - self._tick < self._after:
+                continue
+            task = asyncio.current_task(self._loop)
+            lid = task.lid if isinstance(task, LoopTask) else 0
+            try:
+                os.write(self._fd, frame([STALLED, lid]))
+            except OSError:
+                return  # the node is gone
+            self._reported = True
+
+
+async def _serve(host_args: argparse.Namespace, factory: AgentFactory, sock: socket.socket) -> bool:
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(_task_factory)
+    host = AgentHost(factory, bool(getattr(factory, "speculative", False)))
+    await loop.create_unix_connection(lambda: host, sock=sock)
+    StallReporter(loop, host_args.report_fd, host_args.stall_after).start()
+    return await host.finished
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m workers.host")
+    parser.add_argument("--channel-fd", type=int, required=True)
+    parser.add_argument("--report-fd", type=int, required=True)
+    parser.add_argument("--agent", required=True)
+    parser.add_argument("--stall-after", type=float, default=2.5)
+    parser.add_argument("--memory-limit", type=int, default=0)
+    parser.add_argument("--log-level", default="WARNING")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    # The node handles Ctrl-C and SIGTERM for the whole process group and stops its
+    # workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=args.log_level,
+        format=f"%(asctime)s %(levelname)s %(name)s [agent worker {os.getpid()}]: %(message)s",
+    )
+    sock = socket.socket(fileno=args.channel_fd)
+    if args.memory_limit:
+        resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
+    try:
+        factory = load_agent(args.agent)
+    except Exception as exc:
+        sock.sendall(frame([FATAL, str(exc)]))
+        return 2
+    # Not asyncio.run: its clean-up would wait for agents' leftover tasks.
+    asyncio.new_event_loop().run_until_complete(_serve(args, factory, sock))
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    logging.shutdown()
+    sys.stderr.flush()
+    # Not a normal interpreter exit: agents' leftover tasks and threads must not keep a
+    # worker whose node is gone alive, nor print on the way out.
+    os._exit(code)
