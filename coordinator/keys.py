@@ -36,6 +36,11 @@ class KeySchema:
         """Hash: connection id -> incarnation of the node holding it."""
         return f"{self.prefix}:{{c:{sid}}}:conns"
 
+    def attempts(self, sid: str) -> str:
+        """Hash: action id -> dispatches started in an agent worker, ``ID:why`` -> why the
+        last one failed (poison actions: ``state/attempts.py``)."""
+        return f"{self.prefix}:{{c:{sid}}}:attempts"
+
     def conv_channel(self, sid: str) -> str:
         """Pub/sub channel carrying the conversation's events as ``[id, event]``."""
         return f"{self.prefix}:{{c:{sid}}}:ch"

@@ -323,6 +323,24 @@ end
 return {'ok', refs}
 """
 
+ATTEMPT = """
+-- attempt: count one more dispatch of an action, before it starts (poison actions).
+-- KEYS[1]  conversation attempts hash
+-- ARGV[1]  action id   ARGV[2] time to live (ms)
+-- returns  {dispatches of the action so far, this one included; why the last failed, or ''}
+-- A loop dispatches in order: another action's fields are of one processed (or given up)
+-- since, and are dropped here, so the hash holds one action.
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+local why = redis.call('HGET', KEYS[1], ARGV[1] .. ':why') or ''
+if redis.call('HLEN', KEYS[1]) > (why == '' and 1 or 2) then
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if f ~= ARGV[1] and f ~= ARGV[1] .. ':why' then redis.call('HDEL', KEYS[1], f) end
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {n, why}
+"""
+
 ALL = {
     "acquire": ACQUIRE,
     "release": RELEASE,
@@ -335,4 +353,5 @@ ALL = {
     "delete_if": DELETE_IF,
     "hdel_if": HDEL_IF,
     "attach": ATTACH,
+    "attempt": ATTEMPT,
 }

@@ -7,6 +7,7 @@ their logs (``conversations.py``), running loops and the cap (``loops.py``), con
 every method is one Redis round trip or a few sent together.
 """
 
+from .attempts import AttemptOps
 from .connections import ConnectionOps
 from .core import accept_token, text
 from .loops import LoopOps
@@ -14,7 +15,7 @@ from .registry import LeaseRenewer, RegistryOps
 from .results import Accepted, Admitted, Committed, Lease, Ownership
 
 
-class RedisState(LoopOps, ConnectionOps, RegistryOps):
+class RedisState(LoopOps, ConnectionOps, RegistryOps, AttemptOps):
     """Typed operations over one Redis deployment (see the package docstring)."""
 
 
