@@ -28,6 +28,23 @@ def _switch(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(value: str) -> int:
+    """A byte count such as 512M, 2G or 1048576 (K, M, G are powers of 1024); 0 or off:
+    none."""
+    word = value.strip().upper().removesuffix("B").removesuffix("I")
+    if word in ("0", "OFF", "NONE"):
+        return 0
+    unit = word[-1:] if word[-1:] in _UNITS else ""
+    try:
+        number = float(word[: len(word) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M, got {value!r}") from None
+    return int(number * _UNITS[unit])
+
+
 # serve flag -> ManagerConfig field, for the optional settings passed through as given.
 CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "node_id": ("--node-id", str, "node id (default: HOST-PID-random)"),
@@ -82,6 +99,42 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         _switch,
         "on/off: an agent that allows it starts on an action sent through its own node "
         "before the action is durable, saving a Redis round trip (default: on)",
+    ),
+    "agent_isolation": (
+        "--agent-isolation",
+        str,
+        "process: agent loops run in worker processes, so an agent that blocks, crashes "
+        "or leaks hurts only its own conversation; none: in the node's event loop (an "
+        "agent that blocks stalls the whole node and its lease) (default: process)",
+    ),
+    "agent_workers": (
+        "--agent-workers",
+        int,
+        "agent worker processes per node (default: the number of cores)",
+    ),
+    "agent_stall_timeout": (
+        "--agent-stall-timeout",
+        float,
+        "seconds a worker may leave a heartbeat unanswered before it is killed and its "
+        "loops move to the others (default: 5)",
+    ),
+    "max_dispatch_attempts": (
+        "--max-dispatch-attempts",
+        int,
+        "dispatches of one action that stalled or killed their worker, on any node, "
+        "after which it is answered with an error event instead (default: 2)",
+    ),
+    "agent_memory_limit": (
+        "--agent-memory-limit",
+        _size,
+        "address space per worker process, e.g. 512M; an action that runs out is "
+        "answered with an error event (default: no limit)",
+    ),
+    "agent_dispatch_timeout": (
+        "--agent-dispatch-timeout",
+        float,
+        "seconds one action may take in its agent before it is cancelled and answered "
+        "with an error event (default: no limit)",
     ),
 }
 

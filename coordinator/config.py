@@ -12,6 +12,8 @@ from typing import Any
 from .errors import ConfigError, InvalidInput
 
 DEFAULT_AGENT = "workers.echo:EchoAgent"
+ISOLATIONS = ("process", "none")
+MIN_AGENT_MEMORY = 128 << 20  # an idle worker maps 40-100 MB of address space
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Users are often e-mail addresses; braces and whitespace stay out so hash tags hold.
@@ -92,6 +94,19 @@ class ManagerConfig:
     # Let an agent that allows it (``speculative = True``) start on an action sent
     # through its own node before the action's accept has answered (runner.py).
     speculative_dispatch: bool = True
+    # Where agent loops run (agentpool.py): "process", in worker processes the node
+    # supervises, or "none", in the node's own event loop, where an agent that blocks
+    # stalls every conversation of the node and its lease, and one that exits takes the
+    # node down. A stall is a worker that has not answered for agent_stall_timeout; an
+    # action that stalled or killed its worker max_dispatch_attempts times is answered
+    # with an error. Limits per worker (address space, bytes) and per dispatch (seconds);
+    # 0 is none.
+    agent_isolation: str = "process"
+    agent_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    agent_stall_timeout: float = 5.0
+    max_dispatch_attempts: int = 2
+    agent_memory_limit: int = 0
+    agent_dispatch_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -137,10 +152,29 @@ class ManagerConfig:
             "max_concurrent_joins",
             "join_wait",
             "max_concurrent_restarts",
+            "agent_workers",
+            "agent_stall_timeout",
+            "max_dispatch_attempts",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.agent_isolation not in ISOLATIONS:
+            raise ConfigError(
+                f"agent_isolation must be one of {', '.join(ISOLATIONS)}, "
+                f"got {self.agent_isolation!r}"
+            )
+        if self.agent_memory_limit and self.agent_memory_limit < MIN_AGENT_MEMORY:
+            raise ConfigError(
+                "agent_memory_limit must be 0 (no limit) or at least "
+                f"{MIN_AGENT_MEMORY >> 20}M (a worker's interpreter needs that much), "
+                f"got {self.agent_memory_limit!r}"
+            )
+        if self.agent_dispatch_timeout < 0:
+            raise ConfigError(
+                "agent_dispatch_timeout must be >= 0 (0: none), "
+                f"got {self.agent_dispatch_timeout!r}"
+            )
         if self.lease_margin < 0:
             raise ConfigError(f"lease_margin must be >= 0, got {self.lease_margin!r}")
         if self.heartbeat_interval * 2 > self.node_ttl - self.lease_margin:

@@ -52,7 +52,9 @@ class ConversationManager:
 
     ``sink`` receives the events for this node's connections (``app.SocketSink`` emits
     them as socket.io ``oh_event``); ``agent_factory`` makes agent loops (default: the
-    class ``config.agent`` names); ``backend`` makes the Redis connections (default: a
+    class ``config.agent`` names, run in worker processes unless ``agent_isolation`` is
+    ``none``; a factory given here cannot be sent to another process, so its loops run in
+    this one: isolation ``none``); ``backend`` makes the Redis connections (default: a
     ``RedisBackend`` for ``config.redis_url``).
     """
 
@@ -92,7 +94,7 @@ class ConversationManager:
         if self._node is not None:
             return
         factory = self._agent_factory
-        if factory is None:
+        if factory is None and self.config.agent_isolation == "none":
             try:
                 factory = load_agent(self.config.agent)
             except AgentLoadError as exc:

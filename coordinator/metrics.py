@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -48,6 +48,7 @@ JOIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 FAILOVER_BUCKETS = (0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 30, 60, 120)
 
 Read = Callable[[], "float | None"]
+ReadMany = Callable[[], Mapping[str, float]]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class Reading:
     kind: str  # gauge | counter
     help: str
     read: Read
+    # A gauge with one more label: ``read_many`` gives its value per label value.
+    label: str = ""
+    read_many: ReadMany | None = None
 
 
 class _Readings(Collector):
@@ -70,12 +74,18 @@ class _Readings(Collector):
     def collect(self) -> Iterator[Metric]:
         for r in list(self.by_name.values()):
             family: GaugeMetricFamily | CounterMetricFamily
+            labels = ["node", r.label] if r.read_many is not None else ["node"]
             if r.kind == "counter":
-                family = CounterMetricFamily(r.name, r.help, labels=["node"])
+                family = CounterMetricFamily(r.name, r.help, labels=labels)
             else:
-                family = GaugeMetricFamily(r.name, r.help, labels=["node"])
+                family = GaugeMetricFamily(r.name, r.help, labels=labels)
             try:
-                value = r.read()
+                if r.read_many is not None:
+                    for key, many in r.read_many().items():
+                        family.add_metric([self.node_id, key], float(many))
+                    value = None
+                else:
+                    value = r.read()
             except Exception:
                 # One broken reading must not fail the whole scrape.
                 log.warning("metric %s could not be read", r.name, exc_info=True)
@@ -192,6 +202,13 @@ class NodeMetrics:
         """Expose counter ``name`` (``_total`` is appended) as ``read()`` at scrape time;
         ``read`` must be monotonic, like a count its owner keeps."""
         self._readings.by_name[name] = Reading(name, "counter", doc, read)
+
+    def gauges_from(self, name: str, doc: str, label: str, read: ReadMany) -> None:
+        """Expose gauge ``name`` with one more label, ``label``: one sample per entry of
+        the mapping ``read()`` returns at scrape time (label value -> value)."""
+        self._readings.by_name[name] = Reading(
+            name, "gauge", doc, lambda: None, label=label, read_many=read
+        )
 
     # -- exposition --------------------------------------------------------------------
     def render(self) -> bytes:

@@ -20,6 +20,7 @@ from workers.protocol import AgentFactory
 
 from . import codec
 from .actions import Actions
+from .agentpool import AgentPool
 from .backend import RedisBackend
 from .bus import CommandBus
 from .config import ManagerConfig
@@ -92,6 +93,7 @@ class Node:
         self.tasks = TaskSet(log)
         self.intake = Intake(config.node_id)
         self.handles = AttachedHandles(config.close_delay)
+        self.agents: AgentPool | None = None  # the worker processes, if agents run there
 
     @classmethod
     async def start(
@@ -100,10 +102,11 @@ class Node:
         config: ManagerConfig,
         backend: RedisBackend,
         sink: EventSink,
-        agent_factory: AgentFactory,
+        agent_factory: AgentFactory | None,
         metrics: NodeMetrics,
     ) -> Node:
-        """Build and start a node; on failure nothing is left running or connected."""
+        """Build and start a node; on failure nothing is left running or connected.
+        Without ``agent_factory``, ``config.agent`` runs in worker processes."""
         node = cls(config, backend, metrics)
         try:
             await node._build(sink, agent_factory)
@@ -112,11 +115,15 @@ class Node:
             raise
         return node
 
-    async def _build(self, sink: EventSink, agent_factory: AgentFactory) -> None:
+    async def _build(self, sink: EventSink, agent_factory: AgentFactory | None) -> None:
         cfg, keys, tasks = self.config, self.keys, self.tasks
         await self.backend.check()
         self.state: RedisState = self.backend.state(keys)
         await self.state.load_scripts()
+        if agent_factory is None:  # agent_isolation "process": agentpool.py
+            self.agents = AgentPool(config=cfg, state=self.state, metrics=self.metrics)
+            await self.agents.start()
+            agent_factory = self.agents.new_agent
         self.membership = Membership(self.backend.registration_state(keys), cfg)
         self.metrics.lease_age_from(self.membership.renewal_age)
         self.directory = Directory(self.state, self.membership)
@@ -219,6 +226,8 @@ class Node:
         """A start that failed: undo whatever was built."""
         with contextlib.suppress(Exception):
             await self.tasks.aclose()
+        if self.agents is not None:
+            await self.agents.aclose()
         if hasattr(self, "membership"):
             self.membership.stop()
         if hasattr(self, "subscriptions"):
@@ -231,6 +240,8 @@ class Node:
         ``aclose``."""
         await self.tasks.aclose()
         self.membership.stop()
+        if self.agents is not None:
+            await self.agents.halt()
 
     async def aclose(self) -> None:
         """Stop every local loop, forget local connections, deregister, stop tasks."""
@@ -242,6 +253,8 @@ class Node:
         self.handles.release_detached()
         await self.subscriptions.aclose()
         await self.tasks.aclose()
+        if self.agents is not None:
+            await self.agents.aclose()
         self.membership.stop()
         with contextlib.suppress(RedisError, OSError):
             await reap_incarnation(

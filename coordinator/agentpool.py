@@ -1,0 +1,273 @@
+"""The node's agent worker processes (``agent_isolation`` ``process``): starting them,
+placing agent instances, the watchdog, and replacing a worker that stalls or dies.
+
+The runner stays in the node (ownership, fencing, ordering and delivery do not move);
+a worker (``workers/host.py``) only runs agent instances, behind a ``RemoteAgent`` each.
+The watchdog PINGs every worker that has been quiet for a fifth of
+``agent_stall_timeout``; one whose event loop leaves a PING unanswered for
+``agent_stall_timeout`` is stuck: it is killed (SIGKILL) like one that died, a fresh
+process takes its slot, and each instance it held starts again in another worker, from
+the log (``RemoteAgent.worker_lost``). The node's own event loop never waits on a
+worker, so its lease, sockets and other conversations do not notice.
+
+Placement: the usable worker holding the fewest instances, except that a worker a
+suspect dispatch is sent back to (the one that took a failed worker's place) takes no
+other instance until that dispatch is over, and suspects go there one at a time
+(``probation``), so a poison action that strikes again hurts no other conversation and
+is blamed alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+
+from workers.protocol import AgentContext
+
+from .agentworker import AgentWorker
+from .backoff import Backoff
+from .config import ManagerConfig
+from .errors import AgentFailed, ConfigError
+from .metrics import NodeMetrics
+from .poison import DIED, STALLED, WorkerLost
+from .remoteagent import RemoteAgent
+from .state import RedisState
+from .tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+STOP_WITHIN = 3.0  # seconds a worker gets to exit on STOP before it is killed
+
+
+def _latest(worker: AgentWorker) -> AgentWorker:
+    """The worker now in ``worker``'s place (itself while it is in use)."""
+    while worker.successor is not None:
+        worker = worker.successor
+    return worker
+
+
+class AgentPool:
+    """``agent_workers`` worker processes running ``config.agent``; ``new_agent`` is the
+    node's agent factory. Use ``await start()``, then ``aclose()`` (or ``halt()``)."""
+
+    def __init__(self, *, config: ManagerConfig, state: RedisState, metrics: NodeMetrics) -> None:
+        self.state = state
+        self.max_attempts = config.max_dispatch_attempts
+        self.dispatch_timeout = config.agent_dispatch_timeout
+        self.speculative = False
+        self.closed = False
+        self.tasks = TaskSet(log)
+        self.probation = asyncio.Lock()
+        self.workers: list[AgentWorker] = []
+        # Instances whose dispatch may have failed their worker -> that worker.
+        self.suspects: dict[RemoteAgent, AgentWorker] = {}
+        self.restarts = self.stalls = self.poisoned = self.timeouts = 0
+        self._config = config
+        self._next_lid = 0
+        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._register(metrics)
+
+    def _register(self, metrics: NodeMetrics) -> None:
+        metrics.gauge_from(
+            "coordinator_agent_workers",
+            "Agent worker processes up and answering.",
+            lambda: sum(w.usable for w in self.workers),
+        )
+        metrics.gauges_from(
+            "coordinator_agent_worker_loops",
+            "Agent instances each worker process holds, by its slot in the pool.",
+            "worker",
+            lambda: {str(w.slot): len(w.loops) for w in self.workers},
+        )
+        counters = (
+            ("worker_restarts", "Agent worker processes started in place of one that failed."),
+            ("worker_stalls", "Agent worker processes killed because their loop stopped."),
+            ("poison_actions", "Actions answered with an error after they stalled or killed "
+             "their worker max_dispatch_attempts times."),
+            ("dispatch_timeouts", "Actions cancelled and answered with an error after "
+             "agent_dispatch_timeout."),
+        )  # fmt: skip
+        reads = (
+            lambda: self.restarts,
+            lambda: self.stalls,
+            lambda: self.poisoned,
+            lambda: self.timeouts,
+        )
+        for (name, doc), read in zip(counters, reads, strict=True):
+            metrics.counter_from(f"coordinator_agent_{name}", doc, read)
+
+    # -- life ------------------------------------------------------------------------
+    def _spawn_args(self) -> tuple[list[str], dict[str, str]]:
+        cfg = self._config
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        args = [
+            *("--agent", cfg.agent, "--log-level", str(level)),
+            *("--stall-after", str(cfg.agent_stall_timeout / 2)),
+            *("--memory-limit", str(cfg.agent_memory_limit)),
+        ]
+        env = dict(os.environ)
+        # The agent is imported as the node would import it.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        if cfg.agent_memory_limit:
+            # glibc reserves 64 MB of address space per thread arena otherwise.
+            env.setdefault("MALLOC_ARENA_MAX", "2")
+        return args, env
+
+    async def _spawn(self, worker: AgentWorker) -> None:
+        args, env = self._spawn_args()
+        await worker.spawn(args, env, self._config.start_timeout)
+
+    async def start(self) -> None:
+        """Start every worker; ConfigError if the agent class does not load."""
+        self.workers = [AgentWorker(slot, self._on_lost) for slot in range(self._size)]
+        results = await asyncio.gather(
+            *(self._spawn(w) for w in self.workers), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self.aclose()
+            raise failures[0]
+        self.speculative = self.workers[0].speculative
+        self.tasks.spawn(self._watch(), "agent-watchdog")
+        log.info("%d agent worker processes running %s", self._size, self._config.agent)
+
+    @property
+    def _size(self) -> int:
+        return self._config.agent_workers
+
+    async def aclose(self) -> None:
+        """Stop the watchdog and every worker (each closes the instances it still holds)."""
+        self.closed = True
+        self._notify()
+        await self.tasks.aclose()
+        await asyncio.gather(*(w.stop(STOP_WITHIN) for w in self.workers), return_exceptions=True)
+
+    async def halt(self) -> None:
+        """Kill every worker at once, as a kill -9 of the node would (on EOF)."""
+        self.closed = True
+        for worker in self.workers:
+            worker.kill()
+        await self.tasks.aclose()
+
+    # -- instances -------------------------------------------------------------------
+    def new_agent(self, context: AgentContext) -> RemoteAgent:
+        """The node's agent factory: an instance of ``config.agent`` in a worker."""
+        return RemoteAgent(self, context)
+
+    def next_lid(self) -> int:
+        self._next_lid += 1
+        return self._next_lid
+
+    async def place(self, after: AgentWorker | None = None) -> AgentWorker:
+        """A usable worker for an instance: the least loaded one that no suspect is sent
+        to, or (a suspect that failed on ``after``) the one in ``after``'s place. Waits
+        for one to come up; AgentFailed after ``start_timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.start_timeout
+        while not self.closed:
+            if after is not None:
+                target = _latest(after)
+                if target.usable:
+                    return target
+            else:
+                usable = [w for w in self.workers if w.usable]
+                sent_to = {_latest(w) for w in self.suspects.values()}
+                calm = [w for w in usable if w not in sent_to] or usable
+                if calm:
+                    return min(calm, key=lambda w: len(w.loops))
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AgentFailed(f"no agent worker ready within {self._config.start_timeout}s")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await asyncio.shield(self._changed)
+        raise AgentFailed("the node's agent workers are stopped")
+
+    def cleared(self, agent: RemoteAgent) -> None:
+        """``agent``'s suspect dispatch is over."""
+        if self.suspects.pop(agent, None) is not None:
+            self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        changed.set_result(None)
+
+    # -- failures --------------------------------------------------------------------
+    def _on_lost(self, worker: AgentWorker) -> None:
+        self.lost(worker, DIED)
+
+    def lost(self, worker: AgentWorker, reason: str, culprit: int = 0) -> None:
+        """``worker`` failed (``culprit``: the instance known to be why, 0 if unknown):
+        it is killed and replaced; each instance it held starts again elsewhere."""
+        if worker.failed or not worker.ready:
+            return  # already handled, or a start that failed (its spawn raises)
+        worker.failed = reason
+        worker.kill()
+        if not self.closed:
+            if reason == STALLED:
+                self.stalls += 1
+            log.error(
+                "agent worker %d (pid %d, %d loops) %s; replacing it",
+                worker.slot,
+                worker.pid,
+                len(worker.loops),
+                reason,
+            )
+            successor = AgentWorker(worker.slot, self._on_lost)
+            worker.successor = successor
+            self.workers[worker.slot] = successor
+            self.tasks.spawn(self._replace(successor), f"agent-worker:{worker.slot}")
+        for lid, agent in list(worker.loops.items()):
+            # Without a culprit named, every dispatch running there is a suspect.
+            suspect = lid == culprit if culprit else agent.in_flight
+            if suspect:
+                self.suspects[agent] = worker
+            agent.worker_lost(worker, WorkerLost(reason, suspect, worker))
+        worker.loops.clear()
+        worker.close_channel()
+        self._notify()
+
+    async def _replace(self, worker: AgentWorker) -> None:
+        backoff = Backoff(base=0.5, cap=10.0)
+        while True:
+            try:
+                await self._spawn(worker)
+            except (AgentFailed, ConfigError, OSError) as exc:
+                delay = backoff.next()
+                log.error(
+                    "agent worker %d did not start (%s); again in %.1fs", worker.slot, exc, delay
+                )
+                worker.kill()
+                worker.close_channel()
+                await asyncio.sleep(delay)
+                fresh = AgentWorker(worker.slot, self._on_lost)
+                worker.successor = fresh
+                self.workers[worker.slot] = worker = fresh
+                continue
+            self.restarts += 1
+            self._notify()
+            return
+
+    async def _watch(self) -> None:
+        """PING quiet workers; one that leaves a PING unanswered too long is stuck."""
+        stall = self._config.agent_stall_timeout
+        every = max(0.05, stall / 5)
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            lag, last = now - last - every, now
+            for worker in list(self.workers):
+                if not worker.usable:
+                    continue
+                if worker.ping_sent is None:
+                    if now - worker.last_pong >= every:
+                        worker.ping(now)
+                elif lag > every:
+                    worker.ping_sent += lag  # this loop was late, not the worker's
+                elif now - worker.ping_sent > stall:
+                    self.lost(worker, STALLED, culprit=worker.blocked_lid)

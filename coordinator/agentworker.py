@@ -1,0 +1,218 @@
+"""One agent worker process as its node sees it: the process, its channel, its health.
+
+The node end of ``workers/channel.py``: frames are read in ``data_received`` and handed
+to the agent instance they name (``RemoteAgent.received``) or, for PONG and STALLED,
+noted here; the node never waits on a worker anywhere but in a task of the instance
+that asked. The pool (``agentpool.py``) decides when a worker has failed and replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from workers.channel import (
+    DONE,
+    EMIT,
+    FAILED,
+    FATAL,
+    HELLO,
+    PING,
+    PONG,
+    REFUSE,
+    STALLED,
+    STOP,
+    ChannelError,
+    FrameReader,
+    frame,
+)
+
+from .errors import AgentFailed, ConfigError
+
+if TYPE_CHECKING:
+    from .remoteagent import RemoteAgent
+
+log = logging.getLogger(__name__)
+
+
+class AgentWorker(asyncio.Protocol):
+    """A worker process in slot ``slot`` of the pool. ``loops``: the agent instances it
+    holds (lid -> the node's proxy); ``failed``: why it is no longer used ('' while it
+    is); ``on_lost`` is told once when its channel closes."""
+
+    def __init__(self, slot: int, on_lost: Callable[[AgentWorker], None]) -> None:
+        self.slot = slot
+        self.pid = 0
+        self.loops: dict[int, RemoteAgent] = {}
+        self.failed = ""
+        self.speculative = False
+        self.ready = False
+        self.ping_sent: float | None = None  # loop time of the PING not answered yet
+        self.last_pong = 0.0
+        self.blocked_lid = 0  # the instance whose task holds its loop, as reported
+        self.successor: AgentWorker | None = None  # the worker that took its place
+        self._on_lost = on_lost
+        self._hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._transport: asyncio.Transport | None = None
+        self._reports: asyncio.BaseTransport | None = None
+        self._reader = FrameReader()
+        self._next_rid = 0
+        self._seq = 0
+
+    def __repr__(self) -> str:
+        return f"<AgentWorker {self.slot} pid={self.pid} {self.failed or 'ok'}>"
+
+    @property
+    def usable(self) -> bool:
+        return self.ready and not self.failed
+
+    # -- life ------------------------------------------------------------------------
+    async def spawn(self, args: Sequence[str], env: dict[str, str], within: float) -> None:
+        """Start the process and wait for its HELLO; ConfigError if the agent does not
+        load, AgentFailed if the process does not come up within ``within`` s."""
+        loop = asyncio.get_running_loop()
+        parent, child = socket.socketpair()
+        report_r, report_w = os.pipe()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "workers.host",
+                "--channel-fd",
+                str(child.fileno()),
+                "--report-fd",
+                str(report_w),
+                *args,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(child.fileno(), report_w),
+                env=env,
+            )
+        except BaseException:
+            parent.close()
+            os.close(report_r)
+            raise
+        finally:
+            child.close()
+            os.close(report_w)
+        self.pid = self._proc.pid
+        await loop.create_unix_connection(lambda: self, sock=parent)
+        self._reports, _ = await loop.connect_read_pipe(
+            lambda: _Reports(self), os.fdopen(report_r, "rb", buffering=0)
+        )
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.shield(self._hello)
+        except TimeoutError:
+            self.kill()
+            raise AgentFailed(f"agent worker {self.pid} did not start within {within}s") from None
+        self.ready = True
+        self.last_pong = loop.time()
+
+    def kill(self) -> None:
+        """SIGKILL (the channel's close then reports it lost)."""
+        if self._proc is not None and self._proc.returncode is None:
+            # Not Process.kill: it polls first, reaping an exited child under asyncio's
+            # child watcher, which then warns of an unknown child (a zombie ignores it).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signal.SIGKILL)
+
+    async def stop(self, within: float) -> None:
+        """Ask the process to close its agents and exit; kill it after ``within`` s."""
+        if self._proc is None:
+            return
+        self.send([STOP])
+        try:
+            async with asyncio.timeout(within):
+                await self._proc.wait()
+        except TimeoutError:
+            self.kill()
+            await self._proc.wait()
+        self.close_channel()
+
+    def close_channel(self) -> None:
+        for transport in (self._transport, self._reports):
+            if transport is not None:
+                transport.close()
+
+    # -- the channel -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._hello.done():
+            self._hello.set_exception(AgentFailed(f"agent worker {self.pid} exited at start"))
+            self._hello.exception()  # retrieved: spawn raises it, or nobody waits
+        if self._reports is not None:
+            self._reports.close()
+        self._on_lost(self)
+
+    def send(self, message: list[Any]) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frame(message))
+
+    def request(self, kind: int, lid: int, args: Sequence[Any]) -> int:
+        """Send a request for instance ``lid``; its request id."""
+        self._next_rid += 1
+        self.send([kind, self._next_rid, lid, *args])
+        return self._next_rid
+
+    def ping(self, now: float) -> None:
+        self._seq += 1
+        self.ping_sent = now
+        self.send([PING, self._seq])
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._reader.feed(data)
+        except ChannelError as exc:
+            log.error("agent worker %s sent a bad frame (%s); killing it", self.pid, exc)
+            self.kill()
+            return
+        for m in messages:
+            kind = m[0]
+            if kind in (EMIT, DONE, FAILED):
+                agent = self.loops.get(m[2])
+                if agent is not None:
+                    agent.received(self, m)
+                elif kind == EMIT:  # an instance this node closed or moved: it must stop
+                    self.send([REFUSE, m[1], "Fenced", ["", 0, -1]])
+            elif kind == PONG:
+                self.ping_sent = None
+                self.last_pong = asyncio.get_running_loop().time()
+                self.blocked_lid = 0
+            elif kind == HELLO:
+                self.speculative = bool(m[2])
+                if not self._hello.done():
+                    self._hello.set_result(None)
+            elif kind == FATAL:
+                if not self._hello.done():
+                    self._hello.set_exception(ConfigError(str(m[1])))
+            else:
+                log.warning("agent worker %s sent an unknown frame kind %r", self.pid, kind)
+
+
+class _Reports(asyncio.Protocol):
+    """The one-way pipe of a worker's stall reporter thread."""
+
+    def __init__(self, worker: AgentWorker) -> None:
+        self._worker = worker
+        self._reader = FrameReader()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._reader.feed(data)
+        except ChannelError:
+            return
+        for m in messages:
+            if m[0] == STALLED and len(m) > 1 and type(m[1]) is int:
+                self._worker.blocked_lid = m[1]

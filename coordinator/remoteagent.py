@@ -1,0 +1,378 @@
+"""An agent loop whose instance lives in a worker process: the node's stand-in for it.
+
+``RemoteAgent`` is what the runner holds as its agent (it implements
+``workers.protocol.AgentLoop``), so the runner, ordering, fencing and speculative
+dispatch are the same in both isolation modes. Each call becomes a request on the
+worker's channel; the agent's ``emit`` calls come back as EMIT frames and are served in
+the task that waits for the request (the runner's: no task per action), through the
+runner's own ``emit``, whose answer (an event id, or ``Fenced``/``SpeculationLost``)
+goes back to the agent.
+
+When its worker fails, an instance starts again from the log in another worker, as after
+a failover. A dispatch that was running there is the suspect (the one the stall reporter
+named; every one running when a worker died): it is counted (``state/attempts.py``)
+and dispatched again alone, on the worker that took the failed one's place, at most
+``max_dispatch_attempts`` times in all, on any node; then the action is answered with an
+``error`` observation and the loop goes on. A dispatch that only shared the worker runs
+again elsewhere at once, not counted. A dispatch over ``agent_dispatch_timeout`` is
+cancelled and answered with an error as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from workers.channel import (
+    CANCEL,
+    CANCELLED,
+    CLOSE,
+    DISPATCH,
+    DONE,
+    EMIT,
+    ERROR,
+    OPEN,
+    REFUSE,
+    REPLY,
+    describe,
+    refusal,
+)
+from workers.protocol import AgentContext, AgentState, EmitFn, Event
+
+from .agentworker import AgentWorker
+from .errors import AgentFailed, Fenced, SpeculationLost
+from .poison import DIED, OUT_OF_MEMORY, TIMEOUT, WorkerLost, error_observation
+
+if TYPE_CHECKING:
+    from .agentpool import AgentPool
+
+log = logging.getLogger(__name__)
+
+READ_FIRST, BESIDE, NOT_AGAIN = range(3)  # how an attempt is counted (dispatch)
+
+
+def _agent_state(value: Any) -> AgentState:
+    try:
+        return AgentState(value)
+    except ValueError:
+        return AgentState.ERROR
+
+
+class RemoteAgent:
+    """One conversation's agent instance in a worker of ``pool`` (see the module
+    docstring). Made by ``AgentPool.new_agent``; the runner drives it."""
+
+    def __init__(self, pool: AgentPool, context: AgentContext) -> None:
+        self.speculative = pool.speculative
+        self._pool = pool
+        self._context = context
+        self._emit: EmitFn | None = None
+        self._worker: AgentWorker | None = None
+        self._lid = 0
+        self._state = AgentState.LOADING
+        self._dispatching = False
+        self._heard = False  # the worker reported a state during this dispatch
+        # Frames for the request in flight (``_rid``, of kind ``_calling``), in order.
+        self._box: deque[list[Any] | WorkerLost] = deque()
+        self._wake: asyncio.Future[None] | None = None
+        self._rid = 0
+        self._calling = 0
+        self._binding: asyncio.Task[Any] | None = None
+        self._fresh = True  # the next dispatch reads the action's count before it starts
+        self._last_done = 0  # the last action dispatched to the end
+        self._closed = False
+
+    @property
+    def sid(self) -> str:
+        return self._context.conversation_id
+
+    @property
+    def state(self) -> AgentState:
+        # Between the frames that report it, a dispatch in progress is RUNNING.
+        if self._dispatching and not self._heard:
+            return AgentState.RUNNING
+        return self._state
+
+    @property
+    def worker(self) -> AgentWorker | None:
+        """The worker holding the instance now (None between two)."""
+        return self._worker
+
+    @property
+    def in_flight(self) -> bool:
+        """A start or dispatch of this instance is running in its worker."""
+        return self._rid != 0 and self._calling in (OPEN, DISPATCH)
+
+    # -- AgentLoop -------------------------------------------------------------------
+    async def start(self, emit: EmitFn) -> None:
+        self._emit = emit
+        await self._bind()
+
+    async def dispatch(self, action: Event) -> None:
+        n = int(action.get("id") or 0)
+        # How the next attempt is counted: read first (a fresh instance: the action may
+        # have failed before, here or on a former owner; a suspect going again), beside
+        # the dispatch (an action new to the loop), or not (the same attempt, moved).
+        count = READ_FIRST if self._fresh else BESIDE
+        self._fresh = False
+        self._dispatching = True
+        counted: asyncio.Task[tuple[int, str]] | None = None
+        tries = 0  # dispatches of this action, as counted in Redis (or here)
+        after: AgentWorker | None = None  # where a suspect attempt failed
+        try:
+            while True:
+                if count == READ_FIRST:
+                    tries, why = await self._begin(n, tries)
+                    if tries > self._pool.max_attempts:
+                        await self._give_up(n, why or DIED, tries - 1)
+                        return
+                elif count == BESIDE:
+                    counted = asyncio.get_running_loop().create_task(self._begin(n, 0))
+                count = NOT_AGAIN
+                try:
+                    if after is None:
+                        await self._attempt(await self._bound(), action)
+                    else:  # a suspect goes again alone, on its old worker's successor
+                        async with self._pool.probation:
+                            await self._bind(after)
+                            await self._attempt(self._attached(), action)
+                except WorkerLost as lost:
+                    if not lost.suspect:
+                        after = None
+                        continue  # it only shared the worker: the same attempt, elsewhere
+                    if counted is not None:
+                        tries = max(tries, (await counted)[0])
+                        counted = None
+                    tries = max(tries, 1)
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._pool.state.attempt_failed(self.sid, n, lost.reason)
+                    if tries >= self._pool.max_attempts:
+                        await self._give_up(n, lost.reason, tries)
+                        return
+                    count, after = READ_FIRST, lost.worker
+                    continue
+                except TimeoutError:
+                    self._drop()  # it may still run: a fresh instance takes the next one
+                    await self._give_up(n, TIMEOUT, 1)
+                    return
+                self._last_done = n
+                return
+        finally:
+            self._dispatching = False
+            self._pool.cleared(self)
+            if counted is not None and not counted.done():
+                counted.cancel()
+            elif counted is not None and not counted.cancelled():
+                counted.exception()  # retrieved (_begin logs Redis trouble itself)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        binding = self._binding
+        if binding is not None and not binding.done():
+            binding.cancel()
+            await asyncio.wait({binding})
+        worker = self._worker
+        if worker is not None and not worker.failed:
+            if self._rid:  # a request still runs (its task did not stop): do not wait
+                worker.request(CLOSE, self._lid, ())
+            else:
+                with contextlib.suppress(WorkerLost, AgentFailed, Fenced, SpeculationLost):
+                    await self._call(CLOSE, ())
+        self._unbind()
+        if self._last_done:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pool.state.forget_attempts(self.sid, self._last_done)
+
+    # -- the parts of a dispatch -----------------------------------------------------
+    async def _begin(self, n: int, local: int) -> tuple[int, str]:
+        """Count one more dispatch of action ``n``; Redis trouble is no reason not to
+        dispatch (the count made here, ``local`` + 1, stands in)."""
+        try:
+            return await self._pool.state.begin_attempt(self.sid, n)
+        except (RedisError, OSError) as exc:
+            log.warning("counting dispatches of %s/%d failed: %s", self.sid, n, exc)
+            return local + 1, ""
+
+    async def _attempt(self, worker: AgentWorker, action: Event) -> None:
+        self._heard = False
+        timeout = self._pool.dispatch_timeout or None
+        async with asyncio.timeout(timeout):
+            await self._call(DISPATCH, (action,), worker)
+
+    async def _give_up(self, n: int, reason: str, tries: int) -> None:
+        """Answer action ``n`` with an error observation as the owner (the runner's
+        emit: fenced, and marking the action applied), without dispatching it again."""
+        event = error_observation(n, reason, tries, self._pool.dispatch_timeout)
+        if reason == TIMEOUT:
+            self._pool.timeouts += 1
+        else:
+            self._pool.poisoned += 1
+        log.error("conversation %s: %s", self.sid, event["content"])
+        self._dispatching = False
+        self._state = AgentState.AWAITING_USER_INPUT
+        assert self._emit is not None
+        await self._emit(event)
+
+    # -- binding to a worker ---------------------------------------------------------
+    async def _bound(self) -> AgentWorker:
+        binding = self._binding
+        if binding is not None and not binding.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(binding)
+        if self._worker is None or self._worker.failed:
+            await self._bind()
+        return self._attached()
+
+    def _attached(self) -> AgentWorker:
+        if self._worker is None:
+            raise AgentFailed(f"the agent of {self.sid} has no worker")
+        return self._worker
+
+    async def _bind(self, after: AgentWorker | None = None) -> None:
+        """A fresh instance, started, in a worker (after a suspect failure on ``after``:
+        in the worker that took its place)."""
+        while True:
+            if self._closed:
+                raise AgentFailed(f"the agent of {self.sid} is closed")
+            worker = await self._pool.place(after)
+            self._unbind()
+            self._lid = self._pool.next_lid()
+            self._worker = worker
+            worker.loops[self._lid] = self
+            ctx = self._context
+            try:
+                await self._call(OPEN, (ctx.conversation_id, ctx.user_id or "", dict(ctx.settings)))
+                return
+            except WorkerLost as lost:
+                if lost.suspect:
+                    raise AgentFailed(
+                        f"the agent of {self.sid} failed to start: {lost.reason}"
+                    ) from None
+            except BaseException:
+                self._unbind()
+                raise
+
+    async def _rebind(self) -> None:
+        try:
+            await self._bind()
+        except AgentFailed as exc:
+            log.warning("%s; it starts again with its next action", exc)
+
+    def _unbind(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None and worker.loops.get(self._lid) is self:
+            del worker.loops[self._lid]
+
+    def _drop(self) -> None:
+        """Give the instance up without waiting for it (it may not answer)."""
+        worker = self._worker
+        if worker is not None:
+            worker.request(CLOSE, self._lid, ())
+        self._unbind()
+
+    def worker_lost(self, worker: AgentWorker, lost: WorkerLost) -> None:
+        """``worker`` failed (the pool tells every instance it held)."""
+        if self._worker is not worker:
+            return
+        self._unbind()
+        if self._rid:
+            self._push(lost)
+        elif not (self._dispatching or self._closed or self._pool.closed):
+            # Idle: a fresh instance elsewhere now, as after a failover.
+            self._binding = self._pool.tasks.spawn(self._rebind(), f"rebind:{self.sid}")
+
+    # -- the channel -----------------------------------------------------------------
+    def received(self, worker: AgentWorker, message: list[Any]) -> None:
+        """A frame for this instance (from ``AgentWorker.data_received``)."""
+        if message[0] == EMIT and not self._rid:
+            # Not during a request (from a task of the agent's own): a task serves it.
+            self._pool.tasks.spawn(self._serve_emit(worker, message), f"emit:{self.sid}")
+            return
+        self._push(message)
+
+    def _push(self, item: list[Any] | WorkerLost) -> None:
+        self._box.append(item)
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def _next(self) -> list[Any] | WorkerLost:
+        while not self._box:
+            self._wake = asyncio.get_running_loop().create_future()
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+        return self._box.popleft()
+
+    async def _call(
+        self, kind: int, args: tuple[Any, ...], worker: AgentWorker | None = None
+    ) -> None:
+        """Send a request and serve the agent's EMITs until it is answered."""
+        worker = worker or self._attached()
+        if worker is not self._worker or worker.failed:
+            raise WorkerLost(worker.failed or DIED, False, worker)
+        self._box.clear()
+        self._rid = rid = worker.request(kind, self._lid, args)
+        self._calling = kind
+        try:
+            while True:
+                m = await self._next()
+                if isinstance(m, WorkerLost):
+                    raise m
+                if m[0] == EMIT:
+                    await self._serve_emit(worker, m)
+                    continue
+                if m[1] != rid:
+                    continue  # the answer to a request given up on
+                if m[-1]:
+                    self._state = _agent_state(m[-1])
+                    self._heard = True
+                if m[0] == DONE:
+                    return
+                if m[3] == OUT_OF_MEMORY:
+                    # The instance is gone and the worker's heap is not to be trusted: the
+                    # worker is replaced, with this request as the suspect (WorkerLost next).
+                    self._pool.lost(worker, OUT_OF_MEMORY, culprit=self._lid)
+                    continue
+                raise self._failure(m[3], m[4])
+        except asyncio.CancelledError:
+            if kind == DISPATCH and not worker.failed:
+                worker.send([CANCEL, self._lid])
+            raise
+        finally:
+            self._rid = self._calling = 0
+            while self._box:  # EMITs of the agent's own tasks, after the answer
+                m = self._box.popleft()
+                if not isinstance(m, WorkerLost) and m[0] == EMIT:
+                    self._pool.tasks.spawn(self._serve_emit(worker, m), f"emit:{self.sid}")
+
+    def _failure(self, kind: str, detail: Any) -> Exception:
+        if kind == CANCELLED:
+            return AgentFailed(f"the agent of {self.sid} was cancelled")
+        if kind == ERROR:
+            return AgentFailed(f"the agent of {self.sid} failed: {detail}")
+        return refusal(kind, detail)  # Fenced, SpeculationLost: as the agent raised them
+
+    async def _serve_emit(self, worker: AgentWorker, m: list[Any]) -> None:
+        """One ``emit`` of the agent, through the runner's; the answer goes back."""
+        _, rid, _, event, state = m
+        if state:
+            self._state = _agent_state(state)
+            self._heard = True
+        assert self._emit is not None
+        try:
+            event_id = await self._emit(event)
+        except Exception as exc:  # Fenced, SpeculationLost; anything else, named
+            if not isinstance(exc, Fenced | SpeculationLost):
+                log.warning("emit of %s's agent failed: %r", self.sid, exc)
+            worker.send([REFUSE, rid, *describe(exc)])
+        else:
+            worker.send([REPLY, rid, event_id])
