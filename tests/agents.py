@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
+from typing import Any
 
 from workers.echo import EchoAgent
+from workers.protocol import AgentContext, EmitFn, Event
+
+LEAK_STEP = 16 << 20
+LEAK_CAP = 8 << 30  # address space, not memory: calloc'd pages are never touched
 
 
 class SlowCloseAgent(EchoAgent):
@@ -13,3 +20,36 @@ class SlowCloseAgent(EchoAgent):
     async def aclose(self) -> None:
         await asyncio.sleep(120)
         await super().aclose()
+
+
+class BadAgent(EchoAgent):
+    """Echoes, but a message starting with a command makes it misbehave first:
+    ``block S`` holds its event loop for S seconds (``time.sleep``), ``exit`` ends its
+    process (``os._exit``), ``leak`` allocates until memory runs out (and keeps it),
+    ``raise`` raises, ``slow S`` awaits S seconds. With settings ``{"fail_start": true}``
+    its ``start`` raises."""
+
+    def __init__(self, context: AgentContext) -> None:
+        super().__init__(context)
+        self.hoard: list[Any] = []
+
+    async def start(self, emit: EmitFn) -> None:
+        if self.context.settings.get("fail_start"):
+            raise RuntimeError("this agent cannot start")
+        await super().start(emit)
+
+    async def dispatch(self, action: Event) -> None:
+        word, _, arg = str(action.get("args", {}).get("content", "")).partition(" ")
+        if word == "block":
+            time.sleep(float(arg))  # noqa: ASYNC251 (what it is for)
+        elif word == "exit":
+            os._exit(3)
+        elif word == "leak":
+            while len(self.hoard) * LEAK_STEP < LEAK_CAP:
+                self.hoard.append(bytearray(LEAK_STEP))
+            raise RuntimeError("no memory limit: stopped leaking at 8 GiB of address space")
+        elif word == "raise":
+            raise ValueError("this agent fails on purpose")
+        elif word == "slow":
+            await asyncio.sleep(float(arg))
+        await super().dispatch(action)

@@ -1,0 +1,236 @@
+"""Guarantee 13: a bad agent hurts only its own conversation.
+
+Real bad agents (``tests.agents.BadAgent``) in real worker processes: one that holds its
+event loop, one that ends its process, one that runs out of memory, one that never
+answers in time, one that cannot start. Each time another conversation on the same node
+keeps being answered, the node keeps its lease, the bad conversation's later actions are
+answered, and every acknowledged action is answered exactly once (the one given up on
+by an ``error`` observation naming it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from coordinator import AgentFailed, ConversationManager
+from tests.helpers import RecordingSink, wait_until
+
+BAD = "tests.agents:BadAgent"
+ISOLATED = dict(
+    agent=BAD,
+    agent_workers=2,
+    agent_stall_timeout=1.0,
+    max_concurrent_conversations=10,
+)
+
+
+class Watcher:
+    """One connection to a conversation on ``node``, and what it got."""
+
+    def __init__(self, node: ConversationManager, sink: RecordingSink, sid: str) -> None:
+        self.node, self.sink, self.sid, self.cid = node, sink, sid, f"conn-{sid}"
+
+    async def join(self, settings: dict[str, Any] | None = None) -> Watcher:
+        await self.node.join_conversation(self.sid, self.cid, settings or {}, "alice")
+        return self
+
+    async def say(self, text: str) -> int:
+        return await self.node.send_to_event_stream(
+            self.cid, {"action": "message", "args": {"content": text}}
+        )
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.sink.events[self.cid]
+
+    def answers(self) -> list[str]:
+        return [e["args"]["content"] for e in self.events if e["source"] == "agent"]
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("observation") == "error"]
+
+    async def round_trip(self, text: str, within: float = 3.0) -> None:
+        await self.say(text)
+        await wait_until(lambda: text in self.answers(), timeout=within, what=f"{text} answered")
+
+    def answered_once(self) -> None:
+        """Every user action is answered by exactly one event, in order."""
+        asked = [e["id"] for e in self.events if e["source"] == "user"]
+        replies = [e for e in self.events if e["source"] != "user"]
+        assert len(replies) == len(asked), self.events
+        for e in replies:
+            if e.get("observation") == "error":
+                assert e["extras"]["action_id"] in asked
+
+
+async def _isolated_node(make_nodes: Any, **overrides: Any) -> tuple[ConversationManager, Any]:
+    (node,) = await make_nodes(1, **{**ISOLATED, **overrides})
+    lapses: list[str] = []
+    node.node.membership.on_lapse(lapses.append)
+    return node, lapses
+
+
+def _pool(node: ConversationManager) -> Any:
+    assert node.node.agents is not None, "agents run in worker processes by default"
+    return node.node.agents
+
+
+async def _keep_answering_until(good: Watcher, done: Any) -> int:
+    """Round trips on ``good`` until ``done()``; how many there were."""
+    n = 0
+    while not done():
+        await good.round_trip(f"good-{n}")
+        n += 1
+    return n
+
+
+async def test_an_agent_holding_its_loop_stalls_only_its_own_conversation(make_nodes) -> None:
+    node, lapses = await _isolated_node(make_nodes)
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "bad").join()
+    good = await Watcher(node, sink, "good").join()
+    pool = _pool(node)
+    assert sorted(len(w.loops) for w in pool.workers) == [1, 1], "one loop per worker"
+
+    blocked = await bad.say("block 8")
+    queued = await bad.say("queued while blocked")  # acknowledged: it must be answered
+    # Stalled twice (stall timeout 1 s each, 8 s of blocking each time), then given up:
+    # the good conversation is answered all along.
+    rounds = await _keep_answering_until(good, lambda: bad.errors())
+    assert rounds >= 5
+    (error,) = bad.errors()
+    assert error["extras"] == {"action_id": blocked, "reason": "stalled"}
+    assert error["source"] == "environment" and f"Action {blocked}" in error["content"]
+    await wait_until(lambda: "queued while blocked" in bad.answers(), what="queued answered")
+    after = await bad.say("after")
+    await wait_until(lambda: "after" in bad.answers(), what="after answered")
+    await good.round_trip("good-after")
+    bad.answered_once()
+    good.answered_once()
+    assert [e["args"]["content"] for e in bad.events if e["source"] == "user"] == [
+        "block 8",
+        "queued while blocked",
+        "after",
+    ]
+    assert queued == blocked + 1
+
+    assert lapses == [] and not node.node.membership.lapsed
+    assert (pool.stalls, pool.poisoned) == (2, 1)
+    await wait_until(lambda: pool.restarts == 2, what="both stuck workers replaced")
+    # Counted before each dispatch; the blocking action's count went with the next one.
+    assert await node.state.attempts("bad") == {str(after): "1"}
+
+
+async def test_a_dispatch_that_was_only_sharing_the_stuck_worker_runs_again_elsewhere(
+    make_nodes,
+) -> None:
+    """The stall reporter names the task holding the loop: the other dispatch running in
+    that worker is not blamed, and it runs again at once in a healthy worker."""
+    node, lapses = await _isolated_node(make_nodes, max_dispatch_attempts=1)
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "bad").join()
+    await Watcher(node, sink, "other").join()
+    bystander = await Watcher(node, sink, "bystander").join()  # shares bad's worker
+    pool = _pool(node)
+    assert node.runner("bad").agent.worker is node.runner("bystander").agent.worker
+
+    await bystander.say("slow 0.5")
+    await wait_until(lambda: node.runner("bystander").agent.in_flight, what="bystander busy")
+    await bad.say("block 8")
+    await wait_until(lambda: bad.errors(), timeout=10, what="the blocking action given up")
+    await wait_until(lambda: "slow 0.5" in bystander.answers(), what="the bystander answered")
+    assert bystander.errors() == [] and bystander.answers() == ["slow 0.5"]
+    assert (pool.stalls, pool.poisoned, lapses) == (1, 1, [])
+
+
+async def test_an_agent_that_ends_its_process_is_given_up_after_two_tries(make_nodes) -> None:
+    node, lapses = await _isolated_node(make_nodes)
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "bad").join()
+    good = await Watcher(node, sink, "good").join()
+    pool = _pool(node)
+
+    doomed = await bad.say("exit")
+    await bad.say("next")
+    rounds = await _keep_answering_until(good, lambda: bad.errors())
+    assert rounds >= 1
+    (error,) = bad.errors()
+    assert error["extras"] == {"action_id": doomed, "reason": "worker died"}
+    await wait_until(lambda: "next" in bad.answers(), what="the next action answered")
+    bad.answered_once()
+    assert (pool.poisoned, pool.stalls, lapses) == (1, 0, [])
+    await wait_until(lambda: pool.restarts == 2, what="both workers replaced")
+
+
+async def test_an_agent_out_of_memory_is_answered_with_an_error(make_nodes) -> None:
+    node, lapses = await _isolated_node(make_nodes, agent_memory_limit=256 << 20)
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "bad").join()
+    good = await Watcher(node, sink, "good").join()
+
+    hog = await bad.say("leak")
+    await _keep_answering_until(good, lambda: bad.errors())
+    (error,) = bad.errors()
+    assert error["extras"] == {"action_id": hog, "reason": "memory"}
+    await bad.round_trip("after")
+    bad.answered_once()
+    assert lapses == []
+
+
+async def test_a_dispatch_over_its_time_limit_is_cancelled_and_answered(make_nodes) -> None:
+    node, _ = await _isolated_node(make_nodes, agent_dispatch_timeout=0.3)
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "bad").join()
+    slow = await bad.say("slow 30")
+    await wait_until(lambda: bad.errors(), what="the slow action given up")
+    assert bad.errors()[0]["extras"] == {"action_id": slow, "reason": "timeout"}
+    await bad.round_trip("after")
+    bad.answered_once()
+    assert (_pool(node).timeouts, _pool(node).restarts) == (1, 0)
+
+
+async def test_an_agent_that_cannot_start_is_a_clear_error_and_harms_nothing(make_nodes) -> None:
+    node, lapses = await _isolated_node(make_nodes)
+    sink = make_nodes.sinks[node.node_id]
+    good = await Watcher(node, sink, "good").join()
+    with pytest.raises(AgentFailed, match="RuntimeError: this agent cannot start"):
+        await node.maybe_start_agent_loop("broken", {"fail_start": True}, "alice")
+    assert not await node.is_agent_loop_running("broken")
+    await good.round_trip("still here")
+    assert (_pool(node).restarts, lapses) == (0, [])
+
+
+async def test_an_action_spent_on_other_nodes_is_not_dispatched_again(make_nodes) -> None:
+    """The count lives in Redis with the inbox: an action that failed its workers
+    max_dispatch_attempts times before (here: as if on another node) is answered with an
+    error by the next owner without being dispatched ('exit' would end a worker)."""
+    node, _ = await _isolated_node(make_nodes)
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "spent").join()
+    await node.state.redis.hset(node.keys.attempts("spent"), mapping={"1": 2, "1:why": "stalled"})
+    assert await bad.say("exit") == 1
+    await wait_until(lambda: bad.errors(), what="the spent action given up")
+    assert bad.errors()[0]["extras"] == {"action_id": 1, "reason": "stalled"}
+    await bad.round_trip("after")
+    assert _pool(node).restarts == 0
+
+
+async def test_an_agent_raising_in_dispatch_is_logged_and_the_loop_goes_on(make_nodes) -> None:
+    node, _ = await _isolated_node(make_nodes)
+    bad = await Watcher(node, make_nodes.sinks[node.node_id], "raises").join()
+    await bad.say("raise")
+    await bad.round_trip("after")
+    assert bad.answers() == ["after"] and _pool(node).restarts == 0
+
+
+async def test_a_factory_given_in_code_runs_in_the_node(redis_url: str) -> None:
+    from tests.helpers import fast_config
+    from workers.echo import EchoAgent
+
+    manager = ConversationManager(fast_config(redis_url, "inproc"), agent_factory=EchoAgent)
+    async with manager:
+        assert manager.node.agents is None
+        await manager.maybe_start_agent_loop("c", {}, "alice")
+        assert isinstance(manager.runner("c").agent, EchoAgent)

@@ -1,0 +1,121 @@
+"""Guarantee 13 with real ``coordinator serve`` processes: a bad agent behind a served
+node, socket.io clients, ``/metrics`` and the node's registration in Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.keys import KeySchema
+from tests.helpers import wait_until
+from tests.processes import NodeProcess, ProcessCluster
+from tests.server_fixtures import SioClient
+
+ARGS = [
+    *("--agent-workers", "2", "--agent-stall-timeout", "1"),
+    *("--node-ttl", "3", "--heartbeat-interval", "0.5", "--max-concurrent-conversations", "5"),
+]
+
+
+def _answers(client: SioClient) -> list[str]:
+    return [e["args"]["content"] for e in client.events if e["source"] == "agent"]
+
+
+def _errors(client: SioClient) -> list[dict[str, Any]]:
+    return [e for e in client.events if e.get("observation") == "error"]
+
+
+async def _round_trip(client: SioClient, text: str) -> None:
+    await client.say(text)
+    await client.wait_for(lambda: text in _answers(client), f"{text} answered", within=5)
+
+
+async def _metrics(node: NodeProcess) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http, http.get(f"{node.url}/metrics") as resp:
+        text = await resp.text()
+    return {
+        s.name + "".join(f"[{v}]" for k, v in s.labels.items() if k != "node"): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _workers(node: NodeProcess) -> list[int]:
+    """The node's child processes (its agent workers)."""
+    path = Path(f"/proc/{node.pid}/task/{node.pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+async def test_a_served_node_keeps_its_lease_and_clients_while_an_agent_blocks(
+    redis_url: str, tmp_path: Path
+) -> None:
+    keys = KeySchema("coord")
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    cluster = ProcessCluster(redis_url, tmp_path, agent="tests.agents:BadAgent", extra_args=ARGS)
+    bad, good = SioClient("bad"), SioClient("good")
+    try:
+        (node,) = await cluster.async_start(1)
+        token = cluster.token("alice")
+        await bad.connect(node.url, "bad", token)
+        await good.connect(node.url, "good", token)
+        incarnation = await redis.hget(keys.registry(), "node1")
+
+        blocked = await bad.say("block 8")
+        await bad.say("queued")
+        rounds = 0
+        while not _errors(bad):
+            await _round_trip(good, f"good-{rounds}")
+            rounds += 1
+        assert rounds >= 5, "the other conversation was answered while the agent blocked"
+        assert _errors(bad)[0]["extras"] == {"action_id": blocked, "reason": "stalled"}
+        await bad.wait_for(lambda: "queued" in _answers(bad), "queued answered")
+        await _round_trip(bad, "after")
+
+        got = await _metrics(node)
+        assert got["coordinator_agent_worker_stalls_total"] == 2
+        assert got["coordinator_agent_poison_actions_total"] == 1
+        assert got["coordinator_lease_valid"] == 1
+        # No lapse: the node never had to register again.
+        assert await redis.hget(keys.registry(), "node1") == incarnation
+        assert good.connected and bad.connected
+    finally:
+        await bad.close()
+        await good.close()
+        await cluster.async_stop()
+        await redis.aclose()
+
+
+async def test_a_worker_killed_from_outside_is_replaced_and_its_loops_go_on(
+    redis_url: str, tmp_path: Path
+) -> None:
+    cluster = ProcessCluster(redis_url, tmp_path, extra_args=ARGS)
+    clients = [SioClient(f"c{i}") for i in range(4)]
+    try:
+        (node,) = await cluster.async_start(1)
+        token = cluster.token("alice")
+        for i, client in enumerate(clients):
+            await client.connect(node.url, f"conv-{i}", token)
+            await _round_trip(client, "before")
+        workers = _workers(node)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+
+        async def replaced() -> bool:
+            return (await _metrics(node))["coordinator_agent_worker_restarts_total"] == 1
+
+        await wait_until(replaced, what="a fresh worker in its place")
+        for client in clients:
+            await _round_trip(client, "after")
+            assert _errors(client) == []
+        assert len(_workers(node)) == 2
+        assert (await _metrics(node))["coordinator_agent_workers"] == 2
+    finally:
+        for client in clients:
+            await client.close()
+        await cluster.async_stop()
