@@ -206,6 +206,18 @@ class ScriptLane:
                 await asyncio.sleep(backoff.next())
         raise AssertionError("unreachable")
 
+    def send_now(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
+    ) -> asyncio.Future[Any] | None:
+        """EVALSHA ``script`` written at once, not retried; the reply's future is the
+        caller's to await (or not). None when the lane is not connected. For a command
+        that must reach Redis before what follows on this connection, without the CPU
+        of a task (agent dispatch attempts: remoteagent.py)."""
+        link = self._link
+        if link is None or link.failure is not None or self._closed:
+            return None
+        return link.send(pack("EVALSHA", script.sha, len(keys), *keys, *args), self._timeout)
+
     async def _call(self, command: bytes) -> Any:
         link = self._link
         if link is None or link.failure is not None:

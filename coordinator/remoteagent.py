@@ -121,7 +121,7 @@ class RemoteAgent:
         count = READ_FIRST if self._fresh else BESIDE
         self._fresh = False
         self._dispatching = True
-        counted: asyncio.Task[tuple[int, str]] | None = None
+        counted: asyncio.Future[Any] | None = None  # the reply of a count sent beside
         tries = 0  # dispatches of this action, as counted in Redis (or here)
         after: AgentWorker | None = None  # where a suspect attempt failed
         try:
@@ -132,7 +132,7 @@ class RemoteAgent:
                         await self._give_up(n, why or DIED, tries - 1)
                         return
                 elif count == BESIDE:
-                    counted = asyncio.get_running_loop().create_task(self._begin(n, 0))
+                    counted = self._pool.count_beside(self.sid, n)
                 count = NOT_AGAIN
                 try:
                     if after is None:
@@ -146,7 +146,7 @@ class RemoteAgent:
                         after = None
                         continue  # it only shared the worker: the same attempt, elsewhere
                     if counted is not None:
-                        tries = max(tries, (await counted)[0])
+                        tries = max(tries, await self._pool.counted(counted))
                         counted = None
                     tries = max(tries, 1)
                     with contextlib.suppress(RedisError, OSError):
@@ -165,10 +165,6 @@ class RemoteAgent:
         finally:
             self._dispatching = False
             self._pool.cleared(self)
-            if counted is not None and not counted.done():
-                counted.cancel()
-            elif counted is not None and not counted.cancelled():
-                counted.exception()  # retrieved (_begin logs Redis trouble itself)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -4,11 +4,15 @@ An action whose dispatch stalls or kills its worker again and again is given up 
 ``max_dispatch_attempts`` (``remoteagent.py``). The count is kept with the inbox, in the
 conversation's hash tag, so it follows the action from node to node: a successor that
 finds it spent does not dispatch it again. It is counted before each dispatch starts
-(one script on the action path's lane, sent beside the dispatch) and forgotten once a
+(one script written on the action path's lane beside the dispatch, whose reply is
+read only if the dispatch fails) and forgotten once a
 later action is dispatched, the loop closes, or a day passes.
 """
 
 from __future__ import annotations
+
+import asyncio
+from typing import Any
 
 from .core import StateCore, text
 
@@ -23,6 +27,20 @@ class AttemptOps(StateCore):
             "attempt", [self.keys.attempts(sid)], [action_id, ATTEMPTS_TTL_MS], hot=True
         )
         return int(r[0]), text(r[1])
+
+    def begin_attempt_now(self, sid: str, action_id: int) -> asyncio.Future[Any] | None:
+        """``begin_attempt``, written to Redis at once on the lane (the action path's
+        connection: ~20 us of CPU against ~100 us for a task and a call); its reply, for
+        ``attempt_counted``, is the caller's. None when the lane is not connected."""
+        if self.lane is None:
+            return None
+        key = self.keys.attempts(sid)
+        return self.lane.send_now(self._scripts["attempt"], [key], [action_id, ATTEMPTS_TTL_MS])
+
+    @staticmethod
+    def attempt_counted(reply: Any) -> tuple[int, str]:
+        """What ``begin_attempt_now``'s reply says (as ``begin_attempt`` returns it)."""
+        return int(reply[0]), text(reply[1])
 
     async def attempt_failed(self, sid: str, action_id: int, why: str) -> None:
         """Record why the last dispatch of ``action_id`` failed (for a successor that
