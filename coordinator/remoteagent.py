@@ -124,12 +124,13 @@ class RemoteAgent:
         counted: asyncio.Future[Any] | None = None  # the reply of a count sent beside
         tries = 0  # dispatches of this action, as counted in Redis (or here)
         after: AgentWorker | None = None  # where a suspect attempt failed
+        why = ""  # and why
         try:
             while True:
                 if count == READ_FIRST:
-                    tries, why = await self._begin(n, tries)
+                    tries, before = await self._begin(n, tries)
                     if tries > self._pool.max_attempts:
-                        await self._give_up(n, why or DIED, tries - 1)
+                        await self._give_up(n, before or why or DIED, tries - 1)
                         return
                 elif count == BESIDE:
                     counted = self._pool.count_beside(self.sid, n)
@@ -139,7 +140,12 @@ class RemoteAgent:
                         await self._attempt(await self._bound(), action)
                     else:  # a suspect goes again alone, on its old worker's successor
                         async with self._pool.probation:
-                            await self._bind(after)
+                            try:
+                                await self._bind(after)
+                            except AgentFailed as exc:  # no instance to try it again
+                                log.error("%s", exc)
+                                await self._give_up(n, why, tries)
+                                return
                             await self._attempt(self._attached(), action)
                 except WorkerLost as lost:
                     if not lost.suspect:
@@ -154,7 +160,7 @@ class RemoteAgent:
                     if tries >= self._pool.max_attempts:
                         await self._give_up(n, lost.reason, tries)
                         return
-                    count, after = READ_FIRST, lost.worker
+                    count, after, why = READ_FIRST, lost.worker, lost.reason
                     continue
                 except TimeoutError:
                     self._drop()  # it may still run: a fresh instance takes the next one
@@ -182,6 +188,7 @@ class RemoteAgent:
                 with contextlib.suppress(WorkerLost, AgentFailed, Fenced, SpeculationLost):
                     await self._call(CLOSE, ())
         self._unbind()
+        self._pool.cleared(self)
         if self._last_done:
             with contextlib.suppress(RedisError, OSError):
                 await self._pool.state.forget_attempts(self.sid, self._last_done)
@@ -248,6 +255,7 @@ class RemoteAgent:
                 return
             except WorkerLost as lost:
                 if lost.suspect:
+                    self._pool.cleared(self)
                     raise AgentFailed(
                         f"the agent of {self.sid} failed to start: {lost.reason}"
                     ) from None

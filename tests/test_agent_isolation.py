@@ -10,11 +10,15 @@ by an ``error`` observation naming it).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from coordinator import AgentFailed, ConversationManager
+from coordinator.codec import pack
+from coordinator.keys import KeySchema
+from coordinator.state import RedisState
 from tests.helpers import RecordingSink, wait_until
 
 BAD = "tests.agents:BadAgent"
@@ -98,7 +102,9 @@ async def test_an_agent_holding_its_loop_stalls_only_its_own_conversation(make_n
     queued = await bad.say("queued while blocked")  # acknowledged: it must be answered
     # Stalled twice (stall timeout 1 s each, 8 s of blocking each time), then given up:
     # the good conversation is answered all along.
+    t0 = time.monotonic()
     rounds = await _keep_answering_until(good, lambda: bad.errors())
+    print(f"{rounds} round trips of the other conversation in {time.monotonic() - t0:.1f} s")
     assert rounds >= 5
     (error,) = bad.errors()
     assert error["extras"] == {"action_id": blocked, "reason": "stalled"}
@@ -234,3 +240,36 @@ async def test_a_factory_given_in_code_runs_in_the_node(redis_url: str) -> None:
         assert manager.node.agents is None
         await manager.maybe_start_agent_loop("c", {}, "alice")
         assert isinstance(manager.runner("c").agent, EchoAgent)
+
+
+async def test_a_lost_speculation_replaces_the_agent_in_its_worker(
+    make_nodes, redis_client
+) -> None:
+    """Speculative dispatch is the runner's, whatever the isolation: an action logged
+    first by another node voids the prediction, the remote instance that saw ours under
+    the wrong id is replaced by a fresh one, and both are answered in log order."""
+    (node,) = await make_nodes(1, agent="workers.scripted:ScriptedAgent")
+    sink = make_nodes.sinks[node.node_id]
+    await node.join_conversation("race", "c1", {"think_time": 0}, "alice", None)
+    message = {"action": "message", "args": {"content": "first"}}
+    await node.send_to_event_stream("c1", message)
+
+    def answers() -> list[tuple[int, str]]:
+        return [
+            (e["args"]["in_reply_to"], e["args"]["content"].rstrip(". "))
+            for e in sink.events["c1"]
+            if e["source"] == "agent"
+        ]
+
+    await wait_until(lambda: len(answers()) == 1)
+    other = RedisState(redis_client, KeySchema(node.config.key_prefix))
+    foreign = pack({"action": "message", "args": {"content": "foreign"}, "source": "user"})
+    landed = await other.accept("race", "alice", foreign, 1000, 100, publisher=node.inc)
+    assert landed.event_id == 3  # logged, not published: the owner has not seen it
+    ours = {"action": "message", "args": {"content": "ours"}}
+    assert await node.send_to_event_stream("c1", ours) == 4
+    await wait_until(lambda: len(answers()) == 3, what="three answers")
+    assert answers() == [(1, "first"), (3, "foreign"), (4, "ours")]
+    assert sink.ids("c1") == [1, 2, 3, 4, 5, 6]
+    assert node.metrics.speculations_lost == 1
+    assert _pool(node).restarts == 0

@@ -72,6 +72,7 @@ async def test_a_served_node_keeps_its_lease_and_clients_while_an_agent_blocks(
         while not _errors(bad):
             await _round_trip(good, f"good-{rounds}")
             rounds += 1
+        print(f"{rounds} round trips of the other conversation while the agent blocked")
         assert rounds >= 5, "the other conversation was answered while the agent blocked"
         assert _errors(bad)[0]["extras"] == {"action_id": blocked, "reason": "stalled"}
         await bad.wait_for(lambda: "queued" in _answers(bad), "queued answered")
