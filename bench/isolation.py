@@ -9,8 +9,8 @@ a node replaces a dead one and resumes its loops.
   (SIGKILL) while its loops are idle, several times; from the kill to: the node noticed
   (the worker's channel closed), a fresh worker in its place answered, every loop of the
   dead worker runs again in another worker (a fresh agent instance started, as after a
-  failover), and an action sent to one of them once the loss was noticed was answered. A stalled worker
-  takes ``agent_stall_timeout`` longer to notice, then the same.
+  failover), and an action sent to one of them once the loss was noticed was answered.
+  A stalled worker takes ``agent_stall_timeout`` longer to notice, then the same.
 
 The round trip of both modes is ``python -m bench.compare HEAD@agent-isolation=none
 HEAD@agent-isolation=process`` (node processes, socket.io clients, plain python-socketio
