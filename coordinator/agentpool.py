@@ -189,11 +189,12 @@ class AgentPool:
                     await asyncio.shield(self._changed)
         raise AgentFailed("the node's agent workers are stopped")
 
-    def count_beside(self, sid: str, action_id: int) -> asyncio.Future[Any]:
+    def count_beside(self, sid: str, action_id: int, previous: int) -> asyncio.Future[Any]:
         """Count a dispatch of ``action_id`` before it starts, not waiting for the
         answer (``counted`` reads it, should the dispatch fail): written on the lane at
-        once, or, when that is not connected, from a task."""
-        reply = self.state.begin_attempt_now(sid, action_id)
+        once, or, when that is not connected, from a task. ``previous``: the action the
+        loop counted before."""
+        reply = self.state.begin_attempt_now(sid, action_id, previous)
         if reply is None:
             reply = asyncio.ensure_future(self.state.begin_attempt(sid, action_id))
         reply.add_done_callback(self._count_done)

@@ -85,6 +85,7 @@ class RemoteAgent:
         self._binding: asyncio.Task[Any] | None = None
         self._fresh = True  # the next dispatch reads the action's count before it starts
         self._last_done = 0  # the last action dispatched to the end
+        self._counted = 0  # the last action counted
         self._closed = False
 
     @property
@@ -128,12 +129,14 @@ class RemoteAgent:
         try:
             while True:
                 if count == READ_FIRST:
+                    self._counted = n
                     tries, before = await self._begin(n, tries)
                     if tries > self._pool.max_attempts:
                         await self._give_up(n, before or why or DIED, tries - 1)
                         return
                 elif count == BESIDE:
-                    counted = self._pool.count_beside(self.sid, n)
+                    counted = self._pool.count_beside(self.sid, n, self._counted)
+                    self._counted = n
                 count = NOT_AGAIN
                 try:
                     if after is None:

@@ -327,12 +327,16 @@ ATTEMPT = """
 -- attempt: count one more dispatch of an action, before it starts (poison actions).
 -- KEYS[1]  conversation attempts hash
 -- ARGV[1]  action id   ARGV[2] time to live (ms)
+-- ARGV[3]  the action counted before it by this loop ('': not known)
 -- returns  {dispatches of the action so far, this one included; why the last failed, or ''}
 -- A loop dispatches in order: another action's fields are of one processed (or given up)
--- since, and are dropped here, so the hash holds one action.
+-- since, and are dropped here (all of them when the previous one is not known), so the
+-- hash holds one action.
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 local why = redis.call('HGET', KEYS[1], ARGV[1] .. ':why') or ''
-if redis.call('HLEN', KEYS[1]) > (why == '' and 1 or 2) then
+if ARGV[3] ~= '' then
+  redis.call('HDEL', KEYS[1], ARGV[3], ARGV[3] .. ':why')
+elseif redis.call('HLEN', KEYS[1]) > (why == '' and 1 or 2) then
   for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
     if f ~= ARGV[1] and f ~= ARGV[1] .. ':why' then redis.call('HDEL', KEYS[1], f) end
   end

@@ -24,18 +24,23 @@ class AttemptOps(StateCore):
         """Count one more dispatch of ``action_id``: ``(dispatches so far, this one
         included; why the last one failed, '' if none did)``."""
         r = await self._run(
-            "attempt", [self.keys.attempts(sid)], [action_id, ATTEMPTS_TTL_MS], hot=True
+            "attempt", [self.keys.attempts(sid)], [action_id, ATTEMPTS_TTL_MS, ""], hot=True
         )
         return int(r[0]), text(r[1])
 
-    def begin_attempt_now(self, sid: str, action_id: int) -> asyncio.Future[Any] | None:
+    def begin_attempt_now(
+        self, sid: str, action_id: int, previous: int
+    ) -> asyncio.Future[Any] | None:
         """``begin_attempt``, written to Redis at once on the lane (the action path's
         connection: ~20 us of CPU against ~100 us for a task and a call); its reply, for
-        ``attempt_counted``, is the caller's. None when the lane is not connected."""
+        ``attempt_counted``, is the caller's. ``previous``: the action this loop counted
+        before (its fields are dropped; 0: every other action's). None when the lane is
+        not connected."""
         if self.lane is None:
             return None
         key = self.keys.attempts(sid)
-        return self.lane.send_now(self._scripts["attempt"], [key], [action_id, ATTEMPTS_TTL_MS])
+        args = [action_id, ATTEMPTS_TTL_MS, previous or ""]
+        return self.lane.send_now(self._scripts["attempt"], [key], args)
 
     @staticmethod
     def attempt_counted(reply: Any) -> tuple[int, str]:
