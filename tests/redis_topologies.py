@@ -58,6 +58,8 @@ SENTINEL_CONF = REPO / "deploy" / "sentinel.conf"
 SENTINEL_NODE_CONF = REPO / "deploy" / "redis-sentinel-node.conf"
 CLUSTER_CREATE_SCRIPT = REPO / "deploy" / "redis-cluster-create.sh"
 SLOTS = 16384
+CLUSTER_MASTERS = 3  # as in docker-compose.yml's `cluster` profile
+SENTINELS = 3  # as in its `sentinel` profile
 
 
 # --- settings shared with docker-compose.yml ------------------------------------------
@@ -195,7 +197,9 @@ class RedisClusterServers:
     none is given); the first ``masters`` nodes start as the masters.
     """
 
-    def __init__(self, workdir: Path | None = None, *, masters: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self, workdir: Path | None = None, *, masters: int = CLUSTER_MASTERS, replicas: int = 0
+    ) -> None:
         if replicas not in (0, 1):
             raise ValueError("replicas must be 0 or 1 (one per master)")
         self._owns_dir = workdir is None
@@ -500,7 +504,7 @@ class SentinelServers:
     down-after, failover timeout), the data nodes from deploy/redis-sentinel-node.conf.
     """
 
-    def __init__(self, workdir: Path | None = None, *, sentinels: int = 3) -> None:
+    def __init__(self, workdir: Path | None = None, *, sentinels: int = SENTINELS) -> None:
         self._owns_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="coord-sentinel-"))
         self.settings = SentinelSettings.from_file(SENTINEL_CONF)
