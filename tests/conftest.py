@@ -13,8 +13,9 @@ from coordinator import ConversationManager
 from coordinator.embedded import EmbeddedRedis
 from tests.helpers import RecordingSink, fast_config
 
-# Real-process nodes: the `process_cluster` fixture.
-pytest_plugins = ["tests.processes"]
+# Real-process nodes: the `process_cluster` fixture; Redis Cluster and Sentinel
+# deployments: `redis_cluster`, `redis_cluster_replicated`, `redis_sentinel`.
+pytest_plugins = ["tests.processes", "tests.redis_topologies"]
 
 
 @pytest.fixture(scope="session")
