@@ -102,6 +102,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _index_complete(index: Path, state: LogState) -> bool:
+    """Whether the index file still holds exactly the entries ``state`` counts."""
+    try:
+        entries = os.stat(index).st_size
+    except FileNotFoundError:
+        entries = 0
+    return state.indexed == fr.entries_for(state.last_id) and entries == (
+        state.indexed * fr.ENTRY_SIZE
+    )
+
+
 def _index_start(fd: int, index: Path, size: int, repair: bool) -> tuple[int, int, int, int]:
     """Where a scan may start, from the last index entry that matches the log:
     ``(offset, last id before it, bytes before it, good entries)``."""
@@ -128,6 +139,18 @@ def _index_start(fd: int, index: Path, size: int, repair: bool) -> tuple[int, in
         os.close(idx)
 
 
+def is_stored(log: Path) -> bool:
+    """Whether ``log`` holds a conversation: its first record (the user) is whole."""
+    try:
+        fd = os.open(log, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        return os.pread(fd, len(fr.MAGIC), 0) == fr.MAGIC and _read_user(fd) is not None
+    finally:
+        os.close(fd)
+
+
 def _read_user(fd: int) -> str | None:
     record = fr.read_record(fd, fr.HEADER_SIZE)
     if record is None or record.kind != fr.USER:
@@ -152,7 +175,7 @@ def load(files: ConversationFiles, fd: int, cached: LogState | None, *, repair: 
         cached is not None
         and cached.header == header
         and cached.end <= size
-        and (not repair or cached.indexed == fr.entries_for(cached.last_id))
+        and (not repair or _index_complete(files.index, cached))
     ):
         if cached.end == size:
             return cached

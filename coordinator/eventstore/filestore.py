@@ -36,7 +36,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -307,11 +307,7 @@ class FileEventStore:
             sids = os.listdir(self.path / "users" / f"u-{user}")
         except FileNotFoundError:
             return 0
-        count = 0
-        for sid in sids:
-            with suppress(FileNotFoundError):
-                count += (conversations / f"{sid}.log").stat().st_size > fr.HEADER_SIZE
-        return count
+        return sum(filelog.is_stored(conversations / f"{sid}.log") for sid in sids)
 
     async def purge(self, sid: str) -> tuple[int, int]:
         check_conversation_id(sid)
