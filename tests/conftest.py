@@ -13,8 +13,8 @@ from coordinator import ConversationManager
 from coordinator.embedded import EmbeddedRedis
 from tests.helpers import RecordingSink, fast_config
 
-# Real-process nodes: the `process_cluster` fixture.
-pytest_plugins = ["tests.processes"]
+# Real-process nodes: the `process_cluster` fixture; a private PostgreSQL: `postgres_dsn`.
+pytest_plugins = ["tests.processes", "tests.postgres"]
 
 
 @pytest.fixture(scope="session")
