@@ -1,9 +1,9 @@
 """The durable event store behind the Redis log (DESIGN.md guarantee 11).
 
 Redis keeps each conversation's hot window; the owner moves its events here in order,
-in batches, fenced by its epoch. Backends share one contract (``EventStore`` in
+in batches, fenced by its epoch. Two backends with one contract (``EventStore`` in
 ``base.py``): ``FileEventStore`` (a directory, one log file per conversation; the
-default, for nodes on one machine).
+default, for nodes on one machine) and ``PostgresEventStore`` (for several machines).
 """
 
 from .base import (
@@ -17,6 +17,8 @@ from .base import (
 )
 from .errors import CheckpointTooLarge, StoreCorrupt, StoreError, StoreUnavailable
 from .filestore import FileEventStore, FsyncPolicy
+from .postgres import PostgresEventStore
+from .redact import redact_url
 
 __all__ = [
     "DEFAULT_MAX_CHECKPOINT_BYTES",
@@ -27,9 +29,11 @@ __all__ = [
     "EventStore",
     "FileEventStore",
     "FsyncPolicy",
+    "PostgresEventStore",
     "StoreCorrupt",
     "StoreError",
     "StoreUnavailable",
     "StoredConversation",
     "StoredEvent",
+    "redact_url",
 ]
