@@ -4,6 +4,7 @@ Redis keeps each conversation's hot window; the owner moves its events here in o
 in batches, fenced by its epoch. Two backends with one contract (``EventStore`` in
 ``base.py``): ``FileEventStore`` (a directory, one log file per conversation; the
 default, for nodes on one machine) and ``PostgresEventStore`` (for several machines).
+``open_store(url)`` picks one from the ``--event-store`` setting.
 """
 
 from .base import (
@@ -16,6 +17,7 @@ from .base import (
     StoredEvent,
 )
 from .errors import CheckpointTooLarge, StoreCorrupt, StoreError, StoreUnavailable
+from .factory import default_path, open_store, store_from_url
 from .filestore import FileEventStore, FsyncPolicy
 from .postgres import PostgresEventStore
 from .redact import redact_url
@@ -35,5 +37,8 @@ __all__ = [
     "StoreUnavailable",
     "StoredConversation",
     "StoredEvent",
+    "default_path",
+    "open_store",
     "redact_url",
+    "store_from_url",
 ]
