@@ -232,3 +232,18 @@ async def test_unusable_directories_and_foreign_files_are_clear_errors(
 
     with pytest.raises(ValueError, match="fsync"):
         FileEventStore(path, fsync="sometimes")  # type: ignore[arg-type]
+
+
+async def test_a_left_over_marker_does_not_count(
+    files: list[FileEventStore], tmp_path: Path
+) -> None:
+    """A purge cut short by a crash can leave a user's marker behind; the conversation
+    id may then be stored again for someone else."""
+    path = tmp_path / "events"
+    store = await _open(files, path)
+    await store.append("c1", 1, events(1, 1), user="bob")
+    (path / "users" / "u-alice").mkdir()
+    (path / "users" / "u-alice" / "c1").touch()
+    (path / "users" / "u-alice" / "gone").touch()
+    assert await store.count_conversations("alice") == 0
+    assert await store.count_conversations("bob") == 1

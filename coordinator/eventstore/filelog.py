@@ -139,14 +139,16 @@ def _index_start(fd: int, index: Path, size: int, repair: bool) -> tuple[int, in
         os.close(idx)
 
 
-def is_stored(log: Path) -> bool:
-    """Whether ``log`` holds a conversation: its first record (the user) is whole."""
+def stored_for(log: Path, user: str) -> bool:
+    """Whether ``log`` holds a conversation of ``user``: its first record (the user) is
+    whole and names them (a marker can outlive a purge cut short by a crash, and the
+    conversation id can be used again by someone else)."""
     try:
         fd = os.open(log, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
-        return os.pread(fd, len(fr.MAGIC), 0) == fr.MAGIC and _read_user(fd) is not None
+        return os.pread(fd, len(fr.MAGIC), 0) == fr.MAGIC and _read_user(fd) == user
     finally:
         os.close(fd)
 

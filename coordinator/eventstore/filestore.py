@@ -71,6 +71,14 @@ DEFAULT_THREADS = 4
 STATE_CACHE = 4096
 
 
+def _holds(entry: os.DirEntry[str]) -> bool:
+    """Whether a log file holds more than its header (it may be purged meanwhile)."""
+    try:
+        return entry.stat().st_size > fr.HEADER_SIZE
+    except FileNotFoundError:
+        return False
+
+
 class _KeyedLocks:
     """An asyncio lock per key, dropped when nobody holds or waits for it."""
 
@@ -301,13 +309,14 @@ class FileEventStore:
 
     def _count_sync(self, user: str | None) -> int:
         conversations = self.path / "conversations"
-        if user is None:
-            return sum(1 for name in os.listdir(conversations) if name.endswith(".log"))
+        if user is None:  # a listing: for an operator, not for every request
+            with os.scandir(conversations) as entries:
+                return sum(1 for entry in entries if entry.name.endswith(".log") and _holds(entry))
         try:
             sids = os.listdir(self.path / "users" / f"u-{user}")
         except FileNotFoundError:
             return 0
-        return sum(filelog.is_stored(conversations / f"{sid}.log") for sid in sids)
+        return sum(filelog.stored_for(conversations / f"{sid}.log", user) for sid in sids)
 
     async def purge(self, sid: str) -> tuple[int, int]:
         check_conversation_id(sid)
