@@ -1,6 +1,7 @@
 # One command each: install, run, lint, type-check, test, bench.
-# `make test` works from a fresh clone: it creates the venv, installs nginx and Redis (as
-# root, from Debian's packages) and the JavaScript test client's packages when missing.
+# `make test` works from a fresh clone: it creates the venv, installs nginx, Redis and
+# PostgreSQL (as root, from Debian's packages) and the JavaScript test client's packages
+# when they are missing.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -17,7 +18,8 @@ LINTED := coordinator workers tests
 TYPED  := coordinator workers
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test lint typecheck bench soak clean distclean deps-nginx deps-redis deps-js
+.PHONY: help venv run test lint typecheck bench soak clean distclean deps-nginx deps-redis \
+	deps-js deps-postgres
 
 help:
 	@echo "make venv       create $(VENV) and install the project with its test extra"
@@ -65,6 +67,18 @@ deps-redis:
 		fi; \
 	fi
 
+# PostgreSQL server binaries (initdb, pg_ctl) for the event store tests (tests/postgres.py
+# starts a private server): installed from Debian's packages when missing and root.
+deps-postgres:
+	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing postgresql"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		else \
+			echo "warning: PostgreSQL is missing (apt-get install postgresql); the event store tests will fail"; \
+		fi; \
+	fi
+
 # socket.io-client for tests/test_js_client.py (Node.js and npm from Debian when missing).
 deps-js:
 	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
@@ -86,7 +100,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy --strict $(TYPED)
 
-test: venv deps-nginx deps-redis deps-js lint typecheck
+test: venv deps-nginx deps-redis deps-js deps-postgres lint typecheck
 	$(BIN)/pytest -q
 
 bench: venv
