@@ -130,7 +130,7 @@ async def _serve(
         _fail(1, f"{exc} (check --redis-url / COORDINATOR_REDIS_URL)")
     except (CoordinatorError, RuntimeError) as exc:
         _fail(1, str(exc))
-    print(f"node {node.node_id} serving on {node.url}", flush=True)
+    print(f"node {node.node_id} serving on {node.url} ({node.redis})", flush=True)
     stopped = asyncio.ensure_future(stop.wait())
     closed = asyncio.ensure_future(node.wait_closed())
     await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)

@@ -83,6 +83,25 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "on/off: an agent that allows it starts on an action sent through its own node "
         "before the action is durable, saving a Redis round trip (default: on)",
     ),
+    "redis_mode": (
+        "--redis-mode",
+        str.lower,
+        "auto|standalone|cluster|sentinel: what --redis-url points at; auto asks the "
+        "server (cluster_enabled) and takes a redis+sentinel:// URL as Sentinel "
+        "(default: auto)",
+    ),
+    "ack_replicas": (
+        "--ack-replicas",
+        int,
+        "acknowledge an action, and deliver an agent event, only once this many replicas "
+        "hold it (WAIT); 0 trusts the master alone (default: 0)",
+    ),
+    "ack_timeout": (
+        "--ack-timeout",
+        float,
+        "seconds an acknowledgement waits for --ack-replicas; past it the client gets an "
+        "error and may retry with the same client_action_id (default: 1)",
+    ),
 }
 
 

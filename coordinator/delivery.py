@@ -256,6 +256,16 @@ class Delivery:
             return
         await self._apply(sid, event_id, event)
 
+    def floor(self, sid: str) -> int:
+        """The highest event id of ``sid`` this node knows was logged: sent to one of its
+        connections or seen by its loop. A write that finds the log below it learns that
+        Redis lost events (``state/writes.py``)."""
+        runner = self._runners.get(sid)
+        known = runner.known_logged() if runner is not None else 0
+        for conn in self.connections.room(sid):
+            known = max(known, conn.cursor)
+        return known
+
     async def published(self, sid: str, event_id: int, event: Event) -> None:
         """An event of ``sid`` arrived on its channel (written by another node)."""
         runner = self._runners.get(sid)

@@ -68,6 +68,16 @@ class SpeculationLost(CoordinatorError):
         self.predicted = predicted
 
 
+class NotReplicated(CoordinatorError):
+    """A write was made on the Redis master, but fewer replicas than ``--ack-replicas``
+    confirmed it within ``--ack-timeout``: a failover now could lose it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"{reason}; not acknowledged (sending it again with the same client_action_id is safe)"
+        )
+
+
 class InboxFull(CoordinatorError):
     """The conversation's action inbox holds too many unprocessed actions."""
 

@@ -37,7 +37,7 @@ def new_incarnation(node: str) -> str:
 class Membership:
     """This node's registration: its incarnation, the local lease clock, the keeper.
 
-    ``state`` should be on a connection of its own (``RedisBackend.registration_state``).
+    ``state`` should be on a connection of its own (``Backend.registration_state``).
     Parts that must stop writing the moment the lease lapses register with
     ``on_lapse``; ``lost`` is set when the incarnation must be replaced (re-register).
     """

@@ -20,7 +20,7 @@ from workers.protocol import AgentFactory
 
 from . import codec
 from .actions import Actions
-from .backend import RedisBackend
+from .backends import Backend
 from .bus import CommandBus
 from .config import ManagerConfig
 from .delivery import Delivery, EventSink, LocalConnections
@@ -37,7 +37,7 @@ from .restarts import Restarts
 from .runner import LoopRunner
 from .sessions import Sessions
 from .state import RedisState
-from .subscriptions import Interest, Subscriptions
+from .subscriptions import Interest
 from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Router:
 class Node:
     """The parts of a started node (see the module docstring). Use ``Node.start``."""
 
-    def __init__(self, config: ManagerConfig, backend: RedisBackend, metrics: NodeMetrics):
+    def __init__(self, config: ManagerConfig, backend: Backend, metrics: NodeMetrics):
         self.config = config
         self.backend = backend
         self.metrics = metrics
@@ -98,7 +98,7 @@ class Node:
         cls,
         *,
         config: ManagerConfig,
-        backend: RedisBackend,
+        backend: Backend,
         sink: EventSink,
         agent_factory: AgentFactory,
         metrics: NodeMetrics,
@@ -120,10 +120,8 @@ class Node:
         self.membership = Membership(self.backend.registration_state(keys), cfg)
         self.metrics.lease_age_from(self.membership.renewal_age)
         self.directory = Directory(self.state, self.membership)
-        self.subscriptions = Subscriptions(
-            self.backend.pubsub_client(),
-            keys.node_channel(cfg.node_id),
-            probe_interval=max(1.0, cfg.heartbeat_interval * 2),
+        self.subscriptions = self.backend.subscriptions(
+            keys, probe_interval=max(1.0, cfg.heartbeat_interval * 2)
         )
         interest = Interest(self.subscriptions, keys)
         self.bus = CommandBus(self.state, cfg.node_id, tasks, timeout=cfg.redis_timeout * 2)
@@ -198,6 +196,8 @@ class Node:
         await self.recovery.reap_previous(previous)
         await self.directory.refresh()
         await self.subscriptions.start()
+        # Commands to this node (on one server, its channel is the probe's too).
+        await self.subscriptions.add(keys.node_channel(cfg.node_id))
         tasks.spawn(self.subscriptions.run(router), "pubsub")
         tasks.spawn(self.membership.tick_loop(), "heartbeat")
         tasks.spawn(self.recovery.housekeeping_loop(), "housekeeping")

@@ -147,6 +147,14 @@ class LoopRunner:
         self._metrics.speculated()
         return spec
 
+    def known_logged(self) -> int:
+        """The highest event id this loop knows is in the log (not counting an action
+        dispatched before its accept answered)."""
+        spec = self._spec
+        if spec is not None and not spec.confirmed:
+            return min(self._queue.seen, spec.predicted - 1)
+        return self._queue.seen
+
     def take_user_event(self, spec: Speculation, event_id: int) -> bool:
         """The accept of ``spec`` logged its action as ``event_id``. If a commit is on its
         way now (the agent's answer, typically), the runner delivers the user event when it
@@ -310,7 +318,12 @@ class LoopRunner:
                     publisher=self.lease.inc,
                     writer=self._writer,
                     accepted_as=accepted_as,
+                    floor=self._delivery.floor(self.sid),
                 )
+                if r.notice is not None:  # Redis had lost events: clients are told
+                    await self._delivery.committed(self.sid, r.notice[0], [r.notice[1]])
+                if not r.replicated:
+                    self._metrics.not_replicated()
             except (RedisError, OSError) as exc:
                 await self._pay_owed()  # the client need not wait for the retries
                 delay = backoff.next()

@@ -93,6 +93,11 @@ class NodeServer:
         return self.manager.node_id
 
     @property
+    def redis(self) -> str:
+        """The Redis deployment it uses, e.g. ``cluster Redis at redis://host:7000``."""
+        return self.manager.node.backend.describe() if self.manager.started else ""
+
+    @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"

@@ -297,7 +297,10 @@ async def test_serve_with_embedded_redis_chat_and_graceful_stop() -> None:
         embedded = re.search(r"started a private embedded Redis at (redis://\S+)", lines[0])
         assert embedded, lines
         redis_port = int(embedded.group(1).rsplit(":", 1)[1].split("/")[0])
-        match = re.fullmatch(r"node (\S+) serving on (http://127\.0\.0\.1:(\d+))", lines[-1])
+        match = re.fullmatch(
+            r"node (\S+) serving on (http://127\.0\.0\.1:(\d+)) \(standalone Redis at .*\)",
+            lines[-1],
+        )
         assert match, lines
         node_id, url = match.group(1), match.group(2)
         status, body = await get_json(f"{url}/healthz")
@@ -361,7 +364,7 @@ async def test_a_second_signal_stops_waiting_for_the_drain() -> None:
         embedded = re.search(r"started a private embedded Redis at (redis://\S+)", lines[0])
         assert embedded, lines
         redis_port = int(embedded.group(1).rsplit(":", 1)[1].split("/")[0])
-        url = lines[-1].rsplit(" ", 1)[1]
+        url = re.search(r"serving on (\S+)", lines[-1]).group(1)  # type: ignore[union-attr]
         rc, out, err = await run(
             "chat", "--url", url, "--conversation", "slow", "--secret", "s4", "--user", "sam",
             stdin=b"hi\n",

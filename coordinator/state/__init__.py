@@ -12,9 +12,10 @@ from .core import accept_token, text
 from .loops import LoopOps
 from .registry import LeaseRenewer, RegistryOps
 from .results import Accepted, Admitted, Committed, Lease, Ownership
+from .writes import WriteOps
 
 
-class RedisState(LoopOps, ConnectionOps, RegistryOps):
+class RedisState(WriteOps, LoopOps, ConnectionOps, RegistryOps):
     """Typed operations over one Redis deployment (see the package docstring)."""
 
 
