@@ -196,9 +196,9 @@ class Node:
         await self.recovery.reap_previous(previous)
         await self.directory.refresh()
         await self.subscriptions.start()
+        tasks.spawn(self.subscriptions.run(router), "pubsub")
         # Commands to this node (on one server, its channel is the probe's too).
         await self.subscriptions.add(keys.node_channel(cfg.node_id))
-        tasks.spawn(self.subscriptions.run(router), "pubsub")
         tasks.spawn(self.membership.tick_loop(), "heartbeat")
         tasks.spawn(self.recovery.housekeeping_loop(), "housekeeping")
         tasks.spawn(self.idle.flush_loop(), "activity-flush")
