@@ -181,6 +181,7 @@ def cmd_token(args: argparse.Namespace) -> int:
                 args.ttl,
                 issuer=args.token_issuer,
                 audience=args.token_audience,
+                claims={"admin": True} if args.admin else None,
             )
         )
     except (InvalidInput, ConfigError) as exc:

@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("user", metavar="USER", help="user id, e.g. alice or alice@example.com")
     token.add_argument("--ttl", type=float, default=DEFAULT_TTL, help="lifetime in seconds")
+    token.add_argument(
+        "--admin",
+        action="store_true",
+        help="add the claim admin=true: GET /api/dashboard then shows the whole cluster",
+    )
     _secret_arg(token, "the nodes use (required)")
     _claim_args(token, "the")
 
