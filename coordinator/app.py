@@ -2,9 +2,11 @@
 
 Connect with query parameters ``conversation_id`` (required) and ``latest_event_id``
 (optional; -1 or absent replays everything) and a token in ``auth={"token": ...}`` or
-the ``token`` query parameter. The server emits ``oh_event``; the client emits
-``oh_user_action`` and gets the ack ``{"ok": True, "id": n}`` or ``{"ok": False,
-"error": msg}``. Everything that is not ``/socket.io/`` goes to the REST app.
+the ``token`` query parameter; the agent's settings (a JSON object, used if this join
+starts the loop) go in ``auth={"settings": {...}}`` or the ``settings`` query parameter.
+The server emits ``oh_event``; the client emits ``oh_user_action`` and gets the ack
+``{"ok": True, "id": n}`` or ``{"ok": False, "error": msg}``. Everything that is not
+``/socket.io/`` goes to the REST app.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from redis.exceptions import RedisError
 
 from . import codec
 from .auth import AuthError, TokenVerifier, as_verifier
-from .config import ManagerConfig, check_connection_id, check_conversation_id
+from .config import (
+    ManagerConfig,
+    check_connection_id,
+    check_conversation_id,
+    check_settings,
+    parse_settings,
+)
 from .errors import ConfigError, CoordinatorError, Forbidden, InvalidInput
 from .manager import ConversationManager
 from .metrics import NodeMetrics
@@ -166,9 +174,15 @@ class SocketHandlers:
                 raise InvalidInput("the conversation_id query parameter is required")
             conversation = check_conversation_id(raw_conversation)
             latest = parse_latest_event_id(_first(query, "latest_event_id"))
+            if isinstance(auth, dict) and auth.get("settings") is not None:
+                settings = check_settings(auth["settings"])
+            else:
+                settings = parse_settings(_first(query, "settings"))
             check_connection_id(connection_id)
             self.sink.joining(connection_id)
-            await self.manager.join_conversation(conversation, connection_id, {}, user, latest)
+            await self.manager.join_conversation(
+                conversation, connection_id, settings, user, latest
+            )
             joined = True
         except Exception as exc:
             if joined:

@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
 from .auth import AuthError, TokenVerifier
-from .config import check_conversation_id
+from .config import check_conversation_id, check_settings
 from .errors import (
     CapacityTimeout,
     ConnectionNotFound,
@@ -302,10 +302,13 @@ class RestApp:
         if text is not None and not isinstance(text, str):
             raise InvalidInput("initial_user_msg must be a string")
         first = None if text is None else {"action": "message", "args": {"content": text}}
+        settings = check_settings(body.get("settings"))
         if self.manager.draining:
             raise NodeDraining(f"node {self.manager.node_id} is draining; use another node")
         existed = bool(await self.manager.conversation(sid))
-        info = await self.manager.maybe_start_agent_loop(sid, {}, user, initial_user_msg=first)
+        info = await self.manager.maybe_start_agent_loop(
+            sid, settings, user, initial_user_msg=first
+        )
         if first is not None:
             self.node_metrics.actions_accepted.inc()
         return json_response(
