@@ -99,14 +99,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config.replace(redis_url=embedded.url)
         print(f"no --redis-url given: started a private embedded Redis at {embedded.url}")
     try:
-        return asyncio.run(_serve(config, tokens, args.host, args.port, args.log_level))
+        return asyncio.run(
+            _serve(config, tokens, args.host, args.port, args.log_level, args.public_url)
+        )
     finally:
         if embedded is not None:
             embedded.cleanup()
 
 
 async def _serve(
-    config: ManagerConfig, tokens: TokenVerifier, host: str, port: int, log_level: str
+    config: ManagerConfig,
+    tokens: TokenVerifier,
+    host: str,
+    port: int,
+    log_level: str,
+    public_url: str | None,
 ) -> int:
     from .server import NodeServer
 
@@ -121,7 +128,12 @@ async def _serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    node = NodeServer(config, tokens, host=host, port=port, log_level=log_level)
+    try:
+        node = NodeServer(
+            config, tokens, host=host, port=port, log_level=log_level, public_url=public_url
+        )
+    except ConfigError as exc:
+        _fail(2, str(exc))
     try:
         await node.start()
     except ConfigError as exc:

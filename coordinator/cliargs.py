@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
     serve.add_argument("--port", type=int, default=_env("port", 8000), help="port to listen on")
     serve.add_argument(
+        "--public-url",
+        default=_env("public_url"),
+        metavar="URL",
+        help="where clients reach this node, advertised in Redis so the browser pages "
+        "can move to another node (GET /api/nodes) (default: http://HOST:PORT)",
+    )
+    serve.add_argument(
         "--redis-url",
         default=_env("redis_url"),
         help="shared Redis, e.g. redis://host:6379/0 (default: start a private embedded one)",
