@@ -6,7 +6,7 @@ the ``token`` query parameter; the agent's settings (a JSON object, used if this
 starts the loop) go in ``auth={"settings": {...}}`` or the ``settings`` query parameter.
 The server emits ``oh_event``; the client emits ``oh_user_action`` and gets the ack
 ``{"ok": True, "id": n}`` or ``{"ok": False, "error": msg}``. Everything that is not
-``/socket.io/`` goes to the REST app.
+``/socket.io/`` goes to the REST app, which also serves the browser pages (``pages.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from .config import (
 from .errors import ConfigError, CoordinatorError, Forbidden, InvalidInput
 from .manager import ConversationManager
 from .metrics import NodeMetrics
+from .pages import Pages
 from .rest import RestApp, client_message
 from .rooms import IndexedRoomsManager
 
@@ -273,5 +274,6 @@ def create_app(
         manager.sink = sink
     sink.bind(sio, manager.metrics)
     SocketHandlers(sio, manager, tokens, sink, manager.metrics).register()
-    rest = RestApp(manager, tokens, manager.metrics)
+    pages = Pages(manager, tokens)
+    rest = RestApp(manager, tokens, manager.metrics, extra_routes=pages.routes())
     return socketio.ASGIApp(sio, other_asgi_app=rest), sio
