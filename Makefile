@@ -1,6 +1,6 @@
 # One command each: install, run, lint, type-check, test, bench.
-# `make test` works from a fresh clone: it creates the venv, installs nginx (as root, from
-# Debian's packages) and the JavaScript test client's packages when they are missing.
+# `make test` works from a fresh clone: it creates the venv, installs nginx and Chromium (as
+# root, from Debian's packages) and the JavaScript test packages when they are missing.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -17,7 +17,7 @@ LINTED := coordinator workers tests
 TYPED  := coordinator workers
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test lint typecheck bench soak clean distclean deps-nginx deps-js
+.PHONY: help venv run test lint typecheck bench soak screenshots clean distclean deps-nginx deps-js deps-browser
 
 help:
 	@echo "make venv       create $(VENV) and install the project with its test extra"
@@ -27,6 +27,7 @@ help:
 	@echo "make typecheck  mypy --strict on coordinator and workers"
 	@echo "make bench      benchmarks (bench/run.py; BENCH_ARGS=... passes options)"
 	@echo "make soak       the chaos tests SOAK_RUNS times (default 5)"
+	@echo "make screenshots  docs/screenshots/*.png of the browser pages (headless Chromium)"
 	@echo "make clean      caches and build output (distclean: also $(VENV), node_modules)"
 
 venv: $(STAMP)
@@ -51,7 +52,8 @@ deps-nginx:
 		fi; \
 	fi
 
-# socket.io-client for tests/test_js_client.py (Node.js and npm from Debian when missing).
+# socket.io-client for tests/test_js_client.py and playwright-core for tests/test_browser.py
+# (Node.js and npm from Debian when missing).
 deps-js:
 	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -61,8 +63,21 @@ deps-js:
 			echo "warning: node/npm are missing; tests/test_js_client.py will fail"; \
 		fi; \
 	fi
-	@if [ ! -f tests/js/node_modules/socket.io-client/package.json ]; then \
-		cd tests/js && npm ci --no-audit --no-fund; \
+	@if [ ! -f tests/js/node_modules/socket.io-client/package.json ] || \
+	    [ ! -f tests/js/node_modules/playwright-core/package.json ]; then \
+		cd tests/js && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund; \
+	fi
+
+# Chromium for tests/test_browser.py: Debian's package, never a browser playwright would
+# download (playwright-core is only the driver, pointed at /usr/bin/chromium).
+deps-browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "warning: /usr/bin/chromium is missing (apt-get install chromium); tests/test_browser.py will fail"; \
+		fi; \
 	fi
 
 lint: venv
@@ -72,7 +87,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy --strict $(TYPED)
 
-test: venv deps-nginx deps-js lint typecheck
+test: venv deps-nginx deps-js deps-browser lint typecheck
 	$(BIN)/pytest -q
 
 bench: venv
@@ -88,6 +103,10 @@ soak: venv
 	done; \
 	echo "soak: $$passed/$(SOAK_RUNS) runs passed"; \
 	test $$passed -eq $(SOAK_RUNS)
+
+# The README's pictures of the browser pages, from a real 3-node cluster.
+screenshots: venv deps-js deps-browser
+	$(PY) -m tests.screenshots docs/screenshots
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results

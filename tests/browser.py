@@ -138,4 +138,4 @@ class Browser:
         await self.call("type", page=page, selector=selector, text=text)
 
     async def screenshot(self, page: str, path: Path, *, full_page: bool = False) -> None:
-        await self.call("screenshot", page=page, path=str(path), full_page=full_page)
+        await self.call("screenshot", page=page, path=str(path.resolve()), full_page=full_page)
