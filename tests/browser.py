@@ -138,4 +138,7 @@ class Browser:
         await self.call("type", page=page, selector=selector, text=text)
 
     async def screenshot(self, page: str, path: Path, *, full_page: bool = False) -> None:
-        await self.call("screenshot", page=page, path=str(path.resolve()), full_page=full_page)
+        """A PNG of the tab at ``path``, which must be absolute (the driver runs in
+        tests/js)."""
+        assert path.is_absolute(), path
+        await self.call("screenshot", page=page, path=str(path), full_page=full_page)

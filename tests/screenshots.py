@@ -61,7 +61,7 @@ async def take(out: Path, redis_url: str, logs: Path) -> None:
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/screenshots")
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/screenshots").resolve()
     out.mkdir(parents=True, exist_ok=True)
     redis = EmbeddedRedis().start()
     try:
