@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .auth import MIN_SECRET_BYTES, TokenSettings, TokenVerifier, issue_token, short_secret
 from .cliargs import CONFIG_FLAGS, build_parser
-from .config import ManagerConfig
+from .config import ManagerConfig, parse_settings
 from .errors import ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
 from .tasks import keep_cancelling
 
@@ -214,9 +214,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except (InvalidInput, ConfigError) as exc:
             _fail(2, str(exc))
 
+    try:
+        settings = parse_settings(args.settings)
+    except InvalidInput as exc:
+        _fail(2, f"--settings: {exc}")
+
     async def run() -> int:
         client = ChatClient(
-            args.url, args.conversation, token, latest_event_id=args.latest_event_id
+            args.url,
+            args.conversation,
+            token,
+            latest_event_id=args.latest_event_id,
+            settings=settings or None,
+            reconnect_for=args.reconnect_for,
         )
         task = asyncio.ensure_future(client.run(sys.stdin, args.wait))
         loop = asyncio.get_running_loop()

@@ -260,13 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Connect to a node over socket.io, join a conversation (created when new), print "
             "every event as '[id] source: content' and send each line of stdin as a message. "
-            "Works with piped input: after end of input it waits for the last answer. "
+            "Works with piped input: after end of input it waits for the last answer. When "
+            "the node dies or drains, it reconnects to another (--url, or the nodes it "
+            "learnt from GET /api/nodes) from the last event it printed. "
             "Connect a second terminal to another node with the same --conversation to see "
             "location transparency."
         ),
         formatter_class=_Formatter,
     )
-    chat.add_argument("--url", required=True, help="node URL, e.g. http://127.0.0.1:8000")
+    chat.add_argument(
+        "--url",
+        required=True,
+        action="append",
+        help="node URL, e.g. http://127.0.0.1:8000, or a load balancer's; give --url again "
+        "for more nodes to reconnect to (the live nodes' URLs are learnt as well)",
+    )
     chat.add_argument("--conversation", required=True, help="conversation id ([A-Za-z0-9_-])")
     chat.add_argument("--user", default="demo", help="user to issue a token for (with --secret)")
     chat.add_argument("--token", default=_env("token"), help="token (env COORDINATOR_TOKEN)")
@@ -279,5 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument(
         "--wait", type=float, default=10.0, help="seconds to wait for the last answer after EOF"
+    )
+    chat.add_argument(
+        "--reconnect-for",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="when the node goes away, keep trying the other nodes this long",
+    )
+    chat.add_argument(
+        "--settings",
+        metavar="JSON",
+        help="agent settings (a JSON object, e.g. '{\"replies\": 2}'), used if this "
+        "connection starts the conversation's loop",
     )
     return parser
