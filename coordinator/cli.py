@@ -178,8 +178,16 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if not 1 <= args.base_port <= 65535 - args.nodes + 1:
         _fail(2, f"--base-port must leave room for {args.nodes} ports, got {args.base_port}")
     secret = args.secret or secrets.token_urlsafe(24)
+    extra = ["--agent", args.agent] if args.agent else []
     return asyncio.run(
-        run_cluster(args.nodes, args.host, args.base_port, secret, log_level=args.log_level)
+        run_cluster(
+            args.nodes,
+            args.host,
+            args.base_port,
+            secret,
+            log_level=args.log_level,
+            extra_args=extra,
+        )
     )
 
 

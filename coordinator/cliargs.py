@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Start a private embedded Redis and N `coordinator serve` processes on "
             "consecutive ports, wait until each is healthy, then print the URLs, a token for "
-            "user 'demo' and how to chat. Ctrl-C stops the nodes, then Redis. A secret is "
+            "user 'demo' and how to chat. A node that dies stays down while the others "
+            "carry on; type 'restart N' (or send SIGUSR1: every dead node) to start it "
+            "again, 'status' to list them. Ctrl-C stops the nodes, then Redis. A secret is "
             "generated unless --secret or COORDINATOR_SECRET is given."
         ),
         formatter_class=_Formatter,
@@ -225,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--nodes", type=int, default=3, help="number of nodes")
     cluster.add_argument("--base-port", type=int, default=8000, help="port of the first node")
     cluster.add_argument("--host", default="127.0.0.1", help="address the nodes listen on")
+    cluster.add_argument(
+        "--agent",
+        default=None,
+        help=f"agent class as package.module:Class, importable here (default: {DEFAULT_AGENT})",
+    )
     _secret_arg(cluster, "shared by the nodes (default: generated)")
     cluster.add_argument(
         "--log-level",

@@ -13,51 +13,13 @@ import json
 import re
 import signal
 import sys
-import time
 import urllib.request
 
-from tests.e2e_checks import assert_gap_free
+from tests.e2e_checks import LineReader, assert_gap_free
 from tests.processes import ProcessCluster, child_env
 
 FAST = ["--node-ttl", "3", "--heartbeat-interval", "0.5"]
 EVENT = re.compile(r"^\[(\d+)\] (\w+): (.*)$")
-
-
-class Chat:
-    """A `coordinator chat` process; its stdout and stderr as one stream of lines."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-
-    async def expect(self, pattern: str, within: float = 30.0) -> str:
-        """Read lines until one matches ``pattern`` (searching those read already first)."""
-        for line in self.lines:
-            if re.search(pattern, line):
-                return line
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + within
-        while True:
-            try:
-                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                    raw = await self.proc.stdout.readline()
-            except TimeoutError:
-                lines = "\n".join(self.lines)
-                raise AssertionError(f"no line matching {pattern!r}:\n{lines}") from None
-            if not raw:
-                raise AssertionError(f"chat exited before {pattern!r}:\n" + "\n".join(self.lines))
-            line = raw.decode().rstrip("\n")
-            self.lines.append(line)
-            if re.search(pattern, line):
-                return line
-
-    async def say(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text.encode() + b"\n")
-        await self.proc.stdin.drain()
-
-    def index(self, pattern: str) -> int:
-        return next(i for i, line in enumerate(self.lines) if re.search(pattern, line))
 
 
 def create_with_history(url: str, token: str, conversation: str) -> None:
@@ -88,20 +50,20 @@ async def test_chat_reconnects_when_its_node_dies_or_drains(
         stderr=asyncio.subprocess.STDOUT,
         env=child_env(),
     )  # fmt: skip
-    chat = Chat(proc)
+    chat = LineReader(proc)
     try:
         await chat.expect(r"^\[2\] agent: before$")
-        await chat.say("one")
+        await chat.write("one")
         await chat.expect(r"agent: one$")
 
         await asyncio.to_thread(node1.kill)
-        await chat.say("two")
+        await chat.write("two")
         await chat.expect(r"^connected to node node2 ")
         await chat.expect(r"agent: two$")
 
         node2.terminate()  # drains: tells its clients to go elsewhere
         await chat.expect(r"^connected to node node3 ")
-        await chat.say("three")
+        await chat.write("three")
         await chat.expect(r"agent: three$")
 
         assert proc.stdin is not None
