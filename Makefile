@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed
 
 SOAK_RUNS ?= 5
 NODES     ?= 3
+BASE_PORT ?= 8000
 BENCH_ARGS ?=
 
 LINTED := coordinator workers tests
@@ -21,7 +22,7 @@ TYPED  := coordinator workers
 
 help:
 	@echo "make venv       create $(VENV) and install the project with its test extra"
-	@echo "make run        local cluster: embedded Redis + $(NODES) nodes (coordinator cluster)"
+	@echo "make run        local cluster: embedded Redis + $(NODES) nodes on ports $(BASE_PORT)+ (NODES=, BASE_PORT=)"
 	@echo "make test       lint, type-check and the whole test suite (what CI runs)"
 	@echo "make lint       ruff check + ruff format --check"
 	@echo "make typecheck  mypy --strict on coordinator and workers"
@@ -38,7 +39,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 run: venv
-	$(BIN)/coordinator cluster --nodes $(NODES)
+	$(BIN)/coordinator cluster --nodes $(NODES) --base-port $(BASE_PORT)
 
 # nginx for tests/test_nginx.py: installed from Debian's packages when missing and root;
 # otherwise the test fails and says how to install it.

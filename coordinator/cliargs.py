@@ -155,6 +155,15 @@ def _token_args(serve: argparse.ArgumentParser) -> None:
     )
 
 
+def _name_environment(parser: argparse.ArgumentParser) -> None:
+    """Say in each flag's help which environment variable it falls back to."""
+    for action in parser._actions:
+        flags = [f for f in action.option_strings if f.startswith("--") and f != "--help"]
+        if flags and ENV_PREFIX not in (action.help or ""):
+            name = ENV_PREFIX + action.dest.upper()
+            action.help = f"{action.help} (env {name})" if action.help else f"env {name}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coordinator",
@@ -199,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     for dest, (flag, kind, help_text) in CONFIG_FLAGS.items():
         serve.add_argument(flag, dest=dest, type=kind, default=_env(dest), help=help_text)
     serve.add_argument(
-        "--agent", default=_env("agent", DEFAULT_AGENT), help="agent class as package.module:Class"
+        "--agent",
+        default=_env("agent", DEFAULT_AGENT),
+        help="agent class as package.module:Class, importable by this Python (PYTHONPATH or "
+        "an installed package)",
     )
     _secret_arg(serve, "that signs client tokens (required with HS256)")
     _token_args(serve)
@@ -210,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_LEVELS,
         help="log level",
     )
+    _name_environment(serve)
 
     cluster = sub.add_parser(
         "cluster",
