@@ -1,7 +1,7 @@
 # One command each: install, run, lint, type-check, test, bench.
-# `make test` works from a fresh clone: it creates the venv, installs nginx, Redis and
-# PostgreSQL (as root, from Debian's packages) and the JavaScript test client's packages
-# when they are missing.
+# `make test` works from a fresh clone: it creates the venv, installs nginx, Redis,
+# PostgreSQL and Chromium (as root, from Debian's packages) and the JavaScript test
+# packages when they are missing.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -12,23 +12,25 @@ STAMP  := $(VENV)/.installed
 
 SOAK_RUNS ?= 5
 NODES     ?= 3
+BASE_PORT ?= 8000
 BENCH_ARGS ?=
 
 LINTED := coordinator workers tests
 TYPED  := coordinator workers
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test lint typecheck bench soak clean distclean deps-nginx deps-redis \
-	deps-js deps-postgres
+.PHONY: help venv run test lint typecheck bench soak screenshots clean distclean deps-nginx \
+	deps-redis deps-js deps-postgres deps-browser
 
 help:
 	@echo "make venv       create $(VENV) and install the project with its test extra"
-	@echo "make run        local cluster: embedded Redis + $(NODES) nodes (coordinator cluster)"
+	@echo "make run        local cluster: embedded Redis + $(NODES) nodes on ports $(BASE_PORT)+ (NODES=, BASE_PORT=)"
 	@echo "make test       lint, type-check and the whole test suite (what CI runs)"
 	@echo "make lint       ruff check + ruff format --check"
 	@echo "make typecheck  mypy --strict on coordinator and workers"
 	@echo "make bench      benchmarks (bench/run.py; BENCH_ARGS=... passes options)"
 	@echo "make soak       the chaos tests SOAK_RUNS times (default 5)"
+	@echo "make screenshots  docs/screenshots/*.png of the browser pages (headless Chromium)"
 	@echo "make clean      caches and build output (distclean: also $(VENV), node_modules)"
 
 venv: $(STAMP)
@@ -39,7 +41,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 run: venv
-	$(BIN)/coordinator cluster --nodes $(NODES)
+	$(BIN)/coordinator cluster --nodes $(NODES) --base-port $(BASE_PORT)
 
 # nginx for tests/test_nginx.py: installed from Debian's packages when missing and root;
 # otherwise the test fails and says how to install it.
@@ -79,7 +81,8 @@ deps-postgres:
 		fi; \
 	fi
 
-# socket.io-client for tests/test_js_client.py (Node.js and npm from Debian when missing).
+# socket.io-client for tests/test_js_client.py and playwright-core for tests/test_browser.py
+# (Node.js and npm from Debian when missing).
 deps-js:
 	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -89,8 +92,21 @@ deps-js:
 			echo "warning: node/npm are missing; tests/test_js_client.py will fail"; \
 		fi; \
 	fi
-	@if [ ! -f tests/js/node_modules/socket.io-client/package.json ]; then \
-		cd tests/js && npm ci --no-audit --no-fund; \
+	@if [ ! -f tests/js/node_modules/socket.io-client/package.json ] || \
+	    [ ! -f tests/js/node_modules/playwright-core/package.json ]; then \
+		cd tests/js && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund; \
+	fi
+
+# Chromium for tests/test_browser.py: Debian's package, never a browser playwright would
+# download (playwright-core is only the driver, pointed at /usr/bin/chromium).
+deps-browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "warning: /usr/bin/chromium is missing (apt-get install chromium); tests/test_browser.py will fail"; \
+		fi; \
 	fi
 
 lint: venv
@@ -100,7 +116,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy --strict $(TYPED)
 
-test: venv deps-nginx deps-redis deps-js deps-postgres lint typecheck
+test: venv deps-nginx deps-redis deps-js deps-postgres deps-browser lint typecheck
 	$(BIN)/pytest -q
 
 bench: venv
@@ -116,6 +132,10 @@ soak: venv
 	done; \
 	echo "soak: $$passed/$(SOAK_RUNS) runs passed"; \
 	test $$passed -eq $(SOAK_RUNS)
+
+# The README's pictures of the browser pages, from a real 3-node cluster.
+screenshots: venv deps-js deps-browser
+	$(PY) -m tests.screenshots docs/screenshots
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results

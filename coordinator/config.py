@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -42,6 +43,38 @@ def check_user_id(user: object) -> str:
             f"invalid user id {user!r}: expected 1-128 characters of [A-Za-z0-9_.@:+=-]"
         )
     return user
+
+
+MAX_SETTINGS_BYTES = 16 * 1024  # an agent's settings, as compact JSON
+
+
+def check_settings(value: object) -> dict[str, Any]:
+    """Agent settings from a client: a JSON object of at most ``MAX_SETTINGS_BYTES`` as
+    compact JSON (None is ``{}``); else InvalidInput."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput("settings must be a JSON object")
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidInput(f"settings must be plain JSON: {exc}") from None
+    if size > MAX_SETTINGS_BYTES:
+        raise InvalidInput(f"settings must be at most {MAX_SETTINGS_BYTES} bytes of JSON")
+    return value
+
+
+def parse_settings(text: str | None) -> dict[str, Any]:
+    """Agent settings given as JSON text (a query parameter); see ``check_settings``."""
+    if text is None or text == "":
+        return {}
+    if len(text) > MAX_SETTINGS_BYTES:
+        raise InvalidInput(f"settings must be at most {MAX_SETTINGS_BYTES} bytes of JSON")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"settings are not valid JSON: {exc}") from None
+    return check_settings(value)
 
 
 _SECRET_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@\s:]*:)[^@\s]*@", re.I)

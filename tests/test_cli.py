@@ -423,7 +423,7 @@ async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
     try:
         lines = await read_until(proc, r"Press Ctrl-C", within=45)
         text = "\n".join(lines)
-        urls = re.findall(r"^  (node\d)  (http://\S+)$", text, re.M)
+        urls = re.findall(r"^  (node\d)  (http://\S+)  \(pid \d+\)$", text, re.M)
         assert urls == [
             ("node1", f"http://127.0.0.1:{base}"),
             ("node2", f"http://127.0.0.1:{base + 1}"),
@@ -433,8 +433,8 @@ async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
         assert secret and token
         assert verify_token(token.group(1), secret.group(1)) == "demo"
         assert (
-            f"coordinator chat --url http://127.0.0.1:{base} --conversation demo1 "
-            f"--secret {secret.group(1)}" in text
+            f"coordinator chat --url http://127.0.0.1:{base} --url http://127.0.0.1:{base + 1} "
+            f"--conversation demo1 --secret {secret.group(1)}" in text
         )
         status, body = await get_json(f"http://127.0.0.1:{base + 1}/api/cluster", token.group(1))
         assert status == 200 and sorted(body["nodes"]) == ["node1", "node2"]  # type: ignore[call-overload]

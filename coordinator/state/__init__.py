@@ -2,9 +2,10 @@
 
 One class, ``RedisState``, grouped by what the operations are about: conversations and
 their logs (``conversations.py``), running loops and the cap (``loops.py``), connections
-(``connections.py``) and node membership (``registry.py``). The key schema is in
-``keys.py``, the Lua scripts in ``scripts.py``; nothing here keeps state of its own, and
-every method is one Redis round trip or a few sent together.
+(``connections.py``), node membership (``registry.py``) and what the browser pages read
+(``views.py``). The key schema is in ``keys.py``, the Lua scripts in ``scripts.py``;
+nothing here keeps state of its own, and every method is one Redis round trip or a few
+sent together.
 """
 
 from .connections import ConnectionOps
@@ -12,10 +13,11 @@ from .core import accept_token, text
 from .loops import LoopOps
 from .registry import LeaseRenewer, RegistryOps
 from .results import Accepted, Admitted, Committed, Lease, Ownership
+from .views import ViewOps
 from .writes import WriteOps
 
 
-class RedisState(WriteOps, LoopOps, ConnectionOps, RegistryOps):
+class RedisState(WriteOps, LoopOps, ConnectionOps, RegistryOps, ViewOps):
     """Typed operations over one Redis deployment (see the package docstring)."""
 
 
