@@ -13,10 +13,8 @@ import logging
 import time
 from urllib.parse import urlsplit
 
-from redis.exceptions import RedisError
-
 from .directory import Directory
-from .errors import ConfigError
+from .errors import REDIS_TROUBLE, ConfigError
 from .status import Advertisement
 from .tasks import cancel_and_wait
 
@@ -68,7 +66,7 @@ class UrlAdvertiser:
         ad = Advertisement(self._ad.node_id, self._ad.url, self._ad.node_ttl, time.time())
         try:
             self._written = await self._directory.advertise(ad)
-        except (RedisError, OSError) as exc:
+        except REDIS_TROUBLE as exc:
             log.warning("could not advertise %s at %s: %s", ad.node_id, ad.url, exc)
 
     async def _refresh(self) -> None:
@@ -84,6 +82,6 @@ class UrlAdvertiser:
         if self._written:
             try:
                 await self._directory.withdraw(self._ad.node_id, self._written)
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 log.warning("could not withdraw the advertisement of %s: %s", self._ad.node_id, exc)
             self._written = ""

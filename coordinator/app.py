@@ -18,7 +18,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import socketio
-from redis.exceptions import RedisError
 
 from . import codec
 from .auth import AuthError, TokenVerifier, as_verifier
@@ -29,7 +28,7 @@ from .config import (
     check_settings,
     parse_settings,
 )
-from .errors import ConfigError, CoordinatorError, Forbidden, InvalidInput
+from .errors import EXPECTED, ConfigError, Forbidden, InvalidInput
 from .manager import ConversationManager
 from .metrics import NodeMetrics
 from .pages import Pages
@@ -204,7 +203,7 @@ class SocketHandlers:
             return f"authentication failed: {exc}"
         if isinstance(exc, Forbidden):
             return f"forbidden: {exc}"
-        if not isinstance(exc, CoordinatorError | RedisError | OSError):
+        if not isinstance(exc, EXPECTED):
             log.error("join failed unexpectedly", exc_info=exc)
         return client_message(exc)
 
@@ -217,7 +216,7 @@ class SocketHandlers:
         self.sink.left(connection_id)
         try:
             await self.manager.disconnect_from_session(connection_id)
-        except (CoordinatorError, RedisError, OSError) as exc:
+        except EXPECTED as exc:
             log.warning("could not forget connection %s: %s", connection_id, exc)
 
     async def oh_user_action(self, connection_id: str, data: Any = None) -> dict[str, Any]:
@@ -225,7 +224,7 @@ class SocketHandlers:
         try:
             event_id = await self.manager.send_to_event_stream(connection_id, data)
         except Exception as exc:
-            if not isinstance(exc, CoordinatorError | RedisError | OSError):
+            if not isinstance(exc, EXPECTED):
                 log.error("action from %s failed unexpectedly", connection_id, exc_info=exc)
             else:
                 log.info("action from %s rejected: %s", connection_id, exc)

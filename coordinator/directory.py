@@ -14,8 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import RedisError
-
+from .errors import REDIS_TROUBLE
 from .membership import Membership
 from .state import RedisState
 from .status import LOST_SHOWN, Advertisement, ConversationStatus, NodeStatus
@@ -92,7 +91,7 @@ class Directory:
         """Whether Redis still names this process's incarnation as its node's."""
         try:
             return await self._state.lease_left(self._membership.inc) is not None
-        except (RedisError, OSError):
+        except REDIS_TROUBLE:
             return False
 
     async def redis_ok(self, limit: float = 2.0) -> tuple[bool, str]:
@@ -102,7 +101,7 @@ class Directory:
                 await self._state.ping()
         except TimeoutError:
             return False, f"redis did not answer PING within {limit}s"
-        except (RedisError, OSError) as exc:
+        except REDIS_TROUBLE as exc:
             return False, f"redis: {exc or type(exc).__name__}"
         return True, ""
 

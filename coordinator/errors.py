@@ -2,6 +2,29 @@
 
 from __future__ import annotations
 
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Whatever reaching Redis can raise: redis-py's errors, its cluster client's that are not
+# RedisErrors (RedisClusterException, SlotNotCoveredError), and the socket's.
+REDIS_TROUBLE: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+# Of those, the ones worth retrying: the link or the cluster's topology, not the request
+# (a command Redis refused would fail the same way again).
+REDIS_TRANSIENT: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    RedisClusterException,
+    OSError,
+)
+
 
 class CoordinatorError(Exception):
     """Root of every error the coordinator raises on purpose."""
@@ -92,3 +115,7 @@ class NodeDraining(CoordinatorError):
 
 class NodeBusy(CoordinatorError):
     """This node has ``max_concurrent_joins`` joins in progress and more waited too long."""
+
+
+# The errors the coordinator expects while serving: its own and Redis trouble.
+EXPECTED: tuple[type[Exception], ...] = (CoordinatorError, *REDIS_TROUBLE)

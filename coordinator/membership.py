@@ -20,9 +20,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
-
 from .config import ManagerConfig
+from .errors import REDIS_TROUBLE
 from .state import LeaseRenewer, RedisState
 
 log = logging.getLogger(__name__)
@@ -237,7 +236,7 @@ class LeaseKeeper(threading.Thread):
         inc, sent_at = m.inc, time.monotonic()
         try:
             ok = self._renewer.renew(m.node, inc, m.ttl_ms)
-        except (RedisError, OSError) as exc:
+        except REDIS_TROUBLE as exc:
             self._call(m.renew_failed, exc)
             return False
         self._call(m.renewed, inc, sent_at, ok)

@@ -14,8 +14,6 @@ import asyncio
 import contextlib
 import logging
 
-from redis.exceptions import RedisError
-
 from workers.protocol import AgentFactory
 
 from . import codec
@@ -25,7 +23,7 @@ from .bus import CommandBus
 from .config import ManagerConfig
 from .delivery import Delivery, EventSink, LocalConnections
 from .directory import Directory
-from .errors import CoordinatorError
+from .errors import EXPECTED, REDIS_TROUBLE
 from .handles import AttachedHandles
 from .idle import IdleTracker
 from .keys import KeySchema
@@ -236,14 +234,14 @@ class Node:
         """Stop every local loop, forget local connections, deregister, stop tasks."""
         self.intake.draining = True
         for sid in list(self.runners):
-            with contextlib.suppress(CoordinatorError, RedisError, OSError):
+            with contextlib.suppress(*EXPECTED):
                 await self.loops.stop(sid, None)
         await self.sessions.leave_all()
         self.handles.release_detached()
         await self.subscriptions.aclose()
         await self.tasks.aclose()
         self.membership.stop()
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_TROUBLE):
             await reap_incarnation(
                 self.state, self.inc, keep_connections=False, maxlen=self.config.event_log_maxlen
             )
@@ -277,7 +275,7 @@ class Node:
             *(self.loops.stop(sid, codec.moving_event()) for sid, _ in leaving),
             return_exceptions=True,
         )
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_TROUBLE):
             await self.restarts.resume_pending(leaving)
         await self.sessions.farewell(
             codec.status_event(

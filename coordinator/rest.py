@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -27,6 +26,7 @@ from starlette.websockets import WebSocketClose
 from .auth import AuthError, Identity, TokenVerifier
 from .config import check_conversation_id, check_settings
 from .errors import (
+    REDIS_TROUBLE,
     CapacityTimeout,
     ConnectionNotFound,
     ConversationNotFound,
@@ -36,6 +36,7 @@ from .errors import (
     InvalidInput,
     NodeBusy,
     NodeDraining,
+    NotReplicated,
     RedisUnavailable,
 )
 from .manager import ConversationManager
@@ -67,9 +68,8 @@ def status_for(exc: BaseException) -> int:
         return 429
     if isinstance(exc, InvalidInput):
         return 400
-    if isinstance(
-        exc, NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | RedisError | OSError
-    ):
+    unavailable = NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | NotReplicated
+    if isinstance(exc, unavailable) or isinstance(exc, REDIS_TROUBLE):  # noqa: SIM101
         return 503
     return 500
 
@@ -82,7 +82,7 @@ def client_message(exc: BaseException) -> str:
         return f"authentication failed: {exc}"
     if isinstance(exc, CoordinatorError):
         return str(exc)
-    if isinstance(exc, RedisError | OSError):
+    if isinstance(exc, REDIS_TROUBLE):
         return "the coordinator cannot reach Redis right now; try again"
     return "internal error"
 

@@ -19,8 +19,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
-
 from workers.protocol import AgentLoop, AgentState, Event
 
 from .actionqueue import ActionQueue
@@ -28,7 +26,7 @@ from .backoff import Backoff
 from .codec import agent_event, pack, stamped_at
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import Fenced, SpeculationLost
+from .errors import REDIS_TROUBLE, Fenced, SpeculationLost
 from .idle import IdleTracker
 from .metrics import NodeMetrics
 from .speculation import Speculation
@@ -189,7 +187,7 @@ class LoopRunner:
                 if queue.reread:
                     await queue.read()
                 backoff.reset()
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 # Redis trouble: the actions stay in the durable inbox; read again later.
                 delay = backoff.next()
                 log.warning("inbox read for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
@@ -324,7 +322,7 @@ class LoopRunner:
                     await self._delivery.committed(self.sid, r.notice[0], [r.notice[1]])
                 if not r.replicated:
                     self._metrics.not_replicated()
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 await self._pay_owed()  # the client need not wait for the retries
                 delay = backoff.next()
                 log.warning("commit for %s failed (%s); retry in %.2fs", self.sid, exc, delay)

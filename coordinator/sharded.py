@@ -22,8 +22,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from .errors import REDIS_TROUBLE
 from .slots import Address, SlotMap, slot_of, tag_in
 from .subscriptions import Listener, Subscriptions
 from .tasks import TaskSet
@@ -122,7 +122,7 @@ class ShardedSubscriptions:
             self._trouble.clear()
             try:
                 await self._remap()
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 log.warning("slot map read failed (%s); trying again", exc)
                 await asyncio.sleep(0.5)
                 self._trouble.set()
@@ -132,7 +132,7 @@ class ShardedSubscriptions:
         for shard in self._shards.values():
             await shard.aclose()
         for client in self._clients.values():
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_TROUBLE):
                 await client.aclose()
         self._shards.clear()
         self._clients.clear()
@@ -166,7 +166,7 @@ class ShardedSubscriptions:
         await shard.aclose()
         client = self._clients.pop(master, None)
         if client is not None:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_TROUBLE):
                 await client.aclose()
 
     async def _remap(self) -> None:

@@ -19,9 +19,9 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from .backoff import Backoff
+from .errors import REDIS_TROUBLE
 from .keys import KeySchema
 from .state import text
 
@@ -204,7 +204,7 @@ class Subscriptions:
                     await self._probe()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, RuntimeError) as exc:
+            except (RuntimeError, *REDIS_TROUBLE) as exc:  # type: ignore[misc]
                 # RuntimeError: redis-py has no connection after a failed resubscribe.
                 if self._closing:
                     return
@@ -215,12 +215,12 @@ class Subscriptions:
                 await self._resubscribe()
 
     async def _resubscribe(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_TROUBLE):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
         try:
             await self._subscribe(*self._refs)
-        except (RedisError, OSError) as exc:
+        except REDIS_TROUBLE as exc:
             log.warning("resubscribe failed: %s", exc)
             if self._on_trouble is not None:
                 self._on_trouble()
@@ -271,7 +271,7 @@ class Subscriptions:
     async def aclose(self) -> None:
         """Stop the listener: its pending read fails once the connection is closed."""
         self._closing = True
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_TROUBLE):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
 

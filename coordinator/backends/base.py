@@ -24,10 +24,8 @@ import contextlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from redis.exceptions import RedisError
-
 from ..config import ManagerConfig, redact_url
-from ..errors import RedisUnavailable
+from ..errors import REDIS_TROUBLE, RedisUnavailable
 from ..keys import KeySchema
 from ..state import LeaseRenewer, RedisState
 from ..state.core import Lane
@@ -60,7 +58,7 @@ class Backend(ABC):
         try:
             async with asyncio.timeout(self.config.connect_timeout + 1):
                 await self.client.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_TROUBLE as exc:
             reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
             raise RedisUnavailable(redact_url(self.config.redis_url), reason) from None
 
@@ -108,5 +106,5 @@ class Backend(ABC):
             self._lane = None
         clients, self._owned = self._owned, []
         for client in clients:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_TROUBLE):
                 await client.aclose()

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from ..config import SENTINEL_SCHEMES, ManagerConfig, redact_url
-from ..errors import ConfigError, RedisUnavailable
+from ..errors import REDIS_TROUBLE, ConfigError, RedisUnavailable
 from .base import Backend
 from .cluster import ClusterBackend
 from .sentinel import SentinelBackend
@@ -26,7 +25,7 @@ async def cluster_enabled(config: ManagerConfig) -> bool:
     try:
         async with asyncio.timeout(config.connect_timeout + 1):
             info = await client.info("cluster")
-    except (RedisError, OSError, TimeoutError) as exc:
+    except REDIS_TROUBLE as exc:
         reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
         raise RedisUnavailable(redact_url(config.redis_url), reason) from None
     finally:
