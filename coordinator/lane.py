@@ -134,12 +134,17 @@ async def send_script(
     result = link.send(command, reply_within)
     acked = link.send(wait, reply_within) if wait else None
     try:
-        value = await result
-    except NoScriptError:  # Redis restarted (or failed over) without its script cache
-        if acked is not None:
+        try:
+            value = await result
+        except NoScriptError:  # Redis restarted (or failed over) without its script cache
+            if acked is not None:
+                acked.add_done_callback(retrieved)
+            await link.send(pack("SCRIPT", "LOAD", script.script), reply_within)
+            result = link.send(command, reply_within)
+            acked = link.send(wait, reply_within) if wait else None
+            value = await result
+    except BaseException:
+        if acked is not None:  # it fails with the script's connection: nobody reads it
             acked.add_done_callback(retrieved)
-        await link.send(pack("SCRIPT", "LOAD", script.script), reply_within)
-        result = link.send(command, reply_within)
-        acked = link.send(wait, reply_within) if wait else None
-        value = await result
+        raise
     return value, int(await acked) if acked is not None else 0
