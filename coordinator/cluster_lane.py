@@ -85,7 +85,8 @@ class ClusterLane:
         slot = slot_of(keys[0])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        backoff = Backoff(base=0.05, cap=0.5)
+        # Short steps: a shard failing over comes back at once, all calls waiting for it.
+        backoff = Backoff(base=0.02, cap=0.2)
         asking: Address | None = None
         for _ in range(REDIRECTS):
             if self._closed:

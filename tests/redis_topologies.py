@@ -191,7 +191,7 @@ def slot_ranges(masters: int) -> list[tuple[int, int]]:
 
 
 class RedisClusterServers:
-    """A local Redis Cluster: ``masters`` masters, each with ``replicas`` (0 or 1) replicas.
+    """A local Redis Cluster: ``masters`` masters, each with ``replicas`` (0-2) replicas.
 
     Nodes are ``node1``... in ``workdir`` (a temporary directory, removed by ``stop``, when
     none is given); the first ``masters`` nodes start as the masters.
@@ -200,8 +200,8 @@ class RedisClusterServers:
     def __init__(
         self, workdir: Path | None = None, *, masters: int = CLUSTER_MASTERS, replicas: int = 0
     ) -> None:
-        if replicas not in (0, 1):
-            raise ValueError("replicas must be 0 or 1 (one per master)")
+        if replicas not in (0, 1, 2):
+            raise ValueError("replicas must be 0, 1 or 2 (per master)")
         self._owns_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="coord-cluster-"))
         self.settings = ClusterSettings.from_file(CLUSTER_CONF)
