@@ -42,13 +42,11 @@ class LoopRunner:
     """Runs one owned conversation's agent: dispatches its inbox in order and commits
     what the agent emits, fenced by ``lease``.
 
-    ``applied``: the last action the log records as processed (the runner resumes after
-    it); ``new_agent``: makes the agent (again, when a speculation was lost);
-    ``speculative``: dispatch before the accept answered when the agent allows it
-    (``AgentLoop.speculative``);
-    ``lease_valid``: the node's lease clock; ``on_fenced``: told once when the runner
-    stops because ownership is no longer its own; ``delivery``, ``activity``,
-    ``metrics``: where committed events, activity and what is measured go.
+    ``applied``: the last action processed (it resumes after it); ``new_agent``: makes the
+    agent (again, when a speculation was lost); ``speculative``: dispatch before the
+    accept answered when the agent allows it; ``lease_valid``: the node's lease clock;
+    ``on_fenced``: told once when ownership is no longer its own; ``delivery``,
+    ``activity``, ``metrics``: where committed events, activity and measures go.
     """
 
     def __init__(
@@ -292,14 +290,9 @@ class LoopRunner:
             if self.fenced or (check_open and self.closed) or not self._lease_valid():
                 self._fence("node lease lapsed" if not self.fenced else "already fenced")
                 raise Fenced(self.sid, self.lease.epoch, -1)
-            accepted_as = ""
-            if spec is not None and not spec.confirmed:
-                if spec.lost:
-                    raise SpeculationLost(self.sid, spec.predicted)
-                if spec.landed.done():
-                    spec.confirmed = True
-                else:
-                    accepted_as = spec.token
+            accepted_as = spec.commit_token() if spec is not None else ""
+            if accepted_as is None:
+                raise SpeculationLost(self.sid, spec.predicted if spec else cause)
             state = str(self.agent.state)
             changed = state if state != self._last_state else ""
             self._writes += 1
@@ -352,9 +345,7 @@ class LoopRunner:
             first_id, events = owed[0], [owed[1], *events]
         else:
             await self._pay_owed()
-        if events:
-            # Apply locally at once (a pub/sub copy, sent only if another node listens,
-            # is dropped by id).
+        if events:  # applied here at once; a pub/sub copy (if any) is dropped by id
             await self._delivery.committed(self.sid, first_id, events)
         return r.last_id
 
