@@ -117,5 +117,19 @@ class NodeBusy(CoordinatorError):
     """This node has ``max_concurrent_joins`` joins in progress and more waited too long."""
 
 
+def redis_glitch(exc: BaseException) -> bool:
+    """Whether ``exc`` is an AttributeError or RuntimeError raised inside redis-py: its
+    connections raise those when used in the middle of a reconnect (a connection whose
+    writer is gone: ``'NoneType' object has no attribute 'writelines'``), which happens
+    while a master fails over. They mean what a ConnectionError means."""
+    if not isinstance(exc, AttributeError | RuntimeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return isinstance(module, str) and module.startswith("redis.")
+
+
 # The errors the coordinator expects while serving: its own and Redis trouble.
 EXPECTED: tuple[type[Exception], ...] = (CoordinatorError, *REDIS_TROUBLE)

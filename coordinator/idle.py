@@ -91,3 +91,5 @@ class IdleTracker:
                 await self.flush()
             except REDIS_TROUBLE as exc:
                 log.warning("activity flush failed: %s", exc)
+            except Exception:  # flushed again next round, whatever went wrong
+                log.exception("activity flush failed")

@@ -318,6 +318,8 @@ class Loops:
                 await self.sweep_idle()
             except EXPECTED as exc:
                 log.warning("idle sweep failed: %s", exc)
+            except Exception:  # the sweep goes on next round, whatever went wrong
+                log.exception("idle sweep failed")
 
     # -- evictions (the cap) ---------------------------------------------------------
     async def evict_owner(self, sid: str, user: str, inc: str) -> None:

@@ -21,7 +21,6 @@ import uuid
 from collections.abc import Callable
 
 from .config import ManagerConfig
-from .errors import REDIS_TROUBLE
 from .state import LeaseRenewer, RedisState
 
 log = logging.getLogger(__name__)
@@ -236,7 +235,8 @@ class LeaseKeeper(threading.Thread):
         inc, sent_at = m.inc, time.monotonic()
         try:
             ok = self._renewer.renew(m.node, inc, m.ttl_ms)
-        except REDIS_TROUBLE as exc:
+        except Exception as exc:
+            # or redis-py's own error in the middle of a reconnect)
             self._call(m.renew_failed, exc)
             return False
         self._call(m.renewed, inc, sent_at, ok)

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
 from .backoff import Backoff
-from .errors import REDIS_TROUBLE
+from .errors import REDIS_TROUBLE, redis_glitch
 from .keys import KeySchema
 from .state import text
 
@@ -204,10 +204,14 @@ class Subscriptions:
                     await self._probe()
             except asyncio.CancelledError:
                 raise
-            except (RuntimeError, *REDIS_TROUBLE) as exc:  # type: ignore[misc]
-                # RuntimeError: redis-py has no connection after a failed resubscribe.
+            except Exception as exc:
+                # Redis trouble, or redis-py's own errors in the middle of a reconnect
+                # (RuntimeError: no connection after a failed resubscribe; AttributeError:
+                # a connection whose writer is gone): the listener must not die.
                 if self._closing:
                     return
+                if not isinstance(exc, REDIS_TROUBLE) and not redis_glitch(exc):
+                    log.exception("pub/sub listener failed; reconnecting")
                 self.healthy = False
                 delay = backoff.next()
                 log.warning("pub/sub link lost (%s); reconnecting in %.2fs", exc, delay)
@@ -220,8 +224,8 @@ class Subscriptions:
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
         try:
             await self._subscribe(*self._refs)
-        except REDIS_TROUBLE as exc:
-            log.warning("resubscribe failed: %s", exc)
+        except Exception as exc:  # as in run: Redis trouble or a redis-py glitch
+            log.warning("resubscribe failed: %r", exc)
             if self._on_trouble is not None:
                 self._on_trouble()
             return

@@ -8,6 +8,14 @@ nothing here keeps state of its own, and every method is one Redis round trip or
 sent together.
 """
 
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from ..errors import redis_glitch
 from .connections import ConnectionOps
 from .core import accept_token, text
 from .loops import LoopOps
@@ -16,7 +24,34 @@ from .results import Accepted, Admitted, Committed, Lease, Ownership
 from .views import ViewOps
 from .writes import WriteOps
 
+T = TypeVar("T")
 
+
+def _glitches_as_connection_errors(cls: type[T]) -> type[T]:
+    """Every coroutine method of ``cls`` raises a redis-py glitch (``errors.redis_glitch``)
+    as the ConnectionError it means, so callers' retries cover it."""
+    for name in dir(cls):
+        method = getattr(cls, name)
+        if name.startswith("__") or not inspect.iscoroutinefunction(method):
+            continue
+
+        def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            @functools.wraps(method)
+            async def translated(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await method(*args, **kwargs)
+                except (AttributeError, RuntimeError) as exc:
+                    if redis_glitch(exc):
+                        raise RedisConnectionError(f"redis-py mid-reconnect: {exc!r}") from exc
+                    raise
+
+            return translated
+
+        setattr(cls, name, wrap(method))
+    return cls
+
+
+@_glitches_as_connection_errors
 class RedisState(WriteOps, LoopOps, ConnectionOps, RegistryOps, ViewOps):
     """Typed operations over one Redis deployment (see the package docstring)."""
 
