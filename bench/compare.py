@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
 import subprocess
@@ -28,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 from io import BytesIO
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,29 @@ def checkout(rev: str, into: Path) -> Path:
     return target
 
 
+def token_issuer(code: Path, secret: str) -> Callable[[list[str]], list[str]]:
+    """Tokens as the revision whose packages are in ``code`` makes them (token formats
+    change between revisions): its own ``issue_token``, in a child process."""
+
+    def issue(users: list[str]) -> list[str]:
+        script = (
+            "import sys\n"
+            "from coordinator.auth import issue_token\n"
+            "print('\\n'.join(issue_token(u, sys.argv[1]) for u in sys.argv[2:]))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, secret, *users],
+            cwd=code,
+            env={**os.environ, "PYTHONPATH": str(code)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.split()
+
+    return issue
+
+
 def parse_system(spec: str) -> tuple[str, list[str]]:
     rev, _, extra = spec.partition("@")
     flags: list[str] = []
@@ -106,22 +131,33 @@ async def compare(
         }
         # group -> (node its clients join, node that starts their loops first)
         groups: dict[str, tuple[Proc, Proc | None]] = {PLAIN: (procs[PLAIN], None)}
+        issuers = {PLAIN: token_issuer(REPO, secret)}
         for spec, (path, flags) in code.items():
             name = re.sub(r"[^A-Za-z0-9_-]", "-", spec)  # a node id
             node = node_proc(name, redis.url, secret, logs, extra=flags)
             procs[spec] = run_under(node, "bench.serve_from", str(path))
             groups[spec] = (procs[spec], None)
+            issuers[spec] = token_issuer(path, secret)
             if cross:
                 other = node_proc(f"{name}-b", redis.url, secret, logs, extra=flags)
                 procs[f"{spec} (b)"] = run_under(other, "bench.serve_from", str(path))
                 groups[f"{spec} cross"] = (procs[f"{spec} (b)"], procs[spec])
+                issuers[f"{spec} cross"] = issuers[spec]
         gen = LoadGenProcess()
         try:
             start_all(list(procs.values()))
             await gen.start()
             for n, (name, (joins, setup)) in enumerate(groups.items()):
                 setup_url = url_of(setup) if setup is not None else None
-                await join_group(gen, name, url_of(joins), secret, f"cmp{n}", setup_url=setup_url)
+                await join_group(
+                    gen,
+                    name,
+                    url_of(joins),
+                    secret,
+                    f"cmp{n}",
+                    setup_url=setup_url,
+                    issue=issuers[name],
+                )
             rng = random.Random(7)
             results: dict[str, Any] = {}
             for rate in rates:

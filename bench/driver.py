@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from bench.common import PY, REPO, child_env
@@ -70,16 +71,20 @@ async def join_group(
     prefix: str,
     count: int = 20,
     setup_url: str | None = None,
+    issue: Callable[[list[str]], list[str]] | None = None,
 ) -> None:
     """Connect ``count`` clients to ``url``, one conversation and user each (ids start
     with ``prefix``), and warm the path up with a second of actions at 50/s. With
-    ``setup_url`` each conversation is started there first (its loop runs there)."""
+    ``setup_url`` each conversation is started there first (its loop runs there).
+    ``issue`` makes the users' tokens (default: this checkout's ``issue_token``)."""
     from coordinator.auth import issue_token
 
+    users = [f"{prefix}-u{i}" for i in range(count)]
+    tokens = issue(users) if issue else [issue_token(u, secret) for u in users]
     conns = [
         {
             "query": {"conversation_id": f"{prefix}-{i}"},
-            "auth": {"token": issue_token(f"{prefix}-u{i}", secret)},
+            "auth": {"token": tokens[i]},
             "url": url,
             **({"setup_url": setup_url} if setup_url else {}),
         }

@@ -48,6 +48,7 @@ class Actions:
         event, packed = action
         key = event.get(codec.CLIENT_ACTION_ID)
         token = accept_token(None if key is None else str(key))
+        floor = self._delivery.floor(sid)
         runner = self._runners.get(sid)
         # The local loop may start on it now, under the id it should get (speculation.py).
         spec = runner.speculate(event, token) if runner is not None else None
@@ -61,6 +62,7 @@ class Actions:
                 self._config.inbox_max,
                 self._membership.inc,
                 token=token,
+                floor=floor,
             )
             landed = r.event_id if r.status == "ok" else 0
         finally:
@@ -74,5 +76,7 @@ class Actions:
             raise InboxFull(
                 f"conversation {sid!r} has {self._config.inbox_max} unprocessed actions"
             )
+        if r.notice is not None:  # Redis had lost events: clients are told first
+            await self._delivery.committed(sid, r.notice[0], [r.notice[1]])
         await self._delivery.user_event(sid, r.event_id, event, spec)
         return r

@@ -2,9 +2,11 @@
 
 Connect with query parameters ``conversation_id`` (required) and ``latest_event_id``
 (optional; -1 or absent replays everything) and a token in ``auth={"token": ...}`` or
-the ``token`` query parameter. The server emits ``oh_event``; the client emits
-``oh_user_action`` and gets the ack ``{"ok": True, "id": n}`` or ``{"ok": False,
-"error": msg}``. Everything that is not ``/socket.io/`` goes to the REST app.
+the ``token`` query parameter; the agent's settings (a JSON object, used if this join
+starts the loop) go in ``auth={"settings": {...}}`` or the ``settings`` query parameter.
+The server emits ``oh_event``; the client emits ``oh_user_action`` and gets the ack
+``{"ok": True, "id": n}`` or ``{"ok": False, "error": msg}``. Everything that is not
+``/socket.io/`` goes to the REST app, which also serves the browser pages (``pages.py``).
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import socketio
-from redis.exceptions import RedisError
 
 from . import codec
 from .auth import AuthError, TokenVerifier, as_verifier
-from .config import ManagerConfig, check_connection_id, check_conversation_id
-from .errors import ConfigError, CoordinatorError, Forbidden, InvalidInput
+from .config import (
+    ManagerConfig,
+    check_connection_id,
+    check_conversation_id,
+    check_settings,
+    parse_settings,
+)
+from .errors import EXPECTED, ConfigError, Forbidden, InvalidInput
 from .manager import ConversationManager
 from .metrics import NodeMetrics
+from .pages import Pages
 from .rest import RestApp, client_message
 from .rooms import IndexedRoomsManager
 
@@ -166,9 +174,15 @@ class SocketHandlers:
                 raise InvalidInput("the conversation_id query parameter is required")
             conversation = check_conversation_id(raw_conversation)
             latest = parse_latest_event_id(_first(query, "latest_event_id"))
+            if isinstance(auth, dict) and auth.get("settings") is not None:
+                settings = check_settings(auth["settings"])
+            else:
+                settings = parse_settings(_first(query, "settings"))
             check_connection_id(connection_id)
             self.sink.joining(connection_id)
-            await self.manager.join_conversation(conversation, connection_id, {}, user, latest)
+            await self.manager.join_conversation(
+                conversation, connection_id, settings, user, latest
+            )
             joined = True
         except Exception as exc:
             if joined:
@@ -189,7 +203,7 @@ class SocketHandlers:
             return f"authentication failed: {exc}"
         if isinstance(exc, Forbidden):
             return f"forbidden: {exc}"
-        if not isinstance(exc, CoordinatorError | RedisError | OSError):
+        if not isinstance(exc, EXPECTED):
             log.error("join failed unexpectedly", exc_info=exc)
         return client_message(exc)
 
@@ -202,7 +216,7 @@ class SocketHandlers:
         self.sink.left(connection_id)
         try:
             await self.manager.disconnect_from_session(connection_id)
-        except (CoordinatorError, RedisError, OSError) as exc:
+        except EXPECTED as exc:
             log.warning("could not forget connection %s: %s", connection_id, exc)
 
     async def oh_user_action(self, connection_id: str, data: Any = None) -> dict[str, Any]:
@@ -210,7 +224,7 @@ class SocketHandlers:
         try:
             event_id = await self.manager.send_to_event_stream(connection_id, data)
         except Exception as exc:
-            if not isinstance(exc, CoordinatorError | RedisError | OSError):
+            if not isinstance(exc, EXPECTED):
                 log.error("action from %s failed unexpectedly", connection_id, exc_info=exc)
             else:
                 log.info("action from %s rejected: %s", connection_id, exc)
@@ -259,5 +273,6 @@ def create_app(
         manager.sink = sink
     sink.bind(sio, manager.metrics)
     SocketHandlers(sio, manager, tokens, sink, manager.metrics).register()
-    rest = RestApp(manager, tokens, manager.metrics)
+    pages = Pages(manager, tokens)
+    rest = RestApp(manager, tokens, manager.metrics, extra_routes=pages.routes())
     return socketio.ASGIApp(sio, other_asgi_app=rest), sio

@@ -66,6 +66,13 @@ class Identity:
     user: str
     claims: Mapping[str, Any]
 
+    @property
+    def admin(self) -> bool:
+        """Whether the token grants the cluster-wide view: an ``admin`` claim that is
+        ``true`` (what ``coordinator token --admin`` issues) or a ``role`` of ``admin``
+        (as identity providers tend to spell it). Anything else is an ordinary user."""
+        return self.claims.get("admin") is True or self.claims.get("role") == "admin"
+
 
 @dataclass(frozen=True)
 class TokenSettings:

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .auth import MIN_SECRET_BYTES, TokenSettings, TokenVerifier, issue_token, short_secret
 from .cliargs import CONFIG_FLAGS, build_parser
-from .config import ManagerConfig
+from .config import ManagerConfig, parse_settings
 from .errors import ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
 from .tasks import keep_cancelling
 
@@ -99,14 +99,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config.replace(redis_url=embedded.url)
         print(f"no --redis-url given: started a private embedded Redis at {embedded.url}")
     try:
-        return asyncio.run(_serve(config, tokens, args.host, args.port, args.log_level))
+        return asyncio.run(
+            _serve(config, tokens, args.host, args.port, args.log_level, args.public_url)
+        )
     finally:
         if embedded is not None:
             embedded.cleanup()
 
 
 async def _serve(
-    config: ManagerConfig, tokens: TokenVerifier, host: str, port: int, log_level: str
+    config: ManagerConfig,
+    tokens: TokenVerifier,
+    host: str,
+    port: int,
+    log_level: str,
+    public_url: str | None,
 ) -> int:
     from .server import NodeServer
 
@@ -121,7 +128,12 @@ async def _serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    node = NodeServer(config, tokens, host=host, port=port, log_level=log_level)
+    try:
+        node = NodeServer(
+            config, tokens, host=host, port=port, log_level=log_level, public_url=public_url
+        )
+    except ConfigError as exc:
+        _fail(2, str(exc))
     try:
         await node.start()
     except ConfigError as exc:
@@ -130,7 +142,7 @@ async def _serve(
         _fail(1, f"{exc} (check --redis-url / COORDINATOR_REDIS_URL)")
     except (CoordinatorError, RuntimeError) as exc:
         _fail(1, str(exc))
-    print(f"node {node.node_id} serving on {node.url}", flush=True)
+    print(f"node {node.node_id} serving on {node.url} ({node.redis})", flush=True)
     stopped = asyncio.ensure_future(stop.wait())
     closed = asyncio.ensure_future(node.wait_closed())
     await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -166,8 +178,16 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if not 1 <= args.base_port <= 65535 - args.nodes + 1:
         _fail(2, f"--base-port must leave room for {args.nodes} ports, got {args.base_port}")
     secret = args.secret or secrets.token_urlsafe(24)
+    extra = ["--agent", args.agent] if args.agent else []
     return asyncio.run(
-        run_cluster(args.nodes, args.host, args.base_port, secret, log_level=args.log_level)
+        run_cluster(
+            args.nodes,
+            args.host,
+            args.base_port,
+            secret,
+            log_level=args.log_level,
+            extra_args=extra,
+        )
     )
 
 
@@ -181,6 +201,7 @@ def cmd_token(args: argparse.Namespace) -> int:
                 args.ttl,
                 issuer=args.token_issuer,
                 audience=args.token_audience,
+                claims={"admin": True} if args.admin else None,
             )
         )
     except (InvalidInput, ConfigError) as exc:
@@ -201,9 +222,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except (InvalidInput, ConfigError) as exc:
             _fail(2, str(exc))
 
+    try:
+        settings = parse_settings(args.settings)
+    except InvalidInput as exc:
+        _fail(2, f"--settings: {exc}")
+
     async def run() -> int:
         client = ChatClient(
-            args.url, args.conversation, token, latest_event_id=args.latest_event_id
+            args.url,
+            args.conversation,
+            token,
+            latest_event_id=args.latest_event_id,
+            settings=settings or None,
+            reconnect_for=args.reconnect_for,
         )
         task = asyncio.ensure_future(client.run(sys.stdin, args.wait))
         loop = asyncio.get_running_loop()

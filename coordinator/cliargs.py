@@ -100,6 +100,25 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "on/off: an agent that allows it starts on an action sent through its own node "
         "before the action is durable, saving a Redis round trip (default: on)",
     ),
+    "redis_mode": (
+        "--redis-mode",
+        str.lower,
+        "auto|standalone|cluster|sentinel: what --redis-url points at; auto asks the "
+        "server (cluster_enabled) and takes a redis+sentinel:// URL as Sentinel "
+        "(default: auto)",
+    ),
+    "ack_replicas": (
+        "--ack-replicas",
+        int,
+        "acknowledge an action, and deliver an agent event, only once this many replicas "
+        "hold it (WAIT); 0 trusts the master alone (default: 0)",
+    ),
+    "ack_timeout": (
+        "--ack-timeout",
+        float,
+        "seconds an acknowledgement waits for --ack-replicas; past it the client gets an "
+        "error and may retry with the same client_action_id (default: 1)",
+    ),
     "agent_isolation": (
         "--agent-isolation",
         str,
@@ -208,6 +227,15 @@ def _token_args(serve: argparse.ArgumentParser) -> None:
     )
 
 
+def _name_environment(parser: argparse.ArgumentParser) -> None:
+    """Say in each flag's help which environment variable it falls back to."""
+    for action in parser._actions:
+        flags = [f for f in action.option_strings if f.startswith("--") and f != "--help"]
+        if flags and ENV_PREFIX not in (action.help or ""):
+            name = ENV_PREFIX + action.dest.upper()
+            action.help = f"{action.help} (env {name})" if action.help else f"env {name}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coordinator",
@@ -238,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
     serve.add_argument("--port", type=int, default=_env("port", 8000), help="port to listen on")
     serve.add_argument(
+        "--public-url",
+        default=_env("public_url"),
+        metavar="URL",
+        help="where clients reach this node, advertised in Redis so the browser pages "
+        "can move to another node (GET /api/nodes) (default: http://HOST:PORT)",
+    )
+    serve.add_argument(
         "--redis-url",
         default=_env("redis_url"),
         help="shared Redis, e.g. redis://host:6379/0 (default: start a private embedded one)",
@@ -245,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     for dest, (flag, kind, help_text) in CONFIG_FLAGS.items():
         serve.add_argument(flag, dest=dest, type=kind, default=_env(dest), help=help_text)
     serve.add_argument(
-        "--agent", default=_env("agent", DEFAULT_AGENT), help="agent class as package.module:Class"
+        "--agent",
+        default=_env("agent", DEFAULT_AGENT),
+        help="agent class as package.module:Class, importable by this Python (PYTHONPATH or "
+        "an installed package)",
     )
     _secret_arg(serve, "that signs client tokens (required with HS256)")
     _token_args(serve)
@@ -256,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_LEVELS,
         help="log level",
     )
+    _name_environment(serve)
 
     cluster = sub.add_parser(
         "cluster",
@@ -263,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Start a private embedded Redis and N `coordinator serve` processes on "
             "consecutive ports, wait until each is healthy, then print the URLs, a token for "
-            "user 'demo' and how to chat. Ctrl-C stops the nodes, then Redis. A secret is "
+            "user 'demo' and how to chat. A node that dies stays down while the others "
+            "carry on; type 'restart N' (or send SIGUSR1: every dead node) to start it "
+            "again, 'status' to list them. Ctrl-C stops the nodes, then Redis. A secret is "
             "generated unless --secret or COORDINATOR_SECRET is given."
         ),
         formatter_class=_Formatter,
@@ -271,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--nodes", type=int, default=3, help="number of nodes")
     cluster.add_argument("--base-port", type=int, default=8000, help="port of the first node")
     cluster.add_argument("--host", default="127.0.0.1", help="address the nodes listen on")
+    cluster.add_argument(
+        "--agent",
+        default=None,
+        help=f"agent class as package.module:Class, importable here (default: {DEFAULT_AGENT})",
+    )
     _secret_arg(cluster, "shared by the nodes (default: generated)")
     cluster.add_argument(
         "--log-level",
@@ -292,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("user", metavar="USER", help="user id, e.g. alice or alice@example.com")
     token.add_argument("--ttl", type=float, default=DEFAULT_TTL, help="lifetime in seconds")
+    token.add_argument(
+        "--admin",
+        action="store_true",
+        help="add the claim admin=true: GET /api/dashboard then shows the whole cluster",
+    )
     _secret_arg(token, "the nodes use (required)")
     _claim_args(token, "the")
 
@@ -301,13 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Connect to a node over socket.io, join a conversation (created when new), print "
             "every event as '[id] source: content' and send each line of stdin as a message. "
-            "Works with piped input: after end of input it waits for the last answer. "
+            "Works with piped input: after end of input it waits for the last answer. When "
+            "the node dies or drains, it reconnects to another (--url, or the nodes it "
+            "learnt from GET /api/nodes) from the last event it printed. "
             "Connect a second terminal to another node with the same --conversation to see "
             "location transparency."
         ),
         formatter_class=_Formatter,
     )
-    chat.add_argument("--url", required=True, help="node URL, e.g. http://127.0.0.1:8000")
+    chat.add_argument(
+        "--url",
+        required=True,
+        action="append",
+        help="node URL, e.g. http://127.0.0.1:8000, or a load balancer's; give --url again "
+        "for more nodes to reconnect to (the live nodes' URLs are learnt as well)",
+    )
     chat.add_argument("--conversation", required=True, help="conversation id ([A-Za-z0-9_-])")
     chat.add_argument("--user", default="demo", help="user to issue a token for (with --secret)")
     chat.add_argument("--token", default=_env("token"), help="token (env COORDINATOR_TOKEN)")
@@ -320,5 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument(
         "--wait", type=float, default=10.0, help="seconds to wait for the last answer after EOF"
+    )
+    chat.add_argument(
+        "--reconnect-for",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="when the node goes away, keep trying the other nodes this long",
+    )
+    chat.add_argument(
+        "--settings",
+        metavar="JSON",
+        help="agent settings (a JSON object, e.g. '{\"replies\": 2}'), used if this "
+        "connection starts the conversation's loop",
     )
     return parser

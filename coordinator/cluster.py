@@ -1,7 +1,12 @@
 """A local demo cluster: one embedded Redis and N ``coordinator serve`` processes.
 
+The demo survives what it demonstrates: a node that dies (``kill -9 PID``) stays down and
+the others carry on; ``restart N`` typed on the cluster's stdin, or SIGUSR1 (every dead
+node), starts it again on its port with its node id. The commands it prints name the
+venv's own ``coordinator``, so they run as printed from any shell.
+
 Shutdown in named steps: SIGTERM every node (each drains and deregisters), wait up to
-``stop_timeout``, kill what is left, then stop Redis last so the nodes can still reach it.
+``STOP_TIMEOUT``, kill what is left, then stop Redis last so the nodes can still reach it.
 """
 
 from __future__ import annotations
@@ -9,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
@@ -28,8 +36,18 @@ STOP_TIMEOUT = 15.0
 class NodeProcess:
     node_id: str
     url: str
+    port: int
     proc: asyncio.subprocess.Process
     forwarder: asyncio.Task[None] | None = field(default=None)
+
+
+def coordinator_command() -> list[str]:
+    """How to run ``coordinator`` from any shell: the script next to this Python (the
+    venv's), else this Python with ``-m coordinator``; absolute either way."""
+    script = Path(sys.executable).parent / "coordinator"
+    if os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "coordinator"]
 
 
 async def _forward(node: NodeProcess, out: TextIO) -> None:
@@ -92,27 +110,177 @@ async def _stop_nodes(nodes: list[NodeProcess], grace: float) -> None:
                     await node.forwarder
 
 
-def instructions(urls: list[tuple[str, str]], redis_url: str, secret: str) -> str:
-    first = urls[0][1]
-    other = urls[1][1] if len(urls) > 1 else first
+def instructions(nodes: list[NodeProcess], redis_url: str, secret: str) -> str:
+    first = nodes[0].url
+    other = nodes[1].url if len(nodes) > 1 else first
     token = issue_token("demo", secret)
-    lines = [f"cluster ready: {len(urls)} node(s) sharing Redis at {redis_url}"]
-    lines += [f"  {node_id}  {url}" for node_id, url in urls]
+    admin = issue_token("admin", secret, claims={"admin": True})
+    coordinator = shlex.join(coordinator_command())
+    urls = " ".join(f"--url {n.url}" for n in nodes)
+    quoted = shlex.quote(secret)
+    lines = [f"cluster ready: {len(nodes)} node(s) sharing Redis at {redis_url}"]
+    lines += [f"  {n.node_id}  {n.url}  (pid {n.proc.pid})" for n in nodes]
     lines += [
         "",
         f"secret: {secret}",
         f'token for user "demo": {token}',
+        f"admin token: {admin}",
         "",
-        "chat (type a line, Enter sends it; Ctrl-D or Ctrl-C quits):",
-        f"  coordinator chat --url {first} --conversation demo1 --secret {secret}",
-        "a second terminal on another node joins the same conversation and sees every event:",
-        f"  coordinator chat --url {other} --conversation demo1 --secret {secret}",
+        "in a browser (the token stays in the URL fragment, never sent to a server):",
+        f"  chat       {first}/ui/chat.html#token={token}&conversation=demo1",
+        f"  dashboard  {other}/ui/dashboard.html#token={admin}",
+        "chat in a terminal (type a line, Enter sends it; Ctrl-D or Ctrl-C quits):",
+        f"  {coordinator} chat {urls} --conversation demo1 --secret {quoted}",
+        "a second terminal joins the same conversation through another node first:",
+        f"  {coordinator} chat --url {other} --conversation demo1 --secret {quoted}",
         "REST, e.g.:",
-        f'  curl -H "Authorization: Bearer {token}" {first}/api/cluster',
+        f'  curl -H "Authorization: Bearer {token}" {first}/api/dashboard',
         "",
+        "Kill a node (kill -9 PID): the others carry on. Type 'restart N' (or send this "
+        "process SIGUSR1 to restart every dead node) to start it again; 'status' lists them.",
         "Press Ctrl-C to stop the cluster.",
     ]
     return "\n".join(lines)
+
+
+def _read_lines(queue: asyncio.Queue[str | None], stdin: TextIO) -> None:
+    """Feed stdin lines into ``queue`` from a daemon thread (None at end of input)."""
+    loop = asyncio.get_running_loop()
+
+    def pump() -> None:
+        try:
+            for line in stdin:
+                loop.call_soon_threadsafe(queue.put_nowait, line.strip())
+        except (OSError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    threading.Thread(target=pump, name="cluster-stdin", daemon=True).start()
+
+
+class LocalCluster:
+    """The node processes of one demo cluster: started, watched, restarted, stopped."""
+
+    def __init__(
+        self, redis_url: str, host: str, secret: str, node_args: list[str], out: TextIO
+    ) -> None:
+        self.redis_url = redis_url
+        self.host = host
+        self.node_args = node_args
+        self.out = out
+        self.env = dict(os.environ, COORDINATOR_SECRET=secret, PYTHONUNBUFFERED="1")
+        self.nodes: list[NodeProcess] = []
+
+    async def spawn(self, node_id: str, port: int) -> NodeProcess:
+        # Each node gets its own session: a terminal's Ctrl-C reaches only this
+        # supervisor, which then stops the nodes in order.
+        proc = await asyncio.create_subprocess_exec(
+            *coordinator_command(),
+            "serve",
+            "--host", self.host,
+            "--port", str(port),
+            "--redis-url", self.redis_url,
+            "--node-id", node_id,
+            *self.node_args,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
+        url_host = f"[{self.host}]" if ":" in self.host else self.host
+        return NodeProcess(node_id, f"http://{url_host}:{port}", port, proc)
+
+    def forward(self, node: NodeProcess) -> None:
+        node.forwarder = asyncio.create_task(_forward(node, self.out), name=node.node_id)
+
+    def find(self, word: str) -> NodeProcess | None:
+        """The node named ``word`` (``2`` or ``node2``)."""
+        name = word if word.startswith("node") else f"node{word}"
+        return next((n for n in self.nodes if n.node_id == name), None)
+
+    async def restart(self, node: NodeProcess, say: TextIO) -> None:
+        if node.proc.returncode is None:
+            print(f"{node.node_id} is running (pid {node.proc.pid})", file=say, flush=True)
+            return
+        fresh = await self.spawn(node.node_id, node.port)
+        self.nodes[self.nodes.index(node)] = fresh
+        try:
+            await _wait_ready(fresh, asyncio.get_running_loop().time() + READY_TIMEOUT)
+        except CoordinatorError as exc:
+            print(f"{node.node_id} did not restart: {exc}", file=say, flush=True)
+            return
+        self.forward(fresh)
+        print(f"{fresh.node_id} restarted at {fresh.url} (pid {fresh.proc.pid})", file=say)
+        say.flush()
+
+    def status(self) -> str:
+        return "\n".join(
+            f"  {n.node_id}  {n.url}  "
+            + (f"running (pid {n.proc.pid})" if n.proc.returncode is None else "down")
+            for n in self.nodes
+        )
+
+
+async def supervise(cluster: LocalCluster, stop: asyncio.Event, err: TextIO) -> None:
+    """Until ``stop``: report nodes that exit, obey stdin commands and SIGUSR1."""
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue[str | None] = asyncio.Queue()
+    _read_lines(commands, sys.stdin)
+    loop.add_signal_handler(signal.SIGUSR1, commands.put_nowait, "restart all")
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    reading: asyncio.Future[Any] | None = None
+    try:
+        while not stop.is_set():
+            exits: dict[asyncio.Future[Any], NodeProcess] = {
+                asyncio.ensure_future(n.proc.wait()): n for n in cluster.nodes
+            }
+            live = [e for e, n in exits.items() if n.proc.returncode is None]
+            if reading is None:
+                reading = asyncio.ensure_future(commands.get())
+            done, _ = await asyncio.wait(
+                {stopped, reading, *live}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in exits:
+                task.cancel()
+            for task in done & set(live):
+                node = exits[task]
+                print(
+                    f"{node.node_id} exited with code {node.proc.returncode}; the others carry "
+                    f"on ('restart {node.node_id[4:]}' starts it again)",
+                    file=err,
+                    flush=True,
+                )
+            if reading.done():
+                line, reading = reading.result(), None
+                if line is None:  # no more input: commands only by SIGUSR1 now
+                    reading = asyncio.get_running_loop().create_future()
+                elif line:
+                    await obey(cluster, line, err)
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+        stopped.cancel()
+        if reading is not None:
+            reading.cancel()
+
+
+async def obey(cluster: LocalCluster, line: str, err: TextIO) -> None:
+    words = line.split()
+    if words[0] == "status":
+        print(cluster.status(), file=err, flush=True)
+    elif words[0] == "restart" and len(words) == 2:
+        targets = (
+            [n for n in cluster.nodes if n.proc.returncode is not None]
+            if words[1] == "all"
+            else [node for node in [cluster.find(words[1])] if node is not None]
+        )
+        if not targets:
+            print(f"nothing to restart for {words[1]!r}", file=err, flush=True)
+        for node in targets:
+            await cluster.restart(node, err)
+    else:
+        print("commands: status | restart N | restart all", file=err, flush=True)
 
 
 async def run_cluster(
@@ -131,38 +299,17 @@ async def run_cluster(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     redis = EmbeddedRedis()
-    nodes: list[NodeProcess] = []
+    cluster: LocalCluster | None = None
     try:
         await asyncio.to_thread(redis.start)
-        env = dict(os.environ, COORDINATOR_SECRET=secret, PYTHONUNBUFFERED="1")
+        cluster = LocalCluster(
+            redis.url, host, secret, ["--log-level", log_level, *(extra_args or [])], out
+        )
         for i in range(n):
-            node_id, port = f"node{i + 1}", base_port + i
-            # Each node gets its own session: a terminal's Ctrl-C reaches only this
-            # supervisor, which then stops the nodes in order.
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "coordinator",
-                "serve",
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--redis-url",
-                redis.url,
-                "--node-id",
-                node_id,
-                "--log-level",
-                log_level,
-                *(extra_args or []),
-                env=env,
-                stdout=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
-            url_host = f"[{host}]" if ":" in host else host
-            nodes.append(NodeProcess(node_id, f"http://{url_host}:{port}", proc))
+            cluster.nodes.append(await cluster.spawn(f"node{i + 1}", base_port + i))
         deadline = loop.time() + READY_TIMEOUT
-        ready: asyncio.Future[Any] = asyncio.gather(*(_wait_ready(x, deadline) for x in nodes))
+        waits = (_wait_ready(x, deadline) for x in cluster.nodes)
+        ready: asyncio.Future[Any] = asyncio.gather(*waits)
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():
@@ -177,23 +324,16 @@ async def run_cluster(
         except CoordinatorError as exc:
             print(f"error: {exc}", file=err, flush=True)
             return 1
-        for node in nodes:
-            node.forwarder = asyncio.create_task(_forward(node, out))
-        print(instructions([(x.node_id, x.url) for x in nodes], redis.url, secret), file=out)
+        for node in cluster.nodes:
+            cluster.forward(node)
+        print(instructions(cluster.nodes, redis.url, secret), file=out)
         out.flush()
-        exits: dict[asyncio.Future[Any], NodeProcess] = {
-            asyncio.ensure_future(x.proc.wait()): x for x in nodes
-        }
-        stopped = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({stopped, *exits}, return_when=asyncio.FIRST_COMPLETED)
-        for task in exits:
-            if task in done:
-                node = exits[task]
-                print(f"{node.node_id} exited with code {task.result()}", file=err, flush=True)
+        await supervise(cluster, stop, err)
         print("stopping the cluster...", file=err, flush=True)
-        return 0 if stopped in done else 1
+        return 0
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await _stop_nodes(nodes, STOP_TIMEOUT)
+        if cluster is not None:
+            await _stop_nodes(cluster.nodes, STOP_TIMEOUT)
         await asyncio.to_thread(redis.cleanup)

@@ -18,6 +18,7 @@ TOO_MANY_CONVERSATIONS = "AGENT_ERROR$TOO_MANY_CONVERSATIONS"
 NODE_LOST = "STATUS$NODE_LOST"
 CONVERSATION_CLOSED = "STATUS$CONVERSATION_CLOSED"
 NODE_DRAINING = "STATUS$NODE_DRAINING"
+EVENTS_LOST = "STATUS$EVENTS_LOST"
 
 
 def pack(obj: Any) -> bytes:
@@ -160,6 +161,15 @@ def moving_event() -> Event:
         NODE_DRAINING,
         "The node running this conversation is shutting down; it moves to another node.",
         "stopped",
+    )
+
+
+def events_lost_event(first: int, last: int) -> Event:
+    """Redis lost events ``first..last`` (a failover to a replica that lacked them)."""
+    lost = f"event {first}" if first == last else f"events {first} to {last}"
+    return status_event(
+        EVENTS_LOST,
+        f"Redis lost {lost} of this conversation in a failover; they cannot be replayed.",
     )
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigError, InvalidInput
 
@@ -45,8 +47,40 @@ def check_user_id(user: object) -> str:
     return user
 
 
+MAX_SETTINGS_BYTES = 16 * 1024  # an agent's settings, as compact JSON
+
+
+def check_settings(value: object) -> dict[str, Any]:
+    """Agent settings from a client: a JSON object of at most ``MAX_SETTINGS_BYTES`` as
+    compact JSON (None is ``{}``); else InvalidInput."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput("settings must be a JSON object")
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidInput(f"settings must be plain JSON: {exc}") from None
+    if size > MAX_SETTINGS_BYTES:
+        raise InvalidInput(f"settings must be at most {MAX_SETTINGS_BYTES} bytes of JSON")
+    return value
+
+
+def parse_settings(text: str | None) -> dict[str, Any]:
+    """Agent settings given as JSON text (a query parameter); see ``check_settings``."""
+    if text is None or text == "":
+        return {}
+    if len(text) > MAX_SETTINGS_BYTES:
+        raise InvalidInput(f"settings must be at most {MAX_SETTINGS_BYTES} bytes of JSON")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"settings are not valid JSON: {exc}") from None
+    return check_settings(value)
+
+
 _SECRET_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@\s:]*:)[^@\s]*@", re.I)
-_SECRET_IN_QUERY = re.compile(r"(?P<head>[?&](?:password|ssl_password)=)[^&\s]*", re.I)
+_SECRET_IN_QUERY = re.compile(r"(?P<head>[?&]\w*password=)[^&\s]*", re.I)
 
 
 def redact_url(text: str) -> str:
@@ -54,6 +88,87 @@ def redact_url(text: str) -> str:
     ``password=`` query parameter) replaced by ``***``: for logs and error messages."""
     text = _SECRET_IN_URL.sub(r"\g<head>***@", text)
     return _SECRET_IN_QUERY.sub(r"\g<head>***", text)
+
+
+URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+REDIS_MODES = ("auto", "standalone", "cluster", "sentinel")
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB][?...]``
+
+    The user and password are the data nodes'; ``sentinel_username`` and
+    ``sentinel_password`` query parameters are the Sentinels' (when they have their own);
+    ``rediss+sentinel://`` speaks TLS to the data nodes, with redis-py's ``ssl_*``
+    parameters, as a ``rediss://`` URL does.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int
+    username: str
+    password: str
+    sentinel_username: str
+    sentinel_password: str
+    tls: bool
+    query: tuple[tuple[str, str], ...]  # the other parameters (ssl_*), as given
+
+    def node_url(self, host: str, port: int) -> str:
+        """A redis:// (or rediss://) URL of one data node, with the credentials and db."""
+        auth = ""
+        if self.password:
+            auth = f"{quote(self.username, safe='')}:{quote(self.password, safe='')}@"
+        scheme = "rediss" if self.tls else "redis"
+        query = f"?{urlencode(self.query)}" if self.query else ""
+        return f"{scheme}://{auth}{host}:{port}/{self.db}{query}"
+
+
+def with_address(url: str, host: str, port: int) -> str:
+    """``url`` (redis:// or rediss://) pointing at ``host:port``, its credentials, database
+    and parameters kept."""
+    parts = urlsplit(url)
+    auth, _, _ = parts.netloc.rpartition("@")
+    netloc = f"{auth}@{host}:{port}" if auth else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Parse a Sentinel URL (see ``SentinelURL``); ConfigError naming what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis+sentinel", "rediss+sentinel"):
+        raise ConfigError("a Sentinel URL starts with redis+sentinel:// or rediss+sentinel://")
+    hosts = parts.netloc.rpartition("@")[2]
+    sentinels = []
+    for item in filter(None, hosts.split(",")):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"redis_url: sentinel address {item!r} is not HOST:PORT")
+        sentinels.append((host.strip("[]"), int(port)))
+    if not sentinels:
+        raise ConfigError("redis_url: a Sentinel URL needs at least one HOST:PORT")
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ConfigError(
+            "redis_url: a Sentinel URL needs the master's name: "
+            "redis+sentinel://HOST:PORT/MASTER_NAME[/DB]"
+        )
+    if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigError("redis_url: after the hosts comes /MASTER_NAME[/DB]")
+    query = parse_qsl(parts.query)
+    special = {k: v for k, v in query if k in ("sentinel_username", "sentinel_password")}
+    return SentinelURL(
+        sentinels=tuple(sentinels),
+        master=unquote(path[0]),
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+        sentinel_username=special.get("sentinel_username", ""),
+        sentinel_password=special.get("sentinel_password", ""),
+        tls=parts.scheme == "rediss+sentinel",
+        query=tuple((k, v) for k, v in query if k not in special),
+    )
 
 
 def default_node_id() -> str:
@@ -94,6 +209,13 @@ class ManagerConfig:
     # Let an agent that allows it (``speculative = True``) start on an action sent
     # through its own node before the action's accept has answered (runner.py).
     speculative_dispatch: bool = True
+    # What the Redis URL points at: auto (ask it), standalone, cluster or sentinel
+    # (a redis+sentinel:// URL).
+    redis_mode: str = "auto"
+    # An action is acknowledged, and an agent event delivered, once this many replicas
+    # hold it (WAIT), within ack_timeout seconds (state/writes.py).
+    ack_replicas: int = 0
+    ack_timeout: float = 1.0
     # Where agent loops run (agentpool.py): "process", in worker processes the node
     # supervises, or "none", in the node's own event loop, where an agent that blocks
     # stalls every conversation of the node and its lease, and one that exits takes the
@@ -122,10 +244,32 @@ class ManagerConfig:
                 isinstance(value, bool) or not isinstance(value, int | float)
             ):
                 raise ConfigError(f"{f.name} must be a number, got {value!r}")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        if not self.redis_url.startswith(URL_SCHEMES):
             raise ConfigError(
-                f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+                "redis_url must start with redis://, rediss://, unix:// or "
+                f"redis+sentinel://, got {redact_url(self.redis_url)!r}"
             )
+        if self.redis_mode not in REDIS_MODES:
+            raise ConfigError(
+                f"redis_mode must be one of {', '.join(REDIS_MODES)}, got {self.redis_mode!r}"
+            )
+        sentinel = self.redis_url.startswith(SENTINEL_SCHEMES)
+        if sentinel:
+            parse_sentinel_url(self.redis_url)  # names what is missing
+        if sentinel and self.redis_mode not in ("auto", "sentinel"):
+            raise ConfigError(
+                f"redis_url is a Sentinel URL but redis_mode is {self.redis_mode}: "
+                "use redis_mode sentinel (or auto)"
+            )
+        if self.redis_mode == "sentinel" and not sentinel:
+            raise ConfigError(
+                "redis_mode sentinel needs a redis_url of the form "
+                "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB]"
+            )
+        if self.redis_mode == "cluster" and self.redis_url.startswith("unix://"):
+            raise ConfigError("redis_mode cluster needs a redis:// or rediss:// URL of a node")
+        if self.ack_replicas < 0:
+            raise ConfigError(f"ack_replicas must be >= 0, got {self.ack_replicas!r}")
         try:
             check_connection_id(self.node_id)
         except InvalidInput as exc:
@@ -152,6 +296,7 @@ class ManagerConfig:
             "max_concurrent_joins",
             "join_wait",
             "max_concurrent_restarts",
+            "ack_timeout",
             "agent_workers",
             "agent_stall_timeout",
             "max_dispatch_attempts",

@@ -19,15 +19,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from workers.protocol import Event
 
 from .backoff import Backoff
 from .codec import with_id
-from .errors import CoordinatorError, InvalidInput
+from .errors import REDIS_TRANSIENT, REDIS_TROUBLE, CoordinatorError, InvalidInput
 from .state import RedisState
 from .tasks import TaskSet
 
@@ -38,9 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE = 500
-# Redis errors worth retrying: the link, not the request. Any other Redis error (a
-# refused command) would fail the same way again.
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class CatchUpFailed(CoordinatorError):
@@ -74,6 +67,9 @@ class Connection:
     user: str
     cursor: int
     replaying: bool = True
+    # The cursor is known to be an id of the log (the client's latest_event_id was
+    # checked against it, or the cursor only moved over logged events since).
+    verified: bool = False
     buffer: list[tuple[int, Event]] = field(default_factory=list)
 
 
@@ -182,16 +178,17 @@ class LocalConnections:
                             f"({last}) of conversation {conn.sid!r}"
                         )
                     joining = False
+                    conn.verified = True
                 else:
                     rows = await self._state.events_after(conn.sid, conn.cursor, count=PAGE)
-            except TRANSIENT as exc:
+            except REDIS_TRANSIENT as exc:
                 delay = backoff.next()
                 if deadline is not None and loop.time() + delay > deadline:
                     raise CatchUpFailed(f"cannot read the log of {conn.sid!r}: {exc}") from None
                 log.warning("replay for %s failed (%s); retry in %.2fs", conn.cid, exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            except RedisError as exc:
+            except REDIS_TROUBLE as exc:
                 raise CatchUpFailed(f"Redis refused to read the log of {conn.sid!r}") from exc
             for event_id, event in rows:
                 if event_id > conn.cursor:
@@ -255,6 +252,17 @@ class Delivery:
         if spec is not None and runner is not None and runner.take_user_event(spec, event_id):
             return
         await self._apply(sid, event_id, event)
+
+    def floor(self, sid: str) -> int:
+        """The highest event id of ``sid`` this node knows was logged: sent to one of its
+        connections or seen by its loop. A write that finds the log below it learns that
+        Redis lost events (``state/writes.py``)."""
+        runner = self._runners.get(sid)
+        known = runner.known_logged() if runner is not None else 0
+        for conn in self.connections.room(sid):
+            if conn.verified:  # a client's own latest_event_id is no evidence
+                known = max(known, conn.cursor)
+        return known
 
     async def published(self, sid: str, event_id: int, event: Event) -> None:
         """An event of ``sid`` arrived on its channel (written by another node)."""

@@ -1,5 +1,6 @@
 """Cluster-wide reads: which nodes are alive, which loops run where, which connections
-exist, and the public views of conversations the REST endpoints serve.
+exist, the public views of conversations the REST endpoints serve, and the cluster's
+status for the browser pages (``status.py``).
 
 Every answer covers the whole cluster and comes from Redis; the one thing kept here is a
 cache of live incarnations, each until the expiry of its lease as last read, so asking
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import RedisError
-
+from .errors import REDIS_TROUBLE
 from .membership import Membership
 from .state import RedisState
+from .status import LOST_SHOWN, Advertisement, ConversationStatus, NodeStatus
 
 MAX_LISTED = 1000  # a list request reads at most this many conversations (newest first)
 
@@ -89,7 +91,7 @@ class Directory:
         """Whether Redis still names this process's incarnation as its node's."""
         try:
             return await self._state.lease_left(self._membership.inc) is not None
-        except (RedisError, OSError):
+        except REDIS_TROUBLE:
             return False
 
     async def redis_ok(self, limit: float = 2.0) -> tuple[bool, str]:
@@ -99,7 +101,7 @@ class Directory:
                 await self._state.ping()
         except TimeoutError:
             return False, f"redis did not answer PING within {limit}s"
-        except (RedisError, OSError) as exc:
+        except REDIS_TROUBLE as exc:
             return False, f"redis: {exc or type(exc).__name__}"
         return True, ""
 
@@ -167,3 +169,118 @@ class Directory:
             "loops": {n: owned for n, (owned, _) in zip(names, loads, strict=True)},
             "connections": {n: count for n, (_, count) in zip(names, loads, strict=True)},
         }
+
+    # -- views for the browser pages (status.py) -------------------------------------
+    async def advertise(self, ad: Advertisement) -> str:
+        """Write this node's advertisement; the value written (to withdraw it by)."""
+        value = ad.encode()
+        await self._state.advertise(ad.node_id, value)
+        return value
+
+    async def withdraw(self, node: str, value: str) -> None:
+        """Delete an advertisement unless a newer one replaced it."""
+        await self._state.withdraw(node, value)
+
+    async def node_urls(self) -> dict[str, str]:
+        """node id -> public URL, for the live nodes that advertise one."""
+        live = await self.nodes()
+        raw = await self._state.advertisements()
+        ads = (Advertisement.decode(node, raw.get(node, "")) for node in sorted(live))
+        return {ad.node_id: ad.url for ad in ads if ad is not None}
+
+    async def node_statuses(self, now: float | None = None) -> list[NodeStatus]:
+        """The live nodes, then the lost ones still shown (``status.py``), by id.
+
+        An advertisement that has been silent for ``LOST_SHOWN`` is deleted here."""
+        now = time.time() if now is None else now
+        registry = await self._state.registry()
+        raw = await self._state.advertisements()
+        ads = {n: ad for n, v in raw.items() if (ad := Advertisement.decode(n, v)) is not None}
+        live = await self._state.live_leases(registry)
+        names = sorted(live)
+        loads = await self._state.loads([registry[n] for n in names])
+        default_ttl = self._membership.ttl_ms / 1000
+        rows = []
+        for node, (loops, connections) in zip(names, loads, strict=True):
+            ad = ads.get(node)
+            left = live[node]
+            rows.append(
+                NodeStatus(
+                    node_id=node,
+                    incarnation=registry[node],
+                    url=ad.url if ad else "",
+                    live=True,
+                    lease_left=round(left, 3),
+                    lease_age=round(max(0.0, (ad.node_ttl if ad else default_ttl) - left), 3),
+                    loops=tuple(loops),
+                    connections=connections,
+                    last_seen=ad.at if ad else None,
+                )
+            )
+        for node in sorted((set(registry) | set(raw)) - set(live)):
+            ad = ads.get(node)
+            if node not in registry and (ad is None or now - ad.at > LOST_SHOWN):
+                await self._state.withdraw(node, raw[node])
+                continue
+            rows.append(
+                NodeStatus(
+                    node_id=node,
+                    incarnation=registry.get(node, ""),
+                    url=ad.url if ad else "",
+                    live=False,
+                    lease_left=None,
+                    lease_age=None,
+                    loops=(),
+                    connections=0,
+                    last_seen=ad.at if ad else None,
+                )
+            )
+        return rows
+
+    async def recent_conversations(self, user: str, limit: int) -> list[str]:
+        """The user's newest conversations (the index may name some another user owns
+        now or that are gone: ``conversation_statuses`` shows whose they are)."""
+        return await self._state.user_conversations(user, limit)
+
+    async def active_conversations(self, limit: int) -> list[str]:
+        """Conversations whose loop runs on a live node or that a connection to a live
+        node watches, at most ``limit`` of them (by id)."""
+        incs = sorted(await self.refresh())
+        running = await self._state.owned_by(incs)
+        watched = set((await self._state.connections_of_nodes(incs)).values())
+        return sorted(running | watched)[:limit]
+
+    async def conversation_statuses(self, sids: Sequence[str]) -> list[ConversationStatus]:
+        """The records of ``sids`` that exist, with inbox depth and watchers per node."""
+        if not sids:
+            return []
+        records = await self._state.records(sids)
+        inboxes = await self._state.inbox_lengths(sids)
+        watchers = await self._state.watchers(sids)
+        live = set((await self.nodes()).values())
+        out = []
+        for sid, meta, inbox, conns in zip(sids, records, inboxes, watchers, strict=True):
+            if not meta:
+                continue
+            running = meta.get("inc", "") in live
+            per_node: dict[str, int] = {}
+            for inc in conns.values():
+                node = inc.rsplit("/", 1)[0]
+                per_node[node] = per_node.get(node, 0) + 1
+            out.append(
+                ConversationStatus(
+                    conversation_id=sid,
+                    user=meta.get("user", ""),
+                    state=meta.get("state", ""),
+                    running=running,
+                    owner=meta.get("owner", "") if running else "",
+                    epoch=_int(meta.get("epoch", "")) or 0,
+                    events=_int(meta.get("seq", "")) or 0,
+                    applied=_int(meta.get("applied", "")) or 0,
+                    inbox=inbox,
+                    connections=dict(sorted(per_node.items())),
+                    created=_int(meta.get("created", "")),
+                    last_active=_int(meta.get("last_active", "")),
+                )
+            )
+        return out

@@ -2,6 +2,29 @@
 
 from __future__ import annotations
 
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Whatever reaching Redis can raise: redis-py's errors, its cluster client's that are not
+# RedisErrors (RedisClusterException, SlotNotCoveredError), and the socket's.
+REDIS_TROUBLE: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+# Of those, the ones worth retrying: the link or the cluster's topology, not the request
+# (a command Redis refused would fail the same way again).
+REDIS_TRANSIENT: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    RedisClusterException,
+    OSError,
+)
+
 
 class CoordinatorError(Exception):
     """Root of every error the coordinator raises on purpose."""
@@ -68,6 +91,16 @@ class SpeculationLost(CoordinatorError):
         self.predicted = predicted
 
 
+class NotReplicated(CoordinatorError):
+    """A write was made on the Redis master, but fewer replicas than ``--ack-replicas``
+    confirmed it within ``--ack-timeout``: a failover now could lose it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"{reason}; not acknowledged (sending it again with the same client_action_id is safe)"
+        )
+
+
 class InboxFull(CoordinatorError):
     """The conversation's action inbox holds too many unprocessed actions."""
 
@@ -87,3 +120,21 @@ class NodeBusy(CoordinatorError):
 class AgentFailed(CoordinatorError):
     """An agent running in a worker process failed: it raised (the message names the
     exception), or its worker stalled or died while it worked."""
+
+
+def redis_glitch(exc: BaseException) -> bool:
+    """Whether ``exc`` is an AttributeError or RuntimeError raised inside redis-py: its
+    connections raise those when used in the middle of a reconnect (a connection whose
+    writer is gone: ``'NoneType' object has no attribute 'writelines'``), which happens
+    while a master fails over. They mean what a ConnectionError means."""
+    if not isinstance(exc, AttributeError | RuntimeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return isinstance(module, str) and module.startswith("redis.")
+
+
+# The errors the coordinator expects while serving: its own and Redis trouble.
+EXPECTED: tuple[type[Exception], ...] = (CoordinatorError, *REDIS_TROUBLE)

@@ -15,11 +15,10 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
-
 from workers.protocol import AgentState
 
 from .config import ManagerConfig
+from .errors import REDIS_TROUBLE
 from .membership import Membership
 from .state import RedisState
 
@@ -90,5 +89,7 @@ class IdleTracker:
             await asyncio.sleep(self._config.idle_flush_interval)
             try:
                 await self.flush()
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 log.warning("activity flush failed: %s", exc)
+            except Exception:  # flushed again next round, whatever went wrong
+                log.exception("activity flush failed")

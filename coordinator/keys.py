@@ -104,6 +104,11 @@ class KeySchema:
         """Hash: replaced incarnation -> node id, until everything it held is released."""
         return f"{self.prefix}:{{cluster}}:retired"
 
+    def node_urls(self) -> str:
+        """Hash: node id -> its advertisement (JSON: public URL, node_ttl, time written);
+        refreshed by each node while it serves, read to find other nodes' URLs."""
+        return f"{self.prefix}:{{cluster}}:urls"
+
     def reaper_lock(self) -> str:
         """String: the node currently reaping dead nodes (SET NX PX)."""
         return f"{self.prefix}:{{cluster}}:reaper"

@@ -18,8 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from workers.protocol import AgentContext, AgentFactory, AgentState, Event
 
 from . import codec
@@ -29,7 +27,7 @@ from .bus import CommandBus
 from .config import ManagerConfig
 from .delivery import Delivery
 from .directory import Directory
-from .errors import CoordinatorError, Fenced, Forbidden, NodeDraining
+from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, NodeDraining
 from .idle import IdleTracker
 from .membership import Membership
 from .metrics import NodeMetrics
@@ -245,7 +243,7 @@ class Loops:
                     maxlen=self._config.event_log_maxlen,
                 )
             await self._state.release_loop(lease, "stopped")
-        except (RedisError, OSError) as exc:
+        except REDIS_TROUBLE as exc:
             log.warning("giving up %s deferred: %s", lease.sid, exc)
             if lease not in self._abandoned:
                 self._abandoned.append(lease)
@@ -263,7 +261,7 @@ class Loops:
             return False
         await runner.aclose()
         if status is not None:
-            with contextlib.suppress(Fenced, RedisError, OSError):
+            with contextlib.suppress(Fenced, *REDIS_TROUBLE):
                 await runner.emit_status(status)
         if self.runners.get(sid) is runner:
             del self.runners[sid]
@@ -288,7 +286,7 @@ class Loops:
     async def _finish_fenced(self, runner: LoopRunner) -> None:
         await runner.aclose()
         if not self._membership.lapsed:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_TROUBLE):
                 await self._state.forget_loop(runner.lease)
         await self._interest.unwatch(runner.sid)
 
@@ -318,8 +316,10 @@ class Loops:
             await asyncio.sleep(self._config.cleanup_interval)
             try:
                 await self.sweep_idle()
-            except (RedisError, OSError, CoordinatorError) as exc:
+            except EXPECTED as exc:
                 log.warning("idle sweep failed: %s", exc)
+            except Exception:  # the sweep goes on next round, whatever went wrong
+                log.exception("idle sweep failed")
 
     # -- evictions (the cap) ---------------------------------------------------------
     async def evict_owner(self, sid: str, user: str, inc: str) -> None:

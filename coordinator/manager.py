@@ -16,7 +16,7 @@ from workers.loader import AgentLoadError, load_agent
 from workers.protocol import AgentFactory, Event
 
 from . import codec
-from .backend import RedisBackend
+from .backends import Backend, open_backend
 from .config import ManagerConfig, check_connection_id, check_conversation_id, check_user_id
 from .delivery import EventSink, NullSink
 from .directory import Directory
@@ -55,7 +55,7 @@ class ConversationManager:
     class ``config.agent`` names, run in worker processes unless ``agent_isolation`` is
     ``none``; a factory given here cannot be sent to another process, so its loops run in
     this one: isolation ``none``); ``backend`` makes the Redis connections (default: a
-    ``RedisBackend`` for ``config.redis_url``).
+    backend for ``config.redis_url``: ``backends.open_backend``).
     """
 
     def __init__(
@@ -64,7 +64,7 @@ class ConversationManager:
         *,
         sink: EventSink | None = None,
         agent_factory: AgentFactory | None = None,
-        backend: RedisBackend | None = None,
+        backend: Backend | None = None,
     ) -> None:
         if config is not None and not isinstance(config, ManagerConfig):
             raise ConfigError(f"config must be a ManagerConfig, got {type(config).__name__}")
@@ -99,7 +99,7 @@ class ConversationManager:
                 factory = load_agent(self.config.agent)
             except AgentLoadError as exc:
                 raise ConfigError(str(exc)) from None
-        backend = self._backend or RedisBackend(self.config)
+        backend = self._backend or await open_backend(self.config)
         self._node = await Node.start(
             config=self.config,
             backend=backend,

@@ -20,8 +20,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
-
 from .config import ManagerConfig
 from .state import LeaseRenewer, RedisState
 
@@ -37,7 +35,7 @@ def new_incarnation(node: str) -> str:
 class Membership:
     """This node's registration: its incarnation, the local lease clock, the keeper.
 
-    ``state`` should be on a connection of its own (``RedisBackend.registration_state``).
+    ``state`` should be on a connection of its own (``Backend.registration_state``).
     Parts that must stop writing the moment the lease lapses register with
     ``on_lapse``; ``lost`` is set when the incarnation must be replaced (re-register).
     """
@@ -237,7 +235,8 @@ class LeaseKeeper(threading.Thread):
         inc, sent_at = m.inc, time.monotonic()
         try:
             ok = self._renewer.renew(m.node, inc, m.ttl_ms)
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
+            # or redis-py's own error in the middle of a reconnect)
             self._call(m.renew_failed, exc)
             return False
         self._call(m.renewed, inc, sent_at, ok)

@@ -156,6 +156,12 @@ class NodeMetrics:
         # runner's hot path), exposed at scrape time.
         self.speculative_dispatches = 0
         self.speculations_lost = 0
+        self.writes_not_replicated = 0
+        self.counter_from(
+            "coordinator_writes_not_replicated",
+            "Writes fewer replicas than --ack-replicas confirmed within --ack-timeout.",
+            lambda: self.writes_not_replicated,
+        )
         self.counter_from(
             "coordinator_speculative_dispatches",
             "Actions dispatched to their agent before their accept answered.",
@@ -171,6 +177,10 @@ class NodeMetrics:
     def speculated(self) -> None:
         """An action was dispatched before its accept answered (``speculation.py``)."""
         self.speculative_dispatches += 1
+
+    def not_replicated(self) -> None:
+        """A write was not confirmed by enough replicas in time (``state/writes.py``)."""
+        self.writes_not_replicated += 1
 
     def speculation_lost(self) -> None:
         """A speculative dispatch was not logged as predicted."""

@@ -14,19 +14,17 @@ import asyncio
 import contextlib
 import logging
 
-from redis.exceptions import RedisError
-
 from workers.protocol import AgentFactory
 
 from . import codec
 from .actions import Actions
 from .agentpool import AgentPool
-from .backend import RedisBackend
+from .backends import Backend
 from .bus import CommandBus
 from .config import ManagerConfig
 from .delivery import Delivery, EventSink, LocalConnections
 from .directory import Directory
-from .errors import CoordinatorError
+from .errors import EXPECTED, REDIS_TROUBLE
 from .handles import AttachedHandles
 from .idle import IdleTracker
 from .keys import KeySchema
@@ -38,7 +36,7 @@ from .restarts import Restarts
 from .runner import LoopRunner
 from .sessions import Sessions
 from .state import RedisState
-from .subscriptions import Interest, Subscriptions
+from .subscriptions import Interest
 from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -85,7 +83,7 @@ class Router:
 class Node:
     """The parts of a started node (see the module docstring). Use ``Node.start``."""
 
-    def __init__(self, config: ManagerConfig, backend: RedisBackend, metrics: NodeMetrics):
+    def __init__(self, config: ManagerConfig, backend: Backend, metrics: NodeMetrics):
         self.config = config
         self.backend = backend
         self.metrics = metrics
@@ -100,7 +98,7 @@ class Node:
         cls,
         *,
         config: ManagerConfig,
-        backend: RedisBackend,
+        backend: Backend,
         sink: EventSink,
         agent_factory: AgentFactory | None,
         metrics: NodeMetrics,
@@ -127,10 +125,8 @@ class Node:
         self.membership = Membership(self.backend.registration_state(keys), cfg)
         self.metrics.lease_age_from(self.membership.renewal_age)
         self.directory = Directory(self.state, self.membership)
-        self.subscriptions = Subscriptions(
-            self.backend.pubsub_client(),
-            keys.node_channel(cfg.node_id),
-            probe_interval=max(1.0, cfg.heartbeat_interval * 2),
+        self.subscriptions = self.backend.subscriptions(
+            keys, probe_interval=max(1.0, cfg.heartbeat_interval * 2)
         )
         interest = Interest(self.subscriptions, keys)
         self.bus = CommandBus(self.state, cfg.node_id, tasks, timeout=cfg.redis_timeout * 2)
@@ -206,6 +202,8 @@ class Node:
         await self.directory.refresh()
         await self.subscriptions.start()
         tasks.spawn(self.subscriptions.run(router), "pubsub")
+        # Commands to this node (on one server, its channel is the probe's too).
+        await self.subscriptions.add(keys.node_channel(cfg.node_id))
         tasks.spawn(self.membership.tick_loop(), "heartbeat")
         tasks.spawn(self.recovery.housekeeping_loop(), "housekeeping")
         tasks.spawn(self.idle.flush_loop(), "activity-flush")
@@ -247,7 +245,7 @@ class Node:
         """Stop every local loop, forget local connections, deregister, stop tasks."""
         self.intake.draining = True
         for sid in list(self.runners):
-            with contextlib.suppress(CoordinatorError, RedisError, OSError):
+            with contextlib.suppress(*EXPECTED):
                 await self.loops.stop(sid, None)
         await self.sessions.leave_all()
         self.handles.release_detached()
@@ -256,7 +254,7 @@ class Node:
         if self.agents is not None:
             await self.agents.aclose()
         self.membership.stop()
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_TROUBLE):
             await reap_incarnation(
                 self.state, self.inc, keep_connections=False, maxlen=self.config.event_log_maxlen
             )
@@ -290,7 +288,7 @@ class Node:
             *(self.loops.stop(sid, codec.moving_event()) for sid, _ in leaving),
             return_exceptions=True,
         )
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_TROUBLE):
             await self.restarts.resume_pending(leaving)
         await self.sessions.farewell(
             codec.status_event(

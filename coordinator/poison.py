@@ -4,6 +4,8 @@ An action whose dispatch stalled or killed its worker ``max_dispatch_attempts`` 
 (a poison action), or ran past ``agent_dispatch_timeout``, is not dispatched again: it is
 answered with an ``error`` observation naming it and the reason, committed by the owner
 like any agent event, so the loop goes on with the next action (``remoteagent.py``).
+The count of an action's dispatches lives in Redis (``ATTEMPT``, in ``scripts.ALL``;
+``state/attempts.py``), so it follows the action from node to node.
 """
 
 from __future__ import annotations
@@ -15,6 +17,29 @@ from workers.protocol import Event
 
 if TYPE_CHECKING:
     from .agentworker import AgentWorker
+
+ATTEMPT = """
+-- attempt: count one more dispatch of an action, before it starts (poison actions).
+-- KEYS[1]  conversation attempts hash
+-- ARGV[1]  action id   ARGV[2] time to live (ms)
+-- ARGV[3]  the action counted before it by this loop ('': not known)
+-- returns  {dispatches of the action so far, this one included; why the last failed, or ''}
+-- A loop dispatches in order: another action's fields are of one processed (or given up)
+-- since, and are dropped here (all of them when the previous one is not known), so the
+-- hash holds one action.
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+local why = redis.call('HGET', KEYS[1], ARGV[1] .. ':why') or ''
+if ARGV[3] ~= '' then
+  redis.call('HDEL', KEYS[1], ARGV[3], ARGV[3] .. ':why')
+elseif redis.call('HLEN', KEYS[1]) > (why == '' and 1 or 2) then
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if f ~= ARGV[1] and f ~= ARGV[1] .. ':why' then redis.call('HDEL', KEYS[1], f) end
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {n, why}
+"""
+
 
 # Reasons, as the error observation's ``extras.reason`` gives them.
 STALLED = "stalled"

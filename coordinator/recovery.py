@@ -20,11 +20,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from redis.exceptions import RedisError
-
 from . import codec
 from .config import ManagerConfig
 from .directory import Directory
+from .errors import REDIS_TROUBLE
 from .loops import Loops
 from .membership import Membership
 from .restarts import Restarts
@@ -182,7 +181,7 @@ class Recovery:
                         self._state, self._membership.inc, self._ttl_ms, cfg.event_log_maxlen
                     )
                     await self._restarts.resume_pending(released, lost_at=reaped_at)
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 log.warning("membership refresh failed: %s", exc)
             except Exception:
                 log.exception("membership round failed; retrying next heartbeat")

@@ -12,21 +12,21 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, Router
+from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-from .auth import AuthError, TokenVerifier
-from .config import check_conversation_id
+from .auth import AuthError, Identity, TokenVerifier
+from .config import check_conversation_id, check_settings
 from .errors import (
+    REDIS_TROUBLE,
     CapacityTimeout,
     ConnectionNotFound,
     ConversationNotFound,
@@ -36,6 +36,7 @@ from .errors import (
     InvalidInput,
     NodeBusy,
     NodeDraining,
+    NotReplicated,
     RedisUnavailable,
 )
 from .manager import ConversationManager
@@ -67,9 +68,8 @@ def status_for(exc: BaseException) -> int:
         return 429
     if isinstance(exc, InvalidInput):
         return 400
-    if isinstance(
-        exc, NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | RedisError | OSError
-    ):
+    unavailable = NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | NotReplicated
+    if isinstance(exc, unavailable) or isinstance(exc, REDIS_TROUBLE):  # noqa: SIM101
         return 503
     return 500
 
@@ -82,7 +82,7 @@ def client_message(exc: BaseException) -> str:
         return f"authentication failed: {exc}"
     if isinstance(exc, CoordinatorError):
         return str(exc)
-    if isinstance(exc, RedisError | OSError):
+    if isinstance(exc, REDIS_TROUBLE):
         return "the coordinator cannot reach Redis right now; try again"
     return "internal error"
 
@@ -181,11 +181,26 @@ def json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
+def bearer_identity(tokens: TokenVerifier, request: Request) -> Identity:
+    """Who the request's ``Authorization: Bearer`` token speaks for (AuthError if none)."""
+    header = request.headers.get("authorization", "")
+    if not header:
+        raise AuthError("missing token: send 'Authorization: Bearer <token>'")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
+    return tokens.verify(token.strip())
+
+
 class RestApp:
     """ASGI app serving ``/api/...``, ``/healthz`` and ``/metrics`` for one node."""
 
     def __init__(
-        self, manager: ConversationManager, tokens: TokenVerifier, node_metrics: NodeMetrics
+        self,
+        manager: ConversationManager,
+        tokens: TokenVerifier,
+        node_metrics: NodeMetrics,
+        extra_routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.manager = manager
         self.tokens = tokens
@@ -204,6 +219,7 @@ class RestApp:
                     "/api/conversations/{sid}",
                     Resource({"GET": self.get_conversation, "DELETE": self.close_conversation}),
                 ),
+                *extra_routes,  # the browser pages and their endpoints (pages.py)
             ],
             # Both spellings of the collection are served as they are, never redirected.
             redirect_slashes=False,
@@ -215,13 +231,7 @@ class RestApp:
 
     # -- helpers ---------------------------------------------------------------------
     def user(self, request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        if not header:
-            raise AuthError("missing token: send 'Authorization: Bearer <token>'")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
-        return self.tokens.user(token.strip())
+        return bearer_identity(self.tokens, request).user
 
     async def owned(self, sid: str, user: str) -> dict[str, Any]:
         check_conversation_id(sid)
@@ -302,10 +312,13 @@ class RestApp:
         if text is not None and not isinstance(text, str):
             raise InvalidInput("initial_user_msg must be a string")
         first = None if text is None else {"action": "message", "args": {"content": text}}
+        settings = check_settings(body.get("settings"))
         if self.manager.draining:
             raise NodeDraining(f"node {self.manager.node_id} is draining; use another node")
         existed = bool(await self.manager.conversation(sid))
-        info = await self.manager.maybe_start_agent_loop(sid, {}, user, initial_user_msg=first)
+        info = await self.manager.maybe_start_agent_loop(
+            sid, settings, user, initial_user_msg=first
+        )
         if first is not None:
             self.node_metrics.actions_accepted.inc()
         return json_response(

@@ -14,11 +14,9 @@ import logging
 import time
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from .bus import CommandBus
 from .directory import Directory
-from .errors import CoordinatorError
+from .errors import EXPECTED
 from .loops import Intake, Loops
 from .membership import Membership
 from .metrics import NodeMetrics
@@ -92,7 +90,7 @@ class Restarts:
                     info = await self._loops.ensure_running(sid, user, {}, None)
                     if info.local and info.running and lost_at is not None:
                         self._metrics.observe_failover(max(0.0, time.time() - lost_at))
-        except (CoordinatorError, RedisError, OSError, TimeoutError) as exc:
+        except EXPECTED as exc:
             # E.g. our lease lapsed or Redis failed mid-start: try again each heartbeat.
             if self._membership.lapsed:
                 log.debug("restart of %s waits for the lease: %s", sid, exc)

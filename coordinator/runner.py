@@ -19,8 +19,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
-
 from workers.protocol import AgentLoop, AgentState, Event
 
 from .actionqueue import ActionQueue
@@ -28,7 +26,7 @@ from .backoff import Backoff
 from .codec import agent_event, pack, stamped_at
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import Fenced, SpeculationLost
+from .errors import REDIS_TROUBLE, Fenced, SpeculationLost
 from .idle import IdleTracker
 from .metrics import NodeMetrics
 from .speculation import Speculation
@@ -44,13 +42,11 @@ class LoopRunner:
     """Runs one owned conversation's agent: dispatches its inbox in order and commits
     what the agent emits, fenced by ``lease``.
 
-    ``applied``: the last action the log records as processed (the runner resumes after
-    it); ``new_agent``: makes the agent (again, when a speculation was lost);
-    ``speculative``: dispatch before the accept answered when the agent allows it
-    (``AgentLoop.speculative``);
-    ``lease_valid``: the node's lease clock; ``on_fenced``: told once when the runner
-    stops because ownership is no longer its own; ``delivery``, ``activity``,
-    ``metrics``: where committed events, activity and what is measured go.
+    ``applied``: the last action processed (it resumes after it); ``new_agent``: makes the
+    agent (again, when a speculation was lost); ``speculative``: dispatch before the
+    accept answered when the agent allows it; ``lease_valid``: the node's lease clock;
+    ``on_fenced``: told once when ownership is no longer its own; ``delivery``,
+    ``activity``, ``metrics``: where committed events, activity and measures go.
     """
 
     def __init__(
@@ -147,6 +143,14 @@ class LoopRunner:
         self._metrics.speculated()
         return spec
 
+    def known_logged(self) -> int:
+        """The highest event id this loop knows is in the log (not counting an action
+        dispatched before its accept answered)."""
+        spec = self._spec
+        if spec is not None and not spec.confirmed:
+            return min(self._queue.seen, spec.predicted - 1)
+        return self._queue.seen
+
     def take_user_event(self, spec: Speculation, event_id: int) -> bool:
         """The accept of ``spec`` logged its action as ``event_id``. If a commit is on its
         way now (the agent's answer, typically), the runner delivers the user event when it
@@ -181,7 +185,7 @@ class LoopRunner:
                 if queue.reread:
                     await queue.read()
                 backoff.reset()
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 # Redis trouble: the actions stay in the durable inbox; read again later.
                 delay = backoff.next()
                 log.warning("inbox read for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
@@ -286,14 +290,9 @@ class LoopRunner:
             if self.fenced or (check_open and self.closed) or not self._lease_valid():
                 self._fence("node lease lapsed" if not self.fenced else "already fenced")
                 raise Fenced(self.sid, self.lease.epoch, -1)
-            accepted_as = ""
-            if spec is not None and not spec.confirmed:
-                if spec.lost:
-                    raise SpeculationLost(self.sid, spec.predicted)
-                if spec.landed.done():
-                    spec.confirmed = True
-                else:
-                    accepted_as = spec.token
+            accepted_as = spec.commit_token() if spec is not None else ""
+            if accepted_as is None:
+                raise SpeculationLost(self.sid, spec.predicted if spec else cause)
             state = str(self.agent.state)
             changed = state if state != self._last_state else ""
             self._writes += 1
@@ -310,8 +309,13 @@ class LoopRunner:
                     publisher=self.lease.inc,
                     writer=self._writer,
                     accepted_as=accepted_as,
+                    floor=self._delivery.floor(self.sid),
                 )
-            except (RedisError, OSError) as exc:
+                if r.notice is not None:  # Redis had lost events: clients are told
+                    await self._delivery.committed(self.sid, r.notice[0], [r.notice[1]])
+                if not r.replicated:
+                    self._metrics.not_replicated()
+            except REDIS_TROUBLE as exc:
                 await self._pay_owed()  # the client need not wait for the retries
                 delay = backoff.next()
                 log.warning("commit for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
@@ -341,9 +345,7 @@ class LoopRunner:
             first_id, events = owed[0], [owed[1], *events]
         else:
             await self._pay_owed()
-        if events:
-            # Apply locally at once (a pub/sub copy, sent only if another node listens,
-            # is dropped by id).
+        if events:  # applied here at once; a pub/sub copy (if any) is dropped by id
             await self._delivery.committed(self.sid, first_id, events)
         return r.last_id
 

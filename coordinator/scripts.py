@@ -9,6 +9,8 @@ already-packed event.
 
 from __future__ import annotations
 
+from .poison import ATTEMPT  # the agent workers' attempt count, with its reasons
+
 _NOW = """
 local _t = redis.call('TIME')
 local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
@@ -92,28 +94,36 @@ ACCEPT = (
 -- ARGV[6]  token of this accept (unique, or 'c:' + the client's action id): run again
 --          (a retry after a lost reply, a client's retry), it returns the first result
 -- ARGV[7]  writer's incarnation: no publish when only it listens ('' = always publish)
--- returns  {status, event id, owner node, owner incarnation}
---   status: 'ok' | 'missing' | 'forbidden' | 'full'
+-- ARGV[8]  floor: the highest event id the writer knows was logged; a lower seq means
+--          Redis lost events (a failover to a lagging replica): nothing is written
+-- ARGV[9]  '1': do not publish, report whether another node listens (the writer
+--          publishes once replicas confirmed the write)
+-- returns  {status, event id, owner node, owner incarnation, others listen (0/1)}
+--   status: 'ok' | 'missing' | 'forbidden' | 'full' | 'rewound' (id: the seq found)
 """
     + _NOW
     + _HEARD_ELSEWHERE
     + """
-local f = redis.call('HMGET', KEYS[1], 'user', 'owner', 'inc')
-if not f[1] then return {'missing', 0, '', ''} end
-if ARGV[1] ~= '' and f[1] ~= ARGV[1] then return {'forbidden', 0, '', ''} end
+local f = redis.call('HMGET', KEYS[1], 'user', 'owner', 'inc', 'seq')
+if not f[1] then return {'missing', 0, '', '', 0} end
+if ARGV[1] ~= '' and f[1] ~= ARGV[1] then return {'forbidden', 0, '', '', 0} end
 local seen = redis.call('ZSCORE', KEYS[4], ARGV[6])
-if seen then return {'ok', tonumber(seen), f[2] or '', f[3] or ''} end
-if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {'full', 0, '', ''} end
+if seen then return {'ok', tonumber(seen), f[2] or '', f[3] or '', 0} end
+if tonumber(f[4] or '0') < tonumber(ARGV[8]) then
+  return {'rewound', tonumber(f[4] or '0'), '', '', 0}
+end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {'full', 0, '', '', 0} end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('ZADD', KEYS[4], id, ARGV[6])
 redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -65)
 redis.call('HSET', KEYS[1], 'last_active', now)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[2])
 redis.call('XADD', KEYS[3], id .. '-0', 'd', ARGV[2])
-if heard_elsewhere(f[3] or '', KEYS[5], ARGV[7]) then
+local others = heard_elsewhere(f[3] or '', KEYS[5], ARGV[7])
+if others and ARGV[9] ~= '1' then
   redis.call('PUBLISH', ARGV[5], '\\146' .. cmsgpack.pack(id) .. ARGV[2])
 end
-return {'ok', id, f[2] or '', f[3] or ''}
+return {'ok', id, f[2] or '', f[3] or '', others and 1 or 0}
 """
 )
 
@@ -134,37 +144,44 @@ COMMIT = (
 -- ARGV[10] accept token of the action ARGV[5], when the owner dispatched it before its
 --          accept answered (speculatively, predicting its id): the write goes through
 --          only if that accept logged the action under exactly that id ('' = no check)
--- ARGV[11..] packed events (msgpack maps without id)
--- returns  {'ok', first id, last id, now}, {'dup', 0, 0, now} (this write was already
---          committed: a retry after a lost reply), {'fenced', epoch, 0, 0},
---          {'unaccepted', 0, 0, now} (ARGV[10]'s accept has not logged the action
---          under ARGV[5], or not yet) or {'missing', 0, 0, 0}
+-- ARGV[11] floor, as in accept: a lower seq is reported ('rewound') and nothing written
+-- ARGV[12] '1': do not publish, report whether another node listens (as in accept)
+-- ARGV[13..] packed events (msgpack maps without id)
+-- returns  {'ok', first id, last id, now, others listen}, {'dup', 0, 0, now, 0} (this
+--          write was already committed: a retry after a lost reply), {'fenced', epoch,
+--          0, 0, 0}, {'unaccepted', 0, 0, now, 0} (ARGV[10]'s accept has not logged the
+--          action under ARGV[5], or not yet), {'rewound', seq, 0, 0, 0} or
+--          {'missing', 0, 0, 0, 0}
 """
     + _NOW
     + _HEARD_ELSEWHERE
     + """
 local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'applied', 'user', 'emitted',
-                     'wtoken', 'windex')
-if not f[4] then return {'missing', 0, 0, 0} end
+                     'wtoken', 'windex', 'seq')
+if not f[4] then return {'missing', 0, 0, 0, 0} end
 local inc, epoch = f[1] or '', tonumber(f[2] or '0')
 if inc ~= ARGV[1] or (ARGV[1] ~= '' and epoch ~= tonumber(ARGV[2])) then
-  return {'fenced', epoch, 0, 0}
+  return {'fenced', epoch, 0, 0, 0}
 end
 local cause, index = tonumber(ARGV[5]), tonumber(ARGV[6])
 if ARGV[10] ~= '' and tonumber(redis.call('ZSCORE', KEYS[5], ARGV[10]) or '0') ~= cause then
-  return {'unaccepted', 0, 0, now}
+  return {'unaccepted', 0, 0, now, 0}
 end
 local applied, emitted = tonumber(f[3] or '0'), tonumber(f[5] or '-1')
 if cause > 0 and (cause < applied or (cause == applied and index <= emitted)) then
-  return {'dup', 0, 0, now}
+  return {'dup', 0, 0, now, 0}
 end
 local token = ARGV[9]
 if cause == 0 and token ~= '' and f[6] == token and index <= tonumber(f[7] or '0') then
-  return {'dup', 0, 0, now}
+  return {'dup', 0, 0, now, 0}
+end
+if tonumber(f[8] or '0') < tonumber(ARGV[11]) then
+  return {'rewound', tonumber(f[8] or '0'), 0, 0, 0}
 end
 local first, last = 0, 0
-local publish = #ARGV >= 11 and heard_elsewhere(inc, KEYS[4], ARGV[8])
-for i = 11, #ARGV do
+local others = #ARGV >= 13 and heard_elsewhere(inc, KEYS[4], ARGV[8])
+local publish = others and ARGV[12] ~= '1'
+for i = 13, #ARGV do
   local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   if first == 0 then first = id end
   last = id
@@ -193,7 +210,7 @@ if ARGV[7] ~= '' then
   fields[#fields + 1] = ARGV[7]
 end
 redis.call('HSET', KEYS[1], unpack(fields))
-return {'ok', first, last, now}
+return {'ok', first, last, now, others and 1 or 0}
 """
 )
 
@@ -323,26 +340,24 @@ end
 return {'ok', refs}
 """
 
-ATTEMPT = """
--- attempt: count one more dispatch of an action, before it starts (poison actions).
--- KEYS[1]  conversation attempts hash
--- ARGV[1]  action id   ARGV[2] time to live (ms)
--- ARGV[3]  the action counted before it by this loop ('': not known)
--- returns  {dispatches of the action so far, this one included; why the last failed, or ''}
--- A loop dispatches in order: another action's fields are of one processed (or given up)
--- since, and are dropped here (all of them when the previous one is not known), so the
--- hash holds one action.
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-local why = redis.call('HGET', KEYS[1], ARGV[1] .. ':why') or ''
-if ARGV[3] ~= '' then
-  redis.call('HDEL', KEYS[1], ARGV[3], ARGV[3] .. ':why')
-elseif redis.call('HLEN', KEYS[1]) > (why == '' and 1 or 2) then
-  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if f ~= ARGV[1] and f ~= ARGV[1] .. ':why' then redis.call('HDEL', KEYS[1], f) end
-  end
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {n, why}
+REWIND = """
+-- rewind: Redis lost the newest events of a conversation (a failover to a replica that
+-- had not received them): ids continue after the highest one a node knows was logged,
+-- never reused, and a notice takes the first new id so clients learn of the loss.
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream
+-- ARGV[1]  floor: the highest event id known to have been logged
+-- ARGV[2]  packed notice (msgpack map without id)   ARGV[3] event log max length
+-- ARGV[4]  channel
+-- returns  {notice id, seq found} when repaired, {0, seq} when seq was not below floor
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local floor = tonumber(ARGV[1])
+if seq >= floor or redis.call('EXISTS', KEYS[1]) == 0 then return {0, seq} end
+local id = floor + 1
+redis.call('HSET', KEYS[1], 'seq', id)
+redis.call('HINCRBY', KEYS[1], 'log_epoch', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[2])
+redis.call('PUBLISH', ARGV[4], '\\146' .. cmsgpack.pack(id) .. ARGV[2])
+return {id, seq}
 """
 
 ALL = {
@@ -357,5 +372,18 @@ ALL = {
     "delete_if": DELETE_IF,
     "hdel_if": HDEL_IF,
     "attach": ATTACH,
+    "rewind": REWIND,
     "attempt": ATTEMPT,
 }
+
+
+def for_deployment(*, sharded: bool) -> dict[str, str]:
+    """The scripts for a deployment: on Redis Cluster they publish with SPUBLISH, so a
+    message reaches only the shard of its conversation (its channel carries the
+    conversation's hash tag, the script's slot), never every node of the cluster."""
+    if not sharded:
+        return dict(ALL)
+    return {
+        name: src.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+        for name, src in ALL.items()
+    }

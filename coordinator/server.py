@@ -16,11 +16,13 @@ from typing import Any
 
 import uvicorn
 
+from .advertise import UrlAdvertiser, check_public_url
 from .app import create_app, new_manager
 from .auth import TokenVerifier
 from .config import ManagerConfig
 from .errors import CoordinatorError
 from .manager import ConversationManager
+from .status import Advertisement
 from .websocket import CoalescingSansIOProtocol
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class NodeServer:
         host: str = "127.0.0.1",
         port: int = 8000,
         log_level: str = "warning",
+        public_url: str | None = None,
     ) -> None:
         self.config = config
         self.auth = auth  # a TokenVerifier, or the secret of HS256 tokens
@@ -87,15 +90,27 @@ class NodeServer:
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task[Any] | None = None
         self._sock: socket.socket | None = None
+        # Where clients reach this node (advertised to the others' pages); default ``url``.
+        self._public_url = check_public_url(public_url) if public_url else None
+        self._advertiser: UrlAdvertiser | None = None
 
     @property
     def node_id(self) -> str:
         return self.manager.node_id
 
     @property
+    def redis(self) -> str:
+        """The Redis deployment it uses, e.g. ``cluster Redis at redis://host:7000``."""
+        return self.manager.node.backend.describe() if self.manager.started else ""
+
+    @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def public_url(self) -> str:
+        return self._public_url or self.url
 
     async def start(self) -> None:
         """Start the manager and begin serving; raises RedisUnavailable, CoordinatorError."""
@@ -127,6 +142,9 @@ class NodeServer:
             failure = self._task.exception() if not self._task.cancelled() else None
             await self._stop_manager()
             raise CoordinatorError(f"the HTTP server did not start: {failure!r}")
+        ad = Advertisement(self.node_id, self.public_url, self.config.node_ttl, 0.0)
+        self._advertiser = UrlAdvertiser(self.manager.directory, ad, every=self.config.node_ttl)
+        await self._advertiser.start()
 
     async def wait_closed(self) -> None:
         """Wait until the HTTP server stops (after ``stop()`` or on its own)."""
@@ -139,7 +157,11 @@ class NodeServer:
             self._server.should_exit = True
 
     async def aclose(self) -> None:
-        """Drain the manager while sockets are open (clients hear why), then stop serving."""
+        """Withdraw the advertisement, drain the manager while sockets are open (clients
+        hear why), then stop serving."""
+        if self._advertiser is not None:
+            await self._advertiser.aclose()
+            self._advertiser = None
         await self._stop_manager()
         if self._task is not None:
             self.stop()

@@ -15,13 +15,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from workers.protocol import Event
 
 from .config import ManagerConfig
 from .delivery import LocalConnections
-from .errors import CoordinatorError, InvalidInput, NodeBusy
+from .errors import EXPECTED, REDIS_TROUBLE, InvalidInput, NodeBusy
 from .loops import ConversationInfo, Intake, Loops
 from .membership import Membership
 from .state import RedisState
@@ -107,7 +105,7 @@ class Sessions:
                 await self._state.remove_connections(
                     [(cid, conn.sid, conn.user)], self._membership.inc
                 )
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 # The client is gone either way; forget it in Redis once Redis answers again.
                 log.warning("connection %s removal deferred: %s", cid, exc)
                 self.deferred.append((cid, conn.sid, conn.user))
@@ -131,12 +129,12 @@ class Sessions:
         for conn in self.connections:
             with contextlib.suppress(Exception):
                 await sink.deliver(conn.cid, status)
-            with contextlib.suppress(CoordinatorError, RedisError, OSError):
+            with contextlib.suppress(*EXPECTED):
                 await self.leave(conn.cid)
             with contextlib.suppress(Exception):
                 await sink.disconnect(conn.cid)
 
     async def leave_all(self) -> None:
         for conn in self.connections:
-            with contextlib.suppress(CoordinatorError, RedisError, OSError):
+            with contextlib.suppress(*EXPECTED):
                 await self.leave(conn.cid)

@@ -39,3 +39,16 @@ class Speculation:
     @property
     def lost(self) -> bool:
         return self.landed.done() and self.landed.result() != self.predicted
+
+    def commit_token(self) -> str | None:
+        """The accept token a commit answering this action carries: the script writes it
+        only if that accept logged the action as predicted ('' once Redis confirmed the
+        prediction; None once it was refuted: the answer must be dropped)."""
+        if self.confirmed:
+            return ""
+        if self.lost:
+            return None
+        if self.landed.done():
+            self.confirmed = True
+            return ""
+        return self.token

@@ -13,8 +13,10 @@ from coordinator import ConversationManager
 from coordinator.embedded import EmbeddedRedis
 from tests.helpers import RecordingSink, fast_config
 
-# Real-process nodes: the `process_cluster` fixture.
-pytest_plugins = ["tests.processes"]
+# Real-process nodes: the `process_cluster` fixture; Redis Cluster and Sentinel
+# deployments: `redis_cluster`, `redis_cluster_replicated`, `redis_sentinel`; a private
+# PostgreSQL: `postgres_dsn`.
+pytest_plugins = ["tests.processes", "tests.redis_topologies", "tests.postgres"]
 
 
 @pytest.fixture(scope="session")

@@ -297,7 +297,10 @@ async def test_serve_with_embedded_redis_chat_and_graceful_stop() -> None:
         embedded = re.search(r"started a private embedded Redis at (redis://\S+)", lines[0])
         assert embedded, lines
         redis_port = int(embedded.group(1).rsplit(":", 1)[1].split("/")[0])
-        match = re.fullmatch(r"node (\S+) serving on (http://127\.0\.0\.1:(\d+))", lines[-1])
+        match = re.fullmatch(
+            r"node (\S+) serving on (http://127\.0\.0\.1:(\d+)) \(standalone Redis at .*\)",
+            lines[-1],
+        )
         assert match, lines
         node_id, url = match.group(1), match.group(2)
         status, body = await get_json(f"{url}/healthz")
@@ -361,7 +364,7 @@ async def test_a_second_signal_stops_waiting_for_the_drain() -> None:
         embedded = re.search(r"started a private embedded Redis at (redis://\S+)", lines[0])
         assert embedded, lines
         redis_port = int(embedded.group(1).rsplit(":", 1)[1].split("/")[0])
-        url = lines[-1].rsplit(" ", 1)[1]
+        url = re.search(r"serving on (\S+)", lines[-1]).group(1)  # type: ignore[union-attr]
         rc, out, err = await run(
             "chat", "--url", url, "--conversation", "slow", "--secret", "s4", "--user", "sam",
             stdin=b"hi\n",
@@ -420,7 +423,7 @@ async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
     try:
         lines = await read_until(proc, r"Press Ctrl-C", within=45)
         text = "\n".join(lines)
-        urls = re.findall(r"^  (node\d)  (http://\S+)$", text, re.M)
+        urls = re.findall(r"^  (node\d)  (http://\S+)  \(pid \d+\)$", text, re.M)
         assert urls == [
             ("node1", f"http://127.0.0.1:{base}"),
             ("node2", f"http://127.0.0.1:{base + 1}"),
@@ -430,8 +433,8 @@ async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
         assert secret and token
         assert verify_token(token.group(1), secret.group(1)) == "demo"
         assert (
-            f"coordinator chat --url http://127.0.0.1:{base} --conversation demo1 "
-            f"--secret {secret.group(1)}" in text
+            f"coordinator chat --url http://127.0.0.1:{base} --url http://127.0.0.1:{base + 1} "
+            f"--conversation demo1 --secret {secret.group(1)}" in text
         )
         status, body = await get_json(f"http://127.0.0.1:{base + 1}/api/cluster", token.group(1))
         assert status == 200 and sorted(body["nodes"]) == ["node1", "node2"]  # type: ignore[call-overload]

@@ -2,7 +2,10 @@
 
 No Docker engine runs in CI, so docker-compose.yml and the Dockerfile are checked by
 parsing them; the nginx config is checked by `nginx -t` on its rendered local variant
-(the one tests/test_nginx.py runs) and by comparing it with the canonical file.
+(the one tests/test_nginx.py runs) and by comparing it with the canonical file. The
+compose profiles `cluster` and `sentinel` must run the deploy/ files that the Redis
+Cluster and Sentinel fixtures (tests/redis_topologies.py) run, adding nothing to them but
+names; tests/test_redis_topologies.py runs the cluster-creation script for real.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ import yaml
 
 from tests.nginx import NGINX_CONF, NginxProcess, render_nginx_config
 from tests.processes import COORDINATOR, REPO, child_env
+from tests.redis_topologies import (
+    CLUSTER_CONF,
+    CLUSTER_CREATE_SCRIPT,
+    CLUSTER_MASTERS,
+    SENTINEL_CONF,
+    SENTINEL_NODE_CONF,
+    SENTINELS,
+    ClusterSettings,
+    SentinelSettings,
+    read_directives,
+)
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -53,8 +67,34 @@ def serve_env_names() -> set[str]:
     return names
 
 
+def profile(compose: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """The services of profile ``name`` (None: those started by a plain `up`)."""
+    return {
+        service: spec
+        for service, spec in compose["services"].items()
+        if (name in spec["profiles"] if "profiles" in spec else name is None)
+    }
+
+
+def mounted(spec: dict[str, Any]) -> dict[str, Path]:
+    """A service's bind mounts: path in the container -> file in this repository."""
+    mounts = {}
+    for volume in spec.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.startswith("./"):
+            mounts[target] = (COMPOSE.parent / source).resolve()
+    return mounts
+
+
+def shell_script(command: list[str]) -> str | None:
+    """The script of a `sh -c SCRIPT` command, with compose's `$$` unescaped."""
+    if command[:2] != ["sh", "-c"]:
+        return None
+    return command[2].replace("$$", "$")
+
+
 def test_compose_has_redis_three_nodes_and_nginx(compose: dict[str, Any]) -> None:
-    services = compose["services"]
+    services = profile(compose, None)
     assert set(services) == {"redis", *NODES, "nginx"}
 
     redis = services["redis"]
@@ -147,3 +187,91 @@ def test_ci_runs_the_make_test_command() -> None:
     lines = [line.strip() for line in ci.read_text().splitlines()]
     assert "set -euo pipefail" in lines
     assert any(re.fullmatch(r"(exec )?make test", line) for line in lines)
+
+
+# --- the Redis Cluster and Sentinel profiles run the files the fixtures run ---------------
+
+
+def test_compose_cluster_profile_runs_the_fixtures_config(compose: dict[str, Any]) -> None:
+    services = profile(compose, "cluster")
+    nodes = sorted(name for name in services if name != "redis-cluster-create")
+    assert nodes == [f"redis-cluster-{i}" for i in range(1, 7)]
+    port = int(_one(read_directives(CLUSTER_CONF), "port"))
+    for name in nodes:
+        spec = services[name]
+        assert spec["image"].startswith("redis:7")
+        (conf,) = [target for target, source in mounted(spec).items() if source == CLUSTER_CONF]
+        command = spec["command"]
+        assert command[:2] == ["redis-server", conf]
+        # Only the name the node announces is added: every setting the fixtures take
+        # from the file (node timeout, coverage, persistence...) is the file's.
+        assert command[2:] == [
+            "--cluster-announce-hostname", name,
+            "--cluster-preferred-endpoint-type", "hostname",
+        ]  # fmt: skip
+        assert spec["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+    create = services["redis-cluster-create"]
+    (script,) = [t for t, source in mounted(create).items() if source == CLUSTER_CREATE_SCRIPT]
+    assert create["command"] == ["sh", script, *(f"{name}:{port}" for name in nodes)]
+    assert create["depends_on"] == {n: {"condition": "service_healthy"} for n in nodes}
+    assert create["restart"] == "no"
+    replicas = int(create["environment"]["REPLICAS"])
+    assert len(nodes) == CLUSTER_MASTERS * (1 + replicas), "the fixtures' shape: 3 masters"
+    assert os.access(CLUSTER_CREATE_SCRIPT, os.X_OK)
+
+    settings = ClusterSettings.from_file(CLUSTER_CONF)
+    assert settings.node_timeout_ms <= 5000, "failover tests wait a few node timeouts"
+
+
+def test_compose_sentinel_profile_runs_the_fixtures_config(compose: dict[str, Any]) -> None:
+    services = profile(compose, "sentinel")
+    data = ["redis-sentinel-master", "redis-sentinel-replica"]
+    sentinels = sorted(set(services) - set(data))
+    assert sentinels == [f"redis-sentinel-{i}" for i in range(1, SENTINELS + 1)]
+    settings = SentinelSettings.from_file(SENTINEL_CONF)
+    data_port = int(_one(read_directives(SENTINEL_NODE_CONF), "port"))
+
+    for name in data:
+        spec = services[name]
+        assert spec["image"].startswith("redis:7")
+        (conf,) = [t for t, source in mounted(spec).items() if source == SENTINEL_NODE_CONF]
+        script = shell_script(spec["command"])
+        assert script is not None and conf in script
+        assert spec["environment"]["ANNOUNCE"] == name
+    assert services["redis-sentinel-master"]["environment"]["FIRST_ROLE"] == ""
+    replica = services["redis-sentinel-replica"]
+    assert replica["environment"]["FIRST_ROLE"] == f"replicaof {data[0]} {data_port}"
+    # The sentinels watch that master, by the name it announces.
+    assert (settings.master_host, settings.master_port) == (data[0], data_port)
+    directives = read_directives(SENTINEL_CONF)
+    assert ["sentinel", "resolve-hostnames", "yes"] in directives
+
+    sentinel_port = int(_one(directives, "port"))
+    for name in sentinels:
+        spec = services[name]
+        assert spec["image"].startswith("redis:7")
+        (conf,) = [t for t, source in mounted(spec).items() if source == SENTINEL_CONF]
+        script = shell_script(spec["command"])
+        assert script is not None and conf in script and "--sentinel" in script
+        assert spec["healthcheck"]["test"][-3:] == ["-p", str(sentinel_port), "ping"]
+        assert set(spec["depends_on"]) == set(data)
+    # Two of the three must agree the master is down: a lone sentinel cannot fail over.
+    assert len(sentinels) // 2 < settings.quorum <= len(sentinels)
+
+
+def test_compose_shell_commands_parse(compose: dict[str, Any]) -> None:
+    scripts = [
+        script
+        for spec in compose["services"].values()
+        if (script := shell_script(spec.get("command") or [])) is not None
+    ]
+    assert scripts, "the sentinel profile runs its nodes from copies made by sh -c"
+    for script in scripts:
+        done = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
+        assert done.returncode == 0, f"{script}\n{done.stderr}"
+
+
+def _one(directives: list[list[str]], name: str) -> str:
+    (value,) = [d[1] for d in directives if d[0].lower() == name]
+    return value

@@ -19,6 +19,7 @@ from coordinator.embedded import EmbeddedRedis
 from coordinator.keys import KeySchema
 from coordinator.lane import ScriptLane, lane_supported
 from coordinator.state import RedisState
+from tests.helpers import wait_until
 from tests.tcpproxy import TcpProxy
 
 ECHO = "return {ARGV[1], redis.call('INCR', KEYS[1])}"
@@ -153,38 +154,51 @@ def test_the_lane_takes_every_url_redis_py_takes() -> None:
         ScriptLane("http://127.0.0.1:6380/0", timeout=1.0, connect_timeout=1.0)
 
 
-async def test_a_lost_reply_is_retried_by_the_lane_and_recorded_once(redis_url: str) -> None:
+async def test_a_lost_reply_is_retried_by_the_lane_and_recorded_once(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
     """The lane re-sends a call whose reply was lost after Redis ran it: the accept's token
     and the commit's (cause, index), or (writer, index) for a write answering no action,
-    make the second run a no-op, so an action and its answers are logged once."""
-    client = aioredis.Redis.from_url(redis_url)
-    lane = ScriptLane(redis_url, timeout=2.0, connect_timeout=2.0)
-    state = RedisState(client, KeySchema("lost"), lane)
-    call = lane._call
-    lost: list[bytes] = []
+    make the second run a no-op, so an action and its answers are logged once. Each reply
+    is held at a TCP proxy until Redis has made the write, then the link is cut."""
+    proxy = await TcpProxy(redis_client.connection_pool.connection_kwargs["port"]).start()
+    lane = ScriptLane(proxy.url, timeout=2.0, connect_timeout=2.0)
+    state = RedisState(redis_client, KeySchema("lost"), lane)
+    keys = state.keys
 
-    async def run_then_lose_the_reply(command: bytes) -> Any:
-        reply = await call(command)
-        if b"EVALSHA" in command[:40] and command not in lost:  # each call's first reply
-            lost.append(command)
-            raise RedisConnectionError("reply lost")
-        return reply
+    async def reply_lost(call: Any, written: Any) -> Any:
+        proxy.hold_replies()
+        task = asyncio.create_task(call)
+        await wait_until(written, what="the write made in Redis")
+        proxy.cut()  # the reply is lost with the connection
+        proxy.restore()
+        proxy.release_replies()
+        return await task
 
-    lane._call = run_then_lose_the_reply  # type: ignore[method-assign]
+    async def logged(n: int) -> bool:
+        return await redis_client.xlen(keys.events("s")) == n
+
     try:
+        await state.load_scripts()
         await state.acquire("s", "n1", "n1/a", "u", create=True)  # through redis-py
-        accepted = await state.accept("s", "u", pack({"action": "message"}), 100, 10)
-        committed = await state.commit("s", "n1/a", 1, [pack({"r": 1})], maxlen=100, cause=1)
-        # An agent's write answering no action: known by its writer token and index.
-        unprompted = await state.commit(
-            "s", "n1/a", 1, [pack({"r": 2})], maxlen=100, writer="w", index=1
+        await lane.run(redis_client.register_script("return 1"), [], [])  # connected
+        accepted = await reply_lost(
+            state.accept("s", "u", pack({"action": "message"}), 100, 10), lambda: logged(1)
         )
-        assert len(lost) == 3  # every call ran in Redis and lost its first reply
+        committed = await reply_lost(
+            state.commit("s", "n1/a", 1, [pack({"r": 1})], maxlen=100, cause=1),
+            lambda: logged(2),
+        )
+        # An agent's write answering no action: known by its writer token and index.
+        unprompted = await reply_lost(
+            state.commit("s", "n1/a", 1, [pack({"r": 2})], maxlen=100, writer="w", index=1),
+            lambda: logged(3),
+        )
         assert (accepted.status, accepted.event_id) == ("ok", 1)
         assert committed.status == "dup"  # the retry found the first run's write
         assert unprompted.status == "dup"
         assert [i for i, _ in await state.events_after("s", 0)] == [1, 2, 3]
-        assert await client.xlen(state.keys.inbox("s")) == 0
+        assert await redis_client.xlen(keys.inbox("s")) == 0
     finally:
         await lane.aclose()
-        await client.aclose()
+        await proxy.aclose()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from coordinator import ConversationManager
-from coordinator.backend import RedisBackend
+from coordinator.backends import StandaloneBackend
 from coordinator.codec import pack
 from coordinator.keys import KeySchema
 from coordinator.state import RedisState
@@ -55,7 +55,7 @@ async def node(redis_url: str) -> AsyncIterator[Any]:
             config,
             sink=sink,
             agent_factory=agents or Agents(),
-            backend=RedisBackend(config, lane_url=lane_url),
+            backend=StandaloneBackend(config, lane_url=lane_url),
         )
         await manager.start()
         made.append(manager)

@@ -28,11 +28,11 @@ the loop, 0 when unknown) to a second, one-way pipe: the only frame not from the
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any
 
 import msgpack
-
-from coordinator.errors import CoordinatorError, Fenced, SpeculationLost
 
 # node -> worker
 OPEN, DISPATCH, CLOSE, CANCEL, PING, REPLY, REFUSE, STOP = range(1, 9)
@@ -93,19 +93,27 @@ class FrameReader:
         return out
 
 
+# coordinator.errors imports redis-py (its Redis error tuples): 0.2 s and ~19 MB that a
+# worker pays only once it meets one of these exceptions (an agent importing them itself
+# pays it at its own import).
+ERRORS = "coordinator.errors"
+
+
 def refusal(kind: str, detail: Any) -> Exception:
     """The exception a FAILED or REFUSE frame stands for, as the other side raised it."""
+    errors = importlib.import_module(ERRORS)
     if kind == "Fenced":
-        return Fenced(str(detail[0]), int(detail[1]), int(detail[2]))
+        return errors.Fenced(str(detail[0]), int(detail[1]), int(detail[2]))  # type: ignore[no-any-return]
     if kind == "SpeculationLost":
-        return SpeculationLost(str(detail[0]), int(detail[1]))
-    return CoordinatorError(str(detail))
+        return errors.SpeculationLost(str(detail[0]), int(detail[1]))  # type: ignore[no-any-return]
+    return errors.CoordinatorError(str(detail))  # type: ignore[no-any-return]
 
 
 def describe(exc: BaseException) -> tuple[str, Any]:
     """``(kind, detail)`` for a FAILED or REFUSE frame."""
-    if isinstance(exc, Fenced):
+    errors = sys.modules.get(ERRORS)  # not imported yet: it cannot be one of them
+    if errors is not None and isinstance(exc, errors.Fenced):
         return "Fenced", [exc.sid, exc.epoch, exc.current]
-    if isinstance(exc, SpeculationLost):
+    if errors is not None and isinstance(exc, errors.SpeculationLost):
         return "SpeculationLost", [exc.sid, exc.predicted]
     return ERROR, f"{type(exc).__name__}: {exc}"

@@ -32,8 +32,6 @@ from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from coordinator.errors import Fenced, SpeculationLost
-
 from .channel import (
     CANCEL,
     CANCELLED,
@@ -211,7 +209,7 @@ class AgentHost(asyncio.Protocol):
         except MemoryError:
             self._out_of_memory(rid, hosted)
         except Exception as exc:
-            if not isinstance(exc, Fenced | SpeculationLost):
+            if describe(exc)[0] == ERROR:  # Fenced, SpeculationLost: the node knows why
                 log.exception("agent of %s failed on action %s", hosted.sid, action.get("id"))
             self._send([FAILED, rid, lid, *describe(exc), _state(hosted.agent)])
         else:
@@ -264,7 +262,7 @@ class AgentHost(asyncio.Protocol):
             if not isinstance(event, dict):
                 raise TypeError(f"an event must be a dict, got {type(event).__name__}")
             if hosted.closed or self._transport is None or self._transport.is_closing():
-                raise Fenced(hosted.sid, 0, -1)  # closed: the node stopped this loop
+                raise refusal("Fenced", [hosted.sid, 0, -1])  # closed: the node stopped it
             self._next_rid += 1
             rid = self._next_rid
             data = frame([EMIT, rid, hosted.lid, event, _state(hosted.agent)])
@@ -273,11 +271,12 @@ class AgentHost(asyncio.Protocol):
             self._transport.write(data)
             try:
                 return await fut
-            except Fenced as exc:
-                if exc.sid:
-                    raise
-                # Refused for an instance the node no longer knows (closed or moved).
-                raise Fenced(hosted.sid, exc.epoch, exc.current) from None
+            except Exception as exc:
+                kind, detail = describe(exc)
+                if kind == "Fenced" and not detail[0]:
+                    # Refused for an instance the node no longer knows (closed or moved).
+                    raise refusal(kind, [hosted.sid, *detail[1:]]) from None
+                raise
             finally:
                 self._replies.pop(rid, None)
 

@@ -1,4 +1,4 @@
-"""Conversation records, the event log and the inbox: ownership, accept and commit."""
+"""Conversation records, ownership, and reading the event log and the inbox."""
 
 from __future__ import annotations
 
@@ -6,18 +6,8 @@ from collections.abc import Sequence
 
 from workers.protocol import Event
 
-from .core import StateCore, accept_token, entries, text
-from .results import (
-    ACCEPT,
-    ATTACH,
-    COMMIT,
-    OWNERSHIP,
-    Accepted,
-    AttachStatus,
-    Committed,
-    Ownership,
-    status,
-)
+from .core import StateCore, entries, text
+from .results import ATTACH, OWNERSHIP, AttachStatus, Ownership, status
 
 
 class ConversationOps(StateCore):
@@ -57,74 +47,7 @@ class ConversationOps(StateCore):
         """The attach refcount, cluster-wide."""
         return int(await self.redis.hget(self.keys.conv(sid), "refs") or 0)
 
-    # -- events ----------------------------------------------------------------------
-    async def accept(
-        self,
-        sid: str,
-        user: str,
-        packed: bytes,
-        maxlen: int,
-        inbox_max: int,
-        publisher: str = "",
-        token: str = "",
-    ) -> Accepted:
-        """Log and enqueue a user action. With ``publisher`` (the writer's incarnation), the
-        event is published only when another node listens: the writer applies it itself.
-
-        An accept run again with the same ``token`` (a retry after a lost reply, or the
-        client's own retry: see ``accept_token``) returns the first one's event id and
-        writes nothing, as long as it is among the conversation's last 64 accepts."""
-        k = self.keys
-        r = await self._run(
-            "accept",
-            [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)],
-            [
-                user,
-                packed,
-                maxlen,
-                inbox_max,
-                k.conv_channel(sid),
-                token or accept_token(None),
-                publisher,
-            ],
-            hot=True,
-        )
-        return Accepted(status(text(r[0]), ACCEPT), int(r[1]), text(r[2]), text(r[3]))
-
-    async def commit(
-        self,
-        sid: str,
-        inc: str,
-        epoch: int,
-        packed_events: Sequence[bytes],
-        *,
-        maxlen: int,
-        cause: int = 0,
-        index: int = 0,
-        state: str = "",
-        publisher: str = "",
-        writer: str = "",
-        accepted_as: str = "",
-    ) -> Committed:
-        """Append events as the owner (fenced); ``publisher`` as in ``accept``.
-
-        A retry after a lost reply is recognised (status ``dup``) by ``(cause, index)``
-        for a write answering action ``cause``, else by ``(writer, index)``. With
-        ``accepted_as`` (the accept token of action ``cause``, dispatched before its
-        accept answered) the write goes through only if that accept logged the action
-        as ``cause``: else status ``unaccepted`` and nothing is written."""
-        k = self.keys
-        r = await self._run(
-            "commit",
-            [k.conv(sid), k.events(sid), k.inbox(sid), k.conv_conns(sid), k.accepted(sid)],
-            [
-                inc, epoch, maxlen, k.conv_channel(sid), cause, index, state, publisher,
-                writer, accepted_as, *packed_events,
-            ],
-            hot=True,
-        )  # fmt: skip
-        return Committed(status(text(r[0]), COMMIT), int(r[1]), int(r[2]), int(r[3]))
-
+    # -- the log -------------------------------------------------------------------
     async def events_after(
         self, sid: str, after: int, upto: int | None = None, count: int = 1000
     ) -> list[tuple[int, Event]]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -14,7 +15,6 @@ from workers.protocol import Event
 from .. import scripts
 from ..codec import unpack
 from ..keys import KeySchema
-from ..lane import ScriptLane
 
 
 def text(value: Any) -> str:
@@ -34,21 +34,58 @@ def accept_token(client_key: str | None) -> str:
     return os.urandom(12).hex() if client_key is None else f"c:{client_key}"
 
 
+class Lane(Protocol):
+    """A pipelined connection for the hot scripts (``lane.py``, ``cluster_lane.py``)."""
+
+    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any: ...
+
+    async def run_replicated(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int]: ...
+
+    def publish(self, command: str, channel: str, message: bytes) -> None: ...
+
+    def send_now(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
+    ) -> asyncio.Future[Any] | None: ...
+
+    async def aclose(self) -> None: ...
+
+
 class StateCore:
-    """The Redis client (a pool), the key schema and the scripts, loaded once.
+    """The Redis client (a pool, or redis-py's cluster client), the key schema and the
+    scripts, loaded once.
 
     ``lane`` carries the two scripts of every action (accept and commit) on a pipelined
     connection of its own (``lane.py``); everything else goes through ``redis``.
+    ``sharded``: a Redis Cluster (scripts publish with SPUBLISH); ``replicas`` and
+    ``replica_timeout_ms``: what an acknowledged write waits for (``writes.py``).
     """
 
     def __init__(
-        self, redis: aioredis.Redis, keys: KeySchema, lane: ScriptLane | None = None
+        self,
+        redis: Any,
+        keys: KeySchema,
+        lane: Lane | None = None,
+        *,
+        sharded: bool = False,
+        replicas: int = 0,
+        replica_timeout_ms: int = 1000,
     ) -> None:
-        self.redis = redis
+        self.redis: aioredis.Redis = redis
         self.keys = keys
         self.lane = lane
+        self.sharded = sharded
+        self.replicas = replicas
+        self.replica_timeout_ms = replica_timeout_ms
         self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(src) for name, src in scripts.ALL.items()
+            name: redis.register_script(src)
+            for name, src in scripts.for_deployment(sharded=sharded).items()
         }
 
     async def load_scripts(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import redis
+import redis.cluster
 
 from .. import scripts
 from ..keys import KeySchema
@@ -120,13 +121,17 @@ class RegistryOps(StateCore):
 
     # -- node-to-node commands -------------------------------------------------------
     async def publish_command(self, node: str, message: bytes) -> None:
-        await self.redis.publish(self.keys.node_channel(node), message)
+        channel = self.keys.node_channel(node)
+        if self.sharded:
+            await self.redis.spublish(channel, message)
+        else:
+            await self.redis.publish(channel, message)
 
 
 class LeaseRenewer:
     """The lease keeper thread's own Redis access: one blocking client, one script."""
 
-    def __init__(self, client: redis.Redis, keys: KeySchema) -> None:
+    def __init__(self, client: redis.Redis | redis.cluster.RedisCluster, keys: KeySchema) -> None:
         self._client = client
         self._keys = keys
         self._renew = client.register_script(scripts.RENEW)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, TypeVar, get_args
 
 from redis.exceptions import ResponseError
 
+from workers.protocol import Event
+
+# A notice logged when Redis was found to have lost events: (its id, the event).
+Notice = tuple[int, Event]
+
 OwnershipStatus = Literal["created", "ok", "mine", "owned", "forbidden", "missing"]
-AcceptStatus = Literal["ok", "missing", "forbidden", "full"]
-CommitStatus = Literal["ok", "dup", "fenced", "unaccepted", "missing"]
+AcceptStatus = Literal["ok", "missing", "forbidden", "full", "rewound"]
+CommitStatus = Literal["ok", "dup", "fenced", "unaccepted", "missing", "rewound"]
 AdmitStatus = Literal["go", "wait", "evicted"]
 AttachStatus = Literal["ok", "missing", "forbidden"]
 
@@ -63,6 +68,10 @@ class Accepted:
     event_id: int
     owner: str
     inc: str
+    notice: Notice | None = None  # logged before this write (see state/writes.py)
+
+    def with_notice(self, notice: Notice) -> Accepted:
+        return replace(self, notice=notice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +83,11 @@ class Committed:
     first_id: int
     last_id: int
     now_ms: int
+    replicated: bool = True  # False: fewer replicas than asked confirmed it in time
+    notice: Notice | None = None  # logged before this write (see state/writes.py)
+
+    def with_notice(self, notice: Notice) -> Committed:
+        return replace(self, notice=notice)
 
 
 @dataclass(frozen=True, slots=True)

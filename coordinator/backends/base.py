@@ -1,0 +1,110 @@
+"""What every kind of deployment gives a node: its Redis connections, from one config.
+
+A node talks to Redis over five kinds of connection, each for a reason:
+
+- the shared pool (``redis-py``; on Redis Cluster its cluster client), that callers wait
+  on instead of failing;
+- the script lane (``lane.py``, ``cluster_lane.py``): a pipelined connection for the two
+  scripts of every action, accept and commit, so a commit sent behind its accept runs
+  after it;
+- the registration client: a connection of its own for (re-)registering the node, so a
+  pool exhausted by a burst of joins cannot hold up a node whose lease lapsed;
+- the subscription (``subscriptions.py``, ``sharded.py``), apart from the pool;
+- the lease keeper's blocking client, used from the keeper's thread (``membership.py``).
+
+Each deployment (``standalone.py``, ``cluster.py``, ``sentinel.py``) builds them from the
+URL (user, password, database, TLS parameters) and the timeouts in ``ManagerConfig``;
+``detect.py`` picks the deployment. Nothing else in the package makes a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from ..config import ManagerConfig, redact_url
+from ..errors import REDIS_TROUBLE, RedisUnavailable
+from ..keys import KeySchema
+from ..state import LeaseRenewer, RedisState
+from ..state.core import Lane
+from ..subscriptions import Subscription
+
+
+class Backend(ABC):
+    """The connections of one node to one Redis deployment."""
+
+    mode: ClassVar[str]
+    sharded: ClassVar[bool] = False  # channels are shard channels (SPUBLISH, SSUBSCRIBE)
+
+    def __init__(self, config: ManagerConfig) -> None:
+        self.config = config
+        self._owned: list[Any] = []  # async clients to close
+        self._lane: Lane | None = None
+
+    @property
+    @abstractmethod
+    def client(self) -> Any:
+        """The shared client (a pool) the state layer uses."""
+
+    def describe(self) -> str:
+        """The deployment, for logs and errors (no password)."""
+        return f"{self.mode} Redis at {redact_url(self.config.redis_url)}"
+
+    async def check(self) -> None:
+        """Raise RedisUnavailable (naming the deployment, never its password) unless
+        Redis answers within the connect timeout."""
+        try:
+            async with asyncio.timeout(self.config.connect_timeout + 1):
+                await self.client.ping()
+        except REDIS_TROUBLE as exc:
+            reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
+            raise RedisUnavailable(redact_url(self.config.redis_url), reason) from None
+
+    def lane(self) -> Lane | None:
+        """The script lane (made on first use); None sends accept and commit through
+        the pool."""
+        if self._lane is None:
+            self._lane = self._make_lane()
+        return self._lane
+
+    @abstractmethod
+    def _make_lane(self) -> Lane | None: ...
+
+    def state(self, keys: KeySchema) -> RedisState:
+        """The state layer on the shared client, with the lane for accept and commit."""
+        cfg = self.config
+        return RedisState(
+            self.client,
+            keys,
+            self.lane(),
+            sharded=self.sharded,
+            replicas=cfg.ack_replicas,
+            replica_timeout_ms=int(cfg.ack_timeout * 1000),
+        )
+
+    def registration_state(self, keys: KeySchema) -> RedisState:
+        """The state layer on a connection of its own, for (re-)registering."""
+        return RedisState(self._own_client(), keys, sharded=self.sharded)
+
+    @abstractmethod
+    def _own_client(self) -> Any:
+        """A client apart from the pool (closed with the backend)."""
+
+    @abstractmethod
+    def subscriptions(self, keys: KeySchema, probe_interval: float) -> Subscription:
+        """This node's subscription (its node channel is its probe)."""
+
+    @abstractmethod
+    def lease_renewer(self, keys: KeySchema) -> LeaseRenewer:
+        """The lease keeper thread's blocking client (closed by the keeper)."""
+
+    async def aclose(self) -> None:
+        if self._lane is not None:
+            await self._lane.aclose()
+            self._lane = None
+        clients, self._owned = self._owned, []
+        for client in clients:
+            with contextlib.suppress(*REDIS_TROUBLE):
+                await client.aclose()

@@ -1,0 +1,113 @@
+"""Redis Cluster: redis-py's cluster client for everything but the hot path, a lane with
+a pipelined connection per shard (``cluster_lane.py``) and sharded pub/sub
+(``sharded.py``).
+
+Any node of the cluster will do as ``--redis-url``: the slot map is read from it. Every
+key of the schema carries a hash tag and every script touches one tag, so each call goes
+to one shard; redis-py follows ``MOVED``/``ASK`` and retries ``TRYAGAIN``/
+``CLUSTERDOWN`` and lost connections for the state layer's other calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.cluster
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry as SyncRetry
+
+from ..cluster_lane import ClusterLane
+from ..config import ManagerConfig, with_address
+from ..keys import KeySchema
+from ..links import Endpoint
+from ..sharded import ShardedSubscriptions
+from ..slots import Address, SlotMap
+from ..state import LeaseRenewer
+from ..state.core import Lane
+from ..subscriptions import Subscription
+from .base import Backend
+
+# A failover takes the cluster's node timeout plus an election (a few seconds): the
+# clients retry that long, with backoff, before a call fails.
+RETRIES = 20
+
+
+class ClusterBackend(Backend):
+    mode = "cluster"
+    sharded = True
+
+    def __init__(self, config: ManagerConfig) -> None:
+        super().__init__(config)
+        self._endpoint = Endpoint.from_url(config.redis_url, "coordinator-lane")
+        self._client = self._cluster_client()
+        self._cluster_lane: ClusterLane | None = None
+
+    def _cluster_client(self) -> RedisCluster:
+        cfg = self.config
+        client = RedisCluster.from_url(
+            cfg.redis_url,
+            max_connections=cfg.redis_max_connections,
+            socket_connect_timeout=cfg.connect_timeout,
+            socket_timeout=cfg.redis_timeout,
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), RETRIES),
+            # Other shards keep serving while one fails over (cluster-require-full-coverage
+            # no on the servers): so does the client.
+            require_full_coverage=False,
+        )
+        self._owned.append(client)
+        return client
+
+    @property
+    def client(self) -> RedisCluster:
+        return self._client
+
+    def _make_lane(self) -> Lane | None:
+        self._cluster_lane = ClusterLane(
+            [self._endpoint],
+            timeout=self.config.redis_timeout,
+            connect_timeout=self.config.connect_timeout,
+        )
+        return self._cluster_lane
+
+    async def slot_map(self) -> SlotMap:
+        """The slot map as the lane read it last (it reads it again)."""
+        self.lane()
+        assert self._cluster_lane is not None
+        return await self._cluster_lane.refresh()
+
+    def _own_client(self) -> Any:
+        return self._cluster_client()
+
+    def _shard_client(self, address: Address) -> aioredis.Redis:
+        """A client of one master, for its subscription (closed by its owner)."""
+        cfg = self.config
+        return aioredis.Redis.from_url(
+            with_address(cfg.redis_url, *address),
+            socket_connect_timeout=cfg.connect_timeout,
+            socket_timeout=cfg.redis_timeout,
+        )
+
+    def subscriptions(self, keys: KeySchema, probe_interval: float) -> Subscription:
+        return ShardedSubscriptions(
+            read_map=self.slot_map,
+            connect=self._shard_client,
+            probe_stem=self.config.node_id,
+            prefix=keys.prefix,
+            probe_interval=probe_interval,
+        )
+
+    def lease_renewer(self, keys: KeySchema) -> LeaseRenewer:
+        # A renewal must stay short while a master is failing over (the lease clock
+        # runs): one retry on a fresh connection, each attempt bounded.
+        timeout = min(0.5, self.config.heartbeat_interval)
+        client = redis.cluster.RedisCluster.from_url(
+            self.config.redis_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=SyncRetry(NoBackoff(), 1),
+            require_full_coverage=False,
+        )
+        return LeaseRenewer(client, keys)

@@ -1,0 +1,55 @@
+"""Which deployment ``--redis-url`` points at (``--redis-mode auto``), or a clear error
+when it is not the one ``--redis-mode`` names."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from ..config import SENTINEL_SCHEMES, ManagerConfig, redact_url
+from ..errors import REDIS_TROUBLE, ConfigError, RedisUnavailable
+from .base import Backend
+from .cluster import ClusterBackend
+from .sentinel import SentinelBackend
+from .standalone import StandaloneBackend
+
+
+async def cluster_enabled(config: ManagerConfig) -> bool:
+    """Ask the node at ``redis_url`` whether it is a Redis Cluster node."""
+    client = aioredis.Redis.from_url(
+        config.redis_url,
+        socket_connect_timeout=config.connect_timeout,
+        socket_timeout=config.connect_timeout,
+    )
+    try:
+        async with asyncio.timeout(config.connect_timeout + 1):
+            info = await client.info("cluster")
+    except REDIS_TROUBLE as exc:
+        reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
+        raise RedisUnavailable(redact_url(config.redis_url), reason) from None
+    finally:
+        await client.aclose()
+    return bool(int(info.get("cluster_enabled", 0)))
+
+
+async def open_backend(config: ManagerConfig) -> Backend:
+    """The backend for ``config``; checks the deployment is what ``redis_mode`` says."""
+    mode, url = config.redis_mode, config.redis_url
+    if url.startswith(SENTINEL_SCHEMES):
+        return SentinelBackend(config)  # the config checked the mode
+    if url.startswith("unix://") and mode in ("auto", "standalone"):
+        return StandaloneBackend(config)
+    clustered = await cluster_enabled(config)
+    where = redact_url(url)
+    if mode == "standalone" and clustered:
+        raise ConfigError(
+            f"Redis at {where} is a Redis Cluster node (cluster_enabled:1) but redis_mode is "
+            "standalone: use --redis-mode cluster or auto"
+        )
+    if mode == "cluster" and not clustered:
+        raise ConfigError(
+            f"Redis at {where} is not a Redis Cluster node (cluster_enabled:0) but "
+            "redis_mode is cluster: use --redis-mode standalone or auto"
+        )
+    return ClusterBackend(config) if clustered else StandaloneBackend(config)

@@ -1,0 +1,187 @@
+"""The script lane on Redis Cluster: one pipelined connection per shard.
+
+The same calls as ``lane.ScriptLane`` (accept and commit, with ``WAIT`` behind them when
+acknowledged writes must be replicated), each sent to the master of its keys' slot: every
+script touches keys of one hash tag, so one slot. A shard's link keeps the pipelining of
+the standalone lane: a commit sent behind its accept runs after it, since both go to the
+same conversation's shard.
+
+Redirections are followed as a cluster client must: ``MOVED`` re-reads the slot map and
+sends the call again; ``ASK`` sends ``ASKING`` and the call back to back on the target's
+link; ``TRYAGAIN``, ``CLUSTERDOWN`` and a lost or refused connection (a master failing
+over) are retried with backoff for up to ``timeout`` seconds, the map re-read each time.
+Every script is safe to run again (the accept's token, the commit's dedupe), so a call
+whose reply was lost is simply sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .backoff import Backoff
+from .lane import send_script
+from .links import Endpoint, Link, LinkSlot, pack, retrieved
+from .slots import Address, SlotMap, slot_of
+
+log = logging.getLogger(__name__)
+
+REDIRECTS = 16  # as redis-py's cluster client: a call follows at most this many
+
+
+class ClusterLane:
+    """``seeds``: where to read the slot map first (any nodes of the cluster)."""
+
+    def __init__(self, seeds: Sequence[Endpoint], *, timeout: float, connect_timeout: float):
+        if not seeds:
+            raise ValueError("a cluster lane needs at least one seed node")
+        self._template = seeds[0]
+        self._seeds = [(s.host, s.port) for s in seeds]
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._map: SlotMap | None = None
+        self._links: dict[Address, LinkSlot] = {}
+        self._refreshing: asyncio.Lock | None = None
+        self._closed = False
+
+    # -- the calls -------------------------------------------------------------------
+    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        result, _ = await self._call(script, keys, args, 0, 0)
+        return result
+
+    async def run_replicated(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int]:
+        return await self._call(script, keys, args, replicas, timeout_ms)
+
+    def publish(self, command: str, channel: str, message: bytes) -> None:
+        """SPUBLISH without waiting for the reply, to the channel's shard if connected."""
+        link = self._link_for(slot_of(channel))
+        if link is not None:
+            link.send(pack(command, channel, message), self._timeout).add_done_callback(retrieved)
+
+    def send_now(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
+    ) -> asyncio.Future[Any] | None:
+        """As ``ScriptLane.send_now``: to the keys' shard if connected, not redirected."""
+        link = self._link_for(slot_of(keys[0]))
+        if link is None or self._closed:
+            return None
+        return link.send(pack("EVALSHA", script.sha, len(keys), *keys, *args), self._timeout)
+
+    def _link_for(self, slot: int) -> Link | None:
+        master = self._map.master_of(slot) if self._map is not None else None
+        holder = self._links.get(master) if master is not None else None
+        return holder.current() if holder is not None else None
+
+    async def _call(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], replicas: int, ms: int
+    ) -> tuple[Any, int]:
+        command = pack("EVALSHA", script.sha, len(keys), *keys, *args)
+        wait = pack("WAIT", replicas, ms) if replicas else b""
+        slot = slot_of(keys[0])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        # Short steps: a shard failing over comes back at once, all calls waiting for it.
+        backoff = Backoff(base=0.02, cap=0.2)
+        asking: Address | None = None
+        for _ in range(REDIRECTS):
+            if self._closed:
+                raise RedisConnectionError("the lane is closed")
+            try:
+                if asking is not None:
+                    link = await self._holder(asking).get()
+                    link.send(pack("ASKING"), self._timeout).add_done_callback(retrieved)
+                    asking = None
+                else:
+                    link = self._link_for(slot) or await self._connect(slot)
+                return await send_script(link, command, wait, script, self._timeout)
+            except ResponseError as exc:
+                kind, _, rest = str(exc).partition(" ")
+                if kind == "MOVED":
+                    await self.refresh()
+                    continue
+                if kind == "ASK":
+                    asking = _address(rest.split(" ")[-1])
+                    continue
+                if kind not in ("TRYAGAIN", "CLUSTERDOWN"):
+                    raise
+                failure: Exception = exc
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                failure = exc
+            # The shard is failing over or migrating: wait, read the map again, retry.
+            delay = backoff.next()
+            if loop.time() + delay > deadline:
+                raise RedisConnectionError(f"the cluster did not serve slot {slot}: {failure}")
+            await asyncio.sleep(delay)
+            try:
+                await self.refresh()
+            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                log.debug("slot map refresh failed: %s", exc)
+        raise RedisConnectionError(f"slot {slot}: too many redirections")
+
+    async def _connect(self, slot: int) -> Link:
+        if self._map is None or self._map.master_of(slot) is None:
+            await self.refresh()
+        assert self._map is not None
+        master = self._map.master_of(slot)
+        if master is None:
+            raise RedisConnectionError(f"no master serves slot {slot}")
+        return await self._holder(master).get()
+
+    def _holder(self, address: Address) -> LinkSlot:
+        holder = self._links.get(address)
+        if holder is None or holder.closed:
+            endpoint = self._template.at(*address)
+            holder = LinkSlot(endpoint, connect_timeout=self._connect_timeout)
+            self._links[address] = holder
+        return holder
+
+    # -- the slot map ----------------------------------------------------------------
+    async def refresh(self) -> SlotMap:
+        """Read the slot map again (one reader at a time), from a known master, else a
+        seed; drop the links to nodes that serve no slot any more."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        async with self._refreshing:
+            candidates = list(self._map.masters) if self._map is not None else []
+            candidates += [s for s in self._seeds if s not in candidates]
+            failure: Exception | None = None
+            for address in candidates:
+                try:
+                    link = await self._holder(address).get()
+                    reply = await link.send(pack("CLUSTER", "SLOTS"), self._timeout)
+                    fresh = SlotMap.parse(reply)
+                except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                    failure = exc
+                    continue
+                if not fresh.masters:
+                    continue
+                self._map = fresh
+                for gone in set(self._links) - set(fresh.masters) - set(self._seeds):
+                    self._links.pop(gone).aclose()
+                return fresh
+            raise RedisConnectionError(f"no cluster node answered CLUSTER SLOTS: {failure}")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for holder in self._links.values():
+            holder.aclose()
+        self._links.clear()
+
+
+def _address(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    return host, int(port)

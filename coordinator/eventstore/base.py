@@ -1,0 +1,217 @@
+"""The event store's contract, its result types and the decisions every backend shares.
+
+The store keeps the full history of each conversation behind the Redis hot window. The
+owner of a conversation moves its events there in order, in batches, off the action's
+acknowledgement path. Invariants, the same in every backend:
+
+- **Contiguous ids.** A conversation's stored ids are exactly ``1..last_id``. A batch is
+  contiguous and starts at most at ``last_id + 1``; a later start is a *gap* and is
+  refused whole.
+- **Idempotent.** Ids already stored are skipped, so a batch sent again after a lost
+  reply (or a batch overlapping the stored tail) writes nothing twice. An id names one
+  event (the Redis log assigns it), so a skipped event is not compared with the stored one.
+- **Fenced.** The store remembers the highest epoch that wrote each conversation (its
+  *fence*). A write with a lower epoch is *fenced* and changes nothing: a replaced
+  owner's late batch cannot write. A write with a higher epoch raises the fence, even
+  when all its events were already stored or the batch is empty (a new owner can fence
+  its predecessor before it has anything to move).
+- **Checkpoints** are fenced the same way, bounded in size, and never replaced by one
+  that covers fewer events.
+
+Nothing here does I/O: the backends (``filestore.py``, ``postgres.py``) call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ..config import check_conversation_id, check_user_id
+from ..errors import InvalidInput
+from .errors import CheckpointTooLarge
+
+AppendStatus = Literal["ok", "fenced", "gap"]
+CheckpointStatus = Literal["ok", "fenced", "stale"]
+StoredEvent = tuple[int, bytes]
+
+# A checkpoint is agent state the owner saves to restart from; it is not meant to grow
+# with the conversation (that is what the events are for).
+DEFAULT_MAX_CHECKPOINT_BYTES = 1024 * 1024
+# One event's limit: far above any event the coordinator logs (actions are 64 KiB by
+# default), and low enough that a corrupt length field is never believed.
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+DEFAULT_READ_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What an append did.
+
+    ``status`` is ``ok`` (the batch is stored: ``written`` of its events were new),
+    ``fenced`` (``epoch`` is the higher fence that refused it) or ``gap`` (the batch
+    starts after ``last_id + 1``). ``last_id`` and ``epoch`` are the store's after the call.
+    """
+
+    status: AppendStatus
+    last_id: int
+    epoch: int
+    written: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredConversation:
+    """A conversation as the store knows it: its user (recorded by the first append),
+    fence epoch, last stored id and the bytes of its stored events."""
+
+    sid: str
+    user: str
+    epoch: int
+    last_id: int
+    size: int
+
+
+class EventStore(Protocol):
+    """The durable event log behind the Redis window; every backend implements this.
+
+    ``open()`` before use (it creates what is missing: a directory, the tables) and
+    ``aclose()`` after; both backends are also async context managers.
+    """
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def identity(self) -> str:
+        """A random id made once for this store (the directory, the database): nodes
+        that report the same identity share one store. Valid after ``open()``."""
+        ...
+
+    async def append(
+        self, sid: str, epoch: int, events: Sequence[StoredEvent], *, user: str
+    ) -> AppendResult:
+        """Store ``events`` (``(id, packed msgpack)``, contiguous ids) for ``sid``,
+        fenced by ``epoch`` and idempotent (see the module docstring). ``user`` is
+        recorded on the conversation's first append; a different one later is refused."""
+        ...
+
+    async def last_id(self, sid: str) -> int:
+        """The last stored id (0 when nothing is stored)."""
+        ...
+
+    async def read(
+        self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` events with ids above ``after``, in id order."""
+        ...
+
+    async def size(self, sid: str) -> int:
+        """Bytes of event data stored for ``sid`` (the packed events; for byte quotas)."""
+        ...
+
+    async def conversation(self, sid: str) -> StoredConversation | None:
+        """What the store knows of ``sid``, or None if it has never been written."""
+        ...
+
+    async def count_conversations(self, user: str | None = None) -> int:
+        """Conversations stored for ``user`` (for per-user quotas), or in all when None."""
+        ...
+
+    async def purge(self, sid: str) -> tuple[int, int]:
+        """Delete everything stored for ``sid`` (events, checkpoint, fence, user record);
+        returns ``(events removed, bytes removed)``. The fence goes too: purge only a
+        conversation no owner can still write (deleted, its owner fenced in Redis)."""
+        ...
+
+    async def save_checkpoint(
+        self, sid: str, epoch: int, covers_id: int, data: bytes
+    ) -> CheckpointStatus:
+        """Save ``data`` as the state after event ``covers_id``, fenced by ``epoch``.
+
+        ``fenced``: a higher epoch wrote the conversation; ``stale``: the saved
+        checkpoint covers more events. Raises ``CheckpointTooLarge`` over the limit and
+        ``ConversationNotFound`` when the conversation was never appended to."""
+        ...
+
+    async def load_checkpoint(self, sid: str) -> tuple[int, bytes] | None:
+        """The saved checkpoint as ``(covers_id, data)``, or None."""
+        ...
+
+
+# -- decisions shared by the backends ----------------------------------------------------
+
+
+def check_append(sid: str, epoch: int, events: Sequence[StoredEvent], user: str) -> None:
+    """Raise InvalidInput unless the arguments of an append are well formed."""
+    check_conversation_id(sid)
+    check_user_id(user)
+    check_epoch(epoch)
+    expected = None
+    for item in events:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise InvalidInput("an event must be an (id, bytes) pair")
+        event_id, data = item
+        if isinstance(event_id, bool) or not isinstance(event_id, int) or event_id < 1:
+            raise InvalidInput(f"event ids are integers from 1, got {event_id!r}")
+        if expected is not None and event_id != expected:
+            raise InvalidInput(
+                f"a batch's ids must be contiguous: {event_id} follows {expected - 1}"
+            )
+        if not isinstance(data, bytes):
+            raise InvalidInput(f"event {event_id}'s data must be bytes, got {type(data).__name__}")
+        if len(data) > MAX_EVENT_BYTES:
+            raise InvalidInput(
+                f"event {event_id} is {len(data)} bytes; the limit is {MAX_EVENT_BYTES}"
+            )
+        expected = event_id + 1
+
+
+def check_epoch(epoch: int) -> None:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise InvalidInput(f"an epoch is an integer >= 0, got {epoch!r}")
+
+
+def check_read(after: int, limit: int) -> None:
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise InvalidInput(f"'after' is an event id >= 0, got {after!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidInput(f"'limit' is an integer >= 1, got {limit!r}")
+
+
+def check_checkpoint(sid: str, epoch: int, covers_id: int, data: bytes, limit: int) -> None:
+    check_conversation_id(sid)
+    check_epoch(epoch)
+    if isinstance(covers_id, bool) or not isinstance(covers_id, int) or covers_id < 0:
+        raise InvalidInput(f"'covers_id' is an event id >= 0, got {covers_id!r}")
+    if not isinstance(data, bytes):
+        raise InvalidInput(f"checkpoint data must be bytes, got {type(data).__name__}")
+    if len(data) > limit:
+        raise CheckpointTooLarge(sid, len(data), limit)
+
+
+def check_user(sid: str, recorded: str, given: str) -> None:
+    """A conversation's user never changes: a different one is a caller's bug."""
+    if recorded != given:
+        raise InvalidInput(f"conversation {sid!r} is stored for another user, not {given!r}")
+
+
+def plan_append(fence: int, last_id: int, epoch: int, first_id: int) -> AppendStatus | int:
+    """``fenced``, ``gap``, or how many leading events of the batch are already stored.
+
+    ``first_id`` is the batch's first id (``last_id + 1`` for an empty batch).
+    """
+    if epoch < fence:
+        return "fenced"
+    if first_id > last_id + 1:
+        return "gap"
+    return max(0, last_id - first_id + 1)
+
+
+def plan_checkpoint(
+    fence: int, saved_covers: int | None, epoch: int, covers_id: int
+) -> CheckpointStatus:
+    if epoch < fence:
+        return "fenced"
+    if saved_covers is not None and covers_id < saved_covers:
+        return "stale"
+    return "ok"

@@ -1,0 +1,175 @@
+"""The PostgreSQL store's tables, their migrations and its SQL, in one place.
+
+Every table lives in one schema (``coordinator`` by default)::
+
+    meta(key, value)                     'schema_version', 'store_id'
+    conversations(conversation_id PK,    one row per stored conversation: its user, the
+      user_id, epoch, last_id, bytes,    fence epoch, the last stored id and the bytes of
+      created_at)                        its events; appends lock it FOR UPDATE
+    events(conversation_id, id, epoch,   the events, PK (conversation_id, id)
+      data)
+    checkpoints(conversation_id PK,      the latest checkpoint
+      epoch, covers_id, data)
+
+Migrations run at start, under a transaction-scoped advisory lock, so nodes starting
+together apply each one once; a node whose code is older than the database refuses to
+start instead of writing a schema it does not know.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from ..errors import ConfigError
+from .errors import StoreCorrupt
+
+SCHEMA_VERSION = 1
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+# (version, DDL); ``{s}`` is the quoted schema name. Append, never edit.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+        CREATE TABLE {s}.conversations (
+            conversation_id text PRIMARY KEY,
+            user_id text NOT NULL,
+            epoch bigint NOT NULL,
+            last_id bigint NOT NULL DEFAULT 0,
+            bytes bigint NOT NULL DEFAULT 0,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX conversations_user_id ON {s}.conversations (user_id);
+        CREATE TABLE {s}.events (
+            conversation_id text NOT NULL,
+            id bigint NOT NULL,
+            epoch bigint NOT NULL,
+            data bytea NOT NULL,
+            PRIMARY KEY (conversation_id, id)
+        );
+        CREATE TABLE {s}.checkpoints (
+            conversation_id text PRIMARY KEY,
+            epoch bigint NOT NULL,
+            covers_id bigint NOT NULL,
+            data bytea NOT NULL
+        );
+        """,
+    ),
+)
+
+
+def quote_schema(name: str) -> str:
+    if not _IDENT.fullmatch(name):
+        raise ConfigError(f"event store schema must match [a-z_][a-z0-9_]{{0,62}}, got {name!r}")
+    return f'"{name}"'
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """The store's SQL for one schema."""
+
+    conversation: str
+    lock: str
+    create: str
+    insert_events: str
+    update: str
+    read: str
+    count_user: str
+    count_all: str
+    delete_conversation: str
+    delete_events: str
+    delete_checkpoint: str
+    raise_fence: str
+    saved_covers: str
+    save_checkpoint: str
+    load_checkpoint: str
+
+    @classmethod
+    def for_schema(cls, schema: str) -> Statements:
+        s = quote_schema(schema)
+        return cls(
+            conversation=f"SELECT user_id, epoch, last_id, bytes FROM {s}.conversations "
+            "WHERE conversation_id = $1",
+            lock=f"SELECT user_id, epoch, last_id FROM {s}.conversations "
+            "WHERE conversation_id = $1 FOR UPDATE",
+            create=f"INSERT INTO {s}.conversations (conversation_id, user_id, epoch) "
+            "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING user_id, epoch, last_id",
+            # One statement per batch: the ids and the data as two arrays.
+            insert_events=f"INSERT INTO {s}.events (conversation_id, id, epoch, data) "
+            "SELECT $1, e.id, $2, e.data FROM unnest($3::bigint[], $4::bytea[]) AS e(id, data) "
+            "ON CONFLICT DO NOTHING",
+            update=f"UPDATE {s}.conversations SET epoch = $2, last_id = $3, "
+            "bytes = bytes + $4 WHERE conversation_id = $1",
+            read=f"SELECT id, data FROM {s}.events WHERE conversation_id = $1 AND id > $2 "
+            "ORDER BY id LIMIT $3",
+            count_user=f"SELECT count(*) FROM {s}.conversations WHERE user_id = $1",
+            count_all=f"SELECT count(*) FROM {s}.conversations",
+            delete_conversation=f"DELETE FROM {s}.conversations WHERE conversation_id = $1 "
+            "RETURNING bytes",
+            delete_events=f"DELETE FROM {s}.events WHERE conversation_id = $1",
+            delete_checkpoint=f"DELETE FROM {s}.checkpoints WHERE conversation_id = $1",
+            raise_fence=f"UPDATE {s}.conversations SET epoch = $2 WHERE conversation_id = $1",
+            saved_covers=f"SELECT covers_id FROM {s}.checkpoints WHERE conversation_id = $1",
+            save_checkpoint=f"INSERT INTO {s}.checkpoints (conversation_id, epoch, covers_id, "
+            "data) VALUES ($1, $2, $3, $4) ON CONFLICT (conversation_id) DO UPDATE SET "
+            "epoch = excluded.epoch, covers_id = excluded.covers_id, data = excluded.data",
+            load_checkpoint=f"SELECT covers_id, data FROM {s}.checkpoints "
+            "WHERE conversation_id = $1",
+        )
+
+
+def _lock_key(schema: str) -> int:
+    digest = hashlib.sha256(f"coordinator.eventstore:{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def _read_version(conn: Any, s: str) -> tuple[int, str | None]:
+    rows = await conn.fetch(
+        f"SELECT key, value FROM {s}.meta WHERE key IN ('schema_version', 'store_id')"
+    )
+    values = {row["key"]: row["value"] for row in rows}
+    return int(values.get("schema_version", 0)), values.get("store_id")
+
+
+async def migrate(conn: Any, schema: str) -> str:
+    """Bring the schema up to date; returns the store's identity (made on first run)."""
+    s = quote_schema(schema)
+    try:
+        version, identity = await _read_version(conn, s)
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+        version, identity = 0, None
+    if version == SCHEMA_VERSION and identity:
+        return identity  # the usual start: no lock, no DDL
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(schema))
+        await conn.execute(
+            f"CREATE SCHEMA IF NOT EXISTS {s}; "
+            f"CREATE TABLE IF NOT EXISTS {s}.meta (key text PRIMARY KEY, value text NOT NULL)"
+        )
+        version, identity = await _read_version(conn, s)
+        if version > SCHEMA_VERSION:
+            raise StoreCorrupt(
+                f"the event store's schema is version {version}; this code knows up to "
+                f"{SCHEMA_VERSION}: upgrade the coordinator"
+            )
+        for number, ddl in MIGRATIONS:
+            if number > version:
+                await conn.execute(ddl.format(s=s))
+        await conn.execute(
+            f"INSERT INTO {s}.meta (key, value) VALUES ('schema_version', $1) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            str(SCHEMA_VERSION),
+        )
+        await conn.execute(
+            f"INSERT INTO {s}.meta (key, value) VALUES ('store_id', $1) ON CONFLICT DO NOTHING",
+            secrets.token_hex(16),
+        )
+        _, identity = await _read_version(conn, s)
+    assert identity is not None
+    return identity

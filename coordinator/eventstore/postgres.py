@@ -1,0 +1,302 @@
+"""The event store in PostgreSQL (asyncpg), for nodes on several machines.
+
+An append is one transaction: lock the conversation's row ``FOR UPDATE`` (creating it on
+the first append), decide fenced / gap / how many events are already stored from that
+row alone (``base.plan_append``), insert the new events with one statement (two arrays
+through ``unnest``; ``ON CONFLICT DO NOTHING`` as a second guard), and move the row's
+fence, last id and byte count. Appends to one conversation queue on its row; different
+conversations do not touch each other.
+
+Errors: a database that cannot be reached or refuses us raises ``StoreUnavailable``,
+whose message names the server by its redacted URL and never carries the password. A
+call that loses its connection is tried once more on a fresh one (every call but
+``purge`` is idempotent), so a restarted server costs a caller nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import asyncpg
+
+from ..config import check_conversation_id, check_user_id
+from ..errors import ConfigError, ConversationNotFound, CoordinatorError
+from . import pgschema
+from .base import (
+    DEFAULT_MAX_CHECKPOINT_BYTES,
+    DEFAULT_READ_LIMIT,
+    AppendResult,
+    CheckpointStatus,
+    StoredConversation,
+    StoredEvent,
+    check_append,
+    check_checkpoint,
+    check_read,
+    check_user,
+    plan_append,
+    plan_checkpoint,
+)
+from .errors import StoreCorrupt, StoreError, StoreUnavailable
+from .redact import redact_url, scrub, url_secrets
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors meaning "the database is not there for us", as opposed to a bug in a query.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # class 08: connection lost or refused
+    asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up
+    asyncpg.InsufficientResourcesError,  # class 53: disk full, too many connections
+    asyncpg.InvalidAuthorizationSpecificationError,  # class 28: login refused
+    asyncpg.InvalidCatalogNameError,  # no such database
+    asyncpg.InterfaceError,  # connection closed under us, pool closing
+    # What asyncpg raises when the server ends a session in the middle of a transaction
+    # (seen at COMMIT during a fast shutdown: "cannot switch to state 15").
+    asyncpg.InternalClientError,
+)
+# A connection that broke under a call: worth one more try on a new one.
+_LOST = (
+    ConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
+class PostgresEventStore:
+    """The event store in the PostgreSQL database at ``dsn`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "coordinator",
+        pool_size: int = 4,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 30.0,
+        max_checkpoint_bytes: int = DEFAULT_MAX_CHECKPOINT_BYTES,
+    ) -> None:
+        self._dsn = dsn
+        self.where = redact_url(dsn)
+        self.schema = schema
+        self.max_checkpoint_bytes = max_checkpoint_bytes
+        self._secrets = url_secrets(dsn)
+        self._sql = pgschema.Statements.for_schema(schema)
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._pool: Any = None
+        self._identity: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<PostgresEventStore {self.where} schema={self.schema}>"
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        # No floor (min_size 0): while the server is down an idle pool does not retry
+        # connecting in the background. The first connection is the migration's.
+        self._pool = pool = asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._pool_size,
+            timeout=self._connect_timeout,
+            command_timeout=self._command_timeout,
+            server_settings={"application_name": "coordinator-eventstore"},
+        )
+        try:
+            await pool
+            self._identity = await self._call(lambda conn: pgschema.migrate(conn, self.schema))
+        except BaseException as exc:
+            self._pool = None
+            pool.terminate()
+            if isinstance(exc, ValueError) and not isinstance(exc, CoordinatorError):
+                # A DSN asyncpg cannot use (ClientConfigurationError), found at connect.
+                raise ConfigError(f"event store {self.where}: {self._describe(exc)}") from None
+            raise
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def __aenter__(self) -> PostgresEventStore:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def identity(self) -> str:
+        if self._identity is None:
+            raise StoreError(f"{self!r} is not open")
+        return self._identity
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _describe(self, exc: BaseException) -> str:
+        text = str(exc) or type(exc).__name__
+        return scrub(f"{type(exc).__name__}: {text}", self._secrets)
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(self.where, self._describe(exc))
+
+    async def _call(self, fn: Callable[[Any], Awaitable[T]], *, idempotent: bool = True) -> T:
+        """``fn(connection)`` on a pooled connection; a lost connection is retried once."""
+        pool = self._pool
+        if pool is None:
+            raise StoreError(f"{self!r} is not open")
+        for attempt in (1, 2):
+            try:
+                async with pool.acquire(timeout=self._connect_timeout) as conn:
+                    try:
+                        return await fn(conn)
+                    except UNAVAILABLE:
+                        conn.terminate()  # never back to the pool in an unknown state
+                        raise
+            except UNAVAILABLE as exc:
+                if isinstance(exc, ValueError):  # ClientConfigurationError: see open()
+                    raise
+                if attempt == 1 and idempotent and isinstance(exc, _LOST):
+                    log.info(
+                        "event store %s: connection lost (%s); retrying",
+                        self.where,
+                        self._describe(exc),
+                    )
+                    await pool.expire_connections()
+                    continue
+                raise self._unavailable(exc) from None
+        raise AssertionError("unreachable")
+
+    # -- events --------------------------------------------------------------------------
+
+    async def append(
+        self, sid: str, epoch: int, events: Sequence[StoredEvent], *, user: str
+    ) -> AppendResult:
+        check_append(sid, epoch, events, user)
+        batch = tuple(events)
+        return await self._call(lambda conn: self._append(conn, sid, epoch, batch, user))
+
+    async def _append(
+        self, conn: Any, sid: str, epoch: int, events: Sequence[StoredEvent], user: str
+    ) -> AppendResult:
+        sql = self._sql
+        first = events[0][0] if events else None
+        async with conn.transaction():
+            row = await conn.fetchrow(sql.lock, sid)
+            if row is None:
+                if first is not None and first > 1:
+                    return AppendResult("gap", 0, 0)
+                row = await conn.fetchrow(sql.create, sid, user, epoch)
+                if row is None:  # created meanwhile by another writer
+                    row = await conn.fetchrow(sql.lock, sid)
+            check_user(sid, row["user_id"], user)
+            fence, last_id = int(row["epoch"]), int(row["last_id"])
+            plan = plan_append(fence, last_id, epoch, last_id + 1 if first is None else first)
+            if isinstance(plan, str):
+                return AppendResult(plan, last_id, fence)
+            new = events[plan:]
+            if new:
+                status = await conn.execute(
+                    sql.insert_events, sid, epoch, [i for i, _ in new], [d for _, d in new]
+                )
+                if int(status.rsplit(" ", 1)[-1]) != len(new):
+                    raise StoreCorrupt(
+                        f"conversation {sid!r} has events after its recorded last id {last_id}"
+                    )
+                last_id = new[-1][0]
+            if new or epoch > fence:
+                fence = max(fence, epoch)
+                await conn.execute(sql.update, sid, fence, last_id, sum(len(d) for _, d in new))
+            return AppendResult("ok", last_id, fence, len(new))
+
+    async def read(
+        self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT
+    ) -> list[StoredEvent]:
+        check_conversation_id(sid)
+        check_read(after, limit)
+        rows = await self._call(lambda conn: conn.fetch(self._sql.read, sid, after, limit))
+        return [(int(row["id"]), bytes(row["data"])) for row in rows]
+
+    async def conversation(self, sid: str) -> StoredConversation | None:
+        check_conversation_id(sid)
+        row = await self._call(lambda conn: conn.fetchrow(self._sql.conversation, sid))
+        if row is None:
+            return None
+        return StoredConversation(
+            sid, str(row["user_id"]), int(row["epoch"]), int(row["last_id"]), int(row["bytes"])
+        )
+
+    async def last_id(self, sid: str) -> int:
+        found = await self.conversation(sid)
+        return 0 if found is None else found.last_id
+
+    async def size(self, sid: str) -> int:
+        found = await self.conversation(sid)
+        return 0 if found is None else found.size
+
+    async def count_conversations(self, user: str | None = None) -> int:
+        if user is None:
+            count = await self._call(lambda conn: conn.fetchval(self._sql.count_all))
+        else:
+            check_user_id(user)
+            count = await self._call(lambda conn: conn.fetchval(self._sql.count_user, user))
+        return int(count)
+
+    async def purge(self, sid: str) -> tuple[int, int]:
+        check_conversation_id(sid)
+        return await self._call(lambda conn: self._purge(conn, sid), idempotent=False)
+
+    async def _purge(self, conn: Any, sid: str) -> tuple[int, int]:
+        async with conn.transaction():
+            # Deleting the row first takes its lock: appends in flight finish before.
+            nbytes = await conn.fetchval(self._sql.delete_conversation, sid)
+            status = await conn.execute(self._sql.delete_events, sid)
+            await conn.execute(self._sql.delete_checkpoint, sid)
+        return int(status.rsplit(" ", 1)[-1]), int(nbytes or 0)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    async def save_checkpoint(
+        self, sid: str, epoch: int, covers_id: int, data: bytes
+    ) -> CheckpointStatus:
+        check_checkpoint(sid, epoch, covers_id, data, self.max_checkpoint_bytes)
+        return await self._call(
+            lambda conn: self._save_checkpoint(conn, sid, epoch, covers_id, data)
+        )
+
+    async def _save_checkpoint(
+        self, conn: Any, sid: str, epoch: int, covers_id: int, data: bytes
+    ) -> CheckpointStatus:
+        sql = self._sql
+        async with conn.transaction():
+            row = await conn.fetchrow(sql.lock, sid)
+            if row is None:
+                raise ConversationNotFound(sid)
+            fence = int(row["epoch"])
+            saved = await conn.fetchval(sql.saved_covers, sid)
+            status = plan_checkpoint(fence, saved, epoch, covers_id)
+            if status == "ok":
+                if epoch > fence:
+                    await conn.execute(sql.raise_fence, sid, epoch)
+                await conn.execute(sql.save_checkpoint, sid, epoch, covers_id, data)
+            return status
+
+    async def load_checkpoint(self, sid: str) -> tuple[int, bytes] | None:
+        check_conversation_id(sid)
+        row = await self._call(lambda conn: conn.fetchrow(self._sql.load_checkpoint, sid))
+        return None if row is None else (int(row["covers_id"]), bytes(row["data"]))

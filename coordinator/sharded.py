@@ -1,0 +1,198 @@
+"""Sharded pub/sub on Redis Cluster: one subscription per shard, each with its own probe.
+
+A conversation's channel carries its hash tag, so ``SPUBLISH`` (from the accept and
+commit scripts) reaches only the shard that holds the conversation, and a node
+subscribes (``SSUBSCRIBE``) on that shard's master. Each shard's subscription is a
+``Subscriptions`` of its own: its own connection, listener task and silent-link probe (a
+channel whose tag falls in that shard's slots), so a slow or failing shard holds up no
+other. The channels' refcounts are kept here, the shard subscriptions hold each channel
+once.
+
+When a shard's subscription cannot reconnect (its master failed over) or Redis drops one
+of its channels unasked (the slot moved), the slot map is read again: shards whose
+master changed get a new subscription, channels whose slot moved follow it, and the
+listener is told to catch every connection up from the logs, gap-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from .errors import REDIS_TROUBLE
+from .slots import Address, SlotMap, slot_of, tag_in
+from .subscriptions import Listener, Subscriptions
+from .tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+ReadMap = Callable[[], Awaitable[SlotMap]]
+Connect = Callable[[Address], aioredis.Redis]
+
+
+class ShardedSubscriptions:
+    """The node's subscriptions on a Redis Cluster; the same interface as
+    ``Subscriptions``. ``read_map`` reads the slot map; ``connect`` makes a client of
+    its own for a master; ``probe_stem`` names this node's probe channels."""
+
+    def __init__(
+        self,
+        *,
+        read_map: ReadMap,
+        connect: Connect,
+        probe_stem: str,
+        prefix: str,
+        probe_interval: float,
+        confirm_timeout: float = 5.0,
+    ) -> None:
+        self._read_map = read_map
+        self._connect = connect
+        self._probe_stem = probe_stem
+        self._prefix = prefix
+        self._probe_interval = probe_interval
+        self._confirm_timeout = confirm_timeout
+        self._map: SlotMap | None = None
+        self._shards: dict[Address, Subscriptions] = {}
+        self._clients: dict[Address, aioredis.Redis] = {}
+        self._refs: dict[str, int] = {}
+        self._listener: Listener | None = None
+        self._tasks = TaskSet(log)
+        self._trouble = asyncio.Event()
+        self._retired_messages = 0
+        self._retired_reconnects = 0
+        self.remaps = 0
+
+    # -- the Subscriptions interface -------------------------------------------------
+    @property
+    def channels(self) -> set[str]:
+        return set(self._refs)
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self._shards) and all(s.healthy for s in self._shards.values())
+
+    @property
+    def messages(self) -> int:
+        return self._retired_messages + sum(s.messages for s in self._shards.values())
+
+    @property
+    def reconnects(self) -> int:
+        live = sum(s.reconnects for s in self._shards.values())
+        return self._retired_reconnects + live + self.remaps
+
+    async def start(self) -> None:
+        self._map = await self._read_map()
+        for master in self._map.masters:
+            await self._open_shard(master)
+
+    async def add(self, channel: str, *, wait: bool = True) -> None:
+        n = self._refs.get(channel, 0)
+        self._refs[channel] = n + 1
+        shard = self._shard_of(channel)
+        if shard is None:
+            self._trouble.set()  # no master serves it now: placed after the next remap
+            return
+        if n == 0:
+            await shard.add(channel, wait=wait)  # the shard holds each channel once
+        elif wait:
+            await shard.confirmed(channel)
+
+    async def discard(self, channel: str) -> None:
+        n = self._refs.get(channel, 0)
+        if n > 1:
+            self._refs[channel] = n - 1
+            return
+        self._refs.pop(channel, None)
+        shard = self._shard_of(channel)
+        if n == 1 and shard is not None:
+            await shard.discard(channel)
+
+    async def run(self, listener: Listener) -> None:
+        """Run every shard's listener; remap whenever one of them is in trouble."""
+        self._listener = listener
+        for master, shard in self._shards.items():
+            self._tasks.spawn(shard.run(listener), f"pubsub:{master[0]}:{master[1]}")
+        while True:
+            await self._trouble.wait()
+            await asyncio.sleep(0.1)  # let the trouble of one failover arrive together
+            self._trouble.clear()
+            try:
+                await self._remap()
+            except REDIS_TROUBLE as exc:
+                log.warning("slot map read failed (%s); trying again", exc)
+                await asyncio.sleep(0.5)
+                self._trouble.set()
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+        for shard in self._shards.values():
+            await shard.aclose()
+        for client in self._clients.values():
+            with contextlib.suppress(*REDIS_TROUBLE):
+                await client.aclose()
+        self._shards.clear()
+        self._clients.clear()
+
+    # -- shards ----------------------------------------------------------------------
+    def _shard_of(self, channel: str) -> Subscriptions | None:
+        master = self._map.master_of(slot_of(channel)) if self._map is not None else None
+        return self._shards.get(master) if master is not None else None
+
+    async def _open_shard(self, master: Address) -> Subscriptions:
+        assert self._map is not None
+        tag = tag_in(self._map.slots_of(master), f"p:{self._probe_stem}")
+        client = self._connect(master)
+        shard = Subscriptions(
+            client,
+            f"{self._prefix}:{tag}:probe",
+            self._probe_interval,
+            self._confirm_timeout,
+            sharded=True,
+            on_trouble=self._trouble.set,
+        )
+        self._clients[master] = client
+        self._shards[master] = shard
+        await shard.start()
+        return shard
+
+    async def _close_shard(self, master: Address) -> None:
+        shard = self._shards.pop(master)
+        self._retired_messages += shard.messages
+        self._retired_reconnects += shard.reconnects
+        await shard.aclose()
+        client = self._clients.pop(master, None)
+        if client is not None:
+            with contextlib.suppress(*REDIS_TROUBLE):
+                await client.aclose()
+
+    async def _remap(self) -> None:
+        """Read the slot map; give each channel the shard that serves it now."""
+        fresh = await self._read_map()
+        old = self._map
+        self._map = fresh
+        gone = [m for m in self._shards if m not in fresh.masters]
+        for master in gone:
+            await self._close_shard(master)
+        for master in fresh.masters:
+            if master not in self._shards:
+                shard = await self._open_shard(master)
+                if self._listener is not None:
+                    self._tasks.spawn(shard.run(self._listener), f"pubsub:{master}")
+        for channel in self._refs:
+            before = old.master_of(slot_of(channel)) if old is not None else None
+            now = fresh.master_of(slot_of(channel))
+            if now is None:
+                continue
+            target = self._shards[now]
+            if before != now and before in self._shards:
+                self._shards[before].forget(channel)
+            if channel not in target.channels:
+                await target.add(channel, wait=False)
+        self.remaps += 1
+        log.warning("pub/sub remapped to %d shard(s); catching up", len(fresh.masters))
+        if self._listener is not None:
+            await self._listener.reconnected()

@@ -1,0 +1,169 @@
+"""The two writes of every action: accept (the user's action) and commit (the owner's
+events), with what a deployment asks of them.
+
+- ``replicas`` (``--ack-replicas``): each write is followed by ``WAIT`` on the same
+  connection, and counts only once that many replicas hold it (else ``NotReplicated``);
+  the scripts then leave publishing to the writer, which publishes once replicas hold
+  the write, so no node delivers what a failover could still undo.
+- ``floor``: the highest event id the writer knows was logged. A script that finds the
+  conversation's ``seq`` below it refuses (``rewound``): Redis lost the newest events in
+  a failover. The ids then continue after ``floor`` (``rewind``) with a notice telling
+  clients which events were lost, and the write is made; an id a client saw is never
+  given to another event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from workers.protocol import Event
+
+from .. import codec
+from ..errors import NotReplicated
+from .core import StateCore, accept_token, text
+from .results import ACCEPT, COMMIT, Accepted, Committed, status
+
+log = logging.getLogger(__name__)
+
+
+def published(event_id: int, packed: bytes) -> bytes:
+    """A channel message ``[id, event]``, as the scripts build it."""
+    return b"\x92" + codec.pack(event_id) + packed
+
+
+class WriteOps(StateCore):
+    async def _write(self, name: str, keys: list[str], args: list[Any]) -> tuple[list[Any], str]:
+        """Run a hot script; with ``replicas``, also what kept it from counting ('' when
+        enough replicas confirmed it)."""
+        if not self.replicas:
+            r: list[Any] = await self._run(name, keys, args, hot=True)
+            return r, ""
+        if self.lane is None:
+            raise NotReplicated("acknowledged replication needs the script lane")
+        r, acked = await self.lane.run_replicated(
+            self._scripts[name], keys, args, self.replicas, self.replica_timeout_ms
+        )
+        if acked >= self.replicas or text(r[0]) != "ok":
+            return list(r), ""
+        return list(r), (
+            f"the write was made but only {acked} of {self.replicas} replica(s) "
+            f"confirmed it within {self.replica_timeout_ms} ms"
+        )
+
+    async def _publish_late(self, sid: str, messages: list[bytes]) -> None:
+        """Publish what a script left to the writer (replicas now hold it)."""
+        channel = self.keys.conv_channel(sid)
+        command = "SPUBLISH" if self.sharded else "PUBLISH"
+        for message in messages:
+            if self.lane is not None:
+                self.lane.publish(command, channel, message)
+            elif self.sharded:
+                await self.redis.spublish(channel, message)
+            else:
+                await self.redis.publish(channel, message)
+
+    async def rewind(self, sid: str, floor: int, found: int, maxlen: int) -> tuple[int, Event]:
+        """Continue ``sid``'s ids after ``floor`` (Redis lost ``found+1..floor``), logging
+        a notice as the first new id; returns it (id 0: nothing was lost after all)."""
+        notice = codec.events_lost_event(found + 1, floor)
+        k = self.keys
+        r = await self._run(
+            "rewind",
+            [k.conv(sid), k.events(sid)],
+            [floor, codec.pack(notice), maxlen, k.conv_channel(sid)],
+        )
+        if int(r[0]):
+            log.error(
+                "conversation %s: Redis lost events %d..%d (a failover?); ids go on from %d",
+                sid,
+                found + 1,
+                floor,
+                int(r[0]) + 1,
+            )
+        return int(r[0]), notice
+
+    async def accept(
+        self,
+        sid: str,
+        user: str,
+        packed: bytes,
+        maxlen: int,
+        inbox_max: int,
+        publisher: str = "",
+        token: str = "",
+        *,
+        floor: int = 0,
+    ) -> Accepted:
+        """Log and enqueue a user action. With ``publisher`` (the writer's incarnation), the
+        event is published only when another node listens: the writer applies it itself.
+
+        An accept run again with the same ``token`` (a retry after a lost reply, or the
+        client's own retry: see ``accept_token``) returns the first one's event id and
+        writes nothing, as long as it is among the conversation's last 64 accepts."""
+        k = self.keys
+        keys = [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
+        token = token or accept_token(None)
+        defer = "1" if self.replicas else ""
+        notice: tuple[int, Event] | None = None
+        for _ in range(2):
+            args = [user, packed, maxlen, inbox_max, k.conv_channel(sid), token, publisher]
+            r, unconfirmed = await self._write("accept", keys, [*args, floor, defer])
+            if text(r[0]) != "rewound":
+                break
+            notice = await self.rewind(sid, floor, int(r[1]), maxlen)
+        if unconfirmed:  # not acknowledged: the client's retry (same token) is safe
+            raise NotReplicated(unconfirmed)
+        result = Accepted(status(text(r[0]), ACCEPT), int(r[1]), text(r[2]), text(r[3]))
+        if defer and result.status == "ok" and int(r[4]):
+            await self._publish_late(sid, [published(result.event_id, packed)])
+        return result if notice is None or not notice[0] else result.with_notice(notice)
+
+    async def commit(
+        self,
+        sid: str,
+        inc: str,
+        epoch: int,
+        packed_events: Sequence[bytes],
+        *,
+        maxlen: int,
+        cause: int = 0,
+        index: int = 0,
+        state: str = "",
+        publisher: str = "",
+        writer: str = "",
+        accepted_as: str = "",
+        floor: int = 0,
+    ) -> Committed:
+        """Append events as the owner (fenced); ``publisher`` as in ``accept``.
+
+        A retry after a lost reply is recognised (status ``dup``) by ``(cause, index)``
+        for a write answering action ``cause``, else by ``(writer, index)``. With
+        ``accepted_as`` (the accept token of action ``cause``, dispatched before its
+        accept answered) the write goes through only if that accept logged the action
+        as ``cause``: else status ``unaccepted`` and nothing is written."""
+        k = self.keys
+        keys = [k.conv(sid), k.events(sid), k.inbox(sid), k.conv_conns(sid), k.accepted(sid)]
+        defer = "1" if self.replicas else ""
+        head = [inc, epoch, maxlen, k.conv_channel(sid), cause, index, state, publisher]
+        notice: tuple[int, Event] | None = None
+        for _ in range(2):
+            args = [*head, writer, accepted_as, floor, defer, *packed_events]
+            r, unconfirmed = await self._write("commit", keys, args)
+            if text(r[0]) != "rewound":
+                break
+            notice = await self.rewind(sid, floor, int(r[1]), maxlen)
+        if unconfirmed:
+            # The events are in the master's log (readers see them): counted and logged,
+            # not undone. A failover before replicas catch up is told as a rewind.
+            log.warning("commit to %s: %s", sid, unconfirmed)
+        result = Committed(
+            status(text(r[0]), COMMIT), int(r[1]), int(r[2]), int(r[3]), replicated=not unconfirmed
+        )
+        if defer and result.status == "ok" and int(r[4]):
+            ids = range(result.first_id, result.last_id + 1)
+            await self._publish_late(
+                sid, [published(i, p) for i, p in zip(ids, packed_events, strict=True)]
+            )
+        return result if notice is None or not notice[0] else result.with_notice(notice)

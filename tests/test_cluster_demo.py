@@ -1,0 +1,111 @@
+"""`coordinator cluster` (what `make run` runs) survives what it demonstrates.
+
+Two nodes with the scripted agent (`--agent`); the chat command it prints runs as printed
+from a fresh shell; a node killed by its pid stays down while the other serves and the
+cluster keeps running; `restart 1` on its stdin and SIGUSR1 start dead nodes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+from coordinator.embedded import free_port
+from tests.e2e_checks import LineReader
+from tests.processes import child_env
+
+NODE_LINE = re.compile(r"^  (node\d)  (http://\S+)  \(pid (\d+)\)$")
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as resp:
+            return resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+    except OSError:
+        return False
+
+
+def two_free_ports() -> int:
+    """A port p with p + 1 free too."""
+    while True:
+        base = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+
+
+async def test_cluster_keeps_running_when_a_node_dies_and_restarts_it(tmp_path: Path) -> None:
+    base = two_free_ports()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator", "cluster", "--nodes", "2",
+        "--base-port", str(base), "--agent", "workers.scripted:ScriptedAgent",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=child_env(),
+    )  # fmt: skip
+    out = LineReader(proc)
+    try:
+        await out.expect(r"Press Ctrl-C", within=60)
+        nodes = {m[1]: (m[2], int(m[3])) for line in out.lines if (m := NODE_LINE.match(line))}
+        assert set(nodes) == {"node1", "node2"}, out.lines
+        (url1, pid1), (url2, pid2) = nodes["node1"], nodes["node2"]
+
+        # The printed chat command, as printed, from a shell that knows nothing of the venv.
+        at = out.lines.index(next(x for x in out.lines if x.startswith("chat in a terminal")))
+        command = out.lines[at + 1].strip()
+        program = command.split()[0]
+        assert Path(program).is_absolute() and os.access(program, os.X_OK), command
+        shell = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        )  # fmt: skip
+        said, err = await asyncio.wait_for(shell.communicate(b"hi\n"), 60)
+        assert shell.returncode == 0, err.decode()
+        # The scripted agent (not the echo agent) answered: its replies are padded.
+        assert re.search(r"^\[2\] agent: hi \.+$", said.decode(), re.M), said.decode()
+
+        os.kill(pid1, signal.SIGKILL)
+        await out.expect(r"^node1 exited with code -9; the others carry on")
+        assert proc.returncode is None and healthy(url2)
+
+        await out.write("restart 1")
+        await out.expect(r"^node1 restarted at " + re.escape(url1))
+        assert healthy(url1)
+
+        os.kill(pid2, signal.SIGKILL)
+        await out.expect(r"^node2 exited with code -9")
+        proc.send_signal(signal.SIGUSR1)  # restarts every dead node
+        await out.expect(r"^node2 restarted at " + re.escape(url2))
+        assert healthy(url2) and proc.returncode is None
+
+        await out.write("status")
+        await out.expect(r"^  node1  \S+  running \(pid \d+\)$")
+        await out.expect(r"^  node2  \S+  running \(pid \d+\)$")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            async with asyncio.timeout(30):
+                rest, _ = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            rest, _ = await proc.communicate()
+        out.lines += rest.decode().splitlines()
+    assert proc.returncode == 0, "\n".join(out.lines)
+    assert "Traceback" not in "\n".join(out.lines)
+    assert not healthy(url1) and not healthy(url2)

@@ -1,0 +1,251 @@
+"""The event store's contract, on both backends: a real directory and a real private
+PostgreSQL (tests/postgres.py). Backend-specific faults are in test_eventstore_file.py
+and test_eventstore_postgres.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+
+import pytest
+
+from coordinator.codec import pack, unpack
+from coordinator.errors import ConversationNotFound, InvalidInput
+from coordinator.eventstore import CheckpointTooLarge, EventStore
+from tests.eventstore_helpers import Backend, backend, check_log, events, read_all, store
+
+__all__ = ["backend", "store"]  # fixtures
+
+
+async def test_round_trip_with_paging(store: EventStore) -> None:
+    assert await store.read("c1") == []
+    assert await store.last_id("c1") == 0
+    assert await store.conversation("c1") is None
+    written = events(1, 250)
+    for first in range(0, 250, 100):
+        result = await store.append("c1", 1, written[first : first + 100], user="alice")
+        assert (result.status, result.written) == ("ok", min(100, 250 - first))
+    assert result.last_id == 250 and result.epoch == 1
+
+    assert await store.read("c1", 0, 250) == written
+    assert await store.read("c1", 63, 2) == written[63:65]
+    assert await store.read("c1", 64, 1) == written[64:65]
+    assert await store.read("c1", 249, 10) == written[249:]
+    assert await store.read("c1", 250, 10) == []
+    assert await store.read("c1", 10_000, 10) == []
+    pages = [await store.read("c1", after, 7) for after in range(0, 250, 7)]
+    assert [e for page in pages for e in page] == written
+
+    info = await store.conversation("c1")
+    assert info is not None
+    assert (info.user, info.epoch, info.last_id) == ("alice", 1, 250)
+    assert info.size == await store.size("c1") == sum(len(d) for _, d in written)
+    assert await store.last_id("c1") == 250
+
+
+async def test_a_retried_or_overlapping_batch_writes_nothing_twice(store: EventStore) -> None:
+    first = events(1, 5, "first")
+    assert (await store.append("c1", 1, first, user="u")).written == 5
+    again = await store.append("c1", 1, first, user="u")
+    assert (again.status, again.last_id, again.written) == ("ok", 5, 0)
+    overlap = await store.append("c1", 1, events(3, 8, "second"), user="u")
+    assert (overlap.status, overlap.last_id, overlap.written) == ("ok", 8, 3)
+    assert await store.read("c1") == first + events(6, 8, "second")
+    assert await store.size("c1") == sum(len(d) for _, d in first + events(6, 8, "second"))
+    inside = await store.append("c1", 1, events(2, 4, "third"), user="u")
+    assert (inside.status, inside.written) == ("ok", 0)
+    assert (await store.append("c1", 1, [], user="u")).status == "ok"
+
+
+async def test_a_gap_is_refused_whole(store: EventStore) -> None:
+    assert (await store.append("c1", 1, events(1, 3), user="u")).written == 3
+    gap = await store.append("c1", 1, events(5, 9), user="u")
+    assert (gap.status, gap.last_id, gap.written) == ("gap", 3, 0)
+    assert await store.last_id("c1") == 3
+    # A conversation's first batch starts at id 1; a refused one leaves nothing behind.
+    late = await store.append("c2", 1, events(2, 4), user="u")
+    assert (late.status, late.last_id) == ("gap", 0)
+    assert await store.conversation("c2") is None
+    assert await store.count_conversations("u") == 1
+
+
+async def test_a_replaced_owners_late_batch_is_fenced(backend: Backend) -> None:
+    store = await backend.open()
+    assert (await store.append("c1", 1, events(1, 3, "old"), user="u")).status == "ok"
+    assert (await store.append("c1", 2, events(4, 5, "new"), user="u")).status == "ok"
+    late = await store.append("c1", 1, events(4, 7, "old"), user="u")
+    assert (late.status, late.epoch, late.last_id, late.written) == ("fenced", 2, 5, 0)
+    assert await store.read("c1") == events(1, 3, "old") + events(4, 5, "new")
+    assert (await store.append("c1", 2, events(6, 6, "new"), user="u")).status == "ok"
+
+    # A new owner fences its predecessor before it has anything to move.
+    assert (await store.append("c1", 3, [], user="u")).epoch == 3
+    assert (await store.append("c1", 2, events(7, 7), user="u")).status == "fenced"
+    # Even a batch that is all stored already raises the fence.
+    assert (await store.append("c1", 4, events(5, 6, "new"), user="u")).epoch == 4
+
+    reopened = await backend.open()  # the fence is durable, not in the process
+    assert (await reopened.append("c1", 3, events(7, 7), user="u")).status == "fenced"
+    info = await reopened.conversation("c1")
+    assert info is not None and (info.epoch, info.last_id) == (4, 6)
+
+
+async def test_concurrent_appenders_never_interleave_or_duplicate(backend: Backend) -> None:
+    """Writers on one store and on another store of the same backing (another node)
+    race to move the same events, each batch starting at what it last saw stored."""
+    one, two = await backend.open(), await backend.open()
+    total = 1500
+
+    async def mover(store: EventStore, name: str, seed: int) -> int:
+        rng = random.Random(seed)
+        written = 0
+        while (last := await store.last_id("c1")) < total:
+            start = max(1, last + 1 - rng.randint(0, 3))
+            batch = events(start, min(total, start + rng.randint(1, 60)), name)
+            result = await store.append("c1", 7, batch, user="u")
+            assert result.status == "ok", result
+            written += result.written
+        return written
+
+    counts = await asyncio.gather(
+        mover(one, "a", 1), mover(one, "b", 2), mover(two, "c", 3), mover(two, "d", 4)
+    )
+    assert sum(counts) == total
+    stored = await read_all(one, "c1")
+    check_log(stored, total)
+    assert await two.size("c1") == sum(len(d) for _, d in stored)
+
+
+async def test_a_cancelled_append_leaves_a_consistent_store(store: EventStore) -> None:
+    """The owner's mover may be cancelled (shutdown, lost lease) mid-append: the batch is
+    then stored whole or not at all, and sending it again completes it."""
+    for first in range(1, 2001, 500):
+        task = asyncio.create_task(store.append("c1", 1, events(first, first + 499), user="u"))
+        for _ in range(first // 500):  # cancelled at different points
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert (await store.last_id("c1")) in (first - 1, first + 499)
+        result = await store.append("c1", 1, events(first, first + 499), user="u")
+        assert (result.status, result.last_id) == ("ok", first + 499)
+    check_log(await read_all(store, "c1"), 2000)
+
+
+async def test_checkpoints_are_bounded_fenced_and_never_go_back(store: EventStore) -> None:
+    with pytest.raises(ConversationNotFound):
+        await store.save_checkpoint("c1", 1, 0, b"state")
+    assert await store.load_checkpoint("c1") is None
+    await store.append("c1", 2, events(1, 10), user="u")
+
+    assert await store.save_checkpoint("c1", 2, 5, b"s5") == "ok"
+    assert await store.load_checkpoint("c1") == (5, b"s5")
+    assert await store.save_checkpoint("c1", 2, 5, b"s5") == "ok"  # a retry
+    assert await store.save_checkpoint("c1", 2, 4, b"s4") == "stale"
+    assert await store.save_checkpoint("c1", 1, 9, b"old owner") == "fenced"
+    assert await store.load_checkpoint("c1") == (5, b"s5")
+
+    big = b"x" * (1024 * 1024 + 1)
+    with pytest.raises(CheckpointTooLarge) as caught:
+        await store.save_checkpoint("c1", 2, 10, big)
+    assert isinstance(caught.value, InvalidInput)
+    assert await store.load_checkpoint("c1") == (5, b"s5")
+    assert await store.save_checkpoint("c1", 2, 10, big[:-1]) == "ok"
+    assert await store.load_checkpoint("c1") == (10, big[:-1])
+
+    # A newer owner's checkpoint raises the fence for appends too.
+    assert await store.save_checkpoint("c1", 3, 10, b"s10") == "ok"
+    assert (await store.append("c1", 2, events(11, 11), user="u")).status == "fenced"
+    assert (await store.append("c1", 3, events(11, 11), user="u")).status == "ok"
+
+
+async def test_purge_removes_everything_of_one_conversation(store: EventStore) -> None:
+    kept = events(1, 4, "kept")
+    await store.append("keep", 1, kept, user="u")
+    gone = events(1, 130)
+    await store.append("c1", 1, gone, user="u")
+    await store.save_checkpoint("c1", 1, 100, b"state")
+    assert await store.count_conversations("u") == 2
+
+    assert await store.purge("c1") == (130, sum(len(d) for _, d in gone))
+    assert await store.read("c1") == []
+    assert await store.conversation("c1") is None
+    assert await store.load_checkpoint("c1") is None
+    assert (await store.size("c1"), await store.last_id("c1")) == (0, 0)
+    assert await store.count_conversations("u") == 1
+    assert await store.purge("c1") == (0, 0)
+    assert await store.read("keep") == kept
+
+    # The id can be used again, from id 1 and any epoch (the fence went too).
+    assert (await store.append("c1", 1, events(1, 2), user="v")).status == "ok"
+    assert await store.read("c1") == events(1, 2)
+
+
+async def test_user_accounting(store: EventStore) -> None:
+    for sid, user in [("a1", "alice"), ("a2", "alice"), ("b1", "bob@example.com")]:
+        await store.append(sid, 1, events(1, 2), user=user)
+    await store.append("a3", 1, [], user="alice")  # recorded before it has events
+    assert await store.count_conversations("alice") == 3
+    assert await store.count_conversations("bob@example.com") == 1
+    assert await store.count_conversations("..") == 0
+    assert await store.count_conversations() == 4
+    with pytest.raises(InvalidInput, match="another user"):
+        await store.append("a1", 1, events(3, 3), user="bob@example.com")
+    assert await store.last_id("a1") == 2
+
+
+async def test_malformed_calls_change_nothing(store: EventStore) -> None:
+    await store.append("c1", 1, events(1, 2), user="u")
+    bad_calls = [
+        store.append("../etc", 1, events(3, 3), user="u"),
+        store.append("c1", 1, [(3, b"a"), (5, b"b")], user="u"),
+        store.append("c1", 1, [(0, b"a")], user="u"),
+        store.append("c1", -1, events(3, 3), user="u"),
+        store.append("c1", 1, [(3, "text")], user="u"),  # type: ignore[list-item]
+        store.append("c1", 1, events(3, 3), user="a b"),
+        store.read("c1", -1, 10),
+        store.read("c1", 0, 0),
+        store.save_checkpoint("c1", 1, -1, b""),
+    ]
+    for call in bad_calls:
+        with pytest.raises(InvalidInput):
+            await call
+    assert await store.read("c1") == events(1, 2)
+
+
+async def test_identity_is_stable_and_names_one_store(backend: Backend) -> None:
+    first = await backend.open()
+    again = await backend.open()
+    assert first.identity() == again.identity() and len(first.identity()) >= 16
+    other = await backend.open(other=True)
+    assert other.identity() != first.identity()
+    # Nodes starting together on a fresh store agree on its identity.
+    racers = backend.make(other=True, count=4)
+    backend.opened.extend(racers)
+    await asyncio.gather(*(s.open() for s in racers))
+    assert len({s.identity() for s in racers}) == 1
+    assert racers[0].identity() not in (first.identity(), other.identity())
+
+
+async def test_100k_small_events_in_batches_of_500(backend: Backend) -> None:
+    store = await backend.open()
+    total, batch = 100_000, 500
+    payload = [pack({"source": "agent", "n": i}) for i in range(1, total + 1)]
+    started = time.perf_counter()
+    for first in range(1, total + 1, batch):
+        chunk = [(i, payload[i - 1]) for i in range(first, first + batch)]
+        assert (await store.append("big", 1, chunk, user="u")).written == batch
+    appended = time.perf_counter() - started
+    started = time.perf_counter()
+    stored = await read_all(store, "big", page=5000)
+    read = time.perf_counter() - started
+    assert [i for i, _ in stored] == list(range(1, total + 1))
+    assert all(unpack(d)["n"] == i for i, d in stored[:: total // 100])
+    assert [d for _, d in stored] == payload
+    print(
+        f"\n{backend.kind}: appended {total} events in batches of {batch} in {appended:.2f}s "
+        f"({total / appended:,.0f}/s); read back in pages of 5000 in {read:.2f}s "
+        f"({total / read:,.0f}/s)"
+    )

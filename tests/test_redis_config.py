@@ -1,0 +1,76 @@
+"""Bad Redis settings get a clear error naming the setting, and no password in it."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator import ConfigError, ConversationManager, ManagerConfig, RedisUnavailable
+from coordinator.config import parse_sentinel_url
+from tests.redis_topologies import RedisClusterServers
+
+
+async def _start(**settings: object) -> ConversationManager:
+    manager = ConversationManager(ManagerConfig(connect_timeout=1.0, **settings))  # type: ignore[arg-type]
+    await manager.start()
+    return manager
+
+
+async def test_a_cluster_node_in_standalone_mode_is_refused_naming_the_setting(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    with pytest.raises(ConfigError, match=r"cluster_enabled:1.*--redis-mode cluster"):
+        await _start(redis_url=redis_cluster.url, redis_mode="standalone")
+
+
+async def test_a_plain_server_in_cluster_mode_is_refused(redis_url: str) -> None:
+    with pytest.raises(ConfigError, match="not a Redis Cluster node"):
+        await _start(redis_url=redis_url, redis_mode="cluster")
+
+
+async def test_auto_mode_finds_the_cluster_and_says_so(redis_cluster: RedisClusterServers) -> None:
+    manager = await _start(redis_url=redis_cluster.url)
+    try:
+        assert manager.node.backend.describe().startswith("cluster Redis at redis://127.0.0.1:")
+    finally:
+        await manager.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "master's name"),
+        ("redis+sentinel:///mymaster", "at least one HOST:PORT"),
+        ("redis+sentinel://h:port/m", "not HOST:PORT"),
+        ("redis+sentinel://h:1/m/x/y", "MASTER_NAME"),
+    ],
+)
+def test_sentinel_urls_that_lack_a_part_say_which(url: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        ManagerConfig(redis_url=url)
+    with pytest.raises(ConfigError, match=fragment):
+        parse_sentinel_url(url)
+
+
+def test_modes_that_contradict_the_url_are_refused() -> None:
+    with pytest.raises(ConfigError, match="redis_mode sentinel needs"):
+        ManagerConfig(redis_url="redis://h:6379/0", redis_mode="sentinel")
+    with pytest.raises(ConfigError, match="Sentinel URL but redis_mode is cluster"):
+        ManagerConfig(redis_url="redis+sentinel://h:1/m", redis_mode="cluster")
+    with pytest.raises(ConfigError, match="redis_mode must be one of"):
+        ManagerConfig(redis_mode="replicated")
+    with pytest.raises(ConfigError, match="ack_replicas must be >= 0"):
+        ManagerConfig(ack_replicas=-1)
+
+
+async def test_an_unreachable_seed_names_the_url_without_its_password() -> None:
+    for mode in ("auto", "cluster"):
+        with pytest.raises(RedisUnavailable, match=r"127\.0\.0\.1:1") as info:
+            await _start(redis_url="redis://admin:hunter2@127.0.0.1:1/0", redis_mode=mode)
+        assert "hunter2" not in str(info.value) and "admin:***@" in str(info.value)
+
+
+async def test_unreachable_sentinels_are_a_clear_error_without_the_password() -> None:
+    url = "redis+sentinel://:hunter2@127.0.0.1:1/mymaster?sentinel_password=alsosecret"
+    with pytest.raises(RedisUnavailable) as info:
+        await _start(redis_url=url)
+    assert "hunter2" not in str(info.value) and "alsosecret" not in str(info.value)

@@ -1,0 +1,263 @@
+"""A Redis master lost under load, on real deployments (guarantee 10).
+
+Two in-process nodes share a busy conversation: a client on each node sends an action
+every 50 ms, each with its own ``client_action_id``, resending it (to the same node)
+until it is acknowledged. Then the master holding the conversation is killed (SIGKILL)
+and its replica promoted, by the cluster or by Sentinel. With ``--ack-replicas 1``:
+every acknowledged action is in the log afterwards, once; the log's ids are gap-free;
+no id a client saw is given to another event; the conversation is served again. With
+``--ack-replicas 0`` and a replica that lagged (paused with SIGSTOP while the master took
+writes), the failover loses events: the nodes notice, the ids go on after the last one
+the clients saw and the clients are told which ids were lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from coordinator import ConversationManager
+from coordinator.codec import EVENTS_LOST
+from coordinator.keys import KeySchema
+from tests.helpers import RecordingSink, fast_config, wait_until
+from tests.redis_process import RedisProcess
+from tests.redis_topologies import RedisClusterServers, SentinelServers
+
+SID = "busy"
+
+
+@dataclass
+class Client:
+    """One client of the busy conversation on ``node``, sending an action every 50 ms."""
+
+    node: ConversationManager
+    cid: str
+    acked: dict[str, int] = field(default_factory=dict)  # client_action_id -> event id
+    refused: int = 0
+
+    async def send(self, key: str, content: str) -> None:
+        action = {"action": "message", "args": {"content": content}, "client_action_id": key}
+        while True:  # as a socket.io client resends what got an error ack
+            try:
+                self.acked[key] = await self.node.send_to_event_stream(self.cid, action)
+                return
+            except Exception:
+                self.refused += 1
+                await asyncio.sleep(0.1)
+
+    async def run(self, stop: asyncio.Event, prefix: str) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            await self.send(f"{prefix}{n}", f"{prefix}{n}")
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[Callable[..., Any]]:
+    made: list[ConversationManager] = []
+
+    async def start(url: str, n: int = 2, **overrides: Any) -> list[Any]:
+        out = []
+        for _ in range(n):
+            sink = RecordingSink()
+            # A node's lease lives on one shard (or the one master): it must outlast a
+            # failover there (about 4 s here), else every node's lease lapses with it.
+            config = fast_config(
+                url,
+                f"f{len(made) + 1}",
+                node_ttl=10.0,
+                heartbeat_interval=1.0,
+                lease_margin=2.0,
+                redis_timeout=10.0,
+                **overrides,
+            )
+            manager = ConversationManager(config, sink=sink)
+            await manager.start()
+            made.append(manager)
+            out.append((manager, sink))
+        return out
+
+    yield start
+    for manager in made:
+        with contextlib.suppress(Exception):
+            await manager.aclose()
+
+
+async def _busy(started: list[Any]) -> list[Client]:
+    clients = []
+    for i, (node, _) in enumerate(started):
+        await node.join_conversation(SID, f"c{i}", {}, "alice")
+        clients.append(Client(node, f"c{i}"))
+    return clients
+
+
+async def _under_load(clients: list[Client], fault: Callable[[], Any], seconds: float) -> None:
+    """Load before, during and after ``fault`` (awaited), ``seconds`` on each side."""
+    stop = asyncio.Event()
+    runs = [asyncio.create_task(c.run(stop, f"{c.cid}-")) for c in clients]
+    await asyncio.sleep(seconds)
+    await fault()
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*runs)
+
+
+async def _log(node: ConversationManager) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    while True:
+        page = await node.events(SID, after=out[-1]["id"] if out else 0, limit=1000)
+        if not page:
+            return out
+        out += page
+
+
+async def _check_nothing_acknowledged_was_lost(
+    clients: list[Client], sinks: list[RecordingSink], node: ConversationManager
+) -> None:
+    log = await _log(node)
+    ids = [e["id"] for e in log]
+    assert ids == list(range(1, len(ids) + 1)), "log ids gap-free"
+    logged = [e for e in log if e.get("source") == "user"]
+    keys = [e["client_action_id"] for e in logged]
+    assert len(keys) == len(set(keys)), "an action logged twice"
+    by_key = {e["client_action_id"]: e["id"] for e in logged}
+    for client in clients:
+        assert client.acked, "nothing was acknowledged"
+        for key, event_id in client.acked.items():
+            assert by_key.get(key) == event_id, f"acknowledged {key} as {event_id}: lost"
+    # No id a client saw was given to another event.
+    content = {e["id"]: e.get("args", {}).get("content") for e in log}
+    for sink in sinks:
+        for events in sink.events.values():
+            for e in events:
+                assert content.get(e["id"]) == e.get("args", {}).get("content"), e
+    # Served again: every action got its answer, the last ones included.
+    answered = {e["args"]["content"] for e in log if e.get("source") == "agent"}
+    assert {e["args"]["content"] for e in logged} <= answered
+
+
+def _master_of_conversation(cluster: RedisClusterServers) -> RedisProcess:
+    return cluster.master_of(KeySchema().conv(SID))
+
+
+async def test_cluster_master_killed_under_load_loses_nothing_acknowledged(
+    redis_cluster_replicated: RedisClusterServers, nodes: Any
+) -> None:
+    cluster = redis_cluster_replicated
+    started = await nodes(cluster.url, ack_replicas=1)
+    clients = await _busy(started)
+    victim = _master_of_conversation(cluster)
+
+    async def fault() -> None:
+        cluster.kill(victim)
+        await cluster.async_wait_failover(victim)
+        # Acknowledgements need a replica again: the old master comes back as one.
+        await cluster.async_restart(victim)
+
+    await _under_load(clients, fault, 1.5)
+    node = started[0][0]
+    await _check_nothing_acknowledged_was_lost(clients, [s for _, s in started], node)
+
+
+async def test_sentinel_master_killed_under_load_loses_nothing_acknowledged(
+    redis_sentinel: SentinelServers, nodes: Any
+) -> None:
+    servers = redis_sentinel
+    hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
+    url = f"redis+sentinel://{hosts}/{servers.master_name}"
+    started = await nodes(url, ack_replicas=1)
+    assert started[0][0].node.backend.mode == "sentinel"
+    clients = await _busy(started)
+
+    async def fault() -> None:
+        old = servers.kill_master()
+        new = await servers.async_wait_promoted()
+        # Acknowledgements need a replica again: the old master comes back, and Sentinel
+        # makes it the new master's replica.
+        old.start().wait_started()
+        await wait_until(
+            lambda: new.info("replication").get("connected_slaves", 0) >= 1,
+            timeout=30,
+            what="the old master replicating the new one",
+        )
+
+    await _under_load(clients, fault, 1.5)
+    await _check_nothing_acknowledged_was_lost(clients, [s for _, s in started], started[0][0])
+
+
+@contextlib.contextmanager
+def _paused(process: RedisProcess) -> Any:
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
+async def test_without_replica_acks_a_lagging_failover_is_detected_and_told(
+    redis_sentinel: SentinelServers, nodes: Any
+) -> None:
+    """--ack-replicas 0: the replica's link is cut (and the replica paused, so it cannot
+    reconnect) while the master logs three actions and their answers, then the master
+    dies and the replica, without them, is promoted. The
+    next action finds the log behind what the node delivered: its id follows the last
+    one the client saw, and the client is told which ids were lost."""
+    servers = redis_sentinel
+    hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
+    url = f"redis+sentinel://{hosts}/{servers.master_name}"
+    ((node, sink),) = await nodes(url, n=1)
+    await node.join_conversation(SID, "c", {}, "alice")
+    await node.send_to_event_stream("c", {"action": "message", "args": {"content": "kept"}})
+    await wait_until(lambda: len(sink.events["c"]) == 2, what="the first answer")
+    master = servers.master()
+    replica = next(p for p in servers.data_nodes if p is not master)
+    with _paused(replica):
+        # Cut the replication link while the replica cannot reconnect: what the master
+        # logs now exists only there (a replica that lagged).
+        with master.client() as client:
+            client.client_kill_filter(_type="replica")
+        for i in range(3):
+            await node.send_to_event_stream(
+                "c", {"action": "message", "args": {"content": f"lost{i}"}}
+            )
+        await wait_until(lambda: len(sink.events["c"]) == 8, what="answers before the kill")
+        servers.kill_master()
+    await servers.async_wait_promoted()
+    seen = sink.ids("c")[-1]
+    assert seen == 8
+    after = await _send_until_acked(node, "c", "after the failover")
+    assert after > seen + 1, "an id the client saw was given again"
+    await wait_until(
+        lambda: any(e.get("status") == EVENTS_LOST for e in sink.events["c"]),
+        what="the client told of the loss",
+    )
+    notice = next(e for e in sink.events["c"] if e.get("status") == EVENTS_LOST)
+    assert notice["id"] == seen + 1 and "to 8" in notice["message"], notice
+    ids = sink.ids("c")
+    assert ids == sorted(set(ids)), "ids delivered twice or out of order"
+    await wait_until(
+        lambda: any(
+            e.get("args", {}).get("content") == "after the failover" and e["source"] == "agent"
+            for e in sink.events["c"]
+        ),
+        timeout=15,
+        what="served again",
+    )
+
+
+async def _send_until_acked(node: ConversationManager, cid: str, content: str) -> int:
+    action = {"action": "message", "args": {"content": content}, "client_action_id": content}
+    for _ in range(100):
+        try:
+            return await node.send_to_event_stream(cid, action)
+        except Exception:
+            await asyncio.sleep(0.1)
+    raise AssertionError("never acknowledged")
