@@ -11,7 +11,15 @@ from typing import Any
 
 from coordinator import ManagerConfig
 
-FAST = dict(node_ttl=3.0, heartbeat_interval=0.5, lease_margin=0.75, idle_flush_interval=0.2)
+# One agent worker process per node (agents still run in workers, the default): the
+# suite starts hundreds of nodes on 2 shared cores; tests that need more ask for them.
+FAST = dict(
+    node_ttl=3.0,
+    heartbeat_interval=0.5,
+    lease_margin=0.75,
+    idle_flush_interval=0.2,
+    agent_workers=1,
+)
 
 
 def fast_config(url: str, node_id: str, **overrides: Any) -> ManagerConfig:
