@@ -26,14 +26,14 @@ import os
 import sys
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from workers.protocol import AgentContext
 
 from .agentworker import AgentWorker
 from .backoff import Backoff
 from .config import ManagerConfig
-from .errors import AgentFailed, ConfigError
+from .errors import REDIS_TROUBLE, AgentFailed, ConfigError
 from .metrics import NodeMetrics
 from .poison import DIED, STALLED, WorkerLost
 from .remoteagent import RemoteAgent
@@ -212,7 +212,7 @@ class AgentPool:
         """The count ``count_beside`` made (1, the dispatch itself, if it failed)."""
         try:
             value = await reply
-        except (RedisError, OSError):
+        except REDIS_TROUBLE:
             return 1
         return value[0] if isinstance(value, tuple) else self.state.attempt_counted(value)[0]
 

@@ -8,14 +8,15 @@ the task that waits for the request (the runner's: no task per action), through 
 runner's own ``emit``, whose answer (an event id, or ``Fenced``/``SpeculationLost``)
 goes back to the agent.
 
-When its worker fails, an instance starts again from the log in another worker, as after
-a failover. A dispatch that was running there is the suspect (the one the stall reporter
-named; every one running when a worker died): it is counted (``state/attempts.py``)
-and dispatched again alone, on the worker that took the failed one's place, at most
-``max_dispatch_attempts`` times in all, on any node; then the action is answered with an
-``error`` observation and the loop goes on. A dispatch that only shared the worker runs
-again elsewhere at once, not counted. A dispatch over ``agent_dispatch_timeout`` is
-cancelled and answered with an error as well.
+Every dispatch is counted in Redis before it starts (``state/attempts.py``: written on
+the lane beside the DISPATCH frame; its answer read only when needed). When its worker
+fails, an instance starts again from the log in another worker, as after a failover. A
+dispatch that was running there is the suspect (the one the stall reporter named; every
+one running when a worker died): it goes again alone, on the worker that took the failed
+one's place, until it has been dispatched ``max_dispatch_attempts`` times in all, on any
+node; then the action is answered with an ``error`` observation and the loop goes on. A
+dispatch that only shared the worker goes again elsewhere at once, as the same attempt.
+A dispatch over ``agent_dispatch_timeout`` is cancelled and answered with an error too.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import contextlib
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
-
-from redis.exceptions import RedisError
 
 from workers.channel import (
     CANCEL,
@@ -45,7 +44,7 @@ from workers.channel import (
 from workers.protocol import AgentContext, AgentState, EmitFn, Event
 
 from .agentworker import AgentWorker
-from .errors import AgentFailed, Fenced, SpeculationLost
+from .errors import REDIS_TROUBLE, AgentFailed, Fenced, SpeculationLost
 from .poison import DIED, OUT_OF_MEMORY, TIMEOUT, WorkerLost, error_observation
 
 if TYPE_CHECKING:
@@ -158,7 +157,7 @@ class RemoteAgent:
                         tries = max(tries, await self._pool.counted(counted))
                         counted = None
                     tries = max(tries, 1)
-                    with contextlib.suppress(RedisError, OSError):
+                    with contextlib.suppress(*REDIS_TROUBLE):
                         await self._pool.state.attempt_failed(self.sid, n, lost.reason)
                     if tries >= self._pool.max_attempts:
                         await self._give_up(n, lost.reason, tries)
@@ -193,7 +192,7 @@ class RemoteAgent:
         self._unbind()
         self._pool.cleared(self)
         if self._last_done:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_TROUBLE):
                 await self._pool.state.forget_attempts(self.sid, self._last_done)
 
     # -- the parts of a dispatch -----------------------------------------------------
@@ -202,7 +201,7 @@ class RemoteAgent:
         dispatch (the count made here, ``local`` + 1, stands in)."""
         try:
             return await self._pool.state.begin_attempt(self.sid, n)
-        except (RedisError, OSError) as exc:
+        except REDIS_TROUBLE as exc:
             log.warning("counting dispatches of %s/%d failed: %s", self.sid, n, exc)
             return local + 1, ""
 
@@ -263,7 +262,7 @@ class RemoteAgent:
                         f"the agent of {self.sid} failed to start: {lost.reason}"
                     ) from None
             except BaseException:
-                self._unbind()
+                self._drop()  # a start cut short (cancelled) may have left an instance
                 raise
 
     async def _rebind(self) -> None:
