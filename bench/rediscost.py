@@ -4,9 +4,7 @@ In-process nodes (managers) against a private Redis with nothing else on it, bac
 work silenced (long heartbeat, flush and cleanup intervals), so the counts are exact:
 
 - ``commands``: the ``INFO commandstats`` delta (commands run inside Lua scripts count);
-- ``client cmds``: commands the nodes sent (every command of a pipeline counts; with
-  agents in worker processes, each dispatch's attempt count, whose reply nobody waits
-  for unless the dispatch fails);
+- ``client cmds``: commands the nodes sent (every command of a pipeline counts);
 - ``round trips``: requests the nodes waited for (one per command, pipeline or script);
 - ``sequential``: of those, the ones sent while no other was in flight: the round trips
   an operation waits for one after another (a same-node action's commit, sent while its
@@ -52,7 +50,6 @@ class ClientCounter:
         orig_pipe = Pipeline.execute
         orig_pubsub = PubSub.execute_command
         orig_lane = ScriptLane._call
-        orig_send_now = ScriptLane.send_now
 
         async def waited(node: str, call: Awaitable[Any]) -> Any:
             counter.trips[node] += 1
@@ -86,14 +83,7 @@ class ClientCounter:
             counter.cmds[node] += 1
             return await waited(node, orig_lane(self, command))
 
-        def lane_send_now(self: Any, *args: Any) -> Any:
-            # Written beside the action (an agent worker's attempt count): its reply is
-            # read only if the dispatch fails, so it is a command but not a round trip.
-            counter.cmds[counter.names.get(id(self), "other")] += 1
-            return orig_send_now(self, *args)
-
         self._saved = [
-            (ScriptLane, "send_now", orig_send_now),
             (aioredis.Redis, "execute_command", orig_exec),
             (Pipeline, "execute", orig_pipe),
             (PubSub, "execute_command", orig_pubsub),
@@ -103,7 +93,6 @@ class ClientCounter:
         Pipeline.execute = execute  # type: ignore[method-assign]
         PubSub.execute_command = pubsub_command  # type: ignore[method-assign]
         ScriptLane._call = lane_call  # type: ignore[method-assign]
-        ScriptLane.send_now = lane_send_now  # type: ignore[method-assign]
 
     def uninstall(self) -> None:
         for cls, name, fn in self._saved:

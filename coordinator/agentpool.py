@@ -24,16 +24,13 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any
-
-from redis.exceptions import NoScriptError
 
 from workers.protocol import AgentContext
 
 from .agentworker import AgentWorker
 from .backoff import Backoff
 from .config import ManagerConfig
-from .errors import REDIS_TROUBLE, AgentFailed, ConfigError
+from .errors import AgentFailed, ConfigError
 from .metrics import NodeMetrics
 from .poison import DIED, STALLED, WorkerLost
 from .remoteagent import RemoteAgent
@@ -188,33 +185,6 @@ class AgentPool:
                 async with asyncio.timeout(remaining):
                     await asyncio.shield(self._changed)
         raise AgentFailed("the node's agent workers are stopped")
-
-    def count_beside(self, sid: str, action_id: int, previous: int) -> asyncio.Future[Any]:
-        """Count a dispatch of ``action_id`` before it starts, not waiting for the
-        answer (``counted`` reads it, should the dispatch fail): written on the lane at
-        once, or, when that is not connected, from a task. ``previous``: the action the
-        loop counted before."""
-        reply = self.state.begin_attempt_now(sid, action_id, previous)
-        if reply is None:
-            reply = asyncio.ensure_future(self.state.begin_attempt(sid, action_id))
-        reply.add_done_callback(self._count_done)
-        return reply
-
-    def _count_done(self, reply: asyncio.Future[Any]) -> None:
-        exc = None if reply.cancelled() else reply.exception()
-        if isinstance(exc, NoScriptError) and not self.closed:
-            # Redis lost its scripts (a restart): load them again for the next counts.
-            self.tasks.spawn(self.state.load_scripts(), "load-scripts")
-        elif exc is not None:
-            log.debug("counting a dispatch failed: %s", exc)
-
-    async def counted(self, reply: asyncio.Future[Any]) -> int:
-        """The count ``count_beside`` made (1, the dispatch itself, if it failed)."""
-        try:
-            value = await reply
-        except REDIS_TROUBLE:
-            return 1
-        return value[0] if isinstance(value, tuple) else self.state.attempt_counted(value)[0]
 
     def cleared(self, agent: RemoteAgent) -> None:
         """``agent``'s suspect dispatch is over."""

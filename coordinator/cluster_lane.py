@@ -72,15 +72,6 @@ class ClusterLane:
         if link is not None:
             link.send(pack(command, channel, message), self._timeout).add_done_callback(retrieved)
 
-    def send_now(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
-    ) -> asyncio.Future[Any] | None:
-        """As ``ScriptLane.send_now``: to the keys' shard if connected, not redirected."""
-        link = self._link_for(slot_of(keys[0]))
-        if link is None or self._closed:
-            return None
-        return link.send(pack("EVALSHA", script.sha, len(keys), *keys, *args), self._timeout)
-
     def _link_for(self, slot: int) -> Link | None:
         master = self._map.master_of(slot) if self._map is not None else None
         holder = self._links.get(master) if master is not None else None

@@ -37,8 +37,8 @@ class KeySchema:
         return f"{self.prefix}:{{c:{sid}}}:conns"
 
     def attempts(self, sid: str) -> str:
-        """Hash: action id -> dispatches started in an agent worker, ``ID:why`` -> why the
-        last one failed (poison actions: ``state/attempts.py``)."""
+        """Hash: action id -> dispatches of it that failed their agent worker, ``ID:why``
+        -> why the last one did (poison actions: ``state/attempts.py``)."""
         return f"{self.prefix}:{{c:{sid}}}:attempts"
 
     def conv_channel(self, sid: str) -> str:

@@ -91,18 +91,6 @@ class ScriptLane:
         if link is not None:
             link.send(pack(command, channel, message), self._timeout).add_done_callback(retrieved)
 
-    def send_now(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
-    ) -> asyncio.Future[Any] | None:
-        """EVALSHA ``script`` written at once, not retried; its reply's future is the
-        caller's to await (or not). None when the lane is not connected. For a command
-        that must reach Redis before what follows on this connection, without the CPU
-        of a task (an agent dispatch's attempt count: remoteagent.py)."""
-        link = self._slot.current()
-        if link is None or self._closed:
-            return None
-        return link.send(pack("EVALSHA", script.sha, len(keys), *keys, *args), self._timeout)
-
     async def _call(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], replicas: int, ms: int
     ) -> tuple[Any, int]:

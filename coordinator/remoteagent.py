@@ -8,15 +8,15 @@ the task that waits for the request (the runner's: no task per action), through 
 runner's own ``emit``, whose answer (an event id, or ``Fenced``/``SpeculationLost``)
 goes back to the agent.
 
-Every dispatch is counted in Redis before it starts (``state/attempts.py``: written on
-the lane beside the DISPATCH frame; its answer read only when needed). When its worker
-fails, an instance starts again from the log in another worker, as after a failover. A
-dispatch that was running there is the suspect (the one the stall reporter named; every
-one running when a worker died): it goes again alone, on the worker that took the failed
-one's place, until it has been dispatched ``max_dispatch_attempts`` times in all, on any
-node; then the action is answered with an ``error`` observation and the loop goes on. A
-dispatch that only shared the worker goes again elsewhere at once, as the same attempt.
-A dispatch over ``agent_dispatch_timeout`` is cancelled and answered with an error too.
+When its worker fails, an instance starts again from the log in another worker, as after
+a failover. A dispatch that was running there is the suspect (the one the stall reporter
+named; every one running when a worker died): its failure is counted in Redis
+(``state/attempts.py``) and it goes again alone, on the worker that took the failed one's
+place, until it has failed ``max_dispatch_attempts`` times in all, on any node; then the
+action is answered with an ``error`` observation and the loop goes on. A fresh instance
+reads the count before its first dispatch. A dispatch that only shared the worker goes
+again elsewhere at once, as the same attempt. A dispatch over ``agent_dispatch_timeout``
+is cancelled and answered with an error too.
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READ_FIRST, BESIDE, NOT_AGAIN = range(3)  # how an attempt is counted (dispatch)
-
 
 def _agent_state(value: Any) -> AgentState:
     try:
@@ -82,9 +80,7 @@ class RemoteAgent:
         self._rid = 0
         self._calling = 0
         self._binding: asyncio.Task[Any] | None = None
-        self._fresh = True  # the next dispatch reads the action's count before it starts
-        self._last_done = 0  # the last action dispatched to the end
-        self._counted = 0  # the last action counted
+        self._fresh = True  # the next dispatch reads how often its action failed before
         self._closed = False
 
     @property
@@ -115,28 +111,18 @@ class RemoteAgent:
 
     async def dispatch(self, action: Event) -> None:
         n = int(action.get("id") or 0)
-        # How the next attempt is counted: read first (a fresh instance: the action may
-        # have failed before, here or on a former owner; a suspect going again), beside
-        # the dispatch (an action new to the loop), or not (the same attempt, moved).
-        count = READ_FIRST if self._fresh else BESIDE
-        self._fresh = False
         self._dispatching = True
-        counted: asyncio.Future[Any] | None = None  # the reply of a count sent beside
-        tries = 0  # dispatches of this action, as counted in Redis (or here)
+        failures = 0  # dispatches of this action that failed their worker, on any node
         after: AgentWorker | None = None  # where a suspect attempt failed
         why = ""  # and why
         try:
+            if self._fresh:  # a fresh instance: the action may have failed before
+                self._fresh = False
+                failures, why = await self._failures(n)
+                if failures >= self._pool.max_attempts:
+                    await self._give_up(n, why or DIED, failures)
+                    return
             while True:
-                if count == READ_FIRST:
-                    self._counted = n
-                    tries, before = await self._begin(n, tries)
-                    if tries > self._pool.max_attempts:
-                        await self._give_up(n, before or why or DIED, tries - 1)
-                        return
-                elif count == BESIDE:
-                    counted = self._pool.count_beside(self.sid, n, self._counted)
-                    self._counted = n
-                count = NOT_AGAIN
                 try:
                     if after is None:
                         await self._attempt(await self._bound(), action)
@@ -146,29 +132,26 @@ class RemoteAgent:
                                 await self._bind(after)
                             except AgentFailed as exc:  # no instance to try it again
                                 log.error("%s", exc)
-                                await self._give_up(n, why, tries)
+                                await self._give_up(n, why, failures)
                                 return
                             await self._attempt(self._attached(), action)
                 except WorkerLost as lost:
                     if not lost.suspect:
                         after = None
                         continue  # it only shared the worker: the same attempt, elsewhere
-                    if counted is not None:
-                        tries = max(tries, await self._pool.counted(counted))
-                        counted = None
-                    tries = max(tries, 1)
-                    with contextlib.suppress(*REDIS_TROUBLE):
-                        await self._pool.state.attempt_failed(self.sid, n, lost.reason)
-                    if tries >= self._pool.max_attempts:
-                        await self._give_up(n, lost.reason, tries)
+                    failures = await self._count_failure(n, lost.reason, failures)
+                    if failures >= self._pool.max_attempts:
+                        await self._give_up(n, lost.reason, failures)
                         return
-                    count, after, why = READ_FIRST, lost.worker, lost.reason
+                    after, why = lost.worker, lost.reason
                     continue
                 except TimeoutError:
                     self._drop()  # it may still run: a fresh instance takes the next one
                     await self._give_up(n, TIMEOUT, 1)
                     return
-                self._last_done = n
+                if failures:  # it went through after all
+                    with contextlib.suppress(*REDIS_TROUBLE):
+                        await self._pool.state.forget_attempts(self.sid, n)
                 return
         finally:
             self._dispatching = False
@@ -191,19 +174,24 @@ class RemoteAgent:
                     await self._call(CLOSE, ())
         self._unbind()
         self._pool.cleared(self)
-        if self._last_done:
-            with contextlib.suppress(*REDIS_TROUBLE):
-                await self._pool.state.forget_attempts(self.sid, self._last_done)
 
     # -- the parts of a dispatch -----------------------------------------------------
-    async def _begin(self, n: int, local: int) -> tuple[int, str]:
-        """Count one more dispatch of action ``n``; Redis trouble is no reason not to
-        dispatch (the count made here, ``local`` + 1, stands in)."""
+    async def _failures(self, n: int) -> tuple[int, str]:
+        """How often action ``n`` failed its worker before; Redis trouble is no reason
+        not to dispatch it (0)."""
         try:
-            return await self._pool.state.begin_attempt(self.sid, n)
+            return await self._pool.state.failed_dispatches(self.sid, n)
         except REDIS_TROUBLE as exc:
-            log.warning("counting dispatches of %s/%d failed: %s", self.sid, n, exc)
-            return local + 1, ""
+            log.warning("reading failed dispatches of %s/%d: %s", self.sid, n, exc)
+            return 0, ""
+
+    async def _count_failure(self, n: int, why: str, known: int) -> int:
+        """Count a failed dispatch of ``n`` in Redis (on trouble, here: ``known`` + 1)."""
+        try:
+            return max(await self._pool.state.dispatch_failed(self.sid, n, why), known + 1)
+        except REDIS_TROUBLE as exc:
+            log.warning("counting a failed dispatch of %s/%d: %s", self.sid, n, exc)
+            return known + 1
 
     async def _attempt(self, worker: AgentWorker, action: Event) -> None:
         self._heard = False

@@ -9,7 +9,7 @@ already-packed event.
 
 from __future__ import annotations
 
-from .poison import ATTEMPT  # the agent workers' attempt count, with its reasons
+from .poison import ATTEMPTS  # failed dispatches in agent workers, with their reasons
 
 _NOW = """
 local _t = redis.call('TIME')
@@ -373,7 +373,7 @@ ALL = {
     "hdel_if": HDEL_IF,
     "attach": ATTACH,
     "rewind": REWIND,
-    "attempt": ATTEMPT,
+    "attempts": ATTEMPTS,
 }
 
 

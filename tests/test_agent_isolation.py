@@ -22,6 +22,7 @@ from coordinator.state import RedisState
 from tests.helpers import RecordingSink, wait_until
 
 BAD = "tests.agents:BadAgent"
+ISOLATED_ATTEMPTS = 2  # max_dispatch_attempts, the default
 ISOLATED = dict(
     agent=BAD,
     agent_workers=2,
@@ -125,8 +126,9 @@ async def test_an_agent_holding_its_loop_stalls_only_its_own_conversation(make_n
     assert lapses == [] and not node.node.membership.lapsed
     assert (pool.stalls, pool.poisoned) == (2, 1)
     await wait_until(lambda: pool.restarts == 2, what="both stuck workers replaced")
-    # Counted before each dispatch; the blocking action's count went with the next one.
-    assert await node.state.attempts("bad") == {str(after): "1"}
+    # What a successor would read before dispatching it again (later actions add nothing).
+    assert await node.state.attempts("bad") == {str(blocked): "2", f"{blocked}:why": "stalled"}
+    assert after > queued
 
 
 async def test_a_dispatch_that_was_only_sharing_the_stuck_worker_runs_again_elsewhere(
@@ -273,3 +275,28 @@ async def test_a_lost_speculation_replaces_the_agent_in_its_worker(
     assert sink.ids("c1") == [1, 2, 3, 4, 5, 6]
     assert node.metrics.speculations_lost == 1
     assert _pool(node).restarts == 0
+
+
+async def test_a_dispatch_cut_short_by_a_lease_lapse_is_not_held_against_the_action(
+    make_nodes,
+) -> None:
+    """Only failures of a worker count: an action whose dispatch is interrupted again and
+    again by its node's lease lapsing (a failover, a partition) is dispatched again and
+    answered, not given up as poison."""
+    a, b = await make_nodes(2, **ISOLATED)
+    watcher = await Watcher(b, make_nodes.sinks[b.node_id], "moving").join()
+    asked = await watcher.say("slow 1")
+    for _ in range(ISOLATED_ATTEMPTS):  # as many interruptions as failures would take
+
+        def owner() -> ConversationManager | None:
+            for node in (a, b):
+                runner = node.runner("moving")
+                if runner is not None and runner.running and runner.agent.in_flight:
+                    return node
+            return None
+
+        node = await wait_until(owner, what="the action dispatched")
+        node.node.membership.lapse("test: lease lost mid-dispatch")
+    await wait_until(lambda: "slow 1" in watcher.answers(), timeout=20, what="answered")
+    assert watcher.errors() == [] and asked in [e["id"] for e in watcher.events]
+    assert await a.state.attempts("moving") == {}

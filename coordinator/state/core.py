@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -49,10 +48,6 @@ class Lane(Protocol):
     ) -> tuple[Any, int]: ...
 
     def publish(self, command: str, channel: str, message: bytes) -> None: ...
-
-    def send_now(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
-    ) -> asyncio.Future[Any] | None: ...
 
     async def aclose(self) -> None: ...
 
