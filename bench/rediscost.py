@@ -78,10 +78,11 @@ class ClientCounter:
             counter.cmds[node_of(self)] += 1
             return await orig_pubsub(self, *args, **kw)
 
-        async def lane_call(self: Any, command: bytes) -> Any:
+        async def lane_call(self: Any, *args: Any) -> Any:
+            # ScriptLane._call(script, keys, args, replicas, timeout_ms): EVALSHA (+ WAIT).
             node = counter.names.get(id(self), "other")
-            counter.cmds[node] += 1
-            return await waited(node, orig_lane(self, command))
+            counter.cmds[node] += 1 + (1 if args[3] else 0)
+            return await waited(node, orig_lane(self, *args))
 
         self._saved = [
             (aioredis.Redis, "execute_command", orig_exec),

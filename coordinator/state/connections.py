@@ -11,7 +11,9 @@ from collections.abc import Callable, Sequence
 
 from redis.asyncio.client import Pipeline
 
-from .core import StateCore, text
+from workers.protocol import Event
+
+from .core import StateCore, entries, text
 
 Conn = tuple[str, str, str]  # (connection id, sid, user)
 
@@ -27,6 +29,24 @@ class ConnectionOps(StateCore):
             pipe.hset(k.node_conns(inc), cid, sid)
 
         await self._per_connection(conns, queue)
+
+    async def join_and_read(
+        self, cid: str, sid: str, user: str, inc: str, after: int, count: int
+    ) -> tuple[int, list[tuple[int, Event]]]:
+        """Register connection ``cid`` of ``inc`` and read its first page of the log: the
+        conversation's last id and the events after ``after``. One round trip: the
+        registration is made before the read (same connection, or on a cluster the
+        conversation's shard, in order), so an event logged after the read is published
+        to this node."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(k.conv_conns(sid), cid, inc)
+            pipe.hset(k.user_conns(user), cid, sid)
+            pipe.hset(k.node_conns(inc), cid, sid)
+            pipe.hget(k.conv(sid), "seq")
+            pipe.xrange(k.events(sid), min=f"({after}-0", count=count)
+            *_, seq, rows = await pipe.execute()
+        return int(seq or 0), entries(rows)
 
     async def remove_connections(self, conns: Sequence[Conn], inc: str) -> None:
         """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent)."""

@@ -29,6 +29,7 @@ class LoopOps(ConversationOps):
             "admit",
             [k.user_claims(user), k.user_loops(user)],
             [sid, inc, cap, "retry" if retry else "new", score_ms],
+            hot=True,
         )
         pairs = [text(x) for x in r[1:]]
         evicted = list(zip(pairs[0::2], pairs[1::2], strict=True))
@@ -37,7 +38,9 @@ class LoopOps(ConversationOps):
     async def release_slot(self, user: str, sid: str, inc: str) -> bool:
         """Free ``sid``'s cap slot held by ``inc`` (or drop a claim that never ran)."""
         k = self.keys
-        r = await self._run("release_slot", [k.user_claims(user), k.user_loops(user)], [sid, inc])
+        r = await self._run(
+            "release_slot", [k.user_claims(user), k.user_loops(user)], [sid, inc], hot=True
+        )
         return bool(r)
 
     async def user_loops(self, user: str) -> dict[str, str]:
