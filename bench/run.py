@@ -27,6 +27,7 @@ BENCHMARKS = {
     "profile": "bench.profile",
     "timeline": "bench.timeline",
     "deployments": "bench.deployments",
+    "storm": "bench.storm",
 }
 # Run only when named with --only (it needs py-spy and adds a minute).
 ON_REQUEST = {"profile"}
