@@ -39,13 +39,15 @@ class ConnectionOps(StateCore):
         conversation's shard, in order), so an event logged after the read is published
         to this node."""
         k = self.keys
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(k.conv_conns(sid), cid, inc)
-            pipe.hset(k.user_conns(user), cid, sid)
-            pipe.hset(k.node_conns(inc), cid, sid)
-            pipe.hget(k.conv(sid), "seq")
-            pipe.xrange(k.events(sid), min=f"({after}-0", count=count)
-            *_, seq, rows = await pipe.execute()
+        *_, seq, rows = await self._commands(
+            [
+                ("HSET", k.conv_conns(sid), cid, inc),
+                ("HSET", k.user_conns(user), cid, sid),
+                ("HSET", k.node_conns(inc), cid, sid),
+                ("HGET", k.conv(sid), "seq"),
+                ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
+            ]
+        )
         return int(seq or 0), entries(rows)
 
     async def remove_connections(self, conns: Sequence[Conn], inc: str) -> None:

@@ -63,10 +63,14 @@ class ConversationOps(StateCore):
         self, sid: str, after: int, count: int = 500
     ) -> tuple[int, list[tuple[int, Event]]]:
         """The conversation's last event id and its inbox after ``after``, atomically."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(self.keys.conv(sid), "seq")
-            pipe.xrange(self.keys.inbox(sid), min=f"({after}-0", count=count)
-            seq, rows = await pipe.execute()
+        k = self.keys
+        seq, rows = await self._commands(
+            [
+                ("HGET", k.conv(sid), "seq"),
+                ("XRANGE", k.inbox(sid), f"({after}-0", "+", "COUNT", count),
+            ],
+            transaction=True,
+        )
         return int(seq or 0), entries(rows)
 
     async def inbox_lengths(self, sids: Sequence[str]) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .conversations import ConversationOps
 from .core import text
@@ -55,12 +56,13 @@ class LoopOps(ConversationOps):
         idle index; a conversation just created goes into its user's index."""
         k = self.keys
         now_ms = int(time.time() * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(k.node_owned(lease.inc), lease.sid, lease.user)
-            pipe.zadd(k.node_idle(lease.inc), {lease.sid: now_ms})
-            if created and lease.user:
-                pipe.zadd(k.user_convs(lease.user), {lease.sid: now_ms}, nx=True)
-            await pipe.execute()
+        commands: list[tuple[Any, ...]] = [
+            ("HSET", k.node_owned(lease.inc), lease.sid, lease.user),
+            ("ZADD", k.node_idle(lease.inc), now_ms, lease.sid),
+        ]
+        if created and lease.user:
+            commands.append(("ZADD", k.user_convs(lease.user), "NX", now_ms, lease.sid))
+        await self._commands(commands)
 
     async def release_loop(self, lease: Lease, final_state: str) -> None:
         """Stop being the owner: cap slot, ownership (recording ``final_state``) and the
