@@ -28,6 +28,7 @@ BENCHMARKS = {
     "timeline": "bench.timeline",
     "deployments": "bench.deployments",
     "storm": "bench.storm",
+    "saturation": "bench.saturation",
 }
 # Run only when named with --only (it needs py-spy and adds a minute).
 ON_REQUEST = {"profile"}
