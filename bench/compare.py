@@ -38,6 +38,7 @@ from bench.common import (
     Mode,
     Proc,
     baseline_proc,
+    cpu_seconds,
     log_dir,
     new_secret,
     node_proc,
@@ -162,15 +163,23 @@ async def compare(
             results: dict[str, Any] = {}
             for rate in rates:
                 lat: dict[str, list[float]] = {name: [] for name in groups}
+                cpu: dict[str, float] = dict.fromkeys(groups, 0.0)
                 for _ in range(rounds):
                     order = list(groups)
                     rng.shuffle(order)
                     for name in order:
+                        # The servers' CPU while this group runs alone: per answered action.
+                        pids = [p.pid for p in groups[name] if p is not None]
+                        before = sum(cpu_seconds(pid) for pid in pids)
                         r = await gen.request(
                             {"cmd": "run", "group": name, "rate": rate, "duration": seconds}
                         )
+                        cpu[name] += sum(cpu_seconds(pid) for pid in pids) - before
                         lat[name] += r["lat_ms"]
                 results[str(rate)] = {name: samples for name, samples in lat.items()}
+                results[f"{rate} cpu_ms_per_action"] = {
+                    name: 1000 * cpu[name] / max(1, len(lat[name])) for name in groups
+                }
         finally:
             await gen.aclose()
             stop_all(list(procs.values()))
@@ -180,6 +189,9 @@ async def compare(
 def report(results: dict[str, Any], rounds: int, seconds: float) -> list[str]:
     tables = []
     for rate, lat in results.items():
+        if rate.endswith("cpu_ms_per_action"):
+            continue
+        cpu = results.get(f"{rate} cpu_ms_per_action", {})
         plain = percentile(lat[PLAIN], 50)
         rows = [
             [
@@ -189,6 +201,7 @@ def report(results: dict[str, Any], rounds: int, seconds: float) -> list[str]:
                 percentile(samples, 90),
                 percentile(samples, 99),
                 percentile(samples, 50) / plain,
+                cpu.get(name, float("nan")),
             ]
             for name, samples in lat.items()
         ]
@@ -196,7 +209,15 @@ def report(results: dict[str, Any], rounds: int, seconds: float) -> list[str]:
             table(
                 f"Round trip at {rate} actions/s, 20 conversations per system "
                 f"({rounds} shuffled rounds x {seconds:g} s)",
-                ["system", "answered", "p50 ms", "p90 ms", "p99 ms", "p50 x plain"],
+                [
+                    "system",
+                    "answered",
+                    "p50 ms",
+                    "p90 ms",
+                    "p99 ms",
+                    "p50 x plain",
+                    "server CPU ms/action",
+                ],
                 rows,
             )
         )

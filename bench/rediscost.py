@@ -50,6 +50,7 @@ class ClientCounter:
         orig_pipe = Pipeline.execute
         orig_pubsub = PubSub.execute_command
         orig_lane = ScriptLane._call
+        orig_lane_exec = ScriptLane.execute
 
         async def waited(node: str, call: Awaitable[Any]) -> Any:
             counter.trips[node] += 1
@@ -78,21 +79,29 @@ class ClientCounter:
             counter.cmds[node_of(self)] += 1
             return await orig_pubsub(self, *args, **kw)
 
-        async def lane_call(self: Any, command: bytes) -> Any:
+        async def lane_call(self: Any, *args: Any) -> Any:
+            # ScriptLane._call(script, keys, args, replicas, timeout_ms): EVALSHA (+ WAIT).
             node = counter.names.get(id(self), "other")
-            counter.cmds[node] += 1
-            return await waited(node, orig_lane(self, command))
+            counter.cmds[node] += 1 + (1 if args[3] else 0)
+            return await waited(node, orig_lane(self, *args))
+
+        async def lane_execute(self: Any, commands: Any, *, transaction: bool = False) -> Any:
+            node = counter.names.get(id(self), "other")
+            counter.cmds[node] += len(commands) + (2 if transaction else 0)
+            return await waited(node, orig_lane_exec(self, commands, transaction=transaction))
 
         self._saved = [
             (aioredis.Redis, "execute_command", orig_exec),
             (Pipeline, "execute", orig_pipe),
             (PubSub, "execute_command", orig_pubsub),
             (ScriptLane, "_call", orig_lane),
+            (ScriptLane, "execute", orig_lane_exec),
         ]
         aioredis.Redis.execute_command = execute_command  # type: ignore[method-assign]
         Pipeline.execute = execute  # type: ignore[method-assign]
         PubSub.execute_command = pubsub_command  # type: ignore[method-assign]
         ScriptLane._call = lane_call  # type: ignore[method-assign]
+        ScriptLane.execute = lane_execute  # type: ignore[method-assign]
 
     def uninstall(self) -> None:
         for cls, name, fn in self._saved:

@@ -27,6 +27,8 @@ BENCHMARKS = {
     "profile": "bench.profile",
     "timeline": "bench.timeline",
     "deployments": "bench.deployments",
+    "storm": "bench.storm",
+    "saturation": "bench.saturation",
     "isolation": "bench.isolation",
 }
 # Run only when named with --only (it needs py-spy and adds a minute).

@@ -91,9 +91,9 @@ class SocketSink:
             ).encode()
         for part in encoded if isinstance(encoded, list) else (encoded,):
             await sio.eio.send(eio_sid, part)
-        # The metrics cost ~3.5 us per delivery on a loaded 2-core box (counter 0.7,
-        # histogram 1.4, the timestamp's fromisoformat 0.7): the parse is not the cost.
-        metrics.events_delivered.inc()
+        # Counting is an integer increment; the lag histogram costs ~2 us (the
+        # timestamp's fromisoformat 0.7, prometheus_client's observe 1.4).
+        metrics.deliveries += 1
         since = self._since.get(connection_id)
         if since is not None:
             created = codec.stamped_at(event)
@@ -230,7 +230,7 @@ class SocketHandlers:
                 log.info("action from %s rejected: %s", connection_id, exc)
             ack: dict[str, Any] = {"ok": False, "error": client_message(exc)}
         else:
-            self.metrics.actions_accepted.inc()
+            self.metrics.actions += 1
             ack = {"ok": True, "id": event_id}
         self.metrics.ack_seconds.observe(time.perf_counter() - started)
         return ack

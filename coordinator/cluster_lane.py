@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,11 +27,13 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backoff import Backoff
-from .lane import send_script
+from .lane import send_commands, send_script
 from .links import Endpoint, Link, LinkSlot, pack, retrieved
 from .slots import Address, SlotMap, slot_of
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 REDIRECTS = 16  # as redis-py's cluster client: a call follows at most this many
 
@@ -77,12 +79,44 @@ class ClusterLane:
         holder = self._links.get(master) if master is not None else None
         return holder.current() if holder is not None else None
 
+    async def execute(
+        self, commands: Sequence[Sequence[Any]], *, transaction: bool = False
+    ) -> list[Any]:
+        """As ``ScriptLane.execute``: each command goes to the shard of its key (its
+        second word), the shards' batches together; a transaction must stay in one slot."""
+        by_slot: dict[int, list[int]] = {}
+        for i, command in enumerate(commands):
+            by_slot.setdefault(slot_of(str(command[1])), []).append(i)
+        if transaction and len(by_slot) > 1:
+            raise ValueError("a transaction's keys must share one hash slot")
+        replies: list[Any] = [None] * len(commands)
+
+        async def batch(slot: int, indexes: list[int]) -> None:
+            packed = [pack(*commands[i]) for i in indexes]
+            got = await self._on_slot(
+                slot, lambda link: send_commands(link, packed, transaction, self._timeout)
+            )
+            if transaction:
+                replies[:] = got
+                return
+            for i, reply in zip(indexes, got, strict=True):
+                replies[i] = reply
+
+        await asyncio.gather(*(batch(slot, indexes) for slot, indexes in by_slot.items()))
+        return replies
+
     async def _call(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], replicas: int, ms: int
     ) -> tuple[Any, int]:
         command = pack("EVALSHA", script.sha, len(keys), *keys, *args)
         wait = pack("WAIT", replicas, ms) if replicas else b""
-        slot = slot_of(keys[0])
+        return await self._on_slot(
+            slot_of(keys[0]),
+            lambda link: send_script(link, command, wait, script, self._timeout),
+        )
+
+    async def _on_slot(self, slot: int, send: Callable[[Link], Awaitable[T]]) -> T:
+        """``send`` on the link of ``slot``'s master, following redirections."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         # Short steps: a shard failing over comes back at once, all calls waiting for it.
@@ -98,7 +132,7 @@ class ClusterLane:
                     asking = None
                 else:
                     link = self._link_for(slot) or await self._connect(slot)
-                return await send_script(link, command, wait, script, self._timeout)
+                return await send(link)
             except ResponseError as exc:
                 kind, _, rest = str(exc).partition(" ")
                 if kind == "MOVED":

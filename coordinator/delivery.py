@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE = 500
+# A join's first read: (cursor, count) -> the log's last id and the events after cursor.
+FirstRead = Callable[[int, int], Awaitable[tuple[int, list[tuple[int, Event]]]]]
 
 
 class CatchUpFailed(CoordinatorError):
@@ -154,30 +156,29 @@ class LocalConnections:
                 await self.sink.disconnect(conn.cid)
 
     async def catch_up(
-        self, conn: Connection, *, within: float | None = None, joining: bool = False
+        self, conn: Connection, *, within: float | None = None, joining: FirstRead | None = None
     ) -> None:
         """Send what the log holds after the cursor, then the buffered live events.
 
         Retries while Redis is unreachable (for at most ``within`` s, if given); raises
         CatchUpFailed when Redis refuses the read or the time is up. ``joining``: the
-        cursor is the client's ``latest_event_id``, refused (InvalidInput) when it is
-        beyond the conversation's last event."""
+        cursor is the client's ``latest_event_id``, and the first page comes from this
+        call (``Sessions`` registers the connection with it), with the log's last id: a
+        cursor beyond it is refused (InvalidInput)."""
         conn.replaying = True
         backoff = Backoff(base=0.05, cap=2.0)
         loop = asyncio.get_running_loop()
         deadline = None if within is None else loop.time() + within
         while conn.cid in self._by_id:
             try:
-                if joining:
-                    last, rows = await self._state.last_and_events_after(
-                        conn.sid, conn.cursor, count=PAGE
-                    )
+                if joining is not None:
+                    last, rows = await joining(conn.cursor, PAGE)
                     if conn.cursor > last:
                         raise InvalidInput(
                             f"latest_event_id {conn.cursor} is beyond the last event "
                             f"({last}) of conversation {conn.sid!r}"
                         )
-                    joining = False
+                    joining = None
                     conn.verified = True
                 else:
                     rows = await self._state.events_after(conn.sid, conn.cursor, count=PAGE)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,7 +41,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .backoff import Backoff
 from .links import Endpoint, Link, LinkSlot, lane_supported, pack, retrieved
 
-__all__ = ["ScriptLane", "lane_supported", "send_script"]
+__all__ = ["ScriptLane", "lane_supported", "send_commands", "send_script"]
+
+T = TypeVar("T")
 
 RETRIES = 2
 
@@ -91,15 +93,31 @@ class ScriptLane:
         if link is not None:
             link.send(pack(command, channel, message), self._timeout).add_done_callback(retrieved)
 
+    async def execute(
+        self, commands: Sequence[Sequence[Any]], *, transaction: bool = False
+    ) -> list[Any]:
+        """Send ``commands`` back to back (one round trip; MULTI/EXEC around them with
+        ``transaction``) and return their raw replies, in order. Retried on a lost
+        connection, like a script: only for commands that may run twice."""
+        packed = [pack(*command) for command in commands]
+        return await self._retrying(
+            lambda link: send_commands(link, packed, transaction, self._timeout)
+        )
+
     async def _call(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], replicas: int, ms: int
     ) -> tuple[Any, int]:
         command = pack("EVALSHA", script.sha, len(keys), *keys, *args)
         wait = pack("WAIT", replicas, ms) if replicas else b""
+        return await self._retrying(
+            lambda link: send_script(link, command, wait, script, self._timeout)
+        )
+
+    async def _retrying(self, send: Callable[[Link], Awaitable[T]]) -> T:
         backoff: Backoff | None = None
         for attempt in range(RETRIES + 1):
             try:
-                return await self._send(command, wait, script)
+                return await send(self._slot.current() or await self._relocated())
             except ReadOnlyError as exc:  # a master demoted meanwhile: find the new one
                 self._slot.drop(RedisConnectionError(str(exc)))
                 if attempt == RETRIES or self._closed:
@@ -111,10 +129,6 @@ class ScriptLane:
             await asyncio.sleep(backoff.next())
         raise AssertionError("unreachable")
 
-    async def _send(self, command: bytes, wait: bytes, script: AsyncScript) -> tuple[Any, int]:
-        link = self._slot.current() or await self._relocated()
-        return await send_script(link, command, wait, script, self._timeout)
-
     async def _relocated(self) -> Link:
         if self._locate is not None:
             host, port = await self._locate()
@@ -125,6 +139,24 @@ class ScriptLane:
     async def aclose(self) -> None:
         self._closed = True
         self._slot.aclose()
+
+
+async def send_commands(
+    link: Link, packed: Sequence[bytes], transaction: bool, reply_within: float
+) -> list[Any]:
+    """Write commands back to back on ``link``; their replies (EXEC's, in a transaction)."""
+    if transaction:
+        packed = [pack("MULTI"), *packed, pack("EXEC")]
+    futures = [link.send(command, reply_within) for command in packed]
+    replies = []
+    try:
+        for fut in futures:
+            replies.append(await fut)
+    except BaseException:
+        for fut in futures:  # they fail with the connection: nobody reads them
+            fut.add_done_callback(retrieved)
+        raise
+    return list(replies[-1]) if transaction else replies
 
 
 async def send_script(

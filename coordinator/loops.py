@@ -164,8 +164,10 @@ class Loops:
                 raise NodeDraining(f"node {self._config.node_id} is draining")
             if own.status != "owned":
                 return own
-            # Ask Redis, not the cache: a start is where a dead owner gets replaced.
-            if await self._state.lease_left(own.inc) is not None:
+            # The live-node cache holds an owner alive only until its lease's expiry as
+            # last read, so it never keeps a dead owner past the moment its loop could
+            # be taken over; it saves the read when a second client joins.
+            if await self._directory.alive(own.inc):
                 return ConversationInfo(sid, own.user, own.owner, True, False)
             dead = own.inc
 
@@ -186,10 +188,18 @@ class Loops:
             await self._state.release(sid, lease.inc, lease.epoch, "stopped")
             self._intake.check()
         try:
-            await self._state.record_start(lease, created=own.status == "created")
+            # Listed under this incarnation (for the reapers) and subscribed (before the
+            # runner's first inbox read), in one round trip's time.
+            done = await asyncio.gather(
+                self._state.record_start(lease, created=own.status == "created"),
+                self._interest.watch(sid),
+                return_exceptions=True,
+            )
+            for result in done:
+                if isinstance(result, BaseException):
+                    raise result
             if initial is not None:
                 await self._actions.accept(sid, user, initial)
-            await self._interest.watch(sid)
             admitted = await self.admission.admit(lease)
             if lease.inc != self._membership.inc or self._membership.lapsed:
                 # Our lease lapsed meanwhile: a loop started now would be fenced at once,

@@ -115,12 +115,19 @@ class NodeMetrics:
             made = Histogram(name, doc, ["node"], registry=self.registry, buckets=buckets)
             return made.labels(node_id)
 
-        self.actions_accepted = counter(
-            "coordinator_actions_accepted", "User actions this node accepted durably."
+        # The hot path's counts are plain integers (an attribute increment, not a locked
+        # prometheus_client counter), read at scrape time like the speculation counts.
+        self.actions = 0
+        self.deliveries = 0
+        self.counter_from(
+            "coordinator_actions_accepted",
+            "User actions this node accepted durably.",
+            lambda: self.actions,
         )
-        self.events_delivered = counter(
+        self.counter_from(
             "coordinator_events_delivered",
             "Events this node delivered to its socket.io connections.",
+            lambda: self.deliveries,
         )
         self.redis_up = Gauge(
             "coordinator_redis_up", "1 when Redis answers PING.", ["node"], registry=self.registry

@@ -320,7 +320,7 @@ class RestApp:
             sid, settings, user, initial_user_msg=first
         )
         if first is not None:
-            self.node_metrics.actions_accepted.inc()
+            self.node_metrics.actions += 1
         return json_response(
             200 if existed else 201,
             {"conversation_id": sid, "running": info.running, "owner": info.owner},

@@ -78,16 +78,21 @@ class Sessions:
             conn = self.connections.add(cid, sid, user, latest_event_id or 0)
             try:
                 await self._interest.watch(sid)
-                await self._state.add_connections([(cid, sid, user)], self._membership.inc)
             except BaseException:
                 self.connections.forget(conn)
                 raise
         finally:
             self._join_gate.release()
+
+        async def register_and_read(after: int, count: int) -> Any:
+            # Registered before the first read, in the same round trip (state layer).
+            inc = self._membership.inc
+            return await self._state.join_and_read(cid, sid, user, inc, after, count)
+
         try:
             # Bounded: no input (a cursor Redis refuses, a Redis that stays away) may
             # leave a join hanging; a join that fails is undone.
-            await self.connections.catch_up(conn, within=cfg.join_wait, joining=True)
+            await self.connections.catch_up(conn, within=cfg.join_wait, joining=register_and_read)
         except BaseException:
             await self.leave(cid)
             raise

@@ -85,6 +85,18 @@ def test_round_trip_and_expiry() -> None:
     assert verify_token(plain, "a" * 32, now=NOW) == "bob"
 
 
+def test_a_token_verified_once_is_remembered_but_still_expires() -> None:
+    """A verifier remembers tokens it verified (a reconnecting client presents its token
+    again): the signature is not checked twice, the times are, on every use."""
+    verifier = TokenVerifier.from_settings(TokenSettings(secret="s"))
+    token = issue_token("alice", "s", 60, now=NOW)
+    assert verifier.verify(token, now=NOW + 1).user == "alice"
+    assert verifier.verify(token, now=NOW + 59).user == "alice"
+    assert _refusal(lambda: verifier.verify(token, now=NOW + 60)) == "token expired"
+    forged = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    assert _refusal(lambda: verifier.verify(forged, now=NOW + 1)) == "bad token signature"
+
+
 def test_identity_carries_every_claim_read_only() -> None:
     verifier = TokenVerifier.from_settings(TokenSettings(secret="s"))
     token = issue_token("alice", "s", claims={"org": "acme", "admin": True})

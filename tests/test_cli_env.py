@@ -13,6 +13,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def serve_parser() -> Any:
+    # argparse has no public way to list a parser's subparsers and actions: _actions it is.
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
     return subparsers.choices["serve"]

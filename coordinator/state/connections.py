@@ -11,7 +11,9 @@ from collections.abc import Callable, Sequence
 
 from redis.asyncio.client import Pipeline
 
-from .core import StateCore, text
+from workers.protocol import Event
+
+from .core import StateCore, entries, text
 
 Conn = tuple[str, str, str]  # (connection id, sid, user)
 
@@ -27,6 +29,26 @@ class ConnectionOps(StateCore):
             pipe.hset(k.node_conns(inc), cid, sid)
 
         await self._per_connection(conns, queue)
+
+    async def join_and_read(
+        self, cid: str, sid: str, user: str, inc: str, after: int, count: int
+    ) -> tuple[int, list[tuple[int, Event]]]:
+        """Register connection ``cid`` of ``inc`` and read its first page of the log: the
+        conversation's last id and the events after ``after``. One round trip: the
+        registration is made before the read (same connection, or on a cluster the
+        conversation's shard, in order), so an event logged after the read is published
+        to this node."""
+        k = self.keys
+        *_, seq, rows = await self._commands(
+            [
+                ("HSET", k.conv_conns(sid), cid, inc),
+                ("HSET", k.user_conns(user), cid, sid),
+                ("HSET", k.node_conns(inc), cid, sid),
+                ("HGET", k.conv(sid), "seq"),
+                ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
+            ]
+        )
+        return int(seq or 0), entries(rows)
 
     async def remove_connections(self, conns: Sequence[Conn], inc: str) -> None:
         """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent)."""

@@ -21,6 +21,7 @@ class ConversationOps(StateCore):
             "acquire",
             [self.keys.conv(sid)],
             [node, inc, user, dead_inc, "1" if create else "0"],
+            hot=True,
         )
         return Ownership(
             status(text(r[0]), OWNERSHIP),
@@ -34,7 +35,7 @@ class ConversationOps(StateCore):
     async def release(self, sid: str, inc: str, epoch: int | None, state: str) -> bool:
         """Give up ownership if ``inc`` (at ``epoch``; None: any) still holds it."""
         r = await self._run(
-            "release", [self.keys.conv(sid)], [inc, "" if epoch is None else epoch, state]
+            "release", [self.keys.conv(sid)], [inc, "" if epoch is None else epoch, state], hot=True
         )
         return bool(r)
 
@@ -58,25 +59,18 @@ class ConversationOps(StateCore):
         )
         return entries(rows)
 
-    async def last_and_events_after(
-        self, sid: str, after: int, count: int = 1000
-    ) -> tuple[int, list[tuple[int, Event]]]:
-        """The conversation's last event id and the logged events after ``after``,
-        atomically (one round trip)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(self.keys.conv(sid), "seq")
-            pipe.xrange(self.keys.events(sid), min=f"({after}-0", count=count)
-            seq, rows = await pipe.execute()
-        return int(seq or 0), entries(rows)
-
     async def inbox_snapshot(
         self, sid: str, after: int, count: int = 500
     ) -> tuple[int, list[tuple[int, Event]]]:
         """The conversation's last event id and its inbox after ``after``, atomically."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(self.keys.conv(sid), "seq")
-            pipe.xrange(self.keys.inbox(sid), min=f"({after}-0", count=count)
-            seq, rows = await pipe.execute()
+        k = self.keys
+        seq, rows = await self._commands(
+            [
+                ("HGET", k.conv(sid), "seq"),
+                ("XRANGE", k.inbox(sid), f"({after}-0", "+", "COUNT", count),
+            ],
+            transaction=True,
+        )
         return int(seq or 0), entries(rows)
 
     async def inbox_lengths(self, sids: Sequence[str]) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .conversations import ConversationOps
 from .core import text
@@ -29,6 +30,7 @@ class LoopOps(ConversationOps):
             "admit",
             [k.user_claims(user), k.user_loops(user)],
             [sid, inc, cap, "retry" if retry else "new", score_ms],
+            hot=True,
         )
         pairs = [text(x) for x in r[1:]]
         evicted = list(zip(pairs[0::2], pairs[1::2], strict=True))
@@ -37,7 +39,9 @@ class LoopOps(ConversationOps):
     async def release_slot(self, user: str, sid: str, inc: str) -> bool:
         """Free ``sid``'s cap slot held by ``inc`` (or drop a claim that never ran)."""
         k = self.keys
-        r = await self._run("release_slot", [k.user_claims(user), k.user_loops(user)], [sid, inc])
+        r = await self._run(
+            "release_slot", [k.user_claims(user), k.user_loops(user)], [sid, inc], hot=True
+        )
         return bool(r)
 
     async def user_loops(self, user: str) -> dict[str, str]:
@@ -52,12 +56,13 @@ class LoopOps(ConversationOps):
         idle index; a conversation just created goes into its user's index."""
         k = self.keys
         now_ms = int(time.time() * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(k.node_owned(lease.inc), lease.sid, lease.user)
-            pipe.zadd(k.node_idle(lease.inc), {lease.sid: now_ms})
-            if created and lease.user:
-                pipe.zadd(k.user_convs(lease.user), {lease.sid: now_ms}, nx=True)
-            await pipe.execute()
+        commands: list[tuple[Any, ...]] = [
+            ("HSET", k.node_owned(lease.inc), lease.sid, lease.user),
+            ("ZADD", k.node_idle(lease.inc), now_ms, lease.sid),
+        ]
+        if created and lease.user:
+            commands.append(("ZADD", k.user_convs(lease.user), "NX", now_ms, lease.sid))
+        await self._commands(commands)
 
     async def release_loop(self, lease: Lease, final_state: str) -> None:
         """Stop being the owner: cap slot, ownership (recording ``final_state``) and the

@@ -1,0 +1,156 @@
+"""Saturation: how many actions per second one node sustains with p99 under 50 ms
+(``python -m bench.run --only saturation``).
+
+Plain python-socketio (``AsyncRedisManager``, its handler emitting the answer) and two
+coordinator nodes on one private Redis; 200 clients per group, one conversation each:
+``plain``, ``coord same-node`` (clients and loops on node A) and ``coord cross-node``
+(clients on node B, loops on A). Each group runs a ladder of rates (open loop, the load
+generator's own process), a few seconds per step, until its p99 reaches 50 ms or an
+action goes unanswered; the sustained rate is the last step below. Measured at each step:
+p50/p99, and the servers' CPU per answered action; and each server's RSS per connection
+(RSS with the clients connected minus RSS before, over the clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from bench.common import (
+    Mode,
+    Proc,
+    baseline_proc,
+    cpu_seconds,
+    log_dir,
+    new_secret,
+    node_proc,
+    percentile,
+    private_redis,
+    rss_bytes,
+    start_all,
+    stop_all,
+    table,
+    url_of,
+)
+from bench.driver import LoadGenProcess, join_group
+
+P99_LIMIT_MS = 50.0
+CLIENTS = 200
+PLAIN = "plain python-socketio"
+
+
+async def _ladder(
+    gen: LoadGenProcess, group: str, pids: list[int], rates: list[int], seconds: float
+) -> list[dict[str, Any]]:
+    steps = []
+    for rate in rates:
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        r = await gen.request(
+            {"cmd": "run", "group": group, "rate": rate, "duration": seconds, "drain": 3}
+        )
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        lat = r["lat_ms"]
+        step = {
+            "rate": rate,
+            "answered": r["answered"],
+            "sent": r["sent"],
+            "lost": r["lost"],
+            "p50_ms": percentile(lat, 50),
+            "p99_ms": percentile(lat, 99),
+            "cpu_ms_per_action": 1000 * cpu / max(1, r["answered"]),
+            "schedule_lag_s": r["schedule_lag_s"],
+        }
+        steps.append(step)
+        if step["lost"] or step["p99_ms"] >= P99_LIMIT_MS or r["schedule_lag_s"] > 0.5:
+            break
+    return steps
+
+
+def _sustained(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [s for s in steps if not s["lost"] and s["p99_ms"] < P99_LIMIT_MS]
+    return ok[-1] if ok else None
+
+
+async def run(mode: Mode) -> dict[str, Any]:
+    rates = mode.pick(
+        [100, 200, 400, 600, 800, 1000], [100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500]
+    )
+    seconds = mode.pick(3.0, 5.0)
+    secret = new_secret()
+    logs = log_dir("saturation")
+    out: dict[str, Any] = {}
+    with private_redis() as redis:
+        plain = baseline_proc(
+            "plain",
+            "bench.baselines.redis_emit",
+            logs,
+            ["--secret", secret, "--redis-url", redis.url],
+        )
+        a = node_proc("sat-a", redis.url, secret, logs)
+        b = node_proc("sat-b", redis.url, secret, logs)
+        procs: list[Proc] = [plain, a, b]
+        gen = LoadGenProcess()
+        try:
+            start_all(procs)
+            await gen.start()
+            rss0 = {p.name: rss_bytes(p.pid) for p in procs}
+            groups = {
+                PLAIN: (plain, None, [plain.pid]),
+                "coord same-node": (a, None, [a.pid]),
+                "coord cross-node": (b, a, [a.pid, b.pid]),
+            }
+            for n, (name, (joins, setup, _)) in enumerate(groups.items()):
+                await join_group(
+                    gen,
+                    name,
+                    url_of(joins),
+                    secret,
+                    f"sat{n}",
+                    count=CLIENTS,
+                    setup_url=url_of(setup) if setup is not None else None,
+                )
+            rss = {
+                PLAIN: (rss_bytes(plain.pid) - rss0["plain"]) / CLIENTS,
+                # Node A holds the same-node group's clients and, for the cross group, the
+                # loops only: its growth over its own clients, as before the cross group.
+                "coord same-node": (rss_bytes(a.pid) - rss0["sat-a"]) / CLIENTS,
+                "coord cross-node": (rss_bytes(b.pid) - rss0["sat-b"]) / CLIENTS,
+            }
+            for name, (_, _, pids) in groups.items():
+                out[name] = {"steps": await _ladder(gen, name, pids, rates, seconds)}
+                out[name]["rss_bytes_per_connection"] = rss[name]
+        finally:
+            await gen.aclose()
+            stop_all(procs)
+    rows = []
+    plain_rate = (_sustained(out[PLAIN]["steps"]) or {"rate": 0})["rate"]
+    for name, r in out.items():
+        best = _sustained(r["steps"])
+        rows.append(
+            [
+                name,
+                best["rate"] if best else 0,
+                (best["rate"] / plain_rate) if best and plain_rate else float("nan"),
+                best["p50_ms"] if best else float("nan"),
+                best["p99_ms"] if best else float("nan"),
+                best["cpu_ms_per_action"] if best else float("nan"),
+                r["rss_bytes_per_connection"],
+                ", ".join(f"{s['rate']}: {s['p99_ms']:.0f}" for s in r["steps"]),
+            ]
+        )
+    t = table(
+        f"Saturation: actions/s one node sustains with p99 < {P99_LIMIT_MS:.0f} ms "
+        f"({CLIENTS} clients per group, {seconds:g} s per step)",
+        [
+            "group",
+            "sustained actions/s",
+            "x plain",
+            "p50 ms",
+            "p99 ms",
+            "server CPU ms/action",
+            "RSS bytes per connection",
+            "p99 ms by rate",
+        ],
+        rows,
+    )
+    return {"tables": [t], "json": out}
