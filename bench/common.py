@@ -322,6 +322,16 @@ def redis_version(url: str) -> str:
         client.close()
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants alive now (a node and its agent worker processes)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                out += process_tree(int(child))
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
     with open(f"/proc/{pid}/stat") as f:

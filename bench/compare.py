@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from io import BytesIO
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from bench.common import (
     node_proc,
     percentile,
     private_redis,
+    process_tree,
     run_under,
     start_all,
     stop_all,
@@ -168,8 +169,11 @@ async def compare(
                     order = list(groups)
                     rng.shuffle(order)
                     for name in order:
-                        # The servers' CPU while this group runs alone: per answered action.
-                        pids = [p.pid for p in groups[name] if p is not None]
+                        # The servers' CPU while this group runs alone: per answered action
+                        # (a node's agent worker processes included).
+                        pids = [
+                            q for p in groups[name] if p is not None for q in process_tree(p.pid)
+                        ]
                         before = sum(cpu_seconds(pid) for pid in pids)
                         r = await gen.request(
                             {"cmd": "run", "group": name, "rate": rate, "duration": seconds}
