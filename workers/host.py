@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import gc
 import logging
@@ -63,6 +64,7 @@ from .protocol import AgentContext, AgentFactory, AgentLoop, EmitFn, Event
 log = logging.getLogger("workers.host")
 
 CLOSE_WITHIN = 5.0  # seconds a cancelled dispatch gets before its agent is closed anyway
+OOM_SCORE_ADJ = 500  # of -1000..1000; the node keeps its own (0 by default)
 
 # The agent instance a task works for; tasks an agent starts inherit it (contexts are
 # copied into new tasks), so the stall reporter can name the instance behind any task.
@@ -350,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s %(name)s [agent worker {os.getpid()}]: %(message)s",
     )
     sock = socket.socket(fileno=args.channel_fd)
+    # When memory runs out, the kernel's OOM killer takes a worker before its node: a
+    # worker is replaced, a node's loops would all move (Linux; raising it needs no rights).
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+        adj.write(str(OOM_SCORE_ADJ))
     if args.memory_limit:
         resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     try:
