@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backoff import Backoff
-from .lane import send_commands, send_script
+from .lane import LaneCalls, send_commands, send_script
 from .links import Endpoint, Link, LinkSlot, pack, retrieved
 from .slots import Address, SlotMap, slot_of
 
@@ -38,7 +38,7 @@ T = TypeVar("T")
 REDIRECTS = 16  # as redis-py's cluster client: a call follows at most this many
 
 
-class ClusterLane:
+class ClusterLane(LaneCalls):
     """``seeds``: where to read the slot map first (any nodes of the cluster)."""
 
     def __init__(self, seeds: Sequence[Endpoint], *, timeout: float, connect_timeout: float):
@@ -53,21 +53,7 @@ class ClusterLane:
         self._refreshing: asyncio.Lock | None = None
         self._closed = False
 
-    # -- the calls -------------------------------------------------------------------
-    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        result, _ = await self._call(script, keys, args, 0, 0)
-        return result
-
-    async def run_replicated(
-        self,
-        script: AsyncScript,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        replicas: int,
-        timeout_ms: int,
-    ) -> tuple[Any, int]:
-        return await self._call(script, keys, args, replicas, timeout_ms)
-
+    # -- the calls (run and run_replicated: LaneCalls) ---------------------------------
     def publish(self, command: str, channel: str, message: bytes) -> None:
         """SPUBLISH without waiting for the reply, to the channel's shard if connected."""
         link = self._link_for(slot_of(channel))

@@ -41,14 +41,41 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .backoff import Backoff
 from .links import Endpoint, Link, LinkSlot, lane_supported, pack, retrieved
 
-__all__ = ["ScriptLane", "lane_supported", "send_commands", "send_script"]
+__all__ = ["LaneCalls", "ScriptLane", "lane_supported", "send_commands", "send_script"]
 
 T = TypeVar("T")
 
 RETRIES = 2
 
 
-class ScriptLane:
+class LaneCalls:
+    """What every lane offers on top of its ``_call`` (a script, with ``WAIT`` behind it
+    when ``replicas``): ``ScriptLane`` here, ``cluster_lane.ClusterLane`` per shard."""
+
+    async def _call(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], replicas: int, ms: int
+    ) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA ``script`` (loading it on NOSCRIPT), retried on a lost connection."""
+        result, _ = await self._call(script, keys, args, 0, 0)
+        return result
+
+    async def run_replicated(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int]:
+        """As ``run``, then ``WAIT replicas timeout_ms`` on the same connection: the
+        script's result and how many replicas acknowledged its writes."""
+        return await self._call(script, keys, args, replicas, timeout_ms)
+
+
+class ScriptLane(LaneCalls):
     """The lane to one Redis server (standalone, or the master Sentinel names).
 
     ``locate`` (Sentinel): returns the master's ``(host, port)``, asked on every connect.
@@ -68,23 +95,6 @@ class ScriptLane:
         self._locate = locate
         self._slot = LinkSlot(self._endpoint, connect_timeout=connect_timeout)
         self._closed = False
-
-    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA ``script`` (loading it on NOSCRIPT), retried on a lost connection."""
-        result, _ = await self._call(script, keys, args, 0, 0)
-        return result
-
-    async def run_replicated(
-        self,
-        script: AsyncScript,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        replicas: int,
-        timeout_ms: int,
-    ) -> tuple[Any, int]:
-        """As ``run``, then ``WAIT replicas timeout_ms`` on the same connection: the
-        script's result and how many replicas acknowledged its writes."""
-        return await self._call(script, keys, args, replicas, timeout_ms)
 
     def publish(self, command: str, channel: str, message: bytes) -> None:
         """Send a (S)PUBLISH without waiting for its reply (best effort: a lost one is
