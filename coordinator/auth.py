@@ -37,6 +37,7 @@ from .errors import ConfigError, InvalidInput
 
 ALGORITHMS = ("HS256", "RS256", "ES256")
 DEFAULT_TTL = 86_400
+ADMIN_ROLE = "admin"
 DEFAULT_MAX_LIFETIME = 7 * 86_400
 MAX_TOKEN_CHARS = 8192
 # How far an ``iat`` or ``nbf`` may lie in the future: the issuer's clock may run ahead.
@@ -65,6 +66,12 @@ class Identity:
 
     user: str
     claims: Mapping[str, Any]
+
+    @property
+    def admin(self) -> bool:
+        """Whether the token carries the admin role (the claim ``"role": "admin"``): it
+        may see every user's conversations in the cluster views."""
+        return self.claims.get("role") == ADMIN_ROLE
 
 
 @dataclass(frozen=True)

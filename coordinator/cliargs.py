@@ -1,4 +1,5 @@
-"""The ``coordinator`` command line: its parser, flag tables and environment fallbacks.
+"""The ``coordinator`` command line: its parser and environment fallbacks (the tables of
+``serve``'s configuration flags are in cliflags.py).
 
 Every ``serve`` flag falls back to an environment variable ``COORDINATOR_<NAME>``
 (``--redis-url`` -> ``COORDINATOR_REDIS_URL``); ``coordinator/cli.py`` runs the commands.
@@ -8,82 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
 from typing import Any
 
 from .auth import ALGORITHMS, DEFAULT_MAX_LIFETIME, DEFAULT_TTL
+from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
 from .config import DEFAULT_AGENT
 
 ENV_PREFIX = "COORDINATOR_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-
-
-def _switch(value: str) -> bool:
-    """on/off (also true/false, yes/no, 1/0) for a flag or its environment variable."""
-    word = value.strip().lower()
-    if word in ("on", "true", "yes", "1"):
-        return True
-    if word in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
-
-
-# serve flag -> ManagerConfig field, for the optional settings passed through as given.
-CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
-    "node_id": ("--node-id", str, "node id (default: HOST-PID-random)"),
-    "key_prefix": ("--key-prefix", str, "prefix of every Redis key (default: coord)"),
-    "max_concurrent_conversations": (
-        "--max-concurrent-conversations",
-        int,
-        "running loops allowed per user, cluster-wide (default: 3)",
-    ),
-    "close_delay": (
-        "--close-delay",
-        float,
-        "seconds an idle loop without connections lives on (default: 15)",
-    ),
-    "node_ttl": (
-        "--node-ttl",
-        float,
-        "seconds without heartbeat after which a node is dead (default: 6)",
-    ),
-    "heartbeat_interval": (
-        "--heartbeat-interval",
-        float,
-        "seconds between heartbeats (default: 1.5)",
-    ),
-    "lease_margin": (
-        "--lease-margin",
-        float,
-        "seconds before node_ttl at which a silent node stops its loops (default: 1.5)",
-    ),
-    "drain_timeout": (
-        "--drain-timeout",
-        float,
-        "seconds a SIGTERM drain may take before the node exits anyway (default: 30)",
-    ),
-    "max_concurrent_joins": (
-        "--max-concurrent-joins",
-        int,
-        "joins this node handles at once; more wait (default: 64)",
-    ),
-    "join_wait": (
-        "--join-wait",
-        float,
-        "seconds a join may wait for a free slot before it is refused as busy (default: 10)",
-    ),
-    "max_concurrent_restarts": (
-        "--max-concurrent-restarts",
-        int,
-        "loops this node restarts at once after another node is lost (default: 16)",
-    ),
-    "speculative_dispatch": (
-        "--speculative-dispatch",
-        _switch,
-        "on/off: an agent that allows it starts on an action sent through its own node "
-        "before the action is durable, saving a Redis round trip (default: on)",
-    ),
-}
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -98,11 +31,36 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
+class _Given(argparse.Action):
+    """Stores the value and notes that it was given on the command line, where every user
+    of the machine can read it (``ps``): the CLI warns about secrets passed that way."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        given = set(getattr(namespace, "on_command_line", ()))
+        namespace.on_command_line = given | {self.dest}
+
+
 def _secret_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--secret",
+        action=_Given,
         default=_env("secret"),
-        help=f"HS256 (HMAC) secret {what} (env COORDINATOR_SECRET)",
+        help=f"HS256 (HMAC) secret {what} (env COORDINATOR_SECRET; on the command line "
+        "it is visible in `ps`: prefer --secret-file or the variable)",
+    )
+    parser.add_argument(
+        "--secret-file",
+        default=_env("secret_file"),
+        metavar="FILE",
+        help="read the secret from FILE (its first line), e.g. a Docker or Kubernetes "
+        "secret (env COORDINATOR_SECRET_FILE)",
     )
 
 
@@ -186,11 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=_env("port", 8000), help="port to listen on")
     serve.add_argument(
         "--redis-url",
+        action=_Given,
         default=_env("redis_url"),
         help="shared Redis, e.g. redis://host:6379/0 (default: start a private embedded one)",
     )
     for dest, (flag, kind, help_text) in CONFIG_FLAGS.items():
         serve.add_argument(flag, dest=dest, type=kind, default=_env(dest), help=help_text)
+    for dest, (flag, kind, help_text) in SERVER_FLAGS.items():
+        name = flag[2:].replace("-", "_")
+        serve.add_argument(flag, dest=dest, type=kind, default=_env(name), help=help_text)
     serve.add_argument(
         "--agent", default=_env("agent", DEFAULT_AGENT), help="agent class as package.module:Class"
     )
@@ -239,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("user", metavar="USER", help="user id, e.g. alice or alice@example.com")
     token.add_argument("--ttl", type=float, default=DEFAULT_TTL, help="lifetime in seconds")
+    token.add_argument(
+        "--admin",
+        action="store_true",
+        help='add the claim "role": "admin": the token sees every user\'s loops and '
+        "connections in /api/cluster and /api/node",
+    )
     _secret_arg(token, "the nodes use (required)")
     _claim_args(token, "the")
 

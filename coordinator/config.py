@@ -92,6 +92,8 @@ class ManagerConfig:
     # Let an agent that allows it (``speculative = True``) start on an action sent
     # through its own node before the action's accept has answered (runner.py).
     speculative_dispatch: bool = True
+    # Connections one user may hold open at once, on all nodes together (0: no limit).
+    max_connections_per_user: int = 32
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -141,6 +143,10 @@ class ManagerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_connections_per_user < 0:
+            raise ConfigError(
+                f"max_connections_per_user must be >= 0, got {self.max_connections_per_user!r}"
+            )
         if self.lease_margin < 0:
             raise ConfigError(f"lease_margin must be >= 0, got {self.lease_margin!r}")
         if self.heartbeat_interval * 2 > self.node_ttl - self.lease_margin:

@@ -195,6 +195,7 @@ class LocalConnections:
                 raise CatchUpFailed(f"Redis refused to read the log of {conn.sid!r}") from exc
             for event_id, event in rows:
                 if event_id > conn.cursor:
+                    await self._room(conn)
                     conn.cursor = event_id
                     await self._send(conn, event_id, event)
             if len(rows) == PAGE:
@@ -217,6 +218,14 @@ class LocalConnections:
                 conn.cursor = event_id
                 await self._send(conn, event_id, event)
         return False
+
+    async def _room(self, conn: Connection) -> None:
+        """A replay goes at the pace its client reads, if the sink can tell (a sink may
+        have ``async room(connection_id)``: it returns when the connection can take more,
+        and drops a connection that stopped reading)."""
+        room = getattr(self.sink, "room", None)
+        if room is not None:
+            await room(conn.cid)
 
     async def _send(self, conn: Connection, event_id: int, event: Event) -> None:
         try:

@@ -1,16 +1,24 @@
 """The REST, health and metrics endpoints of one node, routed by Starlette.
 
-Every response is JSON (``/metrics`` is Prometheus text) and carries ``COMMON_HEADERS``.
-Errors are ``{"error": msg}`` with a status from ``status_for``; the log gets the detail,
-the client a clear message. Each path answers OPTIONS (204) and refuses other methods
-(405) itself, with an ``allow`` header naming exactly its methods: Starlette's own method
-matching would also serve HEAD on every GET path and list ``allow`` in no fixed order.
+Every response is JSON (``/metrics`` is Prometheus text) and carries ``COMMON_HEADERS``,
+plus ``access-control-allow-origin`` for an Origin the node allows (``--cors-origins``;
+none by default). Errors are ``{"error": msg}`` with a status from ``status_for`` (429
+with Retry-After for a limit); the log gets the detail, the client a clear message.
+
+Private by default: a caller sees their own conversations only. Another user's
+conversation answers exactly like a missing one; ``/api/cluster`` and ``/api/node`` list
+the caller's own loops and connections, unless the token has the admin role.
+
+Each path answers OPTIONS (204) and refuses other methods (405) itself, with an
+``allow`` header naming exactly its methods: Starlette's own method matching would also
+serve HEAD on every GET path and list ``allow`` in no fixed order.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
@@ -24,7 +32,8 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-from .auth import AuthError, TokenVerifier
+from .auth import AuthError, Identity, TokenVerifier
+from .codec import shape_problem
 from .config import check_conversation_id
 from .errors import (
     CapacityTimeout,
@@ -34,21 +43,26 @@ from .errors import (
     Forbidden,
     InboxFull,
     InvalidInput,
+    LimitExceeded,
     NodeBusy,
     NodeDraining,
     RedisUnavailable,
 )
 from .manager import ConversationManager
 from .metrics import CONTENT_TYPE, NodeMetrics
+from .quotas import Quotas
+from .serverconfig import NO_LIMITS, ServerConfig
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
 COMMON_HEADERS = {
-    "access-control-allow-origin": "*",
     "access-control-allow-headers": "authorization, content-type",
     "cache-control": "no-store",
 }
+# Nesting and size a REST body's JSON may have (a create request is two fields deep).
+MAX_BODY_DEPTH = 16
+MAX_BODY_ITEMS = 10_000
 # A websocket handshake outside /socket.io/ is refused with "policy violation".
 WS_POLICY_VIOLATION = 1008
 
@@ -63,7 +77,7 @@ def status_for(exc: BaseException) -> int:
         return 403
     if isinstance(exc, ConversationNotFound | ConnectionNotFound):
         return 404
-    if isinstance(exc, InboxFull):
+    if isinstance(exc, InboxFull | LimitExceeded):
         return 429
     if isinstance(exc, InvalidInput):
         return 400
@@ -99,9 +113,13 @@ def error_response(exc: Exception, request: Request) -> JSONResponse:
     if status >= 500:
         log.warning("%s %s failed: %r", request.method, request.scope["path"], exc, exc_info=exc)
     headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    body: dict[str, Any] = {"error": client_message(exc)}
+    if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+        body["retry_after"] = exc.retry_after
     if status == 401:
         headers["www-authenticate"] = "Bearer"
-    return json_response(status, {"error": client_message(exc)}, headers)
+    return json_response(status, body, headers)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -110,15 +128,18 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Resource:
     """One path's handlers by method, as the ASGI app of a Starlette ``Route``."""
 
-    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, handlers: Mapping[str, Handler], cors: Cors) -> None:
         self.handlers = dict(handlers)
         self.allow = ", ".join(sorted(self.handlers))
+        self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         response: Response
         if request.method == "OPTIONS":
             headers = {**COMMON_HEADERS, "allow": self.allow}
+            if self.cors.origins:
+                headers["access-control-allow-methods"] = self.allow
             response = Response(status_code=204, headers=headers, media_type="text/plain")
         else:
             try:
@@ -132,7 +153,26 @@ class Resource:
                 response = await handler(request)
             except Exception as exc:
                 response = error_response(exc, request)
+        self.cors.add(request, response)
         await response(scope, receive, send)
+
+
+class Cors:
+    """Which browser origins may read the node's answers (none unless configured)."""
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.origins = frozenset(origins)
+
+    def add(self, request: Request, response: Response) -> None:
+        if not self.origins:
+            return
+        if "*" in self.origins:
+            response.headers["access-control-allow-origin"] = "*"
+            return
+        response.headers["vary"] = "origin"
+        origin = request.headers.get("origin")
+        if origin in self.origins:
+            response.headers["access-control-allow-origin"] = origin
 
 
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,40 +209,67 @@ async def read_body(request: Request) -> bytes:
 
 
 def json_object(body: bytes) -> dict[str, Any]:
-    """A request body as a JSON object ({} when empty)."""
+    """A request body as a JSON object ({} when empty): strict JSON (no NaN or
+    Infinity), nested at most MAX_BODY_DEPTH levels."""
     if not body.strip():
         return {}
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidInput(
+            f"the request body is nested too deeply (more than {MAX_BODY_DEPTH} levels)"
+        ) from None
     except ValueError as exc:
         raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    problem = shape_problem(value, MAX_BODY_DEPTH, MAX_BODY_ITEMS)
+    if problem is not None:
+        raise InvalidInput(f"the request body is not acceptable: {problem}")
     if not isinstance(value, dict):
         raise InvalidInput("the request body must be a JSON object")
     return value
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 class RestApp:
-    """ASGI app serving ``/api/...``, ``/healthz`` and ``/metrics`` for one node."""
+    """ASGI app serving ``/api/...``, ``/healthz`` and ``/metrics`` for one node.
+
+    ``quotas`` holds the per-user rate limits (conversation creations); ``cors_origins``
+    the browser origins allowed to read its answers (none: no CORS headers)."""
 
     def __init__(
-        self, manager: ConversationManager, tokens: TokenVerifier, node_metrics: NodeMetrics
+        self,
+        manager: ConversationManager,
+        tokens: TokenVerifier,
+        node_metrics: NodeMetrics,
+        *,
+        quotas: Quotas | None = None,
+        cors_origins: tuple[str, ...] = (),
     ) -> None:
         self.manager = manager
         self.tokens = tokens
         self.node_metrics = node_metrics
+        self.quotas = quotas or Quotas(ServerConfig(**NO_LIMITS), lambda: manager.state)
         read_manager(node_metrics, manager)
-        conversations = Resource({"GET": self.list_conversations, "POST": self.create_conversation})
+        cors = Cors(cors_origins)
+
+        def resource(handlers: Mapping[str, Handler]) -> Resource:
+            return Resource(handlers, cors)
+
+        conversations = resource({"GET": self.list_conversations, "POST": self.create_conversation})
         self.router = Router(
             routes=[
-                Route("/healthz", Resource({"GET": self.healthz})),
-                Route("/metrics", Resource({"GET": self.metrics})),
-                Route("/api/node", Resource({"GET": self.node})),
-                Route("/api/cluster", Resource({"GET": self.cluster})),
+                Route("/healthz", resource({"GET": self.healthz})),
+                Route("/metrics", resource({"GET": self.metrics})),
+                Route("/api/node", resource({"GET": self.node})),
+                Route("/api/cluster", resource({"GET": self.cluster})),
                 Route("/api/conversations", conversations),
                 Route("/api/conversations/", conversations),
                 Route(
                     "/api/conversations/{sid}",
-                    Resource({"GET": self.get_conversation, "DELETE": self.close_conversation}),
+                    resource({"GET": self.get_conversation, "DELETE": self.close_conversation}),
                 ),
             ],
             # Both spellings of the collection are served as they are, never redirected.
@@ -214,22 +281,24 @@ class RestApp:
         await self.router(scope, receive, send)
 
     # -- helpers ---------------------------------------------------------------------
-    def user(self, request: Request) -> str:
+    def identity(self, request: Request) -> Identity:
         header = request.headers.get("authorization", "")
         if not header:
             raise AuthError("missing token: send 'Authorization: Bearer <token>'")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
-        return self.tokens.user(token.strip())
+        return self.tokens.verify(token.strip())
+
+    def user(self, request: Request) -> str:
+        return self.identity(request).user
 
     async def owned(self, sid: str, user: str) -> dict[str, Any]:
+        """The view of ``user``'s conversation ``sid``; another user's is as missing."""
         check_conversation_id(sid)
         view = await self.manager.directory.conversation_view(sid)
-        if not view:
+        if not view or view.pop("user") != user:
             raise ConversationNotFound(sid)
-        if view.pop("user") != user:
-            raise Forbidden(sid)
         return view
 
     # -- endpoints -------------------------------------------------------------------
@@ -267,22 +336,30 @@ class RestApp:
         return Response(body, 200, COMMON_HEADERS, CONTENT_TYPE)
 
     async def node(self, request: Request) -> Response:
-        self.user(request)
+        who = self.identity(request)
         m = self.manager
+        loops = sorted(m.local_loops()) if m.started else []
+        connections = list(m.node.connections) if m.started else []
+        if not who.admin:
+            loops = [sid for sid in loops if (r := m.runner(sid)) and r.lease.user == who.user]
+            connections = [c for c in connections if c.user == who.user]
         return json_response(
             200,
             {
                 "node_id": m.node_id,
                 "incarnation": m.inc if m.started else "",
                 "draining": m.draining,
-                "loops": sorted(m.local_loops()) if m.started else [],
-                "connections": len(m.local_connections()),
+                "loops": loops,
+                "connections": len(connections),
             },
         )
 
     async def cluster(self, request: Request) -> Response:
-        self.user(request)
-        return json_response(200, await self.manager.directory.cluster_view())
+        who = self.identity(request)
+        directory = self.manager.directory
+        if who.admin:
+            return json_response(200, await directory.cluster_view())
+        return json_response(200, await directory.cluster_view_for(who.user))
 
     async def list_conversations(self, request: Request) -> Response:
         user = self.user(request)
@@ -304,7 +381,12 @@ class RestApp:
         first = None if text is None else {"action": "message", "args": {"content": text}}
         if self.manager.draining:
             raise NodeDraining(f"node {self.manager.node_id} is draining; use another node")
-        existed = bool(await self.manager.conversation(sid))
+        record = await self.manager.conversation(sid)
+        if record and record.get("user") != user:
+            raise Forbidden(sid)
+        if not record:
+            await self.quotas.creation(user)
+        existed = bool(record)
         info = await self.manager.maybe_start_agent_loop(sid, {}, user, initial_user_msg=first)
         if first is not None:
             self.node_metrics.actions_accepted.inc()
@@ -316,7 +398,10 @@ class RestApp:
     async def close_conversation(self, request: Request) -> Response:
         user = self.user(request)
         sid = check_conversation_id(request.path_params["sid"])
-        closed = await self.manager.close_session(sid, user)
+        try:
+            closed = await self.manager.close_session(sid, user)
+        except Forbidden:
+            raise ConversationNotFound(sid) from None
         return json_response(200, {"closed": closed})
 
 

@@ -323,6 +323,48 @@ end
 return {'ok', refs}
 """
 
+# -- limits (coordinator/state/limits.py) ---------------------------------------------------
+TAKE_TOKENS = (
+    """
+-- take_tokens: take up to ARGV[3] tokens from a token bucket refilled continuously.
+-- KEYS[1]  bucket hash (tokens, at = ms of the last refill); a missing bucket is full
+-- ARGV[1]  rate (tokens per second, > 0)   ARGV[2] burst (most tokens saved up)
+-- ARGV[3]  tokens wanted (>= 1)
+-- returns  {granted, ms until one more token}: granted 1..ARGV[3] (the wait is 0), or 0
+--          and the wait
+"""
+    + _NOW
+    + """
+local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local f = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(f[1] or burst), tonumber(f[2] or now)
+if now > at then tokens = math.min(burst, tokens + (now - at) * rate / 1000) end
+local granted = math.min(want, math.floor(tokens))
+if granted < 1 then
+  return {0, math.ceil((1 - tokens) * 1000 / rate)}
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - granted), 'at', math.max(now, at))
+-- a bucket left alone refills in burst / rate seconds: then it is as good as missing
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return {granted, 0}
+"""
+)
+
+CLAIM_CONNECTION = """
+-- claim_connection: list a connection under its user unless the user holds the most
+-- connections allowed, cluster-wide (the hash the reapers and disconnects clean).
+-- KEYS[1]  user's connections hash (connection id -> sid)
+-- ARGV[1]  connection id   ARGV[2] sid   ARGV[3] most connections allowed
+-- returns  {1, count} when listed (or listed already), {0, count} at the limit
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return {1, redis.call('HLEN', KEYS[1])}
+end
+local count = redis.call('HLEN', KEYS[1])
+if count >= tonumber(ARGV[3]) then return {0, count} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return {1, count + 1}
+"""
+
 ALL = {
     "acquire": ACQUIRE,
     "release": RELEASE,
@@ -335,4 +377,6 @@ ALL = {
     "delete_if": DELETE_IF,
     "hdel_if": HDEL_IF,
     "attach": ATTACH,
+    "take_tokens": TAKE_TOKENS,
+    "claim_connection": CLAIM_CONNECTION,
 }

@@ -1,6 +1,9 @@
 """One node as a running HTTP server: the manager, its ASGI app and uvicorn, in order.
 
-Start-up: start the manager (Redis must answer), build the app, bind the socket, serve.
+Start-up: start the manager (Redis must answer), bind the sockets (the node's port and,
+if asked, a metrics port), build the app, serve. The HTTP protocol is uvicorn's h11 held
+to the node's connection limits and request deadline (protocols.py); websocket messages
+are bounded by what engine.io accepts (``ServerConfig``).
 Shutdown, in named steps: drain the manager (it refuses new loops and connections, hands
 off its loops, tells its clients to reconnect and disconnects them), then stop uvicorn.
 """
@@ -16,11 +19,16 @@ from typing import Any
 
 import uvicorn
 
+from . import redact
 from .app import create_app, new_manager
 from .auth import TokenVerifier
 from .config import ManagerConfig
+from .connlimits import ConnectionGuard
 from .errors import CoordinatorError
 from .manager import ConversationManager
+from .protocols import GuardedH11Protocol, NodeConfig
+from .serverconfig import MAX_HEAD_BYTES, ServerConfig
+from .tasks import TaskSet
 from .websocket import CoalescingSansIOProtocol
 
 log = logging.getLogger(__name__)
@@ -77,16 +85,21 @@ class NodeServer:
         host: str = "127.0.0.1",
         port: int = 8000,
         log_level: str = "warning",
+        server_config: ServerConfig | None = None,
     ) -> None:
         self.config = config
         self.auth = auth  # a TokenVerifier, or the secret of HS256 tokens
         self.host = host
         self.port = port
         self.log_level = log_level
+        self.server_config = server_config or ServerConfig()
         self.manager: ConversationManager = new_manager(config)
+        self.guard = ConnectionGuard(self.server_config)
+        # Background work of the socket.io server (closing sessions that never joined).
+        self.tasks = TaskSet(log)
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._sock: socket.socket | None = None
+        self._socks: list[socket.socket] = []
 
     @property
     def node_id(self) -> str:
@@ -97,29 +110,55 @@ class NodeServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """Where /metrics is served: the metrics port if there is one, else the node's."""
+        port = self.server_config.metrics_port
+        if port is None:
+            return f"{self.url}/metrics"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{port}/metrics"
+
     async def start(self) -> None:
         """Start the manager and begin serving; raises RedisUnavailable, CoordinatorError."""
         # The manager first: a bad agent or an unreachable Redis is the error to report.
         await self.manager.start()
         try:
-            app, _ = create_app(self.manager, self.auth)
-            sock = bind(self.host, self.port)
+            self._socks = [bind(self.host, self.port)]
+            self.port = int(self._socks[0].getsockname()[1])
+            settings = self.server_config
+            if settings.metrics_port is not None:
+                self._socks.append(bind(self.host, settings.metrics_port))
+                port = int(self._socks[1].getsockname()[1])
+                settings = self.server_config = settings.replace(metrics_port=port)
+            app, _ = create_app(
+                self.manager, self.auth, config=settings, tasks=self.tasks, guard=self.guard
+            )
         except BaseException:
+            self._close_sockets()
             await self.manager.aclose()
             raise
-        self.port = int(sock.getsockname()[1])
-        self._sock = sock
-        config = uvicorn.Config(
+        redact.install()
+        config = NodeConfig(
             app,
+            guard=self.guard,
+            request_timeout=settings.request_timeout,
             log_level=self.log_level,
             log_config=None,
             access_log=self.log_level == "debug",
             lifespan="off",
+            http=GuardedH11Protocol,
             ws=CoalescingSansIOProtocol,
+            # Nothing larger than the largest packet engine.io accepts is buffered.
+            ws_max_size=settings.message_bytes(self.config.max_action_bytes),
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+            timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
+            # Client addresses from X-Forwarded-For: only from trusted proxies (edge.py).
+            proxy_headers=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         )
         self._server = _Uvicorn(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="uvicorn")
+        self._task = asyncio.create_task(self._server.serve(sockets=self._socks), name="uvicorn")
         ready = asyncio.create_task(self._server.ready.wait())
         await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():
@@ -146,9 +185,13 @@ class NodeServer:
             with contextlib.suppress(Exception):
                 await self._task
             self._task = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        await self.tasks.aclose()
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
 
     async def _stop_manager(self) -> None:
         try:

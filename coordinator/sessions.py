@@ -21,7 +21,7 @@ from workers.protocol import Event
 
 from .config import ManagerConfig
 from .delivery import LocalConnections
-from .errors import CoordinatorError, InvalidInput, NodeBusy
+from .errors import CoordinatorError, InvalidInput, LimitExceeded, NodeBusy
 from .loops import ConversationInfo, Intake, Loops
 from .membership import Membership
 from .state import RedisState
@@ -78,11 +78,17 @@ class Sessions:
         try:
             info = await self._loops.ensure_running(sid, user, settings, None)
             conn = self.connections.add(cid, sid, user, latest_event_id or 0)
+            watching = False
             try:
+                watching = True  # a watch that fails may still hold its reference
                 await self._interest.watch(sid)
+                await self._claim(cid, sid, user)
                 await self._state.add_connections([(cid, sid, user)], self._membership.inc)
             except BaseException:
+                # Undone in full: a refused or failed join keeps no subscription either.
                 self.connections.forget(conn)
+                if watching:
+                    await self._interest.unwatch(sid)
                 raise
         finally:
             self._join_gate.release()
@@ -94,6 +100,19 @@ class Sessions:
             await self.leave(cid)
             raise
         return info
+
+    async def _claim(self, cid: str, sid: str, user: str) -> None:
+        """Count the connection under its user's cap (``max_connections_per_user``, on
+        all nodes together), or refuse it."""
+        cap = self._config.max_connections_per_user
+        if cap and not await self._state.claim_connection(
+            cid, sid, user, self._membership.inc, cap
+        ):
+            raise LimitExceeded(
+                "connections per user",
+                f"too many connections: user {user!r} has {cap} open (the limit); "
+                "close one to open another",
+            )
 
     async def leave(self, cid: str) -> None:
         conn = self.connections.get(cid)

@@ -9,12 +9,13 @@ every method is one Redis round trip or a few sent together.
 
 from .connections import ConnectionOps
 from .core import accept_token, text
+from .limits import LimitOps
 from .loops import LoopOps
 from .registry import LeaseRenewer, RegistryOps
 from .results import Accepted, Admitted, Committed, Lease, Ownership
 
 
-class RedisState(LoopOps, ConnectionOps, RegistryOps):
+class RedisState(LoopOps, ConnectionOps, RegistryOps, LimitOps):
     """Typed operations over one Redis deployment (see the package docstring)."""
 
 
