@@ -22,7 +22,7 @@ import json
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -79,7 +79,7 @@ class TokenSettings:
     """How a node verifies tokens; checked on creation, no I/O."""
 
     algorithm: str = "HS256"
-    secret: str | None = None  # HS256 only
+    secret: str | None = field(default=None, repr=False)  # HS256 only; never in a repr
     public_key_file: str | None = None  # RS256/ES256: a PEM public key ...
     jwks_file: str | None = None  # ... or a JSON Web Key Set, one of the two
     issuer: str | None = None

@@ -111,7 +111,8 @@ class ManagerConfig:
                 raise ConfigError(f"{f.name} must be a number, got {value!r}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
-                f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+                "redis_url must start with redis://, rediss:// or unix://, got "
+                f"{redact_url(self.redis_url)!r}"
             )
         try:
             check_connection_id(self.node_id)
@@ -155,6 +156,16 @@ class ManagerConfig:
                 f"stop: need 2 * {self.heartbeat_interval} <= node_ttl - lease_margin "
                 f"({self.node_ttl} - {self.lease_margin})"
             )
+
+    def __repr__(self) -> str:
+        # The dataclass's own, with the Redis URL's password left out (configs get logged).
+        values = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "redis_url":
+                value = redact_url(value)
+            values.append(f"{f.name}={value!r}")
+        return f"ManagerConfig({', '.join(values)})"
 
     def replace(self, **changes: Any) -> ManagerConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

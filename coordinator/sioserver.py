@@ -110,6 +110,7 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         if socket is not None and not socket.closed:
             # Not engine.io's disconnect(): it waits for the client to poll its CLOSE.
             await socket.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
+            self.eio.sockets.pop(eio_sid, None)  # else kept until its service task's round
 
     def backlogged(self, eio_sid: str, *, half: bool = False) -> bool:
         """Whether more than ``max_queued_events`` packets (``half``: half as many) wait

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from coordinator.ratelimit import Rate
-from coordinator.serverconfig import NO_LIMITS, ServerConfig
 from coordinator.server import NodeServer
+from coordinator.serverconfig import NO_LIMITS, ServerConfig
 from tests.helpers import wait_until
 from tests.rawsocket import RawSocket
 from tests.server_fixtures import ServerCluster
