@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 SCOPE_KEY = "coordinator.frames"
 SOCKETIO_PATH = "/socket.io/"
 ENGINEIO_TYPES = frozenset("0123456")
-# Close codes (RFC 6455): the peer broke the protocol / our policy / sent too much.
+ENGINEIO_CLOSE = "1"
+# Close codes (RFC 6455): done / the peer broke the protocol / our policy / too much.
+NORMAL_CLOSURE = 1000
 PROTOCOL_ERROR = 1002
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
@@ -111,7 +113,7 @@ class FrameGuard:
                 problem = self._problem(message)
                 if problem is None:
                     return message
-                await self.close(*problem, log_it=True)
+                await self.close(*problem, log_it=problem[0] != NORMAL_CLOSURE)
             return {"type": "websocket.disconnect", "code": self.close_code or 1000}
 
         return guarded
@@ -124,6 +126,9 @@ class FrameGuard:
         text = message.get("text")
         if text is not None and (not text or text[0] not in ENGINEIO_TYPES):
             return PROTOCOL_ERROR, "malformed engine.io packet"
+        if text is not None and text[0] == ENGINEIO_CLOSE:
+            # engine.io ends the session on it but keeps reading the websocket, unanswered.
+            return NORMAL_CLOSURE, "closed by the client (engine.io CLOSE)"
         return None
 
 

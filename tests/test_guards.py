@@ -55,6 +55,18 @@ async def test_a_frame_engineio_cannot_read_closes_the_connection_and_forgets_it
     await wait_until(lambda: forgotten_everywhere(a), timeout=3, what="connection forgotten")
 
 
+async def test_an_engineio_close_from_the_client_ends_the_websocket(
+    servers: ServerCluster,
+) -> None:
+    """engine.io ends its session on the client's CLOSE packet but went on reading the
+    websocket, answering nothing: the node closes the websocket too."""
+    (a,) = await servers.start(1)
+    sock = await joined(servers, a)
+    await sock.ws.send("1")
+    assert await sock.closed() == (1000, "closed by the client (engine.io CLOSE)")
+    await wait_until(lambda: forgotten_everywhere(a), timeout=3, what="connection forgotten")
+
+
 MALFORMED_CLOSED = [
     ('2["oh_user_action",', "not a socket.io packet"),
     ("9", "unknown or unexpected packet type"),
