@@ -26,6 +26,7 @@ BENCHMARKS = {
     "failover": "bench.failover",
     "profile": "bench.profile",
     "timeline": "bench.timeline",
+    "attacks": "bench.attacks",
 }
 # Run only when named with --only (it needs py-spy and adds a minute).
 ON_REQUEST = {"profile"}

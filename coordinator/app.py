@@ -74,10 +74,11 @@ class SocketSink:
         eio_sid = sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
         if eio_sid is None:
             return  # disconnected meanwhile; its disconnect handler cleans up
-        if sio.backlogged(eio_sid):
-            # A client that does not read: close it rather than queue without bound. It
+        backlog = sio.backlogged(eio_sid)
+        if backlog is not None:
+            # A client that does not read: drop it rather than queue without bound. It
             # reconnects with latest_event_id and gets everything from the log.
-            reason = f"over {sio.max_queued_events} events waiting; reconnect to catch up"
+            reason = f"{backlog}; reconnect to catch up"
             await sio.close_connection(eio_sid, POLICY_VIOLATION, reason, now=True)
             return
         # What ``sio.emit(..., to=connection_id)`` sends, without the task per recipient
@@ -95,6 +96,7 @@ class SocketSink:
             ).encode()
         for part in encoded if isinstance(encoded, list) else (encoded,):
             await sio.eio.send(eio_sid, part)
+            sio.queued(eio_sid, len(part) + 1)  # engine.io's "4" prefix
         # The metrics cost ~3.5 us per delivery on a loaded 2-core box (counter 0.7,
         # histogram 1.4, the timestamp's fromisoformat 0.7): the parse is not the cost.
         metrics.events_delivered.inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import secrets
 import signal
@@ -206,6 +207,11 @@ async def _serve(
         _fail(1, f"{exc} (check --redis-url / COORDINATOR_REDIS_URL)")
     except (CoordinatorError, RuntimeError) as exc:
         _fail(1, str(exc))
+    # What start-up made (modules, classes, the node's parts) lives as long as the
+    # process: out of the cyclic GC's sight, a full collection walks only what came
+    # later. Under a connection flood, full collections took 50-110 ms before (a client's
+    # ack waited that long), 10-30 ms after (docs/failures.md).
+    gc.freeze()
     print(f"node {node.node_id} serving on {node.url}", flush=True)
     if server_config.metrics_port is not None:
         print(f"node {node.node_id} serves /metrics on {node.metrics_url}", flush=True)

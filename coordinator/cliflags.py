@@ -133,6 +133,12 @@ SERVER_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         int,
         "connections one client address may hold open on this node; 0: no limit (default: 256)",
     ),
+    "connections_per_address": (
+        "--limit-connections-per-address",
+        _rate,
+        "new connections one client address may open, RATE[:BURST] per second (IPv6: per "
+        "/64) (default: 20:100)",
+    ),
     "trusted_proxies": (
         "--trusted-proxies",
         split_list,
@@ -181,7 +187,13 @@ SERVER_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "max_queued_events": (
         "--max-queued-events",
         int,
-        "events waiting for a client that does not read before it is disconnected; it "
+        "events waiting for a client that does not read before it is dropped; it "
         "reconnects with latest_event_id and misses nothing (default: 2000)",
+    ),
+    "max_queued_bytes": (
+        "--max-queued-bytes",
+        int,
+        "bytes of events waiting for a websocket client that does not read before it is "
+        "dropped (default: 1 MiB)",
     ),
 }

@@ -5,16 +5,25 @@ whatever it then sends (nothing, half a request, a websocket upgrade). It also c
 against its address's ``max_connections_per_address``, unless it comes from a trusted
 proxy: then the address is the client the proxy names in X-Forwarded-For, known only once
 a request arrives, and each request or websocket session is counted under it
-(``admit_forwarded``). A connection over a limit is refused at once with a reason.
+(``admit_forwarded``). New connections are also limited in rate per address
+(``connections_per_address``): each handshake a client makes costs the node more than a
+refusal. A connection over a limit is refused at once with a reason. IPv6 clients are
+counted per /64, which one machine usually has whole.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections import Counter
 from typing import Any
 
+from .ratelimit import TokenBucket, retry_after
 from .serverconfig import Network, ServerConfig
+
+# Buckets kept before the refilled ones are dropped (each is a few hundred bytes; an
+# attacker with many addresses makes this many at most between prunes).
+PRUNE_AT = 10_000
 
 
 def peer_address(transport: Any) -> str:
@@ -23,6 +32,16 @@ def peer_address(transport: Any) -> str:
     if isinstance(peer, tuple | list) and peer and isinstance(peer[0], str):
         return peer[0]
     return ""
+
+
+def address_key(address: str) -> str:
+    """What a client is counted as: its IPv4 address, or its IPv6 address's /64."""
+    if ":" not in address:
+        return address
+    try:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    except ValueError:
+        return address
 
 
 def trusted(address: str, networks: tuple[Network, ...]) -> bool:
@@ -52,7 +71,9 @@ class ConnectionGuard:
     def __init__(self, config: ServerConfig) -> None:
         self.max_total = config.max_connections
         self.max_per_address = config.max_connections_per_address
+        self.rate = config.connections_per_address
         self.networks = config.networks
+        self._buckets: dict[str, TokenBucket] = {}  # address -> its new-connection bucket
         self._open: dict[int, str] = {}  # id(transport) -> address counted ('' = none)
         self._per_address: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()  # reason -> count, for /metrics
@@ -61,7 +82,7 @@ class ConnectionGuard:
         return len(self._open)
 
     def count(self, address: str) -> int:
-        return self._per_address[address]
+        return self._per_address[address_key(address)]
 
     def is_trusted(self, address: str) -> bool:
         return trusted(address, self.networks)
@@ -96,17 +117,38 @@ class ConnectionGuard:
     def _count(self, address: str) -> str | None:
         if not address:
             return None
-        if self.max_per_address and self._per_address[address] >= self.max_per_address:
+        key = address_key(address)
+        if self.max_per_address and self._per_address[key] >= self.max_per_address:
             self.refused["address"] += 1
             return (
                 f"too many connections from {address} (at most {self.max_per_address} per address)"
             )
-        self._per_address[address] += 1
+        if not self.rate.unlimited:
+            now = time.monotonic()
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                if len(self._buckets) >= PRUNE_AT:
+                    self._prune(now)
+                bucket = self._buckets[key] = TokenBucket(self.rate, now)
+            wait = bucket.take(now)
+            if wait > 0:
+                self.refused["rate"] += 1
+                return (
+                    f"too many new connections from {address} (limit {self.rate}); "
+                    f"retry in {retry_after(wait):g}s"
+                )
+        self._per_address[key] += 1
         return None
 
     def _uncount(self, address: str) -> None:
-        left = self._per_address[address] - 1
+        key = address_key(address)
+        left = self._per_address[key] - 1
         if left > 0:
-            self._per_address[address] = left
+            self._per_address[key] = left
         else:
-            del self._per_address[address]
+            del self._per_address[key]
+
+    def _prune(self, now: float) -> None:
+        """Forget the buckets that refilled: they hold nothing a new one would not."""
+        for key in [k for k, b in self._buckets.items() if b.full(now)]:
+            del self._buckets[key]

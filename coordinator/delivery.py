@@ -38,6 +38,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE = 500
+# A replay reads the log a page at a time; pages hold about REPLAY_PAGE_BYTES of events
+# (at most PAGE of them, at least one), so a client replaying big events, or reading
+# slowly, holds about that much, not PAGE big events. The first page is smaller: its
+# events' size is not known yet.
+FIRST_PAGE = 100
+REPLAY_PAGE_BYTES = 256 * 1024
+# Events a replay sends before it lets the event loop run other work.
+YIELD_EVERY = 64
 # Redis errors worth retrying: the link, not the request. Any other Redis error (a
 # refused command) would fail the same way again.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -170,11 +178,12 @@ class LocalConnections:
         backoff = Backoff(base=0.05, cap=2.0)
         loop = asyncio.get_running_loop()
         deadline = None if within is None else loop.time() + within
+        count = FIRST_PAGE
         while conn.cid in self._by_id:
             try:
                 if joining:
                     last, rows = await self._state.last_and_events_after(
-                        conn.sid, conn.cursor, count=PAGE
+                        conn.sid, conn.cursor, count=count
                     )
                     if conn.cursor > last:
                         raise InvalidInput(
@@ -182,8 +191,9 @@ class LocalConnections:
                             f"({last}) of conversation {conn.sid!r}"
                         )
                     joining = False
+                    size = 0
                 else:
-                    rows = await self._state.events_after(conn.sid, conn.cursor, count=PAGE)
+                    rows, size = await self._state.events_after_sized(conn.sid, conn.cursor, count)
             except TRANSIENT as exc:
                 delay = backoff.next()
                 if deadline is not None and loop.time() + delay > deadline:
@@ -193,12 +203,16 @@ class LocalConnections:
                 continue
             except RedisError as exc:
                 raise CatchUpFailed(f"Redis refused to read the log of {conn.sid!r}") from exc
-            for event_id, event in rows:
+            for i, (event_id, event) in enumerate(rows, 1):
                 if event_id > conn.cursor:
                     await self._room(conn)
                     conn.cursor = event_id
                     await self._send(conn, event_id, event)
-            if len(rows) == PAGE:
+                if i % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a long replay does not hold up the node
+            if len(rows) == count:
+                # The next page: about REPLAY_PAGE_BYTES by the size of this one's events.
+                count = max(1, min(PAGE, REPLAY_PAGE_BYTES * count // size)) if size else count
                 continue
             if not await self._drain_buffer(conn):
                 # No await between the empty buffer and going live: nothing slips by.

@@ -69,6 +69,15 @@ class FrameGuard:
         self._abort = abort
         self.closed: str | None = None  # the reason it was closed for
         self.close_code = 0
+        # Bytes of events handed to engine.io for this client, and bytes written to it:
+        # the difference waits in engine.io's queue (SocketSink counts the first).
+        self.queued_bytes = 0
+        self.sent_bytes = 0
+
+    @property
+    def backlog(self) -> int:
+        """Bytes of events waiting for the client."""
+        return self.queued_bytes - self.sent_bytes
 
     @staticmethod
     def of(environ: Mapping[str, Any] | None) -> FrameGuard | None:
@@ -118,6 +127,17 @@ class FrameGuard:
 
         return guarded
 
+    def counting(self, send: Send) -> Send:
+        """``send`` with the bytes of every message written counted."""
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "websocket.send":
+                data = message.get("text") or message.get("bytes") or b""
+                self.sent_bytes += len(data)
+            await send(message)
+
+        return counted
+
     def _problem(self, message: Message) -> tuple[int, str] | None:
         wait = self._bucket.take(time.monotonic())
         if wait > 0:
@@ -163,7 +183,7 @@ class Edge:
                 abort = scope.get(ABORT_KEY)
                 frames = FrameGuard(send, self.frames, address, self.throttle, abort)
                 scope[SCOPE_KEY] = frames
-                receive = frames.receive(receive)
+                receive, send = frames.receive(receive), frames.counting(send)
             await self.app(scope, receive, send)
         finally:
             if forwarded:

@@ -24,10 +24,12 @@ from redis.exceptions import RedisError
 from .auth import AuthError, TokenVerifier
 from .config import check_connection_id, check_conversation_id
 from .errors import CoordinatorError, Forbidden, InvalidInput, LimitExceeded
+from .http import client_message
 from .manager import ConversationManager
 from .metrics import NodeMetrics
 from .quotas import Quotas
-from .rest import client_message
+from .ratelimit import LogThrottle
+from .sioserver import GuardedServer
 
 if TYPE_CHECKING:
     from .app import SocketSink
@@ -71,7 +73,7 @@ class SocketHandlers:
 
     def __init__(
         self,
-        sio: socketio.AsyncServer,
+        sio: GuardedServer,
         manager: ConversationManager,
         tokens: TokenVerifier,
         sink: SocketSink,
@@ -85,6 +87,7 @@ class SocketHandlers:
         self.metrics = metrics
         self.quotas = quotas
         self._users: dict[str, str] = {}  # joined connection -> its user
+        self._refusals = LogThrottle(log)  # a flood of refused joins is not a flood of lines
 
     def register(self) -> None:
         self.sio.on("connect", self.connect, namespace=NAMESPACE)
@@ -127,7 +130,12 @@ class SocketHandlers:
         except Exception as exc:
             await self._forget(connection_id, joined)
             message = self._refusal(exc)
-            log.info("connection %s refused: %s", connection_id, message)
+            self._refusals.info("connection %s refused: %s", connection_id, message)
+            if isinstance(exc, LimitExceeded):
+                # Nothing to try again on this session: it ends after the refusal.
+                eio_sid = self.sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
+                if eio_sid is not None:
+                    self.sio.tasks.spawn(self.sio.end_session(eio_sid), "refused")
             if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
                 raise socketio.exceptions.ConnectionRefusedError(
                     message, {"retry_after": exc.retry_after}

@@ -54,21 +54,29 @@ class GuardedH11Protocol(H11Protocol):
 
     _deadline: asyncio.TimerHandle | None = None
     _counted = False
+    _refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
         guard = guard_of(self)
-        if guard is None:
-            return
-        refusal = guard.admit(transport)
-        if refusal is not None:
-            transport.write(raw_response(503, "Service Unavailable", refusal, "retry-after: 1\r\n"))
-            transport.close()
-            return
-        self._counted = True
-        self._arm()
+        if guard is not None:
+            refusal = guard.admit(transport)
+            if refusal is not None:
+                # Before uvicorn sets the connection up: a flood of refused connections
+                # costs the node as little as it can.
+                self._refused = True
+                transport.write(
+                    raw_response(503, "Service Unavailable", refusal, "retry-after: 1\r\n")
+                )
+                transport.close()
+                return
+            self._counted = True
+        super().connection_made(transport)
+        if self._counted:
+            self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return  # uvicorn never knew it
         self._disarm()
         guard = guard_of(self)
         if guard is not None and self._counted:
@@ -76,6 +84,8 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         super().data_received(data)
         if self.transport.get_protocol() is not self:
             self._disarm()  # upgraded to a websocket: its own timeouts apply

@@ -35,6 +35,15 @@ class Quotas:
         self.user_actions = UserAllowance(
             "actions per user", config.actions_per_user, self._redis_bucket("actions")
         )
+        self.joins = UserAllowance(
+            "joins per user", config.joins_per_user, self._redis_bucket("joins"), batch=1
+        )
+        self.creations = UserAllowance(
+            "creations per user",
+            config.creations_per_user,
+            self._redis_bucket("creations"),
+            batch=1,
+        )
         self.refused: Counter[str] = Counter()  # limit -> refusals, for /metrics
 
     def _redis_bucket(self, limit: str) -> Take:
@@ -70,17 +79,14 @@ class Quotas:
             raise
 
     async def join(self, user: str) -> None:
-        await self._one("joins", user)
+        await self._one(self.joins, user)
 
     async def creation(self, user: str) -> None:
-        await self._one("creations", user)
+        await self._one(self.creations, user)
 
-    async def _one(self, limit: str, user: str) -> None:
-        rate: Rate = getattr(self.config, f"{limit}_per_user")
-        if rate.unlimited:
-            return
-        granted, wait = await self._state().take_tokens(user, limit, rate.per_second, rate.burst, 1)
-        if not granted:
-            exc = over(f"{limit} per user", rate, wait)
+    async def _one(self, allowance: UserAllowance, user: str) -> None:
+        try:
+            await allowance.take(user)
+        except LimitExceeded as exc:
             self.refused[exc.limit] += 1
-            raise exc
+            raise

@@ -10,6 +10,7 @@ one Redis call per batch rather than one per action.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -83,6 +84,11 @@ class TokenBucket:
         self._tokens = tokens
         return (n - tokens) / rate.per_second
 
+    def full(self, now: float) -> bool:
+        """Whether the bucket has refilled completely (it may as well be dropped)."""
+        rate = self.rate
+        return rate.unlimited or self._tokens + (now - self._at) * rate.per_second >= rate.burst
+
 
 def retry_after(seconds: float) -> float:
     """A wait as told to clients: rounded up to milliseconds, never 0."""
@@ -131,45 +137,84 @@ class UserAllowance:
     and returns ``(granted, seconds until one more)``. Tokens taken but not used within
     ``hold`` seconds are dropped, so a node never sits on a user's allowance; a user
     spread over several nodes can lose at most one batch per node that way, so the limit
-    is never exceeded, only sometimes met a little early.
+    is never exceeded, only sometimes met a little early. A user's actions on one node
+    wait for one Redis call at a time. A user Redis refused is
+    refused here, without asking again, until the wait it was told has passed: a flood
+    over the limit costs no Redis call per request.
     """
 
-    def __init__(self, name: str, rate: Rate, take_redis: Take, *, hold: float = 5.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        rate: Rate,
+        take_redis: Take,
+        *,
+        batch: int | None = None,
+        hold: float = 5.0,
+    ) -> None:
         self.name = name
         self.rate = rate
         self._take = take_redis
         self._hold = hold
         # One Redis call per batch: a tenth of a second of the rate, within the burst.
-        self.batch = max(1, min(int(rate.burst) // 4, math.ceil(rate.per_second / 10)))
+        self.batch = batch or max(1, min(int(rate.burst) // 4, math.ceil(rate.per_second / 10)))
         self._held: dict[str, tuple[int, float]] = {}  # user -> (tokens, drop at)
+        self._refused: dict[str, float] = {}  # user -> refused until (monotonic)
+        self._fetching: dict[str, asyncio.Future[None]] = {}  # user -> its Redis call
 
     async def take(self, user: str) -> None:
         """One token for ``user``, or LimitExceeded with the wait."""
         if self.rate.unlimited:
             return
-        if self._take_held(user):
-            return
-        # Concurrent actions of one user on this node may each fetch a batch; what is
-        # left over is dropped after ``hold``, so that only costs the user a little early.
-        granted, wait = await self._take(user, self.batch)
+        while True:
+            now = time.monotonic()
+            until = self._refused.get(user)
+            if until is not None:
+                if now < until:
+                    raise over(self.name, self.rate, until - now)
+                del self._refused[user]
+            if self._take_held(user, now):
+                return
+            fetching = self._fetching.get(user)
+            if fetching is None:
+                break
+            # One Redis call per user at a time: a burst of one user's actions would
+            # otherwise open as many calls (and grow the Redis pool as far).
+            await asyncio.shield(fetching)
+        done = asyncio.get_running_loop().create_future()
+        self._fetching[user] = done
+        try:
+            granted, wait = await self._take(user, self.batch)
+        finally:
+            del self._fetching[user]
+            done.set_result(None)
+        now = time.monotonic()
+        if len(self._held) + len(self._refused) > PRUNE_AT:
+            self.forget_expired(now)
         if granted <= 0:
+            self._refused[user] = now + wait
             raise over(self.name, self.rate, wait)
-        tokens, _ = self._held.get(user, (0, 0.0))
-        self._held[user] = (tokens + granted - 1, time.monotonic() + self._hold)
+        if granted > 1:
+            tokens, _ = self._held.get(user, (0, 0.0))
+            self._held[user] = (tokens + granted - 1, now + self._hold)
 
-    def _take_held(self, user: str) -> bool:
+    def _take_held(self, user: str, now: float) -> bool:
         held = self._held.get(user)
         if held is None:
             return False
         tokens, until = held
-        if tokens <= 0 or time.monotonic() >= until:
+        if tokens <= 0 or now >= until:
             del self._held[user]
             return False
         self._held[user] = (tokens - 1, until)
         return True
 
-    def forget_expired(self) -> None:
-        """Drop what no user can use any more (called now and then)."""
-        now = time.monotonic()
+    def forget_expired(self, now: float) -> None:
+        """Drop what no user can use any more."""
         for user in [u for u, (n, until) in self._held.items() if n <= 0 or until <= now]:
             del self._held[user]
+        for user in [u for u, until in self._refused.items() if until <= now]:
+            del self._refused[user]
+
+
+PRUNE_AT = 10_000  # users remembered before the expired ones are dropped

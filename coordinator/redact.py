@@ -73,3 +73,22 @@ def install_on_handlers(logger: logging.Logger) -> None:
     for handler in logger.handlers:
         if _FILTER not in handler.filters:
             handler.addFilter(_FILTER)
+
+
+class NoWebsocketAccessLines(logging.Filter):
+    """uvicorn logs every websocket handshake ("WebSocket /path" [accepted]), and the
+    websockets library it hands its error logger to logs "connection open", at INFO,
+    whether or not the access log is on: a flood of connections would be a flood of
+    lines. Installed when the access log is off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if not isinstance(msg, str):
+            return True
+        return not (msg.startswith('%s - "WebSocket %s"') or msg in WEBSOCKETS_CHATTER)
+
+
+WEBSOCKETS_CHATTER = frozenset({"connection open", "connection closed"})
+
+
+WEBSOCKET_LINES = NoWebsocketAccessLines()

@@ -34,6 +34,11 @@ from .websocket import CoalescingSansIOProtocol
 log = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_SECONDS = 5
+# asyncio accepts up to `backlog` waiting connections in one go, running each one's
+# connection_made before anything else: with uvicorn's 2048, a flood of connects (each
+# refused at once, ~0.1 ms) held the event loop for up to 700 ms, and every client's
+# ack with it. 256 bounds that to ~25 ms; the kernel keeps the rest queued.
+BACKLOG = 256
 
 
 class _Uvicorn(uvicorn.Server):
@@ -66,7 +71,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(2048)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise CoordinatorError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -139,13 +144,19 @@ class NodeServer:
             await self.manager.aclose()
             raise
         redact.install()
+        access_log = self.log_level == "debug"
+        errors = logging.getLogger("uvicorn.error")
+        if access_log:
+            errors.removeFilter(redact.WEBSOCKET_LINES)
+        else:
+            errors.addFilter(redact.WEBSOCKET_LINES)
         config = NodeConfig(
             app,
             guard=self.guard,
             request_timeout=settings.request_timeout,
             log_level=self.log_level,
             log_config=None,
-            access_log=self.log_level == "debug",
+            access_log=access_log,
             lifespan="off",
             http=GuardedH11Protocol,
             ws=CoalescingSansIOProtocol,
@@ -156,6 +167,7 @@ class NodeServer:
             # Client addresses from X-Forwarded-For: only from trusted proxies (edge.py).
             proxy_headers=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            backlog=BACKLOG,
         )
         self._server = _Uvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=self._socks), name="uvicorn")

@@ -36,6 +36,9 @@ ACTIONS_PER_CONNECTION = Rate(20, 40)
 ACTIONS_PER_USER = Rate(50, 200)
 JOINS_PER_USER = Rate(2, 20)
 CREATIONS_PER_USER = Rate(0.5, 10)
+# New connections one address may open: a reconnect storm of a hundred clients behind one
+# NAT passes, a loop opening connections as fast as it can does not.
+CONNECTIONS_PER_ADDRESS = Rate(20, 100)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -71,6 +74,7 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     max_connections: int = 10_000
     max_connections_per_address: int = 256
+    connections_per_address: Rate = CONNECTIONS_PER_ADDRESS
     # Proxies whose X-Forwarded-For names the client (addresses or CIDR blocks).
     trusted_proxies: tuple[str, ...] = ()
     allow_polling: bool = False
@@ -80,9 +84,10 @@ class ServerConfig:
     actions_per_user: Rate = ACTIONS_PER_USER
     joins_per_user: Rate = JOINS_PER_USER
     creations_per_user: Rate = CREATIONS_PER_USER
-    # Events waiting for a client that does not read before it is disconnected (it
-    # reconnects with latest_event_id and misses nothing).
+    # What may wait for a client that does not read before it is dropped (it reconnects
+    # with latest_event_id and misses nothing): events, and their bytes.
     max_queued_events: int = 2_000
+    max_queued_bytes: int = 1024 * 1024
     networks: tuple[Network, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +134,7 @@ class ServerConfig:
 NO_LIMITS: dict[str, Any] = dict(
     max_connections=0,
     max_connections_per_address=0,
+    connections_per_address=UNLIMITED,
     actions_per_connection=UNLIMITED,
     actions_per_user=UNLIMITED,
     joins_per_user=UNLIMITED,

@@ -8,12 +8,14 @@
   (a join in progress gets more time; joins are bounded), and may try at most
   ``MAX_CONNECTS`` times.
 - A binary event's attachments are bounded in number (``packets``) and in total size.
-- A connection whose client does not read is closed once ``max_queued_events`` wait for
-  it (``backlogged``): its client reconnects with ``latest_event_id`` and misses nothing.
+- A connection whose client does not read is dropped once ``max_queued_events`` or
+  ``max_queued_bytes`` wait for it (``backlogged``): its client reconnects with
+  ``latest_event_id`` and misses nothing.
 
-This overrides python-socketio's ``_handle_eio_connect``, ``_handle_eio_message`` and
-``_handle_eio_disconnect`` (5.x; ``tests/test_guards.py`` drives every branch through a
-real server).
+This overrides python-socketio's ``_handle_eio_connect``, ``_handle_eio_message``,
+``_handle_eio_disconnect``, ``_send_packet`` and ``_engineio_server_class`` (5.x;
+``tests/test_guards.py`` drives every branch through a real server), and engine.io's
+``start_background_task``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import logging
 from collections import Counter
 from typing import Any
 
+import engineio
 import socketio
 from socketio import packet as sio_packet
 
 from . import packets
-from .edge import POLICY_VIOLATION, PROTOCOL_ERROR, FrameGuard
+from .edge import NORMAL_CLOSURE, POLICY_VIOLATION, PROTOCOL_ERROR, FrameGuard
 from .ratelimit import LogThrottle
 from .serverconfig import ServerConfig
 from .tasks import TaskSet
@@ -36,8 +39,38 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = packets.NAMESPACE
 MAX_CONNECTS = 3  # CONNECT packets one engine.io session may send
+GRACE = 1.0  # seconds an ended session's websocket stays for its last packets to go out
 # What decoding a client's packet can raise (json.JSONDecodeError is a ValueError).
 DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError)
+
+
+class PingTrackingServer(engineio.AsyncServer):  # type: ignore[misc]
+    """engine.io's server, keeping each session's ping task so it can end with the
+    session: engine.io lets it sleep out its ping interval (25 s) after the session
+    closed, holding the session's objects that long. Under a flood of short connections
+    tens of thousands of them piled up, and each full collection of the cyclic GC walked
+    them all: 30-75 ms during which no client was served (docs/failures.md)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ping_tasks: dict[str, asyncio.Task[Any]] = {}
+
+    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        task = super().start_background_task(target, *args, **kwargs)
+        session = getattr(target, "__self__", None)
+        if getattr(target, "__name__", "") == "_send_ping" and session is not None:
+            self.ping_tasks[session.sid] = task
+            task.add_done_callback(lambda t, sid=session.sid: self._forget_ping(sid, t))
+        return task
+
+    def _forget_ping(self, sid: str, task: asyncio.Task[Any]) -> None:
+        if self.ping_tasks.get(sid) is task:
+            del self.ping_tasks[sid]
+
+    def session_ended(self, sid: str) -> None:
+        task = self.ping_tasks.pop(sid, None)
+        if task is not None:
+            task.cancel()
 
 
 class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
@@ -49,6 +82,7 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         super().__init__(max_http_buffer_size=max_message_bytes, **kwargs)
         self.handshake_timeout = config.handshake_timeout
         self.max_queued_events = config.max_queued_events
+        self.max_queued_bytes = config.max_queued_bytes
         self.max_message_bytes = max_message_bytes
         self.tasks = tasks
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
@@ -81,10 +115,20 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         reason = f"no socket.io CONNECT within {self.handshake_timeout:g}s"
         self.tasks.spawn(self.close_connection(eio_sid, POLICY_VIOLATION, reason), "handshake")
 
+    def _engineio_server_class(self) -> type[PingTrackingServer]:
+        return PingTrackingServer
+
     async def _handle_eio_disconnect(self, eio_sid: str, reason: Any = None) -> None:
+        self.eio.session_ended(eio_sid)
         timer = self._deadlines.pop(eio_sid, None)
         if timer is not None:
             timer.cancel()
+        frames = FrameGuard.of(self.environ.get(eio_sid))
+        if frames is not None and frames.closed is None:
+            # engine.io ended the session (its CLOSE is queued, or the client sent one)
+            # but reads the websocket until the client closes it: close it, once what
+            # is queued had time to go out.
+            asyncio.get_running_loop().call_later(GRACE, self._close_later, frames)
         self._connects.pop(eio_sid, None)
         self._attached.pop(eio_sid, None)
         self._reported.discard(eio_sid)
@@ -112,12 +156,44 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
             await socket.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
             self.eio.sockets.pop(eio_sid, None)  # else kept until its service task's round
 
-    def backlogged(self, eio_sid: str, *, half: bool = False) -> bool:
-        """Whether more than ``max_queued_events`` packets (``half``: half as many) wait
-        for this client."""
+    def _close_later(self, frames: FrameGuard) -> None:
+        if frames.closed is None:
+            self.tasks.spawn(frames.close(NORMAL_CLOSURE, "session closed"), "close")
+
+    async def end_session(self, eio_sid: str) -> None:
+        """End an engine.io session after what is queued for it (a refusal) went out."""
         socket = self.eio.sockets.get(eio_sid)
-        limit = self.max_queued_events // 2 if half else self.max_queued_events
-        return socket is not None and not socket.closed and socket.queue.qsize() > limit
+        if socket is not None and not socket.closed:
+            await socket.close(wait=False, abort=False, reason=self.reason.SERVER_DISCONNECT)
+
+    def backlogged(self, eio_sid: str, *, half: bool = False) -> str | None:
+        """Why this client has too much waiting for it (more than ``max_queued_events``
+        or, on a websocket, ``max_queued_bytes``; ``half``: half as much), or None."""
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is None or socket.closed:
+            return None
+        events, size = self.max_queued_events, self.max_queued_bytes
+        if half:
+            events, size = events // 2, size // 2
+        if socket.queue.qsize() > events:
+            return f"over {events} events waiting"
+        frames = FrameGuard.of(self.environ.get(eio_sid))
+        if frames is not None and frames.backlog > size:
+            return f"over {size} bytes waiting"
+        return None
+
+    async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
+        """python-socketio's, counting what waits for the client (acks, CONNECT)."""
+        encoded = pkt.encode()
+        for part in encoded if isinstance(encoded, list) else (encoded,):
+            await self.eio.send(eio_sid, part)
+            self.queued(eio_sid, len(part) + 1)
+
+    def queued(self, eio_sid: str, size: int) -> None:
+        """``size`` bytes of events were queued for this client."""
+        frames = FrameGuard.of(self.environ.get(eio_sid))
+        if frames is not None:
+            frames.queued_bytes += size
 
     # -- packets ---------------------------------------------------------------------
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:

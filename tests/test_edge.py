@@ -15,6 +15,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from coordinator.connlimits import address_key
+from coordinator.ratelimit import Rate
 from coordinator.server import NodeServer
 from coordinator.serverconfig import NO_LIMITS, ServerConfig
 from tests.helpers import wait_until
@@ -93,6 +95,24 @@ async def test_connections_are_capped_per_address_and_per_node(servers: ServerCl
         writer.close()
     await wait_until(lambda: len(a.guard) == 0, timeout=10, what="every connection released")
     assert a.guard.refused == {"address": 1, "node": 1}
+
+
+async def test_new_connections_are_limited_in_rate_per_address(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1, server_config=edge(connections_per_address=Rate(0.5, 3)))
+    for _ in range(3):
+        reader, writer = await tcp(a, "127.0.0.2")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await answer(reader))[0].startswith("HTTP/1.1 200 ")
+    reader, _ = await tcp(a, "127.0.0.2")
+    text, _ = await answer(reader)
+    assert text.startswith("HTTP/1.1 503 ")
+    assert "too many new connections from 127.0.0.2 (limit 0.5/s (burst 3)); retry in" in text
+    # Another address has its own allowance.
+    reader, writer = await tcp(a, "127.0.0.3")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await answer(reader))[0].startswith("HTTP/1.1 200 ")
+    assert a.guard.refused == {"rate": 1}
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff") == "2001:db8::/64"
 
 
 async def test_forwarded_clients_are_counted_only_behind_a_trusted_proxy(

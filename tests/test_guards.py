@@ -170,10 +170,14 @@ async def test_an_engineio_session_that_never_joins_is_closed(servers: ServerClu
     await wait_until(lambda: len(sio.eio.sockets) == 1, timeout=5, what="two sessions closed")
 
 
+@pytest.mark.parametrize(
+    "bound", [{"max_queued_events": 20}, {"max_queued_bytes": 400_000}], ids=["events", "bytes"]
+)
 async def test_a_client_that_does_not_read_is_dropped_and_misses_nothing(
-    servers: ServerCluster,
+    servers: ServerCluster, bound: dict[str, int]
 ) -> None:
-    (a,) = await servers.start(1, server_config=ServerConfig(**NO_LIMITS, max_queued_events=20))
+    (a,) = await servers.start(1, server_config=ServerConfig(**NO_LIMITS, **bound))
+    sio = a.manager.sink.sio  # type: ignore[attr-defined]
     writer = await joined(servers, a)
     # websockets stops reading the socket once 2 messages wait: the kernel buffers fill,
     # then uvicorn's, then engine.io's queue.
@@ -181,8 +185,14 @@ async def test_a_client_that_does_not_read_is_dropped_and_misses_nothing(
     await idle.join(servers.token("alice"))
     content = "z" * 60_000
     sent = 0
+    most = (0, 0)  # the most events, and bytes, that ever waited in engine.io's queues
     while len(a.manager.local_connections()) == 2:
-        ack = await writer.call("oh_user_action", {"action": "message", "args": {"c": content}})
+        for socket in sio.eio.sockets.values():
+            waiting = [p for p in socket.queue._queue if p is not None]
+            most = max(most[0], len(waiting)), max(most[1], sum(len(p.data) for p in waiting))
+        ack = await writer.call(
+            "oh_user_action", {"action": "message", "args": {"content": content}}
+        )
         assert ack["ok"], ack
         sent += 1
         assert sent < 2_000, "the client that does not read was never dropped"
@@ -191,6 +201,9 @@ async def test_a_client_that_does_not_read_is_dropped_and_misses_nothing(
     # read. The connection is gone from the node and from Redis.
     await wait_until(lambda: len(a.manager.local_connections()) == 1, timeout=5)
     assert (await idle.closed(within=30))[0] == 1006
+    # What waited for it stayed within the bound (and one event of 60 KB).
+    assert most[0] <= bound.get("max_queued_events", 2_000) + 1, most
+    assert most[1] <= bound.get("max_queued_bytes", 2 * 1024 * 1024) + 61_000, most
     # Reconnecting, it gets everything from the log.
     again = await RawSocket.open(a.url, {"conversation_id": "conv", "latest_event_id": 0})
     await again.join(servers.token("alice"))
@@ -262,3 +275,19 @@ async def test_rate_of_frames_of_one_connection_is_bounded(servers: ServerCluste
         await sock.ws.send("3")  # engine.io pongs nobody asked for: cheap, still counted
     code, reason = await sock.closed()
     assert code == 1008 and reason.startswith("too many messages (limit 12/s (burst 22))")
+
+
+async def test_a_session_refused_for_a_limit_ends_and_its_websocket_closes(
+    servers: ServerCluster,
+) -> None:
+    """Refused for a limit, a session has nothing left to try: engine.io ends it after
+    the refusal (CLOSE), and the websocket is closed even if the client keeps it."""
+    config = ServerConfig(**{**NO_LIMITS, "joins_per_user": Rate(0.01, 1)})
+    (a,) = await servers.start(1, server_config=config)
+    await joined(servers, a)
+    sock = await RawSocket.open(a.url, {"conversation_id": "conv"})
+    answer = await sock.join(servers.token("alice"))
+    assert answer["message"].startswith("rate limit: too many joins per user")
+    assert answer["data"]["retry_after"] > 0
+    assert await sock.ws.recv() == "1"  # engine.io's CLOSE, after the refusal
+    assert await sock.closed() == (1000, "session closed")

@@ -92,6 +92,10 @@ async def test_joins_per_user(servers: ServerCluster) -> None:
     assert why.startswith("rate limit: too many joins per user (limit 0.1/s (burst 3))")
     assert 0 < client.refusal["data"]["retry_after"] <= 10
     assert len(a.manager.local_connections()) == 3
+    # Refused for a limit, the session ends (after the refusal went out): it holds
+    # nothing while its client waits.
+    sio = a.manager.sink.sio  # type: ignore[attr-defined]
+    await wait_until(lambda: len(sio.eio.sockets) == 3, timeout=5, what="the session ended")
     await servers.join(a, "bobs", "bob")  # another user's joins are their own
 
 

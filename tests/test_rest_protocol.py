@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from coordinator.rest import MAX_BODY
+from coordinator.http import MAX_BODY
 from tests.server_fixtures import ServerCluster
 
 COMMON = {

@@ -1,5 +1,6 @@
 """Limits that must hold cluster-wide, in Redis: a user's token buckets (actions, joins,
-conversation creations) and the cap on a user's open connections.
+conversation creations) and the cap on a user's open connections; and the sized log
+read that keeps a replay's memory bounded.
 
 A user's connections are counted by the hash every node already keeps of them
 (``keys.user_conns``), which disconnects and the reapers of dead nodes clean: so a
@@ -9,10 +10,13 @@ connection's place under the cap is given back however it ends.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from .core import StateCore, text
+from workers.protocol import Event
+
+from .core import StateCore, entries, text
 
 
 class LimitOps(StateCore):
@@ -51,6 +55,16 @@ class LimitOps(StateCore):
             await self.redis.hdel(k.node_conns(inc), cid)
             return 0
         return int(count)
+
+    # -- replays bounded in bytes (delivery.py) ----------------------------------------
+    async def events_after_sized(
+        self, sid: str, after: int, count: int
+    ) -> tuple[list[tuple[int, Event]], int]:
+        """``events_after`` with the packed size of what it read, so that a replay can
+        size its next page in bytes: a client's replay holds one page at a time."""
+        rows: Any = await self.redis.xrange(self.keys.events(sid), min=f"({after}-0", count=count)
+        size = sum(len(fields[b"d"]) for _, fields in rows)
+        return entries(rows), size
 
     # -- a user's view of the cluster --------------------------------------------------
     async def connection_holders(self, sids: Sequence[str]) -> dict[str, str]:
