@@ -11,6 +11,7 @@ seconds (``FUZZ_EXAMPLES`` raises them for a longer run).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from coordinator.auth import issue_token
-from coordinator.codec import unpack, user_action
+from coordinator.codec import (
+    MAX_PACKED_BYTES,
+    decode_published,
+    open_envelope,
+    pack,
+    unpack,
+    user_action,
+)
 from coordinator.errors import InvalidInput
 from coordinator.server import NodeServer
 from coordinator.serverconfig import NO_LIMITS, ServerConfig
@@ -342,3 +350,31 @@ def test_the_action_validator_accepts_or_refuses_clearly(action: Any) -> None:
     assert event["source"] == "user" and isinstance(event["args"], dict)
     assert not {"status", "status_update", "observation"} & set(event)
     assert len(packed) <= 512 and unpack(packed) == event
+
+
+# -- msgpack from Redis and other nodes -------------------------------------------------
+def packed(value: Any) -> bytes:
+    try:
+        return pack(value)
+    except OverflowError:  # an int msgpack has no room for: not something to decode
+        return b""
+
+
+@fuzz(500)
+@given(
+    data=st.binary(max_size=200)
+    | json_values.map(packed)
+    | st.integers(1, 5000).map(lambda depth: b"\x91" * depth + b"\xc0")
+)
+def test_what_comes_from_redis_or_a_peer_decodes_or_fails_as_value_error(data: bytes) -> None:
+    """A node decodes msgpack it did not write itself: events on a conversation's
+    channel, commands on its own. Anything malformed, too deep or too large is a
+    ValueError (the subscription logs it and goes on), never another exception."""
+    for decode in (unpack, decode_published, open_envelope):
+        with contextlib.suppress(ValueError):
+            decode(data)
+
+
+def test_a_packed_value_larger_than_the_bound_is_refused_unread() -> None:
+    with pytest.raises(ValueError, match="at most"):
+        unpack(b"\xc0" * (MAX_PACKED_BYTES + 1))
