@@ -42,7 +42,7 @@ PAGE = 500
 # (at most PAGE of them, at least one), so a client replaying big events, or reading
 # slowly, holds about that much, not PAGE big events. The first page is smaller: its
 # events' size is not known yet.
-FIRST_PAGE = 100
+FIRST_PAGE = 32
 REPLAY_PAGE_BYTES = 256 * 1024
 # Events a replay sends before it lets the event loop run other work.
 YIELD_EVERY = 64
@@ -95,6 +95,7 @@ class LocalConnections:
         self._tasks = tasks
         self._by_id: dict[str, Connection] = {}
         self._rooms: dict[str, set[str]] = {}
+        self._last_sent: tuple[int, Event, Event] | None = None  # (id, event, with id)
 
     def __contains__(self, cid: object) -> bool:
         return cid in self._by_id
@@ -242,8 +243,16 @@ class LocalConnections:
             await room(conn.cid)
 
     async def _send(self, conn: Connection, event_id: int, event: Event) -> None:
+        # A live event goes to every connection of its room in turn: they get the same
+        # object, so a sink may encode it once for all of them (app.SocketSink does).
+        last = self._last_sent
+        if last is not None and last[0] == event_id and last[1] is event:
+            sent = last[2]
+        else:
+            sent = with_id(event_id, event)
+            self._last_sent = (event_id, event, sent)
         try:
-            await self.sink.deliver(conn.cid, with_id(event_id, event))
+            await self.sink.deliver(conn.cid, sent)
         except Exception:
             log.exception("delivery to %s failed", conn.cid)
 

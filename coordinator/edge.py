@@ -42,6 +42,7 @@ MESSAGE_TOO_BIG = 1009
 TRY_AGAIN_LATER = 1013
 MAX_REASON = 120  # a close frame's reason is at most 123 bytes
 CLOSE_WAIT = 5.0  # seconds a close frame may wait for a client that does not read
+YIELD_BYTES = 256 * 1024  # written to one client before its writer lets others run
 
 
 def _header(scope: Scope, name: bytes) -> str:
@@ -128,13 +129,21 @@ class FrameGuard:
         return guarded
 
     def counting(self, send: Send) -> Send:
-        """``send`` with the bytes of every message written counted."""
+        """``send`` with the bytes of every message written counted. engine.io writes
+        everything queued for a client in one go, and uvicorn does not wait while the
+        socket takes it: every YIELD_BYTES the writer lets the event loop run others."""
+        since_yield = 0
 
         async def counted(message: Message) -> None:
+            nonlocal since_yield
             if message["type"] == "websocket.send":
-                data = message.get("text") or message.get("bytes") or b""
-                self.sent_bytes += len(data)
+                size = len(message.get("text") or message.get("bytes") or b"")
+                self.sent_bytes += size
+                since_yield += size
             await send(message)
+            if since_yield >= YIELD_BYTES:
+                since_yield = 0
+                await asyncio.sleep(0)
 
         return counted
 
