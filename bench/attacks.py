@@ -145,7 +145,9 @@ async def run(mode: Mode) -> dict[str, Any]:
     rows: list[list[Any]] = []
     results: dict[str, Any] = {}
     with private_redis() as server:
-        node = node_proc("attacked", server.url, secret, logs, extra=["--log-level", "info"])
+        node = node_proc(
+            "attacked", server.url, secret, logs, extra=["--log-level", "info"], limits=True
+        )
         node.start().wait_ready()
         canary = Canary()
         await canary.client.connect(

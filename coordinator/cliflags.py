@@ -197,3 +197,17 @@ SERVER_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "dropped (default: 1 MiB)",
     ),
 }
+
+
+# `serve` flags that turn every client limit off: for the tests and benchmarks that flood
+# a node on purpose (a deployment keeps the defaults).
+NO_LIMIT_FLAGS = (
+    "--max-connections", "0",
+    "--max-connections-per-address", "0",
+    "--limit-connections-per-address", "off",
+    "--limit-actions-per-connection", "off",
+    "--limit-actions-per-user", "off",
+    "--limit-joins-per-user", "off",
+    "--limit-creations-per-user", "off",
+    "--max-connections-per-user", "0",
+)  # fmt: skip
