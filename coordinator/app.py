@@ -38,7 +38,7 @@ from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
-STALLED = 10.0  # seconds a replay waits for a client that reads nothing before dropping it
+STALLED = 10.0  # seconds a replay waits for a client to take half its backlog before dropping it
 
 
 class SocketSink:
@@ -116,7 +116,8 @@ class SocketSink:
 
     async def room(self, connection_id: str) -> None:
         """Return once the connection has room for more events (a replay waits for a
-        client that reads slowly); drop one that read nothing for STALLED seconds."""
+        client that reads slowly); drop one that took less than half its backlog in
+        STALLED seconds (it reconnects and replays from where it is)."""
         sio = self.sio
         if sio is None:
             return
@@ -127,7 +128,7 @@ class SocketSink:
         # engine.io's queue has no event for "drained below": poll it while we wait.
         while sio.backlogged(eio_sid, half=True):
             if time.monotonic() > deadline:
-                reason = f"read nothing for {STALLED:g}s; reconnect to catch up"
+                reason = f"read too slowly for {STALLED:g}s; reconnect to catch up"
                 await sio.close_connection(eio_sid, POLICY_VIOLATION, reason, now=True)
                 return
             await asyncio.sleep(0.05)

@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_SECONDS = 5
 # asyncio accepts up to `backlog` waiting connections in one go, running each one's
 # connection_made before anything else: with uvicorn's 2048, a flood of connects (each
-# refused at once, ~0.1 ms) held the event loop for up to 700 ms, and every client's
-# ack with it. 256 bounds that to ~25 ms; the kernel keeps the rest queued.
-BACKLOG = 256
+# refused at once, 0.1-0.2 ms on a busy 2-core box) held the event loop for up to
+# 700 ms, and every client's ack with it; with 256, 50-90 ms. ACCEPT_BATCH bounds that to
+# about 10 ms; the kernel's queue of waiting connections keeps LISTEN_BACKLOG (asyncio
+# sets both from one number: the socket's is raised again once serving).
+ACCEPT_BATCH = 64
+LISTEN_BACKLOG = 2048
 
 
 class _Uvicorn(uvicorn.Server):
@@ -71,7 +74,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(BACKLOG)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise CoordinatorError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -167,7 +170,7 @@ class NodeServer:
             # Client addresses from X-Forwarded-For: only from trusted proxies (edge.py).
             proxy_headers=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-            backlog=BACKLOG,
+            backlog=ACCEPT_BATCH,
         )
         self._server = _Uvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=self._socks), name="uvicorn")
@@ -178,6 +181,8 @@ class NodeServer:
             failure = self._task.exception() if not self._task.cancelled() else None
             await self._stop_manager()
             raise CoordinatorError(f"the HTTP server did not start: {failure!r}")
+        for sock in self._socks:
+            sock.listen(LISTEN_BACKLOG)  # asyncio set it to ACCEPT_BATCH
 
     async def wait_closed(self) -> None:
         """Wait until the HTTP server stops (after ``stop()`` or on its own)."""
