@@ -172,7 +172,13 @@ SERVER_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "actions_per_user": (
         "--limit-actions-per-user",
         _rate,
-        "actions one user may send on all nodes together, RATE[:BURST] (default: 50:200)",
+        "actions one user may send on all nodes together, RATE[:BURST] (default: 50:100)",
+    ),
+    "action_bytes_per_user": (
+        "--limit-action-bytes-per-user",
+        _rate,
+        "bytes of actions one user may send on all nodes together, RATE[:BURST] "
+        "(default: 262144:1048576, 256 KiB/s with 1 MiB saved up)",
     ),
     "joins_per_user": (
         "--limit-joins-per-user",
@@ -207,6 +213,7 @@ NO_LIMIT_FLAGS = (
     "--limit-connections-per-address", "off",
     "--limit-actions-per-connection", "off",
     "--limit-actions-per-user", "off",
+    "--limit-action-bytes-per-user", "off",
     "--limit-joins-per-user", "off",
     "--limit-creations-per-user", "off",
     "--max-connections-per-user", "0",

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs
 import socketio
 from redis.exceptions import RedisError
 
+from . import codec
 from .auth import AuthError, TokenVerifier
 from .config import check_connection_id, check_conversation_id
 from .errors import CoordinatorError, Forbidden, InvalidInput, LimitExceeded
@@ -180,7 +181,9 @@ class SocketHandlers:
         try:
             if len(args) != 1:
                 raise InvalidInput(f"{ACTION_EVENT} takes one argument, the action")
-            await self.quotas.action(connection_id, self._users.get(connection_id))
+            await self.quotas.action(
+                connection_id, self._users.get(connection_id), self._size(args[0])
+            )
             event_id = await self.manager.send_to_event_stream(connection_id, args[0])
         except Exception as exc:
             if not isinstance(exc, CoordinatorError | RedisError | OSError):
@@ -193,6 +196,16 @@ class SocketHandlers:
             ack = {"ok": True, "id": event_id}
         self.metrics.ack_seconds.observe(time.perf_counter() - started)
         return ack
+
+    def _size(self, action: Any) -> int:
+        """The packed size of an action, for the bytes a user may send (0 when that is not
+        limited, or when it cannot be packed: the action's check says why then)."""
+        if self.quotas.config.action_bytes_per_user.unlimited:
+            return 0
+        try:
+            return len(codec.pack(action))
+        except (TypeError, ValueError, OverflowError):
+            return 0
 
     async def unknown_event(self, event: str, connection_id: str, *args: Any) -> dict[str, Any]:
         """Any other event: answered (a client waiting for its ack is not left hanging),

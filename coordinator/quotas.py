@@ -2,8 +2,8 @@
 handlers, REST) before any work is done.
 
 - actions per connection: a bucket in memory, per connection;
-- actions per user: the user's bucket in Redis, taken a batch at a time
-  (``ratelimit.UserAllowance``), so it holds across every node the user reaches;
+- actions per user, and their bytes: the user's buckets in Redis, taken a batch at a
+  time (``ratelimit.UserAllowance``), so they hold across every node the user reaches;
 - joins per user and conversation creations per user: a token from the user's Redis
   bucket each.
 
@@ -35,6 +35,11 @@ class Quotas:
         self.user_actions = UserAllowance(
             "actions per user", config.actions_per_user, self._redis_bucket("actions")
         )
+        self.user_bytes = UserAllowance(
+            "action bytes per user",
+            config.action_bytes_per_user,
+            self._redis_bucket("action_bytes"),
+        )
         self.joins = UserAllowance(
             "joins per user", config.joins_per_user, self._redis_bucket("joins"), batch=1
         )
@@ -63,9 +68,9 @@ class Quotas:
         self._buckets.pop(cid, None)
 
     # -- checks: each returns, or raises LimitExceeded -------------------------------
-    async def action(self, cid: str, user: str | None) -> None:
-        """An action (or any event) from connection ``cid`` of ``user`` (None: not
-        joined, so only the connection's own bucket applies)."""
+    async def action(self, cid: str, user: str | None, size: int = 0) -> None:
+        """An action (or any event) of ``size`` bytes from connection ``cid`` of
+        ``user`` (None: not joined, so only the connection's own bucket applies)."""
         try:
             bucket = self._buckets.get(cid)
             if bucket is not None:
@@ -74,6 +79,8 @@ class Quotas:
                     raise over("actions per connection", bucket.rate, wait)
             if user:
                 await self.user_actions.take(user)
+                if size:
+                    await self.user_bytes.take(user, size)
         except LimitExceeded as exc:
             self.refused[exc.limit] += 1
             raise

@@ -55,7 +55,13 @@ class Rate:
         return cls(per_second, max(1.0, burst))
 
     def __str__(self) -> str:
-        return "off" if self.unlimited else f"{self.per_second:g}/s (burst {self.burst:g})"
+        if self.unlimited:
+            return "off"
+        return f"{_number(self.per_second)}/s (burst {_number(self.burst)})"
+
+
+def _number(x: float) -> str:
+    return f"{x:,.0f}" if x >= 1000 else f"{x:g}"
 
 
 UNLIMITED = Rate(0.0, 0.0)
@@ -162,10 +168,15 @@ class UserAllowance:
         self._refused: dict[str, float] = {}  # user -> refused until (monotonic)
         self._fetching: dict[str, asyncio.Future[None]] = {}  # user -> its Redis call
 
-    async def take(self, user: str) -> None:
-        """One token for ``user``, or LimitExceeded with the wait."""
+    async def take(self, user: str, n: int = 1) -> None:
+        """``n`` tokens for ``user`` (an action, or its bytes), or LimitExceeded with the
+        wait. More than the burst can never be granted: refused as too large."""
         if self.rate.unlimited:
             return
+        if n > self.rate.burst:
+            raise LimitExceeded(
+                self.name, f"too large for the limit on {self.name} ({self.rate})", None
+            )
         while True:
             now = time.monotonic()
             until = self._refused.get(user)
@@ -173,7 +184,7 @@ class UserAllowance:
                 if now < until:
                     raise over(self.name, self.rate, until - now)
                 del self._refused[user]
-            if self._take_held(user, now):
+            if self._take_held(user, n, now):
                 return
             fetching = self._fetching.get(user)
             if fetching is None:
@@ -181,32 +192,38 @@ class UserAllowance:
             # One Redis call per user at a time: a burst of one user's actions would
             # otherwise open as many calls (and grow the Redis pool as far).
             await asyncio.shield(fetching)
+        held, _ = self._held.pop(user, (0, 0.0))
         done = asyncio.get_running_loop().create_future()
         self._fetching[user] = done
         try:
-            granted, wait = await self._take(user, self.batch)
+            granted, wait = await self._take(user, max(self.batch, n - held))
         finally:
             del self._fetching[user]
             done.set_result(None)
         now = time.monotonic()
         if len(self._held) + len(self._refused) > PRUNE_AT:
             self.forget_expired(now)
-        if granted <= 0:
-            self._refused[user] = now + wait
-            raise over(self.name, self.rate, wait)
-        if granted > 1:
-            tokens, _ = self._held.get(user, (0, 0.0))
-            self._held[user] = (tokens + granted - 1, now + self._hold)
+        tokens = held + granted
+        if tokens < n:
+            if tokens:  # kept for the next try, within the hold
+                self._held[user] = (tokens, now + self._hold)
+            else:  # the bucket is empty: nothing passes before the wait Redis told
+                self._refused[user] = now + wait
+            raise over(self.name, self.rate, max(wait, (n - tokens) / self.rate.per_second))
+        if tokens > n:
+            self._held[user] = (tokens - n, now + self._hold)
 
-    def _take_held(self, user: str, now: float) -> bool:
+    def _take_held(self, user: str, n: int, now: float) -> bool:
         held = self._held.get(user)
         if held is None:
             return False
         tokens, until = held
-        if tokens <= 0 or now >= until:
+        if now >= until:
             del self._held[user]
             return False
-        self._held[user] = (tokens - 1, until)
+        if tokens < n:
+            return False
+        self._held[user] = (tokens - n, until)
         return True
 
     def forget_expired(self, now: float) -> None:

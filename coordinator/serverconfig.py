@@ -33,7 +33,11 @@ def message_limit(max_action_bytes: int) -> int:
 # opens a conversation now and then and reconnects a few tabs at once after a network
 # blip; a script flooding a node sends hundreds a second.
 ACTIONS_PER_CONNECTION = Rate(20, 40)
-ACTIONS_PER_USER = Rate(50, 200)
+ACTIONS_PER_USER = Rate(50, 100)
+# Bytes of actions (packed) per user: a pasted file now and then passes; a stream of big
+# actions, which every connection of the conversation receives twice (the action and its
+# answer), does not.
+ACTION_BYTES_PER_USER = Rate(256 * 1024, 1024 * 1024)
 JOINS_PER_USER = Rate(2, 20)
 CREATIONS_PER_USER = Rate(0.5, 10)
 # New connections one address may open: a reconnect storm of a hundred clients behind one
@@ -82,6 +86,7 @@ class ServerConfig:
     metrics_port: int | None = None
     actions_per_connection: Rate = ACTIONS_PER_CONNECTION
     actions_per_user: Rate = ACTIONS_PER_USER
+    action_bytes_per_user: Rate = ACTION_BYTES_PER_USER
     joins_per_user: Rate = JOINS_PER_USER
     creations_per_user: Rate = CREATIONS_PER_USER
     # What may wait for a client that does not read before it is dropped (it reconnects
@@ -137,6 +142,7 @@ NO_LIMITS: dict[str, Any] = dict(
     connections_per_address=UNLIMITED,
     actions_per_connection=UNLIMITED,
     actions_per_user=UNLIMITED,
+    action_bytes_per_user=UNLIMITED,
     joins_per_user=UNLIMITED,
     creations_per_user=UNLIMITED,
 )

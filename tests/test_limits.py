@@ -67,6 +67,26 @@ async def test_actions_per_user_hold_across_nodes(servers: ServerCluster) -> Non
     assert (await bob.act(message(0)))["ok"]
 
 
+async def test_bytes_of_actions_per_user(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1, server_config=limits(action_bytes_per_user=Rate(5_000, 25_000)))
+    client = await servers.join(a, "conv", "alice")
+    big = {"action": "message", "args": {"content": "x" * 8_000}}
+    acks = [await client.act(big) for _ in range(4)]
+    assert [ack["ok"] for ack in acks] == [True, True, True, False]
+    assert acks[3]["error"].startswith(
+        "rate limit: too many action bytes per user (limit 5,000/s (burst 25,000))"
+    )
+    assert 1.0 < acks[3]["retry_after"] <= 2.0  # what the 4th lacks, at 5,000 a second
+    # Small actions still pass meanwhile.
+    assert (await client.act(message(1)))["ok"]
+    huge = {"action": "message", "args": {"content": "x" * 30_000}}
+    ack = await client.act(huge)
+    assert ack == {
+        "ok": False,
+        "error": "too large for the limit on action bytes per user (5,000/s (burst 25,000))",
+    }
+
+
 async def test_a_user_allowance_takes_tokens_in_batches(servers: ServerCluster) -> None:
     """A steady stream of one user's actions costs one Redis call per batch."""
     (a,) = await servers.start(1)
