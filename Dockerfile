@@ -3,7 +3,8 @@
 # Settings come from COORDINATOR_* environment variables: every `coordinator serve` flag
 # has one (--redis-url -> COORDINATOR_REDIS_URL, --node-id -> COORDINATOR_NODE_ID,
 # --secret -> COORDINATOR_SECRET, ...). Set COORDINATOR_REDIS_URL: the image has no
-# redis-server for the embedded fallback.
+# redis-server for the embedded fallback. Secrets come from the environment or a mounted
+# file (--secret-file / COORDINATOR_SECRET_FILE), never from the command line.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

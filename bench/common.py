@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from coordinator.cliflags import NO_LIMIT_FLAGS
 from coordinator.embedded import EmbeddedRedis, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,14 +158,16 @@ def node_proc(
     *,
     port: int | None = None,
     extra: Sequence[str] = (),
+    limits: bool = False,
 ) -> Proc:
-    """A ``coordinator serve`` node process (not started)."""
+    """A ``coordinator serve`` node process (not started), without client limits unless
+    ``limits`` (the benchmarks flood nodes on purpose; bench/attacks.py keeps them)."""
     port = port or free_port()
     cmd = [
         PY, "-m", "coordinator", "serve",
         "--host", "127.0.0.1", "--port", str(port),
         "--redis-url", redis_url, "--node-id", name, "--secret", secret,
-        "--log-level", "warning", *extra,
+        "--log-level", "warning", *([] if limits else NO_LIMIT_FLAGS), *extra,
     ]  # fmt: skip
     proc = Proc(name, cmd, log_dir, f"http://127.0.0.1:{port}/healthz")
     proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]

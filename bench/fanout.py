@@ -31,6 +31,7 @@ from coordinator import ManagerConfig
 from coordinator.auth import issue_token
 from coordinator.embedded import free_port
 from coordinator.server import NodeServer
+from coordinator.serverconfig import NO_LIMITS, ServerConfig
 
 NODES = 4
 
@@ -94,7 +95,14 @@ async def run(mode: Mode) -> dict[str, Any]:
     try:
         with private_redis() as redis_c, private_redis() as redis_b:
             coord = [
-                NodeServer(ManagerConfig(redis_url=redis_c.url, node_id=f"fan{i}"), secret, port=0)
+                NodeServer(
+                    ManagerConfig(
+                        redis_url=redis_c.url, node_id=f"fan{i}", max_connections_per_user=0
+                    ),
+                    secret,
+                    port=0,
+                    server_config=ServerConfig(**NO_LIMITS),
+                )
                 for i in range(NODES)
             ]
             bcast = [Broadcast(redis_b.url, secret) for _ in range(NODES)]

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "storm": "bench.storm",
     "saturation": "bench.saturation",
     "isolation": "bench.isolation",
+    "attacks": "bench.attacks",
 }
 # Run only when named with --only (it needs py-spy and adds a minute).
 ON_REQUEST = {"profile"}

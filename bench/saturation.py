@@ -13,7 +13,6 @@ p50/p99, and the servers' CPU per answered action; and each server's RSS per con
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from bench.common import (

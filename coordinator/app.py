@@ -5,42 +5,43 @@ Connect with query parameters ``conversation_id`` (required) and ``latest_event_
 the ``token`` query parameter; the agent's settings (a JSON object, used if this join
 starts the loop) go in ``auth={"settings": {...}}`` or the ``settings`` query parameter.
 The server emits ``oh_event``; the client emits ``oh_user_action`` and gets the ack
-``{"ok": True, "id": n}`` or ``{"ok": False, "error": msg}``. Everything that is not
-``/socket.io/`` goes to the REST app, which also serves the browser pages (``pages.py``).
+``{"ok": True, "id": n}`` or ``{"ok": False, "error": msg}`` (with ``retry_after`` when
+a rate limit refused it). Everything that is not ``/socket.io/`` goes to the REST app,
+which also serves the browser pages (``pages.py``). In front of both, the ``Edge``
+(edge.py) attributes requests to clients and guards websocket frames; the socket.io
+server (sioserver.py) checks every packet; the handlers are in handlers.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs
 
 import socketio
+from starlette.types import ASGIApp
 
-from . import codec
-from .auth import AuthError, TokenVerifier, as_verifier
-from .config import (
-    ManagerConfig,
-    check_connection_id,
-    check_conversation_id,
-    check_settings,
-    parse_settings,
-)
-from .errors import EXPECTED, ConfigError, Forbidden, InvalidInput
+from . import codec, redact
+from .auth import TokenVerifier, as_verifier
+from .config import ManagerConfig
+from .connlimits import ConnectionGuard
+from .edge import POLICY_VIOLATION, Edge
+from .errors import ConfigError
+from .handlers import NAMESPACE, SocketHandlers
 from .manager import ConversationManager
 from .metrics import NodeMetrics
 from .pages import Pages
-from .rest import RestApp, client_message
+from .quotas import Quotas
+from .rest import RestApp
 from .rooms import IndexedRoomsManager
+from .serverconfig import ServerConfig
+from .sioserver import GuardedServer
+from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "/"
-# Largest engine.io message a client may send; larger ones close the connection. Actions
-# above the manager's max_action_bytes (64 KiB by default) get a clear error in the ack.
-MAX_MESSAGE_BYTES = 1_000_000
+STALLED = 10.0  # seconds a replay waits for a client to take half its backlog before dropping it
 
 
 class SocketSink:
@@ -51,13 +52,14 @@ class SocketSink:
     """
 
     def __init__(self) -> None:
-        self.sio: socketio.AsyncServer | None = None
+        self.sio: GuardedServer | None = None
         self.metrics: NodeMetrics | None = None
         # Connection -> wall-clock time its join began. Events stamped before it are a
         # replay the client asked for, not delivery lag; only later ones are observed.
         self._since: dict[str, float] = {}
+        self._encoded: tuple[object, Any] = (None, None)  # the last event and its packet
 
-    def bind(self, sio: socketio.AsyncServer, metrics: NodeMetrics) -> None:
+    def bind(self, sio: GuardedServer, metrics: NodeMetrics) -> None:
         self.sio = sio
         self.metrics = metrics
 
@@ -76,21 +78,35 @@ class SocketSink:
         eio_sid = sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
         if eio_sid is None:
             return  # disconnected meanwhile; its disconnect handler cleans up
+        backlog = sio.backlogged(eio_sid)
+        if backlog is not None:
+            # A client that does not read: drop it rather than queue without bound. It
+            # reconnects with latest_event_id and gets everything from the log.
+            reason = f"{backlog}; reconnect to catch up"
+            await sio.close_connection(eio_sid, POLICY_VIOLATION, reason, now=True)
+            return
         # What ``sio.emit(..., to=connection_id)`` sends, without the task per recipient
         # it creates and awaits: one packet straight onto the connection's queue. Events
         # are JSON, so the packet skips socket.io's recursive scan for binary data (a
         # third of the delivery's time); one that is not (bytes in it) goes out binary.
-        data = ["oh_event", event]
-        try:
-            encoded = sio.packet_class(
-                socketio.packet.EVENT, namespace=NAMESPACE, data=data, binary=False
-            ).encode()
-        except TypeError:
-            encoded = sio.packet_class(
-                socketio.packet.EVENT, namespace=NAMESPACE, data=data
-            ).encode()
+        # An event going to several connections in turn is the same object each time
+        # (delivery.py): encoded once (a 60 KB event to 31 connections cost 30-40 ms).
+        if event is self._encoded[0]:
+            encoded = self._encoded[1]
+        else:
+            data = ["oh_event", event]
+            try:
+                encoded = sio.packet_class(
+                    socketio.packet.EVENT, namespace=NAMESPACE, data=data, binary=False
+                ).encode()
+            except TypeError:
+                encoded = sio.packet_class(
+                    socketio.packet.EVENT, namespace=NAMESPACE, data=data
+                ).encode()
+            self._encoded = (event, encoded)
         for part in encoded if isinstance(encoded, list) else (encoded,):
             await sio.eio.send(eio_sid, part)
+            sio.queued(eio_sid, len(part) + 1)  # engine.io's "4" prefix
         # Counting is an integer increment; the lag histogram costs ~2 us (the
         # timestamp's fromisoformat 0.7, prometheus_client's observe 1.4).
         metrics.deliveries += 1
@@ -100,6 +116,25 @@ class SocketSink:
             if created is not None and created >= since:
                 # Across nodes this includes their clock skew; never below zero.
                 metrics.delivery_lag_seconds.observe(max(0.0, time.time() - created))
+
+    async def room(self, connection_id: str) -> None:
+        """Return once the connection has room for more events (a replay waits for a
+        client that reads slowly); drop one that took less than half its backlog in
+        STALLED seconds (it reconnects and replays from where it is)."""
+        sio = self.sio
+        if sio is None:
+            return
+        eio_sid = sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
+        if eio_sid is None or not sio.backlogged(eio_sid, half=True):
+            return
+        deadline = time.monotonic() + STALLED
+        # engine.io's queue has no event for "drained below": poll it while we wait.
+        while sio.backlogged(eio_sid, half=True):
+            if time.monotonic() > deadline:
+                reason = f"read too slowly for {STALLED:g}s; reconnect to catch up"
+                await sio.close_connection(eio_sid, POLICY_VIOLATION, reason, now=True)
+                return
+            await asyncio.sleep(0.05)
 
     async def disconnect(self, connection_id: str) -> None:
         if self.sio is not None:
@@ -112,155 +147,40 @@ def new_manager(config: ManagerConfig) -> ConversationManager:
     return ConversationManager(config, sink=SocketSink())
 
 
-def _first(query: Mapping[str, list[str]], name: str) -> str | None:
-    values = query.get(name)
-    return values[0] if values else None
-
-
-def parse_latest_event_id(raw: str | None) -> int | None:
-    """``latest_event_id`` from the query: None (replay all) for absent or -1."""
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(
-            f"latest_event_id must be an integer (-1 for everything), got {raw!r}"
-        ) from None
-    if value < -1:
-        raise InvalidInput(f"latest_event_id must be >= -1, got {value}")
-    return None if value == -1 else value
-
-
-class SocketHandlers:
-    """The socket.io event handlers of one node."""
-
-    def __init__(
-        self,
-        sio: socketio.AsyncServer,
-        manager: ConversationManager,
-        tokens: TokenVerifier,
-        sink: SocketSink,
-        metrics: NodeMetrics,
-    ) -> None:
-        self.sio = sio
-        self.manager = manager
-        self.tokens = tokens
-        self.sink = sink
-        self.metrics = metrics
-
-    def register(self) -> None:
-        self.sio.on("connect", self.connect, namespace=NAMESPACE)
-        self.sio.on("oh_user_action", self.oh_user_action, namespace=NAMESPACE)
-        self.sio.on("disconnect", self.disconnect, namespace=NAMESPACE)
-
-    async def connect(self, connection_id: str, environ: Mapping[str, Any], auth: Any) -> bool:
-        started = time.perf_counter()
-        try:
-            return await self._join(connection_id, environ, auth)
-        finally:
-            self.metrics.join_seconds.observe(time.perf_counter() - started)
-
-    async def _join(self, connection_id: str, environ: Mapping[str, Any], auth: Any) -> bool:
-        query = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
-        token = auth.get("token") if isinstance(auth, dict) else None
-        if token is None:
-            token = _first(query, "token")
-        joined = False
-        try:
-            user = self.tokens.user(token)
-            raw_conversation = _first(query, "conversation_id")
-            if raw_conversation is None:
-                raise InvalidInput("the conversation_id query parameter is required")
-            conversation = check_conversation_id(raw_conversation)
-            latest = parse_latest_event_id(_first(query, "latest_event_id"))
-            if isinstance(auth, dict) and auth.get("settings") is not None:
-                settings = check_settings(auth["settings"])
-            else:
-                settings = parse_settings(_first(query, "settings"))
-            check_connection_id(connection_id)
-            self.sink.joining(connection_id)
-            await self.manager.join_conversation(
-                conversation, connection_id, settings, user, latest
-            )
-            joined = True
-        except Exception as exc:
-            if joined:
-                await self._forget(connection_id)
-            self.sink.left(connection_id)
-            message = self._refusal(exc)
-            log.info("connection %s refused: %s", connection_id, message)
-            raise socketio.exceptions.ConnectionRefusedError(message) from None
-        if not self._transport_open(connection_id):
-            # The client went away while we joined; no disconnect event will follow.
-            await self._forget(connection_id)
-            return False
-        log.debug("connection %s joined %s as %s", connection_id, conversation, user)
-        return True
-
-    def _refusal(self, exc: Exception) -> str:
-        if isinstance(exc, AuthError):
-            return f"authentication failed: {exc}"
-        if isinstance(exc, Forbidden):
-            return f"forbidden: {exc}"
-        if not isinstance(exc, EXPECTED):
-            log.error("join failed unexpectedly", exc_info=exc)
-        return client_message(exc)
-
-    def _transport_open(self, connection_id: str) -> bool:
-        eio_sid = self.sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
-        socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
-        return socket is not None and not socket.closed and not socket.closing
-
-    async def _forget(self, connection_id: str) -> None:
-        self.sink.left(connection_id)
-        try:
-            await self.manager.disconnect_from_session(connection_id)
-        except EXPECTED as exc:
-            log.warning("could not forget connection %s: %s", connection_id, exc)
-
-    async def oh_user_action(self, connection_id: str, data: Any = None) -> dict[str, Any]:
-        started = time.perf_counter()
-        try:
-            event_id = await self.manager.send_to_event_stream(connection_id, data)
-        except Exception as exc:
-            if not isinstance(exc, EXPECTED):
-                log.error("action from %s failed unexpectedly", connection_id, exc_info=exc)
-            else:
-                log.info("action from %s rejected: %s", connection_id, exc)
-            ack: dict[str, Any] = {"ok": False, "error": client_message(exc)}
-        else:
-            self.metrics.actions += 1
-            ack = {"ok": True, "id": event_id}
-        self.metrics.ack_seconds.observe(time.perf_counter() - started)
-        return ack
-
-    async def disconnect(self, connection_id: str, reason: Any = None) -> None:
-        await self._forget(connection_id)
-
-
 def create_app(
     manager: ConversationManager,
     auth: str | TokenVerifier,
     *,
-    max_message_bytes: int = MAX_MESSAGE_BYTES,
-) -> tuple[socketio.ASGIApp, socketio.AsyncServer]:
-    """The node's ASGI app (socket.io at ``/socket.io/``, REST elsewhere) and its server.
+    config: ServerConfig | None = None,
+    tasks: TaskSet | None = None,
+    guard: ConnectionGuard | None = None,
+) -> tuple[ASGIApp, GuardedServer]:
+    """The node's ASGI app (socket.io at ``/socket.io/``, REST elsewhere, behind the
+    ``Edge``) and its socket.io server.
 
     The manager's sink should be a ``SocketSink`` (see ``new_manager``); it is bound to
     the new socket.io server here. A manager with another sink gets a SocketSink.
-    ``auth`` verifies clients' tokens; a string is the secret of HS256 tokens.
+    ``auth`` verifies clients' tokens; a string is the secret of HS256 tokens. ``config``
+    sets the limits clients are held to (``ServerConfig()`` by default); ``tasks`` owns
+    the background work the socket.io server starts (closing connections that never
+    joined); the caller stops it (``NodeServer`` does). ``guard`` counts the node's
+    connections (the one its HTTP protocols use; a fresh one by default).
     """
+    config = config or ServerConfig()
     tokens = as_verifier(auth)
-    sio = socketio.AsyncServer(
+    sio = GuardedServer(
+        config=config,
+        max_message_bytes=config.message_bytes(manager.config.max_action_bytes),
+        tasks=tasks or TaskSet(log),
         client_manager=IndexedRoomsManager(),
         async_mode="asgi",
-        cors_allowed_origins="*",
-        max_http_buffer_size=max_message_bytes,
+        # None: same origin only (the Origin header must name this host), for browsers.
+        cors_allowed_origins=cors_for_socketio(config.cors_origins),
+        transports=["polling", "websocket"] if config.allow_polling else ["websocket"],
         # One client's events are handled in the order it sent them.
         async_handlers=False,
-        logger=False,
-        engineio_logger=False,
+        logger=_quiet_logger("coordinator.socketio"),
+        engineio_logger=_quiet_logger("coordinator.engineio"),
     )
     sink = manager.sink
     if not isinstance(sink, SocketSink):
@@ -272,7 +192,59 @@ def create_app(
         sink = SocketSink()
         manager.sink = sink
     sink.bind(sio, manager.metrics)
-    SocketHandlers(sio, manager, tokens, sink, manager.metrics).register()
+    quotas = Quotas(config, lambda: manager.state)
+    SocketHandlers(sio, manager, tokens, sink, manager.metrics, quotas).register()
     pages = Pages(manager, tokens)
-    rest = RestApp(manager, tokens, manager.metrics, extra_routes=pages.routes())
-    return socketio.ASGIApp(sio, other_asgi_app=rest), sio
+    rest = RestApp(
+        manager,
+        tokens,
+        manager.metrics,
+        quotas=quotas,
+        cors_origins=config.cors_origins,
+        extra_routes=pages.routes(),
+    )
+    guard = guard or ConnectionGuard(config)
+    read_edge(manager.metrics, guard, sio, quotas)
+    app = Edge(socketio.ASGIApp(sio, other_asgi_app=rest), config, guard)
+    return app, sio
+
+
+def cors_for_socketio(origins: tuple[str, ...]) -> str | list[str] | None:
+    """python-socketio's cors_allowed_origins for ours: None (same origin) when none."""
+    if not origins:
+        return None
+    return "*" if "*" in origins else list(origins)
+
+
+def _quiet_logger(name: str) -> logging.Logger:
+    """A logger for python-socketio/engine.io: warnings and errors only (their INFO
+    lines quote every packet), through the application's handlers, with no secrets."""
+    logger = logging.getLogger(name)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+    redact.install((name,))
+    return logger
+
+
+def read_edge(
+    metrics: NodeMetrics, guard: ConnectionGuard, sio: GuardedServer, quotas: Quotas
+) -> None:
+    """The edge's metrics, read at each scrape."""
+    metrics.gauge_from(
+        "coordinator_open_connections", "TCP connections this node holds open.", lambda: len(guard)
+    )
+    metrics.counter_from(
+        "coordinator_connections_refused_total",
+        "Connections refused over the node's or an address's limit.",
+        lambda: sum(guard.refused.values()),
+    )
+    metrics.counter_from(
+        "coordinator_malformed_packets_total",
+        "socket.io packets refused as malformed.",
+        lambda: sio.malformed,
+    )
+    metrics.counter_from(
+        "coordinator_rate_limited_total",
+        "Client requests refused by a rate limit or quota.",
+        lambda: sum(quotas.refused.values()),
+    )

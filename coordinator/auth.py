@@ -23,7 +23,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -38,6 +38,7 @@ from .errors import ConfigError, InvalidInput
 
 ALGORITHMS = ("HS256", "RS256", "ES256")
 DEFAULT_TTL = 86_400
+ADMIN_ROLE = "admin"
 DEFAULT_MAX_LIFETIME = 7 * 86_400
 MAX_TOKEN_CHARS = 8192
 VERIFIED_KEPT = 10_000  # verified tokens remembered (see TokenVerifier)
@@ -70,10 +71,10 @@ class Identity:
 
     @property
     def admin(self) -> bool:
-        """Whether the token grants the cluster-wide view: an ``admin`` claim that is
-        ``true`` (what ``coordinator token --admin`` issues) or a ``role`` of ``admin``
-        (as identity providers tend to spell it). Anything else is an ordinary user."""
-        return self.claims.get("admin") is True or self.claims.get("role") == "admin"
+        """Whether the token grants the cluster-wide views: a ``role`` of ``admin`` (what
+        ``coordinator token --admin`` issues) or an ``admin`` claim that is ``true`` (as
+        some identity providers spell it). Anything else is an ordinary user."""
+        return self.claims.get("role") == ADMIN_ROLE or self.claims.get("admin") is True
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class TokenSettings:
     """How a node verifies tokens; checked on creation, no I/O."""
 
     algorithm: str = "HS256"
-    secret: str | None = None  # HS256 only
+    secret: str | None = field(default=None, repr=False)  # HS256 only; never in a repr
     public_key_file: str | None = None  # RS256/ES256: a PEM public key ...
     jwks_file: str | None = None  # ... or a JSON Web Key Set, one of the two
     issuer: str | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import secrets
 import signal
@@ -16,10 +17,20 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from .auth import MIN_SECRET_BYTES, TokenSettings, TokenVerifier, issue_token, short_secret
-from .cliargs import CONFIG_FLAGS, build_parser
-from .config import ManagerConfig, parse_settings
+from . import redact
+from .auth import (
+    ADMIN_ROLE,
+    MIN_SECRET_BYTES,
+    TokenSettings,
+    TokenVerifier,
+    issue_token,
+    short_secret,
+)
+from .cliargs import build_parser
+from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
+from .config import ManagerConfig, parse_settings, redact_url
 from .errors import ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
+from .serverconfig import ServerConfig
 from .tasks import keep_cancelling
 
 PLACEHOLDER_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -48,8 +59,50 @@ def build_config(args: argparse.Namespace, redis_url: str) -> ManagerConfig:
 
 def _require_secret(value: str | None, command: str) -> str:
     if not value:
-        _fail(2, f"{command} needs a secret: pass --secret or set COORDINATOR_SECRET")
+        _fail(
+            2,
+            f"{command} needs a secret: pass --secret-file, set COORDINATOR_SECRET "
+            "or pass --secret",
+        )
     return value
+
+
+def read_secret_file(args: argparse.Namespace) -> None:
+    """``--secret-file``: the secret is the file's first line (trailing whitespace off)."""
+    path = getattr(args, "secret_file", None)
+    if not path:
+        return
+    if "secret" in getattr(args, "on_command_line", ()):
+        _fail(2, "give the secret once: --secret or --secret-file, not both")
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().rstrip("\r\n")
+    except OSError as exc:
+        _fail(2, f"cannot read --secret-file {path}: {exc.strerror or exc}")
+    if not secret.strip():
+        _fail(2, f"--secret-file {path} is empty")
+    args.secret = secret
+
+
+def warn_about_visible_secrets(args: argparse.Namespace) -> None:
+    """Secrets on the command line are visible to every user of the machine (``ps``,
+    /proc/PID/cmdline): say how to pass them instead."""
+    given = getattr(args, "on_command_line", ())
+    if "secret" in given:
+        print(
+            "warning: --secret on the command line is visible to other users (ps); "
+            "use --secret-file or COORDINATOR_SECRET",
+            file=sys.stderr,
+            flush=True,
+        )
+    url = getattr(args, "redis_url", None)
+    if "redis_url" in given and url and redact_url(url) != url:
+        print(
+            "warning: --redis-url carries a password, visible to other users (ps); "
+            "set COORDINATOR_REDIS_URL instead",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def build_tokens(args: argparse.Namespace) -> TokenVerifier:
@@ -72,13 +125,28 @@ def build_tokens(args: argparse.Namespace) -> TokenVerifier:
         _fail(2, str(exc))
 
 
+def build_server_config(args: argparse.Namespace) -> ServerConfig:
+    values: dict[str, Any] = {}
+    for dest in SERVER_FLAGS:
+        value = getattr(args, dest)
+        if value is not None:
+            values[dest] = value
+    try:
+        return ServerConfig(**values)
+    except ConfigError as exc:
+        _fail(2, str(exc))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     tokens = build_tokens(args)
     if not 0 <= args.port <= 65535:
         _fail(2, f"--port must be 0-65535, got {args.port}")
+    server_config = build_server_config(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Whatever reaches the log, from any library, leaves tokens and passwords out.
+    redact.install_on_handlers(logging.getLogger())
     if short_secret(tokens.settings):
         logging.getLogger(__name__).warning(
             "the token secret is shorter than %d bytes, which HS256 asks for (RFC 7518 3.2)",
@@ -100,7 +168,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"no --redis-url given: started a private embedded Redis at {embedded.url}")
     try:
         return asyncio.run(
-            _serve(config, tokens, args.host, args.port, args.log_level, args.public_url)
+            _serve(
+                config, tokens, args.host, args.port, args.log_level, args.public_url, server_config
+            )
         )
     finally:
         if embedded is not None:
@@ -114,6 +184,7 @@ async def _serve(
     port: int,
     log_level: str,
     public_url: str | None,
+    server_config: ServerConfig,
 ) -> int:
     from .server import NodeServer
 
@@ -130,7 +201,13 @@ async def _serve(
         loop.add_signal_handler(sig, on_signal)
     try:
         node = NodeServer(
-            config, tokens, host=host, port=port, log_level=log_level, public_url=public_url
+            config,
+            tokens,
+            host=host,
+            port=port,
+            log_level=log_level,
+            public_url=public_url,
+            server_config=server_config,
         )
     except ConfigError as exc:
         _fail(2, str(exc))
@@ -142,7 +219,14 @@ async def _serve(
         _fail(1, f"{exc} (check --redis-url / COORDINATOR_REDIS_URL)")
     except (CoordinatorError, RuntimeError) as exc:
         _fail(1, str(exc))
+    # What start-up made (modules, classes, the node's parts) lives as long as the
+    # process: out of the cyclic GC's sight, a full collection walks only what came
+    # later. Under a connection flood, full collections took 50-110 ms before (a client's
+    # ack waited that long), 10-30 ms after (docs/failures.md).
+    gc.freeze()
     print(f"node {node.node_id} serving on {node.url} ({node.redis})", flush=True)
+    if server_config.metrics_port is not None:
+        print(f"node {node.node_id} serves /metrics on {node.metrics_url}", flush=True)
     stopped = asyncio.ensure_future(stop.wait())
     closed = asyncio.ensure_future(node.wait_closed())
     await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -201,7 +285,7 @@ def cmd_token(args: argparse.Namespace) -> int:
                 args.ttl,
                 issuer=args.token_issuer,
                 audience=args.token_audience,
-                claims={"admin": True} if args.admin else None,
+                claims={"role": ADMIN_ROLE} if args.admin else None,
             )
         )
     except (InvalidInput, ConfigError) as exc:
@@ -259,6 +343,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        read_secret_file(args)
+        warn_about_visible_secrets(args)
         return COMMANDS[args.command](args)
     except _Exit as exc:
         print(f"error: {exc.message}", file=sys.stderr, flush=True)

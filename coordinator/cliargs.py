@@ -1,4 +1,5 @@
-"""The ``coordinator`` command line: its parser, flag tables and environment fallbacks.
+"""The ``coordinator`` command line: its parser and environment fallbacks (the tables of
+``serve``'s configuration flags are in cliflags.py).
 
 Every ``serve`` flag falls back to an environment variable ``COORDINATOR_<NAME>``
 (``--redis-url`` -> ``COORDINATOR_REDIS_URL``); ``coordinator/cli.py`` runs the commands.
@@ -8,154 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
 from typing import Any
 
 from .auth import ALGORITHMS, DEFAULT_MAX_LIFETIME, DEFAULT_TTL
+from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
 from .config import DEFAULT_AGENT
 
 ENV_PREFIX = "COORDINATOR_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-
-
-def _switch(value: str) -> bool:
-    """on/off (also true/false, yes/no, 1/0) for a flag or its environment variable."""
-    word = value.strip().lower()
-    if word in ("on", "true", "yes", "1"):
-        return True
-    if word in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def _size(value: str) -> int:
-    """A byte count such as 512M, 2G or 1048576 (K, M, G are powers of 1024); 0 or off:
-    none."""
-    word = value.strip().upper().removesuffix("B").removesuffix("I")
-    if word in ("0", "OFF", "NONE"):
-        return 0
-    unit = word[-1:] if word[-1:] in _UNITS else ""
-    try:
-        number = float(word[: len(word) - len(unit)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 512M, got {value!r}") from None
-    return int(number * _UNITS[unit])
-
-
-# serve flag -> ManagerConfig field, for the optional settings passed through as given.
-CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
-    "node_id": ("--node-id", str, "node id (default: HOST-PID-random)"),
-    "key_prefix": ("--key-prefix", str, "prefix of every Redis key (default: coord)"),
-    "max_concurrent_conversations": (
-        "--max-concurrent-conversations",
-        int,
-        "running loops allowed per user, cluster-wide (default: 3)",
-    ),
-    "close_delay": (
-        "--close-delay",
-        float,
-        "seconds an idle loop without connections lives on (default: 15)",
-    ),
-    "node_ttl": (
-        "--node-ttl",
-        float,
-        "seconds without heartbeat after which a node is dead (default: 6)",
-    ),
-    "heartbeat_interval": (
-        "--heartbeat-interval",
-        float,
-        "seconds between heartbeats (default: 1.5)",
-    ),
-    "lease_margin": (
-        "--lease-margin",
-        float,
-        "seconds before node_ttl at which a silent node stops its loops (default: 1.5)",
-    ),
-    "drain_timeout": (
-        "--drain-timeout",
-        float,
-        "seconds a SIGTERM drain may take before the node exits anyway (default: 30)",
-    ),
-    "max_concurrent_joins": (
-        "--max-concurrent-joins",
-        int,
-        "joins this node handles at once; more wait (default: 64)",
-    ),
-    "join_wait": (
-        "--join-wait",
-        float,
-        "seconds a join may wait for a free slot before it is refused as busy (default: 10)",
-    ),
-    "max_concurrent_restarts": (
-        "--max-concurrent-restarts",
-        int,
-        "loops this node restarts at once after another node is lost (default: 16)",
-    ),
-    "speculative_dispatch": (
-        "--speculative-dispatch",
-        _switch,
-        "on/off: an agent that allows it starts on an action sent through its own node "
-        "before the action is durable, saving a Redis round trip (default: on)",
-    ),
-    "redis_mode": (
-        "--redis-mode",
-        str.lower,
-        "auto|standalone|cluster|sentinel: what --redis-url points at; auto asks the "
-        "server (cluster_enabled) and takes a redis+sentinel:// URL as Sentinel "
-        "(default: auto)",
-    ),
-    "ack_replicas": (
-        "--ack-replicas",
-        int,
-        "acknowledge an action, and deliver an agent event, only once this many replicas "
-        "hold it (WAIT); 0 trusts the master alone (default: 0)",
-    ),
-    "ack_timeout": (
-        "--ack-timeout",
-        float,
-        "seconds an acknowledgement waits for --ack-replicas; past it the client gets an "
-        "error and may retry with the same client_action_id (default: 1)",
-    ),
-    "agent_isolation": (
-        "--agent-isolation",
-        str,
-        "process: agent loops run in worker processes, so an agent that blocks, crashes "
-        "or leaks hurts only its own conversation; none: in the node's event loop (an "
-        "agent that blocks stalls the whole node and its lease) (default: process)",
-    ),
-    "agent_workers": (
-        "--agent-workers",
-        int,
-        "agent worker processes per node (default: the number of cores)",
-    ),
-    "agent_stall_timeout": (
-        "--agent-stall-timeout",
-        float,
-        "seconds a worker may leave a heartbeat unanswered before it is killed and its "
-        "loops move to the others (default: 5)",
-    ),
-    "max_dispatch_attempts": (
-        "--max-dispatch-attempts",
-        int,
-        "dispatches of one action that stalled or killed their worker, on any node, "
-        "after which it is answered with an error event instead (default: 2)",
-    ),
-    "agent_memory_limit": (
-        "--agent-memory-limit",
-        _size,
-        "address space per worker process, e.g. 512M; an action that runs out is "
-        "answered with an error event (default: no limit)",
-    ),
-    "agent_dispatch_timeout": (
-        "--agent-dispatch-timeout",
-        float,
-        "seconds one action may take in its agent before it is cancelled and answered "
-        "with an error event (default: no limit)",
-    ),
-}
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -170,11 +31,36 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
+class _Given(argparse.Action):
+    """Stores the value and notes that it was given on the command line, where every user
+    of the machine can read it (``ps``): the CLI warns about secrets passed that way."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        given = set(getattr(namespace, "on_command_line", ()))
+        namespace.on_command_line = given | {self.dest}
+
+
 def _secret_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--secret",
+        action=_Given,
         default=_env("secret"),
-        help=f"HS256 (HMAC) secret {what} (env COORDINATOR_SECRET)",
+        help=f"HS256 (HMAC) secret {what} (env COORDINATOR_SECRET; on the command line "
+        "it is visible in `ps`: prefer --secret-file or the variable)",
+    )
+    parser.add_argument(
+        "--secret-file",
+        default=_env("secret_file"),
+        metavar="FILE",
+        help="read the secret from FILE (its first line), e.g. a Docker or Kubernetes "
+        "secret (env COORDINATOR_SECRET_FILE)",
     )
 
 
@@ -274,11 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--redis-url",
+        action=_Given,
         default=_env("redis_url"),
         help="shared Redis, e.g. redis://host:6379/0 (default: start a private embedded one)",
     )
     for dest, (flag, kind, help_text) in CONFIG_FLAGS.items():
         serve.add_argument(flag, dest=dest, type=kind, default=_env(dest), help=help_text)
+    for dest, (flag, kind, help_text) in SERVER_FLAGS.items():
+        name = flag[2:].replace("-", "_")
+        serve.add_argument(flag, dest=dest, type=kind, default=_env(name), help=help_text)
     serve.add_argument(
         "--agent",
         default=_env("agent", DEFAULT_AGENT),
@@ -341,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--admin",
         action="store_true",
-        help="add the claim admin=true: GET /api/dashboard then shows the whole cluster",
+        help='add the claim "role": "admin": the token sees every user\'s loops and '
+        "connections in /api/cluster and /api/node",
     )
     _secret_arg(token, "the nodes use (required)")
     _claim_args(token, "the")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from typing import Any
@@ -21,12 +22,55 @@ NODE_DRAINING = "STATUS$NODE_DRAINING"
 EVENTS_LOST = "STATUS$EVENTS_LOST"
 
 
+# What a packed value from Redis or another node may be: far above any event a node
+# writes (actions are at most max_action_bytes), a bound on what a bad publisher can make
+# a node decode. Nesting is bounded by msgpack's own unpacker (1,024 levels, StackError).
+MAX_PACKED_BYTES = 64 * 1024 * 1024
+
+
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    """A msgpack value; ValueError (never a RecursionError or MemoryError) if it is
+    malformed, nested too deeply or larger than MAX_PACKED_BYTES."""
+    if len(data) > MAX_PACKED_BYTES:
+        raise ValueError(f"a packed value of {len(data)} bytes (at most {MAX_PACKED_BYTES})")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
+        raise ValueError(f"malformed msgpack: {type(exc).__name__} {exc}") from None
+
+
+# How deep and how large a client's action may be, and no NaN or Infinity (which JSON
+# does not have, but Python's json module reads).
+MAX_DEPTH = 32
+MAX_ITEMS = 20_000
+
+
+def shape_problem(value: Any, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> str | None:
+    """Why ``value`` (decoded JSON or msgpack) is unacceptable, or None. Iterative: no
+    input can make it recurse."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    items = 0
+    while stack:
+        item, depth = stack.pop()
+        items += 1
+        if items > max_items:
+            return f"too many values (more than {max_items})"
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return "a number is NaN or Infinity, which JSON does not allow"
+        elif isinstance(item, dict | list | tuple):
+            if depth >= max_depth:
+                return f"nested too deeply (more than {max_depth} levels)"
+            if isinstance(item, dict):
+                items += len(item)  # the keys
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+    return None
 
 
 def decode_published(data: bytes) -> tuple[int, Event]:
@@ -81,10 +125,24 @@ CLIENT_ACTION_ID = "client_action_id"
 MAX_CLIENT_ACTION_ID = 64
 
 
+# Fields of an event only the server writes. A client's ``id``, ``source`` and
+# ``timestamp`` are replaced (OpenHands clients may send them); one that sends a status
+# or an observation is refused: it would look like the server's own status events (a
+# forged STATUS$NODE_LOST makes watching nodes restart the loop) or an agent's output.
+SERVER_SET = ("id", "source", "timestamp")
+RESERVED = ("status", "status_update", "observation")
+
+
 def user_action(action: object, max_bytes: int) -> Action:
     """Validate a client action and return it as a user event and its packed form."""
     if not isinstance(action, dict):
         raise InvalidInput(f"an action must be an object, got {type(action).__name__}")
+    for field_name in RESERVED:
+        if field_name in action:
+            raise InvalidInput(f"'{field_name}' is reserved for the server's events; remove it")
+    problem = shape_problem(action)
+    if problem is not None:
+        raise InvalidInput(f"the action is not acceptable: {problem}")
     name = action.get("action")
     if not isinstance(name, str) or not name:
         raise InvalidInput("an action needs a non-empty string 'action' field")
@@ -99,7 +157,7 @@ def user_action(action: object, max_bytes: int) -> Action:
             f"'{CLIENT_ACTION_ID}' must be a printable string of 1 to "
             f"{MAX_CLIENT_ACTION_ID} characters"
         )
-    event: Event = {k: v for k, v in action.items() if k not in ("id", "source", "timestamp")}
+    event: Event = {k: v for k, v in action.items() if k not in SERVER_SET}
     event["args"] = args
     event["source"] = "user"
     event["timestamp"] = now_iso()
@@ -176,7 +234,10 @@ def events_lost_event(first: int, last: int) -> Event:
 def owner_gone(event: Event) -> bool:
     """Whether ``event`` says the conversation's loop stopped with its node (lost or
     drained): nodes whose clients watch it restart it."""
-    return event.get("status") in (NODE_LOST, NODE_DRAINING)
+    return event.get("source") == "environment" and event.get("status") in (
+        NODE_LOST,
+        NODE_DRAINING,
+    )
 
 
 def envelope(method: str, origin: str, payload: dict[str, Any]) -> bytes:

@@ -229,6 +229,8 @@ class ManagerConfig:
     max_dispatch_attempts: int = 2
     agent_memory_limit: int = 0
     agent_dispatch_timeout: float = 0.0
+    # Connections one user may hold open at once, on all nodes together (0: no limit).
+    max_connections_per_user: int = 32
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -320,6 +322,10 @@ class ManagerConfig:
                 "agent_dispatch_timeout must be >= 0 (0: none), "
                 f"got {self.agent_dispatch_timeout!r}"
             )
+        if self.max_connections_per_user < 0:
+            raise ConfigError(
+                f"max_connections_per_user must be >= 0, got {self.max_connections_per_user!r}"
+            )
         if self.lease_margin < 0:
             raise ConfigError(f"lease_margin must be >= 0, got {self.lease_margin!r}")
         if self.heartbeat_interval * 2 > self.node_ttl - self.lease_margin:
@@ -328,6 +334,16 @@ class ManagerConfig:
                 f"stop: need 2 * {self.heartbeat_interval} <= node_ttl - lease_margin "
                 f"({self.node_ttl} - {self.lease_margin})"
             )
+
+    def __repr__(self) -> str:
+        # The dataclass's own, with the Redis URL's password left out (configs get logged).
+        values = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "redis_url":
+                value = redact_url(value)
+            values.append(f"{f.name}={value!r}")
+        return f"ManagerConfig({', '.join(values)})"
 
     def replace(self, **changes: Any) -> ManagerConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

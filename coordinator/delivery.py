@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 PAGE = 500
 # A join's first read: (cursor, count) -> the log's last id and the events after cursor.
 FirstRead = Callable[[int, int], Awaitable[tuple[int, list[tuple[int, Event]]]]]
+# A replay reads the log a page at a time; pages hold about REPLAY_PAGE_BYTES of events
+# (at most PAGE of them, at least one), so a client replaying big events, or reading
+# slowly, holds about that much, not PAGE big events. The first page is smaller: its
+# events' size is not known yet.
+FIRST_PAGE = 32
+REPLAY_PAGE_BYTES = 256 * 1024
+# Events a replay sends before it lets the event loop run other work.
+YIELD_EVERY = 64
 
 
 class CatchUpFailed(CoordinatorError):
@@ -85,6 +93,7 @@ class LocalConnections:
         self._tasks = tasks
         self._by_id: dict[str, Connection] = {}
         self._rooms: dict[str, set[str]] = {}
+        self._last_sent: tuple[int, Event, Event] | None = None  # (id, event, with id)
 
     def __contains__(self, cid: object) -> bool:
         return cid in self._by_id
@@ -169,10 +178,11 @@ class LocalConnections:
         backoff = Backoff(base=0.05, cap=2.0)
         loop = asyncio.get_running_loop()
         deadline = None if within is None else loop.time() + within
+        count = FIRST_PAGE
         while conn.cid in self._by_id:
             try:
                 if joining is not None:
-                    last, rows = await joining(conn.cursor, PAGE)
+                    last, rows = await joining(conn.cursor, count)
                     if conn.cursor > last:
                         raise InvalidInput(
                             f"latest_event_id {conn.cursor} is beyond the last event "
@@ -180,8 +190,9 @@ class LocalConnections:
                         )
                     joining = None
                     conn.verified = True
+                    size = 0
                 else:
-                    rows = await self._state.events_after(conn.sid, conn.cursor, count=PAGE)
+                    rows, size = await self._state.events_after_sized(conn.sid, conn.cursor, count)
             except REDIS_TRANSIENT as exc:
                 delay = backoff.next()
                 if deadline is not None and loop.time() + delay > deadline:
@@ -191,11 +202,16 @@ class LocalConnections:
                 continue
             except REDIS_TROUBLE as exc:
                 raise CatchUpFailed(f"Redis refused to read the log of {conn.sid!r}") from exc
-            for event_id, event in rows:
+            for i, (event_id, event) in enumerate(rows, 1):
                 if event_id > conn.cursor:
+                    await self._room(conn)
                     conn.cursor = event_id
                     await self._send(conn, event_id, event)
-            if len(rows) == PAGE:
+                if i % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a long replay does not hold up the node
+            if len(rows) == count:
+                # The next page: about REPLAY_PAGE_BYTES by the size of this one's events.
+                count = max(1, min(PAGE, REPLAY_PAGE_BYTES * count // size)) if size else count
                 continue
             if not await self._drain_buffer(conn):
                 # No await between the empty buffer and going live: nothing slips by.
@@ -216,9 +232,25 @@ class LocalConnections:
                 await self._send(conn, event_id, event)
         return False
 
+    async def _room(self, conn: Connection) -> None:
+        """A replay goes at the pace its client reads, if the sink can tell (a sink may
+        have ``async room(connection_id)``: it returns when the connection can take more,
+        and drops a connection that stopped reading)."""
+        room = getattr(self.sink, "room", None)
+        if room is not None:
+            await room(conn.cid)
+
     async def _send(self, conn: Connection, event_id: int, event: Event) -> None:
+        # A live event goes to every connection of its room in turn: they get the same
+        # object, so a sink may encode it once for all of them (app.SocketSink does).
+        last = self._last_sent
+        if last is not None and last[0] == event_id and last[1] is event:
+            sent = last[2]
+        else:
+            sent = with_id(event_id, event)
+            self._last_sent = (event_id, event, sent)
         try:
-            await self.sink.deliver(conn.cid, with_id(event_id, event))
+            await self.sink.deliver(conn.cid, sent)
         except Exception:
             log.exception("delivery to %s failed", conn.cid)
 

@@ -159,6 +159,30 @@ class Directory:
         view["user"] = meta.get("user", "")
         return view
 
+    async def cluster_view_for(self, user: str) -> dict[str, Any]:
+        """``cluster_view`` as one user may see it: the live nodes, and of the loops and
+        connections only the user's own."""
+        nodes = await self.nodes()
+        names = sorted(nodes)
+        node_of = {inc: node for node, inc in nodes.items()}
+        owned = await asyncio.gather(*(self._state.owned(nodes[n]) for n in names))
+        conns = await self._state.connections_of_user(user)
+        rows = await self._state.watchers(sorted(set(conns.values())))
+        holders = {cid: inc for row in rows for cid, inc in row.items()}
+        counts = dict.fromkeys(names, 0)
+        for cid in conns:
+            node = node_of.get(holders.get(cid, ""))
+            if node is not None:
+                counts[node] += 1
+        return {
+            "nodes": dict(sorted(nodes.items())),
+            "loops": {
+                n: sorted(sid for sid, u in loops.items() if u == user)
+                for n, loops in zip(names, owned, strict=True)
+            },
+            "connections": counts,
+        }
+
     async def cluster_view(self) -> dict[str, Any]:
         """Live nodes with their incarnations, running loops and connection counts."""
         nodes = await self.nodes()

@@ -117,6 +117,19 @@ class NodeBusy(CoordinatorError):
     """This node has ``max_concurrent_joins`` joins in progress and more waited too long."""
 
 
+class LimitExceeded(CoordinatorError):
+    """A client went over one of its limits (a rate or a quota); nothing was done.
+
+    ``limit`` names it (e.g. ``actions per connection``); ``retry_after`` is the number
+    of seconds until trying again can succeed (None: not before something is released,
+    such as one of the user's connections)."""
+
+    def __init__(self, limit: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after = retry_after
+
+
 class AgentFailed(CoordinatorError):
     """An agent running in a worker process failed: it raised (the message names the
     exception), or its worker stalled or died while it worked."""

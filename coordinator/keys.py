@@ -112,3 +112,9 @@ class KeySchema:
     def reaper_lock(self) -> str:
         """String: the node currently reaping dead nodes (SET NX PX)."""
         return f"{self.prefix}:{{cluster}}:reaper"
+
+    # -- limits (coordinator/state/limits.py) ------------------------------------------
+    # In the user's tag, so a limit and the user's connections hash share a slot.
+    def user_bucket(self, user: str, limit: str) -> str:
+        """Hash: the token bucket of one of the user's rate limits (tokens, at ms)."""
+        return f"{self.prefix}:{{u:{user}}}:bucket:{limit}"

@@ -23,8 +23,8 @@ from starlette.routing import BaseRoute, Route
 
 from .auth import TokenVerifier
 from .dashboard import dashboard
+from .http import Resource, bearer_identity, json_response
 from .manager import ConversationManager
-from .rest import Resource, bearer_identity, json_response
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",

@@ -19,7 +19,7 @@ from workers.protocol import Event
 
 from .config import ManagerConfig
 from .delivery import LocalConnections
-from .errors import EXPECTED, REDIS_TROUBLE, InvalidInput, NodeBusy
+from .errors import EXPECTED, REDIS_TROUBLE, InvalidInput, LimitExceeded, NodeBusy
 from .loops import ConversationInfo, Intake, Loops
 from .membership import Membership
 from .state import RedisState
@@ -79,15 +79,26 @@ class Sessions:
             try:
                 await self._interest.watch(sid)
             except BaseException:
+                # Undone in full: a watch that fails still holds its reference.
                 self.connections.forget(conn)
+                await self._interest.unwatch(sid)
                 raise
         finally:
             self._join_gate.release()
 
         async def register_and_read(after: int, count: int) -> Any:
-            # Registered before the first read, in the same round trip (state layer).
+            # Registered before the first read, in the same round trip (state layer), and
+            # counted under the user's cap on all nodes together.
             inc = self._membership.inc
-            return await self._state.join_and_read(cid, sid, user, inc, after, count)
+            last, rows, held = await self._state.join_and_read(cid, sid, user, inc, after, count)
+            cap = cfg.max_connections_per_user
+            if cap and held > cap:
+                raise LimitExceeded(
+                    "connections per user",
+                    f"too many connections: user {user!r} has {cap} open (the limit); "
+                    "close one to open another",
+                )
+            return last, rows
 
         try:
             # Bounded: no input (a cursor Redis refuses, a Redis that stays away) may

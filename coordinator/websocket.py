@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
 
 
 class CoalescingTransport(asyncio.Transport):
@@ -73,9 +75,51 @@ class CoalescingTransport(asyncio.Transport):
         return False
 
 
+# The scope key of a callable that drops the connection at once (``abort``).
+ABORT_KEY = "coordinator.abort"
+
+
 class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets (sans-I/O) protocol writing through a CoalescingTransport."""
+    """uvicorn's websockets (sans-I/O) protocol writing through a CoalescingTransport.
+
+    The HTTP protocol it takes over from counted the connection in the node's
+    ``ConnectionGuard`` (``protocols.py``); it gives the count back when it closes.
+
+    A peer that stopped reading must not hold the connection: uvicorn ends one that does
+    not answer its pings, or its close, with ``transport.close()``, which waits for the
+    write buffer to drain, and with a peer that reads nothing it never does. Here those
+    ends abort the transport, and the app may abort it too (the scope's ``ABORT_KEY``)."""
+
+    _raw: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._raw = transport
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         super().connection_made(CoalescingTransport(cast(asyncio.Transport, transport), self.loop))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        guard = getattr(self.config, "guard", None)
+        if guard is not None and self._raw is not None:
+            guard.release(self._raw)
+        super().connection_lost(exc)
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # the app's task starts on the next loop iteration
+            scope[ABORT_KEY] = self.abort
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever is still waiting to be written."""
+        self.transport.abort()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        self.abort()
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.close" and self.close_timer is not None:
+            # uvicorn closes after close_timeout if the peer never answers our close.
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.close_timeout, self.abort)

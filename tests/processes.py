@@ -32,6 +32,7 @@ from typing import IO, Any
 
 import pytest
 
+from coordinator.cliflags import NO_LIMIT_FLAGS
 from coordinator.embedded import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,6 +129,8 @@ class NodeProcess:
         return None if self.proc is None else self.proc.poll()
 
     def command(self) -> list[str]:
+        # No client limits: the tests flood nodes on purpose (tests/test_limits.py and
+        # bench/attacks.py hold nodes to them).
         cmd = [
             *COORDINATOR, "serve",
             "--host", "127.0.0.1",
@@ -135,6 +138,7 @@ class NodeProcess:
             "--redis-url", self.redis_url,
             "--node-id", self.node_id,
             "--secret", self.secret,
+            *NO_LIMIT_FLAGS,
         ]  # fmt: skip
         if self.agent is not None:
             cmd += ["--agent", self.agent]

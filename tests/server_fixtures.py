@@ -17,9 +17,11 @@ import socketio
 
 from coordinator.auth import issue_token
 from coordinator.server import NodeServer
+from coordinator.serverconfig import NO_LIMITS, ServerConfig
 from tests.helpers import fast_config
 
 SECRET = "test-secret-不"
+UNLIMITED = ServerConfig(**NO_LIMITS)
 
 
 class SioClient:
@@ -139,11 +141,21 @@ class ServerCluster:
         self.clients: list[SioClient] = []
         self._http: aiohttp.ClientSession | None = None
 
-    async def start(self, n: int = 1, **overrides: Any) -> list[NodeServer]:
+    async def start(
+        self, n: int = 1, *, server_config: ServerConfig | None = None, **overrides: Any
+    ) -> list[NodeServer]:
+        """``n`` nodes; ``server_config`` defaults to no rate or connection limits (the
+        tests that flood a node on purpose would meet them), ``overrides`` change the
+        ManagerConfig."""
         made = []
         for _ in range(n):
             node_id = f"n{len(self.nodes) + 1}"
-            node = NodeServer(fast_config(self.redis_url, node_id, **overrides), SECRET, port=0)
+            node = NodeServer(
+                fast_config(self.redis_url, node_id, **overrides),
+                SECRET,
+                port=0,
+                server_config=server_config or UNLIMITED,
+            )
             await node.start()
             self.nodes.append(node)
             made.append(node)

@@ -188,7 +188,8 @@ async def test_a_mass_leave_takes_a_bounded_share_of_the_redis_pool_and_defers_n
     """Hundreds of clients leaving at once: their removals go a bounded number at a time
     (a quarter of the Redis pool), so none waits out the pool's timeout and the node's
     other work keeps connections; every one is gone from Redis afterwards."""
-    (a,) = await make_nodes(1, redis_max_connections=8)
+    # One user's 200 connections: over the default cap of connections per user.
+    (a,) = await make_nodes(1, redis_max_connections=8, max_connections_per_user=0)
     for i in range(200):
         await a.join_conversation(f"leave-{i % 2}", f"c{i}", {}, "lars")
     removals = InFlight(a.state, attr="remove_connections")

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from coordinator import ManagerConfig
-from coordinator.auth import TokenSettings, TokenVerifier, verify_token
+from coordinator.auth import TokenSettings, TokenVerifier, as_verifier, verify_token
 from coordinator.cli import build_config, build_parser, main
 from tests.helpers import wait_until
 
@@ -184,23 +184,42 @@ def test_serve_help_names_the_token_settings(capsys: pytest.CaptureFixture[str])
 
 
 # -- processes -----------------------------------------------------------------------
-async def test_token_command_as_a_process() -> None:
-    (rc, out, err), (rc_env, out_env, _), (rc_bad, _, err_bad) = await asyncio.gather(
+async def test_token_command_as_a_process(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("file-secret\n")
+    (
+        (rc, out, err),
+        (rc_env, out_env, err_env),
+        (rc_bad, _, err_bad),
+        (rc_f, out_f, err_f),
+    ) = await asyncio.gather(
         run("token", "alice", "--secret", "s", "--ttl", "30"),
         run("token", "bob", COORDINATOR_SECRET="env-secret"),
         run("token", "carol"),
+        run("token", "root", "--admin", "--secret-file", str(secret_file)),
     )
-    assert (rc, err) == (0, "")
+    # On the command line the secret works, with a warning that `ps` shows it.
+    assert rc == 0 and err.startswith("warning: --secret on the command line is visible")
     assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n", out)  # a JWT
     assert verify_token(out.strip(), "s") == "alice"
-    assert rc_env == 0 and verify_token(out_env.strip(), "env-secret") == "bob"
+    assert (rc_env, err_env) == (0, "") and verify_token(out_env.strip(), "env-secret") == "bob"
     assert rc_bad == 2
-    assert err_bad == "error: token needs a secret: pass --secret or set COORDINATOR_SECRET\n"
+    assert err_bad == (
+        "error: token needs a secret: pass --secret-file, set COORDINATOR_SECRET or pass --secret\n"
+    )
+    assert (rc_f, err_f) == (0, "")
+    identity = as_verifier("file-secret").verify(out_f.strip())
+    assert (identity.user, identity.admin) == ("root", True)
 
 
 async def test_serve_configuration_errors(redis_url: str) -> None:
     cases = [
-        (["serve"], {}, 2, "error: serve needs a secret: pass --secret or set COORDINATOR_SECRET"),
+        (
+            ["serve"],
+            {},
+            2,
+            "error: serve needs a secret: pass --secret-file, set COORDINATOR_SECRET",
+        ),
         (
             ["serve", "--secret", "s", "--close-delay", "-1"],
             {},

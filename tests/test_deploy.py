@@ -101,13 +101,25 @@ def test_compose_has_redis_three_nodes_and_nginx(compose: dict[str, Any]) -> Non
     assert redis["image"].startswith("redis:7")
     assert "--appendonly" in redis["command"] and "yes" in redis["command"]
     assert any(v.endswith(":/data") for v in redis["volumes"]), "Redis keeps its AOF on a volume"
+    # Redis runs with the repository's ACL, rendered by the repository's script.
+    acl = redis["command"][redis["command"].index("--aclfile") + 1]
+    mounts = dict(v.rsplit(":", 2)[:2] for v in redis["volumes"] if v.startswith("./"))
+    assert mounts["./deploy/redis-users.acl"] == "/etc/redis/users.acl.in"
+    assert redis["entrypoint"] == ["sh", mounts["./deploy/redis-acl.sh"]]
+    assert acl == "/data/users.acl"
 
     node_ids = set()
     for name in NODES:
         node = services[name]
         assert node["build"] == ".", f"{name} is built from the Dockerfile"
         env = node["environment"]
-        assert env["COORDINATOR_REDIS_URL"] == "redis://redis:6379/0"
+        # The nodes' ACL user, its password from the operator's environment.
+        assert env["COORDINATOR_REDIS_URL"].startswith(
+            "redis://coordinator:${COORDINATOR_REDIS_PASSWORD"
+        ) and env["COORDINATOR_REDIS_URL"].endswith("@redis:6379/0")
+        nginx_ip = services["nginx"]["networks"]["default"]["ipv4_address"]
+        assert env["COORDINATOR_TRUSTED_PROXIES"] == nginx_ip
+        assert "command" not in node, "settings (and secrets) come from the environment"
         # The secret comes from the operator's environment, the same for every node.
         assert env["COORDINATOR_SECRET"].startswith("${COORDINATOR_SECRET")
         node_ids.add(env["COORDINATOR_NODE_ID"])
@@ -275,3 +287,18 @@ def test_compose_shell_commands_parse(compose: dict[str, Any]) -> None:
 def _one(directives: list[list[str]], name: str) -> str:
     (value,) = [d[1] for d in directives if d[0].lower() == name]
     return value
+
+
+def test_redis_acl_file_is_what_redis_reads() -> None:
+    """Redis ACL files have no comments: every line names a user. The nodes' user has a
+    password hash placeholder the entrypoint fills in, and keys and channels under the
+    default key prefix only."""
+    lines = (REPO / "deploy" / "redis-users.acl").read_text().splitlines()
+    assert all(line.startswith("user ") for line in lines), lines
+    users = {line.split()[1]: line.split()[2:] for line in lines}
+    assert set(users) == {"default", "coordinator"}
+    assert users["default"][-2:] == ["-@all", "+ping"] and "nopass" in users["default"]
+    rules = users["coordinator"]
+    assert "#@COORDINATOR_REDIS_PASSWORD_SHA256@" in rules
+    assert [r for r in rules if r[0] in "~&%"] == ["~coord:*", "&coord:*"]
+    assert "-@all" in rules and not [r for r in rules if r.startswith("+@")]

@@ -2,10 +2,10 @@
 
 One class, ``RedisState``, grouped by what the operations are about: conversations and
 their logs (``conversations.py``), running loops and the cap (``loops.py``), connections
-(``connections.py``), node membership (``registry.py``) and what the browser pages read
-(``views.py``). The key schema is in ``keys.py``, the Lua scripts in ``scripts.py``;
-nothing here keeps state of its own, and every method is one Redis round trip or a few
-sent together.
+(``connections.py``), node membership (``registry.py``), the clients' rate limits
+(``limits.py``) and what the browser pages read (``views.py``). The key schema is in
+``keys.py``, the Lua scripts in ``scripts.py``; nothing here keeps state of its own, and
+every method is one Redis round trip or a few sent together.
 """
 
 import functools
@@ -19,6 +19,7 @@ from ..errors import redis_glitch
 from .attempts import AttemptOps
 from .connections import ConnectionOps
 from .core import accept_token, text
+from .limits import LimitOps
 from .loops import LoopOps
 from .registry import LeaseRenewer, RegistryOps
 from .results import Accepted, Admitted, Committed, Lease, Ownership
@@ -53,7 +54,7 @@ def _glitches_as_connection_errors(cls: type[T]) -> type[T]:
 
 
 @_glitches_as_connection_errors
-class RedisState(WriteOps, LoopOps, ConnectionOps, RegistryOps, ViewOps, AttemptOps):
+class RedisState(WriteOps, LoopOps, ConnectionOps, RegistryOps, ViewOps, AttemptOps, LimitOps):
     """Typed operations over one Redis deployment (see the package docstring)."""
 
 

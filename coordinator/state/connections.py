@@ -32,23 +32,29 @@ class ConnectionOps(StateCore):
 
     async def join_and_read(
         self, cid: str, sid: str, user: str, inc: str, after: int, count: int
-    ) -> tuple[int, list[tuple[int, Event]]]:
+    ) -> tuple[int, list[tuple[int, Event]], int]:
         """Register connection ``cid`` of ``inc`` and read its first page of the log: the
-        conversation's last id and the events after ``after``. One round trip: the
-        registration is made before the read (same connection, or on a cluster the
-        conversation's shard, in order), so an event logged after the read is published
-        to this node."""
+        conversation's last id, the events after ``after``, and how many connections the
+        user holds now on all nodes (this one included). One round trip: the registration
+        is made before the read (same connection, or on a cluster the conversation's
+        shard, in order), so an event logged after the read is published to this node.
+
+        The count makes the per-user connection cap exact without a lock: a join that
+        finds more than the cap is refused and unregistered, so every connection kept was
+        within the cap when it was counted with all those kept before it (a race near the
+        cap refuses both racers, never admits both)."""
         k = self.keys
-        *_, seq, rows = await self._commands(
+        *_, users, seq, rows = await self._commands(
             [
                 ("HSET", k.conv_conns(sid), cid, inc),
-                ("HSET", k.user_conns(user), cid, sid),
                 ("HSET", k.node_conns(inc), cid, sid),
+                ("HSET", k.user_conns(user), cid, sid),
+                ("HLEN", k.user_conns(user)),
                 ("HGET", k.conv(sid), "seq"),
                 ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
             ]
         )
-        return int(seq or 0), entries(rows)
+        return int(seq or 0), entries(rows), int(users)
 
     async def remove_connections(self, conns: Sequence[Conn], inc: str) -> None:
         """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent)."""

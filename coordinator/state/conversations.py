@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from workers.protocol import Event
 
@@ -58,6 +59,15 @@ class ConversationOps(StateCore):
             self.keys.events(sid), min=f"({after}-0", max=end, count=count
         )
         return entries(rows)
+
+    async def events_after_sized(
+        self, sid: str, after: int, count: int
+    ) -> tuple[list[tuple[int, Event]], int]:
+        """``events_after`` with the packed size of what it read, so that a replay can
+        size its next page in bytes: a client's replay holds one page at a time."""
+        rows: Any = await self.redis.xrange(self.keys.events(sid), min=f"({after}-0", count=count)
+        size = sum(len(fields[b"d"]) for _, fields in rows)
+        return entries(rows), size
 
     async def inbox_snapshot(
         self, sid: str, after: int, count: int = 500

@@ -1,0 +1,254 @@
+"""The node's ASGI edge: what every request and websocket frame passes before the
+socket.io server or the REST app sees it.
+
+- Client addresses: a request from a trusted proxy is attributed to the client its
+  X-Forwarded-For names (``scope["client"]`` is rewritten, so the access log shows it
+  too) and counted under that address while it lasts (``ConnectionGuard``).
+- Ports: with a metrics port, ``/metrics`` is served there only, and nothing else is.
+- Websocket frames (``FrameGuard``): a bucket per connection bounds how many a client
+  may send; a frame that is not an engine.io packet at all closes the connection with a
+  reason, before engine.io (which would drop the session without cleaning up) reads it.
+  The socket.io server closes a connection the same way, through the guard it finds in
+  the scope (``FrameGuard.of``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .connlimits import ConnectionGuard, forwarded_client
+from .ratelimit import LogThrottle, Rate, TokenBucket
+from .serverconfig import ServerConfig
+from .websocket import ABORT_KEY
+
+log = logging.getLogger(__name__)
+
+SCOPE_KEY = "coordinator.frames"
+SOCKETIO_PATH = "/socket.io/"
+ENGINEIO_TYPES = frozenset("0123456")
+ENGINEIO_CLOSE = "1"
+# Close codes (RFC 6455): done / the peer broke the protocol / our policy / too much.
+NORMAL_CLOSURE = 1000
+PROTOCOL_ERROR = 1002
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+TRY_AGAIN_LATER = 1013
+MAX_REASON = 120  # a close frame's reason is at most 123 bytes
+CLOSE_WAIT = 5.0  # seconds a close frame may wait for a client that does not read
+YIELD_BYTES = 256 * 1024  # written to one client before its writer lets others run
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return ""
+
+
+class FrameGuard:
+    """One websocket connection's frames: counted, checked, and the way to close it."""
+
+    def __init__(
+        self,
+        send: Send,
+        rate: Rate,
+        address: str,
+        throttle: LogThrottle,
+        abort: Callable[[], None] | None = None,
+    ) -> None:
+        self._send = send
+        self._bucket = TokenBucket(rate, time.monotonic())
+        self.address = address
+        self._throttle = throttle
+        self._abort = abort
+        self.closed: str | None = None  # the reason it was closed for
+        self.close_code = 0
+        # Bytes of events handed to engine.io for this client, and bytes written to it:
+        # the difference waits in engine.io's queue (SocketSink counts the first).
+        self.queued_bytes = 0
+        self.sent_bytes = 0
+
+    @property
+    def backlog(self) -> int:
+        """Bytes of events waiting for the client."""
+        return self.queued_bytes - self.sent_bytes
+
+    @staticmethod
+    def of(environ: Mapping[str, Any] | None) -> FrameGuard | None:
+        """The guard of the websocket an engine.io environ belongs to (None: polling)."""
+        scope = (environ or {}).get("asgi.scope") or {}
+        guard = scope.get(SCOPE_KEY)
+        return guard if isinstance(guard, FrameGuard) else None
+
+    async def close(self, code: int, reason: str, *, log_it: bool = False) -> None:
+        """Close the websocket with ``code`` and ``reason`` (once; the first one wins).
+        A client that does not read within CLOSE_WAIT cannot be told: it is dropped."""
+        if self.closed is not None:
+            return
+        self.closed, self.close_code = reason, code
+        if log_it:
+            self._throttle.info("closing websocket from %s: %s", self.address, reason)
+        message = {"type": "websocket.close", "code": code, "reason": reason[:MAX_REASON]}
+        try:
+            async with asyncio.timeout(CLOSE_WAIT):
+                await self._send(message)
+        except TimeoutError:
+            self.abort(reason)
+        except Exception:  # the client is gone already (uvicorn raises then)
+            pass
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once, without a close frame (which a client that does
+        not read would never get)."""
+        if self.closed is None:
+            self.closed, self.close_code = reason, 1006
+        if self._abort is not None:
+            self._abort()
+
+    def receive(self, receive: Receive) -> Receive:
+        """``receive`` with every frame counted and checked first."""
+
+        async def guarded() -> Message:
+            if self.closed is None:
+                message = await receive()
+                if message["type"] != "websocket.receive":
+                    return message
+                problem = self._problem(message)
+                if problem is None:
+                    return message
+                await self.close(*problem, log_it=problem[0] != NORMAL_CLOSURE)
+            return {"type": "websocket.disconnect", "code": self.close_code or 1000}
+
+        return guarded
+
+    def counting(self, send: Send) -> Send:
+        """``send`` with the bytes of every message written counted. engine.io writes
+        everything queued for a client in one go, and uvicorn does not wait while the
+        socket takes it: every YIELD_BYTES the writer lets the event loop run others."""
+        since_yield = 0
+
+        async def counted(message: Message) -> None:
+            nonlocal since_yield
+            if message["type"] == "websocket.send":
+                size = len(message.get("text") or message.get("bytes") or b"")
+                self.sent_bytes += size
+                since_yield += size
+            await send(message)
+            if since_yield >= YIELD_BYTES:
+                since_yield = 0
+                await asyncio.sleep(0)
+
+        return counted
+
+    def _problem(self, message: Message) -> tuple[int, str] | None:
+        wait = self._bucket.take(time.monotonic())
+        if wait > 0:
+            rate = self._bucket.rate
+            return POLICY_VIOLATION, f"too many messages (limit {rate}); slow down"
+        text = message.get("text")
+        if text is not None and (not text or text[0] not in ENGINEIO_TYPES):
+            return PROTOCOL_ERROR, "malformed engine.io packet"
+        if text is not None and text[0] == ENGINEIO_CLOSE:
+            # engine.io ends the session on it but keeps reading the websocket, unanswered.
+            return NORMAL_CLOSURE, "closed by the client (engine.io CLOSE)"
+        return None
+
+
+class Edge:
+    """ASGI middleware in front of the node's app (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig, guard: ConnectionGuard) -> None:
+        self.app = app
+        self.config = config
+        self.guard = guard
+        self.metrics_port = config.metrics_port
+        self.frames = config.frames_per_connection
+        self.throttle = LogThrottle(log)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if not self._routed_here(scope):
+            await _not_found(scope, receive, send)
+            return
+        forwarded = self._forwarded(scope)
+        if forwarded:
+            refusal = self.guard.admit_forwarded(forwarded)
+            if refusal is not None:
+                await _refuse(scope, receive, send, refusal)
+                return
+        try:
+            if kind == "websocket" and scope["path"].startswith(SOCKETIO_PATH):
+                address = str((scope.get("client") or ("",))[0])
+                abort = scope.get(ABORT_KEY)
+                frames = FrameGuard(send, self.frames, address, self.throttle, abort)
+                scope[SCOPE_KEY] = frames
+                receive, send = frames.receive(receive), frames.counting(send)
+            await self.app(scope, receive, send)
+        finally:
+            if forwarded:
+                self.guard.release_forwarded(forwarded)
+
+    def _routed_here(self, scope: Scope) -> bool:
+        """With a metrics port, /metrics is there and only there."""
+        if self.metrics_port is None:
+            return True
+        server = scope.get("server") or (None, None)
+        on_metrics_port = server[1] == self.metrics_port
+        return bool(on_metrics_port == (scope["path"] == "/metrics"))
+
+    def _forwarded(self, scope: Scope) -> str:
+        """The client a trusted proxy forwarded this for ('' when not from one); the
+        scope's client becomes that address."""
+        client = scope.get("client")
+        peer = str(client[0]) if client else ""
+        if not self.guard.is_trusted(peer):
+            return ""
+        address = forwarded_client(peer, _header(scope, b"x-forwarded-for"), self.guard.networks)
+        if address != peer:
+            scope["client"] = (address, 0)
+            proto = _header(scope, b"x-forwarded-proto")
+            if proto in ("http", "https", "ws", "wss"):
+                websocket = scope["type"] == "websocket"
+                scope["scheme"] = (
+                    {"http": "ws", "https": "wss"}.get(proto, proto) if websocket else proto
+                )
+        return address
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, reason: str) -> None:
+    """429 with the reason (a websocket handshake too, where the server supports it)."""
+    body = json.dumps({"error": reason}).encode()
+    headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await receive()  # websocket.connect
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": 429, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send(
+            {"type": "websocket.close", "code": TRY_AGAIN_LATER, "reason": reason[:MAX_REASON]}
+        )
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.close", "code": POLICY_VIOLATION})
+        return
+    body = b'{"error": "no such endpoint on this port"}'
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": 404, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

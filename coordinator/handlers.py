@@ -1,0 +1,230 @@
+"""The socket.io event handlers of one node: connect (authenticate and join), actions,
+unknown events, disconnect.
+
+Every way a handler can end leaves nothing behind: a join that fails, is refused or is
+cancelled is undone before the client hears about it; a connection whose client left
+while it joined is forgotten; a disconnect forgets the connection here and in Redis (or
+defers the Redis part until Redis answers). Every client event is answered: an ack with
+``{"ok": true, "id": n}`` or ``{"ok": false, "error": ...}`` (plus ``retry_after`` when a
+rate limit refused it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import socketio
+
+from . import codec
+from .auth import AuthError, TokenVerifier
+from .config import (
+    check_connection_id,
+    check_conversation_id,
+    check_settings,
+    parse_settings,
+)
+from .errors import EXPECTED, Forbidden, InvalidInput, LimitExceeded
+from .http import client_message
+from .manager import ConversationManager
+from .metrics import NodeMetrics
+from .quotas import Quotas
+from .ratelimit import LogThrottle
+from .sioserver import GuardedServer
+
+if TYPE_CHECKING:
+    from .app import SocketSink
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "/"
+ACTION_EVENT = "oh_user_action"
+
+
+def _first(query: Mapping[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[0] if values else None
+
+
+def parse_latest_event_id(raw: str | None) -> int | None:
+    """``latest_event_id`` from the query: None (replay all) for absent or -1."""
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(
+            f"latest_event_id must be an integer (-1 for everything), got {raw[:40]!r}"
+        ) from None
+    if value < -1:
+        raise InvalidInput(f"latest_event_id must be >= -1, got {value}")
+    return None if value == -1 else value
+
+
+def refusal_ack(exc: BaseException) -> dict[str, Any]:
+    """The ack of an action that was not accepted."""
+    ack: dict[str, Any] = {"ok": False, "error": client_message(exc)}
+    if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
+        ack["retry_after"] = exc.retry_after
+    return ack
+
+
+class SocketHandlers:
+    """The socket.io event handlers of one node."""
+
+    def __init__(
+        self,
+        sio: GuardedServer,
+        manager: ConversationManager,
+        tokens: TokenVerifier,
+        sink: SocketSink,
+        metrics: NodeMetrics,
+        quotas: Quotas,
+    ) -> None:
+        self.sio = sio
+        self.manager = manager
+        self.tokens = tokens
+        self.sink = sink
+        self.metrics = metrics
+        self.quotas = quotas
+        self._users: dict[str, str] = {}  # joined connection -> its user
+        self._refusals = LogThrottle(log)  # a flood of refused joins is not a flood of lines
+
+    def register(self) -> None:
+        self.sio.on("connect", self.connect, namespace=NAMESPACE)
+        self.sio.on(ACTION_EVENT, self.oh_user_action, namespace=NAMESPACE)
+        self.sio.on("*", self.unknown_event, namespace=NAMESPACE)
+        self.sio.on("disconnect", self.disconnect, namespace=NAMESPACE)
+
+    async def connect(self, connection_id: str, environ: Mapping[str, Any], auth: Any) -> bool:
+        started = time.perf_counter()
+        try:
+            return await self._join(connection_id, environ, auth)
+        finally:
+            self.metrics.join_seconds.observe(time.perf_counter() - started)
+
+    async def _join(self, connection_id: str, environ: Mapping[str, Any], auth: Any) -> bool:
+        query = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
+        token = auth.get("token") if isinstance(auth, dict) else None
+        if token is None:
+            token = _first(query, "token")
+        joined = False
+        try:
+            user = self.tokens.user(token)
+            raw_conversation = _first(query, "conversation_id")
+            if raw_conversation is None:
+                raise InvalidInput("the conversation_id query parameter is required")
+            conversation = check_conversation_id(raw_conversation)
+            latest = parse_latest_event_id(_first(query, "latest_event_id"))
+            if isinstance(auth, dict) and auth.get("settings") is not None:
+                settings = check_settings(auth["settings"])
+            else:
+                settings = parse_settings(_first(query, "settings"))
+            check_connection_id(connection_id)
+            await self.quotas.join(user)
+            self.sink.joining(connection_id)
+            await self.manager.join_conversation(
+                conversation, connection_id, settings, user, latest
+            )
+            joined = True
+        except asyncio.CancelledError:
+            # python-socketio takes a cancelled connect handler for a success: undo the
+            # join and refuse instead (the node is stopping; the client reconnects).
+            await self._forget(connection_id, True)
+            raise socketio.exceptions.ConnectionRefusedError(
+                "the node is shutting down; reconnect"
+            ) from None
+        except Exception as exc:
+            await self._forget(connection_id, joined)
+            message = self._refusal(exc)
+            self._refusals.info("connection %s refused: %s", connection_id, message)
+            if isinstance(exc, LimitExceeded):
+                # Nothing to try again on this session: it ends after the refusal.
+                eio_sid = self.sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
+                if eio_sid is not None:
+                    self.sio.tasks.spawn(self.sio.end_session(eio_sid), "refused")
+            if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
+                raise socketio.exceptions.ConnectionRefusedError(
+                    message, {"retry_after": exc.retry_after}
+                ) from None
+            raise socketio.exceptions.ConnectionRefusedError(message) from None
+        if not self._transport_open(connection_id):
+            # The client went away while we joined; no disconnect event will follow.
+            await self._forget(connection_id, True)
+            return False
+        self._users[connection_id] = user
+        self.quotas.opened(connection_id)
+        log.debug("connection %s joined %s as %s", connection_id, conversation, user)
+        return True
+
+    def _refusal(self, exc: Exception) -> str:
+        if isinstance(exc, AuthError):
+            return f"authentication failed: {exc}"
+        if isinstance(exc, Forbidden):
+            return f"forbidden: {exc}"
+        if not isinstance(exc, EXPECTED):
+            log.error("join failed unexpectedly", exc_info=exc)
+        return client_message(exc)
+
+    def _transport_open(self, connection_id: str) -> bool:
+        eio_sid = self.sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
+        socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        return socket is not None and not socket.closed and not socket.closing
+
+    async def _forget(self, connection_id: str, joined: bool = True) -> None:
+        self.sink.left(connection_id)
+        self.quotas.closed(connection_id)
+        self._users.pop(connection_id, None)
+        if not joined or not self.manager.started:
+            return  # a node that stopped forgot its connections itself
+        try:
+            await self.manager.disconnect_from_session(connection_id)
+        except EXPECTED as exc:
+            log.warning("could not forget connection %s: %s", connection_id, exc)
+
+    async def oh_user_action(self, connection_id: str, *args: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            if len(args) != 1:
+                raise InvalidInput(f"{ACTION_EVENT} takes one argument, the action")
+            await self.quotas.action(
+                connection_id, self._users.get(connection_id), self._size(args[0])
+            )
+            event_id = await self.manager.send_to_event_stream(connection_id, args[0])
+        except Exception as exc:
+            if not isinstance(exc, EXPECTED):
+                log.error("action from %s failed unexpectedly", connection_id, exc_info=exc)
+            else:
+                log.debug("action from %s rejected: %s", connection_id, exc)
+            ack = refusal_ack(exc)
+        else:
+            self.metrics.actions += 1
+            ack = {"ok": True, "id": event_id}
+        self.metrics.ack_seconds.observe(time.perf_counter() - started)
+        return ack
+
+    def _size(self, action: Any) -> int:
+        """The packed size of an action, for the bytes a user may send (0 when that is not
+        limited, or when it cannot be packed: the action's check says why then)."""
+        if self.quotas.config.action_bytes_per_user.unlimited:
+            return 0
+        try:
+            return len(codec.pack(action))
+        except (TypeError, ValueError, OverflowError):
+            return 0
+
+    async def unknown_event(self, event: str, connection_id: str, *args: Any) -> dict[str, Any]:
+        """Any other event: answered (a client waiting for its ack is not left hanging),
+        and counted against the connection's rate like an action."""
+        try:
+            await self.quotas.action(connection_id, self._users.get(connection_id))
+        except LimitExceeded as exc:
+            return refusal_ack(exc)
+        return {"ok": False, "error": f"unknown event {event[:64]!r}; send {ACTION_EVENT}"}
+
+    async def disconnect(self, connection_id: str, reason: Any = None) -> None:
+        await self._forget(connection_id)

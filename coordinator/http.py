@@ -1,0 +1,234 @@
+"""HTTP plumbing of the REST app (rest.py): errors as JSON with a status, one path's
+handlers by method, CORS, request bodies read within a size limit and parsed strictly.
+
+Every response is JSON and carries ``COMMON_HEADERS``, plus ``access-control-allow-origin``
+for an Origin the node allows (``--cors-origins``; none by default). Errors are
+``{"error": msg}`` with a status from ``status_for`` (429 with Retry-After for a limit);
+the log gets the detail, the client a clear message. Each path answers OPTIONS (204) and
+refuses other methods (405) itself, with an ``allow`` header naming exactly its methods:
+Starlette's own method matching would also serve HEAD on every GET path and list
+``allow`` in no fixed order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import aclosing
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocketClose
+
+from .auth import AuthError, Identity, TokenVerifier
+from .codec import shape_problem
+from .errors import (
+    REDIS_TROUBLE,
+    CapacityTimeout,
+    ConnectionNotFound,
+    ConversationNotFound,
+    CoordinatorError,
+    Forbidden,
+    InboxFull,
+    InvalidInput,
+    LimitExceeded,
+    NodeBusy,
+    NodeDraining,
+    NotReplicated,
+    RedisUnavailable,
+)
+
+log = logging.getLogger("coordinator.rest")
+
+
+MAX_BODY = 256 * 1024
+COMMON_HEADERS = {
+    "access-control-allow-headers": "authorization, content-type",
+    "cache-control": "no-store",
+}
+# Nesting and size a REST body's JSON may have (a create request is two fields deep).
+MAX_BODY_DEPTH = 16
+MAX_BODY_ITEMS = 10_000
+# A websocket handshake outside /socket.io/ is refused with "policy violation".
+WS_POLICY_VIOLATION = 1008
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status of an error raised while serving a request."""
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    if isinstance(exc, AuthError):
+        return 401
+    if isinstance(exc, Forbidden):
+        return 403
+    if isinstance(exc, ConversationNotFound | ConnectionNotFound):
+        return 404
+    if isinstance(exc, InboxFull | LimitExceeded):
+        return 429
+    if isinstance(exc, InvalidInput):
+        return 400
+    unavailable = NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | NotReplicated
+    if isinstance(exc, unavailable) or isinstance(exc, REDIS_TROUBLE):  # noqa: SIM101
+        return 503
+    return 500
+
+
+def client_message(exc: BaseException) -> str:
+    """What a client is told about an error (never a stack trace)."""
+    if isinstance(exc, HTTPException):
+        return exc.detail
+    if isinstance(exc, AuthError):
+        return f"authentication failed: {exc}"
+    if isinstance(exc, CoordinatorError):
+        return str(exc)
+    if isinstance(exc, REDIS_TROUBLE):
+        return "the coordinator cannot reach Redis right now; try again"
+    return "internal error"
+
+
+def json_response(
+    status: int, value: Any, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(value, status, {**COMMON_HEADERS, **(headers or {})})
+
+
+def error_response(exc: Exception, request: Request) -> JSONResponse:
+    """``{"error": msg}`` for an exception; the log gets server errors in full."""
+    status = status_for(exc)
+    if status >= 500:
+        log.warning("%s %s failed: %r", request.method, request.scope["path"], exc, exc_info=exc)
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    body: dict[str, Any] = {"error": client_message(exc)}
+    if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+        body["retry_after"] = exc.retry_after
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return json_response(status, body, headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Resource:
+    """One path's handlers by method, as the ASGI app of a Starlette ``Route``."""
+
+    def __init__(self, handlers: Mapping[str, Handler], cors: Cors | None = None) -> None:
+        self.handlers = dict(handlers)
+        self.allow = ", ".join(sorted(self.handlers))
+        self.cors = cors or Cors(())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        response: Response
+        if request.method == "OPTIONS":
+            headers = {**COMMON_HEADERS, "allow": self.allow}
+            if self.cors.origins:
+                headers["access-control-allow-methods"] = self.allow
+            response = Response(status_code=204, headers=headers, media_type="text/plain")
+        else:
+            try:
+                handler = self.handlers.get(request.method)
+                if handler is None:
+                    raise HTTPException(
+                        405,
+                        f"method {request.method} is not allowed here; use {self.allow}",
+                        {"allow": self.allow},
+                    )
+                response = await handler(request)
+            except Exception as exc:
+                response = error_response(exc, request)
+        self.cors.add(request, response)
+        await response(scope, receive, send)
+
+
+class Cors:
+    """Which browser origins may read the node's answers (none unless configured)."""
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.origins = frozenset(origins)
+
+    def add(self, request: Request, response: Response) -> None:
+        if not self.origins:
+            return
+        if "*" in self.origins:
+            response.headers["access-control-allow-origin"] = "*"
+            return
+        response.headers["vary"] = "origin"
+        origin = request.headers.get("origin")
+        if origin in self.origins:
+            response.headers["access-control-allow-origin"] = origin
+
+
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """What the router does with a path no route matches.
+
+    Paths are read from ``scope["path"]``, as the router matches them, never from
+    ``request.url``, which Starlette before 1.0.1 rebuilt from the Host header."""
+    if scope["type"] == "websocket":
+        await WebSocketClose(WS_POLICY_VIOLATION)(scope, receive, send)
+        return
+    request = Request(scope, receive)
+    error = HTTPException(404, f"no such endpoint: {scope['path']}")
+    await error_response(error, request)(scope, receive, send)
+
+
+def bearer_identity(tokens: TokenVerifier, request: Request) -> Identity:
+    """Who the request's ``Authorization: Bearer`` token speaks for (AuthError if none)."""
+    header = request.headers.get("authorization", "")
+    if not header:
+        raise AuthError("missing token: send 'Authorization: Bearer <token>'")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
+    return tokens.verify(token.strip())
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``MAX_BODY``."""
+    too_large = HTTPException(413, f"the request body is larger than {MAX_BODY} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with aclosing(request.stream()) as stream:
+            async for chunk in stream:
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise too_large
+                chunks.append(chunk)
+    except ClientDisconnect:
+        raise HTTPException(400, "the client went away before its request body arrived") from None
+    return b"".join(chunks)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object ({} when empty): strict JSON (no NaN or
+    Infinity), nested at most MAX_BODY_DEPTH levels."""
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidInput(
+            f"the request body is nested too deeply (more than {MAX_BODY_DEPTH} levels)"
+        ) from None
+    except ValueError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    problem = shape_problem(value, MAX_BODY_DEPTH, MAX_BODY_ITEMS)
+    if problem is not None:
+        raise InvalidInput(f"the request body is not acceptable: {problem}")
+    if not isinstance(value, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")

@@ -1,0 +1,99 @@
+"""What one client may ask of a node: its rate limits, checked at the edge (socket.io
+handlers, REST) before any work is done.
+
+- actions per connection: a bucket in memory, per connection;
+- actions per user, and their bytes: the user's buckets in Redis, taken a batch at a
+  time (``ratelimit.UserAllowance``), so they hold across every node the user reaches;
+- joins per user and conversation creations per user: a token from the user's Redis
+  bucket each.
+
+The number of connections a user holds open is capped where joins are registered
+(``sessions.py``, ``max_connections_per_user``). Every refusal is a ``LimitExceeded``
+naming the limit and the wait: an error ack with ``retry_after``, a connect error, or
+HTTP 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from .errors import LimitExceeded
+from .ratelimit import Rate, Take, TokenBucket, UserAllowance, over
+from .serverconfig import ServerConfig
+from .state import RedisState
+
+
+class Quotas:
+    """The per-client limits of one node; ``state`` gives the started node's state layer."""
+
+    def __init__(self, config: ServerConfig, state: Callable[[], RedisState]) -> None:
+        self.config = config
+        self._state = state
+        self._buckets: dict[str, TokenBucket] = {}
+        self.user_actions = UserAllowance(
+            "actions per user", config.actions_per_user, self._redis_bucket("actions")
+        )
+        self.user_bytes = UserAllowance(
+            "action bytes per user",
+            config.action_bytes_per_user,
+            self._redis_bucket("action_bytes"),
+        )
+        self.joins = UserAllowance(
+            "joins per user", config.joins_per_user, self._redis_bucket("joins"), batch=1
+        )
+        self.creations = UserAllowance(
+            "creations per user",
+            config.creations_per_user,
+            self._redis_bucket("creations"),
+            batch=1,
+        )
+        self.refused: Counter[str] = Counter()  # limit -> refusals, for /metrics
+
+    def _redis_bucket(self, limit: str) -> Take:
+        rate = getattr(self.config, f"{limit}_per_user")
+        assert isinstance(rate, Rate)
+
+        async def take(user: str, want: int) -> tuple[int, float]:
+            return await self._state().take_tokens(user, limit, rate.per_second, rate.burst, want)
+
+        return take
+
+    # -- connections -----------------------------------------------------------------
+    def opened(self, cid: str) -> None:
+        self._buckets[cid] = TokenBucket(self.config.actions_per_connection, time.monotonic())
+
+    def closed(self, cid: str) -> None:
+        self._buckets.pop(cid, None)
+
+    # -- checks: each returns, or raises LimitExceeded -------------------------------
+    async def action(self, cid: str, user: str | None, size: int = 0) -> None:
+        """An action (or any event) of ``size`` bytes from connection ``cid`` of
+        ``user`` (None: not joined, so only the connection's own bucket applies)."""
+        try:
+            bucket = self._buckets.get(cid)
+            if bucket is not None:
+                wait = bucket.take(time.monotonic())
+                if wait > 0:
+                    raise over("actions per connection", bucket.rate, wait)
+            if user:
+                await self.user_actions.take(user)
+                if size:
+                    await self.user_bytes.take(user, size)
+        except LimitExceeded as exc:
+            self.refused[exc.limit] += 1
+            raise
+
+    async def join(self, user: str) -> None:
+        await self._one(self.joins, user)
+
+    async def creation(self, user: str) -> None:
+        await self._one(self.creations, user)
+
+    async def _one(self, allowance: UserAllowance, user: str) -> None:
+        try:
+            await allowance.take(user)
+        except LimitExceeded as exc:
+            self.refused[exc.limit] += 1
+            raise

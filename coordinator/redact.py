@@ -1,0 +1,94 @@
+"""Secrets out of logs: tokens in query strings and headers, passwords in URLs.
+
+A client may put its token in the query string (``?token=``), which uvicorn writes into
+its access log and its websocket log lines; a Redis URL may carry a password, which an
+error message may quote. ``RedactingFilter`` rewrites every log record that passes a
+handler or logger it is installed on; ``install`` puts it on the loggers that quote
+client requests, and the CLI puts it on its own handler too, so nothing it prints keeps
+a secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+
+from .config import redact_url
+
+# Query parameters that carry credentials (the socket.io token, OAuth's access_token,
+# and the usual spellings of keys and passwords).
+_QUERY_SECRET = re.compile(
+    r"(?P<head>[?&;](?:token|access_token|id_token|auth|authorization|password|passwd"
+    r"|secret|api_key|apikey|key|ssl_password)=)[^&;\s\"'#]*",
+    re.I,
+)
+# A JWT anywhere (three base64url parts, the first a JSON header: "eyJ").
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?P<head>\bBearer\s+)[^\s\"',;]+", re.I)
+
+
+def redact(text: str) -> str:
+    """``text`` without credentials: each becomes ``***``."""
+    text = redact_url(text)
+    text = _QUERY_SECRET.sub(r"\g<head>***", text)
+    text = _BEARER.sub(r"\g<head>***", text)
+    return _JWT.sub("***", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites a record's message (and its traceback) without credentials."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: leave it to the handler to report
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)))
+            record.exc_text = record.exc_text.rstrip("\n")
+        return True
+
+
+# Loggers that write what clients sent (paths with query strings, packet data).
+CLIENT_FACING = ("uvicorn.access", "uvicorn.error", "coordinator.engineio", "coordinator.socketio")
+
+_FILTER = RedactingFilter()
+
+
+def install(logger_names: tuple[str, ...] = CLIENT_FACING) -> None:
+    """Put the filter on these loggers (once each)."""
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+
+
+def install_on_handlers(logger: logging.Logger) -> None:
+    """Put the filter on every handler of ``logger``: whatever reaches them, from any
+    logger, is redacted (the CLI's root handler)."""
+    for handler in logger.handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+
+
+class NoWebsocketAccessLines(logging.Filter):
+    """uvicorn logs every websocket handshake ("WebSocket /path" [accepted]), and the
+    websockets library it hands its error logger to logs "connection open", at INFO,
+    whether or not the access log is on: a flood of connections would be a flood of
+    lines. Installed when the access log is off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if not isinstance(msg, str):
+            return True
+        return not (msg.startswith('%s - "WebSocket %s"') or msg in WEBSOCKETS_CHATTER)
+
+
+WEBSOCKETS_CHATTER = frozenset({"connection open", "connection closed"})
+
+
+WEBSOCKET_LINES = NoWebsocketAccessLines()

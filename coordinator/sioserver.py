@@ -1,0 +1,281 @@
+"""python-socketio's server, holding clients to the protocol before any handler runs.
+
+- Every packet is checked (``packets.problem``) before python-socketio acts on it. A
+  malformed one is answered: an event that asked for an ack gets ``{"ok": false,
+  "error": ...}``, anything else closes the connection with the reason. It is logged
+  once per connection, and those lines are rate-limited node-wide.
+- An engine.io session must complete a socket.io CONNECT within ``handshake_timeout``
+  (a join in progress gets more time; joins are bounded), and may try at most
+  ``MAX_CONNECTS`` times.
+- A binary event's attachments are bounded in number (``packets``) and in total size.
+- A connection whose client does not read is dropped once ``max_queued_events`` or
+  ``max_queued_bytes`` wait for it (``backlogged``): its client reconnects with
+  ``latest_event_id`` and misses nothing.
+
+This overrides python-socketio's ``_handle_eio_connect``, ``_handle_eio_message``,
+``_handle_eio_disconnect``, ``_send_packet`` and ``_engineio_server_class`` (5.x;
+``tests/test_guards.py`` drives every branch through a real server), and engine.io's
+``start_background_task``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import Any
+
+import engineio
+import socketio
+from socketio import packet as sio_packet
+
+from . import packets
+from .edge import NORMAL_CLOSURE, POLICY_VIOLATION, PROTOCOL_ERROR, FrameGuard
+from .ratelimit import LogThrottle
+from .serverconfig import ServerConfig
+from .tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = packets.NAMESPACE
+MAX_CONNECTS = 3  # CONNECT packets one engine.io session may send
+GRACE = 1.0  # seconds an ended session's websocket stays for its last packets to go out
+# What decoding a client's packet can raise (json.JSONDecodeError is a ValueError).
+DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError)
+
+
+class PingTrackingServer(engineio.AsyncServer):  # type: ignore[misc]
+    """engine.io's server, keeping each session's ping task so it can end with the
+    session: engine.io lets it sleep out its ping interval (25 s) after the session
+    closed, holding the session's objects that long. Under a flood of short connections
+    tens of thousands of them piled up, and each full collection of the cyclic GC walked
+    them all: 30-75 ms during which no client was served (docs/failures.md)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ping_tasks: dict[str, asyncio.Task[Any]] = {}
+
+    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
+        task = super().start_background_task(target, *args, **kwargs)
+        session = getattr(target, "__self__", None)
+        if getattr(target, "__name__", "") == "_send_ping" and session is not None:
+            self.ping_tasks[session.sid] = task
+            task.add_done_callback(lambda t, sid=session.sid: self._forget_ping(sid, t))
+        return task
+
+    def _forget_ping(self, sid: str, task: asyncio.Task[Any]) -> None:
+        if self.ping_tasks.get(sid) is task:
+            del self.ping_tasks[sid]
+
+    def session_ended(self, sid: str) -> None:
+        task = self.ping_tasks.pop(sid, None)
+        if task is not None:
+            task.cancel()
+
+
+class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
+    """socketio.AsyncServer with the checks in the module docstring."""
+
+    def __init__(
+        self, *, config: ServerConfig, max_message_bytes: int, tasks: TaskSet, **kwargs: Any
+    ) -> None:
+        super().__init__(max_http_buffer_size=max_message_bytes, **kwargs)
+        self.handshake_timeout = config.handshake_timeout
+        self.max_queued_events = config.max_queued_events
+        self.max_queued_bytes = config.max_queued_bytes
+        self.max_message_bytes = max_message_bytes
+        self.tasks = tasks
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._connects: Counter[str] = Counter()
+        self._attached: dict[str, int] = {}  # eio sid -> attachment bytes received so far
+        self._reported: set[str] = set()  # eio sids whose malformed packet was logged
+        self._throttle = LogThrottle(log)
+        self.malformed = 0
+
+    # -- the handshake deadline ------------------------------------------------------
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> Any:
+        result = await super()._handle_eio_connect(eio_sid, environ)
+        self._arm(eio_sid)
+        return result
+
+    def _arm(self, eio_sid: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadlines[eio_sid] = loop.call_later(self.handshake_timeout, self._expired, eio_sid)
+
+    def _expired(self, eio_sid: str) -> None:
+        self._deadlines.pop(eio_sid, None)
+        if eio_sid not in self.environ:
+            return  # gone already
+        sid = self.manager.sid_from_eio_sid(eio_sid, NAMESPACE)
+        if sid is not None and self.manager.is_connected(sid, NAMESPACE):
+            return
+        if sid is not None and self.manager.is_pre_connected(sid, NAMESPACE):
+            self._arm(eio_sid)  # its join is still running: joins end by themselves
+            return
+        reason = f"no socket.io CONNECT within {self.handshake_timeout:g}s"
+        self.tasks.spawn(self.close_connection(eio_sid, POLICY_VIOLATION, reason), "handshake")
+
+    def _engineio_server_class(self) -> type[PingTrackingServer]:
+        return PingTrackingServer
+
+    async def _handle_eio_disconnect(self, eio_sid: str, reason: Any = None) -> None:
+        self.eio.session_ended(eio_sid)
+        timer = self._deadlines.pop(eio_sid, None)
+        if timer is not None:
+            timer.cancel()
+        frames = FrameGuard.of(self.environ.get(eio_sid))
+        if frames is not None and frames.closed is None:
+            # engine.io ended the session (its CLOSE is queued, or the client sent one)
+            # but reads the websocket until the client closes it: close it, once what
+            # is queued had time to go out.
+            asyncio.get_running_loop().call_later(GRACE, self._close_later, frames)
+        self._connects.pop(eio_sid, None)
+        self._attached.pop(eio_sid, None)
+        self._reported.discard(eio_sid)
+        await super()._handle_eio_disconnect(eio_sid, reason)
+
+    # -- closing a connection --------------------------------------------------------
+    async def close_connection(
+        self, eio_sid: str, code: int, reason: str, *, log_it: bool = True, now: bool = False
+    ) -> None:
+        """Close a client's connection saying why: a websocket close frame's reason (a
+        polling session has no way to carry one and is just closed). ``now``: drop it at
+        once without telling it (a client that does not read would never hear it)."""
+        if log_it:
+            self._throttle.info("closing connection %s: %s", eio_sid, reason)
+        frames = FrameGuard.of(self.environ.get(eio_sid))
+        if frames is not None:
+            if now:
+                frames.abort(reason)
+            else:
+                await frames.close(code, reason)
+            return
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is not None and not socket.closed:
+            # Not engine.io's disconnect(): it waits for the client to poll its CLOSE.
+            await socket.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
+            self.eio.sockets.pop(eio_sid, None)  # else kept until its service task's round
+
+    def _close_later(self, frames: FrameGuard) -> None:
+        if frames.closed is None:
+            self.tasks.spawn(frames.close(NORMAL_CLOSURE, "session closed"), "close")
+
+    async def end_session(self, eio_sid: str) -> None:
+        """End an engine.io session after what is queued for it (a refusal) went out."""
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is not None and not socket.closed:
+            await socket.close(wait=False, abort=False, reason=self.reason.SERVER_DISCONNECT)
+
+    def backlogged(self, eio_sid: str, *, half: bool = False) -> str | None:
+        """Why this client has too much waiting for it (more than ``max_queued_events``
+        or, on a websocket, ``max_queued_bytes``; ``half``: half as much), or None."""
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is None or socket.closed:
+            return None
+        events, size = self.max_queued_events, self.max_queued_bytes
+        if half:
+            events, size = events // 2, size // 2
+        if socket.queue.qsize() > events:
+            return f"over {events} events waiting"
+        frames = FrameGuard.of(self.environ.get(eio_sid))
+        if frames is not None and frames.backlog > size:
+            return f"over {size} bytes waiting"
+        return None
+
+    async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
+        """python-socketio's, counting what waits for the client (acks, CONNECT)."""
+        encoded = pkt.encode()
+        for part in encoded if isinstance(encoded, list) else (encoded,):
+            await self.eio.send(eio_sid, part)
+            self.queued(eio_sid, len(part) + 1)
+
+    def queued(self, eio_sid: str, size: int) -> None:
+        """``size`` bytes of events were queued for this client."""
+        frames = FrameGuard.of(self.environ.get(eio_sid))
+        if frames is not None:
+            frames.queued_bytes += size
+
+    # -- packets ---------------------------------------------------------------------
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        pending = self._binary_packet.get(eio_sid)
+        if pending is not None:
+            await self._attachment(eio_sid, pending, data)
+            return
+        try:
+            if not isinstance(data, str):
+                raise ValueError("a binary message nobody announced")
+            pkt = self.packet_class(encoded_packet=data)
+        except DECODE_ERRORS:
+            await self._malformed(eio_sid, None, "not a socket.io packet")
+            return
+        problem = packets.problem(pkt)
+        if problem is not None:
+            await self._malformed(eio_sid, pkt, problem)
+            return
+        kind = pkt.packet_type
+        if kind == sio_packet.CONNECT:
+            self._connects[eio_sid] += 1
+            if self._connects[eio_sid] > MAX_CONNECTS:
+                reason = f"more than {MAX_CONNECTS} CONNECT attempts"
+                await self.close_connection(eio_sid, POLICY_VIOLATION, reason)
+                return
+            await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
+        elif kind == sio_packet.DISCONNECT:
+            await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
+        elif kind in (sio_packet.ACK, sio_packet.BINARY_ACK):
+            return  # the server never asks a client for an ack: nothing waits for it
+        elif not self._joined(eio_sid):
+            await self._malformed(eio_sid, pkt, "an event before a successful CONNECT")
+        elif kind == sio_packet.EVENT:
+            await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        else:  # BINARY_EVENT: its attachments follow
+            self._binary_packet[eio_sid] = pkt
+            self._attached[eio_sid] = 0
+
+    async def _attachment(self, eio_sid: str, pkt: Any, data: Any) -> None:
+        size = self._attached.get(eio_sid, 0) + (len(data) if isinstance(data, bytes) else 0)
+        self._attached[eio_sid] = size
+        try:
+            if not isinstance(data, bytes):
+                raise ValueError("a binary attachment was expected")
+            if size > self.max_message_bytes:
+                raise ValueError(f"attachments larger than {self.max_message_bytes} bytes")
+            complete = pkt.add_attachment(data)
+        except DECODE_ERRORS as exc:
+            del self._binary_packet[eio_sid]
+            self._attached.pop(eio_sid, None)
+            await self._malformed(eio_sid, pkt, str(exc) or "bad attachment")
+            return
+        if complete:
+            del self._binary_packet[eio_sid]
+            self._attached.pop(eio_sid, None)
+            await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+
+    def _joined(self, eio_sid: str) -> bool:
+        sid = self.manager.sid_from_eio_sid(eio_sid, NAMESPACE)
+        return sid is not None and bool(self.manager.is_connected(sid, NAMESPACE))
+
+    async def _malformed(self, eio_sid: str, pkt: Any, problem: str) -> None:
+        """Answer a malformed packet: an error ack if it asked for one on a joined
+        connection, else a close with the reason. Logged once per connection."""
+        self.malformed += 1
+        if eio_sid not in self._reported:
+            self._reported.add(eio_sid)
+            frames = FrameGuard.of(self.environ.get(eio_sid))
+            address = frames.address if frames is not None else "?"
+            self._throttle.info("malformed packet from %s (%s): %s", eio_sid, address, problem)
+        wants_ack = (
+            pkt is not None
+            and getattr(pkt, "id", None) is not None
+            and pkt.packet_type in (sio_packet.EVENT, sio_packet.BINARY_EVENT)
+            and pkt.namespace in (None, NAMESPACE)
+        )
+        if wants_ack and self._joined(eio_sid):
+            ack = {"ok": False, "error": f"malformed packet: {problem}"}
+            await self._send_packet(
+                eio_sid,
+                self.packet_class(sio_packet.ACK, namespace=NAMESPACE, id=pkt.id, data=[ack]),
+            )
+            return
+        reason = f"malformed packet: {problem}"
+        await self.close_connection(eio_sid, PROTOCOL_ERROR, reason, log_it=False)

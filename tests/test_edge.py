@@ -1,0 +1,211 @@
+"""What a client can hold before it authenticates: connections that send nothing or half
+a request are closed, connections are capped per node and per address (X-Forwarded-For
+only from trusted proxies), polling is opt-in, CORS is closed by default, /metrics may
+live on a port of its own. Real uvicorn nodes, raw TCP where a library would be polite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from coordinator.connlimits import address_key
+from coordinator.ratelimit import Rate
+from coordinator.server import NodeServer
+from coordinator.serverconfig import NO_LIMITS, ServerConfig
+from tests.helpers import wait_until
+from tests.rawsocket import RawSocket
+from tests.server_fixtures import ServerCluster
+
+
+def edge(**changes: Any) -> ServerConfig:
+    return ServerConfig(**{**NO_LIMITS, **changes})
+
+
+async def tcp(
+    node: NodeServer, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", node.port, local_addr=(source, 0))
+
+
+async def answer(reader: asyncio.StreamReader, within: float = 10.0) -> tuple[str, float]:
+    """Everything the server writes until it closes, and how long that took."""
+    started = time.monotonic()
+    async with asyncio.timeout(within):
+        data = await reader.read()
+    return data.decode("latin-1"), time.monotonic() - started
+
+
+async def test_connections_that_send_nothing_or_half_a_request_are_closed(
+    servers: ServerCluster,
+) -> None:
+    (a,) = await servers.start(1, server_config=edge(request_timeout=0.5))
+    silent = await tcp(a)
+    half = await tcp(a)
+    half[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+    slow_body = await tcp(a)
+    slow_body[1].write(
+        b"POST /api/conversations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+    )
+    for reader, _ in (silent, half):
+        text, took = await answer(reader)
+        assert text.startswith("HTTP/1.1 408 Request Timeout\r\n"), text
+        assert '"no complete request within 0.5s"' in text and took < 3
+    text, took = await answer(slow_body[0])
+    assert took < 3  # cut off: the request was under way, nobody is told
+    # A connection that asks and is answered in time stays for keep-alive.
+    reader, writer = await tcp(a)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    for _, w in (silent, half, slow_body, (reader, writer)):
+        w.close()
+    await wait_until(lambda: len(a.guard) == 0, timeout=10, what="every connection released")
+
+
+async def test_connections_are_capped_per_address_and_per_node(servers: ServerCluster) -> None:
+    (a,) = await servers.start(
+        1, server_config=edge(max_connections=5, max_connections_per_address=3)
+    )
+    held = [await tcp(a, "127.0.0.2") for _ in range(3)]
+    await wait_until(lambda: a.guard.count("127.0.0.2") == 3, timeout=5)
+    reader, _ = await tcp(a, "127.0.0.2")
+    text, _ = await answer(reader)
+    assert text.startswith("HTTP/1.1 503 Service Unavailable\r\n") and "retry-after: 1" in text
+    assert "too many connections from 127.0.0.2 (at most 3 per address)" in text
+    # Other addresses still get in, up to the node's cap.
+    held += [await tcp(a, "127.0.0.3") for _ in range(2)]
+    await wait_until(lambda: len(a.guard) == 5, timeout=5)
+    reader, _ = await tcp(a, "127.0.0.4")
+    text, _ = await answer(reader)
+    assert "this node holds its maximum of 5 connections" in text
+    # Closing one makes room; websocket sessions count the same way.
+    held.pop()[1].close()
+    await wait_until(lambda: len(a.guard) == 4, timeout=5)
+    sock = await RawSocket.open(a.url, {"conversation_id": "c"})
+    assert len(a.guard) == 5
+    await sock.aclose()
+    for _, writer in held:
+        writer.close()
+    await wait_until(lambda: len(a.guard) == 0, timeout=10, what="every connection released")
+    assert a.guard.refused == {"address": 1, "node": 1}
+
+
+async def test_new_connections_are_limited_in_rate_per_address(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1, server_config=edge(connections_per_address=Rate(0.5, 3)))
+    for _ in range(3):
+        reader, writer = await tcp(a, "127.0.0.2")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await answer(reader))[0].startswith("HTTP/1.1 200 ")
+    reader, _ = await tcp(a, "127.0.0.2")
+    text, _ = await answer(reader)
+    assert text.startswith("HTTP/1.1 503 ")
+    assert "too many new connections from 127.0.0.2 (limit 0.5/s (burst 3)); retry in" in text
+    # Another address has its own allowance.
+    reader, writer = await tcp(a, "127.0.0.3")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await answer(reader))[0].startswith("HTTP/1.1 200 ")
+    assert a.guard.refused == {"rate": 1}
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff") == "2001:db8::/64"
+
+
+async def test_forwarded_clients_are_counted_only_behind_a_trusted_proxy(
+    servers: ServerCluster,
+) -> None:
+    (trusting,) = await servers.start(
+        1, server_config=edge(max_connections_per_address=2, trusted_proxies=("127.0.0.1",))
+    )
+    (plain,) = await servers.start(1, server_config=edge(max_connections_per_address=2))
+
+    async def session(node: NodeServer, forwarded: str) -> Any:
+        url = node.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+        return await connect(url, additional_headers={"X-Forwarded-For": forwarded})
+
+    # Through the trusted proxy: two sessions for each client it names.
+    mine = [await session(trusting, "10.0.0.1"), await session(trusting, "10.0.0.1")]
+    with pytest.raises(InvalidStatus) as refused:
+        await session(trusting, "192.0.2.7, 10.0.0.1")  # the proxy's own hop is the client
+    assert refused.value.response.status_code == 429
+    assert json.loads(refused.value.response.body) == {
+        "error": "too many connections from 10.0.0.1 (at most 2 per address)"
+    }
+    mine.append(await session(trusting, "10.0.0.2"))
+    # A node that trusts nobody ignores the header: the peer's address is the client's.
+    theirs = [await session(plain, "10.0.0.9"), await session(plain, "10.0.0.8")]
+    with pytest.raises(InvalidStatus):
+        await session(plain, "10.0.0.7")
+    for ws in mine + theirs:
+        await ws.close()
+    await wait_until(lambda: trusting.guard.count("10.0.0.1") == 0, timeout=5)
+
+
+async def test_polling_is_opt_in_and_a_polling_session_must_join_in_time(
+    servers: ServerCluster,
+) -> None:
+    (ws_only,) = await servers.start(1)
+    (polling,) = await servers.start(
+        1, server_config=edge(allow_polling=True, handshake_timeout=0.5)
+    )
+    handshake = "/socket.io/?EIO=4&transport=polling"
+    status, body = await servers.request("GET", ws_only, handshake)
+    assert status == 400 and "Invalid transport" in body
+    status, body = await servers.request("GET", polling, handshake)
+    assert status == 200 and '"sid"' in body
+    sio = polling.manager.sink.sio  # type: ignore[attr-defined]
+    assert len(sio.eio.sockets) == 1
+    await wait_until(lambda: not sio.eio.sockets, timeout=5, what="the silent session closed")
+
+
+async def test_cors_is_closed_unless_origins_are_configured(servers: ServerCluster) -> None:
+    closed = (await servers.start(1))[0]
+    opened = (await servers.start(1, server_config=edge(cors_origins=("https://app.example",))))[0]
+    async with aiohttp.ClientSession() as http:
+        for node, origin, allowed in [
+            (closed, "https://app.example", None),
+            (opened, "https://app.example", "https://app.example"),
+            (opened, "https://evil.example", None),
+        ]:
+            async with http.get(node.url + "/healthz", headers={"Origin": origin}) as resp:
+                assert resp.headers.get("access-control-allow-origin") == allowed
+        async with http.options(
+            opened.url + "/api/conversations", headers={"Origin": "https://app.example"}
+        ) as resp:
+            assert resp.status == 204
+            assert resp.headers["access-control-allow-methods"] == "GET, POST"
+    # socket.io: a browser page from another origin cannot open a websocket by default.
+    path = "/socket.io/?EIO=4&transport=websocket"
+    for node, origin, ok in [
+        (closed, "https://app.example", False),
+        (closed, f"http://127.0.0.1:{closed.port}", True),  # the same origin
+        (opened, "https://app.example", True),
+        (opened, "https://evil.example", False),
+    ]:
+        url = node.url.replace("http", "ws") + path
+        try:
+            ws = await connect(url, origin=origin)  # type: ignore[arg-type]
+        except InvalidStatus:
+            assert not ok, (node.port, origin)
+        else:
+            assert ok, (node.port, origin)
+            await ws.close()
+
+
+async def test_metrics_on_a_port_of_their_own(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1, server_config=edge(metrics_port=0))
+    assert a.metrics_url != f"{a.url}/metrics"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(a.metrics_url) as resp:
+            text = await resp.text()
+            assert resp.status == 200 and "coordinator_open_connections" in text
+        async with http.get(a.url + "/metrics") as resp:
+            assert resp.status == 404
+        async with http.get(a.metrics_url.replace("/metrics", "/healthz")) as resp:
+            assert resp.status == 404
+        async with http.get(a.url + "/healthz") as resp:
+            assert resp.status == 200

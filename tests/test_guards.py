@@ -1,0 +1,293 @@
+"""Hostile socket.io clients: every malformed frame or packet is answered (an error ack or
+a close with a reason), logged once per connection, changes nothing and strands nothing;
+sessions that never join are closed; clients that never read are dropped, not buffered
+for. Real uvicorn nodes, real Redis, raw websocket frames (tests/rawsocket.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from coordinator.ratelimit import Rate
+from coordinator.server import NodeServer
+from coordinator.serverconfig import NO_LIMITS, ServerConfig
+from tests.helpers import wait_until
+from tests.rawsocket import RawSocket
+from tests.server_fixtures import ServerCluster
+
+ACTION = '["oh_user_action",{"action":"message","args":{"content":"hi"}}]'
+
+
+async def joined(servers: ServerCluster, node: NodeServer, conv: str = "conv") -> RawSocket:
+    sock = await RawSocket.open(node.url, {"conversation_id": conv})
+    answer = await sock.join(servers.token("alice"))
+    assert "sid" in answer, answer
+    return sock
+
+
+async def events_in(node: NodeServer, sid: str) -> int:
+    return int(await node.manager.state.redis.xlen(node.manager.keys.events(sid)))
+
+
+async def forgotten_everywhere(node: NodeServer, user: str = "alice") -> bool:
+    """No connection of ``user`` left on the node or in Redis."""
+    redis = node.manager.state.redis
+    return not node.manager.local_connections() and not await redis.hlen(
+        node.manager.keys.user_conns(user)
+    )
+
+
+@pytest.mark.parametrize("frame", ["", "9zzz", "x"])
+async def test_a_frame_engineio_cannot_read_closes_the_connection_and_forgets_it(
+    servers: ServerCluster, frame: str
+) -> None:
+    """engine.io drops a session whose frame it cannot decode without closing it (the
+    empty frame raised out of its handler): socket.io never heard of the disconnect, and
+    the connection stayed joined here and in Redis until the ping timeout (45 s)."""
+    (a,) = await servers.start(1)
+    sock = await joined(servers, a)
+    assert a.manager.local_connections()
+    await sock.ws.send(frame)
+    assert await sock.closed() == (1002, "malformed engine.io packet")
+    await wait_until(lambda: forgotten_everywhere(a), timeout=3, what="connection forgotten")
+
+
+async def test_an_engineio_close_from_the_client_ends_the_websocket(
+    servers: ServerCluster,
+) -> None:
+    """engine.io ends its session on the client's CLOSE packet but went on reading the
+    websocket, answering nothing: the node closes the websocket too."""
+    (a,) = await servers.start(1)
+    sock = await joined(servers, a)
+    await sock.ws.send("1")
+    assert await sock.closed() == (1000, "closed by the client (engine.io CLOSE)")
+    await wait_until(lambda: forgotten_everywhere(a), timeout=3, what="connection forgotten")
+
+
+MALFORMED_CLOSED = [
+    ('2["oh_user_action",', "not a socket.io packet"),
+    ("9", "unknown or unexpected packet type"),
+    ('4{"message":"x"}', "unknown or unexpected packet type"),
+    ('2/other,{id}["oh_user_action",{}]', "unknown namespace '/other'"),
+    ("2" + "[" * 40 + "]" * 40, "an event is a list starting with its name"),
+    ('2["oh_user_action",' + "[" * 40 + "]" * 40 + "]", "nested too deeply"),
+    ('599-["oh_user_action",{"_placeholder":true,"num":0}]', "a binary packet carries 1 to 16"),
+]
+MALFORMED_ACKED = [
+    ('2{id}{"a":1}', "an event is a list starting with its name"),
+    ("2{id}[1]", "an event is a list starting with its name"),
+    ('2{id}["connect",{"QUERY_STRING":"conversation_id=x"},{"token":"t"}]', "'connect'"),
+    ('2{id}["disconnect"]', "not an event name a client may send: 'disconnect'"),
+    ('2{id}["oh_user_action",{"action":"message","args":{"n":NaN}}]', "NaN or Infinity"),
+    ('2{id}["oh_user_action",{"action":"message","args":{"n":1e999}}]', "NaN or Infinity"),
+    ('2{id}["oh_user_action",' + "[" * 40 + "]" * 40 + "]", "nested too deeply"),
+]
+
+
+async def test_malformed_packets_are_answered_logged_once_and_change_nothing(
+    servers: ServerCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    (a,) = await servers.start(1)
+    sock = await joined(servers, a)
+    assert (await sock.call("oh_user_action", {"action": "message", "args": {}}))["ok"]
+    await wait_until(lambda: events_in(a, "conv"), timeout=5)
+    before = await events_in(a, "conv")
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+
+    # Packets that asked for an ack get an error ack; the connection stays usable.
+    for packet, why in MALFORMED_ACKED:
+        ack_id = await sock.send_packet(packet)
+        ack = await sock.ack(ack_id)
+        assert ack["ok"] is False and why in ack["error"], (packet, ack)
+    assert len(a.manager.local_connections()) == 1  # "disconnect" reached no handler
+    reported = [r for r in caplog.records if "malformed packet" in r.getMessage()]
+    assert len(reported) == 1, [r.getMessage() for r in reported]  # once per connection
+    assert (await sock.call("nope", 1))["error"].startswith("unknown event 'nope'")
+
+    # Anything else closes the connection, saying why; each was logged once.
+    for packet, why in MALFORMED_CLOSED:
+        other = await joined(servers, a)
+        await other.send_packet(packet)
+        code, reason = await other.closed()
+        assert code == 1002 and reason.startswith(f"malformed packet: {why}"), (packet, reason)
+    await wait_until(lambda: len(a.manager.local_connections()) == 1, timeout=5)
+    lines = [r for r in caplog.records if "malformed packet" in r.getMessage()]
+    assert len(lines) == 1 + len(MALFORMED_CLOSED)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert await events_in(a, "conv") == before
+    assert (await sock.call("oh_user_action", {"action": "message", "args": {}}))["ok"]
+
+
+async def test_binary_attachments_are_bounded_and_must_be_binary(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1, server_config=ServerConfig(**NO_LIMITS, max_message_bytes=4096))
+    header = '52-["oh_user_action",{"action":"upload","args":{"a":{"_placeholder":true,"num":0}'
+    header += ',"b":{"_placeholder":true,"num":1}}}]'
+    # A text frame where an attachment belongs.
+    sock = await joined(servers, a)
+    await sock.send_packet(header)
+    await sock.ws.send("4hello")
+    assert await sock.closed() == (1002, "malformed packet: a binary attachment was expected")
+    # Attachments adding up to more than the largest message.
+    sock = await joined(servers, a)
+    await sock.send_packet(header)
+    await sock.ws.send(b"x" * 3000)
+    await sock.ws.send(b"y" * 3000)
+    code, reason = await sock.closed()
+    assert (code, reason) == (1002, "malformed packet: attachments larger than 4096 bytes")
+    # A binary frame nobody announced.
+    sock = await joined(servers, a)
+    await sock.ws.send(b"\x00\x01")
+    assert await sock.closed() == (1002, "malformed packet: not a socket.io packet")
+    # A message over the limit is refused by the websocket layer before it is buffered.
+    sock = await joined(servers, a)
+    await sock.ws.send("42" + "x" * 5000)
+    assert (await sock.closed())[0] == 1009
+    await wait_until(lambda: forgotten_everywhere(a), timeout=3, what="connections forgotten")
+
+
+async def test_an_engineio_session_that_never_joins_is_closed(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1, server_config=ServerConfig(**NO_LIMITS, handshake_timeout=0.5))
+    sio = a.manager.sink.sio  # type: ignore[attr-defined]
+    silent = await RawSocket.open(a.url, {"conversation_id": "conv"})
+    assert await silent.closed(within=5) == (1008, "no socket.io CONNECT within 0.5s")
+
+    # A refused CONNECT may be retried, a few times, within the same deadline.
+    refused = await RawSocket.open(a.url, {"conversation_id": "conv"})
+    for _ in range(3):
+        answer = await refused.join("not-a-token")
+        assert answer == {"message": "authentication failed: malformed token"}
+    await refused.ws.send('40{"token":"x"}')
+    assert await refused.closed() == (1008, "more than 3 CONNECT attempts")
+
+    # A session that joined in time stays.
+    sock = await joined(servers, a)
+    await asyncio.sleep(1.0)  # twice the deadline: the condition is that nothing happens
+    assert (await sock.call("oh_user_action", {"action": "message", "args": {}}))["ok"]
+    await wait_until(lambda: len(sio.eio.sockets) == 1, timeout=5, what="two sessions closed")
+
+
+@pytest.mark.parametrize(
+    "bound", [{"max_queued_events": 20}, {"max_queued_bytes": 400_000}], ids=["events", "bytes"]
+)
+async def test_a_client_that_does_not_read_is_dropped_and_misses_nothing(
+    servers: ServerCluster, bound: dict[str, int]
+) -> None:
+    (a,) = await servers.start(1, server_config=ServerConfig(**NO_LIMITS, **bound))
+    sio = a.manager.sink.sio  # type: ignore[attr-defined]
+    writer = await joined(servers, a)
+    # websockets stops reading the socket once 2 messages wait: the kernel buffers fill,
+    # then uvicorn's, then engine.io's queue.
+    idle = await RawSocket.open(a.url, {"conversation_id": "conv"}, max_queue=2)
+    await idle.join(servers.token("alice"))
+    content = "z" * 60_000
+    sent = 0
+    most = (0, 0)  # the most events, and bytes, that ever waited in engine.io's queues
+    while len(a.manager.local_connections()) == 2:
+        for socket in sio.eio.sockets.values():
+            waiting = [p for p in socket.queue._queue if p is not None]
+            most = max(most[0], len(waiting)), max(most[1], sum(len(p.data) for p in waiting))
+        ack = await writer.call(
+            "oh_user_action", {"action": "message", "args": {"content": content}}
+        )
+        assert ack["ok"], ack
+        sent += 1
+        assert sent < 2_000, "the client that does not read was never dropped"
+    last = ack["id"]
+    # Dropped without a close frame: it would wait behind everything the client did not
+    # read. The connection is gone from the node and from Redis.
+    await wait_until(lambda: len(a.manager.local_connections()) == 1, timeout=5)
+    assert (await idle.closed(within=30))[0] == 1006
+    # What waited for it stayed within the bound (and one event of 60 KB).
+    assert most[0] <= bound.get("max_queued_events", 2_000) + 1, most
+    assert most[1] <= bound.get("max_queued_bytes", 2 * 1024 * 1024) + 61_000, most
+    # Reconnecting, it gets everything from the log.
+    again = await RawSocket.open(a.url, {"conversation_id": "conv", "latest_event_id": 0})
+    await again.join(servers.token("alice"))
+    ids = [_event_id(packet) for packet in again.early]  # the replay precedes CONNECT
+    while not ids or ids[-1] < last:
+        packet = await again.recv_packet()
+        ids.append(_event_id(packet))
+    assert ids == list(range(1, len(ids) + 1)) and ids[-1] >= last  # gap-free, all there
+
+
+def _event_id(packet: str) -> int:
+    import json
+
+    name, event = json.loads(packet[1:])
+    assert name == "oh_event"
+    return int(event["id"])
+
+
+async def test_events_before_joining_and_unexpected_acks(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1)
+    sock = await RawSocket.open(a.url, {"conversation_id": "conv"})
+    await sock.send_packet("2" + ACTION)
+    assert await sock.closed() == (1002, "malformed packet: an event before a successful CONNECT")
+    sock = await joined(servers, a)
+    await sock.send_packet('37["whatever"]')  # an ack nobody asked for: dropped
+    assert (await sock.call("oh_user_action", {"action": "message", "args": {}}))["ok"]
+
+
+async def test_the_action_handler_takes_one_argument(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1)
+    sock = await joined(servers, a)
+    answers: list[Any] = [
+        await sock.call("oh_user_action"),
+        await sock.call("oh_user_action", {"action": "message"}, "extra"),
+    ]
+    assert (
+        answers
+        == [
+            {"ok": False, "error": "oh_user_action takes one argument, the action"},
+        ]
+        * 2
+    )
+
+
+async def test_reserved_fields_of_an_action_are_refused(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1, server_config=ServerConfig(**NO_LIMITS))
+    sock = await joined(servers, a)
+    for field in ("status", "status_update", "observation"):
+        ack = await sock.call("oh_user_action", {"action": "message", field: "x"})
+        assert ack == {
+            "ok": False,
+            "error": f"'{field}' is reserved for the server's events; remove it",
+        }
+    # id, source and timestamp are the server's to set: a client's are replaced.
+    ack = await sock.call(
+        "oh_user_action", {"action": "message", "id": 99, "source": "agent", "timestamp": "x"}
+    )
+    assert ack["ok"] and ack["id"] == 1
+    event = (await a.manager.events("conv"))[0]
+    assert (event["id"], event["source"]) == (1, "user") and event["timestamp"] != "x"
+
+
+async def test_rate_of_frames_of_one_connection_is_bounded(servers: ServerCluster) -> None:
+    config = ServerConfig(**{**NO_LIMITS, "actions_per_connection": Rate(1, 1)})
+    assert config.frames_per_connection == Rate(12, 22)
+    (a,) = await servers.start(1, server_config=config)
+    sock = await joined(servers, a)
+    for _ in range(40):
+        await sock.ws.send("3")  # engine.io pongs nobody asked for: cheap, still counted
+    code, reason = await sock.closed()
+    assert code == 1008 and reason.startswith("too many messages (limit 12/s (burst 22))")
+
+
+async def test_a_session_refused_for_a_limit_ends_and_its_websocket_closes(
+    servers: ServerCluster,
+) -> None:
+    """Refused for a limit, a session has nothing left to try: engine.io ends it after
+    the refusal (CLOSE), and the websocket is closed even if the client keeps it."""
+    config = ServerConfig(**{**NO_LIMITS, "joins_per_user": Rate(0.01, 1)})
+    (a,) = await servers.start(1, server_config=config)
+    await joined(servers, a)
+    sock = await RawSocket.open(a.url, {"conversation_id": "conv"})
+    answer = await sock.join(servers.token("alice"))
+    assert answer["message"].startswith("rate limit: too many joins per user")
+    assert answer["data"]["retry_after"] > 0
+    assert await sock.ws.recv() == "1"  # engine.io's CLOSE, after the refusal
+    assert await sock.closed() == (1000, "session closed")

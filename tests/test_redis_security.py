@@ -1,0 +1,141 @@
+"""Nodes that reach Redis the way a production deployment should: as a Redis ACL user
+limited to the commands and keys a node needs (deploy/redis-users.acl, rendered by the
+same script docker-compose runs), and over TLS with client certificates. Real
+redis-server processes, in-process nodes serving socket.io."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from coordinator.embedded import free_port
+from tests.processes import REPO
+from tests.redisproc import RedisProcess, make_tls, redis_args
+from tests.server_fixtures import ServerCluster
+
+ACL_TEMPLATE = REPO / "deploy" / "redis-users.acl"
+ACL_SCRIPT = REPO / "deploy" / "redis-acl.sh"
+PASSWORD = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"
+ADMIN = "user testadmin on >test-admin ~* &* +@all"
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path) -> Iterator[tuple[int, redis.Redis]]:
+    """Redis with deploy/redis-users.acl, rendered by deploy/redis-acl.sh (the container
+    entrypoint), plus an admin user for the test to read the ACL log."""
+    port = free_port()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # The image's entrypoint execs its arguments; here it also adds the test's admin.
+    fake = bin_dir / "docker-entrypoint.sh"
+    fake.write_text(f'#!/bin/sh\necho "{ADMIN}" >> "$ACL_FILE"\nexec "$@"\n')
+    fake.chmod(0o755)
+    acl_file = tmp_path / "users.acl"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "COORDINATOR_REDIS_PASSWORD": PASSWORD,
+        "ACL_TEMPLATE": str(ACL_TEMPLATE),
+        "ACL_FILE": str(acl_file),
+    }
+    admin = redis.Redis(port=port, username="testadmin", password="test-admin")
+    server = RedisProcess(
+        ["sh", str(ACL_SCRIPT), *redis_args(port, tmp_path), "--aclfile", str(acl_file)],
+        admin.ping,
+        tmp_path,
+        env,
+    ).start()
+    try:
+        assert PASSWORD not in acl_file.read_text()  # the file holds its hash only
+        yield port, admin
+    finally:
+        admin.close()
+        server.stop()
+
+
+async def test_a_node_loss_under_the_deploy_acl_user(acl_redis: tuple[int, redis.Redis]) -> None:
+    port, admin = acl_redis
+    url = f"redis://coordinator:{PASSWORD}@127.0.0.1:{port}/0"
+    # The ACL holds: the default user may only PING, a wrong password gets nothing.
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis.Redis(port=port).get("coord:x")
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=port, username="coordinator", password="wrong").ping()
+    coordinator = redis.Redis.from_url(url)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        coordinator.get("other:key")  # keys outside the coordinator's prefix
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        coordinator.flushall()
+    coordinator.close()
+    admin.acl_log_reset()
+
+    cluster = ServerCluster(url)
+    try:
+        a, b = await cluster.start(2)
+        status, body = await cluster.request(
+            "POST", a, "/api/conversations", user="alice", json={"conversation_id": "acl"}
+        )
+        assert (status, body["owner"]) == (201, "n1")  # its loop runs on a
+        client = await cluster.join(b, "acl", "alice")
+        await client.say("before")
+        await client.wait_ids(2)
+
+        await a.manager.node.halt()  # what kill -9 leaves behind
+        await client.say("after")  # acknowledged while nobody runs the loop
+        await client.wait_ids(5, within=30)  # b reaped a, restarted the loop, answered
+        assert client.ids == [1, 2, 3, 4, 5]
+        assert client.events[3]["status"] == "STATUS$NODE_LOST"
+        assert client.events[4]["args"]["content"] == "after"
+        assert b.manager.local_loops() == {"acl"}
+    finally:
+        await cluster.aclose()
+    # Nothing any node sent was refused by the ACL.
+    assert admin.acl_log() == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="redis-server with TLS on Linux")
+async def test_a_node_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path)
+    port = free_port()
+    args = redis_args(0, tmp_path)  # no plain-text port at all
+    args += [
+        "--tls-port", str(port),
+        "--tls-cert-file", str(tls.server_cert),
+        "--tls-key-file", str(tls.server_key),
+        "--tls-ca-cert-file", str(tls.ca),
+        "--tls-auth-clients", "yes",
+    ]  # fmt: skip
+    query = (
+        f"ssl_ca_certs={tls.ca}&ssl_certfile={tls.client_cert}&ssl_keyfile={tls.client_key}"
+        "&ssl_cert_reqs=required"
+    )
+    url = f"rediss://127.0.0.1:{port}/0?{query}"
+    probe = redis.Redis.from_url(url)
+    server = RedisProcess(args, probe.ping, tmp_path).start()
+    cluster = ServerCluster(url)
+    try:
+        (a,) = await cluster.start(1)
+        client = await cluster.join(a, "tls", "alice")
+        first = await client.say("over TLS")
+        await client.wait_ids(2)
+        assert client.events[1]["args"]["content"] == "over TLS" and first == 1
+        # Accept and commit went over the script lane, itself over TLS.
+        lane = a.manager.state.lane
+        assert lane is not None and lane._link is not None
+        assert lane._link.transport.get_extra_info("ssl_object") is not None
+        # Without a client certificate the server refuses the connection.
+        bare = redis.Redis.from_url(
+            f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tls.ca}&ssl_cert_reqs=required"
+        )
+        with pytest.raises(redis.exceptions.ConnectionError):
+            bare.ping()
+        bare.close()
+    finally:
+        await cluster.aclose()
+        probe.close()
+        server.stop()
