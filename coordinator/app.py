@@ -29,6 +29,7 @@ from .connlimits import ConnectionGuard
 from .edge import POLICY_VIOLATION, Edge
 from .errors import ConfigError
 from .handlers import NAMESPACE, SocketHandlers
+from .http import Origins
 from .manager import ConversationManager
 from .metrics import NodeMetrics
 from .pages import Pages
@@ -154,6 +155,7 @@ def create_app(
     config: ServerConfig | None = None,
     tasks: TaskSet | None = None,
     guard: ConnectionGuard | None = None,
+    origins: Origins | None = None,
 ) -> tuple[ASGIApp, GuardedServer]:
     """The node's ASGI app (socket.io at ``/socket.io/``, REST elsewhere, behind the
     ``Edge``) and its socket.io server.
@@ -164,9 +166,11 @@ def create_app(
     sets the limits clients are held to (``ServerConfig()`` by default); ``tasks`` owns
     the background work the socket.io server starts (closing connections that never
     joined); the caller stops it (``NodeServer`` does). ``guard`` counts the node's
-    connections (the one its HTTP protocols use; a fresh one by default).
+    connections (the one its HTTP protocols use; a fresh one by default); ``origins``
+    the browser origins it serves (by default its own and ``config.cors_origins``).
     """
     config = config or ServerConfig()
+    origins = origins or Origins(config.cors_origins)
     tokens = as_verifier(auth)
     sio = GuardedServer(
         config=config,
@@ -175,7 +179,7 @@ def create_app(
         client_manager=IndexedRoomsManager(),
         async_mode="asgi",
         # None: same origin only (the Origin header must name this host), for browsers.
-        cors_allowed_origins=cors_for_socketio(config.cors_origins),
+        cors_allowed_origins=origins.for_socketio,
         transports=["polling", "websocket"] if config.allow_polling else ["websocket"],
         # One client's events are handled in the order it sent them.
         async_handlers=False,
@@ -200,20 +204,13 @@ def create_app(
         tokens,
         manager.metrics,
         quotas=quotas,
-        cors_origins=config.cors_origins,
+        origins=origins,
         extra_routes=pages.routes(),
     )
     guard = guard or ConnectionGuard(config)
     read_edge(manager.metrics, guard, sio, quotas)
-    app = Edge(socketio.ASGIApp(sio, other_asgi_app=rest), config, guard)
+    app = Edge(socketio.ASGIApp(sio, other_asgi_app=rest), config, guard, origins)
     return app, sio
-
-
-def cors_for_socketio(origins: tuple[str, ...]) -> str | list[str] | None:
-    """python-socketio's cors_allowed_origins for ours: None (same origin) when none."""
-    if not origins:
-        return None
-    return "*" if "*" in origins else list(origins)
 
 
 def _quiet_logger(name: str) -> logging.Logger:

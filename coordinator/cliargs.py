@@ -19,6 +19,11 @@ ENV_PREFIX = "COORDINATOR_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
+def _flag_name(flag: str) -> str:
+    """``--redis-url`` -> ``redis_url``: the flag's environment variable, less the prefix."""
+    return flag[2:].replace("-", "_")
+
+
 def _env(name: str, default: Any = None) -> Any:
     return os.environ.get(ENV_PREFIX + name.upper(), default)
 
@@ -118,7 +123,7 @@ def _name_environment(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:
         flags = [f for f in action.option_strings if f.startswith("--") and f != "--help"]
         if flags and ENV_PREFIX not in (action.help or ""):
-            name = ENV_PREFIX + action.dest.upper()
+            name = ENV_PREFIX + _flag_name(flags[0]).upper()
             action.help = f"{action.help} (env {name})" if action.help else f"env {name}"
 
 
@@ -164,11 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("redis_url"),
         help="shared Redis, e.g. redis://host:6379/0 (default: start a private embedded one)",
     )
-    for dest, (flag, kind, help_text) in CONFIG_FLAGS.items():
-        serve.add_argument(flag, dest=dest, type=kind, default=_env(dest), help=help_text)
-    for dest, (flag, kind, help_text) in SERVER_FLAGS.items():
-        name = flag[2:].replace("-", "_")
-        serve.add_argument(flag, dest=dest, type=kind, default=_env(name), help=help_text)
+    for dest, (flag, kind, help_text) in (CONFIG_FLAGS | SERVER_FLAGS).items():
+        default = _env(_flag_name(flag))
+        serve.add_argument(flag, dest=dest, type=kind, default=default, help=help_text)
     serve.add_argument(
         "--agent",
         default=_env("agent", DEFAULT_AGENT),

@@ -212,6 +212,12 @@ class Directory:
         ads = (Advertisement.decode(node, raw.get(node, "")) for node in sorted(live))
         return {ad.node_id: ad.url for ad in ads if ad is not None}
 
+    async def advertised_urls(self) -> set[str]:
+        """Every public URL advertised, by live nodes and by lost ones not pruned yet."""
+        raw = await self._state.advertisements()
+        ads = (Advertisement.decode(node, value) for node, value in raw.items())
+        return {ad.url for ad in ads if ad is not None}
+
     async def node_statuses(self, now: float | None = None) -> list[NodeStatus]:
         """The live nodes, then the lost ones still shown (``status.py``), by id.
 

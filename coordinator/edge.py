@@ -5,6 +5,9 @@ socket.io server or the REST app sees it.
   X-Forwarded-For names (``scope["client"]`` is rewritten, so the access log shows it
   too) and counted under that address while it lasts (``ConnectionGuard``).
 - Ports: with a metrics port, ``/metrics`` is served there only, and nothing else is.
+- Origins: a browser origin the node does not know yet prompts it to read the origins
+  its peers advertise (``http.Origins``), before the socket.io server or the REST app
+  decides whether that origin may call.
 - Websocket frames (``FrameGuard``): a bucket per connection bounds how many a client
   may send; a frame that is not an engine.io packet at all closes the connection with a
   reason, before engine.io (which would drop the session without cleaning up) reads it.
@@ -24,6 +27,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .connlimits import ConnectionGuard, forwarded_client
+from .http import Origins
 from .ratelimit import LogThrottle, Rate, TokenBucket
 from .serverconfig import ServerConfig
 from .websocket import ABORT_KEY
@@ -164,10 +168,17 @@ class FrameGuard:
 class Edge:
     """ASGI middleware in front of the node's app (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, config: ServerConfig, guard: ConnectionGuard) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        config: ServerConfig,
+        guard: ConnectionGuard,
+        origins: Origins | None = None,
+    ) -> None:
         self.app = app
         self.config = config
         self.guard = guard
+        self.origins = origins
         self.metrics_port = config.metrics_port
         self.frames = config.frames_per_connection
         self.throttle = LogThrottle(log)
@@ -186,6 +197,9 @@ class Edge:
             if refusal is not None:
                 await _refuse(scope, receive, send, refusal)
                 return
+        origin = _header(scope, b"origin")
+        if origin and self.origins is not None:
+            await self.origins.learn(origin, _header(scope, b"host"))
         try:
             if kind == "websocket" and scope["path"].startswith(SOCKETIO_PATH):
                 address = str((scope.get("client") or ("",))[0])

@@ -2,7 +2,7 @@
 handlers by method, CORS, request bodies read within a size limit and parsed strictly.
 
 Every response is JSON and carries ``COMMON_HEADERS``, plus ``access-control-allow-origin``
-for an Origin the node allows (``--cors-origins``; none by default). Errors are
+for an Origin the node allows (``Origins``: its peers' pages and ``--cors-origins``). Errors are
 ``{"error": msg}`` with a status from ``status_for`` (429 with Retry-After for a limit);
 the log gets the detail, the client a clear message. Each path answers OPTIONS (204) and
 refuses other methods (405) itself, with an ``allow`` header naming exactly its methods:
@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -54,6 +56,8 @@ COMMON_HEADERS = {
 # Nesting and size a REST body's JSON may have (a create request is two fields deep).
 MAX_BODY_DEPTH = 16
 MAX_BODY_ITEMS = 10_000
+# Seconds between two reads of the advertised origins, prompted by an unknown one.
+PEERS_REFRESH = 1.0
 # A websocket handshake outside /socket.io/ is refused with "policy violation".
 WS_POLICY_VIOLATION = 1008
 
@@ -121,15 +125,14 @@ class Resource:
     def __init__(self, handlers: Mapping[str, Handler], cors: Cors | None = None) -> None:
         self.handlers = dict(handlers)
         self.allow = ", ".join(sorted(self.handlers))
-        self.cors = cors or Cors(())
+        self.cors = cors or Cors(Origins())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         response: Response
         if request.method == "OPTIONS":
             headers = {**COMMON_HEADERS, "allow": self.allow}
-            if self.cors.origins:
-                headers["access-control-allow-methods"] = self.allow
+            headers["access-control-allow-methods"] = self.allow
             response = Response(status_code=204, headers=headers, media_type="text/plain")
         else:
             try:
@@ -147,21 +150,80 @@ class Resource:
         await response(scope, receive, send)
 
 
-class Cors:
-    """Which browser origins may read the node's answers (none unless configured)."""
+class Origins:
+    """Which browser origins may call this node: the node's own (same origin), those
+    configured (``--cors-origins``; ``*`` is any), and the public URLs the cluster's nodes
+    advertise, so that a page one node served can move to another when its node goes
+    away. ``fetch`` reads the advertised origins; they are read again (at most once a
+    second) when an origin the node does not know calls, and kept once seen."""
 
-    def __init__(self, origins: tuple[str, ...]) -> None:
-        self.origins = frozenset(origins)
+    def __init__(
+        self,
+        configured: tuple[str, ...] = (),
+        fetch: Callable[[], Awaitable[set[str]]] | None = None,
+    ) -> None:
+        self.configured = frozenset(configured)
+        self.any = "*" in self.configured
+        self.peers: frozenset[str] = frozenset()
+        self._fetch = fetch
+        self._fetched_at = -math.inf
+
+    def allows(self, origin: str) -> bool:
+        return self.any or origin in self.configured or origin in self.peers
+
+    async def learn(self, origin: str, host: str) -> None:
+        """Before serving a request from ``origin`` to ``host`` (its Host header): if the
+        origin is another one the node does not know, read the peers' origins again."""
+        if self._fetch is None or self.allows(origin) or origin.endswith(f"://{host}"):
+            return
+        now = time.monotonic()
+        if now - self._fetched_at < PEERS_REFRESH:
+            return
+        self._fetched_at = now
+        try:
+            fetched = await self._fetch()
+        except REDIS_TROUBLE as exc:
+            log.debug("could not read the advertised origins: %r", exc)
+            return
+        if not fetched <= self.peers:
+            self.peers = self.peers | fetched
+
+    def for_socketio(self, origin: str | None, environ: Mapping[str, Any]) -> bool:
+        """engine.io's ``cors_allowed_origins`` callable: also the same origin (the Host
+        the request came to), which engine.io allows only when given no callable."""
+        if origin is None or self.allows(origin):
+            return True
+        host = environ.get("HTTP_HOST")
+        return host is not None and origin == f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+
+
+def origin_of(url: str) -> str:
+    """The browser origin of an http(s) URL: ``scheme://host[:port]``, lower case, the
+    scheme's default port left out (as browsers send it)."""
+    parts = urlsplit(url)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+class Cors:
+    """The CORS headers of the REST answers, for the origins ``Origins`` allows (none
+    but the node's own unless configured or advertised)."""
+
+    def __init__(self, origins: Origins) -> None:
+        self.origins = origins
 
     def add(self, request: Request, response: Response) -> None:
-        if not self.origins:
-            return
-        if "*" in self.origins:
+        if self.origins.any:
             response.headers["access-control-allow-origin"] = "*"
             return
         response.headers["vary"] = "origin"
         origin = request.headers.get("origin")
-        if origin in self.origins:
+        if origin is not None and self.origins.allows(origin):
             response.headers["access-control-allow-origin"] = origin
 
 

@@ -26,6 +26,7 @@ from .http import (
     COMMON_HEADERS,
     Cors,
     Handler,
+    Origins,
     Resource,
     bearer_identity,
     json_object,
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 class RestApp:
     """ASGI app serving ``/api/...``, ``/healthz`` and ``/metrics`` for one node.
 
-    ``quotas`` holds the per-user rate limits (conversation creations); ``cors_origins``
-    the browser origins allowed to read its answers (none: no CORS headers)."""
+    ``quotas`` holds the per-user rate limits (conversation creations); ``origins`` the
+    browser origins allowed to read its answers (by default the node's own only)."""
 
     def __init__(
         self,
@@ -54,7 +55,7 @@ class RestApp:
         node_metrics: NodeMetrics,
         *,
         quotas: Quotas | None = None,
-        cors_origins: tuple[str, ...] = (),
+        origins: Origins | None = None,
         extra_routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.manager = manager
@@ -62,7 +63,7 @@ class RestApp:
         self.node_metrics = node_metrics
         self.quotas = quotas or Quotas(ServerConfig(**NO_LIMITS), lambda: manager.state)
         read_manager(node_metrics, manager)
-        cors = Cors(cors_origins)
+        cors = Cors(origins or Origins())
 
         def resource(handlers: Mapping[str, Handler]) -> Resource:
             return Resource(handlers, cors)

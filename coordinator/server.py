@@ -26,6 +26,7 @@ from .auth import TokenVerifier
 from .config import ManagerConfig
 from .connlimits import ConnectionGuard
 from .errors import CoordinatorError
+from .http import Origins, origin_of
 from .manager import ConversationManager
 from .protocols import GuardedH11Protocol, NodeConfig
 from .serverconfig import MAX_HEAD_BYTES, ServerConfig
@@ -106,6 +107,8 @@ class NodeServer:
         self.server_config = server_config or ServerConfig()
         self.manager: ConversationManager = new_manager(config)
         self.guard = ConnectionGuard(self.server_config)
+        # Browser origins it serves: its own, --cors-origins, the other nodes' pages.
+        self.origins = Origins(self.server_config.cors_origins, self._peer_origins)
         # Background work of the socket.io server (closing sessions that never joined).
         self.tasks = TaskSet(log)
         self._server: _Uvicorn | None = None
@@ -142,6 +145,9 @@ class NodeServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{port}/metrics"
 
+    async def _peer_origins(self) -> set[str]:
+        return {origin_of(url) for url in await self.manager.directory.advertised_urls()}
+
     async def start(self) -> None:
         """Start the manager and begin serving; raises RedisUnavailable, CoordinatorError."""
         # The manager first: a bad agent or an unreachable Redis is the error to report.
@@ -155,7 +161,12 @@ class NodeServer:
                 port = int(self._socks[1].getsockname()[1])
                 settings = self.server_config = settings.replace(metrics_port=port)
             app, _ = create_app(
-                self.manager, self.auth, config=settings, tasks=self.tasks, guard=self.guard
+                self.manager,
+                self.auth,
+                config=settings,
+                tasks=self.tasks,
+                guard=self.guard,
+                origins=self.origins,
             )
         except BaseException:
             self._close_sockets()

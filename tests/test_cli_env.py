@@ -26,8 +26,9 @@ def test_every_serve_flag_names_its_environment_variable(monkeypatch: Any) -> No
     help_text = " ".join(serve.format_help().split())
     readme = README.read_text()
     for action in flags:
-        name = f"COORDINATOR_{action.dest.upper()}"
-        assert f"(env {name})" in help_text, name
+        flag = next(f for f in action.option_strings if f.startswith("--"))
+        name = "COORDINATOR_" + flag[2:].replace("-", "_").upper()
+        assert f"(env {name}" in help_text, name
         assert f"`{name}`" in readme, f"README's table lacks {name}"
     monkeypatch.setenv("COORDINATOR_PUBLIC_URL", "https://node.example.test")
     monkeypatch.setenv("COORDINATOR_LOG_LEVEL", "debug")
