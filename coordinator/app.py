@@ -198,7 +198,7 @@ def create_app(
     sink.bind(sio, manager.metrics)
     quotas = Quotas(config, lambda: manager.state)
     SocketHandlers(sio, manager, tokens, sink, manager.metrics, quotas).register()
-    pages = Pages(manager, tokens)
+    pages = Pages(manager, tokens, origins)
     rest = RestApp(
         manager,
         tokens,

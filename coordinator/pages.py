@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 
 from .auth import TokenVerifier
 from .dashboard import dashboard
-from .http import Resource, bearer_identity, json_response
+from .http import Cors, Origins, Resource, bearer_identity, json_response
 from .manager import ConversationManager
 
 CONTENT_TYPES = {
@@ -59,10 +59,14 @@ def load_static() -> dict[str, tuple[bytes, str]]:
 class Pages:
     """The routes of the pages and their endpoints, for ``RestApp(extra_routes=...)``."""
 
-    def __init__(self, manager: ConversationManager, tokens: TokenVerifier) -> None:
+    def __init__(
+        self, manager: ConversationManager, tokens: TokenVerifier, origins: Origins | None = None
+    ) -> None:
         self.manager = manager
         self.tokens = tokens
         self.files = load_static()
+        # A page moves between nodes: their endpoints answer the other nodes' pages too.
+        self.cors = Cors(origins or Origins())
 
     def routes(self) -> list[BaseRoute]:
         index = Resource({"GET": self.index})
@@ -71,8 +75,8 @@ class Pages:
             Route("/ui", index),
             Route("/ui/", index),
             Route("/ui/{name}", Resource({"GET": self.static})),
-            Route("/api/nodes", Resource({"GET": self.nodes})),
-            Route("/api/dashboard", Resource({"GET": self.dashboard})),
+            Route("/api/nodes", Resource({"GET": self.nodes}, self.cors)),
+            Route("/api/dashboard", Resource({"GET": self.dashboard}, self.cors)),
         ]
 
     def _file(self, name: str) -> Response:

@@ -51,7 +51,10 @@ let errors = [];
 function watch(name, page) {
   page.on("pageerror", (err) => errors.push(`${name}: ${err.message}`));
   page.on("console", (msg) => {
-    if (msg.type() === "error") errors.push(`${name}: console: ${msg.text()}`);
+    if (msg.type() !== "error") return;
+    // A failed load names its URL only in its location: keep it, so a test can tell whose.
+    const where = msg.location() && msg.location().url ? ` (${msg.location().url})` : "";
+    errors.push(`${name}: console: ${msg.text()}${where}`);
   });
 }
 
