@@ -3,7 +3,11 @@
 tests/js/client.mjs connects to node A, sends messages (acknowledged) and waits for the
 echoes, disconnects and prints DISCONNECTED with the last event id it saw. Meanwhile a
 Python client on node A sends more. The JS client then reconnects to node B with
-``latest_event_id`` and must receive exactly the missed events, then live ones.
+``latest_event_id`` and must receive exactly the missed events, then live ones. Every
+event it receives must pass OpenHands' web client guards (written in client.mjs from
+their documented shape): ``id``, ``source``, ``message``, ``timestamp``; a string
+``action`` or ``observation``; messages by ``source`` + ``action: "message"``; status
+updates as ``{status_update, type, id: CODE, message}``.
 """
 
 from __future__ import annotations
@@ -113,6 +117,8 @@ async def test_js_client_replays_missed_events_on_another_node(
             await js.wait()
 
     phase1, phase2 = summary["phase1"], summary["phase2"]
+    # Every event passed OpenHands' client guards (client.mjs fails otherwise).
+    assert summary["checked_shapes"] >= len(phase1["events"]) + len(phase2["events"]) > 0
     assert phase1["url"] == node_a.url and phase2["url"] == node_b.url
 
     # Phase 1: every message acknowledged, user event and echo received, ids gap-free.

@@ -8,7 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from coordinator.auth import issue_token
-from coordinator.codec import TOO_MANY_CONVERSATIONS
+from coordinator.codec import TOO_MANY_CONVERSATIONS, notice_code
 from coordinator.server import NodeServer
 from coordinator.tasks import cancel_and_wait
 from tests.helpers import wait_until
@@ -350,7 +350,7 @@ async def test_cap_and_single_activation_hold_for_starts_through_the_server(
         else:
             # A conversation that lost its slot tells its clients why.
             events = await nodes[0].manager.events(conv["conversation_id"])
-            assert any(e.get("status") == TOO_MANY_CONVERSATIONS for e in events), events
+            assert any(notice_code(e) == TOO_MANY_CONVERSATIONS for e in events), events
     print(f"running: {loops}; snapshots taken: {samples[0]}")
 
 

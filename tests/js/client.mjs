@@ -76,6 +76,48 @@ function check(condition, reason) {
   if (!condition) throw new Failure(reason);
 }
 
+// OpenHands' web client guards, written from its documented event shape: an `oh_event`
+// is kept only if it has `id`, `source`, `message` and `timestamp`; actions have a string
+// `action` (and `args`), observations a string `observation` (and `content`, `extras`);
+// user and agent messages are `source` "user"/"agent" with `action: "message"`. A status
+// update is `{status_update: true, type: "info"|"error", id: CODE, message}`.
+const isOpenHandsEvent = (e) =>
+  typeof e === "object" && e !== null && "id" in e && "source" in e && "message" in e && "timestamp" in e;
+const isOpenHandsAction = (e) => isOpenHandsEvent(e) && typeof e.action === "string";
+const isOpenHandsObservation = (e) => isOpenHandsEvent(e) && typeof e.observation === "string";
+const isUserMessage = (e) => isOpenHandsAction(e) && e.source === "user" && e.action === "message";
+const isAssistantMessage = (e) => isOpenHandsAction(e) && e.source === "agent" && e.action === "message";
+const isStatusUpdate = (e) =>
+  typeof e === "object" && e !== null && e.status_update === true &&
+  (e.type === "info" || e.type === "error") && typeof e.id === "string" && typeof e.message === "string";
+
+// Why `event` fails OpenHands' guards, or null.
+function shapeProblem(event) {
+  if (event && event.status_update !== undefined) return isStatusUpdate(event) ? null : "a malformed status update";
+  if (!isOpenHandsEvent(event)) return "not an OpenHands event (id, source, message, timestamp)";
+  if (!Number.isInteger(event.id)) return "an id that is not an integer";
+  if (typeof event.message !== "string") return "a message that is not a string";
+  if (isOpenHandsAction(event)) {
+    if (typeof event.args !== "object" || event.args === null) return "an action without args";
+    if (event.action === "message" && !(isUserMessage(event) || isAssistantMessage(event))) {
+      return "a message action from neither user nor agent";
+    }
+    if (isUserMessage(event) || isAssistantMessage(event)) {
+      if (typeof event.args.content !== "string") return "a message without content";
+    }
+    return null;
+  }
+  if (isOpenHandsObservation(event)) {
+    if (typeof event.content !== "string") return "an observation without string content";
+    if (typeof event.extras !== "object" || event.extras === null) return "an observation without extras";
+    if (event.observation === "agent_state_changed" && typeof event.extras.agent_state !== "string") {
+      return "a state change without extras.agent_state";
+    }
+    return null;
+  }
+  return "neither an action nor an observation";
+}
+
 // The fields a summary keeps of an event.
 function brief(event) {
   return {
@@ -92,6 +134,8 @@ class Session {
     this.url = url;
     this.timeoutMs = timeoutMs;
     this.events = [];
+    this.updates = [];
+    this.badShapes = [];
     this.waiters = new Set();
     this.dropped = null;
     this.socket = io(url, {
@@ -105,8 +149,13 @@ class Session {
     });
     // Registered before connecting, so replayed events sent right after the handshake
     // are not missed.
+    // Every event is checked against OpenHands' guards; status updates (no event id)
+    // are kept apart from the logged events.
     this.socket.on("oh_event", (event) => {
-      this.events.push(event);
+      const problem = shapeProblem(event);
+      if (problem) this.badShapes.push(`${problem}: ${JSON.stringify(event)}`);
+      if (event && event.status_update === true) this.updates.push(event);
+      else this.events.push(event);
       this.wake();
     });
     this.socket.on("disconnect", (reason) => {
@@ -278,6 +327,10 @@ async function run(opts, summary) {
   await second.waitFor(() => second.answered(contents2, summary.phase2.ack_ids), "the echoes of phase 2");
   second.close();
   checkContiguous(second.events, lastId + 1, "phase 2 (replay then live)");
+  for (const session of [first, second]) {
+    check(session.badShapes.length === 0, `events OpenHands' client would drop: ${session.badShapes.join("; ")}`);
+  }
+  summary.checked_shapes = first.events.length + second.events.length + first.updates.length + second.updates.length;
   for (const id of summary.phase2.ack_ids) {
     check(expectThrough === null || id > expectThrough, `live action got id ${id}, not after the replayed ${expectThrough}`);
   }
