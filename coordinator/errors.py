@@ -132,7 +132,12 @@ class LimitExceeded(CoordinatorError):
 
 class AgentFailed(CoordinatorError):
     """An agent running in a worker process failed: it raised (the message names the
-    exception), or its worker stalled or died while it worked."""
+    exception), or its worker stalled or died while it worked. ``what``: for its
+    clients, what failed (the exception's class when it raised)."""
+
+    def __init__(self, message: str, what: str = "") -> None:
+        super().__init__(message)
+        self.what = what or "an error"
 
 
 def redis_glitch(exc: BaseException) -> bool:
