@@ -369,6 +369,16 @@ class Loops:
             )
         self.admission.slot_freed(user)
 
+    async def close_unserved(self, sid: str, user: str, inc: str) -> None:
+        """Close a conversation no live node runs (``close_session``): free what a dead
+        owner ``inc`` held, and log the closed notice (unowned, a system write), which
+        closes its connections on every node."""
+        if inc and await self._state.release_lost(sid, user, inc):
+            self.admission.slot_freed(user)
+        await self._state.commit(
+            sid, "", 0, [codec.pack(codec.closed_event())], maxlen=self._config.event_log_maxlen
+        )
+
     async def retry_abandoned(self) -> list[tuple[str, str]]:
         """Give up (again) what failed starts left owned; ``(sid, user)`` of those given
         up, which still need a loop if their inbox holds actions."""

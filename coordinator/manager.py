@@ -240,7 +240,8 @@ class ConversationManager:
         await self.node.sessions.leave(connection_id)
 
     async def close_session(self, sid: str, user_id: str | None = None) -> bool:
-        """Stop the conversation's loop wherever it runs. Returns whether one was running."""
+        """Stop the conversation's loop wherever it runs and close its connections on
+        every node (told why, forgotten, disconnected). Returns whether a loop ran."""
         check_conversation_id(sid)
         user = _user(user_id)
         node = self.node
@@ -252,12 +253,11 @@ class ConversationManager:
         if sid in node.runners:
             return await node.loops.stop(sid, codec.closed_event())
         owner_inc = meta.get("inc", "")
-        if not owner_inc:
-            return False
-        if await node.directory.alive(owner_inc):
+        if owner_inc and await node.directory.alive(owner_inc):
             reply = await node.bus.request(owner_inc, "close", {"sid": sid})
             return bool(reply.get("closed"))
-        await node.loops.release_dead(sid, meta.get("user", ""), owner_inc)
+        # No live node runs it: its connections are closed all the same (as the seed's).
+        await node.loops.close_unserved(sid, meta.get("user", ""), owner_inc)
         return False
 
     async def get_running_agent_loops(

@@ -20,7 +20,7 @@ from workers.protocol import Event
 
 from .config import ManagerConfig
 from .delivery import Connection, LocalConnections
-from .errors import EXPECTED, REDIS_TROUBLE, InvalidInput, LimitExceeded, NodeBusy
+from .errors import EXPECTED, REDIS_TROUBLE, LimitExceeded, NodeBusy
 from .loops import ConversationInfo, Intake, Loops
 from .membership import Membership
 from .state import RedisState
@@ -63,8 +63,10 @@ class Sessions:
         settings: Mapping[str, Any],
         latest_event_id: int | None,
     ) -> ConversationInfo:
-        if cid in self.connections:
-            raise InvalidInput(f"connection {cid!r} already joined a conversation")
+        joined = self.connections.get(cid)
+        if joined is not None and (joined.sid, joined.user) == (sid, user):
+            # Already in it (the seed's map assignment): nothing changes, the loop runs.
+            return await self._loops.ensure_running(sid, user, settings, None)
         self._intake.check()
         cfg = self._config
         began = time.time()
@@ -78,6 +80,8 @@ class Sessions:
             ) from None
         try:
             info = await self._loops.ensure_running(sid, user, settings, None)
+            if joined is not None:  # in another conversation: it moves, once this one may
+                await self.leave(cid)
             conn = self.connections.add(cid, sid, user, latest_event_id or 0, began)
             try:
                 await self._interest.watch(sid)

@@ -99,3 +99,61 @@ async def test_eviction_tells_then_closes_the_evicted_conversations_connections(
     assert a.local_connections() == {}
     assert await b.get_connections("alice") == {}
     assert await b.get_running_agent_loops("alice") == {"new"}
+
+
+async def test_joining_again_is_a_no_op_and_joining_elsewhere_moves_the_connection(
+    make_nodes: Any,
+) -> None:
+    (a,) = await make_nodes(1)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("x", "c", {}, "alice")
+    await a.send_to_event_stream("c", {"action": "message", "args": {"content": "one"}})
+    await wait_until(lambda: echoed(sink, "c", "one"), what="the first echo")
+    info = await a.join_conversation("x", "c", {}, "alice")  # the same: nothing changes
+    assert info.running
+    await a.send_to_event_stream("c", {"action": "message", "args": {"content": "two"}})
+    await wait_until(lambda: echoed(sink, "c", "two"), what="the second echo")
+    assert [e["id"] for e in sink.events["c"]] == [1, 2, 3, 4]  # no duplicate delivery
+    assert await a.get_connections("alice") == {"c": "x"}
+
+    await a.join_conversation("y", "c", {}, "alice")  # another: the connection moves
+    assert a.local_connections() == {"c": "y"}
+    assert await a.get_connections("alice") == {"c": "y"}
+    await a.join_conversation("x", "watcher", {}, "alice")
+    await a.send_to_event_stream("watcher", {"action": "message", "args": {"content": "x3"}})
+    await a.send_to_event_stream("c", {"action": "message", "args": {"content": "y1"}})
+    await wait_until(lambda: echoed(sink, "c", "y1"), what="the echo in y")
+    await wait_until(lambda: echoed(sink, "watcher", "x3"), what="the echo in x")
+    assert not echoed(sink, "c", "x3")  # x's events no longer reach it
+
+
+async def test_closing_a_conversation_no_node_runs_closes_its_connections(
+    make_nodes: Any,
+) -> None:
+    a, b = await make_nodes(2)
+    sink = make_nodes.sinks["node2"]
+    await a.maybe_start_agent_loop("idle", {}, "alice")
+    await b.join_conversation("idle", "cb", {}, "alice")
+    await a.node.loops.stop("idle", None)  # as an idle sweep would: no loop, no notice
+    assert not await b.close_session("idle", "alice")
+    await wait_until(lambda: "cb" in sink.disconnected, what="the connection closed")
+    assert [u["id"] for u in sink.updates["cb"]] == [CONVERSATION_CLOSED]
+    assert b.local_connections() == {} and await a.get_connections("alice") == {}
+
+
+async def test_a_closed_conversations_socketio_clients_are_told_and_disconnected(
+    servers: Any,
+) -> None:
+    a, b = await servers.start(2)
+    on_a = await servers.join(a, "sio-close", "alice")
+    on_b = await servers.join(b, "sio-close", "alice")
+    await on_a.say("hi")
+    await on_b.wait_for(lambda: any(e["source"] == "agent" for e in on_b.events), "the echo")
+    status, body = await servers.request("DELETE", b, "/api/conversations/sio-close", user="alice")
+    assert (status, body) == (200, {"closed": True})
+    for client in (on_a, on_b):
+        await client.wait_for(lambda c=client: not c.connected, "the server's disconnect")
+        assert [u["id"] for u in client.updates] == [CONVERSATION_CLOSED]
+        assert client.events[-1]["extras"]["reason"] == CONVERSATION_CLOSED
+    assert a.manager.local_connections() == {} == b.manager.local_connections()
+    assert await a.manager.get_connections("alice") == {}
