@@ -51,6 +51,18 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         int,
         "running loops allowed per user, cluster-wide (default: 3)",
     ),
+    "cap_policy": (
+        "--cap-policy",
+        str,
+        "over a user's cap: evict the least recently updated loop, or reject the start "
+        "(429 CONCURRENCY_LIMIT_REACHED) (default: evict)",
+    ),
+    "max_concurrent_conversations_per_org": (
+        "--max-concurrent-conversations-per-org",
+        int,
+        "running loops allowed per organisation (the token's org claim), cluster-wide; "
+        "over it a start is rejected (default: 0, no limit)",
+    ),
     "close_delay": (
         "--close-delay",
         float,

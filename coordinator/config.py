@@ -15,6 +15,7 @@ from .errors import ConfigError, InvalidInput
 
 DEFAULT_AGENT = "workers.echo:EchoAgent"
 ISOLATIONS = ("process", "none")
+CAP_POLICIES = ("evict", "reject")
 MIN_AGENT_MEMORY = 128 << 20  # an idle worker maps 40-100 MB of address space
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -185,6 +186,11 @@ class ManagerConfig:
     key_prefix: str = "coord"
     agent: str = DEFAULT_AGENT
     max_concurrent_conversations: int = 3
+    # Over the user's cap: "evict" the least recently updated loop (the seed) or "reject"
+    # the start (CONCURRENCY_LIMIT_REACHED). A token's "org" claim puts its user's loops
+    # under the organisation's cap as well (0: none), which always rejects.
+    cap_policy: str = "evict"
+    max_concurrent_conversations_per_org: int = 0
     close_delay: float = 15.0
     cleanup_interval: float = 15.0
     # A node that misses heartbeats for node_ttl is dead; its loops stop lease_margin
@@ -306,6 +312,15 @@ class ManagerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.cap_policy not in CAP_POLICIES:
+            raise ConfigError(
+                f"cap_policy must be one of {', '.join(CAP_POLICIES)}, got {self.cap_policy!r}"
+            )
+        if self.max_concurrent_conversations_per_org < 0:
+            raise ConfigError(
+                "max_concurrent_conversations_per_org must be >= 0 (0: no limit), got "
+                f"{self.max_concurrent_conversations_per_org!r}"
+            )
         if self.agent_isolation not in ISOLATIONS:
             raise ConfigError(
                 f"agent_isolation must be one of {', '.join(ISOLATIONS)}, "

@@ -111,10 +111,16 @@ class Loops:
 
     # -- starting --------------------------------------------------------------------
     async def ensure_running(
-        self, sid: str, user: str, settings: Mapping[str, Any], initial: codec.Action | None
+        self,
+        sid: str,
+        user: str,
+        settings: Mapping[str, Any],
+        initial: codec.Action | None,
+        org: str = "",
     ) -> ConversationInfo:
         """Make sure ``sid``'s loop runs somewhere; start it here if nowhere (creating the
-        conversation for ``user``). ``initial`` is accepted as its first action."""
+        conversation for ``user``). ``initial`` is accepted as its first action; ``org``:
+        the user's organisation, from their token (admission.py)."""
         runner = self.runners.get(sid)
         if runner is not None and runner.running:
             if runner.lease.user != user and user:
@@ -133,7 +139,7 @@ class Loops:
         fut: asyncio.Future[ConversationInfo] = asyncio.get_running_loop().create_future()
         self.starting[sid] = fut
         try:
-            info = await self._start(sid, user, dict(settings), initial)
+            info = await self._start(sid, user, dict(settings), initial, org)
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: waiters get it through shield
@@ -172,7 +178,12 @@ class Loops:
             dead = own.inc
 
     async def _start(
-        self, sid: str, user: str, settings: dict[str, Any], initial: codec.Action | None
+        self,
+        sid: str,
+        user: str,
+        settings: dict[str, Any],
+        initial: codec.Action | None,
+        org: str,
     ) -> ConversationInfo:
         node = self._config.node_id
         if not self._membership.check():
@@ -200,7 +211,7 @@ class Loops:
                     raise result
             if initial is not None:
                 await self._actions.accept(sid, user, initial)
-            admitted = await self.admission.admit(lease)
+            admitted = await self.admission.admit(lease, org)
             if lease.inc != self._membership.inc or self._membership.lapsed:
                 # Our lease lapsed meanwhile: a loop started now would be fenced at once,
                 # and a refused claim (dropped with the old incarnation) is no eviction.

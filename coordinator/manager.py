@@ -47,6 +47,11 @@ def _user(user_id: str | None) -> str:
     return "" if user_id is None else check_user_id(user_id)
 
 
+def _org(org: str | None) -> str:
+    """An organisation id is checked as a user id is ('' : none)."""
+    return "" if not org else check_user_id(org)
+
+
 class ConversationManager:
     """A coordinator node. Use as ``async with ConversationManager(config) as m: ...``.
 
@@ -182,11 +187,13 @@ class ConversationManager:
         settings: Mapping[str, Any] | None,
         user_id: str | None,
         latest_event_id: int | None = None,
+        org: str | None = None,
     ) -> ConversationInfo:
         """Join a connection to a conversation (creating and starting it when needed).
 
         The connection first receives every logged event after ``latest_event_id`` (all
-        of them when None), then live events, with no gap and no duplicate.
+        of them when None), then live events, with no gap and no duplicate. ``org``: the
+        user's organisation, whose cap the loop counts against too.
         """
         check_conversation_id(sid)
         check_connection_id(connection_id)
@@ -200,7 +207,7 @@ class ConversationManager:
         if settings is not None and not isinstance(settings, Mapping):
             raise InvalidInput("settings must be a mapping")
         return await self.node.sessions.join(
-            sid, connection_id, user, settings or {}, latest_event_id
+            sid, connection_id, user, settings or {}, latest_event_id, _org(org)
         )
 
     async def maybe_start_agent_loop(
@@ -209,6 +216,7 @@ class ConversationManager:
         settings: Mapping[str, Any] | None,
         user_id: str | None,
         initial_user_msg: Mapping[str, Any] | None = None,
+        org: str | None = None,
     ) -> ConversationInfo:
         """Make sure the conversation's loop runs somewhere; start it here if nowhere.
 
@@ -223,7 +231,7 @@ class ConversationManager:
         initial = None
         if initial_user_msg is not None:
             initial = codec.user_action(initial_user_msg, self.config.max_action_bytes)
-        return await self.node.loops.ensure_running(sid, user, settings or {}, initial)
+        return await self.node.loops.ensure_running(sid, user, settings or {}, initial, _org(org))
 
     async def send_to_event_stream(self, connection_id: str, data: Mapping[str, Any]) -> int:
         """Accept a user action durably; returns its event id once it is in Redis."""

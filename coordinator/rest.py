@@ -176,7 +176,8 @@ class RestApp:
         return json_response(200, await self.owned(request.path_params["sid"], user))
 
     async def create_conversation(self, request: Request) -> Response:
-        user = self.user(request)
+        who = self.identity(request)
+        user = who.user
         body = json_object(await read_body(request))
         sid = body.get("conversation_id")
         generated = sid is None
@@ -195,7 +196,7 @@ class RestApp:
             await self.quotas.creation(user)
         existed = bool(record)
         info = await self.manager.maybe_start_agent_loop(
-            sid, settings, user, initial_user_msg=first
+            sid, settings, user, initial_user_msg=first, org=who.org
         )
         if first is not None:
             self.node_metrics.actions += 1

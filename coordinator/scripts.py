@@ -218,16 +218,27 @@ ADMIT = """
 -- admit: claim one of the user's max_concurrent_conversations slots.
 -- KEYS[1]  user's claims sorted set (sid -> recency, never more than cap members)
 -- KEYS[2]  user's loops hash (sid -> 'live:INC' | 'stopping:INC'; at most cap entries)
+-- KEYS[3]  user's organisation string
 -- ARGV[1]  sid   ARGV[2] node incarnation   ARGV[3] cap
 -- ARGV[4]  'new' (a start: the sid becomes the most recent claim) | 'retry' (still waiting)
 -- ARGV[5]  recency score (ms) of a new claim; kept above every other claim
--- returns  {status, evicted sid, its incarnation, evicted sid, its incarnation, ...}
+-- ARGV[6]  policy when a new claim finds the cap full: 'evict' | 'reject'
+-- ARGV[7]  the user's organisation to record ('' = keep the recorded one)
+-- returns  {status, claims, org, evicted sid, its incarnation, evicted sid, ...}
 --   status: 'go' (slot held: start the loop) | 'wait' (evicted loops still stopping)
 --           'evicted' (more recent conversations took every slot)
+--           'rejected' (policy reject and the cap full: nothing changed)
+--   claims: the user's claims now; org: the user's organisation ('' = none)
 -- A loop may only run while its sid has an entry in loops, and an entry is only removed
 -- after its loop stopped, so HLEN(loops) <= cap bounds the loops actually running.
 
 local sid, node, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7]) end
+local org = redis.call('GET', KEYS[3]) or ''
+if ARGV[4] == 'new' and ARGV[6] == 'reject' and not redis.call('ZSCORE', KEYS[1], sid)
+   and redis.call('ZCARD', KEYS[1]) >= cap then
+  return {'rejected', redis.call('ZCARD', KEYS[1]), org}
+end
 local out = {}
 if ARGV[4] == 'new' then
   local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -245,12 +256,17 @@ if ARGV[4] == 'new' then
     end
   end
 end
+local claims = redis.call('ZCARD', KEYS[1])
 if not redis.call('ZSCORE', KEYS[1], sid) then
+  table.insert(out, 1, org)
+  table.insert(out, 1, claims)
   table.insert(out, 1, 'evicted')
   return out
 end
 if redis.call('HEXISTS', KEYS[2], sid) == 1 or redis.call('HLEN', KEYS[2]) < cap then
   redis.call('HSET', KEYS[2], sid, 'live:' .. node)
+  table.insert(out, 1, org)
+  table.insert(out, 1, claims)
   table.insert(out, 1, 'go')
   return out
 end
@@ -264,8 +280,42 @@ for i = 1, #all, 2 do
     out[#out + 1] = string.sub(all[i + 1], 10)
   end
 end
+table.insert(out, 1, org)
+table.insert(out, 1, claims)
 table.insert(out, 1, 'wait')
 return out
+"""
+
+ORG_ADMIT = """
+-- org_admit: take one of an organisation's places for a loop whose user slot is held.
+-- KEYS[1]  organisation's loops hash (sid -> 'USER INC:EPOCH' of the start holding it)
+-- ARGV[1]  sid   ARGV[2] holder ('USER INC:EPOCH')   ARGV[3] cap
+-- returns  {1, places taken} when held (again), else {0, places taken, sid, holder, ...}:
+--          every entry, for the caller to find the stale ones (org_prune)
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
+   or redis.call('HLEN', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return {1, redis.call('HLEN', KEYS[1])}
+end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, redis.call('HLEN', KEYS[1]))
+table.insert(out, 1, 0)
+return out
+"""
+
+ORG_PRUNE = """
+-- org_prune: drop organisation places whose loop no longer holds its user's slot.
+-- KEYS[1]  organisation's loops hash
+-- ARGV     sid, holder, sid, holder, ...: entries the caller found stale; each is dropped
+--          only while it still names that holder (a new start of the sid rewrites it)
+-- returns  the number dropped
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
 """
 
 RELEASE_SLOT = """
@@ -394,6 +444,8 @@ ALL = {
     "commit": COMMIT,
     "admit": ADMIT,
     "release_slot": RELEASE_SLOT,
+    "org_admit": ORG_ADMIT,
+    "org_prune": ORG_PRUNE,
     "enroll": ENROLL,
     "renew": RENEW,
     "delete_if": DELETE_IF,

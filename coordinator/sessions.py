@@ -62,11 +62,12 @@ class Sessions:
         user: str,
         settings: Mapping[str, Any],
         latest_event_id: int | None,
+        org: str = "",
     ) -> ConversationInfo:
         joined = self.connections.get(cid)
         if joined is not None and (joined.sid, joined.user) == (sid, user):
             # Already in it (the seed's map assignment): nothing changes, the loop runs.
-            return await self._loops.ensure_running(sid, user, settings, None)
+            return await self._loops.ensure_running(sid, user, settings, None, org)
         self._intake.check()
         cfg = self._config
         began = time.time()
@@ -79,7 +80,7 @@ class Sessions:
                 f"progress for over {cfg.join_wait:g}s); try again"
             ) from None
         try:
-            info = await self._loops.ensure_running(sid, user, settings, None)
+            info = await self._loops.ensure_running(sid, user, settings, None, org)
             if joined is not None:  # in another conversation: it moves, once this one may
                 await self.leave(cid)
             conn = self.connections.add(cid, sid, user, latest_event_id or 0, began)
