@@ -68,6 +68,17 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         float,
         "seconds an idle loop without connections lives on (default: 15)",
     ),
+    "max_close_delay": (
+        "--max-close-delay",
+        float,
+        "the longest close_delay a conversation may ask for at creation (default: 86400)",
+    ),
+    "max_running_time": (
+        "--max-running-time",
+        float,
+        "seconds a conversation's loop may run at most, and the longest a conversation "
+        "may ask for at creation; then it is closed (default: 0, no limit)",
+    ),
     "node_ttl": (
         "--node-ttl",
         float,

@@ -20,6 +20,7 @@ NODE_LOST = "STATUS$NODE_LOST"
 CONVERSATION_CLOSED = "STATUS$CONVERSATION_CLOSED"
 NODE_DRAINING = "STATUS$NODE_DRAINING"
 EVENTS_LOST = "STATUS$EVENTS_LOST"
+RUNNING_TIME_EXCEEDED = "STATUS$RUNNING_TIME_EXCEEDED"
 
 
 # What a packed value from Redis or another node may be: far above any event a node
@@ -218,10 +219,11 @@ NOTICE_CODES = (
     CONVERSATION_CLOSED,
     NODE_DRAINING,
     EVENTS_LOST,
+    RUNNING_TIME_EXCEEDED,
 )
 # The notices after which a conversation's connections are closed, on every node (as
 # the seed's ``_close_session`` disconnects them).
-CLOSING = (TOO_MANY_CONVERSATIONS, CONVERSATION_CLOSED)
+CLOSING = (TOO_MANY_CONVERSATIONS, CONVERSATION_CLOSED, RUNNING_TIME_EXCEEDED)
 
 
 def state_changed(agent_state: str, reason: str = "", message: str = "") -> Event:
@@ -276,6 +278,14 @@ def evicted_event() -> Event:
 
 def closed_event() -> Event:
     return state_changed("stopped", CONVERSATION_CLOSED, "The conversation was closed.")
+
+
+def overdue_event() -> Event:
+    return state_changed(
+        "stopped",
+        RUNNING_TIME_EXCEEDED,
+        "The conversation ran for its maximum running time and was closed.",
+    )
 
 
 def lost_event() -> Event:

@@ -17,7 +17,14 @@ from workers.protocol import AgentFactory, Event
 
 from . import codec
 from .backends import Backend, open_backend
-from .config import ManagerConfig, check_connection_id, check_conversation_id, check_user_id
+from .config import (
+    DEFAULT_LIFETIMES,
+    Lifetimes,
+    ManagerConfig,
+    check_connection_id,
+    check_conversation_id,
+    check_user_id,
+)
 from .delivery import EventSink, NullSink
 from .directory import Directory
 from .errors import (
@@ -217,12 +224,14 @@ class ConversationManager:
         user_id: str | None,
         initial_user_msg: Mapping[str, Any] | None = None,
         org: str | None = None,
+        lifetimes: Lifetimes | None = None,
     ) -> ConversationInfo:
         """Make sure the conversation's loop runs somewhere; start it here if nowhere.
 
         Creates the conversation for ``user_id`` if it does not exist. At most one loop
         runs cluster-wide, and the user's cap holds: the least recently updated of the
-        user's other loops are evicted to make room.
+        user's other loops are evicted to make room. ``lifetimes``: what a conversation
+        created here asks for (``config.Lifetimes``, checked against the node's bounds).
         """
         check_conversation_id(sid)
         user = _user(user_id)
@@ -231,7 +240,9 @@ class ConversationManager:
         initial = None
         if initial_user_msg is not None:
             initial = codec.user_action(initial_user_msg, self.config.max_action_bytes)
-        return await self.node.loops.ensure_running(sid, user, settings or {}, initial, _org(org))
+        return await self.node.loops.ensure_running(
+            sid, user, settings or {}, initial, _org(org), lifetimes or DEFAULT_LIFETIMES
+        )
 
     async def send_to_event_stream(self, connection_id: str, data: Mapping[str, Any]) -> int:
         """Accept a user action durably; returns its event id once it is in Redis."""

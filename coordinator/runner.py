@@ -76,8 +76,14 @@ class LoopRunner:
         delivery: Delivery,
         activity: IdleTracker,
         metrics: NodeMetrics,
+        close_delay: float,
+        max_running_time: float = 0.0,
     ) -> None:
         self.lease = lease
+        # Its conversation's lifetimes (config.Lifetimes.effective): idle without
+        # connections this long, it is closed; it is stopped at ``stop_at`` (0: never).
+        self.close_delay = close_delay
+        self.stop_at = time.time() + max_running_time if max_running_time else 0.0
         self._new_agent = new_agent
         self.agent = new_agent()
         self._speculative = speculative and self.agent.speculative

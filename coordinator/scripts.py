@@ -24,7 +24,10 @@ ACQUIRE = (
 -- ARGV[3]  user ('' = do not check)
 -- ARGV[4]  incarnation known to be dead ('' = take it only when unowned)
 -- ARGV[5]  '1' to create a missing conversation for ARGV[3]
--- returns  {status, epoch, owner node, owner incarnation, user, applied}
+-- ARGV[6]  close_delay (s) to record when it is created ('' = the nodes' default)
+-- ARGV[7]  max_running_time (s) to record when it is created ('' = the nodes' default)
+-- returns  {status, epoch, owner node, owner incarnation, user, applied, close_delay,
+--          max_running_time} (the last two as recorded, '' if not)
 --   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours)
 --           'owned' (a live owner holds it) | 'forbidden' | 'missing'
 """
@@ -32,26 +35,30 @@ ACQUIRE = (
     + """
 local meta = KEYS[1]
 if redis.call('EXISTS', meta) == 0 then
-  if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0} end
+  if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0, '', ''} end
   redis.call('HSET', meta, 'user', ARGV[3], 'owner', ARGV[1], 'inc', ARGV[2],
              'epoch', 1, 'state', 'loading', 'seq', 0, 'applied', 0, 'refs', 0,
              'created', now, 'last_active', now)
-  return {'created', 1, ARGV[1], ARGV[2], ARGV[3], 0}
+  if ARGV[6] ~= '' then redis.call('HSET', meta, 'close_delay', ARGV[6]) end
+  if ARGV[7] ~= '' then redis.call('HSET', meta, 'max_running_time', ARGV[7]) end
+  return {'created', 1, ARGV[1], ARGV[2], ARGV[3], 0, ARGV[6], ARGV[7]}
 end
-local f = redis.call('HMGET', meta, 'user', 'owner', 'inc', 'epoch', 'applied')
+local f = redis.call('HMGET', meta, 'user', 'owner', 'inc', 'epoch', 'applied',
+                     'close_delay', 'max_running_time')
 local user, owner, inc = f[1] or '', f[2] or '', f[3] or ''
 local epoch, applied = tonumber(f[4] or '0'), tonumber(f[5] or '0')
+local close, running = f[6] or '', f[7] or ''
 if ARGV[3] ~= '' and user ~= ARGV[3] then
-  return {'forbidden', epoch, owner, inc, user, applied}
+  return {'forbidden', epoch, owner, inc, user, applied, close, running}
 end
-if inc == ARGV[2] then return {'mine', epoch, owner, inc, user, applied} end
+if inc == ARGV[2] then return {'mine', epoch, owner, inc, user, applied, close, running} end
 if inc == '' or inc == ARGV[4] then
   epoch = epoch + 1
   redis.call('HSET', meta, 'owner', ARGV[1], 'inc', ARGV[2], 'epoch', epoch,
              'state', 'loading', 'last_active', now)
-  return {'ok', epoch, ARGV[1], ARGV[2], user, applied}
+  return {'ok', epoch, ARGV[1], ARGV[2], user, applied, close, running}
 end
-return {'owned', epoch, owner, inc, user, applied}
+return {'owned', epoch, owner, inc, user, applied, close, running}
 """
 )
 

@@ -101,15 +101,16 @@ class LoopOps(ConversationOps):
         return {text(k): text(v) for k, v in raw.items()}
 
     # -- starting and stopping -------------------------------------------------------
-    async def record_start(self, lease: Lease, *, created: bool) -> None:
+    async def record_start(self, lease: Lease, *, created: bool, idle_for: float) -> None:
         """A loop is starting under ``lease``: list it under its incarnation at once (if
         the node dies while starting, the reaper releases it with the rest) and in the
-        idle index; a conversation just created goes into its user's index."""
+        idle index (closable ``idle_for`` s from now); a conversation just created goes
+        into its user's index."""
         k = self.keys
         now_ms = int(time.time() * 1000)
         commands: list[tuple[Any, ...]] = [
             ("HSET", k.node_owned(lease.inc), lease.sid, lease.user),
-            ("ZADD", k.node_idle(lease.inc), now_ms, lease.sid),
+            ("ZADD", k.node_idle(lease.inc), now_ms + int(idle_for * 1000), lease.sid),
         ]
         if created and lease.user:
             commands.append(("ZADD", k.user_convs(lease.user), "NX", now_ms, lease.sid))
@@ -147,10 +148,15 @@ class LoopOps(ConversationOps):
 
     # -- idleness --------------------------------------------------------------------
     async def flush_activity(
-        self, inc: str, last_active_ms: Mapping[str, int], users: Mapping[str, str]
+        self,
+        inc: str,
+        last_active_ms: Mapping[str, int],
+        users: Mapping[str, str],
+        closable_ms: Mapping[str, int],
     ) -> None:
-        """Record last-active times (sid -> ms) in ``inc``'s idle index and, for recency
-        of eviction, in the users' claims (``users``: sid -> user). One round trip."""
+        """Record when loops may close if idle on (sid -> ms: last active + their
+        close_delay) in ``inc``'s idle index and, for recency of eviction, last-active
+        times in the users' claims (``users``: sid -> user). One round trip."""
         if not last_active_ms:
             return
         k = self.keys
@@ -158,13 +164,14 @@ class LoopOps(ConversationOps):
         for sid, ms in last_active_ms.items():
             by_user.setdefault(users[sid], {})[sid] = ms
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(k.node_idle(inc), dict(last_active_ms))
+            pipe.zadd(k.node_idle(inc), dict(closable_ms))
             for user, scores in by_user.items():
                 pipe.zadd(k.user_claims(user), scores, xx=True, gt=True)
             await pipe.execute()
 
     async def idle_since(self, inc: str, threshold_ms: int) -> list[str]:
-        """``inc``'s loops last active at or before ``threshold_ms`` (O(expired))."""
+        """``inc``'s loops closable (idle past their close_delay) at ``threshold_ms``
+        (O(expired))."""
         raw = await self.redis.zrangebyscore(self.keys.node_idle(inc), "-inf", threshold_ms)
         return [text(s) for s in raw]
 

@@ -58,6 +58,9 @@ class Ownership:
     inc: str
     user: str
     applied: int  # the highest action id the log records as processed
+    # What the conversation asked for at creation (None: the node's default).
+    close_delay: float | None = None
+    max_running_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
