@@ -3,7 +3,7 @@
 //
 //   node client.mjs --url URL --conversation ID --token TOKEN
 //        [--reconnect-url URL2] [--messages K] [--live-messages L] [--wait-stdin]
-//        [--timeout-ms MS]
+//        [--timeout-ms MS] [--await-close]
 //
 // Environment fallbacks: COORDINATOR_URL, COORDINATOR_RECONNECT_URL, CONVERSATION_ID,
 // COORDINATOR_TOKEN, MESSAGES, LIVE_MESSAGES, TIMEOUT_MS.
@@ -17,6 +17,8 @@
 // Phase 2: reconnect to URL2 (default URL) with `latest_event_id=N`, wait for the missed
 // events through `expect_through`, send L more messages and wait for their echoes.
 // Every event must have the next id (no gap, no duplicate, replay before live).
+// With --await-close it then prints `CLOSE_ME {"last_event_id": N}` and waits for the
+// server to close the conversation: a closed notice, its status update, a disconnect.
 //
 // The last stdout line is a JSON summary; exit code 0 on success, 1 with a reason
 // (`{"ok": false, "reason": ...}`) on failure, 2 on bad usage.
@@ -43,6 +45,7 @@ function options() {
         "live-messages": { type: "string" },
         "timeout-ms": { type: "string" },
         "wait-stdin": { type: "boolean", default: false },
+        "await-close": { type: "boolean", default: false },
       },
       strict: true,
     }).values;
@@ -59,6 +62,7 @@ function options() {
     liveMessages: Number(parsed["live-messages"] ?? env.LIVE_MESSAGES ?? 3),
     timeoutMs: Number(parsed["timeout-ms"] ?? env.TIMEOUT_MS ?? 20000),
     waitStdin: parsed["wait-stdin"],
+    awaitClose: parsed["await-close"],
   };
   for (const name of ["url", "conversation", "token"]) {
     if (!opts[name]) usage(`--${name} is required`);
@@ -234,6 +238,25 @@ class Session {
     });
   }
 
+  // Resolve once the server disconnected us (after a status update); fail after the timeout.
+  waitClosed() {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters.delete(waiter);
+        reject(new Failure(`not closed by the server within ${this.timeoutMs} ms`));
+      }, this.timeoutMs);
+      const waiter = () => {
+        if (this.dropped && this.updates.length > 0) {
+          this.waiters.delete(waiter);
+          clearTimeout(timer);
+          resolve();
+        }
+      };
+      this.waiters.add(waiter);
+      waiter();
+    });
+  }
+
   close() {
     this.socket.disconnect();
   }
@@ -325,6 +348,19 @@ async function run(opts, summary) {
   summary.phase2.sent = contents2;
   summary.phase2.ack_ids = await second.send(contents2);
   await second.waitFor(() => second.answered(contents2, summary.phase2.ack_ids), "the echoes of phase 2");
+  if (opts.awaitClose) {
+    const last = second.events[second.events.length - 1].id;
+    process.stdout.write(`CLOSE_ME ${JSON.stringify({ last_event_id: last })}\n`);
+    await second.waitClosed();
+    const closed = second.updates.find((u) => u.id === "STATUS$CONVERSATION_CLOSED");
+    check(closed && closed.type === "info", `no closed status update: ${JSON.stringify(second.updates)}`);
+    const notice = second.events[second.events.length - 1];
+    check(
+      isOpenHandsObservation(notice) && notice.observation === "agent_state_changed" && notice.extras.agent_state === "stopped",
+      `the last event is not the closed notice: ${JSON.stringify(notice)}`,
+    );
+    summary.phase2.updates = second.updates;
+  }
   second.close();
   checkContiguous(second.events, lastId + 1, "phase 2 (replay then live)");
   for (const session of [first, second]) {
