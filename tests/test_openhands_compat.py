@@ -154,6 +154,8 @@ async def test_a_closed_conversations_socketio_clients_are_told_and_disconnected
     for client in (on_a, on_b):
         await client.wait_for(lambda c=client: not c.connected, "the server's disconnect")
         assert [u["id"] for u in client.updates] == [CONVERSATION_CLOSED]
+        assert all(is_status_update(u) for u in client.updates)
         assert client.events[-1]["extras"]["reason"] == CONVERSATION_CLOSED
+        assert all(shape_problem(e) is None for e in client.events)
     assert a.manager.local_connections() == {} == b.manager.local_connections()
     assert await a.manager.get_connections("alice") == {}
