@@ -46,6 +46,14 @@ class RedisUnavailable(CoordinatorError, ConnectionError):
         self.url = url
 
 
+class ConversationClosed(CoordinatorError):
+    """The conversation was closed (or its loop evicted) while a connection joined it:
+    the connection was told why and is not kept."""
+
+    def __init__(self, sid: str) -> None:
+        super().__init__(f"conversation {sid!r} was closed while joining; join again")
+
+
 class ConversationNotFound(CoordinatorError, LookupError):
     """No conversation with that id exists."""
 

@@ -20,7 +20,7 @@ from workers.protocol import Event
 
 from .config import ManagerConfig
 from .delivery import Connection, LocalConnections
-from .errors import EXPECTED, REDIS_TROUBLE, LimitExceeded, NodeBusy
+from .errors import EXPECTED, REDIS_TROUBLE, ConversationClosed, LimitExceeded, NodeBusy
 from .loops import ConversationInfo, Intake, Loops
 from .membership import Membership
 from .state import RedisState
@@ -115,6 +115,10 @@ class Sessions:
         except BaseException:
             await self.leave(cid)
             raise
+        if self.connections.get(cid) is not conn:
+            # A closing notice among what it was sent ended it (delivery.py): refused,
+            # not left connected to nothing.
+            raise ConversationClosed(sid)
         return info
 
     async def leave(self, cid: str) -> None:

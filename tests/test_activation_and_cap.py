@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 from coordinator.codec import TOO_MANY_CONVERSATIONS, notice_code
+from coordinator.errors import ConversationClosed
 from tests.helpers import wait_until
 
 
@@ -43,12 +44,15 @@ async def test_cap_is_exact_across_nodes_and_evicts_least_recently_updated(make_
 
     observer = asyncio.create_task(observe())
     sids = [f"capped-{i}" for i in range(30)]
-    await asyncio.gather(
+    joins = await asyncio.gather(
         *(
             nodes[i % 3].join_conversation(sid, f"conn-{i}", {}, "alice")
             for i, sid in enumerate(sids)
-        )
+        ),
+        return_exceptions=True,
     )
+    # A join whose conversation was evicted while it joined is told why and refused.
+    assert all(not isinstance(j, BaseException) or isinstance(j, ConversationClosed) for j in joins)
     await wait_until(
         lambda: sum(len(n.local_loops()) for n in nodes) == cap, what="cap loops running"
     )
