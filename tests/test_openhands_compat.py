@@ -159,3 +159,18 @@ async def test_a_closed_conversations_socketio_clients_are_told_and_disconnected
         assert all(shape_problem(e) is None for e in client.events)
     assert a.manager.local_connections() == {} == b.manager.local_connections()
     assert await a.manager.get_connections("alice") == {}
+
+
+def test_the_terminal_chat_prints_notices_and_status_updates() -> None:
+    from coordinator import codec
+    from coordinator.chat import format_event
+
+    closed = {**codec.closed_event(), "id": 9}
+    assert format_event(closed) == "[9] environment: The conversation was closed. (agent stopped)"
+    update = codec.notice_update(closed)
+    assert update is not None and is_status_update(update)
+    assert format_event(update) == (
+        "[status] STATUS$CONVERSATION_CLOSED: The conversation was closed."
+    )
+    said = codec.agent_event({"action": "message", "args": {"content": "hi"}})
+    assert format_event({**said, "id": 3}) == "[3] agent: hi" and said["message"] == "hi"
