@@ -327,8 +327,10 @@ class Loops:
         await self._interest.unwatch(runner.sid)
 
     async def sweep_idle(self) -> list[str]:
-        """Close this node's loops idle past close_delay, not RUNNING, with no connection
-        anywhere; the ones closed. Costs O(expired) Redis commands (``idle.py``)."""
+        """Close this node's loops idle past their close_delay, not RUNNING, with no
+        connection anywhere; the ones closed. Costs O(expired) Redis commands
+        (``idle.py``). Loops past their max_running_time are closed first, with their
+        connections (found in memory: a look at each local loop's deadline)."""
         expired = await self._idle.expired()
         now = time.time()
         overdue = [sid for sid, r in self.runners.items() if r.stop_at and r.stop_at <= now]
