@@ -5,6 +5,16 @@ recently updated loops when the cap is full) before its loop runs. While no slot
 it waits for one, woken at once when a loop of that user stops (here, or on a node that
 says so), else polling with a growing delay, up to ``start_timeout``. The owners of the
 loops an admission evicted are told to stop them, at most once a second per loop.
+
+With ``cap_policy`` "reject" a start that finds the cap full is refused instead
+(``ConcurrencyLimitReached``), nothing evicted. A user with an organisation (the token's
+``org`` claim, recorded with the user's cap) then also takes one of the organisation's
+``max_concurrent_conversations_per_org`` places (ORG_ADMIT), always rejecting when they
+are taken. Places are not given back when loops stop (that would need every release
+path, reapers included, to know the organisation): a full organisation first drops the
+places whose loop no longer holds its user's slot (ORG_PRUNE, checked against the
+holder, so a place taken again meanwhile stays). A place is taken only while its user's
+slot is held, so the organisation's running loops never exceed its cap.
 """
 
 from __future__ import annotations
@@ -15,8 +25,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from .config import ManagerConfig
-from .errors import CapacityTimeout
+from .errors import CapacityTimeout, ConcurrencyLimitReached
 from .state import Lease, RedisState
+from .state.loops import org_holder
 
 # evict(sid, user, owner incarnation): have that owner stop the loop and free its slot.
 Evict = Callable[[str, str, str], Awaitable[None]]
@@ -30,20 +41,34 @@ class Admission:
         self._slot_events: dict[str, asyncio.Event] = {}
         self._nudged: dict[tuple[str, str], float] = {}
 
-    async def admit(self, lease: Lease) -> bool:
-        """Hold one of the user's cap slots; False when evicted before starting."""
-        cap = self._config.max_concurrent_conversations
+    async def admit(self, lease: Lease, org: str = "") -> bool:
+        """Hold one of the user's cap slots (and of their organisation's: ``org``, else
+        the one recorded for the user); False when evicted before starting;
+        ConcurrencyLimitReached when refused."""
+        cfg = self._config
+        cap = cfg.max_concurrent_conversations
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._config.start_timeout
+        deadline = loop.time() + cfg.start_timeout
         event = self._slot_events.setdefault(lease.user, asyncio.Event())
         adm = await self._state.admit(
-            lease.user, lease.sid, lease.inc, cap, retry=False, score_ms=int(time.time() * 1000)
+            lease.user,
+            lease.sid,
+            lease.inc,
+            cap,
+            retry=False,
+            score_ms=int(time.time() * 1000),
+            reject=cfg.cap_policy == "reject",
+            org=org,
         )
+        if adm.status == "rejected":
+            raise ConcurrencyLimitReached("user", lease.user, cap, adm.claims)
         delay = 0.02
         while True:
             if adm.evicted:
                 await self._nudge(lease.user, adm.evicted)
             if adm.status == "go":
+                if adm.org and cfg.max_concurrent_conversations_per_org:
+                    await self._org_place(lease, adm.org)
                 return True
             if adm.status == "evicted":
                 return False
@@ -59,6 +84,17 @@ class Admission:
             delay = min(delay * 2, 0.25)
             event = self._slot_events.setdefault(lease.user, asyncio.Event())
             adm = await self._state.admit(lease.user, lease.sid, lease.inc, cap, retry=True)
+
+    async def _org_place(self, lease: Lease, org: str) -> None:
+        """Take one of ``org``'s places (the user's slot is held; the caller gives it
+        back if this raises)."""
+        cap = self._config.max_concurrent_conversations_per_org
+        holder = org_holder(lease)
+        place = await self._state.org_admit(org, lease.sid, holder, cap)
+        if not place.held and await self._state.org_prune(org, place.entries):
+            place = await self._state.org_admit(org, lease.sid, holder, cap)
+        if not place.held:
+            raise ConcurrencyLimitReached("organisation", org, cap, place.taken)
 
     def slot_freed(self, user: str) -> None:
         """A loop of ``user`` stopped: wake the starts waiting for one of their slots."""

@@ -76,6 +76,13 @@ class Identity:
         some identity providers spell it). Anything else is an ordinary user."""
         return self.claims.get("role") == ADMIN_ROLE or self.claims.get("admin") is True
 
+    @property
+    def org(self) -> str:
+        """The organisation of the token's ``org`` claim ('' if none; checked like a user
+        id when verified): its loops count against the organisation's cap too."""
+        org = self.claims.get("org")
+        return org if isinstance(org, str) else ""
+
 
 @dataclass(frozen=True)
 class TokenSettings:
@@ -173,6 +180,12 @@ class TokenVerifier:
             check_user_id(user)
         except InvalidInput:
             raise AuthError("malformed token: sub is not a valid user id") from None
+        org = claims.get("org")
+        if org is not None:
+            try:
+                check_user_id(org)
+            except InvalidInput:
+                raise AuthError("malformed token: org is not a valid organisation id") from None
         self._check_times(claims, time.time() if now is None else now)
         frozen = MappingProxyType(claims)
         self._verified[token] = frozen

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import threading
 import uuid
@@ -28,18 +27,21 @@ FINAL_REFUSALS = ("authentication failed", "forbidden", "invalid", "settings", "
 
 
 def format_event(event: dict[str, Any]) -> str:
-    """``[id] source: content`` for one oh_event."""
+    """``[id] source: content`` for one oh_event; ``[status] CODE: message`` for a status
+    update."""
+    if event.get("status_update") is True:
+        return f"[status] {event.get('id', '?')}: {event.get('message', '')}"
     source = event.get("source", "?")
     args = event.get("args")
-    if event.get("status_update") or ("message" in event and not isinstance(args, dict)):
-        content = str(event.get("message", ""))
-        if event.get("agent_state"):
-            content += f" (agent {event['agent_state']})"
-    elif isinstance(args, dict) and "content" in args:
-        content = str(args["content"])
+    extras = event.get("extras")
+    if event.get("observation") == "agent_state_changed" and isinstance(extras, dict):
+        content = f"{event.get('message', '')} (agent {extras.get('agent_state', '?')})"
+    elif isinstance(args, dict) and isinstance(args.get("content"), str):
+        content = args["content"]
+    elif "observation" in event:
+        content = str(event.get("content") or event.get("message") or event["observation"])
     else:
-        rest = {k: v for k, v in event.items() if k not in ("id", "source", "timestamp")}
-        content = json.dumps(rest, default=str)
+        content = str(event.get("message", ""))
     return f"[{event.get('id', '?')}] {source}: {content}"
 
 

@@ -28,7 +28,7 @@ from .auth import (
 )
 from .cliargs import build_parser
 from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
-from .config import ManagerConfig, parse_settings, redact_url
+from .config import ManagerConfig, check_user_id, parse_settings, redact_url
 from .errors import ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
 from .serverconfig import ServerConfig
 from .tasks import keep_cancelling
@@ -285,7 +285,10 @@ def cmd_token(args: argparse.Namespace) -> int:
                 args.ttl,
                 issuer=args.token_issuer,
                 audience=args.token_audience,
-                claims={"role": ADMIN_ROLE} if args.admin else None,
+                claims={
+                    **({"role": ADMIN_ROLE} if args.admin else {}),
+                    **({"org": check_user_id(args.org)} if args.org else {}),
+                },
             )
         )
     except (InvalidInput, ConfigError) as exc:

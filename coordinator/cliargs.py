@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         help='add the claim "role": "admin": the token sees every user\'s loops and '
         "connections in /api/cluster and /api/node",
     )
+    token.add_argument(
+        "--org",
+        metavar="ORG",
+        help='add the claim "org": ORG: the user\'s loops count against the '
+        "organisation's cap (--max-concurrent-conversations-per-org) too",
+    )
     _secret_arg(token, "the nodes use (required)")
     _claim_args(token, "the")
 

@@ -51,10 +51,33 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         int,
         "running loops allowed per user, cluster-wide (default: 3)",
     ),
+    "cap_policy": (
+        "--cap-policy",
+        str,
+        "over a user's cap: evict the least recently updated loop, or reject the start "
+        "(429 CONCURRENCY_LIMIT_REACHED) (default: evict)",
+    ),
+    "max_concurrent_conversations_per_org": (
+        "--max-concurrent-conversations-per-org",
+        int,
+        "running loops allowed per organisation (the token's org claim), cluster-wide; "
+        "over it a start is rejected (default: 0, no limit)",
+    ),
     "close_delay": (
         "--close-delay",
         float,
         "seconds an idle loop without connections lives on (default: 15)",
+    ),
+    "max_close_delay": (
+        "--max-close-delay",
+        float,
+        "the longest close_delay a conversation may ask for at creation (default: 86400)",
+    ),
+    "max_running_time": (
+        "--max-running-time",
+        float,
+        "seconds a conversation's loop may run at most, and the longest a conversation "
+        "may ask for at creation; then it is closed (default: 0, no limit)",
     ),
     "node_ttl": (
         "--node-ttl",

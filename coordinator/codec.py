@@ -20,6 +20,7 @@ NODE_LOST = "STATUS$NODE_LOST"
 CONVERSATION_CLOSED = "STATUS$CONVERSATION_CLOSED"
 NODE_DRAINING = "STATUS$NODE_DRAINING"
 EVENTS_LOST = "STATUS$EVENTS_LOST"
+RUNNING_TIME_EXCEEDED = "STATUS$RUNNING_TIME_EXCEEDED"
 
 
 # What a packed value from Redis or another node may be: far above any event a node
@@ -125,11 +126,12 @@ CLIENT_ACTION_ID = "client_action_id"
 MAX_CLIENT_ACTION_ID = 64
 
 
-# Fields of an event only the server writes. A client's ``id``, ``source`` and
-# ``timestamp`` are replaced (OpenHands clients may send them); one that sends a status
-# or an observation is refused: it would look like the server's own status events (a
-# forged STATUS$NODE_LOST makes watching nodes restart the loop) or an agent's output.
-SERVER_SET = ("id", "source", "timestamp")
+# Fields of an event only the server writes. A client's ``id``, ``source``,
+# ``timestamp`` and ``message`` are replaced (OpenHands clients may send them); one that
+# sends a status or an observation is refused: it would look like the server's own
+# notices (a forged STATUS$NODE_LOST makes watching nodes restart the loop) or an
+# agent's output.
+SERVER_SET = ("id", "source", "timestamp", "message")
 RESERVED = ("status", "status_update", "observation")
 
 
@@ -161,6 +163,7 @@ def user_action(action: object, max_bytes: int) -> Action:
     event["args"] = args
     event["source"] = "user"
     event["timestamp"] = now_iso()
+    event["message"] = summary(event)
     try:
         packed = pack(event)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -170,74 +173,156 @@ def user_action(action: object, max_bytes: int) -> Action:
     return event, packed
 
 
+# The message a logged event carries (OpenHands' web client keeps only events with one):
+# at most this many characters of its content.
+MESSAGE_CHARS = 200
+
+
+def summary(event: Event) -> str:
+    """A short human-readable ``message`` for ``event``, as OpenHands writes one: a
+    message's own text, an observation's content, else what kind of event it is."""
+    args = event.get("args")
+    if isinstance(args, dict) and isinstance(args.get("content"), str):
+        text: str = args["content"]
+    elif isinstance(event.get("content"), str) and event["content"]:
+        text = event["content"]
+    else:
+        text = str(event.get("action") or event.get("observation") or "event")
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "\u2026"
+
+
 def agent_event(event: Event) -> Event:
-    """An agent's event as logged: no id (the log assigns it), source and timestamp set."""
+    """An agent's event as logged: no id (the log assigns it), source and timestamp set,
+    and OpenHands' fields an agent may leave out (``message``; ``args`` of an action,
+    ``content`` and ``extras`` of an observation)."""
     out = dict(event)
     out.pop("id", None)
     out.setdefault("source", "agent")
     out.setdefault("timestamp", now_iso())
+    if "observation" in out:
+        out.setdefault("content", "")
+        out.setdefault("extras", {})
+    else:
+        out.setdefault("args", {})
+    if not isinstance(out.get("message"), str):
+        out["message"] = summary(out)
     return out
 
 
-def status_event(status: str, message: str, agent_state: str | None = None) -> Event:
-    """A status update in OpenHands' shape; ``status`` carries its message id."""
-    event: Event = {
+# Agent state changes are logged as OpenHands' ``agent_state_changed`` observations; the
+# coordinator's own (a loop stopped, evicted, moved, lost) name why in ``extras.reason``,
+# one of these codes, and go out live with a transient status update of the same code.
+AGENT_STATE_CHANGED = "agent_state_changed"
+NOTICE_CODES = (
+    TOO_MANY_CONVERSATIONS,
+    NODE_LOST,
+    CONVERSATION_CLOSED,
+    NODE_DRAINING,
+    EVENTS_LOST,
+    RUNNING_TIME_EXCEEDED,
+)
+# The notices after which a conversation's connections are closed, on every node (as
+# the seed's ``_close_session`` disconnects them).
+CLOSING = (TOO_MANY_CONVERSATIONS, CONVERSATION_CLOSED, RUNNING_TIME_EXCEEDED)
+
+
+def state_changed(agent_state: str, reason: str = "", message: str = "") -> Event:
+    """An ``agent_state_changed`` observation (logged: replay restores the state)."""
+    return {
         "source": "environment",
-        "status_update": True,
-        "type": "error" if status.startswith("AGENT_ERROR") else "info",
-        "status": status,
-        "message": message,
+        "observation": AGENT_STATE_CHANGED,
+        "content": "",
+        "extras": {"agent_state": agent_state, "reason": reason},
+        "message": message or f"The agent is now {agent_state}.",
         "timestamp": now_iso(),
     }
-    if agent_state is not None:
-        event["agent_state"] = agent_state
-    return event
+
+
+def status_update(code: str, message: str) -> Event:
+    """A transient status update in OpenHands' shape: sent, never logged, no event id
+    (``id`` is the message code)."""
+    return {
+        "status_update": True,
+        "type": "error" if code.startswith("AGENT_ERROR") else "info",
+        "id": code,
+        "message": message,
+    }
+
+
+def notice_code(event: Event) -> str:
+    """The notice code of a logged coordinator event ('' if it is none): the reason of a
+    state change or the ``error_id`` of an error observation."""
+    if event.get("source") != "environment":
+        return ""
+    extras = event.get("extras")
+    if not isinstance(extras, dict):
+        return ""
+    kind = event.get("observation")
+    code = extras.get("reason") if kind == AGENT_STATE_CHANGED else extras.get("error_id")
+    return code if code in NOTICE_CODES else ""
+
+
+def notice_update(event: Event) -> Event | None:
+    """The status update a logged notice goes out with when delivered live, or None."""
+    code = notice_code(event)
+    return status_update(code, str(event.get("message", ""))) if code else None
 
 
 def evicted_event() -> Event:
-    return status_event(
+    return state_changed(
+        "stopped",
         TOO_MANY_CONVERSATIONS,
         "Too many conversations are running for this user; the least recently used was stopped.",
-        "stopped",
     )
 
 
 def closed_event() -> Event:
-    return status_event(CONVERSATION_CLOSED, "The conversation was closed.", "stopped")
+    return state_changed("stopped", CONVERSATION_CLOSED, "The conversation was closed.")
+
+
+def overdue_event() -> Event:
+    return state_changed(
+        "stopped",
+        RUNNING_TIME_EXCEEDED,
+        "The conversation ran for its maximum running time and was closed.",
+    )
 
 
 def lost_event() -> Event:
-    return status_event(
+    return state_changed(
+        "stopped",
         NODE_LOST,
         "The node running this conversation was lost; it restarts on the next action.",
-        "stopped",
     )
 
 
 def moving_event() -> Event:
-    return status_event(
+    return state_changed(
+        "stopped",
         NODE_DRAINING,
         "The node running this conversation is shutting down; it moves to another node.",
-        "stopped",
     )
 
 
 def events_lost_event(first: int, last: int) -> Event:
-    """Redis lost events ``first..last`` (a failover to a replica that lacked them)."""
+    """Redis lost events ``first..last`` (a failover to a replica that lacked them): an
+    ``error`` observation, logged under the next id."""
     lost = f"event {first}" if first == last else f"events {first} to {last}"
-    return status_event(
-        EVENTS_LOST,
-        f"Redis lost {lost} of this conversation in a failover; they cannot be replayed.",
-    )
+    text = f"Redis lost {lost} of this conversation in a failover; they cannot be replayed."
+    return {
+        "source": "environment",
+        "observation": "error",
+        "content": text,
+        "extras": {"error_id": EVENTS_LOST, "first": first, "last": last},
+        "message": text,
+        "timestamp": now_iso(),
+    }
 
 
 def owner_gone(event: Event) -> bool:
     """Whether ``event`` says the conversation's loop stopped with its node (lost or
     drained): nodes whose clients watch it restart it."""
-    return event.get("source") == "environment" and event.get("status") in (
-        NODE_LOST,
-        NODE_DRAINING,
-    )
+    return notice_code(event) in (NODE_LOST, NODE_DRAINING)
 
 
 def envelope(method: str, origin: str, payload: dict[str, Any]) -> bytes:

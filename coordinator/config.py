@@ -15,6 +15,7 @@ from .errors import ConfigError, InvalidInput
 
 DEFAULT_AGENT = "workers.echo:EchoAgent"
 ISOLATIONS = ("process", "none")
+CAP_POLICIES = ("evict", "reject")
 MIN_AGENT_MEMORY = 128 << 20  # an idle worker maps 40-100 MB of address space
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -48,6 +49,47 @@ def check_user_id(user: object) -> str:
 
 
 MAX_SETTINGS_BYTES = 16 * 1024  # an agent's settings, as compact JSON
+
+
+@dataclass(frozen=True)
+class Lifetimes:
+    """What one conversation asked for at creation (None: the node's default): how long
+    its loop lives on idle without connections (``close_delay``) and how long a loop of
+    it may run at most (``max_running_time``), in seconds."""
+
+    close_delay: float | None = None
+    max_running_time: float | None = None
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any], config: ManagerConfig) -> Lifetimes:
+        """Read and check them from a REST create body, within ``config``'s bounds."""
+
+        def seconds(name: str, bound: float) -> float | None:
+            value = body.get(name)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidInput(f"{name} must be a number of seconds, got {value!r}")
+            if not 0 < value <= bound:
+                raise InvalidInput(f"{name} must be > 0 and at most {bound:g} s, got {value!r}")
+            return float(value)
+
+        running_bound = config.max_running_time or float("inf")
+        return cls(
+            seconds("close_delay", config.max_close_delay),
+            seconds("max_running_time", running_bound),
+        )
+
+    def effective(self, config: ManagerConfig) -> tuple[float, float]:
+        """(close_delay, max_running_time or 0 for none) as this node applies them:
+        the conversation's own, clamped to this node's bounds, else its defaults."""
+        close = min(self.close_delay or config.close_delay, config.max_close_delay)
+        limit = config.max_running_time
+        running = self.max_running_time or limit
+        return close, (min(running, limit) if limit else running)
+
+
+DEFAULT_LIFETIMES = Lifetimes()
 
 
 def check_settings(value: object) -> dict[str, Any]:
@@ -185,7 +227,17 @@ class ManagerConfig:
     key_prefix: str = "coord"
     agent: str = DEFAULT_AGENT
     max_concurrent_conversations: int = 3
+    # Over the user's cap: "evict" the least recently updated loop (the seed) or "reject"
+    # the start (CONCURRENCY_LIMIT_REACHED). A token's "org" claim puts its user's loops
+    # under the organisation's cap as well (0: none), which always rejects.
+    cap_policy: str = "evict"
+    max_concurrent_conversations_per_org: int = 0
     close_delay: float = 15.0
+    # Bounds of what a conversation may ask for at creation (``Lifetimes``): close_delay
+    # up to max_close_delay; a running time up to max_running_time, which is also the
+    # default (0: no limit, and none by default).
+    max_close_delay: float = 86_400.0
+    max_running_time: float = 0.0
     cleanup_interval: float = 15.0
     # A node that misses heartbeats for node_ttl is dead; its loops stop lease_margin
     # before that by its own monotonic clock.
@@ -306,6 +358,24 @@ class ManagerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.cap_policy not in CAP_POLICIES:
+            raise ConfigError(
+                f"cap_policy must be one of {', '.join(CAP_POLICIES)}, got {self.cap_policy!r}"
+            )
+        if self.max_close_delay < self.close_delay:
+            raise ConfigError(
+                f"max_close_delay ({self.max_close_delay!r}) must be >= close_delay "
+                f"({self.close_delay!r})"
+            )
+        if self.max_running_time < 0:
+            raise ConfigError(
+                f"max_running_time must be >= 0 (0: no limit), got {self.max_running_time!r}"
+            )
+        if self.max_concurrent_conversations_per_org < 0:
+            raise ConfigError(
+                "max_concurrent_conversations_per_org must be >= 0 (0: no limit), got "
+                f"{self.max_concurrent_conversations_per_org!r}"
+            )
         if self.agent_isolation not in ISOLATIONS:
             raise ConfigError(
                 f"agent_isolation must be one of {', '.join(ISOLATIONS)}, "

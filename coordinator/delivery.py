@@ -8,6 +8,13 @@ cursor is sent at once; one that leaves a gap (a connection joining mid-stream, 
 message lost during a reconnect) switches the connection to catch-up: it reads the log
 after the cursor, then drains the live events buffered meanwhile, and only then goes live
 again. So each connection sees every logged event once, in order.
+
+A coordinator notice among them (``codec.notice_update``: a loop evicted, closed, moved,
+lost; events lost) that is news to a connection (stamped after its join began, not a
+replay of older history) goes out followed by its transient status update; a closing
+one (``codec.CLOSING``) then ends the conversation's connections: forgotten here,
+released by ``on_closed`` (set by ``Sessions``) and disconnected, on every node that
+delivers it.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from workers.protocol import Event
 
 from .backoff import Backoff
-from .codec import with_id
+from .codec import CLOSING, notice_code, notice_update, stamped_at, with_id
 from .errors import REDIS_TRANSIENT, REDIS_TROUBLE, CoordinatorError, InvalidInput
 from .state import RedisState
 from .tasks import TaskSet
@@ -81,6 +88,9 @@ class Connection:
     # checked against it, or the cursor only moved over logged events since).
     verified: bool = False
     buffer: list[tuple[int, Event]] = field(default_factory=list)
+    # When its join began (Unix time): notices stamped since are news to it (status
+    # update, closing), older ones a replay.
+    joined_at: float = 0.0
 
 
 class LocalConnections:
@@ -94,6 +104,8 @@ class LocalConnections:
         self._by_id: dict[str, Connection] = {}
         self._rooms: dict[str, set[str]] = {}
         self._last_sent: tuple[int, Event, Event] | None = None  # (id, event, with id)
+        # What releases a connection a closing notice ended (``Sessions.release``).
+        self.on_closed: Callable[[Connection], Awaitable[None]] | None = None
 
     def __contains__(self, cid: object) -> bool:
         return cid in self._by_id
@@ -110,10 +122,10 @@ class LocalConnections:
     def room(self, sid: str) -> list[Connection]:
         return [self._by_id[c] for c in self._rooms.get(sid, ()) if c in self._by_id]
 
-    def add(self, cid: str, sid: str, user: str, cursor: int) -> Connection:
+    def add(self, cid: str, sid: str, user: str, cursor: int, joined_at: float) -> Connection:
         """Register a connection in catch-up mode: live events are buffered until
         ``catch_up`` has sent what the log holds after ``cursor``."""
-        conn = Connection(cid, sid, user, max(0, cursor))
+        conn = Connection(cid, sid, user, max(0, cursor), joined_at=joined_at)
         self._by_id[cid] = conn
         self._rooms.setdefault(sid, set()).add(cid)
         return conn
@@ -253,6 +265,26 @@ class LocalConnections:
             await self.sink.deliver(conn.cid, sent)
         except Exception:
             log.exception("delivery to %s failed", conn.cid)
+        if "observation" in event and notice_code(event):
+            await self._notice(conn, event)
+
+    async def _notice(self, conn: Connection, event: Event) -> None:
+        """After a notice that is news to the connection: its status update; after a
+        closing one, the end."""
+        update = notice_update(event)
+        if update is None or (stamped_at(event) or 0.0) < conn.joined_at:
+            return
+        with contextlib.suppress(Exception):
+            await self.sink.deliver(conn.cid, update)
+        if notice_code(event) in CLOSING and conn.cid in self._by_id:
+            self.forget(conn)
+            self._tasks.spawn(self._close(conn), f"close:{conn.cid}")
+
+    async def _close(self, conn: Connection) -> None:
+        if self.on_closed is not None:
+            await self.on_closed(conn)
+        with contextlib.suppress(Exception):
+            await self.sink.disconnect(conn.cid)
 
 
 class Delivery:

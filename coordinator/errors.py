@@ -46,6 +46,14 @@ class RedisUnavailable(CoordinatorError, ConnectionError):
         self.url = url
 
 
+class ConversationClosed(CoordinatorError):
+    """The conversation was closed (or its loop evicted) while a connection joined it:
+    the connection was told why and is not kept."""
+
+    def __init__(self, sid: str) -> None:
+        super().__init__(f"conversation {sid!r} was closed while joining; join again")
+
+
 class ConversationNotFound(CoordinatorError, LookupError):
     """No conversation with that id exists."""
 
@@ -130,9 +138,39 @@ class LimitExceeded(CoordinatorError):
         self.retry_after = retry_after
 
 
+class ConcurrencyLimitReached(LimitExceeded):
+    """A start refused by a cap on running loops (``--cap-policy reject``, or an
+    organisation's cap): ``limit`` places, ``current`` taken. Clients get ``details``
+    (REST 429 body, socket.io connect error data or ack)."""
+
+    CODE = "CONCURRENCY_LIMIT_REACHED"
+
+    def __init__(self, scope: str, who: str, limit: int, current: int) -> None:
+        super().__init__(
+            f"concurrent conversations per {scope}",
+            f"{scope} {who!r} has {current} conversations running, the limit is {limit}; "
+            "close one to start another",
+        )
+        self.cap = limit
+        self.current = current
+
+    def details(self) -> dict[str, object]:
+        return {
+            "error": self.CODE,
+            "message": str(self),
+            "limit": self.cap,
+            "current": self.current,
+        }
+
+
 class AgentFailed(CoordinatorError):
     """An agent running in a worker process failed: it raised (the message names the
-    exception), or its worker stalled or died while it worked."""
+    exception), or its worker stalled or died while it worked. ``what``: for its
+    clients, what failed (the exception's class when it raised)."""
+
+    def __init__(self, message: str, what: str = "") -> None:
+        super().__init__(message)
+        self.what = what or "an error"
 
 
 def redis_glitch(exc: BaseException) -> bool:

@@ -28,7 +28,7 @@ from .config import (
     check_settings,
     parse_settings,
 )
-from .errors import EXPECTED, Forbidden, InvalidInput, LimitExceeded
+from .errors import EXPECTED, ConcurrencyLimitReached, Forbidden, InvalidInput, LimitExceeded
 from .http import client_message
 from .manager import ConversationManager
 from .metrics import NodeMetrics
@@ -68,6 +68,8 @@ def parse_latest_event_id(raw: str | None) -> int | None:
 def refusal_ack(exc: BaseException) -> dict[str, Any]:
     """The ack of an action that was not accepted."""
     ack: dict[str, Any] = {"ok": False, "error": client_message(exc)}
+    if isinstance(exc, ConcurrencyLimitReached):  # as the REST 429 body
+        ack.update(exc.details())
     if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
         ack["retry_after"] = exc.retry_after
     return ack
@@ -114,7 +116,8 @@ class SocketHandlers:
             token = _first(query, "token")
         joined = False
         try:
-            user = self.tokens.user(token)
+            who = self.tokens.verify(token)
+            user = who.user
             raw_conversation = _first(query, "conversation_id")
             if raw_conversation is None:
                 raise InvalidInput("the conversation_id query parameter is required")
@@ -128,7 +131,7 @@ class SocketHandlers:
             await self.quotas.join(user)
             self.sink.joining(connection_id)
             await self.manager.join_conversation(
-                conversation, connection_id, settings, user, latest
+                conversation, connection_id, settings, user, latest, who.org
             )
             joined = True
         except asyncio.CancelledError:
@@ -147,6 +150,8 @@ class SocketHandlers:
                 eio_sid = self.sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
                 if eio_sid is not None:
                     self.sio.tasks.spawn(self.sio.end_session(eio_sid), "refused")
+            if isinstance(exc, ConcurrencyLimitReached):
+                raise socketio.exceptions.ConnectionRefusedError(message, exc.details()) from None
             if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
                 raise socketio.exceptions.ConnectionRefusedError(
                     message, {"retry_after": exc.retry_after}

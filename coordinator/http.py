@@ -32,6 +32,7 @@ from .codec import shape_problem
 from .errors import (
     REDIS_TROUBLE,
     CapacityTimeout,
+    ConcurrencyLimitReached,
     ConnectionNotFound,
     ConversationNotFound,
     CoordinatorError,
@@ -108,6 +109,8 @@ def error_response(exc: Exception, request: Request) -> JSONResponse:
         log.warning("%s %s failed: %r", request.method, request.scope["path"], exc, exc_info=exc)
     headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
     body: dict[str, Any] = {"error": client_message(exc)}
+    if isinstance(exc, ConcurrencyLimitReached):
+        body = exc.details()
     if isinstance(exc, LimitExceeded) and exc.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
         body["retry_after"] = exc.retry_after

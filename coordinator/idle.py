@@ -2,9 +2,11 @@
 
 Runners mark themselves active in memory (``touched``); a flush writes the marked ones to
 the node's idle index (a sorted set) and their users' claims, so it costs O(loops active
-since the last flush). ``expired`` finds the loops idle past ``close_delay``, not RUNNING
-and with no connection on any node, at O(expired) Redis commands; ``Loops.sweep_idle``
-closes them (guarantee 6 of docs/design.md).
+since the last flush). The index is scored by when each loop may close (last active plus
+its own ``close_delay``, which a conversation may set at creation), so ``expired`` finds
+the loops idle past theirs, not RUNNING and with no connection on any node, at
+O(expired) Redis commands; ``Loops.sweep_idle`` closes them (guarantee 6 of
+docs/design.md).
 """
 
 from __future__ import annotations
@@ -61,24 +63,25 @@ class IdleTracker:
                 self._membership.inc,
                 {r.sid: int(r.last_active * 1000) for r in active},
                 {r.sid: r.lease.user for r in active},
+                {r.sid: int((r.last_active + r.close_delay) * 1000) for r in active},
             )
         except BaseException:
             self._dirty |= marked  # flush them next time
             raise
 
     async def expired(self) -> list[str]:
-        """This node's loops idle past close_delay, not RUNNING, with no connection.
+        """This node's loops idle past their close_delay, not RUNNING, with no connection.
 
         Costs O(expired) Redis commands: a flush, one range query on the idle index and
         one pipelined connection count for the candidates."""
         await self.flush()
-        threshold = int((time.time() - self._config.close_delay) * 1000)
+        now = time.time()
         candidates = []
-        for sid in await self._state.idle_since(self._membership.inc, threshold):
+        for sid in await self._state.idle_since(self._membership.inc, int(now * 1000)):
             runner = self._runners.get(sid)
             if runner is None or runner.agent_state == AgentState.RUNNING:
                 continue
-            if runner.last_active * 1000 > threshold:
+            if runner.last_active + runner.close_delay > now:
                 continue
             candidates.append(sid)
         counts = await self._state.connection_counts(candidates)

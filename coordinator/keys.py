@@ -68,6 +68,17 @@ class KeySchema:
         """Sorted set: every conversation of the user, scored by creation time."""
         return f"{self.prefix}:{{u:{user}}}:convs"
 
+    def user_org(self, user: str) -> str:
+        """String: the organisation of the user's last token with an ``org`` claim (the
+        org cap of a loop restarted without a token)."""
+        return f"{self.prefix}:{{u:{user}}}:org"
+
+    # -- per organisation --------------------------------------------------------------
+    def org_loops(self, org: str) -> str:
+        """Hash: sid -> ``USER INC:EPOCH`` of the start that holds one of the org's cap
+        places; an entry whose loop no longer holds its user's slot is stale (pruned)."""
+        return f"{self.prefix}:{{o:{org}}}:loops"
+
     # -- per node incarnation ---------------------------------------------------------
     # An incarnation is ``NODE/hex``: one registration of a node process. Its keys carry
     # the node's tag, so one script can touch the lease and the incarnation's keys, and a

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from . import codec
 from .actions import Actions
 from .admission import Admission
 from .bus import CommandBus
-from .config import ManagerConfig
+from .config import DEFAULT_LIFETIMES, Lifetimes, ManagerConfig
 from .delivery import Delivery
 from .directory import Directory
 from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, NodeDraining
@@ -111,10 +112,17 @@ class Loops:
 
     # -- starting --------------------------------------------------------------------
     async def ensure_running(
-        self, sid: str, user: str, settings: Mapping[str, Any], initial: codec.Action | None
+        self,
+        sid: str,
+        user: str,
+        settings: Mapping[str, Any],
+        initial: codec.Action | None,
+        org: str = "",
+        lifetimes: Lifetimes = DEFAULT_LIFETIMES,
     ) -> ConversationInfo:
         """Make sure ``sid``'s loop runs somewhere; start it here if nowhere (creating the
-        conversation for ``user``). ``initial`` is accepted as its first action."""
+        conversation for ``user``, with ``lifetimes``). ``initial`` is accepted as its
+        first action; ``org``: the user's organisation, from their token (admission.py)."""
         runner = self.runners.get(sid)
         if runner is not None and runner.running:
             if runner.lease.user != user and user:
@@ -133,7 +141,7 @@ class Loops:
         fut: asyncio.Future[ConversationInfo] = asyncio.get_running_loop().create_future()
         self.starting[sid] = fut
         try:
-            info = await self._start(sid, user, dict(settings), initial)
+            info = await self._start(sid, user, dict(settings), initial, org, lifetimes)
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: waiters get it through shield
@@ -144,8 +152,11 @@ class Loops:
         finally:
             del self.starting[sid]
 
-    async def _acquire(self, sid: str, user: str) -> Ownership | ConversationInfo:
-        """Own ``sid`` (replacing a dead owner), or the info of the live owner holding it."""
+    async def _acquire(
+        self, sid: str, user: str, lifetimes: Lifetimes
+    ) -> Ownership | ConversationInfo:
+        """Own ``sid`` (replacing a dead owner), or the info of the live owner holding it;
+        a conversation created here records ``lifetimes``."""
         membership = self._membership
         dead = ""
         while True:
@@ -156,6 +167,8 @@ class Loops:
                 user,
                 create=not self._intake.draining,
                 dead_inc=dead,
+                close_delay=lifetimes.close_delay,
+                max_running_time=lifetimes.max_running_time,
             )
             if own.status == "forbidden":
                 raise Forbidden(sid)
@@ -172,18 +185,27 @@ class Loops:
             dead = own.inc
 
     async def _start(
-        self, sid: str, user: str, settings: dict[str, Any], initial: codec.Action | None
+        self,
+        sid: str,
+        user: str,
+        settings: dict[str, Any],
+        initial: codec.Action | None,
+        org: str,
+        lifetimes: Lifetimes,
     ) -> ConversationInfo:
         node = self._config.node_id
         if not self._membership.check():
             raise NodeDraining(f"node {node} lost its lease; it takes no loops until back")
-        acquired = await self._acquire(sid, user)
+        acquired = await self._acquire(sid, user, lifetimes)
         if isinstance(acquired, ConversationInfo):  # a live owner runs it
             if initial is not None:
                 await self._actions.accept(sid, user, initial)
             return acquired
         own = acquired
         lease = Lease(sid, own.user, self._membership.inc, own.epoch)
+        close_delay, max_running_time = Lifetimes(own.close_delay, own.max_running_time).effective(
+            self._config
+        )
         if self._intake.draining:
             await self._state.release(sid, lease.inc, lease.epoch, "stopped")
             self._intake.check()
@@ -191,7 +213,9 @@ class Loops:
             # Listed under this incarnation (for the reapers) and subscribed (before the
             # runner's first inbox read), in one round trip's time.
             done = await asyncio.gather(
-                self._state.record_start(lease, created=own.status == "created"),
+                self._state.record_start(
+                    lease, created=own.status == "created", idle_for=close_delay
+                ),
                 self._interest.watch(sid),
                 return_exceptions=True,
             )
@@ -200,7 +224,7 @@ class Loops:
                     raise result
             if initial is not None:
                 await self._actions.accept(sid, user, initial)
-            admitted = await self.admission.admit(lease)
+            admitted = await self.admission.admit(lease, org)
             if lease.inc != self._membership.inc or self._membership.lapsed:
                 # Our lease lapsed meanwhile: a loop started now would be fenced at once,
                 # and a refused claim (dropped with the old incarnation) is no eviction.
@@ -225,6 +249,8 @@ class Loops:
             delivery=self._delivery,
             activity=self._idle,
             metrics=self._metrics,
+            close_delay=close_delay,
+            max_running_time=max_running_time,
         )
         self.runners[sid] = runner
         try:
@@ -301,9 +327,16 @@ class Loops:
         await self._interest.unwatch(runner.sid)
 
     async def sweep_idle(self) -> list[str]:
-        """Close this node's loops idle past close_delay, not RUNNING, with no connection
-        anywhere; the ones closed. Costs O(expired) Redis commands (``idle.py``)."""
+        """Close this node's loops idle past their close_delay, not RUNNING, with no
+        connection anywhere; the ones closed. Costs O(expired) Redis commands
+        (``idle.py``). Loops past their max_running_time are closed first, with their
+        connections (found in memory: a look at each local loop's deadline)."""
         expired = await self._idle.expired()
+        now = time.time()
+        overdue = [sid for sid, r in self.runners.items() if r.stop_at and r.stop_at <= now]
+        for sid in overdue:  # ran their max_running_time: closed, their clients told
+            with contextlib.suppress(*EXPECTED):
+                await self.stop(sid, codec.overdue_event())
         closed = []
         # Closed concurrently, a bounded number at a time: the sweep's duration stays
         # a few round trips however many loops expired together.
@@ -368,6 +401,16 @@ class Loops:
                 sid, "", 0, [codec.pack(codec.lost_event())], maxlen=self._config.event_log_maxlen
             )
         self.admission.slot_freed(user)
+
+    async def close_unserved(self, sid: str, user: str, inc: str) -> None:
+        """Close a conversation no live node runs (``close_session``): free what a dead
+        owner ``inc`` held, and log the closed notice (unowned, a system write), which
+        closes its connections on every node."""
+        if inc and await self._state.release_lost(sid, user, inc):
+            self.admission.slot_freed(user)
+        await self._state.commit(
+            sid, "", 0, [codec.pack(codec.closed_event())], maxlen=self._config.event_log_maxlen
+        )
 
     async def retry_abandoned(self) -> list[tuple[str, str]]:
         """Give up (again) what failed starts left owned; ``(sid, user)`` of those given

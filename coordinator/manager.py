@@ -17,7 +17,14 @@ from workers.protocol import AgentFactory, Event
 
 from . import codec
 from .backends import Backend, open_backend
-from .config import ManagerConfig, check_connection_id, check_conversation_id, check_user_id
+from .config import (
+    DEFAULT_LIFETIMES,
+    Lifetimes,
+    ManagerConfig,
+    check_connection_id,
+    check_conversation_id,
+    check_user_id,
+)
 from .delivery import EventSink, NullSink
 from .directory import Directory
 from .errors import (
@@ -45,6 +52,11 @@ MAX_EVENT_ID = 2**63 - 1  # event ids are Redis stream ids' first part (and int6
 
 def _user(user_id: str | None) -> str:
     return "" if user_id is None else check_user_id(user_id)
+
+
+def _org(org: str | None) -> str:
+    """An organisation id is checked as a user id is ('' : none)."""
+    return "" if not org else check_user_id(org)
 
 
 class ConversationManager:
@@ -182,11 +194,13 @@ class ConversationManager:
         settings: Mapping[str, Any] | None,
         user_id: str | None,
         latest_event_id: int | None = None,
+        org: str | None = None,
     ) -> ConversationInfo:
         """Join a connection to a conversation (creating and starting it when needed).
 
         The connection first receives every logged event after ``latest_event_id`` (all
-        of them when None), then live events, with no gap and no duplicate.
+        of them when None), then live events, with no gap and no duplicate. ``org``: the
+        user's organisation, whose cap the loop counts against too.
         """
         check_conversation_id(sid)
         check_connection_id(connection_id)
@@ -200,7 +214,7 @@ class ConversationManager:
         if settings is not None and not isinstance(settings, Mapping):
             raise InvalidInput("settings must be a mapping")
         return await self.node.sessions.join(
-            sid, connection_id, user, settings or {}, latest_event_id
+            sid, connection_id, user, settings or {}, latest_event_id, _org(org)
         )
 
     async def maybe_start_agent_loop(
@@ -209,12 +223,15 @@ class ConversationManager:
         settings: Mapping[str, Any] | None,
         user_id: str | None,
         initial_user_msg: Mapping[str, Any] | None = None,
+        org: str | None = None,
+        lifetimes: Lifetimes | None = None,
     ) -> ConversationInfo:
         """Make sure the conversation's loop runs somewhere; start it here if nowhere.
 
         Creates the conversation for ``user_id`` if it does not exist. At most one loop
         runs cluster-wide, and the user's cap holds: the least recently updated of the
-        user's other loops are evicted to make room.
+        user's other loops are evicted to make room. ``lifetimes``: what a conversation
+        created here asks for (``config.Lifetimes``, checked against the node's bounds).
         """
         check_conversation_id(sid)
         user = _user(user_id)
@@ -223,7 +240,9 @@ class ConversationManager:
         initial = None
         if initial_user_msg is not None:
             initial = codec.user_action(initial_user_msg, self.config.max_action_bytes)
-        return await self.node.loops.ensure_running(sid, user, settings or {}, initial)
+        return await self.node.loops.ensure_running(
+            sid, user, settings or {}, initial, _org(org), lifetimes or DEFAULT_LIFETIMES
+        )
 
     async def send_to_event_stream(self, connection_id: str, data: Mapping[str, Any]) -> int:
         """Accept a user action durably; returns its event id once it is in Redis."""
@@ -240,7 +259,8 @@ class ConversationManager:
         await self.node.sessions.leave(connection_id)
 
     async def close_session(self, sid: str, user_id: str | None = None) -> bool:
-        """Stop the conversation's loop wherever it runs. Returns whether one was running."""
+        """Stop the conversation's loop wherever it runs and close its connections on
+        every node (told why, forgotten, disconnected). Returns whether a loop ran."""
         check_conversation_id(sid)
         user = _user(user_id)
         node = self.node
@@ -252,12 +272,11 @@ class ConversationManager:
         if sid in node.runners:
             return await node.loops.stop(sid, codec.closed_event())
         owner_inc = meta.get("inc", "")
-        if not owner_inc:
-            return False
-        if await node.directory.alive(owner_inc):
+        if owner_inc and await node.directory.alive(owner_inc):
             reply = await node.bus.request(owner_inc, "close", {"sid": sid})
             return bool(reply.get("closed"))
-        await node.loops.release_dead(sid, meta.get("user", ""), owner_inc)
+        # No live node runs it: its connections are closed all the same (as the seed's).
+        await node.loops.close_unserved(sid, meta.get("user", ""), owner_inc)
         return False
 
     async def get_running_agent_loops(

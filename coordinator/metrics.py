@@ -164,6 +164,12 @@ class NodeMetrics:
         self.speculative_dispatches = 0
         self.speculations_lost = 0
         self.writes_not_replicated = 0
+        self.agent_errors = 0
+        self.counter_from(
+            "coordinator_agent_errors",
+            "Actions whose agent raised (answered with an error observation).",
+            lambda: self.agent_errors,
+        )
         self.counter_from(
             "coordinator_writes_not_replicated",
             "Writes fewer replicas than --ack-replicas confirmed within --ack-timeout.",
@@ -188,6 +194,10 @@ class NodeMetrics:
     def not_replicated(self) -> None:
         """A write was not confirmed by enough replicas in time (``state/writes.py``)."""
         self.writes_not_replicated += 1
+
+    def agent_failed(self) -> None:
+        """An agent raised on an action (``runner.py``)."""
+        self.agent_errors += 1
 
     def speculation_lost(self) -> None:
         """A speculative dispatch was not logged as predicted."""

@@ -291,7 +291,7 @@ class Node:
         with contextlib.suppress(*REDIS_TROUBLE):
             await self.restarts.resume_pending(leaving)
         await self.sessions.farewell(
-            codec.status_event(
+            codec.status_update(
                 codec.NODE_DRAINING, "This node is shutting down; reconnect to continue."
             )
         )

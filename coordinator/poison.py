@@ -50,6 +50,7 @@ return {count, why}
 
 
 # Reasons, as the error observation's ``extras.reason`` gives them.
+RAISED = "agent error"  # the agent raised (``runner.py``), on this dispatch alone
 STALLED = "stalled"
 DIED = "worker died"
 TIMEOUT = "timeout"
@@ -73,10 +74,14 @@ class WorkerLost(Exception):
         self.worker = worker
 
 
-def error_observation(action_id: int, reason: str, tries: int, timeout: float) -> Event:
+def error_observation(
+    action_id: int, reason: str, tries: int, timeout: float, detail: str = ""
+) -> Event:
     """The event that answers action ``action_id``, given up after ``tries`` dispatches
-    for ``reason`` (OpenHands' observation shape)."""
-    if reason == TIMEOUT:
+    for ``reason`` (OpenHands' observation shape); ``detail``: what the agent raised."""
+    if reason == RAISED:
+        content = f"Action {action_id} failed: the agent raised {detail or 'an error'}."
+    elif reason == TIMEOUT:
         content = f"Action {action_id} was not completed: it ran longer than {timeout:g} s."
     else:
         content = (

@@ -352,7 +352,8 @@ class RemoteAgent:
         if kind == CANCELLED:
             return AgentFailed(f"the agent of {self.sid} was cancelled")
         if kind == ERROR:
-            return AgentFailed(f"the agent of {self.sid} failed: {detail}")
+            what = str(detail).split(":", 1)[0]  # "ValueError: ..." (workers.channel.describe)
+            return AgentFailed(f"the agent of {self.sid} failed: {detail}", what)
         return refusal(kind, detail)  # Fenced, SpeculationLost: as the agent raised them
 
     async def _serve_emit(self, worker: AgentWorker, m: list[Any]) -> None:

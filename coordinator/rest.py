@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Receive, Scope, Send
 
 from .auth import Identity, TokenVerifier
-from .config import check_conversation_id, check_settings
+from .config import Lifetimes, check_conversation_id, check_settings
 from .errors import ConversationNotFound, Forbidden, InvalidInput, NodeDraining
 from .http import (
     COMMON_HEADERS,
@@ -176,7 +176,8 @@ class RestApp:
         return json_response(200, await self.owned(request.path_params["sid"], user))
 
     async def create_conversation(self, request: Request) -> Response:
-        user = self.user(request)
+        who = self.identity(request)
+        user = who.user
         body = json_object(await read_body(request))
         sid = body.get("conversation_id")
         generated = sid is None
@@ -186,6 +187,7 @@ class RestApp:
             raise InvalidInput("initial_user_msg must be a string")
         first = None if text is None else {"action": "message", "args": {"content": text}}
         settings = check_settings(body.get("settings"))
+        lifetimes = Lifetimes.from_body(body, self.manager.config)
         if self.manager.draining:
             raise NodeDraining(f"node {self.manager.node_id} is draining; use another node")
         record = {} if generated else await self.manager.conversation(sid)
@@ -195,7 +197,7 @@ class RestApp:
             await self.quotas.creation(user)
         existed = bool(record)
         info = await self.manager.maybe_start_agent_loop(
-            sid, settings, user, initial_user_msg=first
+            sid, settings, user, initial_user_msg=first, org=who.org, lifetimes=lifetimes
         )
         if first is not None:
             self.node_metrics.actions += 1

@@ -23,12 +23,13 @@ from workers.protocol import AgentLoop, AgentState, Event
 
 from .actionqueue import ActionQueue
 from .backoff import Backoff
-from .codec import agent_event, pack, stamped_at
+from .codec import agent_event, pack, stamped_at, state_changed
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import REDIS_TROUBLE, Fenced, SpeculationLost
+from .errors import REDIS_TROUBLE, AgentFailed, Fenced, SpeculationLost
 from .idle import IdleTracker
 from .metrics import NodeMetrics
+from .poison import RAISED, error_observation
 from .speculation import Speculation
 from .state import Lease, RedisState
 from .tasks import cancel_and_wait
@@ -36,6 +37,18 @@ from .tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 STOP_WITHIN = 5.0  # seconds a cancelled loop task gets to finish
+
+
+def agent_failure(n: int, exc: Exception) -> list[Event]:
+    """What answers action ``n`` when its agent raised ``exc``: an ``error``
+    observation, the agent state ``error``, then back to awaiting input."""
+    what = exc.what if isinstance(exc, AgentFailed) else type(exc).__name__
+    error = agent_event(error_observation(n, RAISED, 1, 0.0, what))
+    return [
+        error,
+        state_changed(AgentState.ERROR, "", error["content"]),
+        state_changed(AgentState.AWAITING_USER_INPUT),
+    ]
 
 
 class LoopRunner:
@@ -63,8 +76,14 @@ class LoopRunner:
         delivery: Delivery,
         activity: IdleTracker,
         metrics: NodeMetrics,
+        close_delay: float,
+        max_running_time: float = 0.0,
     ) -> None:
         self.lease = lease
+        # Its conversation's lifetimes (config.Lifetimes.effective): idle without
+        # connections this long, it is closed; it is stopped at ``stop_at`` (0: never).
+        self.close_delay = close_delay
+        self.stop_at = time.time() + max_running_time if max_running_time else 0.0
         self._new_agent = new_agent
         self.agent = new_agent()
         self._speculative = speculative and self.agent.speculative
@@ -244,9 +263,14 @@ class LoopRunner:
         try:
             await self.agent.dispatch({**action, "id": n})
         except (Fenced, SpeculationLost):
+            self._cause = 0
             return
-        except Exception:
+        except Exception as exc:
             log.exception("agent of %s failed on action %d", self.sid, n)
+            self._metrics.agent_failed()
+            # Visible to its clients, and the loop goes on with the next action.
+            with contextlib.suppress(Fenced, SpeculationLost):
+                await self._commit(agent_failure(n, exc), cause=n, index=self._emits)
         finally:
             self._cause = 0
         if self._queue.applied < n and self.running:

@@ -25,7 +25,10 @@ ACQUIRE = (
 -- ARGV[3]  user ('' = do not check)
 -- ARGV[4]  incarnation known to be dead ('' = take it only when unowned)
 -- ARGV[5]  '1' to create a missing conversation for ARGV[3]
--- returns  {status, epoch, owner node, owner incarnation, user, applied}
+-- ARGV[6]  close_delay (s) to record when it is created ('' = the nodes' default)
+-- ARGV[7]  max_running_time (s) to record when it is created ('' = the nodes' default)
+-- returns  {status, epoch, owner node, owner incarnation, user, applied, close_delay,
+--          max_running_time} (the last two as recorded, '' if not)
 --   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours)
 --           'owned' (a live owner holds it) | 'forbidden' | 'missing'
 """
@@ -33,26 +36,30 @@ ACQUIRE = (
     + """
 local meta = KEYS[1]
 if redis.call('EXISTS', meta) == 0 then
-  if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0} end
+  if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0, '', ''} end
   redis.call('HSET', meta, 'user', ARGV[3], 'owner', ARGV[1], 'inc', ARGV[2],
              'epoch', 1, 'state', 'loading', 'seq', 0, 'applied', 0, 'refs', 0,
              'created', now, 'last_active', now)
-  return {'created', 1, ARGV[1], ARGV[2], ARGV[3], 0}
+  if ARGV[6] ~= '' then redis.call('HSET', meta, 'close_delay', ARGV[6]) end
+  if ARGV[7] ~= '' then redis.call('HSET', meta, 'max_running_time', ARGV[7]) end
+  return {'created', 1, ARGV[1], ARGV[2], ARGV[3], 0, ARGV[6], ARGV[7]}
 end
-local f = redis.call('HMGET', meta, 'user', 'owner', 'inc', 'epoch', 'applied')
+local f = redis.call('HMGET', meta, 'user', 'owner', 'inc', 'epoch', 'applied',
+                     'close_delay', 'max_running_time')
 local user, owner, inc = f[1] or '', f[2] or '', f[3] or ''
 local epoch, applied = tonumber(f[4] or '0'), tonumber(f[5] or '0')
+local close, running = f[6] or '', f[7] or ''
 if ARGV[3] ~= '' and user ~= ARGV[3] then
-  return {'forbidden', epoch, owner, inc, user, applied}
+  return {'forbidden', epoch, owner, inc, user, applied, close, running}
 end
-if inc == ARGV[2] then return {'mine', epoch, owner, inc, user, applied} end
+if inc == ARGV[2] then return {'mine', epoch, owner, inc, user, applied, close, running} end
 if inc == '' or inc == ARGV[4] then
   epoch = epoch + 1
   redis.call('HSET', meta, 'owner', ARGV[1], 'inc', ARGV[2], 'epoch', epoch,
              'state', 'loading', 'last_active', now)
-  return {'ok', epoch, ARGV[1], ARGV[2], user, applied}
+  return {'ok', epoch, ARGV[1], ARGV[2], user, applied, close, running}
 end
-return {'owned', epoch, owner, inc, user, applied}
+return {'owned', epoch, owner, inc, user, applied, close, running}
 """
 )
 
@@ -219,16 +226,27 @@ ADMIT = """
 -- admit: claim one of the user's max_concurrent_conversations slots.
 -- KEYS[1]  user's claims sorted set (sid -> recency, never more than cap members)
 -- KEYS[2]  user's loops hash (sid -> 'live:INC' | 'stopping:INC'; at most cap entries)
+-- KEYS[3]  user's organisation string
 -- ARGV[1]  sid   ARGV[2] node incarnation   ARGV[3] cap
 -- ARGV[4]  'new' (a start: the sid becomes the most recent claim) | 'retry' (still waiting)
 -- ARGV[5]  recency score (ms) of a new claim; kept above every other claim
--- returns  {status, evicted sid, its incarnation, evicted sid, its incarnation, ...}
+-- ARGV[6]  policy when a new claim finds the cap full: 'evict' | 'reject'
+-- ARGV[7]  the user's organisation to record ('' = keep the recorded one)
+-- returns  {status, claims, org, evicted sid, its incarnation, evicted sid, ...}
 --   status: 'go' (slot held: start the loop) | 'wait' (evicted loops still stopping)
 --           'evicted' (more recent conversations took every slot)
+--           'rejected' (policy reject and the cap full: nothing changed)
+--   claims: the user's claims now; org: the user's organisation ('' = none)
 -- A loop may only run while its sid has an entry in loops, and an entry is only removed
 -- after its loop stopped, so HLEN(loops) <= cap bounds the loops actually running.
 
 local sid, node, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7]) end
+local org = redis.call('GET', KEYS[3]) or ''
+if ARGV[4] == 'new' and ARGV[6] == 'reject' and not redis.call('ZSCORE', KEYS[1], sid)
+   and redis.call('ZCARD', KEYS[1]) >= cap then
+  return {'rejected', redis.call('ZCARD', KEYS[1]), org}
+end
 local out = {}
 if ARGV[4] == 'new' then
   local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -246,12 +264,17 @@ if ARGV[4] == 'new' then
     end
   end
 end
+local claims = redis.call('ZCARD', KEYS[1])
 if not redis.call('ZSCORE', KEYS[1], sid) then
+  table.insert(out, 1, org)
+  table.insert(out, 1, claims)
   table.insert(out, 1, 'evicted')
   return out
 end
 if redis.call('HEXISTS', KEYS[2], sid) == 1 or redis.call('HLEN', KEYS[2]) < cap then
   redis.call('HSET', KEYS[2], sid, 'live:' .. node)
+  table.insert(out, 1, org)
+  table.insert(out, 1, claims)
   table.insert(out, 1, 'go')
   return out
 end
@@ -265,8 +288,42 @@ for i = 1, #all, 2 do
     out[#out + 1] = string.sub(all[i + 1], 10)
   end
 end
+table.insert(out, 1, org)
+table.insert(out, 1, claims)
 table.insert(out, 1, 'wait')
 return out
+"""
+
+ORG_ADMIT = """
+-- org_admit: take one of an organisation's places for a loop whose user slot is held.
+-- KEYS[1]  organisation's loops hash (sid -> 'USER INC:EPOCH' of the start holding it)
+-- ARGV[1]  sid   ARGV[2] holder ('USER INC:EPOCH')   ARGV[3] cap
+-- returns  {1, places taken} when held (again), else {0, places taken, sid, holder, ...}:
+--          every entry, for the caller to find the stale ones (org_prune)
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1
+   or redis.call('HLEN', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return {1, redis.call('HLEN', KEYS[1])}
+end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, redis.call('HLEN', KEYS[1]))
+table.insert(out, 1, 0)
+return out
+"""
+
+ORG_PRUNE = """
+-- org_prune: drop organisation places whose loop no longer holds its user's slot.
+-- KEYS[1]  organisation's loops hash
+-- ARGV     sid, holder, sid, holder, ...: entries the caller found stale; each is dropped
+--          only while it still names that holder (a new start of the sid rewrites it)
+-- returns  the number dropped
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
 """
 
 RELEASE_SLOT = """
@@ -368,6 +425,8 @@ ALL = {
     "commit": COMMIT,
     "admit": ADMIT,
     "release_slot": RELEASE_SLOT,
+    "org_admit": ORG_ADMIT,
+    "org_prune": ORG_PRUNE,
     "enroll": ENROLL,
     "renew": RENEW,
     "delete_if": DELETE_IF,

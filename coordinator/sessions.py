@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from workers.protocol import Event
 
 from .config import ManagerConfig
-from .delivery import LocalConnections
-from .errors import EXPECTED, REDIS_TROUBLE, InvalidInput, LimitExceeded, NodeBusy
+from .delivery import Connection, LocalConnections
+from .errors import EXPECTED, REDIS_TROUBLE, ConversationClosed, LimitExceeded, NodeBusy
 from .loops import ConversationInfo, Intake, Loops
 from .membership import Membership
 from .state import RedisState
@@ -47,6 +48,7 @@ class Sessions:
         self._loops = loops
         self._interest = interest
         self.connections = connections
+        connections.on_closed = self.release  # a closing notice ended it (delivery.py)
         self._join_gate = asyncio.Semaphore(config.max_concurrent_joins)
         # Thousands of clients may leave at once: their removals take a bounded share of
         # the Redis pool instead of all of it (and none waits out the pool's timeout).
@@ -60,11 +62,15 @@ class Sessions:
         user: str,
         settings: Mapping[str, Any],
         latest_event_id: int | None,
+        org: str = "",
     ) -> ConversationInfo:
-        if cid in self.connections:
-            raise InvalidInput(f"connection {cid!r} already joined a conversation")
+        joined = self.connections.get(cid)
+        if joined is not None and (joined.sid, joined.user) == (sid, user):
+            # Already in it (the seed's map assignment): nothing changes, the loop runs.
+            return await self._loops.ensure_running(sid, user, settings, None, org)
         self._intake.check()
         cfg = self._config
+        began = time.time()
         try:
             async with asyncio.timeout(cfg.join_wait):
                 await self._join_gate.acquire()
@@ -74,8 +80,10 @@ class Sessions:
                 f"progress for over {cfg.join_wait:g}s); try again"
             ) from None
         try:
-            info = await self._loops.ensure_running(sid, user, settings, None)
-            conn = self.connections.add(cid, sid, user, latest_event_id or 0)
+            info = await self._loops.ensure_running(sid, user, settings, None, org)
+            if joined is not None:  # in another conversation: it moves, once this one may
+                await self.leave(cid)
+            conn = self.connections.add(cid, sid, user, latest_event_id or 0, began)
             try:
                 await self._interest.watch(sid)
             except BaseException:
@@ -107,6 +115,10 @@ class Sessions:
         except BaseException:
             await self.leave(cid)
             raise
+        if self.connections.get(cid) is not conn:
+            # A closing notice among what it was sent ended it (delivery.py): refused,
+            # not left connected to nothing.
+            raise ConversationClosed(sid)
         return info
 
     async def leave(self, cid: str) -> None:
@@ -115,6 +127,12 @@ class Sessions:
             log.debug("disconnect of unknown connection %s", cid)
             return
         self.connections.forget(conn)
+        await self.release(conn)
+
+    async def release(self, conn: Connection) -> None:
+        """Give up what a forgotten connection held: its channel reference, its place
+        in Redis' connection maps."""
+        cid = conn.cid
         async with self._leave_gate:
             await self._interest.unwatch(conn.sid)
             try:
@@ -139,12 +157,13 @@ class Sessions:
         conns = [(c.cid, c.sid, c.user) for c in self.connections]
         await self._state.add_connections(conns, self._membership.inc)
 
-    async def farewell(self, status: Event) -> None:
-        """Tell every local client ``status``, forget it and disconnect it (a drain)."""
+    async def farewell(self, update: Event) -> None:
+        """Tell every local client ``update`` (a status update), forget it and
+        disconnect it (a drain)."""
         sink = self.connections.sink
         for conn in self.connections:
             with contextlib.suppress(Exception):
-                await sink.deliver(conn.cid, status)
+                await sink.deliver(conn.cid, update)
             with contextlib.suppress(*EXPECTED):
                 await self.leave(conn.cid)
             with contextlib.suppress(Exception):

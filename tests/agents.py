@@ -53,3 +53,10 @@ class BadAgent(EchoAgent):
         elif word == "slow":
             await asyncio.sleep(float(arg))
         await super().dispatch(action)
+
+
+class WrongInitAgent(EchoAgent):
+    """Cannot be made the way a node makes agents (with the AgentContext)."""
+
+    def __init__(self) -> None:
+        super().__init__(AgentContext("never", None))

@@ -29,15 +29,30 @@ def fast_config(url: str, node_id: str, **overrides: Any) -> ManagerConfig:
 
 
 class RecordingSink:
-    """Keeps every event delivered to each connection, in delivery order."""
+    """Keeps every event delivered to each connection, in delivery order; transient
+    status updates (no event id) apart, in ``updates``; disconnected connections in
+    ``disconnected``."""
 
     def __init__(self) -> None:
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.updates: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.disconnected: list[str] = []
         self._changed = asyncio.Event()
 
     async def deliver(self, connection_id: str, event: dict[str, Any]) -> None:
-        self.events[connection_id].append(event)
+        if event.get("status_update") is True:
+            self.updates[connection_id].append(event)
+        else:
+            self.events[connection_id].append(event)
         self._changed.set()
+
+    async def disconnect(self, connection_id: str) -> None:
+        self.disconnected.append(connection_id)
+        self._changed.set()
+
+    def told(self, connection_id: str, code: str) -> bool:
+        """Whether the connection got a status update ``code``."""
+        return any(u["id"] == code for u in self.updates[connection_id])
 
     def ids(self, connection_id: str) -> list[int]:
         return [e["id"] for e in self.events[connection_id]]

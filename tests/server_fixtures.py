@@ -25,11 +25,13 @@ UNLIMITED = ServerConfig(**NO_LIMITS)
 
 
 class SioClient:
-    """One websocket socket.io connection; ``events`` in arrival order."""
+    """One websocket socket.io connection; ``events`` in arrival order, transient
+    status updates (no event id) apart in ``updates``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.events: list[dict[str, Any]] = []
+        self.updates: list[dict[str, Any]] = []
         self.refusal: Any = None
         self.disconnects: list[str] = []
         self.sio = socketio.AsyncClient(reconnection=False)
@@ -43,7 +45,10 @@ class SioClient:
             self._changed.notify_all()
 
     async def _on_event(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
+        if event.get("status_update") is True:
+            self.updates.append(event)
+        else:
+            self.events.append(event)
         await self._notify()
 
     async def _on_connect_error(self, data: Any) -> None:

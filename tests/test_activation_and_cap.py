@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from coordinator.codec import TOO_MANY_CONVERSATIONS
+from coordinator.codec import TOO_MANY_CONVERSATIONS, notice_code
+from coordinator.errors import ConversationClosed
 from tests.helpers import wait_until
 
 
@@ -43,12 +44,15 @@ async def test_cap_is_exact_across_nodes_and_evicts_least_recently_updated(make_
 
     observer = asyncio.create_task(observe())
     sids = [f"capped-{i}" for i in range(30)]
-    await asyncio.gather(
+    joins = await asyncio.gather(
         *(
             nodes[i % 3].join_conversation(sid, f"conn-{i}", {}, "alice")
             for i, sid in enumerate(sids)
-        )
+        ),
+        return_exceptions=True,
     )
+    # A join whose conversation was evicted while it joined is told why and refused.
+    assert all(not isinstance(j, BaseException) or isinstance(j, ConversationClosed) for j in joins)
     await wait_until(
         lambda: sum(len(n.local_loops()) for n in nodes) == cap, what="cap loops running"
     )
@@ -65,20 +69,13 @@ async def test_cap_is_exact_across_nodes_and_evicts_least_recently_updated(make_
     assert {c.decode() for c in claims} == running
     # Every other conversation's subscriber was told why it stopped.
     for i, sid in enumerate(sids):
-        events = make_nodes.sinks[nodes[i % 3].node_id].events[f"conn-{i}"]
-        statuses = [e.get("status") for e in events if e.get("status_update")]
+        sink = make_nodes.sinks[nodes[i % 3].node_id]
         if sid in running:
-            assert TOO_MANY_CONVERSATIONS not in statuses
+            assert not sink.told(f"conn-{i}", TOO_MANY_CONVERSATIONS)
         else:
             await wait_until(
-                lambda sid=sid, i=i: (
-                    TOO_MANY_CONVERSATIONS
-                    in [
-                        e.get("status")
-                        for e in make_nodes.sinks[nodes[i % 3].node_id].events[f"conn-{i}"]
-                    ]
-                ),
-                what=f"status event for {sid}",
+                lambda sink=sink, i=i: sink.told(f"conn-{i}", TOO_MANY_CONVERSATIONS),
+                what=f"status update for {sid}",
             )
     for node in nodes:
         assert await node.get_running_agent_loops("alice") == running
@@ -154,10 +151,10 @@ async def test_an_evicted_loop_answers_what_it_acknowledged_before_it_stops(make
     assert b.local_loops() == {"newer"} and a.local_loops() == set()
     events = make_nodes.sinks["node1"].events["ca"]
     await wait_until(
-        lambda: any(e.get("status") == TOO_MANY_CONVERSATIONS for e in events), what="status"
+        lambda: any(notice_code(e) == TOO_MANY_CONVERSATIONS for e in events), what="status"
     )
     answered = [e["args"]["in_reply_to"] for e in events if e.get("source") == "agent"]
     assert answered == acked  # every acknowledged action answered, in order, once
-    statuses = [i for i, e in enumerate(events) if e.get("status") == TOO_MANY_CONVERSATIONS]
+    statuses = [i for i, e in enumerate(events) if notice_code(e) == TOO_MANY_CONVERSATIONS]
     last_reply = max(i for i, e in enumerate(events) if e.get("source") == "agent")
     assert statuses and statuses[0] > last_reply  # told why only after the work was done

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from coordinator import AgentFailed, ConversationManager
+from coordinator import AgentFailed, ConfigError, ConversationManager
 from coordinator.codec import pack
 from coordinator.keys import KeySchema
 from coordinator.state import RedisState
@@ -225,12 +225,44 @@ async def test_an_action_spent_on_other_nodes_is_not_dispatched_again(make_nodes
     assert _pool(node).restarts == 0
 
 
-async def test_an_agent_raising_in_dispatch_is_logged_and_the_loop_goes_on(make_nodes) -> None:
-    node, _ = await _isolated_node(make_nodes)
+@pytest.mark.parametrize("isolation", ["process", "none"])
+async def test_an_agent_raising_in_dispatch_is_visible_and_the_loop_goes_on(
+    make_nodes: Any, isolation: str
+) -> None:
+    """The action is answered with an ``error`` observation, the agent state goes to
+    ``error`` and back to awaiting input (logged), /metrics counts it."""
+    node, _ = await _isolated_node(make_nodes, agent_isolation=isolation)
     bad = await Watcher(node, make_nodes.sinks[node.node_id], "raises").join()
-    await bad.say("raise")
+    raised = await bad.say("raise")
     await bad.round_trip("after")
-    assert bad.answers() == ["after"] and _pool(node).restarts == 0
+    assert bad.answers() == ["after"]
+    if isolation == "process":
+        assert _pool(node).restarts == 0
+    (error,) = bad.errors()
+    assert error["extras"] == {"action_id": raised, "reason": "agent error"}
+    assert error["content"] == f"Action {raised} failed: the agent raised ValueError."
+    states = [
+        e["extras"]["agent_state"]
+        for e in bad.events
+        if e.get("observation") == "agent_state_changed"
+    ]
+    assert states == ["error", "awaiting_user_input"]
+    assert [e["id"] for e in bad.events] == list(range(1, len(bad.events) + 1))
+    assert b"coordinator_agent_errors_total" in node.metrics.render()
+    assert node.metrics.agent_errors == 1
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+async def test_an_agent_class_that_cannot_be_constructed_is_refused_at_start(
+    redis_url: str, isolation: str
+) -> None:
+    from tests.helpers import fast_config
+
+    config = fast_config(
+        redis_url, "wrong", agent="tests.agents:WrongInitAgent", agent_isolation=isolation
+    )
+    with pytest.raises(ConfigError, match="cannot be constructed with one argument"):
+        await ConversationManager(config).start()
 
 
 async def test_a_factory_given_in_code_runs_in_the_node(redis_url: str) -> None:

@@ -157,7 +157,7 @@ async def test_a_start_cut_by_a_lease_lapse_is_retried_not_reported_as_an_evicti
     (clients told TOO_MANY_CONVERSATIONS, the pending action stranded)."""
     (a,) = await make_nodes(1)
     await a.join_conversation("straddle", "c1", {}, "sam")
-    await a.close_session("straddle", "sam")  # no loop now; the next action restarts it
+    await a.node.loops.stop("straddle", None)  # no loop now; the next action restarts it
     admit = a.state.admit
     slowed: list[bool] = []
 

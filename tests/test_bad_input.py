@@ -59,7 +59,6 @@ async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis
             a.send_to_event_stream("c1", {"action": "message", "args": {"content": "x" * 70_000}}),
         ),
         (InvalidInput, a.join_conversation("good", "c2", {}, "alice", latest_event_id="3")),  # type: ignore[arg-type]
-        (InvalidInput, a.join_conversation("good", "c1", {}, "alice")),  # already joined
         (InvalidInput, a.join_conversation("good", "bad/conn", {}, "alice")),
         (Forbidden, a.join_conversation("good", "c3", {}, "mallory")),
         (Forbidden, a.attach_to_conversation("good", "mallory")),

@@ -196,7 +196,7 @@ async def test_token_command_as_a_process(tmp_path: Path) -> None:
         run("token", "alice", "--secret", "s", "--ttl", "30"),
         run("token", "bob", COORDINATOR_SECRET="env-secret"),
         run("token", "carol"),
-        run("token", "root", "--admin", "--secret-file", str(secret_file)),
+        run("token", "root", "--admin", "--org", "acme", "--secret-file", str(secret_file)),
     )
     # On the command line the secret works, with a warning that `ps` shows it.
     assert rc == 0 and err.startswith("warning: --secret on the command line is visible")
@@ -209,7 +209,7 @@ async def test_token_command_as_a_process(tmp_path: Path) -> None:
     )
     assert (rc_f, err_f) == (0, "")
     identity = as_verifier("file-secret").verify(out_f.strip())
-    assert (identity.user, identity.admin) == ("root", True)
+    assert (identity.user, identity.admin, identity.org) == ("root", True, "acme")
 
 
 async def test_serve_configuration_errors(redis_url: str) -> None:

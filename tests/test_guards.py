@@ -93,7 +93,11 @@ async def test_malformed_packets_are_answered_logged_once_and_change_nothing(
     (a,) = await servers.start(1)
     sock = await joined(servers, a)
     assert (await sock.call("oh_user_action", {"action": "message", "args": {}}))["ok"]
-    await wait_until(lambda: events_in(a, "conv"), timeout=5)
+
+    async def answered() -> bool:  # the user event and its echo
+        return await events_in(a, "conv") >= 2
+
+    await wait_until(answered, timeout=5)
     before = await events_in(a, "conv")
     caplog.set_level(logging.INFO)
     caplog.clear()

@@ -3,7 +3,11 @@
 tests/js/client.mjs connects to node A, sends messages (acknowledged) and waits for the
 echoes, disconnects and prints DISCONNECTED with the last event id it saw. Meanwhile a
 Python client on node A sends more. The JS client then reconnects to node B with
-``latest_event_id`` and must receive exactly the missed events, then live ones.
+``latest_event_id`` and must receive exactly the missed events, then live ones. Every
+event it receives must pass OpenHands' web client guards (written in client.mjs from
+their documented shape): ``id``, ``source``, ``message``, ``timestamp``; a string
+``action`` or ``observation``; messages by ``source`` + ``action: "message"``; status
+updates as ``{status_update, type, id: CODE, message}``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from tests.e2e_checks import assert_gap_free, brief, wait_echoed
 from tests.processes import ProcessCluster
@@ -67,6 +73,7 @@ async def test_js_client_replays_missed_events_on_another_node(
         "--messages", str(MESSAGES),
         "--live-messages", str(LIVE),
         "--wait-stdin",
+        "--await-close",
         cwd=JS_DIR,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -95,6 +102,18 @@ async def test_js_client_replays_missed_events_on_another_node(
         js.stdin.write(json.dumps({"expect_through": expect_through}).encode() + b"\n")
         await js.stdin.drain()
         js.stdin.close()
+        # Then the conversation is closed through node A's REST API: the JS client on
+        # node B gets the closed notice and its status update, and is disconnected.
+        line = (await asyncio.wait_for(js.stdout.readline(), 90)).decode()
+        if not line.startswith("CLOSE_ME "):
+            rest = await asyncio.wait_for(js.communicate(), 30)
+            raise AssertionError(f"JS client did not reach CLOSE_ME: {line}{rest[0].decode()}")
+        async with aiohttp.ClientSession() as http:
+            closing = await http.delete(
+                f"{node_a.url}/api/conversations/{conversation}",
+                headers={"authorization": f"Bearer {token}"},
+            )
+            assert closing.status == 200, await closing.text()
         out, err = await asyncio.wait_for(js.communicate(), 90)
         lines = out.decode().strip().splitlines()
         assert js.returncode == 0 and lines, (
@@ -113,6 +132,11 @@ async def test_js_client_replays_missed_events_on_another_node(
             await js.wait()
 
     phase1, phase2 = summary["phase1"], summary["phase2"]
+    # Every event passed OpenHands' client guards (client.mjs fails otherwise), the
+    # status update of the close among them.
+    assert summary["checked_shapes"] >= len(phase1["events"]) + len(phase2["events"]) > 0
+    (update,) = phase2["updates"]
+    assert update["status_update"] is True and update["id"] == "STATUS$CONVERSATION_CLOSED"
     assert phase1["url"] == node_a.url and phase2["url"] == node_b.url
 
     # Phase 1: every message acknowledged, user event and echo received, ids gap-free.

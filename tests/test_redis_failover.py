@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from coordinator import ConversationManager
-from coordinator.codec import EVENTS_LOST
+from coordinator.codec import EVENTS_LOST, notice_code
 from coordinator.keys import KeySchema
 from tests.helpers import RecordingSink, fast_config, wait_until
 from tests.redis_process import RedisProcess
@@ -236,10 +236,10 @@ async def test_without_replica_acks_a_lagging_failover_is_detected_and_told(
     after = await _send_until_acked(node, "c", "after the failover")
     assert after > seen + 1, "an id the client saw was given again"
     await wait_until(
-        lambda: any(e.get("status") == EVENTS_LOST for e in sink.events["c"]),
+        lambda: any(notice_code(e) == EVENTS_LOST for e in sink.events["c"]),
         what="the client told of the loss",
     )
-    notice = next(e for e in sink.events["c"] if e.get("status") == EVENTS_LOST)
+    notice = next(e for e in sink.events["c"] if notice_code(e) == EVENTS_LOST)
     assert notice["id"] == seen + 1 and "to 8" in notice["message"], notice
     ids = sink.ids("c")
     assert ids == sorted(set(ids)), "ids delivered twice or out of order"

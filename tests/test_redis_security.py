@@ -89,7 +89,7 @@ async def test_a_node_loss_under_the_deploy_acl_user(acl_redis: tuple[int, redis
         await client.say("after")  # acknowledged while nobody runs the loop
         await client.wait_ids(5, within=30)  # b reaped a, restarted the loop, answered
         assert client.ids == [1, 2, 3, 4, 5]
-        assert client.events[3]["status"] == "STATUS$NODE_LOST"
+        assert client.events[3]["extras"]["reason"] == "STATUS$NODE_LOST"
         assert client.events[4]["args"]["content"] == "after"
         assert b.manager.local_loops() == {"acl"}
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from .protocol import AgentFactory
+from .protocol import AgentContext, AgentFactory
 
 
 class AgentLoadError(ValueError):
@@ -40,5 +40,14 @@ def load_agent(path: str) -> AgentFactory:
         raise AgentLoadError(f"{path!r} is not an AgentLoop: missing {', '.join(missing)}")
     if not isinstance(target.speculative, bool):
         raise AgentLoadError(f"{path!r}: 'speculative' must be True or False")
+    try:  # refused now, not at the first join: the node makes one per loop this way
+        inspect.signature(target).bind(AgentContext("check", None))
+    except TypeError as exc:
+        raise AgentLoadError(
+            f"{path!r} cannot be constructed with one argument, the AgentContext "
+            f"({exc}); its __init__ must be (self, context)"
+        ) from None
+    except ValueError:
+        pass  # no signature to check (a class implemented in C)
     factory: AgentFactory = target
     return factory

@@ -11,17 +11,40 @@ from .core import StateCore, entries, text
 from .results import ATTACH, OWNERSHIP, AttachStatus, Ownership, status
 
 
+def _seconds(value: object) -> float | None:
+    raw = text(value)
+    return float(raw) if raw else None
+
+
 class ConversationOps(StateCore):
     # -- ownership -------------------------------------------------------------------
     async def acquire(
-        self, sid: str, node: str, inc: str, user: str, *, create: bool, dead_inc: str = ""
+        self,
+        sid: str,
+        node: str,
+        inc: str,
+        user: str,
+        *,
+        create: bool,
+        dead_inc: str = "",
+        close_delay: float | None = None,
+        max_running_time: float | None = None,
     ) -> Ownership:
         """Take ownership of ``sid`` for ``inc`` (bumping the fencing epoch), creating the
-        conversation for ``user`` when ``create``; ``dead_inc`` may be replaced."""
+        conversation for ``user`` when ``create`` (with the lifetimes given, if any);
+        ``dead_inc`` may be replaced."""
         r = await self._run(
             "acquire",
             [self.keys.conv(sid)],
-            [node, inc, user, dead_inc, "1" if create else "0"],
+            [
+                node,
+                inc,
+                user,
+                dead_inc,
+                "1" if create else "0",
+                "" if close_delay is None else repr(close_delay),
+                "" if max_running_time is None else repr(max_running_time),
+            ],
             hot=True,
         )
         return Ownership(
@@ -31,6 +54,8 @@ class ConversationOps(StateCore):
             text(r[3]),
             text(r[4]),
             int(r[5]),
+            _seconds(r[6]),
+            _seconds(r[7]),
         )
 
     async def release(self, sid: str, inc: str, epoch: int | None, state: str) -> bool:

@@ -16,25 +16,76 @@ from typing import Any
 
 from .conversations import ConversationOps
 from .core import text
-from .results import ADMIT, Admitted, Lease, status
+from .results import ADMIT, Admitted, Lease, OrgPlace, status
+
+
+def org_holder(lease: Lease) -> str:
+    """What an organisation's place records of the start holding it (user, incarnation,
+    epoch: tabs, which no id may contain)."""
+    return f"{lease.user}\t{lease.inc}\t{lease.epoch}"
+
+
+def org_holder_user(holder: str) -> str:
+    return holder.split("\t", 1)[0]
 
 
 class LoopOps(ConversationOps):
     # -- the cap ---------------------------------------------------------------------
     async def admit(
-        self, user: str, sid: str, inc: str, cap: int, *, retry: bool, score_ms: int = 0
+        self,
+        user: str,
+        sid: str,
+        inc: str,
+        cap: int,
+        *,
+        retry: bool,
+        score_ms: int = 0,
+        reject: bool = False,
+        org: str = "",
     ) -> Admitted:
-        """Claim one of ``user``'s ``cap`` slots for ``sid`` (see scripts.ADMIT)."""
+        """Claim one of ``user``'s ``cap`` slots for ``sid`` (see scripts.ADMIT);
+        ``reject``: a full cap refuses a new claim instead of evicting; ``org``: record
+        it as the user's organisation."""
         k = self.keys
         r = await self._run(
             "admit",
-            [k.user_claims(user), k.user_loops(user)],
-            [sid, inc, cap, "retry" if retry else "new", score_ms],
+            [k.user_claims(user), k.user_loops(user), k.user_org(user)],
+            [
+                sid,
+                inc,
+                cap,
+                "retry" if retry else "new",
+                score_ms,
+                "reject" if reject else "evict",
+                org,
+            ],
             hot=True,
         )
-        pairs = [text(x) for x in r[1:]]
+        pairs = [text(x) for x in r[3:]]
         evicted = list(zip(pairs[0::2], pairs[1::2], strict=True))
-        return Admitted(status(text(r[0]), ADMIT), evicted)
+        return Admitted(status(text(r[0]), ADMIT), evicted, int(r[1]), text(r[2]))
+
+    async def org_admit(self, org: str, sid: str, holder: str, cap: int) -> OrgPlace:
+        """Take one of ``org``'s ``cap`` places for ``sid`` (see scripts.ORG_ADMIT)."""
+        r = await self._run("org_admit", [self.keys.org_loops(org)], [sid, holder, cap])
+        pairs = [text(x) for x in r[2:]]
+        return OrgPlace(bool(r[0]), int(r[1]), list(zip(pairs[0::2], pairs[1::2], strict=True)))
+
+    async def org_prune(self, org: str, entries: Sequence[tuple[str, str]]) -> int:
+        """Drop ``org``'s places (``(sid, holder)``) whose loop no longer holds a slot of
+        its user (stopped, evicted, released by a reaper); the number dropped."""
+        held = await asyncio.gather(
+            *(self.redis.hexists(self.keys.user_loops(org_holder_user(h)), s) for s, h in entries)
+        )
+        stale = [
+            part
+            for (sid, h), slot in zip(entries, held, strict=True)
+            if not slot
+            for part in (sid, h)
+        ]
+        if not stale:
+            return 0
+        return int(await self._run("org_prune", [self.keys.org_loops(org)], stale))
 
     async def release_slot(self, user: str, sid: str, inc: str) -> bool:
         """Free ``sid``'s cap slot held by ``inc`` (or drop a claim that never ran)."""
@@ -50,15 +101,16 @@ class LoopOps(ConversationOps):
         return {text(k): text(v) for k, v in raw.items()}
 
     # -- starting and stopping -------------------------------------------------------
-    async def record_start(self, lease: Lease, *, created: bool) -> None:
+    async def record_start(self, lease: Lease, *, created: bool, idle_for: float) -> None:
         """A loop is starting under ``lease``: list it under its incarnation at once (if
         the node dies while starting, the reaper releases it with the rest) and in the
-        idle index; a conversation just created goes into its user's index."""
+        idle index (closable ``idle_for`` s from now); a conversation just created goes
+        into its user's index."""
         k = self.keys
         now_ms = int(time.time() * 1000)
         commands: list[tuple[Any, ...]] = [
             ("HSET", k.node_owned(lease.inc), lease.sid, lease.user),
-            ("ZADD", k.node_idle(lease.inc), now_ms, lease.sid),
+            ("ZADD", k.node_idle(lease.inc), now_ms + int(idle_for * 1000), lease.sid),
         ]
         if created and lease.user:
             commands.append(("ZADD", k.user_convs(lease.user), "NX", now_ms, lease.sid))
@@ -96,10 +148,15 @@ class LoopOps(ConversationOps):
 
     # -- idleness --------------------------------------------------------------------
     async def flush_activity(
-        self, inc: str, last_active_ms: Mapping[str, int], users: Mapping[str, str]
+        self,
+        inc: str,
+        last_active_ms: Mapping[str, int],
+        users: Mapping[str, str],
+        closable_ms: Mapping[str, int],
     ) -> None:
-        """Record last-active times (sid -> ms) in ``inc``'s idle index and, for recency
-        of eviction, in the users' claims (``users``: sid -> user). One round trip."""
+        """Record when loops may close if idle on (sid -> ms: last active + their
+        close_delay) in ``inc``'s idle index and, for recency of eviction, last-active
+        times in the users' claims (``users``: sid -> user). One round trip."""
         if not last_active_ms:
             return
         k = self.keys
@@ -107,13 +164,14 @@ class LoopOps(ConversationOps):
         for sid, ms in last_active_ms.items():
             by_user.setdefault(users[sid], {})[sid] = ms
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(k.node_idle(inc), dict(last_active_ms))
+            pipe.zadd(k.node_idle(inc), dict(closable_ms))
             for user, scores in by_user.items():
                 pipe.zadd(k.user_claims(user), scores, xx=True, gt=True)
             await pipe.execute()
 
     async def idle_since(self, inc: str, threshold_ms: int) -> list[str]:
-        """``inc``'s loops last active at or before ``threshold_ms`` (O(expired))."""
+        """``inc``'s loops closable (idle past their close_delay) at ``threshold_ms``
+        (O(expired))."""
         raw = await self.redis.zrangebyscore(self.keys.node_idle(inc), "-inf", threshold_ms)
         return [text(s) for s in raw]
 

@@ -15,7 +15,7 @@ Notice = tuple[int, Event]
 OwnershipStatus = Literal["created", "ok", "mine", "owned", "forbidden", "missing"]
 AcceptStatus = Literal["ok", "missing", "forbidden", "full", "rewound"]
 CommitStatus = Literal["ok", "dup", "fenced", "unaccepted", "missing", "rewound"]
-AdmitStatus = Literal["go", "wait", "evicted"]
+AdmitStatus = Literal["go", "wait", "evicted", "rejected"]
 AttachStatus = Literal["ok", "missing", "forbidden"]
 
 OWNERSHIP: tuple[OwnershipStatus, ...] = get_args(OwnershipStatus)
@@ -58,6 +58,9 @@ class Ownership:
     inc: str
     user: str
     applied: int  # the highest action id the log records as processed
+    # What the conversation asked for at creation (None: the node's default).
+    close_delay: float | None = None
+    max_running_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +95,21 @@ class Committed:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """The outcome of ``admit``: ``go`` (slot held), ``wait`` or ``evicted``, and the
-    ``(sid, incarnation)`` of loops that must stop to make room."""
+    """The outcome of ``admit``: ``go`` (slot held), ``wait``, ``evicted`` or
+    ``rejected``; the ``(sid, incarnation)`` of loops that must stop to make room; the
+    user's claims (``claims``) and organisation (``org``, '' if none)."""
 
     status: AdmitStatus
     evicted: list[tuple[str, str]]
+    claims: int = 0
+    org: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OrgPlace:
+    """The outcome of ``org_admit``: whether the place is held, how many are taken, and
+    (when not held) every ``(sid, holder)`` entry, to find the stale ones."""
+
+    held: bool
+    taken: int
+    entries: list[tuple[str, str]]

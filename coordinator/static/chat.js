@@ -41,16 +41,28 @@
     node.hidden = !text;
   }
 
+  // What a row shows of an event (OpenHands' shape): a message's text, a state change's
+  // message and state, an observation's content.
   function contentOf(event) {
     const args = event.args;
-    if (event.status_update || ("message" in event && (typeof args !== "object" || !args))) {
-      let text = String(event.message ?? "");
-      if (event.agent_state) text += ` (agent ${event.agent_state})`;
-      return text;
+    if (event.observation === "agent_state_changed") {
+      const state = event.extras?.agent_state;
+      return `${event.message ?? ""}${state ? ` (agent ${state})` : ""}`;
     }
-    if (args && typeof args === "object" && "content" in args) return String(args.content);
-    const { id, source, timestamp, ...rest } = event;
-    return JSON.stringify(rest);
+    if (args && typeof args === "object" && typeof args.content === "string") return args.content;
+    if (typeof event.observation === "string") return String(event.content || event.message || event.observation);
+    return String(event.message ?? JSON.stringify(args ?? {}));
+  }
+
+  // A transient status update ({status_update, type, id: CODE, message}): shown, not counted.
+  function onStatusUpdate(update) {
+    const row = C.el(
+      "li",
+      { class: `status-update ${update.type === "error" ? "error" : "info"}`, "data-code": String(update.id ?? "") },
+      C.el("span", { class: "source" }, "status"),
+      C.el("span", { class: "content" }, `${update.message ?? ""} [${update.id ?? ""}]`),
+    );
+    $("events").append(row);
   }
 
   function counters() {
@@ -62,6 +74,7 @@
 
   // One event, received through the node at `via` (its URL).
   function onEvent(event, via) {
+    if (event && event.status_update === true) return onStatusUpdate(event);
     if (!event || typeof event.id !== "number") return;
     if (event.id <= chat.lastId) {
       chat.duplicates += 1;

@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from coordinator.codec import NODE_DRAINING, NODE_LOST, TOO_MANY_CONVERSATIONS
+from coordinator.codec import NODE_DRAINING, NODE_LOST, TOO_MANY_CONVERSATIONS, notice_code
 from tests.chaos.checks import (
     SESSION_RESULTS,
     Logged,
@@ -218,7 +218,7 @@ class Scenario:
         else:
             served_s = max(t for t in firsts.values() if t is not None) - t0
         statuses = {
-            status: sum(e.event.get("status") == status for log_ in logs.values() for e in log_)
+            status: sum(notice_code(e.event) == status for log_ in logs.values() for e in log_)
             for status in (NODE_LOST, NODE_DRAINING, TOO_MANY_CONVERSATIONS)
         }
         acked = [a for cl in w.clients for a in cl.acked]

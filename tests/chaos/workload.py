@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import socketio
 
-from coordinator.codec import TOO_MANY_CONVERSATIONS
+from coordinator.codec import TOO_MANY_CONVERSATIONS, notice_code
 from coordinator.tasks import cancel_and_wait
 from tests.chaos.cluster import ChaosCluster
 from tests.server_fixtures import SioClient
@@ -134,7 +134,7 @@ class ChaosClient:
 
     def evicted_after(self, event_id: int) -> bool:
         return any(
-            e["id"] > event_id and e.get("status") == TOO_MANY_CONVERSATIONS for e in self.events
+            e["id"] > event_id and notice_code(e) == TOO_MANY_CONVERSATIONS for e in self.events
         )
 
     # -- connecting --------------------------------------------------------------------

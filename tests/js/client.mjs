@@ -3,7 +3,7 @@
 //
 //   node client.mjs --url URL --conversation ID --token TOKEN
 //        [--reconnect-url URL2] [--messages K] [--live-messages L] [--wait-stdin]
-//        [--timeout-ms MS]
+//        [--timeout-ms MS] [--await-close]
 //
 // Environment fallbacks: COORDINATOR_URL, COORDINATOR_RECONNECT_URL, CONVERSATION_ID,
 // COORDINATOR_TOKEN, MESSAGES, LIVE_MESSAGES, TIMEOUT_MS.
@@ -17,6 +17,8 @@
 // Phase 2: reconnect to URL2 (default URL) with `latest_event_id=N`, wait for the missed
 // events through `expect_through`, send L more messages and wait for their echoes.
 // Every event must have the next id (no gap, no duplicate, replay before live).
+// With --await-close it then prints `CLOSE_ME {"last_event_id": N}` and waits for the
+// server to close the conversation: a closed notice, its status update, a disconnect.
 //
 // The last stdout line is a JSON summary; exit code 0 on success, 1 with a reason
 // (`{"ok": false, "reason": ...}`) on failure, 2 on bad usage.
@@ -43,6 +45,7 @@ function options() {
         "live-messages": { type: "string" },
         "timeout-ms": { type: "string" },
         "wait-stdin": { type: "boolean", default: false },
+        "await-close": { type: "boolean", default: false },
       },
       strict: true,
     }).values;
@@ -59,6 +62,7 @@ function options() {
     liveMessages: Number(parsed["live-messages"] ?? env.LIVE_MESSAGES ?? 3),
     timeoutMs: Number(parsed["timeout-ms"] ?? env.TIMEOUT_MS ?? 20000),
     waitStdin: parsed["wait-stdin"],
+    awaitClose: parsed["await-close"],
   };
   for (const name of ["url", "conversation", "token"]) {
     if (!opts[name]) usage(`--${name} is required`);
@@ -74,6 +78,48 @@ class Failure extends Error {}
 
 function check(condition, reason) {
   if (!condition) throw new Failure(reason);
+}
+
+// OpenHands' web client guards, written from its documented event shape: an `oh_event`
+// is kept only if it has `id`, `source`, `message` and `timestamp`; actions have a string
+// `action` (and `args`), observations a string `observation` (and `content`, `extras`);
+// user and agent messages are `source` "user"/"agent" with `action: "message"`. A status
+// update is `{status_update: true, type: "info"|"error", id: CODE, message}`.
+const isOpenHandsEvent = (e) =>
+  typeof e === "object" && e !== null && "id" in e && "source" in e && "message" in e && "timestamp" in e;
+const isOpenHandsAction = (e) => isOpenHandsEvent(e) && typeof e.action === "string";
+const isOpenHandsObservation = (e) => isOpenHandsEvent(e) && typeof e.observation === "string";
+const isUserMessage = (e) => isOpenHandsAction(e) && e.source === "user" && e.action === "message";
+const isAssistantMessage = (e) => isOpenHandsAction(e) && e.source === "agent" && e.action === "message";
+const isStatusUpdate = (e) =>
+  typeof e === "object" && e !== null && e.status_update === true &&
+  (e.type === "info" || e.type === "error") && typeof e.id === "string" && typeof e.message === "string";
+
+// Why `event` fails OpenHands' guards, or null.
+function shapeProblem(event) {
+  if (event && event.status_update !== undefined) return isStatusUpdate(event) ? null : "a malformed status update";
+  if (!isOpenHandsEvent(event)) return "not an OpenHands event (id, source, message, timestamp)";
+  if (!Number.isInteger(event.id)) return "an id that is not an integer";
+  if (typeof event.message !== "string") return "a message that is not a string";
+  if (isOpenHandsAction(event)) {
+    if (typeof event.args !== "object" || event.args === null) return "an action without args";
+    if (event.action === "message" && !(isUserMessage(event) || isAssistantMessage(event))) {
+      return "a message action from neither user nor agent";
+    }
+    if (isUserMessage(event) || isAssistantMessage(event)) {
+      if (typeof event.args.content !== "string") return "a message without content";
+    }
+    return null;
+  }
+  if (isOpenHandsObservation(event)) {
+    if (typeof event.content !== "string") return "an observation without string content";
+    if (typeof event.extras !== "object" || event.extras === null) return "an observation without extras";
+    if (event.observation === "agent_state_changed" && typeof event.extras.agent_state !== "string") {
+      return "a state change without extras.agent_state";
+    }
+    return null;
+  }
+  return "neither an action nor an observation";
 }
 
 // The fields a summary keeps of an event.
@@ -92,6 +138,8 @@ class Session {
     this.url = url;
     this.timeoutMs = timeoutMs;
     this.events = [];
+    this.updates = [];
+    this.badShapes = [];
     this.waiters = new Set();
     this.dropped = null;
     this.socket = io(url, {
@@ -105,8 +153,13 @@ class Session {
     });
     // Registered before connecting, so replayed events sent right after the handshake
     // are not missed.
+    // Every event is checked against OpenHands' guards; status updates (no event id)
+    // are kept apart from the logged events.
     this.socket.on("oh_event", (event) => {
-      this.events.push(event);
+      const problem = shapeProblem(event);
+      if (problem) this.badShapes.push(`${problem}: ${JSON.stringify(event)}`);
+      if (event && event.status_update === true) this.updates.push(event);
+      else this.events.push(event);
       this.wake();
     });
     this.socket.on("disconnect", (reason) => {
@@ -182,6 +235,25 @@ class Session {
     return contents.every((content, i) => {
       const user = byId.get(ackIds[i]);
       return user && user.source === "user" && user.args?.content === content && echoed.has(content);
+    });
+  }
+
+  // Resolve once the server disconnected us (after a status update); fail after the timeout.
+  waitClosed() {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters.delete(waiter);
+        reject(new Failure(`not closed by the server within ${this.timeoutMs} ms`));
+      }, this.timeoutMs);
+      const waiter = () => {
+        if (this.dropped && this.updates.length > 0) {
+          this.waiters.delete(waiter);
+          clearTimeout(timer);
+          resolve();
+        }
+      };
+      this.waiters.add(waiter);
+      waiter();
     });
   }
 
@@ -276,8 +348,25 @@ async function run(opts, summary) {
   summary.phase2.sent = contents2;
   summary.phase2.ack_ids = await second.send(contents2);
   await second.waitFor(() => second.answered(contents2, summary.phase2.ack_ids), "the echoes of phase 2");
+  if (opts.awaitClose) {
+    const last = second.events[second.events.length - 1].id;
+    process.stdout.write(`CLOSE_ME ${JSON.stringify({ last_event_id: last })}\n`);
+    await second.waitClosed();
+    const closed = second.updates.find((u) => u.id === "STATUS$CONVERSATION_CLOSED");
+    check(closed && closed.type === "info", `no closed status update: ${JSON.stringify(second.updates)}`);
+    const notice = second.events[second.events.length - 1];
+    check(
+      isOpenHandsObservation(notice) && notice.observation === "agent_state_changed" && notice.extras.agent_state === "stopped",
+      `the last event is not the closed notice: ${JSON.stringify(notice)}`,
+    );
+    summary.phase2.updates = second.updates;
+  }
   second.close();
   checkContiguous(second.events, lastId + 1, "phase 2 (replay then live)");
+  for (const session of [first, second]) {
+    check(session.badShapes.length === 0, `events OpenHands' client would drop: ${session.badShapes.join("; ")}`);
+  }
+  summary.checked_shapes = first.events.length + second.events.length + first.updates.length + second.updates.length;
   for (const id of summary.phase2.ack_ids) {
     check(expectThrough === null || id > expectThrough, `live action got id ${id}, not after the replayed ${expectThrough}`);
   }
