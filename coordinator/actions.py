@@ -58,7 +58,7 @@ class Actions:
                 sid,
                 user,
                 packed,
-                self._config.event_log_maxlen,
+                self._config.log_window_events,
                 self._config.inbox_max,
                 self._membership.inc,
                 token=token,

@@ -46,6 +46,27 @@ def _size(value: str) -> int:
 CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "node_id": ("--node-id", str, "node id (default: HOST-PID-random)"),
     "key_prefix": ("--key-prefix", str, "prefix of every Redis key (default: coord)"),
+    "event_store": (
+        "--event-store",
+        str,
+        "where every conversation's full history is kept: file:///ABSOLUTE/PATH (one "
+        "machine, or a shared volume) or postgresql://USER@HOST/DB (several machines); "
+        "every node of a cluster must use the same one (default: file:// of the "
+        "machine's directory, $XDG_DATA_HOME/coordinator/events, "
+        "/var/lib/coordinator/events or ~/.local/share/coordinator/events)",
+    ),
+    "log_window_events": (
+        "--log-window-events",
+        int,
+        "newest events of a conversation Redis keeps once the event store holds them; "
+        "actions are refused while more than this many are not yet stored (default: 10000)",
+    ),
+    "log_window_bytes": (
+        "--log-window-bytes",
+        _size,
+        "bytes of a conversation's newest events Redis keeps, e.g. 16M; actions are "
+        "refused while more than this is not yet stored (default: 16M)",
+    ),
     "max_concurrent_conversations": (
         "--max-concurrent-conversations",
         int,

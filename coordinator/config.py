@@ -192,7 +192,14 @@ class ManagerConfig:
     node_ttl: float = 6.0
     heartbeat_interval: float = 1.5
     lease_margin: float = 1.5
-    event_log_maxlen: int = 10_000
+    # Where the full history lives (``eventstore/factory.py``): file:///PATH or
+    # postgresql://...; '' is the machine's default directory (``default_path``).
+    event_store: str = ""
+    # Redis keeps each conversation's newest events (its hot window), at most this many
+    # and about this many bytes, once the store holds them (``archive.py``); actions are
+    # refused while the events the store does not hold yet would exceed either bound.
+    log_window_events: int = 10_000
+    log_window_bytes: int = 16 << 20
     inbox_max: int = 1_000
     max_action_bytes: int = 64 * 1024
     start_timeout: float = 30.0
@@ -286,7 +293,8 @@ class ManagerConfig:
             "cleanup_interval",
             "node_ttl",
             "heartbeat_interval",
-            "event_log_maxlen",
+            "log_window_events",
+            "log_window_bytes",
             "inbox_max",
             "max_action_bytes",
             "start_timeout",
@@ -326,6 +334,11 @@ class ManagerConfig:
             raise ConfigError(
                 f"max_connections_per_user must be >= 0, got {self.max_connections_per_user!r}"
             )
+        if self.log_window_bytes < self.max_action_bytes:
+            raise ConfigError(
+                f"log_window_bytes ({self.log_window_bytes}) must hold at least one action "
+                f"(max_action_bytes {self.max_action_bytes})"
+            )
         if self.lease_margin < 0:
             raise ConfigError(f"lease_margin must be >= 0, got {self.lease_margin!r}")
         if self.heartbeat_interval * 2 > self.node_ttl - self.lease_margin:
@@ -340,7 +353,7 @@ class ManagerConfig:
         values = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "redis_url":
+            if f.name in ("redis_url", "event_store"):
                 value = redact_url(value)
             values.append(f"{f.name}={value!r}")
         return f"ManagerConfig({', '.join(values)})"

@@ -250,7 +250,7 @@ class Loops:
                     lease.inc,
                     lease.epoch,
                     [codec.pack(status)],
-                    maxlen=self._config.event_log_maxlen,
+                    maxlen=self._config.log_window_events,
                 )
             await self._state.release_loop(lease, "stopped")
         except REDIS_TROUBLE as exc:
@@ -365,7 +365,7 @@ class Loops:
         """Free what a dead incarnation held for one conversation; tell its clients."""
         if await self._state.release_lost(sid, user, inc):
             await self._state.commit(
-                sid, "", 0, [codec.pack(codec.lost_event())], maxlen=self._config.event_log_maxlen
+                sid, "", 0, [codec.pack(codec.lost_event())], maxlen=self._config.log_window_events
             )
         self.admission.slot_freed(user)
 

@@ -19,12 +19,14 @@ from workers.protocol import AgentFactory
 from . import codec
 from .actions import Actions
 from .agentpool import AgentPool
+from .archive import check_cluster_store
 from .backends import Backend
 from .bus import CommandBus
 from .config import ManagerConfig
 from .delivery import Delivery, EventSink, LocalConnections
 from .directory import Directory
 from .errors import EXPECTED, REDIS_TROUBLE
+from .eventstore import EventStore, open_store, shown_url
 from .handles import AttachedHandles
 from .idle import IdleTracker
 from .keys import KeySchema
@@ -92,6 +94,8 @@ class Node:
         self.intake = Intake(config.node_id)
         self.handles = AttachedHandles(config.close_delay)
         self.agents: AgentPool | None = None  # the worker processes, if agents run there
+        self.store: EventStore | None = None  # the conversations' full history
+        self.store_url = shown_url(config.event_store or None)  # without its password
 
     @classmethod
     async def start(
@@ -118,6 +122,8 @@ class Node:
         await self.backend.check()
         self.state: RedisState = self.backend.state(keys)
         await self.state.load_scripts()
+        self.store = await open_store(cfg.event_store or None)
+        await check_cluster_store(self.state, self.store, cfg, self.store_url)
         if agent_factory is None:  # agent_isolation "process": agentpool.py
             self.agents = AgentPool(config=cfg, state=self.state, metrics=self.metrics)
             await self.agents.start()
@@ -210,10 +216,11 @@ class Node:
         tasks.spawn(self.loops.sweep_loop(), "cleanup")
         await self.restarts.resume_pending(self.recovery.released_at_start)
         log.info(
-            "node %s started (incarnation %s) on %s",
+            "node %s started (incarnation %s) on %s, event store %s",
             cfg.node_id,
             self.membership.inc,
             self.backend.describe(),
+            self.store_url,
         )
 
     @property
@@ -230,7 +237,16 @@ class Node:
             self.membership.stop()
         if hasattr(self, "subscriptions"):
             await self.subscriptions.aclose()
+        await self._close_store()
         await self.backend.aclose()
+
+    async def _close_store(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            try:
+                await store.aclose()
+            except Exception:
+                log.exception("closing the event store %s failed", self.store_url)
 
     async def halt(self) -> None:
         """Stop every task and renewing the lease, releasing nothing in Redis: what a
@@ -256,9 +272,10 @@ class Node:
         self.membership.stop()
         with contextlib.suppress(*REDIS_TROUBLE):
             await reap_incarnation(
-                self.state, self.inc, keep_connections=False, maxlen=self.config.event_log_maxlen
+                self.state, self.inc, keep_connections=False, maxlen=self.config.log_window_events
             )
             await self.state.unregister(self.config.node_id, self.inc)
+        await self._close_store()
         await self.backend.aclose()
 
     async def drain(self) -> None:

@@ -153,7 +153,7 @@ class Recovery:
         """At start: release what this node id's previous incarnation held."""
         if previous:
             self.released_at_start = await reap_incarnation(
-                self._state, previous, keep_connections=False, maxlen=self._config.event_log_maxlen
+                self._state, previous, keep_connections=False, maxlen=self._config.log_window_events
             )
 
     async def housekeeping_loop(self) -> None:
@@ -178,7 +178,7 @@ class Recovery:
                 if n % reap_every == 0:
                     reaped_at = time.time()
                     released = await reap_dead_nodes(
-                        self._state, self._membership.inc, self._ttl_ms, cfg.event_log_maxlen
+                        self._state, self._membership.inc, self._ttl_ms, cfg.log_window_events
                     )
                     await self._restarts.resume_pending(released, lost_at=reaped_at)
             except REDIS_TROUBLE as exc:
@@ -202,7 +202,7 @@ class Recovery:
             if not held:
                 log.warning("re-registering connections without the reaper lock")
             released = await reap_incarnation(
-                state, old, keep_connections=True, maxlen=self._config.event_log_maxlen
+                state, old, keep_connections=True, maxlen=self._config.log_window_events
             )
             # Re-add first: were we to die between the two, a reaper (the old incarnation
             # stays on the retired list until the end) still finds every connection.

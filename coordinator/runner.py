@@ -302,7 +302,7 @@ class LoopRunner:
                     self.lease.inc,
                     self.lease.epoch,
                     packed,
-                    maxlen=self._config.event_log_maxlen,
+                    maxlen=self._config.log_window_events,
                     cause=cause,
                     index=index,
                     state=changed,

@@ -360,6 +360,17 @@ redis.call('PUBLISH', ARGV[4], '\\146' .. cmsgpack.pack(id) .. ARGV[2])
 return {id, seq}
 """
 
+CLAIM_STORE = """
+-- claim_store: record the cluster's event store, or report the one already recorded.
+-- KEYS[1]  cluster's store hash (identity, store, node)
+-- ARGV[1]  identity of this node's store   ARGV[2] its URL (no password)   ARGV[3] node
+-- returns  {identity, store, node} as recorded (this node's when it was the first)
+if redis.call('HSETNX', KEYS[1], 'identity', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'store', ARGV[2], 'node', ARGV[3])
+end
+return redis.call('HMGET', KEYS[1], 'identity', 'store', 'node')
+"""
+
 # -- limits (coordinator/state/limits.py) ---------------------------------------------------
 TAKE_TOKENS = (
     """
@@ -400,6 +411,7 @@ ALL = {
     "hdel_if": HDEL_IF,
     "attach": ATTACH,
     "rewind": REWIND,
+    "claim_store": CLAIM_STORE,
     "attempts": ATTEMPTS,
     "take_tokens": TAKE_TOKENS,
 }

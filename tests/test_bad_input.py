@@ -85,7 +85,7 @@ async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis
         ({"key_prefix": "{x}"}, "key_prefix"),
         ({"agent": "no_colon"}, "agent must be"),
         ({"heartbeat_interval": 5.0, "node_ttl": 6.0}, "heartbeat_interval must leave room"),
-        ({"event_log_maxlen": True}, "must be an integer"),
+        ({"log_window_events": True}, "must be an integer"),
     ],
 )
 def test_invalid_configuration_is_rejected_with_the_setting_named(changes, fragment) -> None:

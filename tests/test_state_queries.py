@@ -81,7 +81,7 @@ async def test_attach_refcounts_across_nodes_and_release_after_close_delay(make_
 
 
 async def test_event_ids_increase_by_one_and_the_log_is_bounded(make_nodes) -> None:
-    (a,) = await make_nodes(1, event_log_maxlen=100)
+    (a,) = await make_nodes(1, log_window_events=100)
     await a.join_conversation("ids", "c", {}, "dave")
     for i in range(300):
         await a.send_to_event_stream("c", {"action": "message", "args": {"content": str(i)}})
