@@ -1,20 +1,49 @@
-"""The event store behind the Redis log: one store per cluster.
+"""The event store behind the Redis log: one store per cluster, fed by the owners.
 
 Every node of a cluster must read and write the same store (a conversation moves
 between nodes; its history must not stay behind on one machine). Each node records the
 identity of its store in Redis when it starts; the first one recorded is the cluster's,
 and a node whose store is another refuses to start (``check_cluster_store``).
+
+``Archiver``: the owner of a conversation moves its events from the Redis log to the
+store, off the action's acknowledgement path (a background task of the node, woken when
+its loops see events). Invariants:
+
+- **In order, nothing skipped.** A batch is the oldest events the store lacks, as Redis
+  records it (``stored`` in the conversation's record); the store refuses a batch that
+  would leave a gap. Ids Redis never logged (lost in a failover, ``scripts.REWIND``) are
+  stored as a notice saying so, so the store's ids stay contiguous.
+- **Fenced and idempotent.** A batch is written with the owner's epoch: once a successor
+  wrote, a replaced owner's late batch changes nothing. A batch sent again (a lost
+  reply, an owner killed between the write and its record in Redis) writes nothing twice.
+- **Nothing trimmed before it is stored.** Only once the store holds an event may Redis
+  trim it (``scripts.MARK_STORED``): the log keeps its newest events, within
+  ``log_window_events`` and ``log_window_bytes``. While the store is unreachable the
+  events wait in Redis, actions are refused once they fill the window
+  (``scripts.ACCEPT``: ``behind``), and the mover retries with backoff.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
+from . import codec
+from .backoff import Backoff
 from .config import ManagerConfig
-from .eventstore import EventStore, StoreMismatch
-from .state import RedisState
+from .eventstore import EventStore, StoreError, StoreMismatch
+from .state import Lease, RedisState
+
+if TYPE_CHECKING:
+    from .runner import LoopRunner
 
 log = logging.getLogger(__name__)
+
+# A batch: at most this many events and about this many bytes (at least one event).
+BATCH_EVENTS = 500
+BATCH_BYTES = 1 << 20
 
 
 async def check_cluster_store(
@@ -37,3 +66,131 @@ async def check_cluster_store(
         f"another --key-prefix or Redis. If the cluster really moved to a new store, "
         f"delete the Redis key {state.keys.event_store()} once every node uses it."
     )
+
+
+class Archiver:
+    """Moves the events of the conversations this node owns (``runners``: the node's
+    table of loops, read only) to ``store`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        state: RedisState,
+        store: EventStore,
+        config: ManagerConfig,
+        runners: Mapping[str, LoopRunner],
+        where: str,
+    ) -> None:
+        self._state = state
+        self._store = store
+        self._config = config
+        self._runners = runners
+        self._where = where
+        self._pending: set[str] = set()
+        self._wake = asyncio.Event()
+        self._fenced: dict[str, int] = {}  # sid -> the epoch that raised the store's fence
+        self._failing = False  # the last attempt failed (logged once until it works again)
+
+    def logged(self, sid: str) -> None:
+        """Events of ``sid`` (owned here) were logged: move them soon."""
+        self._pending.add(sid)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The node's background task: move what ``logged`` named, retrying failures
+        with backoff (their events wait in Redis meanwhile)."""
+        backoff = Backoff(base=0.1, cap=5.0)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            pending, self._pending = self._pending, set()
+            leases = [
+                runner.lease
+                for sid in pending
+                if (runner := self._runners.get(sid)) is not None and runner.running
+            ]
+            done = await asyncio.gather(*(self._try(lease) for lease in leases))
+            failed = [lease.sid for lease, ok in zip(leases, done, strict=True) if not ok]
+            if failed:
+                self._pending.update(failed)
+                await asyncio.sleep(backoff.next())
+                self._wake.set()
+            else:
+                backoff.reset()
+
+    async def flush(self, lease: Lease, within: float) -> bool:
+        """Move what the store lacks before the loop of ``lease`` stops (so a stopped
+        conversation's window holds nothing unstored); False when it could not in
+        ``within`` seconds (its next owner moves the rest)."""
+        try:
+            async with asyncio.timeout(within):
+                return await self._try(lease)
+        except TimeoutError:
+            log.warning("moving %s's events to the event store timed out", lease.sid)
+            return False
+        finally:
+            self._fenced.pop(lease.sid, None)
+
+    async def _try(self, lease: Lease) -> bool:
+        try:
+            await self.move(lease)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store or Redis: the events wait in Redis
+            if not self._failing:
+                log.error(
+                    "event store %s: cannot store %s's events (%s); retrying",
+                    self._where,
+                    lease.sid,
+                    exc,
+                )
+            self._failing = True
+            return False
+        if self._failing:
+            log.warning("event store %s: storing events again", self._where)
+            self._failing = False
+        return True
+
+    async def move(self, lease: Lease) -> int:
+        """Move ``lease.sid``'s events the store lacks, a batch at a time, until it holds
+        all of them or a successor fenced this owner; returns the last id stored."""
+        sid, epoch = lease.sid, lease.epoch
+        cfg = self._config
+        if self._fenced.get(sid) != epoch:
+            # A new owner raises the store's fence before anything else: from now on its
+            # predecessor's late batches are refused.
+            r = await self._store.append(sid, epoch, [], user=lease.user)
+            if r.status == "fenced":
+                return r.last_id
+            self._fenced[sid] = epoch
+        while True:
+            stored, rows = await self._state.unstored(sid, BATCH_EVENTS, BATCH_BYTES)
+            if not rows:
+                return stored
+            if rows[0][0] > stored + 1:
+                rows = lost_ids(stored + 1, rows[0][0] - 1)
+            r = await self._store.append(sid, epoch, rows, user=lease.user)
+            if r.status == "fenced":
+                log.info("%s: a newer owner (epoch %d) stores its events", sid, r.epoch)
+                self._fenced.pop(sid, None)
+                return r.last_id
+            if r.status == "gap":
+                raise StoreError(
+                    f"the store holds {sid!r} up to event {r.last_id} but Redis records "
+                    f"that it held up to {stored}: was the store replaced or restored "
+                    "from an older backup?"
+                )
+            await self._state.mark_stored(
+                sid, r.last_id, cfg.log_window_events, cfg.log_window_bytes
+            )
+
+    def forget(self, sid: str) -> None:
+        """The loop of ``sid`` stopped here."""
+        self._pending.discard(sid)
+        self._fenced.pop(sid, None)
+
+
+def lost_ids(first: int, last: int) -> list[tuple[int, bytes]]:
+    """What the store keeps for ids Redis never logged (at most a batch of them)."""
+    notice = codec.pack(codec.events_lost_event(first, last))
+    return [(i, notice) for i in range(first, min(last, first + BATCH_EVENTS - 1) + 1)]

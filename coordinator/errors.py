@@ -105,6 +105,11 @@ class InboxFull(CoordinatorError):
     """The conversation's action inbox holds too many unprocessed actions."""
 
 
+class StoreBehind(CoordinatorError):
+    """The event store lags: the conversation's events it does not hold yet fill the
+    Redis window (``--log-window-events``, ``--log-window-bytes``); nothing was done."""
+
+
 class CapacityTimeout(CoordinatorError, TimeoutError):
     """A start waited too long for an evicted conversation to release its cap slot."""
 

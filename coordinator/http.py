@@ -43,6 +43,7 @@ from .errors import (
     NodeDraining,
     NotReplicated,
     RedisUnavailable,
+    StoreBehind,
 )
 
 log = logging.getLogger("coordinator.rest")
@@ -76,7 +77,9 @@ def status_for(exc: BaseException) -> int:
         return 429
     if isinstance(exc, InvalidInput):
         return 400
-    unavailable = NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | NotReplicated
+    unavailable = (
+        NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | NotReplicated | StoreBehind
+    )
     if isinstance(exc, unavailable) or isinstance(exc, REDIS_TROUBLE):  # noqa: SIM101
         return 503
     return 500

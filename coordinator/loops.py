@@ -23,6 +23,7 @@ from workers.protocol import AgentContext, AgentFactory, AgentState, Event
 from . import codec
 from .actions import Actions
 from .admission import Admission
+from .archive import Archiver
 from .bus import CommandBus
 from .config import ManagerConfig
 from .delivery import Delivery
@@ -39,6 +40,7 @@ from .tasks import TaskSet
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 32  # idle loops closed at once by a sweep
+STORE_FLUSH_WITHIN = 2.0  # seconds a stopping loop waits for its events to be stored
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,10 @@ class Loops:
         metrics: NodeMetrics,
         tasks: TaskSet,
         agent_factory: AgentFactory,
+        archiver: Archiver,
     ) -> None:
         self.runners = runners
+        self._archiver = archiver
         self._state = state
         self._config = config
         self._intake = intake
@@ -225,6 +229,7 @@ class Loops:
             delivery=self._delivery,
             activity=self._idle,
             metrics=self._metrics,
+            archiver=self._archiver,
         )
         self.runners[sid] = runner
         try:
@@ -250,7 +255,6 @@ class Loops:
                     lease.inc,
                     lease.epoch,
                     [codec.pack(status)],
-                    maxlen=self._config.log_window_events,
                 )
             await self._state.release_loop(lease, "stopped")
         except REDIS_TROUBLE as exc:
@@ -273,8 +277,13 @@ class Loops:
         if status is not None:
             with contextlib.suppress(Fenced, *REDIS_TROUBLE):
                 await runner.emit_status(status)
+        if not runner.fenced:
+            # Stopped with nothing left in Redis that the store lacks, when it can be had
+            # quickly; else its next owner moves the rest.
+            await self._archiver.flush(runner.lease, STORE_FLUSH_WITHIN)
         if self.runners.get(sid) is runner:
             del self.runners[sid]
+        self._archiver.forget(sid)
         if not runner.fenced:
             await self._state.release_loop(runner.lease, str(AgentState.STOPPED))
         await self._interest.unwatch(sid)
@@ -291,6 +300,7 @@ class Loops:
     def _fenced(self, runner: LoopRunner) -> None:
         if self.runners.get(runner.sid) is runner:
             del self.runners[runner.sid]
+            self._archiver.forget(runner.sid)
         self._tasks.spawn(self._finish_fenced(runner), f"fenced:{runner.sid}")
 
     async def _finish_fenced(self, runner: LoopRunner) -> None:
@@ -364,9 +374,7 @@ class Loops:
     async def release_dead(self, sid: str, user: str, inc: str) -> None:
         """Free what a dead incarnation held for one conversation; tell its clients."""
         if await self._state.release_lost(sid, user, inc):
-            await self._state.commit(
-                sid, "", 0, [codec.pack(codec.lost_event())], maxlen=self._config.log_window_events
-            )
+            await self._state.commit(sid, "", 0, [codec.pack(codec.lost_event())])
         self.admission.slot_freed(user)
 
     async def retry_abandoned(self) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from workers.protocol import AgentFactory
 from . import codec
 from .actions import Actions
 from .agentpool import AgentPool
-from .archive import check_cluster_store
+from .archive import Archiver, check_cluster_store
 from .backends import Backend
 from .bus import CommandBus
 from .config import ManagerConfig
@@ -149,6 +149,13 @@ class Node:
             runners=self.runners,
             delivery=self.delivery,
         )
+        self.archiver = Archiver(
+            state=self.state,
+            store=self.store,
+            config=cfg,
+            runners=self.runners,
+            where=self.store_url,
+        )
         self.loops = Loops(
             runners=self.runners,
             state=self.state,
@@ -164,6 +171,7 @@ class Node:
             metrics=self.metrics,
             tasks=tasks,
             agent_factory=agent_factory,
+            archiver=self.archiver,
         )
         self.restarts = Restarts(
             loops=self.loops,
@@ -214,6 +222,7 @@ class Node:
         tasks.spawn(self.recovery.housekeeping_loop(), "housekeeping")
         tasks.spawn(self.idle.flush_loop(), "activity-flush")
         tasks.spawn(self.loops.sweep_loop(), "cleanup")
+        tasks.spawn(self.archiver.run(), "event-store")
         await self.restarts.resume_pending(self.recovery.released_at_start)
         log.info(
             "node %s started (incarnation %s) on %s, event store %s",
@@ -271,9 +280,7 @@ class Node:
             await self.agents.aclose()
         self.membership.stop()
         with contextlib.suppress(*REDIS_TROUBLE):
-            await reap_incarnation(
-                self.state, self.inc, keep_connections=False, maxlen=self.config.log_window_events
-            )
+            await reap_incarnation(self.state, self.inc, keep_connections=False)
             await self.state.unregister(self.config.node_id, self.inc)
         await self._close_store()
         await self.backend.aclose()

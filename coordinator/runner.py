@@ -22,6 +22,7 @@ from collections.abc import Callable
 from workers.protocol import AgentLoop, AgentState, Event
 
 from .actionqueue import ActionQueue
+from .archive import Archiver
 from .backoff import Backoff
 from .codec import agent_event, pack, stamped_at
 from .config import ManagerConfig
@@ -46,7 +47,8 @@ class LoopRunner:
     agent (again, when a speculation was lost); ``speculative``: dispatch before the
     accept answered when the agent allows it; ``lease_valid``: the node's lease clock;
     ``on_fenced``: told once when ownership is no longer its own; ``delivery``,
-    ``activity``, ``metrics``: where committed events, activity and measures go.
+    ``activity``, ``metrics``: where committed events, activity and measures go;
+    ``archiver``: told when events were logged, to move them to the event store.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class LoopRunner:
         delivery: Delivery,
         activity: IdleTracker,
         metrics: NodeMetrics,
+        archiver: Archiver,
     ) -> None:
         self.lease = lease
         self._new_agent = new_agent
@@ -75,6 +78,7 @@ class LoopRunner:
         self._on_fenced = on_fenced
         self._delivery = delivery
         self._activity = activity
+        self._archiver = archiver
         self._queue = ActionQueue(lease.sid, state, applied)
         self._cause = 0  # the action being dispatched (0: none)
         self._emits = 0  # writes answering it so far
@@ -103,6 +107,7 @@ class LoopRunner:
         return not (self.fenced or self.closed)
 
     async def start(self) -> None:
+        self._archiver.logged(self.sid)  # what a predecessor left unstored
         await self.agent.start(self.emit)
         self._task = asyncio.create_task(self._run(), name=f"loop:{self.sid}")
         self._task.add_done_callback(self._task_done)
@@ -120,6 +125,7 @@ class LoopRunner:
     def observe(self, event_id: int, event: Event) -> bool:
         """An event of the conversation went by; True when it woke the loop."""
         self.touch()
+        self._archiver.logged(self.sid)
         return self._queue.observe(event_id, event)
 
     def speculate(self, action: Event, token: str) -> Speculation | None:
@@ -302,7 +308,6 @@ class LoopRunner:
                     self.lease.inc,
                     self.lease.epoch,
                     packed,
-                    maxlen=self._config.log_window_events,
                     cause=cause,
                     index=index,
                     state=changed,
