@@ -303,8 +303,10 @@ class ConversationManager:
         return await self.state.meta(check_conversation_id(sid))
 
     async def events(self, sid: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Up to ``limit`` events of ``sid`` after id ``after``, in order, wherever they
+        are kept (the event store, then the Redis window: ``history.py``)."""
         check_conversation_id(sid)
-        rows = await self.state.events_after(sid, after, count=limit)
+        rows, _ = await self.node.history.after(sid, after, limit)
         return [codec.with_id(i, e) for i, e in rows]
 
     async def nodes(self) -> dict[str, str]:

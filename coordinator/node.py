@@ -28,6 +28,7 @@ from .directory import Directory
 from .errors import EXPECTED, REDIS_TROUBLE
 from .eventstore import EventStore, open_store, shown_url
 from .handles import AttachedHandles
+from .history import History
 from .idle import IdleTracker
 from .keys import KeySchema
 from .loops import Intake, Loops
@@ -137,7 +138,8 @@ class Node:
         interest = Interest(self.subscriptions, keys)
         self.bus = CommandBus(self.state, cfg.node_id, tasks, timeout=cfg.redis_timeout * 2)
         self.runners: dict[str, LoopRunner] = {}
-        self.connections = LocalConnections(self.state, sink, tasks)
+        self.history = History(self.state, self.store)
+        self.connections = LocalConnections(self.history, sink, tasks)
         self.delivery = Delivery(self.runners, self.connections)
         self.idle = IdleTracker(
             state=self.state, config=cfg, runners=self.runners, membership=self.membership

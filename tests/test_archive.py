@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from coordinator import ConversationManager
+from coordinator.auth import issue_token
 from coordinator.codec import unpack, with_id
 from coordinator.errors import StoreBehind
 from coordinator.eventstore import EventStore, StoreMismatch
 from tests.conftest import NodeFactory
 from tests.helpers import wait_until
+from tests.server_fixtures import SECRET, ServerCluster, SioClient
 
 
 async def test_a_node_records_and_reports_its_store(
@@ -100,3 +102,72 @@ async def test_the_window_is_bounded_in_bytes(make_nodes: NodeFactory) -> None:
     assert 0 < size <= 8192 and int(log[-1][0].split(b"-")[0]) == 80
     meta = await a.conversation("bytes")
     assert int(meta["lbytes"]) - int(meta["tbytes"]) == size
+
+
+async def say(client: SioClient, content: str) -> int:
+    """Send a message over socket.io, again while the event store lags."""
+    for _ in range(3000):
+        ack = await client.act({"action": "message", "args": {"content": content}})
+        if ack.get("ok"):
+            return int(ack["id"])
+        assert "the event store is behind" in ack["error"], ack
+        await asyncio.sleep(0.01)
+    raise AssertionError("the event store stayed behind")
+
+
+async def test_replay_from_any_id_goes_through_the_store_then_the_window_then_live(
+    servers: ServerCluster,
+) -> None:
+    a, b = await servers.start(2, log_window_events=20)
+    writer = await servers.join(a, "replay", "alice")
+    for i in range(60):
+        await say(writer, str(i))
+    await writer.wait_ids(120)
+    await wait_stored(a.manager, "replay", 120)
+    assert await a.manager.state.redis.xlen(a.manager.keys.events("replay")) == 20
+    # From 0 and from the middle of the store, on the node that does not run the loop.
+    readers = [await servers.join(b, "replay", "alice", latest_event_id=n) for n in (0, 50, 110)]
+    for reader, start in zip(readers, (0, 50, 110), strict=True):
+        await reader.wait_ids(120)
+        assert reader.ids == list(range(start + 1, 121))
+        assert reader.events == writer.events[start:]
+    await say(writer, "live")
+    for reader, start in zip(readers, (0, 50, 110), strict=True):
+        await reader.wait_ids(122)
+        assert reader.ids == list(range(start + 1, 123))
+
+
+async def test_rest_pages_through_the_history(servers: ServerCluster) -> None:
+    a, b = await servers.start(2, log_window_events=10)
+    writer = await servers.join(a, "paged", "alice")
+    for i in range(30):
+        await say(writer, str(i))
+    await writer.wait_ids(60)
+    await wait_stored(a.manager, "paged", 60)
+    got: list[dict[str, object]] = []
+    after = 0
+    while True:
+        status, body = await servers.request(
+            "GET", b, f"/api/conversations/paged/events?after={after}&limit=25", user="alice"
+        )
+        assert status == 200, body
+        got += body["events"]
+        after = body["next"]
+        if not body["more"]:
+            break
+    assert [e["id"] for e in got] == list(range(1, 61))
+    assert got == writer.events
+    status, body = await servers.request(
+        "GET", b, "/api/conversations/paged/events", user="mallory"
+    )
+    assert status == 404 and body["error"] == "no such conversation: 'paged'"
+    admin = issue_token("ops", SECRET, claims={"role": "admin"})
+    status, body = await servers.request(
+        "GET", a, "/api/conversations/paged/events?after=55", token=admin
+    )
+    assert status == 200 and [e["id"] for e in body["events"]] == [56, 57, 58, 59, 60]
+    for query in ("after=-1", "limit=0", "limit=1001", "after=x"):
+        status, body = await servers.request(
+            "GET", a, f"/api/conversations/paged/events?{query}", user="alice"
+        )
+        assert status == 400, (query, body)

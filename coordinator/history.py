@@ -1,0 +1,49 @@
+"""A conversation's whole history, in id order: the event store below the Redis window,
+the window above it (live events come after, through ``delivery.py``).
+
+Redis trims only what the store holds (``archive.py``), and always keeps the newest
+event, so a read of the log that starts after the id asked for means the ids between
+were trimmed: they are read from the store. Ids neither holds were lost by Redis in a
+failover (its clients were told, ``scripts.REWIND``) and are skipped.
+"""
+
+from __future__ import annotations
+
+from workers.protocol import Event
+
+from .codec import unpack
+from .eventstore import EventStore
+from .state import RedisState
+
+Rows = list[tuple[int, Event]]
+
+
+class History:
+    """Reads a conversation's events after any id, from the store or the Redis log."""
+
+    def __init__(self, state: RedisState, store: EventStore) -> None:
+        self._state = state
+        self._store = store
+
+    async def after(self, sid: str, after: int, count: int) -> tuple[Rows, int]:
+        """Up to ``count`` events with ids above ``after`` (oldest first), gap-free where
+        either Redis or the store has them, and their packed size."""
+        rows, size = await self._state.events_after_sized(sid, after, count)
+        return await self.below_window(sid, after, count, rows, size)
+
+    async def below_window(
+        self, sid: str, after: int, count: int, rows: Rows, size: int
+    ) -> tuple[Rows, int]:
+        """``rows`` (with ``size``): a read of the Redis log after ``after``. When the log
+        starts later, the page starts with what the store holds below it. A full page
+        (``count`` events) may be followed by more."""
+        if not rows or rows[0][0] <= after + 1:
+            return rows, size
+        trimmed = rows[0][0] - 1 - after
+        stored = await self._store.read(sid, after, min(count, trimmed))
+        page = [(i, unpack(data)) for i, data in stored]
+        size += sum(len(data) for _, data in stored)
+        if len(stored) == count < trimmed:
+            return page, size  # the store has more below the window
+        # The store's page reaches the window (ids it lacks too were lost by Redis).
+        return (page + rows)[:count], size
