@@ -15,6 +15,7 @@ from coordinator.errors import StoreBehind
 from coordinator.eventstore import EventStore, StoreMismatch
 from tests.conftest import NodeFactory
 from tests.helpers import wait_until
+from tests.postgres import PostgresServer
 from tests.server_fixtures import SECRET, ServerCluster, SioClient
 
 
@@ -41,14 +42,13 @@ async def test_a_node_with_another_store_is_refused(
     assert f"file://{tmp_path}/elsewhere" in message
 
 
-async def send(node: ConversationManager, cid: str, content: str) -> None:
-    """Send one message, again while the event store lags (a client's retry)."""
+async def send(node: ConversationManager, cid: str, content: str) -> int:
+    """Send one message, again while the event store lags (a client's retry); its id."""
     action = {"action": "message", "args": {"content": content}}
     deadline = asyncio.get_running_loop().time() + 30
     while True:
         try:
-            await node.send_to_event_stream(cid, action)
-            return
+            return await node.send_to_event_stream(cid, action)
         except StoreBehind:
             assert asyncio.get_running_loop().time() < deadline, "the store stayed behind"
             await asyncio.sleep(0.01)
@@ -171,3 +171,113 @@ async def test_rest_pages_through_the_history(servers: ServerCluster) -> None:
             "GET", a, f"/api/conversations/paged/events?{query}", user="alice"
         )
         assert status == 400, (query, body)
+
+
+async def redis_log(node: ConversationManager, sid: str) -> list[tuple[int, bytes]]:
+    rows = await node.state.redis.xrange(node.keys.events(sid))
+    return [(int(i.split(b"-")[0]), fields[b"d"]) for i, fields in rows]
+
+
+async def test_postgres_store_holds_more_than_the_window_and_replays_it(
+    servers: ServerCluster, postgres_dsn: str
+) -> None:
+    a, b = await servers.start(2, log_window_events=20, event_store=postgres_dsn)
+    assert a.event_store.startswith("postgresql://coord:***@")
+    writer = await servers.join(a, "pg", "alice")
+    for i in range(50):
+        await say(writer, str(i))
+    await writer.wait_ids(100)
+    await wait_stored(a.manager, "pg", 100)
+    assert await a.manager.state.redis.xlen(a.manager.keys.events("pg")) == 20
+    reader = await servers.join(b, "pg", "alice", latest_event_id=0)
+    await reader.wait_ids(100)
+    assert reader.ids == list(range(1, 101)) and reader.events == writer.events
+
+
+async def test_store_down_then_back_refuses_clearly_loses_nothing_and_catches_up(
+    make_nodes: NodeFactory, postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    (a,) = await make_nodes(1, log_window_events=20, event_store=postgres_dsn)
+    await a.join_conversation("down", "c", {}, "alice")
+    await send(a, "c", "before")
+    await wait_stored(a, "down", 2)
+    await asyncio.to_thread(postgres_server.stop)
+    acked: list[int] = []
+    refusal = ""
+    for i in range(30):  # the window has room for about 10 actions and their answers
+        try:
+            accepted = await a.send_to_event_stream(
+                "c", {"action": "message", "args": {"content": f"down {i}"}}
+            )
+        except StoreBehind as exc:
+            refusal = str(exc)
+            break
+        acked.append(accepted)
+    assert acked and refusal, "the window never filled"
+    assert "the event store is behind" in refusal and "not acknowledged" in refusal
+    assert await stored_mark(a, "down") == 2
+    await asyncio.to_thread(postgres_server.start)
+    await wait_stored(a, "down", max(acked) + 1)
+    after = await send(a, "c", "after")
+    await wait_stored(a, "down", after + 1)  # and its answer
+    assert a.node.store is not None
+    stored = await all_stored(a.node.store, "down")
+    assert [i for i, _ in stored] == list(range(1, len(stored) + 1))
+    by_id = dict(stored)
+    for i, event_id in enumerate(acked):  # every acknowledged action, as sent
+        assert unpack(by_id[event_id])["args"]["content"] == f"down {i}"
+
+
+class HalfThenHang:
+    """The node's real store, except that an append of several events writes the first
+    half and then never returns: the owner dies halfway through a batch."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.hung = asyncio.Event()
+
+    async def append(
+        self, sid: str, epoch: int, events: list[tuple[int, bytes]], *, user: str
+    ) -> object:
+        if len(events) < 2:
+            return await self.store.append(sid, epoch, events, user=user)
+        await self.store.append(sid, epoch, events[: len(events) // 2], user=user)
+        self.hung.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_owner_killed_halfway_through_a_batch_leaves_no_gap_or_duplicate(
+    make_nodes: NodeFactory,
+) -> None:
+    a, b = await make_nodes(2)
+    await a.join_conversation("killed", "ca", {}, "alice")
+    store = a.node.store
+    assert store is not None
+    faulty = HalfThenHang(store)
+    a.node.archiver._store = faulty  # type: ignore[assignment]
+    for i in range(10):
+        await send(a, "ca", str(i))
+    await wait_until(faulty.hung.is_set, what="a batch half written")
+    await a.node.halt()  # killed: no more writes, no lease renewal
+    a.node.archiver._store = store  # type: ignore[assignment]
+    epoch = int((await a.conversation("killed"))["epoch"])
+    written = await all_stored(store, "killed")
+    assert written and [i for i, _ in written] == list(range(1, len(written) + 1))
+
+    # Another node takes over on the next action, and moves what the store lacks.
+    async def a_dead() -> bool:
+        return not await b.node.directory.alive(a.inc)
+
+    await wait_until(a_dead, timeout=10, what="a's lease expired")
+    await b.join_conversation("killed", "cb", {}, "alice")
+    await send(b, "cb", "after")
+    await wait_until(lambda: "killed" in b.local_loops(), timeout=10, what="b owns it")
+    seq = int((await b.conversation("killed"))["seq"])
+    await wait_stored(b, "killed", seq)
+    stored = await all_stored(store, "killed")
+    assert stored == await redis_log(b, "killed")  # the whole log, once each, in order
+    # The dead owner's late batch (the rest of the one it was writing) is refused.
+    late = await store.append("killed", epoch, stored[len(written) :], user="alice")
+    assert late.status == "fenced"
+    assert await all_stored(store, "killed") == stored
