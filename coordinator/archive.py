@@ -14,7 +14,8 @@ its loops see events). Invariants:
   would leave a gap. Ids Redis never logged (lost in a failover, ``scripts.REWIND``) are
   stored as a notice saying so, so the store's ids stay contiguous.
 - **Fenced and idempotent.** A batch is written with the owner's epoch: once a successor
-  wrote, a replaced owner's late batch changes nothing. A batch sent again (a lost
+  wrote, a replaced owner's late batch changes nothing (before that, it writes what the
+  successor would: ids name events, assigned by the one Redis log). A batch sent again (a lost
   reply, an owner killed between the write and its record in Redis) writes nothing twice.
 - **Nothing trimmed before it is stored.** Only once the store holds an event may Redis
   trim it (``scripts.MARK_STORED``): the log keeps its newest events, within
@@ -86,9 +87,9 @@ class Archiver:
         self._config = config
         self._runners = runners
         self._where = where
-        self._pending: set[str] = set()
+        self._pending: set[str] = set()  # logged events not moved yet
+        self._moving: set[str] = set()  # being moved now
         self._wake = asyncio.Event()
-        self._fenced: dict[str, int] = {}  # sid -> the epoch that raised the store's fence
         self._failing = False  # the last attempt failed (logged once until it works again)
 
     def logged(self, sid: str) -> None:
@@ -109,7 +110,11 @@ class Archiver:
                 for sid in pending
                 if (runner := self._runners.get(sid)) is not None and runner.running
             ]
-            done = await asyncio.gather(*(self._try(lease) for lease in leases))
+            self._moving = {lease.sid for lease in leases}
+            try:
+                done = await asyncio.gather(*(self._try(lease) for lease in leases))
+            finally:
+                self._moving = set()
             failed = [lease.sid for lease, ok in zip(leases, done, strict=True) if not ok]
             if failed:
                 self._pending.update(failed)
@@ -119,17 +124,21 @@ class Archiver:
                 backoff.reset()
 
     async def flush(self, lease: Lease, within: float) -> bool:
-        """Move what the store lacks before the loop of ``lease`` stops (so a stopped
-        conversation's window holds nothing unstored); False when it could not in
-        ``within`` seconds (its next owner moves the rest)."""
+        """Move what the store lacks of the events this loop saw before it stops (so a
+        stopped conversation's window holds nothing unstored); False when it could not
+        in ``within`` seconds (its next owner moves the rest)."""
+        sid = lease.sid
+        if sid not in self._pending and sid not in self._moving:
+            return True  # nothing to move: no Redis call (idle sweeps close many loops)
         try:
             async with asyncio.timeout(within):
-                return await self._try(lease)
+                moved = await self._try(lease)
         except TimeoutError:
-            log.warning("moving %s's events to the event store timed out", lease.sid)
+            log.warning("moving %s's events to the event store timed out", sid)
             return False
-        finally:
-            self._fenced.pop(lease.sid, None)
+        if moved:
+            self._pending.discard(sid)
+        return moved
 
     async def _try(self, lease: Lease) -> bool:
         try:
@@ -156,13 +165,6 @@ class Archiver:
         all of them or a successor fenced this owner; returns the last id stored."""
         sid, epoch = lease.sid, lease.epoch
         cfg = self._config
-        if self._fenced.get(sid) != epoch:
-            # A new owner raises the store's fence before anything else: from now on its
-            # predecessor's late batches are refused.
-            r = await self._store.append(sid, epoch, [], user=lease.user)
-            if r.status == "fenced":
-                return r.last_id
-            self._fenced[sid] = epoch
         while True:
             stored, rows = await self._state.unstored(sid, BATCH_EVENTS, BATCH_BYTES)
             if not rows:
@@ -172,7 +174,6 @@ class Archiver:
             r = await self._store.append(sid, epoch, rows, user=lease.user)
             if r.status == "fenced":
                 log.info("%s: a newer owner (epoch %d) stores its events", sid, r.epoch)
-                self._fenced.pop(sid, None)
                 return r.last_id
             if r.status == "gap":
                 raise StoreError(
@@ -187,7 +188,6 @@ class Archiver:
     def forget(self, sid: str) -> None:
         """The loop of ``sid`` stopped here."""
         self._pending.discard(sid)
-        self._fenced.pop(sid, None)
 
 
 def lost_ids(first: int, last: int) -> list[tuple[int, bytes]]:

@@ -107,7 +107,6 @@ class LoopRunner:
         return not (self.fenced or self.closed)
 
     async def start(self) -> None:
-        self._archiver.logged(self.sid)  # what a predecessor left unstored
         await self.agent.start(self.emit)
         self._task = asyncio.create_task(self._run(), name=f"loop:{self.sid}")
         self._task.add_done_callback(self._task_done)
