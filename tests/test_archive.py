@@ -281,3 +281,24 @@ async def test_owner_killed_halfway_through_a_batch_leaves_no_gap_or_duplicate(
     late = await store.append("killed", epoch, stored[len(written) :], user="alice")
     assert late.status == "fenced"
     assert await all_stored(store, "killed") == stored
+
+
+async def test_ids_redis_lost_are_stored_as_a_notice_keeping_the_store_contiguous(
+    make_nodes: NodeFactory,
+) -> None:
+    (a,) = await make_nodes(1)
+    await a.join_conversation("rewound", "c", {}, "alice")
+    await send(a, "c", "first")
+    await wait_stored(a, "rewound", 2)
+    # Redis lost ids 3..6 in a failover (scripts.REWIND): the log goes on at 7.
+    notice_id, _ = await a.state.rewind("rewound", 6, 2)
+    assert notice_id == 7
+    after = await send(a, "c", "second")
+    await wait_stored(a, "rewound", after + 1)
+    assert a.node.store is not None
+    stored = await all_stored(a.node.store, "rewound")
+    assert [i for i, _ in stored] == list(range(1, after + 2))
+    lost = [unpack(d) for i, d in stored if 3 <= i <= 6]
+    assert all(e["status"] == "STATUS$EVENTS_LOST" for e in lost), lost
+    assert "events 3 to 6" in lost[0]["message"]
+    assert unpack(stored[after - 1][1])["args"]["content"] == "second"
