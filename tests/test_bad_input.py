@@ -17,6 +17,7 @@ from coordinator import (
     ManagerConfig,
     RedisUnavailable,
 )
+from tests.helpers import wait_until
 
 
 async def _snapshot(redis) -> dict[bytes, object]:
@@ -38,6 +39,12 @@ async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis
     (a,) = await make_nodes(1)
     await a.join_conversation("good", "c1", {}, "alice")
     await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
+
+    async def settled() -> bool:  # answered, and both events in the event store
+        meta = await redis_client.hgetall(a.keys.conv("good"))
+        return meta.get(b"seq") == meta.get(b"stored") == b"2"
+
+    await wait_until(settled, what="the action answered and stored")
     before = await _snapshot(redis_client)
 
     bad_calls = [
