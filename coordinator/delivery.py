@@ -192,7 +192,7 @@ class LocalConnections:
                     joining = None
                     conn.verified = True
                     rows, size = await self._history.below_window(
-                        conn.sid, conn.cursor, count, rows, 0
+                        conn.sid, conn.cursor, count, rows, 0, last
                     )
                 else:
                     rows, size = await self._history.after(conn.sid, conn.cursor, count)

@@ -1,9 +1,11 @@
 """A conversation's whole history, in id order: the event store below the Redis window,
 the window above it (live events come after, through ``delivery.py``).
 
-Redis trims only what the store holds (``archive.py``), and always keeps the newest
-event, so a read of the log that starts after the id asked for means the ids between
-were trimmed: they are read from the store. Ids neither holds were lost by Redis in a
+Redis trims only what the store holds (``archive.py``), and keeps the newest event (its
+log is empty only when the conversation came back from the store: ``loops.py``), so a
+read of the log that starts after the id asked for, or finds nothing below the
+conversation's last id, means the ids between were trimmed: they are read from the
+store. Ids neither holds were lost by Redis in a
 failover (its clients were told, ``scripts.REWIND``) and are skipped.
 """
 
@@ -28,18 +30,21 @@ class History:
     async def after(self, sid: str, after: int, count: int) -> tuple[Rows, int]:
         """Up to ``count`` events with ids above ``after`` (oldest first), gap-free where
         either Redis or the store has them, and their packed size."""
-        rows, size = await self._state.events_after_sized(sid, after, count)
-        return await self.below_window(sid, after, count, rows, size)
+        rows, size, last = await self._state.events_after_sized(sid, after, count)
+        return await self.below_window(sid, after, count, rows, size, last)
 
     async def below_window(
-        self, sid: str, after: int, count: int, rows: Rows, size: int
+        self, sid: str, after: int, count: int, rows: Rows, size: int, last: int
     ) -> tuple[Rows, int]:
-        """``rows`` (with ``size``): a read of the Redis log after ``after``. When the log
-        starts later, the page starts with what the store holds below it. A full page
-        (``count`` events) may be followed by more."""
-        if not rows or rows[0][0] <= after + 1:
+        """``rows`` (with ``size``): a read of the Redis log after ``after``, of a
+        conversation whose last id is ``last``. When the log starts later (or holds
+        nothing, as when the conversation came back from the store), the page starts
+        with what the store holds below it. A full page (``count`` events) may be
+        followed by more."""
+        start = rows[0][0] if rows else last + 1
+        if start <= after + 1:
             return rows, size
-        trimmed = rows[0][0] - 1 - after
+        trimmed = start - 1 - after
         stored = await self._store.read(sid, after, min(count, trimmed))
         page = [(i, unpack(data)) for i, data in stored]
         size += sum(len(data) for _, data in stored)

@@ -29,6 +29,7 @@ from .config import ManagerConfig
 from .delivery import Delivery
 from .directory import Directory
 from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, NodeDraining
+from .eventstore import EventStore
 from .idle import IdleTracker
 from .membership import Membership
 from .metrics import NodeMetrics
@@ -86,9 +87,11 @@ class Loops:
         tasks: TaskSet,
         agent_factory: AgentFactory,
         archiver: Archiver,
+        store: EventStore,
     ) -> None:
         self.runners = runners
         self._archiver = archiver
+        self._store = store
         self._state = state
         self._config = config
         self._intake = intake
@@ -152,17 +155,24 @@ class Loops:
         """Own ``sid`` (replacing a dead owner), or the info of the live owner holding it."""
         membership = self._membership
         dead = ""
+        stored: tuple[int, int] | None = None  # the store's (last id, fence), once read
         while True:
             own = await self._state.acquire(
                 sid,
                 self._config.node_id,
                 membership.inc,
                 user,
-                create=not self._intake.draining,
+                create=stored is not None and not self._intake.draining,
                 dead_inc=dead,
+                stored=stored or (0, 0),
             )
             if own.status == "forbidden":
                 raise Forbidden(sid)
+            if own.status == "missing" and stored is None:
+                # Not in Redis: new, or gone from Redis (expired, lost) but in the store,
+                # whose ids and epochs it continues (never an id the store holds again).
+                stored = await self._stored(sid, user)
+                continue
             if own.status == "missing":
                 self._intake.check()  # a conversation is created only while not draining
                 raise NodeDraining(f"node {self._config.node_id} is draining")
@@ -174,6 +184,18 @@ class Loops:
             if await self._directory.alive(own.inc):
                 return ConversationInfo(sid, own.user, own.owner, True, False)
             dead = own.inc
+
+    async def _stored(self, sid: str, user: str) -> tuple[int, int]:
+        """The event store's ``(last id, fence epoch)`` of ``sid``; Forbidden when it is
+        another user's."""
+        known = await self._store.conversation(sid)
+        if known is None:
+            return 0, 0
+        if user and known.user != user:
+            raise Forbidden(sid)
+        if known.last_id:
+            log.info("conversation %s comes back from the event store at %d", sid, known.last_id)
+        return known.last_id, known.epoch
 
     async def _start(
         self, sid: str, user: str, settings: dict[str, Any], initial: codec.Action | None

@@ -174,6 +174,7 @@ class Node:
             tasks=tasks,
             agent_factory=agent_factory,
             archiver=self.archiver,
+            store=self.store,
         )
         self.restarts = Restarts(
             loops=self.loops,

@@ -24,6 +24,8 @@ ACQUIRE = (
 -- ARGV[3]  user ('' = do not check)
 -- ARGV[4]  incarnation known to be dead ('' = take it only when unowned)
 -- ARGV[5]  '1' to create a missing conversation for ARGV[3]
+-- ARGV[6]  when creating: the last id the event store holds of it (ids go on after it;
+--          it counts as stored and applied)   ARGV[7] and the store's fence epoch
 -- returns  {status, epoch, owner node, owner incarnation, user, applied}
 --   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours)
 --           'owned' (a live owner holds it) | 'forbidden' | 'missing'
@@ -33,10 +35,11 @@ ACQUIRE = (
 local meta = KEYS[1]
 if redis.call('EXISTS', meta) == 0 then
   if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0} end
+  local base, epoch = tonumber(ARGV[6]), tonumber(ARGV[7]) + 1
   redis.call('HSET', meta, 'user', ARGV[3], 'owner', ARGV[1], 'inc', ARGV[2],
-             'epoch', 1, 'state', 'loading', 'seq', 0, 'applied', 0, 'refs', 0,
-             'created', now, 'last_active', now)
-  return {'created', 1, ARGV[1], ARGV[2], ARGV[3], 0}
+             'epoch', epoch, 'state', 'loading', 'seq', base, 'applied', base,
+             'stored', base, 'refs', 0, 'created', now, 'last_active', now)
+  return {'created', epoch, ARGV[1], ARGV[2], ARGV[3], base}
 end
 local f = redis.call('HMGET', meta, 'user', 'owner', 'inc', 'epoch', 'applied')
 local user, owner, inc = f[1] or '', f[2] or '', f[3] or ''

@@ -11,7 +11,7 @@ import pytest
 from coordinator import ConversationManager
 from coordinator.auth import issue_token
 from coordinator.codec import unpack, with_id
-from coordinator.errors import StoreBehind
+from coordinator.errors import Forbidden, StoreBehind
 from coordinator.eventstore import EventStore, StoreMismatch
 from tests.conftest import NodeFactory
 from tests.helpers import wait_until
@@ -302,3 +302,41 @@ async def test_ids_redis_lost_are_stored_as_a_notice_keeping_the_store_contiguou
     assert all(e["status"] == "STATUS$EVENTS_LOST" for e in lost), lost
     assert "events 3 to 6" in lost[0]["message"]
     assert unpack(stored[after - 1][1])["args"]["content"] == "second"
+
+
+async def conversation_keys(node: ConversationManager, sid: str) -> list[str]:
+    k = node.keys
+    return [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
+
+
+async def test_a_conversation_gone_from_redis_comes_back_from_the_store(
+    make_nodes: NodeFactory,
+) -> None:
+    a, b = await make_nodes(2, log_window_events=4)
+    await a.join_conversation("back", "ca", {}, "alice")
+    for i in range(5):
+        await send(a, "ca", str(i))
+    await wait_until(lambda: len(make_nodes.sinks["node1"].events["ca"]) >= 10, what="10")
+    before = make_nodes.sinks["node1"].events["ca"]
+    await a.disconnect_from_session("ca")
+    assert await a.close_session("back", "alice")
+    meta = await a.conversation("back")
+    last, fence = int(meta["seq"]), int(meta["epoch"])  # the loop's 10 and its stop
+    await wait_stored(a, "back", last)
+    # Its Redis state goes (expired, or Redis lost it); the store keeps it.
+    await a.state.redis.delete(*await conversation_keys(a, "back"))
+    with pytest.raises(Forbidden):
+        await b.join_conversation("back", "cm", {}, "mallory")
+    await b.join_conversation("back", "cb", {}, "alice", latest_event_id=0)
+    sink = make_nodes.sinks["node2"]
+    await wait_until(lambda: len(sink.events["cb"]) >= last, what="the history replayed")
+    assert sink.events["cb"][:10] == before[:10]
+    meta = await b.conversation("back")
+    assert int(meta["epoch"]) > fence and meta["user"] == "alice"
+    again = await send(b, "cb", "again")
+    assert again == last + 1  # ids go on after the store's, never reused
+    await wait_stored(b, "back", again + 1)
+    assert b.node.store is not None
+    stored = await all_stored(b.node.store, "back")
+    assert [i for i, _ in stored] == list(range(1, again + 2))
+    assert [with_id(i, unpack(d)) for i, d in stored] == sink.events["cb"][: again + 1]

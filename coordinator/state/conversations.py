@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from workers.protocol import Event
 
-from .core import StateCore, entries, text
+from .core import StateCore, entries, packed, text
 from .results import ATTACH, OWNERSHIP, AttachStatus, Ownership, status
 
 
 class ConversationOps(StateCore):
     # -- ownership -------------------------------------------------------------------
     async def acquire(
-        self, sid: str, node: str, inc: str, user: str, *, create: bool, dead_inc: str = ""
+        self,
+        sid: str,
+        node: str,
+        inc: str,
+        user: str,
+        *,
+        create: bool,
+        dead_inc: str = "",
+        stored: tuple[int, int] = (0, 0),
     ) -> Ownership:
         """Take ownership of ``sid`` for ``inc`` (bumping the fencing epoch), creating the
-        conversation for ``user`` when ``create``; ``dead_inc`` may be replaced."""
+        conversation for ``user`` when ``create``; ``dead_inc`` may be replaced.
+        ``stored``: the event store's ``(last id, fence epoch)`` of the conversation
+        being created (its ids and epochs go on above them)."""
         r = await self._run(
             "acquire",
             [self.keys.conv(sid)],
-            [node, inc, user, dead_inc, "1" if create else "0"],
+            [node, inc, user, dead_inc, "1" if create else "0", *stored],
             hot=True,
         )
         return Ownership(
@@ -62,12 +71,19 @@ class ConversationOps(StateCore):
 
     async def events_after_sized(
         self, sid: str, after: int, count: int
-    ) -> tuple[list[tuple[int, Event]], int]:
+    ) -> tuple[list[tuple[int, Event]], int, int]:
         """``events_after`` with the packed size of what it read, so that a replay can
-        size its next page in bytes: a client's replay holds one page at a time."""
-        rows: Any = await self.redis.xrange(self.keys.events(sid), min=f"({after}-0", count=count)
-        size = sum(len(fields[b"d"]) for _, fields in rows)
-        return entries(rows), size
+        size its next page in bytes (a client's replay holds one page at a time), and
+        the conversation's last event id, read together."""
+        k = self.keys
+        seq, rows = await self._commands(
+            [
+                ("HGET", k.conv(sid), "seq"),
+                ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
+            ]
+        )
+        size = sum(len(packed(fields)) for _, fields in rows)
+        return entries(rows), size, int(seq or 0)
 
     async def inbox_snapshot(
         self, sid: str, after: int, count: int = 500

@@ -23,14 +23,18 @@ def text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def packed(fields: Any) -> bytes:
+    """A stream entry's packed event: from redis-py's ``{b"d": packed}`` or the lane's
+    raw ``[b"d", packed, ...]``."""
+    data: bytes = fields[b"d"] if isinstance(fields, dict) else fields[fields.index(b"d") + 1]
+    return data
+
+
 def entries(rows: Any) -> list[tuple[int, Event]]:
-    """Stream entries as ``(id, event)``: from redis-py ``(b"<id>-0", {b"d": packed})``,
-    or raw from the lane ``[b"<id>-0", [b"d", packed, ...]]``."""
-    out = []
-    for entry_id, fields in rows:
-        packed = fields[b"d"] if isinstance(fields, dict) else fields[fields.index(b"d") + 1]
-        out.append((int(text(entry_id).split("-")[0]), unpack(packed)))
-    return out
+    """Stream entries ``(b"<id>-0", fields)`` as ``(id, event)``."""
+    return [
+        (int(text(entry_id).split("-")[0]), unpack(packed(fields))) for entry_id, fields in rows
+    ]
 
 
 def accept_token(client_key: str | None) -> str:
