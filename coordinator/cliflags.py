@@ -67,6 +67,13 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "bytes of a conversation's newest events Redis keeps, e.g. 16M; actions are "
         "refused while more than this is not yet stored (default: 16M)",
     ),
+    "redis_retention": (
+        "--redis-retention",
+        float,
+        "seconds a stopped conversation's Redis state (record, log window, inbox) is kept "
+        "once the event store holds it all; it comes back from the store when started "
+        "again; 0: kept forever (default: 3600)",
+    ),
     "max_concurrent_conversations": (
         "--max-concurrent-conversations",
         int,

@@ -200,6 +200,9 @@ class ManagerConfig:
     # refused while the events the store does not hold yet would exceed either bound.
     log_window_events: int = 10_000
     log_window_bytes: int = 16 << 20
+    # A stopped conversation's Redis state (record, window, inbox) expires after this
+    # many seconds once the store holds it all; it comes back from the store (0: never).
+    redis_retention: float = 3600.0
     inbox_max: int = 1_000
     max_action_bytes: int = 64 * 1024
     start_timeout: float = 30.0
@@ -339,6 +342,8 @@ class ManagerConfig:
                 f"log_window_bytes ({self.log_window_bytes}) must hold at least one action "
                 f"(max_action_bytes {self.max_action_bytes})"
             )
+        if self.redis_retention < 0:
+            raise ConfigError(f"redis_retention must be >= 0, got {self.redis_retention!r}")
         if self.lease_margin < 0:
             raise ConfigError(f"lease_margin must be >= 0, got {self.lease_margin!r}")
         if self.heartbeat_interval * 2 > self.node_ttl - self.lease_margin:

@@ -18,6 +18,7 @@ from .eventstore import EventStore
 from .state import RedisState
 
 Rows = list[tuple[int, Event]]
+MAX_ID = 2**62  # above any event id
 
 
 class History:
@@ -37,11 +38,12 @@ class History:
         self, sid: str, after: int, count: int, rows: Rows, size: int, last: int
     ) -> tuple[Rows, int]:
         """``rows`` (with ``size``): a read of the Redis log after ``after``, of a
-        conversation whose last id is ``last``. When the log starts later (or holds
-        nothing, as when the conversation came back from the store), the page starts
-        with what the store holds below it. A full page (``count`` events) may be
-        followed by more."""
-        start = rows[0][0] if rows else last + 1
+        conversation whose last id is ``last`` (0: it has no record in Redis, which let
+        it go after it stopped: ``--redis-retention``). When the log starts later (or
+        holds nothing, as when the conversation came back from the store), the page
+        starts with what the store holds below it. A full page (``count`` events) may
+        be followed by more."""
+        start = rows[0][0] if rows else last + 1 if last else MAX_ID
         if start <= after + 1:
             return rows, size
         trimmed = start - 1 - after

@@ -299,15 +299,20 @@ class Loops:
         if status is not None:
             with contextlib.suppress(Fenced, *REDIS_TROUBLE):
                 await runner.emit_status(status)
+        stored = False
         if not runner.fenced:
             # Stopped with nothing left in Redis that the store lacks, when it can be had
             # quickly; else its next owner moves the rest.
-            await self._archiver.flush(runner.lease, STORE_FLUSH_WITHIN)
+            stored = await self._archiver.flush(runner.lease, STORE_FLUSH_WITHIN)
         if self.runners.get(sid) is runner:
             del self.runners[sid]
         self._archiver.forget(sid)
         if not runner.fenced:
             await self._state.release_loop(runner.lease, str(AgentState.STOPPED))
+            retention = self._config.redis_retention
+            if stored and retention:
+                with contextlib.suppress(*REDIS_TROUBLE):
+                    await self._state.retire(sid, int(retention * 1000))
         await self._interest.unwatch(sid)
         return True
 

@@ -302,6 +302,15 @@ class ConversationManager:
         """The conversation's record in Redis ({} when unknown)."""
         return await self.state.meta(check_conversation_id(sid))
 
+    async def user_of(self, sid: str) -> str:
+        """The user of conversation ``sid`` ('' when unknown), from its record in Redis
+        or, once that expired, the event store."""
+        meta = await self.conversation(sid)
+        if meta:
+            return meta.get("user", "")
+        stored = await self.node.store.conversation(sid) if self.node.store else None
+        return stored.user if stored is not None else ""
+
     async def events(self, sid: str, after: int = 0, limit: int = 1000) -> list[Event]:
         """Up to ``limit`` events of ``sid`` after id ``after``, in order, wherever they
         are kept (the event store, then the Redis window: ``history.py``)."""

@@ -201,9 +201,8 @@ class RestApp:
         sid = check_conversation_id(request.path_params["sid"])
         after = query_int(request, "after", 0, 0, None)
         limit = query_int(request, "limit", DEFAULT_EVENTS_PAGE, 1, MAX_EVENTS_PAGE)
-        if not who.admin:
-            await self.owned(sid, who.user)
-        elif not await self.manager.conversation(sid):
+        user = await self.manager.user_of(sid)  # from the store once Redis let it go
+        if not user or (user != who.user and not who.admin):
             raise ConversationNotFound(sid)
         events = await self.manager.events(sid, after, limit)
         last = events[-1]["id"] if events else after

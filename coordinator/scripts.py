@@ -18,8 +18,10 @@ local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
 
 ACQUIRE = (
     """
--- acquire: take ownership of a conversation, creating it when asked.
--- KEYS[1]  conversation meta hash
+-- acquire: take ownership of a conversation, creating it when asked; its keys stop
+-- expiring (a stopped conversation's expire after the retention: RETIRE).
+-- KEYS[1]  conversation meta hash   KEYS[2..] its other keys (event stream, inbox,
+--          accept tokens, connections)
 -- ARGV[1]  node id            ARGV[2] node incarnation
 -- ARGV[3]  user ('' = do not check)
 -- ARGV[4]  incarnation known to be dead ('' = take it only when unowned)
@@ -33,6 +35,9 @@ ACQUIRE = (
     + _NOW
     + """
 local meta = KEYS[1]
+if redis.call('PTTL', meta) >= 0 then
+  for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
+end
 if redis.call('EXISTS', meta) == 0 then
   if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0} end
   local base, epoch = tonumber(ARGV[6]), tonumber(ARGV[7]) + 1
@@ -120,6 +125,9 @@ local seen = redis.call('ZSCORE', KEYS[4], ARGV[6])
 if seen then return {'ok', tonumber(seen), f[2] or '', f[3] or '', 0} end
 if tonumber(f[4] or '0') < tonumber(ARGV[8]) then
   return {'rewound', tonumber(f[4] or '0'), '', '', 0}
+end
+if redis.call('PTTL', KEYS[1]) >= 0 then  -- stopped and retiring: it lives on
+  for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
 end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {'full', 0, '', '', 0} end
 local unstored = tonumber(f[4] or '0') - tonumber(f[5] or '0')
@@ -442,6 +450,20 @@ end
 return {stored, len, size}
 """
 
+RETIRE = """
+-- retire: a stopped conversation's Redis state expires after the retention period,
+-- when the event store holds all of it (it comes back from there: ACQUIRE).
+-- KEYS[1]  conversation meta hash   KEYS[2..] its other keys (as in acquire)
+-- ARGV[1]  retention (ms)
+-- returns  1 when set to expire, 0 when it runs, has actions waiting or connections, or
+--          lacks events in the store
+local f = redis.call('HMGET', KEYS[1], 'inc', 'seq', 'stored')
+if not f[2] or (f[1] or '') ~= '' or tonumber(f[3] or '0') < tonumber(f[2]) then return 0 end
+if redis.call('XLEN', KEYS[3]) > 0 or redis.call('HLEN', KEYS[5]) > 0 then return 0 end
+for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+return 1
+"""
+
 CLAIM_STORE = """
 -- claim_store: record the cluster's event store, or report the one already recorded.
 -- KEYS[1]  cluster's store hash (identity, store, node)
@@ -494,6 +516,7 @@ ALL = {
     "attach": ATTACH,
     "rewind": REWIND,
     "claim_store": CLAIM_STORE,
+    "retire": RETIRE,
     "unstored": UNSTORED,
     "mark_stored": MARK_STORED,
     "attempts": ATTEMPTS,

@@ -340,3 +340,35 @@ async def test_a_conversation_gone_from_redis_comes_back_from_the_store(
     stored = await all_stored(b.node.store, "back")
     assert [i for i, _ in stored] == list(range(1, again + 2))
     assert [with_id(i, unpack(d)) for i, d in stored] == sink.events["cb"][: again + 1]
+
+
+async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes_back(
+    make_nodes: NodeFactory,
+) -> None:
+    a, b = await make_nodes(2, redis_retention=1.0)
+    redis = a.state.redis
+    keys = a.state.conversation_keys("kept")
+    await a.join_conversation("kept", "ca", {}, "alice")
+    await send(a, "ca", "one")
+    await wait_until(lambda: len(make_nodes.sinks["node1"].events["ca"]) >= 2, what="answer")
+    await a.disconnect_from_session("ca")
+    assert await a.close_session("kept", "alice")
+    assert 0 < await redis.pttl(keys[0]) <= 1000  # retiring
+    # Started again within the retention: it stays.
+    await a.join_conversation("kept", "ca2", {}, "alice")
+    assert [await redis.pttl(key) for key in keys[:4]] == [-1, -1, -1, -1]
+    await a.disconnect_from_session("ca2")
+    assert await a.close_session("kept", "alice")
+    last = int((await a.conversation("kept"))["seq"])
+
+    async def gone() -> bool:
+        return await redis.exists(*keys) == 0
+
+    await wait_until(gone, timeout=5, what="its Redis state expired")
+    assert await a.conversation("kept") == {}
+    assert await a.user_of("kept") == "alice"  # the store still knows it
+    assert [e["id"] for e in await b.events("kept", 0, 100)] == list(range(1, last + 1))
+    await b.join_conversation("kept", "cb", {}, "alice", latest_event_id=0)
+    sink = make_nodes.sinks["node2"]
+    await wait_until(lambda: len(sink.events["cb"]) >= last, what="the history replayed")
+    assert await send(b, "cb", "two") == last + 1

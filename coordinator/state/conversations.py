@@ -29,7 +29,7 @@ class ConversationOps(StateCore):
         being created (its ids and epochs go on above them)."""
         r = await self._run(
             "acquire",
-            [self.keys.conv(sid)],
+            self.conversation_keys(sid),
             [node, inc, user, dead_inc, "1" if create else "0", *stored],
             hot=True,
         )
@@ -41,6 +41,17 @@ class ConversationOps(StateCore):
             text(r[4]),
             int(r[5]),
         )
+
+    def conversation_keys(self, sid: str) -> list[str]:
+        """The keys that live and expire with a conversation's record (its attempts
+        hash has a TTL of its own)."""
+        k = self.keys
+        return [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
+
+    async def retire(self, sid: str, retention_ms: int) -> bool:
+        """Let stopped ``sid``'s Redis state expire after ``retention_ms`` if the event
+        store holds all of it and nothing waits (else False: it stays)."""
+        return bool(await self._run("retire", self.conversation_keys(sid), [retention_ms]))
 
     async def release(self, sid: str, inc: str, epoch: int | None, state: str) -> bool:
         """Give up ownership if ``inc`` (at ``epoch``; None: any) still holds it."""
