@@ -308,11 +308,9 @@ class Loops:
             del self.runners[sid]
         self._archiver.forget(sid)
         if not runner.fenced:
-            await self._state.release_loop(runner.lease, str(AgentState.STOPPED))
-            retention = self._config.redis_retention
-            if stored and retention:
-                with contextlib.suppress(*REDIS_TROUBLE):
-                    await self._state.retire(sid, int(retention * 1000))
+            # All in the store: its Redis state may expire (--redis-retention).
+            retention = int(self._config.redis_retention * 1000) if stored else 0
+            await self._state.release_loop(runner.lease, str(AgentState.STOPPED), retention)
         await self._interest.unwatch(sid)
         return True
 

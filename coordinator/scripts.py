@@ -19,7 +19,7 @@ local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
 ACQUIRE = (
     """
 -- acquire: take ownership of a conversation, creating it when asked; its keys stop
--- expiring (a stopped conversation's expire after the retention: RETIRE).
+-- expiring (a stopped conversation's expire after the retention: RELEASE).
 -- KEYS[1]  conversation meta hash   KEYS[2..] its other keys (event stream, inbox,
 --          accept tokens, connections)
 -- ARGV[1]  node id            ARGV[2] node incarnation
@@ -64,14 +64,22 @@ return {'owned', epoch, owner, inc, user, applied}
 )
 
 RELEASE = """
--- release: give up ownership of a conversation.
--- KEYS[1]  conversation meta hash
+-- release: give up ownership of a conversation. With a retention, a conversation the
+-- event store holds all of, with no action waiting and no connection, retires: its
+-- Redis state expires after the retention (it comes back from the store: ACQUIRE).
+-- KEYS[1]  conversation meta hash   KEYS[2..] its other keys, when retiring (as in acquire)
 -- ARGV[1]  owner incarnation   ARGV[2] epoch ('' = any)   ARGV[3] state to record
+-- ARGV[4]  retention (ms; '' or 0: none)
 -- returns  1 when released, 0 when the caller was not the owner
-local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch')
+local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'seq', 'stored')
 if f[1] ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' and tonumber(f[2]) ~= tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'owner', '', 'inc', '', 'state', ARGV[3])
+local retention = tonumber(ARGV[4] or '') or 0
+if retention > 0 and #KEYS >= 5 and tonumber(f[4] or '0') >= tonumber(f[3] or '0')
+   and redis.call('XLEN', KEYS[3]) == 0 and redis.call('HLEN', KEYS[5]) == 0 then
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], retention) end
+end
 return 1
 """
 
@@ -450,20 +458,6 @@ end
 return {stored, len, size}
 """
 
-RETIRE = """
--- retire: a stopped conversation's Redis state expires after the retention period,
--- when the event store holds all of it (it comes back from there: ACQUIRE).
--- KEYS[1]  conversation meta hash   KEYS[2..] its other keys (as in acquire)
--- ARGV[1]  retention (ms)
--- returns  1 when set to expire, 0 when it runs, has actions waiting or connections, or
---          lacks events in the store
-local f = redis.call('HMGET', KEYS[1], 'inc', 'seq', 'stored')
-if not f[2] or (f[1] or '') ~= '' or tonumber(f[3] or '0') < tonumber(f[2]) then return 0 end
-if redis.call('XLEN', KEYS[3]) > 0 or redis.call('HLEN', KEYS[5]) > 0 then return 0 end
-for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
-return 1
-"""
-
 CLAIM_STORE = """
 -- claim_store: record the cluster's event store, or report the one already recorded.
 -- KEYS[1]  cluster's store hash (identity, store, node)
@@ -516,7 +510,6 @@ ALL = {
     "attach": ATTACH,
     "rewind": REWIND,
     "claim_store": CLAIM_STORE,
-    "retire": RETIRE,
     "unstored": UNSTORED,
     "mark_stored": MARK_STORED,
     "attempts": ATTEMPTS,

@@ -48,15 +48,15 @@ class ConversationOps(StateCore):
         k = self.keys
         return [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
 
-    async def retire(self, sid: str, retention_ms: int) -> bool:
-        """Let stopped ``sid``'s Redis state expire after ``retention_ms`` if the event
-        store holds all of it and nothing waits (else False: it stays)."""
-        return bool(await self._run("retire", self.conversation_keys(sid), [retention_ms]))
-
-    async def release(self, sid: str, inc: str, epoch: int | None, state: str) -> bool:
-        """Give up ownership if ``inc`` (at ``epoch``; None: any) still holds it."""
+    async def release(
+        self, sid: str, inc: str, epoch: int | None, state: str, retention_ms: int = 0
+    ) -> bool:
+        """Give up ownership if ``inc`` (at ``epoch``; None: any) still holds it. With
+        ``retention_ms``, a conversation the event store holds all of, with no action
+        waiting and no connection, retires: its Redis state expires after that long."""
+        keys = self.conversation_keys(sid) if retention_ms else [self.keys.conv(sid)]
         r = await self._run(
-            "release", [self.keys.conv(sid)], [inc, "" if epoch is None else epoch, state], hot=True
+            "release", keys, [inc, "" if epoch is None else epoch, state, retention_ms], hot=True
         )
         return bool(r)
 
