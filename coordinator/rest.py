@@ -240,7 +240,12 @@ class RestApp:
     async def close_conversation(self, request: Request) -> Response:
         user = self.user(request)
         sid = check_conversation_id(request.path_params["sid"])
+        purge = request.query_params.get("purge", "false")
+        if purge not in ("true", "false"):
+            raise InvalidInput(f"purge must be true or false, got {purge!r}")
         try:
+            if purge == "true":
+                return json_response(200, await self.manager.purge(sid, user))
             closed = await self.manager.close_session(sid, user)
         except Forbidden:
             raise ConversationNotFound(sid) from None

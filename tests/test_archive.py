@@ -372,3 +372,35 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     sink = make_nodes.sinks["node2"]
     await wait_until(lambda: len(sink.events["cb"]) >= last, what="the history replayed")
     assert await send(b, "cb", "two") == last + 1
+
+
+async def test_delete_with_purge_removes_a_conversation_everywhere(
+    servers: ServerCluster,
+) -> None:
+    a, b = await servers.start(2, log_window_events=4)
+    writer = await servers.join(a, "doomed", "alice")
+    for i in range(5):
+        await say(writer, str(i))
+    await writer.wait_ids(10)
+    await wait_stored(a.manager, "doomed", 10)
+    req = servers.request
+    status, body = await req("DELETE", b, "/api/conversations/doomed?purge=maybe", user="alice")
+    assert status == 400 and "purge must be true or false" in body["error"]
+    status, body = await req("DELETE", b, "/api/conversations/doomed?purge=true", user="mallory")
+    assert status == 404
+    await writer.close()
+    status, body = await req("DELETE", b, "/api/conversations/doomed?purge=true", user="alice")
+    assert status == 200, body
+    purged = body["purged"]
+    assert body["closed"] is True and purged["redis_keys"] >= 3
+    assert purged["stored_events"] >= 10 and purged["stored_bytes"] > 0
+    state = a.manager.state
+    assert await state.redis.exists(*state.conversation_keys("doomed")) == 0
+    assert a.manager.node.store is not None
+    assert await a.manager.node.store.conversation("doomed") is None
+    status, body = await req("GET", a, "/api/conversations/doomed/events", user="alice")
+    assert status == 404
+    status, body = await req("GET", a, "/api/conversations", user="alice")
+    assert [c for c in body["conversations"] if c["conversation_id"] == "doomed"] == []
+    status, body = await req("DELETE", a, "/api/conversations/doomed?purge=true", user="alice")
+    assert status == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from workers.protocol import Event
@@ -47,6 +48,16 @@ class ConversationOps(StateCore):
         hash has a TTL of its own)."""
         k = self.keys
         return [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
+
+    async def purge(self, sid: str, user: str) -> int:
+        """Delete ``sid``'s Redis state (its keys, its place in ``user``'s index); how many
+        keys went. An owner still running it is fenced by its missing record."""
+        k = self.keys
+        deleted, _ = await asyncio.gather(
+            self.redis.delete(*self.conversation_keys(sid), k.attempts(sid)),
+            self.redis.zrem(k.user_convs(user), sid),
+        )
+        return int(deleted)
 
     async def release(
         self, sid: str, inc: str, epoch: int | None, state: str, retention_ms: int = 0
