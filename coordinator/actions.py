@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from . import codec
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import ConversationNotFound, Forbidden, InboxFull, StoreBehind
+from .errors import ConversationNotFound, Forbidden, InboxFull, LimitExceeded, StoreBehind
 from .membership import Membership
 from .runner import LoopRunner
 from .state import Accepted, RedisState, accept_token
@@ -65,6 +65,7 @@ class Actions:
                 token=token,
                 floor=floor,
                 window_bytes=self._config.log_window_bytes,
+                max_bytes=self._config.max_conversation_bytes,
             )
             landed = r.event_id if r.status == "ok" else 0
         finally:
@@ -77,6 +78,13 @@ class Actions:
         if r.status == "full":
             raise InboxFull(
                 f"conversation {sid!r} has {self._config.inbox_max} unprocessed actions"
+            )
+        if r.status == "quota":
+            raise LimitExceeded(
+                "bytes per conversation",
+                f"conversation {sid!r} holds {r.event_id} bytes of events; with this "
+                f"action ({len(packed)} bytes) it would pass the limit of "
+                f"{self._config.max_conversation_bytes} bytes; start another conversation",
             )
         if r.status == "behind":
             raise StoreBehind(

@@ -74,6 +74,18 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "once the event store holds it all; it comes back from the store when started "
         "again; 0: kept forever (default: 3600)",
     ),
+    "max_conversations_per_user": (
+        "--max-conversations-per-user",
+        int,
+        "conversations one user may have in the event store; creating one more is refused "
+        "until one is purged; 0: no limit (default: 1000)",
+    ),
+    "max_conversation_bytes": (
+        "--max-conversation-bytes",
+        _size,
+        "bytes of one conversation's events, e.g. 1G; an action that would pass it is "
+        "refused; 0: no limit (default: 1G)",
+    ),
     "max_concurrent_conversations": (
         "--max-concurrent-conversations",
         int,

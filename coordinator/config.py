@@ -203,6 +203,10 @@ class ManagerConfig:
     # A stopped conversation's Redis state (record, window, inbox) expires after this
     # many seconds once the store holds it all; it comes back from the store (0: never).
     redis_retention: float = 3600.0
+    # Quotas of the event store (0: none): conversations stored per user, and bytes of
+    # one conversation's events (an action that would pass it is refused).
+    max_conversations_per_user: int = 1000
+    max_conversation_bytes: int = 1 << 30
     inbox_max: int = 1_000
     max_action_bytes: int = 64 * 1024
     start_timeout: float = 30.0
@@ -342,6 +346,9 @@ class ManagerConfig:
                 f"log_window_bytes ({self.log_window_bytes}) must hold at least one action "
                 f"(max_action_bytes {self.max_action_bytes})"
             )
+        for name in ("max_conversations_per_user", "max_conversation_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)!r}")
         if self.redis_retention < 0:
             raise ConfigError(f"redis_retention must be >= 0, got {self.redis_retention!r}")
         if self.lease_margin < 0:

@@ -28,7 +28,7 @@ from .bus import CommandBus
 from .config import ManagerConfig
 from .delivery import Delivery
 from .directory import Directory
-from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, NodeDraining
+from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, LimitExceeded, NodeDraining
 from .eventstore import EventStore
 from .idle import IdleTracker
 from .membership import Membership
@@ -155,7 +155,7 @@ class Loops:
         """Own ``sid`` (replacing a dead owner), or the info of the live owner holding it."""
         membership = self._membership
         dead = ""
-        stored: tuple[int, int] | None = None  # the store's (last id, fence), once read
+        stored: tuple[int, int, int] | None = None  # the store's (last id, fence, bytes)
         while True:
             own = await self._state.acquire(
                 sid,
@@ -164,7 +164,7 @@ class Loops:
                 user,
                 create=stored is not None and not self._intake.draining,
                 dead_inc=dead,
-                stored=stored or (0, 0),
+                stored=stored or (0, 0, 0),
             )
             if own.status == "forbidden":
                 raise Forbidden(sid)
@@ -185,17 +185,25 @@ class Loops:
                 return ConversationInfo(sid, own.user, own.owner, True, False)
             dead = own.inc
 
-    async def _stored(self, sid: str, user: str) -> tuple[int, int]:
-        """The event store's ``(last id, fence epoch)`` of ``sid``; Forbidden when it is
-        another user's."""
+    async def _stored(self, sid: str, user: str) -> tuple[int, int, int]:
+        """The event store's ``(last id, fence epoch, bytes)`` of ``sid``; Forbidden when
+        it is another user's, LimitExceeded when it is new and ``user`` has
+        ``max_conversations_per_user`` stored."""
         known = await self._store.conversation(sid)
         if known is None:
-            return 0, 0
+            quota = self._config.max_conversations_per_user
+            if quota and user and (count := await self._store.count_conversations(user)) >= quota:
+                raise LimitExceeded(
+                    "conversations per user",
+                    f"user {user!r} has {count} conversations stored (the limit is {quota}); "
+                    "delete one for good (DELETE /api/conversations/ID?purge=true) first",
+                )
+            return 0, 0, 0
         if user and known.user != user:
             raise Forbidden(sid)
         if known.last_id:
             log.info("conversation %s comes back from the event store at %d", sid, known.last_id)
-        return known.last_id, known.epoch
+        return known.last_id, known.epoch, known.size
 
     async def _start(
         self, sid: str, user: str, settings: dict[str, Any], initial: codec.Action | None

@@ -28,6 +28,7 @@ ACQUIRE = (
 -- ARGV[5]  '1' to create a missing conversation for ARGV[3]
 -- ARGV[6]  when creating: the last id the event store holds of it (ids go on after it;
 --          it counts as stored and applied)   ARGV[7] and the store's fence epoch
+-- ARGV[8]  and the bytes of its stored events (counted as logged, stored and trimmed)
 -- returns  {status, epoch, owner node, owner incarnation, user, applied}
 --   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours)
 --           'owned' (a live owner holds it) | 'forbidden' | 'missing'
@@ -40,10 +41,11 @@ if redis.call('PTTL', meta) >= 0 then
 end
 if redis.call('EXISTS', meta) == 0 then
   if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0} end
-  local base, epoch = tonumber(ARGV[6]), tonumber(ARGV[7]) + 1
+  local base, epoch, size = tonumber(ARGV[6]), tonumber(ARGV[7]) + 1, tonumber(ARGV[8])
   redis.call('HSET', meta, 'user', ARGV[3], 'owner', ARGV[1], 'inc', ARGV[2],
              'epoch', epoch, 'state', 'loading', 'seq', base, 'applied', base,
-             'stored', base, 'refs', 0, 'created', now, 'last_active', now)
+             'stored', base, 'lbytes', size, 'sbytes', size, 'tbytes', size, 'refs', 0,
+             'created', now, 'last_active', now)
   return {'created', epoch, ARGV[1], ARGV[2], ARGV[3], base}
 end
 local f = redis.call('HMGET', meta, 'user', 'owner', 'inc', 'epoch', 'applied')
@@ -117,10 +119,12 @@ ACCEPT = (
 --          publishes once replicas confirmed the write)
 -- ARGV[10] window bytes: refused ('behind') while the events not stored, this one
 --          included, would be more bytes
+-- ARGV[11] most bytes of the conversation's events (0: no limit)
 -- returns  {status, event id, owner node, owner incarnation, others listen (0/1)}
 --   status: 'ok' | 'missing' | 'forbidden' | 'full' | 'rewound' (id: the seq found)
 --           | 'behind' (the event store lags: {'behind', events not stored, '', '',
---           their bytes}; nothing written)
+--           their bytes}; nothing written) | 'quota' (over ARGV[11]: {'quota', bytes
+--           of its events, '', '', 0}; nothing written)
 """
     + _NOW
     + _HEARD_ELSEWHERE
@@ -138,6 +142,10 @@ if redis.call('PTTL', KEYS[1]) >= 0 then  -- stopped and retiring: it lives on
   for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
 end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {'full', 0, '', '', 0} end
+local quota = tonumber(ARGV[11])
+if quota > 0 and tonumber(f[6] or '0') + #ARGV[2] > quota then
+  return {'quota', tonumber(f[6] or '0'), '', '', 0}
+end
 local unstored = tonumber(f[4] or '0') - tonumber(f[5] or '0')
 local ubytes = tonumber(f[6] or '0') - tonumber(f[7] or '0')
 if unstored >= tonumber(ARGV[3]) or ubytes + #ARGV[2] > tonumber(ARGV[10]) then

@@ -11,7 +11,7 @@ import pytest
 from coordinator import ConversationManager
 from coordinator.auth import issue_token
 from coordinator.codec import unpack, with_id
-from coordinator.errors import Forbidden, StoreBehind
+from coordinator.errors import Forbidden, LimitExceeded, StoreBehind
 from coordinator.eventstore import EventStore, StoreMismatch
 from tests.conftest import NodeFactory
 from tests.helpers import wait_until
@@ -404,3 +404,33 @@ async def test_delete_with_purge_removes_a_conversation_everywhere(
     assert [c for c in body["conversations"] if c["conversation_id"] == "doomed"] == []
     status, body = await req("DELETE", a, "/api/conversations/doomed?purge=true", user="alice")
     assert status == 404
+
+
+async def test_quotas_refuse_clearly_and_change_nothing(make_nodes: NodeFactory) -> None:
+    (a,) = await make_nodes(
+        1,
+        max_conversations_per_user=2,
+        max_action_bytes=1024,
+        log_window_bytes=4096,
+        max_conversation_bytes=3000,
+    )
+    for n in (1, 2):
+        await a.join_conversation(f"q{n}", f"c{n}", {}, "alice")
+        await send(a, f"c{n}", "hello")
+        await wait_stored(a, f"q{n}", 2)
+    with pytest.raises(LimitExceeded) as refused:
+        await a.join_conversation("q3", "c3", {}, "alice")
+    assert refused.value.limit == "conversations per user"
+    assert "has 2 conversations stored (the limit is 2)" in str(refused.value)
+    assert await a.conversation("q3") == {}
+    await a.join_conversation("q3", "c3", {}, "bob")  # another user's quota
+    # Bytes of one conversation: refused before it would pass the limit, nothing logged.
+    sent = 0
+    with pytest.raises(LimitExceeded) as over:
+        for sent in range(20):
+            await send(a, "c1", f"{sent:03}" + "x" * 600)
+    assert over.value.limit == "bytes per conversation"
+    assert "would pass the limit of 3000 bytes" in str(over.value)
+    logged = [unpack(d).get("args", {}).get("content", "") for _, d in await redis_log(a, "q1")]
+    assert f"{sent - 1:03}" + "x" * 600 in logged
+    assert f"{sent:03}" + "x" * 600 not in logged  # the refused one

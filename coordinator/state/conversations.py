@@ -22,12 +22,12 @@ class ConversationOps(StateCore):
         *,
         create: bool,
         dead_inc: str = "",
-        stored: tuple[int, int] = (0, 0),
+        stored: tuple[int, int, int] = (0, 0, 0),
     ) -> Ownership:
         """Take ownership of ``sid`` for ``inc`` (bumping the fencing epoch), creating the
         conversation for ``user`` when ``create``; ``dead_inc`` may be replaced.
-        ``stored``: the event store's ``(last id, fence epoch)`` of the conversation
-        being created (its ids and epochs go on above them)."""
+        ``stored``: the event store's ``(last id, fence epoch, bytes)`` of the
+        conversation being created (its ids and epochs go on above them)."""
         r = await self._run(
             "acquire",
             self.conversation_keys(sid),

@@ -13,7 +13,7 @@ from workers.protocol import Event
 Notice = tuple[int, Event]
 
 OwnershipStatus = Literal["created", "ok", "mine", "owned", "forbidden", "missing"]
-AcceptStatus = Literal["ok", "missing", "forbidden", "full", "rewound", "behind"]
+AcceptStatus = Literal["ok", "missing", "forbidden", "full", "rewound", "behind", "quota"]
 CommitStatus = Literal["ok", "dup", "fenced", "unaccepted", "missing", "rewound"]
 AdmitStatus = Literal["go", "wait", "evicted"]
 AttachStatus = Literal["ok", "missing", "forbidden"]
@@ -64,7 +64,7 @@ class Ownership:
 class Accepted:
     """The outcome of ``accept``: the action's event id, and who owned the conversation.
     ``behind``: ``event_id`` is how many events the event store lacks, ``unstored_bytes``
-    their size."""
+    their size; ``quota``: ``event_id`` is the bytes of the conversation's events."""
 
     status: AcceptStatus
     event_id: int

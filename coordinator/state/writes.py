@@ -98,6 +98,7 @@ class WriteOps(StateCore):
         *,
         floor: int = 0,
         window_bytes: int = UNBOUNDED,
+        max_bytes: int = 0,
     ) -> Accepted:
         """Log and enqueue a user action. With ``publisher`` (the writer's incarnation), the
         event is published only when another node listens: the writer applies it itself.
@@ -108,7 +109,9 @@ class WriteOps(StateCore):
 
         Refused (``behind``) while the events the event store does not hold yet reach
         ``window_events``, or would pass ``window_bytes`` with this one: Redis never
-        trims what the store lacks, so this is what bounds the log when the store lags."""
+        trims what the store lacks, so this is what bounds the log when the store lags.
+        Refused (``quota``) when the conversation's events would pass ``max_bytes``
+        (0: no limit)."""
         k = self.keys
         keys = [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
         token = token or accept_token(None)
@@ -116,7 +119,8 @@ class WriteOps(StateCore):
         notice: tuple[int, Event] | None = None
         for _ in range(2):
             args = [user, packed, window_events, inbox_max, k.conv_channel(sid), token, publisher]
-            r, unconfirmed = await self._write("accept", keys, [*args, floor, defer, window_bytes])
+            tail = [floor, defer, window_bytes, max_bytes]
+            r, unconfirmed = await self._write("accept", keys, [*args, *tail])
             if text(r[0]) != "rewound":
                 break
             notice = await self.rewind(sid, floor, int(r[1]))
