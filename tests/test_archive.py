@@ -434,3 +434,41 @@ async def test_quotas_refuse_clearly_and_change_nothing(make_nodes: NodeFactory)
     logged = [unpack(d).get("args", {}).get("content", "") for _, d in await redis_log(a, "q1")]
     assert f"{sent - 1:03}" + "x" * 600 in logged
     assert f"{sent:03}" + "x" * 600 not in logged  # the refused one
+
+
+async def test_a_flood_of_big_actions_keeps_redis_within_the_window(
+    make_nodes: NodeFactory,
+) -> None:
+    window = 1 << 20
+    (a,) = await make_nodes(1, log_window_bytes=window)
+    await a.join_conversation("flood", "c", {}, "mallory")
+    redis, events = a.state.redis, a.keys.events("flood")
+    big = "x" * 60_000
+    acked: list[int] = []
+    largest = 0
+    stop = asyncio.get_running_loop().time() + 3
+    while asyncio.get_running_loop().time() < stop:
+        try:
+            acked.append(
+                await a.send_to_event_stream("c", {"action": "message", "args": {"content": big}})
+            )
+        except StoreBehind:
+            await asyncio.sleep(0.005)
+        if len(acked) % 5 == 0:
+            rows = await redis.xrange(events)
+            largest = max(largest, sum(len(f[b"d"]) for _, f in rows))
+    assert len(acked) > 20
+    # Unstored events never pass the window (the agent's answers aside), and the stored
+    # ones are trimmed to it: at most about twice the window while the store catches up.
+    assert largest <= 2 * window + 4 * 61_000, largest
+
+    async def settled() -> bool:  # every action answered, and all of it stored
+        meta = await a.conversation("flood")
+        return int(meta["applied"]) >= max(acked) and meta["stored"] == meta["seq"]
+
+    await wait_until(settled, timeout=30, what="the flood answered and stored")
+    assert a.node.store is not None
+    stored = dict(await all_stored(a.node.store, "flood"))
+    assert sorted(stored) == list(range(1, len(stored) + 1)) and set(acked) <= set(stored)
+    rows = await redis.xrange(events)
+    assert sum(len(f[b"d"]) for _, f in rows) <= window
