@@ -90,7 +90,7 @@ class Archiver:
         self._pending: set[str] = set()  # logged events not moved yet
         self._moving: set[str] = set()  # being moved now
         self._wake = asyncio.Event()
-        self._failing = False  # the last attempt failed (logged once until it works again)
+        self.trouble = ""  # why the last attempt failed ('' once one works again)
 
     def logged(self, sid: str) -> None:
         """Events of ``sid`` (owned here) were logged: move them soon."""
@@ -146,18 +146,18 @@ class Archiver:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store or Redis: the events wait in Redis
-            if not self._failing:
+            if not self.trouble:  # logged once until it works again
                 log.error(
                     "event store %s: cannot store %s's events (%s); retrying",
                     self._where,
                     lease.sid,
                     exc,
                 )
-            self._failing = True
+            self.trouble = f"cannot store events: {exc}"
             return False
-        if self._failing:
+        if self.trouble:
             log.warning("event store %s: storing events again", self._where)
-            self._failing = False
+            self.trouble = ""
         return True
 
     async def move(self, lease: Lease) -> int:

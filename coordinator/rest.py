@@ -148,6 +148,9 @@ class RestApp:
             "draining": m.draining,
             "loops": len(m.local_loops()) if m.started else 0,
             "connections": len(m.local_connections()),
+            # Not a reason to route clients elsewhere (every node shares the store), but
+            # actions are refused once the events it lacks fill a conversation's window.
+            "event_store": (m.node.archiver.trouble or "ok") if m.started else "",
         }
         if problems:
             body["reason"] = "; ".join(problems)
