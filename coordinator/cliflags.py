@@ -86,6 +86,12 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "bytes of one conversation's events, e.g. 1G; an action that would pass it is "
         "refused; 0: no limit (default: 1G)",
     ),
+    "max_agent_event_bytes": (
+        "--max-agent-event-bytes",
+        _size,
+        "the largest event an agent may emit, e.g. 1M; a larger one is refused to the "
+        "agent and not logged (default: 1M)",
+    ),
     "max_concurrent_conversations": (
         "--max-concurrent-conversations",
         int,

@@ -48,6 +48,9 @@ def check_user_id(user: object) -> str:
 
 
 MAX_SETTINGS_BYTES = 16 * 1024  # an agent's settings, as compact JSON
+# The largest event the event store takes (``eventstore/base.py``): far above any event
+# the coordinator logs, low enough that a corrupt length field is never believed.
+MAX_EVENT_BYTES = 64 * 1024 * 1024
 
 
 def check_settings(value: object) -> dict[str, Any]:
@@ -207,6 +210,8 @@ class ManagerConfig:
     # one conversation's events (an action that would pass it is refused).
     max_conversations_per_user: int = 1000
     max_conversation_bytes: int = 1 << 30
+    # The largest event an agent may emit (user actions: max_action_bytes).
+    max_agent_event_bytes: int = 1 << 20
     inbox_max: int = 1_000
     max_action_bytes: int = 64 * 1024
     start_timeout: float = 30.0
@@ -304,6 +309,7 @@ class ManagerConfig:
             "log_window_bytes",
             "inbox_max",
             "max_action_bytes",
+            "max_agent_event_bytes",
             "start_timeout",
             "redis_timeout",
             "connect_timeout",
@@ -341,6 +347,12 @@ class ManagerConfig:
             raise ConfigError(
                 f"max_connections_per_user must be >= 0, got {self.max_connections_per_user!r}"
             )
+        for name in ("max_action_bytes", "max_agent_event_bytes"):
+            if getattr(self, name) > MAX_EVENT_BYTES:
+                raise ConfigError(
+                    f"{name} must be at most {MAX_EVENT_BYTES} (the event store's limit), "
+                    f"got {getattr(self, name)!r}"
+                )
         if self.log_window_bytes < self.max_action_bytes:
             raise ConfigError(
                 f"log_window_bytes ({self.log_window_bytes}) must hold at least one action "

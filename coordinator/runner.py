@@ -27,7 +27,7 @@ from .backoff import Backoff
 from .codec import agent_event, pack, stamped_at
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import REDIS_TROUBLE, Fenced, SpeculationLost
+from .errors import REDIS_TROUBLE, Fenced, LimitExceeded, SpeculationLost
 from .idle import IdleTracker
 from .metrics import NodeMetrics
 from .speculation import Speculation
@@ -260,8 +260,9 @@ class LoopRunner:
 
     # -- output ----------------------------------------------------------------------
     async def emit(self, event: Event) -> int:
-        """Append an agent event; raises Fenced once the conversation was taken over, and
-        SpeculationLost when the action it answers was not logged as predicted."""
+        """Append an agent event; raises Fenced once the conversation was taken over,
+        SpeculationLost when the action it answers was not logged as predicted, and
+        LimitExceeded when it is over ``max_agent_event_bytes`` (nothing written)."""
         cause = self._cause
         if cause:
             index = self._emits
@@ -289,6 +290,13 @@ class LoopRunner:
         """Commit as the owner. Retries through Redis trouble until it succeeds or the
         lease lapses; a retry after a lost reply is recognised (``dup``), not repeated."""
         packed = [pack(e) for e in events]
+        limit = self._config.max_agent_event_bytes
+        if (largest := max(map(len, packed), default=0)) > limit:
+            raise LimitExceeded(
+                "agent event bytes",
+                f"an event of {largest} bytes is over the limit of {limit} bytes for one "
+                "agent event; nothing was written",
+            )
         backoff = Backoff(base=0.05, cap=1.0)
         spec = self._spec if self._spec is not None and self._spec.predicted == cause else None
         while True:

@@ -474,3 +474,19 @@ async def test_a_flood_of_big_actions_keeps_redis_within_the_window(
     assert sorted(stored) == list(range(1, len(stored) + 1)) and set(acked) <= set(stored)
     rows = await redis.xrange(events)
     assert sum(len(f[b"d"]) for _, f in rows) <= window
+
+
+async def test_an_agent_event_over_the_limit_is_refused_to_the_agent(
+    make_nodes: NodeFactory,
+) -> None:
+    (a,) = await make_nodes(1, max_agent_event_bytes=4096, agent_isolation="none")
+    await a.join_conversation("loud", "c", {}, "alice")
+    runner = a.runner("loud")
+    assert runner is not None
+    seq = (await a.conversation("loud"))["seq"]
+    with pytest.raises(LimitExceeded) as refused:
+        await runner.emit({"observation": "run", "content": "y" * 5000})
+    assert refused.value.limit == "agent event bytes"
+    assert "over the limit of 4096 bytes" in str(refused.value)
+    assert (await a.conversation("loud"))["seq"] == seq  # nothing written
+    assert await runner.emit({"observation": "run", "content": "y" * 1000}) == int(seq) + 1
