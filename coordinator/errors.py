@@ -6,6 +6,7 @@ from redis.exceptions import (
     ClusterDownError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -138,6 +139,12 @@ class LimitExceeded(CoordinatorError):
 class AgentFailed(CoordinatorError):
     """An agent running in a worker process failed: it raised (the message names the
     exception), or its worker stalled or died while it worked."""
+
+
+def redis_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a write at its ``maxmemory`` (policy
+    ``noeviction``): nothing was written."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("OOM")
 
 
 def redis_glitch(exc: BaseException) -> bool:

@@ -44,6 +44,7 @@ from .errors import (
     NotReplicated,
     RedisUnavailable,
     StoreBehind,
+    redis_full,
 )
 
 log = logging.getLogger("coordinator.rest")
@@ -93,6 +94,8 @@ def client_message(exc: BaseException) -> str:
         return f"authentication failed: {exc}"
     if isinstance(exc, CoordinatorError):
         return str(exc)
+    if redis_full(exc):
+        return "Redis is full (at its maxmemory): nothing was written; try again later"
     if isinstance(exc, REDIS_TROUBLE):
         return "the coordinator cannot reach Redis right now; try again"
     return "internal error"

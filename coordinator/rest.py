@@ -138,6 +138,8 @@ class RestApp:
         registered = lease and redis_up and await m.directory.registered()
         if m.started and not registered:
             problems.append("this node's membership lease is not valid")
+        if redis_up and (full := await m.directory.redis_full()):
+            problems.append(full)
         if m.draining:
             problems.append("the node is draining")
         body: dict[str, Any] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -490,3 +491,30 @@ async def test_an_agent_event_over_the_limit_is_refused_to_the_agent(
     assert "over the limit of 4096 bytes" in str(refused.value)
     assert (await a.conversation("loud"))["seq"] == seq  # nothing written
     assert await runner.emit({"observation": "run", "content": "y" * 1000}) == int(seq) + 1
+
+
+async def test_redis_at_its_maxmemory_refuses_actions_clearly(
+    servers: ServerCluster, redis_client: Any
+) -> None:
+    (a,) = await servers.start(1)
+    client = await servers.join(a, "full", "alice")
+    before = await client.say("before")
+    policy = await redis_client.config_get("maxmemory-policy")
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", 1)
+    try:
+        ack = await client.act({"action": "message", "args": {"content": "refused"}})
+        status, health = await servers.request("GET", a, "/healthz")
+    finally:
+        await redis_client.config_set("maxmemory", 0)
+        await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
+    assert ack == {
+        "ok": False,
+        "error": "Redis is full (at its maxmemory): nothing was written; try again later",
+    }
+    assert status == 503 and health["status"] == "degraded"
+    assert "Redis is full" in health["reason"]
+    after = await client.say("after")
+    assert after > before
+    logged = [e.get("args", {}).get("content") for e in await a.manager.events("full")]
+    assert "before" in logged and "after" in logged and "refused" not in logged

@@ -37,6 +37,12 @@ def entries(rows: Any) -> list[tuple[int, Event]]:
     ]
 
 
+def _fullness(info: Any) -> float:
+    """How full a node's INFO memory says it is (0 without maxmemory)."""
+    most = int(info["maxmemory"])
+    return int(info["used_memory"]) / most if most else 0.0
+
+
 def accept_token(client_key: str | None) -> str:
     """The token an accept is known by: the client's action id, else 96 random bits."""
     return os.urandom(12).hex() if client_key is None else f"c:{client_key}"
@@ -117,6 +123,13 @@ class StateCore:
 
     async def ping(self) -> None:
         await self.redis.ping()
+
+    async def memory(self) -> tuple[int, int]:
+        """Redis's ``(used_memory, maxmemory)`` in bytes (maxmemory 0: no bound)."""
+        info = await self.redis.info("memory")
+        if "used_memory" not in info:  # a cluster client: one answer per node, the fullest
+            info = max(info.values(), key=_fullness)
+        return int(info["used_memory"]), int(info["maxmemory"])
 
     async def _run(
         self, name: str, keys: Sequence[str], args: Sequence[Any], *, hot: bool = False
