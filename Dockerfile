@@ -18,8 +18,12 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY coordinator ./coordinator
 COPY workers ./workers
+# The event store's default directory, owned by the node's user (a volume mounted there
+# starts with this owner): nodes sharing that volume share one store.
 RUN pip install . \
-    && useradd --system --uid 10001 --no-create-home coordinator
+    && useradd --system --uid 10001 --no-create-home coordinator \
+    && mkdir -p /var/lib/coordinator/events \
+    && chown -R coordinator /var/lib/coordinator
 
 USER coordinator
 EXPOSE 8000

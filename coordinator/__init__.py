@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         NodeDraining,
         RedisUnavailable,
         SpeculationLost,
+        StoreBehind,
     )
     from .handles import ConversationHandle
     from .manager import ConversationInfo, ConversationManager, EventSink
@@ -53,6 +54,7 @@ __all__ = [
     "NodeDraining",
     "RedisUnavailable",
     "SpeculationLost",
+    "StoreBehind",
 ]
 _WHERE = {
     "ManagerConfig": ".config",

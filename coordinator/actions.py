@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from . import codec
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import ConversationNotFound, Forbidden, InboxFull
+from .errors import ConversationNotFound, Forbidden, InboxFull, LimitExceeded, StoreBehind
 from .membership import Membership
 from .runner import LoopRunner
 from .state import Accepted, RedisState, accept_token
@@ -44,7 +44,8 @@ class Actions:
 
     async def accept(self, sid: str, user: str, action: codec.Action) -> Accepted:
         """Log and enqueue ``action`` for ``sid`` as ``user``; raises the reason it was
-        refused (ConversationNotFound, Forbidden, InboxFull), changing nothing then."""
+        refused (ConversationNotFound, Forbidden, InboxFull, StoreBehind), changing nothing
+        then."""
         event, packed = action
         key = event.get(codec.CLIENT_ACTION_ID)
         token = accept_token(None if key is None else str(key))
@@ -58,11 +59,13 @@ class Actions:
                 sid,
                 user,
                 packed,
-                self._config.event_log_maxlen,
+                self._config.log_window_events,
                 self._config.inbox_max,
                 self._membership.inc,
                 token=token,
                 floor=floor,
+                window_bytes=self._config.log_window_bytes,
+                max_bytes=self._config.max_conversation_bytes,
             )
             landed = r.event_id if r.status == "ok" else 0
         finally:
@@ -75,6 +78,20 @@ class Actions:
         if r.status == "full":
             raise InboxFull(
                 f"conversation {sid!r} has {self._config.inbox_max} unprocessed actions"
+            )
+        if r.status == "quota":
+            raise LimitExceeded(
+                "bytes per conversation",
+                f"conversation {sid!r} holds {r.event_id} bytes of events; with this "
+                f"action ({len(packed)} bytes) it would pass the limit of "
+                f"{self._config.max_conversation_bytes} bytes; start another conversation",
+            )
+        if r.status == "behind":
+            raise StoreBehind(
+                f"conversation {sid!r}: the event store is behind ({r.event_id} events, "
+                f"{r.unstored_bytes} bytes not stored yet; Redis keeps at most "
+                f"{self._config.log_window_events} events and {self._config.log_window_bytes} "
+                "bytes until the store has them); not acknowledged, try again later"
             )
         if r.notice is not None:  # Redis had lost events: clients are told first
             await self._delivery.committed(sid, r.notice[0], [r.notice[1]])

@@ -225,6 +225,7 @@ async def _serve(
     # ack waited that long), 10-30 ms after (docs/failures.md).
     gc.freeze()
     print(f"node {node.node_id} serving on {node.url} ({node.redis})", flush=True)
+    print(f"node {node.node_id} keeps history in the event store {node.event_store}", flush=True)
     if server_config.metrics_port is not None:
         print(f"node {node.node_id} serves /metrics on {node.metrics_url}", flush=True)
     stopped = asyncio.ensure_future(stop.wait())

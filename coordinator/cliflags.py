@@ -46,6 +46,52 @@ def _size(value: str) -> int:
 CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "node_id": ("--node-id", str, "node id (default: HOST-PID-random)"),
     "key_prefix": ("--key-prefix", str, "prefix of every Redis key (default: coord)"),
+    "event_store": (
+        "--event-store",
+        str,
+        "where every conversation's full history is kept: file:///ABSOLUTE/PATH (one "
+        "machine, or a shared volume) or postgresql://USER@HOST/DB (several machines); "
+        "every node of a cluster must use the same one (default: file:// of the "
+        "machine's directory, $XDG_DATA_HOME/coordinator/events, "
+        "/var/lib/coordinator/events or ~/.local/share/coordinator/events)",
+    ),
+    "log_window_events": (
+        "--log-window-events",
+        int,
+        "newest events of a conversation Redis keeps once the event store holds them; "
+        "actions are refused while more than this many are not yet stored (default: 10000)",
+    ),
+    "log_window_bytes": (
+        "--log-window-bytes",
+        _size,
+        "bytes of a conversation's newest events Redis keeps, e.g. 16M; actions are "
+        "refused while more than this is not yet stored (default: 16M)",
+    ),
+    "redis_retention": (
+        "--redis-retention",
+        float,
+        "seconds a stopped conversation's Redis state (record, log window, inbox) is kept "
+        "once the event store holds it all; it comes back from the store when started "
+        "again; 0: kept forever (default: 3600)",
+    ),
+    "max_conversations_per_user": (
+        "--max-conversations-per-user",
+        int,
+        "conversations one user may have in the event store; creating one more is refused "
+        "until one is purged; 0: no limit (default: 1000)",
+    ),
+    "max_conversation_bytes": (
+        "--max-conversation-bytes",
+        _size,
+        "bytes of one conversation's events, e.g. 1G; an action that would pass it is "
+        "refused; 0: no limit (default: 1G)",
+    ),
+    "max_agent_event_bytes": (
+        "--max-agent-event-bytes",
+        _size,
+        "the largest event an agent may emit, e.g. 1M; a larger one is refused to the "
+        "agent and not logged (default: 1M)",
+    ),
     "max_concurrent_conversations": (
         "--max-concurrent-conversations",
         int,

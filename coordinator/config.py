@@ -49,6 +49,9 @@ def check_user_id(user: object) -> str:
 
 
 MAX_SETTINGS_BYTES = 16 * 1024  # an agent's settings, as compact JSON
+# The largest event the event store takes (``eventstore/base.py``): far above any event
+# the coordinator logs, low enough that a corrupt length field is never believed.
+MAX_EVENT_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,23 @@ class ManagerConfig:
     node_ttl: float = 6.0
     heartbeat_interval: float = 1.5
     lease_margin: float = 1.5
-    event_log_maxlen: int = 10_000
+    # Where the full history lives (``eventstore/factory.py``): file:///PATH or
+    # postgresql://...; '' is the machine's default directory (``default_path``).
+    event_store: str = ""
+    # Redis keeps each conversation's newest events (its hot window), at most this many
+    # and about this many bytes, once the store holds them (``archive.py``); actions are
+    # refused while the events the store does not hold yet would exceed either bound.
+    log_window_events: int = 10_000
+    log_window_bytes: int = 16 << 20
+    # A stopped conversation's Redis state (record, window, inbox) expires after this
+    # many seconds once the store holds it all; it comes back from the store (0: never).
+    redis_retention: float = 3600.0
+    # Quotas of the event store (0: none): conversations stored per user, and bytes of
+    # one conversation's events (an action that would pass it is refused).
+    max_conversations_per_user: int = 1000
+    max_conversation_bytes: int = 1 << 30
+    # The largest event an agent may emit (user actions: max_action_bytes).
+    max_agent_event_bytes: int = 1 << 20
     inbox_max: int = 1_000
     max_action_bytes: int = 64 * 1024
     start_timeout: float = 30.0
@@ -338,9 +357,11 @@ class ManagerConfig:
             "cleanup_interval",
             "node_ttl",
             "heartbeat_interval",
-            "event_log_maxlen",
+            "log_window_events",
+            "log_window_bytes",
             "inbox_max",
             "max_action_bytes",
+            "max_agent_event_bytes",
             "start_timeout",
             "redis_timeout",
             "connect_timeout",
@@ -396,6 +417,22 @@ class ManagerConfig:
             raise ConfigError(
                 f"max_connections_per_user must be >= 0, got {self.max_connections_per_user!r}"
             )
+        for name in ("max_action_bytes", "max_agent_event_bytes"):
+            if getattr(self, name) > MAX_EVENT_BYTES:
+                raise ConfigError(
+                    f"{name} must be at most {MAX_EVENT_BYTES} (the event store's limit), "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.log_window_bytes < self.max_action_bytes:
+            raise ConfigError(
+                f"log_window_bytes ({self.log_window_bytes}) must hold at least one action "
+                f"(max_action_bytes {self.max_action_bytes})"
+            )
+        for name in ("max_conversations_per_user", "max_conversation_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)!r}")
+        if self.redis_retention < 0:
+            raise ConfigError(f"redis_retention must be >= 0, got {self.redis_retention!r}")
         if self.lease_margin < 0:
             raise ConfigError(f"lease_margin must be >= 0, got {self.lease_margin!r}")
         if self.heartbeat_interval * 2 > self.node_ttl - self.lease_margin:
@@ -410,7 +447,7 @@ class ManagerConfig:
         values = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "redis_url":
+            if f.name in ("redis_url", "event_store"):
                 value = redact_url(value)
             values.append(f"{f.name}={value!r}")
         return f"ManagerConfig({', '.join(values)})"

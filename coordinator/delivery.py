@@ -31,7 +31,7 @@ from workers.protocol import Event
 from .backoff import Backoff
 from .codec import CLOSING, notice_code, notice_update, stamped_at, with_id
 from .errors import REDIS_TRANSIENT, REDIS_TROUBLE, CoordinatorError, InvalidInput
-from .state import RedisState
+from .history import History
 from .tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -95,10 +95,11 @@ class Connection:
 
 class LocalConnections:
     """This node's connections by id and by conversation, each with its cursor; reads
-    the log through ``state`` and writes to clients through ``sink``."""
+    the conversation's history (the event store, then the Redis log) through ``history``
+    and writes to clients through ``sink``."""
 
-    def __init__(self, state: RedisState, sink: EventSink, tasks: TaskSet) -> None:
-        self._state = state
+    def __init__(self, history: History, sink: EventSink, tasks: TaskSet) -> None:
+        self._history = history
         self.sink = sink
         self._tasks = tasks
         self._by_id: dict[str, Connection] = {}
@@ -202,10 +203,12 @@ class LocalConnections:
                         )
                     joining = None
                     conn.verified = True
-                    size = 0
+                    rows, size = await self._history.below_window(
+                        conn.sid, conn.cursor, count, rows, 0, last
+                    )
                 else:
-                    rows, size = await self._state.events_after_sized(conn.sid, conn.cursor, count)
-            except REDIS_TRANSIENT as exc:
+                    rows, size = await self._history.after(conn.sid, conn.cursor, count)
+            except REDIS_TRANSIENT as exc:  # the store's StoreUnavailable too (an OSError)
                 delay = backoff.next()
                 if deadline is not None and loop.time() + delay > deadline:
                     raise CatchUpFailed(f"cannot read the log of {conn.sid!r}: {exc}") from None

@@ -105,6 +105,17 @@ class Directory:
             return False, f"redis: {exc or type(exc).__name__}"
         return True, ""
 
+    async def redis_full(self) -> str:
+        """Why Redis refuses writes now ('' when it does not, or cannot be asked): at its
+        maxmemory."""
+        try:
+            used, most = await self._state.memory()
+        except REDIS_TROUBLE:
+            return ""
+        if most and used >= most:
+            return f"Redis is full ({used} bytes used of maxmemory {most}): writes are refused"
+        return ""
+
     # -- the seed's cluster-wide queries ---------------------------------------------
     async def running_loops(self, user: str | None, sids: set[str] | None) -> set[str]:
         """Ids of conversations whose loop runs on a live node (of ``user``, among ``sids``)."""

@@ -6,6 +6,7 @@ from redis.exceptions import (
     ClusterDownError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -113,6 +114,11 @@ class InboxFull(CoordinatorError):
     """The conversation's action inbox holds too many unprocessed actions."""
 
 
+class StoreBehind(CoordinatorError):
+    """The event store lags: the conversation's events it does not hold yet fill the
+    Redis window (``--log-window-events``, ``--log-window-bytes``); nothing was done."""
+
+
 class CapacityTimeout(CoordinatorError, TimeoutError):
     """A start waited too long for an evicted conversation to release its cap slot."""
 
@@ -171,6 +177,12 @@ class AgentFailed(CoordinatorError):
     def __init__(self, message: str, what: str = "") -> None:
         super().__init__(message)
         self.what = what or "an error"
+
+
+def redis_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a write at its ``maxmemory`` (policy
+    ``noeviction``): nothing was written."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("OOM")
 
 
 def redis_glitch(exc: BaseException) -> bool:

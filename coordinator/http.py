@@ -44,6 +44,8 @@ from .errors import (
     NodeDraining,
     NotReplicated,
     RedisUnavailable,
+    StoreBehind,
+    redis_full,
 )
 
 log = logging.getLogger("coordinator.rest")
@@ -77,7 +79,9 @@ def status_for(exc: BaseException) -> int:
         return 429
     if isinstance(exc, InvalidInput):
         return 400
-    unavailable = NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | NotReplicated
+    unavailable = (
+        NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | NotReplicated | StoreBehind
+    )
     if isinstance(exc, unavailable) or isinstance(exc, REDIS_TROUBLE):  # noqa: SIM101
         return 503
     return 500
@@ -91,6 +95,8 @@ def client_message(exc: BaseException) -> str:
         return f"authentication failed: {exc}"
     if isinstance(exc, CoordinatorError):
         return str(exc)
+    if redis_full(exc):
+        return "Redis is full (at its maxmemory): nothing was written; try again later"
     if isinstance(exc, REDIS_TROUBLE):
         return "the coordinator cannot reach Redis right now; try again"
     return "internal error"

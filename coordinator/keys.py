@@ -120,6 +120,11 @@ class KeySchema:
         refreshed by each node while it serves, read to find other nodes' URLs."""
         return f"{self.prefix}:{{cluster}}:urls"
 
+    def event_store(self) -> str:
+        """Hash: the cluster's event store (identity, its URL shown without password, the
+        node that recorded it first): every node must use that one."""
+        return f"{self.prefix}:{{cluster}}:store"
+
     def reaper_lock(self) -> str:
         """String: the node currently reaping dead nodes (SET NX PX)."""
         return f"{self.prefix}:{{cluster}}:reaper"

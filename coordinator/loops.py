@@ -24,11 +24,13 @@ from workers.protocol import AgentContext, AgentFactory, AgentState, Event
 from . import codec
 from .actions import Actions
 from .admission import Admission
+from .archive import Archiver
 from .bus import CommandBus
 from .config import DEFAULT_LIFETIMES, Lifetimes, ManagerConfig
 from .delivery import Delivery
 from .directory import Directory
-from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, NodeDraining
+from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, LimitExceeded, NodeDraining
+from .eventstore import EventStore
 from .idle import IdleTracker
 from .membership import Membership
 from .metrics import NodeMetrics
@@ -40,6 +42,7 @@ from .tasks import TaskSet
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 32  # idle loops closed at once by a sweep
+STORE_FLUSH_WITHIN = 2.0  # seconds a stopping loop waits for its events to be stored
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,12 @@ class Loops:
         metrics: NodeMetrics,
         tasks: TaskSet,
         agent_factory: AgentFactory,
+        archiver: Archiver,
+        store: EventStore,
     ) -> None:
         self.runners = runners
+        self._archiver = archiver
+        self._store = store
         self._state = state
         self._config = config
         self._intake = intake
@@ -159,19 +166,26 @@ class Loops:
         a conversation created here records ``lifetimes``."""
         membership = self._membership
         dead = ""
+        stored: tuple[int, int, int] | None = None  # the store's (last id, fence, bytes)
         while True:
             own = await self._state.acquire(
                 sid,
                 self._config.node_id,
                 membership.inc,
                 user,
-                create=not self._intake.draining,
+                create=stored is not None and not self._intake.draining,
                 dead_inc=dead,
+                stored=stored or (0, 0, 0),
                 close_delay=lifetimes.close_delay,
                 max_running_time=lifetimes.max_running_time,
             )
             if own.status == "forbidden":
                 raise Forbidden(sid)
+            if own.status == "missing" and stored is None:
+                # Not in Redis: new, or gone from Redis (expired, lost) but in the store,
+                # whose ids and epochs it continues (never an id the store holds again).
+                stored = await self._stored(sid, user)
+                continue
             if own.status == "missing":
                 self._intake.check()  # a conversation is created only while not draining
                 raise NodeDraining(f"node {self._config.node_id} is draining")
@@ -183,6 +197,26 @@ class Loops:
             if await self._directory.alive(own.inc):
                 return ConversationInfo(sid, own.user, own.owner, True, False)
             dead = own.inc
+
+    async def _stored(self, sid: str, user: str) -> tuple[int, int, int]:
+        """The event store's ``(last id, fence epoch, bytes)`` of ``sid``; Forbidden when
+        it is another user's, LimitExceeded when it is new and ``user`` has
+        ``max_conversations_per_user`` stored."""
+        known = await self._store.conversation(sid)
+        if known is None:
+            quota = self._config.max_conversations_per_user
+            if quota and user and (count := await self._store.count_conversations(user)) >= quota:
+                raise LimitExceeded(
+                    "conversations per user",
+                    f"user {user!r} has {count} conversations stored (the limit is {quota}); "
+                    "delete one for good (DELETE /api/conversations/ID?purge=true) first",
+                )
+            return 0, 0, 0
+        if user and known.user != user:
+            raise Forbidden(sid)
+        if known.last_id:
+            log.info("conversation %s comes back from the event store at %d", sid, known.last_id)
+        return known.last_id, known.epoch, known.size
 
     async def _start(
         self,
@@ -251,6 +285,7 @@ class Loops:
             metrics=self._metrics,
             close_delay=close_delay,
             max_running_time=max_running_time,
+            archiver=self._archiver,
         )
         self.runners[sid] = runner
         try:
@@ -276,7 +311,6 @@ class Loops:
                     lease.inc,
                     lease.epoch,
                     [codec.pack(status)],
-                    maxlen=self._config.event_log_maxlen,
                 )
             await self._state.release_loop(lease, "stopped")
         except REDIS_TROUBLE as exc:
@@ -299,10 +333,18 @@ class Loops:
         if status is not None:
             with contextlib.suppress(Fenced, *REDIS_TROUBLE):
                 await runner.emit_status(status)
+        stored = False
+        if not runner.fenced:
+            # Stopped with nothing left in Redis that the store lacks, when it can be had
+            # quickly; else its next owner moves the rest.
+            stored = await self._archiver.flush(runner.lease, STORE_FLUSH_WITHIN)
         if self.runners.get(sid) is runner:
             del self.runners[sid]
+        self._archiver.forget(sid)
         if not runner.fenced:
-            await self._state.release_loop(runner.lease, str(AgentState.STOPPED))
+            # All in the store: its Redis state may expire (--redis-retention).
+            retention = int(self._config.redis_retention * 1000) if stored else 0
+            await self._state.release_loop(runner.lease, str(AgentState.STOPPED), retention)
         await self._interest.unwatch(sid)
         return True
 
@@ -317,6 +359,7 @@ class Loops:
     def _fenced(self, runner: LoopRunner) -> None:
         if self.runners.get(runner.sid) is runner:
             del self.runners[runner.sid]
+            self._archiver.forget(runner.sid)
         self._tasks.spawn(self._finish_fenced(runner), f"fenced:{runner.sid}")
 
     async def _finish_fenced(self, runner: LoopRunner) -> None:
@@ -397,9 +440,7 @@ class Loops:
     async def release_dead(self, sid: str, user: str, inc: str) -> None:
         """Free what a dead incarnation held for one conversation; tell its clients."""
         if await self._state.release_lost(sid, user, inc):
-            await self._state.commit(
-                sid, "", 0, [codec.pack(codec.lost_event())], maxlen=self._config.event_log_maxlen
-            )
+            await self._state.commit(sid, "", 0, [codec.pack(codec.lost_event())])
         self.admission.slot_freed(user)
 
     async def close_unserved(self, sid: str, user: str, inc: str) -> None:
@@ -408,9 +449,7 @@ class Loops:
         closes its connections on every node."""
         if inc and await self._state.release_lost(sid, user, inc):
             self.admission.slot_freed(user)
-        await self._state.commit(
-            sid, "", 0, [codec.pack(codec.closed_event())], maxlen=self._config.event_log_maxlen
-        )
+        await self._state.commit(sid, "", 0, [codec.pack(codec.closed_event())])
 
     async def retry_abandoned(self) -> list[tuple[str, str]]:
         """Give up (again) what failed starts left owned; ``(sid, user)`` of those given

@@ -8,6 +8,7 @@ that owns it (``node.py`` lists them).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
@@ -45,6 +46,8 @@ from .runner import LoopRunner
 from .state import RedisState
 
 __all__ = ["ConversationInfo", "ConversationManager", "EventSink", "NullSink"]
+
+log = logging.getLogger(__name__)
 
 
 MAX_EVENT_ID = 2**63 - 1  # event ids are Redis stream ids' first part (and int64 elsewhere)
@@ -321,9 +324,42 @@ class ConversationManager:
         """The conversation's record in Redis ({} when unknown)."""
         return await self.state.meta(check_conversation_id(sid))
 
-    async def events(self, sid: str, after: int = 0, limit: int = 1000) -> list[Event]:
+    async def purge(self, sid: str, user_id: str | None = None) -> dict[str, Any]:
+        """Stop ``sid``'s loop and delete it everywhere: its Redis state, then its history
+        in the event store. Says what it removed."""
         check_conversation_id(sid)
-        rows = await self.state.events_after(sid, after, count=limit)
+        user = _user(user_id)
+        owner = await self.user_of(sid)
+        if not owner:
+            raise ConversationNotFound(sid)
+        if user and owner != user:
+            raise Forbidden(sid)
+        closed = False
+        if await self.conversation(sid):
+            closed = await self.close_session(sid, owner)
+        keys = await self.state.purge(sid, owner)
+        store = self.node.store
+        events, size = await store.purge(sid) if store is not None else (0, 0)
+        log.info("conversation %s purged: %d Redis keys, %d stored events", sid, keys, events)
+        return {
+            "closed": closed,
+            "purged": {"redis_keys": keys, "stored_events": events, "stored_bytes": size},
+        }
+
+    async def user_of(self, sid: str) -> str:
+        """The user of conversation ``sid`` ('' when unknown), from its record in Redis
+        or, once that expired, the event store."""
+        meta = await self.conversation(sid)
+        if meta:
+            return meta.get("user", "")
+        stored = await self.node.store.conversation(sid) if self.node.store else None
+        return stored.user if stored is not None else ""
+
+    async def events(self, sid: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Up to ``limit`` events of ``sid`` after id ``after``, in order, wherever they
+        are kept (the event store, then the Redis window: ``history.py``)."""
+        check_conversation_id(sid)
+        rows, _ = await self.node.history.after(sid, after, limit)
         return [codec.with_id(i, e) for i, e in rows]
 
     async def nodes(self) -> dict[str, str]:

@@ -19,13 +19,16 @@ from workers.protocol import AgentFactory
 from . import codec
 from .actions import Actions
 from .agentpool import AgentPool
+from .archive import Archiver, check_cluster_store
 from .backends import Backend
 from .bus import CommandBus
 from .config import ManagerConfig
 from .delivery import Delivery, EventSink, LocalConnections
 from .directory import Directory
 from .errors import EXPECTED, REDIS_TROUBLE
+from .eventstore import EventStore, open_store, shown_url
 from .handles import AttachedHandles
+from .history import History
 from .idle import IdleTracker
 from .keys import KeySchema
 from .loops import Intake, Loops
@@ -92,6 +95,8 @@ class Node:
         self.intake = Intake(config.node_id)
         self.handles = AttachedHandles(config.close_delay)
         self.agents: AgentPool | None = None  # the worker processes, if agents run there
+        self.store: EventStore | None = None  # the conversations' full history
+        self.store_url = shown_url(config.event_store or None)  # without its password
 
     @classmethod
     async def start(
@@ -118,6 +123,8 @@ class Node:
         await self.backend.check()
         self.state: RedisState = self.backend.state(keys)
         await self.state.load_scripts()
+        self.store = await open_store(cfg.event_store or None)
+        await check_cluster_store(self.state, self.store, cfg, self.store_url)
         if agent_factory is None:  # agent_isolation "process": agentpool.py
             self.agents = AgentPool(config=cfg, state=self.state, metrics=self.metrics)
             await self.agents.start()
@@ -131,7 +138,8 @@ class Node:
         interest = Interest(self.subscriptions, keys)
         self.bus = CommandBus(self.state, cfg.node_id, tasks, timeout=cfg.redis_timeout * 2)
         self.runners: dict[str, LoopRunner] = {}
-        self.connections = LocalConnections(self.state, sink, tasks)
+        self.history = History(self.state, self.store)
+        self.connections = LocalConnections(self.history, sink, tasks)
         self.delivery = Delivery(self.runners, self.connections)
         self.idle = IdleTracker(
             state=self.state, config=cfg, runners=self.runners, membership=self.membership
@@ -142,6 +150,13 @@ class Node:
             membership=self.membership,
             runners=self.runners,
             delivery=self.delivery,
+        )
+        self.archiver = Archiver(
+            state=self.state,
+            store=self.store,
+            config=cfg,
+            runners=self.runners,
+            where=self.store_url,
         )
         self.loops = Loops(
             runners=self.runners,
@@ -158,6 +173,8 @@ class Node:
             metrics=self.metrics,
             tasks=tasks,
             agent_factory=agent_factory,
+            archiver=self.archiver,
+            store=self.store,
         )
         self.restarts = Restarts(
             loops=self.loops,
@@ -208,12 +225,14 @@ class Node:
         tasks.spawn(self.recovery.housekeeping_loop(), "housekeeping")
         tasks.spawn(self.idle.flush_loop(), "activity-flush")
         tasks.spawn(self.loops.sweep_loop(), "cleanup")
+        tasks.spawn(self.archiver.run(), "event-store")
         await self.restarts.resume_pending(self.recovery.released_at_start)
         log.info(
-            "node %s started (incarnation %s) on %s",
+            "node %s started (incarnation %s) on %s, event store %s",
             cfg.node_id,
             self.membership.inc,
             self.backend.describe(),
+            self.store_url,
         )
 
     @property
@@ -230,7 +249,16 @@ class Node:
             self.membership.stop()
         if hasattr(self, "subscriptions"):
             await self.subscriptions.aclose()
+        await self._close_store()
         await self.backend.aclose()
+
+    async def _close_store(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            try:
+                await store.aclose()
+            except Exception:
+                log.exception("closing the event store %s failed", self.store_url)
 
     async def halt(self) -> None:
         """Stop every task and renewing the lease, releasing nothing in Redis: what a
@@ -255,10 +283,9 @@ class Node:
             await self.agents.aclose()
         self.membership.stop()
         with contextlib.suppress(*REDIS_TROUBLE):
-            await reap_incarnation(
-                self.state, self.inc, keep_connections=False, maxlen=self.config.event_log_maxlen
-            )
+            await reap_incarnation(self.state, self.inc, keep_connections=False)
             await self.state.unregister(self.config.node_id, self.inc)
+        await self._close_store()
         await self.backend.aclose()
 
     async def drain(self) -> None:

@@ -36,7 +36,7 @@ REAP_CONCURRENCY = 32  # conversations of a dead incarnation released at once
 
 
 async def reap_incarnation(
-    state: RedisState, inc: str, *, keep_connections: bool, maxlen: int
+    state: RedisState, inc: str, *, keep_connections: bool
 ) -> list[tuple[str, str]]:
     """Release everything a dead (or replaced) incarnation held. Idempotent.
 
@@ -52,7 +52,7 @@ async def reap_incarnation(
         async with gate:
             if await state.release_lost(sid, user, inc):
                 released.append((sid, user))
-                await state.commit(sid, "", 0, [lost], maxlen=maxlen)
+                await state.commit(sid, "", 0, [lost])
 
     # Concurrently, a bounded number at a time: a node may have held thousands.
     await asyncio.gather(*(release(s, u) for s, u in (await state.owned(inc)).items()))
@@ -67,9 +67,7 @@ async def reap_incarnation(
     return released
 
 
-async def reap_dead_nodes(
-    state: RedisState, me: str, lock_ms: int, maxlen: int
-) -> list[tuple[str, str]]:
+async def reap_dead_nodes(state: RedisState, me: str, lock_ms: int) -> list[tuple[str, str]]:
     """Find registered nodes whose lease is gone and reap them (one reaper at a time).
 
     Returns ``(sid, user)`` of every conversation released.
@@ -94,7 +92,7 @@ async def reap_dead_nodes(
         # node re-registering waits for this lock before it re-adds its connections, so
         # reaping its old incarnation here cannot delete them after they were re-added.
         for node, inc in await find_dead():
-            released = await reap_incarnation(state, inc, keep_connections=False, maxlen=maxlen)
+            released = await reap_incarnation(state, inc, keep_connections=False)
             await state.unregister(node, inc)
             log.warning("reaped dead node %s: released %d conversation(s)", inc, len(released))
             reaped.extend(released)
@@ -153,7 +151,7 @@ class Recovery:
         """At start: release what this node id's previous incarnation held."""
         if previous:
             self.released_at_start = await reap_incarnation(
-                self._state, previous, keep_connections=False, maxlen=self._config.event_log_maxlen
+                self._state, previous, keep_connections=False
             )
 
     async def housekeeping_loop(self) -> None:
@@ -178,7 +176,7 @@ class Recovery:
                 if n % reap_every == 0:
                     reaped_at = time.time()
                     released = await reap_dead_nodes(
-                        self._state, self._membership.inc, self._ttl_ms, cfg.event_log_maxlen
+                        self._state, self._membership.inc, self._ttl_ms
                     )
                     await self._restarts.resume_pending(released, lost_at=reaped_at)
             except REDIS_TROUBLE as exc:
@@ -201,9 +199,7 @@ class Recovery:
         ) as held:
             if not held:
                 log.warning("re-registering connections without the reaper lock")
-            released = await reap_incarnation(
-                state, old, keep_connections=True, maxlen=self._config.event_log_maxlen
-            )
+            released = await reap_incarnation(state, old, keep_connections=True)
             # Re-add first: were we to die between the two, a reaper (the old incarnation
             # stays on the retired list until the end) still finds every connection.
             await self._sessions.reassert()

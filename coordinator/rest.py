@@ -41,6 +41,24 @@ from .serverconfig import NO_LIMITS, ServerConfig
 
 log = logging.getLogger(__name__)
 
+DEFAULT_EVENTS_PAGE = 100
+MAX_EVENTS_PAGE = 1000
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int | None) -> int:
+    """An integer query parameter within ``low..high``; else InvalidInput (400)."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(f"{name} must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise InvalidInput(f"{name} must be {bound}, got {value}")
+    return value
+
 
 class RestApp:
     """ASGI app serving ``/api/...``, ``/healthz`` and ``/metrics`` for one node.
@@ -81,6 +99,7 @@ class RestApp:
                     "/api/conversations/{sid}",
                     resource({"GET": self.get_conversation, "DELETE": self.close_conversation}),
                 ),
+                Route("/api/conversations/{sid}/events", resource({"GET": self.events})),
                 *extra_routes,  # the browser pages and their endpoints (pages.py)
             ],
             # Both spellings of the collection are served as they are, never redirected.
@@ -119,6 +138,8 @@ class RestApp:
         registered = lease and redis_up and await m.directory.registered()
         if m.started and not registered:
             problems.append("this node's membership lease is not valid")
+        if redis_up and (full := await m.directory.redis_full()):
+            problems.append(full)
         if m.draining:
             problems.append("the node is draining")
         body: dict[str, Any] = {
@@ -129,6 +150,9 @@ class RestApp:
             "draining": m.draining,
             "loops": len(m.local_loops()) if m.started else 0,
             "connections": len(m.local_connections()),
+            # Not a reason to route clients elsewhere (every node shares the store), but
+            # actions are refused once the events it lacks fill a conversation's window.
+            "event_store": (m.node.archiver.trouble or "ok") if m.started else "",
         }
         if problems:
             body["reason"] = "; ".join(problems)
@@ -175,6 +199,20 @@ class RestApp:
         user = self.user(request)
         return json_response(200, await self.owned(request.path_params["sid"], user))
 
+    async def events(self, request: Request) -> Response:
+        """A page of the conversation's events: ``?after=ID`` (default 0) and
+        ``&limit=N`` (1..1000, default 100); ``next`` is the ``after`` of the next page."""
+        who = self.identity(request)
+        sid = check_conversation_id(request.path_params["sid"])
+        after = query_int(request, "after", 0, 0, None)
+        limit = query_int(request, "limit", DEFAULT_EVENTS_PAGE, 1, MAX_EVENTS_PAGE)
+        user = await self.manager.user_of(sid)  # from the store once Redis let it go
+        if not user or (user != who.user and not who.admin):
+            raise ConversationNotFound(sid)
+        events = await self.manager.events(sid, after, limit)
+        last = events[-1]["id"] if events else after
+        return json_response(200, {"events": events, "next": last, "more": len(events) == limit})
+
     async def create_conversation(self, request: Request) -> Response:
         who = self.identity(request)
         user = who.user
@@ -209,7 +247,12 @@ class RestApp:
     async def close_conversation(self, request: Request) -> Response:
         user = self.user(request)
         sid = check_conversation_id(request.path_params["sid"])
+        purge = request.query_params.get("purge", "false")
+        if purge not in ("true", "false"):
+            raise InvalidInput(f"purge must be true or false, got {purge!r}")
         try:
+            if purge == "true":
+                return json_response(200, await self.manager.purge(sid, user))
             closed = await self.manager.close_session(sid, user)
         except Forbidden:
             raise ConversationNotFound(sid) from None

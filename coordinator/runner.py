@@ -22,11 +22,12 @@ from collections.abc import Callable
 from workers.protocol import AgentLoop, AgentState, Event
 
 from .actionqueue import ActionQueue
+from .archive import Archiver
 from .backoff import Backoff
 from .codec import agent_event, pack, stamped_at, state_changed
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import REDIS_TROUBLE, AgentFailed, Fenced, SpeculationLost
+from .errors import REDIS_TROUBLE, AgentFailed, Fenced, LimitExceeded, SpeculationLost
 from .idle import IdleTracker
 from .metrics import NodeMetrics
 from .poison import RAISED, error_observation
@@ -59,7 +60,8 @@ class LoopRunner:
     agent (again, when a speculation was lost); ``speculative``: dispatch before the
     accept answered when the agent allows it; ``lease_valid``: the node's lease clock;
     ``on_fenced``: told once when ownership is no longer its own; ``delivery``,
-    ``activity``, ``metrics``: where committed events, activity and measures go.
+    ``activity``, ``metrics``: where committed events, activity and measures go;
+    ``archiver``: told when events were logged, to move them to the event store.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class LoopRunner:
         delivery: Delivery,
         activity: IdleTracker,
         metrics: NodeMetrics,
+        archiver: Archiver,
         close_delay: float,
         max_running_time: float = 0.0,
     ) -> None:
@@ -94,6 +97,7 @@ class LoopRunner:
         self._on_fenced = on_fenced
         self._delivery = delivery
         self._activity = activity
+        self._archiver = archiver
         self._queue = ActionQueue(lease.sid, state, applied)
         self._cause = 0  # the action being dispatched (0: none)
         self._emits = 0  # writes answering it so far
@@ -139,6 +143,7 @@ class LoopRunner:
     def observe(self, event_id: int, event: Event) -> bool:
         """An event of the conversation went by; True when it woke the loop."""
         self.touch()
+        self._archiver.logged(self.sid)
         return self._queue.observe(event_id, event)
 
     def speculate(self, action: Event, token: str) -> Speculation | None:
@@ -279,8 +284,9 @@ class LoopRunner:
 
     # -- output ----------------------------------------------------------------------
     async def emit(self, event: Event) -> int:
-        """Append an agent event; raises Fenced once the conversation was taken over, and
-        SpeculationLost when the action it answers was not logged as predicted."""
+        """Append an agent event; raises Fenced once the conversation was taken over,
+        SpeculationLost when the action it answers was not logged as predicted, and
+        LimitExceeded when it is over ``max_agent_event_bytes`` (nothing written)."""
         cause = self._cause
         if cause:
             index = self._emits
@@ -308,6 +314,13 @@ class LoopRunner:
         """Commit as the owner. Retries through Redis trouble until it succeeds or the
         lease lapses; a retry after a lost reply is recognised (``dup``), not repeated."""
         packed = [pack(e) for e in events]
+        limit = self._config.max_agent_event_bytes
+        if (largest := max(map(len, packed), default=0)) > limit:
+            raise LimitExceeded(
+                "agent event bytes",
+                f"an event of {largest} bytes is over the limit of {limit} bytes for one "
+                "agent event; nothing was written",
+            )
         backoff = Backoff(base=0.05, cap=1.0)
         spec = self._spec if self._spec is not None and self._spec.predicted == cause else None
         while True:
@@ -326,7 +339,6 @@ class LoopRunner:
                     self.lease.inc,
                     self.lease.epoch,
                     packed,
-                    maxlen=self._config.event_log_maxlen,
                     cause=cause,
                     index=index,
                     state=changed,

@@ -19,14 +19,19 @@ local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
 
 ACQUIRE = (
     """
--- acquire: take ownership of a conversation, creating it when asked.
--- KEYS[1]  conversation meta hash
+-- acquire: take ownership of a conversation, creating it when asked; its keys stop
+-- expiring (a stopped conversation's expire after the retention: RELEASE).
+-- KEYS[1]  conversation meta hash   KEYS[2..] its other keys (event stream, inbox,
+--          accept tokens, connections)
 -- ARGV[1]  node id            ARGV[2] node incarnation
 -- ARGV[3]  user ('' = do not check)
 -- ARGV[4]  incarnation known to be dead ('' = take it only when unowned)
 -- ARGV[5]  '1' to create a missing conversation for ARGV[3]
--- ARGV[6]  close_delay (s) to record when it is created ('' = the nodes' default)
--- ARGV[7]  max_running_time (s) to record when it is created ('' = the nodes' default)
+-- ARGV[6]  when creating: the last id the event store holds of it (ids go on after it;
+--          it counts as stored and applied)   ARGV[7] and the store's fence epoch
+-- ARGV[8]  and the bytes of its stored events (counted as logged, stored and trimmed)
+-- ARGV[9]  close_delay (s) to record when it is created ('' = the nodes' default)
+-- ARGV[10] max_running_time (s) to record when it is created ('' = the nodes' default)
 -- returns  {status, epoch, owner node, owner incarnation, user, applied, close_delay,
 --          max_running_time} (the last two as recorded, '' if not)
 --   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours)
@@ -35,14 +40,19 @@ ACQUIRE = (
     + _NOW
     + """
 local meta = KEYS[1]
+if redis.call('PTTL', meta) >= 0 then
+  for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
+end
 if redis.call('EXISTS', meta) == 0 then
   if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0, '', ''} end
+  local base, epoch, size = tonumber(ARGV[6]), tonumber(ARGV[7]) + 1, tonumber(ARGV[8])
   redis.call('HSET', meta, 'user', ARGV[3], 'owner', ARGV[1], 'inc', ARGV[2],
-             'epoch', 1, 'state', 'loading', 'seq', 0, 'applied', 0, 'refs', 0,
+             'epoch', epoch, 'state', 'loading', 'seq', base, 'applied', base,
+             'stored', base, 'lbytes', size, 'sbytes', size, 'tbytes', size, 'refs', 0,
              'created', now, 'last_active', now)
-  if ARGV[6] ~= '' then redis.call('HSET', meta, 'close_delay', ARGV[6]) end
-  if ARGV[7] ~= '' then redis.call('HSET', meta, 'max_running_time', ARGV[7]) end
-  return {'created', 1, ARGV[1], ARGV[2], ARGV[3], 0, ARGV[6], ARGV[7]}
+  if ARGV[9] ~= '' then redis.call('HSET', meta, 'close_delay', ARGV[9]) end
+  if ARGV[10] ~= '' then redis.call('HSET', meta, 'max_running_time', ARGV[10]) end
+  return {'created', epoch, ARGV[1], ARGV[2], ARGV[3], base, ARGV[9], ARGV[10]}
 end
 local f = redis.call('HMGET', meta, 'user', 'owner', 'inc', 'epoch', 'applied',
                      'close_delay', 'max_running_time')
@@ -64,14 +74,22 @@ return {'owned', epoch, owner, inc, user, applied, close, running}
 )
 
 RELEASE = """
--- release: give up ownership of a conversation.
--- KEYS[1]  conversation meta hash
+-- release: give up ownership of a conversation. With a retention, a conversation the
+-- event store holds all of, with no action waiting and no connection, retires: its
+-- Redis state expires after the retention (it comes back from the store: ACQUIRE).
+-- KEYS[1]  conversation meta hash   KEYS[2..] its other keys, when retiring (as in acquire)
 -- ARGV[1]  owner incarnation   ARGV[2] epoch ('' = any)   ARGV[3] state to record
+-- ARGV[4]  retention (ms; '' or 0: none)
 -- returns  1 when released, 0 when the caller was not the owner
-local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch')
+local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'seq', 'stored')
 if f[1] ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' and tonumber(f[2]) ~= tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'owner', '', 'inc', '', 'state', ARGV[3])
+local retention = tonumber(ARGV[4] or '') or 0
+if retention > 0 and #KEYS >= 5 and tonumber(f[4] or '0') >= tonumber(f[3] or '0')
+   and redis.call('XLEN', KEYS[3]) == 0 and redis.call('HLEN', KEYS[5]) == 0 then
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], retention) end
+end
 return 1
 """
 
@@ -98,7 +116,8 @@ ACCEPT = (
 -- KEYS[4]  recent accept tokens (sorted set token -> event id, the last 64)
 -- KEYS[5]  conversation's connections (connection id -> incarnation)
 -- ARGV[1]  user ('' = do not check)  ARGV[2] packed event (msgpack map without id)
--- ARGV[3]  event log max length      ARGV[4] inbox max length   ARGV[5] channel
+-- ARGV[3]  window events: refused ('behind') while this many events are not stored
+-- ARGV[4]  inbox max length   ARGV[5] channel
 -- ARGV[6]  token of this accept (unique, or 'c:' + the client's action id): run again
 --          (a retry after a lost reply, a client's retry), it returns the first result
 -- ARGV[7]  writer's incarnation: no publish when only it listens ('' = always publish)
@@ -106,13 +125,20 @@ ACCEPT = (
 --          Redis lost events (a failover to a lagging replica): nothing is written
 -- ARGV[9]  '1': do not publish, report whether another node listens (the writer
 --          publishes once replicas confirmed the write)
+-- ARGV[10] window bytes: refused ('behind') while the events not stored, this one
+--          included, would be more bytes
+-- ARGV[11] most bytes of the conversation's events (0: no limit)
 -- returns  {status, event id, owner node, owner incarnation, others listen (0/1)}
 --   status: 'ok' | 'missing' | 'forbidden' | 'full' | 'rewound' (id: the seq found)
+--           | 'behind' (the event store lags: {'behind', events not stored, '', '',
+--           their bytes}; nothing written) | 'quota' (over ARGV[11]: {'quota', bytes
+--           of its events, '', '', 0}; nothing written)
 """
     + _NOW
     + _HEARD_ELSEWHERE
     + """
-local f = redis.call('HMGET', KEYS[1], 'user', 'owner', 'inc', 'seq')
+local f = redis.call('HMGET', KEYS[1], 'user', 'owner', 'inc', 'seq', 'stored', 'lbytes',
+                     'sbytes')
 if not f[1] then return {'missing', 0, '', '', 0} end
 if ARGV[1] ~= '' and f[1] ~= ARGV[1] then return {'forbidden', 0, '', '', 0} end
 local seen = redis.call('ZSCORE', KEYS[4], ARGV[6])
@@ -120,12 +146,25 @@ if seen then return {'ok', tonumber(seen), f[2] or '', f[3] or '', 0} end
 if tonumber(f[4] or '0') < tonumber(ARGV[8]) then
   return {'rewound', tonumber(f[4] or '0'), '', '', 0}
 end
+if redis.call('PTTL', KEYS[1]) >= 0 then  -- stopped and retiring: it lives on
+  for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
+end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {'full', 0, '', '', 0} end
+local quota = tonumber(ARGV[11])
+if quota > 0 and tonumber(f[6] or '0') + #ARGV[2] > quota then
+  return {'quota', tonumber(f[6] or '0'), '', '', 0}
+end
+local unstored = tonumber(f[4] or '0') - tonumber(f[5] or '0')
+local ubytes = tonumber(f[6] or '0') - tonumber(f[7] or '0')
+if unstored >= tonumber(ARGV[3]) or ubytes + #ARGV[2] > tonumber(ARGV[10]) then
+  return {'behind', unstored, '', '', ubytes}
+end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('ZADD', KEYS[4], id, ARGV[6])
 redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -65)
 redis.call('HSET', KEYS[1], 'last_active', now)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'lbytes', #ARGV[2])
+redis.call('XADD', KEYS[2], id .. '-0', 'd', ARGV[2])
 redis.call('XADD', KEYS[3], id .. '-0', 'd', ARGV[2])
 local others = heard_elsewhere(f[3] or '', KEYS[5], ARGV[7])
 if others and ARGV[9] ~= '1' then
@@ -142,23 +181,23 @@ COMMIT = (
 -- KEYS[4]  conversation's connections (connection id -> incarnation)
 -- KEYS[5]  recent accept tokens (as in accept)
 -- ARGV[1]  owner incarnation ('' = system write, allowed only while unowned)
--- ARGV[2]  epoch   ARGV[3] event log max length   ARGV[4] channel
--- ARGV[5]  id of the action these events answer (0 = none): marks it applied
--- ARGV[6]  index of this write among the writes answering that action (0, 1, ...)
--- ARGV[7]  agent state to record ('' = unchanged)
--- ARGV[8]  writer's incarnation: no publish when only it listens ('' = always publish)
--- ARGV[9]  writer token: a write answering no action (ARGV[5] = 0) is known by
+-- ARGV[2]  epoch   ARGV[3] channel
+-- ARGV[4]  id of the action these events answer (0 = none): marks it applied
+-- ARGV[5]  index of this write among the writes answering that action (0, 1, ...)
+-- ARGV[6]  agent state to record ('' = unchanged)
+-- ARGV[7]  writer's incarnation: no publish when only it listens ('' = always publish)
+-- ARGV[8]  writer token: a write answering no action (ARGV[4] = 0) is known by
 --          (token, index), indexes 1, 2, ... per token ('' = not deduplicated)
--- ARGV[10] accept token of the action ARGV[5], when the owner dispatched it before its
+-- ARGV[9]  accept token of the action ARGV[4], when the owner dispatched it before its
 --          accept answered (speculatively, predicting its id): the write goes through
 --          only if that accept logged the action under exactly that id ('' = no check)
--- ARGV[11] floor, as in accept: a lower seq is reported ('rewound') and nothing written
--- ARGV[12] '1': do not publish, report whether another node listens (as in accept)
--- ARGV[13..] packed events (msgpack maps without id)
+-- ARGV[10] floor, as in accept: a lower seq is reported ('rewound') and nothing written
+-- ARGV[11] '1': do not publish, report whether another node listens (as in accept)
+-- ARGV[12..] packed events (msgpack maps without id)
 -- returns  {'ok', first id, last id, now, others listen}, {'dup', 0, 0, now, 0} (this
 --          write was already committed: a retry after a lost reply), {'fenced', epoch,
---          0, 0, 0}, {'unaccepted', 0, 0, now, 0} (ARGV[10]'s accept has not logged the
---          action under ARGV[5], or not yet), {'rewound', seq, 0, 0, 0} or
+--          0, 0, 0}, {'unaccepted', 0, 0, now, 0} (ARGV[9]'s accept has not logged the
+--          action under ARGV[4], or not yet), {'rewound', seq, 0, 0, 0} or
 --          {'missing', 0, 0, 0, 0}
 """
     + _NOW
@@ -171,31 +210,32 @@ local inc, epoch = f[1] or '', tonumber(f[2] or '0')
 if inc ~= ARGV[1] or (ARGV[1] ~= '' and epoch ~= tonumber(ARGV[2])) then
   return {'fenced', epoch, 0, 0, 0}
 end
-local cause, index = tonumber(ARGV[5]), tonumber(ARGV[6])
-if ARGV[10] ~= '' and tonumber(redis.call('ZSCORE', KEYS[5], ARGV[10]) or '0') ~= cause then
+local cause, index = tonumber(ARGV[4]), tonumber(ARGV[5])
+if ARGV[9] ~= '' and tonumber(redis.call('ZSCORE', KEYS[5], ARGV[9]) or '0') ~= cause then
   return {'unaccepted', 0, 0, now, 0}
 end
 local applied, emitted = tonumber(f[3] or '0'), tonumber(f[5] or '-1')
 if cause > 0 and (cause < applied or (cause == applied and index <= emitted)) then
   return {'dup', 0, 0, now, 0}
 end
-local token = ARGV[9]
+local token = ARGV[8]
 if cause == 0 and token ~= '' and f[6] == token and index <= tonumber(f[7] or '0') then
   return {'dup', 0, 0, now, 0}
 end
-if tonumber(f[8] or '0') < tonumber(ARGV[11]) then
+if tonumber(f[8] or '0') < tonumber(ARGV[10]) then
   return {'rewound', tonumber(f[8] or '0'), 0, 0, 0}
 end
 local first, last = 0, 0
-local others = #ARGV >= 13 and heard_elsewhere(inc, KEYS[4], ARGV[8])
-local publish = others and ARGV[12] ~= '1'
-for i = 13, #ARGV do
+local others = #ARGV >= 12 and heard_elsewhere(inc, KEYS[4], ARGV[7])
+local publish = others and ARGV[11] ~= '1'
+for i = 12, #ARGV do
   local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   if first == 0 then first = id end
   last = id
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[i], 'e', epoch)
+  redis.call('XADD', KEYS[2], id .. '-0', 'd', ARGV[i], 'e', epoch)
+  redis.call('HINCRBY', KEYS[1], 'lbytes', #ARGV[i])
   if publish then
-    redis.call('PUBLISH', ARGV[4], '\\146' .. cmsgpack.pack(id) .. ARGV[i])
+    redis.call('PUBLISH', ARGV[3], '\\146' .. cmsgpack.pack(id) .. ARGV[i])
   end
 end
 local fields = {'last_active', now}
@@ -213,9 +253,9 @@ elseif token ~= '' then
   fields[#fields + 1] = 'windex'
   fields[#fields + 1] = index
 end
-if ARGV[7] ~= '' then
+if ARGV[6] ~= '' then
   fields[#fields + 1] = 'state'
-  fields[#fields + 1] = ARGV[7]
+  fields[#fields + 1] = ARGV[6]
 end
 redis.call('HSET', KEYS[1], unpack(fields))
 return {'ok', first, last, now, others and 1 or 0}
@@ -404,8 +444,7 @@ REWIND = """
 -- never reused, and a notice takes the first new id so clients learn of the loss.
 -- KEYS[1]  conversation meta hash   KEYS[2] event stream
 -- ARGV[1]  floor: the highest event id known to have been logged
--- ARGV[2]  packed notice (msgpack map without id)   ARGV[3] event log max length
--- ARGV[4]  channel
+-- ARGV[2]  packed notice (msgpack map without id)   ARGV[3] channel
 -- returns  {notice id, seq found} when repaired, {0, seq} when seq was not below floor
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local floor = tonumber(ARGV[1])
@@ -413,9 +452,87 @@ if seq >= floor or redis.call('EXISTS', KEYS[1]) == 0 then return {0, seq} end
 local id = floor + 1
 redis.call('HSET', KEYS[1], 'seq', id)
 redis.call('HINCRBY', KEYS[1], 'log_epoch', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id .. '-0', 'd', ARGV[2])
-redis.call('PUBLISH', ARGV[4], '\\146' .. cmsgpack.pack(id) .. ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'lbytes', #ARGV[2])
+redis.call('XADD', KEYS[2], id .. '-0', 'd', ARGV[2])
+redis.call('PUBLISH', ARGV[3], '\\146' .. cmsgpack.pack(id) .. ARGV[2])
 return {id, seq}
+"""
+
+# -- the event store behind the log (coordinator/archive.py, state/archive.py) -------------
+# The meta hash counts the log's bytes: ``lbytes`` every event ever logged, ``sbytes``
+# those the store holds (ids up to ``stored``), ``tbytes`` those trimmed from the log.
+# So the log holds lbytes - tbytes, and lbytes - sbytes wait for the store.
+
+UNSTORED = """
+-- unstored: the oldest events of a conversation the event store does not hold yet.
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream
+-- ARGV[1]  most events   ARGV[2] most bytes (at least one event is returned)
+-- returns  {stored, id, packed event, id, packed event, ...} (ids above stored)
+local stored = tonumber(redis.call('HGET', KEYS[1], 'stored') or '0')
+local rows = redis.call('XRANGE', KEYS[2], '(' .. stored .. '-0', '+', 'COUNT', ARGV[1])
+local out, bytes = {stored}, 0
+for _, row in ipairs(rows) do
+  local data = row[2][2]
+  if #out > 1 and bytes + #data > tonumber(ARGV[2]) then break end
+  bytes = bytes + #data
+  out[#out + 1] = tonumber(string.match(row[1], '^(%d+)'))
+  out[#out + 1] = data
+end
+return out
+"""
+
+MARK_STORED = """
+-- mark_stored: the event store holds a conversation's events up to an id; trim the log
+-- to its window (the oldest stored events, while it holds more than either bound; never
+-- an event the store does not hold, never the newest).
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream
+-- ARGV[1]  last id the store holds   ARGV[2] window events   ARGV[3] window bytes
+-- returns  {stored, events in the log, bytes in the log}
+local f = redis.call('HMGET', KEYS[1], 'seq', 'stored', 'lbytes', 'sbytes', 'tbytes')
+if not f[1] then return {0, 0, 0} end
+local stored = tonumber(f[2] or '0')
+local upto = math.min(tonumber(ARGV[1]), tonumber(f[1]))
+local sbytes, tbytes = tonumber(f[4] or '0'), tonumber(f[5] or '0')
+local size = tonumber(f[3] or '0') - tbytes
+if upto > stored then
+  for _, row in ipairs(redis.call('XRANGE', KEYS[2], '(' .. stored .. '-0', upto .. '-0')) do
+    sbytes = sbytes + #row[2][2]
+  end
+  stored = upto
+  redis.call('HSET', KEYS[1], 'stored', stored, 'sbytes', sbytes)
+end
+local len = redis.call('XLEN', KEYS[2])
+local max_events, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
+local start, cut, last = '-', 0, nil
+while len > 1 and (len > max_events or size > max_bytes) do
+  local rows = redis.call('XRANGE', KEYS[2], start, stored .. '-0', 'COUNT', 100)
+  if #rows == 0 then break end
+  for _, row in ipairs(rows) do
+    if len <= 1 or (len <= max_events and size <= max_bytes) then break end
+    len = len - 1
+    size = size - #row[2][2]
+    cut = cut + #row[2][2]
+    last = row[1]
+  end
+  if #rows < 100 or last ~= rows[#rows][1] then break end
+  start = '(' .. last
+end
+if last then
+  redis.call('XTRIM', KEYS[2], 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
+  redis.call('HSET', KEYS[1], 'tbytes', tbytes + cut)
+end
+return {stored, len, size}
+"""
+
+CLAIM_STORE = """
+-- claim_store: record the cluster's event store, or report the one already recorded.
+-- KEYS[1]  cluster's store hash (identity, store, node)
+-- ARGV[1]  identity of this node's store   ARGV[2] its URL (no password)   ARGV[3] node
+-- returns  {identity, store, node} as recorded (this node's when it was the first)
+if redis.call('HSETNX', KEYS[1], 'identity', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'store', ARGV[2], 'node', ARGV[3])
+end
+return redis.call('HMGET', KEYS[1], 'identity', 'store', 'node')
 """
 
 ALL = {
@@ -433,6 +550,9 @@ ALL = {
     "hdel_if": HDEL_IF,
     "attach": ATTACH,
     "rewind": REWIND,
+    "claim_store": CLAIM_STORE,
+    "unstored": UNSTORED,
+    "mark_stored": MARK_STORED,
     "attempts": ATTEMPTS,
     "take_tokens": _NOW + TAKE_TOKENS,
 }

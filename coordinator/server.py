@@ -128,6 +128,11 @@ class NodeServer:
         return self.manager.node.backend.describe() if self.manager.started else ""
 
     @property
+    def event_store(self) -> str:
+        """The event store it uses, as a URL without its password."""
+        return self.manager.node.store_url if self.manager.started else ""
+
+    @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"

@@ -19,6 +19,17 @@ from tests.helpers import RecordingSink, fast_config
 pytest_plugins = ["tests.processes", "tests.redis_topologies", "tests.postgres"]
 
 
+@pytest.fixture(autouse=True)
+def private_event_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: Any) -> str:
+    """Each test's nodes (in-process and child processes) keep their event store's
+    default directory in a fresh temporary one, never the user's: Redis is flushed per
+    test, and a store left from another test would hold other conversations of the same
+    ids. Returns the directory."""
+    data = tmp_path_factory.mktemp("data")
+    monkeypatch.setenv("XDG_DATA_HOME", str(data))
+    return str(data / "coordinator" / "events")
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     """URL of the Redis the suite uses: REDIS_URL if set, else a private server."""

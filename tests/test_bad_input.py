@@ -17,6 +17,7 @@ from coordinator import (
     ManagerConfig,
     RedisUnavailable,
 )
+from tests.helpers import wait_until
 
 
 async def _snapshot(redis) -> dict[bytes, object]:
@@ -38,6 +39,12 @@ async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis
     (a,) = await make_nodes(1)
     await a.join_conversation("good", "c1", {}, "alice")
     await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
+
+    async def settled() -> bool:  # answered, and both events in the event store
+        meta = await redis_client.hgetall(a.keys.conv("good"))
+        return meta.get(b"seq") == meta.get(b"stored") == b"2"
+
+    await wait_until(settled, what="the action answered and stored")
     before = await _snapshot(redis_client)
 
     bad_calls = [
@@ -84,7 +91,7 @@ async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis
         ({"key_prefix": "{x}"}, "key_prefix"),
         ({"agent": "no_colon"}, "agent must be"),
         ({"heartbeat_interval": 5.0, "node_ttl": 6.0}, "heartbeat_interval must leave room"),
-        ({"event_log_maxlen": True}, "must be an integer"),
+        ({"log_window_events": True}, "must be an integer"),
     ],
 )
 def test_invalid_configuration_is_rejected_with_the_setting_named(changes, fragment) -> None:

@@ -322,6 +322,10 @@ async def test_serve_with_embedded_redis_chat_and_graceful_stop() -> None:
         )
         assert match, lines
         node_id, url = match.group(1), match.group(2)
+        # The event store it uses, whatever its working directory: the machine's default.
+        (store,) = await read_until(proc, r"event store")
+        events = os.path.join(os.environ["XDG_DATA_HOME"], "coordinator", "events")
+        assert store == f"node {node_id} keeps history in the event store file://{events}"
         status, body = await get_json(f"{url}/healthz")
         assert status == 200 and body["node_id"] == node_id
 

@@ -107,6 +107,10 @@ def test_compose_has_redis_three_nodes_and_nginx(compose: dict[str, Any]) -> Non
     assert mounts["./deploy/redis-users.acl"] == "/etc/redis/users.acl.in"
     assert redis["entrypoint"] == ["sh", mounts["./deploy/redis-acl.sh"]]
     assert acl == "/data/users.acl"
+    # Bounded, and full means an error, never an evicted key.
+    policy = redis["command"][redis["command"].index("--maxmemory-policy") + 1]
+    assert "--maxmemory" in redis["command"] and policy == "noeviction"
+    assert compose["volumes"].keys() >= {"redis-data", "events"}
 
     node_ids = set()
     for name in NODES:
@@ -124,6 +128,9 @@ def test_compose_has_redis_three_nodes_and_nginx(compose: dict[str, Any]) -> Non
         assert env["COORDINATOR_SECRET"].startswith("${COORDINATOR_SECRET")
         node_ids.add(env["COORDINATOR_NODE_ID"])
         assert node["depends_on"]["redis"]["condition"] == "service_healthy"
+        # One event store for the cluster: the same directory, on one shared volume.
+        assert env["COORDINATOR_EVENT_STORE"] == "file:///var/lib/coordinator/events"
+        assert "events:/var/lib/coordinator/events" in node["volumes"]
         probe = " ".join(node["healthcheck"]["test"])
         assert f"127.0.0.1:{NODE_PORT}/healthz" in probe
     assert len(node_ids) == len(NODES), "every node has its own COORDINATOR_NODE_ID"

@@ -186,12 +186,12 @@ async def test_a_lost_reply_is_retried_by_the_lane_and_recorded_once(
             state.accept("s", "u", pack({"action": "message"}), 100, 10), lambda: logged(1)
         )
         committed = await reply_lost(
-            state.commit("s", "n1/a", 1, [pack({"r": 1})], maxlen=100, cause=1),
+            state.commit("s", "n1/a", 1, [pack({"r": 1})], cause=1),
             lambda: logged(2),
         )
         # An agent's write answering no action: known by its writer token and index.
         unprompted = await reply_lost(
-            state.commit("s", "n1/a", 1, [pack({"r": 2})], maxlen=100, writer="w", index=1),
+            state.commit("s", "n1/a", 1, [pack({"r": 2})], writer="w", index=1),
             lambda: logged(3),
         )
         assert (accepted.status, accepted.event_id) == ("ok", 1)

@@ -132,6 +132,7 @@ async def test_healthz_and_metrics(servers: ServerCluster) -> None:
             "draining": False,
             "loops": 0,
             "connections": 0,
+            "event_store": "ok",
         },
     )
     client = await servers.join(a, "conv", "alice")

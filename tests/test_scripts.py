@@ -13,9 +13,9 @@ async def test_commit_retry_after_a_lost_reply_is_not_applied_twice(redis_client
     assert own.status == "created" and own.epoch == 1
     accepted = await state.accept("s1", "u", pack({"action": "message"}), 100, 10)
     action = accepted.event_id
-    first = await state.commit("s1", "n1/a", 1, [pack({"r": 1})], maxlen=100, cause=action)
-    again = await state.commit("s1", "n1/a", 1, [pack({"r": 1})], maxlen=100, cause=action)
-    more = await state.commit("s1", "n1/a", 1, [pack({"r": 2})], maxlen=100, cause=action, index=1)
+    first = await state.commit("s1", "n1/a", 1, [pack({"r": 1})], cause=action)
+    again = await state.commit("s1", "n1/a", 1, [pack({"r": 1})], cause=action)
+    more = await state.commit("s1", "n1/a", 1, [pack({"r": 2})], cause=action, index=1)
     assert (first.status, again.status, more.status) == ("ok", "dup", "ok")
     assert [i for i, _ in await state.events_after("s1", 0)] == [1, 2, 3]
     assert await redis_client.xlen(state.keys.inbox("s1")) == 0
@@ -35,7 +35,6 @@ async def test_an_unprompted_write_retried_after_a_lost_reply_is_not_applied_twi
             "n1/a",
             1,
             [pack({"w": writer, "i": index})],
-            maxlen=100,
             writer=writer,
             index=index,
         )
@@ -59,14 +58,14 @@ async def test_takeover_bumps_the_epoch_and_fences_the_old_owner(redis_client) -
     assert refused.status == "owned" and refused.inc == "n1/a"
     taken = await state.acquire("s2", "n2", "n2/b", "u", create=True, dead_inc="n1/a")
     assert taken.status == "ok" and taken.epoch == 2
-    late = await state.commit("s2", "n1/a", 1, [pack({"x": 1})], maxlen=100)
+    late = await state.commit("s2", "n1/a", 1, [pack({"x": 1})])
     assert late.status == "fenced"
     assert await state.events_after("s2", 0) == []
     forbidden = await state.acquire("s2", "n3", "n3/c", "mallory", create=True)
     assert forbidden.status == "forbidden"
     assert await state.release("s2", "n1/a", None, "stopped") is False
     assert await state.release("s2", "n2/b", 2, "stopped") is True
-    system = await state.commit("s2", "", 0, [pack({"status": "x"})], maxlen=100)
+    system = await state.commit("s2", "", 0, [pack({"status": "x"})])
     assert system.status == "ok"  # system writes only while unowned
 
 
@@ -113,7 +112,7 @@ async def test_a_speculative_commit_goes_through_only_under_the_id_its_accept_ga
     answer = [pack({"r": "answer"})]
 
     async def commit(cause: int, token: str) -> str:
-        r = await state.commit("s4", "n1/a", 1, answer, maxlen=100, cause=cause, accepted_as=token)
+        r = await state.commit("s4", "n1/a", 1, answer, cause=cause, accepted_as=token)
         return r.status
 
     assert await commit(1, "tok-1") == "unaccepted"  # its accept has not run (yet)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from coordinator.errors import StoreBehind
 from tests.helpers import wait_until
 
 
@@ -86,18 +87,29 @@ async def test_attach_refcounts_across_nodes_and_release_after_close_delay(make_
 
 
 async def test_event_ids_increase_by_one_and_the_log_is_bounded(make_nodes) -> None:
-    (a,) = await make_nodes(1, event_log_maxlen=100)
+    (a,) = await make_nodes(1, log_window_events=100)
     await a.join_conversation("ids", "c", {}, "dave")
     for i in range(300):
-        await a.send_to_event_stream("c", {"action": "message", "args": {"content": str(i)}})
+        action = {"action": "message", "args": {"content": str(i)}}
+        while True:  # the event store may lag 100 events: then an action is refused
+            try:
+                await a.send_to_event_stream("c", action)
+                break
+            except StoreBehind:
+                await asyncio.sleep(0.01)
     sink = make_nodes.sinks["node1"]
     await wait_until(lambda: len(sink.events["c"]) >= 600, what="600 events")
     assert sink.ids("c") == list(range(1, 601))
     users = [e["args"]["content"] for e in sink.events["c"] if e["source"] == "user"]
     replies = [e["args"]["content"] for e in sink.events["c"] if e["source"] == "agent"]
     assert users == replies == [str(i) for i in range(300)]  # once each, in order
-    length = await a.state.redis.xlen(a.keys.events("ids"))
-    assert length <= 100 + 100  # approximate trimming keeps at most one extra node
+
+    # Once the store holds every event, Redis keeps exactly the window.
+    async def stored_all() -> bool:
+        return await a.state.redis.hget(a.keys.conv("ids"), "stored") == b"600"
+
+    await wait_until(stored_all, what="the store holds all 600 events")
+    assert await a.state.redis.xlen(a.keys.events("ids")) == 100
     inbox = await a.state.redis.xlen(a.keys.inbox("ids"))
     assert inbox == 0  # every action processed and trimmed from the inbox
     meta = await a.conversation("ids")

@@ -16,8 +16,14 @@ from .base import (
     StoredConversation,
     StoredEvent,
 )
-from .errors import CheckpointTooLarge, StoreCorrupt, StoreError, StoreUnavailable
-from .factory import default_path, open_store, store_from_url
+from .errors import (
+    CheckpointTooLarge,
+    StoreCorrupt,
+    StoreError,
+    StoreMismatch,
+    StoreUnavailable,
+)
+from .factory import default_path, open_store, shown_url, store_from_url
 from .filestore import FileEventStore, FsyncPolicy
 from .postgres import PostgresEventStore
 from .redact import redact_url
@@ -34,11 +40,13 @@ __all__ = [
     "PostgresEventStore",
     "StoreCorrupt",
     "StoreError",
+    "StoreMismatch",
     "StoreUnavailable",
     "StoredConversation",
     "StoredEvent",
     "default_path",
     "open_store",
     "redact_url",
+    "shown_url",
     "store_from_url",
 ]

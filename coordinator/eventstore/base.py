@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from ..config import check_conversation_id, check_user_id
+from ..config import MAX_EVENT_BYTES, check_conversation_id, check_user_id
 from ..errors import InvalidInput
 from .errors import CheckpointTooLarge
 
@@ -38,9 +38,6 @@ StoredEvent = tuple[int, bytes]
 # A checkpoint is agent state the owner saves to restart from; it is not meant to grow
 # with the conversation (that is what the events are for).
 DEFAULT_MAX_CHECKPOINT_BYTES = 1024 * 1024
-# One event's limit: far above any event the coordinator logs (actions are 64 KiB by
-# default), and low enough that a corrupt length field is never believed.
-MAX_EVENT_BYTES = 64 * 1024 * 1024
 DEFAULT_READ_LIMIT = 1000
 
 

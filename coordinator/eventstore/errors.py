@@ -24,6 +24,10 @@ class StoreUnavailable(StoreError, ConnectionError):
         self.where = where
 
 
+class StoreMismatch(StoreError):
+    """This node's event store is not the one the cluster's nodes recorded in Redis."""
+
+
 class StoreCorrupt(StoreError):
     """The store's data is not what this code wrote (foreign file, unknown format)."""
 

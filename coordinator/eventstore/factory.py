@@ -100,6 +100,14 @@ def _file_store(host: str, path: str, query: str, shown: str) -> FileEventStore:
     return FileEventStore(Path(unquote(path)), fsync=fsync)
 
 
+def shown_url(url: str | None) -> str:
+    """The store ``url`` names, as a node shows it (startup line, errors, Redis): the
+    password hidden, the default directory spelled out."""
+    if url is None or not url.strip():
+        return f"file://{default_path()}"
+    return redact_url(url.strip())
+
+
 async def open_store(url: str | None) -> EventStore:
     """``store_from_url(url)``, opened (directories or tables created when missing)."""
     store = store_from_url(url)

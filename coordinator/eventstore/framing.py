@@ -28,7 +28,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from .base import MAX_EVENT_BYTES
+from ..config import MAX_EVENT_BYTES
 
 MAGIC = b"CEVLOG1\n"
 HEADER_SIZE = len(MAGIC) + 8

@@ -1,7 +1,8 @@
 """The Redis state layer: every Redis operation the coordinator makes, as typed methods.
 
 One class, ``RedisState``, grouped by what the operations are about: conversations and
-their logs (``conversations.py``), running loops and the cap (``loops.py``), connections
+their logs (``conversations.py``), the event store's progress and the log's window
+(``archive.py``), running loops and the cap (``loops.py``), connections
 (``connections.py``), node membership (``registry.py``), the clients' rate limits
 (``limits.py``) and what the browser pages read (``views.py``). The key schema is in
 ``keys.py``, the Lua scripts in ``scripts.py``; nothing here keeps state of its own, and
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..errors import redis_glitch
+from .archive import ArchiveOps
 from .attempts import AttemptOps
 from .connections import ConnectionOps
 from .core import accept_token, text
@@ -54,7 +56,9 @@ def _glitches_as_connection_errors(cls: type[T]) -> type[T]:
 
 
 @_glitches_as_connection_errors
-class RedisState(WriteOps, LoopOps, ConnectionOps, RegistryOps, ViewOps, AttemptOps, LimitOps):
+class RedisState(
+    WriteOps, LoopOps, ConnectionOps, RegistryOps, ViewOps, AttemptOps, LimitOps, ArchiveOps
+):
     """Typed operations over one Redis deployment (see the package docstring)."""
 
 

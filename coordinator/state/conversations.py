@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from typing import Any
 
 from workers.protocol import Event
 
-from .core import StateCore, entries, text
+from .core import StateCore, entries, packed, text
 from .results import ATTACH, OWNERSHIP, AttachStatus, Ownership, status
 
 
@@ -27,21 +27,25 @@ class ConversationOps(StateCore):
         *,
         create: bool,
         dead_inc: str = "",
+        stored: tuple[int, int, int] = (0, 0, 0),
         close_delay: float | None = None,
         max_running_time: float | None = None,
     ) -> Ownership:
         """Take ownership of ``sid`` for ``inc`` (bumping the fencing epoch), creating the
         conversation for ``user`` when ``create`` (with the lifetimes given, if any);
-        ``dead_inc`` may be replaced."""
+        ``dead_inc`` may be replaced. ``stored``: the event store's ``(last id, fence
+        epoch, bytes)`` of the conversation being created (its ids and epochs go on above
+        them)."""
         r = await self._run(
             "acquire",
-            [self.keys.conv(sid)],
+            self.conversation_keys(sid),
             [
                 node,
                 inc,
                 user,
                 dead_inc,
                 "1" if create else "0",
+                *stored,
                 "" if close_delay is None else repr(close_delay),
                 "" if max_running_time is None else repr(max_running_time),
             ],
@@ -58,10 +62,31 @@ class ConversationOps(StateCore):
             _seconds(r[7]),
         )
 
-    async def release(self, sid: str, inc: str, epoch: int | None, state: str) -> bool:
-        """Give up ownership if ``inc`` (at ``epoch``; None: any) still holds it."""
+    def conversation_keys(self, sid: str) -> list[str]:
+        """The keys that live and expire with a conversation's record (its attempts
+        hash has a TTL of its own)."""
+        k = self.keys
+        return [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
+
+    async def purge(self, sid: str, user: str) -> int:
+        """Delete ``sid``'s Redis state (its keys, its place in ``user``'s index); how many
+        keys went. An owner still running it is fenced by its missing record."""
+        k = self.keys
+        deleted, _ = await asyncio.gather(
+            self.redis.delete(*self.conversation_keys(sid), k.attempts(sid)),
+            self.redis.zrem(k.user_convs(user), sid),
+        )
+        return int(deleted)
+
+    async def release(
+        self, sid: str, inc: str, epoch: int | None, state: str, retention_ms: int = 0
+    ) -> bool:
+        """Give up ownership if ``inc`` (at ``epoch``; None: any) still holds it. With
+        ``retention_ms``, a conversation the event store holds all of, with no action
+        waiting and no connection, retires: its Redis state expires after that long."""
+        keys = self.conversation_keys(sid) if retention_ms else [self.keys.conv(sid)]
         r = await self._run(
-            "release", [self.keys.conv(sid)], [inc, "" if epoch is None else epoch, state], hot=True
+            "release", keys, [inc, "" if epoch is None else epoch, state, retention_ms], hot=True
         )
         return bool(r)
 
@@ -87,12 +112,19 @@ class ConversationOps(StateCore):
 
     async def events_after_sized(
         self, sid: str, after: int, count: int
-    ) -> tuple[list[tuple[int, Event]], int]:
+    ) -> tuple[list[tuple[int, Event]], int, int]:
         """``events_after`` with the packed size of what it read, so that a replay can
-        size its next page in bytes: a client's replay holds one page at a time."""
-        rows: Any = await self.redis.xrange(self.keys.events(sid), min=f"({after}-0", count=count)
-        size = sum(len(fields[b"d"]) for _, fields in rows)
-        return entries(rows), size
+        size its next page in bytes (a client's replay holds one page at a time), and
+        the conversation's last event id, read together."""
+        k = self.keys
+        seq, rows = await self._commands(
+            [
+                ("HGET", k.conv(sid), "seq"),
+                ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
+            ]
+        )
+        size = sum(len(packed(fields)) for _, fields in rows)
+        return entries(rows), size, int(seq or 0)
 
     async def inbox_snapshot(
         self, sid: str, after: int, count: int = 500

@@ -23,14 +23,24 @@ def text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def packed(fields: Any) -> bytes:
+    """A stream entry's packed event: from redis-py's ``{b"d": packed}`` or the lane's
+    raw ``[b"d", packed, ...]``."""
+    data: bytes = fields[b"d"] if isinstance(fields, dict) else fields[fields.index(b"d") + 1]
+    return data
+
+
 def entries(rows: Any) -> list[tuple[int, Event]]:
-    """Stream entries as ``(id, event)``: from redis-py ``(b"<id>-0", {b"d": packed})``,
-    or raw from the lane ``[b"<id>-0", [b"d", packed, ...]]``."""
-    out = []
-    for entry_id, fields in rows:
-        packed = fields[b"d"] if isinstance(fields, dict) else fields[fields.index(b"d") + 1]
-        out.append((int(text(entry_id).split("-")[0]), unpack(packed)))
-    return out
+    """Stream entries ``(b"<id>-0", fields)`` as ``(id, event)``."""
+    return [
+        (int(text(entry_id).split("-")[0]), unpack(packed(fields))) for entry_id, fields in rows
+    ]
+
+
+def _fullness(info: Any) -> float:
+    """How full a node's INFO memory says it is (0 without maxmemory)."""
+    most = int(info["maxmemory"])
+    return int(info["used_memory"]) / most if most else 0.0
 
 
 def accept_token(client_key: str | None) -> str:
@@ -113,6 +123,13 @@ class StateCore:
 
     async def ping(self) -> None:
         await self.redis.ping()
+
+    async def memory(self) -> tuple[int, int]:
+        """Redis's ``(used_memory, maxmemory)`` in bytes (maxmemory 0: no bound)."""
+        info = await self.redis.info("memory")
+        if "used_memory" not in info:  # a cluster client: one answer per node, the fullest
+            info = max(info.values(), key=_fullness)
+        return int(info["used_memory"]), int(info["maxmemory"])
 
     async def _run(
         self, name: str, keys: Sequence[str], args: Sequence[Any], *, hot: bool = False

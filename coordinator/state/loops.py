@@ -116,13 +116,14 @@ class LoopOps(ConversationOps):
             commands.append(("ZADD", k.user_convs(lease.user), "NX", now_ms, lease.sid))
         await self._commands(commands)
 
-    async def release_loop(self, lease: Lease, final_state: str) -> None:
-        """Stop being the owner: cap slot, ownership (recording ``final_state``) and the
-        incarnation's indexes, sent together. Each part is idempotent and checks it still
-        belongs to ``lease``, so a retry or a late call changes nothing of a successor's."""
+    async def release_loop(self, lease: Lease, final_state: str, retention_ms: int = 0) -> None:
+        """Stop being the owner: cap slot, ownership (recording ``final_state``, retiring
+        the conversation after ``retention_ms``: ``release``) and the incarnation's
+        indexes, sent together. Each part is idempotent and checks it still belongs to
+        ``lease``, so a retry or a late call changes nothing of a successor's."""
         results = await asyncio.gather(
             self.release_slot(lease.user, lease.sid, lease.inc),
-            self.release(lease.sid, lease.inc, lease.epoch, final_state),
+            self.release(lease.sid, lease.inc, lease.epoch, final_state, retention_ms),
             self.forget_loop(lease),
             return_exceptions=True,
         )

@@ -13,7 +13,7 @@ from workers.protocol import Event
 Notice = tuple[int, Event]
 
 OwnershipStatus = Literal["created", "ok", "mine", "owned", "forbidden", "missing"]
-AcceptStatus = Literal["ok", "missing", "forbidden", "full", "rewound"]
+AcceptStatus = Literal["ok", "missing", "forbidden", "full", "rewound", "behind", "quota"]
 CommitStatus = Literal["ok", "dup", "fenced", "unaccepted", "missing", "rewound"]
 AdmitStatus = Literal["go", "wait", "evicted", "rejected"]
 AttachStatus = Literal["ok", "missing", "forbidden"]
@@ -65,16 +65,22 @@ class Ownership:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """The outcome of ``accept``: the action's event id, and who owned the conversation."""
+    """The outcome of ``accept``: the action's event id, and who owned the conversation.
+    ``behind``: ``event_id`` is how many events the event store lacks, ``unstored_bytes``
+    their size; ``quota``: ``event_id`` is the bytes of the conversation's events."""
 
     status: AcceptStatus
     event_id: int
     owner: str
     inc: str
     notice: Notice | None = None  # logged before this write (see state/writes.py)
+    unstored_bytes: int = 0
 
     def with_notice(self, notice: Notice) -> Accepted:
         return replace(self, notice=notice)
+
+    def with_unstored(self, size: int) -> Accepted:
+        return replace(self, unstored_bytes=size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,8 @@ from .results import ACCEPT, COMMIT, Accepted, Committed, status
 
 log = logging.getLogger(__name__)
 
+UNBOUNDED = 1 << 50  # a byte bound that never binds
+
 
 def published(event_id: int, packed: bytes) -> bytes:
     """A channel message ``[id, event]``, as the scripts build it."""
@@ -64,7 +66,7 @@ class WriteOps(StateCore):
             else:
                 await self.redis.publish(channel, message)
 
-    async def rewind(self, sid: str, floor: int, found: int, maxlen: int) -> tuple[int, Event]:
+    async def rewind(self, sid: str, floor: int, found: int) -> tuple[int, Event]:
         """Continue ``sid``'s ids after ``floor`` (Redis lost ``found+1..floor``), logging
         a notice as the first new id; returns it (id 0: nothing was lost after all)."""
         notice = codec.events_lost_event(found + 1, floor)
@@ -72,7 +74,7 @@ class WriteOps(StateCore):
         r = await self._run(
             "rewind",
             [k.conv(sid), k.events(sid)],
-            [floor, codec.pack(notice), maxlen, k.conv_channel(sid)],
+            [floor, codec.pack(notice), k.conv_channel(sid)],
         )
         if int(r[0]):
             log.error(
@@ -89,33 +91,44 @@ class WriteOps(StateCore):
         sid: str,
         user: str,
         packed: bytes,
-        maxlen: int,
+        window_events: int,
         inbox_max: int,
         publisher: str = "",
         token: str = "",
         *,
         floor: int = 0,
+        window_bytes: int = UNBOUNDED,
+        max_bytes: int = 0,
     ) -> Accepted:
         """Log and enqueue a user action. With ``publisher`` (the writer's incarnation), the
         event is published only when another node listens: the writer applies it itself.
 
         An accept run again with the same ``token`` (a retry after a lost reply, or the
         client's own retry: see ``accept_token``) returns the first one's event id and
-        writes nothing, as long as it is among the conversation's last 64 accepts."""
+        writes nothing, as long as it is among the conversation's last 64 accepts.
+
+        Refused (``behind``) while the events the event store does not hold yet reach
+        ``window_events``, or would pass ``window_bytes`` with this one: Redis never
+        trims what the store lacks, so this is what bounds the log when the store lags.
+        Refused (``quota``) when the conversation's events would pass ``max_bytes``
+        (0: no limit)."""
         k = self.keys
         keys = [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
         token = token or accept_token(None)
         defer = "1" if self.replicas else ""
         notice: tuple[int, Event] | None = None
         for _ in range(2):
-            args = [user, packed, maxlen, inbox_max, k.conv_channel(sid), token, publisher]
-            r, unconfirmed = await self._write("accept", keys, [*args, floor, defer])
+            args = [user, packed, window_events, inbox_max, k.conv_channel(sid), token, publisher]
+            tail = [floor, defer, window_bytes, max_bytes]
+            r, unconfirmed = await self._write("accept", keys, [*args, *tail])
             if text(r[0]) != "rewound":
                 break
-            notice = await self.rewind(sid, floor, int(r[1]), maxlen)
+            notice = await self.rewind(sid, floor, int(r[1]))
         if unconfirmed:  # not acknowledged: the client's retry (same token) is safe
             raise NotReplicated(unconfirmed)
         result = Accepted(status(text(r[0]), ACCEPT), int(r[1]), text(r[2]), text(r[3]))
+        if result.status == "behind":
+            return result.with_unstored(int(r[4]))
         if defer and result.status == "ok" and int(r[4]):
             await self._publish_late(sid, [published(result.event_id, packed)])
         return result if notice is None or not notice[0] else result.with_notice(notice)
@@ -127,7 +140,6 @@ class WriteOps(StateCore):
         epoch: int,
         packed_events: Sequence[bytes],
         *,
-        maxlen: int,
         cause: int = 0,
         index: int = 0,
         state: str = "",
@@ -146,14 +158,14 @@ class WriteOps(StateCore):
         k = self.keys
         keys = [k.conv(sid), k.events(sid), k.inbox(sid), k.conv_conns(sid), k.accepted(sid)]
         defer = "1" if self.replicas else ""
-        head = [inc, epoch, maxlen, k.conv_channel(sid), cause, index, state, publisher]
+        head = [inc, epoch, k.conv_channel(sid), cause, index, state, publisher]
         notice: tuple[int, Event] | None = None
         for _ in range(2):
             args = [*head, writer, accepted_as, floor, defer, *packed_events]
             r, unconfirmed = await self._write("commit", keys, args)
             if text(r[0]) != "rewound":
                 break
-            notice = await self.rewind(sid, floor, int(r[1]), maxlen)
+            notice = await self.rewind(sid, floor, int(r[1]))
         if unconfirmed:
             # The events are in the master's log (readers see them): counted and logged,
             # not undone. A failover before replicas catch up is told as a rewind.

@@ -1,0 +1,196 @@
+"""The event store behind the Redis log: one store per cluster, fed by the owners.
+
+Every node of a cluster must read and write the same store (a conversation moves
+between nodes; its history must not stay behind on one machine). Each node records the
+identity of its store in Redis when it starts; the first one recorded is the cluster's,
+and a node whose store is another refuses to start (``check_cluster_store``).
+
+``Archiver``: the owner of a conversation moves its events from the Redis log to the
+store, off the action's acknowledgement path (a background task of the node, woken when
+its loops see events). Invariants:
+
+- **In order, nothing skipped.** A batch is the oldest events the store lacks, as Redis
+  records it (``stored`` in the conversation's record); the store refuses a batch that
+  would leave a gap. Ids Redis never logged (lost in a failover, ``scripts.REWIND``) are
+  stored as a notice saying so, so the store's ids stay contiguous.
+- **Fenced and idempotent.** A batch is written with the owner's epoch: once a successor
+  wrote, a replaced owner's late batch changes nothing (before that, it writes what the
+  successor would: ids name events, assigned by the one Redis log). A batch sent again (a lost
+  reply, an owner killed between the write and its record in Redis) writes nothing twice.
+- **Nothing trimmed before it is stored.** Only once the store holds an event may Redis
+  trim it (``scripts.MARK_STORED``): the log keeps its newest events, within
+  ``log_window_events`` and ``log_window_bytes``. While the store is unreachable the
+  events wait in Redis, actions are refused once they fill the window
+  (``scripts.ACCEPT``: ``behind``), and the mover retries with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from . import codec
+from .backoff import Backoff
+from .config import ManagerConfig
+from .eventstore import EventStore, StoreError, StoreMismatch
+from .state import Lease, RedisState
+
+if TYPE_CHECKING:
+    from .runner import LoopRunner
+
+log = logging.getLogger(__name__)
+
+# A batch: at most this many events and about this many bytes (at least one event).
+BATCH_EVENTS = 500
+BATCH_BYTES = 1 << 20
+
+
+async def check_cluster_store(
+    state: RedisState, store: EventStore, config: ManagerConfig, shown: str
+) -> None:
+    """Record ``store`` (shown as ``shown``) as the cluster's, or raise StoreMismatch
+    when the cluster already uses another one."""
+    identity = store.identity()
+    recorded, where, node = await state.claim_store(identity, shown, config.node_id)
+    if recorded == identity:
+        return
+    raise StoreMismatch(
+        f"this node's event store {shown} (identity {identity}) is not the cluster's: "
+        f"the nodes sharing this Redis (key prefix {config.key_prefix!r}) use {where} "
+        f"(identity {recorded}, first recorded by node {node}). Every node of a cluster "
+        "must read and write one store, or conversations lose their history when they "
+        f"move between nodes. Fix: start this node with --event-store {where} (the same "
+        "directory, on a volume every node mounts, or the same PostgreSQL database; "
+        "nodes on several machines need postgresql://...); or, for a separate cluster, "
+        f"another --key-prefix or Redis. If the cluster really moved to a new store, "
+        f"delete the Redis key {state.keys.event_store()} once every node uses it."
+    )
+
+
+class Archiver:
+    """Moves the events of the conversations this node owns (``runners``: the node's
+    table of loops, read only) to ``store`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        state: RedisState,
+        store: EventStore,
+        config: ManagerConfig,
+        runners: Mapping[str, LoopRunner],
+        where: str,
+    ) -> None:
+        self._state = state
+        self._store = store
+        self._config = config
+        self._runners = runners
+        self._where = where
+        self._pending: set[str] = set()  # logged events not moved yet
+        self._moving: set[str] = set()  # being moved now
+        self._wake = asyncio.Event()
+        self.trouble = ""  # why the last attempt failed ('' once one works again)
+
+    def logged(self, sid: str) -> None:
+        """Events of ``sid`` (owned here) were logged: move them soon."""
+        self._pending.add(sid)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The node's background task: move what ``logged`` named, retrying failures
+        with backoff (their events wait in Redis meanwhile)."""
+        backoff = Backoff(base=0.1, cap=5.0)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            pending, self._pending = self._pending, set()
+            leases = [
+                runner.lease
+                for sid in pending
+                if (runner := self._runners.get(sid)) is not None and runner.running
+            ]
+            self._moving = {lease.sid for lease in leases}
+            try:
+                done = await asyncio.gather(*(self._try(lease) for lease in leases))
+            finally:
+                self._moving = set()
+            failed = [lease.sid for lease, ok in zip(leases, done, strict=True) if not ok]
+            if failed:
+                self._pending.update(failed)
+                await asyncio.sleep(backoff.next())
+                self._wake.set()
+            else:
+                backoff.reset()
+
+    async def flush(self, lease: Lease, within: float) -> bool:
+        """Move what the store lacks of the events this loop saw before it stops (so a
+        stopped conversation's window holds nothing unstored); False when it could not
+        in ``within`` seconds (its next owner moves the rest)."""
+        sid = lease.sid
+        if sid not in self._pending and sid not in self._moving:
+            return True  # nothing to move: no Redis call (idle sweeps close many loops)
+        try:
+            async with asyncio.timeout(within):
+                moved = await self._try(lease)
+        except TimeoutError:
+            log.warning("moving %s's events to the event store timed out", sid)
+            return False
+        if moved:
+            self._pending.discard(sid)
+        return moved
+
+    async def _try(self, lease: Lease) -> bool:
+        try:
+            await self.move(lease)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store or Redis: the events wait in Redis
+            if not self.trouble:  # logged once until it works again
+                log.error(
+                    "event store %s: cannot store %s's events (%s); retrying",
+                    self._where,
+                    lease.sid,
+                    exc,
+                )
+            self.trouble = f"cannot store events: {exc}"
+            return False
+        if self.trouble:
+            log.warning("event store %s: storing events again", self._where)
+            self.trouble = ""
+        return True
+
+    async def move(self, lease: Lease) -> int:
+        """Move ``lease.sid``'s events the store lacks, a batch at a time, until it holds
+        all of them or a successor fenced this owner; returns the last id stored."""
+        sid, epoch = lease.sid, lease.epoch
+        cfg = self._config
+        while True:
+            stored, rows = await self._state.unstored(sid, BATCH_EVENTS, BATCH_BYTES)
+            if not rows:
+                return stored
+            if rows[0][0] > stored + 1:
+                rows = lost_ids(stored + 1, rows[0][0] - 1)
+            r = await self._store.append(sid, epoch, rows, user=lease.user)
+            if r.status == "fenced":
+                log.info("%s: a newer owner (epoch %d) stores its events", sid, r.epoch)
+                return r.last_id
+            if r.status == "gap":
+                raise StoreError(
+                    f"the store holds {sid!r} up to event {r.last_id} but Redis records "
+                    f"that it held up to {stored}: was the store replaced or restored "
+                    "from an older backup?"
+                )
+            await self._state.mark_stored(
+                sid, r.last_id, cfg.log_window_events, cfg.log_window_bytes
+            )
+
+    def forget(self, sid: str) -> None:
+        """The loop of ``sid`` stopped here."""
+        self._pending.discard(sid)
+
+
+def lost_ids(first: int, last: int) -> list[tuple[int, bytes]]:
+    """What the store keeps for ids Redis never logged (at most a batch of them)."""
+    notice = codec.pack(codec.events_lost_event(first, last))
+    return [(i, notice) for i in range(first, min(last, first + BATCH_EVENTS - 1) + 1)]

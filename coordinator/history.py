@@ -1,0 +1,56 @@
+"""A conversation's whole history, in id order: the event store below the Redis window,
+the window above it (live events come after, through ``delivery.py``).
+
+Redis trims only what the store holds (``archive.py``), and keeps the newest event (its
+log is empty only when the conversation came back from the store: ``loops.py``), so a
+read of the log that starts after the id asked for, or finds nothing below the
+conversation's last id, means the ids between were trimmed: they are read from the
+store. Ids neither holds were lost by Redis in a
+failover (its clients were told, ``scripts.REWIND``) and are skipped.
+"""
+
+from __future__ import annotations
+
+from workers.protocol import Event
+
+from .codec import unpack
+from .eventstore import EventStore
+from .state import RedisState
+
+Rows = list[tuple[int, Event]]
+MAX_ID = 2**62  # above any event id
+
+
+class History:
+    """Reads a conversation's events after any id, from the store or the Redis log."""
+
+    def __init__(self, state: RedisState, store: EventStore) -> None:
+        self._state = state
+        self._store = store
+
+    async def after(self, sid: str, after: int, count: int) -> tuple[Rows, int]:
+        """Up to ``count`` events with ids above ``after`` (oldest first), gap-free where
+        either Redis or the store has them, and their packed size."""
+        rows, size, last = await self._state.events_after_sized(sid, after, count)
+        return await self.below_window(sid, after, count, rows, size, last)
+
+    async def below_window(
+        self, sid: str, after: int, count: int, rows: Rows, size: int, last: int
+    ) -> tuple[Rows, int]:
+        """``rows`` (with ``size``): a read of the Redis log after ``after``, of a
+        conversation whose last id is ``last`` (0: it has no record in Redis, which let
+        it go after it stopped: ``--redis-retention``). When the log starts later (or
+        holds nothing, as when the conversation came back from the store), the page
+        starts with what the store holds below it. A full page (``count`` events) may
+        be followed by more."""
+        start = rows[0][0] if rows else last + 1 if last else MAX_ID
+        if start <= after + 1:
+            return rows, size
+        trimmed = start - 1 - after
+        stored = await self._store.read(sid, after, min(count, trimmed))
+        page = [(i, unpack(data)) for i, data in stored]
+        size += sum(len(data) for _, data in stored)
+        if len(stored) == count < trimmed:
+            return page, size  # the store has more below the window
+        # The store's page reaches the window (ids it lacks too were lost by Redis).
+        return (page + rows)[:count], size

@@ -1,0 +1,44 @@
+"""The Redis side of the event store: which store the cluster uses, how far the store
+holds each conversation, and the hot window of its log (``archive.py`` moves the events).
+"""
+
+from __future__ import annotations
+
+from .core import StateCore, text
+
+
+class ArchiveOps(StateCore):
+    async def claim_store(self, identity: str, shown: str, node: str) -> tuple[str, str, str]:
+        """Record ``identity`` as the cluster's event store unless one is recorded; returns
+        the recorded ``(identity, store URL shown, node that recorded it)``."""
+        r = await self._run("claim_store", [self.keys.event_store()], [identity, shown, node])
+        return text(r[0]), text(r[1]), text(r[2])
+
+    async def unstored(
+        self, sid: str, count: int, max_bytes: int
+    ) -> tuple[int, list[tuple[int, bytes]]]:
+        """How far the store holds ``sid`` (as recorded here), and the oldest logged
+        events after that: at most ``count`` of them and ``max_bytes`` (at least one),
+        packed as logged."""
+        k = self.keys
+        r = await self._run("unstored", [k.conv(sid), k.events(sid)], [count, max_bytes])
+        rows = [(int(r[i]), bytes(r[i + 1])) for i in range(1, len(r), 2)]
+        return int(r[0]), rows
+
+    async def mark_stored(
+        self, sid: str, last_id: int, window_events: int, window_bytes: int
+    ) -> tuple[int, int, int]:
+        """The store holds ``sid``'s events up to ``last_id``: record it and trim the
+        log to its window. Returns ``(stored, events in the log, bytes in the log)``."""
+        k = self.keys
+        r = await self._run(
+            "mark_stored",
+            [k.conv(sid), k.events(sid)],
+            [last_id, window_events, window_bytes],
+        )
+        return int(r[0]), int(r[1]), int(r[2])
+
+    async def window_start(self, sid: str) -> int:
+        """The id of the oldest event the Redis log still holds (0: the log is empty)."""
+        rows = await self.redis.xrange(self.keys.events(sid), count=1)
+        return int(text(rows[0][0]).split("-")[0]) if rows else 0

@@ -1,0 +1,520 @@
+"""The event store wired into the coordinator: one store per cluster, events moved off
+the ack path into it, Redis kept to a window, replay through the store."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator import ConversationManager
+from coordinator.auth import issue_token
+from coordinator.codec import EVENTS_LOST, notice_code, unpack, with_id
+from coordinator.errors import Forbidden, LimitExceeded, StoreBehind
+from coordinator.eventstore import EventStore, StoreMismatch
+from tests.conftest import NodeFactory
+from tests.helpers import wait_until
+from tests.postgres import PostgresServer
+from tests.server_fixtures import SECRET, ServerCluster, SioClient
+
+
+async def test_a_node_records_and_reports_its_store(
+    make_nodes: NodeFactory, private_event_store: str
+) -> None:
+    (a,) = await make_nodes(1)
+    assert a.node.store_url == f"file://{private_event_store}"
+    assert (Path(private_event_store) / "store-id").is_file()
+    (b,) = await make_nodes(1, event_store=f"file://{private_event_store}")
+    assert b.node.store is not None and a.node.store is not None
+    assert b.node.store.identity() == a.node.store.identity()
+
+
+async def test_a_node_with_another_store_is_refused(
+    make_nodes: NodeFactory, tmp_path: Path, private_event_store: str
+) -> None:
+    await make_nodes(1)
+    with pytest.raises(StoreMismatch) as refused:
+        await make_nodes(1, event_store=f"file://{tmp_path}/elsewhere")
+    message = str(refused.value)
+    assert "is not the cluster's" in message
+    assert f"--event-store file://{private_event_store}" in message
+    assert f"file://{tmp_path}/elsewhere" in message
+
+
+async def send(node: ConversationManager, cid: str, content: str) -> int:
+    """Send one message, again while the event store lags (a client's retry); its id."""
+    action = {"action": "message", "args": {"content": content}}
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            return await node.send_to_event_stream(cid, action)
+        except StoreBehind:
+            assert asyncio.get_running_loop().time() < deadline, "the store stayed behind"
+            await asyncio.sleep(0.01)
+
+
+async def stored_mark(node: ConversationManager, sid: str) -> int:
+    return int(await node.state.redis.hget(node.keys.conv(sid), "stored") or 0)
+
+
+async def wait_stored(node: ConversationManager, sid: str, last: int) -> None:
+    async def done() -> bool:
+        return await stored_mark(node, sid) >= last
+
+    await wait_until(done, timeout=30, what=f"the store holds {sid} up to {last}")
+
+
+async def all_stored(store: EventStore, sid: str) -> list[tuple[int, bytes]]:
+    rows: list[tuple[int, bytes]] = []
+    while batch := await store.read(sid, rows[-1][0] if rows else 0, 1000):
+        rows += batch
+    return rows
+
+
+async def test_the_owner_moves_events_to_the_store_and_redis_keeps_the_window(
+    make_nodes: NodeFactory,
+) -> None:
+    (a,) = await make_nodes(1, log_window_events=20)
+    await a.join_conversation("moved", "c", {}, "alice")
+    for i in range(60):
+        await send(a, "c", str(i))
+    sink = make_nodes.sinks["node1"]
+    await wait_until(lambda: len(sink.events["c"]) >= 120, what="120 events")
+    await wait_stored(a, "moved", 120)
+    assert a.node.store is not None
+    stored = await all_stored(a.node.store, "moved")
+    assert [i for i, _ in stored] == list(range(1, 121))
+    assert [with_id(i, unpack(d)) for i, d in stored] == sink.events["c"]
+    log = await a.state.redis.xrange(a.keys.events("moved"))
+    assert [int(i.split(b"-")[0]) for i, _ in log] == list(range(101, 121))
+
+
+async def test_the_window_is_bounded_in_bytes(make_nodes: NodeFactory) -> None:
+    (a,) = await make_nodes(1, max_action_bytes=2048, log_window_bytes=8192)
+    await a.join_conversation("bytes", "c", {}, "alice")
+    for i in range(40):
+        await send(a, "c", f"{i:04}" + "x" * 600)
+    await wait_until(lambda: len(make_nodes.sinks["node1"].events["c"]) >= 80, what="80")
+    await wait_stored(a, "bytes", 80)
+    log = await a.state.redis.xrange(a.keys.events("bytes"))
+    size = sum(len(fields[b"d"]) for _, fields in log)
+    assert 0 < size <= 8192 and int(log[-1][0].split(b"-")[0]) == 80
+    meta = await a.conversation("bytes")
+    assert int(meta["lbytes"]) - int(meta["tbytes"]) == size
+
+
+async def say(client: SioClient, content: str) -> int:
+    """Send a message over socket.io, again while the event store lags."""
+    for _ in range(3000):
+        ack = await client.act({"action": "message", "args": {"content": content}})
+        if ack.get("ok"):
+            return int(ack["id"])
+        assert "the event store is behind" in ack["error"], ack
+        await asyncio.sleep(0.01)
+    raise AssertionError("the event store stayed behind")
+
+
+async def test_replay_from_any_id_goes_through_the_store_then_the_window_then_live(
+    servers: ServerCluster,
+) -> None:
+    a, b = await servers.start(2, log_window_events=20)
+    writer = await servers.join(a, "replay", "alice")
+    for i in range(60):
+        await say(writer, str(i))
+    await writer.wait_ids(120)
+    await wait_stored(a.manager, "replay", 120)
+    assert await a.manager.state.redis.xlen(a.manager.keys.events("replay")) == 20
+    # From 0 and from the middle of the store, on the node that does not run the loop.
+    readers = [await servers.join(b, "replay", "alice", latest_event_id=n) for n in (0, 50, 110)]
+    for reader, start in zip(readers, (0, 50, 110), strict=True):
+        await reader.wait_ids(120)
+        assert reader.ids == list(range(start + 1, 121))
+        assert reader.events == writer.events[start:]
+    await say(writer, "live")
+    for reader, start in zip(readers, (0, 50, 110), strict=True):
+        await reader.wait_ids(122)
+        assert reader.ids == list(range(start + 1, 123))
+
+
+async def test_rest_pages_through_the_history(servers: ServerCluster) -> None:
+    a, b = await servers.start(2, log_window_events=10)
+    writer = await servers.join(a, "paged", "alice")
+    for i in range(30):
+        await say(writer, str(i))
+    await writer.wait_ids(60)
+    await wait_stored(a.manager, "paged", 60)
+    got: list[dict[str, object]] = []
+    after = 0
+    while True:
+        status, body = await servers.request(
+            "GET", b, f"/api/conversations/paged/events?after={after}&limit=25", user="alice"
+        )
+        assert status == 200, body
+        got += body["events"]
+        after = body["next"]
+        if not body["more"]:
+            break
+    assert [e["id"] for e in got] == list(range(1, 61))
+    assert got == writer.events
+    status, body = await servers.request(
+        "GET", b, "/api/conversations/paged/events", user="mallory"
+    )
+    assert status == 404 and body["error"] == "no such conversation: 'paged'"
+    admin = issue_token("ops", SECRET, claims={"role": "admin"})
+    status, body = await servers.request(
+        "GET", a, "/api/conversations/paged/events?after=55", token=admin
+    )
+    assert status == 200 and [e["id"] for e in body["events"]] == [56, 57, 58, 59, 60]
+    for query in ("after=-1", "limit=0", "limit=1001", "after=x"):
+        status, body = await servers.request(
+            "GET", a, f"/api/conversations/paged/events?{query}", user="alice"
+        )
+        assert status == 400, (query, body)
+
+
+async def redis_log(node: ConversationManager, sid: str) -> list[tuple[int, bytes]]:
+    rows = await node.state.redis.xrange(node.keys.events(sid))
+    return [(int(i.split(b"-")[0]), fields[b"d"]) for i, fields in rows]
+
+
+async def test_postgres_store_holds_more_than_the_window_and_replays_it(
+    servers: ServerCluster, postgres_dsn: str
+) -> None:
+    a, b = await servers.start(2, log_window_events=20, event_store=postgres_dsn)
+    assert a.event_store.startswith("postgresql://coord:***@")
+    writer = await servers.join(a, "pg", "alice")
+    for i in range(50):
+        await say(writer, str(i))
+    await writer.wait_ids(100)
+    await wait_stored(a.manager, "pg", 100)
+    assert await a.manager.state.redis.xlen(a.manager.keys.events("pg")) == 20
+    reader = await servers.join(b, "pg", "alice", latest_event_id=0)
+    await reader.wait_ids(100)
+    assert reader.ids == list(range(1, 101)) and reader.events == writer.events
+
+
+async def test_store_down_then_back_refuses_clearly_loses_nothing_and_catches_up(
+    make_nodes: NodeFactory, postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    (a,) = await make_nodes(1, log_window_events=20, event_store=postgres_dsn)
+    await a.join_conversation("down", "c", {}, "alice")
+    await send(a, "c", "before")
+    await wait_stored(a, "down", 2)
+    await asyncio.to_thread(postgres_server.stop)
+    acked: list[int] = []
+    refusal = ""
+    for i in range(30):  # the window has room for about 10 actions and their answers
+        try:
+            accepted = await a.send_to_event_stream(
+                "c", {"action": "message", "args": {"content": f"down {i}"}}
+            )
+        except StoreBehind as exc:
+            refusal = str(exc)
+            break
+        acked.append(accepted)
+    assert acked and refusal, "the window never filled"
+    assert "the event store is behind" in refusal and "not acknowledged" in refusal
+    assert await stored_mark(a, "down") == 2
+    assert "is unavailable" in a.node.archiver.trouble  # what /healthz shows
+    await asyncio.to_thread(postgres_server.start)
+    await wait_stored(a, "down", max(acked) + 1)
+    assert a.node.archiver.trouble == ""
+    after = await send(a, "c", "after")
+    await wait_stored(a, "down", after + 1)  # and its answer
+    assert a.node.store is not None
+    stored = await all_stored(a.node.store, "down")
+    assert [i for i, _ in stored] == list(range(1, len(stored) + 1))
+    by_id = dict(stored)
+    for i, event_id in enumerate(acked):  # every acknowledged action, as sent
+        assert unpack(by_id[event_id])["args"]["content"] == f"down {i}"
+
+
+class HalfThenHang:
+    """The node's real store, except that an append of several events writes the first
+    half and then never returns: the owner dies halfway through a batch."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.hung = asyncio.Event()
+
+    async def append(
+        self, sid: str, epoch: int, events: list[tuple[int, bytes]], *, user: str
+    ) -> object:
+        if len(events) < 2:
+            return await self.store.append(sid, epoch, events, user=user)
+        await self.store.append(sid, epoch, events[: len(events) // 2], user=user)
+        self.hung.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_owner_killed_halfway_through_a_batch_leaves_no_gap_or_duplicate(
+    make_nodes: NodeFactory,
+) -> None:
+    a, b = await make_nodes(2)
+    await a.join_conversation("killed", "ca", {}, "alice")
+    store = a.node.store
+    assert store is not None
+    faulty = HalfThenHang(store)
+    a.node.archiver._store = faulty  # type: ignore[assignment]
+    for i in range(10):
+        await send(a, "ca", str(i))
+    await wait_until(faulty.hung.is_set, what="a batch half written")
+    await a.node.halt()  # killed: no more writes, no lease renewal
+    a.node.archiver._store = store  # type: ignore[assignment]
+    epoch = int((await a.conversation("killed"))["epoch"])
+    written = await all_stored(store, "killed")
+    assert written and [i for i, _ in written] == list(range(1, len(written) + 1))
+
+    # Another node takes over on the next action, and moves what the store lacks.
+    async def a_dead() -> bool:
+        return not await b.node.directory.alive(a.inc)
+
+    await wait_until(a_dead, timeout=10, what="a's lease expired")
+    await b.join_conversation("killed", "cb", {}, "alice")
+    await send(b, "cb", "after")
+    await wait_until(lambda: "killed" in b.local_loops(), timeout=10, what="b owns it")
+    seq = int((await b.conversation("killed"))["seq"])
+    await wait_stored(b, "killed", seq)
+    stored = await all_stored(store, "killed")
+    assert stored == await redis_log(b, "killed")  # the whole log, once each, in order
+    # The dead owner's late batch (the rest of the one it was writing) is refused.
+    late = await store.append("killed", epoch, stored[len(written) :], user="alice")
+    assert late.status == "fenced"
+    assert await all_stored(store, "killed") == stored
+
+
+async def test_ids_redis_lost_are_stored_as_a_notice_keeping_the_store_contiguous(
+    make_nodes: NodeFactory,
+) -> None:
+    (a,) = await make_nodes(1)
+    await a.join_conversation("rewound", "c", {}, "alice")
+    await send(a, "c", "first")
+    await wait_stored(a, "rewound", 2)
+    # Redis lost ids 3..6 in a failover (scripts.REWIND): the log goes on at 7.
+    notice_id, _ = await a.state.rewind("rewound", 6, 2)
+    assert notice_id == 7
+    after = await send(a, "c", "second")
+    await wait_stored(a, "rewound", after + 1)
+    assert a.node.store is not None
+    stored = await all_stored(a.node.store, "rewound")
+    assert [i for i, _ in stored] == list(range(1, after + 2))
+    lost = [unpack(d) for i, d in stored if 3 <= i <= 6]
+    assert all(notice_code(e) == EVENTS_LOST for e in lost), lost
+    assert "events 3 to 6" in lost[0]["message"]
+    assert unpack(stored[after - 1][1])["args"]["content"] == "second"
+
+
+async def conversation_keys(node: ConversationManager, sid: str) -> list[str]:
+    k = node.keys
+    return [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
+
+
+async def test_a_conversation_gone_from_redis_comes_back_from_the_store(
+    make_nodes: NodeFactory,
+) -> None:
+    a, b = await make_nodes(2, log_window_events=4)
+    await a.join_conversation("back", "ca", {}, "alice")
+    for i in range(5):
+        await send(a, "ca", str(i))
+    await wait_until(lambda: len(make_nodes.sinks["node1"].events["ca"]) >= 10, what="10")
+    before = make_nodes.sinks["node1"].events["ca"]
+    await a.disconnect_from_session("ca")
+    assert await a.close_session("back", "alice")
+    meta = await a.conversation("back")
+    last, fence = int(meta["seq"]), int(meta["epoch"])  # the loop's 10 and its stop
+    await wait_stored(a, "back", last)
+    # Its Redis state goes (expired, or Redis lost it); the store keeps it.
+    await a.state.redis.delete(*await conversation_keys(a, "back"))
+    with pytest.raises(Forbidden):
+        await b.join_conversation("back", "cm", {}, "mallory")
+    await b.join_conversation("back", "cb", {}, "alice", latest_event_id=0)
+    sink = make_nodes.sinks["node2"]
+    await wait_until(lambda: len(sink.events["cb"]) >= last, what="the history replayed")
+    assert sink.events["cb"][:10] == before[:10]
+    meta = await b.conversation("back")
+    assert int(meta["epoch"]) > fence and meta["user"] == "alice"
+    again = await send(b, "cb", "again")
+    assert again == last + 1  # ids go on after the store's, never reused
+    await wait_stored(b, "back", again + 1)
+    assert b.node.store is not None
+    stored = await all_stored(b.node.store, "back")
+    assert [i for i, _ in stored] == list(range(1, again + 2))
+    assert [with_id(i, unpack(d)) for i, d in stored] == sink.events["cb"][: again + 1]
+
+
+async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes_back(
+    make_nodes: NodeFactory,
+) -> None:
+    a, b = await make_nodes(2, redis_retention=1.0)
+    redis = a.state.redis
+    keys = a.state.conversation_keys("kept")
+    await a.join_conversation("kept", "ca", {}, "alice")
+    await send(a, "ca", "one")
+    await wait_until(lambda: len(make_nodes.sinks["node1"].events["ca"]) >= 2, what="answer")
+    await a.disconnect_from_session("ca")
+    assert await a.close_session("kept", "alice")
+    assert 0 < await redis.pttl(keys[0]) <= 1000  # retiring
+    # Started again within the retention: it stays.
+    await a.join_conversation("kept", "ca2", {}, "alice")
+    assert [await redis.pttl(key) for key in keys[:4]] == [-1, -1, -1, -1]
+    await a.disconnect_from_session("ca2")
+    assert await a.close_session("kept", "alice")
+    last = int((await a.conversation("kept"))["seq"])
+
+    async def gone() -> bool:
+        return await redis.exists(*keys) == 0
+
+    await wait_until(gone, timeout=5, what="its Redis state expired")
+    assert await a.conversation("kept") == {}
+    assert await a.user_of("kept") == "alice"  # the store still knows it
+    assert [e["id"] for e in await b.events("kept", 0, 100)] == list(range(1, last + 1))
+    await b.join_conversation("kept", "cb", {}, "alice", latest_event_id=0)
+    sink = make_nodes.sinks["node2"]
+    await wait_until(lambda: len(sink.events["cb"]) >= last, what="the history replayed")
+    assert await send(b, "cb", "two") == last + 1
+
+
+async def test_delete_with_purge_removes_a_conversation_everywhere(
+    servers: ServerCluster,
+) -> None:
+    a, b = await servers.start(2, log_window_events=4)
+    writer = await servers.join(a, "doomed", "alice")
+    for i in range(5):
+        await say(writer, str(i))
+    await writer.wait_ids(10)
+    await wait_stored(a.manager, "doomed", 10)
+    req = servers.request
+    status, body = await req("DELETE", b, "/api/conversations/doomed?purge=maybe", user="alice")
+    assert status == 400 and "purge must be true or false" in body["error"]
+    status, body = await req("DELETE", b, "/api/conversations/doomed?purge=true", user="mallory")
+    assert status == 404
+    await writer.close()
+    status, body = await req("DELETE", b, "/api/conversations/doomed?purge=true", user="alice")
+    assert status == 200, body
+    purged = body["purged"]
+    assert body["closed"] is True and purged["redis_keys"] >= 3
+    assert purged["stored_events"] >= 10 and purged["stored_bytes"] > 0
+    state = a.manager.state
+    assert await state.redis.exists(*state.conversation_keys("doomed")) == 0
+    assert a.manager.node.store is not None
+    assert await a.manager.node.store.conversation("doomed") is None
+    status, body = await req("GET", a, "/api/conversations/doomed/events", user="alice")
+    assert status == 404
+    status, body = await req("GET", a, "/api/conversations", user="alice")
+    assert [c for c in body["conversations"] if c["conversation_id"] == "doomed"] == []
+    status, body = await req("DELETE", a, "/api/conversations/doomed?purge=true", user="alice")
+    assert status == 404
+
+
+async def test_quotas_refuse_clearly_and_change_nothing(make_nodes: NodeFactory) -> None:
+    (a,) = await make_nodes(
+        1,
+        max_conversations_per_user=2,
+        max_action_bytes=1024,
+        log_window_bytes=4096,
+        max_conversation_bytes=3000,
+    )
+    for n in (1, 2):
+        await a.join_conversation(f"q{n}", f"c{n}", {}, "alice")
+        await send(a, f"c{n}", "hello")
+        await wait_stored(a, f"q{n}", 2)
+    with pytest.raises(LimitExceeded) as refused:
+        await a.join_conversation("q3", "c3", {}, "alice")
+    assert refused.value.limit == "conversations per user"
+    assert "has 2 conversations stored (the limit is 2)" in str(refused.value)
+    assert await a.conversation("q3") == {}
+    await a.join_conversation("q3", "c3", {}, "bob")  # another user's quota
+    # Bytes of one conversation: refused before it would pass the limit, nothing logged.
+    sent = 0
+    with pytest.raises(LimitExceeded) as over:
+        for sent in range(20):
+            await send(a, "c1", f"{sent:03}" + "x" * 600)
+    assert over.value.limit == "bytes per conversation"
+    assert "would pass the limit of 3000 bytes" in str(over.value)
+    logged = [unpack(d).get("args", {}).get("content", "") for _, d in await redis_log(a, "q1")]
+    assert f"{sent - 1:03}" + "x" * 600 in logged
+    assert f"{sent:03}" + "x" * 600 not in logged  # the refused one
+
+
+async def test_a_flood_of_big_actions_keeps_redis_within_the_window(
+    make_nodes: NodeFactory,
+) -> None:
+    window = 1 << 20
+    (a,) = await make_nodes(1, log_window_bytes=window)
+    await a.join_conversation("flood", "c", {}, "mallory")
+    redis, events = a.state.redis, a.keys.events("flood")
+    big = "x" * 60_000
+    acked: list[int] = []
+    largest = 0
+    stop = asyncio.get_running_loop().time() + 3
+    while asyncio.get_running_loop().time() < stop:
+        try:
+            acked.append(
+                await a.send_to_event_stream("c", {"action": "message", "args": {"content": big}})
+            )
+        except StoreBehind:
+            await asyncio.sleep(0.005)
+        if len(acked) % 5 == 0:
+            rows = await redis.xrange(events)
+            largest = max(largest, sum(len(f[b"d"]) for _, f in rows))
+    assert len(acked) > 20
+    # Unstored events never pass the window (the agent's answers aside), and the stored
+    # ones are trimmed to it: at most about twice the window while the store catches up.
+    assert largest <= 2 * window + 4 * 61_000, largest
+
+    async def settled() -> bool:  # every action answered, and all of it stored
+        meta = await a.conversation("flood")
+        return int(meta["applied"]) >= max(acked) and meta["stored"] == meta["seq"]
+
+    await wait_until(settled, timeout=30, what="the flood answered and stored")
+    assert a.node.store is not None
+    stored = dict(await all_stored(a.node.store, "flood"))
+    assert sorted(stored) == list(range(1, len(stored) + 1)) and set(acked) <= set(stored)
+    rows = await redis.xrange(events)
+    assert sum(len(f[b"d"]) for _, f in rows) <= window
+
+
+async def test_an_agent_event_over_the_limit_is_refused_to_the_agent(
+    make_nodes: NodeFactory,
+) -> None:
+    (a,) = await make_nodes(1, max_agent_event_bytes=4096, agent_isolation="none")
+    await a.join_conversation("loud", "c", {}, "alice")
+    runner = a.runner("loud")
+    assert runner is not None
+    seq = (await a.conversation("loud"))["seq"]
+    with pytest.raises(LimitExceeded) as refused:
+        await runner.emit({"observation": "run", "content": "y" * 5000})
+    assert refused.value.limit == "agent event bytes"
+    assert "over the limit of 4096 bytes" in str(refused.value)
+    assert (await a.conversation("loud"))["seq"] == seq  # nothing written
+    assert await runner.emit({"observation": "run", "content": "y" * 1000}) == int(seq) + 1
+
+
+async def test_redis_at_its_maxmemory_refuses_actions_clearly(
+    servers: ServerCluster, redis_client: Any
+) -> None:
+    (a,) = await servers.start(1)
+    client = await servers.join(a, "full", "alice")
+    before = await client.say("before")
+    policy = await redis_client.config_get("maxmemory-policy")
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", 1)
+    try:
+        ack = await client.act({"action": "message", "args": {"content": "refused"}})
+        status, health = await servers.request("GET", a, "/healthz")
+    finally:
+        await redis_client.config_set("maxmemory", 0)
+        await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
+    assert ack == {
+        "ok": False,
+        "error": "Redis is full (at its maxmemory): nothing was written; try again later",
+    }
+    assert status == 503 and health["status"] == "degraded"
+    assert "Redis is full" in health["reason"]
+    after = await client.say("after")
+    assert after > before
+    logged = [e.get("args", {}).get("content") for e in await a.manager.events("full")]
+    assert "before" in logged and "after" in logged and "refused" not in logged
