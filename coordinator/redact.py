@@ -14,7 +14,7 @@ import logging
 import re
 import traceback
 
-from .config import redact_url
+from .redisurl import redact_url
 
 # Query parameters that carry credentials (the socket.io token, OAuth's access_token,
 # and the usual spellings of keys and passwords).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator import ConfigError, ConversationManager, ManagerConfig, RedisUnavailable
-from coordinator.config import parse_sentinel_url
+from coordinator.redisurl import parse_sentinel_url
 from tests.redis_topologies import RedisClusterServers
 
 

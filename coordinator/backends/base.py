@@ -24,9 +24,10 @@ import contextlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from ..config import ManagerConfig, redact_url
+from ..config import ManagerConfig
 from ..errors import REDIS_TROUBLE, RedisUnavailable
 from ..keys import KeySchema
+from ..redisurl import redact_url
 from ..state import LeaseRenewer, RedisState
 from ..state.core import Lane
 from ..subscriptions import Subscription

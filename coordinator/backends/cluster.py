@@ -20,9 +20,10 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry as SyncRetry
 
 from ..cluster_lane import ClusterLane
-from ..config import ManagerConfig, with_address
+from ..config import ManagerConfig
 from ..keys import KeySchema
 from ..links import Endpoint
+from ..redisurl import with_address
 from ..sharded import ShardedSubscriptions
 from ..slots import Address, SlotMap
 from ..state import LeaseRenewer

@@ -7,8 +7,9 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from ..config import SENTINEL_SCHEMES, ManagerConfig, redact_url
+from ..config import ManagerConfig
 from ..errors import REDIS_TROUBLE, ConfigError, RedisUnavailable
+from ..redisurl import SENTINEL_SCHEMES, redact_url
 from .base import Backend
 from .cluster import ClusterBackend
 from .sentinel import SentinelBackend

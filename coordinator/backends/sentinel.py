@@ -19,9 +19,10 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry as SyncRetry
 
-from ..config import ManagerConfig, SentinelURL, parse_sentinel_url
+from ..config import ManagerConfig
 from ..keys import KeySchema
 from ..lane import ScriptLane
+from ..redisurl import SentinelURL, parse_sentinel_url
 from ..state import LeaseRenewer
 from ..state.core import Lane
 from ..subscriptions import Subscription, Subscriptions

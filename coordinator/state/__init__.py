@@ -5,7 +5,7 @@ their logs (``conversations.py``), the event store's progress and the log's wind
 (``archive.py``), running loops and the cap (``loops.py``), connections
 (``connections.py``), node membership (``registry.py``), the clients' rate limits
 (``limits.py``) and what the browser pages read (``views.py``). The key schema is in
-``keys.py``, the Lua scripts in ``scripts.py``; nothing here keeps state of its own, and
+``keys.py``, the Lua scripts in ``scripts/``; nothing here keeps state of its own, and
 every method is one Redis round trip or a few sent together.
 """
 

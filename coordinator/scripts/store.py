@@ -1,0 +1,80 @@
+"""The event store behind the log (``archive.py``, ``state/archive.py``): what it
+does not hold yet, how far it holds, the window trimmed behind it, the cluster's store."""
+
+from __future__ import annotations
+
+# The meta hash counts the log's bytes: ``lbytes`` every event ever logged, ``sbytes``
+# those the store holds (ids up to ``stored``), ``tbytes`` those trimmed from the log.
+# So the log holds lbytes - tbytes, and lbytes - sbytes wait for the store.
+
+UNSTORED = """
+-- unstored: the oldest events of a conversation the event store does not hold yet.
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream
+-- ARGV[1]  most events   ARGV[2] most bytes (at least one event is returned)
+-- returns  {stored, id, packed event, id, packed event, ...} (ids above stored)
+local stored = tonumber(redis.call('HGET', KEYS[1], 'stored') or '0')
+local rows = redis.call('XRANGE', KEYS[2], '(' .. stored .. '-0', '+', 'COUNT', ARGV[1])
+local out, bytes = {stored}, 0
+for _, row in ipairs(rows) do
+  local data = row[2][2]
+  if #out > 1 and bytes + #data > tonumber(ARGV[2]) then break end
+  bytes = bytes + #data
+  out[#out + 1] = tonumber(string.match(row[1], '^(%d+)'))
+  out[#out + 1] = data
+end
+return out
+"""
+
+MARK_STORED = """
+-- mark_stored: the event store holds a conversation's events up to an id; trim the log
+-- to its window (the oldest stored events, while it holds more than either bound; never
+-- an event the store does not hold, never the newest).
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream
+-- ARGV[1]  last id the store holds   ARGV[2] window events   ARGV[3] window bytes
+-- returns  {stored, events in the log, bytes in the log}
+local f = redis.call('HMGET', KEYS[1], 'seq', 'stored', 'lbytes', 'sbytes', 'tbytes')
+if not f[1] then return {0, 0, 0} end
+local stored = tonumber(f[2] or '0')
+local upto = math.min(tonumber(ARGV[1]), tonumber(f[1]))
+local sbytes, tbytes = tonumber(f[4] or '0'), tonumber(f[5] or '0')
+local size = tonumber(f[3] or '0') - tbytes
+if upto > stored then
+  for _, row in ipairs(redis.call('XRANGE', KEYS[2], '(' .. stored .. '-0', upto .. '-0')) do
+    sbytes = sbytes + #row[2][2]
+  end
+  stored = upto
+  redis.call('HSET', KEYS[1], 'stored', stored, 'sbytes', sbytes)
+end
+local len = redis.call('XLEN', KEYS[2])
+local max_events, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
+local start, cut, last = '-', 0, nil
+while len > 1 and (len > max_events or size > max_bytes) do
+  local rows = redis.call('XRANGE', KEYS[2], start, stored .. '-0', 'COUNT', 100)
+  if #rows == 0 then break end
+  for _, row in ipairs(rows) do
+    if len <= 1 or (len <= max_events and size <= max_bytes) then break end
+    len = len - 1
+    size = size - #row[2][2]
+    cut = cut + #row[2][2]
+    last = row[1]
+  end
+  if #rows < 100 or last ~= rows[#rows][1] then break end
+  start = '(' .. last
+end
+if last then
+  redis.call('XTRIM', KEYS[2], 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
+  redis.call('HSET', KEYS[1], 'tbytes', tbytes + cut)
+end
+return {stored, len, size}
+"""
+
+CLAIM_STORE = """
+-- claim_store: record the cluster's event store, or report the one already recorded.
+-- KEYS[1]  cluster's store hash (identity, store, node)
+-- ARGV[1]  identity of this node's store   ARGV[2] its URL (no password)   ARGV[3] node
+-- returns  {identity, store, node} as recorded (this node's when it was the first)
+if redis.call('HSETNX', KEYS[1], 'identity', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'store', ARGV[2], 'node', ARGV[3])
+end
+return redis.call('HMGET', KEYS[1], 'identity', 'store', 'node')
+"""
