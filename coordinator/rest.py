@@ -128,17 +128,19 @@ class RestApp:
     # -- endpoints -------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
         m = self.manager
+        # The node as it is now: a stop or drain may begin while this waits on Redis.
+        node = m.node if m.started else None
         problems = []
-        redis_up, why = await m.directory.redis_ok() if m.started else (False, "")
-        if not m.started:
+        redis_up, why = await node.directory.redis_ok() if node else (False, "")
+        if node is None:
             problems.append("the manager is not running")
         elif not redis_up:
             problems.append(why)
-        lease = m.started and m.membership.lease_valid()
-        registered = lease and redis_up and await m.directory.registered()
-        if m.started and not registered:
+        lease = node is not None and node.membership.lease_valid()
+        registered = lease and redis_up and node is not None and await node.directory.registered()
+        if node is not None and not registered:
             problems.append("this node's membership lease is not valid")
-        if redis_up and (full := await m.directory.redis_full()):
+        if redis_up and node is not None and (full := await node.directory.redis_full()):
             problems.append(full)
         if m.draining:
             problems.append("the node is draining")
@@ -148,11 +150,11 @@ class RestApp:
             "redis": "ok" if redis_up else "down",
             "registered": registered,
             "draining": m.draining,
-            "loops": len(m.local_loops()) if m.started else 0,
+            "loops": len(m.local_loops()),
             "connections": len(m.local_connections()),
             # Not a reason to route clients elsewhere (every node shares the store), but
             # actions are refused once the events it lacks fill a conversation's window.
-            "event_store": (m.node.archiver.trouble or "ok") if m.started else "",
+            "event_store": (node.archiver.trouble or "ok") if node else "",
         }
         if problems:
             body["reason"] = "; ".join(problems)
