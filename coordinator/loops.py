@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from workers.protocol import AgentContext, AgentFactory, AgentState, Event
@@ -30,8 +30,10 @@ from .delivery import Delivery
 from .directory import Directory
 from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, LimitExceeded, NodeDraining
 from .eventstore import EventStore
+from .history import History
 from .idle import IdleTracker
 from .membership import Membership
+from .memory import LoopMemory
 from .metrics import NodeMetrics
 from .runner import LoopRunner
 from .state import Lease, Ownership, RedisState
@@ -88,10 +90,12 @@ class Loops:
         agent_factory: AgentFactory,
         archiver: Archiver,
         store: EventStore,
+        history: History,
     ) -> None:
         self.runners = runners
         self._archiver = archiver
         self._store = store
+        self._history = history
         self._state = state
         self._config = config
         self._intake = intake
@@ -246,11 +250,20 @@ class Loops:
         if not admitted:
             await self.give_up(lease, codec.evicted_event())
             return ConversationInfo(sid, lease.user, "", False, False)
-        context = AgentContext(sid, lease.user or None, settings)
+        memory = LoopMemory(
+            lease=lease,
+            history=self._history,
+            store=self._store,
+            archiver=self._archiver,
+            owned=lambda: runner.running and self._membership.lease_valid(),
+        )
+        fresh = own.status == "created" and not own.applied  # nothing stored to resume
+        saved = None if fresh else await memory.resume()
+        context = AgentContext(sid, lease.user or None, settings, own.applied, saved, memory)
         runner = LoopRunner(
             lease=lease,
             applied=own.applied,
-            new_agent=lambda: self._agent_factory(context),
+            new_agent=lambda after: self._agent_factory(replace(context, resumed_after=after)),
             speculative=self._config.speculative_dispatch,
             state=self._state,
             config=self._config,

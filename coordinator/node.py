@@ -175,6 +175,7 @@ class Node:
             agent_factory=agent_factory,
             archiver=self.archiver,
             store=self.store,
+            history=self.history,
         )
         self.restarts = Restarts(
             loops=self.loops,

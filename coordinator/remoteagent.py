@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from dataclasses import astuple
 from typing import TYPE_CHECKING, Any
 
 from workers.channel import (
@@ -36,8 +37,10 @@ from workers.channel import (
     EMIT,
     ERROR,
     OPEN,
+    READ,
     REFUSE,
     REPLY,
+    SAVE,
     describe,
     refusal,
 )
@@ -81,6 +84,7 @@ class RemoteAgent:
         self._calling = 0
         self._binding: asyncio.Task[Any] | None = None
         self._fresh = True  # the next dispatch reads how often its action failed before
+        self._done = context.resumed_after  # the last action dispatched to an instance
         self._closed = False
 
     @property
@@ -154,6 +158,7 @@ class RemoteAgent:
                         await self._pool.state.forget_attempts(self.sid, n)
                 return
         finally:
+            self._done = max(self._done, n)
             self._dispatching = False
             self._pool.cleared(self)
 
@@ -240,8 +245,11 @@ class RemoteAgent:
             self._worker = worker
             worker.loops[self._lid] = self
             ctx = self._context
+            saved = None if ctx.checkpoint is None else [*astuple(ctx.checkpoint)]
+            # A fresh instance after a failed worker resumes after what its last one did.
+            args = (ctx.conversation_id, ctx.user_id or "", dict(ctx.settings), self._done, saved)
             try:
-                await self._call(OPEN, (ctx.conversation_id, ctx.user_id or "", dict(ctx.settings)))
+                await self._call(OPEN, args)
                 return
             except WorkerLost as lost:
                 if lost.suspect:
@@ -288,6 +296,9 @@ class RemoteAgent:
         if message[0] == EMIT and not self._rid:
             # Not during a request (from a task of the agent's own): a task serves it.
             self._pool.tasks.spawn(self._serve_emit(worker, message), f"emit:{self.sid}")
+            return
+        if message[0] in (READ, SAVE):  # in any order with the rest: a task serves it
+            self._pool.tasks.spawn(self._serve_memory(worker, message), f"memory:{self.sid}")
             return
         self._push(message)
 
@@ -370,3 +381,20 @@ class RemoteAgent:
             worker.send([REFUSE, rid, *describe(exc)])
         else:
             worker.send([REPLY, rid, event_id])
+
+    async def _serve_memory(self, worker: AgentWorker, m: list[Any]) -> None:
+        """A history page (READ) or a checkpoint (SAVE) for the agent, from the node."""
+        kind, rid, _, first, second = m
+        memory = self._context.memory
+        answer: Any = None
+        try:
+            if memory is None:
+                raise AgentFailed(f"the agent of {self.sid} has no history")
+            if kind == READ:
+                answer = await memory.read(first, second)
+            else:
+                await memory.save(first, second)
+        except Exception as exc:  # Fenced, too large, the store's trouble: the agent's
+            worker.send([REFUSE, rid, *describe(exc)])
+        else:
+            worker.send([REPLY, rid, answer])

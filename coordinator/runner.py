@@ -44,8 +44,9 @@ class LoopRunner:
     what the agent emits, fenced by ``lease``.
 
     ``applied``: the last action processed (it resumes after it); ``new_agent``: makes the
-    agent (again, when a speculation was lost); ``speculative``: dispatch before the
-    accept answered when the agent allows it; ``lease_valid``: the node's lease clock;
+    agent, resuming after the action given (again, when a speculation was lost);
+    ``speculative``: dispatch before the accept answered when the agent allows it;
+    ``lease_valid``: the node's lease clock;
     ``on_fenced``: told once when ownership is no longer its own; ``delivery``,
     ``activity``, ``metrics``: where committed events, activity and measures go;
     ``archiver``: told when events were logged, to move them to the event store.
@@ -56,7 +57,7 @@ class LoopRunner:
         *,
         lease: Lease,
         applied: int,
-        new_agent: Callable[[], AgentLoop],
+        new_agent: Callable[[int], AgentLoop],
         speculative: bool,
         state: RedisState,
         config: ManagerConfig,
@@ -69,7 +70,7 @@ class LoopRunner:
     ) -> None:
         self.lease = lease
         self._new_agent = new_agent
-        self.agent = new_agent()
+        self.agent = new_agent(applied)
         self._speculative = speculative and self.agent.speculative
         self._metrics = metrics
         self._state = state
@@ -225,7 +226,7 @@ class LoopRunner:
     async def _replace_agent(self) -> None:
         """A fresh agent for one that may hold state from an action not (or not there) in
         the log: it starts from the log, as a successor's would."""
-        old, self.agent = self.agent, self._new_agent()
+        old, self.agent = self.agent, self._new_agent(self._queue.applied)
         try:
             await old.aclose()
         except Exception:
