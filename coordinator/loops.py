@@ -257,13 +257,15 @@ class Loops:
             archiver=self._archiver,
             owned=lambda: runner.running and self._membership.lease_valid(),
         )
-        fresh = own.status == "created" and not own.applied  # nothing stored to resume
-        saved = None if fresh else await memory.resume()
-        context = AgentContext(sid, lease.user or None, settings, own.applied, saved, memory)
+        if not (own.status == "created" and not own.applied):  # something to resume
+            await memory.resume()
+        context = AgentContext(sid, lease.user or None, settings, memory=memory)
         runner = LoopRunner(
             lease=lease,
             applied=own.applied,
-            new_agent=lambda after: self._agent_factory(replace(context, resumed_after=after)),
+            new_agent=lambda after: self._agent_factory(
+                replace(context, resumed_after=after, checkpoint=memory.latest)
+            ),
             speculative=self._config.speculative_dispatch,
             state=self._state,
             config=self._config,

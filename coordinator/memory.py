@@ -51,6 +51,7 @@ class LoopMemory:
         self._store = store
         self._archiver = archiver
         self._owned = owned
+        self.latest: Checkpoint | None = None  # the newest checkpoint: loaded or saved
 
     async def read(self, after: int, limit: int) -> list[Event]:
         for name, value, least in (("after", after, 0), ("limit", limit, 1)):
@@ -77,6 +78,7 @@ class LoopMemory:
             raise InvalidInput(
                 f"a checkpoint of {sid!r} covering event {covers} is older than the saved one"
             )
+        self.latest = Checkpoint(covers, data)
 
     async def resume(self) -> Checkpoint | None:
         """Fence the predecessors in the store and load the newest checkpoint (None when
@@ -92,7 +94,8 @@ class LoopMemory:
         except (StoreError, OSError) as exc:
             log.warning("%s starts without its checkpoint: %s", sid, exc)
             return None
-        return None if saved is None else Checkpoint(*saved)
+        self.latest = None if saved is None else Checkpoint(*saved)
+        return self.latest
 
 
 def _within(rows: Rows, limit: int) -> Rows:

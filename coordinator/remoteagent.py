@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from dataclasses import astuple
 from typing import TYPE_CHECKING, Any
 
 from workers.channel import (
@@ -48,6 +47,7 @@ from workers.protocol import AgentContext, AgentState, EmitFn, Event
 
 from .agentworker import AgentWorker
 from .errors import REDIS_TROUBLE, AgentFailed, Fenced, SpeculationLost
+from .memory import LoopMemory
 from .poison import DIED, OUT_OF_MEMORY, TIMEOUT, WorkerLost, error_observation
 
 if TYPE_CHECKING:
@@ -80,11 +80,10 @@ class RemoteAgent:
         # Frames for the request in flight (``_rid``, of kind ``_calling``), in order.
         self._box: deque[list[Any] | WorkerLost] = deque()
         self._wake: asyncio.Future[None] | None = None
-        self._rid = 0
-        self._calling = 0
+        self._rid = self._calling = 0
         self._binding: asyncio.Task[Any] | None = None
         self._fresh = True  # the next dispatch reads how often its action failed before
-        self._done = context.resumed_after  # the last action dispatched to an instance
+        self._done = context.resumed_after  # the last action an instance was given
         self._closed = False
 
     @property
@@ -244,12 +243,8 @@ class RemoteAgent:
             self._lid = self._pool.next_lid()
             self._worker = worker
             worker.loops[self._lid] = self
-            ctx = self._context
-            saved = None if ctx.checkpoint is None else [*astuple(ctx.checkpoint)]
-            # A fresh instance after a failed worker resumes after what its last one did.
-            args = (ctx.conversation_id, ctx.user_id or "", dict(ctx.settings), self._done, saved)
             try:
-                await self._call(OPEN, args)
+                await self._call(OPEN, self._opening())
                 return
             except WorkerLost as lost:
                 if lost.suspect:
@@ -260,6 +255,13 @@ class RemoteAgent:
             except BaseException:
                 self._drop()  # a start cut short (cancelled) may have left an instance
                 raise
+
+    def _opening(self) -> tuple[Any, ...]:
+        """OPEN's: resume after the last action dispatched, from the newest checkpoint."""
+        ctx, memory = self._context, self._context.memory
+        saved = memory.latest if isinstance(memory, LoopMemory) else ctx.checkpoint
+        ckpt = None if saved is None else [saved.covers, saved.data]
+        return (ctx.conversation_id, ctx.user_id or "", dict(ctx.settings), self._done, ckpt)
 
     async def _rebind(self) -> None:
         try:
@@ -385,11 +387,9 @@ class RemoteAgent:
     async def _serve_memory(self, worker: AgentWorker, m: list[Any]) -> None:
         """A history page (READ) or a checkpoint (SAVE) for the agent, from the node."""
         kind, rid, _, first, second = m
-        memory = self._context.memory
-        answer: Any = None
+        memory, answer = self._context.memory, None
         try:
-            if memory is None:
-                raise AgentFailed(f"the agent of {self.sid} has no history")
+            assert memory is not None, "contexts made by a node have a memory"
             if kind == READ:
                 answer = await memory.read(first, second)
             else:

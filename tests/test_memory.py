@@ -6,6 +6,8 @@ successor starting from the checkpoint and reading only what came after it."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -134,6 +136,22 @@ async def test_answers_continue_after_an_idle_close_and_a_later_action(
     # c2 replays the whole conversation: every answer, the old ones and the new one.
     assert_continues(later.answers(), texts)
     assert_resumed_from_checkpoint(later.answers()[-1], ids[EVERY - 1], ids[-1])
+
+
+async def test_answers_continue_when_the_agent_worker_is_killed(make_nodes: NodeFactory) -> None:
+    (a,) = await make_nodes(1, agent=MEMORY)
+    talk = await Talk(a, make_nodes.sinks["node1"], "worker", "c1").join()
+    texts = [f"m{i}" for i in range(EVERY + 2)]
+    ids = [await talk.say(t) for t in texts]
+    await wait_until(lambda: _checkpoint(a, "worker"), what="the checkpoint saved")
+    pool = a.node.agents
+    assert pool is not None
+    os.kill(pool.workers[0].pid, signal.SIGKILL)
+    await wait_until(lambda: pool.restarts == 1, what="a fresh worker in its place")
+    texts.append("after the worker")
+    await talk.say(texts[-1])  # a fresh instance, resuming after the last action it had
+    assert_continues(talk.answers(), texts)
+    assert_resumed_from_checkpoint(talk.answers()[-1], ids[EVERY - 1], ids[-1])
 
 
 async def _checkpoint(node: ConversationManager, sid: str) -> tuple[int, bytes] | None:
