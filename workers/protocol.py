@@ -71,10 +71,10 @@ class AgentContext:
     """What a loop is told about the conversation it serves.
 
     ``resumed_after``: the last action a predecessor processed (0: none, a new
-    conversation; actions after it are dispatched to this loop); ``checkpoint``: the
-    newest one saved when the loop started (None: none), which never covers less than
-    what was saved before it. ``history`` and ``save_checkpoint`` reach the node through
-    ``memory`` (None: a context made outside a node, with no history).
+    conversation; the actions after it are dispatched to this instance); ``checkpoint``:
+    the newest one saved when the instance was made (None: none). ``history`` and
+    ``save_checkpoint`` reach the node through ``memory`` (None: a context made outside
+    a node, with no history).
     """
 
     conversation_id: str
