@@ -103,9 +103,17 @@ async def _trimmed(node: ConversationManager, sid: str) -> bool:
 async def test_answers_continue_after_an_eviction_and_restart(
     make_nodes: NodeFactory, isolation: str
 ) -> None:
-    (a,) = await make_nodes(
-        1, agent=MEMORY, agent_isolation=isolation, max_concurrent_conversations=1
-    )
+    await _evicted_and_restarted(make_nodes, agent_isolation=isolation)
+
+
+async def test_answers_continue_with_the_postgresql_store(
+    make_nodes: NodeFactory, postgres_dsn: str
+) -> None:
+    await _evicted_and_restarted(make_nodes, event_store=postgres_dsn)
+
+
+async def _evicted_and_restarted(make_nodes: NodeFactory, **config: Any) -> None:
+    (a,) = await make_nodes(1, agent=MEMORY, max_concurrent_conversations=1, **config)
     talk = await Talk(a, make_nodes.sinks["node1"], "first", "c1").join()
     texts = [f"m{i}" for i in range(EVERY + 2)]
     ids = [await talk.say(t) for t in texts]
