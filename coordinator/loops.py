@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from workers.protocol import AgentContext, AgentFactory, AgentState, Event
+from workers.protocol import AgentFactory, AgentState, Event
 
 from . import codec
 from .actions import Actions
@@ -30,10 +30,9 @@ from .delivery import Delivery
 from .directory import Directory
 from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, LimitExceeded, NodeDraining
 from .eventstore import EventStore
-from .history import History
 from .idle import IdleTracker
 from .membership import Membership
-from .memory import LoopMemory
+from .memory import Memories
 from .metrics import NodeMetrics
 from .runner import LoopRunner
 from .state import Lease, Ownership, RedisState
@@ -90,12 +89,12 @@ class Loops:
         agent_factory: AgentFactory,
         archiver: Archiver,
         store: EventStore,
-        history: History,
+        memories: Memories,
     ) -> None:
         self.runners = runners
         self._archiver = archiver
         self._store = store
-        self._history = history
+        self._memories = memories
         self._state = state
         self._config = config
         self._intake = intake
@@ -250,22 +249,15 @@ class Loops:
         if not admitted:
             await self.give_up(lease, codec.evicted_event())
             return ConversationInfo(sid, lease.user, "", False, False)
-        memory = LoopMemory(
-            lease=lease,
-            history=self._history,
-            store=self._store,
-            archiver=self._archiver,
-            owned=lambda: runner.running and self._membership.lease_valid(),
+        memory = await self._memories.open(
+            lease,
+            lambda: runner.running and self._membership.lease_valid(),
+            resume=not (own.status == "created" and not own.applied),
         )
-        if not (own.status == "created" and not own.applied):  # something to resume
-            await memory.resume()
-        context = AgentContext(sid, lease.user or None, settings, memory=memory)
         runner = LoopRunner(
             lease=lease,
             applied=own.applied,
-            new_agent=lambda after: self._agent_factory(
-                replace(context, resumed_after=after, checkpoint=memory.latest)
-            ),
+            new_agent=lambda after: self._agent_factory(memory.context(settings, after)),
             speculative=self._config.speculative_dispatch,
             state=self._state,
             config=self._config,

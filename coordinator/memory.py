@@ -16,9 +16,10 @@ agent's side, and in a worker process ``RemoteAgent`` serves its frames with thi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from workers.protocol import Checkpoint, Event
+from workers.protocol import AgentContext, Checkpoint, Event
 
 from .archive import Archiver
 from .codec import pack, with_id
@@ -31,6 +32,29 @@ log = logging.getLogger(__name__)
 
 PAGE_EVENTS = 500  # at most this many events a page
 PAGE_BYTES = 4 << 20  # and about this many bytes (at least one event)
+
+
+class Memories:
+    """Makes each loop's memory from the node's history, event store and archiver."""
+
+    def __init__(self, history: History, store: EventStore, archiver: Archiver) -> None:
+        self._history = history
+        self._store = store
+        self._archiver = archiver
+
+    async def open(self, lease: Lease, owned: Callable[[], bool], *, resume: bool) -> LoopMemory:
+        """The memory of the loop holding ``lease`` (``owned``: whether it still owns
+        it); ``resume``: the conversation may have something stored (``LoopMemory.resume``)."""
+        memory = LoopMemory(
+            lease=lease,
+            history=self._history,
+            store=self._store,
+            archiver=self._archiver,
+            owned=owned,
+        )
+        if resume:
+            await memory.resume()
+        return memory
 
 
 class LoopMemory:
@@ -52,6 +76,12 @@ class LoopMemory:
         self._archiver = archiver
         self._owned = owned
         self.latest: Checkpoint | None = None  # the newest checkpoint: loaded or saved
+
+    def context(self, settings: Mapping[str, Any], after: int) -> AgentContext:
+        """The context of an agent instance resuming after action ``after``, from the
+        newest checkpoint."""
+        sid, user = self._lease.sid, self._lease.user or None
+        return AgentContext(sid, user, settings, after, self.latest, self)
 
     async def read(self, after: int, limit: int) -> list[Event]:
         for name, value, least in (("after", after, 0), ("limit", limit, 1)):
