@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from coordinator import ConversationManager, Fenced
+from coordinator import ConversationManager, Fenced, InvalidInput
 from coordinator.eventstore import (
     DEFAULT_MAX_CHECKPOINT_BYTES,
     CheckpointTooLarge,
@@ -227,6 +227,11 @@ async def test_an_oversize_checkpoint_is_a_clear_error(
         context = runner.agent.context  # type: ignore[attr-defined]
         with pytest.raises(CheckpointTooLarge):
             await context.save_checkpoint(b"x" * over, 1)
+        with pytest.raises(InvalidInput, match="after the last logged"):
+            await context.save_checkpoint(b"ahead", 1000)
+        with pytest.raises(InvalidInput, match="older than the saved one"):
+            await context.save_checkpoint(b"behind", stored[0] - 1)
+        assert await _checkpoint(a, "big") == stored
 
 
 def _agent_said(sink: RecordingSink) -> list[str]:
