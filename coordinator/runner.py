@@ -43,13 +43,12 @@ class LoopRunner:
     """Runs one owned conversation's agent: dispatches its inbox in order and commits
     what the agent emits, fenced by ``lease``.
 
-    ``applied``: the last action processed (it resumes after it); ``new_agent``: makes the
-    agent, resuming after the action given (again, when a speculation was lost);
-    ``speculative``: dispatch before the accept answered when the agent allows it;
-    ``lease_valid``: the node's lease clock;
-    ``on_fenced``: told once when ownership is no longer its own; ``delivery``,
-    ``activity``, ``metrics``: where committed events, activity and measures go;
-    ``archiver``: told when events were logged, to move them to the event store.
+    ``applied``: the last action processed (it resumes after it); ``new_agent(n)``: the
+    agent, resuming after action n (again when a speculation was lost); ``speculative``:
+    dispatch before the accept answered when the agent allows it; ``lease_valid``: the
+    node's lease clock; ``on_fenced``: told once when ownership is no longer its own;
+    ``delivery``, ``activity``, ``metrics``: where committed events, activity and
+    measures go; ``archiver``: told when events were logged, to move them to the store.
     """
 
     def __init__(
