@@ -13,6 +13,12 @@ loop is closed and a fresh instance of the class takes over and receives the act
 log order, as after a failover. This saves one Redis round trip per action. Only loops
 whose ``dispatch`` has no effect outside the loop before its first ``emit`` returns
 should allow it (the built-in echo and scripted agents do).
+
+Memory: a loop stops and starts again elsewhere (a lost node, an eviction, an idle
+close, a replaced worker) as a fresh instance. Its ``AgentContext`` says after which
+action it resumes and gives it the newest checkpoint its predecessors saved and a reader
+over the conversation's history; it saves checkpoints through it (``workers/memory.py``
+is the example).
 """
 
 from __future__ import annotations
