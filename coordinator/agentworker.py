@@ -27,7 +27,9 @@ from workers.channel import (
     HELLO,
     PING,
     PONG,
+    READ,
     REFUSE,
+    SAVE,
     STALLED,
     STOP,
     ChannelError,
@@ -180,11 +182,11 @@ class AgentWorker(asyncio.Protocol):
             return
         for m in messages:
             kind = m[0]
-            if kind in (EMIT, DONE, FAILED):
+            if kind in (EMIT, DONE, FAILED, READ, SAVE):
                 agent = self.loops.get(m[2])
                 if agent is not None:
                     agent.received(self, m)
-                elif kind == EMIT:  # an instance this node closed or moved: it must stop
+                elif kind != DONE and kind != FAILED:  # an instance closed or moved: stop
                     self.send([REFUSE, m[1], "Fenced", ["", 0, -1]])
             elif kind == PONG:
                 self.ping_sent = None

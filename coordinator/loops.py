@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from workers.protocol import AgentContext, AgentFactory, AgentState, Event
+from workers.protocol import AgentFactory, AgentState, Event
 
 from . import codec
 from .actions import Actions
@@ -33,6 +33,7 @@ from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, LimitExceeded, N
 from .eventstore import EventStore
 from .idle import IdleTracker
 from .membership import Membership
+from .memory import Memories
 from .metrics import NodeMetrics
 from .runner import LoopRunner
 from .state import Lease, Ownership, RedisState
@@ -89,10 +90,12 @@ class Loops:
         agent_factory: AgentFactory,
         archiver: Archiver,
         store: EventStore,
+        memories: Memories,
     ) -> None:
         self.runners = runners
         self._archiver = archiver
         self._store = store
+        self._memories = memories
         self._state = state
         self._config = config
         self._intake = intake
@@ -270,11 +273,15 @@ class Loops:
         if not admitted:
             await self.give_up(lease, codec.evicted_event())
             return ConversationInfo(sid, lease.user, "", False, False)
-        context = AgentContext(sid, lease.user or None, settings)
+        memory = await self._memories.open(
+            lease,
+            lambda: runner.running and self._membership.lease_valid(),
+            resume=not (own.status == "created" and not own.applied),
+        )
         runner = LoopRunner(
             lease=lease,
             applied=own.applied,
-            new_agent=lambda: self._agent_factory(context),
+            new_agent=lambda after: self._agent_factory(memory.context(settings, after)),
             speculative=self._config.speculative_dispatch,
             state=self._state,
             config=self._config,

@@ -33,6 +33,7 @@ from .idle import IdleTracker
 from .keys import KeySchema
 from .loops import Intake, Loops
 from .membership import Membership
+from .memory import Memories
 from .metrics import NodeMetrics
 from .recovery import Recovery, reap_incarnation
 from .restarts import Restarts
@@ -175,6 +176,7 @@ class Node:
             agent_factory=agent_factory,
             archiver=self.archiver,
             store=self.store,
+            memories=Memories(self.history, self.store, self.archiver),
         )
         self.restarts = Restarts(
             loops=self.loops,

@@ -36,8 +36,10 @@ from workers.channel import (
     EMIT,
     ERROR,
     OPEN,
+    READ,
     REFUSE,
     REPLY,
+    SAVE,
     describe,
     refusal,
 )
@@ -45,6 +47,7 @@ from workers.protocol import AgentContext, AgentState, EmitFn, Event
 
 from .agentworker import AgentWorker
 from .errors import REDIS_TROUBLE, AgentFailed, Fenced, SpeculationLost
+from .memory import LoopMemory
 from .poison import DIED, OUT_OF_MEMORY, TIMEOUT, WorkerLost, error_observation
 
 if TYPE_CHECKING:
@@ -77,10 +80,10 @@ class RemoteAgent:
         # Frames for the request in flight (``_rid``, of kind ``_calling``), in order.
         self._box: deque[list[Any] | WorkerLost] = deque()
         self._wake: asyncio.Future[None] | None = None
-        self._rid = 0
-        self._calling = 0
+        self._rid = self._calling = 0
         self._binding: asyncio.Task[Any] | None = None
         self._fresh = True  # the next dispatch reads how often its action failed before
+        self._done = context.resumed_after  # the last action an instance was given
         self._closed = False
 
     @property
@@ -154,6 +157,7 @@ class RemoteAgent:
                         await self._pool.state.forget_attempts(self.sid, n)
                 return
         finally:
+            self._done = max(self._done, n)
             self._dispatching = False
             self._pool.cleared(self)
 
@@ -239,9 +243,8 @@ class RemoteAgent:
             self._lid = self._pool.next_lid()
             self._worker = worker
             worker.loops[self._lid] = self
-            ctx = self._context
             try:
-                await self._call(OPEN, (ctx.conversation_id, ctx.user_id or "", dict(ctx.settings)))
+                await self._call(OPEN, self._opening())
                 return
             except WorkerLost as lost:
                 if lost.suspect:
@@ -252,6 +255,13 @@ class RemoteAgent:
             except BaseException:
                 self._drop()  # a start cut short (cancelled) may have left an instance
                 raise
+
+    def _opening(self) -> tuple[Any, ...]:
+        """OPEN's: resume after the last action dispatched, from the newest checkpoint."""
+        ctx, memory = self._context, self._context.memory
+        saved = memory.latest if isinstance(memory, LoopMemory) else ctx.checkpoint
+        ckpt = None if saved is None else [saved.covers, saved.data]
+        return (ctx.conversation_id, ctx.user_id or "", dict(ctx.settings), self._done, ckpt)
 
     async def _rebind(self) -> None:
         try:
@@ -288,6 +298,9 @@ class RemoteAgent:
         if message[0] == EMIT and not self._rid:
             # Not during a request (from a task of the agent's own): a task serves it.
             self._pool.tasks.spawn(self._serve_emit(worker, message), f"emit:{self.sid}")
+            return
+        if message[0] in (READ, SAVE):  # in any order with the rest: a task serves it
+            self._pool.tasks.spawn(self._serve_memory(worker, message), f"memory:{self.sid}")
             return
         self._push(message)
 
@@ -371,3 +384,18 @@ class RemoteAgent:
             worker.send([REFUSE, rid, *describe(exc)])
         else:
             worker.send([REPLY, rid, event_id])
+
+    async def _serve_memory(self, worker: AgentWorker, m: list[Any]) -> None:
+        """A history page (READ) or a checkpoint (SAVE) for the agent, from the node."""
+        kind, rid, _, first, second = m
+        memory, answer = self._context.memory, None
+        try:
+            assert memory is not None, "contexts made by a node have a memory"
+            if kind == READ:
+                answer = await memory.read(first, second)
+            else:
+                await memory.save(first, second)
+        except Exception as exc:  # Fenced, too large, the store's trouble: the agent's
+            worker.send([REFUSE, rid, *describe(exc)])
+        else:
+            worker.send([REPLY, rid, answer])

@@ -56,12 +56,12 @@ class LoopRunner:
     """Runs one owned conversation's agent: dispatches its inbox in order and commits
     what the agent emits, fenced by ``lease``.
 
-    ``applied``: the last action processed (it resumes after it); ``new_agent``: makes the
-    agent (again, when a speculation was lost); ``speculative``: dispatch before the
-    accept answered when the agent allows it; ``lease_valid``: the node's lease clock;
-    ``on_fenced``: told once when ownership is no longer its own; ``delivery``,
-    ``activity``, ``metrics``: where committed events, activity and measures go;
-    ``archiver``: told when events were logged, to move them to the event store.
+    ``applied``: the last action processed (it resumes after it); ``new_agent(n)``: the
+    agent, resuming after action n (again when a speculation was lost); ``speculative``:
+    dispatch before the accept answered when the agent allows it; ``lease_valid``: the
+    node's lease clock; ``on_fenced``: told once when ownership is no longer its own;
+    ``delivery``, ``activity``, ``metrics``: where committed events, activity and
+    measures go; ``archiver``: told when events were logged, to move them to the store.
     """
 
     def __init__(
@@ -69,7 +69,7 @@ class LoopRunner:
         *,
         lease: Lease,
         applied: int,
-        new_agent: Callable[[], AgentLoop],
+        new_agent: Callable[[int], AgentLoop],
         speculative: bool,
         state: RedisState,
         config: ManagerConfig,
@@ -88,7 +88,7 @@ class LoopRunner:
         self.close_delay = close_delay
         self.stop_at = time.time() + max_running_time if max_running_time else 0.0
         self._new_agent = new_agent
-        self.agent = new_agent()
+        self.agent = new_agent(applied)
         self._speculative = speculative and self.agent.speculative
         self._metrics = metrics
         self._state = state
@@ -244,7 +244,7 @@ class LoopRunner:
     async def _replace_agent(self) -> None:
         """A fresh agent for one that may hold state from an action not (or not there) in
         the log: it starts from the log, as a successor's would."""
-        old, self.agent = self.agent, self._new_agent()
+        old, self.agent = self.agent, self._new_agent(self._queue.applied)
         try:
             await old.aclose()
         except Exception:

@@ -26,7 +26,8 @@ class BadAgent(EchoAgent):
     """Echoes, but a message starting with a command makes it misbehave first:
     ``block S`` holds its event loop for S seconds (``time.sleep``), ``exit`` ends its
     process (``os._exit``), ``leak`` allocates until memory runs out (and keeps it),
-    ``raise`` raises, ``slow S`` awaits S seconds. With settings ``{"fail_start": true}``
+    ``raise`` raises, ``slow S`` awaits S seconds, ``checkpoint N`` saves a checkpoint
+    of N bytes and answers "saved" or the error. With settings ``{"fail_start": true}``
     its ``start`` raises."""
 
     def __init__(self, context: AgentContext) -> None:
@@ -52,6 +53,15 @@ class BadAgent(EchoAgent):
             raise ValueError("this agent fails on purpose")
         elif word == "slow":
             await asyncio.sleep(float(arg))
+        elif word == "checkpoint":  # saves one of that many bytes; answers what happened
+            assert self._emit is not None
+            try:
+                await self.context.save_checkpoint(b"x" * int(arg), int(action["id"]))
+                outcome = "saved"
+            except Exception as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            await self._emit({"action": "message", "args": {"content": outcome}})
+            return
         await super().dispatch(action)
 
 

@@ -2,7 +2,17 @@
 
 from .echo import EchoAgent
 from .loader import AgentLoadError, load_agent
-from .protocol import AgentContext, AgentFactory, AgentLoop, AgentState, EmitFn, Event
+from .memory import MemoryAgent
+from .protocol import (
+    AgentContext,
+    AgentFactory,
+    AgentLoop,
+    AgentState,
+    Checkpoint,
+    EmitFn,
+    Event,
+    Memory,
+)
 from .scripted import ScriptedAgent
 
 __all__ = [
@@ -11,9 +21,12 @@ __all__ = [
     "AgentLoadError",
     "AgentLoop",
     "AgentState",
+    "Checkpoint",
     "EchoAgent",
     "EmitFn",
     "Event",
+    "Memory",
+    "MemoryAgent",
     "ScriptedAgent",
     "load_agent",
 ]

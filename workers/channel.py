@@ -7,17 +7,20 @@ in their protocol's ``data_received``: no task per message, futures keyed by req
 
 node -> worker                              worker -> node
   OPEN     rid lid sid user settings          HELLO    pid speculative
-  DISPATCH rid lid action                     FATAL    message (the agent did not load)
-  CLOSE    rid lid                            EMIT     rid lid event state
-  CANCEL   lid (its dispatch)                 DONE     rid lid state
-  PING     seq                                FAILED   rid lid kind detail state
-  REPLY    rid event-id (to an EMIT)          PONG     seq
-  REFUSE   rid kind detail (to an EMIT)
+           resumed-after checkpoint           FATAL    message (the agent did not load)
+  DISPATCH rid lid action                     EMIT     rid lid event state
+  CLOSE    rid lid                            READ     rid lid after limit (history)
+  CANCEL   lid (its dispatch)                 SAVE     rid lid covers data (checkpoint)
+  PING     seq                                DONE     rid lid state
+  REPLY    rid answer (to EMIT, READ, SAVE)   FAILED   rid lid kind detail state
+  REFUSE   rid kind detail (to the same)      PONG     seq
   STOP
 
 ``rid`` numbers requests on the side that sends them (node requests: OPEN, DISPATCH,
-CLOSE; worker requests: EMIT). ``lid`` names one agent instance: the node never reuses
-one, so a late frame of a replaced instance cannot reach its successor. FAILED and
+CLOSE; worker requests: EMIT, READ, SAVE). OPEN's ``checkpoint`` is ``[covers, data]``
+or nil; REPLY's answer is the event id (EMIT), a page of events (READ) or nil (SAVE).
+``lid`` names one agent instance: the node never reuses one, so a late frame of a
+replaced instance cannot reach its successor. FAILED and
 REFUSE carry ``kind`` ``Fenced`` or ``SpeculationLost`` with that exception's arguments
 as ``detail`` (each side raises the exception of that name), ``memory`` (the agent ran
 out of memory), ``cancelled``, or ``error`` with a message. PONG is answered from the
@@ -37,7 +40,7 @@ import msgpack
 # node -> worker
 OPEN, DISPATCH, CLOSE, CANCEL, PING, REPLY, REFUSE, STOP = range(1, 9)
 # worker -> node
-HELLO, FATAL, EMIT, DONE, FAILED, PONG, STALLED = range(10, 17)
+HELLO, FATAL, EMIT, DONE, FAILED, PONG, STALLED, READ, SAVE = range(10, 19)
 
 # FAILED / REFUSE kinds besides the two exception names.
 ERROR, MEMORY, CANCELLED = "error", "memory", "cancelled"

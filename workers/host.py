@@ -48,8 +48,10 @@ from .channel import (
     OPEN,
     PING,
     PONG,
+    READ,
     REFUSE,
     REPLY,
+    SAVE,
     STALLED,
     STOP,
     ChannelError,
@@ -59,7 +61,7 @@ from .channel import (
     refusal,
 )
 from .loader import load_agent
-from .protocol import AgentContext, AgentFactory, AgentLoop, EmitFn, Event
+from .protocol import AgentContext, AgentFactory, AgentLoop, Checkpoint, EmitFn, Event
 
 log = logging.getLogger("workers.host")
 
@@ -115,7 +117,7 @@ class AgentHost(asyncio.Protocol):
         self._factory = factory
         self._speculative = speculative
         self._agents: dict[int, Hosted] = {}
-        self._replies: dict[int, asyncio.Future[int]] = {}
+        self._replies: dict[int, asyncio.Future[Any]] = {}
         self._next_rid = 0
         self._reader = FrameReader()
         self._transport: asyncio.Transport | None = None
@@ -158,7 +160,7 @@ class AgentHost(asyncio.Protocol):
             elif kind == DISPATCH:
                 self._spawn(self._dispatch(m[1], m[2], m[3]), m[2])
             elif kind == OPEN:
-                self._spawn(self._open(m[1], m[2], m[3], m[4], m[5]), m[2])
+                self._spawn(self._open(m[1], m[2], m[3:]), m[2])
             elif kind == CLOSE:
                 self._spawn(self._close(m[1], m[2]), m[2])
             elif kind == CANCEL:
@@ -178,12 +180,16 @@ class AgentHost(asyncio.Protocol):
         task.add_done_callback(self._tasks.discard)
 
     # -- requests from the node ------------------------------------------------------
-    async def _open(self, rid: int, lid: int, sid: str, user: str, settings: Any) -> None:
+    async def _open(self, rid: int, lid: int, args: list[Any]) -> None:
         CURRENT_LID.set(lid)
+        sid, user, settings, after, saved = args
         hosted = Hosted(lid, sid)
         self._agents[lid] = hosted
+        checkpoint = Checkpoint(*saved) if saved else None
+        memory = ChannelMemory(self, hosted)
         try:
-            hosted.agent = self._factory(AgentContext(sid, user or None, settings or {}))
+            context = AgentContext(sid, user or None, settings or {}, after, checkpoint, memory)
+            hosted.agent = self._factory(context)
             await hosted.agent.start(self._emitter(hosted))
         except asyncio.CancelledError:
             self._agents.pop(lid, None)
@@ -258,31 +264,47 @@ class AgentHost(asyncio.Protocol):
 
     # -- what agents call ------------------------------------------------------------
     def _emitter(self, hosted: Hosted) -> EmitFn:
-        loop = asyncio.get_running_loop()
-
         async def emit(event: Event) -> int:
             if not isinstance(event, dict):
                 raise TypeError(f"an event must be a dict, got {type(event).__name__}")
-            if hosted.closed or self._transport is None or self._transport.is_closing():
-                raise refusal("Fenced", [hosted.sid, 0, -1])  # closed: the node stopped it
-            self._next_rid += 1
-            rid = self._next_rid
-            data = frame([EMIT, rid, hosted.lid, event, _state(hosted.agent)])
-            fut: asyncio.Future[int] = loop.create_future()
-            self._replies[rid] = fut
-            self._transport.write(data)
-            try:
-                return await fut
-            except Exception as exc:
-                kind, detail = describe(exc)
-                if kind == "Fenced" and not detail[0]:
-                    # Refused for an instance the node no longer knows (closed or moved).
-                    raise refusal(kind, [hosted.sid, *detail[1:]]) from None
-                raise
-            finally:
-                self._replies.pop(rid, None)
+            return int(await self.ask(hosted, EMIT, event, _state(hosted.agent)))
 
         return emit
+
+    async def ask(self, hosted: Hosted, request: int, *args: Any) -> Any:
+        """A request of ``hosted``'s agent to the node (EMIT, READ, SAVE); its answer."""
+        if hosted.closed or self._transport is None or self._transport.is_closing():
+            raise refusal("Fenced", [hosted.sid, 0, -1])  # closed: the node stopped it
+        self._next_rid += 1
+        rid = self._next_rid
+        data = frame([request, rid, hosted.lid, *args])
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies[rid] = fut
+        self._transport.write(data)
+        try:
+            return await fut
+        except Exception as exc:
+            kind, detail = describe(exc)
+            if kind == "Fenced" and not detail[0]:
+                # Refused for an instance the node no longer knows (closed or moved).
+                raise refusal(kind, [hosted.sid, *detail[1:]]) from None
+            raise
+        finally:
+            self._replies.pop(rid, None)
+
+
+@dataclass(frozen=True)
+class ChannelMemory:
+    """An agent's history and checkpoints in a worker: requests its node answers."""
+
+    host: AgentHost
+    hosted: Hosted
+
+    async def read(self, after: int, limit: int) -> list[Event]:
+        return list(await self.host.ask(self.hosted, READ, after, limit))
+
+    async def save(self, covers: int, data: bytes) -> None:
+        await self.host.ask(self.hosted, SAVE, covers, data)
 
 
 class StallReporter:

@@ -13,11 +13,17 @@ loop is closed and a fresh instance of the class takes over and receives the act
 log order, as after a failover. This saves one Redis round trip per action. Only loops
 whose ``dispatch`` has no effect outside the loop before its first ``emit`` returns
 should allow it (the built-in echo and scripted agents do).
+
+Memory: a loop stops and starts again elsewhere (a lost node, an eviction, an idle
+close, a replaced worker) as a fresh instance. Its ``AgentContext`` says after which
+action it resumes and gives it the newest checkpoint its predecessors saved and a reader
+over the conversation's history; it saves checkpoints through it (``workers/memory.py``
+is the example).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -41,12 +47,73 @@ class AgentState(StrEnum):
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """State a loop saved: ``data`` holds what it knew after event ``covers``."""
+
+    covers: int
+    data: bytes
+
+
+class Memory(Protocol):
+    """The node's side of a loop's memory (``coordinator/memory.py``; in a worker
+    process, frames to the node that answers them: ``workers/channel.py``)."""
+
+    async def read(self, after: int, limit: int) -> list[Event]:
+        """Up to ``limit`` events with ids above ``after``, oldest first (each with its
+        ``id``); fewer (at least one) when they are large; none after the last."""
+        ...
+
+    async def save(self, covers: int, data: bytes) -> None:
+        """Save a checkpoint; raises ``Fenced`` when the loop was replaced, and an error
+        naming the size and the limit when ``data`` is too large."""
+        ...
+
+
+HISTORY_PAGE = 200  # events a history page asks for
+
+
+@dataclass(frozen=True)
 class AgentContext:
-    """What a loop is told about the conversation it serves."""
+    """What a loop is told about the conversation it serves.
+
+    ``resumed_after``: the last action a predecessor processed (0: none, a new
+    conversation; the actions after it are dispatched to this instance); ``checkpoint``:
+    the newest one saved when the instance was made (None: none). ``history`` and
+    ``save_checkpoint`` reach the node through ``memory`` (None: a context made outside
+    a node, with no history).
+    """
 
     conversation_id: str
     user_id: str | None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    resumed_after: int = 0
+    checkpoint: Checkpoint | None = None
+    memory: Memory | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this loop continues a conversation whose actions were processed."""
+        return self.resumed_after > 0 or self.checkpoint is not None
+
+    async def history(self, after: int = 0) -> AsyncGenerator[Event, None]:
+        """The conversation's events with ids above ``after``, in id order (the event
+        store's, then the Redis window's, read a page at a time), up to the last one
+        logged when the reader reaches it."""
+        if self.memory is None:
+            return
+        while page := await self.memory.read(after, HISTORY_PAGE):
+            for event in page:
+                yield event
+            after = int(page[-1]["id"])
+
+    async def save_checkpoint(self, data: bytes, covers: int) -> None:
+        """Save ``data`` as this loop's state after event ``covers`` (a successor gets
+        it as ``checkpoint``). Fenced by the loop's ownership (``Fenced``: let it
+        propagate), bounded by the event store's limit (1 MiB by default), never older
+        than the saved one (an error); the store holds the events it covers first."""
+        if self.memory is None:
+            raise RuntimeError("this context has no node to save a checkpoint to")
+        await self.memory.save(covers, data)
 
 
 @runtime_checkable
