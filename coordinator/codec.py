@@ -11,7 +11,7 @@ import msgpack
 
 from workers.protocol import Event
 
-from .errors import InvalidInput
+from .errors import InvalidInput, LimitExceeded
 
 Action = tuple[Event, bytes]  # a validated user action and its packed form
 
@@ -189,6 +189,19 @@ def summary(event: Event) -> str:
     else:
         text = str(event.get("action") or event.get("observation") or "event")
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "\u2026"
+
+
+def pack_agent_events(events: list[Event], limit: int) -> list[bytes]:
+    """``events`` packed as logged; LimitExceeded (nothing to write) when one is over
+    ``limit`` bytes (``max_agent_event_bytes``)."""
+    packed = [pack(e) for e in events]
+    if (largest := max(map(len, packed), default=0)) > limit:
+        raise LimitExceeded(
+            "agent event bytes",
+            f"an event of {largest} bytes is over the limit of {limit} bytes for one "
+            "agent event; nothing was written",
+        )
+    return packed
 
 
 def agent_event(event: Event) -> Event:

@@ -11,7 +11,6 @@ docs/design.md).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -20,7 +19,6 @@ from typing import TYPE_CHECKING
 from workers.protocol import AgentState
 
 from .config import ManagerConfig
-from .errors import REDIS_TROUBLE
 from .membership import Membership
 from .state import RedisState
 
@@ -86,13 +84,3 @@ class IdleTracker:
             candidates.append(sid)
         counts = await self._state.connection_counts(candidates)
         return [sid for sid, n in zip(candidates, counts, strict=True) if n == 0]
-
-    async def flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.idle_flush_interval)
-            try:
-                await self.flush()
-            except REDIS_TROUBLE as exc:
-                log.warning("activity flush failed: %s", exc)
-            except Exception:  # flushed again next round, whatever went wrong
-                log.exception("activity flush failed")

@@ -2,7 +2,7 @@
 one (when closed, idle, evicted, drained or fenced). Restarts are in ``restarts.py``.
 
 ``Loops`` owns the node's table of runners; ``Delivery`` and the idle tracker read it.
-A start takes ownership (``acquire``: epoch bumped), lists the loop under this
+A start takes ownership (``owners.py``: epoch bumped), lists the loop under this
 incarnation, waits for one of the user's cap slots (``admission.py``), then starts the
 runner; anything that fails on the way is given up (``give_up``) so a conversation is
 never left owned by a live node that runs no loop for it. A stop releases slot,
@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from workers.protocol import AgentFactory, AgentState, Event
@@ -29,14 +28,15 @@ from .bus import CommandBus
 from .config import DEFAULT_LIFETIMES, Lifetimes, ManagerConfig
 from .delivery import Delivery
 from .directory import Directory
-from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, LimitExceeded, NodeDraining
+from .errors import EXPECTED, REDIS_TROUBLE, Fenced, Forbidden, NodeDraining
 from .eventstore import EventStore
 from .idle import IdleTracker
 from .membership import Membership
 from .memory import Memories
 from .metrics import NodeMetrics
+from .owners import ConversationInfo, Intake, Owners
 from .runner import LoopRunner
-from .state import Lease, Ownership, RedisState
+from .state import Lease, RedisState
 from .subscriptions import Interest
 from .tasks import TaskSet
 
@@ -44,27 +44,6 @@ log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 32  # idle loops closed at once by a sweep
 STORE_FLUSH_WITHIN = 2.0  # seconds a stopping loop waits for its events to be stored
-
-
-@dataclass(frozen=True)
-class ConversationInfo:
-    sid: str
-    user: str
-    owner: str  # node id of the loop's owner ('' when not running)
-    running: bool
-    local: bool
-
-
-@dataclass
-class Intake:
-    """Whether this node takes new loops and connections (not while it drains)."""
-
-    node_id: str
-    draining: bool = False
-
-    def check(self) -> None:
-        if self.draining:
-            raise NodeDraining(f"node {self.node_id} is draining; connect to another node")
 
 
 class Loops:
@@ -94,7 +73,6 @@ class Loops:
     ) -> None:
         self.runners = runners
         self._archiver = archiver
-        self._store = store
         self._memories = memories
         self._state = state
         self._config = config
@@ -110,6 +88,14 @@ class Loops:
         self._tasks = tasks
         self._agent_factory = agent_factory
         self.admission = Admission(state, config, self.evict_owner)
+        self._owners = Owners(
+            state=state,
+            config=config,
+            intake=intake,
+            membership=membership,
+            directory=directory,
+            store=store,
+        )
         self.starting: dict[str, asyncio.Future[ConversationInfo]] = {}
         self._abandoned: list[Lease] = []  # starts that failed after taking ownership
         membership.on_lapse(self.fence_all)
@@ -162,65 +148,6 @@ class Loops:
         finally:
             del self.starting[sid]
 
-    async def _acquire(
-        self, sid: str, user: str, lifetimes: Lifetimes
-    ) -> Ownership | ConversationInfo:
-        """Own ``sid`` (replacing a dead owner), or the info of the live owner holding it;
-        a conversation created here records ``lifetimes``."""
-        membership = self._membership
-        dead = ""
-        stored: tuple[int, int, int] | None = None  # the store's (last id, fence, bytes)
-        while True:
-            own = await self._state.acquire(
-                sid,
-                self._config.node_id,
-                membership.inc,
-                user,
-                create=stored is not None and not self._intake.draining,
-                dead_inc=dead,
-                stored=stored or (0, 0, 0),
-                close_delay=lifetimes.close_delay,
-                max_running_time=lifetimes.max_running_time,
-            )
-            if own.status == "forbidden":
-                raise Forbidden(sid)
-            if own.status == "missing" and stored is None:
-                # Not in Redis: new, or gone from Redis (expired, lost) but in the store,
-                # whose ids and epochs it continues (never an id the store holds again).
-                stored = await self._stored(sid, user)
-                continue
-            if own.status == "missing":
-                self._intake.check()  # a conversation is created only while not draining
-                raise NodeDraining(f"node {self._config.node_id} is draining")
-            if own.status != "owned":
-                return own
-            # The live-node cache holds an owner alive only until its lease's expiry as
-            # last read, so it never keeps a dead owner past the moment its loop could
-            # be taken over; it saves the read when a second client joins.
-            if await self._directory.alive(own.inc):
-                return ConversationInfo(sid, own.user, own.owner, True, False)
-            dead = own.inc
-
-    async def _stored(self, sid: str, user: str) -> tuple[int, int, int]:
-        """The event store's ``(last id, fence epoch, bytes)`` of ``sid``; Forbidden when
-        it is another user's, LimitExceeded when it is new and ``user`` has
-        ``max_conversations_per_user`` stored."""
-        known = await self._store.conversation(sid)
-        if known is None:
-            quota = self._config.max_conversations_per_user
-            if quota and user and (count := await self._store.count_conversations(user)) >= quota:
-                raise LimitExceeded(
-                    "conversations per user",
-                    f"user {user!r} has {count} conversations stored (the limit is {quota}); "
-                    "delete one for good (DELETE /api/conversations/ID?purge=true) first",
-                )
-            return 0, 0, 0
-        if user and known.user != user:
-            raise Forbidden(sid)
-        if known.last_id:
-            log.info("conversation %s comes back from the event store at %d", sid, known.last_id)
-        return known.last_id, known.epoch, known.size
-
     async def _start(
         self,
         sid: str,
@@ -233,7 +160,7 @@ class Loops:
         node = self._config.node_id
         if not self._membership.check():
             raise NodeDraining(f"node {node} lost its lease; it takes no loops until back")
-        acquired = await self._acquire(sid, user, lifetimes)
+        acquired = await self._owners.acquire(sid, user, lifetimes)
         if isinstance(acquired, ConversationInfo):  # a live owner runs it
             if initial is not None:
                 await self._actions.accept(sid, user, initial)
@@ -403,16 +330,6 @@ class Loops:
         if closed:
             log.info("closed %d idle loop(s)", len(closed))
         return closed
-
-    async def sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.cleanup_interval)
-            try:
-                await self.sweep_idle()
-            except EXPECTED as exc:
-                log.warning("idle sweep failed: %s", exc)
-            except Exception:  # the sweep goes on next round, whatever went wrong
-                log.exception("idle sweep failed")
 
     # -- evictions (the cap) ---------------------------------------------------------
     async def evict_owner(self, sid: str, user: str, inc: str) -> None:

@@ -38,10 +38,10 @@ from .errors import (
 )
 from .handles import ConversationHandle
 from .keys import KeySchema
-from .loops import ConversationInfo
 from .membership import Membership
 from .metrics import NodeMetrics
 from .node import Node
+from .owners import ConversationInfo
 from .runner import LoopRunner
 from .state import RedisState
 

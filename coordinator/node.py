@@ -31,10 +31,11 @@ from .handles import AttachedHandles
 from .history import History
 from .idle import IdleTracker
 from .keys import KeySchema
-from .loops import Intake, Loops
+from .loops import Loops
 from .membership import Membership
 from .memory import Memories
 from .metrics import NodeMetrics
+from .owners import Intake
 from .recovery import Recovery, reap_incarnation
 from .restarts import Restarts
 from .runner import LoopRunner
@@ -225,8 +226,8 @@ class Node:
         await self.subscriptions.add(keys.node_channel(cfg.node_id))
         tasks.spawn(self.membership.tick_loop(), "heartbeat")
         tasks.spawn(self.recovery.housekeeping_loop(), "housekeeping")
-        tasks.spawn(self.idle.flush_loop(), "activity-flush")
-        tasks.spawn(self.loops.sweep_loop(), "cleanup")
+        tasks.every(cfg.idle_flush_interval, self.idle.flush, "activity flush", REDIS_TROUBLE)
+        tasks.every(cfg.cleanup_interval, self.loops.sweep_idle, "idle sweep", EXPECTED)
         tasks.spawn(self.archiver.run(), "event-store")
         await self.restarts.resume_pending(self.recovery.released_at_start)
         log.info(

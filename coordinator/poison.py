@@ -21,7 +21,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from workers.channel import MEMORY
-from workers.protocol import Event
+from workers.protocol import AgentState, Event
+
+from .codec import agent_event, state_changed
+from .errors import AgentFailed
 
 if TYPE_CHECKING:
     from .agentworker import AgentWorker
@@ -94,3 +97,15 @@ def error_observation(
         "extras": {"action_id": action_id, "reason": reason},
         "source": "environment",
     }
+
+
+def agent_failure(n: int, exc: Exception) -> list[Event]:
+    """What answers action ``n`` when its agent raised ``exc``: an ``error``
+    observation, the agent state ``error``, then back to awaiting input."""
+    what = exc.what if isinstance(exc, AgentFailed) else type(exc).__name__
+    error = agent_event(error_observation(n, RAISED, 1, 0.0, what))
+    return [
+        error,
+        state_changed(AgentState.ERROR, "", error["content"]),
+        state_changed(AgentState.AWAITING_USER_INPUT),
+    ]

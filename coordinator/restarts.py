@@ -17,9 +17,10 @@ from typing import Any
 from .bus import CommandBus
 from .directory import Directory
 from .errors import EXPECTED
-from .loops import Intake, Loops
+from .loops import Loops
 from .membership import Membership
 from .metrics import NodeMetrics
+from .owners import Intake
 from .state import RedisState
 from .tasks import TaskSet
 

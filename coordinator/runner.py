@@ -24,13 +24,13 @@ from workers.protocol import AgentLoop, AgentState, Event
 from .actionqueue import ActionQueue
 from .archive import Archiver
 from .backoff import Backoff
-from .codec import agent_event, pack, stamped_at, state_changed
+from .codec import agent_event, pack_agent_events, stamped_at
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import REDIS_TROUBLE, AgentFailed, Fenced, LimitExceeded, SpeculationLost
+from .errors import REDIS_TROUBLE, Fenced, SpeculationLost
 from .idle import IdleTracker
 from .metrics import NodeMetrics
-from .poison import RAISED, error_observation
+from .poison import agent_failure
 from .speculation import Speculation
 from .state import Lease, RedisState
 from .tasks import cancel_and_wait
@@ -38,18 +38,6 @@ from .tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 STOP_WITHIN = 5.0  # seconds a cancelled loop task gets to finish
-
-
-def agent_failure(n: int, exc: Exception) -> list[Event]:
-    """What answers action ``n`` when its agent raised ``exc``: an ``error``
-    observation, the agent state ``error``, then back to awaiting input."""
-    what = exc.what if isinstance(exc, AgentFailed) else type(exc).__name__
-    error = agent_event(error_observation(n, RAISED, 1, 0.0, what))
-    return [
-        error,
-        state_changed(AgentState.ERROR, "", error["content"]),
-        state_changed(AgentState.AWAITING_USER_INPUT),
-    ]
 
 
 class LoopRunner:
@@ -313,14 +301,7 @@ class LoopRunner:
     ) -> int:
         """Commit as the owner. Retries through Redis trouble until it succeeds or the
         lease lapses; a retry after a lost reply is recognised (``dup``), not repeated."""
-        packed = [pack(e) for e in events]
-        limit = self._config.max_agent_event_bytes
-        if (largest := max(map(len, packed), default=0)) > limit:
-            raise LimitExceeded(
-                "agent event bytes",
-                f"an event of {largest} bytes is over the limit of {limit} bytes for one "
-                "agent event; nothing was written",
-            )
+        packed = pack_agent_events(events, self._config.max_agent_event_bytes)
         backoff = Backoff(base=0.05, cap=1.0)
         spec = self._spec if self._spec is not None and self._spec.predicted == cause else None
         while True:

@@ -21,8 +21,9 @@ from workers.protocol import Event
 from .config import ManagerConfig
 from .delivery import Connection, LocalConnections
 from .errors import EXPECTED, REDIS_TROUBLE, ConversationClosed, LimitExceeded, NodeBusy
-from .loops import ConversationInfo, Intake, Loops
+from .loops import Loops
 from .membership import Membership
+from .owners import ConversationInfo, Intake
 from .state import RedisState
 from .subscriptions import Interest
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 RECANCEL_EVERY = 0.05  # seconds between cancellations of a task that is still running
@@ -61,6 +61,29 @@ class TaskSet:
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
+
+    def every(
+        self,
+        seconds: float,
+        step: Callable[[], Awaitable[Any]],
+        name: str,
+        expected: tuple[type[Exception], ...] = (),
+    ) -> asyncio.Task[Any]:
+        """Run ``step`` every ``seconds`` until stopped. A round that fails is logged
+        (an ``expected`` error as a warning, any other with its traceback) and the next
+        one goes on: no periodic duty of a node dies of one failure."""
+
+        async def rounds() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                try:
+                    await step()
+                except expected as exc:
+                    self._log.warning("%s failed: %s", name, exc)
+                except Exception:
+                    self._log.exception("%s failed", name)
+
+        return self.spawn(rounds(), name)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

@@ -1,0 +1,123 @@
+"""Taking ownership of a conversation for a start (``loops.py`` starts the loop).
+
+``acquire`` bumps the fencing epoch of a conversation that is unowned or whose owner is
+dead, and tells the caller about a live owner instead. A conversation missing from Redis
+is new, or gone from Redis (its retention expired, or Redis lost it) but in the event
+store: it is created again continuing the store's ids and epochs, never reusing an id the
+store holds; a new one counts against its user's quota of stored conversations.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .config import Lifetimes, ManagerConfig
+from .directory import Directory
+from .errors import Forbidden, LimitExceeded, NodeDraining
+from .eventstore import EventStore
+from .membership import Membership
+from .state import Ownership, RedisState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConversationInfo:
+    sid: str
+    user: str
+    owner: str  # node id of the loop's owner ('' when not running)
+    running: bool
+    local: bool
+
+
+@dataclass
+class Intake:
+    """Whether this node takes new loops and connections (not while it drains)."""
+
+    node_id: str
+    draining: bool = False
+
+    def check(self) -> None:
+        if self.draining:
+            raise NodeDraining(f"node {self.node_id} is draining; connect to another node")
+
+
+class Owners:
+    """Ownership for this node's starts (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        state: RedisState,
+        config: ManagerConfig,
+        intake: Intake,
+        membership: Membership,
+        directory: Directory,
+        store: EventStore,
+    ) -> None:
+        self._state = state
+        self._config = config
+        self._intake = intake
+        self._membership = membership
+        self._directory = directory
+        self._store = store
+
+    async def acquire(
+        self, sid: str, user: str, lifetimes: Lifetimes
+    ) -> Ownership | ConversationInfo:
+        """Own ``sid`` (replacing a dead owner), or the info of the live owner holding it;
+        a conversation created here records ``lifetimes``."""
+        membership = self._membership
+        dead = ""
+        stored: tuple[int, int, int] | None = None  # the store's (last id, fence, bytes)
+        while True:
+            own = await self._state.acquire(
+                sid,
+                self._config.node_id,
+                membership.inc,
+                user,
+                create=stored is not None and not self._intake.draining,
+                dead_inc=dead,
+                stored=stored or (0, 0, 0),
+                close_delay=lifetimes.close_delay,
+                max_running_time=lifetimes.max_running_time,
+            )
+            if own.status == "forbidden":
+                raise Forbidden(sid)
+            if own.status == "missing" and stored is None:
+                # Not in Redis: new, or gone from Redis (expired, lost) but in the store,
+                # whose ids and epochs it continues (never an id the store holds again).
+                stored = await self._stored(sid, user)
+                continue
+            if own.status == "missing":
+                self._intake.check()  # a conversation is created only while not draining
+                raise NodeDraining(f"node {self._config.node_id} is draining")
+            if own.status != "owned":
+                return own
+            # The live-node cache holds an owner alive only until its lease's expiry as
+            # last read, so it never keeps a dead owner past the moment its loop could
+            # be taken over; it saves the read when a second client joins.
+            if await self._directory.alive(own.inc):
+                return ConversationInfo(sid, own.user, own.owner, True, False)
+            dead = own.inc
+
+    async def _stored(self, sid: str, user: str) -> tuple[int, int, int]:
+        """The event store's ``(last id, fence epoch, bytes)`` of ``sid``; Forbidden when
+        it is another user's, LimitExceeded when it is new and ``user`` has
+        ``max_conversations_per_user`` stored."""
+        known = await self._store.conversation(sid)
+        if known is None:
+            quota = self._config.max_conversations_per_user
+            if quota and user and (count := await self._store.count_conversations(user)) >= quota:
+                raise LimitExceeded(
+                    "conversations per user",
+                    f"user {user!r} has {count} conversations stored (the limit is {quota}); "
+                    "delete one for good (DELETE /api/conversations/ID?purge=true) first",
+                )
+            return 0, 0, 0
+        if user and known.user != user:
+            raise Forbidden(sid)
+        if known.last_id:
+            log.info("conversation %s comes back from the event store at %d", sid, known.last_id)
+        return known.last_id, known.epoch, known.size
