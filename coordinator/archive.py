@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # A batch: at most this many events and about this many bytes (at least one event).
 BATCH_EVENTS = 500
 BATCH_BYTES = 1 << 20
+# Seconds one append may take: a store that hangs (a stalled disk or network) is an
+# unreachable one, retried later, not a mover stuck for good.
+APPEND_TIMEOUT = 30.0
 
 
 async def check_cluster_store(
@@ -91,6 +94,7 @@ class Archiver:
         self._moving: set[str] = set()  # being moved now
         self._wake = asyncio.Event()
         self.trouble = ""  # why the last attempt failed ('' once one works again)
+        self.append_timeout = APPEND_TIMEOUT
 
     def logged(self, sid: str) -> None:
         """Events of ``sid`` (owned here) were logged: move them soon."""
@@ -171,7 +175,11 @@ class Archiver:
                 return stored
             if rows[0][0] > stored + 1:
                 rows = lost_ids(stored + 1, rows[0][0] - 1)
-            r = await self._store.append(sid, epoch, rows, user=lease.user)
+            try:
+                async with asyncio.timeout(self.append_timeout):
+                    r = await self._store.append(sid, epoch, rows, user=lease.user)
+            except TimeoutError:
+                raise StoreError(f"an append took over {self.append_timeout:g}s") from None
             if r.status == "fenced":
                 log.info("%s: a newer owner (epoch %d) stores its events", sid, r.epoch)
                 return r.last_id

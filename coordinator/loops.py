@@ -151,6 +151,15 @@ class Loops:
         finally:
             del self.starting[sid]
 
+    async def restore(self, sid: str, user: str) -> ConversationInfo:
+        """``sid`` is gone from Redis while clients here watch it: a loop of it here
+        can no longer write (fenced), and it starts again from the event store."""
+        runner = self.runners.get(sid)
+        if runner is not None:
+            runner.fence("its record is gone from Redis")
+        log.warning("conversation %s is gone from Redis; restoring it from the event store", sid)
+        return await self.ensure_running(sid, user, {}, None)
+
     async def _acquire(self, sid: str, user: str) -> Ownership | ConversationInfo:
         """Own ``sid`` (replacing a dead owner), or the info of the live owner holding it."""
         membership = self._membership

@@ -518,3 +518,42 @@ async def test_redis_at_its_maxmemory_refuses_actions_clearly(
     assert after > before
     logged = [e.get("args", {}).get("content") for e in await a.manager.events("full")]
     assert "before" in logged and "after" in logged and "refused" not in logged
+
+
+async def test_a_conversation_redis_lost_under_its_client_comes_back_from_the_store(
+    make_nodes: NodeFactory, redis_client: Any
+) -> None:
+    (a,) = await make_nodes(1)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("lost", "c", {}, "alice")
+    for i in range(2):
+        await send(a, "c", str(i))
+    await wait_until(lambda: len(sink.events["c"]) >= 4, what="4 events")
+    await wait_stored(a, "lost", 4)
+    # The next two events reach the client but not the store; then Redis comes back empty.
+    store = a.node.store
+    assert store is not None
+    a.node.archiver._store = Hanging()  # type: ignore[assignment]
+    a.node.archiver.append_timeout = 1.0
+    await send(a, "c", "unstored")
+    await wait_until(lambda: len(sink.events["c"]) >= 6, what="6 events")
+    inc = a.inc
+    await redis_client.flushall()
+    a.node.archiver._store = store  # type: ignore[assignment]
+    await wait_until(lambda: a.inc != inc, timeout=10, what="the node registered again")
+    after = await send(a, "c", "after")
+    await wait_until(lambda: sink.events["c"][-1]["id"] >= after + 1, what="answered")
+    ids = [e["id"] for e in sink.events["c"]]
+    assert ids == sorted(set(ids)) and ids[:6] == [1, 2, 3, 4, 5, 6]  # none reused
+    notice = next(e for e in sink.events["c"] if e.get("status") == "STATUS$EVENTS_LOST")
+    assert "events 5 to 6" in notice["message"] and notice["id"] == 7 and after == 8
+    await wait_stored(a, "lost", after + 1)
+    stored = await all_stored(store, "lost")
+    assert [i for i, _ in stored] == list(range(1, after + 2))
+
+
+class Hanging:
+    """A store whose appends never return (unreachable, without an error)."""
+
+    async def append(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.Event().wait()
