@@ -17,9 +17,10 @@ from typing import Any
 from .errors import REDIS_TROUBLE
 from .membership import Membership
 from .state import RedisState
+from .state.loops import USER_INDEX_MAX
 from .status import LOST_SHOWN, Advertisement, ConversationStatus, NodeStatus
 
-MAX_LISTED = 1000  # a list request reads at most this many conversations (newest first)
+MAX_LISTED = USER_INDEX_MAX  # a list request reads the user's whole index (newest first)
 
 
 def _int(value: str) -> int | None:

@@ -14,6 +14,8 @@ from coordinator.auth import issue_token
 from coordinator.codec import unpack, with_id
 from coordinator.errors import Forbidden, LimitExceeded, StoreBehind
 from coordinator.eventstore import EventStore, StoreMismatch
+from coordinator.state import Lease
+from coordinator.state.loops import USER_INDEX_MAX
 from tests.conftest import NodeFactory
 from tests.helpers import wait_until
 from tests.postgres import PostgresServer
@@ -557,3 +559,11 @@ class Hanging:
 
     async def append(self, *args: Any, **kwargs: Any) -> Any:
         await asyncio.Event().wait()
+
+
+async def test_a_users_conversation_index_stays_bounded(make_nodes: NodeFactory) -> None:
+    (a,) = await make_nodes(1)
+    for n in range(USER_INDEX_MAX + 5):
+        await a.state.record_start(Lease(f"many-{n}", "prolific", a.inc, 1), created=True)
+    index = a.keys.user_convs("prolific")
+    assert await a.state.redis.zcard(index) == USER_INDEX_MAX
