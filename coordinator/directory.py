@@ -42,6 +42,20 @@ def describe(sid: str, meta: dict[str, str], live: set[str]) -> dict[str, Any]:
     }
 
 
+def describe_retired(sid: str) -> dict[str, Any]:
+    """The public view of a conversation whose Redis state expired after it stopped
+    (``--redis-retention``): only the event store holds it now."""
+    return {
+        "conversation_id": sid,
+        "state": "stopped",
+        "running": False,
+        "owner": "",
+        "created": None,
+        "last_active": None,
+        "events": None,
+    }
+
+
 class Directory:
     """The cluster as seen from Redis. ``membership`` tells this node's own incarnation
     (alive while its lease is valid, without asking Redis)."""
@@ -157,8 +171,12 @@ class Directory:
         live = set((await self.nodes()).values())
         out = []
         for sid, meta in zip(sids, await self._state.records(sids), strict=True):
-            # The index only grows; a record that vanished or changed hands is skipped.
-            if meta and meta.get("user") == user:
+            # A record that expired is the user's still (the store refuses another user
+            # the id, and a purge takes it out of the index); one that changed hands is
+            # skipped.
+            if not meta:
+                out.append(describe_retired(sid))
+            elif meta.get("user") == user:
                 out.append(describe(sid, meta, live))
         return out
 

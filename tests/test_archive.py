@@ -12,6 +12,7 @@ import pytest
 from coordinator import ConversationManager
 from coordinator.auth import issue_token
 from coordinator.codec import unpack, with_id
+from coordinator.directory import describe_retired
 from coordinator.errors import Forbidden, LimitExceeded, StoreBehind
 from coordinator.eventstore import EventStore, StoreMismatch
 from coordinator.state import Lease
@@ -372,6 +373,8 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     await wait_until(gone, timeout=5, what="its Redis state expired")
     assert await a.conversation("kept") == {}
     assert await a.user_of("kept") == "alice"  # the store still knows it
+    listed = await a.directory.list_conversations("alice")
+    assert listed == [describe_retired("kept")] and listed[0]["state"] == "stopped"
     assert [e["id"] for e in await b.events("kept", 0, 100)] == list(range(1, last + 1))
     await b.join_conversation("kept", "cb", {}, "alice", latest_event_id=0)
     sink = make_nodes.sinks["node2"]
