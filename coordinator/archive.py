@@ -48,6 +48,10 @@ BATCH_BYTES = 1 << 20
 # Seconds one append may take: a store that hangs (a stalled disk or network) is an
 # unreachable one, retried later, not a mover stuck for good.
 APPEND_TIMEOUT = 30.0
+# Seconds the mover lets events gather once woken: a batch per action would cost every
+# action two more Redis calls and a store write (a sync) on the node's event loop; on
+# the shared test machine that doubled the ack's p50 (bench/store_ack.py).
+GATHER_FOR = 0.05
 
 
 async def check_cluster_store(
@@ -107,6 +111,7 @@ class Archiver:
         backoff = Backoff(base=0.1, cap=5.0)
         while True:
             await self._wake.wait()
+            await asyncio.sleep(GATHER_FOR)
             self._wake.clear()
             pending, self._pending = self._pending, set()
             leases = [

@@ -220,7 +220,9 @@ async def test_store_down_then_back_refuses_clearly_loses_nothing_and_catches_up
     assert acked and refusal, "the window never filled"
     assert "the event store is behind" in refusal and "not acknowledged" in refusal
     assert await stored_mark(a, "down") == 2
-    assert "is unavailable" in a.node.archiver.trouble  # what /healthz shows
+    await wait_until(  # what /healthz shows
+        lambda: "is unavailable" in a.node.archiver.trouble, what="the store's trouble known"
+    )
     await asyncio.to_thread(postgres_server.start)
     await wait_stored(a, "down", max(acked) + 1)
     assert a.node.archiver.trouble == ""
