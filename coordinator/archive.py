@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 # A batch: at most this many events and about this many bytes (at least one event).
 BATCH_EVENTS = 500
 BATCH_BYTES = 1 << 20
+# Seconds one append may take: a store that hangs (a stalled disk or network) is an
+# unreachable one, retried later, not a mover stuck for good.
+APPEND_TIMEOUT = 30.0
+# Seconds the mover lets events gather once woken: a batch per action would cost every
+# action two more Redis calls and a store write (a sync) on the node's event loop; on
+# the shared test machine that doubled the ack's p50 (bench/store_ack.py).
+GATHER_FOR = 0.05
 
 
 async def check_cluster_store(
@@ -91,6 +98,7 @@ class Archiver:
         self._moving: set[str] = set()  # being moved now
         self._wake = asyncio.Event()
         self.trouble = ""  # why the last attempt failed ('' once one works again)
+        self.append_timeout = APPEND_TIMEOUT
 
     def logged(self, sid: str) -> None:
         """Events of ``sid`` (owned here) were logged: move them soon."""
@@ -103,6 +111,7 @@ class Archiver:
         backoff = Backoff(base=0.1, cap=5.0)
         while True:
             await self._wake.wait()
+            await asyncio.sleep(GATHER_FOR)
             self._wake.clear()
             pending, self._pending = self._pending, set()
             leases = [
@@ -171,7 +180,11 @@ class Archiver:
                 return stored
             if rows[0][0] > stored + 1:
                 rows = lost_ids(stored + 1, rows[0][0] - 1)
-            r = await self._store.append(sid, epoch, rows, user=lease.user)
+            try:
+                async with asyncio.timeout(self.append_timeout):
+                    r = await self._store.append(sid, epoch, rows, user=lease.user)
+            except TimeoutError:
+                raise StoreError(f"an append took over {self.append_timeout:g}s") from None
             if r.status == "fenced":
                 log.info("%s: a newer owner (epoch %d) stores its events", sid, r.epoch)
                 return r.last_id

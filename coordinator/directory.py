@@ -17,9 +17,10 @@ from typing import Any
 from .errors import REDIS_TROUBLE
 from .membership import Membership
 from .state import RedisState
+from .state.loops import USER_INDEX_MAX
 from .status import LOST_SHOWN, Advertisement, ConversationStatus, NodeStatus
 
-MAX_LISTED = 1000  # a list request reads at most this many conversations (newest first)
+MAX_LISTED = USER_INDEX_MAX  # a list request reads the user's whole index (newest first)
 
 
 def _int(value: str) -> int | None:
@@ -38,6 +39,20 @@ def describe(sid: str, meta: dict[str, str], live: set[str]) -> dict[str, Any]:
         "created": _int(meta.get("created", "")),
         "last_active": _int(meta.get("last_active", "")),
         "events": _int(meta.get("seq", "")) or 0,
+    }
+
+
+def describe_retired(sid: str) -> dict[str, Any]:
+    """The public view of a conversation whose Redis state expired after it stopped
+    (``--redis-retention``): only the event store holds it now."""
+    return {
+        "conversation_id": sid,
+        "state": "stopped",
+        "running": False,
+        "owner": "",
+        "created": None,
+        "last_active": None,
+        "events": None,
     }
 
 
@@ -156,8 +171,12 @@ class Directory:
         live = set((await self.nodes()).values())
         out = []
         for sid, meta in zip(sids, await self._state.records(sids), strict=True):
-            # The index only grows; a record that vanished or changed hands is skipped.
-            if meta and meta.get("user") == user:
+            # A record that expired is the user's still (the store refuses another user
+            # the id, and a purge takes it out of the index); one that changed hands is
+            # skipped.
+            if not meta:
+                out.append(describe_retired(sid))
+            elif meta.get("user") == user:
                 out.append(describe(sid, meta, live))
         return out
 

@@ -254,7 +254,14 @@ class ConversationManager:
         if conn is None:
             raise ConnectionNotFound(connection_id)
         action = codec.user_action(data, self.config.max_action_bytes)
-        accepted = await node.actions.accept(conn.sid, conn.user, action)
+        try:
+            accepted = await node.actions.accept(conn.sid, conn.user, action)
+        except ConversationNotFound:
+            # It was joined, so Redis lost it (restarted empty): its record comes back
+            # from the event store, ids after the store's and after what its clients saw
+            # (they are told what was lost: state/writes.py, rewind).
+            await node.restarts.restore(conn.sid, conn.user)
+            accepted = await node.actions.accept(conn.sid, conn.user, action)
         await node.restarts.ensure_served(conn.sid, conn.user, accepted.inc)
         return accepted.event_id
 

@@ -2,8 +2,9 @@
 
 ``Node.start`` builds the parts in dependency order, each given what it needs (no part
 calls back into the manager): the state layer and membership on the backend's
-connections, the subscription, the command bus, delivery, the loops and their restarts,
-client sessions, recovery. Then it registers, reaps what a previous incarnation of this
+connections, the event store (checked to be the cluster's) and its archiver, the
+subscription, the command bus, delivery, the loops and their restarts, client sessions,
+recovery. Then it registers, reaps what a previous incarnation of this
 node id left, subscribes and starts the background tasks. ``aclose`` and ``drain`` stop
 it in named steps.
 """

@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import Identity, TokenVerifier
 from .config import Lifetimes, check_conversation_id, check_settings
+from .directory import describe_retired
 from .errors import ConversationNotFound, Forbidden, InvalidInput, NodeDraining
 from .http import (
     COMMON_HEADERS,
@@ -121,6 +122,8 @@ class RestApp:
         """The view of ``user``'s conversation ``sid``; another user's is as missing."""
         check_conversation_id(sid)
         view = await self.manager.directory.conversation_view(sid)
+        if not view and await self.manager.user_of(sid) == user:
+            return describe_retired(sid)  # only the event store holds it now
         if not view or view.pop("user") != user:
             raise ConversationNotFound(sid)
         return view

@@ -20,7 +20,7 @@ from .errors import EXPECTED
 from .loops import Loops
 from .membership import Membership
 from .metrics import NodeMetrics
-from .owners import Intake
+from .owners import ConversationInfo, Intake
 from .state import RedisState
 from .tasks import TaskSet
 
@@ -56,6 +56,15 @@ class Restarts:
 
     def _busy(self, sid: str) -> bool:
         return sid in self._loops.starting or sid in self._loops.runners
+
+    async def restore(self, sid: str, user: str) -> ConversationInfo:
+        """``sid`` is gone from Redis while clients here watch it: a loop of it here
+        can no longer write (fenced), and it starts again from the event store."""
+        runner = self._loops.runners.get(sid)
+        if runner is not None:
+            runner.fence("its record is gone from Redis")
+        log.warning("conversation %s is gone from Redis; restoring it from the event store", sid)
+        return await self._loops.ensure_running(sid, user, {}, None)
 
     async def ensure_served(self, sid: str, user: str, owner_inc: str) -> None:
         """An action was accepted for ``sid``, owned by ``owner_inc`` ('' if none): if no

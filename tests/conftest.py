@@ -19,6 +19,15 @@ from tests.helpers import RecordingSink, fast_config
 pytest_plugins = ["tests.processes", "tests.redis_topologies", "tests.postgres"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_event_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Nodes made by module- and session-scoped fixtures (set up before any test's own
+    directory) keep their event store in a temporary directory too, never the machine's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("session-data")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def private_event_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: Any) -> str:
     """Each test's nodes (in-process and child processes) keep their event store's

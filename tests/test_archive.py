@@ -12,8 +12,11 @@ import pytest
 from coordinator import ConversationManager
 from coordinator.auth import issue_token
 from coordinator.codec import EVENTS_LOST, notice_code, unpack, with_id
+from coordinator.directory import describe_retired
 from coordinator.errors import Forbidden, LimitExceeded, StoreBehind
 from coordinator.eventstore import EventStore, StoreMismatch
+from coordinator.state import Lease
+from coordinator.state.loops import USER_INDEX_MAX
 from tests.conftest import NodeFactory
 from tests.helpers import wait_until
 from tests.postgres import PostgresServer
@@ -217,7 +220,9 @@ async def test_store_down_then_back_refuses_clearly_loses_nothing_and_catches_up
     assert acked and refusal, "the window never filled"
     assert "the event store is behind" in refusal and "not acknowledged" in refusal
     assert await stored_mark(a, "down") == 2
-    assert "is unavailable" in a.node.archiver.trouble  # what /healthz shows
+    await wait_until(  # what /healthz shows
+        lambda: "is unavailable" in a.node.archiver.trouble, what="the store's trouble known"
+    )
     await asyncio.to_thread(postgres_server.start)
     await wait_stored(a, "down", max(acked) + 1)
     assert a.node.archiver.trouble == ""
@@ -370,6 +375,8 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     await wait_until(gone, timeout=5, what="its Redis state expired")
     assert await a.conversation("kept") == {}
     assert await a.user_of("kept") == "alice"  # the store still knows it
+    listed = await a.directory.list_conversations("alice")
+    assert listed == [describe_retired("kept")] and listed[0]["state"] == "stopped"
     assert [e["id"] for e in await b.events("kept", 0, 100)] == list(range(1, last + 1))
     await b.join_conversation("kept", "cb", {}, "alice", latest_event_id=0)
     sink = make_nodes.sinks["node2"]
@@ -518,3 +525,50 @@ async def test_redis_at_its_maxmemory_refuses_actions_clearly(
     assert after > before
     logged = [e.get("args", {}).get("content") for e in await a.manager.events("full")]
     assert "before" in logged and "after" in logged and "refused" not in logged
+
+
+async def test_a_conversation_redis_lost_under_its_client_comes_back_from_the_store(
+    make_nodes: NodeFactory, redis_client: Any
+) -> None:
+    (a,) = await make_nodes(1)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("lost", "c", {}, "alice")
+    for i in range(2):
+        await send(a, "c", str(i))
+    await wait_until(lambda: len(sink.events["c"]) >= 4, what="4 events")
+    await wait_stored(a, "lost", 4)
+    # The next two events reach the client but not the store; then Redis comes back empty.
+    store = a.node.store
+    assert store is not None
+    a.node.archiver._store = Hanging()  # type: ignore[assignment]
+    a.node.archiver.append_timeout = 1.0
+    await send(a, "c", "unstored")
+    await wait_until(lambda: len(sink.events["c"]) >= 6, what="6 events")
+    inc = a.inc
+    await redis_client.flushall()
+    a.node.archiver._store = store  # type: ignore[assignment]
+    await wait_until(lambda: a.inc != inc, timeout=10, what="the node registered again")
+    after = await send(a, "c", "after")
+    await wait_until(lambda: sink.events["c"][-1]["id"] >= after + 1, what="answered")
+    ids = [e["id"] for e in sink.events["c"]]
+    assert ids == sorted(set(ids)) and ids[:6] == [1, 2, 3, 4, 5, 6]  # none reused
+    notice = next(e for e in sink.events["c"] if notice_code(e) == EVENTS_LOST)
+    assert "events 5 to 6" in notice["message"] and notice["id"] == 7 and after == 8
+    await wait_stored(a, "lost", after + 1)
+    stored = await all_stored(store, "lost")
+    assert [i for i, _ in stored] == list(range(1, after + 2))
+
+
+class Hanging:
+    """A store whose appends never return (unreachable, without an error)."""
+
+    async def append(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.Event().wait()
+
+
+async def test_a_users_conversation_index_stays_bounded(make_nodes: NodeFactory) -> None:
+    (a,) = await make_nodes(1)
+    for n in range(USER_INDEX_MAX + 5):
+        await a.state.record_start(Lease(f"many-{n}", "prolific", a.inc, 1), created=True)
+    index = a.keys.user_convs("prolific")
+    assert await a.state.redis.zcard(index) == USER_INDEX_MAX

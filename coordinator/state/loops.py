@@ -29,6 +29,11 @@ def org_holder_user(holder: str) -> str:
     return holder.split("\t", 1)[0]
 
 
+# A user's conversation index keeps the newest this many (what a listing reads): it stays
+# bounded however many a user creates; the event store keeps them all.
+USER_INDEX_MAX = 1000
+
+
 class LoopOps(ConversationOps):
     # -- the cap ---------------------------------------------------------------------
     async def admit(
@@ -113,7 +118,9 @@ class LoopOps(ConversationOps):
             ("ZADD", k.node_idle(lease.inc), now_ms + int(idle_for * 1000), lease.sid),
         ]
         if created and lease.user:
-            commands.append(("ZADD", k.user_convs(lease.user), "NX", now_ms, lease.sid))
+            index = k.user_convs(lease.user)
+            commands.append(("ZADD", index, "NX", now_ms, lease.sid))
+            commands.append(("ZREMRANGEBYRANK", index, 0, -USER_INDEX_MAX - 1))
         await self._commands(commands)
 
     async def release_loop(self, lease: Lease, final_state: str, retention_ms: int = 0) -> None:
