@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 
 from workers.protocol import Event
 
+from .backoff import Backoff
+from .errors import REDIS_TROUBLE
 from .state import RedisState
+
+log = logging.getLogger(__name__)
 
 PAGE = 500
 
@@ -81,6 +86,21 @@ class ActionQueue:
         else:
             self.seen = max(self.seen, max(self.pending))
 
+    async def refresh(self, backoff: Backoff) -> bool:
+        """Read the inbox if due. On Redis trouble the actions stay in the durable inbox:
+        wait ``backoff``'s next delay, ask to be woken again and return False."""
+        try:
+            if self.reread:
+                await self.read()
+            backoff.reset()
+            return True
+        except REDIS_TROUBLE as exc:
+            delay = backoff.next()
+            log.warning("inbox read for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
+            await asyncio.sleep(delay)
+            self.wake.set()
+            return False
+
     def next(self) -> tuple[int, Event] | None:
         """The next action to dispatch, if any."""
         while self.pending:
@@ -97,7 +117,7 @@ class ActionQueue:
 
     async def drain(self, inbox_max: int, running: Callable[[], bool], within: float) -> bool:
         """Wait until every action accepted so far is applied (while ``running``), for at
-        most ``within`` s; True when the inbox was emptied in time."""
+        most ``within`` s; True when the inbox was emptied in time (else it says so)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while running():
@@ -112,6 +132,9 @@ class ActionQueue:
             while self.applied < target and running():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    log.warning(
+                        "loop %s stops with actions after %d unprocessed", self.sid, self.applied
+                    )
                     return False
                 self._progress.clear()
                 with contextlib.suppress(TimeoutError):

@@ -56,13 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _agent_state(value: Any) -> AgentState:
-    try:
-        return AgentState(value)
-    except ValueError:
-        return AgentState.ERROR
-
-
 class RemoteAgent:
     """One conversation's agent instance in a worker of ``pool`` (see the module
     docstring). Made by ``AgentPool.new_agent``; the runner drives it."""
@@ -340,7 +333,7 @@ class RemoteAgent:
                 if m[1] != rid:
                     continue  # the answer to a request given up on
                 if m[-1]:
-                    self._state = _agent_state(m[-1])
+                    self._state = AgentState.parse(m[-1])
                     self._heard = True
                 if m[0] == DONE:
                     return
@@ -373,7 +366,7 @@ class RemoteAgent:
         """One ``emit`` of the agent, through the runner's; the answer goes back."""
         _, rid, _, event, state = m
         if state:
-            self._state = _agent_state(state)
+            self._state = AgentState.parse(state)
             self._heard = True
         assert self._emit is not None
         try:

@@ -187,22 +187,13 @@ class LoopRunner:
 
     async def _run(self) -> None:
         queue = self._queue
-        backoff = Backoff(base=0.05, cap=1.0)
+        backoff = Backoff(base=0.05, cap=1.0)  # between failed inbox reads
         while self.running:
             self._idle = True
             await queue.wake.wait()
             self._idle = False
             queue.wake.clear()
-            try:
-                if queue.reread:
-                    await queue.read()
-                backoff.reset()
-            except REDIS_TROUBLE as exc:
-                # Redis trouble: the actions stay in the durable inbox; read again later.
-                delay = backoff.next()
-                log.warning("inbox read for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
-                await asyncio.sleep(delay)
-                queue.wake.set()
+            if not await queue.refresh(backoff):
                 continue
             while self.running and (item := queue.next()) is not None:
                 n, action = item
@@ -369,12 +360,7 @@ class LoopRunner:
     async def finish_backlog(self, within: float) -> bool:
         """Process every action accepted so far before the loop stops (an eviction must
         not strand what was acknowledged). True when the inbox was emptied in time."""
-        done = await self._queue.drain(self._config.inbox_max, lambda: self.running, within)
-        if not done and self.running:
-            log.warning(
-                "loop %s stops with actions after %d unprocessed", self.sid, self._queue.applied
-            )
-        return done
+        return await self._queue.drain(self._config.inbox_max, lambda: self.running, within)
 
     # -- shutdown --------------------------------------------------------------------
     def _fence(self, why: str, quiet: bool = False) -> None:
@@ -410,7 +396,4 @@ class LoopRunner:
 
     @property
     def agent_state(self) -> AgentState:
-        try:
-            return AgentState(self.agent.state)
-        except ValueError:
-            return AgentState.ERROR
+        return AgentState.parse(self.agent.state)

@@ -45,6 +45,14 @@ class AgentState(StrEnum):
     STOPPED = "stopped"
     ERROR = "error"
 
+    @classmethod
+    def parse(cls, value: object) -> AgentState:
+        """The state ``value`` names; ``ERROR`` for anything else (a buggy agent's)."""
+        try:
+            return cls(str(value))
+        except ValueError:
+            return cls.ERROR
+
 
 @dataclass(frozen=True)
 class Checkpoint:
