@@ -4,7 +4,7 @@ one (when closed, idle, evicted, drained or fenced). Restarts are in ``restarts.
 ``Loops`` owns the node's table of runners; ``Delivery`` and the idle tracker read it.
 A start takes ownership (``owners.py``: epoch bumped), lists the loop under this
 incarnation, waits for one of the user's cap slots (``admission.py``), then starts the
-runner; anything that fails on the way is given up (``give_up``) so a conversation is
+runner; anything that fails on the way is given up (``Owners.give_up``) so a conversation is
 never left owned by a live node that runs no loop for it. A stop releases slot,
 ownership and the incarnation's indexes in one state call.
 """
@@ -88,16 +88,17 @@ class Loops:
         self._tasks = tasks
         self._agent_factory = agent_factory
         self.admission = Admission(state, config, self.evict_owner)
-        self._owners = Owners(
+        self.owners = Owners(
             state=state,
             config=config,
             intake=intake,
             membership=membership,
             directory=directory,
             store=store,
+            interest=interest,
+            busy=lambda sid: sid in self.runners or sid in self.starting,
         )
         self.starting: dict[str, asyncio.Future[ConversationInfo]] = {}
-        self._abandoned: list[Lease] = []  # starts that failed after taking ownership
         membership.on_lapse(self.fence_all)
         bus.on("evict", self._on_evict)
         bus.on("slot_freed", self._on_slot_freed)
@@ -160,7 +161,7 @@ class Loops:
         node = self._config.node_id
         if not self._membership.check():
             raise NodeDraining(f"node {node} lost its lease; it takes no loops until back")
-        acquired = await self._owners.acquire(sid, user, lifetimes)
+        acquired = await self.owners.acquire(sid, user, lifetimes)
         if isinstance(acquired, ConversationInfo):  # a live owner runs it
             if initial is not None:
                 await self._actions.accept(sid, user, initial)
@@ -195,10 +196,10 @@ class Loops:
                 # The caller retries once the node is back.
                 raise NodeDraining(f"node {node} lost its lease while starting {sid}")
         except BaseException:
-            await self.give_up(lease, None)
+            await self.owners.give_up(lease, None)
             raise
         if not admitted:
-            await self.give_up(lease, codec.evicted_event())
+            await self.owners.give_up(lease, codec.evicted_event())
             return ConversationInfo(sid, lease.user, "", False, False)
         memory = await self._memories.open(
             lease,
@@ -228,34 +229,9 @@ class Loops:
             if self.runners.get(sid) is runner:
                 del self.runners[sid]
             await runner.aclose()
-            await self.give_up(lease, None)
+            await self.owners.give_up(lease, None)
             raise
         return ConversationInfo(sid, lease.user, node, True, True)
-
-    async def give_up(self, lease: Lease, status: Event | None, *, retry: bool = False) -> bool:
-        """Undo a start that never ran: tell the clients why, drop claim and ownership.
-
-        If Redis fails meanwhile, the lease is kept and given up on a later heartbeat, so
-        a conversation is never left owned by a live node that runs no loop for it.
-        """
-        try:
-            if status is not None:
-                await self._state.commit(
-                    lease.sid,
-                    lease.inc,
-                    lease.epoch,
-                    [codec.pack(status)],
-                )
-            await self._state.release_loop(lease, "stopped")
-        except REDIS_TROUBLE as exc:
-            log.warning("giving up %s deferred: %s", lease.sid, exc)
-            if lease not in self._abandoned:
-                self._abandoned.append(lease)
-            return False
-        finally:
-            if not retry:  # the start's channel reference is dropped once
-                await self._interest.unwatch(lease.sid)
-        return True
 
     # -- stopping --------------------------------------------------------------------
     async def stop(self, sid: str, status: Event | None) -> bool:
@@ -278,7 +254,11 @@ class Loops:
         if not runner.fenced:
             # All in the store: its Redis state may expire (--redis-retention).
             retention = int(self._config.redis_retention * 1000) if stored else 0
-            await self._state.release_loop(runner.lease, str(AgentState.STOPPED), retention)
+            try:
+                await self._state.release_loop(runner.lease, str(AgentState.STOPPED), retention)
+            except REDIS_TROUBLE as exc:
+                log.warning("releasing %s deferred: %s", sid, exc)
+                self.owners.abandon(runner.lease)
         await self._interest.unwatch(sid)
         return True
 
@@ -301,6 +281,11 @@ class Loops:
         if not self._membership.lapsed:
             with contextlib.suppress(*REDIS_TROUBLE):
                 await self._state.forget_loop(runner.lease)
+                # Whoever fenced it may not run it: acknowledged actions need a loop.
+                lease = runner.lease
+                await self._bus.send(
+                    self._config.node_id, "resume", {"sid": lease.sid, "user": lease.user}
+                )
         await self._interest.unwatch(runner.sid)
 
     async def sweep_idle(self) -> list[str]:
@@ -374,18 +359,6 @@ class Loops:
         if inc and await self._state.release_lost(sid, user, inc):
             self.admission.slot_freed(user)
         await self._state.commit(sid, "", 0, [codec.pack(codec.closed_event())])
-
-    async def retry_abandoned(self) -> list[tuple[str, str]]:
-        """Give up (again) what failed starts left owned; ``(sid, user)`` of those given
-        up, which still need a loop if their inbox holds actions."""
-        done = []
-        for lease in list(self._abandoned):
-            # A later start may have taken the conversation up again meanwhile.
-            busy = lease.sid in self.runners or lease.sid in self.starting
-            if busy or await self.give_up(lease, None, retry=True):
-                self._abandoned.remove(lease)
-                done.append((lease.sid, lease.user))
-        return done
 
     # -- commands from other nodes ---------------------------------------------------
     async def _on_evict(self, origin: str, p: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Taking ownership of a conversation for a start (``loops.py`` starts the loop).
+"""Taking ownership of a conversation for a start (``loops.py`` starts the loop), and
+giving it back when the start fails.
 
 ``acquire`` bumps the fencing epoch of a conversation that is unowned or whose owner is
 dead, and tells the caller about a live owner instead. A conversation missing from Redis
@@ -10,14 +11,19 @@ store holds; a new one counts against its user's quota of stored conversations.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from workers.protocol import Event
+
+from . import codec
 from .config import Lifetimes, ManagerConfig
 from .directory import Directory
-from .errors import Forbidden, LimitExceeded, NodeDraining
+from .errors import REDIS_TROUBLE, Forbidden, LimitExceeded, NodeDraining
 from .eventstore import EventStore
 from .membership import Membership
-from .state import Ownership, RedisState
+from .state import Lease, Ownership, RedisState
+from .subscriptions import Interest
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +61,13 @@ class Owners:
         membership: Membership,
         directory: Directory,
         store: EventStore,
+        interest: Interest,
+        busy: Callable[[str], bool],
     ) -> None:
         self._state = state
+        self._interest = interest
+        self._busy = busy  # a start or a loop of the conversation is on this node
+        self._abandoned: list[Lease] = []  # starts that failed after taking ownership
         self._config = config
         self._intake = intake
         self._membership = membership
@@ -121,3 +132,44 @@ class Owners:
         if known.last_id:
             log.info("conversation %s comes back from the event store at %d", sid, known.last_id)
         return known.last_id, known.epoch, known.size
+
+    async def give_up(self, lease: Lease, status: Event | None, *, retry: bool = False) -> bool:
+        """Undo a start that never ran: tell the clients why, drop claim and ownership.
+
+        If Redis fails meanwhile, the lease is kept and given up on a later heartbeat, so
+        a conversation is never left owned by a live node that runs no loop for it.
+        """
+        try:
+            if status is not None:
+                await self._state.commit(
+                    lease.sid,
+                    lease.inc,
+                    lease.epoch,
+                    [codec.pack(status)],
+                )
+            await self._state.release_loop(lease, "stopped")
+        except REDIS_TROUBLE as exc:
+            log.warning("giving up %s deferred: %s", lease.sid, exc)
+            self.abandon(lease)
+            return False
+        finally:
+            if not retry:  # the start's channel reference is dropped once
+                await self._interest.unwatch(lease.sid)
+        return True
+
+    def abandon(self, lease: Lease) -> None:
+        """``lease``'s loop is gone but Redis could not be told: it is given up on a later
+        heartbeat (``retry_abandoned``), and its actions then restarted if any wait."""
+        if lease not in self._abandoned:
+            self._abandoned.append(lease)
+
+    async def retry_abandoned(self) -> list[tuple[str, str]]:
+        """Give up (again) what failed starts left owned; ``(sid, user)`` of those given
+        up, which still need a loop if their inbox holds actions."""
+        done = []
+        for lease in list(self._abandoned):
+            # A later start may have taken the conversation up again meanwhile.
+            if self._busy(lease.sid) or await self.give_up(lease, None, retry=True):
+                self._abandoned.remove(lease)
+                done.append((lease.sid, lease.user))
+        return done

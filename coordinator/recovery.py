@@ -171,7 +171,7 @@ class Recovery:
                     lost.clear()
                     await self.rotate_incarnation()
                 await self._sessions.retry_deferred()
-                await self._restarts.retry(await self._loops.retry_abandoned())
+                await self._restarts.retry(await self._loops.owners.retry_abandoned())
                 await self._directory.refresh()
                 if n % reap_every == 0:
                     reaped_at = time.time()

@@ -23,7 +23,7 @@ ACQUIRE = (
 -- ARGV[10] max_running_time (s) to record when it is created ('' = the nodes' default)
 -- returns  {status, epoch, owner node, owner incarnation, user, applied, close_delay,
 --          max_running_time} (the last two as recorded, '' if not)
---   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours)
+--   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours; epoch bumped too)
 --           'owned' (a live owner holds it) | 'forbidden' | 'missing'
 """
     + NOW
@@ -51,12 +51,16 @@ local close, running = f[6] or '', f[7] or ''
 if ARGV[3] ~= '' and user ~= ARGV[3] then
   return {'forbidden', epoch, owner, inc, user, applied, close, running}
 end
-if inc == ARGV[2] then return {'mine', epoch, owner, inc, user, applied, close, running} end
-if inc == '' or inc == ARGV[4] then
+-- Already ours ('mine': an earlier start of this incarnation failed, and its release may
+-- still be on its way) is taken again with a new epoch too, so that late release cannot
+-- undo this start.
+if inc == ARGV[2] or inc == '' or inc == ARGV[4] then
   epoch = epoch + 1
   redis.call('HSET', meta, 'owner', ARGV[1], 'inc', ARGV[2], 'epoch', epoch,
              'state', 'loading', 'last_active', now)
-  return {'ok', epoch, ARGV[1], ARGV[2], user, applied, close, running}
+  local status = 'ok'
+  if inc == ARGV[2] then status = 'mine' end
+  return {status, epoch, ARGV[1], ARGV[2], user, applied, close, running}
 end
 return {'owned', epoch, owner, inc, user, applied, close, running}
 """
