@@ -69,6 +69,18 @@ async def test_takeover_bumps_the_epoch_and_fences_the_old_owner(redis_client) -
     assert system.status == "ok"  # system writes only while unowned
 
 
+async def test_a_start_over_its_own_failed_start_takes_a_new_epoch(redis_client) -> None:
+    """A start that failed leaves its release to be retried; the next start of the same
+    incarnation must not be undone by it (the late release names the old epoch)."""
+    state = RedisState(redis_client, KeySchema("t"))
+    failed = await state.acquire("s5", "n1", "n1/a", "u", create=True)
+    again = await state.acquire("s5", "n1", "n1/a", "u", create=True)
+    assert again.status == "mine" and again.epoch == failed.epoch + 1
+    assert await state.release("s5", "n1/a", failed.epoch, "stopped") is False
+    answer = await state.commit("s5", "n1/a", again.epoch, [pack({"x": 1})])
+    assert answer.status == "ok"
+
+
 async def test_admission_never_hands_out_more_slots_than_the_cap(redis_client) -> None:
     state = RedisState(redis_client, KeySchema("t"))
     got = [await state.admit("u", f"c{i}", "n1/a", 2, retry=False, score_ms=i) for i in range(2)]
