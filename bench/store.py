@@ -459,8 +459,8 @@ async def failover(mode: Mode, store: str, kind: str) -> dict[str, Any]:
                 t_taken = time.perf_counter()
                 await asyncio.wait_for(w.answered.wait(), 60)
                 t_answer = time.perf_counter()
-                while w.answers <= answers:
-                    await asyncio.sleep(0.01)
+                await asyncio.sleep(1.0)  # answers to actions dispatched again, if any
+                after = await meta(r, sid)
         finally:
             stop_all([a, b])
             with contextlib.suppress(Exception):
@@ -478,6 +478,10 @@ async def failover(mode: Mode, store: str, kind: str) -> dict[str, Any]:
         "checkpoint": recalled.get("checkpoint"),
         "read": len(recalled.get("read", [])),
         "earlier": args.get("earlier"),
+        "answers_after_kill": w.answers - answers,
+        "applied_before": before.get("applied"),
+        "first_answer_args": args,
+        "meta_after": after,
         "gaps": gaps,
         "duplicates": dups,
     })  # fmt: skip
