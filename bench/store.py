@@ -16,7 +16,9 @@ private PostgreSQL (tests/postgres.py, started with fsync off: a test server).
    (``--log-window-events``, ``--log-window-bytes``; the bytes of the events left in
    the stream, ``lbytes - tbytes`` of its record).
 3. *Replay*: a new client joins that conversation with ``latest_event_id=0``, on the
-   owner node and on another one; events/s until it has every id, gap-free.
+   owner node and on another one; events/s until it has every id, gap-free. And the
+   store alone, in-process without socket.io: an archiver moving HISTORY events to it,
+   ``History`` reading them back a page at a time (what a replay reads).
 4. *Round trip*: two nodes on one Redis and store, 20 conversations each, the echo
    agent; one node as shipped, the other with its mover idle (this module as its entry
    point: ``Archiver.run`` never wakes, a window larger than the run, so nothing is
@@ -347,6 +349,57 @@ async def window_and_replay(mode: Mode, store: str, kind: str) -> dict[str, Any]
     return out
 
 
+async def store_alone(mode: Mode, store: str, kind: str) -> dict[str, Any]:
+    """The store without socket.io: an in-process node (no loop, no clients) logs HISTORY
+    events of about 200 bytes (commits of 100), its archiver moves them to the store
+    (timed), then ``History.after`` reads them back from id 0 a page at a time, as a
+    replay does (timed): what replay costs before the socket.io side."""
+    from coordinator import ConversationManager
+    from coordinator.codec import pack
+    from coordinator.config import ManagerConfig
+    from coordinator.delivery import PAGE
+    from coordinator.state import Lease
+
+    events = mode.pick(30_000, 100_000)
+    with private_redis() as redis:
+        config = ManagerConfig(
+            redis_url=redis.url,
+            node_id="bench",
+            agent_isolation="none",
+            event_store=store,
+            log_window_events=WINDOW_EVENTS,
+        )
+        manager = ConversationManager(config)
+        await manager.start()
+        try:
+            state, sid = manager.state, "history"
+            own = await state.acquire(sid, "bench", manager.inc, "bench", create=True)
+            body = {"source": "agent", "observation": "x", "content": "y" * 160}
+            for first in range(0, events, 100):
+                batch = [pack({**body, "n": first + i}) for i in range(min(100, events - first))]
+                await state.commit(sid, manager.inc, own.epoch, batch)
+            lease = Lease(sid, "bench", manager.inc, own.epoch)
+            started = time.perf_counter()
+            await manager.node.archiver.move(lease)
+            moved = time.perf_counter() - started
+            started, after, read = time.perf_counter(), 0, 0
+            while rows := (await manager.node.history.after(sid, after, PAGE))[0]:
+                assert rows[0][0] == after + 1, (after, rows[0][0])
+                after, read = rows[-1][0], read + len(rows)
+            replayed = time.perf_counter() - started
+            assert read == events, (read, events)
+            in_redis = await state.redis.xlen(manager.keys.events(sid))
+        finally:
+            await manager.aclose()
+    return {
+        "store": kind,
+        "events": events,
+        "in_redis": in_redis,
+        "moved_per_s": events / moved,
+        "read_per_s": events / replayed,
+    }
+
+
 # -- 4. round trip, mover on vs idle -----------------------------------------------------
 async def roundtrip(mode: Mode, store: str, kind: str) -> dict[str, Any]:
     rounds, seconds, rate = mode.pick((4, 5, 100), (6, 10, 100))
@@ -494,6 +547,7 @@ async def run(mode: Mode) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {
         "retention": [],
         "window": [],
+        "alone": [],
         "roundtrip": [],
         "failover": [],
     }
@@ -503,6 +557,7 @@ async def run(mode: Mode) -> dict[str, Any]:
         for kind, url in kinds:
             runs["retention"].append(await retention(mode, url(), kind))
             runs["window"].append(await window_and_replay(mode, url(), kind))
+            runs["alone"].append(await store_alone(mode, url(), kind))
             runs["roundtrip"].append(await roundtrip(mode, url(), kind))
             runs["failover"].append(await failover(mode, url(), kind))
     finally:
@@ -595,6 +650,16 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
                 for r in wr
                 for p in r["replays"]
             ],
+        )
+    )
+    al = runs["alone"]
+    out.append(
+        table(
+            f"The store alone{scaled}: an in-process node logs {al[0]['events']:,} events "
+            "of about 200 B, its archiver moves them to the store, History reads them back "
+            "from id 0 a page at a time (what a replay reads, without socket.io)",
+            ["store", "events", "left in Redis", "moved/s", "read/s"],
+            [[r["store"], r["events"], r["in_redis"], r["moved_per_s"], r["read_per_s"]] for r in al],
         )
     )
     rr = runs["roundtrip"]
