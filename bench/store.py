@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 import sys
@@ -46,7 +47,6 @@ from typing import Any
 
 from bench.common import (
     Mode,
-    Proc,
     log_dir,
     new_secret,
     node_proc,
@@ -159,13 +159,13 @@ class Watcher:
 
     def gaps_and_duplicates(self) -> tuple[int, int, int]:
         unique = sorted(set(self.ids))
-        gaps = sum(b - a - 1 for a, b in zip(unique, unique[1:], strict=False) if b > a + 1)
+        gaps = sum(b - a - 1 for a, b in itertools.pairwise(unique) if b > a + 1)
         first_missing = (unique[0] - 1) if unique else 0
         return gaps + first_missing, len(self.ids) - len(unique), unique[-1] if unique else 0
 
 
-async def wait_until(predicate: Any, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
+async def wait_until(predicate: Any, within: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await predicate():
             return True
@@ -197,12 +197,35 @@ async def meta(r: Any, sid: str) -> dict[str, str]:
 async def keyspace(r: Any) -> dict[str, int]:
     """Every key and its exact MEMORY USAGE."""
     return {
-        k.decode(): await r.memory_usage(k, samples=0) or 0
-        async for k in r.scan_iter(count=1000)
+        k.decode(): await r.memory_usage(k, samples=0) or 0 async for k in r.scan_iter(count=1000)
     }
 
 
+async def stop_round(r: Any, url: str, token: str, prefix: str, n: int) -> dict[str, Any]:
+    """N conversations (ids PREFIX0..) get an action each, their clients leave; returns
+    their keys while running and how long until every key of theirs is gone."""
+    watchers = []
+    for i in range(n):
+        w = await Watcher().connect(url, f"{prefix}{i}", token)
+        await w.send(f"{prefix}{i}-hello")
+        watchers.append(w)
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(w.answered.wait() for w in watchers))
+    running = {k: v for k, v in (await keyspace(r)).items() if f"{{c:{prefix}" in k}
+    t0 = time.monotonic()
+    for w in watchers:
+        await w.client.close()
+
+    async def gone() -> bool:
+        return not [k async for k in r.scan_iter(match=f"{PREFIX}:{{c:{prefix}*", count=1000)]
+
+    cleared = await wait_until(gone, 120, 0.25)
+    return {"running": running, "cleared": cleared, "cleared_s": time.monotonic() - t0}
+
+
 async def retention(mode: Mode, store: str, kind: str) -> dict[str, Any]:
+    """A warm-up round first (the node's Redis connection pool grows to what the joins
+    need: per-connection memory that is not a conversation's), then the measured one."""
     n = mode.pick(50, 200)
     retain = 2.0
     secret = new_secret()
@@ -218,52 +241,48 @@ async def retention(mode: Mode, store: str, kind: str) -> dict[str, Any]:
         try:
             start_all([node])
             async with redis_client(redis.url) as r:
+                await stop_round(r, url_of(node), token, "warm", n)
                 await asyncio.sleep(1.0)
                 before = await keyspace(r)
-                dataset_before = (await r.info("memory"))["used_memory_dataset"]
-                watchers = []
-                for i in range(n):
-                    w = await Watcher().connect(url_of(node), f"r{i}", token)
-                    await w.send(f"r{i}-hello")
-                    watchers.append(w)
-                await asyncio.gather(*(asyncio.wait_for(w.answered.wait(), 30) for w in watchers))
-                running = await keyspace(r)
-                t0 = time.monotonic()
-                for w in watchers:
-                    await w.client.close()
-
-                async def gone() -> bool:
-                    return not [k async for k in r.scan_iter(match=f"{PREFIX}:{{c:r*", count=1000)]
-
-                cleared = await wait_until(gone, 120, 0.25)
-                cleared_s = time.monotonic() - t0
+                info_before = await r.info()
+                measured = await stop_round(r, url_of(node), token, "r", n)
                 await asyncio.sleep(1.0)
                 after = await keyspace(r)
-                dataset_after = (await r.info("memory"))["used_memory_dataset"]
+                info_after = await r.info()
         finally:
             stop_all([node])
-
-    def conv(keys: dict[str, int]) -> dict[str, int]:
-        return {k: v for k, v in keys.items() if k.startswith(f"{PREFIX}:{{c:r")}
-
     changed = {
         k: after.get(k, 0) - before.get(k, 0)
         for k in set(before) | set(after)
         if after.get(k, 0) != before.get(k, 0)
     }
+    left = {k: v for k, v in after.items() if k.startswith(f"{PREFIX}:{{c:r")}
+    running = measured["running"]
     return {
         "store": kind,
         "conversations": n,
         "retention_s": retain,
-        "keys_per_running": len(conv(running)) / n,
-        "bytes_per_running": sum(conv(running).values()) / n,
-        "cleared": cleared,
-        "cleared_after_s": cleared_s,
-        "conv_keys_left": len(conv(after)),
-        "conv_bytes_left": sum(conv(after).values()),
+        "keys_per_running": len(running) / n,
+        "bytes_per_running": sum(running.values()) / n,
+        "cleared": measured["cleared"],
+        "cleared_after_s": measured["cleared_s"],
+        "conv_keys_left": len(left),
+        "conv_bytes_left": sum(left.values()),
         "keys_changed": changed,
         "other_bytes_per_conv": sum(changed.values()) / n,
-        "dataset_delta_per_conv": (dataset_after - dataset_before) / n,
+        "dataset_delta_per_conv": (
+            info_after["used_memory_dataset"] - info_before["used_memory_dataset"]
+        )
+        / n,
+        "redis_clients": [info_before["connected_clients"], info_after["connected_clients"]],
+        "info_delta": {
+            k: info_after[k] - v
+            for k, v in info_before.items()
+            if k.startswith(("used_memory", "mem_", "connected_clients", "pubsub"))
+            and isinstance(v, int)
+            and isinstance(info_after.get(k), int)
+            and info_after[k] != v
+        },
     }
 
 
@@ -292,7 +311,8 @@ async def window_and_replay(mode: Mode, store: str, kind: str) -> dict[str, Any]
                 w.done.clear()
                 w.want = (m + 1) * (REPLIES + 1)
                 await w.send(f"fill-{m}")
-                await asyncio.wait_for(w.done.wait(), 120)
+                async with asyncio.timeout(120):
+                    await w.done.wait()
             out["fill_events_per_s"] = w.want / (time.perf_counter() - t0)
             async with redis_client(redis.url) as r:
 
@@ -328,7 +348,8 @@ async def window_and_replay(mode: Mode, store: str, kind: str) -> dict[str, Any]
                 await c.connect(url_of(node), sid, token, latest=0)
                 joined = time.perf_counter() - t1
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(c.done.wait(), 300)
+                    async with asyncio.timeout(300):
+                        await c.done.wait()
                 took = (c.last_at or time.perf_counter()) - t1
                 gaps, dups, last = c.gaps_and_duplicates()
                 await c.client.close()
@@ -510,7 +531,8 @@ async def failover(mode: Mode, store: str, kind: str) -> dict[str, Any]:
 
                 took_over = await wait_until(taken, 60, 0.005)
                 t_taken = time.perf_counter()
-                await asyncio.wait_for(w.answered.wait(), 60)
+                async with asyncio.timeout(60):
+                    await w.answered.wait()
                 t_answer = time.perf_counter()
                 await asyncio.sleep(1.0)  # answers to actions dispatched again, if any
                 after = await meta(r, sid)
@@ -521,7 +543,7 @@ async def failover(mode: Mode, store: str, kind: str) -> dict[str, Any]:
     first = w.first_answer or {}
     args = first.get("args", {}) if isinstance(first, dict) else {}
     recalled = args.get("recalled") or {}
-    gaps, dups, last = w.gaps_and_duplicates()
+    gaps, dups, _ = w.gaps_and_duplicates()
     out.update({
         "taken_over": took_over,
         "send_after_kill_ms": (t_sent - t_kill) * 1000,
@@ -573,7 +595,8 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         table(
             f"Redis after retention{scaled}: {rt[0]['conversations']} conversations of one "
             f"user stopped (clients gone, --close-delay 0.5, --redis-retention "
-            f"{rt[0]['retention_s']:g}); MEMORY USAGE SAMPLES 0 of every key",
+            f"{rt[0]['retention_s']:g}), after a warm-up round; MEMORY USAGE SAMPLES 0 of "
+            "every key",
             [
                 "store",
                 "keys / running conv",
@@ -582,6 +605,7 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
                 "{c:SID} keys left",
                 "{c:SID} B left",
                 "other keys' growth B / conv",
+                "which",
                 "used_memory_dataset growth B / conv",
             ],
             [
@@ -593,6 +617,7 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
                     r["conv_keys_left"],
                     r["conv_bytes_left"],
                     r["other_bytes_per_conv"],
+                    ", ".join(k.split(":", 1)[-1] for k in r["keys_changed"]) or "-",
                     r["dataset_delta_per_conv"],
                 ]
                 for r in rt
@@ -659,7 +684,10 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
             "of about 200 B, its archiver moves them to the store, History reads them back "
             "from id 0 a page at a time (what a replay reads, without socket.io)",
             ["store", "events", "left in Redis", "moved/s", "read/s"],
-            [[r["store"], r["events"], r["in_redis"], r["moved_per_s"], r["read_per_s"]] for r in al],
+            [
+                [r["store"], r["events"], r["in_redis"], r["moved_per_s"], r["read_per_s"]]
+                for r in al
+            ],
         )
     )
     rr = runs["roundtrip"]
@@ -683,7 +711,10 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
                 for r in rr
                 for g in ("on", "idle")
             ]
-            + [[r["store"], "on / idle p50", "", f"{r['p50_ratio']:.3f}", "", "", "", ""] for r in rr],
+            + [
+                [r["store"], "on / idle p50", "", f"{r['p50_ratio']:.3f}", "", "", "", ""]
+                for r in rr
+            ],
         )
     )
     fr = runs["failover"]
@@ -695,7 +726,7 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
             [
                 "store",
                 "kill -> taken over s",
-                "taken over -> first answer s",
+                "taken over -> first answer ms",
                 "kill -> answer s",
                 "resumed from checkpoint",
                 "events read",
@@ -707,7 +738,7 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
                 [
                     r["store"],
                     r["kill_to_taken_s"],
-                    r["taken_to_answer_s"],
+                    r["taken_to_answer_s"] * 1000,
                     r["kill_to_answer_s"],
                     r["checkpoint"],
                     r["read"],
