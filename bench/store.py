@@ -47,6 +47,7 @@ from typing import Any
 
 from bench.common import (
     Mode,
+    cpu_seconds,
     log_dir,
     new_secret,
     node_proc,
@@ -344,6 +345,7 @@ async def window_and_replay(mode: Mode, store: str, kind: str) -> dict[str, Any]
             for where, node in (("owner", nodes[0]), ("other node", nodes[1])):
                 c = Watcher()
                 c.want = out["events"]
+                cpu_node, cpu_self = cpu_seconds(node.pid), time.process_time()
                 t1 = time.perf_counter()
                 await c.connect(url_of(node), sid, token, latest=0)
                 joined = time.perf_counter() - t1
@@ -351,6 +353,8 @@ async def window_and_replay(mode: Mode, store: str, kind: str) -> dict[str, Any]
                     async with asyncio.timeout(300):
                         await c.done.wait()
                 took = (c.last_at or time.perf_counter()) - t1
+                cpu_node = cpu_seconds(node.pid) - cpu_node
+                cpu_self = time.process_time() - cpu_self
                 gaps, dups, last = c.gaps_and_duplicates()
                 await c.client.close()
                 replays.append({
@@ -360,6 +364,8 @@ async def window_and_replay(mode: Mode, store: str, kind: str) -> dict[str, Any]
                     "join_ms": joined * 1000,
                     "seconds": took,
                     "events_per_s": len(set(c.ids)) / took if took else 0.0,
+                    "node_cpu_s": cpu_node,
+                    "client_cpu_s": cpu_self,
                     "gaps": gaps,
                     "duplicates": dups,
                 })  # fmt: skip
@@ -660,15 +666,26 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         table(
             f"Replay of {wr[0]['events']:,} events to one socket.io client joining with "
             f"latest_event_id=0{scaled} (target >= {REPLAY_TARGET:,.0f} events/s)",
-            ["store", "node", "received", "join ms", "s", "events/s", "gaps", "duplicates"],
+            [
+                "store",
+                "node",
+                "received",
+                "s",
+                "events/s",
+                "node CPU s",
+                "client CPU s",
+                "gaps",
+                "duplicates",
+            ],
             [
                 [
                     r["store"],
                     p["where"],
                     p["received"],
-                    p["join_ms"],
                     p["seconds"],
                     p["events_per_s"],
+                    p["node_cpu_s"],
+                    p["client_cpu_s"],
                     p["gaps"],
                     p["duplicates"],
                 ]
