@@ -7,9 +7,9 @@ directory (``file://``) and, where PostgreSQL's ``initdb``/``pg_ctl`` are instal
 private PostgreSQL (tests/postgres.py, started with fsync off: a test server).
 
 1. *Retention*: one node (``--close-delay 0.5 --redis-retention 2``); N conversations
-   get an action each, their clients leave, their loops close; measured: the keys of
-   their ``{c:SID}`` tags left and ``used_memory_dataset`` (vs before they were created)
-   once the retention has passed.
+   of one user get an action each, their clients leave, their loops close (after a
+   warm-up round of N); measured: ``MEMORY USAGE`` of every key and
+   ``used_memory_dataset`` before they were created and once they are gone from Redis.
 2. *Window*: one conversation gets HISTORY events (the scripted agent, 1,000 replies of
    200 bytes per message) while a client stays connected; once the store holds them
    all, the ``MEMORY USAGE`` (exact, ``SAMPLES 0``) of its keys against its window
@@ -23,7 +23,7 @@ private PostgreSQL (tests/postgres.py, started with fsync off: a test server).
    agent; one node as shipped, the other with its mover idle (this module as its entry
    point: ``Archiver.run`` never wakes, a window larger than the run, so nothing is
    moved or trimmed). Open-loop actions alternate between the two groups, round by
-   round; p50/p90 of send to the agent's answer.
+   round; p50/p90/p99 of send to the agent's answer.
 5. *Failover*: two nodes (``--node-ttl 3``), ``workers.memory:MemoryAgent``
    (checkpoint every 5 actions); a conversation gets HISTORY events (HISTORY / 2
    messages and their answers) with its loop on node A and a client on node B; A gets
@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import shutil
 import sys
 import tempfile
@@ -786,5 +785,4 @@ def _idle_archiver_main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--idle-archiver"]:
         sys.exit(_idle_archiver_main(sys.argv[2:]))
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit("run it as: python -m bench.run --only store")
