@@ -31,6 +31,7 @@ BENCHMARKS = {
     "saturation": "bench.saturation",
     "isolation": "bench.isolation",
     "attacks": "bench.attacks",
+    "store": "bench.store",
 }
 # Run only when named with --only (it needs py-spy and adds a minute).
 ON_REQUEST = {"profile"}

@@ -50,7 +50,8 @@ BATCH_BYTES = 1 << 20
 APPEND_TIMEOUT = 30.0
 # Seconds the mover lets events gather once woken: a batch per action would cost every
 # action two more Redis calls and a store write (a sync) on the node's event loop; on
-# the shared test machine that doubled the ack's p50 (bench/store_ack.py).
+# the shared test machine that doubled the ack's p50 (measured in-process then; see
+# bench/store.py for the round trip with the mover on and idle).
 GATHER_FOR = 0.05
 
 
