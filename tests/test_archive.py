@@ -569,6 +569,8 @@ class Hanging:
 async def test_a_users_conversation_index_stays_bounded(make_nodes: NodeFactory) -> None:
     (a,) = await make_nodes(1)
     for n in range(USER_INDEX_MAX + 5):
-        await a.state.record_start(Lease(f"many-{n}", "prolific", a.inc, 1), created=True, idle_for=60.0)
+        await a.state.record_start(
+            Lease(f"many-{n}", "prolific", a.inc, 1), created=True, idle_for=60.0
+        )
     index = a.keys.user_convs("prolific")
     assert await a.state.redis.zcard(index) == USER_INDEX_MAX
