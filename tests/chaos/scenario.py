@@ -40,10 +40,18 @@ RECOVERY_WITHIN = 30.0
 SETTLE_WITHIN = 20.0
 
 
-async def holds(predicate: Callable[[], Any], within: float, what: str) -> bool:
-    """``wait_until`` that answers False at the deadline instead of raising."""
+async def holds(predicate: Callable[[], Awaitable[bool]], within: float, what: str) -> bool:
+    """``wait_until`` that answers False at the deadline instead of raising. The check's
+    own Redis reads may meet a connection Redis closed when it restarted: not yet."""
+
+    async def check() -> bool:
+        try:
+            return await predicate()
+        except RedisError:
+            return False
+
     try:
-        await wait_until(predicate, timeout=within, interval=0.1, what=what)
+        await wait_until(check, timeout=within, interval=0.1, what=what)
     except AssertionError:
         return False
     return True
