@@ -16,7 +16,7 @@ from typing import Any
 
 from .bus import CommandBus
 from .directory import Directory
-from .errors import EXPECTED
+from .errors import EXPECTED, REDIS_TROUBLE
 from .loops import Loops
 from .membership import Membership
 from .metrics import NodeMetrics
@@ -121,7 +121,13 @@ class Restarts:
         lost (a reap), for the failover time."""
         if not released:
             return
-        pending = await self._state.inbox_lengths([sid for sid, _ in released])
+        try:
+            pending = await self._state.inbox_lengths([sid for sid, _ in released])
+        except REDIS_TROUBLE:
+            # Not forgotten: tried again on the next heartbeat (``retry``).
+            for sid, user in released:
+                self._later.setdefault(sid, user)
+            raise
         others = sorted(self._directory.live_incarnations() - {self._membership.inc})
         for i, ((sid, user), n) in enumerate(zip(released, pending, strict=True)):
             if not n or self._busy(sid):

@@ -183,9 +183,11 @@ async def test_sentinel_master_killed_under_load_loses_nothing_acknowledged(
         # Acknowledgements need a replica again: the old master comes back, and Sentinel
         # makes it the new master's replica.
         old.start().wait_started()
+        # (Sentinel converts a returning master on its own schedule: up to a minute on a
+        # loaded machine.)
         await wait_until(
             lambda: new.info("replication").get("connected_slaves", 0) >= 1,
-            timeout=30,
+            timeout=60,
             what="the old master replicating the new one",
         )
 
