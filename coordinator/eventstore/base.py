@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from types import TracebackType
+from typing import Literal, Protocol, Self
 
 from ..config import MAX_EVENT_BYTES, check_conversation_id, check_user_id
 from ..errors import InvalidInput
-from .errors import CheckpointTooLarge
+from .errors import CheckpointTooLarge, StoreError
 
 AppendStatus = Literal["ok", "fenced", "gap"]
 CheckpointStatus = Literal["ok", "fenced", "stale"]
@@ -66,6 +67,36 @@ class StoredConversation:
     epoch: int
     last_id: int
     size: int
+
+
+class Opened:
+    """What every backend shares around its connection: ``async with`` opens and closes
+    it, and ``identity`` names the store once ``open`` has set ``_identity``."""
+
+    _identity: str | None = None
+
+    async def open(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def identity(self) -> str:
+        if self._identity is None:
+            raise StoreError(f"{self!r} is not open")
+        return self._identity
 
 
 class EventStore(Protocol):

@@ -38,7 +38,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, TypeVar
 
 from ..config import check_conversation_id, check_user_id
@@ -50,6 +49,7 @@ from .base import (
     DEFAULT_READ_LIMIT,
     AppendResult,
     CheckpointStatus,
+    Opened,
     StoredConversation,
     StoredEvent,
     check_append,
@@ -100,7 +100,7 @@ class _KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
 
-class FileEventStore:
+class FileEventStore(Opened):
     """The event store in the directory ``path`` (see the module docstring)."""
 
     def __init__(
@@ -147,23 +147,6 @@ class FileEventStore:
         pool, self._pool = self._pool, None
         if pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
-
-    async def __aenter__(self) -> FileEventStore:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def identity(self) -> str:
-        if self._identity is None:
-            raise StoreError(f"{self!r} is not open")
-        return self._identity
 
     def _open_sync(self) -> str:
         for sub in ("", "conversations", "users", "torn"):

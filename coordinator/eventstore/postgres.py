@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import Any, TypeVar
 
 import asyncpg
@@ -30,6 +29,7 @@ from .base import (
     DEFAULT_READ_LIMIT,
     AppendResult,
     CheckpointStatus,
+    Opened,
     StoredConversation,
     StoredEvent,
     check_append,
@@ -70,7 +70,7 @@ _LOST = (
 )
 
 
-class PostgresEventStore:
+class PostgresEventStore(Opened):
     """The event store in the PostgreSQL database at ``dsn`` (see the module docstring)."""
 
     def __init__(
@@ -128,23 +128,6 @@ class PostgresEventStore:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
-
-    async def __aenter__(self) -> PostgresEventStore:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def identity(self) -> str:
-        if self._identity is None:
-            raise StoreError(f"{self!r} is not open")
-        return self._identity
 
     # -- plumbing --------------------------------------------------------------------------
 
