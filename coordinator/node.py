@@ -270,6 +270,10 @@ class Node:
         ``aclose``."""
         await self.tasks.aclose()
         self.membership.stop()
+        # A killed process runs no loop either: each stops here, writing nothing more
+        # (for them the lease is lapsed, so not even their indexes are tidied).
+        self.membership.lapsed = True
+        self.loops.fence_all("halted")
         if self.agents is not None:
             await self.agents.halt()
 

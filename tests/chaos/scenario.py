@@ -172,8 +172,24 @@ class Scenario:
         # answer an action that was stuck.
         logs = await read_logs(c.direct, c.keys, w.sids)
         verdict = check(logs, w, self.observer)
+        stuck = [sid for sid in w.sids if unanswered({sid: logs[sid]})]
+        verdict.other += [await self._left_as(sid) for sid in stuck]
         verdict.gaps += await self._replay_check(logs)
         return self._result(logs, verdict, detect_s)
+
+    async def _left_as(self, sid: str) -> str:
+        """What Redis holds of a conversation left with an unanswered action (to tell
+        which step of a restart it never got past)."""
+        r, k, user = self.cluster.direct, self.cluster.keys, self.workload.user_of[sid]
+        meta = {key.decode(): v.decode() for key, v in (await r.hgetall(k.conv(sid))).items()}
+        shown = {f: meta.get(f) for f in ("owner", "inc", "epoch", "state", "seq", "applied")}
+        slots = await r.hgetall(k.user_loops(user))
+        claims = await r.zrange(k.user_claims(user), 0, -1)
+        live = await r.hgetall(k.registry())
+        return (
+            f"{sid} left as {shown}, inbox {await r.xlen(k.inbox(sid))}, "
+            f"{user}'s slots {slots}, claims {claims}, nodes {live}"
+        )
 
     async def _all_answered(self) -> bool:
         logs = await read_logs(self.cluster.direct, self.cluster.keys, self.workload.sids)
