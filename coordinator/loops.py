@@ -229,7 +229,8 @@ class Loops:
             if self.runners.get(sid) is runner:
                 del self.runners[sid]
             await runner.aclose()
-            await self.owners.give_up(lease, None)
+            # A runner fenced meanwhile gave its channel reference back (``_fenced``).
+            await self.owners.give_up(lease, None, watched=not runner.fenced)
             raise
         return ConversationInfo(sid, lease.user, node, True, True)
 
@@ -259,7 +260,8 @@ class Loops:
             except REDIS_TROUBLE as exc:
                 log.warning("releasing %s deferred: %s", sid, exc)
                 self.owners.abandon(runner.lease)
-        await self._interest.unwatch(sid)
+        if not runner.fenced:  # fenced while stopping: ``_finish_fenced`` gives it back
+            await self._interest.unwatch(sid)
         return True
 
     def fence_all(self, why: str) -> None:

@@ -133,8 +133,9 @@ class Owners:
             log.info("conversation %s comes back from the event store at %d", sid, known.last_id)
         return known.last_id, known.epoch, known.size
 
-    async def give_up(self, lease: Lease, status: Event | None, *, retry: bool = False) -> bool:
-        """Undo a start that never ran: tell the clients why, drop claim and ownership.
+    async def give_up(self, lease: Lease, status: Event | None, *, watched: bool = True) -> bool:
+        """Undo a start that never ran: tell the clients why, drop claim and ownership;
+        ``watched``: the start still holds its reference on the conversation's channel.
 
         If Redis fails meanwhile, the lease is kept and given up on a later heartbeat, so
         a conversation is never left owned by a live node that runs no loop for it.
@@ -153,7 +154,7 @@ class Owners:
             self.abandon(lease)
             return False
         finally:
-            if not retry:  # the start's channel reference is dropped once
+            if watched:  # given back exactly once, even when the release is retried
                 await self._interest.unwatch(lease.sid)
         return True
 
@@ -169,7 +170,7 @@ class Owners:
         done = []
         for lease in list(self._abandoned):
             # A later start may have taken the conversation up again meanwhile.
-            if self._busy(lease.sid) or await self.give_up(lease, None, retry=True):
+            if self._busy(lease.sid) or await self.give_up(lease, None, watched=False):
                 self._abandoned.remove(lease)
                 done.append((lease.sid, lease.user))
         return done

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from coordinator import Fenced
+from coordinator import Fenced, codec
 from coordinator.recovery import reap_incarnation, reaper_lock
 from coordinator.state import RedisState
 from tests.helpers import wait_until
@@ -235,3 +235,23 @@ async def test_an_owner_whose_lease_expired_is_seen_dead_without_waiting_for_a_r
         lambda: [e for e in sink.events["cb"] if e.get("source") == "agent"],
         what="the action answered",
     )
+
+
+async def test_a_loop_fenced_while_stopping_gives_its_channel_back_once(make_nodes) -> None:
+    """Stopping a loop whose ownership was taken meanwhile fences it on the way (its
+    closing notice is refused); the channel reference it held is given back once, so a
+    connection still watching the conversation stays subscribed to its events."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("fence-stop", "ca", {}, "frank")
+    runner = a.runner("fence-stop")
+    assert runner is not None
+    channel = a.keys.conv_channel("fence-stop")
+    # Another incarnation takes the conversation over (as a node that found this one
+    # dead would), bumping the epoch: this loop's next write is refused.
+    await a.state.acquire(
+        "fence-stop", "other", "other/x", "frank", create=False, dead_inc=runner.lease.inc
+    )
+    assert await a.node.loops.stop("fence-stop", codec.closed_event())
+    assert runner.fenced
+    await asyncio.sleep(0.2)  # the fenced loop's tidying up (a task) has run
+    assert channel in a.node.subscriptions.channels  # the connection's reference
