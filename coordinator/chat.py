@@ -120,6 +120,8 @@ class ChatClient:
         async def on_disconnect(reason: Any = None) -> None:
             if not self._closing:
                 dropped.set()
+                async with self._seen:  # a wait for an answer ends here too
+                    self._seen.notify_all()
 
         sio.on("disconnect", on_disconnect)
         return sio
@@ -289,11 +291,14 @@ class ChatClient:
         return None
 
     async def wait_for_answer(self, after: int, within: float) -> bool:
-        """Wait until a non-user event with an id above ``after`` arrived."""
+        """Wait until a non-user event with an id above ``after`` arrived (True), or the
+        connection dropped (True: the caller reconnects and waits again)."""
 
         async def answered() -> None:
             async with self._seen:
-                await self._seen.wait_for(lambda: self.answered_after > after)
+                await self._seen.wait_for(
+                    lambda: self.answered_after > after or self.dropped.is_set()
+                )
 
         try:
             async with asyncio.timeout(within):
@@ -310,6 +315,14 @@ class ChatClient:
         last_sent = 0
         try:
             while True:
+                # Each message goes once the one before was answered (lines typed or
+                # piped meanwhile wait their turn), so "answered after the last one
+                # sent" means by its own reply, not by an earlier one's.
+                if last_sent and not self.dropped.is_set():
+                    if not await self.wait_for_answer(last_sent, wait):
+                        self.say(f"! no answer within {wait}s")
+                    if not self.dropped.is_set():
+                        last_sent = 0
                 getter = asyncio.ensure_future(lines.get())
                 dropped = asyncio.ensure_future(self.dropped.wait())
                 await asyncio.wait({getter, dropped}, return_when=asyncio.FIRST_COMPLETED)
