@@ -2,7 +2,8 @@
 exist, the public views of conversations the REST endpoints serve, and the cluster's
 status for the browser pages (``status.py``).
 
-Every answer covers the whole cluster and comes from Redis; the one thing kept here is a
+Every answer covers the whole cluster and comes from Redis (a user's conversations that
+left Redis, from the event store too); the one thing kept here is a
 cache of live incarnations, each until the expiry of its lease as last read, so asking
 whether an owner is alive costs a round trip only once its lease could have run out.
 """
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import REDIS_TROUBLE
+from .eventstore import EventStore
 from .membership import Membership
 from .state import RedisState
 from .state.loops import USER_INDEX_MAX
@@ -42,15 +44,16 @@ def describe(sid: str, meta: dict[str, str], live: set[str]) -> dict[str, Any]:
     }
 
 
-def describe_retired(sid: str) -> dict[str, Any]:
+def describe_retired(sid: str, created: int | None = None) -> dict[str, Any]:
     """The public view of a conversation whose Redis state expired after it stopped
-    (``--redis-retention``): only the event store holds it now."""
+    (``--redis-retention``): only the event store holds it now (``created``: when the
+    store first recorded it, ms)."""
     return {
         "conversation_id": sid,
         "state": "stopped",
         "running": False,
         "owner": "",
-        "created": None,
+        "created": created,
         "last_active": None,
         "events": None,
     }
@@ -60,9 +63,10 @@ class Directory:
     """The cluster as seen from Redis. ``membership`` tells this node's own incarnation
     (alive while its lease is valid, without asking Redis)."""
 
-    def __init__(self, state: RedisState, membership: Membership) -> None:
+    def __init__(self, state: RedisState, membership: Membership, store: EventStore) -> None:
         self._state = state
         self._membership = membership
+        self._store = store  # lists the conversations that left Redis
         # Incarnations known alive -> until when (monotonic: their lease's expiry as last
         # read; refreshed each heartbeat, read again by ``alive`` once it passed).
         self._live: dict[str, float] = {}
@@ -164,8 +168,15 @@ class Directory:
 
     # -- views for REST --------------------------------------------------------------
     async def list_conversations(self, user: str) -> list[dict[str, Any]]:
-        """The user's conversations, newest first, with state and owning node."""
-        sids = await self._state.user_conversations(user, MAX_LISTED)
+        """The user's conversations, newest first, with state and owning node: those of
+        the user's index in Redis and those the event store holds (a conversation that
+        retired with events leaves the index)."""
+        indexed, stored = await asyncio.gather(
+            self._state.user_conversations(user, MAX_LISTED),
+            self._store.list_conversations(user, MAX_LISTED),
+        )
+        first_stored = dict(stored)
+        sids = list(dict.fromkeys([*indexed, *first_stored]))
         if not sids:
             return []
         live = set((await self.nodes()).values())
@@ -175,10 +186,11 @@ class Directory:
             # the id, and a purge takes it out of the index); one that changed hands is
             # skipped.
             if not meta:
-                out.append(describe_retired(sid))
+                out.append(describe_retired(sid, first_stored.get(sid)))
             elif meta.get("user") == user:
                 out.append(describe(sid, meta, live))
-        return out
+        out.sort(key=lambda view: view["created"] or 0, reverse=True)
+        return out[:MAX_LISTED]
 
     async def conversation_view(self, sid: str) -> dict[str, Any]:
         """One conversation's public view with its ``user`` ({} when unknown)."""

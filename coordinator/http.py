@@ -47,6 +47,7 @@ from .errors import (
     StoreBehind,
     redis_full,
 )
+from .eventstore.errors import StoreUnavailable
 
 log = logging.getLogger("coordinator.rest")
 
@@ -80,7 +81,13 @@ def status_for(exc: BaseException) -> int:
     if isinstance(exc, InvalidInput):
         return 400
     unavailable = (
-        NodeDraining | NodeBusy | RedisUnavailable | CapacityTimeout | NotReplicated | StoreBehind
+        NodeDraining
+        | NodeBusy
+        | RedisUnavailable
+        | CapacityTimeout
+        | NotReplicated
+        | StoreBehind
+        | StoreUnavailable
     )
     if isinstance(exc, unavailable) or isinstance(exc, REDIS_TROUBLE):  # noqa: SIM101
         return 503

@@ -65,7 +65,8 @@ class KeySchema:
         return f"{self.prefix}:{{u:{user}}}:conns"
 
     def user_convs(self, user: str) -> str:
-        """Sorted set: every conversation of the user, scored by creation time."""
+        """Sorted set: the user's conversations, scored by creation time, but those that
+        retired with events (the event store lists them)."""
         return f"{self.prefix}:{{u:{user}}}:convs"
 
     def user_org(self, user: str) -> str:

@@ -134,7 +134,7 @@ class Node:
             agent_factory = self.agents.new_agent
         self.membership = Membership(self.backend.registration_state(keys), cfg)
         self.metrics.lease_age_from(self.membership.renewal_age)
-        self.directory = Directory(self.state, self.membership)
+        self.directory = Directory(self.state, self.membership, self.store)
         self.subscriptions = self.backend.subscriptions(
             keys, probe_interval=max(1.0, cfg.heartbeat_interval * 2)
         )

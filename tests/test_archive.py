@@ -364,7 +364,8 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     assert 0 < await redis.pttl(keys[0]) <= 1000  # retiring
     # Started again within the retention: it stays.
     await a.join_conversation("kept", "ca2", {}, "alice")
-    assert [await redis.pttl(key) for key in keys[:4]] == [-1, -1, -1, -1]
+    # (-2: no inbox key while no action waits)
+    assert [await redis.pttl(key) for key in keys[:4]] == [-1, -1, -2, -1]
     await a.disconnect_from_session("ca2")
     assert await a.close_session("kept", "alice")
     last = int((await a.conversation("kept"))["seq"])
@@ -375,8 +376,18 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     await wait_until(gone, timeout=5, what="its Redis state expired")
     assert await a.conversation("kept") == {}
     assert await a.user_of("kept") == "alice"  # the store still knows it
+    # Nothing of it stays in Redis, its user's index included: the store lists it.
+    assert await redis.zscore(a.state.keys.user_convs("alice"), "kept") is None
     listed = await a.directory.list_conversations("alice")
-    assert listed == [describe_retired("kept")] and listed[0]["state"] == "stopped"
+    assert listed == [describe_retired("kept", listed[0]["created"])]
+    assert listed[0]["state"] == "stopped" and listed[0]["created"] > 0
+    await a.join_conversation("fresh", "cf", {}, "alice")  # newer, and in Redis
+    listed = await a.directory.list_conversations("alice")
+    assert [(c["conversation_id"], c["state"]) for c in listed] == [
+        ("fresh", "loading"),
+        ("kept", "stopped"),
+    ]
+    await a.disconnect_from_session("cf")
     assert [e["id"] for e in await b.events("kept", 0, 100)] == list(range(1, last + 1))
     await b.join_conversation("kept", "cb", {}, "alice", latest_event_id=0)
     sink = make_nodes.sinks["node2"]

@@ -184,8 +184,10 @@ async def test_purge_removes_everything_of_one_conversation(store: EventStore) -
 
 
 async def test_user_accounting(store: EventStore) -> None:
+    before = int(time.time() * 1000)
     for sid, user in [("a1", "alice"), ("a2", "alice"), ("b1", "bob@example.com")]:
         await store.append(sid, 1, events(1, 2), user=user)
+        await asyncio.sleep(0.02)  # apart by more than a file time's granularity
     await store.append("a3", 1, [], user="alice")  # recorded before it has events
     assert await store.count_conversations("alice") == 3
     assert await store.count_conversations("bob@example.com") == 1
@@ -194,6 +196,23 @@ async def test_user_accounting(store: EventStore) -> None:
     with pytest.raises(InvalidInput, match="another user"):
         await store.append("a1", 1, events(3, 3), user="bob@example.com")
     assert await store.last_id("a1") == 2
+
+    # Listed newest first, with when each was first stored; a later append or a
+    # refused one changes neither.
+    listed = await store.list_conversations("alice", 10)
+    assert [sid for sid, _ in listed] == ["a3", "a2", "a1"]
+    times = [created for _, created in listed]
+    assert times == sorted(times, reverse=True)
+    assert before - 1000 <= times[-1] and times[0] <= time.time() * 1000 + 1000
+    await store.append("a1", 1, events(3, 4), user="alice")
+    assert await store.list_conversations("alice", 10) == listed
+    assert await store.list_conversations("alice", 2) == listed[:2]
+    assert await store.list_conversations("nobody", 10) == []
+    await store.purge("a2")
+    assert await store.list_conversations("alice", 10) == [listed[0], listed[2]]
+    for bad in (store.list_conversations("a b", 10), store.list_conversations("alice", 0)):
+        with pytest.raises(InvalidInput):
+            await bad
 
 
 async def test_malformed_calls_change_nothing(store: EventStore) -> None:

@@ -21,6 +21,42 @@ async def test_commit_retry_after_a_lost_reply_is_not_applied_twice(redis_client
     assert await redis_client.xlen(state.keys.inbox("s1")) == 0
 
 
+async def test_the_inbox_key_goes_once_no_action_waits(redis_client) -> None:
+    """An empty stream costs ~400 B: the inbox is deleted once its last action was
+    applied, and an accept after that makes it again (its ids are explicit)."""
+    state = RedisState(redis_client, KeySchema("t"))
+    await state.acquire("s1", "n1", "n1/a", "u", create=True)
+    inbox = state.keys.inbox("s1")
+    first = (await state.accept("s1", "u", pack({"n": 1}), 100, 10)).event_id
+    second = (await state.accept("s1", "u", pack({"n": 2}), 100, 10)).event_id
+    await state.commit("s1", "n1/a", 1, [pack({"r": 1})], cause=first)
+    assert await redis_client.xlen(inbox) == 1  # the second still waits
+    await state.commit("s1", "n1/a", 1, [pack({"r": 2})], cause=second)
+    assert await redis_client.exists(inbox) == 0
+    third = (await state.accept("s1", "u", pack({"n": 3}), 100, 10)).event_id
+    assert [i for i, _ in (await state.inbox_snapshot("s1", 0))[1]] == [third]
+
+
+async def test_a_conversation_retires_from_its_users_index_only_with_events(
+    redis_client,
+) -> None:
+    """Release says 2 when a conversation the store holds events of retires (its user's
+    index may drop it: the store lists it), 1 for one with no event to list."""
+    state = RedisState(redis_client, KeySchema("t"))
+    for sid in ("empty", "told"):
+        await state.acquire(sid, "n1", "n1/a", "u", create=True)
+    action = (await state.accept("told", "u", pack({"n": 1}), 100, 10)).event_id
+    await state.commit("told", "n1/a", 1, [pack({"r": 1})], cause=action)
+    assert await state.release("told", "n1/a", 1, "stopped", retention_ms=60_000) == 1
+    await state.acquire("told", "n1", "n1/a", "u", create=False)  # not stored yet: stays
+    assert await redis_client.pttl(state.keys.conv("told")) == -1
+    await state.mark_stored("told", 2, 100, 1 << 20)
+    assert await state.release("told", "n1/a", 2, "stopped", retention_ms=60_000) == 2
+    assert await state.release("empty", "n1/a", 1, "stopped", retention_ms=60_000) == 1
+    for sid in ("empty", "told"):
+        assert 0 < await redis_client.pttl(state.keys.conv(sid)) <= 60_000
+
+
 async def test_an_unprompted_write_retried_after_a_lost_reply_is_not_applied_twice(
     redis_client,
 ) -> None:
@@ -63,8 +99,8 @@ async def test_takeover_bumps_the_epoch_and_fences_the_old_owner(redis_client) -
     assert await state.events_after("s2", 0) == []
     forbidden = await state.acquire("s2", "n3", "n3/c", "mallory", create=True)
     assert forbidden.status == "forbidden"
-    assert await state.release("s2", "n1/a", None, "stopped") is False
-    assert await state.release("s2", "n2/b", 2, "stopped") is True
+    assert await state.release("s2", "n1/a", None, "stopped") == 0
+    assert await state.release("s2", "n2/b", 2, "stopped") == 1
     system = await state.commit("s2", "", 0, [pack({"status": "x"})])
     assert system.status == "ok"  # system writes only while unowned
 
@@ -76,7 +112,7 @@ async def test_a_start_over_its_own_failed_start_takes_a_new_epoch(redis_client)
     failed = await state.acquire("s5", "n1", "n1/a", "u", create=True)
     again = await state.acquire("s5", "n1", "n1/a", "u", create=True)
     assert again.status == "mine" and again.epoch == failed.epoch + 1
-    assert await state.release("s5", "n1/a", failed.epoch, "stopped") is False
+    assert await state.release("s5", "n1/a", failed.epoch, "stopped") == 0
     answer = await state.commit("s5", "n1/a", again.epoch, [pack({"x": 1})])
     assert answer.status == "ok"
 

@@ -145,6 +145,11 @@ class EventStore(Protocol):
         """Conversations stored for ``user`` (for per-user quotas), or in all when None."""
         ...
 
+    async def list_conversations(self, user: str, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` of ``user``'s stored conversations, newest first, each with
+        when the store first recorded it (ms since the epoch)."""
+        ...
+
     async def purge(self, sid: str) -> tuple[int, int]:
         """Delete everything stored for ``sid`` (events, checkpoint, fence, user record);
         returns ``(events removed, bytes removed)``. The fence goes too: purge only a
@@ -202,6 +207,10 @@ def check_epoch(epoch: int) -> None:
 def check_read(after: int, limit: int) -> None:
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
         raise InvalidInput(f"'after' is an event id >= 0, got {after!r}")
+    check_limit(limit)
+
+
+def check_limit(limit: int) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidInput(f"'limit' is an integer >= 1, got {limit!r}")
 

@@ -6,7 +6,8 @@ Layout under the store's directory::
     conversations/SID.log         the log: header, user, events and fences (framing.py)
     conversations/SID.idx         sparse index of the log (a cache, rebuilt when lost)
     conversations/SID.ckpt        the latest checkpoint (replaced whole by rename)
-    users/u-USER/SID              one empty file per stored conversation of USER (quotas)
+    users/u-USER/SID              one empty file per stored conversation of USER (quotas,
+                                  listing: its time is when it was first stored)
     torn/SID.TIME                 bytes cut off a log's torn tail, kept for inspection
 
 Conversation ids are ``[A-Za-z0-9_-]{1,128}`` and users ``[A-Za-z0-9_.@:+=-]{1,128}``
@@ -29,6 +30,7 @@ nodes on one machine can share the directory. Readers take the shared lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -54,6 +56,7 @@ from .base import (
     StoredEvent,
     check_append,
     check_checkpoint,
+    check_limit,
     check_read,
     plan_checkpoint,
 )
@@ -300,6 +303,34 @@ class FileEventStore(Opened):
         except FileNotFoundError:
             return 0
         return sum(filelog.stored_for(conversations / f"{sid}.log", user) for sid in sids)
+
+    async def list_conversations(self, user: str, limit: int) -> list[tuple[str, int]]:
+        check_user_id(user)
+        check_limit(limit)
+        return await self._run(self._list_sync, user, limit)
+
+    def _list_sync(self, user: str, limit: int) -> list[tuple[str, int]]:
+        """Newest first by their markers' times (a marker is written before the first
+        record of its conversation and never touched again)."""
+        folder = self.path / "users" / f"u-{user}"
+        try:
+            with os.scandir(folder) as entries:
+                names = [entry.name for entry in entries]
+        except FileNotFoundError:
+            return []
+        markers = []
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):  # purged meanwhile
+                markers.append((os.stat(folder / name).st_mtime_ns, name))
+        markers.sort(key=lambda m: (-m[0], m[1]))
+        conversations = self.path / "conversations"
+        listed: list[tuple[str, int]] = []
+        for mtime_ns, sid in markers:
+            if len(listed) == limit:
+                break
+            if filelog.stored_for(conversations / f"{sid}.log", user):
+                listed.append((sid, mtime_ns // 1_000_000))
+        return listed
 
     async def purge(self, sid: str) -> tuple[int, int]:
         check_conversation_id(sid)

@@ -82,6 +82,7 @@ class Statements:
     read: str
     count_user: str
     count_all: str
+    list_user: str
     delete_conversation: str
     delete_events: str
     delete_checkpoint: str
@@ -110,6 +111,10 @@ class Statements:
             "ORDER BY id LIMIT $3",
             count_user=f"SELECT count(*) FROM {s}.conversations WHERE user_id = $1",
             count_all=f"SELECT count(*) FROM {s}.conversations",
+            list_user=f"SELECT conversation_id, "
+            "(extract(epoch FROM created_at) * 1000)::bigint AS created "
+            f"FROM {s}.conversations WHERE user_id = $1 "
+            "ORDER BY created_at DESC, conversation_id LIMIT $2",
             delete_conversation=f"DELETE FROM {s}.conversations WHERE conversation_id = $1 "
             "RETURNING bytes",
             delete_events=f"DELETE FROM {s}.events WHERE conversation_id = $1",

@@ -34,6 +34,7 @@ from .base import (
     StoredEvent,
     check_append,
     check_checkpoint,
+    check_limit,
     check_read,
     check_user,
     plan_append,
@@ -239,6 +240,12 @@ class PostgresEventStore(Opened):
             check_user_id(user)
             count = await self._call(lambda conn: conn.fetchval(self._sql.count_user, user))
         return int(count)
+
+    async def list_conversations(self, user: str, limit: int) -> list[tuple[str, int]]:
+        check_user_id(user)
+        check_limit(limit)
+        rows = await self._call(lambda conn: conn.fetch(self._sql.list_user, user, limit))
+        return [(row["conversation_id"], int(row["created"])) for row in rows]
 
     async def purge(self, sid: str) -> tuple[int, int]:
         check_conversation_id(sid)

@@ -150,6 +150,8 @@ if cause > applied then
   fields[#fields + 1] = 'applied'
   fields[#fields + 1] = cause
   redis.call('XTRIM', KEYS[3], 'MINID', (cause + 1) .. '-0')
+  -- an empty stream still costs ~400 B: none while no action waits (ids are explicit)
+  if redis.call('XLEN', KEYS[3]) == 0 then redis.call('DEL', KEYS[3]) end
 end
 if cause > 0 then
   fields[#fields + 1] = 'emitted'

@@ -80,15 +80,16 @@ class ConversationOps(StateCore):
 
     async def release(
         self, sid: str, inc: str, epoch: int | None, state: str, retention_ms: int = 0
-    ) -> bool:
-        """Give up ownership if ``inc`` (at ``epoch``; None: any) still holds it. With
-        ``retention_ms``, a conversation the event store holds all of, with no action
-        waiting and no connection, retires: its Redis state expires after that long."""
+    ) -> int:
+        """Give up ownership if ``inc`` (at ``epoch``; None: any) still holds it: 0 when
+        it does not. With ``retention_ms``, a conversation the event store holds all of,
+        with no action waiting and no connection, retires: its Redis state expires after
+        that long, and 2 says it holds events (the store lists it: ``Directory``)."""
         keys = self.conversation_keys(sid) if retention_ms else [self.keys.conv(sid)]
         r = await self._run(
             "release", keys, [inc, "" if epoch is None else epoch, state, retention_ms], hot=True
         )
-        return bool(r)
+        return int(r)
 
     async def attach(self, sid: str, user: str, delta: int) -> tuple[AttachStatus, int]:
         """Change the attach refcount; ``user`` '' skips the ownership check."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -44,8 +45,11 @@ def _fullness(info: Any) -> float:
 
 
 def accept_token(client_key: str | None) -> str:
-    """The token an accept is known by: the client's action id, else 96 random bits."""
-    return os.urandom(12).hex() if client_key is None else f"c:{client_key}"
+    """The token an accept is known by: the client's action id, else 72 random bits
+    (12 characters, never with the ``:`` of a client's)."""
+    if client_key is None:
+        return base64.urlsafe_b64encode(os.urandom(9)).decode()
+    return f"c:{client_key}"
 
 
 class Lane(Protocol):

@@ -127,7 +127,9 @@ class LoopOps(ConversationOps):
         """Stop being the owner: cap slot, ownership (recording ``final_state``, retiring
         the conversation after ``retention_ms``: ``release``) and the incarnation's
         indexes, sent together. Each part is idempotent and checks it still belongs to
-        ``lease``, so a retry or a late call changes nothing of a successor's."""
+        ``lease``, so a retry or a late call changes nothing of a successor's. A retiring
+        conversation leaves its user's index too: the event store lists it (if it comes
+        back meanwhile, the store still does), so nothing of it stays in Redis."""
         results = await asyncio.gather(
             self.release_slot(lease.user, lease.sid, lease.inc),
             self.release(lease.sid, lease.inc, lease.epoch, final_state, retention_ms),
@@ -137,6 +139,8 @@ class LoopOps(ConversationOps):
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        if results[1] == 2 and lease.user:
+            await self.redis.zrem(self.keys.user_convs(lease.user), lease.sid)
 
     async def forget_loop(self, lease: Lease) -> None:
         """Drop ``lease``'s loop from its incarnation's indexes only (after it was fenced:
@@ -152,7 +156,7 @@ class LoopOps(ConversationOps):
         still held it) and the cap slot."""
         released = await self.release(sid, inc, None, "stopped")
         await self.release_slot(user, sid, inc)
-        return released
+        return released > 0
 
     # -- idleness --------------------------------------------------------------------
     async def flush_activity(
