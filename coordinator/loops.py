@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from workers.protocol import AgentFactory, AgentState, Event
@@ -99,6 +99,9 @@ class Loops:
             busy=lambda sid: sid in self.runners or sid in self.starting,
         )
         self.starting: dict[str, asyncio.Future[ConversationInfo]] = {}
+        # Conversations left with acknowledged actions and no loop here (a fenced loop,
+        # an eviction's backlog): ``Restarts`` sets this to its ``resume_pending``.
+        self.orphaned: Callable[[list[tuple[str, str]]], Awaitable[None]] | None = None
         membership.on_lapse(self.fence_all)
         bus.on("evict", self._on_evict)
         bus.on("slot_freed", self._on_slot_freed)
@@ -281,14 +284,15 @@ class Loops:
     async def _finish_fenced(self, runner: LoopRunner) -> None:
         await runner.aclose()
         if not self._membership.lapsed:
-            with contextlib.suppress(*REDIS_TROUBLE):
+            with contextlib.suppress(*REDIS_TROUBLE):  # the restarts retry theirs
                 await self._state.forget_loop(runner.lease)
                 # Whoever fenced it may not run it: acknowledged actions need a loop.
-                lease = runner.lease
-                await self._bus.send(
-                    self._config.node_id, "resume", {"sid": lease.sid, "user": lease.user}
-                )
+                await self._orphaned(runner.sid, runner.lease.user)
         await self._interest.unwatch(runner.sid)
+
+    async def _orphaned(self, sid: str, user: str) -> None:
+        if self.orphaned is not None:
+            await self.orphaned([(sid, user)])
 
     async def sweep_idle(self) -> list[str]:
         """Close this node's loops idle past their close_delay, not RUNNING, with no
@@ -342,7 +346,7 @@ class Loops:
         if not await self.stop(sid, codec.evicted_event()):
             await self._state.release_slot(user, sid, self._membership.inc)
         elif backlog:  # acknowledged actions still wait: they need a loop (restarts.py)
-            await self._bus.send(self._config.node_id, "resume", {"sid": sid, "user": user})
+            await self._orphaned(sid, user)
         if origin == self._config.node_id:
             self.admission.slot_freed(user)
         else:

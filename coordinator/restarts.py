@@ -53,6 +53,7 @@ class Restarts:
         self._running: set[str] = set()
         self._gate = asyncio.Semaphore(max_concurrent)
         bus.on("resume", self._on_resume)
+        loops.orphaned = self.resume_pending
 
     def _busy(self, sid: str) -> bool:
         return sid in self._loops.starting or sid in self._loops.runners
@@ -147,6 +148,5 @@ class Restarts:
             await self.resume_pending(list(retry.items()))
 
     async def _on_resume(self, origin: str, p: dict[str, Any]) -> None:
-        """Another node (or this one, after an eviction) hands over a conversation with
-        actions waiting."""
+        """A draining node hands over a conversation with actions waiting."""
         await self.resume_pending([(str(p["sid"]), str(p["user"]))])

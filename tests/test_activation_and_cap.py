@@ -158,3 +158,34 @@ async def test_an_evicted_loop_answers_what_it_acknowledged_before_it_stops(make
     statuses = [i for i, e in enumerate(events) if notice_code(e) == TOO_MANY_CONVERSATIONS]
     last_reply = max(i for i, e in enumerate(events) if e.get("source") == "agent")
     assert statuses and statuses[0] > last_reply  # told why only after the work was done
+
+
+async def test_an_evicted_loop_that_cannot_finish_its_backlog_hands_it_to_a_restart(
+    make_nodes,
+) -> None:
+    """The eviction waits for the backlog only so long (half of start_timeout); the
+    actions still waiting are restarted (on the evicting loop's cap slot's terms) and
+    answered, each once, in order."""
+    a, b = await make_nodes(
+        2, max_concurrent_conversations=1, agent="workers.scripted:ScriptedAgent", start_timeout=1.0
+    )
+    await a.join_conversation("slow", "ca", {"think_time": 0.4}, "lee")
+    acked = [
+        await a.send_to_event_stream("ca", {"action": "message", "args": {"content": f"m{i}"}})
+        for i in range(5)
+    ]
+    await b.maybe_start_agent_loop("newer", {}, "lee")  # evicts "slow" mid-backlog
+    sink = make_nodes.sinks["node1"]
+    assert "ca" in sink.disconnected  # the seed's eviction: its clients are let go
+    assert len(sink.events["ca"]) < 2 * len(acked)  # before every answer was given
+
+    async def answered() -> list[int]:
+        logged = await a.events("slow", 0, 1000)
+        return [e["args"]["in_reply_to"] for e in logged if e.get("source") == "agent"]
+
+    async def all_answered() -> bool:
+        return len(await answered()) >= len(acked)
+
+    await wait_until(all_answered, timeout=20, what="every acknowledged action answered")
+    assert await answered() == acked  # each once, in order
+    assert len(a.local_loops()) + len(b.local_loops()) <= 1

@@ -1,0 +1,71 @@
+"""One Redis call failing at the wrong moment (the rest of the node's calls reach a real
+Redis): nothing is left owned by a node that runs no loop for it, and no acknowledged
+action is left without a loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from coordinator.codec import pack
+from tests.helpers import wait_until
+
+
+def fail_once(obj: Any, name: str, when: Callable[..., bool] = lambda *a, **k: True) -> list[int]:
+    """Make ``obj.name`` raise a Redis ConnectionError on its first call that ``when``
+    accepts, as a connection lost at that moment would; the calls that failed, counted."""
+    real = getattr(obj, name)
+    failed: list[int] = []
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        if not failed and when(*args, **kwargs):
+            failed.append(1)
+            raise RedisConnectionError("connection lost (injected)")
+        return await real(*args, **kwargs)
+
+    setattr(obj, name, call)
+    return failed
+
+
+async def test_a_stop_whose_release_fails_is_released_on_a_later_heartbeat(make_nodes) -> None:
+    (a,) = await make_nodes(1)
+    await a.join_conversation("lost-release", "ca", {}, "ruth")
+    inc = a.node.membership.inc
+    failed = fail_once(a.node.state, "release_loop")
+    await a.disconnect_from_session("ca")
+    assert await a.close_session("lost-release", "ruth")
+    assert failed and a.local_loops() == set()
+    meta = await a.conversation("lost-release")
+    assert meta["inc"] == inc  # Redis still names this node, which runs no loop for it
+
+    async def released() -> bool:
+        record = await a.conversation("lost-release")
+        slots = await a.state.user_loops("ruth")
+        return record["inc"] == "" and "lost-release" not in slots
+
+    await wait_until(released, timeout=5, what="the deferred release")
+    assert (await a.conversation("lost-release"))["state"] == "stopped"
+
+
+async def test_a_restart_round_that_fails_on_redis_keeps_its_conversations(make_nodes) -> None:
+    """An action acknowledged while no loop runs waits in the inbox; the round that would
+    restart it fails to read the inboxes: it is tried again on a later heartbeat."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("waiting", "ca", {}, "sam")
+    await a.disconnect_from_session("ca")
+    assert await a.close_session("waiting", "sam")
+    action = pack({"action": "message", "args": {"content": "hi"}})
+    accepted = await a.state.accept("waiting", "sam", action, 100, 10)
+    failed = fail_once(a.node.state, "inbox_lengths")
+    with pytest.raises(RedisConnectionError):
+        await a.node.restarts.resume_pending([("waiting", "sam")])
+    assert failed
+
+    async def answered() -> bool:
+        return int((await a.conversation("waiting")).get("applied", 0)) == accepted.event_id
+
+    await wait_until(answered, timeout=10, what="the action answered after the retry")
+    assert a.local_loops() == {"waiting"}
