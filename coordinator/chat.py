@@ -26,6 +26,17 @@ MAX_SENDS = 5  # tries of one message across reconnections
 FINAL_REFUSALS = ("authentication failed", "forbidden", "invalid", "settings", "latest_event_id")
 
 
+def agent_state_note(event: dict[str, Any]) -> bool:
+    """Whether ``event`` is an agent's own state change (``--agent-state-events``): no
+    reason, unlike the coordinator's notices; not an answer."""
+    extras = event.get("extras")
+    return (
+        event.get("observation") == "agent_state_changed"
+        and isinstance(extras, dict)
+        and not extras.get("reason")
+    )
+
+
 def format_event(event: dict[str, Any]) -> str:
     """``[id] source: content`` for one oh_event; ``[status] CODE: message`` for a status
     update."""
@@ -35,7 +46,9 @@ def format_event(event: dict[str, Any]) -> str:
     args = event.get("args")
     extras = event.get("extras")
     if event.get("observation") == "agent_state_changed" and isinstance(extras, dict):
-        content = f"{event.get('message', '')} (agent {extras.get('agent_state', '?')})"
+        state = f"(agent {extras.get('agent_state', '?')})"
+        # The agent's own change says no more than its state; a notice says why.
+        content = f"{event.get('message', '')} {state}" if extras.get("reason") else state
     elif isinstance(args, dict) and isinstance(args.get("content"), str):
         content = args["content"]
     elif "observation" in event:
@@ -140,7 +153,7 @@ class ChatClient:
             if event_id <= self.last_id:
                 return  # already printed (not expected: the server replays after our id)
             self.last_id = event_id
-            if event.get("source") != "user":
+            if event.get("source") != "user" and not agent_state_note(event):
                 self.answered_after = max(self.answered_after, event_id)
         print(format_event(event), file=self.out, flush=True)
         async with self._seen:

@@ -166,6 +166,13 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "on/off: an agent that allows it starts on an action sent through its own node "
         "before the action is durable, saving a Redis round trip (default: on)",
     ),
+    "agent_state_events": (
+        "--agent-state-events",
+        _switch,
+        "on/off: log each change of an agent's state (running, awaiting_user_input, ...) "
+        "as an agent_state_changed observation, as OpenHands does: its web client keeps "
+        "its input disabled until it sees one (default: on)",
+    ),
     "redis_mode": (
         "--redis-mode",
         str.lower,

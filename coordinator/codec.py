@@ -251,6 +251,19 @@ def state_changed(agent_state: str, reason: str = "", message: str = "") -> Even
     }
 
 
+def with_state_note(events: list[Event], changed: str) -> tuple[list[Event], int]:
+    """``events`` with an ``agent_state_changed`` observation for the agent's state
+    ``changed`` to (unless '' or they carry one of the coordinator's own), before them
+    when the agent starts running, after them otherwise, as OpenHands logs them; and how
+    many events follow the last of ``events`` (0 or 1)."""
+    if not changed or any(e.get("observation") == AGENT_STATE_CHANGED for e in events):
+        return events, 0
+    note = state_changed(changed)
+    if changed == "running":
+        return [note, *events], 0
+    return [*events, note], 1
+
+
 def status_update(code: str, message: str) -> Event:
     """A transient status update in OpenHands' shape: sent, never logged, no event id
     (``id`` is the message code)."""

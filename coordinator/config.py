@@ -194,6 +194,10 @@ class ManagerConfig:
     # Let an agent that allows it (``speculative = True``) start on an action sent
     # through its own node before the action's accept has answered (runner.py).
     speculative_dispatch: bool = True
+    # Log each change of an agent's state (running, awaiting_user_input, ...) as an
+    # ``agent_state_changed`` observation, as OpenHands' agent session does: its web
+    # client keeps its input disabled until it has seen one (runner.py).
+    agent_state_events: bool = True
     # What the Redis URL points at: auto (ask it), standalone, cluster or sentinel
     # (a redis+sentinel:// URL).
     redis_mode: str = "auto"

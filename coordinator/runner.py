@@ -24,7 +24,7 @@ from workers.protocol import AgentLoop, AgentState, Event
 from .actionqueue import ActionQueue
 from .archive import Archiver
 from .backoff import Backoff
-from .codec import agent_event, pack_agent_events, stamped_at
+from .codec import agent_event, pack_agent_events, stamped_at, with_state_note
 from .config import ManagerConfig
 from .delivery import Delivery
 from .errors import REDIS_TROUBLE, Fenced, SpeculationLost
@@ -188,6 +188,9 @@ class LoopRunner:
     async def _run(self) -> None:
         queue = self._queue
         backoff = Backoff(base=0.05, cap=1.0)  # between failed inbox reads
+        if self._config.agent_state_events:  # the state its start left the agent in
+            with contextlib.suppress(Fenced, SpeculationLost):
+                await self._commit([], cause=0, index=self._next_unprompted())
         while self.running:
             self._idle = True
             await queue.wake.wait()
@@ -257,9 +260,13 @@ class LoopRunner:
                 await self._commit(agent_failure(n, exc), cause=n, index=self._emits)
         finally:
             self._cause = 0
-        if self._queue.applied < n and self.running:
+        # Marked processed if nothing answered it; the state the agent ended in logged.
+        if self.running and (self._queue.applied < n or self._state_unlogged()):
             with contextlib.suppress(Fenced, SpeculationLost):
                 await self._commit([], cause=n, index=self._emits)
+
+    def _state_unlogged(self) -> bool:
+        return self._config.agent_state_events and str(self.agent.state) != self._last_state
 
     # -- output ----------------------------------------------------------------------
     async def emit(self, event: Event) -> int:
@@ -290,8 +297,16 @@ class LoopRunner:
     async def _commit(
         self, events: list[Event], cause: int, index: int, check_open: bool = True
     ) -> int:
-        """Commit as the owner. Retries through Redis trouble until it succeeds or the
-        lease lapses; a retry after a lost reply is recognised (``dup``), not repeated."""
+        """Commit as the owner; the id of the last of ``events`` (0 after a ``dup``).
+        Retries through Redis trouble until it succeeds or the lease lapses; a retry
+        after a lost reply is recognised (``dup``), not repeated. A change of the agent's
+        state is recorded, and logged with them (``codec.with_state_note``)."""
+        state = str(self.agent.state)
+        changed = state if state != self._last_state else ""
+        if self._config.agent_state_events:
+            events, after = with_state_note(events, changed)
+        else:
+            after = 0
         packed = pack_agent_events(events, self._config.max_agent_event_bytes)
         backoff = Backoff(base=0.05, cap=1.0)
         spec = self._spec if self._spec is not None and self._spec.predicted == cause else None
@@ -302,8 +317,6 @@ class LoopRunner:
             accepted_as = spec.commit_token() if spec is not None else ""
             if accepted_as is None:
                 raise SpeculationLost(self.sid, spec.predicted if spec else cause)
-            state = str(self.agent.state)
-            changed = state if state != self._last_state else ""
             self._writes += 1
             try:
                 r = await self._state.commit(
@@ -355,7 +368,7 @@ class LoopRunner:
             await self._pay_owed()
         if events:  # applied here at once; a pub/sub copy (if any) is dropped by id
             await self._delivery.committed(self.sid, first_id, events)
-        return r.last_id
+        return r.last_id - after if r.last_id else 0
 
     async def finish_backlog(self, within: float) -> bool:
         """Process every action accepted so far before the loop stops (an eviction must

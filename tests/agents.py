@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from workers.echo import EchoAgent
-from workers.protocol import AgentContext, EmitFn, Event
+from workers.protocol import AgentContext, AgentState, EmitFn, Event
 
 LEAK_STEP = 16 << 20
 LEAK_CAP = 8 << 30  # address space, not memory: calloc'd pages are never touched
@@ -70,3 +70,18 @@ class WrongInitAgent(EchoAgent):
 
     def __init__(self) -> None:
         super().__init__(AgentContext("never", None))
+
+
+class StateThenEmitAgent(EchoAgent):
+    """Answers a message three times, changing its state between the answers (running,
+    then awaiting input before its last two), each later answer naming the id ``emit``
+    returned for the one before: an emit is given its own event's id even when a state
+    change is logged after it."""
+
+    async def dispatch(self, action: Event) -> None:
+        assert self._emit is not None
+        self._state = AgentState.RUNNING
+        first = await self._emit({"action": "message", "args": {"content": "first"}})
+        self._state = AgentState.AWAITING_USER_INPUT
+        second = await self._emit({"action": "message", "args": {"content": f"after {first}"}})
+        await self._emit({"action": "message", "args": {"content": f"after {second}"}})

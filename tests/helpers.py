@@ -19,6 +19,10 @@ FAST = dict(
     lease_margin=0.75,
     idle_flush_interval=0.2,
     agent_workers=1,
+    # In-process nodes' tests count user and agent events by id. Agent state notes
+    # (on by default) have their own tests (test_openhands_compat.py), and every test
+    # of ``coordinator serve`` processes, the chaos suite's included, runs with them.
+    agent_state_events=False,
 )
 
 

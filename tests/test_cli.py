@@ -345,13 +345,18 @@ async def test_serve_with_embedded_redis_chat_and_graceful_stop() -> None:
         # The chat sends "world" once "hello" is acknowledged, so the answer to "hello"
         # may be logged before or after it (with the agent in a worker process it often
         # comes after): ids in order, each answer after what it answers.
-        shown = [re.fullmatch(r"\[(\d+)\] (user|agent): (\w+)", line) for line in out.splitlines()]
+        shown = [re.fullmatch(r"\[(\d+)\] (\w+): (.+)", line) for line in out.splitlines()]
         assert all(shown), out
-        events = [(int(m[1]), m[2], m[3]) for m in shown if m]
-        assert [i for i, _, _ in events] == [1, 2, 3, 4], out
+        assert [int(m[1]) for m in shown if m] == list(range(1, len(shown) + 1)), out
+        # Between the messages, the agent's state changes: "(agent running)" and so on.
+        notes = [m[3] for m in shown if m and m[2] == "environment"]
+        assert notes and all(re.fullmatch(r"\(agent \w+\)", n) for n in notes), out
+        events = [(int(m[1]), m[2], m[3]) for m in shown if m and m[2] != "environment"]
+        assert len(events) == 4, out
         for source in ("user", "agent"):
             assert [t for _, s, t in events if s == source] == ["hello", "world"], out
-        assert events[0] == (1, "user", "hello") and events[3] == (4, "agent", "world"), out
+        assert events[0][1:] == ("user", "hello") and events[3][1:] == ("agent", "world"), out
+        asked = next(i for i, s, t in events if (s, t) == ("user", "world"))
         assert f"connected to node {node_id}" in err
         assert f"agent loop runs on node {node_id} (this node)" in err
 
@@ -359,10 +364,12 @@ async def test_serve_with_embedded_redis_chat_and_graceful_stop() -> None:
         big = b"x" * 70_000 + b"\n"
         rc, out, err = await run(
             "chat", "--url", url, "--conversation", "talk", "--secret", "s3", "--user", "alice",
-            "--latest-event-id", "3", "--wait", "2", stdin=big,
+            "--latest-event-id", str(asked), "--wait", "2", stdin=big,
         )  # fmt: skip
         assert rc == 0, err
-        assert out.splitlines() == ["[4] agent: world"]
+        assert [line for line in out.splitlines() if "(agent " not in line] == [
+            f"[{events[3][0]}] agent: world"
+        ]
         assert "the limit is 65536" in err
 
         # Another user cannot join it.
@@ -396,7 +403,8 @@ async def test_a_second_signal_stops_waiting_for_the_drain() -> None:
             "chat", "--url", url, "--conversation", "slow", "--secret", "s4", "--user", "sam",
             stdin=b"hi\n",
         )  # fmt: skip
-        assert rc == 0 and out.splitlines() == ["[1] user: hi", "[2] agent: hi"], err
+        said = [line.split("] ", 1)[-1] for line in out.splitlines() if "(agent " not in line]
+        assert rc == 0 and said == ["user: hi", "agent: hi"], err
         proc.send_signal(signal.SIGTERM)
 
         # The drain now waits for the agent; /healthz says so while it does.

@@ -5,6 +5,7 @@ eviction ending the conversation's connections on every node."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from coordinator.codec import AGENT_STATE_CHANGED, CONVERSATION_CLOSED, TOO_MANY_CONVERSATIONS
@@ -174,3 +175,78 @@ def test_the_terminal_chat_prints_notices_and_status_updates() -> None:
     )
     said = codec.agent_event({"action": "message", "args": {"content": "hi"}})
     assert format_event({**said, "id": 3}) == "[3] agent: hi" and said["message"] == "hi"
+
+
+def states(events: list[dict[str, Any]]) -> list[str]:
+    """The agent states the ``agent_state_changed`` observations among ``events`` name."""
+    return [
+        e["extras"]["agent_state"] for e in events if e.get("observation") == AGENT_STATE_CHANGED
+    ]
+
+
+def hi(content: str = "hi") -> dict[str, Any]:
+    return {"action": "message", "args": {"content": content}}
+
+
+async def test_agent_state_changes_are_logged_as_openhands_logs_them(make_nodes: Any) -> None:
+    """OpenHands' web client starts at "loading", with its input disabled, and follows the
+    logged agent_state_changed observations: a loop logs the state its start left the
+    agent in, "running" before the agent's first answer to an action, and the state it
+    ends the action in; a replay anywhere restores the same view."""
+    a, b = await make_nodes(2, agent_state_events=True)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("st", "c", {}, "alice")
+    await wait_until(lambda: states(sink.events["c"]) == ["awaiting_user_input"], what="start")
+    action = await a.send_to_event_stream("c", hi())
+    await wait_until(lambda: len(states(sink.events["c"])) == 3, what="the action's states")
+    seen = [
+        (e["id"], e["source"], e.get("action") or e["extras"]["agent_state"])
+        for e in sink.events["c"]
+    ]
+    assert seen == [
+        (1, "environment", "awaiting_user_input"),
+        (action, "user", "message"),
+        (3, "environment", "running"),
+        (4, "agent", "message"),
+        (5, "environment", "awaiting_user_input"),
+    ]
+    assert all(shape_problem(e) is None for e in sink.events["c"])
+    assert (await a.conversation("st"))["state"] == "awaiting_user_input"
+    await b.join_conversation("st", "cb", {}, "alice", latest_event_id=0)
+    replayed = make_nodes.sinks["node2"].events["cb"]
+    await wait_until(lambda: len(replayed) >= 5, what="the replay")
+    assert replayed[:5] == sink.events["c"]
+
+
+async def test_an_emit_is_given_its_own_id_when_a_state_change_follows_it(
+    make_nodes: Any,
+) -> None:
+    (a,) = await make_nodes(1, agent="tests.agents:StateThenEmitAgent", agent_state_events=True)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("ids", "c", {}, "alice")
+    await a.send_to_event_stream("c", hi())
+    await wait_until(lambda: len(sink.events["c"]) >= 7, what="three answers")
+    logged = {e["id"]: e for e in sink.events["c"]}
+    answers = [e for e in sink.events["c"] if e["source"] == "agent"]
+    assert [e["args"]["content"].split()[0] for e in answers] == ["first", "after", "after"]
+    for before, later in itertools.pairwise(answers):
+        assert int(later["args"]["content"].split()[1]) == before["id"]
+    # running before the first answer, awaiting input after the second (logged with it)
+    assert states(list(logged.values())) == [
+        "awaiting_user_input",
+        "running",
+        "awaiting_user_input",
+    ]
+    assert logged[answers[1]["id"] + 1]["observation"] == AGENT_STATE_CHANGED
+
+
+async def test_agent_state_events_off_logs_only_the_coordinators_own(make_nodes: Any) -> None:
+    (a,) = await make_nodes(1, agent_state_events=False)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("quiet", "c", {}, "alice")
+    await a.send_to_event_stream("c", hi())
+    await wait_until(lambda: echoed(sink, "c", "hi"), what="the echo")
+    assert await a.close_session("quiet", "alice")
+    await wait_until(lambda: "c" in sink.disconnected, what="closed")
+    assert [e["source"] for e in sink.events["c"]] == ["user", "agent", "environment"]
+    assert states(sink.events["c"]) == ["stopped"]  # the close, with its reason
