@@ -138,6 +138,11 @@ async def test_js_client_replays_missed_events_on_another_node(
     (update,) = phase2["updates"]
     assert update["status_update"] is True and update["id"] == "STATUS$CONVERSATION_CLOSED"
     assert phase1["url"] == node_a.url and phase2["url"] == node_b.url
+    # As OpenHands' client sees it: out of "loading" (its input enabled) before its first
+    # message, "running" while each is answered, awaiting input after.
+    assert phase1["input_enabled_by"] == "awaiting_user_input"
+    states = phase1["states"]
+    assert states[0] == states[-1] == "awaiting_user_input" and "running" in states, states
 
     # Phase 1: every message acknowledged, user event and echo received, ids gap-free.
     ids1 = [e["id"] for e in phase1["events"]]

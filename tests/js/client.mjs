@@ -139,6 +139,9 @@ class Session {
     this.timeoutMs = timeoutMs;
     this.events = [];
     this.updates = [];
+    // OpenHands' client starts at "loading", its input disabled, and follows the logged
+    // agent_state_changed observations.
+    this.agentState = "loading";
     this.badShapes = [];
     this.waiters = new Set();
     this.dropped = null;
@@ -160,6 +163,7 @@ class Session {
       if (problem) this.badShapes.push(`${problem}: ${JSON.stringify(event)}`);
       if (event && event.status_update === true) this.updates.push(event);
       else this.events.push(event);
+      if (event?.observation === "agent_state_changed") this.agentState = event.extras?.agent_state;
       this.wake();
     });
     this.socket.on("disconnect", (reason) => {
@@ -299,10 +303,14 @@ async function run(opts, summary) {
   const first = new Session(opts.url, { conversation_id: conversation }, token, timeoutMs);
   summary.phase1 = { url: opts.url, sent: [], ack_ids: [], events: first.events };
   await first.connect();
+  await first.waitFor(() => first.agentState !== "loading", "a state that enables OpenHands' input");
+  summary.phase1.input_enabled_by = first.agentState;
   const contents1 = Array.from({ length: opts.messages }, (_, i) => `js-${conversation}-a${i}`);
   summary.phase1.sent = contents1;
   summary.phase1.ack_ids = await first.send(contents1);
   await first.waitFor(() => first.answered(contents1, summary.phase1.ack_ids), "the echoes of phase 1");
+  await first.waitFor(() => first.agentState === "awaiting_user_input", "the agent awaiting input again");
+  summary.phase1.states = first.events.filter((e) => e.observation === "agent_state_changed").map((e) => e.extras.agent_state);
   first.close();
   check(first.events.length > 0, "phase 1 received no event");
   checkContiguous(first.events, null, "phase 1");
