@@ -109,25 +109,37 @@ class ClientCounter:
 
 
 class WaitingSink:
-    """Records deliveries; ``expect(cid, n)`` waits for n more agent events on cid."""
+    """Records deliveries; ``wait_for(cid, n)`` waits for n agent events on cid in all
+    and, with ``notes`` (``--agent-state-events``), for the agent's state note after the
+    last of them: the end of an action may be a commit of its own, which it costs."""
 
-    def __init__(self) -> None:
+    def __init__(self, notes: bool) -> None:
+        self.notes = notes
         self.agent_events: Counter[str] = Counter()
+        self.settled: dict[str, bool] = {}  # awaiting input since the last agent event
         self._changed = asyncio.Event()
 
     async def deliver(self, connection_id: str, event: dict[str, Any]) -> None:
         if event.get("source") == "agent":
             self.agent_events[connection_id] += 1
-            self._changed.set()
+            self.settled[connection_id] = False
+        elif event.get("observation") == "agent_state_changed":
+            state = event.get("extras", {}).get("agent_state")
+            self.settled[connection_id] = state == "awaiting_user_input"
+        self._changed.set()
 
     async def disconnect(self, connection_id: str) -> None:
         return None
 
+    def _waiting(self, cid: str, total: int) -> bool:
+        return self.agent_events[cid] < total or (self.notes and not self.settled.get(cid))
+
     async def wait_for(self, cid: str, total: int, within: float = 10.0) -> None:
         deadline = time.monotonic() + within
-        while self.agent_events[cid] < total:
+        while self._waiting(cid, total):
             self._changed.clear()
-            await asyncio.wait_for(self._changed.wait(), max(0.01, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                await self._changed.wait()
 
 
 async def commandstats(client: aioredis.Redis) -> Counter[str]:
@@ -136,21 +148,34 @@ async def commandstats(client: aioredis.Redis) -> Counter[str]:
 
 
 class Meter:
-    def __init__(self, probe: aioredis.Redis, counter: ClientCounter) -> None:
+    """Counts what each operation costs. ``nodes``: their event-store movers are waited
+    for before and after each measure, so that what an operation's events cost to move
+    (batched, in the background) is counted with it and not with the next one."""
+
+    def __init__(
+        self, probe: aioredis.Redis, counter: ClientCounter, nodes: list[ConversationManager]
+    ) -> None:
         self.probe = probe
         self.counter = counter
+        self.nodes = nodes
         self.rows: list[dict[str, Any]] = []
+
+    async def settle(self) -> None:
+        await asyncio.sleep(0.1)  # listener-side replies (subscribe acks), a mover's wait
+        async with asyncio.timeout(30):
+            while not all(node.node.archiver.idle for node in self.nodes):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # (a property of each node's mover, polled)
 
     async def measure(
         self, name: str, n: int, op: Callable[[int], Awaitable[Any]], note: str = ""
     ) -> dict[str, Any]:
-        await asyncio.sleep(0.05)  # let listener-side replies (subscribe acks) settle
+        await self.settle()
         before = await commandstats(self.probe)
         trips0, cmds0 = Counter(self.counter.trips), Counter(self.counter.cmds)
         seq0 = Counter(self.counter.sequential)
         for i in range(n):
             await op(i)
-        await asyncio.sleep(0.05)
+        await self.settle()
         after = await commandstats(self.probe)
         delta = after - before
         delta.pop("info", None)
@@ -183,21 +208,27 @@ async def run(mode: Mode) -> dict[str, Any]:
             probe = aioredis.Redis.from_url(redis.url)
             nodes: dict[str, ConversationManager] = {}
             sinks: dict[str, WaitingSink] = {}
-            for name, agent in (
-                ("A", "workers.echo:EchoAgent"),
-                ("B", "workers.echo:EchoAgent"),
-                ("C", "workers.scripted:ScriptedAgent"),
+            for name, agent, notes in (
+                ("A", "workers.echo:EchoAgent", True),
+                ("B", "workers.echo:EchoAgent", True),
+                ("C", "workers.scripted:ScriptedAgent", True),
+                ("D", "workers.echo:EchoAgent", False),
             ):
-                sinks[name] = WaitingSink()
-                cfg = ManagerConfig(redis_url=redis.url, node_id=f"cost-{name}", agent=agent)
-                nodes[name] = ConversationManager(
-                    cfg.replace(**QUIET_NODE, max_concurrent_conversations=1000), sink=sinks[name]
+                sinks[name] = WaitingSink(notes)
+                cfg = ManagerConfig(
+                    redis_url=redis.url,
+                    node_id=f"cost-{name}",
+                    agent=agent,
+                    agent_state_events=notes,
+                    max_concurrent_conversations=1000,
+                    max_connections_per_user=0,
                 )
+                nodes[name] = ConversationManager(cfg.replace(**QUIET_NODE), sink=sinks[name])
                 await nodes[name].start()
                 counter.names[id(nodes[name].state.redis.connection_pool)] = name
                 counter.names[id(nodes[name].state.lane)] = name
-            a, b, c = nodes["A"], nodes["B"], nodes["C"]
-            m = Meter(probe, counter)
+            a, b, c, d = nodes["A"], nodes["B"], nodes["C"], nodes["D"]
+            m = Meter(probe, counter, list(nodes.values()))
             action = {"action": "message", "args": {"content": "hello"}}
             sent: Counter[str] = Counter()
 
@@ -229,13 +260,21 @@ async def run(mode: Mode) -> dict[str, Any]:
             await a.join_conversation("cross", "cross-setup", {}, "bob")
             await b.join_conversation("cross", "cross-conn", {}, "bob")
             await a.disconnect_from_session("cross-setup")
+            await d.join_conversation("quiet", "quiet-conn", {}, "dora")
             await act(a, sinks["A"], "same-conn")
             await act(b, sinks["B"], "cross-conn")
+            await act(d, sinks["D"], "quiet-conn")
             await m.measure(
                 "action, same node: accept + agent reply",
                 n,
                 lambda i: act(a, sinks["A"], "same-conn"),
                 "A accepts and owns",
+            )
+            await m.measure(
+                "action, same node, --agent-state-events off",
+                n,
+                lambda i: act(d, sinks["D"], "quiet-conn"),
+                "no state notes: one commit fewer",
             )
             await m.measure(
                 "action, cross node: accept on B, loop on A",

@@ -101,6 +101,11 @@ class Archiver:
         self.trouble = ""  # why the last attempt failed ('' once one works again)
         self.append_timeout = APPEND_TIMEOUT
 
+    @property
+    def idle(self) -> bool:
+        """Nothing logged here waits to be moved, and nothing is being moved."""
+        return not (self._pending or self._moving or self._wake.is_set())
+
     def logged(self, sid: str) -> None:
         """Events of ``sid`` (owned here) were logged: move them soon."""
         self._pending.add(sid)
