@@ -42,15 +42,10 @@ STOP_WITHIN = 5.0  # seconds a cancelled loop task gets to finish
 
 class LoopRunner:
     """Runs one owned conversation's agent: dispatches its inbox in order and commits
-    what the agent emits, fenced by ``lease``.
-
-    ``applied``: the last action processed (it resumes after it); ``new_agent(n)``: the
-    agent, resuming after action n (again when a speculation was lost); ``speculative``:
-    dispatch before the accept answered when the agent allows it; ``lease_valid``: the
-    node's lease clock; ``on_fenced``: told once when ownership is no longer its own;
-    ``delivery``, ``activity``, ``metrics``: where committed events, activity and
-    measures go; ``archiver``: told when events were logged, to move them to the store.
-    """
+    what the agent emits, fenced by ``lease``. ``applied``: the last action processed;
+    ``new_agent(n)``: the agent, resuming after action n (again after a lost speculation);
+    ``speculative``: dispatch before the accept answered if the agent allows it;
+    ``on_fenced``: told once when ownership is lost; ``archiver``: told what was logged."""
 
     def __init__(
         self,
@@ -156,19 +151,16 @@ class LoopRunner:
         return spec
 
     def known_logged(self) -> int:
-        """The highest event id this loop knows is in the log (not counting an action
-        dispatched before its accept answered)."""
+        """The highest event id known logged (not an action dispatched before its accept)."""
         spec = self._spec
         if spec is not None and not spec.confirmed:
             return min(self._queue.seen, spec.predicted - 1)
         return self._queue.seen
 
     def take_user_event(self, spec: Speculation, event_id: int) -> bool:
-        """The accept of ``spec`` logged its action as ``event_id``. If a commit is on its
-        way now (the agent's answer, typically), the runner delivers the user event when it
-        returns, together with its events (one pass through to the clients), and the
-        caller can acknowledge at once: True. False: the caller delivers it now."""
-        # Every commit pays what is owed when it returns, whatever it answers.
+        """The accept of ``spec`` logged its action as ``event_id``. True: a commit is on
+        its way (the answer, typically) and delivers the user event with its own when it
+        returns (every commit pays what is owed); False: the caller delivers it now."""
         if not (
             spec is self._spec and event_id == spec.predicted and self._writes and self.running
         ):
@@ -261,12 +253,10 @@ class LoopRunner:
         finally:
             self._cause = 0
         # Marked processed if nothing answered it; the state the agent ended in logged.
-        if self.running and (self._queue.applied < n or self._state_unlogged()):
+        changed = self._config.agent_state_events and str(self.agent.state) != self._last_state
+        if self.running and (self._queue.applied < n or changed):
             with contextlib.suppress(Fenced, SpeculationLost):
                 await self._commit([], cause=n, index=self._emits)
-
-    def _state_unlogged(self) -> bool:
-        return self._config.agent_state_events and str(self.agent.state) != self._last_state
 
     # -- output ----------------------------------------------------------------------
     async def emit(self, event: Event) -> int:
@@ -297,16 +287,13 @@ class LoopRunner:
     async def _commit(
         self, events: list[Event], cause: int, index: int, check_open: bool = True
     ) -> int:
-        """Commit as the owner; the id of the last of ``events`` (0 after a ``dup``).
-        Retries through Redis trouble until it succeeds or the lease lapses; a retry
-        after a lost reply is recognised (``dup``), not repeated. A change of the agent's
-        state is recorded, and logged with them (``codec.with_state_note``)."""
+        """Commit as the owner; the id of the last of ``events`` (0 after a ``dup``). Retries
+        through Redis trouble until the lease lapses (a retry after a lost reply is a
+        ``dup``); the agent's changed state is recorded and noted (``with_state_note``)."""
         state = str(self.agent.state)
         changed = state if state != self._last_state else ""
-        if self._config.agent_state_events:
-            events, after = with_state_note(events, changed)
-        else:
-            after = 0
+        noted = changed if self._config.agent_state_events else ""
+        events, after = with_state_note(events, noted)
         packed = pack_agent_events(events, self._config.max_agent_event_bytes)
         backoff = Backoff(base=0.05, cap=1.0)
         spec = self._spec if self._spec is not None and self._spec.predicted == cause else None
