@@ -9,7 +9,7 @@ from typing import Any
 
 import msgpack
 
-from workers.protocol import Event
+from workers.protocol import AgentState, Event
 
 from .errors import InvalidInput, LimitExceeded
 
@@ -259,7 +259,7 @@ def with_state_note(events: list[Event], changed: str) -> tuple[list[Event], int
     if not changed or any(e.get("observation") == AGENT_STATE_CHANGED for e in events):
         return events, 0
     note = state_changed(changed)
-    if changed == "running":
+    if changed == AgentState.RUNNING:
         return [note, *events], 0
     return [*events, note], 1
 

@@ -85,8 +85,7 @@ class LoopRunner:
         self._cause = 0  # the action being dispatched (0: none)
         self._emits = 0  # writes answering it so far
         self._asked_at: float | None = None  # when it was accepted (Unix time)
-        # Writes answering no action (the agent's own, status events) are numbered per
-        # runner, so a retry after a lost reply is recognised as one (scripts.COMMIT).
+        # Writes answering no action are numbered per runner: a retry is known (COMMIT).
         self._writer = uuid.uuid4().hex[:16]
         self._unprompted = 0
         self._last_state = ""
@@ -209,8 +208,7 @@ class LoopRunner:
                 queue.wake.set()
 
     def _forget_speculation(self, spec: Speculation) -> None:
-        """The speculative action was not logged as predicted: drop what was queued after
-        the prediction and re-read the inbox, which holds the actions in log order."""
+        """Not logged as predicted: drop what was queued after it; re-read the inbox."""
         log.info("loop %s: action %d was not logged as predicted", self.sid, spec.predicted)
         self._metrics.speculation_lost()
         self._queue.forget_from(spec.predicted)
@@ -219,16 +217,17 @@ class LoopRunner:
         """A fresh agent for one that may hold state from an action not (or not there) in
         the log: it starts from the log, as a successor's would."""
         old, self.agent = self.agent, self._new_agent(self._queue.applied)
-        try:
-            await old.aclose()
-        except Exception:
-            log.exception("agent of %s failed to close", self.sid)
+        await self._close_agent(old)
         try:
             await self.agent.start(self.emit)
-        except Exception:
-            # As when its dispatch fails: logged, and the actions are still marked done,
-            # so the conversation does not stall behind a broken agent.
+        except Exception:  # as a failed dispatch: logged, the conversation goes on
             log.exception("fresh agent of %s failed to start", self.sid)
+
+    async def _close_agent(self, agent: AgentLoop) -> None:
+        try:
+            await agent.aclose()
+        except Exception:
+            log.exception("agent of %s failed to close", self.sid)
 
     async def _dispatch(self, n: int, action: Event) -> None:
         if not self._lease_valid():
@@ -253,8 +252,8 @@ class LoopRunner:
         finally:
             self._cause = 0
         # Marked processed if nothing answered it; the state the agent ended in logged.
-        changed = self._config.agent_state_events and str(self.agent.state) != self._last_state
-        if self.running and (self._queue.applied < n or changed):
+        noted = self._config.agent_state_events and self._state_change()
+        if self.running and (self._queue.applied < n or noted):
             with contextlib.suppress(Fenced, SpeculationLost):
                 await self._commit([], cause=n, index=self._emits)
 
@@ -280,6 +279,11 @@ class LoopRunner:
         if not self.fenced:
             await self._commit([status], cause=0, index=self._next_unprompted(), check_open=False)
 
+    def _state_change(self) -> str:
+        """The agent's state when it is not the one last recorded, else ''."""
+        state = str(self.agent.state)
+        return state if state != self._last_state else ""
+
     def _next_unprompted(self) -> int:
         self._unprompted += 1
         return self._unprompted
@@ -290,8 +294,7 @@ class LoopRunner:
         """Commit as the owner; the id of the last of ``events`` (0 after a ``dup``). Retries
         through Redis trouble until the lease lapses (a retry after a lost reply is a
         ``dup``); the agent's changed state is recorded and noted (``with_state_note``)."""
-        state = str(self.agent.state)
-        changed = state if state != self._last_state else ""
+        changed = self._state_change()
         noted = changed if self._config.agent_state_events else ""
         events, after = with_state_note(events, noted)
         packed = pack_agent_events(events, self._config.max_agent_event_bytes)
@@ -342,7 +345,7 @@ class LoopRunner:
         if r.status not in ("ok", "dup"):
             self._fence(f"commit {r.status} (epoch {r.first_id})")
             raise Fenced(self.sid, self.lease.epoch, r.first_id)
-        self._last_state = state
+        self._last_state = changed or self._last_state
         self.touch()
         self._queue.mark_applied(cause)
         first_id = r.first_id if r.status == "ok" else 0  # after a "dup": unknown
@@ -389,10 +392,7 @@ class LoopRunner:
             await self._pay_owed()  # it is logged: local clients get it even now
         except Exception:
             log.exception("delivery of %s's last user event failed", self.sid)
-        try:
-            await self.agent.aclose()
-        except Exception:
-            log.exception("agent of %s failed to close", self.sid)
+        await self._close_agent(self.agent)
 
     @property
     def agent_state(self) -> AgentState:

@@ -220,6 +220,45 @@ async def test_replies_lost_after_redis_ran_both_calls_are_retried_into_one_answ
         await proxy.aclose()
 
 
+async def test_lost_replies_log_the_agent_state_notes_once_too(
+    node: Any, redis_client: Any
+) -> None:
+    """As above with the agent's state notes on: the answer's commit carries the
+    "running" note, and the "awaiting_user_input" note after it is a commit of its own,
+    sent once the answer's reply is back; every one is logged and delivered once."""
+    proxy = await TcpProxy(redis_client.connection_pool.connection_kwargs["port"]).start()
+    manager, sink = await node(
+        Agents(), lane_url=proxy.url, redis_timeout=2.0, agent_state_events=True
+    )
+    await manager.join_conversation("noted", "c1", {}, "alice", None)
+    try:
+        await manager.send_to_event_stream("c1", message("warm up"))
+        await wait_until(lambda: len(sink.events["c1"]) == 5, what="warm up and its notes")
+        proxy.hold_replies()
+        send = asyncio.create_task(manager.send_to_event_stream("c1", message("hi")))
+
+        async def logged() -> list[str]:
+            return [
+                e.get("action") or e["extras"]["agent_state"]
+                for _, e in await manager.state.events_after("noted", 0)
+            ]
+
+        start = ["awaiting_user_input", "message", "running", "message", "awaiting_user_input"]
+        held = [*start, "message", "running", "message"]  # action, note and answer
+        await wait_until(lambda: _equals(logged(), held), what="action and answer logged")
+        proxy.cut()
+        proxy.restore()
+        proxy.release_replies()
+        assert await send == 6
+        await wait_until(lambda: len(sink.events["c1"]) == 9, what="the last note")
+        assert await logged() == [*held, "awaiting_user_input"]
+        assert sink.ids("c1") == list(range(1, 10))
+        assert answers(sink, "c1") == [(2, "warm up"), (6, "hi")]
+    finally:
+        await manager.aclose()
+        await proxy.aclose()
+
+
 @pytest.mark.parametrize("setting", ["node", "agent"])
 async def test_speculation_is_off_when_the_node_or_the_agent_says_so(
     node: Any, setting: str
