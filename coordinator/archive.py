@@ -186,6 +186,8 @@ class Archiver:
                 return stored
             if rows[0][0] > stored + 1:
                 rows = lost_ids(stored + 1, rows[0][0] - 1)
+            else:  # up to ids Redis lost, if any: the next batch stores them as a notice
+                rows = rows[: next_gap(rows)]
             try:
                 async with asyncio.timeout(self.append_timeout):
                     r = await self._store.append(sid, epoch, rows, user=lease.user)
@@ -207,6 +209,14 @@ class Archiver:
     def forget(self, sid: str) -> None:
         """The loop of ``sid`` stopped here."""
         self._pending.discard(sid)
+
+
+def next_gap(rows: list[tuple[int, bytes]]) -> int:
+    """The index of the first row whose id does not follow the one before (or the count)."""
+    for i in range(1, len(rows)):
+        if rows[i][0] != rows[i - 1][0] + 1:
+            return i
+    return len(rows)
 
 
 def lost_ids(first: int, last: int) -> list[tuple[int, bytes]]:

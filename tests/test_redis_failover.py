@@ -3,9 +3,11 @@
 Two in-process nodes share a busy conversation: a client on each node sends an action
 every 50 ms, each with its own ``client_action_id``, resending it (to the same node)
 until it is acknowledged. Then the master holding the conversation is killed (SIGKILL)
-and its replica promoted, by the cluster or by Sentinel. With ``--ack-replicas 1``:
-every acknowledged action is in the log afterwards, once; the log's ids are gap-free;
-no id a client saw is given to another event; the conversation is served again. With
+and its replica promoted, by the cluster or by Sentinel (behind Sentinel, then the new
+master is failed over in turn). With ``--ack-replicas 1``:
+every acknowledged action is in the log afterwards, once; the log's ids are gap-free but
+for ids the clients were told Redis lost (writes no replica had confirmed); no id a
+client saw is given to another event; the conversation is served again. With
 ``--ack-replicas 0`` and a replica that lagged (paused with SIGSTOP while the master took
 writes), the failover loses events: the nodes notice, the ids go on after the last one
 the clients saw and the clients are told which ids were lost.
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import redis
 
 from coordinator import ConversationManager
 from coordinator.codec import EVENTS_LOST, notice_code
@@ -124,7 +127,18 @@ async def _check_nothing_acknowledged_was_lost(
 ) -> None:
     log = await _log(node)
     ids = [e["id"] for e in log]
-    assert ids == list(range(1, len(ids) + 1)), "log ids gap-free"
+    assert ids == sorted(set(ids)), "log ids in order, once each"
+    # Gap-free, but for ids Redis lost and the clients were told of: writes no replica
+    # confirmed (never acknowledged), lost by a failover (a second one, a master slow
+    # to answer on a loaded machine; or the kill landing between a write and its WAIT).
+    told = {
+        i
+        for e in log
+        if notice_code(e) == EVENTS_LOST
+        for i in range(e["extras"]["first"], e["extras"]["last"] + 1)
+    }
+    missing = set(range(1, ids[-1] + 1)) - set(ids)
+    assert missing <= told, f"ids missing from the log, no client told: {missing - told}"
     logged = [e for e in log if e.get("source") == "user"]
     keys = [e["client_action_id"] for e in logged]
     assert len(keys) == len(set(keys)), "an action logged twice"
@@ -138,10 +152,16 @@ async def _check_nothing_acknowledged_was_lost(
     for sink in sinks:
         for events in sink.events.values():
             for e in events:
-                assert content.get(e["id"]) == e.get("args", {}).get("content"), e
-    # Served again: every action got its answer, the last ones included.
+                if e["id"] not in told:
+                    assert content.get(e["id"]) == e.get("args", {}).get("content"), e
+    # Served again: every action got its answer, the last ones included (after a loss,
+    # those logged since: an answer can be among the writes lost; the action is not run
+    # twice).
     answered = {e["args"]["content"] for e in log if e.get("source") == "agent"}
-    assert {e["args"]["content"] for e in logged} <= answered
+    since = max((e["id"] for e in log if notice_code(e) == EVENTS_LOST), default=0)
+    asked = {e["args"]["content"] for e in logged if e["id"] > since}
+    assert asked, "no action logged after the failover"
+    assert asked <= answered, f"actions never answered: {sorted(asked - answered)}"
 
 
 def _master_of_conversation(cluster: RedisClusterServers) -> RedisProcess:
@@ -167,9 +187,15 @@ async def test_cluster_master_killed_under_load_loses_nothing_acknowledged(
     await _check_nothing_acknowledged_was_lost(clients, [s for _, s in started], node)
 
 
-async def test_sentinel_master_killed_under_load_loses_nothing_acknowledged(
+async def test_sentinel_master_killed_then_its_successor_paused_loses_nothing_acknowledged(
     redis_sentinel: SentinelServers, nodes: Any
 ) -> None:
+    """Two failovers in a row: the master is killed; once it is back as the new
+    master's replica, the new master stops answering (SIGSTOP past down-after) and is
+    failed over too. Seen in CI as one: on a loaded machine a master slow to answer for
+    down-after (1 s) was failed over again. The second failover loses the writes no
+    replica had confirmed yet (the returning replica was still syncing): never an
+    acknowledged action, and the clients are told."""
     servers = redis_sentinel
     hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
     url = f"redis+sentinel://{hosts}/{servers.master_name}"
@@ -181,18 +207,32 @@ async def test_sentinel_master_killed_under_load_loses_nothing_acknowledged(
         old = servers.kill_master()
         new = await servers.async_wait_promoted()
         # Acknowledgements need a replica again: the old master comes back, and Sentinel
-        # makes it the new master's replica.
+        # makes it the new master's replica (on its own schedule: about 10 s).
         old.start().wait_started()
-        # (Sentinel converts a returning master on its own schedule: up to a minute on a
-        # loaded machine.)
-        await wait_until(
-            lambda: new.info("replication").get("connected_slaves", 0) >= 1,
-            timeout=60,
-            what="the old master replicating the new one",
-        )
+        await wait_until(lambda: _has_replica(servers), timeout=60, what="a replica again")
+        with _paused(new):
+            await wait_until(lambda: _master(servers) is old, timeout=30, what="failed back")
+        await wait_until(lambda: _has_replica(servers), timeout=60, what="a replica again")
 
     await _under_load(clients, fault, 1.5)
     await _check_nothing_acknowledged_was_lost(clients, [s for _, s in started], started[0][0])
+
+
+def _master(servers: SentinelServers) -> RedisProcess | None:
+    """The node a majority of the sentinels names as master (None: no majority yet)."""
+    try:
+        return servers.master()
+    except AssertionError:
+        return None
+
+
+def _has_replica(servers: SentinelServers) -> bool:
+    """Whether the node a majority of the sentinels names as master has a replica."""
+    master = _master(servers)
+    try:
+        return master is not None and master.info("replication")["connected_slaves"] >= 1
+    except redis.RedisError:  # it does not answer
+        return False
 
 
 @contextlib.contextmanager
