@@ -33,6 +33,7 @@ from .metrics import NodeMetrics
 from .poison import agent_failure
 from .speculation import Speculation
 from .state import Lease, RedisState
+from .statenotes import StateNotes
 from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class LoopRunner:
         # Writes answering no action are numbered per runner: a retry is known (COMMIT).
         self._writer = uuid.uuid4().hex[:16]
         self._unprompted = 0
-        self._last_state = ""
+        self._notes = StateNotes(config.agent_state_events, lambda: str(self.agent.state))
         self._idle = False  # waiting for work, nothing queued
         self._writes = 0  # commits in flight
         self._spec: Speculation | None = None
@@ -149,6 +150,10 @@ class LoopRunner:
         self._metrics.speculated()
         return spec
 
+    def _speculated(self, n: int) -> Speculation | None:
+        """The speculation of action ``n``, if it was dispatched before its accept."""
+        return self._spec if self._spec is not None and self._spec.predicted == n else None
+
     def known_logged(self) -> int:
         """The highest event id known logged (not an action dispatched before its accept)."""
         spec = self._spec
@@ -179,9 +184,8 @@ class LoopRunner:
     async def _run(self) -> None:
         queue = self._queue
         backoff = Backoff(base=0.05, cap=1.0)  # between failed inbox reads
-        if self._config.agent_state_events:  # the state its start left the agent in
-            with contextlib.suppress(Fenced, SpeculationLost):
-                await self._commit([], cause=0, index=self._next_unprompted())
+        if self._notes.enabled:  # the state its start left the agent in
+            await self._note_state()
         while self.running:
             self._idle = True
             await queue.wake.wait()
@@ -191,7 +195,7 @@ class LoopRunner:
                 continue
             while self.running and (item := queue.next()) is not None:
                 n, action = item
-                spec = self._spec if self._spec is not None and self._spec.predicted == n else None
+                spec = self._speculated(n)
                 if spec is not None and spec.lost:  # known before the agent saw it
                     self._spec = None
                     self._forget_speculation(spec)
@@ -238,24 +242,40 @@ class LoopRunner:
         self._asked_at = stamped_at(action)
         self.dispatched += 1
         self.touch()
+        self._notes.arm(lambda: self._thinking(n), self._note_state)
+        failure: Exception | None = None
         try:
             await self.agent.dispatch({**action, "id": n})
         except (Fenced, SpeculationLost):
-            self._cause = 0
             return
         except Exception as exc:
             log.exception("agent of %s failed on action %d", self.sid, n)
             self._metrics.agent_failed()
-            # Visible to its clients, and the loop goes on with the next action.
-            with contextlib.suppress(Fenced, SpeculationLost):
-                await self._commit(agent_failure(n, exc), cause=n, index=self._emits)
+            failure = exc
         finally:
             self._cause = 0
+            self._notes.disarm()
+        await self._notes.settle()
+        if failure is not None:  # visible to its clients; the loop goes on with the next
+            with contextlib.suppress(Fenced, SpeculationLost):
+                await self._commit(agent_failure(n, failure), cause=n, index=self._emits)
         # Marked processed if nothing answered it; the state the agent ended in logged.
-        noted = self._config.agent_state_events and self._state_change()
+        noted = self._notes.enabled and self._notes.change()
         if self.running and (self._queue.applied < n or noted):
             with contextlib.suppress(Fenced, SpeculationLost):
                 await self._commit([], cause=n, index=self._emits)
+
+    def _thinking(self, n: int) -> bool:
+        """Action ``n``, logged, is still being dispatched, unanswered, its agent running
+        (``statenotes.py``)."""
+        logged = (spec := self._speculated(n)) is None or (spec.landed.done() and not spec.lost)
+        running = self._notes.change() == AgentState.RUNNING
+        return self._cause == n and not self._emits and logged and running
+
+    async def _note_state(self) -> None:
+        """Log the agent's changed state as the runner's own write (answering no action)."""
+        with contextlib.suppress(Fenced, SpeculationLost):
+            await self._commit([], cause=0, index=self._next_unprompted())
 
     # -- output ----------------------------------------------------------------------
     async def emit(self, event: Event) -> int:
@@ -268,6 +288,7 @@ class LoopRunner:
             self._emits += 1
         else:
             index = self._next_unprompted()
+        await self._notes.settle()
         last_id = await self._commit([agent_event(event)], cause=cause, index=index)
         if cause and index == 0 and self._asked_at is not None:
             # Its first answer: from the action's timestamp (set where it was accepted).
@@ -279,11 +300,6 @@ class LoopRunner:
         if not self.fenced:
             await self._commit([status], cause=0, index=self._next_unprompted(), check_open=False)
 
-    def _state_change(self) -> str:
-        """The agent's state when it is not the one last recorded, else ''."""
-        state = str(self.agent.state)
-        return state if state != self._last_state else ""
-
     def _next_unprompted(self) -> int:
         self._unprompted += 1
         return self._unprompted
@@ -294,12 +310,12 @@ class LoopRunner:
         """Commit as the owner; the id of the last of ``events`` (0 after a ``dup``). Retries
         through Redis trouble until the lease lapses (a retry after a lost reply is a
         ``dup``); the agent's changed state is recorded and noted (``with_state_note``)."""
-        changed = self._state_change()
-        noted = changed if self._config.agent_state_events else ""
+        changed = self._notes.change()
+        noted = changed if self._notes.enabled else ""
         events, after = with_state_note(events, noted)
         packed = pack_agent_events(events, self._config.max_agent_event_bytes)
         backoff = Backoff(base=0.05, cap=1.0)
-        spec = self._spec if self._spec is not None and self._spec.predicted == cause else None
+        spec = self._speculated(cause)
         while True:
             if self.fenced or (check_open and self.closed) or not self._lease_valid():
                 self._fence("node lease lapsed" if not self.fenced else "already fenced")
@@ -345,7 +361,7 @@ class LoopRunner:
         if r.status not in ("ok", "dup"):
             self._fence(f"commit {r.status} (epoch {r.first_id})")
             raise Fenced(self.sid, self.lease.epoch, r.first_id)
-        self._last_state = changed or self._last_state
+        self._notes.recorded(changed)
         self.touch()
         self._queue.mark_applied(cause)
         first_id = r.first_id if r.status == "ok" else 0  # after a "dup": unknown

@@ -218,6 +218,56 @@ async def test_agent_state_changes_are_logged_as_openhands_logs_them(make_nodes:
     assert replayed[:5] == sink.events["c"]
 
 
+async def test_an_agent_that_thinks_is_shown_running_before_it_answers(make_nodes: Any) -> None:
+    """An agent that has not answered its action within RUNNING_NOTE_AFTER (0.1 s; here
+    it sleeps 2 s, as a real one waits for its model) has "running" logged on its own:
+    its clients see it working while it thinks, not with its answer."""
+    (a,) = await make_nodes(1, agent="tests.agents:BadAgent", agent_state_events=True)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("think", "c", {}, "alice")
+    await wait_until(lambda: states(sink.events["c"]) == ["awaiting_user_input"], what="start")
+    action = await a.send_to_event_stream("c", hi("slow 2"))
+    await wait_until(lambda: states(sink.events["c"])[-1] == "running", what="shown running")
+    assert not echoed(sink, "c", "slow 2"), "running shown only with the answer"
+    await wait_until(lambda: len(states(sink.events["c"])) == 3, what="awaiting input again")
+    seen = [
+        (e["id"], e["source"], e.get("action") or e["extras"]["agent_state"])
+        for e in sink.events["c"]
+    ]
+    assert seen == [
+        (1, "environment", "awaiting_user_input"),
+        (action, "user", "message"),
+        (3, "environment", "running"),
+        (4, "agent", "message"),
+        (5, "environment", "awaiting_user_input"),
+    ]
+
+
+async def test_an_action_whose_agent_was_only_thinking_is_dispatched_again_after_its_node_dies(
+    make_nodes: Any,
+) -> None:
+    """The "running" note logged on its own does not count the action as processed: a
+    successor after a lost node dispatches it again, and it is answered once."""
+    a, b = await make_nodes(2, agent="tests.agents:BadAgent", agent_state_events=True)
+    sink_a, sink_b = make_nodes.sinks["node1"], make_nodes.sinks["node2"]
+    await a.join_conversation("dies", "ca", {}, "alice")
+    await b.join_conversation("dies", "cb", {}, "alice")
+    await wait_until(lambda: "dies" in a.local_loops(), what="a runs the loop")
+    await a.send_to_event_stream("ca", hi("slow 2"))
+    await wait_until(lambda: states(sink_b.events["cb"])[-1] == "running", what="running")
+    await a.node.halt()  # killed while its agent thinks
+
+    async def a_dead() -> bool:
+        return not await b.node.directory.alive(a.inc)
+
+    await wait_until(a_dead, timeout=10, what="a's lease expired")
+    await wait_until(lambda: echoed(sink_b, "cb", "slow 2"), timeout=15, what="answered by b")
+    assert "dies" in b.local_loops()
+    answers = [e for e in sink_b.events["cb"] if e["source"] == "agent"]
+    assert [e["args"]["content"] for e in answers] == ["slow 2"]
+    assert not echoed(sink_a, "ca", "slow 2")
+
+
 async def test_an_emit_is_given_its_own_id_when_a_state_change_follows_it(
     make_nodes: Any,
 ) -> None:
