@@ -86,16 +86,16 @@ async def _sweep_cost(make_nodes, redis_client, live: int, expired: int) -> tupl
 
 
 async def test_sweep_cost_is_bounded_by_expired_not_total(make_nodes, redis_client) -> None:
-    small, closed_small = await _sweep_cost(make_nodes, redis_client, live=1_000, expired=10)
+    small, closed_small = await _sweep_cost(make_nodes, redis_client, live=100, expired=10)
     await make_nodes.aclose()
     await redis_client.flushdb()
-    large, closed_large = await _sweep_cost(make_nodes, redis_client, live=10_000, expired=10)
+    large, closed_large = await _sweep_cost(make_nodes, redis_client, live=2_000, expired=10)
     assert sorted(closed_large) == sorted(f"live-{i}" for i in range(10))
     assert sorted(closed_small) == sorted(closed_large)
     # Counted by Redis itself (INFO commandstats, commands run inside scripts included):
     # one range query, one pipelined count per candidate and a fixed number of commands
     # per closed loop (11 to stop it, 7 more to let its Redis state expire after
-    # --redis-retention) -- nothing that grows with the 9,990 others.
+    # --redis-retention) -- nothing that grows with the 1,990 others (20 times as many).
     assert large <= 3 + 19 * 10, large
     assert large == small, (small, large)
-    print(f"sweep, 10 expired: {small} commands with 1,000 live, {large} with 10,000 live")
+    print(f"sweep, 10 expired: {small} commands with 100 live, {large} with 2,000 live")
