@@ -184,6 +184,18 @@ def states(events: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def assert_one_action_noted(events: list[dict[str, Any]], action: int) -> None:
+    """The loop's start, the action, "running", the answer, awaiting input again."""
+    seen = [(e["id"], e["source"], e.get("action") or e["extras"]["agent_state"]) for e in events]
+    assert seen == [
+        (1, "environment", "awaiting_user_input"),
+        (action, "user", "message"),
+        (3, "environment", "running"),
+        (4, "agent", "message"),
+        (5, "environment", "awaiting_user_input"),
+    ]
+
+
 def hi(content: str = "hi") -> dict[str, Any]:
     return {"action": "message", "args": {"content": content}}
 
@@ -199,17 +211,7 @@ async def test_agent_state_changes_are_logged_as_openhands_logs_them(make_nodes:
     await wait_until(lambda: states(sink.events["c"]) == ["awaiting_user_input"], what="start")
     action = await a.send_to_event_stream("c", hi())
     await wait_until(lambda: len(states(sink.events["c"])) == 3, what="the action's states")
-    seen = [
-        (e["id"], e["source"], e.get("action") or e["extras"]["agent_state"])
-        for e in sink.events["c"]
-    ]
-    assert seen == [
-        (1, "environment", "awaiting_user_input"),
-        (action, "user", "message"),
-        (3, "environment", "running"),
-        (4, "agent", "message"),
-        (5, "environment", "awaiting_user_input"),
-    ]
+    assert_one_action_noted(sink.events["c"], action)
     assert all(shape_problem(e) is None for e in sink.events["c"])
     assert (await a.conversation("st"))["state"] == "awaiting_user_input"
     await b.join_conversation("st", "cb", {}, "alice", latest_event_id=0)
@@ -230,17 +232,7 @@ async def test_an_agent_that_thinks_is_shown_running_before_it_answers(make_node
     await wait_until(lambda: states(sink.events["c"])[-1] == "running", what="shown running")
     assert not echoed(sink, "c", "slow 2"), "running shown only with the answer"
     await wait_until(lambda: len(states(sink.events["c"])) == 3, what="awaiting input again")
-    seen = [
-        (e["id"], e["source"], e.get("action") or e["extras"]["agent_state"])
-        for e in sink.events["c"]
-    ]
-    assert seen == [
-        (1, "environment", "awaiting_user_input"),
-        (action, "user", "message"),
-        (3, "environment", "running"),
-        (4, "agent", "message"),
-        (5, "environment", "awaiting_user_input"),
-    ]
+    assert_one_action_noted(sink.events["c"], action)
 
 
 async def test_an_action_whose_agent_was_only_thinking_is_dispatched_again_after_its_node_dies(
