@@ -95,10 +95,10 @@ async def read_until(
 
 async def stop(proc: asyncio.subprocess.Process, sig: int, within: float = 20) -> tuple[int, str]:
     proc.send_signal(sig)
-    assert proc.stderr is not None
     try:
-        err = await asyncio.wait_for(proc.stderr.read(), within)
-        code = await asyncio.wait_for(proc.wait(), within)
+        # Both pipes read to their end: one left open outlives the test's event loop.
+        _, err = await asyncio.wait_for(proc.communicate(), within)
+        code = await proc.wait()
     except TimeoutError:
         proc.kill()
         await proc.wait()
