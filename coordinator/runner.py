@@ -268,8 +268,8 @@ class LoopRunner:
     def _thinking(self, n: int) -> bool:
         """Action ``n``, logged, is still being dispatched, unanswered, its agent running
         (``statenotes.py``)."""
-        logged = (spec := self._speculated(n)) is None or (spec.landed.done() and not spec.lost)
-        running = self._notes.change() == AgentState.RUNNING
+        spec, running = self._speculated(n), self._notes.change() == AgentState.RUNNING
+        logged = spec is None or spec.logged
         return self._cause == n and not self._emits and logged and running
 
     async def _note_state(self) -> None:

@@ -40,15 +40,16 @@ class Speculation:
     def lost(self) -> bool:
         return self.landed.done() and self.landed.result() != self.predicted
 
+    @property
+    def logged(self) -> bool:
+        """Redis logged it as predicted (known once its accept answered)."""
+        return self.confirmed or (self.landed.done() and not self.lost)
+
     def commit_token(self) -> str | None:
         """The accept token a commit answering this action carries: the script writes it
         only if that accept logged the action as predicted ('' once Redis confirmed the
         prediction; None once it was refuted: the answer must be dropped)."""
-        if self.confirmed:
-            return ""
-        if self.lost:
-            return None
-        if self.landed.done():
+        if self.logged:
             self.confirmed = True
             return ""
-        return self.token
+        return None if self.lost else self.token
