@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -161,8 +162,11 @@ def node_proc(
     limits: bool = False,
 ) -> Proc:
     """A ``coordinator serve`` node process (not started), without client limits unless
-    ``limits`` (the benchmarks flood nodes on purpose; bench/attacks.py keeps them)."""
+    ``limits`` (the benchmarks flood nodes on purpose; bench/attacks.py keeps them), on
+    the event store of its Redis's cluster unless ``extra`` names one."""
     port = port or free_port()
+    if "--event-store" not in extra:
+        extra = ["--event-store", cluster_store(redis_url, log_dir), *extra]
     cmd = [
         PY, "-m", "coordinator", "serve",
         "--host", "127.0.0.1", "--port", str(port),
@@ -172,6 +176,15 @@ def node_proc(
     proc = Proc(name, cmd, log_dir, f"http://127.0.0.1:{port}/healthz")
     proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
     return proc
+
+
+def cluster_store(redis_url: str, log_dir: Path) -> str:
+    """The event store of the nodes on ``redis_url``: a directory of their own beside the
+    benchmark's logs. Not the machine's default directory: that one keeps conversations
+    from run to run, and a benchmark's conversation ids, used again on a fresh Redis,
+    would come back from the store instead of being new."""
+    name = hashlib.sha256(redis_url.encode()).hexdigest()[:12]
+    return f"file://{log_dir / f'store-{name}'}"
 
 
 def baseline_proc(
