@@ -96,6 +96,8 @@ class Archiver:
         self._runners = runners
         self._where = where
         self._pending: set[str] = set()  # logged events not moved yet
+        self._notes: set[str] = set()  # a fresh loop's state notes: moved later
+        self._spoken: set[str] = set()  # loops here that logged more than notes
         self._moving: set[str] = set()  # being moved now
         self._wake = asyncio.Event()
         self.trouble = ""  # why the last attempt failed ('' once one works again)
@@ -106,8 +108,19 @@ class Archiver:
         """Nothing logged here waits to be moved, and nothing is being moved."""
         return not (self._pending or self._moving or self._wake.is_set())
 
-    def logged(self, sid: str) -> None:
-        """Events of ``sid`` (owned here) were logged: move them soon."""
+    def logged(self, sid: str, *, note: bool = False) -> None:
+        """Events of ``sid`` (owned here) were logged: move them soon. But while a loop
+        has logged nothing but its agent's state ``note``s (a start's), they wait for its
+        first other event or its stop (``flush``): a store write (for a new conversation
+        a new file and its syncs) in every join and every restart after a failover would
+        double what a reconnect storm costs, for a note. One that Redis loses meanwhile
+        is told as lost, as any event the store lacked."""
+        if note and sid not in self._spoken:
+            if sid not in self._pending:
+                self._notes.add(sid)
+            return
+        self._spoken.add(sid)
+        self._notes.discard(sid)
         self._pending.add(sid)
         self._wake.set()
 
@@ -143,7 +156,7 @@ class Archiver:
         stopped conversation's window holds nothing unstored); False when it could not
         in ``within`` seconds (its next owner moves the rest)."""
         sid = lease.sid
-        if sid not in self._pending and sid not in self._moving:
+        if sid not in self._pending and sid not in self._moving and sid not in self._notes:
             return True  # nothing to move: no Redis call (idle sweeps close many loops)
         try:
             async with asyncio.timeout(within):
@@ -153,6 +166,7 @@ class Archiver:
             return False
         if moved:
             self._pending.discard(sid)
+            self._notes.discard(sid)
         return moved
 
     async def _try(self, lease: Lease) -> bool:
@@ -202,13 +216,17 @@ class Archiver:
                     f"that it held up to {stored}: was the store replaced or restored "
                     "from an older backup?"
                 )
-            await self._state.mark_stored(
+            stored, _, _, logged = await self._state.mark_stored(
                 sid, r.last_id, cfg.log_window_events, cfg.log_window_bytes
             )
+            if stored >= logged:  # all of it (what is logged later wakes the mover again)
+                return stored
 
     def forget(self, sid: str) -> None:
         """The loop of ``sid`` stopped here."""
         self._pending.discard(sid)
+        self._notes.discard(sid)
+        self._spoken.discard(sid)
 
 
 def next_gap(rows: list[tuple[int, bytes]]) -> int:

@@ -288,6 +288,15 @@ def notice_code(event: Event) -> str:
     return code if code in NOTICE_CODES else ""
 
 
+def is_state_note(event: Event) -> bool:
+    """A state change the runner logged for its agent (not a coordinator's notice)."""
+    return (
+        event.get("source") == "environment"
+        and event.get("observation") == AGENT_STATE_CHANGED
+        and not notice_code(event)
+    )
+
+
 def notice_update(event: Event) -> Event | None:
     """The status update a logged notice goes out with when delivered live, or None."""
     code = notice_code(event)

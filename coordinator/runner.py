@@ -24,7 +24,7 @@ from workers.protocol import AgentLoop, AgentState, Event
 from .actionqueue import ActionQueue
 from .archive import Archiver
 from .backoff import Backoff
-from .codec import agent_event, pack_agent_events, stamped_at, with_state_note
+from .codec import agent_event, is_state_note, pack_agent_events, stamped_at, with_state_note
 from .config import ManagerConfig
 from .delivery import Delivery
 from .errors import REDIS_TROUBLE, Fenced, SpeculationLost
@@ -126,7 +126,7 @@ class LoopRunner:
     def observe(self, event_id: int, event: Event) -> bool:
         """An event of the conversation went by; True when it woke the loop."""
         self.touch()
-        self._archiver.logged(self.sid)
+        self._archiver.logged(self.sid, note=is_state_note(event))
         return self._queue.observe(event_id, event)
 
     def speculate(self, action: Event, token: str) -> Speculation | None:

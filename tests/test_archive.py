@@ -94,6 +94,34 @@ async def test_the_owner_moves_events_to_the_store_and_redis_keeps_the_window(
     assert [int(i.split(b"-")[0]) for i, _ in log] == list(range(101, 121))
 
 
+async def test_a_loops_state_notes_alone_wait_for_its_first_action_or_its_stop(
+    make_nodes: NodeFactory,
+) -> None:
+    (a,) = await make_nodes(1, agent_state_events=True)
+    store = a.node.store
+    assert store is not None
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("quiet", "c", {}, "alice")
+    await wait_until(lambda: sink.events["c"], what="the start's state note")
+    # A join writes nothing to the store: its note waits in Redis.
+    await wait_until(lambda: a.node.archiver.idle, what="the mover idle")
+    assert [e["observation"] for e in sink.events["c"]] == ["agent_state_changed"]
+    assert await store.conversation("quiet") is None
+    # Its first action takes it along.
+    n = await send(a, "c", "one")
+    await wait_until(lambda: len(sink.events["c"]) >= n + 2, what="the answer")
+    await wait_stored(a, "quiet", n + 1)
+    assert [i for i, _ in await all_stored(store, "quiet")][: n + 1] == list(range(1, n + 2))
+    # A conversation that only started: its stop stores its notes before it retires.
+    await a.join_conversation("brief", "c2", {}, "alice")
+    await wait_until(lambda: sink.events["c2"], what="the start's state note")
+    await a.disconnect_from_session("c2")
+    assert await a.close_session("brief", "alice")
+    last = int((await a.conversation("brief"))["seq"])
+    assert [i for i, _ in await all_stored(store, "brief")] == list(range(1, last + 1))
+    assert await stored_mark(a, "brief") == last
+
+
 async def test_the_window_is_bounded_in_bytes(make_nodes: NodeFactory) -> None:
     (a,) = await make_nodes(1, max_action_bytes=2048, log_window_bytes=8192)
     await a.join_conversation("bytes", "c", {}, "alice")

@@ -255,11 +255,16 @@ class FileEventStore(Opened):
         marker = self._marker(user, sid)
         if marker.exists():
             return
-        marker.parent.mkdir(mode=0o700, exist_ok=True)
+        try:
+            marker.parent.mkdir(mode=0o700)
+            new_user = True
+        except FileExistsError:
+            new_user = False
         marker.touch(mode=filelog.FILE_MODE)
         if self._durable:
             filelog.fsync_dir(marker.parent)
-            filelog.fsync_dir(marker.parent.parent)
+            if new_user:  # the users directory gained an entry only then
+                filelog.fsync_dir(marker.parent.parent)
 
     async def read(
         self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT
