@@ -117,20 +117,29 @@ async def test_a_node_killed_while_re_registering_leaves_nothing_of_its_old_inca
         a.kill()
         await redis.delete(keys.reaper_lock())
 
-        async def released() -> bool:
-            meta = await redis.hgetall(keys.conv(sid))
-            return (
-                meta.get("inc") == ""
-                and not await redis.hlen(keys.conv_conns(sid))
-                and not await redis.hlen(keys.user_conns("rho"))
-                and not await redis.exists(
-                    keys.node_conns(old), keys.node_owned(old), keys.node_idle(old)
-                )
-                and await redis.hkeys(keys.registry()) == ["node2"]
-                and not await redis.hlen(keys.retired())
-            )
+        left: dict[str, object] = {}  # what is not released yet, named in the failure
 
-        await wait_until(released, timeout=20, what="the old incarnation released")
+        async def released() -> bool:
+            left.clear()
+            if (owner := (await redis.hgetall(keys.conv(sid))).get("inc")) != "":
+                left["conversation owner"] = owner
+            for name, key in (
+                ("conversation's connections", keys.conv_conns(sid)),
+                ("user's connections", keys.user_conns("rho")),
+                ("retired", keys.retired()),
+            ):
+                if found := await redis.hgetall(key):
+                    left[name] = found
+            if await redis.exists(keys.node_conns(old), keys.node_owned(old), keys.node_idle(old)):
+                left["old incarnation's keys"] = old
+            if (registry := await redis.hkeys(keys.registry())) != ["node2"]:
+                left["registry"] = registry
+            return not left
+
+        try:
+            await wait_until(released, timeout=20)
+        except AssertionError:
+            raise AssertionError(f"the old incarnation was not released: {left}") from None
     finally:
         await client.close()
         await cluster.async_stop()
