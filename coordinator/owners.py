@@ -120,7 +120,11 @@ class Owners:
         known = await self._store.conversation(sid)
         if known is None:
             quota = self._config.max_conversations_per_user
-            if quota and user and (count := await self._store.count_conversations(user)) >= quota:
+            if (
+                quota
+                and user
+                and (count := await self._store.count_conversations(user, below=quota)) >= quota
+            ):
                 raise LimitExceeded(
                     "conversations per user",
                     f"user {user!r} has {count} conversations stored (the limit is {quota}); "

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.codec import unpack
-from coordinator.eventstore import FileEventStore, StoreCorrupt, StoreUnavailable
+from coordinator.eventstore import FileEventStore, StoreCorrupt, StoreUnavailable, filelog
 from coordinator.eventstore import framing as fr
 from tests.eventstore_helpers import check_log, events, read_all
 from tests.helpers import wait_until
@@ -203,6 +203,30 @@ async def test_a_purge_through_another_store_is_seen(
     assert (await one.append("c1", 1, events(4, 4), user="u")).status == "gap"
     assert (await one.append("c1", 1, events(1, 2, "new"), user="u")).written == 2
     assert await two.read("c1") == events(1, 2, "new")
+
+
+async def test_a_quota_check_under_the_quota_counts_markers_without_reading_logs(
+    files: list[FileEventStore], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "events"
+    store = await _open(files, path)
+    for sid in ("c1", "c2", "c3"):
+        await store.append(sid, 1, events(1, 1), user="u")
+    (path / "users" / "u-u" / "c4").touch()  # a marker whose log a crash never wrote
+    assert await store.count_conversations("u") == 3
+    assert await store.count_conversations("u", below=4) == 3  # at the bound: exact
+    read: list[Path] = []
+    real = filelog.stored_for
+
+    def stored_for(log: Path, user: str) -> bool:
+        read.append(log)
+        return real(log, user)
+
+    monkeypatch.setattr(filelog, "stored_for", stored_for)
+    assert 3 <= await store.count_conversations("u", below=5) < 5
+    assert read == []  # a user's 1,000 conversations are not 1,000 reads per creation
+    assert await store.count_conversations("u", below=4) == 3
+    assert len(read) == 4
 
 
 async def test_names_stay_inside_the_directory(files: list[FileEventStore], tmp_path: Path) -> None:

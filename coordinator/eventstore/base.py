@@ -141,8 +141,10 @@ class EventStore(Protocol):
         """What the store knows of ``sid``, or None if it has never been written."""
         ...
 
-    async def count_conversations(self, user: str | None = None) -> int:
-        """Conversations stored for ``user`` (for per-user quotas), or in all when None."""
+    async def count_conversations(self, user: str | None = None, *, below: int = 0) -> int:
+        """Conversations stored for ``user`` (for per-user quotas), or in all when None.
+        A count under ``below`` may be an upper bound (all a quota of ``below`` needs):
+        the file store then counts its markers without reading each conversation's log."""
         ...
 
     async def list_conversations(self, user: str, limit: int) -> list[tuple[str, int]]:

@@ -233,7 +233,7 @@ class PostgresEventStore(Opened):
         found = await self.conversation(sid)
         return 0 if found is None else found.size
 
-    async def count_conversations(self, user: str | None = None) -> int:
+    async def count_conversations(self, user: str | None = None, *, below: int = 0) -> int:
         if user is None:
             count = await self._call(lambda conn: conn.fetchval(self._sql.count_all))
         else:
