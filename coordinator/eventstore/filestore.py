@@ -255,16 +255,12 @@ class FileEventStore(Opened):
         marker = self._marker(user, sid)
         if marker.exists():
             return
-        try:
-            marker.parent.mkdir(mode=0o700)
-            new_user = True
-        except FileExistsError:
-            new_user = False
+        marker.parent.mkdir(mode=0o700, exist_ok=True)
         marker.touch(mode=filelog.FILE_MODE)
         if self._durable:
             filelog.fsync_dir(marker.parent)
-            if new_user:  # the users directory gained an entry only then
-                filelog.fsync_dir(marker.parent.parent)
+            # Every time: a process that crashed after its mkdir may not have synced it.
+            filelog.fsync_dir(marker.parent.parent)
 
     async def read(
         self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT
