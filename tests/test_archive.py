@@ -616,6 +616,25 @@ async def test_a_conversation_redis_lost_under_its_client_comes_back_from_the_st
     assert [i for i, _ in stored] == list(range(1, after + 2))
 
 
+async def test_a_start_note_redis_lost_before_the_store_had_it_is_told_and_never_reused(
+    make_nodes: NodeFactory, redis_client: Any
+) -> None:
+    (a,) = await make_nodes(1, agent_state_events=True)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("noted", "c", {}, "alice")
+    await wait_until(lambda: sink.events["c"], what="the start's state note")
+    assert [e["id"] for e in sink.events["c"]] == [1]  # waiting in Redis, not stored
+    inc = a.inc
+    await redis_client.flushall()
+    await wait_until(lambda: a.inc != inc, timeout=10, what="the node registered again")
+    after = await send(a, "c", "after")
+    await wait_until(lambda: sink.events["c"][-1]["id"] > after, what="answered")
+    ids = [e["id"] for e in sink.events["c"]]
+    assert ids == sorted(set(ids)) and after > 1  # id 1 is not given again
+    notice = next(e for e in sink.events["c"] if notice_code(e) == EVENTS_LOST)
+    assert (notice["extras"]["first"], notice["extras"]["last"]) == (1, 1)
+
+
 class Hanging:
     """A store whose appends never return (unreachable, without an error)."""
 
