@@ -117,18 +117,16 @@ class Owners:
         """The event store's ``(last id, fence epoch, bytes)`` of ``sid``; Forbidden when
         it is another user's, LimitExceeded when it is new and ``user`` has
         ``max_conversations_per_user`` stored."""
-        known = await self._store.conversation(sid)
+        quota = self._config.max_conversations_per_user
+        found = await self._store.lookup(sid, user, quota=quota)
+        known = found.known
         if known is None:
-            quota = self._config.max_conversations_per_user
-            if (
-                quota
-                and user
-                and (count := await self._store.count_conversations(user, below=quota)) >= quota
-            ):
+            if quota and user and found.count >= quota:
                 raise LimitExceeded(
                     "conversations per user",
-                    f"user {user!r} has {count} conversations stored (the limit is {quota}); "
-                    "delete one for good (DELETE /api/conversations/ID?purge=true) first",
+                    f"user {user!r} has {found.count} conversations stored (the limit is "
+                    f"{quota}); delete one for good (DELETE /api/conversations/ID?purge=true) "
+                    "first",
                 )
             return 0, 0, 0
         if user and known.user != user:

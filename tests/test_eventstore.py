@@ -45,6 +45,28 @@ async def test_round_trip_with_paging(store: EventStore) -> None:
     assert await store.last_id("c1") == 250
 
 
+async def test_a_lookup_gives_the_conversation_or_its_users_count_in_one_call(
+    store: EventStore,
+) -> None:
+    await store.append("c1", 2, events(1, 3), user="alice")
+    await store.append("c2", 1, events(1, 1), user="alice")
+    await store.append("c3", 1, events(1, 1), user="bob")
+    found = await store.lookup("c1", "alice", quota=10)
+    assert found.known == await store.conversation("c1")
+    assert found.known is not None and (found.known.epoch, found.known.last_id) == (2, 3)
+    assert found.count == 0  # held: nothing to count
+    assert (await store.lookup("c1", "bob", quota=10)).known == found.known  # the caller checks
+    assert (await store.lookup("new", "alice", quota=10)).count == 2
+    assert (await store.lookup("new", "bob", quota=10)).count == 1
+    assert (await store.lookup("new", "carol", quota=10)).count == 0
+    assert (await store.lookup("new", "alice")).count == 0  # no quota: not counted
+    assert (await store.lookup("new", "", quota=10)).count == 0
+    with pytest.raises(InvalidInput):
+        await store.lookup("../c1", "alice", quota=10)
+    with pytest.raises(InvalidInput):
+        await store.lookup("new", "a/b", quota=10)
+
+
 async def test_a_retried_or_overlapping_batch_writes_nothing_twice(store: EventStore) -> None:
     first = events(1, 5, "first")
     assert (await store.append("c1", 1, first, user="u")).written == 5

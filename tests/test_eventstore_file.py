@@ -214,7 +214,7 @@ async def test_a_quota_check_under_the_quota_counts_markers_without_reading_logs
         await store.append(sid, 1, events(1, 1), user="u")
     (path / "users" / "u-u" / "c4").touch()  # a marker whose log a crash never wrote
     assert await store.count_conversations("u") == 3
-    assert await store.count_conversations("u", below=4) == 3  # at the bound: exact
+    assert (await store.lookup("new", "u", quota=4)).count == 3  # at the quota: exact
     read: list[Path] = []
     real = filelog.stored_for
 
@@ -223,9 +223,9 @@ async def test_a_quota_check_under_the_quota_counts_markers_without_reading_logs
         return real(log, user)
 
     monkeypatch.setattr(filelog, "stored_for", stored_for)
-    assert 3 <= await store.count_conversations("u", below=5) < 5
+    assert 3 <= (await store.lookup("new", "u", quota=5)).count < 5
     assert read == []  # a user's 1,000 conversations are not 1,000 reads per creation
-    assert await store.count_conversations("u", below=4) == 3
+    assert (await store.lookup("new", "u", quota=4)).count == 3
     assert len(read) == 4
 
 

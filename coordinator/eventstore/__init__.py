@@ -13,6 +13,7 @@ from .base import (
     AppendStatus,
     CheckpointStatus,
     EventStore,
+    Lookup,
     StoredConversation,
     StoredEvent,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "EventStore",
     "FileEventStore",
     "FsyncPolicy",
+    "Lookup",
     "PostgresEventStore",
     "StoreCorrupt",
     "StoreError",

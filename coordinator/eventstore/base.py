@@ -69,6 +69,16 @@ class StoredConversation:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What a start asks the store before creating a conversation in Redis (one call):
+    ``known``, the conversation if the store holds it; else ``count``, the user's stored
+    conversations (0 when no quota asked; under the quota possibly an upper bound)."""
+
+    known: StoredConversation | None
+    count: int = 0
+
+
 class Opened:
     """What every backend shares around its connection: ``async with`` opens and closes
     it, and ``identity`` names the store once ``open`` has set ``_identity``."""
@@ -141,10 +151,15 @@ class EventStore(Protocol):
         """What the store knows of ``sid``, or None if it has never been written."""
         ...
 
-    async def count_conversations(self, user: str | None = None, *, below: int = 0) -> int:
-        """Conversations stored for ``user`` (for per-user quotas), or in all when None.
-        A count under ``below`` may be an upper bound (all a quota of ``below`` needs):
-        the file store then counts its markers without reading each conversation's log."""
+    async def lookup(self, sid: str, user: str, *, quota: int = 0) -> Lookup:
+        """``sid`` as ``conversation()`` gives it and, when the store does not hold it and
+        ``quota`` is set, how many conversations ``user`` has stored: in one call (a
+        join's start makes it). A count under ``quota`` may be an upper bound (all the
+        quota needs): the file store then counts markers without reading each log."""
+        ...
+
+    async def count_conversations(self, user: str | None = None) -> int:
+        """Conversations stored for ``user`` (for per-user quotas), or in all when None."""
         ...
 
     async def list_conversations(self, user: str, limit: int) -> list[tuple[str, int]]:

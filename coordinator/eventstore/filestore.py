@@ -51,6 +51,7 @@ from .base import (
     DEFAULT_READ_LIMIT,
     AppendResult,
     CheckpointStatus,
+    Lookup,
     Opened,
     StoredConversation,
     StoredEvent,
@@ -276,10 +277,27 @@ class FileEventStore(Opened):
 
     async def conversation(self, sid: str) -> StoredConversation | None:
         check_conversation_id(sid)
-        state = await self._run(self._state_sync, sid)
+        return await self._run(self._conversation_sync, sid)
+
+    def _conversation_sync(self, sid: str) -> StoredConversation | None:
+        state = self._state_sync(sid)
         if not state.user:
             return None
         return StoredConversation(sid, state.user, state.epoch, state.last_id, state.size)
+
+    async def lookup(self, sid: str, user: str, *, quota: int = 0) -> Lookup:
+        check_conversation_id(sid)
+        if user:
+            check_user_id(user)
+        return await self._run(self._lookup_sync, sid, user, quota)
+
+    def _lookup_sync(self, sid: str, user: str, quota: int) -> Lookup:
+        # One trip to the store's threads: a join's start pays for each (a thread's
+        # wake-up and the event loop's), not for the few system calls in it.
+        known = self._conversation_sync(sid)
+        if known is not None or not (quota and user):
+            return Lookup(known)
+        return Lookup(None, self._count_sync(user, quota))
 
     async def last_id(self, sid: str) -> int:
         check_conversation_id(sid)
@@ -289,10 +307,10 @@ class FileEventStore(Opened):
         check_conversation_id(sid)
         return (await self._run(self._state_sync, sid)).size
 
-    async def count_conversations(self, user: str | None = None, *, below: int = 0) -> int:
+    async def count_conversations(self, user: str | None = None) -> int:
         if user is not None:
             check_user_id(user)
-        return await self._run(self._count_sync, user, below)
+        return await self._run(self._count_sync, user, 0)
 
     def _count_sync(self, user: str | None, below: int) -> int:
         conversations = self.path / "conversations"

@@ -75,6 +75,7 @@ class Statements:
     """The store's SQL for one schema."""
 
     conversation: str
+    lookup: str
     lock: str
     create: str
     insert_events: str
@@ -97,6 +98,11 @@ class Statements:
         return cls(
             conversation=f"SELECT user_id, epoch, last_id, bytes FROM {s}.conversations "
             "WHERE conversation_id = $1",
+            # The conversation, or (when $3, a quota, is set) its user's count: one trip.
+            lookup="SELECT c.user_id, c.epoch, c.last_id, c.bytes, "
+            f"CASE WHEN c.user_id IS NULL AND $3::int > 0 THEN (SELECT count(*) FROM "
+            f"{s}.conversations WHERE user_id = $2::text) ELSE 0 END AS counted "
+            f"FROM (SELECT 1) AS one LEFT JOIN {s}.conversations c ON c.conversation_id = $1",
             lock=f"SELECT user_id, epoch, last_id FROM {s}.conversations "
             "WHERE conversation_id = $1 FOR UPDATE",
             create=f"INSERT INTO {s}.conversations (conversation_id, user_id, epoch) "

@@ -29,6 +29,7 @@ from .base import (
     DEFAULT_READ_LIMIT,
     AppendResult,
     CheckpointStatus,
+    Lookup,
     Opened,
     StoredConversation,
     StoredEvent,
@@ -233,7 +234,21 @@ class PostgresEventStore(Opened):
         found = await self.conversation(sid)
         return 0 if found is None else found.size
 
-    async def count_conversations(self, user: str | None = None, *, below: int = 0) -> int:
+    async def lookup(self, sid: str, user: str, *, quota: int = 0) -> Lookup:
+        check_conversation_id(sid)
+        if user:
+            check_user_id(user)
+        asked = quota if user else 0
+        row = await self._call(lambda conn: conn.fetchrow(self._sql.lookup, sid, user, asked))
+        if row["user_id"] is None:
+            return Lookup(None, int(row["counted"]))
+        return Lookup(
+            StoredConversation(
+                sid, str(row["user_id"]), int(row["epoch"]), int(row["last_id"]), int(row["bytes"])
+            )
+        )
+
+    async def count_conversations(self, user: str | None = None) -> int:
         if user is None:
             count = await self._call(lambda conn: conn.fetchval(self._sql.count_all))
         else:
