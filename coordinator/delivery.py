@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 500
 # A join's first read: (cursor, count) -> the log's last id and the events after cursor.
-FirstRead = Callable[[int, int], Awaitable[tuple[int, list[tuple[int, Event]]]]]
+FirstRead = Callable[[int, int], Awaitable[tuple[int | None, list[tuple[int, Event]]]]]
 # A replay reads the log a page at a time; pages hold about REPLAY_PAGE_BYTES of events
 # (at most PAGE of them, at least one), so a client replaying big events, or reading
 # slowly, holds about that much, not PAGE big events. The first page is smaller: its
@@ -196,10 +196,10 @@ class LocalConnections:
             try:
                 if joining is not None:
                     last, rows = await joining(conn.cursor, count)
-                    if conn.cursor > last:
+                    if conn.cursor > (last or 0):
                         raise InvalidInput(
                             f"latest_event_id {conn.cursor} is beyond the last event "
-                            f"({last}) of conversation {conn.sid!r}"
+                            f"({last or 0}) of conversation {conn.sid!r}"
                         )
                     joining = None
                     conn.verified = True

@@ -70,6 +70,9 @@ class Directory:
         # Incarnations known alive -> until when (monotonic: their lease's expiry as last
         # read; refreshed each heartbeat, read again by ``alive`` once it passed).
         self._live: dict[str, float] = {}
+        # Whether the last refresh saw a registered node without its lease (dead, or
+        # lapsed and not yet back): the housekeeping then reaps at once.
+        self.sees_dead = False
 
     # -- liveness --------------------------------------------------------------------
     async def alive(self, inc: str) -> bool:
@@ -94,6 +97,7 @@ class Directory:
         live = await self._state.live_leases(registry)
         now = time.monotonic()
         self._live = {registry[node]: now + left for node, left in live.items()}
+        self.sees_dead = len(live) < len(registry)
         return set(self._live)
 
     def live_incarnations(self) -> set[str]:

@@ -35,15 +35,16 @@ class History:
         return await self.below_window(sid, after, count, rows, size, last)
 
     async def below_window(
-        self, sid: str, after: int, count: int, rows: Rows, size: int, last: int
+        self, sid: str, after: int, count: int, rows: Rows, size: int, last: int | None
     ) -> tuple[Rows, int]:
         """``rows`` (with ``size``): a read of the Redis log after ``after``, of a
-        conversation whose last id is ``last`` (0: it has no record in Redis, which let
-        it go after it stopped: ``--redis-retention``). When the log starts later (or
-        holds nothing, as when the conversation came back from the store), the page
-        starts with what the store holds below it. A full page (``count`` events) may
-        be followed by more."""
-        start = rows[0][0] if rows else last + 1 if last else MAX_ID
+        conversation whose last id is ``last`` (None: it has no record in Redis, which
+        let it go after it stopped: ``--redis-retention``; 0: it has logged nothing, in
+        Redis or in the store, so a new conversation's first join never asks the store).
+        When the log starts later (or holds nothing, as when the conversation came back
+        from the store), the page starts with what the store holds below it. A full page
+        (``count`` events) may be followed by more."""
+        start = rows[0][0] if rows else MAX_ID if last is None else last + 1
         if start <= after + 1:
             return rows, size
         trimmed = start - 1 - after

@@ -157,7 +157,7 @@ async def send_commands(
     """Write commands back to back on ``link``; their replies (EXEC's, in a transaction)."""
     if transaction:
         packed = [pack("MULTI"), *packed, pack("EXEC")]
-    futures = [link.send(command, reply_within) for command in packed]
+    futures = link.send_all(packed, reply_within)
     replies = []
     try:
         for fut in futures:
@@ -173,8 +173,8 @@ async def send_script(
     link: Link, command: bytes, wait: bytes, script: AsyncScript, reply_within: float
 ) -> tuple[Any, int]:
     """Write the script (and the WAIT behind it) on ``link``; load it on NOSCRIPT."""
-    result = link.send(command, reply_within)
-    acked = link.send(wait, reply_within) if wait else None
+    result, *rest = link.send_all((command, wait) if wait else (command,), reply_within)
+    acked = rest[0] if rest else None
     try:
         try:
             value = await result

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,18 +83,26 @@ class Link(asyncio.Protocol):
     def send(self, command: bytes, timeout: float) -> asyncio.Future[Any]:
         """Write ``command``; its reply must come within ``timeout`` seconds, or every
         call in flight fails (the replies after a missing one cannot be matched)."""
+        return self.send_all((command,), timeout)[0]
+
+    def send_all(self, commands: Sequence[bytes], timeout: float) -> list[asyncio.Future[Any]]:
+        """Write ``commands`` back to back in one write (one system call, not one each);
+        the futures of their replies, in order (``send``'s deadline for each)."""
         if self.failure is not None or self.transport is None:
             raise self.failure or RedisConnectionError("the lane is not connected")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
         deadline = loop.time() + timeout
-        self.waiting.append((fut, deadline))
+        futures: list[asyncio.Future[Any]] = []
+        for _ in commands:
+            fut: asyncio.Future[Any] = loop.create_future()
+            self.waiting.append((fut, deadline))
+            futures.append(fut)
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._check)
         # Written at once, not batched per loop iteration: Redis runs an action's accept
         # on the other core while this one dispatches the agent and packs its commit.
-        self.transport.write(command)
-        return fut
+        self.transport.write(commands[0] if len(commands) == 1 else b"".join(commands))
+        return futures
 
     def _check(self) -> None:
         """One timer per connection, due at the oldest call's deadline (replies come in

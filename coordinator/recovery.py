@@ -8,8 +8,9 @@ re-registration stays on the retired list until then, so a node that dies halfwa
 through coming back is still cleaned up.
 
 Each heartbeat interval (at once when the lease was lost) ``housekeeping_loop``
-re-registers if needed, retries deferred work, refreshes the live-node cache and, every
-``node_ttl / 2``, reaps.
+re-registers if needed, retries deferred work, refreshes the live-node cache and reaps:
+at once when that refresh saw a registered node without its lease, and at least every
+``node_ttl / 2`` (for incarnations retired by a re-registration, which it does not see).
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ class Recovery:
 
     async def housekeeping_loop(self) -> None:
         """Each heartbeat interval (or at once when the lease was lost): re-register if
-        needed, retry deferred work, refresh the live-node cache, reap dead nodes."""
+        needed, retry deferred work, refresh the live-node cache, reap dead nodes (as
+        soon as the refresh sees one: each heartbeat it lists is a client's wait)."""
         cfg = self._config
         reap_every = max(1, round(cfg.node_ttl / 2 / cfg.heartbeat_interval))
         lost = self._membership.lost
@@ -173,7 +175,7 @@ class Recovery:
                 await self._sessions.retry_deferred()
                 await self._restarts.retry(await self._loops.owners.retry_abandoned())
                 await self._directory.refresh()
-                if n % reap_every == 0:
+                if n % reap_every == 0 or self._directory.sees_dead:
                     reaped_at = time.time()
                     released = await reap_dead_nodes(
                         self._state, self._membership.inc, self._ttl_ms

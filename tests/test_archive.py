@@ -122,6 +122,30 @@ async def test_a_loops_state_notes_alone_wait_for_its_first_action_or_its_stop(
     assert await stored_mark(a, "brief") == last
 
 
+async def test_a_new_conversations_join_asks_the_store_once_and_reads_nothing(
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (a,) = await make_nodes(1)
+    store = a.node.store
+    assert store is not None
+    asked: list[str] = []
+    for name in ("lookup", "conversation", "read", "count_conversations"):
+        real = getattr(store, name)
+
+        async def spy(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            asked.append(_name)
+            return await _real(*args, **kw)
+
+        monkeypatch.setattr(store, name, spy)
+    await a.join_conversation("fresh", "c", {}, "alice")
+    # One trip to learn it is new (and its user's count); its empty log is not read from
+    # the store below it (nothing is there: the record says it has logged nothing).
+    assert asked == ["lookup"]
+    await send(a, "c", "one")
+    await a.join_conversation("fresh", "c2", {}, "alice")
+    assert asked == ["lookup"]
+
+
 async def test_the_window_is_bounded_in_bytes(make_nodes: NodeFactory) -> None:
     (a,) = await make_nodes(1, max_action_bytes=2048, log_window_bytes=8192)
     await a.join_conversation("bytes", "c", {}, "alice")

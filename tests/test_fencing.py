@@ -237,6 +237,26 @@ async def test_an_owner_whose_lease_expired_is_seen_dead_without_waiting_for_a_r
     )
 
 
+async def test_a_dead_node_is_reaped_at_the_first_heartbeat_that_sees_it_dead(make_nodes) -> None:
+    """Reaping waits for no round of its own (every ``node_ttl / 2``): the heartbeat whose
+    refresh finds a registered node without its lease reaps it. With a 60 s lease and
+    heartbeats of 0.25 s, that round comes every 120 heartbeats."""
+    a, b = await make_nodes(2, node_ttl=60.0, heartbeat_interval=0.25)
+    await a.join_conversation("seen-dead", "ca", {}, "dora")
+    await b.join_conversation("seen-dead", "cb", {}, "dora")
+    await a.node.halt()
+    await a.state.redis.delete(a.keys.node_lease("node1"))  # its lease expired
+    # Released: unowned in Redis, and b's client told (then b restarts it).
+    await wait_until(
+        lambda: any(
+            e.get("extras", {}).get("reason") == "STATUS$NODE_LOST"
+            for e in make_nodes.sinks["node2"].events["cb"]
+        ),
+        timeout=3,
+        what="the dead node reaped",
+    )
+
+
 async def test_a_loop_fenced_while_stopping_gives_its_channel_back_once(make_nodes) -> None:
     """Stopping a loop whose ownership was taken meanwhile fences it on the way (its
     closing notice is refused); the channel reference it held is given back once, so a

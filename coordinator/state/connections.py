@@ -32,12 +32,13 @@ class ConnectionOps(StateCore):
 
     async def join_and_read(
         self, cid: str, sid: str, user: str, inc: str, after: int, count: int
-    ) -> tuple[int, list[tuple[int, Event]], int]:
+    ) -> tuple[int | None, list[tuple[int, Event]], int]:
         """Register connection ``cid`` of ``inc`` and read its first page of the log: the
-        conversation's last id, the events after ``after``, and how many connections the
-        user holds now on all nodes (this one included). One round trip: the registration
-        is made before the read (same connection, or on a cluster the conversation's
-        shard, in order), so an event logged after the read is published to this node.
+        conversation's last id (None without a record), the events after ``after``, and
+        how many connections the user holds now on all nodes (this one included). One
+        round trip: the registration is made before the read (same connection, or on a
+        cluster the conversation's shard, in order), so an event logged after the read is
+        published to this node.
 
         The count makes the per-user connection cap exact without a lock: a join that
         finds more than the cap is refused and unregistered, so every connection kept was
@@ -54,7 +55,7 @@ class ConnectionOps(StateCore):
                 ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
             ]
         )
-        return int(seq or 0), entries(rows), int(users)
+        return None if seq is None else int(seq), entries(rows), int(users)
 
     async def remove_connections(self, conns: Sequence[Conn], inc: str) -> None:
         """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent)."""

@@ -113,10 +113,10 @@ class ConversationOps(StateCore):
 
     async def events_after_sized(
         self, sid: str, after: int, count: int
-    ) -> tuple[list[tuple[int, Event]], int, int]:
+    ) -> tuple[list[tuple[int, Event]], int, int | None]:
         """``events_after`` with the packed size of what it read, so that a replay can
         size its next page in bytes (a client's replay holds one page at a time), and
-        the conversation's last event id, read together."""
+        the conversation's last event id (None without a record), read together."""
         k = self.keys
         seq, rows = await self._commands(
             [
@@ -125,7 +125,7 @@ class ConversationOps(StateCore):
             ]
         )
         size = sum(len(packed(fields)) for _, fields in rows)
-        return entries(rows), size, int(seq or 0)
+        return entries(rows), size, None if seq is None else int(seq)
 
     async def inbox_snapshot(
         self, sid: str, after: int, count: int = 500
