@@ -27,6 +27,7 @@ from typing import Any
 
 import engineio
 import socketio
+from engineio.async_drivers import asgi
 from socketio import packet as sio_packet
 
 from . import packets
@@ -44,16 +45,40 @@ GRACE = 1.0  # seconds an ended session's websocket stays for its last packets t
 DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError)
 
 
+class EndingWebSocket(asgi.WebSocket):  # type: ignore[misc]
+    """engine.io's ASGI websocket, telling its session that the client closed by
+    returning None (engine.io's "connection closed") instead of raising OSError.
+
+    The exception was kept by the task that read the socket, its traceback held the
+    session handler's frame, and that frame held the task: a reference cycle through the
+    whole connection (its websocket, transport, socket, session: about 125 objects), so
+    no closed connection was freed until a full collection of the cyclic GC found it.
+    Under churn those collections walked every live connection again and again (0.7 s
+    of each 1,000 joins' CPU, pauses of 0.2-0.3 s: BENCHMARKS.md)."""
+
+    async def wait(self) -> Any:
+        event = await self.asgi_receive()
+        if event["type"] != "websocket.receive":
+            return None
+        for kind in ("bytes", "text"):
+            if event.get(kind) is not None:
+                return event[kind]
+        return None
+
+
 class PingTrackingServer(engineio.AsyncServer):  # type: ignore[misc]
     """engine.io's server, keeping each session's ping task so it can end with the
     session: engine.io lets it sleep out its ping interval (25 s) after the session
     closed, holding the session's objects that long. Under a flood of short connections
     tens of thousands of them piled up, and each full collection of the cyclic GC walked
-    them all: 30-75 ms during which no client was served (docs/failures.md)."""
+    them all: 30-75 ms during which no client was served (docs/failures.md). Its
+    websocket is ``EndingWebSocket``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ping_tasks: dict[str, asyncio.Task[Any]] = {}
+        drivers: dict[str, Any] = getattr(self, "_async")  # noqa: B009 (engine.io's, untyped)
+        self._async = {**drivers, "websocket": EndingWebSocket}
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
         task = super().start_background_task(target, *args, **kwargs)

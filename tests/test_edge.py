@@ -6,12 +6,14 @@ live on a port of its own. Real uvicorn nodes, raw TCP where a library would be 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+from engineio.async_socket import AsyncSocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -19,6 +21,7 @@ from coordinator.connlimits import address_key
 from coordinator.ratelimit import Rate
 from coordinator.server import NodeServer
 from coordinator.serverconfig import NO_LIMITS, ServerConfig
+from coordinator.websocket import CoalescingSansIOProtocol
 from tests.helpers import wait_until
 from tests.rawsocket import RawSocket
 from tests.server_fixtures import ServerCluster
@@ -209,3 +212,30 @@ async def test_metrics_on_a_port_of_their_own(servers: ServerCluster) -> None:
             assert resp.status == 404
         async with http.get(a.url + "/healthz") as resp:
             assert resp.status == 200
+
+
+async def test_a_closed_connection_leaves_no_reference_cycle(servers: ServerCluster) -> None:
+    """A connection that ends leaves no reference cycle holding it (engine.io's read task
+    kept its OSError, whose traceback held the task; the scope held the protocol; a
+    class engine.io makes per request held ``receive``): it is freed as its last user
+    lets go, not by a full collection that walks every live connection (BENCHMARKS.md,
+    issue #17)."""
+    (node,) = await servers.start(1)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(3):
+            client = await servers.join(node, f"freed-{i}", "alice")
+            await client.act({"action": "message", "args": {"content": "hi"}})
+            await client.close()
+        # The node ends each session's websocket within its grace period (1 s).
+        await asyncio.sleep(3)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        kinds = (CoalescingSansIOProtocol, AsyncSocket)
+        cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, kinds)]
+        assert cyclic == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
