@@ -83,15 +83,22 @@ class StormClient:
         assert self.client is not None
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self.answers[key] = fut
-        ack = await self.client.call(
-            "oh_user_action",
-            {"action": "message", "args": {"content": key}, "client_action_id": key},
-            within,
-        )
+        try:
+            ack = await self.client.call(
+                "oh_user_action",
+                {"action": "message", "args": {"content": key}, "client_action_id": key},
+                within,
+            )
+        except TimeoutError:
+            raise TimeoutError(f"{key}: no ack within {within:g} s") from None
         if not (isinstance(ack, dict) and ack.get("ok")):
             raise RuntimeError(f"action refused: {ack}")
-        async with asyncio.timeout(within):
-            return await fut
+        try:
+            async with asyncio.timeout(within):
+                return await fut
+        except TimeoutError:
+            late = f"{key}: acknowledged ({ack}), no answer within {within:g} s"
+            raise TimeoutError(late) from None
 
     def gaps_and_duplicates(self) -> tuple[int, int]:
         seen = sorted(self.ids)
