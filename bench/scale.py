@@ -21,8 +21,10 @@ lists any of them (the nodes' removals), how many removals a node had to defer (
 from __future__ import annotations
 
 import asyncio
+import re
 import resource
 import time
+import urllib.request
 from typing import Any
 
 import redis
@@ -172,6 +174,29 @@ async def run(mode: Mode) -> dict[str, Any]:
     return report(results, mode)
 
 
+GC_SERIES = re.compile(
+    rb"^coordinator_gc_(full_collections_total|pause_seconds_total)\{[^}]*\} ([0-9.e+-]+)$", re.M
+)
+
+
+def _gc(servers: list[Any]) -> tuple[float, float] | None:
+    """The servers' cyclic-GC full collections and pause seconds so far, from their
+    /metrics (None for the baselines, which have none)."""
+    full = seconds = 0.0
+    for server in servers:
+        try:
+            with urllib.request.urlopen(f"{url_of(server)}/metrics", timeout=5) as resp:
+                text = resp.read()
+        except OSError:
+            return None
+        found = {name: float(value) for name, value in GC_SERIES.findall(text)}
+        if len(found) < 2:
+            return None
+        full += found[b"full_collections_total"]
+        seconds += found[b"pause_seconds_total"]
+    return full, seconds
+
+
 async def _phase(
     phase: str,
     group: str,
@@ -185,6 +210,7 @@ async def _phase(
     rss0 = [n.rss_bytes() for n in servers]
     lapses0 = _lapses(servers)
     cpu0 = _cpu(servers, gens, redis_server)
+    gc0 = _gc(servers)
     t0 = time.perf_counter()
     replies = await asyncio.gather(
         *(
@@ -202,6 +228,7 @@ async def _phase(
     )
     seconds = time.perf_counter() - t0
     cpu = {k: v - cpu0[k] for k, v in _cpu(servers, gens, redis_server).items()}
+    gc1 = _gc(servers)
     await asyncio.sleep(1.0)
     joins = [ms for r in replies for ms in r["join_ms"]]
     failed = sum(r["failed"] for r in replies)
@@ -221,6 +248,11 @@ async def _phase(
         "rss_growth": sum(rss) - sum(rss0),
         "cpu_s": cpu,
         "server_cpu_ms_per_join": 1000 * cpu["servers"] / max(1, connected),
+        # The servers' cyclic GC during the phase: full collections, and pause ms per join.
+        "gc_full_collections": None if gc0 is None or gc1 is None else gc1[0] - gc0[0],
+        "gc_ms_per_join": None
+        if gc0 is None or gc1 is None
+        else 1000 * (gc1[1] - gc0[1]) / max(1, connected),
         "lease_lapses": _lapses(servers) - lapses0,
     }
 
@@ -288,6 +320,7 @@ def report(r: dict[str, Any], mode: Mode) -> dict[str, Any]:
             "join p99 ms",
             "CPU s: servers / loadgen / Redis",
             "server CPU ms/join",
+            "GC: full collections / ms per join",
             "lease lapses",
         ],
         [
@@ -301,6 +334,9 @@ def report(r: dict[str, Any], mode: Mode) -> dict[str, Any]:
                 p["join_ms_p99"],
                 " / ".join(f"{v:.1f}" for v in p["cpu_s"].values()),
                 p["server_cpu_ms_per_join"],
+                "-"
+                if p["gc_ms_per_join"] is None
+                else f"{p['gc_full_collections']:.0f} / {p['gc_ms_per_join']:.2f}",
                 p["lease_lapses"],
             ]
             for p in r["phases"]

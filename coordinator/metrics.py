@@ -13,8 +13,10 @@ carries a ``node`` label. Values come three ways:
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -97,6 +99,33 @@ class _Readings(Collector):
 
 # Sample lines whose value is integral, e.g. ``x{node="a"} 3.0``: written as ``3``.
 _INTEGRAL = re.compile(rb"^([^#\n][^\n]* -?[0-9]+)\.0$", re.M)
+
+
+class CollectorPauses:
+    """The cyclic garbage collector's pauses in this process (``gc.callbacks``): a full
+    collection walks every live object and the event loop serves no one meanwhile, so
+    its count and its time belong beside a node's latencies (BENCHMARKS.md, #17)."""
+
+    def __init__(self) -> None:
+        self.full = 0  # full collections (generation 2)
+        self.seconds = 0.0  # time in every collection
+        self.longest = 0.0  # the longest one, seconds
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: Mapping[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        took = time.perf_counter() - self._began
+        self.seconds += took
+        self.longest = max(self.longest, took)
+        if info.get("generation") == 2:
+            self.full += 1
+
+
+# One per process, installed with the first node's metrics: nodes sharing a process
+# (tests) report the same collector.
+GC_PAUSES = CollectorPauses()
 
 
 class NodeMetrics:
@@ -184,6 +213,23 @@ class NodeMetrics:
             "coordinator_speculations_lost",
             "Speculative dispatches not logged as predicted (answers dropped, agent replaced).",
             lambda: self.speculations_lost,
+        )
+        if GC_PAUSES not in gc.callbacks:
+            gc.callbacks.append(GC_PAUSES)
+        self.counter_from(
+            "coordinator_gc_full_collections",
+            "Full collections of the process's cyclic garbage collector.",
+            lambda: GC_PAUSES.full,
+        )
+        self.counter_from(
+            "coordinator_gc_pause_seconds",
+            "Seconds the process's cyclic garbage collector held the event loop, in all.",
+            lambda: GC_PAUSES.seconds,
+        )
+        self.gauge_from(
+            "coordinator_gc_longest_pause_seconds",
+            "The longest collection of the process's cyclic garbage collector so far.",
+            lambda: GC_PAUSES.longest,
         )
 
     # -- for the core: things only it can see happen -----------------------------------

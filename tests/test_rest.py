@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 
 from coordinator.auth import issue_token
@@ -171,6 +172,36 @@ async def test_healthz_and_metrics(servers: ServerCluster) -> None:
         "coordinator_redis_up": 1,
         "coordinator_lease_valid": 1,
     }
+
+
+async def test_metrics_count_the_garbage_collectors_pauses(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1)
+
+    async def gc_values() -> dict[str, float]:
+        status, text = await servers.request("GET", a, "/metrics")
+        assert status == 200
+        found = re.findall(r'^(coordinator_gc_\w+){node="n1"} ([0-9.e+-]+)$', text, re.M)
+        return {name: float(value) for name, value in found}
+
+    before = await gc_values()
+    assert set(before) == {
+        "coordinator_gc_full_collections_total",
+        "coordinator_gc_pause_seconds_total",
+        "coordinator_gc_longest_pause_seconds",
+    }
+    gc.collect()  # a full collection, timed like any
+    after = await gc_values()
+    assert after["coordinator_gc_full_collections_total"] >= (
+        before["coordinator_gc_full_collections_total"] + 1
+    )
+    assert (
+        after["coordinator_gc_pause_seconds_total"] > before["coordinator_gc_pause_seconds_total"]
+    )
+    assert (
+        0
+        < after["coordinator_gc_longest_pause_seconds"]
+        <= (after["coordinator_gc_pause_seconds_total"])
+    )
 
 
 async def test_healthz_reports_redis_down() -> None:
