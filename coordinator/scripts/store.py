@@ -31,9 +31,9 @@ MARK_STORED = """
 -- an event the store does not hold, never the newest).
 -- KEYS[1]  conversation meta hash   KEYS[2] event stream
 -- ARGV[1]  last id the store holds   ARGV[2] window events   ARGV[3] window bytes
--- returns  {stored, events in the log, bytes in the log}
+-- returns  nothing
 local f = redis.call('HMGET', KEYS[1], 'seq', 'stored', 'lbytes', 'sbytes', 'tbytes')
-if not f[1] then return {0, 0, 0} end
+if not f[1] then return nil end
 local stored = tonumber(f[2] or '0')
 local upto = math.min(tonumber(ARGV[1]), tonumber(f[1]))
 local sbytes, tbytes = tonumber(f[4] or '0'), tonumber(f[5] or '0')
@@ -65,7 +65,7 @@ if last then
   redis.call('XTRIM', KEYS[2], 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
   redis.call('HSET', KEYS[1], 'tbytes', tbytes + cut)
 end
-return {stored, len, size}
+return nil
 """
 
 CLAIM_STORE = """

@@ -27,16 +27,15 @@ class ArchiveOps(StateCore):
 
     async def mark_stored(
         self, sid: str, last_id: int, window_events: int, window_bytes: int
-    ) -> tuple[int, int, int]:
+    ) -> None:
         """The store holds ``sid``'s events up to ``last_id``: record it and trim the
-        log to its window. Returns ``(stored, events in the log, bytes in the log)``."""
+        log to its window."""
         k = self.keys
-        r = await self._run(
+        await self._run(
             "mark_stored",
             [k.conv(sid), k.events(sid)],
             [last_id, window_events, window_bytes],
         )
-        return int(r[0]), int(r[1]), int(r[2])
 
     async def window_start(self, sid: str) -> int:
         """The id of the oldest event the Redis log still holds (0: the log is empty)."""
