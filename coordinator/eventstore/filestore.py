@@ -7,7 +7,8 @@ Layout under the store's directory::
     conversations/SID.idx         sparse index of the log (a cache, rebuilt when lost)
     conversations/SID.ckpt        the latest checkpoint (replaced whole by rename)
     users/u-USER/SID              one empty file per stored conversation of USER (quotas,
-                                  listing: its time is when it was first stored)
+                                  listing: its time is when it was first stored;
+                                  userindex.py)
     torn/SID.TIME                 bytes cut off a log's torn tail, kept for inspection
 
 Conversation ids are ``[A-Za-z0-9_-]{1,128}`` and users ``[A-Za-z0-9_.@:+=-]{1,128}``
@@ -30,7 +31,6 @@ nodes on one machine can share the directory. Readers take the shared lock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -62,6 +62,7 @@ from .base import (
     plan_checkpoint,
 )
 from .errors import StoreError, StoreUnavailable
+from .userindex import UserIndex
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class FileEventStore(Opened):
             raise ValueError(f"fsync must be 'batch' or 'none', got {fsync!r}")
         self.path = Path(path)
         self.fsync: FsyncPolicy = fsync
+        self._users = UserIndex(self.path, durable=fsync == "batch")
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self._threads = threads
         self._pool: ThreadPoolExecutor | None = None
@@ -191,9 +193,6 @@ class FileEventStore(Opened):
     def _files(self, sid: str) -> filelog.ConversationFiles:
         return filelog.ConversationFiles.under(self.path, sid)
 
-    def _marker(self, user: str, sid: str) -> Path:
-        return self.path / "users" / f"u-{user}" / sid
-
     def _cached(self, sid: str) -> filelog.LogState | None:
         with self._states_lock:
             return self._states.get(sid)
@@ -237,7 +236,7 @@ class FileEventStore(Opened):
             state = filelog.load(files, fd, self._cached(sid), repair=True)
             try:
                 state, result = filelog.append(
-                    files, fd, state, epoch, events, user, self._durable, self._add_marker
+                    files, fd, state, epoch, events, user, self._durable, self._users.add
                 )
             except BaseException:
                 self._remember(sid, None)  # the file may hold a partial write: re-read it
@@ -248,20 +247,6 @@ class FileEventStore(Opened):
             else:
                 self._remember(sid, state)
             return result
-
-    def _add_marker(self, sid: str, user: str) -> None:
-        """Called before a conversation's first record is written: a crash between the
-        two leaves a marker whose log is empty, which counting skips, never a stored
-        conversation without its marker."""
-        marker = self._marker(user, sid)
-        if marker.exists():
-            return
-        marker.parent.mkdir(mode=0o700, exist_ok=True)
-        marker.touch(mode=filelog.FILE_MODE)
-        if self._durable:
-            filelog.fsync_dir(marker.parent)
-            # Every time: a process that crashed after its mkdir may not have synced it.
-            filelog.fsync_dir(marker.parent.parent)
 
     async def read(
         self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT
@@ -297,7 +282,7 @@ class FileEventStore(Opened):
         known = self._conversation_sync(sid)
         if known is not None or not (quota and user):
             return Lookup(known)
-        return Lookup(None, self._count_sync(user, quota))
+        return Lookup(None, self._users.count(user, quota))
 
     async def last_id(self, sid: str) -> int:
         check_conversation_id(sid)
@@ -308,50 +293,18 @@ class FileEventStore(Opened):
         return (await self._run(self._state_sync, sid)).size
 
     async def count_conversations(self, user: str | None = None) -> int:
-        if user is not None:
-            check_user_id(user)
-        return await self._run(self._count_sync, user, 0)
-
-    def _count_sync(self, user: str | None, below: int) -> int:
-        conversations = self.path / "conversations"
         if user is None:  # a listing: for an operator, not for every request
-            with os.scandir(conversations) as entries:
-                return sum(1 for entry in entries if entry.name.endswith(".log") and _holds(entry))
-        try:
-            sids = os.listdir(self.path / "users" / f"u-{user}")
-        except FileNotFoundError:
-            return 0
-        if len(sids) < below:  # a marker may outlive its log (a crash), never the reverse
-            return len(sids)
-        return sum(filelog.stored_for(conversations / f"{sid}.log", user) for sid in sids)
+            return await self._run(self._count_all_sync)
+        return await self._run(self._users.count, check_user_id(user))
+
+    def _count_all_sync(self) -> int:
+        with os.scandir(self.path / "conversations") as entries:
+            return sum(1 for entry in entries if entry.name.endswith(".log") and _holds(entry))
 
     async def list_conversations(self, user: str, limit: int) -> list[tuple[str, int]]:
         check_user_id(user)
         check_limit(limit)
-        return await self._run(self._list_sync, user, limit)
-
-    def _list_sync(self, user: str, limit: int) -> list[tuple[str, int]]:
-        """Newest first by their markers' times (a marker is written before the first
-        record of its conversation and never touched again)."""
-        folder = self.path / "users" / f"u-{user}"
-        try:
-            with os.scandir(folder) as entries:
-                names = [entry.name for entry in entries]
-        except FileNotFoundError:
-            return []
-        markers = []
-        for name in names:
-            with contextlib.suppress(FileNotFoundError):  # purged meanwhile
-                markers.append((os.stat(folder / name).st_mtime_ns, name))
-        markers.sort(key=lambda m: (-m[0], m[1]))
-        conversations = self.path / "conversations"
-        listed: list[tuple[str, int]] = []
-        for mtime_ns, sid in markers:
-            if len(listed) == limit:
-                break
-            if filelog.stored_for(conversations / f"{sid}.log", user):
-                listed.append((sid, mtime_ns // 1_000_000))
-        return listed
+        return await self._run(self._users.newest, user, limit)
 
     async def purge(self, sid: str) -> tuple[int, int]:
         check_conversation_id(sid)
@@ -372,7 +325,7 @@ class FileEventStore(Opened):
                 if name.rpartition(".")[0] == sid:
                     (files.torn_dir / name).unlink(missing_ok=True)
             if state.user:
-                self._marker(state.user, sid).unlink(missing_ok=True)
+                self._users.remove(sid, state.user)
             files.log.unlink()
             self._remember(sid, None)
             if self._durable:
