@@ -18,7 +18,14 @@ from collections.abc import Mapping
 from . import codec
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import ConversationNotFound, Forbidden, InboxFull, LimitExceeded, StoreBehind
+from .errors import (
+    ConversationNotFound,
+    Forbidden,
+    InboxFull,
+    LimitExceeded,
+    NotReplicated,
+    StoreBehind,
+)
 from .membership import Membership
 from .runner import LoopRunner
 from .state import Accepted, RedisState, accept_token
@@ -45,7 +52,8 @@ class Actions:
     async def accept(self, sid: str, user: str, action: codec.Action) -> Accepted:
         """Log and enqueue ``action`` for ``sid`` as ``user``; raises the reason it was
         refused (ConversationNotFound, Forbidden, InboxFull, StoreBehind), changing nothing
-        then."""
+        then, or NotReplicated (logged, not confirmed by replicas: the same token again
+        is safe)."""
         event, packed = action
         key = event.get(codec.CLIENT_ACTION_ID)
         token = accept_token(None if key is None else str(key))
@@ -67,10 +75,13 @@ class Actions:
                 window_bytes=self._config.log_window_bytes,
                 max_bytes=self._config.max_conversation_bytes,
             )
+            # Logged as this id even when unconfirmed: the loop answers it either way.
             landed = r.event_id if r.status == "ok" else 0
         finally:
             if spec is not None:
                 spec.settle(landed)
+        if r.unconfirmed:  # not acknowledged: the client's retry (same token) is safe
+            raise NotReplicated(r.unconfirmed)
         if r.status == "missing":
             raise ConversationNotFound(sid)
         if r.status == "forbidden":

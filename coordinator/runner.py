@@ -32,7 +32,7 @@ from .idle import IdleTracker
 from .metrics import NodeMetrics
 from .poison import agent_failure
 from .speculation import Speculation
-from .state import Lease, RedisState
+from .state import Committed, Lease, RedisState
 from .statenotes import StateNotes
 from .tasks import cancel_and_wait
 
@@ -316,6 +316,7 @@ class LoopRunner:
         packed = pack_agent_events(events, self._config.max_agent_event_bytes)
         backoff = Backoff(base=0.05, cap=1.0)
         spec = self._speculated(cause)
+        held: Committed | None = None  # made, not confirmed by replicas: not delivered
         while True:
             if self.fenced or (check_open and self.closed) or not self._lease_valid():
                 self._fence("node lease lapsed" if not self.fenced else "already fenced")
@@ -337,19 +338,25 @@ class LoopRunner:
                     writer=self._writer,
                     accepted_as=accepted_as,
                     floor=self._delivery.floor(self.sid),
+                    held=held,
                 )
-                if r.notice is not None:  # Redis had lost events: clients are told
-                    await self._delivery.committed(self.sid, r.notice[0], [r.notice[1]])
-                if not r.replicated:
-                    self._metrics.not_replicated()
             except REDIS_TROUBLE as exc:
-                await self._pay_owed()  # the client need not wait for the retries
-                delay = backoff.next()
-                log.warning("commit for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
-                await asyncio.sleep(delay)
-                continue
+                why: str = str(exc)
+            else:
+                why = r.unconfirmed
+                if why:  # the same write again: a dup, confirmed when replicas catch up
+                    self._metrics.not_replicated()
+                    held = r if r.status == "ok" else held
             finally:
                 self._writes -= 1
+            if why:
+                await self._pay_owed()  # the client need not wait for the retries
+                delay = backoff.next()
+                log.warning("commit for %s failed (%s); retry in %.2fs", self.sid, why, delay)
+                await asyncio.sleep(delay)
+                continue
+            if r.notice is not None:  # Redis had lost events: clients are told
+                await self._delivery.committed(self.sid, r.notice[0], [r.notice[1]])
             if r.status != "unaccepted":
                 break
             # Sent before its accept ran (or the accept went another way): the accept's

@@ -25,10 +25,14 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from coordinator import ConversationManager
 from coordinator.codec import EVENTS_LOST, notice_code
+from coordinator.errors import NotReplicated
 from coordinator.keys import KeySchema
+from coordinator.lane import ScriptLane
+from coordinator.state import RedisState, accept_token
 from tests.helpers import RecordingSink, fast_config, wait_until
 from tests.redis_process import RedisProcess
 from tests.redis_topologies import RedisClusterServers, SentinelServers
@@ -309,6 +313,65 @@ async def test_without_replica_acks_a_lagging_failover_is_detected_and_told(
         timeout=15,
         what="served again",
     )
+
+
+async def test_a_write_no_replica_confirmed_reaches_no_client_until_one_does(
+    redis_sentinel: SentinelServers, nodes: Any
+) -> None:
+    """--ack-replicas 1, the replica paused: an action is logged on the master but not
+    acknowledged, and the owner's answer to it is logged there too, unconfirmed. Neither
+    reaches a client on either node while a failover could still undo them (ids a client
+    saw would then go to other events); both written again on a new connection are
+    still unconfirmed (recent Redis versions WAIT for the connection's last write: a
+    retry that wrote nothing would look confirmed). Once the replica is back,
+    the retry is acknowledged under the first id and every client gets both, once."""
+    servers = redis_sentinel
+    hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
+    url = f"redis+sentinel://{hosts}/{servers.master_name}"
+    (n1, s1), (n2, s2) = await nodes(url, ack_replicas=1)
+    await n1.join_conversation(SID, "a", {}, "alice")
+    await n2.join_conversation(SID, "b", {}, "alice")
+    await _send_until_acked(n1, "a", "kept")
+    await wait_until(lambda: s1.ids("a") == s2.ids("b") == [1, 2], what="the first answer")
+    master = servers.master()
+    replica = next(p for p in servers.data_nodes if p is not master)
+    held = {"action": "message", "args": {"content": "held"}, "client_action_id": "held"}
+
+    async def logged() -> bool:
+        return [e["id"] for e in await n1.events(SID, after=2)] == [3, 4]
+
+    with _paused(replica):
+        with pytest.raises(NotReplicated):
+            await n1.send_to_event_stream("a", held)
+        await wait_until(logged, what="the action and its answer on the master")
+        # Both again, on connections that have written nothing.
+        async with _fresh_state(master, n1.keys) as state:
+            again = await state.accept(SID, "alice", b"", 100, 100, token=accept_token("held"))
+            assert (again.status, again.event_id) == ("ok", 3) and again.unconfirmed
+        async with _fresh_state(master, n1.keys) as state:
+            meta = await state.redis.hmget(n1.keys.conv(SID), "inc", "epoch")
+            answer = await state.commit(SID, meta[0].decode(), int(meta[1]), [b""], cause=3)
+            assert answer.status == "dup" and answer.unconfirmed
+        await asyncio.sleep(1.0)  # the owner's commit is retried meanwhile
+        assert s1.ids("a") == [1, 2] and s2.ids("b") == [1, 2], "delivered unconfirmed"
+    assert await _send_until_acked(n1, "a", "held") == 3
+    with contextlib.suppress(AssertionError):
+        await wait_until(lambda: s1.ids("a") == s2.ids("b") == [1, 2, 3, 4])
+    assert s1.ids("a") == s2.ids("b") == [1, 2, 3, 4], (s1.ids("a"), s2.ids("b"))
+    assert s1.events["a"][3]["source"] == "agent" == s2.events["b"][3]["source"]
+
+
+@contextlib.asynccontextmanager
+async def _fresh_state(master: RedisProcess, keys: KeySchema) -> AsyncIterator[RedisState]:
+    """The state API on new connections to ``master``, acknowledging with one replica."""
+    url = f"redis://{master.address[0]}:{master.address[1]}"
+    lane = ScriptLane(url, timeout=5.0, connect_timeout=2.0)
+    client = aioredis.Redis.from_url(url)
+    try:
+        yield RedisState(client, keys, lane, replicas=1, replica_timeout_ms=300)
+    finally:
+        await lane.aclose()
+        await client.aclose()
 
 
 async def _send_until_acked(node: ConversationManager, cid: str, content: str) -> int:

@@ -31,7 +31,8 @@ ACCEPT = (
 -- ARGV[8]  floor: the highest event id the writer knows was logged; a lower seq means
 --          Redis lost events (a failover to a lagging replica): nothing is written
 -- ARGV[9]  '1': do not publish, report whether another node listens (the writer
---          publishes once replicas confirmed the write)
+--          publishes once replicas confirmed the write, a retry's too); a retry writes
+--          (last_active)
 -- ARGV[10] window bytes: refused ('behind') while the events not stored, this one
 --          included, would be more bytes
 -- ARGV[11] most bytes of the conversation's events (0: no limit)
@@ -49,7 +50,15 @@ local f = redis.call('HMGET', KEYS[1], 'user', 'owner', 'inc', 'seq', 'stored', 
 if not f[1] then return {'missing', 0, '', '', 0} end
 if ARGV[1] ~= '' and f[1] ~= ARGV[1] then return {'forbidden', 0, '', '', 0} end
 local seen = redis.call('ZSCORE', KEYS[4], ARGV[6])
-if seen then return {'ok', tonumber(seen), f[2] or '', f[3] or '', 0} end
+if seen then
+  if ARGV[9] ~= '1' then return {'ok', tonumber(seen), f[2] or '', f[3] or '', 0} end
+  -- The first one may not have been confirmed, nor published: a write, so that the WAIT
+  -- after this covers it (recent Redis versions wait for the connection's last command
+  -- that wrote: a new connection, after a reconnect, has none), and whether to publish.
+  redis.call('HSET', KEYS[1], 'last_active', now)
+  local others = heard_elsewhere(f[3] or '', KEYS[5], ARGV[7])
+  return {'ok', tonumber(seen), f[2] or '', f[3] or '', others and 1 or 0}
+end
 if tonumber(f[4] or '0') < tonumber(ARGV[8]) then
   return {'rewound', tonumber(f[4] or '0'), '', '', 0}
 end
@@ -99,7 +108,8 @@ COMMIT = (
 --          accept answered (speculatively, predicting its id): the write goes through
 --          only if that accept logged the action under exactly that id ('' = no check)
 -- ARGV[10] floor, as in accept: a lower seq is reported ('rewound') and nothing written
--- ARGV[11] '1': do not publish, report whether another node listens (as in accept)
+-- ARGV[11] '1': do not publish, report whether another node listens; a dup writes
+--          (last_active), as in accept
 -- ARGV[12..] packed events (msgpack maps without id)
 -- returns  {'ok', first id, last id, now, others listen}, {'dup', 0, 0, now, 0} (this
 --          write was already committed: a retry after a lost reply), {'fenced', epoch,
@@ -122,11 +132,11 @@ if ARGV[9] ~= '' and tonumber(redis.call('ZSCORE', KEYS[5], ARGV[9]) or '0') ~= 
   return {'unaccepted', 0, 0, now, 0}
 end
 local applied, emitted = tonumber(f[3] or '0'), tonumber(f[5] or '-1')
-if cause > 0 and (cause < applied or (cause == applied and index <= emitted)) then
-  return {'dup', 0, 0, now, 0}
-end
 local token = ARGV[8]
-if cause == 0 and token ~= '' and f[6] == token and index <= tonumber(f[7] or '0') then
+if (cause > 0 and (cause < applied or (cause == applied and index <= emitted)))
+    or (cause == 0 and token ~= '' and f[6] == token and index <= tonumber(f[7] or '0')) then
+  -- a write, so that the WAIT after it covers the first one (as in accept)
+  if ARGV[11] == '1' then redis.call('HSET', KEYS[1], 'last_active', now) end
   return {'dup', 0, 0, now, 0}
 end
 if tonumber(f[8] or '0') < tonumber(ARGV[10]) then

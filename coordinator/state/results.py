@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
 
 from redis.exceptions import ResponseError
@@ -75,12 +75,7 @@ class Accepted:
     inc: str
     notice: Notice | None = None  # logged before this write (see state/writes.py)
     unstored_bytes: int = 0
-
-    def with_notice(self, notice: Notice) -> Accepted:
-        return replace(self, notice=notice)
-
-    def with_unstored(self, size: int) -> Accepted:
-        return replace(self, unstored_bytes=size)
+    unconfirmed: str = ""  # why fewer replicas than asked confirmed it in time
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +87,13 @@ class Committed:
     first_id: int
     last_id: int
     now_ms: int
-    replicated: bool = True  # False: fewer replicas than asked confirmed it in time
     notice: Notice | None = None  # logged before this write (see state/writes.py)
+    others: bool = False  # another node listens to the conversation
+    unconfirmed: str = ""  # why fewer replicas than asked confirmed it in time
 
-    def with_notice(self, notice: Notice) -> Committed:
-        return replace(self, notice=notice)
+    @property
+    def replicated(self) -> bool:
+        return not self.unconfirmed
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,10 @@
 events), with what a deployment asks of them.
 
 - ``replicas`` (``--ack-replicas``): each write is followed by ``WAIT`` on the same
-  connection, and counts only once that many replicas hold it (else ``NotReplicated``);
-  the scripts then leave publishing to the writer, which publishes once replicas hold
-  the write, so no node delivers what a failover could still undo.
+  connection, and counts only once that many replicas hold it (else the result says
+  why, ``unconfirmed``, and the writer makes it again: see ``accept`` and ``commit``).
+  The scripts leave publishing to the writer, which publishes once replicas hold the
+  write, so no node delivers what a failover could still undo.
 - ``floor``: the highest event id the writer knows was logged. A script that finds the
   conversation's ``seq`` below it refuses (``rewound``): Redis lost the newest events in
   a failover. The ids then continue after ``floor`` (``rewind``) with a notice telling
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from workers.protocol import Event
@@ -47,7 +49,7 @@ class WriteOps(StateCore):
         r, acked = await self.lane.run_replicated(
             self._scripts[name], keys, args, self.replicas, self.replica_timeout_ms
         )
-        if acked >= self.replicas or text(r[0]) != "ok":
+        if acked >= self.replicas or text(r[0]) not in ("ok", "dup"):
             return list(r), ""
         return list(r), (
             f"the write was made but only {acked} of {self.replicas} replica(s) "
@@ -111,7 +113,11 @@ class WriteOps(StateCore):
         ``window_events``, or would pass ``window_bytes`` with this one: Redis never
         trims what the store lacks, so this is what bounds the log when the store lags.
         Refused (``quota``) when the conversation's events would pass ``max_bytes``
-        (0: no limit)."""
+        (0: no limit).
+
+        With ``replicas``, an accept fewer replicas confirmed in time comes back with
+        ``unconfirmed`` (why), published nowhere: it must not be acknowledged nor
+        delivered; the client's retry (same token) confirms and publishes it."""
         k = self.keys
         keys = [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
         token = token or accept_token(None)
@@ -124,14 +130,19 @@ class WriteOps(StateCore):
             if text(r[0]) != "rewound":
                 break
             notice = await self.rewind(sid, floor, int(r[1]))
-        if unconfirmed:  # not acknowledged: the client's retry (same token) is safe
-            raise NotReplicated(unconfirmed)
-        result = Accepted(status(text(r[0]), ACCEPT), int(r[1]), text(r[2]), text(r[3]))
+        result = Accepted(
+            status(text(r[0]), ACCEPT),
+            int(r[1]),
+            text(r[2]),
+            text(r[3]),
+            notice=notice if notice is not None and notice[0] else None,
+            unconfirmed=unconfirmed,
+        )
         if result.status == "behind":
-            return result.with_unstored(int(r[4]))
-        if defer and result.status == "ok" and int(r[4]):
+            return replace(result, unstored_bytes=int(r[4]))
+        if defer and result.status == "ok" and int(r[4]) and not unconfirmed:
             await self._publish_late(sid, [published(result.event_id, packed)])
-        return result if notice is None or not notice[0] else result.with_notice(notice)
+        return result
 
     async def commit(
         self,
@@ -147,6 +158,7 @@ class WriteOps(StateCore):
         writer: str = "",
         accepted_as: str = "",
         floor: int = 0,
+        held: Committed | None = None,
     ) -> Committed:
         """Append events as the owner (fenced); ``publisher`` as in ``accept``.
 
@@ -154,7 +166,14 @@ class WriteOps(StateCore):
         for a write answering action ``cause``, else by ``(writer, index)``. With
         ``accepted_as`` (the accept token of action ``cause``, dispatched before its
         accept answered) the write goes through only if that accept logged the action
-        as ``cause``: else status ``unaccepted`` and nothing is written."""
+        as ``cause``: else status ``unaccepted`` and nothing is written.
+
+        With ``replicas``, a write fewer replicas confirmed in time comes back
+        ``replicated=False``, published nowhere: the caller must not deliver it either
+        (a failover could still undo it and give its ids to other events), and makes
+        the same write again, passing that result as ``held``. The same write is then a
+        ``dup`` (still in the log) and, once replicas confirm it, this returns ``held``'s
+        ids and publishes them; a failover that lost it makes it anew."""
         k = self.keys
         keys = [k.conv(sid), k.events(sid), k.inbox(sid), k.conv_conns(sid), k.accepted(sid)]
         defer = "1" if self.replicas else ""
@@ -166,16 +185,23 @@ class WriteOps(StateCore):
             if text(r[0]) != "rewound":
                 break
             notice = await self.rewind(sid, floor, int(r[1]))
-        if unconfirmed:
-            # The events are in the master's log (readers see them): counted and logged,
-            # not undone. A failover before replicas catch up is told as a rewind.
-            log.warning("commit to %s: %s", sid, unconfirmed)
         result = Committed(
-            status(text(r[0]), COMMIT), int(r[1]), int(r[2]), int(r[3]), replicated=not unconfirmed
+            status(text(r[0]), COMMIT),
+            int(r[1]),
+            int(r[2]),
+            int(r[3]),
+            notice=notice if notice is not None and notice[0] else None,
+            others=bool(int(r[4])),
+            unconfirmed=unconfirmed,
         )
-        if defer and result.status == "ok" and int(r[4]):
+        if unconfirmed:
+            return result
+        if result.status == "dup" and held is not None:
+            notice = result.notice or held.notice
+            result = replace(held, now_ms=result.now_ms, notice=notice, unconfirmed="")
+        if defer and result.status == "ok" and result.others:
             ids = range(result.first_id, result.last_id + 1)
             await self._publish_late(
                 sid, [published(i, p) for i, p in zip(ids, packed_events, strict=True)]
             )
-        return result if notice is None or not notice[0] else result.with_notice(notice)
+        return result
