@@ -73,6 +73,9 @@ class Directory:
         # Whether the last refresh saw a registered node without its lease (dead, or
         # lapsed and not yet back): the housekeeping then reaps at once.
         self.sees_dead = False
+        # Whether it saw this node's own lease gone while its clock still counts it
+        # valid (renewals stuck on a master that failed over to a stale replica).
+        self.lost_self = False
 
     # -- liveness --------------------------------------------------------------------
     async def alive(self, inc: str) -> bool:
@@ -98,6 +101,8 @@ class Directory:
         now = time.monotonic()
         self._live = {registry[node]: now + left for node, left in live.items()}
         self.sees_dead = len(live) < len(registry)
+        me = self._membership
+        self.lost_self = bool(me.inc) and not me.lapsed and me.inc not in self._live
         return set(self._live)
 
     def live_incarnations(self) -> set[str]:

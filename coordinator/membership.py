@@ -166,12 +166,17 @@ class Membership:
             return  # a new incarnation registered meanwhile: this answer is stale
         self.renew_failures = 0
         if not ok:
-            self._lapse("lease lost in Redis")
-            self.lost.set()
+            self.lost_in_redis()
         elif self.lapsed:
             self.lost.set()  # renewed too late: start a fresh incarnation all the same
         else:
             self._arm(sent_at)
+
+    def lost_in_redis(self) -> None:
+        """Redis no longer holds this incarnation's lease (a renewal refused, or a
+        refresh that found it gone): its loops are fenced, and it registers afresh."""
+        self._lapse("lease lost in Redis")
+        self.lost.set()
 
     def renew_failed(self, exc: BaseException) -> None:
         self.renew_failures += 1

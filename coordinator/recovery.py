@@ -175,6 +175,12 @@ class Recovery:
                 await self._sessions.retry_deferred()
                 await self._restarts.retry(await self._loops.owners.retry_abandoned())
                 await self._directory.refresh()
+                if self._directory.lost_self:
+                    # Others see this node dead and take its conversations: stop its
+                    # loops now and register afresh (at once: ``lost`` is set), before
+                    # taking any conversation from a node just as dead.
+                    self._membership.lost_in_redis()
+                    continue
                 if n % reap_every == 0 or self._directory.sees_dead:
                     reaped_at = time.time()
                     released = await reap_dead_nodes(

@@ -76,8 +76,10 @@ async def test_a_former_owner_that_believes_it_still_owns_cannot_append(make_nod
     # publish NODE_LOST, which a (its clock patched to trust its lease) would answer by
     # restarting the loop: a race this test is not about.
     await b.node.tasks.cancel(b.node.tasks.named("housekeeping"))
-    # Simulate a paused process: no renewals, and its own clock never noticed.
+    # Simulate a paused process: no renewals, no housekeeping (whose refresh would see
+    # its lease gone), and its own clock never noticed.
     await _stop_heartbeats(a)
+    await a.node.tasks.cancel(a.node.tasks.named("housekeeping"))
     a.membership.stop()
     a.membership.lease_valid = lambda: True  # type: ignore[method-assign]
     a.membership.check = lambda: True  # type: ignore[method-assign]
@@ -255,6 +257,40 @@ async def test_a_dead_node_is_reaped_at_the_first_heartbeat_that_sees_it_dead(ma
         timeout=3,
         what="the dead node reaped",
     )
+
+
+async def test_a_node_that_finds_its_own_lease_gone_stops_before_taking_over(make_nodes) -> None:
+    """After a failover to a replica that lagged, Redis may hold no node's lease while
+    every node's clock still counts its own valid (renewals stuck on the old master, as
+    in CI). The heartbeat whose refresh finds the node's own lease gone lapses it and
+    registers it afresh, before it takes a conversation from a node just as dead: the
+    two nodes' clients acting in turn restart its loop once or twice, not once per
+    action (11 times in these 2 s before; 56 times in one CI run)."""
+    a, b = await make_nodes(2, node_ttl=60.0, heartbeat_interval=0.25)
+    await a.join_conversation("gone", "ca", {}, "erin")
+    await b.join_conversation("gone", "cb", {}, "erin")
+    old = (a.membership.inc, b.membership.inc)
+
+    def stuck(*_: object) -> bool:
+        raise TimeoutError("the old master does not answer")
+
+    for node in (a, b):
+        node.membership._keeper._renewer.renew = stuck  # type: ignore[union-attr]
+    await a.state.redis.delete(a.keys.node_lease("node1"), a.keys.node_lease("node2"))
+    acked = 0
+    for i in range(40):  # 2 s, each client in turn
+        node, cid = (a, "ca") if i % 2 == 0 else (b, "cb")
+        action = {"action": "message", "args": {"content": f"m{i}"}}
+        try:
+            await node.send_to_event_stream(cid, action)
+            acked += 1
+        except Exception:  # refused while its node registers again
+            pass
+        await asyncio.sleep(0.05)
+    assert a.membership.inc != old[0] and b.membership.inc != old[1], "never registered again"
+    epoch = int(await a.state.redis.hget(a.keys.conv("gone"), "epoch"))
+    assert epoch <= 4, f"the loop was taken over {epoch - 1} times"
+    assert acked >= 30
 
 
 async def test_a_loop_fenced_while_stopping_gives_its_channel_back_once(make_nodes) -> None:
