@@ -309,7 +309,9 @@ class LoopRunner:
     ) -> int:
         """Commit as the owner; the id of the last of ``events`` (0 after a ``dup``). Retries
         through Redis trouble until the lease lapses (a retry after a lost reply is a
-        ``dup``); the agent's changed state is recorded and noted (``with_state_note``)."""
+        ``dup``), and with ``--ack-replicas`` until replicas confirm the write, which is
+        delivered only then; the agent's changed state is recorded and noted
+        (``with_state_note``)."""
         changed = self._notes.change()
         noted = changed if self._notes.enabled else ""
         events, after = with_state_note(events, noted)
@@ -341,7 +343,7 @@ class LoopRunner:
                     held=held,
                 )
             except REDIS_TROUBLE as exc:
-                why: str = str(exc)
+                why: str = str(exc) or type(exc).__name__
             else:
                 why = r.unconfirmed
                 if why:  # the same write again: a dup, confirmed when replicas catch up
