@@ -43,8 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A batch: at most this many events and about this many bytes (at least one event).
+# Its read shares the script lane with every action's accept and commit, which wait
+# behind it while it transfers: a quarter of a MiB, as a replay's page.
 BATCH_EVENTS = 500
-BATCH_BYTES = 1 << 20
+BATCH_BYTES = 1 << 18
 # Seconds one append may take: a store that hangs (a stalled disk or network) is an
 # unreachable one, retried later, not a mover stuck for good.
 APPEND_TIMEOUT = 30.0

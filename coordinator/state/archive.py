@@ -21,7 +21,9 @@ class ArchiveOps(StateCore):
         events after that: at most ``count`` of them and ``max_bytes`` (at least one),
         packed as logged."""
         k = self.keys
-        r = await self._run("unstored", [k.conv(sid), k.events(sid)], [count, max_bytes])
+        # Over the script lane, as the mark below: through redis-py the mover's calls
+        # were a fifth of an action's CPU at saturation (BENCHMARKS.md, #17).
+        r = await self._run("unstored", [k.conv(sid), k.events(sid)], [count, max_bytes], hot=True)
         rows = [(int(r[i]), bytes(r[i + 1])) for i in range(1, len(r), 2)]
         return int(r[0]), rows
 
@@ -35,6 +37,7 @@ class ArchiveOps(StateCore):
             "mark_stored",
             [k.conv(sid), k.events(sid)],
             [last_id, window_events, window_bytes],
+            hot=True,
         )
 
     async def window_start(self, sid: str) -> int:

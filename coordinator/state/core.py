@@ -79,8 +79,10 @@ class StateCore:
     """The Redis client (a pool, or redis-py's cluster client), the key schema and the
     scripts, loaded once.
 
-    ``lane`` carries the two scripts of every action (accept and commit) on a pipelined
-    connection of its own (``lane.py``); everything else goes through ``redis``.
+    ``lane`` carries the scripts called with ``hot=True`` (every action's accept and
+    commit, a start's and a stop's, the mover's) on a pipelined connection of its own
+    (``lane.py``): hiredis parses its replies, about a tenth of redis-py's CPU per call;
+    everything else goes through ``redis``.
     ``sharded``: a Redis Cluster (scripts publish with SPUBLISH); ``replicas`` and
     ``replica_timeout_ms``: what an acknowledged write waits for (``writes.py``).
     """
