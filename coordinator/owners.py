@@ -171,8 +171,12 @@ class Owners:
         up, which still need a loop if their inbox holds actions."""
         done = []
         for lease in list(self._abandoned):
-            # A later start may have taken the conversation up again meanwhile.
-            if self._busy(lease.sid) or await self.give_up(lease, None, watched=False):
+            if self._busy(lease.sid):
+                # A start under way here: a later one (its epoch fences this release), or
+                # the failed one itself, still unwinding; then dropping the lease left the
+                # conversation owned by this live node, running no loop, for good.
+                continue
+            if await self.give_up(lease, None, watched=False):
                 self._abandoned.remove(lease)
                 done.append((lease.sid, lease.user))
         return done

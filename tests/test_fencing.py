@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from coordinator import Fenced, codec
 from coordinator.recovery import reap_incarnation, reaper_lock
-from coordinator.state import RedisState
+from coordinator.state import Lease, RedisState
 from tests.helpers import wait_until
 
 
@@ -291,6 +291,30 @@ async def test_a_node_that_finds_its_own_lease_gone_stops_before_taking_over(mak
     epoch = int(await a.state.redis.hget(a.keys.conv("gone"), "epoch"))
     assert epoch <= 4, f"the loop was taken over {epoch - 1} times"
     assert acked >= 30
+
+
+async def test_a_failed_start_left_owned_is_given_up_after_the_start_unwinds(make_nodes) -> None:
+    """A start that failed while Redis was down leaves its ownership to be given up at a
+    later heartbeat. A heartbeat that finds a start of that conversation still under way
+    on the node (the failed one, unwinding, or a later one) keeps the lease for the next
+    heartbeat. Dropped, as it was, the conversation stayed owned by this live node, which
+    ran no loop for it, and no node would start it again (seen in the chaos suite's Redis
+    restart: an acknowledged action never answered)."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("unwound", "c", {}, "ivy")
+    await a.node.loops.stop("unwound", None)  # no loop; the connection stays
+    own = await a.state.acquire("unwound", "node1", a.membership.inc, "ivy", create=False)
+    assert own.status == "ok"  # this node owns it, running no loop
+    owners = a.node.loops.owners
+    owners.abandon(Lease("unwound", "ivy", a.membership.inc, own.epoch))
+    a.node.loops.starting["unwound"] = asyncio.get_running_loop().create_future()
+    try:
+        assert await owners.retry_abandoned() == []  # the start is still unwinding
+    finally:
+        del a.node.loops.starting["unwound"]
+    assert (await a.conversation("unwound"))["inc"] == a.membership.inc
+    assert await owners.retry_abandoned() == [("unwound", "ivy")]
+    assert (await a.conversation("unwound"))["inc"] == "", "still owned, by no loop"
 
 
 async def test_a_loop_fenced_while_stopping_gives_its_channel_back_once(make_nodes) -> None:
