@@ -91,10 +91,6 @@ class Committed:
     others: bool = False  # another node listens to the conversation
     unconfirmed: str = ""  # why fewer replicas than asked confirmed it in time
 
-    @property
-    def replicated(self) -> bool:
-        return not self.unconfirmed
-
 
 @dataclass(frozen=True, slots=True)
 class Admitted:

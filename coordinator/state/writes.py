@@ -20,12 +20,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from workers.protocol import Event
-
 from .. import codec
 from ..errors import NotReplicated
 from .core import StateCore, accept_token, text
-from .results import ACCEPT, COMMIT, Accepted, Committed, status
+from .results import ACCEPT, COMMIT, Accepted, Committed, Notice, status
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +66,7 @@ class WriteOps(StateCore):
             else:
                 await self.redis.publish(channel, message)
 
-    async def rewind(self, sid: str, floor: int, found: int) -> tuple[int, Event]:
+    async def rewind(self, sid: str, floor: int, found: int) -> Notice:
         """Continue ``sid``'s ids after ``floor`` (Redis lost ``found+1..floor``), logging
         a notice as the first new id; returns it (id 0: nothing was lost after all)."""
         notice = codec.events_lost_event(found + 1, floor)
@@ -87,6 +85,20 @@ class WriteOps(StateCore):
                 int(r[0]) + 1,
             )
         return int(r[0]), notice
+
+    async def _write_rewinding(
+        self, name: str, sid: str, keys: list[str], args: list[Any], floor: int
+    ) -> tuple[list[Any], str, Notice | None]:
+        """``_write``; a script that finds the log below ``floor`` (``rewound``) runs
+        again once the ids go on after it (``rewind``). Also the loss notice logged then."""
+        notice: Notice | None = None
+        for _ in range(2):
+            r, unconfirmed = await self._write(name, keys, args)
+            if text(r[0]) != "rewound":
+                break
+            logged = await self.rewind(sid, floor, int(r[1]))
+            notice = logged if logged[0] else None
+        return r, unconfirmed, notice
 
     async def accept(
         self,
@@ -122,20 +134,15 @@ class WriteOps(StateCore):
         keys = [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
         token = token or accept_token(None)
         defer = "1" if self.replicas else ""
-        notice: tuple[int, Event] | None = None
-        for _ in range(2):
-            args = [user, packed, window_events, inbox_max, k.conv_channel(sid), token, publisher]
-            tail = [floor, defer, window_bytes, max_bytes]
-            r, unconfirmed = await self._write("accept", keys, [*args, *tail])
-            if text(r[0]) != "rewound":
-                break
-            notice = await self.rewind(sid, floor, int(r[1]))
+        args = [user, packed, window_events, inbox_max, k.conv_channel(sid), token, publisher]
+        args += [floor, defer, window_bytes, max_bytes]
+        r, unconfirmed, notice = await self._write_rewinding("accept", sid, keys, args, floor)
         result = Accepted(
             status(text(r[0]), ACCEPT),
             int(r[1]),
             text(r[2]),
             text(r[3]),
-            notice=notice if notice is not None and notice[0] else None,
+            notice=notice,
             unconfirmed=unconfirmed,
         )
         if result.status == "behind":
@@ -168,8 +175,8 @@ class WriteOps(StateCore):
         accept answered) the write goes through only if that accept logged the action
         as ``cause``: else status ``unaccepted`` and nothing is written.
 
-        With ``replicas``, a write fewer replicas confirmed in time comes back
-        ``replicated=False``, published nowhere: the caller must not deliver it either
+        With ``replicas``, a write fewer replicas confirmed in time comes back with
+        ``unconfirmed`` (why), published nowhere: the caller must not deliver it either
         (a failover could still undo it and give its ids to other events), and makes
         the same write again, passing that result as ``held``. The same write is then a
         ``dup`` (still in the log) and, once replicas confirm it, this returns ``held``'s
@@ -177,27 +184,22 @@ class WriteOps(StateCore):
         k = self.keys
         keys = [k.conv(sid), k.events(sid), k.inbox(sid), k.conv_conns(sid), k.accepted(sid)]
         defer = "1" if self.replicas else ""
-        head = [inc, epoch, k.conv_channel(sid), cause, index, state, publisher]
-        notice: tuple[int, Event] | None = None
-        for _ in range(2):
-            args = [*head, writer, accepted_as, floor, defer, *packed_events]
-            r, unconfirmed = await self._write("commit", keys, args)
-            if text(r[0]) != "rewound":
-                break
-            notice = await self.rewind(sid, floor, int(r[1]))
+        args = [inc, epoch, k.conv_channel(sid), cause, index, state, publisher]
+        args += [writer, accepted_as, floor, defer, *packed_events]
+        r, unconfirmed, notice = await self._write_rewinding("commit", sid, keys, args, floor)
         result = Committed(
             status(text(r[0]), COMMIT),
             int(r[1]),
             int(r[2]),
             int(r[3]),
-            notice=notice if notice is not None and notice[0] else None,
+            notice=notice,
             others=bool(int(r[4])),
             unconfirmed=unconfirmed,
         )
         if unconfirmed:
             return result
         if result.status == "dup" and held is not None:
-            notice = result.notice or held.notice
+            notice = notice or held.notice
             result = replace(held, now_ms=result.now_ms, notice=notice, unconfirmed="")
         if defer and result.status == "ok" and result.others:
             ids = range(result.first_id, result.last_id + 1)
