@@ -28,19 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from . import codec
 from .backoff import Backoff
 from .config import ManagerConfig
-from .eventstore import EventStore, StoreError, StoreMismatch
+from .eventstore import AppendResult, Batch, EventStore, StoreError, StoreMismatch
 from .state import Lease, RedisState
 
 if TYPE_CHECKING:
     from .runner import LoopRunner
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A batch: at most this many events and about this many bytes (at least one event).
 # Its read shares the script lane with every action's accept and commit, which wait
@@ -143,10 +144,14 @@ class Archiver:
             ]
             self._moving = {lease.sid for lease in leases}
             try:
-                done = await asyncio.gather(*(self._try(lease) for lease in leases))
+                done = await self.move_all(leases)
             finally:
                 self._moving = set()
-            failed = [lease.sid for lease, ok in zip(leases, done, strict=True) if not ok]
+            failed = [
+                lease.sid
+                for lease, moved in zip(leases, done, strict=True)
+                if not self._went(lease.sid, moved)
+            ]
             if failed:
                 self._pending.update(failed)
                 await asyncio.sleep(backoff.next())
@@ -163,29 +168,27 @@ class Archiver:
             return True  # nothing to move: no Redis call (idle sweeps close many loops)
         try:
             async with asyncio.timeout(within):
-                moved = await self._try(lease)
+                (moved,) = await self.move_all([lease])
         except TimeoutError:
             log.warning("moving %s's events to the event store timed out", sid)
             return False
-        if moved:
+        if ok := self._went(sid, moved):
             self._pending.discard(sid)
             self._notes.discard(sid)
-        return moved
+        return ok
 
-    async def _try(self, lease: Lease) -> bool:
-        try:
-            await self.move(lease)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the store or Redis: the events wait in Redis
-            if not self.trouble:  # logged once until it works again
+    def _went(self, sid: str, moved: int | Exception) -> bool:
+        """Whether a move of ``sid`` went through; a failure is logged once until one
+        works again (the events wait in Redis meanwhile)."""
+        if isinstance(moved, Exception):
+            if not self.trouble:
                 log.error(
                     "event store %s: cannot store %s's events (%s); retrying",
                     self._where,
-                    lease.sid,
-                    exc,
+                    sid,
+                    moved,
                 )
-            self.trouble = f"cannot store events: {exc}"
+            self.trouble = f"cannot store events: {moved}"
             return False
         if self.trouble:
             log.warning("event store %s: storing events again", self._where)
@@ -193,38 +196,80 @@ class Archiver:
         return True
 
     async def move(self, lease: Lease) -> int:
-        """Move ``lease.sid``'s events the store lacks, a batch at a time, until it holds
-        all of them or a successor fenced this owner; returns the last id stored."""
-        sid, epoch = lease.sid, lease.epoch
+        """Move ``lease.sid``'s events the store lacks until it holds all of them or a
+        successor fenced this owner; returns the last id stored."""
+        (moved,) = await self.move_all([lease])
+        if isinstance(moved, Exception):
+            raise moved
+        return moved
+
+    async def move_all(self, leases: Sequence[Lease]) -> list[int | Exception]:
+        """``move`` for each lease, all together: per round one pipelined read of what
+        the store lacks, one store call for all of them, one pipelined mark that reads
+        the next batch (each conversation a batch at a time: under a flood, what came
+        meanwhile goes at once). For each lease, the last id stored or what failed."""
         cfg = self._config
-        while True:
-            stored, rows = await self._state.unstored(sid, BATCH_EVENTS, BATCH_BYTES)
-            if not rows:
-                return stored
-            if rows[0][0] > stored + 1:
-                rows = lost_ids(stored + 1, rows[0][0] - 1)
-            else:  # up to ids Redis lost, if any: the next batch stores them as a notice
-                rows = rows[: next_gap(rows)]
-            try:
-                async with asyncio.timeout(self.append_timeout):
-                    r = await self._store.append(sid, epoch, rows, user=lease.user)
-            except TimeoutError:
-                raise StoreError(f"an append took over {self.append_timeout:g}s") from None
-            if r.status == "fenced":
-                log.info("%s: a newer owner (epoch %d) stores its events", sid, r.epoch)
-                return r.last_id
-            if r.status == "gap":
-                raise StoreError(
-                    f"the store holds {sid!r} up to event {r.last_id} but Redis records "
-                    f"that it held up to {stored}: was the store replaced or restored "
-                    "from an older backup?"
+        out: dict[str, int | Exception] = {}
+        reads = await _each(
+            self._state.unstored(lease.sid, BATCH_EVENTS, BATCH_BYTES) for lease in leases
+        )
+        todo = list(zip(leases, reads, strict=True))
+        while todo:
+            batches: list[tuple[Lease, Batch]] = []
+            for lease, read in todo:
+                if isinstance(read, Exception):
+                    out[lease.sid] = read
+                    continue
+                stored, rows = read
+                if not rows:
+                    out[lease.sid] = stored
+                    continue
+                if rows[0][0] > stored + 1:
+                    rows = lost_ids(stored + 1, rows[0][0] - 1)
+                else:  # up to ids Redis lost, if any: the next batch stores them as a notice
+                    rows = rows[: next_gap(rows)]
+                batch = Batch(lease.sid, lease.epoch, tuple(rows), lease.user)
+                batches.append((lease, batch))
+            marks: list[tuple[Lease, int]] = []
+            for (lease, batch), r in zip(batches, await self._append(batches), strict=True):
+                if isinstance(r, Exception):
+                    out[lease.sid] = r
+                elif r.status == "fenced":
+                    log.info("%s: a newer owner (epoch %d) stores its events", lease.sid, r.epoch)
+                    out[lease.sid] = r.last_id
+                elif r.status == "gap":
+                    out[lease.sid] = StoreError(
+                        f"the store holds {lease.sid!r} up to event {r.last_id} but Redis "
+                        f"records that it held up to {batch.events[0][0] - 1}: was the store "
+                        "replaced or restored from an older backup?"
+                    )
+                else:
+                    marks.append((lease, r.last_id))
+            reads = await _each(
+                self._state.mark_stored(
+                    lease.sid,
+                    last_id,
+                    cfg.log_window_events,
+                    cfg.log_window_bytes,
+                    BATCH_EVENTS,
+                    BATCH_BYTES,
                 )
-            # Then read again, even when Redis said all was stored: under a flood, what
-            # came meanwhile is moved at once (returning there, test_archive.py's flood
-            # grew the log to 3.6 MB over a 1 MiB window while the next batch gathered).
-            await self._state.mark_stored(
-                sid, r.last_id, cfg.log_window_events, cfg.log_window_bytes
+                for lease, last_id in marks
             )
+            todo = [(lease, read) for (lease, _), read in zip(marks, reads, strict=True)]
+        return [out[lease.sid] for lease in leases]
+
+    async def _append(self, batches: list[tuple[Lease, Batch]]) -> list[AppendResult | Exception]:
+        if not batches:
+            return []
+        try:
+            async with asyncio.timeout(self.append_timeout):
+                return await self._store.append_many([batch for _, batch in batches])
+        except TimeoutError:
+            failed: Exception = StoreError(f"an append took over {self.append_timeout:g}s")
+        except Exception as exc:  # the store as a whole (closed, unreachable)
+            failed = exc
+        return [failed] * len(batches)
 
     def forget(self, sid: str) -> None:
         """The loop of ``sid`` stopped here."""
@@ -245,3 +290,13 @@ def lost_ids(first: int, last: int) -> list[tuple[int, bytes]]:
     """What the store keeps for ids Redis never logged (at most a batch of them)."""
     notice = codec.pack(codec.events_lost_event(first, last))
     return [(i, notice) for i in range(first, min(last, first + BATCH_EVENTS - 1) + 1)]
+
+
+async def _each(calls: Iterable[Awaitable[T]]) -> list[T | Exception]:
+    """Await ``calls`` together (over the lane: one write for all): each one's result or
+    what it raised."""
+    done = await asyncio.gather(*calls, return_exceptions=True)
+    for r in done:
+        if isinstance(r, BaseException) and not isinstance(r, Exception):
+            raise r  # cancelled
+    return cast("list[T | Exception]", done)

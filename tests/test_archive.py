@@ -4,6 +4,7 @@ the ack path into it, Redis kept to a window, replay through the store."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from coordinator.auth import issue_token
 from coordinator.codec import EVENTS_LOST, notice_code, unpack, with_id
 from coordinator.directory import describe_retired
 from coordinator.errors import Forbidden, LimitExceeded, StoreBehind
-from coordinator.eventstore import EventStore, StoreMismatch
+from coordinator.eventstore import Batch, EventStore, StoreMismatch
 from coordinator.state import Lease
 from coordinator.state.loops import USER_INDEX_MAX
 from tests.conftest import NodeFactory
@@ -277,7 +278,7 @@ async def test_store_down_then_back_refuses_clearly_loses_nothing_and_catches_up
     )
     await asyncio.to_thread(postgres_server.start)
     await wait_stored(a, "down", max(acked) + 1)
-    assert a.node.archiver.trouble == ""
+    await wait_until(lambda: a.node.archiver.trouble == "", what="the store's trouble gone")
     after = await send(a, "c", "after")
     await wait_stored(a, "down", after + 1)  # and its answer
     assert a.node.store is not None
@@ -296,12 +297,11 @@ class HalfThenHang:
         self.store = store
         self.hung = asyncio.Event()
 
-    async def append(
-        self, sid: str, epoch: int, events: list[tuple[int, bytes]], *, user: str
-    ) -> object:
-        if len(events) < 2:
-            return await self.store.append(sid, epoch, events, user=user)
-        await self.store.append(sid, epoch, events[: len(events) // 2], user=user)
+    async def append_many(self, batches: list[Batch]) -> object:
+        if all(len(b.events) < 2 for b in batches):
+            return await self.store.append_many(batches)
+        halves = [replace(b, events=b.events[: max(1, len(b.events) // 2)]) for b in batches]
+        await self.store.append_many(halves)
         self.hung.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
@@ -662,7 +662,7 @@ async def test_a_start_note_redis_lost_before_the_store_had_it_is_told_and_never
 class Hanging:
     """A store whose appends never return (unreachable, without an error)."""
 
-    async def append(self, *args: Any, **kwargs: Any) -> Any:
+    async def append_many(self, *args: Any, **kwargs: Any) -> Any:
         await asyncio.Event().wait()
 
 

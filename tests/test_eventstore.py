@@ -13,7 +13,7 @@ import pytest
 
 from coordinator.codec import pack, unpack
 from coordinator.errors import ConversationNotFound, InvalidInput
-from coordinator.eventstore import CheckpointTooLarge, EventStore
+from coordinator.eventstore import AppendResult, Batch, CheckpointTooLarge, EventStore
 from tests.eventstore_helpers import Backend, backend, check_log, events, read_all, store
 
 __all__ = ["backend", "store"]  # fixtures
@@ -91,6 +91,44 @@ async def test_a_gap_is_refused_whole(store: EventStore) -> None:
     assert (late.status, late.last_id) == ("gap", 0)
     assert await store.conversation("c2") is None
     assert await store.count_conversations("u") == 1
+
+
+async def test_many_conversations_in_one_call_each_get_their_own_outcome(
+    store: EventStore,
+) -> None:
+    """The mover's call: one batch per conversation, each appended as ``append`` would
+    (ok, idempotent, fenced, gap, a malformed or another user's batch refused), in order,
+    none stopping the others."""
+    await store.append("fenced", 5, events(1, 1), user="u")
+    await store.append("bobs", 1, events(1, 1), user="bob")
+    await store.append("again", 1, events(1, 2), user="u")
+    batches = [Batch(f"c{n}", 1, tuple(events(1, n + 1, f"c{n}")), "u") for n in range(12)] + [
+        Batch("fenced", 4, tuple(events(2, 3)), "u"),
+        Batch("gap", 1, tuple(events(3, 4)), "u"),
+        Batch("../bad", 1, tuple(events(1, 1)), "u"),
+        Batch("bobs", 1, tuple(events(2, 2)), "u"),
+        Batch("again", 1, tuple(events(1, 3)), "u"),
+    ]
+    done = await store.append_many(batches)
+    for n, r in enumerate(done[:12]):
+        assert isinstance(r, AppendResult) and (r.status, r.last_id, r.written) == (
+            "ok",
+            n + 1,
+            n + 1,
+        )
+        assert await store.read(f"c{n}") == events(1, n + 1, f"c{n}")
+    fenced, gap, bad, bobs, again = done[12:]
+    assert isinstance(fenced, AppendResult) and (fenced.status, fenced.epoch) == ("fenced", 5)
+    assert isinstance(gap, AppendResult) and gap.status == "gap"
+    assert isinstance(bad, InvalidInput)
+    assert isinstance(bobs, InvalidInput) and "another user" in str(bobs)  # as append
+    assert isinstance(again, AppendResult) and (again.last_id, again.written) == (3, 1)
+    assert await store.read("fenced") == events(1, 1)
+    assert await store.read("bobs") == events(1, 1)
+    assert await store.conversation("gap") is None
+    assert await store.append_many([]) == []
+    with pytest.raises(InvalidInput, match="one batch per conversation"):
+        await store.append_many([Batch("c0", 1, (), "u"), Batch("c0", 1, (), "u")])
 
 
 async def test_a_replaced_owners_late_batch_is_fenced(backend: Backend) -> None:

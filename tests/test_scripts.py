@@ -50,7 +50,10 @@ async def test_a_conversation_retires_from_its_users_index_only_with_events(
     assert await state.release("told", "n1/a", 1, "stopped", retention_ms=60_000) == 1
     await state.acquire("told", "n1", "n1/a", "u", create=False)  # not stored yet: stays
     assert await redis_client.pttl(state.keys.conv("told")) == -1
-    await state.mark_stored("told", 2, 100, 1 << 20)
+    answer = (await state.unstored("told", 10, 1 << 20))[1][1]
+    # A mark reads what the store still lacks (the mover's next batch), then nothing.
+    assert await state.mark_stored("told", 1, 100, 1 << 20, 10, 1 << 20) == (1, [answer])
+    assert await state.mark_stored("told", 2, 100, 1 << 20, 10, 1 << 20) == (2, [])
     assert await state.release("told", "n1/a", 2, "stopped", retention_ms=60_000) == 2
     assert await state.release("empty", "n1/a", 1, "stopped", retention_ms=60_000) == 1
     for sid in ("empty", "told"):

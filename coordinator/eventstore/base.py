@@ -58,6 +58,16 @@ class AppendResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Batch:
+    """One conversation's part of ``append_many``: the arguments of an ``append``."""
+
+    sid: str
+    epoch: int
+    events: tuple[StoredEvent, ...]
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoredConversation:
     """A conversation as the store knows it: its user (recorded by the first append),
     fence epoch, last stored id and the bytes of its stored events."""
@@ -133,6 +143,13 @@ class EventStore(Protocol):
         recorded on the conversation's first append; a different one later is refused."""
         ...
 
+    async def append_many(self, batches: Sequence[Batch]) -> list[AppendResult | Exception]:
+        """``append`` each batch (at most one per conversation), together: for each, in
+        order, its result or what refused or failed it (one conversation's error does not
+        stop the others). The owner's mover calls it once per gathering, so the cost
+        per call (a hop to the store's threads, a round trip) is paid once for all."""
+        ...
+
     async def last_id(self, sid: str) -> int:
         """The last stored id (0 when nothing is stored)."""
         ...
@@ -189,6 +206,23 @@ class EventStore(Protocol):
 
 
 # -- decisions shared by the backends ----------------------------------------------------
+
+
+def check_batches(batches: Sequence[Batch]) -> list[Exception | None]:
+    """For each batch of an ``append_many``, why it is malformed (``check_append``), or
+    None; raise InvalidInput if two batches name one conversation."""
+    sids = [b.sid for b in batches]
+    if len(set(sids)) != len(sids):
+        raise InvalidInput("append_many takes at most one batch per conversation")
+    out: list[Exception | None] = []
+    for b in batches:
+        try:
+            check_append(b.sid, b.epoch, b.events, b.user)
+        except InvalidInput as exc:
+            out.append(exc)
+        else:
+            out.append(None)
+    return out
 
 
 def check_append(sid: str, epoch: int, events: Sequence[StoredEvent], user: str) -> None:

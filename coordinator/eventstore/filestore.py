@@ -38,7 +38,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -50,12 +50,14 @@ from .base import (
     DEFAULT_MAX_CHECKPOINT_BYTES,
     DEFAULT_READ_LIMIT,
     AppendResult,
+    Batch,
     CheckpointStatus,
     Lookup,
     Opened,
     StoredConversation,
     StoredEvent,
     check_append,
+    check_batches,
     check_checkpoint,
     check_limit,
     check_read,
@@ -187,8 +189,11 @@ class FileEventStore(Opened):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise StoreUnavailable(str(self.path), f"{reason} ({exc.filename or ''})") from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: OSError) -> StoreUnavailable:
+        reason = exc.strerror or str(exc)
+        return StoreUnavailable(str(self.path), f"{reason} ({exc.filename or ''})")
 
     def _files(self, sid: str) -> filelog.ConversationFiles:
         return filelog.ConversationFiles.under(self.path, sid)
@@ -226,6 +231,37 @@ class FileEventStore(Opened):
         batch = tuple(events)
         async with self._locks.hold(sid):
             return await self._run(self._append_sync, sid, epoch, batch, user)
+
+    async def append_many(self, batches: Sequence[Batch]) -> list[AppendResult | Exception]:
+        checked = check_batches(batches)
+        valid = [b for b, bad in zip(batches, checked, strict=True) if bad is None]
+        # One job per thread, not one per conversation: a hop to a thread and back cost
+        # more CPU than an append without its sync (0.26 against 0.14 ms, measured).
+        parts = [valid[i :: self._threads] for i in range(min(self._threads, len(valid)))]
+        async with AsyncExitStack() as held:
+            for sid in sorted(b.sid for b in valid):  # one order: no deadlock with append
+                await held.enter_async_context(self._locks.hold(sid))
+            done = await asyncio.gather(*(self._run(self._append_each_sync, p) for p in parts))
+        results = {
+            b.sid: r
+            for part, rs in zip(parts, done, strict=True)
+            for b, r in zip(part, rs, strict=True)
+        }
+        return [
+            bad if bad is not None else results[b.sid]
+            for b, bad in zip(batches, checked, strict=True)
+        ]
+
+    def _append_each_sync(self, batches: Sequence[Batch]) -> list[AppendResult | Exception]:
+        out: list[AppendResult | Exception] = []
+        for b in batches:
+            try:
+                out.append(self._append_sync(b.sid, b.epoch, b.events, b.user))
+            except OSError as exc:
+                out.append(self._unavailable(exc))
+            except Exception as exc:  # this conversation's (another user's): not the rest
+                out.append(exc)
+        return out
 
     def _append_sync(
         self, sid: str, epoch: int, events: Sequence[StoredEvent], user: str

@@ -15,6 +15,7 @@ call that loses its connection is tried once more on a fresh one (every call but
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -28,12 +29,14 @@ from .base import (
     DEFAULT_MAX_CHECKPOINT_BYTES,
     DEFAULT_READ_LIMIT,
     AppendResult,
+    Batch,
     CheckpointStatus,
     Lookup,
     Opened,
     StoredConversation,
     StoredEvent,
     check_append,
+    check_batches,
     check_checkpoint,
     check_limit,
     check_read,
@@ -175,6 +178,29 @@ class PostgresEventStore(Opened):
         check_append(sid, epoch, events, user)
         batch = tuple(events)
         return await self._call(lambda conn: self._append(conn, sid, epoch, batch, user))
+
+    async def append_many(self, batches: Sequence[Batch]) -> list[AppendResult | Exception]:
+        checked = check_batches(batches)
+
+        async def one(b: Batch) -> AppendResult:
+            return await self._call(
+                lambda conn: self._append(conn, b.sid, b.epoch, b.events, b.user)
+            )
+
+        # A transaction each (one conversation's refusal must not undo the others'), over
+        # the pool's connections at once.
+        done = await asyncio.gather(
+            *(one(b) for b, bad in zip(batches, checked, strict=True) if bad is None),
+            return_exceptions=True,
+        )
+        ran = iter(done)
+        out: list[AppendResult | Exception] = []
+        for bad in checked:
+            r = bad if bad is not None else next(ran)
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r  # cancelled
+            out.append(r)
+        return out
 
     async def _append(
         self, conn: Any, sid: str, epoch: int, events: Sequence[StoredEvent], user: str

@@ -7,33 +7,52 @@ from __future__ import annotations
 # those the store holds (ids up to ``stored``), ``tbytes`` those trimmed from the log.
 # So the log holds lbytes - tbytes, and lbytes - sbytes wait for the store.
 
-UNSTORED = """
+# The oldest logged events above ``stored``: at most ``count`` and ``max_bytes`` (at
+# least one), as {stored, id, packed event, id, packed event, ...}.
+_UNSTORED_AFTER = """
+local function unstored_after(stored, count, max_bytes)
+  local rows = redis.call('XRANGE', KEYS[2], '(' .. stored .. '-0', '+', 'COUNT', count)
+  local out, bytes = {stored}, 0
+  for _, row in ipairs(rows) do
+    local data = row[2][2]
+    if #out > 1 and bytes + #data > max_bytes then break end
+    bytes = bytes + #data
+    out[#out + 1] = tonumber(string.match(row[1], '^(%d+)'))
+    out[#out + 1] = data
+  end
+  return out
+end
+"""
+
+UNSTORED = (
+    """
 -- unstored: the oldest events of a conversation the event store does not hold yet.
 -- KEYS[1]  conversation meta hash   KEYS[2] event stream
 -- ARGV[1]  most events   ARGV[2] most bytes (at least one event is returned)
 -- returns  {stored, id, packed event, id, packed event, ...} (ids above stored)
-local stored = tonumber(redis.call('HGET', KEYS[1], 'stored') or '0')
-local rows = redis.call('XRANGE', KEYS[2], '(' .. stored .. '-0', '+', 'COUNT', ARGV[1])
-local out, bytes = {stored}, 0
-for _, row in ipairs(rows) do
-  local data = row[2][2]
-  if #out > 1 and bytes + #data > tonumber(ARGV[2]) then break end
-  bytes = bytes + #data
-  out[#out + 1] = tonumber(string.match(row[1], '^(%d+)'))
-  out[#out + 1] = data
-end
-return out
 """
+    + _UNSTORED_AFTER
+    + """
+local stored = tonumber(redis.call('HGET', KEYS[1], 'stored') or '0')
+return unstored_after(stored, ARGV[1], tonumber(ARGV[2]))
+"""
+)
 
-MARK_STORED = """
+MARK_STORED = (
+    """
 -- mark_stored: the event store holds a conversation's events up to an id; trim the log
 -- to its window (the oldest stored events, while it holds more than either bound; never
 -- an event the store does not hold, never the newest).
 -- KEYS[1]  conversation meta hash   KEYS[2] event stream
 -- ARGV[1]  last id the store holds   ARGV[2] window events   ARGV[3] window bytes
--- returns  nothing
+-- ARGV[4]  most events   ARGV[5] most bytes: of the next batch, as unstored's
+-- returns  as unstored: what the store lacks now (so a mover under a flood goes on
+--          without another call), nothing once the conversation is gone
+"""
+    + _UNSTORED_AFTER
+    + """
 local f = redis.call('HMGET', KEYS[1], 'seq', 'stored', 'lbytes', 'sbytes', 'tbytes')
-if not f[1] then return nil end
+if not f[1] then return {tonumber(ARGV[1])} end
 local stored = tonumber(f[2] or '0')
 local upto = math.min(tonumber(ARGV[1]), tonumber(f[1]))
 local sbytes, tbytes = tonumber(f[4] or '0'), tonumber(f[5] or '0')
@@ -65,8 +84,9 @@ if last then
   redis.call('XTRIM', KEYS[2], 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
   redis.call('HSET', KEYS[1], 'tbytes', tbytes + cut)
 end
-return nil
+return unstored_after(stored, ARGV[4], tonumber(ARGV[5]))
 """
+)
 
 CLAIM_STORE = """
 -- claim_store: record the cluster's event store, or report the one already recorded.

@@ -4,6 +4,8 @@ holds each conversation, and the hot window of its log (``archive.py`` moves the
 
 from __future__ import annotations
 
+from typing import Any
+
 from .core import StateCore, text
 
 
@@ -24,23 +26,36 @@ class ArchiveOps(StateCore):
         # Over the script lane, as the mark below: through redis-py the mover's calls
         # were a fifth of an action's CPU at saturation (BENCHMARKS.md, #17).
         r = await self._run("unstored", [k.conv(sid), k.events(sid)], [count, max_bytes], hot=True)
-        rows = [(int(r[i]), bytes(r[i + 1])) for i in range(1, len(r), 2)]
-        return int(r[0]), rows
+        return _unstored(r)
 
     async def mark_stored(
-        self, sid: str, last_id: int, window_events: int, window_bytes: int
-    ) -> None:
+        self,
+        sid: str,
+        last_id: int,
+        window_events: int,
+        window_bytes: int,
+        count: int,
+        max_bytes: int,
+    ) -> tuple[int, list[tuple[int, bytes]]]:
         """The store holds ``sid``'s events up to ``last_id``: record it and trim the
-        log to its window."""
+        log to its window; then what the store lacks, as ``unstored`` (``count`` events,
+        ``max_bytes``) reads it."""
         k = self.keys
-        await self._run(
+        r = await self._run(
             "mark_stored",
             [k.conv(sid), k.events(sid)],
-            [last_id, window_events, window_bytes],
+            [last_id, window_events, window_bytes, count, max_bytes],
             hot=True,
         )
+        return _unstored(r)
 
     async def window_start(self, sid: str) -> int:
         """The id of the oldest event the Redis log still holds (0: the log is empty)."""
         rows = await self.redis.xrange(self.keys.events(sid), count=1)
         return int(text(rows[0][0]).split("-")[0]) if rows else 0
+
+
+def _unstored(r: Any) -> tuple[int, list[tuple[int, bytes]]]:
+    """An unstored reply: {stored, id, packed event, ...}."""
+    rows = [(int(r[i]), bytes(r[i + 1])) for i in range(1, len(r), 2)]
+    return int(r[0]), rows
