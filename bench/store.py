@@ -29,6 +29,12 @@ private PostgreSQL (tests/postgres.py, started with fsync off: a test server).
    messages and their answers) with its loop on node A and a client on node B; A gets
    kill -9 and the client sends a message at once: measured kill -> the record names B
    (taken over) -> B's first answer, and what the agent read (checkpoint, not history).
+6. *The mover's store call*: CONVERSATIONS conversations get a batch of two events each
+   (an action and its answer, what a gathering finds at saturation), stored one call
+   per conversation (``append``) or all in one (``append_many``, what the mover does),
+   10 and all of them per call (after a first event each, which creates its file or
+   row); this process's CPU (the store's threads included; not PostgreSQL's server) per
+   conversation stored.
 """
 
 from __future__ import annotations
@@ -426,6 +432,46 @@ async def store_alone(mode: Mode, store: str, kind: str) -> dict[str, Any]:
     }
 
 
+# -- 6. the mover's store call ------------------------------------------------------------
+CONVERSATIONS = 200
+
+
+async def store_calls(mode: Mode, store: str, kind: str) -> dict[str, Any]:
+    """CPU per conversation of ``append`` per conversation against one ``append_many``."""
+    from coordinator.eventstore import Batch, open_store
+
+    rounds = mode.pick(5, 10)
+    sids = [f"calls-{n}" for n in range(CONVERSATIONS)]
+    last = dict.fromkeys(sids, 1)
+    out: dict[str, Any] = {"store": kind, "conversations": CONVERSATIONS, "rounds": rounds}
+    st = await open_store(store)
+    try:  # each conversation's first event apart: a first append creates its file, its row
+        await st.append_many([Batch(sid, 1, ((1, b"e"),), "bench") for sid in sids])
+        for per_call, together in itertools.product((10, CONVERSATIONS), (False, True)):
+            cpu0, n = time.process_time(), 0
+            for _ in range(rounds):
+                for start in range(0, CONVERSATIONS, per_call):
+                    batches = []
+                    for sid in sids[start : start + per_call]:
+                        ids = (last[sid] + 1, last[sid] + 2)
+                        last[sid] += 2
+                        events = tuple((i, b"e" * REPLY_SIZE) for i in ids)
+                        batches.append(Batch(sid, 1, events, "bench"))
+                    if together:
+                        done = await st.append_many(batches)
+                    else:
+                        done = await asyncio.gather(
+                            *(st.append(b.sid, 1, b.events, user=b.user) for b in batches)
+                        )
+                    assert all(getattr(r, "status", "") == "ok" for r in done), done
+                    n += len(batches)
+            name = f"{'append_many' if together else 'append'} {per_call}"
+            out[name] = 1000 * (time.process_time() - cpu0) / n
+    finally:
+        await st.aclose()
+    return out
+
+
 # -- 4. round trip, mover on vs idle -----------------------------------------------------
 async def roundtrip(mode: Mode, store: str, kind: str) -> dict[str, Any]:
     rounds, seconds, rate = mode.pick((4, 5, 100), (6, 10, 100))
@@ -577,6 +623,7 @@ async def run(mode: Mode) -> dict[str, Any]:
         "alone": [],
         "roundtrip": [],
         "failover": [],
+        "calls": [],
     }
     try:
         pg = stores.postgres()
@@ -587,6 +634,7 @@ async def run(mode: Mode) -> dict[str, Any]:
             runs["alone"].append(await store_alone(mode, url(), kind))
             runs["roundtrip"].append(await roundtrip(mode, url(), kind))
             runs["failover"].append(await failover(mode, url(), kind))
+            runs["calls"].append(await store_calls(mode, url(), kind))
     finally:
         stores.cleanup()
     return {"tables": tables(mode, runs), "json": {"runs": runs, "postgres": stores.pg_error}}
@@ -730,6 +778,26 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
             + [
                 [r["store"], "on / idle p50", "", f"{r['p50_ratio']:.3f}", "", "", "", ""]
                 for r in rr
+            ],
+        )
+    )
+    ca = runs["calls"]
+    out.append(
+        table(
+            f"The mover's store call{scaled}: {ca[0]['conversations']} conversations, two "
+            f"events of {REPLY_SIZE} B each, {ca[0]['rounds']} rounds; this process's CPU "
+            "per conversation stored (ms; PostgreSQL's server not counted)",
+            ["store", "per call", "append each (before)", "append_many (the mover)", "x"],
+            [
+                [
+                    r["store"],
+                    per_call,
+                    r[f"append {per_call}"],
+                    r[f"append_many {per_call}"],
+                    r[f"append_many {per_call}"] / r[f"append {per_call}"],
+                ]
+                for r in ca
+                for per_call in (10, r["conversations"])
             ],
         )
     )

@@ -70,7 +70,13 @@ async def test_a_lost_nodes_conversation_served_again_is_a_failover_observation(
     await b.join_conversation("lost", "cb", {}, "alice")
     await a.node.halt()  # like kill -9: nothing released
     await wait_until(lambda: "lost" in b.local_loops(), timeout=20, what="restarted on b")
-    got = samples(b.metrics.render().decode(), "node2")
+
+    def observed() -> dict[str, float]:
+        return samples(b.metrics.render().decode(), "node2")
+
+    # Observed once the restart returns, a step after the loop is listed (seen under load).
+    await wait_until(lambda: observed()["coordinator_failover_seconds_count"] >= 1, timeout=5)
+    got = observed()
     assert got["coordinator_failover_seconds_count"] == 1
     assert 0 <= got["coordinator_failover_seconds_sum"] < 20
 
