@@ -178,6 +178,44 @@ async def test_concurrent_appenders_never_interleave_or_duplicate(backend: Backe
     assert await two.size("c1") == sum(len(d) for _, d in stored)
 
 
+async def test_movers_of_overlapping_conversations_never_deadlock_or_duplicate(
+    backend: Backend,
+) -> None:
+    """Two nodes' movers (two stores of one backing) and a single appender race over
+    eight conversations, each mover with its own random subset per call in its own
+    order: every call completes (locks are taken in one order) and each log is 1..N."""
+    one, two = await backend.open(), await backend.open()
+    sids, total = [f"m{n}" for n in range(8)], 300
+
+    async def mover(store: EventStore, seed: int) -> None:
+        rng = random.Random(seed)
+        while True:
+            lasts = {sid: await store.last_id(sid) for sid in sids}
+            todo = [sid for sid in sids if lasts[sid] < total and rng.random() < 0.7]
+            if not any(last < total for last in lasts.values()):
+                return
+            rng.shuffle(todo)
+            batches = []
+            for sid in todo:
+                start = max(1, lasts[sid] + 1 - rng.randint(0, 3))
+                batch = events(start, min(total, start + rng.randint(1, 40)), sid)
+                batches.append(Batch(sid, 3, tuple(batch), "u"))
+            for r in await store.append_many(batches):
+                assert isinstance(r, AppendResult) and r.status == "ok", r
+
+    async def single(store: EventStore) -> None:
+        while (last := await store.last_id("m0")) < total:
+            result = await store.append(
+                "m0", 3, events(last + 1, min(total, last + 5), "m0"), user="u"
+            )
+            assert result.status == "ok", result
+
+    async with asyncio.timeout(60):
+        await asyncio.gather(mover(one, 1), mover(two, 2), mover(one, 3), single(two))
+    for sid in sids:
+        assert {e["tag"] for e in check_log(await read_all(two, sid), total)} == {sid}
+
+
 async def test_a_cancelled_append_leaves_a_consistent_store(store: EventStore) -> None:
     """The owner's mover may be cancelled (shutdown, lost lease) mid-append: the batch is
     then stored whole or not at all, and sending it again completes it."""

@@ -11,6 +11,8 @@ import asyncpg
 import pytest
 
 from coordinator.eventstore import (
+    AppendResult,
+    Batch,
     PostgresEventStore,
     StoreCorrupt,
     StoreUnavailable,
@@ -135,3 +137,10 @@ async def test_events_past_the_recorded_last_id_are_reported(postgres_dsn: str) 
         with pytest.raises(StoreCorrupt, match="after its recorded last id 2"):
             await store.append("c1", 1, events(3, 4), user="u")
         assert await store.last_id("c1") == 2  # the transaction was rolled back whole
+        # In the mover's call, that conversation fails alone; the others are stored.
+        done = await store.append_many(
+            [Batch("c0", 1, tuple(events(1, 2)), "u"), Batch("c1", 1, tuple(events(3, 4)), "u")]
+        )
+        assert isinstance(done[1], StoreCorrupt) and "c1" in str(done[1])
+        assert isinstance(done[0], AppendResult) and done[0].last_id == 2
+        assert await store.read("c0") == events(1, 2) and await store.last_id("c1") == 2

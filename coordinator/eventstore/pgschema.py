@@ -77,9 +77,10 @@ class Statements:
     conversation: str
     lookup: str
     lock: str
-    create: str
+    lock_many: str
+    create_many: str
     insert_events: str
-    update: str
+    update_many: str
     read: str
     count_user: str
     count_all: str
@@ -105,14 +106,20 @@ class Statements:
             f"FROM (SELECT 1) AS one LEFT JOIN {s}.conversations c ON c.conversation_id = $1",
             lock=f"SELECT user_id, epoch, last_id FROM {s}.conversations "
             "WHERE conversation_id = $1 FOR UPDATE",
-            create=f"INSERT INTO {s}.conversations (conversation_id, user_id, epoch) "
-            "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING user_id, epoch, last_id",
-            # One statement per batch: the ids and the data as two arrays.
+            # Appends (append_many): every conversation of a batch locked in one order,
+            # so that two nodes' batches cannot deadlock; then one statement each for
+            # the new conversations, the events and the conversations' totals.
+            lock_many=f"SELECT conversation_id, user_id, epoch, last_id FROM {s}.conversations "
+            "WHERE conversation_id = ANY($1::text[]) ORDER BY conversation_id FOR UPDATE",
+            create_many=f"INSERT INTO {s}.conversations (conversation_id, user_id, epoch) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) ON CONFLICT DO NOTHING",
             insert_events=f"INSERT INTO {s}.events (conversation_id, id, epoch, data) "
-            "SELECT $1, e.id, $2, e.data FROM unnest($3::bigint[], $4::bytea[]) AS e(id, data) "
-            "ON CONFLICT DO NOTHING",
-            update=f"UPDATE {s}.conversations SET epoch = $2, last_id = $3, "
-            "bytes = bytes + $4 WHERE conversation_id = $1",
+            "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[]) "
+            "ON CONFLICT DO NOTHING RETURNING conversation_id",
+            update_many=f"UPDATE {s}.conversations AS c SET epoch = u.epoch, "
+            "last_id = u.last_id, bytes = c.bytes + u.bytes FROM unnest($1::text[], "
+            "$2::bigint[], $3::bigint[], $4::bigint[]) AS u(id, epoch, last_id, bytes) "
+            "WHERE c.conversation_id = u.id",
             read=f"SELECT id, data FROM {s}.events WHERE conversation_id = $1 AND id > $2 "
             "ORDER BY id LIMIT $3",
             count_user=f"SELECT count(*) FROM {s}.conversations WHERE user_id = $1",

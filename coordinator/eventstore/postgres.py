@@ -15,15 +15,15 @@ call that loses its connection is tried once more on a fresh one (every call but
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
 
 from ..config import check_conversation_id, check_user_id
-from ..errors import ConfigError, ConversationNotFound, CoordinatorError
+from ..errors import ConfigError, ConversationNotFound, CoordinatorError, InvalidInput
 from . import pgschema
 from .base import (
     DEFAULT_MAX_CHECKPOINT_BYTES,
@@ -176,64 +176,107 @@ class PostgresEventStore(Opened):
         self, sid: str, epoch: int, events: Sequence[StoredEvent], *, user: str
     ) -> AppendResult:
         check_append(sid, epoch, events, user)
-        batch = tuple(events)
-        return await self._call(lambda conn: self._append(conn, sid, epoch, batch, user))
+        (result,) = await self.append_many([Batch(sid, epoch, tuple(events), user)])
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     async def append_many(self, batches: Sequence[Batch]) -> list[AppendResult | Exception]:
         checked = check_batches(batches)
+        valid = [b for b, bad in zip(batches, checked, strict=True) if bad is None]
+        done: dict[str, AppendResult | Exception] = {}
+        if valid:
+            done = await self._call(lambda conn: self._append_many(conn, valid))
+        return [
+            bad if bad is not None else done[b.sid] for b, bad in zip(batches, checked, strict=True)
+        ]
 
-        async def one(b: Batch) -> AppendResult:
-            return await self._call(
-                lambda conn: self._append(conn, b.sid, b.epoch, b.events, b.user)
-            )
-
-        # A transaction each (one conversation's refusal must not undo the others'), over
-        # the pool's connections at once.
-        done = await asyncio.gather(
-            *(one(b) for b, bad in zip(batches, checked, strict=True) if bad is None),
-            return_exceptions=True,
-        )
-        ran = iter(done)
-        out: list[AppendResult | Exception] = []
-        for bad in checked:
-            r = bad if bad is not None else next(ran)
-            if isinstance(r, BaseException) and not isinstance(r, Exception):
-                raise r  # cancelled
-            out.append(r)
-        return out
-
-    async def _append(
-        self, conn: Any, sid: str, epoch: int, events: Sequence[StoredEvent], user: str
-    ) -> AppendResult:
+    async def _append_many(
+        self, conn: Any, batches: Sequence[Batch]
+    ) -> dict[str, AppendResult | Exception]:
+        """One transaction and five statements at most, however many conversations: a
+        transaction each cost the mover four round trips per conversation."""
         sql = self._sql
-        first = events[0][0] if events else None
-        async with conn.transaction():
-            row = await conn.fetchrow(sql.lock, sid)
-            if row is None:
-                if first is not None and first > 1:
-                    return AppendResult("gap", 0, 0)
-                row = await conn.fetchrow(sql.create, sid, user, epoch)
-                if row is None:  # created meanwhile by another writer
-                    row = await conn.fetchrow(sql.lock, sid)
-            check_user(sid, row["user_id"], user)
-            fence, last_id = int(row["epoch"]), int(row["last_id"])
-            plan = plan_append(fence, last_id, epoch, last_id + 1 if first is None else first)
-            if isinstance(plan, str):
-                return AppendResult(plan, last_id, fence)
-            new = events[plan:]
-            if new:
-                status = await conn.execute(
-                    sql.insert_events, sid, epoch, [i for i, _ in new], [d for _, d in new]
-                )
-                if int(status.rsplit(" ", 1)[-1]) != len(new):
-                    raise StoreCorrupt(
-                        f"conversation {sid!r} has events after its recorded last id {last_id}"
+        by_sid = {b.sid: b for b in batches}
+        sids = sorted(by_sid)
+        out: dict[str, AppendResult | Exception] = {}
+        recorded_ids: dict[str, int] = {}  # each conversation's last id before this
+        try:
+            async with conn.transaction():
+                rows = {r["conversation_id"]: r for r in await conn.fetch(sql.lock_many, sids)}
+                new_ones = []
+                for sid in sids:
+                    if sid not in rows:
+                        b = by_sid[sid]
+                        if b.events and b.events[0][0] > 1:
+                            out[sid] = AppendResult("gap", 0, 0)
+                        else:  # a first batch starts at 1 (or is empty: a fence)
+                            new_ones.append(b)
+                if new_ones:
+                    await conn.execute(
+                        sql.create_many,
+                        [b.sid for b in new_ones],
+                        [b.user for b in new_ones],
+                        [b.epoch for b in new_ones],
                     )
-                last_id = new[-1][0]
-            if new or epoch > fence:
-                fence = max(fence, epoch)
-                await conn.execute(sql.update, sid, fence, last_id, sum(len(d) for _, d in new))
-            return AppendResult("ok", last_id, fence, len(new))
+                    created = await conn.fetch(sql.lock_many, [b.sid for b in new_ones])
+                    rows.update((r["conversation_id"], r) for r in created)
+                ev_sid: list[str] = []
+                ev_id: list[int] = []
+                ev_epoch: list[int] = []
+                ev_data: list[bytes] = []
+                to_sid: list[str] = []
+                to_epoch: list[int] = []
+                to_last: list[int] = []
+                to_bytes: list[int] = []
+                for sid in sids:
+                    if sid in out:
+                        continue
+                    b, row = by_sid[sid], rows.get(sid)
+                    if row is None:  # purged between its creation and the lock
+                        out[sid] = StoreError(f"conversation {sid!r} was deleted meanwhile")
+                        continue
+                    try:
+                        check_user(sid, row["user_id"], b.user)
+                    except InvalidInput as exc:
+                        out[sid] = exc
+                        continue
+                    fence, last_id = int(row["epoch"]), int(row["last_id"])
+                    first = b.events[0][0] if b.events else last_id + 1
+                    plan = plan_append(fence, last_id, b.epoch, first)
+                    if isinstance(plan, str):
+                        out[sid] = AppendResult(plan, last_id, fence)
+                        continue
+                    new = b.events[plan:]
+                    ev_sid += [sid] * len(new)
+                    ev_id += [i for i, _ in new]
+                    ev_epoch += [b.epoch] * len(new)
+                    ev_data += [d for _, d in new]
+                    recorded = last_id
+                    if new or b.epoch > fence:
+                        fence, last_id = max(fence, b.epoch), new[-1][0] if new else last_id
+                        to_sid.append(sid)
+                        to_epoch.append(fence)
+                        to_last.append(last_id)
+                        to_bytes.append(sum(len(d) for _, d in new))
+                    recorded_ids[sid] = recorded
+                    out[sid] = AppendResult("ok", last_id, fence, len(new))
+                if ev_sid:
+                    rows_in = await conn.fetch(sql.insert_events, ev_sid, ev_id, ev_epoch, ev_data)
+                    inserted = Counter(r[0] for r in rows_in)
+                    corrupt = {sid for sid, n in Counter(ev_sid).items() if inserted[sid] != n}
+                    if corrupt:
+                        raise _Corrupt({sid: recorded_ids[sid] for sid in corrupt})
+                if to_sid:
+                    await conn.execute(sql.update_many, to_sid, to_epoch, to_last, to_bytes)
+        except _Corrupt as exc:  # rolled back: the others again, without them
+            rest = [b for b in batches if b.sid not in exc.last_ids]
+            out = await self._append_many(conn, rest) if rest else {}
+            for sid, last_id in exc.last_ids.items():
+                out[sid] = StoreCorrupt(
+                    f"conversation {sid!r} has events after its recorded last id {last_id}"
+                )
+        return out
 
     async def read(
         self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT
@@ -331,3 +374,11 @@ class PostgresEventStore(Opened):
         check_conversation_id(sid)
         row = await self._call(lambda conn: conn.fetchrow(self._sql.load_checkpoint, sid))
         return None if row is None else (int(row["covers_id"]), bytes(row["data"]))
+
+
+class _Corrupt(Exception):
+    """Conversations whose table holds events past their recorded last id (sid -> it)."""
+
+    def __init__(self, last_ids: dict[str, int]) -> None:
+        super().__init__(", ".join(sorted(last_ids)))
+        self.last_ids = last_ids
