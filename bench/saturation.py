@@ -9,10 +9,17 @@ generator's own process), a few seconds per step, until its p99 reaches 50 ms or
 action goes unanswered; the sustained rate is the last step below. Measured at each step:
 p50/p99, and the servers' CPU per answered action; and each server's RSS per connection
 (RSS with the clients connected minus RSS before, over the clients).
+
+Then one client at a time, sequential actions (send, wait for the agent's answer, send the
+next): a client on node A whose loop runs on A (same node) and one on B whose loop runs on
+A (cross node), their actions alternated so that the VM's drift falls on both; p50/p99
+of send to answer, and the cross/same ratio of the p50s (issue #17's target: <= 1.25x).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from bench.common import (
@@ -32,10 +39,75 @@ from bench.common import (
     url_of,
 )
 from bench.driver import LoadGenProcess, join_group
+from bench.eio import EioClient
 
 P99_LIMIT_MS = 50.0
 CLIENTS = 200
 PLAIN = "plain python-socketio"
+CROSS_TARGET = 1.25  # cross-node p50 / same-node p50, one client, sequential actions
+
+
+class Sequential:
+    """One client sending an action, waiting for the agent's answer, sending the next."""
+
+    def __init__(self) -> None:
+        self.client = EioClient(self._on_event)
+        self._answer: asyncio.Future[None] | None = None
+        self._want = ""  # the content of the action waiting for its echo
+
+    def _on_event(self, name: str, data: Any) -> None:
+        answer, args = self._answer, (data.get("args") if isinstance(data, dict) else None)
+        if answer is None or answer.done() or name != "oh_event" or not isinstance(args, dict):
+            return
+        if data.get("source") == "agent" and args.get("content") == self._want:
+            answer.set_result(None)
+
+    async def connect(self, url: str, sid: str, token: str) -> Sequential:
+        await self.client.connect(url, {"conversation_id": sid}, {"token": token}, within=60)
+        return self
+
+    async def act(self, n: int) -> float:
+        """Send action ``n``; ms until the agent answered it."""
+        self._answer = asyncio.get_running_loop().create_future()
+        self._want = f"s{n}"
+        started = time.perf_counter()
+        ack = await self.client.call(
+            "oh_user_action",
+            {"action": "message", "args": {"content": f"s{n}"}, "client_action_id": f"s{n}"},
+        )
+        if not (isinstance(ack, dict) and ack.get("ok")):
+            raise RuntimeError(f"action refused: {ack}")
+        async with asyncio.timeout(30):
+            await self._answer
+        return 1000 * (time.perf_counter() - started)
+
+
+async def _sequential(a: Proc, b: Proc, secret: str, actions: int) -> dict[str, Any]:
+    """Same node (client and loop on A) against cross node (client on B, loop on A)."""
+    from coordinator.auth import issue_token
+
+    token = issue_token("seq-user", secret)
+    same = await Sequential().connect(url_of(a), "seq-same", token)
+    starter = await Sequential().connect(url_of(a), "seq-cross", token)  # its loop on A
+    cross = await Sequential().connect(url_of(b), "seq-cross", token)
+    await starter.client.close()
+    lat: dict[str, list[float]] = {"same node": [], "cross node": []}
+    try:
+        for n in range(20):  # warm-up, not counted
+            await same.act(n)
+            await cross.act(n)
+        for n in range(20, 20 + actions):
+            lat["same node"].append(await same.act(n))
+            lat["cross node"].append(await cross.act(n))
+    finally:
+        await same.client.close()
+        await cross.client.close()
+    out: dict[str, Any] = {
+        k: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99), "n": len(v)}
+        for k, v in lat.items()
+    }
+    out["ratio"] = out["cross node"]["p50_ms"] / out["same node"]["p50_ms"]
+    return out
 
 
 async def _ladder(
@@ -118,6 +190,7 @@ async def run(mode: Mode) -> dict[str, Any]:
             for name, (_, _, pids) in groups.items():
                 out[name] = {"steps": await _ladder(gen, name, pids, rates, seconds)}
                 out[name]["rss_bytes_per_connection"] = rss[name]
+            sequential = await _sequential(a, b, secret, mode.pick(200, 1000))
         finally:
             await gen.aclose()
             stop_all(procs)
@@ -152,4 +225,18 @@ async def run(mode: Mode) -> dict[str, Any]:
         ],
         rows,
     )
-    return {"tables": [t], "json": out}
+    seq = table(
+        f"One client, sequential actions ({sequential['same node']['n']} each, alternated): "
+        f"cross node against same node (target: p50 <= {CROSS_TARGET:g}x)",
+        ["path", "p50 ms", "p99 ms", "p50 x same node"],
+        [
+            [
+                k,
+                sequential[k]["p50_ms"],
+                sequential[k]["p99_ms"],
+                sequential[k]["p50_ms"] / sequential["same node"]["p50_ms"],
+            ]
+            for k in ("same node", "cross node")
+        ],
+    )
+    return {"tables": [t, seq], "json": {**out, "sequential": sequential}}
