@@ -194,7 +194,7 @@ class PostgresEventStore(Opened):
     async def _append_many(
         self, conn: Any, batches: Sequence[Batch]
     ) -> dict[str, AppendResult | Exception]:
-        """One transaction and five statements at most, however many conversations: a
+        """One transaction and four statements at most, however many conversations: a
         transaction each cost the mover four round trips per conversation."""
         sql = self._sql
         by_sid = {b.sid: b for b in batches}
@@ -203,15 +203,15 @@ class PostgresEventStore(Opened):
         recorded_ids: dict[str, int] = {}  # each conversation's last id before this
         try:
             async with conn.transaction():
-                rows = {r["conversation_id"]: r for r in await conn.fetch(sql.lock_many, sids)}
-                new_ones = []
-                for sid in sids:
-                    if sid not in rows:
-                        b = by_sid[sid]
-                        if b.events and b.events[0][0] > 1:
-                            out[sid] = AppendResult("gap", 0, 0)
-                        else:  # a first batch starts at 1 (or is empty: a fence)
-                            new_ones.append(b)
+                # New conversations first (a first batch starts at 1, or is empty: a
+                # fence), then every row locked: each step in one order for every
+                # writer. Creating after locking took the new rows out of that order,
+                # and two nodes' movers deadlocked (test_eventstore.py, under load).
+                new_ones = [
+                    by_sid[sid]
+                    for sid in sids
+                    if not by_sid[sid].events or by_sid[sid].events[0][0] == 1
+                ]
                 if new_ones:
                     await conn.execute(
                         sql.create_many,
@@ -219,8 +219,15 @@ class PostgresEventStore(Opened):
                         [b.user for b in new_ones],
                         [b.epoch for b in new_ones],
                     )
-                    created = await conn.fetch(sql.lock_many, [b.sid for b in new_ones])
-                    rows.update((r["conversation_id"], r) for r in created)
+                rows = {r["conversation_id"]: r for r in await conn.fetch(sql.lock_many, sids)}
+                for sid in sids:
+                    if sid not in rows:  # a gap, or purged since it was created above
+                        b = by_sid[sid]
+                        out[sid] = (
+                            StoreError(f"conversation {sid!r} was deleted meanwhile")
+                            if not b.events or b.events[0][0] == 1
+                            else AppendResult("gap", 0, 0)
+                        )
                 ev_sid: list[str] = []
                 ev_id: list[int] = []
                 ev_epoch: list[int] = []
@@ -232,10 +239,7 @@ class PostgresEventStore(Opened):
                 for sid in sids:
                     if sid in out:
                         continue
-                    b, row = by_sid[sid], rows.get(sid)
-                    if row is None:  # purged between its creation and the lock
-                        out[sid] = StoreError(f"conversation {sid!r} was deleted meanwhile")
-                        continue
+                    b, row = by_sid[sid], rows[sid]
                     try:
                         check_user(sid, row["user_id"], b.user)
                     except InvalidInput as exc:
