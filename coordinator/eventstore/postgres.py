@@ -1,11 +1,15 @@
 """The event store in PostgreSQL (asyncpg), for nodes on several machines.
 
-An append is one transaction: lock the conversation's row ``FOR UPDATE`` (creating it on
-the first append), decide fenced / gap / how many events are already stored from that
-row alone (``base.plan_append``), insert the new events with one statement (two arrays
-through ``unnest``; ``ON CONFLICT DO NOTHING`` as a second guard), and move the row's
-fence, last id and byte count. Appends to one conversation queue on its row; different
-conversations do not touch each other.
+An append (``append_many``: the batches of several conversations, as the owner's mover
+sends them) is one transaction of at most four statements whatever the number of
+conversations: create the rows of new conversations, lock every row ``FOR UPDATE`` in
+conversation id order (each step in one order for every writer, so that two nodes'
+movers cannot deadlock), decide fenced / gap / how many events are already stored from
+each row alone (``base.plan_append``), insert all new events with one statement (arrays
+through ``unnest``; ``ON CONFLICT DO NOTHING`` as a second guard, the rows it inserted
+counted per conversation), and move each row's fence, last id and byte count with one
+more. Appends to one conversation queue on its row; a conversation found with events
+past its last id fails alone (the others are appended again without it).
 
 Errors: a database that cannot be reached or refuses us raises ``StoreUnavailable``,
 whose message names the server by its redacted URL and never carries the password. A
