@@ -15,7 +15,7 @@ from coordinator.auth import issue_token
 from coordinator.codec import EVENTS_LOST, notice_code, unpack, with_id
 from coordinator.directory import describe_retired
 from coordinator.errors import Forbidden, LimitExceeded, StoreBehind
-from coordinator.eventstore import Batch, EventStore, StoreMismatch
+from coordinator.eventstore import Batch, EventStore, StoreError, StoreMismatch
 from coordinator.state import Lease
 from coordinator.state.loops import USER_INDEX_MAX
 from tests.conftest import NodeFactory
@@ -287,6 +287,52 @@ async def test_store_down_then_back_refuses_clearly_loses_nothing_and_catches_up
     by_id = dict(stored)
     for i, event_id in enumerate(acked):  # every acknowledged action, as sent
         assert unpack(by_id[event_id])["args"]["content"] == f"down {i}"
+
+
+class FailsFor:
+    """The node's real store, except that ``sids``' batches fail (a disk error in their
+    files, say) while the set is not empty: the others' go through in the same call."""
+
+    def __init__(self, store: EventStore, *sids: str) -> None:
+        self.store, self.sids = store, set(sids)
+        self.failed = 0
+
+    async def append_many(self, batches: list[Batch]) -> list[object]:
+        passed = [b for b in batches if b.sid not in self.sids]
+        done = iter(await self.store.append_many(passed))
+        self.failed += len(batches) - len(passed)
+        return [
+            next(done) if b.sid not in self.sids else StoreError(f"{b.sid}: disk error")
+            for b in batches
+        ]
+
+
+async def test_one_conversation_the_store_refuses_holds_back_no_other(
+    make_nodes: NodeFactory,
+) -> None:
+    """The mover stores every conversation of a gathering in one call: one whose
+    batch fails waits in Redis (the node reports the trouble) while the others are
+    stored; once its batch goes through, it is stored too, whole and in order."""
+    (a,) = await make_nodes(1)
+    for sid in ("bad", "good1", "good2"):
+        await a.join_conversation(sid, f"c-{sid}", {}, "alice")
+    store = a.node.store
+    assert store is not None
+    faulty = FailsFor(store, "bad")
+    a.node.archiver._store = faulty  # type: ignore[assignment]
+    for i in range(5):
+        for sid in ("bad", "good1", "good2"):
+            await send(a, f"c-{sid}", f"{sid} {i}")
+    for sid in ("good1", "good2"):
+        await wait_stored(a, sid, 10)  # five actions and their answers
+    await wait_until(lambda: faulty.failed >= 2, what="the bad batch tried again")
+    assert await stored_mark(a, "bad") == 0
+    assert "bad: disk error" in a.node.archiver.trouble
+    faulty.sids.clear()
+    await wait_stored(a, "bad", 10)
+    await wait_until(lambda: a.node.archiver.trouble == "", what="the trouble gone")
+    for sid in ("bad", "good1", "good2"):
+        assert await all_stored(store, sid) == await redis_log(a, sid)  # whole, in order
 
 
 class HalfThenHang:
