@@ -23,7 +23,7 @@ Nothing here does I/O: the backends (``filestore.py``, ``postgres.py``) call it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, Self
@@ -65,6 +65,11 @@ class Batch:
     epoch: int
     events: tuple[StoredEvent, ...]
     user: str
+
+    @property
+    def opens(self) -> bool:
+        """It may be the conversation's first: it starts at id 1, or is empty (a fence)."""
+        return not self.events or self.events[0][0] == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +228,21 @@ def check_batches(batches: Sequence[Batch]) -> list[Exception | None]:
         else:
             out.append(None)
     return out
+
+
+async def append_checked(
+    batches: Sequence[Batch],
+    append: Callable[[list[Batch]], Awaitable[Mapping[str, AppendResult | Exception]]],
+) -> list[AppendResult | Exception]:
+    """Every backend's ``append_many``: each malformed batch refused alone
+    (``check_batches``), the others given to ``append`` (its results by conversation),
+    the outcomes in the batches' order."""
+    checked = check_batches(batches)
+    valid = [b for b, bad in zip(batches, checked, strict=True) if bad is None]
+    done = await append(valid) if valid else {}
+    return [
+        bad if bad is not None else done[b.sid] for b, bad in zip(batches, checked, strict=True)
+    ]
 
 
 def check_append(sid: str, epoch: int, events: Sequence[StoredEvent], user: str) -> None:

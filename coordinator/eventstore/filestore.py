@@ -56,8 +56,8 @@ from .base import (
     Opened,
     StoredConversation,
     StoredEvent,
+    append_checked,
     check_append,
-    check_batches,
     check_checkpoint,
     check_limit,
     check_read,
@@ -237,23 +237,20 @@ class FileEventStore(Opened):
             return await self._run(self._append_sync, sid, epoch, batch, user)
 
     async def append_many(self, batches: Sequence[Batch]) -> list[AppendResult | Exception]:
-        checked = check_batches(batches)
-        valid = [b for b, bad in zip(batches, checked, strict=True) if bad is None]
-        jobs = min(self._threads, -(-len(valid) // PER_JOB))
-        parts = [valid[i::jobs] for i in range(jobs)]
+        return await append_checked(batches, self._append_valid)
+
+    async def _append_valid(self, batches: list[Batch]) -> dict[str, AppendResult | Exception]:
+        jobs = min(self._threads, -(-len(batches) // PER_JOB))
+        parts = [batches[i::jobs] for i in range(jobs)]
         async with AsyncExitStack() as held:
-            for sid in sorted(b.sid for b in valid):  # one order: no deadlock with append
+            for sid in sorted(b.sid for b in batches):  # one order: no deadlock with append
                 await held.enter_async_context(self._locks.hold(sid))
             done = await asyncio.gather(*(self._run(self._append_each_sync, p) for p in parts))
-        results = {
+        return {
             b.sid: r
             for part, rs in zip(parts, done, strict=True)
             for b, r in zip(part, rs, strict=True)
         }
-        return [
-            bad if bad is not None else results[b.sid]
-            for b, bad in zip(batches, checked, strict=True)
-        ]
 
     def _append_each_sync(self, batches: Sequence[Batch]) -> list[AppendResult | Exception]:
         out: list[AppendResult | Exception] = []

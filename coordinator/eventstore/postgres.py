@@ -39,8 +39,8 @@ from .base import (
     Opened,
     StoredConversation,
     StoredEvent,
+    append_checked,
     check_append,
-    check_batches,
     check_checkpoint,
     check_limit,
     check_read,
@@ -186,14 +186,9 @@ class PostgresEventStore(Opened):
         return result
 
     async def append_many(self, batches: Sequence[Batch]) -> list[AppendResult | Exception]:
-        checked = check_batches(batches)
-        valid = [b for b, bad in zip(batches, checked, strict=True) if bad is None]
-        done: dict[str, AppendResult | Exception] = {}
-        if valid:
-            done = await self._call(lambda conn: self._append_many(conn, valid))
-        return [
-            bad if bad is not None else done[b.sid] for b, bad in zip(batches, checked, strict=True)
-        ]
+        return await append_checked(
+            batches, lambda valid: self._call(lambda conn: self._append_many(conn, valid))
+        )
 
     async def _append_many(
         self, conn: Any, batches: Sequence[Batch]
@@ -211,11 +206,7 @@ class PostgresEventStore(Opened):
                 # fence), then every row locked: each step in one order for every
                 # writer. Creating after locking took the new rows out of that order,
                 # and two nodes' movers deadlocked (test_eventstore.py, under load).
-                new_ones = [
-                    by_sid[sid]
-                    for sid in sids
-                    if not by_sid[sid].events or by_sid[sid].events[0][0] == 1
-                ]
+                new_ones = [by_sid[sid] for sid in sids if by_sid[sid].opens]
                 if new_ones:
                     await conn.execute(
                         sql.create_many,
@@ -226,10 +217,9 @@ class PostgresEventStore(Opened):
                 rows = {r["conversation_id"]: r for r in await conn.fetch(sql.lock_many, sids)}
                 for sid in sids:
                     if sid not in rows:  # a gap, or purged since it was created above
-                        b = by_sid[sid]
                         out[sid] = (
                             StoreError(f"conversation {sid!r} was deleted meanwhile")
-                            if not b.events or b.events[0][0] == 1
+                            if by_sid[sid].opens
                             else AppendResult("gap", 0, 0)
                         )
                 ev_sid: list[str] = []
