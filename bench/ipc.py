@@ -2,22 +2,26 @@
 
 ``python -m bench.ipc [--count N]``: two asyncio processes on a Unix socket pair, the
 node's framing (``workers/channel.py``), the peer echoing each frame from
-``data_received``; the round trip at several gaps between frames. With the gap long
-enough for the peer (and its vCPU) to fall idle, waking it costs more: that, not the
-framing, is most of what ``agent-isolation process`` adds to an action's round trip.
+``data_received``; the round trip at several gaps between frames, with the two processes
+placed as the OS chooses, pinned to one CPU, and pinned to two different CPUs (the last
+two only where this process may run on two). With the gap long enough for the peer (and
+its vCPU) to fall idle, waking it costs more, most of all when it sleeps on another
+(virtual) CPU: that, not the framing, is most of what ``agent-isolation process`` adds
+to an action's round trip. Prints a table; JSON in ``bench/results/ipc-full.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
-from bench.common import PY, REPO, child_env, percentile, table
+from bench.common import PY, REPO, Mode, child_env, percentile, table, write_json
 from workers.channel import FrameReader, frame
 
 GAPS_MS = (0.0, 0.5, 2.0, 5.0, 20.0)
@@ -54,7 +58,17 @@ async def _peer(fd: int) -> None:
     await asyncio.Event().wait()
 
 
-async def measure(count: int) -> dict[str, list[float]]:
+def placements() -> dict[str, tuple[set[int], set[int]] | None]:
+    """Where to run (this process, the peer): None leaves it to the OS."""
+    cpus = sorted(os.sched_getaffinity(0))
+    chosen: dict[str, tuple[set[int], set[int]] | None] = {"as the OS places them": None}
+    if len(cpus) >= 2:
+        chosen["one CPU"] = ({cpus[0]}, {cpus[0]})
+        chosen["two CPUs"] = ({cpus[0]}, {cpus[1]})
+    return chosen
+
+
+async def measure(count: int, pinned: tuple[set[int], set[int]] | None) -> dict[str, list[float]]:
     ours, theirs = socket.socketpair()
     peer = subprocess.Popen(  # noqa: ASYNC220 (returns once the child is forked)
         [PY, "-m", "bench.ipc", "--peer", str(theirs.fileno())],
@@ -63,7 +77,11 @@ async def measure(count: int) -> dict[str, list[float]]:
         env=child_env(),
     )
     theirs.close()
+    allowed = os.sched_getaffinity(0)
     try:
+        if pinned is not None:
+            os.sched_setaffinity(0, pinned[0])
+            os.sched_setaffinity(peer.pid, pinned[1])
         loop = asyncio.get_running_loop()
         _, client = await loop.create_unix_connection(_Client, sock=ours)
         out: dict[str, list[float]] = {}
@@ -80,19 +98,21 @@ async def measure(count: int) -> dict[str, list[float]]:
             out[str(gap)] = samples
         return out
     finally:
+        os.sched_setaffinity(0, allowed)
         peer.kill()
         peer.wait()
 
 
 async def run_table(count: int) -> tuple[str, dict[str, Any]]:
-    results = await measure(count)
+    results = {name: await measure(count, pinned) for name, pinned in placements().items()}
     rows = [
-        [f"{float(gap):g} ms", percentile(s, 50), percentile(s, 90), percentile(s, 99)]
-        for gap, s in results.items()
+        [where, f"{float(gap):g} ms", percentile(s, 50), percentile(s, 90), percentile(s, 99)]
+        for where, by_gap in results.items()
+        for gap, s in by_gap.items()
     ]
     text = table(
         f"One frame to another process and back (asyncio, Unix socket pair), {count} per gap",
-        ["gap between frames", "p50 us", "p90 us", "p99 us"],
+        ["processes on", "gap between frames", "p50 us", "p90 us", "p99 us"],
         rows,
     )
     return text, results
@@ -106,8 +126,17 @@ def main(argv: list[str]) -> int:
     if args.peer is not None:
         asyncio.run(_peer(args.peer))
         return 0
-    text, _ = asyncio.run(run_table(args.count))
+    text, results = asyncio.run(run_table(args.count))
     print(text)
+    summary = {
+        where: {
+            gap: {"p50_us": percentile(s, 50), "p90_us": percentile(s, 90)}
+            for gap, s in by_gap.items()
+        }
+        for where, by_gap in results.items()
+    }
+    path = write_json("ipc", Mode("full"), {"count": args.count, "round_trip": summary})
+    print(f"(JSON in {path})")
     return 0
 
 

@@ -1,18 +1,21 @@
 """Where a node's time goes: py-spy samples of a node process under load.
 
-Two loads on one coordinator node (a process; Redis private; load generator separate):
+Three loads on one coordinator node (a process; Redis private; load generator separate):
 
 - ``roundtrip``: actions at a fixed rate over many conversations, client and loop on the
   node (the same-node round trip);
 - ``join``: new conversations joined as fast as the node takes them (create, admit,
-  start the loop, subscribe, register the connection).
+  start the loop, subscribe, register the connection);
+- ``second``: a second connection to each of those conversations, their loops running
+  on the node and their first clients connected (verify, find the owner, register the
+  connection, read the first page).
 
-py-spy samples the node (only busy samples; it pauses the process for each sample so
-that the stacks are whole) for the length of the load; the collapsed stacks go to
-``bench/results/profile-LOAD-MODE.txt`` (flamegraph.pl input). The tables: the samples
-by phase (the deepest frame matching a known function), self time by package, the top
-functions by self time, and the inclusive time of the node's own functions and of the
-libraries' entry points.
+py-spy samples the node (only busy samples; ``--nonblocking``: the process runs on while
+it is read, so some stacks come out partial) for the length of the load; the collapsed
+stacks go to ``bench/results/profile-LOAD-MODE.txt`` (flamegraph.pl input). The tables:
+the samples by phase (the deepest frame matching a known function), self time by
+package, the top functions by self time, and the inclusive time of the node's own
+functions and of the libraries' entry points.
 """
 
 from __future__ import annotations
@@ -196,21 +199,24 @@ async def profile_load(kind: str, mode: Mode) -> dict[str, Any]:
                 work = f"{int(command['rate'] * seconds)} actions"
             else:
                 n = mode.pick(1_000, 3_000)
-                command = {
-                    "cmd": "connect",
-                    "group": "joins",
-                    "conns": [
-                        {
-                            "url": url_of(node),
-                            "query": {"conversation_id": f"pj-{i}"},
-                            "auth": {"token": issue_token(f"j{i % 100}", secret)},
-                        }
-                        for i in range(n)
-                    ],
-                    "concurrency": 50,
-                }
+                conns = [
+                    {
+                        "url": url_of(node),
+                        "query": {"conversation_id": f"pj-{i}"},
+                        "auth": {"token": issue_token(f"j{i % 100}", secret)},
+                    }
+                    for i in range(n)
+                ]
+                if kind == "second":  # their loops running on the node, first clients on
+                    first = {"cmd": "connect", "group": "first", "conns": conns}
+                    await gen.request({**first, "concurrency": 50})
+                command = {"cmd": "connect", "group": "joins", "conns": conns, "concurrency": 50}
                 seconds = mode.pick(8.0, 20.0)
-                work = f"joins of {n} new conversations"
+                work = (
+                    f"joins of {n} new conversations"
+                    if kind == "join"
+                    else f"second connections to {n} running conversations"
+                )
             spy = await asyncio.create_subprocess_exec(
                 py_spy(),
                 "record",
@@ -322,5 +328,5 @@ def report(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def run(mode: Mode) -> dict[str, Any]:
-    results = [await profile_load("roundtrip", mode), await profile_load("join", mode)]
+    results = [await profile_load(kind, mode) for kind in ("roundtrip", "join", "second")]
     return report(results)

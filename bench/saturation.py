@@ -170,6 +170,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                 "coord same-node": (a, None, [a.pid]),
                 "coord cross-node": (b, a, [a.pid, b.pid]),
             }
+            rss: dict[str, float] = {}
             for n, (name, (joins, setup, _)) in enumerate(groups.items()):
                 await join_group(
                     gen,
@@ -180,13 +181,9 @@ async def run(mode: Mode) -> dict[str, Any]:
                     count=CLIENTS,
                     setup_url=url_of(setup) if setup is not None else None,
                 )
-            rss = {
-                PLAIN: (rss_bytes(plain.pid) - rss0["plain"]) / CLIENTS,
-                # Node A holds the same-node group's clients and, for the cross group, the
-                # loops only: its growth over its own clients, as before the cross group.
-                "coord same-node": (rss_bytes(a.pid) - rss0["sat-a"]) / CLIENTS,
-                "coord cross-node": (rss_bytes(b.pid) - rss0["sat-b"]) / CLIENTS,
-            }
+                # Its growth over its own clients, measured now: node A takes the cross
+                # group's loops next, node B only that group's clients.
+                rss[name] = (rss_bytes(joins.pid) - rss0[joins.name]) / CLIENTS
             for name, (_, _, pids) in groups.items():
                 out[name] = {"steps": await _ladder(gen, name, pids, rates, seconds)}
                 out[name]["rss_bytes_per_connection"] = rss[name]
