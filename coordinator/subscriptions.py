@@ -220,7 +220,7 @@ class Subscriptions:
 
     async def _resubscribe(self) -> None:
         with contextlib.suppress(*REDIS_TROUBLE):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
         try:
             await self._subscribe(*self._refs)
@@ -276,7 +276,7 @@ class Subscriptions:
         """Stop the listener: its pending read fails once the connection is closed."""
         self._closing = True
         with contextlib.suppress(*REDIS_TROUBLE):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
 
 class Interest:

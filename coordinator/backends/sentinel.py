@@ -39,7 +39,7 @@ class SentinelBackend(Backend):
     def __init__(self, config: ManagerConfig) -> None:
         super().__init__(config)
         self.url: SentinelURL = parse_sentinel_url(config.redis_url)
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(self.url.sentinels),
             sentinel_kwargs=self._sentinel_kwargs(),
             **self._node_kwargs(),
@@ -107,7 +107,7 @@ class SentinelBackend(Backend):
     def lease_renewer(self, keys: KeySchema) -> LeaseRenewer:
         timeout = min(0.5, self.config.heartbeat_interval)
         u = self.url
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(u.sentinels),
             sentinel_kwargs={
                 "username": u.sentinel_username or None,
@@ -117,7 +117,7 @@ class SentinelBackend(Backend):
             },
             **{**self._node_kwargs(), "socket_timeout": timeout, "socket_connect_timeout": timeout},
         )
-        client = sentinel.master_for(  # type: ignore[no-untyped-call]
+        client = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
             u.master, retry=SyncRetry(NoBackoff(), 1)
         )
         return LeaseRenewer(client, keys)
