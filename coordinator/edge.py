@@ -12,7 +12,8 @@ socket.io server or the REST app sees it.
   may send; a frame that is not an engine.io packet at all closes the connection with a
   reason, before engine.io (which would drop the session without cleaning up) reads it.
   The socket.io server closes a connection the same way, through the guard it finds in
-  the scope (``FrameGuard.of``).
+  the scope (``FrameGuard.of``), and writes to it through the guard when nothing waits
+  in engine.io's queue (``FrameGuard.write``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .connlimits import ConnectionGuard, forwarded_client
 from .http import Origins
 from .ratelimit import LogThrottle, Rate, TokenBucket
 from .serverconfig import ServerConfig
-from .websocket import ABORT_KEY
+from .websocket import ABORT_KEY, WRITE_NOW_KEY
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ SCOPE_KEY = "coordinator.frames"
 SOCKETIO_PATH = "/socket.io/"
 ENGINEIO_TYPES = frozenset("0123456")
 ENGINEIO_CLOSE = "1"
+ENGINEIO_MESSAGE = "4"
 # Close codes (RFC 6455): done / the peer broke the protocol / our policy / too much.
 NORMAL_CLOSURE = 1000
 PROTOCOL_ERROR = 1002
@@ -85,23 +87,54 @@ class FrameGuard:
         address: str,
         throttle: LogThrottle,
         abort: Callable[[], None] | None = None,
+        write_now: Callable[[], bool] | None = None,
     ) -> None:
         self._send = send
         self._bucket = TokenBucket(rate, time.monotonic())
         self.address = address
         self._throttle = throttle
         self._abort = abort
+        self._write_now = write_now
         self.closed: str | None = None  # the reason it was closed for
         self.close_code = 0
         # Bytes of events handed to engine.io for this client, and bytes written to it:
-        # the difference waits in engine.io's queue (SocketSink counts the first).
+        # the difference waits in engine.io's queue (``GuardedServer.send_part`` counts
+        # the first).
         self.queued_bytes = 0
         self.sent_bytes = 0
+        # Messages handed to engine.io's queue and not yet written by its writer task.
+        self.queued_messages = 0
 
     @property
     def backlog(self) -> int:
         """Bytes of events waiting for the client."""
         return self.queued_bytes - self.sent_bytes
+
+    def may_write(self) -> bool:
+        """A message may be written now (``write``), ahead of engine.io's writer task:
+        the connection is open and has written engine.io's OPEN, no message of it waits
+        in engine.io's queue or in its writer's hands (order holds), and the transport
+        takes the frame without waiting."""
+        return (
+            self.closed is None
+            and self.queued_messages == 0
+            and self.sent_bytes > 0
+            and self._write_now is not None
+            and self._write_now()
+        )
+
+    async def write(self, part: str | bytes) -> None:
+        """An engine.io MESSAGE (a socket.io packet, or a binary attachment), written now.
+        A connection that is gone meanwhile drops it (its disconnect cleans up)."""
+        message: Message = (
+            {"type": "websocket.send", "text": "4" + part}
+            if isinstance(part, str)
+            else {"type": "websocket.send", "bytes": part}
+        )
+        try:
+            await self._send(message)
+        except Exception as exc:  # uvicorn's ClientDisconnected, a transport gone
+            log.debug("write to %s dropped (%r)", self.address, exc)
 
     @staticmethod
     def of(environ: Mapping[str, Any] | None) -> FrameGuard | None:
@@ -160,9 +193,12 @@ class FrameGuard:
         async def counted(message: Message) -> None:
             nonlocal since_yield
             if message["type"] == "websocket.send":
-                size = len(message.get("text") or message.get("bytes") or b"")
+                text = message.get("text")
+                size = len(text or message.get("bytes") or b"")
                 self.sent_bytes += size
                 since_yield += size
+                if self.queued_messages and (text is None or text[:1] == ENGINEIO_MESSAGE):
+                    self.queued_messages -= 1
             await send(message)
             if since_yield >= YIELD_BYTES:
                 since_yield = 0
@@ -223,8 +259,8 @@ class Edge:
         try:
             if kind == "websocket" and scope["path"].startswith(SOCKETIO_PATH):
                 address = str((scope.get("client") or ("",))[0])
-                abort = scope.get(ABORT_KEY)
-                frames = FrameGuard(send, self.frames, address, self.throttle, abort)
+                abort, write_now = scope.get(ABORT_KEY), scope.get(WRITE_NOW_KEY)
+                frames = FrameGuard(send, self.frames, address, self.throttle, abort, write_now)
                 scope[SCOPE_KEY] = frames
                 receiver.receive = frames.receive(receive)
                 send = frames.counting(send)
@@ -235,11 +271,12 @@ class Edge:
             # Unlinked from what outlives the request in reference cycles (below), a
             # connection is freed as it ends, not by a full collection of the cyclic GC,
             # which walks every live object: under churn, a third of a join's CPU and
-            # pauses of 0.2-0.3 s (BENCHMARKS.md). Both keys hold the websocket protocol,
+            # pauses of 0.2-0.3 s (BENCHMARKS.md). The keys hold the websocket protocol,
             # which holds the scope.
             receiver.receive = None
             scope.pop(SCOPE_KEY, None)
             scope.pop(ABORT_KEY, None)
+            scope.pop(WRITE_NOW_KEY, None)
 
     def _routed_here(self, scope: Scope) -> bool:
         """With a metrics port, /metrics is there and only there."""

@@ -12,8 +12,13 @@
   ``max_queued_bytes`` wait for it (``backlogged``): its client reconnects with
   ``latest_event_id`` and misses nothing.
 
+- A message for a client is written to its websocket at once when nothing of it waits
+  in engine.io's queue (``send_part``), not a few loop iterations later by engine.io's
+  writer task.
+
 This overrides python-socketio's ``_handle_eio_connect``, ``_handle_eio_message``,
-``_handle_eio_disconnect``, ``_send_packet`` and ``_engineio_server_class`` (5.x;
+``_handle_eio_disconnect``, ``_send_packet``, ``_send_eio_packet`` and
+``_engineio_server_class`` (5.x;
 ``tests/test_guards.py`` drives every branch through a real server), and engine.io's
 ``start_background_task``.
 """
@@ -113,6 +118,7 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         self._reported: set[str] = set()  # eio sids whose malformed packet was logged
         self._throttle = LogThrottle(log)
         self.malformed = 0
+        self.written_at_once = 0  # messages written without engine.io's queue (send_part)
 
     # -- the handshake deadline ------------------------------------------------------
     async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> Any:
@@ -205,17 +211,45 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         return None
 
     async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
-        """python-socketio's, counting what waits for the client (acks, CONNECT)."""
+        """python-socketio's (acks, CONNECT), through ``send_part``."""
         encoded = pkt.encode()
         for part in encoded if isinstance(encoded, list) else (encoded,):
-            await self.eio.send(eio_sid, part)
-            self.queued(eio_sid, len(part) + 1)
+            await self.send_part(eio_sid, part)
 
-    def queued(self, eio_sid: str, size: int) -> None:
-        """``size`` bytes of events were queued for this client."""
+    async def _send_eio_packet(self, eio_sid: str, eio_pkt: Any) -> None:
+        """python-socketio's (``emit`` to a room), its messages through ``send_part``."""
+        if eio_pkt.packet_type == engineio.packet.MESSAGE:
+            await self.send_part(eio_sid, eio_pkt.data)
+        else:
+            await super()._send_eio_packet(eio_sid, eio_pkt)
+
+    async def send_part(self, eio_sid: str, part: str | bytes) -> None:
+        """One engine.io MESSAGE for a client: a socket.io packet or a binary attachment.
+
+        engine.io queues it for the connection's writer task, which writes it a few loop
+        iterations later, after whatever else is ready: an action's ack waited there for
+        the agent's commit to go to Redis (0.4-0.6 ms, BENCHMARKS.md). On a websocket
+        whose guard says nothing of it waits (``FrameGuard.may_write``) it is written at
+        once instead; otherwise queued, counted in bytes and messages (``backlogged``),
+        and the writer's order is kept: no message is written ahead of a queued one."""
+        socket = self.eio.sockets.get(eio_sid)
         frames = FrameGuard.of(self.environ.get(eio_sid))
+        if (
+            frames is not None
+            and socket is not None
+            and socket.upgraded
+            and not socket.closed
+            and socket.queue.empty()
+            and frames.may_write()
+        ):
+            if await socket.check_ping_timeout():  # else engine.io closes it, as on send
+                await frames.write(part)
+                self.written_at_once += 1
+            return
+        await self.eio.send(eio_sid, part)
         if frames is not None:
-            frames.queued_bytes += size
+            frames.queued_bytes += len(part) + 1  # engine.io's "4" prefix
+            frames.queued_messages += 1
 
     # -- packets ---------------------------------------------------------------------
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:

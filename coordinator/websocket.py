@@ -77,6 +77,12 @@ class CoalescingTransport(asyncio.Transport):
 
 # The scope key of a callable that drops the connection at once (``abort``).
 ABORT_KEY = "coordinator.abort"
+# The scope key of a callable saying whether a frame sent now is written without waiting
+# (``can_write_now``).
+WRITE_NOW_KEY = "coordinator.write_now"
+# Bytes waiting in the transport (coalesced or not yet taken by the kernel) above which
+# a frame is no longer written at once: asyncio's default high-water mark.
+WRITE_NOW_LIMIT = 64 * 1024
 
 
 class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
@@ -108,10 +114,24 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
         scope = getattr(self, "scope", None)
         if scope is not None:  # the app's task starts on the next loop iteration
             scope[ABORT_KEY] = self.abort
+            scope[WRITE_NOW_KEY] = self.can_write_now
 
     def abort(self) -> None:
         """Drop the connection now, whatever is still waiting to be written."""
         self.transport.abort()
+
+    def can_write_now(self) -> bool:
+        """A frame sent now goes into the transport without waiting: the handshake is
+        done, the connection is not closing or paused, and less than WRITE_NOW_LIMIT
+        bytes wait to be written (a client that reads slowly holds the rest back)."""
+        return (
+            self.handshake_complete
+            and not self.disconnected
+            and not self.close_sent
+            and self.writable.is_set()
+            and not self.transport.is_closing()
+            and self.transport.get_write_buffer_size() < WRITE_NOW_LIMIT
+        )
 
     def keepalive_timeout(self) -> None:
         super().keepalive_timeout()

@@ -218,6 +218,52 @@ async def test_a_client_that_does_not_read_is_dropped_and_misses_nothing(
     assert ids == list(range(1, len(ids) + 1)) and ids[-1] >= last  # gap-free, all there
 
 
+async def test_events_keep_their_order_written_at_once_or_queued_behind_a_slow_reader(
+    servers: ServerCluster,
+) -> None:
+    """A message goes straight to the client's websocket while nothing of it waits in
+    engine.io's queue, and through the queue once the client stops reading (its buffers
+    full); never one ahead of another: the client reads every event once, in order."""
+    (a,) = await servers.start(1, server_config=ServerConfig(**NO_LIMITS))
+    sio = a.manager.sink.sio  # type: ignore[attr-defined]
+    writer = await joined(servers, a)
+    slow = await RawSocket.open(a.url, {"conversation_id": "conv"}, max_queue=2)
+    await slow.join(servers.token("alice"))
+    at_once = sio.written_at_once
+    content = "q" * 30_000
+    queued = 0  # the most messages ever waiting in the slow client's queue
+    last, sent = 0, 0
+    while queued < 5 or sent < 10:
+        ack = await writer.call(
+            "oh_user_action", {"action": "message", "args": {"content": content}}
+        )
+        assert ack["ok"], ack
+        last, sent = ack["id"], sent + 1
+        assert sent < 1_000, "the slow client's messages never waited in engine.io's queue"
+        socket = sio.eio.sockets[sio.manager.eio_sid_from_sid(slow.sid, "/")]
+        queued = max(queued, sum(p is not None for p in socket.queue._queue))
+    assert sio.written_at_once > at_once
+    # It reads again while more events come: written at once again only after what
+    # waited in the queue.
+    ids = [_event_id(packet) for packet in slow.early]
+
+    async def read_until(target: int) -> None:
+        while not ids or ids[-1] < target:
+            ids.append(_event_id(await slow.recv_packet()))
+
+    reading = asyncio.ensure_future(read_until(10**9))
+    for _ in range(30):
+        ack = await writer.call("oh_user_action", {"action": "message", "args": {"content": "x"}})
+        assert ack["ok"], ack
+        last = ack["id"]
+        await asyncio.sleep(0.01)
+    reading.cancel()
+    await asyncio.gather(reading, return_exceptions=True)
+    await read_until(last)
+    assert ids == list(range(ids[0], ids[0] + len(ids))), ids  # in order, none twice
+    assert ids[0] <= 2 and ids[-1] >= last
+
+
 def _event_id(packet: str) -> int:
     import json
 
