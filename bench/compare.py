@@ -13,7 +13,8 @@ they are now), optionally followed by ``@flag=value,...`` for ``coordinator serv
 private Redis; plain python-socketio with ``AsyncRedisManager`` runs beside them as the
 reference. One load generator sends actions to 20 conversations per system at a fixed
 rate, in rounds of a few seconds per system, shuffled in each round, so that the
-machine's drift hits all alike. Prints p50/p90/p99 and p50 over plain's per rate, and
+machine's drift hits all alike. Prints p50/p90/p99 and p50 over plain's per rate, the acks'
+p50/p99 and the servers' CPU per action, and
 writes ``bench/results/compare-full.json``.
 """
 
@@ -164,6 +165,7 @@ async def compare(
             results: dict[str, Any] = {}
             for rate in rates:
                 lat: dict[str, list[float]] = {name: [] for name in groups}
+                acks: dict[str, list[float]] = {name: [] for name in groups}
                 cpu: dict[str, float] = dict.fromkeys(groups, 0.0)
                 for _ in range(rounds):
                     order = list(groups)
@@ -180,7 +182,9 @@ async def compare(
                         )
                         cpu[name] += sum(cpu_seconds(pid) for pid in pids) - before
                         lat[name] += r["lat_ms"]
+                        acks[name] += r["ack_ms"]
                 results[str(rate)] = {name: samples for name, samples in lat.items()}
+                results[f"{rate} ack_ms"] = acks
                 results[f"{rate} cpu_ms_per_action"] = {
                     name: 1000 * cpu[name] / max(1, len(lat[name])) for name in groups
                 }
@@ -193,9 +197,10 @@ async def compare(
 def report(results: dict[str, Any], rounds: int, seconds: float) -> list[str]:
     tables = []
     for rate, lat in results.items():
-        if rate.endswith("cpu_ms_per_action"):
+        if rate.endswith(("cpu_ms_per_action", "ack_ms")):
             continue
         cpu = results.get(f"{rate} cpu_ms_per_action", {})
+        acks = results.get(f"{rate} ack_ms", {})
         plain = percentile(lat[PLAIN], 50)
         rows = [
             [
@@ -205,6 +210,8 @@ def report(results: dict[str, Any], rounds: int, seconds: float) -> list[str]:
                 percentile(samples, 90),
                 percentile(samples, 99),
                 percentile(samples, 50) / plain,
+                percentile(acks.get(name) or [float("nan")], 50),
+                percentile(acks.get(name) or [float("nan")], 99),
                 cpu.get(name, float("nan")),
             ]
             for name, samples in lat.items()
@@ -220,6 +227,8 @@ def report(results: dict[str, Any], rounds: int, seconds: float) -> list[str]:
                     "p90 ms",
                     "p99 ms",
                     "p50 x plain",
+                    "ack p50 ms",
+                    "ack p99 ms",
                     "server CPU ms/action",
                 ],
                 rows,
