@@ -13,9 +13,9 @@ they are now), optionally followed by ``@flag=value,...`` for ``coordinator serv
 private Redis; plain python-socketio with ``AsyncRedisManager`` runs beside them as the
 reference. One load generator sends actions to 20 conversations per system at a fixed
 rate, in rounds of a few seconds per system, shuffled in each round, so that the
-machine's drift hits all alike. Prints p50/p90/p99 and p50 over plain's per rate, the acks'
-p50/p99 and the servers' CPU per action, and
-writes ``bench/results/compare-full.json``.
+machine's drift hits all alike. Prints, per rate, the answers' p50/p90/p99 and p50 over
+plain's, the acks' p50/p99 and the servers' CPU per action, and writes
+``bench/results/compare-full.json``.
 """
 
 from __future__ import annotations
