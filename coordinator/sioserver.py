@@ -231,7 +231,9 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         the agent's commit to go to Redis (0.4-0.6 ms, BENCHMARKS.md). On a websocket
         whose guard says nothing of it waits (``FrameGuard.may_write``) it is written at
         once instead; otherwise queued, counted in bytes and messages (``backlogged``),
-        and the writer's order is kept: no message is written ahead of a queued one."""
+        and the writer's order is kept: no message is written ahead of a queued one. A
+        session that began on long-polling and upgraded has no guard in its environ (the
+        polling request's): its messages are always queued."""
         socket = self.eio.sockets.get(eio_sid)
         frames = FrameGuard.of(self.environ.get(eio_sid))
         if (
