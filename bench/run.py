@@ -28,6 +28,7 @@ BENCHMARKS = {
     "timeline": "bench.timeline",
     "deployments": "bench.deployments",
     "storm": "bench.storm",
+    "pubsub": "bench.pubsub",
     "saturation": "bench.saturation",
     "isolation": "bench.isolation",
     "attacks": "bench.attacks",
