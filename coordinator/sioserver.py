@@ -86,11 +86,13 @@ class PingTrackingServer(engineio.AsyncServer):  # type: ignore[misc]
         task = super().start_background_task(target, *args, **kwargs)
         session = getattr(target, "__self__", None)
         if getattr(target, "__name__", "") == "_send_ping" and session is not None:
+            task.set_name(session.sid)  # what ``_forget_ping`` finds it by
             self.ping_tasks[session.sid] = task
-            task.add_done_callback(lambda t, sid=session.sid: self._forget_ping(sid, t))
+            task.add_done_callback(self._forget_ping)
         return task
 
-    def _forget_ping(self, sid: str, task: asyncio.Task[Any]) -> None:
+    def _forget_ping(self, task: asyncio.Task[Any]) -> None:
+        sid = task.get_name()
         if self.ping_tasks.get(sid) is task:
             del self.ping_tasks[sid]
 
