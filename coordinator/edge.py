@@ -149,7 +149,7 @@ class FrameGuard:
         """An engine.io MESSAGE (a socket.io packet, or a binary attachment), written now.
         A connection that is gone meanwhile drops it (its disconnect cleans up)."""
         message: Message = (
-            {"type": "websocket.send", "text": "4" + part}
+            {"type": "websocket.send", "text": ENGINEIO_MESSAGE + part}
             if isinstance(part, str)
             else {"type": "websocket.send", "bytes": part}
         )
