@@ -77,7 +77,7 @@ class NullSink:
         return None
 
 
-@dataclass
+@dataclass(slots=True)
 class Connection:
     cid: str
     sid: str

@@ -20,21 +20,29 @@ _Key = tuple[str, str]  # (namespace, socket.io sid)
 class IndexedRoomsManager(socketio.AsyncManager):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
-        self._joined: dict[_Key, set[Any]] = {}
+        # A connection is in two rooms (the namespace's, None, and its own) and seldom
+        # more: a tuple each (56 bytes) rather than a set (216).
+        self._joined: dict[_Key, tuple[Any, ...]] = {}
 
     def basic_enter_room(
         self, sid: str, namespace: str, room: Any, eio_sid: str | None = None
     ) -> None:
         super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
-        self._joined.setdefault((namespace, sid), set()).add(room)
+        key = (namespace, sid)
+        joined = self._joined.get(key, ())
+        if room not in joined:
+            self._joined[key] = (*joined, room)
 
     def basic_leave_room(self, sid: str, namespace: str, room: Any) -> None:
         super().basic_leave_room(sid, namespace, room)
-        joined = self._joined.get((namespace, sid))
-        if joined is not None:
-            joined.discard(room)
-            if not joined:
-                del self._joined[(namespace, sid)]
+        key = (namespace, sid)
+        joined = self._joined.get(key)
+        if joined is not None and room in joined:
+            rest = tuple(r for r in joined if r != room)
+            if rest:
+                self._joined[key] = rest
+            else:
+                del self._joined[key]
 
     def get_rooms(self, sid: str, namespace: str) -> list[Any]:
         """The rooms ``sid`` is in, besides the namespace's room of every client (None)."""
