@@ -280,6 +280,26 @@ def table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
     return "\n".join(lines)
 
 
+def by_gap(
+    title: str, who: str, gap: str, results: dict[str, dict[str, list[float]]]
+) -> tuple[str, dict[str, Any]]:
+    """Latency samples in microseconds by ``who`` and by gap (in ms): the table of their
+    p50/p90/p99 and, for the JSON, their p50 and p90."""
+    rows = [
+        [name, f"{float(g):g} ms", percentile(s, 50), percentile(s, 90), percentile(s, 99)]
+        for name, gaps in results.items()
+        for g, s in gaps.items()
+    ]
+    text = table(title, [who, gap, "p50 us", "p90 us", "p99 us"], rows)
+    summary = {
+        name: {
+            g: {"p50_us": percentile(s, 50), "p90_us": percentile(s, 90)} for g, s in gaps.items()
+        }
+        for name, gaps in results.items()
+    }
+    return text, summary
+
+
 def machine() -> dict[str, Any]:
     return {
         "python": platform.python_version(),

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import PY, REPO, Mode, child_env, percentile, table, write_json
+from bench.common import PY, REPO, Mode, by_gap, child_env, write_json
 from workers.channel import FrameReader, frame
 
 GAPS_MS = (0.0, 0.5, 2.0, 5.0, 20.0)
@@ -105,17 +105,12 @@ async def measure(count: int, pinned: tuple[set[int], set[int]] | None) -> dict[
 
 async def run_table(count: int) -> tuple[str, dict[str, Any]]:
     results = {name: await measure(count, pinned) for name, pinned in placements().items()}
-    rows = [
-        [where, f"{float(gap):g} ms", percentile(s, 50), percentile(s, 90), percentile(s, 99)]
-        for where, by_gap in results.items()
-        for gap, s in by_gap.items()
-    ]
-    text = table(
+    return by_gap(
         f"One frame to another process and back (asyncio, Unix socket pair), {count} per gap",
-        ["processes on", "gap between frames", "p50 us", "p90 us", "p99 us"],
-        rows,
+        "processes on",
+        "gap between frames",
+        results,
     )
-    return text, results
 
 
 def main(argv: list[str]) -> int:
@@ -126,15 +121,8 @@ def main(argv: list[str]) -> int:
     if args.peer is not None:
         asyncio.run(_peer(args.peer))
         return 0
-    text, results = asyncio.run(run_table(args.count))
+    text, summary = asyncio.run(run_table(args.count))
     print(text)
-    summary = {
-        where: {
-            gap: {"p50_us": percentile(s, 50), "p90_us": percentile(s, 90)}
-            for gap, s in by_gap.items()
-        }
-        for where, by_gap in results.items()
-    }
     path = write_json("ipc", Mode("full"), {"count": args.count, "round_trip": summary})
     print(f"(JSON in {path})")
     return 0

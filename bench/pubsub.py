@@ -18,7 +18,7 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 
-from bench.common import Mode, percentile, private_redis, table
+from bench.common import Mode, by_gap, private_redis
 from coordinator.subscriptions import Subscriptions
 
 GAPS_MS = (2.0, 20.0)
@@ -130,20 +130,10 @@ async def run(mode: Mode) -> dict[str, Any]:
     count = mode.pick(300, 1000)
     with private_redis() as redis:
         results = await _measure("127.0.0.1", redis.port, redis.url, count)
-    rows = [
-        [who, f"{gap} ms", percentile(s, 50), percentile(s, 90), percentile(s, 99)]
-        for who, by_gap in results.items()
-        for gap, s in by_gap.items()
-    ]
-    text = table(
+    text, summary = by_gap(
         f"Publish to the listener's call, {count} messages per gap (one at a time)",
-        ["subscriber", "gap between messages", "p50 us", "p90 us", "p99 us"],
-        rows,
+        "subscriber",
+        "gap between messages",
+        results,
     )
-    summary = {
-        who: {
-            gap: {"p50_us": percentile(s, 50), "p90_us": percentile(s, 90)} for gap, s in g.items()
-        }
-        for who, g in results.items()
-    }
     return {"tables": [text], "json": {"count": count, "latency": summary}}
