@@ -77,7 +77,7 @@ class NullSink:
         return None
 
 
-@dataclass(slots=True)
+@dataclass
 class Connection:
     cid: str
     sid: str
