@@ -1,12 +1,15 @@
 """The floor under a cross-node hop: a message published to Redis, read by a subscriber.
 
 ``python -m bench.run --only pubsub``. A node hears other nodes' actions and events on
-the conversations' channels through ``coordinator.subscriptions.Subscriptions`` (redis-py's
-``PubSub.get_message`` in a loop); a cross-node action crosses it twice (the action to
-the loop's node, its answer back). Measured here, on a private Redis, from the publish's
-write to the listener's call, at two gaps between messages: that subscriber, and the
-least a subscriber can do in asyncio (a protocol parsing with hiredis in
-``data_received``), both reading in this process while a raw connection publishes.
+the conversations' channels through ``coordinator.subscriptions.Subscriptions`` (its own
+connection, hiredis parsing in the protocol's ``data_received``); a cross-node action
+crosses it twice (the action to the loop's node, its answer back). Measured here, on a
+private Redis, from the publish's write to the listener's call, at two gaps between
+messages: that subscriber; redis-py's ``PubSub.get_message`` in a loop (what it was
+built on before); and the least a subscriber can do in asyncio (a bare protocol parsing
+with hiredis), each reading in this process while a raw connection publishes. Then the
+CPU of a subscribe and its confirmation, through ``Subscriptions.add`` and through
+redis-py's ``PubSub.subscribe``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 
-from bench.common import Mode, by_gap, private_redis
+from bench.common import Mode, by_gap, private_redis, table
+from coordinator.links import Endpoint
 from coordinator.subscriptions import Subscriptions
+
+OURS = "Subscriptions (own link, hiredis)"
+REDIS_PY = "redis-py PubSub.get_message"
 
 GAPS_MS = (2.0, 20.0)
 CHANNEL = "bench:pubsub"
@@ -93,21 +100,39 @@ async def _measure(host: str, port: int, url: str, count: int) -> dict[str, dict
     out: dict[str, dict[str, list[float]]] = {}
     # The coordinator's subscriber, as a node runs it.
     client = aioredis.from_url(url)
-    subs = Subscriptions(client, CHANNEL + ":probe")
+    subs = Subscriptions(Endpoint.from_url(url), client.publish, CHANNEL + ":probe")
     recorder = _Recorder()
     await subs.start()
     listening = asyncio.ensure_future(subs.run(recorder))
     try:
         await subs.add(CHANNEL)  # confirmed through the listener
-        out["Subscriptions (redis-py PubSub)"] = {}
+        out[OURS] = {}
         for gap in GAPS_MS:
-            out["Subscriptions (redis-py PubSub)"][f"{gap:g}"] = await _publish(
-                pub, recorder, count, gap
-            )
+            out[OURS][f"{gap:g}"] = await _publish(pub, recorder, count, gap)
     finally:
         await subs.aclose()
         listening.cancel()
         await asyncio.gather(listening, return_exceptions=True)
+    # redis-py's pub/sub, read as the coordinator read it before.
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(CHANNEL)
+    recorder = _Recorder()
+
+    async def read() -> None:
+        while True:
+            msg = await pubsub.get_message(timeout=1.0)
+            if msg is not None:
+                await recorder.message(msg["channel"], msg["data"])
+
+    listening = asyncio.ensure_future(read())
+    try:
+        out[REDIS_PY] = {}
+        for gap in GAPS_MS:
+            out[REDIS_PY][f"{gap:g}"] = await _publish(pub, recorder, count, gap)
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
         await client.aclose()
     # The least an asyncio subscriber does.
     transport, raw = await loop.create_connection(_RawSubscriber, host, port)
@@ -126,14 +151,52 @@ async def _measure(host: str, port: int, url: str, count: int) -> dict[str, dict
     return out
 
 
+async def _subscribe_cpu(url: str, count: int) -> list[list[Any]]:
+    """CPU microseconds per subscribe, its confirmation read (``count`` channels each)."""
+    client = aioredis.from_url(url)
+    subs = Subscriptions(Endpoint.from_url(url), client.publish, CHANNEL + ":probe")
+    await subs.start()
+    listening = asyncio.ensure_future(subs.run(_Recorder()))
+    try:
+        t0 = time.process_time()
+        for i in range(count):
+            await subs.add(f"{CHANNEL}:ours:{i}")
+        ours = (time.process_time() - t0) / count * 1e6
+    finally:
+        await subs.aclose()
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+    pubsub = client.pubsub(ignore_subscribe_messages=False)
+    try:
+        t0 = time.process_time()
+        for i in range(count):
+            await pubsub.subscribe(f"{CHANNEL}:redis-py:{i}")
+            while await pubsub.get_message(timeout=1.0) is None:
+                pass
+        theirs = (time.process_time() - t0) / count * 1e6
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+        await client.aclose()
+    return [[OURS, round(ours, 1)], [REDIS_PY, round(theirs, 1)]]
+
+
 async def run(mode: Mode) -> dict[str, Any]:
     count = mode.pick(300, 1000)
     with private_redis() as redis:
         results = await _measure("127.0.0.1", redis.port, redis.url, count)
+        cpu = await _subscribe_cpu(redis.url, count)
     text, summary = by_gap(
         f"Publish to the listener's call, {count} messages per gap (one at a time)",
         "subscriber",
         "gap between messages",
         results,
     )
-    return {"tables": [text], "json": {"count": count, "latency": summary}}
+    cpu_text = table(
+        f"CPU per subscribe, confirmation awaited ({count} channels, one at a time)",
+        ["subscriber", "us of CPU"],
+        cpu,
+    )
+    return {
+        "tables": [text, cpu_text],
+        "json": {"count": count, "latency": summary, "subscribe_cpu_us": dict(cpu)},
+    }

@@ -90,10 +90,10 @@ class ScriptLane(LaneCalls):
         name: str = "coordinator-lane",
         locate: Callable[[], Awaitable[tuple[str, int]]] | None = None,
     ) -> None:
-        self._endpoint = Endpoint.from_url(url, name)
         self._timeout = timeout
-        self._locate = locate
-        self._slot = LinkSlot(self._endpoint, connect_timeout=connect_timeout)
+        self._slot = LinkSlot(
+            Endpoint.from_url(url, name), connect_timeout=connect_timeout, locate=locate
+        )
         self._closed = False
 
     def publish(self, command: str, channel: str, message: bytes) -> None:
@@ -127,7 +127,7 @@ class ScriptLane(LaneCalls):
         backoff: Backoff | None = None
         for attempt in range(RETRIES + 1):
             try:
-                return await send(self._slot.current() or await self._relocated())
+                return await send(self._slot.current() or await self._slot.get())
             except ReadOnlyError as exc:  # a master demoted meanwhile: find the new one
                 self._slot.drop(RedisConnectionError(str(exc)))
                 if attempt == RETRIES or self._closed:
@@ -138,13 +138,6 @@ class ScriptLane(LaneCalls):
             backoff = backoff or Backoff(base=0.05, cap=1.0)
             await asyncio.sleep(backoff.next())
         raise AssertionError("unreachable")
-
-    async def _relocated(self) -> Link:
-        if self._locate is not None:
-            host, port = await self._locate()
-            if (host, port) != (self._slot.endpoint.host, self._slot.endpoint.port):
-                self._slot.endpoint = self._endpoint.at(host, port)
-        return await self._slot.get()
 
     async def aclose(self) -> None:
         self._closed = True

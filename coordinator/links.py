@@ -5,7 +5,9 @@ order (Redis answers a connection's commands in order), encoded and parsed by hi
 reply not back within its timeout, or a lost connection, fails every call in flight
 (their replies can no longer be matched). An ``Endpoint`` says where to connect and how to
 introduce the connection (AUTH, SELECT, CLIENT SETNAME, TLS); a ``LinkSlot`` keeps one
-link to an endpoint, connecting on first use and again after a failure.
+link to an endpoint, connecting on first use and again after a failure (asking where the
+endpoint is now first, behind Sentinel). A subscriber's link (``subscriptions.py``) is a
+``Link`` whose pushed messages go to its owner instead of a call.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +90,7 @@ class Link(asyncio.Protocol):
     def send_all(self, commands: Sequence[bytes], timeout: float) -> list[asyncio.Future[Any]]:
         """Write ``commands`` back to back in one write (one system call, not one each);
         the futures of their replies, in order (``send``'s deadline for each)."""
-        if self.failure is not None or self.transport is None:
-            raise self.failure or RedisConnectionError("the lane is not connected")
+        transport = self._writable()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         futures: list[asyncio.Future[Any]] = []
@@ -101,8 +102,18 @@ class Link(asyncio.Protocol):
             self._timer = loop.call_at(deadline, self._check)
         # Written at once, not batched per loop iteration: Redis runs an action's accept
         # on the other core while this one dispatches the agent and packs its commit.
-        self.transport.write(commands[0] if len(commands) == 1 else b"".join(commands))
+        transport.write(commands[0] if len(commands) == 1 else b"".join(commands))
         return futures
+
+    def write(self, commands: Sequence[bytes]) -> None:
+        """Write ``commands`` in one write, expecting no reply to match (a subscriber's
+        (UN)SUBSCRIBE: Redis answers with a pushed confirmation)."""
+        self._writable().write(b"".join(commands))
+
+    def _writable(self) -> asyncio.Transport:
+        if self.failure is not None or self.transport is None:
+            raise self.failure or RedisConnectionError("the lane is not connected")
+        return self.transport
 
     def _check(self) -> None:
         """One timer per connection, due at the oldest call's deadline (replies come in
@@ -119,24 +130,32 @@ class Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        self.parse()
+
+    def parse(self) -> None:
+        """Handle the replies read so far, until one says to stop (``received``)."""
         while True:
             try:
                 reply = self.reader.gets()
             except hiredis.ProtocolError as exc:
                 self.fail(RedisConnectionError(f"Redis protocol error: {exc}"))
                 return
-            if reply is False:
+            if reply is False or self.received(reply):
                 return
-            if not self.waiting:
-                self.fail(RedisConnectionError("a reply nobody asked for"))
-                return
-            fut, _ = self.waiting.popleft()
-            if fut.done():  # its caller gave up (cancelled); the reply is dropped
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                fut.set_exception(reply_error(str(reply)))
-            else:
-                fut.set_result(reply)
+
+    def received(self, reply: Any) -> bool:
+        """Answer the oldest call with ``reply``; True: stop parsing (the link failed)."""
+        if not self.waiting:
+            self.fail(RedisConnectionError("a reply nobody asked for"))
+            return True
+        fut, _ = self.waiting.popleft()
+        if fut.done():  # its caller gave up (cancelled); the reply is dropped
+            return False
+        if isinstance(reply, hiredis.ReplyError):
+            fut.set_exception(reply_error(str(reply)))
+        else:
+            fut.set_result(reply)
+        return False
 
     def fail(self, exc: Exception) -> None:
         """Fail every call in flight and drop the connection."""
@@ -198,7 +217,7 @@ class Endpoint:
 
     def at(self, host: str, port: int) -> Endpoint:
         """The same introduction, at another address (a shard, a new master)."""
-        return Endpoint(host, port, "", self.username, self.password, 0, self.ssl, self.name)
+        return Endpoint(host, port, "", self.username, self.password, self.db, self.ssl, self.name)
 
     def handshake(self) -> list[bytes]:
         commands = []
@@ -211,11 +230,26 @@ class Endpoint:
         return commands
 
 
-class LinkSlot:
-    """One link, connected on first use and again after it failed."""
+Locate = Callable[[], Awaitable[tuple[str, int]]]
 
-    def __init__(self, endpoint: Endpoint, *, connect_timeout: float) -> None:
+
+class LinkSlot:
+    """One link, connected on first use and again after it failed. ``locate``
+    (Sentinel): where the endpoint is now, asked before each connect; ``factory``: makes
+    the connection's protocol (a ``Link``)."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        connect_timeout: float,
+        locate: Locate | None = None,
+        factory: Callable[[], Link] = Link,
+    ) -> None:
         self.endpoint = endpoint
+        self._base = endpoint
+        self._locate = locate
+        self._factory = factory
         self._connect_timeout = connect_timeout
         self._link: Link | None = None
         self._lock: asyncio.Lock | None = None
@@ -245,13 +279,21 @@ class LinkSlot:
             if link is not None:
                 return link  # another caller connected meanwhile
             loop = asyncio.get_running_loop()
-            e = self.endpoint
+            if self._locate is not None:
+                host, port = await self._locate()
+                if (host, port) != (self.endpoint.host, self.endpoint.port):
+                    self.endpoint = self._base.at(host, port)
+            e, factory = self.endpoint, self._factory
             try:
                 if e.path:
-                    connect = loop.create_unix_connection(Link, e.path)
+                    connect = loop.create_unix_connection(factory, e.path)
                 else:
                     connect = loop.create_connection(
-                        Link, e.host, e.port, ssl=e.ssl, server_hostname=e.host if e.ssl else None
+                        factory,
+                        e.host,
+                        e.port,
+                        ssl=e.ssl,
+                        server_hostname=e.host if e.ssl else None,
                     )
                 async with asyncio.timeout(self._connect_timeout):
                     _, fresh = await connect

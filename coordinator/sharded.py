@@ -17,33 +17,33 @@ listener is told to catch every connection up from the logs, gap-free.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
-
 from .errors import REDIS_TROUBLE
+from .links import Endpoint
 from .slots import Address, SlotMap, slot_of, tag_in
-from .subscriptions import Listener, Subscriptions
+from .subscriptions import Listener, Publish, Subscriptions
 from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
 ReadMap = Callable[[], Awaitable[SlotMap]]
-Connect = Callable[[Address], aioredis.Redis]
+Connect = Callable[[Address], Endpoint]
 
 
 class ShardedSubscriptions:
     """The node's subscriptions on a Redis Cluster; the same interface as
-    ``Subscriptions``. ``read_map`` reads the slot map; ``connect`` makes a client of
-    its own for a master; ``probe_stem`` names this node's probe channels."""
+    ``Subscriptions``. ``read_map`` reads the slot map; ``connect`` says how to reach a
+    master; ``publish`` sends a probe (SPUBLISH, to its channel's shard);
+    ``probe_stem`` names this node's probe channels."""
 
     def __init__(
         self,
         *,
         read_map: ReadMap,
         connect: Connect,
+        publish: Publish,
         probe_stem: str,
         prefix: str,
         probe_interval: float,
@@ -51,13 +51,13 @@ class ShardedSubscriptions:
     ) -> None:
         self._read_map = read_map
         self._connect = connect
+        self._publish = publish
         self._probe_stem = probe_stem
         self._prefix = prefix
         self._probe_interval = probe_interval
         self._confirm_timeout = confirm_timeout
         self._map: SlotMap | None = None
         self._shards: dict[Address, Subscriptions] = {}
-        self._clients: dict[Address, aioredis.Redis] = {}
         self._refs: dict[str, int] = {}
         self._listener: Listener | None = None
         self._tasks = TaskSet(log)
@@ -131,11 +131,7 @@ class ShardedSubscriptions:
         await self._tasks.aclose()
         for shard in self._shards.values():
             await shard.aclose()
-        for client in self._clients.values():
-            with contextlib.suppress(*REDIS_TROUBLE):
-                await client.aclose()
         self._shards.clear()
-        self._clients.clear()
 
     # -- shards ----------------------------------------------------------------------
     def _shard_of(self, channel: str) -> Subscriptions | None:
@@ -145,16 +141,15 @@ class ShardedSubscriptions:
     async def _open_shard(self, master: Address) -> Subscriptions:
         assert self._map is not None
         tag = tag_in(self._map.slots_of(master), f"p:{self._probe_stem}")
-        client = self._connect(master)
         shard = Subscriptions(
-            client,
+            self._connect(master),
+            self._publish,
             f"{self._prefix}:{tag}:probe",
             self._probe_interval,
             self._confirm_timeout,
             sharded=True,
             on_trouble=self._trouble.set,
         )
-        self._clients[master] = client
         self._shards[master] = shard
         await shard.start()
         return shard
@@ -164,10 +159,6 @@ class ShardedSubscriptions:
         self._retired_messages += shard.messages
         self._retired_reconnects += shard.reconnects
         await shard.aclose()
-        client = self._clients.pop(master, None)
-        if client is not None:
-            with contextlib.suppress(*REDIS_TROUBLE):
-                await client.aclose()
 
     async def _remap(self) -> None:
         """Read the slot map; give each channel the shard that serves it now."""

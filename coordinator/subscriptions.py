@@ -2,32 +2,48 @@
 
 A node subscribes to a conversation's channel only while it holds a connection in that
 conversation or runs its loop, so events travel only to nodes that need them. The
-listener survives Redis trouble: it reconnects with capped, jittered backoff, subscribes
-again to everything it held, reports the reconnect (so callers can catch up from the
-durable logs), and probes the subscription through its own node channel to detect one
-that is connected but silent.
+subscription is a connection of its own (``links.Link``, hiredis parsing the pushed
+messages in ``data_received``: no call through redis-py's pub/sub layers per message or
+per (un)subscribe, which cost 150 us of CPU each against 8). Its listener survives Redis
+trouble: it reconnects with capped, jittered backoff (behind Sentinel, to wherever the
+master is now), subscribes again to everything it held, reports the reconnect (so
+callers can catch up from the durable logs), and probes the subscription through its own
+node channel, published on another connection, to detect one that is connected but
+silent. A listener that falls behind stops reading the socket (Redis buffers, then drops
+a subscriber too far behind, and the reconnect catches it up) instead of queueing
+without bound here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .backoff import Backoff
 from .errors import REDIS_TROUBLE, redis_glitch
 from .keys import KeySchema
-from .state import text
+from .links import Endpoint, Link, LinkSlot, Locate, pack
 
 log = logging.getLogger(__name__)
 
 PROBE = b"\x00probe"
+PUBSUB_NAME = "coordinator-pubsub"  # the subscription connection's CLIENT SETNAME
+# Messages read and not yet handled: reading stops above HIGH and resumes below LOW.
+HIGH, LOW = 2_000, 200
+# Channels per SUBSCRIBE when resubscribing (a shard's SSUBSCRIBE takes one slot's).
+BATCH = 500
+PUSHED = frozenset(
+    (b"message", b"smessage", b"subscribe", b"ssubscribe", b"unsubscribe", b"sunsubscribe")
+)
+
+Publish = Callable[[str, bytes], Awaitable[Any]]
 
 
 class Listener(Protocol):
@@ -66,9 +82,44 @@ class Subscription(Protocol):
     async def aclose(self) -> None: ...
 
 
+class _SubscriberLink(Link):
+    """A subscriber's connection: pushed messages and confirmations go to ``pushed``
+    (which returns True to hold the reading: the rest stays parsed-to-be in the reader,
+    the socket unread, until ``release``), the handshake's replies to their calls;
+    ``lost`` is told when the link fails."""
+
+    def __init__(self, pushed: Callable[[list[Any]], bool], lost: Callable[[], None]) -> None:
+        super().__init__()
+        self._pushed = pushed
+        self._lost = lost
+        self.held = False
+
+    def received(self, reply: Any) -> bool:
+        if type(reply) is list and reply and reply[0] in PUSHED:
+            if self._pushed(reply) and self.transport is not None:
+                self.held = True
+                self.transport.pause_reading()
+            return self.held or self.failure is not None
+        return super().received(reply)
+
+    def release(self) -> None:
+        """Read on: what the reader holds first, then the socket."""
+        self.held = False
+        self.parse()
+        if not self.held and self.failure is None and self.transport is not None:
+            self.transport.resume_reading()
+
+    def fail(self, exc: Exception) -> None:
+        first = self.failure is None
+        super().fail(exc)
+        if first:
+            self._lost()
+
+
 class Subscriptions:
-    """One subscription connection: ``redis`` is a client of its own (not the pool);
-    ``probe_channel`` (the node's own channel, or a shard's) carries the probe.
+    """One subscription connection to ``endpoint`` (``locate``: where it is now, asked on
+    each connect, behind Sentinel); ``publish`` sends the probe to ``probe_channel``
+    (the node's own channel, or a shard's) on another connection, through the master.
 
     ``sharded``: shard channels (SSUBSCRIBE, SPUBLISH), on one master of a Redis Cluster.
     ``on_trouble``: told when reconnecting fails, or when Redis drops a subscription
@@ -78,26 +129,39 @@ class Subscriptions:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        endpoint: Endpoint,
+        publish: Publish,
         probe_channel: str,
         probe_interval: float = 5.0,
         confirm_timeout: float = 5.0,
         *,
+        connect_timeout: float = 5.0,
+        locate: Locate | None = None,
         sharded: bool = False,
         on_trouble: Callable[[], None] | None = None,
     ) -> None:
-        self._redis = redis
+        self._slot = LinkSlot(
+            endpoint,
+            connect_timeout=connect_timeout,
+            locate=locate,
+            factory=lambda: _SubscriberLink(self._pushed, self._wake_up),
+        )
+        self._publish = publish
         self._sharded = sharded
         self._on_trouble = on_trouble
-        self._kind = "smessage" if sharded else "message"
-        self._confirm_kind = "ssubscribe" if sharded else "subscribe"
+        self._kind = b"smessage" if sharded else b"message"
+        self._confirm_kind = b"ssubscribe" if sharded else b"subscribe"
+        self._subscribe_command = "SSUBSCRIBE" if sharded else "SUBSCRIBE"
+        self._unsubscribe_command = "SUNSUBSCRIBE" if sharded else "UNSUBSCRIBE"
         self._listener: Listener | None = None
         self._probe_channel = probe_channel
         self._probe_interval = probe_interval
         self._confirm_timeout = confirm_timeout
-        self._pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=False)
         self._refs: dict[str, int] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._wake: asyncio.Future[None] | None = None
+        self._probing: asyncio.Task[None] | None = None
         self._last_heard = time.monotonic()
         self.healthy = False
         self._closing = False
@@ -108,34 +172,26 @@ class Subscriptions:
     def channels(self) -> set[str]:
         return set(self._refs)
 
-    async def _subscribe(self, *channels: str) -> None:
-        if self._sharded:
-            await self._pubsub.ssubscribe(*channels)
-        else:
-            await self._pubsub.subscribe(*channels)
+    @property
+    def backlog(self) -> int:
+        """Messages read and not yet handed to the listener."""
+        return len(self._inbox)
 
-    async def _unsubscribe(self, channel: str) -> None:
-        if self._sharded:
-            await self._pubsub.sunsubscribe(channel)
-        else:
-            await self._pubsub.unsubscribe(channel)
-
-    async def _probe(self) -> None:
-        if self._sharded:
-            await self._redis.spublish(self._probe_channel, PROBE)
-        else:
-            await self._redis.publish(self._probe_channel, PROBE)
+    def _send(self, command: str, channels: list[str]) -> None:
+        """Write (UN)SUBSCRIBE for ``channels`` if connected; a link that is down
+        subscribes to what is still referenced once it is back (``_resubscribe``)."""
+        link = self._slot.current()
+        if link is None or not channels:
+            return
+        per = 1 if self._sharded else BATCH  # a shard channel per SSUBSCRIBE: its own slot
+        link.write([pack(command, *channels[i : i + per]) for i in range(0, len(channels), per)])
 
     async def start(self) -> None:
         await self.add(self._probe_channel, wait=False)
-        await self._subscribe(self._probe_channel)
-        # Read the confirmation ourselves before the listener runs.
-        deadline = time.monotonic() + self._confirm_timeout
-        while time.monotonic() < deadline:
-            msg = await self._pubsub.get_message(timeout=0.5)
-            if msg and msg["type"] == self._confirm_kind:
-                break
-        self._confirmed[self._probe_channel].set_result(None)
+        await self._slot.get()
+        self._send(self._subscribe_command, [self._probe_channel])
+        with contextlib.suppress(TimeoutError):
+            await self.confirmed(self._probe_channel)
         self.healthy = True
 
     async def add(self, channel: str, *, wait: bool = True) -> None:
@@ -149,13 +205,7 @@ class Subscriptions:
         if n == 0:
             self._confirmed[channel] = asyncio.get_running_loop().create_future()
             if channel != self._probe_channel:
-                try:
-                    await self._subscribe(channel)
-                except Exception as exc:
-                    # Redis unreachable, or redis-py's connection in the middle of a
-                    # reconnect (AttributeError/RuntimeError): the listener resubscribes
-                    # everything still referenced once the link is back.
-                    log.warning("subscribe to %s deferred: %r", channel, exc)
+                self._send(self._subscribe_command, [channel])
         if wait:
             await self.confirmed(channel)
 
@@ -172,14 +222,42 @@ class Subscriptions:
             self._refs.pop(channel, None)
             self._confirmed.pop(channel, None)
             if n == 1:
-                # On failure (as in ``add``), a reconnect subscribes only to what is
-                # still referenced; until then a stray message is dropped by id.
-                try:
-                    await self._unsubscribe(channel)
-                except Exception as exc:
-                    log.debug("unsubscribe from %s deferred: %r", channel, exc)
+                # A link that is down resubscribes only to what is still referenced;
+                # until then a stray message is dropped by id.
+                self._send(self._unsubscribe_command, [channel])
         else:
             self._refs[channel] = n - 1
+
+    def _pushed(self, reply: list[Any]) -> bool:
+        """A message or a confirmation, read by the link (in its ``data_received``).
+        True: hold the reading, the listener is ``HIGH`` messages behind."""
+        kind, channel = reply[0], reply[1]
+        name = channel.decode() if isinstance(channel, bytes) else str(channel)
+        if kind == self._confirm_kind:
+            fut = self._confirmed.get(name)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return False
+        if kind == b"sunsubscribe" and name in self._refs and self._on_trouble is not None:
+            self._on_trouble()  # dropped unasked: its slot moved to another shard
+            return False
+        # Anything arriving proves the subscription delivers: a busy node may read its own
+        # probe late, behind a backlog, without the link being silent.
+        self._last_heard = time.monotonic()
+        if kind != self._kind or len(reply) < 3:
+            return False
+        data = reply[2]
+        if not isinstance(data, bytes) or (name == self._probe_channel and data == PROBE):
+            return False
+        self.messages += 1
+        self._inbox.append((name, data))
+        self._wake_up()
+        return len(self._inbox) >= HIGH
+
+    def _wake_up(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     async def run(self, listener: Listener) -> None:
         """The listener loop, handing messages to ``listener``; runs until ``aclose``
@@ -187,27 +265,40 @@ class Subscriptions:
         self._listener = listener
         backoff = Backoff(base=0.05, cap=2.0)
         probe_at = time.monotonic() + self._probe_interval
+        loop = asyncio.get_running_loop()
         while not self._closing:
             try:
-                msg = await self._pubsub.get_message(timeout=1.0)
-                if msg is not None:
+                if self._inbox:
+                    channel, data = self._inbox.popleft()
+                    if len(self._inbox) < LOW:
+                        self._release()
                     try:
-                        await self._handle(msg)
+                        await listener.message(channel, data)
                     except Exception:
                         log.exception("error handling a pub/sub message; continuing")
+                elif self._slot.current() is None:
+                    raise RedisConnectionError("the subscription's connection is lost")
+                else:
+                    self._wake = loop.create_future()
+                    timer = loop.call_at(
+                        loop.time() + max(0.0, probe_at - time.monotonic()), self._wake_up
+                    )
+                    try:
+                        await self._wake
+                    finally:
+                        timer.cancel()
+                        self._wake = None
                 backoff.reset()
                 now = time.monotonic()
                 if now >= probe_at:
                     probe_at = now + self._probe_interval
                     if now - self._last_heard > 3 * self._probe_interval:
-                        raise ConnectionError("subscription connected but silent")
-                    await self._probe()
+                        raise RedisConnectionError("subscription connected but silent")
+                    self._send_probe()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # Redis trouble, or redis-py's own errors in the middle of a reconnect
-                # (RuntimeError: no connection after a failed resubscribe; AttributeError:
-                # a connection whose writer is gone): the listener must not die.
+                # Redis trouble, or an error of our own: the listener must not die.
                 if self._closing:
                     return
                 if not isinstance(exc, REDIS_TROUBLE) and not redis_glitch(exc):
@@ -218,17 +309,34 @@ class Subscriptions:
                 await asyncio.sleep(delay)
                 await self._resubscribe()
 
-    async def _resubscribe(self) -> None:
-        with contextlib.suppress(*REDIS_TROUBLE):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
+    def _send_probe(self) -> None:
+        """Publish the probe from a task of its own (a publish that waits out a
+        failover holds up no message); one at a time. One that fails is a probe not
+        heard: three in a row and the link is replaced."""
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.create_task(self._probe(), name="pubsub-probe")
+
+    async def _probe(self) -> None:
         try:
-            await self._subscribe(*self._refs)
-        except Exception as exc:  # as in run: Redis trouble or a redis-py glitch
+            await self._publish(self._probe_channel, PROBE)
+        except Exception as exc:
+            log.debug("pub/sub probe not sent: %r", exc)
+
+    def _release(self) -> None:
+        link = self._slot.current()
+        if isinstance(link, _SubscriberLink) and link.held:
+            link.release()
+
+    async def _resubscribe(self) -> None:
+        self._slot.drop(RedisConnectionError("reconnecting the subscription"))
+        try:
+            await self._slot.get()
+        except Exception as exc:  # as in run: Redis trouble
             log.warning("resubscribe failed: %r", exc)
             if self._on_trouble is not None:
                 self._on_trouble()
             return
+        self._send(self._subscribe_command, list(self._refs))
         self._last_heard = time.monotonic()
         self.healthy = True
         self.reconnects += 1
@@ -241,42 +349,20 @@ class Subscriptions:
         except Exception:
             log.exception("catch-up after resubscribe failed")
 
-    async def _handle(self, msg: dict[str, object]) -> None:
-        kind = msg["type"]
-        channel = msg["channel"]
-        name = text(channel)
-        if kind == self._confirm_kind:
-            fut = self._confirmed.get(name)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-            return
-        if kind == "sunsubscribe" and name in self._refs and self._on_trouble is not None:
-            self._on_trouble()  # dropped unasked: its slot moved to another shard
-            return
-        # Anything arriving proves the subscription delivers: a busy node may read its own
-        # probe late, behind a backlog, without the link being silent.
-        self._last_heard = time.monotonic()
-        if kind != self._kind:
-            return
-        data = msg["data"]
-        if not isinstance(data, bytes):
-            return
-        if name == self._probe_channel and data == PROBE:
-            return
-        self.messages += 1
-        if self._listener is not None:
-            await self._listener.message(name, data)
-
     def forget(self, channel: str) -> None:
         """Drop ``channel`` without unsubscribing (Redis dropped it: its slot moved)."""
         self._refs.pop(channel, None)
         self._confirmed.pop(channel, None)
 
     async def aclose(self) -> None:
-        """Stop the listener: its pending read fails once the connection is closed."""
+        """Stop the listener: closing the connection wakes it."""
         self._closing = True
-        with contextlib.suppress(*REDIS_TROUBLE):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+        self._slot.aclose()
+        self._wake_up()
+        if self._probing is not None:
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probing
 
 
 class Interest:

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from coordinator import NodeBusy
+from coordinator.links import Endpoint
 from coordinator.subscriptions import Subscriptions
 from coordinator.tasks import cancel_and_wait
 from tests.helpers import wait_until
@@ -93,7 +94,7 @@ async def test_a_lost_nodes_conversations_restart_a_bounded_number_at_a_time(mak
         assert ids == list(range(1, len(ids) + 1))
 
 
-async def test_a_subscription_that_delivers_is_not_declared_silent(redis_client) -> None:
+async def test_a_subscription_that_delivers_is_not_declared_silent(redis_url, redis_client) -> None:
     """A busy node may read its own probe late, behind other traffic: any message proves
     the link works. Only a link on which nothing arrives is reconnected."""
     heard: list[bytes] = []
@@ -105,22 +106,64 @@ async def test_a_subscription_that_delivers_is_not_declared_silent(redis_client)
         async def reconnected(self) -> None:
             return None
 
-    subs = Subscriptions(redis_client, "probe:t", probe_interval=0.1)
+    probes = {"lost": False}
+
+    async def publish(channel: str, data: bytes) -> int:
+        return 0 if probes["lost"] else await redis_client.publish(channel, data)
+
+    subs = Subscriptions(Endpoint.from_url(redis_url), publish, "probe:t", probe_interval=0.1)
     await subs.start()
     listener = asyncio.create_task(subs.run(Heard()))
     try:
         await subs.add("traffic")
-        publish = redis_client.publish
-
-        async def probes_lost(channel: str, data: bytes) -> int:
-            return 0 if channel == "probe:t" else await publish(channel, data)
-
-        redis_client.publish = probes_lost  # type: ignore[method-assign]
+        probes["lost"] = True
         for _ in range(25):  # 1.25 s of traffic and no probe: over 3 probe intervals
-            await publish("traffic", b"x")
+            await redis_client.publish("traffic", b"x")
             await asyncio.sleep(0.05)
         assert len(heard) == 25 and subs.reconnects == 0
         await wait_until(lambda: subs.reconnects >= 1, timeout=5, what="silent link replaced")
+    finally:
+        await subs.aclose()
+        await cancel_and_wait([listener], within=5)
+
+
+async def test_a_listener_that_falls_behind_stops_the_reading_and_misses_nothing(
+    redis_url, redis_client
+) -> None:
+    """The subscription reads messages as they arrive; a listener that handles them
+    slower than they come holds at most HIGH of them here (the rest wait in the socket
+    and in Redis' buffer for the subscriber), and gets every one, in order, once it
+    catches up."""
+    from coordinator.subscriptions import HIGH
+
+    heard: list[bytes] = []
+    gate = asyncio.Event()
+
+    class Stuck:
+        async def message(self, channel: str, data: bytes) -> None:
+            await gate.wait()
+            heard.append(data)
+
+        async def reconnected(self) -> None:
+            raise AssertionError("the link is not lost, only slow to be read")
+
+    subs = Subscriptions(Endpoint.from_url(redis_url), redis_client.publish, "probe:b")
+    await subs.start()
+    listener = asyncio.create_task(subs.run(Stuck()))
+    count = 3 * HIGH
+    try:
+        await subs.add("flood")
+        pipe = redis_client.pipeline(transaction=False)
+        for i in range(count):
+            pipe.publish("flood", str(i))
+        assert sum(await pipe.execute()) == count  # every one went to the subscriber
+        await asyncio.sleep(0.5)  # let it read what it will
+        assert HIGH - 1 <= subs.backlog <= HIGH  # held there (one is in the listener)
+        assert subs.messages < count  # the rest waits outside the process
+        gate.set()
+        await wait_until(lambda: len(heard) == count, timeout=20, what="every message")
+        assert heard == [str(i).encode() for i in range(count)]
+        assert subs.reconnects == 0 and subs.messages == count
     finally:
         await subs.aclose()
         await cancel_and_wait([listener], within=5)

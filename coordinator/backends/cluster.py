@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.cluster
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -28,7 +27,7 @@ from ..sharded import ShardedSubscriptions
 from ..slots import Address, SlotMap
 from ..state import LeaseRenewer
 from ..state.core import Lane
-from ..subscriptions import Subscription
+from ..subscriptions import PUBSUB_NAME, Subscription
 from .base import Backend
 
 # A failover takes the cluster's node timeout plus an election (a few seconds): the
@@ -82,19 +81,15 @@ class ClusterBackend(Backend):
     def _own_client(self) -> Any:
         return self._cluster_client()
 
-    def _shard_client(self, address: Address) -> aioredis.Redis:
-        """A client of one master, for its subscription (closed by its owner)."""
-        cfg = self.config
-        return aioredis.Redis.from_url(
-            with_address(cfg.redis_url, *address),
-            socket_connect_timeout=cfg.connect_timeout,
-            socket_timeout=cfg.redis_timeout,
-        )
+    def _shard_endpoint(self, address: Address) -> Endpoint:
+        """Where one master's subscription connects."""
+        return Endpoint.from_url(with_address(self.config.redis_url, *address), PUBSUB_NAME)
 
     def subscriptions(self, keys: KeySchema, probe_interval: float) -> Subscription:
         return ShardedSubscriptions(
             read_map=self.slot_map,
-            connect=self._shard_client,
+            connect=self._shard_endpoint,
+            publish=self._client.spublish,
             probe_stem=self.config.node_id,
             prefix=keys.prefix,
             probe_interval=probe_interval,

@@ -13,9 +13,10 @@ from redis.retry import Retry as SyncRetry
 from ..config import ManagerConfig
 from ..keys import KeySchema
 from ..lane import ScriptLane
+from ..links import Endpoint
 from ..state import LeaseRenewer
 from ..state.core import Lane
-from ..subscriptions import Subscription, Subscriptions
+from ..subscriptions import PUBSUB_NAME, Subscription, Subscriptions
 from .base import Backend
 
 
@@ -69,13 +70,13 @@ class StandaloneBackend(Backend):
 
     def subscriptions(self, keys: KeySchema, probe_interval: float) -> Subscription:
         cfg = self.config
-        client = aioredis.Redis.from_url(
-            cfg.redis_url,
-            socket_connect_timeout=cfg.connect_timeout,
-            socket_timeout=cfg.redis_timeout,
+        return Subscriptions(
+            Endpoint.from_url(cfg.redis_url, PUBSUB_NAME),
+            self._client.publish,
+            keys.node_channel(cfg.node_id),
+            probe_interval,
+            connect_timeout=cfg.connect_timeout,
         )
-        self._owned.append(client)
-        return Subscriptions(client, keys.node_channel(cfg.node_id), probe_interval)
 
     def lease_renewer(self, keys: KeySchema) -> LeaseRenewer:
         interval = self.config.heartbeat_interval
