@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from redis.asyncio.client import Pipeline
-
 from workers.protocol import Event
 
 from .core import StateCore, entries, text
 
 Conn = tuple[str, str, str]  # (connection id, sid, user)
+Command = tuple[str, ...]
 
 
 class ConnectionOps(StateCore):
@@ -23,12 +22,14 @@ class ConnectionOps(StateCore):
         """Register ``(cid, sid, user)`` connections held by ``inc``."""
         k = self.keys
 
-        def queue(pipe: Pipeline, cid: str, sid: str, user: str) -> None:
-            pipe.hset(k.conv_conns(sid), cid, inc)
-            pipe.hset(k.user_conns(user), cid, sid)
-            pipe.hset(k.node_conns(inc), cid, sid)
+        def commands(cid: str, sid: str, user: str) -> list[Command]:
+            return [
+                ("HSET", k.conv_conns(sid), cid, inc),
+                ("HSET", k.user_conns(user), cid, sid),
+                ("HSET", k.node_conns(inc), cid, sid),
+            ]
 
-        await self._per_connection(conns, queue)
+        await self._per_connection(conns, commands)
 
     async def join_and_read(
         self, cid: str, sid: str, user: str, inc: str, after: int, count: int
@@ -61,22 +62,22 @@ class ConnectionOps(StateCore):
         """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent)."""
         k = self.keys
 
-        def queue(pipe: Pipeline, cid: str, sid: str, user: str) -> None:
-            pipe.hdel(k.conv_conns(sid), cid)
-            pipe.hdel(k.user_conns(user), cid)
-            pipe.hdel(k.node_conns(inc), cid)
+        def commands(cid: str, sid: str, user: str) -> list[Command]:
+            return [
+                ("HDEL", k.conv_conns(sid), cid),
+                ("HDEL", k.user_conns(user), cid),
+                ("HDEL", k.node_conns(inc), cid),
+            ]
 
-        await self._per_connection(conns, queue)
+        await self._per_connection(conns, commands)
 
     async def _per_connection(
-        self, conns: Sequence[Conn], queue: Callable[[Pipeline, str, str, str], None]
+        self, conns: Sequence[Conn], commands: Callable[[str, str, str], list[Command]]
     ) -> None:
-        """Queue each connection's commands, one pipeline (round trip) per 500."""
+        """Each connection's commands (idempotent), one round trip per 500 connections."""
         for start in range(0, len(conns), 500):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for cid, sid, user in conns[start : start + 500]:
-                    queue(pipe, cid, sid, user)
-                await pipe.execute()
+            batch = conns[start : start + 500]
+            await self._commands([c for cid, sid, user in batch for c in commands(cid, sid, user)])
 
     async def node_connections(self, inc: str) -> dict[str, str]:
         """cid -> sid of the connections ``inc`` holds (or held, if it died)."""
