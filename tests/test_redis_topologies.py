@@ -9,6 +9,7 @@ and the compose profile's cluster-creation script works on real nodes.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import shutil
 import subprocess
@@ -20,6 +21,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 
+from coordinator.backends.cluster import ClusterBackend
+from coordinator.keys import KeySchema
+from coordinator.tasks import cancel_and_wait
+from tests.helpers import fast_config, wait_until
 from tests.redis_process import check_redis_version, redis_binary
 from tests.redis_topologies import (
     CLUSTER_CREATE_SCRIPT,
@@ -174,6 +179,47 @@ async def test_sharded_pubsub_reaches_every_shard(redis_cluster: RedisClusterSer
         await pubsub.aclose()
         await subscriber.aclose()
         await publisher.aclose()
+
+
+async def test_a_nodes_shard_subscriptions_hear_every_shard_and_their_probes(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """The node's own subscriptions on a cluster (a connection per master, SSUBSCRIBE):
+    a channel of each shard is heard, and each shard's probe (SPUBLISH through the
+    cluster client, to the probe channel's shard) comes back, so a quiet subscription
+    is never taken for a silent one and reconnected."""
+    backend = ClusterBackend(fast_config(redis_cluster.url, "probe-node"))
+    subs = backend.subscriptions(KeySchema("coord"), probe_interval=0.1)
+    heard: list[tuple[str, bytes]] = []
+
+    class Heard:
+        async def message(self, channel: str, data: bytes) -> None:
+            heard.append((channel, data))
+
+        async def reconnected(self) -> None:
+            raise AssertionError("no reconnect: every probe is heard")
+
+    channels: dict[str, str] = {}
+    for i in itertools.count():
+        channel = f"coord:{{c:probe{i}}}:ch"
+        channels.setdefault(redis_cluster.master_of(channel).name, channel)
+        if len(channels) == len(redis_cluster.masters()):
+            break
+    await subs.start()
+    listener = asyncio.create_task(subs.run(Heard()))
+    try:
+        for channel in channels.values():
+            await subs.add(channel)
+        await asyncio.sleep(1.0)  # ten probe intervals, three unheard ones would do
+        assert subs.healthy and subs.reconnects == 0
+        for channel in channels.values():
+            assert await backend.client.spublish(channel, channel.encode()) == 1
+        await wait_until(lambda: len(heard) == len(channels), timeout=5, what="every shard")
+        assert sorted(heard) == sorted((c, c.encode()) for c in channels.values())
+    finally:
+        await subs.aclose()
+        await cancel_and_wait([listener], within=5)
+        await backend.aclose()
 
 
 @pytest.mark.slow
