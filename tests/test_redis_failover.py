@@ -238,6 +238,28 @@ async def test_sentinel_master_killed_then_its_successor_paused_loses_nothing_ac
     await _check_nothing_acknowledged_was_lost(clients, [s for _, s in started], started[0][0])
 
 
+async def test_sentinel_with_a_database_number_keeps_everything_in_that_database(
+    redis_sentinel: SentinelServers, nodes: Any
+) -> None:
+    """``redis+sentinel://.../master/3``: the pool, the script lane and the subscription
+    each connect to the master the Sentinels name, and all of them to database 3 (the
+    lane and the subscription locate the master and keep the URL's database), so an
+    action accepted and answered on one node reaches a client on another."""
+    servers = redis_sentinel
+    hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
+    url = f"redis+sentinel://{hosts}/{servers.master_name}/3"
+    (a, a_sink), (b, b_sink) = await nodes(url)
+    await a.join_conversation("db3", "ca", {}, "dora")
+    await b.join_conversation("db3", "cb", {}, "dora")
+    await b.send_to_event_stream("cb", {"action": "message", "args": {"content": "hi"}})
+    for sink, cid in ((a_sink, "ca"), (b_sink, "cb")):
+        await wait_until(lambda s=sink, c=cid: len(s.events[c]) == 2, what=f"{cid}'s answer")
+    with servers.master().client(db=3) as c:
+        assert c.exists(KeySchema("coord").events("db3"))
+    with servers.master().client(db=0) as c:
+        assert c.dbsize() == 0
+
+
 def _master(servers: SentinelServers) -> RedisProcess | None:
     """The node a majority of the sentinels names as master (None: no majority yet)."""
     try:
