@@ -158,7 +158,10 @@ class Subscriptions:
         self._probe_interval = probe_interval
         self._confirm_timeout = confirm_timeout
         self._refs: dict[str, int] = {}
-        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._confirmed: dict[str, asyncio.Future[None]] = {}  # subscriptions pending
+        # SUBSCRIBEs written on this link and not confirmed yet, per channel: a channel
+        # left and taken again before its first confirmation came is confirmed by its last.
+        self._unconfirmed: dict[str, int] = {}
         self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._wake: asyncio.Future[None] | None = None
         self._probing: asyncio.Task[None] | None = None
@@ -185,6 +188,9 @@ class Subscriptions:
             return
         per = 1 if self._sharded else BATCH  # a shard channel per SSUBSCRIBE: its own slot
         link.write([pack(command, *channels[i : i + per]) for i in range(0, len(channels), per)])
+        if command == self._subscribe_command:
+            for channel in channels:
+                self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
 
     async def start(self) -> None:
         await self.add(self._probe_channel, wait=False)
@@ -234,7 +240,11 @@ class Subscriptions:
         kind, channel = reply[0], reply[1]
         name = channel.decode() if isinstance(channel, bytes) else str(channel)
         if kind == self._confirm_kind:
-            fut = self._confirmed.get(name)
+            left = self._unconfirmed.pop(name, 1) - 1
+            if left > 0:
+                self._unconfirmed[name] = left
+                return False
+            fut = self._confirmed.pop(name, None)  # none pending: confirmed
             if fut is not None and not fut.done():
                 fut.set_result(None)
             return False
@@ -336,13 +346,12 @@ class Subscriptions:
             if self._on_trouble is not None:
                 self._on_trouble()
             return
+        # Subscriptions still pending are confirmed by the new link's replies.
+        self._unconfirmed.clear()
         self._send(self._subscribe_command, list(self._refs))
         self._last_heard = time.monotonic()
         self.healthy = True
         self.reconnects += 1
-        for fut in self._confirmed.values():
-            if not fut.done():
-                fut.set_result(None)
         try:
             if self._listener is not None:
                 await self._listener.reconnected()
@@ -353,6 +362,7 @@ class Subscriptions:
         """Drop ``channel`` without unsubscribing (Redis dropped it: its slot moved)."""
         self._refs.pop(channel, None)
         self._confirmed.pop(channel, None)
+        self._unconfirmed.pop(channel, None)
 
     async def aclose(self) -> None:
         """Stop the listener: closing the connection wakes it."""
