@@ -147,14 +147,19 @@ async def test_cluster_serves_a_key_on_every_slot(redis_cluster: RedisClusterSer
         await client.aclose()
 
 
-async def test_sharded_pubsub_reaches_every_shard(redis_cluster: RedisClusterServers) -> None:
-    # One channel on each master.
+def _channel_per_master(cluster: RedisClusterServers, pattern: str) -> dict[str, str]:
+    """Master name -> a channel (``pattern`` formatted with 0, 1, ...) in its slots."""
     channels: dict[str, str] = {}
     for i in itertools.count():
-        channel = f"events:{{c{i}}}"
-        channels.setdefault(redis_cluster.master_of(channel).name, channel)
-        if len(channels) == len(redis_cluster.masters()):
-            break
+        channel = pattern.format(i)
+        channels.setdefault(cluster.master_of(channel).name, channel)
+        if len(channels) == len(cluster.masters()):
+            return channels
+    raise AssertionError("unreachable")
+
+
+async def test_sharded_pubsub_reaches_every_shard(redis_cluster: RedisClusterServers) -> None:
+    channels = _channel_per_master(redis_cluster, "events:{{c{}}}")
     subscriber = await cluster_client(redis_cluster)
     publisher = await cluster_client(redis_cluster)
     pubsub = subscriber.pubsub()
@@ -199,12 +204,7 @@ async def test_a_nodes_shard_subscriptions_hear_every_shard_and_their_probes(
         async def reconnected(self) -> None:
             raise AssertionError("no reconnect: every probe is heard")
 
-    channels: dict[str, str] = {}
-    for i in itertools.count():
-        channel = f"coord:{{c:probe{i}}}:ch"
-        channels.setdefault(redis_cluster.master_of(channel).name, channel)
-        if len(channels) == len(redis_cluster.masters()):
-            break
+    channels = _channel_per_master(redis_cluster, "coord:{{c:probe{}}}:ch")
     await subs.start()
     listener = asyncio.create_task(subs.run(Heard()))
     try:
