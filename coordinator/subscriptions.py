@@ -317,7 +317,8 @@ class Subscriptions:
                 delay = backoff.next()
                 log.warning("pub/sub link lost (%s); reconnecting in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
-                await self._resubscribe()
+                if not self._closing:  # closed meanwhile: nothing to reconnect
+                    await self._resubscribe()
 
     def _send_probe(self) -> None:
         """Publish the probe from a task of its own (a publish that waits out a
