@@ -30,7 +30,13 @@ from workers.protocol import Event
 
 from .backoff import Backoff
 from .codec import CLOSING, notice_code, notice_update, stamped_at, with_id
-from .errors import REDIS_TRANSIENT, REDIS_TROUBLE, CoordinatorError, InvalidInput
+from .errors import (
+    REDIS_TRANSIENT,
+    REDIS_TROUBLE,
+    CoordinatorError,
+    InvalidInput,
+    NotReplicated,
+)
 from .history import History
 from .tasks import TaskSet
 
@@ -39,6 +45,9 @@ if TYPE_CHECKING:
     from .speculation import Speculation
 
 log = logging.getLogger(__name__)
+
+# What a replay retries: Redis or the store unreachable, a read replicas do not hold yet.
+RETRIED_READS: tuple[type[Exception], ...] = (*REDIS_TRANSIENT, NotReplicated)
 
 PAGE = 500
 # A join's first read: (cursor, count) -> the log's last id and the events after cursor.
@@ -208,7 +217,9 @@ class LocalConnections:
                     )
                 else:
                     rows, size = await self._history.after(conn.sid, conn.cursor, count)
-            except REDIS_TRANSIENT as exc:  # the store's StoreUnavailable too (an OSError)
+            # The store's StoreUnavailable too (an OSError); a read no replica holds yet
+            # (--ack-replicas): none of it is shown until one does.
+            except RETRIED_READS as exc:
                 delay = backoff.next()
                 if deadline is not None and loop.time() + delay > deadline:
                     raise CatchUpFailed(f"cannot read the log of {conn.sid!r}: {exc}") from None

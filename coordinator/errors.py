@@ -110,6 +110,14 @@ class NotReplicated(CoordinatorError):
         )
 
 
+class UnreplicatedRead(NotReplicated):
+    """A read of the log found events fewer replicas than ``--ack-replicas`` hold yet: a
+    failover could still undo them, so they are shown to no one until replicas do."""
+
+    def __init__(self, reason: str) -> None:
+        CoordinatorError.__init__(self, f"{reason}; shown to no one until they do, try again")
+
+
 class InboxFull(CoordinatorError):
     """The conversation's action inbox holds too many unprocessed actions."""
 

@@ -45,6 +45,12 @@ class KeySchema:
         """Pub/sub channel carrying the conversation's events as ``[id, event]``."""
         return f"{self.prefix}:{{c:{sid}}}:ch"
 
+    def conv_barrier(self, sid: str) -> str:
+        """A channel nobody subscribes to, in the conversation's slot: a PUBLISH to it
+        moves the reader's replication offset past what it read, so that ``WAIT`` after a
+        read of the log tells whether replicas hold it (``StateCore._confirmed_read``)."""
+        return f"{self.prefix}:{{c:{sid}}}:barrier"
+
     def sid_from_channel(self, channel: str) -> str | None:
         head = f"{self.prefix}:{{c:"
         if channel.startswith(head) and channel.endswith("}:ch"):

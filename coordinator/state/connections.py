@@ -46,7 +46,7 @@ class ConnectionOps(StateCore):
         within the cap when it was counted with all those kept before it (a race near the
         cap refuses both racers, never admits both)."""
         k = self.keys
-        *_, users, seq, rows = await self._commands(
+        replies = await self._commands(
             [
                 ("HSET", k.conv_conns(sid), cid, inc),
                 ("HSET", k.node_conns(inc), cid, sid),
@@ -54,8 +54,10 @@ class ConnectionOps(StateCore):
                 ("HLEN", k.user_conns(user)),
                 ("HGET", k.conv(sid), "seq"),
                 ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
+                *self._barrier(sid),
             ]
         )
+        *_, users, seq, rows = self._check_barrier(sid, replies)
         return None if seq is None else int(seq), entries(rows), int(users)
 
     async def remove_connections(self, conns: Sequence[Conn], inc: str) -> None:

@@ -118,12 +118,14 @@ class ConversationOps(StateCore):
         size its next page in bytes (a client's replay holds one page at a time), and
         the conversation's last event id (None without a record), read together."""
         k = self.keys
-        seq, rows = await self._commands(
+        replies = await self._commands(
             [
                 ("HGET", k.conv(sid), "seq"),
                 ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
+                *self._barrier(sid),
             ]
         )
+        seq, rows = self._check_barrier(sid, replies)
         size = sum(len(packed(fields)) for _, fields in rows)
         return entries(rows), size, None if seq is None else int(seq)
 

@@ -14,6 +14,7 @@ from workers.protocol import Event
 
 from .. import scripts
 from ..codec import unpack
+from ..errors import UnreplicatedRead
 from ..keys import KeySchema
 
 
@@ -126,6 +127,33 @@ class StateCore:
             for command in commands:
                 pipe.execute_command(*command)
             return list(await pipe.execute())
+
+    def _barrier(self, sid: str) -> list[tuple[Any, ...]]:
+        """With ``replicas``: what follows a read of ``sid``'s log in the same round trip
+        so that its reply says whether replicas hold what was read. A read alone does not
+        move a connection's replication offset (``WAIT`` would count replicas that lack
+        the newest events); a PUBLISH, which Redis replicates, does."""
+        if not self.replicas:
+            return []
+        publish = "SPUBLISH" if self.sharded else "PUBLISH"
+        return [
+            (publish, self.keys.conv_barrier(sid), b""),
+            ("WAIT", self.replicas, self.replica_timeout_ms),
+        ]
+
+    def _check_barrier(self, sid: str, replies: list[Any]) -> list[Any]:
+        """The read's replies without the barrier's; UnreplicatedRead if fewer replicas than
+        ``replicas`` hold what was read: a failover could still undo it, and no client
+        may be shown it (the reader tries again)."""
+        if not self.replicas:
+            return replies
+        acked = int(replies[-1])
+        if acked < self.replicas:
+            raise UnreplicatedRead(
+                f"the log of {sid!r} was read but only {acked} of {self.replicas} "
+                f"replica(s) held it within {self.replica_timeout_ms} ms"
+            )
+        return replies[:-2]
 
     async def ping(self) -> None:
         await self.redis.ping()
