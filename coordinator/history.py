@@ -28,10 +28,13 @@ class History:
         self._state = state
         self._store = store
 
-    async def after(self, sid: str, after: int, count: int) -> tuple[Rows, int]:
+    async def after(
+        self, sid: str, after: int, count: int, *, shown: bool = True
+    ) -> tuple[Rows, int]:
         """Up to ``count`` events with ids above ``after`` (oldest first), gap-free where
-        either Redis or the store has them, and their packed size."""
-        rows, size, last = await self._state.events_after_sized(sid, after, count)
+        either Redis or the store has them, and their packed size. ``shown``: for
+        clients (with ``--ack-replicas``, only what replicas hold; else an agent's read)."""
+        rows, size, last = await self._state.events_after_sized(sid, after, count, shown=shown)
         return await self.below_window(sid, after, count, rows, size, last)
 
     async def below_window(

@@ -87,7 +87,8 @@ class LoopMemory:
         for name, value, least in (("after", after, 0), ("limit", limit, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InvalidInput(f"history: {name!r} must be an integer >= {least}")
-        rows, size = await self._history.after(self._lease.sid, after, min(limit, PAGE_EVENTS))
+        count = min(limit, PAGE_EVENTS)
+        rows, size = await self._history.after(self._lease.sid, after, count, shown=False)
         if size > PAGE_BYTES:
             rows = _within(rows, PAGE_BYTES)
         return [with_id(i, event) for i, event in rows]

@@ -112,20 +112,23 @@ class ConversationOps(StateCore):
         return entries(rows)
 
     async def events_after_sized(
-        self, sid: str, after: int, count: int
+        self, sid: str, after: int, count: int, *, shown: bool = True
     ) -> tuple[list[tuple[int, Event]], int, int | None]:
         """``events_after`` with the packed size of what it read, so that a replay can
         size its next page in bytes (a client's replay holds one page at a time), and
-        the conversation's last event id (None without a record), read together."""
+        the conversation's last event id (None without a record), read together.
+        ``shown``: for clients, so with ``replicas`` only what they hold (``_barrier``);
+        an agent reads what its loop answers, unconfirmed or not."""
         k = self.keys
+        barrier = self._barrier(sid) if shown else []
         replies = await self._commands(
             [
                 ("HGET", k.conv(sid), "seq"),
                 ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
-                *self._barrier(sid),
+                *barrier,
             ]
         )
-        seq, rows = self._check_barrier(sid, replies)
+        seq, rows = self._check_barrier(sid, replies) if barrier else replies
         size = sum(len(packed(fields)) for _, fields in rows)
         return entries(rows), size, None if seq is None else int(seq)
 
