@@ -8,7 +8,9 @@ serve`` processes; clients are the load generator's (as in ``bench.roundtrip``).
 
 1. Round trip, same-node and cross-node, on one server and on the cluster, in shuffled
    rounds of one run.
-2. ``--ack-replicas 1`` against 0 on the replicated cluster, in one run.
+2. ``--ack-replicas 1`` against 0 on the replicated cluster, in one run: the round trip,
+   then joins (second connections to running conversations, whose first page waits for
+   a replica with ``--ack-replicas 1``), rate and latency.
 3. Load spread: 300 conversations on the cluster each get actions; each master's share of
    the commands (INFO commandstats), and every shard channel a master carries must be in
    its own slots (PUBSUB SHARDCHANNELS).
@@ -97,6 +99,44 @@ async def _round_trips(
         await gen.aclose()
         stop_all(procs)
     return lat
+
+
+async def _joins(deployments: dict[str, tuple[str, list[str]]], count: int) -> dict[str, Any]:
+    """deployment -> (redis url, serve flags): ``count`` second connections to running
+    conversations on a node of each, 20 in flight; joins/s and their latencies."""
+    secret = new_secret()
+    logs = log_dir("deployments")
+    out: dict[str, Any] = {}
+    for name, (url, flags) in deployments.items():
+        node = node_proc(name.replace(" ", "") + "-joins", url, secret, logs, extra=flags)
+        gen = LoadGenProcess()
+        try:
+            start_all([node])
+            await gen.start()
+            conns = [
+                {
+                    "url": url_of(node),
+                    "query": {"conversation_id": f"j-{name.replace(' ', '')}-{i}"},
+                    "auth": {"token": issue_token(f"u{i}", secret)},  # under the user cap
+                }
+                for i in range(count)
+            ]
+            first = {"cmd": "connect", "group": "first", "conns": conns, "concurrency": 20}
+            await gen.request(first)
+            t0 = time.perf_counter()
+            reply = await gen.request({**first, "group": "second", "return_joins": True})
+            seconds = time.perf_counter() - t0
+        finally:
+            await gen.aclose()
+            stop_all([node])
+        joins = reply["join_ms"]
+        out[name] = {
+            "joins_per_s": (count - reply["failed"]) / seconds,
+            "failed": reply["failed"],
+            "p50_ms": percentile(joins, 50),
+            "p99_ms": percentile(joins, 99),
+        }
+    return out
 
 
 def _latency_rows(lat: dict[str, list[float]]) -> list[list[Any]]:
@@ -269,22 +309,31 @@ async def run(mode: Mode) -> dict[str, Any]:
             f"{spread['stray_shard_channels']}"
         )
     with _cluster(1) as replicated:
-        lat = await _round_trips(
-            {
-                "ack-replicas 0": (replicated.url, ["--ack-replicas", "0"]),
-                "ack-replicas 1": (replicated.url, ["--ack-replicas", "1"]),
-            },
-            rounds,
-            seconds,
-            rate,
-        )
+        acks = {
+            "ack-replicas 0": (replicated.url, ["--ack-replicas", "0"]),
+            "ack-replicas 1": (replicated.url, ["--ack-replicas", "1"]),
+        }
+        lat = await _round_trips(acks, rounds, seconds, rate)
+        joined = await _joins(acks, mode.pick(300, 1000))
     out["ack_replicas"] = lat
+    out["ack_replicas_joins"] = joined
     tables.append(
         table(
             f"Round trip at {rate} actions/s on a cluster with a replica per master, "
             f"--ack-replicas 0 vs 1 ({rounds} shuffled rounds x {seconds:g} s)",
             ["group", "answered", "p50 ms", "p90 ms", "p99 ms"],
             _latency_rows(lat),
+        )
+    )
+    tables.append(
+        table(
+            "Second connections to running conversations on the same cluster (a join's "
+            "first page waits for a replica with --ack-replicas 1), 20 in flight",
+            ["group", "joins/s", "failed", "p50 ms", "p99 ms"],
+            [
+                [g, r["joins_per_s"], r["failed"], r["p50_ms"], r["p99_ms"]]
+                for g, r in joined.items()
+            ],
         )
     )
     runs = mode.pick(3, 10)
