@@ -255,6 +255,11 @@ class LinkSlot:
         self._lock: asyncio.Lock | None = None
         self.closed = False
 
+    @property
+    def failure(self) -> Exception | None:
+        """Why the link failed (None while it is up, or before the first connect)."""
+        return self._link.failure if self._link is not None else None
+
     def current(self) -> Link | None:
         """The link if it is connected and healthy (no await: the hot path)."""
         link = self._link

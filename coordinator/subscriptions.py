@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .backoff import Backoff
@@ -100,6 +101,10 @@ class _SubscriberLink(Link):
                 self.held = True
                 self.transport.pause_reading()
             return self.held or self.failure is not None
+        if isinstance(reply, hiredis.ReplyError) and not self.waiting:
+            # A (UN)SUBSCRIBE refused (an ACL without the channel): said, then reconnected.
+            self.fail(RedisConnectionError(f"Redis refused a subscription: {reply}"))
+            return True
         return super().received(reply)
 
     def release(self) -> None:
@@ -165,6 +170,9 @@ class Subscriptions:
         self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._wake: asyncio.Future[None] | None = None
         self._probing: asyncio.Task[None] | None = None
+        # Whether the link delivered its probe since it was (re)made: until it did, a
+        # failure makes the next reconnect wait longer (one refused at once would spin).
+        self._proven = True
         self._last_heard = time.monotonic()
         self.healthy = False
         self._closing = False
@@ -257,7 +265,10 @@ class Subscriptions:
         if kind != self._kind or len(reply) < 3:
             return False
         data = reply[2]
-        if not isinstance(data, bytes) or (name == self._probe_channel and data == PROBE):
+        if name == self._probe_channel and data == PROBE:
+            self._proven = True  # the link delivers
+            return False
+        if not isinstance(data, bytes):
             return False
         self.messages += 1
         self._inbox.append((name, data))
@@ -287,7 +298,7 @@ class Subscriptions:
                     except Exception:
                         log.exception("error handling a pub/sub message; continuing")
                 elif self._slot.current() is None:
-                    raise RedisConnectionError("the subscription's connection is lost")
+                    raise self._slot.failure or RedisConnectionError("the link is lost")
                 else:
                     self._wake = loop.create_future()
                     timer = loop.call_at(
@@ -298,7 +309,8 @@ class Subscriptions:
                     finally:
                         timer.cancel()
                         self._wake = None
-                backoff.reset()
+                if self._proven:  # not a link that fails as soon as it is made
+                    backoff.reset()
                 now = time.monotonic()
                 if now >= probe_at:
                     probe_at = now + self._probe_interval
@@ -349,6 +361,7 @@ class Subscriptions:
             return
         # Subscriptions still pending are confirmed by the new link's replies.
         self._unconfirmed.clear()
+        self._proven = False
         self._send(self._subscribe_command, list(self._refs))
         self._last_heard = time.monotonic()
         self.healthy = True
