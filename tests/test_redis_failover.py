@@ -337,20 +337,17 @@ async def test_without_replica_acks_a_lagging_failover_is_detected_and_told(
     )
 
 
-async def test_a_write_no_replica_confirmed_reaches_no_client_until_one_does(
-    redis_sentinel: SentinelServers, nodes: Any
-) -> None:
-    """--ack-replicas 1, the replica paused: an action is logged on the master but not
-    acknowledged, and the owner's answer to it is logged there too, unconfirmed. Neither
-    reaches a client on either node while a failover could still undo them (ids a client
-    saw would then go to other events); both written again on a new connection are
-    still unconfirmed (recent Redis versions WAIT for the connection's last write: a
-    retry that wrote nothing would look confirmed). Once the replica is back,
-    the retry is acknowledged under the first id and every client gets both, once."""
-    servers = redis_sentinel
+@contextlib.asynccontextmanager
+async def _unconfirmed_tail(
+    servers: SentinelServers, nodes: Any, **overrides: Any
+) -> AsyncIterator[tuple[Any, RecordingSink, Any, RecordingSink, RedisProcess]]:
+    """Two nodes with --ack-replicas 1 behind Sentinel, a client on each ("a" on the
+    loop's node, "b" on the other), events 1-2 confirmed; then, with the replica paused
+    for the block, an action ("held", refused: NotReplicated) and its answer logged on
+    the master as 3-4. Yields the nodes, their sinks and the master."""
     hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
     url = f"redis+sentinel://{hosts}/{servers.master_name}"
-    (n1, s1), (n2, s2) = await nodes(url, ack_replicas=1)
+    (n1, s1), (n2, s2) = await nodes(url, ack_replicas=1, **overrides)
     await n1.join_conversation(SID, "a", {}, "alice")
     await n2.join_conversation(SID, "b", {}, "alice")
     await _send_until_acked(n1, "a", "kept")
@@ -368,6 +365,20 @@ async def test_a_write_no_replica_confirmed_reaches_no_client_until_one_does(
         with pytest.raises(NotReplicated):
             await n1.send_to_event_stream("a", held)
         await wait_until(logged, what="the action and its answer on the master")
+        yield n1, s1, n2, s2, master
+
+
+async def test_a_write_no_replica_confirmed_reaches_no_client_until_one_does(
+    redis_sentinel: SentinelServers, nodes: Any
+) -> None:
+    """--ack-replicas 1, the replica paused: an action is logged on the master but not
+    acknowledged, and the owner's answer to it is logged there too, unconfirmed. Neither
+    reaches a client on either node while a failover could still undo them (ids a client
+    saw would then go to other events); both written again on a new connection are
+    still unconfirmed (recent Redis versions WAIT for the connection's last write: a
+    retry that wrote nothing would look confirmed). Once the replica is back,
+    the retry is acknowledged under the first id and every client gets both, once."""
+    async with _unconfirmed_tail(redis_sentinel, nodes) as (n1, s1, _, s2, master):
         # Both again, on connections that have written nothing.
         async with _fresh_state(master, n1.keys) as state:
             again = await state.accept(SID, "alice", b"", 100, 100, token=accept_token("held"))
@@ -394,27 +405,7 @@ async def test_a_replay_shows_no_event_the_replicas_lack(
     it (a failover now would lose it, and its ids would go to other events; seen in the
     double-failover test above before reads waited for replicas). Once the replica is
     back, the joiner gets the whole log and the others the two events, once."""
-    servers = redis_sentinel
-    hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
-    url = f"redis+sentinel://{hosts}/{servers.master_name}"
-    (n1, s1), (n2, s2) = await nodes(url, ack_replicas=1, join_wait=30.0)
-    await n1.join_conversation(SID, "a", {}, "alice")
-    await n2.join_conversation(SID, "b", {}, "alice")
-    await _send_until_acked(n1, "a", "kept")
-    await wait_until(lambda: s1.ids("a") == s2.ids("b") == [1, 2], what="the first answer")
-    master = servers.master()
-    replica = next(p for p in servers.data_nodes if p is not master)
-    held = {"action": "message", "args": {"content": "held"}, "client_action_id": "held"}
-
-    def logged() -> bool:  # on the master (a node's reads wait for replicas)
-        with master.client(decode_responses=False) as c:
-            rows = c.xrange(n1.keys.events(SID), min="(2-0")
-        return [int(entry_id.split(b"-")[0]) for entry_id, _ in rows] == [3, 4]
-
-    with _paused(replica):
-        with pytest.raises(NotReplicated):
-            await n1.send_to_event_stream("a", held)
-        await wait_until(logged, what="the action and its answer on the master")
+    async with _unconfirmed_tail(redis_sentinel, nodes, join_wait=30.0) as (n1, s1, n2, s2, _):
         joining = asyncio.create_task(n2.join_conversation(SID, "c", {}, "alice"))
         n2.node.delivery.connections.catch_up_all()  # as after a pub/sub reconnect
         n1.node.delivery.connections.catch_up_all()
