@@ -11,12 +11,17 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
+from coordinator.cliargs import build_parser
+from coordinator.cluster import NodeProcess, instructions
 from coordinator.embedded import free_port
 from tests.e2e_checks import LineReader
 from tests.processes import child_env
@@ -109,3 +114,23 @@ async def test_cluster_keeps_running_when_a_node_dies_and_restarts_it(tmp_path: 
     assert proc.returncode == 0, "\n".join(out.lines)
     assert "Traceback" not in "\n".join(out.lines)
     assert not healthy(url1) and not healthy(url2)
+
+
+def test_the_printed_chat_commands_parse_whatever_the_secret() -> None:
+    """A generated secret may start with "-" (``secrets.token_urlsafe``: one run in 64):
+    the printed chat commands pass it as ``--secret=VALUE``, which the CLI takes for the
+    secret, not for an option (seen in CI: "argument --secret: expected one argument")."""
+    proc = cast(Any, SimpleNamespace(pid=1))
+    nodes = [NodeProcess(f"node{i}", f"http://127.0.0.1:{i}", i, proc) for i in (1, 2)]
+    for secret in ("-starts-with-a-dash", "plain_Secret-123", "with space and 'quote'"):
+        lines = instructions(nodes, "redis://127.0.0.1:6379", secret).splitlines()
+        commands = [
+            lines[i + 1]
+            for i, line in enumerate(lines)
+            if line.startswith(("chat in a terminal", "a second terminal"))
+        ]
+        assert len(commands) == 2, lines
+        for command in commands:
+            argv = shlex.split(command)
+            args = build_parser().parse_args(argv[argv.index("chat") :])
+            assert args.secret == secret, command
