@@ -469,7 +469,7 @@ async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
         assert verify_token(token.group(1), secret.group(1)) == "demo"
         assert (
             f"coordinator chat --url http://127.0.0.1:{base} --url http://127.0.0.1:{base + 1} "
-            f"--conversation demo1 --secret {secret.group(1)}" in text
+            f"--conversation demo1 --secret={secret.group(1)}" in text
         )
         status, body = await get_json(f"http://127.0.0.1:{base + 1}/api/cluster", token.group(1))
         assert status == 200 and sorted(body["nodes"]) == ["node1", "node2"]  # type: ignore[call-overload]
