@@ -27,10 +27,11 @@ from typing import Any, ClassVar
 from ..config import ManagerConfig
 from ..errors import REDIS_TROUBLE, RedisUnavailable
 from ..keys import KeySchema
+from ..links import Endpoint, Locate
 from ..redisurl import redact_url
 from ..state import LeaseRenewer, RedisState
 from ..state.core import Lane
-from ..subscriptions import Subscription
+from ..subscriptions import PUBSUB_NAME, Subscription, Subscriptions
 
 
 class Backend(ABC):
@@ -96,6 +97,20 @@ class Backend(ABC):
     @abstractmethod
     def subscriptions(self, keys: KeySchema, probe_interval: float) -> Subscription:
         """This node's subscription (its node channel is its probe)."""
+
+    def _one_subscription(
+        self, url: str, keys: KeySchema, probe_interval: float, locate: Locate | None = None
+    ) -> Subscriptions:
+        """The node's subscription on a connection of its own to ``url`` (``locate``:
+        where the master is now, behind Sentinel), its probe published through the pool."""
+        return Subscriptions(
+            Endpoint.from_url(url, PUBSUB_NAME),
+            self.client.publish,
+            keys.node_channel(self.config.node_id),
+            probe_interval,
+            connect_timeout=self.config.connect_timeout,
+            locate=locate,
+        )
 
     @abstractmethod
     def lease_renewer(self, keys: KeySchema) -> LeaseRenewer:

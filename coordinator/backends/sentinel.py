@@ -22,11 +22,10 @@ from redis.retry import Retry as SyncRetry
 from ..config import ManagerConfig
 from ..keys import KeySchema
 from ..lane import ScriptLane
-from ..links import Endpoint
 from ..redisurl import SentinelURL, parse_sentinel_url
 from ..state import LeaseRenewer
 from ..state.core import Lane
-from ..subscriptions import PUBSUB_NAME, Subscription, Subscriptions
+from ..subscriptions import Subscription
 from .base import Backend
 
 # A failover takes Sentinel's down-after plus an election: calls retry, with backoff,
@@ -102,15 +101,8 @@ class SentinelBackend(Backend):
 
     def subscriptions(self, keys: KeySchema, probe_interval: float) -> Subscription:
         # A subscription that fails reconnects to the master the Sentinels name then.
-        first = self.url.sentinels[0]
-        return Subscriptions(
-            Endpoint.from_url(self.url.node_url(*first), PUBSUB_NAME),
-            self._client.publish,
-            keys.node_channel(self.config.node_id),
-            probe_interval,
-            connect_timeout=self.config.connect_timeout,
-            locate=self.locate,
-        )
+        url = self.url.node_url(*self.url.sentinels[0])  # credentials, db, TLS
+        return self._one_subscription(url, keys, probe_interval, self.locate)
 
     def lease_renewer(self, keys: KeySchema) -> LeaseRenewer:
         timeout = min(0.5, self.config.heartbeat_interval)

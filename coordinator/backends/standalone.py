@@ -13,10 +13,9 @@ from redis.retry import Retry as SyncRetry
 from ..config import ManagerConfig
 from ..keys import KeySchema
 from ..lane import ScriptLane
-from ..links import Endpoint
 from ..state import LeaseRenewer
 from ..state.core import Lane
-from ..subscriptions import PUBSUB_NAME, Subscription, Subscriptions
+from ..subscriptions import Subscription
 from .base import Backend
 
 
@@ -69,14 +68,7 @@ class StandaloneBackend(Backend):
         return client
 
     def subscriptions(self, keys: KeySchema, probe_interval: float) -> Subscription:
-        cfg = self.config
-        return Subscriptions(
-            Endpoint.from_url(cfg.redis_url, PUBSUB_NAME),
-            self._client.publish,
-            keys.node_channel(cfg.node_id),
-            probe_interval,
-            connect_timeout=cfg.connect_timeout,
-        )
+        return self._one_subscription(self.config.redis_url, keys, probe_interval)
 
     def lease_renewer(self, keys: KeySchema) -> LeaseRenewer:
         interval = self.config.heartbeat_interval
