@@ -337,23 +337,35 @@ async def test_without_replica_acks_a_lagging_failover_is_detected_and_told(
     )
 
 
+def _sentinel_tail(servers: SentinelServers) -> tuple[str, Any]:
+    """The Sentinel URL and the function giving the master and its replica."""
+    hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
+
+    def pair() -> tuple[RedisProcess, RedisProcess]:
+        master = servers.master()
+        return master, next(p for p in servers.data_nodes if p is not master)
+
+    return f"redis+sentinel://{hosts}/{servers.master_name}", pair
+
+
 @contextlib.asynccontextmanager
 async def _unconfirmed_tail(
-    servers: SentinelServers, nodes: Any, **overrides: Any
+    url: str,
+    conversation_master: Callable[[], tuple[RedisProcess, RedisProcess]],
+    nodes: Any,
+    **overrides: Any,
 ) -> AsyncIterator[tuple[Any, RecordingSink, Any, RecordingSink, RedisProcess]]:
-    """Two nodes with --ack-replicas 1 behind Sentinel, a client on each ("a" on the
-    loop's node, "b" on the other), events 1-2 confirmed; then, with the replica paused
-    for the block, an action ("held", refused: NotReplicated) and its answer logged on
-    the master as 3-4. Yields the nodes, their sinks and the master."""
-    hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
-    url = f"redis+sentinel://{hosts}/{servers.master_name}"
+    """Two nodes on ``url`` with --ack-replicas 1, a client on each ("a" on the loop's
+    node, "b" on the other), events 1-2 confirmed; then, with the replica of the
+    conversation's master (``conversation_master()`` gives both) paused for the block,
+    an action ("held", refused: NotReplicated) and its answer logged on the master as
+    3-4. Yields the nodes, their sinks and the master."""
     (n1, s1), (n2, s2) = await nodes(url, ack_replicas=1, **overrides)
     await n1.join_conversation(SID, "a", {}, "alice")
     await n2.join_conversation(SID, "b", {}, "alice")
     await _send_until_acked(n1, "a", "kept")
     await wait_until(lambda: s1.ids("a") == s2.ids("b") == [1, 2], what="the first answer")
-    master = servers.master()
-    replica = next(p for p in servers.data_nodes if p is not master)
+    master, replica = conversation_master()
     held = {"action": "message", "args": {"content": "held"}, "client_action_id": "held"}
 
     def logged() -> bool:  # on the master (a node's reads wait for replicas)
@@ -378,7 +390,8 @@ async def test_a_write_no_replica_confirmed_reaches_no_client_until_one_does(
     still unconfirmed (recent Redis versions WAIT for the connection's last write: a
     retry that wrote nothing would look confirmed). Once the replica is back,
     the retry is acknowledged under the first id and every client gets both, once."""
-    async with _unconfirmed_tail(redis_sentinel, nodes) as (n1, s1, _, s2, master):
+    url, pair = _sentinel_tail(redis_sentinel)
+    async with _unconfirmed_tail(url, pair, nodes) as (n1, s1, _, s2, master):
         # Both again, on connections that have written nothing.
         async with _fresh_state(master, n1.keys) as state:
             again = await state.accept(SID, "alice", b"", 100, 100, token=accept_token("held"))
@@ -405,7 +418,29 @@ async def test_a_replay_shows_no_event_the_replicas_lack(
     it (a failover now would lose it, and its ids would go to other events; seen in the
     double-failover test above before reads waited for replicas). Once the replica is
     back, the joiner gets the whole log and the others the two events, once."""
-    async with _unconfirmed_tail(redis_sentinel, nodes, join_wait=30.0) as (n1, s1, n2, s2, _):
+    url, pair = _sentinel_tail(redis_sentinel)
+    await _replays_wait_for_the_replica(url, pair, nodes)
+
+
+async def test_on_a_cluster_reads_wait_for_the_replica_of_the_conversations_shard(
+    redis_cluster_replicated: RedisClusterServers, nodes: Any
+) -> None:
+    """As above on Redis Cluster, where the read's WAIT must go to the shard holding the
+    conversation: sent to another shard, whose replica is not paused, it would be
+    answered at once and the unconfirmed events shown."""
+    cluster = redis_cluster_replicated
+
+    def pair() -> tuple[RedisProcess, RedisProcess]:
+        master = _master_of_conversation(cluster)
+        replica = cluster.replica_of(master)
+        assert replica is not None
+        return master, replica
+
+    await _replays_wait_for_the_replica(cluster.url, pair, nodes)
+
+
+async def _replays_wait_for_the_replica(url: str, pair: Any, nodes: Any) -> None:
+    async with _unconfirmed_tail(url, pair, nodes, join_wait=30.0) as (n1, s1, n2, s2, _):
         joining = asyncio.create_task(n2.join_conversation(SID, "c", {}, "alice"))
         n2.node.delivery.connections.catch_up_all()  # as after a pub/sub reconnect
         n1.node.delivery.connections.catch_up_all()
