@@ -262,6 +262,10 @@ class LoopRunner:
         # Marked processed if nothing answered it; the state the agent ended in logged.
         noted = self._notes.enabled and self._notes.change()
         if self.running and (self._queue.applied < n or noted):
+            # An agent in this process may have answered and returned in this very step:
+            # its answer's frames, queued for this node's clients, are written when the
+            # loop iteration ends. One step aside lets them go before this commit's work.
+            await asyncio.sleep(0)
             with contextlib.suppress(Fenced, SpeculationLost):
                 await self._commit([], cause=n, index=self._emits)
 

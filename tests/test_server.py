@@ -10,8 +10,10 @@ import socketio
 
 from coordinator.auth import issue_token
 from coordinator.codec import TOO_MANY_CONVERSATIONS, notice_code
+from coordinator.links import Link
 from coordinator.server import NodeServer
 from coordinator.tasks import cancel_and_wait
+from coordinator.websocket import CoalescingTransport
 from tests.helpers import wait_until
 from tests.server_fixtures import SECRET, ServerCluster, SioClient
 
@@ -391,3 +393,48 @@ async def test_an_action_with_binary_data_reaches_the_clients_as_binary(
         upload = client.events[0]
         assert upload["id"] == ack["id"] and upload["args"]["data"] == b"\x00\x01\xff"
         assert [e["args"]["content"] for e in client.events[1:]] == ["after", "after"]
+
+
+async def test_an_in_process_agents_answer_is_written_to_the_client_before_its_closing_state(
+    servers: ServerCluster, monkeypatch: Any
+) -> None:
+    """An agent in the node's process (``--agent-isolation none``) that answers and
+    returns at once: its answer's frame is written to the client's socket before the node
+    writes the commit of the state the agent ended in (``awaiting_user_input``) to Redis.
+    Frames to a client are written when the loop iteration ends; the closing commit,
+    made in the same step, went first and the client waited for its packing and writing."""
+    writes: list[tuple[str, bytes]] = []
+    flush, send_all = CoalescingTransport.flush, Link.send_all
+
+    def recorded_flush(self: CoalescingTransport) -> None:
+        writes.append(("client", b"".join(getattr(self, "_pending"))))  # noqa: B009
+        flush(self)
+
+    def recorded_send_all(self: Link, commands: Any, timeout: float) -> Any:
+        writes.append(("redis", b"".join(commands)))
+        return send_all(self, commands, timeout)
+
+    monkeypatch.setattr(CoalescingTransport, "flush", recorded_flush)
+    monkeypatch.setattr(Link, "send_all", recorded_send_all)
+    (node,) = await servers.start(1, agent_isolation="none", agent_state_events=True)
+    client = await servers.join(node, "order", "alice")
+    await client.wait_ids(1)  # the state the agent's start left it in
+    for round_ in range(3):
+        writes.clear()
+        content = f"answer-{round_}"
+        await client.say(content)
+        await client.wait_for(
+            lambda: client.events[-1].get("extras", {}).get("agent_state") == "awaiting_user_input",
+            "the closing state",
+        )
+        answer = next(
+            i
+            for i, (to, data) in enumerate(writes)
+            if to == "client" and b'"source":"agent"' in data and content.encode() in data
+        )
+        closing = next(
+            i
+            for i, (to, data) in enumerate(writes)
+            if to == "redis" and b"awaiting_user_input" in data
+        )
+        assert answer < closing, [(to, data[:60]) for to, data in writes]
