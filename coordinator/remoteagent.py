@@ -374,9 +374,12 @@ class RemoteAgent:
         except Exception as exc:  # Fenced, SpeculationLost; anything else, named
             if not isinstance(exc, Fenced | SpeculationLost):
                 log.warning("emit of %s's agent failed: %r", self.sid, exc)
-            worker.send([REFUSE, rid, *describe(exc)])
+            answer = [REFUSE, rid, *describe(exc)]
         else:
-            worker.send([REPLY, rid, event_id])
+            answer = [REPLY, rid, event_id]
+        # After the frames the emit queued for this node's clients (written when this
+        # loop iteration ends): the clients' answer first, the agent's go-ahead next.
+        asyncio.get_running_loop().call_soon(worker.send, answer)
 
     async def _serve_memory(self, worker: AgentWorker, m: list[Any]) -> None:
         """A history page (READ) or a checkpoint (SAVE) for the agent, from the node."""

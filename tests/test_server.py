@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 import socketio
 
+from coordinator.agentworker import AgentWorker
 from coordinator.auth import issue_token
 from coordinator.codec import TOO_MANY_CONVERSATIONS, notice_code
 from coordinator.links import Link
@@ -16,6 +18,7 @@ from coordinator.tasks import cancel_and_wait
 from coordinator.websocket import CoalescingTransport
 from tests.helpers import wait_until
 from tests.server_fixtures import SECRET, ServerCluster, SioClient
+from workers.channel import REPLY
 
 ACTIONS_PER_CLIENT = 550  # two clients: 1,100 actions, 2,200 events
 WINDOW = 25  # actions a client has in flight at once
@@ -395,28 +398,44 @@ async def test_an_action_with_binary_data_reaches_the_clients_as_binary(
         assert [e["args"]["content"] for e in client.events[1:]] == ["after", "after"]
 
 
-async def test_an_in_process_agents_answer_is_written_to_the_client_before_its_closing_state(
-    servers: ServerCluster, monkeypatch: Any
-) -> None:
-    """An agent in the node's process (``--agent-isolation none``) that answers and
-    returns at once: its answer's frame is written to the client's socket before the node
-    writes the commit of the state the agent ended in (``awaiting_user_input``) to Redis.
-    Frames to a client are written when the loop iteration ends; the closing commit,
-    made in the same step, went first and the client waited for its packing and writing."""
-    writes: list[tuple[str, bytes]] = []
-    flush, send_all = CoalescingTransport.flush, Link.send_all
+@pytest.fixture
+def writes(monkeypatch: Any) -> list[tuple[str, Any]]:
+    """Every write of this process's nodes, in order: ("client", bytes) for a client's
+    socket (once per loop iteration), ("redis", bytes) on a link, ("worker", message) to
+    an agent worker."""
+    made: list[tuple[str, Any]] = []
+    flush, send_all, send = CoalescingTransport.flush, Link.send_all, AgentWorker.send
 
-    def recorded_flush(self: CoalescingTransport) -> None:
-        writes.append(("client", b"".join(getattr(self, "_pending"))))  # noqa: B009
+    def client(self: CoalescingTransport) -> None:
+        made.append(("client", b"".join(getattr(self, "_pending"))))  # noqa: B009
         flush(self)
 
-    def recorded_send_all(self: Link, commands: Any, timeout: float) -> Any:
-        writes.append(("redis", b"".join(commands)))
+    def redis(self: Link, commands: Any, timeout: float) -> Any:
+        made.append(("redis", b"".join(commands)))
         return send_all(self, commands, timeout)
 
-    monkeypatch.setattr(CoalescingTransport, "flush", recorded_flush)
-    monkeypatch.setattr(Link, "send_all", recorded_send_all)
-    (node,) = await servers.start(1, agent_isolation="none", agent_state_events=True)
+    def worker(self: AgentWorker, message: list[Any]) -> None:
+        made.append(("worker", message))
+        send(self, message)
+
+    monkeypatch.setattr(CoalescingTransport, "flush", client)
+    monkeypatch.setattr(Link, "send_all", redis)
+    monkeypatch.setattr(AgentWorker, "send", worker)
+    return made
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+async def test_an_agents_answer_is_written_to_the_client_before_the_agent_goes_on(
+    servers: ServerCluster, writes: list[tuple[str, Any]], isolation: str
+) -> None:
+    """An agent that answers and returns at once: its answer's frame is written to the
+    client's socket before the node's next write for that agent, which is, in the node's
+    process, the commit of the state the agent ended in (``awaiting_user_input``), and
+    for an agent in a worker, the emit's reply that lets it go on. Frames to a client are
+    written when the loop iteration ends; those writes, made in the same step, went first
+    (the client waited for the closing commit's packing and writing, or for the write
+    that wakes the worker)."""
+    (node,) = await servers.start(1, agent_isolation=isolation, agent_state_events=True)
     client = await servers.join(node, "order", "alice")
     await client.wait_ids(1)  # the state the agent's start left it in
     for round_ in range(3):
@@ -432,9 +451,14 @@ async def test_an_in_process_agents_answer_is_written_to_the_client_before_its_c
             for i, (to, data) in enumerate(writes)
             if to == "client" and b'"source":"agent"' in data and content.encode() in data
         )
-        closing = next(
-            i
-            for i, (to, data) in enumerate(writes)
-            if to == "redis" and b"awaiting_user_input" in data
-        )
-        assert answer < closing, [(to, data[:60]) for to, data in writes]
+        if isolation == "none":
+            after = next(
+                i
+                for i, (to, data) in enumerate(writes)
+                if to == "redis" and b"awaiting_user_input" in data
+            )
+        else:
+            after = next(
+                i for i, (to, data) in enumerate(writes) if to == "worker" and data[0] == REPLY
+            )
+        assert answer < after, [(to, data[:60]) for to, data in writes]
