@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from coordinator import ManagerConfig
+from coordinator.subscriptions import Listener, Subscription
+from coordinator.tasks import cancel_and_wait
 
 # One agent worker process per node (agents still run in workers, the default): the
 # suite starts hundreds of nodes on 2 shared cores; tests that need more ask for them.
@@ -83,3 +86,31 @@ async def wait_until(
 
 async def gather_all(aws: list[Awaitable[Any]]) -> list[Any]:
     return list(await asyncio.gather(*aws))
+
+
+class Heard:
+    """A subscription's listener that records what it hears, as ``(channel, data)``;
+    ``reconnects=False``: a reconnect fails the test (the link must never be lost)."""
+
+    def __init__(self, *, reconnects: bool = True) -> None:
+        self.heard: list[tuple[str, bytes]] = []
+        self._reconnects = reconnects
+
+    async def message(self, channel: str, data: bytes) -> None:
+        self.heard.append((channel, data))
+
+    async def reconnected(self) -> None:
+        if not self._reconnects:
+            raise AssertionError("the subscription reconnected")
+
+
+@contextlib.asynccontextmanager
+async def listening(subs: Subscription, listener: Listener) -> AsyncIterator[None]:
+    """``subs`` started with ``listener`` running; closed and its listener gone after."""
+    await subs.start()
+    task = asyncio.create_task(subs.run(listener))
+    try:
+        yield
+    finally:
+        await subs.aclose()
+        await cancel_and_wait([task], within=5)

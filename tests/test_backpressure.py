@@ -9,8 +9,7 @@ from typing import Any
 from coordinator import NodeBusy
 from coordinator.links import Endpoint
 from coordinator.subscriptions import Subscriptions
-from coordinator.tasks import cancel_and_wait
-from tests.helpers import wait_until
+from tests.helpers import Heard, listening, wait_until
 from tests.server_fixtures import ServerCluster
 
 
@@ -97,34 +96,21 @@ async def test_a_lost_nodes_conversations_restart_a_bounded_number_at_a_time(mak
 async def test_a_subscription_that_delivers_is_not_declared_silent(redis_url, redis_client) -> None:
     """A busy node may read its own probe late, behind other traffic: any message proves
     the link works. Only a link on which nothing arrives is reconnected."""
-    heard: list[bytes] = []
-
-    class Heard:
-        async def message(self, channel: str, data: bytes) -> None:
-            heard.append(data)
-
-        async def reconnected(self) -> None:
-            return None
-
     probes = {"lost": False}
 
     async def publish(channel: str, data: bytes) -> int:
         return 0 if probes["lost"] else await redis_client.publish(channel, data)
 
     subs = Subscriptions(Endpoint.from_url(redis_url), publish, "probe:t", probe_interval=0.1)
-    await subs.start()
-    listener = asyncio.create_task(subs.run(Heard()))
-    try:
+    listener = Heard()
+    async with listening(subs, listener):
         await subs.add("traffic")
         probes["lost"] = True
         for _ in range(25):  # 1.25 s of traffic and no probe: over 3 probe intervals
             await redis_client.publish("traffic", b"x")
             await asyncio.sleep(0.05)
-        assert len(heard) == 25 and subs.reconnects == 0
+        assert len(listener.heard) == 25 and subs.reconnects == 0
         await wait_until(lambda: subs.reconnects >= 1, timeout=5, what="silent link replaced")
-    finally:
-        await subs.aclose()
-        await cancel_and_wait([listener], within=5)
 
 
 async def test_a_listener_that_falls_behind_stops_the_reading_and_misses_nothing(
@@ -148,10 +134,8 @@ async def test_a_listener_that_falls_behind_stops_the_reading_and_misses_nothing
             raise AssertionError("the link is not lost, only slow to be read")
 
     subs = Subscriptions(Endpoint.from_url(redis_url), redis_client.publish, "probe:b")
-    await subs.start()
-    listener = asyncio.create_task(subs.run(Stuck()))
     count = 3 * HIGH
-    try:
+    async with listening(subs, Stuck()):
         await subs.add("flood")
         pipe = redis_client.pipeline(transaction=False)
         for i in range(count):
@@ -164,9 +148,6 @@ async def test_a_listener_that_falls_behind_stops_the_reading_and_misses_nothing
         await wait_until(lambda: len(heard) == count, timeout=20, what="every message")
         assert heard == [str(i).encode() for i in range(count)]
         assert subs.reconnects == 0 and subs.messages == count
-    finally:
-        await subs.aclose()
-        await cancel_and_wait([listener], within=5)
 
 
 async def test_renewals_go_on_while_a_slow_re_registration_runs(make_nodes) -> None:

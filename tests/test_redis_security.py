@@ -19,8 +19,7 @@ import redis.asyncio as aioredis
 from coordinator.embedded import free_port
 from coordinator.links import Endpoint
 from coordinator.subscriptions import Subscriptions
-from coordinator.tasks import cancel_and_wait
-from tests.helpers import wait_until
+from tests.helpers import Heard, listening, wait_until
 from tests.processes import REPO
 from tests.redisproc import RedisProcess, make_tls, redis_args
 from tests.server_fixtures import ServerCluster
@@ -158,35 +157,26 @@ async def test_a_subscription_redis_refuses_is_reported_with_its_reason(
     port, _ = acl_redis
     url = f"redis://coordinator:{PASSWORD}@127.0.0.1:{port}"
     client = aioredis.Redis.from_url(url)
-    heard: list[tuple[str, bytes]] = []
-
-    class Heard:
-        async def message(self, channel: str, data: bytes) -> None:
-            heard.append((channel, data))
-
-        async def reconnected(self) -> None:
-            return None
-
     subs = Subscriptions(Endpoint.from_url(url), client.publish, "coord:probe:t")
-    await subs.start()
-    listener = asyncio.create_task(subs.run(Heard()))
+    listener = Heard()
     try:
-        await subs.add("coord:ok")
-        with caplog.at_level(logging.WARNING, logger="coordinator.subscriptions"):
-            await subs.add("elsewhere", wait=False)
-            await asyncio.sleep(2.0)
-        refused = [r for r in caplog.records if "Redis refused a subscription: NOPERM" in r.message]
-        assert refused, caplog.text
-        assert len(refused) <= 8, f"reconnected {len(refused)} times in 2 s: no backoff"
-        await subs.discard("elsewhere")
-        assert subs.channels == {"coord:ok", "coord:probe:t"}
+        async with listening(subs, listener):
+            await subs.add("coord:ok")
+            with caplog.at_level(logging.WARNING, logger="coordinator.subscriptions"):
+                await subs.add("elsewhere", wait=False)
+                await asyncio.sleep(2.0)
+            refused = [
+                r for r in caplog.records if "Redis refused a subscription: NOPERM" in r.message
+            ]
+            assert refused, caplog.text
+            assert len(refused) <= 8, f"reconnected {len(refused)} times in 2 s: no backoff"
+            await subs.discard("elsewhere")
+            assert subs.channels == {"coord:ok", "coord:probe:t"}
 
-        async def delivered() -> bool:  # published until the subscription is back
-            await client.publish("coord:ok", b"still here")
-            return ("coord:ok", b"still here") in heard
+            async def delivered() -> bool:  # published until the subscription is back
+                await client.publish("coord:ok", b"still here")
+                return ("coord:ok", b"still here") in listener.heard
 
-        await wait_until(delivered, timeout=15, interval=0.2, what="subscribed again")
+            await wait_until(delivered, timeout=15, interval=0.2, what="subscribed again")
     finally:
-        await subs.aclose()
-        await cancel_and_wait([listener], within=5)
         await client.aclose()

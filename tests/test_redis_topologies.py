@@ -23,8 +23,7 @@ from redis.crc import key_slot
 
 from coordinator.backends.cluster import ClusterBackend
 from coordinator.keys import KeySchema
-from coordinator.tasks import cancel_and_wait
-from tests.helpers import fast_config, wait_until
+from tests.helpers import Heard, fast_config, listening, wait_until
 from tests.redis_process import check_redis_version, redis_binary
 from tests.redis_topologies import (
     CLUSTER_CREATE_SCRIPT,
@@ -195,30 +194,21 @@ async def test_a_nodes_shard_subscriptions_hear_every_shard_and_their_probes(
     is never taken for a silent one and reconnected."""
     backend = ClusterBackend(fast_config(redis_cluster.url, "probe-node"))
     subs = backend.subscriptions(KeySchema("coord"), probe_interval=0.1)
-    heard: list[tuple[str, bytes]] = []
-
-    class Heard:
-        async def message(self, channel: str, data: bytes) -> None:
-            heard.append((channel, data))
-
-        async def reconnected(self) -> None:
-            raise AssertionError("no reconnect: every probe is heard")
-
+    listener = Heard(reconnects=False)  # every probe is heard
     channels = _channel_per_master(redis_cluster, "coord:{{c:probe{}}}:ch")
-    await subs.start()
-    listener = asyncio.create_task(subs.run(Heard()))
     try:
-        for channel in channels.values():
-            await subs.add(channel)
-        await asyncio.sleep(1.0)  # ten probe intervals, three unheard ones would do
-        assert subs.healthy and subs.reconnects == 0
-        for channel in channels.values():
-            assert await backend.client.spublish(channel, channel.encode()) == 1
-        await wait_until(lambda: len(heard) == len(channels), timeout=5, what="every shard")
-        assert sorted(heard) == sorted((c, c.encode()) for c in channels.values())
+        async with listening(subs, listener):
+            for channel in channels.values():
+                await subs.add(channel)
+            await asyncio.sleep(1.0)  # ten probe intervals, three unheard ones would do
+            assert subs.healthy and subs.reconnects == 0
+            for channel in channels.values():
+                assert await backend.client.spublish(channel, channel.encode()) == 1
+            await wait_until(
+                lambda: len(listener.heard) == len(channels), timeout=5, what="every shard"
+            )
+            assert sorted(listener.heard) == sorted((c, c.encode()) for c in channels.values())
     finally:
-        await subs.aclose()
-        await cancel_and_wait([listener], within=5)
         await backend.aclose()
 
 
