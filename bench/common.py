@@ -379,6 +379,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time so far of ``pid`` and its descendants alive now: a node's is its own and
+    its agent worker processes' (where ``--agent-isolation process`` runs its loops)."""
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):  # one that ended meanwhile
+            total += cpu_seconds(p)
+    return total
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and its descendants alive now (pages they share are
+    counted in each: compare growths, not totals)."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += rss_bytes(p)
+    return total
+
+
 def start_all(procs: Sequence[Proc], timeout: float = 60.0) -> None:
     """Start processes together, then wait until each is ready."""
     for p in procs:

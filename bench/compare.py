@@ -39,17 +39,16 @@ from bench.common import (
     Mode,
     Proc,
     baseline_proc,
-    cpu_seconds,
     log_dir,
     new_secret,
     node_proc,
     percentile,
     private_redis,
-    process_tree,
     run_under,
     start_all,
     stop_all,
     table,
+    tree_cpu_seconds,
     url_of,
     write_json,
 )
@@ -173,14 +172,12 @@ async def compare(
                     for name in order:
                         # The servers' CPU while this group runs alone: per answered action
                         # (a node's agent worker processes included).
-                        pids = [
-                            q for p in groups[name] if p is not None for q in process_tree(p.pid)
-                        ]
-                        before = sum(cpu_seconds(pid) for pid in pids)
+                        roots = [p.pid for p in groups[name] if p is not None]
+                        before = sum(tree_cpu_seconds(pid) for pid in roots)
                         r = await gen.request(
                             {"cmd": "run", "group": name, "rate": rate, "duration": seconds}
                         )
-                        cpu[name] += sum(cpu_seconds(pid) for pid in pids) - before
+                        cpu[name] += sum(tree_cpu_seconds(pid) for pid in roots) - before
                         lat[name] += r["lat_ms"]
                         acks[name] += r["ack_ms"]
                 results[str(rate)] = {name: samples for name, samples in lat.items()}

@@ -16,8 +16,9 @@ the load generator in a separate process (raw engine.io over websockets):
 - ``coord-cross``: coordinator, client on node B, loop on node A (a client on A created
   the conversation first, so its loop started there, then left).
 
-Windows of the four are interleaved in a shuffled order per round, so machine noise hits
-all of them alike; ratios are computed from the pooled samples (and per round).
+A server's CPU is its process tree's (a node's agent worker processes included). Windows
+of the six are interleaved in a shuffled order per round, so machine noise hits all of
+them alike; ratios are computed from the pooled samples (and per round).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from bench.common import (
     start_all,
     stop_all,
     table,
+    tree_cpu_seconds,
     url_of,
 )
 from bench.driver import LoadGenProcess
@@ -148,7 +150,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                     rng.shuffle(order)
                     round_p50: dict[str, float] = {}
                     for variant in order:
-                        c0 = sum(cpu_seconds(p) for p in servers[variant])
+                        c0 = sum(tree_cpu_seconds(p) for p in servers[variant])
                         r0 = cpu_seconds(redis_pid)
                         r = await gen.request(
                             {
@@ -159,7 +161,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                                 "drain": 3,
                             }
                         )
-                        cpu[variant] += sum(cpu_seconds(p) for p in servers[variant]) - c0
+                        cpu[variant] += sum(tree_cpu_seconds(p) for p in servers[variant]) - c0
                         redis_cpu[variant] += cpu_seconds(redis_pid) - r0
                         lat[variant] += r["lat_ms"]
                         acks[variant] += r["ack_ms"]

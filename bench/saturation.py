@@ -8,7 +8,8 @@ coordinator nodes on one private Redis; 200 clients per group, one conversation 
 generator's own process), a few seconds per step, until its p99 reaches 50 ms or an
 action goes unanswered; the sustained rate is the last step below. Measured at each step:
 p50/p99, and the servers' CPU per answered action; and each server's RSS per connection
-(RSS with the clients connected minus RSS before, over the clients).
+(RSS with the clients connected minus RSS before, over the clients). A node's CPU and RSS
+are its process tree's: its own and its agent worker processes'.
 
 Then one client at a time, sequential actions (send, wait for the agent's answer, send the
 next): a client on node A whose loop runs on A (same node) and one on B whose loop runs on
@@ -26,16 +27,16 @@ from bench.common import (
     Mode,
     Proc,
     baseline_proc,
-    cpu_seconds,
     log_dir,
     new_secret,
     node_proc,
     percentile,
     private_redis,
-    rss_bytes,
     start_all,
     stop_all,
     table,
+    tree_cpu_seconds,
+    tree_rss_bytes,
     url_of,
 )
 from bench.driver import LoadGenProcess, join_group
@@ -115,11 +116,11 @@ async def _ladder(
 ) -> list[dict[str, Any]]:
     steps = []
     for rate in rates:
-        cpu0 = sum(cpu_seconds(p) for p in pids)
+        cpu0 = sum(tree_cpu_seconds(p) for p in pids)
         r = await gen.request(
             {"cmd": "run", "group": group, "rate": rate, "duration": seconds, "drain": 3}
         )
-        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        cpu = sum(tree_cpu_seconds(p) for p in pids) - cpu0
         lat = r["lat_ms"]
         step = {
             "rate": rate,
@@ -164,7 +165,7 @@ async def run(mode: Mode) -> dict[str, Any]:
         try:
             start_all(procs)
             await gen.start()
-            rss0 = {p.name: rss_bytes(p.pid) for p in procs}
+            rss0 = {p.name: tree_rss_bytes(p.pid) for p in procs}
             groups = {
                 PLAIN: (plain, None, [plain.pid]),
                 "coord same-node": (a, None, [a.pid]),
@@ -183,7 +184,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                 )
                 # Its growth over its own clients, measured now: node A takes the cross
                 # group's loops next, node B only that group's clients.
-                rss[name] = (rss_bytes(joins.pid) - rss0[joins.name]) / CLIENTS
+                rss[name] = (tree_rss_bytes(joins.pid) - rss0[joins.name]) / CLIENTS
             for name, (_, _, pids) in groups.items():
                 out[name] = {"steps": await _ladder(gen, name, pids, rates, seconds)}
                 out[name]["rss_bytes_per_connection"] = rss[name]

@@ -5,7 +5,8 @@ which creates it and starts its echo loop there; phase 2 opens a second connecti
 every conversation on the next node (a cross-node watcher). Reported per phase: join rate
 (connections per second, joins in flight bounded per load generator) and join latency,
 the growth of Redis ``used_memory_dataset`` and of the nodes' RSS. Phase 2 adds connections
-only (no loops), so its RSS growth per connection is a node's cost of one connection.
+only (no loops), so its RSS growth per connection is a node's cost of one connection. A
+node's CPU and RSS are its process tree's: its own and its agent worker processes'.
 Load generators are separate processes (several when the connections would not fit one
 process's open-files limit). The same first-connection joins run first against the
 single-process baselines (the seed's standalone design and plain python-socketio with
@@ -41,6 +42,8 @@ from bench.common import (
     start_all,
     stop_all,
     table,
+    tree_cpu_seconds,
+    tree_rss_bytes,
     url_of,
 )
 from bench.driver import LoadGenProcess
@@ -54,7 +57,7 @@ USERS = 100
 
 def _cpu(servers: list[Any], gens: list[LoadGenProcess], redis_server: Any) -> dict[str, float]:
     return {
-        "servers": sum(cpu_seconds(n.pid) for n in servers),
+        "servers": sum(tree_cpu_seconds(n.pid) for n in servers),
         "load generators": sum(cpu_seconds(g.pid) for g in gens),
         "redis": cpu_seconds(redis_server.proc.pid),
     }
@@ -207,7 +210,7 @@ async def _phase(
     concurrency: int,
 ) -> dict[str, Any]:
     parts = [specs[k :: len(gens)] for k in range(len(gens))]
-    rss0 = [n.rss_bytes() for n in servers]
+    rss0 = [tree_rss_bytes(n.pid) for n in servers]
     lapses0 = _lapses(servers)
     cpu0 = _cpu(servers, gens, redis_server)
     gc0 = _gc(servers)
@@ -232,7 +235,7 @@ async def _phase(
     await asyncio.sleep(1.0)
     joins = [ms for r in replies for ms in r["join_ms"]]
     failed = sum(r["failed"] for r in replies)
-    rss = [n.rss_bytes() for n in servers]
+    rss = [tree_rss_bytes(n.pid) for n in servers]
     connected = len(specs) - failed
     return {
         "phase": phase,

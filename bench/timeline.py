@@ -8,7 +8,10 @@ write (split into client sockets and Redis sockets by the peer's port), engine.i
 receive of a packet, the socket.io handler, and each packet queued to engine.io for a
 client. For every action (a client frame read followed by engine.io's receive) the steps
 until the next one are its path; the table gives the most common path and each step's
-median time from the frame's read, at a low rate (each action alone on the machine).
+median time from the frame's read, at a low rate (each action alone on the machine). A
+second table gives how long each write call took, per peer: a write to a process that
+sleeps wakes it inside the call, which on a VM whose other vCPU idles costs the writer
+far more than the copy.
 
 Probes cost a few microseconds each, so the absolute figures are a little high; compare
 the two columns and the steps, not milliseconds with the round-trip benchmark.
@@ -52,6 +55,8 @@ STEP_NAMES = {
     "redis.r": "read from Redis",
     "eio.send": "packet queued for the client",
     "client.w": "write to the client",
+    "other.r": "read from another socket (an agent worker's channel)",
+    "other.w": "write to another socket (an agent worker's channel)",
 }
 
 
@@ -64,6 +69,7 @@ def _install_probes(redis_port: int, out: Path) -> None:
     from engineio import async_socket
 
     records: list[tuple[str, float]] = []
+    writes: list[tuple[str, float]] = []  # (peer, seconds inside the write)
     recording = [False]
     clock = time.perf_counter
 
@@ -87,8 +93,14 @@ def _install_probes(redis_port: int, out: Path) -> None:
         read(self)
 
     def probed_write(self: Any, data: Any) -> None:
-        note(side(self) + ".w")
+        if not recording[0]:
+            write(self, data)
+            return
+        peer = side(self)
+        began = clock()
+        records.append((peer + ".w", began))
         write(self, data)
+        writes.append((peer, clock() - began))
 
     se._SelectorSocketTransport._read_ready__data_received = probed_read  # type: ignore[method-assign]
     se._SelectorSocketTransport.write = probed_write  # type: ignore[method-assign]
@@ -109,11 +121,12 @@ def _install_probes(redis_port: int, out: Path) -> None:
 
     def start(*_: Any) -> None:
         records.clear()
+        writes.clear()
         recording[0] = True
 
     def stop(*_: Any) -> None:
         recording[0] = False
-        out.write_text(json.dumps(records))
+        out.write_text(json.dumps({"records": records, "writes": writes}))
 
     signal.signal(signal.SIGUSR1, start)
     signal.signal(signal.SIGUSR2, stop)
@@ -138,25 +151,40 @@ def _paths(records: list[list[Any]]) -> list[list[tuple[str, float]]]:
         for i, (label, _) in enumerate(records[:-1])
         if label == "client.r" and records[i + 1][0] == "eio.recv"
     ]
-    paths = []
+    paths: list[list[tuple[str, float]]] = []
+    if not starts:
+        return paths
     for a, b in zip(starts, [*starts[1:], len(records)], strict=True):
         t0 = records[a][1]
         paths.append([(label, (t - t0) * 1e6) for label, t in records[a + 1 : b] if t - t0 < 0.02])
     return paths
 
 
-def summarize(records: list[list[Any]]) -> dict[str, Any]:
-    paths = _paths(records)
+def _write_times(writes: list[list[Any]]) -> dict[str, dict[str, float]]:
+    """Per peer: how long the server spent inside its socket writes (a write to a peer
+    that sleeps includes waking it, which a VM's idle vCPU makes costly)."""
+    by_peer: dict[str, list[float]] = {}
+    for peer, seconds in writes:
+        by_peer.setdefault(peer, []).append(seconds * 1e6)
+    return {
+        peer: {"writes": len(us), "p50_us": percentile(us, 50), "p90_us": percentile(us, 90)}
+        for peer, us in sorted(by_peer.items())
+    }
+
+
+def summarize(probed: dict[str, Any]) -> dict[str, Any]:
+    paths = _paths(probed["records"])
+    writes = _write_times(probed["writes"])
     shapes = Counter(tuple(label for label, _ in p) for p in paths)
     if not shapes:
-        return {"actions": 0, "typical": 0, "steps": []}
+        return {"actions": 0, "typical": 0, "steps": [], "writes": writes}
     shape, count = shapes.most_common(1)[0]
     typical = [p for p in paths if tuple(label for label, _ in p) == shape]
     steps = [
         {"step": label, "median_us": statistics.median(p[i][1] for p in typical)}
         for i, label in enumerate(shape)
     ]
-    return {"actions": len(paths), "typical": count, "steps": steps}
+    return {"actions": len(paths), "typical": count, "steps": steps, "writes": writes}
 
 
 async def run(mode: Mode) -> dict[str, Any]:
@@ -215,6 +243,18 @@ async def run(mode: Mode) -> dict[str, Any]:
         )
         for name, res in results.items()
     ]
+    tables.append(
+        table(
+            "Time inside each socket write, microseconds (the write call returns after the "
+            "kernel has queued the data and woken the reader)",
+            ["server", "peer", "writes", "p50 us", "p90 us"],
+            [
+                [name, peer, w["writes"], w["p50_us"], w["p90_us"]]
+                for name, res in results.items()
+                for peer, w in res["writes"].items()
+            ],
+        )
+    )
     return {"tables": tables, "json": {"rate": rate, "seconds": seconds, "results": results}}
 
 
