@@ -8,8 +8,10 @@ coordinator nodes on one private Redis; 200 clients per group, one conversation 
 generator's own process), a few seconds per step, until its p99 reaches 50 ms or an
 action goes unanswered; the sustained rate is the last step below. Measured at each step:
 p50/p99, and the servers' CPU per answered action; and each server's RSS per connection
-(RSS with the clients connected minus RSS before, over the clients). A node's CPU and RSS
-are its process tree's: its own and its agent worker processes'.
+(RSS with the clients connected minus RSS before, over the clients; and over the second
+half of them alone, joined after the first: what one more connection costs, without what
+the first ones set up once). A node's CPU and RSS are its process tree's: its own and its
+agent worker processes'.
 
 Then one client at a time, sequential actions (send, wait for the agent's answer, send the
 next): a client on node A whose loop runs on A (same node) and one on B whose loop runs on
@@ -171,23 +173,31 @@ async def run(mode: Mode) -> dict[str, Any]:
                 "coord same-node": (a, None, [a.pid]),
                 "coord cross-node": (b, a, [a.pid, b.pid]),
             }
-            rss: dict[str, float] = {}
+            rss: dict[str, dict[str, float]] = {}
             for n, (name, (joins, setup, _)) in enumerate(groups.items()):
-                await join_group(
-                    gen,
-                    name,
-                    url_of(joins),
-                    secret,
-                    f"sat{n}",
-                    count=CLIENTS,
-                    setup_url=url_of(setup) if setup is not None else None,
-                )
-                # Its growth over its own clients, measured now: node A takes the cross
-                # group's loops next, node B only that group's clients.
-                rss[name] = (tree_rss_bytes(joins.pid) - rss0[joins.name]) / CLIENTS
+                # In two halves: the second half's growth is what one more connection
+                # costs, without what the first ones set up once (buffers, caches).
+                grown = []
+                for half, count in (("a", CLIENTS // 2), ("b", CLIENTS - CLIENTS // 2)):
+                    await join_group(
+                        gen,
+                        name,
+                        url_of(joins),
+                        secret,
+                        f"sat{n}{half}",
+                        count=count,
+                        setup_url=url_of(setup) if setup is not None else None,
+                    )
+                    # Measured now: node A takes the cross group's loops next, node B
+                    # only that group's clients.
+                    grown.append(tree_rss_bytes(joins.pid) - rss0[joins.name])
+                rss[name] = {
+                    "rss_bytes_per_connection": grown[1] / CLIENTS,
+                    "rss_bytes_per_added_connection": (grown[1] - grown[0])
+                    / (CLIENTS - CLIENTS // 2),
+                }
             for name, (_, _, pids) in groups.items():
-                out[name] = {"steps": await _ladder(gen, name, pids, rates, seconds)}
-                out[name]["rss_bytes_per_connection"] = rss[name]
+                out[name] = {"steps": await _ladder(gen, name, pids, rates, seconds), **rss[name]}
             sequential = await _sequential(a, b, secret, mode.pick(200, 1000))
         finally:
             await gen.aclose()
@@ -205,6 +215,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                 best["p99_ms"] if best else float("nan"),
                 best["cpu_ms_per_action"] if best else float("nan"),
                 r["rss_bytes_per_connection"],
+                r["rss_bytes_per_added_connection"],
                 ", ".join(f"{s['rate']}: {s['p99_ms']:.0f}" for s in r["steps"]),
             ]
         )
@@ -218,7 +229,8 @@ async def run(mode: Mode) -> dict[str, Any]:
             "p50 ms",
             "p99 ms",
             "server CPU ms/action",
-            "RSS bytes per connection",
+            f"RSS bytes per connection (all {CLIENTS})",
+            f"RSS bytes per connection (the last {CLIENTS - CLIENTS // 2})",
             "p99 ms by rate",
         ],
         rows,
