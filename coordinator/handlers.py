@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -28,7 +29,18 @@ from .config import (
     check_settings,
     parse_settings,
 )
-from .errors import EXPECTED, ConcurrencyLimitReached, Forbidden, InvalidInput, LimitExceeded
+from .errors import (
+    EXPECTED,
+    REDIS_TROUBLE,
+    CapacityTimeout,
+    ConcurrencyLimitReached,
+    ConversationClosed,
+    Forbidden,
+    InvalidInput,
+    LimitExceeded,
+    NodeBusy,
+    NodeDraining,
+)
 from .http import client_message
 from .manager import ConversationManager
 from .metrics import NodeMetrics
@@ -65,6 +77,27 @@ def parse_latest_event_id(raw: str | None) -> int | None:
     return None if value == -1 else value
 
 
+# Why a join was refused, for ``coordinator_joins_refused_total``: the first class that
+# matches names it (anything else: "error", which is also logged).
+REFUSAL_REASONS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], str], ...] = (
+    (NodeBusy, "busy"),
+    (NodeDraining, "draining"),
+    (AuthError, "auth"),
+    (Forbidden, "forbidden"),
+    ((LimitExceeded, CapacityTimeout), "limit"),
+    (InvalidInput, "invalid"),
+    (ConversationClosed, "closed"),
+    (REDIS_TROUBLE, "redis"),  # after the others: a CapacityTimeout is an OSError too
+)
+
+
+def refusal_reason(exc: Exception) -> str:
+    for kinds, reason in REFUSAL_REASONS:
+        if isinstance(exc, kinds):
+            return reason
+    return "error"
+
+
 def refusal_ack(exc: BaseException) -> dict[str, Any]:
     """The ack of an action that was not accepted."""
     ack: dict[str, Any] = {"ok": False, "error": client_message(exc)}
@@ -95,6 +128,15 @@ class SocketHandlers:
         self.quotas = quotas
         self._users: dict[str, str] = {}  # joined connection -> its user
         self._refusals = LogThrottle(log)  # a flood of refused joins is not a flood of lines
+        self.refused: Counter[str] = Counter()  # joins refused, by reason
+        metrics.counters_from(
+            "coordinator_joins_refused",
+            "Joins (socket.io connects) refused, by reason: busy (max_concurrent_joins "
+            "taken for longer than join_wait), draining (the node stops or lost its lease), "
+            "auth, forbidden, limit, invalid, closed, redis, error.",
+            "reason",
+            lambda: dict(self.refused),
+        )
 
     def register(self) -> None:
         self.sio.on("connect", self.connect, namespace=NAMESPACE)
@@ -138,11 +180,13 @@ class SocketHandlers:
             # python-socketio takes a cancelled connect handler for a success: undo the
             # join and refuse instead (the node is stopping; the client reconnects).
             await self._forget(connection_id, True)
+            self.refused["draining"] += 1
             raise socketio.exceptions.ConnectionRefusedError(
                 "the node is shutting down; reconnect"
             ) from None
         except Exception as exc:
             await self._forget(connection_id, joined)
+            self.refused[refusal_reason(exc)] += 1
             message = self._refusal(exc)
             self._refusals.info("connection %s refused: %s", connection_id, message)
             if isinstance(exc, LimitExceeded):

@@ -276,6 +276,13 @@ class NodeMetrics:
         ``read`` must be monotonic, like a count its owner keeps."""
         self._readings.by_name[name] = Reading(name, "counter", doc, read)
 
+    def counters_from(self, name: str, doc: str, label: str, read: ReadMany) -> None:
+        """Expose counter ``name`` with one more label, ``label``: one sample per entry of
+        the mapping ``read()`` returns at scrape time (each value monotonic)."""
+        self._readings.by_name[name] = Reading(
+            name, "counter", doc, lambda: None, label=label, read_many=read
+        )
+
     def gauges_from(self, name: str, doc: str, label: str, read: ReadMany) -> None:
         """Expose gauge ``name`` with one more label, ``label``: one sample per entry of
         the mapping ``read()`` returns at scrape time (label value -> value)."""

@@ -236,6 +236,10 @@ async def test_a_socketio_client_refused_as_busy_gets_the_reason_and_changes_not
     why = await servers.client("second").refused(a.url, "busy-2", token)
     assert "busy" in why and "try again" in why, why
     await first
+    # Counted by reason for the operators: a storm beyond what the node takes shows here.
+    status, text = await servers.request("GET", a, "/metrics")
+    assert status == 200
+    assert 'coordinator_joins_refused_total{node="n1",reason="busy"} 1\n' in text, text
     assert set((await a.manager.get_connections(user_id="bea")).values()) == {"busy-1"}
     status, _ = await servers.request("GET", a, "/api/conversations/busy-2", user="bea")
     assert status == 404

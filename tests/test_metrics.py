@@ -17,13 +17,19 @@ HISTOGRAMS = (
 )
 
 
+NOT_NAMED = ("node", "le")
+
+
 def samples(text: str, node: str) -> dict[str, float]:
-    """Sample name (with ``le`` for buckets) -> value, for one node's series."""
+    """Sample name (with its other labels, ``{reason=busy}``, and ``le`` for buckets) ->
+    value, for one node's series."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             assert s.labels.get("node") == node, s
-            name = s.name + (f"[{s.labels['le']}]" if "le" in s.labels else "")
+            more = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in NOT_NAMED)
+            name = s.name + (f"{{{more}}}" if more else "")
+            name += f"[{s.labels['le']}]" if "le" in s.labels else ""
             out[name] = s.value
     return out
 
@@ -47,6 +53,7 @@ async def test_scrape_after_actions_counts_and_observes(servers: ServerCluster) 
     assert got["coordinator_events_delivered_total"] == 12
     assert got["coordinator_action_ack_seconds_count"] == 3
     assert got["coordinator_join_seconds_count"] == 3  # two joins and a refusal
+    assert got["coordinator_joins_refused_total{reason=auth}"] == 1
     assert got["coordinator_event_delivery_lag_seconds_count"] == 6
     for name in ("coordinator_action_ack_seconds", "coordinator_join_seconds"):
         assert 0 < got[f"{name}_sum"] < 30
