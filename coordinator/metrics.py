@@ -276,18 +276,18 @@ class NodeMetrics:
         ``read`` must be monotonic, like a count its owner keeps."""
         self._readings.by_name[name] = Reading(name, "counter", doc, read)
 
-    def counters_from(self, name: str, doc: str, label: str, read: ReadMany) -> None:
-        """Expose counter ``name`` with one more label, ``label``: one sample per entry of
-        the mapping ``read()`` returns at scrape time (each value monotonic)."""
-        self._readings.by_name[name] = Reading(
-            name, "counter", doc, lambda: None, label=label, read_many=read
-        )
-
     def gauges_from(self, name: str, doc: str, label: str, read: ReadMany) -> None:
         """Expose gauge ``name`` with one more label, ``label``: one sample per entry of
         the mapping ``read()`` returns at scrape time (label value -> value)."""
+        self._labelled("gauge", name, doc, label, read)
+
+    def counters_from(self, name: str, doc: str, label: str, read: ReadMany) -> None:
+        """As ``gauges_from``, for a counter (each value monotonic)."""
+        self._labelled("counter", name, doc, label, read)
+
+    def _labelled(self, kind: str, name: str, doc: str, label: str, read: ReadMany) -> None:
         self._readings.by_name[name] = Reading(
-            name, "gauge", doc, lambda: None, label=label, read_many=read
+            name, kind, doc, lambda: None, label=label, read_many=read
         )
 
     # -- exposition --------------------------------------------------------------------
