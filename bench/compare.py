@@ -13,8 +13,9 @@ they are now), optionally followed by ``@flag=value,...`` for ``coordinator serv
 private Redis; plain python-socketio with ``AsyncRedisManager`` runs beside them as the
 reference. One load generator sends actions to 20 conversations per system at a fixed
 rate, in rounds of a few seconds per system, shuffled in each round, so that the
-machine's drift hits all alike. Prints, per rate, the answers' p50/p90/p99 and p50 over
-plain's, the acks' p50/p99 and the servers' CPU per action, and writes
+machine's drift hits all alike. Prints, per rate, the answers' p50/p90/p99, their p50 over
+plain's and over the first SYSTEM's (before/after, ``none``/``process``: the ratio at a
+glance), the acks' p50/p99 and the servers' CPU per action, and writes
 ``bench/results/compare-full.json``.
 """
 
@@ -199,6 +200,8 @@ def report(results: dict[str, Any], rounds: int, seconds: float) -> list[str]:
         cpu = results.get(f"{rate} cpu_ms_per_action", {})
         acks = results.get(f"{rate} ack_ms", {})
         plain = percentile(lat[PLAIN], 50)
+        first = next(name for name in lat if name != PLAIN)  # the first SYSTEM named
+        base = percentile(lat[first], 50)
         rows = [
             [
                 name,
@@ -207,6 +210,7 @@ def report(results: dict[str, Any], rounds: int, seconds: float) -> list[str]:
                 percentile(samples, 90),
                 percentile(samples, 99),
                 percentile(samples, 50) / plain,
+                percentile(samples, 50) / base,
                 percentile(acks.get(name) or [float("nan")], 50),
                 percentile(acks.get(name) or [float("nan")], 99),
                 cpu.get(name, float("nan")),
@@ -224,6 +228,7 @@ def report(results: dict[str, Any], rounds: int, seconds: float) -> list[str]:
                     "p90 ms",
                     "p99 ms",
                     "p50 x plain",
+                    f"p50 x {first}",
                     "ack p50 ms",
                     "ack p99 ms",
                     "server CPU ms/action",
