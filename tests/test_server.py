@@ -441,10 +441,13 @@ async def test_an_agents_answer_is_written_to_the_client_before_the_agent_goes_o
     for round_ in range(3):
         writes.clear()
         content = f"answer-{round_}"
-        await client.say(content)
+        asked = await client.say(content)  # acked: its events may not be here yet
         await client.wait_for(
-            lambda: client.events[-1].get("extras", {}).get("agent_state") == "awaiting_user_input",
-            "the closing state",
+            lambda asked=asked: any(  # not the last round's closing state
+                e["id"] > asked and e.get("extras", {}).get("agent_state") == "awaiting_user_input"
+                for e in client.events
+            ),
+            "this round's closing state",
         )
         answer = next(
             i
