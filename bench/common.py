@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -379,24 +379,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time so far of ``pid`` and its descendants alive now: a node's is its own and
-    its agent worker processes' (where ``--agent-isolation process`` runs its loops)."""
+def _tree_total(pid: int, read: Callable[[int], float]) -> float:
+    """``read`` summed over ``pid`` and its descendants alive now (one that ended
+    meanwhile counts nothing)."""
     total = 0.0
     for p in process_tree(pid):
-        with contextlib.suppress(OSError):  # one that ended meanwhile
-            total += cpu_seconds(p)
+        with contextlib.suppress(OSError):
+            total += read(p)
     return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time so far of ``pid`` and its descendants: a node's is its own and its agent
+    worker processes' (where ``--agent-isolation process`` runs its loops)."""
+    return _tree_total(pid, cpu_seconds)
 
 
 def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and its descendants alive now (pages they share are
-    counted in each: compare growths, not totals)."""
-    total = 0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError):
-            total += rss_bytes(p)
-    return total
+    """Resident memory of ``pid`` and its descendants (pages they share are counted in
+    each: compare growths, not totals)."""
+    return int(_tree_total(pid, rss_bytes))
 
 
 def start_all(procs: Sequence[Proc], timeout: float = 60.0) -> None:
