@@ -27,6 +27,7 @@ import sys
 
 from workers.protocol import AgentContext
 
+from . import cpus
 from .agentworker import AgentWorker
 from .backoff import Backoff
 from .config import ManagerConfig
@@ -66,6 +67,8 @@ class AgentPool:
         self.suspects: dict[RemoteAgent, AgentWorker] = {}
         self.restarts = self.stalls = self.poisoned = self.timeouts = 0
         self._config = config
+        self.placement = cpus.plan(config.agent_cpus)  # ConfigError: not on this machine
+        self._unpinned: frozenset[int] | None = None  # the loop's CPUs before start pinned it
         self._next_lid = 0
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._register(metrics)
@@ -108,6 +111,8 @@ class AgentPool:
             *("--stall-after", str(cfg.agent_stall_timeout / 2)),
             *("--memory-limit", str(cfg.agent_memory_limit)),
         ]
+        if self.placement is not None:
+            args += ["--cpus", ",".join(map(str, sorted(self.placement.workers)))]
         env = dict(os.environ)
         # The agent is imported as the node would import it.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -122,6 +127,9 @@ class AgentPool:
 
     async def start(self) -> None:
         """Start every worker; ConfigError if the agent class does not load."""
+        if self.placement is not None:
+            self._unpinned = cpus.pin_thread(self.placement.node)
+            log.info("%s", self.placement.describe())
         self.workers = [AgentWorker(slot, self._on_lost) for slot in range(self._size)]
         results = await asyncio.gather(
             *(self._spawn(w) for w in self.workers), return_exceptions=True
@@ -144,6 +152,7 @@ class AgentPool:
         self._notify()
         await self.tasks.aclose()
         await asyncio.gather(*(w.stop(STOP_WITHIN) for w in self.workers), return_exceptions=True)
+        self._unpin()
 
     async def halt(self) -> None:
         """Kill every worker at once, as a kill -9 of the node would (on EOF)."""
@@ -151,6 +160,13 @@ class AgentPool:
         for worker in self.workers:
             worker.kill()
         await self.tasks.aclose()
+        self._unpin()
+
+    def _unpin(self) -> None:
+        """The event loop's thread back on the CPUs it had before ``start``."""
+        if self._unpinned is not None:
+            cpus.pin_thread(self._unpinned)
+            self._unpinned = None
 
     # -- instances -------------------------------------------------------------------
     def new_agent(self, context: AgentContext) -> RemoteAgent:

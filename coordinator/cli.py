@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from . import redact
+from . import cpus, redact
 from .auth import (
     ADMIN_ROLE,
     MIN_SECRET_BYTES,
@@ -157,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     try:
         config = build_config(args, args.redis_url or PLACEHOLDER_REDIS_URL)
+        cpus.plan(config.agent_cpus)  # this machine's CPUs: refused before anything starts
     except ConfigError as exc:
         _fail(2, str(exc))
     embedded = None

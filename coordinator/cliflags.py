@@ -204,6 +204,14 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         int,
         "agent worker processes per node (default: the number of cores)",
     ),
+    "agent_cpus": (
+        "--agent-cpus",
+        str,
+        "CPUs the agent worker processes run on, e.g. 1-3 ('auto': all but the first), the "
+        "node's event loop on the others it may use; on a small machine an action then "
+        "no longer waits for the node to yield its CPU to the worker (Linux; default: "
+        "unset, the kernel places them)",
+    ),
     "agent_stall_timeout": (
         "--agent-stall-timeout",
         float,

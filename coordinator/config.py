@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from . import cpus
 from .errors import ConfigError, InvalidInput
 from .redisurl import (
     REDIS_MODES,
@@ -211,9 +212,11 @@ class ManagerConfig:
     # node down. A stall is a worker that has not answered for agent_stall_timeout; an
     # action that stalled or killed its worker max_dispatch_attempts times is answered
     # with an error. Limits per worker (address space, bytes) and per dispatch (seconds);
-    # 0 is none.
+    # 0 is none. agent_cpus: the CPUs the workers run on, the node's event loop on the
+    # others ("auto": all but the first; "": wherever the kernel puts them; cpus.py).
     agent_isolation: str = "process"
     agent_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    agent_cpus: str = ""
     agent_stall_timeout: float = 5.0
     max_dispatch_attempts: int = 2
     agent_memory_limit: int = 0
@@ -319,6 +322,11 @@ class ManagerConfig:
             raise ConfigError(
                 f"agent_isolation must be one of {', '.join(ISOLATIONS)}, "
                 f"got {self.agent_isolation!r}"
+            )
+        cpus.check(self.agent_cpus)
+        if self.agent_cpus and self.agent_isolation != "process":
+            raise ConfigError(
+                "agent_cpus places agent worker processes: it needs agent_isolation process"
             )
         if self.agent_memory_limit and self.agent_memory_limit < MIN_AGENT_MEMORY:
             raise ConfigError(

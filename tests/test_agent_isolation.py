@@ -10,6 +10,7 @@ by an ``error`` observation naming it).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -332,3 +333,29 @@ async def test_a_dispatch_cut_short_by_a_lease_lapse_is_not_held_against_the_act
     await wait_until(lambda: "slow 1" in watcher.answers(), timeout=20, what="answered")
     assert watcher.errors() == [] and asked in [e["id"] for e in watcher.events]
     assert await a.state.attempts("moving") == {}
+
+
+async def test_agent_cpus_keep_the_workers_off_the_node_loops_cpu(make_nodes) -> None:
+    """``agent_cpus auto``: every worker (a fresh one too) on all CPUs but the first, the
+    node's event loop on the first; the loop gets its CPUs back when the node stops."""
+    allowed = frozenset(os.sched_getaffinity(0))
+    if len(allowed) < 2:  # one CPU cannot be split: a clear refusal, nothing started
+        with pytest.raises(ConfigError, match="auto needs two CPUs or more"):
+            await make_nodes(1, **ISOLATED, agent_cpus="auto")
+        return
+    node, lapses = await _isolated_node(make_nodes, agent_cpus="auto")
+    first = min(allowed)
+    pool = _pool(node)
+    assert os.sched_getaffinity(0) == {first}
+    assert [os.sched_getaffinity(w.pid) for w in pool.workers] == [allowed - {first}] * 2
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "bad").join()
+    await bad.say("exit")  # ends its worker, twice: fresh ones take their places
+    await wait_until(lambda: bad.errors(), what="the action given up")
+    await wait_until(lambda: pool.restarts == 2, what="both workers replaced")
+    await wait_until(lambda: all(w.usable for w in pool.workers), what="the fresh workers up")
+    assert [os.sched_getaffinity(w.pid) for w in pool.workers] == [allowed - {first}] * 2
+    await bad.round_trip("after")
+    await node.aclose()
+    assert os.sched_getaffinity(0) == allowed
+    assert lapses == []

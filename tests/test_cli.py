@@ -260,6 +260,34 @@ async def test_serve_configuration_errors(redis_url: str) -> None:
             "redis://127.0.0.1:1",
         ),
     ]
+    allowed = sorted(os.sched_getaffinity(0))
+    cases += [
+        (
+            ["serve", "--secret", "s", "--agent-cpus", "two"],
+            {},
+            2,
+            "error: agent_cpus must be 'auto' or a CPU list such as 1-3,6, got 'two'",
+        ),
+        (["serve", "--secret", "s"], {"COORDINATOR_AGENT_CPUS": "3-1"}, 2, "not a CPU range"),
+        (
+            ["serve", "--secret", "s", "--agent-cpus", "8000"],
+            {},
+            2,
+            "names CPUs 8000, which this node may not use",
+        ),
+        (
+            ["serve", "--secret", "s", "--agent-cpus", ",".join(map(str, allowed))],
+            {},
+            2,
+            "leaves no CPU for the node",
+        ),
+        (
+            ["serve", "--secret", "s", "--agent-cpus", "auto", "--agent-isolation", "none"],
+            {},
+            2,
+            "agent_cpus places agent worker processes: it needs agent_isolation process",
+        ),
+    ]
     missing = "/nonexistent/idp.pem"
     cases += [
         (

@@ -361,6 +361,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stall-after", type=float, default=2.5)
     parser.add_argument("--memory-limit", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--cpus", default="", help="comma-separated CPUs to run on")
     return parser.parse_args(argv)
 
 
@@ -374,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s %(name)s [agent worker {os.getpid()}]: %(message)s",
     )
     sock = socket.socket(fileno=args.channel_fd)
+    if args.cpus:  # before any thread starts: they run there too
+        os.sched_setaffinity(0, {int(cpu) for cpu in args.cpus.split(",")})
     # When memory runs out, the kernel's OOM killer takes a worker before its node: a
     # worker is replaced, a node's loops would all move (Linux; raising it needs no rights).
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
