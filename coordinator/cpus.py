@@ -5,10 +5,10 @@ that the writer is about to sleep, and the scheduler tends to wake the worker on
 writer's CPU; but a node's event loop goes on (the accept's reply, the ack to the
 client) and the worker waits behind it for 200-300 us. Where the machine has no idle CPU
 to steal it from there (a small VM), that wait is much of what isolation adds to an
-action's round trip (BENCHMARKS.md, issue #18). ``agent_cpus`` keeps them apart: the workers on the CPUs it
-names (``auto``: every CPU the node may use but the first), the node's event loop on the
-others. Linux only (``os.sched_setaffinity``); off by default, since several nodes on
-one machine would need a list each.
+action's round trip (BENCHMARKS.md, issue #18). ``agent_cpus`` keeps them apart: the
+workers on the CPUs it names (``auto``: every CPU the node may use but the first), the
+node's event loop on the others. Linux only (``os.sched_setaffinity``); off by default,
+since several nodes on one machine would need a list each.
 """
 
 from __future__ import annotations
