@@ -4,7 +4,9 @@
 Plain python-socketio (``AsyncRedisManager``, its handler emitting the answer) and two
 coordinator nodes on one private Redis; 200 clients per group, one conversation each:
 ``plain``, ``coord same-node`` (clients and loops on node A) and ``coord cross-node``
-(clients on node B, loops on A). Each group runs a ladder of rates (open loop, the load
+(clients on node B, loops on A), and where the machine has two CPUs or more ``coord
+same-node, --agent-cpus auto`` (a third node, C, whose agent workers run on all CPUs but
+the first and its event loop on the first). Each group runs a ladder of rates (open loop, the load
 generator's own process), a few seconds per step, until its p99 reaches 50 ms or an
 action goes unanswered; the sustained rate is the last step below. Measured at each step:
 p50/p99, and the servers' CPU per answered action; and each server's RSS per connection
@@ -22,6 +24,7 @@ of send to answer, and the cross/same ratio of the p50s (issue #17's target: <= 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -47,6 +50,7 @@ from bench.eio import EioClient
 P99_LIMIT_MS = 50.0
 CLIENTS = 200
 PLAIN = "plain python-socketio"
+PINNED = "coord same-node, --agent-cpus auto"
 CROSS_TARGET = 1.25  # cross-node p50 / same-node p50, one client, sequential actions
 
 
@@ -163,6 +167,10 @@ async def run(mode: Mode) -> dict[str, Any]:
         a = node_proc("sat-a", redis.url, secret, logs)
         b = node_proc("sat-b", redis.url, secret, logs)
         procs: list[Proc] = [plain, a, b]
+        pinned = None
+        if len(os.sched_getaffinity(0)) >= 2:
+            pinned = node_proc("sat-c", redis.url, secret, logs, extra=["--agent-cpus", "auto"])
+            procs.append(pinned)
         gen = LoadGenProcess()
         try:
             start_all(procs)
@@ -173,6 +181,8 @@ async def run(mode: Mode) -> dict[str, Any]:
                 "coord same-node": (a, None, [a.pid]),
                 "coord cross-node": (b, a, [a.pid, b.pid]),
             }
+            if pinned is not None:
+                groups[PINNED] = (pinned, None, [pinned.pid])
             rss: dict[str, dict[str, float]] = {}
             for n, (name, (joins, setup, _)) in enumerate(groups.items()):
                 # In two halves: the second half's growth is what one more connection
