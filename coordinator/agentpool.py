@@ -128,7 +128,10 @@ class AgentPool:
     async def start(self) -> None:
         """Start every worker; ConfigError if the agent class does not load."""
         if self.placement is not None:
-            self._unpinned = cpus.pin_thread(self.placement.node)
+            try:
+                self._unpinned = cpus.pin_thread(self.placement.node)
+            except OSError as exc:  # the CPUs it may use changed since the plan
+                raise ConfigError(f"agent_cpus: {self.placement.describe()}: {exc}") from None
             log.info("%s", self.placement.describe())
         self.workers = [AgentWorker(slot, self._on_lost) for slot in range(self._size)]
         results = await asyncio.gather(

@@ -171,6 +171,10 @@ class LocalCluster:
         self.node_args = node_args
         self.out = out
         self.env = dict(os.environ, COORDINATOR_SECRET=secret, PYTHONUNBUFFERED="1")
+        # Its nodes share this machine: one CPU list for all would pin every node's
+        # event loop to the same CPU (cpus.py).
+        if self.env.pop("COORDINATOR_AGENT_CPUS", ""):
+            print("COORDINATOR_AGENT_CPUS is not passed to the local cluster's nodes", file=out)
         self.nodes: list[NodeProcess] = []
 
     async def spawn(self, node_id: str, port: int) -> NodeProcess:

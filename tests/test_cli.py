@@ -481,16 +481,23 @@ def _bindable(port: int) -> bool:
 
 
 async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
+    """Its nodes share the machine: an agent_cpus from the environment (which would pin
+    every node's event loop to one CPU) is not passed on, and it says so."""
     base = free_port_pair()
-    proc = await spawn("cluster", "--nodes", "2", "--base-port", str(base))
+    proc = await spawn(
+        "cluster", "--nodes", "2", "--base-port", str(base), COORDINATOR_AGENT_CPUS="auto"
+    )
     try:
         lines = await read_until(proc, r"Press Ctrl-C", within=45)
         text = "\n".join(lines)
-        urls = re.findall(r"^  (node\d)  (http://\S+)  \(pid \d+\)$", text, re.M)
-        assert urls == [
+        assert "COORDINATOR_AGENT_CPUS is not passed to the local cluster's nodes" in text
+        nodes = re.findall(r"^  (node\d)  (http://\S+)  \(pid (\d+)\)$", text, re.M)
+        assert [(name, url) for name, url, _ in nodes] == [
             ("node1", f"http://127.0.0.1:{base}"),
             ("node2", f"http://127.0.0.1:{base + 1}"),
         ]
+        for _, _, pid in nodes:
+            assert os.sched_getaffinity(int(pid)) == os.sched_getaffinity(0)
         secret = re.search(r"^secret: (\S+)$", text, re.M)
         token = re.search(r'^token for user "demo": (\S+)$', text, re.M)
         assert secret and token

@@ -376,7 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sock = socket.socket(fileno=args.channel_fd)
     if args.cpus:  # before any thread starts: they run there too
-        os.sched_setaffinity(0, {int(cpu) for cpu in args.cpus.split(",")})
+        try:
+            os.sched_setaffinity(0, {int(cpu) for cpu in args.cpus.split(",")})
+        except OSError as exc:  # the CPUs this process may use changed meanwhile
+            log.warning(
+                "cannot run on CPUs %s (%s); running where the kernel puts it", args.cpus, exc
+            )
     # When memory runs out, the kernel's OOM killer takes a worker before its node: a
     # worker is replaced, a node's loops would all move (Linux; raising it needs no rights).
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
