@@ -4,9 +4,10 @@
 Plain python-socketio (``AsyncRedisManager``, its handler emitting the answer) and two
 coordinator nodes on one private Redis; 200 clients per group, one conversation each:
 ``plain``, ``coord same-node`` (clients and loops on node A) and ``coord cross-node``
-(clients on node B, loops on A), and where the machine has two CPUs or more ``coord
-same-node, --agent-cpus auto`` (a third node, C, whose agent workers run on all CPUs but
-the first and its event loop on the first). Each group runs a ladder of rates (open loop, the load
+(clients on node B, loops on A), and where the machine has two CPUs or more the same
+two on a third node, C, run with ``--agent-cpus auto`` (its agent workers on all CPUs but
+the first, its event loop on the first): same-node clients on C, and cross-node clients
+on B whose loops run on C. Each group runs a ladder of rates (open loop, the load
 generator's own process), a few seconds per step, until its p99 reaches 50 ms or an
 action goes unanswered; the sustained rate is the last step below. Measured at each step:
 p50/p99, and the servers' CPU per answered action; and each server's RSS per connection
@@ -51,6 +52,7 @@ P99_LIMIT_MS = 50.0
 CLIENTS = 200
 PLAIN = "plain python-socketio"
 PINNED = "coord same-node, --agent-cpus auto"
+PINNED_CROSS = "coord cross-node, loops on a node with --agent-cpus auto"
 CROSS_TARGET = 1.25  # cross-node p50 / same-node p50, one client, sequential actions
 
 
@@ -175,7 +177,6 @@ async def run(mode: Mode) -> dict[str, Any]:
         try:
             start_all(procs)
             await gen.start()
-            rss0 = {p.name: tree_rss_bytes(p.pid) for p in procs}
             groups = {
                 PLAIN: (plain, None, [plain.pid]),
                 "coord same-node": (a, None, [a.pid]),
@@ -183,11 +184,12 @@ async def run(mode: Mode) -> dict[str, Any]:
             }
             if pinned is not None:
                 groups[PINNED] = (pinned, None, [pinned.pid])
+                groups[PINNED_CROSS] = (b, pinned, [pinned.pid, b.pid])
             rss: dict[str, dict[str, float]] = {}
             for n, (name, (joins, setup, _)) in enumerate(groups.items()):
                 # In two halves: the second half's growth is what one more connection
                 # costs, without what the first ones set up once (buffers, caches).
-                grown = []
+                rss0, grown = tree_rss_bytes(joins.pid), []
                 for half, count in (("a", CLIENTS // 2), ("b", CLIENTS - CLIENTS // 2)):
                     await join_group(
                         gen,
@@ -200,7 +202,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                     )
                     # Measured now: node A takes the cross group's loops next, node B
                     # only that group's clients.
-                    grown.append(tree_rss_bytes(joins.pid) - rss0[joins.name])
+                    grown.append(tree_rss_bytes(joins.pid) - rss0)
                 rss[name] = {
                     "rss_bytes_per_connection": grown[1] / CLIENTS,
                     "rss_bytes_per_added_connection": (grown[1] - grown[0])
