@@ -8,7 +8,8 @@ to steal it from there (a small VM), that wait is much of what isolation adds to
 action's round trip (BENCHMARKS.md, issue #18). ``agent_cpus`` keeps them apart: the
 workers on the CPUs it names (``auto``: every CPU the node may use but the first), the
 node's event loop on the others. Linux only (``os.sched_setaffinity``); off by default,
-since several nodes on one machine would need a list each.
+since nodes sharing a machine must each be started on CPUs of their own (``taskset``),
+which ``auto`` then splits.
 """
 
 from __future__ import annotations
