@@ -1,19 +1,20 @@
 """Where an action's time goes inside a server: timestamps along one action's path.
 
-A coordinator node with its agents in worker processes (the default), one with its agents
-in its own event loop (``--agent-isolation none``; client and loop on the node in both)
-and the plain python-socketio server run as real processes with probes installed
-(``python -m bench.timeline probe ...`` wraps ``coordinator serve`` or the baseline); the
-probes live here, the servers' code is unchanged. They record ``time.perf_counter()``
-(CLOCK_MONOTONIC) at: each socket read and write (split into client sockets, Redis
-sockets and other sockets, such as a worker's channel, by the peer), engine.io's receive
-of a packet, the socket.io handler, and each packet queued to engine.io for a client.
-For every action (a client frame read followed by engine.io's receive) the steps until
-the next one are its path; the table gives the most common path and each step's median
-time from the frame's read, at a low rate (each action alone on the machine). A last
-table gives how long each write call took, per peer: a write to a process that sleeps
-wakes it inside the call, which on a VM whose other vCPU idles costs the writer far more
-than the copy.
+A coordinator node with its agents in worker processes (the default), one with its
+agents in its own event loop (``--agent-isolation none``), one with ``--agent-cpus
+auto`` (its workers off its event loop's CPU; where there are two CPUs or more) --
+client and loop on the node in each -- and the plain python-socketio server run as real
+processes with probes installed (``python -m bench.timeline probe ...`` wraps
+``coordinator serve`` or the baseline); the probes live here, the servers' code is
+unchanged. They record ``time.perf_counter()`` (CLOCK_MONOTONIC) at: each socket read
+and write (split into client sockets, Redis sockets and other sockets, such as a
+worker's channel, by the peer), engine.io's receive of a packet, the socket.io handler,
+and each packet queued to engine.io for a client. For every action (a client frame read
+followed by engine.io's receive) the steps until the next one are its path; the table
+gives the most common path and each step's median time from the frame's read, at a low
+rate (each action alone on the machine). A last table gives how long each write call
+took, per peer: a write to a process that sleeps wakes it inside the call, which on a VM
+whose other vCPU idles costs the writer far more than the copy.
 
 Probes cost a few microseconds each, so the absolute figures are a little high; compare
 the servers' steps, not milliseconds with the round-trip benchmark.
@@ -197,24 +198,28 @@ async def run(mode: Mode) -> dict[str, Any]:
     with private_redis() as redis:
         port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
         probe = ("bench.timeline", "probe", str(port))
-        node = run_under(
-            node_proc("node-a", redis.url, secret, logs),
-            *probe, str(tmp / "coordinator.json"), "coordinator",
-        )  # fmt: skip
-        inline = run_under(
-            node_proc("node-b", redis.url, secret, logs, extra=["--agent-isolation", "none"]),
-            *probe, str(tmp / "coord-none.json"), "coordinator",
-        )  # fmt: skip
-        plain = run_under(
+        # Coordinator nodes by the flags that set them apart.
+        nodes = {"coord-same": [], "coord-none": ["--agent-isolation", "none"]}
+        if len(os.sched_getaffinity(0)) > 1:
+            nodes["coord-pinned"] = ["--agent-cpus", "auto"]
+        systems = {
+            name: run_under(
+                node_proc(f"node-{n}", redis.url, secret, logs, extra=flags),
+                *probe,
+                str(tmp / f"{name}.json"),
+                "coordinator",
+            )
+            for n, (name, flags) in enumerate(nodes.items())
+        }
+        systems["plain-redis"] = run_under(
             baseline_proc(
                 "plain-redis",
                 "bench.baselines.redis_emit",
                 logs,
                 ["--secret", secret, "--redis-url", redis.url],
             ),
-            *probe, str(tmp / "plain.json"), "plain",
+            *probe, str(tmp / "plain-redis.json"), "plain",
         )  # fmt: skip
-        systems = {"coord-same": node, "coord-none": inline, "plain-redis": plain}
         gen = LoadGenProcess()
         try:
             start_all(list(systems.values()))
@@ -222,9 +227,7 @@ async def run(mode: Mode) -> dict[str, Any]:
             results: dict[str, Any] = {}
             for n, (name, proc) in enumerate(systems.items()):
                 await join_group(gen, name, url_of(proc), secret, f"tl{n}")
-                out = tmp / {"coord-same": "coordinator.json", "coord-none": "coord-none.json"}.get(
-                    name, "plain.json"
-                )
+                out = tmp / f"{name}.json"
                 proc.proc.send_signal(signal.SIGUSR1)
                 r = await gen.request(
                     {"cmd": "run", "group": name, "rate": rate, "duration": seconds, "drain": 3}
