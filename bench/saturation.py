@@ -200,8 +200,9 @@ async def run(mode: Mode) -> dict[str, Any]:
                         count=count,
                         setup_url=url_of(setup) if setup is not None else None,
                     )
-                    # Measured now: node A takes the cross group's loops next, node B
-                    # only that group's clients.
+                    # Measured now, from just before this group's joins: a node that
+                    # holds this group's clients may take a later group's loops (A, C)
+                    # or clients (B).
                     grown.append(tree_rss_bytes(joins.pid) - rss0)
                 rss[name] = {
                     "rss_bytes_per_connection": grown[1] / CLIENTS,
