@@ -7,14 +7,16 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from coordinator.codec import unpack
 from coordinator.eventstore import FileEventStore, StoreCorrupt, StoreUnavailable, filelog
 from coordinator.eventstore import framing as fr
+from coordinator.eventstore.filestore import QUICK_LISTING
 from tests.eventstore_helpers import check_log, events, read_all
 from tests.helpers import wait_until
 from tests.processes import REPO, child_env
@@ -227,6 +229,42 @@ async def test_a_quota_check_under_the_quota_counts_markers_without_reading_logs
     assert read == []  # a user's 1,000 conversations are not 1,000 reads per creation
     assert (await store.lookup("new", "u", quota=4)).count == 3
     assert len(read) == 4
+
+
+async def test_a_lookup_that_finds_no_log_is_answered_without_the_store_threads(
+    files: list[FileEventStore], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "events"
+    store = await _open(files, path)
+    await store.append("c1", 1, events(1, 2), user="u")
+    hops: list[str] = []
+    real = store._run
+
+    async def counted(fn: Callable[..., Any], *args: object) -> Any:
+        hops.append(fn.__name__)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(store, "_run", counted)
+    assert (await store.lookup("new", "u", quota=10)).count == 1
+    assert (await store.lookup("new", "nobody", quota=10)).count == 0
+    assert (await store.lookup("new", "u")).count == 0  # no quota: not counted
+    assert hops == []
+    found = await store.lookup("c1", "u", quota=10)  # a log: read on a thread
+    assert found.known is not None and found.known.last_id == 2
+    assert (await store.lookup("new", "u", quota=1)).count == 1  # at the quota: exact
+    assert hops == ["_lookup_sync", "_lookup_sync"]
+    many = path / "users" / "u-many"
+    many.mkdir()
+    for i in range(QUICK_LISTING + 1):  # markers a crash left without logs
+        (many / f"m{i}").touch()
+    assert (await store.lookup("new", "many", quota=1000)).count == QUICK_LISTING + 1
+    assert hops[-1] == "_lookup_sync"  # too many markers to list on the event loop
+    (many / "m0").unlink()
+    assert (await store.lookup("new", "many", quota=1000)).count == QUICK_LISTING
+    assert len(hops) == 3
+    (path / "users" / "u-odd").write_text("")  # a user's folder that is not one
+    with pytest.raises(StoreUnavailable):
+        await store.lookup("new", "odd", quota=1000)
 
 
 async def test_names_stay_inside_the_directory(files: list[FileEventStore], tmp_path: Path) -> None:

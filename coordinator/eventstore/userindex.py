@@ -5,7 +5,8 @@ A marker is written (and its directory synced) before its conversation's first r
 and removed with the conversation (purge); a crash between the two leaves a marker whose
 log is empty, which counting and listing skip, never a stored conversation without one.
 Its modification time is when the store first recorded the conversation. Everything
-here does blocking I/O: the store calls it from its threads.
+here does blocking I/O: the store calls it from its threads (``listed``, bounded, also
+from its event loop).
 """
 
 from __future__ import annotations
@@ -53,6 +54,20 @@ class UserIndex:
         if len(sids) < below:  # a marker may outlive its log (a crash), never the reverse
             return len(sids)
         return sum(self._stored(sid, user) for sid in sids)
+
+    def listed(self, user: str, most: int) -> int | None:
+        """How many markers ``user`` has, if at most ``most``; else None (the listing
+        stops there, so it costs a few system calls whatever the user holds)."""
+        try:
+            with os.scandir(self._folder(user)) as entries:
+                n = 0
+                for _ in entries:
+                    n += 1
+                    if n > most:
+                        return None
+                return n
+        except FileNotFoundError:
+            return 0
 
     def newest(self, user: str, limit: int) -> list[tuple[str, int]]:
         """Up to ``limit`` of ``user``'s stored conversations, newest first by their
