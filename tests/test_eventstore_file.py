@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from coordinator.codec import unpack
-from coordinator.eventstore import FileEventStore, StoreCorrupt, StoreUnavailable, filelog
+from coordinator.eventstore import FileEventStore, StoreCorrupt, StoreUnavailable, filelog, mounts
 from coordinator.eventstore import framing as fr
 from coordinator.eventstore.filestore import QUICK_LISTING
 from tests.eventstore_helpers import check_log, events, read_all
@@ -265,6 +265,30 @@ async def test_a_lookup_that_finds_no_log_is_answered_without_the_store_threads(
     (path / "users" / "u-odd").write_text("")  # a user's folder that is not one
     with pytest.raises(StoreUnavailable):
         await store.lookup("new", "odd", quota=1000)
+    assert mounts.is_local(path)  # this machine's disk
+    store._local = False  # as on a network file system: every lookup on a thread
+    assert (await store.lookup("new2", "u", quota=10)).count == 1
+    assert len(hops) == 4
+
+
+def test_the_file_system_of_a_path_is_that_of_its_deepest_mount() -> None:
+    table = "\n".join(
+        [
+            "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw",
+            "40 27 0:50 / /srv/events rw,relatime shared:5 - nfs4 host:/export rw,vers=4.2",
+            "41 27 0:51 / /srv/events rw,relatime - tmpfs tmpfs rw",  # over it, in effect
+            "42 27 0:52 / /mnt/my\\040disk rw - fuse.sshfs me@host:/ rw",
+            "43 27 0:53 / /srv/ev rw - nfs host:/ev rw",
+            "a line that is not a mount",
+        ]
+    )
+    assert mounts.file_system(Path("/srv/events/conversations"), table) == "tmpfs"
+    assert mounts.file_system(Path("/srv/events"), table) == "tmpfs"
+    assert mounts.file_system(Path("/srv/evening"), table) == "ext4"  # not under /srv/ev
+    assert mounts.file_system(Path("/srv/ev/x"), table) == "nfs"
+    assert mounts.file_system(Path("/mnt/my disk/events"), table) == "fuse.sshfs"
+    assert mounts.file_system(Path("/var/lib"), table) == "ext4"
+    assert mounts.file_system(Path("/var/lib"), "") == ""
 
 
 async def test_names_stay_inside_the_directory(files: list[FileEventStore], tmp_path: Path) -> None:

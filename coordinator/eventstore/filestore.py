@@ -23,10 +23,10 @@ ends earlier, never torn: the next writer cuts a torn tail off). Index writes ar
 synced: the index is rebuilt from the log.
 
 Concurrency: file I/O runs in the store's own threads, never on the event loop, with
-one exception: a lookup that finds no log (a new conversation's start) is answered on
-the loop, its one ``stat`` and, under a quota, a listing of at most ``QUICK_LISTING``
-markers costing less than the trip to a thread and back (a storm of new conversations
-would pay that trip per join). Writes
+one exception: on a local file system (``mounts.py``), a lookup that finds no log (a new
+conversation's start) is answered on the loop, its one ``stat`` and, under a quota, a
+listing of at most ``QUICK_LISTING`` markers costing less than the trip to a thread and
+back (which a storm of new conversations would pay per join). Writes
 to one conversation are ordered by an asyncio lock in the process (so they do not hold
 threads while they wait) and by an ``flock`` on its log across processes, so several
 nodes on one machine can share the directory. Readers take the shared lock.
@@ -48,7 +48,7 @@ from typing import Literal, TypeVar
 
 from ..config import check_conversation_id, check_user_id
 from ..errors import ConversationNotFound
-from . import filelog
+from . import filelog, mounts
 from . import framing as fr
 from .base import (
     DEFAULT_MAX_CHECKPOINT_BYTES,
@@ -138,6 +138,7 @@ class FileEventStore(Opened):
         self._threads = threads
         self._pool: ThreadPoolExecutor | None = None
         self._identity: str | None = None
+        self._local = False  # on a local file system (mounts.py): set by open
         self._locks = _KeyedLocks()
         self._states: OrderedDict[str, filelog.LogState] = OrderedDict()
         self._states_lock = threading.Lock()
@@ -157,6 +158,7 @@ class FileEventStore(Opened):
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="eventstore")
         try:
             self._identity = await self._run(self._open_sync)
+            self._local = await self._run(mounts.is_local, self.path)
         except BaseException:
             self._pool.shutdown(wait=False)
             self._pool = None
@@ -327,6 +329,8 @@ class FileEventStore(Opened):
         answer takes a few system calls (module docstring); None when it needs a thread."""
         if self._pool is None:
             raise StoreError(f"{self!r} is not open")
+        if not self._local:
+            return None
         try:
             os.stat(self._files(sid).log)
         except FileNotFoundError:
