@@ -3,7 +3,8 @@
 ``Rate`` is a limit's configuration (tokens per second and a burst); ``TokenBucket`` is
 one bucket, refilled continuously, with no I/O: the caller passes the time. Limits that
 hold per connection live in memory on the node that holds the connection; limits that
-must hold cluster-wide (per user) are buckets in Redis (``state/limits.py``), from which
+must hold cluster-wide (per user) are buckets in Redis (``state/limits.py``, the script
+``scripts/buckets.py``), from which
 ``UserAllowance`` takes a few tokens at a time so that a steady stream of actions costs
 one Redis call per batch rather than one per action.
 """
@@ -20,29 +21,6 @@ from dataclasses import dataclass
 from .errors import ConfigError, LimitExceeded
 
 log = logging.getLogger(__name__)
-
-# A Redis bucket, for the limits that hold per user across nodes (``state/limits.py``;
-# registered in ``scripts.ALL``, where ``now`` is defined before it from Redis TIME).
-TAKE_TOKENS = """
--- take_tokens: take up to ARGV[3] tokens from a token bucket refilled continuously.
--- KEYS[1]  bucket hash (tokens, at = ms of the last refill); a missing bucket is full
--- ARGV[1]  rate (tokens per second, > 0)   ARGV[2] burst (most tokens saved up)
--- ARGV[3]  tokens wanted (>= 1)
--- returns  {granted, ms until one more token}: granted 1..ARGV[3] (the wait is 0), or 0
---          and the wait
-local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local f = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens, at = tonumber(f[1] or burst), tonumber(f[2] or now)
-if now > at then tokens = math.min(burst, tokens + (now - at) * rate / 1000) end
-local granted = math.min(want, math.floor(tokens))
-if granted < 1 then
-  return {0, math.ceil((1 - tokens) * 1000 / rate)}
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - granted), 'at', math.max(now, at))
--- a bucket left alone refills in burst / rate seconds: then it is as good as missing
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-return {granted, 0}
-"""
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,15 @@ per-conversation integers stored as stream entry ids ``<id>-0``; events are publ
 as the msgpack array ``[id, event]`` built by prefixing 0x92 to the packed id and the
 already-packed event.
 
-One module per concern: ``ownership``, ``log``, ``cap``, ``store``; ``ALL`` names them
+One module per concern: ``ownership``, ``log``, ``cap``, ``store``, ``attempts`` (poison
+actions), ``buckets`` (per-user rate limits); ``ALL`` names them
 for the state layer, which loads them (``state/core.py``).
 """
 
 from __future__ import annotations
 
-from ..poison import ATTEMPTS  # failed dispatches in agent workers, with their reasons
-from ..ratelimit import TAKE_TOKENS  # token buckets for the per-user limits
+from .attempts import ATTEMPTS
+from .buckets import TAKE_TOKENS
 from .cap import ADMIT, ORG_ADMIT, ORG_PRUNE, RELEASE_SLOT
 from .clock import NOW
 from .log import ACCEPT, COMMIT, REWIND
