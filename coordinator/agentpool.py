@@ -28,12 +28,12 @@ import sys
 from workers.protocol import AgentContext
 
 from . import cpus
-from .agentworker import AgentWorker
+from .agentworker import AgentWorker, WorkerLost
 from .backoff import Backoff
 from .config import ManagerConfig
 from .errors import AgentFailed, ConfigError
 from .metrics import NodeMetrics
-from .poison import DIED, STALLED, WorkerLost
+from .poison import DIED, STALLED
 from .remoteagent import RemoteAgent
 from .state import RedisState
 from .tasks import TaskSet

@@ -203,6 +203,17 @@ class AgentWorker(asyncio.Protocol):
                 log.warning("agent worker %s sent an unknown frame kind %r", self.pid, kind)
 
 
+class WorkerLost(Exception):
+    """The worker holding an agent instance failed (``reason``); ``suspect``: a dispatch
+    or start of this instance was running there and may be why."""
+
+    def __init__(self, reason: str, suspect: bool, worker: AgentWorker) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.suspect = suspect
+        self.worker = worker
+
+
 class _Reports(asyncio.Protocol):
     """The one-way pipe of a worker's stall reporter thread."""
 

@@ -18,17 +18,11 @@ node killed from outside (workers are the kernel's first choice when memory runs
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from workers.channel import MEMORY
 from workers.protocol import AgentState, Event
 
 from .codec import agent_event, state_changed
 from .errors import AgentFailed
-
-if TYPE_CHECKING:
-    from .agentworker import AgentWorker
-
 
 # Reasons, as the error observation's ``extras.reason`` gives them.
 RAISED = "agent error"  # the agent raised (``runner.py``), on this dispatch alone
@@ -42,17 +36,6 @@ _WHAT = {
     DIED: "its agent's worker process died",
     OUT_OF_MEMORY: "its agent ran out of memory",
 }
-
-
-class WorkerLost(Exception):
-    """The worker holding an agent instance failed (``reason``); ``suspect``: a dispatch
-    or start of this instance was running there and may be why."""
-
-    def __init__(self, reason: str, suspect: bool, worker: AgentWorker) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.suspect = suspect
-        self.worker = worker
 
 
 def error_observation(

@@ -45,10 +45,10 @@ from workers.channel import (
 )
 from workers.protocol import AgentContext, AgentState, EmitFn, Event
 
-from .agentworker import AgentWorker
+from .agentworker import AgentWorker, WorkerLost
 from .errors import REDIS_TROUBLE, AgentFailed, Fenced, SpeculationLost
 from .memory import LoopMemory
-from .poison import DIED, OUT_OF_MEMORY, TIMEOUT, WorkerLost, error_observation
+from .poison import DIED, OUT_OF_MEMORY, TIMEOUT, error_observation
 
 if TYPE_CHECKING:
     from .agentpool import AgentPool
