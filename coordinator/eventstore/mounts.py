@@ -2,8 +2,8 @@
 
 The file store does one thing on its event loop rather than on its threads (a lookup
 that finds no log, ``filestore.py``), and only on a local file system: on a network or
-FUSE file system a system call can block for as long as its server is away, and the
-node's every conversation with it.
+FUSE file system a system call can block for as long as its server is away, and every
+conversation of the node with it.
 """
 
 from __future__ import annotations
