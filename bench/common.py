@@ -182,9 +182,10 @@ _STORES: dict[str, str] = {}  # Redis URL -> its nodes' event store, in this pro
 
 
 def cluster_store(redis_url: str, log_dir: Path) -> str:
-    """The event store of the nodes on ``redis_url``: a directory of their own beside the
-    benchmark's logs (the first ``log_dir`` asked with that URL: Redis records the store
-    its nodes use and refuses a node of another). Not the machine's default directory:
+    """The event store of the nodes on ``redis_url`` (node processes and in-process nodes
+    alike): a directory of their own beside the benchmark's logs (the first ``log_dir``
+    asked with that URL: Redis records the store its nodes use and refuses a node of
+    another). Not the machine's default directory:
     that one keeps conversations from run to run, and a benchmark's conversation ids,
     used again on a fresh Redis, would come back from the store instead of being new."""
     name = hashlib.sha256(redis_url.encode()).hexdigest()[:12]

@@ -2,8 +2,8 @@
 
 4 coordinator nodes (in-process ``NodeServer``s on real sockets; the load generator is a
 separate process) each hold a quarter of the connections. Each node counts the pub/sub
-messages it receives (``manager.node.subscriptions.messages``); the cluster's events are the growth of
-every conversation's event sequence. Two placements:
+messages it receives (``manager.node.subscriptions.messages``); the cluster's events are
+the growth of every conversation's event sequence. Two placements:
 
 - ``affinity``: a conversation's connection is on one node (conversations spread evenly),
   so its loop starts there too: what a conversation-affine load balancer gives;
@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from bench.baselines.redis_emit import CountingRedisManager, create_app
-from bench.common import Mode, new_secret, private_redis, ratio, table
+from bench.common import Mode, cluster_store, log_dir, new_secret, private_redis, ratio, table
 from bench.driver import LoadGenProcess
 from coordinator import ManagerConfig
 from coordinator.auth import issue_token
@@ -75,7 +75,8 @@ class Broadcast:
         self.server.should_exit = True
         if self.task is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.task, 10)
+                async with asyncio.timeout(10):
+                    await self.task
 
 
 def placement(kind: str, conversations: int) -> list[tuple[int, list[int]]]:
@@ -97,7 +98,10 @@ async def run(mode: Mode) -> dict[str, Any]:
             coord = [
                 NodeServer(
                     ManagerConfig(
-                        redis_url=redis_c.url, node_id=f"fan{i}", max_connections_per_user=0
+                        redis_url=redis_c.url,
+                        event_store=cluster_store(redis_c.url, log_dir("fanout")),
+                        node_id=f"fan{i}",
+                        max_connections_per_user=0,
                     ),
                     secret,
                     port=0,

@@ -19,7 +19,16 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bench.common import QUIET_NODE, Mode, median, private_redis, ratio, table
+from bench.common import (
+    QUIET_NODE,
+    Mode,
+    cluster_store,
+    log_dir,
+    median,
+    private_redis,
+    ratio,
+    table,
+)
 from coordinator import ConversationManager, ManagerConfig
 from coordinator.manager import NullSink
 
@@ -35,7 +44,11 @@ async def measure(live: int, reps: int) -> dict[str, Any]:
     with private_redis() as redis:
         probe = aioredis.Redis.from_url(redis.url)
         cfg = ManagerConfig(
-            redis_url=redis.url, node_id="growth", max_concurrent_conversations=live, **QUIET_NODE
+            redis_url=redis.url,
+            event_store=cluster_store(redis.url, log_dir("growth")),
+            node_id="growth",
+            max_concurrent_conversations=live,
+            **QUIET_NODE,
         )
         node = ConversationManager(cfg, sink=NullSink())
         await node.start()

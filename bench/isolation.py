@@ -2,9 +2,11 @@
 a node replaces a dead one and resumes its loops.
 
 - memory: one in-process node per isolation mode (each in a fresh process of its own, so
-  neither reuses the other's freed memory) starts N echo loops (1,000; quick: 500); the
-  RSS of the node's process and of its worker processes, before and after, per loop,
-  and the loops each worker holds.
+  neither reuses the other's freed memory) starts N echo loops (1,000; quick: 500), 250
+  at a time; the RSS of the node's process and of its worker processes, before and
+  after, per loop, the loops each worker holds, and what the starts took: loops started
+  per second, CPU per start in the node's process and in its workers (a start's share
+  of a new conversation's join: creating, admitting and opening it, no socket).
 - replacement: a node with 1,000 loops (quick: 500) over 2 workers; one worker is killed
   (SIGKILL) while its loops are idle, several times; from the kill to: the node noticed
   (the worker's channel closed), a fresh worker in its place answered, every loop of the
@@ -29,7 +31,19 @@ import sys
 import time
 from typing import Any
 
-from bench.common import PY, QUIET_NODE, REPO, Mode, child_env, median, private_redis, table
+from bench.common import (
+    PY,
+    QUIET_NODE,
+    REPO,
+    Mode,
+    child_env,
+    cluster_store,
+    cpu_seconds,
+    log_dir,
+    median,
+    private_redis,
+    table,
+)
 from coordinator import ConversationManager, ManagerConfig
 from coordinator.manager import NullSink
 from workers.protocol import Event
@@ -61,6 +75,7 @@ async def _start_loops(node: ConversationManager, n: int, prefix: str = "c") -> 
 def _config(url: str, isolation: str, n: int) -> ManagerConfig:
     return ManagerConfig(
         redis_url=url,
+        event_store=cluster_store(url, log_dir("isolation")),
         node_id=f"iso-{isolation}",
         agent_isolation=isolation,
         agent_workers=WORKERS,
@@ -79,7 +94,11 @@ async def memory(isolation: str, n: int) -> dict[str, Any]:
             pids = [w.pid for w in pool.workers] if pool else []
             gc.collect()
             before = (_rss(os.getpid()), sum(_rss(p) for p in pids))
+            cpu = (cpu_seconds(os.getpid()), sum(cpu_seconds(p) for p in pids))
+            began = time.perf_counter()
             await _start_loops(node, n)
+            took = time.perf_counter() - began
+            cpu = (cpu_seconds(os.getpid()) - cpu[0], sum(cpu_seconds(p) for p in pids) - cpu[1])
             gc.collect()
             after = (_rss(os.getpid()), sum(_rss(p) for p in pids))
             per_worker = [len(w.loops) for w in pool.workers] if pool else []
@@ -93,6 +112,9 @@ async def memory(isolation: str, n: int) -> dict[str, Any]:
         "workers_rss_before": before[1],
         "workers_rss_after": after[1],
         "loops_per_worker": per_worker,
+        "start_seconds": took,
+        "node_cpu_seconds": cpu[0],
+        "workers_cpu_seconds": cpu[1],
     }
 
 
@@ -193,7 +215,7 @@ async def run(mode: Mode) -> dict[str, Any]:
     reps = mode.pick(3, 6)
     mem = [_memory_in_child(iso, n) for iso in ("none", "process")]
     kib = 1024
-    rows = []
+    rows, starts = [], []
     for m in mem:
         node_per = (m["node_rss_after"] - m["node_rss_before"]) / n
         workers_per = (m["workers_rss_after"] - m["workers_rss_before"]) / n
@@ -207,6 +229,15 @@ async def run(mode: Mode) -> dict[str, Any]:
                 workers_per / kib,
                 (node_per + workers_per) / kib,
                 " / ".join(str(x) for x in m["loops_per_worker"]) or "-",
+            ]
+        )
+        starts.append(
+            [
+                m["isolation"],
+                n / m["start_seconds"],
+                m["node_cpu_seconds"] / n * 1e3,
+                m["workers_cpu_seconds"] / n * 1e3,
+                (m["node_cpu_seconds"] + m["workers_cpu_seconds"]) / n * 1e3,
             ]
         )
     runs = await replacement(n, reps)
@@ -225,6 +256,12 @@ async def run(mode: Mode) -> dict[str, Any]:
                 "loops per worker",
             ],
             rows,
+        ),
+        table(
+            f"Starting them: {n} loops, 250 at a time (create, admit, open; the node's "
+            "process and its workers' CPU; Redis not counted)",
+            ["isolation", "starts/s", "node CPU ms/start", "workers CPU ms/start", "total"],
+            starts,
         ),
         table(
             f"A worker killed (SIGKILL) with its loops idle: {n} loops on {WORKERS} workers, "

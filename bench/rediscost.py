@@ -24,7 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline, PubSub
 
-from bench.common import QUIET_NODE, Mode, private_redis, table
+from bench.common import QUIET_NODE, Mode, cluster_store, log_dir, private_redis, table
 from coordinator import ConversationManager, ManagerConfig
 from coordinator.lane import ScriptLane
 
@@ -208,6 +208,7 @@ async def run(mode: Mode) -> dict[str, Any]:
             probe = aioredis.Redis.from_url(redis.url)
             nodes: dict[str, ConversationManager] = {}
             sinks: dict[str, WaitingSink] = {}
+            store = cluster_store(redis.url, log_dir("rediscost"))
             for name, agent, notes in (
                 ("A", "workers.echo:EchoAgent", True),
                 ("B", "workers.echo:EchoAgent", True),
@@ -217,6 +218,7 @@ async def run(mode: Mode) -> dict[str, Any]:
                 sinks[name] = WaitingSink(notes)
                 cfg = ManagerConfig(
                     redis_url=redis.url,
+                    event_store=store,
                     node_id=f"cost-{name}",
                     agent=agent,
                     agent_state_events=notes,
