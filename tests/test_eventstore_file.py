@@ -236,6 +236,8 @@ async def test_a_lookup_that_finds_no_log_is_answered_without_the_store_threads(
 ) -> None:
     path = tmp_path / "events"
     store = await _open(files, path)
+    assert store._local == mounts.is_local(path)  # what open() found (ext4 here)
+    store._local = True  # on a local file system, wherever the test runs
     await store.append("c1", 1, events(1, 2), user="u")
     hops: list[str] = []
     real = store._run
@@ -265,13 +267,12 @@ async def test_a_lookup_that_finds_no_log_is_answered_without_the_store_threads(
     (path / "users" / "u-odd").write_text("")  # a user's folder that is not one
     with pytest.raises(StoreUnavailable):
         await store.lookup("new", "odd", quota=1000)
-    assert mounts.is_local(path)  # this machine's disk
     store._local = False  # as on a network file system: every lookup on a thread
     assert (await store.lookup("new2", "u", quota=10)).count == 1
     assert len(hops) == 4
 
 
-def test_the_file_system_of_a_path_is_that_of_its_deepest_mount() -> None:
+def test_the_file_system_of_a_path_is_that_of_its_deepest_mount(tmp_path: Path) -> None:
     table = "\n".join(
         [
             "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw",
@@ -289,6 +290,8 @@ def test_the_file_system_of_a_path_is_that_of_its_deepest_mount() -> None:
     assert mounts.file_system(Path("/mnt/my disk/events"), table) == "fuse.sshfs"
     assert mounts.file_system(Path("/var/lib"), table) == "ext4"
     assert mounts.file_system(Path("/var/lib"), "") == ""
+    here = mounts.file_system(tmp_path.resolve(), mounts.MOUNTINFO.read_text())  # the real one
+    assert here and mounts.is_local(tmp_path) == (here in mounts.LOCAL)
 
 
 async def test_names_stay_inside_the_directory(files: list[FileEventStore], tmp_path: Path) -> None:
