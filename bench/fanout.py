@@ -95,11 +95,12 @@ async def run(mode: Mode) -> dict[str, Any]:
     gen = await LoadGenProcess().start()
     try:
         with private_redis() as redis_c, private_redis() as redis_b:
+            store = cluster_store(redis_c.url, log_dir("fanout"))
             coord = [
                 NodeServer(
                     ManagerConfig(
                         redis_url=redis_c.url,
-                        event_store=cluster_store(redis_c.url, log_dir("fanout")),
+                        event_store=store,
                         node_id=f"fan{i}",
                         max_connections_per_user=0,
                     ),

@@ -89,6 +89,15 @@ PER_JOB = 16
 QUICK_LISTING = 64
 
 
+def _absent(path: Path) -> bool:
+    """Whether nothing is at ``path`` (another failure to look raises OSError)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def _holds(entry: os.DirEntry[str]) -> bool:
     """Whether a log file holds more than its header (it may be purged meanwhile)."""
     try:
@@ -196,11 +205,15 @@ class FileEventStore(Opened):
 
     # -- plumbing --------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+    def _threads_of_open_store(self) -> ThreadPoolExecutor:
         if self._pool is None:
             raise StoreError(f"{self!r} is not open")
+        return self._pool
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        pool = self._threads_of_open_store()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
         except OSError as exc:
             raise self._unavailable(exc) from exc
 
@@ -327,28 +340,21 @@ class FileEventStore(Opened):
     def _lookup_quick(self, sid: str, user: str, quota: int) -> Lookup | None:
         """``lookup`` on the event loop when the store has no log of ``sid`` and the
         answer takes a few system calls (module docstring); None when it needs a thread."""
-        if self._pool is None:
-            raise StoreError(f"{self!r} is not open")
+        self._threads_of_open_store()
         if not self._local:
             return None
         try:
-            os.stat(self._files(sid).log)
-        except FileNotFoundError:
-            pass
+            if not _absent(self._files(sid).log):
+                return None  # it may hold the conversation: read on a thread
+            self._remember(sid, None)
+            if not (quota and user):
+                return Lookup(None)
+            # None: too many markers to list here, or each one's log may have to be read
+            # (at the quota: UserIndex.count).
+            listed = self._users.listed(user, min(QUICK_LISTING, quota - 1))
         except OSError as exc:
             raise self._unavailable(exc) from exc
-        else:
-            return None  # it may hold the conversation: read on a thread
-        self._remember(sid, None)
-        if not (quota and user):
-            return Lookup(None)
-        try:
-            listed = self._users.listed(user, QUICK_LISTING)
-        except OSError as exc:
-            raise self._unavailable(exc) from exc
-        if listed is None or listed >= quota:
-            return None  # each marker's log may have to be read (UserIndex.count)
-        return Lookup(None, listed)
+        return None if listed is None else Lookup(None, listed)
 
     def _lookup_sync(self, sid: str, user: str, quota: int) -> Lookup:
         # One trip to the store's threads: a join's start pays for each (a thread's

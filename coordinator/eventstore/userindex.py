@@ -47,12 +47,12 @@ class UserIndex:
     def count(self, user: str, below: int = 0) -> int:
         """``user``'s stored conversations; a count under ``below`` may be an upper bound
         (the markers alone, without reading each log)."""
+        if below and (markers := self.listed(user, below - 1)) is not None:
+            return markers  # a marker may outlive its log (a crash), never the reverse
         try:
             sids = os.listdir(self._folder(user))
         except FileNotFoundError:
             return 0
-        if len(sids) < below:  # a marker may outlive its log (a crash), never the reverse
-            return len(sids)
         return sum(self._stored(sid, user) for sid in sids)
 
     def listed(self, user: str, most: int) -> int | None:
