@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import secrets
 import signal
@@ -214,6 +215,20 @@ def run_under(proc: Proc, *wrapper: str) -> Proc:
 
 def url_of(proc: Proc) -> str:
     return str(proc.url)  # type: ignore[attr-defined]
+
+
+_SAMPLE = re.compile(rb"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", re.M)
+
+
+def node_metrics(proc: Proc) -> dict[str, float] | None:
+    """A node's /metrics, sample name (labels dropped: the last sample of a name wins)
+    -> value; None for a server without them (the baselines)."""
+    try:
+        with urllib.request.urlopen(f"{url_of(proc)}/metrics", timeout=5) as resp:
+            text = resp.read()
+    except OSError:
+        return None
+    return {name.decode(): float(value) for name, value in _SAMPLE.findall(text)}
 
 
 @contextlib.contextmanager

@@ -10,11 +10,17 @@ the first, its event loop on the first): same-node clients on C, and cross-node 
 on B whose loops run on C. Each group runs a ladder of rates (open loop, the load
 generator's own process), a few seconds per step, until its p99 reaches 50 ms or an
 action goes unanswered; the sustained rate is the last step below. Measured at each step:
-p50/p99, and the servers' CPU per answered action; and each server's RSS per connection
-(RSS with the clients connected minus RSS before, over the clients; and over the second
-half of them alone, joined after the first: what one more connection costs, without what
-the first ones set up once). A node's CPU and RSS are its process tree's: its own and its
-agent worker processes'.
+p50/p99, the servers' CPU per answered action, and the nodes' event-loop lag (the worst of
+the step's last seconds, ``coordinator_event_loop_lag_seconds``); and each server's RSS
+per connection (RSS with the clients connected minus RSS before, over the clients; and
+over the second half of them alone, joined after the first: what one more connection
+costs, without what the first ones set up once). A node's CPU and RSS are its process
+tree's: its own and its agent worker processes'.
+
+Past saturation: the same-node group at twice its sustained rate for a while, then until
+every action is answered: lost or refused actions, the latency, the node's RSS and its
+worst event-loop lag meanwhile (a node holds one message of a connection while it
+handles the one before, and reads no further: the excess waits in the sockets).
 
 Then one client at a time, sequential actions (send, wait for the agent's answer, send the
 next): a client on node A whose loop runs on A (same node) and one on B whose loop runs on
@@ -25,6 +31,7 @@ of send to answer, and the cross/same ratio of the p50s (issue #17's target: <= 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from typing import Any
@@ -35,6 +42,7 @@ from bench.common import (
     baseline_proc,
     log_dir,
     new_secret,
+    node_metrics,
     node_proc,
     percentile,
     private_redis,
@@ -119,15 +127,55 @@ async def _sequential(a: Proc, b: Proc, secret: str, actions: int) -> dict[str, 
     return out
 
 
+class Watch:
+    """The nodes' worst event-loop lag and their peak RSS while a step runs (read every
+    quarter second; the lag gauge covers the last second)."""
+
+    def __init__(self, procs: list[Proc]) -> None:
+        self.procs = procs
+        self.lag: float | None = None  # seconds; None: no node among procs
+        self.rss_peak = 0
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Watch:
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._task is not None:
+            await self._task
+
+    async def _sample(self) -> None:
+        while not self._done.is_set():
+            self.rss_peak = max(self.rss_peak, sum(tree_rss_bytes(p.pid) for p in self.procs))
+            for m in await asyncio.gather(
+                *(asyncio.to_thread(node_metrics, p) for p in self.procs)
+            ):
+                if m:
+                    lag = m["coordinator_event_loop_lag_seconds"]
+                    self.lag = lag if self.lag is None else max(self.lag, lag)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.25):
+                    await self._done.wait()
+
+
 async def _ladder(
-    gen: LoadGenProcess, group: str, pids: list[int], rates: list[int], seconds: float
+    gen: LoadGenProcess,
+    group: str,
+    procs: list[Proc],
+    rates: list[int],
+    seconds: float,
 ) -> list[dict[str, Any]]:
+    pids = [p.pid for p in procs]
     steps = []
     for rate in rates:
         cpu0 = sum(tree_cpu_seconds(p) for p in pids)
-        r = await gen.request(
-            {"cmd": "run", "group": group, "rate": rate, "duration": seconds, "drain": 3}
-        )
+        async with Watch(procs) as watch:
+            r = await gen.request(
+                {"cmd": "run", "group": group, "rate": rate, "duration": seconds, "drain": 3}
+            )
         cpu = sum(tree_cpu_seconds(p) for p in pids) - cpu0
         lat = r["lat_ms"]
         step = {
@@ -138,12 +186,43 @@ async def _ladder(
             "p50_ms": percentile(lat, 50),
             "p99_ms": percentile(lat, 99),
             "cpu_ms_per_action": 1000 * cpu / max(1, r["answered"]),
+            "loop_lag_ms": None if watch.lag is None else 1000 * watch.lag,
             "schedule_lag_s": r["schedule_lag_s"],
         }
         steps.append(step)
         if step["lost"] or step["p99_ms"] >= P99_LIMIT_MS or r["schedule_lag_s"] > 0.5:
             break
     return steps
+
+
+async def _past(
+    gen: LoadGenProcess, group: str, node: Proc, rate: int, seconds: float
+) -> dict[str, Any]:
+    """``rate`` actions/s (past what the group sustains) for ``seconds``, then until all
+    are answered: what the clients saw, and the node's RSS and event-loop lag meanwhile
+    (sampled every quarter second)."""
+    rss0 = tree_rss_bytes(node.pid)
+    began = time.monotonic()
+    async with Watch([node]) as watch:
+        r = await gen.request(
+            {"cmd": "run", "group": group, "rate": rate, "duration": seconds, "drain": 120}
+        )
+    lat = r["lat_ms"]
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "sent": r["sent"],
+        "answered": r["answered"],
+        "lost": r["lost"],
+        "refused": r["ack_errors"],
+        "p50_ms": percentile(lat, 50),
+        "p99_ms": percentile(lat, 99),
+        "answered_within_s": time.monotonic() - began,
+        "rss_before": rss0,
+        "rss_peak": watch.rss_peak,
+        "rss_after": tree_rss_bytes(node.pid),
+        "loop_lag_ms": 1000 * (watch.lag or 0.0),
+    }
 
 
 def _sustained(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -178,13 +257,13 @@ async def run(mode: Mode) -> dict[str, Any]:
             start_all(procs)
             await gen.start()
             groups = {
-                PLAIN: (plain, None, [plain.pid]),
-                "coord same-node": (a, None, [a.pid]),
-                "coord cross-node": (b, a, [a.pid, b.pid]),
+                PLAIN: (plain, None, [plain]),
+                "coord same-node": (a, None, [a]),
+                "coord cross-node": (b, a, [a, b]),
             }
             if pinned is not None:
-                groups[PINNED] = (pinned, None, [pinned.pid])
-                groups[PINNED_CROSS] = (b, pinned, [pinned.pid, b.pid])
+                groups[PINNED] = (pinned, None, [pinned])
+                groups[PINNED_CROSS] = (b, pinned, [pinned, b])
             rss: dict[str, dict[str, float]] = {}
             for n, (name, (joins, setup, _)) in enumerate(groups.items()):
                 # In two halves: the second half's growth is what one more connection
@@ -209,8 +288,17 @@ async def run(mode: Mode) -> dict[str, Any]:
                     "rss_bytes_per_added_connection": (grown[1] - grown[0])
                     / (CLIENTS - CLIENTS // 2),
                 }
-            for name, (_, _, pids) in groups.items():
-                out[name] = {"steps": await _ladder(gen, name, pids, rates, seconds), **rss[name]}
+            for name, (_, _, servers) in groups.items():
+                steps = await _ladder(gen, name, servers, rates, seconds)
+                out[name] = {"steps": steps, **rss[name]}
+            same = _sustained(out["coord same-node"]["steps"])
+            past = await _past(
+                gen,
+                "coord same-node",
+                a,
+                2 * (same or {"rate": rates[0]})["rate"],
+                mode.pick(5.0, 15.0),
+            )
             sequential = await _sequential(a, b, secret, mode.pick(200, 1000))
         finally:
             await gen.aclose()
@@ -230,6 +318,12 @@ async def run(mode: Mode) -> dict[str, Any]:
                 r["rss_bytes_per_connection"],
                 r["rss_bytes_per_added_connection"],
                 ", ".join(f"{s['rate']}: {s['p99_ms']:.0f}" for s in r["steps"]),
+                ", ".join(
+                    f"{s['rate']}: {s['loop_lag_ms']:.0f}"
+                    for s in r["steps"]
+                    if s["loop_lag_ms"] is not None
+                )
+                or "-",
             ]
         )
     t = table(
@@ -245,6 +339,7 @@ async def run(mode: Mode) -> dict[str, Any]:
             f"RSS bytes per connection (all {CLIENTS})",
             f"RSS bytes per connection (the last {CLIENTS - CLIENTS // 2})",
             "p99 ms by rate",
+            "loop lag ms by rate (worst, the nodes')",
         ],
         rows,
     )
@@ -262,4 +357,39 @@ async def run(mode: Mode) -> dict[str, Any]:
             for k in ("same node", "cross node")
         ],
     )
-    return {"tables": [t, seq], "json": {**out, "sequential": sequential}}
+    mb = 1 / (1 << 20)
+    over = table(
+        f"Past saturation: the same-node clients at twice the rate they sustain, for "
+        f"{past['seconds']:g} s, then until every action is answered",
+        [
+            "actions/s",
+            "sent",
+            "answered",
+            "lost",
+            "refused",
+            "p50 ms",
+            "p99 ms",
+            "all answered after s",
+            "node RSS MiB before / peak / after",
+            "worst loop lag ms",
+        ],
+        [
+            [
+                past["rate"],
+                past["sent"],
+                past["answered"],
+                past["lost"],
+                past["refused"],
+                past["p50_ms"],
+                past["p99_ms"],
+                past["answered_within_s"],
+                f"{past['rss_before'] * mb:.0f} / {past['rss_peak'] * mb:.0f} / "
+                f"{past['rss_after'] * mb:.0f}",
+                past["loop_lag_ms"],
+            ]
+        ],
+    )
+    return {
+        "tables": [t, over, seq],
+        "json": {**out, "past_saturation": past, "sequential": sequential},
+    }

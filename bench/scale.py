@@ -22,10 +22,8 @@ lists any of them (the nodes' removals), how many removals a node had to defer (
 from __future__ import annotations
 
 import asyncio
-import re
 import resource
 import time
-import urllib.request
 from typing import Any
 
 import redis
@@ -36,6 +34,7 @@ from bench.common import (
     cpu_seconds,
     log_dir,
     new_secret,
+    node_metrics,
     node_proc,
     percentile,
     private_redis,
@@ -177,26 +176,16 @@ async def run(mode: Mode) -> dict[str, Any]:
     return report(results, mode)
 
 
-GC_SERIES = re.compile(
-    rb"^coordinator_gc_(full_collections_total|pause_seconds_total)\{[^}]*\} ([0-9.e+-]+)$", re.M
-)
-
-
 def _gc(servers: list[Any]) -> tuple[float, float] | None:
     """The servers' cyclic-GC full collections and pause seconds so far, from their
     /metrics (None for the baselines, which have none)."""
     full = seconds = 0.0
     for server in servers:
-        try:
-            with urllib.request.urlopen(f"{url_of(server)}/metrics", timeout=5) as resp:
-                text = resp.read()
-        except OSError:
+        found = node_metrics(server)
+        if not found or "coordinator_gc_full_collections_total" not in found:
             return None
-        found = {name: float(value) for name, value in GC_SERIES.findall(text)}
-        if len(found) < 2:
-            return None
-        full += found[b"full_collections_total"]
-        seconds += found[b"pause_seconds_total"]
+        full += found["coordinator_gc_full_collections_total"]
+        seconds += found["coordinator_gc_pause_seconds_total"]
     return full, seconds
 
 

@@ -32,6 +32,7 @@ from .handles import AttachedHandles
 from .history import History
 from .idle import IdleTracker
 from .keys import KeySchema
+from .looplag import LoopLag
 from .loops import Loops
 from .membership import Membership
 from .memory import Memories
@@ -96,6 +97,7 @@ class Node:
         self.keys = KeySchema(config.key_prefix)
         self.tasks = TaskSet(log)
         self.intake = Intake(config.node_id)
+        self.lag = LoopLag()
         self.handles = AttachedHandles(config.close_delay)
         self.agents: AgentPool | None = None  # the worker processes, if agents run there
         self.store: EventStore | None = None  # the conversations' full history
@@ -134,6 +136,12 @@ class Node:
             agent_factory = self.agents.new_agent
         self.membership = Membership(self.backend.registration_state(keys), cfg)
         self.metrics.lease_age_from(self.membership.renewal_age)
+        self.metrics.gauge_from(
+            "coordinator_event_loop_lag_seconds",
+            "The most seconds the node's event loop ran a timer tick late, over its last "
+            "20 ticks (one every 50 ms): how long a step of a join or an action waits.",
+            self.lag.worst,
+        )
         self.directory = Directory(self.state, self.membership, self.store)
         self.subscriptions = self.backend.subscriptions(
             keys, probe_interval=max(1.0, cfg.heartbeat_interval * 2)
@@ -226,6 +234,7 @@ class Node:
         # Commands to this node (on one server, its channel is the probe's too).
         await self.subscriptions.add(keys.node_channel(cfg.node_id))
         tasks.spawn(self.membership.tick_loop(), "heartbeat")
+        tasks.spawn(self.lag.run(), "loop lag")
         tasks.spawn(self.recovery.housekeeping_loop(), "housekeeping")
         tasks.every(cfg.idle_flush_interval, self.idle.flush, "activity flush", REDIS_TROUBLE)
         tasks.every(cfg.cleanup_interval, self.loops.sweep_idle, "idle sweep", EXPECTED)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.metrics import NodeMetrics
@@ -86,6 +89,24 @@ async def test_a_lost_nodes_conversation_served_again_is_a_failover_observation(
     got = observed()
     assert got["coordinator_failover_seconds_count"] == 1
     assert 0 <= got["coordinator_failover_seconds_sum"] < 20
+
+
+async def test_the_event_loop_lag_shows_a_blocked_loop(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1)
+
+    async def lag() -> float:
+        _, text = await servers.request("GET", a, "/metrics")
+        return samples(text, "n1")["coordinator_event_loop_lag_seconds"]
+
+    await wait_until(lambda: a.manager.node.lag.worst() < 0.3, timeout=15)
+    # The node's loop is this test's: its timers wait while the test blocks it.
+    asyncio.get_running_loop().call_soon(time.sleep, 0.5)
+    await asyncio.sleep(0.1)
+    assert await lag() >= 0.4
+    # One long callback is one late tick: it leaves the gauge once the ticks it covers
+    # were on time.
+    await wait_until(lambda: a.manager.node.lag.worst() < 0.3, timeout=20)
+    assert await lag() < 0.3
 
 
 async def test_nodes_in_one_process_keep_their_own_metrics(servers: ServerCluster) -> None:
