@@ -75,16 +75,22 @@ class ActionQueue:
         self.wake.set()
 
     async def read(self) -> None:
-        """Queue what the durable inbox holds after ``applied``."""
-        seq, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=PAGE)
+        """Queue what the durable inbox holds after ``applied``. A gap or a poke while it
+        reads asks for another read: the snapshot may predate the event that showed it."""
+        self.reread = False
+        try:
+            seq, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=PAGE)
+        except BaseException:
+            self.reread = True
+            raise
         for n, action in rows:
             if n > self.applied:
                 self.pending[n] = action
         if len(rows) < PAGE:
             self.seen = max(self.seen, seq)
-            self.reread = False
         else:
             self.seen = max(self.seen, max(self.pending))
+            self.reread = True  # the next page
 
     async def refresh(self, backoff: Backoff) -> bool:
         """Read the inbox if due. On Redis trouble the actions stay in the durable inbox:
