@@ -32,7 +32,8 @@ class ActionQueue:
         self.applied = applied
         self.seen = 0
         self.pending: dict[int, Event] = {}
-        self.reread = True
+        self.reread = True  # a read is due: the start's, or one a gap or a poke asked for
+        self._asked = False  # a gap or a poke asked for one
         self.wake = asyncio.Event()
         self.wake.set()
         self._progress = asyncio.Event()
@@ -52,7 +53,7 @@ class ActionQueue:
                 return False
             self.pending[event_id] = event
         else:
-            self.reread = True
+            self.reread = self._asked = True
         self.wake.set()
         return True
 
@@ -69,15 +70,23 @@ class ActionQueue:
         self.seen = min(self.seen, event_id - 1)
         self.poke()
 
+    def first_event(self) -> None:
+        """The loop's first write was the conversation's first event: no action came before
+        it, so the start's read finds nothing; later ones go by as events (``observe``).
+        A read a gap or a poke asked for meanwhile is still made."""
+        if not self._asked:
+            self.seen = max(self.seen, 1)
+            self.reread = False
+
     def poke(self) -> None:
         """Re-read the inbox (after a reconnect, when channel messages may be lost)."""
-        self.reread = True
+        self.reread = self._asked = True
         self.wake.set()
 
     async def read(self) -> None:
         """Queue what the durable inbox holds after ``applied``. A gap or a poke while it
         reads asks for another read: the snapshot may predate the event that showed it."""
-        self.reread = False
+        self.reread = self._asked = False
         try:
             seq, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=PAGE)
         except BaseException:

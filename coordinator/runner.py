@@ -92,6 +92,7 @@ class LoopRunner:
         self._notes = StateNotes(config.agent_state_events, lambda: str(self.agent.state))
         self._idle = False  # waiting for work, nothing queued
         self._writes = 0  # commits in flight
+        self._last_id = 0  # the last event id a commit of this runner wrote
         self._spec: Speculation | None = None
         self._owed: tuple[int, Event] | None = None  # a user event we deliver (take_user_event)
         self._task: asyncio.Task[None] | None = None
@@ -186,6 +187,8 @@ class LoopRunner:
         backoff = Backoff(base=0.05, cap=1.0)  # between failed inbox reads
         if self._notes.enabled:  # the state its start left the agent in
             await self._note_state()
+            if self._last_id == 1:  # the conversation's first event: no action before it
+                queue.first_event()
         while self.running:
             self._idle = True
             await queue.wake.wait()
@@ -375,6 +378,7 @@ class LoopRunner:
             self._fence(f"commit {r.status} (epoch {r.first_id})")
             raise Fenced(self.sid, self.lease.epoch, r.first_id)
         self._notes.recorded(changed)
+        self._last_id = r.last_id
         self.touch()
         self._queue.mark_applied(cause)
         first_id = r.first_id if r.status == "ok" else 0  # after a "dup": unknown

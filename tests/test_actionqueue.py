@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from coordinator.actionqueue import ActionQueue
 from coordinator.codec import pack
 from coordinator.keys import KeySchema
 from coordinator.state import RedisState
+from tests.server_fixtures import ServerCluster, SioClient
 
 ACTION = {"source": "user", "action": "message", "args": {"content": "hi"}}
 
@@ -39,3 +41,61 @@ async def test_a_gap_seen_while_the_inbox_is_read_is_read_again(redis_client) ->
     assert queue.reread  # the snapshot predates what the gap showed: read again
     await queue.read()
     assert [n for n, _ in iter(queue.next, None)] == [first.event_id, second.event_id]
+
+
+async def test_a_loops_first_write_as_the_first_event_saves_the_start_read(redis_client) -> None:
+    state = RedisState(redis_client, KeySchema("t"))
+    queue = ActionQueue("s1", state, applied=0)
+    assert queue.reread  # a start reads the inbox
+    queue.first_event()
+    assert not queue.reread and queue.seen == 1 and queue.quiet is False  # woken once
+    action = ACTION
+    assert queue.observe(2, action)
+    assert queue.next() == (2, action)
+
+
+async def test_a_gap_before_the_loops_first_write_keeps_the_start_read(redis_client) -> None:
+    state = RedisState(redis_client, KeySchema("t"))
+    queue = ActionQueue("s1", state, applied=0)
+    assert queue.observe(3, ACTION)  # 1 and 2 not seen yet
+    queue.first_event()
+    assert queue.reread
+
+
+def answered(client: SioClient, content: str) -> Callable[[], bool]:
+    return lambda: any(
+        e.get("source") == "agent" and e.get("args", {}).get("content") == content
+        for e in client.events
+    )
+
+
+async def test_a_new_conversations_loop_starts_without_reading_its_inbox(
+    servers: ServerCluster,
+) -> None:
+    """Its start's state note is its first event, so no action can wait in its inbox; one
+    created with a message (the message first, then the note) still reads it, and both
+    answer their actions."""
+    (a,) = await servers.start(1, agent_state_events=True)
+    state = a.manager.node.state
+    snapshot, reads = state.inbox_snapshot, []
+
+    async def counted(sid: str, after: int, count: int = 500) -> Any:
+        reads.append(sid)
+        return await snapshot(sid, after, count)
+
+    state.inbox_snapshot = counted  # type: ignore[method-assign]
+    client = await servers.join(a, "fresh", "alice")
+    await client.wait_ids(1)  # the state its start left the agent in
+    await client.say("hello")
+    await client.wait_for(answered(client, "hello"), "the answer")
+    status, body = await servers.request(
+        "POST",
+        a,
+        "/api/conversations",
+        user="alice",
+        json={"conversation_id": "asked", "initial_user_msg": "before"},
+    )
+    assert status == 201, body
+    later = await servers.join(a, "asked", "alice")
+    await later.wait_for(answered(later, "before"), "the answer")
+    assert reads == ["asked"]
