@@ -4,8 +4,8 @@ The queue learns of actions from the conversation's events as they go by (``obse
 and tracks ``seen``, the highest event id such that every action up to it is queued. A
 gap, a reconnect or a start marks it for a re-read of the durable inbox, so no accepted
 action is skipped (a start's is spared when the loop's first write was the
-conversation's first event: ``first_event``). ``applied`` is the last action the log records as processed: a
-successor resumes after it.
+conversation's first event: ``first_event``). ``applied`` is the last action the log
+records as processed: a successor resumes after it.
 """
 
 from __future__ import annotations
