@@ -49,9 +49,8 @@ async def test_a_loops_first_write_as_the_first_event_saves_the_start_read(redis
     assert queue.reread  # a start reads the inbox
     queue.first_event()
     assert not queue.reread and queue.seen == 1 and queue.quiet is False  # woken once
-    action = ACTION
-    assert queue.observe(2, action)
-    assert queue.next() == (2, action)
+    assert queue.observe(2, ACTION)  # a later action goes by as an event
+    assert queue.next() == (2, ACTION)
 
 
 async def test_a_gap_before_the_loops_first_write_keeps_the_start_read(redis_client) -> None:
