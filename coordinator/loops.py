@@ -179,7 +179,8 @@ class Loops:
             self._intake.check()
         try:
             # Listed under this incarnation (for the reapers) and subscribed (before the
-            # runner's first inbox read), in one round trip's time.
+            # runner starts: actions accepted after its first write or read go by as
+            # events), in one round trip's time.
             done = await asyncio.gather(
                 self._state.record_start(
                     lease, created=own.status == "created", idle_for=close_delay
