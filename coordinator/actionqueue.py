@@ -33,11 +33,16 @@ class ActionQueue:
         self.applied = applied
         self.seen = 0
         self.pending: dict[int, Event] = {}
-        self.reread = True  # a read is due: the start's, or one a gap or a poke asked for
-        self._asked = False  # a gap or a poke asked for one
+        self._start_due = True  # the start's read (``first_event`` may spare it)
+        self._asked = False  # a gap, a poke or a full page asks for a read
         self.wake = asyncio.Event()
         self.wake.set()
         self._progress = asyncio.Event()
+
+    @property
+    def reread(self) -> bool:
+        """A read of the durable inbox is due."""
+        return self._start_due or self._asked
 
     @property
     def quiet(self) -> bool:
@@ -54,7 +59,7 @@ class ActionQueue:
                 return False
             self.pending[event_id] = event
         else:
-            self.reread = self._asked = True
+            self._asked = True
         self.wake.set()
         return True
 
@@ -75,23 +80,22 @@ class ActionQueue:
         """The loop's first write was the conversation's first event: no action came before
         it, so the start's read finds nothing; later ones go by as events (``observe``).
         A read a gap or a poke asked for meanwhile is still made."""
-        if not self._asked:
-            self.seen = max(self.seen, 1)
-            self.reread = False
+        self._start_due = False
+        self.seen = max(self.seen, 1)
 
     def poke(self) -> None:
         """Re-read the inbox (after a reconnect, when channel messages may be lost)."""
-        self.reread = self._asked = True
+        self._asked = True
         self.wake.set()
 
     async def read(self) -> None:
         """Queue what the durable inbox holds after ``applied``. A gap or a poke while it
         reads asks for another read: the snapshot may predate the event that showed it."""
-        self.reread = self._asked = False
+        self._start_due = self._asked = False
         try:
             seq, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=PAGE)
         except BaseException:
-            self.reread = True
+            self._asked = True  # read again
             raise
         for n, action in rows:
             if n > self.applied:
@@ -100,7 +104,7 @@ class ActionQueue:
             self.seen = max(self.seen, seq)
         else:
             self.seen = max(self.seen, max(self.pending))
-            self.reread = True  # the next page
+            self._asked = True  # the next page
 
     async def refresh(self, backoff: Backoff) -> bool:
         """Read the inbox if due. On Redis trouble the actions stay in the durable inbox:
