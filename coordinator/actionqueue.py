@@ -1,7 +1,11 @@
 """The actions an owned loop has yet to dispatch, in id order, as its node knows them.
 
 The queue learns of actions from the conversation's events as they go by (``observe``)
-and tracks ``seen``, the highest event id such that every action up to it is queued. A
+and tracks ``seen``, the highest event id such that every action up to it is queued.
+With ``--ack-replicas`` it counts only ids replicas hold (events are published once they
+do; the inbox is read through the same barrier), so a failover cannot undo an id it
+counted and give it to an action it would pass over; the one exception, an action
+dispatched before its accept answered, is checked by its commits (speculation.py). A
 gap, a reconnect or a start marks it for a re-read of the durable inbox, so no accepted
 action is skipped (a start's is spared when the loop's first write was the
 conversation's first event: ``first_event``). ``applied`` is the last action the log
@@ -18,12 +22,14 @@ from collections.abc import Callable
 from workers.protocol import Event
 
 from .backoff import Backoff
-from .errors import REDIS_TROUBLE
+from .errors import REDIS_TROUBLE, UnreplicatedRead
 from .state import RedisState
 
 log = logging.getLogger(__name__)
 
 PAGE = 500
+# A read retried: Redis' trouble, or replicas that do not hold the inbox yet.
+RETRIED: tuple[type[Exception], ...] = (*REDIS_TROUBLE, UnreplicatedRead)
 
 
 class ActionQueue:
@@ -114,7 +120,7 @@ class ActionQueue:
                 await self.read()
             backoff.reset()
             return True
-        except REDIS_TROUBLE as exc:
+        except RETRIED as exc:
             delay = backoff.next()
             log.warning("inbox read for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
             await asyncio.sleep(delay)
@@ -141,7 +147,13 @@ class ActionQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while running():
-            _, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=inbox_max)
+            try:
+                _, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=inbox_max)
+            except UnreplicatedRead:  # the read waited --ack-timeout for replicas: again
+                if loop.time() < deadline:
+                    continue
+                log.warning("loop %s stops: its inbox was not replicated in time", self.sid)
+                return False
             waiting = [n for n, _ in rows if n > self.applied]
             if not waiting:
                 return True

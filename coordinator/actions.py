@@ -61,7 +61,7 @@ class Actions:
         runner = self._runners.get(sid)
         # The local loop may start on it now, under the id it should get (speculation.py).
         spec = runner.speculate(event, token) if runner is not None else None
-        landed = 0
+        landed, durable = 0, False
         try:
             r = await self._state.accept(
                 sid,
@@ -75,11 +75,12 @@ class Actions:
                 window_bytes=self._config.log_window_bytes,
                 max_bytes=self._config.max_conversation_bytes,
             )
-            # Logged as this id even when unconfirmed: the loop answers it either way.
-            landed = r.event_id if r.status == "ok" else 0
+            # Logged as this id even when unconfirmed: the loop answers it either way
+            # (its commits check that the accept is still there: speculation.py).
+            landed, durable = (r.event_id if r.status == "ok" else 0), not r.unconfirmed
         finally:
             if spec is not None:
-                spec.settle(landed)
+                spec.settle(landed, durable)
         if r.unconfirmed:  # not acknowledged: the client's retry (same token) is safe
             raise NotReplicated(r.unconfirmed)
         if r.status == "missing":

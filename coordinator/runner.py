@@ -333,6 +333,7 @@ class LoopRunner:
             accepted_as = spec.commit_token() if spec is not None else ""
             if accepted_as is None:
                 raise SpeculationLost(self.sid, spec.predicted if spec else cause)
+            settled = spec is not None and spec.landed.done()
             self._writes += 1
             try:
                 r = await self._state.commit(
@@ -371,6 +372,8 @@ class LoopRunner:
             # Sent before its accept ran (or the accept went another way): the accept's
             # own answer decides. The caller of ``speculate`` always settles it.
             assert spec is not None
+            if settled:  # it had logged the action as predicted, unconfirmed: Redis lost it
+                raise SpeculationLost(self.sid, spec.predicted)
             await asyncio.shield(spec.landed)
         if spec is not None and accepted_as and r.status in ("ok", "dup"):
             spec.confirmed = True  # the script checked the token before anything

@@ -29,11 +29,14 @@ class Speculation:
     event: Event  # the user event
     # The id its accept logged it under, 0 if the accept was refused or failed.
     landed: asyncio.Future[int]
-    confirmed: bool = False  # Redis logged it as predicted
+    confirmed: bool = False  # Redis logged it as predicted, where a failover keeps it
+    durable: bool = False  # its accept was confirmed by replicas (``--ack-replicas``)
 
-    def settle(self, event_id: int) -> None:
-        """The accept answered (``event_id``) or failed (0)."""
+    def settle(self, event_id: int, durable: bool = True) -> None:
+        """The accept answered (``event_id``), confirmed by replicas or not (``durable``),
+        or failed (0)."""
         if not self.landed.done():
+            self.durable = durable
             self.landed.set_result(event_id)
 
     @property
@@ -48,8 +51,10 @@ class Speculation:
     def commit_token(self) -> str | None:
         """The accept token a commit answering this action carries: the script writes it
         only if that accept logged the action as predicted ('' once Redis confirmed the
-        prediction; None once it was refuted: the answer must be dropped)."""
-        if self.logged:
+        prediction where a failover keeps it; None once it was refuted: the answer must
+        be dropped). An accept replicas did not confirm is checked by every commit: a
+        failover can undo it and give its id to another action."""
+        if self.logged and (self.confirmed or self.durable):
             self.confirmed = True
             return ""
         return None if self.lost else self.token

@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,8 +35,8 @@ from coordinator.keys import KeySchema
 from coordinator.lane import ScriptLane
 from coordinator.state import RedisState, accept_token
 from tests.helpers import RecordingSink, fast_config, wait_until
-from tests.redis_process import RedisProcess
-from tests.redis_topologies import RedisClusterServers, SentinelServers
+from tests.redis_process import HOST, START_TIMEOUT, RedisProcess, stop_all, wait_for
+from tests.redis_topologies import SENTINEL_NODE_CONF, RedisClusterServers, SentinelServers
 
 SID = "busy"
 
@@ -474,3 +475,98 @@ async def _send_until_acked(node: ConversationManager, cid: str, content: str) -
         except Exception:
             await asyncio.sleep(0.1)
     raise AssertionError("never acknowledged")
+
+
+@pytest.fixture
+def master_and_replica(tmp_path: Path) -> Iterator[tuple[RedisProcess, RedisProcess]]:
+    """A master and its replica, configured as the Sentinel data nodes are (no Sentinel:
+    the test moves the roles itself)."""
+    data = [f'include "{SENTINEL_NODE_CONF}"', 'save ""']
+    master = RedisProcess("m", tmp_path / "m", data)
+    replica = RedisProcess("r", tmp_path / "r", [*data, f"replicaof {HOST} {master.port}"])
+    try:
+        master.start().wait_started()
+        replica.start().wait_started()
+        _wait_linked(master, replica)
+        yield master, replica
+    finally:
+        stop_all([replica, master])
+
+
+def _wait_linked(master: RedisProcess, replica: RedisProcess) -> None:
+    def linked() -> bool | None:  # None: not yet
+        up = replica.info("replication").get("master_link_status") == "up"
+        return (up and master.info("replication")["connected_slaves"] >= 1) or None
+
+    wait_for("the replica linked to its master", linked, START_TIMEOUT, replica.log_tail)
+
+
+def _lose_unreplicated_writes(master: RedisProcess, replica: RedisProcess) -> None:
+    """What a failover to a replica that lacks the newest writes does, at the master's own
+    address: the master takes the (detached) replica's data set, then both go back to
+    their roles."""
+
+    def synced() -> bool | None:  # None: not yet
+        up = master.info("replication").get("master_link_status") == "up"
+        return (up and not master.info("persistence")["loading"]) or None
+
+    with master.client() as m:
+        m.replicaof(*replica.address)
+    wait_for("the master synced from the replica", synced, START_TIMEOUT, master.log_tail)
+    with master.client() as m:
+        m.replicaof("NO", "ONE")
+    with replica.client() as r:
+        r.replicaof(*master.address)
+    _wait_linked(master, replica)
+
+
+@pytest.mark.parametrize("through", ["owner", "other"])
+async def test_an_id_redis_lost_and_gave_to_another_action_does_not_hide_it(
+    master_and_replica: tuple[RedisProcess, RedisProcess], nodes: Any, through: str
+) -> None:
+    """--ack-replicas 1, the replica detached: an action ("held") is logged on the master
+    as id 1, not confirmed, and the loop starts on it (sent through the loop's node, it is
+    dispatched before its accept answers; sent through the other node, the loop is asked
+    to read its inbox). The master then loses it (it takes the replica's data set, as a
+    failover to that replica would), and an action acknowledged on the other node
+    ("other") is logged as 1 again. The loop must not take "other" for the action it
+    knew as 1: "other" is answered, and so is "held", sent again."""
+    master, replica = master_and_replica
+    scripted = "workers.scripted:ScriptedAgent"
+    (n1, _), (n2, s2) = await nodes(master.url, ack_replicas=1, agent=scripted)
+    await n1.join_conversation(SID, "a", {"think_time": 3.0}, "alice")
+    await n2.join_conversation(SID, "b", {}, "alice")
+    runner = n1.runner(SID)
+    assert runner is not None
+    with replica.client() as r:
+        r.replicaof("NO", "ONE")
+    await wait_until(lambda: master.info("replication")["connected_slaves"] == 0, what="detached")
+    held = {"action": "message", "args": {"content": "held"}, "client_action_id": "held"}
+    sender, cid = (n1, "a") if through == "owner" else (n2, "b")
+    with pytest.raises(NotReplicated):
+        await sender.send_to_event_stream(cid, held)
+    if through == "other":
+        runner.poke()  # as after a pub/sub reconnect: the loop reads its inbox
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(_lose_unreplicated_writes, master, replica)
+    with master.client() as m:
+        assert m.hget(n1.keys.conv(SID), "seq") == "0", "held was not lost"
+    other_id = await _send_until_acked(n2, "b", "other")
+    assert other_id == 1, "the scenario needs 'other' logged under the lost id"
+    assert await _send_until_acked(sender, cid, "held") > other_id
+
+    def answered(content: str) -> bool:
+        return any(
+            e.get("source") == "agent" and e["args"]["content"].startswith(content)
+            for e in s2.events["b"]
+        )
+
+    with contextlib.suppress(AssertionError):
+        await wait_until(lambda: answered("other") and answered("held"), timeout=15)
+    assert answered("other"), f"'other' never answered: {s2.events['b']}"
+    assert answered("held"), f"'held' never answered: {s2.events['b']}"
+    log = await _log(n1)
+    ids = [e["id"] for e in log]
+    assert ids == sorted(set(ids)), ids
+    users = [e["args"]["content"] for e in log if e.get("source") == "user"]
+    assert sorted(users) == ["held", "other"], users

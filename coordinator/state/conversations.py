@@ -135,15 +135,21 @@ class ConversationOps(StateCore):
     async def inbox_snapshot(
         self, sid: str, after: int, count: int = 500
     ) -> tuple[int, list[tuple[int, Event]]]:
-        """The conversation's last event id and its inbox after ``after``, atomically."""
+        """The conversation's last event id and its inbox after ``after``: every action up
+        to that id is among the rows (the id is read first, and only the owner's commits
+        trim the inbox), unless ``count`` cut them short. With ``replicas``, only what
+        replicas hold (``_barrier``: else UnreplicatedRead): an owner that counted an id a
+        failover then undid would take the action later logged under it for one it had."""
         k = self.keys
-        seq, rows = await self._commands(
+        barrier = self._barrier(sid)
+        replies = await self._commands(
             [
                 ("HGET", k.conv(sid), "seq"),
                 ("XRANGE", k.inbox(sid), f"({after}-0", "+", "COUNT", count),
-            ],
-            transaction=True,
+                *barrier,
+            ]
         )
+        seq, rows = self._check_barrier(sid, replies) if barrier else replies
         return int(seq or 0), entries(rows)
 
     async def inbox_lengths(self, sids: Sequence[str]) -> list[int]:
