@@ -60,6 +60,10 @@ FIRST_PAGE = 32
 REPLAY_PAGE_BYTES = 256 * 1024
 # Events a replay sends before it lets the event loop run other work.
 YIELD_EVERY = 64
+# Live events a connection in catch-up keeps for after its replay; past that, they are
+# dropped and the replay reads them from the log: a client that stops reading mid-replay
+# (dropped after app.STALLED) keeps no more of a busy conversation's events alive.
+BUFFERED = 64
 
 
 class CatchUpFailed(CoordinatorError):
@@ -97,6 +101,7 @@ class Connection:
     # checked against it, or the cursor only moved over logged events since).
     verified: bool = False
     buffer: list[tuple[int, Event]] = field(default_factory=list)
+    overflowed: bool = False  # live events were left out of ``buffer``: read the log again
     # When its join began (Unix time): notices stamped since are news to it (status
     # update, closing), older ones a replay.
     joined_at: float = 0.0
@@ -152,14 +157,22 @@ class LocalConnections:
         """A live event of ``sid`` arrived: send it to (or buffer it for) the room."""
         for conn in self.room(sid):
             if conn.replaying:
-                conn.buffer.append((event_id, event))
+                self._hold(conn, event_id, event)
             elif event_id == conn.cursor + 1:
                 conn.cursor = event_id
                 await self._send(conn, event_id, event)
             elif event_id > conn.cursor:
                 conn.replaying = True
-                conn.buffer.append((event_id, event))
+                self._hold(conn, event_id, event)
                 self._tasks.spawn(self._catch_up_or_drop(conn), f"catch-up:{conn.cid}")
+
+    @staticmethod
+    def _hold(conn: Connection, event_id: int, event: Event) -> None:
+        """Keep a live event for after the connection's replay (up to ``BUFFERED``)."""
+        if len(conn.buffer) < BUFFERED:
+            conn.buffer.append((event_id, event))
+        else:
+            conn.overflowed = True
 
     def catch_up_all(self) -> None:
         """After a pub/sub reconnect: messages may have been lost, read the logs."""
@@ -245,7 +258,8 @@ class LocalConnections:
                 return
 
     async def _drain_buffer(self, conn: Connection) -> bool:
-        """Send buffered events in order; True when a gap means the log must be read."""
+        """Send buffered events in order; True when a gap, or events left out of the
+        buffer, mean the log must be read."""
         while conn.buffer:
             batch, conn.buffer = sorted(conn.buffer, key=lambda x: x[0]), []
             for i, (event_id, event) in enumerate(batch):
@@ -256,7 +270,8 @@ class LocalConnections:
                     return True
                 conn.cursor = event_id
                 await self._send(conn, event_id, event)
-        return False
+        overflowed, conn.overflowed = conn.overflowed, False
+        return overflowed
 
     async def _room(self, conn: Connection) -> None:
         """A replay goes at the pace its client reads, if the sink can tell (a sink may

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from coordinator import NodeBusy
+from coordinator.delivery import BUFFERED
 from coordinator.links import Endpoint
 from coordinator.subscriptions import Subscriptions
 from tests.helpers import Heard, listening, wait_until
@@ -246,3 +247,45 @@ async def test_a_socketio_client_refused_as_busy_gets_the_reason_and_changes_not
     # Once the burst is over the same client gets in.
     again = await servers.join(a, "busy-2", "bea")
     assert again.connected
+
+
+async def test_a_client_that_stops_reading_in_its_replay_holds_a_bounded_buffer(
+    make_nodes: Any,
+) -> None:
+    """A connection catching up whose client stops taking events (the first one replayed
+    to it does not return) while the conversation goes on: the node keeps at most
+    ``BUFFERED`` of the live events for it, not all of them, and once the client reads
+    again it gets every event once, in order (those left out, from the log)."""
+    (node,) = await make_nodes(1)
+    sink = make_nodes.sinks["node1"]
+    await node.join_conversation("busy", "w", {}, "alice")
+
+    async def say(text: str) -> None:
+        await node.send_to_event_stream("w", {"action": "message", "args": {"content": text}})
+
+    for i in range(3):
+        await say(f"before {i}")
+    await wait_until(lambda: len(sink.events["w"]) == 6, what="the first answers")
+    gate, deliver = asyncio.Event(), sink.deliver
+
+    async def stalled(connection_id: str, event: dict[str, Any]) -> None:
+        if connection_id == "slow":
+            await gate.wait()
+        await deliver(connection_id, event)
+
+    sink.deliver = stalled  # type: ignore[method-assign]
+    joining = asyncio.create_task(node.join_conversation("busy", "slow", {}, "alice"))
+    conn = await wait_until(lambda: node.node.delivery.connections.get("slow"))
+    for i in range(2 * BUFFERED):
+        await say(f"during {i}")
+    await wait_until(lambda: len(sink.events["w"]) == 6 + 4 * BUFFERED, what="the answers")
+    assert conn.replaying and conn.overflowed
+    assert len(conn.buffer) == BUFFERED, len(conn.buffer)
+    gate.set()
+    await joining
+    everything = list(range(1, 6 + 4 * BUFFERED + 1))
+    assert sink.ids("w") == everything
+    await wait_until(lambda: sink.ids("slow") == everything, what="the slow client's events")
+    await say("after")
+    await wait_until(lambda: sink.ids("slow")[-1] == everything[-1] + 2, what="live again")
+    assert sink.ids("slow") == list(range(1, everything[-1] + 3))
