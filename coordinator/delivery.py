@@ -7,7 +7,8 @@ sent. A connection's cursor is the last event id it was sent. A live event that 
 cursor is sent at once; one that leaves a gap (a connection joining mid-stream, a pub/sub
 message lost during a reconnect) switches the connection to catch-up: it reads the log
 after the cursor, then drains the live events buffered meanwhile (``BUFFERED`` at most;
-the rest it reads from the log again), and only then goes live again. So each connection sees every logged event once, in order.
+the rest it reads from the log again), and only then goes live again. So each
+connection sees every logged event once, in order.
 
 A coordinator notice among them (``codec.notice_update``: a loop evicted, closed, moved,
 lost; events lost) that is news to a connection (stamped after its join began, not a
