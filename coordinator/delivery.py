@@ -120,6 +120,8 @@ class LocalConnections:
         self._by_id: dict[str, Connection] = {}
         self._rooms: dict[str, set[str]] = {}
         self._last_sent: tuple[int, Event, Event] | None = None  # (id, event, with id)
+        # Catch-ups of live connections (a gap, a pub/sub reconnect): reads of the log.
+        self.catch_ups = 0
         # What releases a connection a closing notice ended (``Sessions.release``).
         self.on_closed: Callable[[Connection], Awaitable[None]] | None = None
 
@@ -193,6 +195,7 @@ class LocalConnections:
     async def _catch_up_or_drop(self, conn: Connection) -> None:
         """A catch-up in the background: one that cannot succeed ends the connection
         (its client reconnects and catches up then) instead of retrying forever."""
+        self.catch_ups += 1
         try:
             await self.catch_up(conn)
         except CatchUpFailed as exc:
@@ -369,7 +372,10 @@ class Delivery:
     async def _apply(self, sid: str, event_id: int, event: Event) -> None:
         runner = self._runners.get(sid)
         if runner is not None and runner.observe(event_id, event):
-            # It has an action to dispatch: let it send its commit before the event (and
-            # the caller's ack) are written, so they travel while Redis runs the commit.
+            # It was waiting and has an action to dispatch: let it send its commit before
+            # the event (and the caller's ack) are written, so they travel while Redis
+            # runs the commit. Not while it is busy: the reply to a commit of its own
+            # could then be handled first, its events offered ahead of this one (a gap,
+            # read again from the log by every connection of the conversation).
             await asyncio.sleep(0)
         await self.connections.offer(sid, event_id, event)

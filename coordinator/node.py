@@ -151,6 +151,12 @@ class Node:
         self.runners: dict[str, LoopRunner] = {}
         self.history = History(self.state, self.store)
         self.connections = LocalConnections(self.history, sink, tasks)
+        self.metrics.counter_from(
+            "coordinator_connection_catch_ups",
+            "Live connections switched to reading the log: an event arrived after a gap "
+            "(out of order, or a pub/sub message lost) or the subscription reconnected.",
+            lambda: self.connections.catch_ups,
+        )
         self.delivery = Delivery(self.runners, self.connections)
         self.idle = IdleTracker(
             state=self.state, config=cfg, runners=self.runners, membership=self.membership

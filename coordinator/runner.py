@@ -125,10 +125,11 @@ class LoopRunner:
 
     # -- input -----------------------------------------------------------------------
     def observe(self, event_id: int, event: Event) -> bool:
-        """An event of the conversation went by; True when it woke the loop."""
+        """An event of the conversation went by; True when it woke the loop from waiting
+        for work (it dispatches next), False too when the loop is busy."""
         self.touch()
         self._archiver.logged(self.sid, note=is_state_note(event))
-        return self._queue.observe(event_id, event)
+        return self._queue.observe(event_id, event) and self._idle
 
     def speculate(self, action: Event, token: str) -> Speculation | None:
         """Dispatch ``action``, about to be accepted by this node with ``token``, before

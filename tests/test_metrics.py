@@ -152,3 +152,22 @@ def test_readings_integers_and_a_broken_reading() -> None:
     assert "# TYPE coordinator_broken gauge\n" in text
     assert "coordinator_broken{" not in text
     assert 'coordinator_action_ack_seconds_sum{node="n\\"1"} 0\n' in text
+
+
+async def test_actions_sent_back_to_back_reach_the_clients_without_a_catch_up(
+    servers: ServerCluster,
+) -> None:
+    """A client sends actions ten at a time, without waiting for their answers, through
+    the node that runs the loop, whose agent answers from a worker process: the events
+    reach the connections in id order as they are logged, never one ahead of another
+    (which would send every connection of the conversation to read the log)."""
+    (a,) = await servers.start(1)
+    first = await servers.join(a, "conv", "alice")
+    watcher = await servers.join(a, "conv", "alice")
+    for i in range(10):
+        await asyncio.gather(*(first.say(f"m{i}-{j}") for j in range(10)))
+    await first.wait_ids(200)
+    await watcher.wait_ids(200)
+    assert first.ids == watcher.ids == list(range(1, 201))
+    _, text = await servers.request("GET", a, "/metrics")
+    assert samples(text, "n1")["coordinator_connection_catch_ups_total"] == 0
