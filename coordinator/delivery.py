@@ -107,6 +107,14 @@ class Connection:
     # update, closing), older ones a replay.
     joined_at: float = 0.0
 
+    def hold(self, event_id: int, event: Event) -> None:
+        """Keep a live event for after the replay (up to ``BUFFERED``; the rest is read
+        from the log)."""
+        if len(self.buffer) < BUFFERED:
+            self.buffer.append((event_id, event))
+        else:
+            self.overflowed = True
+
 
 class LocalConnections:
     """This node's connections by id and by conversation, each with its cursor; reads
@@ -160,22 +168,14 @@ class LocalConnections:
         """A live event of ``sid`` arrived: send it to (or buffer it for) the room."""
         for conn in self.room(sid):
             if conn.replaying:
-                self._hold(conn, event_id, event)
+                conn.hold(event_id, event)
             elif event_id == conn.cursor + 1:
                 conn.cursor = event_id
                 await self._send(conn, event_id, event)
             elif event_id > conn.cursor:
                 conn.replaying = True
-                self._hold(conn, event_id, event)
+                conn.hold(event_id, event)
                 self._tasks.spawn(self._catch_up_or_drop(conn), f"catch-up:{conn.cid}")
-
-    @staticmethod
-    def _hold(conn: Connection, event_id: int, event: Event) -> None:
-        """Keep a live event for after the connection's replay (up to ``BUFFERED``)."""
-        if len(conn.buffer) < BUFFERED:
-            conn.buffer.append((event_id, event))
-        else:
-            conn.overflowed = True
 
     def catch_up_all(self) -> None:
         """After a pub/sub reconnect: messages may have been lost, read the logs."""
