@@ -29,6 +29,7 @@ import redis
 import redis.asyncio as aioredis
 
 from coordinator import ConversationManager
+from coordinator.actionqueue import ActionQueue
 from coordinator.codec import EVENTS_LOST, notice_code
 from coordinator.errors import NotReplicated
 from coordinator.keys import KeySchema
@@ -570,3 +571,22 @@ async def test_an_id_redis_lost_and_gave_to_another_action_does_not_hide_it(
     assert ids == sorted(set(ids)), ids
     users = [e["args"]["content"] for e in log if e.get("source") == "user"]
     assert sorted(users) == ["held", "other"], users
+
+
+async def test_a_drain_of_an_inbox_no_replica_holds_gives_up_at_its_deadline(
+    master_and_replica: tuple[RedisProcess, RedisProcess], nodes: Any
+) -> None:
+    """--ack-replicas 1, the replica detached: an evicted loop's drain (every accepted
+    action answered before it stops) cannot read an inbox replicas do not hold; it tries
+    until its deadline and says the backlog is left, instead of raising out of the
+    eviction."""
+    master, replica = master_and_replica
+    ((node, _),) = await nodes(master.url, n=1, ack_replicas=1)
+    await node.join_conversation(SID, "a", {}, "alice")
+    with replica.client() as r:
+        r.replicaof("NO", "ONE")
+    async with _fresh_state(master, node.keys) as state:
+        held = await state.accept(SID, "alice", b"\x80", 100, 100)
+        assert held.status == "ok" and held.unconfirmed
+        queue = ActionQueue(SID, state, applied=0)
+        assert await queue.drain(100, lambda: True, within=1.0) is False
