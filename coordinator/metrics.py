@@ -48,6 +48,9 @@ JOIN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 # A lost node to its conversation served again: a dead node is noticed once its lease
 # expires (node_ttl, 6 s by default) plus the reaper's sweep and the restart.
 FAILOVER_BUCKETS = (0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 30, 60, 120)
+# How late a 50 ms tick of the node's event loop ran (looplag.py): under a millisecond
+# when idle, tens near the rate a node sustains, seconds for a blocked loop.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 Read = Callable[[], "float | None"]
 ReadMany = Callable[[], Mapping[str, float]]
@@ -181,6 +184,12 @@ class NodeMetrics:
             "coordinator_join_seconds",
             "The socket.io connect handler: received to joined or refused.",
             JOIN_BUCKETS,
+        )
+        self.loop_delay_seconds = histogram(
+            "coordinator_event_loop_delay_seconds",
+            "How late each tick of the node's event loop ran (one every 50 ms): every tick, "
+            "where coordinator_event_loop_lag_seconds is the worst of the last second.",
+            LAG_BUCKETS,
         )
         self.failover_seconds = histogram(
             "coordinator_failover_seconds",

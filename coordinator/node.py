@@ -97,7 +97,7 @@ class Node:
         self.keys = KeySchema(config.key_prefix)
         self.tasks = TaskSet(log)
         self.intake = Intake(config.node_id)
-        self.lag = LoopLag()
+        self.lag = LoopLag(metrics.loop_delay_seconds.observe)
         self.handles = AttachedHandles(config.close_delay)
         self.agents: AgentPool | None = None  # the worker processes, if agents run there
         self.store: EventStore | None = None  # the conversations' full history
