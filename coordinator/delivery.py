@@ -5,9 +5,11 @@ answers, actions it accepted) at once, others as they arrive on the conversation
 channel. ``LocalConnections`` keeps each connection's cursor, the last event id it was
 sent. A connection's cursor is the last event id it was sent. A live event that follows the
 cursor is sent at once; one that leaves a gap (a connection joining mid-stream, a pub/sub
-message lost during a reconnect) switches the connection to catch-up: it reads the log
-after the cursor, then drains the live events buffered meanwhile (``BUFFERED`` at most;
-the rest it reads from the log again), and only then goes live again. So each
+message lost during a reconnect, or one a step behind: another node's action, whose
+message is read after this node's own reply to a later one) switches the connection to
+catch-up: the missing events get a few loop steps to arrive (``GAP_STEPS``), then it
+reads the log after the cursor, drains the live events buffered meanwhile (``BUFFERED``
+at most; the rest it reads from the log again), and only then goes live again. So each
 connection sees every logged event once, in order.
 
 A coordinator notice among them (``codec.notice_update``: a loop evicted, closed, moved,
@@ -61,6 +63,9 @@ FIRST_PAGE = 32
 REPLAY_PAGE_BYTES = 256 * 1024
 # Events a replay sends before it lets the event loop run other work.
 YIELD_EVERY = 64
+# Loop steps an event that came after a gap waits for the events missing before them
+# (``_fill_or_catch_up``) before the log is read.
+GAP_STEPS = 4
 # Live events a connection in catch-up keeps for after its replay; past that, they are
 # dropped and the replay reads them from the log: a client that stops reading mid-replay
 # (dropped after app.STALLED) keeps no more of a busy conversation's events alive.
@@ -102,7 +107,9 @@ class Connection:
     # checked against it, or the cursor only moved over logged events since).
     verified: bool = False
     buffer: list[tuple[int, Event]] = field(default_factory=list)
-    overflowed: bool = False  # live events were left out of ``buffer``: read the log again
+    # Events may be missing that ``buffer`` does not show (left out of it when full, or
+    # lost in a pub/sub reconnect during the replay): the log is read again before live.
+    stale: bool = False
     # When its join began (Unix time): notices stamped since are news to it (status
     # update, closing), older ones a replay.
     joined_at: float = 0.0
@@ -113,7 +120,7 @@ class Connection:
         if len(self.buffer) < BUFFERED:
             self.buffer.append((event_id, event))
         else:
-            self.overflowed = True
+            self.stale = True
 
 
 class LocalConnections:
@@ -175,7 +182,7 @@ class LocalConnections:
             elif event_id > conn.cursor:
                 conn.replaying = True
                 conn.hold(event_id, event)
-                self._tasks.spawn(self._catch_up_or_drop(conn), f"catch-up:{conn.cid}")
+                self._tasks.spawn(self._fill_or_catch_up(conn), f"catch-up:{conn.cid}")
 
     def catch_up_all(self) -> None:
         """After a pub/sub reconnect: messages may have been lost, read the logs."""
@@ -188,9 +195,28 @@ class LocalConnections:
             self._read_again(conn)
 
     def _read_again(self, conn: Connection) -> None:
-        if not conn.replaying:
+        if conn.replaying:  # the replay under way reads the log once more before live
+            conn.stale = True
+        else:
             conn.replaying = True
             self._tasks.spawn(self._catch_up_or_drop(conn), f"catch-up:{conn.cid}")
+
+    async def _fill_or_catch_up(self, conn: Connection) -> None:
+        """An event came after a gap. The events missing are often a step or two behind
+        it (the pub/sub message of another node's action, read after this node's own
+        reply to a later one): given ``GAP_STEPS`` loop steps to arrive, they go out from
+        the buffer; only a gap still open then is read from the log."""
+        for _ in range(GAP_STEPS):
+            await asyncio.sleep(0)
+            if conn.cid not in self._by_id:
+                return
+            if conn.stale:
+                break
+            if not await self._drain_buffer(conn) and not conn.stale:
+                # No await between the empty buffer and going live: nothing slips by.
+                conn.replaying = False
+                return
+        await self._catch_up_or_drop(conn)
 
     async def _catch_up_or_drop(self, conn: Connection) -> None:
         """A catch-up in the background: one that cannot succeed ends the connection
@@ -214,6 +240,7 @@ class LocalConnections:
         call (``Sessions`` registers the connection with it), with the log's last id: a
         cursor beyond it is refused (InvalidInput)."""
         conn.replaying = True
+        conn.stale = False  # what the read below finds covers it
         backoff = Backoff(base=0.05, cap=2.0)
         loop = asyncio.get_running_loop()
         deadline = None if within is None else loop.time() + within
@@ -256,14 +283,15 @@ class LocalConnections:
                 # The next page: about REPLAY_PAGE_BYTES by the size of this one's events.
                 count = max(1, min(PAGE, REPLAY_PAGE_BYTES * count // size)) if size else count
                 continue
-            if not await self._drain_buffer(conn):
+            if not await self._drain_buffer(conn) and not conn.stale:
                 # No await between the empty buffer and going live: nothing slips by.
                 conn.replaying = False
                 return
+            conn.stale = False  # the log is read again: what it held is covered
 
     async def _drain_buffer(self, conn: Connection) -> bool:
-        """Send buffered events in order; True when a gap, or events left out of the
-        buffer, mean the log must be read."""
+        """Send buffered events in order; True when a gap is left (the log must be
+        read)."""
         while conn.buffer:
             batch, conn.buffer = sorted(conn.buffer, key=lambda x: x[0]), []
             for i, (event_id, event) in enumerate(batch):
@@ -274,8 +302,7 @@ class LocalConnections:
                     return True
                 conn.cursor = event_id
                 await self._send(conn, event_id, event)
-        overflowed, conn.overflowed = conn.overflowed, False
-        return overflowed
+        return False
 
     async def _room(self, conn: Connection) -> None:
         """A replay goes at the pace its client reads, if the sink can tell (a sink may
