@@ -97,6 +97,7 @@ class Loops:
             store=store,
             interest=interest,
             busy=lambda sid: sid in self.runners or sid in self.starting,
+            floor=delivery.floor,
         )
         self.starting: dict[str, asyncio.Future[ConversationInfo]] = {}
         # Conversations left with acknowledged actions and no loop here (a fenced loop,
@@ -356,7 +357,9 @@ class Loops:
     async def release_dead(self, sid: str, user: str, inc: str) -> None:
         """Free what a dead incarnation held for one conversation; tell its clients."""
         if await self._state.release_lost(sid, user, inc):
-            await self._state.commit(sid, "", 0, [codec.pack(codec.lost_event())])
+            await self._state.commit(
+                sid, "", 0, [codec.pack(codec.lost_event())], floor=self._delivery.floor(sid)
+            )
         self.admission.slot_freed(user)
 
     async def close_unserved(self, sid: str, user: str, inc: str) -> None:
@@ -365,7 +368,9 @@ class Loops:
         closes its connections on every node."""
         if inc and await self._state.release_lost(sid, user, inc):
             self.admission.slot_freed(user)
-        await self._state.commit(sid, "", 0, [codec.pack(codec.closed_event())])
+        await self._state.commit(
+            sid, "", 0, [codec.pack(codec.closed_event())], floor=self._delivery.floor(sid)
+        )
 
     # -- commands from other nodes ---------------------------------------------------
     async def _on_evict(self, origin: str, p: dict[str, Any]) -> None:

@@ -222,6 +222,7 @@ class Node:
             loops=self.loops,
             restarts=self.restarts,
             sessions=self.sessions,
+            floor=self.delivery.floor,
         )
         router = Router(
             keys=keys,
@@ -306,7 +307,9 @@ class Node:
             await self.agents.aclose()
         self.membership.stop()
         with contextlib.suppress(*REDIS_TROUBLE):
-            await reap_incarnation(self.state, self.inc, keep_connections=False)
+            await reap_incarnation(
+                self.state, self.inc, keep_connections=False, floor=self.delivery.floor
+            )
             await self.state.unregister(self.config.node_id, self.inc)
         await self._close_store()
         await self.backend.aclose()

@@ -63,8 +63,10 @@ class Owners:
         store: EventStore,
         interest: Interest,
         busy: Callable[[str], bool],
+        floor: Callable[[str], int],
     ) -> None:
         self._state = state
+        self._floor = floor  # Delivery.floor: what this node knows was logged
         self._interest = interest
         self._busy = busy  # a start or a loop of the conversation is on this node
         self._abandoned: list[Lease] = []  # starts that failed after taking ownership
@@ -149,6 +151,7 @@ class Owners:
                     lease.inc,
                     lease.epoch,
                     [codec.pack(status)],
+                    floor=self._floor(lease.sid),
                 )
             await self._state.release_loop(lease, "stopped")
         except REDIS_TROUBLE as exc:

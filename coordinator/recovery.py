@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from . import codec
 from .config import ManagerConfig
@@ -31,13 +31,17 @@ from .restarts import Restarts
 from .sessions import Sessions
 from .state import RedisState
 
+# Delivery.floor: the highest event id of a conversation this node knows was logged (the
+# notices a reaper writes carry it: a log Redis lost events of continues after it).
+Floor = Callable[[str], int]
+
 log = logging.getLogger(__name__)
 
 REAP_CONCURRENCY = 32  # conversations of a dead incarnation released at once
 
 
 async def reap_incarnation(
-    state: RedisState, inc: str, *, keep_connections: bool
+    state: RedisState, inc: str, *, keep_connections: bool, floor: Floor
 ) -> list[tuple[str, str]]:
     """Release everything a dead (or replaced) incarnation held. Idempotent.
 
@@ -53,7 +57,7 @@ async def reap_incarnation(
         async with gate:
             if await state.release_lost(sid, user, inc):
                 released.append((sid, user))
-                await state.commit(sid, "", 0, [lost])
+                await state.commit(sid, "", 0, [lost], floor=floor(sid))
 
     # Concurrently, a bounded number at a time: a node may have held thousands.
     await asyncio.gather(*(release(s, u) for s, u in (await state.owned(inc)).items()))
@@ -68,7 +72,9 @@ async def reap_incarnation(
     return released
 
 
-async def reap_dead_nodes(state: RedisState, me: str, lock_ms: int) -> list[tuple[str, str]]:
+async def reap_dead_nodes(
+    state: RedisState, me: str, lock_ms: int, floor: Floor
+) -> list[tuple[str, str]]:
     """Find registered nodes whose lease is gone and reap them (one reaper at a time).
 
     Returns ``(sid, user)`` of every conversation released.
@@ -93,7 +99,7 @@ async def reap_dead_nodes(state: RedisState, me: str, lock_ms: int) -> list[tupl
         # node re-registering waits for this lock before it re-adds its connections, so
         # reaping its old incarnation here cannot delete them after they were re-added.
         for node, inc in await find_dead():
-            released = await reap_incarnation(state, inc, keep_connections=False)
+            released = await reap_incarnation(state, inc, keep_connections=False, floor=floor)
             await state.unregister(node, inc)
             log.warning("reaped dead node %s: released %d conversation(s)", inc, len(released))
             reaped.extend(released)
@@ -135,6 +141,7 @@ class Recovery:
         loops: Loops,
         restarts: Restarts,
         sessions: Sessions,
+        floor: Floor,
     ) -> None:
         self._state = state
         self._config = config
@@ -143,6 +150,7 @@ class Recovery:
         self._loops = loops
         self._restarts = restarts
         self._sessions = sessions
+        self._floor = floor
         self._ttl_ms = int(config.node_ttl * 1000)
         # What is released at start (a previous incarnation of this node id) is resumed
         # once the node runs.
@@ -152,7 +160,7 @@ class Recovery:
         """At start: release what this node id's previous incarnation held."""
         if previous:
             self.released_at_start = await reap_incarnation(
-                self._state, previous, keep_connections=False
+                self._state, previous, keep_connections=False, floor=self._floor
             )
 
     async def housekeeping_loop(self) -> None:
@@ -184,7 +192,7 @@ class Recovery:
                 if n % reap_every == 0 or self._directory.sees_dead:
                     reaped_at = time.time()
                     released = await reap_dead_nodes(
-                        self._state, self._membership.inc, self._ttl_ms
+                        self._state, self._membership.inc, self._ttl_ms, self._floor
                     )
                     await self._restarts.resume_pending(released, lost_at=reaped_at)
             except REDIS_TROUBLE as exc:
@@ -207,7 +215,7 @@ class Recovery:
         ) as held:
             if not held:
                 log.warning("re-registering connections without the reaper lock")
-            released = await reap_incarnation(state, old, keep_connections=True)
+            released = await reap_incarnation(state, old, keep_connections=True, floor=self._floor)
             # Re-add first: were we to die between the two, a reaper (the old incarnation
             # stays on the retired list until the end) still finds every connection.
             await self._sessions.reassert()

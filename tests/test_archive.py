@@ -16,6 +16,7 @@ from coordinator.codec import EVENTS_LOST, notice_code, unpack, with_id
 from coordinator.directory import describe_retired
 from coordinator.errors import Forbidden, InboxFull, LimitExceeded, StoreBehind
 from coordinator.eventstore import Batch, EventStore, StoreError, StoreMismatch
+from coordinator.recovery import reap_incarnation
 from coordinator.state import Lease
 from coordinator.state.loops import USER_INDEX_MAX
 from tests.conftest import NodeFactory
@@ -707,6 +708,39 @@ async def test_a_start_note_redis_lost_before_the_store_had_it_is_told_and_never
     assert ids == sorted(set(ids)) and after > 1  # id 1 is not given again
     notice = next(e for e in sink.events["c"] if notice_code(e) == EVENTS_LOST)
     assert (notice["extras"]["first"], notice["extras"]["last"]) == (1, 1)
+
+
+async def test_a_reapers_notice_after_redis_lost_events_takes_no_id_a_client_saw(
+    make_nodes: NodeFactory, redis_client: Any
+) -> None:
+    """Redis loses events 3-4 (a failover) that a connection on the node was sent, and the
+    node then releases the conversation's owner (as a reaper does, or a start given up):
+    the notice it writes (loop lost) carries what the node knows was logged, so the ids
+    go on after 4, with the loss told first; it never takes id 3, which the client saw.
+    Seen in CI before: a start given up wrote its status at the first id Redis had free."""
+    (a,) = await make_nodes(1)
+    sink = make_nodes.sinks["node1"]
+    a.node.archiver._store = Hanging()  # type: ignore[assignment]  # nothing stored
+    a.node.archiver.append_timeout = 1.0
+    await a.join_conversation("reaped", "c", {}, "alice")
+    for i in range(2):
+        await send(a, "c", str(i))
+    await wait_until(lambda: len(sink.events["c"]) == 4, what="4 events")
+    meta, events = a.keys.conv("reaped"), a.keys.events("reaped")
+    kept = await redis_client.xrange(events, max="2-0")  # Redis lost events 3 and 4
+    await redis_client.delete(events)
+    for entry, fields in kept:
+        await redis_client.xadd(events, fields, id=entry)
+    await redis_client.hset(meta, "seq", 2)
+    released = await reap_incarnation(
+        a.state, a.inc, keep_connections=True, floor=a.node.delivery.floor
+    )
+    assert released == [("reaped", "alice")]
+    rows = await redis_client.xrange(events)
+    ids = [int(entry.split(b"-")[0]) for entry, _ in rows]
+    assert ids == [1, 2, 5, 6], ids
+    notice = unpack(rows[2][1][b"d"])
+    assert notice_code(notice) == EVENTS_LOST and "events 3 to 4" in notice["message"]
 
 
 class Hanging:
