@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# ``Delivery.floor``: the highest event id of a conversation this node knows was logged;
+# every write carries it (a log Redis lost events of continues after it, state/writes.py).
+Floor = Callable[[str], int]
+
 # What a replay retries: Redis or the store unreachable, a read replicas do not hold yet.
 RETRIED_READS: tuple[type[Exception], ...] = (*REDIS_TRANSIENT, NotReplicated)
 
@@ -212,9 +216,7 @@ class LocalConnections:
                 return
             if conn.stale:
                 break
-            if not await self._drain_buffer(conn) and not conn.stale:
-                # No await between the empty buffer and going live: nothing slips by.
-                conn.replaying = False
+            if await self._went_live(conn):
                 return
         await self._catch_up_or_drop(conn)
 
@@ -283,11 +285,18 @@ class LocalConnections:
                 # The next page: about REPLAY_PAGE_BYTES by the size of this one's events.
                 count = max(1, min(PAGE, REPLAY_PAGE_BYTES * count // size)) if size else count
                 continue
-            if not await self._drain_buffer(conn) and not conn.stale:
-                # No await between the empty buffer and going live: nothing slips by.
-                conn.replaying = False
+            if await self._went_live(conn):
                 return
             conn.stale = False  # the log is read again: what it held is covered
+
+    async def _went_live(self, conn: Connection) -> bool:
+        """Send the buffered events; live again (True) unless a gap is left or events may
+        be missing that the buffer does not show (``stale``): then the log is read."""
+        if await self._drain_buffer(conn) or conn.stale:
+            return False
+        # No await between the empty buffer and going live: nothing slips by.
+        conn.replaying = False
+        return True
 
     async def _drain_buffer(self, conn: Connection) -> bool:
         """Send buffered events in order; True when a gap is left (the log must be

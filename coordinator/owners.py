@@ -18,6 +18,7 @@ from workers.protocol import Event
 
 from . import codec
 from .config import Lifetimes, ManagerConfig
+from .delivery import Floor
 from .directory import Directory
 from .errors import REDIS_TROUBLE, Forbidden, LimitExceeded, NodeDraining
 from .eventstore import EventStore
@@ -63,7 +64,7 @@ class Owners:
         store: EventStore,
         interest: Interest,
         busy: Callable[[str], bool],
-        floor: Callable[[str], int],
+        floor: Floor,
     ) -> None:
         self._state = state
         self._floor = floor  # Delivery.floor: what this node knows was logged

@@ -19,10 +19,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from . import codec
 from .config import ManagerConfig
+from .delivery import Floor
 from .directory import Directory
 from .errors import REDIS_TROUBLE
 from .loops import Loops
@@ -30,10 +31,6 @@ from .membership import Membership
 from .restarts import Restarts
 from .sessions import Sessions
 from .state import RedisState
-
-# Delivery.floor: the highest event id of a conversation this node knows was logged (the
-# notices a reaper writes carry it: a log Redis lost events of continues after it).
-Floor = Callable[[str], int]
 
 log = logging.getLogger(__name__)
 
