@@ -70,8 +70,9 @@ class RemoteAgent:
         self._state = AgentState.LOADING
         self._dispatching = False
         self._heard = False  # the worker reported a state during this dispatch
-        # Frames for the request in flight (``_rid``, of kind ``_calling``), in order.
-        self._box: deque[list[Any] | WorkerLost] = deque()
+        # Frames for the request in flight (``_rid``, of kind ``_calling``), in order, or
+        # what ends it (WorkerLost, the instance closed).
+        self._box: deque[list[Any] | Exception] = deque()
         self._wake: asyncio.Future[None] | None = None
         self._rid = self._calling = 0
         self._binding: asyncio.Task[Any] | None = None
@@ -164,8 +165,11 @@ class RemoteAgent:
             await asyncio.wait({binding})
         worker = self._worker
         if worker is not None and not worker.failed:
-            if self._rid:  # a request still runs (its task did not stop): do not wait
+            if self._rid:  # a request still runs (a start, or a task that did not stop)
                 worker.request(CLOSE, self._lid, ())
+                # Its answer can no longer reach this instance (unbound below): its
+                # caller hears the close now instead of waiting forever.
+                self._push(AgentFailed(f"the agent of {self.sid} was closed"))
             else:
                 with contextlib.suppress(WorkerLost, AgentFailed, Fenced, SpeculationLost):
                     await self._call(CLOSE, ())
@@ -297,13 +301,13 @@ class RemoteAgent:
             return
         self._push(message)
 
-    def _push(self, item: list[Any] | WorkerLost) -> None:
+    def _push(self, item: list[Any] | Exception) -> None:
         self._box.append(item)
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
 
-    async def _next(self) -> list[Any] | WorkerLost:
+    async def _next(self) -> list[Any] | Exception:
         while not self._box:
             self._wake = asyncio.get_running_loop().create_future()
             try:
@@ -325,7 +329,7 @@ class RemoteAgent:
         try:
             while True:
                 m = await self._next()
-                if isinstance(m, WorkerLost):
+                if isinstance(m, Exception):  # WorkerLost, or the instance closed
                     raise m
                 if m[0] == EMIT:
                     await self._serve_emit(worker, m)
@@ -351,7 +355,7 @@ class RemoteAgent:
             self._rid = self._calling = 0
             while self._box:  # EMITs of the agent's own tasks, after the answer
                 m = self._box.popleft()
-                if not isinstance(m, WorkerLost) and m[0] == EMIT:
+                if not isinstance(m, Exception) and m[0] == EMIT:
                     self._pool.tasks.spawn(self._serve_emit(worker, m), f"emit:{self.sid}")
 
     def _failure(self, kind: str, detail: Any) -> Exception:

@@ -28,7 +28,7 @@ class BadAgent(EchoAgent):
     process (``os._exit``), ``leak`` allocates until memory runs out (and keeps it),
     ``raise`` raises, ``slow S`` awaits S seconds, ``checkpoint N`` saves a checkpoint
     of N bytes and answers "saved" or the error. With settings ``{"fail_start": true}``
-    its ``start`` raises."""
+    its ``start`` raises; with ``{"start_delay": S}`` it takes S seconds."""
 
     def __init__(self, context: AgentContext) -> None:
         super().__init__(context)
@@ -37,6 +37,7 @@ class BadAgent(EchoAgent):
     async def start(self, emit: EmitFn) -> None:
         if self.context.settings.get("fail_start"):
             raise RuntimeError("this agent cannot start")
+        await asyncio.sleep(float(self.context.settings.get("start_delay", 0)))
         await super().start(emit)
 
     async def dispatch(self, action: Event) -> None:

@@ -10,6 +10,7 @@ by an ``error`` observation naming it).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -333,6 +334,31 @@ async def test_a_dispatch_cut_short_by_a_lease_lapse_is_not_held_against_the_act
     await wait_until(lambda: "slow 1" in watcher.answers(), timeout=20, what="answered")
     assert watcher.errors() == [] and asked in [e["id"] for e in watcher.events]
     assert await a.state.attempts("moving") == {}
+
+
+async def test_a_start_cut_short_by_a_lease_lapse_leaves_nothing_starting(make_nodes) -> None:
+    """The node's lease lapses while an agent starts in its worker: the start fails at
+    once (its instance is closed: no answer can reach it), and once the node is back the
+    conversation starts again. Seen as an action never answered after two lapses: the
+    start waited forever, and the conversation stayed "starting", never resumed, with
+    every later join waiting on it."""
+    (node,) = await make_nodes(1, **ISOLATED)
+    watcher = Watcher(node, make_nodes.sinks[node.node_id], "late")
+    joining = asyncio.ensure_future(watcher.join({"start_delay": 1.0}))
+
+    def opening() -> bool:
+        runner = node.runner("late")
+        return runner is not None and runner.agent.in_flight
+
+    await wait_until(opening, what="the agent starting in its worker")
+    old = node.inc
+    node.node.membership.lapse("test: lease lost while the agent starts")
+    with pytest.raises(AgentFailed, match="closed"):
+        await asyncio.wait_for(joining, 10)
+    assert "late" not in node.node.loops.starting
+    await wait_until(lambda: node.inc != old and node.node.membership.check(), what="back")
+    await asyncio.wait_for(watcher.join(), 10)
+    await watcher.round_trip("after")
 
 
 async def test_agent_cpus_keep_the_workers_off_the_node_loops_cpu(make_nodes) -> None:
