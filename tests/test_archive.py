@@ -12,7 +12,7 @@ import pytest
 
 from coordinator import ConversationManager
 from coordinator.auth import issue_token
-from coordinator.codec import EVENTS_LOST, notice_code, unpack, with_id
+from coordinator.codec import EVENTS_LOST, evicted_event, notice_code, unpack, with_id
 from coordinator.directory import describe_retired
 from coordinator.errors import Forbidden, InboxFull, LimitExceeded, StoreBehind
 from coordinator.eventstore import Batch, EventStore, StoreError, StoreMismatch
@@ -710,14 +710,34 @@ async def test_a_start_note_redis_lost_before_the_store_had_it_is_told_and_never
     assert (notice["extras"]["first"], notice["extras"]["last"]) == (1, 1)
 
 
-async def test_a_reapers_notice_after_redis_lost_events_takes_no_id_a_client_saw(
-    make_nodes: NodeFactory, redis_client: Any
+async def _system_notice(a: ConversationManager, writer: str) -> None:
+    """The node writes a notice of its own for "reaped" as ``writer`` does."""
+    loops = a.node.loops
+    if writer == "reaper":
+        released = await reap_incarnation(
+            a.state, a.inc, keep_connections=True, floor=a.node.delivery.floor
+        )
+        assert released == [("reaped", "alice")]
+    elif writer == "give_up":  # a start given up (or evicted before it ran)
+        runner = a.runner("reaped")
+        assert runner is not None
+        assert await loops.owners.give_up(runner.lease, evicted_event(), watched=False)
+    elif writer == "release_dead":  # the owner seen dead by a command sent to it
+        await loops.release_dead("reaped", "alice", a.inc)
+    else:  # close_session of a conversation no live node runs
+        await loops.close_unserved("reaped", "alice", a.inc)
+
+
+@pytest.mark.parametrize("writer", ["reaper", "give_up", "release_dead", "close_unserved"])
+async def test_a_system_notice_after_redis_lost_events_takes_no_id_a_client_saw(
+    make_nodes: NodeFactory, redis_client: Any, writer: str
 ) -> None:
     """Redis loses events 3-4 (a failover) that a connection on the node was sent, and the
-    node then releases the conversation's owner (as a reaper does, or a start given up):
-    the notice it writes (loop lost) carries what the node knows was logged, so the ids
-    go on after 4, with the loss told first; it never takes id 3, which the client saw.
-    Seen in CI before: a start given up wrote its status at the first id Redis had free."""
+    node then writes a notice of its own (a reaper's loop lost, a start given up, a dead
+    owner's release, a close of an unserved conversation): it carries what the node knows
+    was logged, so the ids go on after 4, with the loss told first; it never takes id 3,
+    which the client saw. Seen in CI before: a start given up wrote its status at the
+    first id Redis had free."""
     (a,) = await make_nodes(1)
     sink = make_nodes.sinks["node1"]
     a.node.archiver._store = Hanging()  # type: ignore[assignment]  # nothing stored
@@ -732,10 +752,7 @@ async def test_a_reapers_notice_after_redis_lost_events_takes_no_id_a_client_saw
     for entry, fields in kept:
         await redis_client.xadd(events, fields, id=entry)
     await redis_client.hset(meta, "seq", 2)
-    released = await reap_incarnation(
-        a.state, a.inc, keep_connections=True, floor=a.node.delivery.floor
-    )
-    assert released == [("reaped", "alice")]
+    await _system_notice(a, writer)
     rows = await redis_client.xrange(events)
     ids = [int(entry.split(b"-")[0]) for entry, _ in rows]
     assert ids == [1, 2, 5, 6], ids
