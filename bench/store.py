@@ -389,7 +389,7 @@ async def store_alone(mode: Mode, store: str, kind: str) -> dict[str, Any]:
     from coordinator import ConversationManager
     from coordinator.codec import pack
     from coordinator.config import ManagerConfig
-    from coordinator.delivery import PAGE
+    from coordinator.catchup import PAGE
     from coordinator.state import Lease
 
     events = mode.pick(30_000, 100_000)

@@ -91,7 +91,7 @@ class SocketSink:
         # are JSON, so the packet skips socket.io's recursive scan for binary data (a
         # third of the delivery's time); one that is not (bytes in it) goes out binary.
         # An event going to several connections in turn is the same object each time
-        # (delivery.py): encoded once (a 60 KB event to 31 connections cost 30-40 ms).
+        # (catchup.py): encoded once (a 60 KB event to 31 connections cost 30-40 ms).
         if event is self._encoded[0]:
             encoded = self._encoded[1]
         else:

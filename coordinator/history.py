@@ -1,5 +1,5 @@
 """A conversation's whole history, in id order: the event store below the Redis window,
-the window above it (live events come after, through ``delivery.py``).
+the window above it (live events come after, through ``delivery.py`` and ``catchup.py``).
 
 Redis trims only what the store holds (``archive.py``), and keeps the newest event (its
 log is empty only when the conversation came back from the store: ``loops.py``), so a

@@ -18,6 +18,7 @@ from workers.protocol import AgentFactory, Event
 
 from . import codec
 from .backends import Backend, open_backend
+from .catchup import EventSink, NullSink
 from .config import (
     DEFAULT_LIFETIMES,
     Lifetimes,
@@ -26,7 +27,6 @@ from .config import (
     check_conversation_id,
     check_user_id,
 )
-from .delivery import EventSink, NullSink
 from .directory import Directory
 from .errors import (
     ConfigError,

@@ -23,8 +23,9 @@ from .agentpool import AgentPool
 from .archive import Archiver, check_cluster_store
 from .backends import Backend
 from .bus import CommandBus
+from .catchup import EventSink, LocalConnections
 from .config import ManagerConfig
-from .delivery import Delivery, EventSink, LocalConnections
+from .delivery import Delivery
 from .directory import Directory
 from .errors import EXPECTED, REDIS_TROUBLE
 from .eventstore import EventStore, open_store, shown_url

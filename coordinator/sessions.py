@@ -18,8 +18,8 @@ from typing import Any
 
 from workers.protocol import Event
 
+from .catchup import Connection, LocalConnections
 from .config import ManagerConfig
-from .delivery import Connection, LocalConnections
 from .errors import EXPECTED, REDIS_TROUBLE, ConversationClosed, LimitExceeded, NodeBusy
 from .loops import Loops
 from .membership import Membership
@@ -49,7 +49,7 @@ class Sessions:
         self._loops = loops
         self._interest = interest
         self.connections = connections
-        connections.on_closed = self.release  # a closing notice ended it (delivery.py)
+        connections.on_closed = self.release  # a closing notice ended it (catchup.py)
         self._join_gate = asyncio.Semaphore(config.max_concurrent_joins)
         # Thousands of clients may leave at once: their removals take a bounded share of
         # the Redis pool instead of all of it (and none waits out the pool's timeout).
@@ -117,7 +117,7 @@ class Sessions:
             await self.leave(cid)
             raise
         if self.connections.get(cid) is not conn:
-            # A closing notice among what it was sent ended it (delivery.py): refused,
+            # A closing notice among what it was sent ended it (catchup.py): refused,
             # not left connected to nothing.
             raise ConversationClosed(sid)
         return info

@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from coordinator import NodeBusy
-from coordinator.delivery import BUFFERED
+from coordinator.catchup import BUFFERED
 from coordinator.links import Endpoint
 from coordinator.subscriptions import Subscriptions
 from tests.helpers import Heard, listening, wait_until

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from coordinator.app import STALLED
-from coordinator.delivery import BUFFERED
+from coordinator.catchup import BUFFERED
 from coordinator.ratelimit import Rate
 from coordinator.server import NodeServer
 from coordinator.serverconfig import NO_LIMITS, ServerConfig
