@@ -409,7 +409,7 @@ async def store_alone(mode: Mode, store: str, kind: str) -> dict[str, Any]:
             body = {"source": "agent", "observation": "x", "content": "y" * 160}
             for first in range(0, events, 100):
                 batch = [pack({**body, "n": first + i}) for i in range(min(100, events - first))]
-                await state.commit(sid, manager.inc, own.epoch, batch)
+                await state.commit(sid, manager.inc, own.epoch, batch, floor=0)
             lease = Lease(sid, "bench", manager.inc, own.epoch)
             started = time.perf_counter()
             await manager.node.archiver.move(lease)

@@ -33,8 +33,8 @@ async def test_a_gap_seen_while_the_inbox_is_read_is_read_again(redis_client) ->
     reading = asyncio.ensure_future(queue.read())
     await taken.wait()
     # Meanwhile two actions are accepted, and the second goes by (the first not yet).
-    first = await state.accept("s1", "u", pack({"n": 1}), 100, 10)
-    second = await state.accept("s1", "u", pack({"n": 2}), 100, 10)
+    first = await state.accept("s1", "u", pack({"n": 1}), 100, 10, floor=0)
+    second = await state.accept("s1", "u", pack({"n": 2}), 100, 10, floor=0)
     assert queue.observe(second.event_id, ACTION)
     answer.set()
     await reading

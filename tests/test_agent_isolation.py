@@ -300,7 +300,7 @@ async def test_a_lost_speculation_replaces_the_agent_in_its_worker(
     await wait_until(lambda: len(answers()) == 1)
     other = RedisState(redis_client, KeySchema(node.config.key_prefix))
     foreign = pack({"action": "message", "args": {"content": "foreign"}, "source": "user"})
-    landed = await other.accept("race", "alice", foreign, 1000, 100, publisher=node.inc)
+    landed = await other.accept("race", "alice", foreign, 1000, 100, publisher=node.inc, floor=0)
     assert landed.event_id == 3  # logged, not published: the owner has not seen it
     ours = {"action": "message", "args": {"content": "ours"}}
     assert await node.send_to_event_stream("c1", ours) == 4

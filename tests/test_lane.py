@@ -183,15 +183,15 @@ async def test_a_lost_reply_is_retried_by_the_lane_and_recorded_once(
         await state.acquire("s", "n1", "n1/a", "u", create=True)  # through redis-py
         await lane.run(redis_client.register_script("return 1"), [], [])  # connected
         accepted = await reply_lost(
-            state.accept("s", "u", pack({"action": "message"}), 100, 10), lambda: logged(1)
+            state.accept("s", "u", pack({"action": "message"}), 100, 10, floor=0), lambda: logged(1)
         )
         committed = await reply_lost(
-            state.commit("s", "n1/a", 1, [pack({"r": 1})], cause=1),
+            state.commit("s", "n1/a", 1, [pack({"r": 1})], cause=1, floor=0),
             lambda: logged(2),
         )
         # An agent's write answering no action: known by its writer token and index.
         unprompted = await reply_lost(
-            state.commit("s", "n1/a", 1, [pack({"r": 2})], writer="w", index=1),
+            state.commit("s", "n1/a", 1, [pack({"r": 2})], writer="w", index=1, floor=0),
             lambda: logged(3),
         )
         assert (accepted.status, accepted.event_id) == ("ok", 1)

@@ -396,11 +396,15 @@ async def test_a_write_no_replica_confirmed_reaches_no_client_until_one_does(
     async with _unconfirmed_tail(url, pair, nodes) as (n1, s1, _, s2, master):
         # Both again, on connections that have written nothing.
         async with _fresh_state(master, n1.keys) as state:
-            again = await state.accept(SID, "alice", b"", 100, 100, token=accept_token("held"))
+            again = await state.accept(
+                SID, "alice", b"", 100, 100, token=accept_token("held"), floor=0
+            )
             assert (again.status, again.event_id) == ("ok", 3) and again.unconfirmed
         async with _fresh_state(master, n1.keys) as state:
             meta = await state.redis.hmget(n1.keys.conv(SID), "inc", "epoch")
-            answer = await state.commit(SID, meta[0].decode(), int(meta[1]), [b""], cause=3)
+            answer = await state.commit(
+                SID, meta[0].decode(), int(meta[1]), [b""], cause=3, floor=0
+            )
             assert answer.status == "dup" and answer.unconfirmed
         await asyncio.sleep(1.0)  # the owner's commit is retried meanwhile
         assert s1.ids("a") == [1, 2] and s2.ids("b") == [1, 2], "delivered unconfirmed"
@@ -586,7 +590,7 @@ async def test_a_drain_of_an_inbox_no_replica_holds_gives_up_at_its_deadline(
     with replica.client() as r:
         r.replicaof("NO", "ONE")
     async with _fresh_state(master, node.keys) as state:
-        held = await state.accept(SID, "alice", b"\x80", 100, 100)
+        held = await state.accept(SID, "alice", b"\x80", 100, 100, floor=0)
         assert held.status == "ok" and held.unconfirmed
         queue = ActionQueue(SID, state, applied=0)
         assert await queue.drain(100, lambda: True, within=1.0) is False

@@ -58,7 +58,7 @@ async def test_a_restart_round_that_fails_on_redis_keeps_its_conversations(make_
     await a.disconnect_from_session("ca")
     assert await a.close_session("waiting", "sam")
     action = pack({"action": "message", "args": {"content": "hi"}})
-    accepted = await a.state.accept("waiting", "sam", action, 100, 10)
+    accepted = await a.state.accept("waiting", "sam", action, 100, 10, floor=0)
     failed = fail_once(a.node.state, "inbox_lengths")
     with pytest.raises(RedisConnectionError):
         await a.node.restarts.resume_pending([("waiting", "sam")])

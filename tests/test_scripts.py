@@ -11,11 +11,11 @@ async def test_commit_retry_after_a_lost_reply_is_not_applied_twice(redis_client
     state = RedisState(redis_client, KeySchema("t"))
     own = await state.acquire("s1", "n1", "n1/a", "u", create=True)
     assert own.status == "created" and own.epoch == 1
-    accepted = await state.accept("s1", "u", pack({"action": "message"}), 100, 10)
+    accepted = await state.accept("s1", "u", pack({"action": "message"}), 100, 10, floor=0)
     action = accepted.event_id
-    first = await state.commit("s1", "n1/a", 1, [pack({"r": 1})], cause=action)
-    again = await state.commit("s1", "n1/a", 1, [pack({"r": 1})], cause=action)
-    more = await state.commit("s1", "n1/a", 1, [pack({"r": 2})], cause=action, index=1)
+    first = await state.commit("s1", "n1/a", 1, [pack({"r": 1})], cause=action, floor=0)
+    again = await state.commit("s1", "n1/a", 1, [pack({"r": 1})], cause=action, floor=0)
+    more = await state.commit("s1", "n1/a", 1, [pack({"r": 2})], cause=action, index=1, floor=0)
     assert (first.status, again.status, more.status) == ("ok", "dup", "ok")
     assert [i for i, _ in await state.events_after("s1", 0)] == [1, 2, 3]
     assert await redis_client.xlen(state.keys.inbox("s1")) == 0
@@ -27,13 +27,13 @@ async def test_the_inbox_key_goes_once_no_action_waits(redis_client) -> None:
     state = RedisState(redis_client, KeySchema("t"))
     await state.acquire("s1", "n1", "n1/a", "u", create=True)
     inbox = state.keys.inbox("s1")
-    first = (await state.accept("s1", "u", pack({"n": 1}), 100, 10)).event_id
-    second = (await state.accept("s1", "u", pack({"n": 2}), 100, 10)).event_id
-    await state.commit("s1", "n1/a", 1, [pack({"r": 1})], cause=first)
+    first = (await state.accept("s1", "u", pack({"n": 1}), 100, 10, floor=0)).event_id
+    second = (await state.accept("s1", "u", pack({"n": 2}), 100, 10, floor=0)).event_id
+    await state.commit("s1", "n1/a", 1, [pack({"r": 1})], cause=first, floor=0)
     assert await redis_client.xlen(inbox) == 1  # the second still waits
-    await state.commit("s1", "n1/a", 1, [pack({"r": 2})], cause=second)
+    await state.commit("s1", "n1/a", 1, [pack({"r": 2})], cause=second, floor=0)
     assert await redis_client.exists(inbox) == 0
-    third = (await state.accept("s1", "u", pack({"n": 3}), 100, 10)).event_id
+    third = (await state.accept("s1", "u", pack({"n": 3}), 100, 10, floor=0)).event_id
     assert [i for i, _ in (await state.inbox_snapshot("s1", 0))[1]] == [third]
 
 
@@ -45,8 +45,8 @@ async def test_a_conversation_retires_from_its_users_index_only_with_events(
     state = RedisState(redis_client, KeySchema("t"))
     for sid in ("empty", "told"):
         await state.acquire(sid, "n1", "n1/a", "u", create=True)
-    action = (await state.accept("told", "u", pack({"n": 1}), 100, 10)).event_id
-    await state.commit("told", "n1/a", 1, [pack({"r": 1})], cause=action)
+    action = (await state.accept("told", "u", pack({"n": 1}), 100, 10, floor=0)).event_id
+    await state.commit("told", "n1/a", 1, [pack({"r": 1})], cause=action, floor=0)
     assert await state.release("told", "n1/a", 1, "stopped", retention_ms=60_000) == 1
     await state.acquire("told", "n1", "n1/a", "u", create=False)  # not stored yet: stays
     assert await redis_client.pttl(state.keys.conv("told")) == -1
@@ -70,12 +70,7 @@ async def test_an_unprompted_write_retried_after_a_lost_reply_is_not_applied_twi
 
     async def write(writer: str, index: int) -> str:
         r = await state.commit(
-            "s3",
-            "n1/a",
-            1,
-            [pack({"w": writer, "i": index})],
-            writer=writer,
-            index=index,
+            "s3", "n1/a", 1, [pack({"w": writer, "i": index})], writer=writer, index=index, floor=0
         )
         return r.status
 
@@ -97,14 +92,14 @@ async def test_takeover_bumps_the_epoch_and_fences_the_old_owner(redis_client) -
     assert refused.status == "owned" and refused.inc == "n1/a"
     taken = await state.acquire("s2", "n2", "n2/b", "u", create=True, dead_inc="n1/a")
     assert taken.status == "ok" and taken.epoch == 2
-    late = await state.commit("s2", "n1/a", 1, [pack({"x": 1})])
+    late = await state.commit("s2", "n1/a", 1, [pack({"x": 1})], floor=0)
     assert late.status == "fenced"
     assert await state.events_after("s2", 0) == []
     forbidden = await state.acquire("s2", "n3", "n3/c", "mallory", create=True)
     assert forbidden.status == "forbidden"
     assert await state.release("s2", "n1/a", None, "stopped") == 0
     assert await state.release("s2", "n2/b", 2, "stopped") == 1
-    system = await state.commit("s2", "", 0, [pack({"status": "x"})])
+    system = await state.commit("s2", "", 0, [pack({"status": "x"})], floor=0)
     assert system.status == "ok"  # system writes only while unowned
 
 
@@ -116,7 +111,7 @@ async def test_a_start_over_its_own_failed_start_takes_a_new_epoch(redis_client)
     again = await state.acquire("s5", "n1", "n1/a", "u", create=True)
     assert again.status == "mine" and again.epoch == failed.epoch + 1
     assert await state.release("s5", "n1/a", failed.epoch, "stopped") == 0
-    answer = await state.commit("s5", "n1/a", again.epoch, [pack({"x": 1})])
+    answer = await state.commit("s5", "n1/a", again.epoch, [pack({"x": 1})], floor=0)
     assert answer.status == "ok"
 
 
@@ -144,9 +139,9 @@ async def test_an_accept_retried_after_a_lost_reply_is_recorded_once(redis_clien
     await state.acquire("s4", "n1", "n1/a", "u", create=True)
     k = state.keys
     action = pack({"action": "message"})
-    first = await state.accept("s4", "u", action, 100, 10, token="token-1")
-    retry = await state.accept("s4", "u", action, 100, 10, token="token-1")  # a resend
-    other = await state.accept("s4", "u", action, 100, 10, token="token-2")
+    first = await state.accept("s4", "u", action, 100, 10, token="token-1", floor=0)
+    retry = await state.accept("s4", "u", action, 100, 10, token="token-1", floor=0)  # a resend
+    other = await state.accept("s4", "u", action, 100, 10, token="token-2", floor=0)
     assert first.event_id == retry.event_id == 1 and other.event_id == 2
     assert await redis_client.xlen(k.inbox("s4")) == 2
     assert await redis_client.xlen(k.events("s4")) == 2
@@ -163,14 +158,18 @@ async def test_a_speculative_commit_goes_through_only_under_the_id_its_accept_ga
     answer = [pack({"r": "answer"})]
 
     async def commit(cause: int, token: str) -> str:
-        r = await state.commit("s4", "n1/a", 1, answer, cause=cause, accepted_as=token)
+        r = await state.commit("s4", "n1/a", 1, answer, cause=cause, accepted_as=token, floor=0)
         return r.status
 
     assert await commit(1, "tok-1") == "unaccepted"  # its accept has not run (yet)
     assert await state.events_after("s4", 0) == []
     # Another action is logged first: ours lands as 2, not as the predicted 1.
-    await state.accept("s4", "u", pack({"action": "message", "n": "other"}), 100, 10, token="tok-0")
-    await state.accept("s4", "u", pack({"action": "message", "n": "ours"}), 100, 10, token="tok-1")
+    await state.accept(
+        "s4", "u", pack({"action": "message", "n": "other"}), 100, 10, token="tok-0", floor=0
+    )
+    await state.accept(
+        "s4", "u", pack({"action": "message", "n": "ours"}), 100, 10, token="tok-1", floor=0
+    )
     before = await state.meta("s4")
     assert await commit(1, "tok-1") == "unaccepted"
     assert await state.meta("s4") == before

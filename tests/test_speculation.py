@@ -146,6 +146,7 @@ async def test_an_action_logged_first_by_another_node_voids_the_prediction(
         1000,
         100,
         publisher=manager.inc,
+        floor=0,
     )
     assert foreign.status == "ok" and foreign.event_id == 3
     ours = await manager.send_to_event_stream("c1", message("ours"))

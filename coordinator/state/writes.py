@@ -10,7 +10,8 @@ events), with what a deployment asks of them.
   conversation's ``seq`` below it refuses (``rewound``): Redis lost the newest events in
   a failover. The ids then continue after ``floor`` (``rewind``) with a notice telling
   clients which events were lost, and the write is made; an id a client saw is never
-  given to another event.
+  given to another event. Every writer passes one (the node's is ``Delivery.floor``; 0
+  only where nothing was seen): no default, so no new writer forgets it.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class WriteOps(StateCore):
         publisher: str = "",
         token: str = "",
         *,
-        floor: int = 0,
+        floor: int,
         window_bytes: int = UNBOUNDED,
         max_bytes: int = 0,
     ) -> Accepted:
@@ -164,7 +165,7 @@ class WriteOps(StateCore):
         publisher: str = "",
         writer: str = "",
         accepted_as: str = "",
-        floor: int = 0,
+        floor: int,
         held: Committed | None = None,
     ) -> Committed:
         """Append events as the owner (fenced); ``publisher`` as in ``accept``.
