@@ -15,7 +15,7 @@ NODES     ?= 3
 BASE_PORT ?= 8000
 BENCH_ARGS ?=
 
-LINTED := coordinator workers tests
+LINTED := coordinator workers tests bench
 TYPED  := coordinator workers
 
 .DEFAULT_GOAL := help

@@ -41,7 +41,8 @@ class LoadGenProcess:
         async with self._lock:
             self.proc.stdin.write((json.dumps(payload) + "\n").encode())
             await self.proc.stdin.drain()
-            line = await asyncio.wait_for(self.proc.stdout.readline(), within)
+            async with asyncio.timeout(within):
+                line = await self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"{self.name} exited (code {self.proc.returncode})")
         reply: dict[str, Any] = json.loads(line)
@@ -57,7 +58,8 @@ class LoadGenProcess:
             try:
                 self.proc.stdin.write(b'{"cmd": "quit"}\n')
                 await self.proc.stdin.drain()
-                await asyncio.wait_for(self.proc.wait(), 30)
+                async with asyncio.timeout(30):
+                    await self.proc.wait()
             except (TimeoutError, ConnectionError, BrokenPipeError):
                 self.proc.kill()
                 await self.proc.wait()

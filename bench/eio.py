@@ -54,7 +54,8 @@ class EioClient:
             max_queue=None,
             proxy=None,
         )
-        opening = await asyncio.wait_for(self.ws.recv(), within)
+        async with asyncio.timeout(within):
+            opening = await self.ws.recv()
         if not isinstance(opening, str) or not opening.startswith("0"):
             raise Refused(f"unexpected engine.io open packet {opening!r}")
         loop = asyncio.get_running_loop()
@@ -62,7 +63,8 @@ class EioClient:
         self._reader = asyncio.create_task(self._read())
         await self.ws.send("40" + (json.dumps(auth) if auth is not None else ""))
         try:
-            await asyncio.wait_for(asyncio.shield(self._connected), within)
+            async with asyncio.timeout(within):
+                await asyncio.shield(self._connected)
         except BaseException:
             await self.close()
             raise
@@ -135,7 +137,8 @@ class EioClient:
         return fut
 
     async def call(self, event: str, data: Any, within: float = 15.0) -> Any:
-        return await asyncio.wait_for(self.emit_with_ack(event, data), within)
+        async with asyncio.timeout(within):
+            return await self.emit_with_ack(event, data)
 
     async def close(self) -> None:
         if self.ws is not None:

@@ -83,7 +83,8 @@ async def one_run(
     for i in range(5):
         w.act(f"warm-{i}")
         await asyncio.sleep(INTERVAL)
-    await asyncio.wait_for(_answered(w, [f"warm-{i}" for i in range(5)]), 10)
+    async with asyncio.timeout(10):
+        await _answered(w, [f"warm-{i}" for i in range(5)])
     n = 0
     t_kill = 0.0
     killed = False
@@ -110,7 +111,8 @@ async def one_run(
     while not acked <= set(w.answered) and time.perf_counter() < end:
         w.got_answer.clear()
         try:
-            await asyncio.wait_for(w.got_answer.wait(), end - time.perf_counter())
+            async with asyncio.timeout(end - time.perf_counter()):
+                await w.got_answer.wait()
         except TimeoutError:
             break
     await w.client.close()

@@ -139,7 +139,8 @@ class LoadGen:
         if group.pending:
             group.answered_all.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(group.answered_all.wait(), float(p.get("drain", 3.0)))
+                async with asyncio.timeout(float(p.get("drain", 3.0))):
+                    await group.answered_all.wait()
         for fut in ack_futs:
             if not fut.done():
                 fut.cancel()

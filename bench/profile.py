@@ -238,7 +238,8 @@ async def profile_load(kind: str, mode: Mode) -> dict[str, Any]:
             cpu0 = cpu_seconds(node.pid)
             reply = await gen.request(command)
             cpu = cpu_seconds(node.pid) - cpu0
-            _, err = await asyncio.wait_for(spy.communicate(), 60)
+            async with asyncio.timeout(60):
+                _, err = await spy.communicate()
             if spy.returncode != 0:
                 raise RuntimeError(f"py-spy failed: {err.decode()}")
         finally:

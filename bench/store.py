@@ -387,9 +387,9 @@ async def store_alone(mode: Mode, store: str, kind: str) -> dict[str, Any]:
     (timed), then ``History.after`` reads them back from id 0 a page at a time, as a
     replay does (timed): what replay costs before the socket.io side."""
     from coordinator import ConversationManager
+    from coordinator.catchup import PAGE
     from coordinator.codec import pack
     from coordinator.config import ManagerConfig
-    from coordinator.catchup import PAGE
     from coordinator.state import Lease
 
     events = mode.pick(30_000, 100_000)
