@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from workers.echo import EchoAgent
@@ -28,7 +29,8 @@ class BadAgent(EchoAgent):
     process (``os._exit``), ``leak`` allocates until memory runs out (and keeps it),
     ``raise`` raises, ``slow S`` awaits S seconds, ``checkpoint N`` saves a checkpoint
     of N bytes and answers "saved" or the error. With settings ``{"fail_start": true}``
-    its ``start`` raises; with ``{"start_delay": S}`` it takes S seconds."""
+    its ``start`` raises; with ``{"start_delay": S}`` it takes S seconds, and with
+    ``{"start_log": PATH}`` writes how its start ended there (started, cancelled)."""
 
     def __init__(self, context: AgentContext) -> None:
         super().__init__(context)
@@ -37,7 +39,15 @@ class BadAgent(EchoAgent):
     async def start(self, emit: EmitFn) -> None:
         if self.context.settings.get("fail_start"):
             raise RuntimeError("this agent cannot start")
-        await asyncio.sleep(float(self.context.settings.get("start_delay", 0)))
+        outcome = "started"
+        try:
+            await asyncio.sleep(float(self.context.settings.get("start_delay", 0)))
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            if self.context.settings.get("start_log"):
+                Path(self.context.settings["start_log"]).write_text(outcome)  # noqa: ASYNC240 (a few bytes)
         await super().start(emit)
 
     async def dispatch(self, action: Event) -> None:

@@ -336,15 +336,19 @@ async def test_a_dispatch_cut_short_by_a_lease_lapse_is_not_held_against_the_act
     assert await a.state.attempts("moving") == {}
 
 
-async def test_a_start_cut_short_by_a_lease_lapse_leaves_nothing_starting(make_nodes) -> None:
+async def test_a_start_cut_short_by_a_lease_lapse_leaves_nothing_starting(
+    make_nodes, tmp_path
+) -> None:
     """The node's lease lapses while an agent starts in its worker: the start fails at
-    once (its instance is closed: no answer can reach it), and once the node is back the
+    once (its instance is closed: no answer can reach it), the worker cancels it (not
+    left to finish with nothing to close what it opened), and once the node is back the
     conversation starts again. Seen as an action never answered after two lapses: the
     start waited forever, and the conversation stayed "starting", never resumed, with
     every later join waiting on it."""
     (node,) = await make_nodes(1, **ISOLATED)
     watcher = Watcher(node, make_nodes.sinks[node.node_id], "late")
-    joining = asyncio.ensure_future(watcher.join({"start_delay": 1.0}))
+    ended = tmp_path / "start"
+    joining = asyncio.ensure_future(watcher.join({"start_delay": 5.0, "start_log": str(ended)}))
 
     def opening() -> bool:
         runner = node.runner("late")
@@ -356,6 +360,8 @@ async def test_a_start_cut_short_by_a_lease_lapse_leaves_nothing_starting(make_n
     with pytest.raises(AgentFailed, match="closed"):
         await asyncio.wait_for(joining, 10)
     assert "late" not in node.node.loops.starting
+    await wait_until(ended.exists, what="the start ended in the worker")
+    assert ended.read_text() == "cancelled"
     await wait_until(lambda: node.inc != old and node.node.membership.check(), what="back")
     await asyncio.wait_for(watcher.join(), 10)
     await watcher.round_trip("after")

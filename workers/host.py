@@ -187,6 +187,7 @@ class AgentHost(asyncio.Protocol):
         self._agents[lid] = hosted
         checkpoint = Checkpoint(*saved) if saved else None
         memory = ChannelMemory(self, hosted)
+        hosted.task = asyncio.current_task()  # a CLOSE meanwhile cancels the start
         try:
             context = AgentContext(sid, user or None, settings or {}, after, checkpoint, memory)
             hosted.agent = self._factory(context)
@@ -202,6 +203,8 @@ class AgentHost(asyncio.Protocol):
             self._send([FAILED, rid, lid, *describe(exc), _state(hosted.agent)])
         else:
             self._send([DONE, rid, lid, _state(hosted.agent)])
+        finally:
+            hosted.task = None
 
     async def _dispatch(self, rid: int, lid: int, action: Event) -> None:
         CURRENT_LID.set(lid)
