@@ -236,6 +236,12 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         "seconds one action may take in its agent before it is cancelled and answered "
         "with an error event (default: no limit)",
     ),
+    "agent_start_timeout": (
+        "--agent-start-timeout",
+        float,
+        "seconds an agent's start may take before it is cancelled and the start refused "
+        "with an error naming the bound; 0: no limit (default: 60)",
+    ),
     "max_connections_per_user": (
         "--max-connections-per-user",
         int,

@@ -211,9 +211,10 @@ class ManagerConfig:
     # stalls every conversation of the node and its lease, and one that exits takes the
     # node down. A stall is a worker that has not answered for agent_stall_timeout; an
     # action that stalled or killed its worker max_dispatch_attempts times is answered
-    # with an error. Limits per worker (address space, bytes) and per dispatch (seconds);
-    # 0 is none. agent_cpus: the CPUs the workers run on, the node's event loop on the
-    # others ("auto": all but the first; "": wherever the kernel puts them; cpus.py).
+    # with an error. Limits per worker (address space, bytes), per dispatch and per start
+    # of an agent (seconds); 0 is none. agent_cpus: the CPUs the workers run on, the
+    # node's event loop on the others ("auto": all but the first; "": wherever the
+    # kernel puts them; cpus.py).
     agent_isolation: str = "process"
     agent_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     agent_cpus: str = ""
@@ -221,6 +222,7 @@ class ManagerConfig:
     max_dispatch_attempts: int = 2
     agent_memory_limit: int = 0
     agent_dispatch_timeout: float = 0.0
+    agent_start_timeout: float = 60.0
     # Connections one user may hold open at once, on all nodes together (0: no limit).
     max_connections_per_user: int = 32
 
@@ -334,11 +336,9 @@ class ManagerConfig:
                 f"{MIN_AGENT_MEMORY >> 20}M (a worker's interpreter needs that much), "
                 f"got {self.agent_memory_limit!r}"
             )
-        if self.agent_dispatch_timeout < 0:
-            raise ConfigError(
-                "agent_dispatch_timeout must be >= 0 (0: none), "
-                f"got {self.agent_dispatch_timeout!r}"
-            )
+        for name in ("agent_dispatch_timeout", "agent_start_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: none), got {getattr(self, name)!r}")
         if self.max_connections_per_user < 0:
             raise ConfigError(
                 f"max_connections_per_user must be >= 0, got {self.max_connections_per_user!r}"

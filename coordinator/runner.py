@@ -27,7 +27,7 @@ from .backoff import Backoff
 from .codec import agent_event, is_state_note, pack_agent_events, stamped_at, with_state_note
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import REDIS_TROUBLE, Fenced, SpeculationLost
+from .errors import REDIS_TROUBLE, AgentFailed, Fenced, SpeculationLost
 from .idle import IdleTracker
 from .metrics import NodeMetrics
 from .poison import agent_failure
@@ -110,7 +110,7 @@ class LoopRunner:
         return not (self.fenced or self.closed)
 
     async def start(self) -> None:
-        await self.agent.start(self.emit)
+        await self._start_agent()
         self._task = asyncio.create_task(self._run(), name=f"loop:{self.sid}")
         self._task.add_done_callback(self._task_done)
 
@@ -227,9 +227,26 @@ class LoopRunner:
         old, self.agent = self.agent, self._new_agent(self._queue.applied)
         await self._close_agent(old)
         try:
-            await self.agent.start(self.emit)
+            await self._start_agent()
         except Exception:  # as a failed dispatch: logged, the conversation goes on
             log.exception("fresh agent of %s failed to start", self.sid)
+
+    async def _start_agent(self) -> None:
+        """``agent.start``, cancelled past ``agent_start_timeout`` (AgentFailed naming the
+        bound): an agent whose start never returns would hold the conversation
+        "starting", its joins waiting, and its user's cap slot, for good."""
+        limit = self._config.agent_start_timeout
+        bound = asyncio.timeout(limit or None)
+        try:
+            async with bound:
+                await self.agent.start(self.emit)
+        except TimeoutError:
+            if not bound.expired():
+                raise  # the agent's own
+            log.error("agent of %s did not start within %gs; cancelled", self.sid, limit)
+            raise AgentFailed(
+                f"the agent of {self.sid} did not start within {limit:g}s (agent_start_timeout)"
+            ) from None
 
     async def _close_agent(self, agent: AgentLoop) -> None:
         try:

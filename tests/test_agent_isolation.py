@@ -212,6 +212,32 @@ async def test_an_agent_that_cannot_start_is_a_clear_error_and_harms_nothing(mak
     assert (_pool(node).restarts, lapses) == (0, [])
 
 
+@pytest.mark.parametrize("isolation", ["process", "none"])
+async def test_an_agent_that_never_finishes_starting_is_cancelled_at_its_bound(
+    make_nodes: Any, isolation: str, tmp_path: Any
+) -> None:
+    """``agent_start_timeout``: a start still running then is cancelled (in its worker
+    too) and the join refused with an error naming the bound; nothing is left
+    "starting", the conversation starts when its agent does, the others never noticed."""
+    node, lapses = await _isolated_node(
+        make_nodes, agent_isolation=isolation, agent_start_timeout=1.0
+    )
+    sink = make_nodes.sinks[node.node_id]
+    good = await Watcher(node, sink, "good").join()
+    ended = tmp_path / "start"
+    stuck = Watcher(node, sink, "stuck")
+    with pytest.raises(AgentFailed, match=r"did not start within 1s \(agent_start_timeout\)"):
+        await stuck.join({"start_delay": 3600, "start_log": str(ended)})
+    await wait_until(ended.exists, what="the start ended where it ran")
+    assert ended.read_text() == "cancelled"
+    assert not await node.is_agent_loop_running("stuck")
+    assert "stuck" not in node.node.loops.starting
+    await good.round_trip("still here")
+    await stuck.join()
+    await stuck.round_trip("started after all")
+    assert lapses == []
+
+
 async def test_an_action_spent_on_other_nodes_is_not_dispatched_again(make_nodes) -> None:
     """The count lives in Redis with the inbox: an action that failed its workers
     max_dispatch_attempts times before (here: as if on another node) is answered with an

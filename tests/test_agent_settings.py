@@ -65,6 +65,7 @@ def test_fenced_and_speculation_lost_cross_the_channel_by_name() -> None:
         ({"max_dispatch_attempts": 0}, "max_dispatch_attempts must be > 0"),
         ({"agent_memory_limit": 1 << 20}, "at least 128M"),
         ({"agent_dispatch_timeout": -1.0}, "agent_dispatch_timeout must be >= 0"),
+        ({"agent_start_timeout": -1.0}, "agent_start_timeout must be >= 0"),
     ],
 )
 def test_agent_settings_are_checked(changes: dict[str, Any], message: str) -> None:
@@ -80,18 +81,21 @@ def test_agent_flags_and_their_environment(monkeypatch: pytest.MonkeyPatch) -> N
     default = config()
     assert (default.agent_isolation, default.agent_memory_limit) == ("process", 0)
     assert default.agent_workers >= 1 and default.agent_dispatch_timeout == 0
+    assert default.agent_start_timeout == 60
     got = config(
         *("--agent-isolation", "none", "--agent-workers", "3", "--agent-stall-timeout", "2.5"),
         *("--max-dispatch-attempts", "4", "--agent-memory-limit", "512M"),
-        *("--agent-dispatch-timeout", "30"),
+        *("--agent-dispatch-timeout", "30", "--agent-start-timeout", "0"),
     )
     assert (got.agent_isolation, got.agent_workers, got.agent_stall_timeout) == ("none", 3, 2.5)
     assert (got.max_dispatch_attempts, got.agent_memory_limit) == (4, 512 << 20)
-    assert got.agent_dispatch_timeout == 30
+    assert (got.agent_dispatch_timeout, got.agent_start_timeout) == (30, 0)
     assert config("--agent-memory-limit", "1.5G").agent_memory_limit == 3 << 29
     assert config("--agent-memory-limit", "off").agent_memory_limit == 0
     monkeypatch.setenv("COORDINATOR_AGENT_ISOLATION", "none")
     monkeypatch.setenv("COORDINATOR_AGENT_MEMORY_LIMIT", "256MiB")
+    monkeypatch.setenv("COORDINATOR_AGENT_START_TIMEOUT", "300")
+    assert config().agent_start_timeout == 300
     assert (config().agent_isolation, config().agent_memory_limit) == ("none", 256 << 20)
     with pytest.raises(SystemExit):
         config("--agent-memory-limit", "lots")

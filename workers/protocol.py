@@ -139,7 +139,9 @@ class AgentLoop(Protocol):
     def state(self) -> AgentState: ...
 
     async def start(self, emit: EmitFn) -> None:
-        """Prepare the agent; ``emit`` stays valid until ``aclose``.
+        """Prepare the agent; ``emit`` stays valid until ``aclose``. A join waits for it:
+        past the node's ``agent_start_timeout`` (60 s by default) it is cancelled and
+        the start refused.
 
         An initial user message, if the conversation was started with one, arrives as
         the first ``dispatch`` call, like any other action.
