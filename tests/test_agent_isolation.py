@@ -220,13 +220,13 @@ async def test_an_agent_that_never_finishes_starting_is_cancelled_at_its_bound(
     too) and the join refused with an error naming the bound; nothing is left
     "starting", the conversation starts when its agent does, the others never noticed."""
     node, lapses = await _isolated_node(
-        make_nodes, agent_isolation=isolation, agent_start_timeout=1.0
+        make_nodes, agent_isolation=isolation, agent_start_timeout=2.0
     )
     sink = make_nodes.sinks[node.node_id]
     good = await Watcher(node, sink, "good").join()
     ended = tmp_path / "start"
     stuck = Watcher(node, sink, "stuck")
-    with pytest.raises(AgentFailed, match=r"did not start within 1s \(agent_start_timeout\)"):
+    with pytest.raises(AgentFailed, match=r"did not start within 2s \(agent_start_timeout\)"):
         await stuck.join({"start_delay": 3600, "start_log": str(ended)})
     await wait_until(ended.exists, what="the start ended where it ran")
     assert ended.read_text() == "cancelled"
