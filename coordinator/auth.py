@@ -25,8 +25,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePublicKey
@@ -61,27 +60,27 @@ class AuthError(InvalidInput):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a verified token speaks for: ``user`` (its ``sub``) and all of its claims
-    (read-only), where later roles such as ``org`` or ``admin`` are found."""
+    """Who a verified token speaks for: ``user`` (its ``sub``); ``org``, the organisation
+    of its ``org`` claim ('' if none; checked like a user id), whose cap its loops count
+    against too; ``admin``, whether it grants the cluster-wide views: a ``role`` of
+    ``admin`` (what ``coordinator token --admin`` issues) or an ``admin`` claim that is
+    ``true`` (as some identity providers spell it)."""
 
     user: str
-    claims: Mapping[str, Any]
+    org: str = ""
+    admin: bool = False
 
-    @property
-    def admin(self) -> bool:
-        """Whether the token grants the cluster-wide views: a ``role`` of ``admin`` (what
-        ``coordinator token --admin`` issues) or an ``admin`` claim that is ``true`` (as
-        some identity providers spell it). Anything else is an ordinary user."""
-        return self.claims.get("role") == ADMIN_ROLE or self.claims.get("admin") is True
 
-    @property
-    def org(self) -> str:
-        """The organisation of the token's ``org`` claim ('' if none; checked like a user
-        id when verified): its loops count against the organisation's cap too."""
-        org = self.claims.get("org")
-        return org if isinstance(org, str) else ""
+class _Verified(NamedTuple):
+    """A token whose signature and claims checked out: who it speaks for, and the times
+    every later use checks again (``exp``, and ``iat``/``nbf`` where it has them)."""
+
+    identity: Identity
+    exp: float
+    iat: float | None
+    nbf: float | None
 
 
 @dataclass(frozen=True)
@@ -128,8 +127,10 @@ class TokenVerifier:
         self._short_secret = short_secret(settings)
         # Tokens whose signature and claims checked out (their times are checked again on
         # every use): a client reconnecting, or a REST caller, presents the same token
-        # again, and a signature check costs ~70 us. Bounded, oldest dropped first.
-        self._verified: OrderedDict[str, Mapping[str, Any]] = OrderedDict()
+        # again, and a signature check costs ~70 us. By the token's SHA-256 (not the token
+        # itself, nor its claims: a few hundred bytes less per remembered token, and the
+        # node holds one for about every connection). Bounded, oldest dropped first.
+        self._verified: OrderedDict[bytes, _Verified] = OrderedDict()
 
     @classmethod
     def from_settings(cls, settings: TokenSettings) -> TokenVerifier:
@@ -150,12 +151,22 @@ class TokenVerifier:
         """The identity of a valid token; raises AuthError saying what is wrong."""
         if token is None or token == "":
             raise AuthError("missing token")
-        if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
-            raise AuthError("malformed token")
-        known = self._verified.get(token)
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or not token.isascii():
+            raise AuthError("malformed token")  # a JWT is base64url parts and dots
+        now = time.time() if now is None else now
+        digest = hashlib.sha256(token.encode()).digest()
+        known = self._verified.get(digest)
         if known is not None:
-            self._check_times(known, time.time() if now is None else now)
-            return Identity(known["sub"], known)
+            self._check_times(known, now)
+            return known.identity
+        known = self._verify_new(token)
+        self._check_times(known, now)
+        self._verified[digest] = known
+        if len(self._verified) > VERIFIED_KEPT:
+            self._verified.popitem(last=False)
+        return known.identity
+
+    def _verify_new(self, token: str) -> _Verified:
         s = self.settings
         try:
             key = self._key_for(token)
@@ -186,12 +197,10 @@ class TokenVerifier:
                 check_user_id(org)
             except InvalidInput:
                 raise AuthError("malformed token: org is not a valid organisation id") from None
-        self._check_times(claims, time.time() if now is None else now)
-        frozen = MappingProxyType(claims)
-        self._verified[token] = frozen
-        if len(self._verified) > VERIFIED_KEPT:
-            self._verified.popitem(last=False)
-        return Identity(user, frozen)
+        exp, iat, nbf = (_numeric(claims, name) for name in ("exp", "iat", "nbf"))
+        assert exp is not None  # required
+        admin = claims.get("role") == ADMIN_ROLE or claims.get("admin") is True
+        return _Verified(Identity(user, org or "", admin), exp, iat, nbf)
 
     def _key_for(self, token: str) -> Any:
         if None in self._keys:
@@ -206,9 +215,8 @@ class TokenVerifier:
             raise AuthError("token signed with an unknown key (kid)")
         return key
 
-    def _check_times(self, claims: Mapping[str, Any], now: float) -> None:
-        exp, iat, nbf = (_numeric(claims, name) for name in ("exp", "iat", "nbf"))
-        assert exp is not None  # required
+    def _check_times(self, token: _Verified, now: float) -> None:
+        exp, iat, nbf = token.exp, token.iat, token.nbf
         if now >= exp:
             raise AuthError("token expired")
         if nbf is not None and nbf > now + CLOCK_SKEW:

@@ -21,6 +21,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from coordinator.auth import (
     DEFAULT_MAX_LIFETIME,
+    VERIFIED_KEPT,
     AuthError,
     TokenSettings,
     TokenVerifier,
@@ -97,14 +98,37 @@ def test_a_token_verified_once_is_remembered_but_still_expires() -> None:
     assert _refusal(lambda: verifier.verify(forged, now=NOW + 1)) == "bad token signature"
 
 
-def test_identity_carries_every_claim_read_only() -> None:
+@pytest.mark.parametrize(
+    ("claims", "org", "admin"),
+    [
+        ({}, "", False),
+        ({"org": "acme", "admin": True}, "acme", True),
+        ({"role": "admin"}, "", True),
+        ({"role": "user", "admin": "yes"}, "", False),  # only a true ``admin`` claim counts
+    ],
+)
+def test_identity_carries_the_org_and_the_admin_role(
+    claims: dict[str, Any], org: str, admin: bool
+) -> None:
     verifier = TokenVerifier.from_settings(TokenSettings(secret="s"))
-    token = issue_token("alice", "s", claims={"org": "acme", "admin": True})
-    identity = verifier.verify(token)
-    assert identity.user == verifier.user(token) == "alice"
-    assert identity.claims["org"] == "acme" and identity.claims["admin"] is True
-    with pytest.raises(TypeError):
-        identity.claims["admin"] = False  # type: ignore[index]
+    token = issue_token("alice", "s", claims=claims)
+    for _ in range(2):  # verified, then remembered
+        identity = verifier.verify(token)
+        assert (identity.user, identity.org, identity.admin) == ("alice", org, admin)
+    assert verifier.user(token) == "alice"
+
+
+def test_remembered_tokens_are_bounded_and_held_by_their_digest() -> None:
+    verifier = TokenVerifier.from_settings(TokenSettings(secret="s"))
+    tokens = [issue_token(f"u{i}", "s", now=NOW) for i in range(VERIFIED_KEPT + 5)]
+    for token in tokens:
+        verifier.verify(token, now=NOW)
+    kept = verifier._verified
+    assert len(kept) == VERIFIED_KEPT
+    assert all(isinstance(key, bytes) and len(key) == 32 for key in kept)
+    # The oldest went first; a forgotten token is verified again, not refused.
+    assert hashlib.sha256(tokens[0].encode()).digest() not in kept
+    assert verifier.verify(tokens[0], now=NOW).user == "u0"
 
 
 def test_thumbprint_is_rfc7638() -> None:
@@ -125,6 +149,8 @@ def test_thumbprint_is_rfc7638() -> None:
         ("!!.??.##", "malformed token"),
         ("eyJ1IjoiYSJ9.e30.", "token algorithm not accepted (this node accepts HS256)"),
         ("x" * 9000, "malformed token"),
+        ("a.\ud800.c", "malformed token"),  # a lone surrogate (JSON can carry one)
+        ("\u00e9.b.c", "malformed token"),
     ],
 )
 def test_malformed_tokens(token: object, reason: str) -> None:

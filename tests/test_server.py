@@ -165,6 +165,9 @@ async def test_bad_connects_are_refused_with_a_reason_and_change_nothing(
         ((a.url, "conv", forged), {}, "authentication failed: bad token signature"),
         ((a.url, "conv", f"{other_body}.{sig}"), {}, "bad token signature"),
         ((a.url, "conv", "garbage"), {}, "authentication failed: malformed token"),
+        # JSON may carry what no JWT holds: a lone surrogate, a character past ASCII.
+        ((a.url, "conv", f"{body}.\ud800"), {}, "authentication failed: malformed token"),
+        ((a.url, "conv", f"{body}.\u00e9"), {}, "authentication failed: malformed token"),
         ((a.url, "conv", forged), {"token_in_query": True}, "bad token signature"),
         ((a.url, "no spaces!", good), {}, "invalid conversation id 'no spaces!'"),
         ((a.url, "x" * 129, good), {}, "invalid conversation id"),
