@@ -88,7 +88,7 @@ class NullSink:
         return None
 
 
-@dataclass
+@dataclass(slots=True)
 class Connection:
     cid: str
     sid: str

@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -71,10 +71,16 @@ class Receiver:
         self.receive: Receive | None = receive
         self.kind = kind  # the scope's type: what a late call is told (disconnected)
 
-    async def __call__(self) -> Message:
+    def __call__(self) -> Awaitable[Message]:
+        # Not a coroutine of its own: the app awaits the connection's receive itself (a
+        # websocket waits in it for good; one frame of a coroutine less per connection).
         if self.receive is None:
-            return {"type": f"{self.kind}.disconnect", "code": 1006}
-        return await self.receive()
+            return _gone(self.kind)
+        return self.receive()
+
+
+async def _gone(kind: str) -> Message:
+    return {"type": f"{kind}.disconnect", "code": 1006}
 
 
 class FrameGuard:

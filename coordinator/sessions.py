@@ -72,14 +72,17 @@ class Sessions:
         self._intake.check()
         cfg = self._config
         began = time.time()
-        try:
-            async with asyncio.timeout(cfg.join_wait):
-                await self._join_gate.acquire()
-        except TimeoutError:
-            raise NodeBusy(
-                f"node {cfg.node_id} is busy ({cfg.max_concurrent_joins} joins in "
-                f"progress for over {cfg.join_wait:g}s); try again"
-            ) from None
+        if self._join_gate.locked():
+            try:
+                async with asyncio.timeout(cfg.join_wait):
+                    await self._join_gate.acquire()
+            except TimeoutError:
+                raise NodeBusy(
+                    f"node {cfg.node_id} is busy ({cfg.max_concurrent_joins} joins in "
+                    f"progress for over {cfg.join_wait:g}s); try again"
+                ) from None
+        else:  # taken at once: no timer (a cancelled one would stay in the loop's heap)
+            await self._join_gate.acquire()
         try:
             info = await self._loops.ensure_running(sid, user, settings, None, org)
             if joined is not None:  # in another conversation: it moves, once this one may
