@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,7 +31,7 @@ from .connlimits import ConnectionGuard, forwarded_client
 from .http import Origins
 from .ratelimit import LogThrottle, Rate, TokenBucket
 from .serverconfig import ServerConfig
-from .websocket import ABORT_KEY, WRITE_NOW_KEY
+from .websocket import SOCKET_KEY, WebSocket
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,12 @@ class FrameGuard:
     ``__dict__``)."""
 
     __slots__ = (
-        "_abort",
         "_bucket",
         "_receive",
         "_send",
         "_since_yield",
+        "_socket",
         "_throttle",
-        "_write_now",
         "address",
         "close_code",
         "closed",
@@ -112,8 +111,7 @@ class FrameGuard:
         rate: Rate,
         address: str,
         throttle: LogThrottle,
-        abort: Callable[[], None] | None = None,
-        write_now: Callable[[], bool] | None = None,
+        socket: WebSocket | None = None,
     ) -> None:
         self._send = send
         self._receive = receive
@@ -121,8 +119,7 @@ class FrameGuard:
         self._bucket = TokenBucket(rate, time.monotonic())
         self.address = address
         self._throttle = throttle
-        self._abort = abort
-        self._write_now = write_now
+        self._socket = socket  # the websocket protocol under the app, when it is ours
         self.closed: str | None = None  # the reason it was closed for
         self.close_code = 0
         # Bytes of events handed to engine.io for this client, and bytes written to it:
@@ -147,8 +144,8 @@ class FrameGuard:
             self.closed is None
             and self.queued_messages == 0
             and self.sent_bytes > 0
-            and self._write_now is not None
-            and self._write_now()
+            and self._socket is not None
+            and self._socket.can_write_now()
         )
 
     async def write(self, part: str | bytes) -> None:
@@ -193,8 +190,8 @@ class FrameGuard:
         not read would never get)."""
         if self.closed is None:
             self.closed, self.close_code = reason, 1006
-        if self._abort is not None:
-            self._abort()
+        if self._socket is not None:
+            self._socket.abort()
 
     async def guarded_receive(self) -> Message:
         """The connection's ``receive``, every frame counted and checked first."""
@@ -278,9 +275,8 @@ class Edge:
         try:
             if kind == "websocket" and scope["path"].startswith(SOCKETIO_PATH):
                 address = str((scope.get("client") or ("",))[0])
-                abort, write_now = scope.get(ABORT_KEY), scope.get(WRITE_NOW_KEY)
                 frames = FrameGuard(
-                    send, receive, self.frames, address, self.throttle, abort, write_now
+                    send, receive, self.frames, address, self.throttle, scope.get(SOCKET_KEY)
                 )
                 scope[SCOPE_KEY] = frames
                 receiver.receive = frames.guarded_receive
@@ -296,8 +292,7 @@ class Edge:
             # which holds the scope.
             receiver.receive = None
             scope.pop(SCOPE_KEY, None)
-            scope.pop(ABORT_KEY, None)
-            scope.pop(WRITE_NOW_KEY, None)
+            scope.pop(SOCKET_KEY, None)
 
     def _routed_here(self, scope: Scope) -> bool:
         """With a metrics port, /metrics is there and only there."""

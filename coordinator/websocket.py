@@ -13,7 +13,7 @@ delay is one loop iteration, and order is kept because every write of the connec
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -75,11 +75,18 @@ class CoalescingTransport(asyncio.Transport):
         return False
 
 
-# The scope key of a callable that drops the connection at once (``abort``).
-ABORT_KEY = "coordinator.abort"
-# The scope key of a callable saying whether a frame sent now is written without waiting
-# (``can_write_now``).
-WRITE_NOW_KEY = "coordinator.write_now"
+class WebSocket(Protocol):
+    """What the app in front (``edge.FrameGuard``) may ask of the connection's websocket
+    protocol, which the scope holds under ``SOCKET_KEY``."""
+
+    def abort(self) -> None:
+        """Drop the connection at once, whatever is still waiting to be written."""
+
+    def can_write_now(self) -> bool:
+        """Whether a frame sent now goes into the transport without waiting."""
+
+
+SOCKET_KEY = "coordinator.websocket"
 # Bytes waiting in the transport (coalesced or not yet taken by the kernel) above which
 # a frame is no longer written at once: asyncio's default high-water mark.
 WRITE_NOW_LIMIT = 64 * 1024
@@ -94,7 +101,7 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
     A peer that stopped reading must not hold the connection: uvicorn ends one that does
     not answer its pings, or its close, with ``transport.close()``, which waits for the
     write buffer to drain, and with a peer that reads nothing it never does. Here those
-    ends abort the transport, and the app may abort it too (the scope's ``ABORT_KEY``)."""
+    ends abort the transport, and the app may abort it too (the scope's ``SOCKET_KEY``)."""
 
     _raw: asyncio.BaseTransport | None = None
 
@@ -113,8 +120,7 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:  # the app's task starts on the next loop iteration
-            scope[ABORT_KEY] = self.abort
-            scope[WRITE_NOW_KEY] = self.can_write_now
+            scope[SOCKET_KEY] = self
 
     def abort(self) -> None:
         """Drop the connection now, whatever is still waiting to be written."""
