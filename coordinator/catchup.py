@@ -125,7 +125,9 @@ class LocalConnections:
         self.sink = sink
         self._tasks = tasks
         self._by_id: dict[str, Connection] = {}
-        self._rooms: dict[str, set[str]] = {}
+        # Each conversation's connections on this node: seldom more than a few, so a
+        # tuple (56 bytes for one) rather than a set (216).
+        self._rooms: dict[str, tuple[Connection, ...]] = {}
         self._last_sent: tuple[int, Event, Event] | None = None  # (id, event, with id)
         # Catch-ups of live connections (a gap, a pub/sub reconnect): reads of the log.
         self.catch_ups = 0
@@ -145,23 +147,27 @@ class LocalConnections:
         return self._by_id.get(cid)
 
     def room(self, sid: str) -> list[Connection]:
-        return [self._by_id[c] for c in self._rooms.get(sid, ()) if c in self._by_id]
+        return list(self._rooms.get(sid, ()))
 
     def add(self, cid: str, sid: str, user: str, cursor: int, joined_at: float) -> Connection:
         """Register a connection in catch-up mode: live events are buffered until
         ``catch_up`` has sent what the log holds after ``cursor``."""
         conn = Connection(cid, sid, user, max(0, cursor), joined_at=joined_at)
+        old = self._by_id.get(cid)
+        if old is not None:
+            self.forget(old)
         self._by_id[cid] = conn
-        self._rooms.setdefault(sid, set()).add(cid)
+        self._rooms[sid] = (*self._rooms.get(sid, ()), conn)
         return conn
 
     def forget(self, conn: Connection) -> None:
-        self._by_id.pop(conn.cid, None)
-        room = self._rooms.get(conn.sid)
-        if room is not None:
-            room.discard(conn.cid)
-            if not room:
-                del self._rooms[conn.sid]
+        if self._by_id.get(conn.cid) is conn:
+            del self._by_id[conn.cid]
+        room = tuple(c for c in self._rooms.get(conn.sid, ()) if c is not conn)
+        if room:
+            self._rooms[conn.sid] = room
+        else:
+            self._rooms.pop(conn.sid, None)
 
     async def offer(self, sid: str, event_id: int, event: Event) -> None:
         """A live event of ``sid`` arrived: send it to (or buffer it for) the room."""
@@ -333,7 +339,7 @@ class LocalConnections:
             return
         with contextlib.suppress(Exception):
             await self.sink.deliver(conn.cid, update)
-        if notice_code(event) in CLOSING and conn.cid in self._by_id:
+        if notice_code(event) in CLOSING and self._by_id.get(conn.cid) is conn:
             self.forget(conn)
             self._tasks.spawn(self._close(conn), f"close:{conn.cid}")
 
