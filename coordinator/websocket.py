@@ -13,18 +13,24 @@ delay is one loop iteration, and order is kept because every write of the connec
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Protocol, cast
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 
+_NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
+
 
 class CoalescingTransport(asyncio.Transport):
     """A transport wrapper whose writes are joined and flushed once per loop iteration."""
 
+    __slots__ = ("_loop", "_pending", "_transport")  # one per connection: no __dict__
+
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
+        super().__init__(_NO_EXTRA)  # ``get_extra_info`` asks the transport it wraps
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
