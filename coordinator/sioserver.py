@@ -26,6 +26,7 @@ This overrides python-socketio's ``_handle_eio_connect``, ``_handle_eio_message`
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import Counter
 from typing import Any
@@ -86,6 +87,10 @@ class PingTrackingServer(engineio.AsyncServer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ping_tasks: dict[str, asyncio.Task[Any]] = {}
+        # Made once, not per ping task (one is always pending for every session): the
+        # callback, and a context of its own instead of a copy of the current one.
+        self._forget = self._forget_ping
+        self._forget_context = contextvars.Context()
         drivers: dict[str, Any] = getattr(self, "_async")  # noqa: B009 (engine.io's, untyped)
         self._async = {**drivers, "websocket": EndingWebSocket}
 
@@ -95,7 +100,7 @@ class PingTrackingServer(engineio.AsyncServer):  # type: ignore[misc]
         if getattr(target, "__name__", "") == "_send_ping" and session is not None:
             task.set_name(session.sid)  # what ``_forget_ping`` finds it by
             self.ping_tasks[session.sid] = task
-            task.add_done_callback(self._forget_ping)
+            task.add_done_callback(self._forget, context=self._forget_context)
         return task
 
     def _forget_ping(self, task: asyncio.Task[Any]) -> None:

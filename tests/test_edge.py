@@ -221,6 +221,13 @@ async def test_a_closed_connection_leaves_no_reference_cycle(servers: ServerClus
     lets go, not by a full collection that walks every live connection (BENCHMARKS.md,
     issue #17)."""
     (node,) = await servers.start(1)
+    eio = node.manager.sink.sio.eio  # type: ignore[attr-defined]
+    # Each session's ping task is kept (to end with the session) and forgotten when done.
+    client = await servers.join(node, "pinged", "alice")
+    (ping,) = eio.ping_tasks.values()
+    ping.cancel()  # done early: its done callback forgets it
+    await wait_until(lambda: not eio.ping_tasks, timeout=2, what="the ping task forgotten")
+    await client.close()
     gc.collect()
     gc.disable()
     try:
@@ -235,6 +242,7 @@ async def test_a_closed_connection_leaves_no_reference_cycle(servers: ServerClus
         kinds = (CoalescingSansIOProtocol, AsyncSocket)
         cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, kinds)]
         assert cyclic == []
+        assert eio.ping_tasks == {}  # ended with their sessions
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
