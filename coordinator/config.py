@@ -104,13 +104,16 @@ DEFAULT_LIFETIMES = Lifetimes()
 
 def check_settings(value: object) -> dict[str, Any]:
     """Agent settings from a client: a JSON object of at most ``MAX_SETTINGS_BYTES`` as
-    compact JSON (None is ``{}``); else InvalidInput."""
+    compact JSON in UTF-8 (None is ``{}``); else InvalidInput."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InvalidInput("settings must be a JSON object")
     try:
-        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        size = len(text.encode())
+    except UnicodeEncodeError:  # JSON's \ud800 escapes decode to what UTF-8 cannot hold
+        raise InvalidInput("settings must be plain JSON: text that is not UTF-8") from None
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidInput(f"settings must be plain JSON: {exc}") from None
     if size > MAX_SETTINGS_BYTES:

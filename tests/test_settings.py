@@ -73,6 +73,9 @@ async def test_rest_create_settings_reach_the_agent(servers: ServerCluster) -> N
         ([1, 2], "settings must be a JSON object"),
         ("{}", "settings must be a JSON object"),
         ({"big": "x" * MAX_SETTINGS_BYTES}, f"at most {MAX_SETTINGS_BYTES} bytes"),
+        # JSON carries lone surrogates (an agent worker's msgpack cannot): a value, a key.
+        ({"model": "x\ud800"}, "settings must be plain JSON: text that is not UTF-8"),
+        ({"\udc00": 1}, "settings must be plain JSON: text that is not UTF-8"),
     ],
 )
 async def test_bad_settings_are_refused(
