@@ -146,8 +146,10 @@ class LocalConnections:
     def get(self, cid: str) -> Connection | None:
         return self._by_id.get(cid)
 
-    def room(self, sid: str) -> list[Connection]:
-        return list(self._rooms.get(sid, ()))
+    def room(self, sid: str) -> tuple[Connection, ...]:
+        """The conversation's connections on this node now: a snapshot to iterate across
+        awaits (a room is replaced, never changed in place), no copy per event."""
+        return self._rooms.get(sid, ())
 
     def add(self, cid: str, sid: str, user: str, cursor: int, joined_at: float) -> Connection:
         """Register a connection in catch-up mode: live events are buffered until

@@ -109,3 +109,27 @@ async def test_a_reply_whose_commit_reply_was_lost_still_reaches_local_clients(
     replies = [e for e in sink.events["ca"] if e.get("source") == "agent"]
     assert [e["id"] for e in replies] == lost
     assert [e["id"] for e in sink.events["ca"]] == list(range(1, len(sink.events["ca"]) + 1))
+
+
+async def test_a_connection_joined_to_another_conversation_moves_there(make_nodes) -> None:
+    """The seed's join of a connection already in a conversation moves it: from then on
+    it gets the new conversation's events and its actions go there; the one it left
+    reaches only the connections still in it."""
+    (a,) = await make_nodes(1)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("left", "mover", {}, "mia")
+    await a.join_conversation("left", "stayer", {}, "mia")
+    await a.join_conversation("entered", "mover", {}, "mia")
+    moved_at = len(sink.events["mover"])
+    await a.send_to_event_stream("stayer", {"action": "message", "args": {"content": "old"}})
+    await a.send_to_event_stream("mover", {"action": "message", "args": {"content": "new"}})
+
+    def said(cid: str, text: str, since: int = 0) -> bool:
+        return any(e.get("source") == "agent" and text in str(e) for e in sink.events[cid][since:])
+
+    await wait_until(lambda: said("stayer", "old") and said("mover", "new"), what="answers")
+    await asyncio.sleep(0.2)  # anything of "left" still on its way to "mover" arrives
+    assert not said("mover", "old", moved_at)
+    assert not said("stayer", "new")
+    assert [c.cid for c in a.node.connections.room("left")] == ["stayer"]
+    assert [c.cid for c in a.node.connections.room("entered")] == ["mover"]
