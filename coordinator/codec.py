@@ -48,6 +48,8 @@ def unpack(data: bytes) -> Any:
 # does not have, but Python's json module reads).
 MAX_DEPTH = 32
 MAX_ITEMS = 20_000
+# JSON has integers of any size; msgpack (how events are kept and carried) 64 bits.
+MIN_INT, MAX_INT = -(2**63), 2**64 - 1
 
 
 def shape_problem(value: Any, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> str | None:
@@ -63,6 +65,9 @@ def shape_problem(value: Any, max_depth: int = MAX_DEPTH, max_items: int = MAX_I
         if isinstance(item, float):
             if not math.isfinite(item):
                 return "a number is NaN or Infinity, which JSON does not allow"
+        elif isinstance(item, int):
+            if not MIN_INT <= item <= MAX_INT:
+                return "an integer beyond 64 bits, which msgpack cannot carry"
         elif isinstance(item, dict | list | tuple):
             if depth >= max_depth:
                 return f"nested too deeply (more than {max_depth} levels)"

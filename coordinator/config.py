@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import cpus
+from .codec import shape_problem
 from .errors import ConfigError, InvalidInput
 from .redisurl import (
     REDIS_MODES,
@@ -104,11 +105,15 @@ DEFAULT_LIFETIMES = Lifetimes()
 
 def check_settings(value: object) -> dict[str, Any]:
     """Agent settings from a client: a JSON object of at most ``MAX_SETTINGS_BYTES`` as
-    compact JSON in UTF-8 (None is ``{}``); else InvalidInput."""
+    compact JSON in UTF-8, shaped as an action may be (``codec.shape_problem``: what an
+    agent worker's msgpack carries); None is ``{}``; else InvalidInput."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InvalidInput("settings must be a JSON object")
+    problem = shape_problem(value)
+    if problem is not None:
+        raise InvalidInput(f"settings must be plain JSON: {problem}")
     try:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
         size = len(text.encode())

@@ -7,7 +7,7 @@ arguments, and a binary event may announce more attachments than it will ever se
 ``problem`` names what is wrong with a packet, or returns None.
 
 Its data is held to ``codec.shape_problem``: bounded nesting and number of values, no
-NaN or Infinity.
+NaN or Infinity, no integer beyond msgpack's 64 bits.
 """
 
 from __future__ import annotations

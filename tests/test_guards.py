@@ -86,6 +86,7 @@ MALFORMED_ACKED = [
     ('2{id}["disconnect"]', "not an event name a client may send: 'disconnect'"),
     ('2{id}["oh_user_action",{"action":"message","args":{"n":NaN}}]', "NaN or Infinity"),
     ('2{id}["oh_user_action",{"action":"message","args":{"n":1e999}}]', "NaN or Infinity"),
+    ('2{id}["oh_user_action",{"action":"message","args":{"n":18446744073709551616}}]', "64 bits"),
     ('2{id}["oh_user_action",' + "[" * 40 + "]" * 40 + "]", "nested too deeply"),
 ]
 

@@ -98,6 +98,45 @@ async def test_bad_settings_are_refused(
     assert status == 404
 
 
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        # JSON's integers have no bound; what an agent worker's msgpack carries has 64 bits.
+        ({"seed": 2**64}, "an integer beyond 64 bits"),
+        ({"seed": -(2**63) - 1}, "an integer beyond 64 bits"),
+        # Nested no deeper than an action (msgpack itself gives up at 512 levels).
+        ({"deep": json.loads("[" * 600 + "]" * 600)}, "nested too deeply"),
+    ],
+)
+async def test_settings_an_agent_worker_cannot_carry_are_refused(
+    servers: ServerCluster, settings: object, reason: str
+) -> None:
+    """Refused where they arrive: REST and the query parameter with the reason; in the
+    CONNECT packet's auth, as any packet whose data the node cannot carry (the connection
+    closed with the reason). Before, they passed, and the worker's OPEN failed to pack
+    them: 'internal error' after the conversation was created."""
+    (a,) = await servers.start(1)
+    token = servers.token("alice")
+    body = {"conversation_id": "bad", "settings": settings}
+    status, answer = await servers.request("POST", a, "/api/conversations", user="alice", json=body)
+    assert status == 400 and reason in answer["error"], answer
+
+    by_query = servers.client()
+    query = {"conversation_id": "bad", "settings": json.dumps(settings)}
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await connect(by_query, a.url, query, {"token": token})
+    assert reason in str(by_query.refusal), by_query.refusal
+
+    by_auth = servers.client()
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await connect(
+            by_auth, a.url, {"conversation_id": "bad"}, {"token": token, "settings": settings}
+        )
+    # Nothing was created by any of them.
+    status, _ = await servers.request("GET", a, "/api/conversations/bad", user="alice")
+    assert status == 404
+
+
 async def test_bad_settings_in_the_query_are_refused(servers: ServerCluster) -> None:
     (a,) = await servers.start(1)
     client = servers.client()
