@@ -31,11 +31,34 @@ _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _USER_RE = re.compile(r"[A-Za-z0-9_.@:+=-]{1,128}")
 
 
+MAX_EVENT_ID = 2**63 - 1  # event ids are Redis stream ids' first part (and int64 elsewhere)
+_INT_TEXT = re.compile(r"-?[0-9]{1,20}")
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``value``'s repr for an error message, cut at ``limit`` characters: a client's
+    input is quoted, never repeated whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_int(name: str, raw: str, low: int, high: int) -> int:
+    """An integer given as text (a query parameter): ASCII digits with an optional minus
+    (not ``+5``, ``1_0`` or other scripts' digits, which ``int`` reads), within
+    ``low..high``; else InvalidInput."""
+    if not _INT_TEXT.fullmatch(raw):
+        raise InvalidInput(f"{name} must be an integer, got {shown(raw)}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be from {low} to {high}, got {value}")
+    return value
+
+
 def check_conversation_id(sid: object) -> str:
     """Return ``sid`` if it is a valid conversation id, else raise InvalidInput."""
     if not isinstance(sid, str) or not _ID_RE.fullmatch(sid):
         raise InvalidInput(
-            f"invalid conversation id {sid!r}: expected 1-128 characters of [A-Za-z0-9_-]"
+            f"invalid conversation id {shown(sid)}: expected 1-128 characters of [A-Za-z0-9_-]"
         )
     return sid
 
@@ -43,7 +66,7 @@ def check_conversation_id(sid: object) -> str:
 def check_connection_id(cid: object) -> str:
     if not isinstance(cid, str) or not _ID_RE.fullmatch(cid):
         raise InvalidInput(
-            f"invalid connection id {cid!r}: expected 1-128 characters of [A-Za-z0-9_-]"
+            f"invalid connection id {shown(cid)}: expected 1-128 characters of [A-Za-z0-9_-]"
         )
     return cid
 
@@ -51,7 +74,7 @@ def check_connection_id(cid: object) -> str:
 def check_user_id(user: object) -> str:
     if not isinstance(user, str) or not _USER_RE.fullmatch(user):
         raise InvalidInput(
-            f"invalid user id {user!r}: expected 1-128 characters of [A-Za-z0-9_.@:+=-]"
+            f"invalid user id {shown(user)}: expected 1-128 characters of [A-Za-z0-9_.@:+=-]"
         )
     return user
 
@@ -80,7 +103,7 @@ class Lifetimes:
             if value is None:
                 return None
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise InvalidInput(f"{name} must be a number of seconds, got {value!r}")
+                raise InvalidInput(f"{name} must be a number of seconds, got {shown(value)}")
             if not 0 < value <= bound:
                 raise InvalidInput(f"{name} must be > 0 and at most {bound:g} s, got {value!r}")
             return float(value)

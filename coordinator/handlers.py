@@ -24,9 +24,11 @@ import socketio
 from . import codec
 from .auth import AuthError, TokenVerifier
 from .config import (
+    MAX_EVENT_ID,
     check_connection_id,
     check_conversation_id,
     check_settings,
+    parse_int,
     parse_settings,
 )
 from .errors import (
@@ -66,14 +68,7 @@ def parse_latest_event_id(raw: str | None) -> int | None:
     """``latest_event_id`` from the query: None (replay all) for absent or -1."""
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(
-            f"latest_event_id must be an integer (-1 for everything), got {raw[:40]!r}"
-        ) from None
-    if value < -1:
-        raise InvalidInput(f"latest_event_id must be >= -1, got {value}")
+    value = parse_int("latest_event_id (-1 for everything)", raw, -1, MAX_EVENT_ID)
     return None if value == -1 else value
 
 

@@ -21,6 +21,7 @@ from .backends import Backend, open_backend
 from .catchup import EventSink, NullSink
 from .config import (
     DEFAULT_LIFETIMES,
+    MAX_EVENT_ID,
     Lifetimes,
     ManagerConfig,
     check_connection_id,
@@ -48,9 +49,6 @@ from .state import RedisState
 __all__ = ["ConversationInfo", "ConversationManager", "EventSink", "NullSink"]
 
 log = logging.getLogger(__name__)
-
-
-MAX_EVENT_ID = 2**63 - 1  # event ids are Redis stream ids' first part (and int64 elsewhere)
 
 
 def _user(user_id: str | None) -> str:

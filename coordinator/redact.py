@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+from urllib.parse import unquote
 
 from .redisurl import redact_url
 
@@ -28,12 +29,26 @@ _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?P<head>\bBearer\s+)[^\s\"',;]+", re.I)
 
 
-def redact(text: str) -> str:
-    """``text`` without credentials: each becomes ``***``."""
+def _redacted(text: str) -> str:
     text = redact_url(text)
     text = _QUERY_SECRET.sub(r"\g<head>***", text)
     text = _BEARER.sub(r"\g<head>***", text)
     return _JWT.sub("***", text)
+
+
+def redact(text: str) -> str:
+    """``text`` without credentials: each becomes ``***``. A credential hidden by
+    percent-encoding (``?tok%65n=%65yJ...``, which a server decodes) is found in the text
+    decoded (up to three times over), and the line is then given decoded."""
+    clean = _redacted(text)
+    decoded = clean
+    for _ in range(3):
+        if "%" not in decoded:
+            break
+        decoded = unquote(decoded)
+        if _redacted(decoded) != decoded:
+            return _redacted(decoded)
+    return clean
 
 
 class RedactingFilter(logging.Filter):

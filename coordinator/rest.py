@@ -19,8 +19,16 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Receive, Scope, Send
 
+from . import codec
 from .auth import Identity, TokenVerifier
-from .config import Lifetimes, check_conversation_id, check_settings
+from .config import (
+    MAX_EVENT_ID,
+    Lifetimes,
+    check_conversation_id,
+    check_settings,
+    parse_int,
+    shown,
+)
 from .directory import describe_retired
 from .errors import ConversationNotFound, Forbidden, InvalidInput, NodeDraining
 from .http import (
@@ -46,19 +54,19 @@ DEFAULT_EVENTS_PAGE = 100
 MAX_EVENTS_PAGE = 1000
 
 
-def query_int(request: Request, name: str, default: int, low: int, high: int | None) -> int:
+def query_param(request: Request, name: str) -> str | None:
+    """A query parameter given at most once; else InvalidInput (400): which of two values
+    counts is not for a proxy, a log reader and this node to each decide."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise InvalidInput(f"{name} is given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
     """An integer query parameter within ``low..high``; else InvalidInput (400)."""
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be an integer, got {raw!r}") from None
-    if value < low or (high is not None and value > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise InvalidInput(f"{name} must be {bound}, got {value}")
-    return value
+    raw = query_param(request, name)
+    return default if raw is None else parse_int(name, raw, low, high)
 
 
 class RestApp:
@@ -209,7 +217,7 @@ class RestApp:
         ``&limit=N`` (1..1000, default 100); ``next`` is the ``after`` of the next page."""
         who = self.identity(request)
         sid = check_conversation_id(request.path_params["sid"])
-        after = query_int(request, "after", 0, 0, None)
+        after = query_int(request, "after", 0, 0, MAX_EVENT_ID)
         limit = query_int(request, "limit", DEFAULT_EVENTS_PAGE, 1, MAX_EVENTS_PAGE)
         user = await self.manager.user_of(sid)  # from the store once Redis let it go
         if not user or (user != who.user and not who.admin):
@@ -229,6 +237,8 @@ class RestApp:
         if text is not None and not isinstance(text, str):
             raise InvalidInput("initial_user_msg must be a string")
         first = None if text is None else {"action": "message", "args": {"content": text}}
+        if first is not None:  # refused before the creation is counted against the quota
+            codec.user_action(first, self.manager.config.max_action_bytes)
         settings = check_settings(body.get("settings"))
         lifetimes = Lifetimes.from_body(body, self.manager.config)
         if self.manager.draining:
@@ -252,9 +262,10 @@ class RestApp:
     async def close_conversation(self, request: Request) -> Response:
         user = self.user(request)
         sid = check_conversation_id(request.path_params["sid"])
-        purge = request.query_params.get("purge", "false")
+        purge = query_param(request, "purge")
+        purge = "false" if purge is None else purge
         if purge not in ("true", "false"):
-            raise InvalidInput(f"purge must be true or false, got {purge!r}")
+            raise InvalidInput(f"purge must be true or false, got {shown(purge)}")
         try:
             if purge == "true":
                 return json_response(200, await self.manager.purge(sid, user))

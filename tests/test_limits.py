@@ -156,6 +156,12 @@ async def _count(node: Any, user: str, n: int) -> bool:
 
 async def test_conversation_creations_per_user(servers: ServerCluster) -> None:
     (a,) = await servers.start(1, server_config=limits(creations_per_user=Rate(0.1, 2)))
+    # Refused creations are not counted: a first message that is no action, or too large.
+    for bad in ("x\ud800", "x" * 70_000, "x\ud800"):
+        status, body = await servers.request(
+            "POST", a, "/api/conversations", user="alice", json={"initial_user_msg": bad}
+        )
+        assert status == 400, body
     answers = [
         await servers.request(
             "POST", a, "/api/conversations", user="alice", json={"conversation_id": f"c{i}"}

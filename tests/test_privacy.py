@@ -9,6 +9,7 @@ import json
 import subprocess
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import redis
 
@@ -34,6 +35,12 @@ def test_redact_takes_credentials_out_of_text() -> None:
         assert secret not in clean
     assert "conversation_id=c&token=***&EIO=4" in clean
     assert "redis://coordinator:***@redis:6379/0" in clean and "Bearer ***" in clean
+    # Percent-encoded, as a server decodes it: a parameter's name, the token, both twice.
+    hidden = token.replace("e", "%65", 1)
+    for query in (f"tok%65n={token}", f"token={hidden}", f"t={hidden}", "t=" + quote(hidden)):
+        clean = redact(f'"GET /api/conversations?{query} HTTP/1.1" 200')
+        assert token not in unquote(unquote(clean)) and "***" in clean, clean
+    assert redact("100% of a 50%25 share") == "100% of a 50%25 share"  # nothing hidden
 
 
 async def test_cluster_and_node_views_show_a_user_only_their_own(servers: ServerCluster) -> None:

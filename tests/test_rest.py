@@ -116,6 +116,43 @@ async def test_rest_status_codes(servers: ServerCluster) -> None:
     assert status == 401
 
 
+async def test_rest_query_parameters_are_read_one_way(servers: ServerCluster) -> None:
+    """A parameter given twice, digits of other scripts, an id past Redis' stream ids:
+    400 with the reason, nothing done; a client's long input is quoted cut short."""
+    (a,) = await servers.start(1)
+    req = servers.request
+    status, _ = await req(
+        "POST", a, "/api/conversations", user="alice", json={"conversation_id": "q"}
+    )
+    assert status == 201
+    events = "/api/conversations/q/events"
+    for query, reason in [
+        ("after=18446744073709551616", "after must be from 0 to 9223372036854775807"),
+        ("after=9223372036854775808", "after must be from 0 to 9223372036854775807"),
+        ("after=" + "9" * 5000, "after must be an integer, got '99999"),
+        ("limit=%D9%A3", "limit must be an integer, got '\u0663'"),
+        ("limit=1_0", "limit must be an integer"),
+        ("limit=+5", "limit must be an integer"),
+        ("limit=5&limit=abc", "limit is given 2 times; give it once"),
+        ("limit=abc&limit=5", "limit is given 2 times; give it once"),
+    ]:
+        status, body = await req("GET", a, f"{events}?{query}", user="alice")
+        assert status == 400 and reason in body["error"], (query, body)
+        assert len(body["error"]) < 200, body
+    status, body = await req("GET", a, f"{events}?after=9223372036854775807&limit=5", user="alice")
+    assert (status, body["events"]) == (200, [])
+
+    # Which of two purge flags counts is not guessed: nothing is closed or deleted.
+    for query in ("purge=false&purge=true", "purge=true&purge=false", "purge="):
+        status, body = await req("DELETE", a, f"/api/conversations/q?{query}", user="alice")
+        assert status == 400, (query, body)
+    status, body = await req("GET", a, "/api/conversations/q", user="alice")
+    assert status == 200 and body["running"] is True
+
+    status, body = await req("GET", a, "/api/conversations/" + "x" * 10_000, user="alice")
+    assert status == 400 and len(body["error"]) < 200, body
+
+
 async def _count(node: NodeServer, sid: str, n: int) -> bool:
     return len(await node.manager.events(sid)) >= n
 

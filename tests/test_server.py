@@ -172,8 +172,10 @@ async def test_bad_connects_are_refused_with_a_reason_and_change_nothing(
         ((a.url, "no spaces!", good), {}, "invalid conversation id 'no spaces!'"),
         ((a.url, "x" * 129, good), {}, "invalid conversation id"),
         ((a.url, None, good), {}, "the conversation_id query parameter is required"),
-        ((a.url, "conv", good, "ten"), {}, "latest_event_id must be an integer"),
-        ((a.url, "conv", good, "-7"), {}, "latest_event_id must be >= -1"),
+        ((a.url, "conv", good, "ten"), {}, "latest_event_id (-1 for everything) must be an"),
+        ((a.url, "conv", good, "-7"), {}, "must be from -1 to 9223372036854775807, got -7"),
+        ((a.url, "conv", good, str(2**63)), {}, "must be from -1 to 9223372036854775807"),
+        ((a.url, "conv", good, "\u0663"), {}, "must be an integer, got '\u0663'"),
     ]
     for args, kwargs, expected in cases:
         why = await servers.client().refused(*args, **kwargs)
