@@ -55,6 +55,16 @@ class ConversationClosed(CoordinatorError):
         super().__init__(f"conversation {sid!r} was closed while joining; join again")
 
 
+class ConversationPurging(ConversationClosed):
+    """A purge of the conversation is under way: no node takes it until the purge has
+    deleted it everywhere; then the same id may be created again."""
+
+    def __init__(self, sid: str) -> None:
+        CoordinatorError.__init__(
+            self, f"conversation {sid!r} is being purged; try again once it is gone"
+        )
+
+
 class ConversationNotFound(CoordinatorError, LookupError):
     """No conversation with that id exists."""
 

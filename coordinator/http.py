@@ -34,6 +34,7 @@ from .errors import (
     CapacityTimeout,
     ConcurrencyLimitReached,
     ConnectionNotFound,
+    ConversationClosed,
     ConversationNotFound,
     CoordinatorError,
     Forbidden,
@@ -76,6 +77,8 @@ def status_for(exc: BaseException) -> int:
         return 403
     if isinstance(exc, ConversationNotFound | ConnectionNotFound):
         return 404
+    if isinstance(exc, ConversationClosed):  # closed or being purged meanwhile
+        return 409
     if isinstance(exc, InboxFull | LimitExceeded):
         return 429
     if isinstance(exc, InvalidInput):

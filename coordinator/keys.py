@@ -41,6 +41,11 @@ class KeySchema:
         -> why the last one did (poison actions: ``state/attempts.py``)."""
         return f"{self.prefix}:{{c:{sid}}}:attempts"
 
+    def purging(self, sid: str) -> str:
+        """String, with a TTL: a purge of the conversation is under way; no node takes it
+        (ACQUIRE) until the purge has deleted it everywhere (``ConversationManager.purge``)."""
+        return f"{self.prefix}:{{c:{sid}}}:purging"
+
     def conv_channel(self, sid: str) -> str:
         """Pub/sub channel carrying the conversation's events as ``[id, event]``."""
         return f"{self.prefix}:{{c:{sid}}}:ch"

@@ -241,7 +241,12 @@ class Loops:
 
     # -- stopping --------------------------------------------------------------------
     async def stop(self, sid: str, status: Event | None) -> bool:
-        """Stop the local loop of ``sid`` (telling its clients ``status``); False if none."""
+        """Stop the local loop of ``sid`` (telling its clients ``status``), once its start
+        under way here (if any) has ended; False if none runs."""
+        pending = self.starting.get(sid)
+        if pending is not None:  # the start's own caller gets its outcome
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(pending)
         runner = self.runners.get(sid)
         if runner is None:
             return False

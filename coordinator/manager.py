@@ -50,6 +50,10 @@ __all__ = ["ConversationInfo", "ConversationManager", "EventSink", "NullSink"]
 
 log = logging.getLogger(__name__)
 
+# How long a purge may take beyond a start it waits for (``agent_start_timeout``): past
+# it, should the purging node die, its mark expires and the conversation may be taken.
+PURGE_WITHIN = 60.0
+
 
 def _user(user_id: str | None) -> str:
     return "" if user_id is None else check_user_id(user_id)
@@ -277,7 +281,7 @@ class ConversationManager:
             raise ConversationNotFound(sid)
         if user and meta.get("user") != user:
             raise Forbidden(sid)
-        if sid in node.runners:
+        if sid in node.runners or sid in node.loops.starting:
             return await node.loops.stop(sid, codec.closed_event())
         owner_inc = meta.get("inc", "")
         if owner_inc and await node.directory.alive(owner_inc):
@@ -339,12 +343,18 @@ class ConversationManager:
             raise ConversationNotFound(sid)
         if user and owner != user:
             raise Forbidden(sid)
-        closed = False
-        if await self.conversation(sid):
-            closed = await self.close_session(sid, owner)
-        keys = await self.state.purge(sid, owner)
-        store = self.node.store
-        events, size = await store.purge(sid) if store is not None else (0, 0)
+        # No node takes it from here on (a create or join meanwhile is refused: 409); a
+        # start already under way is waited for and stopped by the close.
+        await self.state.mark_purging(sid, PURGE_WITHIN + self.config.agent_start_timeout)
+        try:
+            closed = False
+            if await self.conversation(sid):
+                closed = await self.close_session(sid, owner)
+            keys = await self.state.purge(sid, owner)
+            store = self.node.store
+            events, size = await store.purge(sid) if store is not None else (0, 0)
+        finally:
+            await self.state.unmark_purging(sid)
         log.info("conversation %s purged: %d Redis keys, %d stored events", sid, keys, events)
         return {
             "closed": closed,

@@ -20,7 +20,7 @@ from . import codec
 from .config import Lifetimes, ManagerConfig
 from .delivery import Floor
 from .directory import Directory
-from .errors import REDIS_TROUBLE, Forbidden, LimitExceeded, NodeDraining
+from .errors import REDIS_TROUBLE, ConversationPurging, Forbidden, LimitExceeded, NodeDraining
 from .eventstore import EventStore
 from .membership import Membership
 from .state import Lease, Ownership, RedisState
@@ -99,6 +99,8 @@ class Owners:
             )
             if own.status == "forbidden":
                 raise Forbidden(sid)
+            if own.status == "purging":
+                raise ConversationPurging(sid)
             if own.status == "missing" and stored is None:
                 # Not in Redis: new, or gone from Redis (expired, lost) but in the store,
                 # whose ids and epochs it continues (never an id the store holds again).

@@ -4,6 +4,8 @@ the ack path into it, Redis kept to a window, replay through the store."""
 from __future__ import annotations
 
 import asyncio
+import random
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -540,6 +542,75 @@ async def test_delete_with_purge_removes_a_conversation_everywhere(
     assert [c for c in body["conversations"] if c["conversation_id"] == "doomed"] == []
     status, body = await req("DELETE", a, "/api/conversations/doomed?purge=true", user="alice")
     assert status == 404
+
+
+async def test_a_purge_and_a_create_of_one_conversation_at_once_leave_one_or_the_other(
+    servers: ServerCluster,
+) -> None:
+    """A create racing a purge of the same id: either it comes before (and the purge
+    removes it too: nothing left anywhere) or after (refused while the purge runs, or a
+    fresh conversation holding its message). Never a create answered 404, a message
+    acknowledged into a conversation left half there, or a ghost listed from the store."""
+    (a,) = await servers.start(1)
+    req = servers.request
+    outcomes: Counter[str] = Counter()
+    for i in range(20):
+        sid = f"race{i}"
+        status, _ = await req(
+            "POST", a, "/api/conversations", user="alice",
+            json={"conversation_id": sid, "initial_user_msg": "first"},
+        )  # fmt: skip
+        assert status == 201
+        await asyncio.sleep(0.2)
+
+        async def create(sid: str = sid) -> tuple[int, Any]:
+            await asyncio.sleep(random.random() * 0.01)
+            return await req(
+                "POST", a, "/api/conversations", user="alice",
+                json={"conversation_id": sid, "initial_user_msg": "second"},
+            )  # fmt: skip
+
+        purged, created = await asyncio.gather(
+            req("DELETE", a, f"/api/conversations/{sid}?purge=true", user="alice"), create()
+        )
+        assert purged[0] == 200, purged
+        assert created[0] in (200, 201, 409), created
+        await asyncio.sleep(0.5)  # a loop the create started has written what it will
+        status, view = await req("GET", a, f"/api/conversations/{sid}", user="alice")
+        _, listing = await req("GET", a, "/api/conversations", user="alice")
+        listed = [c for c in listing["conversations"] if c["conversation_id"] == sid]
+        if status == 404:  # the purge came last: nothing of it anywhere
+            outcomes["purged"] += 1
+            assert listed == [], listed
+            assert a.manager.node.store is not None
+            assert await a.manager.node.store.conversation(sid) is None
+            state = a.manager.state
+            assert await state.redis.exists(*state.conversation_keys(sid)) == 0
+        else:  # the create came last: a fresh conversation with its message
+            outcomes["created" if created[0] != 409 else "refused"] += 1
+            assert created[0] in (200, 201), (created, view)
+            assert view["created"] is not None and listed, (view, listed)
+            events = await a.manager.events(sid)
+            said = [e["args"]["content"] for e in events if e.get("source") == "user"]
+            assert said == ["second"], events
+    assert sum(outcomes.values()) == 20, outcomes
+
+    # While a purge holds a conversation, nobody takes it: a create or a join is refused.
+    await a.manager.state.mark_purging("held", 30)
+    status, body = await req(
+        "POST", a, "/api/conversations", user="alice", json={"conversation_id": "held"}
+    )
+    assert (status, body) == (
+        409,
+        {"error": "conversation 'held' is being purged; try again once it is gone"},
+    )
+    why = await servers.client().refused(a.url, "held", servers.token("alice"))
+    assert why == "conversation 'held' is being purged; try again once it is gone"
+    await a.manager.state.unmark_purging("held")
+    status, _ = await req(
+        "POST", a, "/api/conversations", user="alice", json={"conversation_id": "held"}
+    )
+    assert status == 201
 
 
 async def test_quotas_refuse_clearly_and_change_nothing(make_nodes: NodeFactory) -> None:

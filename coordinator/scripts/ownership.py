@@ -10,8 +10,8 @@ ACQUIRE = (
     """
 -- acquire: take ownership of a conversation, creating it when asked; its keys stop
 -- expiring (a stopped conversation's expire after the retention: RELEASE).
--- KEYS[1]  conversation meta hash   KEYS[2..] its other keys (event stream, inbox,
---          accept tokens, connections)
+-- KEYS[1]  conversation meta hash   KEYS[2..#KEYS-1] its other keys (event stream,
+--          inbox, accept tokens, connections)   KEYS[#KEYS] its purge mark
 -- ARGV[1]  node id            ARGV[2] node incarnation
 -- ARGV[3]  user ('' = do not check)
 -- ARGV[4]  incarnation known to be dead ('' = take it only when unowned)
@@ -25,12 +25,14 @@ ACQUIRE = (
 --          max_running_time} (the last two as recorded, '' if not)
 --   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours; epoch bumped too)
 --           'owned' (a live owner holds it) | 'forbidden' | 'missing'
+--           'purging' (a purge is deleting it: nobody takes it meanwhile)
 """
     + NOW
     + """
 local meta = KEYS[1]
+if redis.call('EXISTS', KEYS[#KEYS]) == 1 then return {'purging', 0, '', '', '', 0, '', ''} end
 if redis.call('PTTL', meta) >= 0 then
-  for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
+  for i = 1, #KEYS - 1 do redis.call('PERSIST', KEYS[i]) end
 end
 if redis.call('EXISTS', meta) == 0 then
   if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0, '', ''} end

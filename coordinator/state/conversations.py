@@ -38,7 +38,7 @@ class ConversationOps(StateCore):
         them)."""
         r = await self._run(
             "acquire",
-            self.conversation_keys(sid),
+            [*self.conversation_keys(sid), self.keys.purging(sid)],
             [
                 node,
                 inc,
@@ -67,6 +67,14 @@ class ConversationOps(StateCore):
         hash has a TTL of its own)."""
         k = self.keys
         return [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
+
+    async def mark_purging(self, sid: str, within: float) -> None:
+        """No node takes ``sid`` (ACQUIRE: 'purging') until ``unmark_purging``, or for
+        ``within`` seconds should the purging node die first."""
+        await self.redis.set(self.keys.purging(sid), "1", px=max(1, int(within * 1000)))
+
+    async def unmark_purging(self, sid: str) -> None:
+        await self.redis.delete(self.keys.purging(sid))
 
     async def purge(self, sid: str, user: str) -> int:
         """Delete ``sid``'s Redis state (its keys, its place in ``user``'s index); how many
