@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from .config import ManagerConfig
-from .errors import CapacityTimeout, ConcurrencyLimitReached
+from .errors import CapacityTimeout, ConcurrencyLimitReached, too_many_connections
 from .state import Lease, RedisState
 from .state.loops import org_holder
 
@@ -41,10 +41,12 @@ class Admission:
         self._slot_events: dict[str, asyncio.Event] = {}
         self._nudged: dict[tuple[str, str], float] = {}
 
-    async def admit(self, lease: Lease, org: str = "") -> bool:
+    async def admit(self, lease: Lease, org: str = "", joining: bool = False) -> bool:
         """Hold one of the user's cap slots (and of their organisation's: ``org``, else
         the one recorded for the user); False when evicted before starting;
-        ConcurrencyLimitReached when refused."""
+        ConcurrencyLimitReached when refused. ``joining``: a connection's join asked for
+        the start; at the user's connection cap it is refused before any eviction
+        (LimitExceeded), as its registration would be."""
         cfg = self._config
         cap = cfg.max_concurrent_conversations
         loop = asyncio.get_running_loop()
@@ -59,9 +61,12 @@ class Admission:
             score_ms=int(time.time() * 1000),
             reject=cfg.cap_policy == "reject",
             org=org,
+            connections=cfg.max_connections_per_user if joining else 0,
         )
         if adm.status == "rejected":
             raise ConcurrencyLimitReached("user", lease.user, cap, adm.claims)
+        if adm.status == "connections":
+            raise too_many_connections(lease.user, cfg.max_connections_per_user)
         delay = 0.02
         while True:
             if adm.evicted:

@@ -33,8 +33,8 @@ from .errors import (
     REDIS_TRANSIENT,
     REDIS_TROUBLE,
     CoordinatorError,
-    InvalidInput,
     NotReplicated,
+    beyond_last_event,
 )
 from .history import History
 from .tasks import TaskSet
@@ -248,10 +248,7 @@ class LocalConnections:
                 if joining is not None:
                     last, rows = await joining(conn.cursor, count)
                     if conn.cursor > (last or 0):
-                        raise InvalidInput(
-                            f"latest_event_id {conn.cursor} is beyond the last event "
-                            f"({last or 0}) of conversation {conn.sid!r}"
-                        )
+                        raise beyond_last_event(conn.cursor, last or 0, conn.sid)
                     joining = None
                     conn.verified = True
                     rows, size = await self._history.below_window(

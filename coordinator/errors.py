@@ -162,6 +162,24 @@ class LimitExceeded(CoordinatorError):
         self.retry_after = retry_after
 
 
+def too_many_connections(user: str, cap: int) -> LimitExceeded:
+    """``max_connections_per_user`` reached: checked as a connection registers, and before
+    a start its join asked for (``scripts.ADMIT``)."""
+    return LimitExceeded(
+        "connections per user",
+        f"too many connections: user {user!r} has {cap} open (the limit); "
+        "close one to open another",
+    )
+
+
+def beyond_last_event(latest: int, last: int, sid: str) -> InvalidInput:
+    """A join's ``latest_event_id`` past the conversation's last event: checked in its
+    first read, and before a start it would ask for (``scripts.ACQUIRE``)."""
+    return InvalidInput(
+        f"latest_event_id {latest} is beyond the last event ({last}) of conversation {sid!r}"
+    )
+
+
 class ConcurrencyLimitReached(LimitExceeded):
     """A start refused by a cap on running loops (``--cap-policy reject``, or an
     organisation's cap): ``limit`` places, ``current`` taken. Clients get ``details``

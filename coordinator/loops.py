@@ -120,10 +120,16 @@ class Loops:
         initial: codec.Action | None,
         org: str = "",
         lifetimes: Lifetimes = DEFAULT_LIFETIMES,
+        *,
+        joining: bool = False,
+        latest: int | None = None,
     ) -> ConversationInfo:
         """Make sure ``sid``'s loop runs somewhere; start it here if nowhere (creating the
         conversation for ``user``, with ``lifetimes``). ``initial`` is accepted as its
-        first action; ``org``: the user's organisation, from their token (admission.py)."""
+        first action; ``org``: the user's organisation, from their token (admission.py).
+        ``joining``: a connection's join asks, having seen events up to ``latest``; what
+        would refuse the join (``latest`` past the last event, the user's connection
+        cap) refuses the start before it creates, takes or evicts anything."""
         runner = self.runners.get(sid)
         if runner is not None and runner.running:
             if runner.lease.user != user and user:
@@ -142,7 +148,9 @@ class Loops:
         fut: asyncio.Future[ConversationInfo] = asyncio.get_running_loop().create_future()
         self.starting[sid] = fut
         try:
-            info = await self._start(sid, user, dict(settings), initial, org, lifetimes)
+            info = await self._start(
+                sid, user, dict(settings), initial, org, lifetimes, joining, latest
+            )
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: waiters get it through shield
@@ -161,11 +169,13 @@ class Loops:
         initial: codec.Action | None,
         org: str,
         lifetimes: Lifetimes,
+        joining: bool,
+        latest: int | None,
     ) -> ConversationInfo:
         node = self._config.node_id
         if not self._membership.check():
             raise NodeDraining(f"node {node} lost its lease; it takes no loops until back")
-        acquired = await self.owners.acquire(sid, user, lifetimes)
+        acquired = await self.owners.acquire(sid, user, lifetimes, latest)
         if isinstance(acquired, ConversationInfo):  # a live owner runs it
             if initial is not None:
                 await self._actions.accept(sid, user, initial)
@@ -194,7 +204,7 @@ class Loops:
                     raise result
             if initial is not None:
                 await self._actions.accept(sid, user, initial)
-            admitted = await self.admission.admit(lease, org)
+            admitted = await self.admission.admit(lease, org, joining)
             if lease.inc != self._membership.inc or self._membership.lapsed:
                 # Our lease lapsed meanwhile: a loop started now would be fenced at once,
                 # and a refused claim (dropped with the old incarnation) is no eviction.

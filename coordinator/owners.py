@@ -20,7 +20,14 @@ from . import codec
 from .config import Lifetimes, ManagerConfig
 from .delivery import Floor
 from .directory import Directory
-from .errors import REDIS_TROUBLE, ConversationPurging, Forbidden, LimitExceeded, NodeDraining
+from .errors import (
+    REDIS_TROUBLE,
+    ConversationPurging,
+    Forbidden,
+    LimitExceeded,
+    NodeDraining,
+    beyond_last_event,
+)
 from .eventstore import EventStore
 from .membership import Membership
 from .state import Lease, Ownership, RedisState
@@ -78,10 +85,12 @@ class Owners:
         self._store = store
 
     async def acquire(
-        self, sid: str, user: str, lifetimes: Lifetimes
+        self, sid: str, user: str, lifetimes: Lifetimes, latest: int | None = None
     ) -> Ownership | ConversationInfo:
         """Own ``sid`` (replacing a dead owner), or the info of the live owner holding it;
-        a conversation created here records ``lifetimes``."""
+        a conversation created here records ``lifetimes``. ``latest``: the last event id
+        a joining client saw; past the conversation's last event it is neither created
+        nor taken (InvalidInput)."""
         membership = self._membership
         dead = ""
         stored: tuple[int, int, int] | None = None  # the store's (last id, fence, bytes)
@@ -96,11 +105,14 @@ class Owners:
                 stored=stored or (0, 0, 0),
                 close_delay=lifetimes.close_delay,
                 max_running_time=lifetimes.max_running_time,
+                latest=latest,
             )
             if own.status == "forbidden":
                 raise Forbidden(sid)
             if own.status == "purging":
                 raise ConversationPurging(sid)
+            if own.status == "ahead":
+                raise beyond_last_event(latest or 0, own.applied, sid)
             if own.status == "missing" and stored is None:
                 # Not in Redis: new, or gone from Redis (expired, lost) but in the store,
                 # whose ids and epochs it continues (never an id the store holds again).

@@ -20,7 +20,13 @@ from workers.protocol import Event
 
 from .catchup import Connection, LocalConnections
 from .config import ManagerConfig
-from .errors import EXPECTED, REDIS_TROUBLE, ConversationClosed, LimitExceeded, NodeBusy
+from .errors import (
+    EXPECTED,
+    REDIS_TROUBLE,
+    ConversationClosed,
+    NodeBusy,
+    too_many_connections,
+)
 from .loops import Loops
 from .membership import Membership
 from .owners import ConversationInfo, Intake
@@ -84,7 +90,9 @@ class Sessions:
         else:  # taken at once: no timer (a cancelled one would stay in the loop's heap)
             await self._join_gate.acquire()
         try:
-            info = await self._loops.ensure_running(sid, user, settings, None, org)
+            info = await self._loops.ensure_running(
+                sid, user, settings, None, org, joining=True, latest=latest_event_id
+            )
             if joined is not None:  # in another conversation: it moves, once this one may
                 await self.leave(cid)
             conn = self.connections.add(cid, sid, user, latest_event_id or 0, began)
@@ -105,11 +113,7 @@ class Sessions:
             last, rows, held = await self._state.join_and_read(cid, sid, user, inc, after, count)
             cap = cfg.max_connections_per_user
             if cap and held > cap:
-                raise LimitExceeded(
-                    "connections per user",
-                    f"too many connections: user {user!r} has {cap} open (the limit); "
-                    "close one to open another",
-                )
+                raise too_many_connections(user, cap)
             return last, rows
 
         try:

@@ -150,6 +150,34 @@ async def test_connections_per_user_are_capped_cluster_wide_and_given_back(
     await servers.join(b, "z", "alice")
 
 
+async def test_a_refused_join_starts_nothing_and_evicts_nothing(servers: ServerCluster) -> None:
+    """A join refused for a ``latest_event_id`` past its conversation's last event (bad
+    input), or at the user's connection cap, neither creates nor takes its conversation:
+    its loop does not start, so the user's cap on running loops evicts none of theirs."""
+    (a,) = await servers.start(1, max_concurrent_conversations=2, max_connections_per_user=3)
+    token = servers.token("alice")
+    first = await servers.join(a, "r1", "alice")
+    await servers.join(a, "r2", "alice")
+    running = {"r1", "r2"}
+    why = await servers.client().refused(a.url, "r3", token, latest_event_id=5)
+    assert why == "latest_event_id 5 is beyond the last event (0) of conversation 'r3'"
+    assert await a.manager.conversation("r3") == {}
+    assert await a.manager.get_running_agent_loops("alice") == running
+    # A stopped conversation is not taken either (its last event is 1, its start's note).
+    await first.close()
+    await a.manager.close_session("r1", "alice")
+    why = await servers.client().refused(a.url, "r1", token, latest_event_id=9)
+    assert why == "latest_event_id 9 is beyond the last event (1) of conversation 'r1'"
+    assert await a.manager.get_running_agent_loops("alice") == {"r2"}
+
+    await servers.join(a, "r1", "alice")
+    await servers.join(a, "r2", "alice")  # three connections: the cap
+    why = await servers.client().refused(a.url, "r4", token)
+    assert why.startswith("too many connections: user 'alice' has 3 open")
+    assert await a.manager.get_running_agent_loops("alice") == running
+    assert not (await a.manager.conversation("r4")).get("owner")
+
+
 async def _count(node: Any, user: str, n: int) -> bool:
     return len(await node.manager.get_connections(user_id=user)) == n
 

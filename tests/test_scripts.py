@@ -183,3 +183,26 @@ async def test_a_speculative_commit_goes_through_only_under_the_id_its_accept_ga
         "answer",
     ]
     assert (await state.meta("s4"))["applied"] == "2"
+
+
+async def test_only_an_acquire_that_takes_a_retiring_conversation_keeps_it(
+    redis_client,
+) -> None:
+    """A retiring conversation's keys expire after the retention unless a node takes it:
+    another user's attempt, a purge's mark or a join's cursor past its last event leave
+    them expiring (before, any acquire made them persist: a stranger could keep them)."""
+    state = RedisState(redis_client, KeySchema("t"))
+    await state.acquire("r", "n1", "n1/a", "u", create=True)
+    await state.release("r", "n1/a", 1, "stopped", retention_ms=60_000)
+    meta = state.keys.conv("r")
+    assert 0 < await redis_client.pttl(meta) <= 60_000
+    stranger = await state.acquire("r", "n2", "n2/b", "mallory", create=False)
+    ahead = await state.acquire("r", "n2", "n2/b", "u", create=False, latest=5)
+    await state.mark_purging("r", 30)
+    purging = await state.acquire("r", "n2", "n2/b", "u", create=False)
+    assert (stranger.status, ahead.status, purging.status) == ("forbidden", "ahead", "purging")
+    assert ahead.applied == 0  # the last event id, in place of applied
+    assert 0 < await redis_client.pttl(meta) <= 60_000
+    await state.unmark_purging("r")
+    taken = await state.acquire("r", "n2", "n2/b", "u", create=False, latest=0)
+    assert taken.status == "ok" and await redis_client.pttl(meta) == -1

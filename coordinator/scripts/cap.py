@@ -7,15 +7,20 @@ ADMIT = """
 -- KEYS[1]  user's claims sorted set (sid -> recency, never more than cap members)
 -- KEYS[2]  user's loops hash (sid -> 'live:INC' | 'stopping:INC'; at most cap entries)
 -- KEYS[3]  user's organisation string
+-- KEYS[4]  user's connections hash (connection id -> sid, on every node)
 -- ARGV[1]  sid   ARGV[2] node incarnation   ARGV[3] cap
 -- ARGV[4]  'new' (a start: the sid becomes the most recent claim) | 'retry' (still waiting)
 -- ARGV[5]  recency score (ms) of a new claim; kept above every other claim
 -- ARGV[6]  policy when a new claim finds the cap full: 'evict' | 'reject'
 -- ARGV[7]  the user's organisation to record ('' = keep the recorded one)
+-- ARGV[8]  for a start a joining connection asked for: the user's connection cap ('0' =
+--          none); a user who holds that many already is refused before any eviction
 -- returns  {status, claims, org, evicted sid, its incarnation, evicted sid, ...}
 --   status: 'go' (slot held: start the loop) | 'wait' (evicted loops still stopping)
 --           'evicted' (more recent conversations took every slot)
 --           'rejected' (policy reject and the cap full: nothing changed)
+--           'connections' (the joining connection is over the connection cap: nothing
+--           changed; claims is then the user's connections)
 --   claims: the user's claims now; org: the user's organisation ('' = none)
 -- A loop may only run while its sid has an entry in loops, and an entry is only removed
 -- after its loop stopped, so HLEN(loops) <= cap bounds the loops actually running.
@@ -23,6 +28,10 @@ ADMIT = """
 local sid, node, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7]) end
 local org = redis.call('GET', KEYS[3]) or ''
+local conns = tonumber(ARGV[8])
+if ARGV[4] == 'new' and conns > 0 and redis.call('HLEN', KEYS[4]) >= conns then
+  return {'connections', redis.call('HLEN', KEYS[4]), org}
+end
 if ARGV[4] == 'new' and ARGV[6] == 'reject' and not redis.call('ZSCORE', KEYS[1], sid)
    and redis.call('ZCARD', KEYS[1]) >= cap then
   return {'rejected', redis.call('ZCARD', KEYS[1]), org}

@@ -21,22 +21,24 @@ ACQUIRE = (
 -- ARGV[8]  and the bytes of its stored events (counted as logged, stored and trimmed)
 -- ARGV[9]  close_delay (s) to record when it is created ('' = the nodes' default)
 -- ARGV[10] max_running_time (s) to record when it is created ('' = the nodes' default)
+-- ARGV[11] the latest event id a joining client saw ('' = none): past the last event,
+--          nothing is created or taken ('ahead', the last event id in place of applied)
 -- returns  {status, epoch, owner node, owner incarnation, user, applied, close_delay,
 --          max_running_time} (the last two as recorded, '' if not)
 --   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours; epoch bumped too)
 --           'owned' (a live owner holds it) | 'forbidden' | 'missing'
---           'purging' (a purge is deleting it: nobody takes it meanwhile)
+--           'purging' (a purge is deleting it: nobody takes it meanwhile) | 'ahead'
 """
     + NOW
     + """
 local meta = KEYS[1]
 if redis.call('EXISTS', KEYS[#KEYS]) == 1 then return {'purging', 0, '', '', '', 0, '', ''} end
-if redis.call('PTTL', meta) >= 0 then
-  for i = 1, #KEYS - 1 do redis.call('PERSIST', KEYS[i]) end
-end
 if redis.call('EXISTS', meta) == 0 then
   if ARGV[5] ~= '1' then return {'missing', 0, '', '', '', 0, '', ''} end
   local base, epoch, size = tonumber(ARGV[6]), tonumber(ARGV[7]) + 1, tonumber(ARGV[8])
+  if ARGV[11] ~= '' and tonumber(ARGV[11]) > base then
+    return {'ahead', 0, '', '', '', base, '', ''}
+  end
   redis.call('HSET', meta, 'user', ARGV[3], 'owner', ARGV[1], 'inc', ARGV[2],
              'epoch', epoch, 'state', 'loading', 'seq', base, 'applied', base,
              'stored', base, 'lbytes', size, 'sbytes', size, 'tbytes', size, 'refs', 0,
@@ -46,7 +48,7 @@ if redis.call('EXISTS', meta) == 0 then
   return {'created', epoch, ARGV[1], ARGV[2], ARGV[3], base, ARGV[9], ARGV[10]}
 end
 local f = redis.call('HMGET', meta, 'user', 'owner', 'inc', 'epoch', 'applied',
-                     'close_delay', 'max_running_time')
+                     'close_delay', 'max_running_time', 'seq')
 local user, owner, inc = f[1] or '', f[2] or '', f[3] or ''
 local epoch, applied = tonumber(f[4] or '0'), tonumber(f[5] or '0')
 local close, running = f[6] or '', f[7] or ''
@@ -57,6 +59,13 @@ end
 -- still be on its way) is taken again with a new epoch too, so that late release cannot
 -- undo this start.
 if inc == ARGV[2] or inc == '' or inc == ARGV[4] then
+  local last = tonumber(f[8] or '0')
+  if ARGV[11] ~= '' and tonumber(ARGV[11]) > last then
+    return {'ahead', epoch, owner, inc, user, last, close, running}
+  end
+  if redis.call('PTTL', meta) >= 0 then  -- retiring: taken, its keys expire no more
+    for i = 1, #KEYS - 1 do redis.call('PERSIST', KEYS[i]) end
+  end
   epoch = epoch + 1
   redis.call('HSET', meta, 'owner', ARGV[1], 'inc', ARGV[2], 'epoch', epoch,
              'state', 'loading', 'last_active', now)

@@ -30,12 +30,14 @@ class ConversationOps(StateCore):
         stored: tuple[int, int, int] = (0, 0, 0),
         close_delay: float | None = None,
         max_running_time: float | None = None,
+        latest: int | None = None,
     ) -> Ownership:
         """Take ownership of ``sid`` for ``inc`` (bumping the fencing epoch), creating the
         conversation for ``user`` when ``create`` (with the lifetimes given, if any);
         ``dead_inc`` may be replaced. ``stored``: the event store's ``(last id, fence
         epoch, bytes)`` of the conversation being created (its ids and epochs go on above
-        them)."""
+        them); ``latest``: the last event id a joining client saw (past the last event:
+        'ahead', nothing created or taken)."""
         r = await self._run(
             "acquire",
             [*self.conversation_keys(sid), self.keys.purging(sid)],
@@ -48,6 +50,7 @@ class ConversationOps(StateCore):
                 *stored,
                 "" if close_delay is None else repr(close_delay),
                 "" if max_running_time is None else repr(max_running_time),
+                "" if latest is None else latest,
             ],
             hot=True,
         )

@@ -47,14 +47,16 @@ class LoopOps(ConversationOps):
         score_ms: int = 0,
         reject: bool = False,
         org: str = "",
+        connections: int = 0,
     ) -> Admitted:
         """Claim one of ``user``'s ``cap`` slots for ``sid`` (see scripts.ADMIT);
         ``reject``: a full cap refuses a new claim instead of evicting; ``org``: record
-        it as the user's organisation."""
+        it as the user's organisation; ``connections``: the connection cap of the user
+        whose joining connection asked for the start (0: none)."""
         k = self.keys
         r = await self._run(
             "admit",
-            [k.user_claims(user), k.user_loops(user), k.user_org(user)],
+            [k.user_claims(user), k.user_loops(user), k.user_org(user), k.user_conns(user)],
             [
                 sid,
                 inc,
@@ -63,6 +65,7 @@ class LoopOps(ConversationOps):
                 score_ms,
                 "reject" if reject else "evict",
                 org,
+                connections,
             ],
             hot=True,
         )

@@ -12,10 +12,12 @@ from workers.protocol import Event
 # A notice logged when Redis was found to have lost events: (its id, the event).
 Notice = tuple[int, Event]
 
-OwnershipStatus = Literal["created", "ok", "mine", "owned", "forbidden", "missing", "purging"]
+OwnershipStatus = Literal[
+    "created", "ok", "mine", "owned", "forbidden", "missing", "purging", "ahead"
+]
 AcceptStatus = Literal["ok", "missing", "forbidden", "full", "rewound", "behind", "quota"]
 CommitStatus = Literal["ok", "dup", "fenced", "unaccepted", "missing", "rewound"]
-AdmitStatus = Literal["go", "wait", "evicted", "rejected"]
+AdmitStatus = Literal["go", "wait", "evicted", "rejected", "connections"]
 AttachStatus = Literal["ok", "missing", "forbidden"]
 
 OWNERSHIP: tuple[OwnershipStatus, ...] = get_args(OwnershipStatus)
