@@ -19,6 +19,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import time
 import warnings
 from collections import OrderedDict
@@ -272,6 +273,7 @@ def issue_token(
     if (
         isinstance(ttl_seconds, bool)
         or not isinstance(ttl_seconds, int | float)
+        or not math.isfinite(ttl_seconds)  # nan passes "<= 0"; inf makes no exp
         or ttl_seconds <= 0
     ):
         raise InvalidInput(f"token ttl must be a positive number of seconds, got {ttl_seconds!r}")
@@ -316,7 +318,10 @@ def _b64(data: bytes) -> str:
 def _check_secret(secret: object) -> bytes:
     if not isinstance(secret, str) or not secret:
         raise ConfigError("the token secret must be a non-empty string")
-    return secret.encode()
+    try:
+        return secret.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8, as os.environ keeps them
+        raise ConfigError("the token secret must be UTF-8 text") from None
 
 
 def _numeric(claims: Mapping[str, Any], name: str) -> float | None:

@@ -14,16 +14,33 @@ import sys
 import threading
 import uuid
 from typing import Any, TextIO
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 import socketio
+
+from .errors import ConfigError
+from .redact import redact
 
 ACK_TIMEOUT = 30.0
 RECONNECT_FOR = 60.0  # seconds to keep trying other nodes after the connection dropped
 MAX_SENDS = 5  # tries of one message across reconnections
 # Refusals no other node would answer differently: give up at once.
 FINAL_REFUSALS = ("authentication failed", "forbidden", "invalid", "settings", "latest_event_id")
+
+
+def check_node_url(url: str) -> str:
+    """``url`` without a trailing slash if it is an http(s) URL with a host and a port
+    0-65535 (a node's, or a load balancer's); else ConfigError naming it without its
+    password."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError unless a number 0-65535)
+    except ValueError:
+        raise ConfigError(f"{redact(url)!r}: its host or port cannot be read") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{redact(url)!r} is not a node's URL, e.g. http://127.0.0.1:8000")
+    return url.rstrip("/")
 
 
 def agent_state_note(event: dict[str, Any]) -> bool:
@@ -140,7 +157,8 @@ class ChatClient:
         return sio
 
     def say(self, message: str) -> None:
-        print(message, file=self.err, flush=True)
+        """A line for the user, without credentials (a URL's password, a token)."""
+        print(redact(message), file=self.err, flush=True)
 
     async def _on_event(self, event: Any) -> None:
         if not isinstance(event, dict):
@@ -188,8 +206,12 @@ class ChatClient:
             conv = await self._get(session, f"/api/conversations/{self.conversation}")
         for node in nodes.get("nodes", []):
             url = node.get("url") if isinstance(node, dict) else None
-            if isinstance(url, str) and url.rstrip("/") not in self.urls:
-                self.urls.append(url.rstrip("/"))
+            try:
+                learnt = check_node_url(url) if isinstance(url, str) else ""
+            except ConfigError:
+                continue  # not a URL to move to
+            if learnt and learnt not in self.urls:
+                self.urls.append(learnt)
         here = nodes.get("node_id", "?")
         owner = conv.get("owner") or ""
         where = f"node {owner}" if owner else "no node right now (it starts on the next message)"
@@ -215,6 +237,9 @@ class ChatClient:
                 f"{self.url}?{query}", auth=auth, transports=["websocket"], wait_timeout=15
             )
             self.say(await self.describe())
+        except BaseException:
+            await self._close_client()  # and its aiohttp session, which a retry does not reuse
+            raise
         finally:
             await self._release_held()
 

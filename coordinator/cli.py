@@ -29,7 +29,7 @@ from .auth import (
 from .cliargs import build_parser
 from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
 from .config import ManagerConfig, check_user_id, parse_settings
-from .errors import ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
+from .errors import REDIS_TROUBLE, ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
 from .redisurl import redact_url
 from .serverconfig import ServerConfig
 from .tasks import keep_cancelling
@@ -82,6 +82,8 @@ def read_secret_file(args: argparse.Namespace) -> None:
             secret = f.readline().rstrip("\r\n")
     except OSError as exc:
         _fail(2, f"cannot read --secret-file {path}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        _fail(2, f"--secret-file {path} is not UTF-8 text")
     if not secret.strip():
         _fail(2, f"--secret-file {path} is empty")
     args.secret = secret
@@ -223,6 +225,9 @@ async def _serve(
         _fail(1, f"{exc} (check --redis-url / COORDINATOR_REDIS_URL)")
     except (CoordinatorError, RuntimeError) as exc:
         _fail(1, str(exc))
+    except REDIS_TROUBLE as exc:  # Redis refused the connection's AUTH or SELECT
+        where, why = redact_url(config.redis_url), redact.redact(str(exc))
+        _fail(1, f"Redis at {where}: {why} (check --redis-url / COORDINATOR_REDIS_URL)")
     # What start-up made (modules, classes, the node's parts) lives as long as the
     # process: out of the cyclic GC's sight, a full collection walks only what came
     # later. Under a connection flood, full collections took 50-110 ms before (a client's
@@ -311,8 +316,12 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _dev_tool("chat")
-    from .chat import ChatClient
+    from .chat import ChatClient, check_node_url
 
+    try:
+        urls = [check_node_url(url) for url in args.url]
+    except ConfigError as exc:
+        _fail(2, f"--url {exc}")
     token = args.token
     if not token:
         if not args.secret:
@@ -329,7 +338,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         client = ChatClient(
-            args.url,
+            urls,
             args.conversation,
             token,
             latest_event_id=args.latest_event_id,

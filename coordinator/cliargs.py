@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 from .auth import ALGORITHMS, DEFAULT_MAX_LIFETIME, DEFAULT_TTL
-from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
+from .cliflags import CONFIG_FLAGS, SERVER_FLAGS, number
 from .config import DEFAULT_AGENT
+from .redact import redact
 
 ENV_PREFIX = "COORDINATOR_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# Variables whose value is a credential: help says that they are set, never what to.
+SECRET_VARIABLES = frozenset({ENV_PREFIX + "SECRET", ENV_PREFIX + "TOKEN"})
 
 
 def _flag_name(flag: str) -> str:
@@ -24,8 +27,65 @@ def _flag_name(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
 
+class FromEnvironment:
+    """A flag's default taken from its environment variable. argparse would convert a
+    string default with the flag's type but never check it against the flag's choices,
+    and its help would print it whole, a secret included: the parser (``_Parser``)
+    converts and checks it as a flag's value, and help shows it redacted."""
+
+    def __init__(self, variable: str, value: str) -> None:
+        self.variable = variable
+        self.value = value
+
+    @property
+    def shown(self) -> str:
+        """The value as help and errors may show it: credentials left out (a URL's
+        password, a token), a secret variable's value not at all."""
+        return "set" if self.variable in SECRET_VARIABLES else redact(self.value)
+
+    def __str__(self) -> str:
+        return f"{self.shown}, from ${self.variable}"
+
+
 def _env(name: str, default: Any = None) -> Any:
-    return os.environ.get(ENV_PREFIX + name.upper(), default)
+    variable = ENV_PREFIX + name.upper()
+    value = os.environ.get(variable)
+    return default if value is None else FromEnvironment(variable, value)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that converts and checks the defaults taken from the environment
+    (``FromEnvironment``) as it does a flag's value, once the command line is parsed (a
+    flag given overrides its variable, a wrong variable and all): an error names the
+    variable (``error: COORDINATOR_LOG_LEVEL: invalid choice: ...``, exit code 2)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Any = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(parsed, action.dest, None)
+            if isinstance(value, FromEnvironment):
+                setattr(parsed, action.dest, self._converted(action, value))
+        return parsed, extras
+
+    def _converted(self, action: argparse.Action, given: FromEnvironment) -> Any:
+        convert = action.type if callable(action.type) else str
+        try:
+            value = convert(given.value)
+        except argparse.ArgumentTypeError as exc:
+            self._refuse(given, str(exc))
+        except (TypeError, ValueError):
+            kind = getattr(convert, "__name__", "a")
+            self._refuse(given, f"invalid {kind} value: {given.shown!r}")
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(repr, action.choices))
+            self._refuse(given, f"invalid choice: {value!r} (choose from {choices})")
+        return value
+
+    def _refuse(self, given: FromEnvironment, why: str) -> NoReturn:
+        # As the CLI's own errors, without argparse's usage: the command line was right.
+        self.exit(2, f"error: {given.variable}: {why}\n")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -110,7 +170,7 @@ def _token_args(serve: argparse.ArgumentParser) -> None:
     _claim_args(serve, "refuse tokens without this")
     serve.add_argument(
         "--token-max-lifetime",
-        type=float,
+        type=number,
         default=_env("token_max_lifetime", DEFAULT_MAX_LIFETIME),
         metavar="SECONDS",
         help="refuse tokens living longer (exp - iat, or exp - now without iat) "
@@ -128,7 +188,7 @@ def _name_environment(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="coordinator",
         description=(
             "Redis-backed distributed conversation coordinator: run nodes that share one "
@@ -230,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     token.add_argument("user", metavar="USER", help="user id, e.g. alice or alice@example.com")
-    token.add_argument("--ttl", type=float, default=DEFAULT_TTL, help="lifetime in seconds")
+    token.add_argument("--ttl", type=number, default=DEFAULT_TTL, help="lifetime in seconds")
     token.add_argument(
         "--admin",
         action="store_true",
@@ -278,11 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="id of the last event already seen (-1: replay the whole conversation)",
     )
     chat.add_argument(
-        "--wait", type=float, default=10.0, help="seconds to wait for the last answer after EOF"
+        "--wait", type=number, default=10.0, help="seconds to wait for the last answer after EOF"
     )
     chat.add_argument(
         "--reconnect-for",
-        type=float,
+        type=number,
         default=60.0,
         metavar="SECONDS",
         help="when the node goes away, keep trying the other nodes this long",

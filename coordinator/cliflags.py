@@ -7,6 +7,7 @@ parser (cliargs.py) gives each an environment fallback ``COORDINATOR_<NAME>``.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,19 @@ def _switch(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
 
 
+def number(value: str) -> float:
+    """A finite number, for a flag or its environment variable: ``float`` also takes nan
+    (which turns any bound compared with it off), inf and 1e400 (inf: an overflow later,
+    or a wait without end)."""
+    try:
+        result = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(result):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return result
+
+
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -36,10 +50,12 @@ def _size(value: str) -> int:
         return 0
     unit = word[-1:] if word[-1:] in _UNITS else ""
     try:
-        number = float(word[: len(word) - len(unit)])
+        size = float(word[: len(word) - len(unit)]) * _UNITS[unit]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 512M, got {value!r}") from None
-    return int(number * _UNITS[unit])
+        size = math.nan
+    if not math.isfinite(size):  # nan, inf, 1e400 or 1e308G
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M, got {value!r}")
+    return int(size)
 
 
 # serve flag -> ManagerConfig field, for the optional settings passed through as given.
@@ -69,7 +85,7 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "redis_retention": (
         "--redis-retention",
-        float,
+        number,
         "seconds a stopped conversation's Redis state (record, log window, inbox) is kept "
         "once the event store holds it all; it comes back from the store when started "
         "again; 0: kept forever (default: 3600)",
@@ -111,38 +127,38 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "close_delay": (
         "--close-delay",
-        float,
+        number,
         "seconds an idle loop without connections lives on (default: 15)",
     ),
     "max_close_delay": (
         "--max-close-delay",
-        float,
+        number,
         "the longest close_delay a conversation may ask for at creation (default: 86400)",
     ),
     "max_running_time": (
         "--max-running-time",
-        float,
+        number,
         "seconds a conversation's loop may run at most, and the longest a conversation "
         "may ask for at creation; then it is closed (default: 0, no limit)",
     ),
     "node_ttl": (
         "--node-ttl",
-        float,
+        number,
         "seconds without heartbeat after which a node is dead (default: 6)",
     ),
     "heartbeat_interval": (
         "--heartbeat-interval",
-        float,
+        number,
         "seconds between heartbeats (default: 1.5)",
     ),
     "lease_margin": (
         "--lease-margin",
-        float,
+        number,
         "seconds before node_ttl at which a silent node stops its loops (default: 1.5)",
     ),
     "drain_timeout": (
         "--drain-timeout",
-        float,
+        number,
         "seconds a SIGTERM drain may take before the node exits anyway (default: 30)",
     ),
     "max_concurrent_joins": (
@@ -152,7 +168,7 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "join_wait": (
         "--join-wait",
-        float,
+        number,
         "seconds a join may wait for a free slot before it is refused as busy (default: 10)",
     ),
     "max_concurrent_restarts": (
@@ -188,7 +204,7 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "ack_timeout": (
         "--ack-timeout",
-        float,
+        number,
         "seconds an acknowledgement waits for --ack-replicas; past it the client gets an "
         "error and may retry with the same client_action_id (default: 1)",
     ),
@@ -214,7 +230,7 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "agent_stall_timeout": (
         "--agent-stall-timeout",
-        float,
+        number,
         "seconds a worker may leave a heartbeat unanswered before it is killed and its "
         "loops move to the others (default: 5)",
     ),
@@ -232,13 +248,13 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "agent_dispatch_timeout": (
         "--agent-dispatch-timeout",
-        float,
+        number,
         "seconds one action may take in its agent before it is cancelled and answered "
         "with an error event (default: no limit)",
     ),
     "agent_start_timeout": (
         "--agent-start-timeout",
-        float,
+        number,
         "seconds an agent's start may take before it is cancelled and the start refused "
         "with an error naming the bound; 0: no limit (default: 60)",
     ),
@@ -271,18 +287,19 @@ SERVER_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "request_timeout": (
         "--request-timeout",
-        float,
+        number,
         "seconds a connection has to send a complete request (head and body) from "
-        "connecting or from its next request's first byte; else 408 (default: 10)",
+        "connecting or from its next request's first byte; else it is closed, with a 408 "
+        "when no request head came (default: 10)",
     ),
     "keep_alive_timeout": (
         "--keep-alive-timeout",
-        float,
+        number,
         "seconds an idle HTTP keep-alive connection stays open (default: 5)",
     ),
     "handshake_timeout": (
         "--handshake-timeout",
-        float,
+        number,
         "seconds an engine.io session has to complete its socket.io CONNECT (default: 10)",
     ),
     "max_connections": (

@@ -305,6 +305,7 @@ class LinkSlot:
             except (OSError, ssl.SSLError) as exc:  # TimeoutError included
                 raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from None
             link = fresh
+            command = b""
             try:
                 for command in e.handshake():
                     async with asyncio.timeout(self._connect_timeout):
@@ -312,6 +313,13 @@ class LinkSlot:
             except TimeoutError:
                 link.fail(RedisConnectionError("the lane's handshake timed out"))
                 raise RedisTimeoutError("Redis did not answer the handshake in time") from None
+            except ResponseError as exc:
+                # AUTH or SELECT refused (a password Redis does not have or does not take,
+                # a database it lacks): the URL is wrong, say so as redis-py would.
+                link.fail(RedisConnectionError("the lane's handshake failed"))
+                name = command.split(b"\r\n")[2].decode("ascii", "replace")  # RESP: *N $L NAME
+                kind = AuthenticationError if name == "AUTH" else ResponseError
+                raise kind(f"Redis refused the connection's {name}: {exc}") from None
             except BaseException:
                 link.fail(RedisConnectionError("the lane's handshake failed"))
                 raise

@@ -3,26 +3,123 @@ address, and passwords taken out of any text that may quote a URL (logs, errors)
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import (
+    SplitResult,
+    parse_qsl,
+    quote,
+    unquote,
+    urlencode,
+    urlsplit,
+    urlunsplit,
+)
+
+from redis.asyncio.connection import RedisSSLContext, parse_url
+from redis.exceptions import RedisError
 
 from .errors import ConfigError
 
-_SECRET_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@\s:]*:)[^@\s]*@", re.I)
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*://", re.I)
 _SECRET_IN_QUERY = re.compile(r"(?P<head>[?&]\w*password=)[^&\s]*", re.I)
 
 
 def redact_url(text: str) -> str:
     """``text`` with the password of any URL in it (``scheme://user:PASSWORD@``, or a
-    ``password=`` query parameter) replaced by ``***``: for logs and error messages."""
-    text = _SECRET_IN_URL.sub(r"\g<head>***@", text)
-    return _SECRET_IN_QUERY.sub(r"\g<head>***", text)
+    ``password=`` query parameter) replaced by ``***``: for logs and error messages.
+
+    A URL's userinfo is everything from ``//`` to the last ``@`` on its line before the
+    next URL: a password may hold ``@``, ``/``, ``#``, ``?`` or spaces, which a URL
+    parser takes for the host, the path or the end of the URL. So an ``@`` further on
+    the same line (an email address after the URL) hides what lies between: too much,
+    never too little."""
+    return _SECRET_IN_QUERY.sub(r"\g<head>***", _redact_userinfo(text))
+
+
+def _redact_userinfo(text: str) -> str:
+    schemes = list(_SCHEME.finditer(text))
+    pieces: list[str] = []
+    done = 0
+    for i, scheme in enumerate(schemes):
+        start = scheme.end()
+        line_end = text.find("\n", start)
+        end = len(text) if line_end < 0 else line_end
+        if i + 1 < len(schemes):
+            end = min(end, schemes[i + 1].start())
+        at = text.rfind("@", start, end)
+        user, colon, _ = text[start : max(at, start)].partition(":")
+        if at < 0 or not colon or "/" in user or any(c.isspace() for c in user):
+            continue  # no password, or that ":" is not a userinfo's
+        pieces += [text[done:start], user, ":***"]
+        done = at
+    return "".join(pieces) + text[done:]
 
 
 URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 REDIS_MODES = ("auto", "standalone", "cluster", "sentinel")
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ConfigError, naming ``url`` without its password, unless it is a Redis URL
+    redis-py reads as meant: a host (a socket path for ``unix://``), a port 0-65535,
+    parameters of the right type, nothing of the userinfo taken for the path. redis-py
+    itself connects ``redis://`` to localhost:6379 and fails on the others with a
+    ValueError quoting a piece of the URL (of the password, when it holds a ``/``)."""
+    if url.startswith(SENTINEL_SCHEMES):
+        parse_sentinel_url(url)
+        return
+    shown = redact_url(url)
+    if not url.startswith(URL_SCHEMES):
+        raise ConfigError(
+            "redis_url must start with redis://, rediss://, unix:// or redis+sentinel://, "
+            f"got {shown!r}"
+        )
+    parts = _split(url)
+    try:
+        parts.port  # noqa: B018 (raises ValueError unless a number 0-65535)
+    except ValueError:
+        raise ConfigError(_unusable(url, "the port is not a number 0-65535")) from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(_unusable(url, "no socket path: unix:///PATH/TO/redis.sock"))
+    elif not parts.hostname:
+        raise ConfigError(_unusable(url, "no host: redis://HOST[:PORT][/DB]"))
+    try:
+        options: dict[str, Any] = dict(parse_url(url))  # redis-py's reading of the parameters
+        if "ssl_cert_reqs" in options:
+            RedisSSLContext(cert_reqs=options["ssl_cert_reqs"])
+    except (ValueError, RedisError) as exc:  # these name a parameter, not the password
+        raise ConfigError(_unusable(url, str(exc).rstrip("."))) from None
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(_unusable(url, f"{name} must be a finite number"))
+
+
+def _split(url: str) -> SplitResult:
+    """``url`` split; ConfigError naming it redacted (urllib's message may quote a piece
+    of the password) when it cannot be, or when its userinfo runs past the host."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError(_unusable(url, "its host cannot be read")) from None
+    rest = url.partition("://")[2]
+    netloc_end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    if "@" in rest[netloc_end:]:
+        raise ConfigError(
+            _unusable(
+                url,
+                "an '@' after the host: a password holding '/', '?', '#' or '@' must be "
+                "percent-encoded (%2F, %3F, %23, %40)",
+            )
+        )
+    return parts
+
+
+def _unusable(url: str, why: str) -> str:
+    return f"redis_url {redact_url(url)} is not a usable Redis URL: {why}"
 
 
 @dataclass(frozen=True)
@@ -66,14 +163,14 @@ def with_address(url: str, host: str, port: int) -> str:
 
 def parse_sentinel_url(url: str) -> SentinelURL:
     """Parse a Sentinel URL (see ``SentinelURL``); ConfigError naming what is wrong."""
-    parts = urlsplit(url)
+    parts = _split(url)
     if parts.scheme not in ("redis+sentinel", "rediss+sentinel"):
         raise ConfigError("a Sentinel URL starts with redis+sentinel:// or rediss+sentinel://")
     hosts = parts.netloc.rpartition("@")[2]
     sentinels = []
     for item in filter(None, hosts.split(",")):
         host, _, port = item.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"redis_url: sentinel address {item!r} is not HOST:PORT")
         sentinels.append((host.strip("[]"), int(port)))
     if not sentinels:

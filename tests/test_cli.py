@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import math
 import os
 import random
 import re
@@ -11,14 +13,22 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
 import pytest
 
 from coordinator import ManagerConfig
-from coordinator.auth import TokenSettings, TokenVerifier, as_verifier, verify_token
+from coordinator.auth import (
+    TokenSettings,
+    TokenVerifier,
+    as_verifier,
+    issue_token,
+    verify_token,
+)
 from coordinator.cli import build_config, build_parser, main
+from coordinator.errors import InvalidInput
 from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,7 +238,12 @@ async def test_serve_configuration_errors(redis_url: str) -> None:
             "error: close_delay must be > 0, got -1.0",
         ),
         (["serve", "--secret", "s"], {"COORDINATOR_CLOSE_DELAY": "-3"}, 2, "got -3.0"),
-        (["serve", "--secret", "s", "--close-delay", "soon"], {}, 2, "invalid float value"),
+        (
+            ["serve", "--secret", "s", "--close-delay", "soon"],
+            {},
+            2,
+            "argument --close-delay: expected a number, got 'soon'",
+        ),
         (
             ["serve", "--secret", "s", "--speculative-dispatch", "maybe"],
             {},
@@ -529,3 +544,232 @@ def test_speculative_dispatch_switch_from_flag_and_environment(monkeypatch: Any)
     monkeypatch.setenv("COORDINATOR_SPECULATIVE_DISPATCH", "false")
     assert config().speculative_dispatch is False
     assert config("--speculative-dispatch", "on").speculative_dispatch is True
+
+
+# -- bad input: one line on stderr, never a traceback, never a secret ----------------
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    # argparse has no public way to list a parser's subparsers and actions: _actions it is.
+    command = next(a for a in build_parser()._actions if a.dest == "command")
+    return dict(command.choices)  # type: ignore[arg-type]
+
+
+def _flag(action: argparse.Action) -> str:
+    return next(f for f in action.option_strings if f.startswith("--"))
+
+
+def _env_name(flag: str) -> str:
+    return "COORDINATOR_" + flag[2:].replace("-", "_").upper()
+
+
+async def test_serve_refuses_malformed_redis_urls_in_one_line(redis_url: str) -> None:
+    port = urlsplit(redis_url).port
+    malformed = [
+        ("redis://u:S3CRET/PW@127.0.0.1:6399/0", "must be percent-encoded"),
+        ("redis://127.0.0.1:notaport/0", "the port is not a number"),
+        ("redis://[::1", "its host cannot be read"),
+        ("redis://127.0.0.1:6379999/0", "the port is not a number"),
+        (f"redis://127.0.0.1:{port}/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+        (f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=bogus", "Certificate Requirements Flag"),
+        ("redis://", "no host: redis://HOST[:PORT][/DB]"),  # not localhost:6379
+        ("redis+sentinel://[::1:26379/mymaster", "its host cannot be read"),
+    ]
+    base = ["serve", "--port", "0", "--log-level", "warning"]
+    runs = [
+        run(*base, "--redis-url", url, within=20, COORDINATOR_SECRET="s" * 32)
+        for url, _ in malformed
+    ]
+    runs += [
+        run(*base, within=20, COORDINATOR_SECRET="s" * 32, COORDINATOR_REDIS_URL=url)
+        for url, _ in malformed
+    ]
+    results = await asyncio.gather(*runs)
+    for (url, why), (rc, out, err) in zip(malformed * 2, results, strict=True):
+        assert rc == 2, (url, rc, err)
+        lines = [x for x in err.splitlines() if not x.startswith("warning: ")]
+        assert len(lines) == 1, (url, err)
+        line = lines[0]
+        assert line.startswith("error: redis_url ") and why in line, (url, err)
+        assert "S3CRET" not in err and "PW" not in err and "Traceback" not in err, (url, err)
+        assert "serving on" not in out
+
+
+async def test_redis_url_passwords_stay_out_of_errors_and_are_warned_about(
+    redis_url: str,
+) -> None:
+    """A password with a space (wrong for this Redis, which has none) or an '@'; and a
+    password given to a Redis that has none (AUTH refused by the script lane)."""
+    parts = urlsplit(redis_url)
+    if parts.password or parts.username:
+        pytest.skip("needs a Redis that has no password (REDIS_URL has one)")
+    address = f"{parts.hostname}:{parts.port}"
+    cases = [
+        (f"redis://u:S3CRET PW@{address}/0", f"error: Redis at redis://u:***@{address}/0 is"),
+        ("redis://u:S3CRET@PW@127.0.0.1:1/0", "error: Redis at redis://u:***@127.0.0.1:1/0 is"),
+        (
+            f"redis://:S3CRET@{address}/0",
+            f"error: Redis at redis://:***@{address}/0: Redis refused the connection's AUTH: "
+            "ERR AUTH <password> called without any password configured",
+        ),
+    ]
+    results = await asyncio.gather(
+        *(
+            run(
+                "serve",
+                "--port",
+                "0",
+                "--redis-url",
+                url,
+                "--log-level",
+                "warning",
+                within=30,
+                COORDINATOR_SECRET="s" * 32,
+            )
+            for url, _ in cases
+        )
+    )
+    for (url, message), (rc, out, err) in zip(cases, results, strict=True):
+        assert rc == 1, (url, err)
+        assert err.startswith("warning: --redis-url carries a password"), (url, err)
+        (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+        assert line.startswith(message), (url, err)
+        assert "S3CRET" not in err + out and "Traceback" not in err, (url, err)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["token", "alice"], ["chat"], ["cluster"]])
+def test_help_never_shows_a_secret_from_the_environment(
+    command: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = issue_token("alice", "s" * 32)
+    monkeypatch.setenv("COORDINATOR_SECRET", "TOPSECRET")
+    monkeypatch.setenv("COORDINATOR_TOKEN", token)
+    monkeypatch.setenv("COORDINATOR_REDIS_URL", "redis://u:REDISPW@redis:6379/0")
+    monkeypatch.setenv("COORDINATOR_EVENT_STORE", "postgresql://u:PGPW@db/events")
+    monkeypatch.setenv("COORDINATOR_TOKEN_ISSUER", "https://u:URLPW@idp.example.test")
+    monkeypatch.setenv("COORDINATOR_HOST", "0.0.0.0")
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for secret in ("TOPSECRET", token, token[:20], "REDISPW", "PGPW", "URLPW"):
+        assert secret not in out, secret
+    if command != ["cluster"]:  # whose help says "(default: generated)"
+        assert "(default: set, from $COORDINATOR_SECRET)" in out
+    if command == ["chat"]:
+        assert "(default: set, from $COORDINATOR_TOKEN)" in out
+    if command[0] in ("serve", "token"):
+        issuer = "https://u:***@idp.example.test, from $COORDINATOR_TOKEN_ISSUER"
+        assert f"(default: {issuer})" in out
+    if command == ["serve"]:
+        assert "(default: 0.0.0.0, from $COORDINATOR_HOST)" in out
+
+
+def test_environment_is_checked_against_each_flags_choices(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """argparse converts a default taken from the environment but never checks it
+    against the flag's choices: every flag with choices and a variable is checked."""
+    checked = []
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            variable = _env_name(_flag(action)) if action.option_strings else ""
+            if action.choices is None or not variable or variable not in (action.help or ""):
+                continue
+            monkeypatch.setenv(variable, "verbose")
+            with pytest.raises(SystemExit) as info:
+                build_parser().parse_args([name])
+            assert info.value.code == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {variable}: invalid choice: "), err
+            # The flag given overrides its variable, a wrong one included.
+            good = str(next(iter(action.choices)))
+            args = build_parser().parse_args([name, _flag(action), good])
+            assert getattr(args, action.dest) == action.type(good) if action.type else good
+            monkeypatch.delenv(variable)
+            checked.append(variable)
+    assert sorted(checked) == ["COORDINATOR_LOG_LEVEL", "COORDINATOR_TOKEN_ALGORITHM"]
+    monkeypatch.setenv("COORDINATOR_LOG_LEVEL", "DEBUG")  # converted, then checked
+    assert build_parser().parse_args(["serve"]).log_level == "debug"
+
+
+def _numeric_flags() -> list[tuple[str, str, str]]:
+    """(command, flag, kind) of every flag that takes a number or a size."""
+    found = []
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            kind = getattr(action.type, "__name__", "")
+            if action.option_strings and kind in ("number", "_size", "int"):
+                found.append((name, _flag(action), kind))
+    return found
+
+
+def test_every_numeric_flag_refuses_nan_inf_and_overflow(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flags = _numeric_flags()
+    assert {f for _, f, k in flags if k != "int"} >= {
+        "--ttl", "--token-max-lifetime", "--node-ttl", "--handshake-timeout",
+        "--redis-retention", "--drain-timeout", "--log-window-bytes", "--wait",
+    }  # fmt: skip
+    positional = {"token": ["alice"]}
+    for command, flag, _ in flags:
+        for value in ("nan", "inf", "-inf", "1e400", "NaN"):
+            argv = [command, *positional.get(command, []), flag, value]
+            with pytest.raises(SystemExit) as info:
+                build_parser().parse_args(argv)
+            assert info.value.code == 2, argv
+            err = capsys.readouterr().err
+            assert f"error: argument {flag}: " in err and "_size" not in err, (argv, err)
+        if command == "serve":  # and its environment variable
+            monkeypatch.setenv(_env_name(flag), "nan")
+            with pytest.raises(SystemExit):
+                build_parser().parse_args(["serve"])
+            assert capsys.readouterr().err.startswith(f"error: {_env_name(flag)}: "), flag
+            monkeypatch.delenv(_env_name(flag))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-agent-event-bytes", "1e308G"])
+    assert "expected a size such as 512M, got '1e308G'" in capsys.readouterr().err
+    for ttl in (math.nan, math.inf, -math.inf):  # the library refuses them too
+        with pytest.raises(InvalidInput, match="token ttl must be a positive number"):
+            issue_token("alice", "s" * 32, ttl)
+
+
+async def test_secrets_that_are_not_utf8_are_refused_in_one_line(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(b"\xff\xfe not text\n")
+    chat = ["chat", "--url", "http://127.0.0.1:1", "--conversation", "c"]
+    from_file = [["token", "alice"], ["serve", "--port", "0"], chat]
+    from_env = [["token", "alice"], chat]
+    results = await asyncio.gather(
+        *(run(*argv, "--secret-file", str(secret_file)) for argv in from_file),
+        # os.environ keeps bytes that are not UTF-8 as lone surrogates.
+        *(run(*argv, COORDINATOR_SECRET="\udcff") for argv in from_env),
+    )
+    expected = [f"error: --secret-file {secret_file} is not UTF-8 text\n"] * len(from_file)
+    expected += ["error: the token secret must be UTF-8 text\n"] * len(from_env)
+    for argv, want, (rc, out, err) in zip(from_file + from_env, expected, results, strict=True):
+        assert (rc, out, err) == (2, "", want), argv
+
+
+async def test_chat_refuses_bad_urls_and_leaks_no_session_or_password() -> None:
+    down = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            down.append(s.getsockname()[1])  # closed: nothing listens there
+    talk = ["--conversation", "x", "--reconnect-for", "3"]
+    bad = ["notaurl", "http://[::1", "http://127.0.0.1:99999", "ftp://u:PASSX@127.0.0.1/"]
+    results = await asyncio.gather(
+        *(run("chat", "--url", url, *talk, COORDINATOR_SECRET="s" * 32) for url in bad),
+        run(
+            "chat", "--url", f"http://127.0.0.1:{down[0]}",
+            "--url", f"http://user:PASSX@127.0.0.1:{down[1]}", *talk,
+            COORDINATOR_SECRET="s" * 32,
+        ),
+    )  # fmt: skip
+    for url, (rc, _, err) in zip(bad, results[:-1], strict=True):
+        assert rc == 2 and err.startswith("error: --url ") and err.count("\n") == 1, (url, err)
+        assert "PASSX" not in err, err
+    rc, _, err = results[-1]
+    assert rc == 1, err
+    assert f"! cannot connect to http://user:***@127.0.0.1:{down[1]}: " in err, err
+    assert "PASSX" not in err and "Unclosed" not in err and "Traceback" not in err, err
