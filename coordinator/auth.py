@@ -330,7 +330,12 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AuthError(f"malformed token: {name} is not a number")
-    return float(value)
+    # JSON as Python reads it has NaN, which compares false with every bound (a token
+    # that never expires), Infinity, and integers past a float's range.
+    number = float(value) if not isinstance(value, int) or abs(value) < 2**1000 else math.inf
+    if not math.isfinite(number):
+        raise AuthError(f"malformed token: {name} is not a finite number")
+    return number
 
 
 def _read(path: str) -> bytes:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -181,6 +182,14 @@ def test_signature_is_checked_before_the_payload() -> None:
         ({"sub": "has space", "exp": NOW + 60}, "malformed token"),
         ({"sub": "alice", "exp": "soon"}, "malformed token: exp is not a number"),
         ({"sub": "alice", "exp": NOW + 60, "iat": True}, "malformed token: iat is not a number"),
+        # JSON as Python reads it: NaN compares false with everything (a token that never
+        # expired, or whose lifetime was never bounded), and an int past a float's range.
+        ({"sub": "alice", "exp": math.nan}, "malformed token: exp is not a finite number"),
+        ({"sub": "alice", "exp": math.inf}, "malformed token: exp is not a finite number"),
+        ({"sub": "alice", "exp": 10**400}, "malformed token: exp is not a finite number"),
+        ({"sub": "a", "exp": NOW + 60, "iat": math.nan}, "malformed token: iat is not a finite"),
+        ({"sub": "a", "exp": NOW + 60, "nbf": math.nan}, "malformed token: nbf is not a finite"),
+        ({"sub": "a", "exp": NOW + 60, "iat": -(10**400)}, "malformed token: iat is not a finite"),
     ],
 )
 def test_correctly_signed_tokens_of_the_wrong_shape(payload: dict[str, Any], reason: str) -> None:
