@@ -59,8 +59,12 @@ NAMESPACE = "/"
 ACTION_EVENT = "oh_user_action"
 
 
-def _first(query: Mapping[str, list[str]], name: str) -> str | None:
+def _once(query: Mapping[str, list[str]], name: str) -> str | None:
+    """A query parameter given at most once; else InvalidInput (which of two counts is
+    not for a proxy, a log reader and this node to each decide)."""
     values = query.get(name)
+    if values and len(values) > 1:
+        raise InvalidInput(f"{name} is given {len(values)} times; give it once")
     return values[0] if values else None
 
 
@@ -148,22 +152,22 @@ class SocketHandlers:
 
     async def _join(self, connection_id: str, environ: Mapping[str, Any], auth: Any) -> bool:
         query = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
-        token = auth.get("token") if isinstance(auth, dict) else None
-        if token is None:
-            token = _first(query, "token")
         joined = False
         try:
+            token = auth.get("token") if isinstance(auth, dict) else None
+            if token is None:
+                token = _once(query, "token")
             who = self.tokens.verify(token)
             user = who.user
-            raw_conversation = _first(query, "conversation_id")
+            raw_conversation = _once(query, "conversation_id")
             if raw_conversation is None:
                 raise InvalidInput("the conversation_id query parameter is required")
             conversation = check_conversation_id(raw_conversation)
-            latest = parse_latest_event_id(_first(query, "latest_event_id"))
+            latest = parse_latest_event_id(_once(query, "latest_event_id"))
             if isinstance(auth, dict) and auth.get("settings") is not None:
                 settings = check_settings(auth["settings"])
             else:
-                settings = parse_settings(_first(query, "settings"))
+                settings = parse_settings(_once(query, "settings"))
             check_connection_id(connection_id)
             await self.quotas.join(user)
             self.sink.joining(connection_id)

@@ -12,6 +12,7 @@ Starlette's own method matching would also serve HEAD on every GET path and list
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -112,10 +113,27 @@ def client_message(exc: BaseException) -> str:
     return "internal error"
 
 
+class _JSONAnswer(JSONResponse):
+    """A JSON answer in which bytes (a client may attach them to an action: socket.io
+    carries them as binary, the log keeps them) come as ``{"base64": "..."}``."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(
+            content, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_binary
+        )
+        return text.encode()
+
+
+def _binary(value: object) -> dict[str, str]:
+    if isinstance(value, bytes | bytearray):
+        return {"base64": base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 def json_response(
     status: int, value: Any, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(value, status, {**COMMON_HEADERS, **(headers or {})})
+    return _JSONAnswer(value, status, {**COMMON_HEADERS, **(headers or {})})
 
 
 def error_response(exc: Exception, request: Request) -> JSONResponse:

@@ -307,16 +307,20 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
     async def _attachment(self, eio_sid: str, pkt: Any, data: Any) -> None:
         size = self._attached.get(eio_sid, 0) + (len(data) if isinstance(data, bytes) else 0)
         self._attached[eio_sid] = size
-        try:
-            if not isinstance(data, bytes):
-                raise ValueError("a binary attachment was expected")
-            if size > self.max_message_bytes:
-                raise ValueError(f"attachments larger than {self.max_message_bytes} bytes")
-            complete = pkt.add_attachment(data)
-        except DECODE_ERRORS as exc:
+        why = ""
+        if not isinstance(data, bytes):
+            why = "a binary attachment was expected"
+        elif size > self.max_message_bytes:
+            why = f"attachments larger than {self.max_message_bytes} bytes"
+        else:
+            try:
+                complete = pkt.add_attachment(data)
+            except DECODE_ERRORS:  # the library's own words name its internals
+                why = "placeholders that do not match the packet's attachments"
+        if why:
             del self._binary_packet[eio_sid]
             self._attached.pop(eio_sid, None)
-            await self._malformed(eio_sid, pkt, str(exc) or "bad attachment")
+            await self._malformed(eio_sid, pkt, why)
             return
         if complete:
             del self._binary_packet[eio_sid]

@@ -146,6 +146,15 @@ async def test_binary_attachments_are_bounded_and_must_be_binary(servers: Server
     await sock.ws.send(b"y" * 3000)
     code, reason = await sock.closed()
     assert (code, reason) == (1002, "malformed packet: attachments larger than 4096 bytes")
+    # A placeholder naming an attachment that never comes: said so, not in the library's
+    # words ("list index out of range").
+    sock = await joined(servers, a)
+    await sock.send_packet('51-["oh_user_action",{"args":{"a":{"_placeholder":true,"num":5}}}]')
+    await sock.ws.send(b"z")
+    assert await sock.closed() == (
+        1002,
+        "malformed packet: placeholders that do not match the packet's attachments",
+    )
     # A binary frame nobody announced.
     sock = await joined(servers, a)
     await sock.ws.send(b"\x00\x01")

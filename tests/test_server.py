@@ -184,6 +184,17 @@ async def test_bad_connects_are_refused_with_a_reason_and_change_nothing(
     expired = issue_token("alice", SECRET, 1, now=0)
     why = await servers.client().refused(a.url, "conv", expired)
     assert why == "authentication failed: token expired"
+    # A query parameter given twice: which one counts is not guessed.
+    for name, query, auth in [
+        ("conversation_id", "conversation_id=a1&conversation_id=conv", {"token": good}),
+        ("token", f"conversation_id=c&token={good}&token=x", None),
+        ("latest_event_id", "conversation_id=c&latest_event_id=0&latest_event_id=9", None),
+    ]:
+        twice = servers.client()
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            url = f"{a.url}?{query}" + ("" if auth or name == "token" else f"&token={good}")
+            await twice.sio.connect(url, transports=["websocket"], wait_timeout=10, auth=auth)
+        assert twice.refusal["message"] == f"{name} is given 2 times; give it once"
 
     assert await event_count(servers, "conv") == 2
     assert await a.manager.conversation("no-such") == {}
@@ -401,6 +412,9 @@ async def test_an_action_with_binary_data_reaches_the_clients_as_binary(
         upload = client.events[0]
         assert upload["id"] == ack["id"] and upload["args"]["data"] == b"\x00\x01\xff"
         assert [e["args"]["content"] for e in client.events[1:]] == ["after", "after"]
+    # REST's JSON has no bytes: they come in base64 (before, the page was a 500).
+    status, page = await servers.request("GET", b, "/api/conversations/bin/events", user="alice")
+    assert status == 200 and page["events"][0]["args"]["data"] == {"base64": "AAH/"}
 
 
 @pytest.fixture
