@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -13,13 +14,7 @@ from typing import Any
 from . import cpus
 from .codec import shape_problem
 from .errors import ConfigError, InvalidInput
-from .redisurl import (
-    REDIS_MODES,
-    SENTINEL_SCHEMES,
-    URL_SCHEMES,
-    parse_sentinel_url,
-    redact_url,
-)
+from .redisurl import REDIS_MODES, SENTINEL_SCHEMES, check_redis_url, redact_url
 
 DEFAULT_AGENT = "workers.echo:EchoAgent"
 ISOLATIONS = ("process", "none")
@@ -268,21 +263,17 @@ class ManagerConfig:
             if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{f.name} must be an integer, got {value!r}")
             if expected == "float" and (
-                isinstance(value, bool) or not isinstance(value, int | float)
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)  # nan passes every bound; inf waits for good
             ):
-                raise ConfigError(f"{f.name} must be a number, got {value!r}")
-        if not self.redis_url.startswith(URL_SCHEMES):
-            raise ConfigError(
-                "redis_url must start with redis://, rediss://, unix:// or "
-                f"redis+sentinel://, got {redact_url(self.redis_url)!r}"
-            )
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        check_redis_url(self.redis_url)  # the scheme, a host, a port, its parameters
         if self.redis_mode not in REDIS_MODES:
             raise ConfigError(
                 f"redis_mode must be one of {', '.join(REDIS_MODES)}, got {self.redis_mode!r}"
             )
         sentinel = self.redis_url.startswith(SENTINEL_SCHEMES)
-        if sentinel:
-            parse_sentinel_url(self.redis_url)  # names what is missing
         if sentinel and self.redis_mode not in ("auto", "sentinel"):
             raise ConfigError(
                 f"redis_url is a Sentinel URL but redis_mode is {self.redis_mode}: "

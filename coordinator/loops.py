@@ -254,9 +254,8 @@ class Loops:
         """Stop the local loop of ``sid`` (telling its clients ``status``), once its start
         under way here (if any) has ended; False if none runs."""
         pending = self.starting.get(sid)
-        if pending is not None:  # the start's own caller gets its outcome
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(pending)
+        if pending is not None:  # its outcome is its own caller's; a cancel here is ours
+            await asyncio.wait([pending])
         runner = self.runners.get(sid)
         if runner is None:
             return False

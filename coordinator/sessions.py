@@ -91,7 +91,14 @@ class Sessions:
             await self._join_gate.acquire()
         try:
             info = await self._loops.ensure_running(
-                sid, user, settings, None, org, joining=True, latest=latest_event_id
+                # A connection that moves here holds its place already (left after).
+                sid,
+                user,
+                settings,
+                None,
+                org,
+                joining=joined is None,
+                latest=latest_event_id,
             )
             if joined is not None:  # in another conversation: it moves, once this one may
                 await self.leave(cid)

@@ -92,6 +92,11 @@ async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis
         ({"agent": "no_colon"}, "agent must be"),
         ({"heartbeat_interval": 5.0, "node_ttl": 6.0}, "heartbeat_interval must leave room"),
         ({"log_window_events": True}, "must be an integer"),
+        # nan passes every bound (a node_ttl of nan: a node never dead), inf waits for good.
+        ({"node_ttl": float("nan")}, "node_ttl must be a finite number"),
+        ({"drain_timeout": float("inf")}, "drain_timeout must be a finite number"),
+        ({"redis_url": "redis://"}, "no host"),
+        ({"redis_url": "redis://u:pw@h:notaport/0"}, "u:\\*\\*\\*@h:notaport"),
     ],
 )
 def test_invalid_configuration_is_rejected_with_the_setting_named(changes, fragment) -> None:

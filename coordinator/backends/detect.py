@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from ..config import ManagerConfig
 from ..errors import REDIS_TROUBLE, ConfigError, RedisUnavailable
-from ..redisurl import SENTINEL_SCHEMES, check_redis_url, redact_url
+from ..redisurl import SENTINEL_SCHEMES, redact_url
 from .base import Backend
 from .cluster import ClusterBackend
 from .sentinel import SentinelBackend
@@ -35,11 +35,9 @@ async def cluster_enabled(config: ManagerConfig) -> bool:
 
 
 async def open_backend(config: ManagerConfig) -> Backend:
-    """The backend for ``config``; checks the URL is one redis-py reads as meant (a
-    ConfigError naming it without its password, not redis-py's ValueError quoting a
-    piece of it) and the deployment is what ``redis_mode`` says."""
+    """The backend for ``config`` (whose URL ``ManagerConfig`` checked: ``check_redis_url``);
+    checks the deployment is what ``redis_mode`` says."""
     mode, url = config.redis_mode, config.redis_url
-    check_redis_url(url)
     if url.startswith(SENTINEL_SCHEMES):
         return SentinelBackend(config)  # the config checked the mode
     if url.startswith("unix://") and mode in ("auto", "standalone"):
