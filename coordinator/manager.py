@@ -277,8 +277,13 @@ class ConversationManager:
         user = _user(user_id)
         node = self.node
         meta = await self.state.meta(sid)
-        if not meta:
-            raise ConversationNotFound(sid)
+        if not meta:  # retired from Redis, its history in the store: nothing runs
+            owner = await self.user_of(sid)
+            if not owner:
+                raise ConversationNotFound(sid)
+            if user and owner != user:
+                raise Forbidden(sid)
+            return False
         if user and meta.get("user") != user:
             raise Forbidden(sid)
         if sid in node.runners or sid in node.loops.starting:

@@ -243,12 +243,13 @@ class RestApp:
         lifetimes = Lifetimes.from_body(body, self.manager.config)
         if self.manager.draining:
             raise NodeDraining(f"node {self.manager.node_id} is draining; use another node")
-        record = {} if generated else await self.manager.conversation(sid)
-        if record and record.get("user") != user:
+        # Known to Redis or, retired, to the event store: not created again.
+        owner = "" if generated else await self.manager.user_of(sid)
+        if owner and owner != user:
             raise Forbidden(sid)
-        if not record:
+        if not owner:
             await self.quotas.creation(user)
-        existed = bool(record)
+        existed = bool(owner)
         info = await self.manager.maybe_start_agent_loop(
             sid, settings, user, initial_user_msg=first, org=who.org, lifetimes=lifetimes
         )

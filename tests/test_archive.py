@@ -613,6 +613,47 @@ async def test_a_purge_and_a_create_of_one_conversation_at_once_leave_one_or_the
     assert status == 201
 
 
+async def test_a_retired_conversation_is_closed_and_posted_as_one_that_exists(
+    servers: ServerCluster,
+) -> None:
+    """Gone from Redis after the retention, kept by the store: a DELETE says nothing ran
+    (it was a 404 while GET said 200), a POST of its id is no creation (it was a 201 and
+    took one of the user's creations), another user still gets 404."""
+    (a,) = await servers.start(1, redis_retention=0.5)
+    req = servers.request
+    body = {"conversation_id": "old", "initial_user_msg": "hi"}
+    status, _ = await req("POST", a, "/api/conversations", user="alice", json=body)
+    assert status == 201
+    await wait_until(lambda: _answered(a.manager, "old"), timeout=10, what="the answer")
+    assert await req("DELETE", a, "/api/conversations/old", user="alice") == (
+        200,
+        {"closed": True},
+    )
+    state = a.manager.state
+
+    async def retired() -> bool:
+        return await state.redis.exists(*state.conversation_keys("old")) == 0
+
+    await wait_until(retired, timeout=10, what="its Redis state expired")
+    status, view = await req("GET", a, "/api/conversations/old", user="alice")
+    assert status == 200 and view["state"] == "stopped"
+    assert await req("DELETE", a, "/api/conversations/old", user="alice") == (
+        200,
+        {"closed": False},
+    )
+    status, _ = await req("DELETE", a, "/api/conversations/old", user="mallory")
+    assert status == 404
+    status, created = await req(
+        "POST", a, "/api/conversations", user="alice", json={"conversation_id": "old"}
+    )
+    assert status == 200 and created["running"] is True, created
+    assert [e["id"] for e in await a.manager.events("old")][:3] == [1, 2, 3]
+
+
+async def _answered(node: ConversationManager, sid: str) -> bool:
+    return any(e.get("source") == "agent" for e in await node.events(sid))
+
+
 async def test_quotas_refuse_clearly_and_change_nothing(make_nodes: NodeFactory) -> None:
     (a,) = await make_nodes(
         1,
