@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -55,27 +56,38 @@ MIN_INT, MAX_INT = -(2**63), 2**64 - 1
 def shape_problem(value: Any, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> str | None:
     """Why ``value`` (decoded JSON or msgpack) is unacceptable, or None. Iterative: no
     input can make it recurse."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    items = 0
+    if not isinstance(value, dict | list | tuple):
+        return _scalar_problem(value)
+    stack: list[tuple[dict[Any, Any] | list[Any] | tuple[Any, ...], int]] = [(value, 1)]
+    items = 1
     while stack:
-        item, depth = stack.pop()
-        items += 1
+        container, depth = stack.pop()
+        if depth >= max_depth:
+            return f"nested too deeply (more than {max_depth} levels)"
+        if isinstance(container, dict):
+            children: Iterable[Any] = container.values()
+            items += 2 * len(container)  # keys and values
+        else:
+            children = container
+            items += len(container)
         if items > max_items:
             return f"too many values (more than {max_items})"
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                return "a number is NaN or Infinity, which JSON does not allow"
-        elif isinstance(item, int):
-            if not MIN_INT <= item <= MAX_INT:
-                return "an integer beyond 64 bits, which msgpack cannot carry"
-        elif isinstance(item, dict | list | tuple):
-            if depth >= max_depth:
-                return f"nested too deeply (more than {max_depth} levels)"
-            if isinstance(item, dict):
-                items += len(item)  # the keys
-                stack.extend((child, depth + 1) for child in item.values())
-            else:
-                stack.extend((child, depth + 1) for child in item)
+        for child in children:
+            if type(child) is str:  # most of them: nothing to check
+                continue
+            if isinstance(child, dict | list | tuple):
+                stack.append((child, depth + 1))
+            elif (problem := _scalar_problem(child)) is not None:
+                return problem
+    return None
+
+
+def _scalar_problem(value: Any) -> str | None:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "a number is NaN or Infinity, which JSON does not allow"
+    elif isinstance(value, int) and not MIN_INT <= value <= MAX_INT:
+        return "an integer beyond 64 bits, which msgpack cannot carry"
     return None
 
 
@@ -196,9 +208,18 @@ def summary(event: Event) -> str:
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "\u2026"
 
 
+# How deep an agent's event may nest: twice a client's action (msgpack gives up at 512).
+AGENT_DEPTH = 2 * MAX_DEPTH
+
+
 def pack_agent_events(events: list[Event], limit: int) -> list[bytes]:
-    """``events`` packed as logged; LimitExceeded (nothing to write) when one is over
-    ``limit`` bytes (``max_agent_event_bytes``)."""
+    """``events`` packed as logged; nothing to write when one is not what every client
+    reads (InvalidInput: NaN, which JSON has not and OpenHands' web client cannot parse,
+    an integer past 64 bits, nesting past ``AGENT_DEPTH``; its values are bounded by its
+    bytes) or is over ``limit`` bytes (LimitExceeded, ``max_agent_event_bytes``)."""
+    for event in events:
+        if (problem := shape_problem(event, AGENT_DEPTH, limit)) is not None:
+            raise InvalidInput(f"an agent event is not acceptable: {problem}; nothing was written")
     packed = [pack(e) for e in events]
     if (largest := max(map(len, packed), default=0)) > limit:
         raise LimitExceeded(

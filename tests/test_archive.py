@@ -4,6 +4,8 @@ the ack path into it, Redis kept to a window, replay through the store."""
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import random
 from collections import Counter
 from dataclasses import replace
@@ -16,7 +18,7 @@ from coordinator import ConversationManager
 from coordinator.auth import issue_token
 from coordinator.codec import EVENTS_LOST, evicted_event, notice_code, unpack, with_id
 from coordinator.directory import describe_retired
-from coordinator.errors import Forbidden, InboxFull, LimitExceeded, StoreBehind
+from coordinator.errors import Forbidden, InboxFull, InvalidInput, LimitExceeded, StoreBehind
 from coordinator.eventstore import Batch, EventStore, StoreError, StoreMismatch
 from coordinator.recovery import reap_incarnation
 from coordinator.state import Lease
@@ -741,6 +743,16 @@ async def test_an_agent_event_over_the_limit_is_refused_to_the_agent(
     assert refused.value.limit == "agent event bytes"
     assert "over the limit of 4096 bytes" in str(refused.value)
     assert (await a.conversation("loud"))["seq"] == seq  # nothing written
+    # What clients could not read (NaN is no JSON: OpenHands' web client fails on it, and
+    # REST's page of the conversation did), nor msgpack carry, is refused to the agent.
+    for bad, why in [
+        ({"observation": "run", "extras": {"exit_code": math.nan}}, "NaN or Infinity"),
+        ({"observation": "run", "extras": {"pid": 2**64}}, "beyond 64 bits"),
+        ({"observation": "run", "extras": json.loads("[" * 70 + "]" * 70)}, "too deeply"),
+    ]:
+        with pytest.raises(InvalidInput, match=why):
+            await runner.emit(bad)
+    assert (await a.conversation("loud"))["seq"] == seq
     assert await runner.emit({"observation": "run", "content": "y" * 1000}) == int(seq) + 1
 
 
