@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -35,6 +36,15 @@ def shown(value: object, limit: int = 60) -> str:
     input is quoted, never repeated whole."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def given_once(name: str, values: Sequence[str]) -> str | None:
+    """A query parameter's one value (None when absent); InvalidInput when it is given
+    more than once: which one counts is not for a proxy, a log reader and a node to each
+    decide (socket.io's and REST's query strings alike)."""
+    if len(values) > 1:
+        raise InvalidInput(f"{name} is given {len(values)} times; give it once")
+    return values[0] if values else None
 
 
 def parse_int(name: str, raw: str, low: int, high: int) -> int:

@@ -28,6 +28,7 @@ from .config import (
     check_connection_id,
     check_conversation_id,
     check_settings,
+    given_once,
     parse_int,
     parse_settings,
 )
@@ -60,12 +61,7 @@ ACTION_EVENT = "oh_user_action"
 
 
 def _once(query: Mapping[str, list[str]], name: str) -> str | None:
-    """A query parameter given at most once; else InvalidInput (which of two counts is
-    not for a proxy, a log reader and this node to each decide)."""
-    values = query.get(name)
-    if values and len(values) > 1:
-        raise InvalidInput(f"{name} is given {len(values)} times; give it once")
-    return values[0] if values else None
+    return given_once(name, query.get(name, ()))
 
 
 def parse_latest_event_id(raw: str | None) -> int | None:

@@ -26,6 +26,7 @@ from .config import (
     Lifetimes,
     check_conversation_id,
     check_settings,
+    given_once,
     parse_int,
     shown,
 )
@@ -55,12 +56,8 @@ MAX_EVENTS_PAGE = 1000
 
 
 def query_param(request: Request, name: str) -> str | None:
-    """A query parameter given at most once; else InvalidInput (400): which of two values
-    counts is not for a proxy, a log reader and this node to each decide."""
-    values = request.query_params.getlist(name)
-    if len(values) > 1:
-        raise InvalidInput(f"{name} is given {len(values)} times; give it once")
-    return values[0] if values else None
+    """A query parameter given at most once (``config.given_once``; else 400)."""
+    return given_once(name, request.query_params.getlist(name))
 
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
