@@ -65,6 +65,8 @@ def shape_problem(value: Any, max_depth: int = MAX_DEPTH, max_items: int = MAX_I
         if depth >= max_depth:
             return f"nested too deeply (more than {max_depth} levels)"
         if isinstance(container, dict):
+            if any(type(key) is not str for key in container):
+                return "a key that is not a string, which JSON does not have"
             children: Iterable[Any] = container.values()
             items += 2 * len(container)  # keys and values
         else:

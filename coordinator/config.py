@@ -99,6 +99,16 @@ class Lifetimes:
     close_delay: float | None = None
     max_running_time: float | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("close_delay", "max_running_time"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < math.inf  # nan fails both
+            ):
+                raise InvalidInput(f"{name} must be None or seconds > 0, got {shown(value)}")
+
     @classmethod
     def from_body(cls, body: dict[str, Any], config: ManagerConfig) -> Lifetimes:
         """Read and check them from a REST create body, within ``config``'s bounds."""

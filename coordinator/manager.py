@@ -9,7 +9,7 @@ that owns it (``node.py`` lists them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -26,7 +26,9 @@ from .config import (
     ManagerConfig,
     check_connection_id,
     check_conversation_id,
+    check_settings,
     check_user_id,
+    shown,
 )
 from .directory import Directory
 from .errors import (
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 # How long a purge may take beyond a start it waits for (``agent_start_timeout``): past
 # it, should the purging node die, its mark expires and the conversation may be taken.
 PURGE_WITHIN = 60.0
+MAX_EVENTS_READ = 10_000  # events one ``events`` call returns at most
 
 
 def _user(user_id: str | None) -> str:
@@ -60,8 +63,35 @@ def _user(user_id: str | None) -> str:
 
 
 def _org(org: str | None) -> str:
-    """An organisation id is checked as a user id is ('' : none)."""
-    return "" if not org else check_user_id(org)
+    """An organisation id is checked as a user id is (None or '': none)."""
+    return "" if org is None or org == "" else check_user_id(org)
+
+
+def _whose(user_id: str | None) -> str | None:
+    """A filter by user: None for every user's; '' is no user id, not a wildcard."""
+    return None if user_id is None else check_user_id(user_id)
+
+
+def _sids(filter_to_sids: Collection[str] | None) -> set[str] | None:
+    if filter_to_sids is None:
+        return None
+    if isinstance(filter_to_sids, str | bytes) or not isinstance(filter_to_sids, Collection):
+        raise InvalidInput("filter_to_sids must be a set of conversation ids")
+    return {check_conversation_id(sid) for sid in filter_to_sids}
+
+
+def _integer(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInput(f"{name} must be an integer from {low} to {high}, got {shown(value)}")
+    return value
+
+
+def _settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Settings given to the Python API held to what clients may give (``check_settings``:
+    JSON, bounded): a worker process gets them as msgpack."""
+    if settings is not None and not isinstance(settings, Mapping):
+        raise InvalidInput("settings must be a mapping")
+    return check_settings(None if settings is None else dict(settings))
 
 
 class ConversationManager:
@@ -210,16 +240,10 @@ class ConversationManager:
         check_conversation_id(sid)
         check_connection_id(connection_id)
         user = _user(user_id)
-        if latest_event_id is not None and (
-            isinstance(latest_event_id, bool) or not isinstance(latest_event_id, int)
-        ):
-            raise InvalidInput(f"latest_event_id must be an integer, got {latest_event_id!r}")
-        if latest_event_id is not None and not 0 <= latest_event_id <= MAX_EVENT_ID:
-            raise InvalidInput(f"latest_event_id must be from 0 to {MAX_EVENT_ID}")
-        if settings is not None and not isinstance(settings, Mapping):
-            raise InvalidInput("settings must be a mapping")
+        if latest_event_id is not None:
+            _integer("latest_event_id", latest_event_id, 0, MAX_EVENT_ID)
         return await self.node.sessions.join(
-            sid, connection_id, user, settings or {}, latest_event_id, _org(org)
+            sid, connection_id, user, _settings(settings), latest_event_id, _org(org)
         )
 
     async def maybe_start_agent_loop(
@@ -240,19 +264,20 @@ class ConversationManager:
         """
         check_conversation_id(sid)
         user = _user(user_id)
-        if settings is not None and not isinstance(settings, Mapping):
-            raise InvalidInput("settings must be a mapping")
+        checked = _settings(settings)
+        if lifetimes is not None and not isinstance(lifetimes, Lifetimes):
+            raise InvalidInput(f"lifetimes must be a config.Lifetimes, got {shown(lifetimes)}")
         initial = None
         if initial_user_msg is not None:
             initial = codec.user_action(initial_user_msg, self.config.max_action_bytes)
         return await self.node.loops.ensure_running(
-            sid, user, settings or {}, initial, _org(org), lifetimes or DEFAULT_LIFETIMES
+            sid, user, checked, initial, _org(org), lifetimes or DEFAULT_LIFETIMES
         )
 
     async def send_to_event_stream(self, connection_id: str, data: Mapping[str, Any]) -> int:
         """Accept a user action durably; returns its event id once it is in Redis."""
         node = self.node
-        conn = node.connections.get(connection_id)
+        conn = node.connections.get(check_connection_id(connection_id))
         if conn is None:
             raise ConnectionNotFound(connection_id)
         action = codec.user_action(data, self.config.max_action_bytes)
@@ -268,7 +293,7 @@ class ConversationManager:
         return accepted.event_id
 
     async def disconnect_from_session(self, connection_id: str) -> None:
-        await self.node.sessions.leave(connection_id)
+        await self.node.sessions.leave(check_connection_id(connection_id))
 
     async def close_session(self, sid: str, user_id: str | None = None) -> bool:
         """Stop the conversation's loop wherever it runs and close its connections on
@@ -300,15 +325,13 @@ class ConversationManager:
         self, user_id: str | None = None, filter_to_sids: set[str] | None = None
     ) -> set[str]:
         """Ids of conversations whose loop runs on any live node."""
-        user = check_user_id(user_id) if user_id else None
-        return await self.directory.running_loops(user, filter_to_sids)
+        return await self.directory.running_loops(_whose(user_id), _sids(filter_to_sids))
 
     async def get_connections(
         self, user_id: str | None = None, filter_to_sids: set[str] | None = None
     ) -> dict[str, str]:
         """connection id -> conversation id, for connections on every node."""
-        user = check_user_id(user_id) if user_id else None
-        return await self.directory.connections(user, filter_to_sids)
+        return await self.directory.connections(_whose(user_id), _sids(filter_to_sids))
 
     async def is_agent_loop_running(self, sid: str) -> bool:
         check_conversation_id(sid)
@@ -332,7 +355,7 @@ class ConversationManager:
 
     def runner(self, sid: str) -> LoopRunner | None:
         """The local loop of ``sid``, if this node runs it."""
-        return self.node.runners.get(sid)
+        return self.node.runners.get(check_conversation_id(sid))
 
     async def conversation(self, sid: str) -> dict[str, str]:
         """The conversation's record in Redis ({} when unknown)."""
@@ -379,6 +402,8 @@ class ConversationManager:
         """Up to ``limit`` events of ``sid`` after id ``after``, in order, wherever they
         are kept (the event store, then the Redis window: ``history.py``)."""
         check_conversation_id(sid)
+        _integer("after", after, 0, MAX_EVENT_ID)
+        _integer("limit", limit, 1, MAX_EVENTS_READ)
         rows, _ = await self.node.history.after(sid, after, limit)
         return [codec.with_id(i, e) for i, e in rows]
 

@@ -40,6 +40,9 @@ def test_frames_are_reassembled_from_any_split() -> None:
         (len(b"\xc1").to_bytes(4, "big") + b"\xc1", "undecodable"),
         (frame({"not": "a list"}), "non-empty array"),  # type: ignore[arg-type]
         (frame(["kind"]), "non-empty array"),
+        # A map keyed by an array (a tuple key packed): msgpack cannot hash it back. It
+        # had ended the worker's process, and every loop in it.
+        (frame([1, {(1, 2): "x"}]), "undecodable"),
     ],
 )
 def test_a_frame_that_is_not_ours_is_refused(data: bytes, why: str) -> None:

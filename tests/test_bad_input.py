@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from coordinator import (
     ManagerConfig,
     RedisUnavailable,
 )
+from coordinator.config import Lifetimes
 from tests.helpers import wait_until
 
 
@@ -71,11 +73,40 @@ async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis
         (Forbidden, a.attach_to_conversation("good", "mallory")),
         (Forbidden, a.close_session("good", "mallory")),
         (InvalidInput, a.detach_from_conversation("good")),  # type: ignore[arg-type]
+        # A key JSON has not: it was logged, then broke every read of the conversation
+        # (and, in a worker, its process and the other loops in it).
+        (InvalidInput, a.send_to_event_stream("c1", {"action": "m", "args": {(1, 2): "x"}})),
+        (InvalidInput, a.maybe_start_agent_loop("new1", {(1, 2): "x"}, "alice")),
+        (InvalidInput, a.send_to_event_stream(["c1"], {"action": "m"})),  # type: ignore[arg-type]
+        (InvalidInput, a.disconnect_from_session({"c": 1})),  # type: ignore[arg-type]
+        # Settings as clients may give them (a worker gets them as msgpack).
+        (InvalidInput, a.maybe_start_agent_loop("new2", {"s": {1, 2}}, "alice")),
+        (InvalidInput, a.maybe_start_agent_loop("new3", {"n": 2**70}, "alice")),
+        (InvalidInput, a.maybe_start_agent_loop("new4", {"x": "y" * 20_000}, "alice")),
+        (InvalidInput, a.join_conversation("new5", "c5", {"f": math.nan}, "alice")),
+        # Lifetimes: nan was recorded, and every later start of it failed until a purge.
+        (InvalidInput, a.maybe_start_agent_loop("new6", {}, "alice", lifetimes="ten")),  # type: ignore[arg-type]
+        (InvalidInput, a.events("good", after=-1)),
+        (InvalidInput, a.events("good", after="1")),  # type: ignore[arg-type]
+        (InvalidInput, a.events("good", limit=0)),
+        (InvalidInput, a.events("good", limit=2**70)),
+        (InvalidInput, a.get_running_agent_loops("")),
+        (InvalidInput, a.get_connections(0)),  # type: ignore[arg-type]
+        (InvalidInput, a.get_connections(None, "good")),  # type: ignore[arg-type]
+        (InvalidInput, a.get_running_agent_loops(None, {"\ud800"})),
+        (InvalidInput, a.join_conversation("new7", "c7", {}, "alice", org=0)),  # type: ignore[arg-type]
     ]
     for expected, call in bad_calls:
         with pytest.raises(expected) as info:
             await call
         assert str(info.value), expected
+    for seconds in (math.nan, math.inf, -5, 0, "ten", True):
+        with pytest.raises(InvalidInput):
+            Lifetimes(close_delay=seconds)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput):
+            Lifetimes(max_running_time=seconds)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        a.runner(["good"])  # type: ignore[arg-type]
     assert await _snapshot(redis_client) == before
     assert a.local_connections() == {"c1": "good"}
 
@@ -132,8 +163,8 @@ def test_config_must_be_a_manager_config() -> None:
 @pytest.mark.parametrize(
     "latest, fragment",
     [
-        (2**64, "latest_event_id must be from 0"),
-        (-2, "latest_event_id must be from 0"),
+        (2**64, "latest_event_id must be an integer from 0"),
+        (-2, "latest_event_id must be an integer from 0"),
         (99, "beyond"),
     ],
 )

@@ -85,7 +85,8 @@ class FrameReader:
                     message = msgpack.unpackb(
                         view[start + _HEADER : stop], raw=False, strict_map_key=False
                     )
-                except (ValueError, msgpack.UnpackException) as exc:
+                except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                    # TypeError: a map key msgpack cannot hash (an array)
                     raise ChannelError(f"undecodable frame: {exc}") from None
             if not isinstance(message, list) or not message or type(message[0]) is not int:
                 raise ChannelError("a frame must be a non-empty array starting with its kind")
