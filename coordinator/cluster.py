@@ -16,6 +16,7 @@ import contextlib
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from .auth import issue_token
-from .embedded import EmbeddedRedis
+from .embedded import EmbeddedRedis, die_with_parent
 from .errors import CoordinatorError
 
 READY_TIMEOUT = 60.0
@@ -160,6 +161,15 @@ def _read_lines(queue: asyncio.Queue[str | None], stdin: TextIO) -> None:
     threading.Thread(target=pump, name="cluster-stdin", daemon=True).start()
 
 
+PER_NODE_VARIABLES = (
+    "COORDINATOR_AGENT_CPUS",
+    "COORDINATOR_METRICS_PORT",
+    "COORDINATOR_PUBLIC_URL",
+)
+# Signals that stop the cluster, its nodes and its Redis: a terminal closed (SIGHUP) too.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class LocalCluster:
     """The node processes of one demo cluster: started, watched, restarted, stopped."""
 
@@ -171,10 +181,12 @@ class LocalCluster:
         self.node_args = node_args
         self.out = out
         self.env = dict(os.environ, COORDINATOR_SECRET=secret, PYTHONUNBUFFERED="1")
-        # Its nodes share this machine: one CPU list for all would pin every node's
-        # event loop to the same CPU (cpus.py).
-        if self.env.pop("COORDINATOR_AGENT_CPUS", ""):
-            print("COORDINATOR_AGENT_CPUS is not passed to the local cluster's nodes", file=out)
+        # What is one node's, not every node's on this machine: one CPU list for all
+        # would pin every node's event loop to the same CPU (cpus.py), one metrics port
+        # or public URL would be taken or advertised by all.
+        for name in PER_NODE_VARIABLES:
+            if self.env.pop(name, ""):
+                print(f"{name} is not passed to the local cluster's nodes", file=out)
         self.nodes: list[NodeProcess] = []
 
     async def spawn(self, node_id: str, port: int) -> NodeProcess:
@@ -192,6 +204,8 @@ class LocalCluster:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,
+            # A supervisor killed (kill -9) takes its nodes along: they drain on SIGTERM.
+            preexec_fn=die_with_parent,
         )  # fmt: skip
         url_host = f"[{self.host}]" if ":" in self.host else self.host
         return NodeProcess(node_id, f"http://{url_host}:{port}", port, proc)
@@ -225,6 +239,15 @@ class LocalCluster:
             + (f"running (pid {n.proc.pid})" if n.proc.returncode is None else "down")
             for n in self.nodes
         )
+
+
+async def _redis_lost(proc: subprocess.Popen[bytes], stop: asyncio.Event, err: TextIO) -> None:
+    """The cluster's Redis ended under it (killed, out of memory): no node can serve
+    without it, so the cluster stops, saying why."""
+    code = await asyncio.to_thread(proc.wait)
+    if not stop.is_set():
+        print(f"the cluster's Redis exited with code {code}; stopping", file=err, flush=True)
+        stop.set()
 
 
 async def supervise(cluster: LocalCluster, stop: asyncio.Event, err: TextIO) -> None:
@@ -300,15 +323,20 @@ async def run_cluster(
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     redis = EmbeddedRedis()
     cluster: LocalCluster | None = None
     try:
-        await asyncio.to_thread(redis.start)
-        cluster = LocalCluster(
-            redis.url, host, secret, ["--log-level", log_level, *(extra_args or [])], out
-        )
+        # From this (the main) thread: the kernel ties "die with the parent" to the thread
+        # that started it, and a supervisor killed must not leave its Redis running.
+        redis.start()
+        node_args = ["--log-level", log_level, *(extra_args or [])]
+        if not os.environ.get("COORDINATOR_EVENT_STORE"):
+            # The history beside the run's private Redis, gone with it: two demo clusters
+            # on one machine must not write one store (each would take the other's logs).
+            node_args += ["--event-store", f"file://{redis.dir}/events"]
+        cluster = LocalCluster(redis.url, host, secret, node_args, out)
         for i in range(n):
             cluster.nodes.append(await cluster.spawn(f"node{i + 1}", base_port + i))
         deadline = loop.time() + READY_TIMEOUT
@@ -332,11 +360,16 @@ async def run_cluster(
             cluster.forward(node)
         print(instructions(cluster.nodes, redis.url, secret), file=out)
         out.flush()
-        await supervise(cluster, stop, err)
+        assert redis.proc is not None
+        lost = asyncio.ensure_future(_redis_lost(redis.proc, stop, err))
+        try:
+            await supervise(cluster, stop, err)
+        finally:
+            lost.cancel()
         print("stopping the cluster...", file=err, flush=True)
-        return 0
+        return 1 if lost.done() and not lost.cancelled() else 0
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         if cluster is not None:
             await _stop_nodes(cluster.nodes, STOP_TIMEOUT)

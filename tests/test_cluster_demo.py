@@ -8,6 +8,7 @@ cluster keeps running; `restart 1` on its stdin and SIGUSR1 start dead nodes aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -134,3 +135,79 @@ def test_the_printed_chat_commands_parse_whatever_the_secret() -> None:
             argv = shlex.split(command)
             args = build_parser().parse_args(argv[argv.index("chat") :])
             assert args.secret == secret, command
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0): reaped or not, it no longer runs.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z"):
+            return False
+    return True
+
+
+def _redis_pid(cluster_pid: int) -> int:
+    children = Path(f"/proc/{cluster_pid}/task/{cluster_pid}/children").read_text().split()
+    for child in map(int, children):
+        if "redis-server" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+            return child
+    raise AssertionError(f"no redis-server among {children}")
+
+
+async def _start(base: int, extra: dict[str, str] | None = None) -> tuple[Any, LineReader]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator", "cluster", "--nodes", "2", "--base-port", str(base),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=child_env(extra),
+    )  # fmt: skip
+    out = LineReader(proc)
+    await out.expect(r"Press Ctrl-C", within=60)
+    return proc, out
+
+
+async def test_a_cluster_ends_with_its_terminal_its_redis_and_keeps_to_its_own(
+    tmp_path: Path,
+) -> None:
+    """Closing its terminal (SIGHUP) stops it all, as Ctrl-C does; kill -9 of the
+    supervisor takes its nodes and Redis along; its Redis killed under it stops it,
+    saying so. What is one node's in the environment (a metrics port, a public URL) is not
+    given to both, and its history is its own (beside its private Redis), not the
+    machine's event store that another demo cluster may be writing."""
+    shared = {
+        "COORDINATOR_METRICS_PORT": str(free_port()),
+        "COORDINATOR_PUBLIC_URL": "http://127.0.0.1:1",
+        "XDG_DATA_HOME": str(tmp_path / "machine"),  # where the machine's store would be
+    }
+    for ending in ("hup", "kill", "redis"):
+        base = two_free_ports()
+        proc, out = await _start(base, shared)
+        text = "\n".join(out.lines)
+        assert "COORDINATOR_METRICS_PORT is not passed" in text, text
+        urls = [f"http://127.0.0.1:{base + i}" for i in (0, 1)]
+        assert all(healthy(url) for url in urls)
+        pids = [int(m[3]) for line in out.lines if (m := NODE_LINE.match(line))]
+        redis = _redis_pid(proc.pid)
+        if ending == "hup":
+            proc.send_signal(signal.SIGHUP)
+        elif ending == "kill":
+            proc.kill()
+        else:
+            os.kill(redis, signal.SIGKILL)
+        rest, _ = await asyncio.wait_for(proc.communicate(), 60)
+        said = "\n".join(out.lines) + rest.decode()
+        for pid in (*pids, redis):
+            for _ in range(200):
+                if not _alive(pid):
+                    break
+                await asyncio.sleep(0.1)
+            assert not _alive(pid), (ending, pid, said)
+        if ending == "redis":
+            assert "the cluster's Redis exited with code -9; stopping" in said, said
+            assert proc.returncode == 1
+        assert "Traceback" not in said
+    assert not (tmp_path / "machine").exists()  # the machine's store was not touched
