@@ -46,6 +46,10 @@ class _Exit(Exception):
         self.message = message
 
 
+# A demo cluster runs on one machine: more nodes than this is a mistyped count.
+MAX_DEMO_NODES = 32
+
+
 def _fail(code: int, message: str) -> NoReturn:
     raise _Exit(code, message)
 
@@ -275,8 +279,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     _dev_tool("cluster")
     from .cluster import run_cluster
 
-    if args.nodes < 1:
-        _fail(2, f"--nodes must be >= 1, got {args.nodes}")
+    if not 1 <= args.nodes <= MAX_DEMO_NODES:
+        _fail(
+            2,
+            f"--nodes must be 1-{MAX_DEMO_NODES} (each a process with workers), got {args.nodes}",
+        )
     if not 1 <= args.base_port <= 65535 - args.nodes + 1:
         _fail(2, f"--base-port must leave room for {args.nodes} ports, got {args.base_port}")
     secret = args.secret or secrets.token_urlsafe(24)

@@ -308,10 +308,10 @@ class ManagerConfig:
             raise ConfigError("redis_mode cluster needs a redis:// or rediss:// URL of a node")
         if self.ack_replicas < 0:
             raise ConfigError(f"ack_replicas must be >= 0, got {self.ack_replicas!r}")
-        try:
-            check_connection_id(self.node_id)
-        except InvalidInput as exc:
-            raise ConfigError(f"node_id: {exc}") from None
+        if not isinstance(self.node_id, str) or not _ID_RE.fullmatch(self.node_id):
+            raise ConfigError(
+                f"node_id must be 1-128 characters of [A-Za-z0-9_-], got {shown(self.node_id)}"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.key_prefix):
             raise ConfigError(f"key_prefix must be 1-64 of [A-Za-z0-9_.-], got {self.key_prefix!r}")
         if ":" not in self.agent:

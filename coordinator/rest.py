@@ -146,8 +146,10 @@ class RestApp:
             problems.append(why)
         lease = node is not None and node.membership.lease_valid()
         registered = lease and redis_up and node is not None and await node.directory.registered()
-        if node is not None and not registered:
+        if node is not None and not lease:
             problems.append("this node's membership lease is not valid")
+        elif node is not None and redis_up and not registered:
+            problems.append("this node is not in Redis' registry of live nodes")
         if redis_up and node is not None and (full := await node.directory.redis_full()):
             problems.append(full)
         if m.draining:

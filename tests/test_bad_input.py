@@ -118,7 +118,7 @@ async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis
         ({"max_concurrent_conversations": "3"}, "must be an integer"),
         ({"close_delay": -1.0}, "close_delay must be > 0"),
         ({"redis_url": "http://localhost"}, "redis_url must start with"),
-        ({"node_id": "a b"}, "node_id"),
+        ({"node_id": "a b"}, "node_id must be 1-128 characters of \\[A-Za-z0-9_-\\], got .a b."),
         ({"key_prefix": "{x}"}, "key_prefix"),
         ({"agent": "no_colon"}, "agent must be"),
         ({"heartbeat_interval": 5.0, "node_ttl": 6.0}, "heartbeat_interval must leave room"),

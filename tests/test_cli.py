@@ -143,6 +143,16 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
     assert len(out.splitlines()) > 5
 
 
+@pytest.mark.parametrize("nodes", ["0", "-1", "33", "1000"])
+def test_cluster_refuses_a_node_count_it_cannot_mean(
+    nodes: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["cluster", "--nodes", nodes]) == 2
+    assert f"--nodes must be 1-32 (each a process with workers), got {nodes}" in (
+        capsys.readouterr().err
+    )
+
+
 def test_token_prints_only_the_token(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
