@@ -31,6 +31,8 @@ import logging
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar, cast
 
+from redis.exceptions import RedisClusterException, RedisError
+
 from . import codec
 from .backoff import Backoff
 from .config import ManagerConfig
@@ -180,6 +182,8 @@ class Archiver:
     def _went(self, sid: str, moved: int | Exception) -> bool:
         """Whether a move of ``sid`` went through; a failure is logged once until one
         works again (the events wait in Redis meanwhile)."""
+        if isinstance(moved, RedisError | RedisClusterException):
+            return False  # Redis' trouble, not the store's (/healthz says it apart)
         if isinstance(moved, Exception):
             if not self.trouble:
                 log.error(

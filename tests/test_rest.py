@@ -255,6 +255,10 @@ async def test_healthz_reports_redis_down() -> None:
         assert status == 503 and body["status"] == "degraded"
         assert body["redis"] == "down" and body["registered"] is False
         assert body["reason"].startswith("redis")
+        if a_lease_still_valid := node.manager.node.membership.lease_valid():
+            # Its lease runs on for node_ttl: not "invalid", as it said before.
+            assert "lease" not in body["reason"], body
+        assert a_lease_still_valid or "lease is not valid" in body["reason"]
         status, text = await cluster.request("GET", node, "/metrics")
         assert 'coordinator_redis_up{node="lonely"} 0' in text
         # REST calls that need Redis answer 503 with a clear message, not a stack trace.
