@@ -283,8 +283,13 @@ async def supervise(cluster: LocalCluster, stop: asyncio.Event, err: TextIO) -> 
                 line, reading = reading.result(), None
                 if line is None:  # no more input: commands only by SIGUSR1 now
                     reading = asyncio.get_running_loop().create_future()
-                elif line:
-                    await obey(cluster, line, err)
+                elif line:  # a restart may take a while: Ctrl-C does not wait for it
+                    obeying = asyncio.ensure_future(obey(cluster, line, err))
+                    await asyncio.wait({obeying, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    if not obeying.done():
+                        obeying.cancel()  # the node it started is in cluster.nodes: stopped
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await obeying
     finally:
         loop.remove_signal_handler(signal.SIGUSR1)
         stopped.cancel()
@@ -338,13 +343,16 @@ async def run_cluster(
             node_args += ["--event-store", f"file://{redis.dir}/events"]
         cluster = LocalCluster(redis.url, host, secret, node_args, out)
         for i in range(n):
+            if stop.is_set():
+                break  # stopped before it was ready: below
             cluster.nodes.append(await cluster.spawn(f"node{i + 1}", base_port + i))
         deadline = loop.time() + READY_TIMEOUT
         waits = (_wait_ready(x, deadline) for x in cluster.nodes)
         ready: asyncio.Future[Any] = asyncio.gather(*waits)
         stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not ready.done():
+        if stop.is_set():
+            stopped.cancel()
             ready.cancel()
             with contextlib.suppress(asyncio.CancelledError, CoordinatorError):
                 await ready
