@@ -25,8 +25,10 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from workers.parent import die_with_parent
+
 from .auth import issue_token
-from .embedded import EmbeddedRedis, die_with_parent
+from .embedded import EmbeddedRedis
 from .errors import CoordinatorError
 
 READY_TIMEOUT = 60.0

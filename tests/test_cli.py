@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -476,6 +477,63 @@ async def test_a_second_signal_stops_waiting_for_the_drain() -> None:
     assert "stopped before its drain finished" in err
     assert "Traceback" not in err
     assert not port_open(redis_port), "the embedded Redis outlived its node"
+
+
+async def test_a_stop_signal_to_the_whole_process_group_is_a_plain_drain() -> None:
+    """systemd's stop (and a terminal's Ctrl-C) signals every process of the service:
+    the agent workers too. They leave their stop to the node, which drains in order; and
+    should the node die, its workers go with it. Before, a SIGTERM to the group killed the
+    workers first: "worker died; replacing it" at ERROR, and new workers spawned while
+    the node was stopping."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator", "serve", "--port", "0", "--secret", "s5",
+        "--log-level", "info", "--agent-workers", "2",
+        cwd=REPO,
+        env=child_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a service's
+    )  # fmt: skip
+    try:
+        lines = await read_until(proc, r"serving on http://")
+        url = re.search(r"serving on (\S+)", lines[-1]).group(1)  # type: ignore[union-attr]
+        rc, _, err = await run(
+            "chat", "--url", url, "--conversation", "grp", "--secret", "s5", stdin=b"hi\n"
+        )
+        assert rc == 0, err
+        workers = _agent_workers_of(proc.pid)
+        assert len(workers) == 2, workers
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), 30)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise
+    err = err_bytes.decode()
+    assert proc.returncode == 0, err
+    assert "worker died" not in err and "ERROR" not in err, err
+    assert "Traceback" not in err
+    assert not any(map(_running, workers)), workers
+
+
+def _agent_workers_of(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [c for c in map(int, children) if b"workers.host" in _cmdline(c)]
+
+
+def _cmdline(pid: int) -> bytes:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
 
 
 async def _status(url: str) -> int:

@@ -61,6 +61,7 @@ from .channel import (
     refusal,
 )
 from .loader import load_agent
+from .parent import die_with_parent
 from .protocol import AgentContext, AgentFactory, AgentLoop, Checkpoint, EmitFn, Event
 
 log = logging.getLogger("workers.host")
@@ -368,11 +369,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _left_to_the_node(signum: int, frame: object) -> None:
+    """A stop signal sent to the whole process group: the node stops this worker."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    # The node handles Ctrl-C and SIGTERM for the whole process group and stops its
-    # workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A signal to the whole process group (Ctrl-C in a terminal, systemd's stop) is the
+    # node's to act on: it drains, then stops its workers (STOP, then SIGKILL). Should
+    # the node die, SIGKILL ends its worker too, whatever the worker was doing.
+    # Not SIG_IGN: the processes an agent starts would inherit it across exec (and then
+    # ignore the SIGTERM their agent sends them); a handler is reset to the default.
+    node = os.getppid()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _left_to_the_node)
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != node:  # the node died before that was set
+        return 1
     logging.basicConfig(
         level=args.log_level,
         format=f"%(asctime)s %(levelname)s %(name)s [agent worker {os.getpid()}]: %(message)s",
