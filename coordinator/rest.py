@@ -293,3 +293,9 @@ def read_manager(node_metrics: NodeMetrics, manager: ConversationManager) -> Non
         "1 while this node's membership lease is valid.",
         lambda: m.started and m.membership.lease_valid(),
     )
+    node_metrics.gauge_from(
+        "coordinator_event_store_ok",
+        "0 while this node's last move of events to the event store failed (/healthz's "
+        "event_store says why; the events wait in Redis and a full window refuses actions).",
+        lambda: not (m.started and m.node.archiver.trouble),
+    )

@@ -192,6 +192,7 @@ async def test_healthz_and_metrics(servers: ServerCluster) -> None:
         ("coordinator_speculations_lost_total", "counter"),
         ("coordinator_redis_up", "gauge"),
         ("coordinator_lease_valid", "gauge"),
+        ("coordinator_event_store_ok", "gauge"),
     ]:
         assert f"# HELP {name} " in text
         assert f"# TYPE {name} {kind}\n" in text
@@ -208,6 +209,7 @@ async def test_healthz_and_metrics(servers: ServerCluster) -> None:
         "coordinator_events_delivered_total": 6,
         "coordinator_redis_up": 1,
         "coordinator_lease_valid": 1,
+        "coordinator_event_store_ok": 1,
     }
 
 
