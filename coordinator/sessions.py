@@ -61,6 +61,7 @@ class Sessions:
         # the Redis pool instead of all of it (and none waits out the pool's timeout).
         self._leave_gate = asyncio.Semaphore(max(1, config.redis_max_connections // 4))
         self.deferred: list[tuple[str, str, str]] = []  # removals Redis missed
+        self._joining: dict[str, asyncio.Future[None]] = {}  # connection id -> its join
 
     async def join(
         self,
@@ -70,6 +71,30 @@ class Sessions:
         settings: Mapping[str, Any],
         latest_event_id: int | None,
         org: str = "",
+    ) -> ConversationInfo:
+        """Join connection ``cid`` to ``sid``; one join of a connection at a time (a second
+        waits, then finds it joined: already there, or it moves)."""
+        await self._after_join_of(cid)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._joining[cid] = done
+        try:
+            return await self._join(sid, cid, user, settings, latest_event_id, org)
+        finally:
+            del self._joining[cid]
+            done.set_result(None)
+
+    async def _after_join_of(self, cid: str) -> None:
+        while (pending := self._joining.get(cid)) is not None:
+            await asyncio.wait([pending])
+
+    async def _join(
+        self,
+        sid: str,
+        cid: str,
+        user: str,
+        settings: Mapping[str, Any],
+        latest_event_id: int | None,
+        org: str,
     ) -> ConversationInfo:
         joined = self.connections.get(cid)
         if joined is not None and (joined.sid, joined.user) == (sid, user):
@@ -101,7 +126,7 @@ class Sessions:
                 latest=latest_event_id,
             )
             if joined is not None:  # in another conversation: it moves, once this one may
-                await self.leave(cid)
+                await self._leave(cid)
             conn = self.connections.add(cid, sid, user, latest_event_id or 0, began)
             try:
                 await self._interest.watch(sid)
@@ -128,7 +153,7 @@ class Sessions:
             # leave a join hanging; a join that fails is undone.
             await self.connections.catch_up(conn, within=cfg.join_wait, joining=register_and_read)
         except BaseException:
-            await self.leave(cid)
+            await self._leave(cid)
             raise
         if self.connections.get(cid) is not conn:
             # A closing notice among what it was sent ended it (catchup.py): refused,
@@ -137,6 +162,12 @@ class Sessions:
         return info
 
     async def leave(self, cid: str) -> None:
+        """Forget connection ``cid`` and give up what it held, once a join of it under way
+        has ended (a disconnect during its join is not lost)."""
+        await self._after_join_of(cid)
+        await self._leave(cid)
+
+    async def _leave(self, cid: str) -> None:
         conn = self.connections.get(cid)
         if conn is None:
             log.debug("disconnect of unknown connection %s", cid)

@@ -133,3 +133,31 @@ async def test_a_connection_joined_to_another_conversation_moves_there(make_node
     assert not said("stayer", "new")
     assert [c.cid for c in a.node.connections.room("left")] == ["stayer"]
     assert [c.cid for c in a.node.connections.room("entered")] == ["mover"]
+
+
+async def test_joins_and_a_leave_of_one_connection_at_once_take_turns(make_nodes) -> None:
+    """The Python API may join one connection id twice at once, or disconnect it while
+    its join runs: one join at a time, the leave after it. Before, the second join of two
+    was refused "closed while joining" with nothing closed and left its registration in
+    Redis, and a leave during a join was lost (the connection stayed, here and in Redis)."""
+    (a,) = await make_nodes(1)
+    await asyncio.gather(
+        a.join_conversation("a1", "twice", {}, "mia"),
+        a.join_conversation("a2", "twice", {}, "mia"),
+    )
+    assert a.local_connections() == {"twice": "a2"}  # joined a1, then moved to a2
+    assert await a.get_connections("mia") == {"twice": "a2"}
+    same = [a.join_conversation("a2", "thrice", {}, "mia") for _ in range(3)]
+    await asyncio.gather(*same)  # the seed's repeated join: nothing changes, no error
+    assert await a.get_connections("mia") == {"twice": "a2", "thrice": "a2"}
+
+    joining = asyncio.ensure_future(a.join_conversation("a3", "brief", {}, "mia"))
+    await asyncio.sleep(0)  # the join is under way
+    await a.disconnect_from_session("brief")
+    await joining
+    await a.disconnect_from_session("twice")
+    await a.disconnect_from_session("thrice")
+    assert a.local_connections() == {}
+    assert await a.get_connections() == {}
+    for sid in ("a1", "a2", "a3"):
+        assert await a.state.redis.hlen(a.keys.conv_conns(sid)) == 0
