@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from workers.protocol import Event
@@ -74,11 +74,84 @@ class Sessions:
     ) -> ConversationInfo:
         """Join connection ``cid`` to ``sid``; one join of a connection at a time (a second
         waits, then finds it joined: already there, or it moves)."""
+        async with self._turn_of(cid):
+            joined = self.connections.get(cid)
+            if joined is not None and (joined.sid, joined.user) == (sid, user):
+                # Already in it (the seed's map assignment): nothing changes, the loop runs.
+                return await self._loops.ensure_running(sid, user, settings, None, org)
+            self._intake.check()
+            cfg = self._config
+            began = time.time()
+            if self._join_gate.locked():
+                try:
+                    async with asyncio.timeout(cfg.join_wait):
+                        await self._join_gate.acquire()
+                except TimeoutError:
+                    raise NodeBusy(
+                        f"node {cfg.node_id} is busy ({cfg.max_concurrent_joins} joins in "
+                        f"progress for over {cfg.join_wait:g}s); try again"
+                    ) from None
+            else:  # taken at once: no timer (a cancelled one would stay in the loop's heap)
+                await self._join_gate.acquire()
+            try:
+                info = await self._loops.ensure_running(
+                    # A connection that moves here holds its place already (left after).
+                    sid,
+                    user,
+                    settings,
+                    None,
+                    org,
+                    joining=joined is None,
+                    latest=latest_event_id,
+                )
+                if joined is not None:  # in another conversation: it moves, once this one may
+                    await self._leave(cid)
+                conn = self.connections.add(cid, sid, user, latest_event_id or 0, began)
+                try:
+                    await self._interest.watch(sid)
+                except BaseException:
+                    # Undone in full: a watch that fails still holds its reference.
+                    self.connections.forget(conn)
+                    await self._interest.unwatch(sid)
+                    raise
+            finally:
+                self._join_gate.release()
+
+            async def register_and_read(after: int, count: int) -> Any:
+                # Registered before the first read, in the same round trip (state layer), and
+                # counted under the user's cap on all nodes together.
+                inc = self._membership.inc
+                last, rows, held = await self._state.join_and_read(
+                    cid, sid, user, inc, after, count
+                )
+                cap = cfg.max_connections_per_user
+                if cap and held > cap:
+                    raise too_many_connections(user, cap)
+                return last, rows
+
+            try:
+                # Bounded: no input (a cursor Redis refuses, a Redis that stays away) may
+                # leave a join hanging; a join that fails is undone.
+                await self.connections.catch_up(
+                    conn, within=cfg.join_wait, joining=register_and_read
+                )
+            except BaseException:
+                await self._leave(cid)
+                raise
+            if self.connections.get(cid) is not conn:
+                # A closing notice among what it was sent ended it (catchup.py): refused,
+                # not left connected to nothing.
+                raise ConversationClosed(sid)
+            return info
+
+    @contextlib.asynccontextmanager
+    async def _turn_of(self, cid: str) -> AsyncIterator[None]:
+        """The one join of ``cid`` under way (``leave`` waits for it)."""
         await self._after_join_of(cid)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._joining[cid] = done
         try:
-            return await self._join(sid, cid, user, settings, latest_event_id, org)
+            yield
         finally:
             del self._joining[cid]
             done.set_result(None)
@@ -86,80 +159,6 @@ class Sessions:
     async def _after_join_of(self, cid: str) -> None:
         while (pending := self._joining.get(cid)) is not None:
             await asyncio.wait([pending])
-
-    async def _join(
-        self,
-        sid: str,
-        cid: str,
-        user: str,
-        settings: Mapping[str, Any],
-        latest_event_id: int | None,
-        org: str,
-    ) -> ConversationInfo:
-        joined = self.connections.get(cid)
-        if joined is not None and (joined.sid, joined.user) == (sid, user):
-            # Already in it (the seed's map assignment): nothing changes, the loop runs.
-            return await self._loops.ensure_running(sid, user, settings, None, org)
-        self._intake.check()
-        cfg = self._config
-        began = time.time()
-        if self._join_gate.locked():
-            try:
-                async with asyncio.timeout(cfg.join_wait):
-                    await self._join_gate.acquire()
-            except TimeoutError:
-                raise NodeBusy(
-                    f"node {cfg.node_id} is busy ({cfg.max_concurrent_joins} joins in "
-                    f"progress for over {cfg.join_wait:g}s); try again"
-                ) from None
-        else:  # taken at once: no timer (a cancelled one would stay in the loop's heap)
-            await self._join_gate.acquire()
-        try:
-            info = await self._loops.ensure_running(
-                # A connection that moves here holds its place already (left after).
-                sid,
-                user,
-                settings,
-                None,
-                org,
-                joining=joined is None,
-                latest=latest_event_id,
-            )
-            if joined is not None:  # in another conversation: it moves, once this one may
-                await self._leave(cid)
-            conn = self.connections.add(cid, sid, user, latest_event_id or 0, began)
-            try:
-                await self._interest.watch(sid)
-            except BaseException:
-                # Undone in full: a watch that fails still holds its reference.
-                self.connections.forget(conn)
-                await self._interest.unwatch(sid)
-                raise
-        finally:
-            self._join_gate.release()
-
-        async def register_and_read(after: int, count: int) -> Any:
-            # Registered before the first read, in the same round trip (state layer), and
-            # counted under the user's cap on all nodes together.
-            inc = self._membership.inc
-            last, rows, held = await self._state.join_and_read(cid, sid, user, inc, after, count)
-            cap = cfg.max_connections_per_user
-            if cap and held > cap:
-                raise too_many_connections(user, cap)
-            return last, rows
-
-        try:
-            # Bounded: no input (a cursor Redis refuses, a Redis that stays away) may
-            # leave a join hanging; a join that fails is undone.
-            await self.connections.catch_up(conn, within=cfg.join_wait, joining=register_and_read)
-        except BaseException:
-            await self._leave(cid)
-            raise
-        if self.connections.get(cid) is not conn:
-            # A closing notice among what it was sent ended it (catchup.py): refused,
-            # not left connected to nothing.
-            raise ConversationClosed(sid)
-        return info
 
     async def leave(self, cid: str) -> None:
         """Forget connection ``cid`` and give up what it held, once a join of it under way
