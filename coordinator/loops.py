@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from workers.protocol import AgentFactory, AgentState, Event
@@ -139,7 +140,7 @@ class Loops:
             return ConversationInfo(sid, runner.lease.user, self._config.node_id, True, True)
         pending = self.starting.get(sid)
         if pending is not None:
-            info = await asyncio.shield(pending)
+            info = replace(await asyncio.shield(pending), created=False)  # not by this call
             if info.user != user and user:
                 raise Forbidden(sid)
             if initial is not None:
@@ -181,6 +182,8 @@ class Loops:
                 await self._actions.accept(sid, user, initial)
             return acquired
         own = acquired
+        # New here: not one the store held and Redis had let go (created again from it).
+        created = own.status == "created" and not own.applied
         lease = Lease(sid, own.user, self._membership.inc, own.epoch)
         close_delay, max_running_time = Lifetimes(own.close_delay, own.max_running_time).effective(
             self._config
@@ -215,11 +218,11 @@ class Loops:
             raise
         if not admitted:
             await self.owners.give_up(lease, codec.evicted_event())
-            return ConversationInfo(sid, lease.user, "", False, False)
+            return ConversationInfo(sid, lease.user, "", False, False, created)
         memory = await self._memories.open(
             lease,
             lambda: runner.running and self._membership.lease_valid(),
-            resume=not (own.status == "created" and not own.applied),
+            resume=not created,
         )
         runner = LoopRunner(
             lease=lease,
@@ -247,7 +250,7 @@ class Loops:
             # A runner fenced meanwhile gave its channel reference back (``_fenced``).
             await self.owners.give_up(lease, None, watched=not runner.fenced)
             raise
-        return ConversationInfo(sid, lease.user, node, True, True)
+        return ConversationInfo(sid, lease.user, node, True, True, created)
 
     # -- stopping --------------------------------------------------------------------
     async def stop(self, sid: str, status: Event | None) -> bool:

@@ -43,6 +43,7 @@ class ConversationInfo:
     owner: str  # node id of the loop's owner ('' when not running)
     running: bool
     local: bool
+    created: bool = False  # this very call created the conversation
 
 
 @dataclass

@@ -248,14 +248,13 @@ class RestApp:
             raise Forbidden(sid)
         if not owner:
             await self.quotas.creation(user)
-        existed = bool(owner)
         info = await self.manager.maybe_start_agent_loop(
             sid, settings, user, initial_user_msg=first, org=who.org, lifetimes=lifetimes
         )
         if first is not None:
             self.node_metrics.actions += 1
         return json_response(
-            200 if existed else 201,
+            201 if info.created else 200,  # one of two creates at once made it
             {"conversation_id": sid, "running": info.running, "owner": info.owner},
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import re
 
@@ -151,6 +152,21 @@ async def test_rest_query_parameters_are_read_one_way(servers: ServerCluster) ->
 
     status, body = await req("GET", a, "/api/conversations/" + "x" * 10_000, user="alice")
     assert status == 400 and len(body["error"]) < 200, body
+
+
+async def test_creates_of_one_id_at_once_answer_one_201(servers: ServerCluster) -> None:
+    """Five creates of one new id at once, on two nodes: one made it (201), the others
+    found it (200); before, each that looked before any was made answered 201."""
+    a, b = await servers.start(2)
+    body = {"conversation_id": "race"}
+    answers = await asyncio.gather(
+        *(
+            servers.request("POST", node, "/api/conversations", user="alice", json=body)
+            for node in (a, b, a, b, a)
+        )
+    )
+    assert sorted(status for status, _ in answers) == [200, 200, 200, 200, 201], answers
+    assert {answer["owner"] for _, answer in answers} in ({"n1"}, {"n2"})
 
 
 async def _count(node: NodeServer, sid: str, n: int) -> bool:
