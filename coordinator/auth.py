@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurv
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .config import check_user_id
 from .errors import ConfigError, InvalidInput
+from .inputs import check_user_id
 
 ALGORITHMS = ("HS256", "RS256", "ES256")
 DEFAULT_TTL = 86_400
@@ -332,7 +332,10 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
         raise AuthError(f"malformed token: {name} is not a number")
     # JSON as Python reads it has NaN, which compares false with every bound (a token
     # that never expires), Infinity, and integers past a float's range.
-    number = float(value) if not isinstance(value, int) or abs(value) < 2**1000 else math.inf
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
     if not math.isfinite(number):
         raise AuthError(f"malformed token: {name} is not a finite number")
     return number

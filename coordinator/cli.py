@@ -28,8 +28,9 @@ from .auth import (
 )
 from .cliargs import build_parser
 from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
-from .config import ManagerConfig, check_user_id, parse_settings
+from .config import ManagerConfig
 from .errors import REDIS_TROUBLE, ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
+from .inputs import check_user_id, parse_settings
 from .redisurl import redact_url
 from .serverconfig import ServerConfig
 from .tasks import keep_cancelling

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +11,7 @@ import msgpack
 from workers.protocol import AgentState, Event
 
 from .errors import InvalidInput, LimitExceeded
+from .inputs import MAX_DEPTH, shape_problem
 
 Action = tuple[Event, bytes]  # a validated user action and its packed form
 
@@ -43,54 +42,6 @@ def unpack(data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
         raise ValueError(f"malformed msgpack: {type(exc).__name__} {exc}") from None
-
-
-# How deep and how large a client's action may be, and no NaN or Infinity (which JSON
-# does not have, but Python's json module reads).
-MAX_DEPTH = 32
-MAX_ITEMS = 20_000
-# JSON has integers of any size; msgpack (how events are kept and carried) 64 bits.
-MIN_INT, MAX_INT = -(2**63), 2**64 - 1
-
-
-def shape_problem(value: Any, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> str | None:
-    """Why ``value`` (decoded JSON or msgpack) is unacceptable, or None. Iterative: no
-    input can make it recurse."""
-    if not isinstance(value, dict | list | tuple):
-        return _scalar_problem(value)
-    stack: list[tuple[dict[Any, Any] | list[Any] | tuple[Any, ...], int]] = [(value, 1)]
-    items = 1
-    while stack:
-        container, depth = stack.pop()
-        if depth >= max_depth:
-            return f"nested too deeply (more than {max_depth} levels)"
-        if isinstance(container, dict):
-            if any(type(key) is not str for key in container):
-                return "a key that is not a string, which JSON does not have"
-            children: Iterable[Any] = container.values()
-            items += 2 * len(container)  # keys and values
-        else:
-            children = container
-            items += len(container)
-        if items > max_items:
-            return f"too many values (more than {max_items})"
-        for child in children:
-            if type(child) is str:  # most of them: nothing to check
-                continue
-            if isinstance(child, dict | list | tuple):
-                stack.append((child, depth + 1))
-            elif (problem := _scalar_problem(child)) is not None:
-                return problem
-    return None
-
-
-def _scalar_problem(value: Any) -> str | None:
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "a number is NaN or Infinity, which JSON does not allow"
-    elif isinstance(value, int) and not MIN_INT <= value <= MAX_INT:
-        return "an integer beyond 64 bits, which msgpack cannot carry"
-    return None
 
 
 def decode_published(data: bytes) -> tuple[int, Event]:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import socket
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import cpus
-from .codec import shape_problem
 from .errors import ConfigError, InvalidInput
+from .inputs import ID_RE, shown
 from .redisurl import REDIS_MODES, SENTINEL_SCHEMES, check_redis_url, redact_url
 
 DEFAULT_AGENT = "workers.echo:EchoAgent"
@@ -22,69 +20,6 @@ ISOLATIONS = ("process", "none")
 CAP_POLICIES = ("evict", "reject")
 MIN_AGENT_MEMORY = 128 << 20  # an idle worker maps 40-100 MB of address space
 
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
-# Users are often e-mail addresses; braces and whitespace stay out so hash tags hold.
-_USER_RE = re.compile(r"[A-Za-z0-9_.@:+=-]{1,128}")
-
-
-MAX_EVENT_ID = 2**63 - 1  # event ids are Redis stream ids' first part (and int64 elsewhere)
-_INT_TEXT = re.compile(r"-?[0-9]{1,20}")
-
-
-def shown(value: object, limit: int = 60) -> str:
-    """``value``'s repr for an error message, cut at ``limit`` characters: a client's
-    input is quoted, never repeated whole."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def given_once(name: str, values: Sequence[str]) -> str | None:
-    """A query parameter's one value (None when absent); InvalidInput when it is given
-    more than once: which one counts is not for a proxy, a log reader and a node to each
-    decide (socket.io's and REST's query strings alike)."""
-    if len(values) > 1:
-        raise InvalidInput(f"{name} is given {len(values)} times; give it once")
-    return values[0] if values else None
-
-
-def parse_int(name: str, raw: str, low: int, high: int) -> int:
-    """An integer given as text (a query parameter): ASCII digits with an optional minus
-    (not ``+5``, ``1_0`` or other scripts' digits, which ``int`` reads), within
-    ``low..high``; else InvalidInput."""
-    if not _INT_TEXT.fullmatch(raw):
-        raise InvalidInput(f"{name} must be an integer, got {shown(raw)}")
-    value = int(raw)
-    if not low <= value <= high:
-        raise InvalidInput(f"{name} must be from {low} to {high}, got {value}")
-    return value
-
-
-def check_conversation_id(sid: object) -> str:
-    """Return ``sid`` if it is a valid conversation id, else raise InvalidInput."""
-    if not isinstance(sid, str) or not _ID_RE.fullmatch(sid):
-        raise InvalidInput(
-            f"invalid conversation id {shown(sid)}: expected 1-128 characters of [A-Za-z0-9_-]"
-        )
-    return sid
-
-
-def check_connection_id(cid: object) -> str:
-    if not isinstance(cid, str) or not _ID_RE.fullmatch(cid):
-        raise InvalidInput(
-            f"invalid connection id {shown(cid)}: expected 1-128 characters of [A-Za-z0-9_-]"
-        )
-    return cid
-
-
-def check_user_id(user: object) -> str:
-    if not isinstance(user, str) or not _USER_RE.fullmatch(user):
-        raise InvalidInput(
-            f"invalid user id {shown(user)}: expected 1-128 characters of [A-Za-z0-9_.@:+=-]"
-        )
-    return user
-
-
-MAX_SETTINGS_BYTES = 16 * 1024  # an agent's settings, as compact JSON
 # The largest event the event store takes (``eventstore/base.py``): far above any event
 # the coordinator logs, low enough that a corrupt length field is never believed.
 MAX_EVENT_BYTES = 64 * 1024 * 1024
@@ -139,42 +74,6 @@ class Lifetimes:
 
 
 DEFAULT_LIFETIMES = Lifetimes()
-
-
-def check_settings(value: object) -> dict[str, Any]:
-    """Agent settings from a client: a JSON object of at most ``MAX_SETTINGS_BYTES`` as
-    compact JSON in UTF-8, shaped as an action may be (``codec.shape_problem``: what an
-    agent worker's msgpack carries); None is ``{}``; else InvalidInput."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidInput("settings must be a JSON object")
-    problem = shape_problem(value)
-    if problem is not None:
-        raise InvalidInput(f"settings must be plain JSON: {problem}")
-    try:
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-        size = len(text.encode())
-    except UnicodeEncodeError:  # JSON's \ud800 escapes decode to what UTF-8 cannot hold
-        raise InvalidInput("settings must be plain JSON: text that is not UTF-8") from None
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidInput(f"settings must be plain JSON: {exc}") from None
-    if size > MAX_SETTINGS_BYTES:
-        raise InvalidInput(f"settings must be at most {MAX_SETTINGS_BYTES} bytes of JSON")
-    return value
-
-
-def parse_settings(text: str | None) -> dict[str, Any]:
-    """Agent settings given as JSON text (a query parameter); see ``check_settings``."""
-    if text is None or text == "":
-        return {}
-    if len(text) > MAX_SETTINGS_BYTES:
-        raise InvalidInput(f"settings must be at most {MAX_SETTINGS_BYTES} bytes of JSON")
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidInput(f"settings are not valid JSON: {exc}") from None
-    return check_settings(value)
 
 
 def default_node_id() -> str:
@@ -308,7 +207,7 @@ class ManagerConfig:
             raise ConfigError("redis_mode cluster needs a redis:// or rediss:// URL of a node")
         if self.ack_replicas < 0:
             raise ConfigError(f"ack_replicas must be >= 0, got {self.ack_replicas!r}")
-        if not isinstance(self.node_id, str) or not _ID_RE.fullmatch(self.node_id):
+        if not isinstance(self.node_id, str) or not ID_RE.fullmatch(self.node_id):
             raise ConfigError(
                 f"node_id must be 1-128 characters of [A-Za-z0-9_-], got {shown(self.node_id)}"
             )

@@ -23,15 +23,6 @@ import socketio
 
 from . import codec
 from .auth import AuthError, TokenVerifier
-from .config import (
-    MAX_EVENT_ID,
-    check_connection_id,
-    check_conversation_id,
-    check_settings,
-    given_once,
-    parse_int,
-    parse_settings,
-)
 from .errors import (
     EXPECTED,
     REDIS_TROUBLE,
@@ -45,6 +36,15 @@ from .errors import (
     NodeDraining,
 )
 from .http import client_message
+from .inputs import (
+    MAX_EVENT_ID,
+    check_connection_id,
+    check_conversation_id,
+    check_settings,
+    given_once,
+    parse_int,
+    parse_settings,
+)
 from .manager import ConversationManager
 from .metrics import NodeMetrics
 from .quotas import Quotas

@@ -29,7 +29,6 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
 from .auth import AuthError, Identity, TokenVerifier
-from .codec import shape_problem
 from .errors import (
     REDIS_TROUBLE,
     CapacityTimeout,
@@ -50,6 +49,7 @@ from .errors import (
     redis_full,
 )
 from .eventstore.errors import StoreUnavailable
+from .inputs import shape_problem
 
 log = logging.getLogger("coordinator.rest")
 

@@ -19,17 +19,7 @@ from workers.protocol import AgentFactory, Event
 from . import codec
 from .backends import Backend, open_backend
 from .catchup import EventSink, NullSink
-from .config import (
-    DEFAULT_LIFETIMES,
-    MAX_EVENT_ID,
-    Lifetimes,
-    ManagerConfig,
-    check_connection_id,
-    check_conversation_id,
-    check_settings,
-    check_user_id,
-    shown,
-)
+from .config import DEFAULT_LIFETIMES, Lifetimes, ManagerConfig
 from .directory import Directory
 from .errors import (
     ConfigError,
@@ -40,6 +30,15 @@ from .errors import (
     InvalidInput,
 )
 from .handles import ConversationHandle
+from .inputs import (
+    MAX_EVENT_ID,
+    check_connection_id,
+    check_conversation_id,
+    check_int,
+    check_settings,
+    check_user_id,
+    shown,
+)
 from .keys import KeySchema
 from .membership import Membership
 from .metrics import NodeMetrics
@@ -78,12 +77,6 @@ def _sids(filter_to_sids: Collection[str] | None) -> set[str] | None:
     if isinstance(filter_to_sids, str | bytes) or not isinstance(filter_to_sids, Collection):
         raise InvalidInput("filter_to_sids must be a set of conversation ids")
     return {check_conversation_id(sid) for sid in filter_to_sids}
-
-
-def _integer(name: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidInput(f"{name} must be an integer from {low} to {high}, got {shown(value)}")
-    return value
 
 
 def _settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -241,7 +234,7 @@ class ConversationManager:
         check_connection_id(connection_id)
         user = _user(user_id)
         if latest_event_id is not None:
-            _integer("latest_event_id", latest_event_id, 0, MAX_EVENT_ID)
+            check_int("latest_event_id", latest_event_id, 0, MAX_EVENT_ID)
         return await self.node.sessions.join(
             sid, connection_id, user, _settings(settings), latest_event_id, _org(org)
         )
@@ -402,8 +395,8 @@ class ConversationManager:
         """Up to ``limit`` events of ``sid`` after id ``after``, in order, wherever they
         are kept (the event store, then the Redis window: ``history.py``)."""
         check_conversation_id(sid)
-        _integer("after", after, 0, MAX_EVENT_ID)
-        _integer("limit", limit, 1, MAX_EVENTS_READ)
+        check_int("after", after, 0, MAX_EVENT_ID)
+        check_int("limit", limit, 1, MAX_EVENTS_READ)
         rows, _ = await self.node.history.after(sid, after, limit)
         return [codec.with_id(i, e) for i, e in rows]
 

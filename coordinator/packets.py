@@ -6,7 +6,7 @@ not a string fails inside the library (a traceback per packet), one named ``conn
 arguments, and a binary event may announce more attachments than it will ever send.
 ``problem`` names what is wrong with a packet, or returns None.
 
-Its data is held to ``codec.shape_problem``: bounded nesting and number of values, no
+Its data is held to ``inputs.shape_problem``: bounded nesting and number of values, no
 NaN or Infinity, no integer beyond msgpack's 64 bits.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from socketio import packet as sio_packet
 
-from .codec import shape_problem
+from .inputs import shape_problem
 
 # A socket.io event name the coordinator might ever use; longer ones are garbage.
 MAX_EVENT_NAME = 64

@@ -46,8 +46,8 @@ def redact(text: str) -> str:
         if "%" not in decoded:
             break
         decoded = unquote(decoded)
-        if _redacted(decoded) != decoded:
-            return _redacted(decoded)
+        if (found := _redacted(decoded)) != decoded:
+            return found
     return clean
 
 

@@ -21,15 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import codec
 from .auth import Identity, TokenVerifier
-from .config import (
-    MAX_EVENT_ID,
-    Lifetimes,
-    check_conversation_id,
-    check_settings,
-    given_once,
-    parse_int,
-    shown,
-)
+from .config import Lifetimes
 from .directory import describe_retired
 from .errors import ConversationNotFound, Forbidden, InvalidInput, NodeDraining
 from .http import (
@@ -43,6 +35,14 @@ from .http import (
     json_response,
     not_found,
     read_body,
+)
+from .inputs import (
+    MAX_EVENT_ID,
+    check_conversation_id,
+    check_settings,
+    given_once,
+    parse_int,
+    shown,
 )
 from .manager import ConversationManager
 from .metrics import CONTENT_TYPE, NodeMetrics

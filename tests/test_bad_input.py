@@ -163,8 +163,8 @@ def test_config_must_be_a_manager_config() -> None:
 @pytest.mark.parametrize(
     "latest, fragment",
     [
-        (2**64, "latest_event_id must be an integer from 0"),
-        (-2, "latest_event_id must be an integer from 0"),
+        (2**64, "latest_event_id must be from 0"),
+        (-2, "latest_event_id must be from 0"),
         (99, "beyond"),
     ],
 )

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 import pytest
 import socketio
 
-from coordinator.config import MAX_SETTINGS_BYTES
+from coordinator.inputs import MAX_SETTINGS_BYTES
 from tests.server_fixtures import ServerCluster, SioClient
 
 SCRIPTED = "workers.scripted:ScriptedAgent"

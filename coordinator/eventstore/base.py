@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, Self
 
-from ..config import MAX_EVENT_BYTES, check_conversation_id, check_user_id
+from ..config import MAX_EVENT_BYTES
 from ..errors import InvalidInput
+from ..inputs import check_conversation_id, check_user_id
 from .errors import CheckpointTooLarge, StoreError
 
 AppendStatus = Literal["ok", "fenced", "gap"]

@@ -46,8 +46,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from ..config import check_conversation_id, check_user_id
 from ..errors import ConversationNotFound
+from ..inputs import check_conversation_id, check_user_id
 from . import filelog, mounts
 from . import framing as fr
 from .base import (

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from ..config import check_conversation_id, check_user_id
 from ..errors import ConfigError, ConversationNotFound, CoordinatorError, InvalidInput
+from ..inputs import check_conversation_id, check_user_id
 from . import pgschema
 from .base import (
     DEFAULT_MAX_CHECKPOINT_BYTES,
