@@ -7,10 +7,10 @@ token may live at most ``max_lifetime`` (``exp - iat``, or ``exp - now`` without
 and ``iss``/``aud`` are checked when configured.
 
 ``TokenSettings`` is configuration without I/O; ``TokenVerifier.from_settings`` reads and
-parses the key file once. PyJWT checks the signature, the algorithm (only the configured
-one is accepted: no algorithm confusion), the token's shape, ``iss``, ``aud`` and the
-required claims; the times are checked here, against a clock tests can set. Refusals say
-what is wrong and never quote the token or a key.
+parses the key file once (``keyfiles``). PyJWT checks the signature, the algorithm (only
+the configured one is accepted: no algorithm confusion), the token's shape, ``iss``,
+``aud`` and the required claims; the times are checked here, against a clock tests can
+set. Refusals say what is wrong and never quote the token or a key.
 """
 
 from __future__ import annotations
@@ -25,16 +25,13 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePublicKey
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .errors import ConfigError, InvalidInput
 from .inputs import check_user_id
+from .keyfiles import read_jwks, read_pem
 
 ALGORITHMS = ("HS256", "RS256", "ES256")
 DEFAULT_TTL = 86_400
@@ -47,7 +44,6 @@ CLOCK_SKEW = 60.0
 # RFC 7518 section 3.2: an HS256 key should have at least 256 bits.
 MIN_SECRET_BYTES = 32
 
-_JWKS_KTY = {"RS256": ("RSA", None), "ES256": ("EC", "P-256")}
 # PyJWT (2.10 on) warns on every use of an HMAC key under 32 bytes; the node warns once
 # at start-up instead (cli), and short secrets keep working as they did.
 _SHORT_KEY_WARNING = getattr(jwt, "InsecureKeyLengthWarning", None)
@@ -140,9 +136,9 @@ class TokenVerifier:
             assert settings.secret is not None  # TokenSettings checked it
             return cls(settings, {None: settings.secret})
         if settings.public_key_file:
-            return cls(settings, {None: _read_pem(settings.public_key_file, settings.algorithm)})
+            return cls(settings, {None: read_pem(settings.public_key_file, settings.algorithm)})
         assert settings.jwks_file is not None
-        return cls(settings, _read_jwks(settings.jwks_file, settings.algorithm))
+        return cls(settings, read_jwks(settings.jwks_file, settings.algorithm))
 
     def user(self, token: object) -> str:
         """The user id of a valid token; raises AuthError saying what is wrong."""
@@ -339,66 +335,3 @@ def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
     if not math.isfinite(number):
         raise AuthError(f"malformed token: {name} is not a finite number")
     return number
-
-
-def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read token key file {path}: {exc.strerror or exc}") from None
-
-
-def _read_pem(path: str, algorithm: str) -> Any:
-    """The public key in a PEM file, checked against the algorithm."""
-    data = _read(path)
-    if b"PRIVATE KEY" in data:
-        raise ConfigError(f"token key file {path} holds a private key; give the public key")
-    try:
-        key = load_pem_public_key(data)
-    except ValueError:
-        raise ConfigError(f"token key file {path} is not a PEM public key") from None
-    if algorithm == "RS256" and not isinstance(key, RSAPublicKey):
-        raise ConfigError(f"token key file {path} is not an RSA public key (RS256 needs one)")
-    if algorithm == "ES256" and not (
-        isinstance(key, EllipticCurvePublicKey) and isinstance(key.curve, SECP256R1)
-    ):
-        raise ConfigError(f"token key file {path} is not a P-256 EC public key (ES256)")
-    return key
-
-
-def _read_jwks(path: str, algorithm: str) -> dict[str | None, Any]:
-    """kid -> key of the JWKS file's signing keys for the algorithm (at least one)."""
-    try:
-        keys = json.loads(_read(path))["keys"]
-        if not isinstance(keys, list):
-            raise TypeError
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"token JWKS file {path} is not a JSON object with 'keys'") from None
-    kty, crv = _JWKS_KTY[algorithm]
-    found: dict[str | None, Any] = {}
-    for i, jwk in enumerate(keys):
-        if (
-            not isinstance(jwk, dict)
-            or jwk.get("kty") != kty
-            or jwk.get("crv", crv) != crv
-            or jwk.get("use", "sig") != "sig"
-            or jwk.get("alg", algorithm) != algorithm
-        ):
-            continue  # another kind of key: a key set may hold several
-        kid = jwk.get("kid")
-        where = f"key {i}" + (f" ({kid})" if kid is not None else "")
-        if kid is not None and not isinstance(kid, str):
-            raise ConfigError(f"token JWKS file {path}: {where}: kid must be a string")
-        if "d" in jwk:
-            raise ConfigError(f"token JWKS file {path}: {where} holds private key material")
-        # A lone key without a kid verifies every token (it is kept under None); beside
-        # others, each key needs a kid of its own.
-        if kid in found or None in found or (kid is None and found):
-            raise ConfigError(f"token JWKS file {path}: {where}: keys need distinct kids")
-        try:
-            found[kid] = jwt.PyJWK(jwk, algorithm).key
-        except jwt.PyJWTError:
-            raise ConfigError(f"token JWKS file {path}: {where} is not a valid key") from None
-    if not found:
-        raise ConfigError(f"token JWKS file {path} has no {algorithm} signing key")
-    return found

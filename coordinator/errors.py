@@ -51,8 +51,8 @@ class ConversationClosed(CoordinatorError):
     """The conversation was closed (or its loop evicted) while a connection joined it:
     the connection was told why and is not kept."""
 
-    def __init__(self, sid: str) -> None:
-        super().__init__(f"conversation {sid!r} was closed while joining; join again")
+    def __init__(self, sid: str, what: str = "was closed while joining; join again") -> None:
+        super().__init__(f"conversation {sid!r} {what}")
 
 
 class ConversationPurging(ConversationClosed):
@@ -60,9 +60,7 @@ class ConversationPurging(ConversationClosed):
     deleted it everywhere; then the same id may be created again."""
 
     def __init__(self, sid: str) -> None:
-        CoordinatorError.__init__(
-            self, f"conversation {sid!r} is being purged; try again once it is gone"
-        )
+        super().__init__(sid, "is being purged; try again once it is gone")
 
 
 class ConversationNotFound(CoordinatorError, LookupError):

@@ -103,29 +103,26 @@ def check_int(name: str, value: object, low: int, high: int) -> int:
     return value
 
 
+def _matching(kind: str, value: object, pattern: re.Pattern[str]) -> str:
+    """``value`` if it is a string ``pattern`` matches whole, else InvalidInput naming
+    ``kind`` and the characters the pattern allows."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        allowed = pattern.pattern.removesuffix("{1,128}")
+        raise InvalidInput(f"invalid {kind} {shown(value)}: expected 1-128 characters of {allowed}")
+    return value
+
+
 def check_conversation_id(sid: object) -> str:
     """Return ``sid`` if it is a valid conversation id, else raise InvalidInput."""
-    if not isinstance(sid, str) or not ID_RE.fullmatch(sid):
-        raise InvalidInput(
-            f"invalid conversation id {shown(sid)}: expected 1-128 characters of [A-Za-z0-9_-]"
-        )
-    return sid
+    return _matching("conversation id", sid, ID_RE)
 
 
 def check_connection_id(cid: object) -> str:
-    if not isinstance(cid, str) or not ID_RE.fullmatch(cid):
-        raise InvalidInput(
-            f"invalid connection id {shown(cid)}: expected 1-128 characters of [A-Za-z0-9_-]"
-        )
-    return cid
+    return _matching("connection id", cid, ID_RE)
 
 
 def check_user_id(user: object) -> str:
-    if not isinstance(user, str) or not _USER_RE.fullmatch(user):
-        raise InvalidInput(
-            f"invalid user id {shown(user)}: expected 1-128 characters of [A-Za-z0-9_.@:+=-]"
-        )
-    return user
+    return _matching("user id", user, _USER_RE)
 
 
 MAX_SETTINGS_BYTES = 16 * 1024  # an agent's settings, as compact JSON
