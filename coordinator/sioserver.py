@@ -203,7 +203,11 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
             self.tasks.spawn(frames.close(NORMAL_CLOSURE, "session closed"), "close")
 
     async def end_session(self, eio_sid: str) -> None:
-        """End an engine.io session after what is queued for it (a refusal) went out."""
+        """End an engine.io session refused for a limit, ``GRACE`` after the refusal
+        unless its client closed it first. The wait is for the clients that close on a
+        refusal, as python-socketio's does: a server CLOSE crossing the client's own
+        leaves python-engineio's client waiting out its write loop's 30 s timeout."""
+        await asyncio.sleep(GRACE)
         socket = self.eio.sockets.get(eio_sid)
         if socket is not None and not socket.closed:
             await socket.close(wait=False, abort=False, reason=self.reason.SERVER_DISCONNECT)

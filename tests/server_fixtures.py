@@ -90,9 +90,14 @@ class SioClient:
         )
 
     async def refused(self, *args: Any, **kwargs: Any) -> str:
-        """Connect expecting a refusal; returns the server's message."""
+        """Connect expecting a refusal; returns the server's message. The client must be
+        done within 15 s: a session ending badly holds it up to 30 s (``end_session``)."""
+        attempt = asyncio.ensure_future(self.connect(*args, **kwargs))
+        if not (await asyncio.wait({attempt}, timeout=15))[0]:
+            attempt.cancel()
+            raise AssertionError(f"{self.name}: the refused client was held up")
         try:
-            await self.connect(*args, **kwargs)
+            attempt.result()
         except socketio.exceptions.ConnectionError:
             pass
         else:

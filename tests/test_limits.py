@@ -14,6 +14,7 @@ from coordinator.errors import LimitExceeded
 from coordinator.ratelimit import Rate, TokenBucket, UserAllowance
 from coordinator.serverconfig import NO_LIMITS, ServerConfig
 from tests.helpers import wait_until
+from tests.rawsocket import RawSocket
 from tests.server_fixtures import ServerCluster
 
 
@@ -120,6 +121,22 @@ async def test_joins_per_user(servers: ServerCluster) -> None:
     sio = a.manager.sink.sio  # type: ignore[attr-defined]
     await wait_until(lambda: len(sio.eio.sockets) == 3, timeout=5, what="the session ended")
     await servers.join(a, "bobs", "bob")  # another user's joins are their own
+
+
+async def test_a_client_that_stays_after_a_limit_refusal_is_closed(servers: ServerCluster) -> None:
+    """A client that keeps its session after a refusal for a limit (python-socketio's
+    closes it; a raw or careless one may not) has it ended by the node a moment later."""
+    (a,) = await servers.start(1, server_config=limits(joins_per_user=Rate(0.1, 1)))
+    await servers.join(a, "conv", "alice")
+    raw = await RawSocket.open(a.url, {"conversation_id": "conv"})
+    try:
+        reply = await raw.join(servers.token("alice"))
+        assert "too many joins per user" in reply["message"], reply
+        assert await raw.closed(within=10) == (1000, "session closed")
+    finally:
+        await raw.aclose()
+    sio = a.manager.sink.sio  # type: ignore[attr-defined]
+    await wait_until(lambda: len(sio.eio.sockets) == 1, timeout=5, what="the session ended")
 
 
 async def test_connections_per_user_are_capped_cluster_wide_and_given_back(
