@@ -113,14 +113,22 @@ async def _stop_nodes(nodes: list[NodeProcess], grace: float) -> None:
                     await node.forwarder
 
 
-def instructions(nodes: list[NodeProcess], redis_url: str, secret: str) -> str:
+def instructions(
+    nodes: list[NodeProcess], redis_url: str, secret: str, secret_file: str | None = None
+) -> str:
+    """What the cluster prints once ready. The chat commands read the secret from
+    ``secret_file`` (a command line's arguments are visible in ``ps``), unless it cannot
+    hold it (a secret with a line break: the file's first line is the secret)."""
     first = nodes[0].url
     other = nodes[1].url if len(nodes) > 1 else first
     token = issue_token("demo", secret)
     admin = issue_token("admin", secret, claims={"admin": True})
     coordinator = shlex.join(coordinator_command())
     urls = " ".join(f"--url {n.url}" for n in nodes)
-    quoted = shlex.quote(secret)
+    if secret_file is not None and not set(secret) & {"\n", "\r"}:
+        given = f"--secret-file {shlex.quote(secret_file)}"
+    else:
+        given = f"--secret={shlex.quote(secret)}"  # "=": a secret may start with "-"
     lines = [f"cluster ready: {len(nodes)} node(s) sharing Redis at {redis_url}"]
     lines += [f"  {n.node_id}  {n.url}  (pid {n.proc.pid})" for n in nodes]
     lines += [
@@ -133,9 +141,9 @@ def instructions(nodes: list[NodeProcess], redis_url: str, secret: str) -> str:
         f"  chat       {first}/ui/chat.html#token={token}&conversation=demo1",
         f"  dashboard  {other}/ui/dashboard.html#token={admin}",
         "chat in a terminal (type a line, Enter sends it; Ctrl-D or Ctrl-C quits):",
-        f"  {coordinator} chat {urls} --conversation demo1 --secret={quoted}",
+        f"  {coordinator} chat {urls} --conversation demo1 {given}",
         "a second terminal joins the same conversation through another node first:",
-        f"  {coordinator} chat --url {other} --conversation demo1 --secret={quoted}",
+        f"  {coordinator} chat --url {other} --conversation demo1 {given}",
         "REST, e.g.:",
         f'  curl -H "Authorization: Bearer {token}" {first}/api/dashboard',
         "",
@@ -144,6 +152,17 @@ def instructions(nodes: list[NodeProcess], redis_url: str, secret: str) -> str:
         "Press Ctrl-C to stop the cluster.",
     ]
     return "\n".join(lines)
+
+
+def _keep_secret(directory: str, secret: str) -> str:
+    """The secret in a file only its user reads, in the run's private directory (gone
+    with it), for the printed chat commands' ``--secret-file``."""
+    path = os.path.join(directory, "secret")
+    with open(
+        os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8"
+    ) as f:
+        f.write(secret + "\n")
+    return path
 
 
 def _read_lines(queue: asyncio.Queue[str | None], stdin: TextIO) -> None:
@@ -368,7 +387,8 @@ async def run_cluster(
             return 1
         for node in cluster.nodes:
             cluster.forward(node)
-        print(instructions(cluster.nodes, redis.url, secret), file=out)
+        secret_file = _keep_secret(redis.dir, secret)
+        print(instructions(cluster.nodes, redis.url, secret, secret_file), file=out)
         out.flush()
         assert redis.proc is not None
         lost = asyncio.ensure_future(_redis_lost(redis.proc, stop, err))

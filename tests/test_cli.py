@@ -586,10 +586,16 @@ async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
         token = re.search(r'^token for user "demo": (\S+)$', text, re.M)
         assert secret and token
         assert verify_token(token.group(1), secret.group(1)) == "demo"
-        assert (
+        chat = re.search(
             f"coordinator chat --url http://127.0.0.1:{base} --url http://127.0.0.1:{base + 1} "
-            f"--conversation demo1 --secret={secret.group(1)}" in text
+            r"--conversation demo1 --secret-file (\S+)$",
+            text,
+            re.M,
         )
+        assert chat, text
+        with open(chat.group(1), encoding="utf-8") as f:  # noqa: ASYNC230 (a few bytes)
+            assert f.read() == secret.group(1) + "\n"
+        assert os.stat(chat.group(1)).st_mode & 0o777 == 0o600
         status, body = await get_json(f"http://127.0.0.1:{base + 1}/api/cluster", token.group(1))
         assert status == 200 and sorted(body["nodes"]) == ["node1", "node2"]  # type: ignore[call-overload]
     finally:

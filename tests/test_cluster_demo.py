@@ -118,13 +118,20 @@ async def test_cluster_keeps_running_when_a_node_dies_and_restarts_it(tmp_path: 
 
 
 def test_the_printed_chat_commands_parse_whatever_the_secret() -> None:
-    """A generated secret may start with "-" (``secrets.token_urlsafe``: one run in 64):
-    the printed chat commands pass it as ``--secret=VALUE``, which the CLI takes for the
-    secret, not for an option (seen in CI: "argument --secret: expected one argument")."""
+    """The printed chat commands read the secret from the run's file (an argument would
+    be visible in ``ps``); a secret that file cannot hold (a line break) is passed as
+    ``--secret=VALUE``, which the CLI takes for the secret even when it starts with "-"
+    (seen in CI: "argument --secret: expected one argument")."""
     proc = cast(Any, SimpleNamespace(pid=1))
     nodes = [NodeProcess(f"node{i}", f"http://127.0.0.1:{i}", i, proc) for i in (1, 2)]
-    for secret in ("-starts-with-a-dash", "plain_Secret-123", "with space and 'quote'"):
-        lines = instructions(nodes, "redis://127.0.0.1:6379", secret).splitlines()
+    cases = [
+        ("-starts-with-a-dash", "/tmp/run dir/secret", "secret_file", "/tmp/run dir/secret"),
+        ("plain_Secret-123", "/tmp/x/secret", "secret_file", "/tmp/x/secret"),
+        ("with space and 'quote'", None, "secret", "with space and 'quote'"),
+    ]
+    for secret, secret_file, dest, value in cases:
+        text = instructions(nodes, "redis://127.0.0.1:6379", secret, secret_file)
+        lines = text.splitlines()
         commands = [
             lines[i + 1]
             for i, line in enumerate(lines)
@@ -134,7 +141,13 @@ def test_the_printed_chat_commands_parse_whatever_the_secret() -> None:
         for command in commands:
             argv = shlex.split(command)
             args = build_parser().parse_args(argv[argv.index("chat") :])
-            assert args.secret == secret, command
+            assert getattr(args, dest) == value, command
+            if dest == "secret_file":
+                assert args.secret is None and secret not in command, command
+    # Quoted over two lines, as a shell takes it when pasted.
+    text = instructions(nodes, "redis://127.0.0.1:6379", "-two\nlines", "/tmp/x/secret")
+    assert text.count("--conversation demo1 --secret='-two\nlines'") == 2
+    assert "--secret-file" not in text
 
 
 def _alive(pid: int) -> bool:
