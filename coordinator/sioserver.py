@@ -284,10 +284,6 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         except DECODE_ERRORS:
             await self._malformed(eio_sid, None, "not a socket.io packet")
             return
-        problem = packets.problem(pkt)
-        if problem is not None:
-            await self._malformed(eio_sid, pkt, problem)
-            return
         kind = pkt.packet_type
         if kind == sio_packet.CONNECT:
             self._connects[eio_sid] += 1
@@ -295,6 +291,11 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
                 reason = f"more than {MAX_CONNECTS} CONNECT attempts"
                 await self.close_connection(eio_sid, POLICY_VIOLATION, reason)
                 return
+        problem = packets.problem(pkt)
+        if problem is not None:
+            await self._malformed(eio_sid, pkt, problem)
+            return
+        if kind == sio_packet.CONNECT:
             await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
         elif kind == sio_packet.DISCONNECT:
             await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
@@ -336,26 +337,30 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         return sid is not None and bool(self.manager.is_connected(sid, NAMESPACE))
 
     async def _malformed(self, eio_sid: str, pkt: Any, problem: str) -> None:
-        """Answer a malformed packet: an error ack if it asked for one on a joined
-        connection, else a close with the reason. Logged once per connection."""
+        """Answer a malformed packet: a CONNECT with a refusal (CONNECT_ERROR, as any
+        refused join: a client shows it, where a closed connection would have it
+        reconnect with the same packet), an event with an error ack if it asked for one on
+        a joined connection, else a close with the reason. Logged once per connection."""
         self.malformed += 1
         if eio_sid not in self._reported:
             self._reported.add(eio_sid)
             frames = FrameGuard.of(self.environ.get(eio_sid))
             address = frames.address if frames is not None else "?"
             self._throttle.info("malformed packet from %s (%s): %s", eio_sid, address, problem)
-        wants_ack = (
-            pkt is not None
-            and getattr(pkt, "id", None) is not None
-            and pkt.packet_type in (sio_packet.EVENT, sio_packet.BINARY_EVENT)
-            and pkt.namespace in (None, NAMESPACE)
-        )
+        reason = f"malformed packet: {problem}"
+        kind = None if pkt is None or pkt.namespace not in (None, NAMESPACE) else pkt.packet_type
+        if kind == sio_packet.CONNECT and not self._joined(eio_sid):
+            refusal = self.packet_class(
+                sio_packet.CONNECT_ERROR, namespace=NAMESPACE, data={"message": reason}
+            )
+            await self._send_packet(eio_sid, refusal)
+            return
+        wants_ack = kind in (sio_packet.EVENT, sio_packet.BINARY_EVENT) and pkt.id is not None
         if wants_ack and self._joined(eio_sid):
-            ack = {"ok": False, "error": f"malformed packet: {problem}"}
+            ack = {"ok": False, "error": reason}
             await self._send_packet(
                 eio_sid,
                 self.packet_class(sio_packet.ACK, namespace=NAMESPACE, id=pkt.id, data=[ack]),
             )
             return
-        reason = f"malformed packet: {problem}"
         await self.close_connection(eio_sid, PROTOCOL_ERROR, reason, log_it=False)

@@ -6,6 +6,7 @@ for. Real uvicorn nodes, real Redis, raw websocket frames (tests/rawsocket.py)."
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -185,6 +186,38 @@ async def test_an_engineio_session_that_never_joins_is_closed(servers: ServerClu
     await asyncio.sleep(1.0)  # twice the deadline: the condition is that nothing happens
     assert (await sock.call("oh_user_action", {"action": "message", "args": {}}))["ok"]
     await wait_until(lambda: len(sio.eio.sockets) == 1, timeout=5, what="two sessions closed")
+
+
+async def test_a_connect_the_node_cannot_read_is_refused_not_closed(
+    servers: ServerCluster,
+) -> None:
+    """A CONNECT whose payload is malformed gets the protocol's refusal (CONNECT_ERROR,
+    with the reason), as any refused join: a client shows it, where a closed connection
+    would have a socket.io client reconnect with the same packet. It counts as an
+    attempt; a good CONNECT after it joins."""
+    (a,) = await servers.start(1)
+    token = servers.token("alice")
+    bad = [
+        ('40{"token":"' + token + '","n":NaN}', "NaN or Infinity"),
+        ('40{"token":"' + token + '","settings":{"n":18446744073709551616}}', "64 bits"),
+        ('40{"token":"' + token + '","settings":' + "[" * 40 + "]" * 40 + "}", "nested too"),
+    ]
+    for packet, why in bad:
+        sock = await RawSocket.open(a.url, {"conversation_id": "conv"})
+        await sock.ws.send(packet)
+        answer = await sock.recv_packet()
+        assert answer.startswith("4{"), answer  # CONNECT_ERROR
+        assert why in json.loads(answer[1:])["message"], answer
+        assert "sid" in await sock.join(token)
+        assert (await sock.call("oh_user_action", {"action": "message", "args": {}}))["ok"]
+        await sock.aclose()
+    # The limit on attempts counts malformed ones too.
+    again = await RawSocket.open(a.url, {"conversation_id": "conv"})
+    for _ in range(3):
+        await again.ws.send('40{"n":NaN}')
+        assert (await again.recv_packet()).startswith("4{")
+    await again.ws.send('40{"n":NaN}')
+    assert await again.closed() == (1008, "more than 3 CONNECT attempts")
 
 
 @pytest.mark.parametrize(
