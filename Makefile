@@ -117,7 +117,7 @@ typecheck: venv
 	$(BIN)/mypy --strict $(TYPED)
 
 test: venv deps-nginx deps-redis deps-js deps-postgres deps-browser lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 bench: venv
 	$(PY) -m pip install -q -e '.[bench]'
