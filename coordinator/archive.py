@@ -59,6 +59,7 @@ APPEND_TIMEOUT = 30.0
 # the shared test machine that doubled the ack's p50 (measured in-process then; see
 # bench/store.py for the round trip with the mover on and idle).
 GATHER_FOR = 0.05
+SWEEP_BATCH = 100  # conversations one sweep looks at (``Archiver.sweep``)
 
 
 async def check_cluster_store(
@@ -274,6 +275,46 @@ class Archiver:
         except Exception as exc:  # the store as a whole (closed, unreachable)
             failed = exc
         return [failed] * len(batches)
+
+    async def sweep(self) -> None:
+        """Move the events the store lacks of conversations left without an owner (their
+        loop stopped while the store was unreachable, or their node died: noted in Redis,
+        ``note_unstored``), then let them leave Redis after the retention, as their
+        owner would have. A conversation a loop runs for is its owner's to move (this
+        node's: woken here). Any node sweeps; two at once store nothing twice (a batch is
+        idempotent, and fenced by the last owner's epoch: a new owner's batches win)."""
+        sids = await self._state.unstored_noted(SWEEP_BATCH)
+        if not sids:
+            return
+        gone: list[str] = []
+        done: list[tuple[str, dict[str, str]]] = []  # the store holds all of them
+        orphans: list[tuple[Lease, dict[str, str]]] = []
+        for sid, meta in zip(sids, await self._state.records(sids), strict=True):
+            if not meta:
+                gone.append(sid)
+            elif int(meta.get("stored") or 0) >= int(meta.get("seq") or 0):
+                done.append((sid, meta))
+            elif meta.get("inc"):
+                if (runner := self._runners.get(sid)) is not None and runner.running:
+                    self.logged(sid)
+            else:
+                lease = Lease(sid, meta.get("user", ""), "", int(meta.get("epoch") or 0))
+                orphans.append((lease, meta))
+        moved = await self.move_all([lease for lease, _ in orphans])
+        done += [
+            (lease.sid, meta)
+            for (lease, meta), result in zip(orphans, moved, strict=True)
+            if self._went(lease.sid, result)  # else tried again next sweep
+        ]
+        retention_ms = int(self._config.redis_retention * 1000)
+        retired = await _each(
+            self._state.retire(
+                sid, meta.get("user", ""), meta.get("state") or "stopped", retention_ms
+            )
+            for sid, meta in done
+        )
+        gone += [sid for (sid, _), r in zip(done, retired, strict=True) if r is None]
+        await self._state.settle_unstored(gone)
 
     def forget(self, sid: str) -> None:
         """The loop of ``sid`` stopped here."""

@@ -102,6 +102,9 @@ class ManagerConfig:
     max_close_delay: float = 86_400.0
     max_running_time: float = 0.0
     cleanup_interval: float = 15.0
+    # How often a node moves to the event store what conversations left without an
+    # owner still had in Redis only (``Archiver.sweep``).
+    store_sweep_interval: float = 5.0
     # A node that misses heartbeats for node_ttl is dead; its loops stop lease_margin
     # before that by its own monotonic clock.
     node_ttl: float = 6.0
@@ -219,6 +222,7 @@ class ManagerConfig:
             "max_concurrent_conversations",
             "close_delay",
             "cleanup_interval",
+            "store_sweep_interval",
             "node_ttl",
             "heartbeat_interval",
             "log_window_events",

@@ -137,6 +137,11 @@ class KeySchema:
         node that recorded it first): every node must use that one."""
         return f"{self.prefix}:{{cluster}}:store"
 
+    def unstored(self) -> str:
+        """Sorted set: conversations left without an owner while the event store may lack
+        some of their events (score: ms when noted); any node's archiver moves them."""
+        return f"{self.prefix}:{{cluster}}:unstored"
+
     def reaper_lock(self) -> str:
         """String: the node currently reaping dead nodes (SET NX PX)."""
         return f"{self.prefix}:{{cluster}}:reaper"

@@ -278,6 +278,8 @@ class Loops:
             # All in the store: its Redis state may expire (--redis-retention).
             retention = int(self._config.redis_retention * 1000) if stored else 0
             try:
+                if not stored:  # the store lacks some: a sweep moves them (any node's)
+                    await self._state.note_unstored([sid])
                 await self._state.release_loop(runner.lease, str(AgentState.STOPPED), retention)
             except REDIS_TROUBLE as exc:
                 log.warning("releasing %s deferred: %s", sid, exc)

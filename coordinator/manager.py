@@ -355,8 +355,10 @@ class ConversationManager:
         return await self.state.meta(check_conversation_id(sid))
 
     async def purge(self, sid: str, user_id: str | None = None) -> dict[str, Any]:
-        """Stop ``sid``'s loop and delete it everywhere: its Redis state, then its history
-        in the event store. Says what it removed."""
+        """Stop ``sid``'s loop and delete it everywhere: its history in the event store,
+        then its Redis state (a store that fails leaves the conversation whole, its
+        unstored events included; Redis failing after the store leaves a record a purge
+        again finishes). Says what it removed."""
         check_conversation_id(sid)
         user = _user(user_id)
         owner = await self.user_of(sid)
@@ -371,9 +373,9 @@ class ConversationManager:
             closed = False
             if await self.conversation(sid):
                 closed = await self.close_session(sid, owner)
-            keys = await self.state.purge(sid, owner)
             store = self.node.store
             events, size = await store.purge(sid) if store is not None else (0, 0)
+            keys = await self.state.purge(sid, owner)
         finally:
             await self.state.unmark_purging(sid)
         log.info("conversation %s purged: %d Redis keys, %d stored events", sid, keys, events)

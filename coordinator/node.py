@@ -247,6 +247,7 @@ class Node:
         tasks.every(cfg.idle_flush_interval, self.idle.flush, "activity flush", REDIS_TROUBLE)
         tasks.every(cfg.cleanup_interval, self.loops.sweep_idle, "idle sweep", EXPECTED)
         tasks.spawn(self.archiver.run(), "event-store")
+        tasks.every(cfg.store_sweep_interval, self.archiver.sweep, "store sweep", EXPECTED)
         await self.restarts.resume_pending(self.recovery.released_at_start)
         log.info(
             "node %s started (incarnation %s) on %s, event store %s",

@@ -56,8 +56,11 @@ async def reap_incarnation(
                 released.append((sid, user))
                 await state.commit(sid, "", 0, [lost], floor=floor(sid))
 
+    owned = await state.owned(inc)
+    # Its loops could not store what they had logged: a sweep moves it (any node's).
+    await state.note_unstored(owned)
     # Concurrently, a bounded number at a time: a node may have held thousands.
-    await asyncio.gather(*(release(s, u) for s, u in (await state.owned(inc)).items()))
+    await asyncio.gather(*(release(s, u) for s, u in owned.items()))
     if not keep_connections:
         conns = await state.node_connections(inc)
         users = await state.users_of(sorted(set(conns.values())))

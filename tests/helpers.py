@@ -21,6 +21,7 @@ FAST = dict(
     heartbeat_interval=0.5,
     lease_margin=0.75,
     idle_flush_interval=0.2,
+    store_sweep_interval=0.5,
     agent_workers=1,
     # In-process nodes' tests count user and agent events by id. Agent state notes
     # (on by default) have their own tests (test_openhands_compat.py), and every test

@@ -19,7 +19,7 @@ from coordinator.auth import issue_token
 from coordinator.codec import EVENTS_LOST, evicted_event, notice_code, unpack, with_id
 from coordinator.directory import describe_retired
 from coordinator.errors import Forbidden, InboxFull, InvalidInput, LimitExceeded, StoreBehind
-from coordinator.eventstore import Batch, EventStore, StoreError, StoreMismatch
+from coordinator.eventstore import Batch, EventStore, StoreError, StoreMismatch, StoreUnavailable
 from coordinator.recovery import reap_incarnation
 from coordinator.state import Lease
 from coordinator.state.loops import USER_INDEX_MAX
@@ -544,6 +544,79 @@ async def test_delete_with_purge_removes_a_conversation_everywhere(
     assert [c for c in body["conversations"] if c["conversation_id"] == "doomed"] == []
     status, body = await req("DELETE", a, "/api/conversations/doomed?purge=true", user="alice")
     assert status == 404
+
+
+@pytest.mark.parametrize("how", ["closed", "owner killed"])
+async def test_events_a_gone_owner_could_not_store_are_stored_by_a_sweep(
+    make_nodes: NodeFactory, postgres_server: PostgresServer, postgres_dsn: str, how: str
+) -> None:
+    """A loop that stops, or a node that dies, while the store is unreachable leaves
+    acknowledged events in Redis only, and no owner to move them: once the store is back
+    a node's sweep stores them, with no client and no action, and the conversation then
+    leaves Redis after the retention. (Before, nothing moved them until the conversation
+    ran again: Redis lost with them lost acknowledged actions, and they never expired.)"""
+    a, b = await make_nodes(2, log_window_events=20, event_store=postgres_dsn)
+    await a.join_conversation("orphan", "c", {}, "alice")
+    first = await send(a, "c", "stored")
+    await wait_stored(a, "orphan", first + 1)
+    await asyncio.to_thread(postgres_server.stop)
+    acked = [await send(a, "c", f"unstored {i}") for i in range(3)]
+    await wait_until(lambda: _applied(a, "orphan", acked[-1]), what="every action answered")
+    await a.disconnect_from_session("c")
+    if how == "closed":
+        await a.close_session("orphan", "alice")
+    else:
+        await a.node.halt()
+    await wait_until(lambda: _unowned(b, "orphan"), timeout=15, what="orphan without an owner")
+    await asyncio.to_thread(postgres_server.start)
+    await wait_stored(b, "orphan", acked[-1])
+    assert b.node.store is not None
+    by_id = dict(await all_stored(b.node.store, "orphan"))
+    for i, event_id in enumerate(acked):
+        assert unpack(by_id[event_id])["args"]["content"] == f"unstored {i}"
+    state = b.state
+    await wait_until(lambda: _zcard(b), what="the sweep's list emptied")
+    ttl = await state.redis.pttl(state.keys.conv("orphan"))
+    assert 0 < ttl <= 3_600_000  # retiring: gone from Redis after the retention
+
+
+async def _applied(node: ConversationManager, sid: str, action: int) -> bool:
+    return int((await node.conversation(sid)).get("applied") or 0) >= action
+
+
+async def _unowned(node: ConversationManager, sid: str) -> bool:
+    return (await node.conversation(sid)).get("inc") == ""
+
+
+async def _zcard(node: ConversationManager) -> bool:
+    return await node.state.redis.zcard(node.keys.unstored()) == 0
+
+
+async def test_a_purge_the_store_fails_leaves_the_conversation_whole(
+    make_nodes: NodeFactory, postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    """The store is purged first: when it fails, Redis still holds the conversation and
+    the events the store lacked, which it takes once back; a purge again removes all.
+    (Redis went first: the acknowledged events the store lacked were gone, and their
+    ids given to the next ones.)"""
+    (a,) = await make_nodes(1, log_window_events=20, event_store=postgres_dsn)
+    await a.join_conversation("kept", "c", {}, "alice")
+    first = await send(a, "c", "stored")
+    await wait_stored(a, "kept", first + 1)
+    await asyncio.to_thread(postgres_server.stop)
+    unstored = await send(a, "c", "not stored yet")
+    with pytest.raises(StoreUnavailable):
+        await a.purge("kept", "alice")
+    await asyncio.to_thread(postgres_server.start)
+    assert await a.conversation("kept")
+    await wait_stored(a, "kept", unstored + 1)  # its loop stopped: the sweep moves them
+    assert a.node.store is not None
+    by_id = dict(await all_stored(a.node.store, "kept"))
+    assert unpack(by_id[unstored])["args"]["content"] == "not stored yet"
+    purged = await a.purge("kept", "alice")
+    assert purged["purged"]["stored_events"] >= unstored + 1
+    assert await a.conversation("kept") == {}
+    assert await a.node.store.conversation("kept") is None
 
 
 async def test_a_purge_and_a_create_of_one_conversation_at_once_leave_one_or_the_other(

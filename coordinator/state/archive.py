@@ -4,6 +4,8 @@ holds each conversation, and the hot window of its log (``archive.py`` moves the
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from typing import Any
 
 from .core import StateCore, text
@@ -48,6 +50,22 @@ class ArchiveOps(StateCore):
             hot=True,
         )
         return _unstored(r)
+
+    async def note_unstored(self, sids: Iterable[str]) -> None:
+        """``sids`` lose their owner while the store may lack events of theirs: any
+        node's sweep moves them (``Archiver.sweep``). The oldest note of each stays."""
+        noted = {sid: int(time.time() * 1000) for sid in sids}
+        if noted:
+            await self.redis.zadd(self.keys.unstored(), noted, nx=True)
+
+    async def unstored_noted(self, count: int) -> list[str]:
+        """The ``count`` conversations noted longest ago."""
+        return [text(sid) for sid in await self.redis.zrange(self.keys.unstored(), 0, count - 1)]
+
+    async def settle_unstored(self, sids: Iterable[str]) -> None:
+        """``sids`` need no sweep any more (the store holds them, or they are gone)."""
+        if gone := list(sids):
+            await self.redis.zrem(self.keys.unstored(), *gone)
 
     async def window_start(self, sid: str) -> int:
         """The id of the oldest event the Redis log still holds (0: the log is empty)."""

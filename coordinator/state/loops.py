@@ -145,6 +145,13 @@ class LoopOps(ConversationOps):
         if results[1] == 2 and lease.user:
             await self.redis.zrem(self.keys.user_convs(lease.user), lease.sid)
 
+    async def retire(self, sid: str, user: str, state: str, retention_ms: int) -> None:
+        """Let an unowned conversation the store holds all of leave Redis after
+        ``retention_ms``, as a release by its owner would have (``release_loop``); nothing
+        when a node took it meanwhile."""
+        if await self.release(sid, "", None, state, retention_ms) == 2 and user:
+            await self.redis.zrem(self.keys.user_convs(user), sid)
+
     async def forget_loop(self, lease: Lease) -> None:
         """Drop ``lease``'s loop from its incarnation's indexes only (after it was fenced:
         ownership and the slot are no longer ours to release)."""
