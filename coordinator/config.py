@@ -20,6 +20,9 @@ ISOLATIONS = ("process", "none")
 CAP_POLICIES = ("evict", "reject")
 MIN_AGENT_MEMORY = 128 << 20  # an idle worker maps 40-100 MB of address space
 
+# Bytes a window keeps beyond its largest action: a loop's start note (about 200) and
+# the action's own envelope.
+NOTE_ROOM = 1024
 # The largest event the event store takes (``eventstore/base.py``): far above any event
 # the coordinator logs, low enough that a corrupt length field is never believed.
 MAX_EVENT_BYTES = 64 * 1024 * 1024
@@ -294,10 +297,18 @@ class ManagerConfig:
                     f"{name} must be at most {MAX_EVENT_BYTES} (the event store's limit), "
                     f"got {getattr(self, name)!r}"
                 )
-        if self.log_window_bytes < self.max_action_bytes:
+        # A loop's start logs a state note the store gets with its first action: the
+        # window holds both, else that action is refused as "behind" for good.
+        if self.log_window_events < 2:
+            raise ConfigError(
+                "log_window_events must be at least 2 (an action and the state note a "
+                f"loop's start logs before it), got {self.log_window_events!r}"
+            )
+        if self.log_window_bytes < self.max_action_bytes + NOTE_ROOM:
             raise ConfigError(
                 f"log_window_bytes ({self.log_window_bytes}) must hold at least one action "
-                f"(max_action_bytes {self.max_action_bytes})"
+                f"and a loop's start note (max_action_bytes {self.max_action_bytes} + "
+                f"{NOTE_ROOM})"
             )
         for name in ("max_conversations_per_user", "max_conversation_bytes"):
             if getattr(self, name) < 0:

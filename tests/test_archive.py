@@ -17,6 +17,7 @@ import pytest
 from coordinator import ConversationManager
 from coordinator.auth import issue_token
 from coordinator.codec import EVENTS_LOST, evicted_event, notice_code, unpack, with_id
+from coordinator.config import NOTE_ROOM
 from coordinator.directory import describe_retired
 from coordinator.errors import Forbidden, InboxFull, InvalidInput, LimitExceeded, StoreBehind
 from coordinator.eventstore import Batch, EventStore, StoreError, StoreMismatch, StoreUnavailable
@@ -150,6 +151,27 @@ async def test_a_new_conversations_join_asks_the_store_once_and_reads_nothing(
     await send(a, "c", "one")
     await a.join_conversation("fresh", "c2", {}, "alice")
     assert asked == ["lookup"]
+
+
+async def test_a_window_at_its_smallest_takes_the_largest_action_after_a_start_note(
+    make_nodes: NodeFactory,
+) -> None:
+    """The smallest window a node accepts (2 events; the largest action's bytes and a
+    start note's) takes a first action of the largest size beside the state note the
+    loop's start logged. Before, a window of 1 event, or of the largest action's bytes,
+    refused that action as "behind" for good: the note waits for it in the window."""
+    size = 4096
+    a, b = await make_nodes(
+        2,
+        log_window_events=2,
+        agent_state_events=True,
+        max_action_bytes=size,
+        log_window_bytes=size + NOTE_ROOM,
+    )
+    for node, sid in ((a, "by-count"), (b, "by-bytes")):
+        await node.join_conversation(sid, f"c-{sid}", {}, "alice")
+        for text in ("y" * (size - 310), "x"):  # the largest a client may send first
+            await send(node, f"c-{sid}", text)
 
 
 async def test_the_window_is_bounded_in_bytes(make_nodes: NodeFactory) -> None:

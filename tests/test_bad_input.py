@@ -123,6 +123,11 @@ async def test_bad_calls_raise_clear_errors_and_change_nothing(make_nodes, redis
         ({"agent": "no_colon"}, "agent must be"),
         ({"heartbeat_interval": 5.0, "node_ttl": 6.0}, "heartbeat_interval must leave room"),
         ({"log_window_events": True}, "must be an integer"),
+        ({"log_window_events": 1}, "log_window_events must be at least 2"),
+        (
+            {"max_action_bytes": 4096, "log_window_bytes": 4096},
+            "must hold at least one action and a loop's start note",
+        ),
         # nan passes every bound (a node_ttl of nan: a node never dead), inf waits for good.
         ({"node_ttl": float("nan")}, "node_ttl must be a finite number"),
         ({"drain_timeout": float("inf")}, "drain_timeout must be a finite number"),
