@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -321,6 +322,12 @@ async def test_unusable_directories_and_foreign_files_are_clear_errors(
 
     with pytest.raises(ValueError, match="fsync"):
         FileEventStore(path, fsync="sometimes")  # type: ignore[arg-type]
+
+    # Its directory removed under a running node: unavailable, naming what is missing
+    # (before: an AssertionError with no words, "cannot store events: ").
+    shutil.rmtree(path / "conversations")
+    with pytest.raises(StoreUnavailable, match=r"No such file or directory \(.*c2\.log\)"):
+        await store.append("c2", 1, events(1, 1), user="u")
 
 
 async def test_a_left_over_marker_does_not_count(

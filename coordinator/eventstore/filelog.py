@@ -73,7 +73,8 @@ def fsync_dir(path: Path) -> None:
 @contextlib.contextmanager
 def locked(path: Path, *, exclusive: bool, create: bool) -> Iterator[int | None]:
     """The log file's descriptor, ``flock``-ed; None if it does not exist and not
-    ``create``. Exclusive holders may write: with ``O_APPEND``, at the end."""
+    ``create`` (FileNotFoundError with ``create``: its directory is gone). Exclusive
+    holders may write: with ``O_APPEND``, at the end."""
     flags = (os.O_RDWR | os.O_APPEND) if exclusive else os.O_RDONLY
     if create:
         flags |= os.O_CREAT
@@ -81,6 +82,8 @@ def locked(path: Path, *, exclusive: bool, create: bool) -> Iterator[int | None]
         try:
             fd = os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
         except FileNotFoundError:
+            if create:
+                raise
             yield None
             return
         try:
