@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from coordinator.eventstore import (
     store_from_url,
 )
 from coordinator.eventstore.redact import scrub, url_secrets
+from tests.postgres import PostgresServer
 
 
 def test_file_urls_need_an_absolute_path(tmp_path: Path) -> None:
@@ -34,6 +36,20 @@ def test_file_urls_need_an_absolute_path(tmp_path: Path) -> None:
         store_from_url("file:///srv/events?fsync=sometimes")
     with pytest.raises(ConfigError, match="unknown option 'sync'"):
         store_from_url("file:///srv/events?sync=none")
+    with pytest.raises(ConfigError, match="fsync is given 2 times"):
+        store_from_url("file:///srv/events?fsync=none&fsync=batch")
+    with pytest.raises(ConfigError, match="NUL byte"):
+        store_from_url("file:///srv/a%00b")
+    for root in ("file:///", "file:///./", "file://localhost/"):
+        with pytest.raises(ConfigError, match="names the root directory"):
+            store_from_url(root)
+    for fragment in ("file:///srv/e#x", "postgresql://u:pa#ss@db/events", "file:///srv/e#"):
+        with pytest.raises(ConfigError, match="holds a '#'") as caught:
+            store_from_url(fragment)
+        assert "ss@" not in str(caught.value)  # nothing of a password after it
+    # The URL an error quotes is the one given (it was rebuilt: "file:///events").
+    with pytest.raises(ConfigError, match="'file:events' is not an absolute path"):
+        store_from_url("file:events")
 
 
 def test_postgres_urls_and_bad_urls() -> None:
@@ -50,10 +66,41 @@ def test_postgres_urls_and_bad_urls() -> None:
 
 
 async def test_a_dsn_asyncpg_cannot_use_is_a_config_error() -> None:
-    store = PostgresEventStore("postgresql://coord:s3cret@127.0.0.1:1/db?sslmode=sometimes")
-    with pytest.raises(ConfigError, match="sslmode") as caught:
-        await store.open()
-    assert "s3cret" not in str(caught.value) and "coord:***@" in str(caught.value)
+    for dsn, why in (
+        ("postgresql://coord:s3cret@127.0.0.1:1/db?sslmode=sometimes", "sslmode"),
+        ("postgresql://coord:s3cret@127.0.0.1:99999/db", "port must be 0-65535"),
+    ):
+        store = PostgresEventStore(dsn)
+        with pytest.raises(ConfigError, match=why) as caught:
+            await store.open()
+        assert "s3cret" not in str(caught.value) and "coord:***@" in str(caught.value)
+
+
+async def test_options_or_rights_the_server_refuses_are_config_errors(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    """What the server refuses for good at the first connection is a configuration error
+    naming it, as a DSN asyncpg cannot read is (before: a stack trace)."""
+    for option, why in (
+        ("connect_timeout=10", 'unrecognized configuration parameter "connect_timeout"'),
+        ("statement_timeout=abc", "statement_timeout"),
+    ):
+        store = PostgresEventStore(f"{postgres_dsn}?{option}")
+        with pytest.raises(ConfigError, match=why) as caught:
+            await store.open()
+        assert postgres_server.password not in str(caught.value)
+    await asyncio.to_thread(
+        postgres_server.admin_execute, "CREATE ROLE weak LOGIN PASSWORD 'weak-pw-77'"
+    )
+    try:
+        database = postgres_dsn.rsplit("/", 1)[1]
+        weak = f"postgresql://weak:weak-pw-77@127.0.0.1:{postgres_server.port}/{database}"
+        store = PostgresEventStore(weak)
+        with pytest.raises(ConfigError, match="permission denied") as caught:
+            await store.open()
+        assert "weak-pw-77" not in str(caught.value)
+    finally:
+        await asyncio.to_thread(postgres_server.admin_execute, "DROP ROLE weak")
 
 
 def test_no_setting_means_the_default_directory() -> None:
@@ -105,6 +152,9 @@ async def test_open_store_opens_and_creates_the_directory(tmp_path: Path) -> Non
         ("postgresql://h/db?user=c&password=s3cret", "postgresql://h/db?user=c&password=***"),
         ("postgresql://u:s3cret@h1:5432,h2:5433/db", "postgresql://u:***@h1:5432,h2:5433/db"),
         ("file:///var/lib/events", "file:///var/lib/events"),
+        # Shown as given, only the secret replaced (rebuilt, it was "postgresql:/db?...").
+        ("postgresql:///db?host=/run/pg&password=s3", "postgresql:///db?host=/run/pg&password=***"),
+        ("file:events", "file:events"),
     ],
 )
 def test_urls_are_shown_without_passwords(url: str, shown: str) -> None:

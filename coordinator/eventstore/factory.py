@@ -66,6 +66,11 @@ def store_from_url(url: str | None) -> EventStore:
         parts = urlsplit(url.strip())
     except ValueError as exc:
         raise ConfigError(f"{SETTING}: cannot parse {shown!r}: {exc}") from None
+    if "#" in url:  # not quoted: what follows may be the rest of a password
+        raise ConfigError(
+            f"{SETTING}: the URL holds a '#', which would cut it there (a #fragment names "
+            "nothing here; in a password, write it %23)"
+        )
     scheme = parts.scheme.lower()
     if scheme in ("postgresql", "postgres"):
         if not parts.netloc and not parts.path and not parts.query:
@@ -87,17 +92,28 @@ def _file_store(host: str, path: str, query: str, shown: str) -> FileEventStore:
             f"file:///abs/path); a relative path ({relative!r}) would depend on each "
             "node's working directory"
         )
+    directory = unquote(path)
+    if "\0" in directory:
+        raise ConfigError(f"{SETTING}: {shown!r}: a path cannot hold a NUL byte (%00)")
+    if Path(directory) == Path("/"):
+        raise ConfigError(
+            f"{SETTING}: {shown!r} names the root directory; give the store a directory of "
+            "its own (e.g. file:///var/lib/coordinator/events)"
+        )
     fsync: FsyncPolicy = "batch"
-    for key, value in parse_qsl(query, keep_blank_values=True):
+    options = parse_qsl(query, keep_blank_values=True)
+    for key, value in options:
         if key != "fsync":
             raise ConfigError(f"{SETTING}: unknown option {key!r} in {shown!r} (known: fsync)")
+        if len(options) > 1:
+            raise ConfigError(f"{SETTING}: fsync is given {len(options)} times in {shown!r}")
         if value == "batch":
             fsync = "batch"
         elif value == "none":
             fsync = "none"
         else:
             raise ConfigError(f"{SETTING}: fsync must be 'batch' or 'none', got {value!r}")
-    return FileEventStore(Path(unquote(path)), fsync=fsync)
+    return FileEventStore(Path(directory), fsync=fsync)
 
 
 def shown_url(url: str | None) -> str:

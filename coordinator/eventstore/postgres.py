@@ -128,8 +128,13 @@ class PostgresEventStore(Opened):
         except BaseException as exc:
             self._pool = None
             pool.terminate()
-            if isinstance(exc, ValueError) and not isinstance(exc, CoordinatorError):
-                # A DSN asyncpg cannot use (ClientConfigurationError), found at connect.
+            if isinstance(exc, ValueError | OverflowError | asyncpg.PostgresError) and not (
+                isinstance(exc, CoordinatorError)
+            ):
+                # A DSN asyncpg cannot use (ClientConfigurationError, a port past 65535),
+                # or one the server refuses for good: an unknown setting in its options, a
+                # role without the rights the schema needs (the unavailable ones, a
+                # refused login among them, came out of ``_call`` as StoreUnavailable).
                 raise ConfigError(f"event store {self.where}: {self._describe(exc)}") from None
             raise
 

@@ -3,7 +3,7 @@ from a driver is scrubbed of the URL's secrets before it is shown."""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 HIDDEN = "***"
 # Query parameters of a libpq-style URL that carry a secret.
@@ -21,18 +21,22 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
+    # The parts with a secret are replaced in the text as given: rebuilt from its parts,
+    # a URL changes shape ("file:rel" came out as "file:///rel", "postgresql:///db" as
+    # "postgresql:/db"), and an error quoting it would name another URL.
+    shown = url
     userinfo, hosts = _split_userinfo(parts.netloc)
-    netloc = parts.netloc
     if userinfo is not None and ":" in userinfo:
         netloc = f"{userinfo.partition(':')[0]}:{HIDDEN}@{hosts}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
+        shown = shown.replace(f"//{parts.netloc}", f"//{netloc}", 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
         if any(key.lower() in SECRET_PARAMS for key, _ in pairs):
             query = urlencode(
-                [(k, HIDDEN if k.lower() in SECRET_PARAMS else v) for k, v in pairs], safe="*"
+                [(k, HIDDEN if k.lower() in SECRET_PARAMS else v) for k, v in pairs], safe="*/:"
             )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+            shown = shown.replace(f"?{parts.query}", f"?{query}", 1)
+    return shown
 
 
 def url_secrets(url: str) -> list[str]:
