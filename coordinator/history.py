@@ -19,6 +19,7 @@ from .state import RedisState
 
 Rows = list[tuple[int, Event]]
 MAX_ID = 2**62  # above any event id
+FIRST_CHUNK = 4  # events a reader's page reads first (``History.page``)
 
 
 class History:
@@ -36,6 +37,25 @@ class History:
         clients (with ``--ack-replicas``, only what replicas hold; else an agent's read)."""
         rows, size, last = await self._state.events_after_sized(sid, after, count, shown=shown)
         return await self.below_window(sid, after, count, rows, size, last)
+
+    async def page(self, sid: str, after: int, count: int, max_bytes: int) -> tuple[Rows, bool]:
+        """``after``'s events for a reader: up to ``count`` of them and about ``max_bytes``
+        (at least one event; the last read may pass the bound by a few events), read a
+        few at a time so that a page of large events never sits in memory whole; and
+        whether more may follow."""
+        rows: Rows = []
+        size, chunk = 0, min(count, FIRST_CHUNK)
+        while True:
+            got, got_size = await self.after(sid, rows[-1][0] if rows else after, chunk)
+            rows += got
+            size += got_size
+            if len(got) < chunk:
+                return rows, False
+            left = count - len(rows)
+            if left == 0 or size >= max_bytes:
+                return rows, True
+            # As many again as fit in what is left, judging by the events read so far.
+            chunk = min(left, max(1, (max_bytes - size) * len(rows) // max(size, 1)))
 
     async def below_window(
         self, sid: str, after: int, count: int, rows: Rows, size: int, last: int | None

@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 # it, should the purging node die, its mark expires and the conversation may be taken.
 PURGE_WITHIN = 60.0
 MAX_EVENTS_READ = 10_000  # events one ``events`` call returns at most
+# ... and about this many bytes of them (as logged): a page of the largest events
+# (1 MiB each by default) is read and sent a few at a time, not a thousand at once.
+MAX_PAGE_BYTES = 4 << 20
 
 
 def _user(user_id: str | None) -> str:
@@ -395,12 +398,20 @@ class ConversationManager:
 
     async def events(self, sid: str, after: int = 0, limit: int = 1000) -> list[Event]:
         """Up to ``limit`` events of ``sid`` after id ``after``, in order, wherever they
-        are kept (the event store, then the Redis window: ``history.py``)."""
+        are kept (the event store, then the Redis window: ``history.py``), and about
+        ``MAX_PAGE_BYTES`` at most (at least one event): fewer than ``limit`` may be
+        followed by more (``events_page`` says whether)."""
+        return (await self.events_page(sid, after, limit))[0]
+
+    async def events_page(
+        self, sid: str, after: int = 0, limit: int = 1000
+    ) -> tuple[list[Event], bool]:
+        """``events``, and whether more may follow them."""
         check_conversation_id(sid)
         check_int("after", after, 0, MAX_EVENT_ID)
         check_int("limit", limit, 1, MAX_EVENTS_READ)
-        rows, _ = await self.node.history.after(sid, after, limit)
-        return [codec.with_id(i, e) for i, e in rows]
+        rows, more = await self.node.history.page(sid, after, limit, MAX_PAGE_BYTES)
+        return [codec.with_id(i, e) for i, e in rows], more
 
     async def nodes(self) -> dict[str, str]:
         """node id -> incarnation, for nodes whose lease is alive."""

@@ -213,7 +213,9 @@ class RestApp:
 
     async def events(self, request: Request) -> Response:
         """A page of the conversation's events: ``?after=ID`` (default 0) and
-        ``&limit=N`` (1..1000, default 100); ``next`` is the ``after`` of the next page."""
+        ``&limit=N`` (1..1000, default 100; a page holds about 4 MiB at most, at least one
+        event); ``next`` is the ``after`` of the next page, ``more`` whether one may
+        follow."""
         who = self.identity(request)
         sid = check_conversation_id(request.path_params["sid"])
         after = query_int(request, "after", 0, 0, MAX_EVENT_ID)
@@ -221,9 +223,9 @@ class RestApp:
         user = await self.manager.user_of(sid)  # from the store once Redis let it go
         if not user or (user != who.user and not who.admin):
             raise ConversationNotFound(sid)
-        events = await self.manager.events(sid, after, limit)
+        events, more = await self.manager.events_page(sid, after, limit)
         last = events[-1]["id"] if events else after
-        return json_response(200, {"events": events, "next": last, "more": len(events) == limit})
+        return json_response(200, {"events": events, "next": last, "more": more})
 
     async def create_conversation(self, request: Request) -> Response:
         who = self.identity(request)

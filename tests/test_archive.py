@@ -257,6 +257,34 @@ async def test_rest_pages_through_the_history(servers: ServerCluster) -> None:
         assert status == 400, (query, body)
 
 
+async def test_a_page_of_large_events_is_bounded_in_bytes(servers: ServerCluster) -> None:
+    """A page asked for a thousand events of 600 KB each holds about 4 MiB of them, says
+    more follow, and paging on gives every one once (before: every event asked for,
+    600 MB in one answer, and many times that in the node's memory meanwhile)."""
+    (a,) = await servers.start(1, agent="workers.scripted:ScriptedAgent", log_window_events=10)
+    settings = {"reply_size": 600_000, "replies": 4, "think_time": 0}
+    body = {"conversation_id": "big", "settings": settings}
+    status, _ = await servers.request("POST", a, "/api/conversations", user="alice", json=body)
+    assert status == 201
+    writer = await servers.join(a, "big", "alice")
+    for i in range(5):
+        await say(writer, str(i))
+    await writer.wait_ids(25)
+    got: list[int] = []
+    after, pages = 0, 0
+    while True:
+        status, body = await servers.request(
+            "GET", a, f"/api/conversations/big/events?after={after}&limit=1000", user="alice"
+        )
+        assert status == 200, status
+        assert len(json.dumps(body)) < 6 << 20  # the bound, and an event past it
+        got += [e["id"] for e in body["events"]]
+        after, pages = body["next"], pages + 1
+        if not body["more"]:
+            break
+    assert got == list(range(1, 26)) and pages >= 3
+
+
 async def redis_log(node: ConversationManager, sid: str) -> list[tuple[int, bytes]]:
     rows = await node.state.redis.xrange(node.keys.events(sid))
     return [(int(i.split(b"-")[0]), fields[b"d"]) for i, fields in rows]
