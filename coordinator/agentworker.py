@@ -64,6 +64,7 @@ class AgentWorker(asyncio.Protocol):
         self._on_lost = on_lost
         self._hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._proc: asyncio.subprocess.Process | None = None
+        self._exit: asyncio.Future[int] | None = None  # the process's end, once reaped
         self._transport: asyncio.Transport | None = None
         self._reports: asyncio.BaseTransport | None = None
         self._reader = FrameReader()
@@ -97,6 +98,10 @@ class AgentWorker(asyncio.Protocol):
                 stdin=subprocess.DEVNULL,
                 pass_fds=(child.fileno(), report_w),
                 env=env,
+                # A group of its own: what its agents start is killed with it (killpg).
+                # It still dies with its node (workers/parent.py), and a signal to the
+                # node's group is the node's to act on either way (workers/host.py).
+                start_new_session=True,
             )
         except BaseException:
             parent.close()
@@ -110,6 +115,8 @@ class AgentWorker(asyncio.Protocol):
         self._reports, _ = await loop.connect_read_pipe(
             lambda: _Reports(self), os.fdopen(report_r, "rb", buffering=0)
         )
+        self._exit = asyncio.ensure_future(self._proc.wait())
+        self._exit.add_done_callback(self._exited)
         try:
             async with asyncio.timeout(within):
                 await asyncio.shield(self._hello)
@@ -120,12 +127,37 @@ class AgentWorker(asyncio.Protocol):
         self.last_pong = loop.time()
 
     def kill(self) -> None:
-        """SIGKILL (the channel's close then reports it lost)."""
+        """SIGKILL to the process and every process its agents started (its end then
+        reports it lost)."""
         if self._proc is not None and self._proc.returncode is None:
             # Not Process.kill: it polls first, reaping an exited child under asyncio's
             # child watcher, which then warns of an unknown child (a zombie ignores it).
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._proc.pid, signal.SIGKILL)
+            # Its group: its id is the process's, not reaped yet, so it is still ours.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+
+    def _end_group(self) -> None:
+        """SIGKILL what the process's agents started and left behind. Called just as it
+        is reaped: while a member of its group lives, the group's id is not reused."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def _exited(self, ended: asyncio.Future[int]) -> None:
+        """The process ended (whatever ended it): what its agents started ends too, and
+        the channel is closed, which reports it lost. Not left to the channel's EOF: a
+        process an agent forked holds the channel open, and the node would only notice
+        at the stall timeout, blaming the action in flight for a stall."""
+        if ended.cancelled():
+            return
+        self._end_group()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):  # what it wrote before it ended, in order
+            while data := os.read(sock.fileno(), 1 << 16):
+                self.data_received(data)
+        transport.close()
 
     async def stop(self, within: float) -> None:
         """Ask the process to close its agents and exit; kill it after ``within`` s."""
@@ -138,9 +170,12 @@ class AgentWorker(asyncio.Protocol):
         except TimeoutError:
             self.kill()
             await self._proc.wait()
+        self._end_group()
         self.close_channel()
 
     def close_channel(self) -> None:
+        if self._exit is not None:
+            self._exit.cancel()  # its group was killed with it (kill) or after it (stop)
         for transport in (self._transport, self._reports):
             if transport is not None:
                 transport.close()

@@ -15,6 +15,7 @@ from .inputs import MAX_DEPTH, shape_problem
 
 Action = tuple[Event, bytes]  # a validated user action and its packed form
 
+USER_SOURCE = "user"  # a client's action; the loop dispatches every event of this source
 TOO_MANY_CONVERSATIONS = "AGENT_ERROR$TOO_MANY_CONVERSATIONS"
 NODE_LOST = "STATUS$NODE_LOST"
 CONVERSATION_CLOSED = "STATUS$CONVERSATION_CLOSED"
@@ -186,7 +187,13 @@ def pack_agent_events(events: list[Event], limit: int) -> list[bytes]:
 def agent_event(event: Event) -> Event:
     """An agent's event as logged: no id (the log assigns it), source and timestamp set,
     and OpenHands' fields an agent may leave out (``message``; ``args`` of an action,
-    ``content`` and ``extras`` of an observation)."""
+    ``content`` and ``extras`` of an observation). InvalidInput if it claims to come
+    from the user: only a client's action does, and the loop dispatches what does."""
+    if event.get("source") == USER_SOURCE:
+        raise InvalidInput(
+            "an agent event is not acceptable: its source is 'user', which only a "
+            "client's action has (an agent's is 'agent' or 'environment'); nothing was written"
+        )
     out = dict(event)
     out.pop("id", None)
     out.setdefault("source", "agent")

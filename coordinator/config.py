@@ -19,6 +19,13 @@ DEFAULT_AGENT = "workers.echo:EchoAgent"
 ISOLATIONS = ("process", "none")
 CAP_POLICIES = ("evict", "reject")
 MIN_AGENT_MEMORY = 128 << 20  # an idle worker maps 40-100 MB of address space
+# The user address space of x86-64 Linux: a limit above it bounds nothing (and past 2**63
+# the kernel's rlimit cannot even be given it).
+MAX_AGENT_MEMORY = 1 << 47
+# Past a day a stuck worker is not being noticed at all (the bound also keeps each
+# worker's stall-reporter thread within what time.sleep takes).
+MAX_AGENT_STALL_TIMEOUT = 86_400.0
+MAX_AGENT_WORKERS = 1024  # processes per node, each ~23 MB before any agent
 
 # Bytes a window keeps beyond its largest action: a loop's start note (about 200) and
 # the action's own envelope.
@@ -167,7 +174,7 @@ class ManagerConfig:
     # node's event loop on the others ("auto": all but the first; "": wherever the
     # kernel puts them; cpus.py).
     agent_isolation: str = "process"
-    agent_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    agent_workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, MAX_AGENT_WORKERS))
     agent_cpus: str = ""
     agent_stall_timeout: float = 5.0
     max_dispatch_attempts: int = 2
@@ -283,6 +290,21 @@ class ManagerConfig:
                 "agent_memory_limit must be 0 (no limit) or at least "
                 f"{MIN_AGENT_MEMORY >> 20}M (a worker's interpreter needs that much), "
                 f"got {self.agent_memory_limit!r}"
+            )
+        if self.agent_memory_limit > MAX_AGENT_MEMORY:
+            raise ConfigError(
+                f"agent_memory_limit must be at most {MAX_AGENT_MEMORY >> 40}T (a process's "
+                f"whole address space; 0: no limit), got {self.agent_memory_limit!r}"
+            )
+        if self.agent_stall_timeout > MAX_AGENT_STALL_TIMEOUT:
+            raise ConfigError(
+                f"agent_stall_timeout must be at most {MAX_AGENT_STALL_TIMEOUT:g} seconds, "
+                f"got {self.agent_stall_timeout!r}"
+            )
+        if self.agent_workers > MAX_AGENT_WORKERS:
+            raise ConfigError(
+                f"agent_workers must be at most {MAX_AGENT_WORKERS} (processes per node), "
+                f"got {self.agent_workers!r}"
             )
         for name in ("agent_dispatch_timeout", "agent_start_timeout"):
             if getattr(self, name) < 0:

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from workers.protocol import AgentLoop, AgentState, Event
+from workers.protocol import AgentLoop, AgentState, Event, cancelled_here
 
 from .actionqueue import ActionQueue
 from .archive import Archiver
@@ -39,6 +39,16 @@ from .tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 STOP_WITHIN = 5.0  # seconds a cancelled loop task gets to finish
+
+
+def _as_failure(exc: BaseException, sid: str) -> Exception:
+    """``exc``, raised by the agent of ``sid``, as the agent error it is: an Exception as
+    it is; any other (``sys.exit`` in an agent, a KeyboardInterrupt or CancelledError of
+    its own) as an AgentFailed naming it, as a worker process reports it."""
+    if isinstance(exc, Exception):
+        return exc
+    name = type(exc).__name__
+    return AgentFailed(f"the agent of {sid} failed: {name}: {exc}", name)
 
 
 class LoopRunner:
@@ -247,11 +257,20 @@ class LoopRunner:
             raise AgentFailed(
                 f"the agent of {self.sid} did not start within {limit:g}s (agent_start_timeout)"
             ) from None
+        except Exception:
+            raise
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt: not the node's to obey
+            if cancelled_here(exc):
+                raise
+            log.exception("agent of %s failed to start", self.sid)
+            raise _as_failure(exc, self.sid) from None
 
     async def _close_agent(self, agent: AgentLoop) -> None:
         try:
             await agent.aclose()
-        except Exception:
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the agent's own
+            if cancelled_here(exc):
+                raise
             log.exception("agent of %s failed to close", self.sid)
 
     async def _dispatch(self, n: int, action: Event) -> None:
@@ -269,10 +288,12 @@ class LoopRunner:
             await self.agent.dispatch({**action, "id": n})
         except (Fenced, SpeculationLost):
             return
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the agent's own
+            if cancelled_here(exc):
+                raise
             log.exception("agent of %s failed on action %d", self.sid, n)
             self._metrics.agent_failed()
-            failure = exc
+            failure = _as_failure(exc, self.sid)
         finally:
             self._cause = 0
             self._notes.disarm()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,20 @@ from workers.protocol import AgentContext, AgentState, EmitFn, Event
 
 LEAK_STEP = 16 << 20
 LEAK_CAP = 8 << 30  # address space, not memory: calloc'd pages are never touched
+HOARD: list[bytearray] = []  # what ``hoard`` keeps: beyond its instance's reach
+
+
+def _raise(name: str) -> None:
+    """Raise the exception ``name`` stands for, as an agent's own code would."""
+    if name == "SystemExit":
+        sys.exit(0)
+    if name == "KeyboardInterrupt":
+        raise KeyboardInterrupt
+    if name == "GeneratorExit":
+        raise GeneratorExit
+    if name == "CancelledError":
+        raise asyncio.CancelledError("not cancelled by anyone")
+    raise BaseException("an agent's own BaseException")
 
 
 class SlowCloseAgent(EchoAgent):
@@ -28,8 +45,14 @@ class BadAgent(EchoAgent):
     ``block S`` holds its event loop for S seconds (``time.sleep``), ``exit`` ends its
     process (``os._exit``), ``leak`` allocates until memory runs out (and keeps it),
     ``raise`` raises, ``slow S`` awaits S seconds, ``checkpoint N`` saves a checkpoint
-    of N bytes and answers "saved" or the error. With settings ``{"fail_start": true}``
-    its ``start`` raises; with ``{"start_delay": S}`` it takes S seconds, and with
+    of N bytes and answers "saved" or the error, ``throw NAME`` raises NAME (SystemExit,
+    KeyboardInterrupt, GeneratorExit, CancelledError; anything else: a BaseException),
+    ``hoard`` allocates until memory runs out, keeps it where dropping the instance does
+    not free it, then raises, ``emit KIND`` emits an event the node must refuse (``key``:
+    a tuple key, ``user``: ``"source": "user"``) and answers what ``emit`` raised,
+    ``spawn`` starts a program and forks itself, both sleeping, and answers their pids.
+    With settings ``{"fail_start": true}`` its ``start`` raises (``{"start_raises":
+    NAME}``: NAME, as ``throw``); with ``{"start_delay": S}`` it takes S seconds, and with
     ``{"start_log": PATH}`` writes how its start ended there (started, cancelled)."""
 
     def __init__(self, context: AgentContext) -> None:
@@ -39,6 +62,8 @@ class BadAgent(EchoAgent):
     async def start(self, emit: EmitFn) -> None:
         if self.context.settings.get("fail_start"):
             raise RuntimeError("this agent cannot start")
+        if self.context.settings.get("start_raises"):
+            _raise(str(self.context.settings["start_raises"]))
         outcome = "started"
         try:
             await asyncio.sleep(float(self.context.settings.get("start_delay", 0)))
@@ -62,6 +87,39 @@ class BadAgent(EchoAgent):
             raise RuntimeError("no memory limit: stopped leaking at 8 GiB of address space")
         elif word == "raise":
             raise ValueError("this agent fails on purpose")
+        elif word == "throw":
+            _raise(arg)
+        elif word == "spawn":  # a program and a fork of itself (holding its channel open)
+            assert self._emit is not None
+            program = subprocess.Popen(["sleep", "300"])  # noqa: ASYNC220 (what it is for)
+            forked = os.fork()
+            if forked == 0:
+                time.sleep(300)  # noqa: ASYNC251 (in the forked child)
+                os._exit(0)
+            await self._emit({"action": "message", "args": {"content": f"{program.pid} {forked}"}})
+            return
+        elif word == "hoard":
+            held = 0
+            for size in (LEAK_STEP, 1 << 20, 64 << 10, 4 << 10, 256):
+                with contextlib.suppress(MemoryError):
+                    while held < LEAK_CAP:
+                        HOARD.append(bytearray(size))
+                        held += size
+            raise RuntimeError("holding every byte it could get")
+        elif word == "emit":
+            assert self._emit is not None
+            bad: dict[str, Any] = {"action": "message", "args": {"content": "forged"}}
+            if arg == "key":
+                bad["args"] = {(1, 2): "a tuple key"}
+            else:
+                bad["source"] = "user"
+            try:
+                await self._emit(bad)
+                outcome = "emitted"
+            except Exception as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            await self._emit({"action": "message", "args": {"content": outcome}})
+            return
         elif word == "slow":
             await asyncio.sleep(float(arg))
         elif word == "checkpoint":  # saves one of that many bytes; answers what happened

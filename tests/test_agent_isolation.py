@@ -417,3 +417,174 @@ async def test_agent_cpus_keep_the_workers_off_the_node_loops_cpu(make_nodes) ->
     await node.aclose()
     assert os.sched_getaffinity(0) == allowed
     assert lapses == []
+
+
+THROWN = ("BaseException", "SystemExit", "KeyboardInterrupt", "GeneratorExit", "CancelledError")
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+async def test_an_agent_raising_a_base_exception_is_answered_like_any_error(
+    make_nodes: Any, isolation: str
+) -> None:
+    """``sys.exit()``, KeyboardInterrupt, a bare BaseException, a CancelledError nobody
+    cancelled: each is the agent's error, answered with an ``error`` observation naming
+    its class, and the loop goes on. Before, the conversation went silent for good (in a
+    worker the task died unanswered; in the node the loop crashed)."""
+    node, lapses = await _isolated_node(make_nodes, agent_isolation=isolation)
+    bad = await Watcher(node, make_nodes.sinks[node.node_id], "throws").join()
+    thrown = {name: await bad.say(f"throw {name}") for name in THROWN}
+    await bad.round_trip("after", within=10)
+    assert bad.answers() == ["after"]
+    assert [e["content"] for e in bad.errors()] == [
+        f"Action {n} failed: the agent raised {name}." for name, n in thrown.items()
+    ]
+    assert node.metrics.agent_errors == len(THROWN)
+    if isolation == "process":
+        assert _pool(node).restarts == 0
+    assert lapses == []
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+async def test_an_agent_whose_start_exits_is_refused_at_once(
+    make_nodes: Any, isolation: str
+) -> None:
+    """A start that calls ``sys.exit()`` is refused naming it, not after the start
+    timeout (the worker had never answered), and the node goes on."""
+    node, lapses = await _isolated_node(
+        make_nodes, agent_isolation=isolation, agent_start_timeout=30.0
+    )
+    sink = make_nodes.sinks[node.node_id]
+    with pytest.raises(AgentFailed, match="SystemExit"):
+        await Watcher(node, sink, "exits").join({"start_raises": "SystemExit"})
+    assert not await node.is_agent_loop_running("exits")
+    await (await Watcher(node, sink, "good").join()).round_trip("still here")
+    assert lapses == []
+
+
+async def test_an_agent_keeping_all_the_memory_is_still_answered(make_nodes) -> None:
+    """An agent that fills its worker's address space and keeps it (out of its
+    instance's reach) before it raises: the worker has no memory left to pack its
+    answer, yet the node hears of it (a frame built at start-up, or the worker's end),
+    and the action is given up with reason ``memory``. Before, the conversation went
+    silent: the answer could not be packed, and the worker went on answering PINGs."""
+    node, lapses = await _isolated_node(make_nodes, agent_memory_limit=256 << 20)
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "hoards").join()
+    good = await Watcher(node, sink, "good").join()
+    hog = await bad.say("hoard")
+    await _keep_answering_until(good, lambda: bad.errors())
+    (error,) = bad.errors()
+    assert error["extras"] == {"action_id": hog, "reason": "memory"}
+    await bad.round_trip("after")
+    bad.answered_once()
+    assert lapses == []
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+async def test_an_event_with_a_key_that_is_not_text_is_refused_to_its_agent(
+    make_nodes: Any, isolation: str
+) -> None:
+    """A tuple key inside an agent's event: ``emit`` raises InvalidInput naming it, in
+    either mode, and the worker and its other instances carry on. Before, in a worker,
+    the node could not read the frame and killed the worker."""
+    node, lapses = await _isolated_node(make_nodes, agent_isolation=isolation)
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "keys").join()
+    await bad.say("emit key")
+    refused = "InvalidInput: an agent event is not acceptable: a key that is not a string"
+    await wait_until(lambda: any(a.startswith(refused) for a in bad.answers()), what="refused")
+    await bad.round_trip("after")
+    assert bad.errors() == [] and len(bad.answers()) == 2
+    if isolation == "process":
+        assert _pool(node).restarts == 0
+    assert lapses == []
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+async def test_an_agent_cannot_pass_its_event_off_as_the_users(
+    make_nodes: Any, isolation: str
+) -> None:
+    """``"source": "user"`` from an agent is refused (InvalidInput), nothing written:
+    it would be shown as the user's and dispatched back to the agent as an action (an
+    echo agent answering itself for ever)."""
+    node, _ = await _isolated_node(make_nodes, agent_isolation=isolation)
+    bad = await Watcher(node, make_nodes.sinks[node.node_id], "forger").join()
+    asked = await bad.say("emit user")
+    refused = "InvalidInput: an agent event is not acceptable: its source is 'user'"
+    await wait_until(lambda: any(a.startswith(refused) for a in bad.answers()), what="refused")
+    await bad.round_trip("after")
+    assert [e["id"] for e in bad.events if e["source"] == "user"] == [asked, asked + 2]
+    assert all(e["args"]["content"] != "forged" for e in bad.events if "args" in e)
+    bad.answered_once()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"agent_memory_limit": 10**30}, "agent_memory_limit must be at most 128T"),
+        ({"agent_memory_limit": 1 << 63}, "agent_memory_limit must be at most 128T"),
+        ({"agent_stall_timeout": 1e300}, "agent_stall_timeout must be at most 86400 seconds"),
+        ({"agent_workers": 100_000}, "agent_workers must be at most 1024"),
+    ],
+)
+def test_agent_options_have_upper_bounds(changes: dict[str, Any], message: str) -> None:
+    """Past these a worker could not start (setrlimit overflows), its stall reporter
+    thread died (time.sleep overflows) or the node forked without end."""
+    from coordinator import ManagerConfig
+
+    with pytest.raises(ConfigError, match=message):
+        ManagerConfig(**changes)
+
+
+BROKEN_MODULES = {
+    "exits_on_import": ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+    "raises_on_import": ("raise RuntimeError('import boom')\n", "RuntimeError: import boom"),
+}
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+@pytest.mark.parametrize("module", sorted(BROKEN_MODULES))
+async def test_an_agent_module_failing_on_import_is_refused_naming_it(
+    redis_url: str, isolation: str, module: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent module that raises or calls ``sys.exit`` when imported: the node refuses
+    to start with the same error in both modes, naming the module and what it raised.
+    Before, ``sys.exit`` in it ended the node silently (``none``), or its worker "exited
+    at start" with no reason; a raise did not name the module."""
+    from tests.helpers import fast_config
+
+    source, raised = BROKEN_MODULES[module]
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the workers get the node's sys.path
+    config = fast_config(redis_url, "broken", agent=f"{module}:Agent", agent_isolation=isolation)
+    with pytest.raises(ConfigError) as refused:
+        await ConversationManager(config).start()
+    assert str(refused.value) == f"agent module {module!r} failed on import: {raised}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, waiting for its reaper, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_processes_an_agent_started_end_with_its_worker(make_nodes) -> None:
+    """A worker whose agent started a program and forked itself dies: the node notices
+    by the process's end (the fork holds the channel open, so no EOF comes), blames the
+    action as a death, not a stall, and kills what the agent left behind. Before, the
+    node noticed only at the stall timeout, and both processes outlived it."""
+    node, lapses = await _isolated_node(make_nodes, max_dispatch_attempts=1)
+    bad = await Watcher(node, make_nodes.sinks[node.node_id], "spawns").join()
+    await bad.say("spawn")
+    await wait_until(lambda: bad.answers(), what="spawn answered")
+    pids = [int(p) for p in bad.answers()[0].split()]
+    assert all(map(_alive, pids))
+    doomed = await bad.say("exit")
+    await wait_until(lambda: bad.errors(), what="the action given up")
+    assert bad.errors()[0]["extras"] == {"action_id": doomed, "reason": "worker died"}
+    await wait_until(lambda: not any(map(_alive, pids)), what="what the agent started ended")
+    await bad.round_trip("after")
+    assert (_pool(node).stalls, lapses) == (0, [])

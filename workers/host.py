@@ -44,7 +44,7 @@ from .channel import (
     FAILED,
     FATAL,
     HELLO,
-    MEMORY,
+    INVALID,
     OPEN,
     PING,
     PONG,
@@ -56,18 +56,29 @@ from .channel import (
     STOP,
     ChannelError,
     FrameReader,
+    MemoryFrame,
     describe,
     frame,
+    key_problem,
     refusal,
 )
 from .loader import load_agent
 from .parent import die_with_parent
-from .protocol import AgentContext, AgentFactory, AgentLoop, Checkpoint, EmitFn, Event
+from .protocol import (
+    AgentContext,
+    AgentFactory,
+    AgentLoop,
+    Checkpoint,
+    EmitFn,
+    Event,
+    cancelled_here,
+)
 
 log = logging.getLogger("workers.host")
 
 CLOSE_WITHIN = 5.0  # seconds a cancelled dispatch gets before its agent is closed anyway
 OOM_SCORE_ADJ = 500  # of -1000..1000; the node keeps its own (0 by default)
+NO_MEMORY_EXIT = 12  # ENOMEM: the exit status when not even the out-of-memory frame goes
 
 # The agent instance a task works for; tasks an agent starts inherit it (contexts are
 # copied into new tasks), so the stall reporter can name the instance behind any task.
@@ -123,6 +134,7 @@ class AgentHost(asyncio.Protocol):
         self._reader = FrameReader()
         self._transport: asyncio.Transport | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._memory_frame = MemoryFrame()
         self.finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     # -- the channel -----------------------------------------------------------------
@@ -136,8 +148,11 @@ class AgentHost(asyncio.Protocol):
             self.finished.set_result(False)  # the node is gone: nothing to close for
 
     def _send(self, message: list[Any]) -> None:
+        self._write(frame(message))
+
+    def _write(self, data: bytes | bytearray) -> None:
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(frame(message))
+            self._transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -187,25 +202,33 @@ class AgentHost(asyncio.Protocol):
         hosted = Hosted(lid, sid)
         self._agents[lid] = hosted
         checkpoint = Checkpoint(*saved) if saved else None
-        memory = ChannelMemory(self, hosted)
+        context = AgentContext(
+            sid, user or None, settings or {}, after, checkpoint, ChannelMemory(self, hosted)
+        )
         hosted.task = asyncio.current_task()  # a CLOSE meanwhile cancels the start
+        answer: list[Any] | None = None
         try:
-            context = AgentContext(sid, user or None, settings or {}, after, checkpoint, memory)
-            hosted.agent = self._factory(context)
-            await hosted.agent.start(self._emitter(hosted))
-        except asyncio.CancelledError:
-            self._agents.pop(lid, None)
-            self._send([FAILED, rid, lid, CANCELLED, "", ""])
+            answer = await self._started(rid, hosted, context)
         except MemoryError:
-            self._out_of_memory(rid, hosted)
-        except Exception as exc:
-            log.exception("agent of %s failed to start", sid)
-            self._agents.pop(lid, None)
-            self._send([FAILED, rid, lid, *describe(exc), _state(hosted.agent)])
-        else:
-            self._send([DONE, rid, lid, _state(hosted.agent)])
+            pass  # answered below, once the traceback and what it holds are released
         finally:
             hosted.task = None
+        self._answer(rid, hosted, answer)
+
+    async def _started(self, rid: int, hosted: Hosted, context: AgentContext) -> list[Any]:
+        """Make and start the instance; the answer to its OPEN (MemoryError: none)."""
+        try:
+            hosted.agent = self._factory(context)
+            await hosted.agent.start(self._emitter(hosted))
+        except MemoryError:
+            raise
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the agent's own
+            self._agents.pop(hosted.lid, None)
+            if cancelled_here(exc):
+                return [FAILED, rid, hosted.lid, CANCELLED, "", ""]
+            log.exception("agent of %s failed to start", hosted.sid)
+            return [FAILED, rid, hosted.lid, *describe(exc), _state(hosted.agent)]
+        return [DONE, rid, hosted.lid, _state(hosted.agent)]
 
     async def _dispatch(self, rid: int, lid: int, action: Event) -> None:
         CURRENT_LID.set(lid)
@@ -214,20 +237,41 @@ class AgentHost(asyncio.Protocol):
             self._send([FAILED, rid, lid, ERROR, f"no agent instance {lid}", ""])
             return
         hosted.task = asyncio.current_task()
+        answer: list[Any] | None = None
         try:
-            await hosted.agent.dispatch(action)
-        except asyncio.CancelledError:
-            self._send([FAILED, rid, lid, CANCELLED, "", _state(hosted.agent)])
+            answer = await self._dispatched(rid, hosted, hosted.agent, action)
         except MemoryError:
-            self._out_of_memory(rid, hosted)
-        except Exception as exc:
-            if describe(exc)[0] == ERROR:  # Fenced, SpeculationLost: the node knows why
-                log.exception("agent of %s failed on action %s", hosted.sid, action.get("id"))
-            self._send([FAILED, rid, lid, *describe(exc), _state(hosted.agent)])
-        else:
-            self._send([DONE, rid, lid, _state(hosted.agent)])
+            pass  # answered below, once the traceback and what it holds are released
         finally:
             hosted.task = None
+        self._answer(rid, hosted, answer)
+
+    async def _dispatched(
+        self, rid: int, hosted: Hosted, agent: AgentLoop, action: Event
+    ) -> list[Any]:
+        """Dispatch ``action``; the answer to its DISPATCH (MemoryError: none)."""
+        try:
+            await agent.dispatch(action)
+        except MemoryError:
+            raise
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the agent's own
+            if cancelled_here(exc):
+                return [FAILED, rid, hosted.lid, CANCELLED, "", _state(agent)]
+            if describe(exc)[0] not in ("Fenced", "SpeculationLost"):  # the node knows why
+                log.exception("agent of %s failed on action %s", hosted.sid, action.get("id"))
+            return [FAILED, rid, hosted.lid, *describe(exc), _state(agent)]
+        return [DONE, rid, hosted.lid, _state(agent)]
+
+    def _answer(self, rid: int, hosted: Hosted, answer: list[Any] | None) -> None:
+        """Send the answer to a start or dispatch; ``None`` (or no memory left to pack
+        it): the agent ran out of memory."""
+        if answer is not None:
+            try:
+                self._send(answer)
+                return
+            except MemoryError:
+                pass
+        self._out_of_memory(rid, hosted)
 
     def _out_of_memory(self, rid: int, hosted: Hosted) -> None:
         # Drop the instance first: what it holds may be what filled the memory. The
@@ -235,8 +279,16 @@ class AgentHost(asyncio.Protocol):
         self._agents.pop(hosted.lid, None)
         hosted.agent = None
         gc.collect()
-        log.error("agent of %s ran out of memory", hosted.sid)
-        self._send([FAILED, rid, hosted.lid, MEMORY, "out of memory", ""])
+        # The frame was built at start-up: the agent may still hold the memory (in a
+        # global, a task of its own), and then packing a new one fails again.
+        try:
+            self._write(self._memory_frame.fill(rid, hosted.lid))
+        except BaseException:
+            # The node must hear of it: its watchdog would still get PONGs, so this
+            # process ends, and the node counts the dispatch against the action.
+            os._exit(NO_MEMORY_EXIT)
+        with contextlib.suppress(MemoryError):
+            log.error("agent of %s ran out of memory", hosted.sid)
 
     async def _close(self, rid: int, lid: int) -> None:
         hosted = self._agents.pop(lid, None)
@@ -250,7 +302,9 @@ class AgentHost(asyncio.Protocol):
             await asyncio.wait({task}, timeout=CLOSE_WITHIN)
         try:
             await hosted.agent.aclose()
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the agent's own
+            if cancelled_here(exc):
+                raise
             log.exception("agent of %s failed to close", hosted.sid)
             self._send([FAILED, rid, lid, *describe(exc), ""])
         else:
@@ -271,6 +325,9 @@ class AgentHost(asyncio.Protocol):
         async def emit(event: Event) -> int:
             if not isinstance(event, dict):
                 raise TypeError(f"an event must be a dict, got {type(event).__name__}")
+            if (problem := key_problem(event)) is not None:  # as the node would refuse it
+                why = f"an agent event is not acceptable: {problem}; nothing was written"
+                raise refusal(INVALID, why)
             return int(await self.ask(hosted, EMIT, event, _state(hosted.agent)))
 
         return emit
@@ -408,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
         factory = load_agent(args.agent)
     except Exception as exc:
         sock.sendall(frame([FATAL, str(exc)]))
+        return 2
+    except BaseException as exc:  # a KeyboardInterrupt: the module's own (SIGINT: above)
+        failed = f"agent {args.agent!r} failed on import: {type(exc).__name__}: {exc}"
+        sock.sendall(frame([FATAL, failed]))
         return 2
     # Not asyncio.run: its clean-up would wait for agents' leftover tasks.
     asyncio.new_event_loop().run_until_complete(_serve(args, factory, sock))

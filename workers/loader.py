@@ -23,6 +23,12 @@ def load_agent(path: str) -> AgentFactory:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise AgentLoadError(f"cannot import agent module {module_name!r}: {exc}") from exc
+    except KeyboardInterrupt:
+        raise  # Ctrl-C while it imports: the user's, not the module's
+    except BaseException as exc:  # its own code failed: a raise, sys.exit(), at import
+        raise AgentLoadError(
+            f"agent module {module_name!r} failed on import: {type(exc).__name__}: {exc}"
+        ) from None
     target = module
     for part in attr.split("."):
         try:

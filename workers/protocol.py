@@ -23,6 +23,7 @@ is the example).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -158,3 +159,11 @@ class AgentLoop(Protocol):
 
 
 AgentFactory = Callable[[AgentContext], AgentLoop]
+
+
+def cancelled_here(exc: BaseException) -> bool:
+    """Whether ``exc``, caught around an agent's code, is the running task being
+    cancelled (a loop stopping, a worker's CANCEL), not a CancelledError the agent raised
+    of its own: that one is the agent's error like any other (named, answered)."""
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0
