@@ -14,7 +14,7 @@ from __future__ import annotations
 from workers.protocol import Event
 
 from .codec import unpack
-from .eventstore import EventStore
+from .eventstore import EventStore, StoreCorrupt
 from .state import RedisState
 
 Rows = list[tuple[int, Event]]
@@ -37,6 +37,29 @@ class History:
         clients (with ``--ack-replicas``, only what replicas hold; else an agent's read)."""
         rows, size, last = await self._state.events_after_sized(sid, after, count, shown=shown)
         return await self.below_window(sid, after, count, rows, size, last)
+
+    async def _check_held(
+        self, sid: str, after: int, stored: list[tuple[int, bytes]], start: int
+    ) -> None:
+        """StoreCorrupt when the store's read after ``after`` skips ids it holds by
+        Redis's record (``stored``) below the window's ``start``: it keeps every id from
+        the first (a notice for those Redis lost), so a hole is damage (files removed, a
+        backup restored), not ids to skip silently. Ids past that record were lost by
+        Redis before the store had them (their clients were told): those are skipped."""
+        expected = after + 1
+        for i, _ in stored:
+            if i != expected:
+                break
+            expected += 1
+        else:
+            meta = await self._state.meta(sid)
+            held = min(int(meta.get("stored") or 0), start - 1) if meta else expected - 1
+            if expected > held:
+                return
+        raise StoreCorrupt(
+            f"the event store lacks event {expected} of conversation {sid!r}, which it "
+            "stored: was it damaged, or restored from an older backup?"
+        )
 
     async def page(self, sid: str, after: int, count: int, max_bytes: int) -> tuple[Rows, bool]:
         """``after``'s events for a reader: up to ``count`` of them and about ``max_bytes``
@@ -72,6 +95,8 @@ class History:
             return rows, size
         trimmed = start - 1 - after
         stored = await self._store.read(sid, after, min(count, trimmed))
+        if len(stored) < min(count, trimmed) or (stored and stored[-1][0] != after + len(stored)):
+            await self._check_held(sid, after, stored, start)
         page = [(i, unpack(data)) for i, data in stored]
         size += sum(len(data) for _, data in stored)
         if len(stored) == count < trimmed:

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from coordinator import ConversationManager
@@ -283,6 +284,41 @@ async def test_a_page_of_large_events_is_bounded_in_bytes(servers: ServerCluster
         if not body["more"]:
             break
     assert got == list(range(1, 26)) and pages >= 3
+
+
+async def test_a_hole_in_the_store_is_an_error_not_skipped(
+    servers: ServerCluster, postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    """Events the store recorded holding but lacks (rows deleted, a file removed, an older
+    backup) are an error naming the first one missing, in REST and in a join's replay;
+    before, a page skipped them silently (ids 196-199 then 300)."""
+    (a,) = await servers.start(1, log_window_events=10, event_store=postgres_dsn)
+    writer = await servers.join(a, "holed", "alice")
+    for i in range(20):
+        await say(writer, str(i))
+    await writer.wait_ids(40)
+    await wait_stored(a.manager, "holed", 40)
+    database = postgres_dsn.rsplit("/", 1)[1]
+    root, port = str(postgres_server.root), postgres_server.port
+    conn = await asyncpg.connect(host=root, port=port, user="postgres", database=database)
+    try:
+        await conn.execute(
+            "DELETE FROM coordinator.events"
+            " WHERE conversation_id = 'holed' AND id BETWEEN 10 AND 14"
+        )
+    finally:
+        await conn.close()
+    status, body = await servers.request(
+        "GET", a, "/api/conversations/holed/events?after=5&limit=20", user="alice"
+    )
+    assert status == 500 and "lacks event 10 of conversation 'holed'" in body["error"], body
+    status, body = await servers.request(
+        "GET", a, "/api/conversations/holed/events?after=14&limit=20", user="alice"
+    )
+    assert status == 200 and [e["id"] for e in body["events"]] == list(range(15, 35))
+    reader = servers.client()
+    why = await reader.refused(a.url, "holed", servers.token("alice"), latest_event_id=0)
+    assert "lacks event 10 of conversation 'holed'" in why, why
 
 
 async def redis_log(node: ConversationManager, sid: str) -> list[tuple[int, bytes]]:

@@ -60,7 +60,9 @@ class ArchiveOps(StateCore):
 
     async def unstored_noted(self, count: int) -> list[str]:
         """The ``count`` conversations noted longest ago."""
-        return [text(sid) for sid in await self.redis.zrange(self.keys.unstored(), 0, count - 1)]
+        # ZRANGEBYSCORE, not ZRANGE: the commands deploy/redis-users.acl allows.
+        noted = await self.redis.zrangebyscore(self.keys.unstored(), "-inf", "+inf", 0, count)
+        return [text(sid) for sid in noted]
 
     async def settle_unstored(self, sids: Iterable[str]) -> None:
         """``sids`` need no sweep any more (the store holds them, or they are gone)."""
