@@ -51,6 +51,11 @@ class _Exit(Exception):
 MAX_DEMO_NODES = 32
 
 
+def _reason(exc: BaseException) -> str:
+    """What ``exc`` says; its class when it says nothing (a TimeoutError)."""
+    return str(exc) or type(exc).__name__
+
+
 def _fail(code: int, message: str) -> NoReturn:
     raise _Exit(code, message)
 
@@ -132,7 +137,7 @@ def build_tokens(args: argparse.Namespace) -> TokenVerifier:
             )
         )
     except (ConfigError, ValueError) as exc:
-        _fail(2, str(exc))
+        _fail(2, _reason(exc))
 
 
 def build_server_config(args: argparse.Namespace) -> ServerConfig:
@@ -144,7 +149,7 @@ def build_server_config(args: argparse.Namespace) -> ServerConfig:
     try:
         return ServerConfig(**values)
     except ConfigError as exc:
-        _fail(2, str(exc))
+        _fail(2, _reason(exc))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -166,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = build_config(args, args.redis_url or PLACEHOLDER_REDIS_URL)
         cpus.plan(config.agent_cpus)  # this machine's CPUs: refused before anything starts
     except ConfigError as exc:
-        _fail(2, str(exc))
+        _fail(2, _reason(exc))
     embedded = None
     if not args.redis_url:
         from .embedded import EmbeddedRedis
@@ -221,17 +226,17 @@ async def _serve(
             server_config=server_config,
         )
     except ConfigError as exc:
-        _fail(2, str(exc))
+        _fail(2, _reason(exc))
     try:
         await node.start()
     except ConfigError as exc:
-        _fail(2, str(exc))
+        _fail(2, _reason(exc))
     except RedisUnavailable as exc:
         _fail(1, f"{exc} (check --redis-url / COORDINATOR_REDIS_URL)")
     except (CoordinatorError, RuntimeError) as exc:
-        _fail(1, str(exc))
+        _fail(1, _reason(exc))
     except REDIS_TROUBLE as exc:  # Redis refused the connection's AUTH or SELECT
-        where, why = redact_url(config.redis_url), redact.redact(str(exc))
+        where, why = redact_url(config.redis_url), redact.redact(_reason(exc))
         _fail(1, f"Redis at {where}: {why} (check --redis-url / COORDINATOR_REDIS_URL)")
     # What start-up made (modules, classes, the node's parts) lives as long as the
     # process: out of the cyclic GC's sight, a full collection walks only what came
@@ -252,12 +257,15 @@ async def _serve(
         print(f"node {node.node_id} serves /metrics on {node.metrics_url}", flush=True)
     stopped = asyncio.ensure_future(stop.wait())
     closed = asyncio.ensure_future(node.wait_closed())
-    await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    logging.getLogger(__name__).info("node %s stopping", node.node_id)
     try:
+        # Two signals close together may cancel this wait before the first woke it:
+        # that second signal means "stop at once" all the same.
+        await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        logging.getLogger(__name__).info("node %s stopping", node.node_id)
         await node.aclose()
     except asyncio.CancelledError:
+        stopped.cancel()
         print(f"node {node.node_id} stopped before its drain finished", file=sys.stderr)
         return 130
     return 0
@@ -318,7 +326,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             )
         )
     except (InvalidInput, ConfigError) as exc:
-        _fail(2, str(exc))
+        _fail(2, _reason(exc))
     return 0
 
 
@@ -337,7 +345,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             token = issue_token(args.user, args.secret)
         except (InvalidInput, ConfigError) as exc:
-            _fail(2, str(exc))
+            _fail(2, _reason(exc))
 
     try:
         settings = parse_settings(args.settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from redis.exceptions import (
     ClusterDownError,
+    OutOfMemoryError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -213,10 +214,21 @@ class AgentFailed(CoordinatorError):
         self.what = what or "an error"
 
 
+# What Redis says when it refuses a write at its maxmemory, after its ``OOM`` code.
+_FULL = "command not allowed when used memory > 'maxmemory'"
+
+
 def redis_full(exc: BaseException) -> bool:
     """Whether ``exc`` is Redis refusing a write at its ``maxmemory`` (policy
-    ``noeviction``): nothing was written."""
-    return isinstance(exc, ResponseError) and str(exc).startswith("OOM")
+    ``noeviction``): nothing was written.
+
+    It comes in three forms: ``OOM command not allowed ...`` as Redis sent it (the
+    lane's replies, a script's error), redis-py's OutOfMemoryError with the ``OOM``
+    code taken off, and that error rewritten by a redis-py pipeline as ``Command # 1
+    (ZADD ...) of pipeline caused error: command not allowed ...``."""
+    if isinstance(exc, OutOfMemoryError):
+        return True
+    return isinstance(exc, ResponseError) and (str(exc).startswith("OOM") or _FULL in str(exc))
 
 
 def redis_glitch(exc: BaseException) -> bool:

@@ -69,7 +69,10 @@ def check_redis_url(url: str) -> None:
     itself connects ``redis://`` to localhost:6379 and fails on the others with a
     ValueError quoting a piece of the URL (of the password, when it holds a ``/``)."""
     if url.startswith(SENTINEL_SCHEMES):
-        parse_sentinel_url(url)
+        sentinel = parse_sentinel_url(url)
+        # Its other parameters are the data nodes', read by redis-py as a redis:// URL's.
+        scheme = "rediss" if sentinel.tls else "redis"
+        _check_options(url, f"{scheme}://localhost/0?{urlencode(sentinel.query)}")
         return
     shown = redact_url(url)
     if not url.startswith(URL_SCHEMES):
@@ -85,10 +88,29 @@ def check_redis_url(url: str) -> None:
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigError(_unusable(url, "no socket path: unix:///PATH/TO/redis.sock"))
-    elif not parts.hostname:
-        raise ConfigError(_unusable(url, "no host: redis://HOST[:PORT][/DB]"))
+    else:
+        if not parts.hostname:
+            raise ConfigError(_unusable(url, "no host: redis://HOST[:PORT][/DB]"))
+        # redis-py reads a path that is not a number as no database at all: DB 0.
+        if parts.path not in ("", "/") and not _DB_PATH.fullmatch(parts.path):
+            raise ConfigError(
+                _unusable(url, "after the host comes /DB, a database number (such as /0)")
+            )
+    _check_options(url, url)
+
+
+_DB_PATH = re.compile(r"/[0-9]+")
+# Timeouts redis-py takes as given: 0 would fail every call at once, a negative one raises
+# deep inside asyncio on the first call.
+_POSITIVE = ("socket_timeout", "socket_connect_timeout")
+
+
+def _check_options(url: str, options_url: str) -> None:
+    """ConfigError naming ``url`` redacted unless redis-py reads the parameters of
+    ``options_url`` (``url`` itself, or a URL holding a Sentinel URL's parameters) as
+    values a connection can use."""
     try:
-        options: dict[str, Any] = dict(parse_url(url))  # redis-py's reading of the parameters
+        options: dict[str, Any] = dict(parse_url(options_url))  # redis-py's reading
         if "ssl_cert_reqs" in options:
             RedisSSLContext(cert_reqs=options["ssl_cert_reqs"])
     except (ValueError, RedisError) as exc:  # these name a parameter, not the password
@@ -96,6 +118,8 @@ def check_redis_url(url: str) -> None:
     for name, value in options.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(_unusable(url, f"{name} must be a finite number"))
+        if name in _POSITIVE and value is not None and value <= 0:
+            raise ConfigError(_unusable(url, f"{name} must be more than 0 seconds"))
 
 
 def _split(url: str) -> SplitResult:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError
 
 from .backoff import Backoff
 from .errors import REDIS_TROUBLE, redis_glitch
@@ -87,12 +88,19 @@ class _SubscriberLink(Link):
     """A subscriber's connection: pushed messages and confirmations go to ``pushed``
     (which returns True to hold the reading: the rest stays parsed-to-be in the reader,
     the socket unread, until ``release``), the handshake's replies to their calls;
-    ``lost`` is told when the link fails."""
+    ``lost`` is told when the link fails, ``refused`` when Redis refuses a (un)subscribe
+    for lack of a permission (``NOPERM``)."""
 
-    def __init__(self, pushed: Callable[[list[Any]], bool], lost: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        pushed: Callable[[list[Any]], bool],
+        lost: Callable[[], None],
+        refused: Callable[[Exception], None],
+    ) -> None:
         super().__init__()
         self._pushed = pushed
         self._lost = lost
+        self._refused = refused
         self.held = False
 
     def received(self, reply: Any) -> bool:
@@ -103,6 +111,14 @@ class _SubscriberLink(Link):
             return self.held or self.failure is not None
         if isinstance(reply, hiredis.ReplyError) and not self.waiting:
             # A (UN)SUBSCRIBE refused (an ACL without the channel): said, then reconnected.
+            if str(reply).startswith("NOPERM"):
+                # No reconnect gives a permission: who waits for a confirmation is told.
+                self._refused(
+                    NoPermissionError(
+                        f"Redis refused a subscription: {reply} (the Redis user's ACL must "
+                        "allow it, as deploy/redis-users.acl does)"
+                    )
+                )
             self.fail(RedisConnectionError(f"Redis refused a subscription: {reply}"))
             return True
         return super().received(reply)
@@ -149,7 +165,7 @@ class Subscriptions:
             endpoint,
             connect_timeout=connect_timeout,
             locate=locate,
-            factory=lambda: _SubscriberLink(self._pushed, self._wake_up),
+            factory=lambda: _SubscriberLink(self._pushed, self._wake_up, self._refused),
         )
         self._publish = publish
         self._sharded = sharded
@@ -229,6 +245,17 @@ class Subscriptions:
         if fut is not None and not fut.done():
             async with asyncio.timeout(self._confirm_timeout):
                 await asyncio.shield(fut)
+        elif fut is not None and (refusal := fut.exception()) is not None:
+            raise refusal  # refused (``_refused``), and not confirmed since
+
+    def _refused(self, exc: Exception) -> None:
+        """Redis refused subscriptions for lack of a permission: every confirmation
+        pending fails with ``exc`` at once (a start-up ends with it instead of waiting
+        out the timeout), and stays failed until a later link confirms the channel."""
+        for fut in self._confirmed.values():
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: no "never retrieved" log when none waits
 
     async def discard(self, channel: str) -> None:
         n = self._refs.get(channel, 0)

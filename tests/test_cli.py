@@ -28,7 +28,7 @@ from coordinator.auth import (
     issue_token,
     verify_token,
 )
-from coordinator.cli import build_config, build_parser, main
+from coordinator.cli import _reason, build_config, build_parser, main
 from coordinator.errors import InvalidInput
 from tests.helpers import wait_until
 
@@ -847,3 +847,37 @@ async def test_chat_refuses_bad_urls_and_leaks_no_session_or_password() -> None:
     assert rc == 1, err
     assert f"! cannot connect to http://user:***@127.0.0.1:{down[1]}: " in err, err
     assert "PASSX" not in err and "Unclosed" not in err and "Traceback" not in err, err
+
+
+def test_an_error_without_text_is_reported_by_its_class() -> None:
+    """A start-up that times out waiting (for a subscription's confirmation, say) raises
+    a TimeoutError with no text: the error line names it instead of ending in nothing."""
+    assert _reason(TimeoutError()) == "TimeoutError"
+    assert _reason(ConnectionError("Error 111 connecting")) == "Error 111 connecting"
+
+
+async def test_two_stop_signals_back_to_back_stop_at_once_without_a_traceback(
+    redis_url: str,
+) -> None:
+    """``timeout`` and a service manager may signal twice at once (the node and then its
+    process group): the second signal can arrive before the first woke the node. Either
+    way the node stops as documented (code 130 and why, or a finished drain: 0), never
+    with a traceback. Two SIGTERMs sent together may reach it as one (a signal pending
+    is not queued twice), a SIGTERM and a SIGINT do not."""
+    for attempt in range(4):
+        proc = await spawn(
+            "serve", "--port", "0", "--redis-url", redis_url, "--log-level", "warning",
+            "--agent-workers", "1", COORDINATOR_SECRET="s" * 32,
+        )  # fmt: skip
+        try:
+            await read_until(proc, r"serving on http://")
+            proc.send_signal(signal.SIGTERM)
+        except BaseException:
+            proc.kill()
+            await proc.wait()
+            raise
+        code, err = await stop(proc, signal.SIGINT)
+        assert "Traceback" not in err, (attempt, err)
+        assert code in (0, 130), (attempt, code, err)
+        if code == 130:
+            assert "stopped before its drain finished" in err, err

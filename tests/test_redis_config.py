@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from urllib.parse import urlsplit
+
 import pytest
 
 from coordinator import ConfigError, ConversationManager, ManagerConfig, RedisUnavailable
+from coordinator.embedded import free_port
 from coordinator.redisurl import parse_sentinel_url
-from tests.redis_topologies import RedisClusterServers
+from tests.redis_topologies import RedisClusterServers, SentinelServers
 
 
 async def _start(**settings: object) -> ConversationManager:
@@ -74,3 +78,48 @@ async def test_unreachable_sentinels_are_a_clear_error_without_the_password() ->
     with pytest.raises(RedisUnavailable) as info:
         await _start(redis_url=url)
     assert "hunter2" not in str(info.value) and "alsosecret" not in str(info.value)
+
+
+async def test_a_cluster_never_created_is_named_in_one_line(tmp_path: Path) -> None:
+    """Cluster-enabled nodes started but never made a cluster (no ``--cluster create``):
+    the error says so, naming the URL without its password, instead of an IndexError from
+    inside redis-py's cluster client."""
+    with RedisClusterServers(tmp_path, masters=3) as servers:
+        servers.start(create=False)
+        url = servers.url
+        with pytest.raises(RedisUnavailable) as info:
+            await _start(redis_url=url)
+        with pytest.raises(RedisUnavailable):
+            await _start(redis_url=url, redis_mode="cluster")
+    message = str(info.value)
+    assert "no slots assigned (was the cluster created?" in message, message
+    assert url in message and "\n" not in message
+
+
+async def test_sentinel_start_up_errors_say_what_failed(
+    redis_sentinel: SentinelServers, redis_url: str
+) -> None:
+    """Each way a Sentinel URL can be wrong is named (once asked, no retries hiding it
+    behind a timeout), never with a password."""
+    sentinels = ",".join(f"{h}:{p}" for h, p in redis_sentinel.sentinel_addresses)
+    name = redis_sentinel.master_name
+    plain = urlsplit(redis_url)
+    cases = [
+        (f"redis+sentinel://{sentinels}/wrongname", "no sentinel knows master 'wrongname'"),
+        (f"redis+sentinel://nobody:S3CRET@{sentinels}/{name}", "invalid username-password"),
+        (f"redis+sentinel://127.0.0.1:{free_port()}/{name}", "Error 111 connecting to"),
+        (
+            f"redis+sentinel://{sentinels}/{name}?sentinel_username=u&sentinel_password=S3CRET",
+            "invalid username-password",
+        ),
+        (f"redis+sentinel://{plain.hostname}:{plain.port}/{name}", "unknown command"),
+    ]
+    for url, why in cases:
+        with pytest.raises(RedisUnavailable) as info:
+            await (await _start(redis_url=url)).aclose()
+            raise AssertionError(f"{url} started")
+        message = str(info.value)
+        assert why in message, (url, message)
+        assert "TimeoutError" not in message and "S3CRET" not in message, message
+    manager = await _start(redis_url=f"redis+sentinel://{sentinels}/{name}")
+    await manager.aclose()

@@ -180,3 +180,33 @@ async def test_a_subscription_redis_refuses_is_reported_with_its_reason(
             await wait_until(delivered, timeout=15, interval=0.2, what="subscribed again")
     finally:
         await client.aclose()
+
+
+async def test_a_start_up_refused_its_subscription_ends_at_once_naming_the_permission(
+    acl_redis: tuple[int, redis.Redis],
+) -> None:
+    """A Redis user whose ACL lacks +subscribe: ``coordinator serve`` stops at its first
+    refused subscription with one line naming the command refused (not retries ending
+    in a timeout with an empty reason), and no password."""
+    from tests.test_cli import run
+
+    port, admin = acl_redis
+    admin.acl_setuser(
+        "nosub",
+        enabled=True,
+        passwords=["+S3CRET-nosub"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-subscribe", "-ssubscribe"],
+    )
+    url = f"redis://nosub:S3CRET-nosub@127.0.0.1:{port}/0"
+    code, _, err = await run(
+        "serve", "--port", "0", "--secret", "s", "--redis-url", url, "--log-level", "error",
+        within=60,
+    )  # fmt: skip
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1, err
+    assert len(errors) == 1, err
+    assert "NOPERM" in errors[0] and "'subscribe'" in errors[0], errors[0]
+    assert "deploy/redis-users.acl" in errors[0]
+    assert "S3CRET" not in err and "Traceback" not in err

@@ -58,6 +58,21 @@ def test_redact_url_hides_everything_up_to_the_last_at(text: str, shown: str) ->
         ("redis+sentinel://u:S3CRET/PW@h:26379/mymaster", "must be percent-encoded"),
         ("redis+sentinel://h:99999/mymaster", "is not HOST:PORT"),
         ("redis+sentinel:///mymaster", "at least one HOST:PORT"),
+        # A path redis-py would read as no database, so DB 0.
+        ("redis://:S3CRET@127.0.0.1:6379/abc", "after the host comes /DB"),
+        ("redis://:S3CRET@127.0.0.1:6379/0/1", "after the host comes /DB"),
+        ("rediss://:S3CRET@127.0.0.1:6379/db0", "after the host comes /DB"),
+        # Timeouts no call could meet.
+        ("redis://:S3CRET@127.0.0.1:6379/0?socket_timeout=0", "socket_timeout must be more"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=-1", "socket_timeout must be more than 0"),
+        ("redis://h/0?socket_connect_timeout=0", "socket_connect_timeout must be more than 0"),
+        # A Sentinel URL's parameters are read as a redis:// URL's.
+        ("redis+sentinel://:S3CRET@h:26379/m?socket_timeout=0", "socket_timeout must be more"),
+        ("redis+sentinel://h:26379/m?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+        (
+            "rediss+sentinel://h:26379/m?sentinel_password=S3CRET&ssl_cert_reqs=bogus",
+            "Certificate Requirements Flag",
+        ),
     ],
 )
 def test_check_redis_url_refuses_what_redis_py_would_misread(url: str, why: str) -> None:
@@ -80,6 +95,10 @@ def test_check_redis_url_refuses_what_redis_py_would_misread(url: str, why: str)
         "unix://:pw@/tmp/redis.sock?db=1",
         "redis+sentinel://h1:26379,h2:26379/mymaster",
         "rediss+sentinel://u:pw@[::1]:26379,[::2]:26379/mymaster/1",
+        "redis://127.0.0.1:6379",
+        "redis://127.0.0.1:6379/",
+        "redis://127.0.0.1:6379/15?socket_timeout=0.5",
+        "redis+sentinel://h1:26379/mymaster?socket_timeout=1&sentinel_password=pw",
     ],
 )
 def test_check_redis_url_accepts_every_supported_form(url: str) -> None:

@@ -10,6 +10,8 @@ and the lease keeper's client too.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,9 +22,10 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry as SyncRetry
 
 from ..config import ManagerConfig
+from ..errors import REDIS_TROUBLE, RedisUnavailable
 from ..keys import KeySchema
 from ..lane import ScriptLane
-from ..redisurl import SentinelURL, parse_sentinel_url
+from ..redisurl import SentinelURL, parse_sentinel_url, redact_url
 from ..state import LeaseRenewer
 from ..state.core import Lane
 from ..subscriptions import Subscription
@@ -82,6 +85,71 @@ class SentinelBackend(Backend):
     def client(self) -> aioredis.Redis:
         return self._client
 
+    async def check(self) -> None:
+        """Raise RedisUnavailable saying what failed (no sentinel answered, none knows
+        the master, the master refused the credentials...) unless the master answers.
+
+        Once, without retries: the pool's client retries for a failover's length, and
+        a Sentinel's errors (MasterNotFoundError, AuthenticationError) are
+        ConnectionErrors it retries too, so a timeout around it hides every reason."""
+        cfg = self.config
+        where = redact_url(cfg.redis_url)
+        # Each sentinel asked once, then the master: a hung one is bounded by its timeouts.
+        bound = (cfg.connect_timeout * 2) * (len(self.url.sentinels) + 1) + 1
+        try:
+            async with asyncio.timeout(bound):
+                host, port = await self._discover_once()
+                master = aioredis.Redis(
+                    host=host, port=port, **self._node_kwargs(), retry=Retry(NoBackoff(), 0)
+                )
+                try:
+                    await master.ping()
+                except REDIS_TROUBLE as exc:
+                    why = str(exc) or type(exc).__name__
+                    raise _Failed(f"master {self.url.master!r} at {host}:{port}: {why}") from None
+                finally:
+                    with contextlib.suppress(*REDIS_TROUBLE):
+                        await master.aclose()
+        except _Failed as exc:
+            raise RedisUnavailable(where, redact_url(str(exc))) from None
+        except TimeoutError:
+            raise RedisUnavailable(where, f"no answer within {bound:.0f}s") from None
+
+    async def _discover_once(self) -> tuple[str, int]:
+        """The master's address from the first sentinel that knows it; _Failed naming
+        what each sentinel said otherwise."""
+        said: list[str] = []
+        answered = known = False
+        for host, port in self.url.sentinels:
+            sentinel = aioredis.Redis(
+                host=host, port=port, **self._sentinel_kwargs(), retry=Retry(NoBackoff(), 0)
+            )
+            try:
+                masters = await sentinel.sentinel_masters()
+            except REDIS_TROUBLE as exc:
+                said.append(f"sentinel {host}:{port}: {str(exc) or type(exc).__name__}")
+                continue
+            finally:
+                with contextlib.suppress(*REDIS_TROUBLE):
+                    await sentinel.aclose()
+            answered = True
+            state = masters.get(self.url.master) if isinstance(masters, dict) else None
+            if state is None:
+                continue
+            known = True
+            if state["is_master"] and not state["is_sdown"] and not state["is_odown"]:
+                return str(state["ip"]), int(state["port"])
+            said.append(f"sentinel {host}:{port}: the master is down")
+        if not said:
+            raise _Failed(f"no sentinel knows master {self.url.master!r}")
+        if not answered:
+            head = "no sentinel answered: "
+        elif not known:
+            head = f"no sentinel knows master {self.url.master!r}; "
+        else:
+            head = ""
+        raise _Failed(head + "; ".join(said))
+
     async def locate(self) -> tuple[str, int]:
         """The master's address, as the Sentinels say now."""
         host, port = await self._sentinel.discover_master(self.url.master)
@@ -121,3 +189,7 @@ class SentinelBackend(Backend):
             u.master, retry=SyncRetry(NoBackoff(), 1)
         )
         return LeaseRenewer(client, keys)
+
+
+class _Failed(Exception):
+    """What the start-up check found wrong (its text: the reason)."""
