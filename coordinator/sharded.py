@@ -10,8 +10,9 @@ once.
 
 When a shard's subscription cannot reconnect (its master failed over) or Redis drops one
 of its channels unasked (the slot moved), the slot map is read again: shards whose
-master changed get a new subscription, channels whose slot moved follow it, and the
-listener is told to catch every connection up from the logs, gap-free.
+master changed, or whose probe's slot moved, get a new subscription, channels whose
+slot moved follow it, and the listener is told to catch every connection up from the
+logs, gap-free.
 """
 
 from __future__ import annotations
@@ -133,6 +134,11 @@ class ShardedSubscriptions:
             await shard.aclose()
         self._shards.clear()
 
+    @property
+    def probe_channels(self) -> dict[Address, str]:
+        """Each shard's master -> the channel its probe goes to (in that master's slots)."""
+        return {master: shard.probe_channel for master, shard in self._shards.items()}
+
     # -- shards ----------------------------------------------------------------------
     def _shard_of(self, channel: str) -> Subscriptions | None:
         master = self._map.master_of(slot_of(channel)) if self._map is not None else None
@@ -165,7 +171,14 @@ class ShardedSubscriptions:
         fresh = await self._read_map()
         old = self._map
         self._map = fresh
-        gone = [m for m in self._shards if m not in fresh.masters]
+        # A shard whose probe's slot moved to another master (a reshard) is opened again
+        # with a probe in its slots: its link resubscribing the old probe would get
+        # MOVED, for as long as the node runs.
+        gone = [
+            m
+            for m, shard in self._shards.items()
+            if m not in fresh.masters or fresh.master_of(slot_of(shard.probe_channel)) != m
+        ]
         for master in gone:
             await self._close_shard(master)
         for master in fresh.masters:

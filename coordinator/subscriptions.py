@@ -224,6 +224,11 @@ class Subscriptions:
             await self.confirmed(self._probe_channel)
         self.healthy = True
 
+    @property
+    def probe_channel(self) -> str:
+        """The channel this subscription's probe is published to (``PROBE``)."""
+        return self._probe_channel
+
     async def add(self, channel: str, *, wait: bool = True) -> None:
         """Take one reference on ``channel``; subscribe on the first one.
 

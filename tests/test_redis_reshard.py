@@ -1,0 +1,74 @@
+"""A slot moving from one Redis Cluster master to another (a reshard) under a running
+node: the node's sharded subscriptions follow it, and every shard keeps serving joins.
+Real cluster nodes; the slot moved as ``redis-cli --cluster reshard`` moves it."""
+
+from __future__ import annotations
+
+import contextlib
+
+from coordinator import ConversationManager
+from coordinator.keys import KeySchema
+from coordinator.sharded import ShardedSubscriptions
+from coordinator.slots import slot_of
+from tests.helpers import RecordingSink, fast_config, wait_until
+from tests.redis_process import RedisProcess
+from tests.redis_topologies import RedisClusterServers
+
+
+def move_slot(
+    cluster: RedisClusterServers, slot: int, source: RedisProcess, target: RedisProcess
+) -> None:
+    """Move ``slot`` and its keys from ``source`` to ``target``, announced to every master."""
+    source_id, target_id = cluster.node_id(source), cluster.node_id(target)
+    with target.client() as t, source.client() as s:
+        t.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        host, port = target.address
+        while keys := s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            s.execute_command("MIGRATE", host, port, "", 0, 5000, "KEYS", *keys)
+    for master in cluster.masters():
+        with master.client() as c:
+            c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+def conversation_on(cluster: RedisClusterServers, master: RedisProcess) -> str:
+    keys = KeySchema()
+    return next(f"rs{i}" for i in range(10_000) if cluster.master_of(keys.conv(f"rs{i}")) is master)
+
+
+async def test_a_node_whose_probe_slot_moved_keeps_serving_that_shard(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """The slot of a shard's probe channel moves to another master: the node opens that
+    shard's subscription again with a probe in its master's slots, stays healthy, and a
+    conversation of that shard is joined and answered. Before, the link resubscribed the
+    old probe and got MOVED for as long as the node ran, and every join to that shard
+    was refused ("cannot reach Redis") while /healthz said ok."""
+    sink = RecordingSink()
+    node = ConversationManager(fast_config(redis_cluster.url, "reshard"), sink=sink)
+    await node.start()
+    try:
+        subs = node.node.subscriptions
+        assert isinstance(subs, ShardedSubscriptions)
+        address, probe = next(iter(subs.probe_channels.items()))
+        source = redis_cluster.node_at(address)
+        target = next(m for m in redis_cluster.masters() if m is not source)
+        move_slot(redis_cluster, slot_of(probe), source, target)
+        await wait_until(
+            lambda: subs.probe_channels.get(address, probe) != probe,
+            timeout=20,
+            what="the shard's probe in its master's slots again",
+        )
+        await wait_until(lambda: subs.healthy, timeout=20, what="subscriptions healthy")
+        sid = conversation_on(redis_cluster, source)
+        await node.join_conversation(sid, "c", {}, "alice")
+        action = await node.send_to_event_stream(
+            "c", {"action": "message", "args": {"content": "after the reshard"}}
+        )
+        await wait_until(lambda: action + 1 in sink.ids("c"), timeout=20, what="the agent's answer")
+        reconnects = subs.reconnects
+        await wait_until(lambda: subs.healthy, timeout=5)
+        assert subs.reconnects == reconnects  # no MOVED loop
+    finally:
+        with contextlib.suppress(Exception):
+            await node.aclose()
