@@ -14,6 +14,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class KeySchema:
     prefix: str = "coord"
+    # The database the keys are in. Pub/sub channels are server-wide, whatever the
+    # database: two deployments sharing a server and a prefix in two databases would hear
+    # each other's events; a channel of database N > 0 says so in its name.
+    db: int = 0
+
+    @property
+    def _channels(self) -> str:
+        return f"{self.prefix}:db{self.db}" if self.db else self.prefix
 
     # -- per conversation ------------------------------------------------------------
     def conv(self, sid: str) -> str:
@@ -48,16 +56,16 @@ class KeySchema:
 
     def conv_channel(self, sid: str) -> str:
         """Pub/sub channel carrying the conversation's events as ``[id, event]``."""
-        return f"{self.prefix}:{{c:{sid}}}:ch"
+        return f"{self._channels}:{{c:{sid}}}:ch"
 
     def conv_barrier(self, sid: str) -> str:
         """A channel nobody subscribes to, in the conversation's slot: a PUBLISH to it
         moves the reader's replication offset past what it read, so that ``WAIT`` after a
         read of the log tells whether replicas hold it (``StateCore._confirmed_read``)."""
-        return f"{self.prefix}:{{c:{sid}}}:barrier"
+        return f"{self._channels}:{{c:{sid}}}:barrier"
 
     def sid_from_channel(self, channel: str) -> str | None:
-        head = f"{self.prefix}:{{c:"
+        head = f"{self._channels}:{{c:"
         if channel.startswith(head) and channel.endswith("}:ch"):
             return channel[len(head) : -len("}:ch")]
         return None
@@ -116,7 +124,7 @@ class KeySchema:
 
     def node_channel(self, node: str) -> str:
         """Pub/sub channel for commands addressed to the node."""
-        return f"{self.prefix}:{{n:{node}}}:cmd"
+        return f"{self._channels}:{{n:{node}}}:cmd"
 
     # -- cluster-wide ----------------------------------------------------------------
     def registry(self) -> str:

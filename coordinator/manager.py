@@ -44,6 +44,7 @@ from .membership import Membership
 from .metrics import NodeMetrics
 from .node import Node
 from .owners import ConversationInfo
+from .redisurl import database_of
 from .runner import LoopRunner
 from .state import RedisState
 
@@ -113,7 +114,7 @@ class ConversationManager:
             raise ConfigError(f"config must be a ManagerConfig, got {type(config).__name__}")
         self.config = config or ManagerConfig()
         self.node_id = self.config.node_id
-        self.keys = KeySchema(self.config.key_prefix)
+        self.keys = KeySchema(self.config.key_prefix, database_of(self.config.redis_url))
         self.sink: EventSink = sink or NullSink()
         self.metrics = NodeMetrics(self.node_id)
         self._agent_factory = agent_factory

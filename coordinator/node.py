@@ -40,6 +40,7 @@ from .memory import Memories
 from .metrics import NodeMetrics
 from .owners import Intake
 from .recovery import Recovery, reap_incarnation
+from .redisurl import database_of
 from .restarts import Restarts
 from .runner import LoopRunner
 from .sessions import Sessions
@@ -95,7 +96,7 @@ class Node:
         self.config = config
         self.backend = backend
         self.metrics = metrics
-        self.keys = KeySchema(config.key_prefix)
+        self.keys = KeySchema(config.key_prefix, database_of(config.redis_url))
         self.tasks = TaskSet(log)
         self.intake = Intake(config.node_id)
         self.lag = LoopLag(metrics.loop_delay_seconds.observe)

@@ -3,6 +3,7 @@ address, and passwords taken out of any text that may quote a URL (logs, errors)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -120,6 +121,17 @@ def _check_options(url: str, options_url: str) -> None:
             raise ConfigError(_unusable(url, f"{name} must be a finite number"))
         if name in _POSITIVE and value is not None and value <= 0:
             raise ConfigError(_unusable(url, f"{name} must be more than 0 seconds"))
+
+
+def database_of(url: str) -> int:
+    """The database number ``url`` selects (0 when it names none); Redis Cluster has only
+    0. Pub/sub ignores it: ``KeySchema.db`` puts it in the channels' names."""
+    if url.startswith(SENTINEL_SCHEMES):
+        return parse_sentinel_url(url).db
+    if url.startswith(URL_SCHEMES):
+        with contextlib.suppress(ValueError, RedisError):
+            return int(parse_url(url).get("db") or 0)
+    return 0
 
 
 def _split(url: str) -> SplitResult:

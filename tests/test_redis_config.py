@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 
 from coordinator import ConfigError, ConversationManager, ManagerConfig, RedisUnavailable
 from coordinator.embedded import free_port
 from coordinator.redisurl import parse_sentinel_url
+from tests.helpers import RecordingSink, fast_config, wait_until
 from tests.redis_topologies import RedisClusterServers, SentinelServers
 
 
@@ -123,3 +126,48 @@ async def test_sentinel_start_up_errors_say_what_failed(
         assert "TimeoutError" not in message and "S3CRET" not in message, message
     manager = await _start(redis_url=f"redis+sentinel://{sentinels}/{name}")
     await manager.aclose()
+
+
+async def test_deployments_in_two_databases_of_one_server_do_not_hear_each_other(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Pub/sub is server-wide, whatever the database: two deployments sharing a server
+    and a key prefix in databases 0 and 6 heard each other's events (another tenant's
+    messages in a client's stream, and false "Redis lost events" notices). A channel of
+    a database other than 0 has it in its name."""
+    parts = urlsplit(redis_url)
+    other_url = parts._replace(path="/6").geturl()
+    zero_url = parts._replace(path="/0").geturl()
+    zero = ConversationManager(fast_config(zero_url, "db0"), sink=(a := RecordingSink()))
+    # A second node of database 0 with a connection of alice's: the owner publishes
+    # (with one node alone it has no one to publish to).
+    also = ConversationManager(fast_config(zero_url, "db0-b"), sink=RecordingSink())
+    six = ConversationManager(
+        fast_config(other_url, "db6", event_store=f"file://{tmp_path}/db6"),
+        sink=(b := RecordingSink()),
+    )
+    await zero.start()
+    await also.start()
+    await six.start()
+    try:
+        await zero.join_conversation("shared-id", "alice", {}, "alice")
+        await also.join_conversation("shared-id", "alice-2", {}, "alice")
+        await six.join_conversation("shared-id", "bob", {}, "bob")
+        sent = await zero.send_to_event_stream(
+            "alice", {"action": "message", "args": {"content": "for alice only"}}
+        )
+        await wait_until(lambda: sent + 1 in a.ids("alice"), what="alice's answer")
+        mine = await six.send_to_event_stream(
+            "bob", {"action": "message", "args": {"content": "bob's"}}
+        )
+        await wait_until(lambda: mine + 1 in b.ids("bob"), what="bob's answer")
+        await asyncio.sleep(0.3)  # what would cross over has had its time
+        assert "for alice only" not in str(b.events["bob"])
+        assert "bob's" not in str(a.events["alice"])
+        assert not b.updates["bob"] and not a.updates["alice"], (a.updates, b.updates)
+    finally:
+        await six.aclose()
+        await also.aclose()
+        await zero.aclose()
+        with redis.Redis.from_url(other_url) as c:
+            c.flushdb()
