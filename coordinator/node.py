@@ -130,8 +130,8 @@ class Node:
         await self.backend.check()
         self.state: RedisState = self.backend.state(keys)
         await self.state.load_scripts()
-        self.store = await open_store(cfg.event_store or None)
-        await check_cluster_store(self.state, self.store, cfg, self.store_url)
+        self.store = store = await open_store(cfg.event_store or None)
+        await check_cluster_store(self.state, store, cfg, self.store_url)
         if agent_factory is None:  # agent_isolation "process": agentpool.py
             self.agents = AgentPool(config=cfg, state=self.state, metrics=self.metrics)
             await self.agents.start()
@@ -225,6 +225,7 @@ class Node:
             restarts=self.restarts,
             sessions=self.sessions,
             floor=self.delivery.floor,
+            claim_store=lambda: check_cluster_store(self.state, store, cfg, self.store_url),
         )
         router = Router(
             keys=keys,

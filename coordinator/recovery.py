@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from . import codec
 from .config import ManagerConfig
 from .delivery import Floor
 from .directory import Directory
 from .errors import REDIS_TROUBLE
+from .eventstore import StoreMismatch
 from .loops import Loops
 from .membership import Membership
 from .restarts import Restarts
@@ -142,7 +143,9 @@ class Recovery:
         restarts: Restarts,
         sessions: Sessions,
         floor: Floor,
+        claim_store: Callable[[], Awaitable[None]],
     ) -> None:
+        self._claim_store = claim_store
         self._state = state
         self._config = config
         self._membership = membership
@@ -224,3 +227,9 @@ class Recovery:
         # While unregistered, writers that saw no other listener did not publish.
         self._sessions.connections.catch_up_all()
         await self._restarts.resume_pending(released)
+        # Redis may have come back empty, the cluster's store forgotten with the rest:
+        # recorded again, so that a node started with another store is refused.
+        try:
+            await self._claim_store()
+        except StoreMismatch as exc:
+            log.error("%s", exc)

@@ -54,6 +54,25 @@ async def test_a_node_with_another_store_is_refused(
     assert f"file://{tmp_path}/elsewhere" in message
 
 
+async def test_redis_coming_back_empty_still_refuses_a_node_with_another_store(
+    make_nodes: NodeFactory, tmp_path: Path, redis_client: Any
+) -> None:
+    """Redis lost everything (a restart without persistence, FLUSHALL): the running
+    node records its store again when it registers again, so a node started afterwards
+    with another store is still refused. Before, the record was gone for good and the
+    new node made its own store the cluster's (replays then missed the first's
+    history, and ids were given again)."""
+    (a,) = await make_nodes(1)
+    inc = a.node.inc
+    await redis_client.flushall()
+    await wait_until(lambda: a.node.inc != inc, timeout=15, what="the node registered again")
+    await wait_until(
+        lambda: redis_client.exists(a.keys.event_store()), what="the store recorded again"
+    )
+    with pytest.raises(StoreMismatch, match="is not the cluster's"):
+        await make_nodes(1, event_store=f"file://{tmp_path}/elsewhere")
+
+
 async def send(node: ConversationManager, cid: str, content: str) -> int:
     """Send one message, again while the event store lags (a client's retry); its id."""
     action = {"action": "message", "args": {"content": content}}
