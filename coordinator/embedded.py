@@ -83,6 +83,10 @@ class EmbeddedRedis:
             preexec_fn=die_with_parent
             if threading.current_thread() is threading.main_thread()
             else None,
+            # Out of its starter's process group: a stop signal to the group (systemd's,
+            # a terminal's Ctrl-C) is the node's to act on, and its drain needs Redis.
+            # It still ends with its starter, or when stopped.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
