@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HOLD_CHECK = 0.1  # seconds between looks at whether a dispatch's worker is held up
+UNANSWERED = 0.2  # seconds a heartbeat may wait before its worker counts as held up
+
 
 class RemoteAgent:
     """One conversation's agent instance in a worker of ``pool`` (see the module
@@ -196,9 +199,14 @@ class RemoteAgent:
 
     async def _attempt(self, worker: AgentWorker, action: Event) -> None:
         self._heard = False
-        timeout = self._pool.dispatch_timeout or None
-        async with asyncio.timeout(timeout):
-            await self._call(DISPATCH, (action,), worker)
+        limit = self._pool.dispatch_timeout
+        async with asyncio.timeout(limit or None) as bound:
+            own = _OwnTime(worker, self._lid, bound, limit) if limit else None
+            try:
+                await self._call(DISPATCH, (action,), worker)
+            finally:
+                if own is not None:
+                    own.cancel()
 
     async def _give_up(self, n: int, reason: str, tries: int) -> None:
         """Answer action ``n`` with an error observation as the owner (the runner's
@@ -399,3 +407,33 @@ class RemoteAgent:
             worker.send([REFUSE, rid, *describe(exc)])
         else:
             worker.send([REPLY, rid, answer])
+
+
+class _OwnTime:
+    """Keeps a dispatch's ``bound`` (``agent_dispatch_timeout``, ``limit`` seconds) on
+    the dispatch's own time: while its worker's event loop is held by another instance
+    (that agent's blocking call) or by no one known (a heartbeat unanswered), the
+    deadline moves on with the wait, and a stuck worker is the watchdog's to replace.
+    Before, an action that merely shared the worker was cancelled and answered as one
+    that "ran longer than" the limit."""
+
+    def __init__(self, worker: AgentWorker, lid: int, bound: asyncio.Timeout, limit: float):
+        self._worker, self._lid, self._bound = worker, lid, bound
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._deadline = self._last + limit
+        self._handle = self._loop.call_later(HOLD_CHECK, self._tick)
+
+    def _tick(self) -> None:
+        now, worker = self._loop.time(), self._worker
+        unanswered = worker.ping_sent is not None and now - worker.ping_sent > UNANSWERED
+        if worker.blocked_lid not in (0, self._lid) or (
+            unanswered and worker.blocked_lid != self._lid
+        ):
+            self._deadline += now - self._last
+            self._bound.reschedule(self._deadline)
+        self._last = now
+        self._handle = self._loop.call_later(HOLD_CHECK, self._tick)
+
+    def cancel(self) -> None:
+        self._handle.cancel()

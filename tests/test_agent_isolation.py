@@ -201,6 +201,26 @@ async def test_a_dispatch_over_its_time_limit_is_cancelled_and_answered(make_nod
     assert (_pool(node).timeouts, _pool(node).restarts) == (1, 0)
 
 
+async def test_a_dispatch_held_up_by_another_agent_is_not_timed_out(make_nodes) -> None:
+    """Its worker's loop held by another conversation's agent (a blocking call shorter
+    than the stall timeout, longer than the dispatch limit): the action that only waited
+    is answered, not cancelled as one that ran too long. Before, the innocent one was
+    answered "ran longer than" the limit and counted as a timeout."""
+    node, lapses = await _isolated_node(
+        make_nodes, agent_workers=1, agent_stall_timeout=5.0, agent_dispatch_timeout=1.5
+    )
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "blocks").join()
+    innocent = await Watcher(node, sink, "waits").join()
+    await bad.say("block 3")
+    await asyncio.sleep(0.2)
+    await innocent.round_trip("hello", within=10)
+    assert innocent.errors() == []
+    await wait_until(lambda: bad.errors(), timeout=10, what="the blocking action given up")
+    assert bad.errors()[0]["extras"]["reason"] == "timeout"  # its own time was too long
+    assert _pool(node).timeouts == 1 and lapses == []
+
+
 async def test_an_agent_that_cannot_start_is_a_clear_error_and_harms_nothing(make_nodes) -> None:
     node, lapses = await _isolated_node(make_nodes)
     sink = make_nodes.sinks[node.node_id]
