@@ -110,14 +110,19 @@ def warn_about_visible_secrets(args: argparse.Namespace) -> None:
             file=sys.stderr,
             flush=True,
         )
-    url = getattr(args, "redis_url", None)
-    if "redis_url" in given and url and redact_url(url) != url:
-        print(
-            "warning: --redis-url carries a password, visible to other users (ps); "
-            "set COORDINATOR_REDIS_URL instead",
-            file=sys.stderr,
-            flush=True,
-        )
+    for name, variable in (
+        ("redis_url", "COORDINATOR_REDIS_URL"),
+        ("event_store", "COORDINATOR_EVENT_STORE"),
+    ):
+        url = getattr(args, name, None)
+        if name in given and url and redact_url(url) != url:
+            flag = "--" + name.replace("_", "-")
+            print(
+                f"warning: {flag} carries a password, visible to other users (ps); "
+                f"set {variable} instead",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def build_tokens(args: argparse.Namespace) -> TokenVerifier:

@@ -231,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for dest, (flag, kind, help_text) in (CONFIG_FLAGS | SERVER_FLAGS).items():
         default = _env(_flag_name(flag))
-        serve.add_argument(flag, dest=dest, type=kind, default=default, help=help_text)
+        # A store URL may carry a password too: noted, for the warning.
+        action = _Given if dest == "event_store" else "store"
+        serve.add_argument(
+            flag, dest=dest, type=kind, default=default, help=help_text, action=action
+        )
     serve.add_argument(
         "--agent",
         default=_env("agent", DEFAULT_AGENT),

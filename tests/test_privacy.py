@@ -150,6 +150,17 @@ async def test_no_secret_reaches_the_node_log_or_nginx_log(tmp_path: Path) -> No
     assert "warning: --redis-url carries a password" in done.stderr
     assert "redis://:***@127.0.0.1:1/0" in done.stderr
     assert password not in done.stderr + done.stdout and secret not in done.stderr
+    # The same for an event store's password (before: no warning for it).
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*COORDINATOR, "serve", "--event-store", f"postgresql://u:{password}@127.0.0.1:1/db",
+         "--redis-url", "redis://127.0.0.1:1/0", "--secret-file", str(secret_file),
+         "--port", "0"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env=child_env(),
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "warning: --event-store carries a password" in done.stderr
+    assert password not in done.stderr + done.stdout
 
 
 async def _ready(url: str, within: float = 30.0) -> None:
