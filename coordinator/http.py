@@ -50,6 +50,8 @@ from .errors import (
 )
 from .eventstore.errors import StoreUnavailable
 from .inputs import shape_problem
+from .ratelimit import LogThrottle
+from .redact import redact
 
 log = logging.getLogger("coordinator.rest")
 
@@ -136,10 +138,19 @@ def json_response(
     return _JSONAnswer(value, status, {**COMMON_HEADERS, **(headers or {})})
 
 
+# A 503 (Redis or the event store away) is one line, at most 2 a second: any client can
+# ask for one per request while they are away, and its traceback says nothing new.
+_unavailable = LogThrottle(log)
+
+
 def error_response(exc: Exception, request: Request) -> JSONResponse:
-    """``{"error": msg}`` for an exception; the log gets server errors in full."""
+    """``{"error": msg}`` for an exception; the log gets a 503 in one line, any other
+    server error in full."""
     status = status_for(exc)
-    if status >= 500:
+    if status == 503:
+        why = redact(f"{type(exc).__name__}: {exc}")
+        _unavailable.emit(logging.WARNING, "%s %s: %s", request.method, request.scope["path"], why)
+    elif status >= 500:
         log.warning("%s %s failed: %r", request.method, request.scope["path"], exc, exc_info=exc)
     headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
     body: dict[str, Any] = {"error": client_message(exc)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import random
 from collections import Counter
@@ -338,6 +339,32 @@ async def test_a_hole_in_the_store_is_an_error_not_skipped(
     reader = servers.client()
     why = await reader.refused(a.url, "holed", servers.token("alice"), latest_event_id=0)
     assert "lacks event 10 of conversation 'holed'" in why, why
+
+
+async def test_requests_while_the_store_is_away_log_a_line_each_at_most_2_a_second(
+    servers: ServerCluster,
+    postgres_server: PostgresServer,
+    postgres_dsn: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 503 (the store away) is one line in the log, throttled: any client may ask for
+    one per request meanwhile. Before, each logged its whole traceback."""
+    (a,) = await servers.start(1, log_window_events=10, event_store=postgres_dsn)
+    writer = await servers.join(a, "away", "alice")
+    for i in range(10):
+        await say(writer, str(i))
+    await wait_stored(a.manager, "away", 20)
+    await asyncio.to_thread(postgres_server.stop)
+    caplog.set_level(logging.WARNING, logger="coordinator.rest")
+    for _ in range(40):
+        status, body = await servers.request(
+            "GET", a, "/api/conversations/away/events?after=0", user="alice"
+        )
+        assert status == 503 and "is unavailable" in body["error"], body
+    lines = [r for r in caplog.records if r.name == "coordinator.rest"]
+    assert 1 <= len(lines) <= 25 and not any(r.exc_info for r in lines)
+    assert "GET /api/conversations/away/events: StoreUnavailable" in lines[0].getMessage()
+    assert postgres_server.password not in caplog.text
 
 
 async def redis_log(node: ConversationManager, sid: str) -> list[tuple[int, bytes]]:
