@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 
 from workers.protocol import AgentContext
 
@@ -76,8 +77,9 @@ class AgentPool:
     def _register(self, metrics: NodeMetrics) -> None:
         metrics.gauge_from(
             "coordinator_agent_workers",
-            "Agent worker processes up and answering.",
-            lambda: sum(w.usable for w in self.workers),
+            "Agent worker processes up and answering (one whose heartbeat has waited "
+            "over a fifth of agent_stall_timeout, its loop held, is not).",
+            self._answering,
         )
         metrics.gauges_from(
             "coordinator_agent_worker_loops",
@@ -170,6 +172,17 @@ class AgentPool:
         if self._unpinned is not None:
             cpus.pin_thread(self._unpinned)
             self._unpinned = None
+
+    def _answering(self) -> int:
+        """Workers up whose loop answered its last heartbeat, or has had a fifth of the
+        stall timeout to (the watchdog's period); before, a worker held by a blocking
+        agent was counted until it was killed."""
+        now = time.monotonic()  # the event loop's clock (ping_sent), read from any thread
+        patience = self._config.agent_stall_timeout / 5
+        return sum(
+            w.usable and (w.ping_sent is None or now - w.ping_sent <= patience)
+            for w in self.workers
+        )
 
     # -- instances -------------------------------------------------------------------
     def new_agent(self, context: AgentContext) -> RemoteAgent:

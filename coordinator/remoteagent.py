@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 HOLD_CHECK = 0.1  # seconds between looks at whether a dispatch's worker is held up
 UNANSWERED = 0.2  # seconds a heartbeat may wait before its worker counts as held up
+PROBE_AHEAD = 0.5  # seconds before a dispatch's deadline its worker is sent a heartbeat
 
 
 class RemoteAgent:
@@ -432,6 +433,8 @@ class _OwnTime:
         ):
             self._deadline += now - self._last
             self._bound.reschedule(self._deadline)
+        elif worker.ping_sent is None and self._deadline - now < PROBE_AHEAD and worker.usable:
+            worker.ping(now)  # whether its loop is free is known before the deadline
         self._last = now
         self._handle = self._loop.call_later(HOLD_CHECK, self._tick)
 

@@ -212,13 +212,37 @@ async def test_a_dispatch_held_up_by_another_agent_is_not_timed_out(make_nodes) 
     sink = make_nodes.sinks[node.node_id]
     bad = await Watcher(node, sink, "blocks").join()
     innocent = await Watcher(node, sink, "waits").join()
-    await bad.say("block 3")
+    # Past the limit and past when the worker reports who holds its loop (stall / 2,
+    # every stall / 8), short of the stall timeout (counted from its heartbeat).
+    await bad.say("block 4")
     await asyncio.sleep(0.2)
     await innocent.round_trip("hello", within=10)
     assert innocent.errors() == []
     await wait_until(lambda: bad.errors(), timeout=10, what="the blocking action given up")
     assert bad.errors()[0]["extras"]["reason"] == "timeout"  # its own time was too long
     assert _pool(node).timeouts == 1 and lapses == []
+
+
+async def test_a_worker_held_by_a_blocking_agent_is_not_counted_as_answering(
+    make_nodes,
+) -> None:
+    """/metrics' coordinator_agent_workers counts workers up and answering: one whose loop
+    an agent holds drops out of it until it answers again (before, it was counted until
+    it was killed)."""
+    node, lapses = await _isolated_node(make_nodes, agent_stall_timeout=5.0)
+    sink = make_nodes.sinks[node.node_id]
+
+    def answering() -> int:
+        text = node.node.metrics.render().decode()
+        (line,) = [x for x in text.splitlines() if x.startswith("coordinator_agent_workers{")]
+        return int(float(line.rsplit(" ", 1)[1]))
+
+    assert answering() == 2
+    bad = await Watcher(node, sink, "blocks").join()
+    await bad.say("block 3")
+    await wait_until(lambda: answering() == 1, timeout=5, what="the held worker not counted")
+    await wait_until(lambda: answering() == 2, timeout=10, what="it answers again")
+    assert lapses == []
 
 
 async def test_an_agent_that_cannot_start_is_a_clear_error_and_harms_nothing(make_nodes) -> None:
