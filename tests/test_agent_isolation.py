@@ -174,13 +174,20 @@ async def test_an_agent_that_ends_its_process_is_given_up_after_two_tries(make_n
     await wait_until(lambda: pool.restarts == 2, what="both workers replaced")
 
 
-async def test_an_agent_out_of_memory_is_answered_with_an_error(make_nodes) -> None:
+@pytest.mark.parametrize("command", ["leak", "hoard"])
+async def test_an_agent_out_of_memory_is_answered_with_an_error(make_nodes, command) -> None:
+    """``leak``: the instance holds what it took, and lets go of it when it is dropped.
+    ``hoard``: the agent fills its worker's address space and keeps it (out of its
+    instance's reach) before it raises: the worker has no memory left to pack its
+    answer, yet the node hears of it (a frame built at start-up, or the worker's end).
+    Either way the action is given up with reason ``memory`` and the next is answered.
+    Before, a hoarding agent's conversation went silent: the answer could not be packed,
+    and the worker went on answering PINGs."""
     node, lapses = await _isolated_node(make_nodes, agent_memory_limit=256 << 20)
     sink = make_nodes.sinks[node.node_id]
     bad = await Watcher(node, sink, "bad").join()
     good = await Watcher(node, sink, "good").join()
-
-    hog = await bad.say("leak")
+    hog = await bad.say(command)
     await _keep_answering_until(good, lambda: bad.errors())
     (error,) = bad.errors()
     assert error["extras"] == {"action_id": hog, "reason": "memory"}
@@ -502,25 +509,6 @@ async def test_an_agent_whose_start_exits_is_refused_at_once(
         await Watcher(node, sink, "exits").join({"start_raises": "SystemExit"})
     assert not await node.is_agent_loop_running("exits")
     await (await Watcher(node, sink, "good").join()).round_trip("still here")
-    assert lapses == []
-
-
-async def test_an_agent_keeping_all_the_memory_is_still_answered(make_nodes) -> None:
-    """An agent that fills its worker's address space and keeps it (out of its
-    instance's reach) before it raises: the worker has no memory left to pack its
-    answer, yet the node hears of it (a frame built at start-up, or the worker's end),
-    and the action is given up with reason ``memory``. Before, the conversation went
-    silent: the answer could not be packed, and the worker went on answering PINGs."""
-    node, lapses = await _isolated_node(make_nodes, agent_memory_limit=256 << 20)
-    sink = make_nodes.sinks[node.node_id]
-    bad = await Watcher(node, sink, "hoards").join()
-    good = await Watcher(node, sink, "good").join()
-    hog = await bad.say("hoard")
-    await _keep_answering_until(good, lambda: bad.errors())
-    (error,) = bad.errors()
-    assert error["extras"] == {"action_id": hog, "reason": "memory"}
-    await bad.round_trip("after")
-    bad.answered_once()
     assert lapses == []
 
 

@@ -24,6 +24,8 @@ import contextlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import redis.asyncio as aioredis
+
 from ..config import ManagerConfig
 from ..errors import REDIS_TROUBLE, RedisUnavailable
 from ..keys import KeySchema
@@ -32,6 +34,29 @@ from ..redisurl import redact_url
 from ..state import LeaseRenewer, RedisState
 from ..state.core import Lane
 from ..subscriptions import PUBSUB_NAME, Subscription, Subscriptions
+
+
+def unreachable(config: ManagerConfig, exc: BaseException) -> RedisUnavailable:
+    """RedisUnavailable naming the deployment (never its password) and what ``exc`` said."""
+    reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
+    return RedisUnavailable(redact_url(config.redis_url), reason)
+
+
+async def ask_node(config: ManagerConfig, command: str, *args: Any) -> Any:
+    """The reply to ``command`` of the one node ``config.redis_url`` names (no cluster
+    client, no Sentinel), within the connect timeout; RedisUnavailable otherwise."""
+    client = aioredis.Redis.from_url(
+        config.redis_url,
+        socket_connect_timeout=config.connect_timeout,
+        socket_timeout=config.connect_timeout,
+    )
+    try:
+        async with asyncio.timeout(config.connect_timeout + 1):
+            return await client.execute_command(command, *args)  # type: ignore[no-untyped-call]
+    except REDIS_TROUBLE as exc:
+        raise unreachable(config, exc) from None
+    finally:
+        await client.aclose()
 
 
 class Backend(ABC):
@@ -61,8 +86,7 @@ class Backend(ABC):
             async with asyncio.timeout(self.config.connect_timeout + 1):
                 await self.client.ping()
         except REDIS_TROUBLE as exc:
-            reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
-            raise RedisUnavailable(redact_url(self.config.redis_url), reason) from None
+            raise unreachable(self.config, exc) from None
 
     def lane(self) -> Lane | None:
         """The script lane (made on first use); None sends accept and commit through

@@ -10,10 +10,8 @@ to one shard; redis-py follows ``MOVED``/``ASK`` and retries ``TRYAGAIN``/
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.cluster
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -22,7 +20,7 @@ from redis.retry import Retry as SyncRetry
 
 from ..cluster_lane import ClusterLane
 from ..config import ManagerConfig
-from ..errors import REDIS_TROUBLE, RedisUnavailable
+from ..errors import RedisUnavailable
 from ..keys import KeySchema
 from ..links import Endpoint
 from ..redisurl import redact_url, with_address
@@ -31,7 +29,7 @@ from ..slots import Address, SlotMap
 from ..state import LeaseRenewer
 from ..state.core import Lane
 from ..subscriptions import PUBSUB_NAME, Subscription
-from .base import Backend
+from .base import Backend, ask_node
 
 # A failover takes the cluster's node timeout plus an election (a few seconds): the
 # clients retry that long, with backoff, before a call fails.
@@ -71,27 +69,13 @@ class ClusterBackend(Backend):
         """As ``Backend.check``; first, that the node at the URL serves slots: the cluster
         client fails on one with none (nodes started but never made a cluster) with an
         IndexError from deep inside redis-py."""
-        cfg = self.config
-        where = redact_url(cfg.redis_url)
-        node = aioredis.Redis.from_url(
-            cfg.redis_url,
-            socket_connect_timeout=cfg.connect_timeout,
-            socket_timeout=cfg.connect_timeout,
-        )
-        try:
-            async with asyncio.timeout(cfg.connect_timeout + 1):
-                info = await node.execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call]
-        except REDIS_TROUBLE as exc:
-            reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
-            raise RedisUnavailable(where, reason) from None
-        finally:
-            await node.aclose()
+        info = await ask_node(self.config, "CLUSTER INFO")
         if not isinstance(info, dict):  # redis-py parses the reply into a dict
             text = info.decode() if isinstance(info, bytes) else str(info)
             info = dict(line.split(":", 1) for line in text.split() if ":" in line)
         if str(info.get("cluster_slots_assigned", "0")) == "0":
             raise RedisUnavailable(
-                where,
+                redact_url(self.config.redis_url),
                 "it is a Redis Cluster node with no slots assigned (was the cluster created? "
                 "redis-cli --cluster create, or deploy/redis-cluster-create.sh)",
             )

@@ -3,14 +3,10 @@ when it is not the one ``--redis-mode`` names."""
 
 from __future__ import annotations
 
-import asyncio
-
-import redis.asyncio as aioredis
-
 from ..config import ManagerConfig
-from ..errors import REDIS_TROUBLE, ConfigError, RedisUnavailable
+from ..errors import ConfigError
 from ..redisurl import SENTINEL_SCHEMES, redact_url
-from .base import Backend
+from .base import Backend, ask_node
 from .cluster import ClusterBackend
 from .sentinel import SentinelBackend
 from .standalone import StandaloneBackend
@@ -18,19 +14,7 @@ from .standalone import StandaloneBackend
 
 async def cluster_enabled(config: ManagerConfig) -> bool:
     """Ask the node at ``redis_url`` whether it is a Redis Cluster node."""
-    client = aioredis.Redis.from_url(
-        config.redis_url,
-        socket_connect_timeout=config.connect_timeout,
-        socket_timeout=config.connect_timeout,
-    )
-    try:
-        async with asyncio.timeout(config.connect_timeout + 1):
-            info = await client.info("cluster")
-    except REDIS_TROUBLE as exc:
-        reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
-        raise RedisUnavailable(redact_url(config.redis_url), reason) from None
-    finally:
-        await client.aclose()
+    info = await ask_node(config, "INFO", "cluster")
     return bool(int(info.get("cluster_enabled", 0)))
 
 
