@@ -81,6 +81,8 @@ class Actions:
         finally:
             if spec is not None:
                 spec.settle(landed, durable)
+        if runner is not None:
+            runner.store_behind = r.status == "behind"
         if r.unconfirmed:  # not acknowledged: the client's retry (same token) is safe
             raise NotReplicated(r.unconfirmed)
         if r.status == "missing":

@@ -409,6 +409,14 @@ async def test_store_down_then_back_refuses_clearly_loses_nothing_and_catches_up
         acked.append(accepted)
     assert acked and refusal, "the window never filled"
     assert "the event store is behind" in refusal and "not acknowledged" in refusal
+    # Refused again and again while the store is away: none of them dispatched before
+    # its accept answered (each refuted speculation replaced the agent and logged a line).
+    lost = a.node.metrics.speculations_lost
+    for i in range(5):
+        await asyncio.sleep(0.2)  # the loop idle again: it could take the next at once
+        with pytest.raises(StoreBehind):
+            await a.send_to_event_stream("c", {"action": "message", "args": {"content": f"{i}"}})
+    assert a.node.metrics.speculations_lost == lost
     assert await stored_mark(a, "down") == 2
     await wait_until(  # what /healthz shows
         lambda: "is unavailable" in a.node.archiver.trouble, what="the store's trouble known"
