@@ -195,10 +195,15 @@ class AgentPool:
 
     async def place(self, after: AgentWorker | None = None) -> AgentWorker:
         """A usable worker for an instance: the least loaded one that no suspect is sent
-        to, or (a suspect that failed on ``after``) the one in ``after``'s place. Waits
-        for one to come up; AgentFailed after ``start_timeout``."""
+        to (or, after ``agent_stall_timeout``, any), or (a suspect that failed on
+        ``after``) the one in ``after``'s place. Waits for one to come up; AgentFailed
+        after ``start_timeout``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.start_timeout
+        # A worker re-running a suspect is shared only after this long: a new instance
+        # that crashed it meanwhile would count against the suspect (an innocent action
+        # given up as poison). A suspect that stalls is decided within it.
+        patient_until = loop.time() + self._config.agent_stall_timeout
         while not self.closed:
             if after is not None:
                 target = _latest(after)
@@ -207,14 +212,17 @@ class AgentPool:
             else:
                 usable = [w for w in self.workers if w.usable]
                 sent_to = {_latest(w) for w in self.suspects.values()}
-                calm = [w for w in usable if w not in sent_to] or usable
+                calm = [w for w in usable if w not in sent_to]
+                if not calm and loop.time() >= patient_until:
+                    calm = usable  # a long dispatch on probation: share its worker
                 if calm:
                     return min(calm, key=lambda w: len(w.loops))
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            now = loop.time()
+            if now >= deadline:
                 raise AgentFailed(f"no agent worker ready within {self._config.start_timeout}s")
+            wake = min(deadline, patient_until) if now < patient_until else deadline
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(wake - now):
                     await asyncio.shield(self._changed)
         raise AgentFailed("the node's agent workers are stopped")
 

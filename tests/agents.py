@@ -52,8 +52,9 @@ class BadAgent(EchoAgent):
     a tuple key, ``user``: ``"source": "user"``) and answers what ``emit`` raised,
     ``spawn`` starts a program and forks itself, both sleeping, and answers their pids.
     With settings ``{"fail_start": true}`` its ``start`` raises (``{"start_raises":
-    NAME}``: NAME, as ``throw``); with ``{"start_delay": S}`` it takes S seconds, and with
-    ``{"start_log": PATH}`` writes how its start ended there (started, cancelled)."""
+    NAME}``: NAME, as ``throw``; ``{"start_exit": true}`` ends its process); with
+    ``{"start_delay": S}`` it takes S seconds, and with ``{"start_log": PATH}`` writes how
+    its start ended there (started, cancelled)."""
 
     def __init__(self, context: AgentContext) -> None:
         super().__init__(context)
@@ -64,6 +65,8 @@ class BadAgent(EchoAgent):
             raise RuntimeError("this agent cannot start")
         if self.context.settings.get("start_raises"):
             _raise(str(self.context.settings["start_raises"]))
+        if self.context.settings.get("start_exit"):
+            os._exit(3)
         outcome = "started"
         try:
             await asyncio.sleep(float(self.context.settings.get("start_delay", 0)))

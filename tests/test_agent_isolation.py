@@ -11,6 +11,7 @@ by an ``error`` observation naming it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from typing import Any
@@ -386,6 +387,30 @@ async def test_a_lost_speculation_replaces_the_agent_in_its_worker(
     assert sink.ids("c1") == [1, 2, 3, 4, 5, 6]
     assert node.metrics.speculations_lost == 1
     assert _pool(node).restarts == 0
+
+
+async def test_a_new_agent_waits_for_the_worker_a_suspect_runs_on_alone(make_nodes) -> None:
+    """One worker; an innocent action in flight when another conversation's agent kills
+    it becomes a suspect and runs again alone on the fresh worker. A conversation whose
+    agent's start kills the worker too joins meanwhile: its start waits until the
+    suspect is cleared (at most the stall timeout), so the innocent action is answered,
+    not given up as poison. Before, the start went on the same worker at once, and its
+    crash was the suspect's second strike."""
+    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
+    sink = make_nodes.sinks[node.node_id]
+    innocent = await Watcher(node, sink, "innocent").join()
+    bad = await Watcher(node, sink, "kills").join()
+    await innocent.say("slow 2")
+    await asyncio.sleep(0.3)
+    await bad.say("exit")
+    pool = _pool(node)
+    await wait_until(lambda: pool.suspects, what="the innocent action a suspect")
+    with contextlib.suppress(AgentFailed):
+        await Watcher(node, sink, "starts-badly").join({"start_exit": True})
+    await wait_until(lambda: "slow 2" in innocent.answers(), timeout=20, what="answered")
+    assert innocent.errors() == []
+    await wait_until(lambda: bad.errors(), timeout=20, what="the killer given up")
+    assert lapses == []
 
 
 async def test_a_dispatch_cut_short_by_a_lease_lapse_is_not_held_against_the_action(
