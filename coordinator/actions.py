@@ -27,6 +27,7 @@ from .errors import (
     StoreBehind,
 )
 from .membership import Membership
+from .metrics import NodeMetrics
 from .runner import LoopRunner
 from .state import Accepted, RedisState, accept_token
 
@@ -42,7 +43,9 @@ class Actions:
         membership: Membership,
         runners: Mapping[str, LoopRunner],
         delivery: Delivery,
+        metrics: NodeMetrics,
     ) -> None:
+        self._metrics = metrics
         self._state = state
         self._config = config
         self._membership = membership
@@ -84,6 +87,7 @@ class Actions:
         if runner is not None:
             runner.store_behind = r.status == "behind"
         if r.unconfirmed:  # not acknowledged: the client's retry (same token) is safe
+            self._metrics.not_replicated()
             raise NotReplicated(r.unconfirmed)
         if r.status == "missing":
             raise ConversationNotFound(sid)

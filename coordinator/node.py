@@ -169,6 +169,7 @@ class Node:
             membership=self.membership,
             runners=self.runners,
             delivery=self.delivery,
+            metrics=self.metrics,
         )
         self.archiver = Archiver(
             state=self.state,

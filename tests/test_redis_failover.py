@@ -550,6 +550,8 @@ async def test_an_id_redis_lost_and_gave_to_another_action_does_not_hide_it(
     sender, cid = (n1, "a") if through == "owner" else (n2, "b")
     with pytest.raises(NotReplicated):
         await sender.send_to_event_stream(cid, held)
+    # Counted where /metrics says so (before, only agents' commits were).
+    assert sender.node.metrics.writes_not_replicated == 1
     if through == "other":
         runner.poke()  # as after a pub/sub reconnect: the loop reads its inbox
     await asyncio.sleep(0.3)
