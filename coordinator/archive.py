@@ -296,7 +296,12 @@ class Archiver:
                 done.append((sid, meta))
             elif meta.get("inc"):
                 if (runner := self._runners.get(sid)) is not None and runner.running:
+                    # Its loop runs here: moved by this node's mover from now on, and
+                    # noted again should it stop before the store has it all. (Another
+                    # node's entry stays for that node's sweep: its loop may be stopping,
+                    # about to leave the conversation unowned.)
                     self.logged(sid)
+                    gone.append(sid)
             else:
                 lease = Lease(sid, meta.get("user", ""), "", int(meta.get("epoch") or 0))
                 orphans.append((lease, meta))

@@ -720,6 +720,29 @@ async def test_events_a_gone_owner_could_not_store_are_stored_by_a_sweep(
     assert 0 < ttl <= 3_600_000  # retiring: gone from Redis after the retention
 
 
+async def test_a_swept_conversation_running_again_is_its_owners_to_store(
+    make_nodes: NodeFactory, postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    """A conversation noted for the sweep that runs again (its client rejoined on
+    another node) leaves the sweep's list at its new owner's sweep, the store still away:
+    the owner's mover stores it once the store is back. Before, such entries stayed at
+    the head of the list while their conversation ran, and a sweep reads the oldest
+    hundred only."""
+    a, b = await make_nodes(2, log_window_events=20, event_store=postgres_dsn)
+    await a.join_conversation("again", "c", {}, "alice")
+    first = await send(a, "c", "stored")
+    await wait_stored(a, "again", first + 1)
+    await asyncio.to_thread(postgres_server.stop)
+    acked = await send(a, "c", "unstored")
+    await wait_until(lambda: _applied(a, "again", acked), what="answered")
+    await a.node.halt()
+    await wait_until(lambda: _unowned(b, "again"), timeout=15, what="released")
+    await b.join_conversation("again", "c2", {}, "alice")  # it runs on b now
+    await wait_until(lambda: _zcard(b), what="the entry left to its owner")
+    await asyncio.to_thread(postgres_server.start)
+    await wait_stored(b, "again", acked + 1)
+
+
 async def _applied(node: ConversationManager, sid: str, action: int) -> bool:
     return int((await node.conversation(sid)).get("applied") or 0) >= action
 
