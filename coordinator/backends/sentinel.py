@@ -22,14 +22,14 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry as SyncRetry
 
 from ..config import ManagerConfig
-from ..errors import REDIS_TROUBLE, RedisUnavailable
+from ..errors import REDIS_TROUBLE
 from ..keys import KeySchema
 from ..lane import ScriptLane
-from ..redisurl import SentinelURL, parse_sentinel_url, redact_url
+from ..redisurl import SentinelURL, parse_sentinel_url
 from ..state import LeaseRenewer
 from ..state.core import Lane
 from ..subscriptions import Subscription
-from .base import Backend
+from .base import Backend, unreachable
 
 # A failover takes Sentinel's down-after plus an election: calls retry, with backoff,
 # about that long before they fail.
@@ -93,7 +93,6 @@ class SentinelBackend(Backend):
         a Sentinel's errors (MasterNotFoundError, AuthenticationError) are
         ConnectionErrors it retries too, so a timeout around it hides every reason."""
         cfg = self.config
-        where = redact_url(cfg.redis_url)
         # Each sentinel asked once, then the master: a hung one is bounded by its timeouts.
         bound = (cfg.connect_timeout * 2) * (len(self.url.sentinels) + 1) + 1
         try:
@@ -111,9 +110,9 @@ class SentinelBackend(Backend):
                     with contextlib.suppress(*REDIS_TROUBLE):
                         await master.aclose()
         except _Failed as exc:
-            raise RedisUnavailable(where, redact_url(str(exc))) from None
+            raise unreachable(cfg, exc) from None
         except TimeoutError:
-            raise RedisUnavailable(where, f"no answer within {bound:.0f}s") from None
+            raise unreachable(cfg, TimeoutError(f"no answer within {bound:.0f}s")) from None
 
     async def _discover_once(self) -> tuple[str, int]:
         """The master's address from the first sentinel that knows it; _Failed naming
