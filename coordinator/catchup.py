@@ -45,13 +45,12 @@ log = logging.getLogger(__name__)
 RETRIED_READS: tuple[type[Exception], ...] = (*REDIS_TRANSIENT, NotReplicated)
 
 PAGE = 500
-# A join's first read: (cursor, count) -> the log's last id and the events after cursor.
-FirstRead = Callable[[int, int], Awaitable[tuple[int | None, list[tuple[int, Event]]]]]
-# A replay reads the log a page at a time; pages hold about REPLAY_PAGE_BYTES of events
-# (at most PAGE of them, at least one), so a client replaying big events, or reading
-# slowly, holds about that much, not PAGE big events. The first page is smaller: its
-# events' size is not known yet.
-FIRST_PAGE = 32
+# A join's first read: (cursor, count, bytes) -> the log's last id, the events after
+# cursor (as ``History.after`` bounds them) and their packed size.
+FirstRead = Callable[[int, int, int], Awaitable[tuple[int | None, list[tuple[int, Event]], int]]]
+# A replay reads the log a page at a time; pages hold at most PAGE events and about
+# REPLAY_PAGE_BYTES (at least one: bounded where they are read, ``scripts.READ``), so a
+# client replaying big events, or reading slowly, holds about that much.
 REPLAY_PAGE_BYTES = 256 * 1024
 # Events a replay sends before it lets the event loop run other work.
 YIELD_EVERY = 64
@@ -242,20 +241,20 @@ class LocalConnections:
         backoff = Backoff(base=0.05, cap=2.0)
         loop = asyncio.get_running_loop()
         deadline = None if within is None else loop.time() + within
-        count = FIRST_PAGE
+        count, most = PAGE, REPLAY_PAGE_BYTES
         while conn.cid in self._by_id:
             try:
                 if joining is not None:
-                    last, rows = await joining(conn.cursor, count)
+                    last, rows, size = await joining(conn.cursor, count, most)
                     if conn.cursor > (last or 0):
                         raise beyond_last_event(conn.cursor, last or 0, conn.sid)
                     joining = None
                     conn.verified = True
-                    rows, size = await self._history.below_window(
-                        conn.sid, conn.cursor, count, rows, 0, last
+                    rows, more = await self._history.below_window(
+                        conn.sid, conn.cursor, count, most, rows, size, last
                     )
                 else:
-                    rows, size = await self._history.after(conn.sid, conn.cursor, count)
+                    rows, more = await self._history.after(conn.sid, conn.cursor, count, most)
             # The store's StoreUnavailable too (an OSError); a read no replica holds yet
             # (--ack-replicas): none of it is shown until one does.
             except RETRIED_READS as exc:
@@ -274,9 +273,7 @@ class LocalConnections:
                     await self._send(conn, event_id, event)
                 if i % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # a long replay does not hold up the node
-            if len(rows) == count:
-                # The next page: about REPLAY_PAGE_BYTES by the size of this one's events.
-                count = max(1, min(PAGE, REPLAY_PAGE_BYTES * count // size)) if size else count
+            if more:
                 continue
             if await self._went_live(conn):
                 return

@@ -69,13 +69,13 @@ class ClusterLane(LaneCalls):
         self, commands: Sequence[Sequence[Any]], *, transaction: bool = False
     ) -> list[Any]:
         """As ``ScriptLane.execute``: each command goes to the shard of its key (its
-        second word; a WAIT to the shard of the command before it), the shards' batches
-        together; a transaction must stay in one slot."""
+        second word, an EVALSHA's first key; a WAIT to the shard of the command before
+        it), the shards' batches together; a transaction must stay in one slot."""
         by_slot: dict[int, list[int]] = {}
         slot = 0
         for i, command in enumerate(commands):
             if command[0] != "WAIT":  # a WAIT goes behind the command before it
-                slot = slot_of(str(command[1]))
+                slot = slot_of(str(command[3] if command[0] == "EVALSHA" else command[1]))
             by_slot.setdefault(slot, []).append(i)
         if transaction and len(by_slot) > 1:
             raise ValueError("a transaction's keys must share one hash slot")

@@ -19,7 +19,6 @@ from .state import RedisState
 
 Rows = list[tuple[int, Event]]
 MAX_ID = 2**62  # above any event id
-FIRST_CHUNK = 4  # events a reader's page reads first (``History.page``)
 
 
 class History:
@@ -30,13 +29,18 @@ class History:
         self._store = store
 
     async def after(
-        self, sid: str, after: int, count: int, *, shown: bool = True
-    ) -> tuple[Rows, int]:
-        """Up to ``count`` events with ids above ``after`` (oldest first), gap-free where
-        either Redis or the store has them, and their packed size. ``shown``: for
-        clients (with ``--ack-replicas``, only what replicas hold; else an agent's read)."""
-        rows, size, last = await self._state.events_after_sized(sid, after, count, shown=shown)
-        return await self.below_window(sid, after, count, rows, size, last)
+        self, sid: str, after: int, count: int, max_bytes: int, *, shown: bool = True
+    ) -> tuple[Rows, bool]:
+        """Events with ids above ``after`` (oldest first), gap-free where either Redis or
+        the store has them: at most ``count`` of them, and none after those whose packed
+        size reaches ``max_bytes`` (at least one), so that a reader holds about a page
+        however large its events; and whether more may follow (a full page). ``shown``:
+        for clients (with ``--ack-replicas``, only what replicas hold; else an agent's
+        read)."""
+        rows, size, last = await self._state.events_after_sized(
+            sid, after, count, max_bytes, shown=shown
+        )
+        return await self.below_window(sid, after, count, max_bytes, rows, size, last)
 
     async def _check_held(
         self, sid: str, after: int, stored: list[tuple[int, bytes]], start: int
@@ -61,45 +65,38 @@ class History:
             "stored: was it damaged, or restored from an older backup?"
         )
 
-    async def page(self, sid: str, after: int, count: int, max_bytes: int) -> tuple[Rows, bool]:
-        """``after``'s events for a reader: up to ``count`` of them and about ``max_bytes``
-        (at least one event; the last read may pass the bound by a few events), read a
-        few at a time so that a page of large events never sits in memory whole; and
-        whether more may follow."""
-        rows: Rows = []
-        size, chunk = 0, min(count, FIRST_CHUNK)
-        while True:
-            got, got_size = await self.after(sid, rows[-1][0] if rows else after, chunk)
-            rows += got
-            size += got_size
-            if len(got) < chunk:
-                return rows, False
-            left = count - len(rows)
-            if left == 0 or size >= max_bytes:
-                return rows, True
-            # As many again as fit in what is left, judging by the events read so far.
-            chunk = min(left, max(1, (max_bytes - size) * len(rows) // max(size, 1)))
-
     async def below_window(
-        self, sid: str, after: int, count: int, rows: Rows, size: int, last: int | None
-    ) -> tuple[Rows, int]:
+        self,
+        sid: str,
+        after: int,
+        count: int,
+        max_bytes: int,
+        rows: Rows,
+        size: int,
+        last: int | None,
+    ) -> tuple[Rows, bool]:
         """``rows`` (with ``size``): a read of the Redis log after ``after``, of a
         conversation whose last id is ``last`` (None: it has no record in Redis, which
         let it go after it stopped: ``--redis-retention``; 0: it has logged nothing, in
         Redis or in the store, so a new conversation's first join never asks the store).
         When the log starts later (or holds nothing, as when the conversation came back
-        from the store), the page starts with what the store holds below it. A full page
-        (``count`` events) may be followed by more."""
+        from the store), the page starts with what the store holds below it (``count``
+        events and ``max_bytes`` at most, as ``after``); and whether more may follow."""
+        full = len(rows) == count or size >= max_bytes
         start = rows[0][0] if rows else MAX_ID if last is None else last + 1
         if start <= after + 1:
-            return rows, size
+            return rows, full
         trimmed = start - 1 - after
-        stored = await self._store.read(sid, after, min(count, trimmed))
-        if len(stored) < min(count, trimmed) or (stored and stored[-1][0] != after + len(stored)):
+        stored = await self._store.read(sid, after, min(count, trimmed), max_bytes)
+        got = sum(len(data) for _, data in stored)
+        cut = got >= max_bytes  # the store stopped at the bound: it may have more
+        if (len(stored) < min(count, trimmed) and not cut) or (
+            stored and stored[-1][0] != after + len(stored)
+        ):
             await self._check_held(sid, after, stored, start)
         page = [(i, unpack(data)) for i, data in stored]
-        size += sum(len(data) for _, data in stored)
-        if len(stored) == count < trimmed:
-            return page, size  # the store has more below the window
+        if len(stored) == count < trimmed or (stored and got + size >= max_bytes):
+            return page, True  # the store has more below the window, or the page is full
         # The store's page reaches the window (ids it lacks too were lost by Redis).
-        return (page + rows)[:count], size
+        both = page + rows
+        return both[:count], full or len(both) >= count

@@ -411,7 +411,7 @@ class ConversationManager:
         check_conversation_id(sid)
         check_int("after", after, 0, MAX_EVENT_ID)
         check_int("limit", limit, 1, MAX_EVENTS_READ)
-        rows, more = await self.node.history.page(sid, after, limit, MAX_PAGE_BYTES)
+        rows, more = await self.node.history.after(sid, after, limit, MAX_PAGE_BYTES)
         return [codec.with_id(i, e) for i, e in rows], more
 
     async def nodes(self) -> dict[str, str]:

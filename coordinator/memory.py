@@ -22,10 +22,10 @@ from typing import Any
 from workers.protocol import AgentContext, Checkpoint, Event
 
 from .archive import Archiver
-from .codec import pack, with_id
+from .codec import with_id
 from .errors import Fenced, InvalidInput
 from .eventstore import EventStore, StoreError
-from .history import History, Rows
+from .history import History
 from .state import Lease
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,7 @@ class LoopMemory:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InvalidInput(f"history: {name!r} must be an integer >= {least}")
         count = min(limit, PAGE_EVENTS)
-        rows, size = await self._history.after(self._lease.sid, after, count, shown=False)
-        if size > PAGE_BYTES:
-            rows = _within(rows, PAGE_BYTES)
+        rows, _ = await self._history.after(self._lease.sid, after, count, PAGE_BYTES, shown=False)
         return [with_id(i, event) for i, event in rows]
 
     async def save(self, covers: int, data: bytes) -> None:
@@ -127,13 +125,3 @@ class LoopMemory:
             return None
         self.latest = None if saved is None else Checkpoint(*saved)
         return self.latest
-
-
-def _within(rows: Rows, limit: int) -> Rows:
-    """The leading rows of about ``limit`` packed bytes (at least one)."""
-    total = 0
-    for n, (_, event) in enumerate(rows):
-        total += len(pack(event))
-        if total > limit and n:
-            return rows[:n]
-    return rows

@@ -117,17 +117,17 @@ class Sessions:
             finally:
                 self._join_gate.release()
 
-            async def register_and_read(after: int, count: int) -> Any:
+            async def register_and_read(after: int, count: int, max_bytes: int) -> Any:
                 # Registered before the first read, in the same round trip (state layer), and
                 # counted under the user's cap on all nodes together.
                 inc = self._membership.inc
-                last, rows, held = await self._state.join_and_read(
-                    cid, sid, user, inc, after, count
+                last, rows, size, held = await self._state.join_and_read(
+                    cid, sid, user, inc, after, count, max_bytes
                 )
                 cap = cfg.max_connections_per_user
                 if cap and held > cap:
                     raise too_many_connections(user, cap)
-                return last, rows
+                return last, rows, size
 
             try:
                 # Bounded: no input (a cursor Redis refuses, a Redis that stays away) may

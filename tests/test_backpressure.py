@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from coordinator import NodeBusy
-from coordinator.catchup import BUFFERED
+from coordinator.catchup import BUFFERED, REPLAY_PAGE_BYTES
 from coordinator.links import Endpoint
 from coordinator.subscriptions import Subscriptions
 from tests.helpers import Heard, listening, wait_until
@@ -319,3 +319,57 @@ async def test_a_gap_filled_within_a_few_loop_steps_is_not_read_from_the_log(
     await wait_until(lambda: connections.catch_ups == before + 1, what="the log read")
     await wait_until(lambda: sink.ids("x") == [1, 2, 3, 4], what="all four, in order")
     assert not connections.get("x").replaying  # type: ignore[union-attr]
+
+
+async def test_a_replay_reads_the_log_in_pages_bounded_in_bytes(make_nodes: Any) -> None:
+    """A client joining with ``latest_event_id`` 0 a conversation whose large events come
+    after small ones: each read of its replay holds about ``REPLAY_PAGE_BYTES`` (one
+    large event past it at most), the first too. Before, the first page was 32 events
+    whatever their size, and a page after small events was sized by them: hundreds of
+    events, up to 500 of the largest an agent may emit (1 MiB by default) for one client.
+    Every event still arrives once, in order."""
+    size = 96 * 1024
+    (node,) = await make_nodes(1, max_action_bytes=size + 1024, log_window_bytes=64 * size)
+    sink = make_nodes.sinks["node1"]
+    await node.join_conversation("big", "writer", {}, "alice")
+    for i in range(24):
+        text = f"{i:03}" + ("x" * size if i % 8 == 7 or i >= 16 else "")
+        await node.send_to_event_stream("writer", {"action": "message", "args": {"content": text}})
+    await wait_until(lambda: len(sink.events["writer"]) == 48, what="the answers")
+    state, reads = node.state, []
+    join_and_read, after_sized = state.join_and_read, state.events_after_sized
+
+    async def counted_join(*args: Any) -> Any:
+        last, rows, got, held = await join_and_read(*args)
+        reads.append((len(rows), got))
+        return last, rows, got, held
+
+    async def counted_after(*args: Any, **kwargs: Any) -> Any:
+        rows, got, last = await after_sized(*args, **kwargs)
+        reads.append((len(rows), got))
+        return rows, got, last
+
+    state.join_and_read = counted_join  # type: ignore[method-assign]
+    state.events_after_sized = counted_after  # type: ignore[method-assign]
+    await node.join_conversation("big", "reader", {}, "alice", latest_event_id=0)
+    assert sink.ids("reader") == list(range(1, 49))
+    assert sum(n for n, _ in reads) == 48, reads
+    # A read stops at the first event that reaches the bound: two large ones at most.
+    assert max(got for _, got in reads) < REPLAY_PAGE_BYTES + 2 * size, reads
+    assert reads[0][0] > 8, reads  # small events still come many to a page
+
+
+async def test_a_join_after_redis_forgot_its_scripts_loads_them_and_replays(
+    make_nodes: Any,
+) -> None:
+    """A join's first read is a script (``scripts.READ``) sent with the registration:
+    after Redis lost its script cache (a restart, a failover, SCRIPT FLUSH) the join
+    loads the scripts again and replays, instead of failing on NOSCRIPT."""
+    (node,) = await make_nodes(1)
+    sink = make_nodes.sinks["node1"]
+    await node.join_conversation("flushed", "writer", {}, "alice")
+    await node.send_to_event_stream("writer", {"action": "message", "args": {"content": "hi"}})
+    await wait_until(lambda: len(sink.events["writer"]) == 2, what="the answer")
+    await node.state.redis.script_flush()
+    await node.join_conversation("flushed", "reader", {}, "alice", latest_event_id=0)
+    assert sink.ids("reader") == [1, 2]

@@ -45,6 +45,24 @@ async def test_round_trip_with_paging(store: EventStore) -> None:
     assert await store.last_id("c1") == 250
 
 
+async def test_a_read_bounded_in_bytes_stops_at_the_event_that_reaches_the_bound(
+    store: EventStore,
+) -> None:
+    """``max_bytes``: no event after those whose data reach it, at least one (a replay
+    or a page of large events holds about a page, however many were asked for)."""
+    written = [(i, pack({"n": i, "pad": "x" * (1000 if i % 3 == 0 else 10)})) for i in range(1, 31)]
+    await store.append("c1", 1, written, user="alice")
+    sizes = [len(d) for _, d in written]
+    got = await store.read("c1", 0, 30, max_bytes=sizes[0] + sizes[1] + sizes[2])
+    assert got == written[:3]  # the third reaches the bound
+    assert await store.read("c1", 0, 30, max_bytes=1) == written[:1]  # one at least
+    assert await store.read("c1", 2, 30, max_bytes=sizes[2] + 1) == written[2:4]
+    assert await store.read("c1", 0, 2, max_bytes=10**9) == written[:2]  # the count first
+    assert await store.read("c1", 0, 30, max_bytes=0) == written  # 0: no bound
+    with pytest.raises(InvalidInput, match="max_bytes"):
+        await store.read("c1", 0, 30, max_bytes=-1)
+
+
 async def test_a_lookup_gives_the_conversation_or_its_users_count_in_one_call(
     store: EventStore,
 ) -> None:

@@ -161,9 +161,10 @@ class EventStore(Protocol):
         ...
 
     async def read(
-        self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT
+        self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT, max_bytes: int = 0
     ) -> list[StoredEvent]:
-        """Up to ``limit`` events with ids above ``after``, in id order."""
+        """Up to ``limit`` events with ids above ``after``, in id order; with
+        ``max_bytes``, none after those whose data reach that size (at least one)."""
         ...
 
     async def size(self, sid: str) -> int:
@@ -276,10 +277,12 @@ def check_epoch(epoch: int) -> None:
         raise InvalidInput(f"an epoch is an integer >= 0, got {epoch!r}")
 
 
-def check_read(after: int, limit: int) -> None:
+def check_read(after: int, limit: int, max_bytes: int) -> None:
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
         raise InvalidInput(f"'after' is an event id >= 0, got {after!r}")
     check_limit(limit)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise InvalidInput(f"'max_bytes' is an integer >= 0 (0: no bound), got {max_bytes!r}")
 
 
 def check_limit(limit: int) -> None:

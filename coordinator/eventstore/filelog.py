@@ -320,17 +320,23 @@ def raise_fence(
     return replace(state, end=state.end + len(record), epoch=epoch)
 
 
-def read(files: ConversationFiles, fd: int, after: int, limit: int) -> list[StoredEvent]:
-    """Events with ids above ``after``, at most ``limit``, under the shared lock."""
+def read(
+    files: ConversationFiles, fd: int, after: int, limit: int, max_bytes: int = 0
+) -> list[StoredEvent]:
+    """Events with ids above ``after``, at most ``limit`` and (``max_bytes`` > 0) none
+    after those whose data reach ``max_bytes``, under the shared lock."""
     size = os.fstat(fd).st_size
     if size <= fr.HEADER_SIZE:
         return []
     start = _read_start(fd, files.index, after, size)
     reader = fr.RecordReader(fd, start)
     out: list[StoredEvent] = []
-    while len(out) < limit and (record := reader.next()) is not None:
+    left = max_bytes or -1
+    while len(out) < limit and left != 0 and (record := reader.next()) is not None:
         if record.kind == fr.EVENT and record.event_id > after:
             out.append((record.event_id, record.data))
+            if left > 0:
+                left = max(0, left - len(record.data))
     return out
 
 

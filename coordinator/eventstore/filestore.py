@@ -307,16 +307,16 @@ class FileEventStore(Opened):
             return result
 
     async def read(
-        self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT
+        self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT, max_bytes: int = 0
     ) -> list[StoredEvent]:
         check_conversation_id(sid)
-        check_read(after, limit)
-        return await self._run(self._read_sync, sid, after, limit)
+        check_read(after, limit, max_bytes)
+        return await self._run(self._read_sync, sid, after, limit, max_bytes)
 
-    def _read_sync(self, sid: str, after: int, limit: int) -> list[StoredEvent]:
+    def _read_sync(self, sid: str, after: int, limit: int, max_bytes: int) -> list[StoredEvent]:
         files = self._files(sid)
         with filelog.locked(files.log, exclusive=False, create=False) as fd:
-            return [] if fd is None else filelog.read(files, fd, after, limit)
+            return [] if fd is None else filelog.read(files, fd, after, limit, max_bytes)
 
     async def conversation(self, sid: str) -> StoredConversation | None:
         check_conversation_id(sid)

@@ -120,8 +120,11 @@ class Statements:
             "last_id = u.last_id, bytes = c.bytes + u.bytes FROM unnest($1::text[], "
             "$2::bigint[], $3::bigint[], $4::bigint[]) AS u(id, epoch, last_id, bytes) "
             "WHERE c.conversation_id = u.id",
-            read=f"SELECT id, data FROM {s}.events WHERE conversation_id = $1 AND id > $2 "
-            "ORDER BY id LIMIT $3",
+            # The data of the events before each, summed: none after those reaching $4.
+            read="SELECT id, data FROM (SELECT id, data, sum(octet_length(data)) OVER "
+            f"(ORDER BY id) - octet_length(data) AS before FROM {s}.events "
+            "WHERE conversation_id = $1 AND id > $2 ORDER BY id LIMIT $3) AS page "
+            "WHERE before < $4 ORDER BY id",
             count_user=f"SELECT count(*) FROM {s}.conversations WHERE user_id = $1",
             count_all=f"SELECT count(*) FROM {s}.conversations",
             list_user=f"SELECT conversation_id, "

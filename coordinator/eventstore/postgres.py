@@ -51,6 +51,8 @@ from .base import (
 from .errors import StoreCorrupt, StoreError, StoreUnavailable
 from .redact import redact_url, scrub, url_secrets
 
+MAX_BIGINT = 2**63 - 1  # a read without a bound in bytes
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -282,11 +284,12 @@ class PostgresEventStore(Opened):
         return out
 
     async def read(
-        self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT
+        self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT, max_bytes: int = 0
     ) -> list[StoredEvent]:
         check_conversation_id(sid)
-        check_read(after, limit)
-        rows = await self._call(lambda conn: conn.fetch(self._sql.read, sid, after, limit))
+        check_read(after, limit, max_bytes)
+        bound = max_bytes or MAX_BIGINT
+        rows = await self._call(lambda conn: conn.fetch(self._sql.read, sid, after, limit, bound))
         return [(int(row["id"]), bytes(row["data"])) for row in rows]
 
     async def conversation(self, sid: str) -> StoredConversation | None:

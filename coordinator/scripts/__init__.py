@@ -17,7 +17,7 @@ from .attempts import ATTEMPTS
 from .buckets import TAKE_TOKENS
 from .cap import ADMIT, ORG_ADMIT, ORG_PRUNE, RELEASE_SLOT
 from .clock import NOW
-from .log import ACCEPT, COMMIT, REWIND
+from .log import ACCEPT, COMMIT, READ, REWIND
 from .ownership import ACQUIRE, ATTACH, DELETE_IF, ENROLL, HDEL_IF, RELEASE, RENEW
 from .store import CLAIM_STORE, MARK_STORED, UNSTORED
 
@@ -37,6 +37,7 @@ __all__ = [
     "NOW",
     "ORG_ADMIT",
     "ORG_PRUNE",
+    "READ",
     "RELEASE",
     "RELEASE_SLOT",
     "RENEW",
@@ -61,6 +62,7 @@ ALL = {
     "hdel_if": HDEL_IF,
     "attach": ATTACH,
     "rewind": REWIND,
+    "read": READ,
     "claim_store": CLAIM_STORE,
     "unstored": UNSTORED,
     "mark_stored": MARK_STORED,

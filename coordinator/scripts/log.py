@@ -200,3 +200,31 @@ redis.call('XADD', KEYS[2], id .. '-0', 'd', ARGV[2])
 redis.call('PUBLISH', ARGV[3], '\\146' .. cmsgpack.pack(id) .. ARGV[2])
 return {id, seq}
 """
+
+READ = """
+-- read: a page of a conversation's log, bounded in bytes as well as in events, so that
+-- a reader (a client's replay, a REST page) never holds more than about a page of
+-- events, however large they are (an agent's may be a MiB each; a count alone, sized
+-- by earlier events, read hundreds of them after a few small ones).
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream
+-- ARGV[1]  after: the events with ids above it   ARGV[2] count: at most this many
+-- ARGV[3]  bytes: no more events once their packed size reaches this (at least one)
+-- returns  {the conversation's last id (nil without a record), entries, packed bytes}
+local seq = redis.call('HGET', KEYS[1], 'seq')
+local from, left, bound = '(' .. ARGV[1] .. '-0', tonumber(ARGV[2]), tonumber(ARGV[3])
+local rows, size = {}, 0
+while left > 0 do
+  -- A few entries at a time: the script holds no more of the log than a page.
+  local want = math.min(left, 16)
+  local got = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', want)
+  for _, row in ipairs(got) do
+    rows[#rows + 1] = row
+    size = size + #row[2][2]
+    if size >= bound then return {seq, rows, size} end
+  end
+  if #got < want then break end
+  left = left - want
+  from = '(' .. got[#got][1]
+end
+return {seq, rows, size}
+"""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from workers.protocol import Event
 
-from .core import StateCore, entries, text
+from .core import StateCore, page, text
 
 Conn = tuple[str, str, str]  # (connection id, sid, user)
 Command = tuple[str, ...]
@@ -32,14 +32,16 @@ class ConnectionOps(StateCore):
         await self._per_connection(conns, commands)
 
     async def join_and_read(
-        self, cid: str, sid: str, user: str, inc: str, after: int, count: int
-    ) -> tuple[int | None, list[tuple[int, Event]], int]:
-        """Register connection ``cid`` of ``inc`` and read its first page of the log: the
-        conversation's last id (None without a record), the events after ``after``, and
-        how many connections the user holds now on all nodes (this one included). One
-        round trip: the registration is made before the read (same connection, or on a
-        cluster the conversation's shard, in order), so an event logged after the read is
-        published to this node.
+        self, cid: str, sid: str, user: str, inc: str, after: int, count: int, max_bytes: int
+    ) -> tuple[int | None, list[tuple[int, Event]], int, int]:
+        """Register connection ``cid`` of ``inc`` and read its first page of the log
+        (``count`` events and about ``max_bytes`` at most): the conversation's last id
+        (None without a record), the events after ``after``, their packed size, and how
+        many connections
+        the user holds now on all nodes (this one included). One round trip: the
+        registration is made before the read (same connection, or on a cluster the
+        conversation's shard, in order), so an event logged after the read is published
+        to this node.
 
         The count makes the per-user connection cap exact without a lock: a join that
         finds more than the cap is refused and unregistered, so every connection kept was
@@ -52,13 +54,13 @@ class ConnectionOps(StateCore):
                 ("HSET", k.node_conns(inc), cid, sid),
                 ("HSET", k.user_conns(user), cid, sid),
                 ("HLEN", k.user_conns(user)),
-                ("HGET", k.conv(sid), "seq"),
-                ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
+                self._read(sid, after, count, max_bytes),
                 *self._barrier(sid),
             ]
         )
-        *_, users, seq, rows = self._check_barrier(sid, replies)
-        return None if seq is None else int(seq), entries(rows), int(users)
+        *_, users, read = self._check_barrier(sid, replies)
+        seq, rows, size = page(read)
+        return seq, rows, size, int(users)
 
     async def remove_connections(self, conns: Sequence[Conn], inc: str) -> None:
         """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent)."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from workers.protocol import Event
 
-from .core import StateCore, entries, packed, text
+from .core import StateCore, entries, page, text
 from .results import ATTACH, OWNERSHIP, AttachStatus, Ownership, status
 
 
@@ -123,25 +123,17 @@ class ConversationOps(StateCore):
         return entries(rows)
 
     async def events_after_sized(
-        self, sid: str, after: int, count: int, *, shown: bool = True
+        self, sid: str, after: int, count: int, max_bytes: int, *, shown: bool = True
     ) -> tuple[list[tuple[int, Event]], int, int | None]:
-        """``events_after`` with the packed size of what it read, so that a replay can
-        size its next page in bytes (a client's replay holds one page at a time), and
-        the conversation's last event id (None without a record), read together.
+        """Events with ids above ``after`` (oldest first): at most ``count`` of them and
+        about ``max_bytes`` (at least one: ``scripts.READ``), their packed size, and the
+        conversation's last event id (None without a record), read together.
         ``shown``: for clients, so with ``replicas`` only what they hold (``_barrier``);
         an agent reads what its loop answers, unconfirmed or not."""
-        k = self.keys
         barrier = self._barrier(sid) if shown else []
-        replies = await self._commands(
-            [
-                ("HGET", k.conv(sid), "seq"),
-                ("XRANGE", k.events(sid), f"({after}-0", "+", "COUNT", count),
-                *barrier,
-            ]
-        )
-        seq, rows = self._check_barrier(sid, replies) if barrier else replies
-        size = sum(len(packed(fields)) for _, fields in rows)
-        return entries(rows), size, None if seq is None else int(seq)
+        replies = await self._commands([self._read(sid, after, count, max_bytes), *barrier])
+        seq, rows, size = page((self._check_barrier(sid, replies) if barrier else replies)[0])
+        return rows, size, seq
 
     async def inbox_snapshot(
         self, sid: str, after: int, count: int = 500

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from workers.protocol import Event
 
@@ -37,6 +38,13 @@ def entries(rows: Any) -> list[tuple[int, Event]]:
     return [
         (int(text(entry_id).split("-")[0]), unpack(packed(fields))) for entry_id, fields in rows
     ]
+
+
+def page(reply: Any) -> tuple[int | None, list[tuple[int, Event]], int]:
+    """A ``scripts.READ`` reply: the conversation's last id (None without a record), the
+    events read, their packed size."""
+    seq, rows, size = reply
+    return None if seq is None else int(seq), entries(rows), int(size)
 
 
 def _fullness(info: Any) -> float:
@@ -121,12 +129,27 @@ class StateCore:
         the lane when there is one (hiredis: about a tenth of redis-py's CPU per command),
         else a redis-py pipeline. Replies may be raw (lane) or parsed (redis-py): callers
         read them with ``text``, ``int`` and ``entries``, which take both."""
+        try:
+            return await self._send(commands, transaction)
+        except NoScriptError:  # Redis restarted (or failed over) without its script cache
+            await self.load_scripts()
+            return await self._send(commands, transaction)
+
+    async def _send(self, commands: Sequence[Sequence[Any]], transaction: bool) -> list[Any]:
         if self.lane is not None:
             return await self.lane.execute(commands, transaction=transaction)
         async with self.redis.pipeline(transaction=transaction) as pipe:
             for command in commands:
                 pipe.execute_command(*command)
             return list(await pipe.execute())
+
+    def _read(self, sid: str, after: int, count: int, max_bytes: int) -> tuple[Any, ...]:
+        """The command that reads a page of ``sid``'s log (``scripts.READ``: at most
+        ``count`` events and about ``max_bytes``), for ``_commands``; its reply, read by
+        ``page``: the conversation's last id, the entries, their packed size."""
+        k = self.keys
+        return ("EVALSHA", self._scripts["read"].sha, 2, k.conv(sid), k.events(sid),
+                after, count, max_bytes)  # fmt: skip
 
     def _barrier(self, sid: str) -> list[tuple[Any, ...]]:
         """With ``replicas``: what follows a read of ``sid``'s log in the same round trip
