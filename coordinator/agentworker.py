@@ -99,8 +99,9 @@ class AgentWorker(asyncio.Protocol):
                 pass_fds=(child.fileno(), report_w),
                 env=env,
                 # A group of its own: what its agents start is killed with it (killpg).
-                # It still dies with its node (workers/parent.py), and a signal to the
-                # node's group is the node's to act on either way (workers/host.py).
+                # It still dies with its node (workers/parent.py), ending its group too,
+                # and a signal to the node's group is the node's to act on either way
+                # (workers/host.py).
                 start_new_session=True,
             )
         except BaseException:

@@ -25,6 +25,9 @@ MAX_AGENT_MEMORY = 1 << 47
 # Past a day a stuck worker is not being noticed at all (the bound also keeps each
 # worker's stall-reporter thread within what time.sleep takes).
 MAX_AGENT_STALL_TIMEOUT = 86_400.0
+# An action's or a start's own bound past a day bounds nothing (0 says so), and a purge
+# marks a conversation for a start's bound (in Redis milliseconds, which 1e300 is not).
+MAX_AGENT_RUN_TIMEOUT = 86_400.0
 MAX_AGENT_WORKERS = 1024  # processes per node, each ~23 MB before any agent
 
 # Bytes a window keeps beyond its largest action: a loop's start note (about 200) and
@@ -309,6 +312,11 @@ class ManagerConfig:
         for name in ("agent_dispatch_timeout", "agent_start_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: none), got {getattr(self, name)!r}")
+            if getattr(self, name) > MAX_AGENT_RUN_TIMEOUT:
+                raise ConfigError(
+                    f"{name} must be at most {MAX_AGENT_RUN_TIMEOUT:g} seconds (0: none), "
+                    f"got {getattr(self, name)!r}"
+                )
         if self.max_connections_per_user < 0:
             raise ConfigError(
                 f"max_connections_per_user must be >= 0, got {self.max_connections_per_user!r}"

@@ -48,8 +48,9 @@ class BadAgent(EchoAgent):
     of N bytes and answers "saved" or the error, ``throw NAME`` raises NAME (SystemExit,
     KeyboardInterrupt, GeneratorExit, CancelledError; anything else: a BaseException),
     ``hoard`` allocates until memory runs out, keeps it where dropping the instance does
-    not free it, then raises, ``emit KIND`` emits an event the node must refuse (``key``:
-    a tuple key, ``user``: ``"source": "user"``) and answers what ``emit`` raised,
+    not free it, then raises, ``emit KIND`` emits an event that must be refused (``key``:
+    a tuple key, ``set``, ``bytes``: a value JSON does not have, ``surrogate``: text
+    UTF-8 cannot hold, ``user``: ``"source": "user"``) and answers what ``emit`` raised,
     ``spawn`` starts a program and forks itself, both sleeping, and answers their pids.
     With settings ``{"fail_start": true}`` its ``start`` raises (``{"start_raises":
     NAME}``: NAME, as ``throw``; ``{"start_exit": true}`` ends its process); with
@@ -114,6 +115,12 @@ class BadAgent(EchoAgent):
             bad: dict[str, Any] = {"action": "message", "args": {"content": "forged"}}
             if arg == "key":
                 bad["args"] = {(1, 2): "a tuple key"}
+            elif arg == "set":
+                bad = {"observation": "x", "content": {1, 2}}
+            elif arg == "bytes":
+                bad["args"] = {"content": "forged", "image_urls": [b"\x89PNG"]}
+            elif arg == "surrogate":
+                bad["args"] = {"content": "forged \udc80"}
             else:
                 bad["source"] = "user"
             try:

@@ -13,6 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -23,6 +27,8 @@ from coordinator.codec import pack
 from coordinator.keys import KeySchema
 from coordinator.state import RedisState
 from tests.helpers import RecordingSink, wait_until
+from tests.processes import REPO, child_env
+from workers.channel import DISPATCH, DONE, EMIT, HELLO, OPEN, REPLY, STOP, FrameReader, frame
 
 BAD = "tests.agents:BadAgent"
 ISOLATED_ATTEMPTS = 2  # max_dispatch_attempts, the default
@@ -557,6 +563,38 @@ async def test_an_event_with_a_key_that_is_not_text_is_refused_to_its_agent(
     assert lapses == []
 
 
+@pytest.mark.parametrize(
+    ("kind", "refused"),
+    [
+        ("set", "a value of type set, which JSON does not have (at content)"),
+        ("bytes", "a value of type bytes, which JSON does not have (at args.image_urls[0])"),
+        (
+            "surrogate",
+            "it cannot be sent to the node ('utf-8' codec can't encode character '\\udc80' "
+            "in position 7: surrogates not allowed)",
+        ),
+    ],
+)
+async def test_an_event_with_a_value_json_does_not_have_is_refused_to_its_agent(
+    make_nodes: Any, kind: str, refused: str
+) -> None:
+    """A set or bytes in an agent's event (or text UTF-8 cannot hold): ``emit`` raises
+    InvalidInput naming the value's type and where it is, nothing written, and the
+    worker and the loop carry on. Before, the agent got msgpack's TypeError (or
+    UnicodeEncodeError) from the worker, and bytes were logged for clients that read
+    JSON."""
+    node, lapses = await _isolated_node(make_nodes)
+    bad = await Watcher(node, make_nodes.sinks[node.node_id], f"values-{kind}").join()
+    await bad.say(f"emit {kind}")
+    await wait_until(lambda: set(bad.answers()) - {"forged"}, what="emit answered")
+    assert bad.answers() == [
+        f"InvalidInput: an agent event is not acceptable: {refused}; nothing was written"
+    ]
+    await bad.round_trip("after")
+    assert bad.errors() == [] and len(bad.answers()) == 2
+    assert (_pool(node).restarts, lapses) == (0, [])
+
+
 @pytest.mark.parametrize("isolation", ["process", "none"])
 async def test_an_agent_cannot_pass_its_event_off_as_the_users(
     make_nodes: Any, isolation: str
@@ -582,11 +620,17 @@ async def test_an_agent_cannot_pass_its_event_off_as_the_users(
         ({"agent_memory_limit": 1 << 63}, "agent_memory_limit must be at most 128T"),
         ({"agent_stall_timeout": 1e300}, "agent_stall_timeout must be at most 86400 seconds"),
         ({"agent_workers": 100_000}, "agent_workers must be at most 1024"),
+        (
+            {"agent_dispatch_timeout": 1e300},
+            r"agent_dispatch_timeout must be at most 86400 seconds \(0: none\), got 1e\+300",
+        ),
+        ({"agent_start_timeout": 86_400.5}, "agent_start_timeout must be at most 86400 seconds"),
     ],
 )
 def test_agent_options_have_upper_bounds(changes: dict[str, Any], message: str) -> None:
     """Past these a worker could not start (setrlimit overflows), its stall reporter
-    thread died (time.sleep overflows) or the node forked without end."""
+    thread died (time.sleep overflows), the node forked without end, or a bound was
+    none (0 says so) that a purge could not even wait for (Redis refuses its expiry)."""
     from coordinator import ManagerConfig
 
     with pytest.raises(ConfigError, match=message):
@@ -645,3 +689,58 @@ async def test_processes_an_agent_started_end_with_its_worker(make_nodes) -> Non
     await wait_until(lambda: not any(map(_alive, pids)), what="what the agent started ended")
     await bad.round_trip("after")
     assert (_pool(node).stalls, lapses) == (0, [])
+
+
+def test_a_worker_that_ends_takes_what_its_agent_started_with_it() -> None:
+    """A worker that ends on its own (here after a STOP from a "node" that then does
+    nothing more) kills its process group on the way out: what its agent started (a
+    program, a fork holding the channel) does not outlive it. Where there is no
+    parent-death signal (not Linux), that is how they end when the node dies."""
+    ours, theirs = socket.socketpair()
+    reports, report_w = os.pipe()
+    argv = ["--channel-fd", str(theirs.fileno()), "--report-fd", str(report_w)]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "workers.host", *argv, "--agent", BAD],
+        pass_fds=(theirs.fileno(), report_w),
+        start_new_session=True,  # as the node starts it
+        cwd=REPO,
+        env=child_env(),
+    )
+    theirs.close()
+    os.close(report_w)
+    ours.settimeout(10)
+    reader, pids = FrameReader(), list[int]()
+
+    def next_frame() -> list[Any]:
+        while not (got := reader.feed(ours.recv(1 << 16))):
+            pass
+        (message,) = got
+        return message
+
+    try:
+        assert next_frame()[0] == HELLO
+        ours.sendall(frame([OPEN, 1, 1, "spawns", "alice", {}, 0, None]))
+        assert next_frame()[0] == DONE
+        spawn = {"id": 1, "source": "user", "action": "message", "args": {"content": "spawn"}}
+        ours.sendall(frame([DISPATCH, 2, 1, spawn]))
+        emitted = next_frame()
+        assert emitted[0] == EMIT
+        pids = [int(p) for p in emitted[3]["args"]["content"].split()]
+        assert all(map(_alive, pids))
+        ours.sendall(frame([REPLY, emitted[1], 2]))
+        assert next_frame()[0] == DONE
+        ours.sendall(frame([STOP]))
+        worker.wait(10)
+        deadline = time.monotonic() + 5
+        while any(map(_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(map(_alive, pids)), "what the agent started outlived its worker"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        worker.wait()
+        ours.close()
+        os.close(reports)

@@ -3,12 +3,14 @@ node, socket.io clients, ``/metrics`` and the node's registration in Redis."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -44,6 +46,14 @@ async def _metrics(node: NodeProcess) -> dict[str, float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, waiting for its reaper, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _workers(node: NodeProcess) -> list[int]:
@@ -119,4 +129,35 @@ async def test_a_worker_killed_from_outside_is_replaced_and_its_loops_go_on(
     finally:
         for client in clients:
             await client.close()
+        await cluster.async_stop()
+
+
+async def test_processes_an_agent_started_end_when_its_node_is_killed(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A node killed with SIGKILL: its workers end, and so do the program and the fork
+    an agent started (in its worker's process group). Before, the worker was killed by
+    its parent-death signal, with no chance to end them, and both outlived it."""
+    cluster = ProcessCluster(redis_url, tmp_path, agent="tests.agents:BadAgent", extra_args=ARGS)
+    client = SioClient("spawns")
+    pids: list[int] = []
+    try:
+        (node,) = await cluster.async_start(1)
+        await client.connect(node.url, "spawns", cluster.token("alice"))
+        await client.say("spawn")
+        await client.wait_for(lambda: _answers(client), "spawn answered")
+        pids = [int(p) for p in _answers(client)[0].split()]
+        workers = _workers(node)
+        assert all(map(_running, pids + workers))
+        node.kill()
+        await wait_until(
+            lambda: not any(map(_running, pids + workers)),
+            timeout=5,
+            what="the workers and what their agent started ended with the node",
+        )
+    finally:
+        for pid in pids:  # not left behind when the test fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await client.close()
         await cluster.async_stop()

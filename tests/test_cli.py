@@ -314,6 +314,18 @@ async def test_serve_configuration_errors(redis_url: str) -> None:
             2,
             "agent_cpus places agent worker processes: it needs agent_isolation process",
         ),
+        (
+            ["serve", "--secret", "s", "--agent-dispatch-timeout", "1e300"],
+            {},
+            2,
+            "error: agent_dispatch_timeout must be at most 86400 seconds (0: none), got 1e+300\n",
+        ),
+        (
+            ["serve", "--secret", "s"],
+            {"COORDINATOR_AGENT_START_TIMEOUT": "86401"},
+            2,
+            "error: agent_start_timeout must be at most 86400 seconds (0: none), got 86401.0\n",
+        ),
     ]
     missing = "/nonexistent/idp.pem"
     cases += [

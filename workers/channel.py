@@ -66,29 +66,78 @@ def frame(message: list[Any]) -> bytes:
 
 _NESTING = 512  # msgpack packs no deeper (ValueError): a walk need not go further
 _CONTAINERS = (dict, list, tuple)
+_SCALARS = (str, int, float, type(None))  # what JSON has (bool is an int)
+# Values with nothing to check, by type (a subclass of one, msgpack's too, is checked).
+_PLAIN = frozenset((bool, float, type(None)))
+_MIN_INT, _MAX_INT = -(2**63), 2**64 - 1  # msgpack's integers
+_SHOWN = 120  # characters of a path an error names
 
 
-def key_problem(value: Any) -> str | None:
-    """Why the node could not read ``value`` back from a frame, or None: a map key that
-    is not a string (msgpack carries a tuple key as an array, which cannot be a key when
-    it is read, and the node would have to drop the whole channel). The node checks the
-    rest of an event's shape itself. Once per emit: about 1 us for an OpenHands event."""
-    if _bad_key(value, 0):
-        return "a key that is not a string, which JSON does not have"
-    return None
+def event_problem(event: dict[str, Any]) -> str | None:
+    """Why the node could not take ``event`` (an agent's) from a frame, or None, naming
+    what and where: a map key that is not a string (msgpack carries a tuple key as an
+    array, which cannot be a key when it is read, and the node would have to drop the
+    whole channel), a value JSON does not have (a set, a datetime: msgpack refuses them;
+    bytes: it carries them to clients that read JSON), an integer msgpack cannot carry.
+    The node checks the rest of an event's shape itself. Once per emit: about 1 us for an
+    OpenHands event; only a problem found pays for its path."""
+    found = _problem(event, 0)
+    if found is None:
+        return None
+    path, why = found
+    where = "".join(
+        f"[{step}]" if type(step) is int else f".{step}" if step.isidentifier() else f"[{step!r}]"
+        for step in reversed(path)
+    ).lstrip(".")
+    if len(where) > _SHOWN:
+        where = where[: _SHOWN - 1] + "\u2026"
+    return f"{why} ({'at ' + where if where else 'at the top level'})"
 
 
-def _bad_key(value: Any, depth: int) -> bool:
+def _problem(value: Any, depth: int) -> tuple[list[Any], str] | None:
+    """What ``value`` (a container) holds that ``event_problem`` refuses, and the steps
+    to it, innermost first (appended to on the way out: built only when found)."""
     if depth > _NESTING:
-        return False  # msgpack refuses it whole
+        return [], f"nesting deeper than {_NESTING} levels, which msgpack refuses"
     if isinstance(value, dict):
         for key, child in value.items():
             if type(key) is not str:
-                return True
-            if isinstance(child, _CONTAINERS) and _bad_key(child, depth + 1):
-                return True
-        return False
-    return any(isinstance(child, _CONTAINERS) and _bad_key(child, depth + 1) for child in value)
+                return [], (
+                    "a key that is not a string, which JSON does not have: "
+                    f"a {type(key).__name__} key"
+                )
+            kind = type(child)
+            if kind is str or kind in _PLAIN or (kind is int and _MIN_INT <= child <= _MAX_INT):
+                continue  # most of them
+            if isinstance(child, _CONTAINERS):
+                if (found := _problem(child, depth + 1)) is not None:
+                    found[0].append(key)
+                    return found
+            elif (why := _scalar_problem(child)) is not None:
+                return [key], why
+        return None
+    for child in value:
+        kind = type(child)
+        if kind is str or kind in _PLAIN or (kind is int and _MIN_INT <= child <= _MAX_INT):
+            continue
+        if isinstance(child, _CONTAINERS):
+            found = _problem(child, depth + 1)
+        elif (why := _scalar_problem(child)) is None:
+            continue
+        else:
+            found = [], why
+        if found is not None:
+            found[0].append(next(i for i, c in enumerate(value) if c is child))
+            return found
+    return None
+
+
+def _scalar_problem(value: Any) -> str | None:
+    if not isinstance(value, _SCALARS):
+        return f"a value of type {type(value).__name__}, which JSON does not have"
+    if isinstance(value, int) and not _MIN_INT <= value <= _MAX_INT:
+        return "an integer beyond 64 bits, which msgpack cannot carry"
+    return None
 
 
 class MemoryFrame:

@@ -11,7 +11,8 @@ A bad agent costs this process, never the node: a call that blocks stops this ev
 loop, and the node's watchdog, which no longer gets PONGs, kills the process and moves
 its instances elsewhere; before that, the stall reporter thread tells the node whose task
 holds the loop, so only that action is blamed. The process exits when the node closes
-the channel (the node is gone) or says STOP.
+the channel (the node is gone), says STOP or dies (the parent-death signal), and takes
+its process group with it: what its agents started, which no node is left to end.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import functools
 import gc
 import logging
 import os
@@ -58,8 +60,8 @@ from .channel import (
     FrameReader,
     MemoryFrame,
     describe,
+    event_problem,
     frame,
-    key_problem,
     refusal,
 )
 from .loader import load_agent
@@ -79,6 +81,10 @@ log = logging.getLogger("workers.host")
 CLOSE_WITHIN = 5.0  # seconds a cancelled dispatch gets before its agent is closed anyway
 OOM_SCORE_ADJ = 500  # of -1000..1000; the node keeps its own (0 by default)
 NO_MEMORY_EXIT = 12  # ENOMEM: the exit status when not even the out-of-memory frame goes
+NODE_DIED = signal.SIGHUP  # the parent-death signal ("hang-up": its controlling process)
+
+# What an agent asks its node for, as an error names it.
+_ASKED = {EMIT: "an agent event", READ: "a history request", SAVE: "a checkpoint"}
 
 # The agent instance a task works for; tasks an agent starts inherit it (contexts are
 # copied into new tasks), so the stall reporter can name the instance behind any task.
@@ -325,7 +331,7 @@ class AgentHost(asyncio.Protocol):
         async def emit(event: Event) -> int:
             if not isinstance(event, dict):
                 raise TypeError(f"an event must be a dict, got {type(event).__name__}")
-            if (problem := key_problem(event)) is not None:  # as the node would refuse it
+            if (problem := event_problem(event)) is not None:  # the node or a client cannot
                 why = f"an agent event is not acceptable: {problem}; nothing was written"
                 raise refusal(INVALID, why)
             return int(await self.ask(hosted, EMIT, event, _state(hosted.agent)))
@@ -338,7 +344,11 @@ class AgentHost(asyncio.Protocol):
             raise refusal("Fenced", [hosted.sid, 0, -1])  # closed: the node stopped it
         self._next_rid += 1
         rid = self._next_rid
-        data = frame([request, rid, hosted.lid, *args])
+        try:
+            data = frame([request, rid, hosted.lid, *args])
+        except (TypeError, ValueError, OverflowError) as exc:  # text UTF-8 cannot hold, ...
+            why = f"{_ASKED[request]} is not acceptable: it cannot be sent to the node ({exc})"
+            raise refusal(INVALID, f"{why}; nothing was written") from None
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         self._transport.write(data)
@@ -430,17 +440,37 @@ def _left_to_the_node(signum: int, frame: object) -> None:
     """A stop signal sent to the whole process group: the node stops this worker."""
 
 
+def _end_group() -> None:
+    """SIGKILL this process and every process its agents started (its process group,
+    when it leads one, as the node starts it: never a group it merely joined). The last
+    step of any end of a worker: with the node gone, nobody else would end them (a node
+    kills the group of a worker it kills or reaps)."""
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _node_died(node: int, worker: int, signum: int, frame: object) -> None:
+    """The parent-death signal: the node died without a word (a SIGKILL, a crash). From
+    anyone else while the node lives, or in a process an agent forked (which inherits
+    this handler), the signal is ignored."""
+    if os.getpid() == worker and os.getppid() != node:
+        _end_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     # A signal to the whole process group (Ctrl-C in a terminal, systemd's stop) is the
     # node's to act on: it drains, then stops its workers (STOP, then SIGKILL). Should
-    # the node die, SIGKILL ends its worker too, whatever the worker was doing.
+    # the node die, NODE_DIED ends its worker and what the worker's agents started,
+    # which a SIGKILL of the worker alone would leave running (orphans of no node):
+    # between two bytecodes, so not while an agent holds the GIL in C code for good.
     # Not SIG_IGN: the processes an agent starts would inherit it across exec (and then
     # ignore the SIGTERM their agent sends them); a handler is reset to the default.
     node = os.getppid()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _left_to_the_node)
-    die_with_parent(signal.SIGKILL)
+    signal.signal(NODE_DIED, functools.partial(_node_died, node, os.getpid()))
+    die_with_parent(NODE_DIED)
     if os.getppid() != node:  # the node died before that was set
         return 1
     logging.basicConfig(
@@ -480,5 +510,7 @@ if __name__ == "__main__":
     logging.shutdown()
     sys.stderr.flush()
     # Not a normal interpreter exit: agents' leftover tasks and threads must not keep a
-    # worker whose node is gone alive, nor print on the way out.
+    # worker whose node is gone alive, nor print on the way out; nor may the processes
+    # they started (the status is then SIGKILL's: the node reads none).
+    _end_group()
     os._exit(code)
