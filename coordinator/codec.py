@@ -174,7 +174,11 @@ def pack_agent_events(events: list[Event], limit: int) -> list[bytes]:
     for event in events:
         if (problem := shape_problem(event, AGENT_DEPTH, limit)) is not None:
             raise InvalidInput(f"an agent event is not acceptable: {problem}; nothing was written")
-    packed = [pack(e) for e in events]
+    try:
+        packed = [pack(e) for e in events]
+    except (TypeError, ValueError) as exc:  # text UTF-8 cannot hold (a lone surrogate)
+        why = f"an agent event is not acceptable: it cannot be packed ({exc})"
+        raise InvalidInput(f"{why}; nothing was written") from None
     if (largest := max(map(len, packed), default=0)) > limit:
         raise LimitExceeded(
             "agent event bytes",

@@ -51,12 +51,20 @@ def shape_problem(value: Any, max_depth: int = MAX_DEPTH, max_items: int = MAX_I
     return None
 
 
+# Scalars every client reads: JSON's, and bytes (socket.io sends them as binary, REST as
+# {"base64": ...}).
+_CARRIED = (str, bytes, type(None))
+
+
 def _scalar_problem(value: Any) -> str | None:
     if isinstance(value, float):
         if not math.isfinite(value):
             return "a number is NaN or Infinity, which JSON does not allow"
-    elif isinstance(value, int) and not MIN_INT <= value <= MAX_INT:
-        return "an integer beyond 64 bits, which msgpack cannot carry"
+    elif isinstance(value, int):
+        if not MIN_INT <= value <= MAX_INT:
+            return "an integer beyond 64 bits, which msgpack cannot carry"
+    elif not isinstance(value, _CARRIED):  # a set, a datetime (an agent's), an ExtType
+        return f"a value of type {type(value).__name__}, which JSON does not have"
     return None
 
 

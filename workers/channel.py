@@ -66,9 +66,11 @@ def frame(message: list[Any]) -> bytes:
 
 _NESTING = 512  # msgpack packs no deeper (ValueError): a walk need not go further
 _CONTAINERS = (dict, list, tuple)
-_SCALARS = (str, int, float, type(None))  # what JSON has (bool is an int)
+# What JSON has (bool is an int), and bytes: socket.io sends them to clients as binary,
+# REST as {"base64": ...}.
+_SCALARS = (str, int, float, bytes, type(None))
 # Values with nothing to check, by type (a subclass of one, msgpack's too, is checked).
-_PLAIN = frozenset((bool, float, type(None)))
+_PLAIN = frozenset((bool, float, bytes, type(None)))
 _MIN_INT, _MAX_INT = -(2**63), 2**64 - 1  # msgpack's integers
 _SHOWN = 120  # characters of a path an error names
 
@@ -77,8 +79,8 @@ def event_problem(event: dict[str, Any]) -> str | None:
     """Why the node could not take ``event`` (an agent's) from a frame, or None, naming
     what and where: a map key that is not a string (msgpack carries a tuple key as an
     array, which cannot be a key when it is read, and the node would have to drop the
-    whole channel), a value JSON does not have (a set, a datetime: msgpack refuses them;
-    bytes: it carries them to clients that read JSON), an integer msgpack cannot carry.
+    whole channel), a value JSON does not have (a set, a datetime: msgpack refuses them)
+    but bytes, an integer msgpack cannot carry.
     The node checks the rest of an event's shape itself. Once per emit: about 1 us for an
     OpenHands event; only a problem found pays for its path."""
     found = _problem(event, 0)
