@@ -201,30 +201,43 @@ redis.call('PUBLISH', ARGV[3], '\\146' .. cmsgpack.pack(id) .. ARGV[2])
 return {id, seq}
 """
 
-READ = """
--- read: a page of a conversation's log, bounded in bytes as well as in events, so that
--- a reader (a client's replay, a REST page) never holds more than about a page of
--- events, however large they are (an agent's may be a MiB each; a count alone, sized
--- by earlier events, read hundreds of them after a few small ones).
--- KEYS[1]  conversation meta hash   KEYS[2] event stream
--- ARGV[1]  after: the events with ids above it   ARGV[2] count: at most this many
--- ARGV[3]  bytes: no more events once their packed size reaches this (at least one)
--- returns  {the conversation's last id (nil without a record), entries, packed bytes}
-local seq = redis.call('HGET', KEYS[1], 'seq')
-local from, left, bound = '(' .. ARGV[1] .. '-0', tonumber(ARGV[2]), tonumber(ARGV[3])
-local rows, size = {}, 0
-while left > 0 do
-  -- A few entries at a time: the script holds no more of the log than a page.
-  local want = math.min(left, 16)
-  local got = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', want)
-  for _, row in ipairs(got) do
-    rows[#rows + 1] = row
-    size = size + #row[2][2]
-    if size >= bound then return {seq, rows, size} end
+# The logged events with ids above ``after`` (KEYS[2] the event stream): at most ``count``
+# and none after those whose packed size reaches ``max_bytes`` (at least one), read a few
+# at a time, so that a script holds no more of the log than that however large its events,
+# as {first, id, packed event, id, packed event, ...} (``first``: what the caller puts
+# before them). A reader's page and the store's batch alike.
+READ_AFTER = """
+local function read_after(first, after, count, max_bytes)
+  local out, from, left, bytes = {first}, '(' .. after .. '-0', tonumber(count), 0
+  while left > 0 do
+    local want = math.min(left, 16)
+    local rows = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', want)
+    for _, row in ipairs(rows) do
+      out[#out + 1] = tonumber(string.match(row[1], '^(%d+)'))
+      out[#out + 1] = row[2][2]
+      bytes = bytes + #row[2][2]
+      if bytes >= max_bytes then return out end
+    end
+    if #rows < want then return out end
+    left = left - want
+    from = '(' .. rows[#rows][1]
   end
-  if #got < want then break end
-  left = left - want
-  from = '(' .. got[#got][1]
+  return out
 end
-return {seq, rows, size}
 """
+
+READ = (
+    """
+-- read: a page of a conversation's log for a reader (a client's replay, a REST page, an
+-- agent's history), bounded in bytes as well as in events, however large they are (an
+-- agent's may be a MiB each; a count alone, sized by earlier events, read hundreds).
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream
+-- ARGV[1]  after   ARGV[2] most events   ARGV[3] most bytes (as read_after)
+-- returns  {the conversation's last id (nil without a record), id, packed event, ...}
+"""
+    + READ_AFTER
+    + """
+local seq = redis.call('HGET', KEYS[1], 'seq')
+return read_after(seq, ARGV[1], ARGV[2], tonumber(ARGV[3]))
+"""
+)

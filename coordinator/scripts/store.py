@@ -3,38 +3,23 @@ does not hold yet, how far it holds, the window trimmed behind it, the cluster's
 
 from __future__ import annotations
 
+from .log import READ_AFTER
+
 # The meta hash counts the log's bytes: ``lbytes`` every event ever logged, ``sbytes``
 # those the store holds (ids up to ``stored``), ``tbytes`` those trimmed from the log.
 # So the log holds lbytes - tbytes, and lbytes - sbytes wait for the store.
-
-# The oldest logged events above ``stored``: at most ``count`` and ``max_bytes`` (at
-# least one), as {stored, id, packed event, id, packed event, ...}.
-_UNSTORED_AFTER = """
-local function unstored_after(stored, count, max_bytes)
-  local rows = redis.call('XRANGE', KEYS[2], '(' .. stored .. '-0', '+', 'COUNT', count)
-  local out, bytes = {stored}, 0
-  for _, row in ipairs(rows) do
-    local data = row[2][2]
-    if #out > 1 and bytes + #data > max_bytes then break end
-    bytes = bytes + #data
-    out[#out + 1] = tonumber(string.match(row[1], '^(%d+)'))
-    out[#out + 1] = data
-  end
-  return out
-end
-"""
 
 UNSTORED = (
     """
 -- unstored: the oldest events of a conversation the event store does not hold yet.
 -- KEYS[1]  conversation meta hash   KEYS[2] event stream
--- ARGV[1]  most events   ARGV[2] most bytes (at least one event is returned)
+-- ARGV[1]  most events   ARGV[2] most bytes (as read_after: at least one event)
 -- returns  {stored, id, packed event, id, packed event, ...} (ids above stored)
 """
-    + _UNSTORED_AFTER
+    + READ_AFTER
     + """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'stored') or '0')
-return unstored_after(stored, ARGV[1], tonumber(ARGV[2]))
+return read_after(stored, stored, ARGV[1], tonumber(ARGV[2]))
 """
 )
 
@@ -49,7 +34,7 @@ MARK_STORED = (
 -- returns  as unstored: what the store lacks now (so a mover under a flood goes on
 --          without another call), nothing once the conversation is gone
 """
-    + _UNSTORED_AFTER
+    + READ_AFTER
     + """
 local f = redis.call('HMGET', KEYS[1], 'seq', 'stored', 'lbytes', 'sbytes', 'tbytes')
 if not f[1] then return {tonumber(ARGV[1])} end
@@ -84,7 +69,7 @@ if last then
   redis.call('XTRIM', KEYS[2], 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
   redis.call('HSET', KEYS[1], 'tbytes', tbytes + cut)
 end
-return unstored_after(stored, ARGV[4], tonumber(ARGV[5]))
+return read_after(stored, stored, ARGV[4], tonumber(ARGV[5]))
 """
 )
 

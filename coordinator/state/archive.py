@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from .core import StateCore, text
+from .core import StateCore, flat_rows, text
 
 
 class ArchiveOps(StateCore):
@@ -22,8 +22,8 @@ class ArchiveOps(StateCore):
         self, sid: str, count: int, max_bytes: int
     ) -> tuple[int, list[tuple[int, bytes]]]:
         """How far the store holds ``sid`` (as recorded here), and the oldest logged
-        events after that: at most ``count`` of them and ``max_bytes`` (at least one),
-        packed as logged."""
+        events after that: at most ``count`` of them and none after those whose packed
+        size reaches ``max_bytes`` (at least one: ``scripts.READ_AFTER``), packed as logged."""
         k = self.keys
         # Over the script lane, as the mark below: through redis-py the mover's calls
         # were a fifth of an action's CPU at saturation (BENCHMARKS.md, #17).
@@ -77,5 +77,4 @@ class ArchiveOps(StateCore):
 
 def _unstored(r: Any) -> tuple[int, list[tuple[int, bytes]]]:
     """An unstored reply: {stored, id, packed event, ...}."""
-    rows = [(int(r[i]), bytes(r[i + 1])) for i in range(1, len(r), 2)]
-    return int(r[0]), rows
+    return int(r[0]), flat_rows(r)

@@ -40,11 +40,17 @@ def entries(rows: Any) -> list[tuple[int, Event]]:
     ]
 
 
+def flat_rows(reply: Any) -> list[tuple[int, bytes]]:
+    """The events of a ``read_after`` reply ({first, id, packed event, ...}), packed."""
+    return [(int(reply[i]), bytes(reply[i + 1])) for i in range(1, len(reply), 2)]
+
+
 def page(reply: Any) -> tuple[int | None, list[tuple[int, Event]], int]:
     """A ``scripts.READ`` reply: the conversation's last id (None without a record), the
     events read, their packed size."""
-    seq, rows, size = reply
-    return None if seq is None else int(seq), entries(rows), int(size)
+    rows = flat_rows(reply)
+    seq = None if reply[0] is None else int(reply[0])
+    return seq, [(i, unpack(data)) for i, data in rows], sum(len(data) for _, data in rows)
 
 
 def _fullness(info: Any) -> float:
