@@ -387,10 +387,10 @@ async def store_alone(mode: Mode, store: str, kind: str) -> dict[str, Any]:
     (timed), then ``History.after`` reads them back from id 0 a page at a time, as a
     replay does (timed): what replay costs before the socket.io side."""
     from coordinator import ConversationManager
-    from coordinator.catchup import PAGE
+    from coordinator.catchup import PAGE, REPLAY_PAGE_BYTES
     from coordinator.codec import pack
     from coordinator.config import ManagerConfig
-    from coordinator.state import Lease
+    from coordinator.state import Lease, SizeHint
 
     events = mode.pick(30_000, 100_000)
     with private_redis() as redis:
@@ -415,7 +415,13 @@ async def store_alone(mode: Mode, store: str, kind: str) -> dict[str, Any]:
             await manager.node.archiver.move(lease)
             moved = time.perf_counter() - started
             started, after, read = time.perf_counter(), 0, 0
-            while rows := (await manager.node.history.after(sid, after, PAGE))[0]:
+            hint = SizeHint()  # as a replay reads: plain XRANGEs once it knows the sizes
+            while True:
+                rows, _ = await manager.node.history.after(
+                    sid, after, PAGE, REPLAY_PAGE_BYTES, hint=hint
+                )
+                if not rows:
+                    break
                 assert rows[0][0] == after + 1, (after, rows[0][0])
                 after, read = rows[-1][0], read + len(rows)
             replayed = time.perf_counter() - started

@@ -37,6 +37,7 @@ from .errors import (
     beyond_last_event,
 )
 from .history import History
+from .state import SizeHint
 from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,11 @@ log = logging.getLogger(__name__)
 RETRIED_READS: tuple[type[Exception], ...] = (*REDIS_TRANSIENT, NotReplicated)
 
 PAGE = 500
-# A join's first read: (cursor, count, bytes) -> the log's last id, the events after
+# A join's first read: (cursor, count, bytes, hint) -> the log's last id, the events after
 # cursor (as ``History.after`` bounds them) and their packed size.
-FirstRead = Callable[[int, int, int], Awaitable[tuple[int | None, list[tuple[int, Event]], int]]]
+FirstRead = Callable[
+    [int, int, int, SizeHint], Awaitable[tuple[int | None, list[tuple[int, Event]], int]]
+]
 # A replay reads the log a page at a time; pages hold at most PAGE events and about
 # REPLAY_PAGE_BYTES (at least one: bounded where they are read, ``scripts.READ``), so a
 # client replaying big events, or reading slowly, holds about that much.
@@ -241,11 +244,11 @@ class LocalConnections:
         backoff = Backoff(base=0.05, cap=2.0)
         loop = asyncio.get_running_loop()
         deadline = None if within is None else loop.time() + within
-        count, most = PAGE, REPLAY_PAGE_BYTES
+        count, most, hint = PAGE, REPLAY_PAGE_BYTES, SizeHint()
         while conn.cid in self._by_id:
             try:
                 if joining is not None:
-                    last, rows, size = await joining(conn.cursor, count, most)
+                    last, rows, size = await joining(conn.cursor, count, most, hint)
                     if conn.cursor > (last or 0):
                         raise beyond_last_event(conn.cursor, last or 0, conn.sid)
                     joining = None
@@ -254,7 +257,9 @@ class LocalConnections:
                         conn.sid, conn.cursor, count, most, rows, size, last
                     )
                 else:
-                    rows, more = await self._history.after(conn.sid, conn.cursor, count, most)
+                    rows, more = await self._history.after(
+                        conn.sid, conn.cursor, count, most, hint=hint
+                    )
             # The store's StoreUnavailable too (an OSError); a read no replica holds yet
             # (--ack-replicas): none of it is shown until one does.
             except RETRIED_READS as exc:

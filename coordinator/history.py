@@ -15,7 +15,7 @@ from workers.protocol import Event
 
 from .codec import unpack
 from .eventstore import EventStore, StoreCorrupt
-from .state import RedisState
+from .state import RedisState, SizeHint
 
 Rows = list[tuple[int, Event]]
 MAX_ID = 2**62  # above any event id
@@ -29,16 +29,24 @@ class History:
         self._store = store
 
     async def after(
-        self, sid: str, after: int, count: int, max_bytes: int, *, shown: bool = True
+        self,
+        sid: str,
+        after: int,
+        count: int,
+        max_bytes: int,
+        *,
+        shown: bool = True,
+        hint: SizeHint | None = None,
     ) -> tuple[Rows, bool]:
         """Events with ids above ``after`` (oldest first), gap-free where either Redis or
         the store has them: at most ``count`` of them, and none after those whose packed
         size reaches ``max_bytes`` (at least one), so that a reader holds about a page
         however large its events; and whether more may follow (a full page). ``shown``:
         for clients (with ``--ack-replicas``, only what replicas hold; else an agent's
-        read)."""
+        read). ``hint``: what the reader learnt of the log by its last read (a replay
+        keeps one: ``state.SizeHint``)."""
         rows, size, last = await self._state.events_after_sized(
-            sid, after, count, max_bytes, shown=shown
+            sid, after, count, max_bytes, shown=shown, hint=hint
         )
         return await self.below_window(sid, after, count, max_bytes, rows, size, last)
 
@@ -82,7 +90,7 @@ class History:
         When the log starts later (or holds nothing, as when the conversation came back
         from the store), the page starts with what the store holds below it (``count``
         events and ``max_bytes`` at most, as ``after``); and whether more may follow."""
-        full = len(rows) == count or size >= max_bytes
+        full = bool(rows) and last is not None and rows[-1][0] < last
         start = rows[0][0] if rows else MAX_ID if last is None else last + 1
         if start <= after + 1:
             return rows, full
@@ -99,4 +107,4 @@ class History:
             return page, True  # the store has more below the window, or the page is full
         # The store's page reaches the window (ids it lacks too were lost by Redis).
         both = page + rows
-        return both[:count], full or len(both) >= count
+        return both[:count], full or len(both) > count

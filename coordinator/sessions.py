@@ -30,7 +30,7 @@ from .errors import (
 from .loops import Loops
 from .membership import Membership
 from .owners import ConversationInfo, Intake
-from .state import RedisState
+from .state import RedisState, SizeHint
 from .subscriptions import Interest
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,14 @@ class Sessions:
             finally:
                 self._join_gate.release()
 
-            async def register_and_read(after: int, count: int, max_bytes: int) -> Any:
+            async def register_and_read(
+                after: int, count: int, max_bytes: int, hint: SizeHint
+            ) -> Any:
                 # Registered before the first read, in the same round trip (state layer), and
                 # counted under the user's cap on all nodes together.
                 inc = self._membership.inc
                 last, rows, size, held = await self._state.join_and_read(
-                    cid, sid, user, inc, after, count, max_bytes
+                    cid, sid, user, inc, after, count, max_bytes, hint
                 )
                 cap = cfg.max_connections_per_user
                 if cap and held > cap:

@@ -206,3 +206,35 @@ async def test_only_an_acquire_that_takes_a_retiring_conversation_keeps_it(
     await state.unmark_purging("r")
     taken = await state.acquire("r", "n2", "n2/b", "u", create=False, latest=0)
     assert taken.status == "ok" and await redis_client.pttl(meta) == -1
+
+
+async def test_every_write_keeps_the_largest_event_a_record_made_since_has_logged(
+    redis_client,
+) -> None:
+    """``largest`` (the meta hash): the bytes of the largest event logged, kept by
+    accept, commit and rewind, so that a reader can bound a plain XRANGE's bytes by its
+    count (``state.SizeHint``); a record older than the field has none (unknown: read
+    with the script) and no write makes one up."""
+    state = RedisState(redis_client, KeySchema("t"))
+    meta = state.keys.conv("big")
+
+    async def largest() -> int | None:
+        value = await redis_client.hget(meta, "largest")
+        return None if value is None else int(value)
+
+    await state.acquire("big", "n1", "n1/a", "u", create=True)
+    assert await largest() == 0
+    small, big = pack({"action": "message", "x": "y" * 10}), pack({"x": "z" * 5000})
+    accepted = await state.accept("big", "u", small, 100, 10, floor=0)
+    assert await largest() == len(small)
+    await state.commit("big", "n1/a", 1, [small, big, small], cause=accepted.event_id, floor=0)
+    assert await largest() == len(big)
+    await state.accept("big", "u", small, 100, 10, floor=0)
+    assert await largest() == len(big)
+    await redis_client.hset(meta, "seq", 2)  # as if a failover lost events 3 and 4
+    notice_id, _ = await state.rewind("big", 9, 2)
+    assert notice_id == 10 and await largest() == len(big)
+    await redis_client.hdel(meta, "largest")  # a record from before the field
+    await state.accept("big", "u", pack({"x": "w" * 9000}), 100, 10, floor=0)
+    await state.commit("big", "n1/a", 1, [big], floor=0)
+    assert await largest() is None

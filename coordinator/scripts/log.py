@@ -46,7 +46,7 @@ ACCEPT = (
     + _HEARD_ELSEWHERE
     + """
 local f = redis.call('HMGET', KEYS[1], 'user', 'owner', 'inc', 'seq', 'stored', 'lbytes',
-                     'sbytes')
+                     'sbytes', 'largest')
 if not f[1] then return {'missing', 0, '', '', 0} end
 if ARGV[1] ~= '' and f[1] ~= ARGV[1] then return {'forbidden', 0, '', '', 0} end
 local seen = redis.call('ZSCORE', KEYS[4], ARGV[6])
@@ -78,7 +78,11 @@ end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('ZADD', KEYS[4], id, ARGV[6])
 redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -65)
-redis.call('HSET', KEYS[1], 'last_active', now)
+if f[8] and #ARGV[2] > tonumber(f[8]) then
+  redis.call('HSET', KEYS[1], 'last_active', now, 'largest', #ARGV[2])
+else
+  redis.call('HSET', KEYS[1], 'last_active', now)
+end
 redis.call('HINCRBY', KEYS[1], 'lbytes', #ARGV[2])
 redis.call('XADD', KEYS[2], id .. '-0', 'd', ARGV[2])
 redis.call('XADD', KEYS[3], id .. '-0', 'd', ARGV[2])
@@ -121,7 +125,7 @@ COMMIT = (
     + _HEARD_ELSEWHERE
     + """
 local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'applied', 'user', 'emitted',
-                     'wtoken', 'windex', 'seq')
+                     'wtoken', 'windex', 'seq', 'largest')
 if not f[4] then return {'missing', 0, 0, 0, 0} end
 local inc, epoch = f[1] or '', tonumber(f[2] or '0')
 if inc ~= ARGV[1] or (ARGV[1] ~= '' and epoch ~= tonumber(ARGV[2])) then
@@ -142,7 +146,7 @@ end
 if tonumber(f[8] or '0') < tonumber(ARGV[10]) then
   return {'rewound', tonumber(f[8] or '0'), 0, 0, 0}
 end
-local first, last = 0, 0
+local first, last, largest = 0, 0, tonumber(f[9] or '-1')
 local others = #ARGV >= 12 and heard_elsewhere(inc, KEYS[4], ARGV[7])
 local publish = others and ARGV[11] ~= '1'
 for i = 12, #ARGV do
@@ -151,11 +155,16 @@ for i = 12, #ARGV do
   last = id
   redis.call('XADD', KEYS[2], id .. '-0', 'd', ARGV[i], 'e', epoch)
   redis.call('HINCRBY', KEYS[1], 'lbytes', #ARGV[i])
+  if largest >= 0 and #ARGV[i] > largest then largest = #ARGV[i] end
   if publish then
     redis.call('PUBLISH', ARGV[3], '\\146' .. cmsgpack.pack(id) .. ARGV[i])
   end
 end
 local fields = {'last_active', now}
+if largest > tonumber(f[9] or '-1') then
+  fields[#fields + 1] = 'largest'
+  fields[#fields + 1] = largest
+end
 if cause > applied then
   fields[#fields + 1] = 'applied'
   fields[#fields + 1] = cause
@@ -189,11 +198,13 @@ REWIND = """
 -- ARGV[1]  floor: the highest event id known to have been logged
 -- ARGV[2]  packed notice (msgpack map without id)   ARGV[3] channel
 -- returns  {notice id, seq found} when repaired, {0, seq} when seq was not below floor
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local f = redis.call('HMGET', KEYS[1], 'seq', 'largest')
+local seq = tonumber(f[1] or '0')
 local floor = tonumber(ARGV[1])
 if seq >= floor or redis.call('EXISTS', KEYS[1]) == 0 then return {0, seq} end
 local id = floor + 1
 redis.call('HSET', KEYS[1], 'seq', id)
+if f[2] and #ARGV[2] > tonumber(f[2]) then redis.call('HSET', KEYS[1], 'largest', #ARGV[2]) end
 redis.call('HINCRBY', KEYS[1], 'log_epoch', 1)
 redis.call('HINCRBY', KEYS[1], 'lbytes', #ARGV[2])
 redis.call('XADD', KEYS[2], id .. '-0', 'd', ARGV[2])
@@ -204,11 +215,13 @@ return {id, seq}
 # The logged events with ids above ``after`` (KEYS[2] the event stream): at most ``count``
 # and none after those whose packed size reaches ``max_bytes`` (at least one), read a few
 # at a time, so that a script holds no more of the log than that however large its events,
-# as {first, id, packed event, id, packed event, ...} (``first``: what the caller puts
-# before them). A reader's page and the store's batch alike.
+# appended to ``out`` (what the caller puts first) as id, packed event, id, packed event,
+# ... A reader's page and the store's batch alike. (Every entry a script reads costs Redis
+# about 1.5 us, against 0.2 us for a plain XRANGE: readers that know the conversation's
+# ``largest`` event read with XRANGE where its count bounds the bytes: state/core.py.)
 READ_AFTER = """
-local function read_after(first, after, count, max_bytes)
-  local out, from, left, bytes = {first}, '(' .. after .. '-0', tonumber(count), 0
+local function read_after(out, after, count, max_bytes)
+  local from, left, bytes = '(' .. after .. '-0', tonumber(count), 0
   while left > 0 do
     local want = math.min(left, 16)
     local rows = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', want)
@@ -233,11 +246,12 @@ READ = (
 -- agent's may be a MiB each; a count alone, sized by earlier events, read hundreds).
 -- KEYS[1]  conversation meta hash   KEYS[2] event stream
 -- ARGV[1]  after   ARGV[2] most events   ARGV[3] most bytes (as read_after)
--- returns  {the conversation's last id (nil without a record), id, packed event, ...}
+-- returns  {the conversation's last id, the bytes of its largest event (both nil when
+--          unknown: no record; a record older than the field), id, packed event, ...}
 """
     + READ_AFTER
     + """
-local seq = redis.call('HGET', KEYS[1], 'seq')
-return read_after(seq, ARGV[1], ARGV[2], tonumber(ARGV[3]))
+local f = redis.call('HMGET', KEYS[1], 'seq', 'largest')
+return read_after({f[1], f[2]}, ARGV[1], ARGV[2], tonumber(ARGV[3]))
 """
 )

@@ -42,7 +42,7 @@ if redis.call('EXISTS', meta) == 0 then
   redis.call('HSET', meta, 'user', ARGV[3], 'owner', ARGV[1], 'inc', ARGV[2],
              'epoch', epoch, 'state', 'loading', 'seq', base, 'applied', base,
              'stored', base, 'lbytes', size, 'sbytes', size, 'tbytes', size, 'refs', 0,
-             'created', now, 'last_active', now)
+             'largest', 0, 'created', now, 'last_active', now)
   if ARGV[9] ~= '' then redis.call('HSET', meta, 'close_delay', ARGV[9]) end
   if ARGV[10] ~= '' then redis.call('HSET', meta, 'max_running_time', ARGV[10]) end
   return {'created', epoch, ARGV[1], ARGV[2], ARGV[3], base, ARGV[9], ARGV[10]}

@@ -19,7 +19,7 @@ UNSTORED = (
     + READ_AFTER
     + """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'stored') or '0')
-return read_after(stored, stored, ARGV[1], tonumber(ARGV[2]))
+return read_after({stored}, stored, ARGV[1], tonumber(ARGV[2]))
 """
 )
 
@@ -69,7 +69,7 @@ if last then
   redis.call('XTRIM', KEYS[2], 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
   redis.call('HSET', KEYS[1], 'tbytes', tbytes + cut)
 end
-return read_after(stored, stored, ARGV[4], tonumber(ARGV[5]))
+return read_after({stored}, stored, ARGV[4], tonumber(ARGV[5]))
 """
 )
 

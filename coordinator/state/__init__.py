@@ -20,7 +20,7 @@ from ..errors import redis_glitch
 from .archive import ArchiveOps
 from .attempts import AttemptOps
 from .connections import ConnectionOps
-from .core import accept_token, text
+from .core import SizeHint, accept_token, text
 from .limits import LimitOps
 from .loops import LoopOps
 from .registry import LeaseRenewer, RegistryOps
@@ -70,6 +70,7 @@ __all__ = [
     "LeaseRenewer",
     "Ownership",
     "RedisState",
+    "SizeHint",
     "accept_token",
     "text",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from workers.protocol import Event
 
-from .core import StateCore, page, text
+from .core import SizeHint, StateCore, text
 
 Conn = tuple[str, str, str]  # (connection id, sid, user)
 Command = tuple[str, ...]
@@ -32,7 +32,15 @@ class ConnectionOps(StateCore):
         await self._per_connection(conns, commands)
 
     async def join_and_read(
-        self, cid: str, sid: str, user: str, inc: str, after: int, count: int, max_bytes: int
+        self,
+        cid: str,
+        sid: str,
+        user: str,
+        inc: str,
+        after: int,
+        count: int,
+        max_bytes: int,
+        hint: SizeHint | None = None,
     ) -> tuple[int | None, list[tuple[int, Event]], int, int]:
         """Register connection ``cid`` of ``inc`` and read its first page of the log
         (``count`` events and about ``max_bytes`` at most): the conversation's last id
@@ -48,19 +56,20 @@ class ConnectionOps(StateCore):
         within the cap when it was counted with all those kept before it (a race near the
         cap refuses both racers, never admits both)."""
         k = self.keys
+        commands, read = self._page(sid, after, count, max_bytes, hint)
         replies = await self._commands(
             [
                 ("HSET", k.conv_conns(sid), cid, inc),
                 ("HSET", k.node_conns(inc), cid, sid),
                 ("HSET", k.user_conns(user), cid, sid),
                 ("HLEN", k.user_conns(user)),
-                self._read(sid, after, count, max_bytes),
+                *commands,
                 *self._barrier(sid),
             ]
         )
-        *_, users, read = self._check_barrier(sid, replies)
-        seq, rows, size = page(read)
-        return seq, rows, size, int(users)
+        replies = self._check_barrier(sid, replies)
+        seq, rows, size = read(replies[4:])
+        return seq, rows, size, int(replies[3])
 
     async def remove_connections(self, conns: Sequence[Conn], inc: str) -> None:
         """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent)."""

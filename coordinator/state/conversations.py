@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from workers.protocol import Event
 
-from .core import StateCore, entries, page, text
+from .core import SizeHint, StateCore, entries, text
 from .results import ATTACH, OWNERSHIP, AttachStatus, Ownership, status
 
 
@@ -123,16 +123,25 @@ class ConversationOps(StateCore):
         return entries(rows)
 
     async def events_after_sized(
-        self, sid: str, after: int, count: int, max_bytes: int, *, shown: bool = True
+        self,
+        sid: str,
+        after: int,
+        count: int,
+        max_bytes: int,
+        *,
+        shown: bool = True,
+        hint: SizeHint | None = None,
     ) -> tuple[list[tuple[int, Event]], int, int | None]:
         """Events with ids above ``after`` (oldest first): at most ``count`` of them and
-        about ``max_bytes`` (at least one: ``scripts.READ``), their packed size, and the
-        conversation's last event id (None without a record), read together.
+        none after those whose packed size reaches ``max_bytes`` (at least one), their
+        packed size, and the conversation's last event id (None without a record), read
+        together (``_page``; ``hint``: what this reader learnt by its last read).
         ``shown``: for clients, so with ``replicas`` only what they hold (``_barrier``);
         an agent reads what its loop answers, unconfirmed or not."""
         barrier = self._barrier(sid) if shown else []
-        replies = await self._commands([self._read(sid, after, count, max_bytes), *barrier])
-        seq, rows, size = page((self._check_barrier(sid, replies) if barrier else replies)[0])
+        commands, read = self._page(sid, after, count, max_bytes, hint)
+        replies = await self._commands([*commands, *barrier])
+        seq, rows, size = read(self._check_barrier(sid, replies) if barrier else replies)
         return rows, size, seq
 
     async def inbox_snapshot(

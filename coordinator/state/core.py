@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -40,17 +40,42 @@ def entries(rows: Any) -> list[tuple[int, Event]]:
     ]
 
 
-def flat_rows(reply: Any) -> list[tuple[int, bytes]]:
-    """The events of a ``read_after`` reply ({first, id, packed event, ...}), packed."""
-    return [(int(reply[i]), bytes(reply[i + 1])) for i in range(1, len(reply), 2)]
+def flat_rows(reply: Any, start: int = 1) -> list[tuple[int, bytes]]:
+    """The events of a ``read_after`` reply (``start`` values first, then id, packed
+    event, id, packed event, ...), packed."""
+    return [(int(reply[i]), bytes(reply[i + 1])) for i in range(start, len(reply), 2)]
 
 
-def page(reply: Any) -> tuple[int | None, list[tuple[int, Event]], int]:
-    """A ``scripts.READ`` reply: the conversation's last id (None without a record), the
-    events read, their packed size."""
-    rows = flat_rows(reply)
-    seq = None if reply[0] is None else int(reply[0])
-    return seq, [(i, unpack(data)) for i, data in rows], sum(len(data) for _, data in rows)
+# A page: the conversation's last id (None without a record), its events, their bytes.
+Page = tuple[int | None, list[tuple[int, Event]], int]
+# A plain XRANGE reads a page when the largest event bounds its bytes to this many events.
+PLAIN_LEAST = 16
+
+
+class SizeHint:
+    """What a reader learnt of a conversation's log from its last read: no event with an
+    id up to ``upto`` is larger than ``largest`` bytes (the meta hash's ``largest``, read
+    with ``seq``). A later read of those events is then a plain XRANGE whose count bounds
+    its bytes: a script's read (``scripts.READ``) costs Redis about 1.5 us per entry,
+    XRANGE 0.2. One per reader of one conversation (a replay)."""
+
+    __slots__ = ("largest", "upto")
+
+    def __init__(self) -> None:
+        self.upto = 0
+        self.largest: int | None = None
+
+    def count(self, after: int, count: int, max_bytes: int) -> int:
+        """How many events after ``after`` a plain XRANGE up to ``upto`` may read within
+        ``max_bytes`` (0: read with the script)."""
+        if self.largest is None or after >= self.upto:
+            return 0
+        n = min(count, max_bytes // max(self.largest, 1))
+        return n if n >= PLAIN_LEAST else 0
+
+    def learn(self, seq: Any, largest: Any) -> None:
+        if seq is not None and largest is not None:  # a record older than ``largest``
+            self.upto, self.largest = int(seq), int(largest)
 
 
 def _fullness(info: Any) -> float:
@@ -149,13 +174,41 @@ class StateCore:
                 pipe.execute_command(*command)
             return list(await pipe.execute())
 
-    def _read(self, sid: str, after: int, count: int, max_bytes: int) -> tuple[Any, ...]:
-        """The command that reads a page of ``sid``'s log (``scripts.READ``: at most
-        ``count`` events and about ``max_bytes``), for ``_commands``; its reply, read by
-        ``page``: the conversation's last id, the entries, their packed size."""
+    def _page(
+        self, sid: str, after: int, count: int, max_bytes: int, hint: SizeHint | None
+    ) -> tuple[list[tuple[Any, ...]], Callable[[list[Any]], Page]]:
+        """The commands that read a page of ``sid``'s log after ``after`` (at most
+        ``count`` events, and none after those whose bytes reach ``max_bytes``), for
+        ``_commands``, and what reads the page from their replies (and tells ``hint``
+        what they learnt): a plain XRANGE where ``hint`` bounds its bytes, else
+        ``scripts.READ``."""
         k = self.keys
-        return ("EVALSHA", self._scripts["read"].sha, 2, k.conv(sid), k.events(sid),
-                after, count, max_bytes)  # fmt: skip
+        if hint is not None and (n := hint.count(after, count, max_bytes)):
+            upto = hint.upto
+
+            def plain(replies: list[Any]) -> Page:
+                (seq, largest), rows = replies
+                hint.learn(seq, largest)
+                events = entries(rows)
+                size = sum(len(packed(fields)) for _, fields in rows)
+                return None if seq is None else int(seq), events, size
+
+            return [
+                ("HMGET", k.conv(sid), "seq", "largest"),
+                ("XRANGE", k.events(sid), f"({after}-0", f"{upto}-0", "COUNT", n),
+            ], plain
+
+        def scripted(replies: list[Any]) -> Page:
+            (reply,) = replies
+            if hint is not None:
+                hint.learn(reply[0], reply[1])
+            rows = flat_rows(reply, 2)
+            events = [(i, unpack(data)) for i, data in rows]
+            seq = None if reply[0] is None else int(reply[0])
+            return seq, events, sum(len(data) for _, data in rows)
+
+        sha = self._scripts["read"].sha
+        return [("EVALSHA", sha, 2, k.conv(sid), k.events(sid), after, count, max_bytes)], scripted
 
     def _barrier(self, sid: str) -> list[tuple[Any, ...]]:
         """With ``replicas``: what follows a read of ``sid``'s log in the same round trip
