@@ -26,7 +26,7 @@ from .codec import with_id
 from .errors import Fenced, InvalidInput
 from .eventstore import EventStore, StoreError
 from .history import History
-from .state import Lease
+from .state import Lease, SizeHint
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class LoopMemory:
         self._archiver = archiver
         self._owned = owned
         self.latest: Checkpoint | None = None  # the newest checkpoint: loaded or saved
+        self._sizes = SizeHint()  # what its history's reads learnt (plain XRANGEs after)
 
     def context(self, settings: Mapping[str, Any], after: int) -> AgentContext:
         """The context of an agent instance resuming after action ``after``, from the
@@ -88,7 +89,9 @@ class LoopMemory:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InvalidInput(f"history: {name!r} must be an integer >= {least}")
         count = min(limit, PAGE_EVENTS)
-        rows, _ = await self._history.after(self._lease.sid, after, count, PAGE_BYTES, shown=False)
+        rows, _ = await self._history.after(
+            self._lease.sid, after, count, PAGE_BYTES, shown=False, hint=self._sizes
+        )
         return [with_id(i, event) for i, event in rows]
 
     async def save(self, covers: int, data: bytes) -> None:
