@@ -62,9 +62,12 @@ class Attack:
             **kwargs,
         )
 
-    async def joined(self, conversation: str, **kwargs: Any) -> ClientConnection | None:
-        """A socket.io connection joined to ``conversation``, or None if refused."""
-        ws = await self.websocket(f"&conversation_id={conversation}", **kwargs)
+    async def joined(
+        self, conversation: str, query: str = "", **kwargs: Any
+    ) -> ClientConnection | None:
+        """A socket.io connection joined to ``conversation`` (``query``: more of the
+        URL's, e.g. ``&latest_event_id=0``), or None if refused."""
+        ws = await self.websocket(f"&conversation_id={conversation}{query}", **kwargs)
         await ws.recv()
         await ws.send("40" + json.dumps({"token": self.token}))
         while True:
@@ -309,6 +312,45 @@ async def creation_flood(a: Attack) -> None:
         await a.slots(4, slot)
 
 
+async def replays(a: Attack) -> None:
+    """One user's conversation of 200 small messages, then 40 of 60 KB (as fast as its
+    limits let it write them), and 31 of its connections joining it at
+    ``latest_event_id`` 0 again and again, each reading its replay to the end."""
+    ws = await a.joined("replayed")
+    if ws is None:
+        return
+    n = 0
+    with contextlib.suppress(Exception):
+        for i in range(240):
+            content = f"{i}" if i < 200 else f"{i}" + "r" * 60_000
+            while a.running:  # again while its limits refuse it
+                n += 1
+                action = {"action": "message", "args": {"content": content}}
+                await ws.send(f"42{n}" + json.dumps(["oh_user_action", action]))
+                while not (frame := await ws.recv()).startswith("43"):
+                    pass
+                if json.loads(frame[frame.index("[") :])[0].get("ok"):
+                    a.stats["actions written"] += 1
+                    break
+                await asyncio.sleep(0.2)
+    await ws.close()
+
+    async def reader() -> None:
+        ws = await a.joined("replayed", "&latest_event_id=0")
+        if ws is None:
+            await asyncio.sleep(1.0)
+            return
+        a.stats["replays"] += 1
+        with contextlib.suppress(TimeoutError):
+            while True:
+                async with asyncio.timeout(0.5):  # the replay's end: nothing more comes
+                    frame = await ws.recv()
+                a.stats["replayed bytes"] += len(frame)
+        await ws.close()
+
+    await a.slots(31, reader)
+
+
 ATTACKS: dict[str, Callable[[Attack], Awaitable[None]]] = {
     "big-frames": big_frames,
     "idle-tcp": idle_tcp,
@@ -320,6 +362,7 @@ ATTACKS: dict[str, Callable[[Attack], Awaitable[None]]] = {
     "connection-flood": connection_flood,
     "slow-readers": slow_readers,
     "creation-flood": creation_flood,
+    "replays": replays,
 }
 
 
