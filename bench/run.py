@@ -33,6 +33,7 @@ BENCHMARKS = {
     "isolation": "bench.isolation",
     "attacks": "bench.attacks",
     "store": "bench.store",
+    "replaymem": "bench.replaymem",
 }
 # Run only when named with --only (it needs py-spy and adds a minute).
 ON_REQUEST = {"profile"}
