@@ -117,24 +117,30 @@ class SocketSink:
                 # Across nodes this includes their clock skew; never below zero.
                 metrics.delivery_lag_seconds.observe(max(0.0, time.time() - created))
 
-    async def room(self, connection_id: str) -> None:
+    async def room(self, connection_id: str) -> bool:
         """Return once the connection has room for more events (a replay waits for a
-        client that reads slowly); drop one that took less than half its backlog in
-        STALLED seconds (it reconnects and replays from where it is)."""
+        client that reads slowly): True; False when it is gone (its client closed it, or
+        it took less than half its backlog in STALLED seconds and was dropped here: it
+        reconnects and replays from where it is)."""
         sio = self.sio
         if sio is None:
-            return
+            return True
         eio_sid = sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)
-        if eio_sid is None or not sio.backlogged(eio_sid, half=True):
-            return
+        if eio_sid is None or sio.gone(eio_sid):
+            return False
+        if not sio.backlogged(eio_sid, half=True):
+            return True
         deadline = time.monotonic() + STALLED
         # engine.io's queue has no event for "drained below": poll it while we wait.
         while sio.backlogged(eio_sid, half=True):
+            if sio.gone(eio_sid):
+                return False
             if time.monotonic() > deadline:
                 reason = f"read too slowly for {STALLED:g}s; reconnect to catch up"
                 await sio.close_connection(eio_sid, POLICY_VIOLATION, reason, now=True)
-                return
+                return False
             await asyncio.sleep(0.05)
+        return True
 
     async def disconnect(self, connection_id: str) -> None:
         if self.sio is not None:

@@ -28,7 +28,7 @@ from typing import Protocol
 from workers.protocol import Event
 
 from .backoff import Backoff
-from .codec import CLOSING, notice_code, notice_update, stamped_at, with_id
+from .codec import CLOSING, notice_code, notice_update, pack, stamped_at, with_id
 from .errors import (
     REDIS_TRANSIENT,
     REDIS_TROUBLE,
@@ -60,10 +60,12 @@ YIELD_EVERY = 64
 # Loop steps an event that came after a gap waits for the events missing before them
 # (``_fill_or_catch_up``) before the log is read.
 GAP_STEPS = 4
-# Live events a connection in catch-up keeps for after its replay; past that, they are
-# dropped and the replay reads them from the log: a client that stops reading mid-replay
-# (dropped after app.STALLED) keeps no more of a busy conversation's events alive.
+# Live events a connection in catch-up keeps for after its replay (BUFFERED of them and
+# BUFFERED_BYTES, packed, at most); past that, they are dropped and the replay reads them
+# from the log: a client that stops reading mid-replay (dropped after app.STALLED) keeps
+# no more of a busy conversation's events alive, however large they are.
 BUFFERED = 64
+BUFFERED_BYTES = 1024 * 1024
 
 
 class CatchUpFailed(CoordinatorError):
@@ -107,12 +109,14 @@ class Connection:
     # When its join began (Unix time): notices stamped since are news to it (status
     # update, closing), older ones a replay.
     joined_at: float = 0.0
+    held: int = 0  # packed bytes of the events buffered since the buffer was last empty
 
-    def hold(self, event_id: int, event: Event) -> None:
-        """Keep a live event for after the replay (up to ``BUFFERED``; the rest is read
-        from the log)."""
-        if len(self.buffer) < BUFFERED:
+    def hold(self, event_id: int, event: Event, size: int) -> None:
+        """Keep a live event of ``size`` packed bytes for after the replay (up to
+        ``BUFFERED`` and ``BUFFERED_BYTES``; the rest is read from the log)."""
+        if len(self.buffer) < BUFFERED and self.held + size <= BUFFERED_BYTES:
             self.buffer.append((event_id, event))
+            self.held += size
         else:
             self.stale = True
 
@@ -175,15 +179,18 @@ class LocalConnections:
 
     async def offer(self, sid: str, event_id: int, event: Event) -> None:
         """A live event of ``sid`` arrived: send it to (or buffer it for) the room."""
+        size = -1  # packed, measured once for the connections that buffer it
         for conn in self.room(sid):
             if conn.replaying:
-                conn.hold(event_id, event)
+                size = len(pack(event)) if size < 0 else size
+                conn.hold(event_id, event, size)
             elif event_id == conn.cursor + 1:
                 conn.cursor = event_id
                 await self._send(conn, event_id, event)
             elif event_id > conn.cursor:
                 conn.replaying = True
-                conn.hold(event_id, event)
+                size = len(pack(event)) if size < 0 else size
+                conn.hold(event_id, event, size)
                 self._tasks.spawn(self._fill_or_catch_up(conn), f"catch-up:{conn.cid}")
 
     def catch_up_all(self) -> None:
@@ -297,7 +304,7 @@ class LocalConnections:
         """Send buffered events in order; True when a gap is left (the log must be
         read)."""
         while conn.buffer:
-            batch, conn.buffer = sorted(conn.buffer, key=lambda x: x[0]), []
+            batch, conn.buffer, conn.held = sorted(conn.buffer, key=lambda x: x[0]), [], 0
             for i, (event_id, event) in enumerate(batch):
                 if event_id <= conn.cursor:
                     continue
@@ -310,11 +317,15 @@ class LocalConnections:
 
     async def _room(self, conn: Connection) -> None:
         """A replay goes at the pace its client reads, if the sink can tell (a sink may
-        have ``async room(connection_id)``: it returns when the connection can take more,
-        and drops a connection that stopped reading)."""
+        have ``async room(connection_id) -> bool``: it returns when the connection can
+        take more, True, or False when it is gone: closed by its client, or dropped for
+        not reading). A replay to a connection that is gone ends (CatchUpFailed): before,
+        it went on, each event waiting for a client that had left (a join of a long
+        history held its memory, and its place under the user's connection cap, for as
+        long as the rest of the history took at STALLED seconds an event)."""
         room = getattr(self.sink, "room", None)
-        if room is not None:
-            await room(conn.cid)
+        if room is not None and await room(conn.cid) is False:
+            raise CatchUpFailed(f"connection {conn.cid} closed while catching up")
 
     async def _send(self, conn: Connection, event_id: int, event: Event) -> None:
         # A live event goes to every connection of its room in turn: they get the same

@@ -185,6 +185,10 @@ class FrameGuard:
         except Exception:  # the client is gone already (uvicorn raises then)
             pass
 
+    def gone(self) -> bool:
+        """Closed here (``close``, ``abort``), or by the client (its transport closing)."""
+        return self.closed is not None or (self._socket is not None and self._socket.gone())
+
     def abort(self, reason: str) -> None:
         """Drop the connection at once, without a close frame (which a client that does
         not read would never get)."""

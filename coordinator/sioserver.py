@@ -212,6 +212,17 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         if socket is not None and not socket.closed:
             await socket.close(wait=False, abort=False, reason=self.reason.SERVER_DISCONNECT)
 
+    def gone(self, eio_sid: str) -> bool:
+        """The client's connection is closed or closing (by the client, or dropped here),
+        though engine.io may not have noticed yet: it reads a websocket's frames, its
+        disconnect among them, only between the packets it handles (a join handled
+        inline holds it up)."""
+        frames = FrameGuard.of(self.environ.get(eio_sid))
+        if frames is not None:
+            return frames.gone()
+        socket = self.eio.sockets.get(eio_sid)
+        return socket is None or bool(socket.closed)
+
     def backlogged(self, eio_sid: str, *, half: bool = False) -> str | None:
         """Why this client has too much waiting for it (more than ``max_queued_events``
         or, on a websocket, ``max_queued_bytes``; ``half``: half as much), or None."""

@@ -91,6 +91,9 @@ class WebSocket(Protocol):
     def can_write_now(self) -> bool:
         """Whether a frame sent now goes into the transport without waiting."""
 
+    def gone(self) -> bool:
+        """The connection is closed or closing (its peer left, or it was dropped)."""
+
 
 SOCKET_KEY = "coordinator.websocket"
 # Bytes waiting in the transport (coalesced or not yet taken by the kernel) above which
@@ -131,6 +134,10 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
     def abort(self) -> None:
         """Drop the connection now, whatever is still waiting to be written."""
         self.transport.abort()
+
+    def gone(self) -> bool:
+        """The connection is lost or its transport closing (the peer left, an abort)."""
+        return self.disconnected or self.transport.is_closing()
 
     def can_write_now(self) -> bool:
         """A frame sent now goes into the transport without waiting: the handshake is

@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from coordinator import NodeBusy
-from coordinator.catchup import BUFFERED, REPLAY_PAGE_BYTES
+from coordinator.catchup import BUFFERED, BUFFERED_BYTES, REPLAY_PAGE_BYTES
 from coordinator.links import Endpoint
 from coordinator.subscriptions import Subscriptions
 from tests.helpers import Heard, listening, wait_until
@@ -429,3 +429,40 @@ async def test_a_replay_reads_what_it_knows_the_size_of_with_xrange_and_the_rest
     assert sink.ids("reader") == list(range(1, 613))
     assert any(b == ["HMGET", "XRANGE"] for b in batches), batches  # the plain read
     assert max(got for _, got in reads) < REPLAY_PAGE_BYTES + 2 * size, reads
+
+
+async def test_the_live_events_kept_for_a_replaying_client_are_bounded_in_bytes(
+    make_nodes: Any,
+) -> None:
+    """While a client's replay waits for it, the live events kept for after it are at
+    most ``BUFFERED_BYTES`` (packed), not ``BUFFERED`` events of any size (64 of an
+    agent's 1 MiB events); the rest is read from the log, and every event arrives once,
+    in order."""
+    size = 300 * 1024
+    (node,) = await make_nodes(1, max_action_bytes=size + 1024, log_window_bytes=64 * size)
+    sink = make_nodes.sinks["node1"]
+    await node.join_conversation("heavy", "w", {}, "alice")
+
+    async def say(text: str) -> None:
+        await node.send_to_event_stream("w", {"action": "message", "args": {"content": text}})
+
+    await say("before")
+    await wait_until(lambda: len(sink.events["w"]) == 2, what="the first answer")
+    gate, deliver = asyncio.Event(), sink.deliver
+
+    async def stalled(connection_id: str, event: dict[str, Any]) -> None:
+        if connection_id == "slow":
+            await gate.wait()
+        await deliver(connection_id, event)
+
+    sink.deliver = stalled  # type: ignore[method-assign]
+    joining = asyncio.create_task(node.join_conversation("heavy", "slow", {}, "alice"))
+    conn = await wait_until(lambda: node.node.delivery.connections.get("slow"))
+    for i in range(6):
+        await say(f"{i}" + "x" * size)
+    await wait_until(lambda: len(sink.events["w"]) == 14, what="the answers")
+    assert conn.replaying and conn.stale
+    assert 0 < conn.held <= BUFFERED_BYTES and len(conn.buffer) <= 3, (conn.held, conn.buffer)
+    gate.set()
+    await joining
+    await wait_until(lambda: sink.ids("slow") == list(range(1, 15)), what="every event")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from engineio.async_socket import AsyncSocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from coordinator.auth import issue_token
 from coordinator.connlimits import address_key
 from coordinator.ratelimit import Rate
 from coordinator.server import NodeServer
@@ -24,7 +26,7 @@ from coordinator.serverconfig import NO_LIMITS, ServerConfig
 from coordinator.websocket import CoalescingSansIOProtocol
 from tests.helpers import wait_until
 from tests.rawsocket import RawSocket
-from tests.server_fixtures import ServerCluster
+from tests.server_fixtures import SECRET, ServerCluster
 
 
 def edge(**changes: Any) -> ServerConfig:
@@ -247,3 +249,72 @@ async def test_a_closed_connection_leaves_no_reference_cycle(servers: ServerClus
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+async def _long_history(servers: ServerCluster, events: int, size: int) -> Any:
+    """A node and a conversation ``big`` of ``events`` agent events of ``size`` bytes."""
+    (a,) = await servers.start(1, agent="workers.scripted:ScriptedAgent")
+    settings = {"reply_size": size, "replies": events, "think_time": 0}
+    body = {"conversation_id": "big", "settings": settings}
+    status, _ = await servers.request("POST", a, "/api/conversations", user="alice", json=body)
+    assert status == 201
+    writer = await servers.join(a, "big", "alice")
+    first = await writer.say("go")
+    await writer.wait_ids(first + events, within=60)
+    await writer.close()
+    connections = a.manager.node.delivery.connections
+    await wait_until(lambda: not list(connections), what="the writer gone")
+    return a
+
+
+async def _replaying(a: Any, read: int) -> RawSocket:
+    """A client joining ``big`` at id 0 that has read ``read`` of its replay's events
+    (its websocket reads ahead of it one frame at most)."""
+    query = {"conversation_id": "big", "latest_event_id": 0}
+    raw = await RawSocket.open(a.url, query, max_queue=1, max_size=None)
+    await raw.ws.send("40" + json.dumps({"token": issue_token("alice", SECRET)}))
+    for _ in range(read):
+        await raw.recv_packet()
+    return raw
+
+
+async def test_a_client_that_leaves_in_its_replay_is_forgotten_at_once(
+    servers: ServerCluster,
+) -> None:
+    """A client that closes its connection in the middle of its join's replay: the join
+    ends there and the node forgets it (locally and in Redis, where it counts under its
+    user's connection cap). Before, the replay went on to a connection that was gone,
+    each event waiting STALLED (10 s) for a client that would never read it: the probe's
+    clients stayed counted for 50 s, and a flaky client reconnecting at 0 locked its own
+    user out ("too many connections") with no connection open."""
+    a = await _long_history(servers, 300, 20_000)
+    connections = a.manager.node.delivery.connections
+    raw = await _replaying(a, 20)
+    raw.ws.transport.abort()
+    await wait_until(lambda: not list(connections), timeout=3, what="the connection forgotten")
+    conns, redis = a.manager.keys.conv_conns("big"), a.manager.state.redis
+
+    async def forgotten() -> bool:
+        return await redis.hlen(conns) == 0
+
+    await wait_until(forgotten, timeout=3, what="Redis forgot it")
+
+
+async def test_a_client_that_stops_reading_in_its_replay_is_dropped_once(
+    servers: ServerCluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that stops reading mid-replay is dropped after STALLED seconds, once,
+    and its join ends with it. Before, each event after the drop waited STALLED again
+    ("read too slowly" logged every STALLED seconds) while the join held the client's
+    place and the events read for it."""
+    monkeypatch.setattr("coordinator.app.STALLED", 0.5)
+    caplog.set_level(logging.INFO, logger="coordinator")
+    a = await _long_history(servers, 200, 100_000)  # more than the sockets' buffers take
+    connections = a.manager.node.delivery.connections
+    raw = await _replaying(a, 1)  # and no more: the kernel's buffers fill
+    try:
+        await wait_until(lambda: not list(connections), timeout=5, what="the connection dropped")
+    finally:
+        await raw.aclose()
+    dropped = [r for r in caplog.records if "read too slowly" in r.getMessage()]
+    assert len(dropped) == 1, [r.getMessage() for r in dropped]
