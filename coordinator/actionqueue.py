@@ -141,26 +141,27 @@ class ActionQueue:
             self.applied = n
             self._progress.set()
 
-    async def drain(self, inbox_max: int, running: Callable[[], bool], within: float) -> bool:
+    async def drain(self, running: Callable[[], bool], within: float) -> bool:
         """Wait until every action accepted so far is applied (while ``running``), for at
-        most ``within`` s; True when the inbox was emptied in time (else it says so)."""
+        most ``within`` s; True when the inbox was emptied in time (else it says so).
+        It reads only the newest waiting action's id: every action up to ``seen`` is
+        queued already, and one after it is read by the loop, a page at a time (a read of
+        the whole inbox per answer held up to ``inbox_max`` actions' payloads at once)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while running():
             try:
-                _, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=inbox_max)
+                target = await self._state.inbox_last(self.sid, self.applied)
             except UnreplicatedRead:  # the read waited --ack-timeout for replicas: again
                 if loop.time() < deadline:
                     continue
                 log.warning("loop %s stops: its inbox was not replicated in time", self.sid)
                 return False
-            waiting = [n for n, _ in rows if n > self.applied]
-            if not waiting:
+            if target <= self.applied:
                 return True
-            for n, action in rows:
-                self.pending.setdefault(n, action)
+            if target > self.seen:
+                self._asked = True  # not all of it queued: the loop reads the inbox
             self.wake.set()
-            target = max(waiting)
             while self.applied < target and running():
                 remaining = deadline - loop.time()
                 if remaining <= 0:

@@ -101,6 +101,8 @@ class Loops:
             floor=delivery.floor,
         )
         self.starting: dict[str, asyncio.Future[ConversationInfo]] = {}
+        # Evictions under way here: sid -> the nodes to tell when its slot is free.
+        self._evicting: dict[str, set[str]] = {}
         # Conversations left with acknowledged actions and no loop here (a fenced loop,
         # an eviction's backlog): ``Restarts`` sets this to its ``resume_pending``.
         self.orphaned: Callable[[list[tuple[str, str]]], Awaitable[None]] | None = None
@@ -347,31 +349,50 @@ class Loops:
     async def evict_owner(self, sid: str, user: str, inc: str) -> None:
         """Have the owner ``inc`` of an evicted loop stop it (or free a dead one's hold)."""
         if inc == self._membership.inc:
-            self._tasks.spawn(self._evict_local(sid, user, self._config.node_id), f"evict:{sid}")
+            self._evict_once(sid, user, self._config.node_id)
         elif await self._directory.alive(inc):
             await self._bus.send_to_owner(inc, "evict", {"sid": sid, "user": user})
         else:
             await self.release_dead(sid, user, inc)
 
-    async def _evict_local(self, sid: str, user: str, origin: str) -> None:
-        pending = self.starting.get(sid)
-        if pending is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(pending)
-        runner = self.runners.get(sid)
-        backlog = False
-        if runner is not None:
-            # Acknowledged actions reach the loop before it stops; the cap holds meanwhile
-            # (the slot stays taken until the loop is gone).
-            backlog = not await runner.finish_backlog(min(10.0, self._config.start_timeout / 2))
-        if not await self.stop(sid, codec.evicted_event()):
-            await self._state.release_slot(user, sid, self._membership.inc)
-        elif backlog:  # acknowledged actions still wait: they need a loop (restarts.py)
-            await self._orphaned(sid, user)
-        if origin == self._config.node_id:
-            self.admission.slot_freed(user)
-        else:
-            await self._bus.send(origin, "slot_freed", {"user": user})
+    def _evict_once(self, sid: str, user: str, origin: str) -> None:
+        """Evict ``sid`` here, once at a time: a start waiting for the slot asks again
+        every second (``Admission._nudge``), and each ask used to start another drain of
+        the loop's backlog beside the first. A later ask joins the one under way, which
+        tells its ``origin`` too when the slot is free."""
+        origins = self._evicting.get(sid)
+        if origins is not None:
+            origins.add(origin)
+            return
+        self._evicting[sid] = {origin}
+        self._tasks.spawn(self._evict_local(sid, user), f"evict:{sid}")
+
+    async def _evict_local(self, sid: str, user: str) -> None:
+        try:
+            pending = self.starting.get(sid)
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pending)
+            runner = self.runners.get(sid)
+            backlog = False
+            if runner is not None:
+                # Acknowledged actions reach the loop before it stops; the cap holds
+                # meanwhile (the slot stays taken until the loop is gone).
+                within = min(10.0, self._config.start_timeout / 2)
+                backlog = not await runner.finish_backlog(within)
+            if not await self.stop(sid, codec.evicted_event()):
+                await self._state.release_slot(user, sid, self._membership.inc)
+            elif backlog:  # acknowledged actions still wait: they need a loop (restarts.py)
+                await self._orphaned(sid, user)
+        finally:
+            # An ask from now on is a new eviction (of whatever runs then): the ones
+            # that joined this one are told now, as its own origin is.
+            origins = self._evicting.pop(sid, set())
+        for origin in sorted(origins):
+            if origin == self._config.node_id:
+                self.admission.slot_freed(user)
+            else:
+                await self._bus.send(origin, "slot_freed", {"user": user})
 
     async def release_dead(self, sid: str, user: str, inc: str) -> None:
         """Free what a dead incarnation held for one conversation; tell its clients."""
@@ -393,7 +414,7 @@ class Loops:
 
     # -- commands from other nodes ---------------------------------------------------
     async def _on_evict(self, origin: str, p: dict[str, Any]) -> None:
-        await self._evict_local(str(p["sid"]), str(p["user"]), origin)
+        self._evict_once(str(p["sid"]), str(p["user"]), origin)
 
     async def _on_slot_freed(self, origin: str, p: dict[str, Any]) -> None:
         self.admission.slot_freed(str(p["user"]))

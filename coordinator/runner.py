@@ -443,7 +443,7 @@ class LoopRunner:
     async def finish_backlog(self, within: float) -> bool:
         """Process every action accepted so far before the loop stops (an eviction must
         not strand what was acknowledged). True when the inbox was emptied in time."""
-        return await self._queue.drain(self._config.inbox_max, lambda: self.running, within)
+        return await self._queue.drain(lambda: self.running, within)
 
     # -- shutdown --------------------------------------------------------------------
     def _fence(self, why: str, quiet: bool = False) -> None:

@@ -115,3 +115,26 @@ async def listening(subs: Subscription, listener: Listener) -> AsyncIterator[Non
     finally:
         await subs.aclose()
         await cancel_and_wait([task], within=5)
+
+
+class InFlight:
+    """Wraps a method (``ensure_running`` of a node's loops, which every join and restart
+    goes through, unless told otherwise): records how many calls run at once."""
+
+    def __init__(self, obj: Any, delay: float = 0.0, attr: str = "ensure_running") -> None:
+        self.now = 0
+        self.peak = 0
+        self.calls = 0
+        self._original = getattr(obj, attr)
+        self._delay = delay
+        setattr(obj, attr, self)
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.now += 1
+        self.calls += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            await asyncio.sleep(self._delay)
+            return await self._original(*args, **kwargs)
+        finally:
+            self.now -= 1

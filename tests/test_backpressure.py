@@ -10,31 +10,8 @@ from coordinator import NodeBusy
 from coordinator.catchup import BUFFERED, BUFFERED_BYTES, REPLAY_PAGE_BYTES
 from coordinator.links import Endpoint
 from coordinator.subscriptions import Subscriptions
-from tests.helpers import Heard, listening, wait_until
+from tests.helpers import Heard, InFlight, listening, wait_until
 from tests.server_fixtures import ServerCluster
-
-
-class InFlight:
-    """Wraps a method (``ensure_running`` of a node's loops, which every join and restart
-    goes through, unless told otherwise): records how many calls run at once."""
-
-    def __init__(self, obj: Any, delay: float = 0.0, attr: str = "ensure_running") -> None:
-        self.now = 0
-        self.peak = 0
-        self.calls = 0
-        self._original = getattr(obj, attr)
-        self._delay = delay
-        setattr(obj, attr, self)
-
-    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.now += 1
-        self.calls += 1
-        self.peak = max(self.peak, self.now)
-        try:
-            await asyncio.sleep(self._delay)
-            return await self._original(*args, **kwargs)
-        finally:
-            self.now -= 1
 
 
 async def test_joins_beyond_the_limit_wait_then_are_refused_as_busy_changing_nothing(

@@ -595,4 +595,4 @@ async def test_a_drain_of_an_inbox_no_replica_holds_gives_up_at_its_deadline(
         held = await state.accept(SID, "alice", b"\x80", 100, 100, floor=0)
         assert held.status == "ok" and held.unconfirmed
         queue = ActionQueue(SID, state, applied=0)
-        assert await queue.drain(100, lambda: True, within=1.0) is False
+        assert await queue.drain(lambda: True, within=1.0) is False

@@ -164,6 +164,19 @@ class ConversationOps(StateCore):
         seq, rows = self._check_barrier(sid, replies) if barrier else replies
         return int(seq or 0), entries(rows)
 
+    async def inbox_last(self, sid: str, after: int) -> int:
+        """The id of the newest action waiting in the inbox after ``after`` (0: none),
+        reading one action's payload at most: what an evicted loop's drain waits for
+        (its queue holds the actions themselves; a read of all of them is up to
+        ``inbox_max`` actions in one reply). With ``replicas``, only what replicas hold
+        (``_barrier``: else UnreplicatedRead), as ``inbox_snapshot``."""
+        barrier = self._barrier(sid)
+        replies = await self._commands(
+            [("XREVRANGE", self.keys.inbox(sid), "+", f"({after}-0", "COUNT", 1), *barrier]
+        )
+        (rows,) = self._check_barrier(sid, replies) if barrier else replies
+        return int(text(rows[0][0]).split("-")[0]) if rows else 0
+
     async def inbox_lengths(self, sids: Sequence[str]) -> list[int]:
         """How many accepted actions wait unprocessed, per conversation (one round trip)."""
         if not sids:
