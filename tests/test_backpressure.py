@@ -14,6 +14,20 @@ from tests.helpers import Heard, InFlight, listening, wait_until
 from tests.server_fixtures import ServerCluster
 
 
+def stall(sink: Any, connection_id: str) -> asyncio.Event:
+    """Hold ``sink``'s events for ``connection_id`` until the gate returned is set: a
+    client that stopped reading."""
+    gate, deliver = asyncio.Event(), sink.deliver
+
+    async def stalled(cid: str, event: dict[str, Any]) -> None:
+        if cid == connection_id:
+            await gate.wait()
+        await deliver(cid, event)
+
+    sink.deliver = stalled
+    return gate
+
+
 async def test_joins_beyond_the_limit_wait_then_are_refused_as_busy_changing_nothing(
     make_nodes,
 ) -> None:
@@ -243,14 +257,7 @@ async def test_a_client_that_stops_reading_in_its_replay_holds_a_bounded_buffer(
     for i in range(3):
         await say(f"before {i}")
     await wait_until(lambda: len(sink.events["w"]) == 6, what="the first answers")
-    gate, deliver = asyncio.Event(), sink.deliver
-
-    async def stalled(connection_id: str, event: dict[str, Any]) -> None:
-        if connection_id == "slow":
-            await gate.wait()
-        await deliver(connection_id, event)
-
-    sink.deliver = stalled  # type: ignore[method-assign]
+    gate = stall(sink, "slow")
     joining = asyncio.create_task(node.join_conversation("busy", "slow", {}, "alice"))
     conn = await wait_until(lambda: node.node.delivery.connections.get("slow"))
     for i in range(2 * BUFFERED):
@@ -385,14 +392,7 @@ async def test_a_replay_reads_what_it_knows_the_size_of_with_xrange_and_the_rest
 
     state.events_after_sized = counted_after  # type: ignore[method-assign]
     state._commands = recorded  # type: ignore[method-assign]
-    gate, deliver = asyncio.Event(), sink.deliver
-
-    async def stalled(connection_id: str, event: dict[str, Any]) -> None:
-        if connection_id == "reader":
-            await gate.wait()
-        await deliver(connection_id, event)
-
-    sink.deliver = stalled  # type: ignore[method-assign]
+    gate = stall(sink, "reader")
     joining = asyncio.create_task(
         node.join_conversation("mixed", "reader", {}, "alice", latest_event_id=0)
     )
@@ -425,14 +425,7 @@ async def test_the_live_events_kept_for_a_replaying_client_are_bounded_in_bytes(
 
     await say("before")
     await wait_until(lambda: len(sink.events["w"]) == 2, what="the first answer")
-    gate, deliver = asyncio.Event(), sink.deliver
-
-    async def stalled(connection_id: str, event: dict[str, Any]) -> None:
-        if connection_id == "slow":
-            await gate.wait()
-        await deliver(connection_id, event)
-
-    sink.deliver = stalled  # type: ignore[method-assign]
+    gate = stall(sink, "slow")
     joining = asyncio.create_task(node.join_conversation("heavy", "slow", {}, "alice"))
     conn = await wait_until(lambda: node.node.delivery.connections.get("slow"))
     for i in range(6):
