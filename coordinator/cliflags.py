@@ -290,7 +290,8 @@ SERVER_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         number,
         "seconds a connection has to send a complete request (head and body) from "
         "connecting or from its next request's first byte; else it is closed, with a 408 "
-        "when no request head came (default: 10)",
+        "when no request head came; an answer the client takes nothing of for this long "
+        "is cut off (default: 10)",
     ),
     "keep_alive_timeout": (
         "--keep-alive-timeout",

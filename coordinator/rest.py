@@ -30,6 +30,7 @@ from .http import (
     Handler,
     Origins,
     Resource,
+    WrittenOnce,
     bearer_identity,
     json_object,
     json_response,
@@ -225,7 +226,8 @@ class RestApp:
             raise ConversationNotFound(sid)
         events, more = await self.manager.events_page(sid, after, limit)
         last = events[-1]["id"] if events else after
-        return json_response(200, {"events": events, "next": last, "more": more})
+        # Written an event at a time, each let go once written (http.py).
+        return json_response(200, {"events": WrittenOnce(events), "next": last, "more": more})
 
     async def create_conversation(self, request: Request) -> Response:
         who = self.identity(request)

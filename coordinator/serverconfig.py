@@ -71,7 +71,8 @@ class ServerConfig:
     # ``message_limit(max_action_bytes)``.
     max_message_bytes: int | None = None
     # A connection must send a complete request (head and body) within this long of its
-    # first byte (or of connecting); idle keep-alive connections close after the other.
+    # first byte (or of connecting), and take some of an answer within this long while
+    # the answer waits for it; idle keep-alive connections close after the other.
     request_timeout: float = 10.0
     keep_alive_timeout: float = 5.0
     # An engine.io session must complete a socket.io CONNECT (join) within this long.
