@@ -21,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from .answers import json_response
 from .auth import TokenVerifier
 from .dashboard import dashboard
-from .http import Cors, Origins, Resource, bearer_identity, json_response
+from .http import Cors, Origins, Resource, bearer_identity
 from .manager import ConversationManager
 
 CONTENT_TYPES = {

@@ -20,20 +20,18 @@ from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Receive, Scope, Send
 
 from . import codec
+from .answers import COMMON_HEADERS, WrittenOnce, json_response
 from .auth import Identity, TokenVerifier
 from .config import Lifetimes
 from .directory import describe_retired
 from .errors import ConversationNotFound, Forbidden, InvalidInput, NodeDraining
 from .http import (
-    COMMON_HEADERS,
     Cors,
     Handler,
     Origins,
     Resource,
-    WrittenOnce,
     bearer_identity,
     json_object,
-    json_response,
     not_found,
     read_body,
 )
@@ -226,7 +224,7 @@ class RestApp:
             raise ConversationNotFound(sid)
         events, more = await self.manager.events_page(sid, after, limit)
         last = events[-1]["id"] if events else after
-        # Written an event at a time, each let go once written (http.py).
+        # Written an event at a time, each let go once written (answers.py).
         return json_response(200, {"events": WrittenOnce(events), "next": last, "more": more})
 
     async def create_conversation(self, request: Request) -> Response:
