@@ -22,7 +22,7 @@ ALL_LISTED = 500  # conversations shown to an admin
 
 async def dashboard(directory: Directory, identity: Identity, node_id: str) -> dict[str, Any]:
     """The dashboard's view for ``identity``, answered by node ``node_id``."""
-    nodes = await directory.node_statuses()
+    nodes = await directory.node_statuses(loads=identity.admin)
     user = identity.user
     if identity.admin:
         sids = await directory.active_conversations(ALL_LISTED)
@@ -52,10 +52,12 @@ async def dashboard(directory: Directory, identity: Identity, node_id: str) -> d
 def _node_row(node: NodeStatus, shown: list[ConversationStatus], admin: bool) -> Any:
     if admin:
         return node.view()
-    # Only the caller's share of the node: their loops there, their connections there.
-    mine = {c.conversation_id for c in shown}
+    # Only the caller's share of the node: their loops there, their connections there
+    # (from their conversations' records: the node's own lists were not read).
     row = node.view(
-        loops=tuple(s for s in node.loops if s in mine),
+        loops=tuple(
+            sorted(c.conversation_id for c in shown if c.running and c.owner == node.node_id)
+        ),
         connections=sum(c.connections.get(node.node_id, 0) for c in shown),
     )
     del row["incarnation"]

@@ -212,11 +212,16 @@ class Directory:
 
     async def cluster_view_for(self, user: str) -> dict[str, Any]:
         """``cluster_view`` as one user may see it: the live nodes, and of the loops and
-        connections only the user's own."""
+        connections only the user's own, read from the user's own indexes (their cost
+        does not grow with the other users' loops)."""
         nodes = await self.nodes()
         names = sorted(nodes)
         node_of = {inc: node for node, inc in nodes.items()}
-        owned = await asyncio.gather(*(self._state.owned(nodes[n]) for n in names))
+        loops: dict[str, list[str]] = {n: [] for n in names}
+        for sid, held in (await self._state.user_loops(user)).items():
+            state, _, inc = held.partition(":")
+            if state == "live" and inc in node_of:
+                loops[node_of[inc]].append(sid)
         conns = await self._state.connections_of_user(user)
         rows = await self._state.watchers(sorted(set(conns.values())))
         holders = {cid: inc for row in rows for cid, inc in row.items()}
@@ -227,10 +232,7 @@ class Directory:
                 counts[node] += 1
         return {
             "nodes": dict(sorted(nodes.items())),
-            "loops": {
-                n: sorted(sid for sid, u in loops.items() if u == user)
-                for n, loops in zip(names, owned, strict=True)
-            },
+            "loops": {n: sorted(sids) for n, sids in loops.items()},
             "connections": counts,
         }
 
@@ -269,8 +271,12 @@ class Directory:
         ads = (Advertisement.decode(node, value) for node, value in raw.items())
         return {ad.url for ad in ads if ad is not None}
 
-    async def node_statuses(self, now: float | None = None) -> list[NodeStatus]:
-        """The live nodes, then the lost ones still shown (``status.py``), by id.
+    async def node_statuses(
+        self, now: float | None = None, *, loads: bool = True
+    ) -> list[NodeStatus]:
+        """The live nodes, then the lost ones still shown (``status.py``), by id;
+        ``loads``: with their loops and connection counts (read per node: they grow with
+        the cluster, and a user's view does without them).
 
         An advertisement that has been silent for ``LOST_SHOWN`` is deleted here."""
         now = time.time() if now is None else now
@@ -279,10 +285,13 @@ class Directory:
         ads = {n: ad for n, v in raw.items() if (ad := Advertisement.decode(n, v)) is not None}
         live = await self._state.live_leases(registry)
         names = sorted(live)
-        loads = await self._state.loads([registry[n] for n in names])
+        if loads:
+            each = await self._state.loads([registry[n] for n in names])
+        else:
+            each = [([], 0)] * len(names)
         default_ttl = self._membership.ttl_ms / 1000
         rows = []
-        for node, (loops, connections) in zip(names, loads, strict=True):
+        for node, (loops, connections) in zip(names, each, strict=True):
             ad = ads.get(node)
             left = live[node]
             rows.append(
