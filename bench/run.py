@@ -34,6 +34,7 @@ BENCHMARKS = {
     "attacks": "bench.attacks",
     "store": "bench.store",
     "replaymem": "bench.replaymem",
+    "trimcost": "bench.trimcost",
 }
 # Run only when named with --only (it needs py-spy and adds a minute).
 ON_REQUEST = {"profile"}

@@ -51,9 +51,14 @@ if upto > stored then
 end
 local len = redis.call('XLEN', KEYS[2])
 local max_events, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
-local start, cut, last = '-', 0, nil
+local start, cut, last, want = '-', 0, nil, 4
 while len > 1 and (len > max_events or size > max_bytes) do
-  local rows = redis.call('XRANGE', KEYS[2], start, stored .. '-0', 'COUNT', 100)
+  -- Entries are read for their sizes, whole: over the count bound alone, as many as it
+  -- needs; over the byte bound, a few first, then more (a window of large events read 100
+  -- at a time copied megabytes into the script to trim one or two).
+  local n = want
+  if size <= max_bytes then n = math.max(1, math.min(100, len - max_events)) end
+  local rows = redis.call('XRANGE', KEYS[2], start, stored .. '-0', 'COUNT', n)
   if #rows == 0 then break end
   for _, row in ipairs(rows) do
     if len <= 1 or (len <= max_events and size <= max_bytes) then break end
@@ -62,8 +67,9 @@ while len > 1 and (len > max_events or size > max_bytes) do
     cut = cut + #row[2][2]
     last = row[1]
   end
-  if #rows < 100 or last ~= rows[#rows][1] then break end
+  if #rows < n or last ~= rows[#rows][1] then break end
   start = '(' .. last
+  want = math.min(100, want * 2)
 end
 if last then
   redis.call('XTRIM', KEYS[2], 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
