@@ -82,7 +82,7 @@ async def test_a_node_loss_under_the_deploy_acl_user(acl_redis: tuple[int, redis
 
     cluster = ServerCluster(url)
     try:
-        a, b = await cluster.start(2)
+        a, b = await cluster.start(2, max_concurrent_conversations=1)
         status, body = await cluster.request(
             "POST", a, "/api/conversations", user="alice", json={"conversation_id": "acl"}
         )
@@ -98,6 +98,13 @@ async def test_a_node_loss_under_the_deploy_acl_user(acl_redis: tuple[int, redis
         assert client.events[3]["extras"]["reason"] == "STATUS$NODE_LOST"
         assert client.events[4]["args"]["content"] == "after"
         assert b.manager.local_loops() == {"acl"}
+        # A second conversation over alice's cap of 1 evicts the first: its loop drains
+        # what it acknowledged (the inbox's newest id) and stops.
+        status, _ = await cluster.request(
+            "POST", b, "/api/conversations", user="alice", json={"conversation_id": "acl2"}
+        )
+        assert status == 201
+        await wait_until(lambda: b.manager.local_loops() == {"acl2"}, what="acl evicted")
     finally:
         await cluster.aclose()
     # Nothing any node sent was refused by the ACL.
