@@ -28,6 +28,7 @@ from .auth import (
 )
 from .cliargs import build_parser
 from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
+from .clisecrets import read_secret_file, warn_about_visible_secrets
 from .config import ManagerConfig
 from .errors import REDIS_TROUBLE, ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
 from .inputs import check_user_id, parse_settings
@@ -78,51 +79,6 @@ def _require_secret(value: str | None, command: str) -> str:
             "or pass --secret",
         )
     return value
-
-
-def read_secret_file(args: argparse.Namespace) -> None:
-    """``--secret-file``: the secret is the file's first line (trailing whitespace off)."""
-    path = getattr(args, "secret_file", None)
-    if not path:
-        return
-    if "secret" in getattr(args, "on_command_line", ()):
-        _fail(2, "give the secret once: --secret or --secret-file, not both")
-    try:
-        with open(path, encoding="utf-8") as f:
-            secret = f.readline().rstrip("\r\n")
-    except OSError as exc:
-        _fail(2, f"cannot read --secret-file {path}: {exc.strerror or exc}")
-    except UnicodeDecodeError:
-        _fail(2, f"--secret-file {path} is not UTF-8 text")
-    if not secret.strip():
-        _fail(2, f"--secret-file {path} is empty")
-    args.secret = secret
-
-
-def warn_about_visible_secrets(args: argparse.Namespace) -> None:
-    """Secrets on the command line are visible to every user of the machine (``ps``,
-    /proc/PID/cmdline): say how to pass them instead."""
-    given = getattr(args, "on_command_line", ())
-    if "secret" in given:
-        print(
-            "warning: --secret on the command line is visible to other users (ps); "
-            "use --secret-file or COORDINATOR_SECRET",
-            file=sys.stderr,
-            flush=True,
-        )
-    for name, variable in (
-        ("redis_url", "COORDINATOR_REDIS_URL"),
-        ("event_store", "COORDINATOR_EVENT_STORE"),
-    ):
-        url = getattr(args, name, None)
-        if name in given and url and redact_url(url) != url:
-            flag = "--" + name.replace("_", "-")
-            print(
-                f"warning: {flag} carries a password, visible to other users (ps); "
-                f"set {variable} instead",
-                file=sys.stderr,
-                flush=True,
-            )
 
 
 def build_tokens(args: argparse.Namespace) -> TokenVerifier:
@@ -395,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Exit as exc:
         print(f"error: {exc.message}", file=sys.stderr, flush=True)
         return exc.code
+    except ConfigError as exc:  # the secret file's (clisecrets.py)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         return 130
 

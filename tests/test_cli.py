@@ -893,3 +893,23 @@ async def test_two_stop_signals_back_to_back_stop_at_once_without_a_traceback(
         assert code in (0, 130), (attempt, code, err)
         if code == 130:
             assert "stopped before its drain finished" in err, err
+
+
+async def test_a_secret_file_that_cannot_give_the_secret_is_a_one_line_error(
+    tmp_path: Path,
+) -> None:
+    """``--secret-file`` missing, empty, not UTF-8, or given beside ``--secret``: exit 2
+    with one line naming the problem, no traceback."""
+    empty, binary = tmp_path / "empty", tmp_path / "binary"
+    empty.write_text("\n")
+    binary.write_bytes(b"\xff\xfe\n")
+    cases = [
+        (["--secret-file", str(tmp_path / "none")], "cannot read --secret-file"),
+        (["--secret-file", str(empty)], f"--secret-file {empty} is empty"),
+        (["--secret-file", str(binary)], f"--secret-file {binary} is not UTF-8 text"),
+        (["--secret", "s", "--secret-file", str(empty)], "give the secret once"),
+    ]
+    results = await asyncio.gather(*(run("token", "bob", *args) for args, _ in cases))
+    for (rc, out, err), (_, said) in zip(results, cases, strict=True):
+        assert (rc, out) == (2, ""), (rc, out, err)
+        assert err.startswith("error: ") and said in err and err.count("\n") == 1, err
