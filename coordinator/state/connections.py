@@ -43,13 +43,12 @@ class ConnectionOps(StateCore):
         hint: SizeHint | None = None,
     ) -> tuple[int | None, list[tuple[int, Event]], int, int]:
         """Register connection ``cid`` of ``inc`` and read its first page of the log
-        (``count`` events and about ``max_bytes`` at most): the conversation's last id
-        (None without a record), the events after ``after``, their packed size, and how
-        many connections
-        the user holds now on all nodes (this one included). One round trip: the
-        registration is made before the read (same connection, or on a cluster the
-        conversation's shard, in order), so an event logged after the read is published
-        to this node.
+        (``count`` events and about ``max_bytes`` at most: ``_page``, with ``hint``): the
+        conversation's last id (None without a record), the events after ``after``, their
+        packed size, and how many connections the user holds now on all nodes (this one
+        included). One round trip: the registration is made before the read (same
+        connection, or on a cluster the conversation's shard, in order), so an event
+        logged after the read is published to this node.
 
         The count makes the per-user connection cap exact without a lock: a join that
         finds more than the cap is refused and unregistered, so every connection kept was
