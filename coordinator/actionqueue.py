@@ -10,6 +10,10 @@ gap, a reconnect or a start marks it for a re-read of the durable inbox, so no a
 action is skipped (a start's is spared when the loop's first write was the
 conversation's first event: ``first_event``). ``applied`` is the last action the log
 records as processed: a successor resumes after it.
+
+It holds at most ``QUEUED_BYTES`` of payloads (counted at ``max_action_bytes`` each):
+an action past them waits in the durable inbox and is read once the queue has room, so
+a stuck agent's backlog (up to ``inbox_max`` actions) is not kept in the node's memory.
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ from .state import RedisState
 
 log = logging.getLogger(__name__)
 
-PAGE = 500
+PAGE = 500  # actions at most per inbox read
+QUEUED_BYTES = 1 << 20  # payloads at most per queue (counted at max_action_bytes each)
 # A read retried: Redis' trouble, or replicas that do not hold the inbox yet.
 RETRIED: tuple[type[Exception], ...] = (*REDIS_TROUBLE, UnreplicatedRead)
 
 
 class ActionQueue:
-    def __init__(self, sid: str, state: RedisState, applied: int) -> None:
+    def __init__(self, sid: str, state: RedisState, applied: int, *, max_action_bytes: int) -> None:
         self.sid = sid
+        self.room = min(PAGE, max(2, QUEUED_BYTES // max(1, max_action_bytes)))
         self._state = state
         self.applied = applied
         self.seen = 0
@@ -60,10 +66,14 @@ class ActionQueue:
         if event_id <= self.seen:
             return False
         if event_id == self.seen + 1:
-            self.seen = event_id
             if event.get("source") != "user" or event_id <= self.applied:
+                self.seen = event_id
                 return False
-            self.pending[event_id] = event
+            if len(self.pending) >= self.room:
+                self._asked = True  # it waits in the inbox: read when the queue has room
+            else:
+                self.seen = event_id
+                self.pending[event_id] = event
         else:
             self._asked = True
         self.wake.set()
@@ -95,18 +105,19 @@ class ActionQueue:
         self.wake.set()
 
     async def read(self) -> None:
-        """Queue what the durable inbox holds after ``applied``. A gap or a poke while it
-        reads asks for another read: the snapshot may predate the event that showed it."""
+        """Queue what the durable inbox holds after ``applied``, ``room`` actions at most
+        (a full read asks for the next). A gap or a poke while it reads asks for another
+        read: the snapshot may predate the event that showed it."""
         self._start_due = self._asked = False
         try:
-            seq, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=PAGE)
+            seq, rows = await self._state.inbox_snapshot(self.sid, self.applied, count=self.room)
         except BaseException:
             self._asked = True  # read again
             raise
         for n, action in rows:
             if n > self.applied:
                 self.pending[n] = action
-        if len(rows) < PAGE:
+        if len(rows) < self.room:
             self.seen = max(self.seen, seq)
         else:
             self.seen = max(self.seen, max(self.pending))

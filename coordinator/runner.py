@@ -96,7 +96,9 @@ class LoopRunner:
         self._delivery = delivery
         self._activity = activity
         self._archiver = archiver
-        self._queue = ActionQueue(lease.sid, state, applied)
+        self._queue = ActionQueue(
+            lease.sid, state, applied, max_action_bytes=config.max_action_bytes
+        )
         self._cause = 0  # the action being dispatched (0: none)
         self._emits = 0  # writes answering it so far
         self._asked_at: float | None = None  # when it was accepted (Unix time)

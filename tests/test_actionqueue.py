@@ -10,6 +10,7 @@ from coordinator.actionqueue import ActionQueue
 from coordinator.codec import pack
 from coordinator.keys import KeySchema
 from coordinator.state import RedisState
+from tests.helpers import wait_until
 from tests.server_fixtures import ServerCluster, SioClient
 
 ACTION = {"source": "user", "action": "message", "args": {"content": "hi"}}
@@ -29,7 +30,7 @@ async def test_a_gap_seen_while_the_inbox_is_read_is_read_again(redis_client) ->
         return got
 
     state.inbox_snapshot = slow_answer  # type: ignore[method-assign]
-    queue = ActionQueue("s1", state, applied=0)
+    queue = ActionQueue("s1", state, applied=0, max_action_bytes=1024)
     reading = asyncio.ensure_future(queue.read())
     await taken.wait()
     # Meanwhile two actions are accepted, and the second goes by (the first not yet).
@@ -45,7 +46,7 @@ async def test_a_gap_seen_while_the_inbox_is_read_is_read_again(redis_client) ->
 
 async def test_a_loops_first_write_as_the_first_event_saves_the_start_read(redis_client) -> None:
     state = RedisState(redis_client, KeySchema("t"))
-    queue = ActionQueue("s1", state, applied=0)
+    queue = ActionQueue("s1", state, applied=0, max_action_bytes=1024)
     assert queue.reread  # a start reads the inbox
     queue.first_event()
     assert not queue.reread and queue.seen == 1 and queue.quiet is False  # woken once
@@ -55,7 +56,7 @@ async def test_a_loops_first_write_as_the_first_event_saves_the_start_read(redis
 
 async def test_a_gap_before_the_loops_first_write_keeps_the_start_read(redis_client) -> None:
     state = RedisState(redis_client, KeySchema("t"))
-    queue = ActionQueue("s1", state, applied=0)
+    queue = ActionQueue("s1", state, applied=0, max_action_bytes=1024)
     assert queue.observe(3, ACTION)  # 1 and 2 not seen yet
     queue.first_event()
     assert queue.reread
@@ -98,3 +99,65 @@ async def test_a_new_conversations_loop_starts_without_reading_its_inbox(
     later = await servers.join(a, "asked", "alice")
     await later.wait_for(answered(later, "before"), "the answer")
     assert reads == ["asked"]
+
+
+LARGE = 60_000  # bytes of content per action (max_action_bytes: 64 KiB, so 16 queued)
+
+
+async def test_a_backlog_is_read_from_the_inbox_a_queueful_at_a_time(redis_client) -> None:
+    """A restart finds 40 actions of 60 KB waiting: it queues as many as QUEUED_BYTES
+    holds (it read 500 at once: the whole backlog's payloads, up to inbox_max x 64 KiB),
+    the next read takes the rest, and every action is dispatched once, in order."""
+    state = RedisState(redis_client, KeySchema("t"))
+    await state.acquire("s1", "n1", "n1/a", "u", create=True)
+    big = pack({"source": "user", "action": "message", "args": {"content": "x" * LARGE}})
+    accepted = [
+        (await state.accept("s1", "u", big, 100, 64 * 1024, floor=0)).event_id for _ in range(40)
+    ]
+    queue = ActionQueue("s1", state, applied=0, max_action_bytes=64 * 1024)
+    dispatched, held = [], []
+    while queue.reread:
+        await queue.read()
+        held.append(len(queue.pending))
+        for n, _ in iter(queue.next, None):
+            dispatched.append(n)
+            queue.mark_applied(n)  # as its commit does
+    assert dispatched == accepted
+    assert held == [16, 16, 8]  # QUEUED_BYTES' worth at a time
+
+
+async def test_actions_accepted_while_the_agent_is_busy_wait_in_the_inbox(make_nodes) -> None:
+    """An agent busy with one action while 40 more of 60 KB are accepted: the loop queues
+    what goes by up to QUEUED_BYTES (it kept every one's payload: up to inbox_max x
+    64 KiB per conversation) and reads the rest from the inbox; every one is answered
+    once, in order."""
+    (a,) = await make_nodes(1, agent="tests.agents:BadAgent")
+    await a.join_conversation("c1", "cs", {}, "bob")
+    await a.send_to_event_stream("cs", {"action": "message", "args": {"content": "slow 2"}})
+    runner = a.runner("c1")
+    assert runner is not None
+    await wait_until(lambda: runner.dispatched == 1, what="the agent busy with the first")
+    queue, held = runner._queue, []
+    for i in range(40):
+        content = f"{i} " + "x" * LARGE
+        await a.send_to_event_stream("cs", {"action": "message", "args": {"content": content}})
+        held.append(len(queue.pending))
+    assert max(held) <= 16, held  # QUEUED_BYTES' worth
+
+    async def answers() -> list[str]:
+        said, after, more = [], 0, True
+        while more:
+            page, more = await a.events_page("c1", after)
+            after = page[-1]["id"]
+            said += [
+                str(e["args"]["content"]).split(" ")[0]
+                for e in page
+                if e.get("source") == "agent" and e.get("action") == "message"
+            ]
+        return said
+
+    async def all_answered() -> bool:
+        return len(await answers()) >= 41
+
+    await wait_until(all_answered, timeout=30, what="every action answered")
+    assert await answers() == ["slow", *map(str, range(40))]

@@ -98,7 +98,7 @@ async def test_a_drain_has_the_loop_read_what_its_queue_has_not_seen(redis_clien
     state = RedisState(redis_client, KeySchema("t"))
     await state.acquire("s1", "n1", "n1/a", "u", create=True)
     first = await state.accept("s1", "u", pack({"n": 1}), 100, 10, floor=0)
-    queue = ActionQueue("s1", state, applied=0)
+    queue = ActionQueue("s1", state, applied=0, max_action_bytes=1024)
     await queue.read()  # the start's read
     assert queue.seen == first.event_id
     unseen = [

@@ -594,5 +594,5 @@ async def test_a_drain_of_an_inbox_no_replica_holds_gives_up_at_its_deadline(
     async with _fresh_state(master, node.keys) as state:
         held = await state.accept(SID, "alice", b"\x80", 100, 100, floor=0)
         assert held.status == "ok" and held.unconfirmed
-        queue = ActionQueue(SID, state, applied=0)
+        queue = ActionQueue(SID, state, applied=0, max_action_bytes=1024)
         assert await queue.drain(lambda: True, within=1.0) is False
