@@ -128,6 +128,7 @@ class Node:
     async def _build(self, sink: EventSink, agent_factory: AgentFactory | None) -> None:
         cfg, keys, tasks = self.config, self.keys, self.tasks
         await self.backend.check()
+        await self.backend.check_eviction()
         self.state: RedisState = self.backend.state(keys)
         await self.state.load_scripts()
         self.store = store = await open_store(cfg.event_store or None)

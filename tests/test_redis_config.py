@@ -14,6 +14,7 @@ from coordinator.embedded import free_port
 from coordinator.redisurl import parse_sentinel_url
 from tests.helpers import RecordingSink, fast_config, wait_until
 from tests.redis_topologies import RedisClusterServers, SentinelServers
+from tests.test_cli import run
 
 
 async def _start(**settings: object) -> ConversationManager:
@@ -171,3 +172,43 @@ async def test_deployments_in_two_databases_of_one_server_do_not_hear_each_other
         await zero.aclose()
         with redis.Redis.from_url(other_url) as c:
             c.flushdb()
+
+
+async def test_a_redis_that_evicts_keys_is_refused_naming_its_policy(
+    redis_url: str, redis_cluster: RedisClusterServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server with an evicting maxmemory-policy and a maxmemory would drop leases,
+    records and logs without a word at its bound: a node refuses it, naming the server,
+    the policy and the fix (`coordinator serve` exits 2 with that line); without a
+    maxmemory it starts and warns. On a cluster, every master is checked."""
+    plain = redis.Redis.from_url(redis_url)
+    kept = plain.config_get("maxmemory-policy")["maxmemory-policy"]
+    try:
+        plain.config_set("maxmemory-policy", "allkeys-lru")
+        await (await _start(redis_url=redis_url)).aclose()
+        assert "maxmemory-policy allkeys-lru: with a maxmemory set" in caplog.text
+        plain.config_set("maxmemory", 1 << 30)
+        with pytest.raises(ConfigError) as info:
+            await _start(redis_url=redis_url)
+        message = str(info.value)
+        assert f"Redis at {redis_url} evicts keys" in message, message
+        assert "maxmemory-policy allkeys-lru" in message and "noeviction" in message
+        rc, _, err = await run(
+            "serve", "--port", "0", "--secret", "s", "--redis-url", redis_url, within=60
+        )
+        assert rc == 2 and f"error: {message}" in err and "Traceback" not in err, (rc, err)
+    finally:
+        plain.config_set("maxmemory", 0)
+        plain.config_set("maxmemory-policy", kept)
+        plain.close()
+    last = redis_cluster.masters()[-1]
+    host, port = last.address
+    with last.client() as client:
+        try:
+            client.config_set("maxmemory-policy", "volatile-lru")
+            client.config_set("maxmemory", 1 << 30)
+            with pytest.raises(ConfigError, match=f"Redis at {host}:{port} evicts keys"):
+                await _start(redis_url=redis_cluster.url)
+        finally:
+            client.config_set("maxmemory", 0)
+            client.config_set("maxmemory-policy", "noeviction")

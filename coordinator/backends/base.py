@@ -21,19 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from ..config import ManagerConfig
-from ..errors import REDIS_TROUBLE, RedisUnavailable
+from ..errors import REDIS_TROUBLE, ConfigError, RedisUnavailable
 from ..keys import KeySchema
 from ..links import Endpoint, Locate
 from ..redisurl import redact_url
 from ..state import LeaseRenewer, RedisState
 from ..state.core import Lane
 from ..subscriptions import PUBSUB_NAME, Subscription, Subscriptions
+
+log = logging.getLogger(__name__)
+# INFO not answered, or not allowed (an ACL without +info): the eviction check only warns.
+UNREADABLE: tuple[type[Exception], ...] = (*REDIS_TROUBLE, TimeoutError, ResponseError)
 
 
 def unreachable(config: ManagerConfig, exc: BaseException) -> RedisUnavailable:
@@ -87,6 +93,45 @@ class Backend(ABC):
                 await self.client.ping()
         except REDIS_TROUBLE as exc:
             raise unreachable(self.config, exc) from None
+
+    async def memory_policies(self) -> dict[str, tuple[int, str]]:
+        """Each server the node writes to, by address: its ``maxmemory`` (bytes, 0: none)
+        and ``maxmemory-policy``."""
+        info = await self.client.info("memory")
+        return {redact_url(self.config.redis_url): memory_policy(info)}
+
+    async def check_eviction(self) -> None:
+        """Raise ConfigError if a server the node writes to evicts keys at its maxmemory:
+        every key is coordination state (a lease, a record, a log), so an evicted one
+        would be lost without a word. Only warn when it has no maxmemory yet, or when
+        INFO is not allowed."""
+        try:
+            async with asyncio.timeout(self.config.connect_timeout + 1):
+                policies = await self.memory_policies()
+        except UNREADABLE as exc:
+            log.warning(
+                "could not read Redis' maxmemory-policy (%s): make sure it is noeviction",
+                redact_url(str(exc)) or type(exc).__name__,
+            )
+            return
+        for where, (maxmemory, policy) in sorted(policies.items()):
+            if policy in ("noeviction", ""):
+                continue
+            if maxmemory:
+                raise ConfigError(
+                    f"Redis at {where} evicts keys when it reaches its maxmemory "
+                    f"({maxmemory} bytes, maxmemory-policy {policy}): a lease, record or "
+                    "log it evicted would be lost without a word. Set maxmemory-policy "
+                    "noeviction (redis.conf, CONFIG SET, or the managed service's "
+                    "parameters); at its bound Redis then refuses writes, which the nodes "
+                    "report"
+                )
+            log.warning(
+                "Redis at %s has maxmemory-policy %s: with a maxmemory set it would evict "
+                "the nodes' keys; set noeviction",
+                where,
+                policy,
+            )
 
     def lane(self) -> Lane | None:
         """The script lane (made on first use); None sends accept and commit through
@@ -148,3 +193,8 @@ class Backend(ABC):
         for client in clients:
             with contextlib.suppress(*REDIS_TROUBLE):
                 await client.aclose()
+
+
+def memory_policy(info: Any) -> tuple[int, str]:
+    """(maxmemory, maxmemory-policy) from an ``INFO memory`` reply."""
+    return int(info.get("maxmemory", 0) or 0), str(info.get("maxmemory_policy", ""))

@@ -29,7 +29,7 @@ from ..slots import Address, SlotMap
 from ..state import LeaseRenewer
 from ..state.core import Lane
 from ..subscriptions import PUBSUB_NAME, Subscription
-from .base import Backend, ask_node
+from .base import Backend, ask_node, memory_policy
 
 # A failover takes the cluster's node timeout plus an election (a few seconds): the
 # clients retry that long, with backoff, before a call fails.
@@ -80,6 +80,10 @@ class ClusterBackend(Backend):
                 "redis-cli --cluster create, or deploy/redis-cluster-create.sh)",
             )
         await super().check()
+
+    async def memory_policies(self) -> dict[str, tuple[int, str]]:
+        infos = await self._client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        return {address: memory_policy(info) for address, info in infos.items()}
 
     def _make_lane(self) -> Lane | None:
         self._cluster_lane = ClusterLane(
