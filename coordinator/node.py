@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 
-from workers.protocol import AgentFactory
+from workers.protocol import AgentFactory, Event
 
 from . import codec
 from .actions import Actions
@@ -302,9 +302,8 @@ class Node:
     async def aclose(self) -> None:
         """Stop every local loop, forget local connections, deregister, stop tasks."""
         self.intake.draining = True
-        for sid in list(self.runners):
-            with contextlib.suppress(*EXPECTED):
-                await self.loops.stop(sid, None)
+        await self._stop_loops(None)
+        await self.sessions.settle()
         await self.sessions.leave_all()
         self.handles.release_detached()
         await self.subscriptions.aclose()
@@ -319,6 +318,35 @@ class Node:
             await self.state.unregister(self.config.node_id, self.inc)
         await self._close_store()
         await self.backend.aclose()
+
+    async def _stop_loops(self, status: Event | None) -> list[tuple[str, str]]:
+        """Stop every local loop (telling its clients ``status``), and the loop of every
+        start under way once that start ends: the intake is closed, so none begins
+        that is not refused, and none is left owned for a reaper to find. ``(sid,
+        user)`` of the loops stopped."""
+        tried: set[str] = set()
+        stopped: list[tuple[str, str]] = []
+        while fresh := {*self.runners, *self.loops.starting} - tried:
+            tried |= fresh
+            sids = sorted(fresh)
+            done = await asyncio.gather(
+                *(self._stop_loop(sid, status) for sid in sids), return_exceptions=True
+            )
+            for sid, outcome in zip(sids, done, strict=True):
+                if isinstance(outcome, tuple):
+                    stopped.append(outcome)
+                elif isinstance(outcome, BaseException) and not isinstance(outcome, EXPECTED):
+                    log.error("stopping loop %s failed", sid, exc_info=outcome)
+        return stopped
+
+    async def _stop_loop(self, sid: str, status: Event | None) -> tuple[str, str] | None:
+        pending = self.loops.starting.get(sid)
+        if pending is not None:
+            await asyncio.wait([pending])
+        runner = self.runners.get(sid)
+        if runner is None or not await self.loops.stop(sid, status):
+            return None
+        return sid, runner.lease.user
 
     async def drain(self) -> None:
         """Graceful stop, bounded by ``drain_timeout``; then ``aclose``.
@@ -342,13 +370,10 @@ class Node:
         await self.aclose()
 
     async def _handoff(self) -> None:
-        leaving = [(sid, r.lease.user) for sid, r in self.runners.items()]
-        await asyncio.gather(
-            *(self.loops.stop(sid, codec.moving_event()) for sid, _ in leaving),
-            return_exceptions=True,
-        )
+        leaving = await self._stop_loops(codec.moving_event())
         with contextlib.suppress(*REDIS_TROUBLE):
             await self.restarts.resume_pending(leaving)
+        await self.sessions.settle()
         await self.sessions.farewell(
             codec.status_update(
                 codec.NODE_DRAINING, "This node is shutting down; reconnect to continue."

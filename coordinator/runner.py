@@ -332,7 +332,8 @@ class LoopRunner:
 
     # -- output ----------------------------------------------------------------------
     async def emit(self, event: Event) -> int:
-        """Append an agent event; raises Fenced once the conversation was taken over,
+        """Append an agent event; raises Fenced once the conversation was taken over or
+        its loop stops,
         SpeculationLost when the action it answers was not logged as predicted, and
         LimitExceeded when it is over ``max_agent_event_bytes`` (nothing written)."""
         cause = self._cause
@@ -373,8 +374,12 @@ class LoopRunner:
         spec = self._speculated(cause)
         held: Committed | None = None  # made, not confirmed by replicas: not delivered
         while True:
-            if self.fenced or (check_open and self.closed) or not self._lease_valid():
+            if self.fenced or not self._lease_valid():
                 self._fence("node lease lapsed" if not self.fenced else "already fenced")
+                raise Fenced(self.sid, self.lease.epoch, -1)
+            if check_open and self.closed:
+                # Stopping (still the owner): an agent's late write is refused, nothing
+                # more; what it answered, not marked applied, waits for the next owner.
                 raise Fenced(self.sid, self.lease.epoch, -1)
             accepted_as = spec.commit_token() if spec is not None else ""
             if accepted_as is None:

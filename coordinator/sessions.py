@@ -216,6 +216,12 @@ class Sessions:
             with contextlib.suppress(Exception):
                 await sink.disconnect(conn.cid)
 
+    async def settle(self) -> None:
+        """Wait for the joins under way (a drain: the intake is closed, so each ends soon,
+        joined or refused; each is bounded by ``join_wait``)."""
+        while self._joining:
+            await asyncio.wait(list(self._joining.values()))
+
     async def leave_all(self) -> None:
         for conn in self.connections:
             with contextlib.suppress(*EXPECTED):

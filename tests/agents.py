@@ -55,7 +55,8 @@ class BadAgent(EchoAgent):
     With settings ``{"fail_start": true}`` its ``start`` raises (``{"start_raises":
     NAME}``: NAME, as ``throw``; ``{"start_exit": true}`` ends its process); with
     ``{"start_delay": S}`` it takes S seconds, and with ``{"start_log": PATH}`` writes how
-    its start ended there (started, cancelled)."""
+    its start ended there (started, cancelled). With ``{"close_emits": true}`` its
+    ``aclose`` emits a last message (and swallows the refusal)."""
 
     def __init__(self, context: AgentContext) -> None:
         super().__init__(context)
@@ -78,6 +79,12 @@ class BadAgent(EchoAgent):
             if self.context.settings.get("start_log"):
                 Path(self.context.settings["start_log"]).write_text(outcome)  # noqa: ASYNC240 (a few bytes)
         await super().start(emit)
+
+    async def aclose(self) -> None:
+        if self.context.settings.get("close_emits") and self._emit is not None:
+            with contextlib.suppress(Exception):
+                await self._emit({"action": "message", "args": {"content": "goodbye"}})
+        await super().aclose()
 
     async def dispatch(self, action: Event) -> None:
         word, _, arg = str(action.get("args", {}).get("content", "")).partition(" ")

@@ -132,21 +132,27 @@ class Scenario:
             return self.workload.steady_sids
         return [sid for sid in self.workload.steady_sids if sid in self.owned]
 
-    async def served(self) -> bool:
-        """Whether every affected conversation answered an action since the fault (not
-        yet, when Redis does not answer this check: it may have just restarted)."""
+    async def served(self, since: float | None = None) -> bool:
+        """Whether every affected conversation answered an action since the fault (or
+        ``since``; not yet, when Redis does not answer this check: it may have just
+        restarted)."""
         for sid in self.affected:
             try:
                 recent = await read_log(self.cluster.direct, self.cluster.keys, sid, last=20)
             except RedisError:
                 return False
-            if first_reply_after(recent, self.fault_at) is None:
+            if first_reply_after(recent, self.fault_at if since is None else since) is None:
                 return False
         return True
 
-    async def wait_served(self, within: float = RECOVERY_WITHIN) -> None:
+    async def wait_served(
+        self, within: float = RECOVERY_WITHIN, since: float | None = None
+    ) -> None:
         await wait_until(
-            self.served, timeout=within, interval=0.1, what="every affected conversation answers"
+            lambda: self.served(since),
+            timeout=within,
+            interval=0.1,
+            what="every affected conversation answers",
         )
 
     def elapsed(self) -> float:

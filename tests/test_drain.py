@@ -1,0 +1,69 @@
+"""A node's drain (SIGTERM, a deploy): the starts under way when it begins are let end
+before the node deregisters, so nothing it held is left for a reaper (in-process nodes
+on real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from coordinator.codec import NODE_DRAINING, NODE_LOST, notice_code
+from tests.helpers import wait_until
+
+BAD = "tests.agents:BadAgent"
+
+
+async def test_a_drain_lets_a_start_under_way_end_and_hands_it_off(
+    make_nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user at the cap (1) joins a second conversation while the first is busy with a
+    2 s action: the start waits for the first's eviction, and the node drains meanwhile.
+    The drain waits for that start, then hands its loop off like the others (told
+    NODE_DRAINING, released; a join on another node starts it at once). Before, the
+    drain went on without it: its reap released the conversation as lost (NODE_LOST, as
+    after a kill -9), and the start, ending on closed connections, logged 'giving up
+    ... deferred: the lane is closed'."""
+    caplog.set_level(logging.INFO)
+    a, b = await make_nodes(2, agent=BAD, max_concurrent_conversations=1, start_timeout=10.0)
+    await a.join_conversation("old", "c0", {}, "bob")
+    await a.send_to_event_stream("c0", {"action": "message", "args": {"content": "slow 2"}})
+    old = a.runner("old")
+    assert old is not None
+    await wait_until(lambda: old.dispatched == 1, what="the first busy")
+    joining = asyncio.ensure_future(a.join_conversation("new", "c1", {}, "bob"))
+    await wait_until(lambda: "new" in a.node.loops.starting, what="the start under way")
+    await asyncio.sleep(0.2)  # waiting for the eviction of "old"
+    assert "new" in a.node.loops.starting
+    await a.drain()
+    await asyncio.gather(joining, return_exceptions=True)
+    notices = [notice_code(e) for e in await b.events("new")]
+    assert NODE_LOST not in notices and NODE_DRAINING in notices, notices
+    assert (await b.state.meta("new")).get("owner", "") == ""
+    assert "deferred" not in caplog.text
+    info = await b.join_conversation("new", "c2", {}, "bob")
+    assert info.running and b.local_loops() == {"new"}
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+async def test_an_agent_writing_while_its_loop_stops_does_not_fence_it(
+    make_nodes, caplog: pytest.LogCaptureFixture, isolation: str
+) -> None:
+    """An agent that emits from its ``aclose`` (a last message) while its loop is handed
+    off: the write is refused, and that is all. Before, the refusal took the loop for
+    fenced ('loop X fenced (node lease lapsed)' at WARNING): its stop then skipped the
+    release, the store flush and the clients' notice, and the conversation stayed owned
+    by the stopped node, in none of its indexes, for no reaper to find."""
+    a, b = await make_nodes(2, agent=BAD, agent_isolation=isolation)
+    await a.join_conversation("bye", "c1", {"close_emits": True}, "bob")
+    await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
+    await wait_until(
+        lambda: any(e.get("source") == "agent" for e in make_nodes.sinks["node1"].events["c1"])
+    )
+    await a.drain()
+    assert "fenced" not in caplog.text
+    events = await b.events("bye")
+    assert NODE_DRAINING in [notice_code(e) for e in events]
+    assert "goodbye" not in [e.get("args", {}).get("content") for e in events]
+    assert (await b.state.meta("bye")).get("owner", "") == ""
