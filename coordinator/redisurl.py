@@ -178,6 +178,16 @@ class SentinelURL:
     tls: bool
     query: tuple[tuple[str, str], ...]  # the other parameters (ssl_*), as given
 
+    def options(self) -> dict[str, Any]:
+        """The other parameters as redis-py reads them from a node's URL (``socket_timeout``
+        a float, ``ssl_*`` as given): for the connections to the data nodes."""
+        if not self.query:
+            return {}
+        read = dict(parse_url(f"redis://localhost/0?{urlencode(self.query)}"))
+        for part in ("host", "port", "db", "username", "password"):
+            read.pop(part, None)
+        return read
+
     def node_url(self, host: str, port: int) -> str:
         """A redis:// (or rediss://) URL of one data node, with the credentials and db."""
         auth = ""

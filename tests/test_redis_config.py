@@ -212,3 +212,24 @@ async def test_a_redis_that_evicts_keys_is_refused_naming_its_policy(
         finally:
             client.config_set("maxmemory", 0)
             client.config_set("maxmemory-policy", "noeviction")
+
+
+async def test_a_sentinel_urls_socket_options_reach_the_masters_connections(
+    redis_sentinel: SentinelServers,
+) -> None:
+    """``?socket_timeout=`` and ``?socket_connect_timeout=`` on a Sentinel URL apply to
+    the connections to the master, as they do on a redis:// URL (before, only TLS
+    parameters were passed on and these were dropped without a word)."""
+    sentinels = ",".join(f"{h}:{p}" for h, p in redis_sentinel.sentinel_addresses)
+    url = (
+        f"redis+sentinel://{sentinels}/{redis_sentinel.master_name}"
+        "?socket_timeout=0.75&socket_connect_timeout=0.5"
+    )
+    manager = await _start(redis_url=url)
+    try:
+        client = manager.node.backend.client
+        assert await client.ping()
+        kwargs = client.connection_pool.connection_kwargs
+        assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.75, 0.5)
+    finally:
+        await manager.aclose()

@@ -67,9 +67,9 @@ class SentinelBackend(Backend):
             "socket_connect_timeout": cfg.connect_timeout,
             "socket_timeout": cfg.redis_timeout,
         }
+        options.update(u.options())  # the URL's own, as a redis:// URL's override ours
         if u.tls:
             options["ssl"] = True
-            options.update(dict(u.query))
         return options
 
     def _master_client(self, retries: int) -> aioredis.Redis:
