@@ -188,8 +188,18 @@ async def _serve(
         )
     except ConfigError as exc:
         _fail(2, _reason(exc))
+    starting = asyncio.ensure_future(node.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # a stop signal during start-up: nothing to drain yet
+        starting.cancel()
+        await asyncio.wait({starting})  # it undoes what it had started
+        if not starting.cancelled():
+            starting.exception()
+        print(f"node {node.node_id} stopped before it finished starting", file=sys.stderr)
+        return 0
     try:
-        await node.start()
+        starting.result()
     except ConfigError as exc:
         _fail(2, _reason(exc))
     except RedisUnavailable as exc:
@@ -216,7 +226,6 @@ async def _serve(
     print(f"node {node.node_id} keeps history in the event store {node.event_store}", flush=True)
     if server_config.metrics_port is not None:
         print(f"node {node.node_id} serves /metrics on {node.metrics_url}", flush=True)
-    stopped = asyncio.ensure_future(stop.wait())
     closed = asyncio.ensure_future(node.wait_closed())
     try:
         # Two signals close together may cancel this wait before the first woke it:

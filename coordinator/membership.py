@@ -82,7 +82,9 @@ class Membership:
         ``node_ttl``), wait for it to expire rather than run beside it.
         """
         inc = new_incarnation(self.node)
-        deadline = time.monotonic() + self._config.node_ttl + 2
+        wait = self._config.node_ttl + 2
+        deadline = time.monotonic() + wait
+        waiting_for = ""
         while True:
             t0 = time.monotonic()
             ok, other = await self._state.register(self.node, inc, self.ttl_ms)
@@ -93,7 +95,16 @@ class Membership:
                 return other
             if time.monotonic() > deadline:
                 raise RuntimeError(f"node id {self.node!r} is in use by {other}")
-            log.warning("node id %s still leased by %s; waiting for it to expire", self.node, other)
+            if other != waiting_for:  # once per holder, not per try
+                waiting_for = other
+                log.warning(
+                    "node id %s is still leased by %s (a run of this node that did not "
+                    "stop cleanly, or another process with this node id): waiting up to "
+                    "%.0fs for it to expire",
+                    self.node,
+                    other,
+                    wait,
+                )
             await asyncio.sleep(0.25)
 
     def start_keeper(self, renewer: LeaseRenewer) -> None:

@@ -913,3 +913,34 @@ async def test_a_secret_file_that_cannot_give_the_secret_is_a_one_line_error(
     for (rc, out, err), (_, said) in zip(results, cases, strict=True):
         assert (rc, out) == (2, ""), (rc, out, err)
         assert err.startswith("error: ") and said in err and err.count("\n") == 1, err
+
+
+async def test_a_stop_signal_while_starting_stops_at_once(redis_url: str) -> None:
+    """A node restarted within its node_ttl after a kill -9 waits for its old lease to
+    expire (it cannot tell a dead run from another process with its id). SIGTERM
+    meanwhile stops it at once (exit 0, one line saying so) instead of after the wait,
+    the start and a drain; the wait is said once, not every 250 ms."""
+    args = ["serve", "--port", "0", "--secret", "s6", "--redis-url", redis_url,
+            "--node-id", "twin", "--node-ttl", "30", "--log-level", "info"]  # fmt: skip
+    first = await spawn(*args)
+    try:
+        await read_until(first, r"serving on http://")
+    finally:
+        first.kill()
+        await first.communicate()
+    second = await spawn(*args)
+    assert second.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while b"still leased" not in (line := await second.stderr.readline()):
+                assert line, "the second run ended before it waited"
+        await asyncio.sleep(1.0)  # four more tries of the lease
+    except BaseException:
+        second.kill()
+        await second.wait()
+        raise
+    code, err = await stop(second, signal.SIGTERM, within=5)
+    assert code == 0, err
+    assert "node twin stopped before it finished starting" in err
+    assert "still leased" not in err, err  # said once (read above)
+    assert "Traceback" not in err
