@@ -26,6 +26,7 @@ import os
 import sys
 import time
 
+from workers import logformat
 from workers.protocol import AgentContext
 
 from . import cpus
@@ -110,6 +111,7 @@ class AgentPool:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         args = [
             *("--agent", cfg.agent, "--log-level", str(level)),
+            *("--log-format", logformat.current_format(), "--node", cfg.node_id),
             *("--stall-after", str(cfg.agent_stall_timeout / 2)),
             *("--memory-limit", str(cfg.agent_memory_limit)),
         ]

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from . import cpus, redact
+from . import cpus, logformat, redact
 from .auth import (
     ADMIN_ROLE,
     MIN_SECRET_BYTES,
@@ -118,21 +118,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         _fail(2, f"--port must be 0-65535, got {args.port}")
     server_config = build_server_config(args)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # Whatever reaches the log, from any library, leaves tokens and passwords out.
-    redact.install_on_handlers(logging.getLogger())
-    if short_secret(tokens.settings):
-        logging.getLogger(__name__).warning(
-            "the token secret is shorter than %d bytes, which HS256 asks for (RFC 7518 3.2)",
-            MIN_SECRET_BYTES,
-        )
     try:
         config = build_config(args, args.redis_url or PLACEHOLDER_REDIS_URL)
         cpus.plan(config.agent_cpus)  # this machine's CPUs: refused before anything starts
     except ConfigError as exc:
         _fail(2, _reason(exc))
+    logformat.configure(args.log_level, args.log_format, config.node_id)
+    if short_secret(tokens.settings):
+        logging.getLogger(__name__).warning(
+            "the token secret is shorter than %d bytes, which HS256 asks for (RFC 7518 3.2)",
+            MIN_SECRET_BYTES,
+        )
     embedded = None
     if not args.redis_url:
         from .embedded import EmbeddedRedis

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from .auth import ALGORITHMS, DEFAULT_MAX_LIFETIME, DEFAULT_TTL
 from .cliflags import CONFIG_FLAGS, SERVER_FLAGS, number
 from .config import DEFAULT_AGENT
+from .logformat import FORMATS
 from .redact import redact
 
 ENV_PREFIX = "COORDINATOR_"
@@ -250,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.lower,
         choices=LOG_LEVELS,
         help="log level",
+    )
+    serve.add_argument(
+        "--log-format",
+        default=_env("log_format", "text"),
+        type=str.lower,
+        choices=FORMATS,
+        help="the log on stderr: text, or json (one object per line: time, level, logger, "
+        "node, message, exc) for log collectors",
     )
     _name_environment(serve)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import random
@@ -772,7 +773,11 @@ def test_environment_is_checked_against_each_flags_choices(
             assert getattr(args, action.dest) == action.type(good) if action.type else good
             monkeypatch.delenv(variable)
             checked.append(variable)
-    assert sorted(checked) == ["COORDINATOR_LOG_LEVEL", "COORDINATOR_TOKEN_ALGORITHM"]
+    assert sorted(checked) == [
+        "COORDINATOR_LOG_FORMAT",
+        "COORDINATOR_LOG_LEVEL",
+        "COORDINATOR_TOKEN_ALGORITHM",
+    ]
     monkeypatch.setenv("COORDINATOR_LOG_LEVEL", "DEBUG")  # converted, then checked
     assert build_parser().parse_args(["serve"]).log_level == "debug"
 
@@ -944,3 +949,38 @@ async def test_a_stop_signal_while_starting_stops_at_once(redis_url: str) -> Non
     assert "node twin stopped before it finished starting" in err
     assert "still leased" not in err, err  # said once (read above)
     assert "Traceback" not in err
+
+
+async def test_the_log_as_json_lines_for_collectors() -> None:
+    """``--log-format json`` (or COORDINATOR_LOG_FORMAT): every line on stderr, the agent
+    workers' too (with their pid as ``worker``), is one JSON object with time, level,
+    logger, node and message, redacted as the text log is; a bad value is refused
+    naming the flag's choices."""
+    proc = await spawn(
+        "serve", "--port", "0", "--log-level", "debug", "--node-id", "jsonnode",
+        COORDINATOR_SECRET="a-secret-long-enough-for-hs256-0123456789",
+        COORDINATOR_LOG_FORMAT="json",
+    )  # fmt: skip
+    try:
+        lines = await read_until(proc, r"serving on http://")
+        url = re.search(r"serving on (\S+)", lines[-1]).group(1)  # type: ignore[union-attr]
+        # A token in a URL reaches the log only redacted (the access log, at debug).
+        status, _ = await get_json(f"{url}/nowhere?token=eyJhbGciOiJIUzI1NiJ9.e30.c2lnbg")
+        assert status == 404
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    code, err = await stop(proc, signal.SIGTERM)
+    assert code == 0, err
+    records = [json.loads(line) for line in err.splitlines()]
+    assert records, err
+    for record in records:
+        assert {"time", "level", "logger", "node", "message"} <= record.keys(), record
+        assert record["node"] == "jsonnode" and record["time"].endswith("Z"), record
+    assert any(r["message"] == "node jsonnode stopping" for r in records), records
+    assert any("worker" in r for r in records), "the agent workers' lines are JSON too"
+    assert any("/nowhere?token=" in r["message"] for r in records), records
+    assert "c2lnbg" not in err
+    rc, _, err = await run("serve", "--log-format", "xml", "--secret", "s")
+    assert rc == 2 and "--log-format: invalid choice: 'xml'" in err, err

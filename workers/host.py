@@ -35,6 +35,7 @@ from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from . import logformat
 from .channel import (
     CANCEL,
     CANCELLED,
@@ -432,6 +433,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stall-after", type=float, default=2.5)
     parser.add_argument("--memory-limit", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-format", default="text", choices=logformat.FORMATS)
+    parser.add_argument("--node", default="", help="the node's id (in JSON log lines)")
     parser.add_argument("--cpus", default="", help="comma-separated CPUs to run on")
     return parser.parse_args(argv)
 
@@ -473,9 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(NODE_DIED)
     if os.getppid() != node:  # the node died before that was set
         return 1
-    logging.basicConfig(
-        level=args.log_level,
-        format=f"%(asctime)s %(levelname)s %(name)s [agent worker {os.getpid()}]: %(message)s",
+    logformat.configure(
+        args.log_level,
+        args.log_format,
+        f"%(asctime)s %(levelname)s %(name)s [agent worker {os.getpid()}]: %(message)s",
+        args.node,
+        os.getpid(),
     )
     sock = socket.socket(fileno=args.channel_fd)
     if args.cpus:  # before any thread starts: they run there too
