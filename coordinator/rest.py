@@ -95,6 +95,7 @@ class RestApp:
         self.router = Router(
             routes=[
                 Route("/healthz", resource({"GET": self.healthz})),
+                Route("/livez", resource({"GET": self.livez})),
                 Route("/metrics", resource({"GET": self.metrics})),
                 Route("/api/node", resource({"GET": self.node})),
                 Route("/api/cluster", resource({"GET": self.cluster})),
@@ -133,6 +134,12 @@ class RestApp:
         return view
 
     # -- endpoints -------------------------------------------------------------------
+    async def livez(self, request: Request) -> Response:
+        """200 whenever the node's event loop answers, whatever Redis' state: a liveness
+        probe (restart the process only when it is stuck; a Redis outage restarts no
+        node). ``/healthz`` is the readiness probe."""
+        return json_response(200, {"status": "alive", "node_id": self.manager.node_id})
+
     async def healthz(self, request: Request) -> Response:
         m = self.manager
         # The node as it is now: a stop or drain may begin while this waits on Redis.

@@ -272,6 +272,9 @@ async def test_healthz_reports_redis_down() -> None:
         status, body = await cluster.request("GET", node, "/healthz")
         assert status == 503 and body["status"] == "degraded"
         assert body["redis"] == "down" and body["registered"] is False
+        # Liveness is the event loop's, not Redis': an outage restarts no node.
+        status, alive = await cluster.request("GET", node, "/livez")
+        assert status == 200 and alive == {"status": "alive", "node_id": "lonely"}
         assert body["reason"].startswith("redis")
         if a_lease_still_valid := node.manager.node.membership.lease_valid():
             # Its lease runs on for node_ttl: not "invalid", as it said before.
