@@ -228,7 +228,7 @@ def _cut_tail(files: ConversationFiles, fd: int, end: int, size: int) -> None:
     os.fsync(fd)
     log.warning(
         "event log %s: %d bytes after offset %d are not a whole record (a write torn by a "
-        "crash); cut off, copy kept in %s",
+        "crash or a full disk); cut off, copy kept in %s",
         files.log,
         len(tail),
         end,

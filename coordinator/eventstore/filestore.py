@@ -219,7 +219,9 @@ class FileEventStore(Opened):
 
     def _unavailable(self, exc: OSError) -> StoreUnavailable:
         reason = exc.strerror or str(exc)
-        return StoreUnavailable(str(self.path), f"{reason} ({exc.filename or ''})")
+        if exc.filename:
+            reason += f" ({exc.filename})"
+        return StoreUnavailable(str(self.path), reason)
 
     def _files(self, sid: str) -> filelog.ConversationFiles:
         return filelog.ConversationFiles.under(self.path, sid)
