@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 
 from .config import ManagerConfig
@@ -38,7 +39,10 @@ class Admission:
         self._state = state
         self._config = config
         self._evict = evict
+        # Per user with a start under way here: its waiters' wake-up (``slot_freed``)
+        # and how many starts; both forgotten when the last one ends.
         self._slot_events: dict[str, asyncio.Event] = {}
+        self._admitting: Counter[str] = Counter()
         self._nudged: dict[tuple[str, str], float] = {}
 
     async def admit(self, lease: Lease, org: str = "", joining: bool = False) -> bool:
@@ -47,10 +51,22 @@ class Admission:
         ConcurrencyLimitReached when refused. ``joining``: a connection's join asked for
         the start; at the user's connection cap it is refused before any eviction
         (LimitExceeded), as its registration would be."""
+        user = lease.user
+        self._admitting[user] += 1
+        try:
+            return await self._admit(lease, org, joining)
+        finally:
+            self._admitting[user] -= 1
+            if not self._admitting[user]:  # none of the user's starts waits any more
+                del self._admitting[user]
+                self._slot_events.pop(user, None)
+
+    async def _admit(self, lease: Lease, org: str, joining: bool) -> bool:
         cfg = self._config
         cap = cfg.max_concurrent_conversations
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.start_timeout
+        # Before the first ADMIT: a slot freed while it runs wakes the wait below.
         event = self._slot_events.setdefault(lease.user, asyncio.Event())
         adm = await self._state.admit(
             lease.user,
@@ -60,7 +76,8 @@ class Admission:
             retry=False,
             score_ms=int(time.time() * 1000),
             reject=cfg.cap_policy == "reject",
-            org=org,
+            # Recorded for the organisation's cap only (restarts carry no token).
+            org=org if cfg.max_concurrent_conversations_per_org else "",
             connections=cfg.max_connections_per_user if joining else 0,
         )
         if adm.status == "rejected":

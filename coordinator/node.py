@@ -313,7 +313,11 @@ class Node:
         self.membership.stop()
         with contextlib.suppress(*REDIS_TROUBLE):
             await reap_incarnation(
-                self.state, self.inc, keep_connections=False, floor=self.delivery.floor
+                self.state,
+                self.inc,
+                keep_connections=False,
+                floor=self.delivery.floor,
+                retention_ms=int(self.config.redis_retention * 1000),
             )
             await self.state.unregister(self.config.node_id, self.inc)
         await self._close_store()

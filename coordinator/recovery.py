@@ -39,13 +39,14 @@ REAP_CONCURRENCY = 32  # conversations of a dead incarnation released at once
 
 
 async def reap_incarnation(
-    state: RedisState, inc: str, *, keep_connections: bool, floor: Floor
+    state: RedisState, inc: str, *, keep_connections: bool, floor: Floor, retention_ms: int
 ) -> list[tuple[str, str]]:
     """Release everything a dead (or replaced) incarnation held. Idempotent.
 
     Its conversations become unowned (and their clients get a status event), their cap
-    slots are freed, and, unless kept, its connections are forgotten. Returns ``(sid,
-    user)`` of the conversations released.
+    slots are freed, and, unless kept, its connections are forgotten (a conversation no
+    node runs whose last connection one was retires after ``retention_ms``). Returns
+    ``(sid, user)`` of the conversations released.
     """
     released: list[tuple[str, str]] = []
     lost = codec.pack(codec.lost_event())
@@ -66,7 +67,7 @@ async def reap_incarnation(
         conns = await state.node_connections(inc)
         users = await state.users_of(sorted(set(conns.values())))
         gone = [(cid, sid, users.get(sid, "")) for cid, sid in conns.items()]
-        await state.remove_connections(gone, inc)
+        await state.remove_connections(gone, inc, retention_ms)
     await state.drop_incarnation_keys(inc, connections=not keep_connections)
     if not keep_connections:  # else the caller forgets it once it re-added them
         await state.forget_retired(inc)
@@ -74,7 +75,7 @@ async def reap_incarnation(
 
 
 async def reap_dead_nodes(
-    state: RedisState, me: str, lock_ms: int, floor: Floor
+    state: RedisState, me: str, lock_ms: int, floor: Floor, retention_ms: int
 ) -> list[tuple[str, str]]:
     """Find registered nodes whose lease is gone and reap them (one reaper at a time).
 
@@ -100,7 +101,9 @@ async def reap_dead_nodes(
         # node re-registering waits for this lock before it re-adds its connections, so
         # reaping its old incarnation here cannot delete them after they were re-added.
         for node, inc in await find_dead():
-            released = await reap_incarnation(state, inc, keep_connections=False, floor=floor)
+            released = await reap_incarnation(
+                state, inc, keep_connections=False, floor=floor, retention_ms=retention_ms
+            )
             await state.unregister(node, inc)
             log.warning("reaped dead node %s: released %d conversation(s)", inc, len(released))
             reaped.extend(released)
@@ -155,6 +158,7 @@ class Recovery:
         self._sessions = sessions
         self._floor = floor
         self._ttl_ms = int(config.node_ttl * 1000)
+        self._retention_ms = int(config.redis_retention * 1000)
         # What is released at start (a previous incarnation of this node id) is resumed
         # once the node runs.
         self.released_at_start: list[tuple[str, str]] = []
@@ -163,7 +167,11 @@ class Recovery:
         """At start: release what this node id's previous incarnation held."""
         if previous:
             self.released_at_start = await reap_incarnation(
-                self._state, previous, keep_connections=False, floor=self._floor
+                self._state,
+                previous,
+                keep_connections=False,
+                floor=self._floor,
+                retention_ms=self._retention_ms,
             )
 
     async def housekeeping_loop(self) -> None:
@@ -195,7 +203,11 @@ class Recovery:
                 if n % reap_every == 0 or self._directory.sees_dead:
                     reaped_at = time.time()
                     released = await reap_dead_nodes(
-                        self._state, self._membership.inc, self._ttl_ms, self._floor
+                        self._state,
+                        self._membership.inc,
+                        self._ttl_ms,
+                        self._floor,
+                        self._retention_ms,
                     )
                     await self._restarts.resume_pending(released, lost_at=reaped_at)
             except REDIS_TROUBLE as exc:
@@ -218,7 +230,9 @@ class Recovery:
         ) as held:
             if not held:
                 log.warning("re-registering connections without the reaper lock")
-            released = await reap_incarnation(state, old, keep_connections=True, floor=self._floor)
+            released = await reap_incarnation(
+                state, old, keep_connections=True, floor=self._floor, retention_ms=0
+            )
             # Re-add first: were we to die between the two, a reaper (the old incarnation
             # stays on the retired list until the end) still finds every connection.
             await self._sessions.reassert()

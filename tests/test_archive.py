@@ -654,6 +654,35 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     assert await send(b, "cb", "two") == last + 1
 
 
+async def test_a_conversation_without_events_leaves_its_users_index_when_it_retires(
+    make_nodes: NodeFactory,
+) -> None:
+    """With no start notes (``agent_state_events`` off) a conversation joined and left
+    without an action, then closed idle, logs nothing: it retired from Redis, but its
+    user's index kept its id for good (RELEASE said so only of one with events), a key
+    per such user that never went. Now it leaves the index when it retires; and one
+    taken back during its retention is indexed again (it was only when created)."""
+    (a,) = await make_nodes(
+        1, redis_retention=1.0, close_delay=0.3, cleanup_interval=0.1, agent_state_events=False
+    )
+    redis, index = a.state.redis, a.state.keys.user_convs("ann")
+    await a.join_conversation("quiet", "c1", {}, "ann")
+    assert await redis.zscore(index, "quiet") is not None
+    await a.disconnect_from_session("c1")
+    await wait_until(lambda: not a.local_loops(), what="closed idle")
+    assert int((await a.conversation("quiet"))["seq"]) == 0
+    assert await redis.zscore(index, "quiet") is None
+    await a.join_conversation("quiet", "c2", {}, "ann")  # taken back: indexed again
+    assert await redis.zscore(index, "quiet") is not None
+    await a.disconnect_from_session("c2")
+    await wait_until(lambda: not a.local_loops(), what="closed idle again")
+
+    async def gone() -> bool:
+        return await redis.exists(*a.state.conversation_keys("quiet"), index) == 0
+
+    await wait_until(gone, timeout=5, what="its Redis state and the user's index gone")
+
+
 async def test_delete_with_purge_removes_a_conversation_everywhere(
     servers: ServerCluster,
 ) -> None:
@@ -1075,7 +1104,7 @@ async def _system_notice(a: ConversationManager, writer: str) -> None:
     loops = a.node.loops
     if writer == "reaper":
         released = await reap_incarnation(
-            a.state, a.inc, keep_connections=True, floor=a.node.delivery.floor
+            a.state, a.inc, keep_connections=True, floor=a.node.delivery.floor, retention_ms=0
         )
         assert released == [("reaped", "alice")]
     elif writer == "give_up":  # a start given up (or evicted before it ran)

@@ -104,3 +104,23 @@ async def test_the_org_claim_reaches_the_org_cap_through_rest(servers: Any) -> N
     assert status == 201
     status, body = await servers.request("POST", a, "/api/conversations", token=tokens[1], json={})
     assert (status, body["error"], body["limit"]) == (429, "CONCURRENCY_LIMIT_REACHED", 1)
+
+
+async def test_what_a_start_records_of_its_user_does_not_outlive_its_use(make_nodes: Any) -> None:
+    """A user's organisation is recorded (``{u:USER}:org``) only for the organisation's
+    cap, and for 30 days after the user's last start naming it: before, every user with
+    an ``org`` claim left that key for good, the cap off or on. A node's per-user
+    wake-up for waiting starts goes when the user's last start ends: before, one stayed
+    per user that ever started a loop there (about 850 B each, never freed)."""
+    (off,) = await make_nodes(1)
+    (on,) = await make_nodes(1, max_concurrent_conversations_per_org=50)
+    for i in range(20):
+        node, user = (off, f"u{i}") if i % 2 else (on, f"v{i}")
+        assert (await node.maybe_start_agent_loop(f"s{i}", {}, user, org="acme")).running
+    redis = off.state.redis
+    assert await redis.exists(*(off.state.keys.user_org(f"u{i}") for i in range(1, 20, 2))) == 0
+    kept = [await redis.pttl(on.state.keys.user_org(f"v{i}")) for i in range(0, 20, 2)]
+    assert all(29 * 86400_000 < ttl <= 30 * 86400_000 for ttl in kept), kept
+    for node in (off, on):
+        admission = node.node.loops.admission
+        assert admission._slot_events == {} and not admission._admitting

@@ -67,3 +67,29 @@ async def test_an_agent_writing_while_its_loop_stops_does_not_fence_it(
     assert NODE_DRAINING in [notice_code(e) for e in events]
     assert "goodbye" not in [e.get("args", {}).get("content") for e in events]
     assert (await b.state.meta("bye")).get("owner", "") == ""
+
+
+async def test_a_conversation_a_drain_hands_off_retires_once_its_last_client_left(
+    make_nodes,
+) -> None:
+    """A drain stops its loops before it says goodbye to its clients: a conversation
+    watched only from the drained node is released with its connection still
+    registered, so it could not retire then. The farewell removed the connection and
+    nothing retired it: record, log window and index entry stayed in Redis for good
+    (a probe: 40 conversations left per drain of 40 clients that did not come back).
+    Now the last connection's leave retires it: gone from Redis after the retention,
+    listed from the event store."""
+    a, b = await make_nodes(2, redis_retention=1.0)
+    await a.join_conversation("left", "c1", {}, "bob")
+    await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
+    await wait_until(lambda: len(make_nodes.sinks["node1"].events["c1"]) >= 2, what="answer")
+    await a.drain()
+    state = b.state
+
+    async def gone() -> bool:
+        return await state.redis.exists(*state.conversation_keys("left")) == 0
+
+    await wait_until(gone, timeout=10, what="its Redis state expired")
+    assert await state.redis.zscore(state.keys.user_convs("bob"), "left") is None
+    listed = await b.directory.list_conversations("bob")
+    assert [(c["conversation_id"], c["state"]) for c in listed] == [("left", "stopped")]

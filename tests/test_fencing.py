@@ -193,7 +193,9 @@ async def test_a_reaper_that_saw_the_old_incarnation_dead_keeps_re_registered_co
     async def reap() -> None:  # what reap_dead_nodes does for the old incarnation
         async with reaper_lock(reaper_state, "reaper", 30_000, wait=0) as held:
             assert held
-            await reap_incarnation(reaper_state, old, keep_connections=False, floor=lambda _: 0)
+            await reap_incarnation(
+                reaper_state, old, keep_connections=False, floor=lambda _: 0, retention_ms=0
+            )
 
     reaper = asyncio.create_task(reap())
     try:

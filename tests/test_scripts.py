@@ -37,11 +37,13 @@ async def test_the_inbox_key_goes_once_no_action_waits(redis_client) -> None:
     assert [i for i, _ in (await state.inbox_snapshot("s1", 0))[1]] == [third]
 
 
-async def test_a_conversation_retires_from_its_users_index_only_with_events(
+async def test_a_conversation_that_retires_leaves_its_users_index(
     redis_client,
 ) -> None:
-    """Release says 2 when a conversation the store holds events of retires (its user's
-    index may drop it: the store lists it), 1 for one with no event to list."""
+    """Release says 2 when a conversation retires (its user's index drops it: the store
+    lists it if it holds events), with events or without (it said 1 then, and the index
+    kept the id for good); 1 when it only gives ownership up. With no owner ('') and no
+    state ('') it retires a conversation whose last connection left, its state kept."""
     state = RedisState(redis_client, KeySchema("t"))
     for sid in ("empty", "told"):
         await state.acquire(sid, "n1", "n1/a", "u", create=True)
@@ -55,9 +57,16 @@ async def test_a_conversation_retires_from_its_users_index_only_with_events(
     assert await state.mark_stored("told", 1, 100, 1 << 20, 10, 1 << 20) == (1, [answer])
     assert await state.mark_stored("told", 2, 100, 1 << 20, 10, 1 << 20) == (2, [])
     assert await state.release("told", "n1/a", 2, "stopped", retention_ms=60_000) == 2
-    assert await state.release("empty", "n1/a", 1, "stopped", retention_ms=60_000) == 1
+    assert await state.release("empty", "n1/a", 1, "stopped", retention_ms=60_000) == 2
     for sid in ("empty", "told"):
         assert 0 < await redis_client.pttl(state.keys.conv(sid)) <= 60_000
+    await state.acquire("held", "n1", "n1/a", "u", create=True)
+    await state.add_connections([("c1", "held", "u")], "n1/a")
+    assert await state.release("held", "n1/a", 1, "finished", retention_ms=60_000) == 1
+    assert await redis_client.pttl(state.keys.conv("held")) == -1  # watched: stays
+    await state.remove_connections([("c1", "held", "u")], "n1/a", retention_ms=60_000)
+    assert 0 < await redis_client.pttl(state.keys.conv("held")) <= 60_000
+    assert (await state.meta("held"))["state"] == "finished"
 
 
 async def test_an_unprompted_write_retried_after_a_lost_reply_is_not_applied_twice(

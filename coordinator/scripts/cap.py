@@ -12,7 +12,8 @@ ADMIT = """
 -- ARGV[4]  'new' (a start: the sid becomes the most recent claim) | 'retry' (still waiting)
 -- ARGV[5]  recency score (ms) of a new claim; kept above every other claim
 -- ARGV[6]  policy when a new claim finds the cap full: 'evict' | 'reject'
--- ARGV[7]  the user's organisation to record ('' = keep the recorded one)
+-- ARGV[7]  the user's organisation to record ('' = keep the recorded one), kept for
+--          30 days after the user's last start that names it
 -- ARGV[8]  for a start a joining connection asked for: the user's connection cap ('0' =
 --          none); a user who holds that many already is refused before any eviction
 -- returns  {status, claims, org, evicted sid, its incarnation, evicted sid, ...}
@@ -26,7 +27,7 @@ ADMIT = """
 -- after its loop stopped, so HLEN(loops) <= cap bounds the loops actually running.
 
 local sid, node, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7]) end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7], 'PX', 2592000000) end
 local org = redis.call('GET', KEYS[3]) or ''
 local conns = tonumber(ARGV[8])
 if ARGV[4] == 'new' and conns > 0 and redis.call('HLEN', KEYS[4]) >= conns then

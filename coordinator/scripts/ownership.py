@@ -82,21 +82,24 @@ RELEASE = """
 -- event store holds all of, with no action waiting and no connection, retires: its
 -- Redis state expires after the retention (it comes back from the store: ACQUIRE).
 -- KEYS[1]  conversation meta hash   KEYS[2..] its other keys, when retiring (as in acquire)
--- ARGV[1]  owner incarnation   ARGV[2] epoch ('' = any)   ARGV[3] state to record
+-- ARGV[1]  owner incarnation ('' = none: retire an unowned one)   ARGV[2] epoch ('' =
+--          any)   ARGV[3] state to record ('' = keep it: only with no owner)
 -- ARGV[4]  retention (ms; '' or 0: none)
--- returns  1 when released, 2 when released and retiring a conversation the store
---          holds events of (its user's index need not list it: the store does), 0 when
---          the caller was not the owner
+-- returns  1 when released, 2 when released and retiring (its user's index lists it no
+--          more: the store does, if it holds events), 0 when the caller was not the
+--          owner (or the record is gone)
 local f = redis.call('HMGET', KEYS[1], 'inc', 'epoch', 'seq', 'stored')
 if f[1] ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' and tonumber(f[2]) ~= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], 'owner', '', 'inc', '', 'state', ARGV[3])
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'owner', '', 'inc', '', 'state', ARGV[3])
+end
 local retention = tonumber(ARGV[4] or '') or 0
 local seq = tonumber(f[3] or '0')
 if retention > 0 and #KEYS >= 5 and tonumber(f[4] or '0') >= seq
    and redis.call('XLEN', KEYS[3]) == 0 and redis.call('HLEN', KEYS[5]) == 0 then
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], retention) end
-  if seq > 0 then return 2 end
+  return 2
 end
 return 1
 """

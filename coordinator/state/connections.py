@@ -8,6 +8,7 @@ incarnation (cid -> sid).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from workers.protocol import Event
 
@@ -70,18 +71,36 @@ class ConnectionOps(StateCore):
         seq, rows, size = read(replies[4:])
         return seq, rows, size, int(replies[3])
 
-    async def remove_connections(self, conns: Sequence[Conn], inc: str) -> None:
-        """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent)."""
+    async def remove_connections(
+        self, conns: Sequence[Conn], inc: str, retention_ms: int = 0
+    ) -> None:
+        """Forget ``(cid, sid, user)`` connections of ``inc`` (idempotent). With
+        ``retention_ms``, a conversation no node runs whose last connection this was
+        retires as its owner's release would have retired it, had the connection been
+        gone then (a drain hands loops off before it says goodbye to its clients; a
+        stopped conversation whose client never came back stayed in Redis for good)."""
         k = self.keys
-
-        def commands(cid: str, sid: str, user: str) -> list[Command]:
-            return [
-                ("HDEL", k.conv_conns(sid), cid),
-                ("HDEL", k.user_conns(user), cid),
-                ("HDEL", k.node_conns(inc), cid),
-            ]
-
-        await self._per_connection(conns, commands)
+        release = self._scripts["release"].sha
+        for start in range(0, len(conns), 500):
+            batch = conns[start : start + 500]
+            commands: list[tuple[Any, ...]] = []
+            for cid, sid, user in batch:
+                commands += [
+                    ("HDEL", k.conv_conns(sid), cid),
+                    ("HDEL", k.user_conns(user), cid),
+                    ("HDEL", k.node_conns(inc), cid),
+                ]
+                if retention_ms:  # RELEASE of no owner ('') keeping the state ('')
+                    keys = self.conversation_keys(sid)
+                    commands.append(
+                        ("EVALSHA", release, len(keys), *keys, "", "", "", retention_ms)
+                    )
+            replies = await self._commands(commands)
+            if retention_ms:
+                await self.unlist(
+                    [(sid, user) for (_, sid, user), r in zip(batch, replies[3::4], strict=True)
+                     if int(r) == 2]
+                )  # fmt: skip
 
     async def _per_connection(
         self, conns: Sequence[Conn], commands: Callable[[str, str, str], list[Command]]

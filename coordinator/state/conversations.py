@@ -65,12 +65,6 @@ class ConversationOps(StateCore):
             _seconds(r[7]),
         )
 
-    def conversation_keys(self, sid: str) -> list[str]:
-        """The keys that live and expire with a conversation's record (its attempts
-        hash has a TTL of its own)."""
-        k = self.keys
-        return [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
-
     async def mark_purging(self, sid: str, within: float) -> None:
         """No node takes ``sid`` (ACQUIRE: 'purging') until ``unmark_purging``, or for
         ``within`` seconds should the purging node die first."""

@@ -148,6 +148,20 @@ class StateCore:
             for name, src in scripts.for_deployment(sharded=sharded).items()
         }
 
+    def conversation_keys(self, sid: str) -> list[str]:
+        """The keys that live and expire with a conversation's record (its attempts
+        hash has a TTL of its own)."""
+        k = self.keys
+        return [k.conv(sid), k.events(sid), k.inbox(sid), k.accepted(sid), k.conv_conns(sid)]
+
+    async def unlist(self, conversations: Sequence[tuple[str, str]]) -> None:
+        """``(sid, user)`` of conversations that retire (RELEASE answered 2): out of their
+        users' indexes, where the event store lists them from now on (one round trip)."""
+        k = self.keys
+        gone = [("ZREM", k.user_convs(user), sid) for sid, user in conversations if user]
+        if gone:
+            await self._commands(gone)
+
     async def load_scripts(self) -> None:
         """Load every script up front so the hot path never pays a NOSCRIPT round trip."""
         for script in self._scripts.values():

@@ -112,15 +112,16 @@ class LoopOps(ConversationOps):
     async def record_start(self, lease: Lease, *, created: bool, idle_for: float) -> None:
         """A loop is starting under ``lease``: list it under its incarnation at once (if
         the node dies while starting, the reaper releases it with the rest) and in the
-        idle index (closable ``idle_for`` s from now); a conversation just created goes
-        into its user's index."""
+        idle index (closable ``idle_for`` s from now), and in its user's index (a
+        conversation that retired left it: ``unlist``; one taken back during its
+        retention, before the store lists it, is listed again)."""
         k = self.keys
         now_ms = int(time.time() * 1000)
         commands: list[tuple[Any, ...]] = [
             ("HSET", k.node_owned(lease.inc), lease.sid, lease.user),
             ("ZADD", k.node_idle(lease.inc), now_ms + int(idle_for * 1000), lease.sid),
         ]
-        if created and lease.user:
+        if lease.user:
             index = k.user_convs(lease.user)
             commands.append(("ZADD", index, "NX", now_ms, lease.sid))
             commands.append(("ZREMRANGEBYRANK", index, 0, -USER_INDEX_MAX - 1))
@@ -142,15 +143,15 @@ class LoopOps(ConversationOps):
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        if results[1] == 2 and lease.user:
-            await self.redis.zrem(self.keys.user_convs(lease.user), lease.sid)
+        if results[1] == 2:
+            await self.unlist([(lease.sid, lease.user)])
 
     async def retire(self, sid: str, user: str, state: str, retention_ms: int) -> None:
         """Let an unowned conversation the store holds all of leave Redis after
         ``retention_ms``, as a release by its owner would have (``release_loop``); nothing
         when a node took it meanwhile."""
-        if await self.release(sid, "", None, state, retention_ms) == 2 and user:
-            await self.redis.zrem(self.keys.user_convs(user), sid)
+        if await self.release(sid, "", None, state, retention_ms) == 2:
+            await self.unlist([(sid, user)])
 
     async def forget_loop(self, lease: Lease) -> None:
         """Drop ``lease``'s loop from its incarnation's indexes only (after it was fenced:
