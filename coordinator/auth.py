@@ -91,6 +91,9 @@ class TokenSettings:
     issuer: str | None = None
     audience: str | None = None
     max_lifetime: float = DEFAULT_MAX_LIFETIME
+    # HS256: secrets being rotated out. Tokens signed with one are still accepted; none
+    # signs anything. Never in a repr.
+    previous_secrets: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -100,8 +103,12 @@ class TokenSettings:
         files = [f for f in (self.public_key_file, self.jwks_file) if f]
         if self.algorithm == "HS256":
             _check_secret(self.secret)
+            for previous in self.previous_secrets:
+                _check_secret(previous)
             if files:
                 raise ConfigError("HS256 tokens are verified with the secret, not a key file")
+        elif self.previous_secrets:
+            raise ConfigError("previous secrets are HS256's; other algorithms rotate keys by kid")
         elif len(files) != 1:
             raise ConfigError(
                 f"{self.algorithm} tokens need a public key file or a JWKS file (one of them)"
@@ -164,23 +171,11 @@ class TokenVerifier:
         return known.identity
 
     def _verify_new(self, token: str) -> _Verified:
-        s = self.settings
         try:
-            key = self._key_for(token)
-            with _quiet_if(self._short_secret):
-                claims = jwt.decode(
-                    token,
-                    key,
-                    algorithms=[s.algorithm],
-                    audience=s.audience,
-                    issuer=s.issuer,
-                    options={
-                        "require": ["exp", "sub"],
-                        "verify_exp": False,
-                        "verify_iat": False,
-                        "verify_nbf": False,
-                    },
-                )
+            try:
+                claims = self._decode(token, self._key_for(token))
+            except jwt.InvalidSignatureError:
+                claims = self._decode_previous(token)
         except jwt.PyJWTError as exc:
             raise AuthError(self._reason(exc)) from None
         user = claims["sub"]
@@ -198,6 +193,32 @@ class TokenVerifier:
         assert exp is not None  # required
         admin = claims.get("role") == ADMIN_ROLE or claims.get("admin") is True
         return _Verified(Identity(user, org or "", admin), exp, iat, nbf)
+
+    def _decode(self, token: str, key: Any) -> dict[str, Any]:
+        s = self.settings
+        with _quiet_if(self._short_secret):
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[s.algorithm],
+                audience=s.audience,
+                issuer=s.issuer,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
+            )
+        return claims
+
+    def _decode_previous(self, token: str) -> dict[str, Any]:
+        """A token the current secret does not verify, signed with a secret being rotated
+        out (``previous_secrets``); InvalidSignatureError when none verifies it either."""
+        for secret in self.settings.previous_secrets:
+            with contextlib.suppress(jwt.InvalidSignatureError):
+                return self._decode(token, secret)
+        raise jwt.InvalidSignatureError("Signature verification failed")
 
     def _key_for(self, token: str) -> Any:
         if None in self._keys:
@@ -292,8 +313,10 @@ def thumbprint(key: bytes) -> str:
 
 def short_secret(settings: TokenSettings) -> bool:
     """Whether an HS256 secret is shorter than RFC 7518 asks (a warning, not an error)."""
-    secret = settings.secret if settings.algorithm == "HS256" else None
-    return secret is not None and len(secret.encode()) < MIN_SECRET_BYTES
+    if settings.algorithm != "HS256" or settings.secret is None:
+        return False
+    secrets = (settings.secret, *settings.previous_secrets)
+    return any(len(secret.encode()) < MIN_SECRET_BYTES for secret in secrets)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from .auth import (
 )
 from .cliargs import build_parser
 from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
-from .clisecrets import read_secret_file, warn_about_visible_secrets
+from .clisecrets import read_previous_secrets, read_secret_file, warn_about_visible_secrets
 from .config import ManagerConfig
 from .errors import REDIS_TROUBLE, ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
 from .inputs import check_user_id, parse_settings
@@ -90,6 +90,7 @@ def build_tokens(args: argparse.Namespace) -> TokenVerifier:
             TokenSettings(
                 algorithm=args.token_algorithm,
                 secret=args.secret if args.token_algorithm == "HS256" else None,
+                previous_secrets=read_previous_secrets(args.previous_secret_file),
                 public_key_file=args.token_public_key,
                 jwks_file=args.token_jwks,
                 issuer=args.token_issuer,
@@ -126,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logformat.configure(args.log_level, args.log_format, config.node_id)
     if short_secret(tokens.settings):
         logging.getLogger(__name__).warning(
-            "the token secret is shorter than %d bytes, which HS256 asks for (RFC 7518 3.2)",
+            "a token secret is shorter than %d bytes, which HS256 asks for (RFC 7518 3.2)",
             MIN_SECRET_BYTES,
         )
     embedded = None

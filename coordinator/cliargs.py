@@ -156,6 +156,15 @@ def _token_args(serve: argparse.ArgumentParser) -> None:
         "--token-public-key or --token-jwks (env COORDINATOR_TOKEN_ALGORITHM)",
     )
     serve.add_argument(
+        "--previous-secret-file",
+        default=_env("previous_secret_file"),
+        metavar="FILE",
+        help="HS256 secrets being rotated out, one per line: tokens signed with any of them "
+        "are still accepted, none signs (a rotation: give every node the new --secret and "
+        "the old one here, issue tokens with the new one, drop this once the old tokens "
+        "expired) (env COORDINATOR_PREVIOUS_SECRET_FILE)",
+    )
+    serve.add_argument(
         "--token-public-key",
         default=_env("token_public_key"),
         metavar="FILE",

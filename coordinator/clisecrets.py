@@ -30,6 +30,25 @@ def read_secret_file(args: argparse.Namespace) -> None:
     args.secret = secret
 
 
+def read_previous_secrets(path: str | None) -> tuple[str, ...]:
+    """``--previous-secret-file``: every non-blank line a secret (trailing whitespace
+    off); ConfigError (exit code 2) when it cannot be read or holds none."""
+    if not path:
+        return ()
+    try:
+        with open(path, encoding="utf-8") as f:
+            secrets = tuple(line.rstrip("\r\n") for line in f if line.strip())
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read --previous-secret-file {path}: {exc.strerror or exc}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--previous-secret-file {path} is not UTF-8 text") from None
+    if not secrets:
+        raise ConfigError(f"--previous-secret-file {path} holds no secret")
+    return secrets
+
+
 def warn_about_visible_secrets(args: argparse.Namespace) -> None:
     """Secrets on the command line are visible to every user of the machine (``ps``,
     /proc/PID/cmdline): say how to pass them instead."""

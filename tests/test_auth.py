@@ -87,6 +87,27 @@ def test_round_trip_and_expiry() -> None:
     assert verify_token(plain, "a" * 32, now=NOW) == "bob"
 
 
+def test_secrets_being_rotated_out_still_verify_and_never_show() -> None:
+    """A rotation of the HS256 secret: nodes verify with the new secret and accept tokens
+    signed with the previous ones (``previous_secrets``) until those expire; a token
+    signed with neither is refused as before, and no repr shows them."""
+    new, old, older = "n" * 32, "o" * 32, "p" * 32
+    settings = TokenSettings(secret=new, previous_secrets=(old, older))
+    verifier = TokenVerifier.from_settings(settings)
+    for secret, user in ((new, "ann"), (old, "bob"), (older, "cat")):
+        assert verifier.verify(issue_token(user, secret, 60, now=NOW), now=NOW).user == user
+    # Another library's token, without a kid, signed with a previous secret.
+    plain = jwt.encode({"sub": "dan", "exp": NOW + 60}, old, algorithm="HS256")
+    assert verifier.verify(plain, now=NOW).user == "dan"
+    forged = issue_token("eve", "x" * 32, 60, now=NOW)
+    assert _refusal(lambda: verifier.verify(forged, now=NOW)) == "bad token signature"
+    assert old not in repr(settings) and older not in repr(settings)
+    with pytest.raises(ConfigError, match="previous secrets are HS256's"):
+        TokenSettings(algorithm="RS256", public_key_file="k.pem", previous_secrets=(old,))
+    with pytest.raises(ConfigError, match="non-empty string"):
+        TokenSettings(secret=new, previous_secrets=("",))
+
+
 def test_a_token_verified_once_is_remembered_but_still_expires() -> None:
     """A verifier remembers tokens it verified (a reconnecting client presents its token
     again): the signature is not checked twice, the times are, on every use."""

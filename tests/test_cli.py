@@ -984,3 +984,34 @@ async def test_the_log_as_json_lines_for_collectors() -> None:
     assert "c2lnbg" not in err
     rc, _, err = await run("serve", "--log-format", "xml", "--secret", "s")
     assert rc == 2 and "--log-format: invalid choice: 'xml'" in err, err
+
+
+async def test_a_secret_rotation_accepts_the_previous_secrets_tokens(tmp_path: Path) -> None:
+    """``--previous-secret-file``: a node with the new secret still takes tokens signed
+    with the old one (a rotation without logging anyone out), not others; a file that
+    cannot give secrets is a one-line error, exit 2."""
+    new, old = "new-secret-" + "n" * 32, "old-secret-" + "o" * 32
+    previous = tmp_path / "previous"
+    previous.write_text(f"{old}\n\n")
+    proc = await spawn(
+        "serve", "--port", "0", "--previous-secret-file", str(previous),
+        COORDINATOR_SECRET=new,
+    )  # fmt: skip
+    try:
+        lines = await read_until(proc, r"serving on http://")
+        url = re.search(r"serving on (\S+)", lines[-1]).group(1)  # type: ignore[union-attr]
+        for secret, status in ((new, 200), (old, 200), ("x" * 40, 401)):
+            got, _ = await get_json(f"{url}/api/conversations", issue_token("ann", secret))
+            assert got == status, (secret[:3], got)
+    finally:
+        code, err = await stop(proc, signal.SIGTERM)
+    assert code == 0 and old not in err, err
+    empty = tmp_path / "empty"
+    empty.write_text("\n \n")
+    for path, said in (
+        (tmp_path / "none", "cannot read --previous-secret-file"),
+        (empty, f"--previous-secret-file {empty} holds no secret"),
+    ):
+        rc, _, err = await run("serve", "--previous-secret-file", str(path), COORDINATOR_SECRET="s")
+        assert rc == 2 and err.startswith("error: ") and said in err, err
+        assert "Traceback" not in err
