@@ -236,6 +236,7 @@ class Archiver:
                 batch = Batch(lease.sid, lease.epoch, tuple(rows), lease.user)
                 batches.append((lease, batch))
             marks: list[tuple[Lease, int]] = []
+            gaps: list[tuple[Lease, int, int]] = []
             for (lease, batch), r in zip(batches, await self._append(batches), strict=True):
                 if isinstance(r, Exception):
                     out[lease.sid] = r
@@ -243,13 +244,24 @@ class Archiver:
                     log.info("%s: a newer owner (epoch %d) stores its events", lease.sid, r.epoch)
                     out[lease.sid] = r.last_id
                 elif r.status == "gap":
-                    out[lease.sid] = StoreError(
-                        f"the store holds {lease.sid!r} up to event {r.last_id} but Redis "
-                        f"records that it held up to {batch.events[0][0] - 1}: was the store "
-                        "replaced or restored from an older backup?"
-                    )
+                    gaps.append((lease, r.last_id, batch.events[0][0] - 1))
                 else:
                     marks.append((lease, r.last_id))
+            try:
+                purging = await self._state.purging([lease.sid for lease, _, _ in gaps])
+            except (RedisError, RedisClusterException) as exc:  # tried again, as any such move
+                out.update((lease.sid, exc) for lease, _, _ in gaps)
+                gaps = []
+            for lease, held, recorded in gaps:
+                if lease.sid in purging:  # its store emptied first: nothing to store
+                    log.debug("%s: not stored, it is being purged", lease.sid)
+                    out[lease.sid] = recorded
+                else:
+                    out[lease.sid] = StoreError(
+                        f"the store holds {lease.sid!r} up to event {held} but Redis "
+                        f"records that it held up to {recorded}: was the store "
+                        "replaced or restored from an older backup?"
+                    )
             reads = await _each(
                 self._state.mark_stored(
                     lease.sid,

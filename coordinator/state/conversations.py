@@ -73,6 +73,14 @@ class ConversationOps(StateCore):
     async def unmark_purging(self, sid: str) -> None:
         await self.redis.delete(self.keys.purging(sid))
 
+    async def purging(self, sids: Sequence[str]) -> set[str]:
+        """Those of ``sids`` a purge holds (``mark_purging``): one round trip, none for
+        no sid."""
+        if not sids:
+            return set()
+        found = await self._commands([("EXISTS", self.keys.purging(sid)) for sid in sids])
+        return {sid for sid, n in zip(sids, found, strict=True) if int(n)}
+
     async def purge(self, sid: str, user: str) -> int:
         """Delete ``sid``'s Redis state (its keys, its place in ``user``'s index); how many
         keys went. An owner still running it is fenced by its missing record."""
