@@ -140,11 +140,7 @@ class Archiver:
             await asyncio.sleep(GATHER_FOR)
             self._wake.clear()
             pending, self._pending = self._pending, set()
-            leases = [
-                runner.lease
-                for sid in pending
-                if (runner := self._runners.get(sid)) is not None and runner.running
-            ]
+            leases = self._running(pending)
             self._moving = {lease.sid for lease in leases}
             try:
                 done = await self.move_all(leases)
@@ -161,6 +157,17 @@ class Archiver:
                 self._wake.set()
             else:
                 backoff.reset()
+
+    def _running(self, sids: Iterable[str]) -> list[Lease]:
+        """The leases of those of ``sids`` whose loop runs here. (A function of its own:
+        a comprehension's walrus bound ``runner`` in ``run``, which then kept the last
+        stopped runner, its agent and its memory alive until the next move.)"""
+        leases = []
+        for sid in sids:
+            runner = self._runners.get(sid)
+            if runner is not None and runner.running:
+                leases.append(runner.lease)
+        return leases
 
     async def flush(self, lease: Lease, within: float) -> bool:
         """Move what the store lacks of the events this loop saw before it stops (so a

@@ -4,10 +4,12 @@ the ack path into it, Redis kept to a window, replay through the store."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
 import random
+import weakref
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -710,6 +712,30 @@ async def test_a_move_that_meets_a_purge_is_no_store_trouble(
     await state.unmark_purging("doomed")  # not purging: the same gap is the store's trouble
     (moved,) = await archiver.move_all([lease])
     assert isinstance(moved, StoreError) and "older backup" in str(moved)
+
+
+async def test_a_stopped_loop_is_not_kept_alive_by_the_event_store_mover(
+    make_nodes: NodeFactory,
+) -> None:
+    """The mover's loop kept the last runner whose events it moved (a comprehension's
+    walrus bound it in the loop's own frame) until its next move: a stopped loop, its
+    agent and its memory stayed alive on a quiet node. Now a stopped loop is garbage
+    once it stops."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("gone", "c1", {}, "bob")
+    await send(a, "c1", "hi")
+    await wait_until(lambda: len(make_nodes.sinks["node1"].events["c1"]) >= 2, what="answer")
+    await wait_until(lambda: not a.node.archiver._pending, what="its events moved")
+    await asyncio.sleep(0.3)  # the mover's round over: it waits for the next one
+    runner = a.runner("gone")
+    assert runner is not None
+    ref = weakref.ref(runner)
+    del runner
+    await a.disconnect_from_session("c1")
+    assert await a.close_session("gone", "bob")
+    await asyncio.sleep(0.3)  # the mover's round, had it one to make
+    gc.collect()
+    assert ref() is None, gc.get_referrers(ref())
 
 
 async def test_delete_with_purge_removes_a_conversation_everywhere(
