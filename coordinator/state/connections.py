@@ -15,7 +15,7 @@ from workers.protocol import Event
 from .core import SizeHint, StateCore, text
 
 Conn = tuple[str, str, str]  # (connection id, sid, user)
-Command = tuple[str, ...]
+Command = tuple[Any, ...]
 
 
 class ConnectionOps(StateCore):
@@ -81,34 +81,38 @@ class ConnectionOps(StateCore):
         stopped conversation whose client never came back stayed in Redis for good)."""
         k = self.keys
         release = self._scripts["release"].sha
-        for start in range(0, len(conns), 500):
-            batch = conns[start : start + 500]
-            commands: list[tuple[Any, ...]] = []
-            for cid, sid, user in batch:
-                commands += [
-                    ("HDEL", k.conv_conns(sid), cid),
-                    ("HDEL", k.user_conns(user), cid),
-                    ("HDEL", k.node_conns(inc), cid),
-                ]
-                if retention_ms:  # RELEASE of no owner ('') keeping the state ('')
-                    keys = self.conversation_keys(sid)
-                    commands.append(
-                        ("EVALSHA", release, len(keys), *keys, "", "", "", retention_ms)
-                    )
-            replies = await self._commands(commands)
-            if retention_ms:
-                await self.unlist(
-                    [(sid, user) for (_, sid, user), r in zip(batch, replies[3::4], strict=True)
-                     if int(r) == 2]
-                )  # fmt: skip
+
+        def commands(cid: str, sid: str, user: str) -> list[Command]:
+            forget: list[Command] = [
+                ("HDEL", k.conv_conns(sid), cid),
+                ("HDEL", k.user_conns(user), cid),
+                ("HDEL", k.node_conns(inc), cid),
+            ]
+            if not retention_ms:
+                return forget
+            keys = self.conversation_keys(sid)  # RELEASE of no owner (''), state kept ('')
+            return [*forget, ("EVALSHA", release, len(keys), *keys, "", "", "", retention_ms)]
+
+        replies = await self._per_connection(conns, commands)
+        if retention_ms:
+            retired = [(sid, user) for (_, sid, user), r in zip(conns, replies, strict=True)
+                       if int(r[-1]) == 2]  # fmt: skip
+            await self.unlist(retired)
 
     async def _per_connection(
         self, conns: Sequence[Conn], commands: Callable[[str, str, str], list[Command]]
-    ) -> None:
-        """Each connection's commands (idempotent), one round trip per 500 connections."""
+    ) -> list[list[Any]]:
+        """Each connection's commands (idempotent), one round trip per 500 connections;
+        each connection's replies."""
+        out: list[list[Any]] = []
         for start in range(0, len(conns), 500):
-            batch = conns[start : start + 500]
-            await self._commands([c for cid, sid, user in batch for c in commands(cid, sid, user)])
+            each = [commands(cid, sid, user) for cid, sid, user in conns[start : start + 500]]
+            replies = await self._commands([c for mine in each for c in mine])
+            at = 0
+            for mine in each:
+                out.append(replies[at : at + len(mine)])
+                at += len(mine)
+        return out
 
     async def node_connections(self, inc: str) -> dict[str, str]:
         """cid -> sid of the connections ``inc`` holds (or held, if it died)."""
