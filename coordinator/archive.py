@@ -330,7 +330,7 @@ class Archiver:
             for (lease, meta), result in zip(orphans, moved, strict=True)
             if self._went(lease.sid, result)  # else tried again next sweep
         ]
-        retention_ms = int(self._config.redis_retention * 1000)
+        retention_ms = self._config.retention_ms
         retired = await _each(
             self._state.retire(
                 sid, meta.get("user", ""), meta.get("state") or "stopped", retention_ms

@@ -364,6 +364,11 @@ class ManagerConfig:
             values.append(f"{f.name}={value!r}")
         return f"ManagerConfig({', '.join(values)})"
 
+    @property
+    def retention_ms(self) -> int:
+        """``redis_retention`` as the scripts take it (ms; 0: kept for good)."""
+        return int(self.redis_retention * 1000)
+
     def replace(self, **changes: Any) -> ManagerConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         unknown = set(changes) - set(values)

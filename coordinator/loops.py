@@ -278,7 +278,7 @@ class Loops:
         self._archiver.forget(sid)
         if not runner.fenced:
             # All in the store: its Redis state may expire (--redis-retention).
-            retention = int(self._config.redis_retention * 1000) if stored else 0
+            retention = self._config.retention_ms if stored else 0
             try:
                 if not stored:  # the store lacks some: a sweep moves them (any node's)
                     await self._state.note_unstored([sid])

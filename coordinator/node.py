@@ -317,7 +317,7 @@ class Node:
                 self.inc,
                 keep_connections=False,
                 floor=self.delivery.floor,
-                retention_ms=int(self.config.redis_retention * 1000),
+                retention_ms=self.config.retention_ms,
             )
             await self.state.unregister(self.config.node_id, self.inc)
         await self._close_store()

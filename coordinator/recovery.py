@@ -158,7 +158,6 @@ class Recovery:
         self._sessions = sessions
         self._floor = floor
         self._ttl_ms = int(config.node_ttl * 1000)
-        self._retention_ms = int(config.redis_retention * 1000)
         # What is released at start (a previous incarnation of this node id) is resumed
         # once the node runs.
         self.released_at_start: list[tuple[str, str]] = []
@@ -171,7 +170,7 @@ class Recovery:
                 previous,
                 keep_connections=False,
                 floor=self._floor,
-                retention_ms=self._retention_ms,
+                retention_ms=self._config.retention_ms,
             )
 
     async def housekeeping_loop(self) -> None:
@@ -207,7 +206,7 @@ class Recovery:
                         self._membership.inc,
                         self._ttl_ms,
                         self._floor,
-                        self._retention_ms,
+                        self._config.retention_ms,
                     )
                     await self._restarts.resume_pending(released, lost_at=reaped_at)
             except REDIS_TROUBLE as exc:

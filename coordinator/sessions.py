@@ -61,8 +61,6 @@ class Sessions:
         # the Redis pool instead of all of it (and none waits out the pool's timeout).
         self._leave_gate = asyncio.Semaphore(max(1, config.redis_max_connections // 4))
         self.deferred: list[tuple[str, str, str]] = []  # removals Redis missed
-        # A conversation no node runs retires when its last connection leaves.
-        self._retention_ms = int(config.redis_retention * 1000)
         self._joining: dict[str, asyncio.Future[None]] = {}  # connection id -> its join
 
     async def join(
@@ -186,7 +184,7 @@ class Sessions:
             await self._interest.unwatch(conn.sid)
             try:
                 await self._state.remove_connections(
-                    [(cid, conn.sid, conn.user)], self._membership.inc, self._retention_ms
+                    [(cid, conn.sid, conn.user)], self._membership.inc, self._config.retention_ms
                 )
             except REDIS_TROUBLE as exc:
                 # The client is gone either way; forget it in Redis once Redis answers again.
@@ -198,7 +196,9 @@ class Sessions:
         if self.deferred:
             # Removals failing meanwhile are appended: drop only what was sent.
             retried = list(self.deferred)
-            await self._state.remove_connections(retried, self._membership.inc, self._retention_ms)
+            await self._state.remove_connections(
+                retried, self._membership.inc, self._config.retention_ms
+            )
             del self.deferred[: len(retried)]
 
     async def reassert(self) -> None:
