@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
+    MasterDownError,
+    MovedError,
+    NoScriptError,
     OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -231,6 +236,53 @@ def redis_full(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and (str(exc).startswith("OOM") or _FULL in str(exc))
 
 
+# Redis' refusals that are about the moment, not the command: a failover (READONLY,
+# MASTERDOWN, NOREPLICAS), a load or a long script (LOADING, BUSY), the cluster moving
+# slots (MOVED, ASK, TRYAGAIN, CLUSTERDOWN), a script cache flushed (NOSCRIPT). redis-py
+# raises the codes it knows as their classes, without the code; the lane keeps the text.
+_PASSING_CLASSES = (
+    ReadOnlyError,
+    MasterDownError,
+    TryAgainError,
+    ClusterDownError,
+    MovedError,
+    AskError,
+    NoScriptError,
+)
+_PASSING_CODES = tuple(
+    f"{code} "
+    for code in (
+        "READONLY",
+        "MASTERDOWN",
+        "NOREPLICAS",
+        "LOADING",
+        "BUSY",
+        "MOVED",
+        "ASK",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "NOSCRIPT",
+    )
+)
+
+
+def redis_refused(exc: BaseException) -> bool:
+    """Whether Redis answered ``exc``'s command with an error about the command itself:
+    a permission the coordinator's ACL user lacks (NOPERM), a key of another type (another
+    application's key under the coordinator's prefix: WRONGTYPE), an unknown command.
+    Trying again fails the same way, so it is a server error an operator must see, not
+    "cannot reach Redis"; Redis being full (``redis_full``) and the refusals of a failover
+    or a resharding, which pass, are not."""
+    if not isinstance(exc, ResponseError) or redis_full(exc):
+        return False
+    if isinstance(exc, _PASSING_CLASSES):
+        return False
+    # A pipeline's error names its command first: "Command # 1 (...) of pipeline caused
+    # error: WRONGTYPE ...".
+    reply = str(exc).rpartition("caused error: ")[2]
+    return not reply.startswith(_PASSING_CODES)
+
+
 def redis_glitch(exc: BaseException) -> bool:
     """Whether ``exc`` is an AttributeError or RuntimeError raised inside redis-py: its
     connections raise those when used in the middle of a reconnect (a connection whose
@@ -247,3 +299,9 @@ def redis_glitch(exc: BaseException) -> bool:
 
 # The errors the coordinator expects while serving: its own and Redis trouble.
 EXPECTED: tuple[type[Exception], ...] = (CoordinatorError, *REDIS_TROUBLE)
+
+
+def unexpected(exc: BaseException) -> bool:
+    """Whether a request's error is worth a stack trace in the log: neither one of the
+    coordinator's own nor Redis away, or Redis refusing a command (``redis_refused``)."""
+    return not isinstance(exc, EXPECTED) or redis_refused(exc)

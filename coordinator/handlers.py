@@ -34,6 +34,8 @@ from .errors import (
     LimitExceeded,
     NodeBusy,
     NodeDraining,
+    redis_refused,
+    unexpected,
 )
 from .http import client_message
 from .inputs import (
@@ -87,6 +89,8 @@ REFUSAL_REASONS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], str]
 
 
 def refusal_reason(exc: Exception) -> str:
+    if redis_refused(exc):
+        return "error"  # not Redis away: see errors.redis_refused
     for kinds, reason in REFUSAL_REASONS:
         if isinstance(exc, kinds):
             return reason
@@ -128,7 +132,8 @@ class SocketHandlers:
             "coordinator_joins_refused",
             "Joins (socket.io connects) refused, by reason: busy (max_concurrent_joins "
             "taken for longer than join_wait), draining (the node stops or lost its lease), "
-            "auth, forbidden, limit, invalid, closed, redis, error.",
+            "auth, forbidden, limit, invalid, closed, redis (away), error (a bug, or Redis "
+            "refusing the command itself).",
             "reason",
             lambda: dict(self.refused),
         )
@@ -210,7 +215,7 @@ class SocketHandlers:
             return f"authentication failed: {exc}"
         if isinstance(exc, Forbidden):
             return f"forbidden: {exc}"
-        if not isinstance(exc, EXPECTED):
+        if unexpected(exc):
             log.error("join failed unexpectedly", exc_info=exc)
         return client_message(exc)
 
@@ -240,7 +245,7 @@ class SocketHandlers:
             )
             event_id = await self.manager.send_to_event_stream(connection_id, args[0])
         except Exception as exc:
-            if not isinstance(exc, EXPECTED):
+            if unexpected(exc):
                 log.error("action from %s failed unexpectedly", connection_id, exc_info=exc)
             else:
                 log.debug("action from %s rejected: %s", connection_id, exc)

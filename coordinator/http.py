@@ -48,6 +48,7 @@ from .errors import (
     RedisUnavailable,
     StoreBehind,
     redis_full,
+    redis_refused,
 )
 from .eventstore.errors import StoreUnavailable
 from .inputs import shape_problem
@@ -83,6 +84,8 @@ def status_for(exc: BaseException) -> int:
         return 429
     if isinstance(exc, InvalidInput):
         return 400
+    if redis_refused(exc):
+        return 500
     unavailable = (
         NodeDraining
         | NodeBusy
@@ -107,6 +110,8 @@ def client_message(exc: BaseException) -> str:
         return str(exc)
     if redis_full(exc):
         return "Redis is full (at its maxmemory): nothing was written; try again later"
+    if redis_refused(exc):
+        return "internal error: Redis refused the coordinator's command (the server log says why)"
     if isinstance(exc, REDIS_TROUBLE):
         return "the coordinator cannot reach Redis right now; try again"
     return "internal error"
@@ -121,11 +126,11 @@ def error_response(exc: Exception, request: Request) -> Response:
     """``{"error": msg}`` for an exception; the log gets a 503 in one line, any other
     server error in full."""
     status = status_for(exc)
+    why = redact(f"{type(exc).__name__}: {exc}")  # redis-py's repr names no reason
     if status == 503:
-        why = redact(f"{type(exc).__name__}: {exc}")
         _unavailable.emit(logging.WARNING, "%s %s: %s", request.method, request.scope["path"], why)
     elif status >= 500:
-        log.warning("%s %s failed: %r", request.method, request.scope["path"], exc, exc_info=exc)
+        log.error("%s %s failed: %s", request.method, request.scope["path"], why, exc_info=exc)
     headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
     body: dict[str, Any] = {"error": client_message(exc)}
     if isinstance(exc, ConcurrencyLimitReached):

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from coordinator.errors import redis_full
+from coordinator.errors import redis_full, redis_refused
 from coordinator.http import client_message
+from coordinator.links import reply_error
 
 FULL = "Redis is full (at its maxmemory): nothing was written; try again later"
 
@@ -75,3 +76,50 @@ async def test_other_refusals_are_not_redis_full(redis_client: aioredis.Redis) -
     await redis_client.set("coord:s", "v")
     exc = await refusal(redis_client.zadd("coord:s", {"c": 1}))  # WRONGTYPE
     assert not redis_full(exc)
+
+
+async def test_a_command_redis_refuses_for_what_it_is_is_told_apart(
+    redis_client: aioredis.Redis,
+) -> None:
+    """WRONGTYPE and NOPERM fail the same way every time: ``redis_refused``, an internal
+    error for the client. A failover's or a resharding's refusals pass, and Redis full
+    is its own message: neither is."""
+    await redis_client.set("coord:s", "v")
+    wrongtype = await refusal(redis_client.zadd("coord:s", {"c": 1}))
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.get("coord:s")
+    pipe.zadd("coord:s", {"c": 1})
+    piped = await refusal(pipe.execute())
+    assert "of pipeline caused error" in str(piped)
+    await redis_client.acl_setuser(
+        "limited", enabled=True, passwords=["+pw"], keys=["coord:*"], commands=["+get"]
+    )
+    where = redis_client.connection_pool.connection_kwargs
+    limited = aioredis.Redis(
+        host=where["host"], port=where["port"], username="limited", password="pw"
+    )
+    try:
+        noperm = await refusal(limited.set("coord:k", "v"))
+    finally:
+        await limited.aclose()
+        await redis_client.acl_deluser("limited")
+    for exc in (wrongtype, piped, noperm):
+        assert redis_refused(exc) and not redis_full(exc), repr(exc)
+        assert client_message(exc).startswith("internal error: Redis refused"), exc
+
+    noscript = await refusal(redis_client.evalsha("0" * 40, 0))
+    passing = [noscript] + [
+        reply_error(text)  # as the lane raises what Redis sent
+        for text in (
+            "READONLY You can't write against a read only replica.",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "NOREPLICAS Not enough good replicas to write.",
+            "BUSY Redis is busy running a script.",
+            "LOADING Redis is loading the dataset in memory",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+        )
+    ]
+    for exc in passing:
+        assert not redis_refused(exc), repr(exc)
+        assert client_message(exc) == "the coordinator cannot reach Redis right now; try again"

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import re
+
+import pytest
+from redis.asyncio import Redis
 
 from coordinator.auth import issue_token
 from coordinator.embedded import EmbeddedRedis
@@ -288,3 +292,33 @@ async def test_healthz_reports_redis_down() -> None:
     finally:
         await cluster.aclose()
         redis.cleanup()
+
+
+async def test_a_command_redis_refuses_is_a_server_error_not_redis_away(
+    servers: ServerCluster, redis_client: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another application's key under the coordinator's prefix (WRONGTYPE), like a
+    permission its ACL user lacks (NOPERM), is refused by Redis the same way every time:
+    a 500 that says so and a stack trace in the log, not a 503 "cannot reach Redis" that
+    would send an operator after the network. Nothing is changed."""
+    (a,) = await servers.start(1)
+    await redis_client.set("coord:{c:clash}:meta", "another application's value")
+    caplog.set_level(logging.INFO, "coordinator")
+
+    status, body = await servers.request("GET", a, "/api/conversations/clash", user="alice")
+    assert status == 500, body
+    assert body["error"] == (
+        "internal error: Redis refused the coordinator's command (the server log says why)"
+    )
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+    assert logged and "failed: ResponseError: WRONGTYPE" in logged[0].getMessage()
+
+    caplog.clear()
+    why = await servers.client().refused(a.url, "clash", servers.token("alice"))
+    assert why == body["error"]
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+    assert logged and "WRONGTYPE" in str(logged[0].exc_info[1])  # type: ignore[index]
+    status, text = await servers.request("GET", a, "/metrics")
+    assert 'coordinator_joins_refused_total{node="n1",reason="error"} 1\n' in text, text
+    assert 'reason="redis"' not in text
+    assert await redis_client.get("coord:{c:clash}:meta") == b"another application's value"
