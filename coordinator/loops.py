@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 32  # idle loops closed at once by a sweep
 STORE_FLUSH_WITHIN = 2.0  # seconds a stopping loop waits for its events to be stored
+
+
+def _running(loop: weakref.ref[LoopRunner] | None) -> bool:
+    runner = loop() if loop is not None else None
+    return runner is not None and runner.running
 
 
 class Loops:
@@ -221,9 +227,12 @@ class Loops:
         if not admitted:
             await self.owners.give_up(lease, codec.evicted_event())
             return ConversationInfo(sid, lease.user, "", False, False, created)
+        # The memory knows its runner weakly: the runner holds it (its agents' contexts),
+        # and a cycle would wait for the cyclic GC's rare full collection.
+        loop: weakref.ref[LoopRunner] | None = None
         memory = await self._memories.open(
             lease,
-            lambda: runner.running and self._membership.lease_valid(),
+            lambda: _running(loop) and self._membership.lease_valid(),
             resume=not created,
         )
         runner = LoopRunner(
@@ -242,6 +251,7 @@ class Loops:
             max_running_time=max_running_time,
             archiver=self._archiver,
         )
+        loop = weakref.ref(runner)
         self.runners[sid] = runner
         try:
             await runner.start()

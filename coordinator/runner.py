@@ -17,9 +17,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 
-from workers.protocol import AgentLoop, AgentState, Event, cancelled_here
+from workers.protocol import AgentLoop, AgentState, EmitFn, Event, cancelled_here
 
 from .actionqueue import ActionQueue
 from .archive import Archiver
@@ -49,6 +50,24 @@ def _as_failure(exc: BaseException, sid: str) -> Exception:
         return exc
     name = type(exc).__name__
     return AgentFailed(f"the agent of {sid} failed: {name}: {exc}", name)
+
+
+def _held_weakly(runner: LoopRunner) -> EmitFn:
+    """``runner.emit``, for its agent to keep, holding the runner weakly: the runner
+    keeps its agent, so a strong one made every loop a reference cycle, freed only by
+    the cyclic GC's rare full collection. An emit after the runner is gone is refused as
+    one after its loop stopped."""
+    ref, lease = weakref.ref(runner), runner.lease
+
+    def emit(event: Event) -> Awaitable[int]:
+        alive = ref()
+        return alive.emit(event) if alive is not None else _stopped(lease)
+
+    return emit
+
+
+async def _stopped(lease: Lease) -> int:
+    raise Fenced(lease.sid, lease.epoch, -1)
 
 
 class LoopRunner:
@@ -105,7 +124,7 @@ class LoopRunner:
         # Writes answering no action are numbered per runner: a retry is known (COMMIT).
         self._writer = uuid.uuid4().hex[:16]
         self._unprompted = 0
-        self._notes = StateNotes(config.agent_state_events, lambda: str(self.agent.state))
+        self._notes = StateNotes(config.agent_state_events)
         self._idle = False  # waiting for work, nothing queued
         self._writes = 0  # commits in flight
         self._last_id = 0  # the last event id a commit of this runner wrote
@@ -256,7 +275,7 @@ class LoopRunner:
         bound = asyncio.timeout(limit or None)
         try:
             async with bound:
-                await self.agent.start(self.emit)
+                await self.agent.start(_held_weakly(self))
         except TimeoutError:
             if not bound.expired():
                 raise  # the agent's own
@@ -309,7 +328,7 @@ class LoopRunner:
             with contextlib.suppress(Fenced, SpeculationLost):
                 await self._commit(agent_failure(n, failure), cause=n, index=self._emits)
         # Marked processed if nothing answered it; the state the agent ended in logged.
-        noted = self._notes.enabled and self._notes.change()
+        noted = self._notes.enabled and self._notes.change(self.agent.state)
         if self.running and (self._queue.applied < n or noted):
             # An agent in this process may have answered and returned in this very step:
             # its answer's frames, queued for this node's clients, are written when the
@@ -321,7 +340,10 @@ class LoopRunner:
     def _thinking(self, n: int) -> bool:
         """Action ``n``, logged, is still being dispatched, unanswered, its agent running
         (``statenotes.py``)."""
-        spec, running = self._speculated(n), self._notes.change() == AgentState.RUNNING
+        spec, running = (
+            self._speculated(n),
+            self._notes.change(self.agent.state) == AgentState.RUNNING,
+        )
         logged = spec is None or spec.logged
         return self._cause == n and not self._emits and logged and running
 
@@ -366,7 +388,7 @@ class LoopRunner:
         ``dup``), and with ``--ack-replicas`` until replicas confirm the write, which is
         delivered only then; the agent's changed state is recorded and noted
         (``with_state_note``)."""
-        changed = self._notes.change()
+        changed = self._notes.change(self.agent.state)
         noted = changed if self._notes.enabled else ""
         events, after = with_state_note(events, noted)
         packed = pack_agent_events(events, self._config.max_agent_event_bytes)

@@ -23,20 +23,20 @@ RUNNING_NOTE_AFTER = 0.1  # seconds without an answer before ``running`` is logg
 
 
 class StateNotes:
-    """``agent_state()``: the agent's state now. ``enabled``: whether notes are logged
-    (the state is recorded in Redis either way). One dispatch at a time: ``arm`` when it
-    starts, ``disarm`` when it ends; ``settle`` before any other write for it."""
+    """``enabled``: whether notes are logged (the state is recorded in Redis either
+    way). One dispatch at a time: ``arm`` when it starts, ``disarm`` when it ends;
+    ``settle`` before any other write for it."""
 
-    def __init__(self, enabled: bool, agent_state: Callable[[], str]) -> None:
+    def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self._agent_state = agent_state
         self._recorded = ""
         self._timer: asyncio.TimerHandle | None = None
         self._writing: asyncio.Task[None] | None = None
 
-    def change(self) -> str:
-        """The agent's state when it is not the one last recorded, else ''."""
-        state = self._agent_state()
+    def change(self, agent_state: str) -> str:
+        """The agent's state now (``agent_state``, as text) when it is not the one last
+        recorded, else ''."""
+        state = str(agent_state)
         return state if state != self._recorded else ""
 
     def recorded(self, changed: str) -> None:

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
+import pytest
+
+from coordinator.actionqueue import ActionQueue
+from coordinator.errors import Fenced
+from coordinator.memory import LoopMemory
+from coordinator.runner import LoopRunner
+from coordinator.statenotes import StateNotes
+from tests.conftest import NodeFactory
 from tests.helpers import wait_until
-from workers.protocol import AgentState
+from tests.test_archive import send
+from workers.echo import EchoAgent
+from workers.protocol import AgentContext, AgentState, EmitFn
 
 QUIET = dict(  # no background Redis traffic while commands are counted
     node_ttl=120.0,
@@ -99,3 +110,69 @@ async def test_sweep_cost_is_bounded_by_expired_not_total(make_nodes, redis_clie
     assert large <= 3 + 19 * 10, large
     assert large == small, (small, large)
     print(f"sweep, 10 expired: {small} commands with 100 live, {large} with 2,000 live")
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+async def test_a_stopped_loop_leaves_no_reference_cycle(
+    make_nodes: NodeFactory, isolation: str
+) -> None:
+    """A loop that stops is freed as it stops, not by a full collection of the cyclic GC
+    (which a node runs rarely: ``cli.FULL_COLLECTION_AFTER``): its runner held its
+    agent, which kept the runner's emit; its memory's ownership check held the runner,
+    which held the memory through its agents' contexts; its state notes read the agent
+    through the runner. Each made every stopped loop about 28 objects of cyclic garbage
+    (its agent, memory, action queue with them) until the next full collection."""
+    (a,) = await make_nodes(1, agent_isolation=isolation, agent_state_events=True)
+    sink = make_nodes.sinks["node1"]
+
+    async def one_loop(sid: str) -> None:
+        await a.join_conversation(sid, f"c-{sid}", {}, "bob")
+        await send(a, f"c-{sid}", "hi")
+        await wait_until(lambda: len(sink.events[f"c-{sid}"]) >= 3, what=f"{sid} answered")
+        await a.disconnect_from_session(f"c-{sid}")
+        assert await a.close_session(sid, "bob")
+
+    await one_loop("warm")  # what a first loop makes once (a worker's channel, scripts)
+    await asyncio.sleep(0.5)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(3):
+            await one_loop(f"loop-{i}")
+        await asyncio.sleep(1)  # the mover's round, the stops' tasks
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        kinds = (LoopRunner, LoopMemory, ActionQueue, StateNotes, AgentContext)
+        cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, kinds)]
+        assert cyclic == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+class KeepsItsEmit(EchoAgent):
+    """An echo agent whose emit outlives it (as an agent's forgotten background task's)."""
+
+    kept: list[EmitFn] = []
+
+    async def start(self, emit: EmitFn) -> None:
+        KeepsItsEmit.kept.append(emit)
+        await super().start(emit)
+
+
+async def test_an_emit_kept_past_its_loop_is_refused(make_nodes: NodeFactory) -> None:
+    """The emit an agent keeps no longer keeps its loop alive; called once the loop is
+    gone, it is refused as any write after its loop stopped (Fenced) and writes nothing."""
+    KeepsItsEmit.kept.clear()
+    (a,) = await make_nodes(1, agent_isolation="none", agent="tests.test_cleanup:KeepsItsEmit")
+    await a.join_conversation("kept", "c1", {}, "bob")
+    await send(a, "c1", "hi")
+    await wait_until(lambda: len(make_nodes.sinks["node1"].events["c1"]) >= 2, what="answer")
+    await a.disconnect_from_session("c1")
+    assert await a.close_session("kept", "bob")
+    before = await a.conversation("kept")
+    gc.collect()
+    with pytest.raises(Fenced):
+        await KeepsItsEmit.kept[0]({"action": "message", "args": {"content": "late"}})
+    assert await a.conversation("kept") == before
