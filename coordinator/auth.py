@@ -63,19 +63,21 @@ class Identity:
     of its ``org`` claim ('' if none; checked like a user id), whose cap its loops count
     against too; ``admin``, whether it grants the cluster-wide views: a ``role`` of
     ``admin`` (what ``coordinator token --admin`` issues) or an ``admin`` claim that is
-    ``true`` (as some identity providers spell it)."""
+    ``true`` (as some identity providers spell it); ``expires``, the token's ``exp``
+    (Unix time): a socket.io connection ends then (``handlers.SocketHandlers``)."""
 
     user: str
     org: str = ""
     admin: bool = False
+    expires: float = math.inf
 
 
 class _Verified(NamedTuple):
-    """A token whose signature and claims checked out: who it speaks for, and the times
-    every later use checks again (``exp``, and ``iat``/``nbf`` where it has them)."""
+    """A token whose signature and claims checked out: who it speaks for (its ``exp``
+    too), and the other times every later use checks again (``iat``/``nbf`` where it
+    has them)."""
 
     identity: Identity
-    exp: float
     iat: float | None
     nbf: float | None
 
@@ -192,7 +194,7 @@ class TokenVerifier:
         exp, iat, nbf = (_numeric(claims, name) for name in ("exp", "iat", "nbf"))
         assert exp is not None  # required
         admin = claims.get("role") == ADMIN_ROLE or claims.get("admin") is True
-        return _Verified(Identity(user, org or "", admin), exp, iat, nbf)
+        return _Verified(Identity(user, org or "", admin, exp), iat, nbf)
 
     def _decode(self, token: str, key: Any) -> dict[str, Any]:
         s = self.settings
@@ -234,7 +236,7 @@ class TokenVerifier:
         return key
 
     def _check_times(self, token: _Verified, now: float) -> None:
-        exp, iat, nbf = token.exp, token.iat, token.nbf
+        exp, iat, nbf = token.identity.expires, token.iat, token.nbf
         if now >= exp:
             raise AuthError("token expired")
         if nbf is not None and nbf > now + CLOCK_SKEW:

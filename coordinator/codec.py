@@ -22,6 +22,8 @@ CONVERSATION_CLOSED = "STATUS$CONVERSATION_CLOSED"
 NODE_DRAINING = "STATUS$NODE_DRAINING"
 EVENTS_LOST = "STATUS$EVENTS_LOST"
 RUNNING_TIME_EXCEEDED = "STATUS$RUNNING_TIME_EXCEEDED"
+# A status update only (never logged): a connection ends as its token expires.
+TOKEN_EXPIRED = "STATUS$TOKEN_EXPIRED"
 
 
 # What a packed value from Redis or another node may be: far above any event a node

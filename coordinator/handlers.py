@@ -12,6 +12,7 @@ rate limit refused it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -47,6 +48,7 @@ from .inputs import (
     parse_int,
     parse_settings,
 )
+from .joined import Joined
 from .manager import ConversationManager
 from .metrics import NodeMetrics
 from .quotas import Quotas
@@ -125,7 +127,8 @@ class SocketHandlers:
         self.sink = sink
         self.metrics = metrics
         self.quotas = quotas
-        self._users: dict[str, str] = {}  # joined connection -> its user
+        self._joined = Joined(self._expired, sio.tasks)
+        self.expired = 0  # connections ended as their token expired
         self._refusals = LogThrottle(log)  # a flood of refused joins is not a flood of lines
         self.refused: Counter[str] = Counter()  # joins refused, by reason
         metrics.counters_from(
@@ -136,6 +139,11 @@ class SocketHandlers:
             "refusing the command itself).",
             "reason",
             lambda: dict(self.refused),
+        )
+        metrics.counter_from(
+            "coordinator_tokens_expired",
+            "socket.io connections ended because their token expired (its exp passed).",
+            lambda: self.expired,
         )
 
     def register(self) -> None:
@@ -205,7 +213,7 @@ class SocketHandlers:
             # The client went away while we joined; no disconnect event will follow.
             await self._forget(connection_id, True)
             return False
-        self._users[connection_id] = user
+        self._joined.add(connection_id, who)
         self.quotas.opened(connection_id)
         log.debug("connection %s joined %s as %s", connection_id, conversation, user)
         return True
@@ -227,7 +235,7 @@ class SocketHandlers:
     async def _forget(self, connection_id: str, joined: bool = True) -> None:
         self.sink.left(connection_id)
         self.quotas.closed(connection_id)
-        self._users.pop(connection_id, None)
+        self._joined.pop(connection_id)
         if not joined or not self.manager.started:
             return  # a node that stopped forgot its connections itself
         try:
@@ -240,8 +248,11 @@ class SocketHandlers:
         try:
             if len(args) != 1:
                 raise InvalidInput(f"{ACTION_EVENT} takes one argument, the action")
+            who = self._joined.get(connection_id)
+            if who is not None and who.expires <= time.time():  # it ends within a second
+                raise AuthError("token expired; reconnect with a fresh token")
             await self.quotas.action(
-                connection_id, self._users.get(connection_id), self._size(args[0])
+                connection_id, who.user if who is not None else None, self._size(args[0])
             )
             event_id = await self.manager.send_to_event_stream(connection_id, args[0])
         except Exception as exc:
@@ -270,10 +281,24 @@ class SocketHandlers:
         """Any other event: answered (a client waiting for its ack is not left hanging),
         and counted against the connection's rate like an action."""
         try:
-            await self.quotas.action(connection_id, self._users.get(connection_id))
+            await self.quotas.action(connection_id, self._joined.user(connection_id))
         except LimitExceeded as exc:
             return refusal_ack(exc)
         return {"ok": False, "error": f"unknown event {event[:64]!r}; send {ACTION_EVENT}"}
 
     async def disconnect(self, connection_id: str, reason: Any = None) -> None:
         await self._forget(connection_id)
+
+    async def _expired(self, connections: list[str]) -> None:
+        """Tell these connections their token expired, and disconnect them."""
+        update = codec.status_update(
+            codec.TOKEN_EXPIRED, "Your token expired; reconnect with a fresh one to continue."
+        )
+        for connection_id in connections:
+            if self._joined.get(connection_id) is None:
+                continue  # it left meanwhile
+            self.expired += 1
+            with contextlib.suppress(Exception):
+                await self.sink.deliver(connection_id, update)
+            with contextlib.suppress(Exception):
+                await self.sink.disconnect(connection_id)  # its disconnect handler forgets it

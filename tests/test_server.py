@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from datetime import datetime
 from typing import Any
 
+import jwt
 import pytest
 import redis.asyncio as aioredis
 import socketio
@@ -19,6 +23,8 @@ from coordinator.websocket import CoalescingTransport
 from tests.helpers import wait_until
 from tests.server_fixtures import SECRET, ServerCluster, SioClient
 from workers.channel import REPLY
+
+MESSAGE = {"action": "message", "args": {"content": "hi"}}
 
 ACTIONS_PER_CLIENT = 550  # two clients: 1,100 actions, 2,200 events
 WINDOW = 25  # actions a client has in flight at once
@@ -484,3 +490,52 @@ async def test_an_agents_answer_is_written_to_the_client_before_the_agent_goes_o
                 i for i, (to, data) in enumerate(writes) if to == "worker" and data[0] == REPLY
             )
         assert answer < after, [(to, data[:60]) for to, data in writes]
+
+
+async def test_a_connection_ends_when_its_token_expires(
+    servers: ServerCluster, redis_client: aioredis.Redis
+) -> None:
+    """A token is checked at connect; the connection ends at its ``exp`` (a user whose
+    access was withdrawn keeps no socket open for the token's remaining days): the
+    client is told STATUS$TOKEN_EXPIRED and disconnected by the server, no action is
+    accepted after ``exp``, and a connection whose token lives on is not touched."""
+    (a,) = await servers.start(1)
+    short = issue_token("alice", SECRET, 3)
+    exp = jwt.decode(short, options={"verify_signature": False})["exp"]
+    ending = servers.client("ending")
+    await ending.connect(a.url, "expiring", short)
+    staying = await servers.join(a, "expiring", "alice")
+
+    acks = []
+    while ending.connected:  # actions across the token's expiry, one every 20 ms
+        with contextlib.suppress(
+            socketio.exceptions.TimeoutError, socketio.exceptions.BadNamespaceError
+        ):
+            acks.append(await ending.sio.call("oh_user_action", MESSAGE, timeout=5))
+        await asyncio.sleep(0.02)
+        assert time.time() < exp + 10, "still connected 10 s after its token expired"
+    refused = [ack for ack in acks if not ack["ok"]]
+    assert {ack["error"] for ack in refused} <= {
+        "authentication failed: token expired; reconnect with a fresh token"
+    }
+    accepted = [ack["id"] for ack in acks if ack["ok"]]
+    assert accepted
+    await staying.wait_ids(max(accepted) + 1)
+    by_id = {e["id"]: e for e in staying.events}
+    for n in accepted:  # logged with the server's clock, the one exp is read with
+        assert datetime.fromisoformat(by_id[n]["timestamp"]).timestamp() < exp
+
+    (update,) = ending.updates
+    assert update["id"] == "STATUS$TOKEN_EXPIRED"
+    assert ending.disconnects == ["server disconnect"], ending.disconnects
+    await wait_until(
+        lambda: _connections(redis_client, "expiring", 1), what="its connection gone from Redis"
+    )
+    assert staying.connected
+    assert (await staying.act(MESSAGE))["ok"]
+    _, text = await servers.request("GET", a, "/metrics")
+    assert 'coordinator_tokens_expired_total{node="n1"} 1\n' in text, text
+
+
+async def _connections(redis_client: aioredis.Redis, sid: str, n: int) -> bool:
+    return await redis_client.hlen(f"coord:{{c:{sid}}}:conns") == n
