@@ -5,6 +5,7 @@ successor starting from the checkpoint and reading only what came after it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from coordinator.memory import LoopMemory
 from coordinator.state import Lease
 from tests.conftest import NodeFactory
 from tests.helpers import RecordingSink, wait_until
+from tests.postgres import PostgresServer
 from tests.processes import ProcessCluster
 from tests.server_fixtures import SioClient
 from workers.memory import DEFAULT_CHECKPOINT_EVERY, MemoryAgent
@@ -284,3 +286,40 @@ async def _said(client: SioClient, text: str, within: float = 20.0) -> int:
 
     await client.wait_for(answered, f"{text} answered", within)
     return n
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+async def test_a_checkpoint_the_store_cannot_take_now_leaves_the_answer_and_is_saved_later(
+    make_nodes: NodeFactory,
+    postgres_server: PostgresServer,
+    postgres_dsn: str,
+    isolation: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The event store away when the memory agent saves its checkpoint: the action it
+    answered stays answered (before, the failed save made it an error observation after
+    the answer), and the checkpoint is saved after the next action once the store is
+    back."""
+    (a,) = await make_nodes(1, agent=MEMORY, agent_isolation=isolation, event_store=postgres_dsn)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("away", "c1", {"checkpoint_every": 2}, "alice")
+    talk = Talk(a, sink, "away", "c1")
+    await talk.say("one")
+    await asyncio.to_thread(postgres_server.stop)
+    texts = ["one", "two", "three"]
+    for text in texts[1:]:  # "two" is the second: its checkpoint is due
+        await talk.say(text)
+    await asyncio.to_thread(postgres_server.start)
+    texts.append("four")
+    last = await talk.say("four")
+    assert_continues(talk.answers(), texts)
+    errors = [e for e in sink.events["c1"] if e.get("observation") == "error"]
+    assert errors == []
+    await wait_until(lambda: _checkpoint_covers(a, "away", last), what="the checkpoint saved")
+    if isolation == "none":  # a worker's log lines go to its own stderr
+        assert any("checkpoint after event" in r.getMessage() for r in caplog.records)
+
+
+async def _checkpoint_covers(node: ConversationManager, sid: str, covers: int) -> bool:
+    saved = await _checkpoint(node, sid)
+    return saved is not None and saved[0] == covers

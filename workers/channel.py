@@ -39,6 +39,8 @@ from typing import Any
 
 import msgpack
 
+from .protocol import ERRORS
+
 # node -> worker
 OPEN, DISPATCH, CLOSE, CANCEL, PING, REPLY, REFUSE, STOP = range(1, 9)
 # worker -> node
@@ -196,12 +198,6 @@ class FrameReader:
         if start:
             del buf[:start]
         return out
-
-
-# coordinator.errors imports redis-py (its Redis error tuples): 0.2 s and ~19 MB that a
-# worker pays only once it meets one of these exceptions (an agent importing them itself
-# pays it at its own import).
-ERRORS = "coordinator.errors"
 
 
 def refusal(kind: str, detail: Any) -> Exception:

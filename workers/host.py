@@ -75,6 +75,7 @@ from .protocol import (
     EmitFn,
     Event,
     cancelled_here,
+    loop_must_stop,
 )
 
 log = logging.getLogger("workers.host")
@@ -264,7 +265,7 @@ class AgentHost(asyncio.Protocol):
         except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the agent's own
             if cancelled_here(exc):
                 return [FAILED, rid, hosted.lid, CANCELLED, "", _state(agent)]
-            if describe(exc)[0] not in ("Fenced", "SpeculationLost"):  # the node knows why
+            if not loop_must_stop(exc):  # the node knows why
                 log.exception("agent of %s failed on action %s", hosted.sid, action.get("id"))
             return [FAILED, rid, hosted.lid, *describe(exc), _state(agent)]
         return [DONE, rid, hosted.lid, _state(agent)]

@@ -13,10 +13,13 @@ answer says where it started from (``args.recalled``: the checkpoint's id, the i
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import aclosing
 from typing import Any
 
-from .protocol import AgentContext, AgentState, EmitFn, Event
+from .protocol import AgentContext, AgentState, EmitFn, Event, loop_must_stop
+
+log = logging.getLogger("workers.memory")
 
 DEFAULT_CHECKPOINT_EVERY = 5
 
@@ -93,11 +96,29 @@ class MemoryAgent:
             await self._emit({"action": "message", "source": "agent", "args": args})
             self.unsaved += 1
             if self.unsaved >= self.every:
-                state = {"earlier": self.earlier, "previous": self.previous}
-                await self.context.save_checkpoint(json.dumps(state).encode(), self.covers)
-                self.unsaved = 0
+                await self._checkpoint()
         finally:
             self._state = AgentState.AWAITING_USER_INPUT
+
+    async def _checkpoint(self) -> None:
+        """Save the state. A checkpoint only spares a successor some reading: one that
+        cannot be saved now (the event store away) is tried again after the next action,
+        and the action it follows stays answered. A loop that must stop stops."""
+        state = {"earlier": self.earlier, "previous": self.previous}
+        try:
+            await self.context.save_checkpoint(json.dumps(state).encode(), self.covers)
+        except Exception as exc:
+            if loop_must_stop(exc):
+                raise
+            log.warning(
+                "memory agent of %s: checkpoint after event %d not saved (%s); "
+                "tried again after the next action",
+                self.context.conversation_id,
+                self.covers,
+                exc,
+            )
+        else:
+            self.unsaved = 0
 
     async def aclose(self) -> None:
         self._state = AgentState.STOPPED

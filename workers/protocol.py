@@ -24,6 +24,7 @@ is the example).
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -167,3 +168,17 @@ def cancelled_here(exc: BaseException) -> bool:
     of its own: that one is the agent's error like any other (named, answered)."""
     task = asyncio.current_task()
     return isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0
+
+
+# The module of the coordinator's errors. It imports redis-py (0.2 s, ~19 MB), which a
+# worker process pays only once it meets one of them (``channel.refusal``).
+ERRORS = "coordinator.errors"
+
+
+def loop_must_stop(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by ``emit`` or ``save_checkpoint``, says the loop must stop:
+    ``Fenced`` (another owner took the conversation, or the loop stops) or
+    ``SpeculationLost``. An agent that catches errors around those calls lets these
+    propagate (``workers/memory.py``)."""
+    errors = sys.modules.get(ERRORS)  # not imported yet: it cannot be one of them
+    return errors is not None and isinstance(exc, errors.Fenced | errors.SpeculationLost)
