@@ -356,9 +356,12 @@ def next_gap(rows: list[tuple[int, bytes]]) -> int:
 
 
 def lost_ids(first: int, last: int) -> list[tuple[int, bytes]]:
-    """What the store keeps for ids Redis never logged (at most a batch of them)."""
+    """What the store keeps for ids Redis never logged (at most a batch of them): the
+    notice, then a null observation for each other id (a replay shows the loss once)."""
     notice = codec.pack(codec.events_lost_event(first, last))
-    return [(i, notice) for i in range(first, min(last, first + BATCH_EVENTS - 1) + 1)]
+    nothing = codec.pack(codec.null_observation())
+    last = min(last, first + BATCH_EVENTS - 1)
+    return [(first, notice)] + [(i, nothing) for i in range(first + 1, last + 1)]
 
 
 async def _each(calls: Iterable[Awaitable[T]]) -> list[T | Exception]:

@@ -346,6 +346,19 @@ def events_lost_event(first: int, last: int) -> Event:
     }
 
 
+def null_observation() -> Event:
+    """OpenHands' null observation (its client shows nothing for it): what stands for
+    each lost id after the first, which carries the notice (``events_lost_event``)."""
+    return {
+        "source": "environment",
+        "observation": "null",
+        "content": "",
+        "extras": {},
+        "message": "",
+        "timestamp": now_iso(),
+    }
+
+
 def owner_gone(event: Event) -> bool:
     """Whether ``event`` says the conversation's loop stopped with its node (lost or
     drained): nodes whose clients watch it restart it."""
