@@ -37,6 +37,7 @@ from engineio.async_drivers import asgi
 from socketio import packet as sio_packet
 
 from . import packets
+from .asgienviron import translate_request
 from .edge import NORMAL_CLOSURE, POLICY_VIOLATION, PROTOCOL_ERROR, FrameGuard
 from .ratelimit import LogThrottle
 from .serverconfig import ServerConfig
@@ -82,7 +83,7 @@ class PingTrackingServer(engineio.AsyncServer):  # type: ignore[misc]
     closed, holding the session's objects that long. Under a flood of short connections
     tens of thousands of them piled up, and each full collection of the cyclic GC walked
     them all: 30-75 ms during which no client was served (docs/failures.md). Its
-    websocket is ``EndingWebSocket``."""
+    websocket is ``EndingWebSocket``, its request environ ``asgienviron``'s."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -92,7 +93,11 @@ class PingTrackingServer(engineio.AsyncServer):  # type: ignore[misc]
         self._forget = self._forget_ping
         self._forget_context = contextvars.Context()
         drivers: dict[str, Any] = getattr(self, "_async")  # noqa: B009 (engine.io's, untyped)
-        self._async = {**drivers, "websocket": EndingWebSocket}
+        self._async = {
+            **drivers,
+            "websocket": EndingWebSocket,
+            "translate_request": translate_request,
+        }
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
         task = super().start_background_task(target, *args, **kwargs)
