@@ -36,6 +36,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .connlimits import ConnectionGuard
 from .ratelimit import LogThrottle
+from .websocket import unlink
 
 log = logging.getLogger(__name__)
 _stalled = LogThrottle(log)  # at most 2 lines a second, however many are dropped
@@ -109,6 +110,7 @@ class GuardedH11Protocol(H11Protocol):
             self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        unlink(self.transport)
         if self._refused:
             return  # uvicorn never knew it
         self._disarm()

@@ -24,6 +24,17 @@ from websockets.http11 import Request
 _NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 
+def unlink(transport: asyncio.BaseTransport) -> None:
+    """Called once its connection is lost: asyncio's selector transports keep a bound
+    method of their own for good (``_read_ready_cb``), a reference cycle that holds a
+    closed connection's transport, socket and extras (7 objects) until a full collection
+    of the cyclic GC, which a node runs rarely (``cli.FULL_COLLECTION_AFTER``). Its
+    reader is off the selector by then: nothing calls it again. (uvloop's transports
+    have no such attribute.)"""
+    if getattr(transport, "_read_ready_cb", None) is not None:
+        transport._read_ready_cb = None  # type: ignore[attr-defined]
+
+
 class CoalescingTransport(asyncio.Transport):
     """A transport wrapper whose writes are joined and flushed once per loop iteration."""
 
@@ -123,6 +134,8 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
         guard = getattr(self.config, "guard", None)
         if guard is not None and self._raw is not None:
             guard.release(self._raw)
+        if self._raw is not None:
+            unlink(self._raw)
         super().connection_lost(exc)
 
     def handle_connect(self, event: Request) -> None:

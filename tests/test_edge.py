@@ -220,7 +220,8 @@ async def test_metrics_on_a_port_of_their_own(servers: ServerCluster) -> None:
 async def test_a_closed_connection_leaves_no_reference_cycle(servers: ServerCluster) -> None:
     """A connection that ends leaves no reference cycle holding it (engine.io's read task
     kept its OSError, whose traceback held the task; the scope held the protocol; a
-    class engine.io makes per request held ``receive``): it is freed as its last user
+    class engine.io made per request held ``receive``; asyncio's transport keeps a
+    bound method of its own): it is freed as its last user
     lets go, not by a full collection that walks every live connection (BENCHMARKS.md,
     issue #17)."""
     (node,) = await servers.start(1)
@@ -245,6 +246,9 @@ async def test_a_closed_connection_leaves_no_reference_cycle(servers: ServerClus
         kinds = (CoalescingSansIOProtocol, AsyncSocket, Receiver, type)
         cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, kinds)]
         assert cyclic == []  # a class engine.io made for each connection's environ too
+        # asyncio's transport and its socket (the clients' own, in this process, apart).
+        transports = [o for o in gc.garbage if isinstance(o, asyncio.Transport)]
+        assert [t for t in transports if t.get_extra_info("sockname")[1] == node.port] == []
         assert eio.ping_tasks == {}  # ended with their sessions
     finally:
         gc.set_debug(0)
