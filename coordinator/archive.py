@@ -69,12 +69,24 @@ async def check_cluster_store(
     when the cluster already uses another one."""
     identity = store.identity()
     recorded, where, node = await state.claim_store(identity, shown, config.node_id)
-    if recorded == identity:
-        return
-    raise StoreMismatch(
+    if recorded != identity:
+        raise store_mismatch(state, config, shown, identity, (recorded, where, node))
+
+
+def store_mismatch(
+    state: RedisState,
+    config: ManagerConfig,
+    shown: str,
+    identity: str,
+    recorded: tuple[str, str, str],
+) -> StoreMismatch:
+    """A node's event store ``shown`` (``identity``) is not the one the cluster recorded
+    (``state.recorded_store``): what to do about it."""
+    recorded_identity, where, node = recorded
+    return StoreMismatch(
         f"this node's event store {shown} (identity {identity}) is not the cluster's: "
         f"the nodes sharing this Redis (key prefix {config.key_prefix!r}) use {where} "
-        f"(identity {recorded}, first recorded by node {node}). Every node of a cluster "
+        f"(identity {recorded_identity}, first recorded by node {node}). Every node of a cluster "
         "must read and write one store, or conversations lose their history when they "
         f"move between nodes. Fix: start this node with --event-store {where} (the same "
         "directory, on a volume every node mounts, or the same PostgreSQL database; "

@@ -130,6 +130,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "a token secret is shorter than %d bytes, which HS256 asks for (RFC 7518 3.2)",
             MIN_SECRET_BYTES,
         )
+    if args.check:
+        from . import preflight
+
+        redis_given = bool(args.redis_url)
+        found = asyncio.run(preflight.check(config, tokens, args.host, args.port, redis_given))
+        return preflight.report(found, sys.stdout)
     embedded = None
     if not args.redis_url:
         from .embedded import EmbeddedRedis

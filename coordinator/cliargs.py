@@ -12,7 +12,7 @@ import os
 from typing import Any, NoReturn
 
 from .auth import ALGORITHMS, DEFAULT_MAX_LIFETIME, DEFAULT_TTL
-from .cliflags import CONFIG_FLAGS, SERVER_FLAGS, number
+from .cliflags import CONFIG_FLAGS, SERVER_FLAGS, number, switch
 from .config import DEFAULT_AGENT
 from .logformat import FORMATS
 from .redact import redact
@@ -269,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the log on stderr: text, or json (one object per line: time, level, logger, "
         "node, message, exc) for log collectors",
     )
+    check = serve.add_argument(
+        "--check",
+        action="store_true",
+        default=_env("check", False),
+        help="do not serve: check what this node needs to start (tokens, Redis and its "
+        "memory policy, the scripts, the event store, the node id, the agent class, the "
+        "port), print one line per check and exit (0: none failed, 1: one did). Nothing "
+        "is written to Redis and no port is held (default: off)",
+    )
+    check.type = switch  # its variable: on/off (the flag itself takes no value)
     _name_environment(serve)
 
     cluster = sub.add_parser(

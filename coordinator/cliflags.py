@@ -16,7 +16,7 @@ from .ratelimit import Rate
 from .serverconfig import split_list
 
 
-def _switch(value: str) -> bool:
+def switch(value: str) -> bool:
     """on/off (also true/false, yes/no, 1/0) for a flag or its environment variable."""
     word = value.strip().lower()
     if word in ("on", "true", "yes", "1"):
@@ -178,13 +178,13 @@ CONFIG_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "speculative_dispatch": (
         "--speculative-dispatch",
-        _switch,
+        switch,
         "on/off: an agent that allows it starts on an action sent through its own node "
         "before the action is durable, saving a Redis round trip (default: on)",
     ),
     "agent_state_events": (
         "--agent-state-events",
-        _switch,
+        switch,
         "on/off: log each change of an agent's state (running, awaiting_user_input, ...) "
         "as an agent_state_changed observation, as OpenHands does: its web client keeps "
         "its input disabled until it sees one (default: on)",
@@ -327,7 +327,7 @@ SERVER_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     ),
     "allow_polling": (
         "--allow-polling",
-        _switch,
+        switch,
         "on/off: accept socket.io's HTTP long-polling transport; behind a load balancer it "
         "needs sticky sessions (deploy/nginx.conf) (default: off, websocket only)",
     ),

@@ -22,7 +22,9 @@ from coordinator.subscriptions import Subscriptions
 from tests.helpers import Heard, listening, wait_until
 from tests.processes import REPO
 from tests.redisproc import RedisProcess, make_tls, redis_args
-from tests.server_fixtures import ServerCluster
+from tests.server_fixtures import SECRET, ServerCluster
+from tests.test_cli import run
+from tests.test_preflight import lines
 
 ACL_TEMPLATE = REPO / "deploy" / "redis-users.acl"
 ACL_SCRIPT = REPO / "deploy" / "redis-acl.sh"
@@ -217,3 +219,25 @@ async def test_a_start_up_refused_its_subscription_ends_at_once_naming_the_permi
     assert "NOPERM" in errors[0] and "'subscribe'" in errors[0], errors[0]
     assert "deploy/redis-users.acl" in errors[0]
     assert "S3CRET" not in err and "Traceback" not in err
+
+
+async def test_a_check_under_the_deploy_acl_user_passes_and_sends_nothing_it_refuses(
+    acl_redis: tuple[int, redis.Redis], tmp_path: Path
+) -> None:
+    """``deploy/redis-users.acl`` allows exactly what a node sends: the check sends
+    nothing else (Redis' ACL log stays empty). Redis' default user there may only PING:
+    a check as that user names the refusal."""
+    port, admin = acl_redis
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    args = ["serve", "--check", "--secret-file", str(secret), "--port", "0"]
+    args += ["--event-store", f"file://{tmp_path}/store"]
+    url = f"redis://coordinator:{PASSWORD}@127.0.0.1:{port}/0"
+    code, out, err = await run(*args, COORDINATOR_REDIS_URL=url)
+    assert code == 0, (out, err)
+    assert admin.acl_log() == []
+    code, out, err = await run(*args, COORDINATOR_REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    assert code == 1, (out, err)
+    status, detail = lines(out)["redis"]
+    assert status == "FAIL" and "refused the node's command (NoPermissionError" in detail, detail
+    assert "unreachable" not in detail

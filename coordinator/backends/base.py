@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from ..config import ManagerConfig
-from ..errors import REDIS_TROUBLE, ConfigError, RedisUnavailable
+from ..errors import REDIS_TROUBLE, ConfigError, CoordinatorError, RedisUnavailable, redis_refused
 from ..keys import KeySchema
 from ..links import Endpoint, Locate
 from ..redisurl import redact_url
@@ -42,10 +42,18 @@ log = logging.getLogger(__name__)
 UNREADABLE: tuple[type[Exception], ...] = (*REDIS_TROUBLE, TimeoutError, ResponseError)
 
 
-def unreachable(config: ManagerConfig, exc: BaseException) -> RedisUnavailable:
-    """RedisUnavailable naming the deployment (never its password) and what ``exc`` said."""
+def unreachable(config: ManagerConfig, exc: BaseException) -> CoordinatorError:
+    """RedisUnavailable naming the deployment (never its password) and what ``exc`` said;
+    a ConfigError when Redis answered, refusing the command for what it is (the ACL
+    user lacks a permission: ``errors.redis_refused``), which no retry mends."""
     reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
-    return RedisUnavailable(redact_url(config.redis_url), reason)
+    where = redact_url(config.redis_url)
+    if redis_refused(exc):
+        return ConfigError(
+            f"Redis at {where} refused the node's command ({type(exc).__name__}: {reason}); "
+            "give its user the commands deploy/redis-users.acl lists"
+        )
+    return RedisUnavailable(where, reason)
 
 
 async def ask_node(config: ManagerConfig, command: str, *args: Any) -> Any:
@@ -115,23 +123,11 @@ class Backend(ABC):
             )
             return
         for where, (maxmemory, policy) in sorted(policies.items()):
-            if policy in ("noeviction", ""):
-                continue
-            if maxmemory:
-                raise ConfigError(
-                    f"Redis at {where} evicts keys when it reaches its maxmemory "
-                    f"({maxmemory} bytes, maxmemory-policy {policy}): a lease, record or "
-                    "log it evicted would be lost without a word. Set maxmemory-policy "
-                    "noeviction (redis.conf, CONFIG SET, or the managed service's "
-                    "parameters); at its bound Redis then refuses writes, which the nodes "
-                    "report"
-                )
-            log.warning(
-                "Redis at %s has maxmemory-policy %s: with a maxmemory set it would evict "
-                "the nodes' keys; set noeviction",
-                where,
-                policy,
-            )
+            found = eviction_problem(where, maxmemory, policy)
+            if found is not None and found[0]:
+                raise ConfigError(found[1])
+            if found is not None:
+                log.warning("%s", found[1])
 
     def lane(self) -> Lane | None:
         """The script lane (made on first use); None sends accept and commit through
@@ -193,6 +189,27 @@ class Backend(ABC):
         for client in clients:
             with contextlib.suppress(*REDIS_TROUBLE):
                 await client.aclose()
+
+
+def eviction_problem(where: str, maxmemory: int, policy: str) -> tuple[bool, str] | None:
+    """What a server's memory settings mean for the nodes: None when it keeps every key;
+    ``(True, why)`` when it evicts keys at its maxmemory (a node refuses to start);
+    ``(False, why)`` when it would, once given a maxmemory (a warning)."""
+    if policy in ("noeviction", ""):
+        return None
+    if maxmemory:
+        return True, (
+            f"Redis at {where} evicts keys when it reaches its maxmemory "
+            f"({maxmemory} bytes, maxmemory-policy {policy}): a lease, record or "
+            "log it evicted would be lost without a word. Set maxmemory-policy "
+            "noeviction (redis.conf, CONFIG SET, or the managed service's "
+            "parameters); at its bound Redis then refuses writes, which the nodes "
+            "report"
+        )
+    return False, (
+        f"Redis at {where} has maxmemory-policy {policy}: with a maxmemory set it would "
+        "evict the nodes' keys; set noeviction"
+    )
 
 
 def memory_policy(info: Any) -> tuple[int, str]:

@@ -18,6 +18,14 @@ class ArchiveOps(StateCore):
         r = await self._run("claim_store", [self.keys.event_store()], [identity, shown, node])
         return text(r[0]), text(r[1]), text(r[2])
 
+    async def recorded_store(self) -> tuple[str, str, str] | None:
+        """The cluster's event store as recorded (``claim_store``), or None if no node
+        recorded one yet; read only."""
+        found = await self.redis.hmget(self.keys.event_store(), "identity", "store", "node")
+        if found[0] is None:
+            return None
+        return text(found[0]), text(found[1] or b""), text(found[2] or b"")
+
     async def unstored(
         self, sid: str, count: int, max_bytes: int
     ) -> tuple[int, list[tuple[int, bytes]]]:
