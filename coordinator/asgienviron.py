@@ -32,7 +32,11 @@ class RequestBody:
         self._receive = receive
         self._left: bytes | None = None  # None: not read yet
 
-    async def read(self, length: int | None = None) -> bytes:
+    async def read(self, length: int | None = None) -> bytes | None:
+        """Up to ``length`` bytes of the body (all that is left: None); None for a
+        websocket, which has none (as engine.io's)."""
+        if self._event["type"] != "http.request":
+            return None
         if self._left is None:
             self._left = await self._body(length)
         if length is None:
@@ -43,8 +47,6 @@ class RequestBody:
 
     async def _body(self, length: int | None) -> bytes:
         event = self._event
-        if event["type"] != "http.request":
-            return b""
         body = event.get("body") or b""
         while event.get("more_body"):
             event = await self._receive()

@@ -350,3 +350,69 @@ async def test_a_long_polling_client_joins_and_talks(servers: ServerCluster) -> 
     # python-engineio's polling client waits out its pending GET when it disconnects
     # (30 s, against plain python-socketio as well): aborted here.
     await client.sio.eio.disconnect(abort=True)
+
+
+@pytest.mark.parametrize(
+    "scope, events",
+    [
+        (  # a websocket: headers given twice, one not UTF-8, the query
+            {
+                "type": "websocket",
+                "path": "/socket.io/",
+                "query_string": b"EIO=4&transport=websocket&conversation_id=c1",
+                "headers": [
+                    (b"host", b"127.0.0.1:8000"),
+                    (b"x-forwarded-for", b"10.0.0.1"),
+                    (b"x-forwarded-for", b"10.0.0.2"),
+                    (b"x-forwarded-proto", b"https"),
+                    (b"bad", b"\xff"),
+                ],
+            },
+            [{"type": "websocket.connect"}],
+        ),
+        (  # a polling POST whose body comes in three pieces; a query that is not UTF-8
+            {
+                "type": "http",
+                "method": "POST",
+                "path": "/socket.io/",
+                "query_string": b"EIO=4&transport=polling&x=\xff",
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"9")],
+            },
+            [
+                {"type": "http.request", "body": b"abc", "more_body": True},
+                {"type": "http.request", "body": b"def", "more_body": True},
+                {"type": "http.request", "body": b"ghi", "more_body": False},
+            ],
+        ),
+        ({"type": "http", "path": "/", "headers": []}, [{"type": "http.disconnect"}]),
+    ],
+)
+async def test_the_request_environ_is_engineios_own(
+    scope: dict[str, Any], events: list[dict[str, Any]]
+) -> None:
+    """``asgienviron.translate_request`` stands in for engine.io's (which makes a class
+    per request): for the engine.io installed, the same environ and the same body, read
+    whole or in pieces."""
+    from engineio.async_drivers import asgi
+
+    from coordinator.asgienviron import translate_request
+
+    async def send(message: Any) -> None:
+        pass
+
+    websocket = scope["type"] == "websocket"  # its input is None: read once, whole
+    for reads in [[None]] if websocket else ([None], [4, None], [100]):
+        made = []
+        for translate in (asgi.translate_request, translate_request):
+            pending = iter(events)
+
+            async def receive(pending: Any = pending) -> Any:
+                return next(pending)
+
+            environ = await translate(scope, receive, send)
+            body = environ.pop("wsgi.input", None)
+            for key in ("asgi.receive", "asgi.send"):
+                environ.pop(key, None)
+            pieces = [await body.read(n) for n in reads] if body is not None else []
+            made.append((environ, pieces))
+        assert made[0] == made[1], reads
