@@ -115,6 +115,9 @@ def build_server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .advertise import check_public_url
+    from .eventstore.factory import store_from_url
+
     tokens = build_tokens(args)
     if not 0 <= args.port <= 65535:
         _fail(2, f"--port must be 0-65535, got {args.port}")
@@ -122,6 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = build_config(args, args.redis_url or PLACEHOLDER_REDIS_URL)
         cpus.plan(config.agent_cpus)  # this machine's CPUs: refused before anything starts
+        store_from_url(config.event_store or None)  # its URL (no I/O)
+        if args.public_url:
+            check_public_url(args.public_url)
     except ConfigError as exc:
         _fail(2, _reason(exc))
     logformat.configure(args.log_level, args.log_format, config.node_id)
@@ -133,8 +139,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.check:
         from . import preflight
 
-        redis_given = bool(args.redis_url)
-        found = asyncio.run(preflight.check(config, tokens, args.host, args.port, redis_given))
+        ports = [("port", args.host, args.port)]
+        if server_config.metrics_port is not None:
+            ports.append(("metrics port", args.host, server_config.metrics_port))
+        found = asyncio.run(preflight.check(config, tokens, ports, bool(args.redis_url)))
         return preflight.report(found, sys.stdout)
     embedded = None
     if not args.redis_url:

@@ -53,6 +53,15 @@ class RedisUnavailable(CoordinatorError, ConnectionError):
         self.url = url
 
 
+class RedisRefused(RedisUnavailable):
+    """Redis answered, refusing the node: its login (a password missing or wrong) or a
+    command its ACL user lacks. No retry mends it; the message says which."""
+
+    def __init__(self, url: str, what: str) -> None:
+        CoordinatorError.__init__(self, f"Redis at {url} refused {what}")
+        self.url = url
+
+
 class ConversationClosed(CoordinatorError):
     """The conversation was closed (or its loop evicted) while a connection joined it:
     the connection was told why and is not kept."""

@@ -1,12 +1,15 @@
 """``coordinator serve --check``: what a node needs to start, checked without starting it.
 
 With the same flags and environment as the ``serve`` it checks, for a deploy pipeline or
-an operator before a rollout: the token settings (read when the flags are), Redis (its
-deployment, version, memory policy, the node's scripts), the event store (it opens, and
-it is the one the cluster's nodes record), the node id (not held by a live node), the
-agent class (it imports) and the listening port (free). Nothing is written to Redis and
-no port is held; opening the event store creates its directory or tables when missing,
-as a start would. One line per check; exit 0 when none failed, 1 otherwise.
+an operator before a rollout: the token settings, the event store (it opens), Redis (its
+deployment and its state, version, memory policy; the node's scripts load, its
+subscription is allowed), then the event store is the one the cluster's nodes record and
+the node id is not held by a live node; the agent class (it imports) and the ports the
+node listens on (free). Nothing is written to Redis and no port is held; opening the
+event store creates its directory or tables when missing, as a start would. One line per
+check (``skip`` for those a failed one leaves nothing to check with); exit 0 when none
+failed, 1 otherwise. Flags the node would refuse are refused first, as ``serve`` does
+(exit 2).
 """
 
 from __future__ import annotations
@@ -16,30 +19,33 @@ import errno
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from workers.loader import AgentLoadError, load_agent
 
 from .archive import store_mismatch
-from .auth import TokenVerifier
+from .auth import TokenVerifier, short_secret
 from .backends.base import Backend, eviction_problem
 from .backends.detect import open_backend
 from .config import ManagerConfig
-from .errors import EXPECTED, CoordinatorError
+from .errors import EXPECTED
 from .eventstore.factory import shown_url, store_from_url
 from .keys import KeySchema
 from .redact import redact
-from .redisurl import database_of, redact_url
+from .redisurl import database_of
 from .state import RedisState
 
-OK, WARN, FAIL = "ok", "warn", "FAIL"
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 # What a check may meet: the coordinator's errors, Redis' (away, or refusing), no answer.
 TROUBLE: tuple[type[Exception], ...] = (*EXPECTED, TimeoutError)
+STORE_TROUBLE: tuple[type[Exception], ...] = (*TROUBLE, OSError)
+# The checks that need Redis, in order (skipped when it cannot be reached).
+NEEDS_REDIS = ("eviction", "scripts", "subscribe", "node id")
 
 
 @dataclass(frozen=True)
 class Finding:
-    status: str  # OK, WARN or FAIL
+    status: str  # OK, WARN, FAIL or SKIP
     what: str
     detail: str
 
@@ -48,18 +54,34 @@ class _Findings(list[Finding]):
     def add(self, status: str, what: str, detail: str) -> None:
         self.append(Finding(status, what, redact(detail)))
 
+    def skip(self, names: tuple[str, ...], why: str) -> None:
+        for name in names:
+            self.add(SKIP, name, why)
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
 
 async def check(
-    config: ManagerConfig, tokens: TokenVerifier, host: str, port: int, redis_given: bool = True
+    config: ManagerConfig,
+    tokens: TokenVerifier,
+    ports: list[tuple[str, str, int]],
+    redis_given: bool = True,
 ) -> list[Finding]:
-    """Every check's finding, in order. ``redis_given``: False when ``serve`` would start
-    a private embedded Redis (no --redis-url): nothing of Redis to check then."""
+    """Every check's finding, in order. ``ports``: ``(name, host, port)`` the node would
+    listen on. ``redis_given``: False when ``serve`` would start a private embedded
+    Redis (no --redis-url): nothing of Redis to check then."""
     found = _Findings()
     settings = tokens.settings
     source = "a secret" if settings.algorithm == "HS256" else "a public key"
-    found.add(OK, "tokens", f"{settings.algorithm}, verified with {source}")
+    if short_secret(settings):
+        found.add(WARN, "tokens", f"{settings.algorithm}: the secret is shorter than 32 bytes")
+    else:
+        found.add(OK, "tokens", f"{settings.algorithm}, verified with {source}")
+    identity = await _store_opens(config, found)
     if redis_given:
-        await _redis(config, found)
+        await _redis(config, found, identity)
     else:
         found.add(
             WARN,
@@ -68,63 +90,79 @@ async def check(
             "trying it out; the nodes of a cluster share one Redis URL)",
         )
     _agent(config, found)
-    _port(host, port, found)
+    taken: set[int] = set()
+    for name, host, port in ports:
+        _port(name, host, port, taken, found)
     return found
 
 
-async def _redis(config: ManagerConfig, found: _Findings) -> None:
-    where = redact_url(config.redis_url)
+async def _store_opens(config: ManagerConfig, found: _Findings) -> str | None:
+    """Open the event store (its URL was checked with the flags); its identity, or None
+    when it cannot be opened."""
+    shown = shown_url(config.event_store or None)
+    store = store_from_url(config.event_store or None)
+    try:
+        await store.open()
+        return store.identity()
+    except STORE_TROUBLE as exc:
+        why = _why(exc)
+        named = shown in why or "event store" in why  # the store's errors name it
+        found.add(FAIL, "event store", why if named else f"{shown}: {why}")
+        return None
+    finally:
+        await store.aclose()
+
+
+async def _redis(config: ManagerConfig, found: _Findings, identity: str | None) -> None:
     try:
         backend = await open_backend(config)
     except TROUBLE as exc:
-        found.add(FAIL, "redis", str(exc))
+        found.add(FAIL, "redis", _why(exc))
+        found.skip(NEEDS_REDIS, "Redis not reached")
         return
     try:
-        await _with_redis(config, backend, found, where)
+        await _with_redis(config, backend, found, identity)
     finally:
         await backend.aclose()
 
 
 async def _with_redis(
-    config: ManagerConfig, backend: Backend, found: _Findings, where: str
+    config: ManagerConfig, backend: Backend, found: _Findings, identity: str | None
 ) -> None:
     limit = config.connect_timeout + 1
 
-    async def within(call: Callable[[], Awaitable[object]]) -> object:
+    async def within(call: Callable[[], Awaitable[Any]]) -> Any:
         async with asyncio.timeout(limit):
             return await call()
 
     try:
         await backend.check()
         info = await within(lambda: backend.client.info("server"))
+        state = await _cluster_state(backend, within)
     except TROUBLE as exc:
-        found.add(FAIL, "redis", str(exc) or f"{where}: no answer within {limit:g}s")
+        found.add(FAIL, "redis", _why(exc) if str(exc) else f"no answer within {limit:g}s")
+        found.skip(NEEDS_REDIS, "Redis not reached")
+        return
+    if state not in ("", "ok"):
+        found.add(FAIL, "redis", f"{backend.describe()}: cluster_state is {state}")
+        found.skip(NEEDS_REDIS, "the cluster is not serving")
         return
     found.add(OK, "redis", f"{backend.describe()}, Redis {_version(info)}")
-    try:
-        policies = await within(backend.memory_policies)
-    except TROUBLE as exc:
-        found.add(
-            WARN, "eviction", f"maxmemory-policy not readable ({exc}): make sure it is noeviction"
-        )
-    else:
-        assert isinstance(policies, dict)
-        problems = [eviction_problem(w, m, p) for w, (m, p) in sorted(policies.items())]
-        for problem in problems:
-            if problem is not None:
-                found.add(FAIL if problem[0] else WARN, "eviction", problem[1])
-        if not any(problems):
-            found.add(OK, "eviction", "maxmemory-policy noeviction")
+    await _eviction(backend, within, found)
     keys = KeySchema(config.key_prefix, database_of(config.redis_url))
-    state = backend.state(keys)
+    rstate = backend.state(keys)
     try:
-        await state.load_scripts()
-        found.add(OK, "scripts", "loaded (SCRIPT LOAD allowed, scripts accepted)")
-        recorded = await state.recorded_store()
-        registry = await state.registry()
-        live = await state.live_leases(registry)
+        await rstate.load_scripts()
+        found.add(OK, "scripts", "loaded (SCRIPT LOAD)")
     except TROUBLE as exc:
-        found.add(FAIL, "scripts", f"{type(exc).__name__}: {exc}")
+        found.add(FAIL, "scripts", f"{type(exc).__name__}: {_why(exc)}")
+    await _subscribe(config, backend, keys, found)
+    try:
+        recorded = await rstate.recorded_store()
+        registry = await rstate.registry()
+        live = await rstate.live_leases(registry)
+    except TROUBLE as exc:
+        found.add(FAIL, "node id", f"the node registry cannot be read: {type(exc).__name__}: {exc}")
         return
     node = config.node_id
     if node in live:
@@ -137,26 +175,79 @@ async def _with_redis(
         )
     else:
         found.add(OK, "node id", f"{node!r} is free")
-    await _store(config, state, recorded, found)
+    if identity is not None:
+        _store_recorded(config, rstate, identity, recorded, found)
 
 
-async def _store(
+async def _cluster_state(
+    backend: Backend, within: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+) -> str:
+    """A Redis Cluster's ``cluster_state`` ('ok' when it serves every slot); '' for
+    another deployment."""
+    if backend.mode != "cluster":
+        return ""
+    info = await within(lambda: backend.client.cluster_info())
+    return str(info.get("cluster_state", "?")) if isinstance(info, dict) else "?"
+
+
+async def _eviction(
+    backend: Backend,
+    within: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]],
+    found: _Findings,
+) -> None:
+    try:
+        policies = await within(backend.memory_policies)
+    except TROUBLE as exc:
+        found.add(
+            WARN,
+            "eviction",
+            f"maxmemory-policy not readable ({_why(exc)}): make sure it is noeviction",
+        )
+        return
+    lines: list[tuple[str, str]] = []
+    for where, (maxmemory, policy) in sorted(policies.items()):
+        if not policy:  # INFO without it: not a Redis data server (a Sentinel's port?)
+            lines.append(
+                (
+                    WARN,
+                    f"Redis at {where} reports no maxmemory-policy (a Sentinel? reach a "
+                    "Sentinel-managed master with a redis+sentinel:// URL)",
+                )
+            )
+            continue
+        problem = eviction_problem(where, maxmemory, policy)
+        if problem is not None:
+            lines.append((FAIL if problem[0] else WARN, problem[1]))
+    for status, detail in lines:
+        found.add(status, "eviction", detail)
+    if not lines:
+        found.add(OK, "eviction", "maxmemory-policy noeviction")
+
+
+async def _subscribe(
+    config: ManagerConfig, backend: Backend, keys: KeySchema, found: _Findings
+) -> None:
+    """Subscribe to this node's command channel, as a start does, and leave."""
+    subscriptions = backend.subscriptions(keys, probe_interval=max(1.0, config.heartbeat_interval))
+    try:
+        async with asyncio.timeout(config.connect_timeout + 1):
+            await subscriptions.start()
+            await subscriptions.add(keys.node_channel(config.node_id))
+        found.add(OK, "subscribe", "allowed (the node's channels)")
+    except TROUBLE as exc:
+        found.add(FAIL, "subscribe", _why(exc) if str(exc) else "not confirmed in time")
+    finally:
+        await subscriptions.aclose()
+
+
+def _store_recorded(
     config: ManagerConfig,
     state: RedisState,
+    identity: str,
     recorded: tuple[str, str, str] | None,
     found: _Findings,
 ) -> None:
     shown = shown_url(config.event_store or None)
-    try:
-        store = store_from_url(config.event_store or None)
-        await store.open()
-    except (CoordinatorError, OSError) as exc:
-        found.add(FAIL, "event store", f"{shown}: {exc}")
-        return
-    try:
-        identity = store.identity()
-    finally:
-        await store.aclose()
     if recorded is None:
         found.add(OK, "event store", f"{shown} (no node has recorded the cluster's store yet)")
     elif recorded[0] == identity:
@@ -181,14 +272,18 @@ def _agent(config: ManagerConfig, found: _Findings) -> None:
     found.add(OK, "agent", f"{config.agent} imports; it would run {where}")
 
 
-def _port(host: str, port: int, found: _Findings) -> None:
+def _port(name: str, host: str, port: int, taken: set[int], found: _Findings) -> None:
     if port == 0:
-        found.add(OK, "port", "0: any free port")
+        found.add(OK, name, "0: any free port")
         return
+    if port in taken:
+        found.add(FAIL, name, f"{port} is also another of the node's ports")
+        return
+    taken.add(port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        found.add(FAIL, "port", f"{host}: {exc}")
+        found.add(FAIL, name, f"{host}: {exc}")
         return
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
@@ -197,9 +292,9 @@ def _port(host: str, port: int, found: _Findings) -> None:
             probe.bind(address)
         except OSError as exc:
             why = "in use" if exc.errno == errno.EADDRINUSE else str(exc)
-            found.add(FAIL, "port", f"{host}:{port}: {why}")
+            found.add(FAIL, name, f"{host}:{port}: {why}")
             return
-    found.add(OK, "port", f"{host}:{port} is free")
+    found.add(OK, name, f"{host}:{port} is free")
 
 
 def _version(info: object) -> str:

@@ -690,7 +690,10 @@ async def test_redis_url_passwords_stay_out_of_errors_and_are_warned_about(
         pytest.skip("needs a Redis that has no password (REDIS_URL has one)")
     address = f"{parts.hostname}:{parts.port}"
     cases = [
-        (f"redis://u:S3CRET PW@{address}/0", f"error: Redis at redis://u:***@{address}/0 is"),
+        (
+            f"redis://u:S3CRET PW@{address}/0",
+            f"error: Redis at redis://u:***@{address}/0 refused the login (",
+        ),
         ("redis://u:S3CRET@PW@127.0.0.1:1/0", "error: Redis at redis://u:***@127.0.0.1:1/0 is"),
         (
             f"redis://:S3CRET@{address}/0",

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from tests.server_fixtures import SECRET, ServerCluster
+from tests.redis_topologies import RedisClusterServers, SentinelServers
+from tests.server_fixtures import ServerCluster
 from tests.test_cli import run
+
+LONG_SECRET = "f" * 64
 
 
 def lines(out: str) -> dict[str, tuple[str, str]]:
@@ -17,7 +20,7 @@ def lines(out: str) -> dict[str, tuple[str, str]]:
     for line in out.splitlines():
         status, _, rest = line.partition("  ")
         what, _, detail = rest.strip().partition("  ")
-        if status.strip() in ("ok", "warn", "FAIL"):
+        if status.strip() in ("ok", "warn", "FAIL", "skip"):
             found[what.strip()] = (status.strip(), detail.strip())
     return found
 
@@ -26,7 +29,7 @@ async def test_a_check_passes_then_names_each_problem_and_writes_nothing(
     redis_url: str, redis_client: aioredis.Redis, servers: ServerCluster, tmp_path: Path
 ) -> None:
     secret = tmp_path / "secret"
-    secret.write_text(SECRET)
+    secret.write_text(LONG_SECRET)
     store = f"file://{tmp_path}/store"
     args = ["serve", "--check", "--secret-file", str(secret), "--port", "0"]
     args += ["--redis-url", redis_url, "--event-store", store, "--node-id", "checked"]
@@ -35,7 +38,8 @@ async def test_a_check_passes_then_names_each_problem_and_writes_nothing(
     code, out, err = await run(*args)
     assert code == 0, (out, err)
     found = lines(out)
-    assert [status for status, _ in found.values()] == ["ok"] * 8, out
+    assert [status for status, _ in found.values()] == ["ok"] * 9, out
+    assert found["subscribe"] == ("ok", "allowed (the node's channels)")
     assert found["redis"][1].startswith("standalone Redis at redis://")
     assert "no node has recorded" in found["event store"][1]
     assert out.rstrip().endswith("check passed (0 warning(s))")
@@ -44,6 +48,7 @@ async def test_a_check_passes_then_names_each_problem_and_writes_nothing(
     # A node of the cluster runs: it recorded its store and holds its node id and port.
     (node,) = await servers.start(1)
     bad = ["serve", "--check", "--secret-file", str(secret), "--port", str(node.port)]
+    bad += ["--metrics-port", str(node.port)]
     bad += ["--redis-url", redis_url, "--event-store", store, "--node-id", "n1"]
     bad += ["--agent", "no_such_module:Agent"]
     await redis_client.config_set("maxmemory-policy", "allkeys-lru")
@@ -60,7 +65,8 @@ async def test_a_check_passes_then_names_each_problem_and_writes_nothing(
     assert found["event store"][0] == "FAIL" and "is not the cluster's" in found["event store"][1]
     assert found["agent"][0] == "FAIL" and "no_such_module" in found["agent"][1]
     assert found["port"] == ("FAIL", f"127.0.0.1:{node.port}: in use")
-    assert out.rstrip().endswith("check failed: 4 problem(s), 1 warning(s)")
+    assert found["metrics port"] == ("FAIL", f"{node.port} is also another of the node's ports")
+    assert out.rstrip().endswith("check failed: 5 problem(s), 1 warning(s)")
     assert "Traceback" not in err
 
 
@@ -68,7 +74,7 @@ async def test_a_check_of_an_unreachable_redis_says_so_without_its_password(
     tmp_path: Path,
 ) -> None:
     secret = tmp_path / "secret"
-    secret.write_text(SECRET)
+    secret.write_text(LONG_SECRET)
     code, out, err = await run(
         "serve",
         "--check",
@@ -84,3 +90,61 @@ async def test_a_check_of_an_unreachable_redis_says_so_without_its_password(
     assert status == "FAIL" and "unreachable" in detail
     assert "hunter2" not in out + err
     assert lines(out)["agent"][0] == "ok"  # the checks that need no Redis still ran
+
+
+async def test_a_check_refuses_what_serve_refuses_and_checks_what_needs_no_redis(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Flags ``serve`` refuses are refused the same way (exit 2); with Redis refusing
+    the login, the checks that need it are skipped and the others still run, the event
+    store's included."""
+    secret = tmp_path / "secret"
+    secret.write_text(LONG_SECRET)
+    base = ["serve", "--check", "--secret-file", str(secret), "--port", "0"]
+    for flag, value, why in [
+        ("--public-url", "ftp://x", "public URL must be http(s)://HOST[:PORT]"),
+        ("--event-store", "file://relative/store", "event"),
+        ("--event-store", "mysql://db/x", "event"),
+    ]:
+        code, out, err = await run(*base, flag, value)
+        assert code == 2, (flag, value, out, err)
+        assert why in err and out == "", (flag, value, out, err)
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    wrong = f"redis://nobody:not-the-password@{host}:{port}/0"
+    code, out, err = await run(
+        *base, "--event-store", f"file://{blocked}/store", "--redis-url", wrong
+    )
+    assert code == 1, (out, err)
+    found = lines(out)
+    status, detail = found["redis"]
+    assert status == "FAIL" and "refused the login" in detail and "not-the-password" not in out
+    assert found["scripts"] == ("skip", "Redis not reached")
+    assert found["event store"][0] == "FAIL" and str(blocked) in found["event store"][1]
+    assert found["agent"][0] == "ok"
+
+
+async def test_a_check_of_a_redis_cluster_and_of_sentinel(
+    redis_cluster: RedisClusterServers, redis_sentinel: SentinelServers, tmp_path: Path
+) -> None:
+    """A Redis Cluster (its state read: ok) and a Sentinel-managed master pass; a plain
+    redis:// URL at a Sentinel's port is not taken for a Redis with no eviction."""
+    secret = tmp_path / "secret"
+    secret.write_text(LONG_SECRET)
+    base = ["serve", "--check", "--secret-file", str(secret), "--port", "0"]
+    base += ["--event-store", f"file://{tmp_path}/store"]
+    code, out, err = await run(*base, "--redis-url", redis_cluster.url)
+    assert code == 0, (out, err)
+    assert lines(out)["redis"][1].startswith("cluster Redis at"), out
+    sentinels = ",".join(f"{h}:{p}" for h, p in redis_sentinel.sentinel_addresses)
+    url = f"redis+sentinel://{sentinels}/{redis_sentinel.master_name}"
+    code, out, err = await run(*base, "--redis-url", url)
+    assert code == 0, (out, err)
+    host, port = redis_sentinel.sentinel_addresses[0]
+    code, out, err = await run(*base, "--redis-url", f"redis://{host}:{port}/0")
+    assert code == 1, (out, err)
+    found = lines(out)
+    assert found["eviction"][0] == "warn" and "redis+sentinel://" in found["eviction"][1], out
+    assert found["scripts"][0] == "FAIL", out

@@ -26,10 +26,10 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from ..config import ManagerConfig
-from ..errors import REDIS_TROUBLE, ConfigError, CoordinatorError, RedisUnavailable, redis_refused
+from ..errors import REDIS_TROUBLE, ConfigError, RedisRefused, RedisUnavailable, redis_refused
 from ..keys import KeySchema
 from ..links import Endpoint, Locate
 from ..redisurl import redact_url
@@ -42,17 +42,25 @@ log = logging.getLogger(__name__)
 UNREADABLE: tuple[type[Exception], ...] = (*REDIS_TROUBLE, TimeoutError, ResponseError)
 
 
-def unreachable(config: ManagerConfig, exc: BaseException) -> CoordinatorError:
+def unreachable(config: ManagerConfig, exc: BaseException) -> RedisUnavailable:
     """RedisUnavailable naming the deployment (never its password) and what ``exc`` said;
-    a ConfigError when Redis answered, refusing the command for what it is (the ACL
-    user lacks a permission: ``errors.redis_refused``), which no retry mends."""
+    RedisRefused when Redis answered, refusing the login or the command for what it is
+    (``errors.redis_refused``: the ACL user lacks a permission), which no retry mends."""
     reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
     where = redact_url(config.redis_url)
-    if redis_refused(exc):
-        return ConfigError(
-            f"Redis at {where} refused the node's command ({type(exc).__name__}: {reason}); "
-            "give its user the commands deploy/redis-users.acl lists"
+    if isinstance(exc, AuthenticationError):
+        return RedisRefused(
+            where,
+            f"the login ({reason}): a password is required, or the user or password in "
+            "the Redis URL is wrong",
         )
+    if redis_refused(exc):
+        advice = (
+            "; give its user the commands deploy/redis-users.acl lists"
+            if isinstance(exc, NoPermissionError)
+            else ""
+        )
+        return RedisRefused(where, f"the node's command ({type(exc).__name__}: {reason}){advice}")
     return RedisUnavailable(where, reason)
 
 
