@@ -89,6 +89,9 @@ async def check(
             "no --redis-url: the node would start a private embedded Redis (fine for "
             "trying it out; the nodes of a cluster share one Redis URL)",
         )
+    if identity is not None and not any(f.what == "event store" for f in found):
+        shown = shown_url(config.event_store or None)
+        found.add(OK, "event store", f"{shown} opens (not compared with the cluster's)")
     _agent(config, found)
     taken: set[int] = set()
     for name, host, port in ports:
