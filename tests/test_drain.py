@@ -11,6 +11,7 @@ import pytest
 
 from coordinator.codec import NODE_DRAINING, NODE_LOST, notice_code
 from tests.helpers import wait_until
+from tests.test_archive import wait_stored
 
 BAD = "tests.agents:BadAgent"
 
@@ -93,3 +94,27 @@ async def test_a_conversation_a_drain_hands_off_retires_once_its_last_client_lef
     assert await state.redis.zscore(state.keys.user_convs("bob"), "left") is None
     listed = await b.directory.list_conversations("bob")
     assert [(c["conversation_id"], c["state"]) for c in listed] == [("left", "stopped")]
+
+
+async def test_a_conversation_whose_last_client_was_on_a_lost_node_retires_after_the_reap(
+    make_nodes,
+) -> None:
+    """As above, through the reaper: a node killed while it ran a conversation and held
+    its only client. The reaper releases the conversation (nobody watches it, nothing
+    waits in its inbox: no node restarts it) and removes the connection, which retires
+    it: gone from Redis after the retention, listed from the event store."""
+    a, b = await make_nodes(2, redis_retention=1.0)
+    await b.join_conversation("orphan", "c1", {}, "bob")
+    await b.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
+    await wait_until(lambda: len(make_nodes.sinks["node2"].events["c1"]) >= 2, what="answer")
+    await wait_stored(b, "orphan", 2)
+    await b.node.halt()  # a kill -9: nothing released, the connection left registered
+    state = a.state
+
+    async def gone() -> bool:
+        return await state.redis.exists(*state.conversation_keys("orphan")) == 0
+
+    await wait_until(gone, timeout=20, what="reaped, then its Redis state expired")
+    assert await state.redis.zscore(state.keys.user_convs("bob"), "orphan") is None
+    listed = await a.directory.list_conversations("bob")
+    assert [(c["conversation_id"], c["state"]) for c in listed] == [("orphan", "stopped")]
