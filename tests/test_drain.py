@@ -118,3 +118,20 @@ async def test_a_conversation_whose_last_client_was_on_a_lost_node_retires_after
     assert await state.redis.zscore(state.keys.user_convs("bob"), "orphan") is None
     listed = await a.directory.list_conversations("bob")
     assert [(c["conversation_id"], c["state"]) for c in listed] == [("orphan", "stopped")]
+
+
+async def test_a_drain_lets_a_join_under_way_end_before_it_says_goodbye(make_nodes) -> None:
+    """A join still waiting for its conversation's agent to start when the node drains:
+    the drain lets it end (its start handed off with the others) before it tells its
+    clients goodbye and deregisters, so the connection it registers is removed with the
+    rest, not left in Redis for a reaper and its client not left on a node that is
+    gone."""
+    a, b = await make_nodes(2, agent=BAD, agent_start_timeout=10.0)
+    joining = asyncio.ensure_future(
+        a.join_conversation("slow", "c1", {"start_delay": 1.0}, "bob")
+    )
+    await wait_until(lambda: "slow" in a.node.loops.starting, what="the start under way")
+    await a.drain()
+    assert joining.done()  # ended, one way or the other, before the drain did
+    assert await b.state.redis.hgetall(b.keys.conv_conns("slow")) == {}
+    assert await b.get_connections(user_id="bob") == {}
