@@ -127,9 +127,7 @@ async def test_a_drain_lets_a_join_under_way_end_before_it_says_goodbye(make_nod
     rest, not left in Redis for a reaper and its client not left on a node that is
     gone."""
     a, b = await make_nodes(2, agent=BAD, agent_start_timeout=10.0)
-    joining = asyncio.ensure_future(
-        a.join_conversation("slow", "c1", {"start_delay": 1.0}, "bob")
-    )
+    joining = asyncio.ensure_future(a.join_conversation("slow", "c1", {"start_delay": 1.0}, "bob"))
     await wait_until(lambda: "slow" in a.node.loops.starting, what="the start under way")
     await a.drain()
     assert joining.done()  # ended, one way or the other, before the drain did
