@@ -84,6 +84,29 @@ async def test_an_unreachable_server_is_a_clear_error_without_the_password(
     assert postgres_server.password not in repr(PostgresEventStore(url))
 
 
+async def test_a_server_that_never_answers_is_unavailable_naming_the_time_it_had() -> None:
+    """A server that takes the connection and says nothing (a hung host, a firewall that
+    swallows packets): unavailable within the connect timeout, saying so ("TimeoutError:
+    TimeoutError" before)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = PostgresEventStore(f"postgresql://coord:pw@127.0.0.1:{port}/db", connect_timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.open()
+        assert "no answer in time (0.5s to connect" in str(caught.value), caught.value
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
+
+
 async def test_a_refused_login_or_missing_database_is_unavailable(
     postgres_server: PostgresServer, postgres_dsn: str
 ) -> None:

@@ -148,6 +148,9 @@ class PostgresEventStore(Opened):
     # -- plumbing --------------------------------------------------------------------------
 
     def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError) and not str(exc):  # said nothing of its own
+            limits = f"{self._connect_timeout:g}s to connect, {self._command_timeout:g}s a query"
+            return f"no answer in time ({limits})"
         text = str(exc) or type(exc).__name__
         return scrub(f"{type(exc).__name__}: {text}", self._secrets)
 
