@@ -9,7 +9,9 @@ clients do not retry on their own: the application reconnects with a fresh token
 Actions sent after ``exp`` and before that are refused.
 
 One task watches for the earliest ``exp`` (no timer per connection) and scans the
-connections at most once every ``SCAN_EVERY`` seconds.
+connections at most once every ``SCAN_EVERY`` seconds (a connection ends up to that
+late). A join still replaying history at ``exp`` (it was allowed when it began) ends
+once its replay is over.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from .auth import Identity
 from .tasks import TaskSet
 
-SCAN_EVERY = 1.0  # seconds at least between two scans for expired tokens
+SCAN_EVERY = 0.25  # seconds at least between two scans for expired tokens
 
 
 class Joined:
