@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 
@@ -85,15 +86,21 @@ async def test_a_conversation_a_drain_hands_off_retires_once_its_last_client_lef
     await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
     await wait_until(lambda: len(make_nodes.sinks["node1"].events["c1"]) >= 2, what="answer")
     await a.drain()
-    state = b.state
+    await assert_retired(b, "left", "bob", within=10)
+
+
+async def assert_retired(node: Any, sid: str, user: str, within: float) -> None:
+    """``sid`` retires: gone from Redis (its retention is short) and from its user's
+    index there, listed from the event store, stopped."""
+    state = node.state
 
     async def gone() -> bool:
-        return await state.redis.exists(*state.conversation_keys("left")) == 0
+        return await state.redis.exists(*state.conversation_keys(sid)) == 0
 
-    await wait_until(gone, timeout=10, what="its Redis state expired")
-    assert await state.redis.zscore(state.keys.user_convs("bob"), "left") is None
-    listed = await b.directory.list_conversations("bob")
-    assert [(c["conversation_id"], c["state"]) for c in listed] == [("left", "stopped")]
+    await wait_until(gone, timeout=within, what=f"{sid}'s Redis state expired")
+    assert await state.redis.zscore(state.keys.user_convs(user), sid) is None
+    listed = await node.directory.list_conversations(user)
+    assert [(c["conversation_id"], c["state"]) for c in listed] == [(sid, "stopped")]
 
 
 async def test_a_conversation_whose_last_client_was_on_a_lost_node_retires_after_the_reap(
@@ -109,15 +116,7 @@ async def test_a_conversation_whose_last_client_was_on_a_lost_node_retires_after
     await wait_until(lambda: len(make_nodes.sinks["node2"].events["c1"]) >= 2, what="answer")
     await wait_stored(b, "orphan", 2)
     await b.node.halt()  # a kill -9: nothing released, the connection left registered
-    state = a.state
-
-    async def gone() -> bool:
-        return await state.redis.exists(*state.conversation_keys("orphan")) == 0
-
-    await wait_until(gone, timeout=20, what="reaped, then its Redis state expired")
-    assert await state.redis.zscore(state.keys.user_convs("bob"), "orphan") is None
-    listed = await a.directory.list_conversations("bob")
-    assert [(c["conversation_id"], c["state"]) for c in listed] == [("orphan", "stopped")]
+    await assert_retired(a, "orphan", "bob", within=20)  # reaped first
 
 
 async def test_a_drain_lets_a_join_under_way_end_before_it_says_goodbye(make_nodes) -> None:
