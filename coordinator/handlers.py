@@ -249,7 +249,7 @@ class SocketHandlers:
             if len(args) != 1:
                 raise InvalidInput(f"{ACTION_EVENT} takes one argument, the action")
             who = self._joined.get(connection_id)
-            if who is not None and who.expires <= time.time():  # it ends within a second
+            if who is not None and who.expires <= time.time():  # it ends in joined.SCAN_EVERY
                 raise AuthError("token expired; reconnect with a fresh token")
             await self.quotas.action(
                 connection_id, who.user if who is not None else None, self._size(args[0])
