@@ -17,18 +17,18 @@ import contextlib
 import logging
 import time
 import uuid
-import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from workers.protocol import AgentLoop, AgentState, EmitFn, Event, cancelled_here
+from workers.protocol import AgentLoop, AgentState, Event, cancelled_here
 
 from .actionqueue import ActionQueue
+from .agentcalls import as_failure, close_agent, held_weakly, start_agent
 from .archive import Archiver
 from .backoff import Backoff
 from .codec import agent_event, is_state_note, pack_agent_events, stamped_at, with_state_note
 from .config import ManagerConfig
 from .delivery import Delivery
-from .errors import REDIS_TROUBLE, AgentFailed, Fenced, SpeculationLost
+from .errors import REDIS_TROUBLE, Fenced, SpeculationLost
 from .idle import IdleTracker
 from .metrics import NodeMetrics
 from .poison import agent_failure
@@ -40,34 +40,6 @@ from .tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 STOP_WITHIN = 5.0  # seconds a cancelled loop task gets to finish
-
-
-def _as_failure(exc: BaseException, sid: str) -> Exception:
-    """``exc``, raised by the agent of ``sid``, as the agent error it is: an Exception as
-    it is; any other (``sys.exit`` in an agent, a KeyboardInterrupt or CancelledError of
-    its own) as an AgentFailed naming it, as a worker process reports it."""
-    if isinstance(exc, Exception):
-        return exc
-    name = type(exc).__name__
-    return AgentFailed(f"the agent of {sid} failed: {name}: {exc}", name)
-
-
-def _held_weakly(runner: LoopRunner) -> EmitFn:
-    """``runner.emit``, for its agent to keep, holding the runner weakly: the runner
-    keeps its agent, so a strong one made every loop a reference cycle, freed only by
-    the cyclic GC's rare full collection. An emit after the runner is gone is refused as
-    one after its loop stopped."""
-    ref, lease = weakref.ref(runner), runner.lease
-
-    def emit(event: Event) -> Awaitable[int]:
-        alive = ref()
-        return alive.emit(event) if alive is not None else _stopped(lease)
-
-    return emit
-
-
-async def _stopped(lease: Lease) -> int:
-    raise Fenced(lease.sid, lease.epoch, -1)
 
 
 class LoopRunner:
@@ -261,43 +233,14 @@ class LoopRunner:
         """A fresh agent for one that may hold state from an action not (or not there) in
         the log: it starts from the log, as a successor's would."""
         old, self.agent = self.agent, self._new_agent(self._queue.applied)
-        await self._close_agent(old)
+        await close_agent(old, self.sid)
         try:
             await self._start_agent()
         except Exception:  # as a failed dispatch: logged, the conversation goes on
             log.exception("fresh agent of %s failed to start", self.sid)
 
     async def _start_agent(self) -> None:
-        """``agent.start``, cancelled past ``agent_start_timeout`` (AgentFailed naming the
-        bound): an agent whose start never returns would hold the conversation
-        "starting", its joins waiting, and its user's cap slot, for good."""
-        limit = self._config.agent_start_timeout
-        bound = asyncio.timeout(limit or None)
-        try:
-            async with bound:
-                await self.agent.start(_held_weakly(self))
-        except TimeoutError:
-            if not bound.expired():
-                raise  # the agent's own
-            log.error("agent of %s did not start within %gs; cancelled", self.sid, limit)
-            raise AgentFailed(
-                f"the agent of {self.sid} did not start within {limit:g}s (agent_start_timeout)"
-            ) from None
-        except Exception:
-            raise
-        except BaseException as exc:  # SystemExit, KeyboardInterrupt: not the node's to obey
-            if cancelled_here(exc):
-                raise
-            log.exception("agent of %s failed to start", self.sid)
-            raise _as_failure(exc, self.sid) from None
-
-    async def _close_agent(self, agent: AgentLoop) -> None:
-        try:
-            await agent.aclose()
-        except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the agent's own
-            if cancelled_here(exc):
-                raise
-            log.exception("agent of %s failed to close", self.sid)
+        await start_agent(self.agent, held_weakly(self), self.sid, self._config.agent_start_timeout)
 
     async def _dispatch(self, n: int, action: Event) -> None:
         if not self._lease_valid():
@@ -319,7 +262,7 @@ class LoopRunner:
                 raise
             log.exception("agent of %s failed on action %d", self.sid, n)
             self._metrics.agent_failed()
-            failure = _as_failure(exc, self.sid)
+            failure = as_failure(exc, self.sid)
         finally:
             self._cause = 0
             self._notes.disarm()
@@ -501,7 +444,7 @@ class LoopRunner:
             await self._pay_owed()  # it is logged: local clients get it even now
         except Exception:
             log.exception("delivery of %s's last user event failed", self.sid)
-        await self._close_agent(self.agent)
+        await close_agent(self.agent, self.sid)
 
     @property
     def agent_state(self) -> AgentState:
