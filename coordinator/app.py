@@ -177,6 +177,7 @@ def create_app(
     config = config or ServerConfig()
     origins = origins or Origins(config.cors_origins)
     tokens = as_verifier(auth)
+    tokens.revoked = manager.revocations.revoked  # every entry point refuses those
     sio = GuardedServer(
         config=config,
         max_message_bytes=config.message_bytes(manager.config.max_action_bytes),

@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -64,12 +64,15 @@ class Identity:
     against too; ``admin``, whether it grants the cluster-wide views: a ``role`` of
     ``admin`` (what ``coordinator token --admin`` issues) or an ``admin`` claim that is
     ``true`` (as some identity providers spell it); ``expires``, the token's ``exp``
-    (Unix time): a socket.io connection ends then (``handlers.SocketHandlers``)."""
+    (Unix time): a socket.io connection ends then (``handlers.SocketHandlers``);
+    ``issued``, its ``iat`` (None without one): a revocation of the user refuses the
+    tokens issued before it (``revocations.py``)."""
 
     user: str
     org: str = ""
     admin: bool = False
     expires: float = math.inf
+    issued: float | None = None
 
 
 class _Verified(NamedTuple):
@@ -131,6 +134,8 @@ class TokenVerifier:
         self.settings = settings
         self._keys = keys  # kid -> key; the key None is used whatever the token's kid
         self._short_secret = short_secret(settings)
+        # Whether a verified token's user revoked it since (``revocations.Revocations``).
+        self.revoked: Callable[[Identity], bool] = _never
         # Tokens whose signature and claims checked out (their times are checked again on
         # every use): a client reconnecting, or a REST caller, presents the same token
         # again, and a signature check costs ~70 us. By the token's SHA-256 (not the token
@@ -162,14 +167,16 @@ class TokenVerifier:
         now = time.time() if now is None else now
         digest = hashlib.sha256(token.encode()).digest()
         known = self._verified.get(digest)
-        if known is not None:
+        if known is None:
+            known = self._verify_new(token)
             self._check_times(known, now)
-            return known.identity
-        known = self._verify_new(token)
-        self._check_times(known, now)
-        self._verified[digest] = known
-        if len(self._verified) > VERIFIED_KEPT:
-            self._verified.popitem(last=False)
+            self._verified[digest] = known
+            if len(self._verified) > VERIFIED_KEPT:
+                self._verified.popitem(last=False)
+        else:
+            self._check_times(known, now)
+        if self.revoked(known.identity):
+            raise AuthError("token revoked")
         return known.identity
 
     def _verify_new(self, token: str) -> _Verified:
@@ -194,7 +201,7 @@ class TokenVerifier:
         exp, iat, nbf = (_numeric(claims, name) for name in ("exp", "iat", "nbf"))
         assert exp is not None  # required
         admin = claims.get("role") == ADMIN_ROLE or claims.get("admin") is True
-        return _Verified(Identity(user, org or "", admin, exp), iat, nbf)
+        return _Verified(Identity(user, org or "", admin, exp, iat), iat, nbf)
 
     def _decode(self, token: str, key: Any) -> dict[str, Any]:
         s = self.settings
@@ -266,6 +273,10 @@ def as_verifier(auth: str | TokenVerifier) -> TokenVerifier:
     if isinstance(auth, TokenVerifier):
         return auth
     return TokenVerifier.from_settings(TokenSettings(secret=auth))
+
+
+def _never(who: Identity) -> bool:
+    return False
 
 
 def verify_token(token: object, secret: str, *, now: float | None = None) -> str:

@@ -24,6 +24,7 @@ EVENTS_LOST = "STATUS$EVENTS_LOST"
 RUNNING_TIME_EXCEEDED = "STATUS$RUNNING_TIME_EXCEEDED"
 # A status update only (never logged): a connection ends as its token expires.
 TOKEN_EXPIRED = "STATUS$TOKEN_EXPIRED"
+TOKEN_REVOKED = "STATUS$TOKEN_REVOKED"  # a status update only: the user's tokens revoked
 
 
 # What a packed value from Redis or another node may be: far above any event a node

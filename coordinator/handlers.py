@@ -129,6 +129,8 @@ class SocketHandlers:
         self.quotas = quotas
         self._joined = Joined(self._expired, sio.tasks)
         self.expired = 0  # connections ended as their token expired
+        self.revoked_ends = 0  # ... as their user's tokens were revoked
+        manager.revocations.on_revoked = self._revoked
         self._refusals = LogThrottle(log)  # a flood of refused joins is not a flood of lines
         self.refused: Counter[str] = Counter()  # joins refused, by reason
         metrics.counters_from(
@@ -144,6 +146,11 @@ class SocketHandlers:
             "coordinator_tokens_expired",
             "socket.io connections ended because their token expired (its exp passed).",
             lambda: self.expired,
+        )
+        metrics.counter_from(
+            "coordinator_tokens_revoked",
+            "socket.io connections ended because their user's tokens were revoked.",
+            lambda: self.revoked_ends,
         )
 
     def register(self) -> None:
@@ -251,6 +258,8 @@ class SocketHandlers:
             who = self._joined.get(connection_id)
             if who is not None and who.expires <= time.time():  # it ends in joined.SCAN_EVERY
                 raise AuthError("token expired; reconnect with a fresh token")
+            if who is not None and self.manager.revocations.revoked(who):  # it ends soon
+                raise AuthError("token revoked; sign in again")
             await self.quotas.action(
                 connection_id, who.user if who is not None else None, self._size(args[0])
             )
@@ -291,14 +300,31 @@ class SocketHandlers:
 
     async def _expired(self, connections: list[str]) -> None:
         """Tell these connections their token expired, and disconnect them."""
-        update = codec.status_update(
-            codec.TOKEN_EXPIRED, "Your token expired; reconnect with a fresh one to continue."
-        )
+        message = "Your token expired; reconnect with a fresh one to continue."
+        self.expired += await self._end(connections, codec.TOKEN_EXPIRED, message)
+
+    def _revoked(self, users: set[str]) -> None:
+        """Some users' tokens were revoked: end their connections holding one."""
+        revoked = self.manager.revocations.revoked
+        ending = [cid for cid, who in self._joined.items() if who.user in users and revoked(who)]
+        if ending:
+            self.sio.tasks.spawn(self._end_revoked(ending), "revoked tokens")
+
+    async def _end_revoked(self, connections: list[str]) -> None:
+        message = "Your token was revoked; sign in again to continue."
+        self.revoked_ends += await self._end(connections, codec.TOKEN_REVOKED, message)
+
+    async def _end(self, connections: list[str], code: str, message: str) -> int:
+        """Tell these connections ``message`` (status update ``code``) and disconnect
+        them; how many were still joined."""
+        update = codec.status_update(code, message)
+        ended = 0
         for connection_id in connections:
             if self._joined.get(connection_id) is None:
                 continue  # it left meanwhile
-            self.expired += 1
+            ended += 1
             with contextlib.suppress(Exception):
                 await self.sink.deliver(connection_id, update)
             with contextlib.suppress(Exception):
                 await self.sink.disconnect(connection_id)  # its disconnect handler forgets it
+        return ended

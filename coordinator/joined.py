@@ -61,6 +61,10 @@ class Joined:
     def __len__(self) -> int:
         return len(self._who)
 
+    def items(self) -> list[tuple[str, Identity]]:
+        """Each joined connection with its token's identity (a copy)."""
+        return list(self._who.items())
+
     async def _watch(self) -> None:
         while True:
             self._sooner.clear()

@@ -140,6 +140,11 @@ class KeySchema:
         refreshed by each node while it serves, read to find other nodes' URLs."""
         return f"{self.prefix}:{{cluster}}:urls"
 
+    def revoked(self) -> str:
+        """Sorted set: user -> when (ms) their tokens issued until then were revoked
+        (``revocations.py``); entries older than the tokens' longest lifetime pruned."""
+        return f"{self.prefix}:{{cluster}}:revoked"
+
     def event_store(self) -> str:
         """Hash: the cluster's event store (identity, its URL shown without password, the
         node that recorded it first): every node must use that one."""

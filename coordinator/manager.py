@@ -9,6 +9,7 @@ that owns it (``node.py`` lists them).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Mapping
 from types import TracebackType
 from typing import Any
@@ -45,6 +46,7 @@ from .metrics import NodeMetrics
 from .node import Node
 from .owners import ConversationInfo
 from .redisurl import database_of
+from .revocations import Revocations
 from .runner import LoopRunner
 from .state import RedisState
 
@@ -120,6 +122,8 @@ class ConversationManager:
         self._agent_factory = agent_factory
         self._backend = backend
         self._node: Node | None = None
+        # Users whose tokens were revoked, read from Redis by the node once started.
+        self.revocations = Revocations()
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> ConversationManager:
@@ -150,6 +154,7 @@ class ConversationManager:
             sink=self.sink,
             agent_factory=factory,
             metrics=self.metrics,
+            revocations=self.revocations,
         )
 
     async def aclose(self) -> None:
@@ -353,6 +358,17 @@ class ConversationManager:
     def runner(self, sid: str) -> LoopRunner | None:
         """The local loop of ``sid``, if this node runs it."""
         return self.node.runners.get(check_conversation_id(sid))
+
+    async def revoke_user(self, user_id: str, keep: float) -> float:
+        """Revoke ``user_id``'s tokens issued until now, on every node (``keep``: the
+        tokens' longest lifetime, how long the revocation must be kept); when (Unix
+        time). The user's connections holding one end (here at once, elsewhere within
+        ``revocations.REFRESH``)."""
+        user = check_user_id(user_id)
+        at_ms = int(time.time() * 1000)
+        await self.state.revoke_user(user, at_ms, int(keep * 1000))
+        self.revocations.update({user: at_ms / 1000})
+        return at_ms / 1000
 
     async def conversation(self, sid: str) -> dict[str, str]:
         """The conversation's record in Redis ({} when unknown)."""

@@ -42,6 +42,8 @@ from .owners import Intake
 from .recovery import Recovery, reap_incarnation
 from .redisurl import database_of
 from .restarts import Restarts
+from .revocations import REFRESH as REVOCATIONS_REFRESH
+from .revocations import Revocations
 from .runner import LoopRunner
 from .sessions import Sessions
 from .state import RedisState
@@ -104,6 +106,7 @@ class Node:
         self.agents: AgentPool | None = None  # the worker processes, if agents run there
         self.store: EventStore | None = None  # the conversations' full history
         self.store_url = shown_url(config.event_store or None)  # without its password
+        self.revocations = Revocations()  # users whose tokens were revoked (``start``)
 
     @classmethod
     async def start(
@@ -114,10 +117,14 @@ class Node:
         sink: EventSink,
         agent_factory: AgentFactory | None,
         metrics: NodeMetrics,
+        revocations: Revocations | None = None,
     ) -> Node:
         """Build and start a node; on failure nothing is left running or connected.
-        Without ``agent_factory``, ``config.agent`` runs in worker processes."""
+        Without ``agent_factory``, ``config.agent`` runs in worker processes;
+        ``revocations`` is kept up to date from Redis."""
         node = cls(config, backend, metrics)
+        if revocations is not None:
+            node.revocations = revocations
         try:
             await node._build(sink, agent_factory)
         except BaseException:
@@ -131,6 +138,7 @@ class Node:
         await self.backend.check_eviction()
         self.state: RedisState = self.backend.state(keys)
         await self.state.load_scripts()
+        await self._read_revocations()  # before any token is shown to this node
         self.store = store = await open_store(cfg.event_store or None)
         await check_cluster_store(self.state, store, cfg, self.store_url)
         if agent_factory is None:  # agent_isolation "process": agentpool.py
@@ -252,6 +260,7 @@ class Node:
         tasks.every(cfg.cleanup_interval, self.loops.sweep_idle, "idle sweep", EXPECTED)
         tasks.spawn(self.archiver.run(), "event-store")
         tasks.every(cfg.store_sweep_interval, self.archiver.sweep, "store sweep", EXPECTED)
+        tasks.every(REVOCATIONS_REFRESH, self._refresh_revocations, "revocations")
         await self.restarts.resume_pending(self.recovery.released_at_start)
         log.info(
             "node %s started (incarnation %s) on %s, event store %s",
@@ -285,6 +294,13 @@ class Node:
                 await store.aclose()
             except Exception:
                 log.exception("closing the event store %s failed", self.store_url)
+
+    async def _read_revocations(self) -> None:
+        self.revocations.update(await self.state.revocations(), whole=True)
+
+    async def _refresh_revocations(self) -> None:
+        with contextlib.suppress(*REDIS_TROUBLE):  # Redis away: /healthz says so, not this
+            await self._read_revocations()
 
     async def halt(self) -> None:
         """Stop every task and renewing the lease, releasing nothing in Redis: what a

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, Router
@@ -39,6 +40,7 @@ from .inputs import (
     MAX_EVENT_ID,
     check_conversation_id,
     check_settings,
+    check_user_id,
     given_once,
     parse_int,
     shown,
@@ -106,6 +108,7 @@ class RestApp:
                     resource({"GET": self.get_conversation, "DELETE": self.close_conversation}),
                 ),
                 Route("/api/conversations/{sid}/events", resource({"GET": self.events})),
+                Route("/api/users/{user}/revoke", resource({"POST": self.revoke_user})),
                 *extra_routes,  # the browser pages and their endpoints (pages.py)
             ],
             # Both spellings of the collection are served as they are, never redirected.
@@ -181,6 +184,16 @@ class RestApp:
         self.node_metrics.redis_up.set(m.started and (await m.directory.redis_ok())[0])
         body = self.node_metrics.render()
         return Response(body, 200, COMMON_HEADERS, CONTENT_TYPE)
+
+    async def revoke_user(self, request: Request) -> Response:
+        """An admin revokes a user's tokens issued until now, on every node: they are
+        refused from now on and the user's connections holding one end
+        (``revocations.py``)."""
+        if not self.identity(request).admin:
+            raise HTTPException(403, "revoking a user's tokens takes an admin token")
+        user = check_user_id(request.path_params["user"])
+        at = await self.manager.revoke_user(user, self.tokens.settings.max_lifetime)
+        return json_response(200, {"user": user, "revoked_at": at})
 
     async def node(self, request: Request) -> Response:
         who = self.identity(request)

@@ -10,7 +10,7 @@ is given back however it ends.
 
 from __future__ import annotations
 
-from .core import StateCore
+from .core import StateCore, text
 
 
 class LimitOps(StateCore):
@@ -25,3 +25,17 @@ class LimitOps(StateCore):
             [repr(float(per_second)), repr(float(burst)), int(want)],
         )
         return int(r[0]), int(r[1]) / 1000
+
+    async def revoke_user(self, user: str, at_ms: int, keep_ms: int) -> None:
+        """Record that ``user``'s tokens issued until ``at_ms`` are revoked, and forget
+        revocations older than ``keep_ms`` (no token issued before them is valid still)."""
+        key = self.keys.revoked()
+        await self.redis.zadd(key, {user: at_ms}, gt=True)
+        old = await self.redis.zrangebyscore(key, "-inf", f"({at_ms - keep_ms}")
+        if old:
+            await self.redis.zrem(key, *old)
+
+    async def revocations(self) -> dict[str, float]:
+        """user -> when (Unix time, seconds) their tokens issued until then were revoked."""
+        rows = await self.redis.zrangebyscore(self.keys.revoked(), "-inf", "+inf", withscores=True)
+        return {text(row[0]): float(row[1]) / 1000 for row in rows}

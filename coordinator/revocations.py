@@ -1,0 +1,56 @@
+"""Revoking a user's tokens: "log this user out everywhere", now.
+
+An admin's ``POST /api/users/{user}/revoke`` records the time in Redis (``keys.revoked``);
+from then on every token of that user issued until that time (its ``iat``; a token
+without one, whenever it was issued) is refused wherever it is shown (socket.io connect,
+REST, the browser pages: ``auth.TokenVerifier.revoked``), and the user's connections
+holding one end on every node (``STATUS$TOKEN_REVOKED``, a server disconnect). Tokens
+issued after it work. ``iat`` is whole seconds: a token issued in the same second as the
+revocation is refused too.
+
+Each node keeps the revocations in memory (a lookup per token shown, no Redis call),
+read again every ``REFRESH`` seconds and at once on the node that records one; a
+revocation is kept in Redis for the tokens' longest lifetime (``--token-max-lifetime``),
+after which no token it refuses can be valid anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from .auth import Identity
+
+log = logging.getLogger(__name__)
+
+REFRESH = 1.0  # seconds between two reads of the revocations
+
+
+class Revocations:
+    """user -> when their tokens were revoked (Unix time); ``on_revoked(users)`` is told
+    of the users revoked (again, later) since it last heard."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, float] = {}
+        self.on_revoked: Callable[[set[str]], None] = _ignore
+
+    def revoked(self, who: Identity) -> bool:
+        """Whether ``who``'s token was revoked (issued until its user's revocation)."""
+        at = self._at.get(who.user)
+        return at is not None and (who.issued is None or who.issued <= at)
+
+    def revoked_at(self, user: str) -> float | None:
+        return self._at.get(user)
+
+    def update(self, found: dict[str, float], *, whole: bool = False) -> None:
+        """Revocations read from Redis (``whole``: all of them, which replace those held)
+        or just recorded (merged, never older)."""
+        changed = {u for u, at in found.items() if at > self._at.get(u, -1.0)}
+        self._at = dict(found) if whole else {**self._at, **{u: found[u] for u in changed}}
+        if changed:
+            log.info("tokens revoked: %s", ", ".join(sorted(changed)[:10]))
+            self.on_revoked(changed)
+
+
+def _ignore(users: set[str]) -> None:
+    pass

@@ -1,0 +1,62 @@
+"""Revoking a user's tokens (an admin's ``POST /api/users/{user}/revoke``): real uvicorn
+nodes on real Redis, python-socketio clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from coordinator.auth import issue_token
+from tests.helpers import wait_until
+from tests.server_fixtures import SECRET, ServerCluster
+
+MESSAGE = {"action": "message", "args": {"content": "hi"}}
+
+
+async def test_a_revoked_user_is_logged_out_everywhere_and_signs_in_again(
+    servers: ServerCluster,
+) -> None:
+    a, b, c = await servers.start(3)
+    old = servers.token("alice")
+    on_b = servers.client("alice@b")
+    await on_b.connect(b.url, "shared", old)
+    on_c = servers.client("alice@c")
+    await on_c.connect(c.url, "mine", old)
+    bob = await servers.join(b, "shared-bob", "bob")
+    before = await on_b.say("before")
+
+    status, body = await servers.request("POST", a, "/api/users/alice/revoke", user="alice")
+    assert status == 403, body  # not an admin
+    admin = issue_token("ops", SECRET, claims={"admin": True})
+    status, body = await servers.request("POST", a, "/api/users/alice/revoke", token=admin)
+    assert status == 200 and body["user"] == "alice", body
+    assert body["revoked_at"] <= time.time()
+
+    # Her connections on the other nodes end: told why, disconnected by the server.
+    for client in (on_b, on_c):
+        await wait_until(lambda client=client: not client.connected, timeout=10, what="ended")
+        assert [u["id"] for u in client.updates] == ["STATUS$TOKEN_REVOKED"], client.updates
+        assert client.disconnects == ["server disconnect"]
+    assert bob.connected and (await bob.act(MESSAGE))["ok"]  # another user's untouched
+    _, text = await servers.request("GET", b, "/metrics")
+    assert 'coordinator_tokens_revoked_total{node="n2"} 1\n' in text, text
+
+    # The old token is refused everywhere: socket.io, REST, every node.
+    for node in (a, b, c):
+        why = await servers.client().refused(node.url, "shared", old)
+        assert why == "authentication failed: token revoked"
+        status, body = await servers.request("GET", node, "/api/conversations", token=old)
+        assert (status, body["error"]) == (401, "authentication failed: token revoked")
+    # A node started after the revocation refuses it too (read at its start).
+    (d,) = await servers.start(1)
+    assert await servers.client().refused(d.url, "shared", old) == (
+        "authentication failed: token revoked"
+    )
+
+    # A token issued after it works (iat is whole seconds: the next second).
+    await asyncio.sleep(max(0.0, int(body_at := time.time()) + 1.05 - body_at))
+    again = servers.client("alice again")
+    await again.connect(c.url, "shared", servers.token("alice"), latest_event_id=before)
+    assert (await again.act(MESSAGE))["ok"]
+    status, body = await servers.request("POST", a, "/api/users/bad%20id/revoke", token=admin)
+    assert status == 400, body
