@@ -221,6 +221,8 @@ class SocketHandlers:
             await self._forget(connection_id, True)
             return False
         self._joined.add(connection_id, who)
+        if self.manager.revocations.revoked(who):  # while it joined: ended as the others
+            self.sio.tasks.spawn(self._end_revoked([connection_id]), "revoked token")
         self.quotas.opened(connection_id)
         log.debug("connection %s joined %s as %s", connection_id, conversation, user)
         return True

@@ -60,3 +60,30 @@ async def test_a_revoked_user_is_logged_out_everywhere_and_signs_in_again(
     assert (await again.act(MESSAGE))["ok"]
     status, body = await servers.request("POST", a, "/api/users/bad%20id/revoke", token=admin)
     assert status == 400, body
+
+
+async def test_a_connection_joining_while_its_user_is_revoked_is_ended_once_joined(
+    servers: ServerCluster,
+) -> None:
+    """The token was checked as the join began; the revocation came while the join
+    waited for its agent to start, before the connection was among those a revocation
+    ends. It is ended once joined (before, it stayed, receiving its conversation's
+    events until the token expired)."""
+    (a,) = await servers.start(1, agent="tests.agents:BadAgent", agent_start_timeout=10.0)
+    joining = servers.client("alice")
+    query = "conversation_id=slow&settings=" + '{"start_delay": 1.5}'.replace('"', "%22")
+    connect = asyncio.ensure_future(
+        joining.sio.connect(
+            f"{a.url}?{query}",
+            auth={"token": servers.token("alice")},
+            transports=["websocket"],
+            wait_timeout=10,
+        )
+    )
+    await wait_until(lambda: "slow" in a.manager.node.loops.starting, what="the join under way")
+    admin = issue_token("ops", SECRET, claims={"admin": True})
+    status, _ = await servers.request("POST", a, "/api/users/alice/revoke", token=admin)
+    assert status == 200
+    await connect
+    await wait_until(lambda: not joining.connected, timeout=10, what="ended once joined")
+    assert [u["id"] for u in joining.updates] == ["STATUS$TOKEN_REVOKED"], joining.updates
