@@ -362,12 +362,13 @@ class ConversationManager:
     async def revoke_user(self, user_id: str, keep: float) -> float:
         """Revoke ``user_id``'s tokens issued until now, on every node (``keep``: the
         tokens' longest lifetime, how long the revocation must be kept); when (Unix
-        time). The user's connections holding one end (here at once, elsewhere within
+        time). The user's connections holding one end: here at once, on the other nodes
+        as they hear of it (a command to each; or their next read, within
         ``revocations.REFRESH``)."""
         user = check_user_id(user_id)
         at_ms = int(time.time() * 1000)
         await self.state.revoke_user(user, at_ms, int(keep * 1000))
-        self.revocations.update({user: at_ms / 1000})
+        await self.node.revoked(user, at_ms / 1000)
         return at_ms / 1000
 
     async def conversation(self, sid: str) -> dict[str, str]:

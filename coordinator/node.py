@@ -22,7 +22,7 @@ from .actions import Actions
 from .agentpool import AgentPool
 from .archive import Archiver, check_cluster_store
 from .backends import Backend
-from .bus import CommandBus
+from .bus import CommandBus, Payload
 from .catchup import EventSink, LocalConnections
 from .config import ManagerConfig
 from .delivery import Delivery
@@ -159,6 +159,7 @@ class Node:
         )
         interest = Interest(self.subscriptions, keys)
         self.bus = CommandBus(self.state, cfg.node_id, tasks, timeout=cfg.redis_timeout * 2)
+        self.bus.on("revoked", self._on_revoked)
         self.runners: dict[str, LoopRunner] = {}
         self.history = History(self.state, self.store)
         self.connections = LocalConnections(self.history, sink, tasks)
@@ -301,6 +302,21 @@ class Node:
     async def _refresh_revocations(self) -> None:
         with contextlib.suppress(*REDIS_TROUBLE):  # Redis away: /healthz says so, not this
             await self._read_revocations()
+
+    async def revoked(self, user: str, at: float) -> None:
+        """``user``'s tokens were revoked here at ``at`` (recorded in Redis): held at once,
+        and told to the other live nodes, which would read it within a second anyway."""
+        self.revocations.update({user: at})
+        payload = {"user": user, "at": at}
+        for node in await self.directory.nodes():
+            if node != self.config.node_id:
+                with contextlib.suppress(*REDIS_TROUBLE):  # they read it all the same
+                    await self.bus.send(node, "revoked", payload)
+
+    async def _on_revoked(self, origin: str, payload: Payload) -> None:
+        user, at = payload.get("user"), payload.get("at")
+        if isinstance(user, str) and isinstance(at, int | float):
+            self.revocations.update({user: float(at)})
 
     async def halt(self) -> None:
         """Stop every task and renewing the lease, releasing nothing in Redis: what a

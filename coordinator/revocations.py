@@ -8,10 +8,12 @@ holding one end on every node (``STATUS$TOKEN_REVOKED``, a server disconnect). T
 issued after it work. ``iat`` is whole seconds: a token issued in the same second as the
 revocation is refused too.
 
-Each node keeps the revocations in memory (a lookup per token shown, no Redis call),
-read again every ``REFRESH`` seconds and at once on the node that records one; a
-revocation is kept in Redis for the tokens' longest lifetime (``--token-max-lifetime``),
-after which no token it refuses can be valid anyway.
+Each node keeps the revocations in memory (a lookup per token shown, no Redis call):
+the node that records one holds it at once and tells the others (a ``revoked`` command
+to each, ``node.Node.revoked``), and every node reads them all again every ``REFRESH``
+seconds (which catches a command it missed). A revocation is kept in Redis for the
+tokens' longest lifetime (``--token-max-lifetime``), after which no token it refuses can
+be valid anyway.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from coordinator.auth import issue_token
 from tests.helpers import wait_until
 from tests.server_fixtures import SECRET, ServerCluster
@@ -87,3 +89,22 @@ async def test_a_connection_joining_while_its_user_is_revoked_is_ended_once_join
     await connect
     await wait_until(lambda: not joining.connected, timeout=10, what="ended once joined")
     assert [u["id"] for u in joining.updates] == ["STATUS$TOKEN_REVOKED"], joining.updates
+
+
+async def test_the_other_nodes_are_told_of_a_revocation_at_once(
+    servers: ServerCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node that records a revocation tells the others (a command to each): their
+    connections end without waiting for their next read of the revocations (here a
+    minute away)."""
+    import coordinator.node as node_module
+
+    monkeypatch.setattr(node_module, "REVOCATIONS_REFRESH", 60.0)
+    a, b = await servers.start(2)
+    alice = servers.client("alice")
+    await alice.connect(b.url, "elsewhere", servers.token("alice"))
+    admin = issue_token("ops", SECRET, claims={"admin": True})
+    status, _ = await servers.request("POST", a, "/api/users/alice/revoke", token=admin)
+    assert status == 200
+    await wait_until(lambda: not alice.connected, timeout=10, what="ended by the command")
+    assert [u["id"] for u in alice.updates] == ["STATUS$TOKEN_REVOKED"]
