@@ -297,7 +297,7 @@ class Node:
                 log.exception("closing the event store %s failed", self.store_url)
 
     async def _read_revocations(self) -> None:
-        self.revocations.update(await self.state.revocations(), whole=True)
+        self.revocations.update(await self.state.revocations())
 
     async def _refresh_revocations(self) -> None:
         with contextlib.suppress(*REDIS_TROUBLE):  # Redis away: /healthz says so, not this

@@ -41,14 +41,14 @@ class Revocations:
         at = self._at.get(who.user)
         return at is not None and (who.issued is None or who.issued <= at)
 
-    def revoked_at(self, user: str) -> float | None:
-        return self._at.get(user)
-
-    def update(self, found: dict[str, float], *, whole: bool = False) -> None:
-        """Revocations read from Redis (``whole``: all of them, which replace those held)
-        or just recorded (merged, never older)."""
+    def update(self, found: dict[str, float]) -> None:
+        """Revocations read from Redis, recorded here or heard of: merged, never older.
+        None is dropped: one Redis has pruned (past the tokens' longest lifetime) refuses
+        only tokens that expired anyway, and a read that began before a revocation was
+        recorded cannot undo it."""
         changed = {u for u, at in found.items() if at > self._at.get(u, -1.0)}
-        self._at = dict(found) if whole else {**self._at, **{u: found[u] for u in changed}}
+        for user in changed:
+            self._at[user] = found[user]
         if changed:
             log.info("tokens revoked: %s", ", ".join(sorted(changed)[:10]))
             self.on_revoked(changed)

@@ -108,3 +108,18 @@ async def test_the_other_nodes_are_told_of_a_revocation_at_once(
     assert status == 200
     await wait_until(lambda: not alice.connected, timeout=10, what="ended by the command")
     assert [u["id"] for u in alice.updates] == ["STATUS$TOKEN_REVOKED"]
+
+
+async def test_revocations_older_than_the_tokens_longest_lifetime_are_pruned(
+    servers: ServerCluster,
+) -> None:
+    """A revocation is kept as long as a token it refuses could still be valid; the next
+    one recorded after that prunes it."""
+    (a,) = await servers.start(1)
+    state = a.manager.state
+    await state.revoke_user("old", 1_000, keep_ms=10_000)
+    await state.revoke_user("kept", 5_000, keep_ms=10_000)
+    await state.revoke_user("new", 12_000, keep_ms=10_000)  # prunes what is before 2,000
+    assert await state.revocations() == {"kept": 5.0, "new": 12.0}
+    await state.revoke_user("new", 11_000, keep_ms=10_000)  # never moved back
+    assert (await state.revocations())["new"] == 12.0

@@ -30,8 +30,9 @@ class LimitOps(StateCore):
         """Record that ``user``'s tokens issued until ``at_ms`` are revoked, and forget
         revocations older than ``keep_ms`` (no token issued before them is valid still)."""
         key = self.keys.revoked()
-        await self.redis.zadd(key, {user: at_ms}, gt=True)
-        old = await self.redis.zrangebyscore(key, "-inf", f"({at_ms - keep_ms}")
+        _, old = await self._commands(
+            [("ZADD", key, "GT", at_ms, user), ("ZRANGEBYSCORE", key, "-inf", at_ms - keep_ms - 1)]
+        )
         if old:
             await self.redis.zrem(key, *old)
 
