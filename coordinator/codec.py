@@ -22,9 +22,10 @@ CONVERSATION_CLOSED = "STATUS$CONVERSATION_CLOSED"
 NODE_DRAINING = "STATUS$NODE_DRAINING"
 EVENTS_LOST = "STATUS$EVENTS_LOST"
 RUNNING_TIME_EXCEEDED = "STATUS$RUNNING_TIME_EXCEEDED"
-# A status update only (never logged): a connection ends as its token expires.
+# Status updates only (never logged): a connection ends as its token expires, or as
+# its user's tokens are revoked.
 TOKEN_EXPIRED = "STATUS$TOKEN_EXPIRED"
-TOKEN_REVOKED = "STATUS$TOKEN_REVOKED"  # a status update only: the user's tokens revoked
+TOKEN_REVOKED = "STATUS$TOKEN_REVOKED"
 
 
 # What a packed value from Redis or another node may be: far above any event a node

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -133,15 +133,10 @@ async def _with_redis(
     config: ManagerConfig, backend: Backend, found: _Findings, identity: str | None
 ) -> None:
     limit = config.connect_timeout + 1
-
-    async def within(call: Callable[[], Awaitable[Any]]) -> Any:
-        async with asyncio.timeout(limit):
-            return await call()
-
     try:
         await backend.check()
-        info = await within(lambda: backend.client.info("server"))
-        state = await _cluster_state(backend, within)
+        info = await _within(limit, backend.client.info("server"))
+        state = await _cluster_state(backend, limit)
     except TROUBLE as exc:
         found.add(FAIL, "redis", _why(exc) if str(exc) else f"no answer within {limit:g}s")
         found.skip(NEEDS_REDIS, "Redis not reached")
@@ -151,7 +146,7 @@ async def _with_redis(
         found.skip(NEEDS_REDIS, "the cluster is not serving")
         return
     found.add(OK, "redis", f"{backend.describe()}, Redis {_version(info)}")
-    await _eviction(backend, within, found)
+    await _eviction(backend, limit, found)
     keys = KeySchema(config.key_prefix, database_of(config.redis_url))
     rstate = backend.state(keys)
     try:
@@ -182,24 +177,23 @@ async def _with_redis(
         _store_recorded(config, rstate, identity, recorded, found)
 
 
-async def _cluster_state(
-    backend: Backend, within: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
-) -> str:
+async def _within(limit: float, call: Awaitable[Any]) -> Any:
+    async with asyncio.timeout(limit):
+        return await call
+
+
+async def _cluster_state(backend: Backend, limit: float) -> str:
     """A Redis Cluster's ``cluster_state`` ('ok' when it serves every slot); '' for
     another deployment."""
     if backend.mode != "cluster":
         return ""
-    info = await within(lambda: backend.client.cluster_info())
+    info = await _within(limit, backend.client.cluster_info())
     return str(info.get("cluster_state", "?")) if isinstance(info, dict) else "?"
 
 
-async def _eviction(
-    backend: Backend,
-    within: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]],
-    found: _Findings,
-) -> None:
+async def _eviction(backend: Backend, limit: float, found: _Findings) -> None:
     try:
-        policies = await within(backend.memory_policies)
+        policies = await _within(limit, backend.memory_policies())
     except TROUBLE as exc:
         found.add(
             WARN,
