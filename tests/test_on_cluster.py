@@ -5,7 +5,7 @@ modules: here ``redis_url`` points at a node of the cluster (every master flushe
 each test) and ``redis_client`` is redis-py's cluster client, so the nodes they start
 detect cluster mode, reach Redis through the cluster backend (a lane connection per
 shard, sharded pub/sub) and must keep every guarantee: single activation, the exact cap,
-cross-node order and replay, fencing, idle sweeps, speculation.
+cross-node order and replay, fencing, idle sweeps, speculation, token revocation.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ from tests.test_fencing import (  # noqa: F401
     test_a_former_owner_that_believes_it_still_owns_cannot_append,
     test_actions_accepted_while_the_lease_lapsed_are_answered_once_back,
     test_node_whose_renewals_stop_fences_itself_before_takeover,
+)
+from tests.test_revoke import (  # noqa: F401
+    test_a_revoked_user_is_logged_out_everywhere_and_signs_in_again,
+    test_revocations_older_than_the_tokens_longest_lifetime_are_pruned,
 )
 from tests.test_routing import (  # noqa: F401
     test_action_accepted_while_the_owner_is_gone_waits_for_the_successor,
