@@ -11,12 +11,14 @@ whether an owner is alive costs a round trip only once its lease could have run 
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import REDIS_TROUBLE
+from .errors import REDIS_TROUBLE, InvalidInput
 from .eventstore import EventStore
+from .inputs import shown
 from .membership import Membership
 from .state import RedisState
 from .state.loops import USER_INDEX_MAX
@@ -27,6 +29,29 @@ MAX_LISTED = USER_INDEX_MAX  # a list request reads the user's whole index (newe
 
 def _int(value: str) -> int | None:
     return int(value) if value.lstrip("-").isdigit() else None
+
+
+def _order(view: dict[str, Any]) -> tuple[int, str]:
+    """Where a view stands in a list of conversations (newest first: descending)."""
+    return view["created"] or 0, view["conversation_id"]
+
+
+def _page_id(key: tuple[int, str]) -> str:
+    """The opaque ``page_id`` of the page after the view at ``key``."""
+    text = f"{key[0]}:{key[1]}".encode()
+    return base64.urlsafe_b64encode(text).decode().rstrip("=")
+
+
+def _page_key(page_id: str) -> tuple[int, str]:
+    """The ``key`` a ``page_id`` was made of; InvalidInput if no list gave it."""
+    try:
+        raw = base64.urlsafe_b64decode(page_id + "=" * (-len(page_id) % 4)).decode()
+        created, sep, sid = raw.partition(":")
+        if sep and sid and created.isdigit() and len(created) < 20:
+            return int(created), sid
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise InvalidInput(f"page_id {shown(page_id)} is not one a list of conversations gave")
 
 
 def describe(sid: str, meta: dict[str, str], live: set[str]) -> dict[str, Any]:
@@ -176,10 +201,18 @@ class Directory:
         return bool(inc) and await self.alive(inc)
 
     # -- views for REST --------------------------------------------------------------
-    async def list_conversations(self, user: str) -> list[dict[str, Any]]:
-        """The user's conversations, newest first, with state and owning node: those of
-        the user's index in Redis and those the event store holds (a conversation that
-        retired with events leaves the index)."""
+    async def list_conversations(
+        self, user: str, limit: int = MAX_LISTED, page_id: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of the user's conversations, newest first (by ``created``, then id),
+        with state and owning node, and the ``page_id`` of the next page (None after
+        the last): those of the user's index in Redis and those the event store holds (a
+        conversation that retired with events leaves the index). Each page is cut from
+        the whole list, read again, after the place of the last one's last view: one
+        created meanwhile is on the first page, not the next, and none moves but one
+        that retired meanwhile, whose ``created`` becomes the event store's (when its
+        first events were stored, moments after)."""
+        after = None if page_id is None else _page_key(page_id)
         indexed, stored = await asyncio.gather(
             self._state.user_conversations(user, MAX_LISTED),
             self._store.list_conversations(user, MAX_LISTED),
@@ -187,7 +220,7 @@ class Directory:
         first_stored = dict(stored)
         sids = list(dict.fromkeys([*indexed, *first_stored]))
         if not sids:
-            return []
+            return [], None
         live = set((await self.nodes()).values())
         out = []
         for sid, meta in zip(sids, await self._state.records(sids), strict=True):
@@ -198,8 +231,12 @@ class Directory:
                 out.append(describe_retired(sid, first_stored.get(sid)))
             elif meta.get("user") == user:
                 out.append(describe(sid, meta, live))
-        out.sort(key=lambda view: view["created"] or 0, reverse=True)
-        return out[:MAX_LISTED]
+        out.sort(key=_order, reverse=True)
+        if after is not None:
+            out = [view for view in out if _order(view) < after]
+        if len(out) <= limit:
+            return out, None
+        return out[:limit], _page_id(_order(out[limit - 1]))
 
     async def conversation_view(self, sid: str) -> dict[str, Any]:
         """One conversation's public view with its ``user`` ({} when unknown)."""

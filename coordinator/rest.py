@@ -24,7 +24,7 @@ from . import codec
 from .answers import COMMON_HEADERS, WrittenOnce, json_response
 from .auth import Identity, TokenVerifier
 from .config import Lifetimes
-from .directory import describe_retired
+from .directory import MAX_LISTED, describe_retired
 from .errors import ConversationNotFound, Forbidden, InvalidInput, NodeDraining
 from .http import (
     Cors,
@@ -52,7 +52,7 @@ from .serverconfig import NO_LIMITS, ServerConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVENTS_PAGE = 100
+DEFAULT_PAGE = 100  # events or conversations
 MAX_EVENTS_PAGE = 1000
 
 
@@ -222,9 +222,14 @@ class RestApp:
         return json_response(200, await directory.cluster_view_for(who.user))
 
     async def list_conversations(self, request: Request) -> Response:
+        """A page of the caller's conversations, newest first: ``?limit=N`` (1..1000,
+        default 100) and ``&page_id=`` the ``next_page_id`` of the page before (None
+        after the last page)."""
         user = self.user(request)
-        convs = await self.manager.directory.list_conversations(user)
-        return json_response(200, {"conversations": convs})
+        limit = query_int(request, "limit", DEFAULT_PAGE, 1, MAX_LISTED)
+        page_id = query_param(request, "page_id")
+        convs, next_page = await self.manager.directory.list_conversations(user, limit, page_id)
+        return json_response(200, {"conversations": convs, "next_page_id": next_page})
 
     async def get_conversation(self, request: Request) -> Response:
         user = self.user(request)
@@ -238,7 +243,7 @@ class RestApp:
         who = self.identity(request)
         sid = check_conversation_id(request.path_params["sid"])
         after = query_int(request, "after", 0, 0, MAX_EVENT_ID)
-        limit = query_int(request, "limit", DEFAULT_EVENTS_PAGE, 1, MAX_EVENTS_PAGE)
+        limit = query_int(request, "limit", DEFAULT_PAGE, 1, MAX_EVENTS_PAGE)
         user = await self.manager.user_of(sid)  # from the store once Redis let it go
         if not user or (user != who.user and not who.admin):
             raise ConversationNotFound(sid)

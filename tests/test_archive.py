@@ -641,15 +641,19 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     assert await a.user_of("kept") == "alice"  # the store still knows it
     # Nothing of it stays in Redis, its user's index included: the store lists it.
     assert await redis.zscore(a.state.keys.user_convs("alice"), "kept") is None
-    listed = await a.directory.list_conversations("alice")
+    listed, _ = await a.directory.list_conversations("alice")
     assert listed == [describe_retired("kept", listed[0]["created"])]
     assert listed[0]["state"] == "stopped" and listed[0]["created"] > 0
     await a.join_conversation("fresh", "cf", {}, "alice")  # newer, and in Redis
-    listed = await a.directory.list_conversations("alice")
+    listed, _ = await a.directory.list_conversations("alice")
     assert [(c["conversation_id"], c["state"]) for c in listed] == [
         ("fresh", "loading"),
         ("kept", "stopped"),
     ]
+    # Pages across the two sources: Redis' index, then the store's.
+    first, page_id = await a.directory.list_conversations("alice", 1)
+    second, after_last = await a.directory.list_conversations("alice", 1, page_id)
+    assert (first, second, after_last) == (listed[:1], listed[1:], None)
     await a.disconnect_from_session("cf")
     assert [e["id"] for e in await b.events("kept", 0, 100)] == list(range(1, last + 1))
     await b.join_conversation("kept", "cb", {}, "alice", latest_event_id=0)

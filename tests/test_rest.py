@@ -66,7 +66,7 @@ async def test_rest_status_codes(servers: ServerCluster) -> None:
     )
     assert status == 413
     status, body = await req("GET", a, "/api/conversations", user="alice")
-    assert body == {"conversations": []}
+    assert body == {"conversations": [], "next_page_id": None}
 
     # 201 create (id generated, first message accepted), 200 when it exists.
     status, body = await req(
@@ -156,6 +156,61 @@ async def test_rest_query_parameters_are_read_one_way(servers: ServerCluster) ->
 
     status, body = await req("GET", a, "/api/conversations/" + "x" * 10_000, user="alice")
     assert status == 400 and len(body["error"]) < 200, body
+
+
+async def test_a_list_of_conversations_comes_in_pages(servers: ServerCluster) -> None:
+    """``limit`` and ``page_id``: pages newest first, each after the last one's place, so
+    a conversation created between two pages is not listed twice (it goes to the top) and
+    none is skipped; a page_id no list gave, or a limit out of bounds, is a 400."""
+    a, b = await servers.start(2)
+    req = servers.request
+
+    async def create(node: NodeServer, sid: str) -> None:
+        status, _ = await req(
+            "POST", node, "/api/conversations", user="alice", json={"conversation_id": sid}
+        )
+        assert status == 201
+
+    for i in range(7):
+        await create((a, b)[i % 2], f"c{i}")
+    status, whole = await req("GET", a, "/api/conversations?limit=1000", user="alice")
+    everyone = [c["conversation_id"] for c in whole["conversations"]]
+    assert sorted(everyone) == [f"c{i}" for i in range(7)] and whole["next_page_id"] is None
+    newest_first = [(c["created"], c["conversation_id"]) for c in whole["conversations"]]
+    assert newest_first == sorted(newest_first, reverse=True)
+
+    status, first = await req("GET", a, "/api/conversations?limit=3", user="alice")
+    assert status == 200 and first["next_page_id"]
+    await create(a, "late")  # newest of all: on a first page, not on the ones after
+    pages, page_id = [first["conversations"]], first["next_page_id"]
+    while page_id is not None:
+        status, body = await req(
+            "GET",
+            (a, b)[len(pages) % 2],
+            f"/api/conversations?limit=3&page_id={page_id}",
+            user="alice",
+        )
+        assert status == 200, body
+        pages.append(body["conversations"])
+        page_id = body["next_page_id"]
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert [c["conversation_id"] for page in pages for c in page] == everyone
+    status, body = await req("GET", b, "/api/conversations?limit=1", user="alice")
+    assert [c["conversation_id"] for c in body["conversations"]] == ["late"]
+    status, body = await req("GET", b, "/api/conversations", user="bob")  # not alice's
+    assert body == {"conversations": [], "next_page_id": None}
+
+    for query, reason in [
+        ("page_id=nope", "page_id 'nope' is not one a list of conversations gave"),
+        ("page_id=", "page_id '' is not one"),
+        ("page_id=%E2%9C%93", "is not one a list of conversations gave"),
+        ("page_id=MTI", "is not one a list of conversations gave"),  # "12": no id
+        ("limit=0", "limit must be from 1 to 1000"),
+        ("limit=1001", "limit must be from 1 to 1000"),
+        ("limit=2&limit=3", "limit is given 2 times; give it once"),
+    ]:
+        status, body = await req("GET", a, f"/api/conversations?{query}", user="alice")
+        assert status == 400 and reason in body["error"], (query, body)
 
 
 async def test_creates_of_one_id_at_once_answer_one_201(servers: ServerCluster) -> None:
