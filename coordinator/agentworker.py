@@ -89,7 +89,7 @@ class AgentWorker(asyncio.Protocol):
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "workers.host",
+                "workers.process",
                 "--channel-fd",
                 str(child.fileno()),
                 "--report-fd",
@@ -101,7 +101,7 @@ class AgentWorker(asyncio.Protocol):
                 # A group of its own: what its agents start is killed with it (killpg).
                 # It still dies with its node (workers/parent.py), ending its group too,
                 # and a signal to the node's group is the node's to act on either way
-                # (workers/host.py).
+                # (workers/process.py).
                 start_new_session=True,
             )
         except BaseException:

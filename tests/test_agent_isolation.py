@@ -712,7 +712,7 @@ def test_a_worker_that_ends_takes_what_its_agent_started_with_it() -> None:
     reports, report_w = os.pipe()
     argv = ["--channel-fd", str(theirs.fileno()), "--report-fd", str(report_w)]
     worker = subprocess.Popen(
-        [sys.executable, "-m", "workers.host", *argv, "--agent", BAD],
+        [sys.executable, "-m", "workers.process", *argv, "--agent", BAD],
         pass_fds=(theirs.fileno(), report_w),
         start_new_session=True,  # as the node starts it
         cwd=REPO,

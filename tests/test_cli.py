@@ -533,7 +533,7 @@ async def test_a_stop_signal_to_the_whole_process_group_is_a_plain_drain() -> No
 
 def _agent_workers_of(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [c for c in map(int, children) if b"workers.host" in _cmdline(c)]
+    return [c for c in map(int, children) if b"workers.process" in _cmdline(c)]
 
 
 def _cmdline(pid: int) -> bytes:
