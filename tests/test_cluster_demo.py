@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import sys
 import urllib.request
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, cast
 
 from coordinator.cliargs import build_parser
 from coordinator.cluster import NodeProcess, instructions
-from coordinator.embedded import free_port
+from coordinator.embedded import LOWEST_PICKED, free_port
 from tests.e2e_checks import LineReader
 from tests.processes import child_env
 
@@ -38,20 +37,19 @@ def healthy(url: str) -> bool:
         return False
 
 
-def two_free_ports() -> int:
-    """A port p with p + 1 free too."""
-    while True:
-        base = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-        return base
+def test_free_ports_come_from_below_the_ephemeral_range() -> None:
+    """Ports given to servers to listen on are not ones an outgoing connection may take
+    meanwhile (a test's node once failed with EADDRINUSE so), all of a run free, none
+    of those to avoid; with no room left there, the kernel's pick."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(50):
+        port = free_port(3)
+        assert port >= LOWEST_PICKED and port + 2 < low
+    assert free_port(avoid=range(LOWEST_PICKED, low)) >= low
 
 
 async def test_cluster_keeps_running_when_a_node_dies_and_restarts_it(tmp_path: Path) -> None:
-    base = two_free_ports()
+    base = free_port(2)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "coordinator", "cluster", "--nodes", "2",
         "--base-port", str(base), "--agent", "workers.scripted:ScriptedAgent",
@@ -197,7 +195,7 @@ async def test_a_cluster_ends_with_its_terminal_its_redis_and_keeps_to_its_own(
         "XDG_DATA_HOME": str(tmp_path / "machine"),  # where the machine's store would be
     }
     for ending in ("hup", "kill", "redis"):
-        base = two_free_ports()
+        base = free_port(2)
         proc, out = await _start(base, shared)
         text = "\n".join(out.lines)
         assert "COORDINATOR_METRICS_PORT is not passed" in text, text
