@@ -68,7 +68,8 @@ class Lifetimes:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidInput(f"{name} must be a number of seconds, got {shown(value)}")
             if not 0 < value <= bound:
-                raise InvalidInput(f"{name} must be > 0 and at most {bound:g} s, got {value!r}")
+                most = "" if bound == float("inf") else f" and at most {bound:g} s"
+                raise InvalidInput(f"{name} must be > 0{most}, got {value!r}")
             return float(value)
 
         running_bound = config.max_running_time or float("inf")

@@ -43,7 +43,8 @@ def _page_id(key: tuple[int, str]) -> str:
 
 
 def _page_key(page_id: str) -> tuple[int, str]:
-    """The ``key`` a ``page_id`` was made of; InvalidInput if no list gave it."""
+    """The place in a list a ``page_id`` names (the next page starts after it: any
+    well-formed one is a place); InvalidInput if it is not one ``_page_id`` makes."""
     try:
         raw = base64.urlsafe_b64decode(page_id + "=" * (-len(page_id) % 4)).decode()
         created, sep, sid = raw.partition(":")
@@ -51,7 +52,9 @@ def _page_key(page_id: str) -> tuple[int, str]:
             return int(created), sid
     except (ValueError, UnicodeDecodeError):
         pass
-    raise InvalidInput(f"page_id {shown(page_id)} is not one a list of conversations gave")
+    raise InvalidInput(
+        f"page_id {shown(page_id)} is malformed; give the next_page_id of a list's page"
+    )
 
 
 def describe(sid: str, meta: dict[str, str], live: set[str]) -> dict[str, Any]:
@@ -239,10 +242,14 @@ class Directory:
         return out[:limit], _page_id(_order(out[limit - 1]))
 
     async def conversation_view(self, sid: str) -> dict[str, Any]:
-        """One conversation's public view with its ``user`` ({} when unknown)."""
+        """One conversation's public view with its ``user`` ({} when unknown): from its
+        record in Redis or, once that expired, from the event store."""
         meta = await self._state.meta(sid)
         if not meta:
-            return {}
+            stored = await self._store.conversation(sid)
+            if stored is None:
+                return {}
+            return {**describe_retired(sid), "events": stored.last_id, "user": stored.user}
         view = describe(sid, meta, set((await self.nodes()).values()))
         view["user"] = meta.get("user", "")
         return view

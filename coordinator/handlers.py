@@ -262,9 +262,7 @@ class SocketHandlers:
                 raise AuthError("token expired; reconnect with a fresh token")
             if who is not None and self.manager.revocations.revoked(who):  # it ends soon
                 raise AuthError("token revoked; sign in again")
-            await self.quotas.action(
-                connection_id, who.user if who is not None else None, self._size(args[0])
-            )
+            await self.quotas.action(connection_id, who.user if who is not None else None, args[0])
             event_id = await self.manager.send_to_event_stream(connection_id, args[0])
         except Exception as exc:
             if unexpected(exc):
@@ -277,16 +275,6 @@ class SocketHandlers:
             ack = {"ok": True, "id": event_id}
         self.metrics.ack_seconds.observe(time.perf_counter() - started)
         return ack
-
-    def _size(self, action: Any) -> int:
-        """The packed size of an action, for the bytes a user may send (0 when that is not
-        limited, or when it cannot be packed: the action's check says why then)."""
-        if self.quotas.config.action_bytes_per_user.unlimited:
-            return 0
-        try:
-            return len(codec.pack(action))
-        except (TypeError, ValueError, OverflowError):
-            return 0
 
     async def unknown_event(self, event: str, connection_id: str, *args: Any) -> dict[str, Any]:
         """Any other event: answered (a client waiting for its ack is not left hanging),

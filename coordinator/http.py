@@ -269,7 +269,10 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
 
 def bearer_identity(tokens: TokenVerifier, request: Request) -> Identity:
     """Who the request's ``Authorization: Bearer`` token speaks for (AuthError if none)."""
-    header = request.headers.get("authorization", "")
+    headers = request.headers.getlist("authorization")
+    if len(headers) > 1:  # which one counts would be the reader's guess (a proxy's too)
+        raise AuthError("more than one Authorization header; send one")
+    header = headers[0] if headers else ""
     if not header:
         raise AuthError("missing token: send 'Authorization: Bearer <token>'")
     scheme, _, token = header.partition(" ")
@@ -304,7 +307,7 @@ def json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        value = json.loads(body, parse_constant=_no_constant)
+        value = json.loads(body, parse_constant=_no_constant, parse_int=_int_of_64_bits)
     except RecursionError:
         raise InvalidInput(
             f"the request body is nested too deeply (more than {MAX_BODY_DEPTH} levels)"
@@ -321,3 +324,11 @@ def json_object(body: bytes) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _int_of_64_bits(digits: str) -> int:
+    """A JSON integer, refused unread when it has more digits than 64 bits hold (the
+    shape check refuses larger values; Python's own refusal names its own knob)."""
+    if len(digits.lstrip("-")) > 20:
+        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits is out of range")
+    return int(digits)

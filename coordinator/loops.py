@@ -135,7 +135,10 @@ class Loops:
     ) -> ConversationInfo:
         """Make sure ``sid``'s loop runs somewhere; start it here if nowhere (creating the
         conversation for ``user``, with ``lifetimes``). ``initial`` is accepted as its
-        first action; ``org``: the user's organisation, from their token (admission.py).
+        first action when this call starts the loop, as the seed's: not when it runs
+        already, here or elsewhere, or another call is starting it (so a retried create
+        does not send its message twice); ``org``: the user's organisation, from their
+        token (admission.py).
         ``joining``: a connection's join asks, having seen events up to ``latest``; what
         would refuse the join (``latest`` past the last event, the user's connection
         cap) refuses the start before it creates, takes or evicts anything."""
@@ -143,16 +146,12 @@ class Loops:
         if runner is not None and runner.running:
             if runner.lease.user != user and user:
                 raise Forbidden(sid)
-            if initial is not None:
-                await self._actions.accept(sid, user, initial)
             return ConversationInfo(sid, runner.lease.user, self._config.node_id, True, True)
         pending = self.starting.get(sid)
         if pending is not None:
             info = replace(await asyncio.shield(pending), created=False)  # not by this call
             if info.user != user and user:
                 raise Forbidden(sid)
-            if initial is not None:
-                await self._actions.accept(sid, user, initial)
             return info
         fut: asyncio.Future[ConversationInfo] = asyncio.get_running_loop().create_future()
         self.starting[sid] = fut
@@ -186,8 +185,6 @@ class Loops:
             raise NodeDraining(f"node {node} lost its lease; it takes no loops until back")
         acquired = await self.owners.acquire(sid, user, lifetimes, latest)
         if isinstance(acquired, ConversationInfo):  # a live owner runs it
-            if initial is not None:
-                await self._actions.accept(sid, user, initial)
             return acquired
         own = acquired
         # New here: not one the store held and Redis had let go (created again from it).
@@ -415,9 +412,14 @@ class Loops:
     async def close_unserved(self, sid: str, user: str, inc: str) -> None:
         """Close a conversation no live node runs (``close_session``): free what a dead
         owner ``inc`` held, and log the closed notice (unowned, a system write), which
-        closes its connections on every node."""
-        if inc and await self._state.release_lost(sid, user, inc):
+        closes its connections on every node; with none, and no owner to free, there is
+        nothing to close (a close again logs nothing again)."""
+        freed = bool(inc) and await self._state.release_lost(sid, user, inc)
+        if freed:
             self.admission.slot_freed(user)
+        (watchers,) = await self._state.watchers([sid])
+        if not freed and not watchers:
+            return
         await self._state.commit(
             sid, "", 0, [codec.pack(codec.closed_event())], floor=self._delivery.floor(sid)
         )

@@ -18,7 +18,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
+from . import codec
 from .errors import LimitExceeded
 from .ratelimit import Rate, Take, TokenBucket, UserAllowance, over
 from .serverconfig import ServerConfig
@@ -68,22 +70,34 @@ class Quotas:
         self._buckets.pop(cid, None)
 
     # -- checks: each returns, or raises LimitExceeded -------------------------------
-    async def action(self, cid: str, user: str | None, size: int = 0) -> None:
-        """An action (or any event) of ``size`` bytes from connection ``cid`` of
-        ``user`` (None: not joined, so only the connection's own bucket applies)."""
+    async def action(self, cid: str | None, user: str | None, action: Any = None) -> None:
+        """An action (or, without ``action``, any event) from connection ``cid`` (None: a
+        REST request's) of ``user`` (None: not joined, so only the connection's own
+        bucket applies); its packed bytes count against the user's byte rate."""
         try:
-            bucket = self._buckets.get(cid)
+            bucket = self._buckets.get(cid) if cid is not None else None
             if bucket is not None:
                 wait = bucket.take(time.monotonic())
                 if wait > 0:
                     raise over("actions per connection", bucket.rate, wait)
             if user:
                 await self.user_actions.take(user)
+                size = self._size(action)
                 if size:
                     await self.user_bytes.take(user, size)
         except LimitExceeded as exc:
             self.refused[exc.limit] += 1
             raise
+
+    def _size(self, action: Any) -> int:
+        """The packed size of an action, for the bytes a user may send (0 when that is not
+        limited, or when it cannot be packed: the action's check says why then)."""
+        if action is None or self.config.action_bytes_per_user.unlimited:
+            return 0
+        try:
+            return len(codec.pack(action))
+        except (TypeError, ValueError, OverflowError):
+            return 0
 
     async def join(self, user: str) -> None:
         await self._one(self.joins, user)

@@ -24,7 +24,7 @@ from . import codec
 from .answers import COMMON_HEADERS, WrittenOnce, json_response
 from .auth import Identity, TokenVerifier
 from .config import Lifetimes
-from .directory import MAX_LISTED, describe_retired
+from .directory import MAX_LISTED
 from .errors import ConversationNotFound, Forbidden, InvalidInput, NodeDraining
 from .http import (
     Cors,
@@ -53,6 +53,9 @@ from .serverconfig import NO_LIMITS, ServerConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 100  # events or conversations
+CREATE_FIELDS = frozenset(
+    ("conversation_id", "initial_user_msg", "settings", "close_delay", "max_running_time")
+)
 MAX_EVENTS_PAGE = 1000
 
 
@@ -96,8 +99,10 @@ class RestApp:
         conversations = resource({"GET": self.list_conversations, "POST": self.create_conversation})
         self.router = Router(
             routes=[
-                Route("/healthz", resource({"GET": self.healthz})),
-                Route("/livez", resource({"GET": self.livez})),
+                # Probes answer HEAD too (load balancers' health checks use either);
+                # the server sends a HEAD answer's headers only.
+                Route("/healthz", resource({"GET": self.healthz, "HEAD": self.healthz})),
+                Route("/livez", resource({"GET": self.livez, "HEAD": self.livez})),
                 Route("/metrics", resource({"GET": self.metrics})),
                 Route("/api/node", resource({"GET": self.node})),
                 Route("/api/cluster", resource({"GET": self.cluster})),
@@ -126,14 +131,15 @@ class RestApp:
     def user(self, request: Request) -> str:
         return self.identity(request).user
 
-    async def owned(self, sid: str, user: str) -> dict[str, Any]:
-        """The view of ``user``'s conversation ``sid``; another user's is as missing."""
+    async def owned(self, sid: str, who: Identity) -> dict[str, Any]:
+        """The view of conversation ``sid``, if it is ``who``'s (another user's is as
+        missing), or any with its ``user`` for an admin."""
         check_conversation_id(sid)
         view = await self.manager.directory.conversation_view(sid)
-        if not view and await self.manager.user_of(sid) == user:
-            return describe_retired(sid)  # only the event store holds it now
-        if not view or view.pop("user") != user:
+        if not view or (view["user"] != who.user and not who.admin):
             raise ConversationNotFound(sid)
+        if not who.admin:
+            del view["user"]
         return view
 
     # -- endpoints -------------------------------------------------------------------
@@ -232,8 +238,8 @@ class RestApp:
         return json_response(200, {"conversations": convs, "next_page_id": next_page})
 
     async def get_conversation(self, request: Request) -> Response:
-        user = self.user(request)
-        return json_response(200, await self.owned(request.path_params["sid"], user))
+        who = self.identity(request)
+        return json_response(200, await self.owned(request.path_params["sid"], who))
 
     async def events(self, request: Request) -> Response:
         """A page of the conversation's events: ``?after=ID`` (default 0) and
@@ -256,6 +262,12 @@ class RestApp:
         who = self.identity(request)
         user = who.user
         body = json_object(await read_body(request))
+        unknown = sorted(set(body) - CREATE_FIELDS)
+        if unknown:  # a misspelled field would be dropped without a word
+            raise InvalidInput(
+                f"unknown field {shown(unknown[0])} in the body; the fields are "
+                + ", ".join(sorted(CREATE_FIELDS))
+            )
         sid = body.get("conversation_id")
         generated = sid is None
         sid = uuid.uuid4().hex if generated else check_conversation_id(sid)
@@ -269,6 +281,8 @@ class RestApp:
         lifetimes = Lifetimes.from_body(body, self.manager.config)
         if self.manager.draining:
             raise NodeDraining(f"node {self.manager.node_id} is draining; use another node")
+        if first is not None:  # an action as one over socket.io is: the user's rates
+            await self.quotas.action(None, user, first)
         # Known to Redis or, retired, to the event store: not created again.
         owner = "" if generated else await self.manager.user_of(sid)
         if owner and owner != user:
@@ -286,7 +300,8 @@ class RestApp:
         )
 
     async def close_conversation(self, request: Request) -> Response:
-        user = self.user(request)
+        who = self.identity(request)
+        user = None if who.admin else who.user  # an admin closes or purges any
         sid = check_conversation_id(request.path_params["sid"])
         purge = query_param(request, "purge")
         purge = "false" if purge is None else purge

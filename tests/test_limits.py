@@ -91,6 +91,25 @@ async def test_bytes_of_actions_per_user(servers: ServerCluster) -> None:
     }
 
 
+async def test_a_rest_create_with_a_message_counts_against_the_users_rates(
+    servers: ServerCluster,
+) -> None:
+    """A create's message is an action as a socket.io one is: a client re-posting an
+    existing id with a message met no rate at all before (each its own first action)."""
+    (a,) = await servers.start(1, server_config=limits(action_bytes_per_user=Rate(5_000, 25_000)))
+    body = {"conversation_id": "r1", "initial_user_msg": "x" * 8_000}
+    answers = [
+        await servers.request("POST", a, "/api/conversations", user="alice", json=body)
+        for _ in range(4)
+    ]
+    assert [status for status, _ in answers] == [201, 200, 200, 429], answers
+    assert answers[3][1]["error"].startswith("rate limit: too many action bytes per user")
+    # Another user's rates are their own.
+    bobs = {**body, "conversation_id": "b1"}
+    status, _ = await servers.request("POST", a, "/api/conversations", user="bob", json=bobs)
+    assert status == 201
+
+
 async def test_a_user_allowance_takes_tokens_in_batches(servers: ServerCluster) -> None:
     """A steady stream of one user's actions costs one Redis call per batch."""
     (a,) = await servers.start(1)

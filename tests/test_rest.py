@@ -201,16 +201,103 @@ async def test_a_list_of_conversations_comes_in_pages(servers: ServerCluster) ->
     assert body == {"conversations": [], "next_page_id": None}
 
     for query, reason in [
-        ("page_id=nope", "page_id 'nope' is not one a list of conversations gave"),
-        ("page_id=", "page_id '' is not one"),
-        ("page_id=%E2%9C%93", "is not one a list of conversations gave"),
-        ("page_id=MTI", "is not one a list of conversations gave"),  # "12": no id
+        ("page_id=nope", "page_id 'nope' is malformed; give the next_page_id of a list"),
+        ("page_id=", "page_id '' is malformed"),
+        ("page_id=%E2%9C%93", "is malformed"),
+        ("page_id=MTI", "is malformed"),  # "12": no id
         ("limit=0", "limit must be from 1 to 1000"),
         ("limit=1001", "limit must be from 1 to 1000"),
         ("limit=2&limit=3", "limit is given 2 times; give it once"),
     ]:
         status, body = await req("GET", a, f"/api/conversations?{query}", user="alice")
         assert status == 400 and reason in body["error"], (query, body)
+
+
+async def test_repeated_creates_and_closes_change_nothing_more(servers: ServerCluster) -> None:
+    """A create retried (one after the other, or two at once on two nodes) sends its
+    message once, as the seed's ``maybe_start_agent_loop`` does (only with the loop's
+    start); a close of a closed conversation with no connection writes no notice again."""
+    a, b = await servers.start(2)
+    req = servers.request
+    body = {"conversation_id": "once", "initial_user_msg": "hello"}
+    answers = [
+        await req("POST", node, "/api/conversations", user="alice", json=body) for node in (a, b)
+    ]
+    assert [status for status, _ in answers] == [201, 200]
+    twin = {"conversation_id": "twin", "initial_user_msg": "hi"}
+    answers = await asyncio.gather(
+        *(req("POST", node, "/api/conversations", user="alice", json=twin) for node in (a, b))
+    )
+    assert sorted(status for status, _ in answers) == [200, 201]
+    for sid in ("once", "twin"):
+        await wait_until(lambda sid=sid: _count(a, sid, 2), timeout=10, what=f"{sid} answered")
+        await asyncio.sleep(0.3)  # a second message would have been accepted by now
+        sent = [e for e in await a.manager.events(sid) if e.get("source") == "user"]
+        assert len(sent) == 1, sent
+
+    status, body = await req("DELETE", b, "/api/conversations/once", user="alice")
+    assert (status, body) == (200, {"closed": True})
+    last = (await req("GET", a, "/api/conversations/once", user="alice"))[1]["events"]
+    for node in (a, b, a):
+        status, body = await req("DELETE", node, "/api/conversations/once", user="alice")
+        assert (status, body) == (200, {"closed": False})
+    status, body = await req("GET", b, "/api/conversations/once", user="alice")
+    assert body["events"] == last  # no closed notice per close
+
+
+async def test_an_admin_reads_closes_and_purges_any_conversation(servers: ServerCluster) -> None:
+    (a,) = await servers.start(1)
+    req = servers.request
+    status, _ = await req(
+        "POST", a, "/api/conversations", user="alice", json={"conversation_id": "c1"}
+    )
+    assert status == 201
+    admin = issue_token("ops", SECRET, 3600, claims={"role": "admin"})
+    status, body = await req("GET", a, "/api/conversations/c1", token=admin)
+    assert status == 200 and body["user"] == "alice" and body["running"] is True
+    status, body = await req("GET", a, "/api/conversations/c1", user="bob")
+    assert status == 404
+    status, body = await req("DELETE", a, "/api/conversations/c1", user="bob")
+    assert status == 404
+    status, body = await req("DELETE", a, "/api/conversations/c1", token=admin)
+    assert (status, body) == (200, {"closed": True})
+    status, body = await req("DELETE", a, "/api/conversations/c1?purge=true", token=admin)
+    assert status == 200 and body["purged"]["redis_keys"] > 0
+    status, body = await req("GET", a, "/api/conversations/c1", token=admin)
+    assert status == 404
+
+
+async def test_rest_refuses_what_it_would_otherwise_guess(servers: ServerCluster) -> None:
+    """An unknown body field (a misspelling would be dropped), two Authorization headers
+    (which counts would be a guess), an integer past 64 bits (refused unread): 400/401
+    with the reason; the probes answer HEAD as GET, headers only."""
+    (a,) = await servers.start(1)
+    req = servers.request
+    typo = {"conversation_id": "t1", "initial_msg": "hi"}
+    status, body = await req("POST", a, "/api/conversations", user="alice", json=typo)
+    assert status == 400 and body["error"].startswith("unknown field 'initial_msg' in the body")
+    status, body = await req(
+        "POST", a, "/api/conversations", user="alice", data=b'{"close_delay": ' + b"9" * 5000 + b"}"
+    )
+    assert status == 400 and "an integer of 5000 digits is out of range" in body["error"]
+    assert "set_int_max_str_digits" not in body["error"]
+    status, body = await req(
+        "POST", a, "/api/conversations", user="alice", json={"max_running_time": -1}
+    )
+    assert (status, body["error"]) == (400, "max_running_time must be > 0, got -1")
+    assert await a.manager.conversation("t1") == {}
+
+    http = servers._http
+    assert http is not None
+    both = [("Authorization", f"Bearer {servers.token(u)}") for u in ("alice", "bob")]
+    async with http.get(a.url + "/api/conversations", headers=both) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"] == (
+            "authentication failed: more than one Authorization header; send one"
+        )
+    for path in ("/healthz", "/livez"):
+        async with http.head(a.url + path) as resp:
+            assert resp.status == 200 and await resp.read() == b""
 
 
 async def test_creates_of_one_id_at_once_answer_one_201(servers: ServerCluster) -> None:

@@ -55,7 +55,7 @@ async def test_headers_options_and_method_errors(servers: ServerCluster) -> None
         ("/api/conversations", "GET, POST"),
         ("/api/conversations/", "GET, POST"),
         ("/api/conversations/c1", "DELETE, GET"),
-        ("/healthz", "GET"),
+        ("/healthz", "GET, HEAD"),
     ]:
         status, headers, body = await _call(a.url + path, "OPTIONS")
         assert (status, headers["allow"], body) == (204, allow, b""), path
@@ -65,7 +65,7 @@ async def test_headers_options_and_method_errors(servers: ServerCluster) -> None
     assert status == 405 and headers["allow"] == "DELETE, GET"
     assert b"method POST is not allowed here; use DELETE, GET" in body
     status, headers, _ = await _call(a.url + "/healthz", "DELETE")
-    assert status == 405 and headers["allow"] == "GET" and _has_common_headers(headers)
+    assert status == 405 and headers["allow"] == "GET, HEAD" and _has_common_headers(headers)
 
     # 401 names the scheme; errors carry the common headers too.
     status, headers, _ = await _call(a.url + "/api/node", "GET")

@@ -130,7 +130,7 @@ async def test_another_user_cannot_join_send_list_or_close(servers: ServerCluste
     assert "belongs to another user" in why
 
     status, body = await servers.request("GET", b, "/api/conversations", user="mallory")
-    assert (status, body) == (200, {"conversations": []})
+    assert (status, body) == (200, {"conversations": [], "next_page_id": None})
     # Another user's conversation answers exactly like one that does not exist.
     for method, node in (("DELETE", b), ("GET", a)):
         answer = await servers.request(method, node, "/api/conversations/private", user="mallory")
