@@ -181,7 +181,7 @@ def create_app(
     sio = GuardedServer(
         config=config,
         max_message_bytes=config.message_bytes(manager.config.max_action_bytes),
-        tasks=tasks or TaskSet(log),
+        tasks=TaskSet(log) if tasks is None else tasks,  # an empty one is falsy
         client_manager=IndexedRoomsManager(),
         async_mode="asgi",
         # None: same origin only (the Origin header must name this host), for browsers.
@@ -213,7 +213,7 @@ def create_app(
         origins=origins,
         extra_routes=pages.routes(),
     )
-    guard = guard or ConnectionGuard(config)
+    guard = ConnectionGuard(config) if guard is None else guard  # an empty one is falsy
     read_edge(manager.metrics, guard, sio, quotas)
     app = Edge(socketio.ASGIApp(sio, other_asgi_app=rest), config, guard, origins)
     return app, sio

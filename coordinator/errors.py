@@ -158,6 +158,10 @@ class NodeDraining(CoordinatorError):
     """This node is shutting down and takes no new loops or connections."""
 
 
+class NodeStopped(NodeDraining):
+    """The manager is not running: not started yet, or stopped (``async with``)."""
+
+
 class NodeBusy(CoordinatorError):
     """This node has ``max_concurrent_joins`` joins in progress and more waited too long."""
 

@@ -26,9 +26,9 @@ from .errors import (
     ConfigError,
     ConnectionNotFound,
     ConversationNotFound,
-    CoordinatorError,
     Forbidden,
     InvalidInput,
+    NodeStopped,
 )
 from .handles import ConversationHandle
 from .inputs import (
@@ -164,16 +164,23 @@ class ConversationManager:
             await node.aclose()
 
     async def drain(self) -> None:
-        """Graceful stop, bounded by ``drain_timeout`` (see ``Node.drain``)."""
-        node, self._node = self._node, None
-        if node is not None:
+        """Graceful stop, bounded by ``drain_timeout`` (see ``Node.drain``). The node
+        stays this manager's while it drains: what asks meanwhile is told it drains
+        (``draining``; 503 ``draining`` on /healthz), not that nothing runs."""
+        node = self._node
+        if node is None:
+            return
+        try:
             await node.drain()
+        finally:
+            if self._node is node:
+                self._node = None
 
     @property
     def node(self) -> Node:
         """The started node's parts (for tools and tests); CoordinatorError before start."""
         if self._node is None:
-            raise CoordinatorError("the manager is not started (use 'async with')")
+            raise NodeStopped("the manager is not started (use 'async with')")
         return self._node
 
     @property

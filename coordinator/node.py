@@ -81,7 +81,8 @@ class Router:
         if codec.owner_gone(event):
             room = self._delivery.connections.room(sid)
             if room:  # our clients still watch it: restart the loop (one node wins)
-                self._restarts.owner_gone(sid, room[0].user, codec.stamped_at(event))
+                moving = codec.notice_code(event) == codec.NODE_DRAINING
+                self._restarts.owner_gone(sid, room[0].user, codec.stamped_at(event), moving=moving)
         await self._delivery.published(sid, event_id, event)
 
     async def reconnected(self) -> None:
@@ -410,8 +411,15 @@ class Node:
         with contextlib.suppress(*REDIS_TROUBLE):
             await self.restarts.resume_pending(leaving)
         await self.sessions.settle()
+        clients = len(self.sessions.connections)
         await self.sessions.farewell(
             codec.status_update(
                 codec.NODE_DRAINING, "This node is shutting down; reconnect to continue."
             )
+        )
+        log.info(
+            "node %s handed off %d loop(s) and told %d client(s) to reconnect elsewhere",
+            self.config.node_id,
+            len(leaving),
+            clients,
         )

@@ -17,7 +17,7 @@ from typing import Any
 from .bus import CommandBus
 from .directory import Directory
 from .errors import EXPECTED, REDIS_TROUBLE
-from .loops import Loops
+from .loops import STORE_FLUSH_WITHIN, Loops
 from .membership import Membership
 from .metrics import NodeMetrics
 from .owners import ConversationInfo, Intake
@@ -25,6 +25,10 @@ from .state import RedisState
 from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
+
+# Seconds a node whose clients watch a conversation its draining owner is moving waits
+# for that owner to let it go: it stores what the store lacks first (STORE_FLUSH_WITHIN).
+HANDOFF_WAIT = STORE_FLUSH_WITHIN + 3.0
 
 
 class Restarts:
@@ -76,31 +80,39 @@ class Restarts:
         if mine or not owner_inc or not await self._directory.alive(owner_inc):
             self.schedule(sid, user)
 
-    def owner_gone(self, sid: str, user: str, lost_at: float | None) -> None:
+    def owner_gone(
+        self, sid: str, user: str, lost_at: float | None, *, moving: bool = False
+    ) -> None:
         """The owner of ``sid`` was lost or drained (noticed at Unix time ``lost_at``)
-        and clients here watch it: restart it (one node wins the lease)."""
+        and clients here watch it: restart it (one node wins the lease). ``moving``: a
+        draining owner said so, which it does before it lets the loop go."""
         if not self._intake.draining and sid not in self._loops.starting:
-            self.schedule(sid, user, lost_at)
+            self.schedule(sid, user, lost_at, moving=moving)
 
-    def schedule(self, sid: str, user: str, lost_at: float | None = None) -> None:
+    def schedule(
+        self, sid: str, user: str, lost_at: float | None = None, *, moving: bool = False
+    ) -> None:
         """Restart ``sid``'s loop in the background; while our lease is lapsed, only note
         it (thousands of conversations may come back at once) for after re-registering.
         ``lost_at``: when its owner was found lost, for the failover time."""
         if self._membership.lapsed:
             self._later[sid] = user
         elif sid not in self._running:
-            self._tasks.spawn(self._restart(sid, user, lost_at), f"restart:{sid}")
+            self._tasks.spawn(self._restart(sid, user, lost_at, moving), f"restart:{sid}")
 
-    async def _restart(self, sid: str, user: str, lost_at: float | None = None) -> None:
+    async def _restart(
+        self, sid: str, user: str, lost_at: float | None = None, moving: bool = False
+    ) -> None:
         if sid in self._running:
             return
         self._running.add(sid)
         try:
-            async with self._gate:
-                if sid not in self._loops.runners:
-                    info = await self._loops.ensure_running(sid, user, {}, None)
-                    if info.local and info.running and lost_at is not None:
-                        self._metrics.observe_failover(max(0.0, time.time() - lost_at))
+            if sid not in self._loops.runners:
+                info = await self._start(sid, user)
+                if moving:
+                    info = await self._once_let_go(sid, user, info)
+                if info.local and info.running and lost_at is not None:
+                    self._metrics.observe_failover(max(0.0, time.time() - lost_at))
         except EXPECTED as exc:
             # E.g. our lease lapsed or Redis failed mid-start: try again each heartbeat.
             if self._membership.lapsed:
@@ -111,6 +123,26 @@ class Restarts:
                 self._later[sid] = user
         finally:
             self._running.discard(sid)
+
+    async def _once_let_go(self, sid: str, user: str, info: ConversationInfo) -> ConversationInfo:
+        """A draining owner writes its notice, stores what the store lacks, then lets
+        the loop go: found still running there, ``sid`` is started again once it is let
+        go (unless another node takes it first), for up to ``HANDOFF_WAIT`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HANDOFF_WAIT
+        delay = 0.05
+        holder = info.owner
+        while info.running and not info.local and info.owner == holder:
+            if loop.time() + delay > deadline or self._intake.draining:
+                break
+            await asyncio.sleep(delay)  # not holding a place among the restarts
+            delay = min(delay * 2, 0.5)
+            info = await self._start(sid, user)
+        return info
+
+    async def _start(self, sid: str, user: str) -> ConversationInfo:
+        async with self._gate:
+            return await self._loops.ensure_running(sid, user, {}, None)
 
     async def resume_pending(
         self, released: list[tuple[str, str]], lost_at: float | None = None

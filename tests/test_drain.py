@@ -132,3 +132,24 @@ async def test_a_drain_lets_a_join_under_way_end_before_it_says_goodbye(make_nod
     assert joining.done()  # ended, one way or the other, before the drain did
     assert await b.state.redis.hgetall(b.keys.conv_conns("slow")) == {}
     assert await b.get_connections(user_id="bob") == {}
+
+
+async def test_a_drained_loop_starts_again_where_its_clients_watch_it_at_once(
+    make_nodes,
+) -> None:
+    """A node whose clients watch a conversation the drained node ran starts it again
+    without waiting for an action: the drained node writes its notice before it lets
+    the loop go (it stores the rest first), and that node found it still running there
+    and left it until the next action (three runs of a probe out of three)."""
+    a, b = await make_nodes(2)
+    await a.join_conversation("moving", "ca", {}, "bob")
+    await b.join_conversation("moving", "cb", {}, "bob")
+    await b.send_to_event_stream("cb", {"action": "message", "args": {"content": "hi"}})
+    sink = make_nodes.sinks["node2"]
+    await wait_until(lambda: len(sink.events["cb"]) >= 2, what="the answer on node2")
+    assert a.runner("moving") is not None and b.runner("moving") is None
+    await a.drain()
+    notices = [e for e in sink.events["cb"] if notice_code(e) == NODE_DRAINING]
+    assert notices, sink.events["cb"]
+    await wait_until(lambda: b.runner("moving") is not None, timeout=10, what="running on node2")
+    assert await b.is_agent_loop_running("moving")

@@ -28,6 +28,7 @@ from coordinator.websocket import CoalescingSansIOProtocol
 from tests.helpers import wait_until
 from tests.rawsocket import RawSocket
 from tests.server_fixtures import SECRET, ServerCluster
+from tests.test_metrics import samples
 
 
 def edge(**changes: Any) -> ServerConfig:
@@ -91,6 +92,10 @@ async def test_connections_are_capped_per_address_and_per_node(servers: ServerCl
     reader, _ = await tcp(a, "127.0.0.4")
     text, _ = await answer(reader)
     assert "this node holds its maximum of 5 connections" in text
+    # What /metrics says is the guard's that refused them (it read another, empty one).
+    got = samples(a.manager.metrics.render().decode(), "n1")
+    assert got["coordinator_open_connections"] == 5
+    assert got["coordinator_connections_refused_total"] == 2
     # Closing one makes room; websocket sessions count the same way.
     held.pop()[1].close()
     await wait_until(lambda: len(a.guard) == 4, timeout=5)

@@ -279,6 +279,34 @@ async def test_an_action_sent_again_with_its_client_action_id_is_logged_and_answ
     assert await event_count(servers, "idem") == 4
 
 
+async def test_a_node_says_it_drains_while_it_drains(servers: ServerCluster) -> None:
+    """A real drain (what SIGTERM runs), made to last by an agent that is slow to close:
+    /healthz says draining, joins and creates are refused as draining (503), never "the
+    manager is not running" (/healthz's 'degraded', a 500 with a stack trace, joins
+    refused as 'error': the manager let go of its node before draining it); once
+    stopped, a request is a 503 too."""
+    (a,) = await servers.start(1, agent="tests.agents:SlowCloseAgent", drain_timeout=3.0)
+    client = await servers.join(a, "busy", "alice")
+    assert await client.say("hi") == 1
+    draining = asyncio.ensure_future(a.manager.drain())
+    try:
+        await wait_until(lambda: a.manager.draining, what="the drain begun")
+        status, body = await servers.request("GET", a, "/healthz")
+        assert status == 503 and body["status"] == "draining" and body["draining"] is True
+        assert body["registered"] is True
+        status, body = await servers.request(
+            "POST", a, "/api/conversations", user="alice", json={"conversation_id": "new"}
+        )
+        assert status == 503 and "draining" in body["error"], body
+        why = await servers.client().refused(a.url, "other", servers.token("alice"))
+        assert "draining" in why
+        assert not draining.done()  # all of it while the drain waited on the agent
+    finally:
+        await draining
+    status, body = await servers.request("GET", a, "/api/conversations", user="alice")
+    assert status == 503 and body["error"] == "the manager is not started (use 'async with')"
+
+
 async def test_draining_node_refuses_connections(servers: ServerCluster) -> None:
     a, b = await servers.start(2)
     b.manager.node.intake.draining = True  # what a graceful stop sets first
