@@ -32,7 +32,7 @@ from workers.protocol import AgentContext
 from . import cpus
 from .agentworker import AgentWorker, WorkerLost
 from .backoff import Backoff
-from .config import ManagerConfig
+from .config import ENV_PREFIX, ManagerConfig
 from .errors import AgentFailed, ConfigError
 from .metrics import NodeMetrics
 from .poison import DIED, STALLED
@@ -117,7 +117,9 @@ class AgentPool:
         ]
         if self.placement is not None:
             args += ["--cpus", ",".join(map(str, sorted(self.placement.workers)))]
-        env = dict(os.environ)
+        # Not the node's own settings: agents are users' code, and those may hold the
+        # token secret, the Redis and event store passwords (COORDINATOR_*).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         # The agent is imported as the node would import it.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         if cfg.agent_memory_limit:

@@ -32,7 +32,7 @@ from .clisecrets import read_previous_secrets, read_secret_file, warn_about_visi
 from .config import ManagerConfig
 from .errors import REDIS_TROUBLE, ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
 from .inputs import check_user_id, parse_settings
-from .redisurl import redact_url
+from .redact import redact_url
 from .serverconfig import ServerConfig
 from .tasks import keep_cancelling
 

@@ -13,11 +13,10 @@ from typing import Any, NoReturn
 
 from .auth import ALGORITHMS, DEFAULT_MAX_LIFETIME, DEFAULT_TTL
 from .cliflags import CONFIG_FLAGS, SERVER_FLAGS, number, switch
-from .config import DEFAULT_AGENT
+from .config import DEFAULT_AGENT, ENV_PREFIX
 from .logformat import FORMATS
 from .redact import redact
 
-ENV_PREFIX = "COORDINATOR_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # Variables whose value is a credential: help says that they are set, never what to.
 SECRET_VARIABLES = frozenset({ENV_PREFIX + "SECRET", ENV_PREFIX + "TOKEN"})

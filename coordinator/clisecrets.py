@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .errors import ConfigError
-from .redisurl import redact_url
+from .redact import redact_url
 
 
 def read_secret_file(args: argparse.Namespace) -> None:

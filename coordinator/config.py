@@ -13,8 +13,10 @@ from typing import Any
 from . import cpus
 from .errors import ConfigError, InvalidInput
 from .inputs import ID_RE, shown
-from .redisurl import REDIS_MODES, SENTINEL_SCHEMES, check_redis_url, redact_url
+from .redact import redact_url
+from .redisurl import REDIS_MODES, SENTINEL_SCHEMES, check_redis_url
 
+ENV_PREFIX = "COORDINATOR_"  # of the environment variables that configure a node
 DEFAULT_AGENT = "workers.echo:EchoAgent"
 ISOLATIONS = ("process", "none")
 CAP_POLICIES = ("evict", "reject")

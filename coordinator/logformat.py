@@ -1,15 +1,11 @@
 """The node's log: one line per record on stderr, as text or as JSON (``--log-format``;
 the JSON lines are ``workers/logformat.py``'s, the agent workers' too). Records are
 redacted before either format sees them (``redact.py``: the filter on the root
-handler), so no token or password reaches the log in either."""
+handler, in the node and in its workers), so no token or password reaches the log."""
 
 from __future__ import annotations
 
-import logging
-
 from workers import logformat
-
-from . import redact
 
 FORMATS = logformat.FORMATS
 
@@ -17,5 +13,3 @@ FORMATS = logformat.FORMATS
 def configure(level: str, fmt: str, node: str) -> None:
     """Log at ``level`` in ``fmt`` (``FORMATS``) to stderr, redacted."""
     logformat.configure(level, fmt, "%(asctime)s %(levelname)s %(name)s: %(message)s", node)
-    # Whatever reaches the log, from any library, leaves tokens and passwords out.
-    redact.install_on_handlers(logging.getLogger())

@@ -15,7 +15,40 @@ import re
 import traceback
 from urllib.parse import unquote
 
-from .redisurl import redact_url
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*://", re.I)
+_SECRET_IN_QUERY = re.compile(r"(?P<head>[?&]\w*password=)[^&\s]*", re.I)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of any URL in it (``scheme://user:PASSWORD@``, or a
+    ``password=`` query parameter) replaced by ``***``: for logs and error messages.
+
+    A URL's userinfo is everything from ``//`` to the last ``@`` on its line before the
+    next URL: a password may hold ``@``, ``/``, ``#``, ``?`` or spaces, which a URL
+    parser takes for the host, the path or the end of the URL. So an ``@`` further on
+    the same line (an email address after the URL) hides what lies between: too much,
+    never too little."""
+    return _SECRET_IN_QUERY.sub(r"\g<head>***", _redact_userinfo(text))
+
+
+def _redact_userinfo(text: str) -> str:
+    schemes = list(_SCHEME.finditer(text))
+    pieces: list[str] = []
+    done = 0
+    for i, scheme in enumerate(schemes):
+        start = scheme.end()
+        line_end = text.find("\n", start)
+        end = len(text) if line_end < 0 else line_end
+        if i + 1 < len(schemes):
+            end = min(end, schemes[i + 1].start())
+        at = text.rfind("@", start, end)
+        user, colon, _ = text[start : max(at, start)].partition(":")
+        if at < 0 or not colon or "/" in user or any(c.isspace() for c in user):
+            continue  # no password, or that ":" is not a userinfo's
+        pieces += [text[done:start], user, ":***"]
+        done = at
+    return "".join(pieces) + text[done:]
+
 
 # Query parameters that carry credentials (the socket.io token, OAuth's access_token,
 # and the usual spellings of keys and passwords).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -171,3 +172,17 @@ class StateThenEmitAgent(EchoAgent):
         self._state = AgentState.AWAITING_USER_INPUT
         second = await self._emit({"action": "message", "args": {"content": f"after {first}"}})
         await self._emit({"action": "message", "args": {"content": f"after {second}"}})
+
+
+class TellingAgent(EchoAgent):
+    """Answers a message with the names of its process's COORDINATOR_ variables ('none'),
+    and logs a line holding a Redis URL's password and a bearer token first."""
+
+    async def dispatch(self, action: Event) -> None:
+        logging.getLogger("telling").warning(
+            "using redis://:S3cretPw@db:6379/0 and Authorization: Bearer t0k3nvalue"
+        )
+        names = sorted(k for k in os.environ if k.startswith("COORDINATOR_"))
+        if self._emit is not None:
+            reply = {"content": ",".join(names) or "none"}
+            await self._emit({"action": "message", "source": "agent", "args": reply})

@@ -161,3 +161,29 @@ async def test_processes_an_agent_started_end_when_its_node_is_killed(
                 os.kill(pid, signal.SIGKILL)
         await client.close()
         await cluster.async_stop()
+
+
+async def test_an_agent_sees_none_of_its_nodes_settings_and_its_log_lines_are_redacted(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Agents are users' code: the node's COORDINATOR_ variables (the token secret, the
+    Redis and store passwords) stay out of its workers' environment, and what an agent
+    logs loses credentials as the node's own lines do (it was written as given)."""
+    cluster = ProcessCluster(
+        redis_url, tmp_path, agent="tests.agents:TellingAgent", extra_args=ARGS
+    )
+    cluster.env["COORDINATOR_SECRET"] = cluster.secret
+    client = SioClient("c")
+    try:
+        (node,) = await cluster.async_start(1)
+        await client.connect(node.url, "conv", cluster.token("alice"))
+        await client.say("hi")
+        await client.wait_for(lambda: _answers(client), "the answer")
+        assert _answers(client) == ["none"]
+        await wait_until(lambda: "telling" in node.log_tail(), what="the agent's line")
+        line = next(x for x in node.log_tail().splitlines() if "telling" in x)
+        assert "S3cretPw" not in line and "t0k3nvalue" not in line, line
+        assert "redis://:***@db:6379/0" in line, line
+    finally:
+        await client.close()
+        await cluster.async_stop()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from coordinator.errors import ConfigError
-from coordinator.redact import redact
-from coordinator.redisurl import check_redis_url, redact_url
+from coordinator.redact import redact, redact_url
+from coordinator.redisurl import check_redis_url
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 One object per line: ``time`` (UTC, ISO 8601, milliseconds), ``level``, ``logger``,
 ``node``, ``worker`` (an agent worker's pid; absent in the node's own log),
 ``message`` and, when the record carries one, ``exc`` (the traceback, in one string).
+Either format is redacted first (``coordinator/redact.py``, which needs nothing but the
+standard library): an agent's own lines lose tokens and passwords as the node's do.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import logging
 import time
 from typing import Any
+
+from coordinator import redact
 
 FORMATS = ("text", "json")
 
@@ -40,11 +44,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str, fmt: str, text: str, node: str, worker: int | None = None) -> None:
-    """Log at ``level`` to stderr in ``fmt`` (``FORMATS``; ``text`` is the text format)."""
+    """Log at ``level`` to stderr in ``fmt`` (``FORMATS``; ``text`` is the text format),
+    redacted."""
     logging.basicConfig(level=level.upper(), format=text)
     if fmt == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter(node, worker))
+    # Whatever reaches the log, from any library or agent, leaves credentials out.
+    redact.install_on_handlers(logging.getLogger())
 
 
 def current_format() -> str:

@@ -32,7 +32,7 @@ from ..config import ManagerConfig
 from ..errors import REDIS_TROUBLE, ConfigError, RedisRefused, RedisUnavailable, redis_refused
 from ..keys import KeySchema
 from ..links import Endpoint, Locate
-from ..redisurl import redact_url
+from ..redact import redact_url
 from ..state import LeaseRenewer, RedisState
 from ..state.core import Lane
 from ..subscriptions import PUBSUB_NAME, Subscription, Subscriptions

@@ -23,7 +23,8 @@ from ..config import ManagerConfig
 from ..errors import RedisUnavailable
 from ..keys import KeySchema
 from ..links import Endpoint
-from ..redisurl import redact_url, with_address
+from ..redact import redact_url
+from ..redisurl import with_address
 from ..sharded import ShardedSubscriptions
 from ..slots import Address, SlotMap
 from ..state import LeaseRenewer

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ..config import ManagerConfig
 from ..errors import ConfigError
-from ..redisurl import SENTINEL_SCHEMES, redact_url
+from ..redact import redact_url
+from ..redisurl import SENTINEL_SCHEMES
 from .base import Backend, ask_node
 from .cluster import ClusterBackend
 from .sentinel import SentinelBackend
