@@ -122,7 +122,7 @@ def instructions(
     first = nodes[0].url
     other = nodes[1].url if len(nodes) > 1 else first
     token = issue_token("demo", secret)
-    admin = issue_token("admin", secret, claims={"admin": True})
+    admin = issue_token("admin", secret, claims={"role": "admin"})
     coordinator = shlex.join(coordinator_command())
     urls = " ".join(f"--url {n.url}" for n in nodes)
     if secret_file is not None and not set(secret) & {"\n", "\r"}:

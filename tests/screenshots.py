@@ -24,7 +24,7 @@ async def take(out: Path, redis_url: str, logs: Path) -> None:
     with ProcessCluster(redis_url, logs, extra_args=FAST) as cluster:
         node1, node2, node3 = await cluster.async_start(3)
         token = issue_token("demo", cluster.secret)
-        admin = issue_token("ops", cluster.secret, claims={"admin": True})
+        admin = issue_token("ops", cluster.secret, claims={"role": "admin"})
         async with Browser() as browser:
             url = f"{node1.url}/ui/chat.html#token={token}&conversation=demo1"
             await browser.open("chat", url)

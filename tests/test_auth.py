@@ -124,9 +124,11 @@ def test_a_token_verified_once_is_remembered_but_still_expires() -> None:
     ("claims", "org", "admin"),
     [
         ({}, "", False),
-        ({"org": "acme", "admin": True}, "acme", True),
+        ({"org": "acme", "role": "admin"}, "acme", True),
         ({"role": "admin"}, "", True),
-        ({"role": "user", "admin": "yes"}, "", False),  # only a true ``admin`` claim counts
+        ({"admin": True}, "", False),  # only the role counts: one claim makes an admin
+        ({"role": ["admin"]}, "", False),
+        ({"role": "user", "admin": "yes"}, "", False),
     ],
 )
 def test_identity_carries_the_org_and_the_admin_role(

@@ -15,7 +15,7 @@ from tests.server_fixtures import SECRET, ServerCluster
 
 
 def admin_token(user: str = "root") -> str:
-    return issue_token(user, SECRET, 3600, claims={"admin": True})
+    return issue_token(user, SECRET, 3600, claims={"role": "admin"})
 
 
 def rows(view: dict[str, Any], kind: str, key: str) -> dict[str, dict[str, Any]]:

@@ -29,7 +29,7 @@ async def test_a_revoked_user_is_logged_out_everywhere_and_signs_in_again(
 
     status, body = await servers.request("POST", a, "/api/users/alice/revoke", user="alice")
     assert status == 403, body  # not an admin
-    admin = issue_token("ops", SECRET, claims={"admin": True})
+    admin = issue_token("ops", SECRET, claims={"role": "admin"})
     status, body = await servers.request("POST", a, "/api/users/alice/revoke", token=admin)
     assert status == 200 and body["user"] == "alice", body
     assert body["revoked_at"] <= time.time()
@@ -83,7 +83,7 @@ async def test_a_connection_joining_while_its_user_is_revoked_is_ended_once_join
         )
     )
     await wait_until(lambda: "slow" in a.manager.node.loops.starting, what="the join under way")
-    admin = issue_token("ops", SECRET, claims={"admin": True})
+    admin = issue_token("ops", SECRET, claims={"role": "admin"})
     status, _ = await servers.request("POST", a, "/api/users/alice/revoke", token=admin)
     assert status == 200
     await connect
@@ -103,7 +103,7 @@ async def test_the_other_nodes_are_told_of_a_revocation_at_once(
     a, b = await servers.start(2)
     alice = servers.client("alice")
     await alice.connect(b.url, "elsewhere", servers.token("alice"))
-    admin = issue_token("ops", SECRET, claims={"admin": True})
+    admin = issue_token("ops", SECRET, claims={"role": "admin"})
     status, _ = await servers.request("POST", a, "/api/users/alice/revoke", token=admin)
     assert status == 200
     await wait_until(lambda: not alice.connected, timeout=10, what="ended by the command")
