@@ -118,6 +118,9 @@ class Archiver:
         self._notes: set[str] = set()  # a fresh loop's state notes: moved later
         self._spoken: set[str] = set()  # loops here that logged more than notes
         self._moving: set[str] = set()  # being moved now
+        # Failing to move, each tried again after its own backoff: one the store refuses
+        # for good (or slowly) holds back no other conversation.
+        self._failing: dict[str, Backoff] = {}
         self._wake = asyncio.Event()
         self.trouble = ""  # why the last attempt failed ('' once one works again)
         self.append_timeout = APPEND_TIMEOUT
@@ -125,7 +128,7 @@ class Archiver:
     @property
     def idle(self) -> bool:
         """Nothing logged here waits to be moved, and nothing is being moved."""
-        return not (self._pending or self._moving or self._wake.is_set())
+        return not (self._pending or self._moving or self._failing or self._wake.is_set())
 
     def logged(self, sid: str, *, note: bool = False) -> None:
         """Events of ``sid`` (owned here) were logged: move them soon. But while a loop
@@ -144,9 +147,9 @@ class Archiver:
         self._wake.set()
 
     async def run(self) -> None:
-        """The node's background task: move what ``logged`` named, retrying failures
-        with backoff (their events wait in Redis meanwhile)."""
-        backoff = Backoff(base=0.1, cap=5.0)
+        """The node's background task: move what ``logged`` named, retrying each
+        conversation that failed after its own backoff (its events wait in Redis)."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             await asyncio.sleep(GATHER_FOR)
@@ -158,17 +161,15 @@ class Archiver:
                 done = await self.move_all(leases)
             finally:
                 self._moving = set()
-            failed = [
-                lease.sid
-                for lease, moved in zip(leases, done, strict=True)
-                if not self._went(lease.sid, moved)
-            ]
-            if failed:
-                self._pending.update(failed)
-                await asyncio.sleep(backoff.next())
-                self._wake.set()
-            else:
-                backoff.reset()
+            for lease, moved in zip(leases, done, strict=True):
+                if not self._went(lease.sid, moved):
+                    backoff = self._failing.setdefault(lease.sid, Backoff(base=0.1, cap=5.0))
+                    loop.call_later(backoff.next(), self._again, lease.sid)
+
+    def _again(self, sid: str) -> None:
+        if sid in self._failing:  # not forgotten meanwhile
+            self._pending.add(sid)
+            self._wake.set()
 
     def _running(self, sids: Iterable[str]) -> list[Lease]:
         """The leases of those of ``sids`` whose loop runs here. (A function of its own:
@@ -214,7 +215,8 @@ class Archiver:
                 )
             self.trouble = f"cannot store events: {moved}"
             return False
-        if self.trouble:
+        self._failing.pop(sid, None)
+        if self.trouble and not self._failing:  # once none fails, not at each that works
             log.warning("event store %s: storing events again", self._where)
             self.trouble = ""
         return True
@@ -355,6 +357,8 @@ class Archiver:
     def forget(self, sid: str) -> None:
         """The loop of ``sid`` stopped here."""
         self._pending.discard(sid)
+        if self._failing.pop(sid, None) is not None and not self._failing:
+            self.trouble = ""  # what failed is another node's to move now
         self._notes.discard(sid)
         self._spoken.discard(sid)
 

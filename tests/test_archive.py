@@ -1225,3 +1225,45 @@ async def test_a_users_conversation_index_stays_bounded(make_nodes: NodeFactory)
         )
     index = a.keys.user_convs("prolific")
     assert await a.state.redis.zcard(index) == USER_INDEX_MAX
+
+
+async def test_a_conversation_of_no_user_is_moved_to_the_store(make_nodes) -> None:
+    """The seed's ``user_id=None`` (a single-user deployment): its events reach the
+    store as any other's. Before, the store refused them (an invalid user), the mover
+    logged an error and retried it for good, and its backoff held back the node's other
+    conversations too."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("anon", "c1", {}, None)
+    await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
+    sink = make_nodes.sinks["node1"]
+    await wait_until(lambda: len(sink.events["c1"]) >= 2, what="the answer")
+    await wait_stored(a, "anon", 2)
+    stored = await a.node.store.conversation("anon")
+    assert stored is not None and stored.user == ""
+    assert a.node.archiver.trouble == ""
+
+
+async def test_a_conversation_the_store_refuses_holds_back_no_other(
+    make_nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One conversation the store refuses for good (here: stored for another user
+    meanwhile) is retried on its own backoff: the others' events are stored meanwhile
+    and the node's store trouble stays said, once. Before, the mover slept the failing
+    one's backoff (up to 5 s) before moving anyone's, and each other conversation's
+    success logged 'storing events again' between its errors."""
+    caplog.set_level(logging.WARNING, logger="coordinator.archive")
+    (a,) = await make_nodes(1)
+    sink = make_nodes.sinks["node1"]
+    await a.join_conversation("taken", "ct", {}, "alice")
+    await a.node.store.append("taken", 1, [], user="bob")  # before its first move
+    await a.send_to_event_stream("ct", {"action": "message", "args": {"content": "hi"}})
+    await wait_until(lambda: a.node.archiver.trouble, what="the store refusing 'taken'")
+    await a.join_conversation("other", "co", {}, "carol")
+    for i in range(3):
+        await a.send_to_event_stream("co", {"action": "message", "args": {"content": f"{i}"}})
+        await wait_until(lambda i=i: len(sink.events["co"]) >= 2 * (i + 1), what="answered")
+        await wait_stored(a, "other", 2 * (i + 1))
+    assert "another user" in a.node.archiver.trouble
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if "storing events again" in line], lines
+    assert len([line for line in lines if "cannot store taken's events" in line]) == 1

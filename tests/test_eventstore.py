@@ -331,6 +331,27 @@ async def test_user_accounting(store: EventStore) -> None:
             await bad
 
 
+async def test_a_conversation_of_no_user_is_stored_too(store: EventStore) -> None:
+    """The seed's ``user_id=None``: user '' (a single-user deployment's every
+    conversation). Before, the store refused it as an invalid user: its events were
+    never stored, and the mover retried it for good, holding back the node's others."""
+    assert (await store.append("n1", 1, events(1, 3), user="")).status == "ok"
+    assert (await store.append("n1", 1, events(4, 4), user="")).status == "ok"
+    assert await store.read("n1") == events(1, 4)
+    known = await store.conversation("n1")
+    assert known is not None and (known.user, known.last_id) == ("", 4)
+    found = await store.lookup("n1", "", quota=10)
+    assert found.known == known
+    with pytest.raises(InvalidInput, match="another user"):
+        await store.append("n1", 1, events(5, 5), user="alice")
+    await store.append("a1", 1, events(1, 1), user="alice")
+    with pytest.raises(InvalidInput, match="another user"):
+        await store.append("a1", 1, events(2, 2), user="")
+    assert await store.count_conversations() == 2
+    assert await store.purge("n1") == (4, sum(len(data) for _, data in events(1, 4)))
+    assert await store.conversation("n1") is None
+
+
 async def test_malformed_calls_change_nothing(store: EventStore) -> None:
     await store.append("c1", 1, events(1, 2), user="u")
     bad_calls = [

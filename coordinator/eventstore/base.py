@@ -248,9 +248,11 @@ async def append_checked(
 
 
 def check_append(sid: str, epoch: int, events: Sequence[StoredEvent], user: str) -> None:
-    """Raise InvalidInput unless the arguments of an append are well formed."""
+    """Raise InvalidInput unless the arguments of an append are well formed (``user``
+    '': a conversation of no user, as the seed's ``user_id=None`` makes)."""
     check_conversation_id(sid)
-    check_user_id(user)
+    if user:
+        check_user_id(user)
     check_epoch(epoch)
     expected = None
     for item in events:

@@ -87,6 +87,10 @@ PER_JOB = 16
 # lookup: a conversation whose log does not exist is answered on the event loop when its
 # user has at most this many markers (a listing that stops there); else on a thread.
 QUICK_LISTING = 64
+# The user a log records for a conversation of no user (the seed's user_id=None): no
+# user id is spelt so (user ids are checked), and a log that records none is no
+# conversation's yet.
+NO_USER = "~"
 
 
 def _absent(path: Path) -> bool:
@@ -296,7 +300,7 @@ class FileEventStore(Opened):
             state = filelog.load(files, fd, self._cached(sid), repair=True)
             try:
                 state, result = filelog.append(
-                    files, fd, state, epoch, events, user, self._durable, self._users.add
+                    files, fd, state, epoch, events, user or NO_USER, self._durable, self._index
                 )
             except BaseException:
                 self._remember(sid, None)  # the file may hold a partial write: re-read it
@@ -328,7 +332,13 @@ class FileEventStore(Opened):
         state = self._state_sync(sid)
         if not state.user:
             return None
-        return StoredConversation(sid, state.user, state.epoch, state.last_id, state.size)
+        user = "" if state.user == NO_USER else state.user
+        return StoredConversation(sid, user, state.epoch, state.last_id, state.size)
+
+    def _index(self, sid: str, user: str) -> None:
+        """A new conversation of ``user`` in the users' index (one of no user is in none)."""
+        if user != NO_USER:
+            self._users.add(sid, user)
 
     async def lookup(self, sid: str, user: str, *, quota: int = 0) -> Lookup:
         check_conversation_id(sid)
@@ -406,7 +416,7 @@ class FileEventStore(Opened):
             for name in os.listdir(files.torn_dir):
                 if name.rpartition(".")[0] == sid:
                     (files.torn_dir / name).unlink(missing_ok=True)
-            if state.user:
+            if state.user and state.user != NO_USER:
                 self._users.remove(sid, state.user)
             files.log.unlink()
             self._remember(sid, None)
