@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from .config import MAX_COUNT, MAX_SECONDS
 from .errors import ConfigError
 from .ratelimit import Rate
 from .serverconfig import split_list
@@ -27,15 +28,20 @@ def switch(value: str) -> bool:
 
 
 def number(value: str) -> float:
-    """A finite number, for a flag or its environment variable: ``float`` also takes nan
-    (which turns any bound compared with it off), inf and 1e400 (inf: an overflow later,
-    or a wait without end)."""
+    """A finite number of seconds up to ``MAX_SECONDS``, for a flag or its environment
+    variable: ``float`` also takes nan (which turns any bound compared with it off), inf
+    and 1e400 (inf: an overflow later, or a wait without end), and 1e300 passes every
+    bound but fails where Redis takes it."""
     try:
         result = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
     if not math.isfinite(result):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    if abs(result) > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_SECONDS:.0e} seconds (about 31 years), got {value!r}"
+        )
     return result
 
 
@@ -53,7 +59,7 @@ def _size(value: str) -> int:
         size = float(word[: len(word) - len(unit)]) * _UNITS[unit]
     except ValueError:
         size = math.nan
-    if not math.isfinite(size):  # nan, inf, 1e400 or 1e308G
+    if not math.isfinite(size) or size > MAX_COUNT:  # nan, inf, 1e400, 1e308G or 1e300
         raise argparse.ArgumentTypeError(f"expected a size such as 512M, got {value!r}")
     return int(size)
 

@@ -17,6 +17,11 @@ from .redact import redact_url
 from .redisurl import REDIS_MODES, SENTINEL_SCHEMES, check_redis_url
 
 ENV_PREFIX = "COORDINATOR_"  # of the environment variables that configure a node
+# Bounds of any time (seconds) and any count a node is given: larger ones pass every
+# check here and then fail where Redis takes them (milliseconds past 64 bits; counts
+# past what its Lua numbers hold exactly), e.g. keys never set to expire.
+MAX_SECONDS = 1e9
+MAX_COUNT = 2**53
 DEFAULT_AGENT = "workers.echo:EchoAgent"
 ISOLATIONS = ("process", "none")
 CAP_POLICIES = ("evict", "reject")
@@ -200,12 +205,19 @@ class ManagerConfig:
                 raise ConfigError(f"{f.name} must be a string, got {type(value).__name__}")
             if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+            if expected == "int" and abs(value) > MAX_COUNT:
+                raise ConfigError(f"{f.name} must be at most {MAX_COUNT:,}, got {value!r}")
             if expected == "float" and (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or not math.isfinite(value)  # nan passes every bound; inf waits for good
             ):
                 raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+            if expected == "float" and abs(value) > MAX_SECONDS:
+                raise ConfigError(
+                    f"{f.name} must be at most {MAX_SECONDS:.0e} seconds (about 31 years), "
+                    f"got {value!r}"
+                )
         check_redis_url(self.redis_url)  # the scheme, a host, a port, its parameters
         if self.redis_mode not in REDIS_MODES:
             raise ConfigError(
