@@ -45,11 +45,11 @@ def number(value: str) -> float:
     return result
 
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def _size(value: str) -> int:
-    """A byte count such as 512M, 2G or 1048576 (K, M, G are powers of 1024); 0 or off:
+    """A byte count such as 512M, 2G or 1048576 (K, M, G, T are powers of 1024); 0 or off:
     none."""
     word = value.strip().upper().removesuffix("B").removesuffix("I")
     if word in ("0", "OFF", "NONE"):

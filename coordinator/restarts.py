@@ -21,6 +21,7 @@ from .loops import STORE_FLUSH_WITHIN, Loops
 from .membership import Membership
 from .metrics import NodeMetrics
 from .owners import ConversationInfo, Intake
+from .ratelimit import LogThrottle, Rate
 from .state import RedisState
 from .tasks import TaskSet
 
@@ -56,6 +57,7 @@ class Restarts:
         self._later: dict[str, str] = {}  # sid -> user, restarts that failed
         self._running: set[str] = set()
         self._gate = asyncio.Semaphore(max_concurrent)
+        self._restoring = LogThrottle(log, Rate(1.0, 10.0))
         bus.on("resume", self._on_resume)
         loops.orphaned = self.resume_pending
 
@@ -68,7 +70,13 @@ class Restarts:
         runner = self._loops.runners.get(sid)
         if runner is not None:
             runner.fence("its record is gone from Redis")
-        log.warning("conversation %s is gone from Redis; restoring it from the event store", sid)
+        # Each action of each watched conversation comes here until its record is back:
+        # after a Redis restart that is a line per action, thousands at once.
+        self._restoring.emit(
+            logging.WARNING,
+            "conversation %s is gone from Redis; restoring it from the event store",
+            sid,
+        )
         return await self._loops.ensure_running(sid, user, {}, None)
 
     async def ensure_served(self, sid: str, user: str, owner_inc: str) -> None:

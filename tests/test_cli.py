@@ -800,6 +800,10 @@ def test_every_numeric_flag_refuses_nan_inf_and_overflow(
                 build_parser().parse_args(["serve"])
             assert capsys.readouterr().err.startswith(f"error: {_env_name(flag)}: "), flag
             monkeypatch.delenv(_env_name(flag))
+    sizes = {"512M": 512 << 20, "2g": 2 << 30, "1T": 1 << 40, "64KiB": 64 << 10, "off": 0}
+    for text, size in sizes.items():  # the README's own spellings ("128M to 128T")
+        args = build_parser().parse_args(["serve", "--agent-memory-limit", text])
+        assert args.agent_memory_limit == size, text
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-agent-event-bytes", "1e308G"])
     assert "expected a size such as 512M, got '1e308G'" in capsys.readouterr().err
