@@ -41,6 +41,11 @@ def test_redact_takes_credentials_out_of_text() -> None:
         clean = redact(f'"GET /api/conversations?{query} HTTP/1.1" 200')
         assert token not in unquote(unquote(clean)) and "***" in clean, clean
     assert redact("100% of a 50%25 share") == "100% of a 50%25 share"  # nothing hidden
+    # What websockets' debug log keeps of a CONNECT frame: its start and end around "...".
+    cut = f'< TEXT \'40{{"token":"{token[:40]}...{token[-21:]}"}}\' [250 bytes]'
+    clean = redact(cut)
+    assert token[:40] not in clean and token[-21:] not in clean, clean
+    assert redact('40{"token": "opaque-not-a-jwt"}') == '40{"token": "***"}'
 
 
 async def test_cluster_and_node_views_show_a_user_only_their_own(servers: ServerCluster) -> None:
