@@ -57,8 +57,9 @@ _QUERY_SECRET = re.compile(
     r"|secret|api_key|apikey|key|ssl_password)=)[^&;\s\"'#]*",
     re.I,
 )
-# A JWT anywhere (three base64url parts, the first a JSON header: "eyJ"), or what a log kept of one: websockets' debug lines cut a long frame to
-# its start and end around "..." (its header and its signature's last characters).
+# A JWT anywhere (three base64url parts, the first a JSON header: "eyJ"), or what a log
+# kept of one: websockets' debug lines cut a long frame to its start and end around
+# "..." (the token's header and its signature's last characters).
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}(?:\.{1,3}[A-Za-z0-9_-]*)*")
 # A token given as JSON (the socket.io CONNECT packet's auth), whatever it looks like.
 _JSON_TOKEN = re.compile(r'(?P<head>"(?:token|access_token|password|secret)"\s*:\s*")[^"]*', re.I)
