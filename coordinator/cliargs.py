@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any, NoReturn
 
 from .auth import ALGORITHMS, DEFAULT_MAX_LIFETIME, DEFAULT_TTL
@@ -91,9 +92,18 @@ class _Parser(argparse.ArgumentParser):
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
+        if isinstance(action.default, FromEnvironment) and "(default" in text:
+            # The help's own "(default: ...)" is the code's; the environment's wins.
+            # Escaped for re.sub and for argparse, which %-formats help texts.
+            shown = f"(default: {action.default})".replace("\\", "\\\\").replace("%", "%%")
+            return _WRITTEN_DEFAULT.sub(shown, text, count=1)
         if "(default" in text or action.default in (None, argparse.SUPPRESS):
             return text
         return super()._get_help_string(action)
+
+
+# A help text's own "(default: ...)", with one level of parentheses inside.
+_WRITTEN_DEFAULT = re.compile(r"\(default[^()]*(?:\([^()]*\)[^()]*)*\)")
 
 
 class _Given(argparse.Action):

@@ -717,6 +717,7 @@ def test_help_never_shows_a_secret_from_the_environment(
     monkeypatch.setenv("COORDINATOR_EVENT_STORE", "postgresql://u:PGPW@db/events")
     monkeypatch.setenv("COORDINATOR_TOKEN_ISSUER", "https://u:URLPW@idp.example.test")
     monkeypatch.setenv("COORDINATOR_HOST", "0.0.0.0")
+    monkeypatch.setenv("COORDINATOR_NODE_TTL", "9")
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
     assert info.value.code == 0
@@ -732,6 +733,10 @@ def test_help_never_shows_a_secret_from_the_environment(
         assert f"(default: {issuer})" in out
     if command == ["serve"]:
         assert "(default: 0.0.0.0, from $COORDINATOR_HOST)" in out
+        # Flags whose help writes its own default say the environment's instead.
+        redis = "redis://u:***@redis:6379/0, from $COORDINATOR_REDIS_URL"
+        assert f"(default: {redis})" in out and "private embedded one" not in out
+        assert "(default: 9, from $COORDINATOR_NODE_TTL)" in out
 
 
 def test_environment_is_checked_against_each_flags_choices(
