@@ -1,4 +1,6 @@
-"""The exception tree: everything the coordinator raises derives from CoordinatorError."""
+"""The exception tree: everything the coordinator raises on purpose derives from
+CoordinatorError; what reaching Redis raises (redis-py's errors, the socket's) is
+passed on as it is, and ``EXPECTED`` names both kinds (README, "Using it")."""
 
 from __future__ import annotations
 
@@ -156,6 +158,10 @@ class CapacityTimeout(CoordinatorError, TimeoutError):
 
 class NodeDraining(CoordinatorError):
     """This node is shutting down and takes no new loops or connections."""
+
+
+class NodeIdInUse(CoordinatorError):
+    """Another live process holds this node id's lease (two nodes started with one id)."""
 
 
 class NodeStopped(NodeDraining):

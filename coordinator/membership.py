@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 
 from .config import ManagerConfig
+from .errors import NodeIdInUse
 from .state import LeaseRenewer, RedisState
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,10 @@ class Membership:
                 self._arm(t0)
                 return other
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node id {self.node!r} is in use by {other}")
+                raise NodeIdInUse(
+                    f"node id {self.node!r} is in use by {other} (another node started "
+                    f"with it, still alive after {wait:.0f}s): give each node an id of its own"
+                )
             if other != waiting_for:  # once per holder, not per try
                 waiting_for = other
                 log.warning(

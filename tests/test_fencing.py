@@ -337,3 +337,35 @@ async def test_a_loop_fenced_while_stopping_gives_its_channel_back_once(make_nod
     assert runner.fenced
     await asyncio.sleep(0.2)  # the fenced loop's tidying up (a task) has run
     assert channel in a.node.subscriptions.channels  # the connection's reference
+
+
+async def test_a_second_node_with_a_live_nodes_id_is_refused_and_leaves_nothing(
+    redis_url: str,
+) -> None:
+    """Two nodes started with one id: the second waits out the first's lease, then is
+    refused with a CoordinatorError that says what to do (it was a RuntimeError); and
+    once the first stops too, no connection of either is left open in Redis (the shared
+    pool's stayed open, each failed start's and each stopped node's, until the garbage
+    collector came)."""
+    from coordinator import ConversationManager
+    from coordinator.errors import NodeIdInUse
+    from tests.helpers import fast_config
+
+    def named(name: str) -> ConversationManager:  # its connections carry the name
+        return ConversationManager(fast_config(f"{redis_url}?client_name={name}", "dup"))
+
+    first, twin = named("first"), named("twin")
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await first.start()
+        with pytest.raises(NodeIdInUse, match="node id 'dup' is in use by dup/"):
+            await twin.start()
+        assert await first.is_agent_loop_running("nothing") is False  # unharmed
+        names = {c["name"] for c in await redis.client_list()}
+        assert "first" in names and "twin" not in names, names
+        await first.aclose()
+        names = {c["name"] for c in await redis.client_list()}
+        assert not names & {"first", "twin"}, names
+    finally:
+        await first.aclose()
+        await redis.aclose()

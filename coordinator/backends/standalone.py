@@ -40,7 +40,9 @@ class StandaloneBackend(Backend):
             retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 2),
             health_check_interval=10,
         )
-        self._client = aioredis.Redis(connection_pool=pool)
+        # Its own pool, closed with it (a client given a pool leaves it open: its
+        # connections stayed until the garbage collector came, after every stop).
+        self._client = aioredis.Redis.from_pool(pool)
         self._owned.append(self._client)
 
     @property
