@@ -230,17 +230,18 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
 
     def backlogged(self, eio_sid: str, *, half: bool = False) -> str | None:
         """Why this client has too much waiting for it (more than ``max_queued_events``
-        or, on a websocket, ``max_queued_bytes``; ``half``: half as much), or None."""
+        or, on a websocket, ``max_queued_bytes``, each 0 for no limit; ``half``: half as
+        much), or None."""
         socket = self.eio.sockets.get(eio_sid)
         if socket is None or socket.closed:
             return None
         events, size = self.max_queued_events, self.max_queued_bytes
         if half:
             events, size = events // 2, size // 2
-        if socket.queue.qsize() > events:
+        if self.max_queued_events and socket.queue.qsize() > events:
             return f"over {events} events waiting"
         frames = FrameGuard.of(self.environ.get(eio_sid))
-        if frames is not None and frames.backlog > size:
+        if self.max_queued_bytes and frames is not None and frames.backlog > size:
             return f"over {size} bytes waiting"
         return None
 

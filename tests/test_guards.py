@@ -220,6 +220,26 @@ async def test_a_connect_the_node_cannot_read_is_refused_not_closed(
     assert await again.closed() == (1008, "more than 3 CONNECT attempts")
 
 
+async def test_queued_bounds_of_zero_are_no_limit(servers: ServerCluster) -> None:
+    """A count of 0 is no limit, as the README says of every one: a client that reads
+    nothing for a while is kept (with 0 it was dropped at its first event waiting)."""
+    config = ServerConfig(**NO_LIMITS, max_queued_events=0, max_queued_bytes=0)
+    (a,) = await servers.start(1, server_config=config)
+    writer = await joined(servers, a)
+    idle = await RawSocket.open(a.url, {"conversation_id": "conv"}, max_queue=2)
+    await idle.join(servers.token("alice"))
+    sio = a.manager.sink.sio  # type: ignore[attr-defined]
+    action = {"action": "message", "args": {"content": "z" * 60_000}}
+    most = 0
+    for _ in range(80):  # about 10 MB, past the kernel's and uvicorn's buffers
+        ack = await writer.call("oh_user_action", action)
+        assert ack["ok"], ack
+        most = max(most, *(socket.queue.qsize() for socket in sio.eio.sockets.values()))
+    assert most > 0  # events did wait for it
+    assert len(a.manager.local_connections()) == 2
+    await idle.aclose()
+
+
 @pytest.mark.parametrize(
     "bound", [{"max_queued_events": 20}, {"max_queued_bytes": 400_000}], ids=["events", "bytes"]
 )
