@@ -91,7 +91,9 @@ def store_mismatch(
         f"move between nodes. Fix: start this node with --event-store {where} (the same "
         "directory, on a volume every node mounts, or the same PostgreSQL database; "
         "nodes on several machines need postgresql://...); or, for a separate cluster, "
-        f"another --key-prefix or Redis. If the cluster really moved to a new store, "
+        "another --key-prefix or Redis and a store of its own (two clusters sharing a "
+        "store would see each other's conversations). If the cluster really moved to a "
+        "new store, "
         f"delete the Redis key {state.keys.event_store()} once every node uses it."
     )
 

@@ -30,8 +30,8 @@ FINAL_REFUSALS = ("authentication failed", "forbidden", "invalid", "settings", "
 
 
 def check_node_url(url: str) -> str:
-    """``url`` without a trailing slash if it is an http(s) URL with a host and a port
-    0-65535 (a node's, or a load balancer's); else ConfigError naming it without its
+    """``url`` without a trailing slash if it is ``http(s)://[USERINFO@]HOST[:PORT]`` (a port
+    0-65535; a node's, or a load balancer's); else ConfigError naming it without its
     password."""
     try:
         parts = urlsplit(url)
@@ -40,6 +40,13 @@ def check_node_url(url: str) -> str:
         raise ConfigError(f"{redact(url)!r}: its host or port cannot be read") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{redact(url)!r} is not a node's URL, e.g. http://127.0.0.1:8000")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        # socket.io connects to the host's /socket.io/ whatever the path, REST calls
+        # would take it: half used.
+        raise ConfigError(
+            f"{redact(url)!r}: a node's URL is http(s)://[USER:PASSWORD@]HOST[:PORT], "
+            "with no path or query"
+        )
     return url.rstrip("/")
 
 

@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "quick start:\n"
             "  coordinator cluster                 # 3 local nodes + a private Redis\n"
-            "  coordinator chat --url http://127.0.0.1:8000 --conversation demo1 --secret S"
+            "  coordinator chat --url http://127.0.0.1:8000 --conversation demo1 "
+            "--secret-file FILE\n"
+            "                                      # the command 'cluster' prints, its FILE"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

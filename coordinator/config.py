@@ -205,19 +205,13 @@ class ManagerConfig:
                 raise ConfigError(f"{f.name} must be a string, got {type(value).__name__}")
             if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{f.name} must be an integer, got {value!r}")
-            if expected == "int" and abs(value) > MAX_COUNT:
-                raise ConfigError(f"{f.name} must be at most {MAX_COUNT:,}, got {value!r}")
             if expected == "float" and (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or not math.isfinite(value)  # nan passes every bound; inf waits for good
             ):
                 raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
-            if expected == "float" and abs(value) > MAX_SECONDS:
-                raise ConfigError(
-                    f"{f.name} must be at most {MAX_SECONDS:.0e} seconds (about 31 years), "
-                    f"got {value!r}"
-                )
+
         check_redis_url(self.redis_url)  # the scheme, a host, a port, its parameters
         if self.redis_mode not in REDIS_MODES:
             raise ConfigError(
@@ -368,6 +362,20 @@ class ManagerConfig:
                 f"stop: need 2 * {self.heartbeat_interval} <= node_ttl - lease_margin "
                 f"({self.node_ttl} - {self.lease_margin})"
             )
+        self._within_what_redis_takes()
+
+    def _within_what_redis_takes(self) -> None:
+        """Last: a field with a bound of its own says it first."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = f.type if isinstance(f.type, str) else f.type.__name__
+            if expected == "int" and abs(value) > MAX_COUNT:
+                raise ConfigError(f"{f.name} must be at most {MAX_COUNT:,}, got {value!r}")
+            if expected == "float" and abs(value) > MAX_SECONDS:
+                raise ConfigError(
+                    f"{f.name} must be at most {MAX_SECONDS:.0e} seconds (about 31 years), "
+                    f"got {value!r}"
+                )
 
     def __repr__(self) -> str:
         # The dataclass's own, with the Redis URL's password left out (configs get logged).

@@ -846,6 +846,7 @@ async def test_chat_refuses_bad_urls_and_leaks_no_session_or_password() -> None:
             down.append(s.getsockname()[1])  # closed: nothing listens there
     talk = ["--conversation", "x", "--reconnect-for", "3"]
     bad = ["notaurl", "http://[::1", "http://127.0.0.1:99999", "ftp://u:PASSX@127.0.0.1/"]
+    bad += ["http://u:PASSX@127.0.0.1:1/path", "http://127.0.0.1:1/?x=1"]  # half used
     results = await asyncio.gather(
         *(run("chat", "--url", url, *talk, COORDINATOR_SECRET="s" * 32) for url in bad),
         run(
