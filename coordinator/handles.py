@@ -66,12 +66,18 @@ class AttachedHandles:
         if entry is not None:
             _release(entry[0])
 
-    def release_detached(self) -> None:
-        """At shutdown: release every detached handle now."""
+    def release_all(self) -> dict[str, int]:
+        """At shutdown: release every handle now; how many attaches each conversation
+        still had here (the node gives them back to the cluster-wide count)."""
         for handle, timer in self._detached.values():
             timer.cancel()
             _release(handle)
         self._detached.clear()
+        held = {sid: n for sid, (_, n) in self._attached.items()}
+        for handle, _ in self._attached.values():
+            _release(handle)
+        self._attached.clear()
+        return held
 
 
 def _release(handle: ConversationHandle) -> None:

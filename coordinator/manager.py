@@ -8,6 +8,8 @@ that owns it (``node.py`` lists them).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Collection, Mapping
@@ -23,6 +25,7 @@ from .catchup import EventSink, NullSink
 from .config import DEFAULT_LIFETIMES, Lifetimes, ManagerConfig
 from .directory import Directory
 from .errors import (
+    EXPECTED,
     ConfigError,
     ConnectionNotFound,
     ConversationNotFound,
@@ -65,6 +68,14 @@ MAX_PAGE_BYTES = 4 << 20
 
 def _user(user_id: str | None) -> str:
     return "" if user_id is None else check_user_id(user_id)
+
+
+async def _uncount(state: RedisState, sid: str, counting: asyncio.Future[Any]) -> None:
+    """Take back an attach whose caller was cancelled, once it is known to have counted."""
+    with contextlib.suppress(*EXPECTED):
+        status, _ = await counting
+        if status == "ok":
+            await state.attach(sid, "", -1)
 
 
 def _org(org: str | None) -> str:
@@ -211,15 +222,23 @@ class ConversationManager:
     async def attach_to_conversation(
         self, sid: str, user_id: str | None = None
     ) -> ConversationHandle:
-        """Take a handle on an existing conversation (REST callers); counted cluster-wide."""
+        """Take a handle on an existing conversation (REST callers); counted cluster-wide.
+        A call cancelled meanwhile takes its count back (its caller has no handle to
+        detach) once Redis has answered."""
         check_conversation_id(sid)
         user = _user(user_id)
-        status, _ = await self.state.attach(sid, user, +1)
+        node = self.node
+        counting = asyncio.ensure_future(node.state.attach(sid, user, +1))
+        try:
+            status, _ = await asyncio.shield(counting)
+        except asyncio.CancelledError:
+            node.tasks.spawn(_uncount(node.state, sid, counting), f"uncount:{sid}")
+            raise
         if status == "missing":
             raise ConversationNotFound(sid)
         if status == "forbidden":
             raise Forbidden(sid)
-        return self.node.handles.attach(sid, user)
+        return node.handles.attach(sid, user)
 
     async def detach_from_conversation(self, conversation: ConversationHandle) -> None:
         """Drop one reference; the handle is released ``close_delay`` after the last one."""

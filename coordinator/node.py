@@ -338,7 +338,9 @@ class Node:
         await self._stop_loops(None)
         await self.sessions.settle()
         await self.sessions.leave_all()
-        self.handles.release_detached()
+        with contextlib.suppress(*REDIS_TROUBLE):  # else counted until the record goes
+            for sid, held in self.handles.release_all().items():
+                await self.state.attach(sid, "", -held)
         await self.subscriptions.aclose()
         await self.tasks.aclose()
         if self.agents is not None:

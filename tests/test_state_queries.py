@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from coordinator.errors import StoreBehind
@@ -84,6 +85,27 @@ async def test_attach_refcounts_across_nodes_and_release_after_close_delay(make_
     hb2 = await b.attach_to_conversation("att", "carol")
     assert hb2 is hb and not hb.released
     assert await a.attached_count("att") == 1
+
+
+async def test_attaches_a_caller_cannot_detach_are_not_counted_for_good(make_nodes) -> None:
+    """An attach cancelled before it returned (its caller has no handle to detach), and
+    the handles a node still held when it stopped: each was counted for good."""
+    a, b = await make_nodes(2)
+    await a.maybe_start_agent_loop("att", {}, "carol")
+    for _ in range(3):
+        attaching = asyncio.ensure_future(b.attach_to_conversation("att", "carol"))
+        await asyncio.sleep(0)  # under way: its count is on its way to Redis
+        attaching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await attaching
+        assert attaching.cancelled()
+    await asyncio.sleep(0.2)  # a count that landed after its cancel is taken back
+    assert await a.attached_count("att") == 0
+    await b.attach_to_conversation("att", "carol")
+    await b.attach_to_conversation("att", "carol")
+    assert await a.attached_count("att") == 2
+    await b.aclose()
+    assert await a.attached_count("att") == 0
 
 
 async def test_event_ids_increase_by_one_and_the_log_is_bounded(make_nodes) -> None:
