@@ -94,7 +94,8 @@ class Owners:
         nor taken (InvalidInput)."""
         membership = self._membership
         dead = ""
-        stored: tuple[int, int, int] | None = None  # the store's (last id, fence, bytes)
+        stored: tuple[int, int, int, int] | None = None  # the store's (last id, fence,
+        # bytes, created)
         while True:
             own = await self._state.acquire(
                 sid,
@@ -103,7 +104,7 @@ class Owners:
                 user,
                 create=stored is not None and not self._intake.draining,
                 dead_inc=dead,
-                stored=stored or (0, 0, 0),
+                stored=stored or (0, 0, 0, 0),
                 close_delay=lifetimes.close_delay,
                 max_running_time=lifetimes.max_running_time,
                 latest=latest,
@@ -131,8 +132,9 @@ class Owners:
                 return ConversationInfo(sid, own.user, own.owner, True, False)
             dead = own.inc
 
-    async def _stored(self, sid: str, user: str) -> tuple[int, int, int]:
-        """The event store's ``(last id, fence epoch, bytes)`` of ``sid``; Forbidden when
+    async def _stored(self, sid: str, user: str) -> tuple[int, int, int, int]:
+        """The event store's ``(last id, fence epoch, bytes, created ms)`` of ``sid``
+        (zeros when it holds none); Forbidden when
         it is another user's, LimitExceeded when it is new and ``user`` has
         ``max_conversations_per_user`` stored."""
         quota = self._config.max_conversations_per_user
@@ -146,12 +148,12 @@ class Owners:
                     f"{quota}); delete one for good (DELETE /api/conversations/ID?purge=true) "
                     "first",
                 )
-            return 0, 0, 0
+            return 0, 0, 0, 0
         if user and known.user != user:
             raise Forbidden(sid)
         if known.last_id:
             log.info("conversation %s comes back from the event store at %d", sid, known.last_id)
-        return known.last_id, known.epoch, known.size
+        return known.last_id, known.epoch, known.size, known.created
 
     async def give_up(self, lease: Lease, status: Event | None, *, watched: bool = True) -> bool:
         """Undo a start that never ran: tell the clients why, drop claim and ownership;

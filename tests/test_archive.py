@@ -660,6 +660,12 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     sink = make_nodes.sinks["node2"]
     await wait_until(lambda: len(sink.events["cb"]) >= last, what="the history replayed")
     assert await send(b, "cb", "two") == last + 1
+    # Back in Redis it keeps its creation time (the store's), so the list keeps its
+    # place: it was made new at each return, jumping to the top of the list.
+    back = await b.directory.conversation_view("kept")
+    assert back["created"] == listed[1]["created"]
+    listed, _ = await b.directory.list_conversations("alice")
+    assert [c["conversation_id"] for c in listed] == ["fresh", "kept"]
 
 
 async def test_a_conversation_without_events_leaves_its_users_index_when_it_retires(

@@ -320,6 +320,11 @@ async def test_user_accounting(store: EventStore) -> None:
     times = [created for _, created in listed]
     assert times == sorted(times, reverse=True)
     assert before - 1000 <= times[-1] and times[0] <= time.time() * 1000 + 1000
+    # A conversation's own answer says when it was first stored, as the list does.
+    for sid, created in listed:
+        known = await store.conversation(sid)
+        assert known is not None and known.created == created, (sid, known)
+        assert (await store.lookup(sid, "alice")).known == known
     await store.append("a1", 1, events(3, 4), user="alice")
     assert await store.list_conversations("alice", 10) == listed
     assert await store.list_conversations("alice", 2) == listed[:2]

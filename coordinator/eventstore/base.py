@@ -76,13 +76,15 @@ class Batch:
 @dataclass(frozen=True, slots=True)
 class StoredConversation:
     """A conversation as the store knows it: its user (recorded by the first append),
-    fence epoch, last stored id and the bytes of its stored events."""
+    fence epoch, last stored id, the bytes of its stored events, and when the store
+    first recorded it (ms since the epoch; 0 when it cannot say)."""
 
     sid: str
     user: str
     epoch: int
     last_id: int
     size: int
+    created: int = 0
 
 
 @dataclass(frozen=True, slots=True)

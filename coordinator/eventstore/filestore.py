@@ -332,8 +332,10 @@ class FileEventStore(Opened):
         state = self._state_sync(sid)
         if not state.user:
             return None
-        user = "" if state.user == NO_USER else state.user
-        return StoredConversation(sid, user, state.epoch, state.last_id, state.size)
+        if state.user == NO_USER:
+            return StoredConversation(sid, "", state.epoch, state.last_id, state.size)
+        created = self._users.created(sid, state.user)
+        return StoredConversation(sid, state.user, state.epoch, state.last_id, state.size, created)
 
     def _index(self, sid: str, user: str) -> None:
         """A new conversation of ``user`` in the users' index (one of no user is in none)."""

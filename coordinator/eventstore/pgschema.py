@@ -31,6 +31,8 @@ from .errors import StoreCorrupt
 
 SCHEMA_VERSION = 1
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# A conversation's created_at as ms since the epoch (StoredConversation.created).
+CREATED_MS = "(extract(epoch FROM created_at) * 1000)::bigint"
 
 # (version, DDL); ``{s}`` is the quoted schema name. Append, never edit.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -97,10 +99,11 @@ class Statements:
     def for_schema(cls, schema: str) -> Statements:
         s = quote_schema(schema)
         return cls(
-            conversation=f"SELECT user_id, epoch, last_id, bytes FROM {s}.conversations "
-            "WHERE conversation_id = $1",
+            conversation="SELECT user_id, epoch, last_id, bytes, "
+            f"{CREATED_MS} AS created FROM {s}.conversations WHERE conversation_id = $1",
             # The conversation, or (when $3, a quota, is set) its user's count: one trip.
             lookup="SELECT c.user_id, c.epoch, c.last_id, c.bytes, "
+            f"{CREATED_MS.replace('created_at', 'c.created_at')} AS created, "
             f"CASE WHEN c.user_id IS NULL AND $3::int > 0 THEN (SELECT count(*) FROM "
             f"{s}.conversations WHERE user_id = $2::text) ELSE 0 END AS counted "
             f"FROM (SELECT 1) AS one LEFT JOIN {s}.conversations c ON c.conversation_id = $1",
@@ -127,8 +130,7 @@ class Statements:
             "WHERE before < $4 ORDER BY id",
             count_user=f"SELECT count(*) FROM {s}.conversations WHERE user_id = $1",
             count_all=f"SELECT count(*) FROM {s}.conversations",
-            list_user=f"SELECT conversation_id, "
-            "(extract(epoch FROM created_at) * 1000)::bigint AS created "
+            list_user=f"SELECT conversation_id, {CREATED_MS} AS created "
             f"FROM {s}.conversations WHERE user_id = $1 "
             "ORDER BY created_at DESC, conversation_id LIMIT $2",
             delete_conversation=f"DELETE FROM {s}.conversations WHERE conversation_id = $1 "

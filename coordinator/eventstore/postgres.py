@@ -300,9 +300,7 @@ class PostgresEventStore(Opened):
         row = await self._call(lambda conn: conn.fetchrow(self._sql.conversation, sid))
         if row is None:
             return None
-        return StoredConversation(
-            sid, str(row["user_id"]), int(row["epoch"]), int(row["last_id"]), int(row["bytes"])
-        )
+        return _stored(sid, row)
 
     async def last_id(self, sid: str) -> int:
         found = await self.conversation(sid)
@@ -320,11 +318,7 @@ class PostgresEventStore(Opened):
         row = await self._call(lambda conn: conn.fetchrow(self._sql.lookup, sid, user, asked))
         if row["user_id"] is None:
             return Lookup(None, int(row["counted"]))
-        return Lookup(
-            StoredConversation(
-                sid, str(row["user_id"]), int(row["epoch"]), int(row["last_id"]), int(row["bytes"])
-            )
-        )
+        return Lookup(_stored(sid, row))
 
     async def count_conversations(self, user: str | None = None) -> int:
         if user is None:
@@ -391,3 +385,15 @@ class _Corrupt(Exception):
     def __init__(self, last_ids: dict[str, int]) -> None:
         super().__init__(", ".join(sorted(last_ids)))
         self.last_ids = last_ids
+
+
+def _stored(sid: str, row: Any) -> StoredConversation:
+    """A conversation's row (``conversation``, ``lookup``) as the store's answer."""
+    return StoredConversation(
+        sid,
+        str(row["user_id"]),
+        int(row["epoch"]),
+        int(row["last_id"]),
+        int(row["bytes"]),
+        int(row["created"]),
+    )

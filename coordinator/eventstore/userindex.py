@@ -91,5 +91,13 @@ class UserIndex:
                 listed.append((sid, mtime_ns // 1_000_000))
         return listed
 
+    def created(self, sid: str, user: str) -> int:
+        """When ``sid`` was first stored for ``user`` (ms since the epoch; its marker's
+        time, as ``newest`` lists it), 0 without a marker."""
+        try:
+            return os.stat(self._folder(user) / sid).st_mtime_ns // 1_000_000
+        except FileNotFoundError:
+            return 0
+
     def _stored(self, sid: str, user: str) -> bool:
         return filelog.stored_for(self._conversations / f"{sid}.log", user)

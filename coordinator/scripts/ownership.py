@@ -23,6 +23,8 @@ ACQUIRE = (
 -- ARGV[10] max_running_time (s) to record when it is created ('' = the nodes' default)
 -- ARGV[11] the latest event id a joining client saw ('' = none): past the last event,
 --          nothing is created or taken ('ahead', the last event id in place of applied)
+-- ARGV[12] when creating one the event store holds: when the store first recorded it
+--          (ms; '0' = now), kept as its creation time
 -- returns  {status, epoch, owner node, owner incarnation, user, applied, close_delay,
 --          max_running_time} (the last two as recorded, '' if not)
 --   status: 'created' | 'ok' (ours now, epoch bumped) | 'mine' (already ours; epoch bumped too)
@@ -42,7 +44,8 @@ if redis.call('EXISTS', meta) == 0 then
   redis.call('HSET', meta, 'user', ARGV[3], 'owner', ARGV[1], 'inc', ARGV[2],
              'epoch', epoch, 'state', 'loading', 'seq', base, 'applied', base,
              'stored', base, 'lbytes', size, 'sbytes', size, 'tbytes', size, 'refs', 0,
-             'largest', 0, 'created', now, 'last_active', now)
+             'largest', 0, 'created', tonumber(ARGV[12]) > 0 and ARGV[12] or now,
+             'last_active', now)
   if ARGV[9] ~= '' then redis.call('HSET', meta, 'close_delay', ARGV[9]) end
   if ARGV[10] ~= '' then redis.call('HSET', meta, 'max_running_time', ARGV[10]) end
   return {'created', epoch, ARGV[1], ARGV[2], ARGV[3], base, ARGV[9], ARGV[10]}

@@ -27,7 +27,7 @@ class ConversationOps(StateCore):
         *,
         create: bool,
         dead_inc: str = "",
-        stored: tuple[int, int, int] = (0, 0, 0),
+        stored: tuple[int, int, int, int] = (0, 0, 0, 0),
         close_delay: float | None = None,
         max_running_time: float | None = None,
         latest: int | None = None,
@@ -35,9 +35,9 @@ class ConversationOps(StateCore):
         """Take ownership of ``sid`` for ``inc`` (bumping the fencing epoch), creating the
         conversation for ``user`` when ``create`` (with the lifetimes given, if any);
         ``dead_inc`` may be replaced. ``stored``: the event store's ``(last id, fence
-        epoch, bytes)`` of the conversation being created (its ids and epochs go on above
-        them); ``latest``: the last event id a joining client saw (past the last event:
-        'ahead', nothing created or taken)."""
+        epoch, bytes, created ms)`` of the conversation being created (its ids and epochs
+        go on above them; it keeps its creation time); ``latest``: the last event id a
+        joining client saw (past the last event: 'ahead', nothing created or taken)."""
         r = await self._run(
             "acquire",
             [*self.conversation_keys(sid), self.keys.purging(sid)],
@@ -47,10 +47,11 @@ class ConversationOps(StateCore):
                 user,
                 dead_inc,
                 "1" if create else "0",
-                *stored,
+                *stored[:3],
                 "" if close_delay is None else repr(close_delay),
                 "" if max_running_time is None else repr(max_running_time),
                 "" if latest is None else latest,
+                stored[3],
             ],
             hot=True,
         )
