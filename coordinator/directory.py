@@ -249,7 +249,8 @@ class Directory:
             stored = await self._store.conversation(sid)
             if stored is None:
                 return {}
-            return {**describe_retired(sid), "events": stored.last_id, "user": stored.user}
+            view = describe_retired(sid, stored.created or None)
+            return {**view, "events": stored.last_id, "user": stored.user}
         view = describe(sid, meta, set((await self.nodes()).values()))
         view["user"] = meta.get("user", "")
         return view

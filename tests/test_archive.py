@@ -644,6 +644,9 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     listed, _ = await a.directory.list_conversations("alice")
     assert listed == [describe_retired("kept", listed[0]["created"])]
     assert listed[0]["state"] == "stopped" and listed[0]["created"] > 0
+    # Asked for alone it says as much, with its last id.
+    view = await a.directory.conversation_view("kept")
+    assert view == {**listed[0], "events": last, "user": "alice"}
     await a.join_conversation("fresh", "cf", {}, "alice")  # newer, and in Redis
     listed, _ = await a.directory.list_conversations("alice")
     assert [(c["conversation_id"], c["state"]) for c in listed] == [
