@@ -331,8 +331,8 @@ class ConversationManager:
         node = self.node
         meta = await self.state.meta(sid)
         if not meta:  # retired from Redis, its history in the store: nothing runs
-            owner = await self.user_of(sid)
-            if not owner:
+            owner = await self._user_if_known(sid)
+            if owner is None:
                 raise ConversationNotFound(sid)
             if user and owner != user:
                 raise Forbidden(sid)
@@ -408,8 +408,8 @@ class ConversationManager:
         again finishes). Says what it removed."""
         check_conversation_id(sid)
         user = _user(user_id)
-        owner = await self.user_of(sid)
-        if not owner:
+        owner = await self._user_if_known(sid)
+        if owner is None:
             raise ConversationNotFound(sid)
         if user and owner != user:
             raise Forbidden(sid)
@@ -419,7 +419,7 @@ class ConversationManager:
         try:
             closed = False
             if await self.conversation(sid):
-                closed = await self.close_session(sid, owner)
+                closed = await self.close_session(sid, owner or None)
             store = self.node.store
             events, size = await store.purge(sid) if store is not None else (0, 0)
             keys = await self.state.purge(sid, owner)
@@ -432,13 +432,18 @@ class ConversationManager:
         }
 
     async def user_of(self, sid: str) -> str:
-        """The user of conversation ``sid`` ('' when unknown), from its record in Redis
-        or, once that expired, the event store."""
+        """The user of conversation ``sid`` ('' when unknown, or of no user), from its
+        record in Redis or, once that expired, the event store."""
+        return await self._user_if_known(sid) or ""
+
+    async def _user_if_known(self, sid: str) -> str | None:
+        """``user_of``, None when no conversation ``sid`` is known ('' is one of no
+        user: the seed's ``user_id=None``)."""
         meta = await self.conversation(sid)
         if meta:
             return meta.get("user", "")
         stored = await self.node.store.conversation(sid) if self.node.store else None
-        return stored.user if stored is not None else ""
+        return stored.user if stored is not None else None
 
     async def events(self, sid: str, after: int = 0, limit: int = 1000) -> list[Event]:
         """Up to ``limit`` events of ``sid`` after id ``after``, in order, wherever they

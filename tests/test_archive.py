@@ -1250,6 +1250,12 @@ async def test_a_conversation_of_no_user_is_moved_to_the_store(make_nodes) -> No
     stored = await a.node.store.conversation("anon")
     assert stored is not None and stored.user == ""
     assert a.node.archiver.trouble == ""
+    # It is a conversation like the others: closed and purged (it was "not found").
+    await a.disconnect_from_session("c1")
+    assert await a.close_session("anon") is True
+    purged = await a.purge("anon")
+    assert purged["purged"]["stored_events"] >= 2, purged
+    assert await a.node.store.conversation("anon") is None
 
 
 async def test_a_conversation_the_store_refuses_holds_back_no_other(
