@@ -120,9 +120,10 @@ class Archiver:
         self._notes: set[str] = set()  # a fresh loop's state notes: moved later
         self._spoken: set[str] = set()  # loops here that logged more than notes
         self._moving: set[str] = set()  # being moved now
-        # Failing to move, each tried again after its own backoff: one the store refuses
-        # for good (or slowly) holds back no other conversation.
+        # Failing to move, each tried again after its own backoff (one timer at a time):
+        # one the store refuses for good (or slowly) holds back no other conversation.
         self._failing: dict[str, Backoff] = {}
+        self._retrying: set[str] = set()
         self._wake = asyncio.Event()
         self.trouble = ""  # why the last attempt failed ('' once one works again)
         self.append_timeout = APPEND_TIMEOUT
@@ -145,6 +146,9 @@ class Archiver:
             return
         self._spoken.add(sid)
         self._notes.discard(sid)
+        if sid in self._failing:
+            return  # moved at its retry, not at each event: a store that is down is not
+            # asked at the rate actions come
         self._pending.add(sid)
         self._wake.set()
 
@@ -164,11 +168,14 @@ class Archiver:
             finally:
                 self._moving = set()
             for lease, moved in zip(leases, done, strict=True):
-                if not self._went(lease.sid, moved):
-                    backoff = self._failing.setdefault(lease.sid, Backoff(base=0.1, cap=5.0))
-                    loop.call_later(backoff.next(), self._again, lease.sid)
+                sid = lease.sid
+                if not self._went(sid, moved) and sid not in self._retrying:
+                    backoff = self._failing.setdefault(sid, Backoff(base=0.1, cap=5.0))
+                    self._retrying.add(sid)
+                    loop.call_later(backoff.next(), self._again, sid)
 
     def _again(self, sid: str) -> None:
+        self._retrying.discard(sid)
         if sid in self._failing:  # not forgotten meanwhile
             self._pending.add(sid)
             self._wake.set()
@@ -189,7 +196,8 @@ class Archiver:
         stopped conversation's window holds nothing unstored); False when it could not
         in ``within`` seconds (its next owner moves the rest)."""
         sid = lease.sid
-        if sid not in self._pending and sid not in self._moving and sid not in self._notes:
+        waiting = (self._pending, self._moving, self._notes, self._failing)
+        if not any(sid in them for them in waiting):
             return True  # nothing to move: no Redis call (idle sweeps close many loops)
         try:
             async with asyncio.timeout(within):

@@ -1282,6 +1282,19 @@ async def test_a_conversation_the_store_refuses_holds_back_no_other(
     lines = [r.getMessage() for r in caplog.records]
     assert not [line for line in lines if "storing events again" in line], lines
     assert len([line for line in lines if "cannot store taken's events" in line]) == 1
+    # Its actions do not each ask the store again: it is tried at its backoff.
+    store, tried = a.node.store, []
+    append_many = store.append_many
+
+    async def counted(batches: Any) -> Any:
+        tried.extend(b.sid for b in batches)
+        return await append_many(batches)
+
+    store.append_many = counted  # type: ignore[method-assign]
+    for i in range(20):
+        await a.send_to_event_stream("ct", {"action": "message", "args": {"content": f"{i}"}})
+        await asyncio.sleep(0.05)
+    assert 1 <= tried.count("taken") <= 6, tried.count("taken")  # 1 s of 0.1 s doubling
 
 
 async def test_actions_of_a_conversation_redis_lost_are_not_a_log_line_each(
