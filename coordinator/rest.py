@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -53,8 +54,9 @@ from .serverconfig import NO_LIMITS, ServerConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 100  # events or conversations
+# What a create's body may hold: a conversation's id, first message, settings, lifetimes.
 CREATE_FIELDS = frozenset(
-    ("conversation_id", "initial_user_msg", "settings", "close_delay", "max_running_time")
+    ("conversation_id", "initial_user_msg", "settings", *(f.name for f in fields(Lifetimes)))
 )
 MAX_EVENTS_PAGE = 1000
 
