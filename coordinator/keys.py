@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The version of this schema, and of the scripts' and the node bus's contracts over it:
+# nodes of one cluster must share it (``layout.py``). Raise it in a release whose nodes
+# could not share a Redis with the release before (a key's type or meaning, a script's
+# arguments, a bus command changed), and say in its notes what becomes of the data.
+LAYOUT = 1
+
 
 @dataclass(frozen=True, slots=True)
 class KeySchema:
@@ -144,6 +150,12 @@ class KeySchema:
         """Sorted set: user -> when (ms) their tokens issued until then were revoked
         (``revocations.py``); entries older than the tokens' longest lifetime pruned."""
         return f"{self.prefix}:{{cluster}}:revoked"
+
+    def layout(self) -> str:
+        """Hash: the layout (``LAYOUT``) the cluster's data is in, and the node and
+        release that recorded it: a node of another layout is refused while one of this
+        one runs."""
+        return f"{self.prefix}:{{cluster}}:layout"
 
     def event_store(self) -> str:
         """Hash: the cluster's event store (identity, its URL shown without password, the

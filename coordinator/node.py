@@ -17,7 +17,7 @@ import logging
 
 from workers.protocol import AgentFactory, Event
 
-from . import codec
+from . import codec, layout
 from .actions import Actions
 from .agentpool import AgentPool
 from .archive import Archiver, check_cluster_store
@@ -33,6 +33,7 @@ from .handles import AttachedHandles
 from .history import History
 from .idle import IdleTracker
 from .keys import KeySchema
+from .layout import LayoutMismatch
 from .looplag import LoopLag
 from .loops import Loops
 from .membership import Membership
@@ -139,6 +140,7 @@ class Node:
         await self.backend.check_eviction()
         self.state: RedisState = self.backend.state(keys)
         await self.state.load_scripts()
+        await layout.claim(self.state, cfg.node_id)  # before reading anything else
         await self._read_revocations()  # before any token is shown to this node
         self.store = store = await open_store(cfg.event_store or None)
         await check_cluster_store(self.state, store, cfg, self.store_url)
@@ -237,7 +239,7 @@ class Node:
             restarts=self.restarts,
             sessions=self.sessions,
             floor=self.delivery.floor,
-            claim_store=lambda: check_cluster_store(self.state, store, cfg, self.store_url),
+            claim_facts=self._claim_cluster_facts,
         )
         router = Router(
             keys=keys,
@@ -248,6 +250,12 @@ class Node:
         )
         # Registering, then reaping what a previous incarnation of this node id held.
         previous = await self.membership.register()
+        try:
+            await layout.verify(self.state)  # no node of another layout took over since
+        except LayoutMismatch:
+            with contextlib.suppress(*REDIS_TROUBLE):
+                await self.state.unregister(cfg.node_id, self.membership.inc)
+            raise
         self.membership.start_keeper(self.backend.lease_renewer(keys))
         await self.recovery.reap_previous(previous)
         await self.directory.refresh()
@@ -296,6 +304,13 @@ class Node:
                 await store.aclose()
             except Exception:
                 log.exception("closing the event store %s failed", self.store_url)
+
+    async def _claim_cluster_facts(self) -> None:
+        """The cluster's layout and event store recorded again (after Redis came back
+        empty: ``recovery.py``), or LayoutMismatch / StoreMismatch."""
+        await layout.claim(self.state, self.config.node_id)
+        assert self.store is not None  # open while the node runs
+        await check_cluster_store(self.state, self.store, self.config, self.store_url)
 
     async def _read_revocations(self) -> None:
         self.revocations.update(await self.state.revocations())

@@ -3,13 +3,13 @@
 With the same flags and environment as the ``serve`` it checks, for a deploy pipeline or
 an operator before a rollout: the token settings, the event store (it opens), Redis (its
 deployment and its state, version, memory policy; the node's scripts load, its
-subscription is allowed), then the event store is the one the cluster's nodes record and
-the node id is not held by a live node; the agent class (it imports) and the ports the
-node listens on (free). Nothing is written to Redis and no port is held; opening the
-event store creates its directory or tables when missing, as a start would. One line per
-check (``skip`` for those a failed one leaves nothing to check with); exit 0 when none
-failed, 1 otherwise. Flags the node would refuse are refused first, as ``serve`` does
-(exit 2).
+subscription is allowed), then the cluster's data is in the node's layout, the event
+store is the one the cluster's nodes record and the node id is not held by a live node;
+the agent class (it imports) and the ports the node listens on (free). Nothing is written
+to Redis and no port is held; opening the event store creates its directory or tables
+when missing, as a start would. One line per check (``skip`` for those a failed one
+leaves nothing to check with); exit 0 when none failed, 1 otherwise. Flags the node
+would refuse are refused first, as ``serve`` does (exit 2).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from workers.loader import AgentLoadError, load_agent
 
+from . import layout
 from .archive import store_mismatch
 from .auth import TokenVerifier, short_secret
 from .backends.base import Backend, eviction_problem
@@ -40,7 +41,7 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 TROUBLE: tuple[type[Exception], ...] = (*EXPECTED, TimeoutError)
 STORE_TROUBLE: tuple[type[Exception], ...] = (*TROUBLE, OSError)
 # The checks that need Redis, in order (skipped when it cannot be reached).
-NEEDS_REDIS = ("eviction", "scripts", "subscribe", "node id")
+NEEDS_REDIS = ("eviction", "scripts", "subscribe", "layout", "node id")
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,12 @@ async def _with_redis(
         recorded = await rstate.recorded_store()
         registry = await rstate.registry()
         live = await rstate.live_leases(registry)
+        cluster_layout = await layout.recorded(rstate)
     except TROUBLE as exc:
         found.add(FAIL, "node id", f"the node registry cannot be read: {type(exc).__name__}: {exc}")
         return
     node = config.node_id
+    _layout(rstate, cluster_layout, sorted(n for n in live if n != node), found)
     if node in live:
         found.add(
             WARN,
@@ -235,6 +238,27 @@ async def _subscribe(
         found.add(FAIL, "subscribe", _why(exc) if str(exc) else "not confirmed in time")
     finally:
         await subscriptions.aclose()
+
+
+def _layout(
+    state: RedisState, recorded: dict[str, str] | None, others: list[str], found: _Findings
+) -> None:
+    """Whether a start would find the cluster's data in this node's layout (layout.py)."""
+    ours = str(layout.LAYOUT)
+    if recorded is None:
+        found.add(OK, "layout", f"{ours} (no node has recorded the cluster's yet)")
+    elif recorded["layout"] == ours:
+        found.add(OK, "layout", f"{ours} (the cluster's)")
+    elif others:
+        found.add(FAIL, "layout", str(layout.mismatch(recorded, others, state)))
+    else:
+        found.add(
+            WARN,
+            "layout",
+            f"Redis holds layout {recorded['layout']} (release {recorded['release']}) and "
+            f"no node of it runs: a start would make this node's layout {ours} the "
+            "cluster's (an upgrade; see the release's notes for its data)",
+        )
 
 
 def _store_recorded(

@@ -27,6 +27,7 @@ from .delivery import Floor
 from .directory import Directory
 from .errors import REDIS_TROUBLE
 from .eventstore import StoreMismatch
+from .layout import LayoutMismatch
 from .loops import Loops
 from .membership import Membership
 from .restarts import Restarts
@@ -146,9 +147,9 @@ class Recovery:
         restarts: Restarts,
         sessions: Sessions,
         floor: Floor,
-        claim_store: Callable[[], Awaitable[None]],
+        claim_facts: Callable[[], Awaitable[None]],
     ) -> None:
-        self._claim_store = claim_store
+        self._claim_facts = claim_facts
         self._state = state
         self._config = config
         self._membership = membership
@@ -240,9 +241,9 @@ class Recovery:
         # While unregistered, writers that saw no other listener did not publish.
         self._sessions.connections.catch_up_all()
         await self._restarts.resume_pending(released)
-        # Redis may have come back empty, the cluster's store forgotten with the rest:
-        # recorded again, so that a node started with another store is refused.
+        # Redis may have come back empty, the cluster's store and layout forgotten with
+        # the rest: recorded again, so that a node started with another is refused.
         try:
-            await self._claim_store()
-        except StoreMismatch as exc:
+            await self._claim_facts()
+        except (StoreMismatch, LayoutMismatch) as exc:
             log.error("%s", exc)

@@ -72,6 +72,7 @@ async def test_redis_coming_back_empty_still_refuses_a_node_with_another_store(
     await wait_until(
         lambda: redis_client.exists(a.keys.event_store()), what="the store recorded again"
     )
+    assert await redis_client.hget(a.keys.layout(), "layout") == b"1"  # and the layout
     with pytest.raises(StoreMismatch, match="is not the cluster's"):
         await make_nodes(1, event_store=f"file://{tmp_path}/elsewhere")
 

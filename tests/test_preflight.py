@@ -38,7 +38,8 @@ async def test_a_check_passes_then_names_each_problem_and_writes_nothing(
     code, out, err = await run(*args)
     assert code == 0, (out, err)
     found = lines(out)
-    assert [status for status, _ in found.values()] == ["ok"] * 9, out
+    assert [status for status, _ in found.values()] == ["ok"] * 10, out
+    assert found["layout"] == ("ok", "1 (no node has recorded the cluster's yet)")
     assert found["subscribe"] == ("ok", "allowed (the node's channels)")
     assert found["redis"][1].startswith("standalone Redis at redis://")
     assert "no node has recorded" in found["event store"][1]
@@ -68,6 +69,18 @@ async def test_a_check_passes_then_names_each_problem_and_writes_nothing(
     assert found["metrics port"] == ("FAIL", f"{node.port} is also another of the node's ports")
     assert out.rstrip().endswith("check failed: 5 problem(s), 1 warning(s)")
     assert "Traceback" not in err
+    assert found["layout"] == ("ok", "1 (the cluster's)")
+
+    # The cluster's data in another layout (a newer release's) while its node runs.
+    await redis_client.hset(node.manager.keys.layout(), mapping={"layout": "2", "release": "9"})
+    try:
+        code, out, _ = await run(*args[:-1], "other")
+    finally:
+        await redis_client.hset(node.manager.keys.layout(), "layout", "1")
+    found = lines(out)
+    assert code == 1 and found["layout"][0] == "FAIL", out
+    assert "Redis holds this cluster's data in layout 2" in found["layout"][1]
+    assert "nodes of it are running (n1)" in found["layout"][1]
 
 
 async def test_a_check_of_an_unreachable_redis_says_so_without_its_password(

@@ -6,7 +6,7 @@ per-conversation integers stored as stream entry ids ``<id>-0``; events are publ
 as the msgpack array ``[id, event]`` built by prefixing 0x92 to the packed id and the
 already-packed event.
 
-One module per concern: ``ownership``, ``log``, ``cap``, ``store``, ``attempts`` (poison
+One module per concern: ``ownership``, ``log``, ``cap``, ``store``, ``claims``, ``attempts`` (poison
 actions), ``buckets`` (per-user rate limits); ``ALL`` names them
 for the state layer, which loads them (``state/core.py``).
 """
@@ -16,10 +16,11 @@ from __future__ import annotations
 from .attempts import ATTEMPTS
 from .buckets import TAKE_TOKENS
 from .cap import ADMIT, ORG_ADMIT, ORG_PRUNE, RELEASE_SLOT
+from .claims import CLAIM
 from .clock import NOW
 from .log import ACCEPT, COMMIT, READ, REWIND
 from .ownership import ACQUIRE, ATTACH, DELETE_IF, ENROLL, HDEL_IF, RELEASE, RENEW
-from .store import CLAIM_STORE, MARK_STORED, UNSTORED
+from .store import MARK_STORED, UNSTORED
 
 __all__ = [
     "ACCEPT",
@@ -28,7 +29,7 @@ __all__ = [
     "ALL",
     "ATTACH",
     "ATTEMPTS",
-    "CLAIM_STORE",
+    "CLAIM",
     "COMMIT",
     "DELETE_IF",
     "ENROLL",
@@ -63,7 +64,7 @@ ALL = {
     "attach": ATTACH,
     "rewind": REWIND,
     "read": READ,
-    "claim_store": CLAIM_STORE,
+    "claim": CLAIM,
     "unstored": UNSTORED,
     "mark_stored": MARK_STORED,
     "attempts": ATTEMPTS,

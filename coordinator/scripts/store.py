@@ -78,14 +78,3 @@ end
 return read_after({stored}, stored, ARGV[4], tonumber(ARGV[5]))
 """
 )
-
-CLAIM_STORE = """
--- claim_store: record the cluster's event store, or report the one already recorded.
--- KEYS[1]  cluster's store hash (identity, store, node)
--- ARGV[1]  identity of this node's store   ARGV[2] its URL (no password)   ARGV[3] node
--- returns  {identity, store, node} as recorded (this node's when it was the first)
-if redis.call('HSETNX', KEYS[1], 'identity', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'store', ARGV[2], 'node', ARGV[3])
-end
-return redis.call('HMGET', KEYS[1], 'identity', 'store', 'node')
-"""

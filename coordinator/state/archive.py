@@ -15,8 +15,10 @@ class ArchiveOps(StateCore):
     async def claim_store(self, identity: str, shown: str, node: str) -> tuple[str, str, str]:
         """Record ``identity`` as the cluster's event store unless one is recorded; returns
         the recorded ``(identity, store URL shown, node that recorded it)``."""
-        r = await self._run("claim_store", [self.keys.event_store()], [identity, shown, node])
-        return text(r[0]), text(r[1]), text(r[2])
+        recorded = await self.claim(
+            self.keys.event_store(), {"identity": identity, "store": shown, "node": node}
+        )
+        return recorded[0], recorded[1], recorded[2]
 
     async def recorded_store(self) -> tuple[str, str, str] | None:
         """The cluster's event store as recorded (``claim_store``), or None if no node

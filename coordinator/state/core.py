@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -267,6 +267,15 @@ class StateCore:
         if hot and self.lane is not None:
             return await self.lane.run(self._scripts[name], keys, args)
         return await self._scripts[name](keys=list(keys), args=list(args))
+
+    async def claim(
+        self, key: str, fields: Mapping[str, str | int], replacing: str = ""
+    ) -> list[str]:
+        """Record a cluster fact (hash ``key``: ``fields``, the first naming it) unless
+        one is recorded, or, with ``replacing``, in place of the one whose first field
+        holds that; the fields' values as recorded after the call (scripts/claims.py)."""
+        pairs = [item for pair in fields.items() for item in pair]
+        return [text(value) for value in await self._run("claim", [key], [replacing, *pairs])]
 
     async def _hgetall_many(self, names: Sequence[str]) -> list[dict[str, str]]:
         """Several hashes in one round trip, decoded."""
