@@ -35,6 +35,8 @@ from .errors import (
     CoordinatorError,
     NotReplicated,
     beyond_last_event,
+    redis_full,
+    redis_refused,
 )
 from .history import History
 from .state import SizeHint
@@ -268,16 +270,17 @@ class LocalConnections:
                         conn.sid, conn.cursor, count, most, hint=hint
                     )
             # The store's StoreUnavailable too (an OSError); a read no replica holds yet
-            # (--ack-replicas): none of it is shown until one does.
-            except RETRIED_READS as exc:
+            # (--ack-replicas): none of it is shown until one does; a refusal of the
+            # moment (LOADING while a restarted Redis reads its AOF, a failover's READONLY).
+            except (*RETRIED_READS, *REDIS_TROUBLE) as exc:
+                if not isinstance(exc, RETRIED_READS) and (redis_refused(exc) or redis_full(exc)):
+                    raise CatchUpFailed(f"Redis refused to read the log of {conn.sid!r}") from exc
                 delay = backoff.next()
                 if deadline is not None and loop.time() + delay > deadline:
                     raise CatchUpFailed(f"cannot read the log of {conn.sid!r}: {exc}") from None
                 log.warning("replay for %s failed (%s); retry in %.2fs", conn.cid, exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            except REDIS_TROUBLE as exc:
-                raise CatchUpFailed(f"Redis refused to read the log of {conn.sid!r}") from exc
             for i, (event_id, event) in enumerate(rows, 1):
                 if event_id > conn.cursor:
                     await self._room(conn)

@@ -29,6 +29,7 @@ from .errors import (
     REDIS_TROUBLE,
     CapacityTimeout,
     ConcurrencyLimitReached,
+    ConnectionNotFound,
     ConversationClosed,
     Forbidden,
     InvalidInput,
@@ -263,7 +264,16 @@ class SocketHandlers:
             if who is not None and self.manager.revocations.revoked(who):  # it ends soon
                 raise AuthError("token revoked; sign in again")
             await self.quotas.action(connection_id, who.user if who is not None else None, args[0])
-            event_id = await self.manager.send_to_event_stream(connection_id, args[0])
+            try:
+                event_id = await self.manager.send_to_event_stream(connection_id, args[0])
+            except ConnectionNotFound:
+                if not self.manager.draining:
+                    raise
+                # Forgotten by the drain's farewell, its disconnect on the way: the
+                # client is to send it again where it reconnects.
+                raise NodeDraining(
+                    f"node {self.manager.node_id} is shutting down; reconnect and send it again"
+                ) from None
         except Exception as exc:
             if unexpected(exc):
                 log.error("action from %s failed unexpectedly", connection_id, exc_info=exc)

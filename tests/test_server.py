@@ -324,6 +324,17 @@ async def test_draining_node_refuses_connections(servers: ServerCluster) -> None
         b.manager.node.intake.draining = False
     client = await servers.join(a, "conv", "alice")
     assert await client.say("hi") == 1
+    # A connection the drain's farewell forgot, its disconnect still on the way: its
+    # action is told to go elsewhere, not that its connection "is not joined".
+    a.manager.node.intake.draining = True
+    try:
+        (cid,) = a.manager.local_connections()
+        await a.manager.disconnect_from_session(cid)  # as the farewell does
+        ack = await client.act({"action": "message", "args": {"content": "late"}})
+        assert ack["ok"] is False and "is shutting down; reconnect" in ack["error"], ack
+        assert cid not in ack["error"]
+    finally:
+        a.manager.node.intake.draining = False
 
 
 async def test_cap_and_single_activation_hold_for_starts_through_the_server(
