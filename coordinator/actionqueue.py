@@ -133,7 +133,10 @@ class ActionQueue:
             return True
         except RETRIED as exc:
             delay = backoff.next()
-            log.warning("inbox read for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
+            # Said once per outage of each loop: the rest at debug (hundreds of loops
+            # retry through a Redis restart).
+            level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
+            log.log(level, "inbox read for %s failed (%s); retry in %.2fs", self.sid, exc, delay)
             await asyncio.sleep(delay)
             self.wake.set()
             return False

@@ -23,5 +23,10 @@ class Backoff:
         self._failures = min(self._failures + 1, 30)
         return delay
 
+    @property
+    def failures(self) -> int:
+        """Failures since the last success (``next`` calls since ``reset``)."""
+        return self._failures
+
     def reset(self) -> None:
         self._failures = 0

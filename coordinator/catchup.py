@@ -278,7 +278,8 @@ class LocalConnections:
                 delay = backoff.next()
                 if deadline is not None and loop.time() + delay > deadline:
                     raise CatchUpFailed(f"cannot read the log of {conn.sid!r}: {exc}") from None
-                log.warning("replay for %s failed (%s); retry in %.2fs", conn.cid, exc, delay)
+                level = logging.WARNING if backoff.failures == 1 else logging.DEBUG  # once
+                log.log(level, "replay for %s failed (%s); retry in %.2fs", conn.cid, exc, delay)
                 await asyncio.sleep(delay)
                 continue
             for i, (event_id, event) in enumerate(rows, 1):
