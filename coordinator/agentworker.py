@@ -88,6 +88,9 @@ class AgentWorker(asyncio.Protocol):
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                # -P: not the working directory first, which could hold other packages of
+                # these names (another revision's): the node's own path (PYTHONPATH).
+                "-P",
                 "-m",
                 "workers.process",
                 "--channel-fd",
