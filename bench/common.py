@@ -84,6 +84,7 @@ class Proc:
         self.ready_url = ready_url
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self.cwd: Path = REPO  # another revision's node runs in its code (bench.compare)
 
     @property
     def pid(self) -> int:
@@ -101,7 +102,7 @@ class Proc:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=self.cwd,
             env=child_env(),
             preexec_fn=raise_nofile,
         )

@@ -139,11 +139,14 @@ async def compare(
             name = re.sub(r"[^A-Za-z0-9_-]", "-", spec)  # a node id
             node = node_proc(name, redis.url, secret, logs, extra=flags)
             procs[spec] = run_under(node, "bench.serve_from", str(path))
+            # In its code: its agent workers (python -m, the cwd first) import its own.
+            procs[spec].cwd = path
             groups[spec] = (procs[spec], None)
             issuers[spec] = token_issuer(path, secret)
             if cross:
                 other = node_proc(f"{name}-b", redis.url, secret, logs, extra=flags)
                 procs[f"{spec} (b)"] = run_under(other, "bench.serve_from", str(path))
+                procs[f"{spec} (b)"].cwd = path
                 groups[f"{spec} cross"] = (procs[f"{spec} (b)"], procs[spec])
                 issuers[f"{spec} cross"] = issuers[spec]
         gen = LoadGenProcess()
