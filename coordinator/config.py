@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -195,22 +196,29 @@ class ManagerConfig:
     # Connections one user may hold open at once, on all nodes together (0: no limit).
     max_connections_per_user: int = 32
 
-    def __post_init__(self) -> None:
+    def _typed(self) -> Iterator[tuple[str, str, Any]]:
+        """Each field's name, declared type's name and value."""
         for f in fields(self):
-            value = getattr(self, f.name)
-            expected = f.type if isinstance(f.type, str) else f.type.__name__
+            yield (
+                f.name,
+                f.type if isinstance(f.type, str) else f.type.__name__,
+                getattr(self, f.name),
+            )
+
+    def __post_init__(self) -> None:
+        for name, expected, value in self._typed():
             if expected == "bool" and not isinstance(value, bool):
-                raise ConfigError(f"{f.name} must be true or false, got {value!r}")
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
             if expected == "str" and not isinstance(value, str):
-                raise ConfigError(f"{f.name} must be a string, got {type(value).__name__}")
+                raise ConfigError(f"{name} must be a string, got {type(value).__name__}")
             if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
             if expected == "float" and (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or not math.isfinite(value)  # nan passes every bound; inf waits for good
             ):
-                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
         check_redis_url(self.redis_url)  # the scheme, a host, a port, its parameters
         if self.redis_mode not in REDIS_MODES:
@@ -366,14 +374,12 @@ class ManagerConfig:
 
     def _within_what_redis_takes(self) -> None:
         """Last: a field with a bound of its own says it first."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            expected = f.type if isinstance(f.type, str) else f.type.__name__
+        for name, expected, value in self._typed():
             if expected == "int" and abs(value) > MAX_COUNT:
-                raise ConfigError(f"{f.name} must be at most {MAX_COUNT:,}, got {value!r}")
+                raise ConfigError(f"{name} must be at most {MAX_COUNT:,}, got {value!r}")
             if expected == "float" and abs(value) > MAX_SECONDS:
                 raise ConfigError(
-                    f"{f.name} must be at most {MAX_SECONDS:.0e} seconds (about 31 years), "
+                    f"{name} must be at most {MAX_SECONDS:.0e} seconds (about 31 years), "
                     f"got {value!r}"
                 )
 
