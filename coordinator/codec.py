@@ -325,12 +325,21 @@ def lost_event() -> Event:
     )
 
 
-def moving_event() -> Event:
-    return state_changed(
+def moving_event(node_id: str) -> Event:
+    """The notice of draining node ``node_id``, which stops the loop here to let it go."""
+    event = state_changed(
         "stopped",
         NODE_DRAINING,
         "The node running this conversation is shutting down; it moves to another node.",
     )
+    event["extras"]["node_id"] = node_id
+    return event
+
+
+def moving_from(event: Event) -> str:
+    """The draining node a moving notice names ('' if none: an older node's notice)."""
+    node_id = event.get("extras", {}).get("node_id")
+    return node_id if type(node_id) is str else ""
 
 
 def events_lost_event(first: int, last: int) -> Event:

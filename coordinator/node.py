@@ -83,7 +83,12 @@ class Router:
             room = self._delivery.connections.room(sid)
             if room:  # our clients still watch it: restart the loop (one node wins)
                 moving = codec.notice_code(event) == codec.NODE_DRAINING
-                self._restarts.owner_gone(sid, room[0].user, codec.stamped_at(event), moving=moving)
+                self._restarts.owner_gone(
+                    sid,
+                    room[0].user,
+                    codec.stamped_at(event),
+                    moving_from=codec.moving_from(event) if moving else None,
+                )
         await self._delivery.published(sid, event_id, event)
 
     async def reconnected(self) -> None:
@@ -424,7 +429,7 @@ class Node:
         await self.aclose()
 
     async def _handoff(self) -> None:
-        leaving = await self._stop_loops(codec.moving_event())
+        leaving = await self._stop_loops(codec.moving_event(self.config.node_id))
         with contextlib.suppress(*REDIS_TROUBLE):
             await self.restarts.resume_pending(leaving)
         await self.sessions.settle()

@@ -89,16 +89,22 @@ class Restarts:
             self.schedule(sid, user)
 
     def owner_gone(
-        self, sid: str, user: str, lost_at: float | None, *, moving: bool = False
+        self, sid: str, user: str, lost_at: float | None, *, moving_from: str | None = None
     ) -> None:
         """The owner of ``sid`` was lost or drained (noticed at Unix time ``lost_at``)
-        and clients here watch it: restart it (one node wins the lease). ``moving``: a
-        draining owner said so, which it does before it lets the loop go."""
+        and clients here watch it: restart it (one node wins the lease). ``moving_from``:
+        the draining owner said so (naming itself; '' if its notice names none), which
+        it does before it lets the loop go."""
         if not self._intake.draining and sid not in self._loops.starting:
-            self.schedule(sid, user, lost_at, moving=moving)
+            self.schedule(sid, user, lost_at, moving_from=moving_from)
 
     def schedule(
-        self, sid: str, user: str, lost_at: float | None = None, *, moving: bool = False
+        self,
+        sid: str,
+        user: str,
+        lost_at: float | None = None,
+        *,
+        moving_from: str | None = None,
     ) -> None:
         """Restart ``sid``'s loop in the background; while our lease is lapsed, only note
         it (thousands of conversations may come back at once) for after re-registering.
@@ -106,10 +112,10 @@ class Restarts:
         if self._membership.lapsed:
             self._later[sid] = user
         elif sid not in self._running:
-            self._tasks.spawn(self._restart(sid, user, lost_at, moving), f"restart:{sid}")
+            self._tasks.spawn(self._restart(sid, user, lost_at, moving_from), f"restart:{sid}")
 
     async def _restart(
-        self, sid: str, user: str, lost_at: float | None = None, moving: bool = False
+        self, sid: str, user: str, lost_at: float | None = None, moving_from: str | None = None
     ) -> None:
         if sid in self._running:
             return
@@ -117,8 +123,8 @@ class Restarts:
         try:
             if sid not in self._loops.runners:
                 info = await self._start(sid, user)
-                if moving:
-                    info = await self._once_let_go(sid, user, info)
+                if moving_from is not None:
+                    info = await self._once_let_go(sid, user, info, moving_from)
                 if info.local and info.running and lost_at is not None:
                     self._metrics.observe_failover(max(0.0, time.time() - lost_at))
         except EXPECTED as exc:
@@ -132,14 +138,18 @@ class Restarts:
         finally:
             self._running.discard(sid)
 
-    async def _once_let_go(self, sid: str, user: str, info: ConversationInfo) -> ConversationInfo:
+    async def _once_let_go(
+        self, sid: str, user: str, info: ConversationInfo, draining: str
+    ) -> ConversationInfo:
         """A draining owner writes its notice, stores what the store lacks, then lets
         the loop go: found still running there, ``sid`` is started again once it is let
-        go (unless another node takes it first), for up to ``HANDOFF_WAIT`` seconds."""
+        go (unless another node takes it first), for up to ``HANDOFF_WAIT`` seconds.
+        Found running on another node (it won), nothing is left to do. ``draining``: the
+        node the notice named ('': none named; the node found running it is taken for it)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HANDOFF_WAIT
         delay = 0.05
-        holder = info.owner
+        holder = draining or info.owner
         while info.running and not info.local and info.owner == holder:
             if loop.time() + delay > deadline or self._intake.draining:
                 break

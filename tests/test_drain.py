@@ -153,3 +153,27 @@ async def test_a_drained_loop_starts_again_where_its_clients_watch_it_at_once(
     assert notices, sink.events["cb"]
     await wait_until(lambda: b.runner("moving") is not None, timeout=10, what="running on node2")
     assert await b.is_agent_loop_running("moving")
+
+
+async def test_a_moved_loop_another_node_already_took_is_left_to_it(make_nodes) -> None:
+    """A draining owner's notice names it: a watching node that finds another node
+    already running the conversation (it won the restart) stops there. It polled the
+    winner until HANDOFF_WAIT ran out (a dozen starts tried over 5 s per watched
+    conversation, on every watching node, in a drain of thousands)."""
+    a, b = await make_nodes(2)
+    await a.join_conversation("taken", "ca", {}, "bob")
+    await b.join_conversation("taken", "cb", {}, "bob")
+    assert a.runner("taken") is not None
+    tries: list[str] = []
+    ensure_running = b.node.loops.ensure_running
+
+    async def counted(sid: str, *args: Any) -> Any:
+        tries.append(sid)
+        return await ensure_running(sid, *args)
+
+    b.node.loops.ensure_running = counted  # type: ignore[method-assign]
+    b.node.restarts.owner_gone("taken", "bob", None, moving_from="a-drained-node")
+    await wait_until(lambda: tries, what="the restart's first start")
+    await wait_until(lambda: "taken" not in b.node.restarts._running, what="the restart's end")
+    assert tries == ["taken"]
+    assert a.runner("taken") is not None and b.runner("taken") is None
