@@ -123,3 +123,19 @@ async def test_revocations_older_than_the_tokens_longest_lifetime_are_pruned(
     assert await state.revocations() == {"kept": 5.0, "new": 12.0}
     await state.revoke_user("new", 11_000, keep_ms=10_000)  # never moved back
     assert (await state.revocations())["new"] == 12.0
+
+
+async def test_an_action_on_a_connection_not_ended_yet_is_refused(servers: ServerCluster) -> None:
+    """Between a revocation reaching a node and its connections being ended (a busy node
+    ends them when its event loop gets to it), each action is checked on its own: one
+    sent meanwhile is refused, not accepted on the revoked token."""
+    (a,) = await servers.start(1)
+    alice = await servers.join(a, "held", "alice")
+    assert (await alice.act(MESSAGE))["ok"]
+    a.manager.revocations.on_revoked = lambda users: None  # the ending held back
+    admin = issue_token("ops", SECRET, claims={"role": "admin"})
+    status, body = await servers.request("POST", a, "/api/users/alice/revoke", token=admin)
+    assert status == 200, body
+    ack = await alice.act(MESSAGE)
+    assert ack == {"ok": False, "error": "authentication failed: token revoked; sign in again"}
+    assert alice.connected and alice.updates == []
