@@ -39,6 +39,7 @@ from .errors import (
     redis_refused,
 )
 from .history import History
+from .ratelimit import LogThrottle, Rate
 from .state import SizeHint
 from .tasks import TaskSet
 
@@ -141,6 +142,9 @@ class LocalConnections:
         self.catch_ups = 0
         # What releases a connection a closing notice ended (``Sessions.release``).
         self.on_closed: Callable[[Connection], Awaitable[None]] | None = None
+        # A sink whose deliver raises (an embedder's bug) fails on every event of every
+        # connection: a traceback each would fill the disk.
+        self._failing = LogThrottle(log, Rate(0.2, 5.0))
 
     def __contains__(self, cid: object) -> bool:
         return cid in self._by_id
@@ -343,7 +347,7 @@ class LocalConnections:
         try:
             await self.sink.deliver(conn.cid, sent)
         except Exception:
-            log.exception("delivery to %s failed", conn.cid)
+            self._failing.emit(logging.ERROR, "delivery to %s failed", conn.cid, exc_info=True)
         if "observation" in event and notice_code(event):
             await self._notice(conn, event)
 

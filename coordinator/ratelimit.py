@@ -122,7 +122,7 @@ class LogThrottle:
     def info(self, msg: str, *args: object) -> None:
         self.emit(logging.INFO, msg, *args)
 
-    def emit(self, level: int, msg: str, *args: object) -> None:
+    def emit(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
         if self._bucket.take(time.monotonic()) > 0:
             self.suppressed += 1
             return
@@ -130,7 +130,7 @@ class LogThrottle:
             msg += " (%d similar line(s) suppressed)"
             args = (*args, self.suppressed)
             self.suppressed = 0
-        self._log.log(level, msg, *args)
+        self._log.log(level, msg, *args, exc_info=exc_info)
 
 
 # -- per-user limits, cluster-wide ---------------------------------------------------------
