@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 
 from workers.protocol import AgentFactory, Event
 
@@ -352,20 +353,45 @@ class Node:
         if self.agents is not None:
             await self.agents.halt()
 
-    async def aclose(self) -> None:
-        """Stop every local loop, forget local connections, deregister, stop tasks."""
+    async def aclose(self, deadline: float | None = None) -> None:
+        """Stop every local loop, forget local connections, deregister, stop tasks.
+
+        What it writes to Redis ends by ``deadline`` (event loop time; default
+        ``drain_timeout`` from now): a Redis that does not answer (hung, cut off) made
+        each write wait ``redis_timeout`` and its retries, one after the other (83 s for
+        one loop and one connection). What is left there then is the reapers' once this
+        node's lease expires, as after a kill.
+        """
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.config.drain_timeout
         self.intake.draining = True
+        left = await _until(deadline, self._leave())
+        if not left:
+            self.loops.fence_all("closing without Redis")  # they stop, writing nothing
+        await self.subscriptions.aclose()
+        await self.tasks.aclose()
+        if self.agents is not None:
+            await self.agents.aclose()
+        self.membership.stop()
+        if not (left and await _until(deadline, self._deregister())):
+            log.error(
+                "node %s: Redis did not answer in time while it closed; what it holds "
+                "there is left to the reapers (its lease expires within node_ttl)",
+                self.config.node_id,
+            )
+        await self._close_store()
+        await self.backend.aclose()
+
+    async def _leave(self) -> None:
         await self._stop_loops(None)
         await self.sessions.settle()
         await self.sessions.leave_all()
         with contextlib.suppress(*REDIS_TROUBLE):  # else counted until the record goes
             for sid, held in self.handles.release_all().items():
                 await self.state.attach(sid, "", -held)
-        await self.subscriptions.aclose()
-        await self.tasks.aclose()
-        if self.agents is not None:
-            await self.agents.aclose()
-        self.membership.stop()
+
+    async def _deregister(self) -> None:
         with contextlib.suppress(*REDIS_TROUBLE):
             await reap_incarnation(
                 self.state,
@@ -375,8 +401,6 @@ class Node:
                 retention_ms=self.config.retention_ms,
             )
             await self.state.unregister(self.config.node_id, self.inc)
-        await self._close_store()
-        await self.backend.aclose()
 
     async def _stop_loops(self, status: Event | None) -> list[tuple[str, str]]:
         """Stop every local loop (telling its clients ``status``), and the loop of every
@@ -417,8 +441,10 @@ class Node:
         """
         self.intake.draining = True
         log.info("node %s draining", self.config.node_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout
         try:
-            async with asyncio.timeout(self.config.drain_timeout):
+            async with asyncio.timeout_at(deadline):
                 await self._handoff()
         except TimeoutError:
             log.error(
@@ -426,7 +452,8 @@ class Node:
                 self.config.node_id,
                 self.config.drain_timeout,
             )
-        await self.aclose()
+        # The close's writes get what is left, and at least one Redis timeout's worth.
+        await self.aclose(max(deadline, loop.time() + self.config.redis_timeout))
 
     async def _handoff(self) -> None:
         leaving = await self._stop_loops(codec.moving_event(self.config.node_id))
@@ -445,3 +472,13 @@ class Node:
             len(leaving),
             clients,
         )
+
+
+async def _until(deadline: float, step: Awaitable[None]) -> bool:
+    """Run ``step`` until ``deadline`` (event loop time); False if it did not end by then."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await step
+        return True
+    except TimeoutError:
+        return False

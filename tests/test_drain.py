@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from coordinator.codec import NODE_DRAINING, NODE_LOST, notice_code
-from tests.helpers import wait_until
+from coordinator.embedded import free_port
+from coordinator.manager import ConversationManager
+from tests.helpers import RecordingSink, fast_config, wait_until
+from tests.redisproc import RedisProcess, redis_args
 from tests.test_archive import wait_stored
 
 BAD = "tests.agents:BadAgent"
@@ -177,3 +184,46 @@ async def test_a_moved_loop_another_node_already_took_is_left_to_it(make_nodes) 
     await wait_until(lambda: "taken" not in b.node.restarts._running, what="the restart's end")
     assert tries == ["taken"]
     assert a.runner("taken") is not None and b.runner("taken") is None
+
+
+async def test_a_stop_while_redis_hangs_ends_by_its_deadline_and_leaves_the_rest_to_reapers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis stops answering (SIGSTOP: hung, or cut off by a partition) and the node is
+    stopped: each of its writes waited redis_timeout and its retries, one after the
+    other (83 s for one loop and one connection at the defaults; the node never exited
+    in time for a deploy). Its writes now end at drain_timeout, its loops stop writing
+    nothing, and once Redis answers again another node's reaper releases what it held."""
+    port = free_port()
+    server = RedisProcess(redis_args(port, tmp_path), redis.Redis(port=port).ping, tmp_path).start()
+    url = f"redis://127.0.0.1:{port}/0"
+    hung = ConversationManager(
+        fast_config(url, "hung", drain_timeout=1.0, redis_timeout=2.0), sink=RecordingSink()
+    )
+    reaper = ConversationManager(fast_config(url, "reaper"), sink=RecordingSink())
+    try:
+        await hung.start()
+        await reaper.start()
+        for i in range(3):
+            await hung.join_conversation(f"hung{i}", f"c{i}", {}, "alice")
+        assert await reaper.get_running_agent_loops("alice") == {"hung0", "hung1", "hung2"}
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            # Far past drain_timeout, far short of what the writes took one by one.
+            await asyncio.wait_for(hung.aclose(), 30)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert "Redis did not answer in time while it closed" in caplog.text
+        assert not hung.started
+
+        async def released() -> bool:
+            loops = await reaper.get_running_agent_loops("alice")
+            return not loops and not await reaper.get_connections(user_id="alice")
+
+        await wait_until(released, timeout=30, what="the reaper releasing what it held")
+    finally:
+        await reaper.aclose()
+        if hung.started:
+            await hung.aclose()
+        server.stop()
