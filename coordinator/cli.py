@@ -28,7 +28,7 @@ from .auth import (
 )
 from .cliargs import build_parser
 from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
-from .clisecrets import read_previous_secrets, read_secret_file, warn_about_visible_secrets
+from .clisecrets import read_previous_secrets, read_secret_file, visible_secrets
 from .config import ManagerConfig
 from .errors import REDIS_TROUBLE, ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
 from .inputs import check_user_id, parse_settings
@@ -143,6 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if server_config.metrics_port is not None:
             ports.append(("metrics port", args.host, server_config.metrics_port))
         found = asyncio.run(preflight.check(config, tokens, ports, bool(args.redis_url)))
+        for warning in visible_secrets(args):  # counted with the rest
+            found.append(preflight.Finding(preflight.WARN, "command line", warning))
         return preflight.report(found, sys.stdout)
     embedded = None
     if not args.redis_url:
@@ -366,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         read_secret_file(args)
-        warn_about_visible_secrets(args)
+        for warning in visible_secrets(args):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         return COMMANDS[args.command](args)
     except _Exit as exc:
         print(f"error: {exc.message}", file=sys.stderr, flush=True)

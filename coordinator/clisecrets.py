@@ -4,7 +4,6 @@ for secrets given where every user of the machine sees them."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .errors import ConfigError
 from .redact import redact_url
@@ -49,16 +48,15 @@ def read_previous_secrets(path: str | None) -> tuple[str, ...]:
     return secrets
 
 
-def warn_about_visible_secrets(args: argparse.Namespace) -> None:
+def visible_secrets(args: argparse.Namespace) -> list[str]:
     """Secrets on the command line are visible to every user of the machine (``ps``,
-    /proc/PID/cmdline): say how to pass them instead."""
+    /proc/PID/cmdline): what to say about each, and how to pass it instead."""
     given = getattr(args, "on_command_line", ())
+    said = []
     if "secret" in given:
-        print(
-            "warning: --secret on the command line is visible to other users (ps); "
-            "use --secret-file or COORDINATOR_SECRET",
-            file=sys.stderr,
-            flush=True,
+        said.append(
+            "--secret on the command line is visible to other users (ps); "
+            "use --secret-file or COORDINATOR_SECRET"
         )
     for name, variable in (
         ("redis_url", "COORDINATOR_REDIS_URL"),
@@ -67,9 +65,7 @@ def warn_about_visible_secrets(args: argparse.Namespace) -> None:
         url = getattr(args, name, None)
         if name in given and url and redact_url(url) != url:
             flag = "--" + name.replace("_", "-")
-            print(
-                f"warning: {flag} carries a password, visible to other users (ps); "
-                f"set {variable} instead",
-                file=sys.stderr,
-                flush=True,
+            said.append(
+                f"{flag} carries a password, visible to other users (ps); set {variable} instead"
             )
+    return said

@@ -175,6 +175,10 @@ class Link(asyncio.Protocol):
         self.fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}"))
 
 
+# Redis' answers to an AUTH when it has no password (7.x, then before 6.0).
+NO_PASSWORD_SET = ("AUTH <password> called without any password", "Client sent AUTH, but no")
+
+
 def reply_error(message: str) -> RedisError:
     if message.startswith("NOSCRIPT"):
         return NoScriptError(message)
@@ -309,7 +313,13 @@ class LinkSlot:
             try:
                 for command in e.handshake():
                     async with asyncio.timeout(self._connect_timeout):
-                        await link.send(command, self._connect_timeout)
+                        try:
+                            await link.send(command, self._connect_timeout)
+                        except ResponseError as exc:
+                            if not str(exc).removeprefix("ERR ").startswith(NO_PASSWORD_SET):
+                                raise
+                            # As redis-py takes it (the node's other connections do):
+                            # a password for a Redis without one is no error.
             except TimeoutError:
                 link.fail(RedisConnectionError("the lane's handshake timed out"))
                 raise RedisTimeoutError("Redis did not answer the handshake in time") from None

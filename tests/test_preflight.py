@@ -161,3 +161,26 @@ async def test_a_check_of_a_redis_cluster_and_of_sentinel(
     found = lines(out)
     assert found["eviction"][0] == "warn" and "redis+sentinel://" in found["eviction"][1], out
     assert found["scripts"][0] == "FAIL", out
+
+
+async def test_a_password_for_a_redis_without_one_passes_as_the_node_would_run(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """redis-py takes a password that Redis has none for (its AUTH answered "called
+    without any password configured"); the pub/sub and script links refused it, so the
+    check said "ok redis" then "FAIL subscribe" and a node could not subscribe. Now the
+    links take it as redis-py does. The password on the command line is a warning the
+    report counts (it was printed apart, and the report said "0 warning(s)")."""
+    secret = tmp_path / "secret"
+    secret.write_text(LONG_SECRET)
+    with_password = redis_url.replace("redis://", "redis://:unused-pw-42@", 1)
+    code, out, err = await run(
+        "serve", "--check", "--secret-file", str(secret), "--port", "0",
+        "--redis-url", with_password,
+    )  # fmt: skip
+    assert code == 0, (out, err)
+    found = lines(out)
+    assert found["subscribe"] == ("ok", "allowed (the node's channels)")
+    assert found["command line"][0] == "warn" and "--redis-url carries a password" in out
+    assert out.rstrip().endswith("check passed (1 warning(s))")
+    assert "unused-pw-42" not in out + err
