@@ -19,6 +19,7 @@ from .status import Advertisement
 from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+WITHDRAW_TROUBLE: tuple[type[Exception], ...] = (*REDIS_TROUBLE, TimeoutError)
 
 
 def check_public_url(url: str) -> str:
@@ -74,14 +75,17 @@ class UrlAdvertiser:
             await asyncio.sleep(self._every)
             await self._write()
 
-    async def aclose(self) -> None:
-        """Stop refreshing and withdraw the advertisement."""
+    async def aclose(self, within: float) -> None:
+        """Stop refreshing and withdraw the advertisement, giving up after ``within``
+        seconds (a Redis that does not answer held the drain back by its retries)."""
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait([task], within=5.0)
         if self._written:
             try:
-                await self._directory.withdraw(self._ad.node_id, self._written)
-            except REDIS_TROUBLE as exc:
-                log.warning("could not withdraw the advertisement of %s: %s", self._ad.node_id, exc)
+                async with asyncio.timeout(within):
+                    await self._directory.withdraw(self._ad.node_id, self._written)
+            except WITHDRAW_TROUBLE as exc:
+                why = exc if str(exc) else "Redis did not answer in time"
+                log.warning("could not withdraw the advertisement of %s: %s", self._ad.node_id, why)
             self._written = ""

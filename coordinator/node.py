@@ -366,7 +366,9 @@ class Node:
         if deadline is None:
             deadline = loop.time() + self.config.drain_timeout
         self.intake.draining = True
-        left = await _until(deadline, self._leave())
+        # A node whose lease lapsed has its loops fenced already, and whatever it holds
+        # in Redis is the reapers' (Redis has not answered it for a lease's time).
+        left = not self.membership.lapsed and await _until(deadline, self._leave())
         if not left:
             self.loops.fence_all("closing without Redis")  # they stop, writing nothing
         await self.subscriptions.aclose()
@@ -376,9 +378,12 @@ class Node:
         self.membership.stop()
         if not (left and await _until(deadline, self._deregister())):
             log.error(
-                "node %s: Redis did not answer in time while it closed; what it holds "
-                "there is left to the reapers (its lease expires within node_ttl)",
+                "node %s: %s; what it holds in Redis is left to the reapers (its lease "
+                "expires within node_ttl)",
                 self.config.node_id,
+                "its lease lapsed"
+                if self.membership.lapsed
+                else "Redis did not answer in time while it closed",
             )
         await self._close_store()
         await self.backend.aclose()

@@ -232,7 +232,7 @@ class NodeServer:
         """Withdraw the advertisement, drain the manager while sockets are open (clients
         hear why), then stop serving."""
         if self._advertiser is not None:
-            await self._advertiser.aclose()
+            await self._advertiser.aclose(within=self.config.redis_timeout)
             self._advertiser = None
         await self._stop_manager()
         if self._task is not None:

@@ -14,11 +14,14 @@ from typing import Any
 import pytest
 import redis
 
+from coordinator.auth import issue_token
 from coordinator.codec import NODE_DRAINING, NODE_LOST, notice_code
 from coordinator.embedded import free_port
 from coordinator.manager import ConversationManager
+from coordinator.server import NodeServer
 from tests.helpers import RecordingSink, fast_config, wait_until
 from tests.redisproc import RedisProcess, redis_args
+from tests.server_fixtures import SECRET, SioClient
 from tests.test_archive import wait_stored
 
 BAD = "tests.agents:BadAgent"
@@ -226,4 +229,38 @@ async def test_a_stop_while_redis_hangs_ends_by_its_deadline_and_leaves_the_rest
         await reaper.aclose()
         if hung.started:
             await hung.aclose()
+        server.stop()
+
+
+async def test_a_server_stopped_while_redis_hangs_exits_without_waiting_on_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGTERM'd server whose Redis hangs: withdrawing its advertisement waited out
+    redis-py's retries before the drain began (15 s at the defaults), and a node whose
+    lease had lapsed meanwhile still tried each of its stop's writes in turn (45 s from
+    SIGTERM to exit with three loops). Now the withdrawal gives up after redis_timeout
+    and a lapsed node leaves its Redis state to the reapers at once."""
+    port = free_port()
+    server = RedisProcess(redis_args(port, tmp_path), redis.Redis(port=port).ping, tmp_path).start()
+    url = f"redis://127.0.0.1:{port}/0"
+    node = NodeServer(fast_config(url, "hung", redis_timeout=1.0), SECRET, port=0)
+    client = SioClient("alice")
+    try:
+        await node.start()
+        await client.connect(node.url, "hanging", issue_token("alice", SECRET))
+        assert node.manager.runner("hanging") is not None
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            await wait_until(lambda: node.manager.node.membership.lapsed, what="the lease lapse")
+            await asyncio.wait_for(node.aclose(), 30)  # drain_timeout is 30 s
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert "could not withdraw the advertisement of hung" in caplog.text
+        assert "hung: its lease lapsed; what it holds in Redis is left to the reapers" in (
+            caplog.text
+        )
+    finally:
+        await client.close()
+        await node.aclose()
         server.stop()
