@@ -15,6 +15,7 @@ agent's side, and in a worker process ``RemoteAgent`` serves its frames with thi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,9 +27,14 @@ from .codec import with_id
 from .errors import Fenced, InvalidInput
 from .eventstore import EventStore, StoreError
 from .history import History
+from .ratelimit import LogThrottle
 from .state import Lease, SizeHint
 
 log = logging.getLogger(__name__)
+
+# Seconds a restarting loop waits for the store to fence its predecessors and hand it
+# their checkpoint, before it starts without (its answers wait for its start).
+RESUME_WITHIN = 2.0
 
 PAGE_EVENTS = 500  # at most this many events a page
 PAGE_BYTES = 4 << 20  # and about this many bytes (at least one event)
@@ -41,6 +47,7 @@ class Memories:
         self._history = history
         self._store = store
         self._archiver = archiver
+        self._without = LogThrottle(log)  # a store outage: every loop that restarts
 
     async def open(self, lease: Lease, owned: Callable[[], bool], *, resume: bool) -> LoopMemory:
         """The memory of the loop holding ``lease`` (``owned``: whether it still owns
@@ -53,7 +60,16 @@ class Memories:
             owned=owned,
         )
         if resume:
-            await memory.resume()
+            try:
+                async with asyncio.timeout(RESUME_WITHIN):
+                    await memory.resume()
+            except (StoreError, OSError, TimeoutError) as exc:
+                # A store that hangs held the start, and its answers, for its own timeouts
+                # (5 s to connect, 30 s a query): the loop starts without it instead.
+                why = str(exc) or f"the event store did not answer within {RESUME_WITHIN:g}s"
+                self._without.emit(
+                    logging.WARNING, "%s starts without its checkpoint: %s", lease.sid, why
+                )
         return memory
 
 
@@ -114,17 +130,15 @@ class LoopMemory:
 
     async def resume(self) -> Checkpoint | None:
         """Fence the predecessors in the store and load the newest checkpoint (None when
-        there is none, or the store cannot be reached: the loop starts without it)."""
+        there is none). The store's errors pass: ``Memories.open`` starts the loop
+        without its checkpoint then (a predecessor's late checkpoint may land: it holds
+        a state after events the log has, and this loop's first save fences it)."""
         sid, epoch = self._lease.sid, self._lease.epoch
-        try:
-            known = await self._store.conversation(sid)
-            if known is None:
-                return None
-            if known.epoch < epoch:
-                await self._store.append(sid, epoch, [], user=known.user)
-            saved = await self._store.load_checkpoint(sid)
-        except (StoreError, OSError) as exc:
-            log.warning("%s starts without its checkpoint: %s", sid, exc)
+        known = await self._store.conversation(sid)
+        if known is None:
             return None
+        if known.epoch < epoch:
+            await self._store.append(sid, epoch, [], user=known.user)
+        saved = await self._store.load_checkpoint(sid)
         self.latest = None if saved is None else Checkpoint(*saved)
         return self.latest

@@ -11,6 +11,7 @@ import os
 import signal
 from typing import Any
 
+import asyncpg
 import pytest
 
 from coordinator import ConversationManager, Fenced, InvalidInput
@@ -323,3 +324,43 @@ async def test_a_checkpoint_the_store_cannot_take_now_leaves_the_answer_and_is_s
 async def _checkpoint_covers(node: ConversationManager, sid: str, covers: int) -> bool:
     saved = await _checkpoint(node, sid)
     return saved is not None and saved[0] == covers
+
+
+async def test_a_restart_does_not_wait_on_a_store_that_hangs(
+    make_nodes: NodeFactory, postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop that restarts a stored conversation fences its predecessors in the store
+    and loads their checkpoint first: with the store's tables locked (a hung or very slow
+    store), that held the start, and so its join and answers, for the store's query
+    timeout (30 s; seen after a failover). It starts without the checkpoint after
+    RESUME_WITHIN and reads its history instead: the memory agent's answers go on."""
+    (a,) = await make_nodes(1, agent=MEMORY, event_store=postgres_dsn)
+    sink = make_nodes.sinks["node1"]
+    talk = await Talk(a, sink, "locked", "c1").join()
+    texts = ["one", "two"]
+    for text in texts:
+        await talk.say(text)
+    await a.close_session("locked", "alice")
+    await wait_until(lambda: _stored_past(a, "locked", 4), what="its events stored")
+    holder = await asyncpg.connect(postgres_dsn)
+    try:
+        locked = holder.transaction()
+        await locked.start()
+        await holder.execute(
+            "LOCK TABLE coordinator.conversations, coordinator.checkpoints IN ACCESS EXCLUSIVE MODE"
+        )
+        talk = Talk(a, sink, "locked", "c2")
+        await asyncio.wait_for(talk.join(), 15)  # the store's own query timeout is 30 s
+        texts.append("three")
+        await asyncio.wait_for(talk.say("three"), 15)
+        assert_continues(talk.answers(), texts)
+        assert "locked starts without its checkpoint: the event store did not answer" in (
+            caplog.text
+        )
+    finally:
+        await holder.close()  # the lock with it
+
+
+async def _stored_past(node: ConversationManager, sid: str, n: int) -> bool:
+    assert node.node.store is not None
+    return await node.node.store.last_id(sid) >= n
