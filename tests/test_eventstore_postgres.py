@@ -5,6 +5,7 @@ private server (tests/postgres.py)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import traceback
 
 import asyncpg
@@ -30,8 +31,12 @@ def _shown(exc: BaseException) -> str:
 
 
 async def test_a_stopped_server_is_unavailable_then_works_after_restart(
-    postgres_server: PostgresServer, postgres_dsn: str
+    postgres_server: PostgresServer, postgres_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """... and says so in a few lines: every call of a store that went away logged
+    "connection lost; retrying" at INFO (937 lines from one node in 160 s of outage),
+    and retried a connection the server had refused."""
+    caplog.set_level(logging.INFO, logger="coordinator.eventstore.postgres")
     store = PostgresEventStore(postgres_dsn)
     await store.open()
     total, failures = 3000, []
@@ -60,6 +65,11 @@ async def test_a_stopped_server_is_unavailable_then_works_after_restart(
         assert failures and not task.done()
         with pytest.raises(StoreUnavailable) as caught:
             await store.read("c1")
+        for _ in range(20):
+            with pytest.raises(StoreUnavailable):
+                await store.read("c1")
+        retried = [r for r in caplog.records if "connection lost" in r.getMessage()]
+        assert len(retried) <= 4, [r.getMessage() for r in retried]
         await asyncio.to_thread(postgres_server.start)
         restarted.set()
         await task

@@ -28,6 +28,7 @@ import asyncpg
 
 from ..errors import ConfigError, ConversationNotFound, CoordinatorError, InvalidInput
 from ..inputs import check_conversation_id, check_user_id
+from ..ratelimit import LogThrottle, Rate
 from . import pgschema
 from .base import (
     DEFAULT_MAX_CHECKPOINT_BYTES,
@@ -104,6 +105,7 @@ class PostgresEventStore(Opened):
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._pool: Any = None
+        self._retries = LogThrottle(log, Rate(0.2, 3.0))
         self._identity: str | None = None
 
     def __repr__(self) -> str:
@@ -173,8 +175,11 @@ class PostgresEventStore(Opened):
             except UNAVAILABLE as exc:
                 if isinstance(exc, ValueError):  # ClientConfigurationError: see open()
                     raise
-                if attempt == 1 and idempotent and isinstance(exc, _LOST):
-                    log.info(
+                refused = isinstance(exc, ConnectionRefusedError)  # down: again is no use
+                if attempt == 1 and idempotent and isinstance(exc, _LOST) and not refused:
+                    # Each call of a store that went away comes here (the mover's, each
+                    # restart's, each replay's): a line for each filled the log at INFO.
+                    self._retries.info(
                         "event store %s: connection lost (%s); retrying",
                         self.where,
                         self._describe(exc),
