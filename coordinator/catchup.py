@@ -38,6 +38,7 @@ from .errors import (
     redis_full,
     redis_refused,
 )
+from .eventstore.errors import StoreUnavailable
 from .history import History
 from .ratelimit import LogThrottle, Rate
 from .state import SizeHint
@@ -281,7 +282,9 @@ class LocalConnections:
                     raise CatchUpFailed(f"Redis refused to read the log of {conn.sid!r}") from exc
                 delay = backoff.next()
                 if deadline is not None and loop.time() + delay > deadline:
-                    raise CatchUpFailed(f"cannot read the log of {conn.sid!r}: {exc}") from None
+                    raise CatchUpFailed(
+                        f"cannot read the log of {conn.sid!r}: {_told(exc)}"
+                    ) from None
                 level = logging.WARNING if backoff.failures == 1 else logging.DEBUG  # once
                 log.log(level, "replay for %s failed (%s); retry in %.2fs", conn.cid, exc, delay)
                 await asyncio.sleep(delay)
@@ -368,3 +371,13 @@ class LocalConnections:
             await self.on_closed(conn)
         with contextlib.suppress(Exception):
             await self.sink.disconnect(conn.cid)
+
+
+def _told(exc: Exception) -> str:
+    """Why a read failed, as its client is told: where Redis or the store runs, and
+    what their drivers said, are for the server's log (the replay's warning)."""
+    if isinstance(exc, StoreUnavailable):  # an OSError too: first
+        return StoreUnavailable.PUBLIC
+    if isinstance(exc, REDIS_TROUBLE):
+        return "Redis cannot be reached right now; try again later"
+    return str(exc)

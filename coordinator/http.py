@@ -106,6 +106,8 @@ def client_message(exc: BaseException) -> str:
         return exc.detail
     if isinstance(exc, AuthError):
         return f"authentication failed: {exc}"
+    if isinstance(exc, StoreUnavailable):
+        return StoreUnavailable.PUBLIC
     if isinstance(exc, CoordinatorError):
         return str(exc)
     if redis_full(exc):

@@ -351,8 +351,10 @@ async def test_requests_while_the_store_is_away_log_a_line_each_at_most_2_a_seco
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A 503 (the store away) is one line in the log, throttled: any client may ask for
-    one per request meanwhile. Before, each logged its whole traceback."""
-    (a,) = await servers.start(1, log_window_events=10, event_store=postgres_dsn)
+    one per request meanwhile. Before, each logged its whole traceback. Clients are told
+    the store is away, not where it runs (its host, port, role and database were in
+    every 503 and refused join)."""
+    (a,) = await servers.start(1, log_window_events=10, event_store=postgres_dsn, join_wait=1.0)
     writer = await servers.join(a, "away", "alice")
     for i in range(10):
         await say(writer, str(i))
@@ -363,7 +365,9 @@ async def test_requests_while_the_store_is_away_log_a_line_each_at_most_2_a_seco
         status, body = await servers.request(
             "GET", a, "/api/conversations/away/events?after=0", user="alice"
         )
-        assert status == 503 and "is unavailable" in body["error"], body
+        assert (status, body["error"]) == (503, StoreUnavailable.PUBLIC), body
+    why = await servers.client().refused(a.url, "away", servers.token("alice"), latest_event_id=0)
+    assert why == f"cannot read the log of 'away': {StoreUnavailable.PUBLIC}", why
     lines = [r for r in caplog.records if r.name == "coordinator.rest"]
     assert 1 <= len(lines) <= 25 and not any(r.exc_info for r in lines)
     assert "GET /api/conversations/away/events: StoreUnavailable" in lines[0].getMessage()

@@ -19,6 +19,10 @@ class StoreUnavailable(StoreError, ConnectionError):
     ``where`` is the store's location with any password removed; nothing was changed
     unless the call was an append whose reply was lost (appends are idempotent: retry)."""
 
+    # What a client is told: the store's address (host, port, role, database) and the
+    # driver's words are for the server's log.
+    PUBLIC = "the event store is unavailable right now; try again later"
+
     def __init__(self, where: str, reason: str) -> None:
         super().__init__(f"event store {where} is unavailable: {reason}")
         self.where = where
