@@ -120,6 +120,8 @@ class FrameGuard:
         self.address = address
         self._throttle = throttle
         self._socket = socket  # the websocket protocol under the app, when it is ours
+        if socket is not None:
+            socket.on_ping = self.pinged  # unlinked by ``detach`` (a reference cycle)
         self.closed: str | None = None  # the reason it was closed for
         self.close_code = 0
         # Bytes of events handed to engine.io for this client, and bytes written to it:
@@ -196,6 +198,19 @@ class FrameGuard:
             self.closed, self.close_code = reason, 1006
         if self._socket is not None:
             self._socket.abort()
+
+    def pinged(self) -> bool:
+        """A websocket ping came: counted with the connection's messages; over its
+        rate, the connection is dropped (a flood of pings reads none of its pongs)."""
+        if self._bucket.take(time.monotonic()) <= 0:
+            return True
+        self._throttle.info("dropping websocket from %s: too many pings", self.address)
+        self.abort("too many pings")
+        return False
+
+    def detach(self) -> None:
+        if self._socket is not None:
+            self._socket.on_ping = None
 
     async def guarded_receive(self) -> Message:
         """The connection's ``receive``, every frame counted and checked first."""
@@ -295,7 +310,9 @@ class Edge:
             # pauses of 0.2-0.3 s (BENCHMARKS.md). The keys hold the websocket protocol,
             # which holds the scope.
             receiver.receive = None
-            scope.pop(SCOPE_KEY, None)
+            frames_left = scope.pop(SCOPE_KEY, None)
+            if isinstance(frames_left, FrameGuard):
+                frames_left.detach()
             scope.pop(SOCKET_KEY, None)
 
     def _routed_here(self, scope: Scope) -> bool:

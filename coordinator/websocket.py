@@ -13,7 +13,7 @@ delay is one loop iteration, and order is kept because every write of the connec
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol, cast
 
@@ -105,6 +105,10 @@ class WebSocket(Protocol):
     def gone(self) -> bool:
         """The connection is closed or closing (its peer left, or it was dropped)."""
 
+    # Asked for each ping the peer sends, before it is answered: False drops the
+    # connection (the app's message bucket counts pings too; None: nothing counts them).
+    on_ping: Callable[[], bool] | None
+
 
 SOCKET_KEY = "coordinator.websocket"
 # Bytes waiting in the transport (coalesced or not yet taken by the kernel) above which
@@ -124,6 +128,7 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
     ends abort the transport, and the app may abort it too (the scope's ``SOCKET_KEY``)."""
 
     _raw: asyncio.BaseTransport | None = None
+    on_ping: Callable[[], bool] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._raw = transport
@@ -168,6 +173,19 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
     def keepalive_timeout(self) -> None:
         super().keepalive_timeout()
         self.abort()
+
+    def handle_ping(self) -> None:
+        """Answer a ping, unless the peer sends them faster than the connection's message
+        rate (dropped) or does not read what it is sent. websockets queues a pong for
+        every ping and uvicorn read on whatever the app did: a peer that flooded pings
+        and read nothing grew a node by 1.2 GB in 40 s. RFC 6455 (5.5.3) lets a pong
+        answer only the latest of several pings."""
+        pongs = self.conn.data_to_send()
+        counted = self.on_ping
+        if counted is not None and not counted():
+            return  # dropped by the app's guard
+        if self.transport.get_write_buffer_size() < WRITE_NOW_LIMIT:
+            self.transport.write(b"".join(pongs))
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)

@@ -6,8 +6,12 @@ for. Real uvicorn nodes, real Redis, raw websocket frames (tests/rawsocket.py)."
 from __future__ import annotations
 
 import asyncio
+import base64
+import gc
 import json
 import logging
+import os
+import socket as tcp
 import time
 from typing import Any
 
@@ -18,6 +22,7 @@ from coordinator.catchup import BUFFERED
 from coordinator.ratelimit import Rate
 from coordinator.server import NodeServer
 from coordinator.serverconfig import NO_LIMITS, ServerConfig
+from coordinator.websocket import CoalescingSansIOProtocol
 from tests.helpers import wait_until
 from tests.rawsocket import RawSocket
 from tests.server_fixtures import ServerCluster
@@ -413,3 +418,76 @@ async def test_a_session_refused_for_a_limit_ends_and_its_websocket_closes(
     assert answer["data"]["retry_after"] > 0
     assert await sock.ws.recv() == "1"  # engine.io's CLOSE, after the refusal
     assert await sock.closed() == (1000, "session closed")
+
+
+async def _pinging_socket(node: NodeServer, rcvbuf: int = 4096) -> tuple[Any, Any]:
+    """A raw TCP websocket to the node's socket.io path that will send pings and read
+    nothing (a small receive buffer: the node's pongs back up at once)."""
+    sock = tcp.socket(tcp.AF_INET, tcp.SOCK_STREAM)
+    sock.setsockopt(tcp.SOL_SOCKET, tcp.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", node.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{node.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+def _pings(n: int) -> bytes:
+    """``n`` masked websocket pings of 125 bytes each (the most a control frame holds)."""
+    mask = b"\x01\x02\x03\x04"
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"p" * 125))
+    return (b"\x89\xfd" + mask + payload) * n
+
+
+def _websocket_protocols() -> list[CoalescingSansIOProtocol]:
+    return [o for o in gc.get_objects() if type(o) is CoalescingSansIOProtocol]
+
+
+async def test_pings_whose_pongs_are_never_read_hold_no_memory(servers: ServerCluster) -> None:
+    """A peer that floods websocket pings and reads nothing: websockets queued a pong
+    for each, and uvicorn read on whatever the app did, so the pongs piled up in the
+    node's write buffer (1.2 GB in 40 s from one user's four sockets, the other users'
+    round trips 70-600 times slower). Now a pong is written only while the peer reads."""
+    (a,) = await servers.start(1)  # no rate limits: the write buffer's bound alone
+    _, writer = await _pinging_socket(a)
+    try:
+        for _ in range(16):  # 16 MB of pings, past what the kernel's buffers take
+            writer.write(_pings(8000))
+            await writer.drain()
+        await asyncio.sleep(0.5)  # the node reads what is left
+        mine = writer.get_extra_info("sockname")
+        (protocol,) = [
+            p for p in _websocket_protocols() if p.transport.get_extra_info("peername") == mine
+        ]
+        waiting = protocol.transport.get_write_buffer_size()
+        assert waiting < 1 << 20, waiting  # 64 KiB and one read's pongs at most
+    finally:
+        writer.transport.abort()
+
+
+async def test_a_ping_flood_counts_as_messages_and_is_dropped(
+    servers: ServerCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pings count with the connection's messages (its frame rate): a flood of them
+    drops the connection, said once in the log."""
+    caplog.set_level(logging.INFO, logger="coordinator.edge")
+    (a,) = await servers.start(1, server_config=ServerConfig())
+    reader, writer = await _pinging_socket(a, rcvbuf=1 << 20)
+    try:
+        writer.write(_pings(2000))
+        await writer.drain()
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            while True:  # pongs for the burst, then the end
+                await asyncio.wait_for(reader.readexactly(1 << 16), 10)
+        assert "too many pings" in caplog.text
+    finally:
+        writer.transport.abort()
