@@ -13,6 +13,7 @@ delay is one loop iteration, and order is kept because every write of the connec
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Protocol, cast
@@ -21,7 +22,10 @@ from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 
+from .ratelimit import LogThrottle
+
 _NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
+_NOT_UTF8 = LogThrottle(logging.getLogger(__name__))
 
 
 def unlink(transport: asyncio.BaseTransport) -> None:
@@ -173,6 +177,24 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
     def keepalive_timeout(self) -> None:
         super().keepalive_timeout()
         self.abort()
+
+    def send_receive_event_to_app(self) -> None:
+        """A whole message to the app; a text message that is not UTF-8 closes the
+        connection (1007) in a line of its own, throttled: uvicorn logged a traceback at
+        ERROR for each, and any client may send one per connection."""
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+            if not data.isascii():  # the usual case is decoded once, by uvicorn
+                try:
+                    data.decode()
+                except UnicodeDecodeError:
+                    self.frames = []
+                    peer = self.client[0] if self.client else "?"
+                    _NOT_UTF8.info("closing websocket from %s: a text message is not UTF-8", peer)
+                    self.conn.send_close(1007, "text message is not UTF-8")
+                    self.handle_parser_exception()
+                    return
+        super().send_receive_event_to_app()
 
     def handle_ping(self) -> None:
         """Answer a ping, unless the peer sends them faster than the connection's message

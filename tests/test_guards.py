@@ -420,9 +420,9 @@ async def test_a_session_refused_for_a_limit_ends_and_its_websocket_closes(
     assert await sock.closed() == (1000, "session closed")
 
 
-async def _pinging_socket(node: NodeServer, rcvbuf: int = 4096) -> tuple[Any, Any]:
-    """A raw TCP websocket to the node's socket.io path that will send pings and read
-    nothing (a small receive buffer: the node's pongs back up at once)."""
+async def _raw_websocket(node: NodeServer, rcvbuf: int = 4096) -> tuple[Any, Any]:
+    """A raw TCP websocket to the node's socket.io path, for frames no websocket library
+    sends (a small receive buffer: what the node writes backs up at once)."""
     sock = tcp.socket(tcp.AF_INET, tcp.SOCK_STREAM)
     sock.setsockopt(tcp.SOL_SOCKET, tcp.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
@@ -458,7 +458,7 @@ async def test_pings_whose_pongs_are_never_read_hold_no_memory(servers: ServerCl
     node's write buffer (1.2 GB in 40 s from one user's four sockets, the other users'
     round trips 70-600 times slower). Now a pong is written only while the peer reads."""
     (a,) = await servers.start(1)  # no rate limits: the write buffer's bound alone
-    _, writer = await _pinging_socket(a)
+    _, writer = await _raw_websocket(a)
     try:
         for _ in range(16):  # 16 MB of pings, past what the kernel's buffers take
             writer.write(_pings(8000))
@@ -481,7 +481,7 @@ async def test_a_ping_flood_counts_as_messages_and_is_dropped(
     drops the connection, said once in the log."""
     caplog.set_level(logging.INFO, logger="coordinator.edge")
     (a,) = await servers.start(1, server_config=ServerConfig())
-    reader, writer = await _pinging_socket(a, rcvbuf=1 << 20)
+    reader, writer = await _raw_websocket(a, rcvbuf=1 << 20)
     try:
         writer.write(_pings(2000))
         await writer.drain()
@@ -491,3 +491,28 @@ async def test_a_ping_flood_counts_as_messages_and_is_dropped(
         assert "too many pings" in caplog.text
     finally:
         writer.transport.abort()
+
+
+async def test_a_text_message_that_is_not_utf8_closes_with_a_line_not_a_traceback(
+    servers: ServerCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn logged a traceback at ERROR for each (any client, no token, one per
+    connection); now a line at INFO, throttled as the other malformed input's."""
+    caplog.set_level(logging.INFO)
+    (a,) = await servers.start(1)
+    mask = b"\x01\x02\x03\x04"
+    frame = b"\x81\x82" + mask + bytes(b ^ mask[i] for i, b in enumerate(b"\xff\xfe"))
+    for _ in range(30):
+        reader, writer = await _raw_websocket(a, rcvbuf=1 << 16)
+        try:
+            writer.write(frame)
+            await writer.drain()
+            # engine.io's OPEN (a text frame), then the close and the end.
+            rest = await asyncio.wait_for(reader.read(), 10)
+            close = rest[rest.rindex(b"\x88") :]
+            assert int.from_bytes(close[2:4], "big") == 1007, close
+        finally:
+            writer.transport.abort()
+    assert "Traceback" not in caplog.text and "Invalid UTF-8" not in caplog.text
+    lines = [r for r in caplog.records if "is not UTF-8" in r.getMessage()]
+    assert 1 <= len(lines) <= 21
