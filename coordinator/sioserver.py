@@ -113,6 +113,18 @@ class PingTrackingServer(engineio.AsyncServer):  # type: ignore[misc]
         if self.ping_tasks.get(sid) is task:
             del self.ping_tasks[sid]
 
+    async def disconnect(self, sid: str | None = None) -> None:
+        """engine.io's, except that a polling session's close does not wait for its
+        client to fetch the CLOSE packet: one that never polls again (a POST over
+        maxPayload ends its session that way) held the request's task until the node
+        stopped, a task per such POST."""
+        socket = self.sockets.get(sid) if sid is not None else None
+        if socket is None or socket.upgraded:
+            await super().disconnect(sid)
+            return
+        await socket.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+        self.sockets.pop(sid, None)
+
     def session_ended(self, sid: str) -> None:
         task = self.ping_tasks.pop(sid, None)
         if task is not None:

@@ -421,3 +421,27 @@ async def test_the_request_environ_is_engineios_own(
             pieces = [await body.read(n) for n in reads] if body is not None else []
             made.append((environ, pieces))
         assert made[0] == made[1], reads
+
+
+async def test_a_polling_post_over_the_message_bound_ends_its_session_and_its_request(
+    servers: ServerCluster,
+) -> None:
+    """A polling POST over maxPayload ends its session: engine.io's close then waited
+    for the client to poll for its CLOSE packet, and one that never did held the
+    request's task until the node stopped (a task per such POST, no token needed)."""
+    (node,) = await servers.start(1, server_config=edge(allow_polling=True))
+    status, body = await servers.request("GET", node, "/socket.io/?EIO=4&transport=polling")
+    assert status == 200, body
+    sid = json.loads(body[1:])["sid"]
+    sio = node.manager.sink.sio  # type: ignore[attr-defined]
+
+    def handling() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if "handle_request" in repr(t.get_coro())]
+
+    # Answered at once (it waited for the client to go away: 15 s here, for good in the
+    # probe, whose client had reset).
+    status, _ = await servers.request(
+        "POST", node, f"/socket.io/?EIO=4&transport=polling&sid={sid}", data=b"4" * (2 << 20)
+    )
+    assert status == 400
+    await wait_until(lambda: not sio.eio.sockets and not handling(), timeout=10, what="it ended")
