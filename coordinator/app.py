@@ -204,7 +204,7 @@ def create_app(
     sink.bind(sio, manager.metrics)
     quotas = Quotas(config, lambda: manager.state)
     SocketHandlers(sio, manager, tokens, sink, manager.metrics, quotas).register()
-    pages = Pages(manager, tokens, origins)
+    pages = Pages(manager, tokens, quotas, origins)
     rest = RestApp(
         manager,
         tokens,

@@ -376,6 +376,11 @@ SERVER_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         _rate,
         "conversations one user may create through REST, on all nodes (default: 0.5:10)",
     ),
+    "requests_per_user": (
+        "--limit-requests-per-user",
+        _rate,
+        "authenticated REST requests per user (any /api/ call), on all nodes (default: 20:100)",
+    ),
     "max_queued_events": (
         "--max-queued-events",
         int,
@@ -402,5 +407,6 @@ NO_LIMIT_FLAGS = (
     "--limit-action-bytes-per-user", "off",
     "--limit-joins-per-user", "off",
     "--limit-creations-per-user", "off",
+    "--limit-requests-per-user", "off",
     "--max-connections-per-user", "0",
 )  # fmt: skip

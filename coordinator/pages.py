@@ -24,8 +24,9 @@ from starlette.routing import BaseRoute, Route
 from .answers import json_response
 from .auth import TokenVerifier
 from .dashboard import dashboard
-from .http import Cors, Origins, Resource, bearer_identity
+from .http import Cors, Origins, Resource, rated_identity
 from .manager import ConversationManager
+from .quotas import Quotas
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -61,10 +62,15 @@ class Pages:
     """The routes of the pages and their endpoints, for ``RestApp(extra_routes=...)``."""
 
     def __init__(
-        self, manager: ConversationManager, tokens: TokenVerifier, origins: Origins | None = None
+        self,
+        manager: ConversationManager,
+        tokens: TokenVerifier,
+        quotas: Quotas,
+        origins: Origins | None = None,
     ) -> None:
         self.manager = manager
         self.tokens = tokens
+        self.quotas = quotas
         self.files = load_static()
         # A page moves between nodes: their endpoints answer the other nodes' pages too.
         self.cors = Cors(origins or Origins())
@@ -97,7 +103,7 @@ class Pages:
         return self._file(request.path_params["name"])
 
     async def nodes(self, request: Request) -> Response:
-        bearer_identity(self.tokens, request)
+        await rated_identity(self.tokens, self.quotas, request)
         urls = await self.manager.directory.node_urls()
         return json_response(
             200,
@@ -108,6 +114,6 @@ class Pages:
         )
 
     async def dashboard(self, request: Request) -> Response:
-        identity = bearer_identity(self.tokens, request)
+        identity = await rated_identity(self.tokens, self.quotas, request)
         view = await dashboard(self.manager.directory, identity, self.manager.node_id)
         return json_response(200, view)

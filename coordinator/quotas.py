@@ -5,7 +5,8 @@ handlers, REST) before any work is done.
 - actions per user, and their bytes: the user's buckets in Redis, taken a batch at a
   time (``ratelimit.UserAllowance``), so they hold across every node the user reaches;
 - joins per user and conversation creations per user: a token from the user's Redis
-  bucket each.
+  bucket each;
+- REST requests per user: the user's Redis bucket, taken a batch at a time.
 
 The number of connections a user holds open is capped where joins are registered
 (``sessions.py``, ``max_connections_per_user``). Every refusal is a ``LimitExceeded``
@@ -50,6 +51,9 @@ class Quotas:
             config.creations_per_user,
             self._redis_bucket("creations"),
             batch=1,
+        )
+        self.requests = UserAllowance(
+            "requests per user", config.requests_per_user, self._redis_bucket("requests")
         )
         self.refused: Counter[str] = Counter()  # limit -> refusals, for /metrics
 
@@ -104,6 +108,10 @@ class Quotas:
 
     async def creation(self, user: str) -> None:
         await self._one(self.creations, user)
+
+    async def request(self, user: str) -> None:
+        """An authenticated REST request of ``user`` (taken a batch at a time)."""
+        await self._one(self.requests, user)
 
     async def _one(self, allowance: UserAllowance, user: str) -> None:
         try:

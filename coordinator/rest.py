@@ -32,9 +32,9 @@ from .http import (
     Handler,
     Origins,
     Resource,
-    bearer_identity,
     json_object,
     not_found,
+    rated_identity,
     read_body,
 )
 from .inputs import (
@@ -127,11 +127,11 @@ class RestApp:
         await self.router(scope, receive, send)
 
     # -- helpers ---------------------------------------------------------------------
-    def identity(self, request: Request) -> Identity:
-        return bearer_identity(self.tokens, request)
+    async def identity(self, request: Request) -> Identity:
+        return await rated_identity(self.tokens, self.quotas, request)
 
-    def user(self, request: Request) -> str:
-        return self.identity(request).user
+    async def user(self, request: Request) -> str:
+        return (await self.identity(request)).user
 
     async def owned(self, sid: str, who: Identity) -> dict[str, Any]:
         """The view of conversation ``sid``, if it is ``who``'s (another user's is as
@@ -197,14 +197,14 @@ class RestApp:
         """An admin revokes a user's tokens issued until now, on every node: they are
         refused from now on and the user's connections holding one end
         (``revocations.py``)."""
-        if not self.identity(request).admin:
+        if not (await self.identity(request)).admin:
             raise HTTPException(403, "revoking a user's tokens takes an admin token")
         user = check_user_id(request.path_params["user"])
         at = await self.manager.revoke_user(user, self.tokens.settings.max_lifetime)
         return json_response(200, {"user": user, "revoked_at": at})
 
     async def node(self, request: Request) -> Response:
-        who = self.identity(request)
+        who = await self.identity(request)
         m = self.manager
         loops = sorted(m.local_loops()) if m.started else []
         connections = list(m.node.connections) if m.started else []
@@ -223,7 +223,7 @@ class RestApp:
         )
 
     async def cluster(self, request: Request) -> Response:
-        who = self.identity(request)
+        who = await self.identity(request)
         directory = self.manager.directory
         if who.admin:
             return json_response(200, await directory.cluster_view())
@@ -233,14 +233,14 @@ class RestApp:
         """A page of the caller's conversations, newest first: ``?limit=N`` (1..1000,
         default 100) and ``&page_id=`` the ``next_page_id`` of the page before (None
         after the last page)."""
-        user = self.user(request)
+        user = await self.user(request)
         limit = query_int(request, "limit", DEFAULT_PAGE, 1, MAX_LISTED)
         page_id = query_param(request, "page_id")
         convs, next_page = await self.manager.directory.list_conversations(user, limit, page_id)
         return json_response(200, {"conversations": convs, "next_page_id": next_page})
 
     async def get_conversation(self, request: Request) -> Response:
-        who = self.identity(request)
+        who = await self.identity(request)
         return json_response(200, await self.owned(request.path_params["sid"], who))
 
     async def events(self, request: Request) -> Response:
@@ -248,7 +248,7 @@ class RestApp:
         ``&limit=N`` (1..1000, default 100; a page holds about 4 MiB at most, at least one
         event); ``next`` is the ``after`` of the next page, ``more`` whether one may
         follow."""
-        who = self.identity(request)
+        who = await self.identity(request)
         sid = check_conversation_id(request.path_params["sid"])
         after = query_int(request, "after", 0, 0, MAX_EVENT_ID)
         limit = query_int(request, "limit", DEFAULT_PAGE, 1, MAX_EVENTS_PAGE)
@@ -261,7 +261,7 @@ class RestApp:
         return json_response(200, {"events": WrittenOnce(events), "next": last, "more": more})
 
     async def create_conversation(self, request: Request) -> Response:
-        who = self.identity(request)
+        who = await self.identity(request)
         user = who.user
         body = json_object(await read_body(request))
         unknown = sorted(set(body) - CREATE_FIELDS)
@@ -302,7 +302,7 @@ class RestApp:
         )
 
     async def close_conversation(self, request: Request) -> Response:
-        who = self.identity(request)
+        who = await self.identity(request)
         user = None if who.admin else who.user  # an admin closes or purges any
         sid = check_conversation_id(request.path_params["sid"])
         purge = query_param(request, "purge")

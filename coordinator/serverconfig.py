@@ -40,6 +40,10 @@ ACTIONS_PER_USER = Rate(50, 100)
 ACTION_BYTES_PER_USER = Rate(256 * 1024, 1024 * 1024)
 JOINS_PER_USER = Rate(2, 20)
 CREATIONS_PER_USER = Rate(0.5, 10)
+# Authenticated REST requests per user (a page of events, a list, a close): a dashboard
+# polling and a client paging through its history pass; a loop asking as fast as it can
+# does not.
+REQUESTS_PER_USER = Rate(20, 100)
 # New connections one address may open: a reconnect storm of a hundred clients behind one
 # NAT passes, a loop opening connections as fast as it can does not.
 CONNECTIONS_PER_ADDRESS = Rate(20, 100)
@@ -90,6 +94,7 @@ class ServerConfig:
     action_bytes_per_user: Rate = ACTION_BYTES_PER_USER
     joins_per_user: Rate = JOINS_PER_USER
     creations_per_user: Rate = CREATIONS_PER_USER
+    requests_per_user: Rate = REQUESTS_PER_USER
     # What may wait for a client that does not read before it is dropped (it reconnects
     # with latest_event_id and misses nothing): events, and their bytes.
     max_queued_events: int = 2_000
@@ -146,4 +151,5 @@ NO_LIMITS: dict[str, Any] = dict(
     action_bytes_per_user=UNLIMITED,
     joins_per_user=UNLIMITED,
     creations_per_user=UNLIMITED,
+    requests_per_user=UNLIMITED,
 )
