@@ -170,6 +170,7 @@ class SocketHandlers:
     async def _join(self, connection_id: str, environ: Mapping[str, Any], auth: Any) -> bool:
         query = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
         joined = False
+        user = ""
         try:
             token = auth.get("token") if isinstance(auth, dict) else None
             if token is None:
@@ -204,7 +205,15 @@ class SocketHandlers:
             await self._forget(connection_id, joined)
             self.refused[refusal_reason(exc)] += 1
             message = self._refusal(exc)
-            self._refusals.info("connection %s refused: %s", connection_id, message)
+            # Whom to block, if it comes to that: the address, and the user once known.
+            address = str(((environ.get("asgi.scope") or {}).get("client") or ("?",))[0])
+            self._refusals.info(
+                "connection %s from %s%s refused: %s",
+                connection_id,
+                address,
+                f" (user {user!r})" if user else "",
+                message,
+            )
             if isinstance(exc, LimitExceeded):
                 # Nothing to try again on this session: it ends after the refusal.
                 eio_sid = self.sio.manager.eio_sid_from_sid(connection_id, NAMESPACE)

@@ -5,6 +5,7 @@ nothing it was refused reaches Redis. Real uvicorn nodes, real Redis."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -126,13 +127,16 @@ async def test_a_user_allowance_takes_tokens_in_batches(servers: ServerCluster) 
     assert calls == [10] * 10
 
 
-async def test_joins_per_user(servers: ServerCluster) -> None:
+async def test_joins_per_user(servers: ServerCluster, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="coordinator.handlers")
     (a,) = await servers.start(1, server_config=limits(joins_per_user=Rate(0.1, 3)))
     for _ in range(3):
         await servers.join(a, "conv", "alice")
     client = servers.client()
     why = await client.refused(a.url, "conv", servers.token("alice"))
     assert why.startswith("rate limit: too many joins per user (limit 0.1/s (burst 3))")
+    # The log names whom to block: the address, and the user (it named neither).
+    assert " from 127.0.0.1 (user 'alice') refused: rate limit: too many joins" in caplog.text
     assert 0 < client.refusal["data"]["retry_after"] <= 10
     assert len(a.manager.local_connections()) == 3
     # Refused for a limit, the session ends (after the refusal went out): it holds
