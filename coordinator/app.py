@@ -34,6 +34,7 @@ from .manager import ConversationManager
 from .metrics import NodeMetrics
 from .pages import Pages
 from .quotas import Quotas
+from .ratelimit import Rate, TokenBucket
 from .rest import RestApp
 from .rooms import IndexedRoomsManager
 from .serverconfig import ServerConfig
@@ -221,12 +222,35 @@ def create_app(
 
 def _quiet_logger(name: str) -> logging.Logger:
     """A logger for python-socketio/engine.io: warnings and errors only (their INFO
-    lines quote every packet), through the application's handlers, with no secrets."""
+    lines quote every packet), through the application's handlers, with no secrets, at
+    most 2 lines a second (``_Throttled``)."""
     logger = logging.getLogger(name)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.WARNING)
     redact.install((name,))
+    if not any(isinstance(f, _Throttled) for f in logger.filters):
+        logger.addFilter(_Throttled())
     return logger
+
+
+class _Throttled(logging.Filter):
+    """At most 2 records a second (20 at once), the rest counted into the next one:
+    what a client sends decides how often these libraries log (a polling POST they
+    cannot decode wrote an ERROR traceback each, a megabyte of log a second)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bucket = TokenBucket(Rate(2.0, 20.0), time.monotonic())
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._bucket.take(time.monotonic()) > 0:
+            self._suppressed += 1
+            return False
+        if self._suppressed:
+            record.msg = f"{record.msg} ({self._suppressed} similar line(s) suppressed)"
+            self._suppressed = 0
+        return True
 
 
 def read_edge(

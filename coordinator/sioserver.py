@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 NAMESPACE = packets.NAMESPACE
 MAX_CONNECTS = 3  # CONNECT packets one engine.io session may send
 GRACE = 1.0  # seconds an ended session's websocket stays for its last packets to go out
+# Packets one polling POST may carry. A client sends what it has queued in one body,
+# which maxPayload bounds already; python-engineio refused more than 16 whole (answering
+# 200: a burst of a client's messages was lost without a word). Each packet then meets
+# the connection's limits as a websocket message does.
+engineio.payload.Payload.max_decode_packets = 1024
 # What decoding a client's packet can raise (json.JSONDecodeError is a ValueError).
 DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError)
 

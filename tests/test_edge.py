@@ -445,3 +445,44 @@ async def test_a_polling_post_over_the_message_bound_ends_its_session_and_its_re
     )
     assert status == 400
     await wait_until(lambda: not sio.eio.sockets and not handling(), timeout=10, what="it ended")
+
+
+async def test_a_polling_client_may_send_a_burst_in_one_post(servers: ServerCluster) -> None:
+    """A polling client sends what it has queued in one POST: python-engineio refused
+    a body of more than 16 packets whole (an ERROR traceback, and 200 to the client: its
+    messages were lost without a word). The body's size is bounded already."""
+    (node,) = await servers.start(1, server_config=edge(allow_polling=True))
+    client = servers.client("polling")
+    await client.sio.connect(
+        f"{node.url}?conversation_id=burst",
+        auth={"token": servers.token("alice")},
+        transports=["polling"],
+        wait_timeout=10,
+    )
+    acks = await asyncio.gather(
+        *(client.act({"action": "message", "args": {"content": str(i)}}) for i in range(40))
+    )
+    assert all(ack["ok"] for ack in acks), acks
+    await client.sio.eio.disconnect(abort=True)
+
+
+async def test_polling_bodies_engineio_cannot_decode_log_a_few_lines(
+    servers: ServerCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A polling POST python-engineio cannot decode (here more packets than it takes)
+    logged an ERROR traceback each, from any client without a token: at most 2 lines a
+    second now, as the node's own refusals."""
+    (node,) = await servers.start(1, server_config=edge(allow_polling=True))
+    status, body = await servers.request("GET", node, "/socket.io/?EIO=4&transport=polling")
+    sid = json.loads(body[1:])["sid"]
+    too_many = "\x1e".join(["4a"] * 1025).encode()
+    began = time.monotonic()
+    for _ in range(40):
+        status, _ = await servers.request(
+            "POST", node, f"/socket.io/?EIO=4&transport=polling&sid={sid}", data=too_many
+        )
+        assert status == 200  # python-engineio's answer
+    took = time.monotonic() - began
+    lines = [r for r in caplog.records if r.name == "coordinator.engineio"]
+    assert 1 <= len(lines) <= 20 + 2 * took + 1, (len(lines), took)
+    assert len(lines) < 40
