@@ -390,7 +390,7 @@ SERVER_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "max_queued_bytes": (
         "--max-queued-bytes",
         int,
-        "bytes of events waiting for a websocket client that does not read before it is "
+        "bytes of events waiting for a client that does not read before it is "
         "dropped (default: 1 MiB)",
     ),
 }

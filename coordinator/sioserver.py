@@ -247,8 +247,11 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
 
     def backlogged(self, eio_sid: str, *, half: bool = False) -> str | None:
         """Why this client has too much waiting for it (more than ``max_queued_events``
-        or, on a websocket, ``max_queued_bytes``, each 0 for no limit; ``half``: half as
-        much), or None."""
+        or ``max_queued_bytes``, each 0 for no limit; ``half``: half as much), or None.
+        A polling session's bytes are counted in engine.io's queue (a few entries: each
+        poll takes all of them); they were not counted at all, and a session that never
+        polled held up to ``max_queued_events`` of the largest events (9 MB each in a
+        probe)."""
         socket = self.eio.sockets.get(eio_sid)
         if socket is None or socket.closed:
             return None
@@ -257,9 +260,11 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
             events, size = events // 2, size // 2
         if self.max_queued_events and socket.queue.qsize() > events:
             return f"over {events} events waiting"
-        frames = FrameGuard.of(self.environ.get(eio_sid))
-        if self.max_queued_bytes and frames is not None and frames.backlog > size:
-            return f"over {size} bytes waiting"
+        if self.max_queued_bytes:
+            frames = FrameGuard.of(self.environ.get(eio_sid))
+            waiting = frames.backlog if frames is not None else _queued_bytes(socket)
+            if waiting > size:
+                return f"over {size} bytes waiting"
         return None
 
     async def _send_packet(self, eio_sid: str, pkt: Any) -> None:
@@ -398,3 +403,12 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
             )
             return
         await self.close_connection(eio_sid, PROTOCOL_ERROR, reason, log_it=False)
+
+
+def _queued_bytes(socket: Any) -> int:
+    """Bytes of the messages in an engine.io session's queue (a polling one's)."""
+    return sum(
+        len(p.data)
+        for p in socket.queue._queue  # asyncio.Queue's deque
+        if p is not None and isinstance(p.data, str | bytes)
+    )

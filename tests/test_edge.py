@@ -486,3 +486,27 @@ async def test_polling_bodies_engineio_cannot_decode_log_a_few_lines(
     lines = [r for r in caplog.records if r.name == "coordinator.engineio"]
     assert 1 <= len(lines) <= 20 + 2 * took + 1, (len(lines), took)
     assert len(lines) < 40
+
+
+async def test_a_polling_session_that_does_not_poll_is_held_to_the_queued_bytes(
+    servers: ServerCluster,
+) -> None:
+    """Events waiting for a polling session count against --max-queued-bytes as a
+    websocket's do: they were not counted, and a session that never polled held up to
+    --max-queued-events of the largest events (9 MB each in a probe)."""
+    config = edge(allow_polling=True, max_queued_events=0, max_queued_bytes=100_000)
+    (node,) = await servers.start(1, server_config=config)
+    token = servers.token("alice")
+    query = "/socket.io/?EIO=4&transport=polling"
+    status, body = await servers.request("GET", node, f"{query}&conversation_id=quiet")
+    sid = json.loads(body[1:])["sid"]
+    connect = "40" + json.dumps({"token": token})
+    status, _ = await servers.request("POST", node, f"{query}&sid={sid}", data=connect.encode())
+    assert status == 200
+    sio = node.manager.sink.sio  # type: ignore[attr-defined]
+    await wait_until(lambda: len(node.manager.local_connections()) == 1, what="joined")
+    talker = await servers.join(node, "quiet", "alice")
+    for _ in range(6):  # each action and its answer: about 60 KB for the quiet session
+        assert (await talker.act({"action": "message", "args": {"content": "x" * 30_000}}))["ok"]
+    await wait_until(lambda: sid not in sio.eio.sockets, timeout=10, what="the quiet one dropped")
+    assert talker.connected
