@@ -114,6 +114,15 @@ class ConnectionGuard:
     def release_forwarded(self, address: str) -> None:
         self._uncount(address)
 
+    def admit_session(self, address: str) -> str | None:
+        """A new engine.io session (a polling handshake) over a connection ``address``
+        holds already: counted against the address's rate of new connections, which
+        sessions opened over one keep-alive connection escaped (2,460 a second); the
+        reason to refuse it, or None."""
+        if not address or self.is_trusted(address):
+            return None
+        return self._too_fast(address, address_key(address))
+
     def _count(self, address: str) -> str | None:
         if not address:
             return None
@@ -123,22 +132,28 @@ class ConnectionGuard:
             return (
                 f"too many connections from {address} (at most {self.max_per_address} per address)"
             )
-        if not self.rate.unlimited:
-            now = time.monotonic()
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                if len(self._buckets) >= PRUNE_AT:
-                    self._prune(now)
-                bucket = self._buckets[key] = TokenBucket(self.rate, now)
-            wait = bucket.take(now)
-            if wait > 0:
-                self.refused["rate"] += 1
-                return (
-                    f"too many new connections from {address} (limit {self.rate}); "
-                    f"retry in {retry_after(wait):g}s"
-                )
-        self._per_address[key] += 1
-        return None
+        refusal = self._too_fast(address, key)
+        if refusal is None:
+            self._per_address[key] += 1
+        return refusal
+
+    def _too_fast(self, address: str, key: str) -> str | None:
+        if self.rate.unlimited:
+            return None
+        now = time.monotonic()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= PRUNE_AT:
+                self._prune(now)
+            bucket = self._buckets[key] = TokenBucket(self.rate, now)
+        wait = bucket.take(now)
+        if wait <= 0:
+            return None
+        self.refused["rate"] += 1
+        return (
+            f"too many new connections from {address} (limit {self.rate}); "
+            f"retry in {retry_after(wait):g}s"
+        )
 
     def _uncount(self, address: str) -> None:
         key = address_key(address)

@@ -287,6 +287,12 @@ class Edge:
             if refusal is not None:
                 await _refuse(scope, receive, send, refusal)
                 return
+        elif kind == "http" and _opens_polling_session(scope):
+            client = scope.get("client")
+            refusal = self.guard.admit_session(str(client[0]) if client else "")
+            if refusal is not None:
+                await _refuse(scope, receive, send, refusal)
+                return
         origin = _header(scope, b"origin")
         if origin and self.origins is not None:
             await self.origins.learn(origin, _header(scope, b"host"))
@@ -340,6 +346,15 @@ class Edge:
                     {"http": "ws", "https": "wss"}.get(proto, proto) if websocket else proto
                 )
         return address
+
+
+def _opens_polling_session(scope: Scope) -> bool:
+    """An engine.io polling handshake: a GET of the socket.io path without a session."""
+    return (
+        scope["method"] == "GET"
+        and scope["path"].startswith(SOCKETIO_PATH)
+        and b"sid=" not in scope.get("query_string", b"")
+    )
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, reason: str) -> None:

@@ -510,3 +510,21 @@ async def test_a_polling_session_that_does_not_poll_is_held_to_the_queued_bytes(
         assert (await talker.act({"action": "message", "args": {"content": "x" * 30_000}}))["ok"]
     await wait_until(lambda: sid not in sio.eio.sockets, timeout=10, what="the quiet one dropped")
     assert talker.connected
+
+
+async def test_polling_handshakes_over_one_connection_count_as_new_connections(
+    servers: ServerCluster,
+) -> None:
+    """Each polling handshake opens an engine.io session: over keep-alive connections
+    they escaped the per-address rate of new connections (2,460 sessions a second from
+    eight connections in a probe, each held for the handshake timeout)."""
+    config = edge(allow_polling=True, connections_per_address=Rate(1, 10))
+    (node,) = await servers.start(1, server_config=config)
+    statuses = [
+        (await servers.request("GET", node, "/socket.io/?EIO=4&transport=polling"))[0]
+        for _ in range(20)
+    ]
+    assert statuses.count(200) <= 11 and statuses[-1] == 429, statuses
+    # Other requests are not counted.
+    status, body = await servers.request("GET", node, "/healthz")
+    assert status == 200, body
