@@ -16,13 +16,14 @@ HTTP 429 with Retry-After.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from . import codec
-from .errors import LimitExceeded
+from .errors import REDIS_TROUBLE, LimitExceeded
 from .ratelimit import Rate, Take, TokenBucket, UserAllowance, over
 from .serverconfig import ServerConfig
 from .state import RedisState
@@ -110,8 +111,13 @@ class Quotas:
         await self._one(self.creations, user)
 
     async def request(self, user: str) -> None:
-        """An authenticated REST request of ``user`` (taken a batch at a time)."""
-        await self._one(self.requests, user)
+        """An authenticated REST request of ``user`` (taken a batch at a time). Its
+        bucket is a write to Redis: a Redis that is full or away lets the request by,
+        which then meets Redis itself only if it needs it (history is read from the
+        store; a purge is what frees Redis). Refusing them all made every REST call
+        answer "Redis is full" at the bound."""
+        with contextlib.suppress(*REDIS_TROUBLE):
+            await self._one(self.requests, user)
 
     async def _one(self, allowance: UserAllowance, user: str) -> None:
         try:

@@ -13,6 +13,8 @@ import redis.asyncio as aioredis
 from coordinator.errors import redis_full, redis_refused
 from coordinator.http import client_message
 from coordinator.links import reply_error
+from coordinator.ratelimit import Rate
+from coordinator.serverconfig import NO_LIMITS, ServerConfig
 
 FULL = "Redis is full (at its maxmemory): nothing was written; try again later"
 
@@ -123,3 +125,29 @@ async def test_a_command_redis_refuses_for_what_it_is_is_told_apart(
     for exc in passing:
         assert not redis_refused(exc), repr(exc)
         assert client_message(exc) == "the coordinator cannot reach Redis right now; try again"
+
+
+async def test_rest_reads_go_on_while_redis_is_full(
+    servers: Any, redis_client: aioredis.Redis
+) -> None:
+    """Each REST request takes a token of its user's request rate, a write to Redis:
+    at the bound that refused every authenticated call, reads of history included. A
+    full (or unreachable) Redis now lets the request by, to meet Redis only if it must."""
+    config = ServerConfig(**{**NO_LIMITS, "requests_per_user": Rate(20, 100)})
+    (a,) = await servers.start(1, server_config=config)
+    writer = await servers.join(a, "kept", "alice")
+    assert (await writer.act({"action": "message", "args": {"content": "hi"}}))["ok"]
+    await writer.wait_ids(2)
+    policy = await redis_client.config_get("maxmemory-policy")
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", 1)
+    try:
+        status, body = await servers.request(
+            "GET", a, "/api/conversations/kept/events?after=0", user="alice"
+        )
+        assert status == 200 and [e["id"] for e in body["events"]][:2] == [1, 2], body
+        status, body = await servers.request("GET", a, "/api/conversations/kept", user="alice")
+        assert status == 200, body
+    finally:
+        await redis_client.config_set("maxmemory", 0)
+        await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
