@@ -36,6 +36,7 @@ from .errors import (
     LimitExceeded,
     NodeBusy,
     NodeDraining,
+    NodeStopped,
     redis_refused,
     unexpected,
 )
@@ -275,11 +276,12 @@ class SocketHandlers:
             await self.quotas.action(connection_id, who.user if who is not None else None, args[0])
             try:
                 event_id = await self.manager.send_to_event_stream(connection_id, args[0])
-            except ConnectionNotFound:
-                if not self.manager.draining:
+            except (ConnectionNotFound, NodeStopped) as exc:
+                if isinstance(exc, ConnectionNotFound) and not self.manager.draining:
                     raise
-                # Forgotten by the drain's farewell, its disconnect on the way: the
-                # client is to send it again where it reconnects.
+                # Forgotten by the drain's farewell, its disconnect on the way, or the
+                # node stopped (a drain that ran out of time ends with its clients still
+                # connected): the client is to send it again where it reconnects.
                 raise NodeDraining(
                     f"node {self.manager.node_id} is shutting down; reconnect and send it again"
                 ) from None

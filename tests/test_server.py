@@ -577,3 +577,19 @@ async def test_a_connection_ends_when_its_token_expires(
 
 async def _connections(redis_client: aioredis.Redis, sid: str, n: int) -> bool:
     return await redis_client.hlen(f"coord:{{c:{sid}}}:conns") == n
+
+
+async def test_an_action_after_the_manager_stopped_is_told_to_reconnect(
+    servers: ServerCluster,
+) -> None:
+    """A drain that runs out of time stops the manager while its clients are still
+    connected: an action then got the Python API's "the manager is not started (use
+    'async with')"; it is told the node shuts down, to send it again elsewhere."""
+    (a,) = await servers.start(1)
+    alice = await servers.join(a, "late", "alice")
+    await a.manager.aclose()
+    ack = await alice.act(MESSAGE)
+    assert ack == {
+        "ok": False,
+        "error": "node n1 is shutting down; reconnect and send it again",
+    }, ack
