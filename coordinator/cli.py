@@ -30,7 +30,14 @@ from .cliargs import build_parser
 from .cliflags import CONFIG_FLAGS, SERVER_FLAGS
 from .clisecrets import read_previous_secrets, read_secret_file, visible_secrets
 from .config import ManagerConfig
-from .errors import REDIS_TROUBLE, ConfigError, CoordinatorError, InvalidInput, RedisUnavailable
+from .errors import (
+    REDIS_TROUBLE,
+    ConfigError,
+    CoordinatorError,
+    InvalidInput,
+    RedisUnavailable,
+    redis_full,
+)
 from .inputs import check_user_id, parse_settings
 from .redact import redact_url
 from .serverconfig import ServerConfig
@@ -221,6 +228,12 @@ async def _serve(
         _fail(1, _reason(exc))
     except REDIS_TROUBLE as exc:  # Redis refused the connection's AUTH or SELECT
         where, why = redact_url(config.redis_url), redact.redact(_reason(exc))
+        if redis_full(exc):  # the URL is right: Redis takes no write, a registration's neither
+            _fail(
+                1,
+                f"Redis at {where} is full (at its maxmemory): {why.rstrip('.')}; raise maxmemory "
+                "or free memory",
+            )
         _fail(1, f"Redis at {where}: {why} (check --redis-url / COORDINATOR_REDIS_URL)")
     # What start-up made (modules, classes, the node's parts) lives as long as the
     # process: out of the cyclic GC's sight, a full collection walks only what came

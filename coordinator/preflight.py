@@ -40,8 +40,10 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 # What a check may meet: the coordinator's errors, Redis' (away, or refusing), no answer.
 TROUBLE: tuple[type[Exception], ...] = (*EXPECTED, TimeoutError)
 STORE_TROUBLE: tuple[type[Exception], ...] = (*TROUBLE, OSError)
+# What reading INFO of a server that is no Redis data server (a Sentinel's port) can raise.
+UNREADABLE: tuple[type[Exception], ...] = (*TROUBLE, KeyError, TypeError, ValueError)
 # The checks that need Redis, in order (skipped when it cannot be reached).
-NEEDS_REDIS = ("eviction", "scripts", "subscribe", "layout", "node id")
+NEEDS_REDIS = ("eviction", "memory", "scripts", "subscribe", "layout", "node id")
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ async def _with_redis(
     await _eviction(backend, limit, found)
     keys = KeySchema(config.key_prefix, database_of(config.redis_url))
     rstate = backend.state(keys)
+    await _memory(rstate, limit, found)
     try:
         await rstate.load_scripts()
         found.add(OK, "scripts", "loaded (SCRIPT LOAD)")
@@ -192,6 +195,28 @@ async def _cluster_state(backend: Backend, limit: float) -> str:
         return ""
     info = await _within(limit, backend.client.cluster_info())
     return str(info.get("cluster_state", "?")) if isinstance(info, dict) else "?"
+
+
+async def _memory(state: RedisState, limit: float, found: _Findings) -> None:
+    """Redis at its maxmemory refuses every write: a node cannot even register (it
+    passed the check, then failed to start saying to check --redis-url)."""
+    try:
+        used, most = await _within(limit, state.memory())
+    except UNREADABLE as exc:
+        # INFO without used_memory: not a Redis data server (a Sentinel's port?).
+        found.add(WARN, "memory", f"not readable ({_why(exc)})")
+        return
+    if most and used >= most:
+        found.add(
+            FAIL,
+            "memory",
+            f"Redis is full ({used} bytes used of maxmemory {most}): it refuses every "
+            "write, a node's registration included; raise maxmemory or free memory",
+        )
+    elif most:
+        found.add(OK, "memory", f"{used * 100 // most}% of maxmemory ({used} of {most} bytes)")
+    else:
+        found.add(OK, "memory", f"{used} bytes used, no maxmemory")
 
 
 async def _eviction(backend: Backend, limit: float, found: _Findings) -> None:

@@ -38,7 +38,7 @@ async def test_a_check_passes_then_names_each_problem_and_writes_nothing(
     code, out, err = await run(*args)
     assert code == 0, (out, err)
     found = lines(out)
-    assert [status for status, _ in found.values()] == ["ok"] * 10, out
+    assert [status for status, _ in found.values()] == ["ok"] * 11, out
     assert found["layout"] == ("ok", "1 (no node has recorded the cluster's yet)")
     assert found["subscribe"] == ("ok", "allowed (the node's channels)")
     assert found["redis"][1].startswith("standalone Redis at redis://")
@@ -184,3 +184,27 @@ async def test_a_password_for_a_redis_without_one_passes_as_the_node_would_run(
     assert found["command line"][0] == "warn" and "--redis-url carries a password" in out
     assert out.rstrip().endswith("check passed (1 warning(s))")
     assert "unused-pw-42" not in out + err
+
+
+async def test_a_full_redis_fails_the_check_and_the_start_says_so(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Redis at its maxmemory takes no write, a node's registration included: the check
+    passed, and the start failed saying to check --redis-url."""
+    secret = tmp_path / "secret"
+    secret.write_text(LONG_SECRET)
+    args = ["--secret-file", str(secret), "--port", "0", "--redis-url", redis_url]
+    policy = await redis_client.config_get("maxmemory-policy")
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", 1)
+    try:
+        code, out, err = await run("serve", "--check", *args)
+        started, _, said = await run("serve", *args, within=30)
+    finally:
+        await redis_client.config_set("maxmemory", 0)
+        await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
+    assert code == 1, (out, err)
+    status, detail = lines(out)["memory"]
+    assert status == "FAIL" and detail.startswith("Redis is full ("), detail
+    assert started == 1, said
+    assert "is full (at its maxmemory)" in said and "check --redis-url" not in said, said
