@@ -378,7 +378,10 @@ class LoopRunner:
             if why:
                 await self._pay_owed()  # the client need not wait for the retries
                 delay = backoff.next()
-                log.warning("commit for %s failed (%s); retry in %.2fs", self.sid, why, delay)
+                # Once a write, then at DEBUG: Redis full or away for minutes wrote a
+                # line per conversation per retry (36 a second from 25 conversations).
+                level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
+                log.log(level, "commit for %s failed (%s); retry in %.2fs", self.sid, why, delay)
                 await asyncio.sleep(delay)
                 continue
             if r.notice is not None:  # Redis had lost events: clients are told
