@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +24,9 @@ from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 
 from coordinator.backends.cluster import ClusterBackend
+from coordinator.errors import REDIS_TROUBLE
 from coordinator.keys import KeySchema
+from coordinator.state import RedisState
 from tests.helpers import Heard, fast_config, listening, wait_until
 from tests.redis_process import check_redis_version, redis_binary
 from tests.redis_topologies import (
@@ -321,3 +325,37 @@ async def test_sentinel_replaces_a_killed_master_and_redis_py_follows(
     finally:
         await client.aclose()
         await sentinel.aclose()
+
+
+async def test_the_health_check_pings_every_master_of_a_cluster(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """A master that does not answer leaves its third of the conversations without Redis:
+    /healthz and coordinator_redis_up said all was well (one node's PING)."""
+    backend = ClusterBackend(fast_config(redis_cluster.url, "health-node"))
+    state = backend.state(KeySchema("coord"))
+    try:
+        await state.ping()
+        default = backend.client.get_default_node()
+        paused = next(
+            m for m in redis_cluster.masters() if m.address != (default.host, default.port)
+        )
+        os.kill(paused.pid, signal.SIGSTOP)  # shorter than cluster-node-timeout: no failover
+        try:
+            with pytest.raises((TimeoutError, *REDIS_TROUBLE)):
+                async with asyncio.timeout(0.5):
+                    await state.ping()
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+        await wait_until(lambda: _pings(state), timeout=10, what="every master answering")
+    finally:
+        await backend.aclose()
+
+
+async def _pings(state: RedisState) -> bool:
+    try:
+        async with asyncio.timeout(1):
+            await state.ping()
+        return True
+    except (TimeoutError, *REDIS_TROUBLE):
+        return False

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -252,7 +253,12 @@ class StateCore:
         return replies[:-2]
 
     async def ping(self) -> None:
-        await self.redis.ping()
+        """PING; on a Redis Cluster, every master (one without its master made a third of
+        the conversations fail while a single node's PING said all was well)."""
+        if isinstance(self.redis, RedisCluster):
+            await self.redis.ping(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await self.redis.ping()
 
     async def memory(self) -> tuple[int, int]:
         """Redis's ``(used_memory, maxmemory)`` in bytes (maxmemory 0: no bound)."""
