@@ -150,6 +150,8 @@ async def _with_redis(
         return
     found.add(OK, "redis", f"{backend.describe()}, Redis {_version(info)}")
     await _eviction(backend, limit, found)
+    if config.ack_replicas:
+        await _replicas(backend, config.ack_replicas, limit, found)
     keys = KeySchema(config.key_prefix, database_of(config.redis_url))
     rstate = backend.state(keys)
     await _memory(rstate, limit, found)
@@ -195,6 +197,31 @@ async def _cluster_state(backend: Backend, limit: float) -> str:
         return ""
     info = await _within(limit, backend.client.cluster_info())
     return str(info.get("cluster_state", "?")) if isinstance(info, dict) else "?"
+
+
+async def _replicas(backend: Backend, wanted: int, limit: float, found: _Findings) -> None:
+    """--ack-replicas N with a master that has fewer replicas: every action and every
+    replay of its conversations is refused, after the replicas' wait (a join took 23 s
+    to be refused as "Redis cannot be reached"), until one is attached."""
+    try:
+        counts = await _within(limit, backend.replica_counts())
+    except UNREADABLE as exc:
+        found.add(WARN, "replicas", f"not readable ({_why(exc)})")
+        return
+    short = {where: n for where, n in sorted(counts.items()) if n < wanted}
+    for where, n in short.items():
+        found.add(
+            FAIL,
+            "replicas",
+            f"{where} has {n} replica(s); --ack-replicas {wanted} refuses every write of its "
+            "conversations until it has that many",
+        )
+    if not short:
+        found.add(
+            OK,
+            "replicas",
+            f"{min(counts.values(), default=0)} or more per master (--ack-replicas {wanted})",
+        )
 
 
 async def _memory(state: RedisState, limit: float, found: _Findings) -> None:

@@ -153,8 +153,9 @@ async def test_a_check_of_a_redis_cluster_and_of_sentinel(
     assert lines(out)["redis"][1].startswith("cluster Redis at"), out
     sentinels = ",".join(f"{h}:{p}" for h, p in redis_sentinel.sentinel_addresses)
     url = f"redis+sentinel://{sentinels}/{redis_sentinel.master_name}"
-    code, out, err = await run(*base, "--redis-url", url)
+    code, out, err = await run(*base, "--redis-url", url, "--ack-replicas", "1")
     assert code == 0, (out, err)
+    assert lines(out)["replicas"] == ("ok", "1 or more per master (--ack-replicas 1)"), out
     host, port = redis_sentinel.sentinel_addresses[0]
     code, out, err = await run(*base, "--redis-url", f"redis://{host}:{port}/0")
     assert code == 1, (out, err)
@@ -208,3 +209,19 @@ async def test_a_full_redis_fails_the_check_and_the_start_says_so(
     assert status == "FAIL" and detail.startswith("Redis is full ("), detail
     assert started == 1, said
     assert "is full (at its maxmemory)" in said and "check --redis-url" not in said, said
+
+
+async def test_ack_replicas_on_a_master_without_replicas_fails_the_check(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """--ack-replicas 1 on a Redis without a replica refuses every write and replay of
+    its conversations (a join took 23 s to be refused); the check passed."""
+    secret = tmp_path / "secret"
+    secret.write_text(LONG_SECRET)
+    code, out, err = await run(
+        "serve", "--check", "--secret-file", str(secret), "--port", "0",
+        "--redis-url", redis_url, "--ack-replicas", "1",
+    )  # fmt: skip
+    assert code == 1, (out, err)
+    status, detail = lines(out)["replicas"]
+    assert status == "FAIL" and "has 0 replica(s); --ack-replicas 1 refuses" in detail, detail

@@ -116,6 +116,11 @@ class Backend(ABC):
         info = await self.client.info("memory")
         return {redact_url(self.config.redis_url): memory_policy(info)}
 
+    async def replica_counts(self) -> dict[str, int]:
+        """Each server the node writes to, by address: its connected replicas."""
+        info = await self.client.info("replication")
+        return {redact_url(self.config.redis_url): int(info.get("connected_slaves", 0) or 0)}
+
     async def check_eviction(self) -> None:
         """Raise ConfigError if a server the node writes to evicts keys at its maxmemory:
         every key is coordination state (a lease, a record, a log), so an evicted one

@@ -86,6 +86,10 @@ class ClusterBackend(Backend):
         infos = await self._client.info("memory", target_nodes=RedisCluster.PRIMARIES)
         return {address: memory_policy(info) for address, info in infos.items()}
 
+    async def replica_counts(self) -> dict[str, int]:
+        infos = await self._client.info("replication", target_nodes=RedisCluster.PRIMARIES)
+        return {a: int(info.get("connected_slaves", 0) or 0) for a, info in infos.items()}
+
     def _make_lane(self) -> Lane | None:
         self._cluster_lane = ClusterLane(
             [self._endpoint],
