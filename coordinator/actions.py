@@ -81,11 +81,15 @@ class Actions:
             # Logged as this id even when unconfirmed: the loop answers it either way
             # (its commits check that the accept is still there: speculation.py).
             landed, durable = (r.event_id if r.status == "ok" else 0), not r.unconfirmed
+        except Exception:
+            if runner is not None:  # Redis full or away: the next would fail as well
+                runner.last_refused = True
+            raise
         finally:
             if spec is not None:
                 spec.settle(landed, durable)
         if runner is not None:
-            runner.store_behind = r.status == "behind"
+            runner.last_refused = r.status != "ok"
         if r.unconfirmed:  # not acknowledged: the client's retry (same token) is safe
             self._metrics.not_replicated()
             raise NotReplicated(r.unconfirmed)

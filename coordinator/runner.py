@@ -75,10 +75,11 @@ class LoopRunner:
         self._new_agent = new_agent
         self.agent = new_agent(applied)
         self._speculative = speculative and self.agent.speculative
-        # The last accept was refused as "behind" (the event store lags): the next is not
-        # dispatched before its accept answers, for it would most likely be refused too,
-        # and each refuted speculation replaces the agent (``Actions.accept``).
-        self.store_behind = False
+        # The last accept was refused (the event store behind, the inbox full, Redis full
+        # or away): the next is not dispatched before its accept answers, for it would
+        # most likely be refused too, and each refuted speculation replaces the agent
+        # (``Actions.accept``; at Redis' bound, every refused action replaced it).
+        self.last_refused = False
         self._metrics = metrics
         self._state = state
         self._config = config
@@ -151,7 +152,7 @@ class LoopRunner:
             and self._writes == 0
             and self.running
             and self._lease_valid()
-            and not self.store_behind
+            and not self.last_refused
         ):
             return None
         landed: asyncio.Future[int] = asyncio.get_running_loop().create_future()

@@ -4,6 +4,7 @@ is full, not that Redis cannot be reached. A real Redis with a tiny maxmemory.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from coordinator.http import client_message
 from coordinator.links import reply_error
 from coordinator.ratelimit import Rate
 from coordinator.serverconfig import NO_LIMITS, ServerConfig
+from tests.helpers import wait_until
 
 FULL = "Redis is full (at its maxmemory): nothing was written; try again later"
 
@@ -151,3 +153,30 @@ async def test_rest_reads_go_on_while_redis_is_full(
     finally:
         await redis_client.config_set("maxmemory", 0)
         await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
+
+
+async def test_refused_actions_do_not_each_replace_the_agent(
+    make_nodes: Any, redis_client: aioredis.Redis
+) -> None:
+    """An action is dispatched to its agent before its accept answers (speculation);
+    refused, the agent that saw it is replaced. At the bound every action was refused,
+    and every one replaced the agent: now, after a refusal, the next waits for its
+    accept, until one is taken."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("spec", "c1", {}, "alice")
+    message = {"action": "message", "args": {"content": "hi"}}
+    await a.send_to_event_stream("c1", message)
+    await wait_until(lambda: len(make_nodes.sinks["node1"].events["c1"]) >= 2)
+    lost = a.metrics.speculations_lost
+    policy = await redis_client.config_get("maxmemory-policy")
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", 1)
+    try:
+        for _ in range(5):
+            exc = await refusal(a.send_to_event_stream("c1", message))
+            assert redis_full(exc), repr(exc)
+            await asyncio.sleep(0.3)  # the loop idle again (its agent replaced, if so)
+    finally:
+        await redis_client.config_set("maxmemory", 0)
+        await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
+    assert a.metrics.speculations_lost - lost <= 1
