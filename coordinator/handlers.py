@@ -273,8 +273,9 @@ class SocketHandlers:
                 raise AuthError("token expired; reconnect with a fresh token")
             if who is not None and self.manager.revocations.revoked(who):  # it ends soon
                 raise AuthError("token revoked; sign in again")
-            await self.quotas.action(connection_id, who.user if who is not None else None, args[0])
             try:
+                user = who.user if who is not None else None
+                await self.quotas.action(connection_id, user, args[0])
                 event_id = await self.manager.send_to_event_stream(connection_id, args[0])
             except (ConnectionNotFound, NodeStopped) as exc:
                 if isinstance(exc, ConnectionNotFound) and not self.manager.draining:

@@ -44,6 +44,7 @@ from .errors import (
     LimitExceeded,
     NodeBusy,
     NodeDraining,
+    NodeStopped,
     NotReplicated,
     RedisUnavailable,
     StoreBehind,
@@ -111,6 +112,8 @@ def client_message(exc: BaseException) -> str:
         return f"authentication failed: {exc}"
     if isinstance(exc, StoreUnavailable):
         return StoreUnavailable.PUBLIC
+    if isinstance(exc, NodeStopped):  # the Python API's words are not a client's
+        return "this node is shutting down; try another node"
     if isinstance(exc, CoordinatorError):
         return str(exc)
     if redis_full(exc):

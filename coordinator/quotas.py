@@ -16,17 +16,21 @@ HTTP 429 with Retry-After.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from . import codec
-from .errors import REDIS_TROUBLE, LimitExceeded
-from .ratelimit import Rate, Take, TokenBucket, UserAllowance, over
+from .errors import REDIS_TROUBLE, LimitExceeded, NodeStopped
+from .ratelimit import LogThrottle, Rate, Take, TokenBucket, UserAllowance, over
 from .serverconfig import ServerConfig
 from .state import RedisState
+
+log = logging.getLogger(__name__)
+# Why a bucket in Redis could not be asked: Redis full or away, or the node stopped.
+UNASKED: tuple[type[Exception], ...] = (*REDIS_TROUBLE, NodeStopped)
 
 
 class Quotas:
@@ -56,7 +60,9 @@ class Quotas:
         self.requests = UserAllowance(
             "requests per user", config.requests_per_user, self._redis_bucket("requests")
         )
-        self.refused: Counter[str] = Counter()  # limit -> refusals, for /metrics
+        self.refused: Counter[str] = Counter()
+        self._requests_off_until = 0.0  # monotonic: the request limit's bucket failed
+        self._limit_off = LogThrottle(log, Rate(0.1, 1.0))  # limit -> refusals, for /metrics
 
     def _redis_bucket(self, limit: str) -> Take:
         rate = getattr(self.config, f"{limit}_per_user")
@@ -115,9 +121,19 @@ class Quotas:
         bucket is a write to Redis: a Redis that is full or away lets the request by,
         which then meets Redis itself only if it needs it (history is read from the
         store; a purge is what frees Redis). Refusing them all made every REST call
-        answer "Redis is full" at the bound."""
-        with contextlib.suppress(*REDIS_TROUBLE):
+        answer "Redis is full" at the bound. After such a failure the limit is off for
+        a second: a Redis that does not answer made each request wait its timeout, one
+        request of a user after the other. A stopped node's requests pass too (each says
+        so itself)."""
+        if time.monotonic() < self._requests_off_until:
+            return
+        try:
             await self._one(self.requests, user)
+        except UNASKED as exc:
+            self._requests_off_until = time.monotonic() + 1.0
+            self._limit_off.emit(
+                logging.WARNING, "REST request limit not applied for 1s: %s", exc or repr(exc)
+            )
 
     async def _one(self, allowance: UserAllowance, user: str) -> None:
         try:
