@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Mapping
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -350,11 +351,11 @@ class Edge:
 
 def _opens_polling_session(scope: Scope) -> bool:
     """An engine.io polling handshake: a GET of the socket.io path without a session."""
-    return (
-        scope["method"] == "GET"
-        and scope["path"].startswith(SOCKETIO_PATH)
-        and b"sid=" not in scope.get("query_string", b"")
-    )
+    if scope["method"] != "GET" or not scope["path"].startswith(SOCKETIO_PATH):
+        return False
+    # Read as engine.io reads it: "xsid=1" is no session (a substring test let it by).
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return "sid" not in query
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, reason: str) -> None:

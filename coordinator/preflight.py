@@ -41,7 +41,13 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 TROUBLE: tuple[type[Exception], ...] = (*EXPECTED, TimeoutError)
 STORE_TROUBLE: tuple[type[Exception], ...] = (*TROUBLE, OSError)
 # What reading INFO of a server that is no Redis data server (a Sentinel's port) can raise.
-UNREADABLE: tuple[type[Exception], ...] = (*TROUBLE, KeyError, TypeError, ValueError)
+UNREADABLE: tuple[type[Exception], ...] = (
+    *TROUBLE,
+    KeyError,
+    TypeError,
+    ValueError,
+    AttributeError,
+)
 # The checks that need Redis, in order (skipped when it cannot be reached).
 NEEDS_REDIS = ("eviction", "memory", "scripts", "subscribe", "layout", "node id")
 

@@ -193,6 +193,9 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
                     _NOT_UTF8.info("closing websocket from %s: a text message is not UTF-8", peer)
                     self.conn.send_close(1007, "text message is not UTF-8")
                     self.handle_parser_exception()
+                    # Its close waits for the write buffer to drain: a peer that reads
+                    # nothing would hold the connection (and its place) for good.
+                    self.close_timer = self.loop.call_later(self.close_timeout, self.abort)
                     return
         super().send_receive_event_to_app()
 

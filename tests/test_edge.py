@@ -525,6 +525,9 @@ async def test_polling_handshakes_over_one_connection_count_as_new_connections(
         for _ in range(20)
     ]
     assert statuses.count(200) <= 11 and statuses[-1] == 429, statuses
+    # A query that only looks as if it named a session opens one all the same.
+    status, _ = await servers.request("GET", node, "/socket.io/?EIO=4&transport=polling&xsid=1")
+    assert status == 429
     # Other requests are not counted.
     status, body = await servers.request("GET", node, "/healthz")
     assert status == 200, body

@@ -83,11 +83,13 @@ class ClusterBackend(Backend):
         await super().check()
 
     async def memory_policies(self) -> dict[str, tuple[int, str]]:
-        infos = await self._client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        infos = _per_node(await self._client.info("memory", target_nodes=RedisCluster.PRIMARIES))
         return {address: memory_policy(info) for address, info in infos.items()}
 
     async def replica_counts(self) -> dict[str, int]:
-        infos = await self._client.info("replication", target_nodes=RedisCluster.PRIMARIES)
+        infos = _per_node(
+            await self._client.info("replication", target_nodes=RedisCluster.PRIMARIES)
+        )
         return {a: int(info.get("connected_slaves", 0) or 0) for a, info in infos.items()}
 
     def _make_lane(self) -> Lane | None:
@@ -133,3 +135,11 @@ class ClusterBackend(Backend):
             require_full_coverage=False,
         )
         return LeaseRenewer(client, keys)
+
+
+def _per_node(infos: Any) -> dict[str, Any]:
+    """INFO of every master, by address: redis-py answers one master's (a cluster of
+    one) as that INFO itself."""
+    if isinstance(infos, dict) and infos and not all(isinstance(v, dict) for v in infos.values()):
+        return {"the master": infos}
+    return dict(infos)
