@@ -133,6 +133,7 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
 
     _raw: asyncio.BaseTransport | None = None
     on_ping: Callable[[], bool] | None = None
+    _pong: bytes | None = None  # the latest ping's answer, kept while the peer reads behind
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._raw = transport
@@ -201,20 +202,45 @@ class CoalescingSansIOProtocol(WebSocketsSansIOProtocol):
 
     def handle_ping(self) -> None:
         """Answer a ping, unless the peer sends them faster than the connection's message
-        rate (dropped) or does not read what it is sent. websockets queues a pong for
-        every ping and uvicorn read on whatever the app did: a peer that flooded pings
-        and read nothing grew a node by 1.2 GB in 40 s. RFC 6455 (5.5.3) lets a pong
-        answer only the latest of several pings."""
-        pongs = self.conn.data_to_send()
+        rate (dropped). websockets queues a pong for every ping and uvicorn read on
+        whatever the app did: a peer that flooded pings and read nothing grew a node by
+        1.2 GB in 40 s. While the peer reads behind (WRITE_NOW_LIMIT bytes waiting),
+        only the latest ping's pong is kept, written once it catches up (RFC 6455 5.5.3
+        lets a pong answer only the latest of several pings); a close's echo that came
+        with them is written as it is."""
+        frames = self.conn.data_to_send()
         counted = self.on_ping
         if counted is not None and not counted():
             return  # dropped by the app's guard
-        if self.transport.get_write_buffer_size() < WRITE_NOW_LIMIT:
-            self.transport.write(b"".join(pongs))
+        pongs = [f for f in frames if _is_pong(f)]
+        if pongs:
+            self._pong = pongs[-1]
+            self._answer_ping()
+        others = [f for f in frames if not _is_pong(f)]
+        if others:
+            self.transport.write(b"".join(others))
+
+    def _answer_ping(self) -> None:
+        """Write the kept pong, if the peer has caught up."""
+        pong = self._pong
+        if pong is not None and self.transport.get_write_buffer_size() < WRITE_NOW_LIMIT:
+            self._pong = None
+            if not self.transport.is_closing():
+                self.transport.write(pong)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._answer_ping()
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)
+        self._answer_ping()
         if message["type"] == "websocket.close" and self.close_timer is not None:
             # uvicorn closes after close_timeout if the peer never answers our close.
             self.close_timer.cancel()
             self.close_timer = self.loop.call_later(self.close_timeout, self.abort)
+
+
+def _is_pong(frame: bytes) -> bool:
+    """Whether a frame websockets made to send is a pong (opcode 0xA)."""
+    return bool(frame) and frame[0] & 0x0F == 0x0A

@@ -516,3 +516,28 @@ async def test_a_text_message_that_is_not_utf8_closes_with_a_line_not_a_tracebac
     assert "Traceback" not in caplog.text and "Invalid UTF-8" not in caplog.text
     lines = [r for r in caplog.records if "is not UTF-8" in r.getMessage()]
     assert 1 <= len(lines) <= 21
+
+
+async def test_the_latest_ping_is_answered_once_its_peer_reads_again(
+    servers: ServerCluster,
+) -> None:
+    """While a peer reads behind, only its latest ping's pong is kept, and written once
+    it has read what waited: a client's websocket keepalive (python websockets, aiohttp)
+    is answered after a long replay instead of timing out on a dropped pong."""
+    (a,) = await servers.start(1)
+    reader, writer = await _raw_websocket(a)
+    try:
+        for _ in range(16):  # more than the kernel's buffers take: the node's backs up
+            writer.write(_pings(8000))
+            await writer.drain()
+        mask = b"\x01\x02\x03\x04"
+        writer.write(b"\x89\x84" + mask + bytes(b ^ mask[i] for i, b in enumerate(b"last")))
+        await writer.drain()
+        seen = b""
+        async with asyncio.timeout(20):
+            while b"\x8a\x04last" not in seen:  # a pong frame with the payload "last"
+                chunk = await reader.read(1 << 16)
+                assert chunk, "closed before the latest pong came"
+                seen = seen[-8:] + chunk
+    finally:
+        writer.transport.abort()

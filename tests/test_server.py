@@ -305,7 +305,7 @@ async def test_a_node_says_it_drains_while_it_drains(servers: ServerCluster) -> 
     finally:
         await draining
     status, body = await servers.request("GET", a, "/api/conversations", user="alice")
-    assert status == 503 and body["error"] == "the manager is not started (use 'async with')"
+    assert status == 503 and body["error"] == "this node is shutting down; try another node"
 
 
 async def test_draining_node_refuses_connections(servers: ServerCluster) -> None:
