@@ -79,6 +79,7 @@ class Loops:
         memories: Memories,
     ) -> None:
         self.runners = runners
+        self._offline = False  # closing without Redis (``fence_all``)
         self._archiver = archiver
         self._memories = memories
         self._state = state
@@ -297,8 +298,11 @@ class Loops:
             await self._interest.unwatch(sid)
         return True
 
-    def fence_all(self, why: str) -> None:
-        """The lease lapsed: every loop stops now, writing nothing."""
+    def fence_all(self, why: str, *, offline: bool = False) -> None:
+        """The lease lapsed: every loop stops now, writing nothing. ``offline``: the node
+        closes without Redis (its stop ran out of time): nothing is written after them
+        either, what they held is the reapers'."""
+        self._offline = self._offline or offline
         runners = list(self.runners.values())
         if runners:
             log.warning("fencing %d loop(s): %s", len(runners), why)
@@ -313,7 +317,7 @@ class Loops:
 
     async def _finish_fenced(self, runner: LoopRunner) -> None:
         await runner.aclose()
-        if not self._membership.lapsed:
+        if not self._membership.lapsed and not self._offline:
             with contextlib.suppress(*REDIS_TROUBLE):  # the restarts retry theirs
                 await self._state.forget_loop(runner.lease)
                 # Whoever fenced it may not run it: acknowledged actions need a loop.

@@ -370,7 +370,7 @@ class Node:
         # in Redis is the reapers' (Redis has not answered it for a lease's time).
         left = not self.membership.lapsed and await _until(deadline, self._leave())
         if not left:
-            self.loops.fence_all("closing without Redis")  # they stop, writing nothing
+            self.loops.fence_all("closing without Redis", offline=True)  # nothing written
         await self.subscriptions.aclose()
         await self.tasks.aclose()
         if self.agents is not None:
