@@ -330,18 +330,25 @@ async def test_a_client_that_stops_reading_in_its_replay_is_dropped_once(
     assert len(dropped) == 1, [r.getMessage() for r in dropped]
 
 
-async def test_a_long_polling_client_joins_and_talks(servers: ServerCluster) -> None:
-    """With polling allowed, a client that never upgrades: its packets come as POST
-    bodies (engine.io reads them through the request environ's ``wsgi.input``), a
-    large one included, and its events as answers to its GETs."""
+async def _polling_client(servers: ServerCluster, conversation: str) -> Any:
+    """A python-socketio client on the polling transport only, joined to
+    ``conversation`` on a node that allows polling."""
     (node,) = await servers.start(1, server_config=edge(allow_polling=True))
     client = servers.client("polling")
     await client.sio.connect(
-        f"{node.url}?conversation_id=polled",
+        f"{node.url}?conversation_id={conversation}",
         auth={"token": servers.token("alice")},
         transports=["polling"],
         wait_timeout=10,
     )
+    return client
+
+
+async def test_a_long_polling_client_joins_and_talks(servers: ServerCluster) -> None:
+    """With polling allowed, a client that never upgrades: its packets come as POST
+    bodies (engine.io reads them through the request environ's ``wsgi.input``), a
+    large one included, and its events as answers to its GETs."""
+    client = await _polling_client(servers, "polled")
     assert client.sio.transport() == "polling"
     for text in ("hi", "x" * 50_000, "bye"):
         ack = await client.act({"action": "message", "args": {"content": text}})
@@ -451,14 +458,7 @@ async def test_a_polling_client_may_send_a_burst_in_one_post(servers: ServerClus
     """A polling client sends what it has queued in one POST: python-engineio refused
     a body of more than 16 packets whole (an ERROR traceback, and 200 to the client: its
     messages were lost without a word). The body's size is bounded already."""
-    (node,) = await servers.start(1, server_config=edge(allow_polling=True))
-    client = servers.client("polling")
-    await client.sio.connect(
-        f"{node.url}?conversation_id=burst",
-        auth={"token": servers.token("alice")},
-        transports=["polling"],
-        wait_timeout=10,
-    )
+    client = await _polling_client(servers, "burst")
     acks = await asyncio.gather(
         *(client.act({"action": "message", "args": {"content": str(i)}}) for i in range(40))
     )
