@@ -34,7 +34,7 @@ from .manager import ConversationManager
 from .metrics import NodeMetrics
 from .pages import Pages
 from .quotas import Quotas
-from .ratelimit import Rate, TokenBucket
+from .ratelimit import LogThrottle
 from .rest import RestApp
 from .rooms import IndexedRoomsManager
 from .serverconfig import ServerConfig
@@ -229,7 +229,7 @@ def _quiet_logger(name: str) -> logging.Logger:
         logger.setLevel(logging.WARNING)
     redact.install((name,))
     if not any(isinstance(f, _Throttled) for f in logger.filters):
-        logger.addFilter(_Throttled())
+        logger.addFilter(_Throttled(logger))
     return logger
 
 
@@ -238,19 +238,15 @@ class _Throttled(logging.Filter):
     what a client sends decides how often these libraries log (a polling POST they
     cannot decode wrote an ERROR traceback each, a megabyte of log a second)."""
 
-    def __init__(self) -> None:
+    def __init__(self, logger: logging.Logger) -> None:
         super().__init__()
-        self._bucket = TokenBucket(Rate(2.0, 20.0), time.monotonic())
-        self._suppressed = 0
+        self._throttle = LogThrottle(logger)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._bucket.take(time.monotonic()) > 0:
-            self._suppressed += 1
-            return False
-        if self._suppressed:
-            record.msg = f"{record.msg} ({self._suppressed} similar line(s) suppressed)"
-            self._suppressed = 0
-        return True
+        said = self._throttle.allow()
+        if said:
+            record.msg = f"{record.msg}{said}"
+        return said is not None
 
 
 def read_edge(

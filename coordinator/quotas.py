@@ -60,9 +60,9 @@ class Quotas:
         self.requests = UserAllowance(
             "requests per user", config.requests_per_user, self._redis_bucket("requests")
         )
-        self.refused: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()  # limit -> refusals, for /metrics
         self._requests_off_until = 0.0  # monotonic: the request limit's bucket failed
-        self._limit_off = LogThrottle(log, Rate(0.1, 1.0))  # limit -> refusals, for /metrics
+        self._limit_off = LogThrottle(log, Rate(0.1, 1.0))
 
     def _redis_bucket(self, limit: str) -> Take:
         rate = getattr(self.config, f"{limit}_per_user")

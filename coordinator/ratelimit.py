@@ -123,14 +123,19 @@ class LogThrottle:
         self.emit(logging.INFO, msg, *args)
 
     def emit(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        said = self.allow()
+        if said is not None:
+            self._log.log(level, msg + said.replace("%", "%%"), *args, exc_info=exc_info)
+
+    def allow(self) -> str | None:
+        """Whether a line may go out now: None (it is counted), else what to add to it
+        (the count of those left out since the last, or '')."""
         if self._bucket.take(time.monotonic()) > 0:
             self.suppressed += 1
-            return
-        if self.suppressed:
-            msg += " (%d similar line(s) suppressed)"
-            args = (*args, self.suppressed)
-            self.suppressed = 0
-        self._log.log(level, msg, *args, exc_info=exc_info)
+            return None
+        said = f" ({self.suppressed} similar line(s) suppressed)" if self.suppressed else ""
+        self.suppressed = 0
+        return said
 
 
 # -- per-user limits, cluster-wide ---------------------------------------------------------
