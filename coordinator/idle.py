@@ -11,6 +11,7 @@ docs/design.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -45,6 +46,7 @@ class IdleTracker:
         self._runners = runners
         self._membership = membership
         self._dirty: set[str] = set()  # loops active since the last flush
+        self._writing = asyncio.Lock()  # one flush at a time (see ``flush``)
 
     def touched(self, sid: str) -> None:
         """A loop was active (its runner's ``last_active`` says when)."""
@@ -53,7 +55,13 @@ class IdleTracker:
     async def flush(self) -> None:
         """Write last-active times of this node's loops to the idle index and claims.
 
-        Costs O(loops active since the last flush), not O(loops)."""
+        Costs O(loops active since the last flush), not O(loops). A flush called while
+        another writes waits for it, so what was touched before the call is in Redis
+        when it returns (the other may have taken those marks)."""
+        async with self._writing:
+            await self._write()
+
+    async def _write(self) -> None:
         marked, self._dirty = self._dirty, set()
         active = [self._runners[sid] for sid in marked if sid in self._runners]
         try:

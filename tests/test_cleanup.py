@@ -177,3 +177,19 @@ async def test_an_emit_kept_past_its_loop_is_refused(make_nodes: NodeFactory) ->
     with pytest.raises(Fenced):
         await KeepsItsEmit.kept[0]({"action": "message", "args": {"content": "late"}})
     assert await a.conversation("kept") == before
+
+
+async def test_a_flush_waits_for_one_already_writing(make_nodes, redis_client) -> None:
+    # A flush returns once what was touched before it is in Redis, even when the
+    # periodic flush took those marks and its write is still on the way.
+    (node,) = await make_nodes(1, max_concurrent_conversations=5, **QUIET)
+    await node.maybe_start_agent_loop("touched", {}, "carol")
+    key = node.keys.user_claims("carol")
+    before = await redis_client.zscore(key, "touched")
+    node.runner("touched").touch(time.time() + 1000)
+    await redis_client.execute_command("CLIENT", "PAUSE", 500, "WRITE")
+    periodic = asyncio.create_task(node.flush_activity())
+    await asyncio.sleep(0.05)  # it took the marks; its write waits out the pause
+    await node.flush_activity()
+    assert await redis_client.zscore(key, "touched") > before
+    await periodic
