@@ -518,6 +518,37 @@ async def test_a_text_message_that_is_not_utf8_closes_with_a_line_not_a_tracebac
     assert 1 <= len(lines) <= 21
 
 
+async def test_a_peer_that_reads_nothing_is_dropped_after_its_1007_close(
+    servers: ServerCluster,
+) -> None:
+    """A close waits for the write buffer to drain: a peer that sends a text message that
+    is not UTF-8 and reads nothing would hold its connection, and its place, for good.
+    The close is aborted after the connection's close_timeout."""
+    (a,) = await servers.start(1)
+    _, writer = await _raw_websocket(a)
+    try:
+        mine = writer.get_extra_info("sockname")
+        (protocol,) = [
+            p for p in _websocket_protocols() if p.transport.get_extra_info("peername") == mine
+        ]
+        # One ping a read (the pongs of one read are answered by its last) until the
+        # kernel's buffers are full and the node's pongs wait in the node.
+        protocol.transport.get_extra_info("socket").setsockopt(tcp.SOL_SOCKET, tcp.SO_SNDBUF, 4096)
+        for _ in range(20_000):
+            if protocol.transport.get_write_buffer_size() > 0:
+                break
+            writer.write(_pings(1))
+            await asyncio.sleep(0.001)
+        assert protocol.transport.get_write_buffer_size() > 0
+        protocol.close_timeout = 0.5  # uvicorn's is 10 s
+        mask = b"\x01\x02\x03\x04"
+        writer.write(b"\x81\x82" + mask + bytes(b ^ mask[i] for i, b in enumerate(b"\xff\xfe")))
+        await writer.drain()
+        await wait_until(lambda: protocol.disconnected, what="connection dropped")
+    finally:
+        writer.transport.abort()
+
+
 async def test_the_latest_ping_is_answered_once_its_peer_reads_again(
     servers: ServerCluster,
 ) -> None:

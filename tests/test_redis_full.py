@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from coordinator.errors import redis_full, redis_refused
 from coordinator.http import client_message
 from coordinator.links import reply_error
+from coordinator.quotas import Quotas
 from coordinator.ratelimit import Rate
 from coordinator.serverconfig import NO_LIMITS, ServerConfig
 from tests.helpers import wait_until
@@ -180,3 +181,41 @@ async def test_refused_actions_do_not_each_replace_the_agent(
         await redis_client.config_set("maxmemory", 0)
         await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
     assert a.metrics.speculations_lost - lost <= 1
+
+
+async def test_a_request_limit_redis_refused_is_off_for_a_second(
+    make_nodes: Any, redis_client: aioredis.Redis
+) -> None:
+    """After its bucket could not be taken, a user's request limit is off for a second:
+    a Redis that does not answer made each request wait its timeout, one request of a
+    user after the other. Requests then meet the bucket again."""
+    (node,) = await make_nodes(1)
+    asked: list[str] = []
+
+    def state() -> Any:  # the node's real state layer; asked when a bucket is taken
+        asked.append("state")
+        return node.state
+
+    quotas = Quotas(ServerConfig(**{**NO_LIMITS, "requests_per_user": Rate(20, 100)}), state)
+    policy = await redis_client.config_get("maxmemory-policy")
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", 1)
+    try:
+        await quotas.request("alice")  # refused by Redis: let by
+        assert len(asked) == 1
+        for _ in range(5):
+            await quotas.request("alice")
+        assert len(asked) == 1  # not asked while the limit is off
+    finally:
+        await redis_client.config_set("maxmemory", 0)
+        await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
+    await wait_until(_asked_again(quotas, asked), what="the limit is on again")
+
+
+def _asked_again(quotas: Quotas, asked: list[str]) -> Any:
+    async def check() -> bool:
+        before = len(asked)
+        await quotas.request("alice")
+        return len(asked) > before
+
+    return check
