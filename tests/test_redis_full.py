@@ -5,6 +5,7 @@ is full, not that Redis cannot be reached. A real Redis with a tiny maxmemory.""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -219,3 +220,36 @@ def _asked_again(quotas: Quotas, asked: list[str]) -> Any:
         return len(asked) > before
 
     return check
+
+
+async def test_a_commit_retried_while_redis_is_full_warns_once(
+    make_nodes: Any, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit refused by Redis is retried until it lands: said at WARNING once a
+    write, then at DEBUG (a line per conversation per retry was 36 a second from 25
+    conversations, for as long as Redis stayed full)."""
+    caplog.set_level(logging.DEBUG, logger="coordinator.runner")
+    (a,) = await make_nodes(1, agent="workers.scripted:ScriptedAgent")
+    await a.join_conversation("slow", "c1", {"think_time": 0.3}, "alice")
+    await a.send_to_event_stream("c1", {"action": "message", "args": {"content": "hi"}})
+    policy = await redis_client.config_get("maxmemory-policy")
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", 1)
+    try:
+        await wait_until(lambda: _commit_lines(caplog, logging.DEBUG) >= 3, what="retries")
+    finally:
+        await redis_client.config_set("maxmemory", 0)
+        await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
+    sink = make_nodes.sinks["node1"]
+    await wait_until(
+        lambda: any(e.get("source") == "agent" for e in sink.events["c1"]), what="reply"
+    )
+    assert _commit_lines(caplog, logging.WARNING) == 1
+
+
+def _commit_lines(caplog: pytest.LogCaptureFixture, level: int) -> int:
+    return sum(
+        1
+        for r in caplog.records
+        if r.levelno == level and "commit for slow failed" in r.getMessage()
+    )
