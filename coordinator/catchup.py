@@ -30,6 +30,7 @@ from workers.protocol import Event
 from .backoff import Backoff
 from .codec import CLOSING, notice_code, notice_update, pack, stamped_at, with_id
 from .errors import (
+    REDIS_AWAY,
     REDIS_TRANSIENT,
     REDIS_TROUBLE,
     CoordinatorError,
@@ -379,5 +380,5 @@ def _told(exc: Exception) -> str:
     if isinstance(exc, StoreUnavailable):  # an OSError too: first
         return StoreUnavailable.PUBLIC
     if isinstance(exc, REDIS_TROUBLE):
-        return "Redis cannot be reached right now; try again later"
+        return REDIS_AWAY
     return str(exc)

@@ -238,6 +238,9 @@ class AgentFailed(CoordinatorError):
         self.what = what or "an error"
 
 
+# What a client is told when Redis is away (a timeout, a lost connection, a failover).
+REDIS_AWAY = "the coordinator cannot reach Redis right now; try again"
+
 # What Redis says when it refuses a write at its maxmemory, after its ``OOM`` code.
 _FULL = "command not allowed when used memory > 'maxmemory'"
 

@@ -31,6 +31,7 @@ from starlette.websockets import WebSocketClose
 from .answers import COMMON_HEADERS, json_response
 from .auth import AuthError, Identity, TokenVerifier
 from .errors import (
+    REDIS_AWAY,
     REDIS_TROUBLE,
     CapacityTimeout,
     ConcurrencyLimitReached,
@@ -121,7 +122,7 @@ def client_message(exc: BaseException) -> str:
     if redis_refused(exc):
         return "internal error: Redis refused the coordinator's command (the server log says why)"
     if isinstance(exc, REDIS_TROUBLE):
-        return "the coordinator cannot reach Redis right now; try again"
+        return REDIS_AWAY
     return "internal error"
 
 
