@@ -144,6 +144,7 @@ class Node:
         cfg, keys, tasks = self.config, self.keys, self.tasks
         await self.backend.check()
         await self.backend.check_eviction()
+        await self.backend.check_replicas()
         self.state: RedisState = self.backend.state(keys)
         await self.state.load_scripts()
         await layout.claim(self.state, cfg.node_id)  # before reading anything else

@@ -26,7 +26,7 @@ from workers.loader import AgentLoadError, load_agent
 from . import layout
 from .archive import store_mismatch
 from .auth import TokenVerifier, short_secret
-from .backends.base import Backend, eviction_problem
+from .backends.base import Backend, eviction_problem, replica_shortage
 from .backends.detect import open_backend
 from .config import ManagerConfig
 from .errors import EXPECTED
@@ -216,12 +216,7 @@ async def _replicas(backend: Backend, wanted: int, limit: float, found: _Finding
         return
     short = {where: n for where, n in sorted(counts.items()) if n < wanted}
     for where, n in short.items():
-        found.add(
-            FAIL,
-            "replicas",
-            f"{where} has {n} replica(s); --ack-replicas {wanted} refuses every write of its "
-            "conversations until it has that many",
-        )
+        found.add(FAIL, "replicas", replica_shortage(where, n, wanted))
     if not short:
         found.add(
             OK,

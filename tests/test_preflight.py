@@ -3,8 +3,11 @@ needs to start, one line per check, nothing written to Redis, no port held."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from tests.redis_topologies import RedisClusterServers, SentinelServers
@@ -225,3 +228,14 @@ async def test_ack_replicas_on_a_master_without_replicas_fails_the_check(
     assert code == 1, (out, err)
     status, detail = lines(out)["replicas"]
     assert status == "FAIL" and "has 0 replica(s); --ack-replicas 1 refuses" in detail, detail
+
+
+async def test_a_node_started_with_more_ack_replicas_than_redis_has_says_so(
+    make_nodes: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without --check, such a node started quietly: its first sign was a join refused
+    after the replicas' wait. It starts (replicas may be on their way), and warns."""
+    caplog.set_level(logging.WARNING, logger="coordinator.backends")
+    await make_nodes(1, ack_replicas=1)
+    said = [r.getMessage() for r in caplog.records if "--ack-replicas 1 refuses" in r.getMessage()]
+    assert len(said) == 1 and "has 0 replica(s)" in said[0], caplog.text

@@ -142,6 +142,27 @@ class Backend(ABC):
             if found is not None:
                 log.warning("%s", found[1])
 
+    async def check_replicas(self) -> None:
+        """Warn for each master with fewer connected replicas than ``--ack-replicas``:
+        every write of its conversations waits ``--ack-timeout`` and is refused until
+        it has them (not fatal: replicas may be on their way)."""
+        wanted = self.config.ack_replicas
+        if not wanted:
+            return
+        try:
+            async with asyncio.timeout(self.config.connect_timeout + 1):
+                counts = await self.replica_counts()
+        except UNREADABLE as exc:
+            log.warning(
+                "could not read Redis' replicas (%s): --ack-replicas %d needs that many",
+                redact_url(str(exc)) or type(exc).__name__,
+                wanted,
+            )
+            return
+        for where, n in sorted(counts.items()):
+            if n < wanted:
+                log.warning("%s", replica_shortage(where, n, wanted))
+
     def lane(self) -> Lane | None:
         """The script lane (made on first use); None sends accept and commit through
         the pool."""
@@ -222,6 +243,14 @@ def eviction_problem(where: str, maxmemory: int, policy: str) -> tuple[bool, str
     return False, (
         f"Redis at {where} has maxmemory-policy {policy}: with a maxmemory set it would "
         "evict the nodes' keys; set noeviction"
+    )
+
+
+def replica_shortage(where: str, replicas: int, wanted: int) -> str:
+    """What a master with fewer replicas than ``--ack-replicas`` means for the nodes."""
+    return (
+        f"Redis at {where} has {replicas} replica(s); --ack-replicas {wanted} refuses every "
+        "write of its conversations (each after --ack-timeout) until it has that many"
     )
 
 
