@@ -143,8 +143,7 @@ class Node:
     async def _build(self, sink: EventSink, agent_factory: AgentFactory | None) -> None:
         cfg, keys, tasks = self.config, self.keys, self.tasks
         await self.backend.check()
-        await self.backend.check_eviction()
-        await self.backend.check_replicas()
+        await self.backend.check_settings()
         self.state: RedisState = self.backend.state(keys)
         await self.state.load_scripts()
         await layout.claim(self.state, cfg.node_id)  # before reading anything else

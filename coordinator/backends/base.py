@@ -121,18 +121,23 @@ class Backend(ABC):
         info = await self.client.info("replication")
         return {redact_url(self.config.redis_url): int(info.get("connected_slaves", 0) or 0)}
 
-    async def check_eviction(self) -> None:
+    async def check_settings(self) -> None:
         """Raise ConfigError if a server the node writes to evicts keys at its maxmemory:
         every key is coordination state (a lease, a record, a log), so an evicted one
-        would be lost without a word. Only warn when it has no maxmemory yet, or when
-        INFO is not allowed."""
+        would be lost without a word. Only warn when it has no maxmemory yet, when a
+        master has fewer replicas than ``--ack-replicas`` (its writes are refused after
+        ``--ack-timeout`` until it has them; they may be on their way), or when INFO is
+        not allowed."""
+        wanted = self.config.ack_replicas
         try:
             async with asyncio.timeout(self.config.connect_timeout + 1):
                 policies = await self.memory_policies()
+                replicas = await self.replica_counts() if wanted else {}
         except UNREADABLE as exc:
             log.warning(
-                "could not read Redis' maxmemory-policy (%s): make sure it is noeviction",
+                "could not read Redis' settings (%s): make sure maxmemory-policy is noeviction%s",
                 redact_url(str(exc)) or type(exc).__name__,
+                f" and every master has {wanted} replica(s)" if wanted else "",
             )
             return
         for where, (maxmemory, policy) in sorted(policies.items()):
@@ -141,25 +146,7 @@ class Backend(ABC):
                 raise ConfigError(found[1])
             if found is not None:
                 log.warning("%s", found[1])
-
-    async def check_replicas(self) -> None:
-        """Warn for each master with fewer connected replicas than ``--ack-replicas``:
-        every write of its conversations waits ``--ack-timeout`` and is refused until
-        it has them (not fatal: replicas may be on their way)."""
-        wanted = self.config.ack_replicas
-        if not wanted:
-            return
-        try:
-            async with asyncio.timeout(self.config.connect_timeout + 1):
-                counts = await self.replica_counts()
-        except UNREADABLE as exc:
-            log.warning(
-                "could not read Redis' replicas (%s): --ack-replicas %d needs that many",
-                redact_url(str(exc)) or type(exc).__name__,
-                wanted,
-            )
-            return
-        for where, n in sorted(counts.items()):
+        for where, n in sorted(replicas.items()):
             if n < wanted:
                 log.warning("%s", replica_shortage(where, n, wanted))
 
