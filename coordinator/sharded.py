@@ -8,8 +8,9 @@ channel whose tag falls in that shard's slots), so a slow or failing shard holds
 other. The channels' refcounts are kept here, the shard subscriptions hold each channel
 once.
 
-When a shard's subscription cannot reconnect (its master failed over) or Redis drops one
-of its channels unasked (the slot moved), the slot map is read again: shards whose
+When a shard's subscription cannot reconnect (its master failed over), or Redis drops one
+of its channels unasked or refuses one with ``MOVED`` (the slot moved; this node's map
+had not seen it), the slot map is read again: shards whose
 master changed, or whose probe's slot moved, get a new subscription, channels whose
 slot moved follow it, and the listener is told to catch every connection up from the
 logs, gap-free.
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from .errors import REDIS_TROUBLE
 from .links import Endpoint
 from .slots import Address, SlotMap, slot_of, tag_in
-from .subscriptions import Listener, Publish, Subscriptions
+from .subscriptions import ChannelMoved, Listener, Publish, Subscriptions
 from .tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,15 @@ class ShardedSubscriptions:
         if shard is None:
             self._trouble.set()  # no master serves it now: placed after the next remap
             return
-        if n == 0:
-            await shard.add(channel, wait=wait)  # the shard holds each channel once
-        elif wait:
-            await shard.confirmed(channel)
+        try:
+            if n == 0:
+                await shard.add(channel, wait=wait)  # the shard holds each channel once
+            elif wait:
+                await shard.confirmed(channel)
+        except ChannelMoved:  # a remap moved it meanwhile: confirmed where it is now
+            now = self._shard_of(channel)
+            if now is not None:
+                await now.confirmed(channel)
 
     async def discard(self, channel: str) -> None:
         n = self._refs.get(channel, 0)
@@ -186,13 +192,16 @@ class ShardedSubscriptions:
                 shard = await self._open_shard(master)
                 if self._listener is not None:
                     self._tasks.spawn(shard.run(self._listener), f"pubsub:{master}")
+        refused = set().union(*(shard.moved for shard in self._shards.values()))
         for channel in self._refs:
             before = old.master_of(slot_of(channel)) if old is not None else None
             now = fresh.master_of(slot_of(channel))
             if now is None:
                 continue
             target = self._shards[now]
-            if before != now and before in self._shards:
+            # Refused with MOVED where the map said it was: subscribed again even if the
+            # map read now says the same master (its view lags; refused again, remapped).
+            if (before != now or channel in refused) and before in self._shards:
                 self._shards[before].forget(channel)
             if channel not in target.channels:
                 await target.add(channel, wait=False)

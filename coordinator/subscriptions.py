@@ -32,6 +32,7 @@ from .backoff import Backoff
 from .errors import REDIS_TROUBLE, redis_glitch
 from .keys import KeySchema
 from .links import Endpoint, Link, LinkSlot, Locate, pack
+from .slots import slot_of
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ PUSHED = frozenset(
 )
 
 Publish = Callable[[str, bytes], Awaitable[Any]]
+
+
+class ChannelMoved(Exception):
+    """A shard channel awaited here was moved to another shard's subscription."""
 
 
 class Listener(Protocol):
@@ -89,18 +94,21 @@ class _SubscriberLink(Link):
     (which returns True to hold the reading: the rest stays parsed-to-be in the reader,
     the socket unread, until ``release``), the handshake's replies to their calls;
     ``lost`` is told when the link fails, ``refused`` when Redis refuses a (un)subscribe
-    for lack of a permission (``NOPERM``)."""
+    for lack of a permission (``NOPERM``), ``moved`` when a master refuses a shard
+    channel's SSUBSCRIBE because its slot is served elsewhere now (the slot's number)."""
 
     def __init__(
         self,
         pushed: Callable[[list[Any]], bool],
         lost: Callable[[], None],
         refused: Callable[[Exception], None],
+        moved: Callable[[int], None],
     ) -> None:
         super().__init__()
         self._pushed = pushed
         self._lost = lost
         self._refused = refused
+        self._moved = moved
         self.held = False
 
     def received(self, reply: Any) -> bool:
@@ -110,6 +118,12 @@ class _SubscriberLink(Link):
                 self.transport.pause_reading()
             return self.held or self.failure is not None
         if isinstance(reply, hiredis.ReplyError) and not self.waiting:
+            words = str(reply).split()
+            if words[:1] == ["MOVED"] and len(words) == 3 and words[1].isdigit():
+                # The node's slot map is behind a reshard: that channel alone was refused
+                # (the link and its other channels are fine).
+                self._moved(int(words[1]))
+                return False
             # A (UN)SUBSCRIBE refused (an ACL without the channel): said, then reconnected.
             if str(reply).startswith("NOPERM"):
                 # No reconnect gives a permission: who waits for a confirmation is told.
@@ -144,8 +158,9 @@ class Subscriptions:
 
     ``sharded``: shard channels (SSUBSCRIBE, SPUBLISH), on one master of a Redis Cluster.
     ``on_trouble``: told when reconnecting fails, or when Redis drops a subscription
-    unasked (its slot moved): the owner of several shards' subscriptions reads the slot
-    map again (``sharded.py``).
+    unasked or refuses one (its slot moved): the owner of several shards' subscriptions
+    reads the slot map again (``sharded.py``) and moves the channels (``forget``), the
+    refused ones (``moved``) too.
     """
 
     def __init__(
@@ -165,7 +180,9 @@ class Subscriptions:
             endpoint,
             connect_timeout=connect_timeout,
             locate=locate,
-            factory=lambda: _SubscriberLink(self._pushed, self._wake_up, self._refused),
+            factory=lambda: _SubscriberLink(
+                self._pushed, self._wake_up, self._refused, self._moved
+            ),
         )
         self._publish = publish
         self._sharded = sharded
@@ -183,6 +200,7 @@ class Subscriptions:
         # SUBSCRIBEs written on this link and not confirmed yet, per channel: a channel
         # left and taken again before its first confirmation came is confirmed by its last.
         self._unconfirmed: dict[str, int] = {}
+        self.moved: set[str] = set()  # channels refused with MOVED, not subscribed here
         self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._wake: asyncio.Future[None] | None = None
         self._probing: asyncio.Task[None] | None = None
@@ -262,11 +280,26 @@ class Subscriptions:
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: no "never retrieved" log when none waits
 
+    def _moved(self, slot: int) -> None:
+        """A master refused the SSUBSCRIBE of a channel in ``slot``: the slot moved (a
+        reshard) and the owner's map did not know. Its reply was the refusal; the owner
+        reads the map again and moves it."""
+        for channel in self._unconfirmed:
+            if slot_of(channel) == slot:
+                left = self._unconfirmed.pop(channel) - 1
+                if left > 0:
+                    self._unconfirmed[channel] = left
+                self.moved.add(channel)
+                break
+        if self._on_trouble is not None:
+            self._on_trouble()
+
     async def discard(self, channel: str) -> None:
         n = self._refs.get(channel, 0)
         if n <= 1:
             self._refs.pop(channel, None)
             self._confirmed.pop(channel, None)
+            self.moved.discard(channel)
             if n == 1:
                 # A link that is down resubscribes only to what is still referenced;
                 # until then a stray message is dropped by id.
@@ -405,10 +438,16 @@ class Subscriptions:
             log.exception("catch-up after resubscribe failed")
 
     def forget(self, channel: str) -> None:
-        """Drop ``channel`` without unsubscribing (Redis dropped it: its slot moved)."""
+        """Drop ``channel`` without unsubscribing (Redis dropped or refused it: its slot
+        moved). Whoever waits for its confirmation here is told ``ChannelMoved``, to wait
+        where it is subscribed now."""
         self._refs.pop(channel, None)
-        self._confirmed.pop(channel, None)
         self._unconfirmed.pop(channel, None)
+        self.moved.discard(channel)
+        fut = self._confirmed.pop(channel, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(ChannelMoved(channel))
+            fut.exception()  # retrieved: no "never retrieved" log when none waits
 
     async def aclose(self) -> None:
         """Stop the listener: closing the connection wakes it."""

@@ -72,3 +72,43 @@ async def test_a_node_whose_probe_slot_moved_keeps_serving_that_shard(
     finally:
         with contextlib.suppress(Exception):
             await node.aclose()
+
+
+async def test_a_join_after_a_reshard_the_node_did_not_see_is_served(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """A slot moves while the node holds no channel of it (no unsubscribe tells it): its
+    map is behind, and the first join of a conversation in that slot subscribes on the
+    old master, which answers MOVED. The node reads the map again and the join goes
+    through. Before, the refusal dropped the link, which subscribed on the old master
+    again, and every such join was refused after 5 s for as long as the node ran."""
+    sink = RecordingSink()
+    config = fast_config(redis_cluster.url, "unseen", key_prefix="unseen")  # a cluster of its own
+    node = ConversationManager(config, sink=sink)
+    await node.start()
+    try:
+        subs = node.node.subscriptions
+        assert isinstance(subs, ShardedSubscriptions)
+        probes = {slot_of(p) for p in subs.probe_channels.values()}
+        keys = KeySchema("unseen")
+        master = redis_cluster.masters()[0]
+        sid = next(
+            s
+            for i in range(10_000)
+            if redis_cluster.master_of(keys.conv(s := f"unseen{i}")) is master
+            and slot_of(keys.conv(s)) not in probes
+        )
+        target = next(m for m in redis_cluster.masters() if m is not master)
+        move_slot(redis_cluster, slot_of(keys.conv(sid)), master, target)
+        remaps = subs.remaps
+        await node.join_conversation(sid, "c", {}, "alice")
+        assert subs.remaps > remaps
+        action = await node.send_to_event_stream(
+            "c", {"action": "message", "args": {"content": "after the reshard"}}
+        )
+        await wait_until(lambda: action + 1 in sink.ids("c"), timeout=20, what="the agent's answer")
+        assert keys.conv_channel(sid) in subs.channels
+        await node.disconnect_from_session("c")
+    finally:
+        with contextlib.suppress(Exception):
+            await node.aclose()
