@@ -6,10 +6,13 @@ script touches keys of one hash tag, so one slot. A shard's link keeps the pipel
 the standalone lane: a commit sent behind its accept runs after it, since both go to the
 same conversation's shard.
 
-Redirections are followed as a cluster client must: ``MOVED`` re-reads the slot map and
-sends the call again; ``ASK`` sends ``ASKING`` and the call back to back on the target's
-link; ``TRYAGAIN``, ``CLUSTERDOWN`` and a lost or refused connection (a master failing
-over) are retried with backoff for up to ``timeout`` seconds, the map re-read each time.
+Redirections are followed as a cluster client must: ``MOVED`` sends the call again to
+the master it names, which serves the slot from then on, and re-reads the slot map (a map
+read from a node whose view lags, as during a failover, does not send the calls back to
+the old master: a call used up its redirections in a millisecond); ``ASK`` sends
+``ASKING`` and the call back to back on the target's link; ``TRYAGAIN``,
+``CLUSTERDOWN`` and a lost or refused connection (a master failing over) are retried with
+backoff for up to ``timeout`` seconds, the map re-read each time.
 Every script is safe to run again (the accept's token, the commit's dedupe), so a call
 whose reply was lost is simply sent again.
 """
@@ -17,6 +20,7 @@ whose reply was lost is simply sent again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REDIRECTS = 16  # as redis-py's cluster client: a call follows at most this many
+# What a read of the slot map may meet from one node (the next is asked).
+MAP_TROUBLE = (RedisConnectionError, RedisTimeoutError, OSError, ResponseError)
 
 
 class ClusterLane(LaneCalls):
@@ -49,6 +55,8 @@ class ClusterLane(LaneCalls):
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._map: SlotMap | None = None
+        # Slots a MOVED sent elsewhere than the map says, until a map read agrees.
+        self._moved: dict[int, Address] = {}
         self._links: dict[Address, LinkSlot] = {}
         self._refreshing: asyncio.Lock | None = None
         self._closed = False
@@ -60,8 +68,14 @@ class ClusterLane(LaneCalls):
         if link is not None:
             link.send(pack(command, channel, message), self._timeout).add_done_callback(retrieved)
 
+    def _master_of(self, slot: int) -> Address | None:
+        moved = self._moved.get(slot)
+        if moved is not None:
+            return moved
+        return self._map.master_of(slot) if self._map is not None else None
+
     def _link_for(self, slot: int) -> Link | None:
-        master = self._map.master_of(slot) if self._map is not None else None
+        master = self._master_of(slot)
         holder = self._links.get(master) if master is not None else None
         return holder.current() if holder is not None else None
 
@@ -112,6 +126,7 @@ class ClusterLane(LaneCalls):
         # Short steps: a shard failing over comes back at once, all calls waiting for it.
         backoff = Backoff(base=0.02, cap=0.2)
         asking: Address | None = None
+        redirected = 0
         for _ in range(REDIRECTS):
             if self._closed:
                 raise RedisConnectionError("the lane is closed")
@@ -126,7 +141,12 @@ class ClusterLane(LaneCalls):
             except ResponseError as exc:
                 kind, _, rest = str(exc).partition(" ")
                 if kind == "MOVED":
-                    await self.refresh()
+                    self._moved[slot] = _address(rest.split(" ")[-1])
+                    redirected += 1
+                    if redirected > 2:  # nodes that disagree while a failover settles
+                        await asyncio.sleep(backoff.next())
+                    with contextlib.suppress(*MAP_TROUBLE):  # the call goes where MOVED said
+                        await self.refresh()
                     continue
                 if kind == "ASK":
                     asking = _address(rest.split(" ")[-1])
@@ -143,15 +163,14 @@ class ClusterLane(LaneCalls):
             await asyncio.sleep(delay)
             try:
                 await self.refresh()
-            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+            except MAP_TROUBLE as exc:
                 log.debug("slot map refresh failed: %s", exc)
         raise RedisConnectionError(f"slot {slot}: too many redirections")
 
     async def _connect(self, slot: int) -> Link:
-        if self._map is None or self._map.master_of(slot) is None:
+        if self._master_of(slot) is None:
             await self.refresh()
-        assert self._map is not None
-        master = self._map.master_of(slot)
+        master = self._master_of(slot)
         if master is None:
             raise RedisConnectionError(f"no master serves slot {slot}")
         return await self._holder(master).get()
@@ -179,12 +198,15 @@ class ClusterLane(LaneCalls):
                     link = await self._holder(address).get()
                     reply = await link.send(pack("CLUSTER", "SLOTS"), self._timeout)
                     fresh = SlotMap.parse(reply)
-                except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                except MAP_TROUBLE as exc:
                     failure = exc
                     continue
                 if not fresh.masters:
                     continue
                 self._map = fresh
+                self._moved = {
+                    slot: at for slot, at in self._moved.items() if fresh.master_of(slot) != at
+                }
                 for gone in set(self._links) - set(fresh.masters) - set(self._seeds):
                     self._links.pop(gone).aclose()
                 return fresh

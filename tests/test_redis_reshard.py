@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 
 from coordinator import ConversationManager
+from coordinator.cluster_lane import ClusterLane
 from coordinator.keys import KeySchema
+from coordinator.links import Endpoint
 from coordinator.sharded import ShardedSubscriptions
 from coordinator.slots import slot_of
 from tests.helpers import RecordingSink, fast_config, wait_until
@@ -112,3 +114,36 @@ async def test_a_join_after_a_reshard_the_node_did_not_see_is_served(
     finally:
         with contextlib.suppress(Exception):
             await node.aclose()
+
+
+async def test_the_lane_follows_moved_when_the_map_it_reads_lags(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """MOVED names the slot's master; a map read from a node whose view lags (as during a
+    failover) still names the old one. The lane sent the call back to it, which answered
+    MOVED again, and the call used up its redirections in a millisecond ("too many
+    redirections"). It goes where MOVED said now, and so do the slot's later calls."""
+    first, *others = sorted(redis_cluster.masters(), key=lambda m: m.address)
+    source, target = others  # the map is read from ``first`` (the lowest address) first
+    key = next(k for i in range(10_000) if redis_cluster.master_of(k := f"lag{i}") is source)
+    slot = slot_of(key)
+    lane = ClusterLane([Endpoint.from_url(redis_cluster.url)], timeout=2.0, connect_timeout=2.0)
+    try:
+        assert await lane.execute([["SET", key, "before"]]) == [b"OK"]
+        move_slot(redis_cluster, slot, source, target)
+        # ``first`` believes ``source`` still serves the slot, and keeps believing it:
+        # ``source`` has the highest config epoch, so ``target``'s claim does not win.
+        with source.client() as s, first.client() as f:
+            s.execute_command("CLUSTER", "BUMPEPOCH")
+            f.execute_command("CLUSTER", "SETSLOT", slot, "NODE", redis_cluster.node_id(source))
+        fresh = await lane.refresh()
+        assert fresh.master_of(slot) == source.address  # the lagging view
+        for value in ("after", "again"):
+            assert await lane.execute([["SET", key, value]]) == [b"OK"]
+        with target.client() as t:
+            assert t.execute_command("GET", key) == "again"
+    finally:
+        await lane.aclose()
+        with target.client() as t, first.client() as f:  # every view agrees again
+            t.execute_command("CLUSTER", "BUMPEPOCH")
+            f.execute_command("CLUSTER", "SETSLOT", slot, "NODE", redis_cluster.node_id(target))
