@@ -109,6 +109,13 @@ class ClusterLane(LaneCalls):
         await asyncio.gather(*(batch(slot, indexes) for slot, indexes in by_slot.items()))
         return replies
 
+    async def load(self, scripts: Sequence[Any], keys: Sequence[str]) -> None:
+        packed = [pack("SCRIPT", "LOAD", script) for script in scripts]
+        for slot in {slot_of(key) for key in keys}:
+            await self._on_slot(
+                slot, lambda link: send_commands(link, packed, False, self._timeout)
+            )
+
     async def _call(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], replicas: int, ms: int
     ) -> tuple[Any, int]:

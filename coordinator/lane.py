@@ -74,6 +74,17 @@ class LaneCalls:
         script's result and how many replicas acknowledged its writes."""
         return await self._call(script, keys, args, replicas, timeout_ms)
 
+    async def execute(
+        self, commands: Sequence[Sequence[Any]], *, transaction: bool = False
+    ) -> list[Any]:
+        raise NotImplementedError
+
+    async def load(self, scripts: Sequence[Any], keys: Sequence[str]) -> None:
+        """SCRIPT LOAD ``scripts`` on the master(s) serving ``keys``: where a NOSCRIPT
+        came from (restarted, promoted, or new to the cluster), which redis-py's own
+        view of the masters may not know yet."""
+        await self.execute([("SCRIPT", "LOAD", script) for script in scripts])
+
 
 class ScriptLane(LaneCalls):
     """The lane to one Redis server (standalone, or the master Sentinel names).

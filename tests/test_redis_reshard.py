@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import contextlib
 
+import redis.asyncio as aioredis
+
 from coordinator import ConversationManager
 from coordinator.cluster_lane import ClusterLane
 from coordinator.keys import KeySchema
 from coordinator.links import Endpoint
 from coordinator.sharded import ShardedSubscriptions
 from coordinator.slots import slot_of
+from coordinator.state import RedisState
 from tests.helpers import RecordingSink, fast_config, wait_until
 from tests.redis_process import RedisProcess
 from tests.redis_topologies import RedisClusterServers
@@ -147,3 +150,30 @@ async def test_the_lane_follows_moved_when_the_map_it_reads_lags(
         with target.client() as t, first.client() as f:  # every view agrees again
             t.execute_command("CLUSTER", "BUMPEPOCH")
             f.execute_command("CLUSTER", "SETSLOT", slot, "NODE", redis_cluster.node_id(target))
+
+
+async def test_a_noscript_is_answered_by_loading_where_it_was_said(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """A master new to the cluster (a rebalance's), or promoted, has no script cache: its
+    NOSCRIPT loaded the scripts through redis-py, onto the masters redis-py knew, not
+    always that one, and the read failed again (a replay warned and retried). They are
+    loaded through the lane, on the shard that said NOSCRIPT."""
+    first, second, _ = sorted(redis_cluster.masters(), key=lambda m: m.address)
+    keys = KeySchema("noscript")
+    sid = next(
+        s for i in range(10_000) if redis_cluster.master_of(keys.conv(s := f"ns{i}")) is second
+    )
+    lane = ClusterLane([Endpoint.from_url(redis_cluster.url)], timeout=2.0, connect_timeout=2.0)
+    known = aioredis.Redis(host=first.address[0], port=first.address[1])  # knows ``first`` only
+    state = RedisState(known, keys, lane, sharded=True)
+    try:
+        with second.client() as s:
+            s.execute_command("SCRIPT", "FLUSH")
+        rows, _, seq = await state.events_after_sized(sid, 0, 10, 1 << 20)
+        assert (rows, seq) == ([], None)
+        with second.client() as s:
+            assert s.execute_command("SCRIPT", "EXISTS", state._scripts["read"].sha) == [1]
+    finally:
+        await lane.aclose()
+        await known.aclose()

@@ -109,6 +109,8 @@ class Lane(Protocol):
 
     def publish(self, command: str, channel: str, message: bytes) -> None: ...
 
+    async def load(self, scripts: Sequence[Any], keys: Sequence[str]) -> None: ...
+
     async def execute(
         self, commands: Sequence[Sequence[Any]], *, transaction: bool = False
     ) -> list[Any]: ...
@@ -178,7 +180,11 @@ class StateCore:
         try:
             return await self._send(commands, transaction)
         except NoScriptError:  # Redis restarted (or failed over) without its script cache
-            await self.load_scripts()
+            if self.lane is None:
+                await self.load_scripts()
+            else:  # where it was said (a master redis-py's view may lack)
+                keys = [str(c[3]) for c in commands if c[0] == "EVALSHA"]
+                await self.lane.load([s.script for s in self._scripts.values()], keys)
             return await self._send(commands, transaction)
 
     async def _send(self, commands: Sequence[Sequence[Any]], transaction: bool) -> list[Any]:
