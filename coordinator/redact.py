@@ -1,4 +1,5 @@
-"""Secrets out of logs: tokens in query strings and headers, passwords in URLs.
+"""Secrets out of logs: tokens in query strings and headers, passwords in URLs (and
+redis-py's kilobyte-long reprs of its clients, which carry their settings).
 
 A client may put its token in the query string (``?token=``), which uvicorn writes into
 its access log and its websocket log lines; a Redis URL may carry a password, which an
@@ -66,7 +67,22 @@ _JSON_TOKEN = re.compile(r'(?P<head>"(?:token|access_token|password|secret)"\s*:
 _BEARER = re.compile(r"(?P<head>\bBearer\s+)[^\s\"',;]+", re.I)
 
 
+# redis-py's repr of a client (its pool's, its connection's settings: 1 KB each), as
+# its Sentinel errors quote one per Sentinel asked: the address alone is kept.
+_CLIENT_REPR = re.compile(
+    r"<redis\.(?:asyncio\.)?client\.Redis\(<redis\.[\w.]*ConnectionPool\("
+    r"<redis\.[\w.]*Connection\((?P<inner>.*?)\)>\)>\)>"
+)
+
+
+def _client_address(found: re.Match[str]) -> str:
+    host = re.search(r"\bhost=([^,]+)", found["inner"])
+    port = re.search(r"\bport=(\d+)", found["inner"])
+    return f"<Redis {host[1]}:{port[1]}>" if host and port else "<Redis>"
+
+
 def _redacted(text: str) -> str:
+    text = _CLIENT_REPR.sub(_client_address, text)
     text = redact_url(text)
     text = _QUERY_SECRET.sub(r"\g<head>***", text)
     text = _BEARER.sub(r"\g<head>***", text)

@@ -11,7 +11,9 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+import pytest
 import redis
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 
 from coordinator.auth import issue_token
 from coordinator.embedded import free_port
@@ -46,6 +48,21 @@ def test_redact_takes_credentials_out_of_text() -> None:
     clean = redact(cut)
     assert token[:40] not in clean and token[-21:] not in clean, clean
     assert redact('40{"token": "opaque-not-a-jwt"}') == '40{"token": "***"}'
+
+
+async def test_a_sentinel_error_is_one_short_line_naming_each_sentinel() -> None:
+    """redis-py's "No master found" quotes each Sentinel's client repr (1 KB of its
+    settings apiece): a node logged 3.6 KB lines for each commit retry while no Sentinel
+    answered. The log keeps each one's address and what it said."""
+    closed = [("127.0.0.1", free_port()), ("127.0.0.1", free_port())]
+    sentinel = Sentinel(closed, sentinel_kwargs={"password": "s3cret-pw"}, password="n0de-pw")
+    with pytest.raises(MasterNotFoundError) as raised:
+        await sentinel.discover_master("mymaster")
+    line = redact(str(raised.value))
+    assert len(str(raised.value)) > 1500 and len(line) < 400, line
+    for host, port in closed:
+        assert f"<Redis {host}:{port}> - " in line and f"connecting to {host}:{port}" in line
+    assert "pw" not in line
 
 
 async def test_cluster_and_node_views_show_a_user_only_their_own(servers: ServerCluster) -> None:
