@@ -150,6 +150,10 @@ class ScriptLane(LaneCalls):
             await asyncio.sleep(backoff.next())
         raise AssertionError("unreachable")
 
+    def drop(self, why: Exception) -> None:
+        """Fail the calls in flight with ``why`` (they are retried) and connect again."""
+        self._slot.drop(why)
+
     async def aclose(self) -> None:
         self._closed = True
         self._slot.aclose()

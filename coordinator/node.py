@@ -273,6 +273,8 @@ class Node:
         tasks.spawn(self.lag.run(), "loop lag")
         tasks.spawn(self.recovery.housekeeping_loop(), "housekeeping")
         tasks.every(cfg.idle_flush_interval, self.idle.flush, "activity flush", REDIS_TROUBLE)
+        if self.backend.mode == "sentinel":
+            tasks.every(cfg.heartbeat_interval, self.backend.follow_master, "master watch")
         tasks.every(cfg.cleanup_interval, self.loops.sweep_idle, "idle sweep", EXPECTED)
         tasks.spawn(self.archiver.run(), "event-store")
         tasks.every(cfg.store_sweep_interval, self.archiver.sweep, "store sweep", EXPECTED)

@@ -437,6 +437,12 @@ class Subscriptions:
         except Exception:
             log.exception("catch-up after resubscribe failed")
 
+    def drop(self, why: Exception) -> None:
+        """Drop the link (its server is not the master any more): the listener
+        reconnects, subscribes again and catches up."""
+        self._slot.drop(why)
+        self._wake_up()
+
     def forget(self, channel: str) -> None:
         """Drop ``channel`` without unsubscribing (Redis dropped or refused it: its slot
         moved). Whoever waits for its confirmation here is told ``ChannelMoved``, to wait

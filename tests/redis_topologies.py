@@ -615,13 +615,16 @@ class SentinelServers:
         self._killed = master
         return master
 
-    def wait_promoted(self, timeout: float | None = None) -> RedisProcess:
-        """Wait until every running sentinel names another running node as master and
-        that node says role:master; returns it.
+    def wait_promoted(
+        self, timeout: float | None = None, old: RedisProcess | None = None
+    ) -> RedisProcess:
+        """Wait until every running sentinel names another running node than ``old``
+        (default: the master killed with ``kill_master``) as master and that node says
+        role:master; returns it.
         """
-        if self._killed is None:
+        old = old or self._killed
+        if old is None:
             raise ValueError("no master was killed with kill_master()")
-        old = self._killed
 
         def promoted() -> RedisProcess | None:
             answers = {
@@ -643,8 +646,10 @@ class SentinelServers:
             self.state,
         )
 
-    async def async_wait_promoted(self, within: float | None = None) -> RedisProcess:
-        return await asyncio.to_thread(self.wait_promoted, within)
+    async def async_wait_promoted(
+        self, within: float | None = None, old: RedisProcess | None = None
+    ) -> RedisProcess:
+        return await asyncio.to_thread(self.wait_promoted, within, old)
 
     def _ready(self) -> bool | None:
         master, replica = self.data_nodes

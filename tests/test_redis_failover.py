@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import redis.asyncio as aioredis
 
 from coordinator import ConversationManager
 from coordinator.actionqueue import ActionQueue
-from coordinator.codec import EVENTS_LOST, notice_code
+from coordinator.codec import EVENTS_LOST, NODE_LOST, notice_code
 from coordinator.errors import NotReplicated
 from coordinator.keys import KeySchema
 from coordinator.lane import ScriptLane
@@ -238,6 +239,41 @@ async def test_sentinel_master_killed_then_its_successor_paused_loses_nothing_ac
 
     await _under_load(clients, fault, 1.5)
     await _check_nothing_acknowledged_was_lost(clients, [s for _, s in started], started[0][0])
+
+
+async def test_a_paused_master_back_after_its_failover_costs_no_node_its_lease(
+    redis_sentinel: SentinelServers, nodes: Any
+) -> None:
+    """The master stops (SIGSTOP) past down-after and is failed over; back (SIGCONT),
+    it says role:master until the Sentinels make it a replica (seconds later). The
+    nodes' pooled connections opened before the pause went on writing to it: every node
+    registered again there, then found its lease missing on the real master and lapsed,
+    fencing all its loops (a NODE_LOST notice in each conversation), with no node dead."""
+    servers = redis_sentinel
+    hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
+    url = f"redis+sentinel://{hosts}/{servers.master_name}"
+    started = await nodes(url)
+    clients = await _busy(started)
+    incarnations = [node.node.membership.inc for node, _ in started]
+
+    async def fault() -> None:
+        old = servers.master()
+        with _paused(old):
+            await servers.async_wait_promoted(old=old)
+            await asyncio.sleep(2.0)  # the nodes on the new master meanwhile
+            print("SIGCONT", time.time())
+        # Back as a master the Sentinels have not converted yet.
+        await wait_until(
+            lambda: old.info("replication").get("role") == "slave",
+            timeout=60,
+            what="the old master made a replica",
+        )
+
+    await _under_load(clients, fault, 1.5)
+    await _check_nothing_acknowledged_was_lost(clients, [s for _, s in started], started[0][0])
+    assert [node.node.membership.inc for node, _ in started] == incarnations, "a lease lapsed"
+    log = await _log(started[0][0])
+    assert not [e for e in log if notice_code(e) == NODE_LOST], "a node reported lost"
 
 
 async def test_sentinel_with_a_database_number_keeps_everything_in_that_database(

@@ -150,6 +150,11 @@ class Backend(ABC):
             if n < wanted:
                 log.warning("%s", replica_shortage(where, n, wanted))
 
+    async def follow_master(self) -> None:
+        """Behind Sentinel: notice a master that moved and drop the connections to the
+        old one (``sentinel.py``); nothing elsewhere (a cluster client follows MOVED)."""
+        return None
+
     def lane(self) -> Lane | None:
         """The script lane (made on first use); None sends accept and commit through
         the pool."""

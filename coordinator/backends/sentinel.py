@@ -6,19 +6,33 @@
 redis-py's Sentinel pools find the master on connect and drop a connection that reaches
 a demoted one (``READONLY``); the lane does the same (``lane.ScriptLane(locate=...)``),
 and the lease keeper's client too.
+
+A master that stopped (paused, or cut off) past down-after and comes back after its
+failover is not demoted yet: it answers as a master until the Sentinels convert it,
+seconds later, and connections opened to it before it stopped wrote there, writes its
+conversion then threw away (a node's new registration, acknowledged actions). So the
+node asks the Sentinels where the master is every heartbeat (``follow_master``) and,
+when it moved, drops every connection to the old one: the pool's, in use or not, the
+lane's and the subscription's, which reconnect to the master the Sentinels name. A pool
+connection begun before the failover, to the stopped master, completes when it comes
+back: it is dropped once made if its pool has heard of another master meanwhile
+(``_ToTheMaster``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.sentinel
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry as SyncRetry
 
 from ..config import ManagerConfig
@@ -28,8 +42,10 @@ from ..lane import ScriptLane
 from ..redisurl import SentinelURL, parse_sentinel_url
 from ..state import LeaseRenewer
 from ..state.core import Lane
-from ..subscriptions import Subscription
+from ..subscriptions import Subscription, Subscriptions
 from .base import Backend, unreachable
+
+log = logging.getLogger(__name__)
 
 # A failover takes Sentinel's down-after plus an election: calls retry, with backoff,
 # about that long before they fail.
@@ -48,6 +64,8 @@ class SentinelBackend(Backend):
             **self._node_kwargs(),
         )
         self._client = self._master_client(RETRIES)
+        self._master: tuple[str, int] | None = None  # where the Sentinels said it was
+        self._subscription: Subscriptions | None = None
 
     def _sentinel_kwargs(self) -> dict[str, Any]:
         cfg, u = self.config, self.url
@@ -77,6 +95,7 @@ class SentinelBackend(Backend):
             self.url.master,
             redis_class=aioredis.Redis,
             retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
+            connection_class=_ToTheMasterTLS if self.url.tls else _ToTheMaster,
         )
         self._owned.append(client)
         return client
@@ -154,6 +173,35 @@ class SentinelBackend(Backend):
         host, port = await self._sentinel.discover_master(self.url.master)
         return str(host), int(port)
 
+    async def follow_master(self) -> None:
+        """Ask the Sentinels where the master is; if it moved since the last time, drop
+        every connection to the old one (see the module's docstring)."""
+        try:
+            now = await self.locate()
+        except REDIS_TROUBLE as exc:  # no master named during a failover: said elsewhere
+            log.debug("master watch: %s", exc)
+            return
+        before, self._master = self._master, now
+        if before is None or before == now:
+            return
+        log.warning(
+            "Redis master %r moved from %s:%d to %s:%d (Sentinel): reconnecting",
+            self.url.master,
+            *before,
+            *now,
+        )
+        why = RedisConnectionError(f"the master moved to {now[0]}:{now[1]}")
+        if isinstance(self._lane, ScriptLane):
+            self._lane.drop(why)
+        if self._subscription is not None:
+            self._subscription.drop(why)
+        for client in self._owned:
+            pool = client.connection_pool
+            pool.master_address = now  # a SentinelConnectionPool
+            with contextlib.suppress(*REDIS_TROUBLE, OSError, TimeoutError):
+                async with asyncio.timeout(self.config.connect_timeout):
+                    await pool.disconnect(inuse_connections=True)
+
     def _make_lane(self) -> Lane | None:
         first = self.url.sentinels[0]
         return ScriptLane(
@@ -169,7 +217,8 @@ class SentinelBackend(Backend):
     def subscriptions(self, keys: KeySchema, probe_interval: float) -> Subscription:
         # A subscription that fails reconnects to the master the Sentinels name then.
         url = self.url.node_url(*self.url.sentinels[0])  # credentials, db, TLS
-        return self._one_subscription(url, keys, probe_interval, self.locate)
+        self._subscription = self._one_subscription(url, keys, probe_interval, self.locate)
+        return self._subscription
 
     def lease_renewer(self, keys: KeySchema) -> LeaseRenewer:
         timeout = min(0.5, self.config.heartbeat_interval)
@@ -192,3 +241,24 @@ class SentinelBackend(Backend):
 
 class _Failed(Exception):
     """What the start-up check found wrong (its text: the reason)."""
+
+
+class _ToTheMaster(SentinelManagedConnection):
+    """A pool connection that, once made, is to the master its pool last heard of:
+    one begun before a failover, to a master that stopped, completes when that master
+    comes back, a master still until the Sentinels convert it, and its commands (a
+    read of the nodes' leases, a registration) went there. Dropped instead; the pool's
+    retry asks the Sentinels again."""
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        await super().connect_to(address)  # type: ignore[no-untyped-call]
+        now = self.connection_pool.master_address
+        if now is not None and tuple(now) != tuple(address):
+            await self.disconnect()
+            raise RedisConnectionError(
+                f"{address[0]}:{address[1]} is not the master any more ({now[0]}:{now[1]} is)"
+            )
+
+
+class _ToTheMasterTLS(_ToTheMaster, SSLConnection):
+    pass
