@@ -43,6 +43,10 @@ from .tasks import TaskSet
 log = logging.getLogger(__name__)
 
 STOP_WITHIN = 3.0  # seconds a worker gets to exit on STOP before it is killed
+# A worker that fails within this many seconds of its start, running no action or start
+# of an agent, is replaced after a backoff that grows with each such failure in its slot:
+# one that died at once was restarted at once, six interpreters a second for good.
+STEADY_AFTER = 10.0
 
 
 def _latest(worker: AgentWorker) -> AgentWorker:
@@ -72,6 +76,7 @@ class AgentPool:
         self.placement = cpus.plan(config.agent_cpus)  # ConfigError: not on this machine
         self._unpinned: frozenset[int] | None = None  # the loop's CPUs before start pinned it
         self._next_lid = 0
+        self._slot_backoff: dict[int, Backoff] = {}  # slots whose workers fail young
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._register(metrics)
 
@@ -106,6 +111,15 @@ class AgentPool:
             metrics.counter_from(f"coordinator_agent_{name}", doc, read)
 
     # -- life ------------------------------------------------------------------------
+    @property
+    def _max_containers(self) -> int:
+        """Maps and arrays in one frame of a worker: one agent event at most, whose values
+        its bytes bound (codec's ``pack_agent_events``), and a few of the frame's own."""
+        return self._config.max_agent_event_bytes + 64
+
+    def _worker(self, slot: int) -> AgentWorker:
+        return AgentWorker(slot, self._on_lost, self._max_containers)
+
     def _spawn_args(self) -> tuple[list[str], dict[str, str]]:
         cfg = self._config
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
@@ -114,6 +128,7 @@ class AgentPool:
             *("--log-format", logformat.current_format(), "--node", cfg.node_id),
             *("--stall-after", str(cfg.agent_stall_timeout / 2)),
             *("--memory-limit", str(cfg.agent_memory_limit)),
+            *("--max-containers", str(cfg.max_agent_event_bytes)),
         ]
         if self.placement is not None:
             args += ["--cpus", ",".join(map(str, sorted(self.placement.workers)))]
@@ -139,7 +154,7 @@ class AgentPool:
             except OSError as exc:  # the CPUs it may use changed since the plan
                 raise ConfigError(f"agent_cpus: {self.placement.describe()}: {exc}") from None
             log.info("%s", self.placement.describe())
-        self.workers = [AgentWorker(slot, self._on_lost) for slot in range(self._size)]
+        self.workers = [self._worker(slot) for slot in range(self._size)]
         results = await asyncio.gather(
             *(self._spawn(w) for w in self.workers), return_exceptions=True
         )
@@ -253,17 +268,29 @@ class AgentPool:
         if not self.closed:
             if reason == STALLED:
                 self.stalls += 1
+            backoff = self._slot_backoff.setdefault(worker.slot, Backoff(base=0.5, cap=30.0))
+            # Failed young and running nothing of an agent's (an action that killed it
+            # is counted as a poison's strike instead): the process itself fails.
+            young = asyncio.get_running_loop().time() - worker.up_since < STEADY_AFTER and not any(
+                agent.in_flight for agent in worker.loops.values()
+            )
+            if not young:
+                backoff.reset()
+            delay = backoff.next() if young else 0.0
             log.error(
-                "agent worker %d (pid %d, %d loops) %s; replacing it",
+                "agent worker %d (pid %d, %d loops) %s; replacing it%s",
                 worker.slot,
                 worker.pid,
                 len(worker.loops),
                 reason,
+                f" in {delay:.1f}s (it failed within {STEADY_AFTER:g}s of its start)"
+                if delay
+                else "",
             )
-            successor = AgentWorker(worker.slot, self._on_lost)
+            successor = self._worker(worker.slot)
             worker.successor = successor
             self.workers[worker.slot] = successor
-            self.tasks.spawn(self._replace(successor), f"agent-worker:{worker.slot}")
+            self.tasks.spawn(self._replace(successor, delay), f"agent-worker:{worker.slot}")
         for lid, agent in list(worker.loops.items()):
             # Without a culprit named, every dispatch running there is a suspect.
             suspect = lid == culprit if culprit else agent.in_flight
@@ -274,7 +301,8 @@ class AgentPool:
         worker.close_channel()
         self._notify()
 
-    async def _replace(self, worker: AgentWorker) -> None:
+    async def _replace(self, worker: AgentWorker, delay: float) -> None:
+        await asyncio.sleep(delay)
         backoff = Backoff(base=0.5, cap=10.0)
         while True:
             try:
@@ -287,7 +315,7 @@ class AgentPool:
                 worker.kill()
                 worker.close_channel()
                 await asyncio.sleep(delay)
-                fresh = AgentWorker(worker.slot, self._on_lost)
+                fresh = self._worker(worker.slot)
                 worker.successor = fresh
                 self.workers[worker.slot] = worker = fresh
                 continue

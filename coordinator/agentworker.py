@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,7 @@ from workers.channel import (
     FAILED,
     FATAL,
     HELLO,
+    MAX_FRAME,
     PING,
     PONG,
     READ,
@@ -45,12 +49,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# Bytes the node may hold for a worker that reads nothing of its channel: a frame of the
+# largest size, and then some.
+UNREAD_LIMIT = 2 * MAX_FRAME
+
+
+def _queued(fd: int) -> int:
+    """Bytes waiting to be read on socket ``fd``."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+
+
 class AgentWorker(asyncio.Protocol):
     """A worker process in slot ``slot`` of the pool. ``loops``: the agent instances it
     holds (lid -> the node's proxy); ``failed``: why it is no longer used ('' while it
-    is); ``on_lost`` is told once when its channel closes."""
+    is); ``on_lost`` is told once when its channel closes. A frame it sends holding more
+    than ``max_containers`` maps and arrays is a bad frame (it is killed)."""
 
-    def __init__(self, slot: int, on_lost: Callable[[AgentWorker], None]) -> None:
+    def __init__(
+        self, slot: int, on_lost: Callable[[AgentWorker], None], max_containers: int
+    ) -> None:
         self.slot = slot
         self.pid = 0
         self.loops: dict[int, RemoteAgent] = {}
@@ -59,6 +76,7 @@ class AgentWorker(asyncio.Protocol):
         self.ready = False
         self.ping_sent: float | None = None  # loop time of the PING not answered yet
         self.last_pong = 0.0
+        self.up_since = 0.0  # loop time of its HELLO
         self.blocked_lid = 0  # the instance whose task holds its loop, as reported
         self.successor: AgentWorker | None = None  # the worker that took its place
         self._on_lost = on_lost
@@ -67,7 +85,7 @@ class AgentWorker(asyncio.Protocol):
         self._exit: asyncio.Future[int] | None = None  # the process's end, once reaped
         self._transport: asyncio.Transport | None = None
         self._reports: asyncio.BaseTransport | None = None
-        self._reader = FrameReader()
+        self._reader = FrameReader(max_containers)
         self._next_rid = 0
         self._seq = 0
 
@@ -128,7 +146,7 @@ class AgentWorker(asyncio.Protocol):
             self.kill()
             raise AgentFailed(f"agent worker {self.pid} did not start within {within}s") from None
         self.ready = True
-        self.last_pong = loop.time()
+        self.last_pong = self.up_since = loop.time()
 
     def kill(self) -> None:
         """SIGKILL to the process and every process its agents started (its end then
@@ -159,7 +177,12 @@ class AgentWorker(asyncio.Protocol):
             return
         sock = transport.get_extra_info("socket")
         with contextlib.suppress(OSError):  # what it wrote before it ended, in order
-            while data := os.read(sock.fileno(), 1 << 16):
+            # What is queued now, no more: a process its agent started and left holding
+            # the channel (in a session of its own, out of the group's reach) could
+            # write on for good, and this loop would never end (the node froze).
+            queued = _queued(sock.fileno())
+            while queued > 0 and (data := os.read(sock.fileno(), min(queued, 1 << 16))):
+                queued -= len(data)
                 self.data_received(data)
         transport.close()
 
@@ -198,8 +221,18 @@ class AgentWorker(asyncio.Protocol):
         self._on_lost(self)
 
     def send(self, message: list[Any]) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(frame(message))
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(frame(message))
+            if transport.get_write_buffer_size() > UNREAD_LIMIT and not self.failed:
+                # A worker that reads nothing of its channel (its loop held while its
+                # threads flood requests) would grow the node's buffer without bound.
+                log.error(
+                    "agent worker %s reads nothing of its channel (%d bytes wait); killing it",
+                    self.pid,
+                    transport.get_write_buffer_size(),
+                )
+                self.kill()
 
     def request(self, kind: int, lid: int, args: Sequence[Any]) -> int:
         """Send a request for instance ``lid``; its request id."""
@@ -228,6 +261,8 @@ class AgentWorker(asyncio.Protocol):
                 elif kind != DONE and kind != FAILED:  # an instance closed or moved: stop
                     self.send([REFUSE, m[1], "Fenced", ["", 0, -1]])
             elif kind == PONG:
+                if self.ping_sent is None or len(m) < 2 or m[1] != self._seq:
+                    continue  # not the answer to the PING out (a forged or stale one)
                 self.ping_sent = None
                 self.last_pong = asyncio.get_running_loop().time()
                 self.blocked_lid = 0
@@ -258,7 +293,7 @@ class _Reports(asyncio.Protocol):
 
     def __init__(self, worker: AgentWorker) -> None:
         self._worker = worker
-        self._reader = FrameReader()
+        self._reader = FrameReader(max_containers=4)
 
     def data_received(self, data: bytes) -> None:
         try:

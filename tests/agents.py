@@ -8,10 +8,12 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from workers.channel import EMIT, PONG, frame
 from workers.echo import EchoAgent
 from workers.protocol import AgentContext, AgentState, EmitFn, Event
 
@@ -52,7 +54,13 @@ class BadAgent(EchoAgent):
     not free it, then raises, ``emit KIND`` emits an event that must be refused (``key``:
     a tuple key, ``set``, ``bytes``: a value JSON does not have, ``surrogate``: text
     UTF-8 cannot hold, ``user``: ``"source": "user"``) and answers what ``emit`` raised,
-    ``spawn`` starts a program and forks itself, both sleeping, and answers their pids.
+    ``spawn`` starts a program and forks itself, both sleeping, and answers their pids,
+    ``flood S`` forks a process out of its group's reach that writes PONG frames on the
+    channel for S seconds (its pid to the setting ``pid_file``) and ends its own,
+    ``forge S`` holds its loop S seconds while a thread forges PONGs, ``spam S`` while
+    one floods EMITs for an instance it does not hold,
+    ``containers N`` emits an event of N empty maps and answers the outcome,
+    ``rawcontainers N`` writes such an EMIT on the channel past ``emit``'s checks.
     With settings ``{"fail_start": true}`` its ``start`` raises (``{"start_raises":
     NAME}``: NAME, as ``throw``; ``{"start_exit": true}`` ends its process); with
     ``{"start_delay": S}`` it takes S seconds, and with ``{"start_log": PATH}`` writes how
@@ -140,6 +148,27 @@ class BadAgent(EchoAgent):
             return
         elif word == "slow":
             await asyncio.sleep(float(arg))
+        elif word == "flood":  # a process of its own floods the channel; the worker ends
+            _flood_channel(float(arg), str(self.context.settings.get("pid_file", "")))
+            os._exit(3)
+        elif word == "forge":  # its loop held S s, a thread forges PONGs meanwhile
+            _while_held(float(arg), frame([PONG, 0]), 0.05)
+        elif word == "spam":  # its loop held S s, a thread floods EMITs of no instance
+            _while_held(float(arg), frame([EMIT, 1, 999_999_999]) * 2000, 0.001)
+        elif word == "containers":  # an event of N maps (1 byte each on the channel)
+            assert self._emit is not None
+            try:
+                await self._emit(
+                    {"action": "message", "args": {"content": "x", "x": [{}] * int(arg)}}
+                )
+                outcome = "emitted"
+            except Exception as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            await self._emit({"action": "message", "args": {"content": outcome}})
+            return
+        elif word == "rawcontainers":  # the same, written on the channel past emit's check
+            _write_frame([EMIT, 1, 1, {"x": [{}] * int(arg)}, "running"])
+            await asyncio.sleep(30)
         elif word == "checkpoint":  # saves one of that many bytes; answers what happened
             assert self._emit is not None
             try:
@@ -150,6 +179,54 @@ class BadAgent(EchoAgent):
             await self._emit({"action": "message", "args": {"content": outcome}})
             return
         await super().dispatch(action)
+
+
+def _channel_fd() -> int:
+    """The worker's end of its channel to the node (``workers.process --channel-fd``)."""
+    return int(sys.argv[sys.argv.index("--channel-fd") + 1])
+
+
+def _write_frame(message: list[Any]) -> None:
+    fd = _channel_fd()
+    os.set_blocking(fd, True)
+    os.write(fd, frame(message))
+
+
+def _flood_channel(seconds: float, pid_file: str) -> None:
+    """Fork a process in a session of its own (out of its worker group's reach) that
+    writes PONG frames on the inherited channel for ``seconds``; its pid to ``pid_file``."""
+    fd = _channel_fd()
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        os.set_blocking(fd, True)
+        chunk = frame([PONG, 1]) * 8000
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:
+                os.write(fd, chunk)
+        finally:
+            os._exit(0)
+    if pid_file:
+        Path(pid_file).write_text(str(pid))
+    time.sleep(0.3)
+
+
+def _while_held(seconds: float, data: bytes, every: float) -> None:
+    """Hold the worker's loop ``seconds`` (reading nothing of its channel) while a thread
+    writes ``data`` on the channel every ``every`` seconds."""
+    fd = _channel_fd()
+    os.set_blocking(fd, True)
+    stop = time.monotonic() + seconds
+
+    def write() -> None:
+        while time.monotonic() < stop:
+            with contextlib.suppress(OSError):
+                os.write(fd, data)
+            time.sleep(every)
+
+    threading.Thread(target=write, daemon=True).start()
+    time.sleep(seconds)
 
 
 class WrongInitAgent(EchoAgent):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from coordinator import AgentFailed, ConfigError, ConversationManager
+from coordinator import AgentFailed, ConfigError, ConversationManager, agentworker
 from coordinator.codec import pack
 from coordinator.keys import KeySchema
 from coordinator.state import RedisState
@@ -756,3 +758,112 @@ def test_a_worker_that_ends_takes_what_its_agent_started_with_it() -> None:
         worker.wait()
         ours.close()
         os.close(reports)
+
+
+async def test_a_worker_whose_escaped_child_floods_its_channel_does_not_hold_the_node(
+    make_nodes, tmp_path
+) -> None:
+    """The worker ends, but a process its agent started in a session of its own (out of
+    the worker group's reach) goes on writing on the channel. The node read what the
+    worker had written before it ended until the channel was empty, which it never was:
+    its loop froze (7.5 s for an 8 s flood) and its lease lapsed. It reads what was
+    queued at the end, no more."""
+    node, lapses = await _isolated_node(make_nodes, agent_stall_timeout=2.0)
+    sink = make_nodes.sinks[node.node_id]
+    pid_file = tmp_path / "flooder.pid"
+    bad = await Watcher(node, sink, "bad").join({"pid_file": str(pid_file)})
+    good = await Watcher(node, sink, "good").join()
+    pool = _pool(node)
+    await bad.say("flood 8")
+    try:
+        await wait_until(pid_file.exists, what="the flood under way")
+        await wait_until(lambda: pool.restarts >= 1, what="the worker replaced")
+        for n in range(5):
+            await good.round_trip(f"good-{n}")
+        assert lapses == [] and not node.node.membership.lapsed
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+async def test_forged_pongs_do_not_hide_a_stuck_worker(make_nodes) -> None:
+    """A worker's loop is held while a thread of it answers every PING with a PONG of
+    its own (any sequence number was taken): the watchdog still finds it stuck, within
+    its stall timeout, and replaces it."""
+    node, lapses = await _isolated_node(make_nodes, max_dispatch_attempts=1)
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "bad").join()
+    good = await Watcher(node, sink, "good").join()
+    pool = _pool(node)
+    await bad.say("forge 12")
+    await wait_until(lambda: pool.stalls >= 1, timeout=8, what="the worker found stuck")
+    await good.round_trip("good-after")
+    assert lapses == []
+
+
+async def test_a_worker_that_reads_nothing_of_its_channel_is_killed(
+    make_nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose threads flood requests for instances it does not hold while its
+    loop reads nothing: each is answered (REFUSE), and the node's buffer to the worker
+    grew without bound (45 MiB in 12 s) for as long as the stall timeout let it (up to
+    a day). Past a bound (two of the largest frames; 4 MiB here) it is killed."""
+    monkeypatch.setattr(agentworker, "UNREAD_LIMIT", 4 << 20)
+    node, lapses = await _isolated_node(
+        make_nodes, max_dispatch_attempts=1, agent_stall_timeout=60.0
+    )
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "bad").join()
+    good = await Watcher(node, sink, "good").join()
+    pool = _pool(node)
+    await bad.say("spam 12")
+    await wait_until(lambda: pool.restarts >= 1, timeout=8, what="the worker killed")
+    await good.round_trip("good-after")
+    assert lapses == []
+
+
+async def test_an_event_of_more_containers_than_its_bytes_allow_is_refused_to_its_agent(
+    make_nodes,
+) -> None:
+    """An empty map is one byte on the channel and 64 in the node's memory: an event of
+    4 Mi of them took 350 MB and half a second of the node's loop to decode before it was
+    refused. The worker refuses it to its agent (no more maps and arrays than
+    max_agent_event_bytes), and a worker that writes one on its channel anyway is
+    killed for a bad frame before it is decoded."""
+    node, lapses = await _isolated_node(
+        make_nodes, max_agent_event_bytes=1000, max_dispatch_attempts=1
+    )
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "bad").join()
+    pool = _pool(node)
+    await bad.say("containers 5000")
+    await wait_until(lambda: len(bad.answers()) == 1, what="the refusal answered")
+    (answer,) = bad.answers()
+    assert answer.startswith("InvalidInput: an agent event is not acceptable: more than 1000"), (
+        answer
+    )
+    assert pool.restarts == 0
+    await bad.say("rawcontainers 5000")
+    await wait_until(lambda: pool.restarts == 1, what="the worker killed for its frame")
+    assert lapses == []
+
+
+async def test_workers_that_die_as_they_start_are_replaced_ever_more_slowly(
+    make_nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every worker ends right after its HELLO: each was replaced at once (six Python
+    starts a second, for good). A worker that fails within STEADY_AFTER of its start is
+    replaced after a backoff that grows with each such failure of its slot."""
+    caplog.set_level(logging.ERROR, logger="coordinator.agentpool")
+    with contextlib.suppress(AgentFailed):
+        await make_nodes(1, agent="tests.dying_worker:DyingAgent", agent_workers=1)
+    await wait_until(
+        lambda: len(_replacement_delays(caplog)) >= 3, timeout=20, what="three replacements"
+    )
+    delays = _replacement_delays(caplog)
+    assert delays[:3] == sorted(delays[:3]) and delays[0] < delays[2], delays
+
+
+def _replacement_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
+    found = (re.search(r"replacing it in ([\d.]+)s", r.getMessage()) for r in caplog.records)
+    return [float(m[1]) for m in found if m]

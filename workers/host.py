@@ -50,6 +50,7 @@ from .channel import (
     event_problem,
     frame,
     refusal,
+    too_many_containers,
 )
 from .protocol import (
     AgentContext,
@@ -115,9 +116,12 @@ class Hosted:
 class AgentHost(asyncio.Protocol):
     """The worker's end of the channel: one per process."""
 
-    def __init__(self, factory: AgentFactory, speculative: bool) -> None:
+    def __init__(
+        self, factory: AgentFactory, speculative: bool, max_containers: int | None = None
+    ) -> None:
         self._factory = factory
         self._speculative = speculative
+        self._max_containers = max_containers  # in one event, as the node reads frames
         self._agents: dict[int, Hosted] = {}
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._next_rid = 0
@@ -317,6 +321,13 @@ class AgentHost(asyncio.Protocol):
                 raise TypeError(f"an event must be a dict, got {type(event).__name__}")
             if (problem := event_problem(event)) is not None:  # the node or a client cannot
                 why = f"an agent event is not acceptable: {problem}; nothing was written"
+                raise refusal(INVALID, why)
+            most = self._max_containers
+            if most is not None and too_many_containers(event, most):  # the node's reader
+                why = (
+                    f"an agent event is not acceptable: more than {most} maps and arrays "
+                    "(the node's max_agent_event_bytes); nothing was written"
+                )
                 raise refusal(INVALID, why)
             return int(await self.ask(hosted, EMIT, event, _state(hosted.agent)))
 

@@ -79,7 +79,8 @@ class StallReporter:
 async def _serve(host_args: argparse.Namespace, factory: AgentFactory, sock: socket.socket) -> bool:
     loop = asyncio.get_running_loop()
     loop.set_task_factory(task_factory)
-    host = AgentHost(factory, bool(getattr(factory, "speculative", False)))
+    speculative = bool(getattr(factory, "speculative", False))
+    host = AgentHost(factory, speculative, host_args.max_containers or None)
     await loop.create_unix_connection(lambda: host, sock=sock)
     StallReporter(loop, host_args.report_fd, host_args.stall_after).start()
     return await host.finished
@@ -92,6 +93,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--agent", required=True)
     parser.add_argument("--stall-after", type=float, default=2.5)
     parser.add_argument("--memory-limit", type=int, default=0)
+    parser.add_argument(
+        "--max-containers", type=int, default=0, help="maps and arrays in one event (0: any)"
+    )
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--log-format", default="text", choices=logformat.FORMATS)
     parser.add_argument("--node", default="", help="the node's id (in JSON log lines)")
