@@ -215,7 +215,9 @@ class FrameReader:
 
     def _decode(self, body: memoryview) -> Any:
         hooks: dict[str, Any] = {}
-        if (most := self._max_containers) is not None:
+        # Each map or array takes a byte at least: a frame no longer than the bound holds
+        # no more (the usual case, decoded without a call per container).
+        if (most := self._max_containers) is not None and len(body) > most:
             left = most
 
             def counted(container: Any) -> Any:
