@@ -78,7 +78,8 @@ class ClusterBackend(Backend):
             raise RedisUnavailable(
                 redact_url(self.config.redis_url),
                 "it is a Redis Cluster node with no slots assigned (was the cluster created? "
-                "redis-cli --cluster create, or deploy/redis-cluster-create.sh)",
+                "redis-cli --cluster create, or deploy/redis-cluster-create.sh; or was this "
+                "node removed from it? give --redis-url a node that serves slots)",
             )
         await super().check()
 
