@@ -163,6 +163,7 @@ class ClusterLane(LaneCalls):
                 failure: Exception = exc
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 failure = exc
+                self._moved.pop(slot, None)  # where MOVED sent it is failing: the map decides
             # The shard is failing over or migrating: wait, read the map again, retry.
             delay = backoff.next()
             if loop.time() + delay > deadline:
@@ -211,7 +212,7 @@ class ClusterLane(LaneCalls):
                 if not fresh.masters:
                     continue
                 self._map = fresh
-                self._moved = {
+                self._moved = {  # until the map agrees (or the node fails: _on_slot)
                     slot: at for slot, at in self._moved.items() if fresh.master_of(slot) != at
                 }
                 for gone in set(self._links) - set(fresh.masters) - set(self._seeds):

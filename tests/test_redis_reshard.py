@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from coordinator import ConversationManager
 from coordinator.cluster_lane import ClusterLane
+from coordinator.embedded import free_port
 from coordinator.keys import KeySchema
 from coordinator.links import Endpoint
 from coordinator.sharded import ShardedSubscriptions
@@ -177,3 +178,21 @@ async def test_a_noscript_is_answered_by_loading_where_it_was_said(
     finally:
         await lane.aclose()
         await known.aclose()
+
+
+async def test_a_slot_moved_to_a_master_that_then_fails_goes_back_to_the_map(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """Where MOVED sent a slot is kept until a map read agrees; should that master fail
+    (its own failover) the slot's calls would go on to it until their deadline. A call
+    that cannot reach it forgets it, and the map decides again."""
+    master = redis_cluster.masters()[0]
+    key = next(k for i in range(10_000) if redis_cluster.master_of(k := f"gone{i}") is master)
+    lane = ClusterLane([Endpoint.from_url(redis_cluster.url)], timeout=5.0, connect_timeout=1.0)
+    try:
+        await lane.refresh()
+        lane._moved[slot_of(key)] = ("127.0.0.1", free_port())  # nothing listens there now
+        assert await lane.execute([["SET", key, "v"]]) == [b"OK"]
+        assert slot_of(key) not in lane._moved
+    finally:
+        await lane.aclose()
