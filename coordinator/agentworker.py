@@ -88,6 +88,7 @@ class AgentWorker(asyncio.Protocol):
         self._reader = FrameReader(max_containers)
         self._next_rid = 0
         self._seq = 0
+        self._unread = False  # killed for reading nothing of its channel
 
     def __repr__(self) -> str:
         return f"<AgentWorker {self.slot} pid={self.pid} {self.failed or 'ok'}>"
@@ -224,7 +225,8 @@ class AgentWorker(asyncio.Protocol):
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(frame(message))
-            if transport.get_write_buffer_size() > UNREAD_LIMIT and not self.failed:
+            if transport.get_write_buffer_size() > UNREAD_LIMIT and not self._unread:
+                self._unread = True  # said and killed once (its end follows)
                 # A worker that reads nothing of its channel (its loop held while its
                 # threads flood requests) would grow the node's buffer without bound.
                 log.error(

@@ -7,9 +7,10 @@ the standalone lane: a commit sent behind its accept runs after it, since both g
 same conversation's shard.
 
 Redirections are followed as a cluster client must: ``MOVED`` sends the call again to
-the master it names, which serves the slot from then on, and re-reads the slot map (a map
-read from a node whose view lags, as during a failover, does not send the calls back to
-the old master: a call used up its redirections in a millisecond); ``ASK`` sends
+the master it names, which serves the slot until a map read agrees or it cannot be
+reached, and re-reads the slot map (a map read from a node whose view lags, as during a
+failover, does not send the calls back to the old master: a call used up its
+redirections in a millisecond); ``ASK`` sends
 ``ASKING`` and the call back to back on the target's link; ``TRYAGAIN``,
 ``CLUSTERDOWN`` and a lost or refused connection (a master failing over) are retried with
 backoff for up to ``timeout`` seconds, the map re-read each time.

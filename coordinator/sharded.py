@@ -31,6 +31,10 @@ from .tasks import TaskSet
 log = logging.getLogger(__name__)
 
 ReadMap = Callable[[], Awaitable[SlotMap]]
+# Times a waiter follows its channel from shard to shard before it gives up (each move is
+# a remap: a reshard in progress), and how soon a map read that lags a MOVED is read again.
+MOVES = 5
+LAGGING_MAP_RETRY = 0.5
 Connect = Callable[[Address], Endpoint]
 
 
@@ -64,6 +68,7 @@ class ShardedSubscriptions:
         self._listener: Listener | None = None
         self._tasks = TaskSet(log)
         self._trouble = asyncio.Event()
+        self._remapping = asyncio.Lock()
         self._retired_messages = 0
         self._retired_reconnects = 0
         self.remaps = 0
@@ -103,10 +108,23 @@ class ShardedSubscriptions:
                 await shard.add(channel, wait=wait)  # the shard holds each channel once
             elif wait:
                 await shard.confirmed(channel)
-        except ChannelMoved:  # a remap moved it meanwhile: confirmed where it is now
+        except ChannelMoved:
+            await self._follow(channel)
+
+    async def _follow(self, channel: str) -> None:
+        """A remap moved ``channel`` (or closed its shard) while it was being confirmed:
+        once the remap is over, confirmed where it is now (again, should it move again)."""
+        for _ in range(MOVES):
+            async with self._remapping:  # the channel placed on its new shard
+                pass
             now = self._shard_of(channel)
-            if now is not None:
-                await now.confirmed(channel)
+            if now is None:
+                return  # no master serves it now: placed after the next remap
+            try:
+                return await now.confirmed(channel)
+            except ChannelMoved:
+                continue
+        raise ChannelMoved(channel)
 
     async def discard(self, channel: str) -> None:
         n = self._refs.get(channel, 0)
@@ -168,12 +186,17 @@ class ShardedSubscriptions:
 
     async def _close_shard(self, master: Address) -> None:
         shard = self._shards.pop(master)
+        shard.moved_away()  # its waiters follow their channels to their new shards
         self._retired_messages += shard.messages
         self._retired_reconnects += shard.reconnects
         await shard.aclose()
 
     async def _remap(self) -> None:
         """Read the slot map; give each channel the shard that serves it now."""
+        async with self._remapping:
+            await self._remap_now()
+
+    async def _remap_now(self) -> None:
         fresh = await self._read_map()
         old = self._map
         self._map = fresh
@@ -187,25 +210,33 @@ class ShardedSubscriptions:
         ]
         for master in gone:
             await self._close_shard(master)
+        changed = bool(gone) or any(m not in self._shards for m in fresh.masters)
         for master in fresh.masters:
             if master not in self._shards:
                 shard = await self._open_shard(master)
                 if self._listener is not None:
                     self._tasks.spawn(shard.run(self._listener), f"pubsub:{master}")
-        refused = set().union(*(shard.moved for shard in self._shards.values()))
+        lagging = False
         for channel in self._refs:
             before = old.master_of(slot_of(channel)) if old is not None else None
             now = fresh.master_of(slot_of(channel))
             if now is None:
                 continue
             target = self._shards[now]
-            # Refused with MOVED where the map said it was: subscribed again even if the
-            # map read now says the same master (its view lags; refused again, remapped).
-            if (before != now or channel in refused) and before in self._shards:
+            if before == now and channel in target.moved:
+                # Refused with MOVED where the map still says it is: the map was read
+                # from a node whose view lags. Read it again shortly; its waiter waits.
+                lagging = True
+                continue
+            if before != now and before in self._shards:
                 self._shards[before].forget(channel)
             if channel not in target.channels:
                 await target.add(channel, wait=False)
+                changed = True
         self.remaps += 1
-        log.warning("pub/sub remapped to %d shard(s); catching up", len(fresh.masters))
-        if self._listener is not None:
-            await self._listener.reconnected()
+        if lagging:
+            asyncio.get_running_loop().call_later(LAGGING_MAP_RETRY, self._trouble.set)
+        if changed:
+            log.warning("pub/sub remapped to %d shard(s); catching up", len(fresh.masters))
+            if self._listener is not None:
+                await self._listener.reconnected()

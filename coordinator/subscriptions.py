@@ -49,8 +49,9 @@ PUSHED = frozenset(
 Publish = Callable[[str, bytes], Awaitable[Any]]
 
 
-class ChannelMoved(Exception):
-    """A shard channel awaited here was moved to another shard's subscription."""
+class ChannelMoved(RedisConnectionError):
+    """A shard channel awaited here was moved to another shard's subscription (as Redis
+    trouble to whoever cannot follow it: the subscription is not there yet)."""
 
 
 class Listener(Protocol):
@@ -443,6 +444,18 @@ class Subscriptions:
         self._slot.drop(why)
         self._wake_up()
 
+    def moved_away(self) -> None:
+        """This shard's subscription is closed by a remap: whoever waits for a
+        confirmation here is told ``ChannelMoved``, to wait where the channel is now."""
+        for channel in list(self._confirmed):
+            self._fail_waiter(channel)
+
+    def _fail_waiter(self, channel: str) -> None:
+        fut = self._confirmed.pop(channel, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(ChannelMoved(channel))
+            fut.exception()  # retrieved: no "never retrieved" log when none waits
+
     def forget(self, channel: str) -> None:
         """Drop ``channel`` without unsubscribing (Redis dropped or refused it: its slot
         moved). Whoever waits for its confirmation here is told ``ChannelMoved``, to wait
@@ -450,10 +463,7 @@ class Subscriptions:
         self._refs.pop(channel, None)
         self._unconfirmed.pop(channel, None)
         self.moved.discard(channel)
-        fut = self._confirmed.pop(channel, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(ChannelMoved(channel))
-            fut.exception()  # retrieved: no "never retrieved" log when none waits
+        self._fail_waiter(channel)
 
     async def aclose(self) -> None:
         """Stop the listener: closing the connection wakes it."""

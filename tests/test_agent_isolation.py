@@ -802,7 +802,7 @@ async def test_forged_pongs_do_not_hide_a_stuck_worker(make_nodes) -> None:
 
 
 async def test_a_worker_that_reads_nothing_of_its_channel_is_killed(
-    make_nodes, monkeypatch: pytest.MonkeyPatch
+    make_nodes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker whose threads flood requests for instances it does not hold while its
     loop reads nothing: each is answered (REFUSE), and the node's buffer to the worker
@@ -820,6 +820,8 @@ async def test_a_worker_that_reads_nothing_of_its_channel_is_killed(
     await wait_until(lambda: pool.restarts >= 1, timeout=8, what="the worker killed")
     await good.round_trip("good-after")
     assert lapses == []
+    said = [r for r in caplog.records if "reads nothing of its channel" in r.getMessage()]
+    assert len(said) == 1, len(said)  # once, not once for each answer written after
 
 
 async def test_an_event_of_more_containers_than_its_bytes_allow_is_refused_to_its_agent(

@@ -197,7 +197,17 @@ async def test_a_redis_that_evicts_keys_is_refused_naming_its_policy(
             "serve", "--port", "0", "--secret", "s", "--redis-url", redis_url, within=60
         )
         assert rc == 2 and f"error: {message}" in err and "Traceback" not in err, (rc, err)
+        # A user who may read INFO memory and not INFO replication, with --ack-replicas:
+        # the replicas' read failing skipped the policy's verdict (a warning, and it ran).
+        plain.acl_setuser(
+            "evictcheck", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+            commands=["+@all", "-info", "+info|memory", "+info|cluster", "+info|server"],
+        )  # fmt: skip
+        limited = redis_url.replace("redis://", "redis://evictcheck:pw@")
+        with pytest.raises(ConfigError, match="evicts keys"):
+            await _start(redis_url=limited, ack_replicas=1)
     finally:
+        plain.acl_deluser("evictcheck")
         plain.config_set("maxmemory", 0)
         plain.config_set("maxmemory-policy", kept)
         plain.close()

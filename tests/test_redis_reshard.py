@@ -196,3 +196,39 @@ async def test_a_slot_moved_to_a_master_that_then_fails_goes_back_to_the_map(
         assert slot_of(key) not in lane._moved
     finally:
         await lane.aclose()
+
+
+async def test_a_join_whose_shard_is_reopened_by_the_reshard_is_served(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """One reshard moves a conversation's slot and its shard's probe slot, unseen by the
+    node: the first join there is refused MOVED, and the remap closes the shard (its
+    probe moved) and opens it again. The join waited on the closed shard's confirmation
+    and was refused after 5 s; it follows its channel to where it is now."""
+    sink = RecordingSink()
+    config = fast_config(redis_cluster.url, "reopened", key_prefix="reopened")
+    node = ConversationManager(config, sink=sink)
+    await node.start()
+    try:
+        subs = node.node.subscriptions
+        assert isinstance(subs, ShardedSubscriptions)
+        keys = KeySchema("reopened")
+        address, probe = next(iter(subs.probe_channels.items()))
+        source = redis_cluster.node_at(address)
+        target = next(m for m in redis_cluster.masters() if m is not source)
+        sid = next(
+            s
+            for i in range(10_000)
+            if redis_cluster.master_of(keys.conv(s := f"ro{i}")) is source
+            and slot_of(keys.conv(s)) != slot_of(probe)
+        )
+        move_slot(redis_cluster, slot_of(probe), source, target)
+        move_slot(redis_cluster, slot_of(keys.conv(sid)), source, target)
+        await node.join_conversation(sid, "c", {}, "alice")
+        action = await node.send_to_event_stream(
+            "c", {"action": "message", "args": {"content": "after the reshard"}}
+        )
+        await wait_until(lambda: action + 1 in sink.ids("c"), timeout=20, what="the agent's answer")
+    finally:
+        with contextlib.suppress(Exception):
+            await node.aclose()

@@ -23,7 +23,8 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
@@ -39,6 +40,7 @@ from ..subscriptions import PUBSUB_NAME, Subscription, Subscriptions
 
 log = logging.getLogger(__name__)
 # INFO not answered, or not allowed (an ACL without +info): the eviction check only warns.
+T = TypeVar("T")
 UNREADABLE: tuple[type[Exception], ...] = (*REDIS_TROUBLE, TimeoutError, ResponseError)
 
 
@@ -127,28 +129,36 @@ class Backend(ABC):
         would be lost without a word. Only warn when it has no maxmemory yet, when a
         master has fewer replicas than ``--ack-replicas`` (its writes are refused after
         ``--ack-timeout`` until it has them; they may be on their way), or when INFO is
-        not allowed."""
-        wanted = self.config.ack_replicas
-        try:
-            async with asyncio.timeout(self.config.connect_timeout + 1):
-                policies = await self.memory_policies()
-                replicas = await self.replica_counts() if wanted else {}
-        except UNREADABLE as exc:
-            log.warning(
-                "could not read Redis' settings (%s): make sure maxmemory-policy is noeviction%s",
-                redact_url(str(exc)) or type(exc).__name__,
-                f" and every master has {wanted} replica(s)" if wanted else "",
-            )
-            return
-        for where, (maxmemory, policy) in sorted(policies.items()):
+        not allowed. Each read on its own: one that fails does not skip the other."""
+        policies = await self._read_or_warn(
+            self.memory_policies, "maxmemory-policy", "make sure it is noeviction"
+        )
+        for where, (maxmemory, policy) in sorted((policies or {}).items()):
             found = eviction_problem(where, maxmemory, policy)
             if found is not None and found[0]:
                 raise ConfigError(found[1])
             if found is not None:
                 log.warning("%s", found[1])
-        for where, n in sorted(replicas.items()):
-            if n < wanted:
-                log.warning("%s", replica_shortage(where, n, wanted))
+        wanted = self.config.ack_replicas
+        if wanted:
+            replicas = await self._read_or_warn(
+                self.replica_counts, "replicas", f"--ack-replicas {wanted} needs that many"
+            )
+            for where, n in sorted((replicas or {}).items()):
+                if n < wanted:
+                    log.warning("%s", replica_shortage(where, n, wanted))
+
+    async def _read_or_warn(
+        self, read: Callable[[], Awaitable[dict[str, T]]], what: str, advice: str
+    ) -> dict[str, T] | None:
+        """``read()`` within the connect timeout; None, said in a warning, if it fails."""
+        try:
+            async with asyncio.timeout(self.config.connect_timeout + 1):
+                return await read()
+        except UNREADABLE as exc:
+            why = redact_url(str(exc)) or type(exc).__name__
+            log.warning("could not read Redis' %s (%s): %s", what, why, advice)
+            return None
 
     async def follow_master(self) -> None:
         """Behind Sentinel: notice a master that moved and drop the connections to the

@@ -12,8 +12,9 @@ failover is not demoted yet: it answers as a master until the Sentinels convert 
 seconds later, and connections opened to it before it stopped wrote there, writes its
 conversion then threw away (a node's new registration, acknowledged actions). So the
 node asks the Sentinels where the master is every heartbeat (``follow_master``) and,
-when it moved, drops every connection to the old one: the pool's, in use or not, the
-lane's and the subscription's, which reconnect to the master the Sentinels name. A pool
+when it moved, drops its pool's connections to the old one, in use or not (not those on
+the new master: a command in flight there would be sent again), and reconnects the lane
+and the subscription (their calls are safe to repeat) to the master the Sentinels name. A pool
 connection begun before the failover, to the stopped master, completes when it comes
 back: it is dropped once made if its pool has heard of another master meanwhile
 (``_ToTheMaster``).
@@ -117,6 +118,7 @@ class SentinelBackend(Backend):
         try:
             async with asyncio.timeout(bound):
                 host, port = await self._discover_once()
+                self._master = (host, port)  # the first watch compares with this one
                 master = aioredis.Redis(
                     host=host, port=port, **self._node_kwargs(), retry=Retry(NoBackoff(), 0)
                 )
@@ -198,9 +200,17 @@ class SentinelBackend(Backend):
         for client in self._owned:
             pool = client.connection_pool
             pool.master_address = now  # a SentinelConnectionPool
+            # Only those to the old master: one on the new master may be carrying a
+            # command that is not safe to send twice (a dropped connection's retry).
+            # (redis-py's pool keeps them in these two; nothing public lists them.)
+            connections = [
+                *getattr(pool, "_available_connections", ()),
+                *getattr(pool, "_in_use_connections", ()),
+            ]
+            stale = [c for c in connections if (c.host, c.port) == before]
             with contextlib.suppress(*REDIS_TROUBLE, OSError, TimeoutError):
                 async with asyncio.timeout(self.config.connect_timeout):
-                    await pool.disconnect(inuse_connections=True)
+                    await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
 
     def _make_lane(self) -> Lane | None:
         first = self.url.sentinels[0]
