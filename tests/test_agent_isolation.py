@@ -790,15 +790,20 @@ async def test_forged_pongs_do_not_hide_a_stuck_worker(make_nodes) -> None:
     """A worker's loop is held while a thread of it answers every PING with a PONG of
     its own (any sequence number was taken): the watchdog still finds it stuck, within
     its stall timeout, and replaces it."""
-    node, lapses = await _isolated_node(make_nodes, max_dispatch_attempts=1)
-    sink = make_nodes.sinks[node.node_id]
-    bad = await Watcher(node, sink, "bad").join()
-    good = await Watcher(node, sink, "good").join()
-    pool = _pool(node)
-    await bad.say("forge 12")
+    _, good, pool, lapses = await _bad_beside_good(make_nodes, "forge 12")
     await wait_until(lambda: pool.stalls >= 1, timeout=8, what="the worker found stuck")
     await good.round_trip("good-after")
     assert lapses == []
+
+
+async def _bad_beside_good(make_nodes: Any, command: str, **overrides: Any) -> tuple[Any, ...]:
+    """A node whose conversation "bad" was sent ``command``, beside "good" (no retries)."""
+    node, lapses = await _isolated_node(make_nodes, max_dispatch_attempts=1, **overrides)
+    sink = make_nodes.sinks[node.node_id]
+    bad = await Watcher(node, sink, "bad").join()
+    good = await Watcher(node, sink, "good").join()
+    await bad.say(command)
+    return bad, good, _pool(node), lapses
 
 
 async def test_a_worker_that_reads_nothing_of_its_channel_is_killed(
@@ -809,14 +814,7 @@ async def test_a_worker_that_reads_nothing_of_its_channel_is_killed(
     grew without bound (45 MiB in 12 s) for as long as the stall timeout let it (up to
     a day). Past a bound (two of the largest frames; 4 MiB here) it is killed."""
     monkeypatch.setattr(agentworker, "UNREAD_LIMIT", 4 << 20)
-    node, lapses = await _isolated_node(
-        make_nodes, max_dispatch_attempts=1, agent_stall_timeout=60.0
-    )
-    sink = make_nodes.sinks[node.node_id]
-    bad = await Watcher(node, sink, "bad").join()
-    good = await Watcher(node, sink, "good").join()
-    pool = _pool(node)
-    await bad.say("spam 12")
+    _, good, pool, lapses = await _bad_beside_good(make_nodes, "spam 12", agent_stall_timeout=60)
     await wait_until(lambda: pool.restarts >= 1, timeout=8, what="the worker killed")
     await good.round_trip("good-after")
     assert lapses == []
