@@ -257,6 +257,12 @@ class AgentWorker(asyncio.Protocol):
         for m in messages:
             kind = m[0]
             if kind in (EMIT, DONE, FAILED, READ, SAVE):
+                if len(m) < 3 or type(m[1]) is not int or type(m[2]) is not int:
+                    log.error(
+                        "agent worker %s sent a bad frame (%r...); killing it", self.pid, m[:3]
+                    )
+                    self.kill()
+                    return
                 agent = self.loops.get(m[2])
                 if agent is not None:
                     agent.received(self, m)

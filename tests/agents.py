@@ -60,7 +60,8 @@ class BadAgent(EchoAgent):
     ``forge S`` holds its loop S seconds while a thread forges PONGs, ``spam S`` while
     one floods EMITs for an instance it does not hold,
     ``containers N`` emits an event of N empty maps and answers the outcome,
-    ``rawcontainers N`` writes such an EMIT on the channel past ``emit``'s checks.
+    ``rawcontainers N`` writes such an EMIT on the channel past ``emit``'s checks,
+    ``shortframe`` writes an EMIT frame without its ids.
     With settings ``{"fail_start": true}`` its ``start`` raises (``{"start_raises":
     NAME}``: NAME, as ``throw``; ``{"start_exit": true}`` ends its process); with
     ``{"start_delay": S}`` it takes S seconds, and with ``{"start_log": PATH}`` writes how
@@ -166,6 +167,9 @@ class BadAgent(EchoAgent):
                 outcome = f"{type(exc).__name__}: {exc}"
             await self._emit({"action": "message", "args": {"content": outcome}})
             return
+        elif word == "shortframe":  # an EMIT frame without its request and instance ids
+            _write_frame([EMIT])
+            await asyncio.sleep(30)
         elif word == "rawcontainers":  # the same, written on the channel past emit's check
             _write_frame([EMIT, 1, 1, {"x": [{}] * int(arg)}, "running"])
             await asyncio.sleep(30)

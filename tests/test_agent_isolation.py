@@ -867,3 +867,17 @@ async def test_workers_that_die_as_they_start_are_replaced_ever_more_slowly(
 def _replacement_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
     found = (re.search(r"replacing it in ([\d.]+)s", r.getMessage()) for r in caplog.records)
     return [float(m[1]) for m in found if m]
+
+
+async def test_a_frame_without_its_ids_is_a_bad_frame_not_a_traceback(
+    make_nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request frame from a worker without its request and instance ids raised an
+    IndexError in the node's reading of the channel (asyncio's "Fatal error" with a
+    traceback; and after the worker's end, the channel left open until the stall
+    timeout). It is a bad frame: its worker is killed, said in a line."""
+    _, good, pool, lapses = await _bad_beside_good(make_nodes, "shortframe")
+    await wait_until(lambda: pool.restarts >= 1, what="the worker killed")
+    await good.round_trip("good-after")
+    assert "sent a bad frame" in caplog.text and "Traceback" not in caplog.text
+    assert lapses == []
