@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-REDIRECTS = 16  # as redis-py's cluster client: a call follows at most this many
+# As redis-py's cluster client: a call follows at most this many MOVED and ASK replies
+# (a lost connection or TRYAGAIN is retried until the call's deadline instead: they took
+# from the same 16, and a call gave up ~2 s into a 4 s failover as "too many redirections").
+REDIRECTS = 16
 # What a read of the slot map may meet from one node (the next is asked).
 MAP_TROUBLE = (RedisConnectionError, RedisTimeoutError, OSError, ResponseError)
 
@@ -134,8 +137,8 @@ class ClusterLane(LaneCalls):
         # Short steps: a shard failing over comes back at once, all calls waiting for it.
         backoff = Backoff(base=0.02, cap=0.2)
         asking: Address | None = None
-        redirected = 0
-        for _ in range(REDIRECTS):
+        redirected = 0  # MOVED and ASK followed: a failover's waits are bounded by time
+        while redirected <= REDIRECTS:
             if self._closed:
                 raise RedisConnectionError("the lane is closed")
             try:
@@ -158,6 +161,7 @@ class ClusterLane(LaneCalls):
                     continue
                 if kind == "ASK":
                     asking = _address(rest.split(" ")[-1])
+                    redirected += 1
                     continue
                 if kind not in ("TRYAGAIN", "CLUSTERDOWN"):
                     raise

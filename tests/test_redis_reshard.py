@@ -232,3 +232,22 @@ async def test_a_join_whose_shard_is_reopened_by_the_reshard_is_served(
     finally:
         with contextlib.suppress(Exception):
             await node.aclose()
+
+
+async def test_a_lane_call_waits_out_a_failover_within_its_deadline(
+    redis_cluster_replicated: RedisClusterServers,
+) -> None:
+    """A master killed, its replica promoted seconds later: a call to its slot meets
+    refused connections meanwhile. Those took from the call's 16 redirections, and it
+    gave up about 2 s into a 4 s failover ("too many redirections"); only MOVED and ASK
+    count now, the rest waits until the call's deadline."""
+    cluster = redis_cluster_replicated
+    master = cluster.masters()[0]
+    key = next(k for i in range(10_000) if cluster.master_of(k := f"fo{i}") is master)
+    lane = ClusterLane([Endpoint.from_url(cluster.url)], timeout=15.0, connect_timeout=1.0)
+    try:
+        assert await lane.execute([["SET", key, "before"]]) == [b"OK"]
+        cluster.kill(master)
+        assert await lane.execute([["SET", key, "after"]]) == [b"OK"]
+    finally:
+        await lane.aclose()
