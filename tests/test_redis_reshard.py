@@ -5,6 +5,7 @@ Real cluster nodes; the slot moved as ``redis-cli --cluster reshard`` moves it."
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 
@@ -42,6 +43,29 @@ def conversation_on(cluster: RedisClusterServers, master: RedisProcess) -> str:
     return next(f"rs{i}" for i in range(10_000) if cluster.master_of(keys.conv(f"rs{i}")) is master)
 
 
+@contextlib.asynccontextmanager
+async def started(
+    cluster: RedisClusterServers, name: str, prefix: str = "coord"
+) -> AsyncIterator[tuple[ConversationManager, RecordingSink]]:
+    """A node on ``cluster`` (its keys under ``prefix``), closed afterwards."""
+    sink = RecordingSink()
+    node = ConversationManager(fast_config(cluster.url, name, key_prefix=prefix), sink=sink)
+    await node.start()
+    try:
+        yield node, sink
+    finally:
+        with contextlib.suppress(Exception):
+            await node.aclose()
+
+
+async def answered(node: ConversationManager, sink: RecordingSink) -> None:
+    """An action on connection "c" is answered."""
+    action = await node.send_to_event_stream(
+        "c", {"action": "message", "args": {"content": "after the reshard"}}
+    )
+    await wait_until(lambda: action + 1 in sink.ids("c"), timeout=20, what="the agent's answer")
+
+
 async def test_a_node_whose_probe_slot_moved_keeps_serving_that_shard(
     redis_cluster: RedisClusterServers,
 ) -> None:
@@ -50,10 +74,7 @@ async def test_a_node_whose_probe_slot_moved_keeps_serving_that_shard(
     conversation of that shard is joined and answered. Before, the link resubscribed the
     old probe and got MOVED for as long as the node ran, and every join to that shard
     was refused ("cannot reach Redis") while /healthz said ok."""
-    sink = RecordingSink()
-    node = ConversationManager(fast_config(redis_cluster.url, "reshard"), sink=sink)
-    await node.start()
-    try:
+    async with started(redis_cluster, "reshard") as (node, sink):
         subs = node.node.subscriptions
         assert isinstance(subs, ShardedSubscriptions)
         address, probe = next(iter(subs.probe_channels.items()))
@@ -68,16 +89,10 @@ async def test_a_node_whose_probe_slot_moved_keeps_serving_that_shard(
         await wait_until(lambda: subs.healthy, timeout=20, what="subscriptions healthy")
         sid = conversation_on(redis_cluster, source)
         await node.join_conversation(sid, "c", {}, "alice")
-        action = await node.send_to_event_stream(
-            "c", {"action": "message", "args": {"content": "after the reshard"}}
-        )
-        await wait_until(lambda: action + 1 in sink.ids("c"), timeout=20, what="the agent's answer")
+        await answered(node, sink)
         reconnects = subs.reconnects
         await wait_until(lambda: subs.healthy, timeout=5)
         assert subs.reconnects == reconnects  # no MOVED loop
-    finally:
-        with contextlib.suppress(Exception):
-            await node.aclose()
 
 
 async def test_a_join_after_a_reshard_the_node_did_not_see_is_served(
@@ -88,11 +103,7 @@ async def test_a_join_after_a_reshard_the_node_did_not_see_is_served(
     old master, which answers MOVED. The node reads the map again and the join goes
     through. Before, the refusal dropped the link, which subscribed on the old master
     again, and every such join was refused after 5 s for as long as the node ran."""
-    sink = RecordingSink()
-    config = fast_config(redis_cluster.url, "unseen", key_prefix="unseen")  # a cluster of its own
-    node = ConversationManager(config, sink=sink)
-    await node.start()
-    try:
+    async with started(redis_cluster, "unseen", "unseen") as (node, sink):  # its own keys
         subs = node.node.subscriptions
         assert isinstance(subs, ShardedSubscriptions)
         probes = {slot_of(p) for p in subs.probe_channels.values()}
@@ -109,15 +120,9 @@ async def test_a_join_after_a_reshard_the_node_did_not_see_is_served(
         remaps = subs.remaps
         await node.join_conversation(sid, "c", {}, "alice")
         assert subs.remaps > remaps
-        action = await node.send_to_event_stream(
-            "c", {"action": "message", "args": {"content": "after the reshard"}}
-        )
-        await wait_until(lambda: action + 1 in sink.ids("c"), timeout=20, what="the agent's answer")
+        await answered(node, sink)
         assert keys.conv_channel(sid) in subs.channels
         await node.disconnect_from_session("c")
-    finally:
-        with contextlib.suppress(Exception):
-            await node.aclose()
 
 
 async def test_the_lane_follows_moved_when_the_map_it_reads_lags(
@@ -205,11 +210,7 @@ async def test_a_join_whose_shard_is_reopened_by_the_reshard_is_served(
     node: the first join there is refused MOVED, and the remap closes the shard (its
     probe moved) and opens it again. The join waited on the closed shard's confirmation
     and was refused after 5 s; it follows its channel to where it is now."""
-    sink = RecordingSink()
-    config = fast_config(redis_cluster.url, "reopened", key_prefix="reopened")
-    node = ConversationManager(config, sink=sink)
-    await node.start()
-    try:
+    async with started(redis_cluster, "reopened", "reopened") as (node, sink):
         subs = node.node.subscriptions
         assert isinstance(subs, ShardedSubscriptions)
         keys = KeySchema("reopened")
@@ -225,13 +226,7 @@ async def test_a_join_whose_shard_is_reopened_by_the_reshard_is_served(
         move_slot(redis_cluster, slot_of(probe), source, target)
         move_slot(redis_cluster, slot_of(keys.conv(sid)), source, target)
         await node.join_conversation(sid, "c", {}, "alice")
-        action = await node.send_to_event_stream(
-            "c", {"action": "message", "args": {"content": "after the reshard"}}
-        )
-        await wait_until(lambda: action + 1 in sink.ids("c"), timeout=20, what="the agent's answer")
-    finally:
-        with contextlib.suppress(Exception):
-            await node.aclose()
+        await answered(node, sink)
 
 
 async def test_a_lane_call_waits_out_a_failover_within_its_deadline(
