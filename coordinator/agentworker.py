@@ -251,17 +251,13 @@ class AgentWorker(asyncio.Protocol):
         try:
             messages = self._reader.feed(data)
         except ChannelError as exc:
-            log.error("agent worker %s sent a bad frame (%s); killing it", self.pid, exc)
-            self.kill()
+            self._bad_frame(str(exc))
             return
         for m in messages:
             kind = m[0]
             if kind in (EMIT, DONE, FAILED, READ, SAVE):
                 if len(m) < 3 or type(m[1]) is not int or type(m[2]) is not int:
-                    log.error(
-                        "agent worker %s sent a bad frame (%r...); killing it", self.pid, m[:3]
-                    )
-                    self.kill()
+                    self._bad_frame(f"a request without its ids: {m[:3]!r}")
                     return
                 agent = self.loops.get(m[2])
                 if agent is not None:
@@ -283,6 +279,10 @@ class AgentWorker(asyncio.Protocol):
                     self._hello.set_exception(ConfigError(str(m[1])))
             else:
                 log.warning("agent worker %s sent an unknown frame kind %r", self.pid, kind)
+
+    def _bad_frame(self, why: str) -> None:
+        log.error("agent worker %s sent a bad frame (%s); killing it", self.pid, why)
+        self.kill()
 
 
 class WorkerLost(Exception):

@@ -322,13 +322,6 @@ class AgentHost(asyncio.Protocol):
             if (problem := event_problem(event)) is not None:  # the node or a client cannot
                 why = f"an agent event is not acceptable: {problem}; nothing was written"
                 raise refusal(INVALID, why)
-            most = self._max_containers
-            if most is not None and too_many_containers(event, most):  # the node's reader
-                why = (
-                    f"an agent event is not acceptable: more than {most} maps and arrays "
-                    "(the node's max_agent_event_bytes); nothing was written"
-                )
-                raise refusal(INVALID, why)
             return int(await self.ask(hosted, EMIT, event, _state(hosted.agent)))
 
         return emit
@@ -344,6 +337,13 @@ class AgentHost(asyncio.Protocol):
         except (TypeError, ValueError, OverflowError) as exc:  # text UTF-8 cannot hold, ...
             why = f"{_ASKED[request]} is not acceptable: it cannot be sent to the node ({exc})"
             raise refusal(INVALID, f"{why}; nothing was written") from None
+        most = self._max_containers
+        # What the node's reader takes (a map or an array is a byte at least: a frame no
+        # longer than the bound needs no count, the usual one).
+        big = most is not None and request == EMIT and len(data) > most
+        if big and too_many_containers(args[0], most or 0):
+            why = f"more than {most} maps and arrays (the node's max_agent_event_bytes)"
+            raise refusal(INVALID, f"an agent event is not acceptable: {why}; nothing was written")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         self._transport.write(data)
