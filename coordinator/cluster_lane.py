@@ -10,10 +10,10 @@ Redirections are followed as a cluster client must: ``MOVED`` sends the call aga
 the master it names, which serves the slot until a map read agrees or it cannot be
 reached, and re-reads the slot map (a map read from a node whose view lags, as during a
 failover, does not send the calls back to the old master: a call used up its
-redirections in a millisecond); ``ASK`` sends
-``ASKING`` and the call back to back on the target's link; ``TRYAGAIN``,
-``CLUSTERDOWN`` and a lost or refused connection (a master failing over) are retried with
-backoff for up to ``timeout`` seconds, the map re-read each time.
+redirections in a millisecond); ``ASK`` sends ``ASKING`` and the call back to back on
+the target's link; ``TRYAGAIN``, ``CLUSTERDOWN`` and a lost or refused connection (a
+master failing over) are retried with backoff for up to ``timeout`` seconds, the map
+re-read each time.
 Every script is safe to run again (the accept's token, the commit's dedupe), so a call
 whose reply was lost is simply sent again.
 """
