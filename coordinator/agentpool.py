@@ -10,11 +10,11 @@ process takes its slot, and each instance it held starts again in another worker
 the log (``RemoteAgent.worker_lost``). The node's own event loop never waits on a
 worker, so its lease, sockets and other conversations do not notice.
 
-Placement: the usable worker holding the fewest instances, except that a worker a
-suspect dispatch is sent back to (the one that took a failed worker's place) takes no
-other instance until that dispatch is over, and suspects go there one at a time
-(``probation``), so a poison action that strikes again hurts no other conversation and
-is blamed alone.
+Placement: the usable worker holding the fewest instances. A suspect dispatch (one that
+may have failed its worker) goes again in a worker process of its own (``probation``),
+started for it and stopped after it, so that a poison action that strikes again hurts
+no other conversation and is blamed alone, and innocent suspects do not wait for each
+other: up to ``agent_workers`` such processes at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 
 from workers import logformat
 from workers.protocol import AgentContext
@@ -49,13 +50,6 @@ STOP_WITHIN = 3.0  # seconds a worker gets to exit on STOP before it is killed
 STEADY_AFTER = 10.0
 
 
-def _latest(worker: AgentWorker) -> AgentWorker:
-    """The worker now in ``worker``'s place (itself while it is in use)."""
-    while worker.successor is not None:
-        worker = worker.successor
-    return worker
-
-
 class AgentPool:
     """``agent_workers`` worker processes running ``config.agent``; ``new_agent`` is the
     node's agent factory. Use ``await start()``, then ``aclose()`` (or ``halt()``)."""
@@ -67,10 +61,10 @@ class AgentPool:
         self.speculative = False
         self.closed = False
         self.tasks = TaskSet(log)
-        self.probation = asyncio.Lock()
         self.workers: list[AgentWorker] = []
-        # Instances whose dispatch may have failed their worker -> that worker.
-        self.suspects: dict[RemoteAgent, AgentWorker] = {}
+        # Worker processes each running one suspect dispatch again (``probation``).
+        self.probationers: set[AgentWorker] = set()
+        self._probation_slots = asyncio.Semaphore(max(1, config.agent_workers))
         self.restarts = self.stalls = self.poisoned = self.timeouts = 0
         self._config = config
         self.placement = cpus.plan(config.agent_cpus)  # ConfigError: not on this machine
@@ -92,6 +86,11 @@ class AgentPool:
             "Agent instances each worker process holds, by its slot in the pool.",
             "worker",
             lambda: {str(w.slot): len(w.loops) for w in self.workers},
+        )
+        metrics.gauge_from(
+            "coordinator_agent_probation_workers",
+            "Agent worker processes each running a suspect action again, alone.",
+            lambda: len(self.probationers),
         )
         counters = (
             ("worker_restarts", "Agent worker processes started in place of one that failed."),
@@ -118,6 +117,7 @@ class AgentPool:
         return self._config.max_agent_event_bytes + 64
 
     def _worker(self, slot: int) -> AgentWorker:
+        """A worker for ``slot`` of the pool (-1: a probation worker), not started."""
         return AgentWorker(slot, self._on_lost, self._max_containers)
 
     def _spawn_args(self) -> tuple[list[str], dict[str, str]]:
@@ -175,13 +175,16 @@ class AgentPool:
         self.closed = True
         self._notify()
         await self.tasks.aclose()
-        await asyncio.gather(*(w.stop(STOP_WITHIN) for w in self.workers), return_exceptions=True)
+        await asyncio.gather(
+            *(w.stop(STOP_WITHIN) for w in (*self.workers, *self.probationers)),
+            return_exceptions=True,
+        )
         self._unpin()
 
     async def halt(self) -> None:
         """Kill every worker at once, as a kill -9 of the node would (on EOF)."""
         self.closed = True
-        for worker in self.workers:
+        for worker in (*self.workers, *self.probationers):
             worker.kill()
         await self.tasks.aclose()
         self._unpin()
@@ -212,43 +215,68 @@ class AgentPool:
         self._next_lid += 1
         return self._next_lid
 
-    async def place(self, after: AgentWorker | None = None) -> AgentWorker:
-        """A usable worker for an instance: the least loaded one that no suspect is sent
-        to (or, after ``agent_stall_timeout``, any), or (a suspect that failed on
-        ``after``) the one in ``after``'s place. Waits for one to come up; AgentFailed
-        after ``start_timeout``."""
+    async def place(self) -> AgentWorker:
+        """The usable worker holding the fewest instances. Waits for one to come up;
+        AgentFailed after ``start_timeout``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.start_timeout
-        # A worker re-running a suspect is shared only after this long: a new instance
-        # that crashed it meanwhile would count against the suspect (an innocent action
-        # given up as poison). A suspect that stalls is decided within it.
-        patient_until = loop.time() + self._config.agent_stall_timeout
         while not self.closed:
-            if after is not None:
-                target = _latest(after)
-                if target.usable:
-                    return target
-            else:
-                usable = [w for w in self.workers if w.usable]
-                sent_to = {_latest(w) for w in self.suspects.values()}
-                calm = [w for w in usable if w not in sent_to]
-                if not calm and loop.time() >= patient_until:
-                    calm = usable  # a long dispatch on probation: share its worker
-                if calm:
-                    return min(calm, key=lambda w: len(w.loops))
+            usable = [w for w in self.workers if w.usable]
+            if usable:
+                return min(usable, key=lambda w: len(w.loops))
             now = loop.time()
             if now >= deadline:
                 raise AgentFailed(f"no agent worker ready within {self._config.start_timeout}s")
-            wake = min(deadline, patient_until) if now < patient_until else deadline
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wake - now):
+                async with asyncio.timeout(deadline - now):
                     await asyncio.shield(self._changed)
         raise AgentFailed("the node's agent workers are stopped")
 
-    def cleared(self, agent: RemoteAgent) -> None:
-        """``agent``'s suspect dispatch is over."""
-        if self.suspects.pop(agent, None) is not None:
-            self._notify()
+    @contextlib.asynccontextmanager
+    async def probation(self) -> AsyncIterator[AgentWorker]:
+        """A worker process of its own for one suspect dispatch, started now and stopped
+        once the block is left; up to ``agent_workers`` at a time. AgentFailed once the
+        pool is stopped."""
+        await self._probation_slots.acquire()
+        try:
+            worker = await self._probationer()
+        except BaseException:
+            self._probation_slots.release()
+            raise
+        try:
+            yield worker
+        finally:  # not waited for: its instance is dropped, its dispatch over
+            self.tasks.spawn(self._retire(worker), "probation-worker")
+
+    async def _probationer(self) -> AgentWorker:
+        """A started probation worker; one that does not start is tried again after a
+        backoff (not the suspect's fault)."""
+        backoff = Backoff(base=0.5, cap=10.0)
+        while not self.closed:
+            worker = self._worker(-1)
+            self.probationers.add(worker)
+            try:
+                await self._spawn(worker)
+                return worker
+            except BaseException as exc:
+                worker.kill()
+                worker.close_channel()
+                self.probationers.discard(worker)
+                if not isinstance(exc, AgentFailed | ConfigError | OSError):
+                    raise
+                delay = backoff.next()
+                log.error("a probation worker did not start (%s); again in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+        raise AgentFailed("the node's agent workers are stopped")
+
+    async def _retire(self, worker: AgentWorker) -> None:
+        """Stop probation worker ``worker`` (what it still holds closed with it)."""
+        worker.failed = worker.failed or "retired"  # its end is not a failure to handle
+        try:
+            await worker.stop(STOP_WITHIN)
+        finally:
+            self.probationers.discard(worker)
+            self._probation_slots.release()
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
@@ -265,9 +293,11 @@ class AgentPool:
             return  # already handled, or a start that failed (its spawn raises)
         worker.failed = reason
         worker.kill()
-        if not self.closed:
-            if reason == STALLED:
-                self.stalls += 1
+        if reason == STALLED and not self.closed:
+            self.stalls += 1
+        if worker in self.probationers:
+            log.error("agent probation worker (pid %d) %s", worker.pid, reason)
+        elif not self.closed:
             backoff = self._slot_backoff.setdefault(worker.slot, Backoff(base=0.5, cap=30.0))
             # Failed young and running nothing of an agent's (an action that killed it
             # is counted as a poison's strike instead): the process itself fails.
@@ -288,14 +318,11 @@ class AgentPool:
                 else "",
             )
             successor = self._worker(worker.slot)
-            worker.successor = successor
             self.workers[worker.slot] = successor
             self.tasks.spawn(self._replace(successor, delay), f"agent-worker:{worker.slot}")
         for lid, agent in list(worker.loops.items()):
             # Without a culprit named, every dispatch running there is a suspect.
             suspect = lid == culprit if culprit else agent.in_flight
-            if suspect:
-                self.suspects[agent] = worker
             agent.worker_lost(worker, WorkerLost(reason, suspect, worker))
         worker.loops.clear()
         worker.close_channel()
@@ -316,7 +343,6 @@ class AgentPool:
                 worker.close_channel()
                 await asyncio.sleep(delay)
                 fresh = self._worker(worker.slot)
-                worker.successor = fresh
                 self.workers[worker.slot] = worker = fresh
                 continue
             self.restarts += 1
@@ -333,7 +359,7 @@ class AgentPool:
             await asyncio.sleep(every)
             now = loop.time()
             lag, last = now - last - every, now
-            for worker in list(self.workers):
+            for worker in (*self.workers, *self.probationers):
                 if not worker.usable:
                     continue
                 if worker.ping_sent is None:

@@ -11,11 +11,12 @@ goes back to the agent.
 When its worker fails, an instance starts again from the log in another worker, as after
 a failover. A dispatch that was running there is the suspect (the one the stall reporter
 named; every one running when a worker died): its failure is counted in Redis
-(``state/attempts.py``) and it goes again alone, on the worker that took the failed one's
-place, until it has failed ``max_dispatch_attempts`` times in all, on any node; then the
-action is answered with an ``error`` observation and the loop goes on. A fresh instance
-reads the count before its first dispatch. A dispatch that only shared the worker goes
-again elsewhere at once, as the same attempt. A dispatch over ``agent_dispatch_timeout``
+(``state/attempts.py``) and it goes again alone, in a worker process started for it
+(``AgentPool.probation``), until it has failed ``max_dispatch_attempts`` times in all, on
+any node; then the action is answered with an ``error`` observation and the loop goes
+on. Either way the instance then starts again in the pool, from the log. A fresh
+instance reads the count before its first dispatch. A dispatch that only shared the
+worker goes again elsewhere at once, as the same attempt. A dispatch over ``agent_dispatch_timeout``
 is cancelled and answered with an error too.
 """
 
@@ -114,7 +115,7 @@ class RemoteAgent:
         n = int(action.get("id") or 0)
         self._dispatching = True
         failures = 0  # dispatches of this action that failed their worker, on any node
-        after: AgentWorker | None = None  # where a suspect attempt failed
+        suspect = False  # the last attempt failed its worker (it goes again alone)
         why = ""  # and why
         try:
             if self._fresh:  # a fresh instance: the action may have failed before
@@ -125,26 +126,19 @@ class RemoteAgent:
                     return
             while True:
                 try:
-                    if after is None:
+                    if not suspect:
                         await self._attempt(await self._bound(), action)
-                    else:  # a suspect goes again alone, on its old worker's successor
-                        async with self._pool.probation:
-                            try:
-                                await self._bind(after)
-                            except AgentFailed as exc:  # no instance to try it again
-                                log.error("%s", exc)
-                                await self._give_up(n, why, failures)
-                                return
-                            await self._attempt(self._attached(), action)
+                    elif not await self._on_probation(n, action, why, failures):
+                        return  # given up: no instance to try it again
                 except WorkerLost as lost:
-                    if not lost.suspect:
-                        after = None
+                    suspect = lost.suspect
+                    if not suspect:
                         continue  # it only shared the worker: the same attempt, elsewhere
                     failures = await self._count_failure(n, lost.reason, failures)
                     if failures >= self._pool.max_attempts:
                         await self._give_up(n, lost.reason, failures)
                         return
-                    after, why = lost.worker, lost.reason
+                    why = lost.reason
                     continue
                 except TimeoutError:
                     self._drop()  # it may still run: a fresh instance takes the next one
@@ -157,7 +151,6 @@ class RemoteAgent:
         finally:
             self._done = max(self._done, n)
             self._dispatching = False
-            self._pool.cleared(self)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -178,7 +171,6 @@ class RemoteAgent:
                 with contextlib.suppress(WorkerLost, AgentFailed, Fenced, SpeculationLost):
                     await self._call(CLOSE, ())
         self._unbind()
-        self._pool.cleared(self)
 
     # -- the parts of a dispatch -----------------------------------------------------
     async def _failures(self, n: int) -> tuple[int, str]:
@@ -209,6 +201,32 @@ class RemoteAgent:
                 if own is not None:
                     own.cancel()
 
+    async def _on_probation(self, n: int, action: Event, why: str, failures: int) -> bool:
+        """Suspect action ``n`` again, in a fresh instance in a worker of its own (its
+        failures so far: ``failures``, the last for ``why``); False if no instance could
+        start there (the action is then given up). Either way the instance then starts
+        again in the pool, from the log."""
+        async with self._pool.probation() as worker:
+            try:
+                await self._bind(worker)
+            except AgentFailed as exc:
+                log.error("%s", exc)
+                await self._give_up(n, why, failures)
+                return False
+            try:
+                await self._attempt(worker, action)
+            finally:
+                if self._worker is worker:
+                    self._drop()
+        self._moved_back()
+        return True
+
+    def _moved_back(self) -> None:
+        """After a probation or an action given up: a fresh instance in the pool now,
+        not at the next action, if the last one is gone."""
+        if self._worker is None and not (self._closed or self._pool.closed):
+            self._binding = self._pool.tasks.spawn(self._rebind(), f"rebind:{self.sid}")
+
     async def _give_up(self, n: int, reason: str, tries: int) -> None:
         """Answer action ``n`` with an error observation as the owner (the runner's
         emit: fenced, and marking the action applied), without dispatching it again."""
@@ -222,6 +240,7 @@ class RemoteAgent:
         self._state = AgentState.AWAITING_USER_INPUT
         assert self._emit is not None
         await self._emit(event)
+        self._moved_back()
 
     # -- binding to a worker ---------------------------------------------------------
     async def _bound(self) -> AgentWorker:
@@ -238,13 +257,12 @@ class RemoteAgent:
             raise AgentFailed(f"the agent of {self.sid} has no worker")
         return self._worker
 
-    async def _bind(self, after: AgentWorker | None = None) -> None:
-        """A fresh instance, started, in a worker (after a suspect failure on ``after``:
-        in the worker that took its place)."""
+    async def _bind(self, on: AgentWorker | None = None) -> None:
+        """A fresh instance, started, in a worker of the pool (or in ``on``)."""
         while True:
             if self._closed:
                 raise AgentFailed(f"the agent of {self.sid} is closed")
-            worker = await self._pool.place(after)
+            worker = on or await self._pool.place()
             self._unbind()
             self._lid = self._pool.next_lid()
             self._worker = worker
@@ -253,8 +271,7 @@ class RemoteAgent:
                 await self._call(OPEN, self._opening())
                 return
             except WorkerLost as lost:
-                if lost.suspect:
-                    self._pool.cleared(self)
+                if lost.suspect or on is not None:
                     raise AgentFailed(
                         f"the agent of {self.sid} failed to start: {lost.reason}"
                     ) from None

@@ -61,7 +61,8 @@ class BadAgent(EchoAgent):
     one floods EMITs for an instance it does not hold,
     ``containers N`` emits an event of N empty maps and answers the outcome,
     ``rawcontainers N`` writes such an EMIT on the channel past ``emit``'s checks,
-    ``shortframe`` writes an EMIT frame without its ids.
+    ``shortframe`` writes an EMIT frame without its ids, ``meet DIR`` leaves a mark in
+    DIR and waits for another conversation's mark from a live process other than its own.
     With settings ``{"fail_start": true}`` its ``start`` raises (``{"start_raises":
     NAME}``: NAME, as ``throw``; ``{"start_exit": true}`` ends its process); with
     ``{"start_delay": S}`` it takes S seconds, and with ``{"start_log": PATH}`` writes how
@@ -173,6 +174,8 @@ class BadAgent(EchoAgent):
         elif word == "rawcontainers":  # the same, written on the channel past emit's check
             _write_frame([EMIT, 1, 1, {"x": [{}] * int(arg)}, "running"])
             await asyncio.sleep(30)
+        elif word == "meet":
+            await _meet(Path(arg), self.context.conversation_id)
         elif word == "checkpoint":  # saves one of that many bytes; answers what happened
             assert self._emit is not None
             try:
@@ -183,6 +186,41 @@ class BadAgent(EchoAgent):
             await self._emit({"action": "message", "args": {"content": outcome}})
             return
         await super().dispatch(action)
+
+
+async def _meet(where: Path, sid: str) -> None:
+    """Mark ``where`` with ``sid`` and this process's id, wait for a mark of another
+    conversation from a process that is alive and not this one, then say so and wait
+    until that one has said so too (neither leaves before the other saw it). Polled:
+    the other is another process."""
+    me = os.getpid()
+    (where / f"{sid}.{me}").touch()
+    other = None
+    while other is None:
+        await asyncio.sleep(0.02)
+        other = _met(where, sid, me)
+    (where / f"{sid}.seen").touch()
+    seen = where / f"{other}.seen"
+    while not seen.exists():  # noqa: ASYNC110 (another process's, not an event's)
+        await asyncio.sleep(0.02)
+
+
+def _met(where: Path, sid: str, me: int) -> str | None:
+    """Another conversation's name whose mark in ``where`` is a live process's not ``me``."""
+    for mark in where.iterdir():
+        name, _, pid = mark.name.rpartition(".")
+        if name != sid and pid.isdigit() and int(pid) != me and _alive(int(pid)):
+            return name
+    return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not reaped yet, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _channel_fd() -> int:

@@ -136,7 +136,8 @@ async def test_an_agent_holding_its_loop_stalls_only_its_own_conversation(make_n
 
     assert lapses == [] and not node.node.membership.lapsed
     assert (pool.stalls, pool.poisoned) == (2, 1)
-    await wait_until(lambda: pool.restarts == 2, what="both stuck workers replaced")
+    # The pool's worker replaced; the second stall was a probation worker's, stopped.
+    await wait_until(lambda: (pool.restarts, pool.probationers) == (1, set()), what="replaced")
     # What a successor would read before dispatching it again (later actions add nothing).
     assert await node.state.attempts("bad") == {str(blocked): "2", f"{blocked}:why": "stalled"}
     assert after > queued
@@ -180,7 +181,8 @@ async def test_an_agent_that_ends_its_process_is_given_up_after_two_tries(make_n
     await wait_until(lambda: "next" in bad.answers(), what="the next action answered")
     bad.answered_once()
     assert (pool.poisoned, pool.stalls, lapses) == (1, 0, [])
-    await wait_until(lambda: pool.restarts == 2, what="both workers replaced")
+    # The pool's worker replaced; the second death was a probation worker's.
+    await wait_until(lambda: (pool.restarts, pool.probationers) == (1, set()), what="replaced")
 
 
 @pytest.mark.parametrize("command", ["leak", "hoard"])
@@ -397,13 +399,12 @@ async def test_a_lost_speculation_replaces_the_agent_in_its_worker(
     assert _pool(node).restarts == 0
 
 
-async def test_a_new_agent_waits_for_the_worker_a_suspect_runs_on_alone(make_nodes) -> None:
+async def test_a_suspect_goes_again_in_a_worker_of_its_own(make_nodes) -> None:
     """One worker; an innocent action in flight when another conversation's agent kills
-    it becomes a suspect and runs again alone on the fresh worker. A conversation whose
-    agent's start kills the worker too joins meanwhile: its start waits until the
-    suspect is cleared (at most the stall timeout), so the innocent action is answered,
-    not given up as poison. Before, the start went on the same worker at once, and its
-    crash was the suspect's second strike."""
+    it becomes a suspect and goes again alone, in a worker process started for it. A
+    conversation whose agent's start kills the pool's fresh worker too joins meanwhile:
+    the suspect's worker is not that one, so the innocent action is answered, not given
+    up as poison (a crash beside it would have been its second strike)."""
     node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
     sink = make_nodes.sinks[node.node_id]
     innocent = await Watcher(node, sink, "innocent").join()
@@ -412,12 +413,76 @@ async def test_a_new_agent_waits_for_the_worker_a_suspect_runs_on_alone(make_nod
     await asyncio.sleep(0.3)
     await bad.say("exit")
     pool = _pool(node)
-    await wait_until(lambda: pool.suspects, what="the innocent action a suspect")
+    await wait_until(lambda: pool.probationers, what="a suspect on probation")
     with contextlib.suppress(AgentFailed):
         await Watcher(node, sink, "starts-badly").join({"start_exit": True})
     await wait_until(lambda: "slow 2" in innocent.answers(), timeout=20, what="answered")
     assert innocent.errors() == []
     await wait_until(lambda: bad.errors(), timeout=20, what="the killer given up")
+    assert lapses == []
+
+
+async def test_suspects_go_again_side_by_side(make_nodes, tmp_path) -> None:
+    """Two innocent actions in flight when a third conversation's agent ends their
+    worker's process are both suspects; each goes again alone in a worker process of its
+    own, at the same time: here they can only be answered together (each waits for the
+    other's agent in a live process other than its own). Before, suspects went again one
+    at a time on the failed worker's successor: an innocent action waited behind another
+    for as long as that one ran (here for ever). Afterwards both conversations are
+    answered from the pool again, and the probation workers are gone."""
+    node, lapses = await _isolated_node(make_nodes, agent_workers=2, agent_stall_timeout=5.0)
+    sink = make_nodes.sinks[node.node_id]
+    # The least loaded worker, the first on a tie: a, b and the killer share one.
+    a, _, b, _, killer = [
+        await Watcher(node, sink, sid).join() for sid in ("a", "a2", "b", "b2", "killer")
+    ]
+    workers = {node.runner(w.sid).agent.worker for w in (a, b, killer)}  # type: ignore[union-attr]
+    assert len(workers) == 1
+    meet = f"meet {tmp_path}"
+    await a.say(meet)
+    await b.say(meet)
+    await wait_until(lambda: len(list(tmp_path.iterdir())) == 2, what="both waiting")
+    await killer.say("exit")
+    await wait_until(
+        lambda: meet in a.answers() and meet in b.answers(), timeout=20, what="both answered"
+    )
+    assert a.errors() == b.errors() == []
+    await wait_until(lambda: killer.errors(), timeout=20, what="the killer given up")
+    pool = _pool(node)
+    await wait_until(lambda: not pool.probationers, what="the probation workers stopped")
+    for w in (a, b, killer):
+        await w.round_trip(f"{w.sid} again")
+        assert node.runner(w.sid).agent.worker in pool.workers  # type: ignore[union-attr]
+    assert lapses == []
+
+
+async def test_a_loop_stopped_while_its_suspect_runs_on_probation_stops_that_worker(
+    make_nodes,
+) -> None:
+    """A suspect runs again in a probation worker; its loop is stopped meanwhile (the
+    conversation closed, evicted, moved): the probation worker is stopped with it, not
+    left running the dispatch, and the node's other conversations go on."""
+    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
+    sink = make_nodes.sinks[node.node_id]
+    innocent = await Watcher(node, sink, "innocent").join()
+    bad = await Watcher(node, sink, "kills").join()
+    await innocent.say("slow 60")
+    await asyncio.sleep(0.3)
+    await bad.say("exit")
+    pool = _pool(node)
+
+    def on_probation() -> Any:
+        for worker in pool.probationers:
+            if any(agent.sid == "innocent" for agent in worker.loops.values()):
+                return worker
+        return None
+
+    worker = await wait_until(on_probation, what="the innocent action on probation")
+    assert await node.node.loops.stop("innocent", None)
+    await wait_until(lambda: worker not in pool.probationers, what="its worker stopped")
+    await wait_until(lambda: not os.path.exists(f"/proc/{worker.pid}"), what="its process gone")
+    await wait_until(lambda: bad.errors(), timeout=20, what="the killer given up")
+    await bad.round_trip("still here")
     assert lapses == []
 
 
@@ -492,9 +557,9 @@ async def test_agent_cpus_keep_the_workers_off_the_node_loops_cpu(make_nodes) ->
     assert [os.sched_getaffinity(w.pid) for w in pool.workers] == [allowed - {first}] * 2
     sink = make_nodes.sinks[node.node_id]
     bad = await Watcher(node, sink, "bad").join()
-    await bad.say("exit")  # ends its worker, twice: fresh ones take their places
+    await bad.say("exit")  # ends its worker, then its probation worker
     await wait_until(lambda: bad.errors(), what="the action given up")
-    await wait_until(lambda: pool.restarts == 2, what="both workers replaced")
+    await wait_until(lambda: pool.restarts == 1, what="the worker replaced")
     await wait_until(lambda: all(w.usable for w in pool.workers), what="the fresh workers up")
     assert [os.sched_getaffinity(w.pid) for w in pool.workers] == [allowed - {first}] * 2
     await bad.round_trip("after")
