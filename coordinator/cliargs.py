@@ -248,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url",
         action=_Given,
         default=_env("redis_url"),
-        help="shared Redis, e.g. redis://host:6379/0 (default: start a private embedded one)",
+        help="shared Redis, e.g. redis://host:6379/0; a Redis Cluster's seeds "
+        "redis://h1:7000,h2:7000/0; Sentinel redis+sentinel://h1:26379,h2:26379/MASTER "
+        "(default: start a private embedded one)",
     )
     for dest, (flag, kind, help_text) in (CONFIG_FLAGS | SERVER_FLAGS).items():
         default = _env(_flag_name(flag))

@@ -15,7 +15,7 @@ from . import cpus
 from .errors import ConfigError, InvalidInput
 from .inputs import ID_RE, shown
 from .redact import redact_url
-from .redisurl import REDIS_MODES, SENTINEL_SCHEMES, check_redis_url
+from .redisurl import REDIS_MODES, SENTINEL_SCHEMES, check_redis_url, seed_urls
 
 ENV_PREFIX = "COORDINATOR_"  # of the environment variables that configure a node
 # Bounds of any time (seconds) and any count a node is given: larger ones pass every
@@ -238,6 +238,11 @@ class ManagerConfig:
             )
         if self.redis_mode == "cluster" and self.redis_url.startswith("unix://"):
             raise ConfigError("redis_mode cluster needs a redis:// or rediss:// URL of a node")
+        if self.redis_mode == "standalone" and len(seed_urls(self.redis_url)) > 1:
+            raise ConfigError(
+                "redis_url lists several nodes, the seeds of a Redis Cluster, but redis_mode "
+                "is standalone: give one node's URL (for Sentinel: redis+sentinel://)"
+            )
         if self.ack_replicas < 0:
             raise ConfigError(f"ack_replicas must be >= 0, got {self.ack_replicas!r}")
         if not isinstance(self.node_id, str) or not ID_RE.fullmatch(self.node_id):

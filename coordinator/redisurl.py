@@ -41,6 +41,11 @@ def check_redis_url(url: str) -> None:
         scheme = "rediss" if sentinel.tls else "redis"
         _check_options(url, f"{scheme}://localhost/0?{urlencode(sentinel.query)}")
         return
+    seeds = seed_urls(url)
+    if len(seeds) > 1:
+        for seed in seeds:
+            check_redis_url(seed)
+        return
     shown = redact_url(url)
     if not url.startswith(URL_SCHEMES):
         raise ConfigError(
@@ -95,9 +100,49 @@ def database_of(url: str) -> int:
     if url.startswith(SENTINEL_SCHEMES):
         return parse_sentinel_url(url).db
     if url.startswith(URL_SCHEMES):
-        with contextlib.suppress(ValueError, RedisError):
-            return int(parse_url(url).get("db") or 0)
+        with contextlib.suppress(ValueError, RedisError, ConfigError):
+            return int(parse_url(seed_urls(url)[0]).get("db") or 0)
     return 0
+
+
+def seed_urls(url: str) -> list[str]:
+    """The URL of each node a ``redis://[AUTH@]HOST:PORT,HOST:PORT...[/DB][?...]`` URL
+    lists (``rediss://`` too): a Redis Cluster's seeds, where its slot map is read first,
+    in order; ``[url]`` for a URL of one node. ConfigError when an address of several is
+    not HOST:PORT."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("redis", "rediss") or not sep:
+        return [url]
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    auth, at, hosts = rest[:end].rpartition("@")
+    if "," not in hosts:
+        return [url]
+    return [
+        f"{scheme}://{auth}{at}{_bracketed(host)}:{port}{rest[end:]}"
+        for host, port in _addresses(hosts, "cluster node")
+    ]
+
+
+def _addresses(hosts: str, what: str) -> list[tuple[str, int]]:
+    """``HOST:PORT,HOST:PORT...`` as (host, port) pairs (an IPv6 host unbracketed);
+    ConfigError naming ``what`` an address is when one is not HOST:PORT."""
+    found = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        if not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"redis_url: {what} address {item!r} is not HOST:PORT")
+        found.append((host.strip("[]"), int(port)))
+    return found
+
+
+def address_of(url: str) -> tuple[str, int]:
+    """The host and port of a node's redis:// or rediss:// URL (6379 when it names none)."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or 6379
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _split(url: str) -> SplitResult:
@@ -169,7 +214,8 @@ def with_address(url: str, host: str, port: int) -> str:
     and parameters kept."""
     parts = urlsplit(url)
     auth, _, _ = parts.netloc.rpartition("@")
-    netloc = f"{auth}@{host}:{port}" if auth else f"{host}:{port}"
+    address = f"{_bracketed(host)}:{port}"
+    netloc = f"{auth}@{address}" if auth else address
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -179,12 +225,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     if parts.scheme not in ("redis+sentinel", "rediss+sentinel"):
         raise ConfigError("a Sentinel URL starts with redis+sentinel:// or rediss+sentinel://")
     hosts = parts.netloc.rpartition("@")[2]
-    sentinels = []
-    for item in filter(None, hosts.split(",")):
-        host, _, port = item.rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError(f"redis_url: sentinel address {item!r} is not HOST:PORT")
-        sentinels.append((host.strip("[]"), int(port)))
+    sentinels = _addresses(hosts, "sentinel") if hosts else []
     if not sentinels:
         raise ConfigError("redis_url: a Sentinel URL needs at least one HOST:PORT")
     path = [p for p in parts.path.split("/") if p]

@@ -35,6 +35,18 @@ async def test_a_plain_server_in_cluster_mode_is_refused(redis_url: str) -> None
         await _start(redis_url=redis_url, redis_mode="cluster")
 
 
+async def test_several_nodes_of_which_the_first_answering_is_a_plain_server_are_refused(
+    redis_url: str,
+) -> None:
+    """A cluster's seeds that lead to a plain server (a URL meant for Sentinel, a typo):
+    refused, not run as a standalone node on whichever answered."""
+    host, port = urlsplit(redis_url).hostname, urlsplit(redis_url).port
+    seeds = f"redis://:S3CRET@127.0.0.1:{free_port()},{host}:{port}/0"
+    with pytest.raises(ConfigError, match=r"lists several nodes.*not a Redis Cluster node") as e:
+        await _start(redis_url=seeds)
+    assert "S3CRET" not in str(e.value)
+
+
 async def test_auto_mode_finds_the_cluster_and_says_so(redis_cluster: RedisClusterServers) -> None:
     manager = await _start(redis_url=redis_cluster.url)
     try:

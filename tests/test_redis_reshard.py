@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import pytest
 import redis.asyncio as aioredis
 
 from coordinator import ConversationManager
 from coordinator.cluster_lane import ClusterLane
 from coordinator.embedded import free_port
+from coordinator.errors import RedisUnavailable
 from coordinator.keys import KeySchema
 from coordinator.links import Endpoint
 from coordinator.sharded import ShardedSubscriptions
@@ -45,11 +47,13 @@ def conversation_on(cluster: RedisClusterServers, master: RedisProcess) -> str:
 
 @contextlib.asynccontextmanager
 async def started(
-    cluster: RedisClusterServers, name: str, prefix: str = "coord"
+    cluster: RedisClusterServers, name: str, prefix: str = "coord", url: str = ""
 ) -> AsyncIterator[tuple[ConversationManager, RecordingSink]]:
-    """A node on ``cluster`` (its keys under ``prefix``), closed afterwards."""
+    """A node on ``cluster`` (its keys under ``prefix``; told ``url``, by default a node
+    of it), closed afterwards."""
     sink = RecordingSink()
-    node = ConversationManager(fast_config(cluster.url, name, key_prefix=prefix), sink=sink)
+    config = fast_config(url or cluster.url, name, key_prefix=prefix)
+    node = ConversationManager(config, sink=sink)
     await node.start()
     try:
         yield node, sink
@@ -246,3 +250,24 @@ async def test_a_lane_call_waits_out_a_failover_within_its_deadline(
         assert await lane.execute([["SET", key, "after"]]) == [b"OK"]
     finally:
         await lane.aclose()
+
+
+async def test_a_node_starts_when_the_first_cluster_node_it_is_told_is_down(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """``--redis-url`` lists several nodes of the cluster (its seeds): a node starts and
+    serves while the first of them is down (a node removed, restarting, lost), as it
+    would not with that one alone. Told only nodes that are down, it says so for each."""
+    down = [free_port(), free_port()]
+    live = "{}:{}".format(*redis_cluster.addresses[0])
+    seeds = f"redis://127.0.0.1:{down[0]},{live}/0"
+    async with started(redis_cluster, "seeds", "seeds", url=seeds) as (node, sink):
+        assert node.node.backend.mode == "cluster"
+        await node.join_conversation("seeded", "c", {}, "alice")
+        await answered(node, sink)
+    config = fast_config(f"redis://127.0.0.1:{down[0]},127.0.0.1:{down[1]}/0", "none")
+    node = ConversationManager(config, sink=RecordingSink())
+    with pytest.raises(RedisUnavailable) as refused:
+        await node.start()
+    assert "none of its nodes answered" in str(refused.value)
+    assert all(f"127.0.0.1:{port}: " in str(refused.value) for port in down)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from coordinator.config import ManagerConfig
 from coordinator.errors import ConfigError
 from coordinator.redact import redact, redact_url
-from coordinator.redisurl import check_redis_url
+from coordinator.redisurl import address_of, check_redis_url, database_of, seed_urls
 
 
 @pytest.mark.parametrize(
@@ -58,6 +59,12 @@ def test_redact_url_hides_everything_up_to_the_last_at(text: str, shown: str) ->
         ("redis+sentinel://u:S3CRET/PW@h:26379/mymaster", "must be percent-encoded"),
         ("redis+sentinel://h:99999/mymaster", "is not HOST:PORT"),
         ("redis+sentinel:///mymaster", "at least one HOST:PORT"),
+        # Several nodes (a cluster's seeds): each HOST:PORT, each a usable node URL.
+        ("redis://:S3CRET@h1:7000,h2/0", "cluster node address 'h2' is not HOST:PORT"),
+        ("redis://:S3CRET@h1:7000,,h2:7001/0", "cluster node address '' is not HOST:PORT"),
+        ("redis://:S3CRET@h1:7000,h2:70000/0", "'h2:70000' is not HOST:PORT"),
+        ("redis://:S3CRET@h1:7000,h2:7001/abc", "after the host comes /DB"),
+        ("rediss://:S3CRET@h1:7000,h2:7001/0?socket_timeout=0", "socket_timeout must be more"),
         # A path redis-py would read as no database, so DB 0.
         ("redis://:S3CRET@127.0.0.1:6379/abc", "after the host comes /DB"),
         ("redis://:S3CRET@127.0.0.1:6379/0/1", "after the host comes /DB"),
@@ -99,7 +106,32 @@ def test_check_redis_url_refuses_what_redis_py_would_misread(url: str, why: str)
         "redis://127.0.0.1:6379/",
         "redis://127.0.0.1:6379/15?socket_timeout=0.5",
         "redis+sentinel://h1:26379/mymaster?socket_timeout=1&sentinel_password=pw",
+        "redis://u:pw@h1:7000,h2:7001,[::1]:7002/0?socket_timeout=2",
+        "rediss://h1:7000,h2:7001",
     ],
 )
 def test_check_redis_url_accepts_every_supported_form(url: str) -> None:
     check_redis_url(url)
+
+
+def test_a_url_of_several_nodes_is_one_url_per_node_with_everything_else_kept() -> None:
+    """A Redis Cluster's seeds: each node's URL keeps the credentials (a password holding
+    ',' and '@' too), the database and the parameters; a URL of one node is itself."""
+    url = "rediss://u:p%2Cw@d@h1:7000,[::1]:7001/0?socket_timeout=2"
+    assert seed_urls(url) == [
+        "rediss://u:p%2Cw@d@h1:7000/0?socket_timeout=2",
+        "rediss://u:p%2Cw@d@[::1]:7001/0?socket_timeout=2",
+    ]
+    assert [address_of(u) for u in seed_urls(url)] == [("h1", 7000), ("::1", 7001)]
+    assert seed_urls("redis://h1:7000/0") == ["redis://h1:7000/0"]
+    assert seed_urls("redis+sentinel://h1:26379,h2:26379/m") == [
+        "redis+sentinel://h1:26379,h2:26379/m"
+    ]
+    assert database_of("redis://h1:7000,h2:7001/3") == 3
+
+
+def test_several_nodes_are_refused_where_one_server_is_meant() -> None:
+    with pytest.raises(ConfigError, match="several nodes, the seeds of a Redis Cluster"):
+        ManagerConfig(redis_url="redis://:S3CRET@h1:7000,h2:7001/0", redis_mode="standalone")
+    ManagerConfig(redis_url="redis://h1:7000,h2:7001/0", redis_mode="cluster")
+    ManagerConfig(redis_url="redis://h1:7000,h2:7001/0")  # auto: the first node answering says

@@ -34,6 +34,7 @@ from ..errors import REDIS_TROUBLE, ConfigError, RedisRefused, RedisUnavailable,
 from ..keys import KeySchema
 from ..links import Endpoint, Locate
 from ..redact import redact_url
+from ..redisurl import address_of, seed_urls
 from ..state import LeaseRenewer, RedisState
 from ..state.core import Lane
 from ..subscriptions import PUBSUB_NAME, Subscription, Subscriptions
@@ -67,20 +68,33 @@ def unreachable(config: ManagerConfig, exc: BaseException) -> RedisUnavailable:
 
 
 async def ask_node(config: ManagerConfig, command: str, *args: Any) -> Any:
-    """The reply to ``command`` of the one node ``config.redis_url`` names (no cluster
-    client, no Sentinel), within the connect timeout; RedisUnavailable otherwise."""
-    client = aioredis.Redis.from_url(
-        config.redis_url,
-        socket_connect_timeout=config.connect_timeout,
-        socket_timeout=config.connect_timeout,
+    """The reply to ``command`` of the node ``config.redis_url`` names (no cluster client,
+    no Sentinel), within the connect timeout; of the first that answers when it lists
+    several (a cluster's seeds, in order). RedisUnavailable otherwise, naming each one's
+    trouble; RedisRefused when one refused the login or the command (no other will do
+    differently)."""
+    seeds = seed_urls(config.redis_url)
+    troubles: list[str] = []
+    for url in seeds:
+        client = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=config.connect_timeout,
+            socket_timeout=config.connect_timeout,
+        )
+        try:
+            async with asyncio.timeout(config.connect_timeout + 1):
+                return await client.execute_command(command, *args)  # type: ignore[no-untyped-call]
+        except REDIS_TROUBLE as exc:
+            failure = unreachable(config, exc)
+            if isinstance(failure, RedisRefused) or len(seeds) == 1:
+                raise failure from None
+            reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
+            troubles.append("{}:{}: {}".format(*address_of(url), reason))
+        finally:
+            await client.aclose()
+    raise RedisUnavailable(
+        redact_url(config.redis_url), f"none of its nodes answered ({'; '.join(troubles)})"
     )
-    try:
-        async with asyncio.timeout(config.connect_timeout + 1):
-            return await client.execute_command(command, *args)  # type: ignore[no-untyped-call]
-    except REDIS_TROUBLE as exc:
-        raise unreachable(config, exc) from None
-    finally:
-        await client.aclose()
 
 
 class Backend(ABC):

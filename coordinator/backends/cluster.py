@@ -2,7 +2,9 @@
 a pipelined connection per shard (``cluster_lane.py``) and sharded pub/sub
 (``sharded.py``).
 
-Any node of the cluster will do as ``--redis-url``: the slot map is read from it. Every
+Any node of the cluster will do as ``--redis-url``, or several
+(``redis://HOST:PORT,HOST:PORT/0``): the slot map is read from the first that answers,
+then from the masters it names. Every
 key of the schema carries a hash tag and every script touches one tag, so each call goes
 to one shard; redis-py follows ``MOVED``/``ASK`` and retries ``TRYAGAIN``/
 ``CLUSTERDOWN`` and lost connections for the state layer's other calls.
@@ -13,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis.cluster
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry as SyncRetry
@@ -24,7 +26,7 @@ from ..errors import RedisUnavailable
 from ..keys import KeySchema
 from ..links import Endpoint
 from ..redact import redact_url
-from ..redisurl import with_address
+from ..redisurl import address_of, seed_urls, with_address
 from ..sharded import ShardedSubscriptions
 from ..slots import Address, SlotMap
 from ..state import LeaseRenewer
@@ -43,14 +45,15 @@ class ClusterBackend(Backend):
 
     def __init__(self, config: ManagerConfig) -> None:
         super().__init__(config)
-        self._endpoint = Endpoint.from_url(config.redis_url, "coordinator-lane")
+        self._seeds = seed_urls(config.redis_url)
         self._client = self._cluster_client()
         self._cluster_lane: ClusterLane | None = None
 
     def _cluster_client(self) -> RedisCluster:
         cfg = self.config
         client = RedisCluster.from_url(
-            cfg.redis_url,
+            self._seeds[0],
+            startup_nodes=[ClusterNode(*address_of(url)) for url in self._seeds[1:]],
             max_connections=cfg.redis_max_connections,
             socket_connect_timeout=cfg.connect_timeout,
             socket_timeout=cfg.redis_timeout,
@@ -95,7 +98,7 @@ class ClusterBackend(Backend):
 
     def _make_lane(self) -> Lane | None:
         self._cluster_lane = ClusterLane(
-            [self._endpoint],
+            [Endpoint.from_url(url, "coordinator-lane") for url in self._seeds],
             timeout=self.config.redis_timeout,
             connect_timeout=self.config.connect_timeout,
         )
@@ -112,7 +115,7 @@ class ClusterBackend(Backend):
 
     def _shard_endpoint(self, address: Address) -> Endpoint:
         """Where one master's subscription connects."""
-        return Endpoint.from_url(with_address(self.config.redis_url, *address), PUBSUB_NAME)
+        return Endpoint.from_url(with_address(self._seeds[0], *address), PUBSUB_NAME)
 
     def subscriptions(self, keys: KeySchema, probe_interval: float) -> Subscription:
         return ShardedSubscriptions(
@@ -129,7 +132,11 @@ class ClusterBackend(Backend):
         # runs): one retry on a fresh connection, each attempt bounded.
         timeout = min(0.5, self.config.heartbeat_interval)
         client = redis.cluster.RedisCluster.from_url(
-            self.config.redis_url,
+            self._seeds[0],
+            startup_nodes=[
+                redis.cluster.ClusterNode(*address_of(url))  # type: ignore[no-untyped-call]
+                for url in self._seeds[1:]
+            ],
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=SyncRetry(NoBackoff(), 1),

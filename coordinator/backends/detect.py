@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..config import ManagerConfig
 from ..errors import ConfigError
 from ..redact import redact_url
-from ..redisurl import SENTINEL_SCHEMES
+from ..redisurl import SENTINEL_SCHEMES, seed_urls
 from .base import Backend, ask_node
 from .cluster import ClusterBackend
 from .sentinel import SentinelBackend
@@ -33,6 +33,12 @@ async def open_backend(config: ManagerConfig) -> Backend:
         raise ConfigError(
             f"Redis at {where} is a Redis Cluster node (cluster_enabled:1) but redis_mode is "
             "standalone: use --redis-mode cluster or auto"
+        )
+    if not clustered and len(seed_urls(url)) > 1:
+        raise ConfigError(
+            f"redis_url {where} lists several nodes, the seeds of a Redis Cluster, but the "
+            "first that answered is not a Redis Cluster node (cluster_enabled:0): give one "
+            "node's URL (for Sentinel: redis+sentinel://)"
         )
     if mode == "cluster" and not clustered:
         raise ConfigError(
