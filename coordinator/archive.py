@@ -22,6 +22,11 @@ its loops see events). Invariants:
   ``log_window_events`` and ``log_window_bytes``. While the store is unreachable the
   events wait in Redis, actions are refused once they fill the window
   (``scripts.ACCEPT``: ``behind``), and the mover retries with backoff.
+- **A store that lost writes is filled again.** One holding a conversation only up to an
+  id below what it acknowledged (a failover to a replica that lagged, a restore from an
+  older backup) is recorded as holding that much (``scripts.REWIND_STORED``), said at
+  ERROR, and what follows is stored again from the log, where the log still holds it,
+  and as lost where the log trimmed it already; the conversation is not held back.
 """
 
 from __future__ import annotations
@@ -126,6 +131,7 @@ class Archiver:
         self._retrying: set[str] = set()
         self._wake = asyncio.Event()
         self.trouble = ""  # why the last attempt failed ('' once one works again)
+        self.rewinds = 0  # conversations found holding less than the store acknowledged
         self.append_timeout = APPEND_TIMEOUT
 
     @property
@@ -250,6 +256,7 @@ class Archiver:
             self._state.unstored(lease.sid, BATCH_EVENTS, BATCH_BYTES) for lease in leases
         )
         todo = list(zip(leases, reads, strict=True))
+        rewound: set[str] = set()  # found holding less than it acknowledged, this call
         while todo:
             batches: list[tuple[Lease, Batch]] = []
             for lease, read in todo:
@@ -283,16 +290,30 @@ class Archiver:
             except (RedisError, RedisClusterException) as exc:  # tried again, as any such move
                 out.update((lease.sid, exc) for lease, _, _ in gaps)
                 gaps = []
+            rewinds: list[tuple[Lease, int]] = []
             for lease, held, recorded in gaps:
                 if lease.sid in purging:  # its store emptied first: nothing to store
                     log.debug("%s: not stored, it is being purged", lease.sid)
                     out[lease.sid] = recorded
-                else:
+                elif lease.sid in rewound:  # lost again at once: not a lag, a store in trouble
                     out[lease.sid] = StoreError(
-                        f"the store holds {lease.sid!r} up to event {held} but Redis "
-                        f"records that it held up to {recorded}: was the store "
-                        "replaced or restored from an older backup?"
+                        f"the store holds {lease.sid!r} up to event {held} but acknowledged "
+                        f"up to {recorded}, twice in a row"
                     )
+                else:
+                    rewound.add(lease.sid)
+                    self.rewinds += 1
+                    log.error(
+                        "event store %s lost %s's events %d-%d it had acknowledged (a "
+                        "failover to a replica that lagged? a restore from an older "
+                        "backup?): storing them again from the Redis log (those it no "
+                        "longer holds, as lost)",
+                        self._where,
+                        lease.sid,
+                        held + 1,
+                        recorded,
+                    )
+                    rewinds.append((lease, held))
             reads = await _each(
                 self._state.mark_stored(
                     lease.sid,
@@ -305,6 +326,11 @@ class Archiver:
                 for lease, last_id in marks
             )
             todo = [(lease, read) for (lease, _), read in zip(marks, reads, strict=True)]
+            reads = await _each(
+                self._state.rewind_stored(lease.sid, held, BATCH_EVENTS, BATCH_BYTES)
+                for lease, held in rewinds
+            )
+            todo += [(lease, read) for (lease, _), read in zip(rewinds, reads, strict=True)]
         return [out[lease.sid] for lease in leases]
 
     async def _append(self, batches: list[tuple[Lease, Batch]]) -> list[AppendResult | Exception]:
@@ -382,8 +408,9 @@ def next_gap(rows: list[tuple[int, bytes]]) -> int:
 
 
 def lost_ids(first: int, last: int) -> list[tuple[int, bytes]]:
-    """What the store keeps for ids Redis never logged (at most a batch of them): the
-    notice, then a null observation for each other id (a replay shows the loss once)."""
+    """What the store keeps for ids lost (Redis never logged them, or the store lost them
+    after the log trimmed them; at most a batch of them): the notice, then a null
+    observation for each other id (a replay shows the loss once)."""
     notice = codec.pack(codec.events_lost_event(first, last))
     nothing = codec.pack(codec.null_observation())
     last = min(last, first + BATCH_EVENTS - 1)

@@ -343,10 +343,11 @@ def moving_from(event: Event) -> str:
 
 
 def events_lost_event(first: int, last: int) -> Event:
-    """Redis lost events ``first..last`` (a failover to a replica that lacked them): an
-    ``error`` observation, logged under the next id."""
-    lost = f"event {first}" if first == last else f"events {first} to {last}"
-    text = f"Redis lost {lost} of this conversation in a failover; they cannot be replayed."
+    """Events ``first..last`` are lost (Redis' failover to a replica that lacked them, or
+    the event store's, of events the Redis log no longer held): an ``error`` observation,
+    logged under the next id (stored in the first lost one's place, by the store's)."""
+    lost = f"Event {first} was" if first == last else f"Events {first} to {last} were"
+    text = f"{lost} lost in a failover; they cannot be replayed."
     return {
         "source": "environment",
         "observation": "error",

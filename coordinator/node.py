@@ -197,6 +197,13 @@ class Node:
             runners=self.runners,
             where=self.store_url,
         )
+        self.metrics.counter_from(
+            "coordinator_store_rewinds",
+            "Conversations the event store held fewer events of than it had acknowledged "
+            "(a failover that lost its latest writes, a restore from an older backup), "
+            "stored again from the Redis log.",
+            lambda: self.archiver.rewinds,
+        )
         self.loops = Loops(
             runners=self.runners,
             state=self.state,

@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -65,15 +66,17 @@ def postgres_bin_dir() -> Path:
 
 
 class PostgresServer:
-    """One private cluster; ``start()``, ``stop()``, ``cleanup()``."""
+    """One private cluster; ``start()``, ``stop()``, ``cleanup()``. With ``primary``: a
+    streaming replica of that server (``pg_basebackup``: its roles and databases), to be
+    ``promote()``d when the primary is lost."""
 
-    def __init__(self) -> None:
+    def __init__(self, primary: PostgresServer | None = None) -> None:
         self.bin = postgres_bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="coord-pg-"))
         self.data = self.root / "data"
         self.logfile = self.root / "server.log"
         self.port = free_port()
-        self.password = "pw-" + secrets.token_hex(12)
+        self.password = primary.password if primary else "pw-" + secrets.token_hex(12)
         self._as_root = os.geteuid() == 0
         if self._as_root:
             try:
@@ -84,7 +87,13 @@ class PostgresServer:
                     "run as (the postgresql package creates it)"
                 ) from None
             os.chown(self.root, account.pw_uid, account.pw_gid)
-        self._initdb()
+        if primary is None:
+            self._initdb()
+        else:  # its replication is trusted over the primary's socket, as its superuser's
+            self._run(
+                "pg_basebackup", "-h", str(primary.root), "-p", str(primary.port),
+                "-U", "postgres", "-D", str(self.data), "-R", "-X", "stream", "-c", "fast",
+            )  # fmt: skip
 
     def _cmd(self, *args: str) -> list[str]:
         command = [str(self.bin / args[0]), *args[1:]]
@@ -143,6 +152,20 @@ class PostgresServer:
         """``fast`` ends sessions and shuts down cleanly; ``immediate`` is a crash."""
         if self.running:
             self._run("pg_ctl", "stop", "-D", str(self.data), "-m", mode, "-w")
+
+    def promote(self) -> None:
+        """A replica becomes a primary (as a failover manager would make it)."""
+        self._run("pg_ctl", "promote", "-D", str(self.data), "-w", "-t", str(START_TIMEOUT))
+
+    async def execute(self, sql: str, database: str = "postgres") -> Any:
+        """``sql``'s first value, run as the superuser over the server's socket."""
+        conn = await asyncpg.connect(
+            host=str(self.root), port=self.port, user="postgres", database=database
+        )
+        try:
+            return await conn.fetchval(sql)
+        finally:
+            await conn.close()
 
     def ensure_running(self) -> None:
         if not self.running:

@@ -575,7 +575,7 @@ async def test_ids_redis_lost_are_stored_as_a_notice_keeping_the_store_contiguou
     lost = [unpack(d) for i, d in stored if 3 <= i <= 6]
     # The loss told once (a replay showed the notice for each lost id), the other ids
     # kept by OpenHands' null observation, which its client does not show.
-    assert notice_code(lost[0]) == EVENTS_LOST and "events 3 to 6" in lost[0]["message"]
+    assert notice_code(lost[0]) == EVENTS_LOST and "Events 3 to 6 were lost" in lost[0]["message"]
     assert [e["observation"] for e in lost[1:]] == ["null"] * 3, lost
     assert unpack(stored[after - 1][1])["args"]["content"] == "second"
 
@@ -713,7 +713,8 @@ async def test_a_move_that_meets_a_purge_is_no_store_trouble(
     than Redis recorded and said so at ERROR, 'was the store replaced or restored from
     an older backup?', and the node reported store trouble until its next move (a probe
     saw it 2-3 times per 10,000 users). A gap on a conversation being purged is now
-    what it is: nothing to store."""
+    what it is: nothing to store. (Not being purged, it is a store that lost events: they
+    are stored again from the log.)"""
     (a,) = await make_nodes(1)
     state, archiver = a.state, a.node.archiver
     own = await state.acquire("doomed", "elsewhere", "elsewhere/1", "dan", create=True)
@@ -729,9 +730,11 @@ async def test_a_move_that_meets_a_purge_is_no_store_trouble(
     (moved,) = await archiver.move_all([lease])
     assert moved == 3, moved  # nothing stored, nothing wrong
     assert "restored from an older backup" not in caplog.text
-    await state.unmark_purging("doomed")  # not purging: the same gap is the store's trouble
+    # Not purging: the same gap is a store that lost what it held, filled again from Redis.
+    await state.unmark_purging("doomed")
     (moved,) = await archiver.move_all([lease])
-    assert isinstance(moved, StoreError) and "older backup" in str(moved)
+    assert moved == 4 and "lost doomed's events 1-3" in caplog.text
+    assert [i for i, _ in await all_stored(a.node.store, "doomed")] == [1, 2, 3, 4]
 
 
 async def test_a_stopped_loop_is_not_kept_alive_by_the_event_store_mover(
@@ -1149,7 +1152,7 @@ async def test_a_conversation_redis_lost_under_its_client_comes_back_from_the_st
     ids = [e["id"] for e in sink.events["c"]]
     assert ids == sorted(set(ids)) and ids[:6] == [1, 2, 3, 4, 5, 6]  # none reused
     notice = next(e for e in sink.events["c"] if notice_code(e) == EVENTS_LOST)
-    assert "events 5 to 6" in notice["message"] and notice["id"] == 7 and after == 8
+    assert "Events 5 to 6 were lost" in notice["message"] and notice["id"] == 7 and after == 8
     await wait_stored(a, "lost", after + 1)
     stored = await all_stored(store, "lost")
     assert [i for i, _ in stored] == list(range(1, after + 2))
@@ -1221,7 +1224,7 @@ async def test_a_system_notice_after_redis_lost_events_takes_no_id_a_client_saw(
     ids = [int(entry.split(b"-")[0]) for entry, _ in rows]
     assert ids == [1, 2, 5, 6], ids
     notice = unpack(rows[2][1][b"d"])
-    assert notice_code(notice) == EVENTS_LOST and "events 3 to 4" in notice["message"]
+    assert notice_code(notice) == EVENTS_LOST and "Events 3 to 4 were lost" in notice["message"]
 
 
 class Hanging:
@@ -1321,3 +1324,104 @@ async def test_actions_of_a_conversation_redis_lost_are_not_a_log_line_each(
     assert all(isinstance(event_id, int) for event_id in sent), sent
     said = [r for r in caplog.records if "is gone from Redis" in r.getMessage()]
     assert 1 <= len(said) <= 11, len(said)
+
+
+@pytest.fixture
+async def postgres_pair() -> Any:
+    """A private primary and its streaming replica, both running; gone afterwards."""
+    primary = await asyncio.to_thread(PostgresServer)
+    replica = None
+    try:
+        await asyncio.to_thread(primary.start)
+        database = await asyncio.to_thread(primary.create_database)
+        replica = await asyncio.to_thread(PostgresServer, primary)
+        await asyncio.to_thread(replica.start)
+        yield primary, replica, database
+    finally:
+        for server in (primary, replica):
+            if server is not None:
+                await asyncio.to_thread(server.cleanup)
+
+
+async def _replayed(primary: PostgresServer, replica: PostgresServer) -> bool:
+    """The replica has replayed everything the primary wrote so far."""
+    written = await primary.execute("SELECT pg_current_wal_lsn()::text")
+    return bool(await replica.execute(f"SELECT pg_last_wal_replay_lsn() >= '{written}'::pg_lsn"))
+
+
+@pytest.mark.parametrize("window", [0, 10])
+async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_from_redis(
+    make_nodes: NodeFactory, postgres_pair: Any, caplog: pytest.LogCaptureFixture, window: int
+) -> None:
+    """The store's URL lists a primary and its replica (``target_session_attrs=
+    read-write``). The replica stops receiving (it lags, as an asynchronous one does),
+    the node stores more, then the primary is lost and the replica promoted: the store
+    now holds the conversation only up to where the replica stopped. The node finds it
+    holding less than it had acknowledged, says so, and stores the rest again from the
+    Redis log: the store ends equal to what the client saw, nothing lost. With a log
+    window of 10 events, the log had trimmed the oldest of those: they are stored as one
+    notice of lost events, the ids contiguous, the rest as seen. Before, the
+    conversation's events were never stored again ('was the store replaced or restored
+    from an older backup?'), and waited in Redis until they filled its window."""
+    primary, replica, database = postgres_pair
+    role = f"coord:{primary.password}"
+    dsn = (
+        f"postgresql://{role}@127.0.0.1:{primary.port},127.0.0.1:{replica.port}/{database}"
+        "?target_session_attrs=read-write"
+    )
+    (a,) = await make_nodes(1, event_store=dsn, **({"log_window_events": window} if window else {}))
+    sink = make_nodes.sinks[a.node_id]
+    await a.join_conversation("kept", "c1", {}, "alice")
+
+    async def answered(prefix: str, n: int) -> int:
+        """Send ``n`` messages; the last id once the agent answered them all."""
+        for i in range(n):
+            await send(a, "c1", f"{prefix} {i}")
+
+        def answers() -> int:
+            return sum(
+                e["source"] == "agent" and e["args"]["content"].startswith(prefix)
+                for e in sink.events["c1"]
+            )
+
+        await wait_until(lambda: answers() == n, timeout=30, what=f"{prefix} answered")
+        return max(sink.ids("c1"))
+
+    last = await answered("before", 10)
+    await wait_stored(a, "kept", last)
+    await wait_until(lambda: _replayed(primary, replica), what="the replica caught up")
+    held = await replica.execute(
+        "SELECT last_id FROM coordinator.conversations WHERE conversation_id = 'kept'", database
+    )
+    assert held == last
+    # The replica stops receiving: what the primary stores from now on it never gets.
+    await replica.execute("ALTER SYSTEM SET primary_conninfo = ''")
+    await replica.execute("SELECT pg_reload_conf()")
+    await wait_until(
+        lambda: replica.execute("SELECT count(*) = 0 FROM pg_stat_wal_receiver"),
+        what="the replica's receiver gone",
+    )
+    await wait_stored(a, "kept", await answered("lost by the store", 10))
+    kept_from = (await redis_log(a, "kept"))[0][0]  # the oldest the Redis log holds
+    assert (kept_from > held + 1) == bool(window)
+    await asyncio.to_thread(primary.stop, "immediate")
+    await asyncio.to_thread(replica.promote)
+    caplog.set_level(logging.ERROR, logger="coordinator.archive")
+    final = await answered("after", 3)
+    await wait_stored(a, "kept", final)
+    assert a.node.store is not None
+    stored = await all_stored(a.node.store, "kept")
+    assert [i for i, _ in stored] == list(range(1, final + 1))
+    seen = {e["id"]: e for e in sink.events["c1"]}
+    assert len(seen) == final
+    assert all(
+        with_id(i, unpack(data)) == seen[i] for i, data in stored if not held < i < kept_from
+    )
+    if window:  # trimmed from the log before the store lost them
+        notice, *nothing = [unpack(data) for i, data in stored if held < i < kept_from]
+        assert notice_code(notice) == EVENTS_LOST
+        assert f"Events {held + 1} to {kept_from - 1} were lost" in notice["message"]
+        assert all(e.get("observation") == "null" for e in nothing)
+    assert f"lost kept's events {held + 1}-" in caplog.text
+    assert primary.password not in caplog.text
+    assert a.node.archiver.rewinds == 1

@@ -20,7 +20,7 @@ from .claims import CLAIM
 from .clock import NOW
 from .log import ACCEPT, COMMIT, READ, REWIND
 from .ownership import ACQUIRE, ATTACH, DELETE_IF, ENROLL, HDEL_IF, RELEASE, RENEW
-from .store import MARK_STORED, UNSTORED
+from .store import MARK_STORED, REWIND_STORED, UNSTORED
 
 __all__ = [
     "ACCEPT",
@@ -43,6 +43,7 @@ __all__ = [
     "RELEASE_SLOT",
     "RENEW",
     "REWIND",
+    "REWIND_STORED",
     "TAKE_TOKENS",
     "UNSTORED",
     "for_deployment",
@@ -67,6 +68,7 @@ ALL = {
     "claim": CLAIM,
     "unstored": UNSTORED,
     "mark_stored": MARK_STORED,
+    "rewind_stored": REWIND_STORED,
     "attempts": ATTEMPTS,
     "take_tokens": NOW + TAKE_TOKENS,
 }

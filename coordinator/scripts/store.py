@@ -78,3 +78,32 @@ end
 return read_after({stored}, stored, ARGV[4], tonumber(ARGV[5]))
 """
 )
+
+REWIND_STORED = (
+    """
+-- rewind_stored: the event store holds a conversation only up to an id below what was
+-- recorded (it lost its latest writes: a failover to a replica that lagged, a restore
+-- from an older backup): record that, so that what follows is stored again (what the
+-- log still holds as logged; what it trimmed already, as lost).
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream
+-- ARGV[1]  last id the store holds   ARGV[2] most events   ARGV[3] most bytes: as unstored
+-- returns  as unstored, nothing once the conversation is gone
+"""
+    + READ_AFTER
+    + """
+local f = redis.call('HMGET', KEYS[1], 'seq', 'stored', 'sbytes')
+if not f[1] then return {tonumber(ARGV[1])} end
+local stored, held = tonumber(f[2] or '0'), tonumber(ARGV[1])
+if held < stored then
+  -- Bytes the store holds no more, of the events the log still holds (the trimmed ones
+  -- are stored again as lost, which they are: they count as neither).
+  local sbytes = tonumber(f[3] or '0')
+  for _, row in ipairs(redis.call('XRANGE', KEYS[2], '(' .. held .. '-0', stored .. '-0')) do
+    sbytes = sbytes - #row[2][2]
+  end
+  stored = held
+  redis.call('HSET', KEYS[1], 'stored', stored, 'sbytes', sbytes)
+end
+return read_after({stored}, stored, ARGV[2], tonumber(ARGV[3]))
+"""
+)

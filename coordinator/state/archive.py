@@ -61,6 +61,18 @@ class ArchiveOps(StateCore):
         )
         return _unstored(r)
 
+    async def rewind_stored(
+        self, sid: str, held: int, count: int, max_bytes: int
+    ) -> tuple[int, list[tuple[int, bytes]]]:
+        """The store holds ``sid``'s events only up to ``held``, below what was recorded
+        (it lost its latest writes): record that; then what the store lacks, as
+        ``unstored`` (``count`` events, ``max_bytes``) reads it."""
+        k = self.keys
+        r = await self._run(
+            "rewind_stored", [k.conv(sid), k.events(sid)], [held, count, max_bytes], hot=True
+        )
+        return _unstored(r)
+
     async def note_unstored(self, sids: Iterable[str]) -> None:
         """``sids`` lose their owner while the store may lack events of theirs: any
         node's sweep moves them (``Archiver.sweep``). The oldest note of each stays."""
