@@ -174,11 +174,9 @@ class AgentPool:
         """Stop the watchdog and every worker (each closes the instances it still holds)."""
         self.closed = True
         self._notify()
+        workers = (*self.workers, *self.probationers)  # retiring ones leave the set
         await self.tasks.aclose()
-        await asyncio.gather(
-            *(w.stop(STOP_WITHIN) for w in (*self.workers, *self.probationers)),
-            return_exceptions=True,
-        )
+        await asyncio.gather(*(w.stop(STOP_WITHIN) for w in workers), return_exceptions=True)
         self._unpin()
 
     async def halt(self) -> None:
@@ -250,8 +248,10 @@ class AgentPool:
 
     async def _probationer(self) -> AgentWorker:
         """A started probation worker; one that does not start is tried again after a
-        backoff (not the suspect's fault)."""
+        backoff (not the suspect's fault), for ``start_timeout`` at most (AgentFailed)."""
         backoff = Backoff(base=0.5, cap=10.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.start_timeout
         while not self.closed:
             worker = self._worker(-1)
             self.probationers.add(worker)
@@ -265,6 +265,10 @@ class AgentPool:
                 if not isinstance(exc, AgentFailed | ConfigError | OSError):
                     raise
                 delay = backoff.next()
+                if loop.time() + delay >= deadline:
+                    raise AgentFailed(
+                        f"no probation worker started within {self._config.start_timeout}s ({exc})"
+                    ) from None
                 log.error("a probation worker did not start (%s); again in %.1fs", exc, delay)
             await asyncio.sleep(delay)
         raise AgentFailed("the node's agent workers are stopped")
@@ -274,6 +278,9 @@ class AgentPool:
         worker.failed = worker.failed or "retired"  # its end is not a failure to handle
         try:
             await worker.stop(STOP_WITHIN)
+        except BaseException:  # cancelled (the pool closing): not left running
+            worker.kill()
+            raise
         finally:
             self.probationers.discard(worker)
             self._probation_slots.release()

@@ -74,6 +74,7 @@ class RemoteAgent:
         self._lid = 0
         self._state = AgentState.LOADING
         self._dispatching = False
+        self._answered = False  # an event answering the dispatch in progress was committed
         self._heard = False  # the worker reported a state during this dispatch
         # Frames for the request in flight (``_rid``, of kind ``_calling``), in order, or
         # what ends it (WorkerLost, the instance closed).
@@ -114,6 +115,7 @@ class RemoteAgent:
     async def dispatch(self, action: Event) -> None:
         n = int(action.get("id") or 0)
         self._dispatching = True
+        self._answered = False
         failures = 0  # dispatches of this action that failed their worker, on any node
         suspect = False  # the last attempt failed its worker (it goes again alone)
         why = ""  # and why
@@ -131,15 +133,26 @@ class RemoteAgent:
                     elif not await self._on_probation(n, action, why, failures):
                         return  # given up: no instance to try it again
                 except WorkerLost as lost:
-                    suspect = lost.suspect
-                    if not suspect:
-                        continue  # it only shared the worker: the same attempt, elsewhere
-                    failures = await self._count_failure(n, lost.reason, failures)
-                    if failures >= self._pool.max_attempts:
-                        await self._give_up(n, lost.reason, failures)
-                        return
-                    why = lost.reason
-                    continue
+                    if self._answered:  # processed once answered, as after a failover
+                        log.warning(
+                            "conversation %s: the worker running action %d %s after the "
+                            "action was answered; it is not run again",
+                            self.sid,
+                            n,
+                            lost.reason,
+                        )
+                        self._state = AgentState.AWAITING_USER_INPUT
+                        self._moved_back(n)
+                    else:
+                        suspect = lost.suspect
+                        if not suspect:
+                            continue  # it only shared the worker: the same attempt, elsewhere
+                        failures = await self._count_failure(n, lost.reason, failures)
+                        if failures >= self._pool.max_attempts:
+                            await self._give_up(n, lost.reason, failures)
+                            return
+                        why = lost.reason
+                        continue
                 except TimeoutError:
                     self._drop()  # it may still run: a fresh instance takes the next one
                     await self._give_up(n, TIMEOUT, 1)
@@ -203,13 +216,17 @@ class RemoteAgent:
 
     async def _on_probation(self, n: int, action: Event, why: str, failures: int) -> bool:
         """Suspect action ``n`` again, in a fresh instance in a worker of its own (its
-        failures so far: ``failures``, the last for ``why``); False if no instance could
-        start there (the action is then given up). Either way the instance then starts
-        again in the pool, from the log."""
-        async with self._pool.probation() as worker:
+        failures so far: ``failures``, the last for ``why``); False if no worker could
+        start for it or no instance there (the action is then given up). Either way the
+        instance then starts again in the pool, from the log. WorkerLost when that
+        worker fails too (its start's failure counts as the action's)."""
+        async with contextlib.AsyncExitStack() as stack:
             try:
+                worker = await stack.enter_async_context(self._pool.probation())
                 await self._bind(worker)
             except AgentFailed as exc:
+                if self._closed or self._pool.closed:
+                    raise  # stopping: the action is the next owner's, not given up
                 log.error("%s", exc)
                 await self._give_up(n, why, failures)
                 return False
@@ -218,12 +235,13 @@ class RemoteAgent:
             finally:
                 if self._worker is worker:
                     self._drop()
-        self._moved_back()
+        self._moved_back(n)
         return True
 
-    def _moved_back(self) -> None:
-        """After a probation or an action given up: a fresh instance in the pool now,
-        not at the next action, if the last one is gone."""
+    def _moved_back(self, n: int) -> None:
+        """After a probation or an action ``n`` given up: a fresh instance in the pool
+        now (resuming after ``n``), not at the next action, if the last one is gone."""
+        self._done = max(self._done, n)
         if self._worker is None and not (self._closed or self._pool.closed):
             self._binding = self._pool.tasks.spawn(self._rebind(), f"rebind:{self.sid}")
 
@@ -240,7 +258,7 @@ class RemoteAgent:
         self._state = AgentState.AWAITING_USER_INPUT
         assert self._emit is not None
         await self._emit(event)
-        self._moved_back()
+        self._moved_back(n)
 
     # -- binding to a worker ---------------------------------------------------------
     async def _bound(self) -> AgentWorker:
@@ -271,7 +289,9 @@ class RemoteAgent:
                 await self._call(OPEN, self._opening())
                 return
             except WorkerLost as lost:
-                if lost.suspect or on is not None:
+                if on is not None:
+                    raise  # its own worker failed: as a failed dispatch of its action
+                if lost.suspect:
                     raise AgentFailed(
                         f"the agent of {self.sid} failed to start: {lost.reason}"
                     ) from None
@@ -407,6 +427,7 @@ class RemoteAgent:
             answer = [REFUSE, rid, *describe(exc)]
         else:
             answer = [REPLY, rid, event_id]
+            self._answered = self._answered or self._dispatching
         # After the frames the emit queued for this node's clients (written when this
         # loop iteration ends): the clients' answer first, the agent's go-ahead next.
         asyncio.get_running_loop().call_soon(worker.send, answer)

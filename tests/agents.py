@@ -62,7 +62,9 @@ class BadAgent(EchoAgent):
     ``containers N`` emits an event of N empty maps and answers the outcome,
     ``rawcontainers N`` writes such an EMIT on the channel past ``emit``'s checks,
     ``shortframe`` writes an EMIT frame without its ids, ``meet DIR`` leaves a mark in
-    DIR and waits for another conversation's mark from a live process other than its own.
+    DIR and waits for another conversation's mark from a live process other than its own,
+    ``resumed`` answers the last action its instance was started after, ``answer S``
+    answers "answered first", then takes S seconds more.
     With settings ``{"fail_start": true}`` its ``start`` raises (``{"start_raises":
     NAME}``: NAME, as ``throw``; ``{"start_exit": true}`` ends its process); with
     ``{"start_delay": S}`` it takes S seconds, and with ``{"start_log": PATH}`` writes how
@@ -176,6 +178,14 @@ class BadAgent(EchoAgent):
             await asyncio.sleep(30)
         elif word == "meet":
             await _meet(Path(arg), self.context.conversation_id)
+        elif word in ("resumed", "answer"):
+            assert self._emit is not None
+            said = f"resumed after {self.context.resumed_after}"
+            await self._emit(
+                {"action": "message", "args": {"content": "answered first" if arg else said}}
+            )
+            await asyncio.sleep(float(arg or 0))
+            return
         elif word == "checkpoint":  # saves one of that many bytes; answers what happened
             assert self._emit is not None
             try:

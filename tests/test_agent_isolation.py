@@ -486,6 +486,126 @@ async def test_a_loop_stopped_while_its_suspect_runs_on_probation_stops_that_wor
     assert lapses == []
 
 
+async def _kill_during(node: ConversationManager, watcher: Watcher, text: str) -> int:
+    """Say ``text``; once its dispatch runs, SIGKILL its worker from outside. Its id."""
+    asked = await watcher.say(text)
+    await wait_until(lambda: node.runner(watcher.sid).agent.in_flight, what="in flight")  # type: ignore[union-attr]
+    await asyncio.sleep(0.2)
+    worker = node.runner(watcher.sid).agent.worker  # type: ignore[union-attr]
+    os.kill(worker.pid, signal.SIGKILL)
+    return int(asked)
+
+
+async def test_an_instance_back_from_probation_resumes_after_the_action_it_ran(
+    make_nodes,
+) -> None:
+    """A suspect answered on probation; the instance then started again in the pool
+    resumes after that action, not before it (its start was sent before the dispatch
+    recorded the action as done: an agent keeping memory lost it)."""
+    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
+    watcher = await Watcher(node, make_nodes.sinks[node.node_id], "back").join()
+    await watcher.round_trip("first")
+    slow = await _kill_during(node, watcher, "slow 1")
+    await wait_until(lambda: "slow 1" in watcher.answers(), timeout=20, what="answered")
+    await watcher.say("resumed")
+    await wait_until(lambda: watcher.answers()[-1].startswith("resumed after"), what="resumed")
+    assert watcher.answers()[-1] == f"resumed after {slow}"
+    assert watcher.errors() == [] and lapses == []
+
+
+async def test_an_action_answered_before_its_worker_died_is_not_run_again(make_nodes) -> None:
+    """An action counts as processed once its first answer is committed (as a successor
+    after a failover sees it): its worker dying afterwards does not run it again. Before,
+    it went again on probation and was answered twice."""
+    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
+    watcher = await Watcher(node, make_nodes.sinks[node.node_id], "once").join()
+    await watcher.say("answer 2")
+    await wait_until(lambda: "answered first" in watcher.answers(), what="answered")
+    os.kill(node.runner("once").agent.worker.pid, signal.SIGKILL)  # type: ignore[union-attr]
+    await wait_until(lambda: _pool(node).restarts == 1, what="its worker replaced")
+    await watcher.round_trip("after")
+    assert watcher.answers() == ["answered first", "after"]
+    assert not _pool(node).probationers and watcher.errors() == [] and lapses == []
+    watcher.answered_once()
+
+
+async def test_a_probation_worker_lost_while_its_instance_starts_counts_and_goes_again(
+    make_nodes,
+) -> None:
+    """The probation worker dies while the suspect's fresh instance starts: a failure of
+    that action like any other (counted, then again), not a reason to give it up after
+    one attempt of five."""
+    node, lapses = await _isolated_node(
+        make_nodes, agent_workers=1, agent_stall_timeout=5.0, max_dispatch_attempts=5
+    )
+    watcher = await Watcher(node, make_nodes.sinks[node.node_id], "restart").join(
+        {"start_delay": 1.0}
+    )
+    asked = await _kill_during(node, watcher, "slow 1")
+    pool = _pool(node)
+
+    def starting() -> Any:
+        return next((p for p in pool.probationers if p.usable and p.loops), None)
+
+    probationer = await wait_until(starting, timeout=20, what="starting on probation")
+    os.kill(probationer.pid, signal.SIGKILL)
+    await wait_until(lambda: "slow 1" in watcher.answers(), timeout=30, what="answered")
+    assert watcher.errors() == [] and lapses == []
+    assert await node.state.attempts("restart") == {}  # forgotten once it went through
+    assert asked
+
+
+async def test_a_suspect_no_probation_worker_can_start_for_is_given_up(
+    make_nodes, monkeypatch
+) -> None:
+    """No probation worker starts (the machine cannot fork one): the suspect action is
+    answered with an error after start_timeout, not left waiting for ever."""
+    node, lapses = await _isolated_node(
+        make_nodes, agent_workers=1, agent_stall_timeout=5.0, start_timeout=2.0
+    )
+    watcher = await Watcher(node, make_nodes.sinks[node.node_id], "nofork").join()
+    pool = _pool(node)
+    spawn = pool._spawn
+
+    async def no_probation_fork(worker: Any) -> None:
+        if worker.slot == -1:
+            raise OSError(11, "Resource temporarily unavailable")
+        await spawn(worker)
+
+    monkeypatch.setattr(pool, "_spawn", no_probation_fork)
+    asked = await _kill_during(node, watcher, "slow 1")
+    await wait_until(watcher.errors, timeout=20, what="given up")
+    (error,) = watcher.errors()
+    assert error["extras"] == {"action_id": asked, "reason": "worker died"}
+    monkeypatch.undo()
+    await watcher.round_trip("after")
+    assert lapses == []
+
+
+async def test_a_node_closed_while_a_probation_worker_is_held_leaves_no_process(
+    make_nodes,
+) -> None:
+    """A suspect blocks its probation worker's loop again (the stall timeout long); the
+    node closes: that process is killed with the rest, not left behind (its stop was
+    cancelled with the pool's tasks, and the pool no longer knew it)."""
+    node, _ = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=30.0)
+    watcher = await Watcher(node, make_nodes.sinks[node.node_id], "held").join()
+    await _kill_during(node, watcher, "block 20")
+    pool = _pool(node)
+
+    def blocked() -> Any:
+        return next(
+            (p for p in pool.probationers if any(a.in_flight for a in p.loops.values())), None
+        )
+
+    probationer = await wait_until(blocked, timeout=20, what="blocking on probation")
+    await asyncio.sleep(0.3)
+    await make_nodes.aclose()
+    await wait_until(
+        lambda: not os.path.exists(f"/proc/{probationer.pid}"), what="the process gone"
+    )
+
+
 async def test_a_dispatch_cut_short_by_a_lease_lapse_is_not_held_against_the_action(
     make_nodes,
 ) -> None:
