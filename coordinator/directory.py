@@ -12,17 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from .errors import REDIS_TROUBLE, InvalidInput
-from .eventstore import EventStore
+from .eventstore import EventStore, StoreUnavailable
 from .inputs import shown
 from .membership import Membership
+from .ratelimit import LogThrottle
 from .state import RedisState
 from .state.loops import USER_INDEX_MAX
 from .status import LOST_SHOWN, Advertisement, ConversationStatus, NodeStatus
+
+log = logging.getLogger(__name__)
+_partial = LogThrottle(log)  # a line per listing while the store is away, at most 2 a second
+PARTIAL_LIST = (
+    "the event store is unavailable right now: only the conversations Redis holds "
+    "(running or recently active) are listed"
+)
 
 MAX_LISTED = USER_INDEX_MAX  # a list request reads the user's whole index (newest first)
 
@@ -206,7 +215,7 @@ class Directory:
     # -- views for REST --------------------------------------------------------------
     async def list_conversations(
         self, user: str, limit: int = MAX_LISTED, page_id: str | None = None
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[dict[str, Any]], str | None, bool]:
         """A page of the user's conversations, newest first (by ``created``, then id),
         with state and owning node, and the ``page_id`` of the next page (None after
         the last): those of the user's index in Redis and those the event store holds (a
@@ -214,16 +223,25 @@ class Directory:
         the whole list, read again, after the place of the last one's last view: one
         created meanwhile is on the first page, not the next, and none moves but one
         that retired meanwhile, whose ``created`` becomes the event store's (when its
-        first events were stored, moments after)."""
+        first events were stored, moments after). Last, whether the page is partial:
+        the event store unavailable, only the conversations Redis holds are listed."""
         after = None if page_id is None else _page_key(page_id)
         indexed, stored = await asyncio.gather(
             self._state.user_conversations(user, MAX_LISTED),
             self._store.list_conversations(user, MAX_LISTED),
+            return_exceptions=True,
         )
-        first_stored = dict(stored)
+        for result in (indexed, stored):
+            if isinstance(result, BaseException) and not isinstance(result, StoreUnavailable):
+                raise result
+        partial = isinstance(stored, StoreUnavailable)
+        if partial:
+            _partial.emit(logging.WARNING, "listing conversations from Redis alone: %s", stored)
+        assert not isinstance(indexed, BaseException)
+        first_stored = {} if isinstance(stored, BaseException) else dict(stored)
         sids = list(dict.fromkeys([*indexed, *first_stored]))
         if not sids:
-            return [], None
+            return [], None, partial
         live = set((await self.nodes()).values())
         out = []
         for sid, meta in zip(sids, await self._state.records(sids), strict=True):
@@ -238,8 +256,8 @@ class Directory:
         if after is not None:
             out = [view for view in out if _order(view) < after]
         if len(out) <= limit:
-            return out, None
-        return out[:limit], _page_id(_order(out[limit - 1]))
+            return out, None, partial
+        return out[:limit], _page_id(_order(out[limit - 1])), partial
 
     async def conversation_view(self, sid: str) -> dict[str, Any]:
         """One conversation's public view with its ``user`` ({} when unknown): from its

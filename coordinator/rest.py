@@ -25,7 +25,7 @@ from . import codec
 from .answers import COMMON_HEADERS, WrittenOnce, json_response
 from .auth import Identity, TokenVerifier
 from .config import Lifetimes
-from .directory import MAX_LISTED
+from .directory import MAX_LISTED, PARTIAL_LIST
 from .errors import ConversationNotFound, Forbidden, InvalidInput, NodeDraining
 from .http import (
     Cors,
@@ -232,12 +232,17 @@ class RestApp:
     async def list_conversations(self, request: Request) -> Response:
         """A page of the caller's conversations, newest first: ``?limit=N`` (1..1000,
         default 100) and ``&page_id=`` the ``next_page_id`` of the page before (None
-        after the last page)."""
+        after the last page); ``partial`` (why) while the event store is away and only
+        the conversations Redis holds (the running and recently active) are listed."""
         user = await self.user(request)
         limit = query_int(request, "limit", DEFAULT_PAGE, 1, MAX_LISTED)
         page_id = query_param(request, "page_id")
-        convs, next_page = await self.manager.directory.list_conversations(user, limit, page_id)
-        return json_response(200, {"conversations": convs, "next_page_id": next_page})
+        directory = self.manager.directory
+        convs, next_page, partial = await directory.list_conversations(user, limit, page_id)
+        body: dict[str, Any] = {"conversations": convs, "next_page_id": next_page}
+        if partial:  # the event store away: what Redis holds, and said so
+            body["partial"] = PARTIAL_LIST
+        return json_response(200, body)
 
     async def get_conversation(self, request: Request) -> Response:
         who = await self.identity(request)

@@ -22,7 +22,7 @@ from coordinator import ConversationManager
 from coordinator.auth import issue_token
 from coordinator.codec import EVENTS_LOST, evicted_event, notice_code, pack, unpack, with_id
 from coordinator.config import NOTE_ROOM
-from coordinator.directory import describe_retired
+from coordinator.directory import PARTIAL_LIST, describe_retired
 from coordinator.errors import Forbidden, InboxFull, InvalidInput, LimitExceeded, StoreBehind
 from coordinator.eventstore import Batch, EventStore, StoreError, StoreMismatch, StoreUnavailable
 from coordinator.recovery import reap_incarnation
@@ -344,6 +344,31 @@ async def test_a_hole_in_the_store_is_an_error_not_skipped(
     assert "lacks event 10 of conversation 'holed'" in why, why
 
 
+async def test_the_list_while_the_store_is_away_is_what_redis_holds_and_says_so(
+    servers: ServerCluster, postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    """The event store away, a user's list of conversations is the ones Redis holds (the
+    running and recently active), flagged ``partial`` with why: before, a 503, and a
+    client's home page showed nothing to go back to. Once the store is back, whole."""
+    (a,) = await servers.start(1, event_store=postgres_dsn)
+    writer = await servers.join(a, "listed", "alice")
+    await say(writer, "hi")
+    await writer.wait_ids(2)
+    await wait_stored(a.manager, "listed", 2)
+    await asyncio.to_thread(postgres_server.stop)
+    status, body = await servers.request("GET", a, "/api/conversations", user="alice")
+    assert status == 200, body
+    assert [c["conversation_id"] for c in body["conversations"]] == ["listed"]
+    assert body["partial"] == PARTIAL_LIST
+    await asyncio.to_thread(postgres_server.start)
+
+    async def whole() -> bool:
+        status, body = await servers.request("GET", a, "/api/conversations", user="alice")
+        return status == 200 and "partial" not in body
+
+    await wait_until(whole, timeout=20, what="listed whole again")
+
+
 async def test_requests_while_the_store_is_away_log_a_line_each_at_most_2_a_second(
     servers: ServerCluster,
     postgres_server: PostgresServer,
@@ -646,21 +671,21 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     assert await a.user_of("kept") == "alice"  # the store still knows it
     # Nothing of it stays in Redis, its user's index included: the store lists it.
     assert await redis.zscore(a.state.keys.user_convs("alice"), "kept") is None
-    listed, _ = await a.directory.list_conversations("alice")
+    listed, _, _ = await a.directory.list_conversations("alice")
     assert listed == [describe_retired("kept", listed[0]["created"])]
     assert listed[0]["state"] == "stopped" and listed[0]["created"] > 0
     # Asked for alone it says as much, with its last id.
     view = await a.directory.conversation_view("kept")
     assert view == {**listed[0], "events": last, "user": "alice"}
     await a.join_conversation("fresh", "cf", {}, "alice")  # newer, and in Redis
-    listed, _ = await a.directory.list_conversations("alice")
+    listed, _, _ = await a.directory.list_conversations("alice")
     assert [(c["conversation_id"], c["state"]) for c in listed] == [
         ("fresh", "loading"),
         ("kept", "stopped"),
     ]
     # Pages across the two sources: Redis' index, then the store's.
-    first, page_id = await a.directory.list_conversations("alice", 1)
-    second, after_last = await a.directory.list_conversations("alice", 1, page_id)
+    first, page_id, _ = await a.directory.list_conversations("alice", 1)
+    second, after_last, _ = await a.directory.list_conversations("alice", 1, page_id)
     assert (first, second, after_last) == (listed[:1], listed[1:], None)
     await a.disconnect_from_session("cf")
     assert [e["id"] for e in await b.events("kept", 0, 100)] == list(range(1, last + 1))
@@ -672,7 +697,7 @@ async def test_a_stopped_conversation_leaves_redis_after_the_retention_and_comes
     # place: it was made new at each return, jumping to the top of the list.
     back = await b.directory.conversation_view("kept")
     assert back["created"] == listed[1]["created"]
-    listed, _ = await b.directory.list_conversations("alice")
+    listed, _, _ = await b.directory.list_conversations("alice")
     assert [c["conversation_id"] for c in listed] == ["fresh", "kept"]
 
 
