@@ -78,7 +78,6 @@ class AgentWorker(asyncio.Protocol):
         self.last_pong = 0.0
         self.up_since = 0.0  # loop time of its HELLO
         self.blocked_lid = 0  # the instance whose task holds its loop, as reported
-        self.successor: AgentWorker | None = None  # the worker that took its place
         self._on_lost = on_lost
         self._hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._proc: asyncio.subprocess.Process | None = None

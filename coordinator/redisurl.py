@@ -123,22 +123,39 @@ def seed_urls(url: str) -> list[str]:
     ]
 
 
-def _addresses(hosts: str, what: str) -> list[tuple[str, int]]:
-    """``HOST:PORT,HOST:PORT...`` as (host, port) pairs (an IPv6 host unbracketed);
-    ConfigError naming ``what`` an address is when one is not HOST:PORT."""
+def _addresses(hosts: str, what: str, *, blanks: bool = False) -> list[tuple[str, int]]:
+    """``HOST:PORT,HOST:PORT...`` as (host, port) pairs (an IPv6 host unbracketed; with
+    ``blanks``, empty items skipped); ConfigError naming ``what`` an address is when one
+    is not HOST:PORT with a port 1-65535 in ASCII digits."""
     found = []
-    for item in hosts.split(","):
+    items = [part.strip() for part in hosts.split(",")]
+    for item in filter(None, items) if blanks else items:
         host, _, port = item.rpartition(":")
-        if not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        host = host.strip("[]")
+        if (
+            not host
+            or any(c.isspace() for c in host)
+            or not _PORT.fullmatch(port)
+            or int(port) > 65535
+        ):
             raise ConfigError(f"redis_url: {what} address {item!r} is not HOST:PORT")
-        found.append((host.strip("[]"), int(port)))
+        found.append((host, int(port)))
     return found
+
+
+_PORT = re.compile(r"0*[1-9][0-9]{0,4}")
 
 
 def address_of(url: str) -> tuple[str, int]:
     """The host and port of a node's redis:// or rediss:// URL (6379 when it names none)."""
     parts = urlsplit(url)
     return parts.hostname or "", parts.port or 6379
+
+
+def shown_address(url: str) -> str:
+    """``HOST:PORT`` of a node's URL, an IPv6 host bracketed: for messages."""
+    host, port = address_of(url)
+    return f"{_bracketed(host)}:{port}"
 
 
 def _bracketed(host: str) -> str:
@@ -225,7 +242,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     if parts.scheme not in ("redis+sentinel", "rediss+sentinel"):
         raise ConfigError("a Sentinel URL starts with redis+sentinel:// or rediss+sentinel://")
     hosts = parts.netloc.rpartition("@")[2]
-    sentinels = _addresses(hosts, "sentinel") if hosts else []
+    sentinels = _addresses(hosts, "sentinel", blanks=True)  # as before: "h:1,h:2,/m"
     if not sentinels:
         raise ConfigError("redis_url: a Sentinel URL needs at least one HOST:PORT")
     path = [p for p in parts.path.split("/") if p]

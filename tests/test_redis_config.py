@@ -42,7 +42,7 @@ async def test_several_nodes_of_which_the_first_answering_is_a_plain_server_are_
     refused, not run as a standalone node on whichever answered."""
     host, port = urlsplit(redis_url).hostname, urlsplit(redis_url).port
     seeds = f"redis://:S3CRET@127.0.0.1:{free_port()},{host}:{port}/0"
-    with pytest.raises(ConfigError, match=r"lists several nodes.*not a Redis Cluster node") as e:
+    with pytest.raises(ConfigError, match=r"lists several nodes.*not Redis Cluster nodes") as e:
         await _start(redis_url=seeds)
     assert "S3CRET" not in str(e.value)
 

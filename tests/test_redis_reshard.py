@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from coordinator import ConversationManager
@@ -22,6 +24,8 @@ from coordinator.state import RedisState
 from tests.helpers import RecordingSink, fast_config, wait_until
 from tests.redis_process import RedisProcess
 from tests.redis_topologies import RedisClusterServers
+from tests.redisproc import RedisProcess as SpareRedis
+from tests.redisproc import redis_args
 
 
 def move_slot(
@@ -253,11 +257,12 @@ async def test_a_lane_call_waits_out_a_failover_within_its_deadline(
 
 
 async def test_a_node_starts_when_the_first_cluster_node_it_is_told_is_down(
-    redis_cluster: RedisClusterServers,
+    redis_cluster: RedisClusterServers, tmp_path: Path
 ) -> None:
     """``--redis-url`` lists several nodes of the cluster (its seeds): a node starts and
-    serves while the first of them is down (a node removed, restarting, lost), as it
-    would not with that one alone. Told only nodes that are down, it says so for each."""
+    serves while the first of them is down (restarting, lost), or serves no slot (a node
+    removed from the cluster, or never added), as it would not with that one alone. Told
+    only nodes that are down, it says so for each."""
     down = [free_port(), free_port()]
     live = "{}:{}".format(*redis_cluster.addresses[0])
     seeds = f"redis://127.0.0.1:{down[0]},{live}/0"
@@ -265,6 +270,20 @@ async def test_a_node_starts_when_the_first_cluster_node_it_is_told_is_down(
         assert node.node.backend.mode == "cluster"
         await node.join_conversation("seeded", "c", {}, "alice")
         await answered(node, sink)
+    # A node that is no part of the cluster (never added, or removed) listed first.
+    port = free_port()
+    spare = SpareRedis(
+        [*redis_args(port, tmp_path), "--cluster-enabled", "yes"],
+        lambda: redis.Redis(port=port).ping(),
+        tmp_path,
+    ).start()
+    try:
+        seeds = f"redis://127.0.0.1:{port},{live}/0"
+        async with started(redis_cluster, "spare", "seeds", url=seeds) as (node, sink):
+            await node.join_conversation("spared", "c", {}, "alice")
+            await answered(node, sink)
+    finally:
+        spare.stop()
     config = fast_config(f"redis://127.0.0.1:{down[0]},127.0.0.1:{down[1]}/0", "none")
     node = ConversationManager(config, sink=RecordingSink())
     with pytest.raises(RedisUnavailable) as refused:

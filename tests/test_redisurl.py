@@ -63,6 +63,9 @@ def test_redact_url_hides_everything_up_to_the_last_at(text: str, shown: str) ->
         ("redis://:S3CRET@h1:7000,h2/0", "cluster node address 'h2' is not HOST:PORT"),
         ("redis://:S3CRET@h1:7000,,h2:7001/0", "cluster node address '' is not HOST:PORT"),
         ("redis://:S3CRET@h1:7000,h2:70000/0", "'h2:70000' is not HOST:PORT"),
+        ("redis://:S3CRET@h1:7000,h2:\u00b2/0", "'h2:\u00b2' is not HOST:PORT"),  # isdigit()
+        ("redis://:S3CRET@h1:7000,h2:0/0", "'h2:0' is not HOST:PORT"),
+        ("redis://:S3CRET@h1:7000,h 2:7001/0", "'h 2:7001' is not HOST:PORT"),
         ("redis://:S3CRET@h1:7000,h2:7001/abc", "after the host comes /DB"),
         ("rediss://:S3CRET@h1:7000,h2:7001/0?socket_timeout=0", "socket_timeout must be more"),
         # A path redis-py would read as no database, so DB 0.
@@ -108,6 +111,7 @@ def test_check_redis_url_refuses_what_redis_py_would_misread(url: str, why: str)
         "redis+sentinel://h1:26379/mymaster?socket_timeout=1&sentinel_password=pw",
         "redis://u:pw@h1:7000,h2:7001,[::1]:7002/0?socket_timeout=2",
         "rediss://h1:7000,h2:7001",
+        "redis+sentinel://h1:26379,h2:26379,/mymaster",  # a blank item, as accepted before
     ],
 )
 def test_check_redis_url_accepts_every_supported_form(url: str) -> None:
@@ -124,6 +128,7 @@ def test_a_url_of_several_nodes_is_one_url_per_node_with_everything_else_kept() 
     ]
     assert [address_of(u) for u in seed_urls(url)] == [("h1", 7000), ("::1", 7001)]
     assert seed_urls("redis://h1:7000/0") == ["redis://h1:7000/0"]
+    assert seed_urls("redis://h1:7000, h2:7001/0") == ["redis://h1:7000/0", "redis://h2:7001/0"]
     assert seed_urls("redis+sentinel://h1:26379,h2:26379/m") == [
         "redis+sentinel://h1:26379,h2:26379/m"
     ]

@@ -34,7 +34,7 @@ from ..errors import REDIS_TROUBLE, ConfigError, RedisRefused, RedisUnavailable,
 from ..keys import KeySchema
 from ..links import Endpoint, Locate
 from ..redact import redact_url
-from ..redisurl import address_of, seed_urls
+from ..redisurl import seed_urls, shown_address
 from ..state import LeaseRenewer, RedisState
 from ..state.core import Lane
 from ..subscriptions import PUBSUB_NAME, Subscription, Subscriptions
@@ -67,14 +67,21 @@ def unreachable(config: ManagerConfig, exc: BaseException) -> RedisUnavailable:
     return RedisUnavailable(where, reason)
 
 
-async def ask_node(config: ManagerConfig, command: str, *args: Any) -> Any:
+async def ask_node(
+    config: ManagerConfig,
+    command: str,
+    *args: Any,
+    wanted: Callable[[Any], bool] | None = None,
+) -> Any:
     """The reply to ``command`` of the node ``config.redis_url`` names (no cluster client,
-    no Sentinel), within the connect timeout; of the first that answers when it lists
-    several (a cluster's seeds, in order). RedisUnavailable otherwise, naming each one's
-    trouble; RedisRefused when one refused the login or the command (no other will do
+    no Sentinel), within the connect timeout; when it lists several (a cluster's seeds),
+    of the first, in order, that answers ``wanted`` (any reply by default), else the
+    first reply. RedisUnavailable when none answered, naming each one's trouble;
+    RedisRefused when one refused the login or the command (no other will do
     differently)."""
     seeds = seed_urls(config.redis_url)
     troubles: list[str] = []
+    replies: list[Any] = []
     for url in seeds:
         client = aioredis.Redis.from_url(
             url,
@@ -83,15 +90,21 @@ async def ask_node(config: ManagerConfig, command: str, *args: Any) -> Any:
         )
         try:
             async with asyncio.timeout(config.connect_timeout + 1):
-                return await client.execute_command(command, *args)  # type: ignore[no-untyped-call]
+                reply = await client.execute_command(command, *args)  # type: ignore[no-untyped-call]
         except REDIS_TROUBLE as exc:
             failure = unreachable(config, exc)
             if isinstance(failure, RedisRefused) or len(seeds) == 1:
                 raise failure from None
             reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
-            troubles.append("{}:{}: {}".format(*address_of(url), reason))
+            troubles.append(f"{shown_address(url)}: {reason}")
+            continue
         finally:
             await client.aclose()
+        if wanted is None or wanted(reply):
+            return reply
+        replies.append(reply)
+    if replies:
+        return replies[0]
     raise RedisUnavailable(
         redact_url(config.redis_url), f"none of its nodes answered ({'; '.join(troubles)})"
     )

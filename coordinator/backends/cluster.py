@@ -3,8 +3,9 @@ a pipelined connection per shard (``cluster_lane.py``) and sharded pub/sub
 (``sharded.py``).
 
 Any node of the cluster will do as ``--redis-url``, or several
-(``redis://HOST:PORT,HOST:PORT/0``): the slot map is read from the first that answers,
-then from the masters it names. Every
+(``redis://HOST:PORT,HOST:PORT/0``): the start's checks ask them in order, skipping one
+that is down or serves no slot, and the clients read the slot map from any of them that
+answers, then from the masters it names. Every
 key of the schema carries a hash tag and every script touches one tag, so each call goes
 to one shard; redis-py follows ``MOVED``/``ASK`` and retries ``TRYAGAIN``/
 ``CLUSTERDOWN`` and lost connections for the state layer's other calls.
@@ -73,11 +74,8 @@ class ClusterBackend(Backend):
         """As ``Backend.check``; first, that the node at the URL serves slots: the cluster
         client fails on one with none (nodes started but never made a cluster) with an
         IndexError from deep inside redis-py."""
-        info = await ask_node(self.config, "CLUSTER INFO")
-        if not isinstance(info, dict):  # redis-py parses the reply into a dict
-            text = info.decode() if isinstance(info, bytes) else str(info)
-            info = dict(line.split(":", 1) for line in text.split() if ":" in line)
-        if str(info.get("cluster_slots_assigned", "0")) == "0":
+        info = _cluster_info(await ask_node(self.config, "CLUSTER INFO", wanted=_serves_slots))
+        if not _serves_slots(info):
             raise RedisUnavailable(
                 redact_url(self.config.redis_url),
                 "it is a Redis Cluster node with no slots assigned (was the cluster created? "
@@ -143,6 +141,20 @@ class ClusterBackend(Backend):
             require_full_coverage=False,
         )
         return LeaseRenewer(client, keys)
+
+
+def _cluster_info(reply: Any) -> dict[str, Any]:
+    """CLUSTER INFO as a dict (redis-py parses it into one; a raw reply is parsed here)."""
+    if isinstance(reply, dict):
+        return reply
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
+def _serves_slots(reply: Any) -> bool:
+    """Whether a node's CLUSTER INFO says the cluster has slots assigned (a node never
+    made part of one, or removed from it, has none: any seed listed after it will do)."""
+    return str(_cluster_info(reply).get("cluster_slots_assigned", "0")) != "0"
 
 
 def _per_node(infos: Any) -> dict[str, Any]:

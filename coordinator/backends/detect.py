@@ -3,6 +3,8 @@ when it is not the one ``--redis-mode`` names."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..config import ManagerConfig
 from ..errors import ConfigError
 from ..redact import redact_url
@@ -14,8 +16,13 @@ from .standalone import StandaloneBackend
 
 
 async def cluster_enabled(config: ManagerConfig) -> bool:
-    """Ask the node at ``redis_url`` whether it is a Redis Cluster node."""
-    info = await ask_node(config, "INFO", "cluster")
+    """Ask the node at ``redis_url`` whether it is a Redis Cluster node (of several
+    listed, the first in order that answers as one, if any)."""
+    info = await ask_node(config, "INFO", "cluster", wanted=_clustered)
+    return _clustered(info)
+
+
+def _clustered(info: Any) -> bool:
     return bool(int(info.get("cluster_enabled", 0)))
 
 
@@ -37,7 +44,7 @@ async def open_backend(config: ManagerConfig) -> Backend:
     if not clustered and len(seed_urls(url)) > 1:
         raise ConfigError(
             f"redis_url {where} lists several nodes, the seeds of a Redis Cluster, but the "
-            "first that answered is not a Redis Cluster node (cluster_enabled:0): give one "
+            "nodes that answered are not Redis Cluster nodes (cluster_enabled:0): give one "
             "node's URL (for Sentinel: redis+sentinel://)"
         )
     if mode == "cluster" and not clustered:
