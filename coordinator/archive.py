@@ -43,6 +43,7 @@ from .backoff import Backoff
 from .config import ManagerConfig
 from .eventstore import AppendResult, Batch, EventStore, StoreError, StoreMismatch
 from .state import Lease, RedisState
+from .tasks import TaskSet
 
 if TYPE_CHECKING:
     from .runner import LoopRunner
@@ -65,6 +66,10 @@ APPEND_TIMEOUT = 30.0
 # bench/store.py for the round trip with the mover on and idle).
 GATHER_FOR = 0.05
 SWEEP_BATCH = 100  # conversations one sweep looks at (``Archiver.sweep``)
+# A store found to have lost events: every conversation Redis holds is checked
+# (``Archiver.audit``), this many at a time, at most once in this many seconds.
+AUDIT_BATCH = 200
+AUDIT_EVERY = 60.0
 
 
 async def check_cluster_store(
@@ -115,8 +120,12 @@ class Archiver:
         config: ManagerConfig,
         runners: Mapping[str, LoopRunner],
         where: str,
+        tasks: TaskSet,
     ) -> None:
         self._state = state
+        self._tasks = tasks
+        self._audit: asyncio.Task[None] | None = None
+        self._audit_at = 0.0  # loop time the last audit began
         self._store = store
         self._config = config
         self._runners = runners
@@ -302,17 +311,7 @@ class Archiver:
                     )
                 else:
                     rewound.add(lease.sid)
-                    self.rewinds += 1
-                    log.error(
-                        "event store %s lost %s's events %d-%d it had acknowledged (a "
-                        "failover to a replica that lagged? a restore from an older "
-                        "backup?): storing them again from the Redis log (those it no "
-                        "longer holds, as lost)",
-                        self._where,
-                        lease.sid,
-                        held + 1,
-                        recorded,
-                    )
+                    self._lost(lease.sid, held, recorded)
                     rewinds.append((lease, held))
             reads = await _each(
                 self._state.mark_stored(
@@ -332,6 +331,60 @@ class Archiver:
             )
             todo += [(lease, read) for (lease, _), read in zip(rewinds, reads, strict=True)]
         return [out[lease.sid] for lease in leases]
+
+    def _lost(self, sid: str, held: int, recorded: int, *, audit: bool = True) -> None:
+        """The store holds ``sid`` up to ``held``, below the ``recorded`` it acknowledged:
+        said, counted and (``audit``) every other conversation checked, at most once
+        every ``AUDIT_EVERY`` seconds."""
+        self.rewinds += 1
+        log.error(
+            "event store %s lost %s's events %d-%d it had acknowledged (a failover to a "
+            "replica that lagged? a restore from an older backup?): storing them again "
+            "from the Redis log (those it no longer holds, as lost)",
+            self._where,
+            sid,
+            held + 1,
+            recorded,
+        )
+        now = asyncio.get_running_loop().time()
+        if audit and (self._audit is None or now >= self._audit_at + AUDIT_EVERY):
+            self._audit_at = now
+            self._audit = self._tasks.spawn(self._audit_all(), "event store audit")
+
+    async def _audit_all(self) -> None:
+        try:
+            found = await self.audit()
+        except (StoreError, RedisError, RedisClusterException) as exc:
+            log.warning("checking every conversation against event store %s: %s", self._where, exc)
+        else:
+            log.warning(
+                "event store %s checked: %d more conversation(s) lost events", self._where, found
+            )
+
+    async def audit(self) -> int:
+        """Every conversation Redis holds whose store holds less than it acknowledged (a
+        quiet one would never say so: nothing of its is stored again; once Redis let it
+        go, the store's shorter copy would be the only one, its ids given again): its
+        mark in Redis lowered to what the store holds and the conversation noted for the
+        sweep (``note_unstored``), which stores the rest again. How many were found."""
+        found = 0
+        async for marks in self._state.conversations_held(AUDIT_BATCH):
+            marked = [sid for sid, stored in marks.items() if stored]
+            held = await asyncio.gather(*(self._store.last_id(sid) for sid in marked))
+            short = [(sid, h) for sid, h in zip(marked, held, strict=True) if h < marks[sid]]
+            if not short:
+                continue
+            purging = await self._state.purging([sid for sid, _ in short])
+            short = [(sid, h) for sid, h in short if sid not in purging]
+            for sid, h in short:
+                self._lost(sid, h, marks[sid], audit=False)
+                await self._state.rewind_stored(sid, h, 1, 1)
+            await self._state.note_unstored(sid for sid, _ in short)
+            for sid, _ in short:
+                if (runner := self._runners.get(sid)) is not None and runner.running:
+                    self.logged(sid)
+            found += len(short)
+        return found
 
     async def _append(self, batches: list[tuple[Lease, Batch]]) -> list[AppendResult | Exception]:
         if not batches:

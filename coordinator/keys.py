@@ -34,6 +34,18 @@ class KeySchema:
         """Hash: user, owner, inc, epoch, state, seq, applied, refs, created, last_active."""
         return f"{self.prefix}:{{c:{sid}}}:meta"
 
+    def conv_pattern(self) -> str:
+        """SCAN pattern of every conversation's record (``conv``; the prefix has no glob
+        character: ``ManagerConfig`` allows none)."""
+        return f"{self.prefix}:{{c:*}}:meta"
+
+    def sid_of_conv(self, key: str) -> str | None:
+        """The conversation whose record ``key`` is (None for another key)."""
+        head = f"{self.prefix}:{{c:"
+        if key.startswith(head) and key.endswith("}:meta"):
+            return key[len(head) : -len("}:meta")]
+        return None
+
     def events(self, sid: str) -> str:
         """Stream: the bounded event log; entry id ``<event id>-0``."""
         return f"{self.prefix}:{{c:{sid}}}:events"

@@ -26,6 +26,7 @@ from .config import DEFAULT_LIFETIMES, Lifetimes, ManagerConfig
 from .directory import Directory
 from .errors import (
     EXPECTED,
+    REDIS_TROUBLE,
     ConfigError,
     ConnectionNotFound,
     ConversationNotFound,
@@ -405,7 +406,8 @@ class ConversationManager:
         """Stop ``sid``'s loop and delete it everywhere: its history in the event store,
         then its Redis state (a store that fails leaves the conversation whole, its
         unstored events included; Redis failing after the store leaves a record a purge
-        again finishes). Says what it removed."""
+        again finishes, held as being purged meanwhile, for the retention at most, so that
+        no node stores it again). Says what it removed."""
         check_conversation_id(sid)
         user = _user(user_id)
         owner = await self._user_if_known(sid)
@@ -416,15 +418,23 @@ class ConversationManager:
         # No node takes it from here on (a create or join meanwhile is refused: 409); a
         # start already under way is waited for and stopped by the close.
         await self.state.mark_purging(sid, PURGE_WITHIN + self.config.agent_start_timeout)
+        emptied = False
         try:
             closed = False
             if await self.conversation(sid):
                 closed = await self.close_session(sid, owner or None)
             store = self.node.store
             events, size = await store.purge(sid) if store is not None else (0, 0)
+            emptied = True
             keys = await self.state.purge(sid, owner)
-        finally:
-            await self.state.unmark_purging(sid)
+        except BaseException:
+            if emptied:  # Redis not purged: no move may store it again (its mark lasts)
+                with contextlib.suppress(*REDIS_TROUBLE):
+                    await self.state.mark_purging(sid, self.config.retention_ms / 1000)
+            else:
+                await self.state.unmark_purging(sid)
+            raise
+        await self.state.unmark_purging(sid)
         log.info("conversation %s purged: %d Redis keys, %d stored events", sid, keys, events)
         return {
             "closed": closed,

@@ -196,6 +196,7 @@ class Node:
             config=cfg,
             runners=self.runners,
             where=self.store_url,
+            tasks=tasks,
         )
         self.metrics.counter_from(
             "coordinator_store_rewinds",

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from coordinator import ConversationManager
 from coordinator.auth import issue_token
@@ -914,6 +915,35 @@ async def test_a_purge_the_store_fails_leaves_the_conversation_whole(
     assert await a.node.store.conversation("kept") is None
 
 
+async def test_a_purge_redis_fails_after_the_store_is_not_undone_by_a_move(
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store emptied, then Redis' part of the purge fails: the conversation stays
+    held as being purged, so a move of it (a sweep) does not take the store's emptiness
+    for a loss and store its window again, and a purge again finishes it."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("doomed", "c", {}, "alice")
+    last = await send(a, "c", "hello")
+    await wait_stored(a, "doomed", last + 1)
+    purge = a.state.purge
+
+    async def redis_fails(*_: Any) -> int:
+        raise RedisConnectionError("Redis went away")
+
+    monkeypatch.setattr(a.state, "purge", redis_fails)
+    with pytest.raises(RedisConnectionError):
+        await a.purge("doomed", "alice")
+    monkeypatch.setattr(a.state, "purge", purge)
+    assert await a.state.purging(["doomed"]) == {"doomed"}
+    meta = await a.state.meta("doomed")
+    lease = Lease("doomed", "alice", "", int(meta["epoch"]))
+    (moved,) = await a.node.archiver.move_all([lease])
+    assert not isinstance(moved, Exception), moved  # and nothing stored again:
+    assert a.node.store is not None and await a.node.store.conversation("doomed") is None
+    assert (await a.purge("doomed", "alice"))["purged"]["redis_keys"] > 0
+    assert await a.state.purging(["doomed"]) == set()
+
+
 async def test_a_purge_and_a_create_of_one_conversation_at_once_leave_one_or_the_other(
     servers: ServerCluster,
 ) -> None:
@@ -1380,14 +1410,17 @@ async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_f
 ) -> None:
     """The store's URL lists a primary and its replica (``target_session_attrs=
     read-write``). The replica stops receiving (it lags, as an asynchronous one does),
-    the node stores more, then the primary is lost and the replica promoted: the store
-    now holds the conversation only up to where the replica stopped. The node finds it
-    holding less than it had acknowledged, says so, and stores the rest again from the
-    Redis log: the store ends equal to what the client saw, nothing lost. With a log
-    window of 10 events, the log had trimmed the oldest of those: they are stored as one
-    notice of lost events, the ids contiguous, the rest as seen. Before, the
-    conversation's events were never stored again ('was the store replaced or restored
-    from an older backup?'), and waited in Redis until they filled its window."""
+    the node stores more of two conversations, then the primary is lost and the replica
+    promoted: the store now holds both only up to where the replica stopped. The next
+    move of the one still in use finds the store holding less than it acknowledged, says
+    so, and stores the rest again from the Redis log; the other, quiet since, is found by
+    the check of every conversation that follows, and stored again too. Each store ends
+    equal to what its client saw, nothing lost. With a log window of 10 events, the log
+    had trimmed the oldest of those: they are stored as one notice of lost events, the
+    ids contiguous, the rest as seen. Before, the conversation in use was never stored
+    again ('was the store replaced or restored from an older backup?'), and the quiet
+    one's store copy, short of what its client saw, was all that stayed once Redis let
+    it go (its ids then given again)."""
     primary, replica, database = postgres_pair
     role = f"coord:{primary.password}"
     dsn = (
@@ -1396,29 +1429,34 @@ async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_f
     )
     (a,) = await make_nodes(1, event_store=dsn, **({"log_window_events": window} if window else {}))
     sink = make_nodes.sinks[a.node_id]
-    await a.join_conversation("kept", "c1", {}, "alice")
+    sids = {"c1": "kept", "c2": "quiet"}
+    for cid, sid in sids.items():
+        await a.join_conversation(sid, cid, {}, "alice")
 
-    async def answered(prefix: str, n: int) -> int:
-        """Send ``n`` messages; the last id once the agent answered them all."""
+    async def answered(cid: str, prefix: str, n: int) -> int:
+        """Send ``n`` messages on ``cid``; its last id once the agent answered them all."""
         for i in range(n):
-            await send(a, "c1", f"{prefix} {i}")
+            await send(a, cid, f"{prefix} {i}")
 
         def answers() -> int:
             return sum(
                 e["source"] == "agent" and e["args"]["content"].startswith(prefix)
-                for e in sink.events["c1"]
+                for e in sink.events[cid]
             )
 
         await wait_until(lambda: answers() == n, timeout=30, what=f"{prefix} answered")
-        return max(sink.ids("c1"))
+        last = max(sink.ids(cid))
+        await wait_stored(a, sids[cid], last)
+        return last
 
-    last = await answered("before", 10)
-    await wait_stored(a, "kept", last)
+    held = {cid: await answered(cid, "before", 10) for cid in sids}
     await wait_until(lambda: _replayed(primary, replica), what="the replica caught up")
-    held = await replica.execute(
-        "SELECT last_id FROM coordinator.conversations WHERE conversation_id = 'kept'", database
-    )
-    assert held == last
+    for cid, sid in sids.items():
+        on_replica = await replica.execute(
+            f"SELECT last_id FROM coordinator.conversations WHERE conversation_id = '{sid}'",
+            database,
+        )
+        assert on_replica == held[cid]
     # The replica stops receiving: what the primary stores from now on it never gets.
     await replica.execute("ALTER SYSTEM SET primary_conninfo = ''")
     await replica.execute("SELECT pg_reload_conf()")
@@ -1426,27 +1464,59 @@ async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_f
         lambda: replica.execute("SELECT count(*) = 0 FROM pg_stat_wal_receiver"),
         what="the replica's receiver gone",
     )
-    await wait_stored(a, "kept", await answered("lost by the store", 10))
-    kept_from = (await redis_log(a, "kept"))[0][0]  # the oldest the Redis log holds
-    assert (kept_from > held + 1) == bool(window)
+    final = {cid: await answered(cid, "lost by the store", 10) for cid in sids}
+    kept_from = {cid: (await redis_log(a, sid))[0][0] for cid, sid in sids.items()}
+    assert all((kept_from[cid] > held[cid] + 1) == bool(window) for cid in sids)
     await asyncio.to_thread(primary.stop, "immediate")
     await asyncio.to_thread(replica.promote)
     caplog.set_level(logging.ERROR, logger="coordinator.archive")
-    final = await answered("after", 3)
-    await wait_stored(a, "kept", final)
+    final["c1"] = await answered("c1", "after", 3)  # "quiet" says nothing more
+    await wait_stored(a, "quiet", final["c2"])
     assert a.node.store is not None
-    stored = await all_stored(a.node.store, "kept")
-    assert [i for i, _ in stored] == list(range(1, final + 1))
-    seen = {e["id"]: e for e in sink.events["c1"]}
-    assert len(seen) == final
-    assert all(
-        with_id(i, unpack(data)) == seen[i] for i, data in stored if not held < i < kept_from
-    )
-    if window:  # trimmed from the log before the store lost them
-        notice, *nothing = [unpack(data) for i, data in stored if held < i < kept_from]
-        assert notice_code(notice) == EVENTS_LOST
-        assert f"Events {held + 1} to {kept_from - 1} were lost" in notice["message"]
-        assert all(e.get("observation") == "null" for e in nothing)
-    assert f"lost kept's events {held + 1}-" in caplog.text
+    for cid, sid in sids.items():
+        stored = await all_stored(a.node.store, sid)
+        assert [i for i, _ in stored] == list(range(1, final[cid] + 1))
+        seen = {e["id"]: e for e in sink.events[cid]}
+        assert len(seen) == final[cid]
+        lost = range(held[cid] + 1, kept_from[cid])
+        assert all(with_id(i, unpack(data)) == seen[i] for i, data in stored if i not in lost)
+        if window:  # trimmed from the log before the store lost them
+            notice, *nothing = [unpack(data) for i, data in stored if i in lost]
+            assert notice_code(notice) == EVENTS_LOST
+            assert f"Events {lost[0]} to {lost[-1]} were lost" in notice["message"]
+            assert all(e.get("observation") == "null" for e in nothing)
+        assert f"lost {sid}'s events {held[cid] + 1}-" in caplog.text
     assert primary.password not in caplog.text
-    assert a.node.archiver.rewinds == 1
+    assert a.node.archiver.rewinds == 2
+
+
+@pytest.mark.parametrize("held", [0, 3, 14, 17, 19])
+async def test_a_rewind_keeps_the_logs_byte_counts_true(make_nodes: NodeFactory, held: int) -> None:
+    """``REWIND_STORED`` at any point (into what the log trimmed, just after, its middle,
+    near its end) leaves the record's byte counts telling the truth: the log holds
+    ``lbytes - tbytes``, ``lbytes - sbytes`` wait for the store (``ACCEPT``'s "behind"
+    reads them); the events are then stored again, all of them."""
+    (a,) = await make_nodes(1, log_window_events=5)
+    state, archiver = a.state, a.node.archiver
+    own = await state.acquire("bytes", "elsewhere", "elsewhere/1", "dan", create=True)
+    lease = Lease("bytes", "dan", "elsewhere/1", own.epoch)
+    for n in range(20):
+        await state.commit("bytes", lease.inc, lease.epoch, [pack({"n": "x" * n * 7})], floor=0)
+
+    async def counts_true() -> None:
+        meta, log = await state.meta("bytes"), await redis_log(a, "bytes")
+        stored = int(meta["stored"])
+        lbytes, sbytes, tbytes = (int(meta[k]) for k in ("lbytes", "sbytes", "tbytes"))
+        assert lbytes - tbytes == sum(len(d) for _, d in log)
+        assert sbytes == tbytes + sum(len(d) for i, d in log if i <= stored)
+
+    assert await archiver.move_all([lease]) == [20]
+    assert (await redis_log(a, "bytes"))[0][0] == 16  # 1-15 trimmed
+    await counts_true()
+    await state.rewind_stored("bytes", held, 1, 1 << 20)
+    assert int((await state.meta("bytes"))["stored"]) == held
+    await counts_true()
+    assert await archiver.move_all([lease]) == [20]
+    await counts_true()
+    assert a.node.store is not None
+    assert [i for i, _ in await all_stored(a.node.store, "bytes")] == list(range(1, 21))

@@ -91,15 +91,30 @@ REWIND_STORED = (
 """
     + READ_AFTER
     + """
-local f = redis.call('HMGET', KEYS[1], 'seq', 'stored', 'sbytes')
+-- The bytes of the log's entries from..to (stream ids), read 100 at a time.
+local function logged_bytes(from, to)
+  local sum = 0
+  while true do
+    local rows = redis.call('XRANGE', KEYS[2], from, to, 'COUNT', 100)
+    for _, row in ipairs(rows) do sum = sum + #row[2][2] end
+    if #rows < 100 then return sum end
+    from = '(' .. rows[#rows][1]
+  end
+end
+local f = redis.call('HMGET', KEYS[1], 'seq', 'stored', 'sbytes', 'tbytes')
 if not f[1] then return {tonumber(ARGV[1])} end
 local stored, held = tonumber(f[2] or '0'), tonumber(ARGV[1])
 if held < stored then
-  -- Bytes the store holds no more, of the events the log still holds (the trimmed ones
-  -- are stored again as lost, which they are: they count as neither).
-  local sbytes = tonumber(f[3] or '0')
-  for _, row in ipairs(redis.call('XRANGE', KEYS[2], '(' .. held .. '-0', stored .. '-0')) do
-    sbytes = sbytes - #row[2][2]
+  -- What the store holds now: the trimmed events (tbytes; those after held are stored
+  -- again as lost, which they are) and the log's up to held. Counted on the shorter side
+  -- of held: a rewind over a whole window read it all into the script at once.
+  local sbytes, tbytes = tonumber(f[3] or '0'), tonumber(f[4] or '0')
+  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+  local low = oldest and tonumber(string.match(oldest[1], '^(%d+)')) or stored + 1
+  if held - low < stored - held then
+    sbytes = tbytes + (held >= low and logged_bytes('-', held .. '-0') or 0)
+  else
+    sbytes = sbytes - logged_bytes('(' .. held .. '-0', stored .. '-0')
   end
   stored = held
   redis.call('HSET', KEYS[1], 'stored', stored, 'sbytes', sbytes)

@@ -5,7 +5,7 @@ holds each conversation, and the hot window of its log (``archive.py`` moves the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from .core import StateCore, flat_rows, text
@@ -72,6 +72,25 @@ class ArchiveOps(StateCore):
             "rewind_stored", [k.conv(sid), k.events(sid)], [held, count, max_bytes], hot=True
         )
         return _unstored(r)
+
+    async def conversations_held(self, batch: int) -> AsyncIterator[dict[str, int]]:
+        """Every conversation Redis holds a record of, with how far the store holds it
+        as recorded here (``stored``), ``batch`` or so at a time: SCAN (every master of a
+        cluster), for an audit, not a hot path."""
+        found: list[str] = []
+        async for key in self.redis.scan_iter(match=self.keys.conv_pattern(), count=1000):
+            sid = self.keys.sid_of_conv(text(key))
+            if sid is not None:
+                found.append(sid)
+            if len(found) >= batch:
+                yield await self._stored_marks(found)
+                found = []
+        if found:
+            yield await self._stored_marks(found)
+
+    async def _stored_marks(self, sids: Sequence[str]) -> dict[str, int]:
+        marks = await self._commands([("HGET", self.keys.conv(sid), "stored") for sid in sids])
+        return {sid: int(m or 0) for sid, m in zip(sids, marks, strict=True)}
 
     async def note_unstored(self, sids: Iterable[str]) -> None:
         """``sids`` lose their owner while the store may lack events of theirs: any
