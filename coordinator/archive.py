@@ -232,12 +232,9 @@ class Archiver:
             return False  # Redis' trouble, not the store's (/healthz says it apart)
         if isinstance(moved, Exception):
             if not self.trouble:
-                log.error(
-                    "event store %s: cannot store %s's events (%s); retrying",
-                    self._where,
-                    sid,
-                    moved,
-                )
+                # An unavailable store's error names it already (its URL is long).
+                where = "" if self._where in str(moved) else f"event store {self._where}: "
+                log.error("%scannot store %s's events (%s); retrying", where, sid, moved)
             self.trouble = f"cannot store events: {moved}"
             return False
         self._failing.pop(sid, None)

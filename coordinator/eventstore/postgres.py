@@ -19,6 +19,7 @@ call that loses its connection is tried once more on a fresh one (every call but
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -170,7 +171,10 @@ class PostgresEventStore(Opened):
                     try:
                         return await fn(conn)
                     except UNAVAILABLE:
-                        conn.terminate()  # never back to the pool in an unknown state
+                        # Never back to the pool in an unknown state. One the pool took
+                        # back already refuses (InterfaceError), which would hide why.
+                        with contextlib.suppress(asyncpg.InterfaceError):
+                            conn.terminate()
                         raise
             except UNAVAILABLE as exc:
                 if isinstance(exc, ValueError):  # ClientConfigurationError: see open()
