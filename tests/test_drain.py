@@ -109,7 +109,7 @@ async def assert_retired(node: Any, sid: str, user: str, within: float) -> None:
 
     await wait_until(gone, timeout=within, what=f"{sid}'s Redis state expired")
     assert await state.redis.zscore(state.keys.user_convs(user), sid) is None
-    listed, _ = await node.directory.list_conversations(user)
+    listed, _, _ = await node.directory.list_conversations(user)
     assert [(c["conversation_id"], c["state"]) for c in listed] == [(sid, "stopped")]
 
 
