@@ -13,6 +13,11 @@ a node replaces a dead one and resumes its loops.
   dead worker runs again in another worker (a fresh agent instance started, as after a
   failover), and an action sent to one of them once the loss was noticed was answered.
   A stalled worker takes ``agent_stall_timeout`` longer to notice, then the same.
+- suspects: a node of 2 workers, 10 conversations (quick: 6) whose agents take 1 s per
+  action (``workers.scripted``, ``think_time``); one worker is killed while every
+  action runs: each action running there is a suspect and goes again alone, in a
+  probation worker of its own, 2 at a time (``agent_workers``); seconds from the kill
+  until each is answered (one at a time, the last would wait about their count x 1 s).
 
 The round trip of both modes is ``python -m bench.compare HEAD@agent-isolation=none
 HEAD@agent-isolation=process`` (node processes, socket.io clients, plain python-socketio
@@ -44,7 +49,7 @@ from bench.common import (
     private_redis,
     table,
 )
-from coordinator import ConversationManager, ManagerConfig
+from coordinator import ConversationManager, ManagerConfig, agentpool
 from coordinator.manager import NullSink
 from workers.protocol import Event
 
@@ -145,6 +150,9 @@ async def _when(conditions: dict[str, Any], within: float = 30.0) -> dict[str, f
 
 
 async def replacement(n: int, reps: int) -> list[dict[str, float]]:
+    # Its kills come seconds after the workers started: a worker failing that young is
+    # replaced after a backoff (a crash loop's), which is not what is measured here.
+    agentpool.STEADY_AFTER = 0.0
     with private_redis() as redis:
         sink = _Answers()
         node = ConversationManager(_config(redis.url, "process", n), sink=sink)
@@ -197,6 +205,45 @@ async def replacement(n: int, reps: int) -> list[dict[str, float]]:
     return runs
 
 
+class _Answered:
+    """A sink noting when each connection got its first agent event."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, float] = {}
+
+    async def deliver(self, connection_id: str, event: Event) -> None:
+        if event.get("source") == "agent":
+            self.at.setdefault(connection_id, time.perf_counter())
+
+
+async def suspects(n: int, think: float) -> dict[str, Any]:
+    with private_redis() as redis:
+        sink = _Answered()
+        config = _config(redis.url, "process", n).replace(agent="workers.scripted:ScriptedAgent")
+        node = ConversationManager(config, sink=sink)
+        await node.start()
+        try:
+            pool = node.node.agents
+            assert pool is not None
+            for i in range(n):
+                await node.join_conversation(f"s{i}", f"k{i}", {"think_time": think}, f"u{i}")
+            victim = pool.workers[0]
+            on_victim = [f"k{agent.sid[1:]}" for agent in victim.loops.values()]
+            for i in range(n):
+                await node.send_to_event_stream(
+                    f"k{i}", {"action": "message", "args": {"content": "think"}}
+                )
+            runners = [node.runner(f"s{i}") for i in range(n)]
+            await _when({"running": lambda: all(r and r.agent.in_flight for r in runners)})
+            t0 = time.perf_counter()
+            os.kill(victim.pid, signal.SIGKILL)
+            await _when({"answered": lambda: len(sink.at) == n}, within=60 + n * think * 2)
+            waits = sorted(sink.at[c] - t0 for c in on_victim)
+        finally:
+            await node.aclose()
+    return {"conversations": n, "think_s": think, "suspects": len(waits), "answered_s": waits}
+
+
 def _memory_in_child(isolation: str, n: int) -> dict[str, Any]:
     out = subprocess.run(
         [PY, "-m", "bench.isolation", "memory", isolation, str(n)],
@@ -241,6 +288,8 @@ async def run(mode: Mode) -> dict[str, Any]:
             ]
         )
     runs = await replacement(n, reps)
+    think = 1.0
+    held = await suspects(mode.pick(6, 10), think)
     keys = ("noticed_ms", "fresh_worker_ms", "loops_resumed_ms", "action_answered_ms")
     tables = [
         table(
@@ -275,8 +324,26 @@ async def run(mode: Mode) -> dict[str, Any]:
             ],
             [[median([r["loops"] for r in runs]), *(median([r[k] for r in runs]) for k in keys)]],
         ),
+        table(
+            f"A worker killed while {held['conversations']} actions of {think:g} s run "
+            f"({WORKERS} workers): its actions go again alone, {WORKERS} probation workers "
+            "at a time; s after the kill",
+            ["suspects", "first answered", "median", "last answered", "one at a time: about"],
+            [
+                [
+                    held["suspects"],
+                    held["answered_s"][0],
+                    median(held["answered_s"]),
+                    held["answered_s"][-1],
+                    held["suspects"] * think,
+                ]
+            ],
+        ),
     ]
-    return {"tables": tables, "json": {"loops": n, "memory": mem, "replacement": runs}}
+    return {
+        "tables": tables,
+        "json": {"loops": n, "memory": mem, "replacement": runs, "suspects": held},
+    }
 
 
 if __name__ == "__main__":
