@@ -41,10 +41,7 @@ class KeySchema:
 
     def sid_of_conv(self, key: str) -> str | None:
         """The conversation whose record ``key`` is (None for another key)."""
-        head = f"{self.prefix}:{{c:"
-        if key.startswith(head) and key.endswith("}:meta"):
-            return key[len(head) : -len("}:meta")]
-        return None
+        return _between(key, f"{self.prefix}:{{c:", "}:meta")
 
     def events(self, sid: str) -> str:
         """Stream: the bounded event log; entry id ``<event id>-0``."""
@@ -83,10 +80,7 @@ class KeySchema:
         return f"{self._channels}:{{c:{sid}}}:barrier"
 
     def sid_from_channel(self, channel: str) -> str | None:
-        head = f"{self._channels}:{{c:"
-        if channel.startswith(head) and channel.endswith("}:ch"):
-            return channel[len(head) : -len("}:ch")]
-        return None
+        return _between(channel, f"{self._channels}:{{c:", "}:ch")
 
     # -- per user --------------------------------------------------------------------
     def user_claims(self, user: str) -> str:
@@ -188,3 +182,10 @@ class KeySchema:
     def user_bucket(self, user: str, limit: str) -> str:
         """Hash: the token bucket of one of the user's rate limits (tokens, at ms)."""
         return f"{self.prefix}:{{u:{user}}}:bucket:{limit}"
+
+
+def _between(name: str, head: str, tail: str) -> str | None:
+    """What ``name`` holds between ``head`` and ``tail`` (None unless it has both)."""
+    if name.startswith(head) and name.endswith(tail) and len(name) >= len(head) + len(tail):
+        return name[len(head) : len(name) - len(tail)]
+    return None

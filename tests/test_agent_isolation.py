@@ -399,20 +399,29 @@ async def test_a_lost_speculation_replaces_the_agent_in_its_worker(
     assert _pool(node).restarts == 0
 
 
+async def _an_innocent_beside_a_killer(
+    make_nodes: Any, innocent_says: str
+) -> tuple[ConversationManager, list[str], Watcher, Watcher]:
+    """One worker: conversation "innocent" says ``innocent_says``, then "kills" ends the
+    worker's process (``exit``): the innocent action is a suspect."""
+    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
+    sink = make_nodes.sinks[node.node_id]
+    innocent = await Watcher(node, sink, "innocent").join()
+    bad = await Watcher(node, sink, "kills").join()
+    await innocent.say(innocent_says)
+    await asyncio.sleep(0.3)
+    await bad.say("exit")
+    return node, lapses, innocent, bad
+
+
 async def test_a_suspect_goes_again_in_a_worker_of_its_own(make_nodes) -> None:
     """One worker; an innocent action in flight when another conversation's agent kills
     it becomes a suspect and goes again alone, in a worker process started for it. A
     conversation whose agent's start kills the pool's fresh worker too joins meanwhile:
     the suspect's worker is not that one, so the innocent action is answered, not given
     up as poison (a crash beside it would have been its second strike)."""
-    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
-    sink = make_nodes.sinks[node.node_id]
-    innocent = await Watcher(node, sink, "innocent").join()
-    bad = await Watcher(node, sink, "kills").join()
-    await innocent.say("slow 2")
-    await asyncio.sleep(0.3)
-    await bad.say("exit")
-    pool = _pool(node)
+    node, lapses, innocent, bad = await _an_innocent_beside_a_killer(make_nodes, "slow 2")
+    sink, pool = make_nodes.sinks[node.node_id], _pool(node)
     await wait_until(lambda: pool.probationers, what="a suspect on probation")
     with contextlib.suppress(AgentFailed):
         await Watcher(node, sink, "starts-badly").join({"start_exit": True})
@@ -462,13 +471,7 @@ async def test_a_loop_stopped_while_its_suspect_runs_on_probation_stops_that_wor
     """A suspect runs again in a probation worker; its loop is stopped meanwhile (the
     conversation closed, evicted, moved): the probation worker is stopped with it, not
     left running the dispatch, and the node's other conversations go on."""
-    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
-    sink = make_nodes.sinks[node.node_id]
-    innocent = await Watcher(node, sink, "innocent").join()
-    bad = await Watcher(node, sink, "kills").join()
-    await innocent.say("slow 60")
-    await asyncio.sleep(0.3)
-    await bad.say("exit")
+    node, lapses, _, bad = await _an_innocent_beside_a_killer(make_nodes, "slow 60")
     pool = _pool(node)
 
     def on_probation() -> Any:
