@@ -32,6 +32,7 @@ its loops see events). Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar, cast
@@ -41,6 +42,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from . import codec
 from .backoff import Backoff
 from .config import ManagerConfig
+from .errors import REDIS_TROUBLE
 from .eventstore import AppendResult, Batch, EventStore, StoreError, StoreMismatch
 from .state import Lease, RedisState
 from .tasks import TaskSet
@@ -70,6 +72,10 @@ SWEEP_BATCH = 100  # conversations one sweep looks at (``Archiver.sweep``)
 # (``Archiver.audit``), this many at a time, at most once in this many seconds.
 AUDIT_BATCH = 200
 AUDIT_EVERY = 60.0
+AUDIT_READS = 4  # store reads at a time
+AUDIT_TRIES = 5
+AUDIT_LOCK_MS = 600_000  # one node audits at a time; a node that died lets go after this
+AUDIT_TROUBLE: tuple[type[Exception], ...] = (StoreError, RedisClusterException, *REDIS_TROUBLE)
 
 
 async def check_cluster_store(
@@ -296,7 +302,7 @@ class Archiver:
             except (RedisError, RedisClusterException) as exc:  # tried again, as any such move
                 out.update((lease.sid, exc) for lease, _, _ in gaps)
                 gaps = []
-            rewinds: list[tuple[Lease, int]] = []
+            rewinds: list[tuple[Lease, int, int]] = []
             for lease, held, recorded in gaps:
                 if lease.sid in purging:  # its store emptied first: nothing to store
                     log.debug("%s: not stored, it is being purged", lease.sid)
@@ -308,8 +314,7 @@ class Archiver:
                     )
                 else:
                     rewound.add(lease.sid)
-                    self._lost(lease.sid, held, recorded)
-                    rewinds.append((lease, held))
+                    rewinds.append((lease, held, recorded))
             reads = await _each(
                 self._state.mark_stored(
                     lease.sid,
@@ -323,10 +328,13 @@ class Archiver:
             )
             todo = [(lease, read) for (lease, _), read in zip(marks, reads, strict=True)]
             reads = await _each(
-                self._state.rewind_stored(lease.sid, held, BATCH_EVENTS, BATCH_BYTES)
-                for lease, held in rewinds
+                self._state.rewind_stored(lease.sid, held, recorded, BATCH_EVENTS, BATCH_BYTES)
+                for lease, held, recorded in rewinds
             )
-            todo += [(lease, read) for (lease, _), read in zip(rewinds, reads, strict=True)]
+            for (lease, held, recorded), read in zip(rewinds, reads, strict=True):
+                if not isinstance(read, Exception) and read[0] == held:  # rewound
+                    self._lost(lease.sid, held, recorded)
+                todo.append((lease, read))
         return [out[lease.sid] for lease in leases]
 
     def _lost(self, sid: str, held: int, recorded: int, *, audit: bool = True) -> None:
@@ -344,44 +352,76 @@ class Archiver:
             recorded,
         )
         now = asyncio.get_running_loop().time()
-        if audit and (self._audit is None or now >= self._audit_at + AUDIT_EVERY):
+        idle = self._audit is None or self._audit.done()
+        if audit and idle and now >= self._audit_at + AUDIT_EVERY:
             self._audit_at = now
             self._audit = self._tasks.spawn(self._audit_all(), "event store audit")
 
     async def _audit_all(self) -> None:
-        try:
-            found = await self.audit()
-        except (StoreError, RedisError, RedisClusterException) as exc:
-            log.warning("checking every conversation against event store %s: %s", self._where, exc)
-        else:
-            log.warning(
-                "event store %s checked: %d more conversation(s) lost events", self._where, found
-            )
+        """``audit``, by one node of the cluster at a time, tried again after a backoff
+        while Redis or the store fails it (a lowered mark is noted first: a pass cut
+        short leaves nothing unfound for the next)."""
+        me, where = self._config.node_id, self._where
+        backoff = Backoff(base=1.0, cap=30.0)
+        for _ in range(AUDIT_TRIES):
+            try:
+                if not await self._state.take_audit(me, AUDIT_LOCK_MS):
+                    log.info("event store %s: another node checks every conversation", where)
+                    return
+                try:
+                    found = await self.audit()
+                finally:
+                    with contextlib.suppress(*AUDIT_TROUBLE):
+                        await self._state.drop_audit(me)
+            except AUDIT_TROUBLE as exc:
+                delay = backoff.next()
+                log.warning(
+                    "checking every conversation against event store %s: %s; again in %.0fs",
+                    where,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            log.warning("event store %s checked: %d more conversation(s) lost events", where, found)
+            return
 
     async def audit(self) -> int:
         """Every conversation Redis holds whose store holds less than it acknowledged (a
         quiet one would never say so: nothing of its is stored again; once Redis let it
-        go, the store's shorter copy would be the only one, its ids given again): its
-        mark in Redis lowered to what the store holds and the conversation noted for the
-        sweep (``note_unstored``), which stores the rest again. How many were found."""
+        go, the store's shorter copy would be the only one, its ids given again): noted
+        for the sweep (``note_unstored``), which stores the rest again once its mark in
+        Redis is lowered to what the store holds. How many were found."""
         found = 0
         async for marks in self._state.conversations_held(AUDIT_BATCH):
             marked = [sid for sid, stored in marks.items() if stored]
-            held = await asyncio.gather(*(self._store.last_id(sid) for sid in marked))
+            held = await self._last_ids(marked)
             short = [(sid, h) for sid, h in zip(marked, held, strict=True) if h < marks[sid]]
             if not short:
                 continue
             purging = await self._state.purging([sid for sid, _ in short])
             short = [(sid, h) for sid, h in short if sid not in purging]
-            for sid, h in short:
-                self._lost(sid, h, marks[sid], audit=False)
-                await self._state.rewind_stored(sid, h, 1, 1)
             await self._state.note_unstored(sid for sid, _ in short)
-            for sid, _ in short:
+            for sid, h in short:
+                stored, _ = await self._state.rewind_stored(sid, h, marks[sid], 1, 1)
+                if stored != h:
+                    continue  # moved meanwhile (by its mover, a sweep), or being purged
+                self._lost(sid, h, marks[sid], audit=False)
+                found += 1
                 if (runner := self._runners.get(sid)) is not None and runner.running:
                     self.logged(sid)
-            found += len(short)
         return found
+
+    async def _last_ids(self, sids: Sequence[str]) -> list[int]:
+        """The store's last id of each of ``sids``, ``AUDIT_READS`` reads at a time (not
+        crowding out the movers' appends and the replays' reads)."""
+        limit = asyncio.Semaphore(AUDIT_READS)
+
+        async def last_id(sid: str) -> int:
+            async with limit:
+                return await self._store.last_id(sid)
+
+        return await asyncio.gather(*(last_id(sid) for sid in sids))
 
     async def _append(self, batches: list[tuple[Lease, Batch]]) -> list[AppendResult | Exception]:
         if not batches:

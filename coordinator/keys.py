@@ -173,6 +173,11 @@ class KeySchema:
         some of their events (score: ms when noted); any node's archiver moves them."""
         return f"{self.prefix}:{{cluster}}:unstored"
 
+    def store_audit(self) -> str:
+        """String: the node checking every conversation against the event store (SET NX
+        PX; ``Archiver.audit``)."""
+        return f"{self.prefix}:{{cluster}}:store-audit"
+
     def reaper_lock(self) -> str:
         """String: the node currently reaping dead nodes (SET NX PX)."""
         return f"{self.prefix}:{{cluster}}:reaper"

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 # How long a purge may take beyond a start it waits for (``agent_start_timeout``): past
 # it, should the purging node die, its mark expires and the conversation may be taken.
 PURGE_WITHIN = 60.0
+EMPTIED = "emptied"  # a purge mark left by a purge that emptied the store, not Redis
 MAX_EVENTS_READ = 10_000  # events one ``events`` call returns at most
 # ... and about this many bytes of them (as logged): a page of the largest events
 # (1 MiB each by default) is read and sent a few at a time, not a thousand at once.
@@ -417,8 +418,9 @@ class ConversationManager:
             raise Forbidden(sid)
         # No node takes it from here on (a create or join meanwhile is refused: 409); a
         # start already under way is waited for and stopped by the close.
-        await self.state.mark_purging(sid, PURGE_WITHIN + self.config.agent_start_timeout)
-        emptied = False
+        within = PURGE_WITHIN + self.config.agent_start_timeout
+        before = await self.state.mark_purging(sid, within)
+        emptied = before == EMPTIED  # by a purge before this one, whose Redis part failed
         try:
             closed = False
             if await self.conversation(sid):
@@ -430,7 +432,7 @@ class ConversationManager:
         except BaseException:
             if emptied:  # Redis not purged: no move may store it again (its mark lasts)
                 with contextlib.suppress(*REDIS_TROUBLE):
-                    await self.state.mark_purging(sid, self.config.retention_ms / 1000)
+                    await self.state.mark_purging(sid, self.config.retention_ms / 1000, EMPTIED)
             else:
                 await self.state.unmark_purging(sid)
             raise

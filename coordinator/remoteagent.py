@@ -144,9 +144,11 @@ class RemoteAgent:
                         self._state = AgentState.AWAITING_USER_INPUT
                         self._moved_back(n)
                     else:
-                        suspect = lost.suspect
-                        if not suspect:
-                            continue  # it only shared the worker: the same attempt, elsewhere
+                        if not lost.suspect:
+                            # It only shared the worker (or its probation worker failed
+                            # before it ran there): the same attempt, where it was to run.
+                            continue
+                        suspect = True
                         failures = await self._count_failure(n, lost.reason, failures)
                         if failures >= self._pool.max_attempts:
                             await self._give_up(n, lost.reason, failures)

@@ -919,27 +919,39 @@ async def test_a_purge_redis_fails_after_the_store_is_not_undone_by_a_move(
     make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The store emptied, then Redis' part of the purge fails: the conversation stays
-    held as being purged, so a move of it (a sweep) does not take the store's emptiness
-    for a loss and store its window again, and a purge again finishes it."""
-    (a,) = await make_nodes(1)
+    held as being purged (for good with a retention of 0), so the check of every
+    conversation against the store (a loss seen elsewhere) and the sweep do not take the
+    store's emptiness for a loss and store it again; nor after a purge again that fails
+    before reaching the store; a purge again that goes through finishes it."""
+    (a,) = await make_nodes(1, redis_retention=0)
     await a.join_conversation("doomed", "c", {}, "alice")
     last = await send(a, "c", "hello")
     await wait_stored(a, "doomed", last + 1)
-    purge = a.state.purge
+    store = a.node.store
+    assert store is not None
 
     async def redis_fails(*_: Any) -> int:
         raise RedisConnectionError("Redis went away")
 
+    async def store_fails(*_: Any) -> Any:
+        raise StoreUnavailable("the store", "down")
+
+    async def not_stored_again() -> None:
+        assert await a.state.purging(["doomed"]) == {"doomed"}
+        assert await a.state.redis.pttl(a.keys.purging("doomed")) == -1  # for good
+        await a.node.archiver.audit()
+        await a.node.archiver.sweep()
+        assert await store.conversation("doomed") is None
+
     monkeypatch.setattr(a.state, "purge", redis_fails)
     with pytest.raises(RedisConnectionError):
         await a.purge("doomed", "alice")
-    monkeypatch.setattr(a.state, "purge", purge)
-    assert await a.state.purging(["doomed"]) == {"doomed"}
-    meta = await a.state.meta("doomed")
-    lease = Lease("doomed", "alice", "", int(meta["epoch"]))
-    (moved,) = await a.node.archiver.move_all([lease])
-    assert not isinstance(moved, Exception), moved  # and nothing stored again:
-    assert a.node.store is not None and await a.node.store.conversation("doomed") is None
+    await not_stored_again()
+    monkeypatch.setattr(store, "purge", store_fails)
+    with pytest.raises(StoreUnavailable):
+        await a.purge("doomed", "alice")
+    await not_stored_again()
+    monkeypatch.undo()
     assert (await a.purge("doomed", "alice"))["purged"]["redis_keys"] > 0
     assert await a.state.purging(["doomed"]) == set()
 
@@ -1471,10 +1483,16 @@ async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_f
     await asyncio.to_thread(replica.promote)
     caplog.set_level(logging.ERROR, logger="coordinator.archive")
     final["c1"] = await answered("c1", "after", 3)  # "quiet" says nothing more
+    store = a.node.store
+    assert store is not None
+
+    async def quiet_stored_again() -> bool:
+        return await store.last_id("quiet") == final["c2"]
+
+    await wait_until(quiet_stored_again, timeout=30, what="the quiet one stored again")
     await wait_stored(a, "quiet", final["c2"])
-    assert a.node.store is not None
     for cid, sid in sids.items():
-        stored = await all_stored(a.node.store, sid)
+        stored = await all_stored(store, sid)
         assert [i for i, _ in stored] == list(range(1, final[cid] + 1))
         seen = {e["id"]: e for e in sink.events[cid]}
         assert len(seen) == final[cid]
@@ -1513,7 +1531,9 @@ async def test_a_rewind_keeps_the_logs_byte_counts_true(make_nodes: NodeFactory,
     assert await archiver.move_all([lease]) == [20]
     assert (await redis_log(a, "bytes"))[0][0] == 16  # 1-15 trimmed
     await counts_true()
-    await state.rewind_stored("bytes", held, 1, 1 << 20)
+    await state.rewind_stored("bytes", held, 19, 1, 1 << 20)  # a mark seen before it moved
+    assert int((await state.meta("bytes"))["stored"]) == 20  # nothing changed
+    await state.rewind_stored("bytes", held, 20, 1, 1 << 20)
     assert int((await state.meta("bytes"))["stored"]) == held
     await counts_true()
     assert await archiver.move_all([lease]) == [20]

@@ -47,6 +47,21 @@ async def test_several_nodes_of_which_the_first_answering_is_a_plain_server_are_
     assert "S3CRET" not in str(e.value)
 
 
+async def test_a_plain_server_listed_before_cluster_nodes_is_passed_over(
+    redis_url: str, redis_cluster: RedisClusterServers
+) -> None:
+    """Seeds of which the first is a plain server (cluster support disabled: it refuses
+    CLUSTER INFO): the node goes on to the next, a cluster node, and runs on the cluster.
+    Before, the plain server's refusal stopped the start."""
+    plain = urlsplit(redis_url).netloc.rpartition("@")[2]
+    live = "{}:{}".format(*redis_cluster.addresses[0])
+    manager = await _start(redis_url=f"redis://{plain},{live}/0", key_prefix="plainfirst")
+    try:
+        assert manager.node.backend.mode == "cluster"
+    finally:
+        await manager.aclose()
+
+
 async def test_auto_mode_finds_the_cluster_and_says_so(redis_cluster: RedisClusterServers) -> None:
     manager = await _start(redis_url=redis_cluster.url)
     try:

@@ -93,6 +93,9 @@ async def ask_node(
                 reply = await client.execute_command(command, *args)  # type: ignore[no-untyped-call]
         except REDIS_TROUBLE as exc:
             failure = unreachable(config, exc)
+            if wanted is not None and _not_that_node(exc):
+                replies.append(failure)  # a plain server asked CLUSTER INFO: not wanted
+                continue
             if isinstance(failure, RedisRefused) or len(seeds) == 1:
                 raise failure from None
             reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
@@ -104,9 +107,19 @@ async def ask_node(
             return reply
         replies.append(reply)
     if replies:
+        if isinstance(replies[0], RedisUnavailable):
+            raise replies[0]
         return replies[0]
     raise RedisUnavailable(
         redact_url(config.redis_url), f"none of its nodes answered ({'; '.join(troubles)})"
+    )
+
+
+def _not_that_node(exc: BaseException) -> bool:
+    """A node refusing the command for what it is (not the login, not a permission):
+    another node listed may answer it."""
+    return isinstance(exc, ResponseError) and not isinstance(
+        exc, AuthenticationError | NoPermissionError
     )
 
 

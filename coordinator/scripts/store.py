@@ -85,8 +85,12 @@ REWIND_STORED = (
 -- recorded (it lost its latest writes: a failover to a replica that lagged, a restore
 -- from an older backup): record that, so that what follows is stored again (what the
 -- log still holds as logged; what it trimmed already, as lost).
--- KEYS[1]  conversation meta hash   KEYS[2] event stream
+-- Nothing changes while a purge holds the conversation (its store emptied on purpose),
+-- nor once the mark is no longer the one the caller saw (another mover, a sweep, another
+-- node's audit moved it meanwhile).
+-- KEYS[1]  conversation meta hash   KEYS[2] event stream   KEYS[3] its purge mark
 -- ARGV[1]  last id the store holds   ARGV[2] most events   ARGV[3] most bytes: as unstored
+-- ARGV[4]  the mark (stored) the caller saw
 -- returns  as unstored, nothing once the conversation is gone
 """
     + READ_AFTER
@@ -104,7 +108,7 @@ end
 local f = redis.call('HMGET', KEYS[1], 'seq', 'stored', 'sbytes', 'tbytes')
 if not f[1] then return {tonumber(ARGV[1])} end
 local stored, held = tonumber(f[2] or '0'), tonumber(ARGV[1])
-if held < stored then
+if held < stored and stored == tonumber(ARGV[4]) and redis.call('EXISTS', KEYS[3]) == 0 then
   -- What the store holds now: the trimmed events (tbytes; those after held are stored
   -- again as lost, which they are) and the log's up to held. Counted on the shorter side
   -- of held: a rewind over a whole window read it all into the script at once.

@@ -62,14 +62,18 @@ class ArchiveOps(StateCore):
         return _unstored(r)
 
     async def rewind_stored(
-        self, sid: str, held: int, count: int, max_bytes: int
+        self, sid: str, held: int, seen: int, count: int, max_bytes: int
     ) -> tuple[int, list[tuple[int, bytes]]]:
-        """The store holds ``sid``'s events only up to ``held``, below what was recorded
-        (it lost its latest writes): record that; then what the store lacks, as
-        ``unstored`` (``count`` events, ``max_bytes``) reads it."""
+        """The store holds ``sid``'s events only up to ``held``, below the ``seen`` mark
+        (it lost its latest writes): record that, unless the mark moved meanwhile or a
+        purge holds ``sid``; then what the store lacks, as ``unstored`` (``count`` events,
+        ``max_bytes``) reads it (a mark at ``held``: rewound)."""
         k = self.keys
         r = await self._run(
-            "rewind_stored", [k.conv(sid), k.events(sid)], [held, count, max_bytes], hot=True
+            "rewind_stored",
+            [k.conv(sid), k.events(sid), k.purging(sid)],
+            [held, count, max_bytes, seen],
+            hot=True,
         )
         return _unstored(r)
 
@@ -91,6 +95,13 @@ class ArchiveOps(StateCore):
     async def _stored_marks(self, sids: Sequence[str]) -> dict[str, int]:
         marks = await self._commands([("HGET", self.keys.conv(sid), "stored") for sid in sids])
         return {sid: int(m or 0) for sid, m in zip(sids, marks, strict=True)}
+
+    async def take_audit(self, me: str, ttl_ms: int) -> bool:
+        """Whether node ``me`` may check the store now (no other does: ``store_audit``)."""
+        return bool(await self.redis.set(self.keys.store_audit(), me, nx=True, px=ttl_ms))
+
+    async def drop_audit(self, me: str) -> None:
+        await self._run("delete_if", [self.keys.store_audit()], [me])
 
     async def note_unstored(self, sids: Iterable[str]) -> None:
         """``sids`` lose their owner while the store may lack events of theirs: any

@@ -66,10 +66,14 @@ class ConversationOps(StateCore):
             _seconds(r[7]),
         )
 
-    async def mark_purging(self, sid: str, within: float) -> None:
+    async def mark_purging(self, sid: str, within: float, why: str = "1") -> str:
         """No node takes ``sid`` (ACQUIRE: 'purging') until ``unmark_purging``, or for
-        ``within`` seconds should the purging node die first."""
-        await self.redis.set(self.keys.purging(sid), "1", px=max(1, int(within * 1000)))
+        ``within`` seconds (0: for good) should the purging node die first; nor stores
+        it again (``REWIND_STORED``). The mark says ``why``; what it said before ('' for
+        none)."""
+        px = max(1, int(within * 1000)) if within else None
+        before = await self.redis.set(self.keys.purging(sid), why, px=px, get=True)
+        return text(before) if before is not None else ""
 
     async def unmark_purging(self, sid: str) -> None:
         await self.redis.delete(self.keys.purging(sid))
