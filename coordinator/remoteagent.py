@@ -16,8 +16,9 @@ named; every one running when a worker died): its failure is counted in Redis
 any node; then the action is answered with an ``error`` observation and the loop goes
 on. Either way the instance then starts again in the pool, from the log. A fresh
 instance reads the count before its first dispatch. A dispatch that only shared the
-worker goes again elsewhere at once, as the same attempt. A dispatch over ``agent_dispatch_timeout``
-is cancelled and answered with an error too.
+worker goes again elsewhere at once, as the same attempt; one that had answered already
+is not run again (an action counts as processed once its first answer is committed).
+A dispatch over ``agent_dispatch_timeout`` is cancelled and answered with an error too.
 """
 
 from __future__ import annotations
