@@ -4,6 +4,7 @@ Real cluster nodes; the slot moved as ``redis-cli --cluster reshard`` moves it."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -290,3 +291,30 @@ async def test_a_node_starts_when_the_first_cluster_node_it_is_told_is_down(
         await node.start()
     assert "none of its nodes answered" in str(refused.value)
     assert all(f"127.0.0.1:{port}: " in str(refused.value) for port in down)
+
+
+async def test_a_seed_that_never_answers_is_passed_over_and_said(
+    redis_cluster: RedisClusterServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first seed listed takes connections and never answers (a hung or paused
+    node): the start asks every seed at once, says which it passed over and why, and
+    leaves it out of the cluster clients. Before, the start often failed with a bare
+    TimeoutError: redis-py, trying its seeds in a random order, waited on the hung one
+    past the start's bound."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the other side goes
+
+    hung = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = hung.sockets[0].getsockname()[1]
+    live = "{}:{}".format(*redis_cluster.addresses[1])
+    try:
+        for attempt in range(2):  # redis-py's order is random: more than one start
+            url = f"redis://127.0.0.1:{port},{live}/0"
+            async with started(redis_cluster, f"hung{attempt}", "hung", url=url) as (node, sink):
+                await node.join_conversation(f"hung{attempt}", "c", {}, "alice")
+                await answered(node, sink)
+        passed = [r.getMessage() for r in caplog.records if "passed over" in r.getMessage()]
+        assert len(passed) == 2 and all(f"127.0.0.1:{port}: " in m for m in passed), passed
+    finally:
+        hung.close()

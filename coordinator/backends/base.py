@@ -45,12 +45,13 @@ T = TypeVar("T")
 UNREADABLE: tuple[type[Exception], ...] = (*REDIS_TROUBLE, TimeoutError, ResponseError)
 
 
-def unreachable(config: ManagerConfig, exc: BaseException) -> RedisUnavailable:
-    """RedisUnavailable naming the deployment (never its password) and what ``exc`` said;
-    RedisRefused when Redis answered, refusing the login or the command for what it is
-    (``errors.redis_refused``: the ACL user lacks a permission), which no retry mends."""
-    reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
-    where = redact_url(config.redis_url)
+def unreachable(config: ManagerConfig, exc: BaseException, node: str = "") -> RedisUnavailable:
+    """RedisUnavailable naming the deployment (never its password; ``node``: which of
+    the nodes it lists) and what ``exc`` said; RedisRefused when Redis answered,
+    refusing the login or the command for what it is (``errors.redis_refused``: the ACL
+    user lacks a permission), which no retry mends."""
+    reason = trouble(exc)
+    where = redact_url(config.redis_url) + (f" (node {shown_address(node)})" if node else "")
     if isinstance(exc, AuthenticationError):
         return RedisRefused(
             where,
@@ -67,22 +68,18 @@ def unreachable(config: ManagerConfig, exc: BaseException) -> RedisUnavailable:
     return RedisUnavailable(where, reason)
 
 
-async def ask_node(
-    config: ManagerConfig,
-    command: str,
-    *args: Any,
-    wanted: Callable[[Any], bool] | None = None,
-) -> Any:
-    """The reply to ``command`` of the node ``config.redis_url`` names (no cluster client,
-    no Sentinel), within the connect timeout; when it lists several (a cluster's seeds),
-    of the first, in order, that answers ``wanted`` (any reply by default), else the
-    first reply. RedisUnavailable when none answered, naming each one's trouble;
-    RedisRefused when one refused the login or the command (no other will do
-    differently)."""
-    seeds = seed_urls(config.redis_url)
-    troubles: list[str] = []
-    replies: list[Any] = []
-    for url in seeds:
+def trouble(exc: BaseException) -> str:
+    """What ``exc`` said, without a password."""
+    return redact_url(str(exc)) if str(exc) else type(exc).__name__
+
+
+async def ask_nodes(config: ManagerConfig, command: str, *args: Any) -> list[tuple[str, Any]]:
+    """Each node ``config.redis_url`` lists (no cluster client, no Sentinel; several: a
+    cluster's seeds), asked ``command`` at once, each within the connect timeout: (its
+    URL, its reply or what it raised), in the order listed. One that does not answer
+    holds up none of the others."""
+
+    async def ask(url: str) -> Any:
         client = aioredis.Redis.from_url(
             url,
             socket_connect_timeout=config.connect_timeout,
@@ -90,29 +87,42 @@ async def ask_node(
         )
         try:
             async with asyncio.timeout(config.connect_timeout + 1):
-                reply = await client.execute_command(command, *args)  # type: ignore[no-untyped-call]
+                return await client.execute_command(command, *args)  # type: ignore[no-untyped-call]
         except REDIS_TROUBLE as exc:
-            failure = unreachable(config, exc)
-            if wanted is not None and _not_that_node(exc):
-                replies.append(failure)  # a plain server asked CLUSTER INFO: not wanted
-                continue
-            if isinstance(failure, RedisRefused) or len(seeds) == 1:
-                raise failure from None
-            reason = redact_url(str(exc)) if str(exc) else type(exc).__name__
-            troubles.append(f"{shown_address(url)}: {reason}")
-            continue
+            return exc
         finally:
             await client.aclose()
-        if wanted is None or wanted(reply):
-            return reply
-        replies.append(reply)
-    if replies:
-        if isinstance(replies[0], RedisUnavailable):
-            raise replies[0]
-        return replies[0]
-    raise RedisUnavailable(
-        redact_url(config.redis_url), f"none of its nodes answered ({'; '.join(troubles)})"
-    )
+
+    seeds = seed_urls(config.redis_url)
+    return list(zip(seeds, await asyncio.gather(*(ask(url) for url in seeds)), strict=True))
+
+
+def pick(
+    config: ManagerConfig, answers: list[tuple[str, Any]], unwanted: Callable[[Any], str]
+) -> tuple[Any, list[str]]:
+    """Of ``ask_nodes``' answers, the first reply, in order, that is not ``unwanted``
+    (which says why one is, '' for one that will do), and how each node before it was
+    passed over; RedisUnavailable naming each one's trouble when none will do (one node:
+    its reply, or its own error); RedisRefused, naming the node, when one refused the
+    login or a permission (no other will do differently)."""
+    passed: list[str] = []
+    for url, reply in answers:
+        if isinstance(reply, Exception):
+            failure = unreachable(config, reply, url if len(answers) > 1 else "")
+            if len(answers) == 1 or (
+                isinstance(failure, RedisRefused) and not _not_that_node(reply)
+            ):
+                raise failure
+            passed.append(f"{shown_address(url)}: {trouble(reply)}")
+        elif not (why := unwanted(reply)):
+            return reply, passed
+        else:
+            passed.append(f"{shown_address(url)}: {why}")
+    if len(answers) == 1:
+        return answers[0][1], passed
+    silent = all(isinstance(reply, Exception) for _, reply in answers)
+    verdict = "none of its nodes answered" if silent else "none of its nodes will do"
+    raise RedisUnavailable(redact_url(config.redis_url), f"{verdict} ({'; '.join(passed)})")
 
 
 def _not_that_node(exc: BaseException) -> bool:

@@ -3,9 +3,9 @@ a pipelined connection per shard (``cluster_lane.py``) and sharded pub/sub
 (``sharded.py``).
 
 Any node of the cluster will do as ``--redis-url``, or several
-(``redis://HOST:PORT,HOST:PORT/0``): the start's checks ask them in order, skipping one
-that is down or serves no slot, and the clients read the slot map from any of them that
-answers, then from the masters it names. Every
+(``redis://HOST:PORT,HOST:PORT/0``): the start asks them all at once and leaves out of
+the clients one that is down, hangs or serves no slot (said); the clients read the slot
+map from any of the others, then from the masters it names. Every
 key of the schema carries a hash tag and every script touches one tag, so each call goes
 to one shard; redis-py follows ``MOVED``/``ASK`` and retries ``TRYAGAIN``/
 ``CLUSTERDOWN`` and lost connections for the state layer's other calls.
@@ -13,6 +13,7 @@ to one shard; redis-py follows ``MOVED``/``ASK`` and retries ``TRYAGAIN``/
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis.cluster
@@ -33,7 +34,9 @@ from ..slots import Address, SlotMap
 from ..state import LeaseRenewer
 from ..state.core import Lane
 from ..subscriptions import PUBSUB_NAME, Subscription
-from .base import Backend, ask_node, memory_policy
+from .base import Backend, ask_nodes, memory_policy, pick, trouble
+
+log = logging.getLogger(__name__)
 
 # A failover takes the cluster's node timeout plus an election (a few seconds): the
 # clients retry that long, with backoff, before a call fails.
@@ -71,17 +74,28 @@ class ClusterBackend(Backend):
         return self._client
 
     async def check(self) -> None:
-        """As ``Backend.check``; first, that the node at the URL serves slots: the cluster
+        """As ``Backend.check``; first, that a node listed serves slots: the cluster
         client fails on one with none (nodes started but never made a cluster) with an
-        IndexError from deep inside redis-py."""
-        info = _cluster_info(await ask_node(self.config, "CLUSTER INFO", wanted=_serves_slots))
-        if not _serves_slots(info):
+        IndexError from deep inside redis-py. Seeds passed over (down, hung, serving no
+        slot) are said, and left out of the clients: redis-py tries its seeds in a
+        random order, and one that hangs outlasted the start's bound."""
+        answers = await ask_nodes(self.config, "CLUSTER INFO")
+        _, passed = pick(self.config, answers, _no_slots)
+        if len(answers) == 1 and _no_slots(answers[0][1]):
             raise RedisUnavailable(
                 redact_url(self.config.redis_url),
                 "it is a Redis Cluster node with no slots assigned (was the cluster created? "
                 "redis-cli --cluster create, or deploy/redis-cluster-create.sh; or was this "
                 "node removed from it? give --redis-url a node that serves slots)",
             )
+        for why in passed:
+            log.warning("Redis Cluster seed passed over: %s", why)
+        serving = [url for url, reply in answers if not _no_slots(reply)]
+        if len(serving) < len(self._seeds):
+            old, self._seeds = self._client, serving
+            self._client = self._cluster_client()
+            self._owned.remove(old)
+            await old.aclose()
         await super().check()
 
     async def memory_policies(self) -> dict[str, tuple[int, str]]:
@@ -151,10 +165,15 @@ def _cluster_info(reply: Any) -> dict[str, Any]:
     return dict(line.split(":", 1) for line in text.split() if ":" in line)
 
 
-def _serves_slots(reply: Any) -> bool:
-    """Whether a node's CLUSTER INFO says the cluster has slots assigned (a node never
-    made part of one, or removed from it, has none: any seed listed after it will do)."""
-    return str(_cluster_info(reply).get("cluster_slots_assigned", "0")) != "0"
+def _no_slots(reply: Any) -> str:
+    """Why a node's CLUSTER INFO (or what asking raised) will not do: it is no cluster's,
+    or the cluster has no slots assigned (a node never made part of one, or removed from
+    it); '' when it serves."""
+    if isinstance(reply, Exception):
+        return trouble(reply)
+    if str(_cluster_info(reply).get("cluster_slots_assigned", "0")) == "0":
+        return "serves no slot (was the cluster created? was this node removed from it?)"
+    return ""
 
 
 def _per_node(infos: Any) -> dict[str, Any]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ManagerConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, RedisRefused, RedisUnavailable
 from ..redact import redact_url
 from ..redisurl import SENTINEL_SCHEMES, seed_urls
-from .base import Backend, ask_node
+from .base import Backend, ask_nodes, pick
 from .cluster import ClusterBackend
 from .sentinel import SentinelBackend
 from .standalone import StandaloneBackend
@@ -18,12 +18,22 @@ from .standalone import StandaloneBackend
 async def cluster_enabled(config: ManagerConfig) -> bool:
     """Ask the node at ``redis_url`` whether it is a Redis Cluster node (of several
     listed, the first in order that answers as one, if any)."""
-    info = await ask_node(config, "INFO", "cluster", wanted=_clustered)
-    return _clustered(info)
+    answers = await ask_nodes(config, "INFO", "cluster")
+    try:
+        info, _ = pick(config, answers, _not_clustered)
+    except RedisRefused:
+        raise
+    except RedisUnavailable:
+        if any(not isinstance(reply, Exception) for _, reply in answers):
+            return False  # some answered, none a cluster node: the caller says so
+        raise
+    return not _not_clustered(info)
 
 
-def _clustered(info: Any) -> bool:
-    return bool(int(info.get("cluster_enabled", 0)))
+def _not_clustered(info: Any) -> str:
+    if int(info.get("cluster_enabled", 0)):
+        return ""
+    return "not a Redis Cluster node (cluster_enabled:0)"
 
 
 async def open_backend(config: ManagerConfig) -> Backend:
