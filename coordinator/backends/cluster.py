@@ -28,7 +28,7 @@ from ..errors import RedisUnavailable
 from ..keys import KeySchema
 from ..links import Endpoint
 from ..redact import redact_url
-from ..redisurl import address_of, seed_urls, with_address
+from ..redisurl import address_of, seed_urls, shown_address, with_address
 from ..sharded import ShardedSubscriptions
 from ..slots import Address, SlotMap
 from ..state import LeaseRenewer
@@ -80,7 +80,7 @@ class ClusterBackend(Backend):
         slot) are said, and left out of the clients: redis-py tries its seeds in a
         random order, and one that hangs outlasted the start's bound."""
         answers = await ask_nodes(self.config, "CLUSTER INFO")
-        _, passed = pick(self.config, answers, _no_slots)
+        pick(self.config, answers, _no_slots)  # one will do, or why none
         if len(answers) == 1 and _no_slots(answers[0][1]):
             raise RedisUnavailable(
                 redact_url(self.config.redis_url),
@@ -88,9 +88,12 @@ class ClusterBackend(Backend):
                 "redis-cli --cluster create, or deploy/redis-cluster-create.sh; or was this "
                 "node removed from it? give --redis-url a node that serves slots)",
             )
-        for why in passed:
-            log.warning("Redis Cluster seed passed over: %s", why)
-        serving = [url for url, reply in answers if not _no_slots(reply)]
+        serving = []
+        for url, reply in answers:
+            if why := _no_slots(reply):
+                log.warning("Redis Cluster seed passed over: %s: %s", shown_address(url), why)
+            else:
+                serving.append(url)
         if len(serving) < len(self._seeds):
             old, self._seeds = self._client, serving
             self._client = self._cluster_client()
