@@ -122,15 +122,15 @@ async def reaper_lock(
     incarnation dead deletes them after it re-added them.
     """
     deadline = time.monotonic() + wait
-    held = await state.take_reaper_lock(me, lock_ms)
+    held = await state.take_lock(state.keys.reaper_lock(), me, lock_ms)
     while not held and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-        held = await state.take_reaper_lock(me, lock_ms)
+        held = await state.take_lock(state.keys.reaper_lock(), me, lock_ms)
     try:
         yield held
     finally:
         if held:
-            await state.drop_reaper_lock(me)
+            await state.drop_lock(state.keys.reaper_lock(), me)
 
 
 class Recovery:

@@ -273,6 +273,15 @@ class StateCore:
             info = max(info.values(), key=_fullness)
         return int(info["used_memory"]), int(info["maxmemory"])
 
+    async def take_lock(self, key: str, me: str, ttl_ms: int) -> bool:
+        """Whether ``me`` took the cluster-wide lock ``key`` (none held it), for ``ttl_ms``
+        at most (its holder may die): the reaper's, the store audit's."""
+        return bool(await self.redis.set(key, me, nx=True, px=ttl_ms))
+
+    async def drop_lock(self, key: str, me: str) -> None:
+        """Let go of ``key`` if ``me`` still holds it."""
+        await self._run("delete_if", [key], [me])
+
     async def _run(
         self, name: str, keys: Sequence[str], args: Sequence[Any], *, hot: bool = False
     ) -> Any:

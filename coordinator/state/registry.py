@@ -76,13 +76,6 @@ class RegistryOps(StateCore):
         node = inc.rsplit("/", 1)[0]
         return (await self.live_leases({node: inc})).get(node)
 
-    # -- the reaper ------------------------------------------------------------------
-    async def take_reaper_lock(self, me: str, ttl_ms: int) -> bool:
-        return bool(await self.redis.set(self.keys.reaper_lock(), me, nx=True, px=ttl_ms))
-
-    async def drop_reaper_lock(self, me: str) -> None:
-        await self._run("delete_if", [self.keys.reaper_lock()], [me])
-
     async def owned(self, inc: str) -> dict[str, str]:
         """sid -> user of the loops ``inc`` runs (or ran, if it died)."""
         raw = await self.redis.hgetall(self.keys.node_owned(inc))
