@@ -227,18 +227,10 @@ class Directory:
         the event store unavailable, only the conversations Redis holds are listed."""
         after = None if page_id is None else _page_key(page_id)
         indexed, stored = await asyncio.gather(
-            self._state.user_conversations(user, MAX_LISTED),
-            self._store.list_conversations(user, MAX_LISTED),
-            return_exceptions=True,
+            self._state.user_conversations(user, MAX_LISTED), self._stored_list(user)
         )
-        for result in (indexed, stored):
-            if isinstance(result, BaseException) and not isinstance(result, StoreUnavailable):
-                raise result
-        partial = isinstance(stored, StoreUnavailable)
-        if partial:
-            _partial.emit(logging.WARNING, "listing conversations from Redis alone: %s", stored)
-        assert not isinstance(indexed, BaseException)
-        first_stored = {} if isinstance(stored, BaseException) else dict(stored)
+        partial = stored is None
+        first_stored = dict(stored or ())
         sids = list(dict.fromkeys([*indexed, *first_stored]))
         if not sids:
             return [], None, partial
@@ -258,6 +250,14 @@ class Directory:
         if len(out) <= limit:
             return out, None, partial
         return out[:limit], _page_id(_order(out[limit - 1])), partial
+
+    async def _stored_list(self, user: str) -> list[tuple[str, int]] | None:
+        """``user``'s conversations the store lists; None while it is unavailable."""
+        try:
+            return await self._store.list_conversations(user, MAX_LISTED)
+        except StoreUnavailable as exc:
+            _partial.emit(logging.WARNING, "listing conversations from Redis alone: %s", exc)
+            return None
 
     async def conversation_view(self, sid: str) -> dict[str, Any]:
         """One conversation's public view with its ``user`` ({} when unknown): from its
