@@ -32,7 +32,6 @@ its loops see events). Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar, cast
@@ -42,9 +41,9 @@ from redis.exceptions import RedisClusterException, RedisError
 from . import codec
 from .backoff import Backoff
 from .config import ManagerConfig
-from .errors import REDIS_TROUBLE
 from .eventstore import AppendResult, Batch, EventStore, StoreError, StoreMismatch
 from .state import Lease, RedisState
+from .storeaudit import StoreAudit
 from .tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -68,14 +67,6 @@ APPEND_TIMEOUT = 30.0
 # bench/store.py for the round trip with the mover on and idle).
 GATHER_FOR = 0.05
 SWEEP_BATCH = 100  # conversations one sweep looks at (``Archiver.sweep``)
-# A store found to have lost events: every conversation Redis holds is checked
-# (``Archiver.audit``), this many at a time, at most once in this many seconds.
-AUDIT_BATCH = 200
-AUDIT_EVERY = 60.0
-AUDIT_READS = 4  # store reads at a time
-AUDIT_TRIES = 5
-AUDIT_LOCK_MS = 600_000  # one node audits at a time; a node that died lets go after this
-AUDIT_TROUBLE: tuple[type[Exception], ...] = (StoreError, RedisClusterException, *REDIS_TROUBLE)
 
 
 async def check_cluster_store(
@@ -129,9 +120,17 @@ class Archiver:
         tasks: TaskSet,
     ) -> None:
         self._state = state
-        self._tasks = tasks
-        self._audit: asyncio.Task[None] | None = None
-        self._audit_at = 0.0  # loop time the last audit began
+        # A store found holding less than it acknowledged: said, and every conversation
+        # checked (``storeaudit.py``).
+        self.audit = StoreAudit(
+            state=state,
+            store=store,
+            node=config.node_id,
+            where=where,
+            tasks=tasks,
+            owned=lambda sid: (runner := runners.get(sid)) is not None and runner.running,
+            wake=self.logged,
+        )
         self._store = store
         self._config = config
         self._runners = runners
@@ -146,7 +145,6 @@ class Archiver:
         self._retrying: set[str] = set()
         self._wake = asyncio.Event()
         self.trouble = ""  # why the last attempt failed ('' once one works again)
-        self.rewinds = 0  # conversations found holding less than the store acknowledged
         self.append_timeout = APPEND_TIMEOUT
 
     @property
@@ -333,95 +331,9 @@ class Archiver:
             )
             for (lease, held, recorded), read in zip(rewinds, reads, strict=True):
                 if not isinstance(read, Exception) and read[0] == held:  # rewound
-                    self._lost(lease.sid, held, recorded)
+                    self.audit.lost(lease.sid, held, recorded)
                 todo.append((lease, read))
         return [out[lease.sid] for lease in leases]
-
-    def _lost(self, sid: str, held: int, recorded: int, *, audit: bool = True) -> None:
-        """The store holds ``sid`` up to ``held``, below the ``recorded`` it acknowledged:
-        said, counted and (``audit``) every other conversation checked, at most once
-        every ``AUDIT_EVERY`` seconds."""
-        self.rewinds += 1
-        log.error(
-            "event store %s lost %s's events %d-%d it had acknowledged (a failover to a "
-            "replica that lagged? a restore from an older backup?): storing them again "
-            "from the Redis log (those it no longer holds, as lost)",
-            self._where,
-            sid,
-            held + 1,
-            recorded,
-        )
-        now = asyncio.get_running_loop().time()
-        idle = self._audit is None or self._audit.done()
-        if audit and idle and now >= self._audit_at + AUDIT_EVERY:
-            self._audit_at = now
-            self._audit = self._tasks.spawn(self._audit_all(), "event store audit")
-
-    async def _audit_all(self) -> None:
-        """``audit``, by one node of the cluster at a time, tried again after a backoff
-        while Redis or the store fails it (a lowered mark is noted first: a pass cut
-        short leaves nothing unfound for the next)."""
-        me, where = self._config.node_id, self._where
-        backoff = Backoff(base=1.0, cap=30.0)
-        for _ in range(AUDIT_TRIES):
-            try:
-                if not await self._state.take_audit(me, AUDIT_LOCK_MS):
-                    log.info("event store %s: another node checks every conversation", where)
-                    return
-                try:
-                    found = await self.audit()
-                finally:
-                    with contextlib.suppress(*AUDIT_TROUBLE):
-                        await self._state.drop_audit(me)
-            except AUDIT_TROUBLE as exc:
-                delay = backoff.next()
-                log.warning(
-                    "checking every conversation against event store %s: %s; again in %.0fs",
-                    where,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                continue
-            log.warning("event store %s checked: %d more conversation(s) lost events", where, found)
-            return
-
-    async def audit(self) -> int:
-        """Every conversation Redis holds whose store holds less than it acknowledged (a
-        quiet one would never say so: nothing of its is stored again; once Redis let it
-        go, the store's shorter copy would be the only one, its ids given again): noted
-        for the sweep (``note_unstored``), which stores the rest again once its mark in
-        Redis is lowered to what the store holds. How many were found."""
-        found = 0
-        async for marks in self._state.conversations_held(AUDIT_BATCH):
-            marked = [sid for sid, stored in marks.items() if stored]
-            held = await self._last_ids(marked)
-            short = [(sid, h) for sid, h in zip(marked, held, strict=True) if h < marks[sid]]
-            if not short:
-                continue
-            purging = await self._state.purging([sid for sid, _ in short])
-            short = [(sid, h) for sid, h in short if sid not in purging]
-            await self._state.note_unstored(sid for sid, _ in short)
-            for sid, h in short:
-                stored, _ = await self._state.rewind_stored(sid, h, marks[sid], 1, 1)
-                if stored != h:
-                    continue  # moved meanwhile (by its mover, a sweep), or being purged
-                self._lost(sid, h, marks[sid], audit=False)
-                found += 1
-                if (runner := self._runners.get(sid)) is not None and runner.running:
-                    self.logged(sid)
-        return found
-
-    async def _last_ids(self, sids: Sequence[str]) -> list[int]:
-        """The store's last id of each of ``sids``, ``AUDIT_READS`` reads at a time (not
-        crowding out the movers' appends and the replays' reads)."""
-        limit = asyncio.Semaphore(AUDIT_READS)
-
-        async def last_id(sid: str) -> int:
-            async with limit:
-                return await self._store.last_id(sid)
-
-        return await asyncio.gather(*(last_id(sid) for sid in sids))
 
     async def _append(self, batches: list[tuple[Lease, Batch]]) -> list[AppendResult | Exception]:
         if not batches:

@@ -175,7 +175,7 @@ class KeySchema:
 
     def store_audit(self) -> str:
         """String: the node checking every conversation against the event store (SET NX
-        PX; ``Archiver.audit``)."""
+        PX; ``storeaudit.StoreAudit``)."""
         return f"{self.prefix}:{{cluster}}:store-audit"
 
     def reaper_lock(self) -> str:

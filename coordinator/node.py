@@ -203,7 +203,7 @@ class Node:
             "Conversations the event store held fewer events of than it had acknowledged "
             "(a failover that lost its latest writes, a restore from an older backup), "
             "stored again from the Redis log.",
-            lambda: self.archiver.rewinds,
+            lambda: self.archiver.audit.rewinds,
         )
         self.loops = Loops(
             runners=self.runners,

@@ -939,7 +939,7 @@ async def test_a_purge_redis_fails_after_the_store_is_not_undone_by_a_move(
     async def not_stored_again() -> None:
         assert await a.state.purging(["doomed"]) == {"doomed"}
         assert await a.state.redis.pttl(a.keys.purging("doomed")) == -1  # for good
-        await a.node.archiver.audit()
+        await a.node.archiver.audit.check()
         await a.node.archiver.sweep()
         assert await store.conversation("doomed") is None
 
@@ -1505,7 +1505,7 @@ async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_f
             assert all(e.get("observation") == "null" for e in nothing)
         assert f"lost {sid}'s events {held[cid] + 1}-" in caplog.text
     assert primary.password not in caplog.text
-    assert a.node.archiver.rewinds == 2
+    assert a.node.archiver.audit.rewinds == 2
 
 
 @pytest.mark.parametrize("held", [0, 3, 14, 17, 19])

@@ -1,0 +1,151 @@
+"""The check of the event store against Redis once it showed it lost events it had
+acknowledged (a failover to a replica that lagged, a restore from an older backup).
+
+The mover (``archive.py``) finds such a loss when it next moves that conversation and
+stores the rest again from the log (``scripts.REWIND_STORED``). A conversation quiet
+since would never show it: nothing of its is stored again, and once Redis let it go the
+store's shorter copy would be the only one, its ids given again. So the first loss seen
+starts a check of every conversation Redis holds (SCAN), by one node of the cluster at
+a time (``{cluster}:store-audit``), at most once in ``AUDIT_EVERY`` seconds: each one
+the store holds less of is noted for the sweep (``note_unstored``), which stores it
+again once its mark in Redis is lowered to what the store holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+from redis.exceptions import RedisClusterException
+
+from .backoff import Backoff
+from .errors import REDIS_TROUBLE
+from .eventstore import EventStore, StoreError
+from .state import RedisState
+from .tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+AUDIT_BATCH = 200  # conversations read from Redis at a time
+AUDIT_EVERY = 60.0  # seconds: at most one check in this many
+AUDIT_READS = 4  # store reads at a time
+AUDIT_TRIES = 5
+AUDIT_LOCK_MS = 600_000  # one node checks at a time; a node that died lets go after this
+AUDIT_TROUBLE: tuple[type[Exception], ...] = (StoreError, RedisClusterException, *REDIS_TROUBLE)
+
+
+class StoreAudit:
+    """Losses of ``store`` said and counted (``rewinds``), and the check they start.
+    ``owned(sid)``: whether ``sid``'s loop runs on this node, whose mover ``wake(sid)``
+    then moves it (the sweep moves the others)."""
+
+    def __init__(
+        self,
+        *,
+        state: RedisState,
+        store: EventStore,
+        node: str,
+        where: str,
+        tasks: TaskSet,
+        owned: Callable[[str], bool],
+        wake: Callable[[str], None],
+    ) -> None:
+        self._state = state
+        self._store = store
+        self._node = node
+        self._where = where
+        self._tasks = tasks
+        self._owned = owned
+        self._wake = wake
+        self._running: asyncio.Task[None] | None = None
+        self._began = 0.0  # loop time the last check began
+        self.rewinds = 0  # conversations found holding less than the store acknowledged
+
+    def lost(self, sid: str, held: int, recorded: int, *, audit: bool = True) -> None:
+        """The store holds ``sid`` up to ``held``, below the ``recorded`` it acknowledged:
+        said, counted and (``audit``) every other conversation checked (``check``), at
+        most once every ``AUDIT_EVERY`` seconds."""
+        self.rewinds += 1
+        log.error(
+            "event store %s lost %s's events %d-%d it had acknowledged (a failover to a "
+            "replica that lagged? a restore from an older backup?): storing them again "
+            "from the Redis log (those it no longer holds, as lost)",
+            self._where,
+            sid,
+            held + 1,
+            recorded,
+        )
+        now = asyncio.get_running_loop().time()
+        idle = self._running is None or self._running.done()
+        if audit and idle and now >= self._began + AUDIT_EVERY:
+            self._began = now
+            self._running = self._tasks.spawn(self._check_all(), "event store audit")
+
+    async def _check_all(self) -> None:
+        """``check``, by one node of the cluster at a time, tried again after a backoff
+        while Redis or the store fails it (a lowered mark is noted first: a pass cut
+        short leaves nothing unfound for the next)."""
+        me, where = self._node, self._where
+        lock = self._state.keys.store_audit()
+        backoff = Backoff(base=1.0, cap=30.0)
+        for _ in range(AUDIT_TRIES):
+            try:
+                if not await self._state.take_lock(lock, me, AUDIT_LOCK_MS):
+                    log.info("event store %s: another node checks every conversation", where)
+                    return
+                try:
+                    found = await self.check()
+                finally:
+                    with contextlib.suppress(*AUDIT_TROUBLE):
+                        await self._state.drop_lock(lock, me)
+            except AUDIT_TROUBLE as exc:
+                delay = backoff.next()
+                log.warning(
+                    "checking every conversation against event store %s: %s; again in %.0fs",
+                    where,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            log.warning("event store %s checked: %d more conversation(s) lost events", where, found)
+            return
+
+    async def check(self) -> int:
+        """Every conversation Redis holds whose store holds less than it acknowledged (a
+        quiet one would never say so: nothing of its is stored again; once Redis let it
+        go, the store's shorter copy would be the only one, its ids given again): noted
+        for the sweep (``note_unstored``), which stores the rest again once its mark in
+        Redis is lowered to what the store holds. How many were found."""
+        found = 0
+        async for marks in self._state.conversations_held(AUDIT_BATCH):
+            marked = [sid for sid, stored in marks.items() if stored]
+            held = await self._last_ids(marked)
+            short = [(sid, h) for sid, h in zip(marked, held, strict=True) if h < marks[sid]]
+            if not short:
+                continue
+            purging = await self._state.purging([sid for sid, _ in short])
+            short = [(sid, h) for sid, h in short if sid not in purging]
+            await self._state.note_unstored(sid for sid, _ in short)
+            for sid, h in short:
+                stored, _ = await self._state.rewind_stored(sid, h, marks[sid], 1, 1)
+                if stored != h:
+                    continue  # moved meanwhile (by its mover, a sweep), or being purged
+                self.lost(sid, h, marks[sid], audit=False)
+                found += 1
+                if self._owned(sid):
+                    self._wake(sid)
+        return found
+
+    async def _last_ids(self, sids: Sequence[str]) -> list[int]:
+        """The store's last id of each of ``sids``, ``AUDIT_READS`` reads at a time (not
+        crowding out the movers' appends and the replays' reads)."""
+        limit = asyncio.Semaphore(AUDIT_READS)
+
+        async def last_id(sid: str) -> int:
+            async with limit:
+                return await self._store.last_id(sid)
+
+        return await asyncio.gather(*(last_id(sid) for sid in sids))
