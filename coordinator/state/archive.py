@@ -96,13 +96,6 @@ class ArchiveOps(StateCore):
         marks = await self._commands([("HGET", self.keys.conv(sid), "stored") for sid in sids])
         return {sid: int(m or 0) for sid, m in zip(sids, marks, strict=True)}
 
-    async def take_audit(self, me: str, ttl_ms: int) -> bool:
-        """Whether node ``me`` may check the store now (no other does: ``store_audit``)."""
-        return bool(await self.redis.set(self.keys.store_audit(), me, nx=True, px=ttl_ms))
-
-    async def drop_audit(self, me: str) -> None:
-        await self._run("delete_if", [self.keys.store_audit()], [me])
-
     async def note_unstored(self, sids: Iterable[str]) -> None:
         """``sids`` lose their owner while the store may lack events of theirs: any
         node's sweep moves them (``Archiver.sweep``). The oldest note of each stays."""
