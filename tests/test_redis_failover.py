@@ -666,3 +666,33 @@ async def test_the_master_watch_drops_no_connection_to_the_master_it_follows(
         stop.set()
         await asyncio.gather(*loops)
     assert int(await client.get("watched")) == acked
+
+
+async def test_a_pooled_connection_to_a_server_no_longer_the_master_is_not_handed_out(
+    redis_sentinel: SentinelServers, nodes: Any
+) -> None:
+    """A connection the pool made while it still named another server (the master
+    that stopped, before the failover) and that escaped the master watch's sweep is
+    not used once the pool names the new master: it is dropped when handed out, and
+    the command runs on the master. In CI one such connection read the nodes' leases
+    on the old master (back, and not converted yet) after its copy had expired: every
+    node lapsed."""
+    servers = redis_sentinel
+    hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
+    ((node, _),) = await nodes(f"redis+sentinel://{hosts}/{servers.master_name}", n=1)
+    client = node.node.backend.client
+    pool = client.connection_pool
+    master = servers.master_address()
+    (other,) = [d for d in servers.data_nodes if (HOST, d.port) != master]
+    assert (await client.execute_command("ROLE"))[0] == b"master"
+    # A connection made while the pool named the other server, back in the pool.
+    stale = pool.get_available_connection()
+    await stale.disconnect()
+    pool.master_address = (HOST, other.port)
+    await stale.connect_to((HOST, other.port))
+    pool.master_address = master  # the pool hears of the master again
+    await pool.release(stale)
+    assert (stale.host, stale.port) == (HOST, other.port) and stale.is_connected
+    for _ in range(3):
+        assert (await client.execute_command("ROLE"))[0] == b"master"
+    assert (stale.host, stale.port) == master

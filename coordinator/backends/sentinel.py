@@ -16,8 +16,8 @@ when it moved, drops its pool's connections to the old one, in use or not (not t
 the new master: a command in flight there would be sent again), and reconnects the lane
 and the subscription (their calls are safe to repeat) to the master the Sentinels name. A pool
 connection begun before the failover, to the stopped master, completes when it comes
-back: it is dropped once made if its pool has heard of another master meanwhile
-(``_ToTheMaster``).
+back: it is dropped once made if its pool has heard of another master meanwhile, and
+any pool connection is when the pool hands it out (``_ToTheMaster``).
 """
 
 from __future__ import annotations
@@ -254,16 +254,38 @@ class _Failed(Exception):
 
 
 class _ToTheMaster(SentinelManagedConnection):
-    """A pool connection that, once made, is to the master its pool last heard of:
-    one begun before a failover, to a master that stopped, completes when that master
-    comes back, a master still until the Sentinels convert it, and its commands (a
-    read of the nodes' leases, a registration) went there. Dropped instead; the pool's
-    retry asks the Sentinels again."""
+    """A pool connection used only while it is to the master its pool last heard of.
+
+    Once made: one begun before a failover, to a master that stopped, completes when
+    that master comes back, a master still until the Sentinels convert it, and its
+    commands (a read of the nodes' leases, a registration) went there. Dropped instead;
+    the pool's retry asks the Sentinels again.
+
+    And each time the pool hands it out: the pools were seen holding connections to
+    the stopped master after ``follow_master``'s sweep (made during the pause, before
+    the failover); one read the nodes' leases there ten seconds later, its copy
+    expired, and every node lapsed."""
+
+    def _stale(self) -> tuple[str, int] | None:
+        """The master the pool last heard of, if this connection is to another."""
+        now = self.connection_pool.master_address
+        if now is not None and tuple(now) != (self.host, self.port):
+            return (str(now[0]), int(now[1]))
+        return None
+
+    async def connect(self) -> None:
+        now = self._stale() if self.is_connected else None
+        if now is not None:
+            log.debug(
+                "dropping a connection to %s:%s: the master is %s:%d", self.host, self.port, *now
+            )
+            await self.disconnect()
+        await super().connect()  # type: ignore[no-untyped-call]
 
     async def connect_to(self, address: tuple[str, int]) -> None:
         await super().connect_to(address)  # type: ignore[no-untyped-call]
-        now = self.connection_pool.master_address
-        if now is not None and tuple(now) != tuple(address):
+        now = self._stale()
+        if now is not None:
             await self.disconnect()
             raise RedisConnectionError(
                 f"{address[0]}:{address[1]} is not the master any more ({now[0]}:{now[1]} is)"
