@@ -1,14 +1,17 @@
 """The check of the event store against Redis once it showed it lost events it had
-acknowledged (a failover to a replica that lagged, a restore from an older backup).
+acknowledged (a failover to a replica that lagged, a restore from an older backup), or
+reconnected to another server (a failover, which may have).
 
 The mover (``archive.py``) finds such a loss when it next moves that conversation and
 stores the rest again from the log (``scripts.REWIND_STORED``). A conversation quiet
 since would never show it: nothing of its is stored again, and once Redis let it go the
 store's shorter copy would be the only one, its ids given again. So the first loss seen
 starts a check of every conversation Redis holds (SCAN), by one node of the cluster at
-a time (``{cluster}:store-audit``), at most once in ``AUDIT_EVERY`` seconds: each one
-the store holds less of is noted for the sweep (``note_unstored``), which stores it
-again once its mark in Redis is lowered to what the store holds.
+a time (``{cluster}:store-audit``), at most once in ``AUDIT_EVERY`` seconds; so does a
+store that reconnected to another server (``watch``, each store sweep), as no
+conversation need be busy to show a failover's loss. Each one the store holds less of is
+noted for the sweep (``note_unstored``), which stores it again once its mark in Redis is
+lowered to what the store holds.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class StoreAudit:
         self._wake = wake
         self._running: asyncio.Task[None] | None = None
         self._began = 0.0  # loop time the last check began
+        self._owed = False  # a check is wanted (started once one is due)
+        self._changes_seen = store.server_changes
         self.rewinds = 0  # conversations found holding less than the store acknowledged
 
     def lost(self, sid: str, held: int, recorded: int, *, audit: bool = True) -> None:
@@ -77,16 +82,41 @@ class StoreAudit:
             held + 1,
             recorded,
         )
+        if audit:
+            self._owed = True
+            self._start()
+
+    def watch(self) -> None:
+        """Called every store sweep: a store that reconnected to another server since
+        the last look (``server_changes``) may have failed over to a standby that lacked
+        its last writes, and no conversation need be busy to show it (a quiet one's
+        shorter copy would be found by nothing before Redis let it go): every
+        conversation checked then too. And a check that gave up (the store or Redis
+        away) started again."""
+        changes = self._store.server_changes
+        if changes != self._changes_seen:
+            self._changes_seen = changes
+            self._owed = True
+            log.info(
+                "event store %s: reconnected to another server (a failover?): every "
+                "conversation is checked against it",
+                self._where,
+            )
+        self._start()
+
+    def _start(self) -> None:
+        """The check owed, if none runs here and none began in ``AUDIT_EVERY`` seconds."""
         now = asyncio.get_running_loop().time()
         idle = self._running is None or self._running.done()
-        if audit and idle and now >= self._began + AUDIT_EVERY:
+        if self._owed and idle and now >= self._began + AUDIT_EVERY:
+            self._owed = False
             self._began = now
             self._running = self._tasks.spawn(self._check_all(), "event store audit")
 
     async def _check_all(self) -> None:
         """``check``, by one node of the cluster at a time, tried again after a backoff
         while Redis or the store fails it (a lowered mark is noted first: a pass cut
-        short leaves nothing unfound for the next)."""
+        short leaves nothing unfound for the next); owed again if every try failed."""
         me, where = self._node, self._where
         lock = self._state.keys.store_audit()
         backoff = Backoff(base=1.0, cap=30.0)
@@ -112,6 +142,7 @@ class StoreAudit:
                 continue
             log.warning("event store %s checked: %d more conversation(s) lost events", where, found)
             return
+        self._owed = True  # the next sweep's watch starts it again
 
     async def check(self) -> int:
         """Every conversation Redis holds whose store holds less than it acknowledged (a

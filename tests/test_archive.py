@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from coordinator import ConversationManager
+from coordinator import ConversationManager, storeaudit
 from coordinator.auth import issue_token
 from coordinator.codec import EVENTS_LOST, evicted_event, notice_code, pack, unpack, with_id
 from coordinator.config import NOTE_ROOM
@@ -1416,6 +1416,44 @@ async def _replayed(primary: PostgresServer, replica: PostgresServer) -> bool:
     return bool(await replica.execute(f"SELECT pg_last_wal_replay_lsn() >= '{written}'::pg_lsn"))
 
 
+def _primary_and_replica(primary: PostgresServer, replica: PostgresServer, db: str) -> str:
+    """The store URL naming a primary and its replica (``target_session_attrs``)."""
+    role = f"coord:{primary.password}"
+    return (
+        f"postgresql://{role}@127.0.0.1:{primary.port},127.0.0.1:{replica.port}/{db}"
+        "?target_session_attrs=read-write"
+    )
+
+
+async def _sent_and_stored(node: Any, sink: Any, cid: str, sid: str, prefix: str, n: int) -> int:
+    """Send ``n`` messages on ``cid``; its last id once the agent answered them all and
+    the store has them."""
+    for i in range(n):
+        await send(node, cid, f"{prefix} {i}")
+
+    def answers() -> int:
+        return sum(
+            e["source"] == "agent" and e["args"]["content"].startswith(prefix)
+            for e in sink.events[cid]
+        )
+
+    await wait_until(lambda: answers() == n, timeout=30, what=f"{prefix} answered")
+    last = max(sink.ids(cid))
+    await wait_stored(node, sid, last)
+    return last
+
+
+async def _stop_receiving(replica: PostgresServer) -> None:
+    """The replica lags for good, as an asynchronous one may: what the primary stores
+    from now on it never gets."""
+    await replica.execute("ALTER SYSTEM SET primary_conninfo = ''")
+    await replica.execute("SELECT pg_reload_conf()")
+    await wait_until(
+        lambda: replica.execute("SELECT count(*) = 0 FROM pg_stat_wal_receiver"),
+        what="the replica's receiver gone",
+    )
+
+
 @pytest.mark.parametrize("window", [0, 10])
 async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_from_redis(
     make_nodes: NodeFactory, postgres_pair: Any, caplog: pytest.LogCaptureFixture, window: int
@@ -1434,34 +1472,15 @@ async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_f
     one's store copy, short of what its client saw, was all that stayed once Redis let
     it go (its ids then given again)."""
     primary, replica, database = postgres_pair
-    role = f"coord:{primary.password}"
-    dsn = (
-        f"postgresql://{role}@127.0.0.1:{primary.port},127.0.0.1:{replica.port}/{database}"
-        "?target_session_attrs=read-write"
-    )
+    dsn = _primary_and_replica(primary, replica, database)
     (a,) = await make_nodes(1, event_store=dsn, **({"log_window_events": window} if window else {}))
     sink = make_nodes.sinks[a.node_id]
     sids = {"c1": "kept", "c2": "quiet"}
     for cid, sid in sids.items():
         await a.join_conversation(sid, cid, {}, "alice")
-
-    async def answered(cid: str, prefix: str, n: int) -> int:
-        """Send ``n`` messages on ``cid``; its last id once the agent answered them all."""
-        for i in range(n):
-            await send(a, cid, f"{prefix} {i}")
-
-        def answers() -> int:
-            return sum(
-                e["source"] == "agent" and e["args"]["content"].startswith(prefix)
-                for e in sink.events[cid]
-            )
-
-        await wait_until(lambda: answers() == n, timeout=30, what=f"{prefix} answered")
-        last = max(sink.ids(cid))
-        await wait_stored(a, sids[cid], last)
-        return last
-
-    held = {cid: await answered(cid, "before", 10) for cid in sids}
+    held = {
+        cid: await _sent_and_stored(a, sink, cid, sid, "before", 10) for cid, sid in sids.items()
+    }
     await wait_until(lambda: _replayed(primary, replica), what="the replica caught up")
     for cid, sid in sids.items():
         on_replica = await replica.execute(
@@ -1469,20 +1488,19 @@ async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_f
             database,
         )
         assert on_replica == held[cid]
-    # The replica stops receiving: what the primary stores from now on it never gets.
-    await replica.execute("ALTER SYSTEM SET primary_conninfo = ''")
-    await replica.execute("SELECT pg_reload_conf()")
-    await wait_until(
-        lambda: replica.execute("SELECT count(*) = 0 FROM pg_stat_wal_receiver"),
-        what="the replica's receiver gone",
-    )
-    final = {cid: await answered(cid, "lost by the store", 10) for cid in sids}
+    await _stop_receiving(replica)
+    final = {
+        cid: await _sent_and_stored(a, sink, cid, sid, "lost by the store", 10)
+        for cid, sid in sids.items()
+    }
     kept_from = {cid: (await redis_log(a, sid))[0][0] for cid, sid in sids.items()}
     assert all((kept_from[cid] > held[cid] + 1) == bool(window) for cid in sids)
     await asyncio.to_thread(primary.stop, "immediate")
     await asyncio.to_thread(replica.promote)
     caplog.set_level(logging.ERROR, logger="coordinator.archive")
-    final["c1"] = await answered("c1", "after", 3)  # "quiet" says nothing more
+    final["c1"] = await _sent_and_stored(
+        a, sink, "c1", "kept", "after", 3
+    )  # "quiet" says nothing more
     store = a.node.store
     assert store is not None
 
@@ -1506,6 +1524,81 @@ async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_f
         assert f"lost {sid}'s events {held[cid] + 1}-" in caplog.text
     assert primary.password not in caplog.text
     assert a.node.archiver.audit.rewinds == 2
+
+
+async def test_a_postgres_failover_that_lost_only_a_quiet_conversations_writes_is_found(
+    make_nodes: NodeFactory, postgres_pair: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above, but only the quiet conversation was written to after the replica
+    stopped receiving: the one in use after the failover lost nothing, so no move shows
+    the loss. The store's pool reconnecting to another server does: every conversation
+    is checked, and the quiet one is stored again. Before, nothing found it; once Redis
+    let it go, the store's shorter copy would have been all there was."""
+    primary, replica, database = postgres_pair
+    dsn = _primary_and_replica(primary, replica, database)
+    (a,) = await make_nodes(1, event_store=dsn)
+    sink = make_nodes.sinks[a.node_id]
+    sids = {"c1": "busy", "c2": "quiet"}
+    for cid, sid in sids.items():
+        await a.join_conversation(sid, cid, {}, "alice")
+    held = {
+        cid: await _sent_and_stored(a, sink, cid, sid, "before", 5) for cid, sid in sids.items()
+    }
+    await wait_until(lambda: _replayed(primary, replica), what="the replica caught up")
+    await _stop_receiving(replica)
+    final = dict(held)
+    final["c2"] = await _sent_and_stored(a, sink, "c2", "quiet", "lost by the store", 5)
+    await asyncio.to_thread(primary.stop, "immediate")
+    await asyncio.to_thread(replica.promote)
+    caplog.set_level(logging.INFO, logger="coordinator.storeaudit")
+    final["c1"] = await _sent_and_stored(a, sink, "c1", "busy", "after", 3)
+    store = a.node.store
+    assert store is not None
+
+    async def quiet_stored_again() -> bool:
+        return await store.last_id("quiet") == final["c2"]
+
+    await wait_until(quiet_stored_again, timeout=30, what="the quiet one stored again")
+    for cid, sid in sids.items():
+        stored = await all_stored(store, sid)
+        seen = {e["id"]: e for e in sink.events[cid]}
+        assert [with_id(i, unpack(data)) for i, data in stored] == [
+            seen[i] for i in range(1, final[cid] + 1)
+        ]
+    assert "reconnected to another server" in caplog.text
+    assert f"lost quiet's events {held['c2'] + 1}-{final['c2']}" in caplog.text
+    assert "lost busy's" not in caplog.text
+    assert a.node.archiver.audit.rewinds == 1
+
+
+async def test_a_check_of_every_conversation_that_gave_up_is_started_again(
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check a failover starts fails every try (the store still away): it is owed,
+    and the next store sweep starts it again, rather than nothing checking until the
+    store fails over once more."""
+    monkeypatch.setattr(storeaudit, "AUDIT_TRIES", 1)
+    monkeypatch.setattr(storeaudit, "AUDIT_EVERY", 0.0)
+    (a,) = await make_nodes(1)
+    audit = a.node.archiver.audit
+    store = a.node.store
+    assert store is not None
+    checks: list[str] = []
+    check = audit.check
+
+    async def away_once() -> int:
+        checks.append("tried")
+        if len(checks) == 1:
+            raise StoreUnavailable("the store", "still away")
+        return await check()
+
+    monkeypatch.setattr(audit, "check", away_once)
+    monkeypatch.setattr(store, "server_changes", store.server_changes + 1, raising=False)
+    await a.node.archiver.sweep()
+    # Given up after its one try and a backoff; the node's sweeps (every 0.5 s) go on.
+    await wait_until(lambda: checks == ["tried", "tried"], timeout=10, what="the check again")
+    await asyncio.sleep(2.0)  # done: not again
+    assert checks == ["tried", "tried"]
 
 
 @pytest.mark.parametrize("held", [0, 3, 14, 17, 19])

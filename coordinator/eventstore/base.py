@@ -102,6 +102,7 @@ class Opened:
     it, and ``identity`` names the store once ``open`` has set ``_identity``."""
 
     _identity: str | None = None
+    server_changes = 0
 
     async def open(self) -> None:
         raise NotImplementedError
@@ -133,6 +134,10 @@ class EventStore(Protocol):
     ``open()`` before use (it creates what is missing: a directory, the tables) and
     ``aclose()`` after; both backends are also async context managers.
     """
+
+    # How many times a new connection reached another server than the last one did (a
+    # standby promoted, a restart): the store may have failed over. A file store's: 0.
+    server_changes: int
 
     async def open(self) -> None: ...
 

@@ -108,6 +108,7 @@ class PostgresEventStore(Opened):
         self._pool: Any = None
         self._retries = LogThrottle(log, Rate(0.2, 3.0))
         self._identity: str | None = None
+        self._server: tuple[Any, ...] | None = None  # the last new connection's server
 
     def __repr__(self) -> str:
         return f"<PostgresEventStore {self.where} schema={self.schema}>"
@@ -126,6 +127,7 @@ class PostgresEventStore(Opened):
             timeout=self._connect_timeout,
             command_timeout=self._command_timeout,
             server_settings={"application_name": "coordinator-eventstore"},
+            init=self._connected,
         )
         try:
             await pool
@@ -149,6 +151,18 @@ class PostgresEventStore(Opened):
             await pool.close()
 
     # -- plumbing --------------------------------------------------------------------------
+
+    async def _connected(self, conn: Any) -> None:
+        """Each new connection: the server it reached. Another than the last one (a
+        standby promoted, a restart: the pool reconnects without a word) counts in
+        ``server_changes`` (``storeaudit.py``)."""
+        row = await conn.fetchrow(
+            "SELECT inet_server_addr()::text, inet_server_port(), pg_postmaster_start_time()"
+        )
+        server = tuple(row)
+        if self._server is not None and server != self._server:
+            self.server_changes += 1
+        self._server = server
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, TimeoutError) and not str(exc):  # said nothing of its own
