@@ -1416,13 +1416,27 @@ async def _replayed(primary: PostgresServer, replica: PostgresServer) -> bool:
     return bool(await replica.execute(f"SELECT pg_last_wal_replay_lsn() >= '{written}'::pg_lsn"))
 
 
-def _primary_and_replica(primary: PostgresServer, replica: PostgresServer, db: str) -> str:
-    """The store URL naming a primary and its replica (``target_session_attrs``)."""
+async def _joined_on_a_pair(
+    make_nodes: NodeFactory, postgres_pair: Any, sids: dict[str, str], n: int, **config: Any
+) -> tuple[Any, Any, dict[str, int]]:
+    """A node whose store URL lists a primary and its replica (``target_session_attrs``),
+    clients joined to ``sids`` (cid -> conversation), ``n`` messages answered on each
+    and on the replica: the node, its sink and each client's last id."""
+    primary, replica, database = postgres_pair
     role = f"coord:{primary.password}"
-    return (
-        f"postgresql://{role}@127.0.0.1:{primary.port},127.0.0.1:{replica.port}/{db}"
+    dsn = (
+        f"postgresql://{role}@127.0.0.1:{primary.port},127.0.0.1:{replica.port}/{database}"
         "?target_session_attrs=read-write"
     )
+    (a,) = await make_nodes(1, event_store=dsn, **config)
+    sink = make_nodes.sinks[a.node_id]
+    for cid, sid in sids.items():
+        await a.join_conversation(sid, cid, {}, "alice")
+    held = {
+        cid: await _sent_and_stored(a, sink, cid, sid, "before", n) for cid, sid in sids.items()
+    }
+    await wait_until(lambda: _replayed(primary, replica), what="the replica caught up")
+    return a, sink, held
 
 
 async def _sent_and_stored(node: Any, sink: Any, cid: str, sid: str, prefix: str, n: int) -> int:
@@ -1472,16 +1486,9 @@ async def test_a_postgres_failover_that_lost_the_latest_writes_is_filled_again_f
     one's store copy, short of what its client saw, was all that stayed once Redis let
     it go (its ids then given again)."""
     primary, replica, database = postgres_pair
-    dsn = _primary_and_replica(primary, replica, database)
-    (a,) = await make_nodes(1, event_store=dsn, **({"log_window_events": window} if window else {}))
-    sink = make_nodes.sinks[a.node_id]
     sids = {"c1": "kept", "c2": "quiet"}
-    for cid, sid in sids.items():
-        await a.join_conversation(sid, cid, {}, "alice")
-    held = {
-        cid: await _sent_and_stored(a, sink, cid, sid, "before", 10) for cid, sid in sids.items()
-    }
-    await wait_until(lambda: _replayed(primary, replica), what="the replica caught up")
+    config = {"log_window_events": window} if window else {}
+    a, sink, held = await _joined_on_a_pair(make_nodes, postgres_pair, sids, 10, **config)
     for cid, sid in sids.items():
         on_replica = await replica.execute(
             f"SELECT last_id FROM coordinator.conversations WHERE conversation_id = '{sid}'",
@@ -1534,17 +1541,9 @@ async def test_a_postgres_failover_that_lost_only_a_quiet_conversations_writes_i
     the loss. The store's pool reconnecting to another server does: every conversation
     is checked, and the quiet one is stored again. Before, nothing found it; once Redis
     let it go, the store's shorter copy would have been all there was."""
-    primary, replica, database = postgres_pair
-    dsn = _primary_and_replica(primary, replica, database)
-    (a,) = await make_nodes(1, event_store=dsn)
-    sink = make_nodes.sinks[a.node_id]
+    primary, replica, _ = postgres_pair
     sids = {"c1": "busy", "c2": "quiet"}
-    for cid, sid in sids.items():
-        await a.join_conversation(sid, cid, {}, "alice")
-    held = {
-        cid: await _sent_and_stored(a, sink, cid, sid, "before", 5) for cid, sid in sids.items()
-    }
-    await wait_until(lambda: _replayed(primary, replica), what="the replica caught up")
+    a, sink, held = await _joined_on_a_pair(make_nodes, postgres_pair, sids, 5)
     await _stop_receiving(replica)
     final = dict(held)
     final["c2"] = await _sent_and_stored(a, sink, "c2", "quiet", "lost by the store", 5)
