@@ -74,11 +74,46 @@ async def test_a_stopped_server_is_unavailable_then_works_after_restart(
         restarted.set()
         await task
         check_log(await read_all(store, "c1"), moved[0] - 1)
+        assert store.server_changes == 1  # another server, for all it knows (storeaudit.py)
     finally:
         await store.aclose()
     for exc in [*failures, caught.value]:
         assert postgres_server.password not in _shown(exc)
         assert "127.0.0.1" in str(exc) and "coord:***@" in str(exc)
+
+
+async def test_a_role_that_may_not_ask_which_server_it_reached_still_uses_the_store(
+    postgres_server: PostgresServer, postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each new connection asks which server it reached (``server_changes``: a failover
+    starts a check of every conversation). With those functions revoked from the role
+    (a hardened database), that question failed every connection: the store could not
+    be opened. Now it is said once and the store works; only changes go uncounted."""
+    database = postgres_dsn.rpartition("/")[2]
+    await postgres_server.execute(
+        "REVOKE EXECUTE ON FUNCTION pg_postmaster_start_time() FROM PUBLIC", database
+    )
+    store = PostgresEventStore(postgres_dsn)
+    await store.open()
+    try:
+        assert (await store.append("c1", 1, events(1, 3), user="u")).status == "ok"
+        check_log(await read_all(store, "c1"), 3)
+        await asyncio.to_thread(postgres_server.stop)
+        await asyncio.to_thread(postgres_server.start)
+        await wait_until(lambda: _works(store), what="the store again")
+        assert store.server_changes == 0
+    finally:
+        await store.aclose()
+    said = [r.getMessage() for r in caplog.records if "cannot tell which server" in r.getMessage()]
+    assert len(said) == 1 and "permission denied" in said[0]
+    assert postgres_server.password not in said[0]
+
+
+async def _works(store: PostgresEventStore) -> bool:
+    try:
+        return await store.last_id("c1") == 3
+    except StoreUnavailable:
+        return False
 
 
 async def test_an_unreachable_server_is_a_clear_error_without_the_password(

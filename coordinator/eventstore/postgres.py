@@ -109,6 +109,7 @@ class PostgresEventStore(Opened):
         self._retries = LogThrottle(log, Rate(0.2, 3.0))
         self._identity: str | None = None
         self._server: tuple[Any, ...] | None = None  # the last new connection's server
+        self._server_unknown = False  # not readable (said once)
 
     def __repr__(self) -> str:
         return f"<PostgresEventStore {self.where} schema={self.schema}>"
@@ -156,9 +157,21 @@ class PostgresEventStore(Opened):
         """Each new connection: the server it reached. Another than the last one (a
         standby promoted, a restart: the pool reconnects without a word) counts in
         ``server_changes`` (``storeaudit.py``)."""
-        row = await conn.fetchrow(
-            "SELECT inet_server_addr()::text, inet_server_port(), pg_postmaster_start_time()"
-        )
+        if self._server_unknown:
+            return
+        try:
+            row = await conn.fetchrow(
+                "SELECT inet_server_addr()::text, inet_server_port(), pg_postmaster_start_time()"
+            )
+        except asyncpg.PostgresError as exc:  # a role these functions are revoked from
+            self._server_unknown = True
+            log.warning(
+                "event store %s: cannot tell which server a connection reached (%s): a "
+                "failover's lost writes are found only when a conversation moved shows them",
+                self.where,
+                self._describe(exc),
+            )
+            return
         server = tuple(row)
         if self._server is not None and server != self._server:
             self.server_changes += 1
