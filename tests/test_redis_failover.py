@@ -696,3 +696,33 @@ async def test_a_pooled_connection_to_a_server_no_longer_the_master_is_not_hande
     for _ in range(3):
         assert (await client.execute_command("ROLE"))[0] == b"master"
     assert (stale.host, stale.port) == master
+
+
+async def test_the_lease_keeper_renews_where_the_master_watch_says_the_master_is(
+    redis_sentinel: SentinelServers, nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Sentinels name another master while this node still reaches the old one (cut
+    off from the Sentinels, not from it): the master watch moves the pool, the lane and
+    the subscription, and the lease keeper's next renewal goes to the new master too.
+    Its connection to the old one answered, so it was never dropped: the renewals went
+    on there while the lease expired on the new master, and every registration the
+    node made on the new master was refused by the keeper's next renewal on the old.
+    (Here "the new master" is the replica: the renewal it refuses, READONLY, shows
+    where it went.)"""
+    servers = redis_sentinel
+    hosts = ",".join(f"{h}:{p}" for h, p in servers.sentinel_addresses)
+    ((node, _),) = await nodes(f"redis+sentinel://{hosts}/{servers.master_name}", n=1)
+    backend, membership = node.node.backend, node.node.membership
+    assert await membership.renew_now()
+    master = servers.master_address()
+    (other,) = [d for d in servers.data_nodes if (HOST, d.port) != master]
+    elsewhere = (HOST, other.port)
+
+    async def located() -> tuple[str, int]:
+        return elsewhere
+
+    keeper = backend._keeper.connection_pool
+    monkeypatch.setattr(backend, "locate", located)
+    monkeypatch.setattr(keeper.sentinel_manager, "discover_master", lambda name: elsewhere)
+    await backend.follow_master()
+    assert await membership.renew_now() is False  # refused by the replica: READONLY

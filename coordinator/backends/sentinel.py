@@ -10,14 +10,17 @@ and the lease keeper's client too.
 A master that stopped (paused, or cut off) past down-after and comes back after its
 failover is not demoted yet: it answers as a master until the Sentinels convert it,
 seconds later, and connections opened to it before it stopped wrote there, writes its
-conversion then threw away (a node's new registration, acknowledged actions). So the
-node asks the Sentinels where the master is every heartbeat (``follow_master``) and,
-when it moved, drops its pool's connections to the old one, in use or not (not those on
-the new master: a command in flight there would be sent again), and reconnects the lane
-and the subscription (their calls are safe to repeat) to the master the Sentinels name. A pool
-connection begun before the failover, to the stopped master, completes when it comes
-back: it is dropped once made if its pool has heard of another master meanwhile, and
-any pool connection is when the pool hands it out (``_ToTheMaster``).
+conversion then threw away (a node's new registration, acknowledged actions). One the
+node still reaches while the Sentinels do not (a partition) is never demoted while it
+lasts. So the node asks the Sentinels where the master is every heartbeat
+(``follow_master``) and, when it moved, drops its pool's connections to the old one, in
+use or not (not those on the new master: a command in flight there would be sent
+again), reconnects the lane and the subscription (their calls are safe to repeat) to the
+master the Sentinels name, and tells the lease keeper's pool, whose next renewal then
+goes there. A pool connection begun before the failover, to the stopped master,
+completes when it comes back: it is dropped once made if its pool has heard of another
+master meanwhile, and any pool connection is when the pool hands it out
+(``_ToTheMaster``, ``_KeeperToTheMaster``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import logging
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.connection
 import redis.sentinel
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
@@ -67,6 +71,7 @@ class SentinelBackend(Backend):
         self._client = self._master_client(RETRIES)
         self._master: tuple[str, int] | None = None  # where the Sentinels said it was
         self._subscription: Subscriptions | None = None
+        self._keeper: Any = None  # the lease keeper's client (blocking, its own thread)
 
     def _sentinel_kwargs(self) -> dict[str, Any]:
         cfg, u = self.config, self.url
@@ -197,6 +202,12 @@ class SentinelBackend(Backend):
             self._lane.drop(why)
         if self._subscription is not None:
             self._subscription.drop(why)
+        if self._keeper is not None:
+            # Its connection is dropped before its next renewal (``_ToTheMaster``): a
+            # master this node still reaches, the Sentinels not (a partition), went on
+            # taking its renewals while the lease expired on the new one.
+            # (redis-py's blocking pool keeps it in its proxy, which its connections see.)
+            self._keeper.connection_pool.proxy.master_address = now
         for client in self._owned:
             pool = client.connection_pool
             pool.master_address = now  # a SentinelConnectionPool
@@ -244,8 +255,11 @@ class SentinelBackend(Backend):
             **{**self._node_kwargs(), "socket_timeout": timeout, "socket_connect_timeout": timeout},
         )
         client = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
-            u.master, retry=SyncRetry(NoBackoff(), 1)
+            u.master,
+            retry=SyncRetry(NoBackoff(), 1),
+            connection_class=_KeeperToTheMasterTLS if u.tls else _KeeperToTheMaster,
         )
+        self._keeper = client
         return LeaseRenewer(client, keys)
 
 
@@ -266,26 +280,14 @@ class _ToTheMaster(SentinelManagedConnection):
     the failover); one read the nodes' leases there ten seconds later, its copy
     expired, and every node lapsed."""
 
-    def _stale(self) -> tuple[str, int] | None:
-        """The master the pool last heard of, if this connection is to another."""
-        now = self.connection_pool.master_address
-        if now is not None and tuple(now) != (self.host, self.port):
-            return (str(now[0]), int(now[1]))
-        return None
-
     async def connect(self) -> None:
-        now = self._stale() if self.is_connected else None
-        if now is not None:
-            log.debug(
-                "dropping a connection to %s:%s: the master is %s:%d", self.host, self.port, *now
-            )
+        if self.is_connected and _elsewhere(self) is not None:
             await self.disconnect()
         await super().connect()  # type: ignore[no-untyped-call]
 
     async def connect_to(self, address: tuple[str, int]) -> None:
         await super().connect_to(address)  # type: ignore[no-untyped-call]
-        now = self._stale()
-        if now is not None:
+        if (now := _elsewhere(self)) is not None:
             await self.disconnect()
             raise RedisConnectionError(
                 f"{address[0]}:{address[1]} is not the master any more ({now[0]}:{now[1]} is)"
@@ -294,3 +296,25 @@ class _ToTheMaster(SentinelManagedConnection):
 
 class _ToTheMasterTLS(_ToTheMaster, SSLConnection):
     pass
+
+
+class _KeeperToTheMaster(redis.sentinel.SentinelManagedConnection):
+    """The lease keeper's connection (blocking), dropped before a renewal when
+    ``follow_master`` heard of another master than the one it reaches."""
+
+    def connect(self) -> None:
+        if self._sock is not None and _elsewhere(self) is not None:
+            self.disconnect()
+        super().connect()  # type: ignore[no-untyped-call]
+
+
+class _KeeperToTheMasterTLS(_KeeperToTheMaster, redis.connection.SSLConnection):
+    pass
+
+
+def _elsewhere(conn: Any) -> tuple[str, int] | None:
+    """The master ``conn``'s pool last heard of, if ``conn`` is to another server."""
+    now = conn.connection_pool.master_address
+    if now is not None and tuple(now) != (conn.host, conn.port):
+        return (str(now[0]), int(now[1]))
+    return None
