@@ -178,6 +178,11 @@ class KeySchema:
         PX; ``storeaudit.StoreAudit``)."""
         return f"{self.prefix}:{{cluster}}:store-audit"
 
+    def store_audits(self) -> str:
+        """Hash: the checks of every conversation against the event store, numbered:
+        ``began`` the last one's number, ``done`` the last one's that ended."""
+        return f"{self.prefix}:{{cluster}}:store-audits"
+
     def reaper_lock(self) -> str:
         """String: the node currently reaping dead nodes (SET NX PX)."""
         return f"{self.prefix}:{{cluster}}:reaper"

@@ -7,7 +7,9 @@ stores the rest again from the log (``scripts.REWIND_STORED``). A conversation q
 since would never show it: nothing of its is stored again, and once Redis let it go the
 store's shorter copy would be the only one, its ids given again. So the first loss seen
 starts a check of every conversation Redis holds (SCAN), by one node of the cluster at
-a time (``{cluster}:store-audit``), at most once in ``AUDIT_EVERY`` seconds; so does a
+a time (``{cluster}:store-audit``; a node that finds another checking leaves it to the
+first check to begin after that and end, ``{cluster}:store-audits`` numbering them), at
+most once in ``AUDIT_EVERY`` seconds; so does a
 store that reconnected to another server (``watch``, each store sweep), as no
 conversation need be busy to show a failover's loss. Each one the store holds less of is
 noted for the sweep (``note_unstored``), which stores it again once its mark in Redis is
@@ -65,6 +67,9 @@ class StoreAudit:
         self._running: asyncio.Task[None] | None = None
         self._began = 0.0  # loop time the last check began
         self._owed = False  # a check is wanted (started once one is due)
+        # Owed while another node checked: done by any check numbered from this one on
+        # (``RedisState.audits``), which began after this node's was owed.
+        self._covered_by: int | None = None
         self._changes_seen = store.server_changes
         self.rewinds = 0  # conversations found holding less than the store acknowledged
 
@@ -120,16 +125,28 @@ class StoreAudit:
         me, where = self._node, self._where
         lock = self._state.keys.store_audit()
         backoff = Backoff(base=1.0, cap=30.0)
+        state = self._state
         for _ in range(AUDIT_TRIES):
             try:
-                if not await self._state.take_lock(lock, me, AUDIT_LOCK_MS):
+                if not await state.take_lock(lock, me, AUDIT_LOCK_MS):
+                    # Its check may have begun before this one was owed, or its node may
+                    # die: owed still, unless one that begins after now ends.
+                    if self._covered_by is None:
+                        self._covered_by = (await state.audits())[0] + 1
+                    self._owed = True
                     log.info("event store %s: another node checks every conversation", where)
                     return
                 try:
+                    covered_by, self._covered_by = self._covered_by, None
+                    if covered_by is not None and (await state.audits())[1] >= covered_by:
+                        log.info("event store %s: checked by another node meanwhile", where)
+                        return
+                    number = await state.audit_began()
                     found = await self.check()
+                    await state.audit_done(number)
                 finally:
                     with contextlib.suppress(*AUDIT_TROUBLE):
-                        await self._state.drop_lock(lock, me)
+                        await state.drop_lock(lock, me)
             except AUDIT_TROUBLE as exc:
                 delay = backoff.next()
                 log.warning(

@@ -1570,6 +1570,38 @@ async def test_a_postgres_failover_that_lost_only_a_quiet_conversations_writes_i
     assert a.node.archiver.audit.rewinds == 1
 
 
+@pytest.mark.parametrize("other", ["checked", "died"])
+async def test_a_check_left_to_another_node_is_done_only_by_one_that_began_after(
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch, other: str
+) -> None:
+    """A node owed a check finds another node checking (its lock held): the check is
+    left to that node only if one that began after it was owed ends. Before, it was
+    left to the holder whatever happened: a node that died in the middle of it (its
+    lock expiring ten minutes later) left nothing checked."""
+    monkeypatch.setattr(storeaudit, "AUDIT_EVERY", 0.0)
+    (a,) = await make_nodes(1)
+    audit, state, store = a.node.archiver.audit, a.state, a.node.store
+    assert store is not None
+    checks: list[str] = []
+
+    async def counted() -> int:
+        checks.append("checked")
+        return 0
+
+    monkeypatch.setattr(audit, "check", counted)
+    lock = state.keys.store_audit()
+    assert await state.take_lock(lock, "other", 60_000)
+    monkeypatch.setattr(store, "server_changes", store.server_changes + 1, raising=False)
+    await a.node.archiver.sweep()
+    await asyncio.sleep(1.0)  # refused, owed: the node's sweeps (every 0.5 s) try again
+    assert checks == []
+    if other == "checked":  # the other node's next check, begun after, ends
+        await state.audit_done(await state.audit_began())
+    await state.drop_lock(lock, "other")
+    await asyncio.sleep(2.0)
+    assert checks == ([] if other == "checked" else ["checked"])
+
+
 async def test_a_check_of_every_conversation_that_gave_up_is_started_again(
     make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

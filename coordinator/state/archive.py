@@ -92,6 +92,18 @@ class ArchiveOps(StateCore):
         if found:
             yield await self._stored_marks(found)
 
+    async def audit_began(self) -> int:
+        """Number a check of every conversation that begins now (``keys.store_audits``)."""
+        return int(await self.redis.hincrby(self.keys.store_audits(), "began", 1))
+
+    async def audit_done(self, number: int) -> None:
+        await self.redis.hset(self.keys.store_audits(), "done", number)
+
+    async def audits(self) -> tuple[int, int]:
+        """The number of the last check that began, and of the last that ended."""
+        began, done = await self.redis.hmget(self.keys.store_audits(), "began", "done")
+        return int(began or 0), int(done or 0)
+
     async def _stored_marks(self, sids: Sequence[str]) -> dict[str, int]:
         marks = await self._commands([("HGET", self.keys.conv(sid), "stored") for sid in sids])
         return {sid: int(m or 0) for sid, m in zip(sids, marks, strict=True)}
