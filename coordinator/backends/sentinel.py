@@ -203,7 +203,7 @@ class SentinelBackend(Backend):
         if self._subscription is not None:
             self._subscription.drop(why)
         if self._keeper is not None:
-            # Its connection is dropped before its next renewal (``_ToTheMaster``): a
+            # Its connection is dropped before its next renewal (``_KeeperToTheMaster``): a
             # master this node still reaches, the Sentinels not (a partition), went on
             # taking its renewals while the lease expired on the new one.
             # (redis-py's blocking pool keeps it in its proxy, which its connections see.)
