@@ -178,6 +178,11 @@ class StoreAudit:
             short = [(sid, h) for sid, h in short if sid not in purging]
             await self._state.note_unstored(sid for sid, _ in short)
             for sid, h in short:
+                # Its mover may have found the loss too, rewound the mark and stored
+                # the rest again since the read above: the mark is back where this pass
+                # read it, and would be rewound a second time (said lost twice).
+                if await self._store.last_id(sid) >= marks[sid]:
+                    continue
                 stored, _ = await self._state.rewind_stored(sid, h, marks[sid], 1, 1)
                 if stored != h:
                     continue  # moved meanwhile (by its mover, a sweep), or being purged

@@ -1570,6 +1570,37 @@ async def test_a_postgres_failover_that_lost_only_a_quiet_conversations_writes_i
     assert a.node.archiver.audit.rewinds == 1
 
 
+async def test_a_conversation_its_mover_stored_again_is_not_rewound_again_by_the_check(
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check reads a conversation's mark and finds the store short of it; before it
+    rewinds, the conversation's own mover (which found the loss too) rewinds the mark
+    and stores the rest again, so the mark is back where the check read it. The check
+    looks at the store again and leaves it: before, it rewound it a second time, and
+    said the same loss twice."""
+    (a,) = await make_nodes(1)
+    await a.join_conversation("again", "c", {}, "alice")
+    last = await send(a, "c", "hello")
+    await wait_stored(a, "again", last + 1)
+    store = a.node.store
+    assert store is not None
+    real = store.last_id
+    reads: list[str] = []
+
+    async def short_at_first(sid: str) -> int:
+        held = await real(sid)
+        if sid != "again":
+            return held
+        reads.append(sid)
+        return held - 2 if len(reads) == 1 else held  # stored again after the first read
+
+    monkeypatch.setattr(store, "last_id", short_at_first)
+    assert await a.node.archiver.audit.check() == 0
+    assert reads == ["again", "again"]
+    assert int((await a.state.meta("again"))["stored"]) == await real("again")
+    assert a.node.archiver.audit.rewinds == 0
+
+
 @pytest.mark.parametrize("other", ["checked", "died"])
 async def test_a_check_left_to_another_node_is_done_only_by_one_that_began_after(
     make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch, other: str
