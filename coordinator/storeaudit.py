@@ -6,14 +6,14 @@ The mover (``archive.py``) finds such a loss when it next moves that conversatio
 stores the rest again from the log (``scripts.REWIND_STORED``). A conversation quiet
 since would never show it: nothing of its is stored again, and once Redis let it go the
 store's shorter copy would be the only one, its ids given again. So the first loss seen
-starts a check of every conversation Redis holds (SCAN), by one node of the cluster at
-a time (``{cluster}:store-audit``; a node that finds another checking leaves it to the
-first check to begin after that and end, ``{cluster}:store-audits`` numbering them), at
-most once in ``AUDIT_EVERY`` seconds; so does a
-store that reconnected to another server (``watch``, each store sweep), as no
-conversation need be busy to show a failover's loss. Each one the store holds less of is
-noted for the sweep (``note_unstored``), which stores it again once its mark in Redis is
-lowered to what the store holds.
+starts a check of every conversation Redis holds (SCAN), and so does a store that
+reconnected to another server (``watch``, each store sweep), as no conversation need be
+busy to show a failover's loss. One node of the cluster checks at a time
+(``{cluster}:store-audit``; a node that finds another checking waits for a check that
+began after that and ended, ``{cluster}:store-audits`` numbering them), each at most once
+in ``AUDIT_EVERY`` seconds. Each conversation the store holds less of is noted for the
+sweep (``note_unstored``), which stores it again once its mark in Redis is lowered to
+what the store holds.
 """
 
 from __future__ import annotations
