@@ -38,7 +38,13 @@ from coordinator.lane import ScriptLane
 from coordinator.state import RedisState, accept_token
 from tests.helpers import RecordingSink, fast_config, wait_until
 from tests.redis_process import HOST, START_TIMEOUT, RedisProcess, stop_all, wait_for
-from tests.redis_topologies import SENTINEL_NODE_CONF, RedisClusterServers, SentinelServers
+from tests.redis_topologies import (
+    SENTINEL_CONF,
+    SENTINEL_NODE_CONF,
+    RedisClusterServers,
+    SentinelServers,
+    sentinel_config,
+)
 
 SID = "busy"
 
@@ -274,6 +280,69 @@ async def test_a_paused_master_back_after_its_failover_costs_no_node_its_lease(
     assert [node.node.membership.inc for node, _ in started] == incarnations, "a lease lapsed"
     log = await _log(started[0][0])
     assert not [e for e in log if notice_code(e) == NODE_LOST], "a node reported lost"
+
+
+async def test_a_sentinel_that_missed_the_failover_does_not_send_the_nodes_to_a_replica(
+    redis_sentinel: SentinelServers, nodes: Any, tmp_path: Path
+) -> None:
+    """A Sentinel that has not heard of a failover (here the data nodes' ACL keeps it off
+    their hello channel, where Sentinels tell each other of one) names the old master, a
+    replica now, and looks sound for down-after plus 20 s. Listed first, it was the one
+    redis-py asked and believed: the nodes' writes went to the replica and were refused.
+    They take the answer in the newest configuration epoch instead (the pool's, the lane's,
+    the subscription's and the lease keeper's discovery alike)."""
+    servers = redis_sentinel
+    name = servers.master_name
+    old, new = servers.data_nodes
+    for node in servers.data_nodes:
+        with node.client() as c:
+            c.execute_command(
+                "ACL", "SETUSER", "cutoff", "on", ">pw", "~*", "resetchannels", "+@all"
+            )
+    with servers.sentinels[0].client() as c:
+        c.execute_command("SENTINEL", "FAILOVER", name)
+    await servers.async_wait_promoted(old=old)
+    await wait_until(
+        lambda: old.info("replication").get("role") == "slave",
+        timeout=60,
+        what="the old master made a replica",
+    )
+    behind = RedisProcess(
+        "sentinel-behind",
+        tmp_path / "sentinel-behind",
+        [
+            *sentinel_config(SENTINEL_CONF, old.address),
+            f"sentinel auth-user {name} cutoff",
+            f"sentinel auth-pass {name} pw",
+        ],
+        sentinel=True,
+    )
+
+    def behind_names_the_old_master() -> bool:
+        with behind.client() as c:
+            state = c.sentinel_master(name)
+        sound = state["is_master"] and not state["is_sdown"] and not state["is_odown"]
+        return bool(sound and (state["ip"], state["port"]) == old.address)
+
+    try:
+        behind.start().wait_started()
+        assert behind_names_the_old_master()
+        hosts = ",".join(f"{h}:{p}" for h, p in [behind.address, *servers.sentinel_addresses])
+        (a, a_sink), (b, b_sink) = await nodes(f"redis+sentinel://{hosts}/{name}")
+        incarnations = [a.node.membership.inc, b.node.membership.inc]
+        await a.join_conversation("epoch", "ca", {}, "dora")
+        await b.join_conversation("epoch", "cb", {}, "dora")
+        await b.send_to_event_stream("cb", {"action": "message", "args": {"content": "hi"}})
+        for sink, cid in ((a_sink, "ca"), (b_sink, "cb")):
+            await wait_until(lambda s=sink, c=cid: len(s.events[c]) == 2, what=f"{cid}'s answer")
+        await asyncio.sleep(3)  # heartbeats: the lease keeper's renewals and master watch
+        assert [a.node.membership.inc, b.node.membership.inc] == incarnations, "a lease lapsed"
+        with new.client() as c:
+            assert c.exists(KeySchema("coord").events("epoch"))
+        # Still behind when the nodes were done: what they did was done with it first.
+        assert behind_names_the_old_master(), "the Sentinel caught up during the test"
+    finally:
+        behind.stop()
 
 
 async def test_sentinel_with_a_database_number_keeps_everything_in_that_database(

@@ -5,7 +5,8 @@
 ``sentinel_username`` parameters when the Sentinels have credentials of their own).
 redis-py's Sentinel pools find the master on connect and drop a connection that reaches
 a demoted one (``READONLY``); the lane does the same (``lane.ScriptLane(locate=...)``),
-and the lease keeper's client too.
+and the lease keeper's client too. Each asks every Sentinel and takes the master in the
+newest configuration more than half of them name (``discovery``), not the first answer.
 
 A master that stopped (paused, or cut off) past down-after and comes back after its
 failover is not demoted yet: it answers as a master until the Sentinels convert it,
@@ -35,7 +36,7 @@ import redis.connection
 import redis.sentinel
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.asyncio.sentinel import SentinelManagedConnection
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry as SyncRetry
@@ -49,6 +50,7 @@ from ..state import LeaseRenewer
 from ..state.core import Lane
 from ..subscriptions import Subscription, Subscriptions
 from .base import Backend, unreachable
+from .discovery import AskingAll, KeeperAskingAll, Tally, sound
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class SentinelBackend(Backend):
     def __init__(self, config: ManagerConfig) -> None:
         super().__init__(config)
         self.url: SentinelURL = parse_sentinel_url(config.redis_url)
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
+        self._sentinel = AskingAll(
             list(self.url.sentinels),
             sentinel_kwargs=self._sentinel_kwargs(),
             **self._node_kwargs(),
@@ -141,8 +143,9 @@ class SentinelBackend(Backend):
             raise unreachable(cfg, TimeoutError(f"no answer within {bound:.0f}s")) from None
 
     async def _discover_once(self) -> tuple[str, int]:
-        """The master's address from the first sentinel that knows it; _Failed naming
-        what each sentinel said otherwise."""
+        """The master's address as the Sentinels name it (``discovery.Tally``); _Failed
+        naming what each sentinel said otherwise."""
+        tally = Tally(self.url.master, len(self.url.sentinels))
         said: list[str] = []
         answered = known = False
         for host, port in self.url.sentinels:
@@ -162,9 +165,12 @@ class SentinelBackend(Backend):
             if state is None:
                 continue
             known = True
-            if state["is_master"] and not state["is_sdown"] and not state["is_odown"]:
-                return str(state["ip"]), int(state["port"])
-            said.append(f"sentinel {host}:{port}: the master is down")
+            if (found := tally.add(masters)) is not None:
+                return found
+            if not sound(state):
+                said.append(f"sentinel {host}:{port}: the master is down")
+        if (found := tally.best()) is not None:
+            return found
         if not said:
             raise _Failed(f"no sentinel knows master {self.url.master!r}")
         if not answered:
@@ -244,7 +250,7 @@ class SentinelBackend(Backend):
     def lease_renewer(self, keys: KeySchema) -> LeaseRenewer:
         timeout = min(0.5, self.config.heartbeat_interval)
         u = self.url
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
+        sentinel = KeeperAskingAll(
             list(u.sentinels),
             sentinel_kwargs={
                 "username": u.sentinel_username or None,

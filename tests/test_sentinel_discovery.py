@@ -1,0 +1,108 @@
+"""Which master the Sentinels name (``coordinator.backends.discovery``): the answer in
+the newest configuration epoch, taken once more than half of the Sentinels agree on it,
+so that neither a Sentinel behind on a failover nor one that hangs decides (the first
+case against real Sentinels: test_redis_failover.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import pytest
+from redis.sentinel import MasterNotFoundError
+
+from coordinator.backends.discovery import AskingAll, KeeperAskingAll, Tally
+from tests.helpers import wait_until
+from tests.redis_topologies import SentinelServers
+
+
+def _masters(host: str, port: int, epoch: int, *flags: str) -> dict[str, Any]:
+    """``SENTINEL MASTERS`` as redis-py parses it, for the one master "m"."""
+    return {
+        "m": {
+            "ip": host,
+            "port": port,
+            "config-epoch": epoch,
+            "is_master": "master" in flags or not flags,
+            "is_sdown": "s_down" in flags,
+            "is_odown": "o_down" in flags,
+        }
+    }
+
+
+def test_a_majority_in_the_newest_epoch_decides_at_once() -> None:
+    tally = Tally("m", 3)
+    assert tally.add(_masters("a", 1, 1)) is None
+    assert tally.add(_masters("a", 1, 1)) == ("a", 1)
+
+
+def test_the_newest_epoch_wins_over_more_answers_in_an_older_one() -> None:
+    tally = Tally("m", 5)
+    assert tally.add(_masters("old", 1, 3)) is None
+    assert tally.add(_masters("old", 1, 3)) is None
+    assert tally.add(_masters("new", 2, 4)) is None
+    # Two of five for the old configuration, one for the new: no majority yet.
+    assert tally.best() == ("new", 2)
+    assert tally.add(_masters("new", 2, 4)) is None
+    assert tally.add(_masters("new", 2, 4)) == ("new", 2)
+
+
+def test_a_majority_in_an_older_epoch_does_not_decide_once_a_newer_one_is_heard_of() -> None:
+    tally = Tally("m", 3)
+    assert tally.add(_masters("new", 2, 2)) is None
+    assert tally.add(_masters("old", 1, 1)) is None
+    assert tally.add(_masters("old", 1, 1)) is None
+    assert tally.best() == ("new", 2)
+
+
+def test_answers_that_are_down_or_about_another_master_are_not_counted() -> None:
+    tally = Tally("m", 3)
+    assert tally.add(_masters("a", 1, 1, "s_down", "master")) is None
+    assert tally.add(_masters("a", 1, 1, "o_down", "master")) is None
+    assert tally.add({"other": _masters("a", 1, 1)["m"]}) is None
+    assert tally.add(["not", "a", "mapping"]) is None
+    assert tally.best() is None
+
+
+def test_in_one_epoch_the_most_named_master_is_the_best() -> None:
+    tally = Tally("m", 5)
+    tally.add(_masters("a", 1, 0))
+    tally.add(_masters("b", 2, 0))
+    tally.add(_masters("b", 2, 0))
+    assert tally.best() == ("b", 2)
+
+
+async def test_a_sentinel_that_hangs_holds_up_no_discovery(
+    redis_sentinel: SentinelServers,
+) -> None:
+    """The first Sentinel stopped (SIGSTOP) and a minute's socket timeout: the master is
+    found from the two others; the question left with the stopped one ends once it
+    answers. The blocking discovery (the lease keeper's) asks the others first next
+    time."""
+    servers = redis_sentinel
+    hung = servers.sentinels[0]
+    master = servers.master_address()
+    asking = AskingAll(servers.sentinel_addresses, sentinel_kwargs={"socket_timeout": 60})
+    keeper = KeeperAskingAll(servers.sentinel_addresses, sentinel_kwargs={"socket_timeout": 1})
+    os.kill(hung.pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(20):  # a third of the hung Sentinel's timeout
+            assert await asking.discover_master(servers.master_name) == master
+        assert len(asking._asking) == 1  # the hung one's, still waiting
+        assert await asyncio.to_thread(keeper.discover_master, servers.master_name) == master
+        assert keeper.sentinels[-1].connection_pool.connection_kwargs["port"] == hung.port
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)
+    await wait_until(lambda: not asking._asking, timeout=20, what="the hung one's answer")
+    for sentinel in asking.sentinels:
+        await sentinel.aclose()
+    for blocking in keeper.sentinels:
+        blocking.close()
+
+
+def test_no_sentinel_answering_is_said() -> None:
+    keeper = KeeperAskingAll([("127.0.0.1", 1)], sentinel_kwargs={"socket_timeout": 1})
+    with pytest.raises(MasterNotFoundError, match=r"No master found for 'm'.*Connection"):
+        keeper.discover_master("m")
