@@ -354,7 +354,7 @@ class Archiver:
         owner would have. A conversation a loop runs for is its owner's to move (this
         node's: woken here). Any node sweeps; two at once store nothing twice (a batch is
         idempotent, and fenced by the last owner's epoch: a new owner's batches win)."""
-        self.audit.watch()
+        await self.audit.watch()
         sids = await self._state.unstored_noted(SWEEP_BATCH)
         if not sids:
             return

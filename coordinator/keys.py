@@ -180,7 +180,8 @@ class KeySchema:
 
     def store_audits(self) -> str:
         """Hash: the checks of every conversation against the event store, numbered:
-        ``began`` the last one's number, ``done`` the last one's that ended."""
+        ``began`` the last one's number, ``done`` the last one's that ended; ``server``
+        the store's server the nodes last reached (``EventStore.server``)."""
         return f"{self.prefix}:{{cluster}}:store-audits"
 
     def reaper_lock(self) -> str:

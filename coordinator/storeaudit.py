@@ -7,13 +7,14 @@ stores the rest again from the log (``scripts.REWIND_STORED``). A conversation q
 since would never show it: nothing of its is stored again, and once Redis let it go the
 store's shorter copy would be the only one, its ids given again. So the first loss seen
 starts a check of every conversation Redis holds (SCAN), and so does a store that
-reconnected to another server (``watch``, each store sweep), as no conversation need be
-busy to show a failover's loss. One node of the cluster checks at a time
-(``{cluster}:store-audit``; a node that finds another checking waits for a check that
-began after that and ended, ``{cluster}:store-audits`` numbering them), each at most once
-in ``AUDIT_EVERY`` seconds. Each conversation the store holds less of is noted for the
-sweep (``note_unstored``), which stores it again once its mark in Redis is lowered to
-what the store holds.
+reconnected to another server, or reached another than the cluster's nodes last did
+(``watch``, each store sweep), as no conversation need be busy to show a failover's
+loss. One node of the cluster checks at a time (``{cluster}:store-audit``; a node that
+finds another checking waits for a check that began after that and ended,
+``{cluster}:store-audits`` numbering them), each at most once in ``AUDIT_EVERY``
+seconds. Each conversation the store holds less of is noted for the sweep
+(``note_unstored``), which stores it again once its mark in Redis is lowered to what the
+store holds.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class StoreAudit:
         # (``RedisState.audits``), which began after this node's was owed.
         self._covered_by: int | None = None
         self._changes_seen = store.server_changes
+        self._server_recorded: str | None = None  # the store's server, as told the cluster
         self.rewinds = 0  # conversations found holding less than the store acknowledged
 
     def lost(self, sid: str, held: int, recorded: int, *, audit: bool = True) -> None:
@@ -91,13 +93,15 @@ class StoreAudit:
             self._owed = True
             self._start()
 
-    def watch(self) -> None:
+    async def watch(self) -> None:
         """Called every store sweep: a store that reconnected to another server since
         the last look (``server_changes``) may have failed over to a standby that lacked
         its last writes, and no conversation need be busy to show it (a quiet one's
         shorter copy would be found by nothing before Redis let it go): every
-        conversation checked then too. And a check that gave up (the store or Redis
-        away) started again."""
+        conversation checked then too. So too when the server differs from the one the
+        cluster's nodes last reached (``RedisState.store_server``): this node started
+        after the failover. And a check that gave up (the store or Redis away) started
+        again."""
         changes = self._store.server_changes
         if changes != self._changes_seen:
             self._changes_seen = changes
@@ -107,6 +111,22 @@ class StoreAudit:
                 "conversation is checked against it",
                 self._where,
             )
+        server = self._store.server
+        if server is not None and server != self._server_recorded:
+            try:
+                before = await self._state.store_server(server)
+            except AUDIT_TROUBLE as exc:  # looked at again next sweep
+                log.debug("event store %s: server not recorded: %s", self._where, exc)
+            else:
+                self._server_recorded = server
+                if before is not None and not self._owed:
+                    self._owed = True
+                    log.info(
+                        "event store %s: another server than the cluster's nodes last "
+                        "reached (a failover while this node was away?): every "
+                        "conversation is checked against it",
+                        self._where,
+                    )
         self._start()
 
     def _start(self) -> None:

@@ -1570,6 +1570,46 @@ async def test_a_postgres_failover_that_lost_only_a_quiet_conversations_writes_i
     assert a.node.archiver.audit.rewinds == 1
 
 
+async def test_a_node_started_after_a_postgres_failover_finds_what_the_store_lost(
+    make_nodes: NodeFactory, postgres_pair: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above, but the node that stored the lost writes is gone before the failover
+    and the next node's first connection reaches the promoted standby: it saw no
+    server change of its own. The cluster records the server its nodes last reached
+    (Redis), and the new node, finding another, checks every conversation. Before,
+    nothing found the quiet conversation's loss."""
+    primary, replica, _ = postgres_pair
+    a, sink, held = await _joined_on_a_pair(make_nodes, postgres_pair, {"c": "quiet"}, 5)
+    keys = a.state.keys
+    await wait_until(
+        lambda: a.state.redis.hget(keys.store_audits(), "server"), what="the server recorded"
+    )
+    await _stop_receiving(replica)
+    final = await _sent_and_stored(a, sink, "c", "quiet", "lost by the store", 5)
+    await a.aclose()
+    await asyncio.to_thread(primary.stop, "immediate")
+    await asyncio.to_thread(replica.promote)
+    caplog.set_level(logging.INFO, logger="coordinator.storeaudit")
+    dsn = a.config.event_store
+    (b,) = await make_nodes(1, event_store=dsn)
+    store = b.node.store
+    assert store is not None
+
+    async def stored_again() -> bool:
+        return await store.last_id("quiet") == final
+
+    await wait_until(stored_again, timeout=30, what="the quiet one stored again")
+    seen = {e["id"]: e for e in sink.events["c"]}
+    stored = await all_stored(store, "quiet")
+    assert [with_id(i, unpack(data)) for i, data in stored] == [
+        seen[i] for i in range(1, final + 1)
+    ]
+    assert store.server_changes == 0  # nothing this node saw itself
+    assert "another server than the cluster's nodes last reached" in caplog.text
+    assert f"lost quiet's events {held['c'] + 1}-{final}" in caplog.text
+    assert b.node.archiver.audit.rewinds == 1
+
+
 async def test_a_conversation_its_mover_stored_again_is_not_rewound_again_by_the_check(
     make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -103,6 +103,7 @@ class Opened:
 
     _identity: str | None = None
     server_changes = 0
+    server: str | None = None
 
     async def open(self) -> None:
         raise NotImplementedError
@@ -138,6 +139,10 @@ class EventStore(Protocol):
     # How many times a new connection reached another server than the last one did (a
     # standby promoted, a restart): the store may have failed over. A file store's: 0.
     server_changes: int
+    # The server the last new connection reached, as every node would name it (None: a
+    # file store, or not known): the cluster keeps the last one seen, so that a node
+    # started after a failover finds it too (storeaudit.py).
+    server: str | None
 
     async def open(self) -> None: ...
 

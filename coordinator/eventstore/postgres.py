@@ -176,6 +176,9 @@ class PostgresEventStore(Opened):
         if self._server is not None and server != self._server:
             self.server_changes += 1
         self._server = server
+        # For the cluster's record, the server's start: its address differs between
+        # nodes that reach it by different names or interfaces.
+        self.server = str(row[2])
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, TimeoutError) and not str(exc):  # said nothing of its own

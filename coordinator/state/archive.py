@@ -99,6 +99,16 @@ class ArchiveOps(StateCore):
     async def audit_done(self, number: int) -> None:
         await self.redis.hset(self.keys.store_audits(), "done", number)
 
+    async def store_server(self, server: str) -> str | None:
+        """Record ``server`` as the one the cluster's nodes last reached in the event
+        store (``keys.store_audits``); the one recorded before, if another."""
+        key = self.keys.store_audits()
+        before = await self.redis.hget(key, "server")
+        if before is not None and text(before) == server:
+            return None
+        await self.redis.hset(key, "server", server)
+        return None if before is None else text(before)
+
     async def audits(self) -> tuple[int, int]:
         """The number of the last check that began, and of the last that ended."""
         began, done = await self.redis.hmget(self.keys.store_audits(), "began", "done")
