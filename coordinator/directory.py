@@ -170,13 +170,18 @@ class Directory:
             return False, f"redis: {exc or type(exc).__name__}"
         return True, ""
 
+    async def redis_memory(self) -> tuple[int, int] | None:
+        """Redis' ``(used_memory, maxmemory)`` (the fullest master's on a cluster;
+        maxmemory 0: no bound); None when it cannot be asked."""
+        try:
+            return await self._state.memory()
+        except REDIS_TROUBLE:
+            return None
+
     async def redis_full(self) -> str:
         """Why Redis refuses writes now ('' when it does not, or cannot be asked): at its
         maxmemory."""
-        try:
-            used, most = await self._state.memory()
-        except REDIS_TROUBLE:
-            return ""
+        used, most = await self.redis_memory() or (0, 0)
         if most and used >= most:
             return f"Redis is full ({used} bytes used of maxmemory {most}): writes are refused"
         return ""

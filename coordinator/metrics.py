@@ -8,7 +8,8 @@ carries a ``node`` label. Values come three ways:
   ``events_delivered``, the latency histograms and their ``observe_*`` methods);
 - values read at scrape time from whoever owns them (``gauge_from``/``counter_from``:
   loops, connections, the lease, the runner's speculation counts, the lease age);
-- ``redis_up``, which needs a PING, set by ``/metrics`` before it renders.
+- ``redis_up`` and Redis' memory, which need Redis asked, set by ``/metrics`` before it
+  renders.
 """
 
 from __future__ import annotations
@@ -163,6 +164,21 @@ class NodeMetrics:
         )
         self.redis_up = Gauge(
             "coordinator_redis_up", "1 when Redis answers PING.", ["node"], registry=self.registry
+        ).labels(node_id)
+        # At its maxmemory Redis refuses every write (README "Redis memory"): alert well
+        # before used reaches max. The fullest master's, on a cluster; unset while Redis
+        # cannot be asked.
+        self.redis_memory_used = Gauge(
+            "coordinator_redis_memory_used_bytes",
+            "Redis' used_memory (the fullest master's on a Redis Cluster).",
+            ["node"],
+            registry=self.registry,
+        ).labels(node_id)
+        self.redis_maxmemory = Gauge(
+            "coordinator_redis_maxmemory_bytes",
+            "That Redis' maxmemory, past which it refuses writes (0: no bound).",
+            ["node"],
+            registry=self.registry,
         ).labels(node_id)
         self.ack_seconds = histogram(
             "coordinator_action_ack_seconds",

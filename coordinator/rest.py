@@ -189,7 +189,11 @@ class RestApp:
 
     async def metrics(self, request: Request) -> Response:
         m = self.manager
-        self.node_metrics.redis_up.set(m.started and (await m.directory.redis_ok())[0])
+        up = m.started and (await m.directory.redis_ok())[0]
+        self.node_metrics.redis_up.set(up)
+        if up and (memory := await m.directory.redis_memory()) is not None:
+            self.node_metrics.redis_memory_used.set(memory[0])
+            self.node_metrics.redis_maxmemory.set(memory[1])
         body = self.node_metrics.render()
         return Response(body, 200, COMMON_HEADERS, CONTENT_TYPE)
 

@@ -19,6 +19,7 @@ from coordinator.quotas import Quotas
 from coordinator.ratelimit import Rate
 from coordinator.serverconfig import NO_LIMITS, ServerConfig
 from tests.helpers import wait_until
+from tests.test_metrics import samples
 
 FULL = "Redis is full (at its maxmemory): nothing was written; try again later"
 
@@ -152,6 +153,29 @@ async def test_rest_reads_go_on_while_redis_is_full(
         assert status == 200 and [e["id"] for e in body["events"]][:2] == [1, 2], body
         status, body = await servers.request("GET", a, "/api/conversations/kept", user="alice")
         assert status == 200, body
+    finally:
+        await redis_client.config_set("maxmemory", 0)
+        await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
+
+
+async def test_metrics_show_how_full_redis_is(servers: Any, redis_client: aioredis.Redis) -> None:
+    """/metrics gives Redis' used memory and its bound, to alert on before Redis refuses
+    every write; at the bound, used is past it (and /healthz says why it is 503)."""
+    (a,) = await servers.start(1)
+    _, text = await servers.request("GET", a, "/metrics")
+    got = samples(text, a.node_id)
+    assert got["coordinator_redis_memory_used_bytes"] > 0
+    assert got["coordinator_redis_maxmemory_bytes"] == 0  # the suite's Redis: no bound
+    policy = await redis_client.config_get("maxmemory-policy")
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", 1)
+    try:
+        _, text = await servers.request("GET", a, "/metrics")
+        got = samples(text, a.node_id)
+        assert got["coordinator_redis_maxmemory_bytes"] == 1
+        assert got["coordinator_redis_memory_used_bytes"] > 1
+        status, body = await servers.request("GET", a, "/healthz")
+        assert status == 503 and "Redis is full" in body["reason"], body
     finally:
         await redis_client.config_set("maxmemory", 0)
         await redis_client.config_set("maxmemory-policy", policy["maxmemory-policy"])
