@@ -102,6 +102,33 @@ async def test_a_sentinel_that_hangs_holds_up_no_discovery(
         blocking.close()
 
 
+async def test_callers_asking_at_once_share_one_question(redis_sentinel: SentinelServers) -> None:
+    """Twenty pool connections made at once (a failover reconnects them all) ask each
+    Sentinel once between them, not twenty times. (Sentinel keeps no command counts:
+    each Sentinel client's calls are counted on their way to it.)"""
+    servers = redis_sentinel
+    asking = AskingAll(servers.sentinel_addresses)
+    calls = [0] * len(asking.sentinels)
+    for i, sentinel in enumerate(asking.sentinels):
+        real = sentinel.sentinel_masters
+
+        async def counted(real: Any = real, i: int = i) -> Any:
+            calls[i] += 1
+            return await real()
+
+        sentinel.sentinel_masters = counted
+    found = await asyncio.gather(*(asking.discover_master(servers.master_name) for _ in range(20)))
+    assert set(found) == {servers.master_address()}
+    await wait_until(lambda: not asking._asking, what="every Sentinel's answer")
+    assert calls == [1, 1, 1]
+    # Once answered, the next caller asks again.
+    await asking.discover_master(servers.master_name)
+    await wait_until(lambda: not asking._asking, what="every Sentinel's answer")
+    assert calls == [2, 2, 2]
+    for sentinel in asking.sentinels:
+        await sentinel.aclose()
+
+
 def test_no_sentinel_answering_is_said() -> None:
     keeper = KeeperAskingAll([("127.0.0.1", 1)], sentinel_kwargs={"socket_timeout": 1})
     with pytest.raises(MasterNotFoundError, match=r"No master found for 'm'.*Connection"):

@@ -88,13 +88,24 @@ class AskingAll(Sentinel):
     """redis-py's Sentinel (asyncio), every Sentinel asked at once (``Tally``).
 
     Those not needed for the answer are left to end on their own, within their
-    socket timeouts."""
+    socket timeouts. Callers that ask while a question is out share its answer: after
+    a failover every pool connection reconnects at once, and each would ask every
+    Sentinel."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._asking: set[asyncio.Future[tuple[Any, Any]]] = set()
+        self._discovering: dict[str, asyncio.Future[Address]] = {}
 
     async def discover_master(self, service_name: str) -> Address:
+        shared = self._discovering.get(service_name)
+        if shared is None or shared.done():
+            shared = asyncio.ensure_future(self._discover(service_name))
+            shared.add_done_callback(_retrieved)  # its callers may all be gone
+            self._discovering[service_name] = shared
+        return await asyncio.shield(shared)
+
+    async def _discover(self, service_name: str) -> Address:
         tally = Tally(service_name, len(self.sentinels))
         errors: list[str] = []
         pending = {asyncio.ensure_future(_ask(s)) for s in self.sentinels}
@@ -115,6 +126,11 @@ class AskingAll(Sentinel):
         if found is None:
             raise _not_found(service_name, errors)
         return found
+
+
+def _retrieved(future: asyncio.Future[Address]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _ask(sentinel: Any) -> tuple[Any, Any]:
