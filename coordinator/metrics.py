@@ -144,6 +144,9 @@ class NodeMetrics:
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, ["node"], registry=self.registry).labels(node_id)
 
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ["node"], registry=self.registry).labels(node_id)
+
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             made = Histogram(name, doc, ["node"], registry=self.registry, buckets=buckets)
             return made.labels(node_id)
@@ -162,24 +165,18 @@ class NodeMetrics:
             "Events this node delivered to its socket.io connections.",
             lambda: self.deliveries,
         )
-        self.redis_up = Gauge(
-            "coordinator_redis_up", "1 when Redis answers PING.", ["node"], registry=self.registry
-        ).labels(node_id)
-        # At its maxmemory Redis refuses every write (README "Redis memory"): alert well
+        self.redis_up = gauge("coordinator_redis_up", "1 when Redis answers PING.")
+        # At its maxmemory Redis refuses every write (README "Event store"): alert well
         # before used reaches max. The fullest master's, on a cluster; unset while Redis
         # cannot be asked.
-        self.redis_memory_used = Gauge(
+        self.redis_memory_used = gauge(
             "coordinator_redis_memory_used_bytes",
             "Redis' used_memory (the fullest master's on a Redis Cluster).",
-            ["node"],
-            registry=self.registry,
-        ).labels(node_id)
-        self.redis_maxmemory = Gauge(
+        )
+        self.redis_maxmemory = gauge(
             "coordinator_redis_maxmemory_bytes",
             "That Redis' maxmemory, past which it refuses writes (0: no bound).",
-            ["node"],
-            registry=self.registry,
-        ).labels(node_id)
+        )
         self.ack_seconds = histogram(
             "coordinator_action_ack_seconds",
             "oh_user_action received to its ack sent (accepted or refused).",
