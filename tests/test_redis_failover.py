@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 
 from coordinator import ConversationManager
 from coordinator.actionqueue import ActionQueue
+from coordinator.backends.discovery import GRACE, AskingAll, KeeperAskingAll
 from coordinator.codec import EVENTS_LOST, NODE_LOST, notice_code
 from coordinator.errors import NotReplicated
 from coordinator.keys import KeySchema
@@ -290,7 +291,9 @@ async def test_a_sentinel_that_missed_the_failover_does_not_send_the_nodes_to_a_
     replica now, and looks sound for down-after plus 20 s. Listed first, it was the one
     redis-py asked and believed: the nodes' writes went to the replica and were refused.
     They take the answer in the newest configuration epoch instead (the pool's, the lane's,
-    the subscription's and the lease keeper's discovery alike)."""
+    the subscription's and the lease keeper's discovery alike), even from the one Sentinel
+    of three that knows of the failover, answering after the two that agree on the old
+    master (as its leader may be, right after it)."""
     servers = redis_sentinel
     name = servers.master_name
     old, new = servers.data_nodes
@@ -307,27 +310,35 @@ async def test_a_sentinel_that_missed_the_failover_does_not_send_the_nodes_to_a_
         timeout=60,
         what="the old master made a replica",
     )
-    behind = RedisProcess(
-        "sentinel-behind",
-        tmp_path / "sentinel-behind",
-        [
-            *sentinel_config(SENTINEL_CONF, old.address),
-            f"sentinel auth-user {name} cutoff",
-            f"sentinel auth-pass {name} pw",
-        ],
-        sentinel=True,
-    )
+    behind = [
+        RedisProcess(
+            f"sentinel-behind{i}",
+            tmp_path / f"sentinel-behind{i}",
+            [
+                *sentinel_config(SENTINEL_CONF, old.address),
+                f"sentinel auth-user {name} cutoff",
+                f"sentinel auth-pass {name} pw",
+            ],
+            sentinel=True,
+        )
+        for i in (1, 2)
+    ]
 
-    def behind_names_the_old_master() -> bool:
-        with behind.client() as c:
-            state = c.sentinel_master(name)
-        sound = state["is_master"] and not state["is_sdown"] and not state["is_odown"]
-        return bool(sound and (state["ip"], state["port"]) == old.address)
+    def behind_name_the_old_master() -> bool:
+        for sentinel in behind:
+            with sentinel.client() as c:
+                state = c.sentinel_master(name)
+            sound = state["is_master"] and not state["is_sdown"] and not state["is_odown"]
+            if not (sound and (state["ip"], state["port"]) == old.address):
+                return False
+        return True
 
     try:
-        behind.start().wait_started()
-        assert behind_names_the_old_master()
-        hosts = ",".join(f"{h}:{p}" for h, p in [behind.address, *servers.sentinel_addresses])
+        for sentinel in behind:
+            sentinel.start().wait_started()
+        assert behind_name_the_old_master()
+        listed = [behind[0].address, *servers.sentinel_addresses]
+        hosts = ",".join(f"{h}:{p}" for h, p in listed)
         (a, a_sink), (b, b_sink) = await nodes(f"redis+sentinel://{hosts}/{name}")
         incarnations = [a.node.membership.inc, b.node.membership.inc]
         await a.join_conversation("epoch", "ca", {}, "dora")
@@ -339,10 +350,31 @@ async def test_a_sentinel_that_missed_the_failover_does_not_send_the_nodes_to_a_
         assert [a.node.membership.inc, b.node.membership.inc] == incarnations, "a lease lapsed"
         with new.client() as c:
             assert c.exists(KeySchema("coord").events("epoch"))
-        # Still behind when the nodes were done: what they did was done with it first.
-        assert behind_names_the_old_master(), "the Sentinel caught up during the test"
+
+        # Two of three behind, the one that knows answering last.
+        three = [behind[0].address, behind[1].address, servers.sentinels[1].address]
+        asking = AskingAll(three)
+        knowing = asking.sentinels[2]
+        real = knowing.sentinel_masters
+
+        async def later() -> Any:
+            await asyncio.sleep(GRACE / 2)
+            return await real()
+
+        knowing.sentinel_masters = later
+        try:
+            assert await asking.discover_master(name) == new.address
+        finally:
+            await asking.aclose()
+        keeper = KeeperAskingAll(three)
+        assert await asyncio.to_thread(keeper.discover_master, name) == new.address
+        for blocking in keeper.sentinels:
+            blocking.close()
+        # Still behind when the nodes were done: what they did was done with them first.
+        assert behind_name_the_old_master(), "a Sentinel caught up during the test"
     finally:
-        behind.stop()
+        for sentinel in behind:
+            sentinel.stop()
 
 
 async def test_sentinel_with_a_database_number_keeps_everything_in_that_database(

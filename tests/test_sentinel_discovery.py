@@ -32,45 +32,54 @@ def _masters(host: str, port: int, epoch: int, *flags: str) -> dict[str, Any]:
     }
 
 
-def test_a_majority_in_the_newest_epoch_decides_at_once() -> None:
-    tally = Tally("m", 3)
-    assert tally.add(_masters("a", 1, 1)) is None
-    assert tally.add(_masters("a", 1, 1)) == ("a", 1)
+def _tally(n: int, *answers: dict[str, Any]) -> Tally:
+    tally = Tally("m", n)
+    for masters in answers:
+        tally.add(masters)
+    return tally
+
+
+def test_more_than_half_naming_one_master_agree() -> None:
+    assert not _tally(3, _masters("a", 1, 1)).agreed()
+    tally = _tally(3, _masters("a", 1, 1), _masters("a", 1, 1))
+    assert tally.agreed() and tally.best() == ("a", 1)
 
 
 def test_the_newest_epoch_wins_over_more_answers_in_an_older_one() -> None:
-    tally = Tally("m", 5)
-    assert tally.add(_masters("old", 1, 3)) is None
-    assert tally.add(_masters("old", 1, 3)) is None
-    assert tally.add(_masters("new", 2, 4)) is None
-    # Two of five for the old configuration, one for the new: no majority yet.
-    assert tally.best() == ("new", 2)
-    assert tally.add(_masters("new", 2, 4)) is None
-    assert tally.add(_masters("new", 2, 4)) == ("new", 2)
+    tally = _tally(5, _masters("old", 1, 3), _masters("old", 1, 3), _masters("new", 2, 4))
+    assert tally.best() == ("new", 2) and not tally.agreed()
 
 
-def test_a_majority_in_an_older_epoch_does_not_decide_once_a_newer_one_is_heard_of() -> None:
-    tally = Tally("m", 3)
-    assert tally.add(_masters("new", 2, 2)) is None
-    assert tally.add(_masters("old", 1, 1)) is None
-    assert tally.add(_masters("old", 1, 1)) is None
-    assert tally.best() == ("new", 2)
+def test_a_newer_epoch_heard_after_an_older_majority_wins() -> None:
+    """Right after a failover only its leader may know of it: the two others agree on
+    the old master, and the leader's answer, the last, is the one taken."""
+    tally = _tally(3, _masters("old", 1, 1), _masters("old", 1, 1))
+    assert tally.agreed()
+    tally.add(_masters("new", 2, 2))
+    assert tally.best() == ("new", 2) and not tally.agreed()
+
+
+def test_no_master_while_the_newest_configurations_is_down() -> None:
+    """The newest epoch's master is down (its failover under way): the master of an
+    older one, replaced, is not taken; the caller asks again."""
+    tally = _tally(3, _masters("new", 2, 2, "s_down", "master"), _masters("old", 1, 1))
+    assert tally.best() is None
+    assert "newest configuration (epoch 2) is down" in str(tally.not_found([]))
 
 
 def test_answers_that_are_down_or_about_another_master_are_not_counted() -> None:
-    tally = Tally("m", 3)
-    assert tally.add(_masters("a", 1, 1, "s_down", "master")) is None
-    assert tally.add(_masters("a", 1, 1, "o_down", "master")) is None
-    assert tally.add({"other": _masters("a", 1, 1)["m"]}) is None
-    assert tally.add(["not", "a", "mapping"]) is None
-    assert tally.best() is None
+    tally = _tally(
+        3,
+        _masters("a", 1, 1, "s_down", "master"),
+        _masters("a", 1, 1, "o_down", "master"),
+        {"other": _masters("a", 1, 1)["m"]},
+    )
+    tally.add(["not", "a", "mapping"])
+    assert tally.best() is None and not tally.agreed()
 
 
 def test_in_one_epoch_the_most_named_master_is_the_best() -> None:
-    tally = Tally("m", 5)
-    tally.add(_masters("a", 1, 0))
-    tally.add(_masters("b", 2, 0))
-    tally.add(_masters("b", 2, 0))
+    tally = _tally(5, _masters("a", 1, 0), _masters("b", 2, 0), _masters("b", 2, 0))
     assert tally.best() == ("b", 2)
 
 
@@ -78,9 +87,9 @@ async def test_a_sentinel_that_hangs_holds_up_no_discovery(
     redis_sentinel: SentinelServers,
 ) -> None:
     """The first Sentinel stopped (SIGSTOP) and a minute's socket timeout: the master is
-    found from the two others; the question left with the stopped one ends once it
-    answers. The blocking discovery (the lease keeper's) asks the others first next
-    time."""
+    found from the two others (``GRACE`` after they agreed); the question left with the
+    stopped one is cancelled by ``aclose``. The blocking discovery (the lease keeper's)
+    asks the others first next time."""
     servers = redis_sentinel
     hung = servers.sentinels[0]
     master = servers.master_address()
@@ -93,11 +102,10 @@ async def test_a_sentinel_that_hangs_holds_up_no_discovery(
         assert len(asking._asking) == 1  # the hung one's, still waiting
         assert await asyncio.to_thread(keeper.discover_master, servers.master_name) == master
         assert keeper.sentinels[-1].connection_pool.connection_kwargs["port"] == hung.port
+        await asking.aclose()
+        assert not asking._asking
     finally:
         os.kill(hung.pid, signal.SIGCONT)
-    await wait_until(lambda: not asking._asking, timeout=20, what="the hung one's answer")
-    for sentinel in asking.sentinels:
-        await sentinel.aclose()
     for blocking in keeper.sentinels:
         blocking.close()
 
@@ -125,8 +133,32 @@ async def test_callers_asking_at_once_share_one_question(redis_sentinel: Sentine
     await asking.discover_master(servers.master_name)
     await wait_until(lambda: not asking._asking, what="every Sentinel's answer")
     assert calls == [2, 2, 2]
-    for sentinel in asking.sentinels:
-        await sentinel.aclose()
+    await asking.aclose()
+
+
+async def test_a_caller_cancelled_leaves_the_shared_question_to_the_others(
+    redis_sentinel: SentinelServers,
+) -> None:
+    servers = redis_sentinel
+    asking = AskingAll(servers.sentinel_addresses)
+    first = asyncio.ensure_future(asking.discover_master(servers.master_name))
+    second = asyncio.ensure_future(asking.discover_master(servers.master_name))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await second == servers.master_address()
+    assert first.cancelled()
+    await asking.aclose()
+
+
+async def test_a_shared_question_that_failed_fails_every_caller_and_is_asked_again() -> None:
+    asking = AskingAll([("127.0.0.1", 1)])
+    said = await asyncio.gather(
+        *(asking.discover_master("m") for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(e, MasterNotFoundError) for e in said), said
+    with pytest.raises(MasterNotFoundError, match=r"No master found for 'm'.*Connection"):
+        await asking.discover_master("m")
+    await asking.aclose()
 
 
 def test_no_sentinel_answering_is_said() -> None:

@@ -10,9 +10,11 @@ replica, and every write refused.
 Sentinel's own rule settles which answer is right: a failover's configuration carries
 a greater epoch (``config-epoch``) than the one it replaces, and a Sentinel adopts the
 greatest it hears of. So every Sentinel is asked, and the sound answer in the greatest
-epoch taken; as soon as more than half of the Sentinels named the same master in the
-greatest epoch heard so far, without waiting for the others, so that one that hangs
-does not hold up every connection for its timeout.
+epoch any of them gave is taken; none, if the master of that epoch is down (a master of
+an older one has been replaced: the caller asks again). Right after a failover only its
+leader may know of it, so an answer is not taken before every Sentinel answered, or
+``GRACE`` after more than half of them agreed on it: one that hangs holds each
+connection up that long, not for its timeout.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from redis.sentinel import MasterNotFoundError
 # What a Sentinel that cannot answer raises (redis-py's own list for discovery).
 _NO_ANSWER = (RedisConnectionError, ResponseError, RedisTimeoutError, OSError)
 
+# Seconds the other Sentinels are waited for once more than half agreed (a Sentinel
+# answers in well under a millisecond on a LAN).
+GRACE = 0.25
+
 Address = tuple[str, int]
 
 
@@ -42,42 +48,50 @@ def sound(state: Mapping[str, Any]) -> bool:
 
 class Tally:
     """The Sentinels' answers for master ``name``, as they come (see the module's
-    docstring)."""
+    docstring). ``min_other_sentinels`` and ``force_master_ip`` of redis-py's Sentinel
+    are not applied (the backend sets neither)."""
 
     def __init__(self, name: str, sentinels: int) -> None:
         self.name = name
         self.sentinels = sentinels
-        self._named: Counter[tuple[int, str, int]] = Counter()  # (epoch, host, port)
+        self._named: Counter[tuple[int, str, int]] = Counter()  # sound: (epoch, host, port)
+        self._newest = -1  # the greatest epoch any answer gave, sound or not
 
-    def add(self, masters: object) -> Address | None:
-        """Count one Sentinel's ``SENTINEL MASTERS`` (as redis-py parses it); the
-        master's address once more than half of the Sentinels named it in the newest
-        epoch heard of."""
+    def add(self, masters: object) -> None:
+        """Count one Sentinel's ``SENTINEL MASTERS`` (as redis-py parses it)."""
         state = masters.get(self.name) if isinstance(masters, Mapping) else None
-        if state is None or not sound(state):
-            return None
+        if state is None:
+            return
         epoch = int(state.get("config-epoch") or 0)
-        self._named[(epoch, str(state["ip"]), int(state["port"]))] += 1
+        self._newest = max(self._newest, epoch)
+        if sound(state):
+            self._named[(epoch, str(state["ip"]), int(state["port"]))] += 1
+
+    def agreed(self) -> bool:
+        """Whether more than half of the Sentinels named the master ``best`` gives."""
         best = self._best()
-        if best is not None and self._named[best] * 2 > self.sentinels:
-            return best[1], best[2]
-        return None
+        return best is not None and self._named[best] * 2 > self.sentinels
 
     def best(self) -> Address | None:
-        """The master in the newest epoch any Sentinel named (the most named among
-        those of that epoch); None if none named one."""
+        """The master of the newest epoch any Sentinel gave (the most named, if they
+        differ); None if none named one, or the newest epoch's master is down."""
         best = self._best()
-        return None if best is None else (best[1], best[2])
+        if best is None or best[0] < self._newest:
+            return None
+        return best[1], best[2]
+
+    def not_found(self, errors: list[str]) -> MasterNotFoundError:
+        said = list(errors)
+        if self._named and self.best() is None:
+            said.insert(0, f"the master of the newest configuration (epoch {self._newest}) is down")
+        return MasterNotFoundError(
+            f"No master found for {self.name!r}" + (f" : {', '.join(said)}" if said else "")
+        )
 
     def _best(self) -> tuple[int, str, int] | None:
         if not self._named:
             return None
         return max(self._named, key=lambda k: (k[0], self._named[k]))
-
-
-def _not_found(name: str, errors: list[str]) -> MasterNotFoundError:
-    said = f" : {', '.join(errors)}" if errors else ""
-    return MasterNotFoundError(f"No master found for {name!r}{said}")
 
 
 def _why(sentinel: Any, exc: BaseException) -> str:
@@ -88,9 +102,9 @@ class AskingAll(Sentinel):
     """redis-py's Sentinel (asyncio), every Sentinel asked at once (``Tally``).
 
     Those not needed for the answer are left to end on their own, within their
-    socket timeouts. Callers that ask while a question is out share its answer: after
-    a failover every pool connection reconnects at once, and each would ask every
-    Sentinel."""
+    socket timeouts (``aclose`` cancels them). Callers that ask while a question is out
+    share its answer: after a failover every pool connection reconnects at once, and
+    each would ask every Sentinel."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -109,23 +123,41 @@ class AskingAll(Sentinel):
         tally = Tally(service_name, len(self.sentinels))
         errors: list[str] = []
         pending = {asyncio.ensure_future(_ask(s)) for s in self.sentinels}
+        loop = asyncio.get_running_loop()
+        until: float | None = None  # once more than half agreed
         try:
             while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                wait = None if until is None else max(0.0, until - loop.time())
+                done, pending = await asyncio.wait(
+                    pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    break
                 for task in done:
                     sentinel, masters = task.result()
                     if isinstance(masters, BaseException):
                         errors.append(_why(sentinel, masters))
-                    elif (found := tally.add(masters)) is not None:
-                        return found
+                    else:
+                        tally.add(masters)
+                if until is None and tally.agreed():
+                    until = loop.time() + GRACE
         finally:
             for task in pending:
                 self._asking.add(task)
                 task.add_done_callback(self._asking.discard)
         found = tally.best()
         if found is None:
-            raise _not_found(service_name, errors)
+            raise tally.not_found(errors)
         return found
+
+    async def aclose(self) -> None:
+        """Cancel the questions still out and close the Sentinels' connections."""
+        out = [*self._asking, *self._discovering.values()]
+        for task in out:
+            task.cancel()
+        await asyncio.gather(*out, return_exceptions=True)
+        for sentinel in self.sentinels:
+            await sentinel.aclose()
 
 
 def _retrieved(future: asyncio.Future[Address]) -> None:
@@ -141,26 +173,22 @@ async def _ask(sentinel: Any) -> tuple[Any, Any]:
 
 
 class KeeperAskingAll(redis.sentinel.Sentinel):
-    """redis-py's Sentinel (blocking, for the lease keeper): the Sentinels asked in
-    turn (``Tally``), those that did not answer moved last."""
+    """redis-py's Sentinel (blocking, for the lease keeper, which asks only when it
+    reconnects): every Sentinel asked in turn (``Tally``), those that did not answer
+    last time last."""
 
     def discover_master(self, service_name: str) -> Address:
         tally = Tally(service_name, len(self.sentinels))
         errors: list[str] = []
         silent: list[Any] = []
-        try:
-            for sentinel in self.sentinels:
-                try:
-                    masters = sentinel.sentinel_masters()
-                except _NO_ANSWER as exc:
-                    errors.append(_why(sentinel, exc))
-                    silent.append(sentinel)
-                    continue
-                if (found := tally.add(masters)) is not None:
-                    return found
-        finally:
-            self.sentinels = [s for s in self.sentinels if s not in silent] + silent
+        for sentinel in self.sentinels:
+            try:
+                tally.add(sentinel.sentinel_masters())
+            except _NO_ANSWER as exc:
+                errors.append(_why(sentinel, exc))
+                silent.append(sentinel)
+        self.sentinels = [s for s in self.sentinels if s not in silent] + silent
         found = tally.best()
         if found is None:
-            raise _not_found(service_name, errors)
+            raise tally.not_found(errors)
         return found

@@ -5,8 +5,8 @@
 ``sentinel_username`` parameters when the Sentinels have credentials of their own).
 redis-py's Sentinel pools find the master on connect and drop a connection that reaches
 a demoted one (``READONLY``); the lane does the same (``lane.ScriptLane(locate=...)``),
-and the lease keeper's client too. Each asks every Sentinel and takes the master in the
-newest configuration more than half of them name (``discovery``), not the first answer.
+and the lease keeper's client too. Each asks every Sentinel and takes the master of the
+newest configuration any of them gives (``discovery``), not the first answer.
 
 A master that stopped (paused, or cut off) past down-after and comes back after its
 failover is not demoted yet: it answers as a master until the Sentinels convert it,
@@ -143,8 +143,8 @@ class SentinelBackend(Backend):
             raise unreachable(cfg, TimeoutError(f"no answer within {bound:.0f}s")) from None
 
     async def _discover_once(self) -> tuple[str, int]:
-        """The master's address as the Sentinels name it (``discovery.Tally``); _Failed
-        naming what each sentinel said otherwise."""
+        """The master's address as the Sentinels name it (``discovery.Tally``: each
+        asked, once); _Failed naming what each sentinel said otherwise."""
         tally = Tally(self.url.master, len(self.url.sentinels))
         said: list[str] = []
         answered = known = False
@@ -165,12 +165,13 @@ class SentinelBackend(Backend):
             if state is None:
                 continue
             known = True
-            if (found := tally.add(masters)) is not None:
-                return found
+            tally.add(masters)
             if not sound(state):
                 said.append(f"sentinel {host}:{port}: the master is down")
         if (found := tally.best()) is not None:
             return found
+        if known and not said:  # sound answers, of a configuration since replaced
+            said.append(str(tally.not_found([])))
         if not said:
             raise _Failed(f"no sentinel knows master {self.url.master!r}")
         if not answered:
@@ -228,6 +229,11 @@ class SentinelBackend(Backend):
             with contextlib.suppress(*REDIS_TROUBLE, OSError, TimeoutError):
                 async with asyncio.timeout(self.config.connect_timeout):
                     await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        with contextlib.suppress(*REDIS_TROUBLE):
+            await self._sentinel.aclose()  # its questions still out, its connections
 
     def _make_lane(self) -> Lane | None:
         first = self.url.sentinels[0]
