@@ -11,6 +11,7 @@ cross-node order and replay, fencing, idle sweeps, speculation, token revocation
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -61,3 +62,29 @@ async def redis_client(redis_url: str) -> AsyncIterator[RedisCluster]:
     client = RedisCluster.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+async def test_how_full_redis_is_is_the_fullest_masters(
+    redis_cluster: RedisClusterServers, redis_client: RedisCluster, make_nodes: Any
+) -> None:
+    """/healthz's "Redis is full" and the memory gauges read every master, not only the
+    one redis-py sends INFO to (its default node): there a bound set on another master
+    was not seen."""
+    (a,) = await make_nodes(1)
+    await redis_client.initialize()
+    default = redis_client.get_default_node()
+    others = [m for m in redis_cluster.masters() if m.address != (default.host, default.port)]
+    assert others
+    bounded = others[0]
+    used = int(bounded.info("memory")["used_memory"])
+    with bounded.client() as c:
+        c.config_set("maxmemory", used * 2)
+    try:
+        got = await a.node.directory.redis_memory()
+        assert got is not None and got[1] == used * 2, got
+        with bounded.client() as c:
+            c.config_set("maxmemory", 1)
+        assert "Redis is full" in await a.node.directory.redis_full()
+    finally:
+        with bounded.client() as c:
+            c.config_set("maxmemory", 0)

@@ -79,10 +79,11 @@ class SizeHint:
             self.upto, self.largest = int(seq), int(largest)
 
 
-def _fullness(info: Any) -> float:
-    """How full a node's INFO memory says it is (0 without maxmemory)."""
-    most = int(info["maxmemory"])
-    return int(info["used_memory"]) / most if most else 0.0
+def _fullness(info: Any) -> tuple[float, int]:
+    """How full a node's INFO memory says it is (0 without maxmemory), then how much it
+    uses."""
+    used, most = int(info["used_memory"]), int(info["maxmemory"])
+    return (used / most if most else 0.0), used
 
 
 def accept_token(client_key: str | None) -> str:
@@ -267,10 +268,14 @@ class StateCore:
             await self.redis.ping()
 
     async def memory(self) -> tuple[int, int]:
-        """Redis's ``(used_memory, maxmemory)`` in bytes (maxmemory 0: no bound)."""
-        info = await self.redis.info("memory")
-        if "used_memory" not in info:  # a cluster client: one answer per node, the fullest
-            info = max(info.values(), key=_fullness)
+        """Redis's ``(used_memory, maxmemory)`` in bytes (maxmemory 0: no bound); on a
+        Redis Cluster, the fullest master's."""
+        if isinstance(self.redis, RedisCluster):  # one answer per master
+            infos = await self.redis.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            # (a cluster of one master answers with that master's INFO itself)
+            info = infos if "used_memory" in infos else max(infos.values(), key=_fullness)
+        else:
+            info = await self.redis.info("memory")
         return int(info["used_memory"]), int(info["maxmemory"])
 
     async def take_lock(self, key: str, me: str, ttl_ms: int) -> bool:
