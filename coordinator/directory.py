@@ -170,11 +170,14 @@ class Directory:
             return False, f"redis: {exc or type(exc).__name__}"
         return True, ""
 
-    async def redis_memory(self) -> tuple[int, int] | None:
+    async def redis_memory(self, limit: float = 2.0) -> tuple[int, int] | None:
         """Redis' ``(used_memory, maxmemory)`` (the fullest master's on a cluster;
-        maxmemory 0: no bound); None when it cannot be asked."""
+        maxmemory 0: no bound); None when it does not answer within ``limit`` seconds."""
         try:
-            return await self._state.memory()
+            async with asyncio.timeout(limit):
+                return await self._state.memory()
+        except TimeoutError:
+            return None
         except REDIS_TROUBLE:
             return None
 

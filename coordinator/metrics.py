@@ -14,6 +14,7 @@ carries a ``node`` label. Values come three ways:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import re
@@ -167,16 +168,20 @@ class NodeMetrics:
         )
         self.redis_up = gauge("coordinator_redis_up", "1 when Redis answers PING.")
         # At its maxmemory Redis refuses every write (README "Event store"): alert well
-        # before used reaches max. The fullest master's, on a cluster; unset while Redis
-        # cannot be asked.
-        self.redis_memory_used = gauge(
-            "coordinator_redis_memory_used_bytes",
-            "Redis' used_memory (the fullest master's on a Redis Cluster).",
-        )
-        self.redis_maxmemory = gauge(
-            "coordinator_redis_maxmemory_bytes",
-            "That Redis' maxmemory, past which it refuses writes (0: no bound).",
-        )
+        # before used reaches max. Absent while Redis cannot be asked (show_redis_memory).
+        self._redis_memory = [
+            Gauge(name, doc, ["node"], registry=self.registry)
+            for name, doc in (
+                (
+                    "coordinator_redis_memory_used_bytes",
+                    "Redis' used_memory (the fullest master's on a Redis Cluster).",
+                ),
+                (
+                    "coordinator_redis_maxmemory_bytes",
+                    "That Redis' maxmemory, past which it refuses writes (0: no bound).",
+                ),
+            )
+        ]
         self.ack_seconds = histogram(
             "coordinator_action_ack_seconds",
             "oh_user_action received to its ack sent (accepted or refused).",
@@ -270,6 +275,17 @@ class NodeMetrics:
     def speculation_lost(self) -> None:
         """A speculative dispatch was not logged as predicted."""
         self.speculations_lost += 1
+
+    def show_redis_memory(self, memory: tuple[int, int] | None) -> None:
+        """Redis' ``(used_memory, maxmemory)`` as last read; None (Redis did not answer)
+        takes both series out, rather than show a stale reading or a 0 that means no
+        bound."""
+        for gauge, value in zip(self._redis_memory, memory or (None, None), strict=True):
+            if value is not None:
+                gauge.labels(self.node_id).set(value)
+            else:
+                with contextlib.suppress(KeyError):  # not shown
+                    gauge.remove(self.node_id)
 
     def observe_answer(self, seconds: float) -> None:
         """An action was answered ``seconds`` after its accept (its first agent event)."""

@@ -189,11 +189,12 @@ class RestApp:
 
     async def metrics(self, request: Request) -> Response:
         m = self.manager
-        up = m.started and (await m.directory.redis_ok())[0]
+        # The node as it is now: a stop may begin while this waits on Redis.
+        node = m.node if m.started else None
+        up = node is not None and (await node.directory.redis_ok())[0]
         self.node_metrics.redis_up.set(up)
-        if up and (memory := await m.directory.redis_memory()) is not None:
-            self.node_metrics.redis_memory_used.set(memory[0])
-            self.node_metrics.redis_maxmemory.set(memory[1])
+        memory = await node.directory.redis_memory() if node is not None and up else None
+        self.node_metrics.show_redis_memory(memory)
         body = self.node_metrics.render()
         return Response(body, 200, COMMON_HEADERS, CONTENT_TYPE)
 

@@ -177,3 +177,22 @@ async def test_actions_sent_back_to_back_reach_the_clients_without_a_catch_up(
     assert first.ids == watcher.ids == list(range(1, 201))
     _, text = await servers.request("GET", a, "/metrics")
     assert samples(text, "n1")["coordinator_connection_catch_ups_total"] == 0
+
+
+def test_redis_memory_is_absent_until_read_and_once_redis_does_not_answer() -> None:
+    """A 0 there means "no bound", and a reading kept past Redis' loss would be stale:
+    the two series are shown only while a reading is fresh."""
+    metrics = NodeMetrics("n1")
+    names = ("coordinator_redis_memory_used_bytes", "coordinator_redis_maxmemory_bytes")
+
+    def shown() -> dict[str, float]:
+        got = samples(metrics.render().decode(), "n1")
+        return {name: got[name] for name in names if name in got}
+
+    assert shown() == {}
+    metrics.show_redis_memory((950, 1000))
+    assert shown() == dict(zip(names, (950, 1000), strict=True))
+    metrics.show_redis_memory(None)
+    assert shown() == {}
+    metrics.show_redis_memory(None)  # twice: nothing to take out
+    assert shown() == {}
