@@ -72,7 +72,6 @@ class StoreAudit:
         # (``RedisState.audits``), which began after this node's was owed.
         self._covered_by: int | None = None
         self._changes_seen = store.server_changes
-        self._server_recorded: str | None = None  # the store's server, as told the cluster
         self.rewinds = 0  # conversations found holding less than the store acknowledged
 
     def lost(self, sid: str, held: int, recorded: int, *, audit: bool = True) -> None:
@@ -99,9 +98,9 @@ class StoreAudit:
         its last writes, and no conversation need be busy to show it (a quiet one's
         shorter copy would be found by nothing before Redis let it go): every
         conversation checked then too. So too when the server differs from the one the
-        cluster's nodes last reached (``RedisState.store_server``): this node started
-        after the failover. And a check that gave up (the store or Redis away) started
-        again."""
+        cluster's nodes last reached (``RedisState.store_server``: this node started
+        after the failover), until a check that began after that ended, on any node.
+        And a check that gave up (the store or Redis away) started again."""
         changes = self._store.server_changes
         if changes != self._changes_seen:
             self._changes_seen = changes
@@ -111,22 +110,24 @@ class StoreAudit:
                 "conversation is checked against it",
                 self._where,
             )
-        server = self._store.server
-        if server is not None and server != self._server_recorded:
+        if (server := self._store.server) is not None:
             try:
-                before = await self._state.store_server(server)
-            except AUDIT_TROUBLE as exc:  # looked at again next sweep
-                log.debug("event store %s: server not recorded: %s", self._where, exc)
-            else:
-                self._server_recorded = server
-                if before is not None and not self._owed:
-                    self._owed = True
-                    log.info(
-                        "event store %s: another server than the cluster's nodes last "
-                        "reached (a failover while this node was away?): every "
-                        "conversation is checked against it",
-                        self._where,
-                    )
+                owed, changed = await self._state.store_server(server)
+            except AUDIT_TROUBLE as exc:  # told again next sweep
+                log.debug("event store %s: server not told the cluster: %s", self._where, exc)
+                owed, changed = 0, False
+            if changed:
+                log.info(
+                    "event store %s: another server than the cluster's nodes last reached "
+                    "(a failover while this node was away?): every conversation is "
+                    "checked against it",
+                    self._where,
+                )
+            # Owed in Redis until a check numbered from ``owed`` on ends, whichever node
+            # runs it: one whose node stopped or died leaves it owed. (Not while this
+            # node's own check runs: it settles it, or leaves it owed, when it ends.)
+            if owed and (self._running is None or self._running.done()):
+                self._owed = True
         self._start()
 
     def _start(self) -> None:

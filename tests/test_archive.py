@@ -1703,6 +1703,40 @@ async def test_a_check_of_every_conversation_that_gave_up_is_started_again(
     assert checks == ["tried", "tried"]
 
 
+async def test_a_server_change_the_cluster_recorded_stays_owed_until_a_check_ends(
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node that found another store server than the cluster recorded stops before
+    its check: the check stays owed in Redis, and another node does it, once; then no
+    node owes it. Before, it was owed in that node's memory only, and the record already
+    named the new server: nothing checked."""
+    monkeypatch.setattr(storeaudit, "AUDIT_EVERY", 0.0)
+    a, b = await make_nodes(2)
+    checks: dict[str, int] = {}
+    for node in (a, b):
+        audit = node.node.archiver.audit
+        check = audit.check
+
+        async def counted(check: Any = check, name: str = node.node_id) -> int:
+            checks[name] = checks.get(name, 0) + 1
+            return await check()
+
+        monkeypatch.setattr(audit, "check", counted)
+    state = a.state
+    await state.redis.hset(state.keys.store_audits(), "server", "the server before")
+    stores = [a.node.store, b.node.store]
+    assert stores[0] is not None and stores[1] is not None
+    monkeypatch.setattr(stores[0], "server", "the server now", raising=False)
+    monkeypatch.setattr(a.node.archiver.audit, "_start", lambda: None)  # stops first
+    await a.node.archiver.sweep()
+    await a.aclose()
+    assert checks == {}
+    monkeypatch.setattr(stores[1], "server", "the server now", raising=False)
+    await wait_until(lambda: checks == {b.node_id: 1}, timeout=10, what="b's check")
+    await asyncio.sleep(1.5)  # b's sweeps (every 0.5 s) go on: nothing owed now
+    assert checks == {b.node_id: 1}
+
+
 @pytest.mark.parametrize("held", [0, 3, 14, 17, 19])
 async def test_a_rewind_keeps_the_logs_byte_counts_true(make_nodes: NodeFactory, held: int) -> None:
     """``REWIND_STORED`` at any point (into what the log trimmed, just after, its middle,

@@ -20,7 +20,7 @@ from .claims import CLAIM
 from .clock import NOW
 from .log import ACCEPT, COMMIT, READ, REWIND
 from .ownership import ACQUIRE, ATTACH, DELETE_IF, ENROLL, HDEL_IF, RELEASE, RENEW
-from .store import MARK_STORED, REWIND_STORED, UNSTORED
+from .store import MARK_STORED, REWIND_STORED, STORE_SERVER, UNSTORED
 
 __all__ = [
     "ACCEPT",
@@ -44,6 +44,7 @@ __all__ = [
     "RENEW",
     "REWIND",
     "REWIND_STORED",
+    "STORE_SERVER",
     "TAKE_TOKENS",
     "UNSTORED",
     "for_deployment",
@@ -69,6 +70,7 @@ ALL = {
     "unstored": UNSTORED,
     "mark_stored": MARK_STORED,
     "rewind_stored": REWIND_STORED,
+    "store_server": STORE_SERVER,
     "attempts": ATTEMPTS,
     "take_tokens": NOW + TAKE_TOKENS,
 }

@@ -126,3 +126,27 @@ end
 return read_after({stored}, stored, ARGV[2], tonumber(ARGV[3]))
 """
 )
+
+STORE_SERVER = """
+-- store_server: the event store's server a node's connections reached, told the cluster.
+-- Another than the one recorded (a failover, which may have lost acknowledged writes)
+-- owes a check of every conversation: one numbered after the last that began ('owed').
+-- KEYS[1]  the store's checks (keys.store_audits: began, done, server, owed)
+-- ARGV[1]  the server (EventStore.server)
+-- returns  {the number a check must reach to settle what is owed (0: nothing owed),
+--           1 if this call found another server recorded}
+local before = redis.call('HGET', KEYS[1], 'server')
+local changed = 0
+if before ~= ARGV[1] then
+  redis.call('HSET', KEYS[1], 'server', ARGV[1])
+  if before then
+    changed = 1
+    local began = tonumber(redis.call('HGET', KEYS[1], 'began') or '0')
+    redis.call('HSET', KEYS[1], 'owed', began + 1)
+  end
+end
+local f = redis.call('HMGET', KEYS[1], 'owed', 'done')
+local owed, done = tonumber(f[1] or '0'), tonumber(f[2] or '0')
+if owed <= done then owed = 0 end
+return {owed, changed}
+"""

@@ -99,15 +99,13 @@ class ArchiveOps(StateCore):
     async def audit_done(self, number: int) -> None:
         await self.redis.hset(self.keys.store_audits(), "done", number)
 
-    async def store_server(self, server: str) -> str | None:
-        """Record ``server`` as the one the cluster's nodes last reached in the event
-        store (``keys.store_audits``); the one recorded before, if another."""
-        key = self.keys.store_audits()
-        before = await self.redis.hget(key, "server")
-        if before is not None and text(before) == server:
-            return None
-        await self.redis.hset(key, "server", server)
-        return None if before is None else text(before)
+    async def store_server(self, server: str) -> tuple[int, bool]:
+        """Tell the cluster the event store's server this node reached
+        (``scripts.STORE_SERVER``): the number a check of every conversation must reach
+        to settle what a change of server owes (0: nothing owed), and whether this call
+        found another server recorded."""
+        owed, changed = await self._run("store_server", [self.keys.store_audits()], [server])
+        return int(owed), bool(changed)
 
     async def audits(self) -> tuple[int, int]:
         """The number of the last check that began, and of the last that ended."""
