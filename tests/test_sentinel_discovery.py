@@ -110,6 +110,30 @@ async def test_a_sentinel_that_hangs_holds_up_no_discovery(
         blocking.close()
 
 
+async def test_aclose_in_the_middle_of_a_discovery_leaves_no_question_out(
+    redis_sentinel: SentinelServers,
+) -> None:
+    """Two Sentinels of three stopped: no answer can be taken before their timeouts.
+    ``aclose`` then ends the discovery and every question it left."""
+    servers = redis_sentinel
+    hung = servers.sentinels[:2]
+    asking = AskingAll(servers.sentinel_addresses, sentinel_kwargs={"socket_timeout": 60})
+    for sentinel in hung:
+        os.kill(sentinel.pid, signal.SIGSTOP)
+    try:
+        caller = asyncio.ensure_future(asking.discover_master(servers.master_name))
+        await asyncio.sleep(0.5)
+        assert not caller.done()
+        await asking.aclose()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert all(t.done() for t in asking._asking)
+        assert all(t.done() for t in asking._discovering.values())
+    finally:
+        for sentinel in hung:
+            os.kill(sentinel.pid, signal.SIGCONT)
+
+
 async def test_callers_asking_at_once_share_one_question(redis_sentinel: SentinelServers) -> None:
     """Twenty pool connections made at once (a failover reconnects them all) ask each
     Sentinel once between them, not twenty times. (Sentinel keeps no command counts:

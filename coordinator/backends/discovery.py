@@ -152,10 +152,12 @@ class AskingAll(Sentinel):
 
     async def aclose(self) -> None:
         """Cancel the questions still out and close the Sentinels' connections."""
-        out = [*self._asking, *self._discovering.values()]
-        for task in out:
-            task.cancel()
-        await asyncio.gather(*out, return_exceptions=True)
+        # A discovery cancelled leaves its questions to ``_asking``: those go second.
+        for out in (list(self._discovering.values()), self._asking):
+            tasks = list(out)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         for sentinel in self.sentinels:
             await sentinel.aclose()
 
