@@ -1,7 +1,7 @@
 """The seed's standalone design as a baseline: one process, in-memory dicts, no Redis.
 
-Modelled on OpenHands' ``StandaloneConversationManager`` (see
-``shared/reference/standalone_conversation_manager.py.txt``): the manager keeps
+Modelled on OpenHands' ``StandaloneConversationManager``
+(``openhands/server/conversation_manager/standalone_conversation_manager.py``): it keeps
 ``_local_agent_loops_by_sid`` and ``_local_connection_id_to_session_id`` in dicts, a
 socket.io room per conversation (``room:SID``), and ``send_to_event_stream`` hands the
 action to the conversation's in-process session. A session's event stream numbers its
