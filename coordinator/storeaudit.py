@@ -71,6 +71,7 @@ class StoreAudit:
         # Owed while another node checked: done by any check numbered from this one on
         # (``RedisState.audits``), which began after this node's was owed.
         self._covered_by: int | None = None
+        self._cluster_owed = 0  # what Redis says is owed (``watch``), as last read
         self._changes_seen = store.server_changes
         self.rewinds = 0  # conversations found holding less than the store acknowledged
 
@@ -126,23 +127,27 @@ class StoreAudit:
             # Owed in Redis until a check numbered from ``owed`` on ends, whichever node
             # runs it: one whose node stopped or died leaves it owed. (Not while this
             # node's own check runs: it settles it, or leaves it owed, when it ends.)
-            if owed and (self._running is None or self._running.done()):
-                self._owed = True
+            if self._running is None or self._running.done():
+                self._cluster_owed = owed
         self._start()
 
     def _start(self) -> None:
         """The check owed, if none runs here and none began in ``AUDIT_EVERY`` seconds."""
         now = asyncio.get_running_loop().time()
         idle = self._running is None or self._running.done()
-        if self._owed and idle and now >= self._began + AUDIT_EVERY:
-            self._owed = False
+        if (self._owed or self._cluster_owed) and idle and now >= self._began + AUDIT_EVERY:
+            mine, self._owed = self._owed, False
+            cluster, self._cluster_owed = self._cluster_owed, 0
             self._began = now
-            self._running = self._tasks.spawn(self._check_all(), "event store audit")
+            self._running = self._tasks.spawn(self._check_all(mine, cluster), "event store audit")
 
-    async def _check_all(self) -> None:
+    async def _check_all(self, mine: bool, cluster: int) -> None:
         """``check``, by one node of the cluster at a time, tried again after a backoff
         while Redis or the store fails it (a lowered mark is noted first: a pass cut
-        short leaves nothing unfound for the next); owed again if every try failed."""
+        short leaves nothing unfound for the next); owed again if every try failed.
+        ``mine``: this node found a reason (a loss, a reconnection); ``cluster``: the
+        number a check must reach for what Redis says is owed (0: nothing), which stays
+        there, read again each sweep, until one does."""
         me, where = self._node, self._where
         lock = self._state.keys.store_audit()
         backoff = Backoff(base=1.0, cap=30.0)
@@ -152,14 +157,17 @@ class StoreAudit:
                 if not await state.take_lock(lock, me, AUDIT_LOCK_MS):
                     # Its check may have begun before this one was owed, or its node may
                     # die: owed still, unless one that begins after now ends.
-                    if self._covered_by is None:
-                        self._covered_by = (await state.audits())[0] + 1
-                    self._owed = True
+                    if mine:
+                        if self._covered_by is None:
+                            self._covered_by = (await state.audits())[0] + 1
+                        self._owed = True
                     log.info("event store %s: another node checks every conversation", where)
                     return
                 try:
                     covered_by, self._covered_by = self._covered_by, None
-                    if covered_by is not None and (await state.audits())[1] >= covered_by:
+                    done = (await state.audits())[1]
+                    mine_done = covered_by is not None and done >= covered_by
+                    if (not mine or mine_done) and done >= cluster:
                         log.info("event store %s: checked by another node meanwhile", where)
                         return
                     number = await state.audit_began()
@@ -180,7 +188,7 @@ class StoreAudit:
                 continue
             log.warning("event store %s checked: %d more conversation(s) lost events", where, found)
             return
-        self._owed = True  # the next sweep's watch starts it again
+        self._owed = self._owed or mine  # the next sweep's watch starts it again
 
     async def check(self) -> int:
         """Every conversation Redis holds whose store holds less than it acknowledged (a

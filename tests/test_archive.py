@@ -1737,6 +1737,34 @@ async def test_a_server_change_the_cluster_recorded_stays_owed_until_a_check_end
     assert checks == {b.node_id: 1}
 
 
+async def test_a_server_change_every_node_sees_is_checked_once(
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three nodes all reach another store server than the cluster recorded; one
+    checks, the others find the lock taken, then the check done. Before, one of them
+    checked again after it (its own mark was "a check beginning after mine")."""
+    monkeypatch.setattr(storeaudit, "AUDIT_EVERY", 0.0)
+    nodes = await make_nodes(3)
+    checks: list[str] = []
+    for node in nodes:
+        audit = node.node.archiver.audit
+        check = audit.check
+
+        async def counted(check: Any = check, name: str = node.node_id) -> int:
+            checks.append(name)
+            await asyncio.sleep(1.0)  # the others sweep (every 0.5 s) meanwhile
+            return await check()
+
+        monkeypatch.setattr(audit, "check", counted)
+    state = nodes[0].state
+    await state.redis.hset(state.keys.store_audits(), "server", "the server before")
+    for node in nodes:
+        monkeypatch.setattr(node.node.store, "server", "the server now", raising=False)
+    await wait_until(lambda: checks, timeout=10, what="a check")
+    await asyncio.sleep(3.0)
+    assert len(checks) == 1, checks
+
+
 @pytest.mark.parametrize("held", [0, 3, 14, 17, 19])
 async def test_a_rewind_keeps_the_logs_byte_counts_true(make_nodes: NodeFactory, held: int) -> None:
     """``REWIND_STORED`` at any point (into what the log trimmed, just after, its middle,
