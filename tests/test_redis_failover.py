@@ -284,7 +284,7 @@ async def test_a_paused_master_back_after_its_failover_costs_no_node_its_lease(
 
 
 async def test_a_sentinel_that_missed_the_failover_does_not_send_the_nodes_to_a_replica(
-    redis_sentinel: SentinelServers, nodes: Any, tmp_path: Path
+    redis_sentinel: SentinelServers, nodes: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A Sentinel that has not heard of a failover (here the data nodes' ACL keeps it off
     their hello channel, where Sentinels tell each other of one) names the old master, a
@@ -361,8 +361,13 @@ async def test_a_sentinel_that_missed_the_failover_does_not_send_the_nodes_to_a_
         knowing.sentinel_masters = later
         try:
             assert await asking.discover_master(name) == new.address
+            assert await asking.discover_master(name) == new.address
         finally:
             await asking.aclose()
+        # Said by each node (its one behind Sentinel) and, once, by this discovery.
+        two = f"2 named {old.address[0]}:{old.address[1]} (epoch 0)"
+        said = [r.getMessage() for r in caplog.records if "Sentinels disagree" in r.getMessage()]
+        assert len([m for m in said if two in m]) == 1, said
         keeper = KeeperAskingAll(three)
         assert await asyncio.to_thread(keeper.discover_master, name) == new.address
         for blocking in keeper.sentinels:

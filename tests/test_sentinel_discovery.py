@@ -78,6 +78,12 @@ def test_answers_that_are_down_or_about_another_master_are_not_counted() -> None
     assert tally.best() is None and not tally.agreed()
 
 
+def test_a_disagreement_names_each_master_named() -> None:
+    assert _tally(3, _masters("a", 1, 1), _masters("a", 1, 1)).disagreement() == ""
+    tally = _tally(3, _masters("old", 1, 1), _masters("old", 1, 1), _masters("new", 2, 2))
+    assert tally.disagreement() == "1 named new:2 (epoch 2); 2 named old:1 (epoch 1)"
+
+
 def test_in_one_epoch_the_most_named_master_is_the_best() -> None:
     tally = _tally(5, _masters("a", 1, 0), _masters("b", 2, 0), _masters("b", 2, 0))
     assert tally.best() == ("b", 2)
@@ -89,7 +95,7 @@ async def test_a_sentinel_that_hangs_holds_up_no_discovery(
     """The first Sentinel stopped (SIGSTOP) and a minute's socket timeout: the master is
     found from the two others (``GRACE`` after they agreed); the question left with the
     stopped one is cancelled by ``aclose``. The blocking discovery (the lease keeper's)
-    asks the others first next time."""
+    asks the others first next time, and not the stopped one once they agree."""
     servers = redis_sentinel
     hung = servers.sentinels[0]
     master = servers.master_address()
@@ -101,7 +107,20 @@ async def test_a_sentinel_that_hangs_holds_up_no_discovery(
             assert await asking.discover_master(servers.master_name) == master
         assert len(asking._asking) == 1  # the hung one's, still waiting
         assert await asyncio.to_thread(keeper.discover_master, servers.master_name) == master
-        assert keeper.sentinels[-1].connection_pool.connection_kwargs["port"] == hung.port
+        silent = keeper.sentinels[-1]
+        assert silent.connection_pool.connection_kwargs["port"] == hung.port
+        # Next time the two others agree first: the silent one is not asked (its
+        # timeout would hold the keeper's renewal up).
+        asked: list[str] = []
+        real = silent.sentinel_masters
+
+        def counted() -> Any:
+            asked.append("asked")
+            return real()
+
+        silent.sentinel_masters = counted
+        assert await asyncio.to_thread(keeper.discover_master, servers.master_name) == master
+        assert asked == []
         await asking.aclose()
         assert not asking._asking
     finally:

@@ -20,6 +20,7 @@ connection up that long, not for its timeout.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +31,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import MasterNotFoundError
+
+log = logging.getLogger(__name__)
 
 # What a Sentinel that cannot answer raises (redis-py's own list for discovery).
 _NO_ANSWER = (RedisConnectionError, ResponseError, RedisTimeoutError, OSError)
@@ -80,6 +83,16 @@ class Tally:
             return None
         return best[1], best[2]
 
+    def disagreement(self) -> str:
+        """What the Sentinels named, when they named more than one master ('' when
+        not): a failover under way, or Sentinels of two groups listed together."""
+        if len(self._named) < 2:
+            return ""
+        return "; ".join(
+            f"{n} named {host}:{port} (epoch {epoch})"
+            for (epoch, host, port), n in sorted(self._named.items(), reverse=True)
+        )
+
     def not_found(self, errors: list[str]) -> MasterNotFoundError:
         said = list(errors)
         if self._named and self.best() is None:
@@ -110,6 +123,7 @@ class AskingAll(Sentinel):
         super().__init__(*args, **kwargs)
         self._asking: set[asyncio.Future[tuple[Any, Any]]] = set()
         self._discovering: dict[str, asyncio.Future[Address]] = {}
+        self._disagreement = ""  # said once for as long as it lasts
 
     async def discover_master(self, service_name: str) -> Address:
         shared = self._discovering.get(service_name)
@@ -145,6 +159,15 @@ class AskingAll(Sentinel):
             for task in pending:
                 self._asking.add(task)
                 task.add_done_callback(self._asking.discard)
+        if (said := tally.disagreement()) != self._disagreement:
+            self._disagreement = said
+            if said:
+                log.warning(
+                    "Sentinels disagree on master %r: %s; the newest epoch's is taken (a "
+                    "failover under way? Sentinels of two groups listed in the URL?)",
+                    service_name,
+                    said,
+                )
         found = tally.best()
         if found is None:
             raise tally.not_found(errors)
@@ -175,20 +198,30 @@ async def _ask(sentinel: Any) -> tuple[Any, Any]:
 
 
 class KeeperAskingAll(redis.sentinel.Sentinel):
-    """redis-py's Sentinel (blocking, for the lease keeper, which asks only when it
-    reconnects): every Sentinel asked in turn (``Tally``), those that did not answer
-    last time last."""
+    """redis-py's Sentinel (blocking, for the lease keeper, which asks when it
+    reconnects): the Sentinels asked in turn (``Tally``), those that did not answer
+    last time last, and not at all once more than half of the others agreed (each would
+    hold the keeper's renewal up for its timeout, after a failover when it matters
+    most; the node's master watch asks every Sentinel, and tells the keeper)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._silent: list[Any] = []  # did not answer when last asked
 
     def discover_master(self, service_name: str) -> Address:
         tally = Tally(service_name, len(self.sentinels))
         errors: list[str] = []
         silent: list[Any] = []
         for sentinel in self.sentinels:
+            if sentinel in self._silent and tally.agreed():
+                silent.append(sentinel)  # not asked: silent still, for all we know
+                continue
             try:
                 tally.add(sentinel.sentinel_masters())
             except _NO_ANSWER as exc:
                 errors.append(_why(sentinel, exc))
                 silent.append(sentinel)
+        self._silent = silent
         self.sentinels = [s for s in self.sentinels if s not in silent] + silent
         found = tally.best()
         if found is None:

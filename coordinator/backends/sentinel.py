@@ -170,8 +170,6 @@ class SentinelBackend(Backend):
                 said.append(f"sentinel {host}:{port}: the master is down")
         if (found := tally.best()) is not None:
             return found
-        if known and not said:  # sound answers, of a configuration since replaced
-            said.append(str(tally.not_found([])))
         if not said:
             raise _Failed(f"no sentinel knows master {self.url.master!r}")
         if not answered:
