@@ -107,6 +107,17 @@ async def test_a_node_loss_under_the_deploy_acl_user(acl_redis: tuple[int, redis
         )
         assert status == 201
         await wait_until(lambda: b.manager.local_loops() == {"acl2"}, what="acl evicted")
+        # The store audit's calls (run each sweep with a PostgreSQL store; here files).
+        state = b.manager.state
+        assert await state.store_server("one server") == (0, False)
+        assert await state.store_server("another") == (1, True)
+        assert await state.take_lock(state.keys.store_audit(), "n2", 1000)
+        number = await state.audit_began()
+        await state.audit_done(number)
+        await state.audit_done(number - 1)  # a check that outlived its lock ends late
+        assert await state.audits() == (number, number)
+        await state.drop_lock(state.keys.store_audit(), "n2")
+        assert await state.store_server("another") == (0, False)
     finally:
         await cluster.aclose()
     # Nothing any node sent was refused by the ACL.

@@ -20,7 +20,7 @@ from .claims import CLAIM
 from .clock import NOW
 from .log import ACCEPT, COMMIT, READ, REWIND
 from .ownership import ACQUIRE, ATTACH, DELETE_IF, ENROLL, HDEL_IF, RELEASE, RENEW
-from .store import MARK_STORED, REWIND_STORED, STORE_SERVER, UNSTORED
+from .store import AUDIT_DONE, MARK_STORED, REWIND_STORED, STORE_SERVER, UNSTORED
 
 __all__ = [
     "ACCEPT",
@@ -29,6 +29,7 @@ __all__ = [
     "ALL",
     "ATTACH",
     "ATTEMPTS",
+    "AUDIT_DONE",
     "CLAIM",
     "COMMIT",
     "DELETE_IF",
@@ -71,6 +72,7 @@ ALL = {
     "mark_stored": MARK_STORED,
     "rewind_stored": REWIND_STORED,
     "store_server": STORE_SERVER,
+    "audit_done": AUDIT_DONE,
     "attempts": ATTEMPTS,
     "take_tokens": NOW + TAKE_TOKENS,
 }

@@ -150,3 +150,13 @@ local owed, done = tonumber(f[1] or '0'), tonumber(f[2] or '0')
 if owed <= done then owed = 0 end
 return {owed, changed}
 """
+
+AUDIT_DONE = """
+-- audit_done: a check of every conversation ended. 'done' keeps the greatest number
+-- that ended: a check that outlived its lock may end after a later one.
+-- KEYS[1]  the store's checks (keys.store_audits)   ARGV[1] the check's number
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'done') or '0') then
+  redis.call('HSET', KEYS[1], 'done', ARGV[1])
+end
+return 0
+"""

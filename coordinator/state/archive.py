@@ -97,7 +97,8 @@ class ArchiveOps(StateCore):
         return int(await self.redis.hincrby(self.keys.store_audits(), "began", 1))
 
     async def audit_done(self, number: int) -> None:
-        await self.redis.hset(self.keys.store_audits(), "done", number)
+        """Check ``number`` ended (``done`` never goes back: ``scripts.AUDIT_DONE``)."""
+        await self._run("audit_done", [self.keys.store_audits()], [number])
 
     async def store_server(self, server: str) -> tuple[int, bool]:
         """Tell the cluster the event store's server this node reached
