@@ -103,20 +103,19 @@ class StoreAudit:
         after the failover), until a check that began after that ended, on any node.
         And a check that gave up (the store or Redis away) started again."""
         changes = self._store.server_changes
-        if changes != self._changes_seen:
-            self._changes_seen = changes
-            self._owed = True
+        moved, self._changes_seen = changes != self._changes_seen, changes
+        if moved:
             log.info(
                 "event store %s: reconnected to another server (a failover?): every "
                 "conversation is checked against it",
                 self._where,
             )
+        owed, changed = 0, False
         if (server := self._store.server) is not None:
             try:
                 owed, changed = await self._state.store_server(server)
             except AUDIT_TROUBLE as exc:  # told again next sweep
                 log.debug("event store %s: server not told the cluster: %s", self._where, exc)
-                owed, changed = 0, False
             if changed:
                 log.info(
                     "event store %s: another server than the cluster's nodes last reached "
@@ -129,6 +128,12 @@ class StoreAudit:
             # node's own check runs: it settles it, or leaves it owed, when it ends.)
             if self._running is None or self._running.done():
                 self._cluster_owed = owed
+        # This node's own reason, where the cluster's record does not cover the change
+        # (Redis away; a server that came back between two sweeps; a store whose server
+        # cannot be told): every node reconnects in a failover, and each checking for
+        # itself ran the whole check again after the first.
+        if moved and not owed:
+            self._owed = True
         self._start()
 
     def _start(self) -> None:

@@ -1737,12 +1737,14 @@ async def test_a_server_change_the_cluster_recorded_stays_owed_until_a_check_end
     assert checks == {b.node_id: 1}
 
 
+@pytest.mark.parametrize("reconnected", [False, True])
 async def test_a_server_change_every_node_sees_is_checked_once(
-    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch, reconnected: bool
 ) -> None:
-    """Three nodes all reach another store server than the cluster recorded; one
-    checks, the others find the lock taken, then the check done. Before, one of them
-    checked again after it (its own mark was "a check beginning after mine")."""
+    """Three nodes all reach another store server than the cluster recorded (each
+    having seen its pool reconnect there, or started after it); one checks, the others
+    find the lock taken, then the check done. Before, one of them checked again after
+    it (its own mark was "a check beginning after mine")."""
     monkeypatch.setattr(storeaudit, "AUDIT_EVERY", 0.0)
     nodes = await make_nodes(3)
     checks: list[str] = []
@@ -1759,7 +1761,10 @@ async def test_a_server_change_every_node_sees_is_checked_once(
     state = nodes[0].state
     await state.redis.hset(state.keys.store_audits(), "server", "the server before")
     for node in nodes:
-        monkeypatch.setattr(node.node.store, "server", "the server now", raising=False)
+        store = node.node.store
+        monkeypatch.setattr(store, "server", "the server now", raising=False)
+        if reconnected:
+            monkeypatch.setattr(store, "server_changes", store.server_changes + 1, raising=False)
     await wait_until(lambda: checks, timeout=10, what="a check")
     await asyncio.sleep(3.0)
     assert len(checks) == 1, checks
