@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from redis.exceptions import RedisClusterException
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 AUDIT_BATCH = 200  # conversations read from Redis at a time
 AUDIT_EVERY = 60.0  # seconds: at most one check in this many
-AUDIT_READS = 4  # store reads at a time
 AUDIT_TRIES = 5
 AUDIT_LOCK_MS = 600_000  # one node checks at a time; a node that died lets go after this
 AUDIT_TROUBLE: tuple[type[Exception], ...] = (StoreError, RedisClusterException, *REDIS_TROUBLE)
@@ -204,7 +203,7 @@ class StoreAudit:
         found = 0
         async for marks in self._state.conversations_held(AUDIT_BATCH):
             marked = [sid for sid, stored in marks.items() if stored]
-            held = await self._last_ids(marked)
+            held = await self._store.last_ids(marked)  # one read a batch
             short = [(sid, h) for sid, h in zip(marked, held, strict=True) if h < marks[sid]]
             if not short:
                 continue
@@ -225,14 +224,3 @@ class StoreAudit:
                 if self._owned(sid):
                     self._wake(sid)
         return found
-
-    async def _last_ids(self, sids: Sequence[str]) -> list[int]:
-        """The store's last id of each of ``sids``, ``AUDIT_READS`` reads at a time (not
-        crowding out the movers' appends and the replays' reads)."""
-        limit = asyncio.Semaphore(AUDIT_READS)
-
-        async def last_id(sid: str) -> int:
-            async with limit:
-                return await self._store.last_id(sid)
-
-        return await asyncio.gather(*(last_id(sid) for sid in sids))

@@ -45,6 +45,17 @@ async def test_round_trip_with_paging(store: EventStore) -> None:
     assert await store.last_id("c1") == 250
 
 
+async def test_last_ids_of_many_at_once(store: EventStore) -> None:
+    """The store audit's batched read: each conversation's last id, in the order asked,
+    0 for one the store does not hold; a bad id is refused before anything is read."""
+    assert await store.last_ids([]) == []
+    await store.append("c1", 1, events(1, 3), user="alice")
+    await store.append("c2", 1, events(1, 7), user="bob")
+    assert await store.last_ids(["c2", "none", "c1", "c2"]) == [7, 0, 3, 7]
+    with pytest.raises(InvalidInput):
+        await store.last_ids(["c1", "not/valid"])
+
+
 async def test_a_read_bounded_in_bytes_stops_at_the_event_that_reaches_the_bound(
     store: EventStore,
 ) -> None:

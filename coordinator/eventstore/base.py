@@ -172,6 +172,11 @@ class EventStore(Protocol):
         """The last stored id (0 when nothing is stored)."""
         ...
 
+    async def last_ids(self, sids: Sequence[str]) -> list[int]:
+        """``last_id`` of each of ``sids``, in one read where the backend can (the
+        store audit reads every conversation Redis holds)."""
+        ...
+
     async def read(
         self, sid: str, after: int = 0, limit: int = DEFAULT_READ_LIMIT, max_bytes: int = 0
     ) -> list[StoredEvent]:

@@ -382,6 +382,11 @@ class FileEventStore(Opened):
         check_conversation_id(sid)
         return (await self._run(self._state_sync, sid)).last_id
 
+    async def last_ids(self, sids: Sequence[str]) -> list[int]:
+        for sid in sids:
+            check_conversation_id(sid)
+        return await self._run(lambda: [self._state_sync(sid).last_id for sid in sids])
+
     async def size(self, sid: str) -> int:
         check_conversation_id(sid)
         return (await self._run(self._state_sync, sid)).size

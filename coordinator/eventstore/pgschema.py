@@ -77,6 +77,7 @@ class Statements:
     """The store's SQL for one schema."""
 
     conversation: str
+    last_ids: str
     lookup: str
     lock: str
     lock_many: str
@@ -101,6 +102,8 @@ class Statements:
         return cls(
             conversation="SELECT user_id, epoch, last_id, bytes, "
             f"{CREATED_MS} AS created FROM {s}.conversations WHERE conversation_id = $1",
+            last_ids=f"SELECT conversation_id, last_id FROM {s}.conversations "
+            "WHERE conversation_id = ANY($1::text[])",
             # The conversation, or (when $3, a quota, is set) its user's count: one trip.
             lookup="SELECT c.user_id, c.epoch, c.last_id, c.bytes, "
             f"{CREATED_MS.replace('created_at', 'c.created_at')} AS created, "

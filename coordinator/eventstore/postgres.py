@@ -345,6 +345,14 @@ class PostgresEventStore(Opened):
         found = await self.conversation(sid)
         return 0 if found is None else found.last_id
 
+    async def last_ids(self, sids: Sequence[str]) -> list[int]:
+        for sid in sids:
+            check_conversation_id(sid)
+        wanted = list(sids)
+        rows = await self._call(lambda conn: conn.fetch(self._sql.last_ids, wanted))
+        found = {str(row["conversation_id"]): int(row["last_id"]) for row in rows}
+        return [found.get(sid, 0) for sid in sids]
+
     async def size(self, sid: str) -> int:
         found = await self.conversation(sid)
         return 0 if found is None else found.size
