@@ -34,7 +34,8 @@ private PostgreSQL (tests/postgres.py, started with fsync off: a test server).
    per conversation (``append``) or all in one (``append_many``, what the mover does),
    10 and all of them per call (after a first event each, which creates its file or
    row); this process's CPU (the store's threads included; not PostgreSQL's server) per
-   conversation stored.
+   conversation stored. Then the store audit's read of their last ids: one each (4 at a
+   time) or all at once (``last_ids``); wall time per conversation.
 """
 
 from __future__ import annotations
@@ -473,6 +474,22 @@ async def store_calls(mode: Mode, store: str, kind: str) -> dict[str, Any]:
                     n += len(batches)
             name = f"{'append_many' if together else 'append'} {per_call}"
             out[name] = 1000 * (time.process_time() - cpu0) / n
+        # The store audit's read of every conversation's last id: each apart, 4 at a
+        # time (before), or all in one read (``last_ids``, what it does).
+        limit = asyncio.Semaphore(4)
+
+        async def one(sid: str) -> int:
+            async with limit:
+                return await st.last_id(sid)
+
+        for name, read in (
+            ("last_id each", lambda: asyncio.gather(*(one(sid) for sid in sids))),
+            ("last_ids", lambda: st.last_ids(sids)),
+        ):
+            began = time.perf_counter()
+            for _ in range(rounds):
+                assert list(await read()) == [last[sid] for sid in sids]
+            out[name] = 1e6 * (time.perf_counter() - began) / (rounds * CONVERSATIONS)
     finally:
         await st.aclose()
     return out
@@ -804,6 +821,17 @@ def tables(mode: Mode, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
                 ]
                 for r in ca
                 for per_call in (10, r["conversations"])
+            ],
+        )
+    )
+    out.append(
+        table(
+            f"The store audit's reads{scaled}: the last id of {ca[0]['conversations']} "
+            f"conversations, {ca[0]['rounds']} rounds; wall time per conversation (us)",
+            ["store", "last_id each, 4 at a time (before)", "last_ids (the audit)", "x"],
+            [
+                [r["store"], r["last_id each"], r["last_ids"], r["last_ids"] / r["last_id each"]]
+                for r in ca
             ],
         )
     )
