@@ -120,8 +120,8 @@ class SentinelBackend(Backend):
         a Sentinel's errors (MasterNotFoundError, AuthenticationError) are
         ConnectionErrors it retries too, so a timeout around it hides every reason."""
         cfg = self.config
-        # Each sentinel asked once, then the master: a hung one is bounded by its timeouts.
-        bound = (cfg.connect_timeout * 2) * (len(self.url.sentinels) + 1) + 1
+        # The sentinels asked at once, then the master: each bounded by its timeouts.
+        bound = (cfg.connect_timeout * 2) * 2 + 1
         try:
             async with asyncio.timeout(bound):
                 host, port = await self._discover_once()
@@ -144,22 +144,29 @@ class SentinelBackend(Backend):
 
     async def _discover_once(self) -> tuple[str, int]:
         """The master's address as the Sentinels name it (``discovery.Tally``: each
-        asked, once); _Failed naming what each sentinel said otherwise."""
-        tally = Tally(self.url.master, len(self.url.sentinels))
-        said: list[str] = []
-        answered = known = False
-        for host, port in self.url.sentinels:
+        asked once, all at once); _Failed naming what each sentinel said otherwise."""
+
+        async def ask(host: str, port: int) -> Any:
             sentinel = aioredis.Redis(
                 host=host, port=port, **self._sentinel_kwargs(), retry=Retry(NoBackoff(), 0)
             )
             try:
-                masters = await sentinel.sentinel_masters()
+                return await sentinel.sentinel_masters()
             except REDIS_TROUBLE as exc:
-                said.append(f"sentinel {host}:{port}: {str(exc) or type(exc).__name__}")
-                continue
+                return exc
             finally:
                 with contextlib.suppress(*REDIS_TROUBLE):
                     await sentinel.aclose()
+
+        listed = self.url.sentinels
+        answers = await asyncio.gather(*(ask(host, port) for host, port in listed))
+        tally = Tally(self.url.master, len(listed))
+        said: list[str] = []
+        answered = known = False
+        for (host, port), masters in zip(listed, answers, strict=True):
+            if isinstance(masters, BaseException):
+                said.append(f"sentinel {host}:{port}: {str(masters) or type(masters).__name__}")
+                continue
             answered = True
             state = masters.get(self.url.master) if isinstance(masters, dict) else None
             if state is None:
