@@ -13,8 +13,9 @@ greatest it hears of. So every Sentinel is asked, and the sound answer in the gr
 epoch any of them gave is taken; none, if the master of that epoch is down (a master of
 an older one has been replaced: the caller asks again). Right after a failover only its
 leader may know of it, so an answer is not taken before every Sentinel answered, or
-``GRACE`` after more than half of them agreed on it: one that hangs holds each
-connection up that long, not for its timeout.
+``GRACE`` after more than half of them did (whatever they said: during a failover none
+names a sound master): one that hangs holds each connection up that long, not for its
+timeout.
 """
 
 from __future__ import annotations
@@ -69,11 +70,6 @@ class Tally:
         self._newest = max(self._newest, epoch)
         if sound(state):
             self._named[(epoch, str(state["ip"]), int(state["port"]))] += 1
-
-    def agreed(self) -> bool:
-        """Whether more than half of the Sentinels named the master ``best`` gives."""
-        best = self._best()
-        return best is not None and self._named[best] * 2 > self.sentinels
 
     def best(self) -> Address | None:
         """The master of the newest epoch any Sentinel gave (the most named, if they
@@ -138,7 +134,8 @@ class AskingAll(Sentinel):
         errors: list[str] = []
         pending = {asyncio.ensure_future(_ask(s)) for s in self.sentinels}
         loop = asyncio.get_running_loop()
-        until: float | None = None  # once more than half agreed
+        until: float | None = None  # once more than half answered
+        ended = 0
         try:
             while pending:
                 wait = None if until is None else max(0.0, until - loop.time())
@@ -147,13 +144,14 @@ class AskingAll(Sentinel):
                 )
                 if not done:
                     break
+                ended += len(done)
                 for task in done:
                     sentinel, masters = task.result()
                     if isinstance(masters, BaseException):
                         errors.append(_why(sentinel, masters))
                     else:
                         tally.add(masters)
-                if until is None and tally.agreed():
+                if until is None and ended * 2 > len(self.sentinels):
                     until = loop.time() + GRACE
         finally:
             for task in pending:
@@ -200,7 +198,7 @@ async def _ask(sentinel: Any) -> tuple[Any, Any]:
 class KeeperAskingAll(redis.sentinel.Sentinel):
     """redis-py's Sentinel (blocking, for the lease keeper, which asks when it
     reconnects): the Sentinels asked in turn (``Tally``), those that did not answer
-    last time last, and not at all once more than half of the others agreed (each would
+    last time last, and not at all once more than half of them answered (each would
     hold the keeper's renewal up for its timeout, after a failover when it matters
     most; the node's master watch asks every Sentinel, and tells the keeper)."""
 
@@ -212,12 +210,14 @@ class KeeperAskingAll(redis.sentinel.Sentinel):
         tally = Tally(service_name, len(self.sentinels))
         errors: list[str] = []
         silent: list[Any] = []
+        answered = 0
         for sentinel in self.sentinels:
-            if sentinel in self._silent and tally.agreed():
+            if sentinel in self._silent and answered * 2 > len(self.sentinels):
                 silent.append(sentinel)  # not asked: silent still, for all we know
                 continue
             try:
                 tally.add(sentinel.sentinel_masters())
+                answered += 1
             except _NO_ANSWER as exc:
                 errors.append(_why(sentinel, exc))
                 silent.append(sentinel)
