@@ -32,27 +32,27 @@ def _masters(host: str, port: int, epoch: int, *flags: str) -> dict[str, Any]:
     }
 
 
-def _tally(n: int, *answers: dict[str, Any]) -> Tally:
-    tally = Tally("m", n)
+def _tally(*answers: dict[str, Any]) -> Tally:
+    tally = Tally("m")
     for masters in answers:
         tally.add(masters)
     return tally
 
 
 def test_the_master_named_is_the_best() -> None:
-    assert _tally(3).best() is None
-    assert _tally(3, _masters("a", 1, 1), _masters("a", 1, 1)).best() == ("a", 1)
+    assert _tally().best() is None
+    assert _tally(_masters("a", 1, 1), _masters("a", 1, 1)).best() == ("a", 1)
 
 
 def test_the_newest_epoch_wins_over_more_answers_in_an_older_one() -> None:
-    tally = _tally(5, _masters("old", 1, 3), _masters("old", 1, 3), _masters("new", 2, 4))
+    tally = _tally(_masters("old", 1, 3), _masters("old", 1, 3), _masters("new", 2, 4))
     assert tally.best() == ("new", 2)
 
 
 def test_a_newer_epoch_heard_after_an_older_majority_wins() -> None:
     """Right after a failover only its leader may know of it: the two others agree on
     the old master, and the leader's answer, the last, is the one taken."""
-    tally = _tally(3, _masters("old", 1, 1), _masters("old", 1, 1))
+    tally = _tally(_masters("old", 1, 1), _masters("old", 1, 1))
     assert tally.best() == ("old", 1)
     tally.add(_masters("new", 2, 2))
     assert tally.best() == ("new", 2)
@@ -61,14 +61,13 @@ def test_a_newer_epoch_heard_after_an_older_majority_wins() -> None:
 def test_no_master_while_the_newest_configurations_is_down() -> None:
     """The newest epoch's master is down (its failover under way): the master of an
     older one, replaced, is not taken; the caller asks again."""
-    tally = _tally(3, _masters("new", 2, 2, "s_down", "master"), _masters("old", 1, 1))
+    tally = _tally(_masters("new", 2, 2, "s_down", "master"), _masters("old", 1, 1))
     assert tally.best() is None
     assert "newest configuration (epoch 2) is down" in str(tally.not_found([]))
 
 
 def test_answers_that_are_down_or_about_another_master_are_not_counted() -> None:
     tally = _tally(
-        3,
         _masters("a", 1, 1, "s_down", "master"),
         _masters("a", 1, 1, "o_down", "master"),
         {"other": _masters("a", 1, 1)["m"]},
@@ -78,13 +77,13 @@ def test_answers_that_are_down_or_about_another_master_are_not_counted() -> None
 
 
 def test_a_disagreement_names_each_master_named() -> None:
-    assert _tally(3, _masters("a", 1, 1), _masters("a", 1, 1)).disagreement() == ""
-    tally = _tally(3, _masters("old", 1, 1), _masters("old", 1, 1), _masters("new", 2, 2))
+    assert _tally(_masters("a", 1, 1), _masters("a", 1, 1)).disagreement() == ""
+    tally = _tally(_masters("old", 1, 1), _masters("old", 1, 1), _masters("new", 2, 2))
     assert tally.disagreement() == "1 named new:2 (epoch 2); 2 named old:1 (epoch 1)"
 
 
 def test_in_one_epoch_the_most_named_master_is_the_best() -> None:
-    tally = _tally(5, _masters("a", 1, 0), _masters("b", 2, 0), _masters("b", 2, 0))
+    tally = _tally(_masters("a", 1, 0), _masters("b", 2, 0), _masters("b", 2, 0))
     assert tally.best() == ("b", 2)
 
 

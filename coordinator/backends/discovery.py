@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # What a Sentinel that cannot answer raises (redis-py's own list for discovery).
 _NO_ANSWER = (RedisConnectionError, ResponseError, RedisTimeoutError, OSError)
 
-# Seconds the other Sentinels are waited for once more than half agreed (a Sentinel
+# Seconds the other Sentinels are waited for once more than half answered (a Sentinel
 # answers in well under a millisecond on a LAN).
 GRACE = 0.25
 
@@ -55,9 +55,8 @@ class Tally:
     docstring). ``min_other_sentinels`` and ``force_master_ip`` of redis-py's Sentinel
     are not applied (the backend sets neither)."""
 
-    def __init__(self, name: str, sentinels: int) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.sentinels = sentinels
         self._named: Counter[tuple[int, str, int]] = Counter()  # sound: (epoch, host, port)
         self._newest = -1  # the greatest epoch any answer gave, sound or not
 
@@ -130,7 +129,7 @@ class AskingAll(Sentinel):
         return await asyncio.shield(shared)
 
     async def _discover(self, service_name: str) -> Address:
-        tally = Tally(service_name, len(self.sentinels))
+        tally = Tally(service_name)
         errors: list[str] = []
         pending = {asyncio.ensure_future(_ask(s)) for s in self.sentinels}
         loop = asyncio.get_running_loop()
@@ -207,7 +206,7 @@ class KeeperAskingAll(redis.sentinel.Sentinel):
         self._silent: list[Any] = []  # did not answer when last asked
 
     def discover_master(self, service_name: str) -> Address:
-        tally = Tally(service_name, len(self.sentinels))
+        tally = Tally(service_name)
         errors: list[str] = []
         silent: list[Any] = []
         answered = 0

@@ -160,7 +160,7 @@ class SentinelBackend(Backend):
 
         listed = self.url.sentinels
         answers = await asyncio.gather(*(ask(host, port) for host, port in listed))
-        tally = Tally(self.url.master, len(listed))
+        tally = Tally(self.url.master)
         said: list[str] = []
         answered = known = False
         for (host, port), masters in zip(listed, answers, strict=True):
