@@ -588,13 +588,13 @@ class SentinelServers:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def reported_masters(self) -> list[Address | None]:
-        """What each sentinel answers to SENTINEL GET-MASTER-ADDR-BY-NAME (None: no answer,
-        within half a second: a stopped one held an async test's event loop for 26 s
+        """What each sentinel answers to SENTINEL GET-MASTER-ADDR-BY-NAME (None: no answer
+        in two tries of a second: a stopped one held an async test's event loop for 26 s
         with the client's default timeout and retries)."""
         answers: list[Address | None] = []
         for sentinel in self.sentinels:
             try:
-                with sentinel.client(socket_timeout=0.5, retry=Retry(NoBackoff(), 0)) as c:
+                with sentinel.client(socket_timeout=1.0, retry=Retry(NoBackoff(), 1)) as c:
                     reply = c.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.master_name)
                 answers.append((str(reply[0]), int(reply[1])) if reply else None)
             except redis.RedisError:
