@@ -11,10 +11,12 @@ import signal
 from typing import Any
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import MasterNotFoundError
 
-from coordinator.backends.discovery import AskingAll, KeeperAskingAll, Tally
+from coordinator.backends.discovery import GRACE, AskingAll, KeeperAskingAll, Tally
 from tests.helpers import wait_until
+from tests.redis_process import free_port
 from tests.redis_topologies import SentinelServers
 
 
@@ -180,6 +182,60 @@ async def test_a_sentinel_that_hangs_through_a_failover_does_not_hide_its_end(
         await asking.aclose()
     finally:
         os.kill(hung.pid, signal.SIGCONT)
+
+
+async def test_sentinels_that_refuse_are_no_answers(redis_sentinel: SentinelServers) -> None:
+    """Two Sentinels of three refuse at once (down), the third answers after GRACE: its
+    answer is waited for. Counting the refusals as answers, the discovery ended GRACE
+    after them, with no master, every time."""
+    servers = redis_sentinel
+    listed = [("127.0.0.1", free_port()), ("127.0.0.1", free_port())]
+    asking = AskingAll([*listed, servers.sentinels[0].address])
+    slow = asking.sentinels[2]
+    real = slow.sentinel_masters
+
+    async def later() -> Any:
+        await asyncio.sleep(GRACE * 1.5)
+        return await real()
+
+    slow.sentinel_masters = later
+    try:
+        assert await asking.discover_master(servers.master_name) == servers.master_address()
+    finally:
+        await asking.aclose()
+
+
+class _Told:
+    """A Sentinel's client as the blocking discovery uses it (one method), with a set
+    answer: the keeper's order of asking, not Sentinel, is what is tested here."""
+
+    def __init__(self, answer: dict[str, Any] | None) -> None:
+        self.answer = answer
+        self.asked = 0
+
+    def sentinel_masters(self) -> dict[str, Any]:
+        self.asked += 1
+        if self.answer is None:
+            raise RedisTimeoutError("Timeout reading from socket")
+        return self.answer
+
+
+def test_the_keeper_asks_a_sentinel_silent_last_time_when_the_others_name_no_master() -> None:
+    """c timed out once, and is not asked while a and b name a master; then a and b
+    flag it down (a failover) and c, back, names the new one: it is asked again.
+    Before, skipped while the others answered, it stayed silent for good and the keeper
+    found no master until they caught up."""
+    a, b, c = _Told(_masters("old", 1, 1)), _Told(_masters("old", 1, 1)), _Told(None)
+    keeper = KeeperAskingAll([])
+    keeper.sentinels = [a, b, c]
+    assert keeper.discover_master("m") == ("old", 1)
+    assert c.asked == 1 and keeper.sentinels[-1] is c  # timed out: silent, asked last
+    assert keeper.discover_master("m") == ("old", 1)
+    assert c.asked == 1  # the others answered: not asked
+    a.answer = b.answer = _masters("old", 1, 1, "s_down", "master")
+    c.answer = _masters("new", 2, 2)
+    assert keeper.discover_master("m") == ("new", 2)
+    assert c.asked == 2
 
 
 async def test_callers_asking_at_once_share_one_question(redis_sentinel: SentinelServers) -> None:

@@ -14,8 +14,8 @@ epoch any of them gave is taken; none, if the master of that epoch is down (a ma
 an older one has been replaced: the caller asks again). Right after a failover only its
 leader may know of it, so an answer is not taken before every Sentinel answered, or
 ``GRACE`` after more than half of them did (whatever they said: during a failover none
-names a sound master): one that hangs holds each connection up that long, not for its
-timeout.
+names a sound master; a refusal is no answer): one that hangs holds each connection up
+that long, not for its timeout.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class AskingAll(Sentinel):
         pending = {asyncio.ensure_future(_ask(s)) for s in self.sentinels}
         loop = asyncio.get_running_loop()
         until: float | None = None  # once more than half answered
-        ended = 0
+        answered = 0  # (a refusal is no answer: it tells nothing of the master)
         try:
             while pending:
                 wait = None if until is None else max(0.0, until - loop.time())
@@ -143,14 +143,14 @@ class AskingAll(Sentinel):
                 )
                 if not done:
                     break
-                ended += len(done)
                 for task in done:
                     sentinel, masters = task.result()
                     if isinstance(masters, BaseException):
                         errors.append(_why(sentinel, masters))
                     else:
                         tally.add(masters)
-                if until is None and ended * 2 > len(self.sentinels):
+                        answered += 1
+                if until is None and answered * 2 > len(self.sentinels):
                     until = loop.time() + GRACE
         finally:
             for task in pending:
@@ -197,9 +197,10 @@ async def _ask(sentinel: Any) -> tuple[Any, Any]:
 class KeeperAskingAll(redis.sentinel.Sentinel):
     """redis-py's Sentinel (blocking, for the lease keeper, which asks when it
     reconnects): the Sentinels asked in turn (``Tally``), those that did not answer
-    last time last, and not at all once more than half of them answered (each would
-    hold the keeper's renewal up for its timeout, after a failover when it matters
-    most; the node's master watch asks every Sentinel, and tells the keeper)."""
+    last time last, and not at all once more than half of them answered, unless those
+    name no master (each would hold the keeper's renewal up for its timeout, after a
+    failover when it matters most; the node's master watch asks every Sentinel, and
+    tells the keeper)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -209,17 +210,28 @@ class KeeperAskingAll(redis.sentinel.Sentinel):
         tally = Tally(service_name)
         errors: list[str] = []
         silent: list[Any] = []
+        skipped: list[Any] = []
         answered = 0
-        for sentinel in self.sentinels:
-            if sentinel in self._silent and answered * 2 > len(self.sentinels):
-                silent.append(sentinel)  # not asked: silent still, for all we know
-                continue
+
+        def ask(sentinel: Any) -> None:
+            nonlocal answered
             try:
                 tally.add(sentinel.sentinel_masters())
                 answered += 1
             except _NO_ANSWER as exc:
                 errors.append(_why(sentinel, exc))
                 silent.append(sentinel)
+
+        for sentinel in self.sentinels:
+            if sentinel in self._silent and answered * 2 > len(self.sentinels):
+                skipped.append(sentinel)
+            else:
+                ask(sentinel)
+        if skipped and tally.best() is None:  # no master from the others: them too
+            for sentinel in skipped:
+                ask(sentinel)
+        else:
+            silent += skipped  # not asked: silent still, for all we know
         self._silent = silent
         self.sentinels = [s for s in self.sentinels if s not in silent] + silent
         found = tally.best()
