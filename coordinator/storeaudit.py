@@ -109,10 +109,11 @@ class StoreAudit:
                 "conversation is checked against it",
                 self._where,
             )
-        owed, changed = 0, False
+        owed, changed, told = 0, False, False
         if (server := self._store.server) is not None:
             try:
-                owed, changed = await self._state.store_server(server)
+                owed, changed = await self._state.store_server(server, moved)
+                told = True
             except AUDIT_TROUBLE as exc:  # told again next sweep
                 log.debug("event store %s: server not told the cluster: %s", self._where, exc)
             if changed:
@@ -127,11 +128,12 @@ class StoreAudit:
             # node's own check runs: it settles it, or leaves it owed, when it ends.)
             if self._running is None or self._running.done():
                 self._cluster_owed = owed
-        # This node's own reason, where the cluster's record does not cover the change
-        # (Redis away; a server that came back between two sweeps; a store whose server
-        # cannot be told): every node reconnects in a failover, and each checking for
-        # itself ran the whole check again after the first.
-        if moved and not owed:
+        # Told, a move owes a check in Redis (one numbered after the last that began:
+        # every node reconnects in a failover, and each checking for itself ran the
+        # whole check again after the first). Not told (Redis away), this node owes it.
+        # (A store that cannot name its server, ``server`` None, cannot count moves
+        # either: its losses are found by the conversations moved.)
+        if moved and not told:
             self._owed = True
         self._start()
 

@@ -1740,16 +1740,9 @@ async def test_a_server_change_the_cluster_recorded_stays_owed_until_a_check_end
     assert checks == {b.node_id: 1}
 
 
-@pytest.mark.parametrize("reconnected", [False, True])
-async def test_a_server_change_every_node_sees_is_checked_once(
-    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch, reconnected: bool
-) -> None:
-    """Three nodes all reach another store server than the cluster recorded (each
-    having seen its pool reconnect there, or started after it); one checks, the others
-    find the lock taken, then the check done. Before, one of them checked again after
-    it (its own mark was "a check beginning after mine")."""
-    monkeypatch.setattr(storeaudit, "AUDIT_EVERY", 0.0)
-    nodes = await make_nodes(3)
+def _counted_checks(nodes: list[Any], monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[str]:
+    """The nodes' checks of every conversation, by node id as each begins; each takes
+    ``seconds`` more (the nodes sweep every 0.5 s meanwhile)."""
     checks: list[str] = []
     for node in nodes:
         audit = node.node.archiver.audit
@@ -1757,20 +1750,61 @@ async def test_a_server_change_every_node_sees_is_checked_once(
 
         async def counted(check: Any = check, name: str = node.node_id) -> int:
             checks.append(name)
-            await asyncio.sleep(1.0)  # the others sweep (every 0.5 s) meanwhile
+            await asyncio.sleep(seconds)
             return await check()
 
         monkeypatch.setattr(audit, "check", counted)
+    return checks
+
+
+@pytest.mark.parametrize("reconnected", [False, True])
+async def test_a_server_change_every_node_sees_is_checked_once(
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch, reconnected: bool
+) -> None:
+    """Three nodes all reach another store server than the cluster recorded (each
+    having seen its pool reconnect there, or started after it) before any check
+    begins (the lock held elsewhere meanwhile); one checks, the others find the lock
+    taken, then the check done. Before, one of them checked again after it (its own
+    mark was "a check beginning after mine")."""
+    monkeypatch.setattr(storeaudit, "AUDIT_EVERY", 0.0)
+    nodes = await make_nodes(3)
+    checks = _counted_checks(nodes, monkeypatch, 1.0)
     state = nodes[0].state
+    lock = state.keys.store_audit()
+    assert await state.take_lock(lock, "other", 60_000)
     await state.redis.hset(state.keys.store_audits(), "server", "the server before")
     for node in nodes:
         store = node.node.store
         monkeypatch.setattr(store, "server", "the server now", raising=False)
         if reconnected:
             monkeypatch.setattr(store, "server_changes", store.server_changes + 1, raising=False)
+    await asyncio.sleep(1.5)  # every node's sweeps told Redis
+    await state.drop_lock(lock, "other")
     await wait_until(lambda: checks, timeout=10, what="a check")
     await asyncio.sleep(3.0)
     assert len(checks) == 1, checks
+
+
+async def test_a_node_that_reconnects_while_a_check_runs_owes_one_after_it(
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node a finds the store on another server and checks; meanwhile b's connections
+    move there too (its writes the old server took after a's check passed them may be
+    lost): a check that begins after b's move runs, once. Before, b took the running
+    check for one that covered it."""
+    monkeypatch.setattr(storeaudit, "AUDIT_EVERY", 0.0)
+    a, b = await make_nodes(2)
+    checks = _counted_checks([a, b], monkeypatch, 1.5)
+    state = a.state
+    await state.redis.hset(state.keys.store_audits(), "server", "the server before")
+    monkeypatch.setattr(a.node.store, "server", "the server now", raising=False)
+    await wait_until(lambda: checks, timeout=10, what="a's check")
+    store = b.node.store
+    monkeypatch.setattr(store, "server", "the server now", raising=False)
+    monkeypatch.setattr(store, "server_changes", store.server_changes + 1, raising=False)
+    await wait_until(lambda: len(checks) == 2, timeout=15, what="a check after b's move")
+    await asyncio.sleep(2.5)
+    assert len(checks) == 2, checks
 
 
 @pytest.mark.parametrize("held", [0, 3, 14, 17, 19])

@@ -129,19 +129,27 @@ return read_after({stored}, stored, ARGV[2], tonumber(ARGV[3]))
 
 STORE_SERVER = """
 -- store_server: the event store's server a node's connections reached, told the cluster.
--- Another than the one recorded (a failover, which may have lost acknowledged writes)
--- owes a check of every conversation: one numbered after the last that began ('owed').
+-- Another than the one recorded (a failover, which may have lost acknowledged writes),
+-- or a node's connections that moved to another server since it last told (ARGV[2]:
+-- what a check that began before then may not have seen), owes a check of every
+-- conversation: one numbered after the last that began ('owed', which never goes back).
 -- KEYS[1]  the store's checks (keys.store_audits: began, done, server, owed)
--- ARGV[1]  the server (EventStore.server)
+-- ARGV[1]  the server (EventStore.server)   ARGV[2] '1' if this node's moved
 -- returns  {the number a check must reach to settle what is owed (0: nothing owed),
 --           1 if this call found another server recorded}
 local before = redis.call('HGET', KEYS[1], 'server')
 local changed = 0
+local owes = ARGV[2] == '1'
 if before ~= ARGV[1] then
   redis.call('HSET', KEYS[1], 'server', ARGV[1])
   if before then
     changed = 1
-    local began = tonumber(redis.call('HGET', KEYS[1], 'began') or '0')
+    owes = true
+  end
+end
+if owes then
+  local began = tonumber(redis.call('HGET', KEYS[1], 'began') or '0')
+  if began + 1 > tonumber(redis.call('HGET', KEYS[1], 'owed') or '0') then
     redis.call('HSET', KEYS[1], 'owed', began + 1)
   end
 end

@@ -100,12 +100,14 @@ class ArchiveOps(StateCore):
         """Check ``number`` ended (``done`` never goes back: ``scripts.AUDIT_DONE``)."""
         await self._run("audit_done", [self.keys.store_audits()], [number])
 
-    async def store_server(self, server: str) -> tuple[int, bool]:
-        """Tell the cluster the event store's server this node reached
+    async def store_server(self, server: str, moved: bool = False) -> tuple[int, bool]:
+        """Tell the cluster the event store's server this node reached, and (``moved``)
+        whether its connections moved to another since it last told
         (``scripts.STORE_SERVER``): the number a check of every conversation must reach
         to settle what a change of server owes (0: nothing owed), and whether this call
         found another server recorded."""
-        owed, changed = await self._run("store_server", [self.keys.store_audits()], [server])
+        key, flag = self.keys.store_audits(), "1" if moved else "0"
+        owed, changed = await self._run("store_server", [key], [server, flag])
         return int(owed), bool(changed)
 
     async def audits(self) -> tuple[int, int]:
