@@ -120,8 +120,13 @@ class SentinelBackend(Backend):
         a Sentinel's errors (MasterNotFoundError, AuthenticationError) are
         ConnectionErrors it retries too, so a timeout around it hides every reason."""
         cfg = self.config
-        # The sentinels asked at once, then the master: each bounded by its timeouts.
-        bound = (cfg.connect_timeout * 2) * 2 + 1
+        # The sentinels asked at once (a connect and a read each), then the master: a
+        # connect, its handshake (AUTH, SELECT, ...) and the PING, each bounded by the
+        # data nodes' timeouts (the URL may set its own).
+        node = self._node_kwargs()
+        read = float(node.get("socket_timeout") or cfg.redis_timeout)
+        connect = float(node.get("socket_connect_timeout") or cfg.connect_timeout)
+        bound = cfg.connect_timeout * 2 + connect + 3 * read + 1
         try:
             async with asyncio.timeout(bound):
                 host, port = await self._discover_once()
