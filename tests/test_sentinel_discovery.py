@@ -78,6 +78,15 @@ def test_answers_that_are_down_or_about_another_master_are_not_counted() -> None
     assert tally.best() is None
 
 
+def test_an_answer_that_says_nothing_of_the_master_is_no_answer() -> None:
+    """A Sentinel that does not watch the master (restarted without its file) answers
+    {}: it does not count toward "more than half answered"."""
+    tally = Tally("m")
+    assert not tally.add({}) and not tally.add(["not", "a", "mapping"])
+    assert tally.add(_masters("a", 1, 1, "s_down", "master"))
+    assert tally.add(_masters("a", 1, 1))
+
+
 def test_a_disagreement_names_each_master_named() -> None:
     assert _tally(_masters("a", 1, 1), _masters("a", 1, 1)).disagreement() == ""
     tally = _tally(_masters("old", 1, 1), _masters("old", 1, 1), _masters("new", 2, 2))
@@ -222,7 +231,8 @@ class _Told:
 
 def test_the_keeper_asks_a_sentinel_silent_last_time_when_the_others_name_no_master() -> None:
     """c timed out once, and is not asked while a and b name a master; then a and b
-    flag it down (a failover) and c, back, names the new one: it is asked again.
+    flag it down (a failover) and c, back, names the new one: it is asked again (at most
+    once in REASK seconds: each try of a hung one holds the renewal up).
     Before, skipped while the others answered, it stayed silent for good and the keeper
     found no master until they caught up."""
     a, b, c = _Told(_masters("old", 1, 1)), _Told(_masters("old", 1, 1)), _Told(None)
@@ -234,8 +244,31 @@ def test_the_keeper_asks_a_sentinel_silent_last_time_when_the_others_name_no_mas
     assert c.asked == 1  # the others answered: not asked
     a.answer = b.answer = _masters("old", 1, 1, "s_down", "master")
     c.answer = _masters("new", 2, 2)
+    with pytest.raises(MasterNotFoundError):  # within REASK of its silence: not yet
+        keeper.discover_master("m")
+    assert c.asked == 1
+    keeper.REASK = 0.0
     assert keeper.discover_master("m") == ("new", 2)
     assert c.asked == 2
+
+
+async def test_one_sentinel_down_and_one_hung_cost_late_not_the_timeout(
+    redis_sentinel: SentinelServers,
+) -> None:
+    """Of three Sentinels one refuses, one hangs (a minute's timeout here) and one
+    answers: the one answer is taken LATE after, not when the hung one times out."""
+    servers = redis_sentinel
+    hung = servers.sentinels[1]
+    master = servers.master_address()
+    listed = [("127.0.0.1", free_port()), hung.address, servers.sentinels[2].address]
+    asking = AskingAll(listed, sentinel_kwargs={"socket_timeout": 60})
+    os.kill(hung.pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(20):  # a third of the hung Sentinel's timeout
+            assert await asking.discover_master(servers.master_name) == master
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)
+        await asking.aclose()
 
 
 async def test_callers_asking_at_once_share_one_question(redis_sentinel: SentinelServers) -> None:

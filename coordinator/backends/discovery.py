@@ -14,14 +14,16 @@ epoch any of them gave is taken; none, if the master of that epoch is down (a ma
 an older one has been replaced: the caller asks again). Right after a failover only its
 leader may know of it, so an answer is not taken before every Sentinel answered, or
 ``GRACE`` after more than half of them did (whatever they said: during a failover none
-names a sound master; a refusal is no answer): one that hangs holds each connection up
-that long, not for its timeout.
+names a sound master; a refusal, or an answer without the master, is no answer), or
+``LATE`` after more than half answered or refused, one at least having answered: one
+that hangs holds each connection up that long, not for its timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -39,8 +41,11 @@ log = logging.getLogger(__name__)
 _NO_ANSWER = (RedisConnectionError, ResponseError, RedisTimeoutError, OSError)
 
 # Seconds the other Sentinels are waited for once more than half answered (a Sentinel
-# answers in well under a millisecond on a LAN).
+# answers in well under a millisecond on a LAN); and, LATE, once more than half either
+# answered or refused, one at least having answered (with one down, a minority's
+# answer is all there is, but the failover's leader may still be on its way).
 GRACE = 0.25
+LATE = 1.0
 
 Address = tuple[str, int]
 
@@ -60,15 +65,17 @@ class Tally:
         self._named: Counter[tuple[int, str, int]] = Counter()  # sound: (epoch, host, port)
         self._newest = -1  # the greatest epoch any answer gave, sound or not
 
-    def add(self, masters: object) -> None:
-        """Count one Sentinel's ``SENTINEL MASTERS`` (as redis-py parses it)."""
+    def add(self, masters: object) -> bool:
+        """Count one Sentinel's ``SENTINEL MASTERS`` (as redis-py parses it); whether it
+        said anything of the master (one that does not watch it says nothing)."""
         state = masters.get(self.name) if isinstance(masters, Mapping) else None
         if state is None:
-            return
+            return False
         epoch = int(state.get("config-epoch") or 0)
         self._newest = max(self._newest, epoch)
         if sound(state):
             self._named[(epoch, str(state["ip"]), int(state["port"]))] += 1
+        return True
 
     def best(self) -> Address | None:
         """The master of the newest epoch any Sentinel gave (the most named, if they
@@ -133,8 +140,9 @@ class AskingAll(Sentinel):
         errors: list[str] = []
         pending = {asyncio.ensure_future(_ask(s)) for s in self.sentinels}
         loop = asyncio.get_running_loop()
-        until: float | None = None  # once more than half answered
-        answered = 0  # (a refusal is no answer: it tells nothing of the master)
+        until: float | None = None  # once more than half answered (or ended: LATE)
+        answered = ended = 0  # (a refusal is no answer: it tells nothing of the master)
+        half = len(self.sentinels) / 2
         try:
             while pending:
                 wait = None if until is None else max(0.0, until - loop.time())
@@ -143,15 +151,18 @@ class AskingAll(Sentinel):
                 )
                 if not done:
                     break
+                ended += len(done)
                 for task in done:
                     sentinel, masters = task.result()
                     if isinstance(masters, BaseException):
                         errors.append(_why(sentinel, masters))
-                    else:
-                        tally.add(masters)
+                    elif tally.add(masters):
                         answered += 1
-                if until is None and answered * 2 > len(self.sentinels):
-                    until = loop.time() + GRACE
+                now = loop.time()
+                if answered > half:
+                    until = min(until or now + GRACE, now + GRACE)
+                elif answered and ended > half and until is None:
+                    until = now + LATE
         finally:
             for task in pending:
                 self._asking.add(task)
@@ -197,43 +208,46 @@ async def _ask(sentinel: Any) -> tuple[Any, Any]:
 class KeeperAskingAll(redis.sentinel.Sentinel):
     """redis-py's Sentinel (blocking, for the lease keeper, which asks when it
     reconnects): the Sentinels asked in turn (``Tally``), those that did not answer
-    last time last, and not at all once more than half of them answered, unless those
-    name no master (each would hold the keeper's renewal up for its timeout, after a
-    failover when it matters most; the node's master watch asks every Sentinel, and
-    tells the keeper)."""
+    last time last, and not at all once more than half of them answered (each would
+    hold the keeper's renewal up for its timeout, after a failover when it matters
+    most; the node's master watch asks every Sentinel, and tells the keeper); unless
+    those name no master (a failover, which a silent one may know of first), and then
+    each at most once in ``REASK`` seconds."""
+
+    REASK = 2.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._silent: list[Any] = []  # did not answer when last asked
+        self._silent: dict[Any, float] = {}  # did not answer: when it was last asked
 
     def discover_master(self, service_name: str) -> Address:
         tally = Tally(service_name)
         errors: list[str] = []
-        silent: list[Any] = []
+        silent: dict[Any, float] = {}
         skipped: list[Any] = []
         answered = 0
 
         def ask(sentinel: Any) -> None:
             nonlocal answered
             try:
-                tally.add(sentinel.sentinel_masters())
-                answered += 1
+                answered += tally.add(sentinel.sentinel_masters())
             except _NO_ANSWER as exc:
                 errors.append(_why(sentinel, exc))
-                silent.append(sentinel)
+                silent[sentinel] = time.monotonic()
 
         for sentinel in self.sentinels:
             if sentinel in self._silent and answered * 2 > len(self.sentinels):
                 skipped.append(sentinel)
             else:
                 ask(sentinel)
-        if skipped and tally.best() is None:  # no master from the others: them too
-            for sentinel in skipped:
-                ask(sentinel)
-        else:
-            silent += skipped  # not asked: silent still, for all we know
+        for sentinel in skipped:
+            last = self._silent[sentinel]
+            if tally.best() is None and time.monotonic() - last >= self.REASK:
+                ask(sentinel)  # no master from the others: it may know
+            else:
+                silent[sentinel] = last  # not asked: silent still, for all we know
         self._silent = silent
-        self.sentinels = [s for s in self.sentinels if s not in silent] + silent
+        self.sentinels = [s for s in self.sentinels if s not in silent] + list(silent)
         found = tally.best()
         if found is None:
             raise tally.not_found(errors)
