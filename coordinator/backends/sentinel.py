@@ -120,13 +120,14 @@ class SentinelBackend(Backend):
         a Sentinel's errors (MasterNotFoundError, AuthenticationError) are
         ConnectionErrors it retries too, so a timeout around it hides every reason."""
         cfg = self.config
-        # The sentinels asked at once (a connect and a read each), then the master: a
-        # connect, its handshake (AUTH, SELECT, ...) and the PING, each bounded by the
-        # data nodes' timeouts (the URL may set its own).
+        # The sentinels asked at once (a connect, its handshake and the question: four
+        # round trips at most), then the master: a connect, its handshake (AUTH, SELECT,
+        # a name, ...) and the PING, bounded by the data nodes' timeouts (the URL may set
+        # its own); generously, as each is bounded on its own: this is a backstop.
         node = self._node_kwargs()
         read = float(node.get("socket_timeout") or cfg.redis_timeout)
         connect = float(node.get("socket_connect_timeout") or cfg.connect_timeout)
-        bound = cfg.connect_timeout * 2 + connect + 3 * read + 1
+        bound = cfg.connect_timeout * 4 + connect + 6 * read + 1
         try:
             async with asyncio.timeout(bound):
                 host, port = await self._discover_once()

@@ -385,9 +385,10 @@ class FileEventStore(Opened):
     async def last_ids(self, sids: Sequence[str]) -> list[int]:
         for sid in sids:
             check_conversation_id(sid)
-        # In four trips to the store's threads at most (a conversation being appended to
-        # holds its lock: the others' reads go on meanwhile).
-        size = max(1, -(-len(sids) // 4))
+        # In two trips to the store's threads at once (a conversation being appended to
+        # holds its lock: the other trip's reads go on meanwhile), leaving the others to
+        # the owners' appends and the replays.
+        size = max(1, -(-len(sids) // 2))
         parts = [sids[i : i + size] for i in range(0, len(sids), size)]
         read = await asyncio.gather(
             *(

@@ -108,7 +108,6 @@ class PostgresEventStore(Opened):
         self._pool: Any = None
         self._retries = LogThrottle(log, Rate(0.2, 3.0))
         self._identity: str | None = None
-        self._server: tuple[Any, ...] | None = None  # the last new connection's server
         self._server_unknown = False  # not readable (said once)
 
     def __repr__(self) -> str:
@@ -154,15 +153,17 @@ class PostgresEventStore(Opened):
     # -- plumbing --------------------------------------------------------------------------
 
     async def _connected(self, conn: Any) -> None:
-        """Each new connection: the server it reached. Another than the last one (a
+        """Each new connection: the server it reached, known by its start (not its
+        address: one server is reached by several names or interfaces, and every such
+        change would owe the whole cluster a check). Another than the last one (a
         standby promoted, a restart: the pool reconnects without a word) counts in
         ``server_changes`` (``storeaudit.py``)."""
         if self._server_unknown:
             return
         try:
-            row = await conn.fetchrow(
-                "SELECT inet_server_addr()::text, inet_server_port(), pg_postmaster_start_time()"
-            )
+            # (A timestamptz, which asyncpg reads in UTC whatever the session's TimeZone:
+            # every node names the server alike.)
+            started = str(await conn.fetchval("SELECT pg_postmaster_start_time()"))
         except asyncpg.PostgresError as exc:  # a role these functions are revoked from
             self._server_unknown = True
             log.warning(
@@ -172,13 +173,9 @@ class PostgresEventStore(Opened):
                 self._describe(exc),
             )
             return
-        server = tuple(row)
-        if self._server is not None and server != self._server:
+        if self.server is not None and started != self.server:
             self.server_changes += 1
-        self._server = server
-        # For the cluster's record, the server's start: its address differs between
-        # nodes that reach it by different names or interfaces.
-        self.server = str(row[2])
+        self.server = started
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, TimeoutError) and not str(exc):  # said nothing of its own
