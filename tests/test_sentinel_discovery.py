@@ -193,6 +193,18 @@ async def test_a_sentinel_that_hangs_through_a_failover_does_not_hide_its_end(
         os.kill(hung.pid, signal.SIGCONT)
 
 
+def test_the_keeper_skips_a_hung_sentinel_once_half_answered_or_refused() -> None:
+    """One Sentinel answers, one refuses, one hangs: after the first time, the hung one
+    is not asked while the others tell enough (each try would hold a renewal up for
+    its timeout)."""
+    a, b, c = _Told(_masters("m1", 1, 1)), _Told(None), _Told(None)
+    keeper = KeeperAskingAll([])
+    keeper.sentinels = [a, b, c]
+    for _ in range(3):
+        assert keeper.discover_master("m") == ("m1", 1)
+    assert (a.asked, b.asked, c.asked) == (3, 3, 1)
+
+
 async def test_sentinels_that_refuse_are_no_answers(redis_sentinel: SentinelServers) -> None:
     """Two Sentinels of three refuse at once (down), the third answers after GRACE: its
     answer is waited for. Counting the refusals as answers, the discovery ended GRACE

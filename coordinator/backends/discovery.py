@@ -15,7 +15,7 @@ an older one has been replaced: the caller asks again). Right after a failover o
 leader may know of it, so an answer is not taken before every Sentinel answered, or
 ``GRACE`` after more than half of them did (whatever they said: during a failover none
 names a sound master; a refusal, or an answer without the master, is no answer), or
-``LATE`` after more than half answered or refused, one at least having answered: one
+``LATE`` after at least half answered or refused, one at least having answered: one
 that hangs holds each connection up that long, not for its timeout.
 """
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 _NO_ANSWER = (RedisConnectionError, ResponseError, RedisTimeoutError, OSError)
 
 # Seconds the other Sentinels are waited for once more than half answered (a Sentinel
-# answers in well under a millisecond on a LAN); and, LATE, once more than half either
+# answers in well under a millisecond on a LAN); and, LATE, once at least half either
 # answered or refused, one at least having answered (with one down, a minority's
 # answer is all there is, but the failover's leader may still be on its way).
 GRACE = 0.25
@@ -161,7 +161,7 @@ class AskingAll(Sentinel):
                 now = loop.time()
                 if answered > half:
                     until = min(until or now + GRACE, now + GRACE)
-                elif answered and ended > half and until is None:
+                elif answered and ended >= half and until is None:
                     until = now + LATE
         finally:
             for task in pending:
@@ -208,7 +208,8 @@ async def _ask(sentinel: Any) -> tuple[Any, Any]:
 class KeeperAskingAll(redis.sentinel.Sentinel):
     """redis-py's Sentinel (blocking, for the lease keeper, which asks when it
     reconnects): the Sentinels asked in turn (``Tally``), those that did not answer
-    last time last, and not at all once more than half of them answered (each would
+    last time last, and not at all once more than half of them answered, or at least
+    half answered or refused, one answering (each would
     hold the keeper's renewal up for its timeout, after a failover when it matters
     most; the node's master watch asks every Sentinel, and tells the keeper); unless
     those name no master (a failover, which a silent one may know of first), and then
@@ -225,18 +226,21 @@ class KeeperAskingAll(redis.sentinel.Sentinel):
         errors: list[str] = []
         silent: dict[Any, float] = {}
         skipped: list[Any] = []
-        answered = 0
+        answered = ended = 0
 
         def ask(sentinel: Any) -> None:
-            nonlocal answered
+            nonlocal answered, ended
+            ended += 1
             try:
                 answered += tally.add(sentinel.sentinel_masters())
             except _NO_ANSWER as exc:
                 errors.append(_why(sentinel, exc))
                 silent[sentinel] = time.monotonic()
 
+        n = len(self.sentinels)
         for sentinel in self.sentinels:
-            if sentinel in self._silent and answered * 2 > len(self.sentinels):
+            # As the async discovery's GRACE and LATE: enough heard without it.
+            if sentinel in self._silent and (answered * 2 > n or (answered and ended * 2 >= n)):
                 skipped.append(sentinel)
             else:
                 ask(sentinel)
