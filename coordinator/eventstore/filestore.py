@@ -390,13 +390,11 @@ class FileEventStore(Opened):
         # the owners' appends and the replays.
         size = max(1, -(-len(sids) // 2))
         parts = [sids[i : i + size] for i in range(0, len(sids), size)]
-        read = await asyncio.gather(
-            *(
-                self._run(lambda part=part: [self._state_sync(s).last_id for s in part])
-                for part in parts
-            )
-        )
+        read = await asyncio.gather(*(self._run(self._last_ids_sync, part) for part in parts))
         return [last for part in read for last in part]
+
+    def _last_ids_sync(self, sids: Sequence[str]) -> list[int]:
+        return [self._state_sync(sid).last_id for sid in sids]
 
     async def size(self, sid: str) -> int:
         check_conversation_id(sid)
