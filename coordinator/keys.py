@@ -182,7 +182,7 @@ class KeySchema:
         """Hash: the checks of every conversation against the event store, numbered:
         ``began`` the last one's number, ``done`` the last one's that ended; ``server``
         the store's server the nodes last reached (``EventStore.server``), ``owed`` the
-        number a check must reach since it changed (``scripts.STORE_SERVER``)."""
+        number a check must reach to settle what is owed (``scripts.STORE_SERVER``)."""
         return f"{self.prefix}:{{cluster}}:store-audits"
 
     def reaper_lock(self) -> str:

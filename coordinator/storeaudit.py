@@ -9,10 +9,10 @@ store's shorter copy would be the only one, its ids given again. So the first lo
 starts a check of every conversation Redis holds (SCAN), and so does a store that
 reconnected to another server, or reached another than the cluster's nodes last did
 (``watch``, each store sweep), as no conversation need be busy to show a failover's
-loss. One node of the cluster checks at a time (``{cluster}:store-audit``; a node that
-finds another checking waits for a check that began after that and ended,
-``{cluster}:store-audits`` numbering them), each at most once in ``AUDIT_EVERY``
-seconds. Each conversation the store holds less of is noted for the sweep
+loss. What owes a check is told Redis (``{cluster}:store-audits``, numbering the
+checks), where it stays owed until a check that began after it ends; one node of the
+cluster checks at a time (``{cluster}:store-audit``), each at most once in
+``AUDIT_EVERY`` seconds. Each conversation the store holds less of is noted for the sweep
 (``note_unstored``), which stores it again once its mark in Redis is lowered to what the
 store holds.
 """
@@ -66,18 +66,15 @@ class StoreAudit:
         self._wake = wake
         self._running: asyncio.Task[None] | None = None
         self._began = 0.0  # loop time the last check began
-        self._owed = False  # a check is wanted (started once one is due)
-        # Owed while another node checked: done by any check numbered from this one on
-        # (``RedisState.audits``), which began after this node's was owed.
-        self._covered_by: int | None = None
-        self._cluster_owed = 0  # what Redis says is owed (``watch``), as last read
+        self._to_tell = False  # a reason found here (a loss, a move), not told Redis yet
+        self._owed = 0  # what Redis says a check must reach (``watch``), as last read
         self._changes_seen = store.server_changes
         self.rewinds = 0  # conversations found holding less than the store acknowledged
 
     def lost(self, sid: str, held: int, recorded: int, *, audit: bool = True) -> None:
         """The store holds ``sid`` up to ``held``, below the ``recorded`` it acknowledged:
-        said, counted and (``audit``) every other conversation checked (``check``), at
-        most once every ``AUDIT_EVERY`` seconds."""
+        said, counted and (``audit``) every other conversation checked (``check``, owed
+        from the next sweep on), at most once every ``AUDIT_EVERY`` seconds."""
         self.rewinds += 1
         log.error(
             "event store %s lost %s's events %d-%d it had acknowledged (a failover to a "
@@ -89,71 +86,59 @@ class StoreAudit:
             recorded,
         )
         if audit:
-            self._owed = True
-            self._start()
+            self._to_tell = True
 
     async def watch(self) -> None:
-        """Called every store sweep: a store that reconnected to another server since
-        the last look (``server_changes``) may have failed over to a standby that lacked
-        its last writes, and no conversation need be busy to show it (a quiet one's
-        shorter copy would be found by nothing before Redis let it go): every
-        conversation checked then too. So too when the server differs from the one the
-        cluster's nodes last reached (``RedisState.store_server``: this node started
-        after the failover), until a check that began after that ended, on any node.
-        And a check that gave up (the store or Redis away) started again."""
+        """Called every store sweep. What owes a check of every conversation is told
+        Redis (``RedisState.store_server``), where it stays owed until a check numbered
+        after it ends, whichever node runs it (one whose node stopped or died leaves it
+        owed): a loss found here; a store that reconnected to another server since the
+        last look (``server_changes``: it may have failed over to a standby that lacked
+        its last writes, and no conversation need be busy to show it, a quiet one's
+        shorter copy found by nothing before Redis let it go); a server other than the
+        one the cluster's nodes last reached (this node started after the failover).
+        Then the check owed is started, unless one runs here."""
         changes = self._store.server_changes
-        moved, self._changes_seen = changes != self._changes_seen, changes
-        if moved:
+        if changes != self._changes_seen:
+            self._changes_seen = changes
+            self._to_tell = True
             log.info(
                 "event store %s: reconnected to another server (a failover?): every "
                 "conversation is checked against it",
                 self._where,
             )
-        owed, changed, told = 0, False, False
-        if (server := self._store.server) is not None:
-            try:
-                owed, changed = await self._state.store_server(server, moved)
-                told = True
-            except AUDIT_TROUBLE as exc:  # told again next sweep
-                log.debug("event store %s: server not told the cluster: %s", self._where, exc)
-            if changed:
-                log.info(
-                    "event store %s: another server than the cluster's nodes last reached "
-                    "(a failover while this node was away?): every conversation is "
-                    "checked against it",
-                    self._where,
-                )
-            # Owed in Redis until a check numbered from ``owed`` on ends, whichever node
-            # runs it: one whose node stopped or died leaves it owed. (Not while this
-            # node's own check runs: it settles it, or leaves it owed, when it ends.)
-            if self._running is None or self._running.done():
-                self._cluster_owed = owed
-        # Told, a move owes a check in Redis (one numbered after the last that began:
-        # every node reconnects in a failover, and each checking for itself ran the
-        # whole check again after the first). Not told (Redis away), this node owes it.
-        # (A store that cannot name its server, ``server`` None, cannot count moves
-        # either: its losses are found by the conversations moved.)
-        if moved and not told:
-            self._owed = True
-        self._start()
+        try:
+            owed, changed = await self._state.store_server(self._store.server, self._to_tell)
+        except AUDIT_TROUBLE as exc:  # told next sweep
+            log.debug("event store %s: the checks owed not read: %s", self._where, exc)
+            return
+        self._to_tell = False
+        if changed:
+            log.info(
+                "event store %s: another server than the cluster's nodes last reached "
+                "(a failover while this node was away?): every conversation is checked "
+                "against it",
+                self._where,
+            )
+        if self._running is None or self._running.done():  # one running settles it, or not
+            self._owed = owed
+            self._start()
 
     def _start(self) -> None:
         """The check owed, if none runs here and none began in ``AUDIT_EVERY`` seconds."""
         now = asyncio.get_running_loop().time()
         idle = self._running is None or self._running.done()
-        if (self._owed or self._cluster_owed) and idle and now >= self._began + AUDIT_EVERY:
-            mine, self._owed = self._owed, False
-            cluster, self._cluster_owed = self._cluster_owed, 0
+        if self._owed and idle and now >= self._began + AUDIT_EVERY:
+            owed, self._owed = self._owed, 0
             self._began = now
-            self._running = self._tasks.spawn(self._check_all(mine, cluster), "event store audit")
+            self._running = self._tasks.spawn(self._check_all(owed), "event store audit")
 
-    async def _check_all(self, mine: bool, cluster: int) -> None:
-        """``check``, by one node of the cluster at a time, tried again after a backoff
-        while Redis or the store fails it (a lowered mark is noted first: a pass cut
-        short leaves nothing unfound for the next); owed again if every try failed.
-        ``mine``: this node found a reason (a loss, a reconnection); ``cluster``: the
-        number a check must reach for what Redis says is owed (0: nothing), which stays
-        there, read again each sweep, until one does."""
+    async def _check_all(self, owed: int) -> None:
+        """``check``, by one node of the cluster at a time, unless a check numbered
+        ``owed`` or after ended meanwhile; tried again after a backoff while Redis or the
+        store fails it (a lowered mark is noted first: a pass cut short leaves nothing
+        unfound for the next). Refused the lock, or failing every try, it leaves the
+        check owed in Redis, where the next sweep reads it again."""
         me, where = self._node, self._where
         lock = self._state.keys.store_audit()
         backoff = Backoff(base=1.0, cap=30.0)
@@ -161,19 +146,10 @@ class StoreAudit:
         for _ in range(AUDIT_TRIES):
             try:
                 if not await state.take_lock(lock, me, AUDIT_LOCK_MS):
-                    # Its check may have begun before this one was owed, or its node may
-                    # die: owed still, unless one that begins after now ends.
-                    if mine:
-                        if self._covered_by is None:
-                            self._covered_by = (await state.audits())[0] + 1
-                        self._owed = True
                     log.info("event store %s: another node checks every conversation", where)
                     return
                 try:
-                    covered_by, self._covered_by = self._covered_by, None
-                    done = (await state.audits())[1]
-                    mine_done = covered_by is not None and done >= covered_by
-                    if (not mine or mine_done) and done >= cluster:
+                    if (await state.audits())[1] >= owed:
                         log.info("event store %s: checked by another node meanwhile", where)
                         return
                     number = await state.audit_began()
@@ -194,7 +170,6 @@ class StoreAudit:
                 continue
             log.warning("event store %s checked: %d more conversation(s) lost events", where, found)
             return
-        self._owed = self._owed or mine  # the next sweep's watch starts it again
 
     async def check(self) -> int:
         """Every conversation Redis holds whose store holds less than it acknowledged (a

@@ -128,19 +128,19 @@ return read_after({stored}, stored, ARGV[2], tonumber(ARGV[3]))
 )
 
 STORE_SERVER = """
--- store_server: the event store's server a node's connections reached, told the cluster.
--- Another than the one recorded (a failover, which may have lost acknowledged writes),
--- or a node's connections that moved to another server since it last told (ARGV[2]:
--- what a check that began before then may not have seen), owes a check of every
--- conversation: one numbered after the last that began ('owed', which never goes back).
+-- store_server: what a node tells the cluster of its event store, each sweep: the server
+-- its connections reach, and whether it found a reason for a check of every conversation
+-- since it last told (a loss, a move to another server: ARGV[2]). Another server than
+-- the one recorded (a failover, which may have lost acknowledged writes) is one too. A
+-- reason owes a check numbered after the last that began ('owed', never going back).
 -- KEYS[1]  the store's checks (keys.store_audits: began, done, server, owed)
--- ARGV[1]  the server (EventStore.server)   ARGV[2] '1' if this node's moved
+-- ARGV[1]  the server (EventStore.server; '': not known)   ARGV[2] '1': a reason found
 -- returns  {the number a check must reach to settle what is owed (0: nothing owed),
 --           1 if this call found another server recorded}
 local before = redis.call('HGET', KEYS[1], 'server')
 local changed = 0
 local owes = ARGV[2] == '1'
-if before ~= ARGV[1] then
+if ARGV[1] ~= '' and before ~= ARGV[1] then
   redis.call('HSET', KEYS[1], 'server', ARGV[1])
   if before then
     changed = 1

@@ -100,14 +100,14 @@ class ArchiveOps(StateCore):
         """Check ``number`` ended (``done`` never goes back: ``scripts.AUDIT_DONE``)."""
         await self._run("audit_done", [self.keys.store_audits()], [number])
 
-    async def store_server(self, server: str, moved: bool = False) -> tuple[int, bool]:
-        """Tell the cluster the event store's server this node reached, and (``moved``)
-        whether its connections moved to another since it last told
-        (``scripts.STORE_SERVER``): the number a check of every conversation must reach
-        to settle what a change of server owes (0: nothing owed), and whether this call
-        found another server recorded."""
-        key, flag = self.keys.store_audits(), "1" if moved else "0"
-        owed, changed = await self._run("store_server", [key], [server, flag])
+    async def store_server(self, server: str | None, owes: bool = False) -> tuple[int, bool]:
+        """Tell the cluster the event store's server this node reaches (None: not known)
+        and (``owes``) whether it found a reason for a check of every conversation since
+        it last told (``scripts.STORE_SERVER``): the number a check must reach to settle
+        what is owed (0: nothing owed), and whether this call found another server
+        recorded."""
+        key, flag = self.keys.store_audits(), "1" if owes else "0"
+        owed, changed = await self._run("store_server", [key], [server or "", flag])
         return int(owed), bool(changed)
 
     async def audits(self) -> tuple[int, int]:
