@@ -64,18 +64,36 @@ class Tally:
         self.name = name
         self._named: Counter[tuple[int, str, int]] = Counter()  # sound: (epoch, host, port)
         self._newest = -1  # the greatest epoch any answer gave, sound or not
+        self.answered = 0  # Sentinels that said something of the master
+        self.ended = 0  # and those that refused, or said nothing of it
 
     def add(self, masters: object) -> bool:
         """Count one Sentinel's ``SENTINEL MASTERS`` (as redis-py parses it); whether it
         said anything of the master (one that does not watch it says nothing)."""
+        self.ended += 1
         state = masters.get(self.name) if isinstance(masters, Mapping) else None
         if state is None:
             return False
+        self.answered += 1
         epoch = int(state.get("config-epoch") or 0)
         self._newest = max(self._newest, epoch)
         if sound(state):
             self._named[(epoch, str(state["ip"]), int(state["port"]))] += 1
         return True
+
+    def refused(self) -> None:
+        """Count a Sentinel that did not answer."""
+        self.ended += 1
+
+    def wait(self, sentinels: int) -> float | None:
+        """How much longer the others of ``sentinels`` are worth waiting for, as heard
+        so far: ``GRACE`` once more than half answered, ``LATE`` once at least half
+        answered or refused (one answering), else all of them (None)."""
+        if self.answered * 2 > sentinels:
+            return GRACE
+        if self.answered and self.ended * 2 >= sentinels:
+            return LATE
+        return None
 
     def best(self) -> Address | None:
         """The master of the newest epoch any Sentinel gave (the most named, if they
@@ -140,9 +158,7 @@ class AskingAll(Sentinel):
         errors: list[str] = []
         pending = {asyncio.ensure_future(_ask(s)) for s in self.sentinels}
         loop = asyncio.get_running_loop()
-        until: float | None = None  # once more than half answered (or ended: LATE)
-        answered = ended = 0  # (a refusal is no answer: it tells nothing of the master)
-        half = len(self.sentinels) / 2
+        until: float | None = None  # once enough were heard (``Tally.wait``)
         try:
             while pending:
                 wait = None if until is None else max(0.0, until - loop.time())
@@ -151,18 +167,16 @@ class AskingAll(Sentinel):
                 )
                 if not done:
                     break
-                ended += len(done)
                 for task in done:
                     sentinel, masters = task.result()
                     if isinstance(masters, BaseException):
                         errors.append(_why(sentinel, masters))
-                    elif tally.add(masters):
-                        answered += 1
-                now = loop.time()
-                if answered > half:
-                    until = min(until or now + GRACE, now + GRACE)
-                elif answered and ended >= half and until is None:
-                    until = now + LATE
+                        tally.refused()
+                    else:
+                        tally.add(masters)
+                if (more := tally.wait(len(self.sentinels))) is not None:
+                    later = loop.time() + more
+                    until = later if until is None else min(until, later)
         finally:
             for task in pending:
                 self._asking.add(task)
@@ -226,21 +240,18 @@ class KeeperAskingAll(redis.sentinel.Sentinel):
         errors: list[str] = []
         silent: dict[Any, float] = {}
         skipped: list[Any] = []
-        answered = ended = 0
 
         def ask(sentinel: Any) -> None:
-            nonlocal answered, ended
-            ended += 1
             try:
-                answered += tally.add(sentinel.sentinel_masters())
+                tally.add(sentinel.sentinel_masters())
             except _NO_ANSWER as exc:
                 errors.append(_why(sentinel, exc))
+                tally.refused()
                 silent[sentinel] = time.monotonic()
 
-        n = len(self.sentinels)
         for sentinel in self.sentinels:
-            # As the async discovery's GRACE and LATE: enough heard without it.
-            if sentinel in self._silent and (answered * 2 > n or (answered and ended * 2 >= n)):
+            # Enough heard without it (as the async discovery stops waiting).
+            if sentinel in self._silent and tally.wait(len(self.sentinels)) is not None:
                 skipped.append(sentinel)
             else:
                 ask(sentinel)
