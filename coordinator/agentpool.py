@@ -10,11 +10,15 @@ process takes its slot, and each instance it held starts again in another worker
 the log (``RemoteAgent.worker_lost``). The node's own event loop never waits on a
 worker, so its lease, sockets and other conversations do not notice.
 
-Placement: the usable worker holding the fewest instances. A suspect dispatch (one that
-may have failed its worker) goes again in a worker process of its own (``probation``),
-started for it and stopped after it, so that a poison action that strikes again hurts
-no other conversation and is blamed alone, and innocent suspects do not wait for each
-other: up to ``agent_workers`` such processes at a time.
+Placement: the usable worker holding the fewest instances. The suspect dispatches of a
+failed worker (the one a stall named, or every one running where a worker died) go
+again together, in a worker process started for them and stopped after them (a
+``Ward``'s probation worker), so that innocent suspects do not wait for each other and
+a poison action that strikes again hurts no other conversation. A probation worker that
+dies with several running splits them in two halves, each in a worker of its own
+again, until the one to blame runs alone: only then does a death count against its
+action (``_judge``). Up to ``PROBATION_PER_WORKER`` x ``agent_workers`` such processes
+at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from workers import logformat
 from workers.protocol import AgentContext
 
 from . import cpus
-from .agentworker import AgentWorker, WorkerLost
+from .agentworker import AgentWorker, Ward, WorkerLost
 from .backoff import Backoff
 from .config import ENV_PREFIX, ManagerConfig
 from .errors import AgentFailed, ConfigError
@@ -48,6 +52,9 @@ STOP_WITHIN = 3.0  # seconds a worker gets to exit on STOP before it is killed
 # of an agent, is replaced after a backoff that grows with each such failure in its slot:
 # one that died at once was restarted at once, six interpreters a second for good.
 STEADY_AFTER = 10.0
+# Probation worker processes at a time, per pool worker: halving a failed worker's k
+# suspects until one to blame is alone keeps at most 1 + log2(k) of them running at once.
+PROBATION_PER_WORKER = 4
 
 
 class AgentPool:
@@ -62,9 +69,11 @@ class AgentPool:
         self.closed = False
         self.tasks = TaskSet(log)
         self.workers: list[AgentWorker] = []
-        # Worker processes each running one suspect dispatch again (``probation``).
+        # Worker processes running suspect dispatches again (``probation``).
         self.probationers: set[AgentWorker] = set()
-        self._probation_slots = asyncio.Semaphore(max(1, config.agent_workers))
+        self._probation_slots = asyncio.Semaphore(
+            PROBATION_PER_WORKER * max(1, config.agent_workers)
+        )
         self.restarts = self.stalls = self.poisoned = self.timeouts = 0
         self._config = config
         self.placement = cpus.plan(config.agent_cpus)  # ConfigError: not on this machine
@@ -89,7 +98,7 @@ class AgentPool:
         )
         metrics.gauge_from(
             "coordinator_agent_probation_workers",
-            "Agent worker processes each running a suspect action again, alone.",
+            "Agent worker processes running suspect actions again, apart from the pool.",
             lambda: len(self.probationers),
         )
         counters = (
@@ -231,20 +240,30 @@ class AgentPool:
         raise AgentFailed("the node's agent workers are stopped")
 
     @contextlib.asynccontextmanager
-    async def probation(self) -> AsyncIterator[AgentWorker]:
-        """A worker process of its own for one suspect dispatch, started now and stopped
-        once the block is left; up to ``agent_workers`` at a time. AgentFailed once the
-        pool is stopped."""
-        await self._probation_slots.acquire()
-        try:
-            worker = await self._probationer()
-        except BaseException:
-            self._probation_slots.release()
-            raise
+    async def probation(self, ward: Ward) -> AsyncIterator[AgentWorker]:
+        """``ward``'s probation worker process: started by the first suspect to enter
+        (again by the next, once it failed), stopped once the last has left. AgentFailed
+        once the pool is stopped, or when none started within ``start_timeout``."""
+        async with ward.lock:
+            worker = ward.worker
+            if worker is None or worker.failed:
+                await self._probation_slots.acquire()
+                try:
+                    worker = await self._probationer()
+                except BaseException:
+                    self._probation_slots.release()
+                    raise
+                ward.worker = worker
+            ward.users[worker] = ward.users.get(worker, 0) + 1
         try:
             yield worker
-        finally:  # not waited for: its instance is dropped, its dispatch over
-            self.tasks.spawn(self._retire(worker), "probation-worker")
+        finally:
+            ward.users[worker] -= 1
+            if not ward.users[worker]:  # not waited for: its instances are dropped
+                del ward.users[worker]
+                if ward.worker is worker:
+                    ward.worker = None
+                self.tasks.spawn(self._retire(worker), "probation-worker")
 
     async def _probationer(self) -> AgentWorker:
         """A started probation worker; one that does not start is tried again after a
@@ -327,13 +346,36 @@ class AgentPool:
             successor = self._worker(worker.slot)
             self.workers[worker.slot] = successor
             self.tasks.spawn(self._replace(successor, delay), f"agent-worker:{worker.slot}")
+        judged = self._judge(worker, culprit)
         for lid, agent in list(worker.loops.items()):
-            # Without a culprit named, every dispatch running there is a suspect.
-            suspect = lid == culprit if culprit else agent.in_flight
-            agent.worker_lost(worker, WorkerLost(reason, suspect, worker))
+            ward, blamed = judged.get(lid, (None, False))
+            agent.worker_lost(worker, WorkerLost(reason, worker, ward, blamed))
         worker.loops.clear()
         worker.close_channel()
         self._notify()
+
+    def _judge(self, worker: AgentWorker, culprit: int) -> dict[int, tuple[Ward, bool]]:
+        """The suspects among the instances failed ``worker`` held: the ward each goes
+        again in, and whether the failure counts against its action. A culprit named (a
+        stall's): it, alone, counted; the others running there only shared a pool worker,
+        but on a probation worker they were suspects already: together again. None named,
+        every one running there is a suspect: after a pool worker's failure all together,
+        each counted (the one to blame is among them); after a probation worker's,
+        counted if it ran there alone, else none is and they split in two halves."""
+        running = [lid for lid, agent in worker.loops.items() if agent.in_flight]
+        probation = worker in self.probationers
+        if culprit:
+            judged = {culprit: (Ward(), True)}
+            others = [lid for lid in running if lid != culprit]
+            if probation and others:
+                together = Ward()
+                judged.update((lid, (together, False)) for lid in others)
+            return judged
+        if not probation or len(running) == 1:
+            together = Ward()
+            return {lid: (together, True) for lid in running}
+        halves, half = (Ward(), Ward()), len(running) // 2
+        return {lid: (halves[i >= half], False) for i, lid in enumerate(running)}
 
     async def _replace(self, worker: AgentWorker, delay: float) -> None:
         await asyncio.sleep(delay)

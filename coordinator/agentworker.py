@@ -284,15 +284,37 @@ class AgentWorker(asyncio.Protocol):
         self.kill()
 
 
-class WorkerLost(Exception):
-    """The worker holding an agent instance failed (``reason``); ``suspect``: a dispatch
-    or start of this instance was running there and may be why."""
+class Ward:
+    """Suspect dispatches that go again together, in one probation worker process
+    (``AgentPool.probation`` starts it for the first to enter and stops it once the last
+    has left)."""
 
-    def __init__(self, reason: str, suspect: bool, worker: AgentWorker) -> None:
+    __slots__ = ("lock", "users", "worker")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.worker: AgentWorker | None = None  # the one the next to enter joins
+        self.users: dict[AgentWorker, int] = {}  # dispatches in each of its workers
+
+
+class WorkerLost(Exception):
+    """The worker holding an agent instance failed (``reason``). ``ward``: a dispatch or
+    start of this instance was running there and may be why (a suspect): it goes again
+    in that ward (None: it only shared the worker). ``blamed``: the failure counts
+    against its action (``max_dispatch_attempts``)."""
+
+    def __init__(
+        self, reason: str, worker: AgentWorker, ward: Ward | None = None, blamed: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.suspect = suspect
         self.worker = worker
+        self.ward = ward
+        self.blamed = blamed
+
+    @property
+    def suspect(self) -> bool:
+        return self.ward is not None
 
 
 class _Reports(asyncio.Protocol):

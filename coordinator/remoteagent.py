@@ -9,12 +9,14 @@ runner's own ``emit``, whose answer (an event id, or ``Fenced``/``SpeculationLos
 goes back to the agent.
 
 When its worker fails, an instance starts again from the log in another worker, as after
-a failover. A dispatch that was running there is the suspect (the one the stall reporter
+a failover. A dispatch that was running there is a suspect (the one the stall reporter
 named; every one running when a worker died): its failure is counted in Redis
-(``state/attempts.py``) and it goes again alone, in a worker process started for it
-(``AgentPool.probation``), until it has failed ``max_dispatch_attempts`` times in all, on
-any node; then the action is answered with an ``error`` observation and the loop goes
-on. Either way the instance then starts again in the pool, from the log. A fresh
+(``state/attempts.py``) and it goes again with the other suspects, apart from the pool,
+in a worker process started for them (``AgentPool.probation``; one that fails there
+with others is not counted: they split until it runs alone), until it has failed
+``max_dispatch_attempts`` times in all, on any node; then the action is answered with an
+``error`` observation and the loop goes on. Either way the instance then starts again
+in the pool, from the log. A fresh
 instance reads the count before its first dispatch. A dispatch that only shared the
 worker goes again elsewhere at once, as the same attempt; one that had answered already
 is not run again (an action counts as processed once its first answer is committed).
@@ -47,7 +49,7 @@ from workers.channel import (
 )
 from workers.protocol import AgentContext, AgentState, EmitFn, Event
 
-from .agentworker import AgentWorker, WorkerLost
+from .agentworker import AgentWorker, Ward, WorkerLost
 from .errors import REDIS_TROUBLE, AgentFailed, Fenced, SpeculationLost
 from .memory import LoopMemory
 from .poison import DIED, OUT_OF_MEMORY, TIMEOUT, error_observation
@@ -118,7 +120,7 @@ class RemoteAgent:
         self._dispatching = True
         self._answered = False
         failures = 0  # dispatches of this action that failed their worker, on any node
-        suspect = False  # the last attempt failed its worker (it goes again alone)
+        ward: Ward | None = None  # the last attempt failed its worker: it goes again there
         why = ""  # and why
         try:
             if self._fresh:  # a fresh instance: the action may have failed before
@@ -129,9 +131,9 @@ class RemoteAgent:
                     return
             while True:
                 try:
-                    if not suspect:
+                    if ward is None:
                         await self._attempt(await self._bound(), action)
-                    elif not await self._on_probation(n, action, why, failures):
+                    elif not await self._on_probation(n, action, why, failures, ward):
                         return  # given up: no instance to try it again
                 except WorkerLost as lost:
                     if self._answered:  # processed once answered, as after a failover
@@ -145,16 +147,16 @@ class RemoteAgent:
                         self._state = AgentState.AWAITING_USER_INPUT
                         self._moved_back(n)
                     else:
-                        if not lost.suspect:
+                        if lost.ward is None:
                             # It only shared the worker (or its probation worker failed
                             # before it ran there): the same attempt, where it was to run.
                             continue
-                        suspect = True
-                        failures = await self._count_failure(n, lost.reason, failures)
-                        if failures >= self._pool.max_attempts:
-                            await self._give_up(n, lost.reason, failures)
-                            return
-                        why = lost.reason
+                        ward, why = lost.ward, lost.reason
+                        if lost.blamed:
+                            failures = await self._count_failure(n, why, failures)
+                            if failures >= self._pool.max_attempts:
+                                await self._give_up(n, why, failures)
+                                return
                         continue
                 except TimeoutError:
                     self._drop()  # it may still run: a fresh instance takes the next one
@@ -217,15 +219,17 @@ class RemoteAgent:
                 if own is not None:
                     own.cancel()
 
-    async def _on_probation(self, n: int, action: Event, why: str, failures: int) -> bool:
-        """Suspect action ``n`` again, in a fresh instance in a worker of its own (its
-        failures so far: ``failures``, the last for ``why``); False if no worker could
+    async def _on_probation(
+        self, n: int, action: Event, why: str, failures: int, ward: Ward
+    ) -> bool:
+        """Suspect action ``n`` again, in a fresh instance in ``ward``'s probation worker
+        (its failures so far: ``failures``, the last for ``why``); False if no worker could
         start for it or no instance there (the action is then given up). Either way the
         instance then starts again in the pool, from the log. WorkerLost when that
-        worker fails too (its start's failure counts as the action's)."""
+        worker fails too (its start's failure is the action's)."""
         async with contextlib.AsyncExitStack() as stack:
             try:
-                worker = await stack.enter_async_context(self._pool.probation())
+                worker = await stack.enter_async_context(self._pool.probation(ward))
                 await self._bind(worker)
             except AgentFailed as exc:
                 if self._closed or self._pool.closed:
@@ -371,7 +375,7 @@ class RemoteAgent:
         """Send a request and serve the agent's EMITs until it is answered."""
         worker = worker or self._attached()
         if worker is not self._worker or worker.failed:
-            raise WorkerLost(worker.failed or DIED, False, worker)
+            raise WorkerLost(worker.failed or DIED, worker)
         self._box.clear()
         self._rid = rid = worker.request(kind, self._lid, args)
         self._calling = kind

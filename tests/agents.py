@@ -61,8 +61,9 @@ class BadAgent(EchoAgent):
     one floods EMITs for an instance it does not hold,
     ``containers N`` emits an event of N empty maps and answers the outcome,
     ``rawcontainers N`` writes such an EMIT on the channel past ``emit``'s checks,
-    ``shortframe`` writes an EMIT frame without its ids, ``meet DIR`` leaves a mark in
-    DIR and waits for another conversation's mark from a live process other than its own,
+    ``shortframe`` writes an EMIT frame without its ids, ``gather N DIR`` leaves a mark in
+    DIR and, once DIR holds ``go``, waits for the marks of N conversations from live
+    processes (its own among them),
     ``resumed`` answers the last action its instance was started after, ``answer S``
     answers "answered first", then takes S seconds more.
     With settings ``{"fail_start": true}`` its ``start`` raises (``{"start_raises":
@@ -176,8 +177,9 @@ class BadAgent(EchoAgent):
         elif word == "rawcontainers":  # the same, written on the channel past emit's check
             _write_frame([EMIT, 1, 1, {"x": [{}] * int(arg)}, "running"])
             await asyncio.sleep(30)
-        elif word == "meet":
-            await _meet(Path(arg), self.context.conversation_id)
+        elif word == "gather":
+            count, _, where = arg.partition(" ")
+            await _gather(Path(where), int(count), self.context.conversation_id)
         elif word in ("resumed", "answer"):
             assert self._emit is not None
             said = f"resumed after {self.context.resumed_after}"
@@ -198,30 +200,31 @@ class BadAgent(EchoAgent):
         await super().dispatch(action)
 
 
-async def _meet(where: Path, sid: str) -> None:
-    """Mark ``where`` with ``sid`` and this process's id, wait for a mark of another
-    conversation from a process that is alive and not this one, then say so and wait
-    until that one has said so too (neither leaves before the other saw it). Polled:
-    the other is another process."""
-    me = os.getpid()
-    (where / f"{sid}.{me}").touch()
-    other = None
-    while other is None:
+async def _gather(where: Path, count: int, sid: str) -> None:
+    """Mark ``where`` with ``sid`` and this process's id; once ``where`` holds ``go``,
+    wait until ``count`` conversations have marks there from live processes (this one
+    among them: so all ran at once), then say so and wait until all have said so
+    (none leaves before the others saw it). Polled: the others may be other processes."""
+    (where / f"{sid}.{os.getpid()}").touch()
+    while not ((where / "go").exists() and len(_gathered(where)) >= count):  # noqa: ASYNC110
         await asyncio.sleep(0.02)
-        other = _met(where, sid, me)
     (where / f"{sid}.seen").touch()
-    seen = where / f"{other}.seen"
-    while not seen.exists():  # noqa: ASYNC110 (another process's, not an event's)
+    while _seen(where) < count:  # noqa: ASYNC110 (other processes' marks, not events)
         await asyncio.sleep(0.02)
 
 
-def _met(where: Path, sid: str, me: int) -> str | None:
-    """Another conversation's name whose mark in ``where`` is a live process's not ``me``."""
+def _seen(where: Path) -> int:
+    return sum(mark.name.endswith(".seen") for mark in where.iterdir())
+
+
+def _gathered(where: Path) -> set[str]:
+    """The conversations whose marks in ``where`` are live processes'."""
+    names = set()
     for mark in where.iterdir():
         name, _, pid = mark.name.rpartition(".")
-        if name != sid and pid.isdigit() and int(pid) != me and _alive(int(pid)):
-            return name
-    return None
+        if pid.isdigit() and _alive(int(pid)):
+            names.add(name)
+    return names
 
 
 def _alive(pid: int) -> bool:

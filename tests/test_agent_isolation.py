@@ -416,8 +416,9 @@ async def _an_innocent_beside_a_killer(
 
 async def test_a_suspect_goes_again_in_a_worker_of_its_own(make_nodes) -> None:
     """One worker; an innocent action in flight when another conversation's agent kills
-    it becomes a suspect and goes again alone, in a worker process started for it. A
-    conversation whose agent's start kills the pool's fresh worker too joins meanwhile:
+    it becomes a suspect and goes again apart from the pool, in a worker process started
+    for the suspects. A conversation whose agent's start kills the pool's fresh worker
+    too joins meanwhile:
     the suspect's worker is not that one, so the innocent action is answered, not given
     up as poison (a crash beside it would have been its second strike)."""
     node, lapses, innocent, bad = await _an_innocent_beside_a_killer(make_nodes, "slow 2")
@@ -433,12 +434,12 @@ async def test_a_suspect_goes_again_in_a_worker_of_its_own(make_nodes) -> None:
 
 async def test_suspects_go_again_side_by_side(make_nodes, tmp_path) -> None:
     """Two innocent actions in flight when a third conversation's agent ends their
-    worker's process are both suspects; each goes again alone in a worker process of its
-    own, at the same time: here they can only be answered together (each waits for the
-    other's agent in a live process other than its own). Before, suspects went again one
-    at a time on the failed worker's successor: an innocent action waited behind another
-    for as long as that one ran (here for ever). Afterwards both conversations are
-    answered from the pool again, and the probation workers are gone."""
+    worker's process are suspects, with the killer: they go again at the same time, apart
+    from the pool (here they can only be answered together: each waits until both run).
+    Before, suspects went again one at a time on the failed worker's successor: an
+    innocent action waited behind another for as long as that one ran (here for ever).
+    Afterwards all three conversations are answered from the pool again, and the
+    probation workers are gone."""
     node, lapses = await _isolated_node(make_nodes, agent_workers=2, agent_stall_timeout=5.0)
     sink = make_nodes.sinks[node.node_id]
     # The least loaded worker, the first on a tie: a, b and the killer share one.
@@ -447,21 +448,58 @@ async def test_suspects_go_again_side_by_side(make_nodes, tmp_path) -> None:
     ]
     workers = {node.runner(w.sid).agent.worker for w in (a, b, killer)}  # type: ignore[union-attr]
     assert len(workers) == 1
-    meet = f"meet {tmp_path}"
-    await a.say(meet)
-    await b.say(meet)
+    pool, gather = _pool(node), f"gather 2 {tmp_path}"
+    await a.say(gather)
+    await b.say(gather)
     await wait_until(lambda: len(list(tmp_path.iterdir())) == 2, what="both waiting")
     await killer.say("exit")
+    await wait_until(lambda: pool.restarts, timeout=20, what="their worker replaced")
+    (tmp_path / "go").touch()
     await wait_until(
-        lambda: meet in a.answers() and meet in b.answers(), timeout=20, what="both answered"
+        lambda: gather in a.answers() and gather in b.answers(), timeout=20, what="answered"
     )
     assert a.errors() == b.errors() == []
     await wait_until(lambda: killer.errors(), timeout=20, what="the killer given up")
-    pool = _pool(node)
     await wait_until(lambda: not pool.probationers, what="the probation workers stopped")
     for w in (a, b, killer):
         await w.round_trip(f"{w.sid} again")
         assert node.runner(w.sid).agent.worker in pool.workers  # type: ignore[union-attr]
+    assert lapses == []
+
+
+async def test_a_killer_among_suspects_is_found_by_halving_them(make_nodes, tmp_path) -> None:
+    """One worker; three innocent actions in flight when a fourth conversation's agent
+    ends the process, and ends every process its action runs in again. The four go again
+    together; the killer ends that worker too, and those still running split in halves,
+    each in a worker of its own, until it runs alone: only that death counts against its
+    action, so it is given up (two strikes) and none of the innocents is, though each ran
+    beside it twice (a strike for every death would have given them up as well). The
+    three innocents are answered together (each waits until all three run: one
+    suspect at a time on the pool's one worker's worth of probation processes, as
+    before, never answered them)."""
+    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
+    sink, pool = make_nodes.sinks[node.node_id], _pool(node)
+    innocents = [await Watcher(node, sink, f"innocent-{i}").join() for i in range(3)]
+    killer = await Watcher(node, sink, "killer").join()
+    gather = f"gather 3 {tmp_path}"
+    for w in innocents:
+        await w.say(gather)
+    await wait_until(lambda: len(list(tmp_path.iterdir())) == 3, what="all three waiting")
+    await killer.say("exit")
+    await wait_until(lambda: pool.restarts, timeout=20, what="their worker replaced")
+    (tmp_path / "go").touch()
+    await wait_until(
+        lambda: all(gather in w.answers() for w in innocents), timeout=30, what="answered"
+    )
+    await wait_until(lambda: killer.errors(), timeout=30, what="the killer given up")
+    assert [w.errors() for w in innocents] == [[], [], []]
+    # Its two strikes: the pool's worker, then alone.
+    assert "given up after 2 attempt(s)" in killer.errors()[0]["content"]
+    for w in innocents:
+        assert await node.state.attempts(w.sid) == {}  # forgotten once it went through
+    await wait_until(lambda: not pool.probationers, what="the probation workers stopped")
+    for w in (*innocents, killer):
+        await w.round_trip(f"{w.sid} again")
     assert lapses == []
 
 
