@@ -38,6 +38,7 @@ AUDIT_BATCH = 200  # conversations read from Redis at a time
 AUDIT_EVERY = 60.0  # seconds: at most one check in this many
 AUDIT_TRIES = 5
 AUDIT_LOCK_MS = 600_000  # one node checks at a time; a node that died lets go after this
+AUDIT_LOCK_RENEW = 3  # times per AUDIT_LOCK_MS the checking node holds it longer
 AUDIT_TROUBLE: tuple[type[Exception], ...] = (StoreError, RedisClusterException, *REDIS_TROUBLE)
 
 
@@ -153,7 +154,11 @@ class StoreAudit:
                         log.info("event store %s: checked by another node meanwhile", where)
                         return
                     number = await state.audit_began()
-                    found = await self.check()
+                    keeping = asyncio.ensure_future(self._keep(lock))
+                    try:
+                        found = await self.check()
+                    finally:
+                        keeping.cancel()
                     await state.audit_done(number)
                 finally:
                     with contextlib.suppress(*AUDIT_TROUBLE):
@@ -170,6 +175,25 @@ class StoreAudit:
                 continue
             log.warning("event store %s checked: %d more conversation(s) lost events", where, found)
             return
+
+    async def _keep(self, lock: str) -> None:
+        """Hold ``lock`` while a check runs, however long it takes (one of a cluster with
+        many conversations on a slow store can outlast ``AUDIT_LOCK_MS``); one lost (a
+        Redis failover) is said: another node may check beside this one, which changes
+        nothing twice (each conversation's mark is lowered only from what was read)."""
+        every = AUDIT_LOCK_MS / 1000 / AUDIT_LOCK_RENEW
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if not await self._state.keep_lock(lock, self._node, AUDIT_LOCK_MS):
+                    log.warning(
+                        "event store %s: the lock of the check of every conversation was "
+                        "lost (a Redis failover?); another node may check beside this one",
+                        self._where,
+                    )
+                    return
+            except AUDIT_TROUBLE as exc:  # tried again next time, well before it expires
+                log.debug("event store %s: the check's lock not renewed: %s", self._where, exc)
 
     async def check(self) -> int:
         """Every conversation Redis holds whose store holds less than it acknowledged (a

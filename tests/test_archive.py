@@ -1680,6 +1680,33 @@ async def test_a_check_left_to_another_node_is_done_only_by_one_that_began_after
     assert checks == ([] if other == "checked" else ["checked"])
 
 
+async def test_a_check_that_outlasts_its_lock_keeps_it(
+    make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check of every conversation that takes longer than its lock lasts holds the
+    lock to its end, so no other node begins one beside it. Before, the lock expired
+    ``AUDIT_LOCK_MS`` after the check began."""
+    monkeypatch.setattr(storeaudit, "AUDIT_EVERY", 0.0)
+    monkeypatch.setattr(storeaudit, "AUDIT_LOCK_MS", 600)
+    (a,) = await make_nodes(1)
+    checks = _counted_checks([a], monkeypatch, 2.0)
+    state, store = a.state, a.node.store
+    assert store is not None
+    lock = state.keys.store_audit()
+    monkeypatch.setattr(store, "server_changes", store.server_changes + 1, raising=False)
+    await a.node.archiver.sweep()
+    await wait_until(lambda: checks, timeout=10, what="the check")
+    for _ in range(3):  # 1.5 s into a check of 2: three lock lifetimes
+        await asyncio.sleep(0.5)
+        assert await state.redis.get(lock) in (a.node_id, a.node_id.encode())
+        assert not await state.take_lock(lock, "other", 60_000)
+
+    async def let_go() -> bool:
+        return await state.redis.get(lock) is None
+
+    await wait_until(let_go, timeout=10, what="the lock let go at the check's end")
+
+
 async def test_a_check_of_every_conversation_that_gave_up_is_started_again(
     make_nodes: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -126,9 +126,9 @@ return prev
 """
 
 RENEW = """
--- renew: extend the node's heartbeat lease if it is still this incarnation's.
--- KEYS[1]  node lease string   ARGV[1] incarnation   ARGV[2] ttl (ms)
--- returns  1 renewed, 0 lost (expired or taken by another incarnation)
+-- renew: extend a lease (a node's heartbeat, a lock) while it still holds the value.
+-- KEYS[1]  lease string   ARGV[1] its holder (an incarnation, a node)   ARGV[2] ttl (ms)
+-- returns  1 renewed, 0 lost (expired or taken by another)
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1

@@ -283,6 +283,11 @@ class StateCore:
         at most (its holder may die): the reaper's, the store audit's."""
         return bool(await self.redis.set(key, me, nx=True, px=ttl_ms))
 
+    async def keep_lock(self, key: str, me: str, ttl_ms: int) -> bool:
+        """Hold ``key`` ``ttl_ms`` more if ``me`` still does (False: it expired, or Redis
+        lost it in a failover, and another may hold it now)."""
+        return bool(await self._run("renew", [key], [me, ttl_ms]))
+
     async def drop_lock(self, key: str, me: str) -> None:
         """Let go of ``key`` if ``me`` still holds it."""
         await self._run("delete_if", [key], [me])
