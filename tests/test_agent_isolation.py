@@ -432,6 +432,24 @@ async def test_a_suspect_goes_again_in_a_worker_of_its_own(make_nodes) -> None:
     assert lapses == []
 
 
+async def _gathered_past_a_killer(
+    pool: Any, innocents: list[Watcher], killer: Watcher, where: Any
+) -> None:
+    """``innocents`` each say ``gather`` (answered once all of them run at once, after a
+    ``go`` mark), then ``killer`` ends their worker's process (``exit``); once the
+    worker is replaced, ``go``: returns once every innocent is answered."""
+    gather = f"gather {len(innocents)} {where}"
+    for w in innocents:
+        await w.say(gather)
+    await wait_until(lambda: len(list(where.iterdir())) == len(innocents), what="all waiting")
+    await killer.say("exit")
+    await wait_until(lambda: pool.restarts, timeout=20, what="their worker replaced")
+    (where / "go").touch()
+    await wait_until(
+        lambda: all(gather in w.answers() for w in innocents), timeout=30, what="answered"
+    )
+
+
 async def test_suspects_go_again_side_by_side(make_nodes, tmp_path) -> None:
     """Two innocent actions in flight when a third conversation's agent ends their
     worker's process are suspects, with the killer: they go again at the same time, apart
@@ -448,16 +466,8 @@ async def test_suspects_go_again_side_by_side(make_nodes, tmp_path) -> None:
     ]
     workers = {node.runner(w.sid).agent.worker for w in (a, b, killer)}  # type: ignore[union-attr]
     assert len(workers) == 1
-    pool, gather = _pool(node), f"gather 2 {tmp_path}"
-    await a.say(gather)
-    await b.say(gather)
-    await wait_until(lambda: len(list(tmp_path.iterdir())) == 2, what="both waiting")
-    await killer.say("exit")
-    await wait_until(lambda: pool.restarts, timeout=20, what="their worker replaced")
-    (tmp_path / "go").touch()
-    await wait_until(
-        lambda: gather in a.answers() and gather in b.answers(), timeout=20, what="answered"
-    )
+    pool = _pool(node)
+    await _gathered_past_a_killer(pool, [a, b], killer, tmp_path)
     assert a.errors() == b.errors() == []
     await wait_until(lambda: killer.errors(), timeout=20, what="the killer given up")
     await wait_until(lambda: not pool.probationers, what="the probation workers stopped")
@@ -481,16 +491,7 @@ async def test_a_killer_among_suspects_is_found_by_halving_them(make_nodes, tmp_
     sink, pool = make_nodes.sinks[node.node_id], _pool(node)
     innocents = [await Watcher(node, sink, f"innocent-{i}").join() for i in range(3)]
     killer = await Watcher(node, sink, "killer").join()
-    gather = f"gather 3 {tmp_path}"
-    for w in innocents:
-        await w.say(gather)
-    await wait_until(lambda: len(list(tmp_path.iterdir())) == 3, what="all three waiting")
-    await killer.say("exit")
-    await wait_until(lambda: pool.restarts, timeout=20, what="their worker replaced")
-    (tmp_path / "go").touch()
-    await wait_until(
-        lambda: all(gather in w.answers() for w in innocents), timeout=30, what="answered"
-    )
+    await _gathered_past_a_killer(pool, innocents, killer, tmp_path)
     await wait_until(lambda: killer.errors(), timeout=30, what="the killer given up")
     assert [w.errors() for w in innocents] == [[], [], []]
     # Its two strikes: the pool's worker, then alone.
