@@ -247,11 +247,15 @@ class AgentPool:
         async with ward.lock:
             worker = ward.worker
             if worker is None or worker.failed:
+                if ward.unstartable is not None:  # its others need not wait as long again
+                    raise ward.unstartable
                 await self._probation_slots.acquire()
                 try:
                     worker = await self._probationer()
-                except BaseException:
+                except BaseException as exc:
                     self._probation_slots.release()
+                    if isinstance(exc, AgentFailed):
+                        ward.unstartable = exc
                     raise
                 ward.worker = worker
             ward.users[worker] = ward.users.get(worker, 0) + 1
@@ -346,7 +350,7 @@ class AgentPool:
             successor = self._worker(worker.slot)
             self.workers[worker.slot] = successor
             self.tasks.spawn(self._replace(successor, delay), f"agent-worker:{worker.slot}")
-        judged = self._judge(worker, culprit)
+        judged = self._judge(worker, reason, culprit)
         for lid, agent in list(worker.loops.items()):
             ward, blamed = judged.get(lid, (None, False))
             agent.worker_lost(worker, WorkerLost(reason, worker, ward, blamed))
@@ -354,26 +358,35 @@ class AgentPool:
         worker.close_channel()
         self._notify()
 
-    def _judge(self, worker: AgentWorker, culprit: int) -> dict[int, tuple[Ward, bool]]:
+    def _judge(
+        self, worker: AgentWorker, reason: str, culprit: int
+    ) -> dict[int, tuple[Ward, bool]]:
         """The suspects among the instances failed ``worker`` held: the ward each goes
-        again in, and whether the failure counts against its action. A culprit named (a
-        stall's): it, alone, counted; the others running there only shared a pool worker,
-        but on a probation worker they were suspects already: together again. None named,
-        every one running there is a suspect: after a pool worker's failure all together,
-        each counted (the one to blame is among them); after a probation worker's,
-        counted if it ran there alone, else none is and they split in two halves."""
+        again in, and whether the failure counts against its action.
+
+        A pool worker: a culprit named (a stall's task, a request out of memory) alone,
+        counted, the others only shared the worker; none named, every one running there
+        together, each counted (the one to blame is among them). A probation worker
+        (whose instances are all suspects already): a failure counts only where its
+        cause is sure, a stall's task, or the one instance the worker ever held (what
+        another left behind there, a thread or its memory, may have been why); the
+        others go again uncounted: a culprit named apart from the rest, none named in
+        two halves, until the one to blame runs alone."""
         running = [lid for lid, agent in worker.loops.items() if agent.in_flight]
         probation = worker in self.probationers
+        if not probation and not culprit:
+            together = Ward()
+            return {lid: (together, True) for lid in running}
+        sure = worker.hosted == 1 or (reason == STALLED and bool(culprit))
         if culprit:
-            judged = {culprit: (Ward(), True)}
+            judged = {culprit: (Ward(), sure or not probation)}
             others = [lid for lid in running if lid != culprit]
             if probation and others:
                 together = Ward()
                 judged.update((lid, (together, False)) for lid in others)
             return judged
-        if not probation or len(running) == 1:
-            together = Ward()
-            return {lid: (together, True) for lid in running}
+        if len(running) == 1:
+            return {running[0]: (Ward(), sure)}
         halves, half = (Ward(), Ward()), len(running) // 2
         return {lid: (halves[i >= half], False) for i, lid in enumerate(running)}
 

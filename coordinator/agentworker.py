@@ -71,6 +71,7 @@ class AgentWorker(asyncio.Protocol):
         self.slot = slot
         self.pid = 0
         self.loops: dict[int, RemoteAgent] = {}
+        self.hosted = 0  # agent instances it has held, the ones gone included
         self.failed = ""
         self.speculative = False
         self.ready = False
@@ -289,12 +290,13 @@ class Ward:
     (``AgentPool.probation`` starts it for the first to enter and stops it once the last
     has left)."""
 
-    __slots__ = ("lock", "users", "worker")
+    __slots__ = ("lock", "unstartable", "users", "worker")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.worker: AgentWorker | None = None  # the one the next to enter joins
         self.users: dict[AgentWorker, int] = {}  # dispatches in each of its workers
+        self.unstartable: AgentFailed | None = None  # no worker started for it in time
 
 
 class WorkerLost(Exception):

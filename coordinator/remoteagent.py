@@ -292,6 +292,7 @@ class RemoteAgent:
             self._lid = self._pool.next_lid()
             self._worker = worker
             worker.loops[self._lid] = self
+            worker.hosted += 1
             try:
                 await self._call(OPEN, self._opening())
                 return

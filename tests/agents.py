@@ -46,7 +46,8 @@ class SlowCloseAgent(EchoAgent):
 class BadAgent(EchoAgent):
     """Echoes, but a message starting with a command makes it misbehave first:
     ``block S`` holds its event loop for S seconds (``time.sleep``), ``exit`` ends its
-    process (``os._exit``), ``leak`` allocates until memory runs out (and keeps it),
+    process (``os._exit``), ``linger D S`` starts a thread that ends its process in D
+    seconds and answers after S seconds, ``leak`` allocates until memory runs out (and keeps it),
     ``raise`` raises, ``slow S`` awaits S seconds, ``checkpoint N`` saves a checkpoint
     of N bytes and answers "saved" or the error, ``throw NAME`` raises NAME (SystemExit,
     KeyboardInterrupt, GeneratorExit, CancelledError; anything else: a BaseException),
@@ -106,6 +107,10 @@ class BadAgent(EchoAgent):
             time.sleep(float(arg))  # noqa: ASYNC251 (what it is for)
         elif word == "exit":
             os._exit(3)
+        elif word == "linger":
+            ends, answers = map(float, arg.split())
+            threading.Timer(ends, os._exit, (3,)).start()
+            await asyncio.sleep(answers)
         elif word == "leak":
             while len(self.hoard) * LEAK_STEP < LEAK_CAP:
                 self.hoard.append(bytearray(LEAK_STEP))
@@ -204,11 +209,14 @@ async def _gather(where: Path, count: int, sid: str) -> None:
     """Mark ``where`` with ``sid`` and this process's id; once ``where`` holds ``go``,
     wait until ``count`` conversations have marks there from live processes (this one
     among them: so all ran at once), then say so and wait until all have said so
-    (none leaves before the others saw it). Polled: the others may be other processes."""
+    (none leaves before the others saw it). Polled: the others may be other processes.
+    Run again after it said so (its process ended before it answered), it only waits
+    for the others to say so: the ones it saw may be done and gone."""
     (where / f"{sid}.{os.getpid()}").touch()
-    while not ((where / "go").exists() and len(_gathered(where)) >= count):  # noqa: ASYNC110
+    seen = where / f"{sid}.seen"
+    while not seen.exists() and not _all_gathered(where, count):  # noqa: ASYNC110
         await asyncio.sleep(0.02)
-    (where / f"{sid}.seen").touch()
+    seen.touch()
     while _seen(where) < count:  # noqa: ASYNC110 (other processes' marks, not events)
         await asyncio.sleep(0.02)
 
@@ -217,14 +225,15 @@ def _seen(where: Path) -> int:
     return sum(mark.name.endswith(".seen") for mark in where.iterdir())
 
 
-def _gathered(where: Path) -> set[str]:
-    """The conversations whose marks in ``where`` are live processes'."""
+def _all_gathered(where: Path, count: int) -> bool:
+    """Whether ``where`` holds ``go`` and marks of ``count`` conversations from live
+    processes."""
     names = set()
     for mark in where.iterdir():
         name, _, pid = mark.name.rpartition(".")
         if pid.isdigit() and _alive(int(pid)):
             names.add(name)
-    return names
+    return (where / "go").exists() and len(names) >= count
 
 
 def _alive(pid: int) -> bool:

@@ -597,28 +597,60 @@ async def test_a_probation_worker_lost_while_its_instance_starts_counts_and_goes
     assert asked
 
 
+async def test_what_a_suspect_left_behind_is_not_blamed_on_another(make_nodes) -> None:
+    """Two suspects go again in one probation worker; one is answered and leaves, but a
+    thread its agent started ends that process while the other still runs there, alone.
+    That death is not counted against the other (whose second strike it would have
+    been): it goes again alone and is answered. Before, it was given up as poison."""
+    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
+    sink = make_nodes.sinks[node.node_id]
+    innocent = await Watcher(node, sink, "innocent").join()
+    linger = await Watcher(node, sink, "linger").join()
+    await innocent.say("slow 3")
+    await _kill_during(node, linger, "linger 1.5 0.8")  # both in flight: both suspects
+    await wait_until(
+        lambda: "slow 3" in innocent.answers() and "linger 1.5 0.8" in linger.answers(),
+        timeout=30,
+        what="both answered",
+    )
+    assert innocent.errors() == linger.errors() == [] and _pool(node).poisoned == 0
+    assert await node.state.attempts("innocent") == {}
+    await innocent.round_trip("after")
+    assert lapses == []
+
+
 async def test_a_suspect_no_probation_worker_can_start_for_is_given_up(
     make_nodes, monkeypatch
 ) -> None:
-    """No probation worker starts (the machine cannot fork one): the suspect action is
-    answered with an error after start_timeout, not left waiting for ever."""
+    """No probation worker starts (the machine cannot fork one): the suspect actions are
+    answered with an error after start_timeout, not left waiting for ever; one of them
+    tried to start their worker, the others were told at once (before, each tried for
+    start_timeout in turn)."""
     node, lapses = await _isolated_node(
         make_nodes, agent_workers=1, agent_stall_timeout=5.0, start_timeout=2.0
     )
-    watcher = await Watcher(node, make_nodes.sinks[node.node_id], "nofork").join()
+    sink = make_nodes.sinks[node.node_id]
+    others = [await Watcher(node, sink, f"nofork-{i}").join() for i in range(2)]
+    watcher = await Watcher(node, sink, "nofork").join()
     pool = _pool(node)
     spawn = pool._spawn
+    trying: set[Any] = set()
 
     async def no_probation_fork(worker: Any) -> None:
         if worker.slot == -1:
+            trying.add(asyncio.current_task())
             raise OSError(11, "Resource temporarily unavailable")
         await spawn(worker)
 
     monkeypatch.setattr(pool, "_spawn", no_probation_fork)
+    for other in others:
+        await other.say("slow 5")
     asked = await _kill_during(node, watcher, "slow 1")
-    await wait_until(watcher.errors, timeout=20, what="given up")
+    for w in (*others, watcher):
+        await wait_until(w.errors, timeout=20, what="given up")
     (error,) = watcher.errors()
     assert error["extras"] == {"action_id": asked, "reason": "worker died"}
+    assert len(trying) == 1
     monkeypatch.undo()
     await watcher.round_trip("after")
     assert lapses == []
