@@ -326,7 +326,13 @@ class AgentPool:
         if reason == STALLED and not self.closed:
             self.stalls += 1
         if worker in self.probationers:
-            log.error("agent probation worker (pid %d) %s", worker.pid, reason)
+            log.error(
+                "agent probation worker (pid %d, %d suspect(s) running, %d held in all) %s",
+                worker.pid,
+                sum(agent.in_flight for agent in worker.loops.values()),
+                worker.hosted,
+                reason,
+            )
         elif not self.closed:
             backoff = self._slot_backoff.setdefault(worker.slot, Backoff(base=0.5, cap=30.0))
             # Failed young and running nothing of an agent's (an action that killed it
