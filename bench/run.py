@@ -35,9 +35,11 @@ BENCHMARKS = {
     "store": "bench.store",
     "replaymem": "bench.replaymem",
     "trimcost": "bench.trimcost",
+    "churn": "bench.churn",
 }
-# Run only when named with --only (it needs py-spy and adds a minute).
-ON_REQUEST = {"profile"}
+# Run only when named with --only (profile needs py-spy and adds a minute; churn holds a
+# node under load for one minute, ten with --full).
+ON_REQUEST = {"profile", "churn"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 
-from workers import logformat
+from workers import heap, logformat
 from workers.protocol import AgentContext
 
 from . import cpus
@@ -138,6 +138,7 @@ class AgentPool:
             *("--stall-after", str(cfg.agent_stall_timeout / 2)),
             *("--memory-limit", str(cfg.agent_memory_limit)),
             *("--max-containers", str(cfg.max_agent_event_bytes)),
+            *("--trim-every", str(heap.TRIM_EVERY)),
         ]
         if self.placement is not None:
             args += ["--cpus", ",".join(map(str, sorted(self.placement.workers)))]

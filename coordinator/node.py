@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable
 
+from workers import heap
 from workers.protocol import AgentFactory, Event
 
 from . import codec, layout
@@ -287,6 +288,7 @@ class Node:
         tasks.spawn(self.archiver.run(), "event-store")
         tasks.every(cfg.store_sweep_interval, self.archiver.sweep, "store sweep", EXPECTED)
         tasks.every(REVOCATIONS_REFRESH, self._refresh_revocations, "revocations")
+        heap.keep_trimming()  # the process's, whatever runs in it
         await self.restarts.resume_pending(self.recovery.released_at_start)
         log.info(
             "node %s started (incarnation %s) on %s, event store %s",

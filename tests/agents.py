@@ -47,9 +47,11 @@ class BadAgent(EchoAgent):
     """Echoes, but a message starting with a command makes it misbehave first:
     ``block S`` holds its event loop for S seconds (``time.sleep``), ``exit`` ends its
     process (``os._exit``), ``linger D S`` starts a thread that ends its process in D
-    seconds and answers after S seconds, ``leak`` allocates until memory runs out (and keeps it),
-    ``raise`` raises, ``slow S`` awaits S seconds, ``checkpoint N`` saves a checkpoint
-    of N bytes and answers "saved" or the error, ``throw NAME`` raises NAME (SystemExit,
+    seconds and answers after S seconds, ``fragment N`` allocates N MiB in 1 KiB
+    blocks, frees them all but the last and answers its process's RSS then, ``leak``
+    allocates until memory runs out (and keeps it), ``raise`` raises, ``slow S`` awaits
+    S seconds, ``checkpoint N`` saves a checkpoint of N bytes and answers "saved" or
+    the error, ``throw NAME`` raises NAME (SystemExit,
     KeyboardInterrupt, GeneratorExit, CancelledError; anything else: a BaseException),
     ``hoard`` allocates until memory runs out, keeps it where dropping the instance does
     not free it, then raises, ``emit KIND`` emits an event that must be refused (``key``:
@@ -107,6 +109,10 @@ class BadAgent(EchoAgent):
             time.sleep(float(arg))  # noqa: ASYNC251 (what it is for)
         elif word == "exit":
             os._exit(3)
+        elif word == "fragment":
+            assert self._emit is not None
+            await self._emit({"action": "message", "args": {"content": str(_fragment(int(arg)))}})
+            return
         elif word == "linger":
             ends, answers = map(float, arg.split())
             threading.Timer(ends, os._exit, (3,)).start()
@@ -219,6 +225,23 @@ async def _gather(where: Path, count: int, sid: str) -> None:
     seen.touch()
     while _seen(where) < count:  # noqa: ASYNC110 (other processes' marks, not events)
         await asyncio.sleep(0.02)
+
+
+FRAGMENTS: list[bytearray] = []  # the last block of each ``fragment``: the heap's top
+
+
+def _fragment(mib: int) -> int:
+    """Allocate ``mib`` MiB in 1 KiB blocks, keep the last (so the C allocator cannot
+    give the rest back by shrinking its heap), free the others; this process's RSS."""
+    blocks = [bytearray(1024) for _ in range(mib * 1024)]
+    FRAGMENTS.append(blocks.pop())
+    del blocks
+    return rss()
+
+
+def rss() -> int:
+    """This process's resident memory, bytes."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _seen(where: Path) -> int:

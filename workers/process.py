@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from . import logformat
+from . import heap, logformat
 from .channel import FATAL, STALLED, frame
 from .host import AgentHost, LoopTask, task_factory
 from .loader import load_agent
@@ -100,6 +100,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-format", default="text", choices=logformat.FORMATS)
     parser.add_argument("--node", default="", help="the node's id (in JSON log lines)")
     parser.add_argument("--cpus", default="", help="comma-separated CPUs to run on")
+    parser.add_argument(
+        "--trim-every", type=float, default=heap.TRIM_EVERY, help="seconds between heap trims"
+    )
     return parser.parse_args(argv)
 
 
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = f"agent {args.agent!r} failed on import: {type(exc).__name__}: {exc}"
         sock.sendall(frame([FATAL, failed]))
         return 2
+    heap.keep_trimming(args.trim_every)
     # Not asyncio.run: its clean-up would wait for agents' leftover tasks.
     asyncio.new_event_loop().run_until_complete(_serve(args, factory, sock))
     return 0
