@@ -357,7 +357,7 @@ class AgentPool:
             successor = self._worker(worker.slot)
             self.workers[worker.slot] = successor
             self.tasks.spawn(self._replace(successor, delay), f"agent-worker:{worker.slot}")
-        judged = self._judge(worker, reason, culprit)
+        judged = self._judge(worker, culprit)
         for lid, agent in list(worker.loops.items()):
             ward, blamed = judged.get(lid, (None, False))
             agent.worker_lost(worker, WorkerLost(reason, worker, ward, blamed))
@@ -365,26 +365,24 @@ class AgentPool:
         worker.close_channel()
         self._notify()
 
-    def _judge(
-        self, worker: AgentWorker, reason: str, culprit: int
-    ) -> dict[int, tuple[Ward, bool]]:
+    def _judge(self, worker: AgentWorker, culprit: int) -> dict[int, tuple[Ward, bool]]:
         """The suspects among the instances failed ``worker`` held: the ward each goes
         again in, and whether the failure counts against its action.
 
         A pool worker: a culprit named (a stall's task, a request out of memory) alone,
         counted, the others only shared the worker; none named, every one running there
         together, each counted (the one to blame is among them). A probation worker
-        (whose instances are all suspects already): a failure counts only where its
-        cause is sure, a stall's task, or the one instance the worker ever held (what
-        another left behind there, a thread or its memory, may have been why); the
-        others go again uncounted: a culprit named apart from the rest, none named in
-        two halves, until the one to blame runs alone."""
+        (whose instances are all suspects already): a failure counts only against the
+        one instance that process ever held; where it held others, what one of them left
+        behind (a thread holding the interpreter's lock, its memory) may be why, even of
+        a stall that named a task: those running there go again uncounted, a culprit
+        named apart from the rest, none named in two halves, until one runs alone."""
         running = [lid for lid, agent in worker.loops.items() if agent.in_flight]
         probation = worker in self.probationers
         if not probation and not culprit:
             together = Ward()
             return {lid: (together, True) for lid in running}
-        sure = worker.hosted == 1 or (reason == STALLED and bool(culprit))
+        sure = worker.hosted == 1
         if culprit:
             judged = {culprit: (Ward(), sure or not probation)}
             others = [lid for lid in running if lid != culprit]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import subprocess
@@ -47,7 +48,10 @@ class BadAgent(EchoAgent):
     """Echoes, but a message starting with a command makes it misbehave first:
     ``block S`` holds its event loop for S seconds (``time.sleep``), ``exit`` ends its
     process (``os._exit``), ``linger D S`` starts a thread that ends its process in D
-    seconds and answers after S seconds, ``fragment N`` allocates N MiB in 1 KiB
+    seconds and answers after S seconds, ``hog D S A`` starts a thread that, D seconds
+    on, holds the interpreter's lock in C for S seconds (200 ms at a time), and answers
+    after A seconds, ``spin W C`` waits W seconds then computes for C seconds of its
+    thread's CPU time (its task holds the loop), ``fragment N`` allocates N MiB in 1 KiB
     blocks, frees them all but the last and answers its process's RSS then, ``leak``
     allocates until memory runs out (and keeps it), ``raise`` raises, ``slow S`` awaits
     S seconds, ``checkpoint N`` saves a checkpoint of N bytes and answers "saved" or
@@ -113,6 +117,16 @@ class BadAgent(EchoAgent):
             assert self._emit is not None
             await self._emit({"action": "message", "args": {"content": str(_fragment(int(arg)))}})
             return
+        elif word == "hog":
+            after, hold, answers = map(float, arg.split())
+            threading.Thread(target=_hog, args=(after, hold), daemon=True).start()
+            await asyncio.sleep(answers)
+        elif word == "spin":
+            wait, compute = map(float, arg.split())
+            await asyncio.sleep(wait)
+            until = time.thread_time() + compute  # its own CPU time, however long that takes
+            while time.thread_time() < until:
+                sum(range(1000))
         elif word == "linger":
             ends, answers = map(float, arg.split())
             threading.Timer(ends, os._exit, (3,)).start()
@@ -225,6 +239,17 @@ async def _gather(where: Path, count: int, sid: str) -> None:
     seen.touch()
     while _seen(where) < count:  # noqa: ASYNC110 (other processes' marks, not events)
         await asyncio.sleep(0.02)
+
+
+def _hog(after: float, hold: float) -> None:
+    """In ``after`` seconds, hold the interpreter's lock in C for ``hold`` seconds, 200 ms
+    at a time (``usleep`` called through ``PyDLL`` keeps it)."""
+    time.sleep(after)
+    usleep = ctypes.PyDLL(None).usleep
+    until = time.monotonic() + hold
+    while time.monotonic() < until:
+        usleep(200_000)
+        time.sleep(0.005)
 
 
 FRAGMENTS: list[bytearray] = []  # the last block of each ``fragment``: the heap's top

@@ -619,6 +619,28 @@ async def test_what_a_suspect_left_behind_is_not_blamed_on_another(make_nodes) -
     assert lapses == []
 
 
+async def test_a_stall_a_suspect_left_behind_caused_is_not_blamed_on_another(make_nodes) -> None:
+    """As above, but what the answered suspect left behind is a thread holding the
+    interpreter's lock: the other's loop stalls while its own task is the one running,
+    and the stall names it. That stall is not counted against it either: it goes again
+    alone and is answered. Before, a stall's named task counted even on a probation
+    worker that had held others, and it was given up as poison."""
+    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=2.0)
+    sink = make_nodes.sinks[node.node_id]
+    innocent = await Watcher(node, sink, "innocent").join()
+    hog = await Watcher(node, sink, "hog").join()
+    await innocent.say("spin 1.5 0.3")
+    await _kill_during(node, hog, "hog 1.0 8 0.5")  # both in flight: both suspects
+    await wait_until(
+        lambda: "spin 1.5 0.3" in innocent.answers() and "hog 1.0 8 0.5" in hog.answers(),
+        timeout=60,
+        what="both answered",
+    )
+    assert innocent.errors() == hog.errors() == [] and _pool(node).poisoned == 0
+    await innocent.round_trip("after")
+    assert lapses == []
+
+
 async def test_a_suspect_no_probation_worker_can_start_for_is_given_up(
     make_nodes, monkeypatch
 ) -> None:

@@ -5,6 +5,7 @@ raising their RSS (glibc otherwise keeps every page it was given back)."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,17 @@ async def test_an_agent_worker_gives_memory_it_freed_back(
     await wait_until(
         lambda: _rss(worker.pid) < freed - FREED * MIB // 2, timeout=30, what="given back"
     )
+
+
+def test_a_forked_child_trims_with_a_thread_of_its_own() -> None:
+    """A process forked from one that trims (an agent may fork) has no thread of its
+    parent's: asked to trim, it starts its own. Before, it took its parent's for its own
+    and never trimmed."""
+    assert heap.keep_trimming()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's outcome is its exit status)
+        started = heap.keep_trimming()
+        names = [t.name for t in threading.enumerate()]
+        os._exit(0 if started and "heap-trim" in names else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -5,15 +5,19 @@ bytes at once, its own small-object arenas once empty), which keeps the pages fo
 allocations rather than returning them. Under churn (conversations and connections
 coming and going for minutes) glibc held more and more of them: a node's RSS rose about
 1.8 MiB a minute for ten minutes while its Python objects stayed flat (BENCHMARKS.md,
-"Churn"). ``malloc_trim(0)`` returns them in about a millisecond. A node and each of its
-agent worker processes run ``keep_trimming``: a thread of their own, so never their
-event loop, trims every ``TRIM_EVERY`` seconds. Where the C library is not glibc (musl,
+"Churn"). ``malloc_trim(0)`` returns them: about a millisecond at a node's 100 MiB, but
+tens of milliseconds on a fragmented heap of a GiB or more (60 ms at 0.5 GiB, 250 ms
+at 2 GiB the first time), during which allocations of over 512 bytes in the process's
+other threads wait. A node and each of its agent worker processes run
+``keep_trimming``: a thread of their own, so never their event loop, trims every
+``TRIM_EVERY`` seconds. Where the C library is not glibc (musl,
 macOS) there is no such call, and nothing is done.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +25,15 @@ from collections.abc import Callable
 TRIM_EVERY = 10.0  # seconds between trims (read before each)
 
 _started = threading.Lock()
-_running = False
+_running = False  # this process's thread runs (a forked child has none: reset there)
+
+
+def _forked() -> None:
+    global _running
+    _running = False
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
