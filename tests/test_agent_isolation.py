@@ -597,46 +597,39 @@ async def test_a_probation_worker_lost_while_its_instance_starts_counts_and_goes
     assert asked
 
 
-async def test_what_a_suspect_left_behind_is_not_blamed_on_another(make_nodes) -> None:
+@pytest.mark.parametrize(
+    ("innocent_says", "left_behind", "stall_timeout"),
+    [("slow 3", "linger 1.5 0.8", 5.0), ("spin 1.5 0.3", "hog 1.0 8 0.5", 2.0)],
+    ids=["a thread ending the process", "a thread holding the interpreter's lock"],
+)
+async def test_what_a_suspect_left_behind_is_not_blamed_on_another(
+    make_nodes, innocent_says: str, left_behind: str, stall_timeout: float
+) -> None:
     """Two suspects go again in one probation worker; one is answered and leaves, but a
-    thread its agent started ends that process while the other still runs there, alone.
-    That death is not counted against the other (whose second strike it would have
-    been): it goes again alone and is answered. Before, it was given up as poison."""
-    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=5.0)
-    sink = make_nodes.sinks[node.node_id]
-    innocent = await Watcher(node, sink, "innocent").join()
-    linger = await Watcher(node, sink, "linger").join()
-    await innocent.say("slow 3")
-    await _kill_during(node, linger, "linger 1.5 0.8")  # both in flight: both suspects
-    await wait_until(
-        lambda: "slow 3" in innocent.answers() and "linger 1.5 0.8" in linger.answers(),
-        timeout=30,
-        what="both answered",
+    thread its agent started ends that process, or holds the interpreter's lock so that
+    the loop stalls while the other's task runs (and the stall names it), while the
+    other still runs there, alone. That failure is not counted against the other (whose
+    second strike it would have been): it goes again alone and is answered. Before, it
+    was given up as poison (a stall's named task counted as a sure cause)."""
+    node, lapses = await _isolated_node(
+        make_nodes, agent_workers=1, agent_stall_timeout=stall_timeout
     )
-    assert innocent.errors() == linger.errors() == [] and _pool(node).poisoned == 0
-    assert await node.state.attempts("innocent") == {}
-    await innocent.round_trip("after")
-    assert lapses == []
-
-
-async def test_a_stall_a_suspect_left_behind_caused_is_not_blamed_on_another(make_nodes) -> None:
-    """As above, but what the answered suspect left behind is a thread holding the
-    interpreter's lock: the other's loop stalls while its own task is the one running,
-    and the stall names it. That stall is not counted against it either: it goes again
-    alone and is answered. Before, a stall's named task counted even on a probation
-    worker that had held others, and it was given up as poison."""
-    node, lapses = await _isolated_node(make_nodes, agent_workers=1, agent_stall_timeout=2.0)
     sink = make_nodes.sinks[node.node_id]
     innocent = await Watcher(node, sink, "innocent").join()
-    hog = await Watcher(node, sink, "hog").join()
-    await innocent.say("spin 1.5 0.3")
-    await _kill_during(node, hog, "hog 1.0 8 0.5")  # both in flight: both suspects
+    other = await Watcher(node, sink, "other").join()
+    await innocent.say(innocent_says)
+    await _kill_during(node, other, left_behind)  # both in flight: both suspects
     await wait_until(
-        lambda: "spin 1.5 0.3" in innocent.answers() and "hog 1.0 8 0.5" in hog.answers(),
+        lambda: innocent_says in innocent.answers() and left_behind in other.answers(),
         timeout=60,
         what="both answered",
     )
-    assert innocent.errors() == hog.errors() == [] and _pool(node).poisoned == 0
+    assert innocent.errors() == other.errors() == [] and _pool(node).poisoned == 0
+
+    async def forgotten() -> bool:  # once its dispatch returned, after its answer
+        return await node.state.attempts("innocent") == {}
+
+    await wait_until(forgotten, what="its failures forgotten")
     await innocent.round_trip("after")
     assert lapses == []
 
