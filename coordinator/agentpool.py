@@ -378,22 +378,20 @@ class AgentPool:
         a stall that named a task: those running there go again uncounted, a culprit
         named apart from the rest, none named in two halves, until one runs alone."""
         running = [lid for lid, agent in worker.loops.items() if agent.in_flight]
-        probation = worker in self.probationers
-        if not probation and not culprit:
+        if worker not in self.probationers:
             together = Ward()
-            return {lid: (together, True) for lid in running}
-        sure = worker.hosted == 1
+            return {lid: (together, True) for lid in ([culprit] if culprit else running)}
+        counted = worker.hosted == 1
         if culprit:
-            judged = {culprit: (Ward(), sure or not probation)}
-            others = [lid for lid in running if lid != culprit]
-            if probation and others:
-                together = Ward()
-                judged.update((lid, (together, False)) for lid in others)
-            return judged
-        if len(running) == 1:
-            return {running[0]: (Ward(), sure)}
-        halves, half = (Ward(), Ward()), len(running) // 2
-        return {lid: (halves[i >= half], False) for i, lid in enumerate(running)}
+            groups = [[culprit], [lid for lid in running if lid != culprit]]
+        else:
+            half = len(running) // 2
+            groups = [running[:half], running[half:]]
+        judged: dict[int, tuple[Ward, bool]] = {}
+        for group in groups:
+            ward = Ward()
+            judged.update((lid, (ward, counted)) for lid in group)
+        return judged
 
     async def _replace(self, worker: AgentWorker, delay: float) -> None:
         await asyncio.sleep(delay)
